@@ -1,0 +1,56 @@
+"""gpubatch: batch deep-learning inference over whole-slide images and genomes.
+
+Reads are overlapped with compute and every stage is timed, so each run says where its time went
+(storage, decode, transfer, batching or the model) and what to change.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gpubatch.runner import Result
+    from gpubatch.spec import JobSpec
+
+__all__ = ["JobSpec", "Result", "__version__", "load_job", "open_results", "run"]
+
+
+def run(job_or_path: Any, **overrides: Any) -> Result:
+    """Run a job (a JobSpec or a YAML path) and return its Result; see gpubatch.runner.run."""
+    from gpubatch.runner import run as _run
+
+    return _run(job_or_path, **overrides)
+
+
+def load_job(path: Any, overrides: Any = None) -> JobSpec:
+    """Load and validate a job spec file (raises SpecError naming each bad field)."""
+    from gpubatch.spec import load_job as _load
+
+    return _load(path, overrides)
+
+
+def open_results(outdir: Any) -> Result:
+    """Open a finished run's outputs: the report and predictions, without re-running anything."""
+    from pathlib import Path
+
+    from gpubatch.errors import EXIT_OK, EXIT_PARTIAL
+    from gpubatch.report import load_report
+    from gpubatch.runner import Result as _Result
+
+    report = load_report(outdir)
+    failed = report.get("failed", [])
+    return _Result(report, str(Path(outdir)), EXIT_PARTIAL if failed else EXIT_OK, failed)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "JobSpec":
+        from gpubatch.spec import JobSpec as _JobSpec
+
+        return _JobSpec
+    if name == "Result":
+        from gpubatch.runner import Result as _Result
+
+        return _Result
+    raise AttributeError(name)

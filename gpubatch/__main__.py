@@ -1,0 +1,3 @@
+from gpubatch.cli import main
+
+raise SystemExit(main())

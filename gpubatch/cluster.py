@@ -1,0 +1,126 @@
+"""Dask clusters from profiles, and shard submission with retries.
+
+Profiles live in configs/*.yaml (``local`` is the default). A profile names a cluster kind:
+``local`` (LocalCluster of worker processes), ``local-cuda`` (dask-cuda's LocalCUDACluster: one
+worker per GPU with an RMM pool), ``scheduler`` (an existing scheduler by address), ``slurm``
+(dask-jobqueue), or ``inline`` (no Dask: shards run in this process, for debugging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future as ThreadFuture
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpubatch.errors import MissingExtraError, SpecError
+
+CONFIG_DIRS = [Path(__file__).resolve().parent.parent / "configs", Path(__file__).resolve().parent / "_configs"]
+PROFILE_KEYS = {"cluster", "workers", "threads_per_worker", "memory_limit", "address", "rmm_pool_size",
+                "device_memory_limit", "slurm", "resources", "storage", "stage_cache", "description"}
+
+
+def load_profile(name_or_path: str) -> dict[str, Any]:
+    """A profile by name (configs/NAME.yaml) or by path, validated for known keys."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        for d in [Path(os.environ.get("GPUBATCH_CONFIGS", "/nonexistent")), *CONFIG_DIRS]:
+            if (d / f"{name_or_path}.yaml").is_file():
+                path = d / f"{name_or_path}.yaml"
+                break
+    if not path.is_file():
+        known = sorted({p.stem for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+        raise SpecError([("run.profile", f"no profile {name_or_path!r}; known: {known} or a path to a YAML file")])
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = set(data) - PROFILE_KEYS
+    if unknown:
+        raise SpecError([(f"profile {path.name}", f"unknown keys {sorted(unknown)}; known: {sorted(PROFILE_KEYS)}")])
+    data.setdefault("cluster", "local")
+    return data
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def worker_count(profile: dict[str, Any], n_shards: int, override: int | None = None) -> int:
+    workers = override or profile.get("workers", "auto")
+    if workers == "auto":
+        workers = min(cpu_count(), max(n_shards, 1))
+    return max(1, int(workers))
+
+
+class InlineExecutor:
+    """Runs submitted shards in this process, one at a time; the Dask-free path for debugging."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **_: Any) -> ThreadFuture:
+        fut: ThreadFuture = ThreadFuture()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001
+            fut.set_exception(exc)
+        return fut
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def open_cluster(profile: dict[str, Any], n_workers: int, scheduler: str | None = None) -> Iterator[Any]:
+    """Yield a Dask Client (or an InlineExecutor) for the profile; closes what it started."""
+    kind = "scheduler" if scheduler else profile["cluster"]
+    if kind == "inline":
+        yield InlineExecutor()
+        return
+    from distributed import Client
+
+    if kind == "scheduler":
+        address = scheduler or profile.get("address") or os.environ.get("DASK_SCHEDULER_ADDRESS")
+        if not address:
+            raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
+        with Client(address, timeout="30s") as client:
+            yield client
+        return
+    cluster = _start_cluster(kind, profile, n_workers)
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
+    if kind == "local":
+        from distributed import LocalCluster
+
+        return LocalCluster(
+            n_workers=n_workers, threads_per_worker=int(profile.get("threads_per_worker", 1)),
+            processes=True, memory_limit=profile.get("memory_limit", "auto"),
+            dashboard_address=None, silence_logs=40,
+        )
+    if kind == "local-cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            raise MissingExtraError("the local-cuda profile", "dask-cuda", "gpu") from None
+        return LocalCUDACluster(
+            rmm_pool_size=profile.get("rmm_pool_size"), device_memory_limit=profile.get("device_memory_limit"),
+            threads_per_worker=int(profile.get("threads_per_worker", 1)), dashboard_address=None,
+            resources=profile.get("resources", {"GPU": 1}),
+        )
+    if kind == "slurm":
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError:
+            raise MissingExtraError("the slurm profile", "dask-jobqueue", "slurm") from None
+        cluster = SLURMCluster(**profile.get("slurm", {}))
+        cluster.scale(jobs=n_workers)
+        return cluster
+    raise SpecError([("profile.cluster", f"unknown cluster kind {kind!r}; use local, local-cuda, scheduler, slurm or inline")])

@@ -1,0 +1,76 @@
+"""Error types and the exit codes of the user-facing contract.
+
+Two kinds of failure matter to a batch user: a spec that is wrong (nothing should run, exit 2) and
+an input that is bad (that one input is quarantined, the rest proceed, exit 3). Everything else is
+exit 1.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+
+
+class GpubatchError(Exception):
+    """Base of every error gpubatch raises on purpose."""
+
+    exit_code = EXIT_ERROR
+
+
+class SpecError(GpubatchError):
+    """The job spec or the command line is wrong; nothing has run.
+
+    ``problems`` holds one ``(field_path, message)`` pair per problem so that the CLI can list
+    them all at once instead of making the user fix them one run at a time.
+    """
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, problems: list[tuple[str, str]] | str, source: str | None = None):
+        if isinstance(problems, str):
+            problems = [("", problems)]
+        self.problems = problems
+        self.source = source
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        head = f"invalid job spec {self.source}" if self.source else "invalid job spec"
+        lines = [f"{head}:"]
+        for path, message in self.problems:
+            lines.append(f"  {path}: {message}" if path else f"  {message}")
+        return "\n".join(lines)
+
+
+class InputError(GpubatchError):
+    """One input (a slide, a region file, a VCF record batch) cannot be processed.
+
+    Raised inside a shard; the runner quarantines the shard's input with this message and the run
+    goes on. ``retryable`` says whether trying again could help (a storage timeout) or not (a
+    corrupt file), so that permanent failures are not retried pointlessly.
+    """
+
+    def __init__(self, input_uri: str, message: str, *, retryable: bool = False):
+        self.input_uri = input_uri
+        self.message = message
+        self.retryable = retryable
+        super().__init__(f"{input_uri}: {message}")
+
+
+class ValidationGateError(GpubatchError):
+    """A reduced-precision model disagreed with fp32 beyond the configured threshold."""
+
+    def __init__(self, message: str, figures: dict):
+        self.figures = figures
+        super().__init__(message)
+
+
+class MissingExtraError(GpubatchError, ImportError):
+    """A backend's package is not installed; the message names the pip extra that brings it."""
+
+    def __init__(self, what: str, package: str, extra: str):
+        super().__init__(
+            f"{what} needs the '{package}' package, which is not installed: "
+            f"pip install 'gpubatch[{extra}]'"
+        )

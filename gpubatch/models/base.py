@@ -1,0 +1,147 @@
+"""The Model interface and a lazy registry of backends by name.
+
+A backend implements three things: open a model file, run a batch, and describe itself. Sessions
+are expensive (graph optimisation, engine builds), so ``get_model`` keeps one per worker process
+per (file, backend, precision, threads) and every shard on that worker reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpubatch.errors import GpubatchError, MissingExtraError
+
+
+class Model(ABC):
+    """A loaded model, ready to run batches of float input."""
+
+    backend: str = ""
+    precision: str = "fp32"
+
+    def __init__(self, path: str, *, precision: str = "fp32", threads: int | None = None):
+        self.path = path
+        self.precision = precision
+        self.threads = threads
+
+    @property
+    @abstractmethod
+    def input_name(self) -> str:
+        """Name of the first input, which receives the batch."""
+
+    @property
+    @abstractmethod
+    def output_names(self) -> list[str]:
+        """Names of the outputs, in the order the model declares them."""
+
+    @abstractmethod
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one batch; returns each output as a host array with the batch as first axis."""
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "precision": self.precision,
+            "device": self.device,
+            "path": self.path,
+            "sha256": file_sha256(self.path),
+        }
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    module: str
+    cls: str
+    package: str
+    extra: str
+
+
+BACKENDS: dict[str, BackendEntry] = {
+    "onnxruntime": BackendEntry("gpubatch.models.onnxruntime", "OnnxRuntimeModel", "onnxruntime", "gpu"),
+    "tensorrt": BackendEntry("gpubatch.models.tensorrt", "TensorRTModel", "tensorrt", "gpu"),
+    "torch": BackendEntry("gpubatch.models.torch", "TorchModel", "torch", "torch"),
+}
+
+
+def register_backend(name: str, entry: BackendEntry) -> None:
+    BACKENDS[name] = entry
+
+
+def backend_class(name: str) -> type[Model]:
+    """Import a backend by name; a missing package names the extra that installs it."""
+    try:
+        entry = BACKENDS[name]
+    except KeyError:
+        raise GpubatchError(f"unknown model backend {name!r}; known: {sorted(BACKENDS)}") from None
+    try:
+        importlib.import_module(entry.package)
+    except ImportError:
+        raise MissingExtraError(f"model backend '{name}'", entry.package, entry.extra) from None
+    module = importlib.import_module(entry.module)
+    return getattr(module, entry.cls)
+
+
+def backend_available(name: str) -> bool:
+    try:
+        cls = backend_class(name)
+    except (ImportError, GpubatchError):
+        return False
+    return bool(getattr(cls, "available", lambda: True)())
+
+
+def resolve_backend(name: str, path: str) -> str:
+    """``auto`` picks the fastest backend that is installed and has a device for this file."""
+    if name != "auto":
+        return name
+    if path.endswith((".pt", ".pt2", ".ts")):
+        return "torch"
+    for candidate in ("tensorrt", "onnxruntime"):
+        if backend_available(candidate):
+            return candidate
+    raise MissingExtraError("model backend 'auto'", "onnxruntime", "gpu")
+
+
+_SHA_CACHE: dict[tuple[str, float, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, cached by (path, mtime, size) so hot paths never rehash."""
+    import os
+
+    st = os.stat(path)
+    key = (path, st.st_mtime, st.st_size)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+_SESSIONS: dict[tuple[Any, ...], Model] = {}
+_SESSIONS_LOCK = threading.Lock()
+SESSIONS_CREATED = {"count": 0}
+
+
+def get_model(path: str, backend: str = "auto", precision: str = "fp32", threads: int | None = None) -> Model:
+    """The process-wide model session for this file and settings, created on first use."""
+    name = resolve_backend(backend, path)
+    key = (path, file_sha256(path), name, precision, threads)
+    with _SESSIONS_LOCK:
+        model = _SESSIONS.get(key)
+        if model is None:
+            model = backend_class(name)(path, precision=precision, threads=threads)
+            _SESSIONS[key] = model
+            SESSIONS_CREATED["count"] += 1
+        return model

@@ -1,0 +1,174 @@
+"""Per-shard result writing, committed atomically so that a crash never leaves half a shard.
+
+A shard's rows stream into a temporary parquet part and a temporary zarr group while the shard
+runs (memory stays at one batch); ``commit`` renames both into place and returns a checksum for
+the manifest. A shard killed before commit leaves only temporaries, which the next run removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: outputs wider than this go to zarr only; parquet keeps the index columns for them
+MAX_PARQUET_WIDTH = 32
+PARTS_DIR = "_parts"
+ZARR_FLUSH_BYTES = 32 << 20
+ZARR_CHUNK_ROWS = 16384
+ZARR_NAME = "predictions.zarr"
+
+
+def output_columns(name: str, values: np.ndarray) -> dict[str, np.ndarray]:
+    """One parquet column per output value: ``name`` for scalars, ``name_i`` for vectors."""
+    flat = values.reshape(len(values), -1)
+    if flat.shape[1] == 1:
+        return {name: flat[:, 0]}
+    if flat.shape[1] > MAX_PARQUET_WIDTH:
+        return {}
+    return {f"{name}_{i}": flat[:, i] for i in range(flat.shape[1])}
+
+
+def file_checksum(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Streams one shard's rows to parquet and zarr under temporary names; commit makes them real."""
+
+    def __init__(self, outdir: str | Path, shard_id: str, constants: dict[str, Any],
+                 attrs: dict[str, Any], formats: list[str]):
+        self.outdir = Path(outdir)
+        self.shard_id = shard_id
+        self.constants = constants
+        self.attrs = attrs
+        self.formats = formats
+        self.rows = 0
+        tag = uuid.uuid4().hex[:8]
+        (self.outdir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        self.part_tmp = self.outdir / PARTS_DIR / f".tmp-{shard_id}-{tag}.parquet"
+        self.part_path = self.outdir / PARTS_DIR / f"{shard_id}.parquet"
+        self.zarr_tmp = self.outdir / ZARR_NAME / f".tmp-{shard_id}-{tag}"
+        self.zarr_path = self.outdir / ZARR_NAME / shard_id
+        self._pq: pq.ParquetWriter | None = None
+        self._group: Any = None
+        self._pending: list[dict[str, np.ndarray]] = []
+        self._pending_bytes = 0
+
+    def write(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(index.values()))) if index else len(next(iter(outputs.values())))
+        columns: dict[str, Any] = {k: pa.array(np.full(n, v) if not isinstance(v, str) else [v] * n)
+                                   for k, v in self.constants.items()}
+        columns.update({k: pa.array(v) for k, v in index.items()})
+        for name, values in outputs.items():
+            columns.update({k: pa.array(v) for k, v in output_columns(name, values).items()})
+        table = pa.table(columns)
+        if self._pq is None:
+            self._pq = pq.ParquetWriter(self.part_tmp, table.schema, compression="zstd")
+        self._pq.write_table(table)
+        if "zarr" in self.formats:
+            self._pending.append({**index, **outputs})
+            self._pending_bytes += sum(np.asarray(v).nbytes for v in self._pending[-1].values())
+            if self._pending_bytes >= ZARR_FLUSH_BYTES:
+                self._flush_zarr()
+        self.rows += n
+
+    def _open_group(self) -> Any:
+        import zarr
+
+        if self._group is None:
+            self._group = zarr.open_group(str(self.zarr_tmp), mode="w")
+            self._group.attrs.update(_jsonable(self.attrs))
+        return self._group
+
+    def _flush_zarr(self) -> None:
+        """Append buffered batches in one write per array: zarr appends are costly per call."""
+        if not self._pending:
+            return
+        group = self._open_group()
+        for name in self._pending[0]:
+            arr = np.ascontiguousarray(np.concatenate([b[name] for b in self._pending]))
+            if arr.dtype == object:
+                arr = arr.astype(str)
+            if name not in group:
+                chunks = (max(ZARR_CHUNK_ROWS, 1),) + arr.shape[1:]
+                group.create_array(name, shape=(0,) + arr.shape[1:], chunks=chunks, dtype=arr.dtype)
+            group[name].append(arr)
+        self._pending, self._pending_bytes = [], 0
+
+    def commit(self) -> dict[str, Any]:
+        """Rename the temporaries into place; returns the manifest entry for this shard."""
+        if self._pq is None:
+            self._pq = pq.ParquetWriter(self.part_tmp, pa.schema([]), compression="zstd")
+        self._pq.close()
+        if "zarr" in self.formats:
+            self._flush_zarr()
+            self._open_group()
+            if self.zarr_path.exists():
+                shutil.rmtree(self.zarr_path)
+            os.replace(self.zarr_tmp, self.zarr_path)
+        os.replace(self.part_tmp, self.part_path)
+        return {"shard_id": self.shard_id, "rows": self.rows, "part": str(self.part_path.name),
+                "sha256": file_checksum(self.part_path)}
+
+    def abort(self) -> None:
+        if self._pq is not None:
+            try:
+                self._pq.close()
+            except Exception:  # noqa: BLE001 - best effort on an already failing shard
+                pass
+        self.part_tmp.unlink(missing_ok=True)
+        shutil.rmtree(self.zarr_tmp, ignore_errors=True)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def remove_temporaries(outdir: str | Path) -> None:
+    """Delete what shards killed before commit left behind."""
+    for parent in (Path(outdir) / PARTS_DIR, Path(outdir) / ZARR_NAME):
+        if parent.is_dir():
+            for p in parent.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def merge_parquet(outdir: str | Path, shard_ids: list[str], target: str = "predictions.parquet") -> int:
+    """Concatenate committed parts, in plan order, into one file; streams part by part."""
+    outdir = Path(outdir)
+    tmp = outdir / f".tmp-{uuid.uuid4().hex[:8]}-{target}"
+    writer: pq.ParquetWriter | None = None
+    rows = 0
+    schema: pa.Schema | None = None
+    try:
+        for sid in shard_ids:
+            part = outdir / PARTS_DIR / f"{sid}.parquet"
+            if not part.exists():
+                continue
+            table = pq.read_table(part)
+            if table.num_rows == 0 and not table.schema.names:
+                continue
+            if writer is None:
+                schema = table.schema
+                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+            writer.write_table(table.cast(schema) if schema is not None else table)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        pq.write_table(pa.table({}), tmp)
+    os.replace(tmp, outdir / target)
+    return rows

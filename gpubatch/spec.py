@@ -1,0 +1,302 @@
+"""Job spec and profile models, YAML loading and ``--set`` overrides.
+
+The spec is validated in full before any work starts: an overnight run that dies at 3 a.m. on a
+typo is the failure this module exists to prevent. Every error names the field path (``tiles.size``)
+and what would be valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gpubatch.errors import SpecError
+
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://", "az://", "abfs://", "memory://")
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs that fsspec reaches over a network (existence is checked at run time)."""
+    return uri.startswith(REMOTE_SCHEMES)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TissueSpec(_Strict):
+    method: Literal["otsu", "none"] = "otsu"
+    min_fraction: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class TilesSpec(_Strict):
+    size: int = Field(224, ge=1, le=16384)
+    mpp: float | None = Field(0.5, gt=0.0)
+    level: int | None = Field(None, ge=0)
+    overlap: float = Field(0.0, ge=0.0, lt=1.0)
+    tissue: TissueSpec = Field(default_factory=TissueSpec)
+    read_block: int = Field(
+        2048, ge=64, description="edge in pixels of one read at the chosen level (big read, then slice)"
+    )
+
+    @model_validator(mode="after")
+    def _mpp_or_level(self) -> TilesSpec:
+        if self.level is not None and "mpp" not in self.model_fields_set:
+            object.__setattr__(self, "mpp", None)
+        if self.level is not None and self.mpp is not None:
+            raise ValueError("give either `mpp` or `level`, not both")
+        if self.level is None and self.mpp is None:
+            raise ValueError("give `mpp` (target microns per pixel) or `level` (pyramid level)")
+        return self
+
+
+class EncodingSpec(_Strict):
+    layout: Literal["NLC", "NCL"] = "NLC"
+    n_value: float = 0.0
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class WindowsSpec(_Strict):
+    reference: str
+    regions: str | list[str] = "genome"
+    variants: str | None = None
+    length: int = Field(1000, ge=1, le=10_000_000)
+    stride: int | None = Field(None, ge=1)
+    reverse_complement: Literal["none", "average"] = "none"
+    encoding: EncodingSpec = Field(default_factory=EncodingSpec)
+    windows_per_shard: int = Field(4096, ge=1)
+    chunk_bases: int = Field(1_048_576, ge=1024, description="bases read in one call, then sliced")
+
+
+class InputNorm(_Strict):
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+
+class CalibrationSpec(_Strict):
+    items: int = Field(256, ge=1)
+
+
+class ValidationSpec(_Strict):
+    items: int = Field(256, ge=1)
+    min_agreement: float = Field(0.99, ge=0.0, le=1.0)
+    on_fail: Literal["error", "fp32"] = "error"
+    task: Literal["auto", "classifier", "regressor"] = "auto"
+
+
+class FallbackSpec(_Strict):
+    max_prob_below: float = Field(0.85, gt=0.0, le=1.0)
+
+
+class ModelSpec(_Strict):
+    path: str
+    backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = "fp32"
+    batch_size: int | Literal["auto"] = 64
+    input: InputNorm = Field(default_factory=InputNorm)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    fallback: FallbackSpec | None = None
+    threads: int | None = Field(None, ge=1, description="intra-op threads per worker; default: cores / workers")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
+
+
+class InputSpec(_Strict):
+    uris: list[str] = Field(default_factory=list)
+    storage: dict[str, Any] = Field(default_factory=dict)
+    access: Literal["stream", "stage", "auto"] = "auto"
+
+    @field_validator("uris", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class OutputSpec(_Strict):
+    uri: str
+    formats: list[Literal["zarr", "parquet", "geojson"]] = Field(
+        default_factory=lambda: ["zarr", "parquet"]
+    )
+
+
+class RunSpec(_Strict):
+    profile: str = "local"
+    readers: int = Field(4, ge=1, le=256)
+    prefetch_batches: int = Field(8, ge=1, le=1024)
+    retries: int = Field(2, ge=0, le=100)
+    workers: int | None = Field(None, ge=1, description="worker processes; default from the profile")
+
+
+class JobSpec(_Strict):
+    name: str = "job"
+    kind: Literal["slides", "genome"] = "slides"
+    input: InputSpec = Field(default_factory=InputSpec)
+    tiles: TilesSpec = Field(default_factory=TilesSpec)
+    windows: WindowsSpec | None = None
+    model: ModelSpec
+    output: OutputSpec
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @model_validator(mode="after")
+    def _kind_matches(self) -> JobSpec:
+        if self.kind == "slides" and not self.input.uris:
+            raise ValueError("kind: slides needs input.uris (paths, globs or URLs of slides)")
+        if self.kind == "genome" and self.windows is None:
+            raise ValueError("kind: genome needs a `windows` section (reference, regions, length)")
+        return self
+
+    def spec_hash(self) -> str:
+        """sha256 of the resolved spec, recorded in the audit trail."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not str(p).startswith(("function-", "literal["))]
+    return ".".join(p if not p.isdigit() else f"[{p}]" for p in parts).replace(".[", "[")
+
+
+def _explain(err: dict[str, Any]) -> str:
+    kind, msg = err.get("type", ""), err.get("msg", "")
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; see DESIGN.md for the keys)"
+    if kind == "missing":
+        return "required but missing"
+    if isinstance(got, (int, float, str, bool)) and kind != "value_error":
+        return f"{msg}, got {got!r}"
+    return msg.removeprefix("Value error, ")
+
+
+def parse_job(data: dict[str, Any], source: str | None = None, base_dir: Path | None = None) -> JobSpec:
+    """Validate a job mapping; relative file paths are resolved against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise SpecError("the job spec must be a YAML mapping of keys to values", source)
+    try:
+        job = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = [(_format_loc(e["loc"]), _explain(e)) for e in exc.errors()]
+        raise SpecError(problems, source) from None
+    if base_dir is not None:
+        job = _resolve_paths(job, base_dir)
+    return job
+
+
+def _resolve(value: str, base_dir: Path) -> str:
+    if is_remote(value) or value.startswith("file://") or os.path.isabs(value):
+        return value
+    return str((base_dir / value).resolve())
+
+
+def _resolve_paths(job: JobSpec, base_dir: Path) -> JobSpec:
+    data = job.model_dump(mode="python")
+    data["input"]["uris"] = [_resolve(u, base_dir) for u in job.input.uris]
+    data["model"]["path"] = _resolve(job.model.path, base_dir)
+    data["output"]["uri"] = _resolve(job.output.uri, base_dir)
+    w = data.get("windows")
+    if w:
+        w["reference"] = _resolve(w["reference"], base_dir)
+        if isinstance(w["regions"], str) and w["regions"] != "genome" and ":" not in w["regions"]:
+            w["regions"] = _resolve(w["regions"], base_dir)
+        if w.get("variants"):
+            w["variants"] = _resolve(w["variants"], base_dir)
+    return JobSpec.model_validate(data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``tiles.size=256`` -> (["tiles", "size"], 256); the value is parsed as YAML."""
+    if "=" not in text:
+        raise SpecError([("--set", f"expected key.path=value, got {text!r}")])
+    key, _, raw = text.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise SpecError([("--set", f"empty key in {text!r}")])
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Set nested keys in a job mapping from ``--set`` strings or a {dotted.key: value} dict."""
+    pairs = (
+        [parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else [(k.replace("__", ".").split("."), v) for k, v in overrides.items()]
+    )
+    for path, value in pairs:
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise SpecError([("", f"job spec file not found: {p}")], str(p))
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError([("", f"not valid YAML: {exc}")], str(p)) from None
+    return data if data is not None else {}
+
+
+def load_job(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> JobSpec:
+    """Load, override and validate a job spec file; paths inside are relative to the file."""
+    data = read_yaml(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_job(data, str(path), Path(path).resolve().parent)
+
+
+def check_local_files(job: JobSpec) -> None:
+    """Fail before any work when a local input or model file named in the spec is missing."""
+    from gpubatch.storage import expand_uris  # local import: storage imports fsspec lazily
+
+    problems: list[tuple[str, str]] = []
+    if not is_remote(job.model.path) and not Path(job.model.path).is_file():
+        problems.append(("model.path", f"file not found: {job.model.path}"))
+    if job.kind == "slides":
+        for i, uri in enumerate(job.input.uris):
+            if is_remote(uri):
+                continue
+            if not expand_uris([uri], job.input.storage):
+                problems.append((f"input.uris[{i}]", f"matches no file: {uri}"))
+    if job.windows is not None:
+        w = job.windows
+        for key in ("reference", "variants"):
+            value = getattr(w, key)
+            if value and not is_remote(value) and not Path(value.removeprefix("file://")).exists():
+                problems.append((f"windows.{key}", f"file not found: {value}"))
+        if isinstance(w.regions, str) and w.regions != "genome" and ":" not in w.regions:
+            if not is_remote(w.regions) and not Path(w.regions).exists():
+                problems.append(("windows.regions", f"file not found: {w.regions} (or give 'genome' or a list of 'chr:start-end')"))
+    if problems:
+        raise SpecError(problems)

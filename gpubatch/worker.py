@@ -1,0 +1,103 @@
+"""What runs on a worker for one shard: open, pipeline, commit, record. No client I/O here.
+
+The function is submitted to Dask with only small arguments (the shard description and the job
+spec) and returns only a small summary; pixels and bases are read here, on the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpubatch.engine.clocks import StageClocks
+from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
+from gpubatch.errors import InputError
+from gpubatch.models.base import Model, get_model
+from gpubatch.outputs.manifest import Manifest
+from gpubatch.outputs.writer import ShardWriter
+from gpubatch.sources import Shard, ShardReader, get_source
+from gpubatch.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Settings the client resolved once for the whole run (model file after quantization, ...)."""
+
+    outdir: str
+    model_path: str
+    backend: str
+    precision: str
+    batch_size: int
+    threads: int | None
+    model_sha256: str
+    spec_hash: str
+    version: str
+
+
+def make_batch_runner(reader: ShardReader, model: Model):
+    """The model stage: preprocess on the device stage, run, map outputs back to items."""
+
+    def run_batch(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
+        with clocks.part("preprocess"):
+            x = reader.to_model_input(items)
+        with clocks.part("compute"):
+            out = model.run(x)
+        return reader.from_model_output(out, len(items))
+
+    return run_batch
+
+
+def _failure(shard: Shard, exc: BaseException, started: float) -> dict[str, Any]:
+    message = exc.message if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+    return {
+        "shard_id": shard.shard_id, "input": shard.input_uri, "status": "failed", "error": message,
+        "retryable": bool(getattr(exc, "retryable", False)) or not isinstance(exc, InputError),
+        "host": socket.gethostname(), "pid": os.getpid(), "start": started, "end": time.time(),
+        "traceback": "" if isinstance(exc, InputError) else traceback.format_exc(limit=5),
+    }
+
+
+def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext) -> dict[str, Any]:
+    """Process one shard end to end on this worker; returns a small JSON-able summary.
+
+    A bad input comes back as a ``failed`` summary rather than an exception, so that one corrupt
+    slide is quarantined without poisoning the Dask task graph.
+    """
+    started = time.time()
+    clocks = StageClocks()
+    source = get_source(job.kind)
+    writer: ShardWriter | None = None
+    try:
+        model = get_model(ctx.model_path, ctx.backend, ctx.precision, ctx.threads)
+        with clocks.part("open"):
+            reader = source.open(shard, job, clocks)
+        with reader:
+            constants = {"slide": shard.input_uri} if job.kind == "slides" else {}
+            attrs = {**reader.attrs, "model_sha256": ctx.model_sha256, "backend": model.backend,
+                     "precision": ctx.precision, "gpubatch_version": ctx.version}
+            writer = ShardWriter(ctx.outdir, shard.shard_id, constants, attrs, job.output.formats)
+            cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches)
+            t0 = time.perf_counter()
+            items = run_pipeline(reader, make_batch_runner(reader, model), writer, cfg, clocks)
+            wall = time.perf_counter() - t0
+            entry = writer.commit()
+            shard_attrs = reader.attrs
+    except BaseException as exc:  # noqa: BLE001 - summarised for the client
+        if writer is not None:
+            writer.abort()
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        return _failure(shard, exc, started)
+    summary = {
+        **entry, "input": shard.input_uri, "status": "done", "items": items, "wall_s": wall,
+        "clocks": clocks.to_dict(), "attrs": shard_attrs, "host": socket.gethostname(),
+        "pid": os.getpid(), "start": started, "end": time.time(), "model": model.describe(),
+    }
+    Manifest(ctx.outdir).record({k: v for k, v in summary.items() if k != "clocks"} | {"clocks": clocks.to_dict()})
+    return summary
