@@ -65,12 +65,14 @@ def write_synthetic_slide(path: str | Path, width: int = 4096, height: int = 307
     return path
 
 
-def _export(module: Any, example: Any, path: Path, output_names: list[str]) -> Path:
+def _export(module: Any, example: Any, path: Path, output_names: list[str], spatial: bool = False) -> Path:
+    """Export with a dynamic batch axis (and dynamic H, W when ``spatial``)."""
     import torch
 
     module.eval()
+    axes = {0: "batch", 2: "height", 3: "width"} if spatial else {0: "batch"}
     torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=output_names,
-                      dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in output_names}},
+                      dynamic_axes={"input": axes, **{n: {0: "batch"} for n in output_names}},
                       opset_version=17, dynamo=False)
     return path
 
@@ -87,7 +89,7 @@ def make_classifier(path: str | Path, classes: int = 3, size: int = 224, seed: i
         nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes), nn.Softmax(dim=1),
     )
-    return _export(net, torch.rand(2, 3, size, size), Path(path), ["probs"])
+    return _export(net, torch.rand(2, 3, size, size), Path(path), ["probs"], spatial=True)
 
 
 class _MeanColour:
@@ -108,7 +110,7 @@ def make_mean_colour_model(path: str | Path, size: int = 224) -> Path:
     """ONNX model returning each tile's per-channel mean of the normalised NCHW input; output ``mean``."""
     import torch
 
-    return _export(_MeanColour.build(), torch.rand(2, 3, size, size), Path(path), ["mean"])
+    return _export(_MeanColour.build(), torch.rand(2, 3, size, size), Path(path), ["mean"], spatial=True)
 
 
 def demo_job(workdir: Path, slides: list[Path], model: Path) -> dict[str, Any]:

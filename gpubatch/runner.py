@@ -130,10 +130,41 @@ def _wait_first(pending: set[Any]) -> set[Any]:
     return set(thread_wait(pending, return_when=FIRST_COMPLETED).done)
 
 
+def expected_item_shape(job: JobSpec) -> tuple[int, ...]:
+    """The model input shape (without batch) a job will feed, per the contract's layouts."""
+    if job.kind == "slides":
+        size = job.tiles.size
+        return (3, size, size) if job.model.input.layout == "NCHW" else (size, size, 3)
+    assert job.windows is not None
+    length = job.windows.length
+    return (length, 4) if job.windows.encoding.layout == "NLC" else (4, length)
+
+
+def check_model_input(job: JobSpec) -> None:
+    """Refuse, before any work, a model whose fixed input dims disagree with the job's items."""
+    if not job.model.path.endswith(".onnx"):
+        return
+    import onnx
+
+    from gpubatch.errors import SpecError
+
+    model = onnx.load(job.model.path, load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    first = next(i for i in model.graph.input if i.name not in initializers)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in first.type.tensor_type.shape.dim]
+    want = expected_item_shape(job)
+    if len(dims) != len(want) + 1 or any(d is not None and d != w for d, w in zip(dims[1:], want, strict=True)):
+        shown = ["N" if d is None else d for d in dims]
+        raise SpecError([("model.path", f"the model's input {first.name!r} has shape {shown} but the job "
+                                        f"feeds (N, {', '.join(map(str, want))}); match tiles.size / "
+                                        "windows.length and the layout to the model")])
+
+
 def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
             scheduler: str | None = None, show_progress: bool | None = None) -> Result:
     """Run a validated job to completion; see the module docstring for the failure rules."""
     check_local_files(job)
+    check_model_input(job)
     outdir = Path(job.output.uri)
     _fresh_outdir(outdir, resume)
     t_start = time.time()

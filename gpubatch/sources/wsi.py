@@ -61,6 +61,7 @@ class LocalRangeReader:
     """pread on one descriptor: thread-safe without a lock, and releases the GIL."""
 
     def __init__(self, path: str, clocks: StageClocks | None = None, gap: int = 65536):
+        self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.clocks = clocks
         self.gap = gap
@@ -68,6 +69,9 @@ class LocalRangeReader:
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         def fetch(start: int, stop: int) -> bytes:
             blob = os.pread(self.fd, stop - start, start)
+            if len(blob) < stop - start:
+                raise InputError(self.path, f"truncated: tile data runs to byte {stop} but the file "
+                                            f"ends at {os.fstat(self.fd).st_size}")
             if self.clocks is not None:
                 self.clocks.count("storage.requests")
                 self.clocks.count("storage.bytes", len(blob))
@@ -158,6 +162,8 @@ class TiffBackend(SlideBackend):
                 raise TypeError("not a tiled RGB uint8 pyramid")
             if page.planarconfig != 1:
                 raise TypeError("planar (separate) sample layout")
+            if page.compression != 1 and page.compression not in tifffile.TIFF.DECOMPRESSORS:
+                raise TypeError(f"unsupported TIFF compression {int(page.compression)}")
         self.ranges = ranges if ranges is not None else LocalRangeReader(path, clocks)
         dims = tuple((int(p.shape[1]), int(p.shape[0])) for p in self.pages)
         w0, h0 = dims[0]
@@ -170,6 +176,7 @@ class TiffBackend(SlideBackend):
         page = self.pages[level]
         th, tw = page.tilelength, page.tilewidth
         ny, nx = page.chunked[0], page.chunked[1]
+        height, width = int(page.shape[0]), int(page.shape[1])
         k, bw, bh = len(boxes), int(boxes[0, 2]), int(boxes[0, 3])
         out = np.full((k, bh, bw, 3), WHITE, dtype=np.uint8)
         needed: dict[int, list[int]] = {}
@@ -183,8 +190,9 @@ class TiffBackend(SlideBackend):
             blobs = self.ranges.read_ranges(ranges)
         with clocks.part("decode"):
             for index, blob in zip(indices, blobs, strict=True):
-                tile = self._decode(page, blob, index)
                 ty, tx = divmod(index, nx)
+                # Edge tiles carry padding past the image; openslide shows background there.
+                tile = self._decode(page, blob, index)[: height - ty * th, : width - tx * tw]
                 for b in needed[index]:
                     _paste(out[b], tile, tx * tw - int(boxes[b, 0]), ty * th - int(boxes[b, 1]))
         clocks.count("decode.tiles", len(indices))

@@ -1,0 +1,77 @@
+"""Shared fixtures: real files made with real tools (tifffile slides, torch-exported ONNX models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_file(*parts: str) -> Path:
+    """A file from ../shared/data, or skip the test with the reason (a fresh clone has none)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (third-party test data lives in ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("assets")
+
+
+@pytest.fixture(scope="session")
+def slide_path(assets: Path) -> Path:
+    """A 2048x1536 pyramidal JPEG TIFF at 0.25 mpp, three levels, with tissue blobs."""
+    from gpubatch.demo import write_synthetic_slide
+
+    return write_synthetic_slide(assets / "slide.tif", 2048, 1536, seed=1)
+
+
+@pytest.fixture(scope="session")
+def slides_dir(assets: Path) -> Path:
+    from gpubatch.demo import write_synthetic_slide
+
+    d = assets / "slides"
+    d.mkdir()
+    for i in range(3):
+        write_synthetic_slide(d / f"s{i}.tif", 1536, 1024, seed=10 + i)
+    return d
+
+
+@pytest.fixture(scope="session")
+def classifier(assets: Path) -> Path:
+    from gpubatch.demo import make_classifier
+
+    return make_classifier(assets / "classifier.onnx")
+
+
+@pytest.fixture(scope="session")
+def mean_model(assets: Path) -> Path:
+    from gpubatch.demo import make_mean_colour_model
+
+    return make_mean_colour_model(assets / "mean.onnx")
+
+
+def slide_job(uris: list[str], model: Path, out: Path, **sections: Any) -> dict[str, Any]:
+    """A slides job mapping; keyword sections (tiles=..., run=...) are merged in."""
+    job: dict[str, Any] = {
+        "name": "test", "kind": "slides", "input": {"uris": uris},
+        "tiles": {"size": 64, "mpp": 0.5, "tissue": {"method": "none"}},
+        "model": {"path": str(model), "backend": "onnxruntime", "batch_size": 16,
+                  "input": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}},
+        "output": {"uri": str(out)},
+        "run": {"profile": "inline", "readers": 2, "prefetch_batches": 4, "retries": 1},
+    }
+    for key, value in sections.items():
+        job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
+    return job
+
+
+def write_job(path: Path, job: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path

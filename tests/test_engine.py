@@ -1,0 +1,127 @@
+"""The overlapped pipeline: order, batching, bounded look-ahead, starvation both ways, failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from gpubatch.engine import PipelineConfig, StageClocks, run_pipeline
+from gpubatch.sources.base import ItemBlock, ReadUnit, ShardReader
+
+
+class CountingReader(ShardReader):
+    """Units of ``per_unit`` items whose values are their global index; optional read delay."""
+
+    def __init__(self, units: int, per_unit: int, delay: float = 0.0, fail_at: int | None = None):
+        self.units, self.per_unit, self.delay, self.fail_at = units, per_unit, delay, fail_at
+        self.attrs = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+
+    @property
+    def n_items(self) -> int:
+        return self.units * self.per_unit
+
+    def read_units(self) -> Iterator[ReadUnit]:
+        for u in range(self.units):
+            yield lambda u=u: self._read(u)
+
+    def _read(self, u: int) -> ItemBlock:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if u == self.fail_at:
+                raise OSError(f"unit {u} is unreadable")
+            time.sleep(self.delay)
+            ids = np.arange(u * self.per_unit, (u + 1) * self.per_unit)
+            return ItemBlock(ids.astype(np.uint8).reshape(-1, 1), {"id": ids})
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def to_model_input(self, batch: np.ndarray) -> np.ndarray:
+        return batch.astype(np.float32)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.batches: list[int] = []
+
+    def write(self, index: dict, outputs: dict) -> None:
+        self.ids.extend(index["id"].tolist())
+        self.batches.append(len(index["id"]))
+        np.testing.assert_array_equal(outputs["y"][:, 0], (index["id"] % 256) * 2)
+
+
+def model(delay: float = 0.0, fail: bool = False):
+    def run(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
+        if fail:
+            raise RuntimeError("model exploded")
+        time.sleep(delay)
+        return {"y": items.astype(np.int64) * 2}
+
+    return run
+
+
+def test_items_arrive_in_order_in_full_batches() -> None:
+    reader, sink, clocks = CountingReader(units=7, per_unit=10), Sink(), StageClocks()
+    done = run_pipeline(reader, model(), sink, PipelineConfig(batch_size=16, readers=3), clocks)
+    assert done == 70 and sink.ids == list(range(70))
+    assert sink.batches == [16, 16, 16, 16, 6]
+
+
+def test_look_ahead_is_bounded_by_configuration() -> None:
+    reader = CountingReader(units=40, per_unit=4, delay=0.01)
+    cfg = PipelineConfig(batch_size=4, readers=3, prefetch_batches=2)
+    run_pipeline(reader, model(delay=0.02), Sink(), cfg, StageClocks())
+    assert reader.max_in_flight <= cfg.readers
+
+
+def test_slow_reader_means_high_starvation() -> None:
+    clocks = StageClocks()
+    run_pipeline(CountingReader(units=12, per_unit=4, delay=0.05), model(), Sink(),
+                 PipelineConfig(batch_size=4, readers=1), clocks)
+    assert clocks.starvation > 0.8
+
+
+def test_slow_model_means_low_starvation() -> None:
+    clocks = StageClocks()
+    run_pipeline(CountingReader(units=12, per_unit=4), model(delay=0.05), Sink(),
+                 PipelineConfig(batch_size=4, readers=2), clocks)
+    assert clocks.starvation < 0.1
+    assert clocks.stages["read"].blocked_s > 0.1  # readers waited for room: the queue is bounded
+
+
+def test_reader_failure_propagates_without_hanging() -> None:
+    with pytest.raises(OSError, match="unit 5 is unreadable"):
+        run_pipeline(CountingReader(units=50, per_unit=4, fail_at=5), model(), Sink(),
+                     PipelineConfig(batch_size=4, readers=2, prefetch_batches=1), StageClocks())
+
+
+def test_model_failure_propagates_without_hanging() -> None:
+    with pytest.raises(RuntimeError, match="model exploded"):
+        run_pipeline(CountingReader(units=50, per_unit=4), model(fail=True), Sink(),
+                     PipelineConfig(batch_size=4, readers=2, prefetch_batches=1), StageClocks())
+
+
+def test_writer_failure_propagates_without_hanging() -> None:
+    class BadSink:
+        def write(self, index: dict, outputs: dict) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run_pipeline(CountingReader(units=50, per_unit=4), model(), BadSink(),
+                     PipelineConfig(batch_size=4, readers=2, prefetch_batches=1), StageClocks())
+
+
+def test_empty_shard() -> None:
+    sink = Sink()
+    assert run_pipeline(CountingReader(units=0, per_unit=4), model(), sink, PipelineConfig(), StageClocks()) == 0
+    assert sink.ids == []

@@ -1,0 +1,127 @@
+"""End to end: real slides, real ONNX Runtime, real Dask; outputs, coordinates, quarantine, API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pandas as pd
+import pytest
+import zarr
+from conftest import shared_file, slide_job, write_job
+
+import gpubatch
+from gpubatch.demo import write_synthetic_slide
+from gpubatch.errors import EXIT_OK, EXIT_PARTIAL
+from gpubatch.models.base import file_sha256
+
+
+def test_mean_colour_lands_at_the_right_coordinates(tmp_path: Path, slide_path: Path, mean_model: Path) -> None:
+    """The model returns each tile's mean colour; compare with openslide at the same place."""
+    job = slide_job([str(slide_path)], mean_model, tmp_path / "out", tiles={"size": 64, "mpp": 0.5})
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    df = result.predictions()
+    assert len(df) == 16 * 12 and set(df["level"]) == {1}
+    assert list(df.columns[:4]) == ["slide", "x", "y", "level"]
+    slide = openslide.OpenSlide(str(slide_path))
+    for row in df.sample(12, random_state=0).itertuples():
+        ref = np.asarray(slide.read_region((row.x, row.y), 1, (64, 64)).convert("RGB")) / 255.0
+        np.testing.assert_allclose([row.mean_0, row.mean_1, row.mean_2], ref.mean(axis=(0, 1)), atol=1e-5)
+
+
+def test_resampled_tiles_match_a_resized_region(tmp_path: Path, slide_path: Path, mean_model: Path) -> None:
+    job = slide_job([str(slide_path)], mean_model, tmp_path / "out", tiles={"size": 64, "mpp": 0.6})
+    df = gpubatch.run(write_job(tmp_path / "job.yaml", job)).predictions()
+    slide = openslide.OpenSlide(str(slide_path))
+    row = df.iloc[len(df) // 2]
+    region = slide.read_region((int(row.x), int(row.y)), 1, (77, 77)).convert("RGB").resize((64, 64))
+    assert np.abs(np.asarray(region).mean(axis=(0, 1)) / 255 - [row.mean_0, row.mean_1, row.mean_2]).max() < 0.01
+
+
+def test_local_cluster_outputs_and_report(tmp_path: Path, slides_dir: Path, classifier: Path) -> None:
+    job = slide_job([str(slides_dir / "*.tif")], classifier, tmp_path / "out",
+                    tiles={"size": 64, "mpp": 0.5, "tissue": {"method": "otsu", "min_fraction": 0.5}},
+                    run={"profile": "local", "workers": 2})
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == EXIT_OK
+    out = Path(result.output_uri)
+    report = json.loads((out / "report.json").read_text())
+    for key in ("items", "items_per_s", "wall_s", "starvation", "verdict", "stages", "failed"):
+        assert key in report
+    assert set(report["stages"]) >= {"read", "model", "write"}
+    assert all(set(v) == {"busy_s", "starved_s", "blocked_s"} for v in report["stages"].values())
+    df = result.predictions()
+    assert len(df) == report["items"] > 0
+    assert np.allclose(df[["probs_0", "probs_1", "probs_2"]].sum(axis=1), 1.0, atol=1e-5)
+    assert df["slide"].nunique() == 3
+    # Tissue filtering kept only part of each 12x8 grid.
+    assert df.groupby("slide").size().max() < 12 * 8
+    root = zarr.open_group(str(out / "predictions.zarr"), mode="r")
+    group = root[root.attrs["shards"][0]]
+    assert group.attrs["level"] == 1 and group.attrs["tile_size"] == 64
+    assert group.attrs["mpp"] == pytest.approx(0.5)
+    assert group.attrs["model_sha256"] == file_sha256(str(classifier))
+    assert group["probs"].shape[1] == 3 and group["x"].shape[0] == group["probs"].shape[0]
+    # One model session per worker process, reused for every shard it ran.
+    audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert len(audit) == 3 and all(a["status"] == "done" for a in audit)
+    hosts_pids = {(a["host"], a["pid"]) for a in audit}
+    assert 1 <= len(hosts_pids) <= 2
+
+
+def test_one_session_per_worker_is_reused(tmp_path: Path, slides_dir: Path, classifier: Path) -> None:
+    from gpubatch.models import base
+
+    before = base.SESSIONS_CREATED["count"]
+    job = slide_job([str(slides_dir / "*.tif")], classifier, tmp_path / "out")
+    gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert base.SESSIONS_CREATED["count"] - before <= 1
+
+
+def test_bad_slides_are_quarantined_and_the_rest_proceed(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(slide_path, inputs / "good.tif")
+    (inputs / "empty.tif").write_bytes(b"")
+    (inputs / "truncated.tif").write_bytes(slide_path.read_bytes()[: 40_000])
+    (inputs / "text.tif").write_text("not a slide at all\n")
+    (inputs / "dir.tif").mkdir()
+    write_synthetic_slide(inputs / "nompp.tif", 512, 512, mpp=None, levels=1)
+    write_synthetic_slide(inputs / "blank.tif", 512, 512, image=np.full((512, 512, 3), 240, np.uint8), levels=1)
+    job = slide_job([str(inputs / "*.tif")], classifier, tmp_path / "out",
+                    tiles={"tissue": {"method": "otsu", "min_fraction": 0.5}})
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == EXIT_PARTIAL
+    failed = {Path(f["input"]).name: f["error"] for f in result.report["failed"]}
+    assert set(failed) == {"empty.tif", "truncated.tif", "text.tif", "dir.tif", "nompp.tif"}
+    assert "zero-byte" in failed["empty.tif"] and "directory" in failed["dir.tif"]
+    assert "MPP" in failed["nompp.tif"]
+    df = result.predictions()
+    assert set(df["slide"].map(lambda s: Path(s).name)) == {"good.tif"}  # blank: zero tiles, not an error
+    shards = {Path(s["input"]).name: s["items"] for s in result.report["shards"]}
+    assert shards["blank.tif"] == 0 and shards["good.tif"] > 0
+
+
+def test_real_svs_end_to_end_without_label_or_macro(tmp_path: Path, classifier: Path) -> None:
+    path = shared_file("slides", "CMU-1-Small-Region.svs")
+    job = slide_job([str(path)], classifier, tmp_path / "out",
+                    tiles={"size": 224, "mpp": 0.5, "tissue": {"method": "otsu", "min_fraction": 0.25}})
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == EXIT_OK and 0 < result.report["items"] <= 117
+    df = result.predictions()
+    step = 224 * 0.5 / 0.499  # level-0 pixels per tile at 0.5 mpp on a 0.499 mpp scan
+    assert np.allclose(df["x"] / step, np.round(df["x"] / step), atol=0.01) and df["level"].eq(0).all()
+
+
+def test_api_open_results_and_overrides(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+    job_path = write_job(tmp_path / "job.yaml", slide_job([str(slide_path)], classifier, tmp_path / "out"))
+    result = gpubatch.run(job_path, tiles__size=128, model__batch_size=8)
+    assert result.report["batch_size"] == 8
+    again = gpubatch.open_results(result.output_uri)
+    assert again.report["items"] == result.report["items"] == 8 * 6
+    pd.testing.assert_frame_equal(again.predictions(), result.predictions())
+    assert gpubatch.load_job(job_path).tiles.size == 64

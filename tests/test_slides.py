@@ -1,0 +1,143 @@
+"""Tile grids, level choice, decode and tissue on generated slides and a real Aperio SVS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+from conftest import shared_file
+
+from gpubatch.demo import write_synthetic_slide
+from gpubatch.engine.clocks import StageClocks
+from gpubatch.errors import InputError
+from gpubatch.sources.slides import choose_level, make_grid, otsu_threshold, tissue_mask
+from gpubatch.sources.wsi import OpenSlideBackend, TiffBackend, coalesce, open_slide
+from gpubatch.spec import TilesSpec
+
+
+def _tiles(**kw: object) -> TilesSpec:
+    return TilesSpec.model_validate({"tissue": {"method": "none"}, **kw})
+
+
+def test_level_nearest_to_mpp_and_remainder_only(slide_path: Path) -> None:
+    backend = TiffBackend(str(slide_path))
+    info = backend.info
+    assert info.mpp == pytest.approx(0.25) and info.level_downsamples == (1.0, 2.0, 4.0)
+    assert choose_level(info, _tiles(size=64, mpp=0.5), "s") == (1, 2.0)
+    assert choose_level(info, _tiles(size=64, mpp=0.6), "s")[0] == 1  # never a coarser level
+    assert choose_level(info, _tiles(size=64, mpp=1.0), "s") == (2, 4.0)
+    grid = make_grid(info, _tiles(size=64, mpp=0.6), "s")
+    assert grid.level == 1 and grid.read_size == round(64 * 2.4 / 2)  # 77 px at level 1 -> 64
+    backend.close()
+
+
+def test_grid_counts_overlap_and_level(slide_path: Path) -> None:
+    info = TiffBackend(str(slide_path)).info
+    grid = make_grid(info, _tiles(size=64, mpp=0.5), "s")
+    assert len(grid) == 16 * 12  # 2048x1536 level 0, tiles span 128 level-0 px
+    assert grid.xs.max() + 128 <= 2048 and grid.ys.max() + 128 <= 1536
+    half = make_grid(info, _tiles(size=64, mpp=0.5, overlap=0.5), "s")
+    assert len(half) == 31 * 23 and half.xs[1] - half.xs[0] == 64
+    lvl = make_grid(info, TilesSpec.model_validate({"size": 100, "level": 2, "tissue": {"method": "none"}}), "s")
+    assert lvl.level == 2 and lvl.read_size == 100 and len(lvl) == 5 * 3
+
+
+def test_tifffile_decode_matches_openslide(slide_path: Path) -> None:
+    tiff, osl = TiffBackend(str(slide_path)), OpenSlideBackend(str(slide_path))
+    rng = np.random.default_rng(0)
+    for level in range(3):
+        w, h = tiff.info.level_dimensions[level]
+        boxes = np.array([[rng.integers(0, w - 90), rng.integers(0, h - 90), 90, 90] for _ in range(5)])
+        np.testing.assert_array_equal(tiff.read_boxes(level, boxes, StageClocks()),
+                                      osl.read_boxes(level, boxes, StageClocks()))
+
+
+def test_each_stored_tile_decoded_once_per_read(slide_path: Path) -> None:
+    tiff = TiffBackend(str(slide_path))
+    clocks = StageClocks()
+    boxes = np.array([[x, y, 128, 128] for y in range(0, 1024, 128) for x in range(0, 1024, 128)])
+    tiff.read_boxes(0, boxes, clocks)
+    assert clocks.counters["decode.tiles"] == 16  # 1024x1024 of 256-px stored tiles
+    assert clocks.counters["storage.requests"] <= 4  # adjacent tiles coalesced
+
+
+def test_coalesce_groups_neighbours_and_keeps_members() -> None:
+    ranges = [(100, 10), (0, 50), (60, 10), (10_000, 5)]
+    groups = coalesce(ranges, gap=20)
+    assert [(s, e, sorted(m)) for s, e, m in groups] == [(0, 70, [1, 2]), (100, 110, [0]), (10_000, 10_005, [3])]
+    groups = coalesce(ranges, gap=40)
+    assert [(s, e, sorted(m)) for s, e, m in groups] == [(0, 110, [0, 1, 2]), (10_000, 10_005, [3])]
+    assert len(coalesce(ranges, gap=100)) == 2
+    assert len(coalesce(ranges, gap=100, max_bytes=100)) == 3  # the cap bounds one read's size
+
+
+def test_real_svs_grid_and_pixels() -> None:
+    path = shared_file("slides", "CMU-1-Small-Region.svs")
+    backend = open_slide(str(path), StageClocks())
+    assert isinstance(backend, TiffBackend)
+    assert backend.info.mpp == pytest.approx(0.499) and backend.info.magnification == 20
+    grid = make_grid(backend.info, _tiles(size=224, mpp=0.5), str(path))
+    assert grid.level == 0 and len(grid) == 9 * 13
+    boxes = np.array([[0, 0, 240, 240], [1000, 1200, 240, 240], [1977, 2700, 240, 240]])
+    slide = openslide.OpenSlide(str(path))
+    for box, tile in zip(boxes, backend.read_boxes(0, boxes, StageClocks()), strict=True):
+        ref = np.asarray(slide.read_region((int(box[0]), int(box[1])), 0, (240, 240)).convert("RGB"))
+        np.testing.assert_array_equal(tile, ref)
+    # Past the slide's edge both backends show white background, as openslide's alpha does.
+    edge = np.array([[2100, 2900, 240, 240]])
+    np.testing.assert_array_equal(backend.read_boxes(0, edge, StageClocks()),
+                                  OpenSlideBackend(str(path)).read_boxes(0, edge, StageClocks()))
+
+
+def test_otsu_and_tissue_mask() -> None:
+    values = np.concatenate([np.full(500, 10), np.full(500, 200)]).astype(np.uint8)
+    assert 10 <= otsu_threshold(values) < 200
+    glass = np.full((64, 64, 3), 238, np.uint8)
+    assert not tissue_mask(glass).any()  # blank glass: no tissue, whatever Otsu says
+    stained = glass.copy()
+    stained[16:48, 16:48] = (200, 110, 170)
+    mask = tissue_mask(stained)
+    assert mask[16:48, 16:48].all() and mask.sum() == 32 * 32
+
+
+def test_missing_mpp_is_a_clear_input_error(tmp_path: Path) -> None:
+    path = write_synthetic_slide(tmp_path / "nompp.tif", 512, 512, mpp=None, levels=1)
+    backend = TiffBackend(str(path))
+    assert backend.info.mpp is None
+    with pytest.raises(InputError, match="no microns-per-pixel.*tiles.level"):
+        make_grid(backend.info, _tiles(size=64, mpp=0.5), str(path))
+    assert len(make_grid(backend.info, TilesSpec(size=64, level=0), str(path))) == 64
+
+
+def test_coarser_scan_than_requested_is_refused(slide_path: Path) -> None:
+    info = TiffBackend(str(slide_path)).info
+    with pytest.raises(InputError, match="coarser than the requested"):
+        choose_level(info, _tiles(size=64, mpp=0.1), "s")
+
+
+@pytest.mark.parametrize(("name", "words"), [("unopenable.tiff", "compression"), ("unreadable.svs", "")])
+def test_openslide_fixtures_fail_clearly(name: str, words: str) -> None:
+    path = shared_file("slides", name)
+    with pytest.raises(InputError) as info:
+        backend = open_slide(str(path), StageClocks())
+        backend.read_boxes(0, np.array([[0, 0, 16, 16]]), StageClocks())
+    assert str(path) in str(info.value) and words in str(info.value)
+
+
+def test_generic_tiff_fixture_levels() -> None:
+    path = shared_file("slides", "boxes.tiff")
+    backend = open_slide(str(path), StageClocks())
+    ref = openslide.OpenSlide(str(path))
+    assert backend.info.level_dimensions == tuple(ref.level_dimensions)
+    assert backend.info.level_downsamples == pytest.approx(ref.level_downsamples)
+
+
+def test_directory_and_empty_file_are_input_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="directory"):
+        open_slide(str(tmp_path), StageClocks())
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="zero-byte"):
+        open_slide(str(empty), StageClocks())

@@ -1,0 +1,117 @@
+"""Job specs fail before any work, naming the field and what would be valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import slide_job, write_job
+
+from gpubatch.cli import main
+from gpubatch.errors import EXIT_USAGE, SpecError
+from gpubatch.spec import check_local_files, load_job
+
+
+@pytest.fixture()
+def good(tmp_path: Path, slide_path: Path, classifier: Path) -> dict:
+    return slide_job([str(slide_path)], classifier, tmp_path / "out")
+
+
+def _problems(tmp_path: Path, job: dict) -> list[tuple[str, str]]:
+    with pytest.raises(SpecError) as info:
+        check_local_files(load_job(write_job(tmp_path / "job.yaml", job)))
+    return info.value.problems
+
+
+def test_valid_spec_loads(tmp_path: Path, good: dict) -> None:
+    job = load_job(write_job(tmp_path / "job.yaml", good))
+    assert job.tiles.size == 64 and job.kind == "slides"
+    check_local_files(job)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "field", "words"),
+    [
+        ("tiles", "size", 0, "tiles.size", "greater than or equal to 1"),
+        ("tiles", "overlap", 1.0, "tiles.overlap", "less than 1"),
+        ("tiles", "mpp", -0.5, "tiles.mpp", "greater than 0"),
+        ("tiles", "sizee", 3, "tiles.sizee", "unknown key"),
+        ("model", "batch_size", "big", "model.batch_size", "auto"),
+        ("model", "precision", "int4", "model.precision", "fp32"),
+        ("run", "readers", "four", "run.readers", "integer"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path: Path, good: dict, section: str, key: str, value: object,
+                                   field: str, words: str) -> None:
+    good[section][key] = value
+    problems = _problems(tmp_path, good)
+    assert any(path == field and words in msg for path, msg in problems), problems
+
+
+def test_unknown_top_level_key(tmp_path: Path, good: dict) -> None:
+    good["tilez"] = {}
+    assert ("tilez", "unknown key (check the spelling; see DESIGN.md for the keys)") in _problems(tmp_path, good)
+
+
+def test_missing_model_and_input_files(tmp_path: Path, good: dict) -> None:
+    good["model"]["path"] = str(tmp_path / "nope.onnx")
+    good["input"]["uris"] = [str(tmp_path / "missing-*.svs")]
+    problems = dict(_problems(tmp_path, good))
+    assert "file not found" in problems["model.path"]
+    assert "matches no file" in problems["input.uris[0]"]
+
+
+def test_mpp_and_level_are_exclusive(tmp_path: Path, good: dict) -> None:
+    good["tiles"]["level"] = 0
+    job = load_job(write_job(tmp_path / "job.yaml", {**good, "tiles": {"size": 64, "level": 0}}))
+    assert job.tiles.level == 0 and job.tiles.mpp is None
+    good["tiles"]["mpp"] = 0.5
+    assert any("either `mpp` or `level`" in m for _, m in _problems(tmp_path, good))
+
+
+def test_set_overrides_are_typed(tmp_path: Path, good: dict) -> None:
+    job = load_job(write_job(tmp_path / "job.yaml", good), ["tiles.size=128", "run.readers=3"])
+    assert job.tiles.size == 128 and job.run.readers == 3
+
+
+def test_relative_paths_resolve_against_the_job_file(tmp_path: Path, good: dict, classifier: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "c.onnx").write_bytes(classifier.read_bytes())
+    good["model"]["path"] = "m/c.onnx"
+    job = load_job(write_job(tmp_path / "job.yaml", good))
+    assert job.model.path == str(tmp_path / "m" / "c.onnx")
+
+
+def test_cli_validate_exit_codes(tmp_path: Path, good: dict, capsys: pytest.CaptureFixture) -> None:
+    path = write_job(tmp_path / "job.yaml", good)
+    assert main(["validate", str(path)]) == 0
+    good["tiles"]["size"] = 0
+    write_job(path, good)
+    assert main(["validate", str(path)]) == EXIT_USAGE
+    assert "tiles.size" in capsys.readouterr().err
+
+
+def test_cli_run_refuses_bad_spec_before_running(tmp_path: Path, good: dict) -> None:
+    good["model"]["path"] = str(tmp_path / "absent.onnx")
+    assert main(["run", str(write_job(tmp_path / "job.yaml", good))]) == EXIT_USAGE
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_job(bad)
+    bad.write_text("- a list")
+    with pytest.raises(SpecError, match="mapping"):
+        load_job(bad)
+
+
+def test_model_input_shape_must_match_the_tiles(tmp_path: Path, good: dict, assets: Path) -> None:
+    from gpubatch.demo import _export
+    import torch
+
+    fixed = _export(torch.nn.Flatten(), torch.rand(1, 3, 32, 32), assets / "fixed32.onnx", ["flat"])
+    good["model"]["path"] = str(fixed)
+    assert main(["run", str(write_job(tmp_path / "job.yaml", good))]) == EXIT_USAGE
+    assert not (tmp_path / "out").exists()
