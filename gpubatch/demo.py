@@ -22,8 +22,8 @@ def _tissue_image(width: int, height: int, rng: np.random.Generator) -> np.ndarr
     n_blobs = 5
     cx = rng.uniform(0.15, 0.85, n_blobs) * width
     cy = rng.uniform(0.15, 0.85, n_blobs) * height
-    rx = rng.uniform(0.08, 0.22, n_blobs) * width
-    ry = rng.uniform(0.08, 0.22, n_blobs) * height
+    rx = rng.uniform(0.12, 0.3, n_blobs) * width
+    ry = rng.uniform(0.12, 0.3, n_blobs) * height
     pink = np.array([200, 110, 170], dtype=np.float32)
     purple = np.array([120, 70, 160], dtype=np.float32)
     xs = np.arange(width, dtype=np.float32)

@@ -107,9 +107,10 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 def tissue_mask(thumb: np.ndarray) -> np.ndarray:
     """Otsu on HSV saturation: stained tissue is saturated, glass and background are not."""
-    rgb = thumb.astype(np.int16)
-    mx, mn = rgb.max(axis=-1), rgb.min(axis=-1)
-    sat = np.where(mx > 0, (mx - mn) * 255 // np.maximum(mx, 1), 0).astype(np.uint8)
+    r, g, b = thumb[..., 0], thumb[..., 1], thumb[..., 2]
+    mx = np.maximum(np.maximum(r, g), b).astype(np.uint16)
+    mn = np.minimum(np.minimum(r, g), b).astype(np.uint16)
+    sat = ((mx - mn) * 255 // np.maximum(mx, 1)).astype(np.uint8)
     threshold = max(otsu_threshold(sat), MIN_SATURATION * 255)
     return sat > threshold
 

@@ -1,0 +1,93 @@
+"""Shared pieces of the benchmarks: workloads, timing, the bound, markdown tables.
+
+Every contestant sees the same slides, the same tile list and the same ONNX model, and runs in
+the same process tree in alternating order, so the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+WORK = ROOT / "_work"
+
+
+@dataclass
+class Measurement:
+    name: str
+    items: int
+    seconds: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_s(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.median_s
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def alternate(contestants: dict[str, Callable[[], int]], repeats: int) -> dict[str, Measurement]:
+    """Run each contestant ``repeats`` times, rotating the order every round."""
+    names = list(contestants)
+    results = {n: Measurement(n, 0) for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            items = contestants[name]()
+            results[name].seconds.append(time.perf_counter() - t0)
+            results[name].items = items
+            print(f"  round {r + 1} {name}: {items} items in {results[name].seconds[-1]:.2f} s", flush=True)
+    return results
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def save(out: str | None, data: dict[str, Any]) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(data, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+
+
+def cpu_seconds(fn: Callable[[], Any]) -> float:
+    """Process CPU time (all threads) spent in fn: the work, whatever the parallelism."""
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0

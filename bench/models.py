@@ -1,0 +1,46 @@
+"""Benchmark-only models: a ResNet-18-sized CNN for the compute-bound workload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _block(cin: int, cout: int, stride: int) -> Any:
+    from torch import nn
+
+    class Basic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.b1 = nn.BatchNorm2d(cout)
+            self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.b2 = nn.BatchNorm2d(cout)
+            self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x: Any) -> Any:
+            y = self.b2(self.c2(self.b1(self.c1(x)).relu()))
+            return (y + self.down(x)).relu()
+
+    return Basic()
+
+
+def make_resnet18_like(path: str | Path, classes: int = 2) -> Path:
+    """ResNet-18's layout (64-128-256-512, two basic blocks each): about 1.8 GFLOPs at 224 px."""
+    import torch
+    from torch import nn
+
+    from gpubatch.demo import _export
+
+    path = Path(path)
+    if path.exists():
+        return path
+    torch.manual_seed(0)
+    layers: list[Any] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_block(cin, cout, stride), _block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes), nn.Softmax(dim=1)]
+    return _export(nn.Sequential(*layers), torch.rand(2, 3, 224, 224), path, ["probs"])
