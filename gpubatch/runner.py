@@ -85,15 +85,20 @@ def _audit_line(result: dict[str, Any], ctx: RunContext, extra: dict[str, Any]) 
 class _Submitter:
     """Submits shards, retries failures up to the limit, and collects summaries as they finish."""
 
-    def __init__(self, client: Any, job: JobSpec, ctx: RunContext, on_result: Any):
+    def __init__(self, client: Any, job: JobSpec, ctx: RunContext, on_result: Any,
+                 resources: dict[str, float] | None = None):
         self.client, self.job, self.ctx, self.on_result = client, job, ctx, on_result
+        self.resources = resources  # e.g. {GPU: 1}: one shard per GPU at a time
         self.attempts: dict[str, int] = {}
 
     def _submit(self, shard: Shard) -> Any:
         n = self.attempts.get(shard.shard_id, 0) + 1
         self.attempts[shard.shard_id] = n
-        kwargs = {"pure": False, "key": f"gpubatch-{shard.shard_id}-{n}-{time.time_ns()}"} \
-            if hasattr(self.client, "scheduler") else {}
+        kwargs: dict[str, Any] = {}
+        if hasattr(self.client, "scheduler"):
+            kwargs = {"pure": False, "key": f"gpubatch-{shard.shard_id}-{n}-{time.time_ns()}"}
+            if self.resources:
+                kwargs["resources"] = self.resources
         fut = self.client.submit(execute_shard, shard, self.job, self.ctx, **kwargs)
         fut.shard = shard
         return fut
@@ -194,7 +199,7 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
     try:
         if todo:
             with open_cluster(prof, n_workers, scheduler) as client:
-                _Submitter(client, job, ctx, on_result).run(todo)
+                _Submitter(client, job, ctx, on_result, prof.get("resources")).run(todo)
     finally:
         audit.close()
         progress.close()

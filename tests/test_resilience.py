@@ -1,0 +1,188 @@
+"""Overnight failures with real processes: a real `dask scheduler` and `dask worker`s on loopback,
+SIGKILL of a worker or of the client mid-run, resume, status from another shell, privacy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import shared_file, slide_job, write_job
+
+import gpubatch
+from gpubatch.demo import write_synthetic_slide
+
+pytestmark = pytest.mark.slow
+N_SLIDES = 8
+
+
+@pytest.fixture(scope="module")
+def many_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("many")
+    for i in range(N_SLIDES):
+        write_synthetic_slide(d / f"m{i}.tif", 1024, 768, seed=200 + i, levels=2)
+    return d
+
+
+def _job(tmp_path: Path, slides: Path, model: Path, out: str, **run: object) -> Path:
+    job = slide_job([str(slides / "*.tif")], model, tmp_path / out,
+                    run={"readers": 1, "prefetch_batches": 2, **run})
+    job["tiles"] = {"size": 32, "level": 0, "tissue": {"method": "none"}}
+    job["model"]["batch_size"] = 8
+    return write_job(tmp_path / f"{out}.yaml", job)
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values(["slide", "x", "y"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory, many_slides: Path, classifier: Path) -> pd.DataFrame:
+    tmp = tmp_path_factory.mktemp("clean")
+    return _sorted(gpubatch.run(_job(tmp, many_slides, classifier, "clean")).predictions())
+
+
+def _cli(*args: str, **kw: object) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "gpubatch", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)  # type: ignore[call-overload]
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError("condition not reached")
+
+
+def _committed(out: Path) -> int:
+    d = out / "_manifest"
+    return len([p for p in d.glob("*.json") if not p.name.startswith(".tmp")]) if d.is_dir() else 0
+
+
+def test_client_killed_mid_run_then_resume_equals_clean(tmp_path: Path, many_slides: Path, classifier: Path,
+                                                         clean: pd.DataFrame) -> None:
+    job = _job(tmp_path, many_slides, classifier, "killed", profile="local", workers=1)
+    out = tmp_path / "killed"
+    proc = _cli("run", str(job), start_new_session=True)
+    _wait_for(lambda: _committed(out) >= 2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the client and the cluster it started, all at once
+    proc.wait()
+    partial = _committed(out)
+    assert 2 <= partial < N_SLIDES
+    status = _cli("status", str(out))
+    assert "running" in status.communicate()[0]  # the run never finished
+    resumed = _cli("run", str(job), "--resume")
+    log = resumed.communicate()[0]
+    assert resumed.returncode == 0, log
+    report = json.loads((out / "report.json").read_text())
+    assert sum(1 for s in report["shards"] if s["resumed"]) >= partial
+    df = _sorted(pd.read_parquet(out / "predictions.parquet"))
+    assert not df.duplicated(["slide", "x", "y"]).any()
+    pd.testing.assert_frame_equal(df, clean)
+    assert "finished" in _cli("status", str(out)).communicate()[0]
+
+
+@pytest.fixture()
+def dask_cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real `dask scheduler` and two `dask worker` processes (no nanny, so SIGKILL is final)."""
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen(["dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", str(sched_file)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    _wait_for(sched_file.exists, 30)
+    workers = [subprocess.Popen(["dask", "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                                 "--no-nanny", "--no-dashboard", "--name", f"w{i}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+    address = json.loads(sched_file.read_text())["address"]
+    from distributed import Client
+
+    with Client(address) as c:
+        c.wait_for_workers(2, timeout=60)
+    yield address, workers
+    for p in procs + workers:
+        p.kill()
+        p.wait()
+
+
+def test_worker_killed_mid_shard_is_retried_elsewhere(tmp_path: Path, many_slides: Path, classifier: Path,
+                                                      clean: pd.DataFrame, dask_cluster) -> None:  # type: ignore[no-untyped-def]
+    address, workers = dask_cluster
+    job = _job(tmp_path, many_slides, classifier, "lost")
+    out = tmp_path / "lost"
+    proc = _cli("submit", str(job), "--scheduler", address)
+    _wait_for(lambda: _committed(out) >= 1)
+    workers[0].send_signal(signal.SIGKILL)
+    log = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, log
+    df = _sorted(pd.read_parquet(out / "predictions.parquet"))
+    assert not df.duplicated(["slide", "x", "y"]).any()
+    pd.testing.assert_frame_equal(df, clean)
+    audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert len({a["shard_id"] for a in audit}) == N_SLIDES
+
+
+def test_shard_failing_every_retry_is_quarantined(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(slide_path.read_bytes()[: len(slide_path.read_bytes()) // 2])
+    job = slide_job([str(slide_path), str(bad)], classifier, tmp_path / "out", run={"retries": 2})
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 3
+    assert [Path(f["input"]).name for f in result.report["failed"]] == ["bad.tif"]
+    assert "truncated" in result.report["failed"][0]["error"]
+    assert len(result.predictions()) > 0
+
+
+def test_audit_trail_and_zarr_attributes(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+    job = slide_job([str(slide_path)], classifier, tmp_path / "out")
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    line = json.loads((Path(result.output_uri) / "audit.jsonl").read_text().splitlines()[0])
+    for key in ("input", "size", "mtime", "model_sha256", "backend", "precision", "gpubatch_version",
+                "spec_sha256", "host", "start", "end"):
+        assert line.get(key) is not None, key
+    assert line["size"] == slide_path.stat().st_size and line["end"] >= line["start"]
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path: Path, slides_dir: Path, classifier: Path) -> None:
+    job = write_job(tmp_path / "job.yaml", slide_job([str(slides_dir / "*.tif")], classifier, tmp_path / "out"))
+    proc = _cli("run", str(job))
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0
+    line = next(x for x in log.splitlines() if "shards 3/3 done" in x)
+    assert "items/s" in line and "starvation" in line and "ETA" in line
+
+
+def test_label_macro_and_private_metadata_never_reach_outputs(tmp_path: Path, classifier: Path) -> None:
+    import openslide
+
+    path = shared_file("slides", "CMU-1-Small-Region.svs")
+    slide = openslide.OpenSlide(str(path))
+    assert {"label", "macro"} <= set(slide.associated_images)
+    job = write_job(tmp_path / "job.yaml", slide_job([str(path)], classifier, tmp_path / "out",
+                                                     tiles={"size": 224, "mpp": 0.5}))
+    proc = _cli("run", str(job))
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log
+    proc = _cli("report", str(tmp_path / "out"), "--html")
+    log += proc.communicate(timeout=60)[0]
+    private = [v for k, v in slide.properties.items()
+               if k.startswith("aperio.") and len(v) >= 5 and not v.replace(".", "").isdigit()
+               and v not in str(path)]  # the input's own path is, of course, in the outputs
+    private += ["ScanScope", "Aperio Image Library"]
+    blobs = [log.encode()] + [p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    for value in private:
+        assert not any(value.encode() in b for b in blobs), f"slide metadata {value!r} leaked"
+    label = np.asarray(slide.associated_images["label"].convert("RGB"))
+    macro = np.asarray(slide.associated_images["macro"].convert("RGB"))
+    for img in (label, macro):
+        row = img[img.shape[0] // 2].tobytes()[:48]
+        assert not any(row in b for b in blobs), "associated image pixels leaked"
