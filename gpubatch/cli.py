@@ -85,11 +85,13 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from gpubatch.demo import prepare_demo
+    from gpubatch.demo import prepare_demo, prepare_genome_demo
 
-    job_path = prepare_demo(args.workdir)
-    print(f"demo job spec: {job_path}")
-    return _run_and_report(str(job_path), [])
+    codes = []
+    for job_path in (prepare_demo(args.workdir), prepare_genome_demo(args.workdir)):
+        print(f"\ndemo job spec: {job_path}")
+        codes.append(_run_and_report(str(job_path), []))
+    return max(codes)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -126,6 +126,57 @@ def demo_job(workdir: Path, slides: list[Path], model: Path) -> dict[str, Any]:
     }
 
 
+def write_synthetic_genome(path: str | Path, contigs: dict[str, int], seed: int = 0) -> Path:
+    """A FASTA (60 bases a line) with its .fai, random bases and a run of N in each contig."""
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    fai_lines, offset = [], 0
+    with path.open("wb") as f:
+        for name, length in contigs.items():
+            seq = rng.choice(np.frombuffer(b"ACGT", np.uint8), length)
+            seq[length // 3 : length // 3 + 500] = ord("N")
+            header = f">{name}\n".encode()
+            f.write(header)
+            offset += len(header)
+            body = b"".join(seq[i : i + 60].tobytes() + b"\n" for i in range(0, length, 60))
+            f.write(body)
+            fai_lines.append(f"{name}\t{length}\t{offset}\t60\t61\n")
+            offset += len(body)
+    Path(str(path) + ".fai").write_text("".join(fai_lines))
+    return path
+
+
+def genome_demo_job() -> dict[str, Any]:
+    return {
+        "name": "demo-genome-windows",
+        "kind": "genome",
+        "windows": {"reference": "genome/demo.fa", "regions": "genome", "length": 1000, "stride": 1000,
+                    "reverse_complement": "average", "encoding": {"layout": "NLC", "n_value": 0.25},
+                    "windows_per_shard": 256},
+        "model": {"path": "genome_model.onnx", "backend": "onnxruntime", "batch_size": 64},
+        "output": {"uri": "results/demo-genome-windows", "formats": ["zarr", "parquet"]},
+        "run": {"profile": "local", "readers": 2, "prefetch_batches": 8, "retries": 2},
+    }
+
+
+def prepare_genome_demo(workdir: str | Path) -> Path:
+    """Write a small synthetic genome, a sequence model and a windows job; returns the job path."""
+    from gpubatch.demo_models import make_genome_model
+
+    workdir = Path(workdir)
+    (workdir / "genome").mkdir(parents=True, exist_ok=True)
+    fasta = workdir / "genome" / "demo.fa"
+    if not fasta.exists():
+        write_synthetic_genome(fasta, {"chrA": 300_000, "chrB": 200_000, "chrC": 100_000})
+    model = workdir / "genome_model.onnx"
+    if not model.exists():
+        make_genome_model(model, 1000)
+    job_path = workdir / "genome-windows.yaml"
+    job_path.write_text("# Written by `gpubatch demo`: 1 kb windows over a synthetic genome.\n"
+                        + yaml.safe_dump(genome_demo_job(), sort_keys=False))
+    return job_path
+
+
 def prepare_demo(workdir: str | Path, n_slides: int = 4, size: tuple[int, int] = (6144, 4096)) -> Path:
     """Write slides, model and job spec into ``workdir``; returns the job spec path."""
     workdir = Path(workdir)

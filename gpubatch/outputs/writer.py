@@ -100,11 +100,13 @@ class ShardWriter:
         group = self._open_group()
         for name in self._pending[0]:
             arr = np.ascontiguousarray(np.concatenate([b[name] for b in self._pending]))
-            if arr.dtype == object:
-                arr = arr.astype(str)
+            text = arr.dtype == object or arr.dtype.kind == "U"
+            if text:  # variable-length UTF-8: the string type zarr v3 specifies
+                arr = arr.astype(object)
             if name not in group:
                 chunks = (max(ZARR_CHUNK_ROWS, 1),) + arr.shape[1:]
-                group.create_array(name, shape=(0,) + arr.shape[1:], chunks=chunks, dtype=arr.dtype)
+                group.create_array(name, shape=(0,) + arr.shape[1:], chunks=chunks,
+                                   dtype=str if text else arr.dtype)
             group[name].append(arr)
         self._pending, self._pending_bytes = [], 0
 
