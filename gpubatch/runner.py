@@ -7,6 +7,7 @@ input that is bad (``InputError``) is quarantined at once; the run finishes the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -43,6 +44,42 @@ class Result:
         import pandas as pd
 
         return pd.read_parquet(Path(self.output_uri) / "predictions.parquet")
+
+    def timeline(self) -> Any:
+        """One row per batch: t, items, busy_s, starved_s, queue_depth, shard."""
+        from gpubatch.report import timeline_frame
+
+        return timeline_frame(self.report)
+
+    def throughput(self, buckets: int = 40) -> Any:
+        """Items/s, starvation and queue depth per time bucket: the report's plots as data."""
+        from gpubatch.report import throughput_frame
+
+        return throughput_frame(self.report, buckets=buckets)
+
+    def stages(self) -> Any:
+        """Busy, starved, blocked seconds and starvation per stage."""
+        from gpubatch.report import stage_frame
+
+        return stage_frame(self.report)
+
+    def parts(self) -> Any:
+        """Seconds and share per part (storage, decode, preprocess, transfer, compute, write)."""
+        from gpubatch.report import parts_frame
+
+        return parts_frame(self.report)
+
+    def shards(self) -> Any:
+        """One row per input: items, seconds, starvation, retries, errors."""
+        from gpubatch.report import shard_frame
+
+        return shard_frame(self.report)
+
+    def storage_latency(self) -> Any:
+        """The storage request latency histogram (empty without remote requests)."""
+        from gpubatch.report import latency_frame
+
+        return latency_frame(self.report)
 
 
 def _fresh_outdir(outdir: Path, resume: bool) -> None:
@@ -183,6 +220,8 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
 
     prepared = prepare_model(job, source, shards, outdir)
     ctx = make_context(job, outdir, n_workers, prepared.path, prepared.precision, prepared.batch_size)
+    ctx = dataclasses.replace(ctx, fallback_model_path=prepared.fallback_path,
+                              fallback_max_prob=prepared.fallback_max_prob)
     results: list[dict[str, Any]] = [dict(e, resumed=True) for e in committed.values()]
     progress = Progress(len(shards), already=len(committed), outdir=outdir, enabled=show_progress)
     audit = (outdir / "audit.jsonl").open("a")
@@ -223,6 +262,9 @@ def _finish(job: JobSpec, outdir: Path, shards: list[Shard], results: list[dict[
     }
     summary = summarize(results, failed, wall, run_info)
     write_report(outdir, summary)
+    from gpubatch.report_html import write_html
+
+    write_html(outdir, summary)
     _write_zarr_root(outdir, summary, order, done_ids)
     write_json_atomic(outdir / "status.json", {"state": "finished", "done": len(done_ids),
                                                "failed": len(failed), "total": len(shards)})

@@ -38,16 +38,32 @@ class RunContext:
     model_sha256: str
     spec_hash: str
     version: str
+    #: per-item confidence fallback (``model.fallback``): the fp32 model low-confidence items are
+    #: re-run on, and the top-probability threshold below which an item counts as low-confidence
+    fallback_model_path: str | None = None
+    fallback_max_prob: float | None = None
 
 
-def make_batch_runner(reader: ShardReader, model: Model):
-    """The model stage: preprocess on the device stage, run, map outputs back to items."""
+def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None = None):
+    """The model stage: preprocess on the device stage, run, map outputs back to items.
+
+    With ``ctx.fallback_model_path`` set (a reduced-precision run with ``model.fallback``), items
+    the reduced model is unsure of are re-run on the fp32 model, loaded once per worker.
+    """
+    from gpubatch.models.validate import rerun_low_confidence
+
+    fallback: Model | None = None
+    threshold = ctx.fallback_max_prob if ctx is not None else None
+    if ctx is not None and ctx.fallback_model_path and threshold is not None:
+        fallback = get_model(ctx.fallback_model_path, ctx.backend, "fp32", ctx.threads)
 
     def run_batch(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
         with clocks.part("preprocess"):
             x = reader.to_model_input(items)
         with clocks.part("compute"):
             out = model.run(x)
+            if fallback is not None and threshold is not None:
+                out = rerun_low_confidence(out, x, fallback, threshold, clocks)
         return reader.from_model_output(out, len(items))
 
     return run_batch
@@ -84,7 +100,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext) -> dict[str, Any]
             writer = ShardWriter(ctx.outdir, shard.shard_id, constants, attrs, job.output.formats)
             cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches)
             t0 = time.perf_counter()
-            items = run_pipeline(reader, make_batch_runner(reader, model), writer, cfg, clocks)
+            items = run_pipeline(reader, make_batch_runner(reader, model, ctx), writer, cfg, clocks)
             wall = time.perf_counter() - t0
             entry = writer.commit()
             shard_attrs = reader.attrs

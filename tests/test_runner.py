@@ -125,3 +125,7 @@ def test_api_open_results_and_overrides(tmp_path: Path, slide_path: Path, classi
     assert again.report["items"] == result.report["items"] == 8 * 6
     pd.testing.assert_frame_equal(again.predictions(), result.predictions())
     assert gpubatch.load_job(job_path).tiles.size == 64
+    # The report's figures come back as data for analysis scripts.
+    assert set(result.stages().index) >= {"read", "model", "write"} or "stage" in result.stages().columns
+    assert result.timeline()["items"].sum() == result.report["items"]
+    assert (Path(result.output_uri) / "report.html").exists()

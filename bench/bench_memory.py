@@ -1,0 +1,103 @@
+"""Memory is bounded by configuration, not by input: peak RSS for 2 against 20 slides.
+
+    python bench/bench_memory.py [--few 2] [--many 20] [--out F]
+
+Each run is a fresh `gpubatch run` process (client + its LocalCluster workers); the whole process
+tree's RSS is sampled every 50 ms and the peak of the worker processes and of the tree is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_slides import MEAN, STD, make_workload  # noqa: E402
+from common import WORK, machine, save, table  # noqa: E402
+
+
+def _tree_rss(root: psutil.Process) -> tuple[int, int]:
+    """(RSS of the whole tree, largest RSS of one child) in bytes."""
+    procs = [root] + root.children(recursive=True)
+    sizes = []
+    for p in procs:
+        try:
+            sizes.append(p.memory_info().rss)
+        except psutil.Error:
+            continue
+    return sum(sizes), max(sizes[1:], default=0)
+
+
+def peak_rss(cmd: list[str]) -> dict[str, float]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = psutil.Process(proc.pid)
+    peak = {"tree": 0, "worker": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                tree, worker = _tree_rss(root)
+            except psutil.Error:
+                break
+            peak["tree"], peak["worker"] = max(peak["tree"], tree), max(peak["worker"], worker)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t0 = time.perf_counter()
+    t.start()
+    code = proc.wait()
+    done.set()
+    t.join()
+    if code != 0:
+        raise RuntimeError(f"{cmd} exited {code}")
+    return {"tree_mb": peak["tree"] / 2**20, "worker_mb": peak["worker"] / 2**20, "seconds": time.perf_counter() - t0}
+
+
+def job_file(slides: list[Path], model: Path, name: str) -> Path:
+    job = {
+        "name": name, "kind": "slides", "input": {"uris": [str(p) for p in slides]},
+        "tiles": {"size": 224, "mpp": 0.5, "tissue": {"method": "otsu", "min_fraction": 0.5}},
+        "model": {"path": str(model), "backend": "onnxruntime", "batch_size": 32, "input": {"mean": MEAN, "std": STD}},
+        "output": {"uri": str(WORK / "out-memory" / name), "formats": ["zarr", "parquet"]},
+        "run": {"profile": "local", "workers": 2, "readers": 4, "prefetch_batches": 8},
+    }
+    path = WORK / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--few", type=int, default=2)
+    ap.add_argument("--many", type=int, default=20)
+    ap.add_argument("--size", default="4096x3072")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    w, h = (int(v) for v in args.size.split("x"))
+    wl = make_workload("decode", args.many, (w, h))
+    rows = []
+    for n in (args.few, args.many):
+        path = job_file(wl["slides"][:n], wl["model"], f"mem-{n}")
+        peak = peak_rss([sys.executable, "-m", "gpubatch", "run", str(path)])
+        rows.append({"slides": n, **peak})
+        print(f"  {n} slides: tree {peak['tree_mb']:.0f} MB, largest worker {peak['worker_mb']:.0f} MB", flush=True)
+    growth = rows[1]["worker_mb"] / rows[0]["worker_mb"] - 1
+    print(table(rows, ["slides", "tree_mb", "worker_mb", "seconds"]))
+    print(f"peak worker RSS growth from {args.few} to {args.many} slides: {growth:+.1%}")
+    data = {"machine": machine(), "rows": rows, "worker_growth": growth,
+            "command": "python bench/bench_memory.py " + " ".join(argv or sys.argv[1:])}
+    save(args.out, data)
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""An S3-protocol server on loopback, a fault-injecting proxy in front of it, and test slides.
+
+Storage code is only trustworthy when it has met a real server that is slow and fails: this module
+runs moto in server mode (a real HTTP S3 endpoint, no patching of botocore or fsspec) and a small
+threaded HTTP proxy that adds latency, answers a share of requests with 503 SlowDown, resets
+connections (before the response or mid-body), and denies chosen keys with 403 AccessDenied.
+
+Reusable from any test module: ``from s3_fixtures import s3, s3_stack, write_pyramid_tiff`` brings
+the fixtures in (pytest finds fixtures imported into a test module's namespace). The stack can also
+run outside pytest (``start_s3_stack()``), e.g. from the benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import random
+import socket
+import struct
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CMU_SMALL = DATA_DIR / "slides" / "CMU-1-Small-Region.svs"
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+               "proxy-authorization", "proxy-authenticate", "content-length", "server", "date",
+               "expect"}
+SLOWDOWN_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message><RequestId>fault</RequestId></Error>")
+DENIED_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+              b"<Message>Access Denied</Message><RequestId>fault</RequestId></Error>")
+
+
+@dataclass
+class Faults:
+    """What the proxy does to read requests (GET/HEAD); writes always pass through untouched."""
+
+    error_rate: float = 0.0     # share answered 503 SlowDown
+    reset_rate: float = 0.0     # share whose connection is reset (half before, half mid-body)
+    latency_s: float = 0.0      # added to every request
+    forbidden: set[str] = field(default_factory=set)  # "bucket/key" answered 403 AccessDenied
+    seed: int = 0
+
+
+class FaultProxy:
+    """A threaded HTTP/1.1 proxy on loopback in front of ``upstream`` (host, port)."""
+
+    def __init__(self, upstream: tuple[str, int], faults: Faults | None = None):
+        self.upstream = upstream
+        self.faults = faults or Faults()
+        self.stats: dict[str, int] = {"requests": 0, "errors": 0, "resets": 0, "forbidden": 0}
+        self._rng = random.Random(self.faults.seed)
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def configure(self, **changes: Any) -> None:
+        """Change faults at run time (``latency_s=0.08``, ``error_rate=0.2``, ...)."""
+        with self._lock:
+            for key, value in changes.items():
+                setattr(self.faults, key, value)
+            if "seed" in changes:
+                self._rng = random.Random(changes["seed"])
+
+    def reset(self) -> None:
+        with self._lock:
+            self.faults = Faults()
+            self.stats = dict.fromkeys(self.stats, 0)
+
+    def decide(self, method: str, path: str) -> str:
+        """'forward', 'error', 'reset-early', 'reset-body' or 'forbidden' for one request."""
+        with self._lock:
+            self.stats["requests"] += 1
+            if method not in ("GET", "HEAD"):
+                return "forward"
+            key = urllib.parse.unquote(urllib.parse.urlsplit(path).path).lstrip("/")
+            if key in self.faults.forbidden:
+                self.stats["forbidden"] += 1
+                return "forbidden"
+            roll = self._rng.random()
+            if roll < self.faults.error_rate:
+                self.stats["errors"] += 1
+                return "error"
+            if roll < self.faults.error_rate + self.faults.reset_rate:
+                self.stats["resets"] += 1
+                return "reset-early" if self._rng.random() < 0.5 or method == "HEAD" else "reset-body"
+            return "forward"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet
+            pass
+
+        def _relay(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            action = proxy.decide(self.command, self.path)
+            if proxy.faults.latency_s:
+                time.sleep(proxy.faults.latency_s)
+            if action == "forbidden":
+                return self._answer(403, DENIED_XML)
+            if action == "error":
+                return self._answer(503, SLOWDOWN_XML)
+            if action == "reset-early":
+                return self._reset()
+            status, headers, data = self._forward(body)
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            if self.command == "HEAD":
+                self.end_headers()
+                return None
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if action == "reset-body" and len(data) > 1:
+                self.wfile.write(data[: len(data) // 2])
+                return self._reset()
+            self.wfile.write(data)
+            return None
+
+        def _forward(self, body: bytes | None) -> tuple[int, list[tuple[str, str]], bytes]:
+            conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                keep = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_HEADERS]
+                if self.command == "HEAD" and resp.getheader("Content-Length"):
+                    keep.append(("Content-Length", resp.getheader("Content-Length") or "0"))
+                return resp.status, keep, data
+            finally:
+                conn.close()
+
+        def _answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body) if self.command != "HEAD" else 0))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _reset(self) -> None:
+            """Abort the TCP connection with RST (SO_LINGER 0), as a failing load balancer does."""
+            with contextlib.suppress(OSError):
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+            self.close_connection = True
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _relay
+
+    return Handler
+
+
+@dataclass
+class S3Stack:
+    """A moto S3 server and a fault proxy; ``options()`` gives fsspec storage options for either."""
+
+    endpoint: str
+    proxy: FaultProxy
+    bucket: str
+    server: Any = None
+    key: str = "AKIAFAKEFAKEFAKE0001"
+    secret: str = "fake-secret-do-not-leak-0001"
+
+    def options(self, via_proxy: bool = True, **extra: Any) -> dict[str, Any]:
+        """fsspec/s3fs storage options (dummy credentials, loopback endpoint)."""
+        return {"endpoint_url": self.proxy.url if via_proxy else self.endpoint, "key": self.key,
+                "secret": self.secret, "client_kwargs": {"region_name": "us-east-1"}, **extra}
+
+    def fs(self) -> Any:
+        """A direct (proxy-less) filesystem for setup: uploads are never fault-injected."""
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.options(via_proxy=False))
+
+    def upload(self, local: str | Path, key: str | None = None) -> str:
+        """Upload a local file; returns its s3:// URI."""
+        key = key or f"{uuid.uuid4().hex[:8]}/{Path(local).name}"
+        self.fs().put_file(str(local), f"{self.bucket}/{key}")
+        return f"s3://{self.bucket}/{key}"
+
+    def upload_bytes(self, data: bytes, key: str) -> str:
+        self.fs().pipe_file(f"{self.bucket}/{key}", data)
+        return f"s3://{self.bucket}/{key}"
+
+    def make_public(self, uri: str) -> None:
+        """Allow anonymous reads of one object (for plain http(s):// and ``anon`` tests)."""
+        key = uri.removeprefix(f"s3://{self.bucket}/")
+        self.fs().call_s3("put_object_acl", Bucket=self.bucket, Key=key, ACL="public-read")
+
+    def http_url(self, uri: str) -> str:
+        """The object's plain HTTP URL through the proxy (call ``make_public`` first)."""
+        return f"{self.proxy.url}/{uri.removeprefix('s3://')}"
+
+    def close(self) -> None:
+        self.proxy.close()
+        if self.server is not None:
+            self.server.stop()
+
+
+def start_s3_stack(bucket: str = "slides") -> S3Stack:
+    """Start moto on a free loopback port, a fault proxy in front of it, and create ``bucket``."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    stack = S3Stack(f"http://{host}:{port}", FaultProxy((host, port)), bucket, server)
+    stack.fs().call_s3("create_bucket", Bucket=bucket)  # us-east-1: no location constraint
+    return stack
+
+
+@pytest.fixture(scope="session")
+def s3_stack() -> Iterator[S3Stack]:
+    """One moto server and proxy for the whole session."""
+    stack = start_s3_stack()
+    yield stack
+    stack.close()
+
+
+@pytest.fixture
+def s3(s3_stack: S3Stack) -> Iterator[S3Stack]:
+    """The session's stack with the proxy's faults and counters reset around each test."""
+    s3_stack.proxy.reset()
+    yield s3_stack
+    s3_stack.proxy.reset()
+
+
+def write_pyramid_tiff(path: str | Path, width: int = 3000, height: int = 2200, tile: int = 256,
+                       levels: int = 3, seed: int = 0, quality: int = 90) -> Path:
+    """A tiled, JPEG-compressed RGB pyramid (SubIFDs) with tissue-like texture."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([128 + 90 * np.sin(xx / (37 + 9 * c) + yy / (53 + 7 * c) + c) for c in range(3)], -1)
+    image = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    path = Path(path)
+    opts: dict[str, Any] = {"tile": (tile, tile), "compression": "jpeg", "compressionargs": {"level": quality},
+            "photometric": "rgb"}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, subifds=levels - 1, resolution=(1e4 / 0.5, 1e4 / 0.5),
+                  resolutionunit="CENTIMETER", **opts)
+        for level in range(1, levels):
+            factor = 2 ** level
+            small = image[: height // factor * factor, : width // factor * factor]
+            small = small.reshape(height // factor, factor, width // factor, factor, 3).mean((1, 3))
+            tif.write(small.astype(np.uint8), subfiletype=1, **opts)
+    return path

@@ -1,0 +1,415 @@
+"""Genome windows and variant pairs: bases against pysam, strands, padding, errors, and full runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import shared_file
+
+from gpubatch.engine import PipelineConfig, StageClocks, run_pipeline
+from gpubatch.errors import InputError, SpecError
+from gpubatch.kernels import encode_dna, reverse_complement_codes
+from gpubatch.sources import get_source
+from gpubatch.sources.base import Shard
+from gpubatch.sources.genome import GenomeSource, group_reads
+from gpubatch.sources.reference import FastaReference, open_reference
+from gpubatch.spec import JobSpec, parse_job
+
+pysam = pytest.importorskip("pysam")
+
+
+def genome_job(reference: str | Path, model: str | Path = "model.onnx", **windows: Any) -> JobSpec:
+    data = {"name": "g", "kind": "genome", "windows": {"reference": str(reference), **windows},
+            "model": {"path": str(model)}, "output": {"uri": "out"}}
+    return parse_job(data)
+
+
+def write_fasta(path: Path, contigs: dict[str, str], width: int = 60) -> Path:
+    with open(path, "w") as f:
+        for name, seq in contigs.items():
+            f.write(f">{name} description\n")
+            f.writelines(seq[i : i + width] + "\n" for i in range(0, len(seq), width))
+    pysam.faidx(str(path))
+    return path
+
+
+def random_seq(n: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    seq = "".join(rng.choice(list("ACGTacgt"), n))
+    return seq[: n // 3] + "N" * 17 + seq[n // 3 + 17 :]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    contigs = {"chrA": random_seq(200_003, 1), "chrB": random_seq(777, 2), "chrC": random_seq(61, 3)}
+    path = write_fasta(tmp_path_factory.mktemp("ref") / "synth.fa", contigs)
+    return path, contigs
+
+
+def truth(contigs: dict[str, str], chrom: str, start: int, end: int) -> np.ndarray:
+    seq = contigs[chrom]
+    return encode_dna("".join(seq[i] if 0 <= i < len(seq) else "N" for i in range(start, end)))
+
+
+def read_all(job: JobSpec, clocks: StageClocks | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Plan and read every shard the way a worker does; concatenated items and index."""
+    source = GenomeSource()
+    shards, failed = source.plan(job)
+    assert failed == []
+    items, index = [], []
+    for shard in shards:
+        with source.open(shard, job, clocks or StageClocks()) as reader:
+            blocks = [unit() for unit in reader.read_units()]
+            assert sum(len(b) for b in blocks) == reader.n_items == shard.n_items_hint
+            items += [b.items for b in blocks]
+            index += [b.index for b in blocks]
+    return np.concatenate(items), {k: np.concatenate([ix[k] for ix in index]) for k in index[0]}
+
+
+def test_bed_windows_equal_pysam_fetch() -> None:
+    fa = shared_file("genomics", "tangermeme", "test.fa")
+    bed = shared_file("genomics", "tangermeme", "test.bed")
+    items, index = read_all(genome_job(fa, regions=str(bed), length=40, stride=7, windows_per_shard=3))
+    ref = pysam.FastaFile(str(fa))
+    assert len(items) == 5 * 1 + 0  # every test.bed region (20-30 bp) is shorter than 40: one window each
+    for codes, chrom, start, end in zip(items, index["chrom"], index["start"], index["end"], strict=True):
+        assert end - start == 40
+        assert np.array_equal(codes, encode_dna(ref.fetch(chrom, start, end)))
+
+
+def test_genome_tiling_and_padding(synth: tuple[Path, dict[str, str]]) -> None:
+    path, contigs = synth
+    items, index = read_all(genome_job(path, length=500, stride=300, windows_per_shard=64))
+    expected = [(c, s) for c, seq in contigs.items()
+                for s in range(0, len(seq), 300) if s == 0 or s + 500 - 300 < len(seq)]
+    assert list(zip(index["chrom"], index["start"], strict=True)) == expected
+    for codes, chrom, start in zip(items, index["chrom"], index["start"], strict=True):
+        assert np.array_equal(codes, truth(contigs, chrom, start, start + 500))
+    last_b = items[list(index["chrom"]).index("chrB") + 2]  # chrB [600, 1100): 177 bases then N
+    assert (last_b[177:] == 4).all() and (last_b[:177] != 4).any()
+    assert set(index["strand"]) == {"+"}
+
+
+def test_minus_strand_is_reverse_complement(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    path, contigs = synth
+    bed = tmp_path / "s.bed"
+    bed.write_text("chrB\t100\t300\tx\t0\t-\nchrB\t100\t300\tx\t0\t+\n")
+    items, index = read_all(genome_job(path, regions=str(bed), length=50))
+    assert list(index["strand"]) == ["-"] * 4 + ["+"] * 4
+    assert np.array_equal(items[:4], reverse_complement_codes(items[4:]))
+    assert np.array_equal(items[4], truth(contigs, "chrB", 100, 150))
+
+
+def test_region_strings(synth: tuple[Path, dict[str, str]]) -> None:
+    path, contigs = synth
+    items, index = read_all(genome_job(path, regions=["chrC:10-61", "chrA:1000-1100:-"], length=30))
+    assert list(index["start"]) == [10, 40, 1000, 1030, 1060, 1090]
+    assert np.array_equal(items[1], truth(contigs, "chrC", 40, 70))  # 21 bases then 9 N
+    assert np.array_equal(items[2], reverse_complement_codes(truth(contigs, "chrA", 1000, 1030)))
+
+
+def test_bgzip_reference_equals_plain(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    path, _ = synth
+    gz = tmp_path / "synth.fa.gz"
+    pysam.tabix_compress(str(path), str(gz))
+    pysam.faidx(str(gz))
+    plain, bgz = open_reference(str(path)), open_reference(str(gz))
+    assert bgz.format == "bgzip" and plain.format == "fasta"
+    rng = np.random.default_rng(0)
+    for start in [-5, 0, 65_000, 65_530, *rng.integers(0, 200_000, 10).tolist()]:
+        for size in (1, 100, 70_000):
+            assert np.array_equal(plain.fetch("chrA", start, start + size), bgz.fetch("chrA", start, start + size))
+    ref = pysam.FastaFile(str(gz))
+    assert np.array_equal(bgz.fetch("chrB", 0, 777), encode_dna(ref.fetch("chrB")))
+
+
+def test_remote_fasta_over_fsspec(synth: tuple[Path, dict[str, str]]) -> None:
+    import fsspec
+
+    path, contigs = synth
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/refs/synth.fa", path.read_bytes())
+    mem.pipe("/refs/synth.fa.fai", Path(str(path) + ".fai").read_bytes())
+    items, index = read_all(genome_job("memory://refs/synth.fa", regions=["chrB:700-777"], length=100))
+    assert np.array_equal(items[0], truth(contigs, "chrB", 700, 800))
+
+
+def test_missing_fai_says_how_to_make_one(tmp_path: Path) -> None:
+    fa = tmp_path / "plain.fa"
+    fa.write_text(">c\nACGT\n")
+    with pytest.raises(SpecError) as err:
+        GenomeSource().plan(genome_job(fa, length=4))
+    assert err.value.problems[0][0] == "windows.reference"
+    assert "plain.fa.fai not found" in str(err.value)
+    assert "samtools faidx" in str(err.value) and "gpubatch ingest genome" in str(err.value)
+
+
+def test_plain_gzip_reference_rejected(tmp_path: Path) -> None:
+    import gzip
+
+    fa = tmp_path / "g.fa.gz"
+    fa.write_bytes(gzip.compress(b">c\nACGT\n"))
+    with pytest.raises(SpecError, match="gzip but not bgzip"):
+        GenomeSource().plan(genome_job(fa, length=4))
+
+
+def test_bed_errors_surface_at_plan(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    path, _ = synth
+    bed = tmp_path / "regions.bed"
+    bed.write_text("chrA\t0\t10\nchrA\t0\t10\nchrA\t0\t10\nchrA\t0\t10\nchrA\t0\t10\nchrA\t0\t10\nchrX\t0\t5\n")
+    with pytest.raises(SpecError) as err:
+        GenomeSource().plan(genome_job(path, regions=str(bed), length=4))
+    field, message = err.value.problems[0]
+    assert field == "windows.regions"
+    assert message.startswith("regions.bed line 7: contig 'chrX' is not in the reference")
+    assert "chrA, chrB, chrC" in message
+
+
+def test_plan_reads_no_sequence_and_payload_is_small(synth: tuple[Path, dict[str, str]],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = synth
+
+    def forbidden(*_: Any) -> None:
+        raise AssertionError("plan read sequence")
+
+    monkeypatch.setattr(FastaReference, "_read", forbidden)
+    shards, _ = GenomeSource().plan(genome_job(path, length=10, stride=1, windows_per_shard=100_000))
+    assert sum(s.n_items_hint or 0 for s in shards) == 200_003 - 9 + 777 - 9 + 61 - 9
+    assert max(len(json.dumps(s.payload)) for s in shards) < 300
+
+
+def test_big_read_then_slice(synth: tuple[Path, dict[str, str]]) -> None:
+    path, contigs = synth
+    clocks = StageClocks()
+    job = genome_job(path, regions=["chrA:0-200000"], length=100, chunk_bases=65_536, windows_per_shard=5000)
+    items, index = read_all(job, clocks)
+    assert len(items) == 2000
+    assert clocks.counters["storage.requests"] <= 8  # ~4 reads of 64 kb, not 2000 small ones
+    assert clocks.parts["storage"] > 0 and clocks.parts["decode"] > 0
+    k = 1234
+    assert np.array_equal(items[k], truth(contigs, "chrA", k * 100, k * 100 + 100))
+
+
+def test_group_reads_bounds() -> None:
+    starts = np.array([0, 10, 20, 200_000, 200_010, 5], dtype=np.int64)
+    runs = list(group_reads(["a", "a", "b", "b", "b", "b"], starts, starts + 10, 1024, 10))
+    assert runs == [(0, 2), (2, 3), (3, 5), (5, 6)]
+
+
+def test_worker_reports_contig_missing_from_reference(synth: tuple[Path, dict[str, str]]) -> None:
+    path, _ = synth
+    shard = Shard("s", str(path), {"mode": "windows", "segments": [["chrZ", 0, 2, "+"]]}, 2)
+    with pytest.raises(InputError, match="contig 'chrZ' is not in the reference"):
+        GenomeSource().open(shard, genome_job(path, length=10), StageClocks())
+
+
+# ------------------------------------------------------------------------------------------------
+# variants
+
+
+def variant_job(reference: Path, vcf: Path, model: str | Path = "m.onnx", **w: Any) -> JobSpec:
+    return genome_job(reference, model, variants=str(vcf), **w)
+
+
+def test_variant_pairs_indels_and_ref_mismatch(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    path, contigs = synth
+    b = contigs["chrB"].upper()
+    vcf = tmp_path / "v.vcf"
+    rows = [("chrB", 100, b[99], "G" if b[99] != "G" else "A"),       # SNV
+            ("chrB", 200, b[199], b[199] + "TTTTT"),                    # insertion
+            ("chrB", 300, b[299:306], b[299]),                          # deletion of 6
+            ("chrB", 400, "A" if b[399] != "A" else "C", "T"),          # REF disagrees
+            ("chrB", 770, b[769:777], b[769])]                          # deletion at contig end
+    vcf.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   + "".join(f"{c}\t{p}\t.\t{r}\t{a}\t.\t.\t.\n" for c, p, r, a in rows))
+    clocks = StageClocks()
+    job = variant_job(path, vcf, length=21, windows_per_shard=2)
+    items, index = read_all(job, clocks)
+    assert items.shape == (5, 2, 21)
+    assert list(index["ref_match"]) == [True, True, True, False, True]
+    assert clocks.counters["variants.ref_mismatches"] == 1
+    for (chrom, pos, ref, alt), pair in zip(rows, items, strict=True):
+        p, s = pos - 1, pos - 1 - 10
+        assert np.array_equal(pair[0], truth(contigs, chrom, s, s + 21))
+        alt_expected = np.concatenate([truth(contigs, chrom, s, p), encode_dna(alt),
+                                       truth(contigs, chrom, p + len(ref), p + len(ref) + 21)])[:21]
+        assert np.array_equal(pair[1], alt_expected)
+    assert list(index["variant_id"])[1] == f"chrB:200:{rows[1][2]}:{rows[1][3]}"
+    assert index["pos"].dtype == np.int64
+
+
+def test_variant_reader_attrs_record_counts(tmp_path: Path, synth: tuple[Path, dict[str, str]]) -> None:
+    path, contigs = synth
+    vcf = tmp_path / "v.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   f"chrC\t5\t.\t{contigs['chrC'][4].upper()}\t.\t.\t.\t.\n"
+                   "chrC\t6\t.\tA\t<DUP>\t.\t.\t.\nchrC\t7\t.\tA\tC\t.\t.\t.\n")
+    source = GenomeSource()
+    job = variant_job(path, vcf, length=8)
+    (shard,), _ = source.plan(job)
+    assert source.index_schema() == ["variant_id", "chrom", "pos", "ref", "alt", "ref_match"]
+    with source.open(shard, job, StageClocks()) as reader:
+        [unit() for unit in reader.read_units()]
+        attrs = reader.attrs
+    assert attrs["plan_counts"] == {"records": 3, "variants": 1, "skipped_alt_dot": 1, "skipped_symbolic": 1}
+    assert attrs["mode"] == "variants" and attrs["length"] == 8
+    json.dumps(attrs)
+
+
+# ------------------------------------------------------------------------------------------------
+# through the engine with ONNX models
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.index: list[dict[str, np.ndarray]] = []
+        self.outputs: list[dict[str, np.ndarray]] = []
+
+    def write(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        self.index.append(index)
+        self.outputs.append(outputs)
+
+    def column(self, name: str) -> np.ndarray:
+        source = self.outputs if name in self.outputs[0] else self.index
+        return np.concatenate([part[name] for part in source])
+
+
+def run_job(job: JobSpec, batch_size: int = 16) -> Sink:
+    from gpubatch.models.onnxruntime import OnnxRuntimeModel
+    from gpubatch.worker import make_batch_runner
+
+    source = get_source("genome")
+    model = OnnxRuntimeModel(job.model.path)
+    sink = Sink()
+    shards, _ = source.plan(job)
+    for shard in shards:
+        clocks = StageClocks()
+        with source.open(shard, job, clocks) as reader:
+            done = run_pipeline(reader, make_batch_runner(reader, model), sink,
+                                PipelineConfig(batch_size=batch_size, readers=3, prefetch_batches=2), clocks)
+            assert done == reader.n_items
+    return sink
+
+
+@pytest.fixture(scope="module")
+def count_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from gpubatch.demo_models import make_identity_onehot_model
+
+    d = tmp_path_factory.mktemp("models")
+    return {layout: make_identity_onehot_model(d / f"counts-{layout}.onnx", 64, layout)
+            for layout in ("NLC", "NCL")}
+
+
+def base_counts(codes: np.ndarray) -> np.ndarray:
+    return np.stack([(codes == b).sum(axis=-1) for b in range(4)], axis=-1).astype(np.float32)
+
+
+@pytest.mark.parametrize("layout", ["NLC", "NCL"])
+def test_count_model_sees_the_true_bases(synth: tuple[Path, dict[str, str]], count_models: dict[str, Path],
+                                         layout: str) -> None:
+    path, contigs = synth
+    job = genome_job(path, count_models[layout], regions=["chrB:0-777", "chrC:0-61:-"], length=64, stride=50,
+                     windows_per_shard=7, encoding={"layout": layout})
+    sink = run_job(job)
+    starts, chroms = sink.column("start"), sink.column("chrom")
+    expected = np.stack([base_counts(truth(contigs, c, s, s + 64)) for c, s in zip(chroms, starts, strict=True)])
+    minus = sink.column("strand") == "-"
+    expected[minus] = expected[minus][:, ::-1]  # reverse complement swaps A<->T, C<->G
+    np.testing.assert_allclose(sink.column("counts"), expected)
+
+
+def test_reverse_complement_average(synth: tuple[Path, dict[str, str]], count_models: dict[str, Path]) -> None:
+    path, contigs = synth
+    job = genome_job(path, count_models["NLC"], regions=["chrB:0-700"], length=64, reverse_complement="average")
+    counts = run_job(job, batch_size=5).column("counts")
+    forward = np.stack([base_counts(truth(contigs, "chrB", s, s + 64)) for s in range(0, 700, 64)])
+    np.testing.assert_allclose(counts, (forward + forward[:, ::-1]) / 2)
+
+
+def test_sarscov2_variant_effect(count_models: dict[str, Path]) -> None:
+    fa = shared_file("genomics", "sarscov2", "EMN908947.fa")
+    vcf = shared_file("genomics", "sarscov2", "simple.vcf")
+    for average in ("none", "average"):
+        sink = run_job(variant_job(fa, vcf, count_models["NCL"], length=64, reverse_complement=average,
+                                   encoding={"layout": "NCL"}))
+        assert list(sink.column("ref_match")) == [True]
+        assert list(sink.column("variant_id")) == ["MN908947.3:13468:C:G"]
+        delta = sink.column("delta_counts")[0]
+        expected = [0, -1, 1, 0] if average == "none" else [0, 0, 0, 0]  # C>G is strand-symmetric
+        np.testing.assert_allclose(delta, expected)
+        ref = pysam.FastaFile(str(fa)).fetch("MN908947.3", 13467 - 32, 13467 + 32)
+        if average == "none":
+            np.testing.assert_allclose(sink.column("ref_counts")[0], base_counts(encode_dna(ref)))
+
+
+def test_genome_model_variant_columns(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    from gpubatch.demo_models import make_genome_model
+
+    path, contigs = synth
+    model = make_genome_model(tmp_path / "g.onnx", 32, "NLC", n_outputs=3)
+    a = contigs["chrA"].upper()
+    vcf = tmp_path / "v.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   + "".join(f"chrA\t{p}\tid{p}\t{a[p - 1]}\tACGT\t.\t.\t.\n" for p in range(1000, 1100, 3)))
+    sink = run_job(variant_job(path, vcf, model, length=32), batch_size=8)
+    ref, alt, delta = (sink.column(f"{k}_scores") for k in ("ref", "alt", "delta"))
+    assert ref.shape == alt.shape == (34, 3)
+    np.testing.assert_allclose(delta, alt - ref, rtol=1e-6)
+    assert np.abs(delta).sum() > 0
+
+
+def test_vcf_with_nothing_to_score_is_a_failed_input(tmp_path: Path, synth: tuple[Path, dict[str, str]]) -> None:
+    path, _ = synth
+    vcf = tmp_path / "none.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   "chrC\t5\t.\tA\t.\t.\t.\t.\nchrC\t6\t.\tA\t<DUP>\t.\t.\t.\n")
+    shards, failed = GenomeSource().plan(variant_job(path, vcf, length=8))
+    assert shards == []
+    assert failed == [{"input": str(vcf), "error": "no scorable variants: 2 records, 1 with ALT '.', "
+                                                   "1 symbolic alleles skipped"}]
+
+
+# ------------------------------------------------------------------------------------------------
+# object storage: a real S3 endpoint (moto server) behind a fault-injecting proxy
+
+
+@pytest.fixture(scope="module")
+def s3_refs(synth: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    pytest.importorskip("moto")
+    from s3_fixtures import start_s3_stack
+
+    from gpubatch.ingest import ingest_genome
+
+    path, _ = synth
+    stack = start_s3_stack("genomes")
+    gz = tmp_path_factory.mktemp("gz") / "synth.fa.gz"
+    pysam.tabix_compress(str(path), str(gz))
+    pysam.faidx(str(gz))
+    for local in (path, Path(f"{path}.fai"), gz, Path(f"{gz}.fai"), Path(f"{gz}.gzi")):
+        stack.upload(local, f"ref/{local.name}")
+    ingest_genome(str(path), f"s3://{stack.bucket}/ref/synth.zarr", stack.options(via_proxy=False),
+                  chunk_bases=50_000)
+    yield stack
+    stack.close()
+
+
+@pytest.mark.parametrize("name", ["synth.fa", "synth.fa.gz", "synth.zarr"])
+def test_s3_reference_reads_match_local(s3_refs: Any, synth: tuple[Path, dict[str, str]], name: str) -> None:
+    path, _ = synth
+    regions = ["chrA:60000-130000", "chrB:0-777:-"]
+    local, _ = read_all(genome_job(path, regions=regions, length=1000, chunk_bases=20_000))
+    s3_refs.proxy.configure(error_rate=0.1, latency_s=0.002, seed=5)
+    try:
+        data = genome_job(f"s3://{s3_refs.bucket}/ref/{name}", regions=regions, length=1000,
+                          chunk_bases=20_000).model_dump()
+        data["input"]["storage"] = s3_refs.options()
+        clocks = StageClocks()
+        remote, _ = read_all(JobSpec.model_validate(data), clocks)
+    finally:
+        s3_refs.proxy.reset()
+    assert np.array_equal(local, remote)
+    assert clocks.counters["storage.requests"] >= 4

@@ -1,0 +1,112 @@
+"""Regions: BED parsing and its errors, region strings, the tiling rule, and shard segments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpubatch.errors import SpecError
+from gpubatch.sources.reference import ContigTable
+from gpubatch.sources.regions import (
+    n_windows,
+    parse_bed,
+    resolve_regions,
+    shard_segments,
+)
+
+CONTIGS = ContigTable(("chr1", "chr2", "chrM"), (1000, 500, 16))
+
+
+def write(tmp_path: Path, text: str, name: str = "regions.bed") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_bed_columns_strand_and_headers(tmp_path: Path) -> None:
+    bed = write(tmp_path, "track name=x\n# comment\n\nchr1\t10\t30\nchr2\t0\t50\tpeak\t0\t-\nchr1 5 9\n")
+    regions = parse_bed(bed)
+    assert [(r.chrom, r.start, r.end, r.strand) for r in regions] == [
+        ("chr1", 10, 30, "+"), ("chr2", 0, 50, "-"), ("chr1", 5, 9, "+")]
+    assert regions[1].where == "regions.bed line 5"
+
+
+@pytest.mark.parametrize(("line", "expect"), [
+    ("chr1\t10", "at least 3"),
+    ("chr1\tten\t20", "non-negative integers"),
+    ("chr1\t-5\t20", "non-negative integers"),
+    ("chr1\t30\t20", "must be greater than start"),
+    ("chr1\t10\t20\tn\t0\tx", "strand"),
+])
+def test_malformed_bed_line_named(tmp_path: Path, line: str, expect: str) -> None:
+    bed = write(tmp_path, f"chr1\t0\t10\n{line}\n")
+    with pytest.raises(SpecError) as err:
+        parse_bed(bed)
+    path, message = err.value.problems[0]
+    assert path == "windows.regions"
+    assert "regions.bed line 2" in message and expect in message
+
+
+def test_all_problems_listed_together(tmp_path: Path) -> None:
+    bed = write(tmp_path, "chr1\tx\t1\nchr1\t5\t1\nchr1\t1\t2\n")
+    with pytest.raises(SpecError) as err:
+        parse_bed(bed)
+    assert [m.split(":")[0] for _, m in err.value.problems] == ["regions.bed line 1", "regions.bed line 2"]
+
+
+def test_unknown_contig_lists_reference_contigs(tmp_path: Path) -> None:
+    bed = write(tmp_path, "chr1\t0\t10\nchrX\t0\t10\n")
+    with pytest.raises(SpecError) as err:
+        resolve_regions(bed, CONTIGS)
+    message = str(err.value)
+    assert "regions.bed line 2" in message and "'chrX'" in message
+    assert "chr1, chr2, chrM" in message
+
+
+def test_chr_prefix_hint() -> None:
+    with pytest.raises(SpecError, match="disagree on the 'chr' prefix"):
+        resolve_regions(["1:0-10"], CONTIGS)
+
+
+def test_region_past_contig_end(tmp_path: Path) -> None:
+    bed = write(tmp_path, "chr2\t400\t501\n")
+    with pytest.raises(SpecError, match=r"line 1: region chr2:400-501 runs past the end of chr2 \(length 500\)"):
+        resolve_regions(bed, CONTIGS)
+
+
+def test_missing_and_empty_bed(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="file not found"):
+        parse_bed(str(tmp_path / "nope.bed"))
+    with pytest.raises(SpecError, match="no regions"):
+        parse_bed(write(tmp_path, "# only a header\n"))
+
+
+def test_region_strings_and_genome() -> None:
+    regions = resolve_regions(["chr1:100-200", "chr2:10-20:-", "chrM"], CONTIGS)
+    assert [(r.chrom, r.start, r.end, r.strand) for r in regions] == [
+        ("chr1", 100, 200, "+"), ("chr2", 10, 20, "-"), ("chrM", 0, 16, "+")]
+    assert resolve_regions("chr1:0-5", CONTIGS)[0].end == 5
+    assert resolve_regions(["chr1:1,000-1,000,000"], ContigTable(("chr1",), (10**6,)))[0].start == 1000
+    assert [r.chrom for r in resolve_regions("genome", CONTIGS)] == ["chr1", "chr2", "chrM"]
+    with pytest.raises(SpecError, match=r"windows.regions\[1\]"):
+        resolve_regions(["chr1:0-5", "chr1-5"], CONTIGS)
+
+
+@pytest.mark.parametrize(("region", "length", "stride", "n"), [
+    (1000, 100, 100, 10), (1001, 100, 100, 11), (50, 100, 100, 1), (100, 50, 25, 3),
+    (100, 100, 1, 1), (101, 100, 1, 2), (1000, 10, 300, 4),
+])
+def test_tiling_rule(region: int, length: int, stride: int, n: int) -> None:
+    assert n_windows(region, length, stride) == n
+
+
+def test_shard_segments_cover_every_window_once() -> None:
+    regions = resolve_regions("genome", CONTIGS)
+    shards = list(shard_segments(regions, 100, 100, 4))
+    assert [count for _, count in shards] == [4, 4, 4, 4]
+    starts = [(c, s0 + k * 100) for segs, _ in shards for c, s0, n, _ in segs for k in range(n)]
+    expected = [("chr1", s) for s in range(0, 1000, 100)] + [("chr2", s) for s in range(0, 500, 100)] \
+        + [("chrM", 0)]
+    assert starts == expected
+    assert shards[2][0] == [("chr1", 800, 2, "+"), ("chr2", 0, 2, "+")]

@@ -1,0 +1,233 @@
+"""The report: verdict rules per layer on constructed summaries, summarize(), frames, terminal text."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpubatch import report as rp
+from gpubatch.storage import LATENCY_PREFIX
+
+
+def summary(starvation: float = 0.01, parts: dict[str, float] | None = None, **kw: Any) -> dict[str, Any]:
+    """A summary as summarize() would write it, with just the figures the verdict reads."""
+    busy = kw.pop("model_busy", 10.0)
+    starved = busy * starvation / (1 - starvation)
+    base: dict[str, Any] = {
+        "items": 10_000, "items_per_s": 400.0, "wall_s": 25.0, "workers": 1, "starvation": starvation,
+        "stages": {"model": {"busy_s": busy, "starved_s": starved, "blocked_s": kw.pop("blocked", 0.0)}},
+        "parts": parts if parts is not None else {"compute": 9.0, "preprocess": 0.5, "storage": 1.0, "decode": 1.0},
+        "batch_fill": 0.98, "batch_size": 64, "precision": "fp32", "readers": 4,
+        "model_only_items_per_s": 1100.0,
+        "shards": [{"items": 2000, "wall_s": 5.0}] * 5,
+    }
+    base.update(kw)
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# verdict, one layer at a time
+
+
+def test_bands() -> None:
+    assert rp.band(0.0) == "not input-bound"
+    assert rp.band(0.049) == "not input-bound"
+    assert rp.band(0.05) == "moderately input-bound"
+    assert rp.band(0.199) == "moderately input-bound"
+    assert rp.band(0.20) == "input-bound"
+
+
+def test_storage_latency_bound_asks_for_readers_or_staging() -> None:
+    v = rp.verdict(summary(0.35, {"storage": 8.0, "decode": 1.0, "compute": 5.0}, storage={"p99_ms": 240.0}))
+    assert v["limiting_layer"] == rp.LAYER_STORAGE and v["detail"] == "storage reads"
+    assert v["band"] == "input-bound"
+    assert "run.readers from 4 to 8" in v["next_move"] and "input.access: stage" in v["next_move"]
+    assert "35.0%" in v["evidence"] and "p99 latency 240 ms" in v["evidence"]
+    assert "scale out" not in v["text"]
+
+
+def test_decode_bound_asks_for_readers_and_gpu_decode() -> None:
+    v = rp.verdict(summary(0.12, {"storage": 0.5, "decode": 6.0, "resample": 1.0, "compute": 5.0}))
+    assert v["limiting_layer"] == rp.LAYER_STORAGE and v["detail"] == "decode on the host"
+    assert v["band"] == "moderately input-bound"
+    assert "run.readers" in v["next_move"] and "7.00 s decoding" in v["evidence"]
+
+
+def test_shard_setup_counts_under_storage_host_transport() -> None:
+    v = rp.verdict(summary(0.01, {"open": 30.0, "compute": 8.0, "storage": 0.1}))
+    assert v["limiting_layer"] == rp.LAYER_STORAGE and v["detail"] == "per-shard setup"
+    assert "30.00 s" in v["evidence"] and "input.access: stage" in v["next_move"]
+
+
+def test_setup_and_starvation_together_name_the_costlier_and_keep_both() -> None:
+    v = rp.verdict(summary(0.25, {"open": 40.0, "storage": 3.0, "decode": 1.0, "compute": 8.0}))
+    assert v["detail"] == "per-shard setup"
+    assert "also the model waited for data" in v["evidence"]
+
+
+def test_output_bound() -> None:
+    v = rp.verdict(summary(0.01, blocked=3.0))
+    assert v["limiting_layer"] == rp.LAYER_STORAGE and v["detail"] == "output writes"
+    assert "output.formats" in v["next_move"]
+
+
+def test_memory_transfer_bound() -> None:
+    v = rp.verdict(summary(0.02, {"transfer": 4.0, "preprocess": 0.5, "compute": 6.0}))
+    assert v["limiting_layer"] == rp.LAYER_TRANSFER
+    assert "pinned" in v["next_move"] and "4.00 s" in v["evidence"]
+
+
+def test_host_preprocess_is_a_transfer_problem() -> None:
+    v = rp.verdict(summary(0.02, {"preprocess": 3.0, "compute": 6.0}))
+    assert v["limiting_layer"] == rp.LAYER_TRANSFER and "on the device" in v["next_move"]
+
+
+def test_under_filled_batches_ask_for_a_larger_batch() -> None:
+    v = rp.verdict(summary(0.02, batch_fill=0.4))
+    assert v["limiting_layer"] == rp.LAYER_BATCHING
+    assert "model.batch_size" in v["next_move"] and "40% full" in v["evidence"]
+
+
+def test_small_batch_size_is_batching() -> None:
+    v = rp.verdict(summary(0.02, batch_size=4))
+    assert v["limiting_layer"] == rp.LAYER_BATCHING and v["detail"] == "small batches"
+
+
+def test_partial_batches_from_tiny_shards_are_not_fixed_by_a_larger_batch() -> None:
+    v = rp.verdict(summary(0.02, batch_fill=0.3, shards=[{"items": 20, "wall_s": 1.0}] * 10))
+    assert v["detail"] == "partial batches at shard ends"
+    assert "several small inputs in one shard" in v["next_move"]
+
+
+def test_compute_bound_fp32_asks_for_reduced_precision_not_scale_out() -> None:
+    v = rp.verdict(summary(0.01))
+    assert v["limiting_layer"] == rp.LAYER_COMPUTE
+    assert "int8" in v["next_move"] and "scale out" not in v["next_move"]
+
+
+def test_scale_out_only_when_fed_compute_bound_and_reduced() -> None:
+    v = rp.verdict(summary(0.01, precision="int8"))
+    assert v["limiting_layer"] == rp.LAYER_COMPUTE and v["next_move"].startswith("scale out")
+    for starved in (0.06, 0.3):  # not fed: never scale out, even at int8
+        assert "scale out" not in rp.verdict(summary(starved, precision="int8"))["text"]
+
+
+def test_refused_int8_suggests_fp16_before_scaling_out() -> None:
+    q = {"requested": "int8", "used": "fp32", "passed": False}
+    v = rp.verdict(summary(0.01, quantization=q))
+    assert v["limiting_layer"] == rp.LAYER_COMPUTE and "int8 failed the validation gate" in v["evidence"]
+    assert v["next_move"].startswith("try model.precision: fp16 or bf16")
+
+
+def test_gap_falls_back_to_the_measured_model_speed() -> None:
+    v = rp.verdict(summary(0.01, model_only_items_per_s=None, model_only_items_per_s_measured=500.0))
+    assert v["gap"]["cost"] == pytest.approx(1 - 400 / 500)
+
+
+def test_gap_says_what_the_data_path_costs() -> None:
+    v = rp.verdict(summary(0.3, items_per_s=38.0, model_only_items_per_s=830.0))
+    assert v["gap"]["cost"] == pytest.approx(1 - 38 / 830)
+    assert "the data path costs 95% of the model's speed: 38.0 items/s end-to-end against 830.0 items/s model-only" in v["text"].lower()
+
+
+def test_gap_without_model_only_and_short_run_caveat() -> None:
+    v = rp.verdict(summary(0.01, model_only_items_per_s=None, wall_s=100.0, workers=2))
+    assert v["gap"]["cost"] is None and v["gap"]["text"] == ""
+    assert "short run" in v["caveat"]
+    assert rp.verdict(summary(0.01))["caveat"] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# summarize + frames on constructed shard summaries
+
+
+def shard(i: int, start: float, items: int, batches: int, retries: int = 0) -> dict[str, Any]:
+    per = items // batches
+    samples = [{"t": 0.1 * (b + 1), "items": per, "busy_s": 0.08, "starved_s": 0.02, "queue_depth": b % 3}
+               for b in range(batches)]
+    counters = {"storage.requests": 10.0, "storage.bytes": 1e6, "storage.retries": float(retries),
+                f"{LATENCY_PREFIX}2": 6.0, f"{LATENCY_PREFIX}45.255": 3.0, f"{LATENCY_PREFIX}inf": 1.0}
+    return {
+        "shard_id": f"s{i}", "input": f"/data/s{i}.svs", "items": per * batches, "wall_s": 0.1 * batches,
+        "start": start, "host": "h", "clocks": {
+            "stages": {"read": {"busy_s": 1.0, "starved_s": 0.0, "blocked_s": 0.2},
+                       "model": {"busy_s": 0.08 * batches, "starved_s": 0.02 * batches, "blocked_s": 0.0},
+                       "write": {"busy_s": 0.1, "starved_s": 0.5, "blocked_s": 0.0}},
+            "parts": {"open": 0.5, "storage": 0.4, "decode": 0.3, "preprocess": 0.05, "compute": 0.6},
+            "counters": counters, "samples": samples}}
+
+
+@pytest.fixture()
+def built() -> dict[str, Any]:
+    shards = [shard(0, 1000.0, 64, 4), shard(1, 1001.0, 96, 6, retries=2)]
+    failed = [{"input": "/data/bad.svs", "error": "not a slide: truncated TIFF"}]
+    return rp.summarize(shards, failed, 3.0, {"name": "t", "batch_size": 16, "workers": 1, "readers": 2,
+                                              "precision": "fp32"})
+
+
+def test_summarize_document(built: dict[str, Any]) -> None:
+    assert built["items"] == 160 and built["items_per_s"] == pytest.approx(160 / 3.0)
+    assert built["starvation"] == pytest.approx(0.2)
+    assert built["storage"]["requests"] == 20 and built["storage"]["retries"] == 2
+    assert built["storage"]["p50_ms"] is not None
+    assert built["verdict"]["limiting_layer"] in rp.LAYERS and built["verdict"]["gap"]["text"]
+    assert [s["retries"] for s in built["shards"]] == [0, 2]
+    # sample times count from the pipeline's start, which follows the shard's setup (open)
+    assert built["timeline"][0]["t"] == pytest.approx(0.5 + 0.1)
+    json.dumps(built)
+
+
+def test_frames(built: dict[str, Any]) -> None:
+    tl = rp.timeline_frame(built)
+    assert list(tl.columns) == ["t", "items", "busy_s", "starved_s", "queue_depth", "shard"] and len(tl) == 10
+    tf = rp.throughput_frame(built)
+    assert tf["items"].sum() == 160
+    width = tf["t_end"].iloc[0] - tf["t_start"].iloc[0]
+    assert tf["items_per_s"].sum() * width == pytest.approx(160)
+    assert tf["starvation"].dropna().between(0, 1).all()
+    st = rp.stage_frame(built).set_index("stage")
+    assert st.loc["model", "starvation"] == pytest.approx(0.2)
+    pf = rp.parts_frame(built)
+    assert pf["share"].sum() == pytest.approx(1.0)
+    assert pf.set_index("part").loc["open", "layer"] == rp.LAYER_STORAGE
+    sf = rp.shard_frame(built)
+    assert list(sf["status"]) == ["done", "done", "failed"]
+    assert sf.iloc[2]["error"].startswith("not a slide") and math.isnan(sf.iloc[2]["wall_s"])
+    lf = rp.latency_frame(built)
+    assert list(lf.loc[lf["count"] > 0, "count"]) == [12, 6, 2] and math.isinf(lf["upper_ms"].iloc[-1])
+    assert (lf["lower_ms"].iloc[1:].to_numpy() == lf["upper_ms"].iloc[:-1].to_numpy()).all()  # contiguous
+    assert lf["share"].sum() == pytest.approx(1.0)
+
+
+def test_frames_of_an_empty_run() -> None:
+    empty = {"items": 0, "stages": {}, "parts": {}, "counters": {}, "shards": [], "failed": [], "timeline": []}
+    for fn in (rp.timeline_frame, rp.throughput_frame, rp.stage_frame, rp.parts_frame, rp.shard_frame,
+               rp.latency_frame):
+        assert fn(empty).empty
+
+
+def test_bucket_width_is_round() -> None:
+    assert rp.bucket_width(10.0, 40) == 0.5
+    assert rp.bucket_width(3600.0, 40) == 100.0
+
+
+def test_format_summary_and_roundtrip(built: dict[str, Any], tmp_path: Path) -> None:
+    text = rp.format_summary(built)
+    assert "verdict: limited by" in text and "next:" in text and "storage: 20 requests" in text
+    assert "quarantined 1 input(s)" in text and "/data/bad.svs" in text
+    rp.write_report(tmp_path, built)
+    assert rp.load_report(tmp_path)["verdict"] == json.loads(json.dumps(built["verdict"]))
+
+
+def test_load_report_refreshes_an_old_verdict(built: dict[str, Any], tmp_path: Path) -> None:
+    old = {**built, "verdict": {"band": "x", "text": "old"}}
+    old.pop("storage")
+    rp.write_report(tmp_path, old)
+    loaded = rp.load_report(tmp_path)
+    assert "gap" in loaded["verdict"] and loaded["storage"]["requests"] == 20
+    with pytest.raises(FileNotFoundError, match="no report.json"):
+        rp.load_report(tmp_path / "nowhere")

@@ -1,0 +1,368 @@
+"""Object storage: stream and stage reads against a real S3 server (moto) behind a faulty proxy."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+
+from gpubatch.engine.clocks import StageClocks
+from gpubatch.errors import InputError
+from gpubatch.sources.wsi import SlideBackend, open_slide
+from gpubatch.spec import JobSpec
+from gpubatch.staging import StageCache
+from gpubatch.storage import (
+    RetryPolicy,
+    choose_access,
+    expand_uris,
+    latency_percentiles,
+    open_slide_input,
+    open_stream,
+    prefetch,
+    record_request,
+    redact,
+    release,
+    storage_summary,
+)
+
+if TYPE_CHECKING:
+    from s3_fixtures import S3Stack
+
+pytest_plugins = ["s3_fixtures"]  # the s3 / s3_stack fixtures (reusable by other test modules)
+CMU_SMALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+FAST = RetryPolicy(attempts=8, base_s=0.002, cap_s=0.02)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from s3_fixtures import write_pyramid_tiff
+
+    return write_pyramid_tiff(tmp_path_factory.mktemp("slides") / "synthetic.tif", 2600, 1900)
+
+
+@pytest.fixture(scope="module")
+def slide_uris(s3_stack: S3Stack, synthetic: Path) -> dict[str, tuple[Path, str]]:
+    out = {"synthetic": (synthetic, s3_stack.upload(synthetic, "case/synthetic.tif"))}
+    if CMU_SMALL.exists():
+        out["cmu"] = (CMU_SMALL, s3_stack.upload(CMU_SMALL, "case/CMU-1-Small-Region.svs"))
+        boxes = CMU_SMALL.parent / "boxes.tiff"  # generic deflate pyramid
+        out["boxes"] = (boxes, s3_stack.upload(boxes, "case/boxes.tiff"))
+    return out
+
+
+def _job(uri: str, options: dict, access: str = "auto") -> JobSpec:
+    return JobSpec.model_validate({"input": {"uris": [uri], "storage": options, "access": access},
+                                   "model": {"path": "m.onnx"}, "output": {"uri": "out"}})
+
+
+def _read_level(backend: SlideBackend, level: int, block: int, threads: int) -> np.ndarray:
+    w, h = backend.info.level_dimensions[level]
+    image = np.zeros((h, w, 3), np.uint8)
+    boxes = [(x, y) for y in range(0, h, block) for x in range(0, w, block)]
+    clocks = StageClocks()
+
+    def work(part: list[tuple[int, int]]) -> None:
+        for x, y in part:
+            tile = backend.read_boxes(level, np.array([[x, y, block, block]]), clocks)[0]
+            image[y: y + block, x: x + block] = tile[: h - y, : w - x]
+
+    pool = [threading.Thread(target=work, args=(boxes[i::threads],)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return image
+
+
+def read_all(backend: SlideBackend, block: int = 700, threads: int = 4) -> list[np.ndarray]:
+    """Every pixel of every level, in blocks read concurrently (as the engine's readers do)."""
+    return [_read_level(backend, level, block, threads) for level in range(len(backend.info.level_dimensions))]
+
+
+def _local(path: Path) -> list[np.ndarray]:
+    backend = open_slide(str(path), StageClocks())
+    try:
+        return read_all(backend)
+    finally:
+        backend.close()
+
+
+def _assert_same(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["synthetic", "cmu", "boxes"])
+@pytest.mark.parametrize("access", ["stream", "stage"])
+def test_remote_reads_match_local(s3: S3Stack, slide_uris: dict, name: str, access: str) -> None:
+    if name not in slide_uris:
+        pytest.skip(f"{CMU_SMALL} not present (shared test data)")
+    local, uri = slide_uris[name]
+    clocks = StageClocks()
+    backend = open_slide_input(uri, _job(uri, s3.options(), access), clocks)
+    try:
+        assert backend.access == "stream" if access == "stream" else backend.access == "stage"  # type: ignore[attr-defined]
+        assert backend.info.backend == "tifffile"
+        _assert_same(read_all(backend), _local(local))
+    finally:
+        backend.close()
+        release(uri)
+    counters = clocks.counters
+    assert counters["storage.requests"] > 0 and counters["storage.bytes"] > 0
+    assert counters[f"storage.access.{access}"] == 1
+    if access == "stage":
+        assert counters["storage.staged_bytes"] == local.stat().st_size
+    else:  # streamed: never the whole file
+        assert counters.get("storage.staged_bytes", 0) == 0
+
+
+def test_stream_reads_by_range_without_full_download(s3: S3Stack, slide_uris: dict) -> None:
+    local, uri = slide_uris["synthetic"]
+    clocks = StageClocks()
+    backend = open_stream(uri, s3.options(), clocks)
+    try:
+        page = backend.pages[0]  # type: ignore[attr-defined]
+        one_tile = int(page.databytecounts[0])
+        before = clocks.counters["storage.bytes"]
+        backend.read_boxes(0, np.array([[0, 0, 200, 200]]), clocks)
+        assert clocks.counters["storage.bytes"] - before == one_tile
+    finally:
+        backend.close()
+    assert clocks.counters["storage.bytes"] < local.stat().st_size / 2
+
+
+def test_adjacent_tiles_are_coalesced(s3: S3Stack, slide_uris: dict) -> None:
+    _, uri = slide_uris["synthetic"]
+    clocks = StageClocks()
+    backend = open_stream(uri, s3.options(), clocks)
+    try:
+        before = clocks.counters["storage.requests"]
+        backend.read_boxes(0, np.array([[0, 0, 1024, 256]]), clocks)  # 4 neighbouring tiles
+        assert clocks.counters["storage.requests"] - before == 1
+        assert clocks.counters["decode.tiles"] == 4
+    finally:
+        backend.close()
+
+
+def test_faults_are_retried_and_reads_identical(s3: S3Stack, slide_uris: dict) -> None:
+    s3.proxy.configure(error_rate=0.15, reset_rate=0.1, latency_s=0.003, seed=7)
+    expected = {name: _local(local) for name, (local, _) in slide_uris.items()}
+    for access in ("stream", "stage"):
+        for name, (_, uri) in slide_uris.items():
+            clocks = StageClocks()
+            if access == "stream":
+                backend = open_stream(uri, s3.options(), clocks, FAST)
+            else:
+                backend = StageCache(max_bytes=1 << 30).open(uri, s3.options(), clocks, FAST)
+            try:
+                _assert_same(read_all(backend), expected[name])
+            finally:
+                backend.close()
+    stats = s3.proxy.stats
+    assert stats["errors"] > 0 and stats["resets"] > 0
+
+
+def test_retries_are_counted(s3: S3Stack, slide_uris: dict) -> None:
+    _, uri = slide_uris["synthetic"]
+    s3.proxy.configure(error_rate=0.3, seed=3)
+    clocks = StageClocks()
+    backend = open_stream(uri, s3.options(), clocks, FAST)
+    try:
+        read_all(backend)
+    finally:
+        backend.close()
+    assert clocks.counters["storage.retries"] == s3.proxy.stats["errors"] > 0
+
+
+def test_persistent_503_gives_retryable_error(s3: S3Stack, slide_uris: dict) -> None:
+    _, uri = slide_uris["synthetic"]
+    s3.proxy.configure(error_rate=1.0)
+    clocks = StageClocks()
+    with pytest.raises(InputError) as info:
+        open_stream(uri, s3.options(), clocks, RetryPolicy(attempts=3, base_s=0.001))
+    assert info.value.retryable and "after 3 attempt" in info.value.message
+    assert clocks.counters["storage.retries"] == 2
+
+
+@pytest.mark.parametrize("access", ["stream", "stage"])
+def test_missing_object_is_quarantined(s3: S3Stack, access: str) -> None:
+    uri = f"s3://{s3.bucket}/nowhere/missing.svs"
+    with pytest.raises(InputError) as info:
+        open_slide_input(uri, _job(uri, s3.options(), access), StageClocks())
+    assert not info.value.retryable
+    assert "not found" in info.value.message and info.value.input_uri == uri
+
+
+@pytest.mark.parametrize("access", ["stream", "stage"])
+def test_forbidden_object_is_quarantined(s3: S3Stack, slide_uris: dict, access: str) -> None:
+    _, uri = slide_uris["synthetic"]
+    s3.proxy.configure(forbidden={uri.removeprefix("s3://")})
+    with pytest.raises(InputError) as info:
+        open_slide_input(uri, _job(uri, s3.options(), access), StageClocks())
+    assert not info.value.retryable and "access denied (403)" in info.value.message
+
+
+def test_not_a_slide_is_a_clear_error(s3: S3Stack) -> None:
+    uri = s3.upload_bytes(b"II*\x00" + b"\x00" * 400, "junk/notaslide.tif")
+    with pytest.raises(InputError) as info:
+        open_slide_input(uri, _job(uri, s3.options(), "stream"), StageClocks())
+    assert not info.value.retryable and "stage" in info.value.message
+
+
+def test_credentials_never_in_errors(s3: S3Stack, slide_uris: dict) -> None:
+    secret, key = "sup3r-s3cret-value-xyz", "AKIAABCDEFGHIJKLMNOP"
+    options = {**s3.options(), "key": key, "secret": secret, "token": "tok-123456"}
+    uri_userinfo = f"https://user:{secret}@127.0.0.1:{s3.proxy.port}/slides/missing.svs"
+    messages = []
+    for uri in (f"s3://{s3.bucket}/none/missing.svs", slide_uris["synthetic"][1], uri_userinfo):
+        s3.proxy.configure(forbidden={slide_uris["synthetic"][1].removeprefix("s3://")})
+        for access in ("stream", "stage"):
+            with pytest.raises(InputError) as info:
+                open_slide_input(uri, _job(uri, options, access), StageClocks())
+            messages += [str(info.value), info.value.message, info.value.input_uri]
+    assert messages
+    for text in messages:
+        assert secret not in text and key not in text and "tok-123456" not in text
+    assert redact(options)["secret"] == "***" and redact(options)["key"] == "***"
+    assert redact({"client_kwargs": {"aws_secret_access_key": "zz-zz"}}) == {"client_kwargs": {"aws_secret_access_key": "***"}}
+    assert redact(f"failed: {uri_userinfo}") == f"failed: https://***@127.0.0.1:{s3.proxy.port}/slides/missing.svs"
+    assert secret not in redact(f"secret={secret}&x=1") and key not in redact(f"id {key} here")
+
+
+def test_http_stream(s3: S3Stack, slide_uris: dict) -> None:
+    local, uri = slide_uris["synthetic"]
+    s3.make_public(uri)
+    url = s3.http_url(uri)
+    backend = open_slide_input(url, _job(url, {}), StageClocks())
+    try:
+        assert backend.access == "stream"  # type: ignore[attr-defined]
+        _assert_same(read_all(backend), _local(local))
+    finally:
+        backend.close()
+
+
+def test_expand_globs(s3: S3Stack, slide_uris: dict, tmp_path: Path) -> None:
+    found = expand_uris([f"s3://{s3.bucket}/case/*.tif", f"s3://{s3.bucket}/case/*.svs"], s3.options())
+    assert found == sorted(u for _, u in slide_uris.values() if u.endswith(".tif")) + sorted(
+        u for _, u in slide_uris.values() if u.endswith(".svs"))
+    assert expand_uris([f"s3://{s3.bucket}/nothing-here/*.svs"], s3.options()) == []
+    (tmp_path / "a.svs").write_bytes(b"x")
+    assert expand_uris([f"file://{tmp_path}/*.svs"]) == [str(tmp_path / "a.svs")]
+
+
+def test_prefetch_then_open_is_a_cache_hit(s3: S3Stack, slide_uris: dict, tmp_path: Path) -> None:
+    _, uri = slide_uris["synthetic"]
+    s3.proxy.configure(latency_s=0.01)
+    job = _job(uri, s3.options(), "stage")
+    from gpubatch import staging
+
+    staging.configure_stage_cache({"dir": str(tmp_path), "max_bytes": 1 << 30})
+    try:
+        assert prefetch([uri], job) == [uri]
+        clocks = StageClocks()
+        backend = open_slide_input(uri, job, clocks)
+        backend.close()
+        assert clocks.counters["storage.staged_bytes"] > 0
+        local_files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert len(local_files) == 1 and not local_files[0].name.endswith(".part")
+        again = StageClocks()
+        open_slide_input(uri, job, again).close()
+        assert again.counters["storage.cache_hits"] == 1 and again.counters.get("storage.requests", 0) == 0
+        release(uri)
+        assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    finally:
+        staging.configure_stage_cache(None)
+
+
+def test_stage_cache_is_bounded_lru(s3: S3Stack, synthetic: Path, tmp_path: Path) -> None:
+    size = synthetic.stat().st_size
+    uris = [s3.upload(synthetic, f"lru/s{i}.tif") for i in range(3)]
+    cache = StageCache(str(tmp_path), max_bytes=int(size * 2.5))
+    try:
+        for uri in uris[:2]:
+            cache.open(uri, s3.options(), StageClocks()).close()
+        cache.open(uris[0], s3.options(), StageClocks()).close()  # s0 is now the most recent
+        cache.open(uris[2], s3.options(), StageClocks()).close()  # evicts s1, the least recent
+        assert set(cache.cached()) == {uris[0], uris[2]}
+        assert cache.used_bytes() <= cache.max_bytes
+        pinned = [cache.open(u, s3.options(), StageClocks()) for u in (uris[0], uris[2])]
+        assert cache.prefetch([uris[1]], s3.options()) == [uris[1]]
+        deadline = time.monotonic() + 20
+        while uris[1] in cache.cached() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert uris[1] not in cache.cached()  # skipped: both cached files are in use
+        late = cache.open(uris[1], s3.options(), StageClocks())  # an open always proceeds
+        for b in [*pinned, late]:
+            b.close()
+        assert len(list(tmp_path.rglob("*.tif"))) == 3
+    finally:
+        cache.clear()
+
+
+def test_auto_stages_openslide_formats(s3: S3Stack) -> None:
+    """A format tifffile is not asked to read (suffix .scn) is staged and opened by openslide."""
+    if not CMU_SMALL.exists():
+        pytest.skip(f"{CMU_SMALL} not present (shared test data)")
+    uri = s3.upload(CMU_SMALL, "case/as-openslide.scn")
+    clocks = StageClocks()
+    backend = open_slide_input(uri, _job(uri, s3.options()), clocks)
+    try:
+        assert backend.access == "stage" and backend.info.backend == "openslide"  # type: ignore[attr-defined]
+        local = open_slide(str(CMU_SMALL), StageClocks(), prefer="openslide")
+        box = np.array([[100, 200, 500, 400]])
+        np.testing.assert_array_equal(backend.read_boxes(0, box, StageClocks()),
+                                      local.read_boxes(0, box, StageClocks()))
+        local.close()
+    finally:
+        backend.close()
+        release(uri)
+    assert clocks.counters["storage.access.stage"] == 1
+
+
+def test_auto_choice_and_fallback(s3: S3Stack, slide_uris: dict) -> None:
+    assert choose_access("s3://b/x.svs", "auto") == "stream"
+    assert choose_access("s3://b/x.OME.TIFF", "auto") == "stream"
+    assert choose_access("s3://b/x.mrxs", "auto") == "stage"
+    assert choose_access("s3://b/x.ndpi", "auto") == "stage"
+    assert choose_access("s3://b/x.svs", "stage") == "stage"
+    unopenable = CMU_SMALL.parent / "unopenable.tiff"
+    if not unopenable.exists():
+        pytest.skip(f"{unopenable} not present (shared test data)")
+    uri = s3.upload(unopenable, "case/unopenable.tiff")
+    clocks = StageClocks()
+    with pytest.raises(InputError) as info:  # stream fails to parse -> staged -> openslide fails too
+        open_slide_input(uri, _job(uri, s3.options()), clocks)
+    assert not info.value.retryable and "openslide" in info.value.message
+    assert clocks.counters["storage.stream_fallbacks"] == 1
+
+
+def test_latency_histogram_percentiles() -> None:
+    clocks = StageClocks()
+    for ms in [1.0] * 50 + [10.0] * 49 + [1000.0]:
+        record_request(clocks, 100, ms / 1000)
+    pct = latency_percentiles(clocks.counters)
+    assert pct["p50_ms"] is not None and 0.7 <= pct["p50_ms"] <= 1.5
+    assert pct["p99_ms"] is not None and 7 <= pct["p99_ms"] <= 15
+    merged = StageClocks()
+    merged.merge(clocks)
+    merged.merge(clocks)
+    assert latency_percentiles(merged.counters) == pct
+    summary = storage_summary(clocks.counters, 2.0)
+    assert summary["requests"] == 100 and summary["bytes"] == 10_000
+    assert math.isclose(summary["mb_per_s"], 0.005)
+    assert latency_percentiles({}) == {"p50_ms": None, "p99_ms": None}
+
+
+def test_env_stage_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GPUBATCH_STAGE_DIR", str(tmp_path))
+    monkeypatch.setenv("GPUBATCH_STAGE_MAX_BYTES", "12345")
+    cache = StageCache()
+    assert cache.dir.startswith(str(tmp_path)) and cache.max_bytes == 12345
+    assert os.path.basename(cache.dir) == f"p{os.getpid()}"

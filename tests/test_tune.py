@@ -1,0 +1,90 @@
+"""Batch-size tuning: the choice rule on a known curve, a real sweep, the cache, `gpubatch tune`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import slide_job, write_job
+
+import gpubatch
+from gpubatch.cli import main
+from gpubatch.models.base import get_model
+from gpubatch.models.tune import CurvePoint, cache_path, choose_batch, sweep, tune_model
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUBATCH_CACHE", str(tmp_path / "cache"))
+
+
+def _curve(pairs: list[tuple[int, float]]) -> list[CurvePoint]:
+    return [CurvePoint(b, ips, float(b), b / ips) for b, ips in pairs]
+
+
+def test_choose_smallest_within_95_percent() -> None:
+    curve = _curve([(1, 100), (2, 180), (4, 300), (8, 390), (16, 400), (32, 405), (64, 398)])
+    assert choose_batch(curve) == 8  # 390 >= 0.95 * 405; 300 is not
+    assert choose_batch(curve, within=1.0) == 32
+    assert choose_batch(_curve([(1, 50), (2, 49), (4, 48)])) == 1  # flat: the smallest wins
+    with pytest.raises(ValueError):
+        choose_batch([])
+
+
+def test_real_sweep_returns_a_power_of_two(classifier: Path) -> None:
+    import numpy as np
+
+    model = get_model(str(classifier), "onnxruntime")
+    items = np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32)
+    curve, why = sweep(model, items, max_batch=16, min_time_s=0.05)
+    sizes = [p.batch_size for p in curve]
+    assert sizes == [1, 2, 4, 8, 16] and "max batch" in why
+    assert all(p.items_per_s > 0 and p.peak_mb >= 0 for p in curve)
+    chosen = choose_batch(curve)
+    assert chosen in sizes and chosen & (chosen - 1) == 0
+
+
+def test_tune_model_caches_the_choice(classifier: Path) -> None:
+    import numpy as np
+
+    model = get_model(str(classifier), "onnxruntime")
+    items = np.zeros((2, 3, 224, 224), np.float32)
+    first = tune_model(model, items, "sha-x", max_batch=4, min_time_s=0.02)
+    assert not first.cached and cache_path().is_file()
+    again = tune_model(model, items, "sha-x", max_batch=4)
+    assert again.cached and again.batch_size == first.batch_size and len(again.curve) == 3
+    entry = json.loads(cache_path().read_text())[first.key]
+    assert entry["batch_size"] == first.batch_size
+
+
+@pytest.fixture(scope="module")
+def mean_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The per-channel-mean model at 64 px: a sweep to 512 stays small and fast."""
+    from gpubatch.demo import make_mean_colour_model
+
+    return make_mean_colour_model(tmp_path_factory.mktemp("tune") / "mean64.onnx", size=64)
+
+
+def _auto_job(tmp_path: Path, slides_dir: Path, mean_model: Path) -> Path:
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp_path / "out", tiles={"size": 64, "mpp": 0.25})
+    job["model"]["batch_size"] = "auto"
+    return write_job(tmp_path / "job.yaml", job)
+
+
+def test_tune_command_prints_curve_and_choice(tmp_path: Path, slides_dir: Path, mean_model: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tune", str(_auto_job(tmp_path, slides_dir, mean_model))]) == 0
+    out = capsys.readouterr().out
+    assert "items/s" in out and "<- chosen" in out and "chosen batch_size:" in out
+    chosen = int(out.split("chosen batch_size:")[1].split()[0])
+    assert chosen & (chosen - 1) == 0 and 1 <= chosen <= 512
+
+
+def test_auto_batch_run_uses_tuning(tmp_path: Path, slides_dir: Path, mean_model: Path) -> None:
+    result = gpubatch.run(_auto_job(tmp_path, slides_dir, mean_model), profile="inline", show_progress=False)
+    report = result.report
+    assert result.exit_code == 0 and report["batch_size"] == report["tuning"]["batch_size"]
+    assert report["model_only_items_per_s_measured"] > 0 and report["model_only_items_per_s"] > 0
+    again = gpubatch.run(_auto_job(tmp_path, slides_dir, mean_model), profile="inline", show_progress=False)
+    assert again.report["tuning"]["cached"] is True and again.report["batch_size"] == report["batch_size"]
