@@ -52,10 +52,10 @@ def write_synthetic_slide(path: str | Path, width: int = 4096, height: int = 307
     rng = np.random.default_rng(seed)
     img = image if image is not None else _tissue_image(width, height, rng)
     path = Path(path)
-    kwargs: dict[str, Any] = {"tile": (tile, tile), "compression": "jpeg", "compressionargs": {"level": quality},
+    kwargs: Any = {"tile": (tile, tile), "compression": "jpeg", "compressionargs": {"level": quality},
                               "photometric": "rgb"}
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
-        res = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
+        res: Any = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
         tif.write(img, subfiletype=0, **res, **kwargs)
         level = img
         for _ in range(1, levels):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch import __version__
-from gpubatch.cluster import load_profile, open_cluster, worker_count, cpu_count
+from gpubatch.cluster import cpu_count, load_profile, open_cluster, worker_count
 from gpubatch.errors import EXIT_OK, EXIT_PARTIAL, GpubatchError
 from gpubatch.models.base import file_sha256, resolve_backend
 from gpubatch.outputs.manifest import Manifest, write_json_atomic
@@ -250,8 +250,12 @@ def _finish(job: JobSpec, outdir: Path, shards: list[Shard], results: list[dict[
             prof: dict[str, Any]) -> Result:
     order = [s.shard_id for s in shards]
     done_ids = {r["shard_id"] for r in results}
-    if "parquet" in job.output.formats or True:
-        merge_parquet(outdir, [sid for sid in order if sid in done_ids])
+    merge_parquet(outdir, [sid for sid in order if sid in done_ids])  # always: the index of zarr too
+    if "geojson" in job.output.formats and job.kind == "slides":
+        from gpubatch.outputs.geojson import write_geojson
+
+        extents = {r["input"]: r.get("attrs", {}).get("extent_level0", job.tiles.size) for r in results}
+        write_geojson(outdir, extents)
     results.sort(key=lambda r: order.index(r["shard_id"]) if r["shard_id"] in order else len(order))
     run_info = {
         "name": job.name, "kind": job.kind, "gpubatch_version": __version__,

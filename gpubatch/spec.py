@@ -134,9 +134,7 @@ class InputSpec(_Strict):
 
 class OutputSpec(_Strict):
     uri: str
-    formats: list[Literal["zarr", "parquet", "geojson"]] = Field(
-        default_factory=lambda: ["zarr", "parquet"]
-    )
+    formats: list[Literal["zarr", "parquet", "geojson"]] = Field(default_factory=lambda: ["zarr", "parquet"])  # type: ignore[arg-type]
 
 
 class RunSpec(_Strict):
@@ -180,7 +178,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(p if not p.isdigit() else f"[{p}]" for p in parts).replace(".[", "[")
 
 
-def _explain(err: dict[str, Any]) -> str:
+def _explain(err: Any) -> str:
     kind, msg = err.get("type", ""), err.get("msg", "")
     got = err.get("input")
     if kind == "extra_forbidden":
@@ -295,8 +293,8 @@ def check_local_files(job: JobSpec) -> None:
             value = getattr(w, key)
             if value and not is_remote(value) and not Path(value.removeprefix("file://")).exists():
                 problems.append((f"windows.{key}", f"file not found: {value}"))
-        if isinstance(w.regions, str) and w.regions != "genome" and ":" not in w.regions:
-            if not is_remote(w.regions) and not Path(w.regions).exists():
-                problems.append(("windows.regions", f"file not found: {w.regions} (or give 'genome' or a list of 'chr:start-end')"))
+        regions_file = isinstance(w.regions, str) and w.regions != "genome" and ":" not in w.regions
+        if regions_file and not is_remote(str(w.regions)) and not Path(str(w.regions)).exists():
+            problems.append(("windows.regions", f"file not found: {w.regions} (or give 'genome' or a list of 'chr:start-end')"))
     if problems:
         raise SpecError(problems)

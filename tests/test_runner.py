@@ -129,3 +129,13 @@ def test_api_open_results_and_overrides(tmp_path: Path, slide_path: Path, classi
     assert set(result.stages().index) >= {"read", "model", "write"} or "stage" in result.stages().columns
     assert result.timeline()["items"].sum() == result.report["items"]
     assert (Path(result.output_uri) / "report.html").exists()
+
+
+def test_geojson_tiles_cover_their_level0_footprint(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+    job = slide_job([str(slide_path)], classifier, tmp_path / "out", output={"formats": ["parquet", "geojson"]})
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    features = json.loads((Path(result.output_uri) / "predictions.geojson").read_text())["features"]
+    assert len(features) == len(result.predictions()) == 16 * 12
+    ring = features[0]["geometry"]["coordinates"][0]
+    assert ring[2][0] - ring[0][0] == 128  # 64 px at 0.5 mpp on a 0.25 mpp slide
+    assert {"probs_0", "slide", "level"} <= set(features[0]["properties"])

@@ -108,8 +108,9 @@ def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
 
 
 def test_model_input_shape_must_match_the_tiles(tmp_path: Path, good: dict, assets: Path) -> None:
-    from gpubatch.demo import _export
     import torch
+
+    from gpubatch.demo import _export
 
     fixed = _export(torch.nn.Flatten(), torch.rand(1, 3, 32, 32), assets / "fixed32.onnx", ["flat"])
     good["model"]["path"] = str(fixed)

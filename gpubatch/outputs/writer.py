@@ -7,11 +7,13 @@ the manifest. A shard killed before commit leaves only temporaries, which the ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ class ShardWriter:
     """Streams one shard's rows to parquet and zarr under temporary names; commit makes them real."""
 
     def __init__(self, outdir: str | Path, shard_id: str, constants: dict[str, Any],
-                 attrs: dict[str, Any], formats: list[str]):
+                 attrs: dict[str, Any], formats: Sequence[str]):
         self.outdir = Path(outdir)
         self.shard_id = shard_id
         self.constants = constants
@@ -127,10 +129,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self._pq is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort on an already failing shard
                 self._pq.close()
-            except Exception:  # noqa: BLE001 - best effort on an already failing shard
-                pass
         self.part_tmp.unlink(missing_ok=True)
         shutil.rmtree(self.zarr_tmp, ignore_errors=True)
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+
 import numpy as np
 
 from gpubatch.engine.clocks import StageClocks
@@ -83,8 +84,8 @@ def make_grid(info: SlideInfo, tiles: TilesSpec, uri: str) -> TileGrid:
     w0, h0 = info.level_dimensions[0]
     nx = int(math.floor((w0 - extent) / step)) + 1 if w0 >= extent else 0
     ny = int(math.floor((h0 - extent) / step)) + 1 if h0 >= extent else 0
-    cols, rows = np.meshgrid(np.arange(nx), np.arange(ny))
-    cols, rows = cols.ravel(), rows.ravel()
+    col_grid, row_grid = np.meshgrid(np.arange(nx), np.arange(ny))
+    cols, rows = col_grid.ravel(), row_grid.ravel()
     xs = np.round(cols * step).astype(np.int64)
     ys = np.round(rows * step).astype(np.int64)
     return TileGrid(level, level_ds, downsample, read_size, tiles.size, xs, ys, cols, rows)
@@ -187,7 +188,8 @@ class SlideReader(ShardReader):
         self.attrs = {
             "slide": shard.input_uri, "level": self.grid.level, "tile_size": job.tiles.size,
             "mpp": (backend.info.mpp * self.grid.downsample) if backend.info.mpp else None,
-            "read_size": self.grid.read_size, "grid_tiles": len(grid), "tissue_tiles": len(self.grid),
+            "read_size": self.grid.read_size, "extent_level0": job.tiles.size * self.grid.downsample,
+            "grid_tiles": len(grid), "tissue_tiles": len(self.grid),
             "slide_info": backend.info.as_dict(),
         }
 

@@ -139,10 +139,10 @@ def _mpp_from_tiff(tif: Any) -> tuple[float | None, float | None, str]:
         if found and (unit is None or unit.group(1) in ("µm", "um", "micron")):
             return float(found.group(1)), None, "ome-tiff"
         return None, None, "ome-tiff"
-    unit = int(page.resolutionunit)
+    res_unit = int(page.resolutionunit)
     xres = page.resolution[0] if page.resolution else 0.0
-    if xres > 0 and unit in (2, 3):  # inch, centimeter
-        return (25400.0 if unit == 2 else 10000.0) / xres, None, "generic-tiff"
+    if xres > 0 and res_unit in (2, 3):  # inch, centimeter
+        return (25400.0 if res_unit == 2 else 10000.0) / xres, None, "generic-tiff"
     return None, None, "generic-tiff"
 
 
