@@ -125,9 +125,9 @@ class StageCache:
             with self._lock:
                 entry = self._entries.get(uri) or self._new_entry(uri)
                 hit = entry.state == "ready"
+            t0 = time.perf_counter()  # this shard waits on a download, its own or a prefetch
             if entry.state == "pending":
                 self._download(entry, options, policy or RetryPolicy(), True)
-            t0 = time.perf_counter()
             entry.done.wait()
             clocks.count("storage.wait_s", time.perf_counter() - t0)
             if entry.state != "skipped":

@@ -225,15 +225,14 @@ def latency_percentiles(counters: dict[str, float]) -> dict[str, float | None]:
     if total <= 0:
         return out
     for name, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):
-        seen, lower = 0.0, LATENCY_BOUNDS_MS[0] / math.sqrt(2)
-        for upper, count in buckets:
+        seen = 0.0
+        for upper, count in buckets:  # buckets are sqrt(2) apart: interpolate inside this one
             if seen + count >= q * total:
-                top = upper if math.isfinite(upper) else lower * math.sqrt(2)
-                frac = (q * total - seen) / count
-                out[name] = round(lower * (top / lower) ** frac, 3)
+                top = upper if math.isfinite(upper) else LATENCY_BOUNDS_MS[-2] * math.sqrt(2)
+                lower = top / math.sqrt(2)
+                out[name] = round(lower * math.sqrt(2) ** ((q * total - seen) / count), 3)
                 break
             seen += count
-            lower = upper
     return out
 
 

@@ -57,6 +57,10 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
     if ctx is not None and ctx.fallback_model_path and threshold is not None:
         fallback = get_model(ctx.fallback_model_path, ctx.backend, "fp32", ctx.threads)
 
+    stage = _gpu_stage(reader, model) if fallback is None else None
+    if stage is not None:
+        return lambda items, clocks: reader.from_model_output(stage(items, clocks), len(items))
+
     def run_batch(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
         with clocks.part("preprocess"):
             x = reader.to_model_input(items)
@@ -67,6 +71,27 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
         return reader.from_model_output(out, len(items))
 
     return run_batch
+
+
+_GPU_STAGES: dict[tuple[int, str, str], Any] = {}
+
+
+def _gpu_stage(reader: ShardReader, model: Model) -> Any:
+    """The fused-kernel device stage (pinned buffers, copy stream) for a model on a CUDA device.
+
+    One per worker, model and preprocessing, reused across shards. On the CPU the reader's own
+    ``to_model_input`` is the device stage, and this returns None.
+    """
+    plan = reader.device_preprocess()
+    if model.device != "cuda" or plan is None:
+        return None
+    kind, params = plan
+    key = (id(model), kind, repr(sorted(params.items())))
+    if key not in _GPU_STAGES:
+        from gpubatch.device import make_device_stage
+
+        _GPU_STAGES[key] = make_device_stage(model, kind, **params)
+    return _GPU_STAGES[key]
 
 
 def _failure(shard: Shard, exc: BaseException, started: float) -> dict[str, Any]:

@@ -345,3 +345,23 @@ def test_kernel_compiles_to_ptx(source: Path, arch: str, define: str, tmp_path: 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert ".entry" in out.read_text()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_run_on_gpu_uses_the_device_stage(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+    """A whole run with a CUDA model goes through the fused-kernel stage: transfer is timed apart."""
+    import gpubatch
+    from conftest import slide_job, write_job
+
+    job = slide_job([str(slide_path)], classifier, tmp_path / "out")
+    cpu_job = slide_job([str(slide_path)], classifier, tmp_path / "cpu")
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    os.environ["GPUBATCH_ORT_PROVIDERS"] = "CPUExecutionProvider"
+    try:
+        cpu = gpubatch.run(write_job(tmp_path / "cpu.yaml", cpu_job))
+    finally:
+        del os.environ["GPUBATCH_ORT_PROVIDERS"]
+    assert result.report["parts"].get("transfer", 0) > 0
+    a, b = result.predictions(), cpu.predictions()
+    np.testing.assert_allclose(a.filter(like="probs").to_numpy(), b.filter(like="probs").to_numpy(), atol=1e-3)

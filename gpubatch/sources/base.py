@@ -68,6 +68,13 @@ class ShardReader(ABC):
         """Map raw model outputs back to per-item columns (e.g. ref/alt/delta, strand average)."""
         return outputs
 
+    def device_preprocess(self) -> tuple[str, dict[str, Any]] | None:
+        """(kind, settings) for the fused GPU kernels when ``to_model_input`` is exactly one of them.
+
+        ``None`` keeps preprocessing on the host (the model may still run on the GPU).
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 

@@ -165,6 +165,12 @@ class GenomeWindowReader(_GenomeReader):
     def from_model_output(self, outputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         return {name: self._strand_average(v) for name, v in outputs.items()}
 
+    def device_preprocess(self) -> tuple[str, dict[str, Any]] | None:
+        if self.average:  # two strands per window: host-side stacking, then one model call
+            return None
+        enc = self.w.encoding
+        return "dna", {"layout": enc.layout, "n_value": enc.n_value}
+
 
 class VariantReader(_GenomeReader):
     """Ref/alt window pairs around variants; REF mismatches are scored and flagged, not skipped."""

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -223,6 +224,10 @@ class SlideReader(ShardReader):
 
     def to_model_input(self, batch: np.ndarray) -> np.ndarray:
         return self._norm(batch)
+
+    def device_preprocess(self) -> tuple[str, dict[str, Any]] | None:
+        norm = self.job.model.input
+        return "tiles", {"mean": norm.mean, "std": norm.std, "layout": norm.layout}
 
     def close(self) -> None:
         self.backend.close()
