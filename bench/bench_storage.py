@@ -82,11 +82,12 @@ def run_stream(uri: str, options: dict, readers: int, block: int) -> dict[str, A
     clocks = StageClocks()
     t0 = time.perf_counter()
     backend = open_stream(uri, options, clocks)
+    opened = time.perf_counter() - t0
     try:
         tiles, nbytes = _read_all(backend, readers, block, clocks)
     finally:
         backend.close()
-    return _result(tiles, nbytes, time.perf_counter() - t0, clocks)
+    return _result(tiles, nbytes, time.perf_counter() - t0, clocks, opened)
 
 
 def run_stage(uri: str, options: dict, readers: int, block: int, cache_dir: str) -> dict[str, Any]:
@@ -94,12 +95,13 @@ def run_stage(uri: str, options: dict, readers: int, block: int, cache_dir: str)
     cache = StageCache(cache_dir, 1 << 34)
     t0 = time.perf_counter()
     backend = cache.open(uri, options, clocks)
+    opened = time.perf_counter() - t0
     try:
         tiles, nbytes = _read_all(backend, readers, block, clocks)
     finally:
         backend.close()
         cache.clear()
-    return _result(tiles, nbytes, time.perf_counter() - t0, clocks)
+    return _result(tiles, nbytes, time.perf_counter() - t0, clocks, opened)
 
 
 def run_per_tile(uri: str, options: dict, max_tiles: int) -> dict[str, Any]:
@@ -121,9 +123,10 @@ def run_per_tile(uri: str, options: dict, max_tiles: int) -> dict[str, Any]:
     return _result(tiles, nbytes, time.perf_counter() - t0, clocks)
 
 
-def _result(tiles: int, nbytes: int, seconds: float, clocks: StageClocks) -> dict[str, Any]:
+def _result(tiles: int, nbytes: int, seconds: float, clocks: StageClocks,
+            open_s: float = 0.0) -> dict[str, Any]:
     s = storage_summary(clocks.counters, seconds)
-    return {"tiles": tiles, "tile_bytes": nbytes, "seconds": round(seconds, 3),
+    return {"tiles": tiles, "tile_bytes": nbytes, "seconds": round(seconds, 3), "open_s": open_s,
             "tiles_per_s": round(tiles / seconds, 1), "mb_per_s": round(nbytes / 1e6 / seconds, 2),
             "requests": s["requests"], "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"],
             "retries": s["retries"]}
@@ -133,7 +136,9 @@ def _sum(results: list[dict[str, Any]]) -> dict[str, Any]:
     tiles = sum(r["tiles"] for r in results)
     nbytes = sum(r["tile_bytes"] for r in results)
     seconds = sum(r["seconds"] for r in results)
+    open_s = sum(r["open_s"] for r in results)
     return {"tiles": tiles, "seconds": round(seconds, 3), "tiles_per_s": round(tiles / seconds, 1),
+            "open_s": round(open_s, 3), "read_tiles_per_s": round(tiles / max(seconds - open_s, 1e-9), 1),
             "mb_per_s": round(nbytes / 1e6 / seconds, 2), "requests": sum(r["requests"] for r in results),
             "p50_ms": max(r["p50_ms"] or 0 for r in results), "p99_ms": max(r["p99_ms"] or 0 for r in results)}
 
@@ -207,11 +212,13 @@ def _one(method: str, uri: str, options: dict, readers: int, args: argparse.Name
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    print("| latency/request | method | readers | tiles | tiles/s | MB/s | requests | p50 ms | p99 ms | vs 0 ms |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| latency/request | method | readers | tiles | tiles/s | MB/s | vs 0 ms | open s | tiles/s after open "
+          "| requests | p50 ms | p99 ms |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['latency_ms']:g} ms | {r['method']} | {r['readers']} | {r['tiles']} | {r['tiles_per_s']} | "
-              f"{r['mb_per_s']} | {r['requests']} | {r['p50_ms']} | {r['p99_ms']} | {r['vs_first_latency']:.0%} |")
+              f"{r['mb_per_s']} | {r['vs_first_latency']:.0%} | {r['open_s']} | {r['read_tiles_per_s']} | "
+              f"{r['requests']} | {r['p50_ms']} | {r['p99_ms']} |")
 
 
 if __name__ == "__main__":

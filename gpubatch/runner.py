@@ -127,6 +127,7 @@ class _Submitter:
         self.client, self.job, self.ctx, self.on_result = client, job, ctx, on_result
         self.resources = resources  # e.g. {GPU: 1}: one shard per GPU at a time
         self.attempts: dict[str, int] = {}
+        self.upcoming: dict[str, tuple[str, ...]] = {}
 
     def _submit(self, shard: Shard) -> Any:
         n = self.attempts.get(shard.shard_id, 0) + 1
@@ -136,11 +137,15 @@ class _Submitter:
             kwargs = {"pure": False, "key": f"gpubatch-{shard.shard_id}-{n}-{time.time_ns()}"}
             if self.resources:
                 kwargs["resources"] = self.resources
-        fut = self.client.submit(execute_shard, shard, self.job, self.ctx, **kwargs)
+        upcoming = self.upcoming.get(shard.shard_id, ()) if n == 1 else ()
+        fut = self.client.submit(execute_shard, shard, self.job, self.ctx, upcoming, **kwargs)
         fut.shard = shard
         return fut
 
     def run(self, shards: list[Shard]) -> None:
+        ahead = self.job.run.stage_ahead
+        self.upcoming = {s.shard_id: tuple(t.input_uri for t in shards[i + 1 : i + 1 + ahead])
+                         for i, s in enumerate(shards)}
         pending = {self._submit(s) for s in shards}
         while pending:
             done = _wait_first(pending)
@@ -221,7 +226,8 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
     prepared = prepare_model(job, source, shards, outdir)
     ctx = make_context(job, outdir, n_workers, prepared.path, prepared.precision, prepared.batch_size)
     ctx = dataclasses.replace(ctx, fallback_model_path=prepared.fallback_path,
-                              fallback_max_prob=prepared.fallback_max_prob)
+                              fallback_max_prob=prepared.fallback_max_prob,
+                              storage_profile={k: prof[k] for k in ("storage", "stage_cache") if k in prof})
     results: list[dict[str, Any]] = [dict(e, resumed=True) for e in committed.values()]
     progress = Progress(len(shards), already=len(committed), outdir=outdir, enabled=show_progress)
     audit = (outdir / "audit.jsonl").open("a")

@@ -142,6 +142,8 @@ class RunSpec(_Strict):
     readers: int = Field(4, ge=1, le=256)
     prefetch_batches: int = Field(8, ge=1, le=1024)
     retries: int = Field(2, ge=0, le=100)
+    storage_attempts: int = Field(5, ge=1, le=50, description="tries per storage request (transient errors)")
+    stage_ahead: int = Field(2, ge=0, le=64, description="slides downloaded ahead when staging")
     workers: int | None = Field(None, ge=1, description="worker processes; default from the profile")
 
 

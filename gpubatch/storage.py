@@ -328,7 +328,8 @@ def _has_magic(text: str) -> bool:
 def _glob_remote(fs: Any, path: str, pattern: str) -> list[str]:
     """Matching object names; a missing bucket or prefix matches nothing."""
     try:
-        return sorted(call_with_retries(lambda: fs.glob(path), pattern, RetryPolicy()))
+        # A listing is several requests and happens once, at plan time: be patient with it.
+        return sorted(call_with_retries(lambda: fs.glob(path), pattern, RetryPolicy(attempts=10)))
     except InputError as exc:
         if "not found" in exc.message:
             return []
@@ -559,7 +560,7 @@ def open_slide_input(uri: str, job: JobSpec, clocks: StageClocks) -> SlideBacken
             raise InputError(uri, "file not found")
         return _mark(open_slide(path, clocks), "local", clocks)
     access = choose_access(uri, job.input.access)
-    policy = RetryPolicy(attempts=max(1, getattr(job.run, "storage_attempts", 5)))
+    policy = RetryPolicy(attempts=job.run.storage_attempts)
     if access == "stream":
         try:
             return _mark(open_stream(uri, job.input.storage, clocks, policy), "stream", clocks)

@@ -42,6 +42,23 @@ class RunContext:
     #: re-run on, and the top-probability threshold below which an item counts as low-confidence
     fallback_model_path: str | None = None
     fallback_max_prob: float | None = None
+    #: the profile's ``storage`` (fsspec options) and ``stage_cache`` settings, applied per worker
+    storage_profile: dict[str, Any] | None = None
+
+
+_CONFIGURED: dict[str, str] = {}
+
+
+def _configure_storage_once(ctx: RunContext) -> None:
+    """Apply the profile's storage settings once per worker process (the stage cache lives on)."""
+    import json
+
+    from gpubatch.storage import configure_storage
+
+    key = json.dumps(ctx.storage_profile or {}, sort_keys=True, default=str)
+    if _CONFIGURED.get("key") != key:
+        configure_storage(ctx.storage_profile)
+        _CONFIGURED["key"] = key
 
 
 def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None = None):
@@ -104,13 +121,19 @@ def _failure(shard: Shard, exc: BaseException, started: float) -> dict[str, Any]
     }
 
 
-def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext) -> dict[str, Any]:
+def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[str, ...] = ()) -> dict[str, Any]:
     """Process one shard end to end on this worker; returns a small JSON-able summary.
 
     A bad input comes back as a ``failed`` summary rather than an exception, so that one corrupt
-    slide is quarantined without poisoning the Dask task graph.
+    slide is quarantined without poisoning the Dask task graph. ``upcoming`` names the next
+    inputs in plan order: slides that will be staged start downloading now, behind this compute.
     """
     started = time.time()
+    _configure_storage_once(ctx)
+    if job.kind == "slides" and upcoming:
+        from gpubatch.storage import prefetch
+
+        prefetch(list(upcoming), job)
     clocks = StageClocks()
     source = get_source(job.kind)
     writer: ShardWriter | None = None
@@ -129,6 +152,10 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext) -> dict[str, Any]
             wall = time.perf_counter() - t0
             entry = writer.commit()
             shard_attrs = reader.attrs
+        if job.kind == "slides":
+            from gpubatch.storage import release
+
+            release(shard.input_uri)
     except BaseException as exc:  # noqa: BLE001 - summarised for the client
         if writer is not None:
             writer.abort()

@@ -358,6 +358,11 @@ def test_latency_histogram_percentiles() -> None:
     assert summary["requests"] == 100 and summary["bytes"] == 10_000
     assert math.isclose(summary["mb_per_s"], 0.005)
     assert latency_percentiles({}) == {"p50_ms": None, "p99_ms": None}
+    slow = StageClocks()
+    for _ in range(3):
+        record_request(slow, 1, 0.3)
+    p50 = latency_percentiles(slow.counters)["p50_ms"]
+    assert p50 is not None and 300 / 1.42 <= p50 <= 300 * 1.42  # within its sqrt(2) bucket
 
 
 def test_env_stage_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -249,7 +249,11 @@ class SlideSource(Source):
         failed: list[dict[str, str]] = []
         uris: list[str] = []
         for pattern in job.input.uris:
-            found = expand_uris([pattern], job.input.storage)
+            try:
+                found = expand_uris([pattern], job.input.storage)
+            except InputError as exc:  # a listing that kept failing: that pattern, not the run
+                failed.append({"input": pattern, "error": exc.message})
+                continue
             if not found:
                 failed.append({"input": pattern, "error": "matches no file (check the path or glob)"})
             uris.extend(u for u in found if u not in uris)

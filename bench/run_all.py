@@ -1,0 +1,142 @@
+"""Regenerate BENCHMARKS.md: run every benchmark, keep its JSON, render the tables.
+
+    python bench/run_all.py [--quick] [--only slides,genome,...] [--render-only]
+
+Each benchmark writes bench/results/<name>.json; BENCHMARKS.md is rendered from those files, so
+``--render-only`` re-renders without re-measuring. Run it on an otherwise idle machine: every
+figure is a ratio measured side by side in one run, but noisy neighbours still add variance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import machine, table  # noqa: E402
+
+RESULTS = HERE / "results"
+TARGET = HERE.parent / "BENCHMARKS.md"
+
+#: name -> (module, arguments, quick arguments)
+BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
+    "slides-decode": ("bench_slides", ["--workload", "decode", "--slides", "8", "--size", "8192x6144", "--repeats", "3"],
+                      ["--workload", "decode", "--slides", "4", "--size", "4096x3072", "--repeats", "1"]),
+    "slides-compute": ("bench_slides", ["--workload", "compute", "--slides", "3", "--size", "4096x3072", "--repeats", "2"],
+                       ["--workload", "compute", "--slides", "1", "--size", "2048x2048", "--repeats", "1"]),
+    "slides-remote": ("bench_slides_remote", ["--latency", "0", "20", "80", "--slides", "4"],
+                      ["--latency", "0", "80", "--slides", "2", "--size", "4096x3072"]),
+    "genome-1kb": ("bench_genome", ["--length", "1000", "--bases", "20000000", "--repeats", "3"],
+                   ["--length", "1000", "--bases", "2000000", "--repeats", "1"]),
+    "genome-100kb": ("bench_genome", ["--length", "100000", "--bases", "40000000", "--repeats", "3"],
+                     ["--length", "100000", "--bases", "4000000", "--repeats", "1"]),
+    "storage": ("bench_storage", ["--latency", "0", "20", "80"], ["--latency", "0", "80", "--slides", "1", "--size", "4096"]),
+    "memory": ("bench_memory", ["--few", "2", "--many", "20"], ["--few", "2", "--many", "6", "--size", "2048x2048"]),
+    "quantize": ("bench_quantize", ["--repeats", "5"], ["--repeats", "2"]),
+    "gpu": ("bench_gpu", [], []),
+}
+
+
+def run(name: str, quick: bool) -> None:
+    module, args, quick_args = BENCHES[name]
+    out = RESULTS / f"{name}.json"
+    RESULTS.mkdir(exist_ok=True)
+    print(f"== {name}: python bench/{module}.py {' '.join(quick_args if quick else args)}", flush=True)
+    t0 = time.time()
+    importlib.import_module(module).main([*(quick_args if quick else args), "--out", str(out)])
+    print(f"== {name}: {time.time() - t0:.0f} s", flush=True)
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _section(title: str, data: dict[str, Any] | None, body: Callable[[dict[str, Any]], str]) -> str:
+    if data is None:
+        return f"## {title}\n\nNot measured yet (run `python bench/run_all.py`).\n"
+    cmd = data.get("command", "")
+    return f"## {title}\n\n`{cmd}` ({data.get('machine', {}).get('date', '')})\n\n{body(data)}\n"
+
+
+def _slides(d: dict[str, Any]) -> str:
+    b = d["bound"]
+    return (table(d["rows"], ["contestant", "items", "median s", "items/s", "gpubatch x", "% of bound"])
+            + f"\n\nBound (CPU work of the fastest decode + the model, over the cores): "
+              f"{b['bound_items_per_s']:.0f} items/s (decode {b['decode_cpu_ms']:.2f} ms + model "
+              f"{b['model_cpu_ms']:.2f} ms CPU per item); decode-only {b['decode_only_items_per_s']:.0f} items/s, "
+              f"model-only {b['model_only_items_per_s']:.0f} items/s. gpubatch starvation "
+              f"{d['starvation']:.1%}. Verdict: {d['verdict']}")
+
+
+def _rows(columns: list[str]) -> Callable[[dict[str, Any]], str]:
+    return lambda d: table(d["rows"], columns) + (f"\n\n{d['note']}" if d.get("note") else "")
+
+
+def _genome(d: dict[str, Any]) -> str:
+    return (table(d["rows"], ["contestant", "windows", "median s", "windows/s", "gpubatch x"])
+            + f"\n\ngpubatch starvation {d['starvation']:.1%}; model-only "
+              f"{(d.get('model_only') or 0):.0f} windows/s. Verdict: {d['verdict']}")
+
+
+def _memory(d: dict[str, Any]) -> str:
+    return (table(d["rows"], ["slides", "tree_mb", "worker_mb", "seconds"])
+            + f"\n\nPeak worker RSS grows {d['worker_growth']:+.1%} from {d['rows'][0]['slides']} to "
+              f"{d['rows'][1]['slides']} slides (aim: within 10%).")
+
+
+def _markdown_or_rows(d: dict[str, Any]) -> str:
+    if d.get("markdown"):
+        return str(d["markdown"])
+    if d.get("rows"):
+        return table(d["rows"], list(d["rows"][0]))
+    return "```\n" + json.dumps(d, indent=1)[:3000] + "\n```"
+
+
+def render() -> str:
+    m = machine()
+    parts = [
+        "# Benchmarks\n",
+        "Every figure below is measured side by side in one run (alternating order where there are "
+        "several contestants) on the same inputs and the same ONNX model; ratios, not absolute "
+        "times, are the claims. Regenerate all of it with one command: `python bench/run_all.py` "
+        f"(`--render-only` re-renders from bench/results/*.json).\n\nMachine: {m['cores']} cores "
+        f"({m['cpu']}), Python {m['python']}, ONNX Runtime {m['onnxruntime']}. No GPU.\n",
+        _section("Slides, decode-bound (light CNN)", _load("slides-decode"), _slides),
+        _section("Slides, compute-bound (ResNet-18-sized CNN)", _load("slides-compute"), _slides),
+        _section("Slides from object storage (S3 with added latency)", _load("slides-remote"), _markdown_or_rows),
+        _section("Storage readers alone (stream, stage, sequential per-tile)", _load("storage"), _markdown_or_rows),
+        _section("Genome windows, 1 kb", _load("genome-1kb"), _genome),
+        _section("Genome windows, 100 kb", _load("genome-100kb"), _genome),
+        _section("Memory: 2 against 20 slides", _load("memory"), _memory),
+        _section("fp32 against int8 (ONNX Runtime, CPU)", _load("quantize"), _markdown_or_rows),
+        _section("GPU", _load("gpu"), _markdown_or_rows),
+    ]
+    notes = HERE / "NOTES.md"
+    if notes.exists():
+        parts.append(notes.read_text())
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small inputs, one repeat (smoke test)")
+    ap.add_argument("--only", default=",".join(BENCHES))
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.render_only:
+        for name in args.only.split(","):
+            run(name, args.quick)
+    TARGET.write_text(render())
+    print(f"wrote {TARGET}")
+
+
+if __name__ == "__main__":
+    main()
