@@ -351,8 +351,9 @@ def test_kernel_compiles_to_ptx(source: Path, arch: str, define: str, tmp_path: 
 @needs_gpu
 def test_run_on_gpu_uses_the_device_stage(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
     """A whole run with a CUDA model goes through the fused-kernel stage: transfer is timed apart."""
-    import gpubatch
     from conftest import slide_job, write_job
+
+    import gpubatch
 
     job = slide_job([str(slide_path)], classifier, tmp_path / "out")
     cpu_job = slide_job([str(slide_path)], classifier, tmp_path / "cpu")
