@@ -7,6 +7,7 @@ The job spec lands in the work dir so the user can copy it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,28 +17,39 @@ import yaml
 DEMO_MPP = 0.25
 
 
-def _tissue_image(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
-    """Near-white glass with a few H&E-coloured blobs with texture, built in row bands."""
-    img = np.empty((height, width, 3), dtype=np.uint8)
-    n_blobs = 5
-    cx = rng.uniform(0.15, 0.85, n_blobs) * width
-    cy = rng.uniform(0.15, 0.85, n_blobs) * height
-    rx = rng.uniform(0.12, 0.3, n_blobs) * width
-    ry = rng.uniform(0.12, 0.3, n_blobs) * height
-    pink = np.array([200, 110, 170], dtype=np.float32)
-    purple = np.array([120, 70, 160], dtype=np.float32)
-    xs = np.arange(width, dtype=np.float32)
-    for y0 in range(0, height, 512):
-        ys = np.arange(y0, min(y0 + 512, height), dtype=np.float32)[:, None]
-        inside = np.zeros((len(ys), width), dtype=bool)
-        for i in range(n_blobs):
-            inside |= ((xs - cx[i]) / rx[i]) ** 2 + ((ys - cy[i]) / ry[i]) ** 2 <= 1.0
-        mix = (np.sin(xs / 37.0) * np.cos(ys / 23.0) + 1.0) / 2.0
-        tissue = pink * (1 - mix[..., None]) + purple * mix[..., None]
-        noise = rng.normal(0, 12, (len(ys), width, 1)).astype(np.float32)
-        band = np.where(inside[..., None], tissue + noise, 238 + noise / 4)
-        img[y0 : y0 + len(ys)] = np.clip(band, 0, 255).astype(np.uint8)
-    return img
+class _TissueScene:
+    """Near-white glass with H&E-coloured elliptical blobs and texture, rendered tile by tile.
+
+    Any region at any downsample is computed on demand, so slides of any size are written tile by
+    tile with memory of one tile, and every pyramid level shows the same scene.
+    """
+
+    PINK = np.array([200, 110, 170], dtype=np.float32)
+    PURPLE = np.array([120, 70, 160], dtype=np.float32)
+
+    def __init__(self, width: int, height: int, seed: int, blobs: int = 5):
+        rng = np.random.default_rng(seed)
+        self.cx = rng.uniform(0.15, 0.85, blobs) * width
+        self.cy = rng.uniform(0.15, 0.85, blobs) * height
+        self.rx = rng.uniform(0.12, 0.3, blobs) * width
+        self.ry = rng.uniform(0.12, 0.3, blobs) * height
+        self.noise = rng.normal(0, 12, (4, 256, 256, 1)).astype(np.float32)
+
+    def region(self, x0: float, y0: float, w: int, h: int, ds: float, k: int = 0) -> np.ndarray:
+        """(h, w, 3) uint8 of the scene from level-0 (x0, y0), one output pixel per ``ds`` px."""
+        xs = x0 + ds * np.arange(w, dtype=np.float32)
+        ys = (y0 + ds * np.arange(h, dtype=np.float32))[:, None]
+        inside = np.zeros((h, w), dtype=bool)
+        for cx, cy, rx, ry in zip(self.cx, self.cy, self.rx, self.ry, strict=True):
+            inside |= ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0
+        mix = ((np.sin(xs / 37.0) * np.cos(ys / 23.0) + 1.0) / 2.0)[..., None]
+        noise = np.resize(self.noise[k % 4], (h, w, 1)) if (h, w) != (256, 256) else self.noise[k % 4]
+        tissue = self.PINK * (1 - mix) + self.PURPLE * mix + noise
+        return np.clip(np.where(inside[..., None], tissue, 238 + noise / 4), 0, 255).astype(np.uint8)
+
+    def tiles(self, width: int, height: int, ds: float, tile: int) -> Iterator[np.ndarray]:
+        for k, (y, x) in enumerate((y, x) for y in range(0, height, tile) for x in range(0, width, tile)):
+            yield self.region(x * ds, y * ds, tile, tile, ds, k)
 
 
 def write_synthetic_slide(path: str | Path, width: int = 4096, height: int = 3072, *, mpp: float | None = DEMO_MPP,
@@ -45,23 +57,27 @@ def write_synthetic_slide(path: str | Path, width: int = 4096, height: int = 307
                           image: np.ndarray | None = None) -> Path:
     """Write a tiled, JPEG-compressed pyramidal TIFF (each level half the previous one).
 
-    ``mpp=None`` writes no resolution tags, like files whose scanner recorded no pixel size.
+    The scene is rendered tile by tile (any size, memory of one tile); ``image`` writes a given
+    array instead. ``mpp=None`` writes no resolution tags, like files whose scanner recorded none.
     """
     import tifffile
 
-    rng = np.random.default_rng(seed)
-    img = image if image is not None else _tissue_image(width, height, rng)
     path = Path(path)
     kwargs: Any = {"tile": (tile, tile), "compression": "jpeg", "compressionargs": {"level": quality},
-                              "photometric": "rgb"}
-    with tifffile.TiffWriter(path, bigtiff=False) as tif:
-        res: Any = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
-        tif.write(img, subfiletype=0, **res, **kwargs)
-        level = img
-        for _ in range(1, levels):
-            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
-            level = level[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
-            tif.write(level, subfiletype=1, **kwargs)
+                   "photometric": "rgb"}
+    scene = _TissueScene(width, height, seed)
+    with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2**31) as tif:
+        for level in range(levels):
+            ds = 2 ** level
+            w, h = width // ds, height // ds
+            extra: Any = {"subfiletype": 1 if level else 0}
+            if level == 0 and mpp:
+                extra.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+            if image is not None:
+                data: Any = image[::ds, ::ds][:h, :w]
+            else:
+                data = scene.tiles(w, h, ds, tile)
+            tif.write(data, shape=(h, w, 3), dtype=np.uint8, **extra, **kwargs)
     return path
 
 

@@ -79,7 +79,7 @@ def one_hot(
 def tissue_fraction(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Fraction of True pixels of a 2-D mask inside each box (x0, y0, x1, y1), via an integral image."""
     integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1, out=integral[1:, 1:])
     h, w = mask.shape
     x0 = np.clip(boxes[:, 0], 0, w)
     y0 = np.clip(boxes[:, 1], 0, h)

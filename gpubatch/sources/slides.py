@@ -26,7 +26,7 @@ from gpubatch.sources.wsi import SlideBackend, SlideInfo
 from gpubatch.spec import JobSpec, TilesSpec
 
 MPP_TOLERANCE = 0.1  # a slide scanned up to 10% coarser than asked still counts as that mpp
-THUMBNAIL_EDGE = 2048
+THUMBNAIL_EDGE = 1024  # ample: a tile spans tens of mask pixels at this size
 MIN_SATURATION = 0.07  # below this no pixel is tissue, whatever Otsu says (blank slides)
 
 
