@@ -233,8 +233,8 @@ def measure_bound(tiles: list[dict[str, Any]], model: Path, batch: int) -> dict[
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["decode", "compute"], default="decode")
-    ap.add_argument("--slides", type=int, default=6)
-    ap.add_argument("--size", default="6144x4096")
+    ap.add_argument("--slides", type=int, default=4)
+    ap.add_argument("--size", default="24576x16384")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--peers", default="sequential,dataloader,monai")

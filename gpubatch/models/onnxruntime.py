@@ -28,6 +28,9 @@ class OnnxRuntimeModel(Model):
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        # Reader threads decode beside the model on the same cores: idle ORT threads must sleep,
+        # not spin, or they burn the CPU the decoders need.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("GPUBATCH_ORT_SPIN", "0"))
         self.session = ort.InferenceSession(path, sess_options=opts, providers=_providers())
         self._input = self.session.get_inputs()[0]
         self._outputs = [o.name for o in self.session.get_outputs()]

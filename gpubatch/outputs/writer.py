@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 #: outputs wider than this go to zarr only; parquet keeps the index columns for them
 MAX_PARQUET_WIDTH = 32
 PARTS_DIR = "_parts"
-ZARR_FLUSH_BYTES = 32 << 20
+FLUSH_BYTES = 32 << 20  # outputs buffered per shard before a row group / zarr append
 ZARR_CHUNK_ROWS = 16384
 ZARR_NAME = "predictions.zarr"
 
@@ -70,6 +70,26 @@ class ShardWriter:
         self._pending_bytes = 0
 
     def write(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Buffer one batch; rows go out in large row groups and zarr appends (small ones are slow)."""
+        batch = {**index, **{f"\0{k}": v for k, v in outputs.items()}}
+        self._pending.append(batch)
+        self._pending_bytes += sum(np.asarray(v).nbytes for v in batch.values())
+        self.rows += len(next(iter(batch.values())))
+        if self._pending_bytes >= FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        merged = {k: np.concatenate([b[k] for b in self._pending]) for k in self._pending[0]}
+        index = {k: v for k, v in merged.items() if not k.startswith("\0")}
+        outputs = {k[1:]: v for k, v in merged.items() if k.startswith("\0")}
+        self._write_parquet(index, outputs)
+        if "zarr" in self.formats:
+            self._write_zarr({**index, **outputs})
+        self._pending, self._pending_bytes = [], 0
+
+    def _write_parquet(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         n = len(next(iter(index.values()))) if index else len(next(iter(outputs.values())))
         columns: dict[str, Any] = {k: pa.array(np.full(n, v) if not isinstance(v, str) else [v] * n)
                                    for k, v in self.constants.items()}
@@ -80,12 +100,6 @@ class ShardWriter:
         if self._pq is None:
             self._pq = pq.ParquetWriter(self.part_tmp, table.schema, compression="zstd")
         self._pq.write_table(table)
-        if "zarr" in self.formats:
-            self._pending.append({**index, **outputs})
-            self._pending_bytes += sum(np.asarray(v).nbytes for v in self._pending[-1].values())
-            if self._pending_bytes >= ZARR_FLUSH_BYTES:
-                self._flush_zarr()
-        self.rows += n
 
     def _open_group(self) -> Any:
         import zarr
@@ -95,13 +109,10 @@ class ShardWriter:
             self._group.attrs.update(_jsonable(self.attrs))
         return self._group
 
-    def _flush_zarr(self) -> None:
-        """Append buffered batches in one write per array: zarr appends are costly per call."""
-        if not self._pending:
-            return
+    def _write_zarr(self, columns: dict[str, np.ndarray]) -> None:
         group = self._open_group()
-        for name in self._pending[0]:
-            arr = np.ascontiguousarray(np.concatenate([b[name] for b in self._pending]))
+        for name, values in columns.items():
+            arr = np.ascontiguousarray(values)
             text = arr.dtype == object or arr.dtype.kind == "U"
             if text:  # variable-length UTF-8: the string type zarr v3 specifies
                 arr = arr.astype(object)
@@ -110,15 +121,14 @@ class ShardWriter:
                 group.create_array(name, shape=(0,) + arr.shape[1:], chunks=chunks,
                                    dtype=str if text else arr.dtype)
             group[name].append(arr)
-        self._pending, self._pending_bytes = [], 0
 
     def commit(self) -> dict[str, Any]:
         """Rename the temporaries into place; returns the manifest entry for this shard."""
+        self._flush()
         if self._pq is None:
             self._pq = pq.ParquetWriter(self.part_tmp, pa.schema([]), compression="zstd")
         self._pq.close()
         if "zarr" in self.formats:
-            self._flush_zarr()
             self._open_group()
             if self.zarr_path.exists():
                 shutil.rmtree(self.zarr_path)
