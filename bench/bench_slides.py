@@ -31,7 +31,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def make_workload(kind: str, n_slides: int, size: tuple[int, int]) -> dict[str, Any]:
-    from gpubatch.demo import make_classifier, write_synthetic_slide
+    from gpubatch.demo import write_synthetic_slide
 
     d = WORK / f"slides-{size[0]}x{size[1]}"
     d.mkdir(parents=True, exist_ok=True)
@@ -46,9 +46,9 @@ def make_workload(kind: str, n_slides: int, size: tuple[int, int]) -> dict[str, 
 
         model = make_resnet18_like(WORK / "resnet18like.onnx")
     else:
-        model = WORK / "light.onnx"
-        if not model.exists():
-            make_classifier(model)
+        from models import make_light_model
+
+        model = make_light_model(WORK / "light2.onnx")
     return {"slides": slides, "model": model, "kind": kind}
 
 

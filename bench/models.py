@@ -44,3 +44,19 @@ def make_resnet18_like(path: str | Path, classes: int = 2) -> Path:
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes), nn.Softmax(dim=1)]
     return _export(nn.Sequential(*layers), torch.rand(2, 3, 224, 224), path, ["probs"])
+
+
+def make_light_model(path: str | Path, classes: int = 2) -> Path:
+    """A very light CNN (two strided convs, about 2 MMACs per 224-px tile): decode dominates."""
+    import torch
+    from torch import nn
+
+    from gpubatch.demo import _export
+
+    path = Path(path)
+    if path.exists():
+        return path
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 4, stride=4), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes), nn.Softmax(dim=1))
+    return _export(net, torch.rand(2, 3, 224, 224), path, ["probs"], spatial=True)

@@ -27,11 +27,11 @@ TARGET = HERE.parent / "BENCHMARKS.md"
 
 #: name -> (module, arguments, quick arguments)
 BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
-    "slides-decode": ("bench_slides", ["--workload", "decode", "--slides", "8", "--size", "8192x6144", "--repeats", "3"],
+    "slides-decode": ("bench_slides", ["--workload", "decode", "--slides", "4", "--repeats", "3"],
                       ["--workload", "decode", "--slides", "4", "--size", "4096x3072", "--repeats", "1"]),
-    "slides-compute": ("bench_slides", ["--workload", "compute", "--slides", "3", "--size", "4096x3072", "--repeats", "2"],
+    "slides-compute": ("bench_slides", ["--workload", "compute", "--slides", "1", "--repeats", "2"],
                        ["--workload", "compute", "--slides", "1", "--size", "2048x2048", "--repeats", "1"]),
-    "slides-remote": ("bench_slides_remote", ["--latency", "0", "20", "80", "--slides", "4"],
+    "slides-remote": ("bench_slides_remote", ["--latency", "0", "20", "80", "--slides", "2"],
                       ["--latency", "0", "80", "--slides", "2", "--size", "4096x3072"]),
     "genome-1kb": ("bench_genome", ["--length", "1000", "--bases", "20000000", "--repeats", "3"],
                    ["--length", "1000", "--bases", "2000000", "--repeats", "1"]),

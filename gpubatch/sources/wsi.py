@@ -15,6 +15,7 @@ import os
 import re
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -113,6 +114,39 @@ def read_coalesced(ranges: Sequence[tuple[int, int]], fetch: Any, gap: int) -> l
     return out
 
 
+class DecodedTileCache:
+    """A small LRU of decoded stored tiles, bounded in bytes, shared by a slide's reader threads.
+
+    Neighbouring read blocks share the stored tiles along their common edge; keeping recent tiles
+    decodes each of those once instead of twice.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+            return tile
+
+    def put(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        if tile.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._tiles:
+                return
+            self._tiles[key] = tile
+            self.bytes += tile.nbytes
+            while self.bytes > self.max_bytes:
+                _, old = self._tiles.popitem(last=False)
+                self.bytes -= old.nbytes
+
+
 class SlideBackend(ABC):
     """Reads RGB uint8 boxes at a pyramid level; coordinates are pixels of that level."""
 
@@ -150,7 +184,7 @@ class TiffBackend(SlideBackend):
     """Tile-grid decode with tifffile: every stored tile a read needs is fetched and decoded once."""
 
     def __init__(self, path: str, fileobj: Any = None, ranges: RangeReader | None = None,
-                 clocks: StageClocks | None = None):
+                 clocks: StageClocks | None = None, cache_bytes: int = 64 << 20):
         import tifffile
 
         self.path = path
@@ -170,7 +204,7 @@ class TiffBackend(SlideBackend):
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
         mpp, mag, vendor = _mpp_from_tiff(self.tif)
         self.info = SlideInfo(dims, downs, mpp, mag, vendor, "tifffile")
-        self._decode_lock = threading.Lock()
+        self.cache = DecodedTileCache(cache_bytes)
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         page = self.pages[level]
@@ -184,18 +218,23 @@ class TiffBackend(SlideBackend):
             for ty in range(max(y // th, 0), min((y + h - 1) // th, ny - 1) + 1):
                 for tx in range(max(x // tw, 0), min((x + w - 1) // tw, nx - 1) + 1):
                     needed.setdefault(ty * nx + tx, []).append(b)
-        indices = sorted(needed)
-        ranges = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in indices]
+        tiles = {i: t for i in needed if (t := self.cache.get((level, i))) is not None}
+        missing = sorted(i for i in needed if i not in tiles)
+        ranges = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in missing]
         with clocks.part("storage"):
-            blobs = self.ranges.read_ranges(ranges)
+            blobs = self.ranges.read_ranges(ranges) if ranges else []
         with clocks.part("decode"):
-            for index, blob in zip(indices, blobs, strict=True):
+            for index, blob in zip(missing, blobs, strict=True):
                 ty, tx = divmod(index, nx)
                 # Edge tiles carry padding past the image; openslide shows background there.
-                tile = self._decode(page, blob, index)[: height - ty * th, : width - tx * tw]
+                tiles[index] = self._decode(page, blob, index)[: height - ty * th, : width - tx * tw]
+                self.cache.put((level, index), tiles[index])
+            for index, tile in tiles.items():
+                ty, tx = divmod(index, nx)
                 for b in needed[index]:
                     _paste(out[b], tile, tx * tw - int(boxes[b, 0]), ty * th - int(boxes[b, 1]))
-        clocks.count("decode.tiles", len(indices))
+        clocks.count("decode.tiles", len(missing))
+        clocks.count("decode.cache_hits", len(needed) - len(missing))
         return out
 
     def _decode(self, page: Any, blob: bytes, index: int) -> np.ndarray:
