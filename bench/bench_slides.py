@@ -151,8 +151,8 @@ def run_monai(tiles: list[dict[str, Any]], model: Path, batch: int, out: Path, w
     from monai.data import DataLoader, PatchWSIDataset
     from monai.transforms import Compose, Lambdad
 
-    data = [{"image": t["path"], "patch_location": [int(y), int(x)], "patch_level": t["level"],
-             "patch_size": [t["read_size"], t["read_size"]], "label": 0}
+    data = [{"image": t["path"], "location": [int(y), int(x)], "level": t["level"],
+             "size": [t["read_size"], t["read_size"]], "label": 0}
             for t in tiles for x, y in zip(t["xs"], t["ys"], strict=True)]
     mean = np.array(MEAN, np.float32)[:, None, None]
     std = np.array(STD, np.float32)[:, None, None]
