@@ -33,7 +33,7 @@ class _TissueScene:
         self.cy = rng.uniform(0.15, 0.85, blobs) * height
         self.rx = rng.uniform(0.12, 0.3, blobs) * width
         self.ry = rng.uniform(0.12, 0.3, blobs) * height
-        self.noise = rng.normal(0, 12, (4, 256, 256, 1)).astype(np.float32)
+        self.seed = seed
 
     def region(self, x0: float, y0: float, w: int, h: int, ds: float, k: int = 0) -> np.ndarray:
         """(h, w, 3) uint8 of the scene from level-0 (x0, y0), one output pixel per ``ds`` px."""
@@ -43,13 +43,13 @@ class _TissueScene:
         for cx, cy, rx, ry in zip(self.cx, self.cy, self.rx, self.ry, strict=True):
             inside |= ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0
         mix = ((np.sin(xs / 37.0) * np.cos(ys / 23.0) + 1.0) / 2.0)[..., None]
-        noise = np.resize(self.noise[k % 4], (h, w, 1)) if (h, w) != (256, 256) else self.noise[k % 4]
+        noise = np.random.default_rng((self.seed, k)).normal(0, 12, (h, w, 1)).astype(np.float32)
         tissue = self.PINK * (1 - mix) + self.PURPLE * mix + noise
         return np.clip(np.where(inside[..., None], tissue, 238 + noise / 4), 0, 255).astype(np.uint8)
 
     def tiles(self, width: int, height: int, ds: float, tile: int) -> Iterator[np.ndarray]:
         for k, (y, x) in enumerate((y, x) for y in range(0, height, tile) for x in range(0, width, tile)):
-            yield self.region(x * ds, y * ds, tile, tile, ds, k)
+            yield self.region(x * ds, y * ds, tile, tile, ds, k + int(ds) * 1_000_003)
 
 
 def write_synthetic_slide(path: str | Path, width: int = 4096, height: int = 3072, *, mpp: float | None = DEMO_MPP,

@@ -27,11 +27,13 @@ def normalize_tiles(
     std: Sequence[float],
     layout: str = "NCHW",
     dtype: np.dtype | type = np.float32,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """uint8 (N, H, W, C) -> float (x / 255 - mean) / std in NCHW or NHWC, in one fused expression.
 
     Folding /255, -mean and /std into one scale and one offset per channel halves the passes over
-    the batch compared with the textbook three-step version.
+    the batch compared with the textbook three-step version. ``out`` (float32, the result's shape)
+    is reused when given: a fresh 20 MB batch per call costs page faults on every batch.
     """
     if tiles.dtype != np.uint8 or tiles.ndim != 4:
         raise ValueError(f"expected uint8 (N, H, W, C) tiles, got {tiles.dtype} {tiles.shape}")
@@ -40,7 +42,8 @@ def normalize_tiles(
     offset = (-np.asarray(mean, dtype=np.float32) / std_arr).astype(np.float32)
     src = tiles.transpose(0, 3, 1, 2) if layout == "NCHW" else tiles
     shape = (1, -1, 1, 1) if layout == "NCHW" else (1, 1, 1, -1)
-    out = np.empty(src.shape, dtype=np.float32)
+    if out is None or out.shape != src.shape or out.dtype != np.float32:
+        out = np.empty(src.shape, dtype=np.float32)
     np.multiply(src, scale.reshape(shape), out=out)
     out += offset.reshape(shape)
     return out if np.dtype(dtype) == np.float32 else out.astype(dtype)

@@ -77,6 +77,7 @@ class _Figures:
     items_per_shard: float
     p99_ms: float | None
     fell_back: str  # the reduced precision the validation gate refused, if any
+    kind: str = "slides"
 
     @classmethod
     def of(cls, summary: dict[str, Any]) -> _Figures:
@@ -93,6 +94,7 @@ class _Figures:
             batch_size=int(summary.get("batch_size") or 0), precision=str(summary.get("precision", "fp32")),
             readers=int(summary.get("readers") or 0), items_per_shard=items / len(shards) if shards else 0.0,
             p99_ms=(summary.get("storage") or {}).get("p99_ms"), fell_back=_refused_precision(summary),
+            kind=str(summary.get("kind", "slides")),
         )
 
 
@@ -126,6 +128,12 @@ def _input_finding(f: _Figures) -> _Finding:
             f"{lead} {f.storage:.2f} s on storage against {f.decode:.2f} s decoding{latency}",
             f"{_more_readers(f)} to keep more requests in flight, or stage inputs locally "
             "(input.access: stage) so the next slide is fetched while the current one computes")
+    if f.kind == "genome":
+        return _Finding(
+            LAYER_STORAGE, "sequence reading on the host",
+            f"{lead} {f.decode:.2f} s cutting windows against {f.storage:.2f} s on storage",
+            f"{_more_readers(f)} or worker processes; raise windows.chunk_bases so each read covers "
+            "more windows; ingest the FASTA once (gpubatch ingest genome) for chunked, compressed reads")
     return _Finding(
         LAYER_STORAGE, "decode on the host",
         f"{lead} {f.decode:.2f} s decoding/resampling against {f.storage:.2f} s on storage",
@@ -135,9 +143,10 @@ def _input_finding(f: _Figures) -> _Finding:
 
 def _setup_finding(f: _Figures) -> _Finding:
     """Per-shard setup (slide open + tissue mask) runs before the pipeline, so the model idles."""
+    what = "reference and region setup" if f.kind == "genome" else "slide open + tissue mask"
     return _Finding(
         LAYER_STORAGE, "per-shard setup",
-        f"opening shards (slide open + tissue mask) took {f.open:.2f} s against {f.model_busy:.2f} s of "
+        f"opening shards ({what}) took {f.open:.2f} s against {f.model_busy:.2f} s of "
         "model work, and the model sits idle while a shard opens",
         "stage inputs (input.access: stage) and run more workers than devices so one shard's setup "
         "overlaps another's compute; for small inputs, fewer larger shards")

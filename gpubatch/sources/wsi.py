@@ -212,7 +212,11 @@ class TiffBackend(SlideBackend):
         ny, nx = page.chunked[0], page.chunked[1]
         height, width = int(page.shape[0]), int(page.shape[1])
         k, bw, bh = len(boxes), int(boxes[0, 2]), int(boxes[0, 3])
-        out = np.full((k, bh, bw, 3), WHITE, dtype=np.uint8)
+        out = np.empty((k, bh, bw, 3), dtype=np.uint8)
+        # Boxes inside the image are covered by decoded tiles; only the rest need background.
+        outside = (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 0] + bw > width) | (boxes[:, 1] + bh > height)
+        if outside.any():
+            out[outside] = WHITE
         needed: dict[int, list[int]] = {}
         for b, (x, y, w, h) in enumerate(boxes.astype(np.int64)):
             for ty in range(max(y // th, 0), min((y + h - 1) // th, ny - 1) + 1):
