@@ -105,10 +105,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=1000)
     ap.add_argument("--bases", type=int, default=20_000_000)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=0, help="default: 64 for 1 kb, fewer for longer windows")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    args.batch = args.batch or max(4, 64_000 // args.length)  # about 1 MB of codes per batch
     fasta, model = make_genome(args.bases), make_model(args.length)
     out = WORK / "out-genome"
     out.mkdir(parents=True, exist_ok=True)

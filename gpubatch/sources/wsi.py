@@ -184,7 +184,7 @@ class TiffBackend(SlideBackend):
     """Tile-grid decode with tifffile: every stored tile a read needs is fetched and decoded once."""
 
     def __init__(self, path: str, fileobj: Any = None, ranges: RangeReader | None = None,
-                 clocks: StageClocks | None = None, cache_bytes: int = 64 << 20):
+                 clocks: StageClocks | None = None, cache_bytes: int = 32 << 20):
         import tifffile
 
         self.path = path
