@@ -126,6 +126,9 @@ def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
         # Dask asks glibc to hand freed memory back at 64 KiB; gpubatch's batches are tens of MB,
         # bounded by configuration, so that only turns every batch allocation into page faults.
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": str(64 << 20),
+                         # Short-lived reader threads each get a malloc arena that keeps its freed
+                         # batches: RSS would creep with the number of shards (see worker.py).
+                         "distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": "2",
                          # Dask's sampling profiler wakes every 10 ms in every worker: not ours to pay.
                          "distributed.worker.profile.enabled": False,
                          "distributed.worker.multiprocessing-method": _mp_method()})
