@@ -59,11 +59,14 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _section(title: str, data: dict[str, Any] | None, body: Callable[[dict[str, Any]], str]) -> str:
+def _section(title: str, data: dict[str, Any] | None, body: Callable[[dict[str, Any]], str],
+             name: str = "") -> str:
     if data is None:
-        return f"## {title}\n\nNot measured yet (run `python bench/run_all.py`).\n"
-    cmd = data.get("command", "")
-    return f"## {title}\n\n`{cmd}` ({data.get('machine', {}).get('date', '')})\n\n{body(data)}\n"
+        return f"## {title}\n\nNot measured here (run `python bench/run_all.py --only {name}`).\n"
+    module, args, _ = BENCHES[name] if name else ("", [], [])
+    cmd = data.get("command") or f"python bench/{module}.py {' '.join(args)}"
+    cmd = cmd.split(" --out ")[0]
+    return f"## {title}\n\n`{cmd}`\n\n{body(data)}\n"
 
 
 def _slides(d: dict[str, Any]) -> str:
@@ -92,6 +95,18 @@ def _memory(d: dict[str, Any]) -> str:
               "tree (client, scheduler, forkserver, worker). Aim: flat within 10% from 2 to 20 slides.")
 
 
+def _quantize(d: dict[str, Any]) -> str:
+    rows = [{"precision": p, "items/s (median)": v, "vs fp32": v / d["items_per_s"]["fp32"]}
+            for p, v in d["items_per_s"].items()]
+    return (table(rows, ["precision", "items/s (median)", "vs fp32"])
+            + f"\n\n{d['model']}, {d['tile']} px tiles, batch {d['batch']}, {d['provider']}, "
+              f"{d['repeats']} alternating repeats. int8 is the QDQ model gpubatch builds "
+              f"(quantize_static, per-channel symmetric weights, {d['calibration_items']} calibration "
+              f"tiles, {d['quantize_seconds']:.1f} s to build). Agreement with fp32 on "
+              f"{d['validation_items']} held-out tiles: top-1 {d['top1_agreement']:.3f}, logits "
+              f"Pearson {d['logits_pearson']:.4f}, relative error {d['logits_relative_error']:.3f}.")
+
+
 def _markdown_or_rows(d: dict[str, Any]) -> str:
     if d.get("markdown"):
         return str(d["markdown"])
@@ -109,15 +124,15 @@ def render() -> str:
         "times, are the claims. Regenerate all of it with one command: `python bench/run_all.py` "
         f"(`--render-only` re-renders from bench/results/*.json).\n\nMachine: {m['cores']} cores "
         f"({m['cpu']}), Python {m['python']}, ONNX Runtime {m['onnxruntime']}. No GPU.\n",
-        _section("Slides, decode-bound (light CNN)", _load("slides-decode"), _slides),
-        _section("Slides, compute-bound (ResNet-18-sized CNN)", _load("slides-compute"), _slides),
-        _section("Slides from object storage (S3 with added latency)", _load("slides-remote"), _markdown_or_rows),
-        _section("Storage readers alone (stream, stage, sequential per-tile)", _load("storage"), _markdown_or_rows),
-        _section("Genome windows, 1 kb", _load("genome-1kb"), _genome),
-        _section("Genome windows, 100 kb", _load("genome-100kb"), _genome),
-        _section("Memory: 2 against 20 slides", _load("memory"), _memory),
-        _section("fp32 against int8 (ONNX Runtime, CPU)", _load("quantize"), _markdown_or_rows),
-        _section("GPU", _load("gpu"), _markdown_or_rows),
+        _section("Slides, decode-bound (light CNN)", _load("slides-decode"), _slides, "slides-decode"),
+        _section("Slides, compute-bound (ResNet-18-sized CNN)", _load("slides-compute"), _slides, "slides-compute"),
+        _section("Slides from object storage (HTTP range reads with added latency)", _load("slides-remote"), _markdown_or_rows, "slides-remote"),
+        _section("Storage readers alone (stream, stage, sequential per-tile)", _load("storage"), _markdown_or_rows, "storage"),
+        _section("Genome windows, 1 kb", _load("genome-1kb"), _genome, "genome-1kb"),
+        _section("Genome windows, 100 kb", _load("genome-100kb"), _genome, "genome-100kb"),
+        _section("Memory: 2, 4 and 20 slides", _load("memory"), _memory, "memory"),
+        _section("fp32 against int8 (ONNX Runtime, CPU)", _load("quantize"), _quantize, "quantize"),
+        _section("GPU", _load("gpu"), _markdown_or_rows, "gpu"),
     ]
     notes = HERE / "NOTES.md"
     if notes.exists():
