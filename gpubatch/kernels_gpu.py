@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,8 +45,16 @@ def gpu_available() -> bool:
         return False
 
 
+_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)
+
+
 def kernel_source(name: str) -> str:
-    """Text of one kernels/*.cu file, from the installed package or else the source checkout."""
+    """Text of one kernels/*.cu file with its local ``#include "x.cuh"`` lines inlined, so NVRTC
+    needs no include path; from the installed package or else the source checkout."""
+    return _INCLUDE.sub(lambda m: _raw_source(m.group(1)), _raw_source(name))
+
+
+def _raw_source(name: str) -> str:
     try:
         resource = importlib.resources.files(KERNEL_PACKAGE).joinpath(name)
         if resource.is_file():

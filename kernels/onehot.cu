@@ -10,31 +10,7 @@
 // Arguments: codes, dst, n, length, n_value, rc.
 // Launch: 1-D grid-stride loop over N * L positions; each thread writes that position's 4 values.
 
-// Half precision: <cuda_fp16.h> by default. Some NVRTC setups (CuPy wheels without a matching
-// toolkit) cannot compile that header; the loader then retries with -DGPUBATCH_NO_FP16_HEADER,
-// which stores raw binary16 bits converted by the same round-to-nearest-even instruction.
-#ifndef GPUBATCH_NO_FP16_HEADER
-#include <cuda_fp16.h>
-typedef __half gb_half_t;
-__device__ __forceinline__ gb_half_t gb_oh_to_half(float v) { return __float2half_rn(v); }
-#else
-typedef unsigned short gb_half_t;
-__device__ __forceinline__ gb_half_t gb_oh_to_half(float v)
-{
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    return h;
-}
-#endif
-
-template <typename T>
-__device__ __forceinline__ T gb_oh_from_float(float v);
-
-template <>
-__device__ __forceinline__ float gb_oh_from_float<float>(float v) { return v; }
-
-template <>
-__device__ __forceinline__ gb_half_t gb_oh_from_float<gb_half_t>(float v) { return gb_oh_to_half(v); }
+#include "half.cuh"
 
 template <typename T, bool NCL>
 __device__ __forceinline__ void gb_onehot(const unsigned char* __restrict__ codes,
@@ -43,9 +19,9 @@ __device__ __forceinline__ void gb_onehot(const unsigned char* __restrict__ code
 {
     const long long total = n * length;
     const long long step = (long long)blockDim.x * gridDim.x;
-    const T one = gb_oh_from_float<T>(1.0f);
-    const T zero = gb_oh_from_float<T>(0.0f);
-    const T nv = gb_oh_from_float<T>(n_value);
+    const T one = gb_from_float<T>(1.0f);
+    const T zero = gb_from_float<T>(0.0f);
+    const T nv = gb_from_float<T>(n_value);
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         const long long row = i / length;
         const long long l = i - row * length;

@@ -340,8 +340,12 @@ def test_kernel_compiles_to_ptx(source: Path, arch: str, define: str, tmp_path: 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not on PATH")
+    from gpubatch.kernels_gpu import kernel_source
+
+    inlined = tmp_path / source.name  # what NVRTC compiles: local includes inlined, no include path
+    inlined.write_text(kernel_source(source.name))
     out = tmp_path / f"{source.stem}.ptx"
-    cmd = [nvcc, "--ptx", f"-arch={arch}", *([define] if define else []), str(source), "-o", str(out)]
+    cmd = [nvcc, "--ptx", f"-arch={arch}", *([define] if define else []), str(inlined), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert ".entry" in out.read_text()
