@@ -276,11 +276,29 @@ def load_job(path: str | Path, overrides: dict[str, Any] | list[str] | None = No
     return parse_job(data, str(path), Path(path).resolve().parent)
 
 
+def _missing_filesystems(uris: list[str]) -> list[tuple[str, str]]:
+    """Remote schemes whose fsspec backend is not installed: a spec problem, not N quarantines."""
+    from gpubatch.storage import PROTOCOL_EXTRAS
+
+    problems = []
+    for i, uri in enumerate(uris):
+        scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+        if scheme in PROTOCOL_EXTRAS:
+            try:
+                import fsspec
+
+                fsspec.get_filesystem_class(scheme)
+            except ImportError:
+                problems.append((f"input.uris[{i}]", f"{scheme}:// needs an extra package: "
+                                                     f"pip install 'gpubatch[{PROTOCOL_EXTRAS[scheme]}]'"))
+    return problems
+
+
 def check_local_files(job: JobSpec) -> None:
     """Fail before any work when a local input or model file named in the spec is missing."""
     from gpubatch.storage import expand_uris  # local import: storage imports fsspec lazily
 
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = _missing_filesystems(job.input.uris)
     if not is_remote(job.model.path) and not Path(job.model.path).is_file():
         problems.append(("model.path", f"file not found: {job.model.path}"))
     if job.kind == "slides":

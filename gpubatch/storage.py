@@ -295,6 +295,10 @@ def resolve_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
+#: fsspec backends gpubatch does not install by default, and the extra that brings each
+PROTOCOL_EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+
+
 def get_fs(uri: str, options: dict[str, Any] | None) -> tuple[Any, str]:
     """(filesystem, path) for a URI; one private instance per protocol and options per process.
 
@@ -312,7 +316,9 @@ def get_fs(uri: str, options: dict[str, Any] | None) -> tuple[Any, str]:
             try:
                 cls = fsspec.get_filesystem_class(protocol)
             except (ImportError, ValueError) as exc:
-                raise InputError(redact(uri), f"no filesystem for {protocol}:// ({exc})") from None
+                extra = PROTOCOL_EXTRAS.get(protocol)
+                hint = f"; pip install 'gpubatch[{extra}]'" if extra else ""
+                raise InputError(redact(uri), f"no filesystem for {protocol}:// ({exc}){hint}") from None
             fs = cls(skip_instance_cache=True, **merged)
             if hasattr(fs, "retries"):
                 fs.retries = 1  # this module retries, with counting and jitter

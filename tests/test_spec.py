@@ -116,3 +116,13 @@ def test_model_input_shape_must_match_the_tiles(tmp_path: Path, good: dict, asse
     good["model"]["path"] = str(fixed)
     assert main(["run", str(write_job(tmp_path / "job.yaml", good))]) == EXIT_USAGE
     assert not (tmp_path / "out").exists()
+
+
+def test_remote_scheme_without_its_package_names_the_extra(tmp_path: Path, good: dict) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    good["input"]["uris"] = ["gs://lab-slides/*.svs"]
+    problems = dict(_problems(tmp_path, good))
+    assert "gpubatch[gcs]" in problems["input.uris[0]"]
