@@ -17,7 +17,7 @@ from typing import Any
 
 from gpubatch import __version__
 from gpubatch.cluster import cpu_count, load_profile, open_cluster, worker_count
-from gpubatch.errors import EXIT_OK, EXIT_PARTIAL, GpubatchError
+from gpubatch.errors import EXIT_OK, EXIT_PARTIAL
 from gpubatch.models.base import file_sha256, resolve_backend
 from gpubatch.outputs.manifest import Manifest, write_json_atomic
 from gpubatch.outputs.writer import PARTS_DIR, ZARR_NAME, merge_parquet, remove_temporaries
@@ -262,7 +262,8 @@ def _finish(job: JobSpec, outdir: Path, shards: list[Shard], results: list[dict[
 
         extents = {r["input"]: r.get("attrs", {}).get("extent_level0", job.tiles.size) for r in results}
         write_geojson(outdir, extents)
-    results.sort(key=lambda r: order.index(r["shard_id"]) if r["shard_id"] in order else len(order))
+    position = {sid: i for i, sid in enumerate(order)}
+    results.sort(key=lambda r: position.get(r["shard_id"], len(order)))
     run_info = {
         "name": job.name, "kind": job.kind, "gpubatch_version": __version__,
         "backend": ctx.backend, "precision": ctx.precision, "batch_size": ctx.batch_size,
@@ -305,7 +306,4 @@ def run(job_or_path: JobSpec | str | Path, **overrides: Any) -> Result:
         job = parse_job(apply_overrides(job_or_path.model_dump(mode="python"), overrides)) if overrides else job_or_path
     else:
         job = load_job(job_or_path, overrides or None)
-    try:
-        return run_job(job, **options)
-    except GpubatchError:
-        raise
+    return run_job(job, **options)
