@@ -248,15 +248,17 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
     finally:
         audit.close()
         progress.close()
-    return _finish(job, outdir, shards, results, failed, time.time() - t_start, ctx, prepared, n_workers, prof)
+    return _finish(job, outdir, shards, results, failed, time.time() - t_start, ctx, prepared, n_workers, prof,
+                   source.index_schema(job))
 
 
 def _finish(job: JobSpec, outdir: Path, shards: list[Shard], results: list[dict[str, Any]],
             failed: list[dict[str, str]], wall: float, ctx: RunContext, prepared: Any, n_workers: int,
-            prof: dict[str, Any]) -> Result:
+            prof: dict[str, Any], index_columns: list[str]) -> Result:
     order = [s.shard_id for s in shards]
     done_ids = {r["shard_id"] for r in results}
-    merge_parquet(outdir, [sid for sid in order if sid in done_ids])  # always: the index of zarr too
+    # Always: the parquet index is the table of record, beside zarr.
+    merge_parquet(outdir, [sid for sid in order if sid in done_ids], index_columns=index_columns)
     if "geojson" in job.output.formats and job.kind == "slides":
         from gpubatch.outputs.geojson import write_geojson
 

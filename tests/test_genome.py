@@ -251,7 +251,7 @@ def test_variant_reader_attrs_record_counts(tmp_path: Path, synth: tuple[Path, d
     source = GenomeSource()
     job = variant_job(path, vcf, length=8)
     (shard,), _ = source.plan(job)
-    assert source.index_schema() == ["variant_id", "chrom", "pos", "ref", "alt", "ref_match"]
+    assert source.index_schema(job) == ["variant_id", "chrom", "pos", "ref", "alt", "ref_match"]
     with source.open(shard, job, StageClocks()) as reader:
         [unit() for unit in reader.read_units()]
         attrs = reader.attrs

@@ -139,3 +139,14 @@ def test_geojson_tiles_cover_their_level0_footprint(tmp_path: Path, slide_path: 
     ring = features[0]["geometry"]["coordinates"][0]
     assert ring[2][0] - ring[0][0] == 128  # 64 px at 0.5 mpp on a 0.25 mpp slide
     assert {"probs_0", "slide", "level"} <= set(features[0]["properties"])
+
+
+def test_a_run_with_no_rows_keeps_the_index_columns(tmp_path: Path, classifier: Path) -> None:
+    blank = write_synthetic_slide(tmp_path / "blank.tif", 512, 512, levels=1,
+                                  image=np.full((512, 512, 3), 240, np.uint8))
+    job = slide_job([str(blank)], classifier, tmp_path / "out",
+                    tiles={"tissue": {"method": "otsu", "min_fraction": 0.5}})
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    df = result.predictions()
+    assert result.exit_code == EXIT_OK and len(df) == 0
+    assert list(df.columns) == ["slide", "x", "y", "level"]

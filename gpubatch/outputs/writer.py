@@ -157,8 +157,24 @@ def remove_temporaries(outdir: str | Path) -> None:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def merge_parquet(outdir: str | Path, shard_ids: list[str], target: str = "predictions.parquet") -> int:
-    """Concatenate committed parts, in plan order, into one file; streams part by part."""
+TEXT_COLUMNS = {"slide", "chrom", "strand", "variant_id", "ref", "alt"}
+
+
+def empty_index_table(columns: list[str]) -> pa.Table:
+    """Zero rows with the index columns typed as a non-empty run would type them."""
+    def kind(name: str) -> pa.DataType:
+        return pa.string() if name in TEXT_COLUMNS else pa.bool_() if name == "ref_match" else pa.int64()
+
+    return pa.table({c: pa.array([], kind(c)) for c in columns})
+
+
+def merge_parquet(outdir: str | Path, shard_ids: list[str], target: str = "predictions.parquet",
+                  index_columns: list[str] | None = None) -> int:
+    """Concatenate committed parts, in plan order, into one file; streams part by part.
+
+    With no rows at all, the file still has ``index_columns`` (zero rows), so readers of
+    predictions.parquet see the same schema prefix whatever the run found.
+    """
     outdir = Path(outdir)
     tmp = outdir / f".tmp-{uuid.uuid4().hex[:8]}-{target}"
     writer: pq.ParquetWriter | None = None
@@ -181,6 +197,6 @@ def merge_parquet(outdir: str | Path, shard_ids: list[str], target: str = "predi
         if writer is not None:
             writer.close()
     if writer is None:
-        pq.write_table(pa.table({}), tmp)
+        pq.write_table(empty_index_table(index_columns or []), tmp)
     os.replace(tmp, outdir / target)
     return rows

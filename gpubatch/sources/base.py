@@ -98,6 +98,10 @@ class Source(ABC):
     def open(self, shard: Shard, job: JobSpec, clocks: StageClocks) -> ShardReader:
         """Open one shard on a worker; raise ``InputError`` for a bad input."""
 
-    def index_schema(self) -> list[str]:
-        """Names of the index columns that precede model outputs in predictions.parquet."""
+    def index_schema(self, job: JobSpec) -> list[str]:
+        """Names of the index columns that precede model outputs in predictions.parquet.
+
+        Used for a run that produced no rows at all (no tissue anywhere, every input
+        quarantined): predictions.parquet still carries the index columns, with zero rows.
+        """
         return []

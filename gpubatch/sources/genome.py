@@ -233,13 +233,9 @@ class GenomeSource(Source):
 
     kind = "genome"
 
-    def __init__(self) -> None:
-        self._columns = WINDOW_COLUMNS
-
     def plan(self, job: JobSpec) -> tuple[list[Shard], list[dict[str, str]]]:
         """Shards from metadata only: the contig table, then the BED/regions or the VCF positions."""
         w = _windows(job)
-        self._columns = index_columns(job)
         contigs = self._contigs(w.reference, job.input.storage)
         if w.variants:
             return self._plan_variants(w, contigs, job.input.storage)
@@ -281,13 +277,11 @@ class GenomeSource(Source):
         w = _windows(job)
         reference = open_reference(w.reference, job.input.storage, clocks)
         cls = VariantReader if shard.payload.get("mode") == "variants" else GenomeWindowReader
-        self._columns = VARIANT_COLUMNS if cls is VariantReader else WINDOW_COLUMNS
         try:
             return cls(shard, job, reference, clocks)
         except BaseException:
             reference.close()
             raise
 
-    def index_schema(self) -> list[str]:
-        """Window or variant columns, whichever mode the last planned/opened job used."""
-        return list(self._columns)
+    def index_schema(self, job: JobSpec) -> list[str]:
+        return list(index_columns(job))

@@ -269,5 +269,5 @@ class SlideSource(Source):
             backend.close()
             raise
 
-    def index_schema(self) -> list[str]:
+    def index_schema(self, job: JobSpec) -> list[str]:
         return ["slide", "x", "y", "level"]
