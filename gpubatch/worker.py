@@ -54,8 +54,9 @@ def _limit_malloc_arenas() -> None:
     """Cap glibc's malloc arenas for this process.
 
     Each shard starts short-lived reader threads; glibc gives threads their own arenas (up to 8
-    per core) and keeps their freed batches, so RSS creeps up with the number of shards run. Two
-    arenas keep memory flat (measured: +40% over 20 slides without, flat with; BENCHMARKS.md).
+    per core) and keeps their freed batches, so RSS creeps up with the number of shards run.
+    Two arenas lower the plateau (bench/NOTES.md, "Memory"). The Dask profiles also set
+    MALLOC_ARENA_MAX at worker start, which works better than this late mallopt.
     """
     import ctypes
     import ctypes.util

@@ -150,3 +150,17 @@ def test_a_run_with_no_rows_keeps_the_index_columns(tmp_path: Path, classifier: 
     df = result.predictions()
     assert result.exit_code == EXIT_OK and len(df) == 0
     assert list(df.columns) == ["slide", "x", "y", "level"]
+
+
+def test_short_last_batch_is_padded_then_trimmed(tmp_path: Path, slide_path: Path, mean_model: Path) -> None:
+    """192 tiles in batches of 13 end with a batch of 10, run as 13 and trimmed back."""
+    runs = {}
+    for batch in (16, 13):
+        job = slide_job([str(slide_path)], mean_model, tmp_path / f"out{batch}")
+        job["model"]["batch_size"] = batch
+        runs[batch] = gpubatch.run(write_job(tmp_path / f"job{batch}.yaml", job))
+    assert runs[13].report["counters"]["padded.items"] == 3
+    assert "padded.items" not in runs[16].report["counters"]
+    a, b = (runs[k].predictions().sort_values(["x", "y"]).reset_index(drop=True) for k in (16, 13))
+    assert len(b) == 192 and not b.duplicated(["x", "y"]).any()
+    pd.testing.assert_frame_equal(a, b)
