@@ -126,3 +126,15 @@ def test_remote_scheme_without_its_package_names_the_extra(tmp_path: Path, good:
     good["input"]["uris"] = ["gs://lab-slides/*.svs"]
     problems = dict(_problems(tmp_path, good))
     assert "gpubatch[gcs]" in problems["input.uris[0]"]
+
+
+def test_unknown_profile_and_profile_keys_are_spec_errors(tmp_path: Path, good: dict,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    path = write_job(tmp_path / "job.yaml", good)
+    assert main(["run", str(path), "--profile", "nosuch"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "run.profile" in err and "'local'" in err and "'slurm'" in err
+    bad = tmp_path / "bad-profile.yaml"
+    bad.write_text("cluster: local\nworkerz: 2\n")
+    assert main(["run", str(path), "--profile", str(bad)]) == EXIT_USAGE
+    assert "workerz" in capsys.readouterr().err
