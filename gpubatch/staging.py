@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,9 @@ class StagedBackend(SlideBackend):
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         return self.inner.read_boxes(level, boxes, clocks)
+
+    def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
+        self.inner.expect_reads(level, blocks)
 
     def close(self) -> None:
         try:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,16 +104,53 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
     if stage is not None:
         return _padded(lambda items, clocks: reader.from_model_output(stage(items, clocks), len(items)), ctx)
 
+    host = _host_stage(model)
+
     def run_batch(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
-        with clocks.part("preprocess"):
-            x = reader.to_model_input(items)
-        with clocks.part("compute"):
-            out = model.run(x)
-            if fallback is not None and threshold is not None:
-                out = rerun_low_confidence(out, x, fallback, threshold, clocks)
+        with host.turn(clocks):
+            with clocks.part("preprocess"):
+                x = host.keep(reader.to_model_input(items, out=host.buffer))
+            with clocks.part("compute"):
+                out = model.run(x)
+                if fallback is not None and threshold is not None:
+                    out = rerun_low_confidence(out, x, fallback, threshold, clocks)
+            out = {k: v.copy() if np.may_share_memory(v, x) else v for k, v in out.items()}
         return reader.from_model_output(out, len(items))
 
     return _padded(run_batch, ctx)
+
+
+class _HostStage:
+    """One model stage at a time per model on a worker, with one reused input buffer.
+
+    A worker runs two shards at once (one opens while the other computes). Their model stages
+    take turns: on the CPU two concurrent runs only share the same cores, and each would hold its
+    own float batch and ONNX Runtime activations, so peak memory would depend on how often the
+    two happened to overlap. Taking turns also makes reuse safe: the previous batch's input array
+    (tens of MB) becomes the next batch's buffer instead of fresh pages on every batch.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buffer: np.ndarray | None = None
+
+    @contextmanager
+    def turn(self, clocks: StageClocks) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with self.lock:
+            clocks.count("model.turn_wait_s", time.perf_counter() - t0)
+            yield
+
+    def keep(self, x: np.ndarray) -> np.ndarray:
+        self.buffer = x if x.flags.c_contiguous and x.flags.writeable and x.base is None else None
+        return x
+
+
+_HOST_STAGES: dict[int, _HostStage] = {}
+
+
+def _host_stage(model: Model) -> _HostStage:
+    return _HOST_STAGES.setdefault(id(model), _HostStage())
 
 
 def _padded(run_batch: Any, ctx: RunContext | None) -> Any:

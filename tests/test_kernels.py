@@ -104,6 +104,18 @@ def test_one_hot_twin_matches_loop(layout: str, n_value: float, rc: bool, dtype:
     got = kernels.one_hot(codes, layout, n_value, dtype, rc)
     assert got.dtype == np.dtype(dtype) and got.flags.c_contiguous
     np.testing.assert_array_equal(got.astype(np.float64), one_hot_loop(codes, layout, n_value, rc).astype(dtype))
+    buffer = np.full(got.shape if layout == "NLC" else (len(codes), codes.shape[1], 4), 9, dtype=dtype)
+    again = kernels.one_hot(codes, layout, n_value, dtype, rc, out=buffer)
+    assert (again is buffer) == (layout == "NLC")
+    np.testing.assert_array_equal(again, got)
+
+
+def test_normalize_tiles_writes_into_a_fitting_buffer() -> None:
+    tiles = np.random.default_rng(4).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    fresh = kernels.normalize_tiles(tiles, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    buffer = np.full_like(fresh, 7.0)
+    assert kernels.normalize_tiles(tiles, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), out=buffer) is buffer
+    np.testing.assert_array_equal(buffer, fresh)
 
 
 def test_reverse_complement_of_encoded_sequence() -> None:

@@ -164,3 +164,21 @@ def test_short_last_batch_is_padded_then_trimmed(tmp_path: Path, slide_path: Pat
     a, b = (runs[k].predictions().sort_values(["x", "y"]).reset_index(drop=True) for k in (16, 13))
     assert len(b) == 192 and not b.duplicated(["x", "y"]).any()
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_two_shards_on_one_worker_share_the_model_stage(tmp_path: Path, slide_path: Path, mean_model: Path) -> None:
+    """Two slides at once on one worker take turns in the model stage with one reused input
+    buffer; every item still gets its own tile's values (small batches interleave often)."""
+    other = write_synthetic_slide(tmp_path / "other.tif", 1536, 1024, seed=5)
+    job = slide_job([str(slide_path), str(other)], mean_model, tmp_path / "out",
+                    tiles={"size": 64, "mpp": 0.5}, run={"profile": "local", "workers": 1})
+    job["model"]["batch_size"] = 8
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    df = result.predictions()
+    assert df["slide"].nunique() == 2 and "model.turn_wait_s" in result.report["counters"]
+    for path in (slide_path, other):
+        slide = openslide.OpenSlide(str(path))
+        rows = df[df["slide"] == str(path)].sample(15, random_state=1)
+        for row in rows.itertuples():
+            ref = np.asarray(slide.read_region((row.x, row.y), 1, (64, 64)).convert("RGB")) / 255.0
+            np.testing.assert_allclose([row.mean_0, row.mean_1, row.mean_2], ref.mean(axis=(0, 1)), atol=1e-5)

@@ -63,6 +63,29 @@ def test_each_stored_tile_decoded_once_per_read(slide_path: Path) -> None:
     assert clocks.counters["storage.requests"] <= 4  # adjacent tiles coalesced
 
 
+def test_shared_edge_tiles_decoded_once_and_released(slide_path: Path) -> None:
+    """Blocks of 3x3 boxes at 200 px overlap their neighbours' stored tiles (256 px): with the
+    blocks announced, every stored tile is decoded once, and nothing stays cached at the end."""
+    tiff = TiffBackend(str(slide_path))
+    blocks = [np.array([[bx + x, by + y, 200, 200] for y in (0, 200, 400) for x in (0, 200, 400)])
+              for by in (0, 600) for bx in (0, 600, 1200)]
+    clocks = StageClocks()
+    tiff.expect_reads(0, blocks)
+    peak = 0
+    for boxes in blocks:
+        tiff.read_boxes(0, boxes, clocks)
+        peak = max(peak, tiff.cache.bytes)
+    assert clocks.counters["decode.tiles"] == 8 * 5  # 256-px stored tiles under 1800x1200 px, once each
+    assert clocks.counters["decode.cache_hits"] > 0 and 0 < peak <= 12 * 256 * 256 * 3
+    assert tiff.cache.bytes == 0
+
+    unplanned = StageClocks()
+    for boxes in blocks:
+        tiff.read_boxes(0, boxes, unplanned)
+    assert unplanned.counters["decode.tiles"] > 8 * 5 and tiff.cache.bytes == 0
+    tiff.close()
+
+
 def test_coalesce_groups_neighbours_and_keeps_members() -> None:
     ranges = [(100, 10), (0, 50), (60, 10), (10_000, 5)]
     groups = coalesce(ranges, gap=20)

@@ -61,8 +61,12 @@ class ShardReader(ABC):
         """Items this shard will yield (known after open: tile grid, window count)."""
 
     @abstractmethod
-    def to_model_input(self, batch: np.ndarray) -> np.ndarray:
-        """Device-stage preprocessing: uint8 items -> the model's float input."""
+    def to_model_input(self, batch: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Device-stage preprocessing: uint8 items -> the model's float input.
+
+        ``out`` is a buffer the caller reuses between batches; a reader writes into it when its
+        shape and dtype fit the result and allocates otherwise.
+        """
 
     def from_model_output(self, outputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         """Map raw model outputs back to per-item columns (e.g. ref/alt/delta, strand average)."""

@@ -106,13 +106,13 @@ class _GenomeReader(ShardReader):
             "coordinates": "0-based, end-exclusive",
         }
 
-    def to_model_input(self, batch: np.ndarray) -> np.ndarray:
+    def to_model_input(self, batch: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 codes -> one-hot; pairs go as [all refs; all alts], both strands when averaging."""
         codes = np.concatenate([batch[:, 0], batch[:, 1]]) if self.pair else batch
         if self.average:
             codes = np.concatenate([codes, reverse_complement_codes(codes)])
         enc = self.w.encoding
-        return one_hot(np.ascontiguousarray(codes), enc.layout, enc.n_value, np.dtype(enc.dtype))
+        return one_hot(np.ascontiguousarray(codes), enc.layout, enc.n_value, np.dtype(enc.dtype), out=out)
 
     def _strand_average(self, values: np.ndarray) -> np.ndarray:
         if not self.average:

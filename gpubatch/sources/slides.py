@@ -204,15 +204,21 @@ class SlideReader(ShardReader):
         blocks = _block_ids(self.grid, self.job.tiles.read_block)
         order = np.argsort(blocks, kind="stable")
         bounds = np.flatnonzero(np.diff(blocks[order])) + 1
-        for members in np.split(order, bounds):
+        units = np.split(order, bounds)
+        self.backend.expect_reads(self.grid.level, (self._boxes(members) for members in units))
+        for members in units:
             yield partial(self._read_block, members)
 
-    def _read_block(self, members: np.ndarray) -> ItemBlock:
+    def _boxes(self, members: np.ndarray) -> np.ndarray:
+        """Level-pixel boxes (x, y, w, h) of the grid tiles ``members``."""
         g = self.grid
         lx = np.round(g.xs[members] / g.level_downsample).astype(np.int64)
         ly = np.round(g.ys[members] / g.level_downsample).astype(np.int64)
-        boxes = np.stack([lx, ly, np.full_like(lx, g.read_size), np.full_like(ly, g.read_size)], axis=1)
-        tiles = self.backend.read_boxes(g.level, boxes, self.clocks)
+        return np.stack([lx, ly, np.full_like(lx, g.read_size), np.full_like(ly, g.read_size)], axis=1)
+
+    def _read_block(self, members: np.ndarray) -> ItemBlock:
+        g = self.grid
+        tiles = self.backend.read_boxes(g.level, self._boxes(members), self.clocks)
         with self.clocks.part("resample"):
             tiles = _resize(tiles, g.size)
         n = len(members)
@@ -222,8 +228,8 @@ class SlideReader(ShardReader):
         }
         return ItemBlock(tiles, index)
 
-    def to_model_input(self, batch: np.ndarray) -> np.ndarray:
-        return self._norm(batch)
+    def to_model_input(self, batch: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self._norm(batch, out=out)
 
     def device_preprocess(self) -> tuple[str, dict[str, Any]] | None:
         norm = self.job.model.input

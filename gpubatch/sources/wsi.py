@@ -15,8 +15,7 @@ import os
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -115,36 +114,61 @@ def read_coalesced(ranges: Sequence[tuple[int, int]], fetch: Any, gap: int) -> l
 
 
 class DecodedTileCache:
-    """A small LRU of decoded stored tiles, bounded in bytes, shared by a slide's reader threads.
+    """Decoded stored tiles kept only until the last planned read that needs them, bounded in bytes.
 
-    Neighbouring read blocks share the stored tiles along their common edge; keeping recent tiles
-    decodes each of those once instead of twice.
+    Neighbouring read blocks share the stored tiles along their common edge. The reader announces
+    its blocks up front (``expect``); a tile that a later block will need is kept after decoding
+    and dropped when that block has taken it, so the cache holds only the edge between blocks
+    read and blocks to come, instead of filling to its limit with tiles nobody will ask for
+    again. Tiles outside any plan (a thumbnail read) are never kept.
     """
 
-    def __init__(self, max_bytes: int = 64 << 20):
+    def __init__(self, max_bytes: int = 32 << 20):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._tiles: dict[tuple[int, int], np.ndarray] = {}
+        self._uses: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+    def expect(self, keys: Iterable[tuple[int, int]]) -> None:
+        """Announce one future read of each key (call once per planned read block)."""
         with self._lock:
+            for key in keys:
+                self._uses[key] = self._uses.get(key, 0) + 1
+
+    def take(self, key: tuple[int, int]) -> np.ndarray | None:
+        """The cached tile for one read of ``key``, if any; counts that read as done."""
+        with self._lock:
+            left = self._uses.get(key, 0) - 1
             tile = self._tiles.get(key)
-            if tile is not None:
-                self._tiles.move_to_end(key)
+            if left > 0:
+                self._uses[key] = left
+            else:
+                self._uses.pop(key, None)
+                if tile is not None:
+                    del self._tiles[key]
+                    self.bytes -= tile.nbytes
             return tile
 
-    def put(self, key: tuple[int, int], tile: np.ndarray) -> None:
-        if tile.nbytes > self.max_bytes:
-            return
+    def offer(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        """Keep a freshly decoded tile if a later planned read needs it and it fits."""
         with self._lock:
-            if key in self._tiles:
+            if self._uses.get(key, 0) <= 0 or key in self._tiles or self.bytes + tile.nbytes > self.max_bytes:
                 return
             self._tiles[key] = tile
             self.bytes += tile.nbytes
-            while self.bytes > self.max_bytes:
-                _, old = self._tiles.popitem(last=False)
-                self.bytes -= old.nbytes
+
+
+def tiles_of_boxes(page: Any, boxes: np.ndarray) -> dict[int, list[int]]:
+    """Stored tile index -> the boxes (rows of ``boxes``) that overlap it, at one level."""
+    th, tw = page.tilelength, page.tilewidth
+    ny, nx = page.chunked[0], page.chunked[1]
+    needed: dict[int, list[int]] = {}
+    for b, (x, y, w, h) in enumerate(boxes.astype(np.int64)):
+        for ty in range(max(y // th, 0), min((y + h - 1) // th, ny - 1) + 1):
+            for tx in range(max(x // tw, 0), min((x + w - 1) // tw, nx - 1) + 1):
+                needed.setdefault(int(ty * nx + tx), []).append(b)
+    return needed
 
 
 class SlideBackend(ABC):
@@ -155,6 +179,10 @@ class SlideBackend(ABC):
     @abstractmethod
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         """Read k boxes (x, y, w, h at ``level``, all the same w and h) -> (k, h, w, 3) uint8."""
+
+    def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:  # noqa: B027 - optional
+        """Announce the ``read_boxes`` calls to come (one box array each), so that a backend can
+        keep exactly the decoded data that more than one of them needs."""
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release handles."""
@@ -208,8 +236,7 @@ class TiffBackend(SlideBackend):
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         page = self.pages[level]
-        th, tw = page.tilelength, page.tilewidth
-        ny, nx = page.chunked[0], page.chunked[1]
+        th, tw, nx = page.tilelength, page.tilewidth, page.chunked[1]
         height, width = int(page.shape[0]), int(page.shape[1])
         k, bw, bh = len(boxes), int(boxes[0, 2]), int(boxes[0, 3])
         out = np.empty((k, bh, bw, 3), dtype=np.uint8)
@@ -217,12 +244,8 @@ class TiffBackend(SlideBackend):
         outside = (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 0] + bw > width) | (boxes[:, 1] + bh > height)
         if outside.any():
             out[outside] = WHITE
-        needed: dict[int, list[int]] = {}
-        for b, (x, y, w, h) in enumerate(boxes.astype(np.int64)):
-            for ty in range(max(y // th, 0), min((y + h - 1) // th, ny - 1) + 1):
-                for tx in range(max(x // tw, 0), min((x + w - 1) // tw, nx - 1) + 1):
-                    needed.setdefault(ty * nx + tx, []).append(b)
-        tiles = {i: t for i in needed if (t := self.cache.get((level, i))) is not None}
+        needed = tiles_of_boxes(page, boxes)
+        tiles = {i: t for i in needed if (t := self.cache.take((level, i))) is not None}
         missing = sorted(i for i in needed if i not in tiles)
         ranges = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in missing]
         with clocks.part("storage"):
@@ -232,7 +255,7 @@ class TiffBackend(SlideBackend):
                 ty, tx = divmod(index, nx)
                 # Edge tiles carry padding past the image; openslide shows background there.
                 tiles[index] = self._decode(page, blob, index)[: height - ty * th, : width - tx * tw]
-                self.cache.put((level, index), tiles[index])
+                self.cache.offer((level, index), tiles[index])
             for index, tile in tiles.items():
                 ty, tx = divmod(index, nx)
                 for b in needed[index]:
@@ -240,6 +263,11 @@ class TiffBackend(SlideBackend):
         clocks.count("decode.tiles", len(missing))
         clocks.count("decode.cache_hits", len(needed) - len(missing))
         return out
+
+    def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
+        page = self.pages[level]
+        for boxes in blocks:
+            self.cache.expect((level, index) for index in tiles_of_boxes(page, boxes))
 
     def _decode(self, page: Any, blob: bytes, index: int) -> np.ndarray:
         th, tw = page.tilelength, page.tilewidth
