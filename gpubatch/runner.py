@@ -179,12 +179,7 @@ def _wait_first(pending: set[Any]) -> set[Any]:
 
 def expected_item_shape(job: JobSpec) -> tuple[int, ...]:
     """The model input shape (without batch) a job will feed, per the contract's layouts."""
-    if job.kind == "slides":
-        size = job.tiles.size
-        return (3, size, size) if job.model.input.layout == "NCHW" else (size, size, 3)
-    assert job.windows is not None
-    length = job.windows.length
-    return (length, 4) if job.windows.encoding.layout == "NLC" else (4, length)
+    return get_source(job.kind).model_input(job, 1)[0][1:]
 
 
 def check_model_input(job: JobSpec) -> None:

@@ -102,6 +102,14 @@ class Source(ABC):
     def open(self, shard: Shard, job: JobSpec, clocks: StageClocks) -> ShardReader:
         """Open one shard on a worker; raise ``InputError`` for a bad input."""
 
+    @abstractmethod
+    def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
+        """(shape, dtype) of the model input that ``to_model_input`` makes from a full batch.
+
+        Known before any input is opened, so that a model can be checked against the job on the
+        client and warmed on a worker before its first shard.
+        """
+
     def index_schema(self, job: JobSpec) -> list[str]:
         """Names of the index columns that precede model outputs in predictions.parquet.
 

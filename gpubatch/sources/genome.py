@@ -283,5 +283,12 @@ class GenomeSource(Source):
             reference.close()
             raise
 
+    def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
+        """Variant pairs run refs and alts together, and strand averaging both strands."""
+        w = _windows(job)
+        rows = batch_size * (2 if w.variants else 1) * (2 if w.reverse_complement == "average" else 1)
+        item = (w.length, 4) if w.encoding.layout == "NLC" else (4, w.length)
+        return (rows, *item), w.encoding.dtype
+
     def index_schema(self, job: JobSpec) -> list[str]:
         return list(index_columns(job))

@@ -275,5 +275,10 @@ class SlideSource(Source):
             backend.close()
             raise
 
+    def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
+        size = job.tiles.size
+        item = (3, size, size) if job.model.input.layout == "NCHW" else (size, size, 3)
+        return (batch_size, *item), "float32"
+
     def index_schema(self, job: JobSpec) -> list[str]:
         return ["slide", "x", "y", "level"]
