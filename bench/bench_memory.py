@@ -1,14 +1,18 @@
 """Memory is bounded by configuration, not by input: peak RSS for 2 against 20 slides.
 
-    python bench/bench_memory.py [--counts 2 4 20] [--out F]
+    python bench/bench_memory.py [--counts 2 4 20] [--repeats 3] [--out F]
 
 Each run is a fresh `gpubatch run` process (client + its LocalCluster workers); the whole process
-tree's RSS is sampled every 50 ms and the peak of the worker processes and of the tree is kept.
+tree's RSS is sampled every 10 ms and the peak of the worker processes and of the tree is kept,
+with the worker's peak anonymous RSS (RSS less file-backed pages: what the process allocated, as
+opposed to library code it has touched, which is shared and which the kernel may reclaim). The
+counts run in alternating order ``--repeats`` times; the table gives medians and the spread.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import threading
@@ -24,32 +28,35 @@ from bench_slides import MEAN, STD, make_workload  # noqa: E402
 from common import WORK, machine, save, table  # noqa: E402
 
 
-def _tree_rss(root: psutil.Process) -> tuple[int, int]:
-    """(RSS of the whole tree, largest RSS of one child) in bytes."""
+def _tree_rss(root: psutil.Process) -> tuple[int, int, int]:
+    """(RSS of the whole tree, largest RSS of one child, that child's anonymous RSS) in bytes."""
     procs = [root] + root.children(recursive=True)
     sizes = []
     for p in procs:
         try:
-            sizes.append(p.memory_info().rss)
+            info = p.memory_info()
         except psutil.Error:
             continue
-    return sum(sizes), max(sizes[1:], default=0)
+        sizes.append((info.rss, info.rss - info.shared))
+    largest = max(sizes[1:], default=(0, 0))
+    return sum(rss for rss, _ in sizes), largest[0], largest[1]
 
 
 def peak_rss(cmd: list[str]) -> dict[str, float]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = psutil.Process(proc.pid)
-    peak = {"tree": 0, "worker": 0}
+    peak = {"tree": 0, "worker": 0, "anon": 0}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             try:
-                tree, worker = _tree_rss(root)
+                tree, worker, anon = _tree_rss(root)
             except psutil.Error:
                 break
             peak["tree"], peak["worker"] = max(peak["tree"], tree), max(peak["worker"], worker)
-            time.sleep(0.05)
+            peak["anon"] = max(peak["anon"], anon)
+            time.sleep(0.01)
 
     t = threading.Thread(target=sample, daemon=True)
     t0 = time.perf_counter()
@@ -59,7 +66,8 @@ def peak_rss(cmd: list[str]) -> dict[str, float]:
     t.join()
     if code != 0:
         raise RuntimeError(f"{cmd} exited {code}")
-    return {"tree_mb": peak["tree"] / 2**20, "worker_mb": peak["worker"] / 2**20, "seconds": time.perf_counter() - t0}
+    return {"tree_mb": peak["tree"] / 2**20, "worker_mb": peak["worker"] / 2**20,
+            "worker_anon_mb": peak["anon"] / 2**20, "seconds": time.perf_counter() - t0}
 
 
 def job_file(slides: list[Path], model: Path, name: str) -> Path:
@@ -79,23 +87,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--counts", type=int, nargs="+", default=[2, 4, 20], help="slide counts; the last is the largest")
     ap.add_argument("--size", default="4096x3072")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per count, in alternating order")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.split("x"))
     wl = make_workload("decode", max(args.counts), (w, h))
-    rows = []
-    for n in args.counts:
-        path = job_file(wl["slides"][:n], wl["model"], f"mem-{n}")
-        peak = peak_rss([sys.executable, "-m", "gpubatch", "run", str(path)])
-        rows.append({"slides": n, **peak})
-        print(f"  {n} slides: tree {peak['tree_mb']:.0f} MB, largest worker {peak['worker_mb']:.0f} MB", flush=True)
+    runs: dict[int, list[dict[str, float]]] = {n: [] for n in args.counts}
+    for r in range(args.repeats):
+        order = args.counts if r % 2 == 0 else list(reversed(args.counts))
+        for n in order:
+            path = job_file(wl["slides"][:n], wl["model"], f"mem-{n}")
+            peak = peak_rss([sys.executable, "-m", "gpubatch", "run", str(path)])
+            runs[n].append(peak)
+            print(f"  round {r + 1}, {n} slides: tree {peak['tree_mb']:.0f} MB, largest worker {peak['worker_mb']:.0f} MB "
+                  f"({peak['worker_anon_mb']:.0f} MB anonymous)", flush=True)
+    rows = [_summary(n, runs[n]) for n in args.counts]
     for row in rows:
         row["growth to largest"] = f"{rows[-1]['worker_mb'] / row['worker_mb'] - 1:+.1%}"
-    print(table(rows, ["slides", "tree_mb", "worker_mb", "seconds", "growth to largest"]))
-    data = {"machine": machine(), "rows": rows,
+        row["anon growth"] = f"{rows[-1]['worker_anon_mb'] / row['worker_anon_mb'] - 1:+.1%}"
+    print(table(rows, ["slides", "tree_mb", "worker_mb", "worker_range_mb", "worker_anon_mb", "seconds",
+                       "growth to largest", "anon growth"]))
+    data = {"machine": machine(), "rows": rows, "runs": {str(n): v for n, v in runs.items()},
             "command": "python bench/bench_memory.py " + " ".join(argv or sys.argv[1:])}
     save(args.out, data)
     return data
+
+
+def _summary(n: int, runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Medians over the repeats; the worker's range shows how much one run can differ."""
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    spread = [r["worker_mb"] for r in runs]
+    return {"slides": n, **med, "worker_range_mb": f"{min(spread):.0f}-{max(spread):.0f}"}
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "genome-100kb": ("bench_genome", ["--length", "100000", "--bases", "100000000", "--repeats", "3"],
                      ["--length", "100000", "--bases", "4000000", "--repeats", "1"]),
     "storage": ("bench_storage", ["--latency", "0", "20", "80"], ["--latency", "0", "80", "--slides", "1", "--size", "4096"]),
-    "memory": ("bench_memory", ["--counts", "2", "4", "20"], ["--counts", "2", "6", "--size", "2048x2048"]),
+    "memory": ("bench_memory", ["--counts", "2", "4", "20", "--repeats", "3"],
+               ["--counts", "2", "6", "--size", "2048x2048", "--repeats", "1"]),
     "quantize": ("bench_quantize", ["--repeats", "5"], ["--repeats", "2"]),
     "gpu": ("bench_gpu", [], []),
 }
@@ -90,9 +91,13 @@ def _genome(d: dict[str, Any]) -> str:
 
 
 def _memory(d: dict[str, Any]) -> str:
-    return (table(d["rows"], ["slides", "tree_mb", "worker_mb", "seconds", "growth to largest"])
+    columns = ["slides", "tree_mb", "worker_mb", "worker_range_mb", "worker_anon_mb", "seconds",
+               "growth to largest", "anon growth"]
+    return (table(d["rows"], [c for c in columns if c in d["rows"][0]])
             + "\n\nPeak RSS of the one worker process (two shards at a time) and of the whole process "
-              "tree (client, scheduler, forkserver, worker). Aim: flat within 10% from 2 to 20 slides.")
+              "tree (client, scheduler, forkserver, worker), medians over alternating repeats; the "
+              "worker's range over the repeats; its peak anonymous RSS (what it allocated, without "
+              "the shared library pages it has touched). Aim: flat within 10% from 2 to 20 slides.")
 
 
 def _quantize(d: dict[str, Any]) -> str:

@@ -135,6 +135,10 @@ def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
                          # Dask's sampling profiler wakes every 10 ms in every worker: not ours to pay.
                          "distributed.worker.profile.enabled": False,
                          "distributed.worker.multiprocessing-method": _mp_method()})
+        # pyarrow's default pool (mimalloc) keeps what the first commit used for the life of the
+        # worker; it is chosen when pyarrow is imported, i.e. in the forkserver, which inherits
+        # this process's environment. A user's own setting wins.
+        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
         _preload_worker_modules()
 
         return LocalCluster(

@@ -111,7 +111,7 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
 
     stage = _gpu_stage(reader, model) if fallback is None else None
     if stage is not None:
-        return _padded(lambda items, clocks: reader.from_model_output(stage(items, clocks), len(items)), ctx)
+        return lambda items, clocks: reader.from_model_output(stage(items, clocks), len(items))
 
     host = _host_stage(model)
 
@@ -126,7 +126,7 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
             out = {k: v.copy() if np.may_share_memory(v, x) else v for k, v in out.items()}
         return reader.from_model_output(out, len(items))
 
-    return _padded(run_batch, ctx)
+    return run_batch
 
 
 class _HostStage:
@@ -152,7 +152,7 @@ class _HostStage:
 
     def warm(self, model: Model, shape: tuple[int, ...], dtype: str, clocks: StageClocks) -> None:
         """Once per model and worker, before the first shard opens: one zero batch through the
-        model, its input kept as the buffer. The first shard's compute time then holds no session
+        model (which sizes ONNX Runtime's arena), its input kept as the buffer. The first shard's compute time then holds no session
         set-up, and the worker holds its batch-sized memory from the start rather than from
         whichever shard first overlaps a slide opening with a model run."""
         with self.lock:
@@ -161,8 +161,7 @@ class _HostStage:
             t0 = time.perf_counter()
             x = np.empty(shape, dtype=dtype)
             x.fill(0)  # written, not np.zeros: untouched zero pages would hold no memory yet
-            for _ in range(2):  # ONNX Runtime plans its memory on the first run, allocates it on the second
-                model.run(x)
+            model.run(x)
             self.buffer = x
             clocks.count("model.warmup_s", time.perf_counter() - t0)
 
@@ -176,26 +175,6 @@ _HOST_STAGES: dict[int, _HostStage] = {}
 
 def _host_stage(model: Model) -> _HostStage:
     return _HOST_STAGES.setdefault(id(model), _HostStage())
-
-
-def _padded(run_batch: Any, ctx: RunContext | None) -> Any:
-    """Give the model one batch shape: a shard's short last batch is padded, then trimmed.
-
-    Every new input shape makes ONNX Runtime's arena (and a TensorRT profile) allocate anew, so
-    shards ending in odd-sized batches would grow a worker's memory with the number of shards.
-    """
-    size = ctx.batch_size if ctx is not None else 0
-
-    def run(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
-        n = len(items)
-        if not 0 < n < size:
-            return run_batch(items, clocks)
-        filler = np.broadcast_to(items[-1:], (size - n, *items.shape[1:]))
-        out = run_batch(np.concatenate([items, filler]), clocks)
-        clocks.count("padded.items", size - n)
-        return {name: values[:n] for name, values in out.items()}
-
-    return run
 
 
 _GPU_STAGES: dict[tuple[int, str, str], Any] = {}
@@ -255,7 +234,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             attrs = {**reader.attrs, "model_sha256": ctx.model_sha256, "backend": model.backend,
                      "precision": ctx.precision, "gpubatch_version": ctx.version}
             writer = ShardWriter(ctx.outdir, shard.shard_id, constants, attrs, job.output.formats)
-            cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches)
+            cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches, pad_last=True)
             t0 = time.perf_counter()
             items = run_pipeline(reader, make_batch_runner(reader, model, ctx), writer, cfg, clocks)
             wall = time.perf_counter() - t0

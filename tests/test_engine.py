@@ -77,6 +77,19 @@ def test_items_arrive_in_order_in_full_batches() -> None:
     assert sink.batches == [16, 16, 16, 16, 6]
 
 
+def test_short_last_batch_is_padded_for_the_model_and_trimmed_after() -> None:
+    reader, sink, clocks = CountingReader(units=7, per_unit=10), Sink(), StageClocks()
+    shapes: list[int] = []
+
+    def run(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
+        shapes.append(len(items))
+        return model()(items, clocks)
+
+    done = run_pipeline(reader, run, sink, PipelineConfig(batch_size=16, readers=3, pad_last=True), clocks)
+    assert shapes == [16] * 5 and done == 70 and sink.ids == list(range(70))
+    assert sink.batches == [16, 16, 16, 16, 6] and clocks.counters["padded.items"] == 10
+
+
 def test_look_ahead_is_bounded_by_configuration() -> None:
     reader = CountingReader(units=40, per_unit=4, delay=0.01)
     cfg = PipelineConfig(batch_size=4, readers=3, prefetch_batches=2)

@@ -43,6 +43,10 @@ class PipelineConfig:
     batch_size: int = 64
     readers: int = 4
     prefetch_batches: int = 8
+    #: pad a shard's short last batch to ``batch_size`` by repeating its last item; the padded
+    #: rows' outputs are dropped. The model then sees one batch shape (every new shape makes ONNX
+    #: Runtime's arena or a TensorRT profile allocate anew), and the padding costs no extra copy.
+    pad_last: bool = False
 
 
 class _Failure:
@@ -88,7 +92,7 @@ class _Batcher:
         self.index: list[dict[str, np.ndarray]] = []
         self.count = 0
 
-    def add(self, block: ItemBlock) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def add(self, block: ItemBlock) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], int]]:
         start = 0
         while start < len(block):
             take = min(self.size - self.count, len(block) - start)
@@ -99,12 +103,20 @@ class _Batcher:
             if self.count == self.size:
                 yield self.flush()
 
-    def flush(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        items = self.items[0] if len(self.items) == 1 else np.concatenate(self.items)
+    def flush(self, pad: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+        """(items, index, real rows) of the batch so far; with ``pad``, the items are written into
+        a full-size array whose extra rows repeat the last item."""
+        real = self.count
+        if pad and 0 < self.count < self.size:
+            items = np.empty((self.size, *self.items[0].shape[1:]), dtype=self.items[0].dtype)
+            np.concatenate(self.items, out=items[: self.count])
+            items[self.count :] = items[self.count - 1]
+        else:
+            items = self.items[0] if len(self.items) == 1 else np.concatenate(self.items)
         keys = self.index[0].keys() if self.index else []
         index = {k: np.concatenate([ix[k] for ix in self.index]) for k in keys}
         self.items, self.index, self.count = [], [], 0
-        return items, index
+        return items, index, real
 
 
 def _timed_unit(unit: Callable[[], ItemBlock], clocks: StageClocks) -> ItemBlock:
@@ -136,7 +148,7 @@ def _feed(reader: ShardReader, cfg: PipelineConfig, q: queue.Queue, clocks: Stag
                 for batch in batcher.add(block):
                     clocks.add("read", "blocked", _put(q, batch, failure))
             if batcher.count and not failure.stop.is_set():
-                clocks.add("read", "blocked", _put(q, batcher.flush(), failure))
+                clocks.add("read", "blocked", _put(q, batcher.flush(cfg.pad_last), failure))
         except BaseException as exc:  # noqa: BLE001 - handed to the model stage
             failure.set(exc)
             for fut in pending:
@@ -186,9 +198,13 @@ def run_pipeline(
             clocks.add("model", "starved", waited)
             if item is _DONE:
                 break
-            items, index = item
+            items, index, real = item
             t0 = time.perf_counter()
             outputs = run_batch(items, clocks)
+            if real < len(items):
+                outputs = {name: values[:real] for name, values in outputs.items()}
+                clocks.count("padded.items", len(items) - real)
+                items = items[:real]
             busy = time.perf_counter() - t0
             clocks.add("model", "busy", busy)
             clocks.add("model", "blocked", _put(results, (index, outputs), failure))

@@ -31,6 +31,11 @@ class OnnxRuntimeModel(Model):
         # Reader threads decode beside the model on the same cores: idle ORT threads must sleep,
         # not spin, or they burn the CPU the decoders need.
         opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("GPUBATCH_ORT_SPIN", "0"))
+        # The memory pattern is one block per run that ONNX Runtime reserves outside its arena and
+        # frees after the run: tens of MB mapped and faulted in on every batch, and a worker's
+        # peak memory then depends on what else happens to run beside it. Without it activations
+        # come from the arena, sized once by the warm-up batch and reused.
+        opts.enable_mem_pattern = False
         self.session = ort.InferenceSession(path, sess_options=opts, providers=_providers())
         self._input = self.session.get_inputs()[0]
         self._outputs = [o.name for o in self.session.get_outputs()]

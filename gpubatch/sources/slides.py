@@ -94,7 +94,10 @@ def make_grid(info: SlideInfo, tiles: TilesSpec, uri: str) -> TileGrid:
 
 def otsu_threshold(values: np.ndarray) -> float:
     """Otsu's threshold of uint8 values (between-class variance maximised over 256 bins)."""
-    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    flat = values.ravel()
+    hist = np.zeros(256, dtype=np.float64)
+    for start in range(0, len(flat), 1 << 16):  # bincount widens to int64: 8 bytes per pixel at once
+        hist += np.bincount(flat[start : start + (1 << 16)], minlength=256)
     total = hist.sum()
     if total == 0:
         return 255.0
@@ -110,9 +113,14 @@ def otsu_threshold(values: np.ndarray) -> float:
 def tissue_mask(thumb: np.ndarray) -> np.ndarray:
     """Otsu on HSV saturation: stained tissue is saturated, glass and background are not."""
     r, g, b = thumb[..., 0], thumb[..., 1], thumb[..., 2]
-    mx = np.maximum(np.maximum(r, g), b).astype(np.uint16)
-    mn = np.minimum(np.minimum(r, g), b).astype(np.uint16)
-    sat = ((mx - mn) * 255 // np.maximum(mx, 1)).astype(np.uint8)
+    mx = np.maximum(np.maximum(r, g), b)
+    mn = np.minimum(np.minimum(r, g), b)
+    # In place in one uint16 array: a slide opens beside another's running batches, and the
+    # textbook expression held five thumbnail-sized temporaries at once.
+    wide = np.subtract(mx, mn, dtype=np.uint16)
+    wide *= 255
+    wide //= np.maximum(mx, 1)
+    sat = wide.astype(np.uint8)
     threshold = max(otsu_threshold(sat), MIN_SATURATION * 255)
     return sat > threshold
 
@@ -128,6 +136,8 @@ def read_thumbnail(backend: SlideBackend, clocks: StageClocks, read_block: int) 
     w, h = info.level_dimensions[level]
     step = max(1, math.ceil(max(w, h) / THUMBNAIL_EDGE))
     block = max(step, (read_block // step) * step)
+    if step == 1 and block >= max(w, h):  # the whole level in one read is the thumbnail itself
+        return backend.read_boxes(level, np.array([[0, 0, w, h]]), clocks)[0], info.level_downsamples[level]
     out = np.empty((math.ceil(h / step), math.ceil(w / step), 3), dtype=np.uint8)
     for y in range(0, h, block):
         for x in range(0, w, block):
@@ -143,6 +153,7 @@ def filter_tissue(grid: TileGrid, backend: SlideBackend, tiles: TilesSpec, clock
         return grid
     thumb, thumb_ds = read_thumbnail(backend, clocks, tiles.read_block)
     mask = tissue_mask(thumb)
+    del thumb  # not needed beside the integral image
     extent = grid.size * grid.downsample
     boxes = np.stack([grid.xs / thumb_ds, grid.ys / thumb_ds,
                       (grid.xs + extent) / thumb_ds, (grid.ys + extent) / thumb_ds], axis=1)

@@ -250,16 +250,22 @@ class TiffBackend(SlideBackend):
         ranges = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in missing]
         with clocks.part("storage"):
             blobs = self.ranges.read_ranges(ranges) if ranges else []
+        def paste(index: int, tile: np.ndarray) -> None:
+            ty, tx = divmod(index, nx)
+            for b in needed[index]:
+                _paste(out[b], tile, tx * tw - int(boxes[b, 0]), ty * th - int(boxes[b, 1]))
+
         with clocks.part("decode"):
+            for index, tile in tiles.items():
+                paste(index, tile)
+            # Each tile is pasted as soon as it is decoded: a read holds one decoded tile at a
+            # time (plus those kept for later reads), not every tile of its block at once.
             for index, blob in zip(missing, blobs, strict=True):
                 ty, tx = divmod(index, nx)
                 # Edge tiles carry padding past the image; openslide shows background there.
-                tiles[index] = self._decode(page, blob, index)[: height - ty * th, : width - tx * tw]
-                self.cache.offer((level, index), tiles[index])
-            for index, tile in tiles.items():
-                ty, tx = divmod(index, nx)
-                for b in needed[index]:
-                    _paste(out[b], tile, tx * tw - int(boxes[b, 0]), ty * th - int(boxes[b, 1]))
+                tile = self._decode(page, blob, index)[: height - ty * th, : width - tx * tw]
+                self.cache.offer((level, index), tile)
+                paste(index, tile)
         clocks.count("decode.tiles", len(missing))
         clocks.count("decode.cache_hits", len(needed) - len(missing))
         return out
