@@ -68,6 +68,11 @@ class ShardWriter:
         self._group: Any = None
         self._pending: list[dict[str, np.ndarray]] = []
         self._pending_bytes = 0
+        if "zarr" in formats:
+            # Opened now, not at the first flush: an output that cannot be written fails the
+            # shard before its compute is spent, and zarr's set-up (its I/O loop, the codecs)
+            # happens beside the slide opening rather than beside another shard's batches.
+            self._open_group()
 
     def write(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Buffer one batch; rows go out in large row groups and zarr appends (small ones are slow)."""

@@ -112,15 +112,17 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 def tissue_mask(thumb: np.ndarray) -> np.ndarray:
     """Otsu on HSV saturation: stained tissue is saturated, glass and background are not."""
-    r, g, b = thumb[..., 0], thumb[..., 1], thumb[..., 2]
-    mx = np.maximum(np.maximum(r, g), b)
-    mn = np.minimum(np.minimum(r, g), b)
-    # In place in one uint16 array: a slide opens beside another's running batches, and the
-    # textbook expression held five thumbnail-sized temporaries at once.
-    wide = np.subtract(mx, mn, dtype=np.uint16)
-    wide *= 255
-    wide //= np.maximum(mx, 1)
-    sat = wide.astype(np.uint8)
+    sat = np.empty(thumb.shape[:2], dtype=np.uint8)
+    # In strips of rows: a slide opens beside another shard's running batches, and the textbook
+    # expression over the whole thumbnail held five thumbnail-sized temporaries at once.
+    for top in range(0, thumb.shape[0], 128):
+        strip = thumb[top : top + 128]
+        r, g, b = strip[..., 0], strip[..., 1], strip[..., 2]
+        mx = np.maximum(np.maximum(r, g), b)
+        wide = np.subtract(mx, np.minimum(np.minimum(r, g), b), dtype=np.uint16)
+        wide *= 255
+        wide //= np.maximum(mx, 1)
+        sat[top : top + 128] = wide
     threshold = max(otsu_threshold(sat), MIN_SATURATION * 255)
     return sat > threshold
 
