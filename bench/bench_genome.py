@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, alternate, machine, save, table  # noqa: E402
+from common import WORK, alternate, machine, save, shards_only_row, steady_seconds, table  # noqa: E402
 
 
 def make_genome(bases: int) -> Path:
@@ -98,6 +98,7 @@ def run_gpubatch(fasta: Path, model: Path, length: int, batch: int, out: Path, l
     })
     result = gpubatch.run(job, show_progress=False)
     last["report"] = result.report
+    last.setdefault("steady_s", []).append(steady_seconds(Path(result.output_uri)))
     return int(result.report["items"])
 
 
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g = results["gpubatch"]
     rows = [{"contestant": m.name, "windows": m.items, "median s": m.median_s, "windows/s": m.items_per_s,
              "gpubatch x": g.items_per_s / m.items_per_s} for m in results.values()]
+    rows.insert(1, shards_only_row(g, last["steady_s"], "windows", "windows/s"))
     print(table(rows, ["contestant", "windows", "median s", "windows/s", "gpubatch x"]))
     data = {"length": args.length, "machine": machine(), "rows": rows,
             "starvation": last["report"]["starvation"], "verdict": last["report"]["verdict"]["text"],

@@ -91,3 +91,18 @@ def cpu_seconds(fn: Callable[[], Any]) -> float:
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
+
+
+def steady_seconds(outdir: Path) -> float:
+    """First shard start to last shard end of a gpubatch run: the run less its fixed costs
+    (cluster start-up, model preparation before, report merging after)."""
+    lines = [json.loads(line) for line in (outdir / "audit.jsonl").read_text().splitlines() if line]
+    return float(max(x["end"] for x in lines) - min(x["start"] for x in lines))
+
+
+def shards_only_row(g: Measurement, steady: list[float], count: str, rate: str) -> dict[str, Any]:
+    """The "gpubatch, shards only" table row: the same runs, timed over their shards only, which
+    is what a long run approaches once its fixed costs are spread over hours."""
+    seconds = statistics.median(steady)
+    return {"contestant": "gpubatch, shards only", count: g.items, "median s": seconds,
+            rate: g.items / seconds, "gpubatch x": ""}

@@ -31,7 +31,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                       ["--workload", "decode", "--slides", "4", "--size", "4096x3072", "--repeats", "1"]),
     "slides-compute": ("bench_slides", ["--workload", "compute", "--slides", "1", "--repeats", "2"],
                        ["--workload", "compute", "--slides", "1", "--size", "2048x2048", "--repeats", "1"]),
-    "slides-remote": ("bench_slides_remote", ["--latency", "0", "20", "80", "--slides", "2"],
+    "slides-remote": ("bench_slides_remote", ["--latency", "0", "20", "80", "--slides", "4"],
                       ["--latency", "0", "80", "--slides", "2", "--size", "4096x3072"]),
     "genome-1kb": ("bench_genome", ["--length", "1000", "--bases", "100000000", "--repeats", "3"],
                    ["--length", "1000", "--bases", "2000000", "--repeats", "1"]),
