@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--latency", type=float, nargs="+", default=[0, 20, 80], help="ms added per request")
     ap.add_argument("--slides", type=int, default=4)
     ap.add_argument("--size", default="24576x16384")
-    ap.add_argument("--readers", type=int, default=16, help="reader threads per shard for remote runs")
+    ap.add_argument("--readers", type=int, default=4, help="reader threads per shard for remote runs (the job default)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.split("x"))

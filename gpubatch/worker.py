@@ -50,6 +50,7 @@ class RunContext:
 
 
 _CONFIGURED: dict[str, str] = {}
+_CONFIGURE_LOCK = threading.Lock()
 MALLOC_ARENAS = 2
 
 
@@ -81,19 +82,24 @@ def _use_system_arrow_pool() -> None:
 
 def _configure_worker_once(ctx: RunContext) -> None:
     """Per worker process, once: malloc arenas, and the profile's storage settings (the stage cache
-    lives on between shards, so it is configured again only when the settings change)."""
+    lives on between shards, so it is configured again only when the settings change).
+
+    Locked: a worker's first two shards start together, and a second configuration would
+    replace the stage cache (deleting its files) under the first shard's downloads.
+    """
     import json
 
     from gpubatch.storage import configure_storage
 
-    if "malloc" not in _CONFIGURED:
-        _limit_malloc_arenas()
-        _use_system_arrow_pool()
-        _CONFIGURED["malloc"] = "capped"
-    key = json.dumps(ctx.storage_profile or {}, sort_keys=True, default=str)
-    if _CONFIGURED.get("key") != key:
-        configure_storage(ctx.storage_profile)
-        _CONFIGURED["key"] = key
+    with _CONFIGURE_LOCK:
+        if "malloc" not in _CONFIGURED:
+            _limit_malloc_arenas()
+            _use_system_arrow_pool()
+            _CONFIGURED["malloc"] = "capped"
+        key = json.dumps(ctx.storage_profile or {}, sort_keys=True, default=str)
+        if _CONFIGURED.get("key") != key:
+            configure_storage(ctx.storage_profile)
+            _CONFIGURED["key"] = key
 
 
 def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None = None):

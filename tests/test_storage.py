@@ -371,3 +371,39 @@ def test_env_stage_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cache = StageCache()
     assert cache.dir.startswith(str(tmp_path)) and cache.max_bytes == 12345
     assert os.path.basename(cache.dir) == f"p{os.getpid()}"
+
+
+def test_a_workers_first_shards_configure_its_stage_cache_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's first two shards start together; a second configuration would replace the
+    stage cache, deleting the first shard's download under it (seen as a vanished .part file)."""
+    import gpubatch.staging
+    import gpubatch.storage
+    from gpubatch import worker
+    from gpubatch.staging import get_stage_cache
+
+    real, calls = gpubatch.storage.configure_storage, []
+
+    def slow_configure(profile: dict | None) -> None:
+        calls.append(profile)
+        time.sleep(0.05)  # widen the window in which a second shard could also configure
+        real(profile)
+
+    monkeypatch.setattr(gpubatch.storage, "configure_storage", slow_configure)
+    monkeypatch.setattr(worker, "_CONFIGURED", {})
+    monkeypatch.setattr(gpubatch.staging, "_cache", gpubatch.staging._cache)  # restored afterwards
+    ctx = worker.RunContext(str(tmp_path), "m.onnx", "onnxruntime", "fp32", 8, None, "", "", "",
+                            storage_profile={"stage_cache": {"dir": str(tmp_path / "stage")}})
+    start = threading.Barrier(2)
+    caches = []
+
+    def first_shard() -> None:
+        start.wait()
+        worker._configure_worker_once(ctx)
+        caches.append(get_stage_cache())
+
+    threads = [threading.Thread(target=first_shard) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and caches[0] is caches[1]
