@@ -122,13 +122,15 @@ def _markdown_or_rows(d: dict[str, Any]) -> str:
 
 def render() -> str:
     m = machine()
+    dates = sorted({d["machine"].get("date", "") for name in BENCHES if (d := _load(name)) and "machine" in d} - {""})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "not yet"
     parts = [
         "# Benchmarks\n",
         "Every figure below is measured side by side in one run (alternating order where there are "
         "several contestants) on the same inputs and the same ONNX model; ratios, not absolute "
         "times, are the claims. Regenerate all of it with one command: `python bench/run_all.py` "
         f"(`--render-only` re-renders from bench/results/*.json).\n\nMachine: {m['cores']} cores "
-        f"({m['cpu']}), Python {m['python']}, ONNX Runtime {m['onnxruntime']}. No GPU.\n",
+        f"({m['cpu']}), Python {m['python']}, ONNX Runtime {m['onnxruntime']}. No GPU. Measured {when}.\n",
         _section("Slides, decode-bound (light CNN)", _load("slides-decode"), _slides, "slides-decode"),
         _section("Slides, compute-bound (ResNet-18-sized CNN)", _load("slides-compute"), _slides, "slides-compute"),
         _section("Slides from object storage (HTTP range reads with added latency)", _load("slides-remote"), _markdown_or_rows, "slides-remote"),
