@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -117,8 +118,31 @@ def _preload_worker_modules() -> None:
         return
     from distributed.utils import get_mp_context
 
+    # pyarrow's default pool (mimalloc) keeps what the first commit used for the life of the
+    # worker; it is chosen when pyarrow is imported, i.e. in the forkserver, which inherits this
+    # process's environment. A user's own setting wins.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     ctx = get_mp_context()  # Dask registers its own preload list first
     ctx.set_forkserver_preload(["distributed", *WORKER_MODULES])
+
+
+def start_worker_imports(profile: dict[str, Any]) -> None:
+    """Start the forkserver, and with it the worker modules' imports, on a background thread.
+
+    Called at the start of a run: the imports (about a second) then run on another core while this
+    process validates, plans and prepares the model, instead of in front of the cluster start.
+    """
+    if profile.get("cluster") != "local" or _mp_method() != "forkserver":
+        return
+
+    def start() -> None:
+        from multiprocessing import forkserver
+
+        _preload_worker_modules()
+        with contextlib.suppress(Exception):  # the cluster start will try again and report
+            forkserver.ensure_running()
+
+    threading.Thread(target=start, name="gpubatch-forkserver", daemon=True).start()
 
 
 def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
@@ -135,10 +159,6 @@ def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
                          # Dask's sampling profiler wakes every 10 ms in every worker: not ours to pay.
                          "distributed.worker.profile.enabled": False,
                          "distributed.worker.multiprocessing-method": _mp_method()})
-        # pyarrow's default pool (mimalloc) keeps what the first commit used for the life of the
-        # worker; it is chosen when pyarrow is imported, i.e. in the forkserver, which inherits
-        # this process's environment. A user's own setting wins.
-        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
         _preload_worker_modules()
 
         return LocalCluster(

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch import __version__
-from gpubatch.cluster import cpu_count, load_profile, open_cluster, worker_count
+from gpubatch.cluster import (
+    cpu_count,
+    load_profile,
+    open_cluster,
+    start_worker_imports,
+    worker_count,
+)
 from gpubatch.errors import EXIT_OK, EXIT_PARTIAL
 from gpubatch.models.base import file_sha256, resolve_backend
 from gpubatch.outputs.manifest import Manifest, write_json_atomic
@@ -205,6 +211,8 @@ def check_model_input(job: JobSpec) -> None:
 def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
             scheduler: str | None = None, show_progress: bool | None = None) -> Result:
     """Run a validated job to completion; see the module docstring for the failure rules."""
+    prof = load_profile(profile or job.run.profile)
+    start_worker_imports(prof)
     check_local_files(job)
     check_model_input(job)
     outdir = Path(job.output.uri)
@@ -214,7 +222,6 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
     shards, failed = source.plan(job)
     committed = Manifest(outdir).committed() if resume else {}
     todo = [s for s in shards if s.shard_id not in committed]
-    prof = load_profile(profile or job.run.profile)
     n_workers = worker_count(prof, len(todo), job.run.workers)
     from gpubatch.models.prepare import prepare_model
 
