@@ -1,5 +1,6 @@
 """Regenerate BENCHMARKS.md: run every benchmark, keep its JSON, render the tables.
 
+    pip install torch==2.13.0 && pip install -e '.[bench]'    # the peers: MONAI, torch, pysam
     python bench/run_all.py [--quick] [--only slides,genome,...] [--render-only]
 
 Each benchmark writes bench/results/<name>.json; BENCHMARKS.md is rendered from those files, so
@@ -129,6 +130,7 @@ def render() -> str:
         "Every figure below is measured side by side in one run (alternating order where there are "
         "several contestants) on the same inputs and the same ONNX model; ratios, not absolute "
         "times, are the claims. Regenerate all of it with one command: `python bench/run_all.py` "
+        "(the peers are the `bench` extra: `pip install -e '.[bench]'`) "
         f"(`--render-only` re-renders from bench/results/*.json).\n\nMachine: {m['cores']} cores "
         f"({m['cpu']}), Python {m['python']}, ONNX Runtime {m['onnxruntime']}. No GPU. Measured {when}.\n",
         _section("Slides, decode-bound (light CNN)", _load("slides-decode"), _slides, "slides-decode"),
