@@ -113,17 +113,41 @@ def _mp_method() -> str:
     return os.environ.get("GPUBATCH_MP_METHOD", default)
 
 
-def _preload_worker_modules() -> None:
+#: Environment of the worker processes, and of the forkserver they fork from (glibc reads its
+#: malloc settings once, at process start, so a forked worker has the forkserver's):
+#: - Dask asks glibc to hand freed memory back at 64 KiB; gpubatch's batches are tens of MB,
+#:   bounded by configuration, so that only turns every batch allocation into page faults;
+#: - short-lived reader threads each got a malloc arena that kept its freed batches: RSS crept
+#:   with the number of shards (see worker.py);
+#: - pyarrow's default pool (mimalloc) keeps what the first commit used for the life of the worker.
+WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}
+_FORKSERVER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _worker_environ() -> Iterator[None]:
+    """WORKER_ENV in os.environ while a process starts (a user's own settings win)."""
+    added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _ensure_forkserver() -> None:
+    """Start the forkserver (once) with the worker modules imported and the worker environment."""
     if _mp_method() != "forkserver":
         return
+    from multiprocessing import forkserver
+
     from distributed.utils import get_mp_context
 
-    # pyarrow's default pool (mimalloc) keeps what the first commit used for the life of the
-    # worker; it is chosen when pyarrow is imported, i.e. in the forkserver, which inherits this
-    # process's environment. A user's own setting wins.
-    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-    ctx = get_mp_context()  # Dask registers its own preload list first
-    ctx.set_forkserver_preload(["distributed", *WORKER_MODULES])
+    with _FORKSERVER_LOCK, _worker_environ():
+        ctx = get_mp_context()  # Dask registers its own preload list first
+        ctx.set_forkserver_preload(["distributed", *WORKER_MODULES])
+        forkserver.ensure_running()
 
 
 def start_worker_imports(profile: dict[str, Any]) -> None:
@@ -136,11 +160,8 @@ def start_worker_imports(profile: dict[str, Any]) -> None:
         return
 
     def start() -> None:
-        from multiprocessing import forkserver
-
-        _preload_worker_modules()
         with contextlib.suppress(Exception):  # the cluster start will try again and report
-            forkserver.ensure_running()
+            _ensure_forkserver()
 
     threading.Thread(target=start, name="gpubatch-forkserver", daemon=True).start()
 
@@ -150,16 +171,11 @@ def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
         import dask
         from distributed import LocalCluster
 
-        # Dask asks glibc to hand freed memory back at 64 KiB; gpubatch's batches are tens of MB,
-        # bounded by configuration, so that only turns every batch allocation into page faults.
-        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": str(64 << 20),
-                         # Short-lived reader threads each get a malloc arena that keeps its freed
-                         # batches: RSS would creep with the number of shards (see worker.py).
-                         "distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": "2",
+        dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()},
                          # Dask's sampling profiler wakes every 10 ms in every worker: not ours to pay.
                          "distributed.worker.profile.enabled": False,
                          "distributed.worker.multiprocessing-method": _mp_method()})
-        _preload_worker_modules()
+        _ensure_forkserver()
 
         return LocalCluster(
             n_workers=n_workers, threads_per_worker=int(profile.get("threads_per_worker", 1)),

@@ -186,3 +186,24 @@ def test_label_macro_and_private_metadata_never_reach_outputs(tmp_path: Path, cl
     for img in (label, macro):
         row = img[img.shape[0] // 2].tobytes()[:48]
         assert not any(row in b for b in blobs), "associated image pixels leaked"
+
+
+def test_workers_fork_from_a_forkserver_with_the_worker_environment() -> None:
+    """glibc reads MALLOC_* once, at process start: a worker forked from the forkserver has the
+    forkserver's settings, so the forkserver itself must start with them, however early a run
+    starts it (and the client's own environment is left as it was)."""
+    import multiprocessing.forkserver
+
+    import psutil
+
+    from gpubatch import cluster
+
+    if cluster._mp_method() != "forkserver":
+        pytest.skip("workers are spawned, not forked, on this platform")
+    before = dict(os.environ)
+    cluster._ensure_forkserver()
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    env = psutil.Process(pid).environ()
+    for key, value in cluster.WORKER_ENV.items():
+        assert env.get(key) == before.get(key, value), key
+    assert dict(os.environ) == before
