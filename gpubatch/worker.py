@@ -158,9 +158,10 @@ class _HostStage:
 
     def warm(self, model: Model, shape: tuple[int, ...], dtype: str, clocks: StageClocks) -> None:
         """Once per model and worker, before the first shard opens: one zero batch through the
-        model (which sizes ONNX Runtime's arena), its input kept as the buffer. The first shard's compute time then holds no session
-        set-up, and the worker holds its batch-sized memory from the start rather than from
-        whichever shard first overlaps a slide opening with a model run."""
+        model (which sizes ONNX Runtime's arena), its input kept as the buffer. The first shard's
+        compute time then holds no session set-up, and the worker holds its batch-sized memory
+        from the start rather than from whichever shard first overlaps a slide opening with a
+        model run."""
         with self.lock:
             if self.buffer is not None or model.device != "cpu":
                 return
