@@ -40,6 +40,7 @@ TRANSFER_SHARE = 0.25   # transfer + preprocess against compute: above this, mov
 BLOCKED_SHARE = 0.05    # model stage waiting on the writer: above this, output is the limit
 FILL_MIN = 0.75         # mean batch fill below this: batches are under-filled
 SMALL_BATCH = 16        # batches smaller than this rarely fill an accelerator
+SMALL_BATCH_BYTES = 4 << 20  # ...unless each call still carries this much input (100 kb windows)
 SHORT_RUN_SHARE = 0.5   # fixed start-up above this share of worker time: figures are noisy
 
 
@@ -78,6 +79,7 @@ class _Figures:
     p99_ms: float | None
     fell_back: str  # the reduced precision the validation gate refused, if any
     kind: str = "slides"
+    batch_bytes: int = 0  # model input per full batch; 0 when the run did not record it
 
     @classmethod
     def of(cls, summary: dict[str, Any]) -> _Figures:
@@ -95,6 +97,7 @@ class _Figures:
             readers=int(summary.get("readers") or 0), items_per_shard=items / len(shards) if shards else 0.0,
             p99_ms=(summary.get("storage") or {}).get("p99_ms"), fell_back=_refused_precision(summary),
             kind=str(summary.get("kind", "slides")),
+            batch_bytes=int(summary.get("batch_input_bytes") or 0),
         )
 
 
@@ -196,10 +199,13 @@ def _transfer_bound(f: _Figures) -> _Finding | None:
 
 def _under_filled(f: _Figures) -> _Finding | None:
     """Fed and busy, but each model call carries fewer items than it could."""
-    if f.fill >= FILL_MIN and not 0 < f.batch_size < SMALL_BATCH:
+    small = 0 < f.batch_size < SMALL_BATCH and f.batch_bytes < SMALL_BATCH_BYTES
+    if f.fill >= FILL_MIN and not small:
         return None
     evidence = (f"the model was fed (starvation {f.starvation:.1%}) but batches were {f.fill:.0%} full "
                 f"on average at batch size {f.batch_size}")
+    if f.batch_bytes:
+        evidence += f" ({f.batch_bytes / 2**20:.1f} MB of input per full batch)"
     if f.fill < FILL_MIN and 0 < f.items_per_shard < f.batch_size:
         return _Finding(
             LAYER_BATCHING, "partial batches at shard ends",

@@ -273,7 +273,8 @@ def _finish(job: JobSpec, outdir: Path, shards: list[Shard], results: list[dict[
         "backend": ctx.backend, "precision": ctx.precision, "batch_size": ctx.batch_size,
         "workers": n_workers, "profile": prof.get("cluster"), "readers": job.run.readers,
         "model_sha256": ctx.model_sha256, "spec_sha256": ctx.spec_hash,
-        "shards_total": len(shards), "shards_done": len(done_ids), **prepared.report,
+        "shards_total": len(shards), "shards_done": len(done_ids),
+        "batch_input_bytes": _batch_input_bytes(job, ctx.batch_size), **prepared.report,
     }
     summary = summarize(results, failed, wall, run_info)
     write_report(outdir, summary)
@@ -285,6 +286,13 @@ def _finish(job: JobSpec, outdir: Path, shards: list[Shard], results: list[dict[
                                                "failed": len(failed), "total": len(shards)})
     code = EXIT_PARTIAL if failed else EXIT_OK
     return Result(summary, str(outdir), code, failed)
+
+
+def _batch_input_bytes(job: JobSpec, batch_size: int) -> int:
+    import numpy as np
+
+    shape, dtype = get_source(job.kind).model_input(job, batch_size)
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 def _write_zarr_root(outdir: Path, summary: dict[str, Any], order: list[str], done: set[str]) -> None:

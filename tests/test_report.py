@@ -95,6 +95,14 @@ def test_under_filled_batches_ask_for_a_larger_batch() -> None:
 def test_small_batch_size_is_batching() -> None:
     v = rp.verdict(summary(0.02, batch_size=4))
     assert v["limiting_layer"] == rp.LAYER_BATCHING and v["detail"] == "small batches"
+    few_bytes = rp.verdict(summary(0.02, batch_size=4, batch_input_bytes=4 * 1000 * 4 * 4))
+    assert few_bytes["limiting_layer"] == rp.LAYER_BATCHING and "0.1 MB of input" in few_bytes["evidence"]
+
+
+def test_few_large_items_per_batch_are_not_small_batches() -> None:
+    """Four 100 kb genome windows are 6.4 MB of input per call: per-call overhead is not the limit."""
+    v = rp.verdict(summary(0.02, batch_size=4, batch_input_bytes=4 * 100_000 * 4 * 4))
+    assert v["limiting_layer"] != rp.LAYER_BATCHING
 
 
 def test_partial_batches_from_tiny_shards_are_not_fixed_by_a_larger_batch() -> None:
