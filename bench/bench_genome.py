@@ -22,7 +22,7 @@ from common import WORK, alternate, machine, save, shards_only_row, steady_secon
 
 
 def make_genome(bases: int) -> Path:
-    from gpubatch.demo import write_synthetic_genome
+    from gpubatch.cli.demo import write_synthetic_genome
 
     path = WORK / f"genome-{bases}.fa"
     if not path.exists():
@@ -32,7 +32,7 @@ def make_genome(bases: int) -> Path:
 
 
 def make_model(length: int) -> Path:
-    from gpubatch.demo_models import make_genome_model
+    from gpubatch.cli.demo_models import make_genome_model
 
     path = WORK / f"genome-model-{length}.onnx"
     if not path.exists():

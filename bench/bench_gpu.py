@@ -55,7 +55,7 @@ def read_tile_blobs(slide: Path, count: int) -> tuple[list[bytes], bytes | None,
 
 
 def bench_decode(blobs: list[bytes], tables: bytes | None, photometric: int) -> dict[str, Any]:
-    from gpubatch import gpu_decode
+    from gpubatch.sources.slides import gpu_decode
 
     result: dict[str, Any] = {"tiles": len(blobs)}
     cpu_s = _timed(lambda: gpu_decode.decode_jpeg_tiles_cpu(blobs, tables, photometric=photometric), 2)
@@ -96,7 +96,7 @@ def make_model(workdir: Path, size: int) -> Path:
 
 def make_qdq(model: Path, size: int) -> Path | None:
     """Explicit QDQ int8 copy through gpubatch's own quantizer (the path jobs use), random calibration."""
-    from gpubatch.models.quantize import quantize_qdq
+    from gpubatch.models.prepare.quantize import quantize_qdq
 
     out = model.with_name("bench_model.int8.onnx")
     calibration = np.random.default_rng(0).standard_normal((32, 3, size, size)).astype(np.float32)
@@ -139,8 +139,8 @@ def bench_model(model: Any, batch: int, size: int, iters: int = 50) -> float:
 
 
 def bench_end_to_end(model: Any, tiles: np.ndarray, batch: int, device: str) -> dict[str, Any]:
-    from gpubatch.device import make_device_stage
-    from gpubatch.engine.clocks import StageClocks
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.engine.device import make_device_stage
 
     stage = make_device_stage(model, "tiles", device=device, mean=MEAN, std=STD, layout="NCHW")
     batches = [tiles[i : i + batch] for i in range(0, len(tiles), batch)]
@@ -158,7 +158,7 @@ def bench_end_to_end(model: Any, tiles: np.ndarray, batch: int, device: str) -> 
 
 def decode_tiles(blobs: list[bytes], tables: bytes | None, photometric: int, size: int) -> np.ndarray:
     """uint8 (N, size, size, 3) tiles cropped from decoded stored tiles (host decode, once)."""
-    from gpubatch import gpu_decode
+    from gpubatch.sources.slides import gpu_decode
 
     decoded = gpu_decode.decode_jpeg_tiles_cpu(blobs, tables, photometric=photometric)
     if decoded.shape[1] < size or decoded.shape[2] < size:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from gpubatch.kernels_gpu import gpu_available
+    from gpubatch.ops.kernels_gpu import gpu_available
 
     if not gpu_available():
         print("bench_gpu: SKIP (no CUDA device visible to CuPy; run on a GPU machine with gpubatch[gpu])")

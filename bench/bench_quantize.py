@@ -8,7 +8,7 @@ GFLOPs per 224x224 tile. Weights are random (no downloads), so the top-1 agreeme
 how much int8 rounding moves a randomly initialised network's decisions, which is harsher than a
 trained one with confident margins; the logits' Pearson correlation is shown beside it.
 
-Calibration and validation tiles are cut from a synthetic H&E-like slide (gpubatch.demo), drawn
+Calibration and validation tiles are cut from a synthetic H&E-like slide (gpubatch.cli.demo), drawn
 disjointly. Both sessions live in one process and are timed in alternating repeats (fp32, int8,
 int8, fp32, ...) so that thermal or neighbour noise hits both alike; the median is reported.
 """
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from gpubatch.models.onnxruntime import OnnxRuntimeModel
-from gpubatch.models.quantize import quantize_qdq
-from gpubatch.models.validate import classifier_figures, regressor_figures, run_batches
+from gpubatch.models.prepare.quantize import quantize_qdq
+from gpubatch.models.prepare.validate import classifier_figures, regressor_figures, run_batches
 
 TILE = 224
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -66,7 +66,7 @@ def resnet18_like(classes: int = 1000) -> Any:
 def export(path: Path) -> Path:
     import torch
 
-    from gpubatch.demo import _export
+    from gpubatch.cli.demo import _export
 
     return _export(resnet18_like(), torch.rand(2, 3, TILE, TILE), path, ["logits"])
 
@@ -75,7 +75,7 @@ def tissue_tiles(workdir: Path, n: int) -> np.ndarray:
     """``n`` normalised NCHW tiles cut from a synthetic slide's full-resolution level."""
     import tifffile
 
-    from gpubatch.demo import write_synthetic_slide
+    from gpubatch.cli.demo import write_synthetic_slide
 
     side = int(np.ceil(np.sqrt(n))) * TILE
     img = tifffile.imread(write_synthetic_slide(workdir / "bench.tif", side, side, levels=1, seed=3))

@@ -43,7 +43,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def make_workload(kind: str, n_slides: int, size: tuple[int, int]) -> dict[str, Any]:
-    from gpubatch.demo import write_synthetic_slide
+    from gpubatch.cli.demo import write_synthetic_slide
 
     d = WORK / f"slides-{size[0]}x{size[1]}"
     d.mkdir(parents=True, exist_ok=True)
@@ -66,9 +66,9 @@ def make_workload(kind: str, n_slides: int, size: tuple[int, int]) -> dict[str, 
 
 def tile_lists(slides: list[Path], size: int, mpp: float) -> list[dict[str, Any]]:
     """The tiles every contestant reads: gpubatch's grid and tissue mask, computed once, untimed."""
-    from gpubatch.engine.clocks import StageClocks
-    from gpubatch.sources.slides import filter_tissue, make_grid
-    from gpubatch.sources.wsi import TiffBackend
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.sources.slides.backends import TiffBackend
+    from gpubatch.sources.slides.source import filter_tissue, make_grid
     from gpubatch.spec import TilesSpec
 
     spec = TilesSpec(size=size, mpp=mpp)
@@ -204,10 +204,10 @@ def run_gpubatch(job: dict[str, Any], last: dict[str, Any]) -> int:
 
 def measure_bound(tiles: list[dict[str, Any]], model: Path, batch: int) -> dict[str, float]:
     """Per-item CPU seconds of tifffile tile-grid decode and of the model; the cores-wide bound."""
-    from gpubatch.engine.clocks import StageClocks
-    from gpubatch.kernels import normalize_tiles
-    from gpubatch.sources.slides import _resize
-    from gpubatch.sources.wsi import TiffBackend
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.ops.kernels import normalize_tiles
+    from gpubatch.sources.slides.backends import TiffBackend
+    from gpubatch.sources.slides.source import _resize
 
     n = sum(len(t["xs"]) for t in tiles)
     decoded: list[np.ndarray] = []

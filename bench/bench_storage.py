@@ -30,9 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from gpubatch.engine.clocks import StageClocks  # noqa: E402
-from gpubatch.staging import StageCache  # noqa: E402
-from gpubatch.storage import RetryPolicy, open_stream, storage_summary  # noqa: E402
+from gpubatch.core.clocks import StageClocks  # noqa: E402
+from gpubatch.io.stage_cache import StageCache  # noqa: E402
+from gpubatch.io.storage import RetryPolicy, open_stream, storage_summary  # noqa: E402
 
 
 def _serve(latencies: list[float], conn: Any) -> None:

@@ -31,7 +31,7 @@ def make_resnet18_like(path: str | Path, classes: int = 2) -> Path:
     import torch
     from torch import nn
 
-    from gpubatch.demo import _export
+    from gpubatch.cli.demo import _export
 
     path = Path(path)
     if path.exists():
@@ -51,7 +51,7 @@ def make_light_model(path: str | Path, classes: int = 2) -> Path:
     import torch
     from torch import nn
 
-    from gpubatch.demo import _export
+    from gpubatch.cli.demo import _export
 
     path = Path(path)
     if path.exists():

@@ -11,15 +11,15 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gpubatch.runner import Result
+    from gpubatch.runtime.runner import Result
     from gpubatch.spec import JobSpec
 
 __all__ = ["JobSpec", "Result", "__version__", "load_job", "open_results", "run"]
 
 
 def run(job_or_path: Any, **overrides: Any) -> Result:
-    """Run a job (a JobSpec or a YAML path) and return its Result; see gpubatch.runner.run."""
-    from gpubatch.runner import run as _run
+    """Run a job (a JobSpec or a YAML path) and return its Result; see gpubatch.runtime.runner.run."""
+    from gpubatch.runtime.runner import run as _run
 
     return _run(job_or_path, **overrides)
 
@@ -35,9 +35,9 @@ def open_results(outdir: Any) -> Result:
     """Open a finished run's outputs: the report and predictions, without re-running anything."""
     from pathlib import Path
 
-    from gpubatch.errors import EXIT_OK, EXIT_PARTIAL
-    from gpubatch.report import load_report
-    from gpubatch.runner import Result as _Result
+    from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
+    from gpubatch.report.summary import load_report
+    from gpubatch.runtime.runner import Result as _Result
 
     report = load_report(outdir)
     failed = report.get("failed", [])
@@ -50,7 +50,7 @@ def __getattr__(name: str) -> Any:
 
         return _JobSpec
     if name == "Result":
-        from gpubatch.runner import Result as _Result
+        from gpubatch.runtime.runner import Result as _Result
 
         return _Result
     raise AttributeError(name)

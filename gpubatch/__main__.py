@@ -1,3 +1,3 @@
-from gpubatch.cli import main
+from gpubatch.cli.main import main
 
 raise SystemExit(main())

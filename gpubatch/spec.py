@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gpubatch.errors import SpecError
+from gpubatch.core.errors import SpecError
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://", "az://", "abfs://", "memory://")
 
@@ -278,7 +278,7 @@ def load_job(path: str | Path, overrides: dict[str, Any] | list[str] | None = No
 
 def _missing_filesystems(uris: list[str]) -> list[tuple[str, str]]:
     """Remote schemes whose fsspec backend is not installed: a spec problem, not N quarantines."""
-    from gpubatch.storage import PROTOCOL_EXTRAS
+    from gpubatch.io.storage import PROTOCOL_EXTRAS
 
     problems = []
     for i, uri in enumerate(uris):
@@ -296,7 +296,7 @@ def _missing_filesystems(uris: list[str]) -> list[tuple[str, str]]:
 
 def check_local_files(job: JobSpec) -> None:
     """Fail before any work when a local input or model file named in the spec is missing."""
-    from gpubatch.storage import expand_uris  # local import: storage imports fsspec lazily
+    from gpubatch.io.storage import expand_uris  # local import: storage imports fsspec lazily
 
     problems: list[tuple[str, str]] = _missing_filesystems(job.input.uris)
     if not is_remote(job.model.path) and not Path(job.model.path).is_file():

@@ -27,14 +27,14 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def slide_path(assets: Path) -> Path:
     """A 2048x1536 pyramidal JPEG TIFF at 0.25 mpp, three levels, with tissue blobs."""
-    from gpubatch.demo import write_synthetic_slide
+    from gpubatch.cli.demo import write_synthetic_slide
 
     return write_synthetic_slide(assets / "slide.tif", 2048, 1536, seed=1)
 
 
 @pytest.fixture(scope="session")
 def slides_dir(assets: Path) -> Path:
-    from gpubatch.demo import write_synthetic_slide
+    from gpubatch.cli.demo import write_synthetic_slide
 
     d = assets / "slides"
     d.mkdir()
@@ -45,14 +45,14 @@ def slides_dir(assets: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def classifier(assets: Path) -> Path:
-    from gpubatch.demo import make_classifier
+    from gpubatch.cli.demo import make_classifier
 
     return make_classifier(assets / "classifier.onnx")
 
 
 @pytest.fixture(scope="session")
 def mean_model(assets: Path) -> Path:
-    from gpubatch.demo import make_mean_colour_model
+    from gpubatch.cli.demo import make_mean_colour_model
 
     return make_mean_colour_model(assets / "mean.onnx")
 

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from gpubatch.engine import PipelineConfig, StageClocks, run_pipeline
+from gpubatch.core.clocks import StageClocks
+from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
 from gpubatch.sources.base import ItemBlock, ReadUnit, ShardReader
 
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from conftest import shared_file
 
-from gpubatch.engine import PipelineConfig, StageClocks, run_pipeline
-from gpubatch.errors import InputError, SpecError
-from gpubatch.kernels import encode_dna, reverse_complement_codes
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import InputError, SpecError
+from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
+from gpubatch.ops.kernels import encode_dna, reverse_complement_codes
 from gpubatch.sources import get_source
 from gpubatch.sources.base import Shard
-from gpubatch.sources.genome import GenomeSource, group_reads
-from gpubatch.sources.reference import FastaReference, open_reference
+from gpubatch.sources.genome.reference import FastaReference, open_reference
+from gpubatch.sources.genome.source import GenomeSource, group_reads
 from gpubatch.spec import JobSpec, parse_job
 
 pysam = pytest.importorskip("pysam")
@@ -279,8 +280,8 @@ class Sink:
 
 
 def run_job(job: JobSpec, batch_size: int = 16) -> Sink:
+    from gpubatch.engine.worker import make_batch_runner
     from gpubatch.models.onnxruntime import OnnxRuntimeModel
-    from gpubatch.worker import make_batch_runner
 
     source = get_source("genome")
     model = OnnxRuntimeModel(job.model.path)
@@ -297,7 +298,7 @@ def run_job(job: JobSpec, batch_size: int = 16) -> Sink:
 
 @pytest.fixture(scope="module")
 def count_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from gpubatch.demo_models import make_identity_onehot_model
+    from gpubatch.cli.demo_models import make_identity_onehot_model
 
     d = tmp_path_factory.mktemp("models")
     return {layout: make_identity_onehot_model(d / f"counts-{layout}.onnx", 64, layout)
@@ -347,7 +348,7 @@ def test_sarscov2_variant_effect(count_models: dict[str, Path]) -> None:
 
 
 def test_genome_model_variant_columns(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
-    from gpubatch.demo_models import make_genome_model
+    from gpubatch.cli.demo_models import make_genome_model
 
     path, contigs = synth
     model = make_genome_model(tmp_path / "g.onnx", 32, "NLC", n_outputs=3)
@@ -382,7 +383,7 @@ def s3_refs(synth: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPat
     pytest.importorskip("moto")
     from s3_fixtures import start_s3_stack
 
-    from gpubatch.ingest import ingest_genome
+    from gpubatch.sources.genome.ingest import ingest_genome
 
     path, _ = synth
     stack = start_s3_stack("genomes")

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from conftest import shared_file
 
-from gpubatch import gpu_decode, kernels, tables
-from gpubatch.device import CpuDeviceStage, DeviceStage, Preprocess, make_device_stage
-from gpubatch.engine.clocks import StageClocks
-from gpubatch.errors import GpubatchError
-from gpubatch.kernels_gpu import gpu_available
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import GpubatchError
+from gpubatch.engine.device import CpuDeviceStage, DeviceStage, Preprocess, make_device_stage
+from gpubatch.ops import kernels
+from gpubatch.ops.kernels_gpu import gpu_available
+from gpubatch.sources.slides import gpu_decode
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = sorted((REPO / "kernels").glob("*.cu"))
@@ -57,7 +58,7 @@ def tile_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def dna_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gpubatch.demo_models import make_genome_model
+    from gpubatch.cli.demo_models import make_genome_model
 
     return make_genome_model(tmp_path_factory.mktemp("m") / "dna.onnx", length=64, layout="NLC")
 
@@ -196,35 +197,6 @@ def test_tensorrt_int8_refuses_a_model_without_qdq(tile_model: Path, tmp_path: P
         _trt_or_skip(tile_model, tmp_path, monkeypatch, "int8")
 
 
-# -- tables (pandas always; cuDF on gpu) -------------------------------------------------------------
-
-
-def test_tables_pandas_path(tmp_path: Path) -> None:
-    import pandas as pd
-
-    a = tables.DataFrame({"x": np.arange(3), "p": np.linspace(0, 1, 3)})
-    b = tables.from_pandas(pd.DataFrame({"x": [9], "p": [0.5]}))
-    both = tables.concat([a, b])
-    path = tmp_path / "t.parquet"
-    tables.to_pandas(both).to_parquet(path)
-    back = tables.to_pandas(tables.read_parquet(str(path), columns=["x"]))
-    assert back["x"].tolist() == [0, 1, 2, 9]
-    if not gpu_available():
-        assert tables.backend() == "pandas"
-
-
-@gpu
-@needs_gpu
-def test_tables_cudf_path(tmp_path: Path) -> None:
-    pytest.importorskip("cudf")
-    if os.environ.get("GPUBATCH_TABLES", "").lower() == "pandas":
-        pytest.skip("GPUBATCH_TABLES=pandas forces the pandas path")
-    assert tables.backend() == "cudf"
-    frame = tables.concat([tables.DataFrame({"x": [1, 2]}), tables.DataFrame({"x": [3]})])
-    assert type(frame).__module__.startswith("cudf")
-    assert tables.to_pandas(frame)["x"].tolist() == [1, 2, 3]
-
-
 # -- JPEG table splicing (always) and GPU decode (gpu) ------------------------------------------------
 
 
@@ -340,7 +312,7 @@ def test_kernel_compiles_to_ptx(source: Path, arch: str, define: str, tmp_path: 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not on PATH")
-    from gpubatch.kernels_gpu import kernel_source
+    from gpubatch.ops.kernels_gpu import kernel_source
 
     inlined = tmp_path / source.name  # what NVRTC compiles: local includes inlined, no include path
     inlined.write_text(kernel_source(source.name))

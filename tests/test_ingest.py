@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from conftest import shared_file
 
-import gpubatch.ingest as ingest_mod
-from gpubatch.engine import StageClocks
-from gpubatch.errors import InputError
-from gpubatch.ingest import ingest_genome
-from gpubatch.kernels import encode_dna
-from gpubatch.sources.genome import GenomeSource
-from gpubatch.sources.reference import GENOME_ATTR, load_contigs, open_reference
+import gpubatch.sources.genome.ingest as ingest_mod
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import InputError
+from gpubatch.ops.kernels import encode_dna
+from gpubatch.sources.genome.ingest import ingest_genome
+from gpubatch.sources.genome.reference import GENOME_ATTR, load_contigs, open_reference
+from gpubatch.sources.genome.source import GenomeSource
 from gpubatch.spec import JobSpec, parse_job
 
 pysam = pytest.importorskip("pysam")

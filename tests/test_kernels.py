@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from gpubatch import kernels, kernels_gpu
+from gpubatch.ops import kernels, kernels_gpu
 
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not kernels_gpu.gpu_available(), reason="no CUDA device (CuPy sees none)")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpubatch.errors import GpubatchError, MissingExtraError
+from gpubatch.core.errors import GpubatchError, MissingExtraError
 from gpubatch.models.base import (
     BACKENDS,
     BackendEntry,
@@ -20,7 +20,7 @@ from gpubatch.models.base import (
     register_backend,
     resolve_backend,
 )
-from gpubatch.models.validate import compare_outputs, detect_task, top_probability
+from gpubatch.models.prepare.validate import compare_outputs, detect_task, top_probability
 
 torch = pytest.importorskip("torch")
 
@@ -39,7 +39,7 @@ def _net() -> Any:
 @pytest.fixture(scope="module")
 def same_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One network saved three ways: ONNX, TorchScript (.pt) and an ExportedProgram (.pt2)."""
-    from gpubatch.demo import _export
+    from gpubatch.cli.demo import _export
 
     d = tmp_path_factory.mktemp("torch")
     net, example = _net(), torch.rand(2, 3, 32, 32)
@@ -121,7 +121,7 @@ def test_gate_figures_classifier_and_regressor() -> None:
 def test_torch_bf16_goes_through_the_gate(same_weights: dict[str, Path], slide_path: Path, tmp_path: Path) -> None:
     from conftest import slide_job, write_job
 
-    from gpubatch.models.prepare import prepare_model
+    from gpubatch.models.prepare.resolve import prepare_model
     from gpubatch.sources import get_source
     from gpubatch.spec import load_job
 

@@ -15,15 +15,15 @@ import pytest
 from conftest import write_job
 
 import gpubatch
-from gpubatch.engine.clocks import StageClocks
-from gpubatch.errors import SpecError, ValidationGateError
-from gpubatch.models import quantize
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import SpecError, ValidationGateError
+from gpubatch.engine.worker import RunContext, make_batch_runner
 from gpubatch.models.base import get_model
-from gpubatch.models.prepare import PreparedModel, prepare_model
-from gpubatch.models.sampling import SampleSettings, draw_items
+from gpubatch.models.prepare import quantize
+from gpubatch.models.prepare.resolve import PreparedModel, prepare_model
+from gpubatch.models.prepare.sampling import SampleSettings, draw_items
 from gpubatch.sources import get_source
 from gpubatch.spec import JobSpec, load_job
-from gpubatch.worker import RunContext, make_batch_runner
 
 TILE = 64
 
@@ -31,7 +31,7 @@ TILE = 64
 @pytest.fixture(scope="module")
 def qdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two 1024x768 slides: 16 x 12 = 192 tiles of 64 px at level 0 each, 384 in all."""
-    from gpubatch.demo import write_synthetic_slide
+    from gpubatch.cli.demo import write_synthetic_slide
 
     d = tmp_path_factory.mktemp("quant")
     (d / "slides").mkdir()
@@ -43,7 +43,7 @@ def qdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def small_cnn(qdir: Path) -> Path:
     """The demo CNN at 64 px; seed 10 splits these slides' tiles about evenly between two classes."""
-    from gpubatch.demo import make_classifier
+    from gpubatch.cli.demo import make_classifier
 
     return make_classifier(qdir / "cnn.onnx", size=TILE, seed=10)
 
@@ -70,7 +70,7 @@ def fragile(qdir: Path) -> Path:
     import torch
     from torch import nn
 
-    from gpubatch.demo import _export
+    from gpubatch.cli.demo import _export
 
     t1, t2 = np.quantile(_tile_brightness(qdir / "slides"), [1 / 3, 2 / 3])
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gpubatch.errors import SpecError
-from gpubatch.sources.reference import ContigTable
-from gpubatch.sources.regions import (
+from gpubatch.core.errors import SpecError
+from gpubatch.sources.genome.reference import ContigTable
+from gpubatch.sources.genome.regions import (
     n_windows,
     parse_bed,
     resolve_regions,

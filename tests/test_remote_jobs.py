@@ -68,7 +68,7 @@ def test_missing_and_forbidden_objects_are_quarantined(tmp_path: Path, s3: S3Sta
     job = slide_job(uris, classifier, tmp_path / "out")
     job["input"].update(storage=s3.options(), access="stream")
     path = write_job(tmp_path / "job.yaml", job)
-    from gpubatch.cli import main
+    from gpubatch.cli.main import main
 
     assert main(["run", str(path)]) == 3
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from gpubatch import report as rp
-from gpubatch.storage import LATENCY_PREFIX
+from gpubatch.io.storage import LATENCY_PREFIX
+from gpubatch.report import summary as rp
 
 
 def summary(starvation: float = 0.01, parts: dict[str, float] | None = None, **kw: Any) -> dict[str, Any]:

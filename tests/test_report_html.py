@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from gpubatch import report as rp
-from gpubatch.report_html import render_html, write_html
-from gpubatch.storage import LATENCY_PREFIX
+from gpubatch.io.storage import LATENCY_PREFIX
+from gpubatch.report import summary as rp
+from gpubatch.report.html import render_html, write_html
 
 CHROMIUM = "/usr/bin/chromium"
 PLOTS = ("throughput", "starvation", "queue", "breakdown", "stages", "latency")
@@ -30,7 +30,7 @@ needs_chromium = pytest.mark.skipif(
 def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real small run (2 synthetic slides, inline profile); returns its output folder."""
     import gpubatch
-    from gpubatch.demo import prepare_demo
+    from gpubatch.cli.demo import prepare_demo
 
     work = tmp_path_factory.mktemp("demo")
     job = prepare_demo(work, n_slides=2, size=(2048, 1536))
@@ -103,7 +103,7 @@ def test_real_run_without_remote_storage_says_so(real_run: Path) -> None:
 
 
 def test_cli_report_html(real_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gpubatch.cli import main
+    from gpubatch.cli.main import main
 
     (real_run / "report.html").unlink(missing_ok=True)
     assert main(["report", str(real_run), "--html"]) == 0

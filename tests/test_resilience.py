@@ -17,7 +17,7 @@ import pytest
 from conftest import shared_file, slide_job, write_job
 
 import gpubatch
-from gpubatch.demo import write_synthetic_slide
+from gpubatch.cli.demo import write_synthetic_slide
 
 pytestmark = pytest.mark.slow
 N_SLIDES = 8
@@ -196,7 +196,7 @@ def test_workers_fork_from_a_forkserver_with_the_worker_environment() -> None:
 
     import psutil
 
-    from gpubatch import cluster
+    from gpubatch.runtime import cluster
 
     if cluster._mp_method() != "forkserver":
         pytest.skip("workers are spawned, not forked, on this platform")

@@ -14,8 +14,8 @@ import zarr
 from conftest import shared_file, slide_job, write_job
 
 import gpubatch
-from gpubatch.demo import write_synthetic_slide
-from gpubatch.errors import EXIT_OK, EXIT_PARTIAL
+from gpubatch.cli.demo import write_synthetic_slide
+from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
 from gpubatch.models.base import file_sha256
 
 

@@ -9,11 +9,11 @@ import openslide
 import pytest
 from conftest import shared_file
 
-from gpubatch.demo import write_synthetic_slide
-from gpubatch.engine.clocks import StageClocks
-from gpubatch.errors import InputError
-from gpubatch.sources.slides import choose_level, make_grid, otsu_threshold, tissue_mask
-from gpubatch.sources.wsi import OpenSlideBackend, TiffBackend, coalesce, open_slide
+from gpubatch.cli.demo import write_synthetic_slide
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import InputError
+from gpubatch.sources.slides.backends import OpenSlideBackend, TiffBackend, coalesce, open_slide
+from gpubatch.sources.slides.source import choose_level, make_grid, otsu_threshold, tissue_mask
 from gpubatch.spec import TilesSpec
 
 

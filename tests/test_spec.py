@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import slide_job, write_job
 
-from gpubatch.cli import main
-from gpubatch.errors import EXIT_USAGE, SpecError
+from gpubatch.cli.main import main
+from gpubatch.core.errors import EXIT_USAGE, SpecError
 from gpubatch.spec import check_local_files, load_job
 
 
@@ -110,7 +110,7 @@ def test_not_yaml_and_not_a_mapping(tmp_path: Path) -> None:
 def test_model_input_shape_must_match_the_tiles(tmp_path: Path, good: dict, assets: Path) -> None:
     import torch
 
-    from gpubatch.demo import _export
+    from gpubatch.cli.demo import _export
 
     fixed = _export(torch.nn.Flatten(), torch.rand(1, 3, 32, 32), assets / "fixed32.onnx", ["flat"])
     good["model"]["path"] = str(fixed)

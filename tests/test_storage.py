@@ -12,12 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from gpubatch.engine.clocks import StageClocks
-from gpubatch.errors import InputError
-from gpubatch.sources.wsi import SlideBackend, open_slide
-from gpubatch.spec import JobSpec
-from gpubatch.staging import StageCache
-from gpubatch.storage import (
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import InputError
+from gpubatch.io.stage_cache import StageCache
+from gpubatch.io.storage import (
     RetryPolicy,
     choose_access,
     expand_uris,
@@ -30,6 +28,8 @@ from gpubatch.storage import (
     release,
     storage_summary,
 )
+from gpubatch.sources.slides.backends import SlideBackend, open_slide
+from gpubatch.spec import JobSpec
 
 if TYPE_CHECKING:
     from s3_fixtures import S3Stack
@@ -261,7 +261,7 @@ def test_prefetch_then_open_is_a_cache_hit(s3: S3Stack, slide_uris: dict, tmp_pa
     _, uri = slide_uris["synthetic"]
     s3.proxy.configure(latency_s=0.01)
     job = _job(uri, s3.options(), "stage")
-    from gpubatch import staging
+    from gpubatch.io import stage_cache as staging
 
     staging.configure_stage_cache({"dir": str(tmp_path), "max_bytes": 1 << 30})
     try:
@@ -376,21 +376,21 @@ def test_env_stage_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_a_workers_first_shards_configure_its_stage_cache_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker's first two shards start together; a second configuration would replace the
     stage cache, deleting the first shard's download under it (seen as a vanished .part file)."""
-    import gpubatch.staging
-    import gpubatch.storage
-    from gpubatch import worker
-    from gpubatch.staging import get_stage_cache
+    import gpubatch.io.stage_cache
+    import gpubatch.io.storage
+    from gpubatch.engine import worker
+    from gpubatch.io.stage_cache import get_stage_cache
 
-    real, calls = gpubatch.storage.configure_storage, []
+    real, calls = gpubatch.io.storage.configure_storage, []
 
     def slow_configure(profile: dict | None) -> None:
         calls.append(profile)
         time.sleep(0.05)  # widen the window in which a second shard could also configure
         real(profile)
 
-    monkeypatch.setattr(gpubatch.storage, "configure_storage", slow_configure)
+    monkeypatch.setattr(gpubatch.io.storage, "configure_storage", slow_configure)
     monkeypatch.setattr(worker, "_CONFIGURED", {})
-    monkeypatch.setattr(gpubatch.staging, "_cache", gpubatch.staging._cache)  # restored afterwards
+    monkeypatch.setattr(gpubatch.io.stage_cache, "_cache", gpubatch.io.stage_cache._cache)  # restored afterwards
     ctx = worker.RunContext(str(tmp_path), "m.onnx", "onnxruntime", "fp32", 8, None, "", "", "",
                             storage_profile={"stage_cache": {"dir": str(tmp_path / "stage")}})
     start = threading.Barrier(2)

@@ -9,9 +9,9 @@ import pytest
 from conftest import slide_job, write_job
 
 import gpubatch
-from gpubatch.cli import main
+from gpubatch.cli.main import main
 from gpubatch.models.base import get_model
-from gpubatch.models.tune import CurvePoint, cache_path, choose_batch, sweep, tune_model
+from gpubatch.models.prepare.tune import CurvePoint, cache_path, choose_batch, sweep, tune_model
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +61,7 @@ def test_tune_model_caches_the_choice(classifier: Path) -> None:
 @pytest.fixture(scope="module")
 def mean_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The per-channel-mean model at 64 px: a sweep to 512 stays small and fast."""
-    from gpubatch.demo import make_mean_colour_model
+    from gpubatch.cli.demo import make_mean_colour_model
 
     return make_mean_colour_model(tmp_path_factory.mktemp("tune") / "mean64.onnx", size=64)
 

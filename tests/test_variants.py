@@ -7,10 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpubatch.errors import SpecError
-from gpubatch.kernels import encode_dna
-from gpubatch.sources.reference import ContigTable
-from gpubatch.sources.variants import is_symbolic, read_variants, variant_span, variant_windows
+from gpubatch.core.errors import SpecError
+from gpubatch.ops.kernels import encode_dna
+from gpubatch.sources.genome.reference import ContigTable
+from gpubatch.sources.genome.variants import (
+    is_symbolic,
+    read_variants,
+    variant_span,
+    variant_windows,
+)
 
 pysam = pytest.importorskip("pysam")
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from gpubatch.engine.clocks import StageClocks
+from gpubatch.core.clocks import StageClocks
 from gpubatch.sources.base import ItemBlock, ShardReader
 
 _DONE = object()

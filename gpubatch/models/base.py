@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gpubatch.errors import GpubatchError, MissingExtraError
+from gpubatch.core.errors import GpubatchError, MissingExtraError
 
 
 class Model(ABC):

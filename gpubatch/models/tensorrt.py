@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import tensorrt as trt
 
-from gpubatch.errors import GpubatchError
+from gpubatch.core.errors import GpubatchError
 from gpubatch.models.base import Model, file_sha256
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class TensorRTModel(Model):
     @classmethod
     def available(cls) -> bool:
         """True only with a visible CUDA device (TensorRT imports fine on GPU-less machines)."""
-        from gpubatch.kernels_gpu import gpu_available
+        from gpubatch.ops.kernels_gpu import gpu_available
 
         return gpu_available()
 

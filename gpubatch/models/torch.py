@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpubatch.errors import GpubatchError
+from gpubatch.core.errors import GpubatchError
 from gpubatch.models.base import Model
 
 SUPPORTED_PRECISIONS = ("fp32", "fp16", "bf16")

@@ -7,8 +7,8 @@ import importlib
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
 
 _SOURCES = {
-    "slides": ("gpubatch.sources.slides", "SlideSource"),
-    "genome": ("gpubatch.sources.genome", "GenomeSource"),
+    "slides": ("gpubatch.sources.slides.source", "SlideSource"),
+    "genome": ("gpubatch.sources.genome.source", "GenomeSource"),
 }
 
 

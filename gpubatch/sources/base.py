@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from gpubatch.engine.clocks import StageClocks
+    from gpubatch.core.clocks import StageClocks
     from gpubatch.spec import JobSpec
 
 

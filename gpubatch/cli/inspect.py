@@ -1,0 +1,30 @@
+"""`gpubatch inspect`: what a slide, genome store or results folder holds (allowlisted metadata only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gpubatch.core.clocks import StageClocks
+
+
+def inspect_path(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir() and (p / "report.json").exists():
+        from gpubatch.report.summary import load_report
+
+        report = load_report(p)
+        return {k: report.get(k) for k in ("name", "items", "items_per_s", "wall_s", "starvation", "verdict", "failed")}
+    if p.is_dir() and (p / "zarr.json").exists():
+        import zarr
+
+        return {"genome_store": str(p), **dict(zarr.open_group(str(p), mode="r").attrs)}
+    from gpubatch.io.storage import open_slide_input
+    from gpubatch.spec import JobSpec
+
+    job = JobSpec.model_validate({"input": {"uris": [path]}, "model": {"path": "-"}, "output": {"uri": "-"}})
+    backend = open_slide_input(path, job, StageClocks())
+    try:
+        return {"slide": path, **backend.info.as_dict()}
+    finally:
+        backend.close()

@@ -1,0 +1,177 @@
+"""The `gpubatch` command. Exit codes: 0 done, 1 error, 2 bad spec or usage, 3 partial."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, SpecError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 on usage errors already; keep the text
+        self.print_usage(sys.stderr)
+        print(f"gpubatch: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gpubatch", description="Batch inference over whole-slide images and genomes.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    d = sub.add_parser("demo", help="generate synthetic slides and a model, run a job, print the summary")
+    d.add_argument("--workdir", default="demo-work")
+    v = sub.add_parser("validate", help="validate a job spec (nothing runs)")
+    v.add_argument("job")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r = sub.add_parser("run", help="run a job")
+    r.add_argument("job")
+    r.add_argument("--profile")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--resume", action="store_true", help="skip shards already committed")
+    s = sub.add_parser("submit", help="run a job on an existing Dask cluster")
+    s.add_argument("job")
+    s.add_argument("--scheduler", required=True, metavar="ADDR")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--resume", action="store_true")
+    st = sub.add_parser("status", help="progress of a running or finished job")
+    st.add_argument("outdir")
+    rp = sub.add_parser("report", help="print a finished run's summary")
+    rp.add_argument("outdir")
+    rp.add_argument("--html", action="store_true", help="also write OUTDIR/report.html")
+    t = sub.add_parser("tune", help="sweep batch sizes and choose one")
+    t.add_argument("job")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ing = sub.add_parser("ingest", help="convert inputs to fast formats")
+    ing.add_argument("what", choices=["genome"])
+    ing.add_argument("source")
+    ing.add_argument("out")
+    ins = sub.add_parser("inspect", help="describe a slide, genome or results folder")
+    ins.add_argument("path")
+    return p
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from gpubatch.spec import check_local_files, load_job
+
+    job = load_job(args.job, args.set)
+    check_local_files(job)
+    print(f"{args.job}: valid ({job.kind} job '{job.name}')")
+    return EXIT_OK
+
+
+def _run_and_report(job_path: str, sets: list[str], **options: Any) -> int:
+    from gpubatch.report.summary import format_summary
+    from gpubatch.runtime.runner import run_job
+    from gpubatch.spec import load_job
+
+    job = load_job(job_path, sets)
+    result = run_job(job, **options)
+    print(format_summary(result.report))
+    print(f"outputs: {result.output_uri}")
+    return result.exit_code
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return _run_and_report(args.job, args.set, profile=args.profile, resume=args.resume)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    return _run_and_report(args.job, args.set, scheduler=args.scheduler, resume=args.resume)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gpubatch.cli.demo import prepare_demo, prepare_genome_demo
+
+    codes = []
+    for job_path in (prepare_demo(args.workdir), prepare_genome_demo(args.workdir)):
+        print(f"\ndemo job spec: {job_path}")
+        codes.append(_run_and_report(str(job_path), []))
+    return max(codes)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    path = Path(args.outdir) / "status.json"
+    if not path.exists():
+        raise SpecError([("OUTDIR", f"no status.json in {args.outdir}: no run has started there")])
+    s = json.loads(path.read_text())
+    eta = s.get("eta_s")
+    print(f"{s['state']}: {s['done']}/{s['total']} shards done, {s['failed']} failed"
+          + (f", {s.get('items_per_s', 0):.1f} items/s" if "items_per_s" in s else "")
+          + (f", starvation {s['starvation']:.1%}" if "starvation" in s else "")
+          + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" else ""))
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gpubatch.report.summary import format_summary, load_report
+
+    report = load_report(args.outdir)
+    print(format_summary(report))
+    if args.html:
+        from gpubatch.report.html import write_html
+
+        print(f"wrote {write_html(args.outdir, report)}")
+    return EXIT_OK
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from gpubatch.models.prepare.tune import tune_job
+
+    tune_job(args.job, args.set)
+    return EXIT_OK
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from gpubatch.sources.genome.ingest import ingest_genome
+
+    info = ingest_genome(args.source, args.out)
+    print(json.dumps(info, indent=1, default=str))
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from gpubatch.cli.inspect import inspect_path
+
+    print(json.dumps(inspect_path(args.path), indent=1, default=str))
+    return EXIT_OK
+
+
+COMMANDS = {"validate": _cmd_validate, "run": _cmd_run, "submit": _cmd_submit, "demo": _cmd_demo,
+            "status": _cmd_status, "report": _cmd_report, "tune": _cmd_tune, "ingest": _cmd_ingest,
+            "inspect": _cmd_inspect}
+
+
+def _setup_logging(verbose: bool) -> None:
+    """gpubatch's own lines at INFO; Dask's chatter only when it is an error."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    log = logging.getLogger("gpubatch")
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    import dask
+
+    dask.config.set({"logging.distributed": "error"})
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except GpubatchError as exc:
+        print(f"gpubatch: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gpubatch: interrupted; rerun with --resume to finish", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

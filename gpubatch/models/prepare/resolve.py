@@ -1,0 +1,233 @@
+"""Resolve the model a run will use: precision (quantize + validation gate) and batch size.
+
+Runs once on the client before shards are submitted, so every worker loads the same file and no
+prediction is written by a model that has not passed the gate. The steps, in order:
+
+1. precision: for a reduced precision, draw calibration and validation items from the job's own
+   inputs (sampling.py), make the reduced model once (quantize.py, cached under OUTDIR/_models),
+   and hold it against fp32 on the held-out items (validate.py). Below ``min_agreement`` the run
+   stops with the figures (``on_fail: error``) or runs in fp32 and says so (``on_fail: fp32``).
+2. batch size: ``auto`` takes the cached tuning choice or sweeps (tune.py).
+3. a quick model-only throughput figure, when step 1 or 2 already loaded the model.
+4. the per-item confidence fallback settings, for the workers.
+
+Figures land in ``PreparedModel.report`` (merged into report.json) and ``PreparedModel.audit``
+(merged into every audit.jsonl line).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpubatch.core.errors import SpecError, ValidationGateError
+from gpubatch.models.base import Model, backend_class, file_sha256, resolve_backend
+from gpubatch.models.prepare.quantize import ensure_reduced, fp16_converter_available
+from gpubatch.models.prepare.sampling import ItemSample, SampleSettings, draw_items, draw_probe
+from gpubatch.models.prepare.tune import make_batch, measure, tune_model
+from gpubatch.models.prepare.validate import GateResult, gate
+from gpubatch.sources.base import Shard, Source
+from gpubatch.spec import JobSpec
+
+log = logging.getLogger("gpubatch")
+
+ONNX_BACKENDS = ("onnxruntime", "tensorrt")
+DEFAULT_BATCH = 64
+MEASURE_S = 0.3
+
+
+@dataclass
+class PreparedModel:
+    path: str
+    precision: str
+    batch_size: int
+    report: dict[str, Any] = field(default_factory=dict)
+    audit: dict[str, Any] = field(default_factory=dict)
+    #: the fp32 model workers re-run low-confidence items on (``model.fallback``), else None
+    fallback_path: str | None = None
+    fallback_max_prob: float | None = None
+
+
+def unsupported_reason(precision: str, backend: str) -> str | None:
+    """Why this backend cannot run this precision at all (before any work), else None."""
+    if precision == "fp8" and backend != "tensorrt":
+        return (f"precision fp8 needs TensorRT on an Ada or Hopper GPU (compute capability 8.9+); "
+                f"this run uses backend {backend}, and ONNX Runtime's CPU provider has no fp8 kernels. "
+                "Use int8 here")
+    if precision in ("int8", "fp8") and backend == "torch":
+        return (f"precision {precision} is explicit QDQ quantization of an ONNX model; the torch "
+                "backend runs fp32, fp16 or bf16. Export the model to ONNX for int8")
+    return None
+
+
+def keep_fp32_reason(precision: str, backend: str) -> str | None:
+    """Why an ONNX model stays fp32 for a 16-bit request (a note, not a failure), else None."""
+    if backend not in ONNX_BACKENDS:
+        return None
+    if precision == "bf16":
+        return "bf16 ONNX conversion is not provided; bf16 runs with backend torch. Kept fp32"
+    if precision == "fp16" and not fp16_converter_available():
+        return ("fp16 ONNX conversion needs onnxconverter-common (pip install onnxconverter-common); "
+                "fp16 pays off with TensorRT on a GPU, not on ONNX Runtime's CPU provider. Kept fp32")
+    return None
+
+
+class _Preparation:
+    """The state of one preparation: chosen file and precision, loaded model, figures."""
+
+    def __init__(self, job: JobSpec, source: Source, shards: list[Shard], outdir: Path):
+        self.job, self.source, self.shards, self.outdir = job, source, shards, outdir
+        self.backend = resolve_backend(job.model.backend, job.model.path)
+        self.path, self.precision = job.model.path, "fp32"
+        self.model: Model | None = None
+        self.sample: ItemSample | None = None
+        self.batch_size = job.model.batch_size if isinstance(job.model.batch_size, int) else DEFAULT_BATCH
+        self.report: dict[str, Any] = {}
+        self.audit: dict[str, Any] = {}
+
+    def load(self, path: str, precision: str) -> Model:
+        """A private session (not the worker cache): the client must not keep sessions alive."""
+        return backend_class(self.backend)(path, precision=precision, threads=self.job.model.threads)
+
+    def draw(self) -> ItemSample:
+        if self.sample is None:
+            self.sample = draw_items(self.job, self.source, self.shards, SampleSettings.from_job(self.job))
+        return self.sample
+
+    # -- precision ------------------------------------------------------------------------------
+
+    def choose_precision(self) -> None:
+        want = self.job.model.precision
+        if want == "fp32":
+            return
+        reason = unsupported_reason(want, self.backend)
+        if reason:
+            self.refuse(want, reason)
+            return
+        note = keep_fp32_reason(want, self.backend)
+        if note:
+            log.warning("%s", note)
+            self.report["quantization"] = {"requested": want, "used": "fp32", "note": note}
+            self.audit["quantization"] = {"requested": want, "used": "fp32"}
+            return
+        self.reduce(want)
+
+    def refuse(self, want: str, reason: str) -> None:
+        """A precision this backend cannot run: stop, or run fp32 when ``on_fail: fp32``."""
+        if self.job.model.validation.on_fail == "error":
+            raise SpecError([("model.precision", f"{reason}; or set model.validation.on_fail: fp32 "
+                                                 "to run in fp32 instead")])
+        log.warning("%s; running in fp32 (on_fail: fp32)", reason)
+        figures = {"requested": want, "passed": False, "fell_back_to": "fp32", "reason": reason}
+        self.report["quantization"] = figures
+        self.audit["quantization"] = dict(figures)
+
+    def reduce(self, want: str) -> None:
+        """Make the reduced model (cached), gate it against fp32, and adopt it or fall back."""
+        sample = self.draw()
+        reference = self.load(self.job.model.path, "fp32")
+        info: dict[str, Any] = {}
+        path = self.job.model.path
+        if self.backend in ONNX_BACKENDS:
+            target = "cpu" if self.backend == "onnxruntime" and reference.device == "cpu" else "gpu"
+            calib_sha = sample.calibration_sha256 if want != "fp16" else ""
+            sampling = SampleSettings.from_job(self.job).as_dict() if want != "fp16" else {}
+            reduced_path, info = ensure_reduced(path, file_sha256(path), want, sample.calibration,
+                                                calib_sha, sampling, self.outdir, target)
+            path = str(reduced_path)
+        reduced = self.load(path, want)
+        result = self.run_gate(reference, reduced, sample, want)
+        self.record(want, path, info, result, sample)
+        if result.passed:
+            self.path, self.precision, self.model = path, want, reduced
+        elif self.job.model.validation.on_fail == "error":
+            raise ValidationGateError(result.message(), result.figures)
+        else:
+            log.warning("%s\nrunning in fp32 (on_fail: fp32)", result.message())
+            self.model = reference
+
+    def run_gate(self, reference: Model, reduced: Model, sample: ItemSample, want: str) -> GateResult:
+        v = self.job.model.validation
+        if len(sample.validation) == 0:
+            return GateResult(False, {"precision": want, "items": 0, "agreement": 0.0, "task": v.task,
+                                      "min_agreement": v.min_agreement, "outputs": {},
+                                      "reason": "no held-out items left to validate on"})
+        batch = min(self.batch_size, 64)
+        return gate(reference, reduced, sample.validation, precision=want,
+                    min_agreement=v.min_agreement, task=v.task, batch_size=batch)
+
+    def record(self, want: str, path: str, info: dict[str, Any], result: GateResult, sample: ItemSample) -> None:
+        """Figures into the report (everything) and the audit (the decision and the headline)."""
+        fell_back = not result.passed
+        q = {"requested": want, "used": "fp32" if fell_back else want, "passed": result.passed,
+             **({"fell_back_to": "fp32"} if fell_back else {}), "backend": self.backend,
+             "model_path": path, "model_sha256": file_sha256(path), **sample.describe(),
+             "validation": result.figures, "quantizer": info}
+        self.report["quantization"] = q
+        head = {k: q[k] for k in ("requested", "used", "passed", "model_sha256")}
+        head.update({k: result.figures.get(k) for k in ("task", "agreement", "min_agreement", "items")})
+        head.update({"cached": info.get("cached"), **({"fell_back_to": "fp32"} if fell_back else {})})
+        self.audit["quantization"] = head
+
+    # -- batch size and throughput ----------------------------------------------------------------
+
+    def probe_items(self) -> np.ndarray:
+        if self.sample is not None and len(self.sample.validation):
+            return self.sample.validation
+        if self.sample is not None:
+            return self.sample.calibration
+        return draw_probe(self.job, self.source, self.shards)
+
+    def choose_batch(self, retune: bool) -> None:
+        if self.job.model.batch_size != "auto" and not retune:
+            self.audit["batch_size_source"] = "spec"
+            return
+        if self.model is None:
+            self.model = self.load(self.path, self.precision)
+        result = tune_model(self.model, self.probe_items(), file_sha256(self.path), refresh=retune)
+        self.batch_size = result.batch_size
+        self.report["tuning"] = result.as_dict() | {"backend": self.backend, "precision": self.precision}
+        self.audit["batch_size_source"] = "tuning cache" if result.cached else "tuned"
+        if not result.cached and (ips := result.items_per_s_at(result.batch_size)):
+            self.report["model_only_items_per_s_measured"] = ips
+
+    def measure_throughput(self) -> None:
+        """Model-only items/s at the chosen batch size, only if a model is already loaded."""
+        if self.model is None or "model_only_items_per_s_measured" in self.report:
+            return
+        items = self.probe_items()
+        ips, _ = measure(self.model, make_batch(items, self.batch_size), min_time_s=MEASURE_S, min_runs=1)
+        self.report["model_only_items_per_s_measured"] = ips
+
+    def configure_fallback(self) -> tuple[str | None, float | None]:
+        fb = self.job.model.fallback
+        if fb is None:
+            return None, None
+        if self.precision == "fp32":
+            self.report["fallback"] = {"enabled": False, "reason": "the run is already fp32"}
+            return None, None
+        self.report["fallback"] = {"enabled": True, "max_prob_below": fb.max_prob_below,
+                                   "model_path": self.job.model.path}
+        return self.job.model.path, fb.max_prob_below
+
+
+def prepare_model(job: JobSpec, source: Source, shards: list[Shard], outdir: Path,
+                  *, retune: bool = False) -> PreparedModel:
+    """The model file, precision and batch size this run will use, with the figures behind them.
+
+    Raises ``ValidationGateError`` (gate failed, ``on_fail: error``) or ``SpecError`` (precision
+    impossible on this backend) before any shard runs. ``retune`` forces a fresh batch-size sweep
+    (``gpubatch tune``).
+    """
+    prep = _Preparation(job, source, shards, Path(outdir).resolve())
+    prep.choose_precision()
+    prep.choose_batch(retune)
+    prep.measure_throughput()
+    fallback_path, threshold = prep.configure_fallback()
+    prep.audit["run_model_sha256"] = file_sha256(prep.path)
+    return PreparedModel(prep.path, prep.precision, prep.batch_size, prep.report, prep.audit,
+                         fallback_path, threshold)

@@ -1,0 +1,1 @@
+"""Array kernels of the device stage: numpy reference implementations and their CuPy twins."""

@@ -1,0 +1,1 @@
+"""The run summary, the bottleneck verdict, and their renderings (frames, terminal text, HTML)."""

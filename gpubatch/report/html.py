@@ -1,0 +1,256 @@
+"""report.html: the morning report, one self-contained page that opens offline.
+
+Headline numbers and the verdict come first, because the reader's question is "was the run fast,
+and if not, what do I change?"; the plots below are the evidence. Everything is inline (CSS, SVG,
+a few lines of JS) and a Content-Security-Policy forbids any outside request, so the page can be
+mailed, archived or opened on an air-gapped cluster and shows the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from gpubatch.report import plots
+from gpubatch.report.plots import AMBER, BLUE, GREEN, ORANGE, PURPLE, RED, Band, Series
+from gpubatch.report.summary import (
+    BAND_HIGH,
+    BAND_LOW,
+    LAYER_COMPUTE,
+    LAYER_STORAGE,
+    LAYER_TRANSFER,
+    latency_frame,
+    shard_frame,
+    stage_frame,
+    throughput_frame,
+    verdict,
+)
+
+LAYER_COLORS = {LAYER_STORAGE: ORANGE, LAYER_TRANSFER: PURPLE, LAYER_COMPUTE: BLUE}
+BAND_COLORS = {"not input-bound": GREEN, "moderately input-bound": AMBER, "input-bound": RED}
+# The per-stage breakdown: (part keys summed, label, layer).
+BREAKDOWN = (
+    (("storage",), "storage", LAYER_STORAGE), (("open",), "setup", LAYER_STORAGE),
+    (("decode", "resample"), "decode", LAYER_STORAGE), (("preprocess",), "preprocess", LAYER_TRANSFER),
+    (("transfer",), "transfer", LAYER_TRANSFER), (("compute",), "compute", LAYER_COMPUTE),
+    (("write",), "write", LAYER_STORAGE),
+)
+MUTED_LINE, INK_LINE = "#9aa5b1", "#1f2933"
+CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
+
+CSS = """
+*{box-sizing:border-box}body{margin:0;background:#f5f7fa;color:#1f2933;
+font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif}
+main{max-width:1180px;margin:0 auto;padding:20px 24px 40px}
+h1{font-size:22px;margin:0 0 2px}h2{font-size:16px;margin:24px 0 8px}.sub{color:#616e7c;margin:0 0 14px}
+.tiles{display:grid;grid-template-columns:repeat(6,1fr);gap:10px;margin-bottom:14px}
+.tile{background:#fff;border:1px solid #e4e7eb;border-radius:8px;padding:10px 12px}
+.tile .v{font-size:22px;font-weight:650}.tile .k{color:#616e7c;font-size:12px}
+.verdict{background:#fff;border:1px solid #e4e7eb;border-left:6px solid var(--band);border-radius:8px;
+padding:12px 16px}.verdict h2{margin:0 0 6px;font-size:18px}.verdict p{margin:4px 0}
+.verdict .next{font-weight:600}.verdict .gap{color:#3e4c59}.verdict .note{color:#616e7c;font-size:12px}
+.pill{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;background:var(--band);font-size:12px}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:12px}
+figure{margin:0;background:#fff;border:1px solid #e4e7eb;border-radius:8px;padding:8px}
+svg.plot{width:100%;height:auto;display:block}
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #e4e7eb}
+th,td{padding:5px 8px;border-bottom:1px solid #e4e7eb;text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f0f2f5;font-weight:600}table#run{width:auto;min-width:460px}td.l,th.l{text-align:left}tr.failed td{background:#fdecec}
+.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+@media (max-width:800px){.grid{grid-template-columns:1fr}.tiles{grid-template-columns:repeat(3,1fr)}}
+"""
+
+# Marks each plot rendered when its SVG has a laid-out box and drawn marks; the tests (and a
+# curious reader) see the result as data attributes in the DOM.
+SELF_CHECK = """
+(function(){var figs=document.querySelectorAll('svg.plot'),ok=0;
+for(var i=0;i<figs.length;i++){var s=figs[i],r=s.getBoundingClientRect(),
+marks=s.querySelectorAll('rect.bar,polyline.series,text.empty').length,
+good=r.width>0&&r.height>0&&marks>0;s.setAttribute('data-rendered',good?'yes':'no');if(good)ok++;}
+document.body.setAttribute('data-plots-rendered',ok+'/'+figs.length);})();
+"""
+
+
+def _num(v: float | None, fmt: str = "{:.1f}", none: str = "–") -> str:
+    return none if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def _rate(v: float | None) -> str:
+    """Headline rates: one decimal below 100, thousands separators above."""
+    return _num(v, "{:,.0f}" if v is not None and v >= 100 else "{:.1f}")
+
+
+def _tiles(report: dict[str, Any], v: dict[str, Any]) -> str:
+    """Six headline numbers: the end-to-end rate first, the model-only rate beside it."""
+    gap = v.get("gap") or {}
+    failed = len(report.get("failed") or [])
+    done = len(report.get("shards") or [])
+    tiles = [
+        (_rate(report.get("items_per_s")), "items/s end-to-end"),
+        (_rate(gap.get("model_only_items_per_s")), "items/s model-only"),
+        (_num(gap.get("cost"), "{:.0%}"), "of model speed lost to the data path"),
+        (f"{report.get('starvation', 0.0):.1%}", f"model starvation ({v['band']})"),
+        (f"{report.get('items', 0):,}", f"items in {report.get('wall_s', 0.0):.1f} s"),
+        (f"{done}/{done + failed}", "inputs done" + (f", {failed} quarantined" if failed else "")),
+    ]
+    cells = "".join(f'<div class="tile"><div class="v">{escape(a)}</div><div class="k">{escape(b)}</div></div>'
+                    for a, b in tiles)
+    return f'<section class="tiles" id="headline">{cells}</section>'
+
+
+def _verdict_box(v: dict[str, Any]) -> str:
+    """The verdict: limiting layer, evidence, next move, and what the gap costs."""
+    color = BAND_COLORS.get(v["band"], AMBER)
+    detail = f" — {v['detail']}" if v.get("detail") else ""
+    gap_text = (v.get("gap") or {}).get("text", "")
+    evidence = v["evidence"].replace("; " + gap_text, "") if gap_text else v["evidence"]
+    lines = [
+        f'<section class="verdict" id="verdict" style="--band:{color}">',
+        f'<h2>Limited by {escape(v["limiting_layer"])}{escape(detail)}</h2>',
+        f'<p><span class="pill">{escape(v["band"])}</span> model starved {v["starvation"]:.1%} of its time '
+        f'(bands: under {BAND_LOW:.0%} fed, {BAND_LOW:.0%}–{BAND_HIGH:.0%} moderate, {BAND_HIGH:.0%}+ input-bound)</p>',
+        f'<p><b>Evidence:</b> {escape(evidence)}</p>',
+        f'<p class="next">Next move: {escape(v["next_move"])}</p>',
+    ]
+    if gap_text:
+        lines.append(f'<p class="gap">{escape(gap_text[:1].upper() + gap_text[1:])}.</p>')
+    if v.get("caveat"):
+        lines.append(f'<p class="note">Note: {escape(v["caveat"])}.</p>')
+    return "".join(lines) + "</section>"
+
+
+def _time_plots(report: dict[str, Any]) -> list[str]:
+    """Throughput, starvation (with the 5% and 20% bands) and queue depth over the run."""
+    tf = throughput_frame(report)
+    if tf.empty:
+        msg = "no batches were timed in this run"
+        return [plots.message_plot(n, t, msg) for n, t in (("throughput", "Throughput over time"),
+                ("starvation", "Model starvation over time"), ("queue", "Prefetch queue depth over time"))]
+    width = float(tf["t_end"].iloc[0] - tf["t_start"].iloc[0])
+    mid = list(tf["t_start"] + width / 2)
+    avg = report.get("items_per_s", 0.0)
+    thr = plots.time_chart(
+        "throughput", "Throughput over time",
+        [Series("items/s", list(tf["t_start"]), list(tf["items_per_s"]), BLUE, "bars", list(tf["t_end"])),
+         Series(f"run average {avg:.1f}", [0.0, float(tf["t_end"].iloc[-1])], [avg, avg], MUTED_LINE, dashed=True)],
+        x_label="time since first shard started (s)", y_label="items/s",
+        subtitle=f"items finished per {width:g} s bucket, all workers")
+    bands = [Band(0.0, BAND_LOW, GREEN, "fed < 5%"), Band(BAND_LOW, BAND_HIGH, AMBER, "moderate 5–20%"),
+             Band(BAND_HIGH, 1.0, RED, "input-bound ≥ 20%")]
+    starv = plots.time_chart(
+        "starvation", "Model starvation over time", [Series("starvation", mid, list(tf["starvation"]), INK_LINE)],
+        x_label="time since first shard started (s)", y_label="starved / (starved + busy)", bands=bands,
+        y_max=1.0, y_fmt="%", subtitle=f"share of model-stage time spent waiting for input, per {width:g} s")
+    queue = plots.time_chart(
+        "queue", "Prefetch queue depth over time",
+        [Series("mean", mid, list(tf["queue_depth_mean"]), BLUE),
+         Series("max", mid, list(tf["queue_depth_max"]), ORANGE, dashed=True)],
+        x_label="time since first shard started (s)", y_label="ready batches",
+        subtitle="ready batches queued after each model batch; near 0 = about to starve")
+    return [thr, starv, queue]
+
+
+
+def _breakdown_plot(report: dict[str, Any]) -> str:
+    """Seconds per part, coloured by the layer it belongs to."""
+    parts = report.get("parts") or {}
+    total = sum(parts.values()) or 1.0
+    rows = []
+    for keys, label, layer in BREAKDOWN:
+        sec = sum(parts.get(k, 0.0) for k in keys)
+        note = f"{sec:.2f} s ({sec / total:.0%})" if any(k in parts for k in keys) else "not timed"
+        rows.append((label, sec, LAYER_COLORS[layer], note))
+    legend = [("storage/host", ORANGE), ("transfer", PURPLE), ("compute", BLUE)]
+    return plots.hbar_chart("breakdown", "Time by stage part", rows, x_label="seconds (summed over workers and threads)",
+                            legend=legend, subtitle="setup = slide open + tissue mask, per shard")
+
+
+def _stage_clock_plot(report: dict[str, Any]) -> str:
+    """Busy / starved / blocked seconds per pipeline stage."""
+    sf = stage_frame(report)
+    rows = []
+    for _, r in sf.iterrows():
+        for kind, color in (("busy", BLUE), ("starved", RED), ("blocked", AMBER)):
+            sec = float(r[f"{kind}_s"])
+            rows.append((f"{r['stage']} {kind}", sec, color, f"{sec:.2f} s"))
+    return plots.hbar_chart("stages", "Stage clocks", rows, x_label="seconds",
+                            legend=[("busy", BLUE), ("starved", RED), ("blocked", AMBER)],
+                            subtitle="starved: waiting for input; blocked: waiting for room downstream")
+
+
+def _latency_plot(report: dict[str, Any]) -> str:
+    lf = latency_frame(report)
+    title = "Storage request latency"
+    if lf.empty:
+        return plots.message_plot("latency", title, "no remote storage requests")
+    st = report.get("storage") or {}
+    labels = [f"≤{plots.fmt(u)}" if math.isfinite(u) else f">{plots.fmt(lo)}"
+              for lo, u in zip(lf["lower_ms"], lf["upper_ms"], strict=True)]
+    sub = f"{int(lf['count'].sum())} requests; p50 {_num(st.get('p50_ms'), '{:.3g}')} ms, p99 {_num(st.get('p99_ms'), '{:.3g}')} ms"
+    return plots.histogram("latency", title, labels, list(lf["count"]), x_label="latency bucket upper bound (ms, log-spaced)",
+                           y_label="requests", subtitle=sub)
+
+
+def _shard_table(report: dict[str, Any]) -> str:
+    """Per input: items, seconds, rate, starvation, retries; quarantined inputs with their error."""
+    import pandas as pd
+
+    df = shard_frame(report)
+    if df.empty:
+        return "<p>No shards ran.</p>"
+    head = ("<tr><th class=l>input</th><th>status</th><th>items</th><th>seconds</th><th>items/s</th>"
+            "<th>starvation</th><th>retries</th><th class=l>error</th></tr>")
+    body = []
+    for _, r in df.iterrows():
+        retries = "–" if pd.isna(r["retries"]) else str(r["retries"])
+        body.append(
+            f'<tr class="{escape(r["status"])}"><td class="l mono">{escape(str(r["input"]))}</td>'
+            f'<td>{escape(r["status"])}</td><td>{int(r["items"]):,}</td><td>{_num(r["wall_s"], "{:.2f}")}</td>'
+            f'<td>{_num(r["items_per_s"])}</td><td>{_num(r["starvation"], "{:.1%}")}</td><td>{retries}</td>'
+            f'<td class="l">{escape(r["error"] if isinstance(r["error"], str) else "")}</td></tr>')
+    return f'<table id="shards">{head}{"".join(body)}</table>'
+
+
+def _run_table(report: dict[str, Any]) -> str:
+    """Run settings and storage figures, so the reader knows what the numbers were measured on."""
+    st = report.get("storage") or {}
+    rows = [("kind", report.get("kind")), ("backend", report.get("backend")), ("precision", report.get("precision")),
+            ("batch size", report.get("batch_size")), ("batch fill", _num(report.get("batch_fill"), "{:.0%}")),
+            ("workers", report.get("workers")), ("readers per worker", report.get("readers")),
+            ("profile", report.get("profile")), ("storage requests", st.get("requests")),
+            ("storage MB", _num((st.get("bytes") or 0) / 1e6)), ("storage MB/s", _num(st.get("mb_per_s"))),
+            ("storage retries", st.get("retries")), ("gpubatch", report.get("gpubatch_version")),
+            ("model sha256", (report.get("model_sha256") or "")[:16])]
+    cells = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l mono">{escape(str(v if v is not None else "–"))}</td></tr>'
+                    for k, v in rows)
+    return f'<table id="run">{cells}</table>'
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """The whole page as a string (no file access), for tests and for embedding."""
+    v = report.get("verdict") or {}
+    if "gap" not in v:
+        v = verdict(report)
+    name = escape(str(report.get("name", "job")))
+    figures = [*_time_plots(report), _breakdown_plot(report), _stage_clock_plot(report), _latency_plot(report)]
+    grid = "".join(f"<figure>{svg}</figure>" for svg in figures)
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>gpubatch report: {name}</title><style>{CSS}</style></head><body><main>"
+        f"<h1>{name}</h1><p class=sub>gpubatch run report · {escape(str(report.get('kind', '')))} · "
+        f"{escape(str(report.get('backend', '')))} {escape(str(report.get('precision', '')))}</p>"
+        f"{_tiles(report, v)}{_verdict_box(v)}<h2>Where the time went</h2><section class=grid id=plots>{grid}</section>"
+        f"<h2>Inputs</h2>{_shard_table(report)}<h2>Run</h2>{_run_table(report)}"
+        f"</main><script>{SELF_CHECK}</script></body></html>"
+    )
+
+
+def write_html(outdir: str | Path, report: dict[str, Any]) -> Path:
+    """Write OUTDIR/report.html and return its path."""
+    path = Path(outdir) / "report.html"
+    path.write_text(render_html(report), encoding="utf-8")
+    return path

@@ -1,0 +1,205 @@
+"""Dask clusters from profiles, and shard submission with retries.
+
+Profiles live in configs/*.yaml (``local`` is the default). A profile names a cluster kind:
+``local`` (LocalCluster of worker processes), ``local-cuda`` (dask-cuda's LocalCUDACluster: one
+worker per GPU with an RMM pool), ``scheduler`` (an existing scheduler by address), ``slurm``
+(dask-jobqueue), or ``inline`` (no Dask: shards run in this process, for debugging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpubatch.core.errors import MissingExtraError, SpecError
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+#: a source checkout's configs/, then the copy shipped in the wheel as gpubatch._configs
+CONFIG_DIRS = [_PACKAGE.parent / "configs", _PACKAGE / "_configs"]
+PROFILE_KEYS = {"cluster", "workers", "threads_per_worker", "memory_limit", "address", "rmm_pool_size",
+                "device_memory_limit", "slurm", "resources", "storage", "stage_cache", "description"}
+
+
+def load_profile(name_or_path: str) -> dict[str, Any]:
+    """A profile by name (configs/NAME.yaml) or by path, validated for known keys."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        for d in [Path(os.environ.get("GPUBATCH_CONFIGS", "/nonexistent")), *CONFIG_DIRS]:
+            if (d / f"{name_or_path}.yaml").is_file():
+                path = d / f"{name_or_path}.yaml"
+                break
+    if not path.is_file():
+        known = sorted({p.stem for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+        raise SpecError([("run.profile", f"no profile {name_or_path!r}; known: {known} or a path to a YAML file")])
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = set(data) - PROFILE_KEYS
+    if unknown:
+        raise SpecError([(f"profile {path.name}", f"unknown keys {sorted(unknown)}; known: {sorted(PROFILE_KEYS)}")])
+    data.setdefault("cluster", "local")
+    return data
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def worker_count(profile: dict[str, Any], n_shards: int, override: int | None = None) -> int:
+    workers = override or profile.get("workers", "auto")
+    if workers == "auto":
+        workers = min(cpu_count(), max(n_shards, 1))
+    return max(1, int(workers))
+
+
+class InlineExecutor(ThreadPoolExecutor):
+    """No Dask: shards run on threads of this process (``threads_per_worker`` at once).
+
+    Two shards at a time let one shard's setup (open, tissue mask) overlap the other's compute;
+    the model session is shared, as on a Dask worker.
+    """
+
+    def close(self) -> None:
+        self.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def open_cluster(profile: dict[str, Any], n_workers: int, scheduler: str | None = None) -> Iterator[Any]:
+    """Yield a Dask Client (or an InlineExecutor) for the profile; closes what it started."""
+    kind = "scheduler" if scheduler else profile["cluster"]
+    if kind == "inline":
+        pool = InlineExecutor(max_workers=int(profile.get("threads_per_worker", 2)), thread_name_prefix="gpubatch-shard")
+        try:
+            yield pool
+        finally:
+            pool.close()
+        return
+    from distributed import Client
+
+    if kind == "scheduler":
+        address = scheduler or profile.get("address") or os.environ.get("DASK_SCHEDULER_ADDRESS")
+        if not address:
+            raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
+        with Client(address, timeout="30s") as client:
+            yield client
+        return
+    cluster = _start_cluster(kind, profile, n_workers)
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+#: imported once in the forkserver, so each worker process starts with them loaded: everything a
+#: shard imports, the output writers included (imported at a worker's first commit, zarr and pandas
+#: took 0.7 s there and added tens of MB after the first shards' memory peak, not before it)
+WORKER_MODULES = ["numpy", "pandas", "onnxruntime", "tifffile", "imagecodecs", "pyarrow.parquet", "zarr", "fsspec",
+                  "gpubatch.engine.worker", "gpubatch.sources.slides.source", "gpubatch.sources.genome.source", "gpubatch.io.stage_cache",
+                  "gpubatch.models.onnxruntime", "gpubatch.models.prepare.validate", "gpubatch.outputs.writer"]
+
+
+def _mp_method() -> str:
+    """forkserver on Linux: workers fork from a process that imported everything once, instead of
+    each paying seconds of imports (a third of a short run on 2 cores); spawn elsewhere."""
+    default = "forkserver" if sys.platform.startswith("linux") else "spawn"
+    return os.environ.get("GPUBATCH_MP_METHOD", default)
+
+
+#: Environment of the worker processes, and of the forkserver they fork from (glibc reads its
+#: malloc settings once, at process start, so a forked worker has the forkserver's):
+#: - Dask asks glibc to hand freed memory back at 64 KiB; gpubatch's batches are tens of MB,
+#:   bounded by configuration, so that only turns every batch allocation into page faults;
+#: - short-lived reader threads each got a malloc arena that kept its freed batches: RSS crept
+#:   with the number of shards (see worker.py);
+#: - pyarrow's default pool (mimalloc) keeps what the first commit used for the life of the worker.
+WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}
+_FORKSERVER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _worker_environ() -> Iterator[None]:
+    """WORKER_ENV in os.environ while a process starts (a user's own settings win)."""
+    added = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _ensure_forkserver() -> None:
+    """Start the forkserver (once) with the worker modules imported and the worker environment."""
+    if _mp_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    from distributed.utils import get_mp_context
+
+    with _FORKSERVER_LOCK, _worker_environ():
+        ctx = get_mp_context()  # Dask registers its own preload list first
+        ctx.set_forkserver_preload(["distributed", *WORKER_MODULES])
+        forkserver.ensure_running()
+
+
+def start_worker_imports(profile: dict[str, Any]) -> None:
+    """Start the forkserver, and with it the worker modules' imports, on a background thread.
+
+    Called at the start of a run: the imports (about a second) then run on another core while this
+    process validates, plans and prepares the model, instead of in front of the cluster start.
+    """
+    if profile.get("cluster") != "local" or _mp_method() != "forkserver":
+        return
+
+    def start() -> None:
+        with contextlib.suppress(Exception):  # the cluster start will try again and report
+            _ensure_forkserver()
+
+    threading.Thread(target=start, name="gpubatch-forkserver", daemon=True).start()
+
+
+def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
+    if kind == "local":
+        import dask
+        from distributed import LocalCluster
+
+        dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()},
+                         # Dask's sampling profiler wakes every 10 ms in every worker: not ours to pay.
+                         "distributed.worker.profile.enabled": False,
+                         "distributed.worker.multiprocessing-method": _mp_method()})
+        _ensure_forkserver()
+
+        return LocalCluster(
+            n_workers=n_workers, threads_per_worker=int(profile.get("threads_per_worker", 1)),
+            processes=True, memory_limit=profile.get("memory_limit", "auto"),
+            dashboard_address=None, silence_logs=40,
+        )
+    if kind == "local-cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            raise MissingExtraError("the local-cuda profile", "dask-cuda", "gpu") from None
+        return LocalCUDACluster(
+            rmm_pool_size=profile.get("rmm_pool_size"), device_memory_limit=profile.get("device_memory_limit"),
+            threads_per_worker=int(profile.get("threads_per_worker", 1)), dashboard_address=None,
+            resources=profile.get("resources", {"GPU": 1}),
+        )
+    if kind == "slurm":
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError:
+            raise MissingExtraError("the slurm profile", "dask-jobqueue", "slurm") from None
+        cluster = SLURMCluster(**profile.get("slurm", {}))
+        cluster.scale(jobs=n_workers)
+        return cluster
+    raise SpecError([("profile.cluster", f"unknown cluster kind {kind!r}; use local, local-cuda, scheduler, slurm or inline")])

@@ -1,0 +1,1 @@
+"""Genomes as a Source: references, regions, variants, and ingest into a genome zarr."""

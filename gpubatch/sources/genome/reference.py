@@ -1,0 +1,334 @@
+"""Reference genome access: contig tables for planning, padded range reads for workers.
+
+Three on-disk forms are read, all through fsspec so that local paths and object-store URLs behave
+the same:
+
+* a genome zarr written by ``gpubatch ingest genome`` (one uint8 code array per contig; the
+  fastest form, and the only one that compresses well and reads in parallel over object storage);
+* a plain FASTA with its ``.fai`` index (line geometry from the index turns a base range into one
+  byte-range request);
+* a bgzip FASTA with ``.fai`` and ``.gzi`` (the ``.gzi`` maps uncompressed offsets to BGZF blocks,
+  so one range request fetches only the blocks that hold the bases).
+
+Planning needs only the contig table (``.fai`` or zarr attributes), never sequence. Reads return
+uint8 codes (A=0 C=1 G=2 T=3, anything else 4) and are padded with N (code 4) wherever the range
+runs outside the contig, which is how windows past a contig end are defined.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import struct
+import time
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from gpubatch.core.errors import InputError
+from gpubatch.ops.kernels import encode_dna
+from gpubatch.spec import is_remote
+
+if TYPE_CHECKING:
+    from gpubatch.core.clocks import StageClocks
+
+#: root attribute key of a genome zarr written by ``gpubatch ingest genome``
+GENOME_ATTR = "gpubatch_genome"
+N_CODE = 4
+MAX_LISTED_CONTIGS = 20
+_BGZF_MAGIC = b"\x1f\x8b\x08\x04"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ContigTable:
+    """Contig names and lengths in reference order; what planning needs and nothing more."""
+
+    names: tuple[str, ...]
+    lengths: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_lookup", dict(zip(self.names, self.lengths, strict=True)))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._lookup  # type: ignore[attr-defined]
+
+    def length(self, name: str) -> int:
+        return int(self._lookup[name])  # type: ignore[attr-defined]
+
+    def listing(self) -> str:
+        """The first contig names, for error messages that must say what *is* there."""
+        shown = ", ".join(self.names[:MAX_LISTED_CONTIGS])
+        more = len(self.names) - MAX_LISTED_CONTIGS
+        return f"{shown}, ... ({len(self.names)} contigs)" if more > 0 else shown
+
+    def missing_message(self, name: str) -> str:
+        """Why ``name`` is not usable, with a hint for the common chr-prefix mismatch."""
+        hint = ""
+        alt = name[3:] if name.startswith("chr") else f"chr{name}"
+        if alt in self:
+            hint = f" (the reference has '{alt}': the files disagree on the 'chr' prefix)"
+        return f"contig '{name}' is not in the reference{hint}; reference contigs: {self.listing()}"
+
+
+def _fs_path(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """(filesystem, path) from gpubatch.io.storage: shared instances, merged profile options."""
+    from gpubatch.io.storage import get_fs
+
+    return get_fs(uri, storage_options if is_remote(uri) else None)
+
+
+def _exists(uri: str, storage_options: dict[str, Any] | None) -> bool:
+    fs, path = _fs_path(uri, storage_options)
+    return bool(_retrying(lambda: fs.exists(path), uri))
+
+
+def _retrying(fn: Callable[[], T], uri: str, clocks: StageClocks | None = None) -> T:
+    """A storage call under gpubatch's retry policy (transient errors retried, then InputError)."""
+    from gpubatch.io.storage import RetryPolicy, call_with_retries
+
+    return call_with_retries(fn, uri, RetryPolicy(), clocks)
+
+
+def _cat(fs: Any, path: str, uri: str, start: int | None = None, end: int | None = None,
+         clocks: StageClocks | None = None) -> bytes:
+    """One range request, retried and recorded (requests, bytes, latency) in ``clocks``."""
+    from gpubatch.io.storage import record_request
+
+    t0 = time.perf_counter()
+    data = bytes(_retrying(lambda: fs.cat_file(path, start=start, end=end), uri, clocks))
+    record_request(clocks, len(data), time.perf_counter() - t0)
+    return data
+
+
+def reference_format(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """'zarr', 'bgzip' or 'fasta', decided from the store marker or the file's first bytes."""
+    fs, path = _fs_path(uri, storage_options)
+    if _retrying(lambda: fs.exists(path.rstrip("/") + "/zarr.json"), uri):
+        return "zarr"
+    if not _retrying(lambda: fs.exists(path), uri):
+        raise InputError(uri, "reference not found")
+    head = _cat(fs, path, uri, 0, 4)
+    if head[:2] == b"\x1f\x8b":
+        if head != _BGZF_MAGIC:
+            raise InputError(uri, "reference is gzip but not bgzip, so it cannot be read by range; "
+                                  f"recompress it with `bgzip` then `samtools faidx`, or convert it "
+                                  f"with `gpubatch ingest genome {uri} OUT.zarr`")
+        return "bgzip"
+    return "fasta"
+
+
+def _no_index(uri: str, what: str) -> InputError:
+    return InputError(uri, f"FASTA index {uri}{what} not found; make it with `samtools faidx {uri}` "
+                           f"(bgzip files get .fai and .gzi), or convert the FASTA once with "
+                           f"`gpubatch ingest genome {uri} OUT.zarr` and use the zarr as "
+                           f"windows.reference")
+
+
+@dataclass(frozen=True)
+class FaiEntry:
+    """One ``.fai`` line: where a contig's bases start and how its lines are laid out."""
+
+    length: int
+    offset: int
+    line_bases: int
+    line_width: int
+
+    def byte(self, pos: int) -> int:
+        """Byte offset (in the uncompressed file) of 0-based base ``pos``."""
+        return self.offset + (pos // self.line_bases) * self.line_width + pos % self.line_bases
+
+
+def read_fai(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, FaiEntry]:
+    """Parse ``uri + '.fai'``; a missing index says how to make one."""
+    fai_uri = uri + ".fai"
+    if not _exists(fai_uri, storage_options):
+        raise _no_index(uri, ".fai")
+    fs, path = _fs_path(fai_uri, storage_options)
+    entries: dict[str, FaiEntry] = {}
+    for n, line in enumerate(_cat(fs, path, fai_uri).decode().splitlines(), start=1):
+        fields = line.split("\t")
+        if not line.strip():
+            continue
+        try:
+            name, length, offset, lb, lw = fields[0], *map(int, fields[1:5])
+        except (ValueError, IndexError):
+            raise InputError(fai_uri, f"line {n}: expected 5 tab-separated fields "
+                                      f"(name, length, offset, linebases, linewidth), got {line!r}") from None
+        entries[name] = FaiEntry(length, offset, max(lb, 1), max(lw, 1))
+    return entries
+
+
+def read_gzi(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
+    """Parse a ``.gzi``: (compressed offsets, uncompressed offsets) of BGZF block starts."""
+    gzi_uri = uri + ".gzi"
+    if not _exists(gzi_uri, storage_options):
+        raise _no_index(uri, ".gzi")
+    fs, path = _fs_path(gzi_uri, storage_options)
+    raw = _cat(fs, path, gzi_uri)
+    (count,) = struct.unpack_from("<Q", raw, 0)
+    pairs = np.frombuffer(raw, dtype="<u8", count=2 * count, offset=8).reshape(-1, 2)
+    coffs, uoffs = [0], [0]
+    for c, u in pairs.tolist():
+        if u != uoffs[-1]:
+            coffs.append(int(c))
+            uoffs.append(int(u))
+    return coffs, uoffs
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
+
+
+def zarr_array_name(contig: str, index: int) -> str:
+    """The array key of a contig in a genome zarr: its own name when safe as a key, else c<index>."""
+    return contig if _SAFE_NAME.match(contig) and not contig.startswith("__") else f"c{index}"
+
+
+def open_genome_group(uri: str, storage_options: dict[str, Any] | None, mode: str = "r") -> Any:
+    """zarr.open_group for local paths and fsspec URLs alike (FsspecStore for the latter)."""
+    import zarr
+
+    if is_remote(uri):
+        return zarr.open_group(uri, mode=mode, storage_options=storage_options or {})  # type: ignore[arg-type]
+    return zarr.open_group(uri.removeprefix("file://"), mode=mode)  # type: ignore[arg-type]
+
+
+def _zarr_meta(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    group = open_genome_group(uri, storage_options)
+    meta = group.attrs.asdict().get(GENOME_ATTR)
+    if not isinstance(meta, dict) or not meta.get("complete"):
+        raise InputError(uri, "this zarr is not a complete genome store from `gpubatch ingest genome` "
+                              f"(no '{GENOME_ATTR}' root attribute; was the ingest interrupted?)")
+    return group, meta
+
+
+def load_contigs(uri: str, storage_options: dict[str, Any] | None = None) -> ContigTable:
+    """The reference's contig table from its index or zarr attributes; reads no sequence."""
+    if reference_format(uri, storage_options) == "zarr":
+        _, meta = _zarr_meta(uri, storage_options)
+        return ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]))
+    fai = read_fai(uri, storage_options)
+    return ContigTable(tuple(fai), tuple(e.length for e in fai.values()))
+
+
+class Reference(ABC):
+    """An open reference on a worker. Thread-safe: reads are stateless range requests."""
+
+    uri: str
+    format: str
+    contigs: ContigTable
+
+    def __init__(self, clocks: StageClocks | None = None):
+        self.clocks = clocks
+
+    @abstractmethod
+    def _read(self, contig: str, start: int, end: int) -> np.ndarray:
+        """Codes of [start, end), a range already clipped to the contig."""
+
+    def fetch(self, contig: str, start: int, end: int) -> np.ndarray:
+        """uint8 codes of [start, end); positions outside the contig (< 0 or >= length) are N."""
+        if contig not in self.contigs:
+            raise InputError(self.uri, self.contigs.missing_message(contig))
+        out = np.full(max(end - start, 0), N_CODE, dtype=np.uint8)
+        lo, hi = max(start, 0), min(end, self.contigs.length(contig))
+        if hi > lo:
+            out[lo - start : hi - start] = self._read(contig, lo, hi)
+        return out
+
+    def _count(self, nbytes: int) -> None:
+        """Count a read that did not go through ``_cat`` (zarr does its own requests)."""
+        if self.clocks is not None:
+            self.clocks.count("storage.requests")
+            self.clocks.count("storage.bytes", nbytes)
+
+    def _part(self, name: str) -> Any:
+        from contextlib import nullcontext
+
+        return self.clocks.part(name) if self.clocks is not None else nullcontext()
+
+    def close(self) -> None:  # noqa: B027 - nothing held open by default
+        """Release handles (none are held: every read is a stateless range request)."""
+
+
+class FastaReference(Reference):
+    """Plain or bgzip FASTA: one byte-range request per read, newlines stripped, then encoded."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None, fmt: str,
+                 clocks: StageClocks | None = None):
+        super().__init__(clocks)
+        self.uri, self.format = uri, fmt
+        self.fai = read_fai(uri, storage_options)
+        self.contigs = ContigTable(tuple(self.fai), tuple(e.length for e in self.fai.values()))
+        self.fs, self.path = _fs_path(uri, storage_options)
+        self.gzi = read_gzi(uri, storage_options) if fmt == "bgzip" else None
+
+    def _read(self, contig: str, start: int, end: int) -> np.ndarray:
+        entry = self.fai[contig]
+        b0, b1 = entry.byte(start), entry.byte(end - 1) + 1
+        raw = self._read_bytes(b0, b1)
+        with self._part("decode"):
+            seq = raw.translate(None, b"\r\n")
+            if len(seq) != end - start:
+                raise InputError(self.uri, f"{contig}:{start}-{end} read {len(seq)} bases, expected "
+                                           f"{end - start}: the .fai index does not match the file "
+                                           f"(rebuild it with `samtools faidx`)")
+            return encode_dna(seq)
+
+    def _read_bytes(self, b0: int, b1: int) -> bytes:
+        if self.gzi is None:
+            with self._part("storage"):
+                return _cat(self.fs, self.path, self.uri, b0, b1, self.clocks)
+        coffs, uoffs = self.gzi
+        first = bisect.bisect_right(uoffs, b0) - 1
+        last = bisect.bisect_left(uoffs, b1)  # first block starting at or after b1
+        c_end = coffs[last] if last < len(coffs) else None
+        with self._part("storage"):
+            comp = _cat(self.fs, self.path, self.uri, coffs[first], c_end, self.clocks)
+        with self._part("decode"):
+            plain = inflate_bgzf(comp)
+        return plain[b0 - uoffs[first] : b1 - uoffs[first]]
+
+
+def inflate_bgzf(data: bytes) -> bytes:
+    """Decompress a run of concatenated BGZF (gzip) members."""
+    parts: list[bytes] = []
+    while data:
+        d = zlib.decompressobj(31)
+        parts.append(d.decompress(data))
+        if not d.eof:
+            break
+        data = d.unused_data
+    return b"".join(parts)
+
+
+class ZarrReference(Reference):
+    """A genome zarr from ``gpubatch ingest``: slices of per-contig uint8 code arrays."""
+
+    format = "zarr"
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None,
+                 clocks: StageClocks | None = None):
+        super().__init__(clocks)
+        self.uri = uri
+        group, meta = _zarr_meta(uri, storage_options)
+        self.contigs = ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]))
+        self.arrays = {name: group[key] for name, key in zip(meta["contigs"], meta["arrays"], strict=True)}
+
+    def _read(self, contig: str, start: int, end: int) -> np.ndarray:
+        with self._part("storage"):
+            codes = np.asarray(self.arrays[contig][start:end], dtype=np.uint8)
+        self._count(codes.nbytes)
+        return codes
+
+
+def open_reference(uri: str, storage_options: dict[str, Any] | None = None,
+                   clocks: StageClocks | None = None) -> Reference:
+    """Open a reference in whichever form it is stored; raises InputError naming what is missing."""
+    fmt = reference_format(uri, storage_options)
+    if fmt == "zarr":
+        return ZarrReference(uri, storage_options, clocks)
+    return FastaReference(uri, storage_options, fmt, clocks)

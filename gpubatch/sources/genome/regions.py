@@ -1,0 +1,195 @@
+"""Regions and the windows tiled over them: BED files, "chr:start-end" strings, or the whole genome.
+
+Coordinates are 0-based and end-exclusive (BED), everywhere. Tiling rule: a region [start, end)
+gets the fewest windows that cover it, starting at ``start`` and stepping by ``stride``::
+
+    n = min(1 + max(0, ceil((end - start - length) / stride)), ceil((end - start) / stride))
+    window k = [start + k * stride, start + k * stride + length)
+
+so a region shorter than ``length`` gets one window that starts at the region start, every window
+starts inside the region (which matters when stride > length leaves gaps), and the last window
+may run past the region end. Past the region end it takes the reference's real bases;
+past the *contig* end it is padded with N (code 4). ``regions: genome`` is one region per contig.
+
+All problems found here are plan-time problems (nothing has run yet), so they raise ``SpecError``
+on the field ``windows.regions`` with the file name and line, and are listed together.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from gpubatch.core.errors import SpecError
+from gpubatch.sources.genome.reference import ContigTable
+
+FIELD = "windows.regions"
+MAX_PROBLEMS = 20
+_REGION_RE = re.compile(r"^(?P<chrom>.+?):(?P<start>[\d,_]+)-(?P<end>[\d,_]+)(?::(?P<strand>[+-]))?$")
+
+
+@dataclass(frozen=True)
+class Region:
+    """A 0-based, end-exclusive interval on one strand; ``where`` says where it came from."""
+
+    chrom: str
+    start: int
+    end: int
+    strand: str = "+"
+    where: str = ""
+
+
+def _short(uri: str) -> str:
+    return os.path.basename(uri.rstrip("/")) or uri
+
+
+def _bed_line(fields: list[str], where: str) -> Region:
+    """One BED line -> Region; raises ValueError with what was found."""
+    if len(fields) < 3:
+        raise ValueError(f"expected at least 3 tab-separated columns (chrom, start, end), "
+                         f"found {len(fields)}: {' '.join(fields)!r}")
+    chrom, s, e = fields[0], fields[1], fields[2]
+    if not (s.isdigit() and e.isdigit()):
+        raise ValueError(f"start and end must be non-negative integers, found start={s!r} end={e!r}")
+    start, end = int(s), int(e)
+    if end <= start:
+        raise ValueError(f"end ({end}) must be greater than start ({start}); BED is 0-based, end-exclusive")
+    strand = fields[5] if len(fields) >= 6 else "+"
+    if strand not in ("+", "-", "."):
+        raise ValueError(f"column 6 (strand) must be '+', '-' or '.', found {strand!r}")
+    return Region(chrom, start, end, "-" if strand == "-" else "+", where)
+
+
+def _bed_text(uri: str, storage_options: dict[str, Any] | None) -> Iterator[str]:
+    import fsspec
+
+    from gpubatch.spec import is_remote
+
+    options = (storage_options or {}) if is_remote(uri) else {}
+    with fsspec.open(uri, "rt", compression="infer", **options) as f:
+        yield from f
+
+
+def parse_bed(uri: str, storage_options: dict[str, Any] | None = None) -> list[Region]:
+    """Read a BED file (plain or gzip, any fsspec URL); every malformed line is reported by number.
+
+    Header lines (``#``, ``track``, ``browser``) and blank lines are skipped. Columns are split on
+    tabs (or, failing that, on runs of whitespace); column 6, when present, is the strand and a
+    '-' there makes that region's windows reverse-complemented.
+    """
+    regions: list[Region] = []
+    problems: list[tuple[str, str]] = []
+    try:
+        lines = list(_bed_text(uri, storage_options))
+    except FileNotFoundError:
+        raise SpecError([(FIELD, f"file not found: {uri}")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([(FIELD, f"{uri}: cannot be read as a text BED file ({exc})")]) from None
+    for n, line in enumerate(lines, start=1):
+        text = line.rstrip("\r\n")
+        if not text.strip() or text.startswith(("#", "track", "browser")):
+            continue
+        fields = text.split("\t") if "\t" in text else text.split()
+        where = f"{_short(uri)} line {n}"
+        try:
+            regions.append(_bed_line([f.strip() for f in fields], where))
+        except ValueError as exc:
+            problems.append((FIELD, f"{where}: {exc}"))
+    _raise(problems)
+    if not regions and not problems:
+        raise SpecError([(FIELD, f"{uri}: no regions (the BED file has no data lines)")])
+    return regions
+
+
+def parse_region_string(text: str, index: int, contigs: ContigTable) -> Region:
+    """'chr1:100-200' (0-based, end-exclusive; optional ':+' or ':-' strand) or a bare contig name."""
+    where = f"{FIELD}[{index}]"
+    text = text.strip()
+    m = _REGION_RE.match(text)
+    if m is None:
+        if text in contigs:
+            return Region(text, 0, contigs.length(text), "+", where)
+        raise SpecError([(where, f"expected 'chrom:start-end' (0-based, end-exclusive) or a contig "
+                                 f"name, got {text!r}")])
+    start, end = (int(m.group(k).replace(",", "").replace("_", "")) for k in ("start", "end"))
+    if end <= start:
+        raise SpecError([(where, f"{text!r}: end must be greater than start")])
+    return Region(m.group("chrom"), start, end, m.group("strand") or "+", where)
+
+
+def genome_regions(contigs: ContigTable) -> list[Region]:
+    """One region per contig, whole length, forward strand."""
+    return [Region(n, 0, ln, "+", f"contig {n}") for n, ln in zip(contigs.names, contigs.lengths, strict=True)
+            if ln > 0]
+
+
+def resolve_regions(regions: str | list[str], contigs: ContigTable,
+                    storage_options: dict[str, Any] | None = None) -> list[Region]:
+    """The spec's ``windows.regions`` as checked Regions (BED path, region strings, or 'genome')."""
+    if isinstance(regions, str) and regions == "genome":
+        found = genome_regions(contigs)
+    elif isinstance(regions, str) and _REGION_RE.match(regions.strip()):
+        found = [parse_region_string(regions, 0, contigs)]
+    elif isinstance(regions, str):
+        found = parse_bed(regions, storage_options)
+    else:
+        found = [parse_region_string(r, i, contigs) for i, r in enumerate(regions)]
+    check_regions(found, contigs)
+    return found
+
+
+def check_regions(regions: Iterable[Region], contigs: ContigTable) -> None:
+    """Every region must lie on a reference contig and end within it; all problems listed at once."""
+    problems: list[tuple[str, str]] = []
+    for r in regions:
+        if r.chrom not in contigs:
+            problems.append((FIELD, f"{r.where}: {contigs.missing_message(r.chrom)}"))
+        elif r.end > contigs.length(r.chrom):
+            problems.append((FIELD, f"{r.where}: region {r.chrom}:{r.start}-{r.end} runs past the end "
+                                    f"of {r.chrom} (length {contigs.length(r.chrom)})"))
+    _raise(problems)
+
+
+def _raise(problems: list[tuple[str, str]]) -> None:
+    if not problems:
+        return
+    if len(problems) > MAX_PROBLEMS:
+        extra = len(problems) - MAX_PROBLEMS
+        problems = problems[:MAX_PROBLEMS] + [(FIELD, f"... and {extra} more problems like these")]
+    raise SpecError(problems)
+
+
+def n_windows(region_length: int, length: int, stride: int) -> int:
+    """Windows that cover a region of ``region_length`` bases under the tiling rule above."""
+    cover = 1 + max(0, math.ceil((region_length - length) / stride))
+    return min(cover, math.ceil(region_length / stride))
+
+
+#: a run of windows: [chrom, first window start, count, strand]; windows step by the job's stride
+Segment = tuple[str, int, int, str]
+
+
+def shard_segments(regions: list[Region], length: int, stride: int,
+                   per_shard: int) -> Iterator[tuple[list[Segment], int]]:
+    """Cut the tiled windows of all regions into shards of at most ``per_shard`` windows.
+
+    Each shard is described by segments (a start and a count per region piece), not by a list of
+    windows, so that a shard description stays a few bytes however many windows it holds.
+    """
+    current: list[Segment] = []
+    room = per_shard
+    for r in regions:
+        k, total = 0, n_windows(r.end - r.start, length, stride)
+        while k < total:
+            take = min(room, total - k)
+            current.append((r.chrom, r.start + k * stride, take, r.strand))
+            k, room = k + take, room - take
+            if room == 0:
+                yield current, per_shard
+                current, room = [], per_shard
+    if current:
+        yield current, per_shard - room

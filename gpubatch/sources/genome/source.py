@@ -1,0 +1,294 @@
+"""Genomes as a Source: windows tiled over regions, or ref/alt window pairs around variants.
+
+The twin of ``slides.py``. Planning (client) reads the reference's contig table, the BED file or
+the VCF's positions, never sequence, and cuts the work into shards of
+``windows.windows_per_shard`` windows or variants. A shard's payload describes its windows
+compactly (runs of windows as [chrom, first start, count, strand]; variants as short lists), so
+it stays small however large the genome.
+
+On a worker, each read unit is one long contiguous reference read (at most
+``windows.chunk_bases`` bases, more only when one window is longer) that is sliced into many
+windows: big read, then slice. Memory per read unit is about twice max(chunk_bases, length)
+bytes, set by configuration and not by genome size.
+
+Window index columns are ``chrom``, ``start``, ``end`` (= start + length, also where the window runs
+past the contig end and is padded with N) and ``strand``. Sequences travel as uint8 codes: windows as (k, L), variant pairs as (k, 2, L) with ref then alt.
+They become one-hot floats only in ``to_model_input`` (``kernels.one_hot``; N -> ``n_value`` in all
+four channels). With ``reverse_complement: average`` the model sees every window on both strands
+(a batch of 2N, or 4N for variant pairs) and ``from_model_output`` averages the two strands' outputs
+back to N rows. Outputs are averaged as they are, which suits per-window scores; per-position
+outputs would need flipping first and are not handled specially.
+
+Errors: problems in the spec's files (unknown contig, malformed BED line, region past the contig
+end, VCF without header, FASTA without index) are found at plan time and raise ``SpecError``
+(exit 2, nothing runs). Problems met on a worker (a file that changed or vanished) raise
+``InputError`` and quarantine the shard. A REF allele that disagrees with the reference is not an
+error: the variant is scored and flagged (``ref_match`` False, counted in ``ref_mismatches``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import InputError, SpecError
+from gpubatch.ops.kernels import one_hot, reverse_complement_codes
+from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
+from gpubatch.sources.genome.reference import ContigTable, Reference, load_contigs, open_reference
+from gpubatch.sources.genome.regions import resolve_regions, shard_segments
+from gpubatch.sources.genome.variants import read_variants, variant_span, variant_windows
+from gpubatch.spec import JobSpec, WindowsSpec
+
+WINDOW_COLUMNS = ["chrom", "start", "end", "strand"]
+VARIANT_COLUMNS = ["variant_id", "chrom", "pos", "ref", "alt", "ref_match"]
+#: a gap wider than this between consecutive windows starts a new read instead of reading through it
+MAX_GAP_BASES = 1 << 16
+
+
+def _windows(job: JobSpec) -> WindowsSpec:
+    if job.windows is None:
+        raise SpecError([("windows", "kind: genome needs a `windows` section")])
+    return job.windows
+
+
+def _stride(w: WindowsSpec) -> int:
+    return w.stride or w.length
+
+
+def index_columns(job: JobSpec) -> list[str]:
+    """The index columns of a genome job: variant columns in variant mode, else window columns."""
+    return VARIANT_COLUMNS if job.windows is not None and job.windows.variants else WINDOW_COLUMNS
+
+
+def group_reads(chroms: list[str], starts: np.ndarray, ends: np.ndarray,
+                chunk_bases: int, length: int) -> Iterator[tuple[int, int]]:
+    """Split items (in output order) into runs [i, j) that one contiguous read can serve.
+
+    A run ends when the contig changes, an item starts before the run's first item, the read
+    would exceed max(chunk_bases, length) bases, the run holds max(1, chunk_bases // length)
+    items, or a gap of more than MAX_GAP_BASES would be read through.
+    """
+    budget, max_items = max(chunk_bases, length), max(1, chunk_bases // length)
+    i, n = 0, len(starts)
+    while i < n:
+        lo, hi, j = int(starts[i]), int(ends[i]), i + 1
+        while j < n and j - i < max_items and chroms[j] == chroms[i] and starts[j] >= lo \
+                and max(hi, ends[j]) - lo <= budget and starts[j] <= hi + MAX_GAP_BASES:
+            hi = max(hi, int(ends[j]))
+            j += 1
+        yield i, j
+        i = j
+
+
+class _GenomeReader(ShardReader):
+    """What window and variant readers share: the open reference and the model-side encoding."""
+
+    pair = False  # items are (k, 2, L) ref/alt pairs
+
+    def __init__(self, shard: Shard, job: JobSpec, reference: Reference, clocks: StageClocks):
+        self.shard, self.w, self.reference, self.clocks = shard, _windows(job), reference, clocks
+        self.length = self.w.length
+        self.average = self.w.reverse_complement == "average"
+        self._lock = threading.Lock()
+
+    def _base_attrs(self, contigs: list[str]) -> dict[str, Any]:
+        return {
+            "reference": self.reference.uri, "reference_format": self.reference.format,
+            "reference_contigs": len(self.reference.contigs.names), "contigs": sorted(set(contigs)),
+            "length": self.length, "stride": _stride(self.w),
+            "reverse_complement": self.w.reverse_complement, "layout": self.w.encoding.layout,
+            "n_value": self.w.encoding.n_value, "codes": "A=0 C=1 G=2 T=3 N=4",
+            "coordinates": "0-based, end-exclusive",
+        }
+
+    def to_model_input(self, batch: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 codes -> one-hot; pairs go as [all refs; all alts], both strands when averaging."""
+        codes = np.concatenate([batch[:, 0], batch[:, 1]]) if self.pair else batch
+        if self.average:
+            codes = np.concatenate([codes, reverse_complement_codes(codes)])
+        enc = self.w.encoding
+        return one_hot(np.ascontiguousarray(codes), enc.layout, enc.n_value, np.dtype(enc.dtype), out=out)
+
+    def _strand_average(self, values: np.ndarray) -> np.ndarray:
+        if not self.average:
+            return values
+        half = len(values) // 2
+        return (values[:half] + values[half:]) / 2
+
+    def close(self) -> None:
+        self.reference.close()
+
+
+class GenomeWindowReader(_GenomeReader):
+    """Tiled windows over regions; minus-strand windows are reverse-complemented at read time."""
+
+    def __init__(self, shard: Shard, job: JobSpec, reference: Reference, clocks: StageClocks):
+        super().__init__(shard, job, reference, clocks)
+        stride = _stride(self.w)
+        segments = shard.payload["segments"]
+        self.chroms = [c for c, _, n, _ in segments for _ in range(n)]
+        self.strands = np.array([s for _, _, n, s in segments for _ in range(n)], dtype=object)
+        self.starts = np.concatenate([s0 + stride * np.arange(n, dtype=np.int64)
+                                      for _, s0, n, _ in segments]) if segments else np.zeros(0, np.int64)
+        for c in set(self.chroms):
+            if c not in reference.contigs:
+                raise InputError(reference.uri, reference.contigs.missing_message(c))
+        self.attrs = {**self._base_attrs(self.chroms), "mode": "windows", "windows": len(self.starts)}
+
+    @property
+    def n_items(self) -> int:
+        return len(self.starts)
+
+    def read_units(self) -> Iterator[ReadUnit]:
+        ends = self.starts + self.length
+        for i, j in group_reads(self.chroms, self.starts, ends, self.w.chunk_bases, self.length):
+            yield partial(self._read_run, i, j)
+
+    def _read_run(self, i: int, j: int) -> ItemBlock:
+        starts, chrom = self.starts[i:j], self.chroms[i]
+        lo, hi = int(starts.min()), int(starts.max()) + self.length
+        seq = self.reference.fetch(chrom, lo, hi)
+        with self.clocks.part("decode"):  # slicing: one row copy per window, no index arrays
+            items = np.lib.stride_tricks.sliding_window_view(seq, self.length)[starts - lo]
+            minus = self.strands[i:j] == "-"
+            if minus.any():
+                items[minus] = reverse_complement_codes(items[minus])
+        index = {"chrom": np.array(self.chroms[i:j], dtype=object), "start": starts.copy(),
+                 "end": starts + self.length, "strand": self.strands[i:j].copy()}
+        return ItemBlock(items, index)
+
+    def from_model_output(self, outputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        return {name: self._strand_average(v) for name, v in outputs.items()}
+
+    def device_preprocess(self) -> tuple[str, dict[str, Any]] | None:
+        if self.average:  # two strands per window: host-side stacking, then one model call
+            return None
+        enc = self.w.encoding
+        return "dna", {"layout": enc.layout, "n_value": enc.n_value}
+
+
+class VariantReader(_GenomeReader):
+    """Ref/alt window pairs around variants; REF mismatches are scored and flagged, not skipped."""
+
+    pair = True
+
+    def __init__(self, shard: Shard, job: JobSpec, reference: Reference, clocks: StageClocks):
+        super().__init__(shard, job, reference, clocks)
+        p = shard.payload
+        self.v = {k: p[k] for k in ("variant_id", "chrom", "pos", "ref", "alt")}
+        self.spans = [variant_span(pos, ref, alt, self.length)
+                      for pos, ref, alt in zip(p["pos"], p["ref"], p["alt"], strict=True)]
+        self.attrs = {**self._base_attrs(p["chrom"]), "mode": "variants", "variants_uri": p["uri"],
+                      "variants": len(self.spans), "ref_mismatches": 0,
+                      "window_rule": "start = POS-1 - length//2; alt = (left flank + ALT + right flank)[:length]",
+                      "plan_counts": p.get("plan_counts", {})}
+
+    @property
+    def n_items(self) -> int:
+        return len(self.spans)
+
+    def read_units(self) -> Iterator[ReadUnit]:
+        starts = np.array([s.start for s in self.spans], dtype=np.int64)
+        ends = np.array([s.need_end for s in self.spans], dtype=np.int64)
+        for i, j in group_reads(self.v["chrom"], starts, ends, self.w.chunk_bases, self.length):
+            yield partial(self._read_run, i, j, int(starts[i:j].min()), int(ends[i:j].max()))
+
+    def _read_run(self, i: int, j: int, lo: int, hi: int) -> ItemBlock:
+        seq = self.reference.fetch(self.v["chrom"][i], lo, hi)
+        items = np.empty((j - i, 2, self.length), dtype=np.uint8)
+        match = np.empty(j - i, dtype=bool)
+        for k in range(i, j):
+            ref, alt = self.v["ref"][k], self.v["alt"][k]
+            items[k - i, 0], items[k - i, 1], match[k - i] = variant_windows(
+                seq, lo, self.spans[k], ref, alt, self.length)
+        self._count_mismatches(int((~match).sum()))
+        index: dict[str, np.ndarray] = {
+            c: np.array(self.v[c][i:j], dtype=np.int64 if c == "pos" else object)
+            for c in ("variant_id", "chrom", "pos", "ref", "alt")}
+        index["ref_match"] = match
+        return ItemBlock(items, index)
+
+    def _count_mismatches(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self.attrs["ref_mismatches"] += n
+            self.clocks.count("variants.ref_mismatches", n)
+
+    def from_model_output(self, outputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name, values in outputs.items():
+            v = self._strand_average(values)
+            ref, alt = v[:n], v[n : 2 * n]
+            out |= {f"ref_{name}": ref, f"alt_{name}": alt, f"delta_{name}": alt - ref}
+        return out
+
+
+class GenomeSource(Source):
+    """``kind: genome``: windows over regions, or variant-effect mode when ``windows.variants`` is set."""
+
+    kind = "genome"
+
+    def plan(self, job: JobSpec) -> tuple[list[Shard], list[dict[str, str]]]:
+        """Shards from metadata only: the contig table, then the BED/regions or the VCF positions."""
+        w = _windows(job)
+        contigs = self._contigs(w.reference, job.input.storage)
+        if w.variants:
+            return self._plan_variants(w, contigs, job.input.storage)
+        regions = resolve_regions(w.regions, contigs, job.input.storage)
+        shards = [Shard(f"windows-{i:06d}", w.reference, {"mode": "windows", "segments": segs}, count)
+                  for i, (segs, count) in enumerate(
+                      shard_segments(regions, w.length, _stride(w), w.windows_per_shard))]
+        return shards, []
+
+    @staticmethod
+    def _contigs(uri: str, storage: dict[str, Any]) -> ContigTable:
+        try:
+            return load_contigs(uri, storage)
+        except InputError as exc:
+            raise SpecError([("windows.reference", f"{uri}: {exc.message}")]) from None
+
+    @staticmethod
+    def _plan_variants(w: WindowsSpec, contigs: ContigTable,
+                       storage: dict[str, Any]) -> tuple[list[Shard], list[dict[str, str]]]:
+        """One shard per ``windows_per_shard`` variants; a VCF with none to score is a failed input."""
+        assert w.variants is not None
+        table = read_variants(w.variants, contigs, storage)
+        if not len(table):
+            c = table.counts
+            return [], [{"input": w.variants, "error": (
+                f"no scorable variants: {c['records']} records, {c['skipped_alt_dot']} with ALT '.', "
+                f"{c['skipped_symbolic']} symbolic alleles skipped")}]
+        per = w.windows_per_shard
+        shards = []
+        for i, lo in enumerate(range(0, len(table), per)):
+            hi = min(lo + per, len(table))
+            payload = {"mode": "variants", "uri": w.variants, "plan_counts": table.counts,
+                       **table.slice_payload(lo, hi)}
+            shards.append(Shard(f"variants-{i:06d}", w.variants, payload, hi - lo))
+        return shards, []
+
+    def open(self, shard: Shard, job: JobSpec, clocks: StageClocks) -> ShardReader:
+        """Open the reference on this worker and build the shard's reader."""
+        w = _windows(job)
+        reference = open_reference(w.reference, job.input.storage, clocks)
+        cls = VariantReader if shard.payload.get("mode") == "variants" else GenomeWindowReader
+        try:
+            return cls(shard, job, reference, clocks)
+        except BaseException:
+            reference.close()
+            raise
+
+    def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
+        """Variant pairs run refs and alts together, and strand averaging both strands."""
+        w = _windows(job)
+        rows = batch_size * (2 if w.variants else 1) * (2 if w.reverse_complement == "average" else 1)
+        item = (w.length, 4) if w.encoding.layout == "NLC" else (4, w.length)
+        return (rows, *item), w.encoding.dtype
+
+    def index_schema(self, job: JobSpec) -> list[str]:
+        return list(index_columns(job))

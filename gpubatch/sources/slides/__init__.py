@@ -1,0 +1,1 @@
+"""Whole-slide images as a Source: backends, tile grids, tissue masks, local/streamed/staged opening."""

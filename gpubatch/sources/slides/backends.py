@@ -1,0 +1,378 @@
+"""Whole-slide image backends: tifffile on the file's own tile grid, and openslide as the fallback.
+
+Decode is usually what limits a slide pipeline, so TIFF-family slides (SVS, generic and OME TIFF)
+are decoded here tile by tile with tifffile/imagecodecs: a read of many boxes fetches every stored
+tile it needs once, with neighbouring byte ranges coalesced into one request, and decodes each
+stored tile once. Formats tifffile cannot read (MRXS, NDPI, ...) go through openslide.
+
+Only an allowlist of metadata leaves this module (dimensions, levels, mpp, magnification,
+vendor): label, macro and thumbnail images and any other slide properties never do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import InputError
+
+TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8", ".qptiff")
+METADATA_ALLOWLIST = ("width", "height", "level_count", "level_dimensions", "level_downsamples",
+                      "mpp", "magnification", "vendor", "backend")
+WHITE = 255
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """The allowlisted metadata of a slide: all that may reach an output, report or log."""
+
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    magnification: float | None
+    vendor: str
+    backend: str
+
+    def as_dict(self) -> dict[str, Any]:
+        w, h = self.level_dimensions[0]
+        return {
+            "width": w, "height": h, "level_count": len(self.level_dimensions),
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples), "mpp": self.mpp,
+            "magnification": self.magnification, "vendor": self.vendor, "backend": self.backend,
+        }
+
+
+class RangeReader(Protocol):
+    """Reads byte ranges of one file; safe to call from several threads at once."""
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
+
+
+class LocalRangeReader:
+    """pread on one descriptor: thread-safe without a lock, and releases the GIL."""
+
+    def __init__(self, path: str, clocks: StageClocks | None = None, gap: int = 65536):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        self.clocks = clocks
+        self.gap = gap
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        def fetch(start: int, stop: int) -> bytes:
+            blob = os.pread(self.fd, stop - start, start)
+            if len(blob) < stop - start:
+                raise InputError(self.path, f"truncated: tile data runs to byte {stop} but the file "
+                                            f"ends at {os.fstat(self.fd).st_size}")
+            if self.clocks is not None:
+                self.clocks.count("storage.requests")
+                self.clocks.count("storage.bytes", len(blob))
+            return blob
+
+        return read_coalesced(ranges, fetch, self.gap)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def coalesce(ranges: Sequence[tuple[int, int]], gap: int, max_bytes: int = 1 << 24) -> list[tuple[int, int, list[int]]]:
+    """Group (offset, length) ranges less than ``gap`` bytes apart into single reads.
+
+    Returns (start, stop, member indices) per group; a group never exceeds ``max_bytes`` so
+    that coalescing cannot defeat the memory bound.
+    """
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+    groups: list[list] = []
+    for i in order:
+        off, n = ranges[i]
+        last = groups[-1] if groups else None
+        if last and off <= last[1] + gap and max(last[1], off + n) - last[0] <= max_bytes:
+            last[1] = max(last[1], off + n)
+            last[2].append(i)
+        else:
+            groups.append([off, off + n, [i]])
+    return [(start, stop, members) for start, stop, members in groups]
+
+
+def read_coalesced(ranges: Sequence[tuple[int, int]], fetch: Any, gap: int) -> list[bytes]:
+    """Read ranges through ``fetch(start, stop) -> bytes`` with neighbours coalesced."""
+    out: list[bytes] = [b""] * len(ranges)
+    for start, stop, members in coalesce(ranges, gap):
+        blob = fetch(start, stop)
+        for i in members:
+            off, n = ranges[i]
+            out[i] = blob[off - start : off - start + n]
+    return out
+
+
+class DecodedTileCache:
+    """Decoded stored tiles kept only until the last planned read that needs them, bounded in bytes.
+
+    Neighbouring read blocks share the stored tiles along their common edge. The reader announces
+    its blocks up front (``expect``); a tile that a later block will need is kept after decoding
+    and dropped when that block has taken it, so the cache holds only the edge between blocks
+    read and blocks to come, instead of filling to its limit with tiles nobody will ask for
+    again. Tiles outside any plan (a thumbnail read) are never kept.
+    """
+
+    def __init__(self, max_bytes: int = 32 << 20):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._tiles: dict[tuple[int, int], np.ndarray] = {}
+        self._uses: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+
+    def expect(self, keys: Iterable[tuple[int, int]]) -> None:
+        """Announce one future read of each key (call once per planned read block)."""
+        with self._lock:
+            for key in keys:
+                self._uses[key] = self._uses.get(key, 0) + 1
+
+    def take(self, key: tuple[int, int]) -> np.ndarray | None:
+        """The cached tile for one read of ``key``, if any; counts that read as done."""
+        with self._lock:
+            left = self._uses.get(key, 0) - 1
+            tile = self._tiles.get(key)
+            if left > 0:
+                self._uses[key] = left
+            else:
+                self._uses.pop(key, None)
+                if tile is not None:
+                    del self._tiles[key]
+                    self.bytes -= tile.nbytes
+            return tile
+
+    def offer(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        """Keep a freshly decoded tile if a later planned read needs it and it fits."""
+        with self._lock:
+            if self._uses.get(key, 0) <= 0 or key in self._tiles or self.bytes + tile.nbytes > self.max_bytes:
+                return
+            self._tiles[key] = tile
+            self.bytes += tile.nbytes
+
+
+def tiles_of_boxes(page: Any, boxes: np.ndarray) -> dict[int, list[int]]:
+    """Stored tile index -> the boxes (rows of ``boxes``) that overlap it, at one level."""
+    th, tw = page.tilelength, page.tilewidth
+    ny, nx = page.chunked[0], page.chunked[1]
+    needed: dict[int, list[int]] = {}
+    for b, (x, y, w, h) in enumerate(boxes.astype(np.int64)):
+        for ty in range(max(y // th, 0), min((y + h - 1) // th, ny - 1) + 1):
+            for tx in range(max(x // tw, 0), min((x + w - 1) // tw, nx - 1) + 1):
+                needed.setdefault(int(ty * nx + tx), []).append(b)
+    return needed
+
+
+class SlideBackend(ABC):
+    """Reads RGB uint8 boxes at a pyramid level; coordinates are pixels of that level."""
+
+    info: SlideInfo
+
+    @abstractmethod
+    def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
+        """Read k boxes (x, y, w, h at ``level``, all the same w and h) -> (k, h, w, 3) uint8."""
+
+    def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:  # noqa: B027 - optional
+        """Announce the ``read_boxes`` calls to come (one box array each), so that a backend can
+        keep exactly the decoded data that more than one of them needs."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release handles."""
+
+
+def _mpp_from_tiff(tif: Any) -> tuple[float | None, float | None, str]:
+    page = tif.pages[0]
+    desc = page.description or ""
+    if tif.is_svs:
+        mpp = re.search(r"\bMPP\s*=\s*([0-9.]+)", desc)
+        mag = re.search(r"\bAppMag\s*=\s*([0-9.]+)", desc)
+        return (float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio")
+    if tif.is_ome:
+        found = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
+        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
+        if found and (unit is None or unit.group(1) in ("µm", "um", "micron")):
+            return float(found.group(1)), None, "ome-tiff"
+        return None, None, "ome-tiff"
+    res_unit = int(page.resolutionunit)
+    xres = page.resolution[0] if page.resolution else 0.0
+    if xres > 0 and res_unit in (2, 3):  # inch, centimeter
+        return (25400.0 if res_unit == 2 else 10000.0) / xres, None, "generic-tiff"
+    return None, None, "generic-tiff"
+
+
+class TiffBackend(SlideBackend):
+    """Tile-grid decode with tifffile: every stored tile a read needs is fetched and decoded once."""
+
+    def __init__(self, path: str, fileobj: Any = None, ranges: RangeReader | None = None,
+                 clocks: StageClocks | None = None, cache_bytes: int = 32 << 20):
+        import tifffile
+
+        self.path = path
+        self.tif = tifffile.TiffFile(fileobj if fileobj is not None else path)
+        series = self.tif.series[0]
+        self.pages = [lvl.keyframe for lvl in series.levels]
+        for page in self.pages:
+            if not page.is_tiled or page.shape[-1] not in (3, 4) or page.dtype != np.uint8:
+                raise TypeError("not a tiled RGB uint8 pyramid")
+            if page.planarconfig != 1:
+                raise TypeError("planar (separate) sample layout")
+            if page.compression != 1 and page.compression not in tifffile.TIFF.DECOMPRESSORS:
+                raise TypeError(f"unsupported TIFF compression {int(page.compression)}")
+        self.ranges = ranges if ranges is not None else LocalRangeReader(path, clocks)
+        dims = tuple((int(p.shape[1]), int(p.shape[0])) for p in self.pages)
+        w0, h0 = dims[0]
+        downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
+        mpp, mag, vendor = _mpp_from_tiff(self.tif)
+        self.info = SlideInfo(dims, downs, mpp, mag, vendor, "tifffile")
+        self.cache = DecodedTileCache(cache_bytes)
+
+    def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
+        page = self.pages[level]
+        th, tw, nx = page.tilelength, page.tilewidth, page.chunked[1]
+        height, width = int(page.shape[0]), int(page.shape[1])
+        k, bw, bh = len(boxes), int(boxes[0, 2]), int(boxes[0, 3])
+        out = np.empty((k, bh, bw, 3), dtype=np.uint8)
+        # Boxes inside the image are covered by decoded tiles; only the rest need background.
+        outside = (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 0] + bw > width) | (boxes[:, 1] + bh > height)
+        if outside.any():
+            out[outside] = WHITE
+        needed = tiles_of_boxes(page, boxes)
+        tiles = {i: t for i in needed if (t := self.cache.take((level, i))) is not None}
+        missing = sorted(i for i in needed if i not in tiles)
+        ranges = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in missing]
+        with clocks.part("storage"):
+            blobs = self.ranges.read_ranges(ranges) if ranges else []
+        def paste(index: int, tile: np.ndarray) -> None:
+            ty, tx = divmod(index, nx)
+            for b in needed[index]:
+                _paste(out[b], tile, tx * tw - int(boxes[b, 0]), ty * th - int(boxes[b, 1]))
+
+        with clocks.part("decode"):
+            for index, tile in tiles.items():
+                paste(index, tile)
+            # Each tile is pasted as soon as it is decoded: a read holds one decoded tile at a
+            # time (plus those kept for later reads), not every tile of its block at once.
+            for index, blob in zip(missing, blobs, strict=True):
+                ty, tx = divmod(index, nx)
+                # Edge tiles carry padding past the image; openslide shows background there.
+                tile = self._decode(page, blob, index)[: height - ty * th, : width - tx * tw]
+                self.cache.offer((level, index), tile)
+                paste(index, tile)
+        clocks.count("decode.tiles", len(missing))
+        clocks.count("decode.cache_hits", len(needed) - len(missing))
+        return out
+
+    def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
+        page = self.pages[level]
+        for boxes in blocks:
+            self.cache.expect((level, index) for index in tiles_of_boxes(page, boxes))
+
+    def _decode(self, page: Any, blob: bytes, index: int) -> np.ndarray:
+        th, tw = page.tilelength, page.tilewidth
+        if not blob:  # sparse tile: openslide shows it as background
+            return np.full((th, tw, 3), WHITE, dtype=np.uint8)
+        try:
+            segment, _, _ = page.decode(blob, index, jpegtables=page.jpegtables)
+        except Exception as exc:
+            raise InputError(self.path, f"corrupt tile {index} at level {self.pages.index(page)}: {exc}") from exc
+        tile = np.asarray(segment).reshape(th, tw, -1)
+        if tile.shape[-1] == 4:
+            tile = _composite_on_white(tile)
+        return tile[..., :3]
+
+    def close(self) -> None:
+        self.tif.close()
+        closer = getattr(self.ranges, "close", None)
+        if closer:
+            closer()
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = (rgba[..., :3].astype(np.uint16) * alpha + WHITE * (255 - alpha)) // 255
+    return rgb.astype(np.uint8)
+
+
+def _paste(dst: np.ndarray, tile: np.ndarray, dx: int, dy: int) -> None:
+    """Copy ``tile`` into ``dst`` with its top-left at (dx, dy) in dst coordinates, clipped."""
+    h, w = dst.shape[:2]
+    th, tw = tile.shape[:2]
+    x0, y0 = max(dx, 0), max(dy, 0)
+    x1, y1 = min(dx + tw, w), min(dy + th, h)
+    if x1 > x0 and y1 > y0:
+        dst[y0:y1, x0:x1] = tile[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
+
+
+class OpenSlideBackend(SlideBackend):
+    """openslide for every format it opens; one region per box (openslide caches stored tiles)."""
+
+    def __init__(self, path: str):
+        import openslide
+
+        try:
+            self.slide = openslide.OpenSlide(path)
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise InputError(path, f"not a slide format openslide or tifffile can read ({exc})") from exc
+        except openslide.OpenSlideError as exc:
+            raise InputError(path, f"openslide cannot open it: {exc}") from exc
+        self.path = path
+        props = self.slide.properties
+        mpp = props.get("openslide.mpp-x")
+        mag = props.get("openslide.objective-power")
+        self.info = SlideInfo(
+            tuple(tuple(d) for d in self.slide.level_dimensions),  # type: ignore[misc]
+            tuple(self.slide.level_downsamples),
+            float(mpp) if mpp else None, float(mag) if mag else None,
+            str(props.get("openslide.vendor", "unknown")), "openslide",
+        )
+
+    def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
+        import openslide
+
+        ds = self.info.level_downsamples[level]
+        k, bw, bh = len(boxes), int(boxes[0, 2]), int(boxes[0, 3])
+        out = np.empty((k, bh, bw, 3), dtype=np.uint8)
+        with clocks.part("decode"):
+            for b, (x, y, w, h) in enumerate(boxes.astype(np.int64)):
+                try:
+                    region = self.slide.read_region((int(round(x * ds)), int(round(y * ds))), level, (int(w), int(h)))
+                except openslide.OpenSlideError as exc:
+                    raise InputError(self.path, f"openslide failed to read a region: {exc}") from exc
+                out[b] = _composite_on_white(np.asarray(region))
+        return out
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+def open_slide(path: str, clocks: StageClocks, *, fileobj: Any = None,
+               ranges: RangeReader | None = None, prefer: str = "auto") -> SlideBackend:
+    """tifffile for TIFF-family files it can tile-decode, openslide for the rest and as fallback."""
+    if os.path.isdir(path):
+        raise InputError(path, "is a directory, not a slide file")
+    if fileobj is None and os.path.exists(path) and os.path.getsize(path) == 0:
+        raise InputError(path, "is an empty (zero-byte) file")
+    errors: list[str] = []
+    if prefer in ("auto", "tifffile") and (fileobj is not None or path.lower().endswith(TIFF_SUFFIXES)):
+        try:
+            return TiffBackend(path, fileobj=fileobj, ranges=ranges, clocks=clocks)
+        except InputError:
+            raise
+        except Exception as exc:  # any parse failure: try openslide, keep the reason
+            errors.append(f"tifffile: {exc}")
+    if fileobj is not None:
+        raise InputError(path, "cannot stream this file by byte range (" + "; ".join(errors) + "); use input.access: stage")
+    try:
+        return OpenSlideBackend(path)
+    except InputError as exc:
+        if errors:
+            raise InputError(path, f"{exc.message}; {'; '.join(errors)}") from exc
+        raise

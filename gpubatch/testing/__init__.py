@@ -1,0 +1,1 @@
+"""Conformance suites: one per interface, subclassed by the tests of every implementation."""
