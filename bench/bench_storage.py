@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from gpubatch.core.clocks import StageClocks  # noqa: E402
+from gpubatch.io.metrics import storage_summary  # noqa: E402
+from gpubatch.io.retry import RetryPolicy  # noqa: E402
 from gpubatch.io.stage_cache import StageCache  # noqa: E402
-from gpubatch.io.storage import RetryPolicy, open_stream, storage_summary  # noqa: E402
+from gpubatch.sources.slides.open import open_staged, open_stream  # noqa: E402
 
 
 def _serve(latencies: list[float], conn: Any) -> None:
@@ -94,7 +96,7 @@ def run_stage(uri: str, options: dict, readers: int, block: int, cache_dir: str)
     clocks = StageClocks()
     cache = StageCache(cache_dir, 1 << 34)
     t0 = time.perf_counter()
-    backend = cache.open(uri, options, clocks)
+    backend = open_staged(uri, options, clocks, cache=cache)
     opened = time.perf_counter() - t0
     try:
         tiles, nbytes = _read_all(backend, readers, block, clocks)

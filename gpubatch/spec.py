@@ -17,13 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gpubatch.core.errors import SpecError
-
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://", "az://", "abfs://", "memory://")
-
-
-def is_remote(uri: str) -> bool:
-    """True for URIs that fsspec reaches over a network (existence is checked at run time)."""
-    return uri.startswith(REMOTE_SCHEMES)
+from gpubatch.io.uris import is_remote
 
 
 class _Strict(BaseModel):
@@ -274,47 +268,3 @@ def load_job(path: str | Path, overrides: dict[str, Any] | list[str] | None = No
     if overrides:
         data = apply_overrides(data, overrides)
     return parse_job(data, str(path), Path(path).resolve().parent)
-
-
-def _missing_filesystems(uris: list[str]) -> list[tuple[str, str]]:
-    """Remote schemes whose fsspec backend is not installed: a spec problem, not N quarantines."""
-    from gpubatch.io.storage import PROTOCOL_EXTRAS
-
-    problems = []
-    for i, uri in enumerate(uris):
-        scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-        if scheme in PROTOCOL_EXTRAS:
-            try:
-                import fsspec
-
-                fsspec.get_filesystem_class(scheme)
-            except ImportError:
-                problems.append((f"input.uris[{i}]", f"{scheme}:// needs an extra package: "
-                                                     f"pip install 'gpubatch[{PROTOCOL_EXTRAS[scheme]}]'"))
-    return problems
-
-
-def check_local_files(job: JobSpec) -> None:
-    """Fail before any work when a local input or model file named in the spec is missing."""
-    from gpubatch.io.storage import expand_uris  # local import: storage imports fsspec lazily
-
-    problems: list[tuple[str, str]] = _missing_filesystems(job.input.uris)
-    if not is_remote(job.model.path) and not Path(job.model.path).is_file():
-        problems.append(("model.path", f"file not found: {job.model.path}"))
-    if job.kind == "slides":
-        for i, uri in enumerate(job.input.uris):
-            if is_remote(uri):
-                continue
-            if not expand_uris([uri], job.input.storage):
-                problems.append((f"input.uris[{i}]", f"matches no file: {uri}"))
-    if job.windows is not None:
-        w = job.windows
-        for key in ("reference", "variants"):
-            value = getattr(w, key)
-            if value and not is_remote(value) and not Path(value.removeprefix("file://")).exists():
-                problems.append((f"windows.{key}", f"file not found: {value}"))
-        regions_file = isinstance(w.regions, str) and w.regions != "genome" and ":" not in w.regions
-        if regions_file and not is_remote(str(w.regions)) and not Path(str(w.regions)).exists():
-            problems.append(("windows.regions", f"file not found: {w.regions} (or give 'genome' or a list of 'chr:start-end')"))
-    if problems:
-        raise SpecError(problems)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gpubatch.io.storage import LATENCY_PREFIX
+from gpubatch.io.metrics import LATENCY_PREFIX
 from gpubatch.report import summary as rp
 from gpubatch.report.html import render_html, write_html
 

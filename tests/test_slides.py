@@ -12,7 +12,8 @@ from conftest import shared_file
 from gpubatch.cli.demo import write_synthetic_slide
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
-from gpubatch.sources.slides.backends import OpenSlideBackend, TiffBackend, coalesce, open_slide
+from gpubatch.io.ranges import coalesce
+from gpubatch.sources.slides.backends import OpenSlideBackend, TiffBackend, open_slide
 from gpubatch.sources.slides.source import choose_level, make_grid, otsu_threshold, tissue_mask
 from gpubatch.spec import TilesSpec
 

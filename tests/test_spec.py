@@ -9,7 +9,8 @@ from conftest import slide_job, write_job
 
 from gpubatch.cli.main import main
 from gpubatch.core.errors import EXIT_USAGE, SpecError
-from gpubatch.spec import check_local_files, load_job
+from gpubatch.runtime.preflight import check_local_files
+from gpubatch.spec import load_job
 
 
 @pytest.fixture()

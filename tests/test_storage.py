@@ -14,22 +14,20 @@ import pytest
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.io.metrics import latency_percentiles, record_request, storage_summary
+from gpubatch.io.redact import redact
+from gpubatch.io.retry import RetryPolicy
 from gpubatch.io.stage_cache import StageCache
-from gpubatch.io.storage import (
-    RetryPolicy,
+from gpubatch.io.storage import expand_uris
+from gpubatch.sources.slides.backends import SlideBackend, open_slide
+from gpubatch.sources.slides.open import (
     choose_access,
-    expand_uris,
-    latency_percentiles,
     open_slide_input,
+    open_staged,
     open_stream,
     prefetch,
-    record_request,
-    redact,
     release,
-    storage_summary,
 )
-from gpubatch.sources.slides.backends import SlideBackend, open_slide
-from gpubatch.spec import JobSpec
 
 if TYPE_CHECKING:
     from s3_fixtures import S3Stack
@@ -54,11 +52,6 @@ def slide_uris(s3_stack: S3Stack, synthetic: Path) -> dict[str, tuple[Path, str]
         boxes = CMU_SMALL.parent / "boxes.tiff"  # generic deflate pyramid
         out["boxes"] = (boxes, s3_stack.upload(boxes, "case/boxes.tiff"))
     return out
-
-
-def _job(uri: str, options: dict, access: str = "auto") -> JobSpec:
-    return JobSpec.model_validate({"input": {"uris": [uri], "storage": options, "access": access},
-                                   "model": {"path": "m.onnx"}, "output": {"uri": "out"}})
 
 
 def _read_level(backend: SlideBackend, level: int, block: int, threads: int) -> np.ndarray:
@@ -106,7 +99,7 @@ def test_remote_reads_match_local(s3: S3Stack, slide_uris: dict, name: str, acce
         pytest.skip(f"{CMU_SMALL} not present (shared test data)")
     local, uri = slide_uris[name]
     clocks = StageClocks()
-    backend = open_slide_input(uri, _job(uri, s3.options(), access), clocks)
+    backend = open_slide_input(uri, clocks, options=s3.options(), access=access)
     try:
         assert backend.access == "stream" if access == "stream" else backend.access == "stage"  # type: ignore[attr-defined]
         assert backend.info.backend == "tifffile"
@@ -160,7 +153,7 @@ def test_faults_are_retried_and_reads_identical(s3: S3Stack, slide_uris: dict) -
             if access == "stream":
                 backend = open_stream(uri, s3.options(), clocks, FAST)
             else:
-                backend = StageCache(max_bytes=1 << 30).open(uri, s3.options(), clocks, FAST)
+                backend = open_staged(uri, s3.options(), clocks, FAST, cache=StageCache(max_bytes=1 << 30))
             try:
                 _assert_same(read_all(backend), expected[name])
             finally:
@@ -195,7 +188,7 @@ def test_persistent_503_gives_retryable_error(s3: S3Stack, slide_uris: dict) -> 
 def test_missing_object_is_quarantined(s3: S3Stack, access: str) -> None:
     uri = f"s3://{s3.bucket}/nowhere/missing.svs"
     with pytest.raises(InputError) as info:
-        open_slide_input(uri, _job(uri, s3.options(), access), StageClocks())
+        open_slide_input(uri, StageClocks(), options=s3.options(), access=access)
     assert not info.value.retryable
     assert "not found" in info.value.message and info.value.input_uri == uri
 
@@ -205,14 +198,14 @@ def test_forbidden_object_is_quarantined(s3: S3Stack, slide_uris: dict, access: 
     _, uri = slide_uris["synthetic"]
     s3.proxy.configure(forbidden={uri.removeprefix("s3://")})
     with pytest.raises(InputError) as info:
-        open_slide_input(uri, _job(uri, s3.options(), access), StageClocks())
+        open_slide_input(uri, StageClocks(), options=s3.options(), access=access)
     assert not info.value.retryable and "access denied (403)" in info.value.message
 
 
 def test_not_a_slide_is_a_clear_error(s3: S3Stack) -> None:
     uri = s3.upload_bytes(b"II*\x00" + b"\x00" * 400, "junk/notaslide.tif")
     with pytest.raises(InputError) as info:
-        open_slide_input(uri, _job(uri, s3.options(), "stream"), StageClocks())
+        open_slide_input(uri, StageClocks(), options=s3.options(), access="stream")
     assert not info.value.retryable and "stage" in info.value.message
 
 
@@ -225,7 +218,7 @@ def test_credentials_never_in_errors(s3: S3Stack, slide_uris: dict) -> None:
         s3.proxy.configure(forbidden={slide_uris["synthetic"][1].removeprefix("s3://")})
         for access in ("stream", "stage"):
             with pytest.raises(InputError) as info:
-                open_slide_input(uri, _job(uri, options, access), StageClocks())
+                open_slide_input(uri, StageClocks(), options=options, access=access)
             messages += [str(info.value), info.value.message, info.value.input_uri]
     assert messages
     for text in messages:
@@ -240,7 +233,7 @@ def test_http_stream(s3: S3Stack, slide_uris: dict) -> None:
     local, uri = slide_uris["synthetic"]
     s3.make_public(uri)
     url = s3.http_url(uri)
-    backend = open_slide_input(url, _job(url, {}), StageClocks())
+    backend = open_slide_input(url, StageClocks(), options={})
     try:
         assert backend.access == "stream"  # type: ignore[attr-defined]
         _assert_same(read_all(backend), _local(local))
@@ -260,20 +253,19 @@ def test_expand_globs(s3: S3Stack, slide_uris: dict, tmp_path: Path) -> None:
 def test_prefetch_then_open_is_a_cache_hit(s3: S3Stack, slide_uris: dict, tmp_path: Path) -> None:
     _, uri = slide_uris["synthetic"]
     s3.proxy.configure(latency_s=0.01)
-    job = _job(uri, s3.options(), "stage")
     from gpubatch.io import stage_cache as staging
 
     staging.configure_stage_cache({"dir": str(tmp_path), "max_bytes": 1 << 30})
     try:
-        assert prefetch([uri], job) == [uri]
+        assert prefetch([uri], "stage", s3.options()) == [uri]
         clocks = StageClocks()
-        backend = open_slide_input(uri, job, clocks)
+        backend = open_slide_input(uri, clocks, options=s3.options(), access="stage")
         backend.close()
         assert clocks.counters["storage.staged_bytes"] > 0
         local_files = [p for p in tmp_path.rglob("*") if p.is_file()]
         assert len(local_files) == 1 and not local_files[0].name.endswith(".part")
         again = StageClocks()
-        open_slide_input(uri, job, again).close()
+        open_slide_input(uri, again, options=s3.options(), access="stage").close()
         assert again.counters["storage.cache_hits"] == 1 and again.counters.get("storage.requests", 0) == 0
         release(uri)
         assert not [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -312,7 +304,7 @@ def test_auto_stages_openslide_formats(s3: S3Stack) -> None:
         pytest.skip(f"{CMU_SMALL} not present (shared test data)")
     uri = s3.upload(CMU_SMALL, "case/as-openslide.scn")
     clocks = StageClocks()
-    backend = open_slide_input(uri, _job(uri, s3.options()), clocks)
+    backend = open_slide_input(uri, clocks, options=s3.options())
     try:
         assert backend.access == "stage" and backend.info.backend == "openslide"  # type: ignore[attr-defined]
         local = open_slide(str(CMU_SMALL), StageClocks(), prefer="openslide")
@@ -338,7 +330,7 @@ def test_auto_choice_and_fallback(s3: S3Stack, slide_uris: dict) -> None:
     uri = s3.upload(unopenable, "case/unopenable.tiff")
     clocks = StageClocks()
     with pytest.raises(InputError) as info:  # stream fails to parse -> staged -> openslide fails too
-        open_slide_input(uri, _job(uri, s3.options()), clocks)
+        open_slide_input(uri, clocks, options=s3.options())
     assert not info.value.retryable and "openslide" in info.value.message
     assert clocks.counters["storage.stream_fallbacks"] == 1
 

@@ -19,11 +19,9 @@ def inspect_path(path: str) -> dict[str, Any]:
         import zarr
 
         return {"genome_store": str(p), **dict(zarr.open_group(str(p), mode="r").attrs)}
-    from gpubatch.io.storage import open_slide_input
-    from gpubatch.spec import JobSpec
+    from gpubatch.sources.slides.open import open_slide_input
 
-    job = JobSpec.model_validate({"input": {"uris": [path]}, "model": {"path": "-"}, "output": {"uri": "-"}})
-    backend = open_slide_input(path, job, StageClocks())
+    backend = open_slide_input(path, StageClocks())
     try:
         return {"slide": path, **backend.info.as_dict()}
     finally:

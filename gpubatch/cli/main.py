@@ -56,10 +56,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from gpubatch.spec import check_local_files, load_job
+    from gpubatch.runtime.preflight import preflight
+    from gpubatch.spec import load_job
 
     job = load_job(args.job, args.set)
-    check_local_files(job)
+    preflight(job)
     print(f"{args.job}: valid ({job.kind} job '{job.name}')")
     return EXIT_OK
 
@@ -120,9 +121,35 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from gpubatch.models.prepare.tune import tune_job
+    """Prepare the job's model as a run would, sweep batch sizes afresh, print the curve.
 
-    tune_job(args.job, args.set)
+    The model swept is the one the run would use (after quantization and the validation gate),
+    and the choice is stored in the cache, so a following ``batch_size: auto`` run picks it up.
+    """
+    from gpubatch.models.prepare import prepare_model
+    from gpubatch.models.prepare.tune import (
+        WITHIN,
+        CurvePoint,
+        TuneResult,
+        cache_path,
+        format_curve,
+    )
+    from gpubatch.runtime.preflight import preflight
+    from gpubatch.sources import get_source
+    from gpubatch.spec import load_job
+
+    job = load_job(args.job, list(args.set or []) + ["model.batch_size=auto"])
+    preflight(job)
+    source = get_source(job.kind)
+    shards, _ = source.plan(job)
+    prepared = prepare_model(job, source, shards, Path(job.output.uri), retune=True)
+    tuning = prepared.report.get("tuning", {})
+    result = TuneResult(prepared.batch_size, [CurvePoint(**p) for p in tuning.get("curve", [])],
+                        False, tuning.get("key", ""), tuning.get("stopped_by", ""))
+    print(f"model {job.model.path} ({prepared.precision}, {tuning.get('backend', job.model.backend)})")
+    print(format_curve(result))
+    print(f"chosen batch_size: {result.batch_size} (smallest within {WITHIN:.0%} of the best; "
+          f"sweep stopped: {result.stopped_by}); cached in {cache_path()}")
     return EXIT_OK
 
 

@@ -89,6 +89,7 @@ def _configure_worker_once(ctx: RunContext) -> None:
     """
     import json
 
+    from gpubatch.io.stage_cache import configure_stage_cache
     from gpubatch.io.storage import configure_storage
 
     with _CONFIGURE_LOCK:
@@ -99,6 +100,7 @@ def _configure_worker_once(ctx: RunContext) -> None:
         key = json.dumps(ctx.storage_profile or {}, sort_keys=True, default=str)
         if _CONFIGURED.get("key") != key:
             configure_storage(ctx.storage_profile)
+            configure_stage_cache((ctx.storage_profile or {}).get("stage_cache"))
             _CONFIGURED["key"] = key
 
 
@@ -225,9 +227,9 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
     started = time.time()
     _configure_worker_once(ctx)
     if job.kind == "slides" and upcoming:
-        from gpubatch.io.storage import prefetch
+        from gpubatch.sources.slides.open import prefetch
 
-        prefetch(list(upcoming), job)
+        prefetch(upcoming, job.input.access, job.input.storage)
     clocks = StageClocks()
     source = get_source(job.kind)
     writer: ShardWriter | None = None
@@ -248,7 +250,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             entry = writer.commit()
             shard_attrs = reader.attrs
         if job.kind == "slides":
-            from gpubatch.io.storage import release
+            from gpubatch.sources.slides.open import release
 
             release(shard.input_uri)
     except BaseException as exc:  # noqa: BLE001 - summarised for the client

@@ -1,7 +1,8 @@
-"""Whole-file staging: a bounded local cache of remote slides, downloaded ahead of use.
+"""Whole-file staging: a bounded local cache of remote files, downloaded ahead of use.
 
-Formats that only openslide reads (MRXS, NDPI, SCN, VMS, BIF) cannot be read by byte range, so
-their files are downloaded whole and opened locally. Download time then adds to every slide unless
+Some inputs cannot be read by byte range (slide formats only openslide reads: MRXS, NDPI, SCN,
+VMS, BIF), so their files are downloaded whole and opened locally; this module knows files, not
+slides (the slide layer decides what to stage and opens the local copy). Download time then adds to every slide unless
 it overlaps compute: :meth:`StageCache.prefetch` starts downloads of the next slides in background
 threads while the current one computes, and :meth:`StageCache.open` uses a finished download, waits
 for an in-flight one, or downloads in the caller when nothing was prefetched.
@@ -10,6 +11,8 @@ The cache is bounded (``max_bytes``): a prefetch that would not fit after evicti
 (least recently used first) is skipped rather than allowed to fill the disk, while the slide being
 opened always proceeds. A slide's files are deleted by :meth:`release` once its shard commits.
 Each worker process has its own subdirectory, so processes on one host never share a partial file.
+A file may come with a *companion directory* (its stem, as MRXS keeps its data beside the index
+file): the caller asks for it with ``companions=True`` and the whole directory is staged too.
 """
 
 from __future__ import annotations
@@ -22,31 +25,20 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
-from gpubatch.io.storage import (
-    RemoteRangeReader,
-    RetryPolicy,
-    call_with_retries,
-    get_fs,
-    redact,
-)
-from gpubatch.sources.slides.backends import SlideBackend
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from gpubatch.io.redact import redact
+from gpubatch.io.retry import RetryPolicy, call_with_retries
+from gpubatch.io.storage import get_fs, open_ranges
+from gpubatch.io.uris import uri_name
 
 DEFAULT_MAX_BYTES = 20 << 30
 CHUNK_BYTES = 8 << 20
 CHUNKS_IN_FLIGHT = 8
-COMPANION_DIRS = (".mrxs",)  # formats whose data lives in a sibling directory named after the file
 
 
 @dataclass
@@ -67,31 +59,28 @@ class _Entry:
     clocks: StageClocks = field(default_factory=StageClocks)
 
 
-class StagedBackend(SlideBackend):
-    """A locally opened staged slide; closing it unpins the file so that it may be evicted."""
+class StagedFile:
+    """A ready local copy, pinned (never evicted) until :meth:`close`."""
 
-    def __init__(self, inner: SlideBackend, on_close: Callable[[], None]):
-        self.inner, self.info, self._on_close = inner, inner.info, on_close
-
-    def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
-        return self.inner.read_boxes(level, boxes, clocks)
-
-    def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
-        self.inner.expect_reads(level, blocks)
+    def __init__(self, path: str, unpin: Any):
+        self.path, self._unpin = path, unpin
 
     def close(self) -> None:
-        try:
-            self.inner.close()
-        finally:
-            self._on_close()
+        if self._unpin is not None:
+            self._unpin()
+            self._unpin = None
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["inner"], name)
+    def __enter__(self) -> StagedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _safe_name(uri: str) -> str:
-    base = os.path.basename(uri.split("?", 1)[0].rstrip("/")) or "slide"
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[:120]
+    from gpubatch.core.files import safe_filename
+
+    return safe_filename(uri_name(uri) or "file", 120)
 
 
 class StageCache:
@@ -110,7 +99,7 @@ class StageCache:
     # -- public ---------------------------------------------------------------------------------
 
     def prefetch(self, uris: list[str], options: dict[str, Any] | None,
-                 policy: RetryPolicy | None = None) -> list[str]:
+                 policy: RetryPolicy | None = None, companions: bool = False) -> list[str]:
         """Start background downloads of ``uris`` not yet cached; returns the ones started."""
         started = []
         for uri in uris:
@@ -118,20 +107,20 @@ class StageCache:
                 if uri in self._entries:
                     continue
                 entry = self._new_entry(uri)
-            self._pool.submit(self._download, entry, options, policy or RetryPolicy(), False)
+            self._pool.submit(self._download, entry, options, policy or RetryPolicy(), False, companions)
             started.append(uri)
         return started
 
     def open(self, uri: str, options: dict[str, Any] | None, clocks: StageClocks,
-             policy: RetryPolicy | None = None) -> SlideBackend:
-        """Open a staged copy: cached, in flight (wait), or downloaded now in this thread."""
+             policy: RetryPolicy | None = None, companions: bool = False) -> StagedFile:
+        """The staged copy: cached, in flight (wait), or downloaded now in this thread."""
         for _ in range(3):  # a skipped prefetch (cache full) leaves nothing: take it over
             with self._lock:
                 entry = self._entries.get(uri) or self._new_entry(uri)
                 hit = entry.state == "ready"
             t0 = time.perf_counter()  # this shard waits on a download, its own or a prefetch
             if entry.state == "pending":
-                self._download(entry, options, policy or RetryPolicy(), True)
+                self._download(entry, options, policy or RetryPolicy(), True, companions)
             entry.done.wait()
             clocks.count("storage.wait_s", time.perf_counter() - t0)
             if entry.state != "skipped":
@@ -143,11 +132,7 @@ class StageCache:
             entry.pins += 1
             entry.last_used = time.monotonic()
             self._report(entry, clocks, hit)
-        try:
-            return StagedBackend(self._open_local(entry, clocks), lambda: self._unpin(entry))
-        except BaseException:
-            self._unpin(entry)
-            raise
+        return StagedFile(entry.local, lambda: self._unpin(entry))
 
     def release(self, uri: str) -> None:
         """Delete a slide's staged files (its shard committed); later opens download again."""
@@ -208,12 +193,12 @@ class StageCache:
             return True
 
     def _download(self, entry: _Entry, options: dict[str, Any] | None, policy: RetryPolicy,
-                  required: bool) -> None:
+                  required: bool, companions: bool) -> None:
         """Download ``entry`` (all its files) to a partial name, then rename; never raises."""
         if not self._claim(entry):
             return
         try:
-            files = self._listing(entry, options, policy)
+            files = self._listing(entry, options, policy, companions)
             total = sum(size for _, _, size in files)
             if not self._reserve(entry, total, required):
                 self._finish(entry, "skipped")
@@ -238,16 +223,16 @@ class StageCache:
             shutil.rmtree(entry.root, ignore_errors=True)
         entry.done.set()
 
-    def _listing(self, entry: _Entry, options: dict[str, Any] | None,
-                 policy: RetryPolicy) -> list[tuple[str, str, int]]:
-        """(remote uri, local path, size) of the slide file and of any companion directory."""
+    def _listing(self, entry: _Entry, options: dict[str, Any] | None, policy: RetryPolicy,
+                 companions: bool) -> list[tuple[str, str, int]]:
+        """(remote uri, local path, size) of the file and, when asked, of its companion directory."""
         fs, path = get_fs(entry.uri, options)
         info = call_with_retries(lambda: fs.info(path), entry.uri, policy, entry.clocks)
         if info.get("type") == "directory":
-            raise InputError(redact(entry.uri), "is a directory (prefix), not a slide file")
+            raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
         files = [(entry.uri, entry.local, int(info.get("size") or 0))]
         stem, suffix = os.path.splitext(path)
-        if suffix.lower() in COMPANION_DIRS:
+        if companions:
             found = call_with_retries(lambda: fs.find(stem, detail=True), entry.uri, policy, entry.clocks)
             local_stem = os.path.splitext(entry.local)[0]
             for name, meta in sorted(found.items()):
@@ -275,32 +260,23 @@ class StageCache:
     def _fetch_file(self, uri: str, local: str, size: int, options: dict[str, Any] | None,
                     policy: RetryPolicy, clocks: StageClocks) -> None:
         """Chunked range download (each chunk retried on its own), written with pwrite."""
-        fs, path = get_fs(uri, options)
         os.makedirs(os.path.dirname(local), exist_ok=True)
         part = local + ".part"
-        reader = RemoteRangeReader(fs, path, uri, clocks, policy, max_concurrency=CHUNKS_IN_FLIGHT)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            if size <= 0:  # size unknown (some HTTP servers): one whole-object request
-                os.write(fd, call_with_retries(lambda: fs.cat_file(path), uri, policy, clocks))
-            spans = [(s, min(s + CHUNK_BYTES, size)) for s in range(0, size, CHUNK_BYTES)]
-            for wave in range(0, len(spans), CHUNKS_IN_FLIGHT):
-                batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
-                for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
-                    os.pwrite(fd, blob, start)
+            with open_ranges(uri, options, clocks, policy, max_concurrency=CHUNKS_IN_FLIGHT,
+                             count_wait=False) as reader:
+                if size <= 0:  # size unknown (some HTTP servers): one whole-object request
+                    fs, path = get_fs(uri, options)
+                    os.write(fd, call_with_retries(lambda: fs.cat_file(path), uri, policy, clocks))
+                spans = [(s, min(s + CHUNK_BYTES, size)) for s in range(0, size, CHUNK_BYTES)]
+                for wave in range(0, len(spans), CHUNKS_IN_FLIGHT):
+                    batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
+                    for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
+                        os.pwrite(fd, blob, start)
         finally:
             os.close(fd)
-            reader.close()
         os.replace(part, local)
-
-    def _open_local(self, entry: _Entry, clocks: StageClocks) -> SlideBackend:
-        from gpubatch.sources.slides.backends import open_slide
-
-        try:  # local preads are not storage traffic: keep them out of the storage counters
-            return open_slide(entry.local, StageClocks())
-        except InputError as exc:
-            message = exc.message.replace(entry.local, os.path.basename(entry.local))
-            raise InputError(redact(entry.uri), redact(message), retryable=exc.retryable) from None
 
 
 _cache: StageCache | None = None

@@ -7,7 +7,6 @@ per (file, backend, precision, threads) and every shard on that worker reuses it
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import threading
 from abc import ABC, abstractmethod
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import GpubatchError, MissingExtraError
+from gpubatch.core.files import file_sha256
 
 
 class Model(ABC):
@@ -109,24 +109,6 @@ def resolve_backend(name: str, path: str) -> str:
         if backend_available(candidate):
             return candidate
     raise MissingExtraError("model backend 'auto'", "onnxruntime", "gpu")
-
-
-_SHA_CACHE: dict[tuple[str, float, int], str] = {}
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file, cached by (path, mtime, size) so hot paths never rehash."""
-    import os
-
-    st = os.stat(path)
-    key = (path, st.st_mtime, st.st_size)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
 
 
 _SESSIONS: dict[tuple[Any, ...], Model] = {}

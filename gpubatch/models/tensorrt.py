@@ -28,7 +28,8 @@ import numpy as np
 import tensorrt as trt
 
 from gpubatch.core.errors import GpubatchError
-from gpubatch.models.base import Model, file_sha256
+from gpubatch.core.files import file_sha256
+from gpubatch.models.base import Model
 
 log = logging.getLogger(__name__)
 

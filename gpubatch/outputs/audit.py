@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from gpubatch.spec import is_remote
+from gpubatch.io.storage import input_identity
+
+__all__ = ["input_identity", "audit_line"]
 
 
-def input_identity(uri: str) -> dict[str, Any]:
-    """Size and mtime (local) or size and ETag (object storage) of an input, for the audit log."""
-    try:
-        if not is_remote(uri):
-            st = os.stat(uri.removeprefix("file://"))
-            return {"size": st.st_size, "mtime": st.st_mtime}
-        from gpubatch.io.storage import remote_identity
-
-        return remote_identity(uri)
-    except Exception:  # noqa: BLE001 - the audit line must not fail the run
-        return {"size": None}
+def audit_line(result: dict[str, Any], run: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """One audit.jsonl line for a finished shard: its input's identity, the model, where, when."""
+    return {
+        "shard_id": result["shard_id"], "input": result["input"], "status": result["status"],
+        **input_identity(result["input"]), "items": result.get("items", 0),
+        "error": result.get("error"), **run, "host": result.get("host"), "pid": result.get("pid"),
+        "start": result.get("start"), "end": result.get("end"), **extra,
+    }

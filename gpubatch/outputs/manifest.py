@@ -8,21 +8,13 @@ shard either fully recorded or absent.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
-from gpubatch.outputs.writer import PARTS_DIR, file_checksum
+from gpubatch.core.files import file_sha256, write_json_atomic
+from gpubatch.outputs.writer import PARTS_DIR
 
 MANIFEST_DIR = "_manifest"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 class Manifest:
@@ -48,7 +40,7 @@ class Manifest:
         good = {}
         for sid, entry in self.entries().items():
             part = self.outdir / PARTS_DIR / entry.get("part", f"{sid}.parquet")
-            if part.exists() and file_checksum(part) == entry.get("sha256"):
+            if part.exists() and file_sha256(part, cached=False) == entry.get("sha256"):
                 good[sid] = entry
         return good
 

@@ -8,7 +8,6 @@ the manifest. A shard killed before commit leaves only temporaries, which the ne
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from gpubatch.core.files import file_sha256
 
 #: outputs wider than this go to zarr only; parquet keeps the index columns for them
 MAX_PARQUET_WIDTH = 32
@@ -37,14 +38,6 @@ def output_columns(name: str, values: np.ndarray) -> dict[str, np.ndarray]:
     if flat.shape[1] > MAX_PARQUET_WIDTH:
         return {}
     return {f"{name}_{i}": flat[:, i] for i in range(flat.shape[1])}
-
-
-def file_checksum(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ShardWriter:
@@ -140,7 +133,7 @@ class ShardWriter:
             os.replace(self.zarr_tmp, self.zarr_path)
         os.replace(self.part_tmp, self.part_path)
         return {"shard_id": self.shard_id, "rows": self.rows, "part": str(self.part_path.name),
-                "sha256": file_checksum(self.part_path)}
+                "sha256": file_sha256(self.part_path, cached=False)}
 
     def abort(self) -> None:
         if self._pq is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.clocks import StageClocks, starvation_of
-from gpubatch.io.storage import LATENCY_BOUNDS_MS, LATENCY_PREFIX, storage_summary
+from gpubatch.io.metrics import LATENCY_BOUNDS_MS, LATENCY_PREFIX, storage_summary
 
 if TYPE_CHECKING:
     import pandas as pd

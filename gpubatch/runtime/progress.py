@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch.core.clocks import starvation_of
-from gpubatch.outputs.manifest import write_json_atomic
+from gpubatch.core.files import write_json_atomic
 
 log = logging.getLogger("gpubatch")
 LOG_EVERY_S = 30.0

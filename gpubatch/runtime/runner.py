@@ -17,9 +17,11 @@ from typing import Any
 
 from gpubatch import __version__
 from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
+from gpubatch.core.files import file_sha256, write_json_atomic
 from gpubatch.engine.worker import RunContext, execute_shard
-from gpubatch.models.base import file_sha256, resolve_backend
-from gpubatch.outputs.manifest import Manifest, write_json_atomic
+from gpubatch.models.base import resolve_backend
+from gpubatch.outputs.audit import audit_line
+from gpubatch.outputs.manifest import Manifest
 from gpubatch.outputs.writer import PARTS_DIR, ZARR_NAME, merge_parquet, remove_temporaries
 from gpubatch.report.summary import summarize, write_report
 from gpubatch.runtime.cluster import (
@@ -29,9 +31,10 @@ from gpubatch.runtime.cluster import (
     start_worker_imports,
     worker_count,
 )
+from gpubatch.runtime.preflight import preflight
 from gpubatch.runtime.progress import Progress
 from gpubatch.sources import Shard, get_source
-from gpubatch.spec import JobSpec, check_local_files
+from gpubatch.spec import JobSpec
 
 log = logging.getLogger("gpubatch")
 
@@ -112,19 +115,6 @@ def make_context(job: JobSpec, outdir: Path, n_workers: int, model_path: str, pr
     )
 
 
-def _audit_line(result: dict[str, Any], ctx: RunContext, extra: dict[str, Any]) -> dict[str, Any]:
-    from gpubatch.outputs.audit import input_identity
-
-    return {
-        "shard_id": result["shard_id"], "input": result["input"], "status": result["status"],
-        **input_identity(result["input"]), "items": result.get("items", 0),
-        "error": result.get("error"), "model_sha256": ctx.model_sha256, "backend": ctx.backend,
-        "precision": ctx.precision, "gpubatch_version": ctx.version, "spec_sha256": ctx.spec_hash,
-        "host": result.get("host"), "pid": result.get("pid"), "start": result.get("start"),
-        "end": result.get("end"), **extra,
-    }
-
-
 class _Submitter:
     """Submits shards, retries failures up to the limit, and collects summaries as they finish."""
 
@@ -183,38 +173,12 @@ def _wait_first(pending: set[Any]) -> set[Any]:
     return set(thread_wait(pending, return_when=FIRST_COMPLETED).done)
 
 
-def expected_item_shape(job: JobSpec) -> tuple[int, ...]:
-    """The model input shape (without batch) a job will feed, per the contract's layouts."""
-    return get_source(job.kind).model_input(job, 1)[0][1:]
-
-
-def check_model_input(job: JobSpec) -> None:
-    """Refuse, before any work, a model whose fixed input dims disagree with the job's items."""
-    if not job.model.path.endswith(".onnx"):
-        return
-    import onnx
-
-    from gpubatch.core.errors import SpecError
-
-    model = onnx.load(job.model.path, load_external_data=False)
-    initializers = {i.name for i in model.graph.initializer}
-    first = next(i for i in model.graph.input if i.name not in initializers)
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in first.type.tensor_type.shape.dim]
-    want = expected_item_shape(job)
-    if len(dims) != len(want) + 1 or any(d is not None and d != w for d, w in zip(dims[1:], want, strict=True)):
-        shown = ["N" if d is None else d for d in dims]
-        raise SpecError([("model.path", f"the model's input {first.name!r} has shape {shown} but the job "
-                                        f"feeds (N, {', '.join(map(str, want))}); match tiles.size / "
-                                        "windows.length and the layout to the model")])
-
-
 def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
             scheduler: str | None = None, show_progress: bool | None = None) -> Result:
     """Run a validated job to completion; see the module docstring for the failure rules."""
     prof = load_profile(profile or job.run.profile)
     start_worker_imports(prof)
-    check_local_files(job)
-    check_model_input(job)
+    preflight(job)
     outdir = Path(job.output.uri)
     _fresh_outdir(outdir, resume)
     t_start = time.time()
@@ -239,7 +203,9 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
             results.append(result)
         else:
             failed.append({"input": result["input"], "error": result["error"]})
-        audit.write(json.dumps(_audit_line(result, ctx, prepared.audit), default=str) + "\n")
+        run_fields = {"model_sha256": ctx.model_sha256, "backend": ctx.backend, "precision": ctx.precision,
+                      "gpubatch_version": ctx.version, "spec_sha256": ctx.spec_hash}
+        audit.write(json.dumps(audit_line(result, run_fields, prepared.audit), default=str) + "\n")
         audit.flush()
         progress.update(result)
 

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import SpecError, ValidationGateError
-from gpubatch.models.base import Model, backend_class, file_sha256, resolve_backend
+from gpubatch.core.files import file_sha256
+from gpubatch.models.base import Model, backend_class, resolve_backend
 from gpubatch.models.prepare.quantize import ensure_reduced, fp16_converter_available
 from gpubatch.models.prepare.sampling import ItemSample, SampleSettings, draw_items, draw_probe
 from gpubatch.models.prepare.tune import make_batch, measure, tune_model

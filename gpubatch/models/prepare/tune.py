@@ -215,28 +215,3 @@ def format_curve(result: TuneResult) -> str:
         lines.append(f"{p.batch_size:>6} {p.items_per_s:>10.1f} {p.items_per_s / best if best else 0:>8.1%} "
                      f"{p.batch_s:>9.4f} {p.peak_mb:>9.1f}{mark}")
     return "\n".join(lines)
-
-
-def tune_job(job_path: str | Path, sets: list[str] | None = None) -> TuneResult:
-    """``gpubatch tune JOB``: prepare the job's model as a run would, sweep afresh, print the curve.
-
-    The model swept is the one the run would use (after quantization and the validation gate),
-    and the choice is stored in the cache, so a following ``batch_size: auto`` run picks it up.
-    """
-    from gpubatch.models.prepare.resolve import prepare_model
-    from gpubatch.sources import get_source
-    from gpubatch.spec import check_local_files, load_job
-
-    job = load_job(job_path, list(sets or []) + ["model.batch_size=auto"])
-    check_local_files(job)
-    source = get_source(job.kind)
-    shards, _ = source.plan(job)
-    prepared = prepare_model(job, source, shards, Path(job.output.uri), retune=True)
-    tuning = prepared.report.get("tuning", {})
-    result = TuneResult(prepared.batch_size, [CurvePoint(**p) for p in tuning.get("curve", [])],
-                        False, tuning.get("key", ""), tuning.get("stopped_by", ""))
-    print(f"model {job.model.path} ({prepared.precision}, {tuning.get('backend', job.model.backend)})")
-    print(format_curve(result))
-    print(f"chosen batch_size: {result.batch_size} (smallest within {WITHIN:.0%} of the best; "
-          f"sweep stopped: {result.stopped_by}); cached in {cache_path()}")
-    return result

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import InputError
+from gpubatch.io.storage import exists, open_file
+from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.reference import GENOME_ATTR, open_genome_group, zarr_array_name
-from gpubatch.spec import is_remote
 
 CHUNK_BASES = 1 << 20
 READ_BLOCK = 8 << 20
@@ -57,10 +58,7 @@ def _fasta_stream(uri: str, storage_options: dict[str, Any] | None) -> Iterator[
     Blocks are cut at line ends so a header is never split; a sequence line longer than a block
     (unwrapped FASTA) is passed on in pieces, so memory stays one block whatever the line length.
     """
-    import fsspec
-
-    options = (storage_options or {}) if is_remote(uri) else {}
-    with fsspec.open(uri, "rb", compression="infer", **options) as f:
+    with open_file(uri, storage_options, "rb", compression="infer") as f:
         carry, line_start = b"", True
         while True:
             block = f.read(READ_BLOCK)
@@ -128,11 +126,7 @@ def _header_name(raw: bytes, fasta_uri: str, seen: set[str]) -> str:
 
 
 def _check_output(out_uri: str, storage_options: dict[str, Any] | None, overwrite: bool) -> None:
-    import fsspec
-
-    options = (storage_options or {}) if is_remote(out_uri) else {}
-    fs, path = fsspec.core.url_to_fs(out_uri, **options)
-    if fs.exists(path) and not overwrite:
+    if exists(out_uri, storage_options) and not overwrite:
         raise InputError(out_uri, "output already exists; remove it or pass overwrite=True")
 
 
@@ -186,4 +180,4 @@ def ingest_genome(fasta_uri: str, out_uri: str, storage_options: dict[str, Any] 
 
 def _public_uri(uri: str) -> str:
     """The FASTA's location as recorded: no query string (it may hold a signed credential)."""
-    return uri.split("?", 1)[0] if is_remote(uri) else os.path.abspath(uri.removeprefix("file://"))
+    return uri.split("?", 1)[0] if is_remote(uri) else os.path.abspath(local_path(uri))

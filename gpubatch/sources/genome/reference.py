@@ -20,18 +20,17 @@ from __future__ import annotations
 import bisect
 import re
 import struct
-import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gpubatch.core.errors import InputError
+from gpubatch.io.storage import exists, open_ranges, read_bytes, zarr_options
+from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
-from gpubatch.spec import is_remote
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -41,7 +40,6 @@ GENOME_ATTR = "gpubatch_genome"
 N_CODE = 4
 MAX_LISTED_CONTIGS = 20
 _BGZF_MAGIC = b"\x1f\x8b\x08\x04"
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,44 +73,13 @@ class ContigTable:
         return f"contig '{name}' is not in the reference{hint}; reference contigs: {self.listing()}"
 
 
-def _fs_path(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
-    """(filesystem, path) from gpubatch.io.storage: shared instances, merged profile options."""
-    from gpubatch.io.storage import get_fs
-
-    return get_fs(uri, storage_options if is_remote(uri) else None)
-
-
-def _exists(uri: str, storage_options: dict[str, Any] | None) -> bool:
-    fs, path = _fs_path(uri, storage_options)
-    return bool(_retrying(lambda: fs.exists(path), uri))
-
-
-def _retrying(fn: Callable[[], T], uri: str, clocks: StageClocks | None = None) -> T:
-    """A storage call under gpubatch's retry policy (transient errors retried, then InputError)."""
-    from gpubatch.io.storage import RetryPolicy, call_with_retries
-
-    return call_with_retries(fn, uri, RetryPolicy(), clocks)
-
-
-def _cat(fs: Any, path: str, uri: str, start: int | None = None, end: int | None = None,
-         clocks: StageClocks | None = None) -> bytes:
-    """One range request, retried and recorded (requests, bytes, latency) in ``clocks``."""
-    from gpubatch.io.storage import record_request
-
-    t0 = time.perf_counter()
-    data = bytes(_retrying(lambda: fs.cat_file(path, start=start, end=end), uri, clocks))
-    record_request(clocks, len(data), time.perf_counter() - t0)
-    return data
-
-
 def reference_format(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """'zarr', 'bgzip' or 'fasta', decided from the store marker or the file's first bytes."""
-    fs, path = _fs_path(uri, storage_options)
-    if _retrying(lambda: fs.exists(path.rstrip("/") + "/zarr.json"), uri):
+    if exists(uri.rstrip("/") + "/zarr.json", storage_options):
         return "zarr"
-    if not _retrying(lambda: fs.exists(path), uri):
+    if not exists(uri, storage_options):
         raise InputError(uri, "reference not found")
-    head = _cat(fs, path, uri, 0, 4)
+    head = read_bytes(uri, storage_options, 0, 4)
     if head[:2] == b"\x1f\x8b":
         if head != _BGZF_MAGIC:
             raise InputError(uri, "reference is gzip but not bgzip, so it cannot be read by range; "
@@ -146,11 +113,10 @@ class FaiEntry:
 def read_fai(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, FaiEntry]:
     """Parse ``uri + '.fai'``; a missing index says how to make one."""
     fai_uri = uri + ".fai"
-    if not _exists(fai_uri, storage_options):
+    if not exists(fai_uri, storage_options):
         raise _no_index(uri, ".fai")
-    fs, path = _fs_path(fai_uri, storage_options)
     entries: dict[str, FaiEntry] = {}
-    for n, line in enumerate(_cat(fs, path, fai_uri).decode().splitlines(), start=1):
+    for n, line in enumerate(read_bytes(fai_uri, storage_options).decode().splitlines(), start=1):
         fields = line.split("\t")
         if not line.strip():
             continue
@@ -166,10 +132,9 @@ def read_fai(uri: str, storage_options: dict[str, Any] | None = None) -> dict[st
 def read_gzi(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
     """Parse a ``.gzi``: (compressed offsets, uncompressed offsets) of BGZF block starts."""
     gzi_uri = uri + ".gzi"
-    if not _exists(gzi_uri, storage_options):
+    if not exists(gzi_uri, storage_options):
         raise _no_index(uri, ".gzi")
-    fs, path = _fs_path(gzi_uri, storage_options)
-    raw = _cat(fs, path, gzi_uri)
+    raw = read_bytes(gzi_uri, storage_options)
     (count,) = struct.unpack_from("<Q", raw, 0)
     pairs = np.frombuffer(raw, dtype="<u8", count=2 * count, offset=8).reshape(-1, 2)
     coffs, uoffs = [0], [0]
@@ -193,8 +158,8 @@ def open_genome_group(uri: str, storage_options: dict[str, Any] | None, mode: st
     import zarr
 
     if is_remote(uri):
-        return zarr.open_group(uri, mode=mode, storage_options=storage_options or {})  # type: ignore[arg-type]
-    return zarr.open_group(uri.removeprefix("file://"), mode=mode)  # type: ignore[arg-type]
+        return zarr.open_group(uri, mode=mode, storage_options=zarr_options(uri, storage_options))  # type: ignore[arg-type]
+    return zarr.open_group(local_path(uri), mode=mode)  # type: ignore[arg-type]
 
 
 def _zarr_meta(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
@@ -240,7 +205,7 @@ class Reference(ABC):
         return out
 
     def _count(self, nbytes: int) -> None:
-        """Count a read that did not go through ``_cat`` (zarr does its own requests)."""
+        """Count a read that did not go through a range reader (zarr does its own requests)."""
         if self.clocks is not None:
             self.clocks.count("storage.requests")
             self.clocks.count("storage.bytes", nbytes)
@@ -263,8 +228,8 @@ class FastaReference(Reference):
         self.uri, self.format = uri, fmt
         self.fai = read_fai(uri, storage_options)
         self.contigs = ContigTable(tuple(self.fai), tuple(e.length for e in self.fai.values()))
-        self.fs, self.path = _fs_path(uri, storage_options)
         self.gzi = read_gzi(uri, storage_options) if fmt == "bgzip" else None
+        self.ranges = open_ranges(uri, storage_options, clocks)
 
     def _read(self, contig: str, start: int, end: int) -> np.ndarray:
         entry = self.fai[contig]
@@ -281,16 +246,19 @@ class FastaReference(Reference):
     def _read_bytes(self, b0: int, b1: int) -> bytes:
         if self.gzi is None:
             with self._part("storage"):
-                return _cat(self.fs, self.path, self.uri, b0, b1, self.clocks)
+                return self.ranges.fetch(b0, b1)
         coffs, uoffs = self.gzi
         first = bisect.bisect_right(uoffs, b0) - 1
         last = bisect.bisect_left(uoffs, b1)  # first block starting at or after b1
         c_end = coffs[last] if last < len(coffs) else None
         with self._part("storage"):
-            comp = _cat(self.fs, self.path, self.uri, coffs[first], c_end, self.clocks)
+            comp = self.ranges.fetch(coffs[first], c_end if c_end is not None else self.ranges.size())
         with self._part("decode"):
             plain = inflate_bgzf(comp)
         return plain[b0 - uoffs[first] : b1 - uoffs[first]]
+
+    def close(self) -> None:
+        self.ranges.close()
 
 
 def inflate_bgzf(data: bytes) -> bytes:

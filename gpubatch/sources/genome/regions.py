@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from gpubatch.core.errors import SpecError
+from gpubatch.core.errors import InputError, SpecError
 from gpubatch.sources.genome.reference import ContigTable
 
 FIELD = "windows.regions"
@@ -65,12 +65,9 @@ def _bed_line(fields: list[str], where: str) -> Region:
 
 
 def _bed_text(uri: str, storage_options: dict[str, Any] | None) -> Iterator[str]:
-    import fsspec
+    from gpubatch.io.storage import open_file
 
-    from gpubatch.spec import is_remote
-
-    options = (storage_options or {}) if is_remote(uri) else {}
-    with fsspec.open(uri, "rt", compression="infer", **options) as f:
+    with open_file(uri, storage_options, "rt", compression="infer") as f:
         yield from f
 
 
@@ -85,7 +82,7 @@ def parse_bed(uri: str, storage_options: dict[str, Any] | None = None) -> list[R
     problems: list[tuple[str, str]] = []
     try:
         lines = list(_bed_text(uri, storage_options))
-    except FileNotFoundError:
+    except (FileNotFoundError, InputError):
         raise SpecError([(FIELD, f"file not found: {uri}")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([(FIELD, f"{uri}: cannot be read as a text BED file ({exc})")]) from None

@@ -31,19 +31,15 @@ to the file), ``ref``, ``alt``, ``ref_match``.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from gpubatch.core.errors import MissingExtraError, SpecError
+from gpubatch.core.errors import InputError, MissingExtraError, SpecError
+from gpubatch.io.storage import local_copy
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.reference import ContigTable
-from gpubatch.spec import is_remote
 
 FIELD = "windows.variants"
 MAX_PROBLEMS = 20
@@ -89,23 +85,6 @@ def _pysam() -> Any:
     except ImportError:
         raise MissingExtraError("variant mode (windows.variants)", "pysam", "genome") from None
     return pysam
-
-
-@contextmanager
-def _local_copy(uri: str, storage_options: dict[str, Any] | None) -> Iterator[str]:
-    """A local path for pysam: the file itself, or a temporary copy of a remote one (plan time)."""
-    if not is_remote(uri):
-        yield uri.removeprefix("file://")
-        return
-    import fsspec
-
-    tmp = tempfile.mkdtemp(prefix="gpubatch-vcf-")
-    local = os.path.join(tmp, os.path.basename(uri.rstrip("/")) or "variants.vcf")
-    try:
-        fsspec.core.url_to_fs(uri, **(storage_options or {}))[0].get(uri, local)
-        yield local
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _open_vcf(path: str, uri: str) -> Any:
@@ -205,8 +184,11 @@ def read_variants(uri: str, contigs: ContigTable,
     """
     table = VariantTable()
     name = os.path.basename(uri.rstrip("/"))
-    with _local_copy(uri, storage_options) as path, _open_vcf(path, uri) as vf:
-        problems = _scan(vf, table, contigs, name, _header_lines(path))
+    try:
+        with local_copy(uri, storage_options) as path, _open_vcf(path, uri) as vf:
+            problems = _scan(vf, table, contigs, name, _header_lines(path))
+    except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
+        raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
     if problems:
         raise SpecError(problems)
     return table

@@ -15,16 +15,19 @@ import os
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.io.ranges import RangeReader
+from gpubatch.io.storage import open_ranges
 
-TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8", ".qptiff")
+#: the one list of TIFF-family suffixes: tifffile tile-decodes these, and they stream by range
+TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".btf", ".tf8", ".qptiff")
 METADATA_ALLOWLIST = ("width", "height", "level_count", "level_dimensions", "level_downsamples",
                       "mpp", "magnification", "vendor", "backend")
 WHITE = 255
@@ -49,68 +52,6 @@ class SlideInfo:
             "level_downsamples": list(self.level_downsamples), "mpp": self.mpp,
             "magnification": self.magnification, "vendor": self.vendor, "backend": self.backend,
         }
-
-
-class RangeReader(Protocol):
-    """Reads byte ranges of one file; safe to call from several threads at once."""
-
-    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
-
-
-class LocalRangeReader:
-    """pread on one descriptor: thread-safe without a lock, and releases the GIL."""
-
-    def __init__(self, path: str, clocks: StageClocks | None = None, gap: int = 65536):
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-        self.clocks = clocks
-        self.gap = gap
-
-    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        def fetch(start: int, stop: int) -> bytes:
-            blob = os.pread(self.fd, stop - start, start)
-            if len(blob) < stop - start:
-                raise InputError(self.path, f"truncated: tile data runs to byte {stop} but the file "
-                                            f"ends at {os.fstat(self.fd).st_size}")
-            if self.clocks is not None:
-                self.clocks.count("storage.requests")
-                self.clocks.count("storage.bytes", len(blob))
-            return blob
-
-        return read_coalesced(ranges, fetch, self.gap)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def coalesce(ranges: Sequence[tuple[int, int]], gap: int, max_bytes: int = 1 << 24) -> list[tuple[int, int, list[int]]]:
-    """Group (offset, length) ranges less than ``gap`` bytes apart into single reads.
-
-    Returns (start, stop, member indices) per group; a group never exceeds ``max_bytes`` so
-    that coalescing cannot defeat the memory bound.
-    """
-    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
-    groups: list[list] = []
-    for i in order:
-        off, n = ranges[i]
-        last = groups[-1] if groups else None
-        if last and off <= last[1] + gap and max(last[1], off + n) - last[0] <= max_bytes:
-            last[1] = max(last[1], off + n)
-            last[2].append(i)
-        else:
-            groups.append([off, off + n, [i]])
-    return [(start, stop, members) for start, stop, members in groups]
-
-
-def read_coalesced(ranges: Sequence[tuple[int, int]], fetch: Any, gap: int) -> list[bytes]:
-    """Read ranges through ``fetch(start, stop) -> bytes`` with neighbours coalesced."""
-    out: list[bytes] = [b""] * len(ranges)
-    for start, stop, members in coalesce(ranges, gap):
-        blob = fetch(start, stop)
-        for i in members:
-            off, n = ranges[i]
-            out[i] = blob[off - start : off - start + n]
-    return out
 
 
 class DecodedTileCache:
@@ -226,7 +167,7 @@ class TiffBackend(SlideBackend):
                 raise TypeError("planar (separate) sample layout")
             if page.compression != 1 and page.compression not in tifffile.TIFF.DECOMPRESSORS:
                 raise TypeError(f"unsupported TIFF compression {int(page.compression)}")
-        self.ranges = ranges if ranges is not None else LocalRangeReader(path, clocks)
+        self.ranges = ranges if ranges is not None else open_ranges(path, clocks=clocks)
         dims = tuple((int(p.shape[1]), int(p.shape[0])) for p in self.pages)
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
@@ -290,9 +231,7 @@ class TiffBackend(SlideBackend):
 
     def close(self) -> None:
         self.tif.close()
-        closer = getattr(self.ranges, "close", None)
-        if closer:
-            closer()
+        self.ranges.close()
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:

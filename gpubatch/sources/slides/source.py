@@ -279,9 +279,12 @@ class SlideSource(Source):
         return [Shard(slide_key(u), u, {}) for u in uris], failed
 
     def open(self, shard: Shard, job: JobSpec, clocks: StageClocks) -> ShardReader:
-        from gpubatch.io.storage import open_slide_input
+        from gpubatch.io.retry import RetryPolicy
+        from gpubatch.sources.slides.open import open_slide_input
 
-        backend = open_slide_input(shard.input_uri, job, clocks)
+        backend = open_slide_input(shard.input_uri, clocks, access=job.input.access,
+                                   options=job.input.storage,
+                                   policy=RetryPolicy(attempts=job.run.storage_attempts))
         try:
             return SlideReader(shard, job, backend, clocks)
         except BaseException:

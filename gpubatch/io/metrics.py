@@ -1,0 +1,66 @@
+"""Storage metrics: requests, bytes and a mergeable latency histogram, and the report's storage line.
+
+Counters live in a shard's StageClocks (summed across shards), so the histogram is kept as one
+counter per log-spaced bucket rather than as raw samples: bounded in size, exact to merge.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gpubatch.core.clocks import StageClocks
+
+# Latency histogram: log-spaced upper bounds (ms), factor sqrt(2), 0.25 ms .. ~92 s, plus +inf.
+LATENCY_BOUNDS_MS = tuple(round(0.25 * 2 ** (i / 2), 3) for i in range(38)) + (math.inf,)
+LATENCY_PREFIX = "storage.latency_ms.bucket_"
+
+
+def record_request(clocks: StageClocks | None, nbytes: int, seconds: float | None = None) -> None:
+    """Count one request: requests, bytes and, when timed, a latency histogram bucket."""
+    if clocks is None:
+        return
+    clocks.count("storage.requests")
+    clocks.count("storage.bytes", nbytes)
+    if seconds is not None:
+        ms = seconds * 1000.0
+        upper = next(b for b in LATENCY_BOUNDS_MS if ms <= b)
+        clocks.count(f"{LATENCY_PREFIX}{upper:g}")
+
+
+def latency_percentiles(counters: dict[str, float]) -> dict[str, float | None]:
+    """p50 and p99 request latency (ms) from the histogram, log-interpolated inside a bucket."""
+    buckets = sorted((float(k[len(LATENCY_PREFIX):]), v) for k, v in counters.items()
+                     if k.startswith(LATENCY_PREFIX) and v > 0)
+    total = sum(v for _, v in buckets)
+    out: dict[str, float | None] = {"p50_ms": None, "p99_ms": None}
+    if total <= 0:
+        return out
+    for name, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):
+        seen = 0.0
+        for upper, count in buckets:  # buckets are sqrt(2) apart: interpolate inside this one
+            if seen + count >= q * total:
+                top = upper if math.isfinite(upper) else LATENCY_BOUNDS_MS[-2] * math.sqrt(2)
+                lower = top / math.sqrt(2)
+                out[name] = round(lower * math.sqrt(2) ** ((q * total - seen) / count), 3)
+                break
+            seen += count
+    return out
+
+
+def storage_summary(counters: dict[str, float], wall_s: float) -> dict[str, Any]:
+    """The storage line of the report: requests, bytes, MB/s, p50/p99, retries, staging, waits."""
+    get = counters.get
+    nbytes = float(get("storage.bytes", 0.0))
+    summary: dict[str, Any] = {
+        "requests": int(get("storage.requests", 0)), "bytes": int(nbytes),
+        "mb_per_s": round(nbytes / 1e6 / wall_s, 3) if wall_s > 0 else None,
+        **latency_percentiles(counters),
+        "retries": int(get("storage.retries", 0)), "staged_bytes": int(get("storage.staged_bytes", 0)),
+        "cache_hits": int(get("storage.cache_hits", 0)), "wait_s": round(float(get("storage.wait_s", 0.0)), 4),
+    }
+    access = {k.rsplit(".", 1)[1]: int(v) for k, v in counters.items() if k.startswith("storage.access.")}
+    if access:
+        summary["access"] = access
+    return summary

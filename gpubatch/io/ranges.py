@@ -1,0 +1,308 @@
+"""Range readers: byte ranges of one file or object, behind one small interface.
+
+A backend implements two primitives, ``fetch_spans`` (fetch (start, stop) spans, concurrently where
+it can, returning one :class:`Fetched` per span with its error instead of raising) and ``size``;
+``fetch_many``, ``fetch`` and ``read_ranges`` (neighbouring ranges coalesced into one request, long
+runs split) are derived. Cross-cutting concerns are wrappers, as zarr's ``LatencyStore`` and
+logging stores are: :class:`RetryingReader` (the retry policy, per failed span) and
+:class:`MeasuredReader` (requests, bytes, latency histogram, time waited) wrap any backend, so a
+new backend gets retries and metrics by being wrapped, not by copying them.
+
+Backends here: :class:`LocalRangeReader` (pread) and :class:`FsspecRangeReader` (fsspec's async
+``_cat_file`` on its event loop). :func:`gpubatch.io.storage.open_ranges` picks one and wraps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gpubatch.core.errors import InputError
+from gpubatch.io.metrics import record_request
+from gpubatch.io.redact import redact
+from gpubatch.io.retry import RetryPolicy, call_with_retries, is_transient, storage_error
+
+if TYPE_CHECKING:
+    from gpubatch.core.clocks import StageClocks
+
+
+@dataclass
+class Fetched:
+    """One span's outcome: its bytes, or the error that stopped it, and how long the request took."""
+
+    data: bytes | None = None
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+
+def coalesce(ranges: Sequence[tuple[int, int]], gap: int,
+             max_bytes: int = 1 << 24) -> list[tuple[int, int, list[int]]]:
+    """Group (offset, length) ranges less than ``gap`` bytes apart into single reads.
+
+    Returns (start, stop, member indices) per group; a group never exceeds ``max_bytes`` so
+    that coalescing cannot defeat the memory bound.
+    """
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+    groups: list[list[Any]] = []
+    for i in order:
+        off, n = ranges[i]
+        last = groups[-1] if groups else None
+        if last and off <= last[1] + gap and max(last[1], off + n) - last[0] <= max_bytes:
+            last[1] = max(last[1], off + n)
+            last[2].append(i)
+        else:
+            groups.append([off, off + n, [i]])
+    return [(start, stop, members) for start, stop, members in groups]
+
+
+class RangeReader(ABC):
+    """Byte ranges of one file or object; safe to call from several threads at once."""
+
+    #: the object's URI, credentials redacted: what messages about it may say
+    uri: str = ""
+    #: neighbours closer than this are fetched in one request (a round trip costs more than bytes)
+    gap: int = 64 * 1024
+    #: a coalesced request is split above this, so long runs are fetched in parallel
+    max_request: int = 16 << 20
+    #: whether ``Fetched.seconds`` are network request latencies worth a histogram
+    timed: bool = False
+
+    @abstractmethod
+    def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
+        """Fetch (start, stop) spans; one result per span, in order; never raises for a span."""
+
+    @abstractmethod
+    def size(self) -> int:
+        """Size of the object in bytes."""
+
+    def close(self) -> None:  # noqa: B027 - readers without handles have nothing to release
+        """Release handles."""
+
+    def fetch_many(self, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each span; the first failed span raises a clear InputError."""
+        out: list[bytes] = []
+        for (start, stop), got in zip(spans, self.fetch_spans(spans), strict=True):
+            if got.error is not None:
+                raise storage_error(self.uri, got.error) from None
+            out.append(self._checked(got.data or b"", start, stop))
+        return out
+
+    def fetch(self, start: int, stop: int) -> bytes:
+        return self.fetch_many([(start, stop)])[0] if stop > start else b""
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """(offset, length) ranges in one call: neighbours coalesced, requests issued together."""
+        groups = coalesce(ranges, self.gap, self.max_request)
+        blobs = self.fetch_many([(start, stop) for start, stop, _ in groups])
+        out: list[bytes] = [b""] * len(ranges)
+        for (start, _, members), blob in zip(groups, blobs, strict=True):
+            for i in members:
+                off, n = ranges[i]
+                out[i] = blob[off - start : off - start + n]
+        return out
+
+    def _checked(self, blob: bytes, start: int, stop: int) -> bytes:
+        if len(blob) != stop - start:
+            raise InputError(self.uri, f"truncated: data runs to byte {stop} but only "
+                             f"{start + len(blob)} bytes could be read (the file is truncated or "
+                             "changed while being read)")
+        return blob
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalRangeReader(RangeReader):
+    """pread on one descriptor: thread-safe without a lock, and releases the GIL."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.uri = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
+        out = []
+        for start, stop in spans:
+            try:
+                out.append(Fetched(os.pread(self.fd, stop - start, start)))
+            except OSError as exc:
+                out.append(Fetched(error=exc))
+        return out
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class FsspecRangeReader(RangeReader):
+    """Spans of one object fetched concurrently on fsspec's event loop.
+
+    Every span of a call is in flight at once, bounded by ``max_concurrency`` per object, so
+    latency is paid once per call rather than once per tile.
+    """
+
+    max_request = 4 << 20
+    timed = True
+
+    def __init__(self, fs: Any, path: str, uri: str, max_concurrency: int = 64):
+        if not getattr(fs, "async_impl", False):  # blocking filesystems run in threads
+            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+            fs = AsyncFileSystemWrapper(fs)
+        self.fs, self.path, self.uri = fs, path, redact(uri)
+        self.max_concurrency = max_concurrency
+        self._sem: asyncio.Semaphore | None = None
+
+    def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
+        if not spans:
+            return []
+        from fsspec.asyn import sync
+
+        async def gather() -> list[Fetched]:
+            return list(await asyncio.gather(*(self._one(a, b) for a, b in spans)))
+
+        return sync(self.fs.loop, gather)
+
+    async def _one(self, start: int, stop: int) -> Fetched:
+        if stop <= start:
+            return Fetched(b"")
+        if self._sem is None:  # created on the loop's own thread
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+        async with self._sem:  # latency is timed inside: queueing here is not storage's
+            t0 = time.perf_counter()
+            try:
+                blob = await self.fs._cat_file(self.path, start=start, end=stop)
+            except Exception as exc:  # noqa: BLE001 - returned to the caller per span
+                return Fetched(error=exc, seconds=time.perf_counter() - t0)
+            return Fetched(bytes(blob), seconds=time.perf_counter() - t0)
+
+    def size(self) -> int:
+        from fsspec.asyn import sync
+
+        info = sync(self.fs.loop, self.fs._info, self.path)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(self.path)
+        return int(info.get("size") or 0)
+
+
+class ReaderWrapper(RangeReader):
+    """A reader around another one: delegates everything, so subclasses override only their part."""
+
+    def __init__(self, inner: RangeReader):
+        self.inner = inner
+        self.uri, self.gap, self.max_request, self.timed = inner.uri, inner.gap, inner.max_request, inner.timed
+
+    def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
+        return self.inner.fetch_spans(spans)
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class RetryingReader(ReaderWrapper):
+    """Retries transient failures span by span under the policy; the rest of a call is kept.
+
+    A failed span is fetched again after the backoff, together with the other failed spans of the
+    call; when attempts run out its error becomes a retryable InputError naming the attempts.
+    """
+
+    def __init__(self, inner: RangeReader, policy: RetryPolicy, clocks: StageClocks | None = None):
+        super().__init__(inner)
+        self.policy, self.clocks = policy, clocks
+
+    def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
+        results = self.inner.fetch_spans(spans)
+        for attempt in range(1, self.policy.attempts):
+            failed = [i for i, r in enumerate(results) if r.error is not None and is_transient(r.error)]
+            if not failed:
+                return results
+            if self.clocks is not None:
+                self.clocks.count("storage.retries", len(failed))
+            time.sleep(self.policy.delay(attempt - 1))
+            for i, again in zip(failed, self.inner.fetch_spans([spans[i] for i in failed]), strict=True):
+                results[i] = again
+        for r in results:
+            if r.error is not None:
+                r.error = storage_error(self.uri, r.error, self.policy.attempts)
+        return results
+
+    def size(self) -> int:
+        return call_with_retries(self.inner.size, self.uri, self.policy, self.clocks)
+
+
+class MeasuredReader(ReaderWrapper):
+    """Counts each successful request (requests, bytes, latency when timed) and, unless the caller
+    accounts for it itself (a background download), the time the caller waited."""
+
+    def __init__(self, inner: RangeReader, clocks: StageClocks | None, count_wait: bool = True):
+        super().__init__(inner)
+        self.clocks, self.count_wait = clocks, count_wait
+
+    def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
+        t0 = time.perf_counter()
+        results = self.inner.fetch_spans(spans)
+        for r in results:
+            if r.error is None and r.data is not None:
+                record_request(self.clocks, len(r.data), r.seconds if self.timed else None)
+        if self.timed and self.count_wait and self.clocks is not None:
+            self.clocks.count("storage.wait_s", time.perf_counter() - t0)
+        return results
+
+
+class RangeFile(io.RawIOBase):
+    """A read-only, seekable file over a RangeReader with fsspec's readahead cache.
+
+    tifffile parses the TIFF header (IFDs, tile offset tables) through this: small scattered reads
+    that the cache turns into a few ``blocksize`` requests, each retried like any tile read.
+    """
+
+    def __init__(self, reader: RangeReader, size: int, name: str, blocksize: int = 64 * 1024):
+        from fsspec.caching import ReadAheadCache
+
+        super().__init__()
+        self.reader, self.size, self.name, self.mode = reader, size, name, "rb"
+        self._cache = ReadAheadCache(blocksize, reader.fetch, size)
+        self._pos = 0
+        self._lock = threading.Lock()
+
+    def readable(self) -> bool:
+        return True
+
+    seekable = readable
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        with self._lock:
+            data = self._cache._fetch(self._pos, min(self._pos + len(view), self.size))
+            view[: len(data)] = data
+            self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        super().close()
+        self.reader.close()

@@ -1,0 +1,123 @@
+"""The one retry layer for storage: which failures are transient, backoff, and clear final errors.
+
+Client libraries' own retries are switched off where gpubatch creates the client (s3fs/botocore,
+obstore), so that every retry is counted in the run's metrics, the backoff is exponential with
+jitter, and the number of attempts is bounded by ``run.storage_attempts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from gpubatch.core.errors import InputError
+from gpubatch.io.redact import redact
+
+if TYPE_CHECKING:
+    from gpubatch.core.clocks import StageClocks
+
+T = TypeVar("T")
+
+TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                    errno.ECONNREFUSED, errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH,
+                    getattr(errno, "EREMOTEIO", 121)}
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                   "ServiceUnavailable", "RequestTimeTooSkewed", "503", "500", "502", "504"}
+#: exception class names (anywhere in the cause chain) that mean "try again"; names, so that no
+#: client library has to be imported to recognise its errors
+TRANSIENT_NAMES = {"HTTPClientError", "ClientConnectionError", "ClientPayloadError",
+                   "ServerDisconnectedError", "FSTimeoutError", "IncompleteRead",
+                   "ResponseParserError", "ReadTimeoutError", "ConnectTimeoutError",
+                   "EndpointConnectionError", "ConnectionClosedError", "ProtocolError"}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: attempt n waits U(0, min(cap, base * 2**n))."""
+
+    attempts: int = 5
+    base_s: float = 0.05
+    cap_s: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0.0, min(self.cap_s, self.base_s * 2 ** attempt))
+
+
+def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        meta = response.get("ResponseMetadata", {})
+        return meta.get("HTTPStatusCode"), response.get("Error", {}).get("Code")
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    return (status if isinstance(status, int) else None), None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    node: BaseException | None = exc
+    while node is not None and node not in out and len(out) < 8:
+        out.append(node)
+        node = node.__cause__ or node.__context__
+    return out
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when trying again could succeed: 5xx/SlowDown, timeouts, resets, broken connections.
+
+    s3fs translates botocore errors into OSError subclasses (SlowDown -> EBUSY, 500 -> EREMOTEIO,
+    403 -> PermissionError, 404 -> FileNotFoundError) and passes connection errors through as
+    botocore/aiohttp exceptions, so the whole cause chain is inspected, class names included.
+    """
+    for node in _chain(exc):
+        if isinstance(node, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            return False
+        status, code = _status_and_code(node)
+        if code in TRANSIENT_CODES or (status is not None and (status >= 500 or status == 429)):
+            return True
+        if status is not None and 400 <= status < 500:
+            return False
+        if isinstance(node, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
+            return True
+        if {c.__name__ for c in type(node).__mro__} & TRANSIENT_NAMES:
+            return True
+        if isinstance(node, OSError) and node.errno in TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError:
+    """A clear, credential-free InputError for a failed storage call (retryable when transient)."""
+    if isinstance(exc, InputError):
+        return exc
+    uri = redact(uri)
+    detail = redact(f"{type(exc).__name__}: {exc}")[:300]
+    if isinstance(exc, FileNotFoundError):
+        return InputError(uri, "object not found (404): check the URI, bucket and prefix")
+    if isinstance(exc, PermissionError) or _status_and_code(exc)[0] == 403:
+        return InputError(uri, "access denied (403): the credentials from input.storage, the "
+                          "profile or the AWS_* environment may not read this object")
+    if is_transient(exc):
+        return InputError(uri, f"storage kept failing after {attempts} attempt(s) ({detail})",
+                          retryable=True)
+    return InputError(uri, f"storage error ({detail})")
+
+
+def call_with_retries(fn: Callable[[], T], uri: str, policy: RetryPolicy | None = None,
+                      clocks: StageClocks | None = None) -> T:
+    """Run a synchronous storage call under the retry policy; failures become InputError."""
+    policy = policy or RetryPolicy()
+    for attempt in range(policy.attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc) or attempt + 1 >= policy.attempts:
+                raise storage_error(uri, exc, attempt + 1) from None
+            if clocks is not None:
+                clocks.count("storage.retries")
+            time.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")

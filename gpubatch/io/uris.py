@@ -1,0 +1,40 @@
+"""URIs: the one scheme parser, local paths, and which URIs reach over a network.
+
+Every module that needs to know whether a string names a local file or an object asks here, so
+``s3://`` never silently becomes a local folder named ``s3:`` in one place and a bucket in another.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: schemes fsspec (or obstore) reaches over a network; ``memory://`` behaves like one in tests
+REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "http", "https", "az", "abfs", "abfss", "memory")
+
+
+def protocol_of(uri: str) -> str:
+    """The scheme of a URI, lower-cased; ``file`` for plain paths and ``file://`` URIs."""
+    head, sep, _ = uri.partition("://")
+    if not sep or not head or not head.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        return "file"
+    return head.lower()
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs that are read over a network (existence is checked at run time)."""
+    return protocol_of(uri) in REMOTE_SCHEMES
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path of a local URI (``file://`` stripped)."""
+    return uri.removeprefix("file://")
+
+
+def has_magic(text: str) -> bool:
+    """True when ``text`` holds glob characters."""
+    return any(c in text for c in "*?[")
+
+
+def uri_name(uri: str) -> str:
+    """The last path component of a URI, without any query string (which may carry a signature)."""
+    return os.path.basename(uri.split("?", 1)[0].rstrip("/"))

@@ -1,0 +1,77 @@
+"""Checks before anything runs: what ``validate`` and ``run`` both refuse, with exit 2.
+
+A run that dies at 3 a.m. on a missing file or a model that cannot take the job's items wastes a
+night, so every check that needs no worker runs here, on the client, before planning finishes,
+and ``gpubatch validate`` runs the same checks as ``gpubatch run``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpubatch.core.errors import SpecError
+from gpubatch.io.storage import expand_uris, missing_extra
+from gpubatch.io.uris import is_remote, local_path
+from gpubatch.sources import get_source
+from gpubatch.spec import JobSpec
+
+
+def _missing_filesystems(uris: list[str]) -> list[tuple[str, str]]:
+    """Remote schemes whose fsspec backend is not installed: a spec problem, not N quarantines."""
+    problems = []
+    for i, uri in enumerate(uris):
+        hint = missing_extra(uri)
+        if hint:
+            problems.append((f"input.uris[{i}]", f"{uri.split('://', 1)[0]}:// needs an extra package: {hint}"))
+    return problems
+
+
+def check_local_files(job: JobSpec) -> None:
+    """Fail before any work when a local input or model file named in the spec is missing."""
+    problems: list[tuple[str, str]] = _missing_filesystems(job.input.uris)
+    if not is_remote(job.model.path) and not Path(local_path(job.model.path)).is_file():
+        problems.append(("model.path", f"file not found: {job.model.path}"))
+    if job.kind == "slides":
+        for i, uri in enumerate(job.input.uris):
+            if not is_remote(uri) and not expand_uris([uri], job.input.storage):
+                problems.append((f"input.uris[{i}]", f"matches no file: {uri}"))
+    if job.windows is not None:
+        w = job.windows
+        for key in ("reference", "variants"):
+            value = getattr(w, key)
+            if value and not is_remote(value) and not Path(local_path(value)).exists():
+                problems.append((f"windows.{key}", f"file not found: {value}"))
+        regions_file = isinstance(w.regions, str) and w.regions != "genome" and ":" not in w.regions
+        if regions_file and not is_remote(str(w.regions)) and not Path(str(w.regions)).exists():
+            problems.append(("windows.regions", f"file not found: {w.regions} (or give 'genome' or a list of 'chr:start-end')"))
+    if problems:
+        raise SpecError(problems)
+
+
+def expected_item_shape(job: JobSpec) -> tuple[int, ...]:
+    """The model input shape (without batch) a job will feed, per the contract's layouts."""
+    return get_source(job.kind).model_input(job, 1)[0][1:]
+
+
+def check_model_input(job: JobSpec) -> None:
+    """Refuse, before any work, a model whose fixed input dims disagree with the job's items."""
+    if not job.model.path.endswith(".onnx"):
+        return
+    import onnx
+
+    model = onnx.load(job.model.path, load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    first = next(i for i in model.graph.input if i.name not in initializers)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in first.type.tensor_type.shape.dim]
+    want = expected_item_shape(job)
+    if len(dims) != len(want) + 1 or any(d is not None and d != w for d, w in zip(dims[1:], want, strict=True)):
+        shown = ["N" if d is None else d for d in dims]
+        raise SpecError([("model.path", f"the model's input {first.name!r} has shape {shown} but the job "
+                                        f"feeds (N, {', '.join(map(str, want))}); match tiles.size / "
+                                        "windows.length and the layout to the model")])
+
+
+def preflight(job: JobSpec) -> None:
+    """Everything ``run`` would refuse before planning: files, extras, the model's input."""
+    check_local_files(job)
+    check_model_input(job)
