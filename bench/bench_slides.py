@@ -68,7 +68,8 @@ def tile_lists(slides: list[Path], size: int, mpp: float) -> list[dict[str, Any]
     """The tiles every contestant reads: gpubatch's grid and tissue mask, computed once, untimed."""
     from gpubatch.core.clocks import StageClocks
     from gpubatch.sources.slides.backends import TiffBackend
-    from gpubatch.sources.slides.source import filter_tissue, make_grid
+    from gpubatch.sources.slides.grid import make_grid
+    from gpubatch.sources.slides.tissue import filter_tissue
     from gpubatch.spec import TilesSpec
 
     spec = TilesSpec(size=size, mpp=mpp)
@@ -207,7 +208,7 @@ def measure_bound(tiles: list[dict[str, Any]], model: Path, batch: int) -> dict[
     from gpubatch.core.clocks import StageClocks
     from gpubatch.ops.kernels import normalize_tiles
     from gpubatch.sources.slides.backends import TiffBackend
-    from gpubatch.sources.slides.source import _resize
+    from gpubatch.sources.slides.grid import resize as _resize
 
     n = sum(len(t["xs"]) for t in tiles)
     decoded: list[np.ndarray] = []

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from gpubatch import report as rp
 from gpubatch.io.metrics import LATENCY_PREFIX
-from gpubatch.report import summary as rp
 
 
 def summary(starvation: float = 0.01, parts: dict[str, float] | None = None, **kw: Any) -> dict[str, Any]:

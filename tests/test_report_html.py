@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from gpubatch import report as rp
 from gpubatch.io.metrics import LATENCY_PREFIX
-from gpubatch.report import summary as rp
 from gpubatch.report.html import render_html, write_html
 
 CHROMIUM = "/usr/bin/chromium"

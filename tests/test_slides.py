@@ -14,7 +14,8 @@ from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.io.ranges import coalesce
 from gpubatch.sources.slides.backends import OpenSlideBackend, TiffBackend, open_slide
-from gpubatch.sources.slides.source import choose_level, make_grid, otsu_threshold, tissue_mask
+from gpubatch.sources.slides.grid import choose_level, make_grid
+from gpubatch.sources.slides.tissue import otsu_threshold, tissue_mask
 from gpubatch.spec import TilesSpec
 
 

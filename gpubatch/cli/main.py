@@ -66,7 +66,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _run_and_report(job_path: str, sets: list[str], **options: Any) -> int:
-    from gpubatch.report.summary import format_summary
+    from gpubatch.report.text import format_summary
     from gpubatch.runtime.runner import run_job
     from gpubatch.spec import load_job
 
@@ -109,7 +109,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gpubatch.report.summary import format_summary, load_report
+    from gpubatch.report.summary import load_report
+    from gpubatch.report.text import format_summary
 
     report = load_report(args.outdir)
     print(format_summary(report))

@@ -14,17 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch.report import plots
+from gpubatch.report.frames import latency_frame, shard_frame, stage_frame, throughput_frame
 from gpubatch.report.plots import AMBER, BLUE, GREEN, ORANGE, PURPLE, RED, Band, Series
-from gpubatch.report.summary import (
+from gpubatch.report.verdict import (
     BAND_HIGH,
     BAND_LOW,
     LAYER_COMPUTE,
     LAYER_STORAGE,
     LAYER_TRANSFER,
-    latency_frame,
-    shard_frame,
-    stage_frame,
-    throughput_frame,
     verdict,
 )
 

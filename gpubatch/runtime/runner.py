@@ -56,37 +56,37 @@ class Result:
 
     def timeline(self) -> Any:
         """One row per batch: t, items, busy_s, starved_s, queue_depth, shard."""
-        from gpubatch.report.summary import timeline_frame
+        from gpubatch.report.frames import timeline_frame
 
         return timeline_frame(self.report)
 
     def throughput(self, buckets: int = 40) -> Any:
         """Items/s, starvation and queue depth per time bucket: the report's plots as data."""
-        from gpubatch.report.summary import throughput_frame
+        from gpubatch.report.frames import throughput_frame
 
         return throughput_frame(self.report, buckets=buckets)
 
     def stages(self) -> Any:
         """Busy, starved, blocked seconds and starvation per stage."""
-        from gpubatch.report.summary import stage_frame
+        from gpubatch.report.frames import stage_frame
 
         return stage_frame(self.report)
 
     def parts(self) -> Any:
         """Seconds and share per part (storage, decode, preprocess, transfer, compute, write)."""
-        from gpubatch.report.summary import parts_frame
+        from gpubatch.report.frames import parts_frame
 
         return parts_frame(self.report)
 
     def shards(self) -> Any:
         """One row per input: items, seconds, starvation, retries, errors."""
-        from gpubatch.report.summary import shard_frame
+        from gpubatch.report.frames import shard_frame
 
         return shard_frame(self.report)
 
     def storage_latency(self) -> Any:
         """The storage request latency histogram (empty without remote requests)."""
-        from gpubatch.report.summary import latency_frame
+        from gpubatch.report.frames import latency_frame
 
         return latency_frame(self.report)
 

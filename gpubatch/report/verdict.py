@@ -1,0 +1,275 @@
+"""The bottleneck verdict: which of the four layers practitioners profile limited the run.
+
+The layers are model compute, memory transfer, batching and storage/host transport; the verdict
+names one with the evidence and the concrete next move. Starvation bands are the TensorFlow
+profiler's: under 5% not input-bound, 5-20% moderately, 20%+ input-bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+BAND_LOW, BAND_HIGH = 0.05, 0.20
+LAYER_COMPUTE = "model compute"
+LAYER_TRANSFER = "memory transfer"
+LAYER_BATCHING = "batching"
+LAYER_STORAGE = "storage/host transport"
+LAYERS = (LAYER_COMPUTE, LAYER_TRANSFER, LAYER_BATCHING, LAYER_STORAGE)
+# Which layer each timed part belongs to. "open" is per-shard setup (slide open + tissue mask):
+# host work before the pipeline starts, so it is charged to storage/host transport.
+PART_LAYERS = {
+    "storage": LAYER_STORAGE, "open": LAYER_STORAGE, "decode": LAYER_STORAGE,
+    "resample": LAYER_STORAGE, "write": LAYER_STORAGE, "preprocess": LAYER_TRANSFER,
+    "transfer": LAYER_TRANSFER, "compute": LAYER_COMPUTE,
+}
+REDUCED_PRECISIONS = ("fp16", "bf16", "int8", "fp8")
+TRANSFER_SHARE = 0.25   # transfer + preprocess against compute: above this, moving data dominates
+BLOCKED_SHARE = 0.05    # model stage waiting on the writer: above this, output is the limit
+FILL_MIN = 0.75         # mean batch fill below this: batches are under-filled
+SMALL_BATCH = 16        # batches smaller than this rarely fill an accelerator
+SMALL_BATCH_BYTES = 4 << 20  # ...unless each call still carries this much input (100 kb windows)
+SHORT_RUN_SHARE = 0.5   # fixed start-up above this share of worker time: figures are noisy
+
+
+def band(starvation: float) -> str:
+    """The TensorFlow profiler's band for a starvation fraction."""
+    if starvation < BAND_LOW:
+        return "not input-bound"
+    if starvation < BAND_HIGH:
+        return "moderately input-bound"
+    return "input-bound"
+
+
+
+
+@dataclass
+class _Figures:
+    """The numbers the verdict rules read, pulled out of a summary once (missing keys are 0)."""
+
+    starvation: float
+    storage: float
+    open: float
+    decode: float
+    preprocess: float
+    transfer: float
+    compute: float
+    model_busy: float
+    model_blocked: float
+    model_starved: float
+    fill: float
+    batch_size: int
+    precision: str
+    readers: int
+    items_per_shard: float
+    p99_ms: float | None
+    fell_back: str  # the reduced precision the validation gate refused, if any
+    kind: str = "slides"
+    batch_bytes: int = 0  # model input per full batch; 0 when the run did not record it
+
+    @classmethod
+    def of(cls, summary: dict[str, Any]) -> _Figures:
+        parts: dict[str, float] = summary.get("parts") or {}
+        model = (summary.get("stages") or {}).get("model", {})
+        shards = summary.get("shards") or []
+        items = sum(s.get("items", 0) for s in shards)
+        return cls(
+            starvation=summary.get("starvation", 0.0), storage=parts.get("storage", 0.0),
+            open=parts.get("open", 0.0), decode=parts.get("decode", 0.0) + parts.get("resample", 0.0),
+            preprocess=parts.get("preprocess", 0.0), transfer=parts.get("transfer", 0.0),
+            compute=parts.get("compute", 0.0), model_busy=model.get("busy_s", 0.0),
+            model_blocked=model.get("blocked_s", 0.0), model_starved=model.get("starved_s", 0.0), fill=summary.get("batch_fill", 1.0),
+            batch_size=int(summary.get("batch_size") or 0), precision=str(summary.get("precision", "fp32")),
+            readers=int(summary.get("readers") or 0), items_per_shard=items / len(shards) if shards else 0.0,
+            p99_ms=(summary.get("storage") or {}).get("p99_ms"), fell_back=_refused_precision(summary),
+            kind=str(summary.get("kind", "slides")),
+            batch_bytes=int(summary.get("batch_input_bytes") or 0),
+        )
+
+
+def _refused_precision(summary: dict[str, Any]) -> str:
+    """The reduced precision that was asked for but fell back to fp32 at the validation gate."""
+    q = summary.get("quantization") or {}
+    if q.get("requested") in REDUCED_PRECISIONS and q.get("used") == "fp32":
+        return str(q["requested"])
+    return ""
+
+
+@dataclass
+class _Finding:
+    layer: str
+    detail: str
+    evidence: str
+    move: str
+
+
+def _more_readers(f: _Figures) -> str:
+    return f"raise run.readers from {f.readers} to {2 * f.readers}" if f.readers else "add reader threads (run.readers)"
+
+
+def _input_finding(f: _Figures) -> _Finding:
+    """The model starved: readers (storage requests, decode) could not keep up."""
+    lead = f"the model waited for data {f.model_starved:.2f} s, {f.starvation:.1%} of its time; readers spent"
+    if f.storage >= f.decode:
+        latency = f"; storage p99 latency {f.p99_ms:.3g} ms" if f.p99_ms else ""
+        return _Finding(
+            LAYER_STORAGE, "storage reads",
+            f"{lead} {f.storage:.2f} s on storage against {f.decode:.2f} s decoding{latency}",
+            f"{_more_readers(f)} to keep more requests in flight, or stage inputs locally "
+            "(input.access: stage) so the next slide is fetched while the current one computes")
+    if f.kind == "genome":
+        return _Finding(
+            LAYER_STORAGE, "sequence reading on the host",
+            f"{lead} {f.decode:.2f} s cutting windows against {f.storage:.2f} s on storage",
+            f"{_more_readers(f)} or worker processes; raise windows.chunk_bases so each read covers "
+            "more windows; ingest the FASTA once (gpubatch ingest genome) for chunked, compressed reads")
+    return _Finding(
+        LAYER_STORAGE, "decode on the host",
+        f"{lead} {f.decode:.2f} s decoding/resampling against {f.storage:.2f} s on storage",
+        f"{_more_readers(f)} or worker processes so decode keeps up; read the pyramid level nearest "
+        "the target resolution; decode on the GPU (nvImageCodec/cuCIM) where available")
+
+
+def _setup_finding(f: _Figures) -> _Finding:
+    """Per-shard setup (slide open + tissue mask) runs before the pipeline, so the model idles."""
+    what = "reference and region setup" if f.kind == "genome" else "slide open + tissue mask"
+    return _Finding(
+        LAYER_STORAGE, "per-shard setup",
+        f"opening shards ({what}) took {f.open:.2f} s against {f.model_busy:.2f} s of "
+        "model work, and the model sits idle while a shard opens",
+        "stage inputs (input.access: stage) and run more workers than devices so one shard's setup "
+        "overlaps another's compute; for small inputs, fewer larger shards")
+
+
+def _output_finding(f: _Figures) -> _Finding:
+    """The model stage waited for room downstream: the writer is the limit."""
+    share = f.model_blocked / max(f.model_busy + f.model_blocked, 1e-9)
+    return _Finding(
+        LAYER_STORAGE, "output writes",
+        f"the model waited {f.model_blocked:.2f} s ({share:.0%} of its time) for the writer to take results",
+        "write fewer formats (output.formats), or write to local disk and copy to object storage after")
+
+
+def _host_bound(f: _Figures) -> _Finding | None:
+    """Storage/host transport, in three guises; the one that cost the model most seconds names
+    the detail and the move, and the others are added to the evidence."""
+    blocked_share = f.model_blocked / max(f.model_busy + f.model_blocked, 1e-9)
+    costs = {
+        _input_finding: f.model_starved if f.starvation >= BAND_LOW else 0.0,
+        _setup_finding: f.open if f.open > f.model_busy else 0.0,
+        _output_finding: f.model_blocked if blocked_share >= BLOCKED_SHARE else 0.0,
+    }
+    if max(costs.values()) <= 0:
+        return None
+    ranked = sorted((fn for fn, cost in costs.items() if cost > 0), key=lambda fn: -costs[fn])
+    finding = ranked[0](f)
+    for other in ranked[1:]:
+        finding.evidence += "; also " + other(f).evidence
+    return finding
+
+
+def _transfer_bound(f: _Figures) -> _Finding | None:
+    """Fed, but moving and converting batches costs a large share of the compute itself."""
+    moving = f.transfer + f.preprocess
+    if moving <= TRANSFER_SHARE * max(f.compute, 1e-9):
+        return None
+    if f.transfer >= f.preprocess:
+        move = "keep tiles uint8 until the device, use pinned host buffers and overlap copies with compute"
+    else:
+        move = "normalise on the device (uint8 in, float on the GPU) rather than on the host"
+    return _Finding(
+        LAYER_TRANSFER, "host-to-device copies" if f.transfer >= f.preprocess else "input conversion",
+        f"host-to-device transfer {f.transfer:.2f} s and input conversion {f.preprocess:.2f} s "
+        f"against {f.compute:.2f} s of compute", move)
+
+
+def _under_filled(f: _Figures) -> _Finding | None:
+    """Fed and busy, but each model call carries fewer items than it could."""
+    small = 0 < f.batch_size < SMALL_BATCH and f.batch_bytes < SMALL_BATCH_BYTES
+    if f.fill >= FILL_MIN and not small:
+        return None
+    evidence = (f"the model was fed (starvation {f.starvation:.1%}) but batches were {f.fill:.0%} full "
+                f"on average at batch size {f.batch_size}")
+    if f.batch_bytes:
+        evidence += f" ({f.batch_bytes / 2**20:.1f} MB of input per full batch)"
+    if f.fill < FILL_MIN and 0 < f.items_per_shard < f.batch_size:
+        return _Finding(
+            LAYER_BATCHING, "partial batches at shard ends",
+            evidence + f"; shards held {f.items_per_shard:.0f} items on average, less than one batch",
+            "put several small inputs in one shard (or shard larger regions) so batches fill; "
+            "a larger batch alone will not fill them")
+    return _Finding(LAYER_BATCHING, "small batches", evidence,
+                    "raise model.batch_size (or batch_size: auto) so each call carries more items")
+
+
+def _compute_bound(f: _Figures) -> _Finding:
+    """Fed, filled, and little else: the model itself is the limit."""
+    evidence = (f"the model waited for data only {f.starvation:.1%} of its time and compute took "
+                f"{f.compute:.2f} s of its {f.model_busy:.2f} s busy")
+    if f.fell_back:
+        return _Finding(LAYER_COMPUTE, f"{f.precision} model", evidence + f"; {f.fell_back} failed the validation gate",
+                        "try model.precision: fp16 or bf16 on a GPU (behind the same gate); if reduced "
+                        "precision cannot pass, scale out: more GPUs (one worker each) or more nodes")
+    if f.precision not in REDUCED_PRECISIONS:
+        return _Finding(LAYER_COMPUTE, f"{f.precision} model", evidence,
+                        "reduce precision: model.precision: int8 (QDQ, behind the validation gate), "
+                        "or fp16/bf16 on a GPU")
+    return _Finding(LAYER_COMPUTE, f"{f.precision} model, fed", evidence + f", already at {f.precision}",
+                    "scale out: more GPUs (one worker each) or more nodes; the model is compute-bound, "
+                    "fed and at reduced precision")
+
+
+_RULES = (_host_bound, _transfer_bound, _under_filled)
+
+
+def gap(summary: dict[str, Any]) -> dict[str, Any]:
+    """Model-only against end-to-end throughput, what the gap costs, and where worker time went."""
+    e2e = float(summary.get("items_per_s") or 0.0)
+    # In-run figure (items / compute seconds) first; the standalone benchmark from model
+    # preparation when the run timed no compute.
+    model_only = summary.get("model_only_items_per_s") or summary.get("model_only_items_per_s_measured")
+    parts = summary.get("parts") or {}
+    worker_s = float(summary.get("wall_s", 0.0)) * max(1, int(summary.get("workers") or 1))
+    pipeline_s = sum(s.get("wall_s", 0.0) for s in summary.get("shards") or [] if not s.get("resumed"))
+    setup_s = parts.get("open", 0.0)
+    out: dict[str, Any] = {
+        "items_per_s": e2e, "model_only_items_per_s": model_only, "cost": None, "text": "",
+        "worker_s": worker_s, "pipeline_s": pipeline_s, "setup_s": setup_s,
+        "overhead_s": max(0.0, worker_s - pipeline_s - setup_s),
+    }
+    if model_only:
+        out["cost"] = max(0.0, 1.0 - e2e / model_only)
+        out["text"] = (f"the data path costs {out['cost']:.0%} of the model's speed: {e2e:.1f} items/s "
+                       f"end-to-end against {model_only:.1f} items/s model-only")
+    return out
+
+
+def verdict(summary: dict[str, Any]) -> dict[str, Any]:
+    """Name the limiting layer with its evidence and the concrete next move.
+
+    Rules run in order: storage/host transport first (the model starved, idled through shard
+    setup, or waited on the writer), then memory transfer, then batching; model compute only when
+    none fired, because a model that is not fed cannot show its own speed. Scaling out is suggested only for a fed,
+    compute-bound model that already runs at reduced precision.
+    """
+    f = _Figures.of(summary)
+    finding = next((r for r in (rule(f) for rule in _RULES) if r is not None), None) or _compute_bound(f)
+    g = gap(summary)
+    caveat = ""
+    if g["worker_s"] > 0 and g["overhead_s"] / g["worker_s"] > SHORT_RUN_SHARE:
+        caveat = (f"short run: {g['overhead_s']:.1f} of {g['worker_s']:.1f} worker-seconds went to start-up, "
+                  "planning and idle workers, so end-to-end figures understate a long run")
+    text = (f"{band(f.starvation)} ({f.starvation:.1%} starved): limited by {finding.layer} "
+            f"({finding.detail}). {_cap(finding.evidence)}. Next: {finding.move}."
+            + (f" {_cap(g['text'])}." if g["text"] else ""))
+    return {
+        "band": band(f.starvation), "starvation": f.starvation, "limiting_layer": finding.layer,
+        "detail": finding.detail, "evidence": "; ".join(x for x in (finding.evidence, g["text"]) if x),
+        "next_move": finding.move, "gap": g, "caveat": caveat, "text": text,
+    }
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+

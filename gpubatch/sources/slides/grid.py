@@ -1,0 +1,109 @@
+"""Where the tiles are: the pyramid level to read, the tile grid at the target resolution, blocks.
+
+The grid is computed at the pyramid level nearest to (and not coarser than) the requested mpp;
+only the remainder is resampled, never level 0 then shrink. Tiles are read in blocks: one read
+unit covers a block of neighbouring grid tiles (about ``tiles.read_block`` pixels on a side at the
+read level), so each stored tile is fetched and decoded once per block, then sliced into items.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpubatch.core.errors import InputError
+from gpubatch.sources.slides.backends import SlideInfo
+from gpubatch.spec import TilesSpec
+
+MPP_TOLERANCE = 0.1  # a slide scanned up to 10% coarser than asked still counts as that mpp
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles are: level-0 corners, the level read, and the read size at that level."""
+
+    level: int
+    level_downsample: float
+    downsample: float  # target pixel size / level-0 pixel size
+    read_size: int  # edge of one tile at ``level``, before resampling to ``size``
+    size: int
+    xs: np.ndarray  # level-0 x of each tile's top-left, int64
+    ys: np.ndarray
+    cols: np.ndarray  # grid column / row of each tile, for blocking
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.xs)
+
+    def subset(self, keep: np.ndarray) -> TileGrid:
+        return TileGrid(self.level, self.level_downsample, self.downsample, self.read_size, self.size,
+                        self.xs[keep], self.ys[keep], self.cols[keep], self.rows[keep])
+
+
+def choose_level(info: SlideInfo, tiles: TilesSpec, uri: str) -> tuple[int, float]:
+    """(level to read, target downsample from level 0) for the spec's mpp or level."""
+    if tiles.level is not None:
+        if tiles.level >= len(info.level_dimensions):
+            raise InputError(uri, f"tiles.level {tiles.level} does not exist: the slide has "
+                                  f"{len(info.level_dimensions)} levels (0-{len(info.level_dimensions) - 1})")
+        return tiles.level, info.level_downsamples[tiles.level]
+    assert tiles.mpp is not None
+    if info.mpp is None:
+        raise InputError(uri, "the file records no microns-per-pixel (MPP), so tiles.mpp cannot be "
+                              "honoured; set tiles.level instead (tiles.level: 0 for full resolution)")
+    downsample = tiles.mpp / info.mpp
+    if downsample < 1.0 - MPP_TOLERANCE:
+        raise InputError(uri, f"slide is scanned at {info.mpp:.3f} mpp, coarser than the requested "
+                              f"{tiles.mpp} mpp; lower-resolution tiles would need upsampling")
+    downsample = max(downsample, 1.0)
+    level = 0
+    for i, ds in enumerate(info.level_downsamples):
+        if ds <= downsample * 1.01:
+            level = i
+    return level, downsample
+
+
+def make_grid(info: SlideInfo, tiles: TilesSpec, uri: str) -> TileGrid:
+    """Every complete tile of the slide at the requested resolution, row-major."""
+    level, downsample = choose_level(info, tiles, uri)
+    level_ds = info.level_downsamples[level]
+    read_size = max(1, int(round(tiles.size * downsample / level_ds)))
+    extent = tiles.size * downsample  # tile edge in level-0 pixels
+    step = max(extent * (1.0 - tiles.overlap), 1.0)
+    w0, h0 = info.level_dimensions[0]
+    nx = int(math.floor((w0 - extent) / step)) + 1 if w0 >= extent else 0
+    ny = int(math.floor((h0 - extent) / step)) + 1 if h0 >= extent else 0
+    col_grid, row_grid = np.meshgrid(np.arange(nx), np.arange(ny))
+    cols, rows = col_grid.ravel(), row_grid.ravel()
+    xs = np.round(cols * step).astype(np.int64)
+    ys = np.round(rows * step).astype(np.int64)
+    return TileGrid(level, level_ds, downsample, read_size, tiles.size, xs, ys, cols, rows)
+
+
+def resize(tiles: np.ndarray, size: int) -> np.ndarray:
+    """Resample (k, s, s, 3) tiles to (k, size, size, 3): box filter for integer factors, else PIL."""
+    k, s = tiles.shape[0], tiles.shape[1]
+    if s == size:
+        return tiles
+    if s % size == 0:
+        f = s // size
+        return tiles.reshape(k, size, f, size, f, 3).mean(axis=(2, 4)).round().astype(np.uint8)
+    from PIL import Image
+
+    out = np.empty((k, size, size, 3), dtype=np.uint8)
+    for i in range(k):
+        out[i] = np.asarray(Image.fromarray(tiles[i]).resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
+def block_ids(grid: TileGrid, read_block: int) -> np.ndarray:
+    """Block id of each tile: tiles whose level-pixel extent fits in about read_block share a block."""
+    step_level = max((grid.xs[1] - grid.xs[0]) / grid.level_downsample, 1.0) if len(grid) > 1 else grid.read_size
+    per_block = max(1, int((read_block - grid.read_size) // max(step_level, 1)) + 1)
+    bcols = grid.cols // per_block
+    brows = grid.rows // per_block
+    return brows * (int(bcols.max()) + 1 if len(bcols) else 1) + bcols
+
+
