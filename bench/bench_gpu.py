@@ -141,8 +141,9 @@ def bench_model(model: Any, batch: int, size: int, iters: int = 50) -> float:
 def bench_end_to_end(model: Any, tiles: np.ndarray, batch: int, device: str) -> dict[str, Any]:
     from gpubatch.core.clocks import StageClocks
     from gpubatch.engine.device import make_device_stage
+    from gpubatch.ops.preprocess import Preprocess
 
-    stage = make_device_stage(model, "tiles", device=device, mean=MEAN, std=STD, layout="NCHW")
+    stage = make_device_stage(model, Preprocess("tiles", MEAN, STD, "NCHW"), device=device)
     batches = [tiles[i : i + batch] for i in range(0, len(tiles), batch)]
     list(stage.map(batches[:2], StageClocks()))  # warm-up: kernels compiled, buffers allocated
     clocks = StageClocks()

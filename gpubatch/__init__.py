@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gpubatch.runtime.runner import Result
+    from gpubatch.runtime.result import Result
     from gpubatch.spec import JobSpec
 
 __all__ = ["JobSpec", "Result", "__version__", "load_job", "open_results", "run"]
@@ -37,7 +37,7 @@ def open_results(outdir: Any) -> Result:
 
     from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
     from gpubatch.report.summary import load_report
-    from gpubatch.runtime.runner import Result as _Result
+    from gpubatch.runtime.result import Result as _Result
 
     report = load_report(outdir)
     failed = report.get("failed", [])
@@ -50,7 +50,7 @@ def __getattr__(name: str) -> Any:
 
         return _JobSpec
     if name == "Result":
-        from gpubatch.runtime.runner import Result as _Result
+        from gpubatch.runtime.result import Result as _Result
 
         return _Result
     raise AttributeError(name)

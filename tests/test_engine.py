@@ -11,6 +11,7 @@ import pytest
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
+from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, ShardReader
 
 
@@ -46,8 +47,9 @@ class CountingReader(ShardReader):
             with self._lock:
                 self.in_flight -= 1
 
-    def to_model_input(self, batch: np.ndarray) -> np.ndarray:
-        return batch.astype(np.float32)
+    @property
+    def preprocess(self) -> Preprocess:  # unused: these tests hand the pipeline their own model stage
+        return Preprocess("dna")
 
 
 class Sink:

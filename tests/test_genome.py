@@ -280,7 +280,7 @@ class Sink:
 
 
 def run_job(job: JobSpec, batch_size: int = 16) -> Sink:
-    from gpubatch.engine.worker import make_batch_runner
+    from gpubatch.engine.model_stage import make_batch_runner
     from gpubatch.models.onnxruntime import OnnxRuntimeModel
 
     source = get_source("genome")

@@ -18,9 +18,10 @@ from conftest import shared_file
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import GpubatchError
-from gpubatch.engine.device import CpuDeviceStage, DeviceStage, Preprocess, make_device_stage
+from gpubatch.engine.device import CpuDeviceStage, DeviceStage, make_device_stage
 from gpubatch.ops import kernels
 from gpubatch.ops.kernels_gpu import gpu_available
+from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.slides import gpu_decode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def _ort(path: Path):
 
 def test_cpu_stage_equals_numpy_then_model(tile_model: Path) -> None:
     model = _ort(tile_model)
-    stage = make_device_stage(model, "tiles", device="cpu", mean=MEAN, std=STD, layout="NCHW")
+    stage = make_device_stage(model, Preprocess("tiles", MEAN, STD, "NCHW"), device="cpu")
     assert isinstance(stage, CpuDeviceStage)
     items = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     clocks = StageClocks()
@@ -86,7 +87,7 @@ def test_cpu_stage_equals_numpy_then_model(tile_model: Path) -> None:
 
 def test_cpu_stage_map_keeps_order(dna_model: Path) -> None:
     model = _ort(dna_model)
-    stage = make_device_stage(model, "dna", device="cpu", layout="NLC", reverse_complement=True)
+    stage = make_device_stage(model, Preprocess("dna", layout="NLC", reverse_complement=True), device="cpu")
     rng = np.random.default_rng(1)
     batches = [rng.integers(0, 5, (n, 64), dtype=np.uint8) for n in (3, 1, 4)]
     results = list(stage.map(batches, StageClocks()))
@@ -99,9 +100,9 @@ def test_auto_picks_cpu_twin_without_gpu_and_cuda_refuses(tile_model: Path) -> N
     if gpu_available():
         pytest.skip("a GPU is present: the refusal path is for GPU-less machines")
     model = _ort(tile_model)
-    assert isinstance(make_device_stage(model, "tiles"), CpuDeviceStage)
+    assert isinstance(make_device_stage(model, Preprocess("tiles")), CpuDeviceStage)
     with pytest.raises(GpubatchError, match="cuda"):
-        make_device_stage(model, "tiles", device="cuda")
+        make_device_stage(model, Preprocess("tiles"), device="cuda")
 
 
 @pytest.mark.parametrize(
@@ -117,8 +118,8 @@ def test_preprocess_rejects_bad_settings(kwargs: dict) -> None:
 
 
 def _compare_stages(model, kind: str, items: list[np.ndarray], atol: float, **params) -> StageClocks:
-    cpu = make_device_stage(model, kind, device="cpu", **params)
-    dev = make_device_stage(model, kind, device="cuda", **params)
+    cpu = make_device_stage(model, Preprocess(kind, **params), device="cpu")
+    dev = make_device_stage(model, Preprocess(kind, **params), device="cuda")
     assert isinstance(dev, DeviceStage)
     clocks = StageClocks()
     for batch, got in zip(items, dev.map(items, clocks), strict=True):

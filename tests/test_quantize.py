@@ -17,7 +17,8 @@ from conftest import write_job
 import gpubatch
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import SpecError, ValidationGateError
-from gpubatch.engine.worker import RunContext, make_batch_runner
+from gpubatch.engine.context import RunContext
+from gpubatch.engine.model_stage import make_batch_runner
 from gpubatch.models.base import get_model
 from gpubatch.models.prepare import quantize
 from gpubatch.models.prepare.resolve import PreparedModel, prepare_model
@@ -223,7 +224,7 @@ def test_confidence_fallback_reruns_unsure_items(qdir: Path, small_cnn: Path, tm
         items = next(iter(reader.read_units()))().items
         clocks = StageClocks()
         out = make_batch_runner(reader, int8_model, ctx)(items, clocks)
-        fp32 = get_model(fp32_path, "onnxruntime", "fp32").run(reader.to_model_input(items))["probs"]
+        fp32 = get_model(fp32_path, "onnxruntime", "fp32").run(reader.preprocess.on_host(items))["probs"]
     n = clocks.counters.get("fallback.items", 0)
     if expect_all:  # this CNN is never 85% sure: every item is re-run, outputs are fp32's
         assert n == len(items)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from gpubatch import report as rp
+from gpubatch.core.results import ShardResult
 from gpubatch.io.metrics import LATENCY_PREFIX
 
 
@@ -173,8 +174,8 @@ def shard(i: int, start: float, items: int, batches: int, retries: int = 0) -> d
 def built() -> dict[str, Any]:
     shards = [shard(0, 1000.0, 64, 4), shard(1, 1001.0, 96, 6, retries=2)]
     failed = [{"input": "/data/bad.svs", "error": "not a slide: truncated TIFF"}]
-    return rp.summarize(shards, failed, 3.0, {"name": "t", "batch_size": 16, "workers": 1, "readers": 2,
-                                              "precision": "fp32"})
+    return rp.summarize([ShardResult.from_dict(s) for s in shards], failed, 3.0,
+                        {"name": "t", "batch_size": 16, "workers": 1, "readers": 2, "precision": "fp32"}).to_dict()
 
 
 def test_summarize_document(built: dict[str, Any]) -> None:

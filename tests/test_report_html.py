@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from gpubatch import report as rp
+from gpubatch.core.results import ShardResult
 from gpubatch.io.metrics import LATENCY_PREFIX
 from gpubatch.report.html import render_html, write_html
 
@@ -63,7 +64,8 @@ def constructed(tmp_path_factory: pytest.TempPathFactory) -> Path:
               {"input": "s3://bucket/slides/<odd>.svs", "error": "storage error (SlowDown) after 3 attempts"}]
     run_info = {"name": "remote-wsi", "kind": "slides", "backend": "tensorrt", "precision": "int8",
                 "batch_size": 32, "workers": 2, "readers": 4, "gpubatch_version": "0.1.0"}
-    summary = rp.summarize([_shard(0, 0), _shard(1, 3)], failed, 6.0, run_info)
+    shards = [ShardResult.from_dict(_shard(0, 0)), ShardResult.from_dict(_shard(1, 3))]
+    summary = rp.summarize(shards, failed, 6.0, run_info).to_dict()
     out = tmp_path_factory.mktemp("constructed")
     rp.write_report(out, summary)
     return out

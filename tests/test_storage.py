@@ -371,6 +371,7 @@ def test_a_workers_first_shards_configure_its_stage_cache_once(tmp_path: Path, m
     import gpubatch.io.stage_cache
     import gpubatch.io.storage
     from gpubatch.engine import worker
+    from gpubatch.engine.context import RunContext
     from gpubatch.io.stage_cache import get_stage_cache
 
     real, calls = gpubatch.io.storage.configure_storage, []
@@ -383,7 +384,7 @@ def test_a_workers_first_shards_configure_its_stage_cache_once(tmp_path: Path, m
     monkeypatch.setattr(gpubatch.io.storage, "configure_storage", slow_configure)
     monkeypatch.setattr(worker, "_CONFIGURED", {})
     monkeypatch.setattr(gpubatch.io.stage_cache, "_cache", gpubatch.io.stage_cache._cache)  # restored afterwards
-    ctx = worker.RunContext(str(tmp_path), "m.onnx", "onnxruntime", "fp32", 8, None, "", "", "",
+    ctx = RunContext(str(tmp_path), "m.onnx", "onnxruntime", "fp32", 8, None, "", "", "",
                             storage_profile={"stage_cache": {"dir": str(tmp_path / "stage")}})
     start = threading.Barrier(2)
     caches = []

@@ -19,72 +19,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import GpubatchError
 from gpubatch.models.base import Model
-from gpubatch.ops import kernels
-
-TILE_LAYOUTS = ("NCHW", "NHWC")
-DNA_LAYOUTS = ("NLC", "NCL")
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What turns uint8 items into the model's input; the same settings drive host and device."""
-
-    kind: str = "tiles"  # tiles | dna
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    layout: str = "NCHW"  # tiles: NCHW | NHWC; dna: NLC | NCL
-    n_value: float = 0.0
-    reverse_complement: bool = False
-    dtype: str = "float32"  # float32 | float16
-
-    def __post_init__(self) -> None:
-        allowed = TILE_LAYOUTS if self.kind == "tiles" else DNA_LAYOUTS if self.kind == "dna" else ()
-        if not allowed:
-            raise GpubatchError(f"preprocess kind must be 'tiles' or 'dna', not {self.kind!r}")
-        if self.layout not in allowed:
-            raise GpubatchError(f"{self.kind} layout must be one of {allowed}, not {self.layout!r}")
-        if np.dtype(self.dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
-            raise GpubatchError(f"model input dtype must be float32 or float16, not {self.dtype}")
-
-    @property
-    def np_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
-
-    def on_host(self, items: np.ndarray) -> np.ndarray:
-        """The numpy path (reference semantics)."""
-        if self.kind == "tiles":
-            return kernels.normalize_tiles(items, self.mean, self.std, self.layout, self.np_dtype)
-        return kernels.one_hot(items, self.layout, self.n_value, self.np_dtype, self.reverse_complement)
-
-    def on_device(self, items: Any, out: Any | None = None) -> Any:
-        """The CuPy path, same results; ``out`` reuses a slot's preallocated buffer."""
-        from gpubatch.ops import kernels_gpu
-
-        if self.kind == "tiles":
-            return kernels_gpu.normalize_tiles(items, self.mean, self.std, self.layout, self.np_dtype, out=out)
-        return kernels_gpu.one_hot(
-            items, self.layout, self.n_value, self.np_dtype, self.reverse_complement, out=out
-        )
-
-    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        if self.kind == "tiles":
-            n, h, w, c = shape
-            return (n, c, h, w) if self.layout == "NCHW" else (n, h, w, c)
-        n, length = shape
-        return (n, length, 4) if self.layout == "NLC" else (n, 4, length)
-
-
-class DeviceRunner(Protocol):
-    """Runs the model on a device array; returns device outputs and whether it ran on ``stream``."""
-
-    def __call__(self, x: Any, stream: Any) -> tuple[dict[str, Any], bool]: ...
+from gpubatch.ops.preprocess import Preprocess
 
 
 class _StageBase:
@@ -166,12 +108,11 @@ class DeviceStage(_StageBase):
 
     device = "cuda"
 
-    def __init__(self, model: Model, preprocess: Preprocess, runner: DeviceRunner, slots: int = 2):
+    def __init__(self, model: Model, preprocess: Preprocess, slots: int = 2):
         import cupy
 
         self.model = model
         self.preprocess = preprocess
-        self.runner = runner
         self._cupy = cupy
         self._copy_stream = cupy.cuda.Stream(non_blocking=True)
         self._compute_stream = cupy.cuda.Stream(non_blocking=True)
@@ -210,7 +151,8 @@ class DeviceStage(_StageBase):
             cs.wait_event(ev["h2d1"])
             x = self._preprocess(slot, cs)
             t0 = time.perf_counter()
-            outputs, on_stream = self.runner(x, cs)
+            outputs = self.model.run_device(x, cs)
+            on_stream = self.model.runs_on_stream
             host_compute = time.perf_counter() - t0
             host_out = self._download(slot, outputs, cs)
             ev["d2h1"].synchronize()
@@ -255,82 +197,19 @@ class DeviceStage(_StageBase):
         clocks.add_part("compute", compute)
 
 
-class _OrtCudaRunner:
-    """ONNX Runtime's CUDA provider fed by IO binding: the device array is bound by pointer."""
-
-    def __init__(self, model: Any):
-        self.session = model.session
-        self.input_name = model.input_name
-        self.output_names = list(model.output_names)
-
-    def __call__(self, x: Any, stream: Any) -> tuple[dict[str, Any], bool]:
-        stream.synchronize()  # ORT runs on its own stream: the preprocessed input must be complete
-        binding = self.session.io_binding()
-        binding.bind_input(
-            name=self.input_name, device_type="cuda", device_id=int(x.device.id),
-            element_type=x.dtype.type, shape=tuple(x.shape), buffer_ptr=int(x.data.ptr),
-        )
-        for name in self.output_names:
-            binding.bind_output(name, "cuda", int(x.device.id))
-        self.session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-        values = binding.get_outputs()
-        return {n: _wrap_ortvalue(v) for n, v in zip(self.output_names, values, strict=True)}, False
-
-
-def _wrap_ortvalue(value: Any) -> Any:
-    """A CuPy view of an ORT device tensor (no copy); the view keeps the OrtValue alive."""
-    import cupy
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    dtype = np.dtype(tensor_dtype_to_np_dtype(value.element_type()))
-    shape = tuple(value.shape())
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    mem = cupy.cuda.UnownedMemory(int(value.data_ptr()), nbytes, owner=value)
-    return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
-
-
-def device_runner(model: Model) -> DeviceRunner | None:
-    """How this model takes a device array, or None when it only runs host arrays."""
-    run_device = getattr(model, "run_device", None)
-    if callable(run_device):
-        return lambda x, stream: (run_device(x, stream), True)
-    session = getattr(model, "session", None)
-    if session is not None and hasattr(session, "io_binding"):
-        providers = session.get_providers()
-        if providers and providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
-            return _OrtCudaRunner(model)
-    return None
-
-
-def make_device_stage(
-    model: Model,
-    preprocess_kind: str = "tiles",
-    *,
-    device: str = "auto",
-    **params: Any,
-) -> CpuDeviceStage | DeviceStage:
+def make_device_stage(model: Model, preprocess: Preprocess, *, device: str = "auto") -> CpuDeviceStage | DeviceStage:
     """The device stage for this model: the GPU stage when a GPU can feed the model, else the twin.
 
-    ``params`` are Preprocess fields (mean, std, layout, n_value, reverse_complement, dtype); the
-    dtype defaults to the model's input dtype. ``device``: auto | cuda | cpu; ``cuda`` raises when
-    the GPU path cannot run, instead of silently running on the host.
+    The preprocessing produces the model's own input dtype. ``device``: auto | cuda | cpu;
+    ``cuda`` raises when the GPU path cannot run, instead of silently running on the host.
     """
     from gpubatch.ops.kernels_gpu import gpu_available
 
-    if "dtype" not in params:
-        params["dtype"] = str(np.dtype(getattr(model, "input_dtype", np.float32)))
-    if preprocess_kind == "dna" and "layout" not in params:
-        params["layout"] = "NLC"
-    for key in ("mean", "std"):
-        if key in params:
-            params[key] = tuple(float(v) for v in params[key])
-    preprocess = Preprocess(kind=preprocess_kind, **params)
+    preprocess = preprocess.with_dtype(model.input_dtype)
     if device == "cpu":
         return CpuDeviceStage(model, preprocess)
-    runner = device_runner(model) if gpu_available() else None
-    if runner is not None:
-        return DeviceStage(model, preprocess, runner)
+    if gpu_available() and model.supports_device():
+        return DeviceStage(model, preprocess)
     if device == "cuda":
         why = "no CUDA device is visible" if not gpu_available() else "the model does not run on CUDA"
         raise GpubatchError(f"device stage 'cuda' requested but {why} (backend {model.backend})")

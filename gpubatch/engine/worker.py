@@ -1,7 +1,9 @@
 """What runs on a worker for one shard: open, pipeline, commit, record. No client I/O here.
 
 The function is submitted to Dask with only small arguments (the shard description and the job
-spec) and returns only a small summary; pixels and bases are read here, on the worker.
+spec) and returns only a small :class:`ShardResult`; pixels and bases are read here, on the
+worker. Kind-specific needs (staging ahead, constant columns, releasing a staged copy) come from
+the source's hooks, so this module never asks which kind of input it runs.
 """
 
 from __future__ import annotations
@@ -11,43 +13,18 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.core.results import ShardResult
+from gpubatch.engine.context import RunContext
+from gpubatch.engine.model_stage import make_batch_runner, warm_host_stage
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
-from gpubatch.models.base import Model, get_model
+from gpubatch.models.base import get_model
 from gpubatch.outputs.manifest import Manifest
 from gpubatch.outputs.writer import ShardWriter
-from gpubatch.sources import Shard, ShardReader, get_source
+from gpubatch.sources import Shard, get_source
 from gpubatch.spec import JobSpec
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """Settings the client resolved once for the whole run (model file after quantization, ...)."""
-
-    outdir: str
-    model_path: str
-    backend: str
-    precision: str
-    batch_size: int
-    threads: int | None
-    model_sha256: str
-    spec_hash: str
-    version: str
-    #: per-item confidence fallback (``model.fallback``): the fp32 model low-confidence items are
-    #: re-run on, and the top-probability threshold below which an item counts as low-confidence
-    fallback_model_path: str | None = None
-    fallback_max_prob: float | None = None
-    #: the profile's ``storage`` (fsspec options) and ``stage_cache`` settings, applied per worker
-    storage_profile: dict[str, Any] | None = None
-
 
 _CONFIGURED: dict[str, str] = {}
 _CONFIGURE_LOCK = threading.Lock()
@@ -104,165 +81,56 @@ def _configure_worker_once(ctx: RunContext) -> None:
             _CONFIGURED["key"] = key
 
 
-def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None = None):
-    """The model stage: preprocess on the device stage, run, map outputs back to items.
-
-    With ``ctx.fallback_model_path`` set (a reduced-precision run with ``model.fallback``), items
-    the reduced model is unsure of are re-run on the fp32 model, loaded once per worker.
-    """
-    from gpubatch.models.prepare.validate import rerun_low_confidence
-
-    fallback: Model | None = None
-    threshold = ctx.fallback_max_prob if ctx is not None else None
-    if ctx is not None and ctx.fallback_model_path and threshold is not None:
-        fallback = get_model(ctx.fallback_model_path, ctx.backend, "fp32", ctx.threads)
-
-    stage = _gpu_stage(reader, model) if fallback is None else None
-    if stage is not None:
-        return lambda items, clocks: reader.from_model_output(stage(items, clocks), len(items))
-
-    host = _host_stage(model)
-
-    def run_batch(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
-        with host.turn(clocks):
-            with clocks.part("preprocess"):
-                x = host.keep(reader.to_model_input(items, out=host.buffer))
-            with clocks.part("compute"):
-                out = model.run(x)
-                if fallback is not None and threshold is not None:
-                    out = rerun_low_confidence(out, x, fallback, threshold, clocks)
-            out = {k: v.copy() if np.may_share_memory(v, x) else v for k, v in out.items()}
-        return reader.from_model_output(out, len(items))
-
-    return run_batch
-
-
-class _HostStage:
-    """One model stage at a time per model on a worker, with one reused input buffer.
-
-    A worker runs two shards at once (one opens while the other computes). Their model stages
-    take turns: on the CPU two concurrent runs only share the same cores, and each would hold its
-    own float batch and ONNX Runtime activations, so peak memory would depend on how often the
-    two happened to overlap. Taking turns also makes reuse safe: the previous batch's input array
-    (tens of MB) becomes the next batch's buffer instead of fresh pages on every batch.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.buffer: np.ndarray | None = None
-
-    @contextmanager
-    def turn(self, clocks: StageClocks) -> Iterator[None]:
-        t0 = time.perf_counter()
-        with self.lock:
-            clocks.count("model.turn_wait_s", time.perf_counter() - t0)
-            yield
-
-    def warm(self, model: Model, shape: tuple[int, ...], dtype: str, clocks: StageClocks) -> None:
-        """Once per model and worker, before the first shard opens: one zero batch through the
-        model (which sizes ONNX Runtime's arena), its input kept as the buffer. The first shard's
-        compute time then holds no session set-up, and the worker holds its batch-sized memory
-        from the start rather than from whichever shard first overlaps a slide opening with a
-        model run."""
-        with self.lock:
-            if self.buffer is not None or model.device != "cpu":
-                return
-            t0 = time.perf_counter()
-            x = np.empty(shape, dtype=dtype)
-            x.fill(0)  # written, not np.zeros: untouched zero pages would hold no memory yet
-            model.run(x)
-            self.buffer = x
-            clocks.count("model.warmup_s", time.perf_counter() - t0)
-
-    def keep(self, x: np.ndarray) -> np.ndarray:
-        self.buffer = x if x.flags.c_contiguous and x.flags.writeable and x.base is None else None
-        return x
-
-
-_HOST_STAGES: dict[int, _HostStage] = {}
-
-
-def _host_stage(model: Model) -> _HostStage:
-    return _HOST_STAGES.setdefault(id(model), _HostStage())
-
-
-_GPU_STAGES: dict[tuple[int, str, str], Any] = {}
-
-
-def _gpu_stage(reader: ShardReader, model: Model) -> Any:
-    """The fused-kernel device stage (pinned buffers, copy stream) for a model on a CUDA device.
-
-    One per worker, model and preprocessing, reused across shards. On the CPU the reader's own
-    ``to_model_input`` is the device stage, and this returns None.
-    """
-    plan = reader.device_preprocess()
-    if model.device != "cuda" or plan is None:
-        return None
-    kind, params = plan
-    key = (id(model), kind, repr(sorted(params.items())))
-    if key not in _GPU_STAGES:
-        from gpubatch.engine.device import make_device_stage
-
-        _GPU_STAGES[key] = make_device_stage(model, kind, **params)
-    return _GPU_STAGES[key]
-
-
-def _failure(shard: Shard, exc: BaseException, started: float) -> dict[str, Any]:
+def _failure(shard: Shard, exc: BaseException, started: float) -> ShardResult:
+    """The summary of a shard that failed: a bad input is not worth retrying, anything else may be."""
+    bad_input = isinstance(exc, InputError)
     message = exc.message if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
-    return {
-        "shard_id": shard.shard_id, "input": shard.input_uri, "status": "failed", "error": message,
-        "retryable": bool(getattr(exc, "retryable", False)) or not isinstance(exc, InputError),
-        "host": socket.gethostname(), "pid": os.getpid(), "start": started, "end": time.time(),
-        "traceback": "" if isinstance(exc, InputError) else traceback.format_exc(limit=5),
-    }
+    result = ShardResult.failure(shard.shard_id, shard.input_uri, message,
+                                 retryable=bool(getattr(exc, "retryable", False)) or not bad_input)
+    result.host, result.pid, result.start, result.end = socket.gethostname(), os.getpid(), started, time.time()
+    result.traceback = "" if bad_input else traceback.format_exc(limit=5)
+    return result
 
 
-def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Process one shard end to end on this worker; returns a small JSON-able summary.
+def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[str, ...] = ()) -> ShardResult:
+    """Process one shard end to end on this worker; returns its small, picklable result.
 
-    A bad input comes back as a ``failed`` summary rather than an exception, so that one corrupt
+    A bad input comes back as a ``failed`` result rather than an exception, so that one corrupt
     slide is quarantined without poisoning the Dask task graph. ``upcoming`` names the next
-    inputs in plan order: slides that will be staged start downloading now, behind this compute.
+    inputs in plan order, for the source's ``before_shard`` hook (slides stage them ahead).
     """
     started = time.time()
     _configure_worker_once(ctx)
-    if job.kind == "slides" and upcoming:
-        from gpubatch.sources.slides.open import prefetch
-
-        prefetch(upcoming, job.input.access, job.input.storage)
-    clocks = StageClocks()
     source = get_source(job.kind)
+    source.before_shard(job, upcoming)
+    clocks = StageClocks()
     writer: ShardWriter | None = None
     try:
         model = get_model(ctx.model_path, ctx.backend, ctx.precision, ctx.threads)
-        _host_stage(model).warm(model, *source.model_input(job, ctx.batch_size), clocks)
+        warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)
         with clocks.part("open"):
             reader = source.open(shard, job, clocks)
         with reader:
-            constants = {"slide": shard.input_uri} if job.kind == "slides" else {}
             attrs = {**reader.attrs, "model_sha256": ctx.model_sha256, "backend": model.backend,
                      "precision": ctx.precision, "gpubatch_version": ctx.version}
-            writer = ShardWriter(ctx.outdir, shard.shard_id, constants, attrs, job.output.formats)
+            writer = ShardWriter(ctx.outdir, shard.shard_id, source.constant_columns(shard), attrs,
+                                 job.output.formats)
             cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches, pad_last=True)
             t0 = time.perf_counter()
             items = run_pipeline(reader, make_batch_runner(reader, model, ctx), writer, cfg, clocks)
             wall = time.perf_counter() - t0
-            entry = writer.commit()
+            part = writer.commit()
             shard_attrs = reader.attrs
-        if job.kind == "slides":
-            from gpubatch.sources.slides.open import release
-
-            release(shard.input_uri)
+        source.after_commit(job, shard)
     except BaseException as exc:  # noqa: BLE001 - summarised for the client
         if writer is not None:
             writer.abort()
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         return _failure(shard, exc, started)
-    summary = {
-        **entry, "input": shard.input_uri, "status": "done", "items": items, "wall_s": wall,
-        "clocks": clocks.to_dict(), "attrs": shard_attrs, "host": socket.gethostname(),
-        "pid": os.getpid(), "start": started, "end": time.time(), "model": model.describe(),
-    }
-    Manifest(ctx.outdir).record({k: v for k, v in summary.items() if k != "clocks"} | {"clocks": clocks.to_dict()})
-    return summary
+    result = ShardResult(
+        shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(),
+        attrs=shard_attrs, model=model.describe(), host=socket.gethostname(), pid=os.getpid(),
+        start=started, end=time.time(), **part)
+    Manifest(ctx.outdir).record(result)
+    return result

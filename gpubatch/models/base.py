@@ -46,7 +46,35 @@ class Model(ABC):
 
     @property
     def device(self) -> str:
+        """Where the model runs: ``cpu`` or ``cuda``."""
         return "cpu"
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        """The element type the model's first input takes; preprocessing produces exactly this."""
+        return np.dtype(np.float32)
+
+    #: whether ``run_device`` enqueues its work on the stream it is given (TensorRT), so that its
+    #: time is measured with CUDA events; False when it runs on a stream of its own and returns
+    #: finished outputs (ONNX Runtime with IO binding)
+    runs_on_stream: bool = False
+
+    def supports_device(self) -> bool:
+        """True when :meth:`run_device` can take a device (CuPy) array for this loaded model."""
+        return False
+
+    def run_device(self, x: Any, stream: Any) -> dict[str, Any]:
+        """Run a batch that already lives on the GPU; outputs stay on the GPU.
+
+        Backends that cannot (the CPU ones) keep this default, and the engine feeds them host
+        arrays through :meth:`run` instead.
+        """
+        raise NotImplementedError(f"backend {self.backend!r} runs host arrays only (Model.run)")
+
+    @classmethod
+    def available(cls) -> bool:
+        """True when this backend can run on this machine (package present, device visible)."""
+        return True
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -96,7 +124,7 @@ def backend_available(name: str) -> bool:
         cls = backend_class(name)
     except (ImportError, GpubatchError):
         return False
-    return bool(getattr(cls, "available", lambda: True)())
+    return cls.available()
 
 
 def resolve_backend(name: str, path: str) -> str:

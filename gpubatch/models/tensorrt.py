@@ -134,6 +134,11 @@ class TensorRTModel(Model):
     def input_dtype(self) -> np.dtype:
         return np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
 
+    runs_on_stream = True
+
+    def supports_device(self) -> bool:
+        return True
+
     # -- build and cache -------------------------------------------------------------------
 
     def _load_or_build(self) -> tuple[Any, Path]:

@@ -18,7 +18,7 @@ _ASCII_TO_CODE = np.full(256, 4, dtype=np.uint8)
 for _base, _code in (("A", 0), ("C", 1), ("G", 2), ("T", 3)):
     _ASCII_TO_CODE[ord(_base)] = _code
     _ASCII_TO_CODE[ord(_base.lower())] = _code
-_COMPLEMENT_CODE = np.array([3, 2, 1, 0, 4], dtype=np.uint8)
+COMPLEMENT_CODES = np.array([3, 2, 1, 0, 4], dtype=np.uint8)
 
 
 def normalize_tiles(
@@ -57,7 +57,7 @@ def encode_dna(seq: bytes | str) -> np.ndarray:
 
 def reverse_complement_codes(codes: np.ndarray) -> np.ndarray:
     """Reverse complement of uint8 codes along the last axis (N stays N)."""
-    return _COMPLEMENT_CODE[codes[..., ::-1]]
+    return COMPLEMENT_CODES[codes[..., ::-1]]
 
 
 def one_hot(

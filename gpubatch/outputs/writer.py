@@ -21,13 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gpubatch.core.files import file_sha256
+from gpubatch.outputs.layout import PARTS_DIR, PREDICTIONS, TMP_PREFIX, ZARR, part_name
 
 #: outputs wider than this go to zarr only; parquet keeps the index columns for them
 MAX_PARQUET_WIDTH = 32
-PARTS_DIR = "_parts"
 FLUSH_BYTES = 32 << 20  # outputs buffered per shard before a row group / zarr append
 ZARR_CHUNK_ROWS = 16384
-ZARR_NAME = "predictions.zarr"
 
 
 def output_columns(name: str, values: np.ndarray) -> dict[str, np.ndarray]:
@@ -53,10 +52,10 @@ class ShardWriter:
         self.rows = 0
         tag = uuid.uuid4().hex[:8]
         (self.outdir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-        self.part_tmp = self.outdir / PARTS_DIR / f".tmp-{shard_id}-{tag}.parquet"
-        self.part_path = self.outdir / PARTS_DIR / f"{shard_id}.parquet"
-        self.zarr_tmp = self.outdir / ZARR_NAME / f".tmp-{shard_id}-{tag}"
-        self.zarr_path = self.outdir / ZARR_NAME / shard_id
+        self.part_tmp = self.outdir / PARTS_DIR / f"{TMP_PREFIX}{shard_id}-{tag}.parquet"
+        self.part_path = self.outdir / PARTS_DIR / part_name(shard_id)
+        self.zarr_tmp = self.outdir / ZARR / f"{TMP_PREFIX}{shard_id}-{tag}"
+        self.zarr_path = self.outdir / ZARR / shard_id
         self._pq: pq.ParquetWriter | None = None
         self._group: Any = None
         self._pending: list[dict[str, np.ndarray]] = []
@@ -121,7 +120,7 @@ class ShardWriter:
             group[name].append(arr)
 
     def commit(self) -> dict[str, Any]:
-        """Rename the temporaries into place; returns the manifest entry for this shard."""
+        """Rename the temporaries into place; returns the part's name, row count and sha256."""
         self._flush()
         if self._pq is None:
             self._pq = pq.ParquetWriter(self.part_tmp, pa.schema([]), compression="zstd")
@@ -132,7 +131,7 @@ class ShardWriter:
                 shutil.rmtree(self.zarr_path)
             os.replace(self.zarr_tmp, self.zarr_path)
         os.replace(self.part_tmp, self.part_path)
-        return {"shard_id": self.shard_id, "rows": self.rows, "part": str(self.part_path.name),
+        return {"rows": self.rows, "part": str(self.part_path.name),
                 "sha256": file_sha256(self.part_path, cached=False)}
 
     def abort(self) -> None:
@@ -149,9 +148,9 @@ def _jsonable(value: Any) -> Any:
 
 def remove_temporaries(outdir: str | Path) -> None:
     """Delete what shards killed before commit left behind."""
-    for parent in (Path(outdir) / PARTS_DIR, Path(outdir) / ZARR_NAME):
+    for parent in (Path(outdir) / PARTS_DIR, Path(outdir) / ZARR):
         if parent.is_dir():
-            for p in parent.glob(".tmp-*"):
+            for p in parent.glob(f"{TMP_PREFIX}*"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -166,7 +165,7 @@ def empty_index_table(columns: list[str]) -> pa.Table:
     return pa.table({c: pa.array([], kind(c)) for c in columns})
 
 
-def merge_parquet(outdir: str | Path, shard_ids: list[str], target: str = "predictions.parquet",
+def merge_parquet(outdir: str | Path, shard_ids: list[str], target: str = PREDICTIONS,
                   index_columns: list[str] | None = None) -> int:
     """Concatenate committed parts, in plan order, into one file; streams part by part.
 
@@ -174,13 +173,13 @@ def merge_parquet(outdir: str | Path, shard_ids: list[str], target: str = "predi
     predictions.parquet see the same schema prefix whatever the run found.
     """
     outdir = Path(outdir)
-    tmp = outdir / f".tmp-{uuid.uuid4().hex[:8]}-{target}"
+    tmp = outdir / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{target}"
     writer: pq.ParquetWriter | None = None
     rows = 0
     schema: pa.Schema | None = None
     try:
         for sid in shard_ids:
-            part = outdir / PARTS_DIR / f"{sid}.parquet"
+            part = outdir / PARTS_DIR / part_name(sid)
             if not part.exists():
                 continue
             table = pq.read_table(part)

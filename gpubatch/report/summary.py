@@ -11,34 +11,34 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks, starvation_of
+from gpubatch.core.results import RunSummary, ShardResult
 from gpubatch.io.metrics import storage_summary
 from gpubatch.report.verdict import verdict
 
 
-def _timeline(shards: list[dict[str, Any]], t0: float) -> list[dict[str, Any]]:
+def _timeline(shards: list[ShardResult], t0: float) -> list[dict[str, Any]]:
     """Per-batch samples on one run clock. Sample times count from the pipeline's start, which
     follows the shard's setup ("open"), so the setup time is added to the shard's start."""
     points = []
     for s in shards:
-        clocks = s.get("clocks", {})
-        start = s.get("start", t0) + clocks.get("parts", {}).get("open", 0.0)
-        for sample in clocks.get("samples", []):
-            points.append({**sample, "t": sample["t"] + start - t0, "shard": s["shard_id"]})
+        start = (s.start if s.start is not None else t0) + s.clocks.get("parts", {}).get("open", 0.0)
+        for sample in s.clocks.get("samples", []):
+            points.append({**sample, "t": sample["t"] + start - t0, "shard": s.shard_id})
     return sorted(points, key=lambda p: p["t"])
 
 
-def summarize(shards: list[dict[str, Any]], failed: list[dict[str, str]], wall_s: float,
-              run_info: dict[str, Any]) -> dict[str, Any]:
-    """Fold shard summaries into the report.json document."""
+def summarize(shards: list[ShardResult], failed: list[dict[str, str]], wall_s: float,
+              run_info: dict[str, Any]) -> RunSummary:
+    """Fold shard results into the report.json document."""
     clocks = StageClocks()
     for s in shards:
-        clocks.merge(StageClocks.from_dict(s.get("clocks", {})))
-    items = int(sum(s.get("items", 0) for s in shards))
-    batches = sum(len(s.get("clocks", {}).get("samples", [])) for s in shards)
+        clocks.merge(StageClocks.from_dict(s.clocks))
+    items = int(sum(s.items for s in shards))
+    batches = sum(len(s.clocks.get("samples", [])) for s in shards)
     batch_size = run_info.get("batch_size") or 1
     compute_s = clocks.parts.get("compute", 0.0)
     workers = max(1, run_info.get("workers", 1))
-    t0 = min((s.get("start", 0.0) for s in shards), default=0.0)
+    t0 = min((s.start for s in shards if s.start is not None), default=0.0)
     summary: dict[str, Any] = {
         "items": items,
         "items_per_s": items / wall_s if wall_s > 0 else 0.0,
@@ -56,16 +56,15 @@ def summarize(shards: list[dict[str, Any]], failed: list[dict[str, str]], wall_s
         **run_info,
     }
     summary["verdict"] = verdict(summary)
-    return summary
+    return RunSummary.from_dict(summary)
 
 
-def _shard_row(s: dict[str, Any]) -> dict[str, Any]:
-    clocks = s.get("clocks", {})
+def _shard_row(s: ShardResult) -> dict[str, Any]:
+    counters = s.clocks.get("counters", {})
     return {
-        "shard_id": s["shard_id"], "input": s["input"], "items": s.get("items", 0),
-        "wall_s": s.get("wall_s", 0.0), "starvation": starvation_of(clocks.get("stages", {}).get("model", {})),
-        "retries": int(clocks.get("counters", {}).get("storage.retries", 0)),
-        "host": s.get("host"), "resumed": s.get("resumed", False),
+        "shard_id": s.shard_id, "input": s.input, "items": s.items, "wall_s": s.wall_s,
+        "starvation": starvation_of(s.clocks.get("stages", {}).get("model", {})),
+        "retries": int(counters.get("storage.retries", 0)), "host": s.host, "resumed": s.resumed,
     }
 
 

@@ -1,4 +1,4 @@
-"""Dask clusters from profiles, and shard submission with retries.
+"""Cluster profiles, and the executors they start.
 
 Profiles live in configs/*.yaml (``local`` is the default). A profile names a cluster kind:
 ``local`` (LocalCluster of worker processes), ``local-cuda`` (dask-cuda's LocalCUDACluster: one
@@ -13,13 +13,13 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from gpubatch.core.errors import MissingExtraError, SpecError
+from gpubatch.runtime.executors import DaskExecutor, Executor, InlineExecutor
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 #: a source checkout's configs/, then the copy shipped in the wheel as gpubatch._configs
@@ -61,43 +61,26 @@ def worker_count(profile: dict[str, Any], n_shards: int, override: int | None = 
     return max(1, int(workers))
 
 
-class InlineExecutor(ThreadPoolExecutor):
-    """No Dask: shards run on threads of this process (``threads_per_worker`` at once).
-
-    Two shards at a time let one shard's setup (open, tissue mask) overlap the other's compute;
-    the model session is shared, as on a Dask worker.
-    """
-
-    def close(self) -> None:
-        self.shutdown(wait=True)
-
-
-@contextlib.contextmanager
-def open_cluster(profile: dict[str, Any], n_workers: int, scheduler: str | None = None) -> Iterator[Any]:
-    """Yield a Dask Client (or an InlineExecutor) for the profile; closes what it started."""
+def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None = None) -> Executor:
+    """The executor for the profile: in-process threads, or a Dask client (on a cluster it starts,
+    or on an existing scheduler); closing it closes what it started."""
     kind = "scheduler" if scheduler else profile["cluster"]
     if kind == "inline":
-        pool = InlineExecutor(max_workers=int(profile.get("threads_per_worker", 2)), thread_name_prefix="gpubatch-shard")
-        try:
-            yield pool
-        finally:
-            pool.close()
-        return
+        return InlineExecutor(int(profile.get("threads_per_worker", 2)))
     from distributed import Client
 
+    resources = profile.get("resources")
     if kind == "scheduler":
         address = scheduler or profile.get("address") or os.environ.get("DASK_SCHEDULER_ADDRESS")
         if not address:
             raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
-        with Client(address, timeout="30s") as client:
-            yield client
-        return
+        return DaskExecutor(Client(address, timeout="30s"), None, resources)
     cluster = _start_cluster(kind, profile, n_workers)
     try:
-        with Client(cluster) as client:
-            yield client
-    finally:
+        return DaskExecutor(Client(cluster), cluster, resources)
+    except BaseException:
         cluster.close()
+        raise
 
 
 #: imported once in the forkserver, so each worker process starts with them loaded: everything a

@@ -14,6 +14,7 @@ from typing import Any
 
 from gpubatch.core.clocks import starvation_of
 from gpubatch.core.files import write_json_atomic
+from gpubatch.core.results import ShardResult
 
 log = logging.getLogger("gpubatch")
 LOG_EVERY_S = 30.0
@@ -45,11 +46,11 @@ class Progress:
         fresh = self.done + self.failed
         return None if not fresh or not elapsed else (self.total - fresh) * elapsed / max(fresh, 1)
 
-    def update(self, result: dict[str, Any]) -> None:
-        if result["status"] == "done":
+    def update(self, result: ShardResult) -> None:
+        if result.ok:
             self.done += 1
-            self.items += result.get("items", 0)
-            model = result.get("clocks", {}).get("stages", {}).get("model", {})
+            self.items += result.items
+            model = result.clocks.get("stages", {}).get("model", {})
             self.busy += model.get("busy_s", 0.0)
             self.starved += model.get("starved_s", 0.0)
         else:

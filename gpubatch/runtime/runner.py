@@ -11,98 +11,51 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gpubatch import __version__
 from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
 from gpubatch.core.files import file_sha256, write_json_atomic
-from gpubatch.engine.worker import RunContext, execute_shard
+from gpubatch.core.results import ShardResult
+from gpubatch.engine.context import RunContext
+from gpubatch.engine.worker import execute_shard
 from gpubatch.models.base import resolve_backend
 from gpubatch.outputs.audit import audit_line
+from gpubatch.outputs.layout import AUDIT, RUN_DIRS, RUN_FILES, STATUS, OutputLayout
 from gpubatch.outputs.manifest import Manifest
-from gpubatch.outputs.writer import PARTS_DIR, ZARR_NAME, merge_parquet, remove_temporaries
+from gpubatch.outputs.writer import merge_parquet, remove_temporaries
 from gpubatch.report.summary import summarize, write_report
 from gpubatch.runtime.cluster import (
     cpu_count,
     load_profile,
-    open_cluster,
+    open_executor,
     start_worker_imports,
     worker_count,
 )
+from gpubatch.runtime.executors import Executor
 from gpubatch.runtime.preflight import preflight
 from gpubatch.runtime.progress import Progress
+from gpubatch.runtime.result import Result
 from gpubatch.sources import Shard, get_source
 from gpubatch.spec import JobSpec
 
 log = logging.getLogger("gpubatch")
 
 
-@dataclass
-class Result:
-    """What ``gpubatch.run`` returns: the report, the outputs' location, and the exit code."""
-
-    report: dict[str, Any]
-    output_uri: str
-    exit_code: int = EXIT_OK
-    failed: list[dict[str, str]] = field(default_factory=list)
-
-    def predictions(self) -> Any:
-        """predictions.parquet as a pandas DataFrame."""
-        import pandas as pd
-
-        return pd.read_parquet(Path(self.output_uri) / "predictions.parquet")
-
-    def timeline(self) -> Any:
-        """One row per batch: t, items, busy_s, starved_s, queue_depth, shard."""
-        from gpubatch.report.frames import timeline_frame
-
-        return timeline_frame(self.report)
-
-    def throughput(self, buckets: int = 40) -> Any:
-        """Items/s, starvation and queue depth per time bucket: the report's plots as data."""
-        from gpubatch.report.frames import throughput_frame
-
-        return throughput_frame(self.report, buckets=buckets)
-
-    def stages(self) -> Any:
-        """Busy, starved, blocked seconds and starvation per stage."""
-        from gpubatch.report.frames import stage_frame
-
-        return stage_frame(self.report)
-
-    def parts(self) -> Any:
-        """Seconds and share per part (storage, decode, preprocess, transfer, compute, write)."""
-        from gpubatch.report.frames import parts_frame
-
-        return parts_frame(self.report)
-
-    def shards(self) -> Any:
-        """One row per input: items, seconds, starvation, retries, errors."""
-        from gpubatch.report.frames import shard_frame
-
-        return shard_frame(self.report)
-
-    def storage_latency(self) -> Any:
-        """The storage request latency histogram (empty without remote requests)."""
-        from gpubatch.report.frames import latency_frame
-
-        return latency_frame(self.report)
-
-
-def _fresh_outdir(outdir: Path, resume: bool) -> None:
-    outdir.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(outdir)
+def _fresh_outdir(layout: OutputLayout, resume: bool) -> None:
+    layout.root.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(layout.root)
     if resume:
         return
     import shutil
 
-    Manifest(outdir).clear()
-    for name in (PARTS_DIR, ZARR_NAME):
-        shutil.rmtree(outdir / name, ignore_errors=True)
-    for name in ("predictions.parquet", "report.json", "audit.jsonl", "status.json", "report.html"):
-        (outdir / name).unlink(missing_ok=True)
+    Manifest(layout.root).clear()
+    for name in RUN_DIRS:
+        shutil.rmtree(layout / name, ignore_errors=True)
+    for name in RUN_FILES:
+        (layout / name).unlink(missing_ok=True)
 
 
 def make_context(job: JobSpec, outdir: Path, n_workers: int, model_path: str, precision: str,
@@ -116,27 +69,32 @@ def make_context(job: JobSpec, outdir: Path, n_workers: int, model_path: str, pr
 
 
 class _Submitter:
-    """Submits shards, retries failures up to the limit, and collects summaries as they finish."""
+    """Submits shards, retries failures up to the limit, and hands results on as they finish."""
 
-    def __init__(self, client: Any, job: JobSpec, ctx: RunContext, on_result: Any,
-                 resources: dict[str, float] | None = None):
-        self.client, self.job, self.ctx, self.on_result = client, job, ctx, on_result
-        self.resources = resources  # e.g. {GPU: 1}: one shard per GPU at a time
+    def __init__(self, executor: Executor, job: JobSpec, ctx: RunContext,
+                 on_result: Callable[[ShardResult], None]):
+        self.executor, self.job, self.ctx, self.on_result = executor, job, ctx, on_result
         self.attempts: dict[str, int] = {}
         self.upcoming: dict[str, tuple[str, ...]] = {}
 
     def _submit(self, shard: Shard) -> Any:
         n = self.attempts.get(shard.shard_id, 0) + 1
         self.attempts[shard.shard_id] = n
-        kwargs: dict[str, Any] = {}
-        if hasattr(self.client, "scheduler"):
-            kwargs = {"pure": False, "key": f"gpubatch-{shard.shard_id}-{n}-{time.time_ns()}"}
-            if self.resources:
-                kwargs["resources"] = self.resources
         upcoming = self.upcoming.get(shard.shard_id, ()) if n == 1 else ()
-        fut = self.client.submit(execute_shard, shard, self.job, self.ctx, upcoming, **kwargs)
+        key = f"gpubatch-{shard.shard_id}-{n}-{time.time_ns()}"
+        fut = self.executor.submit(execute_shard, shard, self.job, self.ctx, upcoming, key=key)
         fut.shard = shard
         return fut
+
+    def _result(self, fut: Any) -> ShardResult:
+        shard = fut.shard
+        try:
+            result: ShardResult = fut.result()
+        except Exception as exc:  # a worker died or the task raised outside the shard
+            result = ShardResult.failure(shard.shard_id, shard.input_uri, f"{type(exc).__name__}: {exc}",
+                                         retryable=True)
+        result.attempt = self.attempts[shard.shard_id]
+        return result
 
     def run(self, shards: list[Shard]) -> None:
         ahead = self.job.run.stage_ahead
@@ -144,33 +102,14 @@ class _Submitter:
                          for i, s in enumerate(shards)}
         pending = {self._submit(s) for s in shards}
         while pending:
-            done = _wait_first(pending)
-            for fut in done:
+            for fut in self.executor.wait_first(pending):
                 pending.discard(fut)
-                shard = fut.shard
-                try:
-                    result = fut.result()
-                except Exception as exc:  # a worker died or the task raised outside the shard
-                    result = {"shard_id": shard.shard_id, "input": shard.input_uri, "status": "failed",
-                              "error": f"{type(exc).__name__}: {exc}", "retryable": True}
-                if result["status"] == "failed" and result.get("retryable") and \
-                        self.attempts[shard.shard_id] <= self.job.run.retries:
-                    log.warning("shard %s failed (%s); retrying", shard.shard_id, result["error"])
-                    pending.add(self._submit(shard))
+                result = self._result(fut)
+                if not result.ok and result.retryable and result.attempt <= self.job.run.retries:
+                    log.warning("shard %s failed (%s); retrying", result.shard_id, result.error)
+                    pending.add(self._submit(fut.shard))
                     continue
                 self.on_result(result)
-
-
-def _wait_first(pending: set[Any]) -> set[Any]:
-    from concurrent.futures import FIRST_COMPLETED
-    from concurrent.futures import wait as thread_wait
-
-    sample = next(iter(pending))
-    if hasattr(sample, "client"):
-        from distributed import wait
-
-        return set(wait(list(pending), return_when="FIRST_COMPLETED").done)
-    return set(thread_wait(pending, return_when=FIRST_COMPLETED).done)
 
 
 def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
@@ -179,61 +118,58 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
     prof = load_profile(profile or job.run.profile)
     start_worker_imports(prof)
     preflight(job)
-    outdir = Path(job.output.uri)
-    _fresh_outdir(outdir, resume)
+    layout = OutputLayout(job.output.uri)
+    _fresh_outdir(layout, resume)
     t_start = time.time()
     source = get_source(job.kind)
     shards, failed = source.plan(job)
-    committed = Manifest(outdir).committed() if resume else {}
+    committed = Manifest(layout.root).committed() if resume else {}
     todo = [s for s in shards if s.shard_id not in committed]
     n_workers = worker_count(prof, len(todo), job.run.workers)
-    from gpubatch.models.prepare.resolve import prepare_model
+    from gpubatch.models.prepare import prepare_model
 
-    prepared = prepare_model(job, source, shards, outdir)
-    ctx = make_context(job, outdir, n_workers, prepared.path, prepared.precision, prepared.batch_size)
+    prepared = prepare_model(job, source, shards, layout.root)
+    ctx = make_context(job, layout.root, n_workers, prepared.path, prepared.precision, prepared.batch_size)
     ctx = dataclasses.replace(ctx, fallback_model_path=prepared.fallback_path,
                               fallback_max_prob=prepared.fallback_max_prob,
                               storage_profile={k: prof[k] for k in ("storage", "stage_cache") if k in prof})
-    results: list[dict[str, Any]] = [dict(e, resumed=True) for e in committed.values()]
-    progress = Progress(len(shards), already=len(committed), outdir=outdir, enabled=show_progress)
-    audit = (outdir / "audit.jsonl").open("a")
+    results: list[ShardResult] = [dataclasses.replace(e, resumed=True) for e in committed.values()]
+    progress = Progress(len(shards), already=len(committed), outdir=layout.root, enabled=show_progress)
+    run_fields = {"model_sha256": ctx.model_sha256, "backend": ctx.backend, "precision": ctx.precision,
+                  "gpubatch_version": ctx.version, "spec_sha256": ctx.spec_hash}
+    audit = (layout / AUDIT).open("a")
 
-    def on_result(result: dict[str, Any]) -> None:
-        if result["status"] == "done":
+    def on_result(result: ShardResult) -> None:
+        if result.ok:
             results.append(result)
         else:
-            failed.append({"input": result["input"], "error": result["error"]})
-        run_fields = {"model_sha256": ctx.model_sha256, "backend": ctx.backend, "precision": ctx.precision,
-                      "gpubatch_version": ctx.version, "spec_sha256": ctx.spec_hash}
-        audit.write(json.dumps(audit_line(result, run_fields, prepared.audit), default=str) + "\n")
+            failed.append({"input": result.input, "error": result.error or ""})
+        line = audit_line(result, run_fields, prepared.audit, job.input.storage)
+        audit.write(json.dumps(line, default=str) + "\n")
         audit.flush()
         progress.update(result)
 
     try:
         if todo:
-            with open_cluster(prof, n_workers, scheduler) as client:
-                _Submitter(client, job, ctx, on_result, prof.get("resources")).run(todo)
+            with open_executor(prof, n_workers, scheduler) as executor:
+                _Submitter(executor, job, ctx, on_result).run(todo)
     finally:
         audit.close()
         progress.close()
-    return _finish(job, outdir, shards, results, failed, time.time() - t_start, ctx, prepared, n_workers, prof,
-                   source.index_schema(job))
+    return _finish(job, layout, shards, results, failed, time.time() - t_start, ctx, prepared, n_workers, prof)
 
 
-def _finish(job: JobSpec, outdir: Path, shards: list[Shard], results: list[dict[str, Any]],
+def _finish(job: JobSpec, layout: OutputLayout, shards: list[Shard], results: list[ShardResult],
             failed: list[dict[str, str]], wall: float, ctx: RunContext, prepared: Any, n_workers: int,
-            prof: dict[str, Any], index_columns: list[str]) -> Result:
+            prof: dict[str, Any]) -> Result:
+    source = get_source(job.kind)
     order = [s.shard_id for s in shards]
-    done_ids = {r["shard_id"] for r in results}
+    done_ids = {r.shard_id for r in results}
     # Always: the parquet index is the table of record, beside zarr.
-    merge_parquet(outdir, [sid for sid in order if sid in done_ids], index_columns=index_columns)
-    if "geojson" in job.output.formats and job.kind == "slides":
-        from gpubatch.outputs.geojson import write_geojson
-
-        extents = {r["input"]: r.get("attrs", {}).get("extent_level0", job.tiles.size) for r in results}
-        write_geojson(outdir, extents)
+    merge_parquet(layout.root, [sid for sid in order if sid in done_ids], index_columns=source.index_schema(job))
+    source.write_outputs(job, str(layout.root), results)
     position = {sid: i for i, sid in enumerate(order)}
-    results.sort(key=lambda r: position.get(r["shard_id"], len(order)))
+    results.sort(key=lambda r: position.get(r.shard_id, len(order)))
     run_info = {
         "name": job.name, "kind": job.kind, "gpubatch_version": __version__,
         "backend": ctx.backend, "precision": ctx.precision, "batch_size": ctx.batch_size,
@@ -242,16 +178,16 @@ def _finish(job: JobSpec, outdir: Path, shards: list[Shard], results: list[dict[
         "shards_total": len(shards), "shards_done": len(done_ids),
         "batch_input_bytes": _batch_input_bytes(job, ctx.batch_size), **prepared.report,
     }
-    summary = summarize(results, failed, wall, run_info)
-    write_report(outdir, summary)
+    summary = summarize(results, failed, wall, run_info).to_dict()
+    write_report(layout.root, summary)
     from gpubatch.report.html import write_html
 
-    write_html(outdir, summary)
-    _write_zarr_root(outdir, summary, order, done_ids)
-    write_json_atomic(outdir / "status.json", {"state": "finished", "done": len(done_ids),
-                                               "failed": len(failed), "total": len(shards)})
+    write_html(layout.root, summary)
+    _write_zarr_root(layout, summary, order, done_ids)
+    write_json_atomic(layout / STATUS, {"state": "finished", "done": len(done_ids),
+                                        "failed": len(failed), "total": len(shards)})
     code = EXIT_PARTIAL if failed else EXIT_OK
-    return Result(summary, str(outdir), code, failed)
+    return Result(summary, str(layout.root), code, failed)
 
 
 def _batch_input_bytes(job: JobSpec, batch_size: int) -> int:
@@ -261,8 +197,8 @@ def _batch_input_bytes(job: JobSpec, batch_size: int) -> int:
     return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
-def _write_zarr_root(outdir: Path, summary: dict[str, Any], order: list[str], done: set[str]) -> None:
-    root = outdir / ZARR_NAME
+def _write_zarr_root(layout: OutputLayout, summary: dict[str, Any], order: list[str], done: set[str]) -> None:
+    root = layout.zarr
     if not root.is_dir():
         return
     import zarr

@@ -10,7 +10,7 @@ ones.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
+    from gpubatch.core.results import ShardResult
+    from gpubatch.ops.preprocess import Preprocess
     from gpubatch.spec import JobSpec
 
 
@@ -60,24 +62,15 @@ class ShardReader(ABC):
     def n_items(self) -> int:
         """Items this shard will yield (known after open: tile grid, window count)."""
 
+    @property
     @abstractmethod
-    def to_model_input(self, batch: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Device-stage preprocessing: uint8 items -> the model's float input.
-
-        ``out`` is a buffer the caller reuses between batches; a reader writes into it when its
-        shape and dtype fit the result and allocates otherwise.
-        """
+    def preprocess(self) -> Preprocess:
+        """How this shard's uint8 items become the model's input; the engine derives the host and
+        GPU paths from this one declaration."""
 
     def from_model_output(self, outputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        """Map raw model outputs back to per-item columns (e.g. ref/alt/delta, strand average)."""
+        """Map raw model outputs back to ``n`` per-item columns (ref/alt/delta, strand average)."""
         return outputs
-
-    def device_preprocess(self) -> tuple[str, dict[str, Any]] | None:
-        """(kind, settings) for the fused GPU kernels when ``to_model_input`` is exactly one of them.
-
-        ``None`` keeps preprocessing on the host (the model may still run on the GPU).
-        """
-        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
@@ -104,7 +97,7 @@ class Source(ABC):
 
     @abstractmethod
     def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
-        """(shape, dtype) of the model input that ``to_model_input`` makes from a full batch.
+        """(shape, dtype) of the model input a full batch of ``batch_size`` items becomes.
 
         Known before any input is opened, so that a model can be checked against the job on the
         client and warmed on a worker before its first shard.
@@ -117,3 +110,20 @@ class Source(ABC):
         quarantined): predictions.parquet still carries the index columns, with zero rows.
         """
         return []
+
+    # -- hooks: what a kind of input needs around its shards, so the engine and runner need not
+    # know which kind they run
+
+    def before_shard(self, job: JobSpec, upcoming: Sequence[str]) -> None:  # noqa: B027 - optional
+        """On a worker, as a shard starts: ``upcoming`` are the next inputs in plan order (slides
+        start staging them in the background)."""
+
+    def after_commit(self, job: JobSpec, shard: Shard) -> None:  # noqa: B027 - optional
+        """On a worker, once a shard's outputs are committed (slides drop a staged copy)."""
+
+    def constant_columns(self, shard: Shard) -> dict[str, Any]:
+        """Columns with one value for the whole shard, written before the index columns."""
+        return {}
+
+    def write_outputs(self, job: JobSpec, outdir: str, results: Sequence[ShardResult]) -> None:  # noqa: B027
+        """On the client, after the merge: outputs only this kind writes (slides: GeoJSON)."""

@@ -93,7 +93,7 @@ def _read_shard(source: Source, shard: Shard, job: JobSpec, quota: int) -> tuple
             if got >= quota:
                 break
         raw = np.concatenate(blocks)
-        return raw, host_array(reader.to_model_input(raw))
+        return raw, host_array(reader.preprocess.on_host(raw))
 
 
 def host_array(x: Any) -> np.ndarray:

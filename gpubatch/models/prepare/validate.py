@@ -129,26 +129,3 @@ def top_probability(outputs: dict[str, np.ndarray]) -> np.ndarray | None:
                 y = e / e.sum(1, keepdims=True)
             return y.max(1)
     return None
-
-
-def rerun_low_confidence(out: dict[str, np.ndarray], x: np.ndarray, fallback: Model, threshold: float,
-                          clocks: Any) -> dict[str, np.ndarray]:
-    """Re-run items whose top probability is under ``threshold`` on the fp32 model; count them.
-
-    The per-item side of decision 2: a reduced model that passed the gate on average can still
-    be unsure of single items, and those are the ones where rounding decides the class.
-    ``clocks`` is the shard's StageClocks; the count goes to its ``fallback.items`` counter.
-    """
-    top = top_probability(out)
-    if top is None:
-        return out
-    low = np.flatnonzero(top < threshold)
-    if len(low) == 0:
-        return out
-    redo = fallback.run(x[low])
-    out = {k: np.array(v, copy=True) for k, v in out.items()}
-    for name, value in redo.items():
-        if name in out:
-            out[name][low] = value.astype(out[name].dtype, copy=False)
-    clocks.count("fallback.items", len(low))
-    return out

@@ -13,8 +13,8 @@ bytes, set by configuration and not by genome size.
 
 Window index columns are ``chrom``, ``start``, ``end`` (= start + length, also where the window runs
 past the contig end and is padded with N) and ``strand``. Sequences travel as uint8 codes: windows as (k, L), variant pairs as (k, 2, L) with ref then alt.
-They become one-hot floats only in ``to_model_input`` (``kernels.one_hot``; N -> ``n_value`` in all
-four channels). With ``reverse_complement: average`` the model sees every window on both strands
+They become one-hot floats only in the device stage (the readers' ``preprocess`` declaration;
+N -> ``n_value`` in all four channels). With ``reverse_complement: average`` the model sees every window on both strands
 (a batch of 2N, or 4N for variant pairs) and ``from_model_output`` averages the two strands' outputs
 back to N rows. Outputs are averaged as they are, which suits per-window scores; per-position
 outputs would need flipping first and are not handled specially.
@@ -37,7 +37,8 @@ import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError, SpecError
-from gpubatch.ops.kernels import one_hot, reverse_complement_codes
+from gpubatch.ops.kernels import reverse_complement_codes
+from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
 from gpubatch.sources.genome.reference import ContigTable, Reference, load_contigs, open_reference
 from gpubatch.sources.genome.regions import resolve_regions, shard_segments
@@ -106,13 +107,12 @@ class _GenomeReader(ShardReader):
             "coordinates": "0-based, end-exclusive",
         }
 
-    def to_model_input(self, batch: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    @property
+    def preprocess(self) -> Preprocess:
         """uint8 codes -> one-hot; pairs go as [all refs; all alts], both strands when averaging."""
-        codes = np.concatenate([batch[:, 0], batch[:, 1]]) if self.pair else batch
-        if self.average:
-            codes = np.concatenate([codes, reverse_complement_codes(codes)])
         enc = self.w.encoding
-        return one_hot(np.ascontiguousarray(codes), enc.layout, enc.n_value, np.dtype(enc.dtype), out=out)
+        return Preprocess("dna", layout=enc.layout, n_value=enc.n_value, dtype=enc.dtype,
+                          pairs=self.pair, both_strands=self.average)
 
     def _strand_average(self, values: np.ndarray) -> np.ndarray:
         if not self.average:
@@ -164,12 +164,6 @@ class GenomeWindowReader(_GenomeReader):
 
     def from_model_output(self, outputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         return {name: self._strand_average(v) for name, v in outputs.items()}
-
-    def device_preprocess(self) -> tuple[str, dict[str, Any]] | None:
-        if self.average:  # two strands per window: host-side stacking, then one model call
-            return None
-        enc = self.w.encoding
-        return "dna", {"layout": enc.layout, "n_value": enc.n_value}
 
 
 class VariantReader(_GenomeReader):

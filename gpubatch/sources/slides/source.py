@@ -7,8 +7,7 @@ where its grid (``grid``) and tissue mask (``tissue``) are computed and its tile
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -16,7 +15,10 @@ import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
-from gpubatch.ops.kernels import normalize_tiles
+from gpubatch.core.files import safe_filename
+from gpubatch.core.results import ShardResult
+from gpubatch.io.uris import uri_name
+from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
 from gpubatch.sources.slides.backends import SlideBackend
 from gpubatch.sources.slides.grid import block_ids, make_grid, resize
@@ -32,8 +34,6 @@ class SlideReader(ShardReader):
         grid = make_grid(backend.info, job.tiles, shard.input_uri)
         self.grid = filter_tissue(grid, backend, job.tiles, clocks)
         self.clocks = clocks
-        norm = job.model.input
-        self._norm = partial(normalize_tiles, mean=norm.mean, std=norm.std, layout=norm.layout)
         self.attrs = {
             "slide": shard.input_uri, "level": self.grid.level, "tile_size": job.tiles.size,
             "mpp": (backend.info.mpp * self.grid.downsample) if backend.info.mpp else None,
@@ -76,22 +76,24 @@ class SlideReader(ShardReader):
         }
         return ItemBlock(tiles, index)
 
-    def to_model_input(self, batch: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return self._norm(batch, out=out)
-
-    def device_preprocess(self) -> tuple[str, dict[str, Any]] | None:
-        norm = self.job.model.input
-        return "tiles", {"mean": norm.mean, "std": norm.std, "layout": norm.layout}
+    @property
+    def preprocess(self) -> Preprocess:
+        return tile_preprocess(self.job)
 
     def close(self) -> None:
         self.backend.close()
 
 
+def tile_preprocess(job: JobSpec) -> Preprocess:
+    """RGB uint8 tiles -> (x / 255 - mean) / std per channel, in the spec's layout."""
+    norm = job.model.input
+    return Preprocess("tiles", tuple(norm.mean), tuple(norm.std), norm.layout)
+
+
 def slide_key(uri: str) -> str:
     """A short, filesystem-safe, collision-free name for a slide's outputs."""
-    stem = os.path.basename(uri.rstrip("/")) or "slide"
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80]
-    return f"{safe}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
+    stem = safe_filename(uri_name(uri) or "slide")
+    return f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
 
 
 class SlideSource(Source):
@@ -125,6 +127,26 @@ class SlideSource(Source):
         except BaseException:
             backend.close()
             raise
+
+    def before_shard(self, job: JobSpec, upcoming: Sequence[str]) -> None:
+        from gpubatch.sources.slides.open import prefetch
+
+        if upcoming:
+            prefetch(upcoming, job.input.access, job.input.storage)
+
+    def after_commit(self, job: JobSpec, shard: Shard) -> None:
+        from gpubatch.sources.slides.open import release
+
+        release(shard.input_uri)
+
+    def constant_columns(self, shard: Shard) -> dict[str, Any]:
+        return {"slide": shard.input_uri}
+
+    def write_outputs(self, job: JobSpec, outdir: str, results: Sequence[ShardResult]) -> None:
+        if "geojson" in job.output.formats:
+            from gpubatch.outputs.geojson import write_geojson
+
+            write_geojson(outdir, {r.input: r.attrs.get("extent_level0", job.tiles.size) for r in results})
 
     def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
         size = job.tiles.size

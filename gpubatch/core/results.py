@@ -1,0 +1,99 @@
+"""Typed results: what a worker returns for one shard, and the run's summary.
+
+A shard's result crosses a process boundary (worker -> client) and is kept on disk (the manifest),
+so it is a plain dataclass with a dict form; readers use attributes, never string keys spelled
+in four places.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+DONE = "done"
+FAILED = "failed"
+
+
+@dataclass
+class ShardResult:
+    """One shard's outcome: counts, clocks, where and when it ran, its committed part or its error."""
+
+    shard_id: str
+    input: str
+    status: str = DONE
+    items: int = 0
+    wall_s: float = 0.0
+    #: StageClocks.to_dict() of the shard: stages, parts, counters, per-batch samples
+    clocks: dict[str, Any] = field(default_factory=dict)
+    #: allowlisted, JSON-able facts about the input (grid, level, mpp; reference, contigs)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    #: the model as the worker loaded it (backend, precision, device, path, sha256)
+    model: dict[str, Any] = field(default_factory=dict)
+    host: str | None = None
+    pid: int | None = None
+    start: float | None = None
+    end: float | None = None
+    #: the committed parquet part: file name, row count and sha256 (the manifest's checksum)
+    part: str | None = None
+    rows: int = 0
+    sha256: str | None = None
+    error: str | None = None
+    #: whether another attempt could succeed (a lost worker, a storage timeout) or not (a corrupt file)
+    retryable: bool = False
+    traceback: str = ""
+    #: committed by an earlier run and skipped by this one (``--resume``)
+    resumed: bool = False
+    #: which attempt of this shard produced the result (1 = first)
+    attempt: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.status == DONE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShardResult:
+        """From a dict form (a manifest entry); unknown keys from other versions are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def failure(cls, shard_id: str, input_uri: str, error: str, *, retryable: bool) -> ShardResult:
+        return cls(shard_id, input_uri, FAILED, error=error, retryable=retryable)
+
+
+@dataclass
+class RunSummary:
+    """report.json as a type: the contract's keys as fields, every other figure in ``extra``.
+
+    The contract keys (``items``, ``items_per_s``, ``wall_s``, ``starvation``, ``verdict``,
+    ``stages``, ``failed``) are what scripts may rely on; ``to_dict`` gives the document as written.
+    """
+
+    name: str
+    kind: str
+    items: int
+    items_per_s: float
+    wall_s: float
+    starvation: float
+    stages: dict[str, dict[str, float]]
+    failed: list[dict[str, Any]]
+    verdict: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        core = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **core}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSummary:
+        names = {f.name for f in fields(cls)} - {"extra"}
+        return cls(
+            name=str(data.get("name", "job")), kind=str(data.get("kind", "slides")),
+            items=int(data.get("items", 0)), items_per_s=float(data.get("items_per_s", 0.0)),
+            wall_s=float(data.get("wall_s", 0.0)), starvation=float(data.get("starvation", 0.0)),
+            stages=dict(data.get("stages") or {}), failed=list(data.get("failed") or []),
+            verdict=dict(data.get("verdict") or {}),
+            extra={k: v for k, v in data.items() if k not in names})

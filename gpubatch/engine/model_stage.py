@@ -1,0 +1,154 @@
+"""The model stage on a worker: uint8 batch in, per-item output columns out.
+
+The reader's :class:`~gpubatch.ops.preprocess.Preprocess` declaration becomes the host path (numpy
+kernels, then ``Model.run``) or, for a model on a CUDA device, the fused-kernel GPU device stage
+(``engine.device``); the reader then folds the outputs back to its items. A reduced-precision run
+with ``model.fallback`` re-runs the items its model is unsure of on the fp32 model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpubatch.core.clocks import StageClocks
+from gpubatch.models.base import Model, get_model
+from gpubatch.models.prepare.validate import top_probability
+from gpubatch.ops.preprocess import Preprocess
+from gpubatch.sources import ShardReader
+
+if TYPE_CHECKING:
+    from gpubatch.engine.context import RunContext
+
+
+def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None = None) -> Any:
+    """The model stage: preprocess on the device stage, run, map outputs back to items.
+
+    With ``ctx.fallback_model_path`` set (a reduced-precision run with ``model.fallback``), items
+    the reduced model is unsure of are re-run on the fp32 model, loaded once per worker.
+    """
+    fallback: Model | None = None
+    threshold = ctx.fallback_max_prob if ctx is not None else None
+    if ctx is not None and ctx.fallback_model_path and threshold is not None:
+        fallback = get_model(ctx.fallback_model_path, ctx.backend, "fp32", ctx.threads)
+
+    preprocess = reader.preprocess.with_dtype(model.input_dtype)
+    stage = _gpu_stage(preprocess, model) if fallback is None else None
+    if stage is not None:
+        return lambda items, clocks: reader.from_model_output(stage(items, clocks), len(items))
+
+    host = _host_stage(model)
+
+    def run_batch(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
+        with host.turn(clocks):
+            with clocks.part("preprocess"):
+                x = host.keep(preprocess.on_host(items, out=host.buffer))
+            with clocks.part("compute"):
+                out = model.run(x)
+                if fallback is not None and threshold is not None:
+                    out = rerun_low_confidence(out, x, fallback, threshold, clocks)
+            out = {k: v.copy() if np.may_share_memory(v, x) else v for k, v in out.items()}
+        return reader.from_model_output(out, len(items))
+
+    return run_batch
+
+
+class _HostStage:
+    """One model stage at a time per model on a worker, with one reused input buffer.
+
+    A worker runs two shards at once (one opens while the other computes). Their model stages
+    take turns: on the CPU two concurrent runs only share the same cores, and each would hold its
+    own float batch and ONNX Runtime activations, so peak memory would depend on how often the
+    two happened to overlap. Taking turns also makes reuse safe: the previous batch's input array
+    (tens of MB) becomes the next batch's buffer instead of fresh pages on every batch.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buffer: np.ndarray | None = None
+
+    @contextmanager
+    def turn(self, clocks: StageClocks) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with self.lock:
+            clocks.count("model.turn_wait_s", time.perf_counter() - t0)
+            yield
+
+    def warm(self, model: Model, shape: tuple[int, ...], dtype: str, clocks: StageClocks) -> None:
+        """Once per model and worker, before the first shard opens: one zero batch through the
+        model (which sizes ONNX Runtime's arena), its input kept as the buffer. The first shard's
+        compute time then holds no session set-up, and the worker holds its batch-sized memory
+        from the start rather than from whichever shard first overlaps a slide opening with a
+        model run."""
+        with self.lock:
+            if self.buffer is not None or model.device != "cpu":
+                return
+            t0 = time.perf_counter()
+            x = np.empty(shape, dtype=dtype)
+            x.fill(0)  # written, not np.zeros: untouched zero pages would hold no memory yet
+            model.run(x)
+            self.buffer = x
+            clocks.count("model.warmup_s", time.perf_counter() - t0)
+
+    def keep(self, x: np.ndarray) -> np.ndarray:
+        self.buffer = x if x.flags.c_contiguous and x.flags.writeable and x.base is None else None
+        return x
+
+
+_HOST_STAGES: dict[int, _HostStage] = {}
+
+
+def _host_stage(model: Model) -> _HostStage:
+    return _HOST_STAGES.setdefault(id(model), _HostStage())
+
+
+def warm_host_stage(model: Model, shape: tuple[int, ...], dtype: str, clocks: StageClocks) -> None:
+    """Warm this worker's host stage for ``model`` once, before its first shard opens."""
+    _host_stage(model).warm(model, shape, dtype, clocks)
+
+
+_GPU_STAGES: dict[tuple[int, Preprocess], Any] = {}
+
+
+def _gpu_stage(preprocess: Preprocess, model: Model) -> Any:
+    """The fused-kernel device stage (pinned buffers, copy stream) for a model on a CUDA device.
+
+    One per worker, model and preprocessing, reused across shards; None when the model runs
+    host arrays (the host path is then the device stage).
+    """
+    if model.device != "cuda" or not model.supports_device():
+        return None
+    key = (id(model), preprocess)
+    if key not in _GPU_STAGES:
+        from gpubatch.engine.device import make_device_stage
+
+        _GPU_STAGES[key] = make_device_stage(model, preprocess)
+    return _GPU_STAGES[key]
+
+
+def rerun_low_confidence(out: dict[str, np.ndarray], x: np.ndarray, fallback: Model, threshold: float,
+                          clocks: Any) -> dict[str, np.ndarray]:
+    """Re-run items whose top probability is under ``threshold`` on the fp32 model; count them.
+
+    The per-item side of decision 2: a reduced model that passed the gate on average can still
+    be unsure of single items, and those are the ones where rounding decides the class.
+    ``clocks`` is the shard's StageClocks; the count goes to its ``fallback.items`` counter.
+    """
+    top = top_probability(out)
+    if top is None:
+        return out
+    low = np.flatnonzero(top < threshold)
+    if len(low) == 0:
+        return out
+    redo = fallback.run(x[low])
+    out = {k: np.array(v, copy=True) for k, v in out.items()}
+    for name, value in redo.items():
+        if name in out:
+            out[name][low] = value.astype(out[name].dtype, copy=False)
+    clocks.count("fallback.items", len(low))
+    return out

@@ -1,0 +1,61 @@
+"""What ``gpubatch.run`` and ``gpubatch.open_results`` return: the report, the outputs, the exit code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpubatch.core.errors import EXIT_OK
+from gpubatch.outputs.layout import OutputLayout
+
+
+@dataclass
+class Result:
+    """What ``gpubatch.run`` returns: the report, the outputs' location, and the exit code."""
+
+    report: dict[str, Any]
+    output_uri: str
+    exit_code: int = EXIT_OK
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    def predictions(self) -> Any:
+        """predictions.parquet as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.read_parquet(OutputLayout(self.output_uri).predictions)
+
+    def timeline(self) -> Any:
+        """One row per batch: t, items, busy_s, starved_s, queue_depth, shard."""
+        from gpubatch.report.frames import timeline_frame
+
+        return timeline_frame(self.report)
+
+    def throughput(self, buckets: int = 40) -> Any:
+        """Items/s, starvation and queue depth per time bucket: the report's plots as data."""
+        from gpubatch.report.frames import throughput_frame
+
+        return throughput_frame(self.report, buckets=buckets)
+
+    def stages(self) -> Any:
+        """Busy, starved, blocked seconds and starvation per stage."""
+        from gpubatch.report.frames import stage_frame
+
+        return stage_frame(self.report)
+
+    def parts(self) -> Any:
+        """Seconds and share per part (storage, decode, preprocess, transfer, compute, write)."""
+        from gpubatch.report.frames import parts_frame
+
+        return parts_frame(self.report)
+
+    def shards(self) -> Any:
+        """One row per input: items, seconds, starvation, retries, errors."""
+        from gpubatch.report.frames import shard_frame
+
+        return shard_frame(self.report)
+
+    def storage_latency(self) -> Any:
+        """The storage request latency histogram (empty without remote requests)."""
+        from gpubatch.report.frames import latency_frame
+
+        return latency_frame(self.report)
