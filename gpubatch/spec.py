@@ -38,6 +38,8 @@ class TilesSpec(_Strict):
     read_block: int = Field(
         2048, ge=64, description="edge in pixels of one read at the chosen level (big read, then slice)"
     )
+    decoder: Literal["cpu", "gpu"] = Field(
+        "cpu", description="JPEG tile decode: libjpeg-turbo on the host, or nvImageCodec on the GPU")
 
     @model_validator(mode="after")
     def _mpp_or_level(self) -> TilesSpec:

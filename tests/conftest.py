@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 import yaml
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: small third-party files vendored with their licences (tests/data/README.md)
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
 def shared_file(*parts: str) -> Path:
-    """A file from ../shared/data, or skip the test with the reason (a fresh clone has none)."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent (third-party test data lives in ../shared/data)")
+    """A vendored third-party test file (tests/data); a missing one is a broken checkout."""
+    path = TEST_DATA.joinpath(*parts)
+    assert path.exists(), f"{path} is missing: tests/data is part of the repository"
     return path
 
 

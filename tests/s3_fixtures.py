@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_DIR = Path(__file__).resolve().parent / "data"
 CMU_SMALL = DATA_DIR / "slides" / "CMU-1-Small-Region.svs"
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                "proxy-authorization", "proxy-authenticate", "content-length", "server", "date",

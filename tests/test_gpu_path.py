@@ -343,3 +343,39 @@ def test_run_on_gpu_uses_the_device_stage(tmp_path: Path, slide_path: Path, clas
     assert result.report["parts"].get("transfer", 0) > 0
     a, b = result.predictions(), cpu.predictions()
     np.testing.assert_allclose(a.filter(like="probs").to_numpy(), b.filter(like="probs").to_numpy(), atol=1e-3)
+
+
+# -- GPU JPEG decode wired into the slide reader (tiles.decoder: gpu) -----------------------------------
+
+
+def test_gpu_decoder_refused_clearly_without_a_device(slide_path: Path) -> None:
+    from gpubatch.sources.slides.backends import open_slide
+
+    if gpu_available():
+        pytest.skip("a GPU is present: the refusal path is for GPU-less machines")
+    backend = open_slide(str(slide_path), StageClocks())
+    try:
+        with pytest.raises(GpubatchError, match="tiles.decoder: gpu.*(no CUDA device|not importable)"):
+            backend.use_gpu_decode()
+    finally:
+        backend.close()
+
+
+@gpu
+@needs_gpu
+def test_gpu_decoder_reads_the_same_pixels_as_the_host(slide_path: Path) -> None:
+    from gpubatch.sources.slides.backends import open_slide
+    from gpubatch.sources.slides.gpu_decode import gpu_decode_available
+
+    ok, why = gpu_decode_available()
+    if not ok:
+        pytest.skip(why)
+    boxes = np.array([[0, 0, 512, 512], [256, 256, 512, 512]])
+    host, device = open_slide(str(slide_path), StageClocks()), open_slide(str(slide_path), StageClocks())
+    try:
+        device.use_gpu_decode()
+        want, got = host.read_boxes(0, boxes, StageClocks()), device.read_boxes(0, boxes, StageClocks())
+        assert np.abs(want.astype(int) - got.astype(int)).mean() < 1.0  # JPEG decoders may round apart
+    finally:
+        host.close()
+        device.close()

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from s3_fixtures import S3Stack
 
 pytest_plugins = ["s3_fixtures"]  # the s3 / s3_stack fixtures (reusable by other test modules)
-CMU_SMALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+CMU_SMALL = Path(__file__).resolve().parent / "data" / "slides" / "CMU-1-Small-Region.svs"
 FAST = RetryPolicy(attempts=8, base_s=0.002, cap_s=0.02)
 
 
@@ -46,12 +46,10 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def slide_uris(s3_stack: S3Stack, synthetic: Path) -> dict[str, tuple[Path, str]]:
-    out = {"synthetic": (synthetic, s3_stack.upload(synthetic, "case/synthetic.tif"))}
-    if CMU_SMALL.exists():
-        out["cmu"] = (CMU_SMALL, s3_stack.upload(CMU_SMALL, "case/CMU-1-Small-Region.svs"))
-        boxes = CMU_SMALL.parent / "boxes.tiff"  # generic deflate pyramid
-        out["boxes"] = (boxes, s3_stack.upload(boxes, "case/boxes.tiff"))
-    return out
+    boxes = CMU_SMALL.parent / "boxes.tiff"  # generic deflate pyramid
+    return {"synthetic": (synthetic, s3_stack.upload(synthetic, "case/synthetic.tif")),
+            "cmu": (CMU_SMALL, s3_stack.upload(CMU_SMALL, "case/CMU-1-Small-Region.svs")),
+            "boxes": (boxes, s3_stack.upload(boxes, "case/boxes.tiff"))}
 
 
 def _read_level(backend: SlideBackend, level: int, block: int, threads: int) -> np.ndarray:
@@ -95,8 +93,6 @@ def _assert_same(a: list[np.ndarray], b: list[np.ndarray]) -> None:
 @pytest.mark.parametrize("name", ["synthetic", "cmu", "boxes"])
 @pytest.mark.parametrize("access", ["stream", "stage"])
 def test_remote_reads_match_local(s3: S3Stack, slide_uris: dict, name: str, access: str) -> None:
-    if name not in slide_uris:
-        pytest.skip(f"{CMU_SMALL} not present (shared test data)")
     local, uri = slide_uris[name]
     clocks = StageClocks()
     backend = open_slide_input(uri, clocks, options=s3.options(), access=access)
@@ -300,8 +296,6 @@ def test_stage_cache_is_bounded_lru(s3: S3Stack, synthetic: Path, tmp_path: Path
 
 def test_auto_stages_openslide_formats(s3: S3Stack) -> None:
     """A format tifffile is not asked to read (suffix .scn) is staged and opened by openslide."""
-    if not CMU_SMALL.exists():
-        pytest.skip(f"{CMU_SMALL} not present (shared test data)")
     uri = s3.upload(CMU_SMALL, "case/as-openslide.scn")
     clocks = StageClocks()
     backend = open_slide_input(uri, clocks, options=s3.options())
@@ -325,8 +319,6 @@ def test_auto_choice_and_fallback(s3: S3Stack, slide_uris: dict) -> None:
     assert choose_access("s3://b/x.ndpi", "auto") == "stage"
     assert choose_access("s3://b/x.svs", "stage") == "stage"
     unopenable = CMU_SMALL.parent / "unopenable.tiff"
-    if not unopenable.exists():
-        pytest.skip(f"{unopenable} not present (shared test data)")
     uri = s3.upload(unopenable, "case/unopenable.tiff")
     clocks = StageClocks()
     with pytest.raises(InputError) as info:  # stream fails to parse -> staged -> openslide fails too

@@ -70,6 +70,9 @@ class OnnxRuntimeModel(Model):
         ORT runs on a stream of its own, so the preprocessed input must be complete first, and the
         outputs are finished when this returns (``runs_on_stream`` is False).
         """
+        if not self.supports_device():
+            raise NotImplementedError(f"ONNX Runtime runs {self.path} on {self.session.get_providers()[0]}: "
+                                      "host arrays only (Model.run)")
         stream.synchronize()
         binding = self.session.io_binding()
         binding.bind_input(

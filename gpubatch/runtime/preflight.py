@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gpubatch.core.errors import SpecError
 from gpubatch.io.storage import expand_uris, missing_extra
-from gpubatch.io.uris import is_remote, local_path
+from gpubatch.io.uris import is_remote, local_path, protocol_of
 from gpubatch.sources import get_source
 from gpubatch.spec import JobSpec
 
@@ -22,7 +22,7 @@ def _missing_filesystems(uris: list[str]) -> list[tuple[str, str]]:
     for i, uri in enumerate(uris):
         hint = missing_extra(uri)
         if hint:
-            problems.append((f"input.uris[{i}]", f"{uri.split('://', 1)[0]}:// needs an extra package: {hint}"))
+            problems.append((f"input.uris[{i}]", f"{protocol_of(uri)}:// needs an extra package: {hint}"))
     return problems
 
 

@@ -15,14 +15,14 @@ import os
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from gpubatch.core.clocks import StageClocks
-from gpubatch.core.errors import InputError
+from gpubatch.core.errors import GpubatchError, InputError
 from gpubatch.io.ranges import RangeReader
 from gpubatch.io.storage import open_ranges
 
@@ -31,6 +31,7 @@ TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".btf", ".tf8", ".qptiff")
 METADATA_ALLOWLIST = ("width", "height", "level_count", "level_dimensions", "level_downsamples",
                       "mpp", "magnification", "vendor", "backend")
 WHITE = 255
+JPEG = 7  # TIFF compression tag value
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,11 @@ class SlideBackend(ABC):
         """Announce the ``read_boxes`` calls to come (one box array each), so that a backend can
         keep exactly the decoded data that more than one of them needs."""
 
+    def use_gpu_decode(self) -> None:
+        """Decode on the GPU from now on; backends that cannot say so."""
+        raise GpubatchError(f"tiles.decoder: gpu needs a JPEG TIFF read by tifffile; "
+                            f"this slide is read by {self.info.backend}")
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release handles."""
 
@@ -174,6 +180,7 @@ class TiffBackend(SlideBackend):
         mpp, mag, vendor = _mpp_from_tiff(self.tif)
         self.info = SlideInfo(dims, downs, mpp, mag, vendor, "tifffile")
         self.cache = DecodedTileCache(cache_bytes)
+        self.gpu_decode = False
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         page = self.pages[level]
@@ -201,10 +208,10 @@ class TiffBackend(SlideBackend):
                 paste(index, tile)
             # Each tile is pasted as soon as it is decoded: a read holds one decoded tile at a
             # time (plus those kept for later reads), not every tile of its block at once.
-            for index, blob in zip(missing, blobs, strict=True):
+            for index, tile in zip(missing, self._decoded(page, blobs, missing), strict=True):
                 ty, tx = divmod(index, nx)
                 # Edge tiles carry padding past the image; openslide shows background there.
-                tile = self._decode(page, blob, index)[: height - ty * th, : width - tx * tw]
+                tile = tile[: height - ty * th, : width - tx * tw]
                 self.cache.offer((level, index), tile)
                 paste(index, tile)
         clocks.count("decode.tiles", len(missing))
@@ -215,6 +222,29 @@ class TiffBackend(SlideBackend):
         page = self.pages[level]
         for boxes in blocks:
             self.cache.expect((level, index) for index in tiles_of_boxes(page, boxes))
+
+    def use_gpu_decode(self) -> None:
+        """Decode JPEG tiles with nvImageCodec on the GPU (a batch per read) instead of libjpeg-turbo.
+
+        Relieves the host's cores, which limit a decode-bound GPU run; raises where it cannot run.
+        """
+        from gpubatch.sources.slides.gpu_decode import gpu_decode_available
+
+        ok, why = gpu_decode_available()
+        if not ok:
+            raise GpubatchError(f"tiles.decoder: gpu, but GPU JPEG decode cannot run here: {why}")
+        self.gpu_decode = True
+
+    def _decoded(self, page: Any, blobs: list[bytes], indices: list[int]) -> Iterator[np.ndarray]:
+        """Decoded tiles of ``blobs``, in order: one by one on the host, or one GPU batch for JPEG."""
+        if self.gpu_decode and int(page.compression) == JPEG and any(blobs):
+            from gpubatch.sources.slides.gpu_decode import decode_jpeg_tiles_gpu
+
+            batch = decode_jpeg_tiles_gpu(blobs, page.jpegtables, photometric=int(page.photometric))
+            yield from batch.get()
+            return
+        for index, blob in zip(indices, blobs, strict=True):
+            yield self._decode(page, blob, index)
 
     def _decode(self, page: Any, blob: bytes, index: int) -> np.ndarray:
         th, tw = page.tilelength, page.tilewidth

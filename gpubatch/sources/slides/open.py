@@ -96,6 +96,9 @@ class StagedBackend(SlideBackend):
     def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
         self.inner.expect_reads(level, blocks)
 
+    def use_gpu_decode(self) -> None:
+        self.inner.use_gpu_decode()
+
     def close(self) -> None:
         try:
             self.inner.close()

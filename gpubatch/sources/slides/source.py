@@ -123,6 +123,8 @@ class SlideSource(Source):
                                    options=job.input.storage,
                                    policy=RetryPolicy(attempts=job.run.storage_attempts))
         try:
+            if job.tiles.decoder == "gpu":
+                backend.use_gpu_decode()
             return SlideReader(shard, job, backend, clocks)
         except BaseException:
             backend.close()
