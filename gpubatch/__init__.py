@@ -31,17 +31,12 @@ def load_job(path: Any, overrides: Any = None) -> JobSpec:
     return _load(path, overrides)
 
 
-def open_results(outdir: Any) -> Result:
-    """Open a finished run's outputs: the report and predictions, without re-running anything."""
-    from pathlib import Path
+def open_results(outdir: Any, storage: Any = None) -> Result:
+    """Open a run's outputs (a folder or an object-store URI; ``storage``: its fsspec options):
+    the report and predictions, without re-running anything."""
+    from gpubatch.runtime.result import open_results as _open
 
-    from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
-    from gpubatch.report.summary import load_report
-    from gpubatch.runtime.result import Result as _Result
-
-    report = load_report(outdir)
-    failed = report.get("failed", [])
-    return _Result(report, str(Path(outdir)), EXIT_PARTIAL if failed else EXIT_OK, failed)
+    return _open(str(outdir), storage)
 
 
 def __getattr__(name: str) -> Any:

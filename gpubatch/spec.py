@@ -131,6 +131,7 @@ class InputSpec(_Strict):
 class OutputSpec(_Strict):
     uri: str
     formats: list[Literal["zarr", "parquet", "geojson"]] = Field(default_factory=lambda: ["zarr", "parquet"])  # type: ignore[arg-type]
+    storage: dict[str, Any] = Field(default_factory=dict, description="fsspec options for output.uri")
 
 
 class RunSpec(_Strict):
@@ -141,6 +142,11 @@ class RunSpec(_Strict):
     storage_attempts: int = Field(5, ge=1, le=50, description="tries per storage request (transient errors)")
     stage_ahead: int = Field(2, ge=0, le=64, description="slides downloaded ahead when staging")
     workers: int | None = Field(None, ge=1, description="worker processes; default from the profile")
+    worker_timeout: float = Field(
+        1800.0, gt=0, description="seconds without any worker (none arrived, or all were lost) before the run fails")
+    heartbeat_s: float = Field(10.0, gt=0, le=3600, description="seconds between lease and status.json heartbeats")
+    lease_stale_s: float = Field(
+        120.0, gt=0, description="a lease whose heartbeat is older than this belongs to a dead run and is taken over")
 
 
 class JobSpec(_Strict):
@@ -164,6 +170,24 @@ class JobSpec(_Strict):
     def spec_hash(self) -> str:
         """sha256 of the resolved spec, recorded in the audit trail."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def result_fields(self) -> dict[str, Any]:
+        """The spec fields that change results (and how they are split into shards): what a
+        resumed run must share with the committed shards it keeps. Where and how fast a run goes
+        (profile, readers, batch size, threads, storage options, the output's location) is not
+        among them; the model file is checked by its sha256, not by its path."""
+        data = self.model_dump(mode="json")
+        model = {k: data["model"][k] for k in ("backend", "precision", "input", "calibration", "validation",
+                                              "fallback") if k in data["model"]}
+        tiles = {k: v for k, v in data["tiles"].items() if k != "read_block"} if self.kind == "slides" else None
+        windows = ({k: v for k, v in data["windows"].items() if k != "chunk_bases"}
+                   if data.get("windows") else None)
+        return {"kind": self.kind, "tiles": tiles, "windows": windows, "model": model,
+                "formats": sorted(self.output.formats)}
+
+    def result_hash(self) -> str:
+        text = json.dumps(self.result_fields(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -75,3 +75,11 @@ def slide_job(uris: list[str], model: Path, out: Path, **sections: Any) -> dict[
 def write_job(path: Path, job: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
+
+
+def audit_lines(out: Path, event: str | None = "shard_committed") -> list[dict[str, Any]]:
+    """audit.jsonl's lines (of one ``event`` kind, by default one per committed shard)."""
+    import json
+
+    lines = [json.loads(line) for line in (Path(out) / "audit.jsonl").read_text().splitlines()]
+    return [line for line in lines if event is None or line.get("event") == event]

@@ -6,13 +6,12 @@ ONNX Runtime's CPU provider.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import write_job
+from conftest import audit_lines, write_job
 
 import gpubatch
 from gpubatch.core.clocks import StageClocks
@@ -202,7 +201,7 @@ def test_int8_end_to_end_run(qdir: Path, small_cnn: Path, tmp_path: Path) -> Non
     assert report["model_only_items_per_s_measured"] > 0 and report["items"] == 384
     preds = result.predictions()
     assert len(preds) == 384 and preds.filter(like="probs").shape[1] == 3
-    lines = [json.loads(line) for line in (tmp_path / "out" / "audit.jsonl").read_text().splitlines()]
+    lines = audit_lines(tmp_path / "out")
     assert len(lines) == 2 and all(line["quantization"]["passed"] for line in lines)
 
 

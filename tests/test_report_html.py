@@ -72,7 +72,7 @@ def constructed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _html(outdir: Path) -> str:
-    return write_html(outdir, rp.load_report(outdir)).read_text()
+    return Path(write_html(str(outdir), rp.load_report(str(outdir)))).read_text()
 
 
 @pytest.mark.parametrize("which", ["real_run", "constructed"])

@@ -11,7 +11,7 @@ import openslide
 import pandas as pd
 import pytest
 import zarr
-from conftest import shared_file, slide_job, write_job
+from conftest import audit_lines, shared_file, slide_job, write_job
 
 import gpubatch
 from gpubatch.cli.demo import write_synthetic_slide
@@ -60,13 +60,13 @@ def test_local_cluster_outputs_and_report(tmp_path: Path, slides_dir: Path, clas
     # Tissue filtering kept only part of each 12x8 grid.
     assert df.groupby("slide").size().max() < 12 * 8
     root = zarr.open_group(str(out / "predictions.zarr"), mode="r")
-    group = root[root.attrs["shards"][0]]
+    group = root[root.attrs["groups"][root.attrs["shards"][0]]]
     assert group.attrs["level"] == 1 and group.attrs["tile_size"] == 64
     assert group.attrs["mpp"] == pytest.approx(0.5)
     assert group.attrs["model_sha256"] == file_sha256(str(classifier))
     assert group["probs"].shape[1] == 3 and group["x"].shape[0] == group["probs"].shape[0]
     # One model session per worker process, reused for every shard it ran.
-    audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    audit = audit_lines(out)
     assert len(audit) == 3 and all(a["status"] == "done" for a in audit)
     hosts_pids = {(a["host"], a["pid"]) for a in audit}
     assert 1 <= len(hosts_pids) <= 2
@@ -78,7 +78,7 @@ def test_one_session_per_worker_is_reused(tmp_path: Path, slides_dir: Path, clas
     before = base.SESSIONS_CREATED["count"]
     job = slide_job([str(slides_dir / "*.tif")], classifier, tmp_path / "out")
     gpubatch.run(write_job(tmp_path / "job.yaml", job))
-    gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    gpubatch.run(write_job(tmp_path / "job.yaml", job), overwrite=True)
     assert base.SESSIONS_CREATED["count"] - before <= 1
 
 

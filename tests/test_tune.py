@@ -86,5 +86,6 @@ def test_auto_batch_run_uses_tuning(tmp_path: Path, slides_dir: Path, mean_model
     report = result.report
     assert result.exit_code == 0 and report["batch_size"] == report["tuning"]["batch_size"]
     assert report["model_only_items_per_s_measured"] > 0 and report["model_only_items_per_s"] > 0
-    again = gpubatch.run(_auto_job(tmp_path, slides_dir, mean_model), profile="inline", show_progress=False)
+    again = gpubatch.run(_auto_job(tmp_path, slides_dir, mean_model), profile="inline", show_progress=False,
+                         overwrite=True)
     assert again.report["tuning"]["cached"] is True and again.report["batch_size"] == report["batch_size"]

@@ -13,7 +13,7 @@ def inspect_path(path: str) -> dict[str, Any]:
     if p.is_dir() and (p / "report.json").exists():
         from gpubatch.report.summary import load_report
 
-        report = load_report(p)
+        report = load_report(str(p))
         return {k: report.get(k) for k in ("name", "items", "items_per_s", "wall_s", "starvation", "verdict", "failed")}
     if p.is_dir() and (p / "zarr.json").exists():
         import zarr

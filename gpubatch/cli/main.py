@@ -32,16 +32,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("job")
     r.add_argument("--profile")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    r.add_argument("--resume", action="store_true", help="skip shards already committed")
+    r.add_argument("--resume", action="store_true", help="finish a run: skip shards already committed")
+    r.add_argument("--overwrite", action="store_true", help="start again: remove what earlier runs wrote there")
     s = sub.add_parser("submit", help="run a job on an existing Dask cluster")
     s.add_argument("job")
     s.add_argument("--scheduler", required=True, metavar="ADDR")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--resume", action="store_true")
-    st = sub.add_parser("status", help="progress of a running or finished job")
+    s.add_argument("--overwrite", action="store_true")
+    st = sub.add_parser("status", help="progress of a running or finished job (a folder or a URI)")
     st.add_argument("outdir")
-    rp = sub.add_parser("report", help="print a finished run's summary")
+    st.add_argument("--storage", action="append", default=[], metavar="KEY=VALUE",
+                    help="fsspec option for an object-store OUTDIR (credentials also come from AWS_*)")
+    rp = sub.add_parser("report", help="print a run's summary (a folder or a URI)")
     rp.add_argument("outdir")
+    rp.add_argument("--storage", action="append", default=[], metavar="KEY=VALUE")
     rp.add_argument("--html", action="store_true", help="also write OUTDIR/report.html")
     t = sub.add_parser("tune", help="sweep batch sizes and choose one")
     t.add_argument("job")
@@ -78,11 +83,13 @@ def _run_and_report(job_path: str, sets: list[str], **options: Any) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _run_and_report(args.job, args.set, profile=args.profile, resume=args.resume)
+    return _run_and_report(args.job, args.set, profile=args.profile, resume=args.resume,
+                           overwrite=args.overwrite)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    return _run_and_report(args.job, args.set, scheduler=args.scheduler, resume=args.resume)
+    return _run_and_report(args.job, args.set, scheduler=args.scheduler, resume=args.resume,
+                           overwrite=args.overwrite)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -91,33 +98,73 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     codes = []
     for job_path in (prepare_demo(args.workdir), prepare_genome_demo(args.workdir)):
         print(f"\ndemo job spec: {job_path}")
-        codes.append(_run_and_report(str(job_path), []))
+        codes.append(_run_and_report(str(job_path), [], overwrite=True))  # the demo owns its outputs
     return max(codes)
 
 
+def _storage(args: argparse.Namespace) -> dict[str, Any]:
+    from gpubatch.spec import parse_override
+
+    options: dict[str, Any] = {}
+    for text in args.storage:
+        path, value = parse_override(text)
+        options[".".join(path)] = value
+    return options
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
-    path = Path(args.outdir) / "status.json"
-    if not path.exists():
-        raise SpecError([("OUTDIR", f"no status.json in {args.outdir}: no run has started there")])
-    s = json.loads(path.read_text())
+    from gpubatch.outputs.layout import STATUS
+    from gpubatch.outputs.store import OutputStore
+
+    store = OutputStore(args.outdir, _storage(args))
+    if not store.exists(STATUS):
+        raise SpecError([("OUTDIR", f"no {STATUS} in {args.outdir}: no run has started there")])
+    s = store.read_json(STATUS)
     eta = s.get("eta_s")
-    print(f"{s['state']}: {s['done']}/{s['total']} shards done, {s['failed']} failed"
+    print(f"{status_state(s)}: {s['done']}/{s['total']} shards done, {s['failed']} failed"
           + (f", {s.get('items_per_s', 0):.1f} items/s" if "items_per_s" in s else "")
           + (f", starvation {s['starvation']:.1%}" if "starvation" in s else "")
-          + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" else ""))
+          + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" else "")
+          + (f"; {s['reason']}" if s.get("reason") else ""))
     return EXIT_OK
 
 
+def status_state(status: dict[str, Any], now: float | None = None) -> str:
+    """The state status.json gives, except that a ``running`` whose heartbeat stopped is a run
+    that was killed: it is ``interrupted``, never a stale ``running``."""
+    import time
+
+    state = str(status.get("state", "unknown"))
+    if state != "running":
+        return state
+    age = (now or time.time()) - float(status.get("heartbeat", status.get("updated", 0.0)))
+    limit = max(3 * float(status.get("heartbeat_s", 10.0)), 30.0)
+    if age > limit:
+        return (f"interrupted (no heartbeat for {age:.0f} s: the run is not running; "
+                "finish it with `gpubatch run JOB --resume`)")
+    return state
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gpubatch.report.summary import load_report
+    from gpubatch.outputs.layout import REPORT_JSON
+    from gpubatch.outputs.store import OutputStore
+    from gpubatch.report.summary import load_report, summarize_output
     from gpubatch.report.text import format_summary
 
-    report = load_report(args.outdir)
+    store = OutputStore(args.outdir, _storage(args))
+    if store.exists(REPORT_JSON):
+        report = load_report(store)
+    elif store.exists():
+        report = summarize_output(store)
+        print(f"no finished run in {args.outdir}: what is committed there so far "
+              f"({report.get('state')}, {report.get('shards_done')} shards)")
+    else:
+        raise SpecError([("OUTDIR", f"{args.outdir} does not exist")])
     print(format_summary(report))
     if args.html:
         from gpubatch.report.html import write_html
 
-        print(f"wrote {write_html(args.outdir, report)}")
+        print(f"wrote {write_html(store, report)}")
     return EXIT_OK
 
 

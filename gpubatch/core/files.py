@@ -57,3 +57,10 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 def safe_filename(name: str, limit: int = 80) -> str:
     """``name`` with everything but letters, digits, '-', '_' and '.' replaced by '_', cut to ``limit``."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:limit]
+
+
+def cache_root() -> Path:
+    """gpubatch's per-user cache (tuning choices, TensorRT engines, localized remote files):
+    $GPUBATCH_CACHE, else ~/.cache/gpubatch."""
+    root = os.environ.get("GPUBATCH_CACHE") or str(Path.home() / ".cache" / "gpubatch")
+    return Path(root)

@@ -45,6 +45,16 @@ class ShardResult:
     resumed: bool = False
     #: which attempt of this shard produced the result (1 = first)
     attempt: int = 1
+    #: the attempt's name: its files are written under it (outputs.layout)
+    attempt_name: str = ""
+    #: the zarr group of the committed attempt (None when zarr is not written)
+    group: str | None = None
+    #: what the result depends on, checked by ``--resume``: the input's size and mtime or ETag,
+    #: the sha256 of the model file the worker loaded, the hash of the result-changing spec fields
+    input_identity: dict[str, Any] = field(default_factory=dict)
+    model_sha256: str | None = None
+    spec_sha256: str | None = None
+    run_id: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 class RunContext:
     """Settings the client resolved once for the whole run (model file after quantization, ...)."""
 
+    #: the output's URI (local folder or object-store prefix) and its storage options
     outdir: str
     model_path: str
     backend: str
@@ -25,3 +26,7 @@ class RunContext:
     fallback_max_prob: float | None = None
     #: the profile's ``storage`` (fsspec options) and ``stage_cache`` settings, applied per worker
     storage_profile: dict[str, Any] | None = None
+    output_options: dict[str, Any] | None = None
+    #: the run that writes the commit records, and the hash of the result-changing spec fields
+    run_id: str = ""
+    result_hash: str = ""

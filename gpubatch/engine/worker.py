@@ -8,6 +8,7 @@ the source's hooks, so this module never asks which kind of input it runs.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -16,15 +17,22 @@ import traceback
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.core.files import file_sha256
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
 from gpubatch.engine.model_stage import make_batch_runner, warm_host_stage
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
+from gpubatch.io.redact import redact
+from gpubatch.io.storage import input_identity
 from gpubatch.models.base import get_model
+from gpubatch.outputs.layout import new_attempt
 from gpubatch.outputs.manifest import Manifest
+from gpubatch.outputs.store import OutputStore
 from gpubatch.outputs.writer import ShardWriter
 from gpubatch.sources import Shard, get_source
 from gpubatch.spec import JobSpec
+
+log = logging.getLogger("gpubatch")
 
 _CONFIGURED: dict[str, str] = {}
 _CONFIGURE_LOCK = threading.Lock()
@@ -92,20 +100,25 @@ def _failure(shard: Shard, exc: BaseException, started: float) -> ShardResult:
     return result
 
 
-def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[str, ...] = ()) -> ShardResult:
-    """Process one shard end to end on this worker; returns its small, picklable result.
+def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[str, ...] = (),
+                  attempt: int = 1) -> ShardResult:
+    """Process one shard end to end on this worker, commit it, and return its small result.
 
     A bad input comes back as a ``failed`` result rather than an exception, so that one corrupt
     slide is quarantined without poisoning the Dask task graph. ``upcoming`` names the next
-    inputs in plan order, for the source's ``before_shard`` hook (slides stage them ahead).
+    inputs in plan order, for the source's ``before_shard`` hook (slides stage them ahead). The
+    commit record is written here, on the worker, right after the shard's files: a client that
+    dies meanwhile loses nothing that was computed.
     """
     started = time.time()
     _configure_worker_once(ctx)
     source = get_source(job.kind)
     source.before_shard(job, upcoming)
     clocks = StageClocks()
+    store = OutputStore(ctx.outdir, ctx.output_options)
     writer: ShardWriter | None = None
     try:
+        identity = input_identity(shard.input_uri, job.input.storage)
         model = get_model(ctx.model_path, ctx.backend, ctx.precision, ctx.threads)
         warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)
         with clocks.part("open"):
@@ -113,7 +126,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
         with reader:
             attrs = {**reader.attrs, "model_sha256": ctx.model_sha256, "backend": model.backend,
                      "precision": ctx.precision, "gpubatch_version": ctx.version}
-            writer = ShardWriter(ctx.outdir, shard.shard_id, source.constant_columns(shard), attrs,
+            writer = ShardWriter(store, shard.shard_id, new_attempt(), source.constant_columns(shard), attrs,
                                  job.output.formats)
             cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches, pad_last=True)
             t0 = time.perf_counter()
@@ -121,16 +134,23 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             wall = time.perf_counter() - t0
             part = writer.commit()
             shard_attrs = reader.attrs
-        source.after_commit(job, shard)
+        result = ShardResult(
+            shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(),
+            attrs=shard_attrs, model=model.describe(), host=socket.gethostname(), pid=os.getpid(),
+            start=started, end=time.time(), attempt=attempt, attempt_name=writer.attempt,
+            input_identity=identity, model_sha256=file_sha256(ctx.model_path), spec_sha256=ctx.result_hash,
+            run_id=ctx.run_id, **part)
+        Manifest(store).record(result)
     except BaseException as exc:  # noqa: BLE001 - summarised for the client
         if writer is not None:
             writer.abort()
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        return _failure(shard, exc, started)
-    result = ShardResult(
-        shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(),
-        attrs=shard_attrs, model=model.describe(), host=socket.gethostname(), pid=os.getpid(),
-        start=started, end=time.time(), **part)
-    Manifest(ctx.outdir).record(result)
+        failed = _failure(shard, exc, started)
+        failed.attempt = attempt
+        return failed
+    try:  # committed: a failure to tidy up after it must not turn the shard into a failure
+        source.after_commit(job, shard)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("shard %s: after commit: %s", shard.shard_id, redact(f"{type(exc).__name__}: {exc}"))
     return result

@@ -7,31 +7,29 @@ output over the slide. Written from predictions.parquet one row group at a time.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pyarrow.parquet as pq
+
+from gpubatch.outputs.layout import GEOJSON, PREDICTIONS
+from gpubatch.outputs.store import OutputStore
 
 INDEX = ("slide", "x", "y", "level")
 
 
-def write_geojson(outdir: str | Path, extents: dict[str, float]) -> Path:
+def write_geojson(where: OutputStore | str, extents: dict[str, float]) -> str:
     """Stream predictions.parquet into predictions.geojson; ``extents``: tile edge per slide, level-0 px."""
-    outdir = Path(outdir)
-    target = outdir / "predictions.geojson"
-    tmp = outdir / ".tmp-predictions.geojson"
-    source = outdir / "predictions.parquet"
-    with tmp.open("w") as f:
-        f.write('{"type": "FeatureCollection", "features": [')
+    store = OutputStore.of(where)
+    pf = pq.ParquetFile(store.open_read(PREDICTIONS)) if store.exists(PREDICTIONS) else None
+    with store.open_write(GEOJSON) as f:
+        f.write(b'{"type": "FeatureCollection", "features": [')
         first = True
-        pf = pq.ParquetFile(source) if source.exists() and source.stat().st_size else None
         for i in range(pf.num_row_groups if pf is not None else 0):
             for row in pf.read_row_group(i).to_pylist():  # type: ignore[union-attr]
-                f.write(("" if first else ",") + json.dumps(_feature(row, extents.get(row["slide"], 0.0))))
+                feature = json.dumps(_feature(row, extents.get(row["slide"], 0.0)))
+                f.write((("" if first else ",") + feature).encode())
                 first = False
-        f.write("]}\n")
-    os.replace(tmp, target)
-    return target
+        f.write(b"]}\n")
+    return store.url(GEOJSON)
 
 
 def _feature(row: dict, extent: float) -> dict:

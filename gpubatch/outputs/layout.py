@@ -1,13 +1,18 @@
-"""Every file name in an output folder, in one place.
+"""Every file name in an output, in one place.
 
 Readers and writers of an output (the writer, the manifest, the runner's cleanup, ``status``,
 ``report``, ``open_results``) name files only through this module, so a new output is added here
 once and every cleanup and listing sees it.
+
+A shard's results are written under a unique *attempt* name (its parquet part and zarr group) and
+are never renamed (object stores cannot); the shard's commit record, written last, names the
+attempt that is the shard's result. Files of attempts no record names are left by killed or
+superseded attempts, and are swept.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import uuid
 
 PREDICTIONS = "predictions.parquet"
 ZARR = "predictions.zarr"
@@ -22,43 +27,40 @@ PARTS_DIR = "_parts"
 MANIFEST_DIR = "_manifest"
 #: reduced-precision models made for this output (quantized once, reused by resumes)
 MODELS_DIR = "_models"
+#: the audit ledger's records (run events, failures, superseded commits); audit.jsonl is their view
+AUDIT_DIR = "_audit"
+#: written on first use: a folder without it that holds files is not gpubatch's to write into
+MARKER = ".gpubatch-output"
+#: who is writing this output now (host, pid, heartbeat); see outputs.lease
+LEASE = "_lease.json"
+#: the result-changing spec fields and model sha256 the committed shards were made with
+SPEC_RECORD = "_spec.json"
 #: the prefix of every temporary name; a finished output holds none
 TMP_PREFIX = ".tmp-"
 
 #: files a run writes at the top of the folder (recreated by every run)
 RUN_FILES = (PREDICTIONS, GEOJSON, REPORT_JSON, REPORT_HTML, AUDIT, STATUS)
 #: folders a run writes (shards' results and their records)
-RUN_DIRS = (PARTS_DIR, ZARR, MANIFEST_DIR)
+RUN_DIRS = (PARTS_DIR, ZARR, MANIFEST_DIR, AUDIT_DIR)
+#: what ``--overwrite`` removes: everything a run writes except the marker, the lease and cached models
+RUN_STATE = (*RUN_FILES, *RUN_DIRS, SPEC_RECORD)
 
 
-def part_name(shard_id: str) -> str:
-    return f"{shard_id}.parquet"
+def new_attempt() -> str:
+    """A unique name for one attempt at a shard: its files are written under it, never renamed."""
+    return "a" + uuid.uuid4().hex[:10]
 
 
-class OutputLayout:
-    """Paths of one output folder's files."""
+def part_name(shard_id: str, attempt: str) -> str:
+    """The parquet part of one attempt, under PARTS_DIR."""
+    return f"{shard_id}-{attempt}.parquet"
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
 
-    def __truediv__(self, name: str) -> Path:
-        return self.root / name
+def group_name(shard_id: str, attempt: str) -> str:
+    """The zarr group of one attempt, under ZARR."""
+    return f"{shard_id}-{attempt}"
 
-    @property
-    def predictions(self) -> Path:
-        return self.root / PREDICTIONS
 
-    @property
-    def zarr(self) -> Path:
-        return self.root / ZARR
-
-    @property
-    def parts(self) -> Path:
-        return self.root / PARTS_DIR
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / MANIFEST_DIR
-
-    def part(self, shard_id: str) -> Path:
-        return self.parts / part_name(shard_id)
+def record_name(shard_id: str) -> str:
+    """The commit record of a shard, under MANIFEST_DIR: written last, it makes an attempt the result."""
+    return f"{shard_id}.json"

@@ -1,48 +1,82 @@
-"""The manifest: which shards are committed, with checksums, so ``--resume`` skips exactly those.
+"""The manifest: one commit record per committed shard, so ``--resume`` skips exactly those.
 
-Dask keeps no state across a failure, so gpubatch keeps its own. One small JSON file per committed
-shard (its :class:`ShardResult`), written atomically after the shard's outputs are in place: a
-crash at any instant leaves a shard either fully recorded or absent.
+Dask keeps no state across a failure, so gpubatch keeps its own. A shard's record (its
+:class:`ShardResult`: the attempt's part and zarr group, the part's sha256, what the result
+depends on) is written by the worker after the attempt's files are complete, in one request:
+a crash at any instant leaves a shard either fully committed or not at all, on disk and on
+object storage alike. Files of attempts that no record names are swept (:func:`sweep`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from pathlib import Path
+import logging
+from collections.abc import Iterable
 
-from gpubatch.core.files import file_sha256, write_json_atomic
 from gpubatch.core.results import ShardResult
-from gpubatch.outputs.layout import TMP_PREFIX, OutputLayout, part_name
+from gpubatch.outputs.layout import MANIFEST_DIR, PARTS_DIR, TMP_PREFIX, ZARR, record_name
+from gpubatch.outputs.store import OutputStore
+
+log = logging.getLogger("gpubatch")
+VERIFY_BATCH = 32  # parts read back at once when checking checksums
 
 
 class Manifest:
-    def __init__(self, outdir: str | Path):
-        self.layout = OutputLayout(outdir)
-        self.dir = self.layout.manifest
+    def __init__(self, store: OutputStore):
+        self.store = store
 
     def record(self, result: ShardResult) -> None:
-        write_json_atomic(self.dir / f"{result.shard_id}.json", result.to_dict())
+        """Commit a shard: its record, written last, makes its attempt the shard's result."""
+        self.store.write_json(f"{MANIFEST_DIR}/{record_name(result.shard_id)}", result.to_dict())
 
     def entries(self) -> dict[str, ShardResult]:
-        if not self.dir.is_dir():
-            return {}
-        out = {}
-        for p in sorted(self.dir.glob("*.json")):
-            if not p.name.startswith(TMP_PREFIX):
-                entry = ShardResult.from_dict(json.loads(p.read_text()))
-                out[entry.shard_id] = entry
+        """Every commit record, by shard id (records of other formats or half-written are skipped)."""
+        names = [n for n in self.store.listdir(MANIFEST_DIR) if n.endswith(".json") and not n.startswith(TMP_PREFIX)]
+        out: dict[str, ShardResult] = {}
+        for name, data in self.store.read_many([f"{MANIFEST_DIR}/{n}" for n in names]).items():
+            try:
+                entry = ShardResult.from_dict(json.loads(data))
+            except (ValueError, TypeError):
+                log.warning("ignoring an unreadable commit record %s", name)
+                continue
+            out[entry.shard_id] = entry
         return out
 
     def committed(self) -> dict[str, ShardResult]:
-        """Entries whose parquet part still exists with the recorded checksum."""
-        good = {}
-        for sid, entry in self.entries().items():
-            part = self.layout.parts / (entry.part or part_name(sid))
-            if part.exists() and file_sha256(part, cached=False) == entry.sha256:
-                good[sid] = entry
+        """Records whose parquet part still exists with the recorded checksum; a part that is
+        missing or changed means the shard is not committed (it is computed again)."""
+        entries = list(self.entries().values())
+        good: dict[str, ShardResult] = {}
+        for start in range(0, len(entries), VERIFY_BATCH):
+            batch = entries[start : start + VERIFY_BATCH]
+            parts = self.store.read_many([f"{PARTS_DIR}/{e.part}" for e in batch])
+            for entry in batch:
+                data = parts.get(f"{PARTS_DIR}/{entry.part}")
+                if data is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
+                    good[entry.shard_id] = entry
+                else:
+                    log.warning("shard %s: its committed part is %s; it will be computed again",
+                                entry.shard_id, "missing" if data is None else "corrupt (checksum differs)")
         return good
 
-    def clear(self) -> None:
-        if self.dir.is_dir():
-            for p in self.dir.glob("*.json"):
-                p.unlink()
+    def remove(self, shard_id: str) -> None:
+        self.store.delete(f"{MANIFEST_DIR}/{record_name(shard_id)}")
+
+
+def sweep(store: OutputStore, keep: Iterable[ShardResult]) -> int:
+    """Delete parts and zarr groups of attempts no kept record names, and temporaries; returns
+    how many were removed. Only names of gpubatch's own making are touched."""
+    keep = list(keep)
+    parts = {e.part for e in keep if e.part}
+    groups = {e.group for e in keep if e.group}
+    removed = 0
+    for name in store.listdir(PARTS_DIR):
+        if name not in parts and (name.endswith(".parquet") or name.startswith(TMP_PREFIX)):
+            store.delete(f"{PARTS_DIR}/{name}")
+            removed += 1
+    for name in store.listdir(ZARR):
+        if name not in groups and name != "zarr.json" and not name.startswith("."):
+            store.delete(f"{ZARR}/{name}", recursive=True)
+            removed += 1
+    return removed

@@ -1,27 +1,25 @@
-"""Per-shard result writing, committed atomically so that a crash never leaves half a shard.
+"""Per-shard result writing under a unique attempt name, so a crash never leaves half a shard.
 
-A shard's rows stream into a temporary parquet part and a temporary zarr group while the shard
-runs (memory stays at one batch); ``commit`` renames both into place and returns a checksum for
-the manifest. A shard killed before commit leaves only temporaries, which the next run removes.
+A shard's rows stream into its attempt's parquet part and zarr group while the shard runs (memory
+stays at one flush of batches). Nothing reads an attempt's files until the shard's commit record
+(outputs.manifest) names them, so ``commit`` only finishes the files and returns what the record
+needs; no rename is involved, which is what lets the same protocol work on object storage. A shard
+killed before its record is written leaves an attempt no record names, which the next run sweeps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gpubatch.core.files import file_sha256
-from gpubatch.outputs.layout import PARTS_DIR, PREDICTIONS, TMP_PREFIX, ZARR, part_name
+from gpubatch.outputs.layout import PARTS_DIR, ZARR, group_name, part_name
+from gpubatch.outputs.store import OutputStore
 
 #: outputs wider than this go to zarr only; parquet keeps the index columns for them
 MAX_PARQUET_WIDTH = 32
@@ -40,27 +38,22 @@ def output_columns(name: str, values: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class ShardWriter:
-    """Streams one shard's rows to parquet and zarr under temporary names; commit makes them real."""
+    """Streams one attempt at a shard to its parquet part and zarr group; ``commit`` finishes them."""
 
-    def __init__(self, outdir: str | Path, shard_id: str, constants: dict[str, Any],
+    def __init__(self, store: OutputStore, shard_id: str, attempt: str, constants: dict[str, Any],
                  attrs: dict[str, Any], formats: Sequence[str]):
-        self.outdir = Path(outdir)
-        self.shard_id = shard_id
-        self.constants = constants
-        self.attrs = attrs
-        self.formats = formats
+        self.store, self.shard_id, self.attempt = store, shard_id, attempt
+        self.constants, self.attrs, self.formats = constants, attrs, formats
         self.rows = 0
-        tag = uuid.uuid4().hex[:8]
-        (self.outdir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-        self.part_tmp = self.outdir / PARTS_DIR / f"{TMP_PREFIX}{shard_id}-{tag}.parquet"
-        self.part_path = self.outdir / PARTS_DIR / part_name(shard_id)
-        self.zarr_tmp = self.outdir / ZARR / f"{TMP_PREFIX}{shard_id}-{tag}"
-        self.zarr_path = self.outdir / ZARR / shard_id
+        self.part = part_name(shard_id, attempt)
+        self.group = group_name(shard_id, attempt) if "zarr" in formats else None
+        self._files = contextlib.ExitStack()
+        self._file: Any = None
         self._pq: pq.ParquetWriter | None = None
-        self._group: Any = None
+        self._zarr: Any = None
         self._pending: list[dict[str, np.ndarray]] = []
         self._pending_bytes = 0
-        if "zarr" in formats:
+        if self.group is not None:
             # Opened now, not at the first flush: an output that cannot be written fails the
             # shard before its compute is spent, and zarr's set-up (its I/O loop, the codecs)
             # happens beside the slide opening rather than beside another shard's batches.
@@ -82,9 +75,15 @@ class ShardWriter:
         index = {k: v for k, v in merged.items() if not k.startswith("\0")}
         outputs = {k[1:]: v for k, v in merged.items() if k.startswith("\0")}
         self._write_parquet(index, outputs)
-        if "zarr" in self.formats:
+        if self.group is not None:
             self._write_zarr({**index, **outputs})
         self._pending, self._pending_bytes = [], 0
+
+    def _parquet(self, schema: pa.Schema) -> pq.ParquetWriter:
+        if self._pq is None:
+            self._file = self._files.enter_context(self.store.open_write(f"{PARTS_DIR}/{self.part}"))
+            self._pq = pq.ParquetWriter(self._file, schema, compression="zstd")
+        return self._pq
 
     def _write_parquet(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         n = len(next(iter(index.values()))) if index else len(next(iter(outputs.values())))
@@ -94,17 +93,13 @@ class ShardWriter:
         for name, values in outputs.items():
             columns.update({k: pa.array(v) for k, v in output_columns(name, values).items()})
         table = pa.table(columns)
-        if self._pq is None:
-            self._pq = pq.ParquetWriter(self.part_tmp, table.schema, compression="zstd")
-        self._pq.write_table(table)
+        self._parquet(table.schema).write_table(table)
 
     def _open_group(self) -> Any:
-        import zarr
-
-        if self._group is None:
-            self._group = zarr.open_group(str(self.zarr_tmp), mode="w")
-            self._group.attrs.update(_jsonable(self.attrs))
-        return self._group
+        if self._zarr is None:
+            self._zarr = self.store.zarr_group(f"{ZARR}/{self.group}", mode="w")
+            self._zarr.attrs.update(_jsonable(self.attrs))
+        return self._zarr
 
     def _write_zarr(self, columns: dict[str, np.ndarray]) -> None:
         group = self._open_group()
@@ -120,80 +115,27 @@ class ShardWriter:
             group[name].append(arr)
 
     def commit(self) -> dict[str, Any]:
-        """Rename the temporaries into place; returns the part's name, row count and sha256."""
+        """Finish the attempt's files; returns what the commit record needs (names, rows, sha256)."""
         self._flush()
-        if self._pq is None:
-            self._pq = pq.ParquetWriter(self.part_tmp, pa.schema([]), compression="zstd")
-        self._pq.close()
-        if "zarr" in self.formats:
+        self._parquet(pa.schema([])).close()
+        sha = self._file.sha.hexdigest()
+        self._files.close()
+        if self.group is not None:
             self._open_group()
-            if self.zarr_path.exists():
-                shutil.rmtree(self.zarr_path)
-            os.replace(self.zarr_tmp, self.zarr_path)
-        os.replace(self.part_tmp, self.part_path)
-        return {"rows": self.rows, "part": str(self.part_path.name),
-                "sha256": file_sha256(self.part_path, cached=False)}
+        return {"rows": self.rows, "part": self.part, "group": self.group, "sha256": sha}
 
     def abort(self) -> None:
-        if self._pq is not None:
-            with contextlib.suppress(Exception):  # best effort on an already failing shard
+        """Best effort on an already failing shard: close and delete this attempt's files."""
+        with contextlib.suppress(Exception):
+            if self._pq is not None:
                 self._pq.close()
-        self.part_tmp.unlink(missing_ok=True)
-        shutil.rmtree(self.zarr_tmp, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            self._files.close()
+        with contextlib.suppress(Exception):
+            self.store.delete(f"{PARTS_DIR}/{self.part}")
+            if self.group is not None:
+                self.store.delete(f"{ZARR}/{self.group}", recursive=True)
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-def remove_temporaries(outdir: str | Path) -> None:
-    """Delete what shards killed before commit left behind."""
-    for parent in (Path(outdir) / PARTS_DIR, Path(outdir) / ZARR):
-        if parent.is_dir():
-            for p in parent.glob(f"{TMP_PREFIX}*"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-TEXT_COLUMNS = {"slide", "chrom", "strand", "variant_id", "ref", "alt"}
-
-
-def empty_index_table(columns: list[str]) -> pa.Table:
-    """Zero rows with the index columns typed as a non-empty run would type them."""
-    def kind(name: str) -> pa.DataType:
-        return pa.string() if name in TEXT_COLUMNS else pa.bool_() if name == "ref_match" else pa.int64()
-
-    return pa.table({c: pa.array([], kind(c)) for c in columns})
-
-
-def merge_parquet(outdir: str | Path, shard_ids: list[str], target: str = PREDICTIONS,
-                  index_columns: list[str] | None = None) -> int:
-    """Concatenate committed parts, in plan order, into one file; streams part by part.
-
-    With no rows at all, the file still has ``index_columns`` (zero rows), so readers of
-    predictions.parquet see the same schema prefix whatever the run found.
-    """
-    outdir = Path(outdir)
-    tmp = outdir / f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{target}"
-    writer: pq.ParquetWriter | None = None
-    rows = 0
-    schema: pa.Schema | None = None
-    try:
-        for sid in shard_ids:
-            part = outdir / PARTS_DIR / part_name(sid)
-            if not part.exists():
-                continue
-            table = pq.read_table(part)
-            if table.num_rows == 0 and not table.schema.names:
-                continue
-            if writer is None:
-                schema = table.schema
-                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-            writer.write_table(table.cast(schema) if schema is not None else table)
-            rows += table.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        pq.write_table(empty_index_table(index_columns or []), tmp)
-    os.replace(tmp, outdir / target)
-    return rows

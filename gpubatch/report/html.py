@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from html import escape
-from pathlib import Path
 from typing import Any
 
+from gpubatch.outputs.layout import REPORT_HTML
+from gpubatch.outputs.store import OutputStore
 from gpubatch.report import plots
 from gpubatch.report.frames import latency_frame, shard_frame, stage_frame, throughput_frame
 from gpubatch.report.plots import AMBER, BLUE, GREEN, ORANGE, PURPLE, RED, Band, Series
@@ -83,7 +84,7 @@ def _tiles(report: dict[str, Any], v: dict[str, Any]) -> str:
     """Six headline numbers: the end-to-end rate first, the model-only rate beside it."""
     gap = v.get("gap") or {}
     failed = len(report.get("failed") or [])
-    done = len(report.get("shards") or [])
+    done = (report.get("shard_stats") or {}).get("count", len(report.get("shards") or []))
     tiles = [
         (_rate(report.get("items_per_s")), "items/s end-to-end"),
         (_rate(gap.get("model_only_items_per_s")), "items/s model-only"),
@@ -246,8 +247,8 @@ def render_html(report: dict[str, Any]) -> str:
     )
 
 
-def write_html(outdir: str | Path, report: dict[str, Any]) -> Path:
-    """Write OUTDIR/report.html and return its path."""
-    path = Path(outdir) / "report.html"
-    path.write_text(render_html(report), encoding="utf-8")
-    return path
+def write_html(where: OutputStore | str, report: dict[str, Any]) -> str:
+    """Write report.html into the output; returns its URI."""
+    store = OutputStore.of(where)
+    store.write_bytes(REPORT_HTML, render_html(report).encode("utf-8"))
+    return store.url(REPORT_HTML)

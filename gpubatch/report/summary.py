@@ -1,84 +1,138 @@
 """The run summary: shard results folded into the report.json document, written and read back.
 
-The figures the summary holds are rendered three ways: as pandas frames (``frames``), as terminal
-text (``text``) and as a self-contained HTML page (``html``); the verdict comes from ``verdict``.
+Results are folded one at a time as they arrive (:class:`SummaryBuilder`), so the client's memory
+stays bounded however many shards a run has: the stage clocks are summed, the per-batch timeline
+is thinned to at most ``MAX_TIMELINE_POINTS`` points, and at most ``MAX_SHARD_ROWS`` per-shard
+rows are kept (the slowest; every committed shard's full record stays in the manifest). The
+figures are rendered three ways: pandas frames (``frames``), terminal text (``text``) and HTML
+(``html``); the verdict comes from ``verdict``.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
-from pathlib import Path
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks, starvation_of
 from gpubatch.core.results import RunSummary, ShardResult
 from gpubatch.io.metrics import storage_summary
+from gpubatch.outputs.layout import REPORT_JSON
+from gpubatch.outputs.store import OutputStore
 from gpubatch.report.verdict import verdict
 
+MAX_TIMELINE_POINTS = 20_000
+MAX_SHARD_ROWS = 2_000
 
-def _timeline(shards: list[ShardResult], t0: float) -> list[dict[str, Any]]:
-    """Per-batch samples on one run clock. Sample times count from the pipeline's start, which
-    follows the shard's setup ("open"), so the setup time is added to the shard's start."""
-    points = []
-    for s in shards:
-        start = (s.start if s.start is not None else t0) + s.clocks.get("parts", {}).get("open", 0.0)
-        for sample in s.clocks.get("samples", []):
-            points.append({**sample, "t": sample["t"] + start - t0, "shard": s.shard_id})
-    return sorted(points, key=lambda p: p["t"])
+
+class SummaryBuilder:
+    """Folds shard results into the figures of a report, in memory bounded by configuration."""
+
+    def __init__(self) -> None:
+        self.clocks = StageClocks()
+        self.items = self.batches = self.shards = self.resumed = 0
+        self.resumed_items = 0
+        self.pipeline_s = 0.0
+        self.t0: float | None = None
+        self._rows: list[tuple[float, int, dict[str, Any]]] = []
+        self._points: list[dict[str, Any]] = []
+        self._stride, self._seen = 1, 0
+
+    def add(self, result: ShardResult) -> None:
+        samples = result.clocks.get("samples", [])
+        self.clocks.merge(StageClocks.from_dict({k: v for k, v in result.clocks.items() if k != "samples"}))
+        self.items += result.items
+        self.batches += len(samples)
+        self.shards += 1
+        if result.resumed:
+            self.resumed += 1
+            self.resumed_items += result.items
+        else:
+            self.pipeline_s += result.wall_s
+        if result.start is not None:
+            self.t0 = result.start if self.t0 is None else min(self.t0, result.start)
+        self._add_row(result)
+        self._add_points(result, samples)
+
+    def _add_row(self, result: ShardResult) -> None:
+        entry = (result.wall_s, self.shards, shard_row(result))
+        if len(self._rows) < MAX_SHARD_ROWS:
+            heapq.heappush(self._rows, entry)
+        elif entry[0] > self._rows[0][0]:
+            heapq.heapreplace(self._rows, entry)
+
+    def _add_points(self, result: ShardResult, samples: list[dict[str, Any]]) -> None:
+        """Per-batch samples on one clock (absolute); every ``stride``-th kept, the stride
+        doubling (and the kept points halving) whenever the cap is reached."""
+        start = (result.start or 0.0) + result.clocks.get("parts", {}).get("open", 0.0)
+        for sample in samples:
+            self._seen += 1
+            if self._seen % self._stride:
+                continue
+            self._points.append({**sample, "t": sample["t"] + start, "shard": result.shard_id})
+            if len(self._points) >= MAX_TIMELINE_POINTS:
+                self._points, self._stride = self._points[::2], self._stride * 2
+
+    def summary(self, failed: list[dict[str, Any]], wall_s: float, run_info: dict[str, Any]) -> RunSummary:
+        """The report document for a run that took ``wall_s`` (this run's time, not a resumed one's)."""
+        batch_size = run_info.get("batch_size") or 1
+        compute_s = self.clocks.parts.get("compute", 0.0)
+        workers = max(1, run_info.get("workers", 1))
+        t0 = self.t0 or 0.0
+        fresh = self.items - self.resumed_items
+        rows = [row for _, _, row in sorted(self._rows, key=lambda e: e[1])]
+        doc: dict[str, Any] = {
+            "items": self.items,
+            "items_per_s": fresh / wall_s if wall_s > 0 else 0.0,
+            "wall_s": wall_s,
+            "starvation": self.clocks.starvation,
+            "stages": {k: v.as_dict() for k, v in self.clocks.stages.items()},
+            "parts": dict(self.clocks.parts),
+            "counters": dict(self.clocks.counters),
+            "storage": storage_summary(dict(self.clocks.counters), wall_s),
+            "model_only_items_per_s": self.items / compute_s * min(workers, self.shards or 1) if compute_s else None,
+            "batch_fill": self.items / (self.batches * batch_size) if self.batches else 1.0,
+            "failed": failed,
+            "shards": rows,
+            "shard_stats": {"count": self.shards, "resumed": self.resumed, "resumed_items": self.resumed_items,
+                            "rows_kept": len(rows), "pipeline_s": self.pipeline_s,
+                            "items_per_shard": self.items / self.shards if self.shards else 0.0},
+            "timeline": sorted(({**p, "t": p["t"] - t0} for p in self._points), key=lambda p: p["t"]),
+            "timeline_stride": self._stride,
+            **run_info,
+        }
+        doc["verdict"] = verdict(doc)
+        return RunSummary.from_dict(doc)
 
 
 def summarize(shards: list[ShardResult], failed: list[dict[str, str]], wall_s: float,
               run_info: dict[str, Any]) -> RunSummary:
-    """Fold shard results into the report.json document."""
-    clocks = StageClocks()
+    """Fold shard results into the report.json document (all at once)."""
+    builder = SummaryBuilder()
     for s in shards:
-        clocks.merge(StageClocks.from_dict(s.clocks))
-    items = int(sum(s.items for s in shards))
-    batches = sum(len(s.clocks.get("samples", [])) for s in shards)
-    batch_size = run_info.get("batch_size") or 1
-    compute_s = clocks.parts.get("compute", 0.0)
-    workers = max(1, run_info.get("workers", 1))
-    t0 = min((s.start for s in shards if s.start is not None), default=0.0)
-    summary: dict[str, Any] = {
-        "items": items,
-        "items_per_s": items / wall_s if wall_s > 0 else 0.0,
-        "wall_s": wall_s,
-        "starvation": clocks.starvation,
-        "stages": {k: v.as_dict() for k, v in clocks.stages.items()},
-        "parts": dict(clocks.parts),
-        "counters": dict(clocks.counters),
-        "storage": storage_summary(dict(clocks.counters), wall_s),
-        "model_only_items_per_s": items / compute_s * min(workers, len(shards) or 1) if compute_s else None,
-        "batch_fill": items / (batches * batch_size) if batches else 1.0,
-        "failed": failed,
-        "shards": [_shard_row(s) for s in shards],
-        "timeline": _timeline(shards, t0),
-        **run_info,
-    }
-    summary["verdict"] = verdict(summary)
-    return RunSummary.from_dict(summary)
+        builder.add(s)
+    return builder.summary(failed, wall_s, run_info)
 
 
-def _shard_row(s: ShardResult) -> dict[str, Any]:
+def shard_row(s: ShardResult) -> dict[str, Any]:
     counters = s.clocks.get("counters", {})
     return {
         "shard_id": s.shard_id, "input": s.input, "items": s.items, "wall_s": s.wall_s,
         "starvation": starvation_of(s.clocks.get("stages", {}).get("model", {})),
         "retries": int(counters.get("storage.retries", 0)), "host": s.host, "resumed": s.resumed,
+        "attempt": s.attempt,
     }
 
 
-def write_report(outdir: str | Path, summary: dict[str, Any]) -> Path:
-    path = Path(outdir) / "report.json"
-    path.write_text(json.dumps(summary, indent=1, default=str))
-    return path
+def write_report(where: OutputStore | str, summary: dict[str, Any]) -> None:
+    OutputStore.of(where).write_bytes(REPORT_JSON, json.dumps(summary, indent=1, default=str).encode())
 
 
-def load_report(outdir: str | Path) -> dict[str, Any]:
-    path = Path(outdir) / "report.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no report.json in {outdir}: has a run finished there?")
-    report: dict[str, Any] = json.loads(path.read_text())
+def load_report(where: OutputStore | str) -> dict[str, Any]:
+    store = OutputStore.of(where)
+    if not store.exists(REPORT_JSON):
+        raise FileNotFoundError(f"no {REPORT_JSON} in {store.uri}: has a run finished there?")
+    report: dict[str, Any] = store.read_json(REPORT_JSON)
     # Reports written before the verdict carried its gap (or the storage line) get both refreshed,
     # so `gpubatch report` on an old run still shows today's verdict.
     if "storage" not in report:
@@ -88,3 +142,25 @@ def load_report(outdir: str | Path) -> dict[str, Any]:
     return report
 
 
+def summarize_output(where: OutputStore | str) -> dict[str, Any]:
+    """A report for an output without a finished run's report.json: what is committed there.
+
+    For ``gpubatch report`` and ``open_results`` on a run that is still going, was interrupted or
+    failed: the committed shards' figures, the failures the ledger holds, the state status.json
+    gives; marked ``"complete": False``.
+    """
+    from gpubatch.outputs.layout import STATUS
+    from gpubatch.outputs.ledger import Ledger
+    from gpubatch.outputs.manifest import Manifest
+
+    store = OutputStore.of(where)
+    builder = SummaryBuilder()
+    for entry in Manifest(store).entries().values():
+        builder.add(entry)
+    status = store.read_json(STATUS) if store.exists(STATUS) else {}
+    failed = [{"input": r.get("input"), "error": r.get("error")} for r in Ledger(store, "").records()
+              if r.get("event") == "shard_failed"]
+    wall = float(status.get("heartbeat", 0.0)) - float(status.get("started", 0.0)) if status else 0.0
+    info = {"state": status.get("state", "unknown"), "complete": False, "run_id": status.get("run_id"),
+            "shards_total": status.get("total"), "shards_done": builder.shards, "workers": 1}
+    return builder.summary(failed, max(wall, 0.0), info).to_dict()

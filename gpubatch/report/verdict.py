@@ -72,7 +72,8 @@ class _Figures:
         parts: dict[str, float] = summary.get("parts") or {}
         model = (summary.get("stages") or {}).get("model", {})
         shards = summary.get("shards") or []
-        items = sum(s.get("items", 0) for s in shards)
+        stats = summary.get("shard_stats") or {}
+        per_shard = stats.get("items_per_shard", sum(s.get("items", 0) for s in shards) / len(shards) if shards else 0.0)
         return cls(
             starvation=summary.get("starvation", 0.0), storage=parts.get("storage", 0.0),
             open=parts.get("open", 0.0), decode=parts.get("decode", 0.0) + parts.get("resample", 0.0),
@@ -80,7 +81,7 @@ class _Figures:
             compute=parts.get("compute", 0.0), model_busy=model.get("busy_s", 0.0),
             model_blocked=model.get("blocked_s", 0.0), model_starved=model.get("starved_s", 0.0), fill=summary.get("batch_fill", 1.0),
             batch_size=int(summary.get("batch_size") or 0), precision=str(summary.get("precision", "fp32")),
-            readers=int(summary.get("readers") or 0), items_per_shard=items / len(shards) if shards else 0.0,
+            readers=int(summary.get("readers") or 0), items_per_shard=float(per_shard),
             p99_ms=(summary.get("storage") or {}).get("p99_ms"), fell_back=_refused_precision(summary),
             kind=str(summary.get("kind", "slides")),
             batch_bytes=int(summary.get("batch_input_bytes") or 0),
@@ -230,7 +231,9 @@ def gap(summary: dict[str, Any]) -> dict[str, Any]:
     model_only = summary.get("model_only_items_per_s") or summary.get("model_only_items_per_s_measured")
     parts = summary.get("parts") or {}
     worker_s = float(summary.get("wall_s", 0.0)) * max(1, int(summary.get("workers") or 1))
-    pipeline_s = sum(s.get("wall_s", 0.0) for s in summary.get("shards") or [] if not s.get("resumed"))
+    stats = summary.get("shard_stats") or {}
+    pipeline_s = stats.get("pipeline_s", sum(s.get("wall_s", 0.0) for s in summary.get("shards") or []
+                                             if not s.get("resumed")))
     setup_s = parts.get("open", 0.0)
     out: dict[str, Any] = {
         "items_per_s": e2e, "model_only_items_per_s": model_only, "cost": None, "text": "",

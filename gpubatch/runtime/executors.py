@@ -7,11 +7,17 @@ a Dask cluster (local processes, GPUs, an existing scheduler, SLURM).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as thread_wait
 from typing import Any
+
+log = logging.getLogger("gpubatch")
+WATCH_S = 1.0  # seconds between looks at which worker runs what
 
 
 class Executor(ABC):
@@ -27,6 +33,24 @@ class Executor(ABC):
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release workers and connections."""
+
+    def cancel(self, pending: set[Any]) -> None:  # noqa: B027 - threads cannot be cancelled
+        """Stop tasks that have not finished (an interrupted run)."""
+
+    def workers(self) -> int:
+        """Workers connected now (in-process threads count as workers)."""
+        return 1
+
+    def why_no_workers(self) -> str | None:
+        """The executor's own account of why no worker is there (an sbatch rejection...), if any."""
+        return None
+
+    def note_processing(self, pending: set[Any]) -> None:  # noqa: B027 - nothing to watch in-process
+        """Called as the run waits: lets the executor notice workers that left mid-task."""
+
+    def lost_workers(self) -> list[dict[str, Any]]:
+        """Workers that left while the run went on: {worker, time, shards they were running}."""
+        return []
 
     def __enter__(self) -> Executor:
         return self
@@ -56,10 +80,19 @@ class InlineExecutor(Executor):
 
 
 class DaskExecutor(Executor):
-    """A Dask client (and the cluster it started, if any); ``resources`` bound every task."""
+    """A Dask client (and the cluster it started, if any); ``resources`` bound every task.
 
-    def __init__(self, client: Any, cluster: Any = None, resources: dict[str, float] | None = None):
+    ``diagnose`` (from the cluster's maker) explains an empty cluster, e.g. SLURM's own error for
+    a rejected job or the reason a job is still pending.
+    """
+
+    def __init__(self, client: Any, cluster: Any = None, resources: dict[str, float] | None = None,
+                 diagnose: Callable[[], str | None] | None = None):
         self.client, self.cluster, self.resources = client, cluster, resources
+        self.diagnose = diagnose
+        self._processing: dict[str, list[str]] = {}
+        self._lost: list[dict[str, Any]] = []
+        self._checked = 0.0
 
     def submit(self, fn: Callable[..., Any], *args: Any, key: str) -> Any:
         kwargs: dict[str, Any] = {"pure": False, "key": key}
@@ -76,9 +109,49 @@ class DaskExecutor(Executor):
         except (TimeoutError, DaskTimeout):
             return set()
 
+    def cancel(self, pending: set[Any]) -> None:
+        with contextlib.suppress(Exception):
+            self.client.cancel(list(pending), force=True)
+
+    def workers(self) -> int:
+        try:
+            return len(self.client.nthreads())
+        except Exception:  # noqa: BLE001 - a scheduler that does not answer has no usable workers
+            return 0
+
+    def why_no_workers(self) -> str | None:
+        return self.diagnose() if self.diagnose is not None else None
+
+    def note_processing(self, pending: set[Any]) -> None:
+        """Every second at most: which worker runs which shard; a worker that vanished since the
+        last look is recorded with the shards it was running (Dask reruns them elsewhere)."""
+        now = time.monotonic()
+        if now - self._checked < WATCH_S:
+            return
+        self._checked = now
+        try:
+            processing = {w: [_shard_of(k) for k in keys] for w, keys in self.client.processing().items()}
+        except Exception:  # noqa: BLE001 - a missed look is not an error
+            return
+        for worker, shards in self._processing.items():
+            if worker not in processing:
+                self._lost.append({"worker": worker, "time": time.time(), "shards": sorted(set(shards))})
+                log.warning("worker %s was lost; its shards (%s) are run again elsewhere",
+                            worker, ", ".join(sorted(set(shards))) or "none running")
+        self._processing = processing
+
+    def lost_workers(self) -> list[dict[str, Any]]:
+        return list(self._lost)
+
     def close(self) -> None:
         try:
             self.client.close()
         finally:
             if self.cluster is not None:
                 self.cluster.close()
+
+
+def _shard_of(key: Any) -> str:
+    """The shard id in a task key ``gpubatch-<shard>-<attempt>-<ns>``."""
+    text = str(key[0] if isinstance(key, tuple) else key)
+    return text.removeprefix("gpubatch-").rsplit("-", 2)[0]

@@ -1,34 +1,39 @@
 """Progress for long runs: a rich bar on a terminal, periodic plain log lines otherwise.
 
-Also writes OUTDIR/status.json after each shard so ``gpubatch status OUTDIR`` can report a run in
-progress from another shell.
+Also keeps OUTDIR/status.json current, so ``gpubatch status OUTDIR`` can report a run from another
+shell: after each shard (at most once a second) and on every heartbeat, so that a status whose
+heartbeat stopped tells a dead run from a live one.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from gpubatch.core.clocks import starvation_of
-from gpubatch.core.files import write_json_atomic
 from gpubatch.core.results import ShardResult
+from gpubatch.outputs.layout import STATUS
+from gpubatch.outputs.store import OutputStore
 
 log = logging.getLogger("gpubatch")
 LOG_EVERY_S = 30.0
+STATUS_EVERY_S = 1.0
 
 
 class Progress:
-    def __init__(self, total: int, *, already: int = 0, outdir: Path | None = None,
-                 enabled: bool | None = None):
-        self.total, self.done, self.failed = total, already, 0
+    def __init__(self, total: int, *, already: int = 0, store: OutputStore | None = None,
+                 enabled: bool | None = None, run_id: str = "", heartbeat_s: float = 10.0):
+        self.total, self.already, self.done, self.failed = total, already, already, 0
         self.items = 0
         self.busy = self.starved = 0.0
         self.t0 = time.time()
-        self.last_log = self.t0
-        self.outdir = outdir
+        self.last_log = self.last_status = self.t0
+        self.store, self.run_id, self.heartbeat_s = store, run_id, heartbeat_s
+        self.state = "running"
+        self._lock = threading.Lock()
         tty = sys.stderr.isatty() if enabled is None else enabled
         self._bar: Any = None
         if tty and total:
@@ -39,12 +44,12 @@ class Progress:
                                      TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)
             self._task = self._bar.add_task("run", total=total, completed=already, rate="")
             self._bar.start()
-        self._write_status("running")
+        self._write_status()
 
     def eta_s(self) -> float | None:
         elapsed = time.time() - self.t0
-        fresh = self.done + self.failed
-        return None if not fresh or not elapsed else (self.total - fresh) * elapsed / max(fresh, 1)
+        fresh = self.done - self.already + self.failed
+        return None if not fresh or not elapsed else (self.total - self.done - self.failed) * elapsed / fresh
 
     def update(self, result: ShardResult) -> None:
         if result.ok:
@@ -64,18 +69,32 @@ class Progress:
             eta = self.eta_s()
             log.info("shards %d/%d done, %d failed, %.1f items/s, starvation %.1f%%, ETA %s",
                      self.done, self.total, self.failed, rate, 100 * starv, f"{eta:.0f} s" if eta is not None else "?")
-        self._write_status("running")
+        if time.time() - self.last_status >= STATUS_EVERY_S or self.done + self.failed == self.total:
+            self._write_status()
 
-    def _write_status(self, state: str) -> None:
-        if self.outdir is None:
+    def heartbeat(self) -> None:
+        """Called by the lease's heartbeat thread: status.json says the run is alive."""
+        self._write_status()
+
+    def finish(self, state: str, **extra: Any) -> None:
+        """The final state: finished, interrupted or failed (with the reason in ``extra``)."""
+        self.state = state
+        self._write_status(**extra)
+
+    def _write_status(self, **extra: Any) -> None:
+        if self.store is None:
             return
-        elapsed = time.time() - self.t0
-        write_json_atomic(self.outdir / "status.json", {
-            "state": state, "done": self.done, "failed": self.failed, "total": self.total,
-            "items": self.items, "items_per_s": self.items / elapsed if elapsed > 0 else 0.0,
-            "eta_s": self.eta_s(), "starvation": starvation_of({"busy_s": self.busy, "starved_s": self.starved}),
-            "updated": time.time(),
-        })
+        with self._lock:
+            now = time.time()
+            self.last_status = now
+            elapsed = now - self.t0
+            self.store.write_json(STATUS, {
+                "state": self.state, "run_id": self.run_id, "done": self.done, "failed": self.failed,
+                "total": self.total, "resumed": self.already, "items": self.items,
+                "items_per_s": self.items / elapsed if elapsed > 0 else 0.0, "eta_s": self.eta_s(),
+                "starvation": starvation_of({"busy_s": self.busy, "starved_s": self.starved}),
+                "started": self.t0, "heartbeat": now, "heartbeat_s": self.heartbeat_s, **extra,
+            })
 
     def close(self) -> None:
         if self._bar is not None:

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpubatch.core.errors import EXIT_OK
-from gpubatch.outputs.layout import OutputLayout
+from gpubatch.outputs.layout import PREDICTIONS
+from gpubatch.outputs.store import OutputStore
 
 
 @dataclass
@@ -17,12 +18,19 @@ class Result:
     output_uri: str
     exit_code: int = EXIT_OK
     failed: list[dict[str, str]] = field(default_factory=list)
+    #: storage options for ``output_uri`` (object storage credentials, endpoint)
+    storage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def store(self) -> OutputStore:
+        return OutputStore(self.output_uri, self.storage)
 
     def predictions(self) -> Any:
         """predictions.parquet as a pandas DataFrame."""
         import pandas as pd
 
-        return pd.read_parquet(OutputLayout(self.output_uri).predictions)
+        with self.store.open_read(PREDICTIONS) as f:
+            return pd.read_parquet(f)
 
     def timeline(self) -> Any:
         """One row per batch: t, items, busy_s, starved_s, queue_depth, shard."""
@@ -59,3 +67,15 @@ class Result:
         from gpubatch.report.frames import latency_frame
 
         return latency_frame(self.report)
+
+
+def open_results(outdir: str, storage: dict[str, Any] | None = None) -> Result:
+    """A run's outputs: its report (or, for an unfinished run, a summary of what is committed)."""
+    from gpubatch.core.errors import EXIT_PARTIAL
+    from gpubatch.outputs.layout import REPORT_JSON
+    from gpubatch.report.summary import load_report, summarize_output
+
+    store = OutputStore(outdir, storage)
+    report = load_report(store) if store.exists(REPORT_JSON) else summarize_output(store)
+    failed = report.get("failed", [])
+    return Result(report, store.uri, EXIT_PARTIAL if failed else EXIT_OK, failed, dict(storage or {}))

@@ -3,30 +3,41 @@
 The client only plans (metadata), submits small shard descriptions, and folds small summaries:
 no pixels or bases are read here. Shards that raise are retried up to ``run.retries`` times; an
 input that is bad (``InputError``) is quarantined at once; the run finishes the rest and exits 3.
+
+Around that: the output is guarded and leased (outputs.lease) and reconciled with what is already
+committed there (runtime.resume); the lease and status.json carry a heartbeat while the run
+lives; SIGINT and SIGTERM stop the workers, record the interruption in the audit ledger and leave
+an output that ``--resume`` finishes; and every event lands in the ledger (outputs.ledger).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from gpubatch import __version__
-from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
-from gpubatch.core.files import file_sha256, write_json_atomic
+from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL, GpubatchError
+from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
-from gpubatch.engine.worker import execute_shard
+from gpubatch.io.redact import redact
+from gpubatch.io.storage import localize
+from gpubatch.io.uris import is_remote
 from gpubatch.models.base import resolve_backend
-from gpubatch.outputs.audit import audit_line
-from gpubatch.outputs.layout import AUDIT, RUN_DIRS, RUN_FILES, STATUS, OutputLayout
-from gpubatch.outputs.manifest import Manifest
-from gpubatch.outputs.writer import merge_parquet, remove_temporaries
-from gpubatch.report.summary import summarize, write_report
+from gpubatch.outputs.layout import MODELS_DIR
+from gpubatch.outputs.lease import Lease, guard_output
+from gpubatch.outputs.ledger import Ledger, new_run_id
+from gpubatch.outputs.manifest import Manifest, sweep
+from gpubatch.outputs.merge import describe_zarr, merge_parquet
+from gpubatch.outputs.store import OutputStore
+from gpubatch.report.summary import SummaryBuilder, write_report
 from gpubatch.runtime.cluster import (
     cpu_count,
     load_profile,
@@ -34,160 +45,201 @@ from gpubatch.runtime.cluster import (
     start_worker_imports,
     worker_count,
 )
-from gpubatch.runtime.executors import Executor
 from gpubatch.runtime.preflight import preflight
 from gpubatch.runtime.progress import Progress
 from gpubatch.runtime.result import Result
-from gpubatch.sources import Shard, get_source
+from gpubatch.runtime.resume import check_run_model, reconcile
+from gpubatch.runtime.submit import Submitter
+from gpubatch.sources import Source, get_source
 from gpubatch.spec import JobSpec
 
 log = logging.getLogger("gpubatch")
 
 
-def _fresh_outdir(layout: OutputLayout, resume: bool) -> None:
-    layout.root.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(layout.root)
-    if resume:
-        return
-    import shutil
-
-    Manifest(layout.root).clear()
-    for name in RUN_DIRS:
-        shutil.rmtree(layout / name, ignore_errors=True)
-    for name in RUN_FILES:
-        (layout / name).unlink(missing_ok=True)
+class Terminated(GpubatchError):
+    """The client was asked to stop (SIGTERM)."""
 
 
-def make_context(job: JobSpec, outdir: Path, n_workers: int, model_path: str, precision: str,
-                 batch_size: int) -> RunContext:
-    threads = job.model.threads or max(1, cpu_count() // n_workers)
-    return RunContext(
-        outdir=str(outdir), model_path=model_path, backend=resolve_backend(job.model.backend, model_path),
-        precision=precision, batch_size=batch_size, threads=threads,
-        model_sha256=file_sha256(job.model.path), spec_hash=job.spec_hash(), version=__version__,
-    )
-
-
-class _Submitter:
-    """Submits shards, retries failures up to the limit, and hands results on as they finish."""
-
-    def __init__(self, executor: Executor, job: JobSpec, ctx: RunContext,
-                 on_result: Callable[[ShardResult], None]):
-        self.executor, self.job, self.ctx, self.on_result = executor, job, ctx, on_result
-        self.attempts: dict[str, int] = {}
-        self.upcoming: dict[str, tuple[str, ...]] = {}
-
-    def _submit(self, shard: Shard) -> Any:
-        n = self.attempts.get(shard.shard_id, 0) + 1
-        self.attempts[shard.shard_id] = n
-        upcoming = self.upcoming.get(shard.shard_id, ()) if n == 1 else ()
-        key = f"gpubatch-{shard.shard_id}-{n}-{time.time_ns()}"
-        fut = self.executor.submit(execute_shard, shard, self.job, self.ctx, upcoming, key=key)
-        fut.shard = shard
-        return fut
-
-    def _result(self, fut: Any) -> ShardResult:
-        shard = fut.shard
-        try:
-            result: ShardResult = fut.result()
-        except Exception as exc:  # a worker died or the task raised outside the shard
-            result = ShardResult.failure(shard.shard_id, shard.input_uri, f"{type(exc).__name__}: {exc}",
-                                         retryable=True)
-        result.attempt = self.attempts[shard.shard_id]
-        return result
-
-    def run(self, shards: list[Shard]) -> None:
-        ahead = self.job.run.stage_ahead
-        self.upcoming = {s.shard_id: tuple(t.input_uri for t in shards[i + 1 : i + 1 + ahead])
-                         for i, s in enumerate(shards)}
-        pending = {self._submit(s) for s in shards}
-        while pending:
-            for fut in self.executor.wait_first(pending):
-                pending.discard(fut)
-                result = self._result(fut)
-                if not result.ok and result.retryable and result.attempt <= self.job.run.retries:
-                    log.warning("shard %s failed (%s); retrying", result.shard_id, result.error)
-                    pending.add(self._submit(fut.shard))
-                    continue
-                self.on_result(result)
-
-
-def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False,
+def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, overwrite: bool = False,
             scheduler: str | None = None, show_progress: bool | None = None) -> Result:
     """Run a validated job to completion; see the module docstring for the failure rules."""
     prof = load_profile(profile or job.run.profile)
     start_worker_imports(prof)
     preflight(job)
-    layout = OutputLayout(job.output.uri)
-    _fresh_outdir(layout, resume)
-    t_start = time.time()
-    source = get_source(job.kind)
-    shards, failed = source.plan(job)
-    committed = Manifest(layout.root).committed() if resume else {}
-    todo = [s for s in shards if s.shard_id not in committed]
-    n_workers = worker_count(prof, len(todo), job.run.workers)
-    from gpubatch.models.prepare import prepare_model
-
-    prepared = prepare_model(job, source, shards, layout.root)
-    ctx = make_context(job, layout.root, n_workers, prepared.path, prepared.precision, prepared.batch_size)
-    ctx = dataclasses.replace(ctx, fallback_model_path=prepared.fallback_path,
-                              fallback_max_prob=prepared.fallback_max_prob,
-                              storage_profile={k: prof[k] for k in ("storage", "stage_cache") if k in prof})
-    results: list[ShardResult] = [dataclasses.replace(e, resumed=True) for e in committed.values()]
-    progress = Progress(len(shards), already=len(committed), outdir=layout.root, enabled=show_progress)
-    run_fields = {"model_sha256": ctx.model_sha256, "backend": ctx.backend, "precision": ctx.precision,
-                  "gpubatch_version": ctx.version, "spec_sha256": ctx.spec_hash}
-    audit = (layout / AUDIT).open("a")
-
-    def on_result(result: ShardResult) -> None:
-        if result.ok:
-            results.append(result)
-        else:
-            failed.append({"input": result.input, "error": result.error or ""})
-        line = audit_line(result, run_fields, prepared.audit, job.input.storage)
-        audit.write(json.dumps(line, default=str) + "\n")
-        audit.flush()
-        progress.update(result)
-
+    store = OutputStore(job.output.uri, job.output.storage)
+    guard_output(store, job.output.uri)
+    run = _Run(job, prof, store)
+    run.lease.acquire()
     try:
-        if todo:
-            with open_executor(prof, n_workers, scheduler) as executor:
-                _Submitter(executor, job, ctx, on_result).run(todo)
+        return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler, show_progress=show_progress)
     finally:
-        audit.close()
-        progress.close()
-    return _finish(job, layout, shards, results, failed, time.time() - t_start, ctx, prepared, n_workers, prof)
+        run.lease.release()
 
 
-def _finish(job: JobSpec, layout: OutputLayout, shards: list[Shard], results: list[ShardResult],
-            failed: list[dict[str, str]], wall: float, ctx: RunContext, prepared: Any, n_workers: int,
-            prof: dict[str, Any]) -> Result:
-    source = get_source(job.kind)
-    order = [s.shard_id for s in shards]
-    done_ids = {r.shard_id for r in results}
-    # Always: the parquet index is the table of record, beside zarr.
-    merge_parquet(layout.root, [sid for sid in order if sid in done_ids], index_columns=source.index_schema(job))
-    source.write_outputs(job, str(layout.root), results)
-    position = {sid: i for i, sid in enumerate(order)}
-    results.sort(key=lambda r: position.get(r.shard_id, len(order)))
-    run_info = {
-        "name": job.name, "kind": job.kind, "gpubatch_version": __version__,
-        "backend": ctx.backend, "precision": ctx.precision, "batch_size": ctx.batch_size,
-        "workers": n_workers, "profile": prof.get("cluster"), "readers": job.run.readers,
-        "model_sha256": ctx.model_sha256, "spec_sha256": ctx.spec_hash,
-        "shards_total": len(shards), "shards_done": len(done_ids),
-        "batch_input_bytes": _batch_input_bytes(job, ctx.batch_size), **prepared.report,
-    }
-    summary = summarize(results, failed, wall, run_info).to_dict()
-    write_report(layout.root, summary)
-    from gpubatch.report.html import write_html
+class _Run:
+    """One run of a job into one output: its lease, ledger, progress and summary."""
 
-    write_html(layout.root, summary)
-    _write_zarr_root(layout, summary, order, done_ids)
-    write_json_atomic(layout / STATUS, {"state": "finished", "done": len(done_ids),
-                                        "failed": len(failed), "total": len(shards)})
-    code = EXIT_PARTIAL if failed else EXIT_OK
-    return Result(summary, str(layout.root), code, failed)
+    def __init__(self, job: JobSpec, prof: dict[str, Any], store: OutputStore):
+        self.job, self.prof, self.store = job, prof, store
+        self.run_id = new_run_id()
+        self.lease = Lease(store, self.run_id, job.run.lease_stale_s, job.run.heartbeat_s)
+        self.ledger = Ledger(store, self.run_id)
+        self.builder = SummaryBuilder()
+        self.failed: list[dict[str, Any]] = []
+        self.t_start = time.time()
+
+    def execute(self, *, resume: bool, overwrite: bool, scheduler: str | None,
+                show_progress: bool | None) -> Result:
+        job, source = self.job, get_source(self.job.kind)
+        committed = reconcile(self.store, job, self.ledger, resume=resume, overwrite=overwrite)
+        shards, self.failed = source.plan(job)
+        todo = [s for s in shards if s.shard_id not in committed]
+        n_workers = worker_count(self.prof, len(todo), job.run.workers)
+        prepared, ctx = self._prepare(source, shards, n_workers)
+        if committed:
+            check_run_model(committed, localize(ctx.model_path, ctx.output_options))
+            log.info("%d shard(s) already committed, skipped", len(committed))
+        for entry in committed.values():
+            self.builder.add(dataclasses.replace(entry, resumed=True))
+        self.ledger.event("run_start", resumed=len(committed), planned=len(shards), spec=redact(job.model_dump(mode="json")),
+                          backend=ctx.backend, precision=ctx.precision, gpubatch_version=__version__,
+                          **prepared.audit)
+        progress = Progress(len(shards), already=len(committed), store=self.store, enabled=show_progress,
+                            run_id=self.run_id, heartbeat_s=job.run.heartbeat_s)
+        self.lease.hold(beat=progress.heartbeat)
+        lost: list[dict[str, Any]] = []
+        try:
+            with _stop_on_signals():
+                if todo:
+                    lost = self._submit(todo, ctx, progress, n_workers, scheduler)
+        except BaseException as exc:
+            self._abandon(progress, exc)
+            raise
+        finally:
+            progress.close()
+        result = self._finish(source, shards, ctx, prepared, n_workers, lost)
+        progress.finish("finished")
+        return result
+
+    def _prepare(self, source: Source, shards: list[Any], n_workers: int) -> tuple[Any, RunContext]:
+        """The model file, precision and batch size (prepare_model), and the context workers read."""
+        from gpubatch.models.prepare import prepare_model
+
+        job = self.job
+        local_job = job.model_copy(update={"model": job.model.model_copy(
+            update={"path": localize(job.model.path, job.input.storage)})})
+        models_dir = self.store.local() if not self.store.remote else cache_root() / "outputs" / self.run_id
+        prepared = prepare_model(local_job, source, shards, models_dir)
+        model_path = self._model_for_workers(prepared.path, local_job.model.path)
+        threads = job.model.threads or max(1, cpu_count() // n_workers)
+        ctx = RunContext(
+            outdir=self.store.uri, model_path=model_path,
+            backend=resolve_backend(job.model.backend, local_job.model.path), precision=prepared.precision,
+            batch_size=prepared.batch_size, threads=threads, model_sha256=file_sha256(local_job.model.path),
+            spec_hash=job.spec_hash(), version=__version__, fallback_model_path=prepared.fallback_path,
+            fallback_max_prob=prepared.fallback_max_prob,
+            storage_profile={k: self.prof[k] for k in ("storage", "stage_cache") if k in self.prof},
+            output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash())
+        return prepared, ctx
+
+    def _model_for_workers(self, prepared_path: str, local_model: str) -> str:
+        """Where workers find the model: the user's own URI when it was remote; a reduced model
+        made here, uploaded beside the outputs when those are on object storage; else the path."""
+        if prepared_path == local_model and is_remote(self.job.model.path):
+            return self.job.model.path
+        if self.store.remote and prepared_path != local_model:
+            name = f"{MODELS_DIR}/{Path(prepared_path).name}"
+            self.store.write_bytes(name, Path(prepared_path).read_bytes())
+            return self.store.url(name)
+        return prepared_path
+
+    def _submit(self, todo: list[Any], ctx: RunContext, progress: Progress, n_workers: int,
+                scheduler: str | None) -> list[dict[str, Any]]:
+        def on_result(result: ShardResult) -> None:
+            if result.ok:
+                self.builder.add(result)
+            else:
+                self.failed.append({"input": result.input, "error": result.error or "", "attempts": result.attempt})
+                self.ledger.failure(result)
+            progress.update(result)
+
+        threads = int(self.prof.get("threads_per_worker", 1))
+        window = max(2 * n_workers * threads, n_workers + self.job.run.stage_ahead + 2)
+        executor = open_executor(self.prof, n_workers, scheduler)
+        submitter = Submitter(executor, self.job, ctx, on_result, window)
+        try:
+            submitter.run(todo)
+        except BaseException:
+            executor.cancel(submitter.pending)
+            raise
+        finally:
+            lost = executor.lost_workers()
+            executor.close()
+        return lost
+
+    def _abandon(self, progress: Progress, exc: BaseException) -> None:
+        """An interrupted or failed run: say so in the ledger and status, keep what is committed."""
+        interrupted = isinstance(exc, (KeyboardInterrupt, Terminated))
+        kind = "run_interrupted" if interrupted else "run_failed"
+        reason = "interrupted" if interrupted else redact(f"{type(exc).__name__}: {exc}")
+        try:
+            self.ledger.event(kind, reason=reason, failed=len(self.failed))
+            self.ledger.materialize()
+            progress.finish("interrupted" if interrupted else "failed", reason=reason)
+        except Exception as inner:  # noqa: BLE001 - the original error is the one to report
+            log.warning("could not record the %s: %s", kind, redact(str(inner)))
+
+    def _finish(self, source: Source, shards: list[Any], ctx: RunContext, prepared: Any, n_workers: int,
+                lost: list[dict[str, Any]]) -> Result:
+        job, store = self.job, self.store
+        entries = Manifest(store).entries()
+        in_plan = [entries[s.shard_id] for s in shards if s.shard_id in entries]
+        sweep(store, in_plan)
+        merge_parquet(store, in_plan, source.index_schema(job))
+        source.write_outputs(job, store, in_plan)
+        run_info = {
+            "name": job.name, "kind": job.kind, "gpubatch_version": __version__, "run_id": self.run_id,
+            "backend": ctx.backend, "precision": ctx.precision, "batch_size": ctx.batch_size,
+            "workers": n_workers, "profile": self.prof.get("cluster"), "readers": job.run.readers,
+            "model_sha256": ctx.model_sha256, "spec_sha256": ctx.spec_hash, "shards_total": len(shards),
+            "shards_done": len(in_plan), "lost_workers": lost,
+            "batch_input_bytes": _batch_input_bytes(job, ctx.batch_size), **prepared.report,
+        }
+        summary = self.builder.summary(self.failed, time.time() - self.t_start, run_info).to_dict()
+        write_report(store, summary)
+        from gpubatch.report.html import write_html
+
+        write_html(store, summary)
+        describe_zarr(store, in_plan, {"model_sha256": ctx.model_sha256, "gpubatch_version": __version__,
+                                       "kind": job.kind})
+        self.ledger.event("run_finish", done=len(in_plan), failed=len(self.failed), total=len(shards))
+        self.ledger.materialize()
+        code = EXIT_PARTIAL if self.failed else EXIT_OK
+        return Result(summary, store.uri, code, self.failed)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM become exceptions in the main thread, so the run stops its workers and
+    records the interruption instead of vanishing (the previous handlers are restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, on_term)
+    if previous[signal.SIGINT] in (signal.SIG_IGN, None):
+        pass  # a background job started without job control: Ctrl-C is not ours to catch
+    else:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _batch_input_bytes(job: JobSpec, batch_size: int) -> int:
@@ -197,25 +249,15 @@ def _batch_input_bytes(job: JobSpec, batch_size: int) -> int:
     return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
-def _write_zarr_root(layout: OutputLayout, summary: dict[str, Any], order: list[str], done: set[str]) -> None:
-    root = layout.zarr
-    if not root.is_dir():
-        return
-    import zarr
-
-    group = zarr.open_group(str(root), mode="a")
-    group.attrs.update({"shards": [s for s in order if s in done], "model_sha256": summary["model_sha256"],
-                        "gpubatch_version": summary["gpubatch_version"], "kind": summary["kind"]})
-
-
 def run(job_or_path: JobSpec | str | Path, **overrides: Any) -> Result:
     """Python API: run a job spec (object or YAML path). Overrides use ``tiles__size=256`` keys.
 
-    Reserved overrides: ``profile``, ``resume``, ``scheduler``, ``show_progress``.
+    Reserved overrides: ``profile``, ``resume``, ``overwrite``, ``scheduler``, ``show_progress``.
     """
     from gpubatch.spec import apply_overrides, load_job, parse_job
 
-    options = {k: overrides.pop(k) for k in ("profile", "resume", "scheduler", "show_progress") if k in overrides}
+    reserved = ("profile", "resume", "overwrite", "scheduler", "show_progress")
+    options = {k: overrides.pop(k) for k in reserved if k in overrides}
     if isinstance(job_or_path, JobSpec):
         job = parse_job(apply_overrides(job_or_path.model_dump(mode="python"), overrides)) if overrides else job_or_path
     else:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
     from gpubatch.core.results import ShardResult
     from gpubatch.ops.preprocess import Preprocess
+    from gpubatch.outputs.store import OutputStore
     from gpubatch.spec import JobSpec
 
 
@@ -125,5 +126,5 @@ class Source(ABC):
         """Columns with one value for the whole shard, written before the index columns."""
         return {}
 
-    def write_outputs(self, job: JobSpec, outdir: str, results: Sequence[ShardResult]) -> None:  # noqa: B027
+    def write_outputs(self, job: JobSpec, store: OutputStore, results: Sequence[ShardResult]) -> None:  # noqa: B027
         """On the client, after the merge: outputs only this kind writes (slides: GeoJSON)."""

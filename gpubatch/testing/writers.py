@@ -1,15 +1,18 @@
-"""ShardWriterTests: what a shard writer must guarantee (commit visible, abort leaves nothing)."""
+"""ShardWriterTests: what a shard writer and the commit protocol must guarantee, on any store."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from gpubatch.core.files import file_sha256
-from gpubatch.outputs.layout import TMP_PREFIX, OutputLayout
-from gpubatch.outputs.writer import ShardWriter, merge_parquet, remove_temporaries
+from gpubatch.core.results import ShardResult
+from gpubatch.outputs.layout import PARTS_DIR, PREDICTIONS, TMP_PREFIX, ZARR, new_attempt
+from gpubatch.outputs.manifest import Manifest, sweep
+from gpubatch.outputs.merge import merge_parquet
+from gpubatch.outputs.store import OutputStore
+from gpubatch.outputs.writer import ShardWriter
 
 
 def _batch(start: int, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -20,68 +23,74 @@ def _batch(start: int, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndar
 
 
 class ShardWriterTests:
-    """Subclass and provide the ``outdir`` fixture (an empty output folder); ``formats`` lists
-    the output formats the writer is asked for."""
+    """Subclass and provide the ``store`` fixture (an empty OutputStore: a local folder or an
+    object-store prefix); ``formats`` lists the output formats the writer is asked for."""
 
     formats: tuple[str, ...] = ("zarr", "parquet")
 
-    def _writer(self, outdir: Path, shard_id: str = "s1") -> ShardWriter:
-        return ShardWriter(outdir, shard_id, {"slide": "/data/a.svs"}, {"level": 0}, self.formats)
+    def _writer(self, store: OutputStore, shard_id: str = "s1") -> ShardWriter:
+        return ShardWriter(store, shard_id, new_attempt(), {"slide": "/data/a.svs"}, {"level": 0}, self.formats)
 
-    def _temporaries(self, outdir: Path) -> list[Path]:
-        return [p for p in outdir.rglob(f"{TMP_PREFIX}*")]
+    def _commit(self, store: OutputStore, writer: ShardWriter) -> ShardResult:
+        result = ShardResult(writer.shard_id, "/data/a.svs", **writer.commit())
+        Manifest(store).record(result)
+        return result
 
-    def test_commit_makes_the_shard_visible_with_its_checksum(self, outdir: Path) -> None:
-        writer = self._writer(outdir)
+    def _names(self, store: OutputStore) -> list[str]:
+        return [f"{d}/{n}" for d in (PARTS_DIR, ZARR) for n in store.listdir(d)]
+
+    def test_commit_makes_the_shard_visible_with_its_checksum(self, store: OutputStore) -> None:
+        writer = self._writer(store)
         for start in (0, 16):
             writer.write(*_batch(start, 16))
-        part = writer.commit()
-        layout = OutputLayout(outdir)
-        path = layout.parts / part["part"]
-        assert part["rows"] == 32 and file_sha256(path, cached=False) == part["sha256"]
-        table = pq.read_table(path)
-        assert table.column_names[:3] == ["slide", "x", "y"] and table.num_rows == 32
+        result = self._commit(store, writer)
+        assert Manifest(store).committed() == {"s1": result}
+        table = pq.read_table(io.BytesIO(store.read_bytes(f"{PARTS_DIR}/{result.part}")))
+        assert result.rows == 32 and table.column_names[:3] == ["slide", "x", "y"] and table.num_rows == 32
         assert "probs_0" in table.column_names and "embedding_0" not in table.column_names  # wide: zarr only
         if "zarr" in self.formats:
             import zarr
 
-            group = zarr.open_group(str(layout.zarr / "s1"), mode="r")
+            group = store.zarr_group(f"{ZARR}/{result.group}")
             embedding = group["embedding"]
             assert isinstance(embedding, zarr.Array) and embedding.shape == (32, 40)
             assert group.attrs["level"] == 0
-        assert not self._temporaries(outdir)
+        assert not [n for n in self._names(store) if n.rsplit("/", 1)[1].startswith(TMP_PREFIX)]
 
-    def test_abort_leaves_nothing(self, outdir: Path) -> None:
-        writer = self._writer(outdir, "s2")
+    def test_abort_leaves_nothing(self, store: OutputStore) -> None:
+        writer = self._writer(store, "s2")
         writer.write(*_batch(0, 8))
+        writer._flush()
         writer.abort()
-        layout = OutputLayout(outdir)
-        assert not (layout.parts / "s2.parquet").exists() and not (layout.zarr / "s2").exists()
-        assert not self._temporaries(outdir)
+        assert not [n for n in self._names(store) if "s2" in n]
+        assert Manifest(store).committed() == {}
 
-    def test_temporaries_of_a_killed_writer_are_removed(self, outdir: Path) -> None:
-        writer = self._writer(outdir, "s3")
-        writer.write(*_batch(0, 8))
-        writer._flush()  # what a worker killed now leaves behind: temporaries on disk
-        assert self._temporaries(outdir)
-        remove_temporaries(outdir)
-        assert not self._temporaries(outdir)
+    def test_an_uncommitted_attempt_is_invisible_and_swept(self, store: OutputStore) -> None:
+        killed = self._writer(store, "s3")
+        killed.write(*_batch(0, 8))
+        killed.commit()  # files complete, but the worker died before its commit record
+        assert Manifest(store).committed() == {}
+        kept = self._writer(store, "s3")
+        kept.write(*_batch(100, 2))
+        result = self._commit(store, kept)
+        assert sweep(store, [result]) >= 1
+        names = self._names(store)
+        assert f"{PARTS_DIR}/{result.part}" in names and f"{PARTS_DIR}/{killed.part}" not in names
 
-    def test_empty_shard_commits_and_merges(self, outdir: Path) -> None:
-        assert self._writer(outdir, "empty").commit()["rows"] == 0
-        full = self._writer(outdir, "full")
-        full.write(*_batch(0, 4))
-        full.commit()
-        rows = merge_parquet(outdir, ["empty", "full"], index_columns=["slide", "x", "y"])
-        assert rows == 4 and pq.read_table(OutputLayout(outdir).predictions).num_rows == 4
+    def test_a_changed_part_is_not_committed(self, store: OutputStore) -> None:
+        writer = self._writer(store, "s4")
+        writer.write(*_batch(0, 4))
+        result = self._commit(store, writer)
+        data = bytearray(store.read_bytes(f"{PARTS_DIR}/{result.part}"))
+        data[len(data) // 2] ^= 0xFF
+        store.write_bytes(f"{PARTS_DIR}/{result.part}", bytes(data))
+        assert Manifest(store).committed() == {}
 
-    def test_a_second_commit_of_a_shard_replaces_the_first(self, outdir: Path) -> None:
-        first = self._writer(outdir, "again")
-        first.write(*_batch(0, 4))
-        first.commit()
-        second = self._writer(outdir, "again")
-        second.write(*_batch(100, 2))
-        part = second.commit()
-        table = pq.read_table(OutputLayout(outdir).parts / part["part"])
-        assert table.column("x").to_pylist() == [100, 101]
-
+    def test_empty_shard_commits_and_merges(self, store: OutputStore) -> None:
+        empty = self._commit(store, self._writer(store, "empty"))
+        full_writer = self._writer(store, "full")
+        full_writer.write(*_batch(0, 4))
+        full = self._commit(store, full_writer)
+        assert empty.rows == 0
+        rows = merge_parquet(store, [empty, full], index_columns=["slide", "x", "y"])
+        assert rows == 4 and pq.read_table(io.BytesIO(store.read_bytes(PREDICTIONS))).num_rows == 4

@@ -19,6 +19,7 @@ from gpubatch.core.files import safe_filename
 from gpubatch.core.results import ShardResult
 from gpubatch.io.uris import uri_name
 from gpubatch.ops.preprocess import Preprocess
+from gpubatch.outputs.store import OutputStore
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
 from gpubatch.sources.slides.backends import SlideBackend
 from gpubatch.sources.slides.grid import block_ids, make_grid, resize
@@ -144,11 +145,11 @@ class SlideSource(Source):
     def constant_columns(self, shard: Shard) -> dict[str, Any]:
         return {"slide": shard.input_uri}
 
-    def write_outputs(self, job: JobSpec, outdir: str, results: Sequence[ShardResult]) -> None:
+    def write_outputs(self, job: JobSpec, store: OutputStore, results: Sequence[ShardResult]) -> None:
         if "geojson" in job.output.formats:
             from gpubatch.outputs.geojson import write_geojson
 
-            write_geojson(outdir, {r.input: r.attrs.get("extent_level0", job.tiles.size) for r in results})
+            write_geojson(store, {r.input: r.attrs.get("extent_level0", job.tiles.size) for r in results})
 
     def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
         size = job.tiles.size

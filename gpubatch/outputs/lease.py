@@ -1,0 +1,131 @@
+"""Whose output this is: the folder guard (marker) and the lease of the run writing it now.
+
+Two runs writing one output would both compute every shard and mix their files; a run pointed
+at a folder that is not gpubatch's (``/``, a home folder, a project directory) could overwrite
+or sweep files it never wrote. So: an output is a folder that is empty or holds gpubatch's
+marker, and a run holds a lease on it (owner host and pid, a heartbeat refreshed while it
+runs). A second run into a held output stops with exit 2 naming the holder; a lease whose
+heartbeat stopped (the holder was killed) goes stale after ``run.lease_stale_s`` and is taken
+over. Object stores have no create-if-absent here, so taking a lease is write, wait, read back:
+of two runs that start together, the one whose write landed last keeps it and the other stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gpubatch.core.errors import SpecError
+from gpubatch.io.redact import redact
+from gpubatch.outputs.layout import LEASE, MARKER
+from gpubatch.outputs.store import OutputStore
+
+log = logging.getLogger("gpubatch")
+CONFIRM_S = 0.3  # time between writing a lease and reading it back
+
+
+def guard_output(store: OutputStore, given: str) -> None:
+    """Refuse an output that is not a folder of gpubatch's own (or empty, or new); mark it ours."""
+    if given.strip() in ("", ".", "./") or (not store.remote and _too_broad(Path(store.uri))):
+        raise SpecError([("output.uri", f"{given!r} is not a folder gpubatch may write into: give a "
+                                        "dedicated output folder, e.g. results/<job name>")])
+    if not store.remote and store.exists() and not Path(store.uri).is_dir():
+        raise SpecError([("output.uri", f"{store.uri} is a file, not a folder")])
+    if store.exists(MARKER):
+        return
+    if not store.is_empty():
+        raise SpecError([("output.uri", f"{redact(store.uri)} holds files that gpubatch did not write "
+                                        f"(no {MARKER} marker); give an empty or new folder")])
+    store.write_json(MARKER, {"created": time.time(), "by": "gpubatch"})
+
+
+def _too_broad(path: Path) -> bool:
+    resolved = path.resolve()
+    return resolved == Path(resolved.anchor) or resolved == Path.home().resolve()
+
+
+class Lease:
+    """The lease of one run on one output; ``hold`` refreshes it (and any extra heartbeat work)
+    on a thread until ``release``."""
+
+    def __init__(self, store: OutputStore, run_id: str, stale_s: float, heartbeat_s: float):
+        self.store, self.run_id = store, run_id
+        self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
+        self.owner = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict[str, Any]:
+        return {**self.owner, "heartbeat": time.time(), "stale_after_s": self.stale_s}
+
+    def acquire(self) -> None:
+        """Take the lease, or raise SpecError (exit 2) naming the run that holds it."""
+        held = self._read()
+        if held is not None and held.get("run_id") != self.run_id:
+            age = time.time() - float(held.get("heartbeat", 0))
+            if age < float(held.get("stale_after_s", self.stale_s)) and not _dead_here(held):
+                raise SpecError([("output.uri", _held_message(held, age, self.stale_s))])
+            log.warning("taking over a stale lease on %s: run %s on %s (pid %s) last beat %.0f s ago",
+                        redact(self.store.uri), held.get("run_id"), held.get("host"), held.get("pid"), age)
+        self.store.write_json(LEASE, self._record())
+        time.sleep(CONFIRM_S)
+        now = self._read()
+        if now is None or now.get("run_id") != self.run_id:
+            raise SpecError([("output.uri", _held_message(now or {}, 0.0, self.stale_s))])
+
+    def hold(self, beat: Callable[[], None] | None = None) -> None:
+        """Refresh the lease every ``heartbeat_s`` on a daemon thread, calling ``beat`` too."""
+        def loop() -> None:
+            while not self._stop.wait(self.heartbeat_s):
+                try:
+                    self.store.write_json(LEASE, self._record())
+                    if beat is not None:
+                        beat()
+                except Exception as exc:  # noqa: BLE001 - a missed beat is logged, not fatal
+                    log.warning("heartbeat failed: %s", redact(str(exc)))
+
+        self._thread = threading.Thread(target=loop, name="gpubatch-heartbeat", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.heartbeat_s + 5)
+        held = self._read()
+        if held is not None and held.get("run_id") == self.run_id:
+            self.store.delete(LEASE)
+
+    def _read(self) -> dict[str, Any] | None:
+        if not self.store.exists(LEASE):
+            return None
+        try:
+            data = self.store.read_json(LEASE)
+        except (ValueError, OSError):
+            return None
+        return data if isinstance(data, dict) else None
+
+
+def _dead_here(held: dict[str, Any]) -> bool:
+    """A holder on this host whose process is gone (a killed client): no need to wait for staleness."""
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(held.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
+
+
+def _held_message(held: dict[str, Any], age: float, stale_s: float) -> str:
+    return (f"another run is writing this output: run {held.get('run_id', '?')} on host "
+            f"{held.get('host', '?')} (pid {held.get('pid', '?')}), last heartbeat {age:.0f} s ago. "
+            f"Wait for it to finish or use another output.uri; if it was killed, its lease goes "
+            f"stale {stale_s:.0f} s after its last heartbeat (run.lease_stale_s)")

@@ -1,0 +1,84 @@
+"""The audit ledger: every run's start and end, every failure, every committed shard, kept across
+runs and resumes, so that audit.jsonl says what produced each result and nothing is lost.
+
+Why records and a view, not an appended file: object stores cannot append, and the client can be
+killed between a worker's commit and the moment it would have written that shard's line (a
+resume then never learned of it). So each event is its own small record under ``_audit/`` and a
+committed shard's line comes from its commit record, which the worker writes with the commit:
+audit.jsonl is rebuilt from the records (at the end of a run, an interruption, or by
+``gpubatch report``), in time order, and has exactly one line per committed shard by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+from gpubatch.core.results import ShardResult
+from gpubatch.outputs.layout import AUDIT, AUDIT_DIR
+from gpubatch.outputs.manifest import Manifest
+from gpubatch.outputs.store import OutputStore
+
+#: the run-level fields every committed shard's line carries, from its run's start record
+RUN_FIELDS = ("backend", "precision", "gpubatch_version", "run_model_sha256", "quantization",
+              "batch_size_source")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+class Ledger:
+    """Writes one run's event records and rebuilds audit.jsonl from all runs' records."""
+
+    def __init__(self, store: OutputStore, run_id: str):
+        self.store, self.run_id = store, run_id
+        self._seq = 0
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Record one event (run_start, run_finish, run_interrupted, run_failed, shard_failed,
+        shard_superseded) as its own record."""
+        self._seq += 1
+        now = time.time()
+        record = {"event": kind, "time": now, "run_id": self.run_id, "host": socket.gethostname(),
+                  "pid": os.getpid(), **fields}
+        self.store.write_json(f"{AUDIT_DIR}/{time.time_ns()}-{self.run_id}-{self._seq:06d}-{kind}.json", record)
+
+    def failure(self, result: ShardResult) -> None:
+        self.event("shard_failed", shard_id=result.shard_id, input=result.input, error=result.error,
+                   attempt=result.attempt, input_identity=result.input_identity)
+
+    def superseded(self, entry: ShardResult, why: str) -> None:
+        """A committed shard computed again (its input changed): its old line stays in the ledger."""
+        self.event("shard_superseded", why=why, **commit_line(entry, {}))
+
+    def records(self) -> list[dict[str, Any]]:
+        names = [f"{AUDIT_DIR}/{n}" for n in self.store.listdir(AUDIT_DIR) if n.endswith(".json")]
+        return [json.loads(data) for data in self.store.read_many(names).values()]
+
+    def materialize(self) -> int:
+        """Rewrite audit.jsonl from the records and commit records; returns its line count."""
+        events = self.records()
+        runs = {e["run_id"]: e for e in events if e.get("event") == "run_start"}
+        lines = list(events)
+        for entry in Manifest(self.store).entries().values():
+            run = runs.get(entry.run_id or "", {})
+            lines.append(commit_line(entry, {k: run[k] for k in RUN_FIELDS if k in run}))
+        lines.sort(key=lambda line: (line.get("time") or 0.0, line.get("event", "")))
+        self.store.write_bytes(AUDIT, "".join(json.dumps(line, default=str) + "\n" for line in lines).encode())
+        return len(lines)
+
+
+def commit_line(entry: ShardResult, run_fields: dict[str, Any]) -> dict[str, Any]:
+    """The audit line of a committed shard: what it read, with which model, where and when."""
+    return {
+        "event": "shard_committed", "time": entry.end, "run_id": entry.run_id, "shard_id": entry.shard_id,
+        "input": entry.input, "status": entry.status, **entry.input_identity, "items": entry.items,
+        "model_sha256": entry.model_sha256, "spec_sha256": entry.spec_sha256, "part": entry.part,
+        "part_sha256": entry.sha256, "host": entry.host, "pid": entry.pid, "start": entry.start,
+        "end": entry.end, "attempt": entry.attempt, **run_fields,
+    }

@@ -1,0 +1,71 @@
+"""The end of a run: committed parts merged into predictions.parquet, the zarr root described.
+
+Only committed attempts are read (the commit records say which), in plan order, one part at a
+time, so the merge's memory is one part whatever the run's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gpubatch.core.results import ShardResult
+from gpubatch.outputs.layout import PARTS_DIR, PREDICTIONS, ZARR
+from gpubatch.outputs.store import OutputStore
+
+TEXT_COLUMNS = {"slide", "chrom", "strand", "variant_id", "ref", "alt"}
+
+
+def empty_index_table(columns: list[str]) -> pa.Table:
+    """Zero rows with the index columns typed as a non-empty run would type them."""
+    def kind(name: str) -> pa.DataType:
+        return pa.string() if name in TEXT_COLUMNS else pa.bool_() if name == "ref_match" else pa.int64()
+
+    return pa.table({c: pa.array([], kind(c)) for c in columns})
+
+
+def read_part(store: OutputStore, entry: ShardResult) -> pa.Table:
+    import io
+
+    return pq.read_table(io.BytesIO(store.read_bytes(f"{PARTS_DIR}/{entry.part}")))
+
+
+def merge_parquet(store: OutputStore, committed: Sequence[ShardResult], index_columns: list[str],
+                  target: str = PREDICTIONS) -> int:
+    """Concatenate the committed parts, in the order given, into one file; returns the rows.
+
+    With no rows at all, the file still has ``index_columns`` (zero rows), so readers of
+    predictions.parquet see the same schema prefix whatever the run found.
+    """
+    rows = 0
+    with store.open_write(target) as f:
+        writer: pq.ParquetWriter | None = None
+        for entry in committed:
+            table = read_part(store, entry)
+            if table.num_rows == 0 and not table.schema.names:
+                continue
+            if writer is None:
+                writer = pq.ParquetWriter(f, table.schema, compression="zstd")
+            writer.write_table(table.cast(writer.schema))
+            rows += table.num_rows
+        if writer is None:
+            pq.write_table(empty_index_table(index_columns), f)
+        else:
+            writer.close()
+    return rows
+
+
+def describe_zarr(store: OutputStore, committed: Sequence[ShardResult], info: dict[str, Any]) -> None:
+    """The zarr root's attributes: shards in plan order and the group holding each one's arrays.
+
+    Groups are named by attempt (``<shard>-<attempt>``): read ``groups[shard_id]`` to find a
+    shard's arrays, never a group name from a listing, which may include a killed attempt's.
+    """
+    if not any(e.group for e in committed):
+        return
+    root = store.zarr_group(ZARR, mode="a")
+    root.attrs.update({"shards": [e.shard_id for e in committed if e.group],
+                       "groups": {e.shard_id: e.group for e in committed if e.group}, **info})

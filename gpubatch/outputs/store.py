@@ -1,0 +1,174 @@
+"""One output location, a local folder or an object-store prefix, behind the storage entry point.
+
+Object stores have no rename and no append, so nothing in gpubatch's outputs relies on either:
+files that must appear whole are written in one request (``write_bytes``: a single PUT on object
+storage, a temporary name and a rename on disk), streams (parquet parts, the merged table) are
+written to names that only a later commit record makes visible, and zarr groups are written
+through zarr's own fsspec store. Every path here is relative to the output's root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gpubatch.core.errors import GpubatchError
+from gpubatch.core.files import write_bytes_atomic
+from gpubatch.io.redact import redact
+from gpubatch.io.retry import RetryPolicy, call_with_retries
+from gpubatch.io.storage import get_fs, zarr_options
+from gpubatch.io.uris import is_remote, local_path
+from gpubatch.outputs.layout import TMP_PREFIX
+
+POLICY = RetryPolicy(attempts=5)
+
+
+class HashingWriter:
+    """A write-only file wrapper that hashes the bytes as they pass, so a part's sha256 costs no
+    second read (on object storage, no second download)."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.sha = raw, hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.sha.update(view)
+        self.size += len(view)
+        self.raw.write(view)
+        return len(view)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.raw.closed)
+
+
+class OutputStore:
+    """The files of one output: ``uri`` a local path, ``file://`` or any fsspec URL."""
+
+    def __init__(self, uri: str | Path, options: dict[str, Any] | None = None):
+        text = str(uri)
+        self.remote = is_remote(text)
+        self.uri = text.rstrip("/") if self.remote else os.path.abspath(local_path(text))
+        self.options = dict(options or {})
+        self.fs, self.root = get_fs(self.uri, self.options)
+        self.root = self.root.rstrip("/")
+
+    @classmethod
+    def of(cls, where: OutputStore | str | Path, options: dict[str, Any] | None = None) -> OutputStore:
+        return where if isinstance(where, OutputStore) else cls(where, options)
+
+    def __repr__(self) -> str:
+        return f"OutputStore({redact(self.uri)!r})"
+
+    # -- names -----------------------------------------------------------------------------------
+
+    def path(self, *parts: str) -> str:
+        """The filesystem path (fsspec's form) of a file under the root."""
+        return "/".join([self.root, *(p.strip("/") for p in parts if p)])
+
+    def url(self, *parts: str) -> str:
+        """The full URI of a file under the root (what zarr and users are given)."""
+        return "/".join([self.uri, *(p.strip("/") for p in parts if p)])
+
+    def local(self, *parts: str) -> Path:
+        """The local path of a file; only for a local output."""
+        if self.remote:
+            raise GpubatchError(f"{redact(self.uri)} is not a local folder")
+        return Path(self.path(*parts))
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def exists(self, name: str = "") -> bool:
+        return bool(call_with_retries(lambda: self.fs.exists(self.path(name)), self.url(name), POLICY))
+
+    def read_bytes(self, name: str) -> bytes:
+        return bytes(call_with_retries(lambda: self.fs.cat_file(self.path(name)), self.url(name), POLICY))
+
+    def open_read(self, name: str) -> Any:
+        """A seekable binary file object (for readers that stream, such as parquet's)."""
+        return call_with_retries(lambda: self.fs.open(self.path(name), "rb"), self.url(name), POLICY)
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def read_many(self, names: list[str]) -> dict[str, bytes]:
+        """Several small files at once (concurrent requests on object storage)."""
+        if not names:
+            return {}
+        paths = [self.path(n) for n in names]
+        found = call_with_retries(lambda: self.fs.cat(paths, on_error="omit"), self.uri, POLICY)
+        return {n: bytes(found[p]) for n, p in zip(names, paths, strict=True) if p in found}
+
+    def listdir(self, name: str = "") -> list[str]:
+        """Names (not paths) of the entries directly under ``name``; [] when it does not exist."""
+        try:
+            entries = call_with_retries(lambda: self.fs.ls(self.path(name), detail=False), self.url(name), POLICY)
+        except Exception:  # noqa: BLE001 - a missing folder or prefix lists as empty
+            return []
+        base = self.path(name).rstrip("/") + "/"
+        return sorted(e[len(base):] if e.startswith(base) else e.rsplit("/", 1)[-1] for e in entries)
+
+    def is_empty(self) -> bool:
+        return not self.exists() or not self.listdir()
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """A whole file, seen complete or not at all (one PUT; or a temporary name, then rename)."""
+        if not self.remote:
+            write_bytes_atomic(self.path(name), data)
+            return
+        call_with_retries(lambda: self.fs.pipe_file(self.path(name), data), self.url(name), POLICY)
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.write_bytes(name, json.dumps(data, indent=1, default=str).encode())
+
+    @contextlib.contextmanager
+    def open_write(self, name: str) -> Iterator[HashingWriter]:
+        """A binary stream to ``name``, hashed as it goes, that appears only when closed without
+        an error: on object storage the upload completes on close; on disk it is written under a
+        temporary name and renamed."""
+        if self.remote:
+            with self.fs.open(self.path(name), "wb") as raw:
+                yield HashingWriter(raw)
+            return
+        target = Path(self.path(name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}")
+        try:
+            with open(tmp, "wb") as raw:
+                yield HashingWriter(raw)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def makedirs(self, name: str) -> None:
+        if not self.remote:
+            os.makedirs(self.path(name), exist_ok=True)
+
+    def delete(self, name: str, recursive: bool = False) -> None:
+        """Remove a file or folder; a missing one is not an error."""
+        def rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.path(name), recursive=recursive)
+
+        call_with_retries(rm, self.url(name), POLICY)
+
+    def zarr_group(self, name: str, mode: str = "r") -> Any:
+        """A zarr group under the root (LocalStore on disk, FsspecStore on object storage)."""
+        import zarr
+
+        if not self.remote:
+            return zarr.open_group(self.path(name), mode=mode)  # type: ignore[arg-type]
+        return zarr.open_group(self.url(name), mode=mode,  # type: ignore[arg-type]
+                               storage_options=zarr_options(self.uri, self.options))

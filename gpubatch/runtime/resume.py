@@ -1,0 +1,121 @@
+"""What a run does with the output it is given: start it, refuse it, wipe it, or resume it.
+
+An output that holds committed shards is only ever continued by a run that would have produced
+the same results: ``--resume`` checks the committed shards' spec fields and model against this
+run's (a difference stops the run with exit 2, naming it) and each committed input's identity
+(an input replaced since is computed again, and said so). A run without ``--resume`` into such
+an output stops with exit 2 saying which flag to use; ``--overwrite`` starts clean (removing only
+what gpubatch wrote there).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from gpubatch.core.errors import SpecError
+from gpubatch.core.files import file_sha256
+from gpubatch.core.results import ShardResult
+from gpubatch.io.redact import redact
+from gpubatch.io.storage import input_identity
+from gpubatch.outputs.layout import RUN_DIRS, RUN_STATE, SPEC_RECORD
+from gpubatch.outputs.ledger import Ledger
+from gpubatch.outputs.manifest import Manifest, sweep
+from gpubatch.outputs.store import OutputStore
+from gpubatch.spec import JobSpec
+
+log = logging.getLogger("gpubatch")
+IDENTITY_THREADS = 16  # inputs stat'ed at once when checking what changed since a commit
+
+
+def spec_record(job: JobSpec) -> dict[str, Any]:
+    return {"result_fields": job.result_fields(), "result_hash": job.result_hash(),
+            "model_sha256": file_sha256(job.model.path)}
+
+
+def wipe(store: OutputStore) -> None:
+    """Remove everything a run wrote (keeps the marker, a live lease and cached models)."""
+    for name in RUN_STATE:
+        store.delete(name, recursive=name in RUN_DIRS)
+
+
+def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, *, resume: bool,
+              overwrite: bool) -> dict[str, ShardResult]:
+    """The committed shards this run keeps (empty for a fresh start); raises SpecError when the
+    output may not be written as asked."""
+    manifest = Manifest(store)
+    if overwrite:
+        wipe(store)
+    elif manifest.entries():
+        if not resume:
+            n = len(manifest.entries())
+            raise SpecError([("output.uri", f"{redact(store.uri)} holds {n} committed shard(s) of an earlier "
+                                            "run: use --resume to finish that run, or --overwrite to start again "
+                                            "(or give a new output.uri)")])
+        kept = _resumable(store, job, manifest, ledger)
+        sweep(store, kept.values())
+        return kept
+    else:
+        wipe(store)  # reports and records of a run that committed nothing
+    store.write_json(SPEC_RECORD, spec_record(job))
+    return {}
+
+
+def _resumable(store: OutputStore, job: JobSpec, manifest: Manifest, ledger: Ledger) -> dict[str, ShardResult]:
+    if not store.exists(SPEC_RECORD):
+        raise SpecError([("output.uri", f"{redact(store.uri)} was written by an older gpubatch without a "
+                                        f"{SPEC_RECORD}: its shards cannot be checked; use --overwrite")])
+    problems = spec_differences(store.read_json(SPEC_RECORD), spec_record(job))
+    if problems:
+        raise SpecError([(field, f"{text}; use --overwrite or a new output.uri") for field, text in problems])
+    committed = manifest.committed()
+    for entry in _changed_inputs(committed.values(), job):
+        log.warning("input changed since it was committed: %s; computing it again", redact(entry.input))
+        ledger.superseded(entry, "input changed since it was committed")
+        manifest.remove(entry.shard_id)
+        del committed[entry.shard_id]
+    return committed
+
+
+def spec_differences(committed: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, what changed) for each difference between the committed spec record and now."""
+    out: list[tuple[str, str]] = []
+    if committed.get("model_sha256") != now["model_sha256"]:
+        out.append(("model", f"sha256 {str(committed.get('model_sha256'))[:12]}... committed, "
+                             f"{now['model_sha256'][:12]}... now"))
+    old, new = _flatten(committed.get("result_fields") or {}), _flatten(now["result_fields"])
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            out.append((key, f"{old.get(key)!r} committed, {new.get(key)!r} now"))
+    return out
+
+
+def check_run_model(committed: dict[str, ShardResult], run_model: str) -> None:
+    """The model file workers will load must be the one the committed shards were made with (a
+    reduced-precision model is re-made from cache; a different file means different results)."""
+    sha = file_sha256(run_model)
+    other = {e.model_sha256 for e in committed.values() if e.model_sha256 and e.model_sha256 != sha}
+    if other:
+        raise SpecError([("model", f"the model workers would load has sha256 {sha[:12]}..., the committed "
+                                   f"shards were made with {sorted(other)[0][:12]}...; use --overwrite or a "
+                                   "new output.uri")])
+
+
+def _changed_inputs(entries: Any, job: JobSpec) -> list[ShardResult]:
+    entries = list(entries)
+    inputs = sorted({e.input for e in entries})
+    with ThreadPoolExecutor(IDENTITY_THREADS) as pool:
+        now = dict(zip(inputs, pool.map(lambda uri: input_identity(uri, job.input.storage), inputs), strict=True))
+    return [e for e in entries if e.input_identity and now[e.input] != e.input_identity]
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

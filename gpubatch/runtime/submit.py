@@ -1,0 +1,115 @@
+"""Submitting shards: a bounded window of tasks in flight, retries, and a watch on the workers.
+
+The client holds at most ``window`` shards in flight, however many the plan has, so its memory
+does not grow with the job; the plan is consumed lazily. Failures that may pass (a lost worker,
+a storage timeout) are retried up to ``run.retries`` times; bad inputs are not. While it waits,
+the submitter watches the executor: when no worker has been there for ``run.worker_timeout``
+seconds (none ever arrived, or every one was lost) it stops the run with the executor's own
+account of why (an ``sbatch`` rejection, jobs left pending) instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from gpubatch.core.errors import GpubatchError
+from gpubatch.core.results import ShardResult
+from gpubatch.engine.context import RunContext
+from gpubatch.engine.worker import execute_shard
+from gpubatch.runtime.executors import Executor
+from gpubatch.sources import Shard
+from gpubatch.spec import JobSpec
+
+log = logging.getLogger("gpubatch")
+POLL_S = 1.0
+
+
+class WorkersUnavailable(GpubatchError):
+    """No worker for ``run.worker_timeout`` seconds: the run cannot make progress."""
+
+
+class Submitter:
+    """Runs a stream of shards through an executor; hands each final result to ``on_result``."""
+
+    def __init__(self, executor: Executor, job: JobSpec, ctx: RunContext,
+                 on_result: Callable[[ShardResult], None], window: int):
+        self.executor, self.job, self.ctx, self.on_result = executor, job, ctx, on_result
+        self.window = max(1, window)
+        self.attempts: dict[str, int] = {}
+        self.pending: set[Any] = set()
+        self._no_workers_since: float | None = None
+
+    def _submit(self, shard: Shard, upcoming: tuple[str, ...]) -> Any:
+        n = self.attempts.get(shard.shard_id, 0) + 1
+        self.attempts[shard.shard_id] = n
+        key = f"gpubatch-{shard.shard_id}-{n}-{time.time_ns()}"
+        fut = self.executor.submit(execute_shard, shard, self.job, self.ctx, upcoming if n == 1 else (), n, key=key)
+        fut.shard = shard
+        return fut
+
+    def _result(self, fut: Any) -> ShardResult:
+        shard = fut.shard
+        try:
+            result: ShardResult = fut.result()
+        except Exception as exc:  # a worker died or the task raised outside the shard
+            result = ShardResult.failure(shard.shard_id, shard.input_uri, f"{type(exc).__name__}: {exc}",
+                                         retryable=True)
+        result.attempt = self.attempts[shard.shard_id]
+        return result
+
+    def run(self, shards: Iterable[Shard]) -> None:
+        pending = self.pending
+        stream = _with_upcoming(shards, self.job.run.stage_ahead)
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < self.window:
+                item = next(stream, None)
+                if item is None:
+                    exhausted = True
+                    break
+                pending.add(self._submit(*item))
+            if pending:
+                self._collect(pending)
+
+    def _collect(self, pending: set[Any]) -> None:
+        done = self.executor.wait_first(pending, timeout=POLL_S)
+        self._watch_workers(bool(done))
+        for fut in done:
+            pending.discard(fut)
+            result = self._result(fut)
+            if not result.ok and result.retryable and result.attempt <= self.job.run.retries:
+                log.warning("shard %s failed (%s); retrying", result.shard_id, result.error)
+                pending.add(self._submit(fut.shard, ()))
+                continue
+            self.on_result(result)
+        self.executor.note_processing(pending)
+
+    def _watch_workers(self, progressed: bool) -> None:
+        if progressed or self.executor.workers() > 0:
+            self._no_workers_since = None
+            return
+        now = time.monotonic()
+        if self._no_workers_since is None:
+            self._no_workers_since = now
+        elif now - self._no_workers_since > self.job.run.worker_timeout:
+            why = self.executor.why_no_workers() or "no worker connected to the scheduler"
+            raise WorkersUnavailable(f"no worker for {self.job.run.worker_timeout:.0f} s "
+                                     f"(run.worker_timeout): {why}")
+
+
+def _with_upcoming(shards: Iterable[Shard], ahead: int) -> Iterator[tuple[Shard, tuple[str, ...]]]:
+    """Each shard with the inputs of the next ``ahead`` shards (for staging them in advance),
+    holding only ``ahead + 1`` shards of the plan at once."""
+    it = iter(shards)
+    buffer: list[Shard] = []
+    for shard in it:
+        buffer.append(shard)
+        if len(buffer) > ahead:
+            head = buffer.pop(0)
+            yield head, tuple(s.input_uri for s in buffer)
+    while buffer:
+        head = buffer.pop(0)
+        yield head, tuple(s.input_uri for s in buffer)
