@@ -83,3 +83,35 @@ def audit_lines(out: Path, event: str | None = "shard_committed") -> list[dict[s
 
     lines = [json.loads(line) for line in (Path(out) / "audit.jsonl").read_text().splitlines()]
     return [line for line in lines if event is None or line.get("event") == event]
+
+
+def cli(*args: str, env: dict[str, str] | None = None, **kw: Any) -> Any:
+    """``python -m gpubatch ARGS`` as a real process (stdout and stderr together, text). SIGINT
+    is restored to its default in the child: a shell without job control may have started us
+    with it ignored, and the child would inherit that."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "gpubatch", *args], env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
+
+
+def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not reached in {timeout} s")
+
+
+def committed_count(out: Path) -> int:
+    """Commit records in a local output (what a kill test waits on)."""
+    d = Path(out) / "_manifest"
+    return len([p for p in d.glob("*.json") if not p.name.startswith(".tmp")]) if d.is_dir() else 0

@@ -138,7 +138,7 @@ def status_state(status: dict[str, Any], now: float | None = None) -> str:
     if state != "running":
         return state
     age = (now or time.time()) - float(status.get("heartbeat", status.get("updated", 0.0)))
-    limit = max(3 * float(status.get("heartbeat_s", 10.0)), 30.0)
+    limit = 3 * float(status.get("heartbeat_s", 10.0))  # three missed beats
     if age > limit:
         return (f"interrupted (no heartbeat for {age:.0f} s: the run is not running; "
                 "finish it with `gpubatch run JOB --resume`)")

@@ -54,7 +54,8 @@ class Ledger:
 
     def superseded(self, entry: ShardResult, why: str) -> None:
         """A committed shard computed again (its input changed): its old line stays in the ledger."""
-        self.event("shard_superseded", why=why, **commit_line(entry, {}))
+        line = {k: v for k, v in commit_line(entry, {}).items() if k not in ("event", "time", "run_id")}
+        self.event("shard_superseded", why=why, committed_by=entry.run_id, **line)
 
     def records(self) -> list[dict[str, Any]]:
         names = [f"{AUDIT_DIR}/{n}" for n in self.store.listdir(AUDIT_DIR) if n.endswith(".json")]

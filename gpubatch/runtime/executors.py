@@ -75,8 +75,13 @@ class InlineExecutor(Executor):
     def wait_first(self, pending: set[Any], timeout: float | None = None) -> set[Any]:
         return set(thread_wait(pending, timeout=timeout, return_when=FIRST_COMPLETED).done)
 
+    def cancel(self, pending: set[Any]) -> None:
+        """Shards not yet started never start; those running finish (a thread cannot be stopped)."""
+        for fut in pending:
+            fut.cancel()
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class DaskExecutor(Executor):

@@ -215,7 +215,7 @@ class _Run:
         self.ledger.event("run_finish", done=len(in_plan), failed=len(self.failed), total=len(shards))
         self.ledger.materialize()
         code = EXIT_PARTIAL if self.failed else EXIT_OK
-        return Result(summary, store.uri, code, self.failed)
+        return Result(summary, store.uri, code, self.failed, dict(job.output.storage))
 
 
 @contextmanager
@@ -227,7 +227,7 @@ def _stop_on_signals() -> Iterator[None]:
         return
 
     def on_term(signum: int, frame: Any) -> None:
-        raise Terminated("terminated (SIGTERM)")
+        raise Terminated("interrupted (SIGTERM); finish the run with --resume")
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, on_term)
