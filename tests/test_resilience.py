@@ -207,3 +207,27 @@ def test_workers_fork_from_a_forkserver_with_the_worker_environment() -> None:
     for key, value in cluster.WORKER_ENV.items():
         assert env.get(key) == before.get(key, value), key
     assert dict(os.environ) == before
+
+
+def test_every_worker_lost_fails_within_the_worker_timeout(tmp_path: Path, many_slides: Path, classifier: Path,
+                                                          dask_cluster) -> None:  # type: ignore[no-untyped-def]
+    """A Dask cluster whose workers all die: the run stops within run.worker_timeout with exit 1
+    and one clear line, status.json says failed; it never hangs."""
+    address, workers = dask_cluster
+    job = _job(tmp_path, many_slides, classifier, "gone", worker_timeout=5)
+    out = tmp_path / "gone"
+    proc = _cli("submit", str(job), "--scheduler", address, "--set", "model.batch_size=1")
+    _wait_for(lambda: _committed(out) >= 1)
+    t0 = time.monotonic()
+    for w in workers:
+        w.send_signal(signal.SIGKILL)
+    try:
+        log = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        os.system(f"py-spy dump --pid {proc.pid} > /tmp/hang-dump.txt 2>&1")
+        raise
+    assert proc.returncode == 1, log
+    assert "no worker for 5 s (run.worker_timeout)" in log and "Traceback" not in log, log
+    assert time.monotonic() - t0 < 60
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
+    assert [a["event"] for a in audit_lines(out, None) if a["event"].startswith("run_")] == ["run_start", "run_failed"]

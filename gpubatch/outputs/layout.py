@@ -27,6 +27,8 @@ PARTS_DIR = "_parts"
 MANIFEST_DIR = "_manifest"
 #: reduced-precision models made for this output (quantized once, reused by resumes)
 MODELS_DIR = "_models"
+#: worker job logs of batch clusters (SLURM), one folder per run
+LOGS_DIR = "_logs"
 #: the audit ledger's records (run events, failures, superseded commits); audit.jsonl is their view
 AUDIT_DIR = "_audit"
 #: written on first use: a folder without it that holds files is not gpubatch's to write into

@@ -25,7 +25,8 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 #: a source checkout's configs/, then the copy shipped in the wheel as gpubatch._configs
 CONFIG_DIRS = [_PACKAGE.parent / "configs", _PACKAGE / "_configs"]
 PROFILE_KEYS = {"cluster", "workers", "threads_per_worker", "memory_limit", "address", "rmm_pool_size",
-                "device_memory_limit", "slurm", "resources", "storage", "stage_cache", "description"}
+                "device_memory_limit", "slurm", "resources", "storage", "stage_cache", "description",
+                "log_directory", "dashboard"}
 
 
 def load_profile(name_or_path: str) -> dict[str, Any]:
@@ -61,9 +62,11 @@ def worker_count(profile: dict[str, Any], n_shards: int, override: int | None = 
     return max(1, int(workers))
 
 
-def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None = None) -> Executor:
+def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None = None,
+                  log_dir: str | None = None) -> Executor:
     """The executor for the profile: in-process threads, or a Dask client (on a cluster it starts,
-    or on an existing scheduler); closing it closes what it started."""
+    or on an existing scheduler); closing it closes what it started. ``log_dir``: where a batch
+    cluster's worker jobs write their logs."""
     kind = "scheduler" if scheduler else profile["cluster"]
     if kind == "inline":
         return InlineExecutor(int(profile.get("threads_per_worker", 2)))
@@ -75,6 +78,12 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
         if not address:
             raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
         return DaskExecutor(Client(address, timeout="30s"), None, resources)
+    if kind == "slurm":
+        from gpubatch.runtime.slurm import start_slurm_cluster
+
+        logs = str(profile.get("log_directory") or log_dir or os.path.abspath("gpubatch-logs"))
+        cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs)
+        return DaskExecutor(Client(cluster), cluster, resources, diagnose)
     cluster = _start_cluster(kind, profile, n_workers)
     try:
         return DaskExecutor(Client(cluster), cluster, resources)
@@ -177,12 +186,5 @@ def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
             threads_per_worker=int(profile.get("threads_per_worker", 1)), dashboard_address=None,
             resources=profile.get("resources", {"GPU": 1}),
         )
-    if kind == "slurm":
-        try:
-            from dask_jobqueue import SLURMCluster
-        except ImportError:
-            raise MissingExtraError("the slurm profile", "dask-jobqueue", "slurm") from None
-        cluster = SLURMCluster(**profile.get("slurm", {}))
-        cluster.scale(jobs=n_workers)
-        return cluster
-    raise SpecError([("profile.cluster", f"unknown cluster kind {kind!r}; use local, local-cuda, scheduler, slurm or inline")])
+    raise SpecError([("profile.cluster", f"unknown cluster kind {kind!r}; use local, local-cuda, scheduler, slurm "
+                                         "or inline")])

@@ -18,6 +18,7 @@ from typing import Any
 
 log = logging.getLogger("gpubatch")
 WATCH_S = 1.0  # seconds between looks at which worker runs what
+CLOSE_TIMEOUT_S = 20  # a client or cluster that does not close in this long is left behind
 
 
 class Executor(ABC):
@@ -41,8 +42,9 @@ class Executor(ABC):
         """Workers connected now (in-process threads count as workers)."""
         return 1
 
-    def why_no_workers(self) -> str | None:
-        """The executor's own account of why no worker is there (an sbatch rejection...), if any."""
+    def why_no_workers(self) -> tuple[str, bool] | None:
+        """The executor's account of why no worker is there, and whether waiting cannot help (an
+        sbatch rejection); None when it knows of nothing wrong."""
         return None
 
     def note_processing(self, pending: set[Any]) -> None:  # noqa: B027 - nothing to watch in-process
@@ -92,7 +94,7 @@ class DaskExecutor(Executor):
     """
 
     def __init__(self, client: Any, cluster: Any = None, resources: dict[str, float] | None = None,
-                 diagnose: Callable[[], str | None] | None = None):
+                 diagnose: Callable[[], tuple[str, bool] | None] | None = None):
         self.client, self.cluster, self.resources = client, cluster, resources
         self.diagnose = diagnose
         self._processing: dict[str, list[str]] = {}
@@ -124,7 +126,7 @@ class DaskExecutor(Executor):
         except Exception:  # noqa: BLE001 - a scheduler that does not answer has no usable workers
             return 0
 
-    def why_no_workers(self) -> str | None:
+    def why_no_workers(self) -> tuple[str, bool] | None:
         return self.diagnose() if self.diagnose is not None else None
 
     def note_processing(self, pending: set[Any]) -> None:
@@ -150,10 +152,10 @@ class DaskExecutor(Executor):
 
     def close(self) -> None:
         try:
-            self.client.close()
+            self.client.close(timeout=CLOSE_TIMEOUT_S)
         finally:
             if self.cluster is not None:
-                self.cluster.close()
+                self.cluster.close(timeout=CLOSE_TIMEOUT_S)
 
 
 def _shard_of(key: Any) -> str:

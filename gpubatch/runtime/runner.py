@@ -31,7 +31,7 @@ from gpubatch.io.redact import redact
 from gpubatch.io.storage import localize
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import resolve_backend
-from gpubatch.outputs.layout import MODELS_DIR
+from gpubatch.outputs.layout import LOGS_DIR, MODELS_DIR
 from gpubatch.outputs.lease import Lease, guard_output
 from gpubatch.outputs.ledger import Ledger, new_run_id
 from gpubatch.outputs.manifest import Manifest, sweep
@@ -165,7 +165,7 @@ class _Run:
 
         threads = int(self.prof.get("threads_per_worker", 1))
         window = max(2 * n_workers * threads, n_workers + self.job.run.stage_ahead + 2)
-        executor = open_executor(self.prof, n_workers, scheduler)
+        executor = open_executor(self.prof, n_workers, scheduler, self._log_dir())
         submitter = Submitter(executor, self.job, ctx, on_result, window)
         try:
             submitter.run(todo)
@@ -176,6 +176,12 @@ class _Run:
             lost = executor.lost_workers()
             executor.close()
         return lost
+
+    def _log_dir(self) -> str:
+        """Worker job logs (batch clusters): under a local output, else in gpubatch's cache."""
+        if not self.store.remote:
+            return str(self.store.local(LOGS_DIR, self.run_id))
+        return str(cache_root() / "logs" / self.run_id)
 
     def _abandon(self, progress: Progress, exc: BaseException) -> None:
         """An interrupted or failed run: say so in the ledger and status, keep what is committed."""

@@ -94,10 +94,12 @@ class Submitter:
         now = time.monotonic()
         if self._no_workers_since is None:
             self._no_workers_since = now
-        elif now - self._no_workers_since > self.job.run.worker_timeout:
-            why = self.executor.why_no_workers() or "no worker connected to the scheduler"
-            raise WorkersUnavailable(f"no worker for {self.job.run.worker_timeout:.0f} s "
-                                     f"(run.worker_timeout): {why}")
+        why = self.executor.why_no_workers()
+        if why is not None and why[1]:
+            raise WorkersUnavailable(why[0])
+        if now - self._no_workers_since > self.job.run.worker_timeout:
+            reason = why[0] if why else "no worker connected to the scheduler"
+            raise WorkersUnavailable(f"no worker for {self.job.run.worker_timeout:g} s (run.worker_timeout): {reason}")
 
 
 def _with_upcoming(shards: Iterable[Shard], ahead: int) -> Iterator[tuple[Shard, tuple[str, ...]]]:

@@ -1,0 +1,127 @@
+"""SLURM through dask-jobqueue, made to fail loudly: rejections and missing workers are explained.
+
+dask-jobqueue submits worker jobs with ``sbatch`` in a background task: when sbatch refuses a job
+(an unknown partition, a gres the nodes lack, more memory than a node has) the error is only
+logged, ``scale`` does not raise, and the run would wait forever. Here the job class keeps sbatch's
+own error text, the job script is tried with ``sbatch --test-only`` before anything is submitted,
+and :class:`SlurmDiagnosis` tells the submitter why a cluster has no workers: a rejection (fatal at
+once), jobs still pending (with squeue's reason), or jobs that ended without their worker ever
+connecting (with scontrol's state). Worker job logs go to a folder gpubatch chooses (under the
+output, or the profile's ``log_directory``), never the directory the user ran from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+from typing import Any
+
+from gpubatch.core.errors import GpubatchError, MissingExtraError
+
+log = logging.getLogger("gpubatch")
+SLURM_TIMEOUT_S = 20  # every sbatch / squeue / scontrol call is bounded
+
+
+def _job_class() -> Any:
+    try:
+        from dask_jobqueue.slurm import SLURMJob
+    except ImportError:
+        raise MissingExtraError("the slurm profile", "dask-jobqueue", "slurm") from None
+    from distributed.core import Status
+
+    class RecordingSLURMJob(SLURMJob):
+        """A SLURM worker job that keeps sbatch's error on itself (dask-jobqueue only logs it)."""
+
+        submit_error: BaseException | None = None
+
+        async def start(self) -> None:
+            try:
+                await super().start()
+            except Exception as exc:
+                self.submit_error = exc
+                self.status = Status.failed  # lets the cluster close cleanly
+                raise
+
+    return RecordingSLURMJob
+
+
+def sbatch_text(exc: BaseException) -> str:
+    """sbatch's own words from dask-jobqueue's error message."""
+    text = str(exc)
+    return (text.split("stderr:", 1)[1] if "stderr:" in text else text).strip()
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S, check=False)
+
+
+def test_only(cluster: Any) -> None:
+    """Submit nothing, but ask sbatch whether it would take the job script; raise its refusal."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
+        f.write(cluster.job_script())
+    try:
+        done = _run(["sbatch", "--test-only", f.name])
+    except FileNotFoundError:
+        raise GpubatchError("the slurm profile needs SLURM's sbatch on PATH (run from a login node)") from None
+    finally:
+        os.unlink(f.name)
+    if done.returncode != 0:
+        raise GpubatchError(f"sbatch rejected the worker job: {(done.stderr + done.stdout).strip()}")
+
+
+class SlurmDiagnosis:
+    """Why a SLURM cluster has no worker: (text, fatal) or None when nothing is known to be wrong."""
+
+    def __init__(self, cluster: Any):
+        self.cluster = cluster
+
+    def __call__(self) -> tuple[str, bool] | None:
+        jobs = list(self.cluster.workers.values())
+        errors = [sbatch_text(j.submit_error) for j in jobs if getattr(j, "submit_error", None) is not None]
+        if errors:
+            return f"sbatch rejected the worker job: {errors[0]}", True
+        ids = [str(j.job_id) for j in jobs if getattr(j, "job_id", None)]
+        if not ids:
+            return "no worker job was submitted", False
+        states = self._states(ids)
+        pending = sorted({reason for state, reason in states.values() if state == "PENDING"})
+        if pending:
+            return f"worker jobs {', '.join(ids)} are still pending in SLURM (reason: {', '.join(pending)})", False
+        gone = [i for i in ids if i not in states]
+        if gone and len(gone) == len(ids):
+            return f"worker job {gone[0]} is no longer running: {self._ended(gone[0])}", False
+        return None
+
+    def _states(self, ids: list[str]) -> dict[str, tuple[str, str]]:
+        done = _run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r"])
+        out = {}
+        for line in done.stdout.splitlines():
+            job, state, reason = (line.split("|", 2) + ["", ""])[:3]
+            out[job] = (state, reason)
+        return out
+
+    def _ended(self, job_id: str) -> str:
+        done = _run(["scontrol", "-o", "show", "job", job_id])
+        keep = ("JobState", "Reason", "ExitCode", "StdErr")
+        return " ".join(t for t in done.stdout.split() if t.split("=")[0] in keep) or "no record left"
+
+
+def start_slurm_cluster(settings: dict[str, Any], n_workers: int, log_directory: str) -> tuple[Any, SlurmDiagnosis]:
+    """A SLURMCluster keeping ``n_workers`` worker jobs (lost ones are replaced), checked first."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise MissingExtraError("the slurm profile", "dask-jobqueue", "slurm") from None
+    settings = {"log_directory": log_directory, **settings}
+    os.makedirs(settings["log_directory"], exist_ok=True)
+    cluster = SLURMCluster(job_cls=_job_class(), **settings)
+    try:
+        test_only(cluster)
+        cluster.adapt(minimum_jobs=n_workers, maximum_jobs=n_workers)
+    except BaseException:
+        cluster.close()
+        raise
+    log.info("SLURM: %d worker job(s) asked for; job logs in %s", n_workers, settings["log_directory"])
+    return cluster, SlurmDiagnosis(cluster)

@@ -1,0 +1,56 @@
+"""Every shipped profile is valid: known keys, and the cluster object it describes can be built
+(a SLURM job script rendered, its durations parsed) without submitting anything."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpubatch.runtime.cluster import CONFIG_DIRS, load_profile
+
+PROFILES = sorted(p for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.yaml"))
+
+
+def test_profiles_are_shipped() -> None:
+    assert {p.stem for p in PROFILES} >= {"local", "local-cuda", "scheduler", "slurm", "inline"}
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_profile_loads(path: Path) -> None:
+    profile = load_profile(str(path))
+    assert profile["cluster"] in ("local", "local-cuda", "scheduler", "slurm", "inline")
+
+
+def _worker_durations(args: list[str]) -> dict[str, float]:
+    from dask.utils import parse_timedelta
+
+    out = {}
+    for flag in ("--lifetime", "--lifetime-stagger"):
+        if flag in args:
+            out[flag] = parse_timedelta(args[args.index(flag) + 1])
+    return out
+
+
+@pytest.mark.parametrize("path", [p for p in PROFILES if yaml.safe_load(p.read_text()).get("cluster") == "slurm"],
+                         ids=lambda p: p.stem)
+def test_slurm_profile_renders_a_job_script_and_valid_durations(path: Path) -> None:
+    if importlib.util.find_spec("dask_jobqueue") is None:
+        pytest.skip("dask-jobqueue is not installed (pip install 'gpubatch[slurm]')")
+    from dask_jobqueue.slurm import SLURMJob
+
+    settings = load_profile(str(path))["slurm"]
+    script = SLURMJob(scheduler="tcp://127.0.0.1:8786", name="check", **settings).job_script()
+    assert "#SBATCH" in script and "dask_worker" in script.replace("-", "_")
+    durations = _worker_durations(list(settings.get("worker_extra_args", [])))
+    hours, minutes, seconds = (int(v) for v in settings["walltime"].split(":"))  # SLURM's HH:MM:SS
+    walltime = hours * 3600 + minutes * 60 + seconds
+    if durations:  # workers leave before SLURM kills the job at its walltime
+        assert durations["--lifetime"] + durations.get("--lifetime-stagger", 0) < walltime
+
+
+def test_an_unparseable_lifetime_is_caught_by_the_check() -> None:
+    with pytest.raises((ValueError, KeyError)):
+        _worker_durations(["--lifetime", "7h50m"])

@@ -1,0 +1,146 @@
+"""A real single-node SLURM (.ci/slurm-up.sh): runs through the slurm profile and dask-jobqueue
+equal the local profile's, survive a cancelled worker job, and fail within run.worker_timeout,
+with SLURM's own words, when jobs are rejected, never start, or are all lost. Skipped (with the
+reason) where SLURM is not installed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import cli, committed_count, slide_job, wait_for, write_job
+
+import gpubatch
+from gpubatch.cli.demo import write_synthetic_slide
+
+N_SLIDES = 6
+
+
+def _slurm_up() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "SLURM is not installed (run .ci/slurm-up.sh)"
+    done = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20, check=False)
+    if done.returncode != 0 or not {"idle", "mix", "alloc"} & set(done.stdout.split()):
+        return f"SLURM is installed but no node is up (run .ci/slurm-up.sh): {done.stderr.strip()}"
+    return None
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_slurm_up() is not None, reason=str(_slurm_up()))]
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("slurm-slides")
+    for i in range(N_SLIDES):
+        write_synthetic_slide(d / f"q{i}.tif", 768, 512, seed=600 + i, levels=2)
+    return d
+
+
+def _profile(tmp_path: Path, workers: int = 2, **slurm: Any) -> Path:
+    """The slurm profile on loopback: scheduler and workers bind 127.0.0.1 (interface lo)."""
+    settings = {"queue": "debug", "cores": 1, "processes": 1, "memory": "1GB", "walltime": "00:10:00",
+                "interface": "lo", "scheduler_options": {"dashboard_address": "127.0.0.1:0"},
+                "worker_extra_args": ["--dashboard-address", "127.0.0.1:0"], **slurm}
+    path = tmp_path / "slurm-test.yaml"
+    path.write_text(yaml.safe_dump({"cluster": "slurm", "workers": workers, "slurm": settings}))
+    return path
+
+
+def _job(tmp_path: Path, slides: Path, model: Path, **run: Any) -> Path:
+    job = slide_job([str(slides / "*.tif")], model, tmp_path / "out",
+                    run={"readers": 1, "prefetch_batches": 1, "worker_timeout": 8, **run})
+    job["tiles"] = {"size": 32, "level": 0, "tissue": {"method": "none"}}
+    job["model"]["batch_size"] = 4
+    return write_job(tmp_path / "job.yaml", job)
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values(["slide", "x", "y"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory, slides: Path, classifier: Path) -> pd.DataFrame:
+    tmp = tmp_path_factory.mktemp("local")
+    return _sorted(gpubatch.run(_job(tmp, slides, classifier), profile="local").predictions())
+
+
+def _jobs() -> list[str]:
+    done = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=20, check=False)
+    return done.stdout.split()
+
+
+def test_predictions_equal_the_local_profile_and_logs_stay_out_of_the_cwd(
+        tmp_path: Path, slides: Path, classifier: Path, local: pd.DataFrame, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = gpubatch.run(_job(tmp_path, slides, classifier), profile=str(_profile(tmp_path)))
+    assert result.exit_code == 0
+    pd.testing.assert_frame_equal(_sorted(result.predictions()), local)
+    assert not list(tmp_path.glob("slurm-*.out")) and not list(tmp_path.glob("dask-worker*"))
+    logs = list((tmp_path / "out" / "_logs").rglob("dask-worker-*.err"))
+    assert logs, "worker job logs go under the output folder"
+
+
+def test_a_cancelled_worker_job_is_survived_and_reported(tmp_path: Path, slides: Path, classifier: Path,
+                                                         local: pd.DataFrame) -> None:
+    job = _job(tmp_path, slides, classifier, worker_timeout=120)
+    proc = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--set", "model.batch_size=1")
+    wait_for(lambda: len(_jobs()) == 2 and committed_count(tmp_path / "out") >= 1, 120, "two workers, a commit")
+    subprocess.run(["scancel", _jobs()[0]], check=True, timeout=20)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["lost_workers"], "the summary says a worker was lost"
+    assert "was lost" in log
+    df = _sorted(pd.read_parquet(tmp_path / "out" / "predictions.parquet"))
+    assert not df.duplicated(["slide", "x", "y"]).any()
+    pd.testing.assert_frame_equal(df, local)
+
+
+def _fails_fast(tmp_path: Path, job: Path, profile: Path, within: float, *expected: str) -> None:
+    t0 = time.monotonic()
+    proc = cli("run", str(job), "--profile", str(profile))
+    log = proc.communicate(timeout=within + 60)[0]
+    took = time.monotonic() - t0
+    assert proc.returncode == 1, log
+    assert all(text in log for text in expected), log
+    assert "Traceback" not in log and took < within, (took, log)
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["state"] == "failed"
+    assert not _jobs(), "no worker job is left behind"
+
+
+@pytest.mark.parametrize("slurm,expected", [
+    ({"queue": "nope"}, "invalid partition"),
+    ({"job_extra_directives": ["--gres=gpu:99"]}, "sbatch rejected the worker job"),
+])
+def test_an_sbatch_rejection_fails_at_once_with_sbatchs_words(tmp_path: Path, slides: Path, classifier: Path,
+                                                              slurm: dict, expected: str) -> None:
+    _fails_fast(tmp_path, _job(tmp_path, slides, classifier), _profile(tmp_path, **slurm), 30, expected)
+
+
+def test_workers_that_never_arrive_fail_within_the_timeout(tmp_path: Path, slides: Path, classifier: Path) -> None:
+    profile = _profile(tmp_path, job_extra_directives=["--begin=now+1hour"])
+    _fails_fast(tmp_path, _job(tmp_path, slides, classifier), profile, 40, "run.worker_timeout",
+                "still pending in SLURM (reason: BeginTime)")
+
+
+def test_every_worker_lost_fails_within_the_timeout(tmp_path: Path, slides: Path, classifier: Path) -> None:
+    job = _job(tmp_path, slides, classifier)
+    proc = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--set", "model.batch_size=1")
+    wait_for(lambda: committed_count(tmp_path / "out") >= 1, 120, "a commit")
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], check=True, timeout=20)
+    try:
+        subprocess.run(["scancel", *_jobs()], check=True, timeout=20)
+        log = proc.communicate(timeout=120)[0]
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=True, timeout=20)
+    assert proc.returncode == 1 and "run.worker_timeout" in log, log
+    assert "JobState=CANCELLED" in log or "PartitionDown" in log, log  # SLURM's own account
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["state"] == "failed"
+    subprocess.run(["scancel", *_jobs()], check=False, timeout=20)
