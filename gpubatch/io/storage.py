@@ -30,7 +30,7 @@ from gpubatch.io.ranges import (
     RangeReader,
     RetryingReader,
 )
-from gpubatch.io.redact import redact, register_secrets
+from gpubatch.io.redact import redact, register_secrets, register_uri
 from gpubatch.io.retry import RetryPolicy, call_with_retries
 from gpubatch.io.uris import has_magic, is_remote, local_path, protocol_of, uri_name
 
@@ -61,6 +61,7 @@ def resolve_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """
     merged = {**_profile_options, **(options or {})}
     register_secrets(merged)
+    register_uri(uri)
     protocol = protocol_of(uri)
     if protocol != "file":  # a long run must see objects written after it listed a prefix
         merged.setdefault("use_listings_cache", False)

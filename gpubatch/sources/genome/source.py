@@ -37,6 +37,7 @@ import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError, SpecError
+from gpubatch.io.redact import redact
 from gpubatch.ops.kernels import reverse_complement_codes
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
@@ -99,7 +100,7 @@ class _GenomeReader(ShardReader):
 
     def _base_attrs(self, contigs: list[str]) -> dict[str, Any]:
         return {
-            "reference": self.reference.uri, "reference_format": self.reference.format,
+            "reference": redact(self.reference.uri), "reference_format": self.reference.format,
             "reference_contigs": len(self.reference.contigs.names), "contigs": sorted(set(contigs)),
             "length": self.length, "stride": _stride(self.w),
             "reverse_complement": self.w.reverse_complement, "layout": self.w.encoding.layout,
@@ -177,7 +178,7 @@ class VariantReader(_GenomeReader):
         self.v = {k: p[k] for k in ("variant_id", "chrom", "pos", "ref", "alt")}
         self.spans = [variant_span(pos, ref, alt, self.length)
                       for pos, ref, alt in zip(p["pos"], p["ref"], p["alt"], strict=True)]
-        self.attrs = {**self._base_attrs(p["chrom"]), "mode": "variants", "variants_uri": p["uri"],
+        self.attrs = {**self._base_attrs(p["chrom"]), "mode": "variants", "variants_uri": redact(p["uri"]),
                       "variants": len(self.spans), "ref_mismatches": 0,
                       "window_rule": "start = POS-1 - length//2; alt = (left flank + ALT + right flank)[:length]",
                       "plan_counts": p.get("plan_counts", {})}
