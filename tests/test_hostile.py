@@ -18,10 +18,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import slide_job, write_job
-from hostile_inputs import AuthRangeServer, output_text
+from hostile_inputs import AuthRangeServer, edit_fai, output_text, random_sequence, write_fasta
 from s3_fixtures import S3Stack
 
 from gpubatch.cli.demo import write_synthetic_slide
+from gpubatch.core.errors import SpecError
+from gpubatch.spec import JobSpec
 
 REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["s3_fixtures"]
@@ -91,3 +93,91 @@ def test_credentials_in_input_urls_never_leave(tmp_path: Path, s3: S3Stack, clas
     leaks = [(name, s[:6]) for name, data in texts for s in secrets for form in _secret_forms(s) if form in data]
     assert leaks == []
     assert "missing.tif" in run.stdout and "absent.tif" in run.stdout  # failures still named
+
+
+# -- 2. indexes are checked --------------------------------------------------------------------
+
+
+@pytest.fixture
+def fasta(tmp_path: Path) -> Path:
+    """Three contigs of 60-base lines (one ends mid-line, one is a single short line), faidx'd."""
+    return write_fasta(tmp_path / "ref.fa", {"chr1": random_sequence(1000, 1), "chr2": random_sequence(617, 2),
+                                              "chrM": random_sequence(45, 3)})
+
+
+def _plan_genome(reference: Path) -> None:
+    from gpubatch.sources.genome.source import GenomeSource
+
+    job = JobSpec.model_validate({"kind": "genome", "model": {"path": "m.onnx"}, "output": {"uri": "o"},
+                                  "windows": {"reference": str(reference), "length": 100}})
+    GenomeSource().plan(job)
+
+
+FAI_CASES = {  # contig: changes to its .fai line -> the message's fragment
+    "offset+1": ("chr2", {"offset": +1}, "chr2': the .fai offset"),
+    "offset-1": ("chr2", {"offset": -1}, "chr2': the .fai offset"),
+    "offset+61": ("chr1", {"offset": +61}, "contigs 'chr1' and 'chr2' overlap"),
+    "offset-61": ("chr2", {"offset": -61}, "chr2'"),
+    "negative length": ("chr1", {"length": -1000 - 5}, "chr1': the .fai gives length -5"),
+    "zero length": ("chrM", {"length": -45}, "chrM': the .fai gives length 0"),
+    "short length": ("chr1", {"length": -7}, "chr1': the .fai length 993 does not end"),
+    "short by a line": ("chr1", {"length": -60}, "chr1': the .fai length 940 does not end"),
+    "long length": ("chr2", {"length": +3}, "contigs 'chr2' and 'chrM' overlap"),
+    "last contig long": ("chrM", {"length": +1}, "chrM'"),
+    "line width < bases": ("chr1", {"line_width": -2}, "chr1': the .fai gives line geometry"),
+    "line bases - 1": ("chr1", {"line_bases": -1}, "chr1'"),
+    "line width + 1": ("chr2", {"line_width": +1}, "chr2'"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAI_CASES))
+def test_fai_that_disagrees_with_the_fasta_is_refused_naming_the_contig(fasta: Path, case: str) -> None:
+    contig, deltas, fragment = FAI_CASES[case]
+    fields = dict(zip(("length", "offset", "line_bases", "line_width"),
+                      map(int, next(line.split("\t")[1:5] for line in Path(f"{fasta}.fai").read_text().splitlines()
+                                    if line.startswith(contig + "\t"))), strict=True))
+    edit_fai(fasta, contig, **{k: fields[k] + d for k, d in deltas.items()})
+    with pytest.raises(SpecError, match="windows.reference") as err:
+        _plan_genome(fasta)
+    assert fragment in str(err.value) and "samtools faidx" in str(err.value)
+
+
+def test_good_fai_plans_and_empty_fai_is_refused(fasta: Path, tmp_path: Path) -> None:
+    from gpubatch.cli.demo_models import make_genome_model
+
+    _plan_genome(fasta)  # the untouched index passes every check
+    Path(f"{fasta}.fai").write_text("")
+    with pytest.raises(SpecError, match=r"ref.fa.fai: the index lists no contigs"):
+        _plan_genome(fasta)
+    Path(f"{fasta}.fai").write_text("chr1\t1000\t6\t60\t61\nchr1\t1000\t6\t60\t61\n")
+    with pytest.raises(SpecError, match="listed twice"):
+        _plan_genome(fasta)
+    model = make_genome_model(tmp_path / "g.onnx", 100)
+    job = write_job(tmp_path / "g.yaml", {"kind": "genome", "model": {"path": str(model)},
+                                          "output": {"uri": str(tmp_path / "o")},
+                                          "windows": {"reference": str(fasta), "length": 100}})
+    done = cli("validate", str(job))  # validate refuses what run would
+    assert done.returncode == 2 and "listed twice" in done.stderr
+
+
+def test_bgzip_indexes_are_checked(tmp_path: Path) -> None:
+    import pysam
+
+    plain = write_fasta(tmp_path / "big.fa", {"chr1": random_sequence(150_000, 5), "chr2": random_sequence(617, 6)})
+    gz = tmp_path / "big.fa.gz"
+    pysam.tabix_compress(str(plain), str(gz))
+    pysam.faidx(str(gz))
+    _plan_genome(gz)
+    fai, gzi = Path(f"{gz}.fai").read_text(), Path(f"{gz}.gzi").read_bytes()
+    Path(f"{gz}.fai").write_text(fai.replace("chr2\t617\t", "chr2\t611\t"))
+    with pytest.raises(SpecError, match="chr2': the .fai length 611"):
+        _plan_genome(gz)
+    Path(f"{gz}.fai").write_text(fai)
+    Path(f"{gz}.gzi").write_bytes(gzi[:-3])
+    with pytest.raises(SpecError, match=r"big.fa.gz.gzi: says \d+ blocks"):
+        _plan_genome(gz)
+    shifted = bytearray(gzi)
+    shifted[8] += 1  # the first listed block's compressed offset, one byte off
+    Path(f"{gz}.gzi").write_bytes(bytes(shifted))
+    with pytest.raises(SpecError, match="is not the start of a BGZF block"):
+        _plan_genome(gz)

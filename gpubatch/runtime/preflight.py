@@ -71,7 +71,18 @@ def check_model_input(job: JobSpec) -> None:
                                         "windows.length and the layout to the model")])
 
 
+def check_reference(job: JobSpec) -> None:
+    """A local reference's index is checked against the FASTA now, as planning would check it."""
+    w = job.windows
+    if job.kind != "genome" or w is None or is_remote(w.reference):
+        return
+    from gpubatch.sources.genome.source import GenomeSource
+
+    GenomeSource.contig_table(w.reference, job.input.storage)
+
+
 def preflight(job: JobSpec) -> None:
     """Everything ``run`` would refuse before planning: files, extras, the model's input."""
     check_local_files(job)
     check_model_input(job)
+    check_reference(job)

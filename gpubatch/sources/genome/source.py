@@ -231,7 +231,7 @@ class GenomeSource(Source):
     def plan(self, job: JobSpec) -> tuple[list[Shard], list[dict[str, str]]]:
         """Shards from metadata only: the contig table, then the BED/regions or the VCF positions."""
         w = _windows(job)
-        contigs = self._contigs(w.reference, job.input.storage)
+        contigs = self.contig_table(w.reference, job.input.storage)
         if w.variants:
             return self._plan_variants(w, contigs, job.input.storage)
         regions = resolve_regions(w.regions, contigs, job.input.storage)
@@ -241,11 +241,12 @@ class GenomeSource(Source):
         return shards, []
 
     @staticmethod
-    def _contigs(uri: str, storage: dict[str, Any]) -> ContigTable:
+    def contig_table(uri: str, storage: dict[str, Any]) -> ContigTable:
+        """The reference's contigs, its index checked against it; a problem is a spec error."""
         try:
             return load_contigs(uri, storage)
         except InputError as exc:
-            raise SpecError([("windows.reference", f"{uri}: {exc.message}")]) from None
+            raise SpecError([("windows.reference", f"{exc.input_uri}: {exc.message}")]) from None
 
     @staticmethod
     def _plan_variants(w: WindowsSpec, contigs: ContigTable,
