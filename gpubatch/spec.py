@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gpubatch.core.errors import SpecError
-from gpubatch.io.uris import is_remote
+from gpubatch.io.uris import GLOB_PREFIX, is_remote, split_glob
 
 
 class _Strict(BaseModel):
@@ -227,9 +227,11 @@ def parse_job(data: dict[str, Any], source: str | None = None, base_dir: Path | 
 
 
 def _resolve(value: str, base_dir: Path) -> str:
+    value, glob = split_glob(value)
+    prefix = GLOB_PREFIX if glob else ""
     if is_remote(value) or value.startswith("file://") or os.path.isabs(value):
-        return value
-    return str((base_dir / value).resolve())
+        return prefix + value
+    return prefix + str((base_dir / value).resolve())
 
 
 def _resolve_paths(job: JobSpec, base_dir: Path) -> JobSpec:

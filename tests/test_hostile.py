@@ -181,3 +181,41 @@ def test_bgzip_indexes_are_checked(tmp_path: Path) -> None:
     Path(f"{gz}.gzi").write_bytes(bytes(shifted))
     with pytest.raises(SpecError, match="is not the start of a BGZF block"):
         _plan_genome(gz)
+
+
+# -- 3. literal before glob --------------------------------------------------------------------
+
+
+def _planned(uris: list[str], storage: dict | None = None) -> list[str]:
+    from gpubatch.sources.slides.source import SlideSource
+
+    job = JobSpec.model_validate({"input": {"uris": uris, "storage": storage or {}},
+                                  "model": {"path": "m.onnx"}, "output": {"uri": "o"}})
+    shards, failed = SlideSource().plan(job)
+    assert failed == []
+    return [s.input_uri for s in shards]
+
+
+def test_a_path_that_exists_is_that_file_even_with_glob_characters(tmp_path: Path, classifier: Path) -> None:
+    bracket = write_synthetic_slide(tmp_path / "slide[1].tif", 256, 256, seed=1, levels=1)
+    other = write_synthetic_slide(tmp_path / "slide1.tif", 256, 256, seed=2, levels=1)
+    star = write_synthetic_slide(tmp_path / "x*?.tif", 256, 256, seed=3, levels=1)
+    assert _planned([str(bracket)]) == [str(bracket)]
+    assert _planned([str(star)]) == [str(star)]
+    assert _planned([f"glob:{bracket}"]) == [str(other)]  # the explicit switch: a character class
+    assert _planned([str(tmp_path / "slide[12].tif")]) == [str(other)]  # no such file: a glob
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", slide_job(["slide[1].tif", "glob:x*"], classifier, out))
+    done = cli("run", str(job))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(pd.read_parquet(out / "predictions.parquet")["slide"].unique()) == [str(bracket), str(star)]
+
+
+def test_s3_keys_are_literal_before_glob(tmp_path: Path, s3: S3Stack) -> None:
+    local = write_synthetic_slide(tmp_path / "a.tif", 256, 256, seed=1, levels=1)
+    literal = s3.upload(local, "lit/a[1].tif")
+    other = s3.upload(local, "lit/a1.tif")
+    options = s3.options(via_proxy=False)
+    assert _planned([literal], options) == [literal]
+    assert _planned([f"glob:{literal}"], options) == [other]
+    assert _planned(["s3://slides/lit/a[12].tif"], options) == [other]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gpubatch.core.errors import SpecError
 from gpubatch.io.storage import expand_uris, missing_extra
-from gpubatch.io.uris import is_remote, local_path, protocol_of
+from gpubatch.io.uris import is_remote, local_path, protocol_of, split_glob
 from gpubatch.sources import get_source
 from gpubatch.spec import JobSpec
 
@@ -20,7 +20,7 @@ def _missing_filesystems(uris: list[str]) -> list[tuple[str, str]]:
     """Remote schemes whose fsspec backend is not installed: a spec problem, not N quarantines."""
     problems = []
     for i, uri in enumerate(uris):
-        hint = missing_extra(uri)
+        hint = missing_extra(split_glob(uri)[0])
         if hint:
             problems.append((f"input.uris[{i}]", f"{protocol_of(uri)}:// needs an extra package: {hint}"))
     return problems
@@ -33,7 +33,7 @@ def check_local_files(job: JobSpec) -> None:
         problems.append(("model.path", f"file not found: {job.model.path}"))
     if job.kind == "slides":
         for i, uri in enumerate(job.input.uris):
-            if not is_remote(uri) and not expand_uris([uri], job.input.storage):
+            if not is_remote(split_glob(uri)[0]) and not expand_uris([uri], job.input.storage):
                 problems.append((f"input.uris[{i}]", f"matches no file: {uri}"))
     if job.windows is not None:
         w = job.windows
