@@ -40,6 +40,9 @@ class TilesSpec(_Strict):
     )
     decoder: Literal["cpu", "gpu"] = Field(
         "cpu", description="JPEG tile decode: libjpeg-turbo on the host, or nvImageCodec on the GPU")
+    integrity: Literal["strict", "lenient"] = Field(
+        "strict", description="strict: corrupt tile data (decoder warnings) quarantines the slide; "
+                              "lenient: decode what the decoder can")
 
     @model_validator(mode="after")
     def _mpp_or_level(self) -> TilesSpec:

@@ -17,8 +17,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import slide_job, write_job
-from hostile_inputs import AuthRangeServer, edit_fai, output_text, random_sequence, write_fasta
+from conftest import shared_file, slide_job, write_job
+from hostile_inputs import (
+    AuthRangeServer,
+    edit_fai,
+    flip_tile_bytes,
+    garble_description,
+    output_text,
+    random_sequence,
+    shorten_tile_offsets,
+    truncate_tile,
+    write_fasta,
+)
 from s3_fixtures import S3Stack
 
 from gpubatch.cli.demo import write_synthetic_slide
@@ -219,3 +229,68 @@ def test_s3_keys_are_literal_before_glob(tmp_path: Path, s3: S3Stack) -> None:
     assert _planned([literal], options) == [literal]
     assert _planned([f"glob:{literal}"], options) == [other]
     assert _planned(["s3://slides/lit/a[12].tif"], options) == [other]
+
+
+# -- 4. decoder integrity ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from s3_fixtures import write_pyramid_tiff
+
+    return write_pyramid_tiff(tmp_path_factory.mktemp("pyr") / "good.tif", 1024, 1024, levels=1)
+
+
+def _slides_job(tmp_path: Path, uris: list[str], model: Path, **tiles: object) -> tuple[Path, Path]:
+    out = tmp_path / "out"
+    job = slide_job(uris, model, out, tiles={"level": 0, "mpp": None, **tiles})
+    del job["tiles"]["mpp"]
+    return write_job(tmp_path / "job.yaml", job), out
+
+
+@pytest.mark.parametrize("corruption", ["flipped bytes", "truncated tile"])
+def test_corrupt_jpeg_tiles_quarantine_the_slide_not_silently_decoded(
+        tmp_path: Path, pyramid: Path, classifier: Path, corruption: str) -> None:
+    bad = tmp_path / "bad.tif"
+    if corruption == "flipped bytes":  # seed 2 flips bytes whose damage libjpeg detects
+        flip_tile_bytes(pyramid, bad, n_bytes=10, seed=2)
+        fragment = "Corrupt JPEG data"
+    else:
+        truncate_tile(pyramid, bad)
+        fragment = "Premature end of JPEG file"
+    job, out = _slides_job(tmp_path, [str(pyramid), str(bad)], classifier)
+    done = cli("run", str(job))
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert f"{bad}: corrupt tile" in done.stdout and fragment in done.stdout
+    audit = pd.read_json(out / "audit.jsonl", lines=True)
+    failed = audit[audit["status"] == "failed"]
+    assert failed["input"].tolist() == [str(bad)] and failed["attempt"].tolist() == [1]  # not retried
+    lenient = cli("run", str(job), "--set", "tiles.integrity=lenient")
+    assert lenient.returncode == 0
+
+
+def test_malformed_ifd_is_an_input_error_naming_the_file_and_not_retried(
+        tmp_path: Path, pyramid: Path, classifier: Path) -> None:
+    bad = shorten_tile_offsets(pyramid, tmp_path / "ifd.tif")
+    job, out = _slides_job(tmp_path, [str(bad)], classifier)
+    done = cli("run", str(job))
+    assert done.returncode == 3
+    assert f"{bad}:" in done.stdout and "malformed IFD at level 0: 3 tile offsets" in done.stdout
+    assert "IndexError" not in done.stdout + done.stderr
+    audit = pd.read_json(out / "audit.jsonl", lines=True)
+    assert audit["attempt"].tolist() == [1]
+
+
+def test_garbled_description_is_no_resolution_and_its_bytes_stay_off_the_terminal(
+        tmp_path: Path, classifier: Path) -> None:
+    bad = garble_description(shared_file("slides", "CMU-1-Small-Region.svs"), tmp_path / "desc.svs")
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", slide_job([str(bad)], classifier, out))
+    done = cli("run", str(job))
+    assert done.returncode == 3
+    assert "25400" not in done.stdout and "\x1b" not in done.stdout + done.stderr
+    assert "EVIL" not in done.stdout + done.stderr and "coercing" not in done.stderr
+    assert f"{bad}: the file records no microns-per-pixel" in done.stdout
+    verbose = cli("-v", "run", str(job))  # in the log, with -v: escaped and naming the file
+    line = next(x for x in verbose.stderr.splitlines() if "tifffile" in x and "coercing" in x)
+    assert f"{bad}: tifffile:" in line and "\\x1b" in line and "\x1b" not in verbose.stderr

@@ -131,6 +131,8 @@ class SlideSource(Source):
         try:
             if job.tiles.decoder == "gpu":
                 backend.use_gpu_decode()
+            if job.tiles.integrity == "lenient":
+                backend.accept_corrupt_tiles()
             return SlideReader(shard, job, backend, clocks)
         except BaseException:
             backend.close()
