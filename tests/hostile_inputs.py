@@ -184,34 +184,30 @@ def garble_description(src: Path, dst: Path) -> Path:
     return Path(dst)
 
 
-def huge_claim_tiff(path: Path, side: int = 1_000_000, tile: int = 256) -> Path:
-    """A small BigTIFF claiming ``side`` x ``side`` RGB pixels: every tile empty (sparse)."""
-    import tifffile
-
+def huge_claim_tiff(path: Path, side: int = 1_000_000, tile: int = 1024) -> Path:
+    """A 7.6 MB BigTIFF claiming ``side`` x ``side`` RGB pixels: every tile empty (sparse)."""
     n_tiles = ((side + tile - 1) // tile) ** 2
     with open(path, "wb") as f:
         bo = "<"
         # BigTIFF header, one IFD right after it, tile tables after the IFD
-        entries = []
         ifd_at = 16
         n_entries = 10
         tables_at = ifd_at + 8 + n_entries * 20 + 8
         offsets_at = tables_at
-        counts_at = offsets_at + 8 * n_tiles
-        bps_at = counts_at + 8 * n_tiles
+        counts_at = offsets_at + 4 * n_tiles
 
         def entry(tag: int, typ: int, count: int, value: int) -> bytes:
             return struct.pack(bo + "HHQQ", tag, typ, count, value)
 
+        bits = struct.unpack(bo + "Q", struct.pack(bo + "HHHH", 8, 8, 8, 0))[0]  # inline: 6 bytes
         entries = [entry(256, 4, 1, side), entry(257, 4, 1, side),
-                   entry(258, 3, 3, bps_at), entry(259, 3, 1, 1), entry(262, 3, 1, 2),
+                   entry(258, 3, 3, bits), entry(259, 3, 1, 1), entry(262, 3, 1, 2),
                    entry(277, 3, 1, 3), entry(322, 3, 1, tile), entry(323, 3, 1, tile),
-                   entry(324, 16, n_tiles, offsets_at), entry(325, 16, n_tiles, counts_at)]
+                   entry(324, 4, n_tiles, offsets_at), entry(325, 4, n_tiles, counts_at)]
         f.write(b"II" + struct.pack(bo + "HHHQ", 43, 8, 0, ifd_at))
         f.write(struct.pack(bo + "Q", n_entries) + b"".join(entries) + struct.pack(bo + "Q", 0))
-        f.seek(bps_at)
-        f.write(struct.pack(bo + "HHH", 8, 8, 8))
-    del tifffile
+        f.seek(counts_at + 4 * n_tiles - 1)
+        f.write(b"\0")
     return Path(path)
 
 

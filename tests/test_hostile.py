@@ -10,19 +10,25 @@ a clean terminal.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import shared_file, slide_job, write_job
 from hostile_inputs import (
     AuthRangeServer,
+    alias_bomb,
+    deep_yaml,
     edit_fai,
     flip_tile_bytes,
     garble_description,
+    huge_claim_tiff,
     output_text,
     random_sequence,
     shorten_tile_offsets,
@@ -32,7 +38,7 @@ from hostile_inputs import (
 from s3_fixtures import S3Stack
 
 from gpubatch.cli.demo import write_synthetic_slide
-from gpubatch.core.errors import SpecError
+from gpubatch.core.errors import InputError, SpecError
 from gpubatch.spec import JobSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,3 +300,106 @@ def test_garbled_description_is_no_resolution_and_its_bytes_stay_off_the_termina
     verbose = cli("-v", "run", str(job))  # in the log, with -v: escaped and naming the file
     line = next(x for x in verbose.stderr.splitlines() if "tifffile" in x and "coercing" in x)
     assert f"{bad}: tifffile:" in line and "\\x1b" in line and "\x1b" not in verbose.stderr
+
+
+# -- 5 and 6. bounded everything; spec errors are spec errors ----------------------------------
+
+
+SPEC_CASES = {  # a change to a valid slides job -> the field and the message's fragment
+    "batch_size true": ({"model": {"batch_size": True}}, "model.batch_size: Input should be a valid integer, got True"),
+    "batch_size 10^8": ({"model": {"batch_size": 10**8}}, "model.batch_size: must be between 1 and 65536"),
+    "tiles.size 16384": ({"tiles": {"size": 16384}}, "model.batch_size: 16 items make a 48.00 GiB model input"),
+    "mpp .inf": ({"tiles": {"mpp": float("inf")}}, "tiles.mpp: Input should be a finite number"),
+    "mpp 1e9": ({"tiles": {"mpp": 1e9}}, "tiles.mpp: Input should be less than or equal to 1000"),
+    "mean of two": ({"model": {"input": {"mean": [0.5, 0.5]}}}, "model.input.mean: List should have at least 3 items"),
+    "std NaN": ({"model": {"input": {"std": [float("nan"), 1.0, 1.0]}}}, "model.input.std[0]: Input should be a finite number"),
+    "std zero": ({"model": {"input": {"std": [0.0, 1.0, 1.0]}}}, "model.input.std: every std must be > 0"),
+    "readers true": ({"run": {"readers": True}}, "run.readers: Input should be a valid integer, got True"),
+    "overlap NaN": ({"tiles": {"overlap": float("nan")}}, "tiles.overlap: Input should be a finite number"),
+    "min_fraction inf": ({"tiles": {"tissue": {"min_fraction": float("inf")}}}, "tiles.tissue.min_fraction"),
+    "integrity 1": ({"tiles": {"integrity": 1}}, "tiles.integrity: Input should be 'strict' or 'lenient'"),
+    "workers 64": ({"run": {"profile": "local", "workers": 64}}, "run.workers: 64 worker processes on a machine with"),
+    "prefetch x batch": ({"model": {"batch_size": 65536}, "run": {"max_worker_memory": 1 << 30}},
+                         "over its 1.00 GiB (run.max_worker_memory)"),
+}
+
+
+def _merged(job: dict, change: dict) -> dict:
+    for key, value in change.items():
+        job[key] = _merged(dict(job.get(key) or {}), value) if isinstance(value, dict) else value
+    return job
+
+
+@pytest.mark.parametrize("case", list(SPEC_CASES))
+def test_what_is_known_before_reading_a_slide_is_refused_by_validate(
+        tmp_path: Path, slide_path: Path, classifier: Path, case: str) -> None:
+    from gpubatch.runtime.preflight import preflight
+    from gpubatch.spec import load_job
+
+    change, fragment = SPEC_CASES[case]
+    job = _merged(slide_job([str(slide_path)], classifier, tmp_path / "out"), change)
+    path = write_job(tmp_path / "job.yaml", job)
+    with pytest.raises(SpecError) as err:
+        preflight(load_job(path))
+    assert fragment in str(err.value) and err.value.exit_code == 2
+
+
+def test_forced_workers_and_a_generous_memory_budget_pass(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+    from gpubatch.runtime.preflight import preflight
+    from gpubatch.spec import load_job
+
+    job = slide_job([str(slide_path)], classifier, tmp_path / "out",
+                    run={"profile": "local", "workers": 64, "force_workers": True})
+    preflight(load_job(write_job(tmp_path / "job.yaml", job)))
+
+
+@pytest.mark.parametrize("case", ["alias bomb", "deep nesting", "oversized"])
+def test_hostile_yaml_is_refused_quickly_and_cheaply(tmp_path: Path, case: str) -> None:
+    text = {"alias bomb": alias_bomb(), "deep nesting": deep_yaml(),
+            "oversized": "name: x\n" + "# padding\n" * 120_000}[case]
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    started = time.perf_counter()
+    done = cli("validate", str(path), timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert {"alias bomb": "more than 100000 values once aliases are expanded",
+            "deep nesting": "nested deeper than 64 levels",
+            "oversized": "larger than 1 MiB"}[case] in done.stderr
+    assert time.perf_counter() - started < 30
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_500_000  # KiB: no 5 GB expansion
+
+
+def test_tiff_claiming_a_million_pixels_a_side_fails_fast(tmp_path: Path, classifier: Path) -> None:
+    huge = huge_claim_tiff(tmp_path / "huge.tif")
+    assert huge.stat().st_size < 8_000_000
+    job, _ = _slides_job(tmp_path, [str(huge)], classifier)
+    started = time.perf_counter()
+    done = cli("run", str(job), timeout=120)
+    assert done.returncode == 3
+    assert f"{huge}: level 0 (the level tiles are read from) is 1000000 x 1000000 pixels, over tiles.max_level_pixels" in done.stdout
+    assert time.perf_counter() - started < 60
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_500_000
+
+
+def test_overlap_never_makes_a_read_unit_larger_than_its_cap(tmp_path: Path, pyramid: Path, classifier: Path) -> None:
+    from gpubatch.sources.slides.backends import SlideInfo
+    from gpubatch.sources.slides.grid import block_ids, make_grid
+    from gpubatch.spec import TilesSpec
+
+    info = SlideInfo(((20000, 20000),), (1.0,), 0.25, None, "test", "test")
+    for overlap in (0.0, 0.5, 0.9):
+        tiles = TilesSpec(size=224, mpp=0.5, overlap=overlap)
+        grid = make_grid(info, tiles, "s")
+        per_unit = np.bincount(block_ids(grid, tiles.read_block, tiles.max_read_bytes)).max()
+        assert per_unit * grid.read_size**2 * 3 <= tiles.max_read_bytes
+    with pytest.raises(InputError, match=r"382319809 tiles, over tiles.max_tiles \(4000000\)"):
+        make_grid(info, TilesSpec(size=224, mpp=0.5, overlap=0.999), "s")
+    # the cap splits reads, never changes results: a 1 MiB cap against the default
+    job, out = _slides_job(tmp_path, [str(pyramid)], classifier, size=32, overlap=0.9)
+    assert cli("run", str(job)).returncode == 0
+    def rows() -> pd.DataFrame:
+        return pd.read_parquet(out / "predictions.parquet").sort_values(["y", "x"]).reset_index(drop=True)
+
+    wide = rows()
+    assert cli("run", str(job), "--set", f"tiles.max_read_bytes={1 << 20}").returncode == 0
+    pd.testing.assert_frame_equal(rows(), wide)

@@ -23,7 +23,7 @@ from gpubatch.ops.preprocess import Preprocess
 from gpubatch.outputs.store import OutputStore
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
 from gpubatch.sources.slides.backends import SlideBackend
-from gpubatch.sources.slides.grid import block_ids, make_grid, resize
+from gpubatch.sources.slides.grid import block_ids, check_level_size, make_grid, resize
 from gpubatch.sources.slides.tissue import filter_tissue
 from gpubatch.spec import JobSpec
 
@@ -34,6 +34,9 @@ class SlideReader(ShardReader):
     def __init__(self, shard: Shard, job: JobSpec, backend: SlideBackend, clocks: StageClocks):
         self.shard, self.job, self.backend = shard, job, backend
         grid = make_grid(backend.info, job.tiles, shard.input_uri)
+        if job.tiles.tissue.method != "none":
+            check_level_size(backend.info, len(backend.info.level_dimensions) - 1, job.tiles,
+                             shard.input_uri, "the coarsest, read for the tissue mask")
         self.grid = filter_tissue(grid, backend, job.tiles, clocks)
         self.clocks = clocks
         self.attrs = {
@@ -51,7 +54,7 @@ class SlideReader(ShardReader):
     def read_units(self) -> Iterator[ReadUnit]:
         if not len(self.grid):
             return
-        blocks = block_ids(self.grid, self.job.tiles.read_block)
+        blocks = block_ids(self.grid, self.job.tiles.read_block, self.job.tiles.max_read_bytes)
         order = np.argsort(blocks, kind="stable")
         bounds = np.flatnonzero(np.diff(blocks[order])) + 1
         units = np.split(order, bounds)
