@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 from conftest import shared_file, slide_job, write_job
 from hostile_inputs import (
+    CONTROL_NAME,
     AuthRangeServer,
     alias_bomb,
     deep_yaml,
@@ -403,3 +404,23 @@ def test_overlap_never_makes_a_read_unit_larger_than_its_cap(tmp_path: Path, pyr
     wide = rows()
     assert cli("run", str(job), "--set", f"tiles.max_read_bytes={1 << 20}").returncode == 0
     pd.testing.assert_frame_equal(rows(), wide)
+
+
+# -- 7. a clean terminal -----------------------------------------------------------------------
+
+
+def test_control_characters_in_job_and_file_names_are_escaped(tmp_path: Path, slide_path: Path,
+                                                              classifier: Path) -> None:
+    """A raw newline forging a log line, an ANSI colour escape and a right-to-left override in
+    the job's name and in a file's name reach the terminal escaped; the file is still named."""
+    evil = tmp_path / CONTROL_NAME
+    evil.write_bytes(b"")  # a zero-byte slide: quarantined, so its name is printed
+    job = slide_job([str(slide_path), str(evil)], classifier, tmp_path / "out")
+    job["name"] = CONTROL_NAME
+    done = cli("-v", "run", str(write_job(tmp_path / "job.yaml", job)))
+    assert done.returncode == 3
+    shown = done.stdout + done.stderr
+    assert "\x1b" not in shown and "\u202e" not in shown
+    assert not any(line.startswith("2026-01-01 gpubatch INFO all fine") for line in shown.splitlines())
+    assert "evil\\x0a2026-01-01 gpubatch INFO all fine\\x1b[31m\\u202egnp.tif" in done.stdout
+    assert "is an empty (zero-byte) file" in done.stdout
