@@ -161,9 +161,9 @@ def _mpp_from_tiff(tif: Any) -> tuple[float | None, float | None, str]:
     res_unit = int(page.resolutionunit)
     xres = page.resolution[0] if page.resolution else 0.0
     if xres > 0 and res_unit in (2, 3):  # inch, centimeter
-        mpp = (25400.0 if res_unit == 2 else 10000.0) / xres
+        scan = (25400.0 if res_unit == 2 else 10000.0) / xres
         # 1 or 72 pixels per inch are writers' defaults, not a microscope's resolution
-        return (mpp if MPP_RANGE[0] <= mpp <= MPP_RANGE[1] else None), None, "generic-tiff"
+        return (scan if MPP_RANGE[0] <= scan <= MPP_RANGE[1] else None), None, "generic-tiff"
     return None, None, "generic-tiff"
 
 
