@@ -255,6 +255,12 @@ def _slides_job(tmp_path: Path, uris: list[str], model: Path, **tiles: object) -
     return write_job(tmp_path / "job.yaml", job), out
 
 
+def _failures(out: Path) -> pd.DataFrame:
+    """The audit trail's failed-shard events (one per attempt)."""
+    audit = pd.read_json(out / "audit.jsonl", lines=True)
+    return audit[audit["event"] == "shard_failed"]
+
+
 @pytest.mark.parametrize("corruption", ["flipped bytes", "truncated tile"])
 def test_corrupt_jpeg_tiles_quarantine_the_slide_not_silently_decoded(
         tmp_path: Path, pyramid: Path, classifier: Path, corruption: str) -> None:
@@ -269,10 +275,9 @@ def test_corrupt_jpeg_tiles_quarantine_the_slide_not_silently_decoded(
     done = cli("run", str(job))
     assert done.returncode == 3, done.stderr[-2000:]
     assert f"{bad}: corrupt tile" in done.stdout and fragment in done.stdout
-    audit = pd.read_json(out / "audit.jsonl", lines=True)
-    failed = audit[audit["status"] == "failed"]
+    failed = _failures(out)
     assert failed["input"].tolist() == [str(bad)] and failed["attempt"].tolist() == [1]  # not retried
-    lenient = cli("run", str(job), "--set", "tiles.integrity=lenient")
+    lenient = cli("run", str(job), "--overwrite", "--set", "tiles.integrity=lenient")
     assert lenient.returncode == 0
 
 
@@ -284,8 +289,7 @@ def test_malformed_ifd_is_an_input_error_naming_the_file_and_not_retried(
     assert done.returncode == 3
     assert f"{bad}:" in done.stdout and "malformed IFD at level 0: 3 tile offsets" in done.stdout
     assert "IndexError" not in done.stdout + done.stderr
-    audit = pd.read_json(out / "audit.jsonl", lines=True)
-    assert audit["attempt"].tolist() == [1]
+    assert _failures(out)["attempt"].tolist() == [1]
 
 
 def test_garbled_description_is_no_resolution_and_its_bytes_stay_off_the_terminal(
@@ -298,7 +302,7 @@ def test_garbled_description_is_no_resolution_and_its_bytes_stay_off_the_termina
     assert "25400" not in done.stdout and "\x1b" not in done.stdout + done.stderr
     assert "EVIL" not in done.stdout + done.stderr and "coercing" not in done.stderr
     assert f"{bad}: the file records no microns-per-pixel" in done.stdout
-    verbose = cli("-v", "run", str(job))  # in the log, with -v: escaped and naming the file
+    verbose = cli("-v", "run", str(job), "--overwrite")  # in the log, with -v: escaped and naming the file
     line = next(x for x in verbose.stderr.splitlines() if "tifffile" in x and "coercing" in x)
     assert f"{bad}: tifffile:" in line and "\\x1b" in line and "\x1b" not in verbose.stderr
 
@@ -402,7 +406,7 @@ def test_overlap_never_makes_a_read_unit_larger_than_its_cap(tmp_path: Path, pyr
         return pd.read_parquet(out / "predictions.parquet").sort_values(["y", "x"]).reset_index(drop=True)
 
     wide = rows()
-    assert cli("run", str(job), "--set", f"tiles.max_read_bytes={1 << 20}").returncode == 0
+    assert cli("run", str(job), "--overwrite", "--set", f"tiles.max_read_bytes={1 << 20}").returncode == 0
     pd.testing.assert_frame_equal(rows(), wide)
 
 
