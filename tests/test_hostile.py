@@ -90,6 +90,7 @@ def test_credentials_in_input_urls_never_leave(tmp_path: Path, s3: S3Stack, clas
         job = slide_job(uris, classifier, out, output={"formats": ["zarr", "parquet", "geojson"]})
         job_path = write_job(tmp_path / "job.yaml", job)
         run = cli("-v", "run", str(job_path))
+        resumed = cli("-v", "run", str(job_path), "--resume")  # the signed inputs are known again
         report = cli("report", str(out), "--html")
         status = cli("status", str(out))
     finally:
@@ -104,7 +105,9 @@ def test_credentials_in_input_urls_never_leave(tmp_path: Path, s3: S3Stack, clas
         presigned.split("?")[0] + "?AWSAccessKeyId=***&Signature=***&Expires=" + query["Expires"][0],
         f"http://***@127.0.0.1:{server.port}/b.tif"])
     assert frame.groupby("slide").size().tolist() == [16, 16]  # 512 px at 0.25 mpp: 4 x 4 tiles of 64 px at 0.5
-    texts = [("terminal", (run.stdout + run.stderr + report.stdout + report.stderr + status.stdout).encode())]
+    assert "2 shard(s) already committed, skipped" in resumed.stderr
+    terminal = run.stdout + run.stderr + resumed.stdout + resumed.stderr + report.stdout + report.stderr
+    texts = [("terminal", (terminal + status.stdout).encode())]
     texts += [(str(p.relative_to(out)), data) for p, data in output_text(out)]
     assert len(texts) > 20 and any("_parts" in name for name, _ in texts)
     leaks = [(name, s[:6]) for name, data in texts for s in secrets for form in _secret_forms(s) if form in data]

@@ -115,9 +115,12 @@ def _changed_inputs(entries: Any, job: JobSpec) -> list[ShardResult]:
     entries = list(entries)
     inputs = sorted({e.input for e in entries})
     raw = _raw_uris(job)
+
+    def identity(uri: str) -> dict[str, Any]:
+        return input_identity(raw.get(uri) or uri, job.input.storage)
+
     with ThreadPoolExecutor(IDENTITY_THREADS) as pool:
-        now = dict(zip(inputs, pool.map(lambda uri: input_identity(raw.get(uri, uri), job.input.storage),
-                                        inputs), strict=True))
+        now = dict(zip(inputs, pool.map(identity, inputs), strict=True))
     return [e for e in entries if e.input_identity and now[e.input] != e.input_identity]
 
 
