@@ -17,11 +17,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gpubatch.core.errors import SpecError
-from gpubatch.io.uris import is_remote
+from gpubatch.io.uris import GLOB_PREFIX, is_remote, split_glob
+
+#: the largest model.batch_size: a batch is one model call, and its tensors must fit a device
+MAX_BATCH = 65536
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `batch_size: true` is not 1 and `integrity: 1` not a word; no NaN or infinity
+    # anywhere (a NaN std gives all-NaN predictions, `mpp: .inf` no tiles)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class TissueSpec(_Strict):
@@ -31,7 +36,7 @@ class TissueSpec(_Strict):
 
 class TilesSpec(_Strict):
     size: int = Field(224, ge=1, le=16384)
-    mpp: float | None = Field(0.5, gt=0.0)
+    mpp: float | None = Field(0.5, gt=0.0, le=1000.0, description="microns per pixel (1000: a millimetre)")
     level: int | None = Field(None, ge=0)
     overlap: float = Field(0.0, ge=0.0, lt=1.0)
     tissue: TissueSpec = Field(default_factory=TissueSpec)
@@ -40,6 +45,16 @@ class TilesSpec(_Strict):
     )
     decoder: Literal["cpu", "gpu"] = Field(
         "cpu", description="JPEG tile decode: libjpeg-turbo on the host, or nvImageCodec on the GPU")
+    max_level_pixels: int = Field(
+        1 << 36, ge=1, description="largest pyramid level (width x height) read, the tissue "
+                                   "thumbnail's included; a slide claiming more is refused")
+    max_tiles: int = Field(4_000_000, ge=1, description="tiles one slide may yield")
+    max_read_bytes: int = Field(
+        256 << 20, ge=1 << 20, description="decoded bytes one read unit may hold, whatever the "
+                                           "overlap (a block holds fewer tiles to stay under it)")
+    integrity: Literal["strict", "lenient"] = Field(
+        "strict", description="strict: corrupt tile data (decoder warnings) quarantines the slide; "
+                              "lenient: decode what the decoder can")
 
     @model_validator(mode="after")
     def _mpp_or_level(self) -> TilesSpec:
@@ -71,8 +86,8 @@ class WindowsSpec(_Strict):
 
 
 class InputNorm(_Strict):
-    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=3, max_length=3)
+    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3)
     layout: Literal["NCHW", "NHWC"] = "NCHW"
 
     @field_validator("std")
@@ -102,7 +117,7 @@ class ModelSpec(_Strict):
     path: str
     backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
     precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = "fp32"
-    batch_size: int | Literal["auto"] = 64
+    batch_size: int | Literal["auto"] = Field(64, description="items per model call (<= 65536), or auto")
     input: InputNorm = Field(default_factory=InputNorm)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
@@ -112,8 +127,8 @@ class ModelSpec(_Strict):
     @field_validator("batch_size")
     @classmethod
     def _batch(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be >= 1 or 'auto'")
+        if isinstance(v, int) and not 1 <= v <= MAX_BATCH:
+            raise ValueError(f"must be between 1 and {MAX_BATCH}, or 'auto'")
         return v
 
 
@@ -147,6 +162,10 @@ class RunSpec(_Strict):
     heartbeat_s: float = Field(10.0, gt=0, le=3600, description="seconds between lease and status.json heartbeats")
     lease_stale_s: float = Field(
         120.0, gt=0, description="a lease whose heartbeat is older than this belongs to a dead run and is taken over")
+    force_workers: bool = Field(False, description="allow more local workers than the machine has cores")
+    max_worker_memory: int | None = Field(
+        None, ge=1 << 20, description="bytes one worker's batches in flight may hold; default: "
+                                      "the machine's memory shared among its workers")
 
 
 class JobSpec(_Strict):
@@ -195,8 +214,12 @@ class JobSpec(_Strict):
 # loading
 
 
+_UNION_TAGS = ("function-", "literal[", "list[", "dict[")
+
+
 def _format_loc(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if not str(p).startswith(("function-", "literal["))]
+    parts = [str(p) for p in loc
+             if not str(p).startswith(_UNION_TAGS) and str(p) not in ("int", "str", "float", "bool")]
     return ".".join(p if not p.isdigit() else f"[{p}]" for p in parts).replace(".[", "[")
 
 
@@ -227,9 +250,11 @@ def parse_job(data: dict[str, Any], source: str | None = None, base_dir: Path | 
 
 
 def _resolve(value: str, base_dir: Path) -> str:
+    value, glob = split_glob(value)
+    prefix = GLOB_PREFIX if glob else ""
     if is_remote(value) or value.startswith("file://") or os.path.isabs(value):
-        return value
-    return str((base_dir / value).resolve())
+        return prefix + value
+    return prefix + str((base_dir / value).resolve())
 
 
 def _resolve_paths(job: JobSpec, base_dir: Path) -> JobSpec:
@@ -255,7 +280,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise SpecError([("--set", f"empty key in {text!r}")])
-    return path, yaml.safe_load(raw) if raw.strip() else ""
+    return path, load_yaml_text(raw, "--set") if raw.strip() else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
@@ -277,14 +302,69 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
     return data
 
 
+#: bounds on a YAML document (a spec, a profile, a --set value): a few hundred bytes of aliases
+#: must not expand into gigabytes, nor deep nesting into a RecursionError
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that counts nodes as composed, an alias as the whole subtree it
+    repeats, and refuses a document past MAX_YAML_NODES or nested past MAX_YAML_DEPTH before
+    anything is expanded (the billion-laughs alias bomb, ``[[[[...]]]]``)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.depth = self.nodes = 0
+        self.sizes: dict[int, int] = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            anchored = self.anchors.get(self.peek_event().anchor)
+            self._count(self.sizes.get(id(anchored), 1))
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_YAML_DEPTH} levels")
+        before = self.nodes
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        self._count(1)
+        self.sizes[id(node)] = self.nodes - before
+        return node
+
+    def _count(self, n: int) -> None:
+        self.nodes += n
+        if self.nodes > MAX_YAML_NODES:
+            raise ValueError(f"more than {MAX_YAML_NODES} values once aliases are expanded "
+                             "(an alias bomb?)")
+
+
+def load_yaml_text(text: str, source: str | None = None) -> Any:
+    """Parse YAML within the bounds above; a problem is a SpecError naming ``source``."""
+    if len(text.encode()) > MAX_YAML_BYTES:
+        raise SpecError([("", f"larger than {MAX_YAML_BYTES >> 20} MiB: not a job spec")], source)
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise SpecError([("", f"not valid YAML: {exc}")], source) from None
+    except ValueError as exc:
+        raise SpecError([("", f"refused: {exc}")], source) from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise SpecError([("", f"job spec file not found: {p}")], str(p))
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError([("", f"not valid YAML: {exc}")], str(p)) from None
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise SpecError([("", f"larger than {MAX_YAML_BYTES >> 20} MiB: not a job spec")], str(p))
+    data = load_yaml_text(p.read_text(errors="replace"), str(p))
     return data if data is not None else {}
 
 

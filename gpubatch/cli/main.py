@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, SpecError
+from gpubatch.io.redact import safe_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +67,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, args.set)
     preflight(job)
-    print(f"{args.job}: valid ({job.kind} job '{job.name}')")
+    print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}')")
     return EXIT_OK
 
 
@@ -78,7 +79,7 @@ def _run_and_report(job_path: str, sets: list[str], **options: Any) -> int:
     job = load_job(job_path, sets)
     result = run_job(job, **options)
     print(format_summary(result.report))
-    print(f"outputs: {result.output_uri}")
+    print(f"outputs: {safe_text(result.output_uri)}")
     return result.exit_code
 
 
@@ -222,9 +223,13 @@ COMMANDS = {"validate": _cmd_validate, "run": _cmd_run, "submit": _cmd_submit, "
 
 
 def _setup_logging(verbose: bool) -> None:
-    """gpubatch's own lines at INFO; Dask's chatter only when it is an error."""
+    """gpubatch's own lines at INFO, redacted and printable; Dask's chatter only when it is an
+    error; the input libraries' warnings routed into gpubatch's log at DEBUG (``-v``)."""
+    from gpubatch.core.logs import SafeFormatter, route_library_logs
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    route_library_logs()
     log = logging.getLogger("gpubatch")
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except GpubatchError as exc:
-        print(f"gpubatch: {exc}", file=sys.stderr)
+        print(f"gpubatch: {safe_text(exc, keep_newlines=True)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("gpubatch: interrupted; rerun with --resume to finish", file=sys.stderr)

@@ -7,6 +7,8 @@ exit 1.
 
 from __future__ import annotations
 
+from gpubatch.io.redact import safe_text
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -31,7 +33,8 @@ class SpecError(GpubatchError):
     def __init__(self, problems: list[tuple[str, str]] | str, source: str | None = None):
         if isinstance(problems, str):
             problems = [("", problems)]
-        self.problems = problems
+        # Messages quote values, paths and URIs from the spec: no credentials, no control codes.
+        self.problems = [(safe_text(p), safe_text(m, keep_newlines=True)) for p, m in problems]
         self.source = source
         super().__init__(self._format())
 
@@ -49,11 +52,15 @@ class InputError(GpubatchError):
     Raised inside a shard; the runner quarantines the shard's input with this message and the run
     goes on. ``retryable`` says whether trying again could help (a storage timeout) or not (a
     corrupt file), so that permanent failures are not retried pointlessly.
+
+    The URI is redacted and both parts made printable here, once, because the message travels
+    to the audit trail, the report, the terminal and logs: none may carry a credential or a
+    control character from a file name.
     """
 
     def __init__(self, input_uri: str, message: str, *, retryable: bool = False):
-        self.input_uri = input_uri
-        self.message = message
+        self.input_uri = safe_text(input_uri)
+        self.message = safe_text(message)
         self.retryable = retryable
         super().__init__(f"{input_uri}: {message}")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from gpubatch.io.redact import redact
+
 DONE = "done"
 FAILED = "failed"
 
@@ -55,6 +57,15 @@ class ShardResult:
     model_sha256: str | None = None
     spec_sha256: str | None = None
     run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        # A result is written to the manifest, the audit trail and the report: it names its
+        # input without credentials, whoever built it.
+        self.input = redact(self.input)
+        if self.error:
+            self.error = redact(self.error)
+        if self.traceback:
+            self.traceback = redact(self.traceback)
 
     @property
     def ok(self) -> bool:

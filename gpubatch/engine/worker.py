@@ -66,14 +66,16 @@ def _use_system_arrow_pool() -> None:
 
 
 def _configure_worker_once(ctx: RunContext) -> None:
-    """Per worker process, once: malloc arenas, and the profile's storage settings (the stage cache
-    lives on between shards, so it is configured again only when the settings change).
+    """Per worker process, once: malloc arenas, library warnings into the log, and the profile's
+    storage settings (the stage cache lives on between shards, so it is configured again only
+    when the settings change).
 
     Locked: a worker's first two shards start together, and a second configuration would
     replace the stage cache (deleting its files) under the first shard's downloads.
     """
     import json
 
+    from gpubatch.core.logs import route_library_logs
     from gpubatch.io.stage_cache import configure_stage_cache
     from gpubatch.io.storage import configure_storage
 
@@ -81,6 +83,7 @@ def _configure_worker_once(ctx: RunContext) -> None:
         if "malloc" not in _CONFIGURED:
             _limit_malloc_arenas()
             _use_system_arrow_pool()
+            route_library_logs()
             _CONFIGURED["malloc"] = "capped"
         key = json.dumps(ctx.storage_profile or {}, sort_keys=True, default=str)
         if _CONFIGURED.get("key") != key:

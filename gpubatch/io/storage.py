@@ -30,9 +30,9 @@ from gpubatch.io.ranges import (
     RangeReader,
     RetryingReader,
 )
-from gpubatch.io.redact import redact, register_secrets
+from gpubatch.io.redact import redact, register_secrets, register_uri
 from gpubatch.io.retry import RetryPolicy, call_with_retries
-from gpubatch.io.uris import has_magic, is_remote, local_path, protocol_of, uri_name
+from gpubatch.io.uris import has_magic, is_remote, local_path, protocol_of, split_glob, uri_name
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -61,6 +61,7 @@ def resolve_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """
     merged = {**_profile_options, **(options or {})}
     register_secrets(merged)
+    register_uri(uri)
     protocol = protocol_of(uri)
     if protocol != "file":  # a long run must see objects written after it listed a prefix
         merged.setdefault("use_listings_cache", False)
@@ -262,22 +263,33 @@ def _glob_remote(fs: Any, path: str, pattern: str) -> list[str]:
 
 
 def expand_uris(patterns: list[str], options: dict[str, Any] | None = None) -> list[str]:
-    """Expand globs (local or remote) into a sorted, de-duplicated list of URIs.
+    """Expand input patterns into a sorted, de-duplicated list of URIs: literal before glob.
 
-    Remote names without a glob are kept as given (existence is checked on the worker, where a
-    missing object quarantines just that slide); remote globs are listed through fsspec.
+    A name that exists is that file, even when it holds ``[ ] * ?`` (``slide[1].svs`` is not a
+    glob for ``slide1.svs``); glob characters expand only when no file has the literal name, or
+    always behind the ``glob:`` prefix (``glob:slides/[ab].svs``). http(s) URLs are never globs
+    (their ``?`` starts a query, which may carry a signature). Remote names without a glob are
+    kept as given: existence is checked on the worker, where a missing object quarantines just
+    that slide.
     """
     out: list[str] = []
-    for pattern in patterns:
-        if is_remote(pattern) and has_magic(pattern.split("://", 1)[1]):
-            fs, path = get_fs(pattern, options)
-            found = [fs.unstrip_protocol(p) for p in _glob_remote(fs, path, pattern)
-                     if not p.endswith("/")]
-        elif is_remote(pattern):
-            found = [pattern]
-        else:
-            path = local_path(pattern)
-            found = sorted(_glob.glob(path)) if has_magic(path) else (
-                [path] if os.path.exists(path) else [])
+    for given in patterns:
+        pattern, forced = split_glob(given)
+        found = _expand_one(pattern, forced, options)
         out.extend(u for u in found if u not in out)
     return out
+
+
+def _expand_one(pattern: str, forced: bool, options: dict[str, Any] | None) -> list[str]:
+    if protocol_of(pattern) in ("http", "https"):
+        return [pattern]
+    if is_remote(pattern):
+        magic = has_magic(pattern.split("://", 1)[1])
+        if not forced and (not magic or exists(pattern, options)):
+            return [pattern]
+        fs, path = get_fs(pattern, options)
+        return [fs.unstrip_protocol(p) for p in _glob_remote(fs, path, pattern) if not p.endswith("/")]
+    path = local_path(pattern)
+    if not forced and os.path.exists(path):
+        return [path]
+    return sorted(_glob.glob(path)) if forced or has_magic(path) else []

@@ -35,6 +35,15 @@ def has_magic(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
+#: the prefix that makes an input a glob even where a file has its literal name
+GLOB_PREFIX = "glob:"
+
+
+def split_glob(uri: str) -> tuple[str, bool]:
+    """(the URI without a ``glob:`` prefix, whether the prefix was there)."""
+    return (uri[len(GLOB_PREFIX):], True) if uri.startswith(GLOB_PREFIX) else (uri, False)
+
+
 def uri_name(uri: str) -> str:
     """The last path component of a URI, without any query string (which may carry a signature)."""
     return os.path.basename(uri.split("?", 1)[0].rstrip("/"))

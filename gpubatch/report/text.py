@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from gpubatch.io.redact import printable, safe_text
+
 
 def _headline(report: dict[str, Any]) -> str:
     model_only = report.get("model_only_items_per_s")
-    return (f"{report.get('name', 'job')}: {report['items']} items in {report['wall_s']:.1f} s "
+    return (f"{printable(report.get('name', 'job'))}: {report['items']} items in {report['wall_s']:.1f} s "
             f"= {report['items_per_s']:.1f} items/s"
             + (f" (model alone: {model_only:.1f} items/s)" if model_only else ""))
 
@@ -40,5 +42,5 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  note: {v['caveat']}")
     if report.get("failed"):
         lines.append(f"quarantined {len(report['failed'])} input(s):")
-        lines.extend(f"  {f['input']}: {f['error']}" for f in report["failed"])
+        lines.extend(f"  {safe_text(f['input'])}: {safe_text(f['error'])}" for f in report["failed"])
     return "\n".join(lines)

@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gpubatch.core.errors import MissingExtraError, SpecError
 from gpubatch.runtime.executors import DaskExecutor, Executor, InlineExecutor
+from gpubatch.spec import load_yaml_text
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 #: a source checkout's configs/, then the copy shipped in the wheel as gpubatch._configs
@@ -40,7 +39,7 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         known = sorted({p.stem for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.yaml")})
         raise SpecError([("run.profile", f"no profile {name_or_path!r}; known: {known} or a path to a YAML file")])
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml_text(path.read_text(errors="replace"), str(path)) or {}
     unknown = set(data) - PROFILE_KEYS
     if unknown:
         raise SpecError([(f"profile {path.name}", f"unknown keys {sorted(unknown)}; known: {sorted(PROFILE_KEYS)}")])

@@ -7,11 +7,15 @@ and ``gpubatch validate`` runs the same checks as ``gpubatch run``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from gpubatch.core.errors import SpecError
 from gpubatch.io.storage import expand_uris, missing_extra
-from gpubatch.io.uris import is_remote, local_path, protocol_of
+from gpubatch.io.uris import is_remote, local_path, protocol_of, split_glob
 from gpubatch.sources import get_source
 from gpubatch.spec import JobSpec
 
@@ -20,7 +24,7 @@ def _missing_filesystems(uris: list[str]) -> list[tuple[str, str]]:
     """Remote schemes whose fsspec backend is not installed: a spec problem, not N quarantines."""
     problems = []
     for i, uri in enumerate(uris):
-        hint = missing_extra(uri)
+        hint = missing_extra(split_glob(uri)[0])
         if hint:
             problems.append((f"input.uris[{i}]", f"{protocol_of(uri)}:// needs an extra package: {hint}"))
     return problems
@@ -33,7 +37,7 @@ def check_local_files(job: JobSpec) -> None:
         problems.append(("model.path", f"file not found: {job.model.path}"))
     if job.kind == "slides":
         for i, uri in enumerate(job.input.uris):
-            if not is_remote(uri) and not expand_uris([uri], job.input.storage):
+            if not is_remote(split_glob(uri)[0]) and not expand_uris([uri], job.input.storage):
                 problems.append((f"input.uris[{i}]", f"matches no file: {uri}"))
     if job.windows is not None:
         w = job.windows
@@ -71,7 +75,60 @@ def check_model_input(job: JobSpec) -> None:
                                         "windows.length and the layout to the model")])
 
 
-def preflight(job: JobSpec) -> None:
-    """Everything ``run`` would refuse before planning: files, extras, the model's input."""
+def check_reference(job: JobSpec) -> None:
+    """A local reference's index is checked against the FASTA now, as planning would check it."""
+    w = job.windows
+    if job.kind != "genome" or w is None or is_remote(w.reference):
+        return
+    from gpubatch.sources.genome.source import GenomeSource
+
+    GenomeSource.contig_table(w.reference, job.input.storage)
+
+
+def machine_memory() -> int:
+    """Physical memory of this machine in bytes (0 where the platform does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_resources(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
+    """Refuse what is known to exhaust the machine before a slide is read: more local workers
+    than cores (unless ``run.force_workers``), and batches in flight larger than a worker's
+    share of memory (``run.max_worker_memory``)."""
+    from gpubatch.runtime.cluster import cpu_count, load_profile
+
+    prof = profile if profile is not None else load_profile(job.run.profile)
+    problems: list[tuple[str, str]] = []
+    local = prof.get("cluster") in ("local", "local-cuda")
+    asked = job.run.workers or (prof.get("workers") if isinstance(prof.get("workers"), int) else None)
+    cores = cpu_count()
+    if local and asked and asked > cores and not job.run.force_workers:
+        problems.append(("run.workers", f"{asked} worker processes on a machine with {cores} cores; "
+                                        "lower it, or set run.force_workers: true"))
+    workers = asked or (1 if not local else cores)
+    budget = job.run.max_worker_memory or machine_memory() // max(workers, 1)
+    if isinstance(job.model.batch_size, int) and budget:
+        shape, dtype = get_source(job.kind).model_input(job, job.model.batch_size)
+        batch = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+        # queued batches travel as uint8 (a quarter of the float input), two float copies at once
+        held = batch * (job.run.prefetch_batches / 4 + 2)
+        if held > budget:
+            problems.append(("model.batch_size", (
+                f"{job.model.batch_size} items make a {batch / 2**30:.2f} GiB model input; with "
+                f"run.prefetch_batches {job.run.prefetch_batches} a worker holds about "
+                f"{held / 2**30:.2f} GiB, over its {budget / 2**30:.2f} GiB "
+                f"({'run.max_worker_memory' if job.run.max_worker_memory else 'memory / workers'}); "
+                "lower model.batch_size, tiles.size or run.prefetch_batches")))
+    if problems:
+        raise SpecError(problems)
+
+
+def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
+    """Everything ``run`` would refuse before planning: files, extras, the model's input, the
+    reference's index, the machine's cores and memory."""
     check_local_files(job)
     check_model_input(job)
+    check_reference(job)
+    check_resources(job, profile)

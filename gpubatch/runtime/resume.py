@@ -19,6 +19,7 @@ from gpubatch.core.files import file_sha256
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity
+from gpubatch.io.uris import split_glob
 from gpubatch.outputs.layout import RUN_DIRS, RUN_STATE, SPEC_RECORD
 from gpubatch.outputs.ledger import Ledger
 from gpubatch.outputs.manifest import Manifest, sweep
@@ -102,11 +103,24 @@ def check_run_model(committed: dict[str, ShardResult], run_model: str) -> None:
                                    "new output.uri")])
 
 
+def _raw_uris(job: JobSpec) -> dict[str, str]:
+    """The spec's own URIs by their redacted form: a committed shard names its input redacted,
+    and a presigned URL is only readable with its signature."""
+    w = job.windows
+    named = [split_glob(u)[0] for u in job.input.uris] + ([w.reference, w.variants or ""] if w else [])
+    return {redact(u): u for u in named if u}
+
+
 def _changed_inputs(entries: Any, job: JobSpec) -> list[ShardResult]:
     entries = list(entries)
     inputs = sorted({e.input for e in entries})
+    raw = _raw_uris(job)
+
+    def identity(uri: str) -> dict[str, Any]:
+        return input_identity(raw.get(uri) or uri, job.input.storage)
+
     with ThreadPoolExecutor(IDENTITY_THREADS) as pool:
-        now = dict(zip(inputs, pool.map(lambda uri: input_identity(uri, job.input.storage), inputs), strict=True))
+        now = dict(zip(inputs, pool.map(identity, inputs), strict=True))
     return [e for e in entries if e.input_identity and now[e.input] != e.input_identity]
 
 

@@ -65,7 +65,7 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     """Run a validated job to completion; see the module docstring for the failure rules."""
     prof = load_profile(profile or job.run.profile)
     start_worker_imports(prof)
-    preflight(job)
+    preflight(job, prof)
     store = OutputStore(job.output.uri, job.output.storage)
     guard_output(store, job.output.uri)
     run = _Run(job, prof, store)

@@ -21,6 +21,7 @@ import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import GpubatchError, InputError
+from gpubatch.io.redact import redact
 from gpubatch.sources.base import Shard, Source
 from gpubatch.spec import JobSpec
 
@@ -133,7 +134,7 @@ def draw_items(job: JobSpec, source: Source, shards: list[Shard], settings: Samp
         try:
             got = _read_shard(source, shard, job, quota)
         except InputError as exc:
-            log.warning("sampling skipped %s: %s", shard.input_uri, exc)
+            log.warning("sampling skipped %s: %s", redact(shard.input_uri), redact(str(exc)))
             continue
         if got is not None:
             raws.append(got[0])

@@ -17,10 +17,7 @@ runs outside the contig, which is how windows past a contig end are defined.
 
 from __future__ import annotations
 
-import bisect
 import re
-import struct
-import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,6 +28,15 @@ from gpubatch.core.errors import InputError
 from gpubatch.io.storage import exists, open_ranges, read_bytes, zarr_options
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
+from gpubatch.sources.genome.indexes import (
+    FaiEntry,
+    check_fai,
+    check_gzi,
+    read_bgzf_range,
+    read_fai,
+    read_gzi,
+    uncompressed_size,
+)
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -89,62 +95,6 @@ def reference_format(uri: str, storage_options: dict[str, Any] | None = None) ->
     return "fasta"
 
 
-def _no_index(uri: str, what: str) -> InputError:
-    return InputError(uri, f"FASTA index {uri}{what} not found; make it with `samtools faidx {uri}` "
-                           f"(bgzip files get .fai and .gzi), or convert the FASTA once with "
-                           f"`gpubatch ingest genome {uri} OUT.zarr` and use the zarr as "
-                           f"windows.reference")
-
-
-@dataclass(frozen=True)
-class FaiEntry:
-    """One ``.fai`` line: where a contig's bases start and how its lines are laid out."""
-
-    length: int
-    offset: int
-    line_bases: int
-    line_width: int
-
-    def byte(self, pos: int) -> int:
-        """Byte offset (in the uncompressed file) of 0-based base ``pos``."""
-        return self.offset + (pos // self.line_bases) * self.line_width + pos % self.line_bases
-
-
-def read_fai(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, FaiEntry]:
-    """Parse ``uri + '.fai'``; a missing index says how to make one."""
-    fai_uri = uri + ".fai"
-    if not exists(fai_uri, storage_options):
-        raise _no_index(uri, ".fai")
-    entries: dict[str, FaiEntry] = {}
-    for n, line in enumerate(read_bytes(fai_uri, storage_options).decode().splitlines(), start=1):
-        fields = line.split("\t")
-        if not line.strip():
-            continue
-        try:
-            name, length, offset, lb, lw = fields[0], *map(int, fields[1:5])
-        except (ValueError, IndexError):
-            raise InputError(fai_uri, f"line {n}: expected 5 tab-separated fields "
-                                      f"(name, length, offset, linebases, linewidth), got {line!r}") from None
-        entries[name] = FaiEntry(length, offset, max(lb, 1), max(lw, 1))
-    return entries
-
-
-def read_gzi(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
-    """Parse a ``.gzi``: (compressed offsets, uncompressed offsets) of BGZF block starts."""
-    gzi_uri = uri + ".gzi"
-    if not exists(gzi_uri, storage_options):
-        raise _no_index(uri, ".gzi")
-    raw = read_bytes(gzi_uri, storage_options)
-    (count,) = struct.unpack_from("<Q", raw, 0)
-    pairs = np.frombuffer(raw, dtype="<u8", count=2 * count, offset=8).reshape(-1, 2)
-    coffs, uoffs = [0], [0]
-    for c, u in pairs.tolist():
-        if u != uoffs[-1]:
-            coffs.append(int(c))
-            uoffs.append(int(u))
-    return coffs, uoffs
-
-
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
 
 
@@ -176,8 +126,28 @@ def load_contigs(uri: str, storage_options: dict[str, Any] | None = None) -> Con
     if reference_format(uri, storage_options) == "zarr":
         _, meta = _zarr_meta(uri, storage_options)
         return ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]))
-    fai = read_fai(uri, storage_options)
+    fai, _ = read_checked_index(uri, reference_format(uri, storage_options), storage_options)
     return ContigTable(tuple(fai), tuple(e.length for e in fai.values()))
+
+
+def read_checked_index(uri: str, fmt: str, storage_options: dict[str, Any] | None = None,
+                       ) -> tuple[dict[str, FaiEntry], tuple[list[int], list[int]] | None]:
+    """The .fai (and .gzi for bgzip), checked against the FASTA with a few small reads.
+
+    Run at plan time, once per job: an index that does not match its file is refused there,
+    naming the contig, instead of yielding shifted or truncated windows.
+    """
+    fai = read_fai(uri, storage_options)
+    gzi = read_gzi(uri, storage_options) if fmt == "bgzip" else None
+    with open_ranges(uri, storage_options) as reader:
+        size = reader.size()
+        if gzi is None:
+            check_fai(uri, fai, size, reader.fetch_many)
+            return fai, None
+        check_gzi(uri, gzi, size, reader.fetch_many)
+        plain = uncompressed_size(reader, gzi)
+        check_fai(uri, fai, plain, lambda spans: [read_bgzf_range(reader, gzi, a, b) for a, b in spans])
+    return fai, gzi
 
 
 class Reference(ABC):
@@ -247,30 +217,11 @@ class FastaReference(Reference):
         if self.gzi is None:
             with self._part("storage"):
                 return self.ranges.fetch(b0, b1)
-        coffs, uoffs = self.gzi
-        first = bisect.bisect_right(uoffs, b0) - 1
-        last = bisect.bisect_left(uoffs, b1)  # first block starting at or after b1
-        c_end = coffs[last] if last < len(coffs) else None
         with self._part("storage"):
-            comp = self.ranges.fetch(coffs[first], c_end if c_end is not None else self.ranges.size())
-        with self._part("decode"):
-            plain = inflate_bgzf(comp)
-        return plain[b0 - uoffs[first] : b1 - uoffs[first]]
+            return read_bgzf_range(self.ranges, self.gzi, b0, b1)
 
     def close(self) -> None:
         self.ranges.close()
-
-
-def inflate_bgzf(data: bytes) -> bytes:
-    """Decompress a run of concatenated BGZF (gzip) members."""
-    parts: list[bytes] = []
-    while data:
-        d = zlib.decompressobj(31)
-        parts.append(d.decompress(data))
-        if not d.eof:
-            break
-        data = d.unused_data
-    return b"".join(parts)
 
 
 class ZarrReference(Reference):

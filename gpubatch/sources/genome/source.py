@@ -37,6 +37,7 @@ import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError, SpecError
+from gpubatch.io.redact import redact
 from gpubatch.ops.kernels import reverse_complement_codes
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
@@ -99,7 +100,7 @@ class _GenomeReader(ShardReader):
 
     def _base_attrs(self, contigs: list[str]) -> dict[str, Any]:
         return {
-            "reference": self.reference.uri, "reference_format": self.reference.format,
+            "reference": redact(self.reference.uri), "reference_format": self.reference.format,
             "reference_contigs": len(self.reference.contigs.names), "contigs": sorted(set(contigs)),
             "length": self.length, "stride": _stride(self.w),
             "reverse_complement": self.w.reverse_complement, "layout": self.w.encoding.layout,
@@ -177,7 +178,7 @@ class VariantReader(_GenomeReader):
         self.v = {k: p[k] for k in ("variant_id", "chrom", "pos", "ref", "alt")}
         self.spans = [variant_span(pos, ref, alt, self.length)
                       for pos, ref, alt in zip(p["pos"], p["ref"], p["alt"], strict=True)]
-        self.attrs = {**self._base_attrs(p["chrom"]), "mode": "variants", "variants_uri": p["uri"],
+        self.attrs = {**self._base_attrs(p["chrom"]), "mode": "variants", "variants_uri": redact(p["uri"]),
                       "variants": len(self.spans), "ref_mismatches": 0,
                       "window_rule": "start = POS-1 - length//2; alt = (left flank + ALT + right flank)[:length]",
                       "plan_counts": p.get("plan_counts", {})}
@@ -230,7 +231,7 @@ class GenomeSource(Source):
     def plan(self, job: JobSpec) -> tuple[list[Shard], list[dict[str, str]]]:
         """Shards from metadata only: the contig table, then the BED/regions or the VCF positions."""
         w = _windows(job)
-        contigs = self._contigs(w.reference, job.input.storage)
+        contigs = self.contig_table(w.reference, job.input.storage)
         if w.variants:
             return self._plan_variants(w, contigs, job.input.storage)
         regions = resolve_regions(w.regions, contigs, job.input.storage)
@@ -240,11 +241,12 @@ class GenomeSource(Source):
         return shards, []
 
     @staticmethod
-    def _contigs(uri: str, storage: dict[str, Any]) -> ContigTable:
+    def contig_table(uri: str, storage: dict[str, Any]) -> ContigTable:
+        """The reference's contigs, its index checked against it; a problem is a spec error."""
         try:
             return load_contigs(uri, storage)
         except InputError as exc:
-            raise SpecError([("windows.reference", f"{uri}: {exc.message}")]) from None
+            raise SpecError([("windows.reference", f"{exc.input_uri}: {exc.message}")]) from None
 
     @staticmethod
     def _plan_variants(w: WindowsSpec, contigs: ContigTable,

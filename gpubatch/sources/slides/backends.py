@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,7 @@ import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import GpubatchError, InputError
+from gpubatch.core.logs import collect_warnings, reading, route_library_logs
 from gpubatch.io.ranges import RangeReader
 from gpubatch.io.storage import open_ranges
 
@@ -32,6 +34,11 @@ METADATA_ALLOWLIST = ("width", "height", "level_count", "level_dimensions", "lev
                       "mpp", "magnification", "vendor", "backend")
 WHITE = 255
 JPEG = 7  # TIFF compression tag value
+#: TIFF compression tag values of JPEG 2000 (Aperio's two, and the standard one)
+JPEG2000 = (33003, 33004, 33005, 34712)
+YCBCR, RGB = 6, 2  # TIFF photometric tag values
+#: microns per pixel a scanned slide can have; a TIFF resolution outside it is not a scan's
+MPP_RANGE = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,9 @@ class SlideBackend(ABC):
         raise GpubatchError(f"tiles.decoder: gpu needs a JPEG TIFF read by tifffile; "
                             f"this slide is read by {self.info.backend}")
 
+    def accept_corrupt_tiles(self) -> None:  # noqa: B027 - optional
+        """``tiles.integrity: lenient``: decode what the decoder can, warnings or not."""
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release handles."""
 
@@ -151,8 +161,28 @@ def _mpp_from_tiff(tif: Any) -> tuple[float | None, float | None, str]:
     res_unit = int(page.resolutionunit)
     xres = page.resolution[0] if page.resolution else 0.0
     if xres > 0 and res_unit in (2, 3):  # inch, centimeter
-        return (25400.0 if res_unit == 2 else 10000.0) / xres, None, "generic-tiff"
+        scan = (25400.0 if res_unit == 2 else 10000.0) / xres
+        # 1 or 72 pixels per inch are writers' defaults, not a microscope's resolution
+        return (scan if MPP_RANGE[0] <= scan <= MPP_RANGE[1] else None), None, "generic-tiff"
     return None, None, "generic-tiff"
+
+
+def _check_page(page: Any, level: int, decompressors: Any) -> None:
+    """A level tifffile can tile-decode, whose IFD is whole: one offset and count per tile.
+
+    A malformed IFD (tile tables shorter than the tile grid) would otherwise surface mid-read as
+    ``IndexError: tuple index out of range``, without the file's name, and be retried.
+    """
+    if not page.is_tiled or page.shape[-1] not in (3, 4) or page.dtype != np.uint8:
+        raise TypeError("not a tiled RGB uint8 pyramid")
+    if page.planarconfig != 1:
+        raise TypeError("planar (separate) sample layout")
+    if page.compression != 1 and page.compression not in decompressors:
+        raise TypeError(f"unsupported TIFF compression {int(page.compression)}")
+    tiles = int(np.prod(page.chunked))
+    if len(page.dataoffsets) != tiles or len(page.databytecounts) != tiles:
+        raise TypeError(f"malformed IFD at level {level}: {len(page.dataoffsets)} tile offsets and "
+                        f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
 
 
 class TiffBackend(SlideBackend):
@@ -163,26 +193,34 @@ class TiffBackend(SlideBackend):
         import tifffile
 
         self.path = path
-        self.tif = tifffile.TiffFile(fileobj if fileobj is not None else path)
-        series = self.tif.series[0]
-        self.pages = [lvl.keyframe for lvl in series.levels]
-        for page in self.pages:
-            if not page.is_tiled or page.shape[-1] not in (3, 4) or page.dtype != np.uint8:
-                raise TypeError("not a tiled RGB uint8 pyramid")
-            if page.planarconfig != 1:
-                raise TypeError("planar (separate) sample layout")
-            if page.compression != 1 and page.compression not in tifffile.TIFF.DECOMPRESSORS:
-                raise TypeError(f"unsupported TIFF compression {int(page.compression)}")
+        route_library_logs(python_warnings=False)
+        with reading(path):  # tifffile's warnings about this file's tags name the file
+            self.tif = tifffile.TiffFile(fileobj if fileobj is not None else path)
+            series = self.tif.series[0]
+            self.pages = [lvl.keyframe for lvl in series.levels]
+            for level, page in enumerate(self.pages):
+                _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
+            mpp, mag, vendor = _mpp_from_tiff(self.tif)
         self.ranges = ranges if ranges is not None else open_ranges(path, clocks=clocks)
         dims = tuple((int(p.shape[1]), int(p.shape[0])) for p in self.pages)
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
-        mpp, mag, vendor = _mpp_from_tiff(self.tif)
         self.info = SlideInfo(dims, downs, mpp, mag, vendor, "tifffile")
         self.cache = DecodedTileCache(cache_bytes)
         self.gpu_decode = False
+        #: corrupt tile data is an error (tiles.integrity: strict), never silently wrong pixels
+        self.strict = True
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
+        try:
+            return self._read_boxes(level, boxes, clocks)
+        except (IndexError, KeyError, ValueError, TypeError, struct.error) as exc:
+            # A file whose structure lies about its data fails the same way every time: an input
+            # error with the file's name, not a retryable crash.
+            raise InputError(self.path, f"malformed TIFF data at level {level}: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+
+    def _read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         page = self.pages[level]
         th, tw, nx = page.tilelength, page.tilewidth, page.chunked[1]
         height, width = int(page.shape[0]), int(page.shape[1])
@@ -251,17 +289,51 @@ class TiffBackend(SlideBackend):
         if not blob:  # sparse tile: openslide shows it as background
             return np.full((th, tw, 3), WHITE, dtype=np.uint8)
         try:
-            segment, _, _ = page.decode(blob, index, jpegtables=page.jpegtables)
+            with reading(self.path), collect_warnings() as complaints:
+                segment = self._decode_checked(page, blob, index)
+            if complaints and self.strict and int(page.compression) in JPEG2000:
+                raise ValueError(f"JPEG 2000 decoder: {complaints[0]}")
         except Exception as exc:
-            raise InputError(self.path, f"corrupt tile {index} at level {self.pages.index(page)}: {exc}") from exc
+            raise InputError(self.path, f"corrupt tile {index} at level {self.pages.index(page)}: {exc}"
+                             + ("" if not self.strict else " (tiles.integrity: lenient decodes what it "
+                                "can instead)")) from exc
         tile = np.asarray(segment).reshape(th, tw, -1)
         if tile.shape[-1] == 4:
             tile = _composite_on_white(tile)
         return tile[..., :3]
 
+    def _decode_checked(self, page: Any, blob: bytes, index: int) -> Any:
+        """Decode one stored tile; with ``strict``, libjpeg's warnings (corrupt data, premature
+        end, extraneous bytes) raise instead of yielding silently wrong pixels.
+
+        imagecodecs discards libjpeg's warnings, so JPEG goes through simplejpeg (the same
+        libjpeg-turbo, with TurboJPEG's stop-on-warning): the decode itself for YCbCr tiles, whose
+        pixels are identical to tifffile's; a check at 1/8 scale (entropy decoding, where the
+        warnings arise, without the full inverse DCT) before tifffile's decode for tiles tifffile
+        reads as raw RGB (Aperio). JPEG 2000 warnings are collected from imagecodecs' log.
+        """
+        if self.strict and int(page.compression) == JPEG:
+            import simplejpeg
+
+            whole = page.jpegtables[:-2] + blob[2:] if page.jpegtables else blob
+            if _decodes_as_ycbcr(page):
+                return simplejpeg.decode_jpeg(whole, colorspace="RGB", strict=True)
+            simplejpeg.decode_jpeg(whole, colorspace="RGB", strict=True, min_factor=8)
+        segment, _, _ = page.decode(blob, index, jpegtables=page.jpegtables)
+        return segment
+
+    def accept_corrupt_tiles(self) -> None:
+        self.strict = False
+
     def close(self) -> None:
         self.tif.close()
         self.ranges.close()
+
+
+def _decodes_as_ycbcr(page: Any) -> bool:
+    """Whether tifffile decodes this JPEG page from YCbCr to RGB (libjpeg's default conversion)."""
+    plain = not page.extrasamples and page.planarconfig == 1
+    return plain and (page.photometric == YCBCR or (page.photometric == RGB and page.is_jfif))
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:

@@ -65,16 +65,35 @@ def choose_level(info: SlideInfo, tiles: TilesSpec, uri: str) -> tuple[int, floa
     return level, downsample
 
 
+def check_level_size(info: SlideInfo, level: int, tiles: TilesSpec, uri: str, why: str) -> None:
+    """Refuse a level larger than ``tiles.max_level_pixels`` before any of it is read."""
+    w, h = info.level_dimensions[level]
+    if w * h > tiles.max_level_pixels:
+        raise InputError(uri, f"level {level} ({why}) is {w} x {h} pixels, over tiles.max_level_pixels "
+                              f"({tiles.max_level_pixels}); raise it if the slide is real")
+
+
 def make_grid(info: SlideInfo, tiles: TilesSpec, uri: str) -> TileGrid:
-    """Every complete tile of the slide at the requested resolution, row-major."""
+    """Every complete tile of the slide at the requested resolution, row-major.
+
+    Bounded before anything is allocated: the level read must fit ``tiles.max_level_pixels``,
+    the grid ``tiles.max_tiles`` and one tile ``tiles.max_read_bytes``.
+    """
     level, downsample = choose_level(info, tiles, uri)
+    check_level_size(info, level, tiles, uri, "the level tiles are read from")
     level_ds = info.level_downsamples[level]
     read_size = max(1, int(round(tiles.size * downsample / level_ds)))
+    if read_size * read_size * 3 > tiles.max_read_bytes:
+        raise InputError(uri, f"one tile is read as {read_size} x {read_size} pixels at level {level}, "
+                              f"over tiles.max_read_bytes ({tiles.max_read_bytes} bytes)")
     extent = tiles.size * downsample  # tile edge in level-0 pixels
     step = max(extent * (1.0 - tiles.overlap), 1.0)
     w0, h0 = info.level_dimensions[0]
     nx = int(math.floor((w0 - extent) / step)) + 1 if w0 >= extent else 0
     ny = int(math.floor((h0 - extent) / step)) + 1 if h0 >= extent else 0
+    if nx * ny > tiles.max_tiles:
+        raise InputError(uri, f"the grid has {nx} x {ny} = {nx * ny} tiles, over tiles.max_tiles "
+                              f"({tiles.max_tiles}); raise it, or lower tiles.overlap")
     col_grid, row_grid = np.meshgrid(np.arange(nx), np.arange(ny))
     cols, rows = col_grid.ravel(), row_grid.ravel()
     xs = np.round(cols * step).astype(np.int64)
@@ -98,10 +117,17 @@ def resize(tiles: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def block_ids(grid: TileGrid, read_block: int) -> np.ndarray:
-    """Block id of each tile: tiles whose level-pixel extent fits in about read_block share a block."""
+def block_ids(grid: TileGrid, read_block: int, max_read_bytes: int | None = None) -> np.ndarray:
+    """Block id of each tile: tiles whose level-pixel extent fits in about read_block share a block.
+
+    A block holds at most ``max_read_bytes`` of decoded tiles: with a large overlap many tiles
+    share each read pixel, and a block of ``read_block`` pixels would otherwise hold thousands.
+    """
     step_level = max((grid.xs[1] - grid.xs[0]) / grid.level_downsample, 1.0) if len(grid) > 1 else grid.read_size
     per_block = max(1, int((read_block - grid.read_size) // max(step_level, 1)) + 1)
+    if max_read_bytes is not None:
+        fits = int(math.isqrt(max(max_read_bytes // (grid.read_size * grid.read_size * 3), 1)))
+        per_block = max(1, min(per_block, fits))
     bcols = grid.cols // per_block
     brows = grid.rows // per_block
     return brows * (int(bcols.max()) + 1 if len(bcols) else 1) + bcols

@@ -99,6 +99,9 @@ class StagedBackend(SlideBackend):
     def use_gpu_decode(self) -> None:
         self.inner.use_gpu_decode()
 
+    def accept_corrupt_tiles(self) -> None:
+        self.inner.accept_corrupt_tiles()
+
     def close(self) -> None:
         try:
             self.inner.close()

@@ -17,12 +17,13 @@ from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.core.files import safe_filename
 from gpubatch.core.results import ShardResult
+from gpubatch.io.redact import redact
 from gpubatch.io.uris import uri_name
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.outputs.store import OutputStore
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
 from gpubatch.sources.slides.backends import SlideBackend
-from gpubatch.sources.slides.grid import block_ids, make_grid, resize
+from gpubatch.sources.slides.grid import block_ids, check_level_size, make_grid, resize
 from gpubatch.sources.slides.tissue import filter_tissue
 from gpubatch.spec import JobSpec
 
@@ -33,10 +34,13 @@ class SlideReader(ShardReader):
     def __init__(self, shard: Shard, job: JobSpec, backend: SlideBackend, clocks: StageClocks):
         self.shard, self.job, self.backend = shard, job, backend
         grid = make_grid(backend.info, job.tiles, shard.input_uri)
+        if job.tiles.tissue.method != "none":
+            check_level_size(backend.info, len(backend.info.level_dimensions) - 1, job.tiles,
+                             shard.input_uri, "the coarsest, read for the tissue mask")
         self.grid = filter_tissue(grid, backend, job.tiles, clocks)
         self.clocks = clocks
         self.attrs = {
-            "slide": shard.input_uri, "level": self.grid.level, "tile_size": job.tiles.size,
+            "slide": redact(shard.input_uri), "level": self.grid.level, "tile_size": job.tiles.size,
             "mpp": (backend.info.mpp * self.grid.downsample) if backend.info.mpp else None,
             "read_size": self.grid.read_size, "extent_level0": job.tiles.size * self.grid.downsample,
             "grid_tiles": len(grid), "tissue_tiles": len(self.grid),
@@ -50,7 +54,7 @@ class SlideReader(ShardReader):
     def read_units(self) -> Iterator[ReadUnit]:
         if not len(self.grid):
             return
-        blocks = block_ids(self.grid, self.job.tiles.read_block)
+        blocks = block_ids(self.grid, self.job.tiles.read_block, self.job.tiles.max_read_bytes)
         order = np.argsort(blocks, kind="stable")
         bounds = np.flatnonzero(np.diff(blocks[order])) + 1
         units = np.split(order, bounds)
@@ -92,9 +96,12 @@ def tile_preprocess(job: JobSpec) -> Preprocess:
 
 
 def slide_key(uri: str) -> str:
-    """A short, filesystem-safe, collision-free name for a slide's outputs."""
-    stem = safe_filename(uri_name(uri) or "slide")
-    return f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
+    """A short, filesystem-safe, collision-free name for a slide's outputs (shard id, part and
+    zarr group names): the file's name and a hash, both of the redacted URI, so no credential
+    reaches a file name and a re-signed URL names the same shard (``--resume`` finds it)."""
+    shown = redact(uri)
+    stem = safe_filename(uri_name(shown) or "slide")
+    return f"{stem}-{hashlib.sha1(shown.encode()).hexdigest()[:8]}"
 
 
 class SlideSource(Source):
@@ -104,17 +111,18 @@ class SlideSource(Source):
         from gpubatch.io.storage import expand_uris
 
         failed: list[dict[str, str]] = []
-        uris: list[str] = []
+        shards: dict[str, Shard] = {}  # by shard id: two URIs that differ only in credentials are one slide
         for pattern in job.input.uris:
             try:
                 found = expand_uris([pattern], job.input.storage)
             except InputError as exc:  # a listing that kept failing: that pattern, not the run
-                failed.append({"input": pattern, "error": exc.message})
+                failed.append({"input": redact(pattern), "error": exc.message})
                 continue
             if not found:
-                failed.append({"input": pattern, "error": "matches no file (check the path or glob)"})
-            uris.extend(u for u in found if u not in uris)
-        return [Shard(slide_key(u), u, {}) for u in uris], failed
+                failed.append({"input": redact(pattern), "error": "matches no file (check the path or glob)"})
+            for uri in found:
+                shards.setdefault(slide_key(uri), Shard(slide_key(uri), uri, {}))
+        return list(shards.values()), failed
 
     def open(self, shard: Shard, job: JobSpec, clocks: StageClocks) -> ShardReader:
         from gpubatch.io.retry import RetryPolicy
@@ -126,6 +134,8 @@ class SlideSource(Source):
         try:
             if job.tiles.decoder == "gpu":
                 backend.use_gpu_decode()
+            if job.tiles.integrity == "lenient":
+                backend.accept_corrupt_tiles()
             return SlideReader(shard, job, backend, clocks)
         except BaseException:
             backend.close()
@@ -143,7 +153,7 @@ class SlideSource(Source):
         release(shard.input_uri)
 
     def constant_columns(self, shard: Shard) -> dict[str, Any]:
-        return {"slide": shard.input_uri}
+        return {"slide": redact(shard.input_uri)}
 
     def write_outputs(self, job: JobSpec, store: OutputStore, results: Sequence[ShardResult]) -> None:
         if "geojson" in job.output.formats:

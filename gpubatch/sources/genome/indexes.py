@@ -1,0 +1,227 @@
+"""FASTA indexes (``.fai``, ``.gzi``): parsed, then checked against the file they index.
+
+An index that disagrees with its FASTA does not fail on its own: an offset one byte off, or one
+line off, makes every window of that contig a shifted sequence, and a short length silently
+truncates a contig. So an index is checked before it is trusted, cheaply: arithmetic over every
+entry (positive lengths, sane line geometry, contigs in file order without overlap, the last base
+inside the file), then a few small reads at sampled contigs (a newline right before the first
+base, after a ``>NAME`` header line; line breaks where the geometry puts them; the contig's end
+where the length puts it). A ``.gzi`` is checked the same way: monotonic block offsets inside the
+compressed file, each sampled one at a BGZF block. Every problem names the contig and the fix.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpubatch.core.errors import InputError
+from gpubatch.io.storage import exists, read_bytes
+
+#: contigs whose bytes are spot-checked (all arithmetic checks cover every contig)
+SAMPLED_CONTIGS = 64
+#: bytes read before a contig's first base to find its header line
+HEADER_WINDOW = 4096
+_BGZF_MAGIC = b"\x1f\x8b\x08\x04"
+REBUILD = "rebuild it with `samtools faidx` (bgzip files get .fai and .gzi)"
+
+
+@dataclass(frozen=True)
+class FaiEntry:
+    """One ``.fai`` line: where a contig's bases start and how its lines are laid out."""
+
+    length: int
+    offset: int
+    line_bases: int
+    line_width: int
+
+    def byte(self, pos: int) -> int:
+        """Byte offset (in the uncompressed file) of 0-based base ``pos``."""
+        return self.offset + (pos // self.line_bases) * self.line_width + pos % self.line_bases
+
+    @property
+    def last_byte(self) -> int:
+        return self.byte(self.length - 1)
+
+
+def no_index(uri: str, what: str) -> InputError:
+    return InputError(uri, f"FASTA index {uri}{what} not found; make it with `samtools faidx {uri}` "
+                           f"(bgzip files get .fai and .gzi), or convert the FASTA once with "
+                           f"`gpubatch ingest genome {uri} OUT.zarr` and use the zarr as "
+                           f"windows.reference")
+
+
+def read_fai(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, FaiEntry]:
+    """Parse ``uri + '.fai'``; a missing index says how to make one, a malformed line which it is."""
+    fai_uri = uri + ".fai"
+    if not exists(fai_uri, storage_options):
+        raise no_index(uri, ".fai")
+    entries: dict[str, FaiEntry] = {}
+    for n, line in enumerate(read_bytes(fai_uri, storage_options).decode(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        try:
+            name, length, offset, lb, lw = fields[0], *map(int, fields[1:5])
+        except (ValueError, IndexError, TypeError):
+            raise InputError(fai_uri, f"line {n}: expected 5 tab-separated fields "
+                                      f"(name, length, offset, linebases, linewidth), got {line!r}") from None
+        if name in entries:
+            raise InputError(fai_uri, f"line {n}: contig '{name}' is listed twice; {REBUILD}")
+        entries[name] = FaiEntry(length, offset, lb, lw)
+    if not entries:
+        raise InputError(fai_uri, f"the index lists no contigs (an empty .fai); {REBUILD}")
+    return entries
+
+
+def read_gzi(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
+    """Parse a ``.gzi``: (compressed offsets, uncompressed offsets) of BGZF block starts."""
+    gzi_uri = uri + ".gzi"
+    if not exists(gzi_uri, storage_options):
+        raise no_index(uri, ".gzi")
+    raw = read_bytes(gzi_uri, storage_options)
+    if len(raw) < 8:
+        raise InputError(gzi_uri, f"too short to be a .gzi ({len(raw)} bytes); {REBUILD}")
+    (count,) = struct.unpack_from("<Q", raw, 0)
+    if len(raw) != 8 + 16 * count:
+        raise InputError(gzi_uri, f"says {count} blocks but holds {(len(raw) - 8) / 16:g}; {REBUILD}")
+    pairs = np.frombuffer(raw, dtype="<u8", count=2 * count, offset=8).reshape(-1, 2)
+    coffs, uoffs = [0], [0]
+    for c, u in pairs.tolist():
+        if u != uoffs[-1]:
+            coffs.append(int(c))
+            uoffs.append(int(u))
+    return coffs, uoffs
+
+
+def check_gzi(uri: str, gzi: tuple[list[int], list[int]], compressed_size: int,
+              fetch: Callable[[list[tuple[int, int]]], list[bytes]]) -> None:
+    """Block offsets rise in both files, lie inside the compressed file and land on BGZF blocks."""
+    coffs, uoffs = gzi
+    gzi_uri = uri + ".gzi"
+    for i in range(1, len(coffs)):
+        if coffs[i] <= coffs[i - 1] or uoffs[i] <= uoffs[i - 1] or coffs[i] >= compressed_size:
+            raise InputError(gzi_uri, f"block {i} (compressed offset {coffs[i]}, uncompressed "
+                                      f"{uoffs[i]}) is out of order or past the end of the "
+                                      f"{compressed_size}-byte file; {REBUILD}")
+    picks = _sample(len(coffs), SAMPLED_CONTIGS)
+    heads = fetch([(coffs[i], coffs[i] + 4) for i in picks])
+    for i, head in zip(picks, heads, strict=True):
+        if head != _BGZF_MAGIC:
+            raise InputError(gzi_uri, f"block {i} at compressed offset {coffs[i]} is not the start of "
+                                      f"a BGZF block; {REBUILD}")
+
+
+def check_fai(uri: str, fai: dict[str, FaiEntry], size: int,
+              fetch: Callable[[list[tuple[int, int]]], list[bytes]]) -> None:
+    """Check every entry's arithmetic, then sampled contigs' bytes, against the FASTA.
+
+    ``size`` is the uncompressed file's size; ``fetch`` reads uncompressed byte spans.
+    """
+    order = sorted(fai.items(), key=lambda kv: kv[1].offset)
+    prev, end_prev = "", -1
+    for name, e in order:
+        _check_geometry(uri, name, e, size)
+        header = 1 + len(name.encode()) + 1  # ">NAME\n" at the least
+        if e.offset < end_prev + 1 + header:
+            raise InputError(uri, f"contigs '{prev}' and '{name}' overlap in the .fai ('{prev}' ends at "
+                                  f"byte {end_prev}, '{name}' starts at byte {e.offset} after its "
+                                  f"header): an offset or a length is wrong; {REBUILD}")
+        prev, end_prev = name, e.last_byte
+    picks = [order[i] for i in _sample(len(order), SAMPLED_CONTIGS)]
+    spans: list[tuple[int, int]] = []
+    for _, e in picks:
+        spans.append((max(0, e.offset - HEADER_WINDOW), min(size, e.offset + e.line_width + 1)))
+        spans.append((max(0, e.last_byte - e.line_width), min(size, e.last_byte + 4)))
+    blobs = fetch(spans)
+    for k, (name, e) in enumerate(picks):
+        head_lo = spans[2 * k][0]
+        _check_start(uri, name, e, blobs[2 * k], head_lo)
+        _check_end(uri, name, e, blobs[2 * k + 1], spans[2 * k + 1][0])
+
+
+def _check_geometry(uri: str, name: str, e: FaiEntry, size: int) -> None:
+    problem = None
+    if e.length < 1:
+        problem = f"length {e.length} (must be at least 1)"
+    elif e.offset < 1:
+        problem = f"offset {e.offset} (the first base follows a '>' header line)"
+    elif e.line_bases < 1 or e.line_width - e.line_bases not in (1, 2):
+        problem = (f"line geometry {e.line_bases} bases in {e.line_width} bytes per line (a line "
+                   "holds its bases and one newline, or CR LF)")
+    elif e.last_byte >= size:
+        problem = f"length {e.length} puts its last base at byte {e.last_byte}, past the file's {size} bytes"
+    if problem:
+        raise InputError(uri, f"contig '{name}': the .fai gives {problem}; {REBUILD}")
+
+
+def _check_start(uri: str, name: str, e: FaiEntry, blob: bytes, lo: int) -> None:
+    """A newline right before the first base, closing the line ``>NAME ...``; a full first line."""
+    at = e.offset - lo
+    fail = f"contig '{name}': the .fai offset {e.offset} is not where its sequence starts"
+    if at < 1 or blob[at - 1 : at] != b"\n":
+        raise InputError(uri, f"{fail} (the byte before it is not the end of a header line); {REBUILD}")
+    start = blob.rfind(b"\n", 0, at - 1) + 1
+    if start > 0 or lo == 0:
+        line = blob[start : at - 1].rstrip(b"\r")
+        if not line.startswith(b">") or line[1:].split(maxsplit=1)[:1] != [name.encode()]:
+            raise InputError(uri, f"{fail} (the line before it is not '>{name}'); {REBUILD}")
+    first = blob[at : at + min(e.line_bases, e.length)]
+    if b"\n" in first or b">" in first:
+        raise InputError(uri, f"contig '{name}': its first line is shorter than the .fai's "
+                              f"{e.line_bases} bases per line; {REBUILD}")
+    if e.length > e.line_bases and blob[at + e.line_bases : at + e.line_width].rstrip(b"\r\n"):
+        raise InputError(uri, f"contig '{name}': no line break after {e.line_bases} bases, where the "
+                              f".fai puts one; {REBUILD}")
+
+
+def _check_end(uri: str, name: str, e: FaiEntry, blob: bytes, lo: int) -> None:
+    """The last base is a base, followed by a line end and then the next header (or nothing)."""
+    at = e.last_byte - lo
+    last, after = blob[at : at + 1], blob[at + 1 :]
+    rest = after.lstrip(b"\r\n")
+    short = after[:1] not in (b"\n", b"\r", b"") or rest[:1] not in (b">", b"")
+    if last in (b"\n", b"\r", b">", b"") or short:
+        raise InputError(uri, f"contig '{name}': the .fai length {e.length} does not end where the "
+                              f"sequence ends (the contig is longer or shorter); {REBUILD}")
+
+
+def _sample(n: int, k: int) -> list[int]:
+    """Up to ``k`` indexes of ``n``, evenly spread, always the first and the last."""
+    if n <= k:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
+
+
+def read_bgzf_range(reader: Any, gzi: tuple[list[int], list[int]], b0: int, b1: int) -> bytes:
+    """Uncompressed bytes [b0, b1) of a bgzip file: one range read of the blocks that hold them."""
+    coffs, uoffs = gzi
+    first = bisect.bisect_right(uoffs, b0) - 1
+    last = bisect.bisect_left(uoffs, b1)  # first block starting at or after b1
+    c_end = coffs[last] if last < len(coffs) else reader.size()
+    plain = inflate_bgzf(reader.fetch(coffs[first], c_end))
+    return plain[b0 - uoffs[first] : b1 - uoffs[first]]
+
+
+def uncompressed_size(reader: Any, gzi: tuple[list[int], list[int]]) -> int:
+    """The bgzip file's uncompressed size: where its last block starts, plus that block inflated."""
+    coffs, uoffs = gzi
+    return uoffs[-1] + len(inflate_bgzf(reader.fetch(coffs[-1], reader.size())))
+
+
+def inflate_bgzf(data: bytes) -> bytes:
+    """Decompress a run of concatenated BGZF (gzip) members."""
+    parts: list[bytes] = []
+    while data:
+        d = zlib.decompressobj(31)
+        parts.append(d.decompress(data))
+        if not d.eof:
+            break
+        data = d.unused_data
+    return b"".join(parts)

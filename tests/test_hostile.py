@@ -1,0 +1,433 @@
+"""The hostile-input matrix: what an adversarial user tried, and what must hold (issue 16).
+
+Each case runs real components on inputs made by ``hostile_inputs`` from good files and asserts
+the exact outcome: the exit code, a message naming the file or field, no secret anywhere, memory
+and time bounded. Cases are grouped by what must hold: secrets never leave; indexes are checked;
+literal paths before globs; decoder integrity; bounded everything; spec errors are spec errors;
+a clean terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import shared_file, slide_job, write_job
+from hostile_inputs import (
+    CONTROL_NAME,
+    AuthRangeServer,
+    alias_bomb,
+    deep_yaml,
+    edit_fai,
+    flip_tile_bytes,
+    garble_description,
+    huge_claim_tiff,
+    output_text,
+    random_sequence,
+    shorten_tile_offsets,
+    truncate_tile,
+    write_fasta,
+)
+from s3_fixtures import S3Stack
+
+from gpubatch.cli.demo import write_synthetic_slide
+from gpubatch.core.errors import InputError, SpecError
+from gpubatch.spec import JobSpec
+
+REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["s3_fixtures"]
+
+
+def cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``gpubatch ARGS`` in a fresh process (this checkout's code), output captured."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "gpubatch", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+# -- 1. secrets never leave --------------------------------------------------------------------
+
+
+def _presign(s3: S3Stack, key: str) -> str:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=s3.key,
+                          aws_secret_access_key=s3.secret, region_name="us-east-1")
+    return str(client.generate_presigned_url("get_object", Params={"Bucket": s3.bucket, "Key": key},
+                                              ExpiresIn=3600))
+
+
+def _secret_forms(secret: str) -> list[bytes]:
+    forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}
+    return [f.encode() for f in forms]
+
+
+def test_credentials_in_input_urls_never_leave(tmp_path: Path, s3: S3Stack, classifier: Path) -> None:
+    """A presigned S3 URL and an http://user:SECRET@ URL are read with their credentials, and no
+    byte of a credential reaches any output file (parquet and zarr decoded too), the terminal or
+    the log, for the slides that work and for the ones that fail."""
+    served = tmp_path / "served"
+    served.mkdir()
+    write_synthetic_slide(served / "b.tif", 512, 512, seed=4, levels=1)
+    local = write_synthetic_slide(tmp_path / "a.tif", 512, 512, seed=3, levels=1)
+    s3.upload(local, "signed/a.tif")
+    presigned = _presign(s3, "signed/a.tif")
+    missing = _presign(s3, "signed/missing.tif")
+    password = "pw-SECRET-7c1e9a"
+    server = AuthRangeServer(served, "alice", password)
+    try:
+        uris = [presigned, server.url("b.tif"), missing, server.url("absent.tif")]
+        out = tmp_path / "out"
+        job = slide_job(uris, classifier, out, output={"formats": ["zarr", "parquet", "geojson"]})
+        job_path = write_job(tmp_path / "job.yaml", job)
+        run = cli("-v", "run", str(job_path))
+        resumed = cli("-v", "run", str(job_path), "--resume")  # the signed inputs are known again
+        report = cli("report", str(out), "--html")
+        status = cli("status", str(out))
+    finally:
+        server.close()
+    assert server.requests > 0
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(presigned).query)
+    secrets = [password, s3.key, s3.secret, query["Signature"][0],
+               urllib.parse.parse_qs(urllib.parse.urlsplit(missing).query)["Signature"][0]]
+    assert run.returncode == 3, run.stderr[-3000:]
+    frame = pd.read_parquet(out / "predictions.parquet")
+    assert sorted(frame["slide"].unique()) == sorted([
+        presigned.split("?")[0] + "?AWSAccessKeyId=***&Signature=***&Expires=" + query["Expires"][0],
+        f"http://***@127.0.0.1:{server.port}/b.tif"])
+    assert frame.groupby("slide").size().tolist() == [16, 16]  # 512 px at 0.25 mpp: 4 x 4 tiles of 64 px at 0.5
+    assert "2 shard(s) already committed, skipped" in resumed.stderr
+    terminal = run.stdout + run.stderr + resumed.stdout + resumed.stderr + report.stdout + report.stderr
+    texts = [("terminal", (terminal + status.stdout).encode())]
+    texts += [(str(p.relative_to(out)), data) for p, data in output_text(out)]
+    assert len(texts) > 20 and any("_parts" in name for name, _ in texts)
+    leaks = [(name, s[:6]) for name, data in texts for s in secrets for form in _secret_forms(s) if form in data]
+    assert leaks == []
+    assert "missing.tif" in run.stdout and "absent.tif" in run.stdout  # failures still named
+
+
+# -- 2. indexes are checked --------------------------------------------------------------------
+
+
+@pytest.fixture
+def fasta(tmp_path: Path) -> Path:
+    """Three contigs of 60-base lines (one ends mid-line, one is a single short line), faidx'd."""
+    return write_fasta(tmp_path / "ref.fa", {"chr1": random_sequence(1000, 1), "chr2": random_sequence(617, 2),
+                                              "chrM": random_sequence(45, 3)})
+
+
+def _plan_genome(reference: Path) -> None:
+    from gpubatch.sources.genome.source import GenomeSource
+
+    job = JobSpec.model_validate({"kind": "genome", "model": {"path": "m.onnx"}, "output": {"uri": "o"},
+                                  "windows": {"reference": str(reference), "length": 100}})
+    GenomeSource().plan(job)
+
+
+FAI_CASES = {  # contig: changes to its .fai line -> the message's fragment
+    "offset+1": ("chr2", {"offset": +1}, "chr2': the .fai offset"),
+    "offset-1": ("chr2", {"offset": -1}, "chr2': the .fai offset"),
+    "offset+61": ("chr1", {"offset": +61}, "contigs 'chr1' and 'chr2' overlap"),
+    "offset-61": ("chr2", {"offset": -61}, "chr2'"),
+    "negative length": ("chr1", {"length": -1000 - 5}, "chr1': the .fai gives length -5"),
+    "zero length": ("chrM", {"length": -45}, "chrM': the .fai gives length 0"),
+    "short length": ("chr1", {"length": -7}, "chr1': the .fai length 993 does not end"),
+    "short by a line": ("chr1", {"length": -60}, "chr1': the .fai length 940 does not end"),
+    "long length": ("chr2", {"length": +3}, "contigs 'chr2' and 'chrM' overlap"),
+    "last contig long": ("chrM", {"length": +1}, "chrM'"),
+    "line width < bases": ("chr1", {"line_width": -2}, "chr1': the .fai gives line geometry"),
+    "line bases - 1": ("chr1", {"line_bases": -1}, "chr1'"),
+    "line width + 1": ("chr2", {"line_width": +1}, "chr2'"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAI_CASES))
+def test_fai_that_disagrees_with_the_fasta_is_refused_naming_the_contig(fasta: Path, case: str) -> None:
+    contig, deltas, fragment = FAI_CASES[case]
+    fields = dict(zip(("length", "offset", "line_bases", "line_width"),
+                      map(int, next(line.split("\t")[1:5] for line in Path(f"{fasta}.fai").read_text().splitlines()
+                                    if line.startswith(contig + "\t"))), strict=True))
+    edit_fai(fasta, contig, **{k: fields[k] + d for k, d in deltas.items()})
+    with pytest.raises(SpecError, match="windows.reference") as err:
+        _plan_genome(fasta)
+    assert fragment in str(err.value) and "samtools faidx" in str(err.value)
+
+
+def test_good_fai_plans_and_empty_fai_is_refused(fasta: Path, tmp_path: Path) -> None:
+    from gpubatch.cli.demo_models import make_genome_model
+
+    _plan_genome(fasta)  # the untouched index passes every check
+    Path(f"{fasta}.fai").write_text("")
+    with pytest.raises(SpecError, match=r"ref.fa.fai: the index lists no contigs"):
+        _plan_genome(fasta)
+    Path(f"{fasta}.fai").write_text("chr1\t1000\t6\t60\t61\nchr1\t1000\t6\t60\t61\n")
+    with pytest.raises(SpecError, match="listed twice"):
+        _plan_genome(fasta)
+    model = make_genome_model(tmp_path / "g.onnx", 100)
+    job = write_job(tmp_path / "g.yaml", {"kind": "genome", "model": {"path": str(model)},
+                                          "output": {"uri": str(tmp_path / "o")},
+                                          "windows": {"reference": str(fasta), "length": 100}})
+    done = cli("validate", str(job))  # validate refuses what run would
+    assert done.returncode == 2 and "listed twice" in done.stderr
+
+
+def test_bgzip_indexes_are_checked(tmp_path: Path) -> None:
+    import pysam
+
+    plain = write_fasta(tmp_path / "big.fa", {"chr1": random_sequence(150_000, 5), "chr2": random_sequence(617, 6)})
+    gz = tmp_path / "big.fa.gz"
+    pysam.tabix_compress(str(plain), str(gz))
+    pysam.faidx(str(gz))
+    _plan_genome(gz)
+    fai, gzi = Path(f"{gz}.fai").read_text(), Path(f"{gz}.gzi").read_bytes()
+    Path(f"{gz}.fai").write_text(fai.replace("chr2\t617\t", "chr2\t611\t"))
+    with pytest.raises(SpecError, match="chr2': the .fai length 611"):
+        _plan_genome(gz)
+    Path(f"{gz}.fai").write_text(fai)
+    Path(f"{gz}.gzi").write_bytes(gzi[:-3])
+    with pytest.raises(SpecError, match=r"big.fa.gz.gzi: says \d+ blocks"):
+        _plan_genome(gz)
+    shifted = bytearray(gzi)
+    shifted[8] += 1  # the first listed block's compressed offset, one byte off
+    Path(f"{gz}.gzi").write_bytes(bytes(shifted))
+    with pytest.raises(SpecError, match="is not the start of a BGZF block"):
+        _plan_genome(gz)
+
+
+# -- 3. literal before glob --------------------------------------------------------------------
+
+
+def _planned(uris: list[str], storage: dict | None = None) -> list[str]:
+    from gpubatch.sources.slides.source import SlideSource
+
+    job = JobSpec.model_validate({"input": {"uris": uris, "storage": storage or {}},
+                                  "model": {"path": "m.onnx"}, "output": {"uri": "o"}})
+    shards, failed = SlideSource().plan(job)
+    assert failed == []
+    return [s.input_uri for s in shards]
+
+
+def test_a_path_that_exists_is_that_file_even_with_glob_characters(tmp_path: Path, classifier: Path) -> None:
+    bracket = write_synthetic_slide(tmp_path / "slide[1].tif", 256, 256, seed=1, levels=1)
+    other = write_synthetic_slide(tmp_path / "slide1.tif", 256, 256, seed=2, levels=1)
+    star = write_synthetic_slide(tmp_path / "x*?.tif", 256, 256, seed=3, levels=1)
+    assert _planned([str(bracket)]) == [str(bracket)]
+    assert _planned([str(star)]) == [str(star)]
+    assert _planned([f"glob:{bracket}"]) == [str(other)]  # the explicit switch: a character class
+    assert _planned([str(tmp_path / "slide[12].tif")]) == [str(other)]  # no such file: a glob
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", slide_job(["slide[1].tif", "glob:x*"], classifier, out))
+    done = cli("run", str(job))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(pd.read_parquet(out / "predictions.parquet")["slide"].unique()) == [str(bracket), str(star)]
+
+
+def test_s3_keys_are_literal_before_glob(tmp_path: Path, s3: S3Stack) -> None:
+    local = write_synthetic_slide(tmp_path / "a.tif", 256, 256, seed=1, levels=1)
+    literal = s3.upload(local, "lit/a[1].tif")
+    other = s3.upload(local, "lit/a1.tif")
+    options = s3.options(via_proxy=False)
+    assert _planned([literal], options) == [literal]
+    assert _planned([f"glob:{literal}"], options) == [other]
+    assert _planned(["s3://slides/lit/a[12].tif"], options) == [other]
+
+
+# -- 4. decoder integrity ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from s3_fixtures import write_pyramid_tiff
+
+    return write_pyramid_tiff(tmp_path_factory.mktemp("pyr") / "good.tif", 1024, 1024, levels=1)
+
+
+def _slides_job(tmp_path: Path, uris: list[str], model: Path, **tiles: object) -> tuple[Path, Path]:
+    out = tmp_path / "out"
+    job = slide_job(uris, model, out, tiles={"level": 0, "mpp": None, **tiles})
+    del job["tiles"]["mpp"]
+    return write_job(tmp_path / "job.yaml", job), out
+
+
+def _failures(out: Path) -> pd.DataFrame:
+    """The audit trail's failed-shard events (one per attempt)."""
+    audit = pd.read_json(out / "audit.jsonl", lines=True)
+    return audit[audit["event"] == "shard_failed"]
+
+
+@pytest.mark.parametrize("corruption", ["flipped bytes", "truncated tile"])
+def test_corrupt_jpeg_tiles_quarantine_the_slide_not_silently_decoded(
+        tmp_path: Path, pyramid: Path, classifier: Path, corruption: str) -> None:
+    bad = tmp_path / "bad.tif"
+    if corruption == "flipped bytes":  # seed 2 flips bytes whose damage libjpeg detects
+        flip_tile_bytes(pyramid, bad, n_bytes=10, seed=2)
+        fragment = "Corrupt JPEG data"
+    else:
+        truncate_tile(pyramid, bad)
+        fragment = "Premature end of JPEG file"
+    job, out = _slides_job(tmp_path, [str(pyramid), str(bad)], classifier)
+    done = cli("run", str(job))
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert f"{bad}: corrupt tile" in done.stdout and fragment in done.stdout
+    failed = _failures(out)
+    assert failed["input"].tolist() == [str(bad)] and failed["attempt"].tolist() == [1]  # not retried
+    lenient = cli("run", str(job), "--overwrite", "--set", "tiles.integrity=lenient")
+    assert lenient.returncode == 0
+
+
+def test_malformed_ifd_is_an_input_error_naming_the_file_and_not_retried(
+        tmp_path: Path, pyramid: Path, classifier: Path) -> None:
+    bad = shorten_tile_offsets(pyramid, tmp_path / "ifd.tif")
+    job, out = _slides_job(tmp_path, [str(bad)], classifier)
+    done = cli("run", str(job))
+    assert done.returncode == 3
+    assert f"{bad}:" in done.stdout and "malformed IFD at level 0: 3 tile offsets" in done.stdout
+    assert "IndexError" not in done.stdout + done.stderr
+    assert _failures(out)["attempt"].tolist() == [1]
+
+
+def test_garbled_description_is_no_resolution_and_its_bytes_stay_off_the_terminal(
+        tmp_path: Path, classifier: Path) -> None:
+    bad = garble_description(shared_file("slides", "CMU-1-Small-Region.svs"), tmp_path / "desc.svs")
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", slide_job([str(bad)], classifier, out))
+    done = cli("run", str(job))
+    assert done.returncode == 3
+    assert "25400" not in done.stdout and "\x1b" not in done.stdout + done.stderr
+    assert "EVIL" not in done.stdout + done.stderr and "coercing" not in done.stderr
+    assert f"{bad}: the file records no microns-per-pixel" in done.stdout
+    verbose = cli("-v", "run", str(job), "--overwrite")  # in the log, with -v: escaped and naming the file
+    line = next(x for x in verbose.stderr.splitlines() if "tifffile" in x and "coercing" in x)
+    assert f"{bad}: tifffile:" in line and "\\x1b" in line and "\x1b" not in verbose.stderr
+
+
+# -- 5 and 6. bounded everything; spec errors are spec errors ----------------------------------
+
+
+SPEC_CASES = {  # a change to a valid slides job -> the field and the message's fragment
+    "batch_size true": ({"model": {"batch_size": True}}, "model.batch_size: Input should be a valid integer, got True"),
+    "batch_size 10^8": ({"model": {"batch_size": 10**8}}, "model.batch_size: must be between 1 and 65536"),
+    "tiles.size 16384": ({"tiles": {"size": 16384}}, "model.batch_size: 16 items make a 48.00 GiB model input"),
+    "mpp .inf": ({"tiles": {"mpp": float("inf")}}, "tiles.mpp: Input should be a finite number"),
+    "mpp 1e9": ({"tiles": {"mpp": 1e9}}, "tiles.mpp: Input should be less than or equal to 1000"),
+    "mean of two": ({"model": {"input": {"mean": [0.5, 0.5]}}}, "model.input.mean: List should have at least 3 items"),
+    "std NaN": ({"model": {"input": {"std": [float("nan"), 1.0, 1.0]}}}, "model.input.std[0]: Input should be a finite number"),
+    "std zero": ({"model": {"input": {"std": [0.0, 1.0, 1.0]}}}, "model.input.std: every std must be > 0"),
+    "readers true": ({"run": {"readers": True}}, "run.readers: Input should be a valid integer, got True"),
+    "overlap NaN": ({"tiles": {"overlap": float("nan")}}, "tiles.overlap: Input should be a finite number"),
+    "min_fraction inf": ({"tiles": {"tissue": {"min_fraction": float("inf")}}}, "tiles.tissue.min_fraction"),
+    "integrity 1": ({"tiles": {"integrity": 1}}, "tiles.integrity: Input should be 'strict' or 'lenient'"),
+    "workers 64": ({"run": {"profile": "local", "workers": 64}}, "run.workers: 64 worker processes on a machine with"),
+    "prefetch x batch": ({"model": {"batch_size": 65536}, "run": {"max_worker_memory": 1 << 30}},
+                         "over its 1.00 GiB (run.max_worker_memory)"),
+}
+
+
+def _merged(job: dict, change: dict) -> dict:
+    for key, value in change.items():
+        job[key] = _merged(dict(job.get(key) or {}), value) if isinstance(value, dict) else value
+    return job
+
+
+@pytest.mark.parametrize("case", list(SPEC_CASES))
+def test_what_is_known_before_reading_a_slide_is_refused_by_validate(
+        tmp_path: Path, slide_path: Path, classifier: Path, case: str) -> None:
+    from gpubatch.runtime.preflight import preflight
+    from gpubatch.spec import load_job
+
+    change, fragment = SPEC_CASES[case]
+    job = _merged(slide_job([str(slide_path)], classifier, tmp_path / "out"), change)
+    path = write_job(tmp_path / "job.yaml", job)
+    with pytest.raises(SpecError) as err:
+        preflight(load_job(path))
+    assert fragment in str(err.value) and err.value.exit_code == 2
+
+
+def test_forced_workers_and_a_generous_memory_budget_pass(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+    from gpubatch.runtime.preflight import preflight
+    from gpubatch.spec import load_job
+
+    job = slide_job([str(slide_path)], classifier, tmp_path / "out",
+                    run={"profile": "local", "workers": 64, "force_workers": True})
+    preflight(load_job(write_job(tmp_path / "job.yaml", job)))
+
+
+@pytest.mark.parametrize("case", ["alias bomb", "deep nesting", "oversized"])
+def test_hostile_yaml_is_refused_quickly_and_cheaply(tmp_path: Path, case: str) -> None:
+    text = {"alias bomb": alias_bomb(), "deep nesting": deep_yaml(),
+            "oversized": "name: x\n" + "# padding\n" * 120_000}[case]
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    started = time.perf_counter()
+    done = cli("validate", str(path), timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert {"alias bomb": "more than 100000 values once aliases are expanded",
+            "deep nesting": "nested deeper than 64 levels",
+            "oversized": "larger than 1 MiB"}[case] in done.stderr
+    assert time.perf_counter() - started < 30
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_500_000  # KiB: no 5 GB expansion
+
+
+def test_tiff_claiming_a_million_pixels_a_side_fails_fast(tmp_path: Path, classifier: Path) -> None:
+    huge = huge_claim_tiff(tmp_path / "huge.tif")
+    assert huge.stat().st_size < 8_000_000
+    job, _ = _slides_job(tmp_path, [str(huge)], classifier)
+    started = time.perf_counter()
+    done = cli("run", str(job), timeout=120)
+    assert done.returncode == 3
+    assert f"{huge}: level 0 (the level tiles are read from) is 1000000 x 1000000 pixels, over tiles.max_level_pixels" in done.stdout
+    assert time.perf_counter() - started < 60
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_500_000
+
+
+def test_overlap_never_makes_a_read_unit_larger_than_its_cap(tmp_path: Path, pyramid: Path, classifier: Path) -> None:
+    from gpubatch.sources.slides.backends import SlideInfo
+    from gpubatch.sources.slides.grid import block_ids, make_grid
+    from gpubatch.spec import TilesSpec
+
+    info = SlideInfo(((20000, 20000),), (1.0,), 0.25, None, "test", "test")
+    for overlap in (0.0, 0.5, 0.9):
+        tiles = TilesSpec(size=224, mpp=0.5, overlap=overlap)
+        grid = make_grid(info, tiles, "s")
+        per_unit = np.bincount(block_ids(grid, tiles.read_block, tiles.max_read_bytes)).max()
+        assert per_unit * grid.read_size**2 * 3 <= tiles.max_read_bytes
+    with pytest.raises(InputError, match=r"382319809 tiles, over tiles.max_tiles \(4000000\)"):
+        make_grid(info, TilesSpec(size=224, mpp=0.5, overlap=0.999), "s")
+    # the cap splits reads, never changes results: a 1 MiB cap against the default
+    job, out = _slides_job(tmp_path, [str(pyramid)], classifier, size=32, overlap=0.9)
+    assert cli("run", str(job)).returncode == 0
+    def rows() -> pd.DataFrame:
+        return pd.read_parquet(out / "predictions.parquet").sort_values(["y", "x"]).reset_index(drop=True)
+
+    wide = rows()
+    assert cli("run", str(job), "--overwrite", "--set", f"tiles.max_read_bytes={1 << 20}").returncode == 0
+    pd.testing.assert_frame_equal(rows(), wide)
+
+
+# -- 7. a clean terminal -----------------------------------------------------------------------
+
+
+def test_control_characters_in_job_and_file_names_are_escaped(tmp_path: Path, slide_path: Path,
+                                                              classifier: Path) -> None:
+    """A raw newline forging a log line, an ANSI colour escape and a right-to-left override in
+    the job's name and in a file's name reach the terminal escaped; the file is still named."""
+    evil = tmp_path / CONTROL_NAME
+    evil.write_bytes(b"")  # a zero-byte slide: quarantined, so its name is printed
+    job = slide_job([str(slide_path), str(evil)], classifier, tmp_path / "out")
+    job["name"] = CONTROL_NAME
+    done = cli("-v", "run", str(write_job(tmp_path / "job.yaml", job)))
+    assert done.returncode == 3
+    shown = done.stdout + done.stderr
+    assert "\x1b" not in shown and "\u202e" not in shown
+    assert not any(line.startswith("2026-01-01 gpubatch INFO all fine") for line in shown.splitlines())
+    assert "evil\\x0a2026-01-01 gpubatch INFO all fine\\x1b[31m\\u202egnp.tif" in done.stdout
+    assert "is an empty (zero-byte) file" in done.stdout
