@@ -5,6 +5,7 @@ no temporaries. Real runs through the CLI and the Python API, on local folders."
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -84,8 +85,13 @@ def test_an_input_replaced_between_runs_is_recomputed(tmp_path: Path, slides: Pa
     first = _sorted(gpubatch.run(job).predictions())
     replaced = inputs / "s1.tif"
     write_synthetic_slide(replaced, 768, 512, seed=999, levels=2)  # same name, other pixels
-    with caplog.at_level("WARNING", logger="gpubatch"):
-        again = gpubatch.run(job, resume=True)
+    logger = logging.getLogger("gpubatch")  # an in-process CLI run may have stopped its propagation
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="gpubatch"):
+            again = gpubatch.run(job, resume=True)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "input changed since it was committed" in caplog.text and "s1.tif" in caplog.text
     assert again.report["shard_stats"]["resumed"] == 2
     second = _sorted(again.predictions())
