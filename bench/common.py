@@ -97,7 +97,8 @@ def steady_seconds(outdir: Path) -> float:
     """First shard start to last shard end of a gpubatch run: the run less its fixed costs
     (cluster start-up, model preparation before, report merging after)."""
     lines = [json.loads(line) for line in (outdir / "audit.jsonl").read_text().splitlines() if line]
-    return float(max(x["end"] for x in lines) - min(x["start"] for x in lines))
+    shards = [x for x in lines if x.get("event") == "shard_committed"]
+    return float(max(x["end"] for x in shards) - min(x["start"] for x in shards))
 
 
 def shards_only_row(g: Measurement, steady: list[float], count: str, rate: str) -> dict[str, Any]:

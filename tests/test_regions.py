@@ -9,10 +9,10 @@ import pytest
 from gpubatch.core.errors import SpecError
 from gpubatch.sources.genome.reference import ContigTable
 from gpubatch.sources.genome.regions import (
+    WindowPlan,
     n_windows,
     parse_bed,
     resolve_regions,
-    shard_segments,
 )
 
 CONTIGS = ContigTable(("chr1", "chr2", "chrM"), (1000, 500, 16))
@@ -101,9 +101,41 @@ def test_tiling_rule(region: int, length: int, stride: int, n: int) -> None:
     assert n_windows(region, length, stride) == n
 
 
-def test_shard_segments_cover_every_window_once() -> None:
+def _reference_segments(regions: list, length: int, stride: int, per: int) -> list:
+    """The tiling rule written out window by window (an independent reference for WindowPlan)."""
+    windows = [(r.chrom, r.start + k * stride, r.strand) for r in regions
+               for k in range(n_windows(r.end - r.start, length, stride))]
+    shards = []
+    for i in range(0, len(windows), per):
+        segments: list = []
+        for chrom, start, strand in windows[i : i + per]:
+            last = segments[-1] if segments else None
+            if last and last[0] == chrom and last[3] == strand and last[1] + last[2] * stride == start:
+                segments[-1] = (chrom, last[1], last[2] + 1, strand)
+            else:
+                segments.append((chrom, start, 1, strand))
+        shards.append((segments, len(windows[i : i + per])))
+    return shards
+
+
+def test_window_plan_equals_the_rule_window_by_window() -> None:
+    import random
+
+    from gpubatch.sources.genome.regions import Region
+
+    rng = random.Random(0)
+    for _ in range(200):
+        starts = rng.sample(range(0, 10_000, 7), rng.randint(1, 6))
+        regions = [Region(f"c{i}", s, s + rng.randint(1, 3000), rng.choice("+-")) for i, s in enumerate(starts)]
+        length, stride, per = rng.randint(1, 500), rng.randint(1, 400), rng.randint(1, 50)
+        plan = WindowPlan(regions, length, stride, per)
+        assert list(plan) == _reference_segments(regions, length, stride, per)
+        assert plan[-1] == plan[len(plan) - 1]
+
+
+def test_window_plan_covers_every_window_once() -> None:
     regions = resolve_regions("genome", CONTIGS)
-    shards = list(shard_segments(regions, 100, 100, 4))
+    shards = list(WindowPlan(regions, 100, 100, 4))
     assert [count for _, count in shards] == [4, 4, 4, 4]
     starts = [(c, s0 + k * 100) for segs, _ in shards for c, s0, n, _ in segs for k in range(n)]
     expected = [("chr1", s) for s in range(0, 1000, 100)] + [("chr2", s) for s in range(0, 500, 100)] \

@@ -91,12 +91,18 @@ class StageClocks:
                 self.counters[k] += v
             self.samples.extend(other.samples)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, max_samples: int | None = None) -> dict[str, Any]:
+        """The clocks as JSON-able data; ``max_samples`` thins the per-batch samples evenly (a
+        shard's result stays small however many batches it ran)."""
+        samples = list(self.samples)
+        if max_samples is not None and len(samples) > max_samples:
+            step = len(samples) / max_samples
+            samples = [samples[int(i * step)] for i in range(max_samples)]
         return {
             "stages": {k: v.as_dict() for k, v in self.stages.items()},
             "parts": dict(self.parts),
             "counters": dict(self.counters),
-            "samples": list(self.samples),
+            "samples": samples,
         }
 
     @classmethod

@@ -33,6 +33,8 @@ from gpubatch.sources import Shard, get_source
 from gpubatch.spec import JobSpec
 
 log = logging.getLogger("gpubatch")
+#: per-batch timing samples a shard's result keeps (evenly thinned): its commit record stays small
+MAX_SAMPLES = 256
 
 _CONFIGURED: dict[str, str] = {}
 _CONFIGURE_LOCK = threading.Lock()
@@ -138,7 +140,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             part = writer.commit()
             shard_attrs = reader.attrs
         result = ShardResult(
-            shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(),
+            shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(MAX_SAMPLES),
             attrs=shard_attrs, model=model.describe(), host=socket.gethostname(), pid=os.getpid(),
             start=started, end=time.time(), attempt=attempt, attempt_name=writer.attempt,
             input_identity=identity, model_sha256=file_sha256(ctx.model_path), spec_sha256=ctx.result_hash,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from gpubatch.core.results import ShardResult
 from gpubatch.outputs.layout import MANIFEST_DIR, PARTS_DIR, TMP_PREFIX, ZARR, record_name
@@ -20,6 +21,22 @@ from gpubatch.outputs.store import OutputStore
 
 log = logging.getLogger("gpubatch")
 VERIFY_BATCH = 32  # parts read back at once when checking checksums
+READ_BATCH = 256  # commit records read at once
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRef:
+    """What the end of a run needs of a committed shard (its files), a few hundred bytes: the run
+    keeps these, not the records, so its memory does not grow with the records' size."""
+
+    shard_id: str
+    part: str | None
+    group: str | None
+    model_sha256: str | None = None
+
+    @classmethod
+    def of(cls, entry: ShardResult) -> CommitRef:
+        return cls(entry.shard_id, entry.part, entry.group, entry.model_sha256)
 
 
 class Manifest:
@@ -30,41 +47,54 @@ class Manifest:
         """Commit a shard: its record, written last, makes its attempt the shard's result."""
         self.store.write_json(f"{MANIFEST_DIR}/{record_name(result.shard_id)}", result.to_dict())
 
-    def entries(self) -> dict[str, ShardResult]:
-        """Every commit record, by shard id (records of other formats or half-written are skipped)."""
-        names = [n for n in self.store.listdir(MANIFEST_DIR) if n.endswith(".json") and not n.startswith(TMP_PREFIX)]
-        out: dict[str, ShardResult] = {}
-        for name, data in self.store.read_many([f"{MANIFEST_DIR}/{n}" for n in names]).items():
-            try:
-                entry = ShardResult.from_dict(json.loads(data))
-            except (ValueError, TypeError):
-                log.warning("ignoring an unreadable commit record %s", name)
-                continue
-            out[entry.shard_id] = entry
-        return out
+    def names(self) -> list[str]:
+        return [n for n in self.store.listdir(MANIFEST_DIR) if n.endswith(".json") and not n.startswith(TMP_PREFIX)]
 
-    def committed(self) -> dict[str, ShardResult]:
+    def iter_entries(self, names: Iterable[str] | None = None, batch: int = READ_BATCH) -> Iterator[ShardResult]:
+        """Commit records (all, or those of ``names``), read ``batch`` at a time: unreadable ones
+        are skipped with a warning."""
+        pending = list(self.names() if names is None else names)
+        for start in range(0, len(pending), batch):
+            chunk = [f"{MANIFEST_DIR}/{n}" for n in pending[start : start + batch]]
+            for name, data in self.store.read_many(chunk).items():
+                try:
+                    yield ShardResult.from_dict(json.loads(data))
+                except (ValueError, TypeError):
+                    log.warning("ignoring an unreadable commit record %s", name)
+
+    def entries(self) -> dict[str, ShardResult]:
+        """Every commit record, by shard id (for small outputs and tests; runs stream them)."""
+        return {e.shard_id: e for e in self.iter_entries()}
+
+    def iter_committed(self) -> Iterator[ShardResult]:
         """Records whose parquet part still exists with the recorded checksum; a part that is
         missing or changed means the shard is not committed (it is computed again)."""
-        entries = list(self.entries().values())
-        good: dict[str, ShardResult] = {}
-        for start in range(0, len(entries), VERIFY_BATCH):
-            batch = entries[start : start + VERIFY_BATCH]
-            parts = self.store.read_many([f"{PARTS_DIR}/{e.part}" for e in batch])
-            for entry in batch:
-                data = parts.get(f"{PARTS_DIR}/{entry.part}")
-                if data is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
-                    good[entry.shard_id] = entry
-                else:
-                    log.warning("shard %s: its committed part is %s; it will be computed again",
-                                entry.shard_id, "missing" if data is None else "corrupt (checksum differs)")
-        return good
+        batch: list[ShardResult] = []
+        for entry in self.iter_entries():
+            batch.append(entry)
+            if len(batch) == VERIFY_BATCH:
+                yield from self._verified(batch)
+                batch = []
+        yield from self._verified(batch)
+
+    def committed(self) -> dict[str, ShardResult]:
+        return {e.shard_id: e for e in self.iter_committed()}
+
+    def _verified(self, batch: list[ShardResult]) -> Iterator[ShardResult]:
+        parts = self.store.read_many([f"{PARTS_DIR}/{e.part}" for e in batch])
+        for entry in batch:
+            data = parts.get(f"{PARTS_DIR}/{entry.part}")
+            if data is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
+                yield entry
+            else:
+                log.warning("shard %s: its committed part is %s; it will be computed again",
+                            entry.shard_id, "missing" if data is None else "corrupt (checksum differs)")
 
     def remove(self, shard_id: str) -> None:
         self.store.delete(f"{MANIFEST_DIR}/{record_name(shard_id)}")
 
 
-def sweep(store: OutputStore, keep: Iterable[ShardResult]) -> int:
+def sweep(store: OutputStore, keep: Iterable[ShardResult | CommitRef]) -> int:
     """Delete parts and zarr groups of attempts no kept record names, and temporaries; returns
     how many were removed. Only names of gpubatch's own making are touched."""
     keep = list(keep)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from gpubatch.core.results import ShardResult
 from gpubatch.outputs.layout import PARTS_DIR, PREDICTIONS, ZARR
+from gpubatch.outputs.manifest import CommitRef
 from gpubatch.outputs.store import OutputStore
 
 TEXT_COLUMNS = {"slide", "chrom", "strand", "variant_id", "ref", "alt"}
@@ -27,13 +28,13 @@ def empty_index_table(columns: list[str]) -> pa.Table:
     return pa.table({c: pa.array([], kind(c)) for c in columns})
 
 
-def read_part(store: OutputStore, entry: ShardResult) -> pa.Table:
+def read_part(store: OutputStore, entry: ShardResult | CommitRef) -> pa.Table:
     import io
 
     return pq.read_table(io.BytesIO(store.read_bytes(f"{PARTS_DIR}/{entry.part}")))
 
 
-def merge_parquet(store: OutputStore, committed: Sequence[ShardResult], index_columns: list[str],
+def merge_parquet(store: OutputStore, committed: Sequence[ShardResult | CommitRef], index_columns: list[str],
                   target: str = PREDICTIONS) -> int:
     """Concatenate the committed parts, in the order given, into one file; returns the rows.
 
@@ -58,7 +59,7 @@ def merge_parquet(store: OutputStore, committed: Sequence[ShardResult], index_co
     return rows
 
 
-def describe_zarr(store: OutputStore, committed: Sequence[ShardResult], info: dict[str, Any]) -> None:
+def describe_zarr(store: OutputStore, committed: Sequence[ShardResult | CommitRef], info: dict[str, Any]) -> None:
     """The zarr root's attributes: shards in plan order and the group holding each one's arrays.
 
     Groups are named by attempt (``<shard>-<attempt>``): read ``groups[shard_id]`` to find a

@@ -10,7 +10,9 @@ what gpubatch wrote there).
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,12 +24,13 @@ from gpubatch.io.storage import input_identity
 from gpubatch.io.uris import split_glob
 from gpubatch.outputs.layout import RUN_DIRS, RUN_STATE, SPEC_RECORD
 from gpubatch.outputs.ledger import Ledger
-from gpubatch.outputs.manifest import Manifest, sweep
+from gpubatch.outputs.manifest import CommitRef, Manifest, sweep
 from gpubatch.outputs.store import OutputStore
 from gpubatch.spec import JobSpec
 
 log = logging.getLogger("gpubatch")
 IDENTITY_THREADS = 16  # inputs stat'ed at once when checking what changed since a commit
+IDENTITY_BATCH = 256  # committed shards checked at a time (memory stays one batch)
 
 
 def spec_record(job: JobSpec) -> dict[str, Any]:
@@ -41,20 +44,21 @@ def wipe(store: OutputStore) -> None:
         store.delete(name, recursive=name in RUN_DIRS)
 
 
-def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, *, resume: bool,
-              overwrite: bool) -> dict[str, ShardResult]:
+def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, *, resume: bool, overwrite: bool,
+              on_kept: Callable[[ShardResult], None] | None = None) -> dict[str, CommitRef]:
     """The committed shards this run keeps (empty for a fresh start); raises SpecError when the
-    output may not be written as asked."""
+    output may not be written as asked. Each kept record is handed to ``on_kept`` as it is read
+    (the run's summary folds it), and only a small reference to it is kept."""
     manifest = Manifest(store)
+    names = manifest.names()
     if overwrite:
         wipe(store)
-    elif manifest.entries():
+    elif names:
         if not resume:
-            n = len(manifest.entries())
-            raise SpecError([("output.uri", f"{redact(store.uri)} holds {n} committed shard(s) of an earlier "
-                                            "run: use --resume to finish that run, or --overwrite to start again "
-                                            "(or give a new output.uri)")])
-        kept = _resumable(store, job, manifest, ledger)
+            raise SpecError([("output.uri", f"{redact(store.uri)} holds {len(names)} committed shard(s) of an "
+                                            "earlier run: use --resume to finish that run, or --overwrite to start "
+                                            "again (or give a new output.uri)")])
+        kept = _resumable(store, job, manifest, ledger, on_kept or (lambda entry: None))
         sweep(store, kept.values())
         return kept
     else:
@@ -63,20 +67,31 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, *, resume: bool,
     return {}
 
 
-def _resumable(store: OutputStore, job: JobSpec, manifest: Manifest, ledger: Ledger) -> dict[str, ShardResult]:
+def _resumable(store: OutputStore, job: JobSpec, manifest: Manifest, ledger: Ledger,
+               on_kept: Callable[[ShardResult], None]) -> dict[str, CommitRef]:
     if not store.exists(SPEC_RECORD):
         raise SpecError([("output.uri", f"{redact(store.uri)} was written by an older gpubatch without a "
                                         f"{SPEC_RECORD}: its shards cannot be checked; use --overwrite")])
     problems = spec_differences(store.read_json(SPEC_RECORD), spec_record(job))
     if problems:
         raise SpecError([(field, f"{text}; use --overwrite or a new output.uri") for field, text in problems])
-    committed = manifest.committed()
-    for entry in _changed_inputs(committed.values(), job):
-        log.warning("input changed since it was committed: %s; computing it again", redact(entry.input))
-        ledger.superseded(entry, "input changed since it was committed")
-        manifest.remove(entry.shard_id)
-        del committed[entry.shard_id]
-    return committed
+    kept: dict[str, CommitRef] = {}
+    batch: list[ShardResult] = []
+    for entry in itertools.chain(manifest.iter_committed(), [None]):
+        if entry is not None:
+            batch.append(entry)
+        if batch and (entry is None or len(batch) == IDENTITY_BATCH):
+            changed = {e.shard_id for e in _changed_inputs(batch, job)}
+            for e in batch:
+                if e.shard_id in changed:
+                    log.warning("input changed since it was committed: %s; computing it again", redact(e.input))
+                    ledger.superseded(e, "input changed since it was committed")
+                    manifest.remove(e.shard_id)
+                else:
+                    kept[e.shard_id] = CommitRef.of(e)
+                    on_kept(e)
+            batch = []
+    return kept
 
 
 def spec_differences(committed: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, str]]:
@@ -92,7 +107,7 @@ def spec_differences(committed: dict[str, Any], now: dict[str, Any]) -> list[tup
     return out
 
 
-def check_run_model(committed: dict[str, ShardResult], run_model: str) -> None:
+def check_run_model(committed: dict[str, CommitRef], run_model: str) -> None:
     """The model file workers will load must be the one the committed shards were made with (a
     reduced-precision model is re-made from cache; a different file means different results)."""
     sha = file_sha256(run_model)

@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,10 @@ from gpubatch.io.redact import redact
 from gpubatch.io.storage import localize
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import resolve_backend
-from gpubatch.outputs.layout import LOGS_DIR, MODELS_DIR
+from gpubatch.outputs.layout import LOGS_DIR, MODELS_DIR, record_name
 from gpubatch.outputs.lease import Lease, guard_output
 from gpubatch.outputs.ledger import Ledger, new_run_id
-from gpubatch.outputs.manifest import Manifest, sweep
+from gpubatch.outputs.manifest import CommitRef, Manifest, sweep
 from gpubatch.outputs.merge import describe_zarr, merge_parquet
 from gpubatch.outputs.store import OutputStore
 from gpubatch.report.summary import SummaryBuilder, write_report
@@ -50,7 +50,7 @@ from gpubatch.runtime.progress import Progress
 from gpubatch.runtime.result import Result
 from gpubatch.runtime.resume import check_run_model, reconcile
 from gpubatch.runtime.submit import Submitter
-from gpubatch.sources import Source, get_source
+from gpubatch.sources import Shard, Source, get_source
 from gpubatch.spec import JobSpec
 
 log = logging.getLogger("gpubatch")
@@ -86,21 +86,23 @@ class _Run:
         self.ledger = Ledger(store, self.run_id)
         self.builder = SummaryBuilder()
         self.failed: list[dict[str, Any]] = []
+        #: every committed shard's files (kept small; the records themselves stay in the manifest)
+        self.refs: dict[str, CommitRef] = {}
         self.t_start = time.time()
 
     def execute(self, *, resume: bool, overwrite: bool, scheduler: str | None,
                 show_progress: bool | None) -> Result:
         job, source = self.job, get_source(self.job.kind)
-        committed = reconcile(self.store, job, self.ledger, resume=resume, overwrite=overwrite)
+        committed = reconcile(self.store, job, self.ledger, resume=resume, overwrite=overwrite,
+                              on_kept=lambda entry: self.builder.add(dataclasses.replace(entry, resumed=True)))
+        self.refs.update(committed)
         shards, self.failed = source.plan(job)
-        todo = [s for s in shards if s.shard_id not in committed]
-        n_workers = worker_count(self.prof, len(todo), job.run.workers)
+        todo = (s for s in shards if s.shard_id not in committed)  # a stream: the plan is never copied
+        n_workers = worker_count(self.prof, max(len(shards) - len(committed), 0), job.run.workers)
         prepared, ctx = self._prepare(source, shards, n_workers)
         if committed:
             check_run_model(committed, localize(ctx.model_path, ctx.output_options))
             log.info("%d shard(s) already committed, skipped", len(committed))
-        for entry in committed.values():
-            self.builder.add(dataclasses.replace(entry, resumed=True))
         self.ledger.event("run_start", resumed=len(committed), planned=len(shards), spec=redact(job.model_dump(mode="json")),
                           backend=ctx.backend, precision=ctx.precision, gpubatch_version=__version__,
                           **prepared.audit)
@@ -110,7 +112,7 @@ class _Run:
         lost: list[dict[str, Any]] = []
         try:
             with _stop_on_signals():
-                if todo:
+                if len(shards) > len(committed):
                     lost = self._submit(todo, ctx, progress, n_workers, scheduler)
         except BaseException as exc:
             self._abandon(progress, exc)
@@ -121,7 +123,7 @@ class _Run:
         progress.finish("finished")
         return result
 
-    def _prepare(self, source: Source, shards: list[Any], n_workers: int) -> tuple[Any, RunContext]:
+    def _prepare(self, source: Source, shards: Sequence[Shard], n_workers: int) -> tuple[Any, RunContext]:
         """The model file, precision and batch size (prepare_model), and the context workers read."""
         from gpubatch.models.prepare import prepare_model
 
@@ -153,11 +155,12 @@ class _Run:
             return self.store.url(name)
         return prepared_path
 
-    def _submit(self, todo: list[Any], ctx: RunContext, progress: Progress, n_workers: int,
+    def _submit(self, todo: Iterable[Shard], ctx: RunContext, progress: Progress, n_workers: int,
                 scheduler: str | None) -> list[dict[str, Any]]:
         def on_result(result: ShardResult) -> None:
             if result.ok:
                 self.builder.add(result)
+                self.refs[result.shard_id] = CommitRef.of(result)
             else:
                 self.failed.append({"input": result.input, "error": result.error or "", "attempts": result.attempt})
                 self.ledger.failure(result)
@@ -195,14 +198,13 @@ class _Run:
         except Exception as inner:  # noqa: BLE001 - the original error is the one to report
             log.warning("could not record the %s: %s", kind, redact(str(inner)))
 
-    def _finish(self, source: Source, shards: list[Any], ctx: RunContext, prepared: Any, n_workers: int,
+    def _finish(self, source: Source, shards: Sequence[Shard], ctx: RunContext, prepared: Any, n_workers: int,
                 lost: list[dict[str, Any]]) -> Result:
         job, store = self.job, self.store
-        entries = Manifest(store).entries()
-        in_plan = [entries[s.shard_id] for s in shards if s.shard_id in entries]
+        in_plan = [self.refs[s.shard_id] for s in shards if s.shard_id in self.refs]
         sweep(store, in_plan)
         merge_parquet(store, in_plan, source.index_schema(job))
-        source.write_outputs(job, store, in_plan)
+        source.write_outputs(job, store, Manifest(store).iter_entries(record_name(r.shard_id) for r in in_plan))
         run_info = {
             "name": job.name, "kind": job.kind, "gpubatch_version": __version__, "run_id": self.run_id,
             "backend": ctx.backend, "precision": ctx.precision, "batch_size": ctx.batch_size,

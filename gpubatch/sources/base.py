@@ -10,7 +10,7 @@ ones.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,7 +89,7 @@ class Source(ABC):
     kind: str
 
     @abstractmethod
-    def plan(self, job: JobSpec) -> tuple[list[Shard], list[dict[str, str]]]:
+    def plan(self, job: JobSpec) -> tuple[Sequence[Shard], list[dict[str, str]]]:
         """Split the job into shards on the client; return (shards, inputs that failed to plan)."""
 
     @abstractmethod
@@ -126,5 +126,6 @@ class Source(ABC):
         """Columns with one value for the whole shard, written before the index columns."""
         return {}
 
-    def write_outputs(self, job: JobSpec, store: OutputStore, results: Sequence[ShardResult]) -> None:  # noqa: B027
-        """On the client, after the merge: outputs only this kind writes (slides: GeoJSON)."""
+    def write_outputs(self, job: JobSpec, store: OutputStore, results: Iterable[ShardResult]) -> None:  # noqa: B027
+        """On the client, after the merge: outputs only this kind writes (slides: GeoJSON).
+        ``results`` are the committed shards' records in plan order, read as they are iterated."""

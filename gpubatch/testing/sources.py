@@ -34,8 +34,8 @@ class SourceTests:
     @pytest.fixture()
     def shards(self, source: Source, job: JobSpec) -> list[Shard]:
         shards, failed = source.plan(job)
-        assert shards and not failed
-        return shards
+        assert len(shards) and not failed
+        return list(shards)
 
     def test_plan_is_picklable_with_unique_ids(self, shards: list[Shard]) -> None:
         assert pickle.loads(pickle.dumps(shards)) == shards

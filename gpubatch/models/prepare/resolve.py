@@ -18,6 +18,7 @@ Figures land in ``PreparedModel.report`` (merged into report.json) and ``Prepare
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ def keep_fp32_reason(precision: str, backend: str) -> str | None:
 class _Preparation:
     """The state of one preparation: chosen file and precision, loaded model, figures."""
 
-    def __init__(self, job: JobSpec, source: Source, shards: list[Shard], outdir: Path):
+    def __init__(self, job: JobSpec, source: Source, shards: Sequence[Shard], outdir: Path):
         self.job, self.source, self.shards, self.outdir = job, source, shards, outdir
         self.backend = resolve_backend(job.model.backend, job.model.path)
         self.path, self.precision = job.model.path, "fp32"
@@ -216,7 +217,7 @@ class _Preparation:
         return self.job.model.path, fb.max_prob_below
 
 
-def prepare_model(job: JobSpec, source: Source, shards: list[Shard], outdir: Path,
+def prepare_model(job: JobSpec, source: Source, shards: Sequence[Shard], outdir: Path,
                   *, retune: bool = False) -> PreparedModel:
     """The model file, precision and batch size this run will use, with the figures behind them.
 

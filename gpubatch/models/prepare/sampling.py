@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -120,7 +121,7 @@ def _spread_order(n: int) -> list[int]:
     return order
 
 
-def draw_items(job: JobSpec, source: Source, shards: list[Shard], settings: SampleSettings) -> ItemSample:
+def draw_items(job: JobSpec, source: Source, shards: Sequence[Shard], settings: SampleSettings) -> ItemSample:
     """Items from the job's inputs, spread over shards; disjoint calibration/validation sets.
 
     Shards that fail to open are skipped (the run quarantines them later); only when no shard
@@ -159,7 +160,7 @@ def _split(raw: np.ndarray, x: np.ndarray, used: list[str], settings: SampleSett
     return ItemSample(x[cal_idx], x[val_idx], digest.hexdigest(), used)
 
 
-def draw_probe(job: JobSpec, source: Source, shards: list[Shard], n: int = 16) -> np.ndarray:
+def draw_probe(job: JobSpec, source: Source, shards: Sequence[Shard], n: int = 16) -> np.ndarray:
     """A few model-ready items (for batch-size tuning, where content barely matters)."""
     sample = draw_items(job, source, shards, SampleSettings(n, 0, max_shards=2))
     return sample.calibration

@@ -17,10 +17,12 @@ on the field ``windows.regions`` with the file name and line, and are listed tog
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,23 +172,36 @@ def n_windows(region_length: int, length: int, stride: int) -> int:
 Segment = tuple[str, int, int, str]
 
 
-def shard_segments(regions: list[Region], length: int, stride: int,
-                   per_shard: int) -> Iterator[tuple[list[Segment], int]]:
-    """Cut the tiled windows of all regions into shards of at most ``per_shard`` windows.
+class WindowPlan(Sequence[tuple[list[Segment], int]]):
+    """The tiled windows of all regions cut into shards of at most ``per_shard`` windows, as a
+    sequence computed on demand: shard ``i``'s segments come from the regions' cumulative window
+    counts, so a plan of 100,000 shards holds the regions, not the shards (planning's memory does
+    not grow with the genome or the stride). Each shard is described by segments (a start and a
+    count per region piece), not by a list of windows, so a shard stays a few bytes."""
 
-    Each shard is described by segments (a start and a count per region piece), not by a list of
-    windows, so that a shard description stays a few bytes however many windows it holds.
-    """
-    current: list[Segment] = []
-    room = per_shard
-    for r in regions:
-        k, total = 0, n_windows(r.end - r.start, length, stride)
-        while k < total:
-            take = min(room, total - k)
-            current.append((r.chrom, r.start + k * stride, take, r.strand))
-            k, room = k + take, room - take
-            if room == 0:
-                yield current, per_shard
-                current, room = [], per_shard
-    if current:
-        yield current, per_shard - room
+    def __init__(self, regions: list[Region], length: int, stride: int, per_shard: int):
+        self.regions, self.stride, self.per_shard = regions, stride, per_shard
+        self.counts = [n_windows(r.end - r.start, length, stride) for r in regions]
+        self.before = list(itertools.accumulate(self.counts, initial=0))  # windows before region k
+        self.total = self.before[-1]
+
+    def __len__(self) -> int:
+        return -(-self.total // self.per_shard) if self.total else 0
+
+    def __getitem__(self, index: int) -> tuple[list[Segment], int]:  # type: ignore[override]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        first, last = index * self.per_shard, min((index + 1) * self.per_shard, self.total)
+        segments: list[Segment] = []
+        k = bisect.bisect_right(self.before, first) - 1
+        at = first
+        while at < last:
+            r, offset = self.regions[k], at - self.before[k]
+            take = min(self.counts[k] - offset, last - at)
+            if take > 0:
+                segments.append((r.chrom, r.start + offset * self.stride, take, r.strand))
+                at += take
+            k += 1
+        return segments, last - first

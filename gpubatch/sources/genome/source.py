@@ -29,7 +29,7 @@ error: the variant is scored and flagged (``ref_match`` False, counted in ``ref_
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -42,7 +42,7 @@ from gpubatch.ops.kernels import reverse_complement_codes
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
 from gpubatch.sources.genome.reference import ContigTable, Reference, load_contigs, open_reference
-from gpubatch.sources.genome.regions import resolve_regions, shard_segments
+from gpubatch.sources.genome.regions import WindowPlan, resolve_regions
 from gpubatch.sources.genome.variants import read_variants, variant_span, variant_windows
 from gpubatch.spec import JobSpec, WindowsSpec
 
@@ -60,6 +60,21 @@ def _windows(job: JobSpec) -> WindowsSpec:
 
 def _stride(w: WindowsSpec) -> int:
     return w.stride or w.length
+
+
+class WindowShards(Sequence[Shard]):
+    """The shards of a windows job, made when asked for (by index or in order), never all at once."""
+
+    def __init__(self, plan: WindowPlan, reference: str):
+        self.plan, self.reference = plan, reference
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, index: int) -> Shard:  # type: ignore[override]
+        segments, count = self.plan[index]
+        i = index if index >= 0 else index + len(self)
+        return Shard(f"windows-{i:06d}", self.reference, {"mode": "windows", "segments": segments}, count)
 
 
 def index_columns(job: JobSpec) -> list[str]:
@@ -228,17 +243,14 @@ class GenomeSource(Source):
 
     kind = "genome"
 
-    def plan(self, job: JobSpec) -> tuple[list[Shard], list[dict[str, str]]]:
+    def plan(self, job: JobSpec) -> tuple[Sequence[Shard], list[dict[str, str]]]:
         """Shards from metadata only: the contig table, then the BED/regions or the VCF positions."""
         w = _windows(job)
         contigs = self.contig_table(w.reference, job.input.storage)
         if w.variants:
             return self._plan_variants(w, contigs, job.input.storage)
         regions = resolve_regions(w.regions, contigs, job.input.storage)
-        shards = [Shard(f"windows-{i:06d}", w.reference, {"mode": "windows", "segments": segs}, count)
-                  for i, (segs, count) in enumerate(
-                      shard_segments(regions, w.length, _stride(w), w.windows_per_shard))]
-        return shards, []
+        return WindowShards(WindowPlan(regions, w.length, _stride(w), w.windows_per_shard), w.reference), []
 
     @staticmethod
     def contig_table(uri: str, storage: dict[str, Any]) -> ContigTable:

@@ -7,7 +7,7 @@ where its grid (``grid``) and tissue mask (``tissue``) are computed and its tile
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -107,7 +107,7 @@ def slide_key(uri: str) -> str:
 class SlideSource(Source):
     kind = "slides"
 
-    def plan(self, job: JobSpec) -> tuple[list[Shard], list[dict[str, str]]]:
+    def plan(self, job: JobSpec) -> tuple[Sequence[Shard], list[dict[str, str]]]:
         from gpubatch.io.storage import expand_uris
 
         failed: list[dict[str, str]] = []
@@ -155,7 +155,7 @@ class SlideSource(Source):
     def constant_columns(self, shard: Shard) -> dict[str, Any]:
         return {"slide": redact(shard.input_uri)}
 
-    def write_outputs(self, job: JobSpec, store: OutputStore, results: Sequence[ShardResult]) -> None:
+    def write_outputs(self, job: JobSpec, store: OutputStore, results: Iterable[ShardResult]) -> None:
         if "geojson" in job.output.formats:
             from gpubatch.outputs.geojson import write_geojson
 
