@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gpubatch.core.errors import SpecError
 from gpubatch.io.uris import GLOB_PREFIX, is_remote, split_glob
@@ -83,6 +91,9 @@ class WindowsSpec(_Strict):
     encoding: EncodingSpec = Field(default_factory=EncodingSpec)
     windows_per_shard: int = Field(4096, ge=1)
     chunk_bases: int = Field(1_048_576, ge=1024, description="bases read in one call, then sliced")
+    max_ref_mismatch: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="share of variants whose REF may disagree with the reference before the job is refused")
 
 
 class InputNorm(_Strict):
@@ -177,6 +188,12 @@ class JobSpec(_Strict):
     model: ModelSpec
     output: OutputSpec
     run: RunSpec = Field(default_factory=RunSpec)
+    #: the YAML file this spec was loaded from (``load_job``), for the report; not part of the spec
+    _path: str | None = PrivateAttr(default=None)
+
+    @property
+    def spec_path(self) -> str | None:
+        return self._path
 
     @model_validator(mode="after")
     def _kind_matches(self) -> JobSpec:
@@ -373,4 +390,6 @@ def load_job(path: str | Path, overrides: dict[str, Any] | list[str] | None = No
     data = read_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides)
-    return parse_job(data, str(path), Path(path).resolve().parent)
+    job = parse_job(data, str(path), Path(path).resolve().parent)
+    job._path = str(Path(path).resolve())
+    return job

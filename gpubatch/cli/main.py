@@ -62,12 +62,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from gpubatch.runtime.preflight import preflight
+    """Every check ``run`` makes before its first shard, the plan included; nothing runs."""
+    from gpubatch.runtime.preflight import validate_job
     from gpubatch.spec import load_job
 
     job = load_job(args.job, args.set)
-    preflight(job)
-    print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}')")
+    check = validate_job(job)
+    items = f", {check.items:,} items" if check.items is not None else ""
+    print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}': {check.shards} shard(s){items})")
+    for note in check.notes:
+        print(f"  note: {safe_text(note)}")
+    for f in check.failed:
+        print(f"  warning: {safe_text(f['input'])} would be quarantined: {safe_text(f['error'])}")
     return EXIT_OK
 
 

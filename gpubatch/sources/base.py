@@ -128,3 +128,9 @@ class Source(ABC):
 
     def write_outputs(self, job: JobSpec, store: OutputStore, results: Sequence[ShardResult]) -> None:  # noqa: B027
         """On the client, after the merge: outputs only this kind writes (slides: GeoJSON)."""
+
+    def data_quality(self, job: JobSpec, shards: Sequence[Shard],
+                     results: Sequence[ShardResult]) -> dict[str, Any]:
+        """On the client, for report.json's ``data_quality``: what the inputs held that was not
+        scored or not as expected (variants: skips by reason, REF mismatches), and ``notes``."""
+        return {}
