@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("what", choices=["genome"])
     ing.add_argument("source")
     ing.add_argument("out")
-    ins = sub.add_parser("inspect", help="describe a slide, genome or results folder")
+    ing.add_argument("--overwrite", action="store_true", help="replace an existing output store")
+    ins = sub.add_parser("inspect", help="describe a slide, ONNX model, genome store or results folder")
     ins.add_argument("path")
     return p
 
@@ -95,6 +96,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    from gpubatch.runtime.cluster import check_scheduler_reachable
+
+    check_scheduler_reachable(args.scheduler)
     return _run_and_report(args.job, args.set, scheduler=args.scheduler, resume=args.resume,
                            overwrite=args.overwrite)
 
@@ -211,7 +215,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from gpubatch.sources.genome.ingest import ingest_genome
 
-    info = ingest_genome(args.source, args.out)
+    info = ingest_genome(args.source, args.out, overwrite=args.overwrite)
     print(json.dumps(info, indent=1, default=str))
     return EXIT_OK
 

@@ -301,8 +301,10 @@ def _why_no_verdict(summary: dict[str, Any]) -> tuple[str, str] | None:
         errors = "; ".join(f"{f.get('input')}: {f.get('error')}" for f in failed[:MAX_LISTED_ERRORS])
         more = f" (and {len(failed) - MAX_LISTED_ERRORS} more)" if len(failed) > MAX_LISTED_ERRORS else ""
         return STATE_FAILED, f"all {len(failed)} input(s) failed, nothing was processed: {errors}{more}"
+    if not shards and not failed:
+        return STATE_EMPTY, "no items: the plan found nothing to process (no inputs, or regions without bases)"
     ran = [s for s in shards if not s.get("resumed")]
-    if shards and not ran:
+    if not ran:
         return STATE_RESUMED, f"nothing left to run: all {len(shards)} shard(s) were already committed"
     if not summary.get("items") and ran:
         return STATE_EMPTY, f"no items: all {len(ran)} input(s) this run processed were empty"

@@ -155,6 +155,20 @@ class OnnxInput:
     dtype: str
 
 
+def onnx_dtype_name(elem_type: int) -> str:
+    """numpy's name for an ONNX tensor element type ('float32', 'int64', 'bfloat16')."""
+    import onnx
+
+    if not elem_type:
+        return "unknown"
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return "bfloat16"
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type).name)
+    except (KeyError, TypeError, ValueError):
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
 def onnx_first_input(path: str) -> OnnxInput:
     """Name, dims and element type of the model's first non-initializer input."""
     import onnx
@@ -164,10 +178,7 @@ def onnx_first_input(path: str) -> OnnxInput:
     first = next(i for i in model.graph.input if i.name not in initializers)
     tensor = first.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "unknown"
-    if tensor.elem_type == onnx.TensorProto.BFLOAT16:
-        dtype = "bfloat16"
-    return OnnxInput(first.name, dims, dtype)
+    return OnnxInput(first.name, dims, onnx_dtype_name(tensor.elem_type))
 
 
 def _shape_problem(job: JobSpec, inp: OnnxInput) -> str | None:
