@@ -110,15 +110,33 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
 
 def connect_scheduler(address: str) -> Any:
     """A Dask client on an existing scheduler; an unreachable one is one clear error, not
-    Dask's retry loop and traceback."""
+    Dask's retry loop and traceback.
+
+    The client is made on a helper thread and waited for with a deadline: against a peer that
+    accepts the connection but never answers (a firewall, a wrong service), Dask's own timeout
+    does not fire and the client would wait forever.
+    """
     from distributed import Client
 
-    try:
-        return Client(address, timeout=f"{SCHEDULER_TIMEOUT_S}s")
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise GpubatchError(f"cannot reach the Dask scheduler at {address} within {SCHEDULER_TIMEOUT_S} s "
-                            f"({type(exc).__name__}); check the address (tcp://HOST:PORT, port 8786 by "
-                            "default) and that the scheduler is running and reachable from here") from None
+    box: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            box["client"] = Client(address, timeout=f"{SCHEDULER_TIMEOUT_S}s")
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            box["error"] = exc
+
+    helper = threading.Thread(target=connect, name="gpubatch-connect", daemon=True)
+    helper.start()
+    helper.join(SCHEDULER_TIMEOUT_S + 2)
+    if "client" in box:
+        return box["client"]
+    if "error" in box and not isinstance(box["error"], (OSError, TimeoutError, ValueError)):
+        raise box["error"]
+    why = type(box["error"]).__name__ if "error" in box else "no answer"
+    raise GpubatchError(f"cannot reach the Dask scheduler at {address} within {SCHEDULER_TIMEOUT_S} s "
+                        f"({why}); check the address (tcp://HOST:PORT, port 8786 by default) and that "
+                        "the scheduler is running and reachable from here")
 
 
 def check_scheduler_reachable(address: str, timeout_s: float = 5.0) -> None:
