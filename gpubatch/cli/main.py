@@ -232,18 +232,43 @@ COMMANDS = {"validate": _cmd_validate, "run": _cmd_run, "submit": _cmd_submit, "
             "inspect": _cmd_inspect}
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not when the handler was made
+    (a second ``main()`` in one process, or a test's captured stream, would otherwise be stale)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     """gpubatch's own lines at INFO, redacted and printable; Dask's chatter only when it is an
-    error; the input libraries' warnings routed into gpubatch's log at DEBUG (``-v``)."""
+    error; the input libraries' warnings routed into gpubatch's log at DEBUG (``-v``).
+
+    One handler however often ``main`` runs in a process, and only when the root logger has none;
+    when it has (a host that configured logging, pytest's log capture), lines go up to it instead
+    of being printed twice.
+    """
     from gpubatch.core.logs import SafeFormatter, route_library_logs
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     route_library_logs()
     log = logging.getLogger("gpubatch")
-    log.addHandler(handler)
+    for old in [h for h in log.handlers if isinstance(h, _StderrHandler)]:
+        log.removeHandler(old)
+    quiet_above = not logging.getLogger().handlers
+    if quiet_above:
+        handler = _StderrHandler()
+        handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.propagate = not quiet_above
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
     import dask
 
     dask.config.set({"logging.distributed": "error"})

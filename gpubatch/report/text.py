@@ -92,22 +92,43 @@ def gate_line(report: dict[str, Any]) -> str | None:
             f"task {figures.get('task')}")
 
 
-def _listed(title: str, rows: list[str]) -> list[str]:
-    if not rows:
+def _listed(title: str, rows: list[str], count: int | None = None) -> list[str]:
+    """A title and the first MAX_LISTED rows, with how many more there are (``count`` in all)."""
+    total = len(rows) if count is None else count
+    if not total:
         return []
-    more = [f"  ... and {len(rows) - MAX_LISTED} more (report.json)"] if len(rows) > MAX_LISTED else []
-    return [title, *(f"  {r}" for r in rows[:MAX_LISTED]), *more]
+    shown = rows[:MAX_LISTED]
+    more = [f"  ... and {total - len(shown)} more (report.json)"] if total > len(shown) else []
+    return [title, *(f"  {r}" for r in shown), *more]
+
+
+def _when(value: Any) -> str:
+    """A time as the report holds it (epoch seconds or ISO text), in ISO 8601 UTC."""
+    if isinstance(value, (int, float)):
+        import datetime
+
+        return datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc).isoformat(timespec="seconds")
+    return str(value)
+
+
+def _counted(section: Any) -> tuple[int, list[Any]]:
+    """(count, listed entries) of a report section written as {count, listed} (or a plain list)."""
+    if isinstance(section, dict):
+        return int(section.get("count", 0)), list(section.get("listed") or [])
+    entries = list(section or [])
+    return len(entries), entries
 
 
 def operator_lines(report: dict[str, Any]) -> list[str]:
     """Empty inputs, retried shards, lost workers and notes: what happened besides the numbers."""
-    empty = [f"{s['input']}: {s.get('reason', 'no items')}" for s in report.get("shards") or []
-             if s.get("status") == "empty"]
-    retried = [f"{r['input']}: done on attempt {r['attempts']}" for r in report.get("retried") or []]
-    lost = [f"{w.get('worker')} at {w.get('time')}: shards {', '.join(map(str, w.get('shards') or [])) or 'none'}"
-            for w in report.get("lost_workers") or []]
-    return [*_listed(f"empty: {len(empty)} input(s) yielded no items:", empty),
-            *_listed(f"retried: {len(retried)} shard(s) needed more than one attempt:", retried),
+    n_empty, empty = _counted(report.get("empty"))
+    n_retried, retried = _counted(report.get("retried"))
+    lost = [f"{w.get('worker')} at {_when(w.get('time'))}: shards "
+            f"{', '.join(map(str, w.get('shards') or [])) or 'none'}" for w in report.get("lost_workers") or []]
+    return [*_listed(f"empty: {n_empty} input(s) yielded no items:", [f"{e['input']}: {e['reason']}" for e in empty],
+                     n_empty),
+            *_listed(f"retried: {n_retried} shard(s) needed more than one attempt:",
+                     [f"{r['input']}: done on attempt {r['attempts']}" for r in retried], n_retried),
             *_listed(f"lost workers: {len(lost)}:", lost),
             *(f"note: {n}" for n in report.get("notes") or [])]
 

@@ -250,16 +250,6 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _operator_facts(job: JobSpec, wall: float) -> dict[str, Any]:
-    """When and where the run ran and from which spec file, for the report's reader."""
-    import datetime
-    import socket
-
-    started = datetime.datetime.fromtimestamp(time.time() - wall, tz=datetime.timezone.utc)
-    return {"started_at": started.isoformat(timespec="seconds"), "host": socket.gethostname(),
-            "spec_path": job.spec_path}
-
-
 def _operator_facts(job: JobSpec, started: float) -> dict[str, Any]:
     """When and where the run ran and from which spec file, for the report's reader."""
     import datetime

@@ -234,8 +234,10 @@ def refuse_ref_mismatches(table: VariantTable, match: np.ndarray, reference_uri:
     if not len(table) or len(bad) / len(table) <= limit:
         return
     name = os.path.basename(reference_uri.rstrip("/")) or reference_uri
-    shown = "; ".join(f"line {table.line[i]} {table.chrom[i]}:{table.pos[i]} REF {table.ref[i]}"
-                      for i in bad[:MAX_LISTED_MISMATCHES])
+    lines = dict.fromkeys(int(table.line[i]) for i in bad)  # a multi-allelic record once
+    first = {int(table.line[i]): i for i in bad[::-1]}
+    shown = "; ".join(f"line {n} {table.chrom[first[n]]}:{table.pos[first[n]]} REF {table.ref[first[n]]}"
+                      for n in list(lines)[:MAX_LISTED_MISMATCHES])
     raise SpecError([(FIELD, f"{len(bad)} of {len(table)} variants ({len(bad) / len(table):.1%}) have a REF "
                              f"allele that disagrees with the reference {name} (more than "
                              f"windows.max_ref_mismatch = {limit:g}): wrong genome build or REF/ALT "
