@@ -155,6 +155,12 @@ def test_s3_without_credentials_is_refused_with_how_to_supply_them(
     assert main(["validate", str(spec), "--set", f"input.storage.key={s3.key}",
                  "--set", f"input.storage.secret={s3.secret}"]) == 0
     assert s3.secret not in capsys.readouterr().out
+    # an s3:// output takes its own options: input credentials do not reach it
+    assert main(["validate", str(spec), "--set", f"input.storage.key={s3.key}", "--set",
+                 f"input.storage.secret={s3.secret}", "--set", f"output.uri=s3://{s3.bucket}/out"]) == 2
+    err = capsys.readouterr().err
+    assert "output.uri: no S3 credentials found" in err and "the job's output.storage" in err
+    assert "input.uris[0]" not in err
 
 
 def test_credential_check_is_bounded_without_instance_metadata(no_credentials: pytest.MonkeyPatch) -> None:

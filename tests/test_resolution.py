@@ -47,17 +47,18 @@ def test_implausible_tags_count_as_missing_with_a_note(tmp_path: Path, backend: 
     path = str(tagged_tiff(tmp_path / "t.tif", unit, res))
     info = backend(path).info
     assert info.mpp_source == tag and info.mpp == pytest.approx(float(um), rel=1e-3)
+    if unit == "INCH":
+        why = f"{tag} is a screen resolution written by image software ({um} um/px at level 0), not a scan's"
+    else:  # the derived figure would read as a claim about the scan: not shown
+        why = f"{tag} is not a scan resolution: outside 0.01-10 um/px at level 0"
     with pytest.raises(InputError) as err:
         make_grid(info, _tiles(mpp=0.5), path)
-    assert f"{tag} gives {um} um/px at level 0" in err.value.message
+    assert err.value.message.startswith(f"the file records no microns-per-pixel (MPP) ({why}), so tiles.mpp")
     assert "tiles.mpp_fallback" in err.value.message and "tiles.level" in err.value.message
     grid = make_grid(info, _tiles(mpp=0.5, mpp_fallback=0.25), path)
     assert grid.mpp == 0.25 and grid.downsample == 2.0 and len(grid) == 4 * 4
-    assert grid.notes[0].startswith(f"{tag} gives {um} um/px at level 0")
-    assert "treated as missing" in grid.notes[0]
-    assert grid.notes[1] == "its resolution tag is implausible: level 0 taken as tiles.mpp_fallback = 0.25 um/px"
-    if unit == "INCH":
-        assert "a screen resolution written by image software" in grid.notes[0]
+    assert grid.notes == (why + ", so it counts as missing MPP",
+                          "its resolution tag is implausible: level 0 taken as tiles.mpp_fallback = 0.25 um/px")
 
 
 def test_a_scan_resolution_tag_is_used_as_is(tmp_path: Path) -> None:
@@ -94,11 +95,12 @@ def test_run_with_a_72_dpi_slide(tmp_path: Path, classifier: Path) -> None:
     spec = write_job(tmp_path / "job.yaml", slide_job([str(path)], classifier, tmp_path / "out"))
     refused = gpubatch.run(spec, show_progress=False)
     assert refused.exit_code == 1  # the only input failed
-    assert "TIFF XResolution 72 per inch gives 352.8 um/px" in refused.report["failed"][0]["error"]
+    assert "TIFF XResolution 72 per inch is a screen resolution" in refused.report["failed"][0]["error"]
     result = gpubatch.run(spec, tiles__mpp_fallback=0.25, show_progress=False)
     assert result.exit_code == 0 and result.report["items"] == 16
     notes = result.report["notes"]
-    assert notes[0].startswith(f"{path}: TIFF XResolution 72 per inch gives 352.8 um/px")
+    assert notes[0].startswith(f"{path}: TIFF XResolution 72 per inch is a screen resolution written by "
+                               "image software (352.8 um/px at level 0)")
     from gpubatch.report.text import format_summary
 
     assert "note: " + notes[0] in format_summary(result.report)

@@ -64,7 +64,7 @@ def _implausible(info: SlideInfo) -> str | None:
         why = f"a screen resolution written by image software ({mpp:.4g} um/px at level 0), not a scan's"
     else:
         why = f"not a scan resolution: outside {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} um/px at level 0"
-    return f"{tag} is {why}, so the slide is treated as having no MPP"
+    return f"{tag} is {why}"
 
 
 def level0_mpp(info: SlideInfo, tiles: TilesSpec, uri: str) -> tuple[float | None, list[str]]:
@@ -72,17 +72,16 @@ def level0_mpp(info: SlideInfo, tiles: TilesSpec, uri: str) -> tuple[float | Non
     else ``tiles.mpp_fallback`` (said in a note), else an InputError saying what to set."""
     ignored = _implausible(info)
     mpp = None if ignored else info.mpp
-    notes = [ignored] if ignored else []
+    notes = [f"{ignored}, so it counts as missing MPP"] if ignored else []
     if mpp is not None or tiles.level is not None:
         return mpp, notes
     if tiles.mpp_fallback is not None:
         why = "its resolution tag is implausible" if ignored else "it records no microns-per-pixel (MPP)"
         return tiles.mpp_fallback, [*notes, f"{why}: level 0 taken as tiles.mpp_fallback = "
                                             f"{tiles.mpp_fallback:g} um/px"]
-    lead = ignored if ignored else "the file records no microns-per-pixel (MPP)"
-    raise InputError(uri, f"{lead}, so tiles.mpp cannot be honoured; set tiles.mpp_fallback (the scan's "
-                          "um/px, for slides without one) or tiles.level instead (tiles.level: 0 for full "
-                          "resolution)")
+    raise InputError(uri, "the file records no microns-per-pixel (MPP)" + (f" ({ignored})" if ignored else "")
+                     + ", so tiles.mpp cannot be honoured; set tiles.mpp_fallback (the scan's um/px, for "
+                       "slides without one) or tiles.level instead (tiles.level: 0 for full resolution)")
 
 
 def choose_level(info: SlideInfo, tiles: TilesSpec, uri: str) -> tuple[int, float]:
