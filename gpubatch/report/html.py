@@ -17,8 +17,7 @@ from gpubatch.outputs.store import OutputStore
 from gpubatch.report import plots
 from gpubatch.report.frames import latency_frame, shard_frame, stage_frame, throughput_frame
 from gpubatch.report.plots import AMBER, BLUE, GREEN, ORANGE, PURPLE, RED, Band, Series
-from gpubatch.report.quality import quality_lines
-from gpubatch.report.text import gate_line, operator_lines, resumed_line
+from gpubatch.report.text import gate_line, operator_lines, quality_lines, resumed_line
 from gpubatch.report.verdict import (
     BAND_HIGH,
     BAND_LOW,

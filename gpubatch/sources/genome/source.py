@@ -42,8 +42,13 @@ from gpubatch.io.redact import redact
 from gpubatch.ops.kernels import reverse_complement_codes
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
-from gpubatch.sources.genome.reads import group_reads
-from gpubatch.sources.genome.reference import ContigTable, Reference, load_contigs, open_reference
+from gpubatch.sources.genome.reference import (
+    ContigTable,
+    Reference,
+    group_reads,
+    load_contigs,
+    open_reference,
+)
 from gpubatch.sources.genome.regions import resolve_regions, shard_segments
 from gpubatch.sources.genome.variants import (
     SKIP_REASONS,

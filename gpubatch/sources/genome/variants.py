@@ -47,8 +47,7 @@ from gpubatch.core.errors import InputError, SpecError
 from gpubatch.io.storage import local_copy
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
-from gpubatch.sources.genome.reads import group_reads
-from gpubatch.sources.genome.reference import ContigTable, Reference
+from gpubatch.sources.genome.reference import ContigTable, Reference, group_reads
 from gpubatch.sources.genome.variant_files import RawRecord, iter_records, sniff
 
 FIELD = "windows.variants"
