@@ -293,21 +293,29 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _shard_counts(summary: dict[str, Any]) -> tuple[int, int]:
+    """(shards committed, of which this run executed), from the counts (the listed rows are capped)."""
+    stats = summary.get("shard_stats")
+    if stats:
+        return int(stats.get("count", 0)), int(stats.get("count", 0)) - int(stats.get("resumed", 0))
+    rows = summary.get("shards") or []
+    return len(rows), sum(1 for s in rows if not s.get("resumed"))
+
+
 def _why_no_verdict(summary: dict[str, Any]) -> tuple[str, str] | None:
     """(state, what to say instead of a verdict), or None when the run can be judged."""
-    shards = summary.get("shards") or []
+    committed, ran = _shard_counts(summary)
     failed = summary.get("failed") or []
-    if failed and not shards:
+    if failed and not committed:
         errors = "; ".join(f"{f.get('input')}: {f.get('error')}" for f in failed[:MAX_LISTED_ERRORS])
         more = f" (and {len(failed) - MAX_LISTED_ERRORS} more)" if len(failed) > MAX_LISTED_ERRORS else ""
         return STATE_FAILED, f"all {len(failed)} input(s) failed, nothing was processed: {errors}{more}"
-    if not shards and not failed:
+    if not committed and not failed:
         return STATE_EMPTY, "no items: the plan found nothing to process (no inputs, or regions without bases)"
-    ran = [s for s in shards if not s.get("resumed")]
     if not ran:
-        return STATE_RESUMED, f"nothing left to run: all {len(shards)} shard(s) were already committed"
-    if not summary.get("items") and ran:
-        return STATE_EMPTY, f"no items: all {len(ran)} input(s) this run processed were empty"
+        return STATE_RESUMED, f"nothing left to run: all {committed} shard(s) were already committed"
+    if not summary.get("items"):
+        return STATE_EMPTY, f"no items: all {ran} input(s) this run processed were empty"
     batches = summary.get("batches")
     model = (summary.get("stages") or {}).get("model") or {}
     model_s = float(model.get("busy_s", 0.0)) + float(model.get("starved_s", 0.0))
