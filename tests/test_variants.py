@@ -212,3 +212,11 @@ def test_ref_mismatch_is_flagged() -> None:
     _, alt_win, match = variant_windows(encode_dna(seq), 0, span, "T", "G", 8)
     assert not match
     assert alt_win[8 // 2] == encode_dna("G")[0]
+
+
+def test_htslib_stays_off_the_terminal(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A header without ##contig lines makes htslib warn per contig, straight to fd 2."""
+    header = "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+    table = read_variants(write_vcf(tmp_path, RECORDS[:3], header=header), CONTIGS)
+    assert len(table) == 3
+    assert "[W::" not in capfd.readouterr().err

@@ -176,27 +176,34 @@ def _header_lines(path: str) -> int:
 
 
 def _vcf_records(path: str, uri: str, name: str, layout: Layout) -> Iterator[RawRecord]:
-    """Records through pysam: text VCFs are numbered by line, BCFs by record."""
+    """Records through pysam: text VCFs are numbered by line, BCFs by record.
+
+    htslib stays quiet while the file is read: its warnings (a missing index, a contig the
+    header does not declare) would go straight to the terminal, and the contigs are checked
+    against the reference here anyway.
+    """
     pysam = _pysam()
-    previous = pysam.set_verbosity(0)  # htslib would log a missing index: none is needed here
+    previous = pysam.set_verbosity(0)
     try:
-        vf = pysam.VariantFile(path)
-    except (ValueError, OSError) as exc:
-        raise SpecError([(FIELD, f"{uri}: not a readable VCF/BCF ({exc}); a VCF starts with "
-                                 "'##fileformat=VCFv4.x' and has a '#CHROM ...' line")]) from None
+        try:
+            vf = pysam.VariantFile(path)
+        except (ValueError, OSError) as exc:
+            raise SpecError([(FIELD, f"{uri}: not a readable VCF/BCF ({exc}); a VCF starts with "
+                                     "'##fileformat=VCFv4.x' and has a '#CHROM ...' line")]) from None
+        offset = _header_lines(path) if layout.kind == LAYOUT_VCF else None
+        i = 0
+        with vf:
+            try:
+                for i, rec in enumerate(vf, start=1):
+                    line = offset + i if offset is not None else i
+                    where = f"{name} line {line}" if offset is not None else f"{name} record {i}"
+                    yield RawRecord(where, line, rec.chrom, int(rec.pos), rec.id, rec.ref or ".",
+                                    tuple(rec.alts or ()))
+            except (ValueError, OSError) as exc:
+                where = f"{name} line {offset + i + 1}" if offset is not None else f"{name} record {i + 1}"
+                raise SpecError([(FIELD, f"{where}: malformed VCF record ({exc})")]) from None
     finally:
         pysam.set_verbosity(previous)
-    offset = _header_lines(path) if layout.kind == LAYOUT_VCF else None
-    i = 0
-    with vf:
-        try:
-            for i, rec in enumerate(vf, start=1):
-                line = offset + i if offset is not None else i
-                where = f"{name} line {line}" if offset is not None else f"{name} record {i}"
-                yield RawRecord(where, line, rec.chrom, int(rec.pos), rec.id, rec.ref or ".", tuple(rec.alts or ()))
-        except (ValueError, OSError) as exc:
-            where = f"{name} line {offset + i + 1}" if offset is not None else f"{name} record {i + 1}"
-            raise SpecError([(FIELD, f"{where}: malformed VCF record ({exc})")]) from None
 
 
 def iter_records(path: str, uri: str, layout: Layout) -> Iterator[RawRecord]:
