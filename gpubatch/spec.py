@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gpubatch.core.errors import SpecError
 from gpubatch.io.uris import GLOB_PREFIX, is_remote, split_glob
@@ -38,6 +46,9 @@ class TilesSpec(_Strict):
     size: int = Field(224, ge=1, le=16384)
     mpp: float | None = Field(0.5, gt=0.0, le=1000.0, description="microns per pixel (1000: a millimetre)")
     level: int | None = Field(None, ge=0)
+    mpp_fallback: float | None = Field(
+        None, gt=0.0, description="level-0 microns per pixel assumed for slides that record none "
+                                  "(or an implausible resolution tag)")
     overlap: float = Field(0.0, ge=0.0, lt=1.0)
     tissue: TissueSpec = Field(default_factory=TissueSpec)
     read_block: int = Field(
@@ -83,6 +94,9 @@ class WindowsSpec(_Strict):
     encoding: EncodingSpec = Field(default_factory=EncodingSpec)
     windows_per_shard: int = Field(4096, ge=1)
     chunk_bases: int = Field(1_048_576, ge=1024, description="bases read in one call, then sliced")
+    max_ref_mismatch: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="share of variants whose REF may disagree with the reference before the job is refused")
 
 
 class InputNorm(_Strict):
@@ -177,6 +191,12 @@ class JobSpec(_Strict):
     model: ModelSpec
     output: OutputSpec
     run: RunSpec = Field(default_factory=RunSpec)
+    #: the YAML file this spec was loaded from (``load_job``), for the report; not part of the spec
+    _path: str | None = PrivateAttr(default=None)
+
+    @property
+    def spec_path(self) -> str | None:
+        return self._path
 
     @model_validator(mode="after")
     def _kind_matches(self) -> JobSpec:
@@ -227,7 +247,7 @@ def _explain(err: Any) -> str:
     kind, msg = err.get("type", ""), err.get("msg", "")
     got = err.get("input")
     if kind == "extra_forbidden":
-        return "unknown key (check the spelling; see DESIGN.md for the keys)"
+        return "unknown key (check the spelling; every key is listed in docs/spec.md)"
     if kind == "missing":
         return "required but missing"
     if isinstance(got, (int, float, str, bool)) and kind != "value_error":
@@ -283,6 +303,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, load_yaml_text(raw, "--set") if raw.strip() else ""
 
 
+#: keys of which a job gives one: an override of one clears the other, so that
+#: ``--set tiles.level=0`` works on a spec that names ``tiles.mpp`` (and the default mpp)
+EXCLUSIVE_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("tiles", "level"): ("tiles", "mpp"), ("tiles", "mpp"): ("tiles", "level")}
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
     """Set nested keys in a job mapping from ``--set`` strings or a {dotted.key: value} dict."""
     pairs = (
@@ -290,6 +316,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
         if isinstance(overrides, list)
         else [(k.replace("__", ".").split("."), v) for k, v in overrides.items()]
     )
+    given = {tuple(path) for path, _ in pairs}
     for path, value in pairs:
         node = data
         for part in path[:-1]:
@@ -299,6 +326,9 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
                 node[part] = nxt
             node = nxt
         node[path[-1]] = value
+        other = EXCLUSIVE_KEYS.get(tuple(path))
+        if other is not None and value is not None and other not in given:
+            node.pop(other[-1], None)  # the override replaces the file's choice of resolution
     return data
 
 
@@ -373,4 +403,6 @@ def load_job(path: str | Path, overrides: dict[str, Any] | list[str] | None = No
     data = read_yaml(path)
     if overrides:
         data = apply_overrides(data, overrides)
-    return parse_job(data, str(path), Path(path).resolve().parent)
+    job = parse_job(data, str(path), Path(path).resolve().parent)
+    job._path = str(Path(path).resolve())
+    return job

@@ -52,12 +52,20 @@ VCF_HEAD = "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\
 class TestVariantPairs(SourceTests):
     @pytest.fixture()
     def job(self, tmp_path: Path) -> JobSpec:
-        """SNVs, an insertion, a deletion, a multi-allelic record, one at a contig's first base."""
+        """SNVs, an insertion, a deletion, a multi-allelic record, one at a contig's first base;
+        REF alleles are the reference's (read with pysam), except one N: a flagged mismatch."""
+        pysam = pytest.importorskip("pysam")
+        fa = shared_file("genomics", "tangermeme", "test.fa")
+        with pysam.FastaFile(str(fa)) as ref:
+            def at(chrom: str, pos: int, n: int = 1) -> str:
+                return ref.fetch(chrom, pos - 1, pos - 1 + n).upper()
+
+            records = [f"chr1\t1\ts1\t{at('chr1', 1)}\tG", f"chr1\t40\ts2\t{at('chr1', 40)}\tCAT",
+                       f"chr2\t20\ts3\t{at('chr2', 20, 3)}\tG", f"chr3\t55\ts4\t{at('chr3', 55)}\tA,C",
+                       "chr7\t90\ts5\tN\tT"]
         vcf = tmp_path / "v.vcf"
-        records = ["chr1\t1\ts1\tA\tG", "chr1\t40\ts2\tC\tCAT", "chr2\t20\ts3\tGTA\tG",
-                   "chr3\t55\ts4\tT\tA,C", "chr7\t90\ts5\tN\tT"]
         vcf.write_text(VCF_HEAD + "".join(f"{r}\t.\t.\t.\n" for r in records))
-        windows = {"reference": str(shared_file("genomics", "tangermeme", "test.fa")), "variants": str(vcf),
+        windows = {"reference": str(fa), "variants": str(vcf), "max_ref_mismatch": 0.2,
                    "length": 30, "windows_per_shard": 3, "reverse_complement": "average"}
         return _job(kind="genome", windows=windows)
 

@@ -228,7 +228,7 @@ def test_variant_pairs_indels_and_ref_mismatch(synth: tuple[Path, dict[str, str]
     vcf.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
                    + "".join(f"{c}\t{p}\t.\t{r}\t{a}\t.\t.\t.\n" for c, p, r, a in rows))
     clocks = StageClocks()
-    job = variant_job(path, vcf, length=21, windows_per_shard=2)
+    job = variant_job(path, vcf, length=21, windows_per_shard=2, max_ref_mismatch=0.2)
     items, index = read_all(job, clocks)
     assert items.shape == (5, 2, 21)
     assert list(index["ref_match"]) == [True, True, True, False, True]
@@ -248,7 +248,7 @@ def test_variant_reader_attrs_record_counts(tmp_path: Path, synth: tuple[Path, d
     vcf = tmp_path / "v.vcf"
     vcf.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
                    f"chrC\t5\t.\t{contigs['chrC'][4].upper()}\t.\t.\t.\t.\n"
-                   "chrC\t6\t.\tA\t<DUP>\t.\t.\t.\nchrC\t7\t.\tA\tC\t.\t.\t.\n")
+                   f"chrC\t6\t.\tA\t<DUP>\t.\t.\t.\nchrC\t7\t.\t{contigs['chrC'][6].upper()}\tK,C\t.\t.\t.\n")
     source = GenomeSource()
     job = variant_job(path, vcf, length=8)
     (shard,), _ = source.plan(job)
@@ -256,9 +256,114 @@ def test_variant_reader_attrs_record_counts(tmp_path: Path, synth: tuple[Path, d
     with source.open(shard, job, StageClocks()) as reader:
         [unit() for unit in reader.read_units()]
         attrs = reader.attrs
-    assert attrs["plan_counts"] == {"records": 3, "variants": 1, "skipped_alt_dot": 1, "skipped_symbolic": 1}
+    assert attrs["plan_counts"] == {
+        "records": 3, "variants": 1, "ref_mismatches": 0, "layout": "vcf", "notes": [],
+        "skipped": {"alt_missing": 1, "symbolic": 1, "spanning_deletion": 0, "breakend": 0, "iupac": 1,
+                    "not_sequence": 0}}
     assert attrs["mode"] == "variants" and attrs["length"] == 8
     json.dumps(attrs)
+
+
+def _mismatch_vcf(path: Path, contigs: dict[str, str], n: int, bad: int, swap: bool = False) -> Path:
+    """``n`` SNVs on chrA, the first ``bad`` with a REF the reference does not have (or, with
+    ``swap``, REF and ALT exchanged, as a REF/ALT swap in a pipeline would write them)."""
+    a = contigs["chrA"].upper()
+    lines = []
+    for i in range(n):
+        p = 1000 + 7 * i
+        ref = a[p - 1] if a[p - 1] in "ACGT" else "A"
+        alt = "C" if ref != "C" else "G"
+        if i < bad:
+            ref, alt = (alt, ref) if swap else ("T" if ref != "T" else "G", alt)
+        lines.append(f"chrA\t{p}\tv{i}\t{ref}\t{alt}\t.\t.\t.\n")
+    path.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n" + "".join(lines))
+    return path
+
+
+def test_plan_checks_every_ref_against_pysam(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    from gpubatch.sources.genome.variants import check_refs, read_variants
+
+    path, contigs = synth
+    vcf = _mismatch_vcf(tmp_path / "v.vcf", contigs, 40, 6)
+    ref = open_reference(str(path))
+    table = read_variants(str(vcf), ref.contigs)
+    match = check_refs(table, ref, chunk_bases=1024)  # several reads: runs are bounded
+    fa = pysam.FastaFile(str(path))
+    expected = [fa.fetch(c, p - 1, p - 1 + len(r)).upper() == r
+                for c, p, r in zip(table.chrom, table.pos, table.ref, strict=True)]
+    assert list(match) == expected and sum(expected) == 34
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_many_ref_mismatches_refuse_the_job_at_plan(synth: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                    swap: bool) -> None:
+    path, contigs = synth
+    vcf = _mismatch_vcf(tmp_path / "v.vcf", contigs, 20, 20 if swap else 2, swap=swap)
+    with pytest.raises(SpecError) as err:
+        GenomeSource().plan(variant_job(path, vcf, length=16))
+    text = str(err.value)
+    assert "wrong genome build or REF/ALT swapped?" in text and "windows.max_ref_mismatch = 0.05" in text
+    assert ("20 of 20 variants (100.0%)" if swap else "2 of 20 variants (10.0%)") in text
+    assert "line 3 chrA:1000" in text  # the first mismatch, by its line in the file
+    # under the limit the job plans, and the mismatches are counted
+    shards, _ = GenomeSource().plan(variant_job(path, vcf, length=16, max_ref_mismatch=1.0))
+    assert shards[0].payload["plan_counts"]["ref_mismatches"] == (20 if swap else 2)
+
+
+def test_cli_validate_refuses_what_run_refuses(synth: tuple[Path, dict[str, str]], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import write_job
+
+    from gpubatch.cli.demo_models import make_genome_model
+    from gpubatch.cli.main import main
+
+    path, contigs = synth
+    model = make_genome_model(tmp_path / "g.onnx", 16)
+    vcf = _mismatch_vcf(tmp_path / "v.vcf", contigs, 20, 20, swap=True)
+    job = {"kind": "genome", "windows": {"reference": str(path), "variants": str(vcf), "length": 16},
+           "model": {"path": str(model)}, "output": {"uri": str(tmp_path / "out")},
+           "run": {"profile": "inline"}}
+    spec = write_job(tmp_path / "job.yaml", job)
+    assert main(["validate", str(spec)]) == 2
+    assert "REF/ALT swapped?" in capsys.readouterr().err
+    assert main(["run", str(spec)]) == 2
+    assert "REF/ALT swapped?" in capsys.readouterr().err
+    assert main(["validate", str(spec), "--set", "windows.max_ref_mismatch=1"]) == 0
+
+
+def test_zarr_ref_mismatches_agree_with_the_report(synth: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import pandas as pd
+    import zarr
+
+    from gpubatch.cli.demo_models import make_genome_model
+    from gpubatch.report.html import render_html
+    from gpubatch.report.text import format_summary
+    from gpubatch.runtime.runner import run_job
+
+    path, contigs = synth
+    model = make_genome_model(tmp_path / "g.onnx", 16)
+    vcf = _mismatch_vcf(tmp_path / "v.vcf", contigs, 30, 3)
+    with vcf.open("a") as f:
+        f.write("chrA\t5000\t.\tA\tK\t.\t.\t.\nchrA\t5001\t.\tA\tY,<DEL>\t.\t.\t.\n")
+    job = parse_job({"kind": "genome", "windows": {"reference": str(path), "variants": str(vcf), "length": 16,
+                                                   "windows_per_shard": 8, "max_ref_mismatch": 0.2},
+                     "model": {"path": str(model), "batch_size": 8}, "output": {"uri": str(tmp_path / "out")},
+                     "run": {"profile": "inline"}})
+    result = run_job(job, show_progress=False)
+    assert result.exit_code == 0
+    q = result.report["data_quality"]["variants"]
+    rows = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    group = zarr.open_group(str(tmp_path / "out" / "predictions.zarr"), mode="r")
+    in_zarr = sum(group[sid].attrs["ref_mismatches"] for sid in group.group_keys())
+    assert q["ref_mismatches"] == in_zarr == int((~rows["ref_match"]).sum()) == 3
+    assert q["skipped"]["iupac"] == 2 and q["skipped"]["symbolic"] == 1
+    assert q["records"] == 32 and q["scored"] == 30
+    text = format_summary(result.report)
+    assert "REF mismatches: 3 of 30 scored (10.0%" in text
+    assert "skipped 3 ALT allele(s) that are not sequence: 1 symbolic (<DEL>, ...), 2 IUPAC ambiguity codes" in text
+    page = render_html(result.report)
+    assert "REF mismatches: 3 of 30 scored" in page and "2 IUPAC ambiguity codes" in page
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,8 +475,8 @@ def test_vcf_with_nothing_to_score_is_a_failed_input(tmp_path: Path, synth: tupl
                    "chrC\t5\t.\tA\t.\t.\t.\t.\nchrC\t6\t.\tA\t<DUP>\t.\t.\t.\n")
     shards, failed = GenomeSource().plan(variant_job(path, vcf, length=8))
     assert shards == []
-    assert failed == [{"input": str(vcf), "error": "no scorable variants: 2 records, 1 with ALT '.', "
-                                                   "1 symbolic alleles skipped"}]
+    assert failed == [{"input": str(vcf), "error": "no scorable variants: 2 records, 2 ALT alleles skipped "
+                                                   "(1 alt missing, 1 symbolic)"}]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def test_cli_report_html(real_run: Path, capsys: pytest.CaptureFixture[str]) -> 
     (real_run / "report.html").unlink(missing_ok=True)
     assert main(["report", str(real_run), "--html"]) == 0
     out = capsys.readouterr().out
-    assert "verdict: limited by" in out and "report.html" in out
+    # 12 tiles in a handful of batches: too little work to judge, and the summary says so
+    assert "verdict: none (too little work for a verdict" in out and "report.html" in out
     assert (real_run / "report.html").stat().st_size > 5000
 
 

@@ -51,7 +51,7 @@ def test_bad_values_name_the_field(tmp_path: Path, good: dict, section: str, key
 
 def test_unknown_top_level_key(tmp_path: Path, good: dict) -> None:
     good["tilez"] = {}
-    assert ("tilez", "unknown key (check the spelling; see DESIGN.md for the keys)") in _problems(tmp_path, good)
+    assert ("tilez", "unknown key (check the spelling; every key is listed in docs/spec.md)") in _problems(tmp_path, good)
 
 
 def test_missing_model_and_input_files(tmp_path: Path, good: dict) -> None:

@@ -11,6 +11,7 @@ from gpubatch.core.errors import SpecError
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.reference import ContigTable
 from gpubatch.sources.genome.variants import (
+    alt_skip_reason,
     is_symbolic,
     read_variants,
     variant_span,
@@ -41,7 +42,9 @@ def test_records_skips_and_ids(tmp_path: Path) -> None:
     table = read_variants(write_vcf(tmp_path, RECORDS), CONTIGS)
     assert table.variant_id == ["rs1", "chr1:20:C:CTTT", "chr1:30:GAA:G", "multi:C", "multi:T"]
     assert table.pos == [10, 20, 30, 5, 5]
-    assert table.counts == {"records": 5, "variants": 5, "skipped_alt_dot": 1, "skipped_symbolic": 2}
+    assert table.counts == {"records": 5, "variants": 5, "skipped": {
+        "alt_missing": 1, "symbolic": 1, "spanning_deletion": 1, "breakend": 0, "iupac": 0, "not_sequence": 0}}
+    assert table.layout == "vcf" and table.notes == []
 
 
 def test_bgzip_and_bcf_read_the_same(tmp_path: Path) -> None:
@@ -59,12 +62,87 @@ def test_bgzip_and_bcf_read_the_same(tmp_path: Path) -> None:
     assert read_variants(bcf, CONTIGS).alt == expected
 
 
-def test_vcf_without_header_names_the_file(tmp_path: Path) -> None:
-    path = write_vcf(tmp_path, RECORDS, header="", name="bare.vcf")
+@pytest.mark.parametrize("header", ["", "##fileformat=VCFv4.2\n##source=eqtl-pipeline\n"])
+def test_vcf_body_without_its_chrom_line_is_read_with_a_note(tmp_path: Path, header: str) -> None:
+    with_header = read_variants(write_vcf(tmp_path, RECORDS), CONTIGS)
+    body = read_variants(write_vcf(tmp_path, RECORDS, header=header, name="bare.vcf"), CONTIGS)
+    for column in ("variant_id", "chrom", "pos", "ref", "alt"):
+        assert getattr(body, column) == getattr(with_header, column)
+    assert body.counts == with_header.counts
+    assert body.layout == "vcf-without-header"
+    assert body.notes and "bare.vcf has no '#CHROM' header line" in body.notes[0]
+    # line numbers still name the file's own lines
+    bad = write_vcf(tmp_path, [*RECORDS, "chrZ\t5\t.\tA\tG"], header=header, name="bad.vcf")
+    with pytest.raises(SpecError, match=f"bad.vcf line {header.count(chr(10)) + 6}: contig 'chrZ'"):
+        read_variants(bad, CONTIGS)
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("v.tsv", "chrom\tpos\tref\talt\tid\nchr1\t10\tA\tG\trs1\nchr1\t20\tC\tCTTT\t.\n"
+              "chr2\t5\tA\tC,<DEL>\tmulti\nchr1\t40\tT\t.\t.\n"),
+    ("v.csv", "CHROM,POS,REF,ALT\nchr1,10,A,G\nchr1,20,C,CTTT\nchr2,5,A,C\nchr1,40,T,.\n"),
+])
+def test_plain_variant_tables(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    table = read_variants(str(path), CONTIGS)
+    assert table.chrom == ["chr1", "chr1", "chr2"] and table.pos == [10, 20, 5]
+    assert table.ref == ["A", "C", "A"] and table.alt == ["G", "CTTT", "C"]
+    assert table.line == [2, 3, 4]
+    assert table.counts["records"] == 4 and table.counts["skipped"]["alt_missing"] == 1
+    if name.endswith(".tsv"):
+        assert table.variant_id == ["rs1", "chr1:20:C:CTTT", "multi:C"]
+        assert table.counts["skipped"]["symbolic"] == 1
+    else:
+        assert table.variant_id == ["chr1:10:A:G", "chr1:20:C:CTTT", "chr2:5:A:C"]
+    assert table.layout == "table" and "table with columns" in table.notes[0]
+
+
+def test_gzip_table_and_errors_name_the_line(tmp_path: Path) -> None:
+    import gzip
+
+    path = tmp_path / "v.tsv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("chrom\tpos\tref\talt\nchr1\t10\tA\tG\nchr1\tten\tA\tG\n")
+    with pytest.raises(SpecError, match="v.tsv.gz line 3: POS 'ten' is not an integer"):
+        read_variants(str(path), CONTIGS)
+
+
+def test_something_else_is_refused_with_what_is_expected(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("these are my variants\nchr1 10 A G\n")
     with pytest.raises(SpecError) as err:
-        read_variants(path, CONTIGS)
+        read_variants(str(path), CONTIGS)
     assert err.value.problems[0][0] == "windows.variants"
-    assert "bare.vcf" in str(err.value) and "header" in str(err.value)
+    assert "chrom, pos, ref, alt" in str(err.value) and "notes.txt" in str(err.value)
+
+
+def test_iupac_and_other_non_sequence_alts_are_skipped_by_reason(tmp_path: Path) -> None:
+    # A masking VCF: ALT holds IUPAC ambiguity codes, which are not bases.
+    records = [f"chr1\t{10 + i}\t.\tA\t{code}\t.\t.\t." for i, code in enumerate("KYRWSMDHBVN")]
+    records += ["chr1\t30\t.\tA\tG,K\t.\t.\t.", "chr1\t31\t.\tA\tAX\t.\t.\t.",
+                "chr1\t32\t.\tA\tG]chr2:5]\t.\t.\t.", "chr1\t33\t.\tA\tacgt\t.\t.\t."]
+    table = read_variants(write_vcf(tmp_path, records), CONTIGS)
+    assert table.alt == ["G", "ACGT"]  # only bases are scored (lower case is sequence)
+    assert table.counts["skipped"] == {"alt_missing": 0, "symbolic": 0, "spanning_deletion": 0,
+                                       "breakend": 1, "iupac": 12, "not_sequence": 1}
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ("chr1\t0\t.\tA\tG\t.\t.\t.", "v.vcf line 7: POS 0 is not a position"),
+    ("chr1\t12\t.\t.\tG\t.\t.\t.", "v.vcf line 7: REF '.' is not a sequence"),
+    ("chr1\t12\t.\tR\tG\t.\t.\t.", "v.vcf line 7: REF 'R' holds IUPAC ambiguity codes (R)"),
+    ("chr1\t12\t.\t<DEL>\tG\t.\t.\t.", "v.vcf line 7: REF '<DEL>' is a symbolic allele"),
+])
+def test_bad_pos_and_non_sequence_ref_are_refused_with_the_line(tmp_path: Path, record: str, message: str) -> None:
+    with pytest.raises(SpecError) as err:
+        read_variants(write_vcf(tmp_path, ["chr1\t10\t.\tA\tG\t.\t.\t.", record]), CONTIGS)
+    assert err.value.problems[0][1].startswith(message)
+
+
+def test_ref_n_is_sequence(tmp_path: Path) -> None:
+    table = read_variants(write_vcf(tmp_path, ["chr1\t10\t.\tN\tG\t.\t.\t."]), CONTIGS)
+    assert table.ref == ["N"]
 
 
 def test_unknown_contig_and_pos_past_end_name_the_line(tmp_path: Path) -> None:
@@ -86,6 +164,15 @@ def test_missing_vcf(tmp_path: Path) -> None:
 def test_symbolic_alleles() -> None:
     assert all(is_symbolic(a) for a in ("<DEL>", "<INS:ME>", "*", "G]17:198982]", "]13:123456]T", ".A", "A."))
     assert not any(is_symbolic(a) for a in ("A", "ACGT", "N"))
+
+
+@pytest.mark.parametrize(("alt", "reason"), [
+    ("A", None), ("acgT", None), (".", "alt_missing"), ("<DUP:TANDEM>", "symbolic"), ("*", "spanning_deletion"),
+    ("A[chr2:5[", "breakend"), (".T", "breakend"), ("K", "iupac"), ("ACN", "iupac"), ("Y", "iupac"),
+    ("AU", "not_sequence"), ("1", "not_sequence"),
+])
+def test_alt_skip_reasons(alt: str, reason: str | None) -> None:
+    assert alt_skip_reason(alt) == reason
 
 
 def _oracle(seq: str, pos: int, ref: str, alt: str, length: int) -> tuple[str, str]:
@@ -125,3 +212,11 @@ def test_ref_mismatch_is_flagged() -> None:
     _, alt_win, match = variant_windows(encode_dna(seq), 0, span, "T", "G", 8)
     assert not match
     assert alt_win[8 // 2] == encode_dna("G")[0]
+
+
+def test_htslib_stays_off_the_terminal(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A header without ##contig lines makes htslib warn per contig, straight to fd 2."""
+    header = "##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+    table = read_variants(write_vcf(tmp_path, RECORDS[:3], header=header), CONTIGS)
+    assert len(table) == 3
+    assert "[W::" not in capfd.readouterr().err

@@ -1,4 +1,8 @@
-"""`gpubatch inspect`: what a slide, genome store or results folder holds (allowlisted metadata only)."""
+"""`gpubatch inspect`: what a slide, ONNX model, genome store or results folder holds.
+
+Slides show allowlisted metadata only; models show what a job must match (each input's shape and
+element type), their outputs, opsets and the sha256 the audit trail records.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,35 @@ from typing import Any
 from gpubatch.core.clocks import StageClocks
 
 
+def _tensor(value: Any) -> dict[str, Any]:
+    from gpubatch.runtime.preflight import onnx_dtype_name
+
+    t = value.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    return {"name": value.name, "shape": shape, "dtype": onnx_dtype_name(t.elem_type)}
+
+
+def inspect_model(path: str) -> dict[str, Any]:
+    """An ONNX model's inputs (shape: ints fixed, names dynamic), outputs, opsets, sha256, size."""
+    import onnx
+
+    from gpubatch.core.files import file_sha256
+
+    model = onnx.load(path, load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    return {
+        "model": path, "format": "onnx", "bytes": Path(path).stat().st_size, "sha256": file_sha256(path),
+        "inputs": [_tensor(i) for i in model.graph.input if i.name not in initializers],
+        "outputs": [_tensor(o) for o in model.graph.output],
+        "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "ir_version": model.ir_version, "producer": f"{model.producer_name} {model.producer_version}".strip(),
+    }
+
+
 def inspect_path(path: str) -> dict[str, Any]:
     p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".onnx":
+        return inspect_model(path)
     if p.is_dir() and (p / "report.json").exists():
         from gpubatch.report.summary import load_report
 

@@ -56,18 +56,25 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("what", choices=["genome"])
     ing.add_argument("source")
     ing.add_argument("out")
-    ins = sub.add_parser("inspect", help="describe a slide, genome or results folder")
+    ing.add_argument("--overwrite", action="store_true", help="replace an existing output store")
+    ins = sub.add_parser("inspect", help="describe a slide, ONNX model, genome store or results folder")
     ins.add_argument("path")
     return p
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from gpubatch.runtime.preflight import preflight
+    """Every check ``run`` makes before its first shard, the plan included; nothing runs."""
+    from gpubatch.runtime.preflight import validate_job
     from gpubatch.spec import load_job
 
     job = load_job(args.job, args.set)
-    preflight(job)
-    print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}')")
+    check = validate_job(job)
+    items = f", {check.items:,} items" if check.items is not None else ""
+    print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}': {check.shards} shard(s){items})")
+    for note in check.notes:
+        print(f"  note: {safe_text(note)}")
+    for f in check.failed:
+        print(f"  warning: {safe_text(f['input'])} would be quarantined: {safe_text(f['error'])}")
     return EXIT_OK
 
 
@@ -89,6 +96,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    from gpubatch.runtime.cluster import check_scheduler_reachable
+
+    check_scheduler_reachable(args.scheduler)
     return _run_and_report(args.job, args.set, scheduler=args.scheduler, resume=args.resume,
                            overwrite=args.overwrite)
 
@@ -205,7 +215,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from gpubatch.sources.genome.ingest import ingest_genome
 
-    info = ingest_genome(args.source, args.out)
+    info = ingest_genome(args.source, args.out, overwrite=args.overwrite)
     print(json.dumps(info, indent=1, default=str))
     return EXIT_OK
 
@@ -222,18 +232,43 @@ COMMANDS = {"validate": _cmd_validate, "run": _cmd_run, "submit": _cmd_submit, "
             "inspect": _cmd_inspect}
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not when the handler was made
+    (a second ``main()`` in one process, or a test's captured stream, would otherwise be stale)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     """gpubatch's own lines at INFO, redacted and printable; Dask's chatter only when it is an
-    error; the input libraries' warnings routed into gpubatch's log at DEBUG (``-v``)."""
+    error; the input libraries' warnings routed into gpubatch's log at DEBUG (``-v``).
+
+    One handler however often ``main`` runs in a process, and only when the root logger has none;
+    when it has (a host that configured logging, pytest's log capture), lines go up to it instead
+    of being printed twice.
+    """
     from gpubatch.core.logs import SafeFormatter, route_library_logs
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     route_library_logs()
     log = logging.getLogger("gpubatch")
-    log.addHandler(handler)
+    for old in [h for h in log.handlers if isinstance(h, _StderrHandler)]:
+        log.removeHandler(old)
+    quiet_above = not logging.getLogger().handlers
+    if quiet_above:
+        handler = _StderrHandler()
+        handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.propagate = not quiet_above
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
     import dask
 
     dask.config.set({"logging.distributed": "error"})

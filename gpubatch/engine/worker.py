@@ -137,6 +137,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             t0 = time.perf_counter()
             items = run_pipeline(reader, make_batch_runner(reader, model, ctx), writer, cfg, clocks)
             wall = time.perf_counter() - t0
+            writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)
             part = writer.commit()
             shard_attrs = reader.attrs
         result = ShardResult(

@@ -121,7 +121,8 @@ class ShardWriter:
         sha = self._file.sha.hexdigest()
         self._files.close()
         if self.group is not None:
-            self._open_group()
+            # Attributes again at commit: the reader's counts (REF mismatches) grow while it reads.
+            self._open_group().attrs.update(_jsonable(self.attrs))
         return {"rows": self.rows, "part": self.part, "group": self.group, "sha256": sha}
 
     def abort(self) -> None:

@@ -83,17 +83,21 @@ def parts_frame(report: dict[str, Any]) -> pd.DataFrame:
 
 
 def shard_frame(report: dict[str, Any]) -> pd.DataFrame:
-    """One row per input: status (done/resumed/failed), items, wall_s, items_per_s, starvation,
-    retries, error. Quarantined inputs come from report["failed"] with their error."""
+    """One row per input: status (done/empty/resumed/failed), items, wall_s, items_per_s,
+    starvation, retries, error, reason (why an empty input yielded no items). Quarantined inputs
+    come from report["failed"] with their error."""
     import pandas as pd
 
-    rows = [{**s, "status": "resumed" if s.get("resumed") else "done",
-             "items_per_s": s["items"] / s["wall_s"] if s.get("wall_s") else math.nan, "error": None}
+    rows = [{**s, "status": s.get("status") or ("resumed" if s.get("resumed") else "done"),
+             "items_per_s": s["items"] / s["wall_s"] if s.get("wall_s") else math.nan,
+             "error": None, "reason": s.get("reason")}
             for s in report.get("shards") or []]
     rows += [{"shard_id": None, "input": f["input"], "status": "failed", "items": 0, "wall_s": math.nan,
-              "items_per_s": math.nan, "starvation": math.nan, "retries": None, "error": f["error"]}
+              "items_per_s": math.nan, "starvation": math.nan, "retries": None, "error": f["error"],
+              "reason": None}
              for f in report.get("failed") or []]
-    cols = ["shard_id", "input", "status", "items", "wall_s", "items_per_s", "starvation", "retries", "error"]
+    cols = ["shard_id", "input", "status", "items", "wall_s", "items_per_s", "starvation", "retries", "error",
+            "reason"]
     return pd.DataFrame(rows, columns=cols).astype({"items": int, "retries": "Int64"})
 
 

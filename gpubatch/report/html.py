@@ -17,6 +17,7 @@ from gpubatch.outputs.store import OutputStore
 from gpubatch.report import plots
 from gpubatch.report.frames import latency_frame, shard_frame, stage_frame, throughput_frame
 from gpubatch.report.plots import AMBER, BLUE, GREEN, ORANGE, PURPLE, RED, Band, Series
+from gpubatch.report.text import gate_line, operator_lines, quality_lines, resumed_line
 from gpubatch.report.verdict import (
     BAND_HIGH,
     BAND_LOW,
@@ -57,6 +58,8 @@ table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #e4e7
 th,td{padding:5px 8px;border-bottom:1px solid #e4e7eb;text-align:right;font-variant-numeric:tabular-nums}
 th{background:#f0f2f5;font-weight:600}table#run{width:auto;min-width:460px}td.l,th.l{text-align:left}tr.failed td{background:#fdecec}
 .mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+ul.facts{background:#fff;border:1px solid #e4e7eb;border-radius:8px;margin:0;padding:8px 28px}
+ul.facts li.sub{list-style:circle;margin-left:18px;color:#3e4c59}tr.empty td{background:#fff8e6}
 @media (max-width:800px){.grid{grid-template-columns:1fr}.tiles{grid-template-columns:repeat(3,1fr)}}
 """
 
@@ -84,28 +87,42 @@ def _tiles(report: dict[str, Any], v: dict[str, Any]) -> str:
     """Six headline numbers: the end-to-end rate first, the model-only rate beside it."""
     gap = v.get("gap") or {}
     failed = len(report.get("failed") or [])
-    done = (report.get("shard_stats") or {}).get("count", len(report.get("shards") or []))
+    count = (report.get("shard_stats") or {}).get("count", len(report.get("shards") or []))
+    empty = (report.get("empty") or {}).get("count", 0)
+    done = count - empty
+    extra = ", ".join(x for x in (f"{empty} empty" if empty else "", f"{failed} quarantined" if failed else "") if x)
     tiles = [
         (_rate(report.get("items_per_s")), "items/s end-to-end"),
         (_rate(gap.get("model_only_items_per_s")), "items/s model-only"),
         (_num(gap.get("cost"), "{:.0%}"), "of model speed lost to the data path"),
         (f"{report.get('starvation', 0.0):.1%}", f"model starvation ({v['band']})"),
         (f"{report.get('items', 0):,}", f"items in {report.get('wall_s', 0.0):.1f} s"),
-        (f"{done}/{done + failed}", "inputs done" + (f", {failed} quarantined" if failed else "")),
+        (f"{done}/{count + failed}", "inputs done" + (f", {extra}" if extra else "")),
     ]
     cells = "".join(f'<div class="tile"><div class="v">{escape(a)}</div><div class="k">{escape(b)}</div></div>'
                     for a, b in tiles)
     return f'<section class="tiles" id="headline">{cells}</section>'
 
 
+NO_VERDICT_TITLES = {"failed": "Run failed: every input failed", "empty": "No items were processed",
+                     "nothing-ran": "Nothing left to run", "too-small": "Too little work for a verdict"}
+
+
 def _verdict_box(v: dict[str, Any]) -> str:
-    """The verdict: limiting layer, evidence, next move, and what the gap costs."""
+    """The verdict: limiting layer, evidence, next move, and what the gap costs; or, when there
+    is nothing to judge, why not (and no advice)."""
+    state = v.get("state", "verdict")
+    if state != "verdict":
+        color = RED if state == "failed" else MUTED_LINE
+        return (f'<section class="verdict" id="verdict" data-state="{escape(state)}" style="--band:{color}">'
+                f'<h2>{escape(NO_VERDICT_TITLES.get(state, "No verdict"))}</h2>'
+                f'<p>{escape(v["evidence"][:1].upper() + v["evidence"][1:])}.</p></section>')
     color = BAND_COLORS.get(v["band"], AMBER)
     detail = f" — {v['detail']}" if v.get("detail") else ""
     gap_text = (v.get("gap") or {}).get("text", "")
     evidence = v["evidence"].replace("; " + gap_text, "") if gap_text else v["evidence"]
     lines = [
-        f'<section class="verdict" id="verdict" style="--band:{color}">',
+        f'<section class="verdict" id="verdict" data-state="verdict" style="--band:{color}">',
         f'<h2>Limited by {escape(v["limiting_layer"])}{escape(detail)}</h2>',
         f'<p><span class="pill">{escape(v["band"])}</span> model starved {v["starvation"]:.1%} of its time '
         f'(bands: under {BAND_LOW:.0%} fed, {BAND_LOW:.0%}–{BAND_HIGH:.0%} moderate, {BAND_HIGH:.0%}+ input-bound)</p>',
@@ -117,6 +134,17 @@ def _verdict_box(v: dict[str, Any]) -> str:
     if v.get("caveat"):
         lines.append(f'<p class="note">Note: {escape(v["caveat"])}.</p>')
     return "".join(lines) + "</section>"
+
+
+def _facts(report: dict[str, Any]) -> str:
+    """The precision gate, data quality, empty/retried/lost work and notes, as the terminal says them."""
+    lines = [x for x in (gate_line(report), resumed_line(report)) if x]
+    lines += quality_lines(report) + operator_lines(report)
+    if not lines:
+        return ""
+    items = "".join(f'<li class="{"sub" if line.startswith("  ") else ""}">{escape(line.strip())}</li>'
+                    for line in lines)
+    return f'<h2>What the run met</h2><ul class="facts" id="facts">{items}</ul>'
 
 
 def _time_plots(report: dict[str, Any]) -> list[str]:
@@ -192,29 +220,32 @@ def _latency_plot(report: dict[str, Any]) -> str:
 
 
 def _shard_table(report: dict[str, Any]) -> str:
-    """Per input: items, seconds, rate, starvation, retries; quarantined inputs with their error."""
+    """Per input: items, seconds, rate, starvation, retries; quarantined inputs with their error,
+    empty ones with the reason they yielded no items."""
     import pandas as pd
 
     df = shard_frame(report)
     if df.empty:
         return "<p>No shards ran.</p>"
     head = ("<tr><th class=l>input</th><th>status</th><th>items</th><th>seconds</th><th>items/s</th>"
-            "<th>starvation</th><th>retries</th><th class=l>error</th></tr>")
+            "<th>starvation</th><th>retries</th><th class=l>error or reason</th></tr>")
     body = []
     for _, r in df.iterrows():
         retries = "–" if pd.isna(r["retries"]) else str(r["retries"])
+        why = next((x for x in (r["error"], r["reason"]) if isinstance(x, str)), "")
         body.append(
             f'<tr class="{escape(r["status"])}"><td class="l mono">{escape(str(r["input"]))}</td>'
             f'<td>{escape(r["status"])}</td><td>{int(r["items"]):,}</td><td>{_num(r["wall_s"], "{:.2f}")}</td>'
             f'<td>{_num(r["items_per_s"])}</td><td>{_num(r["starvation"], "{:.1%}")}</td><td>{retries}</td>'
-            f'<td class="l">{escape(r["error"] if isinstance(r["error"], str) else "")}</td></tr>')
+            f'<td class="l">{escape(why)}</td></tr>')
     return f'<table id="shards">{head}{"".join(body)}</table>'
 
 
 def _run_table(report: dict[str, Any]) -> str:
     """Run settings and storage figures, so the reader knows what the numbers were measured on."""
     st = report.get("storage") or {}
-    rows = [("kind", report.get("kind")), ("backend", report.get("backend")), ("precision", report.get("precision")),
+    rows = [("started", report.get("started_at")), ("host", report.get("host")), ("spec", report.get("spec_path")),
+            ("kind", report.get("kind")), ("backend", report.get("backend")), ("precision", report.get("precision")),
             ("batch size", report.get("batch_size")), ("batch fill", _num(report.get("batch_fill"), "{:.0%}")),
             ("workers", report.get("workers")), ("readers per worker", report.get("readers")),
             ("profile", report.get("profile")), ("storage requests", st.get("requests")),
@@ -241,7 +272,7 @@ def render_html(report: dict[str, Any]) -> str:
         f"<title>gpubatch report: {name}</title><style>{CSS}</style></head><body><main>"
         f"<h1>{name}</h1><p class=sub>gpubatch run report · {escape(str(report.get('kind', '')))} · "
         f"{escape(str(report.get('backend', '')))} {escape(str(report.get('precision', '')))}</p>"
-        f"{_tiles(report, v)}{_verdict_box(v)}<h2>Where the time went</h2><section class=grid id=plots>{grid}</section>"
+        f"{_tiles(report, v)}{_verdict_box(v)}{_facts(report)}<h2>Where the time went</h2><section class=grid id=plots>{grid}</section>"
         f"<h2>Inputs</h2>{_shard_table(report)}<h2>Run</h2>{_run_table(report)}"
         f"</main><script>{SELF_CHECK}</script></body></html>"
     )

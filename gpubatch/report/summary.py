@@ -23,35 +23,53 @@ from gpubatch.report.verdict import verdict
 
 MAX_TIMELINE_POINTS = 20_000
 MAX_SHARD_ROWS = 2_000
+MAX_LISTED = 200  # empty inputs, retried shards and notes listed by name (all are counted)
 
 
 class SummaryBuilder:
-    """Folds shard results into the figures of a report, in memory bounded by configuration."""
+    """Folds shard results into the figures of a report, in memory bounded by configuration.
+
+    Rates, clocks, the timeline and the verdict cover the shards this run executed; shards
+    committed by an earlier run (``--resume``) are counted apart, so that they never inflate this
+    run's throughput or lend it their clocks.
+    """
 
     def __init__(self) -> None:
         self.clocks = StageClocks()
-        self.items = self.batches = self.shards = self.resumed = 0
+        self.items = self.batches = self.shards = self.resumed = self.ran = 0
         self.resumed_items = 0
         self.pipeline_s = 0.0
         self.t0: float | None = None
         self._rows: list[tuple[float, int, dict[str, Any]]] = []
         self._points: list[dict[str, Any]] = []
         self._stride, self._seen = 1, 0
+        #: inputs with no items, shards that needed retries, and readers' notes: counted in full,
+        #: listed up to MAX_LISTED each
+        self.empty = _Listed()
+        self.retried = _Listed()
+        self.notes = _Listed()
 
     def add(self, result: ShardResult) -> None:
-        samples = result.clocks.get("samples", [])
-        self.clocks.merge(StageClocks.from_dict({k: v for k, v in result.clocks.items() if k != "samples"}))
-        self.items += result.items
-        self.batches += len(samples)
         self.shards += 1
+        for note in result.attrs.get("notes") or []:
+            self.notes.add(f"{result.input}: {note}")
+        self._add_row(result)
         if result.resumed:
             self.resumed += 1
             self.resumed_items += result.items
-        else:
-            self.pipeline_s += result.wall_s
+            return
+        samples = result.clocks.get("samples", [])
+        self.clocks.merge(StageClocks.from_dict({k: v for k, v in result.clocks.items() if k != "samples"}))
+        self.ran += 1
+        self.items += result.items
+        self.batches += len(samples)
+        self.pipeline_s += result.wall_s
+        if result.items == 0:
+            self.empty.add({"input": result.input, "reason": empty_reason(result)})
+        if result.attempt > 1:
+            self.retried.add({"input": result.input, "shard_id": result.shard_id, "attempts": result.attempt})
         if result.start is not None:
             self.t0 = result.start if self.t0 is None else min(self.t0, result.start)
-        self._add_row(result)
         self._add_points(result, samples)
 
     def _add_row(self, result: ShardResult) -> None:
@@ -79,27 +97,34 @@ class SummaryBuilder:
         compute_s = self.clocks.parts.get("compute", 0.0)
         workers = max(1, run_info.get("workers", 1))
         t0 = self.t0 or 0.0
-        fresh = self.items - self.resumed_items
         rows = [row for _, _, row in sorted(self._rows, key=lambda e: e[1])]
+        info = dict(run_info)
+        quality = dict(info.pop("data_quality", None) or {})
+        notes = [*info.pop("notes", []), *quality.pop("notes", []), *self.notes.items]
         doc: dict[str, Any] = {
             "items": self.items,
-            "items_per_s": fresh / wall_s if wall_s > 0 else 0.0,
+            "items_per_s": self.items / wall_s if wall_s > 0 else 0.0,
             "wall_s": wall_s,
             "starvation": self.clocks.starvation,
             "stages": {k: v.as_dict() for k, v in self.clocks.stages.items()},
             "parts": dict(self.clocks.parts),
             "counters": dict(self.clocks.counters),
             "storage": storage_summary(dict(self.clocks.counters), wall_s),
-            "model_only_items_per_s": self.items / compute_s * min(workers, self.shards or 1) if compute_s else None,
+            "model_only_items_per_s": self.items / compute_s * min(workers, self.ran or 1) if compute_s else None,
+            "batches": self.batches,
             "batch_fill": self.items / (self.batches * batch_size) if self.batches else 1.0,
+            "items_total": self.items + self.resumed_items,
+            "resumed": {"shards": self.resumed, "items": self.resumed_items},
             "failed": failed,
             "shards": rows,
             "shard_stats": {"count": self.shards, "resumed": self.resumed, "resumed_items": self.resumed_items,
                             "rows_kept": len(rows), "pipeline_s": self.pipeline_s,
-                            "items_per_shard": self.items / self.shards if self.shards else 0.0},
+                            "items_per_shard": self.items / self.ran if self.ran else 0.0},
+            "empty": self.empty.as_dict(), "retried": self.retried.as_dict(),
+            "data_quality": quality, "notes": notes + self.notes.more(),
             "timeline": sorted(({**p, "t": p["t"] - t0} for p in self._points), key=lambda p: p["t"]),
             "timeline_stride": self._stride,
-            **run_info,
+            **info,
         }
         doc["verdict"] = verdict(doc)
         return RunSummary.from_dict(doc)
@@ -114,13 +139,39 @@ def summarize(shards: list[ShardResult], failed: list[dict[str, str]], wall_s: f
     return builder.summary(failed, wall_s, run_info)
 
 
+class _Listed:
+    """A count and the first MAX_LISTED entries: what a report lists without growing with the run."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.items: list[Any] = []
+
+    def add(self, entry: Any) -> None:
+        self.count += 1
+        if len(self.items) < MAX_LISTED:
+            self.items.append(entry)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "listed": list(self.items)}
+
+    def more(self) -> list[str]:
+        left = self.count - len(self.items)
+        return [f"... and {left} more notes (each shard's attributes hold its own)"] if left else []
+
+
+def empty_reason(s: ShardResult) -> str:
+    """Why a shard yielded no items, as its reader said (smaller than one tile, no tissue)."""
+    return str(s.attrs.get("empty_reason") or "no items")
+
+
 def shard_row(s: ShardResult) -> dict[str, Any]:
     counters = s.clocks.get("counters", {})
+    status = "resumed" if s.resumed else "empty" if s.items == 0 else "done"
     return {
-        "shard_id": s.shard_id, "input": s.input, "items": s.items, "wall_s": s.wall_s,
+        "shard_id": s.shard_id, "input": s.input, "status": status, "items": s.items, "wall_s": s.wall_s,
         "starvation": starvation_of(s.clocks.get("stages", {}).get("model", {})),
         "retries": int(counters.get("storage.retries", 0)), "host": s.host, "resumed": s.resumed,
-        "attempt": s.attempt,
+        "attempt": s.attempt, **({"reason": empty_reason(s)} if status == "empty" else {}),
     }
 
 

@@ -1,17 +1,80 @@
-"""The short terminal summary of a run: items, rate, starvation, stages, parts, storage, verdict."""
+"""The short terminal summary of a run: what ran, where the time went, what the inputs held.
+
+Written for the person reading it at 7 a.m. after an overnight run: the first line says whether
+the run did its work; the verdict follows only when there is something to judge; then what an
+operator needs (the precision gate's figures, data-quality counts, empty, retried and lost work,
+notes) and the quarantined inputs. Every line is redacted and its control characters escaped.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from gpubatch.io.redact import printable, safe_text
+from gpubatch.io.redact import safe_text
+
+MAX_LISTED = 10
+#: how each skip reason reads in a sentence
+SKIP_WORDS = {
+    "alt_missing": "no ALT ('.')", "symbolic": "symbolic (<DEL>, ...)", "spanning_deletion": "'*'",
+    "breakend": "breakends", "iupac": "IUPAC ambiguity codes", "not_sequence": "not sequence",
+}
+
+
+def variant_lines(v: dict[str, Any]) -> list[str]:
+    """Records read, scored, skipped by reason, and REF mismatches of a variant-mode run."""
+    skipped = {k: n for k, n in (v.get("skipped") or {}).items() if n}
+    total_skipped = sum(skipped.values())
+    name = os.path.basename(str(v.get("file", "")).rstrip("/")) or "variants"
+    layout = v.get("layout", "vcf")
+    lines = [f"variants: {v.get('records', 0)} records in {name} ({layout}); {v.get('scored', 0)} "
+             f"ALT alleles scored of {v.get('scorable', 0)} scorable"]
+    if total_skipped:
+        reasons = ", ".join(f"{n} {SKIP_WORDS.get(k, k)}" for k, n in skipped.items())
+        lines.append(f"  skipped {total_skipped} ALT allele(s) that are not sequence: {reasons}")
+    mismatches = int(v.get("ref_mismatches", 0))
+    limit = v.get("max_ref_mismatch")
+    share = float(v.get("ref_mismatch_share", 0.0))
+    lines.append(f"  REF mismatches: {mismatches} of {v.get('scored', 0)} scored ({share:.1%}"
+                 + (f"; the job is refused above {limit:.0%}" if limit is not None else "")
+                 + ("), flagged ref_match = false" if mismatches else ")"))
+    return lines
+
+
+def quality_lines(report: dict[str, Any]) -> list[str]:
+    """Every data-quality section of the report, as lines of text."""
+    quality = report.get("data_quality") or {}
+    lines: list[str] = []
+    if quality.get("variants"):
+        lines += variant_lines(quality["variants"])
+    return lines
 
 
 def _headline(report: dict[str, Any]) -> str:
+    name = report.get("name", "job")
+    v = report.get("verdict") or {}
+    if v.get("state") == "failed":
+        return f"{name}: FAILED: {v['evidence']}"
     model_only = report.get("model_only_items_per_s")
-    return (f"{printable(report.get('name', 'job'))}: {report['items']} items in {report['wall_s']:.1f} s "
+    return (f"{name}: {report['items']} items in {report['wall_s']:.1f} s "
             f"= {report['items_per_s']:.1f} items/s"
             + (f" (model alone: {model_only:.1f} items/s)" if model_only else ""))
+
+
+def _run_line(report: dict[str, Any]) -> str | None:
+    """When, where, from which spec and with which gpubatch the run ran."""
+    fields = [("run", report.get("started_at")), ("on", report.get("host")),
+              ("spec", report.get("spec_path")), ("gpubatch", report.get("gpubatch_version"))]
+    shown = [f"{k} {v}" for k, v in fields if v]
+    return "  " + ", ".join(shown) if shown else None
+
+
+def resumed_line(report: dict[str, Any]) -> str | None:
+    resumed = report.get("resumed") or {}
+    if not resumed.get("shards"):
+        return None
+    return (f"  {resumed['shards']} shard(s) already committed, skipped ({resumed.get('items', 0)} items); "
+            "the rates above cover this run's items only")
 
 
 def _storage_line(report: dict[str, Any]) -> str | None:
@@ -23,10 +86,9 @@ def _storage_line(report: dict[str, Any]) -> str | None:
     return f"  storage: {st['requests']} requests, {st['bytes'] / 1e6:.1f} MB{mbs}{lat}, {st.get('retries', 0)} retries"
 
 
-def format_summary(report: dict[str, Any]) -> str:
-    """The short terminal summary: items, rate, wall time, starvation, per-stage seconds, verdict."""
+def _clock_lines(report: dict[str, Any]) -> list[str]:
     v = report["verdict"]
-    lines = [_headline(report), f"starvation {report['starvation']:.1%} ({v['band']})"]
+    lines = [f"starvation {report['starvation']:.1%} ({v['band']})"]
     for name, st in report["stages"].items():
         lines.append(f"  {name:<6} busy {st['busy_s']:7.2f} s  starved {st['starved_s']:7.2f} s  blocked {st['blocked_s']:7.2f} s")
     parts = report.get("parts", {})
@@ -35,12 +97,92 @@ def format_summary(report: dict[str, Any]) -> str:
     storage = _storage_line(report)
     if storage:
         lines.append(storage)
-    lines.append(f"verdict: limited by {v['limiting_layer']}" + (f" ({v['detail']})" if v.get("detail") else ""))
-    lines.append(f"  evidence: {v['evidence']}")
-    lines.append(f"  next: {v['next_move']}")
+    return lines
+
+
+def _verdict_lines(v: dict[str, Any]) -> list[str]:
+    if v.get("state", "verdict") != "verdict":
+        return [f"verdict: none ({v['evidence']})"]
+    lines = [f"verdict: limited by {v['limiting_layer']}" + (f" ({v['detail']})" if v.get("detail") else ""),
+             f"  evidence: {v['evidence']}", f"  next: {v['next_move']}"]
     if v.get("caveat"):
         lines.append(f"  note: {v['caveat']}")
+    return lines
+
+
+def gate_line(report: dict[str, Any]) -> str | None:
+    """The reduced-precision validation gate: what was asked, what ran, and the figures."""
+    q = report.get("quantization") or {}
+    if not q.get("requested"):
+        return None
+    figures = q.get("validation") or {}
+    if "agreement" not in figures:
+        why = q.get("note") or q.get("reason") or ""
+        return f"precision: {q['requested']} requested, {q.get('used', 'fp32')} used" + (f" ({why})" if why else "")
+    metric = "top-1 agreement" if figures.get("task") == "classifier" else "Pearson correlation"
+    outcome = "passed" if q.get("passed") else f"failed, ran {q.get('used', 'fp32')}"
+    return (f"precision: {q['requested']} gate {outcome}: {metric} with fp32 {figures['agreement']:.4f} "
+            f"(min {figures.get('min_agreement')}) on {figures.get('items')} held-out items, "
+            f"task {figures.get('task')}")
+
+
+def _listed(title: str, rows: list[str], count: int | None = None) -> list[str]:
+    """A title and the first MAX_LISTED rows, with how many more there are (``count`` in all)."""
+    total = len(rows) if count is None else count
+    if not total:
+        return []
+    shown = rows[:MAX_LISTED]
+    more = [f"  ... and {total - len(shown)} more (report.json)"] if total > len(shown) else []
+    return [title, *(f"  {r}" for r in shown), *more]
+
+
+def _when(value: Any) -> str:
+    """A time as the report holds it (epoch seconds or ISO text), in ISO 8601 UTC."""
+    if isinstance(value, (int, float)):
+        import datetime
+
+        return datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc).isoformat(timespec="seconds")
+    return str(value)
+
+
+def _counted(section: Any) -> tuple[int, list[Any]]:
+    """(count, listed entries) of a report section written as {count, listed} (or a plain list)."""
+    if isinstance(section, dict):
+        return int(section.get("count", 0)), list(section.get("listed") or [])
+    entries = list(section or [])
+    return len(entries), entries
+
+
+def operator_lines(report: dict[str, Any]) -> list[str]:
+    """Empty inputs, retried shards, lost workers and notes: what happened besides the numbers."""
+    n_empty, empty = _counted(report.get("empty"))
+    n_retried, retried = _counted(report.get("retried"))
+    lost = [f"{w.get('worker')} at {_when(w.get('time'))}: shards "
+            f"{', '.join(map(str, w.get('shards') or [])) or 'none'}" for w in report.get("lost_workers") or []]
+    return [*_listed(f"empty: {n_empty} input(s) yielded no items:", [f"{e['input']}: {e['reason']}" for e in empty],
+                     n_empty),
+            *_listed(f"retried: {n_retried} shard(s) needed more than one attempt:",
+                     [f"{r['input']}: done on attempt {r['attempts']}" for r in retried], n_retried),
+            *_listed(f"lost workers: {len(lost)}:", lost),
+            *(f"note: {n}" for n in report.get("notes") or [])]
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """The terminal summary: headline, run facts, clocks and verdict (when there is something to
+    judge), the precision gate, data quality, empty/retried/lost work, notes, quarantined inputs."""
+    v = report["verdict"]
+    lines = [_headline(report)]
+    lines += [x for x in (_run_line(report), resumed_line(report)) if x]
+    if v.get("state") != "failed":
+        lines += _clock_lines(report)
+        lines += _verdict_lines(v)
+    gate = gate_line(report)
+    if gate:
+        lines.append(gate)
+    lines += quality_lines(report)
+    lines += operator_lines(report)
     if report.get("failed"):
         lines.append(f"quarantined {len(report['failed'])} input(s):")
-        lines.extend(f"  {safe_text(f['input'])}: {safe_text(f['error'])}" for f in report["failed"])
-    return "\n".join(lines)
+        lines.extend(f"  {f['input']}: {f['error']}" for f in report["failed"])
+    # Names, paths and errors come from users and files: every line redacted and made printable.
+    return "\n".join(safe_text(line) for line in lines)

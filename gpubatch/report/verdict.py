@@ -30,6 +30,15 @@ FILL_MIN = 0.75         # mean batch fill below this: batches are under-filled
 SMALL_BATCH = 16        # batches smaller than this rarely fill an accelerator
 SMALL_BATCH_BYTES = 4 << 20  # ...unless each call still carries this much input (100 kb windows)
 SHORT_RUN_SHARE = 0.5   # fixed start-up above this share of worker time: figures are noisy
+# Below either of these a run is too small to judge: the first batch waits for the first read
+# and a warm-up, so starvation over a handful of batches says more about start-up than about
+# the pipeline's steady state. docs/spec.md ("The verdict") documents both.
+MIN_BATCHES = 5         # model batches timed in this run
+MIN_MODEL_S = 1.0       # seconds the model stage ran (busy + starved) in this run
+MAX_LISTED_ERRORS = 3
+#: verdict["state"]: a verdict was given, or why not
+STATE_VERDICT, STATE_FAILED, STATE_EMPTY, STATE_RESUMED, STATE_TOO_SMALL = (
+    "verdict", "failed", "empty", "nothing-ran", "too-small")
 
 
 def band(starvation: float) -> str:
@@ -254,7 +263,14 @@ def verdict(summary: dict[str, Any]) -> dict[str, Any]:
     setup, or waited on the writer), then memory transfer, then batching; model compute only when
     none fired, because a model that is not fed cannot show its own speed. Scaling out is suggested only for a fed,
     compute-bound model that already runs at reduced precision.
+
+    No layer is named, and no move advised, when there is nothing to judge (``state`` says why):
+    every input failed, no input yielded an item, nothing was left to run on resume, or the run
+    was too small (fewer than MIN_BATCHES batches or MIN_MODEL_S seconds of model time).
     """
+    no_verdict = _no_verdict(summary)
+    if no_verdict is not None:
+        return no_verdict
     f = _Figures.of(summary)
     finding = next((r for r in (rule(f) for rule in _RULES) if r is not None), None) or _compute_bound(f)
     g = gap(summary)
@@ -266,6 +282,7 @@ def verdict(summary: dict[str, Any]) -> dict[str, Any]:
             f"({finding.detail}). {_cap(finding.evidence)}. Next: {finding.move}."
             + (f" {_cap(g['text'])}." if g["text"] else ""))
     return {
+        "state": STATE_VERDICT,
         "band": band(f.starvation), "starvation": f.starvation, "limiting_layer": finding.layer,
         "detail": finding.detail, "evidence": "; ".join(x for x in (finding.evidence, g["text"]) if x),
         "next_move": finding.move, "gap": g, "caveat": caveat, "text": text,
@@ -276,3 +293,47 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _shard_counts(summary: dict[str, Any]) -> tuple[int, int]:
+    """(shards committed, of which this run executed), from the counts (the listed rows are capped)."""
+    stats = summary.get("shard_stats")
+    if stats:
+        return int(stats.get("count", 0)), int(stats.get("count", 0)) - int(stats.get("resumed", 0))
+    rows = summary.get("shards") or []
+    return len(rows), sum(1 for s in rows if not s.get("resumed"))
+
+
+def _why_no_verdict(summary: dict[str, Any]) -> tuple[str, str] | None:
+    """(state, what to say instead of a verdict), or None when the run can be judged."""
+    committed, ran = _shard_counts(summary)
+    failed = summary.get("failed") or []
+    if failed and not committed:
+        errors = "; ".join(f"{f.get('input')}: {f.get('error')}" for f in failed[:MAX_LISTED_ERRORS])
+        more = f" (and {len(failed) - MAX_LISTED_ERRORS} more)" if len(failed) > MAX_LISTED_ERRORS else ""
+        return STATE_FAILED, f"all {len(failed)} input(s) failed, nothing was processed: {errors}{more}"
+    if not committed and not failed:
+        return STATE_EMPTY, "no items: the plan found nothing to process (no inputs, or regions without bases)"
+    if not ran:
+        return STATE_RESUMED, f"nothing left to run: all {committed} shard(s) were already committed"
+    if not summary.get("items"):
+        return STATE_EMPTY, f"no items: all {ran} input(s) this run processed were empty"
+    batches = summary.get("batches")
+    model = (summary.get("stages") or {}).get("model") or {}
+    model_s = float(model.get("busy_s", 0.0)) + float(model.get("starved_s", 0.0))
+    if batches is not None and (batches < MIN_BATCHES or model_s < MIN_MODEL_S):
+        return STATE_TOO_SMALL, (
+            f"too little work for a verdict: {batches} batch(es) and {model_s:.2f} s of model time; "
+            f"a verdict needs at least {MIN_BATCHES} batches and {MIN_MODEL_S:g} s, because the first "
+            "batches wait for the first reads and say more about start-up than about the pipeline")
+    return None
+
+
+def _no_verdict(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The verdict document when there is nothing to judge: no layer, no advice, the reason."""
+    why = _why_no_verdict(summary)
+    if why is None:
+        return None
+    state, text = why
+    starvation = float(summary.get("starvation") or 0.0)
+    return {"state": state, "band": band(starvation), "starvation": starvation, "limiting_layer": None,
+            "detail": "", "evidence": text, "next_move": "", "gap": gap(summary), "caveat": "",
+            "text": _cap(text) + "."}

@@ -8,7 +8,9 @@ worker per GPU with an RMM pool), ``scheduler`` (an existing scheduler by addres
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -16,16 +18,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gpubatch.core.errors import MissingExtraError, SpecError
+from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
 from gpubatch.runtime.executors import DaskExecutor, Executor, InlineExecutor
 from gpubatch.spec import load_yaml_text
 
+log = logging.getLogger("gpubatch")
 _PACKAGE = Path(__file__).resolve().parents[1]
 #: a source checkout's configs/, then the copy shipped in the wheel as gpubatch._configs
 CONFIG_DIRS = [_PACKAGE.parent / "configs", _PACKAGE / "_configs"]
 PROFILE_KEYS = {"cluster", "workers", "threads_per_worker", "memory_limit", "address", "rmm_pool_size",
                 "device_memory_limit", "slurm", "resources", "storage", "stage_cache", "description",
                 "log_directory", "dashboard"}
+#: how long ``submit`` waits to reach an existing scheduler before saying it cannot
+SCHEDULER_TIMEOUT_S = 10
+#: where the Dask dashboard listens when a profile says ``dashboard: true``
+DASHBOARD_DEFAULT = "127.0.0.1:8787"
 
 
 def load_profile(name_or_path: str) -> dict[str, Any]:
@@ -76,19 +83,133 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
         address = scheduler or profile.get("address") or os.environ.get("DASK_SCHEDULER_ADDRESS")
         if not address:
             raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
-        return DaskExecutor(Client(address, timeout="30s"), None, resources)
+        return DaskExecutor(connect_scheduler(address), None, resources)
     if kind == "slurm":
         from gpubatch.runtime.slurm import start_slurm_cluster
 
         logs = str(profile.get("log_directory") or log_dir or os.path.abspath("gpubatch-logs"))
         cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs)
         return DaskExecutor(Client(cluster), cluster, resources, diagnose)
-    cluster = _start_cluster(kind, profile, n_workers)
+    try:
+        cluster = _start_cluster(kind, profile, n_workers)
+    except (GpubatchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        hint = main_guard_hint(exc)
+        if hint:
+            raise GpubatchError(hint) from None
+        raise
+    if dashboard_address(profile):
+        log.info("Dask dashboard: %s", cluster.dashboard_link)
     try:
         return DaskExecutor(Client(cluster), cluster, resources)
     except BaseException:
         cluster.close()
         raise
+
+
+def connect_scheduler(address: str) -> Any:
+    """A Dask client on an existing scheduler; an unreachable one is one clear error, not
+    Dask's retry loop and traceback.
+
+    The client is made on a helper thread and waited for with a deadline: against a peer that
+    accepts the connection but never answers (a firewall, a wrong service), Dask's own timeout
+    does not fire and the client would wait forever.
+    """
+    from distributed import Client
+
+    box: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            box["client"] = Client(address, timeout=f"{SCHEDULER_TIMEOUT_S}s")
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            box["error"] = exc
+
+    helper = threading.Thread(target=connect, name="gpubatch-connect", daemon=True)
+    helper.start()
+    helper.join(SCHEDULER_TIMEOUT_S + 2)
+    if "client" in box:
+        return box["client"]
+    if "error" in box and not isinstance(box["error"], (OSError, TimeoutError, ValueError)):
+        raise box["error"]
+    why = type(box["error"]).__name__ if "error" in box else "no answer"
+    raise GpubatchError(f"cannot reach the Dask scheduler at {address} within {SCHEDULER_TIMEOUT_S} s "
+                        f"({why}); check the address (tcp://HOST:PORT, port 8786 by default) and that "
+                        "the scheduler is running and reachable from here")
+
+
+def check_scheduler_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when nothing listens at a tcp:// scheduler address: before planning and
+    model preparation (minutes with int8 calibration), not after Dask's own retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "tls") or not parts.hostname:
+        return
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 8786), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise GpubatchError(f"cannot reach the Dask scheduler at {address}: {exc.strerror or exc}; check "
+                            "the address (tcp://HOST:PORT, port 8786 by default) and that the scheduler "
+                            "is running and reachable from here") from None
+
+
+def dashboard_address(profile: dict[str, Any]) -> str | None:
+    """The Dask dashboard's address when the profile asks for it (``dashboard: true`` or
+    ``"host:port"``); None (no dashboard) otherwise."""
+    value = profile.get("dashboard", False)
+    if value is True:
+        return DASHBOARD_DEFAULT
+    if not value:
+        return None
+    return str(value)
+
+
+def _cluster_http(profile: dict[str, Any]) -> dict[str, Any]:
+    """LocalCluster arguments for the dashboard. Off, the scheduler still serves a few HTTP
+    routes, on port 8787 unless told otherwise (and warns when that port is taken, as it is
+    whenever another Dask runs here): a random loopback port keeps a normal run quiet."""
+    address = dashboard_address(profile)
+    if address is None:
+        return {"dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
+    return {"dashboard_address": address}
+
+
+def _is_main_test(node: ast.expr) -> bool:
+    """``__name__ == "__main__"`` (either way round)."""
+    if not isinstance(node, ast.Compare) or len(node.comparators) != 1:
+        return False
+    sides = [node.left, node.comparators[0]]
+    return any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides) and \
+        any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides)
+
+
+def main_guard_hint(exc: BaseException) -> str | None:
+    """Why worker processes could not start, when the cause is a script without the
+    ``if __name__ == "__main__":`` guard: forkserver and spawn workers import the main script
+    again, so a script that calls gpubatch.run at its top level starts a run in every worker."""
+    import multiprocessing
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    guarded = True
+    if path and _mp_method() != "fork":
+        try:
+            tree = ast.parse(Path(path).read_text())
+            guarded = any(isinstance(n, ast.If) and _is_main_test(n.test) for n in tree.body)
+        except (OSError, SyntaxError, ValueError):
+            guarded = True
+    child = "bootstrapping phase" in str(exc) or getattr(multiprocessing.current_process(), "_inheriting", False)
+    if guarded and not child:
+        return None
+    where = f" {path}" if path else " the main script"
+    return (f"worker processes could not start:{where} calls gpubatch at its top level, and every worker "
+            f"process ({_mp_method()}) imports the main script again. Put the call under "
+            "`if __name__ == \"__main__\":` (see the README, 'The Python API'), or use the inline "
+            "profile (run.profile: inline), which starts no processes")
 
 
 #: imported once in the forkserver, so each worker process starts with them loaded: everything a
@@ -173,7 +294,7 @@ def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
         return LocalCluster(
             n_workers=n_workers, threads_per_worker=int(profile.get("threads_per_worker", 1)),
             processes=True, memory_limit=profile.get("memory_limit", "auto"),
-            dashboard_address=None, silence_logs=40,
+            silence_logs=40, **_cluster_http(profile),
         )
     if kind == "local-cuda":
         try:
@@ -182,8 +303,8 @@ def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
             raise MissingExtraError("the local-cuda profile", "dask-cuda", "gpu") from None
         return LocalCUDACluster(
             rmm_pool_size=profile.get("rmm_pool_size"), device_memory_limit=profile.get("device_memory_limit"),
-            threads_per_worker=int(profile.get("threads_per_worker", 1)), dashboard_address=None,
-            resources=profile.get("resources", {"GPU": 1}),
+            threads_per_worker=int(profile.get("threads_per_worker", 1)),
+            resources=profile.get("resources", {"GPU": 1}), **_cluster_http(profile),
         )
     raise SpecError([("profile.cluster", f"unknown cluster kind {kind!r}; use local, local-cuda, scheduler, slurm "
                                          "or inline")])

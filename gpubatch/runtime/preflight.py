@@ -2,12 +2,15 @@
 
 A run that dies at 3 a.m. on a missing file or a model that cannot take the job's items wastes a
 night, so every check that needs no worker runs here, on the client, before planning finishes,
-and ``gpubatch validate`` runs the same checks as ``gpubatch run``.
+and ``gpubatch validate`` runs the same checks as ``gpubatch run`` and then plans the job as
+``run`` would (variant files are read and their REF alleles checked there), so a job that
+validates does not stop at its start for a reason that could have been known.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,12 @@ from gpubatch.io.storage import expand_uris, missing_extra
 from gpubatch.io.uris import is_remote, local_path, protocol_of, split_glob
 from gpubatch.sources import get_source
 from gpubatch.spec import JobSpec
+
+#: how long the credential check waits for an instance-metadata service (EC2/ECS roles); every
+#: other credential source botocore knows is a local file or variable
+IMDS_TIMEOUT_S = 0.25
+S3_PROTOCOLS = ("s3", "s3a")
+FLOAT_TYPES = ("float32", "float16", "float64", "bfloat16")
 
 
 def _missing_filesystems(uris: list[str]) -> list[tuple[str, str]]:
@@ -52,27 +61,182 @@ def check_local_files(job: JobSpec) -> None:
         raise SpecError(problems)
 
 
+# ---------------------------------------------------------------------------------------------
+# storage credentials
+
+
+def _spec_uris(job: JobSpec) -> list[tuple[str, str, str]]:
+    """(field, uri, the spec key of its storage options) of every location the job reads or writes."""
+    found = [(f"input.uris[{i}]", split_glob(u)[0], "input.storage") for i, u in enumerate(job.input.uris)]
+    found += [("model.path", job.model.path, "input.storage"), ("output.uri", job.output.uri, "output.storage")]
+    if job.windows is not None:
+        w = job.windows
+        found += [("windows.reference", w.reference, "input.storage")]
+        found += [("windows.variants", w.variants, "input.storage")] if w.variants else []
+        found += [("windows.regions", w.regions, "input.storage")] if isinstance(w.regions, str) else []
+    return found
+
+
+def _in_options(options: dict[str, Any]) -> bool:
+    """Credentials (or anonymous access) given in fsspec/s3fs options themselves."""
+    client = options.get("client_kwargs") or {}
+    return bool(options.get("anon") or (options.get("key") and options.get("secret"))
+                or (client.get("aws_access_key_id") and client.get("aws_secret_access_key")))
+
+
+def s3_credential_source(options: dict[str, Any]) -> str | None:
+    """Where S3 credentials would come from for these options, or None when nowhere.
+
+    The options first, then botocore's own chain without its network providers (environment,
+    AWS_PROFILE and the shared files, SSO, a credential process: all local), then an
+    instance-metadata service, asked once with a short timeout unless AWS_EC2_METADATA_DISABLED
+    is set. Bounded: never botocore's default of a second per metadata attempt.
+    """
+    if _in_options(options):
+        return "storage options"
+    import botocore.credentials as bc
+    import botocore.exceptions
+    import botocore.session
+
+    try:
+        session = botocore.session.Session(profile=options.get("profile"))
+        resolver = bc.create_credential_resolver(session)
+        resolver.remove("iam-role")
+        creds = resolver.load_credentials()
+    except botocore.exceptions.BotoCoreError as exc:  # an unknown profile, a broken config file
+        raise SpecError([("input.storage", f"S3 credentials: {exc}")]) from None
+    if creds is not None:
+        return str(creds.method)
+    if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        return None
+    fetcher = bc.InstanceMetadataFetcher(timeout=IMDS_TIMEOUT_S, num_attempts=1)
+    creds = bc.InstanceMetadataProvider(iam_role_fetcher=fetcher).load()
+    return "instance metadata" if creds is not None else None
+
+
+def check_credentials(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
+    """Refuse an s3:// location no credentials reach, with the three ways to supply them.
+
+    Without this every slide is quarantined with botocore's ``NoCredentialsError`` after its
+    retries, and nothing says where credentials go. Inputs use ``input.storage``, the output
+    ``output.storage``; the profile's ``storage`` lies under both.
+    """
+    under = (profile or {}).get("storage") or {}
+    options = {"input.storage": job.input.storage, "output.storage": job.output.storage}
+    problems = []
+    for key, opts in options.items():
+        fields = [f for f, uri, k in _spec_uris(job) if k == key and protocol_of(uri) in S3_PROTOCOLS]
+        if not fields or s3_credential_source({**under, **opts}) is not None:
+            continue
+        how = ("no S3 credentials found; give them in one of: the environment (AWS_ACCESS_KEY_ID and "
+               "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE naming a profile in ~/.aws/credentials), the "
+               f"cluster profile's `storage` section (key, secret), or the job's {key} (key, secret, "
+               "or profile; anon: true for a public bucket)")
+        problems += [(name, how) for name in fields]
+    if problems:
+        raise SpecError(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model against the job
+
+
 def expected_item_shape(job: JobSpec) -> tuple[int, ...]:
     """The model input shape (without batch) a job will feed, per the contract's layouts."""
     return get_source(job.kind).model_input(job, 1)[0][1:]
 
 
-def check_model_input(job: JobSpec) -> None:
-    """Refuse, before any work, a model whose fixed input dims disagree with the job's items."""
-    if not job.model.path.endswith(".onnx"):
-        return
+@dataclass
+class OnnxInput:
+    """The first graph input of an ONNX model, as preflight needs it."""
+
+    name: str
+    dims: list[int | None]  # None: a dynamic (named or unknown) dimension
+    dtype: str
+
+
+def onnx_dtype_name(elem_type: int) -> str:
+    """numpy's name for an ONNX tensor element type ('float32', 'int64', 'bfloat16')."""
     import onnx
 
-    model = onnx.load(job.model.path, load_external_data=False)
+    if not elem_type:
+        return "unknown"
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return "bfloat16"
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type).name)
+    except (KeyError, TypeError, ValueError):
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def onnx_first_input(path: str) -> OnnxInput:
+    """Name, dims and element type of the model's first non-initializer input."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
     initializers = {i.name for i in model.graph.initializer}
     first = next(i for i in model.graph.input if i.name not in initializers)
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in first.type.tensor_type.shape.dim]
+    tensor = first.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
+    return OnnxInput(first.name, dims, onnx_dtype_name(tensor.elem_type))
+
+
+def _shape_problem(job: JobSpec, inp: OnnxInput) -> str | None:
     want = expected_item_shape(job)
+    dims = inp.dims
     if len(dims) != len(want) + 1 or any(d is not None and d != w for d, w in zip(dims[1:], want, strict=True)):
         shown = ["N" if d is None else d for d in dims]
-        raise SpecError([("model.path", f"the model's input {first.name!r} has shape {shown} but the job "
-                                        f"feeds (N, {', '.join(map(str, want))}); match tiles.size / "
-                                        "windows.length and the layout to the model")])
+        return (f"the model's input {inp.name!r} has shape {shown} but the job feeds (N, "
+                f"{', '.join(map(str, want))}); match tiles.size / windows.length and the layout to the model")
+    return None
+
+
+def _batch_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
+    """A fixed batch dimension is refused unless the job's batches have exactly that many rows.
+
+    Refused rather than silently adopted: batch 1 instead of 32 changes a run's speed by an order
+    of magnitude, and whether to run slowly now or re-export the model is the user's choice.
+    """
+    fixed = inp.dims[0] if inp.dims else None
+    if fixed is None:
+        return None
+    per_item = get_source(job.kind).model_input(job, 1)[0][0]  # rows one item becomes (pairs, strands)
+    if job.model.batch_size != "auto" and per_item * int(job.model.batch_size) == fixed:
+        return None
+    fits = fixed // per_item if fixed % per_item == 0 else None
+    fix = (f"set model.batch_size: {fits}" if fits else
+           f"no batch size fits: each item becomes {per_item} rows and {fixed} is not a multiple of that")
+    return ("model.batch_size", (
+        f"the model's input {inp.name!r} has a fixed batch dimension of {fixed}, but the job asks for "
+        f"batch_size {job.model.batch_size}" + (f" ({per_item} rows per item)" if per_item > 1 else "")
+        + f"; {fix}, or re-export the model with a dynamic batch axis (torch.onnx.export(..., "
+        "dynamic_axes={'input': {0: 'batch'}}))"))
+
+
+def _dtype_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
+    """Models take what gpubatch makes: floats. A genome job's encoding.dtype must be the model's."""
+    if inp.dtype not in FLOAT_TYPES:
+        what = "normalised pixels" if job.kind == "slides" else "one-hot DNA"
+        return ("model.path", f"the model's input {inp.name!r} takes {inp.dtype}, but gpubatch feeds "
+                              f"floating-point {what}; export the model with a float32 (or float16) input")
+    if job.windows is not None and inp.dtype in ("float32", "float16") and job.windows.encoding.dtype != inp.dtype:
+        return ("windows.encoding.dtype", f"{job.windows.encoding.dtype}, but the model's input {inp.name!r} "
+                                          f"takes {inp.dtype}; set windows.encoding.dtype: {inp.dtype}")
+    return None
+
+
+def check_model_input(job: JobSpec) -> None:
+    """Refuse, before any work, a model whose input disagrees with the job's batches: item
+    shape, element type, or a fixed batch dimension the batches do not match."""
+    if not job.model.path.endswith(".onnx") or is_remote(job.model.path):
+        return
+    inp = onnx_first_input(job.model.path)
+    shape = _shape_problem(job, inp)
+    if shape:
+        raise SpecError([("model.path", shape)])
+    problems = [p for p in (_dtype_problem(job, inp), _batch_problem(job, inp)) if p]
+    if problems:
+        raise SpecError(problems)
 
 
 def check_reference(job: JobSpec) -> None:
@@ -126,9 +290,42 @@ def check_resources(job: JobSpec, profile: dict[str, Any] | None = None) -> None
 
 
 def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
-    """Everything ``run`` would refuse before planning: files, extras, the model's input, the
-    reference's index, the machine's cores and memory."""
+    """Everything ``run`` would refuse before planning: files, extras, storage credentials, the
+    model's input, the reference's index, the machine's cores and memory.
+
+    ``profile`` is the cluster profile (its ``storage`` may hold credentials); by default the
+    one the job names.
+    """
+    if profile is None:
+        from gpubatch.runtime.cluster import load_profile
+
+        profile = load_profile(job.run.profile)
     check_local_files(job)
+    check_credentials(job, profile)
     check_model_input(job)
     check_reference(job)
     check_resources(job, profile)
+
+
+@dataclass
+class PlanCheck:
+    """What ``validate`` learned by planning the job as ``run`` would."""
+
+    shards: int
+    items: int | None
+    failed: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def validate_job(job: JobSpec) -> PlanCheck:
+    """``preflight``, then the plan (headers, variant REF checks, globs): every refusal ``run``
+    makes before its first shard. A job whose plan leaves nothing to run is refused too."""
+    preflight(job)
+    source = get_source(job.kind)
+    shards, failed = source.plan(job)
+    if failed and not shards:
+        raise SpecError([(f["input"], f["error"]) for f in failed] + [("", "nothing would run")])
+    hints = [s.n_items_hint for s in shards]
+    items = sum(h for h in hints if h is not None) if all(h is not None for h in hints) else None
+    notes = list(source.data_quality(job, shards, []).get("notes") or [])
+    return PlanCheck(len(shards), items, failed, notes)

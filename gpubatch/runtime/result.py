@@ -17,7 +17,7 @@ class Result:
     report: dict[str, Any]
     output_uri: str
     exit_code: int = EXIT_OK
-    failed: list[dict[str, str]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
     #: storage options for ``output_uri`` (object storage credentials, endpoint)
     storage: dict[str, Any] = field(default_factory=dict)
 

@@ -2,7 +2,8 @@
 
 The client only plans (metadata), submits small shard descriptions, and folds small summaries:
 no pixels or bases are read here. Shards that raise are retried up to ``run.retries`` times; an
-input that is bad (``InputError``) is quarantined at once; the run finishes the rest and exits 3.
+input that is bad (``InputError``) is quarantined at once; the run finishes the rest and exits 3
+(or 1 when every input failed).
 
 Around that: the output is guarded and leased (outputs.lease) and reconciled with what is already
 committed there (runtime.resume); the lease and status.json carry a heartbeat while the run
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch import __version__
-from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL, GpubatchError
+from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, GpubatchError
 from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
@@ -204,7 +205,10 @@ class _Run:
         in_plan = [self.refs[s.shard_id] for s in shards if s.shard_id in self.refs]
         sweep(store, in_plan)
         merge_parquet(store, in_plan, source.index_schema(job))
-        source.write_outputs(job, store, Manifest(store).iter_entries(record_name(r.shard_id) for r in in_plan))
+        def records() -> Iterator[ShardResult]:  # the committed records in plan order, read as used
+            return Manifest(store).iter_entries(record_name(r.shard_id) for r in in_plan)
+
+        source.write_outputs(job, store, records())
         run_info = {
             "name": job.name, "kind": job.kind, "gpubatch_version": __version__, "run_id": self.run_id,
             "backend": ctx.backend, "precision": ctx.precision, "batch_size": ctx.batch_size,
@@ -212,6 +216,7 @@ class _Run:
             "model_sha256": ctx.model_sha256, "spec_sha256": ctx.spec_hash, "shards_total": len(shards),
             "shards_done": len(in_plan), "lost_workers": lost,
             "batch_input_bytes": _batch_input_bytes(job, ctx.batch_size), **prepared.report,
+            **_operator_facts(job, self.t_start), "data_quality": source.data_quality(job, shards, records()),
         }
         summary = self.builder.summary(self.failed, time.time() - self.t_start, run_info).to_dict()
         write_report(store, summary)
@@ -222,7 +227,7 @@ class _Run:
                                        "kind": job.kind})
         self.ledger.event("run_finish", done=len(in_plan), failed=len(self.failed), total=len(shards))
         self.ledger.materialize()
-        code = EXIT_PARTIAL if self.failed else EXIT_OK
+        code = (EXIT_PARTIAL if in_plan else EXIT_ERROR) if self.failed else EXIT_OK
         return Result(summary, store.uri, code, self.failed, dict(job.output.storage))
 
 
@@ -248,6 +253,16 @@ def _stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _operator_facts(job: JobSpec, started: float) -> dict[str, Any]:
+    """When and where the run ran and from which spec file, for the report's reader."""
+    import datetime
+    import socket
+
+    when = datetime.datetime.fromtimestamp(started, tz=datetime.timezone.utc)
+    return {"started_at": when.isoformat(timespec="seconds"), "host": socket.gethostname(),
+            "spec_path": job.spec_path}
 
 
 def _batch_input_bytes(job: JobSpec, batch_size: int) -> int:

@@ -129,3 +129,9 @@ class Source(ABC):
     def write_outputs(self, job: JobSpec, store: OutputStore, results: Iterable[ShardResult]) -> None:  # noqa: B027
         """On the client, after the merge: outputs only this kind writes (slides: GeoJSON).
         ``results`` are the committed shards' records in plan order, read as they are iterated."""
+
+    def data_quality(self, job: JobSpec, shards: Sequence[Shard],
+                     results: Iterable[ShardResult]) -> dict[str, Any]:
+        """On the client, for report.json's ``data_quality``: what the inputs held that was not
+        scored or not as expected (variants: skips by reason, REF mismatches), and ``notes``."""
+        return {}

@@ -1,6 +1,6 @@
 """The validation gate: a reduced-precision model against its fp32 original on held-out items.
 
-Speed never ships a silently worse answer (DESIGN.md, decision 2). Before any shard runs, the
+Speed never ships a silently worse answer (docs/spec.md, `model.validation`). Before any shard runs, the
 reduced model and the fp32 model see the same validation items (drawn from the job's own inputs,
 disjoint from the calibration items) and are compared:
 

@@ -127,7 +127,8 @@ def _header_name(raw: bytes, fasta_uri: str, seen: set[str]) -> str:
 
 def _check_output(out_uri: str, storage_options: dict[str, Any] | None, overwrite: bool) -> None:
     if exists(out_uri, storage_options) and not overwrite:
-        raise InputError(out_uri, "output already exists; remove it or pass overwrite=True")
+        raise InputError(out_uri, "output already exists; remove it, or replace it with "
+                                  "`gpubatch ingest genome --overwrite` (overwrite=True in Python)")
 
 
 def _write_contigs(group: Any, fasta_uri: str, storage_options: dict[str, Any] | None,

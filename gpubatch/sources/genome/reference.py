@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -251,3 +252,30 @@ def open_reference(uri: str, storage_options: dict[str, Any] | None = None,
     if fmt == "zarr":
         return ZarrReference(uri, storage_options, clocks)
     return FastaReference(uri, storage_options, fmt, clocks)
+
+
+#: a gap wider than this between consecutive windows starts a new read instead of reading through it
+MAX_GAP_BASES = 1 << 16
+
+
+def group_reads(chroms: list[str], starts: np.ndarray, ends: np.ndarray,
+                chunk_bases: int, length: int) -> Iterator[tuple[int, int]]:
+    """Split items (in output order) into runs [i, j) that one contiguous read can serve.
+
+    Workers' window and variant readers and the client's plan-time REF check all read the
+    reference this way, in runs bounded by ``chunk_bases``.
+
+    A run ends when the contig changes, an item starts before the run's first item, the read
+    would exceed max(chunk_bases, length) bases, the run holds max(1, chunk_bases // length)
+    items, or a gap of more than MAX_GAP_BASES would be read through.
+    """
+    budget, max_items = max(chunk_bases, length), max(1, chunk_bases // length)
+    i, n = 0, len(starts)
+    while i < n:
+        lo, hi, j = int(starts[i]), int(ends[i]), i + 1
+        while j < n and j - i < max_items and chroms[j] == chroms[i] and starts[j] >= lo \
+                and max(hi, ends[j]) - lo <= budget and starts[j] <= hi + MAX_GAP_BASES:
+            hi = max(hi, int(ends[j]))
+            j += 1
+        yield i, j
+        i = j

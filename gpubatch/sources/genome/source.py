@@ -29,7 +29,7 @@ error: the variant is scored and flagged (``ref_match`` False, counted in ``ref_
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -37,19 +37,32 @@ import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError, SpecError
+from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
 from gpubatch.ops.kernels import reverse_complement_codes
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
-from gpubatch.sources.genome.reference import ContigTable, Reference, load_contigs, open_reference
+from gpubatch.sources.genome.reference import (
+    ContigTable,
+    Reference,
+    group_reads,
+    load_contigs,
+    open_reference,
+)
 from gpubatch.sources.genome.regions import WindowPlan, resolve_regions
-from gpubatch.sources.genome.variants import read_variants, variant_span, variant_windows
+from gpubatch.sources.genome.variants import (
+    SKIP_REASONS,
+    VariantTable,
+    check_refs,
+    read_variants,
+    refuse_ref_mismatches,
+    variant_span,
+    variant_windows,
+)
 from gpubatch.spec import JobSpec, WindowsSpec
 
 WINDOW_COLUMNS = ["chrom", "start", "end", "strand"]
 VARIANT_COLUMNS = ["variant_id", "chrom", "pos", "ref", "alt", "ref_match"]
-#: a gap wider than this between consecutive windows starts a new read instead of reading through it
-MAX_GAP_BASES = 1 << 16
 
 
 def _windows(job: JobSpec) -> WindowsSpec:
@@ -80,26 +93,6 @@ class WindowShards(Sequence[Shard]):
 def index_columns(job: JobSpec) -> list[str]:
     """The index columns of a genome job: variant columns in variant mode, else window columns."""
     return VARIANT_COLUMNS if job.windows is not None and job.windows.variants else WINDOW_COLUMNS
-
-
-def group_reads(chroms: list[str], starts: np.ndarray, ends: np.ndarray,
-                chunk_bases: int, length: int) -> Iterator[tuple[int, int]]:
-    """Split items (in output order) into runs [i, j) that one contiguous read can serve.
-
-    A run ends when the contig changes, an item starts before the run's first item, the read
-    would exceed max(chunk_bases, length) bases, the run holds max(1, chunk_bases // length)
-    items, or a gap of more than MAX_GAP_BASES would be read through.
-    """
-    budget, max_items = max(chunk_bases, length), max(1, chunk_bases // length)
-    i, n = 0, len(starts)
-    while i < n:
-        lo, hi, j = int(starts[i]), int(ends[i]), i + 1
-        while j < n and j - i < max_items and chroms[j] == chroms[i] and starts[j] >= lo \
-                and max(hi, ends[j]) - lo <= budget and starts[j] <= hi + MAX_GAP_BASES:
-            hi = max(hi, int(ends[j]))
-            j += 1
-        yield i, j
-        i = j
 
 
 class _GenomeReader(ShardReader):
@@ -238,6 +231,11 @@ class VariantReader(_GenomeReader):
         return out
 
 
+def _skip_text(table: VariantTable) -> str:
+    skipped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in table.counts["skipped"].items() if n)
+    return f"{table.counts['records']} records, {table.skipped} ALT alleles skipped ({skipped or 'none'})"
+
+
 class GenomeSource(Source):
     """``kind: genome``: windows over regions, or variant-effect mode when ``windows.variants`` is set."""
 
@@ -263,22 +261,49 @@ class GenomeSource(Source):
     @staticmethod
     def _plan_variants(w: WindowsSpec, contigs: ContigTable,
                        storage: dict[str, Any]) -> tuple[list[Shard], list[dict[str, str]]]:
-        """One shard per ``windows_per_shard`` variants; a VCF with none to score is a failed input."""
+        """One shard per ``windows_per_shard`` variants, after the plan-time REF check; a file
+        with none to score is a failed input."""
         assert w.variants is not None
         table = read_variants(w.variants, contigs, storage)
         if not len(table):
-            c = table.counts
-            return [], [{"input": w.variants, "error": (
-                f"no scorable variants: {c['records']} records, {c['skipped_alt_dot']} with ALT '.', "
-                f"{c['skipped_symbolic']} symbolic alleles skipped")}]
+            return [], [{"input": w.variants, "error": "no scorable variants: " + _skip_text(table)}]
+        reference = open_reference(w.reference, storage)
+        try:
+            match = check_refs(table, reference, w.chunk_bases)
+        finally:
+            reference.close()
+        refuse_ref_mismatches(table, match, w.reference, w.max_ref_mismatch)
+        counts = {**table.counts, "ref_mismatches": int((~match).sum()), "layout": table.layout,
+                  "notes": table.notes}
         per = w.windows_per_shard
         shards = []
         for i, lo in enumerate(range(0, len(table), per)):
             hi = min(lo + per, len(table))
-            payload = {"mode": "variants", "uri": w.variants, "plan_counts": table.counts,
+            payload = {"mode": "variants", "uri": w.variants, "plan_counts": counts,
                        **table.slice_payload(lo, hi)}
             shards.append(Shard(f"variants-{i:06d}", w.variants, payload, hi - lo))
         return shards, []
+
+    def data_quality(self, job: JobSpec, shards: Sequence[Shard],
+                     results: Iterable[ShardResult]) -> dict[str, Any]:
+        """Variant mode: what the plan read and skipped, and the REF mismatches among scored rows
+        (the sum of the shards' zarr ``ref_mismatches`` attributes, so the two always agree)."""
+        w = _windows(job)
+        if not w.variants or not shards:
+            return {}
+        plan = shards[0].payload.get("plan_counts") or {}
+        scored = mismatches = 0
+        for r in results:
+            if r.ok:
+                scored += r.items
+                mismatches += int(r.attrs.get("ref_mismatches", 0))
+        return {"variants": {
+            "file": w.variants, "layout": plan.get("layout", "vcf"), "records": plan.get("records", 0),
+            "scorable": plan.get("variants", 0), "scored": scored,
+            "skipped": {k: int((plan.get("skipped") or {}).get(k, 0)) for k in SKIP_REASONS},
+            "ref_mismatches": mismatches, "ref_mismatch_share": mismatches / scored if scored else 0.0,
+            "ref_mismatches_planned": plan.get("ref_mismatches", 0), "max_ref_mismatch": w.max_ref_mismatch,
+        }, "notes": list(plan.get("notes") or [])}
 
     def open(self, shard: Shard, job: JobSpec, clocks: StageClocks) -> ShardReader:
         """Open the reference on this worker and build the shard's reader."""

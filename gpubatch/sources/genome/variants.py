@@ -1,17 +1,23 @@
-"""Variant-effect mode: VCF/BCF records -> scored (ref, alt) window pairs.
+"""Variant-effect mode: variant records -> scored (ref, alt) window pairs.
 
-Planning (client) reads only the records' positions and alleles (pysam.VariantFile); sequence is
-read on workers. One item per ALT allele. Decisions, each tested:
+Planning (client) reads the records' positions and alleles (VCF, BCF, a VCF body without header,
+or a TSV/CSV table: ``variant_files``) and checks every REF against the reference; the windows'
+sequence is read on workers. One item per ALT allele. Decisions, each tested:
 
-* ``ALT = .`` (no alternate allele) is skipped and counted (``skipped_alt_dot``).
-* Symbolic alleles (``<DEL>``, ``<INS:ME>``, ``*``, breakends with ``[`` or ``]``) are skipped and
-  counted (``skipped_symbolic``): they carry no sequence to put in a window.
-* A contig absent from the reference, or a POS past the contig end, is a plan-time ``SpecError``
-  naming the file and line (the usual cause, 'chr1' against '1', affects every record, and
-  scoring the rest silently would hide it).
+* Only ALT alleles spelled in A, C, G, T are scored. The others are skipped and counted by reason
+  (``SKIP_REASONS``): ``alt_missing`` (ALT ``.``), ``symbolic`` (``<DEL>``, ``<INS:ME>``),
+  ``spanning_deletion`` (``*``), ``breakend`` (``G]chr2:5]``, ``.A``), ``iupac`` (ambiguity codes
+  such as K, Y, R, W, S, M, D, H, B, V, N: a masking VCF is full of them, and a window cannot
+  hold "G or T") and ``not_sequence`` (anything else). They carry no bases to put in a window.
+* A contig absent from the reference, a POS past the contig end or below 1, and a REF that is not
+  sequence (``.``, symbolic, IUPAC codes other than N) are plan-time ``SpecError``s naming the
+  file and line (the usual causes affect every record, and scoring the rest silently would hide it).
 * A REF allele that disagrees with the reference is **scored but flagged**: the ``ref_match``
-  column is False and the shard's ``ref_mismatches`` count goes up. The ref window is always the
-  reference's own sequence; the alt window splices ALT in place of len(REF) reference bases.
+  column is False and the shard's ``ref_mismatches`` count goes up. When more than
+  ``windows.max_ref_mismatch`` of the variants disagree (checked at plan time, the reference read
+  in bounded runs), the job is refused: that is a wrong genome build or swapped REF/ALT, not noise.
+  The ref window is always the reference's own sequence; the alt window splices ALT in place of
+  len(REF) reference bases.
 
 Window rule, for a variant whose REF starts at 0-based ``p = POS - 1`` and window ``length = L``::
 
@@ -31,18 +37,27 @@ to the file), ``ref``, ``alt``, ``ref_match``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from gpubatch.core.errors import InputError, MissingExtraError, SpecError
+from gpubatch.core.errors import InputError, SpecError
 from gpubatch.io.storage import local_copy
+from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
-from gpubatch.sources.genome.reference import ContigTable
+from gpubatch.sources.genome.reference import ContigTable, Reference, group_reads
+from gpubatch.sources.genome.variant_files import RawRecord, iter_records, sniff
 
 FIELD = "windows.variants"
 MAX_PROBLEMS = 20
+MAX_LISTED_MISMATCHES = 5
+BASES = frozenset("ACGT")
+#: IUPAC ambiguity codes (N included): a position's possible bases, not a base
+IUPAC = frozenset("RYSWKMBDHVN")
+#: why an ALT allele is not scored; every reason is counted, zero or not, so report.json keeps one shape
+SKIP_REASONS = ("alt_missing", "symbolic", "spanning_deletion", "breakend", "iupac", "not_sequence")
 
 
 @dataclass
@@ -54,77 +69,68 @@ class VariantTable:
     pos: list[int] = field(default_factory=list)
     ref: list[str] = field(default_factory=list)
     alt: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=lambda: {
-        "records": 0, "variants": 0, "skipped_alt_dot": 0, "skipped_symbolic": 0})
+    line: list[int] = field(default_factory=list)  # the file line (or BCF record) each came from
+    counts: dict[str, Any] = field(default_factory=lambda: {
+        "records": 0, "variants": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)})
+    layout: str = "vcf"
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.pos)
 
-    def add(self, vid: str, chrom: str, pos: int, ref: str, alt: str) -> None:
+    def add(self, vid: str, chrom: str, pos: int, ref: str, alt: str, line: int = 0) -> None:
         self.variant_id.append(vid)
         self.chrom.append(chrom)
         self.pos.append(pos)
         self.ref.append(ref)
         self.alt.append(alt)
+        self.line.append(line)
         self.counts["variants"] += 1
+
+    def skip(self, reason: str) -> None:
+        self.counts["skipped"][reason] += 1
+
+    @property
+    def skipped(self) -> int:
+        return int(sum(self.counts["skipped"].values()))
 
     def slice_payload(self, lo: int, hi: int) -> dict[str, list[Any]]:
         """The variants [lo, hi) as plain lists: a shard's payload, small and JSON-able."""
         return {k: getattr(self, k)[lo:hi] for k in ("variant_id", "chrom", "pos", "ref", "alt")}
 
 
+def alt_skip_reason(alt: str) -> str | None:
+    """Why an ALT allele cannot be put in a window as bases, or None when it is plain sequence."""
+    if alt in ("", "."):
+        return "alt_missing"
+    if alt == "*":
+        return "spanning_deletion"
+    if alt.startswith("<"):
+        return "symbolic"
+    if "[" in alt or "]" in alt or alt.startswith(".") or alt.endswith("."):
+        return "breakend"
+    letters = set(alt.upper())
+    if letters <= BASES:
+        return None
+    return "iupac" if letters <= BASES | IUPAC else "not_sequence"
+
+
 def is_symbolic(alt: str) -> bool:
     """Alleles that name an event rather than spell its sequence."""
-    return alt.startswith("<") or alt == "*" or "[" in alt or "]" in alt or alt.startswith(".") \
-        or alt.endswith(".")
+    return alt_skip_reason(alt) in ("alt_missing", "symbolic", "spanning_deletion", "breakend")
 
 
-def _pysam() -> Any:
-    try:
-        import pysam
-    except ImportError:
-        raise MissingExtraError("variant mode (windows.variants)", "pysam", "genome") from None
-    return pysam
-
-
-def _open_vcf(path: str, uri: str) -> Any:
-    pysam = _pysam()
-    if not os.path.exists(path):
-        raise SpecError([(FIELD, f"file not found: {uri}")])
-    previous = pysam.set_verbosity(0)  # htslib would log a missing index: none is needed here
-    try:
-        return pysam.VariantFile(path)
-    except (ValueError, OSError) as exc:
-        raise SpecError([(FIELD, f"{uri}: not a readable VCF/BCF with a header ({exc}); a VCF must "
-                                 f"start with '##fileformat=VCFv4.x' and have a '#CHROM ...' line")]) from None
-    finally:
-        pysam.set_verbosity(previous)
-
-
-def _header_lines(path: str) -> int | None:
-    """Header lines of a text VCF (plain or bgzip), for line numbers in errors; None for BCF."""
-    import gzip
-
-    with open(path, "rb") as raw:
-        magic = raw.read(4)
-    opener: Any = gzip.open if magic[:2] == b"\x1f\x8b" else open
-    try:
-        with opener(path, "rb") as f:
-            if f.read(3) == b"BCF":
-                return None
-            f.seek(0)
-            count = 0
-            for line in f:
-                if not line.startswith(b"#"):
-                    break
-                count += 1
-            return count
-    except (OSError, EOFError):
+def ref_problem(ref: str) -> str | None:
+    """Why a REF allele is not sequence (the VCF spec allows A, C, G, T and N), or None."""
+    if ref in ("", "."):
+        return f"REF {ref!r} is not a sequence"
+    if ref.startswith("<"):
+        return f"REF {ref!r} is a symbolic allele, not a sequence"
+    bad = sorted(set(ref.upper()) - BASES - {"N"})
+    if not bad:
         return None
-
-
-def _where(name: str, header_lines: int | None, i: int) -> str:
-    return f"{name} line {header_lines + i}" if header_lines is not None else f"{name} record {i}"
+    what = "IUPAC ambiguity codes" if set(bad) <= IUPAC else "characters that are not bases"
+    return f"REF {ref!r} holds {what} ({', '.join(bad)})"
 
 
 def _variant_id(record_id: str | None, chrom: str, pos: int, ref: str, alt: str, n_alts: int) -> str:
@@ -133,65 +139,109 @@ def _variant_id(record_id: str | None, chrom: str, pos: int, ref: str, alt: str,
     return f"{chrom}:{pos}:{ref}:{alt}"
 
 
-def _check_record(chrom: str, pos: int, contigs: ContigTable, where: str) -> str | None:
-    if chrom not in contigs:
-        return f"{where}: {contigs.missing_message(chrom)}"
-    if pos > contigs.length(chrom):
-        return f"{where}: POS {pos} is past the end of {chrom} (length {contigs.length(chrom)})"
+def _check_record(rec: RawRecord, contigs: ContigTable) -> str | None:
+    if rec.chrom not in contigs:
+        return f"{rec.where}: {contigs.missing_message(rec.chrom)}"
+    if rec.pos < 1:
+        return f"{rec.where}: POS {rec.pos} is not a position (VCF POS counts from 1)"
+    if rec.pos > contigs.length(rec.chrom):
+        return f"{rec.where}: POS {rec.pos} is past the end of {rec.chrom} (length {contigs.length(rec.chrom)})"
+    problem = ref_problem(rec.ref)
+    if problem:
+        return f"{rec.where}: {problem}; REF must spell the reference bases (A, C, G, T or N)"
     return None
 
 
-def _add_record(table: VariantTable, rec: Any) -> None:
-    alts = rec.alts or ()
-    if not alts:
-        table.counts["skipped_alt_dot"] += 1
+def _add_record(table: VariantTable, rec: RawRecord) -> None:
+    if not rec.alts:
+        table.skip("alt_missing")
         return
-    for alt in alts:
-        if is_symbolic(alt):
-            table.counts["skipped_symbolic"] += 1
+    for alt in rec.alts:
+        reason = alt_skip_reason(alt)
+        if reason is not None:
+            table.skip(reason)
             continue
-        vid = _variant_id(rec.id, rec.chrom, rec.pos, rec.ref, alt, len(alts))
-        table.add(vid, rec.chrom, int(rec.pos), rec.ref.upper(), alt.upper())
+        vid = _variant_id(rec.record_id, rec.chrom, rec.pos, rec.ref, alt, len(rec.alts))
+        table.add(vid, rec.chrom, rec.pos, rec.ref.upper(), alt.upper(), rec.line)
 
 
-def _scan(vf: Any, table: VariantTable, contigs: ContigTable, name: str,
-          header_lines: int | None) -> list[tuple[str, str]]:
+def _scan(records: Iterator[RawRecord], table: VariantTable, contigs: ContigTable) -> list[tuple[str, str]]:
     """Add every record to ``table``; return the records' problems (stops listing after a few)."""
     problems: list[tuple[str, str]] = []
-    try:
-        for i, rec in enumerate(vf, start=1):
-            table.counts["records"] += 1
-            problem = _check_record(rec.chrom, rec.pos, contigs, _where(name, header_lines, i))
-            if problem is None:
-                _add_record(table, rec)
-                continue
-            problems.append((FIELD, problem))
-            if len(problems) >= MAX_PROBLEMS:
-                problems.append((FIELD, "... (stopped listing)"))
-                break
-    except (ValueError, OSError) as exc:
-        where = _where(name, header_lines, table.counts["records"] + 1)
-        raise SpecError([(FIELD, f"{where}: malformed VCF record ({exc})")]) from None
+    for rec in records:
+        table.counts["records"] += 1
+        problem = _check_record(rec, contigs)
+        if problem is None:
+            _add_record(table, rec)
+            continue
+        problems.append((FIELD, problem))
+        if len(problems) >= MAX_PROBLEMS:
+            problems.append((FIELD, "... (stopped listing)"))
+            break
     return problems
 
 
 def read_variants(uri: str, contigs: ContigTable,
                   storage_options: dict[str, Any] | None = None) -> VariantTable:
-    """All scorable variants of a VCF / VCF.gz / BCF, checked against the reference's contigs.
+    """All scorable variants of a VCF / VCF.gz / BCF / headerless VCF body / TSV or CSV table,
+    checked against the reference's contigs (see ``variant_files`` for the layouts).
 
     The whole table is held on the client (a few hundred bytes per variant): fine for the
     millions of variants typical of effect scoring, not for scoring all of gnomAD in one job.
     """
     table = VariantTable()
-    name = os.path.basename(uri.rstrip("/"))
+    if not is_remote(uri) and not os.path.exists(local_path(uri)):
+        raise SpecError([(FIELD, f"file not found: {uri}")])
     try:
-        with local_copy(uri, storage_options) as path, _open_vcf(path, uri) as vf:
-            problems = _scan(vf, table, contigs, name, _header_lines(path))
+        with local_copy(uri, storage_options) as path:
+            layout = sniff(path, uri)
+            table.layout = layout.kind
+            if layout.note:
+                table.notes.append(layout.note)
+            problems = _scan(iter_records(path, uri, layout), table, contigs)
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
     if problems:
         raise SpecError(problems)
     return table
+
+
+def check_refs(table: VariantTable, reference: Reference, chunk_bases: int) -> np.ndarray:
+    """Whether each variant's REF equals the reference there; the reference is read in runs of at
+    most max(chunk_bases, longest REF) bases, contig by contig in position order (bounded memory)."""
+    match = np.ones(len(table), dtype=bool)
+    order = sorted(range(len(table)), key=lambda i: (table.chrom[i], table.pos[i]))
+    chroms = [table.chrom[i] for i in order]
+    starts = np.array([table.pos[i] - 1 for i in order], dtype=np.int64)
+    ends = starts + np.array([len(table.ref[i]) for i in order], dtype=np.int64)
+    longest = int((ends - starts).max()) if len(order) else 1
+    for a, b in group_reads(chroms, starts, ends, chunk_bases, longest):
+        lo, hi = int(starts[a:b].min()), int(ends[a:b].max())
+        seq = reference.fetch(chroms[a], lo, hi)
+        for k in range(a, b):
+            i = order[k]
+            observed = seq[starts[k] - lo : ends[k] - lo]
+            match[i] = bool(np.array_equal(observed, encode_dna(table.ref[i])))
+    return match
+
+
+def refuse_ref_mismatches(table: VariantTable, match: np.ndarray, reference_uri: str,
+                          limit: float) -> None:
+    """SpecError when more than ``limit`` of the variants disagree with the reference: the usual
+    causes (another genome build, REF and ALT swapped) spoil every score, not a few."""
+    bad = np.flatnonzero(~match)
+    if not len(table) or len(bad) / len(table) <= limit:
+        return
+    name = os.path.basename(reference_uri.rstrip("/")) or reference_uri
+    lines = dict.fromkeys(int(table.line[i]) for i in bad)  # a multi-allelic record once
+    first = {int(table.line[i]): i for i in bad[::-1]}
+    shown = "; ".join(f"line {n} {table.chrom[first[n]]}:{table.pos[first[n]]} REF {table.ref[first[n]]}"
+                      for n in list(lines)[:MAX_LISTED_MISMATCHES])
+    raise SpecError([(FIELD, f"{len(bad)} of {len(table)} variants ({len(bad) / len(table):.1%}) have a REF "
+                             f"allele that disagrees with the reference {name} (more than "
+                             f"windows.max_ref_mismatch = {limit:g}): wrong genome build or REF/ALT "
+                             f"swapped? First: {shown}. Use the reference the variants were called "
+                             "on, or raise windows.max_ref_mismatch to score them anyway")])
 
 
 @dataclass(frozen=True)

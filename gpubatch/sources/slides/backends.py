@@ -31,14 +31,12 @@ from gpubatch.io.storage import open_ranges
 #: the one list of TIFF-family suffixes: tifffile tile-decodes these, and they stream by range
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".btf", ".tf8", ".qptiff")
 METADATA_ALLOWLIST = ("width", "height", "level_count", "level_dimensions", "level_downsamples",
-                      "mpp", "magnification", "vendor", "backend")
+                      "mpp", "mpp_source", "magnification", "vendor", "backend")
 WHITE = 255
 JPEG = 7  # TIFF compression tag value
 #: TIFF compression tag values of JPEG 2000 (Aperio's two, and the standard one)
 JPEG2000 = (33003, 33004, 33005, 34712)
 YCBCR, RGB = 6, 2  # TIFF photometric tag values
-#: microns per pixel a scanned slide can have; a TIFF resolution outside it is not a scan's
-MPP_RANGE = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -51,13 +49,15 @@ class SlideInfo:
     magnification: float | None
     vendor: str
     backend: str
+    #: the tag the mpp was read from, as a reader would name it ("TIFF XResolution 72 per inch")
+    mpp_source: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         w, h = self.level_dimensions[0]
         return {
             "width": w, "height": h, "level_count": len(self.level_dimensions),
             "level_dimensions": [list(d) for d in self.level_dimensions],
-            "level_downsamples": list(self.level_downsamples), "mpp": self.mpp,
+            "level_downsamples": list(self.level_downsamples), "mpp": self.mpp, "mpp_source": self.mpp_source,
             "magnification": self.magnification, "vendor": self.vendor, "backend": self.backend,
         }
 
@@ -145,26 +145,33 @@ class SlideBackend(ABC):
         """Release handles."""
 
 
-def _mpp_from_tiff(tif: Any) -> tuple[float | None, float | None, str]:
+def _resolution_tag(unit: int | str, xres: float) -> str:
+    """How a TIFF resolution tag reads: 'TIFF XResolution 72 per inch'."""
+    names = {2: "inch", 3: "centimeter", "inch": "inch", "centimeter": "centimeter"}
+    return f"TIFF XResolution {xres:g} per {names.get(unit, str(unit))}"
+
+
+def _mpp_from_tiff(tif: Any) -> tuple[float | None, float | None, str, str]:
+    """(mpp, magnification, vendor, the tag the mpp came from) of a TIFF-family slide."""
     page = tif.pages[0]
     desc = page.description or ""
     if tif.is_svs:
         mpp = re.search(r"\bMPP\s*=\s*([0-9.]+)", desc)
         mag = re.search(r"\bAppMag\s*=\s*([0-9.]+)", desc)
-        return (float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio")
+        return (float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio",
+                "Aperio ImageDescription MPP" if mpp else "")
     if tif.is_ome:
         found = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
         unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
         if found and (unit is None or unit.group(1) in ("µm", "um", "micron")):
-            return float(found.group(1)), None, "ome-tiff"
-        return None, None, "ome-tiff"
+            return float(found.group(1)), None, "ome-tiff", "OME PhysicalSizeX"
+        return None, None, "ome-tiff", ""
     res_unit = int(page.resolutionunit)
     xres = page.resolution[0] if page.resolution else 0.0
     if xres > 0 and res_unit in (2, 3):  # inch, centimeter
-        scan = (25400.0 if res_unit == 2 else 10000.0) / xres
-        # 1 or 72 pixels per inch are writers' defaults, not a microscope's resolution
-        return (scan if MPP_RANGE[0] <= scan <= MPP_RANGE[1] else None), None, "generic-tiff"
-    return None, None, "generic-tiff"
+        mpp_value = (25400.0 if res_unit == 2 else 10000.0) / xres
+        return mpp_value, None, "generic-tiff", _resolution_tag(res_unit, xres)
+    return None, None, "generic-tiff", ""
 
 
 def _check_page(page: Any, level: int, decompressors: Any) -> None:
@@ -200,12 +207,12 @@ class TiffBackend(SlideBackend):
             self.pages = [lvl.keyframe for lvl in series.levels]
             for level, page in enumerate(self.pages):
                 _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
-            mpp, mag, vendor = _mpp_from_tiff(self.tif)
+            mpp, mag, vendor, source = _mpp_from_tiff(self.tif)
         self.ranges = ranges if ranges is not None else open_ranges(path, clocks=clocks)
         dims = tuple((int(p.shape[1]), int(p.shape[0])) for p in self.pages)
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
-        self.info = SlideInfo(dims, downs, mpp, mag, vendor, "tifffile")
+        self.info = SlideInfo(dims, downs, mpp, mag, vendor, "tifffile", source)
         self.cache = DecodedTileCache(cache_bytes)
         self.gpu_decode = False
         #: corrupt tile data is an error (tiles.integrity: strict), never silently wrong pixels
@@ -352,6 +359,18 @@ def _paste(dst: np.ndarray, tile: np.ndarray, dx: int, dy: int) -> None:
         dst[y0:y1, x0:x1] = tile[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
 
 
+def _openslide_mpp_source(props: Any) -> str:
+    """openslide derives mpp-x from the vendor's metadata, or, for generic TIFF, from the TIFF
+    resolution tag: name the tag in that case."""
+    vendor = str(props.get("openslide.vendor", "unknown"))
+    if vendor == "generic-tiff" and props.get("tiff.XResolution") and props.get("tiff.ResolutionUnit"):
+        try:
+            return _resolution_tag(str(props["tiff.ResolutionUnit"]), float(props["tiff.XResolution"]))
+        except ValueError:
+            pass
+    return f"openslide.mpp-x ({vendor})"
+
+
 class OpenSlideBackend(SlideBackend):
     """openslide for every format it opens; one region per box (openslide caches stored tiles)."""
 
@@ -372,7 +391,7 @@ class OpenSlideBackend(SlideBackend):
             tuple(tuple(d) for d in self.slide.level_dimensions),  # type: ignore[misc]
             tuple(self.slide.level_downsamples),
             float(mpp) if mpp else None, float(mag) if mag else None,
-            str(props.get("openslide.vendor", "unknown")), "openslide",
+            str(props.get("openslide.vendor", "unknown")), "openslide", _openslide_mpp_source(props) if mpp else "",
         )
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:

@@ -9,7 +9,7 @@ read level), so each stored tile is fetched and decoded once per block, then sli
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -18,6 +18,11 @@ from gpubatch.sources.slides.backends import SlideInfo
 from gpubatch.spec import TilesSpec
 
 MPP_TOLERANCE = 0.1  # a slide scanned up to 10% coarser than asked still counts as that mpp
+#: level-0 resolutions outside this range are not scans: a TIFF resolution tag of 72 or 96 per
+#: inch (352.8 or 264.6 um/px) is what image software writes for screens; no slide scanner
+#: records coarser than 10 um/px or finer than 0.01 um/px at level 0
+PLAUSIBLE_MPP = (0.01, 10.0)
+SCREEN_DPI = (72.0, 96.0, 150.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -33,29 +38,67 @@ class TileGrid:
     ys: np.ndarray
     cols: np.ndarray  # grid column / row of each tile, for blocking
     rows: np.ndarray
+    mpp: float | None = None  # the level-0 microns per pixel used (the slide's, or the fallback)
+    notes: tuple[str, ...] = ()  # what the reader of the report should know (a tag ignored)
 
     def __len__(self) -> int:
         return len(self.xs)
 
     def subset(self, keep: np.ndarray) -> TileGrid:
-        return TileGrid(self.level, self.level_downsample, self.downsample, self.read_size, self.size,
-                        self.xs[keep], self.ys[keep], self.cols[keep], self.rows[keep])
+        return replace(self, xs=self.xs[keep], ys=self.ys[keep], cols=self.cols[keep], rows=self.rows[keep])
+
+
+def _implausible(info: SlideInfo) -> str | None:
+    """Why the slide's recorded mpp is not a scan resolution, naming the tag; None when it is one.
+
+    The derived um/px is shown only for screen resolutions, where it explains the tag; for other
+    out-of-range values (a garbled tag) it is noise, and would read as a claim about the scan.
+    """
+    mpp = info.mpp
+    if mpp is None:
+        return None
+    tag = info.mpp_source or "the slide's metadata"
+    if math.isfinite(mpp) and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        return None
+    if any(f"XResolution {dpi:g} per inch" in tag for dpi in SCREEN_DPI):
+        why = f"a screen resolution written by image software ({mpp:.4g} um/px at level 0), not a scan's"
+    else:
+        why = f"not a scan resolution: outside {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} um/px at level 0"
+    return f"{tag} is {why}"
+
+
+def level0_mpp(info: SlideInfo, tiles: TilesSpec, uri: str) -> tuple[float | None, list[str]]:
+    """The level-0 microns per pixel to work with, and notes: the slide's own when plausible,
+    else ``tiles.mpp_fallback`` (said in a note), else an InputError saying what to set."""
+    ignored = _implausible(info)
+    mpp = None if ignored else info.mpp
+    notes = [f"{ignored}, so it counts as missing MPP"] if ignored else []
+    if mpp is not None or tiles.level is not None:
+        return mpp, notes
+    if tiles.mpp_fallback is not None:
+        why = "its resolution tag is implausible" if ignored else "it records no microns-per-pixel (MPP)"
+        return tiles.mpp_fallback, [*notes, f"{why}: level 0 taken as tiles.mpp_fallback = "
+                                            f"{tiles.mpp_fallback:g} um/px"]
+    raise InputError(uri, "the file records no microns-per-pixel (MPP)" + (f" ({ignored})" if ignored else "")
+                     + ", so tiles.mpp cannot be honoured; set tiles.mpp_fallback (the scan's um/px, for "
+                       "slides without one) or tiles.level instead (tiles.level: 0 for full resolution)")
 
 
 def choose_level(info: SlideInfo, tiles: TilesSpec, uri: str) -> tuple[int, float]:
     """(level to read, target downsample from level 0) for the spec's mpp or level."""
+    return _choose(info, tiles, uri, level0_mpp(info, tiles, uri)[0])
+
+
+def _choose(info: SlideInfo, tiles: TilesSpec, uri: str, mpp: float | None) -> tuple[int, float]:
     if tiles.level is not None:
         if tiles.level >= len(info.level_dimensions):
             raise InputError(uri, f"tiles.level {tiles.level} does not exist: the slide has "
                                   f"{len(info.level_dimensions)} levels (0-{len(info.level_dimensions) - 1})")
         return tiles.level, info.level_downsamples[tiles.level]
-    assert tiles.mpp is not None
-    if info.mpp is None:
-        raise InputError(uri, "the file records no microns-per-pixel (MPP), so tiles.mpp cannot be "
-                              "honoured; set tiles.level instead (tiles.level: 0 for full resolution)")
-    downsample = tiles.mpp / info.mpp
+    assert tiles.mpp is not None and mpp is not None
+    downsample = tiles.mpp / mpp
     if downsample < 1.0 - MPP_TOLERANCE:
-        raise InputError(uri, f"slide is scanned at {info.mpp:.3f} mpp, coarser than the requested "
+        raise InputError(uri, f"slide is scanned at {mpp:.3f} mpp, coarser than the requested "
                               f"{tiles.mpp} mpp; lower-resolution tiles would need upsampling")
     downsample = max(downsample, 1.0)
     level = 0
@@ -79,7 +122,8 @@ def make_grid(info: SlideInfo, tiles: TilesSpec, uri: str) -> TileGrid:
     Bounded before anything is allocated: the level read must fit ``tiles.max_level_pixels``,
     the grid ``tiles.max_tiles`` and one tile ``tiles.max_read_bytes``.
     """
-    level, downsample = choose_level(info, tiles, uri)
+    mpp, notes = level0_mpp(info, tiles, uri)
+    level, downsample = _choose(info, tiles, uri, mpp)
     check_level_size(info, level, tiles, uri, "the level tiles are read from")
     level_ds = info.level_downsamples[level]
     read_size = max(1, int(round(tiles.size * downsample / level_ds)))
@@ -98,7 +142,7 @@ def make_grid(info: SlideInfo, tiles: TilesSpec, uri: str) -> TileGrid:
     cols, rows = col_grid.ravel(), row_grid.ravel()
     xs = np.round(cols * step).astype(np.int64)
     ys = np.round(rows * step).astype(np.int64)
-    return TileGrid(level, level_ds, downsample, read_size, tiles.size, xs, ys, cols, rows)
+    return TileGrid(level, level_ds, downsample, read_size, tiles.size, xs, ys, cols, rows, mpp, tuple(notes))
 
 
 def resize(tiles: np.ndarray, size: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from gpubatch.ops.preprocess import Preprocess
 from gpubatch.outputs.store import OutputStore
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
 from gpubatch.sources.slides.backends import SlideBackend
-from gpubatch.sources.slides.grid import block_ids, check_level_size, make_grid, resize
+from gpubatch.sources.slides.grid import TileGrid, block_ids, check_level_size, make_grid, resize
 from gpubatch.sources.slides.tissue import filter_tissue
 from gpubatch.spec import JobSpec
 
@@ -41,11 +41,14 @@ class SlideReader(ShardReader):
         self.clocks = clocks
         self.attrs = {
             "slide": redact(shard.input_uri), "level": self.grid.level, "tile_size": job.tiles.size,
-            "mpp": (backend.info.mpp * self.grid.downsample) if backend.info.mpp else None,
+            "mpp": (self.grid.mpp * self.grid.downsample) if self.grid.mpp else None,
             "read_size": self.grid.read_size, "extent_level0": job.tiles.size * self.grid.downsample,
             "grid_tiles": len(grid), "tissue_tiles": len(self.grid),
-            "slide_info": backend.info.as_dict(),
+            "slide_info": backend.info.as_dict(), "notes": list(grid.notes),
         }
+        reason = _empty_reason(backend, grid, len(self.grid), job)
+        if reason:
+            self.attrs["empty_reason"] = reason
 
     @property
     def n_items(self) -> int:
@@ -87,6 +90,19 @@ class SlideReader(ShardReader):
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _empty_reason(backend: SlideBackend, grid: TileGrid, kept: int, job: JobSpec) -> str | None:
+    """Why a slide yields no tiles, in the terms of the spec keys that decide it; None if it does."""
+    if kept:
+        return None
+    if not len(grid):
+        w, h = backend.info.level_dimensions[0]
+        extent = job.tiles.size * grid.downsample
+        return (f"smaller than one tile: {w}x{h} px at level 0, one tile spans {extent:.0f} px "
+                f"(tiles.size {job.tiles.size} at the chosen resolution)")
+    return (f"no tissue: none of its {len(grid)} tiles reached tiles.tissue.min_fraction "
+            f"{job.tiles.tissue.min_fraction:g} (method {job.tiles.tissue.method})")
 
 
 def tile_preprocess(job: JobSpec) -> Preprocess:

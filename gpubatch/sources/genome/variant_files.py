@@ -1,0 +1,214 @@
+"""Variant files as records: VCF/BCF with a header, a VCF body without one, or a plain table.
+
+Three layouts are read, told apart from the file's first lines, never from its name alone:
+
+* **VCF or BCF with a header** (``#CHROM`` line, or BCF's magic): read with pysam, which checks
+  the records against the header.
+* **A VCF body without its header** (no ``#CHROM`` line; common output of eQTL pipelines): data
+  lines of at least five tab-separated fields whose second is an integer. The columns are read
+  as CHROM, POS, ID, REF, ALT; the contigs a header would declare are the reference's own (every
+  record is checked against them by the caller). A note says so in the report.
+* **A table** (TSV or CSV) whose first line names its columns: ``chrom``, ``pos``, ``ref``,
+  ``alt`` and optionally ``id`` (case-insensitive; ``chr``/``chromosome``/``contig``,
+  ``position``, ``reference``, ``alternate``, ``variant_id``/``rsid``/``name`` are accepted).
+  POS is 1-based, as in a VCF. In a TSV, ALT may list several alleles separated by commas.
+
+Every layout yields the same :class:`RawRecord` with where it came from (``file line N``), so
+that every later error names the line. Text files may be plain, gzip or bgzip. Files are read
+as a stream: memory does not grow with the file (the caller keeps what it scores).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, cast
+
+from gpubatch.core.errors import MissingExtraError, SpecError
+
+FIELD = "windows.variants"
+LAYOUT_VCF, LAYOUT_BCF, LAYOUT_BODY, LAYOUT_TABLE = "vcf", "bcf", "vcf-without-header", "table"
+#: column names a table may use, by the field they fill
+COLUMN_ALIASES = {
+    "chrom": ("chrom", "chr", "chromosome", "contig", "#chrom"),
+    "pos": ("pos", "position", "bp"),
+    "ref": ("ref", "reference"),
+    "alt": ("alt", "alternate", "alts"),
+    "id": ("id", "variant_id", "rsid", "name", "snp"),
+}
+BODY_NOTE = ("{name} has no '#CHROM' header line: read as VCF columns CHROM, POS, ID, REF, ALT, "
+             "with the reference's contigs standing in for the header's")
+TABLE_NOTE = "{name} read as a {kind} table with columns {columns}; POS taken as 1-based, as in a VCF"
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One data line as read: where it is, and its alleles as written (not yet checked)."""
+
+    where: str
+    line: int
+    chrom: str
+    pos: int
+    record_id: str | None
+    ref: str
+    alts: tuple[str, ...]  # empty for ALT '.'
+
+
+@dataclass
+class Layout:
+    """How a file is laid out, decided from its first lines."""
+
+    kind: str
+    header_lines: int = 0  # lines before the first record (text files)
+    delimiter: str = "\t"
+    columns: dict[str, int] = field(default_factory=dict)  # table: field -> column index
+    note: str = ""
+
+
+def _open_text(path: str) -> IO[bytes]:
+    with open(path, "rb") as raw:
+        magic = raw.read(2)
+    handle = gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # noqa: SIM115
+    return cast(IO[bytes], handle)
+
+
+def _is_bcf(path: str) -> bool:
+    try:
+        with _open_text(path) as f:
+            return f.read(3) == b"BCF"
+    except (OSError, EOFError):
+        return False
+
+
+def _split(line: str, delimiter: str) -> list[str]:
+    return [f.strip() for f in line.rstrip("\r\n").split(delimiter)]
+
+
+def _table_columns(fields: list[str]) -> dict[str, int]:
+    """The table's column index of each field, or {} when the line is not a header row."""
+    names = [f.lower().lstrip("#") for f in fields]
+    found = {}
+    for key, aliases in COLUMN_ALIASES.items():
+        hit = next((i for i, n in enumerate(names) if n in {a.lstrip("#") for a in aliases}), None)
+        if hit is not None:
+            found[key] = hit
+    return found if {"chrom", "pos", "ref", "alt"} <= set(found) else {}
+
+
+def sniff(path: str, uri: str) -> Layout:
+    """The file's layout from its first non-``##`` line; a SpecError says what was expected."""
+    name = os.path.basename(uri.rstrip("/"))
+    if _is_bcf(path):
+        return Layout(LAYOUT_BCF)
+    skipped, first = 0, ""
+    with _open_text(path) as f:
+        for raw in f:
+            line = raw.decode("utf-8", "replace")
+            if line.startswith("##") or not line.strip():
+                skipped += 1
+                continue
+            first = line
+            break
+    if first.upper().startswith("#CHROM"):
+        return Layout(LAYOUT_VCF)
+    delimiter = "\t" if "\t" in first else ","
+    fields = _split(first, delimiter)
+    columns = _table_columns(fields)
+    if columns:
+        kind = "tab-separated" if delimiter == "\t" else "comma-separated"
+        shown = ", ".join(k for k in COLUMN_ALIASES if k in columns)
+        return Layout(LAYOUT_TABLE, skipped + 1, delimiter, columns,
+                      TABLE_NOTE.format(name=name, kind=kind, columns=shown))
+    if delimiter == "\t" and len(fields) >= 5 and fields[1].lstrip("-").isdigit():
+        return Layout(LAYOUT_BODY, skipped, "\t", {"chrom": 0, "pos": 1, "id": 2, "ref": 3, "alt": 4},
+                      BODY_NOTE.format(name=name))
+    raise SpecError([(FIELD, f"{uri}: not a VCF/BCF (no '#CHROM' header line) nor a table of variants; "
+                             "give a VCF, a VCF body (tab-separated CHROM POS ID REF ALT ...), or a "
+                             "TSV/CSV whose first line names the columns chrom, pos, ref, alt (and "
+                             f"optionally id); its first data line is {first[:80]!r}")])
+
+
+def _table_records(path: str, name: str, layout: Layout) -> Iterator[RawRecord]:
+    cols = layout.columns
+    width = max(cols.values()) + 1
+    with _open_text(path) as f:
+        for n, raw in enumerate(f, start=1):
+            if n <= layout.header_lines:
+                continue
+            line = raw.decode("utf-8", "replace")
+            if not line.strip() or line.startswith("#"):
+                continue
+            where = f"{name} line {n}"
+            fields = _split(line, layout.delimiter)
+            if len(fields) < width:
+                raise SpecError([(FIELD, f"{where}: expected at least {width} "
+                                         f"{'tab' if layout.delimiter == chr(9) else 'comma'}-separated "
+                                         f"fields, got {len(fields)}: {line.strip()[:80]!r}")])
+            try:
+                pos = int(fields[cols["pos"]])
+            except ValueError:
+                raise SpecError([(FIELD, f"{where}: POS {fields[cols['pos']]!r} is not an integer")]) from None
+            alt = fields[cols["alt"]]
+            alts = () if alt in (".", "") else tuple(alt.split(",")) if layout.delimiter == "\t" else (alt,)
+            rid = fields[cols["id"]] if "id" in cols else None
+            yield RawRecord(where, n, fields[cols["chrom"]], pos, rid, fields[cols["ref"]], alts)
+
+
+def _pysam() -> Any:
+    try:
+        import pysam
+    except ImportError:
+        raise MissingExtraError("variant mode (windows.variants)", "pysam", "genome") from None
+    return pysam
+
+
+def _header_lines(path: str) -> int:
+    """Header lines of a text VCF (plain or gzip), for line numbers in errors."""
+    count = 0
+    with _open_text(path) as f:
+        for line in f:
+            if not line.startswith(b"#"):
+                break
+            count += 1
+    return count
+
+
+def _vcf_records(path: str, uri: str, name: str, layout: Layout) -> Iterator[RawRecord]:
+    """Records through pysam: text VCFs are numbered by line, BCFs by record.
+
+    htslib stays quiet while the file is read: its warnings (a missing index, a contig the
+    header does not declare) would go straight to the terminal, and the contigs are checked
+    against the reference here anyway.
+    """
+    pysam = _pysam()
+    previous = pysam.set_verbosity(0)
+    try:
+        try:
+            vf = pysam.VariantFile(path)
+        except (ValueError, OSError) as exc:
+            raise SpecError([(FIELD, f"{uri}: not a readable VCF/BCF ({exc}); a VCF starts with "
+                                     "'##fileformat=VCFv4.x' and has a '#CHROM ...' line")]) from None
+        offset = _header_lines(path) if layout.kind == LAYOUT_VCF else None
+        i = 0
+        with vf:
+            try:
+                for i, rec in enumerate(vf, start=1):
+                    line = offset + i if offset is not None else i
+                    where = f"{name} line {line}" if offset is not None else f"{name} record {i}"
+                    yield RawRecord(where, line, rec.chrom, int(rec.pos), rec.id, rec.ref or ".",
+                                    tuple(rec.alts or ()))
+            except (ValueError, OSError) as exc:
+                where = f"{name} line {offset + i + 1}" if offset is not None else f"{name} record {i + 1}"
+                raise SpecError([(FIELD, f"{where}: malformed VCF record ({exc})")]) from None
+    finally:
+        pysam.set_verbosity(previous)
+
+
+def iter_records(path: str, uri: str, layout: Layout) -> Iterator[RawRecord]:
+    """Every data record of the file, in file order, whatever its layout."""
+    name = os.path.basename(uri.rstrip("/"))
+    if layout.kind in (LAYOUT_VCF, LAYOUT_BCF):
+        return _vcf_records(path, uri, name, layout)
+    return _table_records(path, name, layout)

@@ -1,0 +1,198 @@
+"""`validate` refuses what `run` would: model dtype and fixed batch, storage credentials, variant files.
+
+Models are written with onnx.helper here (independently of gpubatch's own exporters), so the shapes
+and element types under test are exactly the ones declared.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import slide_job, write_job
+
+from gpubatch.cli.main import main
+from gpubatch.core.errors import SpecError
+from gpubatch.runtime.preflight import s3_credential_source, validate_job
+from gpubatch.spec import load_job
+
+pytest_plugins = ["s3_fixtures"]
+
+
+def onnx_model(path: Path, shape: list[Any], elem_type: str = "FLOAT", reduce_axes: tuple[int, ...] = (2, 3)) -> Path:
+    """One input of ``shape`` (ints fixed, strings dynamic), ReduceMean over ``reduce_axes``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    dtype = getattr(TensorProto, elem_type)
+    out_shape = [d for i, d in enumerate(shape) if i not in reduce_axes]
+    node = helper.make_node("ReduceMean", ["x"], ["y"], axes=list(reduce_axes), keepdims=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", dtype, shape)],
+                              [helper.make_tensor_value_info("y", dtype, out_shape)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _spec(tmp_path: Path, job: dict[str, Any], *sets: str) -> Any:
+    return load_job(write_job(tmp_path / "job.yaml", job), list(sets))
+
+
+def _refused(tmp_path: Path, job: dict[str, Any], *sets: str) -> list[tuple[str, str]]:
+    with pytest.raises(SpecError) as err:
+        validate_job(_spec(tmp_path, job, *sets))
+    return err.value.problems
+
+
+# ---------------------------------------------------------------------------------------------
+# the model against the job
+
+
+def test_fixed_batch_one_is_refused_with_the_fix(tmp_path: Path, slide_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    model = onnx_model(tmp_path / "b1.onnx", [1, 3, 64, 64])
+    job = slide_job([str(slide_path)], model, tmp_path / "out")
+    job["model"]["batch_size"] = 32
+    (field, message), = _refused(tmp_path, job)
+    assert field == "model.batch_size"
+    assert "fixed batch dimension of 1" in message and "set model.batch_size: 1" in message
+    assert "dynamic_axes" in message
+    spec = write_job(tmp_path / "job.yaml", job)
+    assert main(["validate", str(spec)]) == 2
+    assert main(["run", str(spec)]) == 2  # run refuses the same, before any slide is quarantined
+    assert "fixed batch dimension of 1" in capsys.readouterr().err
+    # the batch size the model was exported with validates, and runs
+    assert main(["run", str(spec), "--set", "model.batch_size=1"]) == 0
+
+
+def test_fixed_batch_and_variant_pairs(tmp_path: Path) -> None:
+    from conftest import shared_file
+
+    model = onnx_model(tmp_path / "g4.onnx", [4, 16, 4], reduce_axes=(1, 2))
+    job = {"kind": "genome", "windows": {"reference": str(shared_file("genomics", "sarscov2", "EMN908947.fa")),
+                                         "variants": str(shared_file("genomics", "sarscov2", "simple.vcf")),
+                                         "length": 16},
+           "model": {"path": str(model), "batch_size": 4}, "output": {"uri": str(tmp_path / "o")},
+           "run": {"profile": "inline"}}
+    (_, message), = _refused(tmp_path, job)
+    assert "(2 rows per item)" in message and "set model.batch_size: 2" in message
+    check = validate_job(_spec(tmp_path, job, "model.batch_size=2"))
+    assert check.shards == 1 and check.items == 1
+
+
+@pytest.mark.parametrize(("elem", "words"), [("INT64", "takes int64, but gpubatch feeds floating-point"),
+                                             ("UINT8", "takes uint8")])
+def test_non_float_model_input_is_refused(tmp_path: Path, slide_path: Path, elem: str, words: str) -> None:
+    model = onnx_model(tmp_path / "i.onnx", ["N", 3, 64, 64], elem_type=elem)
+    problems = _refused(tmp_path, slide_job([str(slide_path)], model, tmp_path / "out"))
+    assert problems[0][0] == "model.path" and words in problems[0][1]
+
+
+def test_genome_encoding_dtype_must_be_the_models(tmp_path: Path) -> None:
+    from conftest import shared_file
+
+    fa = str(shared_file("genomics", "sarscov2", "EMN908947.fa"))
+    model = onnx_model(tmp_path / "h.onnx", ["N", 32, 4], elem_type="FLOAT16", reduce_axes=(1, 2))
+    job = {"kind": "genome", "windows": {"reference": fa, "length": 32}, "model": {"path": str(model)},
+           "output": {"uri": str(tmp_path / "o")}, "run": {"profile": "inline"}}
+    (field, message), = _refused(tmp_path, job)
+    assert field == "windows.encoding.dtype"
+    assert message == "float32, but the model's input 'x' takes float16; set windows.encoding.dtype: float16"
+    assert validate_job(_spec(tmp_path, job, "windows.encoding.dtype=float16")).shards > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# storage credentials, against a real S3 server (moto) with every credential source emptied
+
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+@pytest.fixture()
+def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No AWS variables, no ~/.aws files, and no instance-metadata lookup."""
+    for name in AWS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return monkeypatch
+
+
+def _s3_job(s3: Any, tmp_path: Path, classifier: Path, storage: dict[str, Any]) -> dict[str, Any]:
+    from gpubatch.cli.demo import write_synthetic_slide
+
+    uri = s3.upload(write_synthetic_slide(tmp_path / "s.tif", 512, 512, seed=3))
+    return slide_job([uri], classifier, tmp_path / "out", input={"storage": storage})
+
+
+def test_s3_without_credentials_is_refused_with_how_to_supply_them(
+        s3: Any, tmp_path: Path, classifier: Path, no_credentials: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    storage = {"endpoint_url": s3.endpoint, "client_kwargs": {"region_name": "us-east-1"}}
+    spec = write_job(tmp_path / "job.yaml", _s3_job(s3, tmp_path, classifier, storage))
+    t0 = time.perf_counter()
+    assert main(["validate", str(spec)]) == 2
+    assert time.perf_counter() - t0 < 5
+    err = capsys.readouterr().err
+    assert "input.uris[0]: no S3 credentials found" in err
+    for way in ("AWS_ACCESS_KEY_ID", "cluster profile's `storage`", "input.storage", "anon: true"):
+        assert way in err
+    assert main(["run", str(spec)]) == 2  # the same refusal, not N quarantines
+    # each way of supplying them is found: the environment ...
+    no_credentials.setenv("AWS_ACCESS_KEY_ID", s3.key)
+    no_credentials.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
+    assert main(["validate", str(spec)]) == 0
+    no_credentials.delenv("AWS_ACCESS_KEY_ID")
+    no_credentials.delenv("AWS_SECRET_ACCESS_KEY")
+    # ... the profile's storage section ...
+    profile = tmp_path / "creds.yaml"
+    profile.write_text(f"cluster: inline\nstorage: {{key: {s3.key}, secret: {s3.secret}}}\n")
+    assert main(["validate", str(spec), "--set", f"run.profile={profile}"]) == 0
+    # ... and the job's own input.storage
+    assert main(["validate", str(spec), "--set", f"input.storage.key={s3.key}",
+                 "--set", f"input.storage.secret={s3.secret}"]) == 0
+    assert s3.secret not in capsys.readouterr().out
+    # an s3:// output takes its own options: input credentials do not reach it
+    assert main(["validate", str(spec), "--set", f"input.storage.key={s3.key}", "--set",
+                 f"input.storage.secret={s3.secret}", "--set", f"output.uri=s3://{s3.bucket}/out"]) == 2
+    err = capsys.readouterr().err
+    assert "output.uri: no S3 credentials found" in err and "the job's output.storage" in err
+    assert "input.uris[0]" not in err
+
+
+def test_credential_check_is_bounded_without_instance_metadata(no_credentials: pytest.MonkeyPatch) -> None:
+    """With the metadata service allowed, one short attempt at most (no botocore 1 s timeouts)."""
+    no_credentials.delenv("AWS_EC2_METADATA_DISABLED")
+    t0 = time.perf_counter()
+    s3_credential_source({})
+    assert time.perf_counter() - t0 < 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# variant files: what `run` refuses at plan time, `validate` refuses too
+
+
+def test_validate_reads_the_variant_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import shared_file
+
+    from gpubatch.cli.demo_models import make_genome_model
+
+    fa = str(shared_file("genomics", "sarscov2", "EMN908947.fa"))
+    model = make_genome_model(tmp_path / "g.onnx", 16)
+    vcf = tmp_path / "v.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   "chr1\t100\t.\tA\tG\t.\t.\t.\n")  # 'chr1': the reference calls it MN908947.3
+    job = {"kind": "genome", "windows": {"reference": fa, "variants": str(vcf), "length": 16},
+           "model": {"path": str(model)}, "output": {"uri": str(tmp_path / "o")}, "run": {"profile": "inline"}}
+    spec = write_job(tmp_path / "job.yaml", job)
+    assert main(["validate", str(spec)]) == 2
+    assert "v.vcf line 3: contig 'chr1' is not in the reference" in capsys.readouterr().err
+    body = tmp_path / "body.vcf"  # the header-less body of the vendored VCF: accepted, with a note
+    body.write_text("".join(line for line in shared_file("genomics", "sarscov2", "simple.vcf").read_text()
+                            .splitlines(keepends=True) if not line.startswith("#")))
+    assert main(["validate", str(spec), "--set", f"windows.variants={body}"]) == 0
+    out = capsys.readouterr().out
+    assert "1 shard(s), 1 items" in out and "note: body.vcf has no '#CHROM' header line" in out

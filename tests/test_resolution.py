@@ -1,0 +1,106 @@
+"""Resolution: tiles.level alone, tiles.mpp_fallback, and implausible TIFF resolution tags.
+
+The slides are real TIFFs written by tifffile with the resolution tags under test (72 and 96 per
+inch, as image software writes for screens; 20 um/px in centimetre units), read through both the
+tifffile backend and openslide.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import slide_job, write_job
+
+import gpubatch
+from gpubatch.core.errors import InputError
+from gpubatch.sources.slides.backends import OpenSlideBackend, TiffBackend
+from gpubatch.sources.slides.grid import make_grid
+from gpubatch.spec import TilesSpec, load_job
+
+
+def tagged_tiff(path: Path, unit: str, resolution: float, size: int = 512) -> Path:
+    """A tiled JPEG RGB TIFF whose level-0 resolution tags say ``resolution`` per ``unit``."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(100, 200, (size, size, 3), dtype=np.uint8)
+    tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     resolution=(resolution, resolution), resolutionunit=unit)
+    return path
+
+
+def _tiles(**kw: Any) -> TilesSpec:
+    return TilesSpec.model_validate({"size": 64, "tissue": {"method": "none"}, **kw})
+
+
+@pytest.mark.parametrize("backend", [TiffBackend, OpenSlideBackend])
+@pytest.mark.parametrize(("unit", "res", "tag", "um"), [
+    ("INCH", 72, "TIFF XResolution 72 per inch", "352.8"),
+    ("INCH", 96, "TIFF XResolution 96 per inch", "264.6"),
+    ("CENTIMETER", 500, "TIFF XResolution 500 per centimeter", "20"),
+])
+def test_implausible_tags_count_as_missing_with_a_note(tmp_path: Path, backend: Any, unit: str, res: float,
+                                                      tag: str, um: str) -> None:
+    path = str(tagged_tiff(tmp_path / "t.tif", unit, res))
+    info = backend(path).info
+    assert info.mpp_source == tag and info.mpp == pytest.approx(float(um), rel=1e-3)
+    if unit == "INCH":
+        why = f"{tag} is a screen resolution written by image software ({um} um/px at level 0), not a scan's"
+    else:  # the derived figure would read as a claim about the scan: not shown
+        why = f"{tag} is not a scan resolution: outside 0.01-10 um/px at level 0"
+    with pytest.raises(InputError) as err:
+        make_grid(info, _tiles(mpp=0.5), path)
+    assert err.value.message.startswith(f"the file records no microns-per-pixel (MPP) ({why}), so tiles.mpp")
+    assert "tiles.mpp_fallback" in err.value.message and "tiles.level" in err.value.message
+    grid = make_grid(info, _tiles(mpp=0.5, mpp_fallback=0.25), path)
+    assert grid.mpp == 0.25 and grid.downsample == 2.0 and len(grid) == 4 * 4
+    assert grid.notes == (why + ", so it counts as missing MPP",
+                          "its resolution tag is implausible: level 0 taken as tiles.mpp_fallback = 0.25 um/px")
+
+
+def test_a_scan_resolution_tag_is_used_as_is(tmp_path: Path) -> None:
+    path = str(tagged_tiff(tmp_path / "t.tif", "CENTIMETER", 40000))  # 0.25 um/px
+    grid = make_grid(TiffBackend(path).info, _tiles(mpp=0.5, mpp_fallback=1.0), path)
+    assert grid.mpp == pytest.approx(0.25) and grid.notes == () and grid.downsample == pytest.approx(2.0)
+
+
+def test_fallback_for_a_slide_without_mpp(tmp_path: Path) -> None:
+    from gpubatch.cli.demo import write_synthetic_slide
+
+    path = str(write_synthetic_slide(tmp_path / "n.tif", 512, 512, mpp=None, levels=1))
+    grid = make_grid(TiffBackend(path).info, _tiles(mpp=0.5, mpp_fallback=0.5), path)
+    assert grid.downsample == 1.0 and len(grid) == 64
+    assert grid.notes == ("it records no microns-per-pixel (MPP): level 0 taken as tiles.mpp_fallback = 0.5 um/px",)
+
+
+def test_tiles_level_alone_clears_the_default_mpp(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+    job = slide_job([str(slide_path)], classifier, tmp_path / "out")  # tiles.mpp: 0.5 in the file
+    spec = write_job(tmp_path / "job.yaml", job)
+    assert load_job(spec, ["tiles.level=1"]).tiles.model_dump(include={"mpp", "level"}) == {"mpp": None, "level": 1}
+    assert load_job(spec, ["tiles.mpp=1.0"]).tiles.mpp == 1.0
+    del job["tiles"]["mpp"]
+    job["tiles"]["level"] = 2
+    assert load_job(write_job(tmp_path / "level.yaml", job)).tiles.mpp is None
+    # the Python API: a JobSpec carries the default mpp in its dump, and the override still works
+    base = load_job(spec)
+    result = gpubatch.run(base, tiles__level=1, show_progress=False)
+    assert result.exit_code == 0 and set(result.predictions()["level"]) == {1}
+
+
+def test_run_with_a_72_dpi_slide(tmp_path: Path, classifier: Path) -> None:
+    path = tagged_tiff(tmp_path / "screen.tif", "INCH", 72)
+    spec = write_job(tmp_path / "job.yaml", slide_job([str(path)], classifier, tmp_path / "out"))
+    refused = gpubatch.run(spec, show_progress=False)
+    assert refused.exit_code == 1  # the only input failed
+    assert "TIFF XResolution 72 per inch is a screen resolution" in refused.report["failed"][0]["error"]
+    result = gpubatch.run(spec, tiles__mpp_fallback=0.25, show_progress=False)
+    assert result.exit_code == 0 and result.report["items"] == 16
+    notes = result.report["notes"]
+    assert notes[0].startswith(f"{path}: TIFF XResolution 72 per inch is a screen resolution written by "
+                               "image software (352.8 um/px at level 0)")
+    from gpubatch.report.text import format_summary
+
+    assert "note: " + notes[0] in format_summary(result.report)
