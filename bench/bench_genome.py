@@ -96,7 +96,7 @@ def run_gpubatch(fasta: Path, model: Path, length: int, batch: int, out: Path, l
         "output": {"uri": str(out / "gpubatch"), "formats": ["parquet"]},
         "run": {"profile": "local", "readers": 2},
     })
-    result = gpubatch.run(job, show_progress=False)
+    result = gpubatch.run(job, show_progress=False, overwrite=True)
     last["report"] = result.report
     last.setdefault("steady_s", []).append(steady_seconds(Path(result.output_uri)))
     return int(result.report["items"])

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         order = args.counts if r % 2 == 0 else list(reversed(args.counts))
         for n in order:
             path = job_file(wl["slides"][:n], wl["model"], f"mem-{n}")
-            peak = peak_rss([sys.executable, "-m", "gpubatch", "run", str(path)])
+            peak = peak_rss([sys.executable, "-m", "gpubatch", "run", str(path), "--overwrite"])
             runs[n].append(peak)
             print(f"  round {r + 1}, {n} slides: tree {peak['tree_mb']:.0f} MB, largest worker {peak['worker_mb']:.0f} MB "
                   f"({peak['worker_anon_mb']:.0f} MB anonymous)", flush=True)

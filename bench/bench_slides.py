@@ -197,7 +197,7 @@ def run_gpubatch(job: dict[str, Any], last: dict[str, Any]) -> int:
     import gpubatch
     from gpubatch.spec import parse_job
 
-    result = gpubatch.run(parse_job(job), show_progress=False)
+    result = gpubatch.run(parse_job(job), show_progress=False, overwrite=True)
     last["report"] = result.report
     last.setdefault("steady_s", []).append(steady_seconds(Path(result.output_uri)))
     return int(result.report["items"])

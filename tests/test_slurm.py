@@ -96,8 +96,8 @@ def test_a_cancelled_worker_job_is_survived_and_reported(tmp_path: Path, slides:
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["lost_workers"], "the summary says a worker was lost"
-    assert "was lost" in log
+    assert report["lost_workers"], log  # the summary says a worker was lost
+    assert "was lost" in log, log
     df = _sorted(pd.read_parquet(tmp_path / "out" / "predictions.parquet"))
     assert not df.duplicated(["slide", "x", "y"]).any()
     pd.testing.assert_frame_equal(df, local)

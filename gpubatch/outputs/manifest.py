@@ -110,3 +110,17 @@ def sweep(store: OutputStore, keep: Iterable[ShardResult | CommitRef]) -> int:
             store.delete(f"{ZARR}/{name}", recursive=True)
             removed += 1
     return removed
+
+
+def remove_temporaries(store: OutputStore) -> int:
+    """Delete the temporary files a killed process left (an interrupted atomic write); call only
+    while no process of this run writes (before its heartbeat starts, after its lease is released)."""
+    from gpubatch.outputs.layout import AUDIT_DIR
+
+    removed = 0
+    for folder in ("", MANIFEST_DIR, AUDIT_DIR, PARTS_DIR):
+        for name in store.listdir(folder):
+            if name.startswith(TMP_PREFIX):
+                store.delete(f"{folder}/{name}" if folder else name)
+                removed += 1
+    return removed

@@ -24,7 +24,7 @@ from gpubatch.io.storage import input_identity
 from gpubatch.io.uris import split_glob
 from gpubatch.outputs.layout import RUN_DIRS, RUN_STATE, SPEC_RECORD
 from gpubatch.outputs.ledger import Ledger
-from gpubatch.outputs.manifest import CommitRef, Manifest, sweep
+from gpubatch.outputs.manifest import CommitRef, Manifest, remove_temporaries, sweep
 from gpubatch.outputs.store import OutputStore
 from gpubatch.spec import JobSpec
 
@@ -50,6 +50,7 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, *, resume: bool,
     output may not be written as asked. Each kept record is handed to ``on_kept`` as it is read
     (the run's summary folds it), and only a small reference to it is kept."""
     manifest = Manifest(store)
+    remove_temporaries(store)
     names = manifest.names()
     if overwrite:
         wipe(store)

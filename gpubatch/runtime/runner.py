@@ -35,7 +35,7 @@ from gpubatch.models.base import resolve_backend
 from gpubatch.outputs.layout import LOGS_DIR, MODELS_DIR, record_name
 from gpubatch.outputs.lease import Lease, guard_output
 from gpubatch.outputs.ledger import Ledger, new_run_id
-from gpubatch.outputs.manifest import CommitRef, Manifest, sweep
+from gpubatch.outputs.manifest import CommitRef, Manifest, remove_temporaries, sweep
 from gpubatch.outputs.merge import describe_zarr, merge_parquet
 from gpubatch.outputs.store import OutputStore
 from gpubatch.report.summary import SummaryBuilder, write_report
@@ -75,6 +75,7 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
         return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler, show_progress=show_progress)
     finally:
         run.lease.release()
+        remove_temporaries(store)
 
 
 class _Run:

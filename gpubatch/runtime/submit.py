@@ -51,10 +51,13 @@ class Submitter:
         return fut
 
     def _result(self, fut: Any) -> ShardResult:
+        """A finished task's result. Its data lives on the worker that ran it: if that worker died
+        since, Dask recomputes the task first, which with no worker left would wait forever, so
+        the wait is bounded by run.worker_timeout (and then counts as a retryable failure)."""
         shard = fut.shard
         try:
-            result: ShardResult = fut.result()
-        except Exception as exc:  # a worker died or the task raised outside the shard
+            result: ShardResult = fut.result(timeout=self.job.run.worker_timeout)
+        except Exception as exc:  # a worker died, the result was lost, or the task raised outside the shard
             result = ShardResult.failure(shard.shard_id, shard.input_uri, f"{type(exc).__name__}: {exc}",
                                          retryable=True)
         result.attempt = self.attempts[shard.shard_id]
