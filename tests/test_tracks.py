@@ -266,6 +266,7 @@ def test_variant_scores_are_exact(tmp_path: Path, models: dict[str, Path], avera
         np.testing.assert_array_equal(columns(table, f"{score}_tracks"), want[score])
         np.testing.assert_array_equal(zarr_array(out, f"{score}_tracks"), want[score])
     np.testing.assert_allclose(columns(table, "log2fc_tracks"), want["log2fc"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gpubatch.open_results(str(out)).array("log2fc_tracks"), want["log2fc"], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(columns(table, "ref_tracks"), want["ref"])
     np.testing.assert_array_equal(columns(table, "delta_tracks"), want["alt"] - want["ref"])
     assert np.abs(want["sad"]).sum() > 0 and np.abs(want["maxabs"]).sum() > np.abs(want["sad"]).sum() / 100

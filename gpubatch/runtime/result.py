@@ -32,6 +32,20 @@ class Result:
         with self.store.open_read(PREDICTIONS) as f:
             return pd.read_parquet(f)
 
+    def array(self, name: str) -> Any:
+        """One zarr output (``sad_tracks``, ``tracks_bins`` ...) over every committed shard, in plan
+        order, as one numpy array; its rows are predictions.parquet's rows. Loads it whole: for
+        arrays larger than memory, open ``predictions.zarr/<shard>/<name>`` with zarr."""
+        import numpy as np
+        import zarr
+
+        root = OutputLayout(self.output_uri).zarr
+        shards = zarr.open_group(str(root), mode="r").attrs.get("shards", [])
+        parts = [zarr.open_group(str(root / s), mode="r")[name][:] for s in shards]
+        if not parts:
+            raise KeyError(f"no committed shard holds a zarr output {name!r} in {root}")
+        return np.concatenate(parts)
+
     def timeline(self) -> Any:
         """One row per batch: t, items, busy_s, starved_s, queue_depth, shard."""
         from gpubatch.report.frames import timeline_frame
