@@ -108,11 +108,16 @@ def run(tmp_path: Path, model: Path, reference: Path, name: str = "out", model_k
     return Path(result.output_uri)
 
 
+def zarr_group(out: Path, shard: str) -> Any:
+    """A committed shard's zarr group, found the way readers must: through the root's ``groups``."""
+    root = zarr.open_group(str(out / "predictions.zarr"), mode="r")
+    return zarr.open_group(str(out / "predictions.zarr" / root.attrs["groups"][shard]), mode="r")
+
+
 def zarr_array(out: Path, name: str) -> np.ndarray:
     """One output across the shards' zarr groups, in plan order."""
-    root = out / "predictions.zarr"
-    shards = sorted(p.name for p in root.iterdir() if p.is_dir())
-    return np.concatenate([zarr.open_group(str(root / s), mode="r")[name][:] for s in shards])
+    shards = zarr.open_group(str(out / "predictions.zarr"), mode="r").attrs["shards"]
+    return np.concatenate([zarr_group(out, s)[name][:] for s in shards])
 
 
 def columns(table: Any, prefix: str) -> np.ndarray:
@@ -139,7 +144,7 @@ def test_window_reductions_are_exact(tmp_path: Path, models: dict[str, Path], ho
     expected = np.stack([expected_reduction(t, how, k) for t in truth]).astype(np.float32)
     np.testing.assert_allclose(columns(table, "tracks"), expected, rtol=1e-6, atol=0)
     np.testing.assert_allclose(zarr_array(out, "tracks"), expected, rtol=1e-6, atol=0)
-    assert "tracks_bins" not in zarr.open_group(str(out / "predictions.zarr" / "windows-000000"), mode="r")
+    assert "tracks_bins" not in zarr_group(out, "windows-000000")
 
 
 def test_track_output_is_whole_in_zarr_never_in_parquet(tmp_path: Path, models: dict[str, Path]) -> None:
@@ -270,7 +275,7 @@ def test_variant_scores_are_exact(tmp_path: Path, models: dict[str, Path], avera
     np.testing.assert_array_equal(columns(table, "ref_tracks"), want["ref"])
     np.testing.assert_array_equal(columns(table, "delta_tracks"), want["alt"] - want["ref"])
     assert np.abs(want["sad"]).sum() > 0 and np.abs(want["maxabs"]).sum() > np.abs(want["sad"]).sum() / 100
-    group = zarr.open_group(str(out / "predictions.zarr" / "variants-000000"), mode="r")
+    group = zarr_group(out, "variants-000000")
     assert "ref_tracks_bins" not in group and group["sad_tracks"].shape == (5, 6)
 
 
@@ -292,7 +297,7 @@ def test_score_columns_stop_at_the_width_limit(tmp_path: Path, models: dict[str,
     table = pq.read_table(out / "predictions.parquet")
     assert table.column_names == ["variant_id", "chrom", "pos", "ref", "alt", "ref_match"]
     assert zarr_array(out, "sad_tracks").shape == (4, 6)  # zarr has them always
-    group = zarr.open_group(str(out / "predictions.zarr" / "variants-000000"), mode="r")
+    group = zarr_group(out, "variants-000000")
     assert "ref_tracks" not in group  # scored, not reduced, not kept: no whole arrays
 
 
@@ -400,12 +405,14 @@ def test_writer_appends_whole_shards_and_never_rewrites_one(tmp_path: Path, monk
     """Rows arrive in batches of 3 while a shard holds 52: a shard file, once written, is final
     (no read-modify-write), and what is read back equals what was written, the tail included."""
     from gpubatch.outputs import writer as writer_module
+    from gpubatch.outputs.store import OutputStore
 
     monkeypatch.setattr(writer_module, "FLUSH_BYTES", 1)  # every batch flushes
-    w = writer_module.ShardWriter(tmp_path, "s", {}, {}, ["zarr", "parquet"])
+    store = OutputStore(tmp_path)
+    w = writer_module.ShardWriter(store, "s", "a0", {}, {}, ["zarr", "parquet"])
     rng = np.random.default_rng(0)
     data = rng.random((125, 16, 5000), dtype=np.float32)
-    shard_dir = w.zarr_tmp / "tracks" / "c"
+    shard_dir = tmp_path / "predictions.zarr" / str(w.group) / "tracks" / "c"
     seen: dict[Path, bytes] = {}
     for i in range(0, len(data), 3):
         w.write({"start": np.arange(i, min(i + 3, len(data)))}, {"tracks": data[i : i + 3]})
@@ -413,8 +420,8 @@ def test_writer_appends_whole_shards_and_never_rewrites_one(tmp_path: Path, monk
         assert all(files[p] == b for p, b in seen.items())
         seen = files
     assert len(seen) == 2  # two whole shards of 52 rows; the last 21 rows wait for the commit
-    w.commit()
-    group = zarr.open_group(str(tmp_path / "predictions.zarr" / "s"), mode="r")
+    done = w.commit()
+    group = store.zarr_group(f"predictions.zarr/{done['group']}")
     np.testing.assert_array_equal(group["tracks"][:], data)
     np.testing.assert_array_equal(group["start"][:], np.arange(125))
-    assert pq.read_table(tmp_path / "_parts" / "s.parquet").column_names == ["start"]
+    assert pq.read_table(tmp_path / "_parts" / done["part"]).column_names == ["start"]

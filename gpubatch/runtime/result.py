@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpubatch.core.errors import EXIT_OK
-from gpubatch.outputs.layout import PREDICTIONS
+from gpubatch.outputs.layout import PREDICTIONS, ZARR
 from gpubatch.outputs.store import OutputStore
 
 
@@ -34,16 +34,16 @@ class Result:
 
     def array(self, name: str) -> Any:
         """One zarr output (``sad_tracks``, ``tracks_bins`` ...) over every committed shard, in plan
-        order, as one numpy array; its rows are predictions.parquet's rows. Loads it whole: for
-        arrays larger than memory, open ``predictions.zarr/<shard>/<name>`` with zarr."""
+        order, as one numpy array: its rows are predictions.parquet's rows. It is loaded whole;
+        for arrays larger than memory open each shard's group (the zarr root's ``groups``)."""
         import numpy as np
-        import zarr
 
-        root = OutputLayout(self.output_uri).zarr
-        shards = zarr.open_group(str(root), mode="r").attrs.get("shards", [])
-        parts = [zarr.open_group(str(root / s), mode="r")[name][:] for s in shards]
+        root = self.store.zarr_group(ZARR)
+        groups: dict[str, str] = dict(root.attrs.get("groups", {}))  # type: ignore[arg-type]
+        shards: list[str] = list(root.attrs.get("shards", []))  # type: ignore[arg-type]
+        parts = [np.asarray(self.store.zarr_group(f"{ZARR}/{groups[s]}")[name][:]) for s in shards]
         if not parts:
-            raise KeyError(f"no committed shard holds a zarr output {name!r} in {root}")
+            raise KeyError(f"no committed shard of {self.output_uri} holds a zarr output {name!r}")
         return np.concatenate(parts)
 
     def timeline(self) -> Any:
