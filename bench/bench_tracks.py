@@ -144,7 +144,7 @@ def part_loop(args: argparse.Namespace) -> dict[str, Any]:
 
     def run_gpubatch() -> int:
         job = parse_job(job_dict(fasta, vcf, model, args.length, args.batch, out / "gpubatch"))
-        result = gpubatch.run(job, show_progress=False)
+        result = gpubatch.run(job, show_progress=False, overwrite=True)
         last["report"] = result.report
         last.setdefault("steady_s", []).append(steady_seconds(Path(result.output_uri)))
         return int(result.report["items"])
@@ -172,7 +172,7 @@ def measure(fasta: Path, n: int, model: Path, length: int, batch: int, tag: str)
     out = WORK / "out-tracks-memory" / tag
     path = WORK / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(job_dict(fasta, vcf, model, length, batch, out)))
-    peak = peak_rss([sys.executable, "-m", "gpubatch", "run", str(path)])
+    peak = peak_rss([sys.executable, "-m", "gpubatch", "run", str(path), "--overwrite"])
     print(f"  {tag}: client {peak['client_mb']:.0f} MB, worker {peak['worker_mb']:.0f} MB "
           f"({peak['worker_anon_mb']:.0f} MB anonymous), {peak['seconds']:.0f} s", flush=True)
     return peak
