@@ -232,7 +232,7 @@ class JobSpec(_Strict):
         among them; the model file is checked by its sha256, not by its path."""
         data = self.model_dump(mode="json")
         model = {k: data["model"][k] for k in ("backend", "precision", "input", "calibration", "validation",
-                                              "fallback") if k in data["model"]}
+                                              "fallback", "reduce", "track_layout") if k in data["model"]}
         tiles = {k: v for k, v in data["tiles"].items() if k != "read_block"} if self.kind == "slides" else None
         windows = ({k: v for k, v in data["windows"].items() if k != "chunk_bases"}
                    if data.get("windows") else None)

@@ -314,6 +314,24 @@ def test_scores_with_kept_whole_arrays(tmp_path: Path, models: dict[str, Path]) 
     assert zarr_array(out, "maxabs_tracks").shape == (3, 6)
 
 
+def test_resume_refuses_other_reductions_and_scores(tmp_path: Path, models: dict[str, Path]) -> None:
+    """Shards reduced or scored one way never mix with shards made another way in one output."""
+    fasta, _, path = sars()
+    vcf = write_vcf(tmp_path / "v.vcf", variant_records(fasta)[:2])
+    run(tmp_path, models["NLT"], path, variants=str(vcf), variant_scores=["sad"],
+        model_keys={"reduce": {"tracks": {"how": "sum"}}})
+    base = {"name": "tracks", "kind": "genome", "output": {"uri": str(tmp_path / "out")},
+            "windows": {"reference": str(path), "length": 128, "variants": str(vcf), "variant_scores": ["sad"]},
+            "model": {"path": str(models["NLT"]), "reduce": {"tracks": {"how": "sum"}}},
+            "run": {"profile": "inline"}}
+    for field, change in [("model.reduce.tracks.how", {"model": {"reduce": {"tracks": {"how": "max"}}}}),
+                          ("windows.variant_scores", {"windows": {"variant_scores": ["sad", "maxabs"]}})]:
+        spec = {k: {**v, **change.get(k, {})} if isinstance(v, dict) else v for k, v in base.items()}
+        with pytest.raises(SpecError) as err:
+            gpubatch.run(parse_job(spec), resume=True, show_progress=False)
+        assert field in [f for f, _ in err.value.problems]
+
+
 # ------------------------------------------------------------------------------------------------
 # spec and preflight
 
@@ -425,3 +443,16 @@ def test_writer_appends_whole_shards_and_never_rewrites_one(tmp_path: Path, monk
     np.testing.assert_array_equal(group["tracks"][:], data)
     np.testing.assert_array_equal(group["start"][:], np.arange(125))
     assert pq.read_table(tmp_path / "_parts" / done["part"]).column_names == ["start"]
+
+
+def test_reduction_of_a_missing_or_flat_output_fails_on_any_backend() -> None:
+    """Preflight reads ONNX files; for other backends the worker refuses the same, by name."""
+    from gpubatch.core.errors import GpubatchError
+    from gpubatch.sources.genome.tracks import TrackOutputs
+    from gpubatch.spec import ReduceSpec
+
+    tracks = TrackOutputs({"signal": ReduceSpec(how="sum")})
+    with pytest.raises(GpubatchError, match=r"model.reduce.signal: the model has no output 'signal' \(it has tracks\)"):
+        tracks.windows({"tracks": np.zeros((2, 6, 4), np.float32)})
+    with pytest.raises(GpubatchError, match=r"output 'signal' has shape \(6,\) per item"):
+        tracks.variants({"signal": np.zeros((4, 6), np.float32)}, 2)

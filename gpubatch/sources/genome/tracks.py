@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from gpubatch.core.errors import GpubatchError
 from gpubatch.ops.tracks import reduce_bins, strand_average, variant_scores
 from gpubatch.spec import JobSpec, ReduceSpec
 
@@ -85,8 +86,19 @@ class TrackOutputs:
         rule = self._rule(name)
         return None if rule is None else reduce_bins(values, str(rule.how), rule.bins)
 
+    def _check(self, outputs: dict[str, np.ndarray]) -> None:
+        """What preflight checks in an ONNX file, checked on the outputs of any backend."""
+        for name in self.reduce:
+            if name not in outputs:
+                raise GpubatchError(f"model.reduce.{name}: the model has no output {name!r} "
+                                    f"(it has {', '.join(outputs)})")
+            if outputs[name].ndim != 3:
+                raise GpubatchError(f"model.reduce.{name}: output {name!r} has shape "
+                                    f"{outputs[name].shape[1:]} per item, not (bins, tracks)")
+
     def windows(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Window mode: one row per window."""
+        self._check(outputs)
         out: dict[str, np.ndarray] = {}
         for name, raw in outputs.items():
             values = self._oriented(raw)
@@ -99,6 +111,7 @@ class TrackOutputs:
 
     def variants(self, outputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         """Variant mode: rows are [refs; alts] (each n long); one row per variant comes out."""
+        self._check(outputs)
         out: dict[str, np.ndarray] = {}
         for name, raw in outputs.items():
             values = self._oriented(raw)
