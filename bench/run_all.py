@@ -45,7 +45,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "tracks-loop": ("bench_tracks", ["--part", "loop", "--variants", "400", "--repeats", "3"],
                     ["--part", "loop", "--variants", "16", "--bases", "2000000", "--tracks", "300", "--repeats", "1"]),
     "tracks-memory": ("bench_tracks", ["--part", "memory", "--counts", "10000", "100000", "--repeats", "2"],
-                      ["--part", "memory", "--counts", "500", "2000", "--bases", "2000000", "--repeats", "1"]),
+                      ["--part", "memory", "--counts", "2000", "6000", "--bases", "2000000", "--repeats", "1"]),
     "tracks-long": ("bench_tracks", ["--part", "long", "--lengths", "196608", "524288", "--batches", "1", "2", "4"],
                     ["--part", "long", "--lengths", "196608", "--batches", "1", "4", "--counts", "4", "12",
                      "--bases", "2000000"]),

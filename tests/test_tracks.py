@@ -410,17 +410,17 @@ def test_zarr_layout_for_thousands_of_tracks() -> None:
 
     # Enformer's human head: a window's (896, 5313) is 19 MB: one row per shard file, chunks of 64 tracks
     assert zarr_layout((10, 896, 5313), 4) == ((1, 896, 64), (1, 896, 5376))
-    # a short window with 5,000 tracks: shards of whole rows near 16 MiB, chunks of 64 tracks
-    assert zarr_layout((10, 16, 5000), 4) == ((52, 16, 64), (52, 16, 5056))
+    # a short window with 5,000 tracks: shards of whole rows near 8 MiB, chunks of 64 tracks
+    assert zarr_layout((10, 16, 5000), 4) == ((26, 16, 64), (26, 16, 5056))
     # per-track scores (variants x tracks): chunks of 256 tracks
-    assert zarr_layout((10, 5000), 4) == ((838, 256), (838, 5120))
+    assert zarr_layout((10, 5000), 4) == ((419, 256), (419, 5120))
     # scalars and narrow outputs: whole rows, no shards, as before
     assert zarr_layout((10,), 8) == ((16384,), None)
     assert zarr_layout((10, 4), 4) == ((16384, 4), None)
 
 
 def test_writer_appends_whole_shards_and_never_rewrites_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows arrive in batches of 3 while a shard holds 52: a shard file, once written, is final
+    """Rows arrive in batches of 3 while a shard holds 26: a shard file, once written, is final
     (no read-modify-write), and what is read back equals what was written, the tail included."""
     from gpubatch.outputs import writer as writer_module
     from gpubatch.outputs.store import OutputStore
@@ -437,7 +437,7 @@ def test_writer_appends_whole_shards_and_never_rewrites_one(tmp_path: Path, monk
         files = {p: p.read_bytes() for p in shard_dir.rglob("*") if p.is_file()} if shard_dir.exists() else {}
         assert all(files[p] == b for p, b in seen.items())
         seen = files
-    assert len(seen) == 2  # two whole shards of 52 rows; the last 21 rows wait for the commit
+    assert len(seen) == 4  # four whole shards of 26 rows; the last 21 rows wait for the commit
     done = w.commit()
     group = store.zarr_group(f"predictions.zarr/{done['group']}")
     np.testing.assert_array_equal(group["tracks"][:], data)

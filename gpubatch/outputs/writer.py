@@ -31,7 +31,7 @@ ZARR_CHUNK_ROWS = 16384
 ZARR_CHUNK_BYTES = 4 << 20
 #: wide and track outputs are sharded (zarr v3): one file holds about this many bytes of whole
 #: rows, so a genome-wide run writes a file per few windows, not one per window and track chunk
-ZARR_SHARD_BYTES = 16 << 20
+ZARR_SHARD_BYTES = 8 << 20
 #: tracks per chunk of an (N, bins, tracks) array, and values per chunk of a wide (N, W) one
 TRACK_CHUNK = 64
 WIDE_CHUNK = 256
@@ -117,13 +117,16 @@ class ShardWriter:
             if final and self._zarr_carry:
                 self._write_zarr({}, final=True)
             return
-        merged = {k: np.concatenate([b[k] for b in self._pending]) for k in self._pending[0]}
+        # each column's batches are dropped as they are joined: the buffer is held once, not twice
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        merged = {k: np.concatenate([b.pop(k) for b in pending]) for k in list(pending[0])}
         index = {k: v for k, v in merged.items() if not k.startswith("\0")}
         outputs = {k[1:]: v for k, v in merged.items() if k.startswith("\0")}
         self._write_parquet(index, outputs)
         if self.group is not None:
-            self._write_zarr({**index, **outputs}, final)
-        self._pending, self._pending_bytes = [], 0
+            columns = {**index, **outputs}
+            del merged, index, outputs
+            self._write_zarr(columns, final)
 
     def _parquet(self, schema: pa.Schema) -> pq.ParquetWriter:
         if self._pq is None:
@@ -150,10 +153,11 @@ class ShardWriter:
 
     def _write_zarr(self, columns: dict[str, np.ndarray], final: bool) -> None:
         """Append to each array in whole chunks of rows; the rest waits for the next flush (or
-        ``final``), so that no chunk is read back and rewritten by the next append."""
+        ``final``), so that no chunk is read back and rewritten by the next append. ``columns``
+        is emptied as it goes, so each array is freed once it is written."""
         group = self._open_group()
         for name in columns.keys() | self._zarr_carry.keys():
-            arr = self._carried(name, columns.get(name))
+            arr = self._carried(name, columns.pop(name, None))
             text = arr.dtype == object or arr.dtype.kind == "U"
             if text:  # variable-length UTF-8: the string type zarr v3 specifies
                 arr = arr.astype(object)
