@@ -87,7 +87,7 @@ class WindowsSpec(_Strict):
         default_factory=list, description="per-track scores of alt against ref for (N, bins, tracks) outputs")
     pseudocount: float = Field(1.0, ge=0.0, description="c in log2fc = log2((sum(alt) + c) / (sum(ref) + c))")
     track_columns: int = Field(
-        1024, ge=0, description="per-track parquet columns at most per reduced or scored output; wider: zarr only")
+        1024, ge=0, le=65536, description="per-track parquet columns at most per reduced or scored output; wider: zarr only")
 
 
 class InputNorm(_Strict):
