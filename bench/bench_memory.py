@@ -28,8 +28,9 @@ from bench_slides import MEAN, STD, make_workload  # noqa: E402
 from common import WORK, machine, save, table  # noqa: E402
 
 
-def _tree_rss(root: psutil.Process) -> tuple[int, int, int]:
-    """(RSS of the whole tree, largest RSS of one child, that child's anonymous RSS) in bytes."""
+def _tree_rss(root: psutil.Process) -> tuple[int, int, int, int]:
+    """(RSS of the whole tree, largest RSS of one child, that child's anonymous RSS, the root's
+    own RSS: the client's) in bytes."""
     procs = [root] + root.children(recursive=True)
     sizes = []
     for p in procs:
@@ -39,23 +40,23 @@ def _tree_rss(root: psutil.Process) -> tuple[int, int, int]:
             continue
         sizes.append((info.rss, info.rss - info.shared))
     largest = max(sizes[1:], default=(0, 0))
-    return sum(rss for rss, _ in sizes), largest[0], largest[1]
+    return sum(rss for rss, _ in sizes), largest[0], largest[1], sizes[0][0] if sizes else 0
 
 
 def peak_rss(cmd: list[str]) -> dict[str, float]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = psutil.Process(proc.pid)
-    peak = {"tree": 0, "worker": 0, "anon": 0}
+    peak = {"tree": 0, "worker": 0, "anon": 0, "client": 0}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             try:
-                tree, worker, anon = _tree_rss(root)
+                tree, worker, anon, client = _tree_rss(root)
             except psutil.Error:
                 break
             peak["tree"], peak["worker"] = max(peak["tree"], tree), max(peak["worker"], worker)
-            peak["anon"] = max(peak["anon"], anon)
+            peak["anon"], peak["client"] = max(peak["anon"], anon), max(peak["client"], client)
             time.sleep(0.01)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -67,7 +68,8 @@ def peak_rss(cmd: list[str]) -> dict[str, float]:
     if code != 0:
         raise RuntimeError(f"{cmd} exited {code}")
     return {"tree_mb": peak["tree"] / 2**20, "worker_mb": peak["worker"] / 2**20,
-            "worker_anon_mb": peak["anon"] / 2**20, "seconds": time.perf_counter() - t0}
+            "worker_anon_mb": peak["anon"] / 2**20, "client_mb": peak["client"] / 2**20,
+            "seconds": time.perf_counter() - t0}
 
 
 def job_file(slides: list[Path], model: Path, name: str) -> Path:

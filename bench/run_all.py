@@ -42,6 +42,13 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "memory": ("bench_memory", ["--counts", "2", "4", "20", "--repeats", "3"],
                ["--counts", "2", "6", "--size", "2048x2048", "--repeats", "1"]),
     "quantize": ("bench_quantize", ["--repeats", "5"], ["--repeats", "2"]),
+    "tracks-loop": ("bench_tracks", ["--part", "loop", "--variants", "400", "--repeats", "3"],
+                    ["--part", "loop", "--variants", "16", "--bases", "2000000", "--tracks", "300", "--repeats", "1"]),
+    "tracks-memory": ("bench_tracks", ["--part", "memory", "--counts", "10000", "100000", "--repeats", "2"],
+                      ["--part", "memory", "--counts", "2000", "6000", "--bases", "2000000", "--repeats", "1"]),
+    "tracks-long": ("bench_tracks", ["--part", "long", "--lengths", "196608", "524288", "--batches", "1", "2", "4"],
+                    ["--part", "long", "--lengths", "196608", "--batches", "1", "4", "--counts", "4", "12",
+                     "--bases", "2000000"]),
     "gpu": ("bench_gpu", [], []),
 }
 
@@ -113,6 +120,30 @@ def _quantize(d: dict[str, Any]) -> str:
               f"Pearson {d['logits_pearson']:.4f}, relative error {d['logits_relative_error']:.3f}.")
 
 
+def _tracks_loop(d: dict[str, Any]) -> str:
+    agree = ", ".join(f"{k} {v:.1e}" for k, v in d["agreement_max_abs"].items())
+    return (table(d["rows"], ["contestant", "variants", "median s", "variants/s", "gpubatch x"])
+            + f"\n\nTrack model: {d['length']:,} bp windows, ({d['bins']}, {d['tracks']}) output, scores "
+              f"sad, log2fc and maxabs; gpubatch batch {d['batch']}. Largest difference between the two's "
+              f"scores: {agree}. gpubatch starvation {d['starvation']:.1%}. Verdict: {d['verdict']}")
+
+
+def _tracks_memory(d: dict[str, Any]) -> str:
+    columns = ["variants", "client_mb", "worker_mb", "worker_anon_mb", "seconds", "client growth", "worker growth"]
+    return (table(d["rows"], columns)
+            + f"\n\nPeak RSS of the client (the `gpubatch run` process) and of its one worker, medians over "
+              f"alternating repeats; {d['length']:,} bp windows, ({d['bins']}, {d['tracks']}) output, three "
+              f"scores per variant and track, batch {d['batch']}. The client grows by "
+              f"{d['client_bytes_per_variant']:.0f} bytes per variant (the variant table it plans from and the "
+              "shards' task descriptions; no per-variant outputs). Aim: flat.")
+
+
+def _tracks_long(d: dict[str, Any]) -> str:
+    return (table(d["rows"], list(d["rows"][0]))
+            + f"\n\nPeak RSS of the worker and the client for long windows, {d['tracks']} tracks, at "
+              f"{' and '.join(map(str, d['counts']))} variants: memory follows the batch, not the cohort.")
+
+
 def _markdown_or_rows(d: dict[str, Any]) -> str:
     if d.get("markdown"):
         return str(d["markdown"])
@@ -141,6 +172,10 @@ def render() -> str:
         _section("Genome windows, 100 kb", _load("genome-100kb"), _genome, "genome-100kb"),
         _section("Memory: 2, 4 and 20 slides", _load("memory"), _memory, "memory"),
         _section("fp32 against int8 (ONNX Runtime, CPU)", _load("quantize"), _quantize, "quantize"),
+        _section("Track models: variant scores against the per-variant loop", _load("tracks-loop"), _tracks_loop,
+                 "tracks-loop"),
+        _section("Track models: memory against cohort size", _load("tracks-memory"), _tracks_memory, "tracks-memory"),
+        _section("Track models: long windows", _load("tracks-long"), _tracks_long, "tracks-long"),
         _section("GPU", _load("gpu"), _markdown_or_rows, "gpu"),
     ]
     notes = HERE / "NOTES.md"

@@ -97,6 +97,11 @@ class WindowsSpec(_Strict):
     max_ref_mismatch: float = Field(
         0.05, ge=0.0, le=1.0,
         description="share of variants whose REF may disagree with the reference before the job is refused")
+    variant_scores: list[Literal["sad", "log2fc", "maxabs"]] = Field(
+        default_factory=list, description="per-track scores of alt against ref for (N, bins, tracks) outputs")
+    pseudocount: float = Field(1.0, ge=0.0, description="c in log2fc = log2((sum(alt) + c) / (sum(ref) + c))")
+    track_columns: int = Field(
+        1024, ge=0, le=65536, description="per-track parquet columns at most per reduced or scored output; wider: zarr only")
 
 
 class InputNorm(_Strict):
@@ -127,6 +132,23 @@ class FallbackSpec(_Strict):
     max_prob_below: float = Field(0.85, gt=0.0, le=1.0)
 
 
+class ReduceSpec(_Strict):
+    """How one (N, bins, tracks) output becomes per-track columns (``model.reduce.OUTPUT``)."""
+
+    how: Literal["sum", "mean", "max", "center"] | None = Field(
+        None, description="over the bins (or the `bins` central ones); center: their mean, 1 bin by default")
+    bins: int | None = Field(None, ge=1, description="reduce the K central bins only")
+    keep: bool = Field(False, description="also keep the whole (N, bins, tracks) array in zarr")
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> ReduceSpec:
+        if self.how is None and not self.keep:
+            raise ValueError("give `how` (sum | mean | max | center), or `keep: true` to keep the whole array")
+        if self.how is None and self.bins is not None:
+            raise ValueError("`bins` needs `how` (sum | mean | max | center)")
+        return self
+
+
 class ModelSpec(_Strict):
     path: str
     backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
@@ -137,6 +159,10 @@ class ModelSpec(_Strict):
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     fallback: FallbackSpec | None = None
     threads: int | None = Field(None, ge=1, description="intra-op threads per worker; default: cores / workers")
+    reduce: dict[str, ReduceSpec] = Field(
+        default_factory=dict, description="per output of shape (N, bins, tracks): a reduction over bins")
+    track_layout: Literal["NLT", "NTL"] = Field(
+        "NLT", description="axes of rank-3 outputs: (N, bins, tracks) or (N, tracks, bins)")
 
     @field_validator("batch_size")
     @classmethod
@@ -206,6 +232,14 @@ class JobSpec(_Strict):
             raise ValueError("kind: genome needs a `windows` section (reference, regions, length)")
         return self
 
+    @model_validator(mode="after")
+    def _tracks_fit_the_kind(self) -> JobSpec:
+        if self.model.reduce and self.kind != "genome":
+            raise ValueError("model.reduce (reductions of track outputs over bins) needs kind: genome")
+        if self.windows is not None and self.windows.variant_scores and not self.windows.variants:
+            raise ValueError("windows.variant_scores needs windows.variants (a VCF of variants to score)")
+        return self
+
     def spec_hash(self) -> str:
         """sha256 of the resolved spec, recorded in the audit trail."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -218,7 +252,7 @@ class JobSpec(_Strict):
         among them; the model file is checked by its sha256, not by its path."""
         data = self.model_dump(mode="json")
         model = {k: data["model"][k] for k in ("backend", "precision", "input", "calibration", "validation",
-                                              "fallback") if k in data["model"]}
+                                              "fallback", "reduce", "track_layout") if k in data["model"]}
         tiles = {k: v for k, v in data["tiles"].items() if k != "read_block"} if self.kind == "slides" else None
         windows = ({k: v for k, v in data["windows"].items() if k != "chunk_bases"}
                    if data.get("windows") else None)

@@ -269,10 +269,22 @@ def _setup_logging(verbose: bool) -> None:
         log.addHandler(handler)
     log.propagate = not quiet_above
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    quiet_dask()
+
+
+def quiet_dask() -> None:
+    """Dask's and its event loop's chatter on the terminal only when it is an error, and asyncio's
+    reports of tasks left behind by a client that gpubatch closed only with ``-v`` (they are
+    noise after a run stopped on purpose: no worker left, an interruption)."""
     import dask
 
+    from gpubatch.core.logs import route_library_logs
+
     dask.config.set({"logging.distributed": "error"})
-    logging.getLogger("distributed").setLevel(logging.ERROR)
+    names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in ("distributed", "tornado")]
+    for name in ["distributed", "tornado", *names]:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    route_library_logs(extra=("asyncio",))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ class _LibraryHandler(logging.Handler):
 _handler = _LibraryHandler()
 
 
-def route_library_logs(*, python_warnings: bool = True) -> None:
+def route_library_logs(*, python_warnings: bool = True, extra: tuple[str, ...] = ()) -> None:
     """Send the input libraries' log records (and Python warnings) into gpubatch's log.
 
     Idempotent. The CLI and workers route everything; a backend used from the Python API routes
@@ -60,7 +60,7 @@ def route_library_logs(*, python_warnings: bool = True) -> None:
     """
     if python_warnings:
         logging.captureWarnings(True)
-    for name in LIBRARY_LOGGERS if python_warnings else LIBRARY_LOGGERS[:-1]:
+    for name in (*(LIBRARY_LOGGERS if python_warnings else LIBRARY_LOGGERS[:-1]), *extra):
         lib = logging.getLogger(name)
         if _handler not in lib.handlers:
             lib.addHandler(_handler)

@@ -132,7 +132,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             attrs = {**reader.attrs, "model_sha256": ctx.model_sha256, "backend": model.backend,
                      "precision": ctx.precision, "gpubatch_version": ctx.version}
             writer = ShardWriter(store, shard.shard_id, new_attempt(), source.constant_columns(shard), attrs,
-                                 job.output.formats)
+                                 job.output.formats, column_limit=reader.column_limit)
             cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches, pad_last=True)
             t0 = time.perf_counter()
             items = run_pipeline(reader, make_batch_runner(reader, model, ctx), writer, cfg, clocks)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,29 +21,72 @@ import pyarrow.parquet as pq
 from gpubatch.outputs.layout import PARTS_DIR, ZARR, group_name, part_name
 from gpubatch.outputs.store import OutputStore
 
-#: outputs wider than this go to zarr only; parquet keeps the index columns for them
+#: outputs wider than this go to zarr only; parquet keeps the index columns for them (a source
+#: may allow more per output: ``ShardReader.column_limit``)
 MAX_PARQUET_WIDTH = 32
 FLUSH_BYTES = 32 << 20  # outputs buffered per shard before a row group / zarr append
 ZARR_CHUNK_ROWS = 16384
+#: zarr chunks aim at this many bytes (before compression): big enough for few requests, small
+#: enough that reading one track, or one window, does not read the whole output
+ZARR_CHUNK_BYTES = 4 << 20
+#: wide and track outputs are sharded (zarr v3): one file holds about this many bytes of whole
+#: rows, so a genome-wide run writes a file per few windows, not one per window and track chunk
+ZARR_SHARD_BYTES = 8 << 20
+#: tracks per chunk of an (N, bins, tracks) array, and values per chunk of a wide (N, W) one
+TRACK_CHUNK = 64
+WIDE_CHUNK = 256
 
 
-def output_columns(name: str, values: np.ndarray) -> dict[str, np.ndarray]:
-    """One parquet column per output value: ``name`` for scalars, ``name_i`` for vectors."""
+def output_columns(name: str, values: np.ndarray, limit: int | None = None) -> dict[str, np.ndarray]:
+    """One parquet column per output value: ``name`` for scalars, ``name_i`` for vectors.
+
+    Outputs of rank 3, (N, bins, tracks), are never flattened into columns (zarr keeps them
+    whole); nor are outputs of more than ``limit`` values (default MAX_PARQUET_WIDTH).
+    """
     flat = values.reshape(len(values), -1)
+    if values.ndim == 3:
+        return {}
     if flat.shape[1] == 1:
         return {name: flat[:, 0]}
-    if flat.shape[1] > MAX_PARQUET_WIDTH:
+    if flat.shape[1] > (MAX_PARQUET_WIDTH if limit is None else limit):
         return {}
     return {f"{name}_{i}": flat[:, i] for i in range(flat.shape[1])}
+
+
+def zarr_layout(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(chunks, shards) of an (N, ...) output array.
+
+    Scalars and narrow vectors: chunks of whole rows, as many as fit ZARR_CHUNK_BYTES, no shards.
+    Track outputs (N, bins, tracks) and wide (N, W) ones are chunked by rows *and* tracks (every
+    TRACK_CHUNK tracks, WIDE_CHUNK values), so one track or one window reads a small part; their
+    chunks are grouped into shards of whole rows (ZARR_SHARD_BYTES), one file per shard.
+    """
+    tail = list(shape[1:])
+    wide = len(shape) == 3 or (len(shape) == 2 and shape[1] > WIDE_CHUNK)
+    if wide:
+        tail[-1] = max(1, min(tail[-1], TRACK_CHUNK if len(shape) == 3 else WIDE_CHUNK))
+    chunk_row = max(1, int(np.prod(tail, dtype=np.int64)) * itemsize)
+    rows = min(ZARR_CHUNK_ROWS, max(1, ZARR_CHUNK_BYTES // chunk_row))
+    if not wide:
+        return (rows, *tail), None
+    full_row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+    shard_rows = min(ZARR_CHUNK_ROWS, max(1, ZARR_SHARD_BYTES // full_row))
+    rows = min(rows, shard_rows)
+    shard_tail = [*shape[1:-1], -(-shape[-1] // tail[-1]) * tail[-1]]
+    return (rows, *tail), (shard_rows - shard_rows % rows, *shard_tail)
 
 
 class ShardWriter:
     """Streams one attempt at a shard to its parquet part and zarr group; ``commit`` finishes them."""
 
     def __init__(self, store: OutputStore, shard_id: str, attempt: str, constants: dict[str, Any],
-                 attrs: dict[str, Any], formats: Sequence[str]):
+                 attrs: dict[str, Any], formats: Sequence[str],
+                 column_limit: Callable[[str], int | None] | None = None):
         self.store, self.shard_id, self.attempt = store, shard_id, attempt
         self.constants, self.attrs, self.formats = constants, attrs, formats
+        self.column_limit = column_limit or (lambda name: None)
+        #: rows held back per zarr array so that appends fill whole shards (none is rewritten)
+        self._zarr_carry: dict[str, np.ndarray] = {}
         self.rows = 0
         self.part = part_name(shard_id, attempt)
         self.group = group_name(shard_id, attempt) if "zarr" in formats else None
@@ -66,18 +109,24 @@ class ShardWriter:
         self._pending_bytes += sum(np.asarray(v).nbytes for v in batch.values())
         self.rows += len(next(iter(batch.values())))
         if self._pending_bytes >= FLUSH_BYTES:
-            self._flush()
+            self._flush(final=False)
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = True) -> None:
+        """Write what is buffered; ``final`` (at commit) also writes rows zarr held back."""
         if not self._pending:
+            if final and self._zarr_carry:
+                self._write_zarr({}, final=True)
             return
-        merged = {k: np.concatenate([b[k] for b in self._pending]) for k in self._pending[0]}
+        # each column's batches are dropped as they are joined: the buffer is held once, not twice
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        merged = {k: np.concatenate([b.pop(k) for b in pending]) for k in list(pending[0])}
         index = {k: v for k, v in merged.items() if not k.startswith("\0")}
         outputs = {k[1:]: v for k, v in merged.items() if k.startswith("\0")}
         self._write_parquet(index, outputs)
         if self.group is not None:
-            self._write_zarr({**index, **outputs})
-        self._pending, self._pending_bytes = [], 0
+            columns = {**index, **outputs}
+            del merged, index, outputs
+            self._write_zarr(columns, final)
 
     def _parquet(self, schema: pa.Schema) -> pq.ParquetWriter:
         if self._pq is None:
@@ -91,7 +140,8 @@ class ShardWriter:
                                    for k, v in self.constants.items()}
         columns.update({k: pa.array(v) for k, v in index.items()})
         for name, values in outputs.items():
-            columns.update({k: pa.array(v) for k, v in output_columns(name, values).items()})
+            limit = self.column_limit(name)
+            columns.update({k: pa.array(v) for k, v in output_columns(name, values, limit).items()})
         table = pa.table(columns)
         self._parquet(table.schema).write_table(table)
 
@@ -101,18 +151,34 @@ class ShardWriter:
             self._zarr.attrs.update(_jsonable(self.attrs))
         return self._zarr
 
-    def _write_zarr(self, columns: dict[str, np.ndarray]) -> None:
+    def _write_zarr(self, columns: dict[str, np.ndarray], final: bool) -> None:
+        """Append to each array in whole chunks of rows; the rest waits for the next flush (or
+        ``final``), so that no chunk is read back and rewritten by the next append. ``columns``
+        is emptied as it goes, so each array is freed once it is written."""
         group = self._open_group()
-        for name, values in columns.items():
-            arr = np.ascontiguousarray(values)
+        for name in columns.keys() | self._zarr_carry.keys():
+            arr = self._carried(name, columns.pop(name, None))
             text = arr.dtype == object or arr.dtype.kind == "U"
             if text:  # variable-length UTF-8: the string type zarr v3 specifies
                 arr = arr.astype(object)
             if name not in group:
-                chunks = (max(ZARR_CHUNK_ROWS, 1),) + arr.shape[1:]
-                group.create_array(name, shape=(0,) + arr.shape[1:], chunks=chunks,
+                chunks, shards = ((ZARR_CHUNK_ROWS,), None) if text else zarr_layout(arr.shape, arr.dtype.itemsize)
+                group.create_array(name, shape=(0,) + arr.shape[1:], chunks=chunks, shards=shards,
                                    dtype=str if text else arr.dtype)
-            group[name].append(arr)
+            rows = (group[name].shards or group[name].chunks)[0]
+            whole = len(arr) if final else len(arr) - len(arr) % rows
+            if whole < len(arr):
+                self._zarr_carry[name] = arr[whole:].copy()
+            if whole:
+                group[name].append(arr[:whole])
+
+    def _carried(self, name: str, values: np.ndarray | None) -> np.ndarray:
+        carry = self._zarr_carry.pop(name, None)
+        if values is None:
+            assert carry is not None
+            return carry
+        arr = np.ascontiguousarray(values)
+        return arr if carry is None else np.concatenate([carry, arr])
 
     def commit(self) -> dict[str, Any]:
         """Finish the attempt's files; returns what the commit record needs (names, rows, sha256)."""

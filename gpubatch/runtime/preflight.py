@@ -289,9 +289,67 @@ def check_resources(job: JobSpec, profile: dict[str, Any] | None = None) -> None
         raise SpecError(problems)
 
 
+def _onnx_outputs(path: str) -> dict[str, list[int | None]]:
+    """Output name -> dims (None where dynamic) of an ONNX file, read without its weights."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return {o.name: [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+            for o in model.graph.output}
+
+
+def _reduce_problem(job: JobSpec, name: str, outputs: dict[str, list[int | None]]) -> tuple[str, str] | None:
+    """Why ``model.reduce.NAME`` cannot apply to the model's outputs, or None."""
+    dims, want = outputs.get(name), job.model.reduce[name].bins
+    if dims is None:
+        return f"model.reduce.{name}", f"the model has no output {name!r} (it has {', '.join(outputs) or 'none'})"
+    if dims and len(dims) != 3:
+        return f"model.reduce.{name}", f"output {name!r} has rank {len(dims)}; reductions over bins need (N, bins, tracks)"
+    bins = dims[1 if job.model.track_layout == "NLT" else 2] if dims else None
+    if want is not None and bins is not None and want > bins:
+        return f"model.reduce.{name}.bins", f"{want} central bins asked, output {name!r} has {bins}"
+    return None
+
+
+def _track_problems(job: JobSpec, outputs: dict[str, list[int | None]]) -> list[tuple[str, str]]:
+    """What the job asks of the model's track outputs that the model cannot give."""
+    assert job.windows is not None
+    problems = [p for name in job.model.reduce if (p := _reduce_problem(job, name, outputs)) is not None]
+    ranks = {len(d) for d in outputs.values() if d}
+    if job.windows.variant_scores and ranks and 3 not in ranks:
+        problems.append(("windows.variant_scores", "the model has no output of shape (N, bins, tracks) "
+                                                   "to score"))
+    return problems
+
+
+def _whole_without_zarr(job: JobSpec, outputs: dict[str, list[int | None]]) -> list[tuple[str, str]]:
+    """Track outputs written whole go to zarr only: without zarr they would be lost."""
+    assert job.windows is not None
+    if "zarr" in job.output.formats:
+        return []
+    reduce = job.model.reduce
+    return [("output.formats", f"output {name!r} is (N, bins, tracks) and is written whole, which "
+                               f"only zarr holds: add zarr to output.formats, or reduce it "
+                               f"(model.reduce.{name}) or score it (windows.variant_scores)")
+            for name, dims in outputs.items()
+            if len(dims) == 3 and (name in reduce and reduce[name].keep
+                                   or name not in reduce and not job.windows.variant_scores)]
+
+
+def check_track_outputs(job: JobSpec) -> None:
+    """Refuse reductions of outputs the model lacks (or lacks in rank or bins), scores with
+    nothing to score, and whole track outputs with nowhere to go."""
+    if job.windows is None or not job.model.path.endswith(".onnx") or is_remote(job.model.path):
+        return
+    outputs = _onnx_outputs(job.model.path)
+    problems = _track_problems(job, outputs) + _whole_without_zarr(job, outputs)
+    if problems:
+        raise SpecError(problems)
+
+
 def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     """Everything ``run`` would refuse before planning: files, extras, storage credentials, the
-    model's input, the reference's index, the machine's cores and memory.
+    model's input and outputs, the reference's index, the machine's cores and memory.
 
     ``profile`` is the cluster profile (its ``storage`` may hold credentials); by default the
     one the job names.
@@ -303,6 +361,7 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     check_local_files(job)
     check_credentials(job, profile)
     check_model_input(job)
+    check_track_outputs(job)
     check_reference(job)
     check_resources(job, profile)
 

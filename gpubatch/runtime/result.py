@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpubatch.core.errors import EXIT_OK
-from gpubatch.outputs.layout import PREDICTIONS
+from gpubatch.outputs.layout import PREDICTIONS, ZARR
 from gpubatch.outputs.store import OutputStore
 
 
@@ -31,6 +31,20 @@ class Result:
 
         with self.store.open_read(PREDICTIONS) as f:
             return pd.read_parquet(f)
+
+    def array(self, name: str) -> Any:
+        """One zarr output (``sad_tracks``, ``tracks_bins`` ...) over every committed shard, in plan
+        order, as one numpy array: its rows are predictions.parquet's rows. It is loaded whole;
+        for arrays larger than memory open each shard's group (the zarr root's ``groups``)."""
+        import numpy as np
+
+        root = self.store.zarr_group(ZARR)
+        groups: dict[str, str] = dict(root.attrs.get("groups", {}))  # type: ignore[arg-type]
+        shards: list[str] = list(root.attrs.get("shards", []))  # type: ignore[arg-type]
+        parts = [np.asarray(self.store.zarr_group(f"{ZARR}/{groups[s]}")[name][:]) for s in shards]
+        if not parts:
+            raise KeyError(f"no committed shard of {self.output_uri} holds a zarr output {name!r}")
+        return np.concatenate(parts)
 
     def timeline(self) -> Any:
         """One row per batch: t, items, busy_s, starved_s, queue_depth, shard."""

@@ -73,6 +73,11 @@ class ShardReader(ABC):
         """Map raw model outputs back to ``n`` per-item columns (ref/alt/delta, strand average)."""
         return outputs
 
+    def column_limit(self, name: str) -> int | None:
+        """Parquet columns the output ``name`` may have, when it differs from the writer's default
+        (genome: per-track reductions and scores, up to ``windows.track_columns``); None: default."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -94,3 +95,28 @@ class ShardWriterTests:
         assert empty.rows == 0
         rows = merge_parquet(store, [empty, full], index_columns=["slide", "x", "y"])
         assert rows == 4 and pq.read_table(io.BytesIO(store.read_bytes(PREDICTIONS))).num_rows == 4
+
+    def test_track_outputs_whole_in_zarr_and_wide_columns_where_allowed(self, store: OutputStore,
+                                                                       monkeypatch: Any) -> None:
+        """(N, bins, tracks) never becomes parquet columns and reads back whole from zarr after
+        flushes that split shards (every batch flushes here); an output the source allows wider
+        (``column_limit``) gets its columns."""
+        from gpubatch.outputs import writer as writer_module
+
+        monkeypatch.setattr(writer_module, "FLUSH_BYTES", 1)
+        writer = ShardWriter(store, "t1", new_attempt(), {}, {}, self.formats,
+                             column_limit=lambda name: 300 if name == "scores" else None)
+        rng = np.random.default_rng(5)
+        tracks = rng.random((40, 6, 100), dtype=np.float32)
+        scores = rng.random((40, 300), dtype=np.float32)
+        for i in range(0, 40, 7):
+            writer.write({"x": np.arange(i, min(i + 7, 40))}, {"tracks": tracks[i : i + 7], "scores": scores[i : i + 7]})
+        result = self._commit(store, writer)
+        table = pq.read_table(io.BytesIO(store.read_bytes(f"{PARTS_DIR}/{result.part}")))
+        assert table.column_names == ["x", *(f"scores_{i}" for i in range(300))]
+        np.testing.assert_array_equal(table.column("scores_299").to_numpy(), scores[:, 299])
+        if "zarr" in self.formats:
+            group = store.zarr_group(f"{ZARR}/{result.group}")
+            np.testing.assert_array_equal(group["tracks"][:], tracks)
+            np.testing.assert_array_equal(group["scores"][:], scores)
+            assert group["tracks"].chunks[1:] == (6, 64)

@@ -16,8 +16,9 @@ past the contig end and is padded with N) and ``strand``. Sequences travel as ui
 They become one-hot floats only in the device stage (the readers' ``preprocess`` declaration;
 N -> ``n_value`` in all four channels). With ``reverse_complement: average`` the model sees every window on both strands
 (a batch of 2N, or 4N for variant pairs) and ``from_model_output`` averages the two strands' outputs
-back to N rows. Outputs are averaged as they are, which suits per-window scores; per-position
-outputs would need flipping first and are not handled specially.
+back to N rows: per-window scores as they are, track outputs (N, bins, tracks) with the reverse
+strand's bins flipped first. Track outputs are reduced and scored there too, on the worker
+(``genome.tracks``): see that module for the outputs a track model's job writes.
 
 Errors: problems in the spec's files (unknown contig, malformed BED line, region past the contig
 end, VCF without header, FASTA without index) are found at plan time and raise ``SpecError``
@@ -50,6 +51,7 @@ from gpubatch.sources.genome.reference import (
     open_reference,
 )
 from gpubatch.sources.genome.regions import WindowPlan, resolve_regions
+from gpubatch.sources.genome.tracks import TrackOutputs
 from gpubatch.sources.genome.variants import (
     SKIP_REASONS,
     VariantTable,
@@ -104,6 +106,7 @@ class _GenomeReader(ShardReader):
         self.shard, self.w, self.reference, self.clocks = shard, _windows(job), reference, clocks
         self.length = self.w.length
         self.average = self.w.reverse_complement == "average"
+        self.tracks = TrackOutputs.from_job(job)
         self._lock = threading.Lock()
 
     def _base_attrs(self, contigs: list[str]) -> dict[str, Any]:
@@ -113,7 +116,7 @@ class _GenomeReader(ShardReader):
             "length": self.length, "stride": _stride(self.w),
             "reverse_complement": self.w.reverse_complement, "layout": self.w.encoding.layout,
             "n_value": self.w.encoding.n_value, "codes": "A=0 C=1 G=2 T=3 N=4",
-            "coordinates": "0-based, end-exclusive",
+            "coordinates": "0-based, end-exclusive", "tracks": self.tracks.describe(),
         }
 
     @property
@@ -123,11 +126,8 @@ class _GenomeReader(ShardReader):
         return Preprocess("dna", layout=enc.layout, n_value=enc.n_value, dtype=enc.dtype,
                           pairs=self.pair, both_strands=self.average)
 
-    def _strand_average(self, values: np.ndarray) -> np.ndarray:
-        if not self.average:
-            return values
-        half = len(values) // 2
-        return (values[:half] + values[half:]) / 2
+    def column_limit(self, name: str) -> int | None:
+        return self.tracks.column_limit(name)
 
     def close(self) -> None:
         self.reference.close()
@@ -172,7 +172,7 @@ class GenomeWindowReader(_GenomeReader):
         return ItemBlock(items, index)
 
     def from_model_output(self, outputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        return {name: self._strand_average(v) for name, v in outputs.items()}
+        return self.tracks.windows(outputs)
 
 
 class VariantReader(_GenomeReader):
@@ -223,12 +223,7 @@ class VariantReader(_GenomeReader):
             self.clocks.count("variants.ref_mismatches", n)
 
     def from_model_output(self, outputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for name, values in outputs.items():
-            v = self._strand_average(values)
-            ref, alt = v[:n], v[n : 2 * n]
-            out |= {f"ref_{name}": ref, f"alt_{name}": alt, f"delta_{name}": alt - ref}
-        return out
+        return self.tracks.variants(outputs, n)
 
 
 def _skip_text(table: VariantTable) -> str:
