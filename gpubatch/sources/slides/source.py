@@ -109,12 +109,16 @@ class SlideSource(Source):
 
     def plan(self, job: JobSpec) -> tuple[Sequence[Shard], list[dict[str, str]]]:
         from gpubatch.io.storage import expand_uris
+        from gpubatch.io.uris import has_magic
+        from gpubatch.sources.slides.listing import slide_inputs
 
         failed: list[dict[str, str]] = []
         shards: dict[str, Shard] = {}  # by shard id: two URIs that differ only in credentials are one slide
         for pattern in job.input.uris:
             try:
                 found = expand_uris([pattern], job.input.storage)
+                if has_magic(pattern):  # a named input is kept as named; a glob's matches are grouped
+                    found = slide_inputs(found, job.input.storage)
             except InputError as exc:  # a listing that kept failing: that pattern, not the run
                 failed.append({"input": redact(pattern), "error": exc.message})
                 continue
