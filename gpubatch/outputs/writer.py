@@ -29,7 +29,7 @@ ZARR_CHUNK_ROWS = 16384
 
 def output_columns(name: str, values: np.ndarray) -> dict[str, np.ndarray]:
     """One parquet column per output value: ``name`` for scalars, ``name_i`` for vectors."""
-    flat = values.reshape(len(values), -1)
+    flat = values.reshape(len(values), int(np.prod(values.shape[1:])))  # also for zero rows
     if flat.shape[1] == 1:
         return {name: flat[:, 0]}
     if flat.shape[1] > MAX_PARQUET_WIDTH:
@@ -77,6 +77,7 @@ class ShardWriter:
         self._write_parquet(index, outputs)
         if self.group is not None:
             self._write_zarr({**index, **outputs})
+            self._zarr.attrs.update({"index_columns": list(index), "outputs": list(outputs)})
         self._pending, self._pending_bytes = [], 0
 
     def _parquet(self, schema: pa.Schema) -> pq.ParquetWriter:
@@ -87,8 +88,8 @@ class ShardWriter:
 
     def _write_parquet(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         n = len(next(iter(index.values()))) if index else len(next(iter(outputs.values())))
-        columns: dict[str, Any] = {k: pa.array(np.full(n, v) if not isinstance(v, str) else [v] * n)
-                                   for k, v in self.constants.items()}
+        columns: dict[str, Any] = {k: pa.array(np.full(n, v)) if not isinstance(v, str)
+                                   else pa.array([v] * n, pa.string()) for k, v in self.constants.items()}
         columns.update({k: pa.array(v) for k, v in index.items()})
         for name, values in outputs.items():
             columns.update({k: pa.array(v) for k, v in output_columns(name, values).items()})

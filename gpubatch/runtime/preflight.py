@@ -75,6 +75,46 @@ def check_model_input(job: JobSpec) -> None:
                                         "windows.length and the layout to the model")])
 
 
+def _onnx_io(path: str) -> tuple[list[tuple[str, list[int | None]]], list[tuple[str, list[int | None]]]]:
+    """(inputs, outputs) of an ONNX file as (name, dims) with None for a dynamic dim."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def dims(value: object) -> list[int | None]:
+        shape = value.type.tensor_type.shape.dim  # type: ignore[attr-defined]
+        return [d.dim_value if d.HasField("dim_value") else None for d in shape]
+
+    return ([(i.name, dims(i)) for i in graph.input if i.name not in initializers],
+            [(o.name, dims(o)) for o in graph.output])
+
+
+def check_slide_model(job: JobSpec) -> None:
+    """The slide head's file exists, the tile output it names exists, and the widths agree (where
+    both models are ONNX files with fixed feature widths)."""
+    spec = job.slide_model
+    if spec is None:
+        return
+    if not is_remote(spec.path) and not Path(local_path(spec.path)).is_file():
+        raise SpecError([("slide_model.path", f"file not found: {spec.path}")])
+    if not job.model.path.endswith(".onnx"):
+        return
+    outputs = dict(_onnx_io(job.model.path)[1])
+    name = spec.features or next(iter(outputs))
+    if name not in outputs:
+        raise SpecError([("slide_model.features", f"{name!r} is not an output of model.path; its "
+                                                  f"outputs are {list(outputs)}")])
+    tail = [d for d in outputs[name][1:] if d is not None]
+    width = int(np.prod(tail)) if tail and len(tail) == len(outputs[name]) - 1 else None
+    if not spec.path.endswith(".onnx") or width is None:
+        return
+    head_dims = _onnx_io(spec.path)[0][0][1]
+    if head_dims and head_dims[-1] is not None and head_dims[-1] != width:
+        raise SpecError([("slide_model.path", f"the slide model takes features {head_dims[-1]} wide but "
+                                              f"model.path's output {name!r} gives {width} per tile")])
+
+
 def check_reference(job: JobSpec) -> None:
     """A local reference's index is checked against the FASTA now, as planning would check it."""
     w = job.windows
@@ -126,9 +166,10 @@ def check_resources(job: JobSpec, profile: dict[str, Any] | None = None) -> None
 
 
 def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
-    """Everything ``run`` would refuse before planning: files, extras, the model's input, the
+    """Everything ``run`` would refuse before planning: files, extras, the models' inputs, the
     reference's index, the machine's cores and memory."""
     check_local_files(job)
     check_model_input(job)
     check_reference(job)
+    check_slide_model(job)
     check_resources(job, profile)
