@@ -37,6 +37,8 @@ def _slides_of(pf: pq.ParquetFile) -> Iterator[tuple[str, pa.Table]]:
     pieces: list[pa.Table] = []
     for i in range(pf.num_row_groups):
         group = pf.read_row_group(i)
+        if group.num_rows == 0:
+            continue
         slides = group.column("slide").to_numpy(zero_copy_only=False)
         starts = [0, *(np.flatnonzero(slides[1:] != slides[:-1]) + 1), len(slides)]
         for lo, hi in zip(starts[:-1], starts[1:], strict=True):

@@ -76,10 +76,19 @@ def check_model_input(job: JobSpec) -> None:
 
 
 def _onnx_io(path: str) -> tuple[list[tuple[str, list[int | None]]], list[tuple[str, list[int | None]]]]:
-    """(inputs, outputs) of an ONNX file as (name, dims) with None for a dynamic dim."""
+    """(inputs, outputs) of an ONNX file as (name, dims) with None for a dynamic dim.
+
+    Exporters often leave output widths unnamed; ONNX shape inference (with data propagation
+    through Reshape and friends) usually recovers them from the graph alone, weights unread.
+    """
     import onnx
 
-    graph = onnx.load(path, load_external_data=False).graph
+    model = onnx.load(path, load_external_data=False)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is a nicety: the declared shapes remain
+        pass
+    graph = model.graph
     initializers = {i.name for i in graph.initializer}
 
     def dims(value: object) -> list[int | None]:
