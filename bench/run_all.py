@@ -42,6 +42,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "memory": ("bench_memory", ["--counts", "2", "4", "20", "--repeats", "3"],
                ["--counts", "2", "6", "--size", "2048x2048", "--repeats", "1"]),
     "quantize": ("bench_quantize", ["--repeats", "5"], ["--repeats", "2"]),
+    "features": ("bench_features", ["--slides", "2", "--size", "12288x8192", "--repeats", "3"],
+                 ["--slides", "1", "--size", "4096x3072", "--repeats", "1"]),
     "gpu": ("bench_gpu", [], []),
 }
 
@@ -113,6 +115,19 @@ def _quantize(d: dict[str, Any]) -> str:
               f"Pearson {d['logits_pearson']:.4f}, relative error {d['logits_relative_error']:.3f}.")
 
 
+def _features(d: dict[str, Any]) -> str:
+    ceiling = ", ".join(f"{k} {v:.1f}" for k, v in d["model_only_tiles_per_s"].items())
+    starved = ", ".join(f"{k} {v:.1%}" for k, v in d["starvation"].items())
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in d["max_abs_diff"].items())
+    e = d["encoder"]
+    return (table(d["rows"], d["columns"])
+            + f"\n\nEncoder: ViT ({e['dim']} wide, {e['depth']} blocks, {e['heads']} heads, patch "
+              f"{e['patch']}, {e['img']} px), random seeded weights, batch {d['batch']}; the TRIDENT-style "
+              f"loop uses {d['workers']} DataLoader workers. Model only (tiles/s): {ceiling}. gpubatch "
+              f"starvation: {starved}. Largest feature difference from the TRIDENT-style loop on the same "
+              f"tiles: {diffs}.")
+
+
 def _markdown_or_rows(d: dict[str, Any]) -> str:
     if d.get("markdown"):
         return str(d["markdown"])
@@ -141,6 +156,7 @@ def render() -> str:
         _section("Genome windows, 100 kb", _load("genome-100kb"), _genome, "genome-100kb"),
         _section("Memory: 2, 4 and 20 slides", _load("memory"), _memory, "memory"),
         _section("fp32 against int8 (ONNX Runtime, CPU)", _load("quantize"), _quantize, "quantize"),
+        _section("Patch features: ViT-S/16 against the TRIDENT-style loop", _load("features"), _features, "features"),
         _section("GPU", _load("gpu"), _markdown_or_rows, "gpu"),
     ]
     notes = HERE / "NOTES.md"

@@ -7,6 +7,7 @@ and ``gpubatch validate`` runs the same checks as ``gpubatch run``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,8 @@ def _onnx_io(path: str) -> tuple[list[tuple[str, list[int | None]]], list[tuple[
     import onnx
 
     model = onnx.load(path, load_external_data=False)
-    try:
+    with contextlib.suppress(Exception):  # inference is a nicety: the declared shapes remain
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is a nicety: the declared shapes remain
-        pass
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
 
