@@ -69,10 +69,6 @@ def truncated_zarr(formats_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return folder
 
 
-def _upload_folder(s3: S3Stack, local: Path, key: str) -> str:
-    s3.fs().put(str(local), f"{s3.bucket}/{key}", recursive=True)
-    return f"s3://{s3.bucket}/{key}"
-
 
 class TestWsiDicomFolder(SlideBackendTests):
     tolerance = 0.5  # the same JPEG frames through two libjpeg builds
@@ -147,14 +143,14 @@ class TestWsiDicomFromS3(SlideBackendTests):
 
     @pytest.fixture()
     def backend(self, s3: S3Stack, formats_dir: Path) -> Iterator[SlideBackend]:
-        uri = _upload_folder(s3, formats_dir / "dicom", "conformance/dicom")
+        uri = s3.upload_folder(formats_dir / "dicom", "conformance/dicom")
         backend = WsiDicomBackend(uri, StageClocks(), options=s3.options())
         yield backend
         backend.close()
 
     @pytest.fixture()
     def truncated_backend(self, s3: S3Stack, truncated_dicom: Path) -> Callable[[], None]:
-        uri = _upload_folder(s3, truncated_dicom, "conformance/truncated-dicom")
+        uri = s3.upload_folder(truncated_dicom, "conformance/truncated-dicom")
         return lambda: _read_everything(WsiDicomBackend(uri, StageClocks(), options=s3.options()))
 
 
@@ -186,14 +182,14 @@ class TestOmeZarrFromS3(SlideBackendTests):
 
     @pytest.fixture()
     def backend(self, s3: S3Stack, formats_dir: Path) -> Iterator[SlideBackend]:
-        uri = _upload_folder(s3, formats_dir / "v04.ome.zarr", "conformance/v04.ome.zarr")
+        uri = s3.upload_folder(formats_dir / "v04.ome.zarr", "conformance/v04.ome.zarr")
         backend = OmeZarrBackend(uri, StageClocks(), options=s3.options())
         yield backend
         backend.close()
 
     @pytest.fixture()
     def truncated_backend(self, s3: S3Stack, truncated_zarr: Path) -> Callable[[], None]:
-        uri = _upload_folder(s3, truncated_zarr, "conformance/truncated.ome.zarr")
+        uri = s3.upload_folder(truncated_zarr, "conformance/truncated.ome.zarr")
         return lambda: _read_everything(OmeZarrBackend(uri, StageClocks(), options=s3.options()))
 
 

@@ -33,10 +33,6 @@ SC_NAME = "Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7)"
 WSI_NAME = "VL Whole Slide Microscopy Image Storage (1.2.840.10008.5.1.4.1.1.77.1.6)"
 
 
-def _upload_folder(s3: S3Stack, local: Path, key: str) -> str:
-    s3.fs().put(str(local), f"{s3.bucket}/{key}", recursive=True)
-    return f"s3://{s3.bucket}/{key}"
-
 
 def _backend_of(path: Path) -> tuple[str, dict]:
     backend = open_slide(str(path), StageClocks())
@@ -90,12 +86,16 @@ def test_unreadable_folders_and_files_say_what_they_are(tmp_path: Path, picture:
     (tmp_path / "empty").mkdir()
     write_dicom_wsi(picture[:300, :300], tmp_path / "two", levels=1, seed=5, name="a")
     write_dicom_wsi(picture[:300, :300], tmp_path / "two", levels=1, seed=6, name="b")
-    cases = {"notes.dcm": "not a DICOM file (no 'DICM' marker",
-             "empty": "neither an OME-Zarr image nor DICOM files",
-             "two": "folder holds 2 DICOM-WSI series; list its files (folder/*.dcm)"}
+    _assert_refused(tmp_path, {"notes.dcm": "not a DICOM file (no 'DICM' marker",
+                               "empty": "neither an OME-Zarr image nor DICOM files",
+                               "two": "folder holds 2 DICOM-WSI series; list its files (folder/*.dcm)"})
+
+
+def _assert_refused(folder: Path, cases: dict[str, str]) -> None:
+    """Each named input is an InputError whose message holds the expected words."""
     for name, expected in cases.items():
         with pytest.raises(InputError) as err:
-            open_slide(str(tmp_path / name), StageClocks())
+            open_slide(str(folder / name), StageClocks())
         assert expected in err.value.message, (name, err.value.message)
 
 
@@ -112,13 +112,9 @@ def test_zarr_that_is_not_an_rgb_slide_is_refused(tmp_path: Path, picture: np.nd
     grey.attrs["ome"] = {"version": "0.5", "multiscales": [
         {"axes": [{"name": a, "type": t} for a, t in zip("cyx", ("channel", "space", "space"), strict=True)],
          "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1]}]}]}]}
-    cases = {"plain.zarr": "no OME-NGFF 'multiscales' metadata",
-             "stack.zarr": "axis 'z' has 2 entries",
-             "deep.zarr": "is uint16, not uint8 RGB"}
-    for name, expected in cases.items():
-        with pytest.raises(InputError) as err:
-            open_slide(str(tmp_path / name), StageClocks())
-        assert expected in err.value.message, (name, err.value.message)
+    _assert_refused(tmp_path, {"plain.zarr": "no OME-NGFF 'multiscales' metadata",
+                               "stack.zarr": "axis 'z' has 2 entries",
+                               "deep.zarr": "is uint16, not uint8 RGB"})
 
 
 def test_listing_makes_one_input_per_zarr_image_and_dicom_series(formats_dir: Path) -> None:
@@ -185,8 +181,8 @@ def _readers(result: gpubatch.Result) -> list[str]:
 
 def test_a_run_from_object_storage_equals_the_local_run(tmp_path: Path, s3: S3Stack, formats_dir: Path,
                                                         mean_model: Path) -> None:
-    remote = [_upload_folder(s3, formats_dir / "dicom", "runs/case-1.2.3"),
-              _upload_folder(s3, formats_dir / "image.ome.zarr", "runs/image.ome.zarr")]
+    remote = [s3.upload_folder(formats_dir / "dicom", "runs/case-1.2.3"),
+              s3.upload_folder(formats_dir / "image.ome.zarr", "runs/image.ome.zarr")]
     s3.proxy.configure(error_rate=0.05, seed=3)  # transient 503s: retried, counted, never seen
     job = slide_job(remote, mean_model, tmp_path / "remote", tiles={"size": 128, "level": 0, "mpp": None},
                     input={"uris": remote, "storage": s3.options()})
@@ -206,8 +202,8 @@ def test_a_run_from_object_storage_equals_the_local_run(tmp_path: Path, s3: S3St
 def test_listing_on_object_storage_does_not_descend_into_images(s3: S3Stack, formats_dir: Path) -> None:
     from gpubatch.io.storage import expand_uris
 
-    _upload_folder(s3, formats_dir / "image.ome.zarr", "listing/a/image.ome.zarr")
-    _upload_folder(s3, formats_dir / "dicom", "listing/b")
+    s3.upload_folder(formats_dir / "image.ome.zarr", "listing/a/image.ome.zarr")
+    s3.upload_folder(formats_dir / "dicom", "listing/b")
     found = expand_uris([f"s3://{s3.bucket}/listing/**"], s3.options())
     assert len(found) > 10  # every chunk and level file is listed...
     assert slide_inputs(found, s3.options()) == [  # ...and they are two slides
@@ -228,8 +224,8 @@ def test_inspect_describes_every_format(formats_dir: Path, name: str, vendor: st
 
 
 def test_inspect_reads_object_storage_with_the_standard_environment(s3: S3Stack, formats_dir: Path) -> None:
-    zarr_uri = _upload_folder(s3, formats_dir / "image.ome.zarr", "inspect/image.ome.zarr")
-    dicom_uri = _upload_folder(s3, formats_dir / "dicom", "inspect/dicom")
+    zarr_uri = s3.upload_folder(formats_dir / "image.ome.zarr", "inspect/image.ome.zarr")
+    dicom_uri = s3.upload_folder(formats_dir / "dicom", "inspect/dicom")
     env = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.key,
            "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_DEFAULT_REGION": "us-east-1"}
     assert _inspect_cli(zarr_uri, env)["backend"] == "zarr"

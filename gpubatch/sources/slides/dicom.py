@@ -207,10 +207,11 @@ class WsiDicomBackend(TileGridBackend):
 
     def __init__(self, uri: str, clocks: StageClocks | None = None, *,
                  options: dict[str, Any] | None = None, cache_bytes: int = 32 << 20):
+        from gpubatch.io.retry import call_with_retries
         from gpubatch.io.storage import resolve_options
 
         self.path = redact(uri)
-        files = series_files(uri, options)
+        files = call_with_retries(lambda: series_files(uri, options), self.path)  # header reads
         from wsidicom import Settings, WsiDicom
 
         settings = Settings(decoded_frame_cache_size=1 << 20, encoded_frame_cache_size=1 << 20)
