@@ -176,7 +176,8 @@ def _readers(result: gpubatch.Result) -> list[str]:
     import zarr
 
     root = zarr.open_group(str(Path(result.output_uri) / "predictions.zarr"), mode="r")
-    return [root[sid].attrs["slide_info"]["backend"] for sid in root.attrs["shards"]]
+    groups = root.attrs["groups"]
+    return [root[groups[sid]].attrs["slide_info"]["backend"] for sid in root.attrs["shards"]]
 
 
 def test_a_run_from_object_storage_equals_the_local_run(tmp_path: Path, s3: S3Stack, formats_dir: Path,

@@ -70,8 +70,10 @@ def test_every_output_lands_on_s3_and_reads_back(tmp_path: Path, slides: Path, c
     pd.testing.assert_frame_equal(_sorted(result.predictions()), clean)
     fs = s3.fs()
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(uri.removeprefix("s3://"))}
-    assert {"predictions.parquet", "predictions.zarr", "predictions.geojson", "report.json", "report.html",
+    assert {"predictions.parquet", "predictions.zarr", "geojson", "heatmaps", "report.json", "report.html",
             "audit.jsonl", "status.json", "_manifest", "_parts", ".gpubatch-output"} <= names
+    for folder in ("geojson", "heatmaps"):  # one file per slide, named by its key
+        assert len(fs.ls(f"{uri.removeprefix('s3://')}/{folder}")) == N_SLIDES
     again = gpubatch.open_results(uri, s3.options())
     pd.testing.assert_frame_equal(_sorted(again.predictions()), clean)
     assert again.report["items"] == len(clean)

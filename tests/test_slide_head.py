@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -22,6 +23,10 @@ from gpubatch.cli.pathology_models import build_abmil, make_abmil, make_vit
 from gpubatch.core.errors import EXIT_PARTIAL, EXIT_USAGE
 from gpubatch.sources.slides.source import slide_key
 
+if TYPE_CHECKING:
+    from s3_fixtures import S3Stack
+
+pytest_plugins = ["s3_fixtures"]
 DIM, SIZE = 48, 112  # wider than 32 values: embeddings stay in zarr
 
 
@@ -118,7 +123,8 @@ def test_resume_keeps_each_slides_head_outputs(tmp_path: Path, slides_dir: Path,
     assert set(entry["shard_outputs"]) == {"logits"}  # committed with the shard
     manifest[1].unlink()  # as if the run had died before this slide's commit
     again = gpubatch.run(job_path, resume=True)
-    assert [s["resumed"] for s in again.report["shards"]] == [True, False, True]
+    resumed = {s["input"]: s["resumed"] for s in again.report["shards"]}
+    assert resumed == {slides[0]: True, slides[1]: False, slides[2]: True}
     assert again.slide_predictions().equals(first.slide_predictions())
     assert again.predictions().equals(first.predictions())
 
@@ -155,3 +161,21 @@ def test_a_slide_model_needs_slides(tmp_path: Path, models: dict[str, Path]) -> 
            "slide_model": {"path": str(models["abmil"])}, "output": {"uri": str(tmp_path / "o")}}
     done = _validate(write_job(tmp_path / "job.yaml", job))
     assert done.returncode == EXIT_USAGE and "kind: slides only" in done.stderr + done.stdout
+
+
+def test_features_and_head_outputs_on_object_storage(tmp_path: Path, slide_path: Path, models: dict[str, Path],
+                                                     s3: S3Stack) -> None:
+    uri = f"s3://{s3.bucket}/features/{tmp_path.name}"
+    job = _job([str(slide_path)], models, tmp_path / "unused")
+    job["output"] = {"uri": uri, "formats": ["zarr", "parquet", "geojson"], "storage": s3.options()}
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job), profile="inline")
+    again = gpubatch.open_results(uri, s3.options())
+    features, coords = again.embeddings(str(slide_path))
+    assert features.shape == (len(again.predictions()), DIM) and len(coords) == len(features)
+    want_attention, want_logits = _torch_head(features)
+    np.testing.assert_allclose(again.predictions()["attention"].to_numpy(), want_attention, atol=1e-5)
+    np.testing.assert_allclose(again.slide_predictions()[["logits_0", "logits_1", "logits_2"]].to_numpy()[0],
+                               want_logits, atol=1e-4)
+    names = {p.rsplit("/", 1)[-1] for p in s3.fs().find(uri.removeprefix("s3://"))}
+    key = slide_key(str(slide_path))
+    assert {f"{key}.png", f"{key}.geojson", "slide_predictions.parquet"} <= names and result.exit_code == 0

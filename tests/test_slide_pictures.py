@@ -116,10 +116,11 @@ def test_slides_are_read_back_whole_across_row_groups(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     from gpubatch.outputs.per_slide import iter_slides
+    from gpubatch.outputs.store import OutputStore
 
     sizes = {"a": 7, "b": 3, "c": 9}
     slides = [s for s, n in sizes.items() for _ in range(n)]
     table = pa.table({"slide": slides, "x": np.arange(len(slides)), "y": np.zeros(len(slides), int)})
     pq.write_table(table, tmp_path / "predictions.parquet", row_group_size=4)
-    got = [(s, t.num_rows, t.column("x").to_pylist()[0]) for s, t in iter_slides(tmp_path / "predictions.parquet")]
+    got = [(s, t.num_rows, t.column("x").to_pylist()[0]) for s, t in iter_slides(OutputStore(tmp_path))]
     assert got == [("a", 7, 0), ("b", 3, 7), ("c", 9, 10)]
