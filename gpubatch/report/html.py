@@ -35,6 +35,7 @@ BREAKDOWN = (
     (("storage",), "storage", LAYER_STORAGE), (("open",), "setup", LAYER_STORAGE),
     (("decode", "resample"), "decode", LAYER_STORAGE), (("preprocess",), "preprocess", LAYER_TRANSFER),
     (("transfer",), "transfer", LAYER_TRANSFER), (("compute",), "compute", LAYER_COMPUTE),
+    (("slide_head",), "slide head", LAYER_COMPUTE),
     (("write",), "write", LAYER_STORAGE),
 )
 MUTED_LINE, INK_LINE = "#9aa5b1", "#1f2933"
@@ -282,13 +283,13 @@ class Heatmap:
 
 
 def read_heatmaps(store: OutputStore, report: dict[str, Any]) -> list[Heatmap]:
-    """The heatmaps of the report's slides (heatmaps/<key>.png), inlined, in the report's order."""
+    """The heatmaps of the report's slides (heatmaps/<key>.png), inlined, ordered by slide URI."""
     import base64
     import io
 
     from PIL import Image
 
-    shards = [s for s in report.get("shards") or [] if s.get("shard_id")]
+    shards = sorted((s for s in report.get("shards") or [] if s.get("shard_id")), key=lambda s: str(s.get("input")))
     names = {f"{HEATMAPS_DIR}/{heatmap_name(str(s['shard_id']))}": s for s in shards}
     found: list[Heatmap] = []
     pictures = store.read_many(list(names)) if store.exists(HEATMAPS_DIR) else {}
