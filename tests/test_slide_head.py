@@ -179,3 +179,15 @@ def test_features_and_head_outputs_on_object_storage(tmp_path: Path, slide_path:
     names = {p.rsplit("/", 1)[-1] for p in s3.fs().find(uri.removeprefix("s3://"))}
     key = slide_key(str(slide_path))
     assert {f"{key}.png", f"{key}.geojson", "slide_predictions.parquet"} <= names and result.exit_code == 0
+
+
+def test_resume_refuses_another_slide_model(tmp_path: Path, slide_path: Path, models: dict[str, Path]) -> None:
+    """The head's outputs are committed with each slide: another head must not meet them."""
+    from gpubatch.core.errors import SpecError
+
+    other = make_abmil(tmp_path / "other.onnx", dim=DIM, hidden=16, classes=3, seed=9)
+    first = _job([str(slide_path)], models, tmp_path / "out")
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", first)).exit_code == 0
+    second = _job([str(slide_path)], {**models, "other": other}, tmp_path / "out", head="other")
+    with pytest.raises(SpecError, match="slide_model.sha256"):
+        gpubatch.run(write_job(tmp_path / "b.yaml", second), resume=True)

@@ -57,7 +57,7 @@ def test_each_slide_gets_a_heatmap_of_its_top_class_probability(classified: gpub
         coloured = (pixels != 255).any(1).sum()
         cell = int(round(np.sqrt(coloured / tiles)))
         assert coloured == tiles * cell * cell and tiles < grid_cells  # one block per kept tile
-        top = part[["probs_0", "probs_1", "probs_2"]].max(1).to_numpy()
+        top = part[["probs_0", "probs_1", "probs_2"]].max(axis=1).to_numpy()
         rgb = np.asarray(image.convert("RGB"))
         luminance = [float(rgb[int(r.y) // 128 * cell, int(r.x) // 128 * cell] @ [0.299, 0.587, 0.114])
                      for r in (part.iloc[top.argmax()], part.iloc[top.argmin()])]
