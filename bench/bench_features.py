@@ -73,9 +73,13 @@ def run_trident_style(tiles: list[dict[str, Any]], depth: int, batch: int, out: 
 
 
 def run_gpubatch(job: dict[str, Any], last: dict[str, Any]) -> int:
+    """One fresh run (its output folder emptied first: every repeat computes every tile)."""
+    import shutil
+
     import gpubatch
     from gpubatch.spec import parse_job
 
+    shutil.rmtree(job["output"]["uri"], ignore_errors=True)
     result = gpubatch.run(parse_job(job), show_progress=False)
     last["result"] = result
     last.setdefault("steady_s", []).append(steady_seconds(Path(result.output_uri)))
