@@ -49,6 +49,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "tracks-long": ("bench_tracks", ["--part", "long", "--lengths", "196608", "524288", "--batches", "1", "2", "4"],
                     ["--part", "long", "--lengths", "196608", "--batches", "1", "4", "--counts", "4", "12",
                      "--bases", "2000000"]),
+    "features": ("bench_features", ["--slides", "2", "--size", "12288x8192", "--repeats", "3"],
+                 ["--slides", "1", "--size", "4096x3072", "--repeats", "1"]),
     "gpu": ("bench_gpu", [], []),
 }
 
@@ -144,6 +146,19 @@ def _tracks_long(d: dict[str, Any]) -> str:
               f"{' and '.join(map(str, d['counts']))} variants: memory follows the batch, not the cohort.")
 
 
+def _features(d: dict[str, Any]) -> str:
+    ceiling = ", ".join(f"{k} {v:.1f}" for k, v in d["model_only_tiles_per_s"].items())
+    starved = ", ".join(f"{k} {v:.1%}" for k, v in d["starvation"].items())
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in d["max_abs_diff"].items())
+    e = d["encoder"]
+    return (table(d["rows"], d["columns"])
+            + f"\n\nEncoder: ViT ({e['dim']} wide, {e['depth']} blocks, {e['heads']} heads, patch "
+              f"{e['patch']}, {e['img']} px), random seeded weights, batch {d['batch']}; the TRIDENT-style "
+              f"loop uses {d['workers']} DataLoader workers. Model only (tiles/s): {ceiling}. gpubatch "
+              f"starvation: {starved}. Largest feature difference from the TRIDENT-style loop on the same "
+              f"tiles: {diffs}.")
+
+
 def _markdown_or_rows(d: dict[str, Any]) -> str:
     if d.get("markdown"):
         return str(d["markdown"])
@@ -176,6 +191,7 @@ def render() -> str:
                  "tracks-loop"),
         _section("Track models: memory against cohort size", _load("tracks-memory"), _tracks_memory, "tracks-memory"),
         _section("Track models: long windows", _load("tracks-long"), _tracks_long, "tracks-long"),
+        _section("Patch features: ViT-S/16 against the TRIDENT-style loop", _load("features"), _features, "features"),
         _section("GPU", _load("gpu"), _markdown_or_rows, "gpu"),
     ]
     notes = HERE / "NOTES.md"

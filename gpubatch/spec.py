@@ -172,6 +172,15 @@ class ModelSpec(_Strict):
         return v
 
 
+class SlideModelSpec(_Strict):
+    """A slide-level head (attention MIL) run on each slide's whole bag of tile features."""
+
+    path: str
+    backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
+    features: str | None = Field(
+        None, description="the tile model output that forms each slide's bag; default its first output")
+
+
 class InputSpec(_Strict):
     uris: list[str] = Field(default_factory=list)
     storage: dict[str, Any] = Field(default_factory=dict)
@@ -187,6 +196,10 @@ class OutputSpec(_Strict):
     uri: str
     formats: list[Literal["zarr", "parquet", "geojson"]] = Field(default_factory=lambda: ["zarr", "parquet"])  # type: ignore[arg-type]
     storage: dict[str, Any] = Field(default_factory=dict, description="fsspec options for output.uri")
+    heatmap: str = Field(
+        "auto", min_length=1,
+        description="what colours heatmaps/<slide>.png: auto (attention with a slide model, else the "
+                    "top class probability), none, or a column of predictions.parquet")
 
 
 class RunSpec(_Strict):
@@ -215,6 +228,7 @@ class JobSpec(_Strict):
     tiles: TilesSpec = Field(default_factory=TilesSpec)
     windows: WindowsSpec | None = None
     model: ModelSpec
+    slide_model: SlideModelSpec | None = None
     output: OutputSpec
     run: RunSpec = Field(default_factory=RunSpec)
     #: the YAML file this spec was loaded from (``load_job``), for the report; not part of the spec
@@ -228,6 +242,8 @@ class JobSpec(_Strict):
     def _kind_matches(self) -> JobSpec:
         if self.kind == "slides" and not self.input.uris:
             raise ValueError("kind: slides needs input.uris (paths, globs or URLs of slides)")
+        if self.kind != "slides" and self.slide_model is not None:
+            raise ValueError("slide_model is a second stage over a slide's tiles: kind: slides only")
         if self.kind == "genome" and self.windows is None:
             raise ValueError("kind: genome needs a `windows` section (reference, regions, length)")
         return self
@@ -257,7 +273,19 @@ class JobSpec(_Strict):
         windows = ({k: v for k, v in data["windows"].items() if k != "chunk_bases"}
                    if data.get("windows") else None)
         return {"kind": self.kind, "tiles": tiles, "windows": windows, "model": model,
-                "formats": sorted(self.output.formats)}
+                "formats": sorted(self.output.formats), "slide_model": self._slide_model_fields()}
+
+    def _slide_model_fields(self) -> dict[str, Any] | None:
+        """The slide head's settings and, for a local file, its sha256 (its outputs are committed
+        with each shard, so another head must not meet them on --resume)."""
+        if self.slide_model is None:
+            return None
+        from gpubatch.core.files import file_sha256
+
+        path = self.slide_model.path
+        local = not is_remote(path) and os.path.isfile(path)
+        return {"backend": self.slide_model.backend, "features": self.slide_model.features,
+                "sha256": file_sha256(path) if local else path}
 
     def result_hash(self) -> str:
         text = json.dumps(self.result_fields(), sort_keys=True)
@@ -315,6 +343,8 @@ def _resolve_paths(job: JobSpec, base_dir: Path) -> JobSpec:
     data = job.model_dump(mode="python")
     data["input"]["uris"] = [_resolve(u, base_dir) for u in job.input.uris]
     data["model"]["path"] = _resolve(job.model.path, base_dir)
+    if data.get("slide_model"):
+        data["slide_model"]["path"] = _resolve(job.slide_model.path, base_dir)  # type: ignore[union-attr]
     data["output"]["uri"] = _resolve(job.output.uri, base_dir)
     w = data.get("windows")
     if w:

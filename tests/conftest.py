@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,18 @@ import yaml
 
 #: small third-party files vendored with their licences (tests/data/README.md)
 TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def _gpubatch_logger_as_found() -> Iterator[None]:
+    """The CLI's main() gives the "gpubatch" logger a handler and stops its propagation; a test
+    that calls main() in-process must not leave that behind for later tests' caplog."""
+    import logging
+
+    log = logging.getLogger("gpubatch")
+    state = (list(log.handlers), log.propagate, log.level)
+    yield
+    log.handlers[:], log.propagate, log.level = state[0], state[1], state[2]
 
 
 def shared_file(*parts: str) -> Path:

@@ -203,6 +203,11 @@ class S3Stack:
         self.fs().put_file(str(local), f"{self.bucket}/{key}")
         return f"s3://{self.bucket}/{key}"
 
+    def upload_folder(self, local: str | Path, key: str) -> str:
+        """Upload a folder (a DICOM series, an OME-Zarr image) under ``key``; returns its s3:// URI."""
+        self.fs().put(str(local), f"{self.bucket}/{key}", recursive=True)
+        return f"s3://{self.bucket}/{key}"
+
     def upload_bytes(self, data: bytes, key: str) -> str:
         self.fs().pipe_file(f"{self.bucket}/{key}", data)
         return f"s3://{self.bucket}/{key}"

@@ -349,7 +349,7 @@ def test_run_on_gpu_uses_the_device_stage(tmp_path: Path, slide_path: Path, clas
 
 
 def test_gpu_decoder_refused_clearly_without_a_device(slide_path: Path) -> None:
-    from gpubatch.sources.slides.backends import open_slide
+    from gpubatch.sources.slides.open import open_slide
 
     if gpu_available():
         pytest.skip("a GPU is present: the refusal path is for GPU-less machines")
@@ -364,8 +364,8 @@ def test_gpu_decoder_refused_clearly_without_a_device(slide_path: Path) -> None:
 @gpu
 @needs_gpu
 def test_gpu_decoder_reads_the_same_pixels_as_the_host(slide_path: Path) -> None:
-    from gpubatch.sources.slides.backends import open_slide
     from gpubatch.sources.slides.gpu_decode import gpu_decode_available
+    from gpubatch.sources.slides.open import open_slide
 
     ok, why = gpu_decode_available()
     if not ok:

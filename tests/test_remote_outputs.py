@@ -70,8 +70,10 @@ def test_every_output_lands_on_s3_and_reads_back(tmp_path: Path, slides: Path, c
     pd.testing.assert_frame_equal(_sorted(result.predictions()), clean)
     fs = s3.fs()
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(uri.removeprefix("s3://"))}
-    assert {"predictions.parquet", "predictions.zarr", "predictions.geojson", "report.json", "report.html",
+    assert {"predictions.parquet", "predictions.zarr", "geojson", "heatmaps", "report.json", "report.html",
             "audit.jsonl", "status.json", "_manifest", "_parts", ".gpubatch-output"} <= names
+    for folder in ("geojson", "heatmaps"):  # one file per slide, named by its key
+        assert len(fs.ls(f"{uri.removeprefix('s3://')}/{folder}")) == N_SLIDES
     again = gpubatch.open_results(uri, s3.options())
     pd.testing.assert_frame_equal(_sorted(again.predictions()), clean)
     assert again.report["items"] == len(clean)
@@ -121,3 +123,18 @@ def test_killed_client_then_resume_on_s3_equals_a_clean_run(tmp_path: Path, slid
     assert len(committed) == len(set(committed)) == N_SLIDES
     leftovers = [p for p in s3.fs().find(uri.removeprefix("s3://")) if "/.tmp-" in p]
     assert not leftovers
+
+
+def test_read_many_retries_what_failed_instead_of_calling_it_missing(s3: S3Stack) -> None:
+    """A record whose request got a 503 is read again; only a file that is not there is left out
+    (commit records streamed to the per-slide outputs were dropped under transient errors)."""
+    from gpubatch.outputs.store import OutputStore
+
+    uri = f"s3://{s3.bucket}/many/{uuid.uuid4().hex}"
+    names = [f"r{i}.json" for i in range(24)]
+    for name in names:
+        s3.upload_bytes(name.encode(), f"{uri.removeprefix(f's3://{s3.bucket}/')}/{name}")
+    s3.proxy.configure(error_rate=0.2, seed=5)
+    got = OutputStore(uri, s3.options()).read_many([*names, "absent.json"])
+    s3.proxy.reset()
+    assert got == {n: n.encode() for n in names}

@@ -132,13 +132,22 @@ def test_api_open_results_and_overrides(tmp_path: Path, slide_path: Path, classi
 
 
 def test_geojson_tiles_cover_their_level0_footprint(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+    """One QuPath FeatureCollection per slide (geojson/<slide key>.geojson), outputs as measurements.
+
+    Changed on purpose (issue 18): the single predictions.geojson with outputs as top-level
+    properties became per-slide files in QuPath's own property layout.
+    """
+    from gpubatch.sources.slides.source import slide_key
+
     job = slide_job([str(slide_path)], classifier, tmp_path / "out", output={"formats": ["parquet", "geojson"]})
     result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
-    features = json.loads((Path(result.output_uri) / "predictions.geojson").read_text())["features"]
+    path = Path(result.output_uri) / "geojson" / f"{slide_key(str(slide_path))}.geojson"
+    features = json.loads(path.read_text())["features"]
     assert len(features) == len(result.predictions()) == 16 * 12
     ring = features[0]["geometry"]["coordinates"][0]
     assert ring[2][0] - ring[0][0] == 128  # 64 px at 0.5 mpp on a 0.25 mpp slide
-    assert {"probs_0", "slide", "level"} <= set(features[0]["properties"])
+    assert features[0]["properties"]["objectType"] == "tile"
+    assert {"probs_0", "probs_1", "probs_2"} == set(features[0]["properties"]["measurements"])
 
 
 def test_a_run_with_no_rows_keeps_the_index_columns(tmp_path: Path, classifier: Path) -> None:

@@ -19,9 +19,10 @@ from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy
 from gpubatch.io.stage_cache import StageCache
 from gpubatch.io.storage import expand_uris
-from gpubatch.sources.slides.backends import SlideBackend, open_slide
+from gpubatch.sources.slides.backends import SlideBackend
 from gpubatch.sources.slides.open import (
     choose_access,
+    open_slide,
     open_slide_input,
     open_staged,
     open_stream,

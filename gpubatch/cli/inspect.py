@@ -1,7 +1,10 @@
 """`gpubatch inspect`: what a slide, ONNX model, genome store or results folder holds.
 
-Slides show allowlisted metadata only; models show what a job must match (each input's shape and
-element type), their outputs, opsets and the sha256 the audit trail records.
+A slide is anything a job reads: a TIFF-family or openslide file, an OME-Zarr image or a DICOM-WSI
+series (a folder or any of its files), local or remote; slides show allowlisted metadata only.
+Storage options come from the standard environment (``AWS_*``, including ``AWS_ENDPOINT_URL``) or
+the ``options`` argument. Models show what a job must match (each input's shape and element type),
+their outputs, opsets and the sha256 the audit trail records.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def inspect_model(path: str) -> dict[str, Any]:
     }
 
 
-def inspect_path(path: str) -> dict[str, Any]:
+def inspect_path(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".onnx":
         return inspect_model(path)
@@ -46,14 +49,24 @@ def inspect_path(path: str) -> dict[str, Any]:
 
         report = load_report(str(p))
         return {k: report.get(k) for k in ("name", "items", "items_per_s", "wall_s", "starvation", "verdict", "failed")}
-    if p.is_dir() and (p / "zarr.json").exists():
+    if p.is_dir() and (p / "zarr.json").exists() and not _is_image(p):
         import zarr
 
         return {"genome_store": str(p), **dict(zarr.open_group(str(p), mode="r").attrs)}
     from gpubatch.sources.slides.open import open_slide_input
 
-    backend = open_slide_input(path, StageClocks())
+    backend = open_slide_input(path, StageClocks(), options=options)
     try:
         return {"slide": path, **backend.info.as_dict()}
     finally:
         backend.close()
+
+
+def _is_image(folder: Path) -> bool:
+    """A zarr group that is an OME-Zarr image (NGFF metadata), not a genome store."""
+    import zarr
+
+    attrs: dict[str, Any] = dict(zarr.open_group(str(folder), mode="r").attrs)
+    ome = attrs.get("ome")
+    nested = ome if isinstance(ome, dict) else {}
+    return any(k in attrs or k in nested for k in ("multiscales", "bioformats2raw.layout"))

@@ -57,6 +57,9 @@ class ShardResult:
     model_sha256: str | None = None
     spec_sha256: str | None = None
     run_id: str | None = None
+    #: what a second stage reduced the shard's items to, on the worker (a slide head's logits):
+    #: output name -> nested lists of floats (None where undefined, e.g. a slide with no tiles)
+    shard_outputs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # A result is written to the manifest, the audit trail and the report: it names its

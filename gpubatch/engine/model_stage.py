@@ -152,3 +152,22 @@ def rerun_low_confidence(out: dict[str, np.ndarray], x: np.ndarray, fallback: Mo
             out[name][low] = value.astype(out[name].dtype, copy=False)
     clocks.count("fallback.items", len(low))
     return out
+
+
+_TEMPLATES: dict[tuple[int, tuple[int, ...]], dict[str, np.ndarray]] = {}
+
+
+def empty_rows(reader: ShardReader, model: Model, item: tuple[tuple[int, ...], str]
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Zero-length index columns and outputs, typed and shaped as a real batch's, for a shard with
+    no items (a slide with no tissue): its zarr group then still has every array at its width.
+
+    The outputs' shapes come from one zero item run through the model, once per model and
+    worker; ``item`` is the source's (shape, dtype) of a batch of one.
+    """
+    shape = tuple(item[0])
+    key = (id(model), shape)
+    if key not in _TEMPLATES:
+        out = model.run(np.zeros(shape, dtype=model.input_dtype))
+        _TEMPLATES[key] = {k: np.asarray(v)[:0].copy() for k, v in reader.from_model_output(out, 1).items()}
+    return reader.empty_index(), dict(_TEMPLATES[key])

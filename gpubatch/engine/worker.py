@@ -14,17 +14,19 @@ import socket
 import threading
 import time
 import traceback
+from typing import Any
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.core.files import file_sha256
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
-from gpubatch.engine.model_stage import make_batch_runner, warm_host_stage
+from gpubatch.engine.model_stage import empty_rows, make_batch_runner, warm_host_stage
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
+from gpubatch.engine.slide_head import BagSink, SlideHead
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity
-from gpubatch.models.base import get_model
+from gpubatch.models.base import Model, get_model
 from gpubatch.outputs.layout import new_attempt
 from gpubatch.outputs.manifest import Manifest
 from gpubatch.outputs.store import OutputStore
@@ -105,6 +107,13 @@ def _failure(shard: Shard, exc: BaseException, started: float) -> ShardResult:
     return result
 
 
+def _describe(model: Model, head: SlideHead | None) -> dict[str, Any]:
+    info = model.describe()
+    if head is not None:
+        info["slide_model"] = head.model.describe()
+    return info
+
+
 def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[str, ...] = (),
                   attempt: int = 1) -> ShardResult:
     """Process one shard end to end on this worker, commit it, and return its small result.
@@ -125,6 +134,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
     try:
         identity = input_identity(shard.input_uri, job.input.storage)
         model = get_model(ctx.model_path, ctx.backend, ctx.precision, ctx.threads)
+        head = SlideHead.for_job(job, ctx.threads)
         warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)
         with clocks.part("open"):
             reader = source.open(shard, job, clocks)
@@ -135,17 +145,22 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
                                  job.output.formats, column_limit=reader.column_limit)
             cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches, pad_last=True)
             t0 = time.perf_counter()
-            items = run_pipeline(reader, make_batch_runner(reader, model, ctx), writer, cfg, clocks)
+            bag = BagSink() if head is not None else None
+            items = run_pipeline(reader, make_batch_runner(reader, model, ctx), bag or writer, cfg, clocks)
+            empty = lambda: empty_rows(reader, model, source.model_input(job, 1))  # noqa: E731
+            shard_outputs = head.finish(bag, writer, empty, clocks) if head and bag else {}
+            if items == 0 and head is None:
+                writer.write(*empty())
             wall = time.perf_counter() - t0
             writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)
             part = writer.commit()
             shard_attrs = reader.attrs
         result = ShardResult(
             shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(MAX_SAMPLES),
-            attrs=shard_attrs, model=model.describe(), host=socket.gethostname(), pid=os.getpid(),
+            attrs=shard_attrs, model=_describe(model, head), host=socket.gethostname(), pid=os.getpid(),
             start=started, end=time.time(), attempt=attempt, attempt_name=writer.attempt,
             input_identity=identity, model_sha256=file_sha256(ctx.model_path), spec_sha256=ctx.result_hash,
-            run_id=ctx.run_id, **part)
+            run_id=ctx.run_id, shard_outputs=shard_outputs, **part)
         Manifest(store).record(result)
     except BaseException as exc:  # noqa: BLE001 - summarised for the client
         if writer is not None:

@@ -1,41 +1,80 @@
-"""predictions.geojson for slides: one square polygon per tile, in level-0 pixel coordinates.
+"""geojson/<slide>.geojson: each slide's tiles as QuPath tile objects, with the outputs as measurements.
 
-QuPath and most viewers import this as detections, so a pathologist can look at the model's
-output over the slide. Written from predictions.parquet one row group at a time.
+QuPath's *File > Import objects from file* reads a GeoJSON FeatureCollection whose features carry
+QuPath's own properties (qupath-core ``PathObjectTypeAdapters``, 0.4 and later):
+
+* ``objectType: "tile"`` makes each feature a tile object (a square the viewer draws over the slide);
+* ``classification: {"name": ..., "color": [r, g, b]}`` classifies it (both keys are required for
+  the object form); for a classifier, the class of the highest probability;
+* ``measurements: {name: number}`` become the object's measurements, listed and usable for colouring
+  and filtering in QuPath (non-finite values are left out: JSON has no NaN).
+
+Coordinates are level-0 pixels with the origin at the image's top-left, as QuPath expects. One file
+per slide, named by the slide's safe key (never its URI), written from predictions.parquet one slide
+at a time: no pixels, no metadata beyond the outputs.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
+from typing import Any
 
-import pyarrow.parquet as pq
+import numpy as np
+import pyarrow as pa
 
-from gpubatch.outputs.layout import GEOJSON, PREDICTIONS
+from gpubatch.outputs.layout import GEOJSON_DIR, geojson_name
+from gpubatch.outputs.per_slide import iter_slides, output_columns_of, probability_groups
 from gpubatch.outputs.store import OutputStore
 
-INDEX = ("slide", "x", "y", "level")
+#: class colours (Tableau 10): distinct on a slide's pinks and purples
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 
-def write_geojson(where: OutputStore | str, extents: dict[str, float]) -> str:
-    """Stream predictions.parquet into predictions.geojson; ``extents``: tile edge per slide, level-0 px."""
-    store = OutputStore.of(where)
-    pf = pq.ParquetFile(store.open_read(PREDICTIONS)) if store.exists(PREDICTIONS) else None
-    with store.open_write(GEOJSON) as f:
+def write_slide_geojson(store: OutputStore, slides: dict[str, tuple[str, float]]) -> list[str]:
+    """One FeatureCollection per slide of predictions.parquet; ``slides``: URI -> (key, tile edge in
+    level-0 px). Slides with no rows get an empty collection, so every slide has its file.
+    Returns the files' names under the output."""
+    written = []
+    seen = set()
+    for slide, table in iter_slides(store):
+        if slide in slides:
+            key, extent = slides[slide]
+            written.append(_write(store, key, _features(table, extent)))
+            seen.add(slide)
+    for slide, (key, _) in slides.items():
+        if slide not in seen:
+            written.append(_write(store, key, iter(())))
+    return written
+
+
+def _write(store: OutputStore, key: str, features: Iterable[dict[str, Any]]) -> str:
+    """Streamed: memory of one feature, the file appearing whole or not at all."""
+    name = f"{GEOJSON_DIR}/{geojson_name(key)}"
+    with store.open_write(name) as f:
         f.write(b'{"type": "FeatureCollection", "features": [')
-        first = True
-        for i in range(pf.num_row_groups if pf is not None else 0):
-            for row in pf.read_row_group(i).to_pylist():  # type: ignore[union-attr]
-                feature = json.dumps(_feature(row, extents.get(row["slide"], 0.0)))
-                f.write((("" if first else ",") + feature).encode())
-                first = False
-        f.write(b"]}\n")
-    return store.url(GEOJSON)
+        for i, feature in enumerate(features):
+            f.write((("," if i else "") + "\n" + json.dumps(feature, allow_nan=False)).encode())
+        f.write(b"\n]}\n")
+    return name
 
 
-def _feature(row: dict, extent: float) -> dict:
-    """A tile's square footprint in level-0 pixels, with the row's outputs as properties."""
-    x, y = row["x"], row["y"]
-    ring = [[x, y], [x + extent, y], [x + extent, y + extent], [x, y + extent], [x, y]]
-    props = {k: v for k, v in row.items() if k not in ("x", "y")}
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": "tile", **props}}
+def _features(table: pa.Table, extent: float) -> Iterable[dict[str, Any]]:
+    """A tile object per row: its square, its class (classifiers) and its outputs as measurements."""
+    names = output_columns_of(table)
+    values = {n: table.column(n).to_numpy(zero_copy_only=False).astype(np.float64) for n in names}
+    classes = probability_groups(table)
+    top = np.column_stack([values[n] for n in classes[0]]).argmax(1) if classes and len(table) else None
+    xs = table.column("x").to_numpy(zero_copy_only=False)
+    ys = table.column("y").to_numpy(zero_copy_only=False)
+    for i in range(len(table)):
+        x, y = float(xs[i]), float(ys[i])
+        ring = [[x, y], [x + extent, y], [x + extent, y + extent], [x, y + extent], [x, y]]
+        props: dict[str, Any] = {"objectType": "tile"}
+        if top is not None:
+            k = int(top[i])
+            props["classification"] = {"name": classes[0][k], "color": list(PALETTE[k % len(PALETTE)])}
+        props["measurements"] = {n: float(v[i]) for n, v in values.items() if math.isfinite(v[i])}
+        yield {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}

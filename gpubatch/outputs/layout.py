@@ -16,7 +16,14 @@ import uuid
 
 PREDICTIONS = "predictions.parquet"
 ZARR = "predictions.zarr"
-GEOJSON = "predictions.geojson"
+#: slides with a slide_model: one row per slide (slide, tiles, then the head's slide-level outputs)
+SLIDE_PREDICTIONS = "slide_predictions.parquet"
+#: one QuPath-importable FeatureCollection per slide, named by the slide's key (``geojson`` format)
+GEOJSON_DIR = "geojson"
+#: one PNG per slide: its tile grid coloured by an output, named by the slide's key
+HEATMAPS_DIR = "heatmaps"
+#: the single GeoJSON of all slides that runs before per-slide files wrote (removed by a new run)
+LEGACY_GEOJSON = "predictions.geojson"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 AUDIT = "audit.jsonl"
@@ -41,9 +48,9 @@ SPEC_RECORD = "_spec.json"
 TMP_PREFIX = ".tmp-"
 
 #: files a run writes at the top of the folder (recreated by every run)
-RUN_FILES = (PREDICTIONS, GEOJSON, REPORT_JSON, REPORT_HTML, AUDIT, STATUS)
-#: folders a run writes (shards' results and their records)
-RUN_DIRS = (PARTS_DIR, ZARR, MANIFEST_DIR, AUDIT_DIR)
+RUN_FILES = (PREDICTIONS, SLIDE_PREDICTIONS, LEGACY_GEOJSON, REPORT_JSON, REPORT_HTML, AUDIT, STATUS)
+#: folders a run writes (shards' results and their records, per-slide pictures and GeoJSON)
+RUN_DIRS = (PARTS_DIR, ZARR, MANIFEST_DIR, AUDIT_DIR, GEOJSON_DIR, HEATMAPS_DIR)
 #: what ``--overwrite`` removes: everything a run writes except the marker, the lease and cached models
 RUN_STATE = (*RUN_FILES, *RUN_DIRS, SPEC_RECORD)
 
@@ -61,6 +68,16 @@ def part_name(shard_id: str, attempt: str) -> str:
 def group_name(shard_id: str, attempt: str) -> str:
     """The zarr group of one attempt, under ZARR."""
     return f"{shard_id}-{attempt}"
+
+
+def geojson_name(key: str) -> str:
+    """A slide's GeoJSON under GEOJSON_DIR; ``key`` is the slide's safe key, never its URI."""
+    return f"{key}.geojson"
+
+
+def heatmap_name(key: str) -> str:
+    """A slide's heatmap under HEATMAPS_DIR; ``key`` is the slide's safe key, never its URI."""
+    return f"{key}.png"
 
 
 def record_name(shard_id: str) -> str:

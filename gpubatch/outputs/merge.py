@@ -46,7 +46,7 @@ def merge_parquet(store: OutputStore, committed: Sequence[ShardResult | CommitRe
         writer: pq.ParquetWriter | None = None
         for entry in committed:
             table = read_part(store, entry)
-            if table.num_rows == 0 and not table.schema.names:
+            if table.num_rows == 0:  # a slide with no tiles adds no rows (its zarr group keeps the widths)
                 continue
             if writer is None:
                 writer = pq.ParquetWriter(f, table.schema, compression="zstd")

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gpubatch.core.errors import GpubatchError
+from gpubatch.core.errors import GpubatchError, InputError
 from gpubatch.core.files import write_bytes_atomic
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries
@@ -102,12 +102,25 @@ class OutputStore:
         return json.loads(self.read_bytes(name))
 
     def read_many(self, names: list[str]) -> dict[str, bytes]:
-        """Several small files at once (concurrent requests on object storage)."""
+        """Several small files at once (concurrent requests on object storage); missing files are
+        left out, and a file whose request failed transiently is read again under the retry
+        policy rather than being taken for missing."""
         if not names:
             return {}
         paths = [self.path(n) for n in names]
-        found = call_with_retries(lambda: self.fs.cat(paths, on_error="omit"), self.uri, POLICY)
-        return {n: bytes(found[p]) for n, p in zip(names, paths, strict=True) if p in found}
+        found = call_with_retries(lambda: self.fs.cat(paths, on_error="return"), self.uri, POLICY)
+        out: dict[str, bytes] = {}
+        for name, path in zip(names, paths, strict=True):
+            value = found.get(path, FileNotFoundError(path))
+            if not isinstance(value, BaseException):
+                out[name] = bytes(value)
+            elif not isinstance(value, FileNotFoundError):
+                try:
+                    out[name] = self.read_bytes(name)
+                except InputError as exc:
+                    if exc.retryable:  # still failing after the retries: an error, not a missing file
+                        raise
+        return out
 
     def listdir(self, name: str = "") -> list[str]:
         """Names (not paths) of the entries directly under ``name``; [] when it does not exist."""

@@ -43,7 +43,7 @@ def output_columns(name: str, values: np.ndarray, limit: int | None = None) -> d
     Outputs of rank 3, (N, bins, tracks), are never flattened into columns (zarr keeps them
     whole); nor are outputs of more than ``limit`` values (default MAX_PARQUET_WIDTH).
     """
-    flat = values.reshape(len(values), -1)
+    flat = values.reshape(len(values), int(np.prod(values.shape[1:])))  # also for zero rows
     if values.ndim == 3:
         return {}
     if flat.shape[1] == 1:
@@ -125,8 +125,10 @@ class ShardWriter:
         self._write_parquet(index, outputs)
         if self.group is not None:
             columns = {**index, **outputs}
+            names = {"index_columns": list(index), "outputs": list(outputs)}
             del merged, index, outputs
             self._write_zarr(columns, final)
+            self._zarr.attrs.update(names)
 
     def _parquet(self, schema: pa.Schema) -> pq.ParquetWriter:
         if self._pq is None:
@@ -136,8 +138,8 @@ class ShardWriter:
 
     def _write_parquet(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         n = len(next(iter(index.values()))) if index else len(next(iter(outputs.values())))
-        columns: dict[str, Any] = {k: pa.array(np.full(n, v) if not isinstance(v, str) else [v] * n)
-                                   for k, v in self.constants.items()}
+        columns: dict[str, Any] = {k: pa.array(np.full(n, v)) if not isinstance(v, str)
+                                   else pa.array([v] * n, pa.string()) for k, v in self.constants.items()}
         columns.update({k: pa.array(v) for k, v in index.items()})
         for name, values in outputs.items():
             limit = self.column_limit(name)

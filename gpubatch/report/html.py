@@ -9,10 +9,12 @@ mailed, archived or opened on an air-gapped cluster and shows the same thing.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from html import escape
 from typing import Any
 
-from gpubatch.outputs.layout import REPORT_HTML
+from gpubatch.io.uris import uri_name
+from gpubatch.outputs.layout import HEATMAPS_DIR, REPORT_HTML, heatmap_name
 from gpubatch.outputs.store import OutputStore
 from gpubatch.report import plots
 from gpubatch.report.frames import latency_frame, shard_frame, stage_frame, throughput_frame
@@ -34,9 +36,11 @@ BREAKDOWN = (
     (("storage",), "storage", LAYER_STORAGE), (("open",), "setup", LAYER_STORAGE),
     (("decode", "resample"), "decode", LAYER_STORAGE), (("preprocess",), "preprocess", LAYER_TRANSFER),
     (("transfer",), "transfer", LAYER_TRANSFER), (("compute",), "compute", LAYER_COMPUTE),
+    (("slide_head",), "slide head", LAYER_COMPUTE),
     (("write",), "write", LAYER_STORAGE),
 )
 MUTED_LINE, INK_LINE = "#9aa5b1", "#1f2933"
+MAX_HEATMAPS = 48  # inlined in the page; the rest stay in heatmaps/
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 
 CSS = """
@@ -60,6 +64,9 @@ th{background:#f0f2f5;font-weight:600}table#run{width:auto;min-width:460px}td.l,
 .mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
 ul.facts{background:#fff;border:1px solid #e4e7eb;border-radius:8px;margin:0;padding:8px 28px}
 ul.facts li.sub{list-style:circle;margin-left:18px;color:#3e4c59}tr.empty td{background:#fff8e6}
+.maps{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
+.maps img{width:100%;height:auto;image-rendering:pixelated;display:block;background:#fff}
+.maps figcaption{font-size:12px;color:#3e4c59;margin-top:4px;overflow-wrap:anywhere}
 @media (max-width:800px){.grid{grid-template-columns:1fr}.tiles{grid-template-columns:repeat(3,1fr)}}
 """
 
@@ -257,7 +264,20 @@ def _run_table(report: dict[str, Any]) -> str:
     return f'<table id="run">{cells}</table>'
 
 
-def render_html(report: dict[str, Any]) -> str:
+def _heatmap_section(heatmaps: list[Heatmap]) -> str:
+    """Each slide's heatmap, small, with its name: drawn from predictions, so no tissue shows."""
+    if not heatmaps:
+        return ""
+    figures = "".join(
+        f'<figure><img src="{escape(h.data_uri)}" alt="heatmap of {escape(h.slide)}">'
+        f"<figcaption><b>{escape(h.slide)}</b><br>{escape(h.caption)}</figcaption></figure>"
+        for h in heatmaps[:MAX_HEATMAPS])
+    more = len(heatmaps) - MAX_HEATMAPS
+    note = f"<p class=sub>{more} more in heatmaps/.</p>" if more > 0 else ""
+    return f'<h2>Slides</h2><section class="maps" id="heatmaps">{figures}</section>{note}'
+
+
+def render_html(report: dict[str, Any], heatmaps: list[Heatmap] | None = None) -> str:
     """The whole page as a string (no file access), for tests and for embedding."""
     v = report.get("verdict") or {}
     if "gap" not in v:
@@ -273,6 +293,7 @@ def render_html(report: dict[str, Any]) -> str:
         f"<h1>{name}</h1><p class=sub>gpubatch run report · {escape(str(report.get('kind', '')))} · "
         f"{escape(str(report.get('backend', '')))} {escape(str(report.get('precision', '')))}</p>"
         f"{_tiles(report, v)}{_verdict_box(v)}{_facts(report)}<h2>Where the time went</h2><section class=grid id=plots>{grid}</section>"
+        f"{_heatmap_section(heatmaps or [])}"
         f"<h2>Inputs</h2>{_shard_table(report)}<h2>Run</h2>{_run_table(report)}"
         f"</main><script>{SELF_CHECK}</script></body></html>"
     )
@@ -281,5 +302,36 @@ def render_html(report: dict[str, Any]) -> str:
 def write_html(where: OutputStore | str, report: dict[str, Any]) -> str:
     """Write report.html into the output; returns its URI."""
     store = OutputStore.of(where)
-    store.write_bytes(REPORT_HTML, render_html(report).encode("utf-8"))
+    store.write_bytes(REPORT_HTML, render_html(report, read_heatmaps(store, report)).encode("utf-8"))
     return store.url(REPORT_HTML)
+@dataclass(frozen=True)
+class Heatmap:
+    """One slide's picture for the page: its name, the PNG inline, what coloured it."""
+
+    slide: str
+    data_uri: str
+    caption: str
+
+
+def read_heatmaps(store: OutputStore, report: dict[str, Any]) -> list[Heatmap]:
+    """The heatmaps of the report's slides (heatmaps/<key>.png), inlined, ordered by slide URI."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    shards = sorted((s for s in report.get("shards") or [] if s.get("shard_id")), key=lambda s: str(s.get("input")))
+    names = {f"{HEATMAPS_DIR}/{heatmap_name(str(s['shard_id']))}": s for s in shards}
+    found: list[Heatmap] = []
+    pictures = store.read_many(list(names)) if store.exists(HEATMAPS_DIR) else {}
+    for name, shard in names.items():
+        data = pictures.get(name)
+        if data is None or len(found) >= MAX_HEATMAPS:
+            continue
+        with Image.open(io.BytesIO(data)) as image:
+            text = dict(getattr(image, "text", {}))
+        low, _, high = text.get("gpubatch:range", "").partition(" ")
+        caption = f"{text.get('gpubatch:colour', 'output')}, {low} to {high}" if high else text.get("gpubatch:colour", "")
+        found.append(Heatmap(uri_name(str(shard.get("input", ""))), "data:image/png;base64,"
+                             + base64.b64encode(data).decode("ascii"), caption))
+    return found

@@ -9,6 +9,7 @@ validates does not stop at its start for a reason that could have been known.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,6 +240,53 @@ def check_model_input(job: JobSpec) -> None:
         raise SpecError(problems)
 
 
+def _onnx_io(path: str) -> tuple[list[tuple[str, list[int | None]]], list[tuple[str, list[int | None]]]]:
+    """(inputs, outputs) of an ONNX file as (name, dims) with None for a dynamic dim.
+
+    Exporters often leave output widths unnamed; ONNX shape inference (with data propagation
+    through Reshape and friends) usually recovers them from the graph alone, weights unread.
+    """
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    with contextlib.suppress(Exception):  # inference is a nicety: the declared shapes remain
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+
+    def dims(value: object) -> list[int | None]:
+        shape = value.type.tensor_type.shape.dim  # type: ignore[attr-defined]
+        return [d.dim_value if d.HasField("dim_value") else None for d in shape]
+
+    return ([(i.name, dims(i)) for i in graph.input if i.name not in initializers],
+            [(o.name, dims(o)) for o in graph.output])
+
+
+def check_slide_model(job: JobSpec) -> None:
+    """The slide head's file exists, the tile output it names exists, and the widths agree (where
+    both models are ONNX files with fixed feature widths)."""
+    spec = job.slide_model
+    if spec is None:
+        return
+    if not is_remote(spec.path) and not Path(local_path(spec.path)).is_file():
+        raise SpecError([("slide_model.path", f"file not found: {spec.path}")])
+    if not job.model.path.endswith(".onnx"):
+        return
+    outputs = dict(_onnx_io(job.model.path)[1])
+    name = spec.features or next(iter(outputs))
+    if name not in outputs:
+        raise SpecError([("slide_model.features", f"{name!r} is not an output of model.path; its "
+                                                  f"outputs are {list(outputs)}")])
+    tail = [d for d in outputs[name][1:] if d is not None]
+    width = int(np.prod(tail)) if tail and len(tail) == len(outputs[name]) - 1 else None
+    if not spec.path.endswith(".onnx") or width is None:
+        return
+    head_dims = _onnx_io(spec.path)[0][0][1]
+    if head_dims and head_dims[-1] is not None and head_dims[-1] != width:
+        raise SpecError([("slide_model.path", f"the slide model takes features {head_dims[-1]} wide but "
+                                              f"model.path's output {name!r} gives {width} per tile")])
+
+
 def check_reference(job: JobSpec) -> None:
     """A local reference's index is checked against the FASTA now, as planning would check it."""
     w = job.windows
@@ -291,11 +339,7 @@ def check_resources(job: JobSpec, profile: dict[str, Any] | None = None) -> None
 
 def _onnx_outputs(path: str) -> dict[str, list[int | None]]:
     """Output name -> dims (None where dynamic) of an ONNX file, read without its weights."""
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
-    return {o.name: [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
-            for o in model.graph.output}
+    return dict(_onnx_io(path)[1])
 
 
 def _reduce_problem(job: JobSpec, name: str, outputs: dict[str, list[int | None]]) -> tuple[str, str] | None:
@@ -349,7 +393,7 @@ def check_track_outputs(job: JobSpec) -> None:
 
 def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     """Everything ``run`` would refuse before planning: files, extras, storage credentials, the
-    model's input and outputs, the reference's index, the machine's cores and memory.
+    models' inputs and outputs, the reference's index, the machine's cores and memory.
 
     ``profile`` is the cluster profile (its ``storage`` may hold credentials); by default the
     one the job names.
@@ -363,6 +407,7 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     check_model_input(job)
     check_track_outputs(job)
     check_reference(job)
+    check_slide_model(job)
     check_resources(job, profile)
 
 

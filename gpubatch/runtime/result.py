@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpubatch.core.errors import EXIT_OK
-from gpubatch.outputs.layout import PREDICTIONS, ZARR
+from gpubatch.outputs.layout import PREDICTIONS, SLIDE_PREDICTIONS, ZARR
 from gpubatch.outputs.store import OutputStore
 
 
@@ -45,6 +45,26 @@ class Result:
         if not parts:
             raise KeyError(f"no committed shard of {self.output_uri} holds a zarr output {name!r}")
         return np.concatenate(parts)
+
+    def embeddings(self, slide: str, output: str | None = None) -> tuple[Any, Any]:
+        """One slide's tile features for MIL: ``(features, coords)``.
+
+        ``features`` is a float32 (N, D) array of the model output ``output`` (default: the
+        model's first), ``coords`` a DataFrame of level-0 ``x``, ``y`` and ``level``, row for row
+        with the slide's rows of predictions.parquet. ``slide`` is the slide as predictions.parquet
+        names it (its URI) or its key. A slide with no tiles gives (0, D) and an empty frame.
+        """
+        from gpubatch.outputs.features import read_features
+        from gpubatch.sources.slides.source import slide_key
+
+        return read_features(self.store, [slide, slide_key(slide)], output)
+
+    def slide_predictions(self) -> Any:
+        """slide_predictions.parquet (runs with a slide_model) as a DataFrame: one row per slide."""
+        import pandas as pd
+
+        with self.store.open_read(SLIDE_PREDICTIONS) as f:
+            return pd.read_parquet(f)
 
     def timeline(self) -> Any:
         """One row per batch: t, items, busy_s, starved_s, queue_depth, shard."""

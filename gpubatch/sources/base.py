@@ -69,6 +69,11 @@ class ShardReader(ABC):
         """How this shard's uint8 items become the model's input; the engine derives the host and
         GPU paths from this one declaration."""
 
+    def empty_index(self) -> dict[str, np.ndarray]:
+        """Zero-length index columns, typed as a read unit's: what a shard with no items writes, so
+        its outputs still carry their names, dtypes and widths."""
+        return {}
+
     def from_model_output(self, outputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         """Map raw model outputs back to ``n`` per-item columns (ref/alt/delta, strand average)."""
         return outputs

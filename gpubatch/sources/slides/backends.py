@@ -1,5 +1,9 @@
 """Whole-slide image backends: tifffile on the file's own tile grid, and openslide as the fallback.
 
+The interface (``SlideBackend``) and the machinery shared by backends that read a grid of stored
+tiles (``TileGridBackend``, also used for DICOM frames) live here; ``open.open_slide`` picks the
+backend for a file.
+
 Decode is usually what limits a slide pipeline, so TIFF-family slides (SVS, generic and OME TIFF)
 are decoded here tile by tile with tifffile/imagecodecs: a read of many boxes fetches every stored
 tile it needs once, with neighbouring byte ranges coalesced into one request, and decodes each
@@ -11,12 +15,11 @@ vendor): label, macro and thumbnail images and any other slide properties never 
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +66,8 @@ class SlideInfo:
 
 
 class DecodedTileCache:
-    """Decoded stored tiles kept only until the last planned read that needs them, bounded in bytes.
+    """Stored tiles (decoded, or encoded chunks) kept only until the last planned read that needs
+    them, bounded in bytes.
 
     Neighbouring read blocks share the stored tiles along their common edge. The reader announces
     its blocks up front (``expect``); a tile that a later block will need is kept after decoding
@@ -75,17 +79,17 @@ class DecodedTileCache:
     def __init__(self, max_bytes: int = 32 << 20):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._tiles: dict[tuple[int, int], np.ndarray] = {}
-        self._uses: dict[tuple[int, int], int] = {}
+        self._tiles: dict[Hashable, Any] = {}
+        self._uses: dict[Hashable, int] = {}
         self._lock = threading.Lock()
 
-    def expect(self, keys: Iterable[tuple[int, int]]) -> None:
+    def expect(self, keys: Iterable[Hashable]) -> None:
         """Announce one future read of each key (call once per planned read block)."""
         with self._lock:
             for key in keys:
                 self._uses[key] = self._uses.get(key, 0) + 1
 
-    def take(self, key: tuple[int, int]) -> np.ndarray | None:
+    def take(self, key: Hashable) -> Any:
         """The cached tile for one read of ``key``, if any; counts that read as done."""
         with self._lock:
             left = self._uses.get(key, 0) - 1
@@ -96,28 +100,63 @@ class DecodedTileCache:
                 self._uses.pop(key, None)
                 if tile is not None:
                     del self._tiles[key]
-                    self.bytes -= tile.nbytes
+                    self.bytes -= _size(tile)
             return tile
 
-    def offer(self, key: tuple[int, int], tile: np.ndarray) -> None:
-        """Keep a freshly decoded tile if a later planned read needs it and it fits."""
+    def offer(self, key: Hashable, tile: Any) -> None:
+        """Keep a freshly read tile if a later planned read needs it and it fits."""
+        size = _size(tile)
         with self._lock:
-            if self._uses.get(key, 0) <= 0 or key in self._tiles or self.bytes + tile.nbytes > self.max_bytes:
+            if self._uses.get(key, 0) <= 0 or key in self._tiles or self.bytes + size > self.max_bytes:
                 return
             self._tiles[key] = tile
-            self.bytes += tile.nbytes
+            self.bytes += size
 
 
-def tiles_of_boxes(page: Any, boxes: np.ndarray) -> dict[int, list[int]]:
-    """Stored tile index -> the boxes (rows of ``boxes``) that overlap it, at one level."""
-    th, tw = page.tilelength, page.tilewidth
-    ny, nx = page.chunked[0], page.chunked[1]
+def _size(tile: Any) -> int:
+    """Bytes held by a decoded tile (an array) or an encoded chunk (bytes, a zarr buffer)."""
+    nbytes = getattr(tile, "nbytes", None)
+    return int(nbytes) if nbytes is not None else len(tile)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """One level's stored tiles: the level's size in pixels and the size of one stored tile."""
+
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+
+    @property
+    def nx(self) -> int:
+        return -(-self.width // self.tile_w)
+
+    @property
+    def ny(self) -> int:
+        return -(-self.height // self.tile_h)
+
+
+def tiles_of_boxes(grid: TileGrid, boxes: np.ndarray) -> dict[int, list[int]]:
+    """Stored tile index (row-major) -> the boxes (rows of ``boxes``) that overlap it, at one level."""
+    th, tw, ny, nx = grid.tile_h, grid.tile_w, grid.ny, grid.nx
     needed: dict[int, list[int]] = {}
     for b, (x, y, w, h) in enumerate(boxes.astype(np.int64)):
         for ty in range(max(y // th, 0), min((y + h - 1) // th, ny - 1) + 1):
             for tx in range(max(x // tw, 0), min((x + w - 1) // tw, nx - 1) + 1):
                 needed.setdefault(int(ty * nx + tx), []).append(b)
     return needed
+
+
+def white_where_outside(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The (k, h, w, 3) uint8 result for ``boxes`` at a width x height level: white where a box
+    overhangs the image; boxes wholly inside are left for the reads to cover."""
+    k, bw, bh = len(boxes), int(boxes[0, 2]), int(boxes[0, 3])
+    out = np.empty((k, bh, bw, 3), dtype=np.uint8)
+    outside = (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 0] + bw > width) | (boxes[:, 1] + bh > height)
+    if outside.any():
+        out[outside] = WHITE
+    return out
 
 
 class SlideBackend(ABC):
@@ -143,6 +182,64 @@ class SlideBackend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release handles."""
+
+
+class TileGridBackend(SlideBackend):
+    """A backend whose levels are grids of stored tiles (TIFF tiles, DICOM frames).
+
+    A read of many boxes fetches every stored tile it needs once (``_fetch``: the storage part)
+    and decodes each once (``_decoded``: the decode part), pasting each tile into the boxes it
+    overlaps as soon as it is decoded, so a read holds one decoded tile at a time (plus those the
+    cache keeps for later reads). Tiles on the shared edge of two planned reads are kept between
+    them (``expect_reads``). Subclasses set ``path`` and ``cache``.
+    """
+
+    path: str
+    cache: DecodedTileCache
+
+    @abstractmethod
+    def _grid(self, level: int) -> TileGrid:
+        """The stored tile grid of ``level``."""
+
+    @abstractmethod
+    def _fetch(self, level: int, indices: list[int], clocks: StageClocks) -> list[bytes]:
+        """The encoded bytes of the stored tiles ``indices`` (row-major) at ``level``."""
+
+    @abstractmethod
+    def _decoded(self, level: int, blobs: list[bytes], indices: list[int]) -> Iterator[np.ndarray]:
+        """Decoded (tile_h, tile_w, 3) uint8 tiles of ``blobs``, in order."""
+
+    def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
+        grid = self._grid(level)
+        out = white_where_outside(boxes, grid.width, grid.height)
+        needed = tiles_of_boxes(grid, boxes)
+        tiles = {i: t for i in needed if (t := self.cache.take((level, i))) is not None}
+        missing = sorted(i for i in needed if i not in tiles)
+        with clocks.part("storage"):
+            blobs = self._fetch(level, missing, clocks) if missing else []
+
+        def paste(index: int, tile: np.ndarray) -> None:
+            ty, tx = divmod(index, grid.nx)
+            for b in needed[index]:
+                paste_tile(out[b], tile, tx * grid.tile_w - int(boxes[b, 0]), ty * grid.tile_h - int(boxes[b, 1]))
+
+        with clocks.part("decode"):
+            for index, tile in tiles.items():
+                paste(index, tile)
+            for index, tile in zip(missing, self._decoded(level, blobs, missing), strict=True):
+                ty, tx = divmod(index, grid.nx)
+                # Edge tiles carry padding past the image; openslide shows background there.
+                tile = tile[: grid.height - ty * grid.tile_h, : grid.width - tx * grid.tile_w]
+                self.cache.offer((level, index), tile)
+                paste(index, tile)
+        clocks.count("decode.tiles", len(missing))
+        clocks.count("decode.cache_hits", len(needed) - len(missing))
+        return out
+
+    def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
+        grid = self._grid(level)
+        for boxes in blocks:
+            self.cache.expect((level, index) for index in tiles_of_boxes(grid, boxes))
 
 
 def _resolution_tag(unit: int | str, xres: float) -> str:
@@ -192,7 +289,7 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
                         f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
 
 
-class TiffBackend(SlideBackend):
+class TiffBackend(TileGridBackend):
     """Tile-grid decode with tifffile: every stored tile a read needs is fetched and decoded once."""
 
     def __init__(self, path: str, fileobj: Any = None, ranges: RangeReader | None = None,
@@ -220,53 +317,20 @@ class TiffBackend(SlideBackend):
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         try:
-            return self._read_boxes(level, boxes, clocks)
+            return super().read_boxes(level, boxes, clocks)
         except (IndexError, KeyError, ValueError, TypeError, struct.error) as exc:
             # A file whose structure lies about its data fails the same way every time: an input
             # error with the file's name, not a retryable crash.
             raise InputError(self.path, f"malformed TIFF data at level {level}: "
                                         f"{type(exc).__name__}: {exc}") from exc
 
-    def _read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
+    def _grid(self, level: int) -> TileGrid:
         page = self.pages[level]
-        th, tw, nx = page.tilelength, page.tilewidth, page.chunked[1]
-        height, width = int(page.shape[0]), int(page.shape[1])
-        k, bw, bh = len(boxes), int(boxes[0, 2]), int(boxes[0, 3])
-        out = np.empty((k, bh, bw, 3), dtype=np.uint8)
-        # Boxes inside the image are covered by decoded tiles; only the rest need background.
-        outside = (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 0] + bw > width) | (boxes[:, 1] + bh > height)
-        if outside.any():
-            out[outside] = WHITE
-        needed = tiles_of_boxes(page, boxes)
-        tiles = {i: t for i in needed if (t := self.cache.take((level, i))) is not None}
-        missing = sorted(i for i in needed if i not in tiles)
-        ranges = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in missing]
-        with clocks.part("storage"):
-            blobs = self.ranges.read_ranges(ranges) if ranges else []
-        def paste(index: int, tile: np.ndarray) -> None:
-            ty, tx = divmod(index, nx)
-            for b in needed[index]:
-                _paste(out[b], tile, tx * tw - int(boxes[b, 0]), ty * th - int(boxes[b, 1]))
+        return TileGrid(int(page.shape[1]), int(page.shape[0]), int(page.tilewidth), int(page.tilelength))
 
-        with clocks.part("decode"):
-            for index, tile in tiles.items():
-                paste(index, tile)
-            # Each tile is pasted as soon as it is decoded: a read holds one decoded tile at a
-            # time (plus those kept for later reads), not every tile of its block at once.
-            for index, tile in zip(missing, self._decoded(page, blobs, missing), strict=True):
-                ty, tx = divmod(index, nx)
-                # Edge tiles carry padding past the image; openslide shows background there.
-                tile = tile[: height - ty * th, : width - tx * tw]
-                self.cache.offer((level, index), tile)
-                paste(index, tile)
-        clocks.count("decode.tiles", len(missing))
-        clocks.count("decode.cache_hits", len(needed) - len(missing))
-        return out
-
-    def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
-        page = self.pages[level]
-        for boxes in blocks:
-            self.cache.expect((level, index) for index in tiles_of_boxes(page, boxes))
+    def _fetch(self, level: int, indices: list[int], clocks: StageClocks) -> list[bytes]:
+        page = self.pages[level]  # the range reader counts requests and bytes
+        return self.ranges.read_ranges([(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in indices])
 
     def use_gpu_decode(self) -> None:
         """Decode JPEG tiles with nvImageCodec on the GPU (a batch per read) instead of libjpeg-turbo.
@@ -280,8 +344,9 @@ class TiffBackend(SlideBackend):
             raise GpubatchError(f"tiles.decoder: gpu, but GPU JPEG decode cannot run here: {why}")
         self.gpu_decode = True
 
-    def _decoded(self, page: Any, blobs: list[bytes], indices: list[int]) -> Iterator[np.ndarray]:
+    def _decoded(self, level: int, blobs: list[bytes], indices: list[int]) -> Iterator[np.ndarray]:
         """Decoded tiles of ``blobs``, in order: one by one on the host, or one GPU batch for JPEG."""
+        page = self.pages[level]
         if self.gpu_decode and int(page.compression) == JPEG and any(blobs):
             from gpubatch.sources.slides.gpu_decode import decode_jpeg_tiles_gpu
 
@@ -306,7 +371,7 @@ class TiffBackend(SlideBackend):
                                 "can instead)")) from exc
         tile = np.asarray(segment).reshape(th, tw, -1)
         if tile.shape[-1] == 4:
-            tile = _composite_on_white(tile)
+            tile = composite_on_white(tile)
         return tile[..., :3]
 
     def _decode_checked(self, page: Any, blob: bytes, index: int) -> Any:
@@ -343,13 +408,13 @@ def _decodes_as_ycbcr(page: Any) -> bool:
     return plain and (page.photometric == YCBCR or (page.photometric == RGB and page.is_jfif))
 
 
-def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[..., 3:4].astype(np.uint16)
     rgb = (rgba[..., :3].astype(np.uint16) * alpha + WHITE * (255 - alpha)) // 255
     return rgb.astype(np.uint8)
 
 
-def _paste(dst: np.ndarray, tile: np.ndarray, dx: int, dy: int) -> None:
+def paste_tile(dst: np.ndarray, tile: np.ndarray, dx: int, dy: int) -> None:
     """Copy ``tile`` into ``dst`` with its top-left at (dx, dy) in dst coordinates, clipped."""
     h, w = dst.shape[:2]
     th, tw = tile.shape[:2]
@@ -406,33 +471,8 @@ class OpenSlideBackend(SlideBackend):
                     region = self.slide.read_region((int(round(x * ds)), int(round(y * ds))), level, (int(w), int(h)))
                 except openslide.OpenSlideError as exc:
                     raise InputError(self.path, f"openslide failed to read a region: {exc}") from exc
-                out[b] = _composite_on_white(np.asarray(region))
+                out[b] = composite_on_white(np.asarray(region))
         return out
 
     def close(self) -> None:
         self.slide.close()
-
-
-def open_slide(path: str, clocks: StageClocks, *, fileobj: Any = None,
-               ranges: RangeReader | None = None, prefer: str = "auto") -> SlideBackend:
-    """tifffile for TIFF-family files it can tile-decode, openslide for the rest and as fallback."""
-    if os.path.isdir(path):
-        raise InputError(path, "is a directory, not a slide file")
-    if fileobj is None and os.path.exists(path) and os.path.getsize(path) == 0:
-        raise InputError(path, "is an empty (zero-byte) file")
-    errors: list[str] = []
-    if prefer in ("auto", "tifffile") and (fileobj is not None or path.lower().endswith(TIFF_SUFFIXES)):
-        try:
-            return TiffBackend(path, fileobj=fileobj, ranges=ranges, clocks=clocks)
-        except InputError:
-            raise
-        except Exception as exc:  # any parse failure: try openslide, keep the reason
-            errors.append(f"tifffile: {exc}")
-    if fileobj is not None:
-        raise InputError(path, "cannot stream this file by byte range (" + "; ".join(errors) + "); use input.access: stage")
-    try:
-        return OpenSlideBackend(path)
-    except InputError as exc:
-        if errors:
-            raise InputError(path, f"{exc.message}; {'; '.join(errors)}") from exc
-        raise

@@ -1,5 +1,10 @@
 """Opening a slide on a worker: local, streamed by byte range, or staged whole, as ``access`` says.
 
+Which reader: OME-Zarr images (``.zarr`` or a folder with zarr metadata) go to the zarr reader
+and DICOM-WSI series (a folder of DICOM files, a ``.dcm`` file, a file with the DICM magic) to
+OpenSlide 4 or wsidicom (``dicom``), both read in place, locally or remotely; TIFF-family files
+to tifffile; everything else to openslide.
+
 In object storage every request costs tens of milliseconds and some fail transiently. ``stream``
 reads TIFF-family slides by byte range: tifffile parses the header through a small readahead-cached
 file, then the backend fetches stored tiles coalesced and concurrently through the storage entry
@@ -26,17 +31,41 @@ from gpubatch.io.retry import RetryPolicy
 from gpubatch.io.stage_cache import StageCache, StagedFile, get_stage_cache
 from gpubatch.io.storage import open_ranges, stat
 from gpubatch.io.uris import is_remote, local_path, uri_name
-from gpubatch.sources.slides.backends import TIFF_SUFFIXES, SlideBackend, open_slide
+from gpubatch.sources.slides.backends import (
+    TIFF_SUFFIXES,
+    OpenSlideBackend,
+    SlideBackend,
+    TiffBackend,
+)
+from gpubatch.sources.slides.dicom import (
+    DICOM_SUFFIXES,
+    WsiDicomBackend,
+    folder_holds_dicom,
+    looks_like_dicom,
+    open_dicom,
+)
+from gpubatch.sources.slides.omezarr import OmeZarrBackend, folder_is_zarr, is_zarr_uri
 
 #: formats whose data lives in a directory beside the file, named after its stem
 COMPANION_SUFFIXES = (".mrxs",)
 
 
 def choose_access(uri: str, requested: str) -> str:
-    """``auto``: stream TIFF-family files by range, stage everything else (openslide formats)."""
+    """``auto``: stream TIFF-family files by range, stage everything else (openslide formats).
+
+    OME-Zarr images and DICOM-WSI series are always read in place, chunk by chunk or frame by
+    frame, by their own readers ("stream"): a folder of objects cannot be staged as one file.
+    """
+    if read_in_place(uri):
+        return "stream"
     if requested != "auto":
         return requested
     return "stream" if uri_name(uri).lower().endswith(TIFF_SUFFIXES) else "stage"
+
+
+def read_in_place(uri: str) -> bool:
+    """Names that say OME-Zarr or DICOM (or a prefix): formats read in place, never staged."""
+    return is_zarr_uri(uri) or uri.endswith("/") or uri_name(uri).lower().endswith(DICOM_SUFFIXES)
 
 
 def _has_companions(uri: str) -> bool:
@@ -47,6 +76,51 @@ def _mark(backend: SlideBackend, access: str, clocks: StageClocks) -> SlideBacke
     backend.access = access  # type: ignore[attr-defined]
     clocks.count(f"storage.access.{access}")
     return backend
+
+
+def open_slide(path: str, clocks: StageClocks, *, fileobj: Any = None,
+               ranges: RangeReader | None = None, prefer: str = "auto") -> SlideBackend:
+    """A local slide's backend: OME-Zarr and DICOM-WSI (folders or files) to their readers,
+    tifffile for TIFF-family files it can tile-decode, openslide for the rest and as fallback."""
+    if fileobj is None:
+        special = _open_folder_format(path, clocks)
+        if special is not None:
+            return special
+        if os.path.getsize(path) == 0:
+            raise InputError(path, "is an empty (zero-byte) file")
+    errors: list[str] = []
+    if prefer in ("auto", "tifffile") and (fileobj is not None or path.lower().endswith(TIFF_SUFFIXES)):
+        try:
+            return TiffBackend(path, fileobj=fileobj, ranges=ranges, clocks=clocks)
+        except InputError:
+            raise
+        except Exception as exc:  # any parse failure: try openslide, keep the reason
+            errors.append(f"tifffile: {exc}")
+    if fileobj is not None:
+        raise InputError(path, "cannot stream this file by byte range (" + "; ".join(errors) + "); use input.access: stage")
+    try:
+        return OpenSlideBackend(path)
+    except InputError as exc:
+        if errors:
+            raise InputError(path, f"{exc.message}; {'; '.join(errors)}") from exc
+        raise
+
+
+def _open_folder_format(path: str, clocks: StageClocks) -> SlideBackend | None:
+    """OME-Zarr images and DICOM-WSI series (a folder, or a DICOM file); None for other files."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not os.path.exists(path):
+        raise InputError(path, "file not found")
+    folder, fs = os.path.isdir(path), LocalFileSystem()
+    if is_zarr_uri(path) or (folder and folder_is_zarr(fs, path)):
+        return OmeZarrBackend(path, clocks)
+    if folder and folder_holds_dicom(fs, path) or not folder and looks_like_dicom(path):
+        return open_dicom(path, clocks)
+    if folder:
+        raise InputError(path, "is a directory holding neither an OME-Zarr image nor DICOM files, "
+                               "not a slide")
+    return None
 
 
 def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
@@ -137,6 +211,9 @@ def open_slide_input(uri: str, clocks: StageClocks, *, access: str = "auto",
         if not os.path.exists(path):
             raise InputError(uri, "file not found")
         return _mark(open_slide(path, clocks), "local", clocks)
+    in_place = open_in_place(uri, options, clocks, policy)
+    if in_place is not None:
+        return _mark(in_place, "stream", clocks)
     chosen = choose_access(uri, access)
     if chosen == "stream":
         try:
@@ -146,6 +223,28 @@ def open_slide_input(uri: str, clocks: StageClocks, *, access: str = "auto",
                 raise
             clocks.count("storage.stream_fallbacks")
     return _mark(open_staged(uri, options, clocks, policy), "stage", clocks)
+
+
+def open_in_place(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
+                  policy: RetryPolicy | None = None) -> SlideBackend | None:
+    """A remote OME-Zarr image or DICOM-WSI series opened where it lies; None for single-file
+    formats. A prefix (folder) is looked into: zarr metadata, else DICOM files, else an error."""
+    from gpubatch.io.storage import get_fs
+
+    if is_zarr_uri(uri):
+        return OmeZarrBackend(uri, clocks, options=options, policy=policy)
+    if uri_name(uri).lower().endswith(TIFF_SUFFIXES):
+        return None
+    info = stat(uri, options, policy, clocks)  # folders are often named by a UID with dots in it
+    if info["type"] != "directory":
+        return WsiDicomBackend(uri, clocks, options=options) if read_in_place(uri) else None
+    fs, path = get_fs(uri, options)
+    if folder_is_zarr(fs, path):
+        return OmeZarrBackend(uri, clocks, options=options, policy=policy)
+    if folder_holds_dicom(fs, path):
+        return WsiDicomBackend(uri, clocks, options=options)
+    raise InputError(redact(uri), "is a prefix (folder) holding neither an OME-Zarr image nor "
+                                  "DICOM files, not a slide")
 
 
 def _is_storage_failure(exc: InputError) -> bool:

@@ -6,6 +6,7 @@ where its grid (``grid``) and tissue mask (``tissue``) are computed and its tile
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
@@ -20,6 +21,7 @@ from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
 from gpubatch.io.uris import uri_name
 from gpubatch.ops.preprocess import Preprocess
+from gpubatch.outputs.heatmaps import SlideGrid
 from gpubatch.outputs.store import OutputStore
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
 from gpubatch.sources.slides.backends import SlideBackend
@@ -77,12 +79,14 @@ class SlideReader(ShardReader):
         tiles = self.backend.read_boxes(g.level, self._boxes(members), self.clocks)
         with self.clocks.part("resample"):
             tiles = resize(tiles, g.size)
-        n = len(members)
-        index = {
-            "x": g.xs[members], "y": g.ys[members],
-            "level": np.full(n, g.level, dtype=np.int32),
-        }
-        return ItemBlock(tiles, index)
+        return ItemBlock(tiles, self._index(members))
+
+    def _index(self, members: np.ndarray) -> dict[str, np.ndarray]:
+        g = self.grid
+        return {"x": g.xs[members], "y": g.ys[members], "level": np.full(len(members), g.level, dtype=np.int32)}
+
+    def empty_index(self) -> dict[str, np.ndarray]:
+        return self._index(np.zeros(0, dtype=np.int64))
 
     @property
     def preprocess(self) -> Preprocess:
@@ -111,6 +115,14 @@ def tile_preprocess(job: JobSpec) -> Preprocess:
     return Preprocess("tiles", tuple(norm.mean), tuple(norm.std), norm.layout)
 
 
+def _slide_grid(result: ShardResult, job: JobSpec) -> SlideGrid:
+    """Where a slide's tiles lie, from its record: level-0 size, tile edge and stride."""
+    info = result.attrs.get("slide_info") or {}
+    extent = float(result.attrs.get("extent_level0", job.tiles.size))
+    return SlideGrid(int(info.get("width", 0)), int(info.get("height", 0)),
+                     max(extent * (1.0 - job.tiles.overlap), 1.0), extent)
+
+
 def slide_key(uri: str) -> str:
     """A short, filesystem-safe, collision-free name for a slide's outputs (shard id, part and
     zarr group names): the file's name and a hash, both of the redacted URI, so no credential
@@ -125,12 +137,16 @@ class SlideSource(Source):
 
     def plan(self, job: JobSpec) -> tuple[Sequence[Shard], list[dict[str, str]]]:
         from gpubatch.io.storage import expand_uris
+        from gpubatch.io.uris import has_magic
+        from gpubatch.sources.slides.listing import slide_inputs
 
         failed: list[dict[str, str]] = []
         shards: dict[str, Shard] = {}  # by shard id: two URIs that differ only in credentials are one slide
         for pattern in job.input.uris:
             try:
                 found = expand_uris([pattern], job.input.storage)
+                if has_magic(pattern):  # a named input is kept as named; a glob's matches are grouped
+                    found = slide_inputs(found, job.input.storage)
             except InputError as exc:  # a listing that kept failing: that pattern, not the run
                 failed.append({"input": redact(pattern), "error": exc.message})
                 continue
@@ -172,10 +188,25 @@ class SlideSource(Source):
         return {"slide": redact(shard.input_uri)}
 
     def write_outputs(self, job: JobSpec, store: OutputStore, results: Iterable[ShardResult]) -> None:
-        if "geojson" in job.output.formats:
-            from gpubatch.outputs.geojson import write_geojson
+        """Per slide, from predictions only: heatmaps, QuPath GeoJSON (``geojson`` format), and
+        with a slide head, slide_predictions.parquet. Files are named by the slide's key.
 
-            write_geojson(store, {r.input: r.attrs.get("extent_level0", job.tiles.size) for r in results})
+        The records are read once, as they stream past: what is kept per slide is its key and
+        grid (a few numbers); the head's slide-level outputs go straight to their table.
+        """
+        from gpubatch.outputs.geojson import write_slide_geojson
+        from gpubatch.outputs.heatmaps import write_heatmaps
+        from gpubatch.outputs.slide_outputs import SlidePredictions
+
+        places: dict[str, tuple[str, SlideGrid]] = {}
+        with SlidePredictions(store) if job.slide_model is not None else contextlib.nullcontext() as table:
+            for r in results:
+                places[redact(r.input)] = (r.shard_id, _slide_grid(r, job))
+                if table is not None:
+                    table.add(r)
+        write_heatmaps(store, places, job.output.heatmap)
+        if "geojson" in job.output.formats:
+            write_slide_geojson(store, {uri: (key, grid.extent) for uri, (key, grid) in places.items()})
 
     def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
         size = job.tiles.size

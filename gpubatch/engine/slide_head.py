@@ -1,0 +1,160 @@
+"""The second stage: a slide-level model over one slide's whole bag of tile features, on its worker.
+
+Attention-MIL heads (ABMIL, CLAM, TransMIL) take every tile feature of a slide at once, (N, D),
+and give per-tile outputs (attention, N values) and slide-level outputs (class logits, one row).
+The bag lives on the worker that computed it, so the head runs there, after the shard's tiles and
+before its commit (docs/pathology.md): only a few numbers per slide ever reach the client.
+
+While the pipeline runs, :class:`BagSink` stands in for the shard writer and keeps the shard's
+batches; :meth:`SlideHead.finish` then stacks the chosen tile output into the bag, runs the head,
+and hands every batch to the writer with the head's per-tile outputs added as columns, so they
+land in the same rows of predictions.parquet and the zarr group. Slide-level outputs travel back
+in the shard's result (committed with the manifest entry, so ``--resume`` keeps them) and become
+slide_predictions.parquet on the client.
+
+Memory: the head holds one slide's bag, N x D float32 (plus the batches' other outputs): for a
+100 000-tile slide and a 1536-wide encoder, 600 MB. That is the price of a slide-level head,
+whatever the framework; it is bounded by the largest slide, not by the run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpubatch.core.errors import GpubatchError
+from gpubatch.models.base import Model, get_model
+
+if TYPE_CHECKING:
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.outputs.writer import ShardWriter
+    from gpubatch.spec import JobSpec
+
+Rows = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # index columns, outputs
+PROBE_SIZES = (2, 3)  # bag sizes run once to learn which outputs follow the bag's length
+
+
+@dataclass
+class BagSink:
+    """Keeps a shard's batches (index, outputs) until the slide head has run over all of them."""
+
+    batches: list[Rows] = field(default_factory=list)
+
+    def write(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        self.batches.append((index, outputs))
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """What probing a head told: whether it wants a batch axis, and which outputs are per tile."""
+
+    batch_axis: bool
+    per_tile: tuple[str, ...]
+    templates: dict[str, np.ndarray]  # each output for a bag of one, to shape empty slides
+
+
+_SHAPES: dict[tuple[int, int], HeadShape] = {}
+_SHAPES_LOCK = threading.Lock()
+
+
+class SlideHead:
+    """One job's slide model on one worker; ``features`` names the tile output forming the bag."""
+
+    def __init__(self, model: Model, features: str | None):
+        self.model, self.features = model, features
+
+    @classmethod
+    def for_job(cls, job: JobSpec, threads: int | None) -> SlideHead | None:
+        spec = job.slide_model
+        if spec is None:
+            return None
+        return cls(get_model(spec.path, spec.backend, "fp32", threads), spec.features)
+
+    def feature_name(self, outputs: dict[str, np.ndarray]) -> str:
+        """The tile output that forms the bag: the spec's name, else the tile model's first."""
+        name = self.features or next(iter(outputs))
+        if name not in outputs:
+            raise GpubatchError(f"slide_model.features: the tile model has no output {name!r}; "
+                                f"its outputs are {sorted(outputs)}")
+        return name
+
+    def shape(self, width: int) -> HeadShape:
+        """Probe the head once per worker and bag width: (N, D) or (1, N, D) input, per-tile outputs."""
+        key = (id(self.model), width)
+        with _SHAPES_LOCK:
+            if key not in _SHAPES:
+                _SHAPES[key] = self._probe(width)
+            return _SHAPES[key]
+
+    def _probe(self, width: int) -> HeadShape:
+        errors = []
+        for batch_axis in (False, True):
+            try:
+                runs = [self._run(np.zeros((n, width), np.float32), batch_axis) for n in (1, *PROBE_SIZES)]
+            except Exception as exc:  # the other layout may be the one the head takes
+                errors.append(f"{'(1, N, D)' if batch_axis else '(N, D)'}: {exc}")
+                continue
+            per_tile = tuple(k for k in runs[0] if all(r[k].shape[:1] == (n,) for r, n in
+                                                        zip(runs[1:], PROBE_SIZES, strict=True)))
+            return HeadShape(batch_axis, per_tile, runs[0])
+        raise GpubatchError(f"slide_model {self.model.path} does not take a bag of {width}-wide "
+                            f"features as (N, {width}) or (1, N, {width}): " + "; ".join(errors))
+
+    def _run(self, bag: np.ndarray, batch_axis: bool) -> dict[str, np.ndarray]:
+        out = self.model.run(bag[None] if batch_axis else bag)
+        return {k: np.asarray(v)[0] if batch_axis and np.ndim(v) and np.shape(v)[0] == 1 else np.asarray(v)
+                for k, v in out.items()}
+
+    def finish(self, sink: BagSink, writer: ShardWriter, empty: Callable[[], Rows],
+               clocks: StageClocks) -> dict[str, list[Any]]:
+        """Run the head over the slide's bag, write every row with its per-tile outputs, and return
+        the slide-level outputs (JSON-able lists; None where a slide had no tiles).
+
+        ``empty`` gives a slide with no tiles its zero-length rows (typed index and tile outputs),
+        so that even then the columns and widths are there.
+        """
+        batches = sink.batches or [empty()]
+        name = self.feature_name(batches[0][1])
+        with clocks.part("slide_head"):
+            bag = np.concatenate([_rows(o[name]) for _, o in batches])
+            shape = self.shape(bag.shape[1])
+            out = self._run(bag, shape.batch_axis) if len(bag) else _empty_like(shape)
+        clocks.count("slide_head.tiles", len(bag))
+        tile_names = _column_names(shape.per_tile, batches[0][1])
+        with clocks.part("write"):
+            start = 0
+            for index, outputs in batches:
+                n = len(next(iter(outputs.values()))) if outputs else 0
+                extra = {tile_names[k]: out[k][start : start + n] for k in shape.per_tile}
+                writer.write(index, {**outputs, **extra})
+                start += n
+        sink.batches.clear()
+        return {k: _jsonable(v) for k, v in out.items() if k not in shape.per_tile}
+
+
+def _jsonable(values: np.ndarray) -> list[Any]:
+    """Nested lists of floats, NaN as None (strict JSON, and null in parquet)."""
+    arr = np.asarray(values, np.float64).astype(object)
+    arr[np.isnan(np.asarray(values, np.float64))] = None
+    return arr.tolist()  # type: ignore[no-any-return]
+
+
+def _rows(values: np.ndarray) -> np.ndarray:
+    """A tile output as (n, D) float32 rows, however many axes each tile's value has."""
+    arr = np.asarray(values, np.float32)
+    return arr.reshape(len(arr), int(np.prod(arr.shape[1:])))
+
+
+def _empty_like(shape: HeadShape) -> dict[str, np.ndarray]:
+    """A slide with no tiles: zero-length per-tile outputs, NaN slide-level outputs."""
+    return {k: v[:0] if k in shape.per_tile else np.full_like(v, np.nan, dtype=np.float64)
+            for k, v in shape.templates.items()}
+
+
+def _column_names(per_tile: tuple[str, ...], tile_outputs: dict[str, np.ndarray]) -> dict[str, str]:
+    """Per-tile head outputs keep their names unless a tile output has it (then ``slide_<name>``)."""
+    return {k: f"slide_{k}" if k in tile_outputs else k for k in per_tile}

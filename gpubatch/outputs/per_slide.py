@@ -1,0 +1,75 @@
+"""predictions.parquet read back one slide at a time, for the outputs drawn per slide.
+
+The per-slide GeoJSON and heatmaps are made from predictions only (never from pixels, so no tissue
+and no label image can reach them). predictions.parquet holds each slide's rows together, in plan
+order, so one pass over its row groups yields the slides in turn with memory of one slide's rows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gpubatch.outputs.layout import PREDICTIONS
+from gpubatch.outputs.store import OutputStore
+
+INDEX_COLUMNS = ("slide", "x", "y", "level")
+PROB_TOLERANCE = 1e-2
+_VECTOR_COLUMN = re.compile(r"^(?P<base>.+)_(?P<i>\d+)$")
+
+
+def iter_slides(store: OutputStore) -> Iterator[tuple[str, pa.Table]]:
+    """(slide, its rows) for each slide of the output's predictions.parquet, in file order."""
+    if not store.exists(PREDICTIONS):
+        return
+    with store.open_read(PREDICTIONS) as f:
+        yield from _slides_of(pq.ParquetFile(f))
+
+
+def _slides_of(pf: pq.ParquetFile) -> Iterator[tuple[str, pa.Table]]:
+    if "slide" not in pf.schema_arrow.names:
+        return
+    current: str | None = None
+    pieces: list[pa.Table] = []
+    for i in range(pf.num_row_groups):
+        group = pf.read_row_group(i)
+        if group.num_rows == 0:
+            continue
+        slides = group.column("slide").to_numpy(zero_copy_only=False)
+        starts = [0, *(np.flatnonzero(slides[1:] != slides[:-1]) + 1), len(slides)]
+        for lo, hi in zip(starts[:-1], starts[1:], strict=True):
+            if slides[lo] != current and pieces:
+                yield str(current), pa.concat_tables(pieces)
+                pieces = []
+            current = slides[lo]
+            pieces.append(group.slice(lo, hi - lo))
+    if pieces:
+        yield str(current), pa.concat_tables(pieces)
+
+
+def output_columns_of(table: pa.Table) -> list[str]:
+    """The numeric model-output columns of a slide's rows (not the index)."""
+    return [f.name for f in table.schema if f.name not in INDEX_COLUMNS
+            and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))]
+
+
+def probability_groups(table: pa.Table) -> list[list[str]]:
+    """Groups of columns ``name_0 .. name_k`` (k >= 1) whose rows are probabilities (sum to 1)."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for name in output_columns_of(table):
+        m = _VECTOR_COLUMN.match(name)
+        if m:
+            groups.setdefault(m.group("base"), []).append((int(m.group("i")), name))
+    found = []
+    for members in groups.values():
+        names = [n for _, n in sorted(members)]
+        if len(names) < 2:
+            continue
+        values = np.column_stack([table.column(n).to_numpy(zero_copy_only=False) for n in names]).astype(np.float64)
+        if len(values) and np.all(values >= -PROB_TOLERANCE) and np.allclose(values.sum(1), 1.0, atol=PROB_TOLERANCE):
+            found.append(names)
+    return found

@@ -1,0 +1,296 @@
+"""DICOM-WSI slides: OpenSlide 4 where it opens the file, wsidicom where it cannot.
+
+A DICOM-WSI slide is a series of files, one per pyramid level (plus label and overview images),
+usually in a folder of its own and often in object storage. OpenSlide 4 opens a series from one
+of its files on a local disk; it cannot open a folder or a remote object, and for a file that is
+not a slide it says only "Unsupported or missing image file". wsidicom reads a folder or any of
+its files, locally or through fsspec, so it takes those cases.
+
+Before wsidicom sees them, the files are vetted with pydicom (header only, no pixel data): it is
+handed the files of exactly one whole-slide series, and a file that is DICOM but not a slide (a
+CT, a secondary capture) is refused by name: "its SOP Class is CT Image Storage (1.2.840...)",
+so a user who pointed a job at the wrong series learns that from the error alone.
+
+Frames are read on the level's own tile grid like TIFF tiles: fetched as encoded bytes (the
+storage part), decoded once each (the decode part), edge frames shared by two read blocks kept
+between them. Label and overview images are never read; only the allowlisted ``SlideInfo`` leaves.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import InputError
+from gpubatch.io.redact import redact
+from gpubatch.io.uris import is_remote, local_path
+from gpubatch.sources.slides.backends import (
+    DecodedTileCache,
+    OpenSlideBackend,
+    SlideBackend,
+    SlideInfo,
+    TileGrid,
+    TileGridBackend,
+)
+
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+HEADER_TAGS = ("SOPClassUID", "SeriesInstanceUID")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+MAGIC_OFFSET, MAGIC = 128, b"DICM"
+EXTRA_HINT = "pip install 'gpubatch[dicom]'"
+HEADER_BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """What is known of a file before wsidicom sees it: its SOP class and series."""
+
+    path: str
+    sop_class: str
+    series_uid: str
+
+    @property
+    def is_wsi(self) -> bool:
+        return self.sop_class == WSI_SOP_CLASS
+
+
+def require_dicom_packages(uri: str) -> None:
+    """Refuse this input, naming the extra to install, when pydicom or wsidicom is missing."""
+    try:
+        import pydicom  # noqa: F401
+        import wsidicom  # noqa: F401
+    except ImportError:
+        raise InputError(redact(uri), f"reading DICOM-WSI needs pydicom and wsidicom: {EXTRA_HINT}") from None
+
+
+def describe_sop_class(uid: str) -> str:
+    """'CT Image Storage (1.2.840.10008.5.1.4.1.1.2)': the name a user can look up, and the UID."""
+    from pydicom.uid import UID
+
+    name = UID(uid).name if uid else ""
+    return f"{name} ({uid})" if name and name != uid else f"unknown SOP class ({uid or 'none'})"
+
+
+def has_dicom_magic(path: str) -> bool:
+    """True when a local file carries 'DICM' after the 128-byte preamble (any suffix)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(MAGIC_OFFSET)
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+def looks_like_dicom(uri: str) -> bool:
+    """A DICOM suffix, or (local files) the DICM magic: worth sending to the DICOM readers."""
+    if uri.lower().rstrip("/").endswith(DICOM_SUFFIXES):
+        return True
+    return not is_remote(uri) and has_dicom_magic(local_path(uri))
+
+
+def _filesystem(uri: str, options: dict[str, Any] | None) -> tuple[Any, str]:
+    from gpubatch.io.storage import get_fs
+
+    return get_fs(uri, options)
+
+
+def read_header(fs: Any, path: str) -> DicomHeader | None:
+    """The file's SOP class and series (header only); None when it is not DICOM at all."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with fs.open(path, "rb", block_size=HEADER_BLOCK) as f:  # a header, not a 5 MB block
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+    except (InvalidDicomError, EOFError, ValueError, KeyError):
+        return None
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
+    return DicomHeader(path, sop_class, str(ds.get("SeriesInstanceUID", "")))
+
+
+def folder_headers(fs: Any, folder: str) -> list[DicomHeader]:
+    """Headers of the DICOM files directly in ``folder`` (not recursive; DICOMDIR skipped)."""
+    headers = []
+    for entry in sorted(fs.ls(folder, detail=True), key=lambda e: e["name"]):
+        name = entry["name"]
+        if entry.get("type") != "file" or posixpath.basename(name).startswith("."):
+            continue
+        header = read_header(fs, name)
+        if header is not None and header.sop_class != DICOMDIR_SOP_CLASS:
+            headers.append(header)
+    return headers
+
+
+def folder_holds_dicom(fs: Any, folder: str) -> bool:
+    """Cheap test for a folder of DICOM files: one with a DICOM suffix, or the first file's magic."""
+    files = sorted(e["name"] for e in fs.ls(folder, detail=True) if e.get("type") == "file")
+    if any(f.lower().endswith(DICOM_SUFFIXES) for f in files):
+        return True
+    for name in files[:1]:
+        with fs.open(name, "rb") as f:
+            f.seek(MAGIC_OFFSET)
+            return bool(f.read(4) == MAGIC)
+    return False
+
+
+def series_files(uri: str, options: dict[str, Any] | None = None) -> list[str]:
+    """The files of the one DICOM-WSI series at ``uri``: a folder, or any one of its files.
+
+    A file brings in its siblings of the same series (each level is a file of its own); a folder
+    must hold exactly one WSI series. Raises InputError saying what was found instead.
+    """
+    require_dicom_packages(uri)
+    fs, path = _filesystem(uri, options)
+    paths = _series_of_folder(fs, path, uri) if fs.isdir(path) else _series_of_file(fs, path, uri)
+    return [_unstrip(fs, p) for p in paths]
+
+
+def _series_of_folder(fs: Any, folder: str, uri: str) -> list[str]:
+    headers = folder_headers(fs, folder)
+    wsi = [h for h in headers if h.is_wsi]
+    if not wsi:
+        raise InputError(redact(uri), _no_wsi_message(headers))
+    series = {h.series_uid for h in wsi}
+    if len(series) > 1:
+        raise InputError(redact(uri), f"folder holds {len(series)} DICOM-WSI series; list its "
+                                      "files (folder/*.dcm) to read each series as a slide")
+    return [h.path for h in wsi]
+
+
+def _series_of_file(fs: Any, path: str, uri: str) -> list[str]:
+    if not fs.exists(path):
+        raise InputError(redact(uri), "file not found")
+    header = read_header(fs, path)
+    if header is None:
+        raise InputError(redact(uri), "not a DICOM file (no 'DICM' marker after the 128-byte preamble)")
+    if not header.is_wsi:
+        raise InputError(redact(uri), not_a_slide_message(header.sop_class))
+    siblings = folder_headers(fs, posixpath.dirname(path) or ".")
+    same = {h.path for h in siblings if h.is_wsi and h.series_uid == header.series_uid}
+    return sorted(same | {path})
+
+
+def not_a_slide_message(sop_class: str) -> str:
+    return (f"is a DICOM file but not a whole-slide image: its SOP Class is "
+            f"{describe_sop_class(sop_class)}; expected {describe_sop_class(WSI_SOP_CLASS)}")
+
+
+def _no_wsi_message(headers: Sequence[DicomHeader]) -> str:
+    if not headers:
+        return "folder holds no DICOM files"
+    classes = sorted({describe_sop_class(h.sop_class) for h in headers})
+    return (f"folder holds {len(headers)} DICOM file(s) but no whole-slide image; SOP classes "
+            "found: " + ", ".join(classes))
+
+
+def _unstrip(fs: Any, path: str) -> str:
+    """A path fsspec stripped of its protocol, as a URL wsidicom's UPath opens on the same store."""
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+
+
+class WsiDicomBackend(TileGridBackend):
+    """A DICOM-WSI series read through wsidicom, frame by frame on each level's tile grid.
+
+    Reads the selected pyramid's default focal plane and optical path; z-stacks and fluorescence
+    channels are out of scope. wsidicom's own frame caches are kept small: this backend keeps
+    exactly the decoded frames later planned reads need (``expect_reads``), within ``cache_bytes``.
+    """
+
+    def __init__(self, uri: str, clocks: StageClocks | None = None, *,
+                 options: dict[str, Any] | None = None, cache_bytes: int = 32 << 20):
+        from gpubatch.io.retry import call_with_retries
+        from gpubatch.io.storage import resolve_options
+
+        self.path = redact(uri)
+        files = call_with_retries(lambda: series_files(uri, options), self.path)  # header reads
+        from wsidicom import Settings, WsiDicom
+
+        settings = Settings(decoded_frame_cache_size=1 << 20, encoded_frame_cache_size=1 << 20)
+        file_options = resolve_options(uri, options) if is_remote(uri) else None
+        try:
+            self.slide = WsiDicom.open(files, file_options=file_options, settings=settings)
+        except Exception as exc:  # wsidicom's errors share no base class; the files were vetted
+            raise InputError(self.path, f"wsidicom cannot open the DICOM-WSI series: {redact(str(exc))}") from None
+        if clocks is not None:
+            clocks.count("storage.files", len(files))
+        self.levels = list(self.slide.levels)
+        self.data = [lv.default_instance.image_data for lv in self.levels]
+        for level, data in enumerate(self.data):
+            if int(data.samples_per_pixel) != 3:
+                raise InputError(self.path, f"level {level} has {data.samples_per_pixel} samples per "
+                                            "pixel; an RGB (3-sample) slide was expected")
+        self.grids = [TileGrid(int(lv.size.width), int(lv.size.height), int(d.tile_size.width),
+                               int(d.tile_size.height)) for lv, d in zip(self.levels, self.data, strict=True)]
+        self.cache = DecodedTileCache(cache_bytes)
+        self.info = self._slide_info()
+
+    def _slide_info(self) -> SlideInfo:
+        dims = tuple((g.width, g.height) for g in self.grids)
+        w0, h0 = dims[0]
+        downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
+        mpp = self.levels[0].mpp
+        return SlideInfo(dims, downs, float(mpp.width) if mpp is not None else None,
+                         self._magnification(), "dicom", "wsidicom",
+                         "DICOM PixelSpacing" if mpp is not None else "")
+
+    def _magnification(self) -> float | None:
+        """Objective lens power of the first optical path, when the files record it."""
+        try:
+            power = self.slide.metadata.pyramid.optical_paths[0].objective.objective_power
+        except Exception:  # optional metadata, and wsidicom's parse of it may fail: not fatal
+            return None
+        return float(power) if power else None
+
+    def _grid(self, level: int) -> TileGrid:
+        return self.grids[level]
+
+    def _fetch(self, level: int, indices: list[int], clocks: StageClocks) -> list[bytes]:
+        from wsidicom.geometry import Point
+
+        data, nx = self.data[level], self.grids[level].nx
+        points = [Point(i % nx, i // nx) for i in indices]
+        try:
+            frames = list(data.get_encoded_tiles(points, data.default_z, data.default_path))
+            clocks.count("storage.bytes", sum(len(f) for f in frames))
+            return frames
+        except Exception as exc:  # truncated files, unreadable objects: this input fails, not the run
+            raise InputError(self.path, f"cannot read DICOM frames at level {level}: "
+                                        f"{redact(str(exc))[:300]}") from None
+
+    def _decoded(self, level: int, blobs: list[bytes], indices: list[int]) -> Iterator[np.ndarray]:
+        decoder = self.data[level].decoder
+        for index, blob in zip(indices, blobs, strict=True):
+            try:
+                tile = np.asarray(decoder.decode(blob))
+            except Exception as exc:
+                raise InputError(self.path, f"corrupt DICOM frame {index} at level {level}: "
+                                            f"{str(exc)[:300]}") from None
+            yield tile[..., :3] if tile.ndim == 3 else np.repeat(tile[..., None], 3, axis=-1)
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+def open_dicom(uri: str, clocks: StageClocks, options: dict[str, Any] | None = None) -> SlideBackend:
+    """A local DICOM file through OpenSlide 4 when it opens it, else wsidicom (folders and remote
+    series always through wsidicom); when neither can, the error names the file's SOP class."""
+    if is_remote(uri) or not os.path.isfile(local_path(uri)):
+        return WsiDicomBackend(uri, clocks, options=options)
+    try:
+        return OpenSlideBackend(local_path(uri))
+    except InputError as first:
+        try:
+            return WsiDicomBackend(uri, clocks, options=options)
+        except InputError as second:
+            if "SOP Class" in second.message or "not a DICOM file" in second.message:
+                raise
+            raise InputError(second.input_uri, f"{second.message}; openslide: {first.message}") from None

@@ -1,0 +1,332 @@
+"""OME-Zarr (OME-NGFF 0.1 to 0.5) multiscale RGB images as slides, local or in object storage.
+
+OME-Zarr is what bioformats2raw, QuPath and cloud pathology archives write for images too large
+for one file, and it is read straight from object storage chunk by chunk: no staging of a
+multi-gigabyte file. Neither tifffile nor openslide reads it.
+
+What is read: the first multiscale image of the group (or of ``0/`` in a bioformats2raw layout),
+its levels in NGFF order, the c, y and x axes (any order, any NGFF version), one plane of any
+t or z axis of size 1, and microns per pixel from the level-0 scale when the x axis has a length
+unit (none without one: a unitless scale could mean anything, and a wrong mpp would tile at the
+wrong magnification). Only uint8 RGB or RGBA is a slide here.
+
+Each read is split honestly: the stored chunks (or shards) a region touches are fetched as
+encoded bytes, concurrently, each request retried and counted (the storage part); then zarr
+decodes the region from those bytes held in memory (the decode part). Boxes close together are
+read as the one region they span, so a chunk under several boxes is fetched and decoded once;
+boxes far apart are read one by one. Encoded chunks on the shared edge of two planned reads are
+kept between them, so no chunk is fetched twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import InputError
+from gpubatch.io.metrics import record_request
+from gpubatch.io.redact import redact
+from gpubatch.io.retry import RetryPolicy, call_with_retries, is_transient, storage_error
+from gpubatch.io.uris import is_remote, local_path, uri_name
+from gpubatch.sources.slides.backends import (
+    DecodedTileCache,
+    SlideBackend,
+    SlideInfo,
+    composite_on_white,
+    paste_tile,
+    white_where_outside,
+)
+
+UNIT_TO_MICRONS = {"angstrom": 1e-4, "nanometer": 1e-3, "micrometer": 1.0, "micron": 1.0,
+                   "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6}
+DEFAULT_AXES = "tczyx"  # NGFF 0.1 and 0.2 had no axes metadata: always 5D in this order
+ZARR_SUFFIXES = (".zarr", ".ome.zarr")
+ZARR_METADATA = ("zarr.json", ".zgroup", ".zattrs")
+MAX_WASTE = 2.0  # read the union of boxes when it is at most this many times their own area
+MAX_UNION_PIXELS = 16 << 20  # 48 MiB of RGB: a union read must not defeat the memory bound
+
+Region = tuple[int, int, int, int]  # x, y, w, h in pixels of the level
+
+
+def is_zarr_uri(uri: str) -> bool:
+    """A ``.zarr`` name (what OME-Zarr images are called), local or remote."""
+    return uri_name(uri).lower().endswith(ZARR_SUFFIXES)
+
+
+def folder_is_zarr(fs: Any, folder: str) -> bool:
+    """A folder holding zarr metadata at its top (an OME-Zarr image named without ``.zarr``)."""
+    return any(fs.exists(f"{folder.rstrip('/')}/{name}") for name in ZARR_METADATA)
+
+
+@dataclass(frozen=True)
+class Multiscale:
+    """The parts of an NGFF multiscales entry a reader needs."""
+
+    axes: tuple[str, ...]  # axis names, in array order
+    paths: tuple[str, ...]  # one array per level, highest resolution first
+    mpp: float | None
+    version: str
+
+
+def find_multiscales(root: Any, url: str) -> tuple[Any, list[dict[str, Any]], str]:
+    """(image group, its 'multiscales' list, NGFF version), following a bioformats2raw layout."""
+    attrs = dict(root.attrs)
+    ome = attrs.get("ome") or {}
+    if "multiscales" in ome:  # 0.5: everything under attributes['ome']
+        return root, ome["multiscales"], str(ome.get("version", "0.5"))
+    if "multiscales" in attrs:  # 0.1 to 0.4
+        multiscales = attrs["multiscales"]
+        version = str(multiscales[0].get("version", "0.4")) if multiscales else "0.4"
+        return root, multiscales, version
+    if "bioformats2raw.layout" in attrs or "bioformats2raw.layout" in ome:
+        return find_multiscales(root["0"], url)
+    raise InputError(url, "zarr group holds no OME-NGFF 'multiscales' metadata; a multiscale "
+                          "image was expected (not a plate, a label group or a plain array)")
+
+
+def parse_multiscale(entry: dict[str, Any], version: str, url: str) -> Multiscale:
+    """Axes, level paths and mpp of one multiscales entry (any NGFF version)."""
+    raw_axes = entry.get("axes") or list(DEFAULT_AXES)
+    axes = tuple(a["name"] if isinstance(a, dict) else str(a) for a in raw_axes)
+    datasets = entry.get("datasets") or []
+    if not datasets:
+        raise InputError(url, "the multiscales entry lists no datasets (levels)")
+    paths = tuple(str(d["path"]) for d in datasets)
+    return Multiscale(axes, paths, _mpp(entry, raw_axes, datasets[0], axes), version)
+
+
+def _mpp(entry: dict[str, Any], raw_axes: list[Any], level0: dict[str, Any],
+         axes: tuple[str, ...]) -> float | None:
+    """Microns per pixel along x at level 0: dataset scale times global scale, in the x unit."""
+    if "x" not in axes:
+        return None
+    ix = axes.index("x")
+    x_axis = raw_axes[ix] if isinstance(raw_axes[ix], dict) else {}
+    factor = UNIT_TO_MICRONS.get(str(x_axis.get("unit", "")).lower())
+    if factor is None:
+        return None
+    scale = 1.0
+    for transforms in (level0.get("coordinateTransformations"), entry.get("coordinateTransformations")):
+        for t in transforms or []:
+            if t.get("type") == "scale" and "scale" in t:
+                scale *= float(t["scale"][ix])
+    return scale * factor
+
+
+def plan_reads(boxes: np.ndarray, width: int, height: int) -> list[tuple[Region, list[int]]]:
+    """(region to read, indices of the boxes it serves) for ``boxes`` (k, 4) at one level.
+
+    One read of the union when it covers little more than the boxes themselves, else one read
+    per box: neighbours share the chunks on their edges, far-apart boxes would read the gaps.
+    """
+    clipped = [(i, r) for i, box in enumerate(boxes) if (r := _clip(box, width, height)) is not None]
+    if not clipped:
+        return []
+    x0, y0 = min(r[0] for _, r in clipped), min(r[1] for _, r in clipped)
+    x1, y1 = max(r[0] + r[2] for _, r in clipped), max(r[1] + r[3] for _, r in clipped)
+    union = (x1 - x0) * (y1 - y0)
+    own = sum(r[2] * r[3] for _, r in clipped)
+    if len(clipped) == 1 or (union <= MAX_WASTE * own and union <= MAX_UNION_PIXELS):
+        return [((x0, y0, x1 - x0, y1 - y0), [i for i, _ in clipped])]
+    return [(r, [i]) for i, r in clipped]
+
+
+def _clip(box: np.ndarray, width: int, height: int) -> Region | None:
+    x, y, w, h = (int(v) for v in box)
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+    return (x0, y0, x1 - x0, y1 - y0) if x1 > x0 and y1 > y0 else None
+
+
+class _Level:
+    """One level's array: where its chunks are stored and how a region maps onto them."""
+
+    def __init__(self, array: Any, axes: tuple[str, ...], plane: dict[str, int]):
+        self.array, self.axes, self.plane = array, axes, plane
+        self.grid = tuple(int(c) for c in (array.shards or array.chunks))  # the stored objects
+        self.prefix = str(array.store_path.path)
+        self.width = int(array.shape[axes.index("x")])
+        self.height = int(array.shape[axes.index("y")])
+
+    def keys(self, region: Region) -> list[str]:
+        """Store keys of the chunks (or shards) under ``region`` in the chosen plane."""
+        x, y, w, h = region
+        ranges = []
+        for axis, size, step in zip(self.axes, self.array.shape, self.grid, strict=True):
+            if axis == "x":
+                ranges.append(range(x // step, (x + w - 1) // step + 1))
+            elif axis == "y":
+                ranges.append(range(y // step, (y + h - 1) // step + 1))
+            elif axis == "c":
+                ranges.append(range(-(-int(size) // step)))
+            else:
+                ranges.append(range(self.plane[axis] // step, self.plane[axis] // step + 1))
+        encode = self.array.metadata.encode_chunk_key
+        return [self.path(encode(coords)) for coords in itertools.product(*ranges)]
+
+    def path(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def index(self, region: Region) -> tuple[Any, ...]:
+        x, y, w, h = region
+        return tuple(slice(y, y + h) if a == "y" else slice(x, x + w) if a == "x"
+                     else slice(None) if a == "c" else self.plane[a] for a in self.axes)
+
+
+class OmeZarrBackend(SlideBackend):
+    """Reads boxes of an OME-Zarr multiscale RGB(A) uint8 image; pixels outside are white."""
+
+    def __init__(self, url: str, clocks: StageClocks | None = None, *,
+                 options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
+                 cache_bytes: int = 32 << 20):
+        self.path = redact(url)
+        self.policy = policy or RetryPolicy()
+        root = self._open_root(url, options)
+        group, multiscales, version = find_multiscales(root, self.path)
+        if not multiscales:
+            raise InputError(self.path, "the 'multiscales' list is empty")
+        self.meta = parse_multiscale(multiscales[0], version, self.path)
+        arrays = [self._array(group, p) for p in self.meta.paths]
+        self._check_axes(arrays[0])
+        plane = self._plane(arrays[0])
+        self.levels = [_Level(a, self.meta.axes, plane) for a in arrays]
+        self.store = arrays[0].store_path.store
+        self.cache = DecodedTileCache(cache_bytes)
+        dims = tuple((lv.width, lv.height) for lv in self.levels)
+        w0, h0 = dims[0]
+        downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
+        self.info = SlideInfo(dims, downs, self.meta.mpp, None, f"ome-zarr-{version}", "zarr",
+                              "NGFF coordinateTransformations scale" if self.meta.mpp is not None else "")
+
+    def _open_root(self, url: str, options: dict[str, Any] | None) -> Any:
+        import zarr
+
+        from gpubatch.io.storage import zarr_options
+
+        target = url if is_remote(url) else local_path(url)
+        opts = zarr_options(url, options) if is_remote(url) else None
+        try:
+            return call_with_retries(lambda: zarr.open_group(target, mode="r", storage_options=opts),
+                                     self.path, self.policy)
+        except InputError as exc:
+            if exc.retryable or exc.message.startswith("access denied"):
+                raise
+            raise InputError(self.path, "not a zarr group (no zarr.json or .zgroup found)") from None
+
+    def _array(self, group: Any, path: str) -> Any:
+        try:
+            array = group[path]
+        except KeyError:
+            raise InputError(self.path, f"level array {path!r} named in multiscales is missing") from None
+        if array.dtype != np.uint8:
+            raise InputError(self.path, f"level {path!r} is {array.dtype}, not uint8 RGB; "
+                                        "fluorescence and 16-bit images are not slides this reads")
+        if array.ndim != len(self.meta.axes):
+            raise InputError(self.path, f"level {path!r} has {array.ndim} dimensions but "
+                                        f"{len(self.meta.axes)} axes {self.meta.axes}")
+        return array
+
+    def _check_axes(self, array: Any) -> None:
+        """c, y and x must all be there, and c must hold RGB or RGBA."""
+        axes = self.meta.axes
+        for name in ("y", "x", "c"):
+            if name not in axes:
+                raise InputError(self.path, f"axes {axes} lack {name!r}; an RGB image needs c, y and x")
+        channels = array.shape[axes.index("c")]
+        if channels not in (3, 4):
+            raise InputError(self.path, f"the c axis has {channels} channels; RGB (3) or RGBA (4) expected")
+
+    def _plane(self, array: Any) -> dict[str, int]:
+        """Index 0 of every axis other than c, y, x; such an axis must have one entry only."""
+        plane = {}
+        for name, size in zip(self.meta.axes, array.shape, strict=True):
+            if name in ("c", "y", "x"):
+                continue
+            if int(size) > 1:
+                raise InputError(self.path, f"axis {name!r} has {size} entries (a time series or "
+                                            "z-stack); a slide has one plane")
+            plane[name] = 0
+        return plane
+
+    def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
+        lv = self.levels[level]
+        out = white_where_outside(boxes, lv.width, lv.height)
+        plan = plan_reads(boxes, lv.width, lv.height)
+        wanted = {key: None for region, _ in plan for key in lv.keys(region)}
+        with clocks.part("storage"):
+            chunks = self._chunks(list(wanted), clocks)
+        with clocks.part("decode"):
+            for region, members in plan:
+                pixels = self._decode(lv, region, chunks)
+                for b in members:
+                    paste_tile(out[b], pixels, region[0] - int(boxes[b, 0]), region[1] - int(boxes[b, 1]))
+                clocks.count("decode.regions")
+                clocks.count("decode.pixels", region[2] * region[3])
+        return out
+
+    def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
+        lv = self.levels[level]
+        for boxes in blocks:
+            self.cache.expect({k for region, _ in plan_reads(boxes, lv.width, lv.height)
+                               for k in lv.keys(region)})
+
+    def _chunks(self, keys: list[str], clocks: StageClocks) -> dict[str, Any]:
+        """Encoded chunks by key: kept ones from the cache, the rest fetched concurrently."""
+        from zarr.core.sync import sync
+
+        found = {k: c for k in keys if (c := self.cache.take(k)) is not None}
+        missing = [k for k in keys if k not in found]
+        if missing:
+            fetched = sync(self._get_all(missing, clocks))
+            for key, chunk in zip(missing, fetched, strict=True):
+                if chunk is not None:  # an absent chunk holds the fill value: zarr supplies it
+                    found[key] = chunk
+                    self.cache.offer(key, chunk)
+        clocks.count("storage.chunks", len(missing))
+        clocks.count("storage.cache_hits", len(keys) - len(missing))
+        return found
+
+    async def _get_all(self, keys: list[str], clocks: StageClocks) -> list[Any]:
+        return list(await asyncio.gather(*(self._get(k, clocks) for k in keys)))
+
+    async def _get(self, key: str, clocks: StageClocks) -> Any:
+        """One stored chunk's bytes (None when absent), retried under the policy and counted."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        for attempt in range(self.policy.attempts):
+            t0 = time.perf_counter()
+            try:
+                chunk = await self.store.get(key, prototype=default_buffer_prototype())
+            except Exception as exc:
+                if not is_transient(exc) or attempt + 1 >= self.policy.attempts:
+                    raise storage_error(self.path, exc, attempt + 1) from None
+                clocks.count("storage.retries")
+                await asyncio.sleep(self.policy.delay(attempt))
+                continue
+            record_request(clocks, len(chunk) if chunk is not None else 0, time.perf_counter() - t0)
+            return chunk
+        raise AssertionError("unreachable")
+
+    def _decode(self, lv: _Level, region: Region, chunks: dict[str, Any]) -> np.ndarray:
+        """(h, w, 3) uint8 of a region, decoded by zarr from the fetched chunks held in memory."""
+        from zarr import Array, AsyncArray
+        from zarr.storage import MemoryStore, StorePath
+
+        memory = MemoryStore({k: chunks[k] for k in lv.keys(region) if k in chunks})
+        array = Array(AsyncArray(metadata=lv.array.metadata, store_path=StorePath(memory, lv.prefix)))
+        try:
+            block = np.asarray(array[lv.index(region)])
+        except Exception as exc:  # a corrupt chunk: this input fails, not the run
+            raise InputError(self.path, f"cannot decode region {region}: {str(exc)[:300]}") from None
+        kept = [a for a in self.meta.axes if a in ("y", "x", "c")]  # integer-indexed axes drop out
+        pixels = np.transpose(block, [kept.index("y"), kept.index("x"), kept.index("c")])
+        return composite_on_white(pixels) if pixels.shape[-1] == 4 else np.ascontiguousarray(pixels)
+
+    def close(self) -> None:
+        self.levels = []

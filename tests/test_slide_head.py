@@ -1,0 +1,193 @@
+"""A slide-level head (gated ABMIL, ONNX) run as a second stage on each slide's bag of ViT features.
+
+Expected values come from the same ABMIL (same seed) run in plain torch on the features the run
+kept, never from gpubatch's head stage.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import torch
+from conftest import slide_job, write_job
+from PIL import Image
+
+import gpubatch
+from gpubatch.cli.pathology_models import build_abmil, make_abmil, make_vit
+from gpubatch.core.errors import EXIT_PARTIAL, EXIT_USAGE
+from gpubatch.sources.slides.source import slide_key
+
+if TYPE_CHECKING:
+    from s3_fixtures import S3Stack
+
+pytest_plugins = ["s3_fixtures"]
+DIM, SIZE = 48, 112  # wider than 32 values: embeddings stay in zarr
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("head-models")
+    return {"vit": make_vit(root / "vit.onnx", img=SIZE, patch=16, dim=DIM, depth=1, heads=2, seed=1),
+            "abmil": make_abmil(root / "abmil.onnx", dim=DIM, hidden=16, classes=3, seed=2),
+            "narrow": make_abmil(root / "narrow.onnx", dim=DIM + 8, hidden=16, classes=3, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def blank(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gpubatch.cli.demo import write_synthetic_slide
+
+    return write_synthetic_slide(tmp_path_factory.mktemp("blank") / "blank.tif", 512, 512, levels=1,
+                                 image=np.full((512, 512, 3), 240, np.uint8))
+
+
+def _job(slides: list[str], models: dict[str, Path], out: Path, head: str = "abmil", **sections: dict) -> dict:
+    job = slide_job(slides, models["vit"], out, tiles={"size": SIZE, "tissue": {"method": "otsu", "min_fraction": 0.3}},
+                    slide_model={"path": str(models[head])})
+    for key, value in sections.items():
+        job[key] = {**job.get(key, {}), **value}
+    return job
+
+
+def _torch_head(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    head = build_abmil(dim=DIM, hidden=16, classes=3, seed=2)
+    with torch.no_grad():
+        attention, logits = head(torch.from_numpy(features))
+    return attention.numpy(), logits.numpy()[0]
+
+
+def test_attention_sums_to_one_per_slide_and_logits_match_torch(tmp_path: Path, slides_dir: Path,
+                                                                blank: Path, models: dict[str, Path]) -> None:
+    slides = [str(p) for p in sorted(slides_dir.glob("*.tif"))] + [str(blank)]
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", _job(slides, models, tmp_path / "out")))
+    assert result.exit_code == 0
+    rows = result.predictions()
+    assert list(rows.columns) == ["slide", "x", "y", "level", "attention"]
+    table = result.slide_predictions()
+    assert list(table.columns) == ["slide", "tiles", "logits_0", "logits_1", "logits_2"]
+    assert list(table["slide"]) == slides
+    for slide in slides[:-1]:
+        attention = rows.loc[rows["slide"] == slide, "attention"].to_numpy()
+        assert len(attention) > 1 and attention.sum() == pytest.approx(1.0, abs=1e-5) and (attention > 0).all()
+        want_attention, want_logits = _torch_head(result.embeddings(slide)[0])
+        np.testing.assert_allclose(attention, want_attention, atol=1e-5)
+        got = table.loc[table["slide"] == slide, ["logits_0", "logits_1", "logits_2"]].to_numpy()[0]
+        np.testing.assert_allclose(got, want_logits, atol=1e-4)
+        assert int(table.loc[table["slide"] == slide, "tiles"].iloc[0]) == len(attention)
+    empty = table[table["slide"] == str(blank)].iloc[0]
+    assert empty["tiles"] == 0 and np.isnan(empty[["logits_0", "logits_1", "logits_2"]].astype(float)).all()
+    assert result.embeddings(str(blank))[0].shape == (0, DIM)
+    assert result.report["parts"]["slide_head"] > 0
+    maps = Path(result.output_uri) / "heatmaps"
+    assert sorted(p.name for p in maps.iterdir()) == sorted(f"{slide_key(s)}.png" for s in slides[:-1])
+    assert {Image.open(p).text["gpubatch:colour"] for p in maps.iterdir()} == {"attention"}
+    assert gpubatch.open_results(result.output_uri).slide_predictions().equals(table)
+
+
+def test_a_head_taking_a_batch_axis_is_fed_one(tmp_path: Path, slide_path: Path, models: dict[str, Path]) -> None:
+    """Heads exported for (1, N, D) bags (CLAM, TransMIL style) get the batch axis they declare."""
+
+    class Batched(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = build_abmil(dim=DIM, hidden=16, classes=3, seed=2)
+
+        def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            attention, logits = self.inner(bag[0])
+            return attention[None], logits
+
+    path = tmp_path / "batched.onnx"
+    torch.onnx.export(Batched().eval(), (torch.zeros(1, 7, DIM),), str(path), input_names=["bag"],
+                      output_names=["attention", "logits"], dynamic_axes={"bag": {1: "n"}, "attention": {1: "n"}},
+                      opset_version=17, dynamo=False)
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", _job([str(slide_path)], {**models, "b": path},
+                                                                 tmp_path / "out", head="b")))
+    attention = result.predictions()["attention"].to_numpy()
+    want_attention, want_logits = _torch_head(result.embeddings(str(slide_path))[0])
+    np.testing.assert_allclose(attention, want_attention, atol=1e-5)
+    got = result.slide_predictions()[["logits_0", "logits_1", "logits_2"]].to_numpy()[0]
+    np.testing.assert_allclose(got, want_logits, atol=1e-4)
+
+
+def test_resume_keeps_each_slides_head_outputs(tmp_path: Path, slides_dir: Path, models: dict[str, Path]) -> None:
+    slides = [str(p) for p in sorted(slides_dir.glob("*.tif"))]
+    job_path = write_job(tmp_path / "job.yaml", _job(slides, models, tmp_path / "out"))
+    first = gpubatch.run(job_path)
+    manifest = sorted((Path(first.output_uri) / "_manifest").glob("*.json"))
+    entry = json.loads(manifest[1].read_text())
+    assert set(entry["shard_outputs"]) == {"logits"}  # committed with the shard
+    manifest[1].unlink()  # as if the run had died before this slide's commit
+    again = gpubatch.run(job_path, resume=True)
+    resumed = {s["input"]: s["resumed"] for s in again.report["shards"]}
+    assert resumed == {slides[0]: True, slides[1]: False, slides[2]: True}
+    assert again.slide_predictions().equals(first.slide_predictions())
+    assert again.predictions().equals(first.predictions())
+
+
+def test_a_quarantined_slide_has_no_head_row(tmp_path: Path, slides_dir: Path, models: dict[str, Path]) -> None:
+    bad = tmp_path / "corrupt.tif"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 64)
+    slides = [str(sorted(slides_dir.glob("*.tif"))[0]), str(bad)]
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", _job(slides, models, tmp_path / "out")))
+    assert result.exit_code == EXIT_PARTIAL and [f["input"] for f in result.failed] == [str(bad)]
+    assert list(result.slide_predictions()["slide"]) == slides[:1]
+
+
+def _validate(job_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gpubatch", "validate", str(job_path)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"path": "missing.onnx"}, "slide_model.path: file not found"),
+    ({"features": "logits"}, "slide_model.features: 'logits' is not an output of model.path"),
+    ({"head": "narrow"}, "the slide model takes features 56 wide but model.path's output 'embedding' gives 48"),
+])
+def test_validate_refuses_a_slide_model_run_would_refuse(tmp_path: Path, slide_path: Path,
+                                                         models: dict[str, Path], change: dict, expected: str) -> None:
+    job = _job([str(slide_path)], models, tmp_path / "out", head=change.pop("head", "abmil"))
+    job["slide_model"].update(change)
+    done = _validate(write_job(tmp_path / "job.yaml", job))
+    assert done.returncode == EXIT_USAGE and expected in done.stderr + done.stdout
+
+
+def test_a_slide_model_needs_slides(tmp_path: Path, models: dict[str, Path]) -> None:
+    job = {"kind": "genome", "windows": {"reference": "g.fa"}, "model": {"path": str(models["vit"])},
+           "slide_model": {"path": str(models["abmil"])}, "output": {"uri": str(tmp_path / "o")}}
+    done = _validate(write_job(tmp_path / "job.yaml", job))
+    assert done.returncode == EXIT_USAGE and "kind: slides only" in done.stderr + done.stdout
+
+
+def test_features_and_head_outputs_on_object_storage(tmp_path: Path, slide_path: Path, models: dict[str, Path],
+                                                     s3: S3Stack) -> None:
+    uri = f"s3://{s3.bucket}/features/{tmp_path.name}"
+    job = _job([str(slide_path)], models, tmp_path / "unused")
+    job["output"] = {"uri": uri, "formats": ["zarr", "parquet", "geojson"], "storage": s3.options()}
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job), profile="inline")
+    again = gpubatch.open_results(uri, s3.options())
+    features, coords = again.embeddings(str(slide_path))
+    assert features.shape == (len(again.predictions()), DIM) and len(coords) == len(features)
+    want_attention, want_logits = _torch_head(features)
+    np.testing.assert_allclose(again.predictions()["attention"].to_numpy(), want_attention, atol=1e-5)
+    np.testing.assert_allclose(again.slide_predictions()[["logits_0", "logits_1", "logits_2"]].to_numpy()[0],
+                               want_logits, atol=1e-4)
+    names = {p.rsplit("/", 1)[-1] for p in s3.fs().find(uri.removeprefix("s3://"))}
+    key = slide_key(str(slide_path))
+    assert {f"{key}.png", f"{key}.geojson", "slide_predictions.parquet"} <= names and result.exit_code == 0
+
+
+def test_resume_refuses_another_slide_model(tmp_path: Path, slide_path: Path, models: dict[str, Path]) -> None:
+    """The head's outputs are committed with each slide: another head must not meet them."""
+    from gpubatch.core.errors import SpecError
+
+    other = make_abmil(tmp_path / "other.onnx", dim=DIM, hidden=16, classes=3, seed=9)
+    first = _job([str(slide_path)], models, tmp_path / "out")
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", first)).exit_code == 0
+    second = _job([str(slide_path)], {**models, "other": other}, tmp_path / "out", head="other")
+    with pytest.raises(SpecError, match="slide_model.sha256"):
+        gpubatch.run(write_job(tmp_path / "b.yaml", second), resume=True)
