@@ -31,6 +31,8 @@ PROFILE_KEYS = {"cluster", "workers", "threads_per_worker", "memory_limit", "add
                 "log_directory", "dashboard"}
 #: how long ``submit`` waits to reach an existing scheduler before saying it cannot
 SCHEDULER_TIMEOUT_S = 10
+#: entries kept in each of the in-process scheduler's low-level logs (Dask's default: 1,000)
+SCHEDULER_LOG_LENGTH = 50
 #: where the Dask dashboard listens when a profile says ``dashboard: true``
 DASHBOARD_DEFAULT = "127.0.0.1:8787"
 
@@ -86,6 +88,8 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
         return DaskExecutor(connect_scheduler(address), None, resources)
     if kind == "slurm":
         from gpubatch.runtime.slurm import start_slurm_cluster
+
+        bound_scheduler_logs()
 
         logs = str(profile.get("log_directory") or log_dir or os.path.abspath("gpubatch-logs"))
         cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs)
@@ -280,7 +284,17 @@ def start_worker_imports(profile: dict[str, Any]) -> None:
     threading.Thread(target=start, name="gpubatch-forkserver", daemon=True).start()
 
 
+def bound_scheduler_logs() -> None:
+    """Shorten the scheduler's low-level logs (transitions, events), which live in the client
+    process for every profile gpubatch starts a scheduler for: at Dask's default of 1,000 entries
+    per log they were most of a 1,000-shard run's client memory growth (bench/bench_client.py)."""
+    import dask
+
+    dask.config.set({"distributed.admin.low-level-log-length": SCHEDULER_LOG_LENGTH})
+
+
 def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
+    bound_scheduler_logs()
     if kind == "local":
         import dask
         from distributed import LocalCluster

@@ -96,6 +96,22 @@ class ShardWriterTests:
         rows = merge_parquet(store, [empty, full], index_columns=["slide", "x", "y"])
         assert rows == 4 and pq.read_table(io.BytesIO(store.read_bytes(PREDICTIONS))).num_rows == 4
 
+    def test_small_parts_merge_into_few_row_groups_in_order(self, store: OutputStore, monkeypatch: Any) -> None:
+        """Many one-row shards become row groups of ROW_GROUP_ROWS rows, not one per shard: the
+        footer (held by the writer until it closes) stays small whatever the shard count."""
+        from gpubatch.outputs import merge as merge_module
+
+        monkeypatch.setattr(merge_module, "ROW_GROUP_ROWS", 4)
+        results = []
+        for i in range(10):
+            writer = self._writer(store, f"p{i}")
+            writer.write(*_batch(i, 1))
+            results.append(self._commit(store, writer))
+        assert merge_parquet(store, results, index_columns=["slide", "x", "y"]) == 10
+        merged = pq.ParquetFile(io.BytesIO(store.read_bytes(PREDICTIONS)))
+        assert merged.metadata.num_row_groups == 3  # 4 + 4 + 2 rows
+        assert merged.read().column("x").to_pylist() == list(range(10))
+
     def test_track_outputs_whole_in_zarr_and_wide_columns_where_allowed(self, store: OutputStore,
                                                                        monkeypatch: Any) -> None:
         """(N, bins, tracks) never becomes parquet columns and reads back whole from zarr after
