@@ -99,7 +99,8 @@ def bench_memory(counts: list[int]) -> dict[str, Any]:
 def _slides_job(profile: str) -> Path:
     from bench_slides import make_workload
 
-    slides, model = make_workload("decode", 4, (4096, 3072))
+    workload = make_workload("decode", 4, (4096, 3072))
+    slides, model = workload["slides"], workload["model"]
     d = WORK / "client" / f"slurm-{Path(profile).stem}"
     d.mkdir(parents=True, exist_ok=True)
     job = {"name": "slurm-vs-local", "kind": "slides", "input": {"uris": [str(s) for s in slides]},

@@ -51,6 +51,9 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                      "--bases", "2000000"]),
     "features": ("bench_features", ["--slides", "2", "--size", "12288x8192", "--repeats", "3"],
                  ["--slides", "1", "--size", "4096x3072", "--repeats", "1"]),
+    "client-memory": ("bench_client", ["--workload", "memory", "--shards", "100", "1000", "10000"],
+                      ["--workload", "memory", "--shards", "100", "1000"]),
+    "slurm": ("bench_client", ["--workload", "slurm", "--repeats", "3"], ["--workload", "slurm", "--repeats", "1"]),
     "gpu": ("bench_gpu", [], []),
 }
 
@@ -192,6 +195,9 @@ def render() -> str:
         _section("Track models: memory against cohort size", _load("tracks-memory"), _tracks_memory, "tracks-memory"),
         _section("Track models: long windows", _load("tracks-long"), _tracks_long, "tracks-long"),
         _section("Patch features: ViT-S/16 against the TRIDENT-style loop", _load("features"), _features, "features"),
+        _section("The client's memory against the number of shards", _load("client-memory"), _markdown_or_rows,
+                 "client-memory"),
+        _section("A SLURM run against local, same job", _load("slurm"), _markdown_or_rows, "slurm"),
         _section("GPU", _load("gpu"), _markdown_or_rows, "gpu"),
     ]
     notes = HERE / "NOTES.md"

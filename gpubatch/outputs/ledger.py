@@ -62,16 +62,26 @@ class Ledger:
         return [json.loads(data) for data in self.store.read_many(names).values()]
 
     def materialize(self) -> int:
-        """Rewrite audit.jsonl from the records and commit records; returns its line count."""
+        """Rewrite audit.jsonl from the records and commit records; returns its line count.
+
+        Commit records are streamed and each kept only as its sort key and its JSON line (a few
+        hundred bytes), not as the shard's whole record with its timing samples.
+        """
         events = self.records()
         runs = {e["run_id"]: e for e in events if e.get("event") == "run_start"}
-        lines = list(events)
-        for entry in Manifest(self.store).entries().values():
+        lines = [_sortable(line) for line in events]
+        for entry in Manifest(self.store).iter_entries():
             run = runs.get(entry.run_id or "", {})
-            lines.append(commit_line(entry, {k: run[k] for k in RUN_FIELDS if k in run}))
-        lines.sort(key=lambda line: (line.get("time") or 0.0, line.get("event", "")))
-        self.store.write_bytes(AUDIT, "".join(json.dumps(line, default=str) + "\n" for line in lines).encode())
+            lines.append(_sortable(commit_line(entry, {k: run[k] for k in RUN_FIELDS if k in run})))
+        lines.sort()
+        with self.store.open_write(AUDIT) as f:
+            for _, _, text in lines:
+                f.write(text.encode())
         return len(lines)
+
+
+def _sortable(line: dict[str, Any]) -> tuple[float, str, str]:
+    return (line.get("time") or 0.0, line.get("event", ""), json.dumps(line, default=str) + "\n")
 
 
 def commit_line(entry: ShardResult, run_fields: dict[str, Any]) -> dict[str, Any]:
