@@ -16,6 +16,7 @@ from conftest import audit_lines, write_job
 import gpubatch
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import SpecError, ValidationGateError
+from gpubatch.core.files import file_sha256
 from gpubatch.engine.context import RunContext
 from gpubatch.engine.model_stage import make_batch_runner
 from gpubatch.models.base import get_model
@@ -193,7 +194,39 @@ def test_fp16_without_converter_keeps_fp32_and_says_so(qdir: Path, small_cnn: Pa
     assert prepared.precision == "fp32" and "onnxconverter-common" in prepared.report["quantization"]["note"]
 
 
+def _initializers(model: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_quantized_file_has_per_channel_weights_and_uint8_activations(qdir: Path, small_cnn: Path,
+                                                                      tmp_path: Path) -> None:
+    """Read in the quantized ONNX file itself (not the settings the code reports about it): every
+    conv weight has one scale per output channel and zero points of 0 (symmetric int8), and every
+    activation is quantized to uint8 (the CPU target's U8S8 encoding)."""
+    import onnx
+
+    _, prepared = _prepare(_job(qdir, small_cnn, tmp_path / "out"))
+    model = onnx.load(prepared.path)
+    inits = _initializers(model)
+    weights = activations = 0
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].ndim == 4:
+            w, scale, zero = (inits[name] for name in node.input[:3])
+            assert w.dtype == np.int8 and scale.shape == (w.shape[0],), node.name  # per output channel
+            assert zero.dtype == np.int8 and not zero.any(), node.name  # symmetric
+            weights += 1
+        elif node.op_type == "QuantizeLinear" and node.input[0] not in inits:
+            assert inits[node.input[2]].dtype == np.uint8, node.name
+            assert inits[node.input[1]].size == 1, node.name  # activations per tensor
+            activations += 1
+    assert weights == 3 and activations >= 4  # the demo CNN's three convs, and what flows between them
+
+
 def test_int8_end_to_end_run(qdir: Path, small_cnn: Path, tmp_path: Path) -> None:
+    """The workers load the int8 file: the audit's model sha256 is that file's, and predictions
+    differ from an fp32 run of the same job (where int8 rounding changes the outputs)."""
     result = gpubatch.run(_job(qdir, small_cnn, tmp_path / "out"), profile="inline", show_progress=False)
     assert result.exit_code == 0
     report = result.report
@@ -203,6 +236,15 @@ def test_int8_end_to_end_run(qdir: Path, small_cnn: Path, tmp_path: Path) -> Non
     assert len(preds) == 384 and preds.filter(like="probs").shape[1] == 3
     lines = audit_lines(tmp_path / "out")
     assert len(lines) == 2 and all(line["quantization"]["passed"] for line in lines)
+    (int8_file,) = (tmp_path / "out" / quantize.MODELS_DIR).glob("*.int8.onnx")
+    assert {line["model_sha256"] for line in lines} == {file_sha256(int8_file, cached=False)}
+    assert file_sha256(int8_file) != file_sha256(small_cnn)
+    fp32 = gpubatch.run(_job(qdir, small_cnn, tmp_path / "fp32", precision="fp32"), profile="inline",
+                        show_progress=False)
+    a, b = (r.predictions().sort_values(["slide", "x", "y"]).reset_index(drop=True) for r in (result, fp32))
+    diff = np.abs(a.filter(like="probs").to_numpy() - b.filter(like="probs").to_numpy())
+    assert diff.max() > 1e-4, "int8 predictions equal fp32's: the workers ran the fp32 model"
+    assert diff.max() < 0.2  # but close: the int8 model passed its gate
 
 
 def _reader_and_models(qdir: Path, small_cnn: Path, tmp_path: Path) -> tuple[Any, Any, str]:
@@ -238,3 +280,6 @@ def test_confidence_fallback_through_a_run(qdir: Path, small_cnn: Path, tmp_path
     result = gpubatch.run(job, profile="inline", show_progress=False)
     rerun = result.report["counters"].get("fallback.items", 0)
     assert 0 < rerun <= result.report["items"]
+    (int8_file,) = (tmp_path / "out" / quantize.MODELS_DIR).glob("*.int8.onnx")
+    lines = audit_lines(tmp_path / "out")
+    assert {line["model_sha256"] for line in lines} == {file_sha256(int8_file, cached=False)}  # not the fallback's

@@ -159,7 +159,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(MAX_SAMPLES),
             attrs=shard_attrs, model=_describe(model, head), host=socket.gethostname(), pid=os.getpid(),
             start=started, end=time.time(), attempt=attempt, attempt_name=writer.attempt,
-            input_identity=identity, model_sha256=file_sha256(ctx.model_path), spec_sha256=ctx.result_hash,
+            input_identity=identity, model_sha256=file_sha256(model.path), spec_sha256=ctx.result_hash,
             run_id=ctx.run_id, shard_outputs=shard_outputs, **part)
         Manifest(store).record(result)
     except BaseException as exc:  # noqa: BLE001 - summarised for the client

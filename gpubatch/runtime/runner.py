@@ -171,7 +171,7 @@ class _Run:
         threads = int(self.prof.get("threads_per_worker", 1))
         window = max(2 * n_workers * threads, n_workers + self.job.run.stage_ahead + 2)
         executor = open_executor(self.prof, n_workers, scheduler, self._log_dir())
-        submitter = Submitter(executor, self.job, ctx, on_result, window)
+        submitter = Submitter(executor, self.job, ctx, on_result, window, on_retry=self.ledger.failure)
         try:
             submitter.run(todo)
         except BaseException:

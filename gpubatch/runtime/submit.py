@@ -35,8 +35,10 @@ class Submitter:
     """Runs a stream of shards through an executor; hands each final result to ``on_result``."""
 
     def __init__(self, executor: Executor, job: JobSpec, ctx: RunContext,
-                 on_result: Callable[[ShardResult], None], window: int):
+                 on_result: Callable[[ShardResult], None], window: int,
+                 on_retry: Callable[[ShardResult], None] | None = None):
         self.executor, self.job, self.ctx, self.on_result = executor, job, ctx, on_result
+        self.on_retry = on_retry  # told of each failed attempt that is tried again (the audit records it)
         self.window = max(1, window)
         self.attempts: dict[str, int] = {}
         self.pending: set[Any] = set()
@@ -85,6 +87,8 @@ class Submitter:
             result = self._result(fut)
             if not result.ok and result.retryable and result.attempt <= self.job.run.retries:
                 log.warning("shard %s failed (%s); retrying", result.shard_id, result.error)
+                if self.on_retry is not None:
+                    self.on_retry(result)
                 pending.add(self._submit(fut.shard, ()))
                 continue
             self.on_result(result)

@@ -1,0 +1,259 @@
+"""Mutation run: plant each named bug in a copy of the package and check a test catches it.
+
+``python tests/mutations.py`` copies ``gpubatch/``, ``tests/``, ``configs/``, ``kernels/`` and
+``pyproject.toml`` into a temporary folder (the real tree is never written), checks that the tests
+named below pass there unchanged, then plants one bug at a time: each mutation is a textual
+replacement that must match its file exactly once (an anchor that no longer matches fails the
+run loudly, so the mutations move with the code), runs only the tests that should catch it
+(``pytest -x`` with PYTHONPATH on the copy) and puts the file back. It prints one line per
+mutation (name, caught or SURVIVED, by which test, seconds) and ``caught N of M`` last, and exits
+0 only when every mutation is caught.
+
+Options: ``-k TEXT`` runs the mutations whose name contains TEXT; ``--list`` prints them;
+``--no-baseline`` skips the unmutated check (quicker, when iterating on one mutation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COPIED = ("gpubatch", "tests", "configs", "kernels", "pyproject.toml")
+TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug: ``(file, old, new)`` edits (each ``old`` found exactly once) and the
+    test ids that must fail with it."""
+
+    name: str
+    edits: tuple[tuple[str, str, str], ...]
+    tests: tuple[str, ...]
+
+
+def _m(name: str, file: str, old: str, new: str, *tests: str) -> Mutation:
+    return Mutation(name, ((file, old, new),), tests)
+
+
+QUANT = "gpubatch/models/prepare/quantize.py"
+MUTATIONS: tuple[Mutation, ...] = (
+    _m("workers run fp32 while reporting int8", "gpubatch/runtime/runner.py",
+       "model_path = self._model_for_workers(prepared.path, local_job.model.path)",
+       "model_path = self._model_for_workers(local_job.model.path, local_job.model.path)",
+       "tests/test_quantize.py::test_int8_end_to_end_run"),
+    _m("worker loads the fp32 fallback as its model", "gpubatch/engine/worker.py",
+       "model = get_model(ctx.model_path, ctx.backend, ctx.precision, ctx.threads)",
+       "model = get_model(ctx.fallback_model_path or ctx.model_path, ctx.backend, ctx.precision, ctx.threads)",
+       "tests/test_quantize.py::test_confidence_fallback_through_a_run"),
+    _m("quantizer per tensor", QUANT, 'per_channel=opts["per_channel"],', "per_channel=False,",
+       "tests/test_quantize.py::test_quantized_file_has_per_channel_weights_and_uint8_activations"),
+    _m("quantizer signed activations", QUANT,
+       'activation_type=getattr(QuantType, opts["activation_type"]),', "activation_type=QuantType.QInt8,",
+       "tests/test_quantize.py::test_quantized_file_has_per_channel_weights_and_uint8_activations"),
+    _m("validation gate always passes", "gpubatch/models/prepare/validate.py",
+       'return GateResult(figures["agreement"] >= min_agreement, figures)', "return GateResult(True, figures)",
+       "tests/test_quantize.py::test_fragile_model_is_refused_with_figures"),
+    _m("confidence fallback never re-runs", "gpubatch/engine/model_stage.py",
+       "low = np.flatnonzero(top < threshold)", "low = np.flatnonzero(top < 0.0)",
+       "tests/test_quantize.py::test_confidence_fallback_reruns_unsure_items"),
+    _m("resume recomputes every shard", "gpubatch/runtime/resume.py",
+       "        sweep(store, kept.values())\n        return kept",
+       "        sweep(store, kept.values())\n        return {}",
+       "tests/test_resume_exact.py::test_resume_recomputes_only_uncommitted_shards"),
+    _m("manifest checksum skipped", "gpubatch/outputs/manifest.py",
+       "if data is not None and hashlib.sha256(data).hexdigest() == entry.sha256:", "if data is not None:",
+       "tests/test_resume_exact.py::test_corrupt_committed_part_is_detected_and_recomputed"),
+    _m("gpubatch's own shard retries are 0", "gpubatch/runtime/submit.py",
+       "result.attempt <= self.job.run.retries", "result.attempt <= 0",
+       "tests/test_resume_exact.py::test_retryable_failure_succeeds_on_the_second_attempt"),
+    _m("storage retries off", "gpubatch/io/retry.py",
+       "if not is_transient(exc) or attempt + 1 >= policy.attempts:", "if True:",
+       "tests/test_storage.py::test_faults_are_retried_and_reads_identical"),
+    _m("redact stops scrubbing registered values", "gpubatch/io/redact.py",
+       "for secret in sorted(known, key=len, reverse=True):",
+       "for secret in sorted(known, key=len, reverse=True)[:0]:",
+       "tests/test_redaction.py"),
+    _m("storage options stop registering secrets", "gpubatch/io/redact.py",
+       "            if str(k).lower() in SENSITIVE_KEYS and isinstance(v, str):\n                _remember(v)",
+       "            if str(k).lower() in SENSITIVE_KEYS and isinstance(v, str):\n                pass",
+       "tests/test_redaction.py"),
+    _m("label image copied to the output", "gpubatch/sources/slides/source.py",
+       '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
+       "        import io as _io\n\n        import openslide as _os\n\n"
+       "        for r in list(results):\n"
+       "            _buf = _io.BytesIO()\n"
+       "            _os.OpenSlide(r.input).associated_images['label'].save(_buf, 'PNG')\n"
+       "            store.write_bytes('thumbnail.png', _buf.getvalue())\n"
+       '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
+       "tests/test_privacy.py"),
+    _m("label pixels kept in a report folder", "gpubatch/sources/slides/source.py",
+       '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
+       "        import io as _io\n\n        import openslide as _os\n\n"
+       "        for r in list(results):\n"
+       "            _buf = _io.BytesIO()\n"
+       "            _os.OpenSlide(r.input).associated_images['macro'].save(_buf, 'JPEG')\n"
+       "            store.write_bytes('_audit/overview.json', _buf.getvalue())\n"
+       '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
+       "tests/test_privacy.py"),
+    _m("one-hot code swap A<->C", "gpubatch/ops/kernels.py",
+       'for _base, _code in (("A", 0), ("C", 1), ("G", 2), ("T", 3)):',
+       'for _base, _code in (("A", 1), ("C", 0), ("G", 2), ("T", 3)):',
+       "tests/test_genome.py::test_genome_tiling_and_padding"),
+    _m("reverse complement pairs A-G", "gpubatch/ops/kernels.py",
+       "COMPLEMENT_CODES = np.array([3, 2, 1, 0, 4], dtype=np.uint8)",
+       "COMPLEMENT_CODES = np.array([2, 3, 0, 1, 4], dtype=np.uint8)",
+       "tests/test_genome.py::test_minus_strand_is_reverse_complement"),
+    _m("reverse complement forgets to reverse", "gpubatch/ops/kernels.py",
+       "return COMPLEMENT_CODES[codes[..., ::-1]]", "return COMPLEMENT_CODES[codes]",
+       "tests/test_genome.py::test_minus_strand_is_reverse_complement"),
+    _m("REF check always true", "gpubatch/sources/genome/variants.py",
+       "ref_match = bool(np.array_equal(observed, encode_dna(ref)))", "ref_match = True",
+       "tests/test_genome.py::test_variant_pairs_indels_and_ref_mismatch"),
+    _m("prefetch queue unbounded", "gpubatch/engine/pipeline.py",
+       "ready: queue.Queue = queue.Queue(maxsize=cfg.prefetch_batches)", "ready: queue.Queue = queue.Queue()",
+       "tests/test_engine.py::test_look_ahead_is_bounded_by_configuration"),
+    _m("starvation formula inverted", "gpubatch/core/clocks.py",
+       "return starved / total if total > 0 else 0.0", "return busy / total if total > 0 else 0.0",
+       "tests/test_engine.py::test_slow_reader_means_high_starvation"),
+    _m("short last batch not trimmed", "gpubatch/engine/pipeline.py",
+       "outputs = {name: values[:real] for name, values in outputs.items()}",
+       "outputs = {name: values for name, values in outputs.items()}",
+       "tests/test_engine.py::test_short_last_batch_is_padded_for_the_model_and_trimmed_after"),
+    _m("tiles normalised without the mean", "gpubatch/ops/kernels.py",
+       "    out += offset.reshape(shape)\n", "",
+       "tests/test_kernels.py"),
+)
+
+
+def copy_tree(dest: Path) -> None:
+    """The parts of the checkout the tests need, without caches."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for name in COPIED:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+
+
+def check_anchors(root: Path, mutations: tuple[Mutation, ...]) -> list[str]:
+    """A problem line for each edit whose text is not found exactly once in its file."""
+    problems = []
+    for m in mutations:
+        for file, old, _ in m.edits:
+            n = (root / file).read_text().count(old)
+            if n != 1:
+                problems.append(f"{m.name}: {file}: the anchor is found {n} times, not once: {old[:70]!r}")
+    return problems
+
+
+def env_for(root: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float = TIMEOUT_S) -> tuple[int, str]:
+    """(pytest's exit code, its output) for ``tests`` in the copy; 124 when it ran past ``timeout``."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", "-W", "ignore", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env_for(root), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return 124, out
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def failed_test(output: str) -> str:
+    """The first test pytest reports as failed (or in error)."""
+    found = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
+    return found.group(1) if found else "?"
+
+
+def apply(root: Path, m: Mutation) -> dict[Path, str]:
+    """Plant ``m`` in the copy; returns the original texts to put back."""
+    originals: dict[Path, str] = {}
+    for file, old, new in m.edits:
+        path = root / file
+        text = path.read_text()
+        originals.setdefault(path, text)
+        path.write_text(text.replace(old, new, 1))
+    return originals
+
+
+def run_mutation(root: Path, m: Mutation) -> tuple[bool, str, float]:
+    """(caught, by which test or why not, seconds) for one mutation."""
+    originals = apply(root, m)
+    t0 = time.perf_counter()
+    try:
+        code, out = run_tests(root, m.tests)
+    finally:
+        for path, text in originals.items():
+            path.write_text(text)
+    seconds = time.perf_counter() - t0
+    if code == 124:
+        return True, f"timeout after {TIMEOUT_S} s in {' '.join(m.tests)}", seconds
+    if code == 1:
+        return True, failed_test(out), seconds
+    if code == 0:
+        return False, "every test passed", seconds
+    return False, f"pytest exit {code} (not a test failure): {out.strip().splitlines()[-1:] or ''}", seconds
+
+
+def baseline(root: Path, mutations: tuple[Mutation, ...]) -> None:
+    """The selected tests pass on the unmutated copy, or a 'caught' would mean nothing."""
+    tests = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
+    code, out = run_tests(root, tests, timeout=3 * TIMEOUT_S)
+    if code != 0:
+        sys.exit(f"the selected tests fail without any mutation (pytest exit {code}); fix them first:\n"
+                 + "\n".join(out.splitlines()[-30:]))
+
+
+def check_copy_is_imported(root: Path) -> None:
+    probe = subprocess.run([sys.executable, "-c", "import gpubatch; print(gpubatch.__file__)"], cwd=root,
+                           env=env_for(root), capture_output=True, text=True, check=True)
+    if not probe.stdout.strip().startswith(str(root)):
+        sys.exit(f"the copy is not what Python imports (gpubatch from {probe.stdout.strip()}): "
+                 "an install shadows PYTHONPATH")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", dest="select", default="", help="only mutations whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their tests")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated check")
+    args = parser.parse_args(argv)
+    chosen = tuple(m for m in MUTATIONS if args.select in m.name)
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {' '.join(m.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="gpubatch-mutations-") as tmp:
+        root = Path(tmp)
+        copy_tree(root)
+        problems = check_anchors(root, chosen)
+        if problems:
+            sys.exit("mutation anchors no longer match the code (move them with it):\n" + "\n".join(problems))
+        check_copy_is_imported(root)
+        if not args.no_baseline:
+            baseline(root, chosen)
+        caught = 0
+        width = max(len(m.name) for m in chosen)
+        for m in chosen:
+            ok, by, seconds = run_mutation(root, m)
+            caught += ok
+            print(f"{m.name:<{width}}  {'caught' if ok else 'SURVIVED':<8}  {by}  {seconds:.1f}s", flush=True)
+    print(f"caught {caught} of {len(chosen)}")
+    return 0 if caught == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
