@@ -128,3 +128,29 @@ def committed_count(out: Path) -> int:
     """Commit records in a local output (what a kill test waits on)."""
     d = Path(out) / "_manifest"
     return len([p for p in d.glob("*.json") if not p.name.startswith(".tmp")]) if d.is_dir() else 0
+
+
+#: expected DNA codes written out by hand, never the encoder under test: A C G T in either case, else N
+DNA_CODES = {"A": 0, "C": 1, "G": 2, "T": 3, "a": 0, "c": 1, "g": 2, "t": 3}
+
+
+def dna_codes(seq: str) -> Any:
+    """The uint8 codes a genome window of ``seq`` must hold (A=0 C=1 G=2 T=3, anything else 4)."""
+    import numpy as np
+
+    return np.array([DNA_CODES.get(base, 4) for base in seq], dtype=np.uint8)
+
+
+def gpu_missing() -> str | None:
+    """Why the CuPy GPU tests cannot run here, naming what is missing; None when they can."""
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed (pip install 'gpubatch[gpu]')"
+    try:
+        import cupy
+
+        count = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # noqa: BLE001 - no driver, broken install: say which
+        return f"CuPy is installed but cannot reach a CUDA device ({type(exc).__name__}: {exc})"
+    return None if count > 0 else "CuPy is installed but sees no CUDA device"

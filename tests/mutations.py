@@ -96,13 +96,13 @@ MUTATIONS: tuple[Mutation, ...] = (
        "            store.write_bytes('thumbnail.png', _buf.getvalue())\n"
        '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
        "tests/test_privacy.py"),
-    _m("label pixels kept in a report folder", "gpubatch/sources/slides/source.py",
+    _m("macro image hidden in the zarr folder", "gpubatch/sources/slides/source.py",
        '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
        "        import io as _io\n\n        import openslide as _os\n\n"
        "        for r in list(results):\n"
        "            _buf = _io.BytesIO()\n"
        "            _os.OpenSlide(r.input).associated_images['macro'].save(_buf, 'JPEG')\n"
-       "            store.write_bytes('_audit/overview.json', _buf.getvalue())\n"
+       "            store.write_bytes('predictions.zarr/overview', _buf.getvalue())\n"
        '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
        "tests/test_privacy.py"),
     _m("one-hot code swap A<->C", "gpubatch/ops/kernels.py",

@@ -23,6 +23,7 @@ class CountingReader(ShardReader):
         self.attrs = {}
         self.in_flight = 0
         self.max_in_flight = 0
+        self.started = 0  # units whose read began
         self._lock = threading.Lock()
 
     @property
@@ -35,6 +36,7 @@ class CountingReader(ShardReader):
 
     def _read(self, u: int) -> ItemBlock:
         with self._lock:
+            self.started += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -94,9 +96,23 @@ def test_short_last_batch_is_padded_for_the_model_and_trimmed_after() -> None:
 
 
 def test_look_ahead_is_bounded_by_configuration() -> None:
-    reader = CountingReader(units=40, per_unit=4, delay=0.01)
+    """Fast reads, a slow model: reads run ahead of the model by at most what the configuration
+    allows (the prefetch queue, one batch held by the feeder, readers + 1 units submitted), never
+    the whole shard; and no more than ``readers`` reads run at once."""
+    reader = CountingReader(units=40, per_unit=4)
     cfg = PipelineConfig(batch_size=4, readers=3, prefetch_batches=2)
-    run_pipeline(reader, model(delay=0.02), Sink(), cfg, StageClocks())
+    lead: list[int] = []
+    consumed = [0]
+
+    def slow(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
+        consumed[0] += 1
+        time.sleep(0.01)
+        lead.append(reader.started - consumed[0])  # units read but not yet at the model (1 unit = 1 batch)
+        return model()(items, clocks)
+
+    run_pipeline(reader, slow, Sink(), cfg, StageClocks())
+    assert reader.started == 40 and consumed[0] == 40
+    assert max(lead) <= cfg.prefetch_batches + 1 + cfg.readers + 1, lead
     assert reader.max_in_flight <= cfg.readers
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_file
+from conftest import gpu_missing, shared_file
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import GpubatchError
@@ -27,7 +27,7 @@ from gpubatch.sources.slides import gpu_decode
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = sorted((REPO / "kernels").glob("*.cu"))
 gpu = pytest.mark.gpu
-needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no CUDA device (CuPy sees none)")
+needs_gpu = pytest.mark.skipif(gpu_missing() is not None, reason=gpu_missing() or "")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

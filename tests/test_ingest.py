@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_file
+from conftest import dna_codes, shared_file
 
 import gpubatch.sources.genome.ingest as ingest_mod
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
-from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.ingest import ingest_genome
 from gpubatch.sources.genome.reference import GENOME_ATTR, load_contigs, open_reference
 from gpubatch.sources.genome.source import GenomeSource
@@ -51,7 +50,7 @@ def test_ingest_tangermeme_matches_pysam(tmp_path: Path) -> None:
     assert zarr_ref.format == "zarr"
     for name in ref.references:
         assert np.array_equal(zarr_ref.fetch(name, 0, ref.get_reference_length(name)),
-                              encode_dna(ref.fetch(name)))
+                              dna_codes(ref.fetch(name)))
     import zarr
 
     attrs: dict = zarr.open_group(str(out), mode="r").attrs.asdict()[GENOME_ATTR]  # type: ignore[assignment]
@@ -86,10 +85,10 @@ def test_gzip_input_and_unwrapped_long_lines(tmp_path: Path, monkeypatch: pytest
     ref = open_reference(str(tmp_path / "u.zarr"))
     for name, seq in seqs.items():
         assert np.array_equal(ref.fetch(name, -2, len(seq) + 3),
-                              encode_dna("NN" + seq + "NNN"))
+                              dna_codes("NN" + seq + "NNN"))
 
 
-def test_remote_zarr_over_fsspec(tmp_path: Path) -> None:
+def test_zarr_through_an_fsspec_memory_filesystem(tmp_path: Path) -> None:
     fa = shared_file("genomics", "sarscov2", "EMN908947.fa")
     uri = "memory://genomes/sarscov2.zarr"
     ingest_genome(str(fa), uri, chunk_bases=4096)

@@ -11,11 +11,12 @@ import re
 
 import numpy as np
 import pytest
+from conftest import gpu_missing
 
 from gpubatch.ops import kernels, kernels_gpu
 
 gpu = pytest.mark.gpu
-needs_gpu = pytest.mark.skipif(not kernels_gpu.gpu_available(), reason="no CUDA device (CuPy sees none)")
+needs_gpu = pytest.mark.skipif(gpu_missing() is not None, reason=gpu_missing() or "")
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -116,6 +117,10 @@ def test_normalize_tiles_writes_into_a_fitting_buffer() -> None:
     buffer = np.full_like(fresh, 7.0)
     assert kernels.normalize_tiles(tiles, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), out=buffer) is buffer
     np.testing.assert_array_equal(buffer, fresh)
+
+
+def test_encode_dna_codes_by_hand() -> None:
+    assert kernels.encode_dna("ACGTNacgtR-").tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 4]
 
 
 def test_reverse_complement_of_encoded_sequence() -> None:

@@ -1,0 +1,68 @@
+"""A secret from any source is scrubbed from free text by redact().
+
+The secrets here are shaped so that no pattern of redact() recognises them (no ``key=``, no AKIA
+prefix, no URL): only the registry of known values can remove them from a message such as a
+client library's exception text. Each source registers through the code a run uses: the AWS_*
+environment, a cluster profile's ``storage`` options (configure_storage, as a worker does), a
+job's ``input.storage`` options (resolve_options, as every open does) and a URI's own secret parts.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from gpubatch.io.redact import MASK, redact
+from gpubatch.io.storage import configure_storage, resolve_options, zarr_options
+
+
+def _secret(tag: str) -> str:
+    """A value unique to this test run, that looks like nothing in particular."""
+    return f"{tag}{uuid.uuid4().hex[:12]}"
+
+
+def _leaks(secret: str) -> str:
+    return redact(f"botocore said: request signed with {secret} was refused (see {secret}/x)")
+
+
+def test_secret_from_the_environment_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = _secret("envsecret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    text = _leaks(secret)
+    assert secret not in text and text.count(MASK) == 2
+
+
+def test_secret_from_profile_storage_options_is_scrubbed() -> None:
+    secret = _secret("profsecret")
+    configure_storage({"storage": {"client_kwargs": {"aws_secret_access_key": secret}}})
+    try:
+        text = _leaks(secret)
+    finally:
+        configure_storage(None)
+    assert secret not in text and text.count(MASK) == 2
+
+
+def test_secret_from_job_input_storage_is_scrubbed() -> None:
+    secret, token = _secret("jobsecret"), _secret("jobtoken")
+    resolve_options("s3://bucket/slide.svs", {"key": "AKIDplain", "secret": secret, "token": token})
+    for value in (secret, token):
+        text = _leaks(value)
+        assert value not in text and text.count(MASK) == 2
+
+
+def test_secret_from_zarr_options_is_scrubbed() -> None:
+    secret = _secret("zarrpass")
+    zarr_options("s3://bucket/g.zarr", {"password": secret})
+    assert secret not in _leaks(secret)
+
+
+def test_secret_from_a_uri_is_scrubbed_in_any_form() -> None:
+    password = _secret("pw/") + "+x"
+    resolve_options(f"https://user:{password.replace('/', '%2F').replace('+', '%2B')}@host/slide.svs", None)
+    assert password not in _leaks(password)
+
+
+def test_unregistered_text_is_left_alone() -> None:
+    text = f"an ordinary message about {_secret('nothing')}"
+    assert redact(text) == text
