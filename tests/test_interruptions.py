@@ -25,8 +25,9 @@ N_SLIDES = 7
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("interrupt")
-    for i in range(N_SLIDES):
-        write_synthetic_slide(d / f"s{i}.tif", 768, 512, seed=400 + i, levels=2)
+    for i in range(N_SLIDES):  # the last slide, 4x the others, is still running when the kill lands
+        big = i == N_SLIDES - 1
+        write_synthetic_slide(d / f"s{i}.tif", 1536 if big else 768, 1024 if big else 512, seed=400 + i, levels=2)
     return d
 
 

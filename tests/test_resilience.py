@@ -3,6 +3,7 @@ SIGKILL of a worker or of the client mid-run, resume, status from another shell,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -69,6 +70,12 @@ def _committed(out: Path) -> int:
     return len([p for p in d.glob("*.json") if not p.name.startswith(".tmp")]) if d.is_dir() else 0
 
 
+def _committed_parts(out: Path) -> dict[str, str]:
+    """The parts the commit records name, with their sha256 now."""
+    records = [json.loads(p.read_text()) for p in (out / "_manifest").glob("*.json") if not p.name.startswith(".")]
+    return {r["part"]: hashlib.sha256((out / "_parts" / r["part"]).read_bytes()).hexdigest() for r in records}
+
+
 def test_client_killed_mid_run_then_resume_equals_clean(tmp_path: Path, many_slides: Path, classifier: Path,
                                                          clean: pd.DataFrame) -> None:
     job = _job(tmp_path, many_slides, classifier, "killed", profile="local", workers=1)
@@ -77,15 +84,20 @@ def test_client_killed_mid_run_then_resume_equals_clean(tmp_path: Path, many_sli
     _wait_for(lambda: _committed(out) >= 2)
     os.killpg(proc.pid, signal.SIGKILL)  # the client and the cluster it started, all at once
     proc.wait()
-    partial = _committed(out)
-    assert 2 <= partial < N_SLIDES
+    kept = _committed_parts(out)
+    assert 2 <= len(kept) < N_SLIDES
     status = _cli("status", str(out))
     assert "running" in status.communicate()[0]  # the run never finished
     resumed = _cli("run", str(job), "--resume")
     log = resumed.communicate()[0]
     assert resumed.returncode == 0, log
     report = json.loads((out / "report.json").read_text())
-    assert sum(1 for s in report["shards"] if s["resumed"]) >= partial
+    assert sum(1 for s in report["shards"] if s["resumed"]) == len(kept)  # exactly what was committed
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "_parts").glob("*.parquet")}
+    assert {name: after.get(name) for name in kept} == kept  # committed parts untouched, byte for byte
+    lines = audit_lines(out)
+    assert len(lines) == len({line["shard_id"] for line in lines}) == N_SLIDES
+    assert len([line for line in lines if line["part"] not in kept]) == N_SLIDES - len(kept)  # only the rest
     df = _sorted(pd.read_parquet(out / "predictions.parquet"))
     assert not df.duplicated(["slide", "x", "y"]).any()
     pd.testing.assert_frame_equal(df, clean)
