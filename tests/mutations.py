@@ -10,7 +10,8 @@ mutation (name, caught or SURVIVED, by which test, seconds) and ``caught N of M`
 0 only when every mutation is caught.
 
 Options: ``-k TEXT`` runs the mutations whose name contains TEXT; ``--list`` prints them;
-``--no-baseline`` skips the unmutated check (quicker, when iterating on one mutation).
+``--no-baseline`` skips the unmutated check (quicker, when iterating on one mutation); ``--why``
+adds the catching test's first error line (to see that it fails for the planted reason).
 """
 
 from __future__ import annotations
@@ -96,13 +97,13 @@ MUTATIONS: tuple[Mutation, ...] = (
        "            store.write_bytes('thumbnail.png', _buf.getvalue())\n"
        '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
        "tests/test_privacy.py"),
-    _m("macro image hidden in the zarr folder", "gpubatch/sources/slides/source.py",
+    _m("macro image hidden as a parquet part", "gpubatch/sources/slides/source.py",
        '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
        "        import io as _io\n\n        import openslide as _os\n\n"
        "        for r in list(results):\n"
        "            _buf = _io.BytesIO()\n"
-       "            _os.OpenSlide(r.input).associated_images['macro'].save(_buf, 'JPEG')\n"
-       "            store.write_bytes('predictions.zarr/overview', _buf.getvalue())\n"
+       "            _os.OpenSlide(r.input).associated_images['macro'].convert('RGB').save(_buf, 'JPEG')\n"
+       "            store.write_bytes('_parts/zz-overview.parquet', _buf.getvalue())\n"
        '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
        "tests/test_privacy.py"),
     _m("one-hot code swap A<->C", "gpubatch/ops/kernels.py",
@@ -172,10 +173,12 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float = TIMEOUT_S) ->
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def failed_test(output: str) -> str:
-    """The first test pytest reports as failed (or in error)."""
+def failed_test(output: str, why: bool = False) -> str:
+    """The first test pytest reports as failed (or in error); with ``why``, its first error line."""
     found = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
-    return found.group(1) if found else "?"
+    name = found.group(1) if found else "?"
+    error = re.search(r"^E +(.+)$", output, re.MULTILINE)
+    return f"{name}  [{error.group(1)[:150]}]" if why and error else name
 
 
 def apply(root: Path, m: Mutation) -> dict[Path, str]:
@@ -189,7 +192,7 @@ def apply(root: Path, m: Mutation) -> dict[Path, str]:
     return originals
 
 
-def run_mutation(root: Path, m: Mutation) -> tuple[bool, str, float]:
+def run_mutation(root: Path, m: Mutation, why: bool = False) -> tuple[bool, str, float]:
     """(caught, by which test or why not, seconds) for one mutation."""
     originals = apply(root, m)
     t0 = time.perf_counter()
@@ -202,7 +205,7 @@ def run_mutation(root: Path, m: Mutation) -> tuple[bool, str, float]:
     if code == 124:
         return True, f"timeout after {TIMEOUT_S} s in {' '.join(m.tests)}", seconds
     if code == 1:
-        return True, failed_test(out), seconds
+        return True, failed_test(out, why), seconds
     if code == 0:
         return False, "every test passed", seconds
     return False, f"pytest exit {code} (not a test failure): {out.strip().splitlines()[-1:] or ''}", seconds
@@ -230,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="select", default="", help="only mutations whose name contains this")
     parser.add_argument("--list", action="store_true", help="list the mutations and their tests")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated check")
+    parser.add_argument("--why", action="store_true", help="show each catching test's first error line")
     args = parser.parse_args(argv)
     chosen = tuple(m for m in MUTATIONS if args.select in m.name)
     if args.list:
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         caught = 0
         width = max(len(m.name) for m in chosen)
         for m in chosen:
-            ok, by, seconds = run_mutation(root, m)
+            ok, by, seconds = run_mutation(root, m, args.why)
             caught += ok
             print(f"{m.name:<{width}}  {'caught' if ok else 'SURVIVED':<8}  {by}  {seconds:.1f}s", flush=True)
     print(f"caught {caught} of {len(chosen)}")
