@@ -1,6 +1,7 @@
 """A slide's label and macro images and its private metadata never reach the outputs.
 
-A real Aperio SVS with a label and a macro image runs through the command line; then the output
+An Aperio SVS with a label and a macro image (a real scan, and a synthetic one whose label is
+noise and whose scanner field is made up) runs through the command line; then the output
 folder may hold only the files gpubatch is known to write (a hand-written allow-list, not the
 code's own list), no file or embedded blob in it may decode as a raster image (report plots are
 SVG), and no decodable image may look like the label or the macro at any size, whatever its name.
@@ -11,12 +12,14 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import cli, shared_file, slide_job, write_job
+from hostile_inputs import svs_with_label_and_macro
 
 openslide = pytest.importorskip("openslide")
 from PIL import Image  # noqa: E402 - after the skip: Pillow comes with openslide-python
@@ -57,8 +60,12 @@ def _looks_like(img: Image.Image, ref: np.ndarray) -> bool:
     return float(np.abs(resized - ref.astype(np.float32)).mean()) < 12
 
 
-def test_label_macro_and_private_metadata_never_reach_outputs(tmp_path: Path, classifier: Path) -> None:
-    path = shared_file("slides", "CMU-1-Small-Region.svs")
+@pytest.mark.parametrize("which", ["CMU-1-Small-Region.svs", "synthetic"])
+def test_label_macro_and_private_metadata_never_reach_outputs(tmp_path: Path, classifier: Path, which: str) -> None:
+    if which == "synthetic":
+        path = svs_with_label_and_macro(tmp_path / "synthetic.svs")
+    else:
+        path = shared_file("slides", which)
     slide = openslide.OpenSlide(str(path))
     assert {"label", "macro"} <= set(slide.associated_images)
     out = tmp_path / "out"
@@ -70,6 +77,7 @@ def test_label_macro_and_private_metadata_never_reach_outputs(tmp_path: Path, cl
     proc = cli("report", str(out), "--html")
     log += proc.communicate(timeout=60)[0]
     files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert json.loads(files["report.json"])["items"] > 0  # the slide was read, tiles and all
     unknown = [name for name in files if not any(rx.fullmatch(name) for rx in ALLOWED)]
     assert not unknown, f"files gpubatch does not write: {unknown}"
     private = [v for k, v in slide.properties.items()
