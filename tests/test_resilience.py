@@ -143,7 +143,10 @@ def test_worker_killed_mid_shard_is_retried_elsewhere(tmp_path: Path, many_slide
     assert sorted(committed) == sorted(set(committed)) and len(committed) == N_SLIDES
 
 
-def test_shard_failing_every_retry_is_quarantined(tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+def test_truncated_slide_is_quarantined_at_once_not_retried(tmp_path: Path, slide_path: Path,
+                                                            classifier: Path) -> None:
+    """A bad input fails the same way every time: it is quarantined on its first attempt even with
+    retries left (retries of failures that may pass: tests/test_resume_exact.py)."""
     bad = tmp_path / "bad.tif"
     bad.write_bytes(slide_path.read_bytes()[: len(slide_path.read_bytes()) // 2])
     job = slide_job([str(slide_path), str(bad)], classifier, tmp_path / "out", run={"retries": 2})
@@ -151,6 +154,8 @@ def test_shard_failing_every_retry_is_quarantined(tmp_path: Path, slide_path: Pa
     assert result.exit_code == 3
     assert [Path(f["input"]).name for f in result.report["failed"]] == ["bad.tif"]
     assert "truncated" in result.report["failed"][0]["error"]
+    assert result.report["failed"][0]["attempts"] == 1
+    assert [a["attempt"] for a in audit_lines(tmp_path / "out", "shard_failed")] == [1]
     assert len(result.predictions()) > 0
 
 

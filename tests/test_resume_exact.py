@@ -118,5 +118,25 @@ def test_retryable_failure_succeeds_on_the_second_attempt(tmp_path: Path, slides
     assert {a["attempt"] for a in audit_lines(tmp_path / "out") if a["input"].endswith("s1.tif")} == {2}
 
 
+def test_a_failure_on_every_attempt_is_quarantined_after_the_last_retry(
+        tmp_path: Path, slides_dir: Path, classifier: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """retries: 2 means three attempts, each recorded in the audit, then the shard is quarantined
+    and the other shards are done (exit 3)."""
+    real_open = SlideSource.open
+
+    def failing_open(self: SlideSource, shard: Any, job: Any, clocks: Any) -> Any:
+        if shard.input_uri.endswith("s2.tif"):
+            raise TimeoutError("read timed out")
+        return real_open(self, shard, job, clocks)
+
+    monkeypatch.setattr(SlideSource, "open", failing_open)
+    result = gpubatch.run(_job(tmp_path, slides_dir, classifier, retries=2), show_progress=False)
+    assert result.exit_code == 3
+    (failed,) = result.report["failed"]
+    assert failed["input"].endswith("s2.tif") and failed["attempts"] == 3 and "TimeoutError" in failed["error"]
+    assert [a["attempt"] for a in audit_lines(tmp_path / "out", "shard_failed")] == [1, 2, 3]
+    assert sorted(Path(a["input"]).name for a in audit_lines(tmp_path / "out")) == ["s0.tif", "s1.tif"]
+
+
 def _shard_of(report: dict[str, Any], name: str) -> str:
     return next(s["shard_id"] for s in report["shards"] if s["input"].endswith(name))
