@@ -110,6 +110,13 @@ MUTATIONS: tuple[Mutation, ...] = (
        "            store.write_bytes('_parts/zz-overview.parquet', _buf.getvalue())\n"
        '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
        "tests/test_privacy.py"),
+    _m("a replaced input is kept on resume", "gpubatch/runtime/resume.py",
+       "return [e for e in entries if e.input_identity and now[e.input] != e.input_identity]", "return []",
+       "tests/test_runs_cannot_mix.py::test_an_input_replaced_between_runs_is_recomputed"),
+    _m("stray attempts never swept", "gpubatch/outputs/manifest.py",
+       'if name not in parts and (name.endswith(".parquet") or name.startswith(TMP_PREFIX)):',
+       'if name not in parts and name.startswith(TMP_PREFIX):',
+       "tests/test_runs_cannot_mix.py::test_a_finished_output_holds_no_temporaries_or_stray_attempts"),
     _m("one-hot code swap A<->C", "gpubatch/ops/kernels.py",
        'for _base, _code in (("A", 0), ("C", 1), ("G", 2), ("T", 3)):',
        'for _base, _code in (("A", 1), ("C", 0), ("G", 2), ("T", 3)):',
