@@ -219,7 +219,8 @@ def run_mutation(root: Path, m: Mutation, why: bool = False) -> tuple[bool, str,
         return True, failed_test(out, why), seconds
     if code == 0:
         return False, "every test passed", seconds
-    return False, f"pytest exit {code} (not a test failure): {out.strip().splitlines()[-1:] or ''}", seconds
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    return False, f"pytest exit {code}, not a test failure (a broken mutation?): {last}", seconds
 
 
 def baseline(root: Path, mutations: tuple[Mutation, ...]) -> None:
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--why", action="store_true", help="show each catching test's first error line")
     args = parser.parse_args(argv)
     chosen = tuple(m for m in MUTATIONS if args.select in m.name)
+    if not chosen:
+        sys.exit(f"no mutation's name contains {args.select!r} (--list names them)")
     if args.list:
         for m in chosen:
             print(f"{m.name}: {' '.join(m.tests)}")
