@@ -111,10 +111,14 @@ def test_killed_client_then_resume_on_s3_equals_a_clean_run(tmp_path: Path, slid
     wait_for(lambda: _commits(s3, uri) >= instant, 180, f"{instant} commits on S3")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    kept = _commits(s3, uri)
+    assert kept >= instant  # counted after the kill: the client (and its inline workers) is gone
     resumed = cli("run", str(job), "--resume", env=_env(s3))
     log = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, log
+    assert f"{kept} shard(s) already committed, skipped" in log
     result = gpubatch.open_results(uri, s3.options(via_proxy=False))
+    assert sum(1 for s in result.report["shards"] if s["resumed"]) == kept  # computed exactly the rest
     df = _sorted(result.predictions())
     assert not df.duplicated(["slide", "x", "y"]).any()
     pd.testing.assert_frame_equal(df, clean)
