@@ -46,6 +46,17 @@ def _m(name: str, file: str, old: str, new: str, *tests: str) -> Mutation:
     return Mutation(name, ((file, old, new),), tests)
 
 
+def _leak(name: str, image: str, fmt: str, dest: str) -> Mutation:
+    """Slides' write_outputs also writes each slide's ``image`` (label, macro) as ``fmt`` to ``dest``."""
+    anchor = "        write_heatmaps(store, places, job.output.heatmap)\n"
+    leak = ("        import io as _io\n\n        import openslide as _os\n\n"
+            "        for _uri in places:\n"
+            "            _buf = _io.BytesIO()\n"
+            f"            _os.OpenSlide(_uri).associated_images[{image!r}].convert('RGB').save(_buf, {fmt!r})\n"
+            f"            store.write_bytes({dest!r}, _buf.getvalue())\n")
+    return _m(name, "gpubatch/sources/slides/source.py", anchor, leak + anchor, "tests/test_privacy.py")
+
+
 QUANT = "gpubatch/models/prepare/quantize.py"
 MUTATIONS: tuple[Mutation, ...] = (
     _m("workers run fp32 while reporting int8", "gpubatch/runtime/runner.py",
@@ -92,24 +103,9 @@ MUTATIONS: tuple[Mutation, ...] = (
        "            if str(k).lower() in SENSITIVE_KEYS and isinstance(v, str):\n                _remember(v)",
        "            if str(k).lower() in SENSITIVE_KEYS and isinstance(v, str):\n                pass",
        "tests/test_redaction.py"),
-    _m("label image copied to the output", "gpubatch/sources/slides/source.py",
-       '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
-       "        import io as _io\n\n        import openslide as _os\n\n"
-       "        for r in list(results):\n"
-       "            _buf = _io.BytesIO()\n"
-       "            _os.OpenSlide(r.input).associated_images['label'].save(_buf, 'PNG')\n"
-       "            store.write_bytes('thumbnail.png', _buf.getvalue())\n"
-       '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
-       "tests/test_privacy.py"),
-    _m("macro image hidden as a parquet part", "gpubatch/sources/slides/source.py",
-       '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
-       "        import io as _io\n\n        import openslide as _os\n\n"
-       "        for r in list(results):\n"
-       "            _buf = _io.BytesIO()\n"
-       "            _os.OpenSlide(r.input).associated_images['macro'].convert('RGB').save(_buf, 'JPEG')\n"
-       "            store.write_bytes('_parts/zz-overview.parquet', _buf.getvalue())\n"
-       '        if "geojson" in job.output.formats:\n            from gpubatch.outputs.geojson import write_geojson',
-       "tests/test_privacy.py"),
+    _leak("label image copied to the output", "label", "PNG", "thumbnail.png"),
+    _leak("macro image hidden as a parquet part", "macro", "JPEG", "_parts/zz-overview.parquet"),
+    _leak("label image saved as a heatmap", "label", "PNG", "heatmaps/zz-label.png"),
     _m("a replaced input is kept on resume", "gpubatch/runtime/resume.py",
        "return [e for e in entries if e.input_identity and now[e.input] != e.input_identity]", "return []",
        "tests/test_runs_cannot_mix.py::test_an_input_replaced_between_runs_is_recomputed"),
