@@ -191,8 +191,8 @@ def part_memory(args: argparse.Namespace) -> dict[str, Any]:
     rows = [{"variants": n, **_medians(runs[n])} for n in args.counts]
     small, big = rows[0], rows[-1]
     for row in rows:
-        row["client growth"] = f"{big['client_mb'] / row['client_mb'] - 1:+.1%}"
-        row["worker growth"] = f"{big['worker_mb'] / row['worker_mb'] - 1:+.1%}"
+        row["client growth"] = f"{row['client_mb'] / small['client_mb'] - 1:+.1%}"
+        row["worker growth"] = f"{row['worker_mb'] / small['worker_mb'] - 1:+.1%}"
     per_variant = (big["client_mb"] - small["client_mb"]) * 2**20 / max(1, big["variants"] - small["variants"])
     print(table(rows, ["variants", "client_mb", "worker_mb", "worker_anon_mb", "seconds", "client growth", "worker growth"]))
     print(f"client growth per variant: {per_variant:.0f} bytes")
