@@ -60,6 +60,8 @@ class FaultProxy:
         self.upstream = upstream
         self.faults = faults or Faults()
         self.stats: dict[str, int] = {"requests": 0, "errors": 0, "resets": 0, "forbidden": 0}
+        #: the signing headers of the last reads (Authorization, x-amz-security-token), newest last
+        self.signatures: list[dict[str, str]] = []
         self._rng = random.Random(self.faults.seed)
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -81,6 +83,13 @@ class FaultProxy:
         with self._lock:
             self.faults = Faults()
             self.stats = dict.fromkeys(self.stats, 0)
+            self.signatures = []
+
+    def note_signature(self, headers: Any) -> None:
+        with self._lock:
+            self.signatures.append({k.lower(): v for k, v in headers.items()
+                                    if k.lower() in ("authorization", "x-amz-security-token")})
+            del self.signatures[:-200]
 
     def decide(self, method: str, path: str) -> str:
         """'forward', 'error', 'reset-early', 'reset-body' or 'forbidden' for one request."""
@@ -117,6 +126,8 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             action = proxy.decide(self.command, self.path)
+            if self.command in ("GET", "HEAD"):
+                proxy.note_signature(self.headers)
             if proxy.faults.latency_s:
                 time.sleep(proxy.faults.latency_s)
             if action == "forbidden":

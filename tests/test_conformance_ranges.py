@@ -1,4 +1,5 @@
-"""Every range reader passes RangeReaderTests: local pread, fsspec (memory://, S3 on moto), wrapped."""
+"""Every range reader passes RangeReaderTests: local pread, fsspec (memory://, S3 on moto), obstore
+(S3 on moto, plain HTTP), each wrapped in the retry and metrics layers where it meets a server."""
 
 from __future__ import annotations
 
@@ -51,8 +52,15 @@ class TestFsspecMemoryReader(RangeReaderTests):
 
 
 class TestS3ReaderWithRetriesAndMetrics(RangeReaderTests):
-    """Through the storage entry point: fsspec's S3 client wrapped in the retry and metrics layers,
-    against a real S3 server (moto) behind a proxy that fails some requests."""
+    """Through the storage entry point: obstore's S3 client (the default for s3://) wrapped in the
+    retry and metrics layers, against a real S3 server (moto) behind a proxy that fails some
+    requests."""
+
+    client = "obstore"
+
+    @pytest.fixture(autouse=True)
+    def _client(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("GPUBATCH_RANGE_READER", self.client)
 
     @pytest.fixture()
     def make_reader(self, s3: S3Stack) -> Callable[[bytes], RangeReader]:
@@ -60,10 +68,39 @@ class TestS3ReaderWithRetriesAndMetrics(RangeReaderTests):
 
         def make(data: bytes) -> RangeReader:
             uri = s3.upload_bytes(data, f"ranges/{uuid.uuid4().hex}.bin")
-            return open_ranges(uri, s3.options())
+            reader = open_ranges(uri, s3.options())
+            assert reader.client == self.client
+            return reader
 
         return make
 
     @pytest.fixture()
     def missing_reader(self, s3: S3Stack) -> Callable[[], RangeReader]:
         return lambda: open_ranges(f"s3://{s3.bucket}/ranges/absent.bin", s3.options())
+
+
+class TestS3FsspecReaderWithRetriesAndMetrics(TestS3ReaderWithRetriesAndMetrics):
+    """The same through fsspec's S3 client (s3fs), the fallback and the other protocols' client."""
+
+    client = "fsspec"
+
+
+class TestHttpObstoreReader(RangeReaderTests):
+    """A plain http(s):// object through obstore's HTTP store, behind the same faulty proxy."""
+
+    @pytest.fixture()
+    def make_reader(self, s3: S3Stack) -> Callable[[bytes], RangeReader]:
+        s3.proxy.configure(error_rate=0.1, seed=4)
+
+        def make(data: bytes) -> RangeReader:
+            uri = s3.upload_bytes(data, f"ranges/{uuid.uuid4().hex}.bin")
+            s3.make_public(uri)
+            reader = open_ranges(s3.http_url(uri))
+            assert reader.client == "obstore"
+            return reader
+
+        return make
+
+    @pytest.fixture()
+    def missing_reader(self, s3: S3Stack) -> Callable[[], RangeReader]:
+        return lambda: open_ranges(f"{s3.proxy.url}/{s3.bucket}/ranges/absent.bin")

@@ -157,3 +157,36 @@ def test_empty_shard() -> None:
     sink = Sink()
     assert run_pipeline(CountingReader(units=0, per_unit=4), model(), sink, PipelineConfig(), StageClocks()) == 0
     assert sink.ids == []
+
+
+def test_every_stage_s_busy_time_splits_into_parts_that_add_up() -> None:
+    """Parts timed while a thread works for a stage are that stage's; what nobody timed is
+    ``other``; batch assembly, output handling and the writer are parts, not gaps."""
+    from gpubatch.core.clocks import stage_breakdown
+
+    class TimedReader(CountingReader):
+        def _read(self, u: int) -> ItemBlock:
+            with self.clocks.part("decode"):
+                time.sleep(0.02)
+            time.sleep(0.01)  # untimed work in the unit: "other"
+            return super()._read(u)
+
+    reader, clocks = TimedReader(units=6, per_unit=8), StageClocks()
+    reader.clocks = clocks
+
+    def run(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
+        with clocks.part("compute"):
+            time.sleep(0.03)
+        time.sleep(0.01)
+        return model()(items, clocks)
+
+    with clocks.part("open"):  # outside every stage: run-wide only
+        time.sleep(0.01)
+    run_pipeline(reader, run, Sink(), PipelineConfig(batch_size=8, readers=2), clocks)
+    split = stage_breakdown({k: v.as_dict() for k, v in clocks.stages.items()}, clocks.stage_parts)
+    for stage, parts in split.items():
+        assert sum(parts.values()) == pytest.approx(clocks.stages[stage].busy_s, rel=1e-9), stage
+    assert split["read"]["decode"] == pytest.approx(6 * 0.02, rel=0.5) and split["read"]["other"] >= 6 * 0.01
+    assert "batch" in split["read"] and split["model"]["compute"] == pytest.approx(6 * 0.03, rel=0.5)
+    assert split["model"]["other"] >= 6 * 0.01 * 0.9 and set(split["write"]) == {"write", "other"}
+    assert "open" not in split["read"] and clocks.parts["open"] >= 0.01

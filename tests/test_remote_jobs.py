@@ -47,6 +47,26 @@ def test_remote_runs_equal_local(tmp_path: Path, s3: S3Stack, remote_slides: str
     counters = result.report["counters"]
     assert counters.get(f"storage.access.{access}", 0) == 3
     assert result.report["storage"]["requests"] > 0
+    assert counters.get("storage.client.obstore", 0) >= 3 and "storage.client.fsspec" not in counters
+
+
+def test_dask_workers_read_through_obstore_after_the_client_did(tmp_path: Path, s3: S3Stack, remote_slides: str,
+                                                                mean_model: Path, local_reference: pd.DataFrame) -> None:
+    """obstore hangs in a process forked after it ran. The client reads through obstore first;
+    the LocalCluster's workers (forked from the forkserver, which never runs obstore) then read
+    every slide through obstore themselves, and the run ends with the local predictions."""
+    from gpubatch.io import obstore as obstore_io
+    from gpubatch.io.storage import read_bytes
+
+    assert read_bytes(f"{remote_slides}/s0.tif", s3.options(), end=4) in (b"II*\x00", b"MM\x00*")
+    assert obstore_io._used
+    job = slide_job([f"{remote_slides}/*.tif"], mean_model, tmp_path / "out", run={"profile": "local", "workers": 2})
+    job["input"].update(storage=s3.options(), access="stream")
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 0, result.report["failed"]
+    pd.testing.assert_frame_equal(_sorted(result.predictions()), local_reference)
+    counters = result.report["counters"]
+    assert counters["storage.client.obstore"] == 3 and "storage.client.fsspec" not in counters
 
 
 def test_faulty_storage_still_gives_identical_predictions(tmp_path: Path, s3: S3Stack, remote_slides: str,

@@ -240,3 +240,27 @@ def test_load_report_refreshes_an_old_verdict(built: dict[str, Any], tmp_path: P
     assert "gap" in loaded["verdict"] and loaded["storage"]["requests"] == 20
     with pytest.raises(FileNotFoundError, match="no report.json"):
         rp.load_report(tmp_path / "nowhere")
+
+
+def test_stage_time_by_part_adds_up_names_the_turn_and_shows_other_over_5_percent() -> None:
+    """The genome run of issue 17: model busy 14.2 s, compute 7.4 s and preprocess 0.6 s timed;
+    with the turn-taking, output conversion and the remainder as parts nothing is unaccounted."""
+    stage_parts = {"model": {"compute": 7.4, "preprocess": 0.6, "turn": 5.1, "output": 0.3},
+                   "read": {"decode": 3.0, "storage": 0.96, "batch": 1.0}}
+    clocks = {"stages": {"model": {"busy_s": 14.2, "starved_s": 0.1, "blocked_s": 0.0},
+                         "read": {"busy_s": 5.0, "starved_s": 0.0, "blocked_s": 3.0}},
+              "parts": {"compute": 7.4, "preprocess": 0.6, "decode": 3.0, "storage": 0.96, "open": 0.2},
+              "stage_parts": stage_parts, "counters": {}, "samples": []}
+    result = ShardResult.from_dict({"shard_id": "g", "input": "genome.fa", "items": 100_000, "wall_s": 15.0,
+                                    "clocks": clocks})
+    doc = rp.summarize([result], [], 16.0, {"batch_size": 64, "workers": 1, "kind": "genome"}).to_dict()
+    split = doc["stage_parts"]
+    assert sum(split["model"].values()) == pytest.approx(14.2) and split["model"]["other"] == pytest.approx(0.8)
+    assert sum(split["read"].values()) == pytest.approx(5.0) and split["read"]["other"] == pytest.approx(0.04)
+    text = rp.format_summary(doc)
+    assert "compute 7.40, turn 5.10, other 0.80, preprocess 0.60, output 0.30 s" in text
+    assert "batch 1.00, storage 0.96 s" in text  # read's other (0.04 s, under 5%) is not shown
+    assert "setup: opening shards 0.20 s" in text and "time by part" not in text
+    assert doc["verdict"]["limiting_layer"] == rp.LAYER_COMPUTE
+    assert "5.10 s waiting its turn behind the worker's other shard" in doc["verdict"]["evidence"]
+    assert "0.80 s in no timed call" in doc["verdict"]["evidence"]

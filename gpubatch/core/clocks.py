@@ -5,6 +5,11 @@ upstream, *blocked* is time waiting for room downstream, *busy* is everything el
 stage's starvation, starved / (starved + busy), is the one number that says whether a run is
 input-bound. Sub-timers (storage, decode, preprocess, transfer, compute, write) split busy time
 into the layers a practitioner profiles.
+
+Parts are also kept per stage: a part timed while a thread works for a stage (``in_stage``) is
+charged to that stage, so each stage's busy time splits into named parts that add up, with
+:func:`stage_breakdown` naming the remainder ``other`` (Python between the timed calls, lock and
+GIL waits nobody timed). Parts timed outside any stage (a shard's opening) stay run-wide only.
 """
 
 from __future__ import annotations
@@ -19,6 +24,13 @@ from typing import Any
 
 STAGES = ("read", "model", "write")
 PARTS = ("storage", "decode", "preprocess", "transfer", "compute", "write")
+#: what each stage's parts mean, for the report: the part names a stage may carry
+STAGE_PARTS = {
+    "read": ("storage", "decode", "resample", "slice", "batch"),
+    "model": ("turn", "preprocess", "transfer", "compute", "fallback", "output"),
+    "write": ("write",),
+}
+OTHER = "other"
 
 
 @dataclass
@@ -54,20 +66,46 @@ class StageClocks:
     parts: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     counters: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     samples: list[dict[str, float]] = field(default_factory=list)
+    #: parts per stage: {stage: {part: seconds}}, timed while a thread worked for that stage
+    stage_parts: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: gauges merged by maximum (requests in flight, bytes read ahead), not summed
+    peaks: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def add(self, stage: str, kind: str, seconds: float) -> None:
         with self._lock:
             st = self.stages.setdefault(stage, StageTimes())
             setattr(st, f"{kind}_s", getattr(st, f"{kind}_s") + seconds)
 
-    def add_part(self, part: str, seconds: float) -> None:
+    def add_part(self, part: str, seconds: float, stage: str | None = None) -> None:
+        """Add to a part, charged to ``stage`` or else to the stage this thread works for."""
+        stage = stage or getattr(self._local, "stage", None)
         with self._lock:
             self.parts[part] += seconds
+            if stage is not None:
+                per = self.stage_parts.setdefault(stage, {})
+                per[part] = per.get(part, 0.0) + seconds
+
+    @contextmanager
+    def in_stage(self, stage: str) -> Iterator[None]:
+        """Charge the parts this thread times inside the block to ``stage``."""
+        previous = getattr(self._local, "stage", None)
+        self._local.stage = stage
+        try:
+            yield
+        finally:
+            self._local.stage = previous
 
     def count(self, name: str, value: float = 1.0) -> None:
         with self._lock:
             self.counters[name] += value
+
+    def peak(self, name: str, value: float) -> None:
+        """Keep the largest value seen of a gauge."""
+        with self._lock:
+            if value > self.peaks.get(name, float("-inf")):
+                self.peaks[name] = value
 
     @contextmanager
     def part(self, name: str) -> Iterator[None]:
@@ -89,6 +127,12 @@ class StageClocks:
                 self.parts[k] += v
             for k, v in other.counters.items():
                 self.counters[k] += v
+            for stage, parts in other.stage_parts.items():
+                mine = self.stage_parts.setdefault(stage, {})
+                for k, v in parts.items():
+                    mine[k] = mine.get(k, 0.0) + v
+            for k, v in other.peaks.items():
+                self.peaks[k] = max(v, self.peaks.get(k, v))
             self.samples.extend(other.samples)
 
     def to_dict(self, max_samples: int | None = None) -> dict[str, Any]:
@@ -101,6 +145,8 @@ class StageClocks:
         return {
             "stages": {k: v.as_dict() for k, v in self.stages.items()},
             "parts": dict(self.parts),
+            "stage_parts": {k: dict(v) for k, v in self.stage_parts.items()},
+            "peaks": dict(self.peaks),
             "counters": dict(self.counters),
             "samples": samples,
         }
@@ -111,6 +157,8 @@ class StageClocks:
         for k, v in data.get("stages", {}).items():
             clocks.stages[k] = StageTimes(**v)
         clocks.parts.update(data.get("parts", {}))
+        clocks.stage_parts.update({k: dict(v) for k, v in (data.get("stage_parts") or {}).items()})
+        clocks.peaks.update(data.get("peaks") or {})
         clocks.counters.update(data.get("counters", {}))
         clocks.samples.extend(data.get("samples", []))
         return clocks
@@ -118,3 +166,18 @@ class StageClocks:
     @property
     def starvation(self) -> float:
         return starvation_of(self.stages["model"])
+
+
+def stage_breakdown(stages: dict[str, Any], stage_parts: dict[str, dict[str, float]]
+                    ) -> dict[str, dict[str, float]]:
+    """Each stage's busy seconds split into its parts plus ``other`` (busy less the timed parts,
+    never negative), so the parts add up to the busy time."""
+    out: dict[str, dict[str, float]] = {}
+    for name, times in stages.items():
+        busy = times.get("busy_s", 0.0) if isinstance(times, dict) else times.busy_s
+        parts = {k: v for k, v in (stage_parts.get(name) or {}).items() if v > 0}
+        if busy <= 0 and not parts:
+            continue
+        parts[OTHER] = max(0.0, busy - sum(parts.values()))
+        out[name] = parts
+    return out

@@ -40,7 +40,12 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
     preprocess = reader.preprocess.with_dtype(model.input_dtype)
     stage = _gpu_stage(preprocess, model) if fallback is None else None
     if stage is not None:
-        return lambda items, clocks: reader.from_model_output(stage(items, clocks), len(items))
+        def run_on_device(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
+            out = stage(items, clocks)
+            with clocks.part("output"):
+                return reader.from_model_output(out, len(items))
+
+        return run_on_device
 
     host = _host_stage(model)
 
@@ -52,8 +57,10 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
                 out = model.run(x)
                 if fallback is not None and threshold is not None:
                     out = rerun_low_confidence(out, x, fallback, threshold, clocks)
-            out = {k: v.copy() if np.may_share_memory(v, x) else v for k, v in out.items()}
-        return reader.from_model_output(out, len(items))
+            with clocks.part("output"):
+                out = {k: v.copy() if np.may_share_memory(v, x) else v for k, v in out.items()}
+        with clocks.part("output"):
+            return reader.from_model_output(out, len(items))
 
     return run_batch
 
@@ -74,9 +81,11 @@ class _HostStage:
 
     @contextmanager
     def turn(self, clocks: StageClocks) -> Iterator[None]:
+        """Hold the model stage; the wait for it is the model stage's ``turn`` part (time this
+        shard's batch sat ready while the worker's other shard ran the model)."""
         t0 = time.perf_counter()
         with self.lock:
-            clocks.count("model.turn_wait_s", time.perf_counter() - t0)
+            clocks.add_part("turn", time.perf_counter() - t0)
             yield
 
     def warm(self, model: Model, shape: tuple[int, ...], dtype: str, clocks: StageClocks) -> None:

@@ -122,9 +122,17 @@ class _Batcher:
 def _timed_unit(unit: Callable[[], ItemBlock], clocks: StageClocks) -> ItemBlock:
     t0 = time.perf_counter()
     try:
-        return unit()
+        with clocks.in_stage("read"):
+            return unit()
     finally:
         clocks.add("read", "busy", time.perf_counter() - t0)
+
+
+def _assembled(clocks: StageClocks, t0: float) -> None:
+    """Batch assembly on the feeder thread is read-stage work: its own part, ``batch``."""
+    seconds = time.perf_counter() - t0
+    clocks.add("read", "busy", seconds)
+    clocks.add_part("batch", seconds, "read")
 
 
 def _feed(reader: ShardReader, cfg: PipelineConfig, q: queue.Queue, clocks: StageClocks, failure: _Failure) -> None:
@@ -145,10 +153,17 @@ def _feed(reader: ShardReader, cfg: PipelineConfig, q: queue.Queue, clocks: Stag
                 if not pending:
                     break
                 block = pending.popleft().result()
+                t0 = time.perf_counter()
                 for batch in batcher.add(block):
+                    _assembled(clocks, t0)
                     clocks.add("read", "blocked", _put(q, batch, failure))
+                    t0 = time.perf_counter()
+                _assembled(clocks, t0)
             if batcher.count and not failure.stop.is_set():
-                clocks.add("read", "blocked", _put(q, batcher.flush(cfg.pad_last), failure))
+                t0 = time.perf_counter()
+                last = batcher.flush(cfg.pad_last)
+                _assembled(clocks, t0)
+                clocks.add("read", "blocked", _put(q, last, failure))
         except BaseException as exc:  # noqa: BLE001 - handed to the model stage
             failure.set(exc)
             for fut in pending:
@@ -169,7 +184,7 @@ def _drain(sink: ResultSink, q: queue.Queue, clocks: StageClocks, failure: _Fail
             sink.write(*item)
             elapsed = time.perf_counter() - t0
             clocks.add("write", "busy", elapsed)
-            clocks.add_part("write", elapsed)
+            clocks.add_part("write", elapsed, "write")
     except BaseException as exc:  # noqa: BLE001
         failure.set(exc)
 
@@ -200,7 +215,8 @@ def run_pipeline(
                 break
             items, index, real = item
             t0 = time.perf_counter()
-            outputs = run_batch(items, clocks)
+            with clocks.in_stage("model"):
+                outputs = run_batch(items, clocks)
             if real < len(items):
                 outputs = {name: values[:real] for name, values in outputs.items()}
                 clocks.count("padded.items", len(items) - real)

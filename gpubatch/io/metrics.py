@@ -1,4 +1,5 @@
-"""Storage metrics: requests, bytes and a mergeable latency histogram, and the report's storage line.
+"""Storage metrics: requests, bytes, a mergeable latency histogram, requests in flight, and the
+report's storage line.
 
 Counters live in a shard's StageClocks (summed across shards), so the histogram is kept as one
 counter per log-spaced bucket rather than as raw samples: bounded in size, exact to merge.
@@ -6,7 +7,10 @@ counter per log-spaced bucket rather than as raw samples: bounded in size, exact
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -17,16 +21,60 @@ LATENCY_BOUNDS_MS = tuple(round(0.25 * 2 ** (i / 2), 3) for i in range(38)) + (m
 LATENCY_PREFIX = "storage.latency_ms.bucket_"
 
 
-def record_request(clocks: StageClocks | None, nbytes: int, seconds: float | None = None) -> None:
-    """Count one request: requests, bytes and, when timed, a latency histogram bucket."""
+def record_request(clocks: StageClocks | None, nbytes: int, seconds: float | None = None,
+                   requests: int = 1) -> None:
+    """Count ``requests`` requests that brought ``nbytes`` together: requests, bytes and, when
+    timed, latency histogram buckets and request-seconds (their sum over a run's wall time is the
+    mean number of requests in flight, by Little's law)."""
     if clocks is None:
         return
-    clocks.count("storage.requests")
+    clocks.count("storage.requests", requests)
     clocks.count("storage.bytes", nbytes)
     if seconds is not None:
         ms = seconds * 1000.0
         upper = next(b for b in LATENCY_BOUNDS_MS if ms <= b)
-        clocks.count(f"{LATENCY_PREFIX}{upper:g}")
+        clocks.count(f"{LATENCY_PREFIX}{upper:g}", requests)
+        clocks.count("storage.request_s", seconds * requests)
+
+
+_in_flight = 0
+_gauge_lock = threading.Lock()
+_thread = threading.local()
+
+
+@contextlib.contextmanager
+def requests_in_flight(clocks: StageClocks | None, n: int) -> Iterator[None]:
+    """Count ``n`` requests in flight in this process while the block runs; the process's peak
+    goes to the shard's ``storage.in_flight`` peak (a worker's two shards share the gauge)."""
+    global _in_flight
+    if n <= 0:
+        yield
+        return
+    with _gauge_lock:
+        _in_flight += n
+        now = _in_flight
+    if clocks is not None:
+        clocks.peak("storage.in_flight", now)
+    try:
+        yield
+    finally:
+        with _gauge_lock:
+            _in_flight -= n
+
+
+@contextlib.contextmanager
+def background() -> Iterator[None]:
+    """Mark this thread's storage calls as background work (reading ahead): nobody waits on them,
+    so their time is not ``storage.wait_s``; the reader that later takes the bytes counts its wait."""
+    _thread.background = True
+    try:
+        yield
+    finally:
+        _thread.background = False
+
+
+def in_background() -> bool:
+    return bool(getattr(_thread, "background", False))
 
 
 def latency_percentiles(counters: dict[str, float]) -> dict[str, float | None]:
@@ -49,13 +97,21 @@ def latency_percentiles(counters: dict[str, float]) -> dict[str, float | None]:
     return out
 
 
-def storage_summary(counters: dict[str, float], wall_s: float) -> dict[str, Any]:
-    """The storage line of the report: requests, bytes, MB/s, p50/p99, retries, staging, waits."""
+def storage_summary(counters: dict[str, float], wall_s: float,
+                    peaks: dict[str, float] | None = None) -> dict[str, Any]:
+    """The storage line of the report: requests, bytes, MB/s, p50/p99, requests in flight (mean
+    over the run, and the peak in one worker), bytes per request, retries, staging, waits."""
     get = counters.get
     nbytes = float(get("storage.bytes", 0.0))
+    requests = int(get("storage.requests", 0))
+    request_s = float(get("storage.request_s", 0.0))
     summary: dict[str, Any] = {
-        "requests": int(get("storage.requests", 0)), "bytes": int(nbytes),
+        "requests": requests, "bytes": int(nbytes),
         "mb_per_s": round(nbytes / 1e6 / wall_s, 3) if wall_s > 0 else None,
+        "bytes_per_request": int(nbytes / requests) if requests else None,
+        "in_flight_mean": round(request_s / wall_s, 2) if wall_s > 0 and request_s else None,
+        "in_flight_peak": int((peaks or {}).get("storage.in_flight", 0)) or None,
+        "read_ahead_peak_bytes": int((peaks or {}).get("storage.read_ahead_bytes", 0)) or None,
         **latency_percentiles(counters),
         "retries": int(get("storage.retries", 0)), "staged_bytes": int(get("storage.staged_bytes", 0)),
         "cache_hits": int(get("storage.cache_hits", 0)), "wait_s": round(float(get("storage.wait_s", 0.0)), 4),

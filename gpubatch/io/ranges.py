@@ -9,7 +9,9 @@ logging stores are: :class:`RetryingReader` (the retry policy, per failed span) 
 new backend gets retries and metrics by being wrapped, not by copying them.
 
 Backends here: :class:`LocalRangeReader` (pread) and :class:`FsspecRangeReader` (fsspec's async
-``_cat_file`` on its event loop). :func:`gpubatch.io.storage.open_ranges` picks one and wraps it.
+``_cat_file`` on its event loop); :class:`gpubatch.io.obstore.ObstoreRangeReader` (Rust
+``object_store``, off the GIL) beside them. :func:`gpubatch.io.storage.open_ranges` picks one and
+wraps it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.errors import InputError
-from gpubatch.io.metrics import record_request
+from gpubatch.io.metrics import in_background, record_request, requests_in_flight
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries, is_transient, storage_error
 
@@ -35,11 +37,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class Fetched:
-    """One span's outcome: its bytes, or the error that stopped it, and how long the request took."""
+    """One span's outcome: its bytes (or a zero-copy bytes-like view), or the error that stopped
+    it; how long its request took, and how many requests it took (a long span may be split)."""
 
     data: bytes | None = None
     error: BaseException | None = None
     seconds: float = 0.0
+    requests: int = 1
 
 
 def coalesce(ranges: Sequence[tuple[int, int]], gap: int,
@@ -73,6 +77,8 @@ class RangeReader(ABC):
     max_request: int = 16 << 20
     #: whether ``Fetched.seconds`` are network request latencies worth a histogram
     timed: bool = False
+    #: the client library behind the reads, for the report's counters (storage.client.*)
+    client: str = "local"
 
     @abstractmethod
     def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
@@ -157,6 +163,7 @@ class FsspecRangeReader(RangeReader):
 
     max_request = 4 << 20
     timed = True
+    client = "fsspec"
 
     def __init__(self, fs: Any, path: str, uri: str, max_concurrency: int = 64):
         if not getattr(fs, "async_impl", False):  # blocking filesystems run in threads
@@ -205,6 +212,7 @@ class ReaderWrapper(RangeReader):
     def __init__(self, inner: RangeReader):
         self.inner = inner
         self.uri, self.gap, self.max_request, self.timed = inner.uri, inner.gap, inner.max_request, inner.timed
+        self.client = inner.client
 
     def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
         return self.inner.fetch_spans(spans)
@@ -257,11 +265,12 @@ class MeasuredReader(ReaderWrapper):
 
     def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
         t0 = time.perf_counter()
-        results = self.inner.fetch_spans(spans)
+        with requests_in_flight(self.clocks, len(spans) if self.timed else 0):
+            results = self.inner.fetch_spans(spans)
         for r in results:
             if r.error is None and r.data is not None:
-                record_request(self.clocks, len(r.data), r.seconds if self.timed else None)
-        if self.timed and self.count_wait and self.clocks is not None:
+                record_request(self.clocks, len(r.data), r.seconds if self.timed else None, r.requests)
+        if self.timed and self.count_wait and not in_background() and self.clocks is not None:
             self.clocks.count("storage.wait_s", time.perf_counter() - t0)
         return results
 

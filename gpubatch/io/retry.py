@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,20 @@ TRANSIENT_NAMES = {"HTTPClientError", "ClientConnectionError", "ClientPayloadErr
                    "ServerDisconnectedError", "FSTimeoutError", "IncompleteRead",
                    "ResponseParserError", "ReadTimeoutError", "ConnectTimeoutError",
                    "EndpointConnectionError", "ConnectionClosedError", "ProtocolError"}
+#: obstore errors that no retry can fix (404 arrives as the builtin FileNotFoundError)
+OBSTORE_PERMANENT = {"PermissionDeniedError", "UnauthenticatedError", "InvalidPathError",
+                     "NotSupportedError", "UnknownConfigurationKeyError", "PreconditionError",
+                     "NotModifiedError", "AlreadyExistsError", "NotFoundError"}
+#: obstore's other failures are one GenericError whose text carries the HTTP status or the
+#: reqwest/hyper error kind (a Rust debug dump); these kinds and phrases mean "try again"
+_OBSTORE_STATUS = re.compile(r"(?:non-2xx status code: |status: )(\d{3})")
+_OBSTORE_KIND = re.compile(r"kind: (\w+)")
+OBSTORE_TRANSIENT_KINDS = {"Connect", "Request", "Timeout", "Interrupted", "Decode", "Body", "TimedOut",
+                           "ConnectionReset", "ConnectionAborted", "ConnectionRefused", "BrokenPipe",
+                           "UnexpectedEof", "NotConnected"}
+OBSTORE_TRANSIENT_TEXT = ("timed out", "connection reset", "broken pipe", "error sending request",
+                          "body error", "connection closed", "incompletemessage", "unexpected eof",
+                          "slowdown", "service unavailable", "dispatch task is gone")
 
 
 @dataclass(frozen=True)
@@ -48,7 +63,30 @@ class RetryPolicy:
         return random.uniform(0.0, min(self.cap_s, self.base_s * 2 ** attempt))
 
 
+def _is_obstore(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("obstore")
+
+
+def _obstore_transient(exc: BaseException) -> bool:
+    """obstore's errors, by class name and text: no obstore import is needed to recognise them."""
+    name = type(exc).__name__
+    if name in OBSTORE_PERMANENT:
+        return False
+    if name == "JoinError":
+        return True
+    status = _status_and_code(exc)[0]
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    text = str(exc)
+    if set(_OBSTORE_KIND.findall(text)) & OBSTORE_TRANSIENT_KINDS:
+        return True
+    return any(t in text.lower() for t in OBSTORE_TRANSIENT_TEXT)
+
+
 def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
+    if _is_obstore(exc):
+        found = _OBSTORE_STATUS.findall(str(exc))
+        return (int(found[-1]) if found else None), None
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         meta = response.get("ResponseMetadata", {})
@@ -72,10 +110,13 @@ def is_transient(exc: BaseException) -> bool:
     s3fs translates botocore errors into OSError subclasses (SlowDown -> EBUSY, 500 -> EREMOTEIO,
     403 -> PermissionError, 404 -> FileNotFoundError) and passes connection errors through as
     botocore/aiohttp exceptions, so the whole cause chain is inspected, class names included.
+    obstore raises FileNotFoundError for 404 and its own classes for the rest (parsed above).
     """
     for node in _chain(exc):
         if isinstance(node, (FileNotFoundError, PermissionError, IsADirectoryError)):
             return False
+        if _is_obstore(node):
+            return _obstore_transient(node)
         status, code = _status_and_code(node)
         if code in TRANSIENT_CODES or (status is not None and (status >= 500 or status == 429)):
             return True
@@ -95,10 +136,14 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     if isinstance(exc, InputError):
         return exc
     uri = redact(uri)
-    detail = redact(f"{type(exc).__name__}: {exc}")[:300]
-    if isinstance(exc, FileNotFoundError):
+    # obstore's messages end in a Rust debug dump (request URL, headers): the first line says it
+    text = str(exc).split("\n\nDebug source:", 1)[0].strip().split("\n", 1)[0]
+    detail = redact(f"{type(exc).__name__}: {text}")[:300]
+    status = _status_and_code(exc)[0]
+    if isinstance(exc, FileNotFoundError) or (status == 404 and _is_obstore(exc)):
         return InputError(uri, "object not found (404): check the URI, bucket and prefix")
-    if isinstance(exc, PermissionError) or _status_and_code(exc)[0] == 403:
+    denied = type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError") and _is_obstore(exc)
+    if isinstance(exc, PermissionError) or denied or status in (401, 403):
         return InputError(uri, "access denied (403): the credentials from input.storage, the "
                           "profile or the AWS_* environment may not read this object")
     if is_transient(exc):

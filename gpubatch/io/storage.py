@@ -3,11 +3,13 @@
 Local paths, ``file://`` and every fsspec protocol (s3, gs, az, http(s), memory) are reached through
 the same functions, which bring what each caller would otherwise repeat: the profile's and the
 job's storage options merged, secrets registered for redaction, the retry policy, and request
-metrics. Byte ranges go through :func:`open_ranges`, which picks a backend (pread locally, fsspec's
-async client remotely) and wraps it in the retry and metrics wrappers of :mod:`gpubatch.io.ranges`.
+metrics. Byte ranges go through :func:`open_ranges`, which picks a backend (pread locally;
+obstore for s3, gs, az and plain http(s) objects when it can serve them exactly as fsspec would;
+fsspec's async client for the rest and as the fallback) and wraps it in the retry and metrics
+wrappers of :mod:`gpubatch.io.ranges`. :func:`stat` asks the same backend.
 
-s3fs's and botocore's own retries are switched off on the filesystems created here (unless the
-user sets them), so that every retry is counted and bounded by this layer.
+s3fs's, botocore's and obstore's own retries are switched off on the clients created here (unless
+the user sets them for fsspec), so that every retry is counted and bounded by this layer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import glob as _glob
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +26,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.errors import InputError
+from gpubatch.io import obstore
 from gpubatch.io.ranges import (
     FsspecRangeReader,
     LocalRangeReader,
@@ -39,18 +43,67 @@ if TYPE_CHECKING:
 
 #: fsspec backends gpubatch does not install by default, and the extra that brings each
 PROTOCOL_EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+log = logging.getLogger("gpubatch")
+
+#: range-read clients a profile's ``range_reader`` may name
+RANGE_READERS = ("auto", "obstore", "fsspec")
 
 _profile_options: dict[str, Any] = {}
+_settings: dict[str, str] = {}
 _fs_cache: dict[str, Any] = {}
 _fs_lock = threading.Lock()
+_fallbacks_logged: set[str] = set()
+
+
+def _after_fork_in_child() -> None:
+    """fsspec's async filesystems refuse to run in a forked child ("not fork-safe"): a child
+    makes its own, as obstore's module makes the child fall back from obstore."""
+    global _fs_lock
+    _fs_cache.clear()
+    _fs_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def configure_storage(profile: dict[str, Any] | None) -> None:
-    """Take ``storage`` (fsspec options, under the job's own) from a profile, for this process."""
+    """Take ``storage`` (fsspec options, under the job's own) and ``range_reader`` (auto, obstore
+    or fsspec) from a profile, for this process."""
     profile = profile or {}
     _profile_options.clear()
     _profile_options.update(profile.get("storage") or {})
     register_secrets(_profile_options)
+    _settings.clear()
+    if profile.get("range_reader"):
+        _settings["range_reader"] = str(profile["range_reader"])
+
+
+def range_reader_choice() -> str:
+    """The range-read client this process uses for remote objects: the profile's
+    ``range_reader``, else ``GPUBATCH_RANGE_READER``, else ``auto`` (obstore where it can)."""
+    choice = _settings.get("range_reader") or os.environ.get("GPUBATCH_RANGE_READER") or "auto"
+    if choice not in RANGE_READERS:
+        raise ValueError(f"range_reader must be one of {RANGE_READERS}, not {choice!r}")
+    return choice
+
+
+def _obstore_target(uri: str, options: dict[str, Any] | None) -> tuple[Any, str] | None:
+    """(obstore store, key) when obstore serves ``uri``, else None (fsspec does; why is logged
+    once per scheme and reason, or raised when the profile insists on obstore)."""
+    choice = range_reader_choice()
+    if choice == "fsspec" or protocol_of(uri) not in obstore.SCHEMES:
+        return None
+    try:
+        return obstore.store_for(uri, resolve_options(uri, options))
+    except obstore.Unsupported as exc:
+        if choice == "obstore":
+            raise InputError(redact(uri), f"range_reader is obstore, but obstore cannot read it: {exc}") from None
+        reason = f"{protocol_of(uri)}: {exc}"
+        if reason not in _fallbacks_logged:
+            _fallbacks_logged.add(reason)
+            log.info("reading %s:// through fsspec: %s", protocol_of(uri), exc)
+        return None
 
 
 def resolve_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -145,9 +198,13 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
             raise InputError(uri, "file not found") from None
         except OSError as exc:
             raise InputError(uri, f"cannot be opened: {exc.strerror or exc}") from None
+    elif (target := _obstore_target(uri, options)) is not None:
+        inner = obstore.ObstoreRangeReader(*target, uri, max_concurrency=max_concurrency)
     else:
         fs, path = get_fs(uri, options)
         inner = FsspecRangeReader(fs, path, uri, max_concurrency=max_concurrency)
+    if clocks is not None and is_remote(uri):
+        clocks.count(f"storage.client.{inner.client}")
     return MeasuredReader(RetryingReader(inner, policy or RetryPolicy(), clocks), clocks, count_wait)
 
 
@@ -161,6 +218,9 @@ def stat(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | 
             raise InputError(uri, "file not found") from None
         kind = "directory" if os.path.isdir(local_path(uri)) else "file"
         return {"size": st.st_size, "type": kind, "etag": None, "mtime": st.st_mtime}
+    target = _obstore_target(uri, options)
+    if target is not None:
+        return call_with_retries(lambda: obstore.head(*target), uri, policy, clocks)
     fs, path = get_fs(uri, options)
     info = call_with_retries(lambda: fs.info(path), uri, policy, clocks)
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")

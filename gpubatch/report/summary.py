@@ -14,7 +14,7 @@ import heapq
 import json
 from typing import Any
 
-from gpubatch.core.clocks import StageClocks, starvation_of
+from gpubatch.core.clocks import StageClocks, stage_breakdown, starvation_of
 from gpubatch.core.results import RunSummary, ShardResult
 from gpubatch.io.metrics import storage_summary
 from gpubatch.outputs.layout import REPORT_JSON
@@ -108,8 +108,10 @@ class SummaryBuilder:
             "starvation": self.clocks.starvation,
             "stages": {k: v.as_dict() for k, v in self.clocks.stages.items()},
             "parts": dict(self.clocks.parts),
+            "stage_parts": stage_breakdown(self.clocks.stages, self.clocks.stage_parts),
             "counters": dict(self.clocks.counters),
-            "storage": storage_summary(dict(self.clocks.counters), wall_s),
+            "peaks": dict(self.clocks.peaks),
+            "storage": storage_summary(dict(self.clocks.counters), wall_s, self.clocks.peaks),
             "model_only_items_per_s": self.items / compute_s * min(workers, self.ran or 1) if compute_s else None,
             "batches": self.batches,
             "batch_fill": self.items / (self.batches * batch_size) if self.batches else 1.0,
@@ -187,7 +189,8 @@ def load_report(where: OutputStore | str) -> dict[str, Any]:
     # Reports written before the verdict carried its gap (or the storage line) get both refreshed,
     # so `gpubatch report` on an old run still shows today's verdict.
     if "storage" not in report:
-        report["storage"] = storage_summary(report.get("counters") or {}, report.get("wall_s", 0.0))
+        report["storage"] = storage_summary(report.get("counters") or {}, report.get("wall_s", 0.0),
+                                            report.get("peaks"))
     if "gap" not in report.get("verdict", {}):
         report["verdict"] = verdict(report)
     return report

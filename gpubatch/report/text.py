@@ -14,6 +14,8 @@ from typing import Any
 from gpubatch.io.redact import safe_text
 
 MAX_LISTED = 10
+#: a stage's unexplained remainder is shown when it is over this share of the stage's busy time
+OTHER_SHOWN = 0.05
 #: how each skip reason reads in a sentence
 SKIP_WORDS = {
     "alt_missing": "no ALT ('.')", "symbolic": "symbolic (<DEL>, ...)", "spanning_deletion": "'*'",
@@ -83,17 +85,35 @@ def _storage_line(report: dict[str, Any]) -> str | None:
         return None
     lat = (f", latency p50 {st['p50_ms']:g} ms p99 {st['p99_ms']:g} ms" if st.get("p50_ms") is not None else "")
     mbs = f" ({st['mb_per_s']:.1f} MB/s)" if st.get("mb_per_s") is not None else ""
-    return f"  storage: {st['requests']} requests, {st['bytes'] / 1e6:.1f} MB{mbs}{lat}, {st.get('retries', 0)} retries"
+    size = f" of {st['bytes_per_request'] / 1e3:.0f} kB" if st.get("bytes_per_request") else ""
+    flight = (f", {st['in_flight_mean']:g} in flight on average (peak {st.get('in_flight_peak') or '-'})"
+              if st.get("in_flight_mean") else "")
+    return (f"  storage: {st['requests']} requests{size}, {st['bytes'] / 1e6:.1f} MB{mbs}{lat}{flight}, "
+            f"{st.get('retries', 0)} retries")
+
+
+def _parts_line(parts: dict[str, float], busy: float) -> str | None:
+    """A stage's busy time by part, largest first; ``other`` only when it is over 5% of busy."""
+    shown = {k: v for k, v in parts.items() if v > 0 and (k != "other" or v > OTHER_SHOWN * busy)}
+    if not shown:
+        return None
+    return "         = " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(shown.items(), key=lambda kv: -kv[1])) + " s"
 
 
 def _clock_lines(report: dict[str, Any]) -> list[str]:
     v = report["verdict"]
     lines = [f"starvation {report['starvation']:.1%} ({v['band']})"]
+    stage_parts = report.get("stage_parts") or {}
     for name, st in report["stages"].items():
         lines.append(f"  {name:<6} busy {st['busy_s']:7.2f} s  starved {st['starved_s']:7.2f} s  blocked {st['blocked_s']:7.2f} s")
+        parts = _parts_line(stage_parts.get(name) or {}, st["busy_s"])
+        if parts:
+            lines.append(parts)
     parts = report.get("parts", {})
-    if parts:
+    if parts and not stage_parts:  # a report from before the per-stage parts
         lines.append("  time by part: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])))
+    elif parts.get("open"):
+        lines.append(f"  setup: opening shards {parts['open']:.2f} s (before their pipelines)")
     storage = _storage_line(report)
     if storage:
         lines.append(storage)

@@ -39,6 +39,7 @@ MAX_LISTED_ERRORS = 3
 #: verdict["state"]: a verdict was given, or why not
 STATE_VERDICT, STATE_FAILED, STATE_EMPTY, STATE_RESUMED, STATE_TOO_SMALL = (
     "verdict", "failed", "empty", "nothing-ran", "too-small")
+OTHER_SHARE = 0.05      # a model-stage part is named in the evidence above this share of its busy time
 
 
 def band(starvation: float) -> str:
@@ -75,6 +76,7 @@ class _Figures:
     fell_back: str  # the reduced precision the validation gate refused, if any
     kind: str = "slides"
     batch_bytes: int = 0  # model input per full batch; 0 when the run did not record it
+    model_parts: dict[str, float] | None = None  # the model stage's busy time by part, with other
 
     @classmethod
     def of(cls, summary: dict[str, Any]) -> _Figures:
@@ -94,6 +96,7 @@ class _Figures:
             p99_ms=(summary.get("storage") or {}).get("p99_ms"), fell_back=_refused_precision(summary),
             kind=str(summary.get("kind", "slides")),
             batch_bytes=int(summary.get("batch_input_bytes") or 0),
+            model_parts=(summary.get("stage_parts") or {}).get("model"),
         )
 
 
@@ -212,10 +215,21 @@ def _under_filled(f: _Figures) -> _Finding | None:
                     "raise model.batch_size (or batch_size: auto) so each call carries more items")
 
 
+def _model_account(f: _Figures) -> str:
+    """Where the model stage's busy time went, when the run split it into parts: turn-taking
+    with the worker's other shard, output conversion and unexplained Python are named."""
+    parts = f.model_parts or {}
+    named = {"turn": "waiting its turn behind the worker's other shard", "output": "converting outputs",
+             "preprocess": "converting input", "other": "in no timed call (Python between them)"}
+    shown = [f"{parts[k]:.2f} s {text}" for k, text in named.items()
+             if parts.get(k, 0.0) > OTHER_SHARE * max(f.model_busy, 1e-9)]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
 def _compute_bound(f: _Figures) -> _Finding:
     """Fed, filled, and little else: the model itself is the limit."""
     evidence = (f"the model waited for data only {f.starvation:.1%} of its time and compute took "
-                f"{f.compute:.2f} s of its {f.model_busy:.2f} s busy")
+                f"{f.compute:.2f} s of its {f.model_busy:.2f} s busy{_model_account(f)}")
     if f.fell_back:
         return _Finding(LAYER_COMPUTE, f"{f.precision} model", evidence + f"; {f.fell_back} failed the validation gate",
                         "try model.precision: fp16 or bf16 on a GPU (behind the same gate); if reduced "

@@ -220,6 +220,7 @@ def main_guard_hint(exc: BaseException) -> str | None:
 #: shard imports, the output writers included (imported at a worker's first commit, zarr and pandas
 #: took 0.7 s there and added tens of MB after the first shards' memory peak, not before it)
 WORKER_MODULES = ["numpy", "pandas", "onnxruntime", "tifffile", "imagecodecs", "pyarrow.parquet", "zarr", "fsspec",
+                  "obstore",  # imported only: its runtime starts at a first request, which the forkserver never makes
                   "gpubatch.engine.worker", "gpubatch.sources.slides.source", "gpubatch.sources.genome.source", "gpubatch.io.stage_cache",
                   "gpubatch.models.onnxruntime", "gpubatch.models.prepare.validate", "gpubatch.outputs.writer"]
 
