@@ -185,6 +185,9 @@ class InputSpec(_Strict):
     uris: list[str] = Field(default_factory=list)
     storage: dict[str, Any] = Field(default_factory=dict)
     access: Literal["stream", "stage", "auto"] = "auto"
+    read_ahead_mb: int = Field(64, ge=0, le=65536, description=(
+        "streamed slides: at most this many MB of tile bytes fetched ahead of the reader threads "
+        "(as much as latency x bandwidth needs, within it); 0 turns reading ahead off"))
 
     @field_validator("uris", mode="before")
     @classmethod

@@ -27,7 +27,7 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 #: a source checkout's configs/, then the copy shipped in the wheel as gpubatch._configs
 CONFIG_DIRS = [_PACKAGE.parent / "configs", _PACKAGE / "_configs"]
 PROFILE_KEYS = {"cluster", "workers", "threads_per_worker", "memory_limit", "address", "rmm_pool_size",
-                "device_memory_limit", "slurm", "resources", "storage", "stage_cache", "description",
+                "device_memory_limit", "slurm", "resources", "storage", "stage_cache", "range_reader", "description",
                 "log_directory", "dashboard"}
 #: how long ``submit`` waits to reach an existing scheduler before saying it cannot
 SCHEDULER_TIMEOUT_S = 10

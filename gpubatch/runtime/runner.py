@@ -142,7 +142,7 @@ class _Run:
             batch_size=prepared.batch_size, threads=threads, model_sha256=file_sha256(local_job.model.path),
             spec_hash=job.spec_hash(), version=__version__, fallback_model_path=prepared.fallback_path,
             fallback_max_prob=prepared.fallback_max_prob,
-            storage_profile={k: self.prof[k] for k in ("storage", "stage_cache") if k in self.prof},
+            storage_profile={k: self.prof[k] for k in ("storage", "stage_cache", "range_reader") if k in self.prof},
             output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash())
         return prepared, ctx
 

@@ -311,6 +311,8 @@ class TiffBackend(TileGridBackend):
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
         self.info = SlideInfo(dims, downs, mpp, mag, vendor, "tifffile", source)
         self.cache = DecodedTileCache(cache_bytes)
+        #: a streamed slide's tiles fetched ahead of the reads (set by the opener; io.readahead)
+        self.read_ahead: Any = None
         self.gpu_decode = False
         #: corrupt tile data is an error (tiles.integrity: strict), never silently wrong pixels
         self.strict = True
@@ -330,7 +332,22 @@ class TiffBackend(TileGridBackend):
 
     def _fetch(self, level: int, indices: list[int], clocks: StageClocks) -> list[bytes]:
         page = self.pages[level]  # the range reader counts requests and bytes
-        return self.ranges.read_ranges([(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in indices])
+        ranges = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in indices]
+        return (self.read_ahead or self.ranges).read_ranges(ranges)
+
+    def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
+        blocks = list(blocks)
+        super().expect_reads(level, blocks)
+        if self.read_ahead is None:
+            return
+        page, grid = self.pages[level], self._grid(level)
+        first: set[int] = set()  # tiles an earlier block reads: later ones take them decoded
+        planned = []
+        for boxes in blocks:
+            new = sorted(set(tiles_of_boxes(grid, boxes)) - first)
+            first.update(new)
+            planned.append([(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in new])
+        self.read_ahead.plan(planned)
 
     def use_gpu_decode(self) -> None:
         """Decode JPEG tiles with nvImageCodec on the GPU (a batch per read) instead of libjpeg-turbo.
@@ -398,6 +415,8 @@ class TiffBackend(TileGridBackend):
         self.strict = False
 
     def close(self) -> None:
+        if self.read_ahead is not None:
+            self.read_ahead.close()
         self.tif.close()
         self.ranges.close()
 

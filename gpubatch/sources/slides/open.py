@@ -26,6 +26,7 @@ import numpy as np
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.io.ranges import RangeFile, RangeReader
+from gpubatch.io.readahead import ReadAhead
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy
 from gpubatch.io.stage_cache import StageCache, StagedFile, get_stage_cache
@@ -124,8 +125,9 @@ def _open_folder_format(path: str, clocks: StageClocks) -> SlideBackend | None:
 
 
 def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
-                policy: RetryPolicy | None = None) -> SlideBackend:
-    """Open a TIFF-family slide for range reads: header through a cached file, tiles by range."""
+                policy: RetryPolicy | None = None, read_ahead: int = 0) -> SlideBackend:
+    """Open a TIFF-family slide for range reads: header through a cached file, tiles by range,
+    the planned blocks' tiles fetched up to ``read_ahead`` bytes ahead of the readers."""
     policy = policy or RetryPolicy()
     info = stat(uri, options, policy, clocks)
     if info["type"] == "directory" or info["size"] <= 0:
@@ -135,6 +137,8 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     try:
         backend = open_slide(redact(uri), clocks, fileobj=handle, ranges=reader, prefer="tifffile")
         _prewarm(backend, reader)
+        if read_ahead > 0 and reader.timed:
+            backend.read_ahead = ReadAhead(reader, read_ahead, clocks)  # type: ignore[attr-defined]
         return backend
     except InputError as exc:
         handle.close()
@@ -204,8 +208,9 @@ def open_staged(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
 
 def open_slide_input(uri: str, clocks: StageClocks, *, access: str = "auto",
                      options: dict[str, Any] | None = None,
-                     policy: RetryPolicy | None = None) -> SlideBackend:
-    """Open a slide on a worker: local, streamed or staged, as ``backend.access`` records."""
+                     policy: RetryPolicy | None = None, read_ahead: int = 0) -> SlideBackend:
+    """Open a slide on a worker: local, streamed or staged, as ``backend.access`` records;
+    ``read_ahead``: bytes of a streamed slide's tiles fetched ahead of its readers, at most."""
     if not is_remote(uri):
         path = local_path(uri)
         if not os.path.exists(path):
@@ -217,7 +222,7 @@ def open_slide_input(uri: str, clocks: StageClocks, *, access: str = "auto",
     chosen = choose_access(uri, access)
     if chosen == "stream":
         try:
-            return _mark(open_stream(uri, options, clocks, policy), "stream", clocks)
+            return _mark(open_stream(uri, options, clocks, policy, read_ahead), "stream", clocks)
         except InputError as exc:
             if access != "auto" or _is_storage_failure(exc):
                 raise

@@ -162,7 +162,8 @@ class SlideSource(Source):
 
         backend = open_slide_input(shard.input_uri, clocks, access=job.input.access,
                                    options=job.input.storage,
-                                   policy=RetryPolicy(attempts=job.run.storage_attempts))
+                                   policy=RetryPolicy(attempts=job.run.storage_attempts),
+                                   read_ahead=job.input.read_ahead_mb << 20)
         try:
             if job.tiles.decoder == "gpu":
                 backend.use_gpu_decode()
