@@ -250,7 +250,8 @@ def test_stage_time_by_part_adds_up_names_the_turn_and_shows_other_over_5_percen
     clocks = {"stages": {"model": {"busy_s": 14.2, "starved_s": 0.1, "blocked_s": 0.0},
                          "read": {"busy_s": 5.0, "starved_s": 0.0, "blocked_s": 3.0}},
               "parts": {"compute": 7.4, "preprocess": 0.6, "decode": 3.0, "storage": 0.96, "open": 0.2},
-              "stage_parts": stage_parts, "counters": {}, "samples": []}
+              "stage_parts": stage_parts, "counters": {},
+              "samples": [{"t": 0.1 * i, "items": 64, "busy_s": 0.01, "starved_s": 0.0} for i in range(20)]}
     result = ShardResult.from_dict({"shard_id": "g", "input": "genome.fa", "items": 100_000, "wall_s": 15.0,
                                     "clocks": clocks})
     doc = rp.summarize([result], [], 16.0, {"batch_size": 64, "workers": 1, "kind": "genome"}).to_dict()
