@@ -32,6 +32,20 @@ def shared_file(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _own_stage_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Each test stages into a directory of its own. The stage cache is the host's and keeps a
+    valid copy for whoever asks next (another worker, a later run), so without this a test could
+    be served an object another test staged, and count no download."""
+    from gpubatch.io import stage_cache
+
+    monkeypatch.setenv("GPUBATCH_STAGE_DIR", str(tmp_path_factory.mktemp("stage")))
+    monkeypatch.setattr(stage_cache, "_cache", None)
+    yield
+    if stage_cache._cache is not None:
+        stage_cache._cache.clear()
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("assets")

@@ -59,9 +59,12 @@ class FaultProxy:
     def __init__(self, upstream: tuple[str, int], faults: Faults | None = None):
         self.upstream = upstream
         self.faults = faults or Faults()
-        self.stats: dict[str, int] = {"requests": 0, "errors": 0, "resets": 0, "forbidden": 0}
+        self.stats: dict[str, int] = {"requests": 0, "errors": 0, "resets": 0, "forbidden": 0,
+                                      "GET": 0, "HEAD": 0}
         #: the signing headers of the last reads (Authorization, x-amz-security-token), newest last
         self.signatures: list[dict[str, str]] = []
+        #: GET requests per object key
+        self.gets: dict[str, int] = {}
         self._rng = random.Random(self.faults.seed)
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -84,6 +87,7 @@ class FaultProxy:
             self.faults = Faults()
             self.stats = dict.fromkeys(self.stats, 0)
             self.signatures = []
+            self.gets = {}
 
     def note_signature(self, headers: Any) -> None:
         with self._lock:
@@ -95,9 +99,13 @@ class FaultProxy:
         """'forward', 'error', 'reset-early', 'reset-body' or 'forbidden' for one request."""
         with self._lock:
             self.stats["requests"] += 1
+            if method in ("GET", "HEAD"):
+                self.stats[method] += 1
             if method not in ("GET", "HEAD"):
                 return "forward"
             key = urllib.parse.unquote(urllib.parse.urlsplit(path).path).lstrip("/")
+            if method == "GET":
+                self.gets[key] = self.gets.get(key, 0) + 1
             if key in self.faults.forbidden:
                 self.stats["forbidden"] += 1
                 return "forbidden"

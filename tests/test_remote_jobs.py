@@ -100,3 +100,21 @@ def test_missing_and_forbidden_objects_are_quarantined(tmp_path: Path, s3: S3Sta
     for secret in (s3.secret, s3.key):
         assert secret not in printed.out + printed.err
         assert not any(secret.encode() in blob for blob in written)
+
+
+def test_staging_reaches_past_the_busy_slots_and_downloads_each_slide_once(tmp_path: Path, s3: S3Stack,
+                                                                           slides_dir: Path, mean_model: Path) -> None:
+    """More slides than shard slots (2 workers x 2 shards): every slide past the first slots'
+    is staged before its shard opens, whichever worker runs it (the stage cache is the host's),
+    and no slide is downloaded twice."""
+    folder = f"many-{uuid.uuid4().hex[:8]}"
+    sources = sorted(slides_dir.glob("*.tif"))
+    uris = [s3.upload(sources[i % len(sources)], f"{folder}/s{i}.tif") for i in range(9)]
+    s3.proxy.configure(latency_s=0.05)
+    job = slide_job(uris, mean_model, tmp_path / "out", run={"profile": "local", "workers": 2})
+    job["input"].update(storage=s3.options(), access="stage")
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 0, result.report["failed"]
+    counters = result.report["counters"]
+    assert s3.proxy.stats["GET"] == 9, s3.proxy.gets  # one download per slide: no worker repeated another's
+    assert counters["storage.cache_hits"] >= 9 - 4  # staged ahead of every shard past the first four

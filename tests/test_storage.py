@@ -259,15 +259,20 @@ def test_prefetch_then_open_is_a_cache_hit(s3: S3Stack, slide_uris: dict, tmp_pa
         backend = open_slide_input(uri, clocks, options=s3.options(), access="stage")
         backend.close()
         assert clocks.counters["storage.staged_bytes"] > 0
-        local_files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        local_files = _staged_files(tmp_path)
         assert len(local_files) == 1 and not local_files[0].name.endswith(".part")
         again = StageClocks()
         open_slide_input(uri, again, options=s3.options(), access="stage").close()
         assert again.counters["storage.cache_hits"] == 1 and again.counters.get("storage.requests", 0) == 0
         release(uri)
-        assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert not _staged_files(tmp_path)
     finally:
         staging.configure_stage_cache(None)
+
+
+def _staged_files(root: Path) -> list[Path]:
+    """Staged copies under a stage directory, without the cache's lock files and records."""
+    return [p for p in root.rglob("*") if p.is_file() and ".records" not in p.parts]
 
 
 def test_stage_cache_is_bounded_lru(s3: S3Stack, synthetic: Path, tmp_path: Path) -> None:
@@ -355,7 +360,7 @@ def test_env_stage_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GPUBATCH_STAGE_MAX_BYTES", "12345")
     cache = StageCache()
     assert cache.dir.startswith(str(tmp_path)) and cache.max_bytes == 12345
-    assert os.path.basename(cache.dir) == f"p{os.getpid()}"
+    assert os.path.basename(cache.dir) == f"u{os.getuid()}"  # one cache per user and host
 
 
 def test_a_workers_first_shards_configure_its_stage_cache_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

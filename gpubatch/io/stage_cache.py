@@ -2,23 +2,28 @@
 
 Some inputs cannot be read by byte range (slide formats only openslide reads: MRXS, NDPI, SCN,
 VMS, BIF), so their files are downloaded whole and opened locally; this module knows files, not
-slides (the slide layer decides what to stage and opens the local copy). Download time then adds to every slide unless
-it overlaps compute: :meth:`StageCache.prefetch` starts downloads of the next slides in background
-threads while the current one computes, and :meth:`StageCache.open` uses a finished download, waits
-for an in-flight one, or downloads in the caller when nothing was prefetched.
+slides (the slide layer decides what to stage and opens the local copy). Download time then adds
+to every slide unless it overlaps compute: :meth:`StageCache.prefetch` starts downloads of the
+next slides in background threads while the current ones compute (after this process's own
+foreground downloads), and :meth:`StageCache.open` uses a finished download, waits for an
+in-flight one, or downloads in the caller when nothing was prefetched.
 
-The cache is bounded (``max_bytes``): a prefetch that would not fit after evicting unpinned files
-(least recently used first) is skipped rather than allowed to fill the disk, while the slide being
-opened always proceeds. A slide's files are deleted by :meth:`release` once its shard commits.
-Each worker process has its own subdirectory, so processes on one host never share a partial file.
-A file may come with a *companion directory* (its stem, as MRXS keeps its data beside the index
-file): the caller asks for it with ``companions=True`` and the whole directory is staged too.
+The cache is one per host and user, shared by the worker processes there (``io.host_files``):
+the slide one worker downloaded ahead serves whichever worker runs its shard, and a download in
+progress elsewhere is waited for, not repeated. It is bounded (``max_bytes``, for the host): a
+prefetch that would not fit after evicting unused files (least recently used first; a file
+another process has open is never evicted) is skipped rather than allowed to fill the disk,
+while the slide being opened always proceeds. A slide's files are deleted by :meth:`release`
+once its shard commits. A file may come with a *companion directory* (its stem, as MRXS keeps
+its data beside the index file): the caller asks for it with ``companions=True`` and the whole
+directory is staged too.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
@@ -31,6 +36,14 @@ from typing import Any
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.io.host_files import (
+    SHARED,
+    EntryLock,
+    read_record,
+    touch,
+    try_exclusive,
+    write_record,
+)
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries
 from gpubatch.io.storage import get_fs, open_ranges
@@ -39,6 +52,8 @@ from gpubatch.io.uris import uri_name
 DEFAULT_MAX_BYTES = 20 << 30
 CHUNK_BYTES = 8 << 20
 CHUNKS_IN_FLIGHT = 8
+#: the longest an open waits for another process's download of the same file, or a lock
+WAIT_S = 3600.0
 
 
 @dataclass
@@ -48,6 +63,8 @@ class _Entry:
     uri: str
     root: str
     local: str
+    lock: EntryLock
+    record: str
     state: str = "pending"
     size: int = 0
     pins: int = 0
@@ -84,16 +101,21 @@ def _safe_name(uri: str) -> str:
 
 
 class StageCache:
-    """Bounded LRU cache of whole files with background prefetch; thread-safe."""
+    """Bounded LRU cache of whole files with background prefetch, shared by a host's processes;
+    thread-safe."""
 
     def __init__(self, directory: str | None = None, max_bytes: int | None = None, parallel: int = 2):
         root = directory or os.environ.get("GPUBATCH_STAGE_DIR") or os.path.join(
             tempfile.gettempdir(), "gpubatch-stage")
-        self.dir = os.path.join(root, f"p{os.getpid()}")
+        # one cache per user on a host; a process of its own where processes cannot lock files
+        self.dir = os.path.join(root, f"u{getattr(os, 'getuid', lambda: 0)()}" if SHARED else f"p{os.getpid()}")
+        self._records = os.path.join(self.dir, ".records")
         env_cap = os.environ.get("GPUBATCH_STAGE_MAX_BYTES")
         self.max_bytes = int(max_bytes or (int(env_cap) if env_cap else DEFAULT_MAX_BYTES))
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        self._foreground = threading.Condition(self._lock)
+        self._opening = 0  # this process's downloads that a shard waits on
         self._pool = ThreadPoolExecutor(max(1, parallel), "gpubatch-stage")
 
     # -- public ---------------------------------------------------------------------------------
@@ -113,29 +135,30 @@ class StageCache:
 
     def open(self, uri: str, options: dict[str, Any] | None, clocks: StageClocks,
              policy: RetryPolicy | None = None, companions: bool = False) -> StagedFile:
-        """The staged copy: cached, in flight (wait), or downloaded now in this thread."""
-        for _ in range(3):  # a skipped prefetch (cache full) leaves nothing: take it over
+        """The staged copy, pinned: cached, in flight here or elsewhere (wait), or downloaded now."""
+        t0 = time.perf_counter()  # this shard waits on a download: its own, a prefetch, another's
+        for _ in range(4):  # a skipped prefetch or a copy evicted meanwhile: take it over
             with self._lock:
                 entry = self._entries.get(uri) or self._new_entry(uri)
                 hit = entry.state == "ready"
-            t0 = time.perf_counter()  # this shard waits on a download, its own or a prefetch
             if entry.state == "pending":
                 self._download(entry, options, policy or RetryPolicy(), True, companions)
-            entry.done.wait()
-            clocks.count("storage.wait_s", time.perf_counter() - t0)
-            if entry.state != "skipped":
+            entry.done.wait(WAIT_S)
+            if entry.state == "ready" and self._pin(entry):
                 break
+            if entry.state in ("failed", "downloading"):
+                break
+            self._forget(entry)
+        clocks.count("storage.wait_s", time.perf_counter() - t0)
         with self._lock:
-            if entry.error is not None or entry.state != "ready":
+            if entry.error is not None or entry.state != "ready" or entry.pins <= 0:
                 self._entries.pop(uri, None)
                 raise entry.error or InputError(redact(uri), "staging did not finish")
-            entry.pins += 1
-            entry.last_used = time.monotonic()
             self._report(entry, clocks, hit)
         return StagedFile(entry.local, lambda: self._unpin(entry))
 
     def release(self, uri: str) -> None:
-        """Delete a slide's staged files (its shard committed); later opens download again."""
+        """Delete a file's staged copy (its shard committed) unless another process uses it."""
         with self._lock:
             entry = self._entries.pop(uri, None)
             if entry is None:
@@ -143,31 +166,57 @@ class StageCache:
             entry.released = True
             downloading = entry.state == "downloading"
         if not downloading:  # an in-flight download deletes its own files when it ends
-            shutil.rmtree(entry.root, ignore_errors=True)
+            self._delete(entry.root, entry.record, entry.lock)
+            entry.lock.close()
 
     def used_bytes(self) -> int:
-        with self._lock:
-            return sum(e.size for e in self._entries.values() if e.state in ("ready", "downloading"))
+        """Bytes staged on this host (ready or being downloaded), by every process."""
+        return sum(int(read_record(p).get("size", 0)) for p in glob.glob(os.path.join(self._records, "*.json")))
 
     def cached(self) -> dict[str, str]:
-        """uri -> state, for tests and diagnostics."""
+        """uri -> state of this process's entries, for tests and diagnostics."""
         with self._lock:
             return {u: e.state for u, e in self._entries.items()}
 
     def clear(self) -> None:
+        """Release this process's entries (other processes' copies stay)."""
         with self._lock:
             uris = list(self._entries)
         for uri in uris:
             self.release(uri)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- internals ------------------------------------------------------------------------------
 
     def _new_entry(self, uri: str) -> _Entry:
-        root = os.path.join(self.dir, hashlib.sha1(uri.encode()).hexdigest()[:16])
-        entry = _Entry(uri, root, os.path.join(root, _safe_name(uri)))
+        key = hashlib.sha1(uri.encode()).hexdigest()[:16]
+        root = os.path.join(self.dir, key)
+        entry = _Entry(uri, root, os.path.join(root, _safe_name(uri)),
+                       EntryLock(os.path.join(self._records, f"{key}.lock")),
+                       os.path.join(self._records, f"{key}.json"))
         self._entries[uri] = entry
         return entry
+
+    def _forget(self, entry: _Entry) -> None:
+        with self._lock:
+            if self._entries.get(entry.uri) is entry:
+                self._entries.pop(entry.uri)
+        entry.lock.close()
+
+    def _pin(self, entry: _Entry) -> bool:
+        """Hold the copy (a shared lock: no process evicts it); False when it is gone meanwhile."""
+        with self._lock:
+            if entry.pins > 0:
+                entry.pins += 1
+                return True
+        if not entry.lock.shared(WAIT_S):
+            return False
+        if not (read_record(entry.record).get("ready") and os.path.exists(entry.local)):
+            entry.lock.unlock()
+            return False
+        with self._lock:
+            entry.pins += 1
+        touch(entry.record)
+        return True
 
     def _report(self, entry: _Entry, clocks: StageClocks, hit: bool) -> None:
         """Fold the download's metrics into the first shard that opens it; later opens are hits."""
@@ -175,36 +224,55 @@ class StageCache:
             entry.reported = True
             clocks.merge(entry.clocks)
             clocks.count("storage.staged_bytes", entry.size)
-            if hit:
-                clocks.count("storage.cache_hits")  # prefetched ahead of use
+            if hit or not entry.clocks.counters:  # prefetched ahead, or downloaded by another process
+                clocks.count("storage.cache_hits")
         else:
             clocks.count("storage.cache_hits")
 
     def _unpin(self, entry: _Entry) -> None:
         with self._lock:
             entry.pins = max(0, entry.pins - 1)
-            entry.last_used = time.monotonic()
+            last = entry.pins == 0
+        if last:
+            touch(entry.record)
+            entry.lock.unlock()
 
-    def _claim(self, entry: _Entry) -> bool:
+    def _claim(self, entry: _Entry, required: bool) -> bool:
         with self._lock:
             if entry.state != "pending" or entry.released:
                 return False
             entry.state = "downloading"
+            if required:
+                self._opening += 1
+            else:  # a shard waiting on its own download goes first
+                self._foreground.wait_for(lambda: self._opening == 0, WAIT_S)
             return True
 
     def _download(self, entry: _Entry, options: dict[str, Any] | None, policy: RetryPolicy,
                   required: bool, companions: bool) -> None:
-        """Download ``entry`` (all its files) to a partial name, then rename; never raises."""
-        if not self._claim(entry):
+        """Download ``entry`` (all its files) to partial names, then rename; never raises. Another
+        process's copy of this very object is used, and its download in progress waited for."""
+        if not self._claim(entry, required):
             return
         try:
-            files = self._listing(entry, options, policy, companions)
+            files, tag = self._listing(entry, options, policy, companions)
             total = sum(size for _, _, size in files)
+            held = self._lock_for(entry, tag, wait=required)
+            if held == "shared":
+                entry.size = total  # another process staged this very object: use its copy
+                self._finish(entry, "ready")
+                return
+            if held == "elsewhere":  # a prefetch that another process is making already
+                self._finish(entry, "skipped", delete=False)
+                return
+            self._delete(entry.root, entry.record, entry.lock, keep_lock=True)  # an older version's copy
             if not self._reserve(entry, total, required):
                 self._finish(entry, "skipped")
                 return
+            write_record(entry.record, {"size": total, "tag": tag, "ready": False})
             for uri, local, size in files:
                 self._fetch_file(uri, local, size, options, policy, entry.clocks)
+            write_record(entry.record, {"size": total, "tag": tag, "ready": True})
             self._finish(entry, "ready")
         except InputError as exc:
             entry.error = exc
@@ -212,24 +280,79 @@ class StageCache:
         except Exception as exc:  # noqa: BLE001 - surfaced to the opener as an InputError
             entry.error = InputError(redact(entry.uri), redact(f"staging failed: {type(exc).__name__}: {exc}"))
             self._finish(entry, "failed")
+        finally:
+            with self._lock:
+                if required:
+                    self._opening -= 1
+                    self._foreground.notify_all()
 
-    def _finish(self, entry: _Entry, state: str) -> None:
+    def _lock_for(self, entry: _Entry, tag: str, wait: bool) -> str:
+        """``shared`` when a ready copy of this version is there (held so that nobody deletes it),
+        else ``exclusive`` (held to download it). While another process downloads it: wait, or
+        (``wait`` False, a prefetch) ``elsewhere``."""
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            if self._copy_of(entry, tag):
+                if entry.lock.shared(None):
+                    if self._copy_of(entry, tag):
+                        return "shared"
+                    entry.lock.unlock()
+            elif entry.lock.exclusive(None):
+                if not self._copy_of(entry, tag):
+                    return "exclusive"
+                entry.lock.unlock()  # finished elsewhere while this process waited: use it
+                continue
+            elif not wait:
+                return "elsewhere"
+            if time.monotonic() > deadline:
+                raise InputError(redact(entry.uri), f"another process kept its copy locked for {WAIT_S:g} s",
+                                 retryable=True)
+            time.sleep(0.05)
+
+    @staticmethod
+    def _copy_of(entry: _Entry, tag: str) -> bool:
+        record = read_record(entry.record)
+        return bool(record.get("ready")) and record.get("tag") == tag and os.path.exists(entry.local)
+
+    def _finish(self, entry: _Entry, state: str, delete: bool = True) -> None:
         with self._lock:
             if state == "skipped" and self._entries.get(entry.uri) is entry:
                 self._entries.pop(entry.uri)  # no room now: forget it, a later open downloads
             entry.state = state
             released = entry.released
-        if released or state in ("failed", "skipped"):
-            shutil.rmtree(entry.root, ignore_errors=True)
+        if delete and (released or state in ("failed", "skipped")):
+            self._delete(entry.root, entry.record, entry.lock)
+        entry.lock.unlock()
         entry.done.set()
 
+    def _delete(self, root: str, record: str, lock: EntryLock, keep_lock: bool = False) -> None:
+        """Delete a copy nobody uses, its record and (unless ``keep_lock``: this process goes on
+        to download it) its lock file: under ``lock`` when it is held exclusively, else when the
+        lock can be taken without waiting (a process using the copy holds it shared)."""
+        held = lock if lock.state == "exclusive" else try_exclusive(lock.path)
+        if held is None:
+            return  # another process has it open: eviction takes it later
+        try:
+            shutil.rmtree(root, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(record)
+        finally:
+            if held is not lock:
+                held.remove()
+            elif not keep_lock:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(lock.path)  # still held: unlocked by the caller
+
     def _listing(self, entry: _Entry, options: dict[str, Any] | None, policy: RetryPolicy,
-                 companions: bool) -> list[tuple[str, str, int]]:
-        """(remote uri, local path, size) of the file and, when asked, of its companion directory."""
+                 companions: bool) -> tuple[list[tuple[str, str, int]], str]:
+        """(remote uri, local path, size) of the file and, when asked, of its companion directory;
+        and the object's version tag (size and ETag or mtime), which a reused copy must match."""
         fs, path = get_fs(entry.uri, options)
         info = call_with_retries(lambda: fs.info(path), entry.uri, policy, entry.clocks)
         if info.get("type") == "directory":
             raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
+        version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+        tag = f"{info.get('size')}|{version}"
         files = [(entry.uri, entry.local, int(info.get("size") or 0))]
         stem, suffix = os.path.splitext(path)
         if companions:
@@ -238,24 +361,34 @@ class StageCache:
             for name, meta in sorted(found.items()):
                 rel = os.path.relpath(name, stem)
                 files.append((fs.unstrip_protocol(name), os.path.join(local_stem, rel), int(meta.get("size") or 0)))
-        return files
+                tag += f"|{rel}:{meta.get('size')}:{meta.get('ETag') or meta.get('mtime')}"
+        return files, tag
 
     def _reserve(self, entry: _Entry, size: int, required: bool) -> bool:
-        """Evict unpinned ready files, least recently used first, until ``size`` fits."""
-        with self._lock:
-            entry.size = size
-            used = sum(e.size for e in self._entries.values()
-                       if e is not entry and e.state in ("ready", "downloading"))
-            victims = sorted((e for e in self._entries.values()
-                              if e is not entry and e.state == "ready" and e.pins == 0),
-                             key=lambda e: e.last_used)
-            while used + size > self.max_bytes and victims:
-                victim = victims.pop(0)
-                used -= victim.size
-                self._entries.pop(victim.uri, None)
-                shutil.rmtree(victim.root, ignore_errors=True)
-                entry.clocks.count("storage.evictions")
-            return required or used + size <= self.max_bytes
+        """Evict copies nobody uses, least recently used first, until ``size`` fits the host's
+        budget; records left by a process that died mid-download go first."""
+        entry.size = size
+        records = [p for p in glob.glob(os.path.join(self._records, "*.json")) if p != entry.record]
+        used = sum(int(read_record(p).get("size", 0)) for p in records)
+        for path in sorted(records, key=lambda p: (read_record(p).get("ready", False), _mtime(p))):
+            if used + size <= self.max_bytes:
+                break
+            lock = try_exclusive(path[: -len(".json")] + ".lock")
+            if lock is None:
+                continue  # in use or being downloaded
+            try:
+                freed = int(read_record(path).get("size", 0))
+                self._delete(os.path.join(self.dir, os.path.basename(path)[: -len(".json")]), path, lock)
+            finally:
+                lock.close()
+            used -= freed
+            entry.clocks.count("storage.evictions")
+            with self._lock:
+                for uri, other in list(self._entries.items()):
+                    if other.record == path and other.state == "ready" and other.pins == 0:
+                        self._entries.pop(uri)
+                        other.lock.close()
+        return required or used + size <= self.max_bytes
 
     def _fetch_file(self, uri: str, local: str, size: int, options: dict[str, Any] | None,
                     policy: RetryPolicy, clocks: StageClocks) -> None:
@@ -277,6 +410,13 @@ class StageCache:
         finally:
             os.close(fd)
         os.replace(part, local)
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
 
 
 _cache: StageCache | None = None

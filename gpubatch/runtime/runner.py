@@ -171,7 +171,8 @@ class _Run:
         threads = int(self.prof.get("threads_per_worker", 1))
         window = max(2 * n_workers * threads, n_workers + self.job.run.stage_ahead + 2)
         executor = open_executor(self.prof, n_workers, scheduler, self._log_dir())
-        submitter = Submitter(executor, self.job, ctx, on_result, window, on_retry=self.ledger.failure)
+        submitter = Submitter(executor, self.job, ctx, on_result, window, on_retry=self.ledger.failure,
+                              ahead=_stage_ahead(self.job.run.stage_ahead, self.prof, n_workers * threads, scheduler))
         try:
             submitter.run(todo)
         except BaseException:
@@ -264,6 +265,16 @@ def _operator_facts(job: JobSpec, started: float) -> dict[str, Any]:
     when = datetime.datetime.fromtimestamp(started, tz=datetime.timezone.utc)
     return {"started_at": when.isoformat(timespec="seconds"), "host": socket.gethostname(),
             "spec_path": job.spec_path}
+
+
+def _stage_ahead(ahead: int, profile: dict[str, Any], slots: int, scheduler: str | None) -> int:
+    """How far past each shard the inputs to stage ahead reach. On one host the shards that run
+    beside it (its ``slots`` neighbours in plan order) are already being opened, and the stage
+    cache is the host's: the look-ahead starts past them, so that run.stage_ahead slides are
+    downloading while every slot computes. Across hosts a slide staged on one host does not help
+    another, so the look-ahead stays run.stage_ahead."""
+    one_host = scheduler is None and profile.get("cluster") in ("local", "local-cuda", "inline")
+    return slots + ahead if ahead and one_host else ahead
 
 
 def _batch_input_bytes(job: JobSpec, batch_size: int) -> int:

@@ -36,10 +36,12 @@ class Submitter:
 
     def __init__(self, executor: Executor, job: JobSpec, ctx: RunContext,
                  on_result: Callable[[ShardResult], None], window: int,
-                 on_retry: Callable[[ShardResult], None] | None = None):
+                 on_retry: Callable[[ShardResult], None] | None = None, ahead: int | None = None):
         self.executor, self.job, self.ctx, self.on_result = executor, job, ctx, on_result
         self.on_retry = on_retry  # told of each failed attempt that is tried again (the audit records it)
         self.window = max(1, window)
+        #: how many next inputs each shard names for staging ahead (run.stage_ahead by default)
+        self.ahead = job.run.stage_ahead if ahead is None else ahead
         self.attempts: dict[str, int] = {}
         self.pending: set[Any] = set()
         self._no_workers_since: float | None = None
@@ -67,7 +69,7 @@ class Submitter:
 
     def run(self, shards: Iterable[Shard]) -> None:
         pending = self.pending
-        stream = _with_upcoming(shards, self.job.run.stage_ahead)
+        stream = _with_upcoming(shards, self.ahead)
         exhausted = False
         while pending or not exhausted:
             while not exhausted and len(pending) < self.window:
