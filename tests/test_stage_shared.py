@@ -15,6 +15,8 @@ import pytest
 from s3_fixtures import S3Stack
 
 from gpubatch.core.clocks import StageClocks
+from gpubatch.io.host_files import read_record
+from gpubatch.io.retry import RetryPolicy
 from gpubatch.io.stage_cache import StageCache
 
 pytest_plugins = ["s3_fixtures"]
@@ -102,4 +104,26 @@ def test_a_copy_in_use_elsewhere_is_never_evicted(tmp_path: Path, s3: S3Stack, u
     records = tmp_path / f"u{os.getuid()}" / ".records"
     assert len(list(records.glob("*.lock"))) == 1  # an evicted copy's lock file goes with it
     cache.release(uris[2])
-    assert not list(records.iterdir())  # nothing of a released copy is left on the host
+    assert len(list(tmp_path.rglob("*.tif"))) == 0
+    # a released copy leaves a small record saying so, which stops stale prefetches
+    assert [read_record(str(p)).get("size") for p in records.glob("*.json")] == [0]
+
+
+def test_a_prefetch_asked_before_its_copy_was_released_downloads_nothing(tmp_path: Path, s3: S3Stack,
+                                                                         uris: list[str]) -> None:
+    """A worker's prefetch may wait in its queue while another worker downloads, uses and
+    releases the slide: run then, it would download a copy nobody opens. A later ask (a rerun)
+    does download."""
+    user, other = StageCache(str(tmp_path), max_bytes=1 << 30), StageCache(str(tmp_path), max_bytes=1 << 30)
+    stale = other._new_entry(uris[0])  # asked now, run later
+    with user.open(uris[0], s3.options(), StageClocks()):
+        pass
+    user.release(uris[0])
+    s3.proxy.reset()
+    other._download(stale, s3.options(), RetryPolicy(), False, False)
+    assert stale.state == "skipped" and s3.proxy.stats["GET"] == 0
+    assert other.prefetch([uris[0]], s3.options()) == [uris[0]]  # asked after the release: downloads
+    clocks = StageClocks()
+    with other.open(uris[0], s3.options(), clocks):
+        pass
+    assert s3.proxy.stats["GET"] == 1  # the prefetch's download, which the open waited for

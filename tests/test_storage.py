@@ -247,6 +247,33 @@ def test_expand_globs(s3: S3Stack, slide_uris: dict, tmp_path: Path) -> None:
     assert expand_uris([f"file://{tmp_path}/*.svs"]) == [str(tmp_path / "a.svs")]
 
 
+def test_a_streamed_slide_opened_ahead_is_taken_with_its_requests(s3: S3Stack, slide_uris: dict) -> None:
+    """prefetch opens the next streamed slides in the background; the shard that opens one takes
+    it without a round trip, and the requests made ahead and its tile reads after are the shard's."""
+    from gpubatch.sources.slides import preopen
+
+    local, uri = slide_uris["synthetic"]
+    s3.proxy.configure(latency_s=0.1)
+    assert prefetch([uri], "stream", s3.options()) == [uri]
+    assert prefetch([uri], "stream", s3.options()) == []  # already being opened
+    preopen._held[uri].future.result(60)
+    clocks = StageClocks()
+    t0 = time.perf_counter()
+    backend = open_slide_input(uri, clocks, access="stream", options=s3.options())
+    try:
+        assert time.perf_counter() - t0 < 0.1  # not one round trip left
+        assert clocks.counters["storage.opened_ahead"] == 1
+        opening = clocks.counters["storage.requests"]
+        assert opening >= 3  # HEAD, header, JPEG tables: made ahead, counted for the shard
+        _assert_same(read_all(backend), _local(local))
+        assert clocks.counters["storage.requests"] > opening
+    finally:
+        backend.close()
+    again = StageClocks()
+    open_slide_input(uri, again, access="stream", options=s3.options()).close()  # taken once only
+    assert "storage.opened_ahead" not in again.counters
+
+
 def test_prefetch_then_open_is_a_cache_hit(s3: S3Stack, slide_uris: dict, tmp_path: Path) -> None:
     _, uri = slide_uris["synthetic"]
     s3.proxy.configure(latency_s=0.01)

@@ -119,6 +119,16 @@ class StageClocks:
         with self._lock:
             self.samples.append(dict(values))
 
+    def hand_over(self, target: StageClocks) -> None:
+        """Add what these clocks hold to ``target``, and send everything counted here from now
+        on to ``target`` too: for work begun before its shard had clocks (a slide opened ahead),
+        whose readers keep these clocks."""
+        target.merge(self)
+        with self._lock:
+            self.stages, self.parts, self.counters = target.stages, target.parts, target.counters
+            self.samples, self.stage_parts, self.peaks = target.samples, target.stage_parts, target.peaks
+            self._lock = target._lock
+
     def merge(self, other: StageClocks) -> None:
         with self._lock:
             for name, st in other.stages.items():

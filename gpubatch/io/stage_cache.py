@@ -54,6 +54,8 @@ CHUNK_BYTES = 8 << 20
 CHUNKS_IN_FLIGHT = 8
 #: the longest an open waits for another process's download of the same file, or a lock
 WAIT_S = 3600.0
+#: how long a released copy's record stays (it stops prefetches asked before the release)
+RELEASED_KEPT_S = 3600.0
 
 
 @dataclass
@@ -73,6 +75,8 @@ class _Entry:
     error: InputError | None = None
     released: bool = False
     reported: bool = False
+    #: when the entry was asked for (a prefetch asked before its copy was released is stale)
+    asked: float = field(default_factory=time.time)
     clocks: StageClocks = field(default_factory=StageClocks)
 
 
@@ -105,8 +109,7 @@ class StageCache:
     thread-safe."""
 
     def __init__(self, directory: str | None = None, max_bytes: int | None = None, parallel: int = 2):
-        root = directory or os.environ.get("GPUBATCH_STAGE_DIR") or os.path.join(
-            tempfile.gettempdir(), "gpubatch-stage")
+        root = stage_root(directory)
         # one cache per user on a host; a process of its own where processes cannot lock files
         self.dir = os.path.join(root, f"u{getattr(os, 'getuid', lambda: 0)()}" if SHARED else f"p{os.getpid()}")
         self._records = os.path.join(self.dir, ".records")
@@ -116,6 +119,8 @@ class StageCache:
         self._lock = threading.Lock()
         self._foreground = threading.Condition(self._lock)
         self._opening = 0  # this process's downloads that a shard waits on
+        #: every request this cache's downloads made (a copy's first opener reports its own too)
+        self.spent = StageClocks()
         self._pool = ThreadPoolExecutor(max(1, parallel), "gpubatch-stage")
 
     # -- public ---------------------------------------------------------------------------------
@@ -166,7 +171,7 @@ class StageCache:
             entry.released = True
             downloading = entry.state == "downloading"
         if not downloading:  # an in-flight download deletes its own files when it ends
-            self._delete(entry.root, entry.record, entry.lock)
+            self._delete(entry.root, entry.record, entry.lock, released=True)
             entry.lock.close()
 
     def used_bytes(self) -> int:
@@ -255,6 +260,8 @@ class StageCache:
         if not self._claim(entry, required):
             return
         try:
+            if self._stale(entry, required):
+                return
             files, tag = self._listing(entry, options, policy, companions)
             total = sum(size for _, _, size in files)
             held = self._lock_for(entry, tag, wait=required)
@@ -264,6 +271,8 @@ class StageCache:
                 return
             if held == "elsewhere":  # a prefetch that another process is making already
                 self._finish(entry, "skipped", delete=False)
+                return
+            if self._stale(entry, required):  # released while this process was listing it
                 return
             self._delete(entry.root, entry.record, entry.lock, keep_lock=True)  # an older version's copy
             if not self._reserve(entry, total, required):
@@ -281,10 +290,19 @@ class StageCache:
             entry.error = InputError(redact(entry.uri), redact(f"staging failed: {type(exc).__name__}: {exc}"))
             self._finish(entry, "failed")
         finally:
+            self.spent.merge(entry.clocks)
             with self._lock:
                 if required:
                     self._opening -= 1
                     self._foreground.notify_all()
+
+    def _stale(self, entry: _Entry, required: bool) -> bool:
+        """A prefetch asked before its copy was released (its shard ran, in any process) is
+        skipped, so that nobody downloads a copy nobody will open; True when so."""
+        if required or read_record(entry.record).get("released", -1.0) < entry.asked:
+            return False
+        self._finish(entry, "skipped", delete=False)
+        return True
 
     def _lock_for(self, entry: _Entry, tag: str, wait: bool) -> str:
         """``shared`` when a ready copy of this version is there (held so that nobody deletes it),
@@ -325,19 +343,28 @@ class StageCache:
         entry.lock.unlock()
         entry.done.set()
 
-    def _delete(self, root: str, record: str, lock: EntryLock, keep_lock: bool = False) -> None:
+    def _delete(self, root: str, record: str, lock: EntryLock, keep_lock: bool = False,
+                released: bool = False) -> None:
         """Delete a copy nobody uses, its record and (unless ``keep_lock``: this process goes on
         to download it) its lock file: under ``lock`` when it is held exclusively, else when the
-        lock can be taken without waiting (a process using the copy holds it shared)."""
+        lock can be taken without waiting (a process using the copy holds it shared). ``released``
+        (its shard committed): the record stays, saying when, so that prefetches asked before
+        then, still queued in any process, do not download it again (:data:`RELEASED_KEPT_S`)."""
         held = lock if lock.state == "exclusive" else try_exclusive(lock.path)
         if held is None:
             return  # another process has it open: eviction takes it later
         try:
             shutil.rmtree(root, ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(record)
+            if released:
+                write_record(record, {"size": 0, "released": time.time()})
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(record)
         finally:
-            if held is not lock:
+            if released:
+                if held is not lock:
+                    held.close()
+            elif held is not lock:
                 held.remove()
             elif not keep_lock:
                 with contextlib.suppress(FileNotFoundError):
@@ -369,6 +396,14 @@ class StageCache:
         budget; records left by a process that died mid-download go first."""
         entry.size = size
         records = [p for p in glob.glob(os.path.join(self._records, "*.json")) if p != entry.record]
+        for path in records:  # released copies' records, kept for stale prefetches: long enough
+            if time.time() - read_record(path).get("released", time.time()) > RELEASED_KEPT_S:
+                lock = try_exclusive(path[: -len(".json")] + ".lock")
+                if lock is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                    lock.remove()
+        records = [p for p in records if "released" not in read_record(p)]
         used = sum(int(read_record(p).get("size", 0)) for p in records)
         for path in sorted(records, key=lambda p: (read_record(p).get("ready", False), _mtime(p))):
             if used + size <= self.max_bytes:
@@ -410,6 +445,12 @@ class StageCache:
         finally:
             os.close(fd)
         os.replace(part, local)
+
+
+def stage_root(directory: str | None = None) -> str:
+    """Where stage caches live: ``directory`` (a profile's ``stage_cache.dir``), else the
+    ``GPUBATCH_STAGE_DIR`` variable, else ``gpubatch-stage`` in the temporary directory."""
+    return directory or os.environ.get("GPUBATCH_STAGE_DIR") or os.path.join(tempfile.gettempdir(), "gpubatch-stage")
 
 
 def _mtime(path: str) -> float:

@@ -14,16 +14,18 @@ an output that ``--resume`` finishes; and every event lands in the ledger (outpu
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from gpubatch import __version__
+from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, GpubatchError
 from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.results import ShardResult
@@ -87,6 +89,7 @@ class _Run:
         self.lease = Lease(store, self.run_id, job.run.lease_stale_s, job.run.heartbeat_s)
         self.ledger = Ledger(store, self.run_id)
         self.builder = SummaryBuilder()
+        self.one_host = False  # every worker on this host (set when the run starts)
         self.failed: list[dict[str, Any]] = []
         #: every committed shard's files (kept small; the records themselves stay in the manifest)
         self.refs: dict[str, CommitRef] = {}
@@ -101,6 +104,8 @@ class _Run:
         shards, self.failed = source.plan(job)
         todo = (s for s in shards if s.shard_id not in committed)  # a stream: the plan is never copied
         n_workers = worker_count(self.prof, max(len(shards) - len(committed), 0), job.run.workers)
+        self.one_host = _one_host(self.prof, scheduler)
+        done_first = self._before_workers(source, shards, committed, n_workers, scheduler)
         prepared, ctx = self._prepare(source, shards, n_workers)
         if committed:
             check_run_model(committed, localize(ctx.model_path, ctx.output_options))
@@ -121,9 +126,23 @@ class _Run:
             raise
         finally:
             progress.close()
+            head_start = done_first()
+            if head_start is not None:  # requests made here before the workers ran
+                self.builder.clocks.merge(head_start)
         result = self._finish(source, shards, ctx, prepared, n_workers, lost)
         progress.finish("finished")
         return result
+
+    def _before_workers(self, source: Source, shards: Sequence[Shard], committed: Any, n_workers: int,
+                        scheduler: str | None) -> Callable[[], StageClocks | None]:
+        """When every worker shares this host: the source's head start on the first shards'
+        inputs (staging) while the model is prepared and the cluster starts."""
+        if not (self.one_host and self.job.run.stage_ahead):
+            return lambda: None
+        slots = n_workers * int(self.prof.get("threads_per_worker", 1))
+        todo = (s.input_uri for s in shards if s.shard_id not in committed)
+        first = list(itertools.islice(todo, slots + self.job.run.stage_ahead))
+        return source.before_workers(self.job, first, _storage_profile(self.prof, True))
 
     def _prepare(self, source: Source, shards: Sequence[Shard], n_workers: int) -> tuple[Any, RunContext]:
         """The model file, precision and batch size (prepare_model), and the context workers read."""
@@ -142,7 +161,7 @@ class _Run:
             batch_size=prepared.batch_size, threads=threads, model_sha256=file_sha256(local_job.model.path),
             spec_hash=job.spec_hash(), version=__version__, fallback_model_path=prepared.fallback_path,
             fallback_max_prob=prepared.fallback_max_prob,
-            storage_profile={k: self.prof[k] for k in ("storage", "stage_cache", "range_reader") if k in self.prof},
+            storage_profile=_storage_profile(self.prof, self.one_host),
             output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash())
         return prepared, ctx
 
@@ -273,8 +292,25 @@ def _stage_ahead(ahead: int, profile: dict[str, Any], slots: int, scheduler: str
     cache is the host's: the look-ahead starts past them, so that run.stage_ahead slides are
     downloading while every slot computes. Across hosts a slide staged on one host does not help
     another, so the look-ahead stays run.stage_ahead."""
-    one_host = scheduler is None and profile.get("cluster") in ("local", "local-cuda", "inline")
-    return slots + ahead if ahead and one_host else ahead
+    return slots + ahead if ahead and _one_host(profile, scheduler) else ahead
+
+
+def _storage_profile(profile: dict[str, Any], one_host: bool) -> dict[str, Any]:
+    """The profile's storage settings the workers apply; on one host with the stage directory
+    resolved here, where the client stages into the workers' cache: a worker process may not see
+    this process's environment as it is now (a forkserver keeps the environment it started with)."""
+    from gpubatch.io.stage_cache import stage_root
+
+    chosen: dict[str, Any] = {k: profile[k] for k in ("storage", "stage_cache", "range_reader") if k in profile}
+    if one_host:
+        stage = dict(chosen.get("stage_cache") or {})
+        chosen["stage_cache"] = {**stage, "dir": stage_root(stage.get("dir"))}
+    return chosen
+
+
+def _one_host(profile: dict[str, Any], scheduler: str | None) -> bool:
+    """Whether every worker of the run shares this process's host (and its stage cache)."""
+    return scheduler is None and profile.get("cluster") in ("local", "local-cuda", "inline")
 
 
 def _batch_input_bytes(job: JobSpec, batch_size: int) -> int:

@@ -125,6 +125,15 @@ class Source(ABC):
     # -- hooks: what a kind of input needs around its shards, so the engine and runner need not
     # know which kind they run
 
+    def before_workers(self, job: JobSpec, first: Sequence[str],
+                       storage_profile: dict[str, Any]) -> Callable[[], StageClocks | None]:
+        """On the client of a run whose workers share its host, before they start (while the
+        model is prepared and the cluster starts): ``first`` are the first shards' inputs in plan
+        order (slides start staging them into the host's stage cache, which the workers share).
+        Returns what to call once the run's shards are done: it gives the clocks of the work
+        done here (the requests the report counts), or None."""
+        return lambda: None
+
     def before_shard(self, job: JobSpec, upcoming: Sequence[str]) -> None:  # noqa: B027 - optional
         """On a worker, as a shard starts: ``upcoming`` are the next inputs in plan order (slides
         start staging them in the background)."""

@@ -18,6 +18,7 @@ counters).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,6 +33,7 @@ from gpubatch.io.retry import RetryPolicy
 from gpubatch.io.stage_cache import StageCache, StagedFile, get_stage_cache
 from gpubatch.io.storage import open_ranges, stat
 from gpubatch.io.uris import is_remote, local_path, uri_name
+from gpubatch.sources.slides import preopen
 from gpubatch.sources.slides.backends import (
     TIFF_SUFFIXES,
     OpenSlideBackend,
@@ -222,7 +224,7 @@ def open_slide_input(uri: str, clocks: StageClocks, *, access: str = "auto",
     chosen = choose_access(uri, access)
     if chosen == "stream":
         try:
-            return _mark(open_stream(uri, options, clocks, policy, read_ahead), "stream", clocks)
+            return _mark(_taken_or_opened(uri, options, clocks, policy, read_ahead), "stream", clocks)
         except InputError as exc:
             if access != "auto" or _is_storage_failure(exc):
                 raise
@@ -252,24 +254,50 @@ def open_in_place(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
                                   "DICOM files, not a slide")
 
 
+def _taken_or_opened(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
+                     policy: RetryPolicy | None, read_ahead: int) -> SlideBackend:
+    """The slide opened ahead in this process (waiting for the rest of its opening), or opened
+    now. An opening ahead that failed is tried again here, where its error is the shard's."""
+    opening = preopen.take(uri)
+    if opening is not None:
+        t0 = time.perf_counter()
+        try:
+            backend: SlideBackend | None = opening.future.result()
+        except Exception:  # noqa: BLE001 - opened again below, which raises what the shard sees
+            backend = None
+        clocks.count("storage.wait_s", time.perf_counter() - t0)
+        if backend is not None:
+            opening.clocks.hand_over(clocks)  # its requests, and its readers' from now on
+            clocks.count("storage.opened_ahead")
+            return backend
+    return open_stream(uri, options, clocks, policy, read_ahead)
+
+
 def _is_storage_failure(exc: InputError) -> bool:
     """Failures that staging would hit again (missing, forbidden, unreachable): no fallback."""
     return exc.retryable or exc.message.startswith(("object not found", "access denied", "storage",
                                                     "is an empty", "file not found"))
 
 
-def prefetch(uris: Iterable[str], access: str, options: dict[str, Any] | None) -> list[str]:
-    """Start background downloads of the slides among ``uris`` that will be staged.
+def prefetch(uris: Iterable[str], access: str, options: dict[str, Any] | None,
+             policy: RetryPolicy | None = None, read_ahead: int = 0, *, streams: bool = True,
+             cache: StageCache | None = None) -> list[str]:
+    """Start background downloads of the slides among ``uris`` that will be staged, and
+    background openings of those that will be streamed (``preopen``).
 
-    Call on a worker with the next few shards' URIs when a shard starts: their downloads then
-    overlap this shard's compute. Streamed and local slides are ignored; a download that would not
+    Call on a worker with the next few shards' URIs when a shard starts: their downloads and
+    openings then overlap this shard's compute. Local slides are ignored; a download that would not
     fit the stage cache is skipped (the slide downloads when opened). Returns the URIs started.
+    ``streams`` False: staging only (a process that will not read the slides); ``cache``: this
+    stage cache instead of the process's.
     """
-    staged = [u for u in uris if is_remote(u) and choose_access(u, access) == "stage"]
-    cache = get_stage_cache()
-    started: list[str] = []
-    for uri in staged:
-        started += cache.prefetch([uri], options, companions=_has_companions(uri))
+    remote = [u for u in uris if is_remote(u)]
+    streamed = [u for u in remote if streams and not read_in_place(u) and choose_access(u, access) == "stream"]
+    started = preopen.open_ahead(streamed, lambda uri, clocks: open_stream(uri, options, clocks, policy, read_ahead))
+    cache = cache or get_stage_cache()
+    for uri in remote:
+        if choose_access(uri, access) == "stage":
+            started += cache.prefetch([uri], options, companions=_has_companions(uri))
     return started
 
 
@@ -277,3 +305,4 @@ def release(uri: str) -> None:
     """Drop a slide's staged files once its shard has committed (no-op if it was not staged)."""
     if is_remote(uri):
         get_stage_cache().release(uri)
+        preopen.discard(uri)

