@@ -12,7 +12,11 @@ shard slots): ``--slides`` more than 4 gives staging slides to download behind t
 
 Every row's rate is items / wall time of the whole run (start-up included, as a user sees it)
 and, stricter, items / first shard start to last shard end ("shards"); "% of local" compares the
-median of each with local files' median in the same rounds. The server and the proxy share the
+median of each with local files' median in the same rounds. On a machine others load too, those
+wall-clock ratios swing with their load between rows; "cpu ms/item" (the CPU time of gpubatch's
+processes, client and workers, per item) does not, and "cpu % of local" (local's CPU per item over
+the row's) is what the row would reach on a machine of its own were it CPU-bound and never waiting
+on storage: "storage wait s" (summed over the shards) says how far it waited. The server and the proxy share the
 machine's cores with gpubatch; their CPU share of the machine during each row is reported (a real
 object store spends none of the workers' cores). Both run at raised priority (nice -10) so that
 other work on a shared machine does not delay their answers.
@@ -121,6 +125,47 @@ def _cpu(procs: list[psutil.Process]) -> float:
     return total
 
 
+class TreeCPU:
+    """CPU seconds of this process and all its descendants (Dask's worker processes come and go
+    with each run, so they are sampled every ``interval`` s and each one's last reading kept)."""
+
+    def __init__(self, helpers: list[psutil.Process], interval: float = 0.2):
+        import threading
+
+        self.me, self.interval = psutil.Process(), interval
+        #: the server and proxies (children of this process too), counted apart
+        self.helpers = {q.pid for p in helpers for q in [p, *p.children(recursive=True)]}
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def _sample(self) -> None:
+        for proc in self.me.children(recursive=True):
+            if proc.pid in self.helpers:
+                continue
+            with contextlib.suppress(psutil.Error):
+                self.last[proc.pid] = sum(proc.cpu_times()[:2])
+
+    def __enter__(self) -> TreeCPU:
+        self.own0 = sum(self.me.cpu_times()[:2])
+        self._sample()
+        self.before = dict(self.last)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        own = sum(self.me.cpu_times()[:2]) - self.own0
+        self.seconds = own + sum(v - self.before.get(pid, 0.0) for pid, v in self.last.items())
+
+
 def _busy(before: Any, after: Any) -> float:
     """The machine's busy share (all processes, everyone's) between two psutil.cpu_times()."""
     idle = (after.idle + getattr(after, "iowait", 0)) - (before.idle + getattr(before, "iowait", 0))
@@ -160,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             weed.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     columns = ["source", "access", "latency ms", "items", "items/s", "% of local", "shards items/s",
-               "shards % of local", "starvation", "requests", "KB/request", "in flight", "p99 ms", "storage wait s",
+               "shards % of local", "cpu ms/item", "cpu % of local", "starvation", "requests", "KB/request", "in flight", "p99 ms", "storage wait s",
                "opened ahead", "staged ahead",
                "server cpu %", "proxy cpu %", "machine busy %"]
     md = table(rows, columns)
@@ -203,7 +248,8 @@ def _measure(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, 
             s0, p0, t0 = _cpu([server]), _cpu(watched_ps), time.perf_counter()
             m0 = psutil.cpu_times()
             last.pop("steady_s", None)
-            items = run_gpubatch(job, last)
+            with TreeCPU(helpers=[server, *watched_ps]) as tree:
+                items = run_gpubatch(job, last)
             wall = time.perf_counter() - t0
             rep = last["report"]
             storage = rep.get("storage") or {}
@@ -216,7 +262,7 @@ def _measure(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, 
                 "hits": rep.get("counters", {}).get("storage.cache_hits"),
                 "server": 100 * (_cpu([server]) - s0) / (wall * CORES),
                 "proxy": 100 * (_cpu(watched_ps) - p0) / (wall * CORES) if watched_ps else None,
-                "machine": _busy(m0, psutil.cpu_times())})
+                "machine": _busy(m0, psutil.cpu_times()), "cpu": tree.seconds})
             print(f"  round {r + 1} {name}: {items} items, {items / rep['wall_s']:.0f}/s "
                   f"(shards {items / last['steady_s'][-1]:.0f}/s)", flush=True)
     return _rows(runs, contestants)
@@ -227,6 +273,7 @@ def _rows(runs: dict[str, list[dict[str, Any]]], contestants: dict[str, Any]) ->
         values = [x[key] for x in runs[name] if x[key] is not None]
         return statistics.median(values) if values else None
 
+    local_cpu = statistics.median(x["cpu"] / x["items"] for x in runs["local"])
     local_rate = statistics.median(x["items"] / x["wall"] for x in runs["local"])
     local_steady = statistics.median(x["items"] / x["steady"] for x in runs["local"])
     rows = []
@@ -235,10 +282,12 @@ def _rows(runs: dict[str, list[dict[str, Any]]], contestants: dict[str, Any]) ->
         steady = statistics.median(x["items"] / x["steady"] for x in runs[name])
         access, _, ms = name.partition("@")
         bpr = med(name, "bpr")
+        cpu = statistics.median(x["cpu"] / x["items"] for x in runs[name])
         rows.append({"source": "local files" if name == "local" else "SeaweedFS S3 via proxy",
                      "access": access, "latency ms": ms or "", "items": runs[name][-1]["items"],
                      "items/s": rate, "% of local": 100 * rate / local_rate, "shards items/s": steady,
-                     "shards % of local": 100 * steady / local_steady, "starvation": med(name, "starvation"),
+                     "shards % of local": 100 * steady / local_steady, "cpu ms/item": 1000 * cpu,
+                     "cpu % of local": 100 * local_cpu / cpu, "starvation": med(name, "starvation"),
                      "requests": med(name, "requests"), "KB/request": bpr / 1024 if bpr else None,
                      "in flight": med(name, "in_flight"), "p99 ms": med(name, "p99"),
                      "storage wait s": med(name, "wait"), "opened ahead": med(name, "ahead"),

@@ -46,7 +46,7 @@ from gpubatch.io.host_files import (
 )
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries
-from gpubatch.io.storage import get_fs, open_ranges
+from gpubatch.io.storage import get_fs, open_ranges, stat
 from gpubatch.io.uris import uri_name
 
 DEFAULT_MAX_BYTES = 20 << 30
@@ -373,7 +373,15 @@ class StageCache:
     def _listing(self, entry: _Entry, options: dict[str, Any] | None, policy: RetryPolicy,
                  companions: bool) -> tuple[list[tuple[str, str, int]], str]:
         """(remote uri, local path, size) of the file and, when asked, of its companion directory;
-        and the object's version tag (size and ETag or mtime), which a reused copy must match."""
+        and the object's version tag (size and ETag or mtime), which a reused copy must match.
+        A lone file is asked of the storage entry point (obstore's HEAD where it serves the URI:
+        no fsspec client is built in the worker); a companion directory is listed by fsspec."""
+        if not companions:
+            stated = stat(entry.uri, options, policy, entry.clocks)
+            if stated["type"] == "directory":
+                raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
+            tag = f"{stated['size']}|{stated.get('etag') or stated.get('mtime')}"
+            return [(entry.uri, entry.local, int(stated["size"] or 0))], tag
         fs, path = get_fs(entry.uri, options)
         info = call_with_retries(lambda: fs.info(path), entry.uri, policy, entry.clocks)
         if info.get("type") == "directory":
