@@ -186,7 +186,8 @@ def test_every_stage_s_busy_time_splits_into_parts_that_add_up() -> None:
     split = stage_breakdown({k: v.as_dict() for k, v in clocks.stages.items()}, clocks.stage_parts)
     for stage, parts in split.items():
         assert sum(parts.values()) == pytest.approx(clocks.stages[stage].busy_s, rel=1e-9), stage
-    assert split["read"]["decode"] == pytest.approx(6 * 0.02, rel=0.5) and split["read"]["other"] >= 6 * 0.01
-    assert "batch" in split["read"] and split["model"]["compute"] == pytest.approx(6 * 0.03, rel=0.5)
+    # a sleep never returns early, and on a loaded machine returns late: bounds, not a tolerance
+    assert 6 * 0.02 <= split["read"]["decode"] < 6 * 0.02 * 4 and split["read"]["other"] >= 6 * 0.01
+    assert "batch" in split["read"] and 6 * 0.03 <= split["model"]["compute"] < 6 * 0.03 * 4
     assert split["model"]["other"] >= 6 * 0.01 * 0.9 and set(split["write"]) == {"write", "other"}
     assert "open" not in split["read"] and clocks.parts["open"] >= 0.01
