@@ -101,7 +101,10 @@ class RangeReader(ABC):
         return out
 
     def fetch(self, start: int, stop: int) -> bytes:
-        return self.fetch_many([(start, stop)])[0] if stop > start else b""
+        """``bytes`` of [start, stop), whatever the client hands out (obstore: a zero-copy view,
+        which the bulk paths keep; callers of this one parse text and headers with bytes' methods)."""
+        data = self.fetch_many([(start, stop)])[0] if stop > start else b""
+        return data if isinstance(data, bytes) else bytes(data)
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """(offset, length) ranges in one call: neighbours coalesced, requests issued together."""

@@ -142,10 +142,13 @@ def read_checked_index(uri: str, fmt: str, storage_options: dict[str, Any] | Non
     gzi = read_gzi(uri, storage_options) if fmt == "bgzip" else None
     with open_ranges(uri, storage_options) as reader:
         size = reader.size()
+        def fetch_many(spans: list[tuple[int, int]]) -> list[bytes]:  # bytes, not obstore's views
+            return [bytes(blob) for blob in reader.fetch_many(spans)]
+
         if gzi is None:
-            check_fai(uri, fai, size, reader.fetch_many)
+            check_fai(uri, fai, size, fetch_many)
             return fai, None
-        check_gzi(uri, gzi, size, reader.fetch_many)
+        check_gzi(uri, gzi, size, fetch_many)
         plain = uncompressed_size(reader, gzi)
         check_fai(uri, fai, plain, lambda spans: [read_bgzf_range(reader, gzi, a, b) for a, b in spans])
     return fai, gzi
