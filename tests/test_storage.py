@@ -274,6 +274,26 @@ def test_a_streamed_slide_opened_ahead_is_taken_with_its_requests(s3: S3Stack, s
     assert "storage.opened_ahead" not in again.counters
 
 
+def test_a_slide_opened_ahead_has_its_coarsest_level_in_hand_for_tissue_detection(s3: S3Stack,
+                                                                                  slide_uris: dict) -> None:
+    from gpubatch.sources.slides import preopen
+    from gpubatch.sources.slides.tissue import read_thumbnail
+
+    _, uri = slide_uris["synthetic"]
+    assert prefetch([uri], "stream", s3.options(), read_ahead=64 << 20, tissue=True) == [uri]
+    preopen._held[uri].future.result(60)
+    time.sleep(0.5)  # the coarsest level's fetch, issued by the opening, lands
+    clocks = StageClocks()
+    backend = open_slide_input(uri, clocks, access="stream", options=s3.options(), read_ahead=64 << 20)
+    try:
+        requests = clocks.counters["storage.requests"]
+        thumb, _ = read_thumbnail(backend, clocks, 2048)
+        assert thumb.size and clocks.counters["storage.read_ahead_hits"] > 0
+        assert clocks.counters["storage.requests"] == requests  # every tile of it fetched ahead
+    finally:
+        backend.close()
+
+
 def test_prefetch_then_open_is_a_cache_hit(s3: S3Stack, slide_uris: dict, tmp_path: Path) -> None:
     _, uri = slide_uris["synthetic"]
     s3.proxy.configure(latency_s=0.01)

@@ -349,6 +349,15 @@ class TiffBackend(TileGridBackend):
             planned.append([(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in new])
         self.read_ahead.plan(planned)
 
+    def read_coarsest_ahead(self) -> None:
+        """Fetch the coarsest level's stored tiles in the background (tissue detection reads all
+        of them first): for a slide opened ahead, so its shard starts without those round trips."""
+        if self.read_ahead is None:
+            return
+        page = self.pages[-1]
+        self.read_ahead.plan([[(int(page.dataoffsets[i]), int(page.databytecounts[i]))
+                               for i in range(len(page.dataoffsets)) if page.databytecounts[i]]])
+
     def use_gpu_decode(self) -> None:
         """Decode JPEG tiles with nvImageCodec on the GPU (a batch per read) instead of libjpeg-turbo.
 

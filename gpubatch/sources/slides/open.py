@@ -281,7 +281,7 @@ def _is_storage_failure(exc: InputError) -> bool:
 
 def prefetch(uris: Iterable[str], access: str, options: dict[str, Any] | None,
              policy: RetryPolicy | None = None, read_ahead: int = 0, *, streams: bool = True,
-             cache: StageCache | None = None) -> list[str]:
+             cache: StageCache | None = None, tissue: bool = False) -> list[str]:
     """Start background downloads of the slides among ``uris`` that will be staged, and
     background openings of those that will be streamed (``preopen``).
 
@@ -289,11 +289,19 @@ def prefetch(uris: Iterable[str], access: str, options: dict[str, Any] | None,
     openings then overlap this shard's compute. Local slides are ignored; a download that would not
     fit the stage cache is skipped (the slide downloads when opened). Returns the URIs started.
     ``streams`` False: staging only (a process that will not read the slides); ``cache``: this
-    stage cache instead of the process's.
+    stage cache instead of the process's; ``tissue``: the shards detect tissue, so a slide opened
+    ahead fetches its coarsest level too.
     """
     remote = [u for u in uris if is_remote(u)]
     streamed = [u for u in remote if streams and not read_in_place(u) and choose_access(u, access) == "stream"]
-    started = preopen.open_ahead(streamed, lambda uri, clocks: open_stream(uri, options, clocks, policy, read_ahead))
+
+    def opener(uri: str, clocks: StageClocks) -> SlideBackend:
+        backend = open_stream(uri, options, clocks, policy, read_ahead)
+        if tissue and hasattr(backend, "read_coarsest_ahead"):
+            backend.read_coarsest_ahead()
+        return backend
+
+    started = preopen.open_ahead(streamed, opener)
     cache = cache or get_stage_cache()
     for uri in remote:
         if choose_access(uri, access) == "stage":

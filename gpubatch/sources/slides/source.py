@@ -197,7 +197,8 @@ class SlideSource(Source):
 
         if upcoming:
             prefetch(upcoming, job.input.access, job.input.storage,
-                     RetryPolicy(attempts=job.run.storage_attempts), job.input.read_ahead_mb << 20)
+                     RetryPolicy(attempts=job.run.storage_attempts), job.input.read_ahead_mb << 20,
+                     tissue=job.tiles.tissue.method != "none")
 
     def after_commit(self, job: JobSpec, shard: Shard) -> None:
         from gpubatch.sources.slides.open import release
