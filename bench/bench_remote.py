@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     columns = ["source", "access", "latency ms", "items", "items/s", "% of local", "shards items/s",
                "shards % of local", "cpu ms/item", "cpu % of local", "starvation", "requests", "KB/request", "in flight", "p99 ms", "storage wait s",
-               "opened ahead", "staged ahead",
+               "opened ahead", "staged ahead", "read-ahead hits", "read-ahead misses",
                "server cpu %", "proxy cpu %", "machine busy %"]
     md = table(rows, columns)
     print(md)
@@ -260,6 +260,8 @@ def _measure(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, 
                 "p99": storage.get("p99_ms"), "wait": rep.get("counters", {}).get("storage.wait_s"),
                 "ahead": rep.get("counters", {}).get("storage.opened_ahead"),
                 "hits": rep.get("counters", {}).get("storage.cache_hits"),
+                "ra_hits": rep.get("counters", {}).get("storage.read_ahead_hits"),
+                "ra_misses": rep.get("counters", {}).get("storage.read_ahead_misses"),
                 "server": 100 * (_cpu([server]) - s0) / (wall * CORES),
                 "proxy": 100 * (_cpu(watched_ps) - p0) / (wall * CORES) if watched_ps else None,
                 "machine": _busy(m0, psutil.cpu_times()), "cpu": tree.seconds})
@@ -291,7 +293,8 @@ def _rows(runs: dict[str, list[dict[str, Any]]], contestants: dict[str, Any]) ->
                      "requests": med(name, "requests"), "KB/request": bpr / 1024 if bpr else None,
                      "in flight": med(name, "in_flight"), "p99 ms": med(name, "p99"),
                      "storage wait s": med(name, "wait"), "opened ahead": med(name, "ahead"),
-                     "staged ahead": med(name, "hits"),
+                     "staged ahead": med(name, "hits"), "read-ahead hits": med(name, "ra_hits"),
+                     "read-ahead misses": med(name, "ra_misses"),
                      "server cpu %": med(name, "server"), "proxy cpu %": med(name, "proxy"),
                      "machine busy %": med(name, "machine")})
     return rows

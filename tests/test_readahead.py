@@ -86,6 +86,23 @@ def test_any_order_and_unplanned_reads_get_the_right_bytes(s3: S3Stack, uri: str
     assert clocks.counters["storage.requests"] <= 80 + len(stray)
 
 
+def test_a_range_taken_once_is_served_again_without_a_request(s3: S3Stack, uri: str) -> None:
+    """A tile two blocks share is planned for the first; the second block's reader may ask for it
+    before the first has decoded it. It gets the bytes fetched ahead, not a foreground request."""
+    blocks = _blocks(4)
+    shared = blocks[0][1]
+    clocks = StageClocks()
+    with open_ranges(uri, s3.options(), clocks) as reader:
+        ahead = ReadAhead(reader, budget=4 << 20, clocks=clocks)
+        ahead.plan(blocks)
+        assert ahead.read_ranges(blocks[0]) == [DATA[o : o + n] for o, n in blocks[0]]
+        again = [shared, *blocks[1]]
+        assert ahead.read_ranges(again) == [DATA[o : o + n] for o, n in again]
+        ahead.close()
+    # every range fetched once, ahead: none again for the shared one
+    assert clocks.counters["storage.requests"] <= 12 and "storage.read_ahead_misses" not in clocks.counters
+
+
 def test_a_failed_fetch_ahead_raises_where_its_bytes_are_taken(s3: S3Stack, uri: str) -> None:
     from gpubatch.io.retry import RetryPolicy
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 THREADS = 16
 #: a group this many groups behind the newest one taken from is dropped with what it still holds
 STALE_GROUPS = 32
+#: ranges already taken whose bytes are kept for a second read of the same range: a tile two
+#: blocks share is fetched for the first, and the second, read by another thread before the first
+#: has decoded it, would otherwise fetch it again in the foreground (a round trip it waits through)
+RECENT_RANGES = 128
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -67,6 +71,7 @@ class ReadAhead:
         self.floor = min(floor, budget)
         self._plan: deque[list[tuple[int, int]]] = deque()
         self._where: dict[tuple[int, int], tuple[_Group, int]] = {}  # range -> (group, span index)
+        self._recent: OrderedDict[tuple[int, int], tuple[_Group, int]] = OrderedDict()  # taken ones
         self._pending: set[tuple[int, int]] = set()  # planned, not yet issued
         self._groups: deque[_Group] = deque()
         self._held = 0
@@ -138,6 +143,7 @@ class ReadAhead:
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """The bytes of each (offset, length) range: fetched ahead where planned, else now."""
         hits: dict[int, tuple[_Group, int]] = {}
+        again: dict[int, tuple[_Group, int]] = {}  # taken before, bytes still here
         with self._lock:
             if self._started is None:
                 self._started = time.perf_counter()
@@ -145,12 +151,28 @@ class ReadAhead:
                 found = self._where.pop(r, None)
                 if found is not None:
                     hits[i] = found
+                    self._recent[r] = found
+                    if len(self._recent) > RECENT_RANGES:
+                        self._recent.popitem(last=False)
+                elif r in self._recent:
+                    again[i] = self._recent[r]
                 else:
                     self._pending.discard(r)  # read now: not worth fetching again later
             self._top_up()
         out: list[bytes] = [b""] * len(ranges)
-        misses = [i for i in range(len(ranges)) if i not in hits]
+        t0, waited = time.perf_counter(), any(not g.future.done() for g, _ in again.values())
+        for i, (group, k) in again.items():  # in flight still, maybe: wait for it, never refetch
+            offset, length = ranges[i]
+            start = group.spans[k][0]
+            out[i] = group.future.result()[k][offset - start : offset - start + length]
+        if again and self.clocks is not None:
+            self.clocks.count("storage.read_ahead_hits", len(again))
+            if waited:
+                self.clocks.count("storage.wait_s", time.perf_counter() - t0)
+        misses = [i for i in range(len(ranges)) if i not in hits and i not in again]
         if misses:
+            if self.clocks is not None:  # read now, in the caller: a round trip it waits through
+                self.clocks.count("storage.read_ahead_misses", len(misses))
             for i, blob in zip(misses, self.reader.read_ranges([ranges[i] for i in misses]), strict=True):
                 out[i] = blob
         if hits:
@@ -204,4 +226,5 @@ class ReadAhead:
                 group.future.cancel()
             self._groups.clear()
             self._where.clear()
+            self._recent.clear()
             self._held = 0
