@@ -259,7 +259,7 @@ def _taken_or_opened(uri: str, options: dict[str, Any] | None, clocks: StageCloc
     """The slide opened ahead in this process (waiting for the rest of its opening), or opened
     now. An opening ahead that failed is tried again here, where its error is the shard's."""
     opening = preopen.take(uri)
-    if opening is not None:
+    if opening is not None and not opening.future.cancel():  # still queued: open it here, now
         t0 = time.perf_counter()
         try:
             backend: SlideBackend | None = opening.future.result()

@@ -28,8 +28,10 @@ from gpubatch.sources.slides.backends import SlideBackend
 
 #: slides opened ahead and not yet taken, per worker process
 MAX_HELD = 8
-#: threads opening slides ahead, per worker process (each open is a chain of round trips)
-THREADS = 2
+#: threads opening slides ahead, per worker process (each open is a chain of round trips, the
+#: thread waits on the network nearly all the time); an opening still queued when its shard
+#: starts is cancelled and done by the shard itself
+THREADS = 8
 
 Opener = Callable[[str, StageClocks], SlideBackend]
 
