@@ -220,7 +220,11 @@ def stat(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | 
         return {"size": st.st_size, "type": kind, "etag": None, "mtime": st.st_mtime}
     target = _obstore_target(uri, options)
     if target is not None:
-        return call_with_retries(lambda: obstore.head(*target), uri, policy, clocks)
+        try:
+            return call_with_retries(lambda: obstore.head(*target), uri, policy, clocks)
+        except InputError as exc:  # no object of that name: a prefix (folder) is asked of fsspec
+            if not exc.message.startswith("object not found"):
+                raise
     fs, path = get_fs(uri, options)
     info = call_with_retries(lambda: fs.info(path), uri, policy, clocks)
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
