@@ -84,6 +84,15 @@ def mean_model(assets: Path) -> Path:
     return make_mean_colour_model(assets / "mean.onnx")
 
 
+def synthetic_slides(folder: Path, n: int, seed: int, prefix: str, size: tuple[int, int] = (768, 512)) -> Path:
+    """``folder`` with ``n`` small two-level synthetic slides, PREFIX0.tif ..., seeded from ``seed``."""
+    from gpubatch.cli.demo import write_synthetic_slide
+
+    for i in range(n):
+        write_synthetic_slide(folder / f"{prefix}{i}.tif", *size, seed=seed + i, levels=2)
+    return folder
+
+
 def slide_job(uris: list[str], model: Path, out: Path, **sections: Any) -> dict[str, Any]:
     """A slides job mapping; keyword sections (tiles=..., run=...) are merged in."""
     job: dict[str, Any] = {

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 import pytest
-from conftest import cli, slide_job, wait_for, write_job
+from conftest import cli, slide_job, synthetic_slides, wait_for, write_job
 
 import gpubatch
 
@@ -26,12 +26,7 @@ N_SLIDES = 5
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gpubatch.cli.demo import write_synthetic_slide
-
-    d = tmp_path_factory.mktemp("remote-out")
-    for i in range(N_SLIDES):
-        write_synthetic_slide(d / f"r{i}.tif", 768, 512, seed=500 + i, levels=2)
-    return d
+    return synthetic_slides(tmp_path_factory.mktemp("remote-out"), N_SLIDES, 500, "r")
 
 
 def _job(tmp_path: Path, slides: Path, model: Path, uri: str, storage: dict | None = None, **run: object) -> Path:

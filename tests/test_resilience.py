@@ -15,10 +15,9 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import audit_lines, slide_job, write_job
+from conftest import audit_lines, slide_job, synthetic_slides, write_job
 
 import gpubatch
-from gpubatch.cli.demo import write_synthetic_slide
 
 pytestmark = pytest.mark.slow
 N_SLIDES = 8
@@ -26,10 +25,7 @@ N_SLIDES = 8
 
 @pytest.fixture(scope="module")
 def many_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("many")
-    for i in range(N_SLIDES):
-        write_synthetic_slide(d / f"m{i}.tif", 1024, 768, seed=200 + i, levels=2)
-    return d
+    return synthetic_slides(tmp_path_factory.mktemp("many"), N_SLIDES, 200, "m", (1024, 768))
 
 
 def _job(tmp_path: Path, slides: Path, model: Path, out: str, **run: object) -> Path:

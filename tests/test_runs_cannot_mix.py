@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import audit_lines, cli, committed_count, slide_job, wait_for, write_job
+from conftest import (
+    audit_lines,
+    cli,
+    committed_count,
+    slide_job,
+    synthetic_slides,
+    wait_for,
+    write_job,
+)
 
 import gpubatch
 from gpubatch.cli.demo import make_classifier, write_synthetic_slide
@@ -24,10 +32,7 @@ N_SLIDES = 6
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("mix")
-    for i in range(N_SLIDES):
-        write_synthetic_slide(d / f"s{i}.tif", 768, 512, seed=300 + i, levels=2)
-    return d
+    return synthetic_slides(tmp_path_factory.mktemp("mix"), N_SLIDES, 300, "s")
 
 
 def _job(tmp_path: Path, slides: Path, model: Path, out: str = "out", **run: object) -> Path:

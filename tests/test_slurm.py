@@ -15,10 +15,9 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from conftest import cli, committed_count, slide_job, wait_for, write_job
+from conftest import cli, committed_count, slide_job, synthetic_slides, wait_for, write_job
 
 import gpubatch
-from gpubatch.cli.demo import write_synthetic_slide
 
 N_SLIDES = 6
 
@@ -37,10 +36,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_slurm_up() is not None, rea
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("slurm-slides")
-    for i in range(N_SLIDES):
-        write_synthetic_slide(d / f"q{i}.tif", 768, 512, seed=600 + i, levels=2)
-    return d
+    return synthetic_slides(tmp_path_factory.mktemp("slurm-slides"), N_SLIDES, 600, "q")
 
 
 def _profile(tmp_path: Path, workers: int = 2, **slurm: Any) -> Path:

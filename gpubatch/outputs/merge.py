@@ -78,9 +78,10 @@ def merge_parquet(store: OutputStore, committed: Sequence[ShardResult | CommitRe
 
 
 def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
-    """The gathered parts as one row group (or a few, for a large part); the list is emptied."""
+    """The gathered parts as one row group (a part of over a million rows as several, at
+    pyarrow's default row group size); the list is emptied."""
     if tables:
-        writer.write_table(pa.concat_tables(tables), row_group_size=max(ROW_GROUP_ROWS, *(t.num_rows for t in tables)))
+        writer.write_table(pa.concat_tables(tables))
     tables.clear()
 
 
