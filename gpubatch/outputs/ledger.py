@@ -16,8 +16,12 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from gpubatch.core.external_sort import sorted_lines
+from gpubatch.core.files import cache_root
 from gpubatch.core.results import ShardResult
 from gpubatch.outputs.layout import AUDIT, AUDIT_DIR
 from gpubatch.outputs.manifest import Manifest
@@ -64,20 +68,31 @@ class Ledger:
     def materialize(self) -> int:
         """Rewrite audit.jsonl from the records and commit records; returns its line count.
 
-        Commit records are streamed and each kept only as its sort key and its JSON line (a few
-        hundred bytes), not as the shard's whole record with its timing samples.
+        Commit records are streamed, each kept only as its sort key and its JSON line, and the
+        lines are sorted on disk past a chunk (core.external_sort): memory does not grow with
+        the number of shards.
         """
         events = self.records()
         runs = {e["run_id"]: e for e in events if e.get("event") == "run_start"}
-        lines = [_sortable(line) for line in events]
-        for entry in Manifest(self.store).iter_entries():
-            run = runs.get(entry.run_id or "", {})
-            lines.append(_sortable(commit_line(entry, {k: run[k] for k in RUN_FIELDS if k in run})))
-        lines.sort()
+
+        def lines() -> Iterator[tuple[float, str, str]]:
+            yield from (_sortable(line) for line in events)
+            for entry in Manifest(self.store).iter_entries():
+                run = runs.get(entry.run_id or "", {})
+                yield _sortable(commit_line(entry, {k: run[k] for k in RUN_FIELDS if k in run}))
+
+        count = 0
         with self.store.open_write(AUDIT) as f:
-            for _, _, text in lines:
+            for _, _, text in sorted_lines(lines(), folder=_scratch()):
                 f.write(text.encode())
-        return len(lines)
+                count += 1
+        return count
+
+
+def _scratch() -> Path:
+    folder = cache_root() / "tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _sortable(line: dict[str, Any]) -> tuple[float, str, str]:

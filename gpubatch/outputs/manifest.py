@@ -10,10 +10,12 @@ object storage alike. Files of attempts that no record names are swept (:func:`s
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from gpubatch.core.results import ShardResult
 from gpubatch.outputs.layout import MANIFEST_DIR, PARTS_DIR, TMP_PREFIX, ZARR, record_name
@@ -53,9 +55,8 @@ class Manifest:
     def iter_entries(self, names: Iterable[str] | None = None, batch: int = READ_BATCH) -> Iterator[ShardResult]:
         """Commit records (all, or those of ``names``), read ``batch`` at a time: unreadable ones
         are skipped with a warning."""
-        pending = list(self.names() if names is None else names)
-        for start in range(0, len(pending), batch):
-            chunk = [f"{MANIFEST_DIR}/{n}" for n in pending[start : start + batch]]
+        pending = iter(self.names() if names is None else names)  # a stream of names is never held whole
+        while chunk := [f"{MANIFEST_DIR}/{n}" for n in itertools.islice(pending, batch)]:
             for name, data in self.store.read_many(chunk).items():
                 try:
                     yield ShardResult.from_dict(json.loads(data))
@@ -94,19 +95,44 @@ class Manifest:
         self.store.delete(f"{MANIFEST_DIR}/{record_name(shard_id)}")
 
 
-def sweep(store: OutputStore, keep: Iterable[ShardResult | CommitRef]) -> int:
+@runtime_checkable
+class KeptFiles(Protocol):
+    """Which parts and zarr groups committed records name (a run's CommitIndex answers this
+    from disk; :func:`kept_files` from a few records in memory)."""
+
+    def has_part(self, name: str) -> bool: ...
+
+    def has_group(self, name: str) -> bool: ...
+
+
+class _KeptInMemory:
+    def __init__(self, keep: Iterable[ShardResult | CommitRef]):
+        keep = list(keep)
+        self.parts = {e.part for e in keep if e.part}
+        self.groups = {e.group for e in keep if e.group}
+
+    def has_part(self, name: str) -> bool:
+        return name in self.parts
+
+    def has_group(self, name: str) -> bool:
+        return name in self.groups
+
+
+def kept_files(keep: Iterable[ShardResult | CommitRef]) -> KeptFiles:
+    return _KeptInMemory(keep)
+
+
+def sweep(store: OutputStore, keep: KeptFiles | Iterable[ShardResult | CommitRef]) -> int:
     """Delete parts and zarr groups of attempts no kept record names, and temporaries; returns
     how many were removed. Only names of gpubatch's own making are touched."""
-    keep = list(keep)
-    parts = {e.part for e in keep if e.part}
-    groups = {e.group for e in keep if e.group}
+    kept = keep if isinstance(keep, KeptFiles) else kept_files(keep)
     removed = 0
     for name in store.listdir(PARTS_DIR):
-        if name not in parts and (name.endswith(".parquet") or name.startswith(TMP_PREFIX)):
+        if (name.endswith(".parquet") or name.startswith(TMP_PREFIX)) and not kept.has_part(name):
             store.delete(f"{PARTS_DIR}/{name}")
             removed += 1
     for name in store.listdir(ZARR):
-        if name not in groups and name != "zarr.json" and not name.startswith("."):
+        if name != "zarr.json" and not name.startswith(".") and not kept.has_group(name):
             store.delete(f"{ZARR}/{name}", recursive=True)
             removed += 1
     return removed

@@ -9,7 +9,7 @@ parses. The merge's memory is one row group, whatever the run's size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -44,7 +44,7 @@ def read_part(store: OutputStore, entry: ShardResult | CommitRef) -> pa.Table:
         return part.read()
 
 
-def merge_parquet(store: OutputStore, committed: Sequence[ShardResult | CommitRef], index_columns: list[str],
+def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRef], index_columns: list[str],
                   target: str = PREDICTIONS) -> int:
     """Concatenate the committed parts, in the order given, into one file; returns the rows.
 
@@ -85,14 +85,14 @@ def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
     tables.clear()
 
 
-def describe_zarr(store: OutputStore, committed: Sequence[ShardResult | CommitRef], info: dict[str, Any]) -> None:
+def describe_zarr(store: OutputStore, committed: Iterable[ShardResult | CommitRef], info: dict[str, Any]) -> None:
     """The zarr root's attributes: shards in plan order and the group holding each one's arrays.
 
     Groups are named by attempt (``<shard>-<attempt>``): read ``groups[shard_id]`` to find a
     shard's arrays, never a group name from a listing, which may include a killed attempt's.
     """
-    if not any(e.group for e in committed):
+    groups = {e.shard_id: e.group for e in committed if e.group}  # in order: dicts keep it
+    if not groups:
         return
     root = store.zarr_group(ZARR, mode="a")
-    root.attrs.update({"shards": [e.shard_id for e in committed if e.group],
-                       "groups": {e.shard_id: e.group for e in committed if e.group}, **info})
+    root.attrs.update({"shards": list(groups), "groups": groups, **info})

@@ -41,7 +41,10 @@ class SummaryBuilder:
         self.pipeline_s = 0.0
         self.t0: float | None = None
         self._rows: list[tuple[float, int, dict[str, Any]]] = []
-        self._points: list[dict[str, Any]] = []
+        #: timeline points as (field names, values): a tuple costs a third of a dict, and every
+        #: sample of a run has the same few names, held once in ``_names``
+        self._points: list[tuple[tuple[str, ...], tuple[Any, ...]]] = []
+        self._names: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._stride, self._seen = 1, 0
         #: inputs with no items, shards that needed retries, and readers' notes: counted in full,
         #: listed up to MAX_LISTED each
@@ -87,7 +90,9 @@ class SummaryBuilder:
             self._seen += 1
             if self._seen % self._stride:
                 continue
-            self._points.append({**sample, "t": sample["t"] + start, "shard": result.shard_id})
+            point = {**sample, "t": sample["t"] + start, "shard": result.shard_id}
+            names = tuple(point)
+            self._points.append((self._names.setdefault(names, names), tuple(point.values())))
             if len(self._points) >= MAX_TIMELINE_POINTS:
                 self._points, self._stride = self._points[::2], self._stride * 2
 
@@ -124,7 +129,8 @@ class SummaryBuilder:
                             "items_per_shard": self.items / self.ran if self.ran else 0.0},
             "empty": self.empty.as_dict(), "retried": self.retried.as_dict(),
             "data_quality": quality, "notes": notes + self.notes.more(),
-            "timeline": sorted(({**p, "t": p["t"] - t0} for p in self._points), key=lambda p: p["t"]),
+            "timeline": sorted(({**dict(zip(*p, strict=True)), "t": p[1][p[0].index("t")] - t0} for p in self._points),
+                               key=lambda p: p["t"]),
             "timeline_stride": self._stride,
             **info,
         }

@@ -18,6 +18,7 @@ from typing import Any
 
 log = logging.getLogger("gpubatch")
 WATCH_S = 1.0  # seconds between looks at which worker runs what
+TRIM_S = 30.0  # seconds between trims of the scheduler's per-task bookkeeping
 CLOSE_TIMEOUT_S = 20  # a client or cluster that does not close in this long is left behind
 
 
@@ -99,7 +100,7 @@ class DaskExecutor(Executor):
         self.diagnose = diagnose
         self._processing: dict[str, list[str]] = {}
         self._lost: list[dict[str, Any]] = []
-        self._checked = 0.0
+        self._checked = self._trimmed = 0.0
 
     def submit(self, fn: Callable[..., Any], *args: Any, key: str) -> Any:
         kwargs: dict[str, Any] = {"pure": False, "key": key}
@@ -133,6 +134,11 @@ class DaskExecutor(Executor):
         """Every second at most: which worker runs which shard; a worker that vanished since the
         last look is recorded with the shards it was running (Dask reruns them elsewhere)."""
         now = time.monotonic()
+        if now - self._trimmed >= TRIM_S:
+            self._trimmed = now
+            forget_key_names()  # this process's own: a scheduler elsewhere clears its own just below
+            with contextlib.suppress(Exception):  # a scheduler without spans, or one that refuses `run`
+                self.client.run_on_scheduler(trim_scheduler)
         if now - self._checked < WATCH_S:
             return
         self._checked = now
@@ -156,6 +162,45 @@ class DaskExecutor(Executor):
         finally:
             if self.cluster is not None:
                 self.cluster.close(timeout=CLOSE_TIMEOUT_S)
+
+
+def trim_scheduler(dask_scheduler: Any) -> int:
+    """What the scheduler keeps of every task it has seen and forgotten, trimmed; runs on the
+    scheduler (``client.run_on_scheduler``). Returns the span records folded."""
+    forget_key_names()
+    return forget_span_collections(dask_scheduler)
+
+
+def forget_key_names() -> None:
+    """Empty Dask's cache of task-name prefixes. ``dask.utils.key_split`` caches its answer for
+    the last 100,000 keys it saw; every shard's key is new, so in the process running the
+    scheduler that cache held every shard's key (about 250 bytes each) up to 100,000 shards:
+    bench/bench_client.py's growth. Clearing it costs a re-split of the keys in flight."""
+    from dask.utils import key_split
+
+    key_split.cache_clear()
+
+
+def forget_span_collections(dask_scheduler: Any) -> int:
+    """Fold the repeats out of each span's list of submitted collections; returns how many went.
+
+    Dask's scheduler appends one ``{"type": "Future"}`` entry to the active span for every
+    ``client.submit`` and keeps spans for the cluster's life (dask/distributed#7977), about
+    200 bytes per shard in the process running the scheduler, which for the local and SLURM
+    profiles is the gpubatch client. What the span shows (which kinds of collection ran) is kept.
+    """
+    removed = 0
+    for span in getattr(dask_scheduler.extensions.get("spans"), "spans", {}).values():
+        collections = (getattr(span, "_metadata", None) or {}).get("collections")
+        if not collections or len(collections) < 2:
+            continue
+        unique: list[Any] = []
+        for entry in collections:
+            if entry not in unique:
+                unique.append(entry)
+        removed += len(collections) - len(unique)
+        collections[:] = unique
+    return removed
 
 
 def _shard_of(key: Any) -> str:

@@ -22,6 +22,7 @@ from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity
 from gpubatch.io.uris import split_glob
+from gpubatch.outputs.commits import CommitIndex
 from gpubatch.outputs.layout import RUN_DIRS, RUN_STATE, SPEC_RECORD
 from gpubatch.outputs.ledger import Ledger
 from gpubatch.outputs.manifest import CommitRef, Manifest, remove_temporaries, sweep
@@ -44,11 +45,12 @@ def wipe(store: OutputStore) -> None:
         store.delete(name, recursive=name in RUN_DIRS)
 
 
-def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, *, resume: bool, overwrite: bool,
-              on_kept: Callable[[ShardResult], None] | None = None) -> dict[str, CommitRef]:
-    """The committed shards this run keeps (empty for a fresh start); raises SpecError when the
-    output may not be written as asked. Each kept record is handed to ``on_kept`` as it is read
-    (the run's summary folds it), and only a small reference to it is kept."""
+def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, kept: CommitIndex, *, resume: bool,
+              overwrite: bool, on_kept: Callable[[ShardResult], None] | None = None) -> None:
+    """Add the committed shards this run keeps to ``kept`` (none for a fresh start); raises
+    SpecError when the output may not be written as asked. Each kept record is handed to
+    ``on_kept`` as it is read (the run's summary folds it), and only a small reference to it is
+    kept, in the run's on-disk index."""
     manifest = Manifest(store)
     remove_temporaries(store)
     names = manifest.names()
@@ -59,24 +61,22 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, *, resume: bool,
             raise SpecError([("output.uri", f"{redact(store.uri)} holds {len(names)} committed shard(s) of an "
                                             "earlier run: use --resume to finish that run, or --overwrite to start "
                                             "again (or give a new output.uri)")])
-        kept = _resumable(store, job, manifest, ledger, on_kept or (lambda entry: None))
-        sweep(store, kept.values())
-        return kept
+        _resumable(store, job, manifest, ledger, kept, on_kept or (lambda entry: None))
+        sweep(store, kept)
+        return
     else:
         wipe(store)  # reports and records of a run that committed nothing
     store.write_json(SPEC_RECORD, spec_record(job))
-    return {}
 
 
-def _resumable(store: OutputStore, job: JobSpec, manifest: Manifest, ledger: Ledger,
-               on_kept: Callable[[ShardResult], None]) -> dict[str, CommitRef]:
+def _resumable(store: OutputStore, job: JobSpec, manifest: Manifest, ledger: Ledger, kept: CommitIndex,
+               on_kept: Callable[[ShardResult], None]) -> None:
     if not store.exists(SPEC_RECORD):
         raise SpecError([("output.uri", f"{redact(store.uri)} was written by an older gpubatch without a "
                                         f"{SPEC_RECORD}: its shards cannot be checked; use --overwrite")])
     problems = spec_differences(store.read_json(SPEC_RECORD), spec_record(job))
     if problems:
         raise SpecError([(field, f"{text}; use --overwrite or a new output.uri") for field, text in problems])
-    kept: dict[str, CommitRef] = {}
     batch: list[ShardResult] = []
     for entry in itertools.chain(manifest.iter_committed(), [None]):
         if entry is not None:
@@ -89,10 +89,9 @@ def _resumable(store: OutputStore, job: JobSpec, manifest: Manifest, ledger: Led
                     ledger.superseded(e, "input changed since it was committed")
                     manifest.remove(e.shard_id)
                 else:
-                    kept[e.shard_id] = CommitRef.of(e)
+                    kept.add(CommitRef.of(e))
                     on_kept(e)
             batch = []
-    return kept
 
 
 def spec_differences(committed: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, str]]:
@@ -108,11 +107,11 @@ def spec_differences(committed: dict[str, Any], now: dict[str, Any]) -> list[tup
     return out
 
 
-def check_run_model(committed: dict[str, CommitRef], run_model: str) -> None:
+def check_run_model(committed: CommitIndex, run_model: str) -> None:
     """The model file workers will load must be the one the committed shards were made with (a
     reduced-precision model is re-made from cache; a different file means different results)."""
     sha = file_sha256(run_model)
-    other = {e.model_sha256 for e in committed.values() if e.model_sha256 and e.model_sha256 != sha}
+    other = committed.model_hashes() - {sha}
     if other:
         raise SpecError([("model", f"the model workers would load has sha256 {sha[:12]}..., the committed "
                                    f"shards were made with {sorted(other)[0][:12]}...; use --overwrite or a "

@@ -34,6 +34,7 @@ from gpubatch.io.redact import redact
 from gpubatch.io.storage import localize
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import resolve_backend
+from gpubatch.outputs.commits import CommitIndex
 from gpubatch.outputs.layout import LOGS_DIR, MODELS_DIR, record_name
 from gpubatch.outputs.lease import Lease, guard_output
 from gpubatch.outputs.ledger import Ledger, new_run_id
@@ -76,6 +77,7 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     try:
         return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler, show_progress=show_progress)
     finally:
+        run.commits.close()
         run.lease.release()
         remove_temporaries(store)
 
@@ -91,35 +93,36 @@ class _Run:
         self.builder = SummaryBuilder()
         self.one_host = False  # every worker on this host (set when the run starts)
         self.failed: list[dict[str, Any]] = []
-        #: every committed shard's files (kept small; the records themselves stay in the manifest)
-        self.refs: dict[str, CommitRef] = {}
+        #: every committed shard's files, on local disk (the records themselves stay in the manifest)
+        self.commits = CommitIndex()
         self.t_start = time.time()
 
     def execute(self, *, resume: bool, overwrite: bool, scheduler: str | None,
                 show_progress: bool | None) -> Result:
         job, source = self.job, get_source(self.job.kind)
-        committed = reconcile(self.store, job, self.ledger, resume=resume, overwrite=overwrite,
-                              on_kept=lambda entry: self.builder.add(dataclasses.replace(entry, resumed=True)))
-        self.refs.update(committed)
+        committed = self.commits
+        reconcile(self.store, job, self.ledger, committed, resume=resume, overwrite=overwrite,
+                  on_kept=lambda entry: self.builder.add(dataclasses.replace(entry, resumed=True)))
+        resumed = len(committed)
         shards, self.failed = source.plan(job)
         todo = (s for s in shards if s.shard_id not in committed)  # a stream: the plan is never copied
-        n_workers = worker_count(self.prof, max(len(shards) - len(committed), 0), job.run.workers)
+        n_workers = worker_count(self.prof, max(len(shards) - resumed, 0), job.run.workers)
         self.one_host = _one_host(self.prof, scheduler)
-        done_first = self._before_workers(source, shards, committed, n_workers, scheduler)
+        done_first = self._before_workers(source, shards, n_workers, scheduler)
         prepared, ctx = self._prepare(source, shards, n_workers)
-        if committed:
+        if resumed:
             check_run_model(committed, localize(ctx.model_path, ctx.output_options))
-            log.info("%d shard(s) already committed, skipped", len(committed))
-        self.ledger.event("run_start", resumed=len(committed), planned=len(shards), spec=redact(job.model_dump(mode="json")),
+            log.info("%d shard(s) already committed, skipped", resumed)
+        self.ledger.event("run_start", resumed=resumed, planned=len(shards), spec=redact(job.model_dump(mode="json")),
                           backend=ctx.backend, precision=ctx.precision, gpubatch_version=__version__,
                           **prepared.audit)
-        progress = Progress(len(shards), already=len(committed), store=self.store, enabled=show_progress,
+        progress = Progress(len(shards), already=resumed, store=self.store, enabled=show_progress,
                             run_id=self.run_id, heartbeat_s=job.run.heartbeat_s)
         self.lease.hold(beat=progress.heartbeat)
         lost: list[dict[str, Any]] = []
         try:
             with _stop_on_signals():
-                if len(shards) > len(committed):
+                if len(shards) > resumed:
                     lost = self._submit(todo, ctx, progress, n_workers, scheduler)
         except BaseException as exc:
             self._abandon(progress, exc)
@@ -133,14 +136,14 @@ class _Run:
         progress.finish("finished")
         return result
 
-    def _before_workers(self, source: Source, shards: Sequence[Shard], committed: Any, n_workers: int,
+    def _before_workers(self, source: Source, shards: Sequence[Shard], n_workers: int,
                         scheduler: str | None) -> Callable[[], StageClocks | None]:
         """When every worker shares this host: the source's head start on the first shards'
         inputs (staging) while the model is prepared and the cluster starts."""
         if not (self.one_host and self.job.run.stage_ahead):
             return lambda: None
         slots = n_workers * int(self.prof.get("threads_per_worker", 1))
-        todo = (s.input_uri for s in shards if s.shard_id not in committed)
+        todo = (s.input_uri for s in shards if s.shard_id not in self.commits)
         first = list(itertools.islice(todo, slots + self.job.run.stage_ahead))
         return source.before_workers(self.job, first, _storage_profile(self.prof, True))
 
@@ -181,7 +184,7 @@ class _Run:
         def on_result(result: ShardResult) -> None:
             if result.ok:
                 self.builder.add(result)
-                self.refs[result.shard_id] = CommitRef.of(result)
+                self.commits.add(CommitRef.of(result))
             else:
                 self.failed.append({"input": result.input, "error": result.error or "", "attempts": result.attempt})
                 self.ledger.failure(result)
@@ -223,11 +226,15 @@ class _Run:
     def _finish(self, source: Source, shards: Sequence[Shard], ctx: RunContext, prepared: Any, n_workers: int,
                 lost: list[dict[str, Any]]) -> Result:
         job, store = self.job, self.store
-        in_plan = [self.refs[s.shard_id] for s in shards if s.shard_id in self.refs]
-        sweep(store, in_plan)
-        merge_parquet(store, in_plan, source.index_schema(job))
-        def records() -> Iterator[ShardResult]:  # the committed records in plan order, read as used
-            return Manifest(store).iter_entries(record_name(r.shard_id) for r in in_plan)
+        def in_plan() -> Iterator[CommitRef]:  # the committed shards in plan order, looked up as used
+            return self.commits.in_order(s.shard_id for s in shards)
+
+        def records() -> Iterator[ShardResult]:  # their commit records, read as used
+            return Manifest(store).iter_entries(record_name(r.shard_id) for r in in_plan())
+
+        sweep(store, self.commits)
+        merge_parquet(store, in_plan(), source.index_schema(job))
+        done = sum(1 for _ in in_plan())
 
         source.write_outputs(job, store, records())
         run_info = {
@@ -235,7 +242,7 @@ class _Run:
             "backend": ctx.backend, "precision": ctx.precision, "batch_size": ctx.batch_size,
             "workers": n_workers, "profile": self.prof.get("cluster"), "readers": job.run.readers,
             "model_sha256": ctx.model_sha256, "spec_sha256": ctx.spec_hash, "shards_total": len(shards),
-            "shards_done": len(in_plan), "lost_workers": lost,
+            "shards_done": done, "lost_workers": lost,
             "batch_input_bytes": _batch_input_bytes(job, ctx.batch_size), **prepared.report,
             **_operator_facts(job, self.t_start), "data_quality": source.data_quality(job, shards, records()),
         }
@@ -244,11 +251,11 @@ class _Run:
         from gpubatch.report.html import write_html
 
         write_html(store, summary)
-        describe_zarr(store, in_plan, {"model_sha256": ctx.model_sha256, "gpubatch_version": __version__,
+        describe_zarr(store, in_plan(), {"model_sha256": ctx.model_sha256, "gpubatch_version": __version__,
                                        "kind": job.kind})
-        self.ledger.event("run_finish", done=len(in_plan), failed=len(self.failed), total=len(shards))
+        self.ledger.event("run_finish", done=done, failed=len(self.failed), total=len(shards))
         self.ledger.materialize()
-        code = (EXIT_PARTIAL if in_plan else EXIT_ERROR) if self.failed else EXIT_OK
+        code = (EXIT_PARTIAL if done else EXIT_ERROR) if self.failed else EXIT_OK
         return Result(summary, store.uri, code, self.failed, dict(job.output.storage))
 
 

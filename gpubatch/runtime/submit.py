@@ -42,7 +42,7 @@ class Submitter:
         self.window = max(1, window)
         #: how many next inputs each shard names for staging ahead (run.stage_ahead by default)
         self.ahead = job.run.stage_ahead if ahead is None else ahead
-        self.attempts: dict[str, int] = {}
+        self.attempts: dict[str, int] = {}  #: shards in flight -> attempts so far
         self.pending: set[Any] = set()
         self._no_workers_since: float | None = None
 
@@ -93,6 +93,7 @@ class Submitter:
                     self.on_retry(result)
                 pending.add(self._submit(fut.shard, ()))
                 continue
+            del self.attempts[result.shard_id]  # final: the count lives on in the result
             self.on_result(result)
         self.executor.note_processing(pending)
 

@@ -1,0 +1,110 @@
+"""The client's state does not grow with the job: committed shards indexed on disk, the audit
+sorted on disk, per-shard submission state dropped when a shard is final, and Dask's
+per-submission span records folded (bench/bench_client.py measures the memory itself)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpubatch.core import external_sort
+from gpubatch.core.external_sort import sorted_lines
+from gpubatch.outputs.commits import CommitIndex
+from gpubatch.outputs.manifest import CommitRef
+
+
+def test_commit_index_answers_in_plan_order_from_disk(tmp_path: Path) -> None:
+    index = CommitIndex(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # unlinked once open: a killed client leaves nothing
+    ids = [f"s{i:05d}" for i in range(1200)]
+    committed = ids[::3]
+    for i in random.Random(1).sample(committed, len(committed)):
+        index.add(CommitRef(i, f"{i}-a.parquet", f"{i}-1" if i.endswith("0") else None, "m1"))
+    index.add(CommitRef("s00003", "s00003-b.parquet", None, "m2"))  # a later commit replaces the first
+    plan = ids[::-1]
+    got = list(index.in_order(plan))
+    assert [r.shard_id for r in got] == [i for i in plan if i in set(committed)]
+    assert len(index) == len(committed) and "s00003" in index and "s00001" not in index
+    assert index.has_part("s00003-b.parquet") and not index.has_part("s00003-a.parquet")
+    assert index.has_group("s00030-1") and not index.has_group("s00003-1")
+    assert index.model_hashes() == {"m1", "m2"}
+    index.close()
+
+
+def test_sorted_lines_spill_and_merge_like_a_sort(tmp_path: Path) -> None:
+    rng = random.Random(2)
+    lines = [(float(rng.randint(0, 500)), rng.choice(["a", "b"]), json.dumps({"n": i, "t": "x\ty"}) + "\n")
+             for i in range(5000)]
+    assert list(sorted_lines(lines, folder=tmp_path, chunk=333)) == sorted(lines)
+    assert list(sorted_lines(lines[:10], folder=tmp_path, chunk=333)) == sorted(lines[:10])
+    assert list(tmp_path.iterdir()) == []  # the spilled runs are gone
+    with pytest.raises(ValueError, match="newline"):
+        list(sorted_lines([(1.0, "a", "two\nlines\n")] * 3, folder=tmp_path, chunk=2))
+
+
+def _windows_job(tmp_path: Path, shards: int) -> Path:
+    import yaml
+
+    from gpubatch.cli.demo import write_synthetic_genome
+    from gpubatch.cli.demo_models import make_genome_model
+
+    fasta = write_synthetic_genome(tmp_path / "g.fa", {"chr1": shards * 32}, seed=3)
+    model = make_genome_model(tmp_path / "m.onnx", 32)
+    job = {"name": "many", "kind": "genome",
+           "windows": {"reference": str(fasta), "regions": "genome", "length": 32, "windows_per_shard": 1},
+           "model": {"path": str(model), "backend": "onnxruntime", "batch_size": 1},
+           "output": {"uri": str(tmp_path / "out"), "formats": ["parquet"]}, "run": {"profile": "inline"}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_a_run_keeps_no_per_shard_state_and_its_audit_is_sorted_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpubatch
+    from gpubatch.runtime import submit
+
+    submitters: list[Any] = []
+    run_all = submit.Submitter.run
+
+    def run_and_keep(self: Any, shards: Any) -> None:
+        submitters.append(self)
+        run_all(self, shards)
+
+    monkeypatch.setattr(submit.Submitter, "run", run_and_keep)
+    monkeypatch.setattr(external_sort, "CHUNK_LINES", 7)  # 40 commit lines: six spilled runs
+    result = gpubatch.run(_windows_job(tmp_path, 40), show_progress=False)
+    assert result.exit_code == 0
+    assert submitters and submitters[0].attempts == {}  # every shard final: nothing left per shard
+    audit = [json.loads(line) for line in (tmp_path / "out" / "audit.jsonl").read_text().splitlines()]
+    commits = [a for a in audit if a["event"] == "shard_committed"]
+    assert sorted(a["shard_id"] for a in commits) == [f"windows-{i:06d}" for i in range(40)]
+    assert [a["time"] for a in audit] == sorted(a["time"] for a in audit)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "out" / "predictions.parquet")
+    assert table.num_rows == 40 and table.column("start").to_pylist() == [i * 32 for i in range(40)]
+
+
+def test_the_schedulers_per_task_records_are_trimmed() -> None:
+    distributed = pytest.importorskip("distributed")
+    from dask.utils import key_split
+
+    from gpubatch.runtime.executors import trim_scheduler
+
+    with distributed.LocalCluster(n_workers=1, processes=False, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        for i in range(30):
+            client.submit(abs, -i, key=f"k-{i}").result()
+        spans = cluster.scheduler.extensions["spans"].spans.values()
+        before = sum(len((s._metadata or {}).get("collections", [])) for s in spans)
+        assert before >= 30  # Dask's record of every submit (what the fold exists for)
+        assert key_split.cache_info().currsize >= 30  # and of every key's name
+        assert client.run_on_scheduler(trim_scheduler) == before - len(spans)
+        assert all(s._metadata["collections"] == [{"type": "Future"}] for s in spans if s._metadata)
+        assert key_split.cache_info().currsize == 0
