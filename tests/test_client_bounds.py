@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,21 +91,46 @@ def test_a_run_keeps_no_per_shard_state_and_its_audit_is_sorted_on_disk(
     assert table.num_rows == 40 and table.column("start").to_pylist() == [i * 32 for i in range(40)]
 
 
-def test_the_schedulers_per_task_records_are_trimmed() -> None:
+@pytest.fixture
+def cluster_after_30_tasks() -> Iterator[tuple[Any, Any]]:
+    """An in-process Dask cluster and client that have run 30 tasks, one key each."""
     distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, processes=False, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        for i in range(30):
+            client.submit(abs, -i, key=f"k-{i}").result()
+        yield cluster, client
+
+
+def test_the_schedulers_per_task_records_are_trimmed(cluster_after_30_tasks: tuple[Any, Any]) -> None:
     from dask.utils import key_split
 
     from gpubatch.runtime.executors import trim_scheduler
 
-    with distributed.LocalCluster(n_workers=1, processes=False, threads_per_worker=1,
-                                  dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
-        for i in range(30):
-            client.submit(abs, -i, key=f"k-{i}").result()
-        spans = cluster.scheduler.extensions["spans"].spans.values()
-        before = sum(len((s._metadata or {}).get("collections", [])) for s in spans)
-        assert before >= 30  # Dask's record of every submit (what the fold exists for)
-        assert key_split.cache_info().currsize >= 30  # and of every key's name
-        assert client.run_on_scheduler(trim_scheduler) == before - len(spans)
-        assert all(s._metadata["collections"] == [{"type": "Future"}] for s in spans if s._metadata)
-        assert key_split.cache_info().currsize == 0
+    cluster, client = cluster_after_30_tasks
+    spans = cluster.scheduler.extensions["spans"].spans.values()
+    before = sum(len((s._metadata or {}).get("collections", [])) for s in spans)
+    assert before >= 30  # Dask's record of every submit (what the fold exists for)
+    assert key_split.cache_info().currsize >= 30  # and of every key's name
+    assert client.run_on_scheduler(trim_scheduler) == before - len(spans)
+    assert all(s._metadata["collections"] == [{"type": "Future"}] for s in spans if s._metadata)
+    assert key_split.cache_info().currsize == 0
+
+
+def test_the_executor_trims_its_in_process_scheduler_without_waiting_on_it(
+        cluster_after_30_tasks: tuple[Any, Any]) -> None:
+    import time
+
+    from dask.utils import key_split
+
+    from gpubatch.runtime.executors import DaskExecutor
+
+    cluster, client = cluster_after_30_tasks
+    spans = list(cluster.scheduler.extensions["spans"].spans.values())
+    assert any(len(s._metadata["collections"]) > 1 for s in spans if s._metadata)
+    DaskExecutor(client, cluster).trim_scheduler()  # queued on the scheduler's loop
+    assert key_split.cache_info().currsize == 0  # this process's own cache, at once
+    deadline = time.monotonic() + 10
+    while any(len(s._metadata["collections"]) > 1 for s in spans if s._metadata):
+        assert time.monotonic() < deadline, "the scheduler's span records were not folded within 10 s"
+        time.sleep(0.05)

@@ -25,7 +25,7 @@ def sorted_lines(lines: Iterable[Keyed], folder: str | Path | None = None,
                  chunk: int | None = None) -> Iterator[Keyed]:
     """``lines`` in (key, tie-break, line) order, holding at most ``chunk`` (CHUNK_LINES) at once."""
     chunk = chunk or CHUNK_LINES
-    it = iter(lines)
+    it = map(_checked, lines)
     first = sorted(itertools.islice(it, chunk))
     if len(first) < chunk:  # it all fit: nothing to spill
         yield from first
@@ -39,12 +39,18 @@ def sorted_lines(lines: Iterable[Keyed], folder: str | Path | None = None,
 
 def _spill(batch: list[Keyed], folder: str | Path | None, stack: ExitStack) -> IO[str]:
     f = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8", dir=folder))  # noqa: SIM115 - the stack closes it
-    for key, tie, line in batch:
-        if "\t" in tie or line.count("\n") != 1 or not line.endswith("\n"):
-            raise ValueError(f"a line to sort must end with its only newline and its tie-break hold no tab: {tie!r}")
-        f.write(f"{key!r}\t{tie}\t{line}")
+    f.writelines(f"{key!r}\t{tie}\t{line}" for key, tie, line in batch)
     f.seek(0)
     return f
+
+
+def _checked(entry: Keyed) -> Keyed:
+    """A line a spilled run can hold: its only newline at its end, no tab in its tie-break (checked
+    whether or not this sort spills, so what is accepted does not depend on the input's size)."""
+    _, tie, line = entry
+    if "\t" in tie or line.count("\n") != 1 or not line.endswith("\n"):
+        raise ValueError(f"a line to sort must end with its only newline and its tie-break hold no tab: {tie!r}")
+    return entry
 
 
 def _read_run(f: IO[str]) -> Iterator[Keyed]:

@@ -64,3 +64,11 @@ def cache_root() -> Path:
     $GPUBATCH_CACHE, else ~/.cache/gpubatch."""
     root = os.environ.get("GPUBATCH_CACHE") or str(Path.home() / ".cache" / "gpubatch")
     return Path(root)
+
+
+def scratch_dir() -> Path:
+    """Where the client spills what it should not hold in memory (the run's commit index, the
+    audit's sorted runs): a folder of the cache, made on first use."""
+    folder = cache_root() / "tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from gpubatch.core.files import cache_root
+from gpubatch.core.files import scratch_dir
 from gpubatch.outputs.manifest import CommitRef
 
 LOOKUP_BATCH = 500  # shard ids looked up per query (SQLite's default limit on parameters is 999)
@@ -30,8 +30,7 @@ class CommitIndex:
     """shard id -> :class:`CommitRef`, for one run; used from the thread that made it."""
 
     def __init__(self, folder: str | Path | None = None):
-        where = Path(folder) if folder is not None else cache_root() / "tmp"
-        where.mkdir(parents=True, exist_ok=True)
+        where = Path(folder) if folder is not None else scratch_dir()
         fd, path = tempfile.mkstemp(prefix="commits-", suffix=".sqlite", dir=where)
         os.close(fd)
         self._db = sqlite3.connect(path, isolation_level=None)

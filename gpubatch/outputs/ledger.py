@@ -17,11 +17,10 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from gpubatch.core.external_sort import sorted_lines
-from gpubatch.core.files import cache_root
+from gpubatch.core.files import scratch_dir
 from gpubatch.core.results import ShardResult
 from gpubatch.outputs.layout import AUDIT, AUDIT_DIR
 from gpubatch.outputs.manifest import Manifest
@@ -83,16 +82,10 @@ class Ledger:
 
         count = 0
         with self.store.open_write(AUDIT) as f:
-            for _, _, text in sorted_lines(lines(), folder=_scratch()):
+            for _, _, text in sorted_lines(lines(), folder=scratch_dir()):
                 f.write(text.encode())
                 count += 1
         return count
-
-
-def _scratch() -> Path:
-    folder = cache_root() / "tmp"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _sortable(line: dict[str, Any]) -> tuple[float, str, str]:

@@ -98,7 +98,7 @@ class Manifest:
 @runtime_checkable
 class KeptFiles(Protocol):
     """Which parts and zarr groups committed records name (a run's CommitIndex answers this
-    from disk; :func:`kept_files` from a few records in memory)."""
+    from disk; a list of records is answered from memory)."""
 
     def has_part(self, name: str) -> bool: ...
 
@@ -118,14 +118,10 @@ class _KeptInMemory:
         return name in self.groups
 
 
-def kept_files(keep: Iterable[ShardResult | CommitRef]) -> KeptFiles:
-    return _KeptInMemory(keep)
-
-
 def sweep(store: OutputStore, keep: KeptFiles | Iterable[ShardResult | CommitRef]) -> int:
     """Delete parts and zarr groups of attempts no kept record names, and temporaries; returns
     how many were removed. Only names of gpubatch's own making are touched."""
-    kept = keep if isinstance(keep, KeptFiles) else kept_files(keep)
+    kept = keep if isinstance(keep, KeptFiles) else _KeptInMemory(keep)
     removed = 0
     for name in store.listdir(PARTS_DIR):
         if (name.endswith(".parquet") or name.startswith(TMP_PREFIX)) and not kept.has_part(name):

@@ -96,6 +96,13 @@ class SummaryBuilder:
             if len(self._points) >= MAX_TIMELINE_POINTS:
                 self._points, self._stride = self._points[::2], self._stride * 2
 
+    def _timeline(self, t0: float) -> list[dict[str, Any]]:
+        """The kept points as dicts, in time order, their times from the run's first shard."""
+        points = [dict(zip(names, values, strict=True)) for names, values in self._points]
+        for point in points:
+            point["t"] -= t0
+        return sorted(points, key=lambda p: p["t"])
+
     def summary(self, failed: list[dict[str, Any]], wall_s: float, run_info: dict[str, Any]) -> RunSummary:
         """The report document for a run that took ``wall_s`` (this run's time, not a resumed one's)."""
         batch_size = run_info.get("batch_size") or 1
@@ -129,8 +136,7 @@ class SummaryBuilder:
                             "items_per_shard": self.items / self.ran if self.ran else 0.0},
             "empty": self.empty.as_dict(), "retried": self.retried.as_dict(),
             "data_quality": quality, "notes": notes + self.notes.more(),
-            "timeline": sorted(({**dict(zip(*p, strict=True)), "t": p[1][p[0].index("t")] - t0} for p in self._points),
-                               key=lambda p: p["t"]),
+            "timeline": self._timeline(t0),
             "timeline_stride": self._stride,
             **info,
         }

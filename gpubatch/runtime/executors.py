@@ -136,9 +136,7 @@ class DaskExecutor(Executor):
         now = time.monotonic()
         if now - self._trimmed >= TRIM_S:
             self._trimmed = now
-            forget_key_names()  # this process's own: a scheduler elsewhere clears its own just below
-            with contextlib.suppress(Exception):  # a scheduler without spans, or one that refuses `run`
-                self.client.run_on_scheduler(trim_scheduler)
+            self.trim_scheduler()
         if now - self._checked < WATCH_S:
             return
         self._checked = now
@@ -153,6 +151,16 @@ class DaskExecutor(Executor):
                             worker, ", ".join(sorted(set(shards))) or "none running")
         self._processing = processing
 
+    def trim_scheduler(self) -> None:
+        """Trim Dask's per-task bookkeeping in this process: its own key-name cache, and, when
+        the scheduler runs here (the local and SLURM profiles), the scheduler's, on the
+        scheduler's own thread and without waiting for it. A scheduler elsewhere (``--scheduler``)
+        is its operator's memory, not the client's, and is left alone."""
+        forget_key_names()
+        scheduler, loop = getattr(self.cluster, "scheduler", None), getattr(self.cluster, "loop", None)
+        if scheduler is not None and loop is not None:
+            loop.add_callback(trim_scheduler, scheduler)
+
     def lost_workers(self) -> list[dict[str, Any]]:
         return list(self._lost)
 
@@ -165,8 +173,8 @@ class DaskExecutor(Executor):
 
 
 def trim_scheduler(dask_scheduler: Any) -> int:
-    """What the scheduler keeps of every task it has seen and forgotten, trimmed; runs on the
-    scheduler (``client.run_on_scheduler``). Returns the span records folded."""
+    """What the scheduler keeps of every task it has seen and forgotten, trimmed; call it on the
+    scheduler's event loop. Returns the span records folded."""
     forget_key_names()
     return forget_span_collections(dask_scheduler)
 
