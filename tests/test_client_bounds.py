@@ -134,3 +134,44 @@ def test_the_executor_trims_its_in_process_scheduler_without_waiting_on_it(
     while any(len(s._metadata["collections"]) > 1 for s in spans if s._metadata):
         assert time.monotonic() < deadline, "the scheduler's span records were not folded within 10 s"
         time.sleep(0.05)
+
+
+def test_freed_memory_is_handed_back_to_the_system() -> None:
+    """Freed blocks among live ones stay in RSS until handed back (glibc keeps holes in its
+    heap); the client hands them back every HAND_BACK_S and between its end-of-run steps."""
+    from gpubatch.core import memory
+
+    if memory._libc() is None:
+        pytest.skip("malloc is not glibc's here: nothing to hand back through malloc_trim")
+    psutil = pytest.importorskip("psutil")
+    proc = psutil.Process()
+    memory.hand_back_freed_memory()
+    blocks = [bytes(4000) + bytes([i % 251]) for i in range(40_000)]  # 160 MB in malloc'd blocks
+    kept = blocks[::64]  # one live block in every 256 kB: no whole page run is free at the top
+    del blocks
+    before = proc.memory_info().rss
+    memory.hand_back_freed_memory()
+    after = proc.memory_info().rss
+    assert before - after > 100 * 2**20, f"RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MB"
+    assert len(kept) == 625
+
+
+def test_the_audit_holds_the_commits_it_is_given(tmp_path: Path) -> None:
+    """At the end of a run the audit is rebuilt from the run's commit index (what the merge
+    used), not from a listing of the whole manifest held in memory."""
+    import gpubatch
+    from gpubatch.outputs.layout import record_name
+    from gpubatch.outputs.ledger import Ledger
+    from gpubatch.outputs.store import OutputStore
+
+    assert gpubatch.run(_windows_job(tmp_path, 6), show_progress=False).exit_code == 0
+    ledger = Ledger(OutputStore(str(tmp_path / "out")), "check")
+
+    def committed() -> list[str]:
+        lines = (tmp_path / "out" / "audit.jsonl").read_text().splitlines()
+        return [a["shard_id"] for a in map(json.loads, lines) if a["event"] == "shard_committed"]
+
+    ledger.materialize(record_name(f"windows-{i:06d}") for i in (4, 1))
+    assert sorted(committed()) == ["windows-000001", "windows-000004"]
+    ledger.materialize()  # by default, every commit record in the manifest
+    assert sorted(committed()) == [f"windows-{i:06d}" for i in range(6)]

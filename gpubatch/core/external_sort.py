@@ -18,7 +18,7 @@ from typing import IO
 
 #: (sort key, tie-break, line): the line ends with a newline and holds no other
 Keyed = tuple[float, str, str]
-CHUNK_LINES = 4096
+CHUNK_LINES = 2048
 
 
 def sorted_lines(lines: Iterable[Keyed], folder: str | Path | None = None,

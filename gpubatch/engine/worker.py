@@ -19,6 +19,7 @@ from typing import Any
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.core.files import file_sha256
+from gpubatch.core.memory import cap_malloc_arenas, use_system_arrow_pool
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
 from gpubatch.engine.model_stage import empty_rows, make_batch_runner, warm_host_stage
@@ -40,35 +41,6 @@ MAX_SAMPLES = 256
 
 _CONFIGURED: dict[str, str] = {}
 _CONFIGURE_LOCK = threading.Lock()
-MALLOC_ARENAS = 2
-
-
-def _limit_malloc_arenas() -> None:
-    """Cap glibc's malloc arenas for this process.
-
-    Each shard starts short-lived reader threads; glibc gives threads their own arenas (up to 8
-    per core) and keeps their freed batches, so RSS creeps up with the number of shards run.
-    Two arenas lower the plateau (bench/NOTES.md, "Memory"). The Dask profiles also set
-    MALLOC_ARENA_MAX at worker start, which works better than this late mallopt.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to cap
-        pass
-
-
-def _use_system_arrow_pool() -> None:
-    """pyarrow's default pool (mimalloc or jemalloc) keeps what the first parquet commit used for
-    the life of the process; gpubatch's tables are small, and glibc hands the memory back."""
-    import pyarrow as pa
-
-    pa.set_memory_pool(pa.system_memory_pool())
-
-
 def _configure_worker_once(ctx: RunContext) -> None:
     """Per worker process, once: malloc arenas, library warnings into the log, and the profile's
     storage settings (the stage cache lives on between shards, so it is configured again only
@@ -85,8 +57,8 @@ def _configure_worker_once(ctx: RunContext) -> None:
 
     with _CONFIGURE_LOCK:
         if "malloc" not in _CONFIGURED:
-            _limit_malloc_arenas()
-            _use_system_arrow_pool()
+            cap_malloc_arenas()
+            use_system_arrow_pool()
             route_library_logs()
             _CONFIGURED["malloc"] = "capped"
         key = json.dumps(ctx.storage_profile or {}, sort_keys=True, default=str)

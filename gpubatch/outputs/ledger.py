@@ -16,14 +16,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from gpubatch.core.external_sort import sorted_lines
 from gpubatch.core.files import scratch_dir
 from gpubatch.core.results import ShardResult
 from gpubatch.outputs.layout import AUDIT, AUDIT_DIR
-from gpubatch.outputs.manifest import Manifest
+from gpubatch.outputs.manifest import READ_BATCH, Manifest
 from gpubatch.outputs.store import OutputStore
 
 #: the run-level fields every committed shard's line carries, from its run's start record
@@ -61,22 +61,31 @@ class Ledger:
         self.event("shard_superseded", why=why, committed_by=entry.run_id, **line)
 
     def records(self) -> list[dict[str, Any]]:
-        names = [f"{AUDIT_DIR}/{n}" for n in self.store.listdir(AUDIT_DIR) if n.endswith(".json")]
-        return [json.loads(data) for data in self.store.read_many(names).values()]
+        """Every event record of every run (small outputs and reports; a rebuild streams them)."""
+        return list(self.iter_records(self._record_names()))
 
-    def materialize(self) -> int:
+    def _record_names(self) -> list[str]:
+        return [f"{AUDIT_DIR}/{n}" for n in self.store.listdir(AUDIT_DIR) if n.endswith(".json")]
+
+    def iter_records(self, names: list[str]) -> Iterator[dict[str, Any]]:
+        """The event records of ``names``, read READ_BATCH at a time."""
+        for lo in range(0, len(names), READ_BATCH):
+            yield from (json.loads(data) for data in self.store.read_many(names[lo : lo + READ_BATCH]).values())
+
+    def materialize(self, committed: Iterable[str] | None = None) -> int:
         """Rewrite audit.jsonl from the records and commit records; returns its line count.
 
-        Commit records are streamed, each kept only as its sort key and its JSON line, and the
-        lines are sorted on disk past a chunk (core.external_sort): memory does not grow with
-        the number of shards.
+        ``committed`` names the commit records to include (a run passes its commit index's, in
+        plan order); by default every record in the manifest. Records are streamed, each kept
+        only as its sort key and its JSON line, and the lines are sorted on disk past a chunk
+        (core.external_sort): memory does not grow with the number of shards or events.
         """
-        events = self.records()
-        runs = {e["run_id"]: e for e in events if e.get("event") == "run_start"}
+        names = self._record_names()
+        runs = {e["run_id"]: e for e in self.iter_records(names) if e.get("event") == "run_start"}
 
         def lines() -> Iterator[tuple[float, str, str]]:
-            yield from (_sortable(line) for line in events)
-            for entry in Manifest(self.store).iter_entries():
+            yield from (_sortable(line) for line in self.iter_records(names))
+            for entry in Manifest(self.store).iter_entries(committed):
                 run = runs.get(entry.run_id or "", {})
                 yield _sortable(commit_line(entry, {k: run[k] for k in RUN_FIELDS if k in run}))
 

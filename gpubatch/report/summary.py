@@ -21,7 +21,7 @@ from gpubatch.outputs.layout import REPORT_JSON
 from gpubatch.outputs.store import OutputStore
 from gpubatch.report.verdict import verdict
 
-MAX_TIMELINE_POINTS = 20_000
+MAX_TIMELINE_POINTS = 4_096
 MAX_SHARD_ROWS = 2_000
 MAX_LISTED = 200  # empty inputs, retried shards and notes listed by name (all are counted)
 

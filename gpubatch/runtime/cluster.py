@@ -237,7 +237,7 @@ def _mp_method() -> str:
 #: - Dask asks glibc to hand freed memory back at 64 KiB; gpubatch's batches are tens of MB,
 #:   bounded by configuration, so that only turns every batch allocation into page faults;
 #: - short-lived reader threads each got a malloc arena that kept its freed batches: RSS crept
-#:   with the number of shards (see worker.py);
+#:   with the number of shards (see core/memory.py);
 #: - pyarrow's default pool (mimalloc) keeps what the first commit used for the life of the worker.
 WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}
 _FORKSERVER_LOCK = threading.Lock()

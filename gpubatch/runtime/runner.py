@@ -28,6 +28,7 @@ from gpubatch import __version__
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, GpubatchError
 from gpubatch.core.files import cache_root, file_sha256
+from gpubatch.core.memory import hand_back_freed_memory
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
 from gpubatch.io.redact import redact
@@ -218,7 +219,7 @@ class _Run:
         reason = "interrupted" if interrupted else redact(f"{type(exc).__name__}: {exc}")
         try:
             self.ledger.event(kind, reason=reason, failed=len(self.failed))
-            self.ledger.materialize()
+            self.ledger.materialize()  # every record: commits the client had not yet heard of too
             progress.finish("interrupted" if interrupted else "failed", reason=reason)
         except Exception as inner:  # noqa: BLE001 - the original error is the one to report
             log.warning("could not record the %s: %s", kind, redact(str(inner)))
@@ -234,6 +235,7 @@ class _Run:
 
         sweep(store, self.commits)
         merge_parquet(store, in_plan(), source.index_schema(job))
+        hand_back_freed_memory()  # each end-of-run step starts from what the run held, not on the last one's holes
         done = sum(1 for _ in in_plan())
 
         source.write_outputs(job, store, records())
@@ -251,10 +253,11 @@ class _Run:
         from gpubatch.report.html import write_html
 
         write_html(store, summary)
+        hand_back_freed_memory()
         describe_zarr(store, in_plan(), {"model_sha256": ctx.model_sha256, "gpubatch_version": __version__,
                                        "kind": job.kind})
         self.ledger.event("run_finish", done=done, failed=len(self.failed), total=len(shards))
-        self.ledger.materialize()
+        self.ledger.materialize(record_name(r.shard_id) for r in in_plan())
         code = (EXIT_PARTIAL if done else EXIT_ERROR) if self.failed else EXIT_OK
         return Result(summary, store.uri, code, self.failed, dict(job.output.storage))
 
