@@ -175,3 +175,39 @@ def test_the_audit_holds_the_commits_it_is_given(tmp_path: Path) -> None:
     assert sorted(committed()) == ["windows-000001", "windows-000004"]
     ledger.materialize()  # by default, every commit record in the manifest
     assert sorted(committed()) == [f"windows-{i:06d}" for i in range(6)]
+
+
+def test_the_merge_gathers_small_parts_into_bounded_row_groups(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many one-row parts: neither a row group per part (a footer that grows with the run) nor
+    one group of every part (a join the merge keeps re-copying): groups of ROW_GROUP_PARTS."""
+    import pyarrow.parquet as pq
+
+    import gpubatch
+    from gpubatch.outputs import merge
+
+    monkeypatch.setattr(merge, "ROW_GROUP_PARTS", 7)
+    monkeypatch.setattr(merge, "PARTS_HELD", 3)
+    assert gpubatch.run(_windows_job(tmp_path, 40), show_progress=False).exit_code == 0
+    merged = pq.ParquetFile(tmp_path / "out" / "predictions.parquet")
+    assert [merged.metadata.row_group(i).num_rows for i in range(merged.num_row_groups)] == [7] * 5 + [5]
+    assert merged.read().column("start").to_pylist() == [i * 32 for i in range(40)]
+
+
+def test_a_local_folder_is_listed_as_a_stream(tmp_path: Path) -> None:
+    """Sweeping and resuming walk the parts and commit records entry by entry."""
+    import types
+
+    from gpubatch.outputs.store import OutputStore
+
+    store = OutputStore(str(tmp_path))
+    for i in range(50):
+        store.write_bytes(f"_parts/p{i:02d}.parquet", b"x")
+    names = store.iter_names("_parts")
+    assert isinstance(names, types.GeneratorType)
+    seen = []
+    for name in names:  # deleting what was seen while the walk goes on
+        seen.append(name)
+        store.delete(f"_parts/{name}")
+    assert sorted(seen) == [f"p{i:02d}.parquet" for i in range(50)] and store.listdir("_parts") == []
+    assert list(store.iter_names("absent")) == []

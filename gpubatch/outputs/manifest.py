@@ -49,8 +49,9 @@ class Manifest:
         """Commit a shard: its record, written last, makes its attempt the shard's result."""
         self.store.write_json(f"{MANIFEST_DIR}/{record_name(result.shard_id)}", result.to_dict())
 
-    def names(self) -> list[str]:
-        return [n for n in self.store.listdir(MANIFEST_DIR) if n.endswith(".json") and not n.startswith(TMP_PREFIX)]
+    def names(self) -> Iterator[str]:
+        """The commit records' names, streamed (in no set order)."""
+        return (n for n in self.store.iter_names(MANIFEST_DIR) if n.endswith(".json") and not n.startswith(TMP_PREFIX))
 
     def iter_entries(self, names: Iterable[str] | None = None, batch: int = READ_BATCH) -> Iterator[ShardResult]:
         """Commit records (all, or those of ``names``), read ``batch`` at a time: unreadable ones
@@ -123,11 +124,11 @@ def sweep(store: OutputStore, keep: KeptFiles | Iterable[ShardResult | CommitRef
     how many were removed. Only names of gpubatch's own making are touched."""
     kept = keep if isinstance(keep, KeptFiles) else _KeptInMemory(keep)
     removed = 0
-    for name in store.listdir(PARTS_DIR):
+    for name in store.iter_names(PARTS_DIR):
         if (name.endswith(".parquet") or name.startswith(TMP_PREFIX)) and not kept.has_part(name):
             store.delete(f"{PARTS_DIR}/{name}")
             removed += 1
-    for name in store.listdir(ZARR):
+    for name in store.iter_names(ZARR):
         if name != "zarr.json" and not name.startswith(".") and not kept.has_group(name):
             store.delete(f"{ZARR}/{name}", recursive=True)
             removed += 1

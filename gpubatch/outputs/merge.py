@@ -1,8 +1,8 @@
 """The end of a run: committed parts merged into predictions.parquet, the zarr root described.
 
 Only committed attempts are read (the commit records say which), in plan order, one part at a
-time. Small parts are gathered into row groups of at least ROW_GROUP_ROWS rows (or
-ROW_GROUP_BYTES): a row group per part would make a genome run of 100,000 one-window shards a file
+time. Small parts are gathered into row groups of ROW_GROUP_ROWS rows (or ROW_GROUP_BYTES, or
+ROW_GROUP_PARTS parts): a row group per part would make a genome run of 100,000 one-window shards a file
 of 100,000 row groups, whose footer the writer holds in memory until it closes and every reader
 parses. The merge's memory is one row group, whatever the run's size.
 """
@@ -22,6 +22,10 @@ from gpubatch.outputs.store import OutputStore
 
 ROW_GROUP_ROWS = 65536
 ROW_GROUP_BYTES = 64 << 20
+#: parts gathered into one row group at most: the gathered table is re-joined every PARTS_HELD
+#: parts, and a group of 50,000 one-row parts left about 20 MB of joins behind in the allocator
+#: (100,000 one-row parts make 25 row groups)
+ROW_GROUP_PARTS = 4096
 #: parts held as separate tables before they are joined into one (each table's objects cost kBs)
 PARTS_HELD = 64
 TEXT_COLUMNS = {"slide", "chrom", "strand", "variant_id", "ref", "alt"}
@@ -55,7 +59,7 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
     with store.open_write(target) as f:
         writer: pq.ParquetWriter | None = None
         gathered: list[pa.Table] = []
-        held_rows = held_bytes = 0
+        held_rows = held_bytes = held_parts = 0
         for entry in committed:
             table = read_part(store, entry)
             if table.num_rows == 0:  # a slide with no tiles adds no rows (its zarr group keeps the widths)
@@ -64,9 +68,10 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
                 writer = pq.ParquetWriter(f, table.schema, compression="zstd")
             gathered.append(table if table.schema.equals(writer.schema) else table.cast(writer.schema))
             rows, held_rows, held_bytes = rows + table.num_rows, held_rows + table.num_rows, held_bytes + table.nbytes
-            if held_rows >= ROW_GROUP_ROWS or held_bytes >= ROW_GROUP_BYTES:
+            held_parts += 1
+            if held_rows >= ROW_GROUP_ROWS or held_bytes >= ROW_GROUP_BYTES or held_parts >= ROW_GROUP_PARTS:
                 _write_row_group(writer, gathered)
-                held_rows = held_bytes = 0
+                held_rows = held_bytes = held_parts = 0
             elif len(gathered) >= PARTS_HELD:  # thousands of tiny tables cost more than their rows
                 gathered[:] = [pa.concat_tables(gathered).combine_chunks()]
         if writer is None:

@@ -131,6 +131,19 @@ class OutputStore:
         base = self.path(name).rstrip("/") + "/"
         return sorted(e[len(base):] if e.startswith(base) else e.rsplit("/", 1)[-1] for e in entries)
 
+    def iter_names(self, name: str = "") -> Iterator[str]:
+        """The names under ``name`` as a stream, in no set order: a local folder is read entry by
+        entry (a 100,000-shard output's parts are never one list in memory); object storage
+        lists as ``listdir`` does. Deleting names already seen while iterating is safe."""
+        if self.remote:
+            yield from self.listdir(name)
+            return
+        try:
+            with os.scandir(self.path(name)) as entries:
+                yield from (e.name for e in entries)
+        except FileNotFoundError:
+            return
+
     def is_empty(self) -> bool:
         return not self.exists() or not self.listdir()
 

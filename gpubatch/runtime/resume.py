@@ -53,12 +53,13 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, kept: CommitInde
     kept, in the run's on-disk index."""
     manifest = Manifest(store)
     remove_temporaries(store)
-    names = manifest.names()
+    committed = next(manifest.names(), None) is not None
     if overwrite:
         wipe(store)
-    elif names:
+    elif committed:
         if not resume:
-            raise SpecError([("output.uri", f"{redact(store.uri)} holds {len(names)} committed shard(s) of an "
+            raise SpecError([("output.uri", f"{redact(store.uri)} holds {sum(1 for _ in manifest.names())} "
+                                            "committed shard(s) of an "
                                             "earlier run: use --resume to finish that run, or --overwrite to start "
                                             "again (or give a new output.uri)")])
         _resumable(store, job, manifest, ledger, kept, on_kept or (lambda entry: None))
