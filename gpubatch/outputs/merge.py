@@ -23,9 +23,9 @@ from gpubatch.outputs.store import OutputStore
 ROW_GROUP_ROWS = 65536
 ROW_GROUP_BYTES = 64 << 20
 #: parts gathered into one row group at most: the gathered table is re-joined every PARTS_HELD
-#: parts, and a group of 50,000 one-row parts left about 20 MB of joins behind in the allocator
-#: (100,000 one-row parts make 25 row groups)
-ROW_GROUP_PARTS = 4096
+#: parts, and the joins of one group of 50,000 one-row parts left about 20 MB behind in the
+#: allocator, 4,096 parts about 8 MB (100,000 one-row parts make 98 row groups of 1,024 rows)
+ROW_GROUP_PARTS = 1024
 #: parts held as separate tables before they are joined into one (each table's objects cost kBs)
 PARTS_HELD = 64
 TEXT_COLUMNS = {"slide", "chrom", "strand", "variant_id", "ref", "alt"}
