@@ -142,7 +142,7 @@ def remove_temporaries(store: OutputStore) -> int:
 
     removed = 0
     for folder in ("", MANIFEST_DIR, AUDIT_DIR, PARTS_DIR):
-        for name in store.listdir(folder):
+        for name in store.iter_names(folder):
             if name.startswith(TMP_PREFIX):
                 store.delete(f"{folder}/{name}" if folder else name)
                 removed += 1
