@@ -78,7 +78,8 @@ class Ledger:
         ``committed`` names the commit records to include (a run passes its commit index's, in
         plan order); by default every record in the manifest. Records are streamed, each kept
         only as its sort key and its JSON line, and the lines are sorted on disk past a chunk
-        (core.external_sort): memory does not grow with the number of shards or events.
+        (core.external_sort): memory does not grow with the number of shards. The event
+        records' names are listed whole: a few per run, plus one per failed attempt.
         """
         names = self._record_names()
         runs = {e["run_id"]: e for e in self.iter_records(names) if e.get("event") == "run_start"}
