@@ -81,12 +81,14 @@ class Ledger:
         (core.external_sort): memory does not grow with the number of shards. The event
         records' names are listed whole: a few per run, plus one per failed attempt.
         """
-        names = self._record_names()
-        runs = {e["run_id"]: e for e in self.iter_records(names) if e.get("event") == "run_start"}
+        runs: dict[str, dict[str, Any]] = {}
 
         def lines() -> Iterator[tuple[float, str, str]]:
-            yield from (_sortable(line) for line in self.iter_records(names))
-            for entry in Manifest(self.store).iter_entries(committed):
+            for event in self.iter_records(self._record_names()):  # one read of each record
+                if event.get("event") == "run_start":
+                    runs[event["run_id"]] = event
+                yield _sortable(event)
+            for entry in Manifest(self.store).iter_entries(committed):  # after every run_start is seen
                 run = runs.get(entry.run_id or "", {})
                 yield _sortable(commit_line(entry, {k: run[k] for k in RUN_FIELDS if k in run}))
 
