@@ -123,6 +123,31 @@ def test_encode_dna_codes_by_hand() -> None:
     assert kernels.encode_dna("ACGTNacgtR-").tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 4]
 
 
+def test_encode_dna_drops_line_breaks_in_the_same_pass() -> None:
+    fasta_lines = b"ACGTN\nacgtR\r\nYs-\n"
+    assert kernels.encode_dna(fasta_lines, delete=b"\r\n").tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 4, 4, 4]
+    every_byte = bytes(range(256))
+    by_loop = [{"A": 0, "C": 1, "G": 2, "T": 3}.get(chr(b).upper(), 4) for b in every_byte]
+    assert kernels.encode_dna(every_byte).tolist() == by_loop
+
+
+@pytest.mark.parametrize("offsets", [[0, 10, 20, 30], [3], [2, 4], [0, 3, 9], [5, 5, 7], [], [0, 10, 95], [95]])
+@pytest.mark.parametrize("length", [1, 5])
+def test_window_rows_equal_one_copy_per_window(offsets: list[int], length: int) -> None:
+    seq = np.random.default_rng(1).integers(0, 5, 100).astype(np.uint8)
+    rows = kernels.window_rows(seq, np.array(offsets, dtype=np.int64), length)
+    by_loop = np.array([seq[o : o + length] for o in offsets], dtype=np.uint8).reshape(len(offsets), length)
+    np.testing.assert_array_equal(rows, by_loop)
+
+
+def test_window_rows_view_evenly_spaced_windows_read_only() -> None:
+    seq = np.arange(50, dtype=np.uint8)
+    rows = kernels.window_rows(seq, np.arange(0, 40, 7), 10)
+    assert np.shares_memory(rows, seq) and not rows.flags.writeable
+    with pytest.raises(IndexError):
+        kernels.window_rows(seq, np.array([0, 45]), 10)  # past the end: refused, never read beyond
+
+
 def test_reverse_complement_of_encoded_sequence() -> None:
     codes = kernels.encode_dna("ACGTNacgtR")[None, :]
     assert kernels.reverse_complement_codes(codes).tolist() == [[4, 0, 1, 2, 3, 4, 0, 1, 2, 3]]

@@ -169,9 +169,12 @@ class Reference(ABC):
         """Codes of [start, end), a range already clipped to the contig."""
 
     def fetch(self, contig: str, start: int, end: int) -> np.ndarray:
-        """uint8 codes of [start, end); positions outside the contig (< 0 or >= length) are N."""
+        """uint8 codes of [start, end), possibly read-only; positions outside the contig (< 0 or
+        >= length) are N."""
         if contig not in self.contigs:
             raise InputError(self.uri, self.contigs.missing_message(contig))
+        if 0 <= start < end <= self.contigs.length(contig):
+            return self._read(contig, start, end)  # the common case: no N padding, no copy
         out = np.full(max(end - start, 0), N_CODE, dtype=np.uint8)
         lo, hi = max(start, 0), min(end, self.contigs.length(contig))
         if hi > lo:
@@ -210,12 +213,12 @@ class FastaReference(Reference):
         b0, b1 = entry.byte(start), entry.byte(end - 1) + 1
         raw = self._read_bytes(b0, b1)
         with self._part("decode"):
-            seq = raw.translate(None, b"\r\n")
-            if len(seq) != end - start:
-                raise InputError(self.uri, f"{contig}:{start}-{end} read {len(seq)} bases, expected "
-                                           f"{end - start}: the .fai index does not match the file "
-                                           f"(rebuild it with `samtools faidx`)")
-            return encode_dna(seq)
+            codes = encode_dna(raw, delete=b"\r\n")
+        if len(codes) != end - start:
+            raise InputError(self.uri, f"{contig}:{start}-{end} read {len(codes)} bases, expected "
+                                       f"{end - start}: the .fai index does not match the file "
+                                       f"(rebuild it with `samtools faidx`)")
+        return codes
 
     def _read_bytes(self, b0: int, b1: int) -> bytes:
         if self.gzi is None:

@@ -40,7 +40,7 @@ from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError, SpecError
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
-from gpubatch.ops.kernels import reverse_complement_codes
+from gpubatch.ops.kernels import reverse_complement_codes, window_rows
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
 from gpubatch.sources.genome.reference import (
@@ -162,10 +162,11 @@ class GenomeWindowReader(_GenomeReader):
         starts, chrom = self.starts[i:j], self.chroms[i]
         lo, hi = int(starts.min()), int(starts.max()) + self.length
         seq = self.reference.fetch(chrom, lo, hi)
-        with self.clocks.part("decode"):  # slicing: one row copy per window, no index arrays
-            items = np.lib.stride_tricks.sliding_window_view(seq, self.length)[starts - lo]
+        with self.clocks.part("decode"):
+            items = window_rows(seq, starts - lo, self.length)
             minus = self.strands[i:j] == "-"
             if minus.any():
+                items = items.copy()
                 items[minus] = reverse_complement_codes(items[minus])
         index = {"chrom": np.array(self.chroms[i:j], dtype=object), "start": starts.copy(),
                  "end": starts + self.length, "strand": self.strands[i:j].copy()}
