@@ -6,8 +6,10 @@ or sweep files it never wrote. So: an output is a folder that is empty or holds 
 marker, and a run holds a lease on it (owner host and pid, a heartbeat refreshed while it
 runs). A second run into a held output stops with exit 2 naming the holder; a lease whose
 heartbeat stopped (the holder was killed) goes stale after ``run.lease_stale_s`` and is taken
-over. Object stores have no create-if-absent here, so taking a lease is write, wait, read back:
-of two runs that start together, the one whose write landed last keeps it and the other stops.
+over. On disk a free output's lease is created atomically (a hard link that fails if it exists).
+Object stores have no create-if-absent here, and a stale lease is replaced, not created, so
+there taking a lease is write, wait, read back: of two runs that start together, the one whose
+write landed last keeps it and the other stops.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease, or raise SpecError (exit 2) naming the run that holds it."""
+        if self.store.create_json(LEASE, self._record()):
+            return  # created where none was: no other run can hold it, nothing to wait for
         held = self._read()
         if held is not None and held.get("run_id") != self.run_id:
             age = time.time() - float(held.get("heartbeat", 0))

@@ -159,6 +159,30 @@ class OutputStore:
     def write_json(self, name: str, data: Any) -> None:
         self.write_bytes(name, json.dumps(data, indent=1, default=str).encode())
 
+    def create_json(self, name: str, data: Any) -> bool | None:
+        """Write ``name`` only if it does not exist, atomically: True when this call created it,
+        False when it existed, None where the store cannot tell (object storage here, or a
+        filesystem without hard links), and the caller must settle it another way.
+
+        On disk: a complete temporary file hard-linked to the name, which fails if the name
+        exists, on NFS too (the classic exclusive create that ``O_EXCL`` is not there).
+        """
+        if self.remote:
+            return None
+        target = Path(self.path(name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}")
+        tmp.write_bytes(json.dumps(data, indent=1, default=str).encode())
+        try:
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[HashingWriter]:
         """A binary stream to ``name``, hashed as it goes, that appears only when closed without
