@@ -47,7 +47,7 @@ class Manifest:
 
     def record(self, result: ShardResult) -> None:
         """Commit a shard: its record, written last, makes its attempt the shard's result."""
-        self.store.write_json(f"{MANIFEST_DIR}/{record_name(result.shard_id)}", result.to_dict())
+        self.store.write_json(f"{MANIFEST_DIR}/{record_name(result.shard_id)}", result.to_dict(), indent=None)
 
     def names(self) -> Iterator[str]:
         """The commit records' names, streamed (in no set order)."""

@@ -156,8 +156,10 @@ class OutputStore:
             return
         call_with_retries(lambda: self.fs.pipe_file(self.path(name), data), self.url(name), POLICY)
 
-    def write_json(self, name: str, data: Any) -> None:
-        self.write_bytes(name, json.dumps(data, indent=1, default=str).encode())
+    def write_json(self, name: str, data: Any, indent: int | None = 1) -> None:
+        """``data`` as JSON; ``indent=None`` for files only gpubatch reads (json's C encoder runs
+        only without an indent, 10x faster on a shard's commit record)."""
+        self.write_bytes(name, json.dumps(data, indent=indent, default=str).encode())
 
     def create_json(self, name: str, data: Any) -> bool | None:
         """Write ``name`` only if it does not exist, atomically: True when this call created it,

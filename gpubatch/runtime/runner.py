@@ -235,7 +235,9 @@ class _Run:
 
         sweep(store, self.commits)
         merge_parquet(store, in_plan(), source.index_schema(job))
-        hand_back_freed_memory()  # each end-of-run step starts from what the run held, not on the last one's holes
+        # each end-of-run step starts from what the run held, not on the last one's holes; the
+        # merge's tables and buffers hold no cycles: they were freed when it returned
+        hand_back_freed_memory(collect=False)
         done = sum(1 for _ in in_plan())
 
         source.write_outputs(job, store, records())

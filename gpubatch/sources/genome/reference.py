@@ -276,12 +276,13 @@ def group_reads(chroms: list[str], starts: np.ndarray, ends: np.ndarray,
     items, or a gap of more than MAX_GAP_BASES would be read through.
     """
     budget, max_items = max(chunk_bases, length), max(1, chunk_bases // length)
-    i, n = 0, len(starts)
+    starts_, ends_ = np.asarray(starts).tolist(), np.asarray(ends).tolist()  # Python ints compare 10x faster
+    i, n = 0, len(starts_)
     while i < n:
-        lo, hi, j = int(starts[i]), int(ends[i]), i + 1
-        while j < n and j - i < max_items and chroms[j] == chroms[i] and starts[j] >= lo \
-                and max(hi, ends[j]) - lo <= budget and starts[j] <= hi + MAX_GAP_BASES:
-            hi = max(hi, int(ends[j]))
+        lo, hi, j = starts_[i], ends_[i], i + 1
+        while j < n and j - i < max_items and chroms[j] == chroms[i] and starts_[j] >= lo \
+                and max(hi, ends_[j]) - lo <= budget and starts_[j] <= hi + MAX_GAP_BASES:
+            hi = max(hi, ends_[j])
             j += 1
         yield i, j
         i = j
