@@ -14,6 +14,7 @@ from s3_fixtures import S3Stack
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.io.ranges import LocalRangeReader, RangeFile
 from gpubatch.io.readahead import ReadAhead
 from gpubatch.io.storage import open_ranges
 
@@ -136,3 +137,36 @@ def test_a_streamed_slide_reads_its_tiles_ahead(tmp_path: Path, s3: S3Stack, sli
     assert counters["storage.read_ahead_hits"] > 0.5 * counters["decode.tiles"]
     assert st["in_flight_peak"] > 1 and st["in_flight_mean"] > 0 and st["bytes_per_request"] > 1000
     assert result.report["peaks"]["storage.read_ahead_bytes"] <= 64 << 20
+
+
+class _CountingReader(LocalRangeReader):
+    """A local file's range reader that records every span it is asked for."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.spans: list[tuple[int, int]] = []
+
+    def fetch_spans(self, spans):  # type: ignore[no-untyped-def]
+        self.spans += list(spans)
+        return super().fetch_spans(spans)
+
+
+def test_a_slide_header_is_parsed_with_each_byte_fetched_once(tmp_path: Path) -> None:
+    """tifffile walks a pyramid's IFD chain and then reads the IFDs again: through RangeFile each
+    chunk is fetched once (a one-block cache fetched every level's IFD twice: two round trips more
+    per level on every streamed slide), and the pages are those of the file read directly."""
+    import tifffile
+
+    from gpubatch.cli.demo import write_synthetic_slide
+
+    path = tmp_path / "s.tif"
+    write_synthetic_slide(path, 8192, 8192, seed=3)
+    reader = _CountingReader(str(path))
+    with tifffile.TiffFile(RangeFile(reader, path.stat().st_size, "s.tif")) as streamed, \
+            tifffile.TiffFile(path) as direct:
+        shapes = [s.shape for s in streamed.series[0].levels]
+        assert shapes == [s.shape for s in direct.series[0].levels] and len(shapes) > 2
+        first = streamed.series[0].levels[-1].pages[0]
+        assert list(first.dataoffsets) == list(direct.series[0].levels[-1].pages[0].dataoffsets)
+    starts = [a for a, _ in reader.spans]
+    assert len(starts) == len(set(starts)), f"fetched again: {sorted(starts)}"

@@ -8,12 +8,14 @@ the source's hooks, so this module never asks which kind of input it runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks
@@ -38,6 +40,14 @@ from gpubatch.spec import JobSpec
 log = logging.getLogger("gpubatch")
 #: per-batch timing samples a shard's result keeps (evenly thinned): its commit record stays small
 MAX_SAMPLES = 256
+
+
+@functools.cache
+def _identity_pool() -> ThreadPoolExecutor:
+    """Threads asking the shards' input identities beside their openings (made on first use: a
+    process forked from the forkserver starts with no threads)."""
+    return ThreadPoolExecutor(4, thread_name_prefix="gpubatch-identity")
+
 
 _CONFIGURED: dict[str, str] = {}
 _CONFIGURE_LOCK = threading.Lock()
@@ -104,7 +114,8 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
     store = OutputStore(ctx.outdir, ctx.output_options)
     writer: ShardWriter | None = None
     try:
-        identity = input_identity(shard.input_uri, job.input.storage)
+        # the input's identity (a HEAD on object storage: a round trip) is asked beside the open
+        identity = _identity_pool().submit(input_identity, shard.input_uri, job.input.storage)
         model = get_model(ctx.model_path, ctx.backend, ctx.precision, ctx.threads)
         head = SlideHead.for_job(job, ctx.threads)
         warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)
@@ -131,7 +142,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(MAX_SAMPLES),
             attrs=shard_attrs, model=_describe(model, head), host=socket.gethostname(), pid=os.getpid(),
             start=started, end=time.time(), attempt=attempt, attempt_name=writer.attempt,
-            input_identity=identity, model_sha256=file_sha256(model.path), spec_sha256=ctx.result_hash,
+            input_identity=identity.result(), model_sha256=file_sha256(model.path), spec_sha256=ctx.result_hash,
             run_id=ctx.run_id, shard_outputs=shard_outputs, **part)
         Manifest(store).record(result)
     except BaseException as exc:  # noqa: BLE001 - summarised for the client

@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -279,20 +280,35 @@ class MeasuredReader(ReaderWrapper):
 
 
 class RangeFile(io.RawIOBase):
-    """A read-only, seekable file over a RangeReader with fsspec's readahead cache.
+    """A read-only, seekable file over a RangeReader that keeps the last few chunks it fetched.
 
-    tifffile parses the TIFF header (IFDs, tile offset tables) through this: small scattered reads
-    that the cache turns into a few ``blocksize`` requests, each retried like any tile read.
+    tifffile parses the TIFF header (IFDs, tile offset tables) through this: small scattered reads,
+    each turned into one request of at least ``blocksize`` bytes, retried like any tile read. It
+    walks the IFD chain and then reads the same IFDs again; a one-block read-ahead cache (fsspec's)
+    fetched each of them twice, two round trips more per pyramid level on every slide opened.
+    Kept: up to ``KEPT_CHUNKS`` chunks of at most ``KEPT_CHUNK_BYTES`` each.
     """
 
-    def __init__(self, reader: RangeReader, size: int, name: str, blocksize: int = 64 * 1024):
-        from fsspec.caching import ReadAheadCache
+    KEPT_CHUNKS = 16
+    KEPT_CHUNK_BYTES = 1 << 20
 
+    def __init__(self, reader: RangeReader, size: int, name: str, blocksize: int = 64 * 1024):
         super().__init__()
         self.reader, self.size, self.name, self.mode = reader, size, name, "rb"
-        self._cache = ReadAheadCache(blocksize, reader.fetch, size)
+        self.blocksize = blocksize
+        self._chunks: deque[tuple[int, bytes]] = deque(maxlen=self.KEPT_CHUNKS)
         self._pos = 0
         self._lock = threading.Lock()
+
+    def _read(self, start: int, stop: int) -> bytes:
+        """[start, stop) from a kept chunk, or one request reading ``blocksize`` bytes past it."""
+        for first, data in self._chunks:
+            if first <= start and stop <= first + len(data):
+                return data[start - first : stop - first]
+        data = self.reader.fetch(start, min(self.size, stop + self.blocksize))
+        if len(data) <= self.KEPT_CHUNK_BYTES:
+            self._chunks.append((start, data))
+        return data[: stop - start]
 
     def readable(self) -> bool:
         return True
@@ -310,7 +326,8 @@ class RangeFile(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         with self._lock:
-            data = self._cache._fetch(self._pos, min(self._pos + len(view), self.size))
+            stop = min(self._pos + len(view), self.size)
+            data = self._read(self._pos, stop) if stop > self._pos else b""
             view[: len(data)] = data
             self._pos += len(data)
         return len(data)

@@ -127,9 +127,15 @@ def _open_folder_format(path: str, clocks: StageClocks) -> SlideBackend | None:
 
 
 def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
-                policy: RetryPolicy | None = None, read_ahead: int = 0) -> SlideBackend:
+                policy: RetryPolicy | None = None, read_ahead: int = 0, *,
+                tissue: bool = False) -> SlideBackend:
     """Open a TIFF-family slide for range reads: header through a cached file, tiles by range,
-    the planned blocks' tiles fetched up to ``read_ahead`` bytes ahead of the readers."""
+    the planned blocks' tiles fetched up to ``read_ahead`` bytes ahead of the readers.
+
+    ``tissue``: the shard will detect tissue, which reads the coarsest level first; its tiles are
+    requested as soon as the header is parsed, in flight during the rest of the opening (the
+    decoders' ``is_jfif`` round trip) instead of after it: a round trip less per slide.
+    """
     policy = policy or RetryPolicy()
     info = stat(uri, options, policy, clocks)
     if info["type"] == "directory" or info["size"] <= 0:
@@ -138,9 +144,11 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     handle = RangeFile(reader, info["size"], uri_name(uri))
     try:
         backend = open_slide(redact(uri), clocks, fileobj=handle, ranges=reader, prefer="tifffile")
-        _prewarm(backend, reader)
         if read_ahead > 0 and reader.timed:
             backend.read_ahead = ReadAhead(reader, read_ahead, clocks)  # type: ignore[attr-defined]
+            if tissue and hasattr(backend, "read_coarsest_ahead"):
+                backend.read_coarsest_ahead()
+        _prewarm(backend, reader)
         return backend
     except InputError as exc:
         handle.close()
@@ -210,9 +218,11 @@ def open_staged(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
 
 def open_slide_input(uri: str, clocks: StageClocks, *, access: str = "auto",
                      options: dict[str, Any] | None = None,
-                     policy: RetryPolicy | None = None, read_ahead: int = 0) -> SlideBackend:
+                     policy: RetryPolicy | None = None, read_ahead: int = 0,
+                     tissue: bool = False) -> SlideBackend:
     """Open a slide on a worker: local, streamed or staged, as ``backend.access`` records;
-    ``read_ahead``: bytes of a streamed slide's tiles fetched ahead of its readers, at most."""
+    ``read_ahead``: bytes of a streamed slide's tiles fetched ahead of its readers, at most;
+    ``tissue``: tissue detection follows (a streamed slide fetches its coarsest level at once)."""
     if not is_remote(uri):
         path = local_path(uri)
         if not os.path.exists(path):
@@ -224,7 +234,7 @@ def open_slide_input(uri: str, clocks: StageClocks, *, access: str = "auto",
     chosen = choose_access(uri, access)
     if chosen == "stream":
         try:
-            return _mark(_taken_or_opened(uri, options, clocks, policy, read_ahead), "stream", clocks)
+            return _mark(_taken_or_opened(uri, options, clocks, policy, read_ahead, tissue), "stream", clocks)
         except InputError as exc:
             if access != "auto" or _is_storage_failure(exc):
                 raise
@@ -255,7 +265,7 @@ def open_in_place(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
 
 
 def _taken_or_opened(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
-                     policy: RetryPolicy | None, read_ahead: int) -> SlideBackend:
+                     policy: RetryPolicy | None, read_ahead: int, tissue: bool) -> SlideBackend:
     """The slide opened ahead in this process (waiting for the rest of its opening), or opened
     now. An opening ahead that failed is tried again here, where its error is the shard's."""
     opening = preopen.take(uri)
@@ -270,7 +280,7 @@ def _taken_or_opened(uri: str, options: dict[str, Any] | None, clocks: StageCloc
             opening.clocks.hand_over(clocks)  # its requests, and its readers' from now on
             clocks.count("storage.opened_ahead")
             return backend
-    return open_stream(uri, options, clocks, policy, read_ahead)
+    return open_stream(uri, options, clocks, policy, read_ahead, tissue=tissue)
 
 
 def _is_storage_failure(exc: InputError) -> bool:
@@ -296,10 +306,7 @@ def prefetch(uris: Iterable[str], access: str, options: dict[str, Any] | None,
     streamed = [u for u in remote if streams and not read_in_place(u) and choose_access(u, access) == "stream"]
 
     def opener(uri: str, clocks: StageClocks) -> SlideBackend:
-        backend = open_stream(uri, options, clocks, policy, read_ahead)
-        if tissue and hasattr(backend, "read_coarsest_ahead"):
-            backend.read_coarsest_ahead()
-        return backend
+        return open_stream(uri, options, clocks, policy, read_ahead, tissue=tissue)
 
     started = preopen.open_ahead(streamed, opener)
     cache = cache or get_stage_cache()

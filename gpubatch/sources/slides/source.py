@@ -163,7 +163,8 @@ class SlideSource(Source):
         backend = open_slide_input(shard.input_uri, clocks, access=job.input.access,
                                    options=job.input.storage,
                                    policy=RetryPolicy(attempts=job.run.storage_attempts),
-                                   read_ahead=job.input.read_ahead_mb << 20)
+                                   read_ahead=job.input.read_ahead_mb << 20,
+                                   tissue=job.tiles.tissue.method != "none")
         try:
             if job.tiles.decoder == "gpu":
                 backend.use_gpu_decode()
