@@ -196,3 +196,33 @@ def test_validate_reads_the_variant_file(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["validate", str(spec), "--set", f"windows.variants={body}"]) == 0
     out = capsys.readouterr().out
     assert "1 shard(s), 1 items" in out and "note: body.vcf has no '#CHROM' header line" in out
+
+
+_FACTS_THEN_MODULES = ("import sys; from gpubatch.runtime.model_facts import model_first_input, model_outputs; "
+                       "i = model_first_input(sys.argv[1]); o = model_outputs(sys.argv[1]); "
+                       "print(i.name, i.dims, i.dtype, o, 'onnx' in sys.modules)")
+
+
+def _facts_in_a_fresh_process(model: Path, cache: Path) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GPUBATCH_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-c", _FACTS_THEN_MODULES, str(model)], env=env,
+                          capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout.strip()
+
+
+def test_model_facts_are_read_once_per_file_and_again_when_it_changes(tmp_path: Path) -> None:
+    """The first run imports onnx to read the model; the next ones (fresh processes, as every
+    `gpubatch run` is) take the same facts from the cache without importing it; a model
+    rewritten in place is read again."""
+    model = onnx_model(tmp_path / "m.onnx", ["N", 3, 64, 64])
+    first = _facts_in_a_fresh_process(model, tmp_path / "cache")
+    again = _facts_in_a_fresh_process(model, tmp_path / "cache")
+    assert first == "x [None, 3, 64, 64] float32 {'y': [None, 3]} True"
+    assert again == "x [None, 3, 64, 64] float32 {'y': [None, 3]} False"
+    onnx_model(model, ["N", 3, 32, 32, 2], reduce_axes=(2, 3, 4))
+    changed = _facts_in_a_fresh_process(model, tmp_path / "cache")
+    assert changed == "x [None, 3, 32, 32, 2] float32 {'y': [None, 3]} True"

@@ -16,7 +16,7 @@ from gpubatch.core.clocks import StageClocks
 
 
 def _tensor(value: Any) -> dict[str, Any]:
-    from gpubatch.runtime.preflight import onnx_dtype_name
+    from gpubatch.runtime.model_facts import onnx_dtype_name
 
     t = value.type.tensor_type
     shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]

@@ -9,7 +9,6 @@ validates does not stop at its start for a reason that could have been known.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from gpubatch.core.errors import SpecError
 from gpubatch.io.storage import expand_uris, missing_extra
 from gpubatch.io.uris import is_remote, local_path, protocol_of, split_glob
+from gpubatch.runtime.model_facts import OnnxInput, model_first_input, model_inputs, model_outputs
 from gpubatch.sources import get_source
 from gpubatch.spec import JobSpec
 
@@ -147,41 +147,6 @@ def expected_item_shape(job: JobSpec) -> tuple[int, ...]:
     return get_source(job.kind).model_input(job, 1)[0][1:]
 
 
-@dataclass
-class OnnxInput:
-    """The first graph input of an ONNX model, as preflight needs it."""
-
-    name: str
-    dims: list[int | None]  # None: a dynamic (named or unknown) dimension
-    dtype: str
-
-
-def onnx_dtype_name(elem_type: int) -> str:
-    """numpy's name for an ONNX tensor element type ('float32', 'int64', 'bfloat16')."""
-    import onnx
-
-    if not elem_type:
-        return "unknown"
-    if elem_type == onnx.TensorProto.BFLOAT16:
-        return "bfloat16"
-    try:
-        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type).name)
-    except (KeyError, TypeError, ValueError):
-        return onnx.TensorProto.DataType.Name(elem_type).lower()
-
-
-def onnx_first_input(path: str) -> OnnxInput:
-    """Name, dims and element type of the model's first non-initializer input."""
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
-    initializers = {i.name for i in model.graph.initializer}
-    first = next(i for i in model.graph.input if i.name not in initializers)
-    tensor = first.type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
-    return OnnxInput(first.name, dims, onnx_dtype_name(tensor.elem_type))
-
-
 def _shape_problem(job: JobSpec, inp: OnnxInput) -> str | None:
     want = expected_item_shape(job)
     dims = inp.dims
@@ -231,35 +196,13 @@ def check_model_input(job: JobSpec) -> None:
     shape, element type, or a fixed batch dimension the batches do not match."""
     if not job.model.path.endswith(".onnx") or is_remote(job.model.path):
         return
-    inp = onnx_first_input(job.model.path)
+    inp = model_first_input(job.model.path)
     shape = _shape_problem(job, inp)
     if shape:
         raise SpecError([("model.path", shape)])
     problems = [p for p in (_dtype_problem(job, inp), _batch_problem(job, inp)) if p]
     if problems:
         raise SpecError(problems)
-
-
-def _onnx_io(path: str) -> tuple[list[tuple[str, list[int | None]]], list[tuple[str, list[int | None]]]]:
-    """(inputs, outputs) of an ONNX file as (name, dims) with None for a dynamic dim.
-
-    Exporters often leave output widths unnamed; ONNX shape inference (with data propagation
-    through Reshape and friends) usually recovers them from the graph alone, weights unread.
-    """
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
-    with contextlib.suppress(Exception):  # inference is a nicety: the declared shapes remain
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    graph = model.graph
-    initializers = {i.name for i in graph.initializer}
-
-    def dims(value: object) -> list[int | None]:
-        shape = value.type.tensor_type.shape.dim  # type: ignore[attr-defined]
-        return [d.dim_value if d.HasField("dim_value") else None for d in shape]
-
-    return ([(i.name, dims(i)) for i in graph.input if i.name not in initializers],
-            [(o.name, dims(o)) for o in graph.output])
 
 
 def check_slide_model(job: JobSpec) -> None:
@@ -272,7 +215,7 @@ def check_slide_model(job: JobSpec) -> None:
         raise SpecError([("slide_model.path", f"file not found: {spec.path}")])
     if not job.model.path.endswith(".onnx"):
         return
-    outputs = dict(_onnx_io(job.model.path)[1])
+    outputs = model_outputs(job.model.path)
     name = spec.features or next(iter(outputs))
     if name not in outputs:
         raise SpecError([("slide_model.features", f"{name!r} is not an output of model.path; its "
@@ -281,7 +224,7 @@ def check_slide_model(job: JobSpec) -> None:
     width = int(np.prod(tail)) if tail and len(tail) == len(outputs[name]) - 1 else None
     if not spec.path.endswith(".onnx") or width is None:
         return
-    head_dims = _onnx_io(spec.path)[0][0][1]
+    head_dims = model_inputs(spec.path)[0][1]
     if head_dims and head_dims[-1] is not None and head_dims[-1] != width:
         raise SpecError([("slide_model.path", f"the slide model takes features {head_dims[-1]} wide but "
                                               f"model.path's output {name!r} gives {width} per tile")])
@@ -337,11 +280,6 @@ def check_resources(job: JobSpec, profile: dict[str, Any] | None = None) -> None
         raise SpecError(problems)
 
 
-def _onnx_outputs(path: str) -> dict[str, list[int | None]]:
-    """Output name -> dims (None where dynamic) of an ONNX file, read without its weights."""
-    return dict(_onnx_io(path)[1])
-
-
 def _reduce_problem(job: JobSpec, name: str, outputs: dict[str, list[int | None]]) -> tuple[str, str] | None:
     """Why ``model.reduce.NAME`` cannot apply to the model's outputs, or None."""
     dims, want = outputs.get(name), job.model.reduce[name].bins
@@ -385,7 +323,7 @@ def check_track_outputs(job: JobSpec) -> None:
     nothing to score, and whole track outputs with nowhere to go."""
     if job.windows is None or not job.model.path.endswith(".onnx") or is_remote(job.model.path):
         return
-    outputs = _onnx_outputs(job.model.path)
+    outputs = model_outputs(job.model.path)
     problems = _track_problems(job, outputs) + _whole_without_zarr(job, outputs)
     if problems:
         raise SpecError(problems)

@@ -1,0 +1,124 @@
+"""What the client reads of an ONNX model before a run: its first input, and its inputs' and
+outputs' names and dims, cached per file.
+
+Reading them takes the ``onnx`` package (0.8 s to import on the benchmark machine, more on a
+cluster's network filesystem) and, for outputs, ONNX shape inference; it was a quarter of a
+short run's start-up, paid on every ``gpubatch run`` and ``validate``. A model changes far less
+often than it runs, so the facts are kept under the user cache (``$GPUBATCH_CACHE``), keyed by the
+file's absolute path, size and modification time: a model rewritten in place is read again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gpubatch.core.files import cache_root, write_json_atomic
+
+#: bump when what is cached changes shape
+FACTS_VERSION = 1
+
+Dims = list[int | None]
+
+
+@dataclass
+class OnnxInput:
+    """The first graph input of an ONNX model, as preflight needs it."""
+
+    name: str
+    dims: Dims  # None: a dynamic (named or unknown) dimension
+    dtype: str
+
+
+def onnx_dtype_name(elem_type: int) -> str:
+    """numpy's name for an ONNX tensor element type ('float32', 'int64', 'bfloat16')."""
+    import onnx
+
+    if not elem_type:
+        return "unknown"
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return "bfloat16"
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type).name)
+    except (KeyError, TypeError, ValueError):
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def read_first_input(model: Any) -> OnnxInput:
+    """Name, dims and element type of a loaded model's first non-initializer input."""
+    initializers = {i.name for i in model.graph.initializer}
+    first = next(i for i in model.graph.input if i.name not in initializers)
+    tensor = first.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
+    return OnnxInput(first.name, dims, onnx_dtype_name(tensor.elem_type))
+
+
+def read_io(model: Any) -> tuple[list[tuple[str, Dims]], list[tuple[str, Dims]]]:
+    """(inputs, outputs) of a loaded model as (name, dims), None for a dynamic dim.
+
+    Exporters often leave output widths unnamed; ONNX shape inference (with data propagation
+    through Reshape and friends) usually recovers them from the graph alone, weights unread.
+    """
+    import onnx
+
+    with contextlib.suppress(Exception):  # inference is a nicety: the declared shapes remain
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+
+    def dims(value: Any) -> Dims:
+        return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+    return ([(i.name, dims(i)) for i in graph.input if i.name not in initializers],
+            [(o.name, dims(o)) for o in graph.output])
+
+
+def _read_facts(path: str) -> dict[str, Any]:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    first = read_first_input(model)
+    inputs, outputs = read_io(model)
+    return {"version": FACTS_VERSION, "first": asdict(first), "inputs": inputs, "outputs": outputs}
+
+
+def _cache_file(path: str) -> str:
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{FACTS_VERSION}"
+    return str(cache_root() / "model-facts" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")
+
+
+def model_facts(path: str) -> dict[str, Any]:
+    """The facts of the ONNX file at ``path``: from the cache when the file is unchanged, else
+    read (a model onnx cannot parse raises, and nothing is cached)."""
+    cached = _cache_file(path)
+    with contextlib.suppress(OSError, ValueError):
+        facts = json.loads(Path(cached).read_text(encoding="utf-8"))
+        if facts.get("version") == FACTS_VERSION:
+            return dict(facts)
+    facts = _read_facts(path)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next run the import
+        Path(cached).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cached, facts)
+    return facts
+
+
+def model_first_input(path: str) -> OnnxInput:
+    """The model's first non-initializer input."""
+    first = model_facts(path)["first"]
+    return OnnxInput(str(first["name"]), list(first["dims"]), str(first["dtype"]))
+
+
+def model_inputs(path: str) -> list[tuple[str, Dims]]:
+    """The model's inputs (initializers excluded) as (name, dims)."""
+    return [(str(name), list(dims)) for name, dims in model_facts(path)["inputs"]]
+
+
+def model_outputs(path: str) -> dict[str, Dims]:
+    """Output name -> dims (None where dynamic), shape inference applied, weights unread."""
+    return {str(name): list(dims) for name, dims in model_facts(path)["outputs"]}
