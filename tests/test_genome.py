@@ -398,7 +398,8 @@ class Sink:
         return np.concatenate([part[name] for part in source])
 
 
-def run_job(job: JobSpec, batch_size: int = 16) -> Sink:
+def run_job(job: JobSpec, batch_size: int = 16, clocks: StageClocks | None = None) -> Sink:
+    """Every shard of ``job`` through the engine; ``clocks``, if given, time all of them."""
     from gpubatch.engine.model_stage import make_batch_runner
     from gpubatch.models.onnxruntime import OnnxRuntimeModel
 
@@ -407,10 +408,10 @@ def run_job(job: JobSpec, batch_size: int = 16) -> Sink:
     sink = Sink()
     shards, _ = source.plan(job)
     for shard in shards:
-        clocks = StageClocks()
-        with source.open(shard, job, clocks) as reader:
+        timed = clocks if clocks is not None else StageClocks()
+        with source.open(shard, job, timed) as reader:
             done = run_pipeline(reader, make_batch_runner(reader, model), sink,
-                                PipelineConfig(batch_size=batch_size, readers=3, prefetch_batches=2), clocks)
+                                PipelineConfig(batch_size=batch_size, readers=3, prefetch_batches=2), timed)
             assert done == reader.n_items
     return sink
 
@@ -440,6 +441,20 @@ def test_count_model_sees_the_true_bases(synth: tuple[Path, dict[str, str]], cou
     minus = sink.column("strand") == "-"
     expected[minus] = expected[minus][:, ::-1]  # reverse complement swaps A<->T, C<->G
     np.testing.assert_allclose(sink.column("counts"), expected)
+
+
+def test_a_window_read_names_its_parts(synth: tuple[Path, dict[str, str]], count_models: dict[str, Path]) -> None:
+    """A read unit's time is the reference read (storage), FASTA text to codes (decode) and the
+    windows with their index columns (slice): named parts, not the read stage's ``other``."""
+    from gpubatch.core.clocks import stage_breakdown
+
+    path, _ = synth
+    job = genome_job(path, count_models["NLC"], regions=["chrB:0-777", "chrC:0-61:-"], length=64, stride=50)
+    clocks = StageClocks()
+    run_job(job, clocks=clocks)
+    read = stage_breakdown({k: v.as_dict() for k, v in clocks.stages.items()}, clocks.stage_parts)["read"]
+    assert {"storage", "decode", "slice", "batch"} <= set(read), read
+    assert sum(read.values()) == pytest.approx(clocks.stages["read"].busy_s, rel=1e-9)
 
 
 def test_reverse_complement_average(synth: tuple[Path, dict[str, str]], count_models: dict[str, Path]) -> None:

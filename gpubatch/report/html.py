@@ -34,7 +34,7 @@ BAND_COLORS = {"not input-bound": GREEN, "moderately input-bound": AMBER, "input
 # The per-stage breakdown: (part keys summed, label, layer).
 BREAKDOWN = (
     (("storage",), "storage", LAYER_STORAGE), (("open",), "setup", LAYER_STORAGE),
-    (("decode", "resample"), "decode", LAYER_STORAGE), (("preprocess",), "preprocess", LAYER_TRANSFER),
+    (("decode", "resample", "slice"), "decode", LAYER_STORAGE), (("preprocess",), "preprocess", LAYER_TRANSFER),
     (("transfer",), "transfer", LAYER_TRANSFER), (("compute",), "compute", LAYER_COMPUTE),
     (("slide_head",), "slide head", LAYER_COMPUTE),
     (("write",), "write", LAYER_STORAGE),

@@ -20,7 +20,7 @@ LAYERS = (LAYER_COMPUTE, LAYER_TRANSFER, LAYER_BATCHING, LAYER_STORAGE)
 # host work before the pipeline starts, so it is charged to storage/host transport.
 PART_LAYERS = {
     "storage": LAYER_STORAGE, "open": LAYER_STORAGE, "decode": LAYER_STORAGE,
-    "resample": LAYER_STORAGE, "write": LAYER_STORAGE, "preprocess": LAYER_TRANSFER,
+    "resample": LAYER_STORAGE, "slice": LAYER_STORAGE, "write": LAYER_STORAGE, "preprocess": LAYER_TRANSFER,
     "transfer": LAYER_TRANSFER, "compute": LAYER_COMPUTE,
 }
 REDUCED_PRECISIONS = ("fp16", "bf16", "int8", "fp8")
@@ -87,7 +87,8 @@ class _Figures:
         per_shard = stats.get("items_per_shard", sum(s.get("items", 0) for s in shards) / len(shards) if shards else 0.0)
         return cls(
             starvation=summary.get("starvation", 0.0), storage=parts.get("storage", 0.0),
-            open=parts.get("open", 0.0), decode=parts.get("decode", 0.0) + parts.get("resample", 0.0),
+            open=parts.get("open", 0.0),
+            decode=parts.get("decode", 0.0) + parts.get("resample", 0.0) + parts.get("slice", 0.0),
             preprocess=parts.get("preprocess", 0.0), transfer=parts.get("transfer", 0.0),
             compute=parts.get("compute", 0.0), model_busy=model.get("busy_s", 0.0),
             model_blocked=model.get("blocked_s", 0.0), model_starved=model.get("starved_s", 0.0), fill=summary.get("batch_fill", 1.0),
