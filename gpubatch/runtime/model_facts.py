@@ -5,7 +5,8 @@ Reading them takes the ``onnx`` package (0.8 s to import on the benchmark machin
 cluster's network filesystem) and, for outputs, ONNX shape inference; it was a quarter of a
 short run's start-up, paid on every ``gpubatch run`` and ``validate``. A model changes far less
 often than it runs, so the facts are kept under the user cache (``$GPUBATCH_CACHE``), keyed by the
-file's absolute path, size and modification time: a model rewritten in place is read again.
+file's absolute path, inode, size and modification and change times: a model rewritten in place
+or replaced is read again.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def _read_facts(path: str) -> dict[str, Any]:
 
 def _cache_file(path: str) -> str:
     st = os.stat(path)
-    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{FACTS_VERSION}"
+    # the inode changes when a file is replaced by a rename; mtime and ctime when written in place
+    key = f"{os.path.abspath(path)}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{FACTS_VERSION}"
     return str(cache_root() / "model-facts" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")
 
 
