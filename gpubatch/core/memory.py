@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import sys
 from typing import Any
 
 #: glibc malloc arenas per process: threads beyond this share arenas instead of each keeping
@@ -64,8 +65,6 @@ def hand_back_freed_memory(collect: bool = True) -> None:
     """
     if collect:
         gc.collect()
-    import sys
-
     if "pyarrow" in sys.modules:
         sys.modules["pyarrow"].default_memory_pool().release_unused()
     libc = _libc()

@@ -51,6 +51,8 @@ def _identity_pool() -> ThreadPoolExecutor:
 
 _CONFIGURED: dict[str, str] = {}
 _CONFIGURE_LOCK = threading.Lock()
+
+
 def _configure_worker_once(ctx: RunContext) -> None:
     """Per worker process, once: malloc arenas, library warnings into the log, and the profile's
     storage settings (the stage cache lives on between shards, so it is configured again only

@@ -159,7 +159,7 @@ class OutputStore:
     def write_json(self, name: str, data: Any, indent: int | None = 1) -> None:
         """``data`` as JSON; ``indent=None`` for files only gpubatch reads (json's C encoder runs
         only without an indent, 10x faster on a shard's commit record)."""
-        self.write_bytes(name, json.dumps(data, indent=indent, default=str).encode())
+        self.write_bytes(name, _json_bytes(data, indent))
 
     def create_json(self, name: str, data: Any) -> bool | None:
         """Write ``name`` only if it does not exist, atomically: True when this call created it,
@@ -171,11 +171,9 @@ class OutputStore:
         """
         if self.remote:
             return None
-        target = Path(self.path(name))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}")
-        tmp.write_bytes(json.dumps(data, indent=1, default=str).encode())
+        target, tmp = self._temporary_beside(name)
         try:
+            tmp.write_bytes(_json_bytes(data))
             os.link(tmp, target)
             return True
         except FileExistsError:
@@ -194,15 +192,20 @@ class OutputStore:
             with self.fs.open(self.path(name), "wb") as raw:
                 yield HashingWriter(raw)
             return
-        target = Path(self.path(name))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}")
+        target, tmp = self._temporary_beside(name)
         try:
             with open(tmp, "wb") as raw:
                 yield HashingWriter(raw)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _temporary_beside(self, name: str) -> tuple[Path, Path]:
+        """(the local file ``name``, a temporary name beside it), its folder made: written under
+        the temporary name, a file appears whole or not at all (sweeps remove leftovers)."""
+        target = Path(self.path(name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target, target.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}")
 
     def makedirs(self, name: str) -> None:
         if not self.remote:
@@ -224,3 +227,7 @@ class OutputStore:
             return zarr.open_group(self.path(name), mode=mode)  # type: ignore[arg-type]
         return zarr.open_group(self.url(name), mode=mode,  # type: ignore[arg-type]
                                storage_options=zarr_options(self.uri, self.options))
+
+
+def _json_bytes(data: Any, indent: int | None = 1) -> bytes:
+    return json.dumps(data, indent=indent, default=str).encode()
