@@ -6,6 +6,7 @@ and element types under test are exactly the ones declared.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -226,3 +227,19 @@ def test_model_facts_are_read_once_per_file_and_again_when_it_changes(tmp_path: 
     onnx_model(model, ["N", 3, 32, 32, 2], reduce_axes=(2, 3, 4))
     changed = _facts_in_a_fresh_process(model, tmp_path / "cache")
     assert changed == "x [None, 3, 32, 32, 2] float32 {'y': [None, 3]} True"
+
+
+def test_a_damaged_model_facts_cache_is_read_past_and_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache is gpubatch's own file, but a full disk or a killed process can leave it cut
+    short: a file that is not the facts is ignored, the model read again, the entry rewritten."""
+    from gpubatch.runtime import model_facts
+
+    monkeypatch.setenv("GPUBATCH_CACHE", str(tmp_path / "cache"))
+    model = onnx_model(tmp_path / "m.onnx", ["N", 3, 64, 64])
+    entry = Path(model_facts._cache_file(str(model)))
+    for damage in ('{"version": 1, "first"', "[]", '{"version": 0}'):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_text(damage)
+        first = model_facts.model_first_input(str(model))
+        assert (first.name, first.dims, first.dtype) == ("x", [None, 3, 64, 64], "float32"), damage
+        assert json.loads(entry.read_text())["first"]["dims"] == [None, 3, 64, 64]

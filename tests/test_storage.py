@@ -294,6 +294,25 @@ def test_a_slide_opened_ahead_has_its_coarsest_level_in_hand_for_tissue_detectio
         backend.close()
 
 
+def test_a_shard_s_own_open_requests_the_coarsest_level_before_its_last_round_trip(s3: S3Stack,
+                                                                                   slide_uris: dict) -> None:
+    """Opened for a shard that detects tissue, a streamed slide's coarsest level is requested
+    once its header is parsed, beside the opening's last round trip: tissue detection then makes
+    no request of its own."""
+    from gpubatch.sources.slides.tissue import read_thumbnail
+
+    _, uri = slide_uris["synthetic"]
+    clocks = StageClocks()
+    backend = open_slide_input(uri, clocks, access="stream", options=s3.options(), read_ahead=64 << 20,
+                               tissue=True)
+    try:
+        thumb, _ = read_thumbnail(backend, clocks, 2048)
+        assert thumb.size and clocks.counters["storage.read_ahead_hits"] > 0
+        assert "storage.read_ahead_misses" not in clocks.counters  # no tile read in the foreground
+    finally:
+        backend.close()
+
+
 def test_prefetch_then_open_is_a_cache_hit(s3: S3Stack, slide_uris: dict, tmp_path: Path) -> None:
     _, uri = slide_uris["synthetic"]
     s3.proxy.configure(latency_s=0.01)

@@ -101,8 +101,8 @@ def model_facts(path: str) -> dict[str, Any]:
     cached = _cache_file(path)
     with contextlib.suppress(OSError, ValueError):
         facts = json.loads(Path(cached).read_text(encoding="utf-8"))
-        if facts.get("version") == FACTS_VERSION:
-            return dict(facts)
+        if isinstance(facts, dict) and facts.get("version") == FACTS_VERSION:  # else read again
+            return facts
     facts = _read_facts(path)
     with contextlib.suppress(OSError):  # a read-only cache only costs the next run the import
         Path(cached).parent.mkdir(parents=True, exist_ok=True)
