@@ -285,7 +285,7 @@ class RangeFile(io.RawIOBase):
     tifffile parses the TIFF header (IFDs, tile offset tables) through this: small scattered reads,
     each turned into one request of at least ``blocksize`` bytes, retried like any tile read. It
     walks the IFD chain and then reads the same IFDs again; a one-block read-ahead cache (fsspec's)
-    fetched each of them twice, two round trips more per pyramid level on every slide opened.
+    fetched each of them twice: a round trip more per pyramid level on every slide opened.
     Kept: up to ``KEPT_CHUNKS`` chunks of at most ``KEPT_CHUNK_BYTES`` each.
     """
 

@@ -158,7 +158,7 @@ class OutputStore:
 
     def write_json(self, name: str, data: Any, indent: int | None = 1) -> None:
         """``data`` as JSON; ``indent=None`` for files only gpubatch reads (json's C encoder runs
-        only without an indent, 10x faster on a shard's commit record)."""
+        only without an indent: a shard's commit record encodes 3x faster)."""
         self.write_bytes(name, _json_bytes(data, indent))
 
     def create_json(self, name: str, data: Any) -> bool | None:
