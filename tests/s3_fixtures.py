@@ -65,6 +65,8 @@ class FaultProxy:
         self.signatures: list[dict[str, str]] = []
         #: GET requests per object key
         self.gets: dict[str, int] = {}
+        #: GET requests per key that read from byte 0 (whole objects, and a slide's header: an opening)
+        self.from_start: dict[str, int] = {}
         self._rng = random.Random(self.faults.seed)
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -88,6 +90,7 @@ class FaultProxy:
             self.stats = dict.fromkeys(self.stats, 0)
             self.signatures = []
             self.gets = {}
+            self.from_start = {}
 
     def note_signature(self, headers: Any) -> None:
         with self._lock:
@@ -95,7 +98,7 @@ class FaultProxy:
                                     if k.lower() in ("authorization", "x-amz-security-token")})
             del self.signatures[:-200]
 
-    def decide(self, method: str, path: str) -> str:
+    def decide(self, method: str, path: str, byte_range: str | None = None) -> str:
         """'forward', 'error', 'reset-early', 'reset-body' or 'forbidden' for one request."""
         with self._lock:
             self.stats["requests"] += 1
@@ -106,6 +109,8 @@ class FaultProxy:
             key = urllib.parse.unquote(urllib.parse.urlsplit(path).path).lstrip("/")
             if method == "GET":
                 self.gets[key] = self.gets.get(key, 0) + 1
+                if byte_range is None or byte_range.replace(" ", "").startswith("bytes=0-"):
+                    self.from_start[key] = self.from_start.get(key, 0) + 1
             if key in self.faults.forbidden:
                 self.stats["forbidden"] += 1
                 return "forbidden"
@@ -133,7 +138,7 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _relay(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
-            action = proxy.decide(self.command, self.path)
+            action = proxy.decide(self.command, self.path, self.headers.get("Range"))
             if self.command in ("GET", "HEAD"):
                 proxy.note_signature(self.headers)
             if proxy.faults.latency_s:

@@ -118,3 +118,24 @@ def test_staging_reaches_past_the_busy_slots_and_downloads_each_slide_once(tmp_p
     counters = result.report["counters"]
     assert s3.proxy.stats["GET"] == 9, s3.proxy.gets  # one download per slide: no worker repeated another's
     assert counters["storage.cache_hits"] >= 9 - 4  # staged ahead of every shard past the first four
+
+
+def test_each_streamed_slide_is_opened_once_where_its_shard_runs(tmp_path: Path, s3: S3Stack, slides_dir: Path,
+                                                                mean_model: Path) -> None:
+    """Shards are dealt to the worker processes (runtime.dealing), so the slides a shard opens
+    ahead are the ones its own process runs next: over 2 processes and more slides than slots,
+    every slide's header is read once in the whole run (when Dask chose the process, a slide was
+    opened ahead in both and often a third time cold), and the shards past each process's first
+    wave found their slide opened."""
+    folder = f"dealt-{uuid.uuid4().hex[:8]}"
+    sources = sorted(slides_dir.glob("*.tif"))
+    keys = [f"{folder}/s{i}.tif" for i in range(10)]
+    uris = [s3.upload(sources[i % len(sources)], key) for i, key in enumerate(keys)]
+    s3.proxy.configure(latency_s=0.02)
+    job = slide_job(uris, mean_model, tmp_path / "out", run={"profile": "local", "workers": 2})
+    job["input"].update(storage=s3.options(), access="stream")
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 0, result.report["failed"]
+    assert {key: s3.proxy.from_start.get(f"{s3.bucket}/{key}") for key in keys} == {
+        key: 1 for key in keys}, s3.proxy.from_start
+    assert result.report["counters"]["storage.opened_ahead"] >= len(keys) - 4

@@ -26,8 +26,9 @@ class Executor(ABC):
     """Runs shard functions somewhere and reports them as futures."""
 
     @abstractmethod
-    def submit(self, fn: Callable[..., Any], *args: Any, key: str) -> Any:
-        """Start ``fn(*args)``; ``key`` names the task uniquely (one per attempt)."""
+    def submit(self, fn: Callable[..., Any], *args: Any, key: str, worker: str | None = None) -> Any:
+        """Start ``fn(*args)``; ``key`` names the task uniquely (one per attempt). ``worker``
+        (one of :meth:`worker_slots`) is where it should run; elsewhere only if that one is gone."""
 
     @abstractmethod
     def wait_first(self, pending: set[Any], timeout: float | None = None) -> set[Any]:
@@ -42,6 +43,11 @@ class Executor(ABC):
     def workers(self) -> int:
         """Workers connected now (in-process threads count as workers)."""
         return 1
+
+    def worker_slots(self) -> dict[str, int] | None:
+        """The worker processes there are now and how many shards each runs at once, for
+        dealing shards to them (runtime.dealing); None when every shard runs in this process."""
+        return None
 
     def why_no_workers(self) -> tuple[str, bool] | None:
         """The executor's account of why no worker is there, and whether waiting cannot help (an
@@ -72,7 +78,7 @@ class InlineExecutor(Executor):
     def __init__(self, threads: int = 2):
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gpubatch-shard")
 
-    def submit(self, fn: Callable[..., Any], *args: Any, key: str) -> Future[Any]:
+    def submit(self, fn: Callable[..., Any], *args: Any, key: str, worker: str | None = None) -> Future[Any]:
         return self.pool.submit(fn, *args)
 
     def wait_first(self, pending: set[Any], timeout: float | None = None) -> set[Any]:
@@ -100,13 +106,34 @@ class DaskExecutor(Executor):
         self.diagnose = diagnose
         self._processing: dict[str, list[str]] = {}
         self._lost: list[dict[str, Any]] = []
-        self._checked = self._trimmed = 0.0
+        self._checked = self._trimmed = self._slots_seen = 0.0
+        self._slots: dict[str, int] = {}
+        self._submitted = 0
 
-    def submit(self, fn: Callable[..., Any], *args: Any, key: str) -> Any:
-        kwargs: dict[str, Any] = {"pure": False, "key": key}
+    def submit(self, fn: Callable[..., Any], *args: Any, key: str, worker: str | None = None) -> Any:
+        """Tasks start in the order submitted: Dask ranks tasks submitted within 100 ms of each
+        other (client.submit's fifo_timeout) alike, and a worker started a shard before the one
+        submitted ahead of it, which had not yet been opened ahead for it (tests/test_remote_jobs)."""
+        self._submitted += 1
+        kwargs: dict[str, Any] = {"pure": False, "key": key, "priority": -self._submitted}
         if self.resources:
             kwargs["resources"] = self.resources  # e.g. {GPU: 1}: one shard per GPU at a time
+        if worker is not None:  # and if it has left, Dask runs the shard on another
+            kwargs.update(workers=[worker], allow_other_workers=True)
         return self.client.submit(fn, *args, **kwargs)
+
+    def worker_slots(self) -> dict[str, int]:
+        """Looked up at most every WATCH_S (a worker that arrives waits that long for shards):
+        each worker's threads, or fewer where ``resources`` (a GPU per shard) allow fewer."""
+        now = time.monotonic()
+        if now - self._slots_seen >= WATCH_S or not self._slots:
+            self._slots_seen = now
+            try:
+                workers = self.client.scheduler_info()["workers"]
+            except Exception:  # noqa: BLE001 - a scheduler that does not answer has no usable workers
+                workers = {}
+            self._slots = {addr: _slots_of(info, self.resources) for addr, info in workers.items()}
+        return dict(self._slots)
 
     def wait_first(self, pending: set[Any], timeout: float | None = None) -> set[Any]:
         from distributed import wait
@@ -170,6 +197,16 @@ class DaskExecutor(Executor):
         finally:
             if self.cluster is not None:
                 self.cluster.close(timeout=CLOSE_TIMEOUT_S)
+
+
+def _slots_of(info: dict[str, Any], needs: dict[str, float] | None) -> int:
+    """How many shards a worker (its scheduler_info entry) runs at once."""
+    slots = int(info.get("nthreads", 1))
+    for name, need in (needs or {}).items():
+        if need > 0:
+            have = float(info.get("resources", {}).get(name, 0))
+            slots = min(slots, int(have // need))
+    return slots
 
 
 def trim_scheduler(dask_scheduler: Any) -> int:

@@ -6,6 +6,10 @@ a storage timeout) are retried up to ``run.retries`` times; bad inputs are not. 
 the submitter watches the executor: when no worker has been there for ``run.worker_timeout``
 seconds (none ever arrived, or every one was lost) it stops the run with the executor's own
 account of why (an ``sbatch`` rejection, jobs left pending) instead of waiting forever.
+
+Where the executor has worker processes (Dask), shards are dealt to them (runtime.dealing), so
+that the inputs a shard names as upcoming are the ones its own process runs next; in one
+process (``inline``) they are simply the plan's next.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from gpubatch.core.memory import hand_back_freed_memory
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
 from gpubatch.engine.worker import execute_shard
+from gpubatch.runtime.dealing import Dealer
 from gpubatch.runtime.executors import Executor
 from gpubatch.sources import Shard
 from gpubatch.spec import JobSpec
@@ -43,19 +48,23 @@ class Submitter:
         self.executor, self.job, self.ctx, self.on_result = executor, job, ctx, on_result
         self.on_retry = on_retry  # told of each failed attempt that is tried again (the audit records it)
         self.window = max(1, window)
-        #: how many next inputs each shard names for staging ahead (run.stage_ahead by default)
+        #: how many next inputs of the plan each shard names, when shards are not dealt to
+        #: worker processes (run.stage_ahead by default; dealt, each lane holds run.stage_ahead)
         self.ahead = job.run.stage_ahead if ahead is None else ahead
         self.attempts: dict[str, int] = {}  #: shards in flight -> attempts so far
         self.pending: set[Any] = set()
         self._no_workers_since: float | None = None
         self._handed_back = time.monotonic()
 
-    def _submit(self, shard: Shard, upcoming: tuple[str, ...]) -> Any:
+        self.dealer: Dealer | None = None
+
+    def _submit(self, shard: Shard, upcoming: tuple[str, ...], worker: str | None = None) -> Any:
         n = self.attempts.get(shard.shard_id, 0) + 1
         self.attempts[shard.shard_id] = n
         key = f"gpubatch-{shard.shard_id}-{n}-{time.time_ns()}"
-        fut = self.executor.submit(execute_shard, shard, self.job, self.ctx, upcoming if n == 1 else (), n, key=key)
-        fut.shard = shard
+        fut = self.executor.submit(execute_shard, shard, self.job, self.ctx, upcoming if n == 1 else (), n,
+                                   key=key, worker=worker)
+        fut.shard, fut.worker = shard, worker
         return fut
 
     def _result(self, fut: Any) -> ShardResult:
@@ -72,6 +81,29 @@ class Submitter:
         return result
 
     def run(self, shards: Iterable[Shard]) -> None:
+        if self.executor.worker_slots() is not None:
+            self._run_dealt(shards)
+        else:
+            self._run_in_plan_order(shards)
+
+    def _run_dealt(self, shards: Iterable[Shard]) -> None:
+        """Shards dealt to the worker processes there are, as they have room; none while there
+        are none (the worker watch bounds that wait)."""
+        pending = self.pending
+        self.dealer = dealer = Dealer(shards, self.job.run.stage_ahead)
+        while pending or not dealer.done:
+            slots = self.executor.worker_slots() or {}
+            for worker in dealer.set_workers(slots):
+                log.info("worker %s left; the shards dealt to it are dealt again", worker)
+            for placed in dealer.placements(self.window - len(pending)):
+                pending.add(self._submit(placed.shard, placed.upcoming, placed.worker))
+            if pending:
+                self._collect(pending)
+            else:  # no worker with slots: wait for one, within run.worker_timeout
+                time.sleep(POLL_S)
+                self._watch_workers(False, available=len(dealer.slots))
+
+    def _run_in_plan_order(self, shards: Iterable[Shard]) -> None:
         pending = self.pending
         stream = _with_upcoming(shards, self.ahead)
         exhausted = False
@@ -90,6 +122,8 @@ class Submitter:
         self._watch_workers(bool(done))
         for fut in done:
             pending.discard(fut)
+            if self.dealer is not None and fut.worker is not None:
+                self.dealer.finished(fut.worker)
             result = self._result(fut)
             if not result.ok and result.retryable and result.attempt <= self.job.run.retries:
                 log.warning("shard %s failed (%s); retrying", result.shard_id, result.error)
@@ -111,8 +145,10 @@ class Submitter:
             self._handed_back = now
             hand_back_freed_memory()
 
-    def _watch_workers(self, progressed: bool) -> None:
-        if progressed or self.executor.workers() > 0:
+    def _watch_workers(self, progressed: bool, available: int | None = None) -> None:
+        """Stops the run when no worker (``available``: none that can run a shard) has been
+        there for run.worker_timeout, or the executor knows waiting cannot help."""
+        if progressed or (self.executor.workers() if available is None else available) > 0:
             self._no_workers_since = None
             return
         now = time.monotonic()
