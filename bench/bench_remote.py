@@ -20,6 +20,10 @@ on storage: "storage wait s" (summed over the shards) says how far it waited. Th
 machine's cores with gpubatch; their CPU share of the machine during each row is reported (a real
 object store spends none of the workers' cores). Both run at raised priority (nice -10) so that
 other work on a shared machine does not delay their answers.
+
+``--by-dask`` adds streamed rows run with the submit loop that came before shards were dealt to
+worker processes (gpubatch/runtime/dealing.py): Dask chooses each shard's process, and each shard
+names the plan's next slides, which every process then opens ahead on its own.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +51,8 @@ from common import WORK, machine, save, table  # noqa: E402
 
 CORES = os.cpu_count() or 1
 BUCKET = "bench"
+#: rows streamed with shards placed by Dask rather than dealt (--by-dask)
+BY_DASK = "stream, placed by Dask"
 KEY, SECRET = "bench", "bench-secret"  # SeaweedFS without an IAM config accepts any signature
 
 
@@ -181,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--access", nargs="+", default=["stream", "stage"])
     ap.add_argument("--read-ahead-mb", type=int, default=None, help="input.read_ahead_mb (the job default if unset)")
+    ap.add_argument("--by-dask", action="store_true",
+                    help="also stream with the shards placed by Dask instead of dealt to the worker "
+                         "processes (the submit loop before runtime.dealing), side by side")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.split("x"))
@@ -229,7 +239,26 @@ def _contestants(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[flo
             if args.read_ahead_mb is not None:
                 job["input"]["read_ahead_mb"] = args.read_ahead_mb
             names[f"{access}@{ms:g}"] = (job, ms)
+            if access == "stream" and args.by_dask:
+                names[f"{BY_DASK}@{ms:g}"] = (job, ms)
     return names
+
+
+@contextlib.contextmanager
+def _placed_by(name: str) -> Iterator[None]:
+    """For the by-Dask rows: the submitter's plan-order loop, each shard naming the plan's next
+    slides and Dask choosing its process (what runtime.dealing replaced)."""
+    from gpubatch.runtime.submit import Submitter
+
+    if not name.startswith(BY_DASK):
+        yield
+        return
+    dealt = Submitter.run
+    Submitter.run = Submitter._run_in_plan_order  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Submitter.run = dealt  # type: ignore[method-assign]
 
 
 def _measure(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, tuple[Any, int]],
@@ -248,7 +277,7 @@ def _measure(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, 
             s0, p0, t0 = _cpu([server]), _cpu(watched_ps), time.perf_counter()
             m0 = psutil.cpu_times()
             last.pop("steady_s", None)
-            with TreeCPU(helpers=[server, *watched_ps]) as tree:
+            with TreeCPU(helpers=[server, *watched_ps]) as tree, _placed_by(name):
                 items = run_gpubatch(job, last)
             wall = time.perf_counter() - t0
             rep = last["report"]

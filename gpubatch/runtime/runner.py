@@ -303,7 +303,9 @@ def _stage_ahead(ahead: int, profile: dict[str, Any], slots: int, scheduler: str
     beside it (its ``slots`` neighbours in plan order) are already being opened, and the stage
     cache is the host's: the look-ahead starts past them, so that run.stage_ahead slides are
     downloading while every slot computes. Across hosts a slide staged on one host does not help
-    another, so the look-ahead stays run.stage_ahead."""
+    another, so the look-ahead stays run.stage_ahead. This is the plan-order look-ahead of shards
+    run in this process (``inline``); shards dealt to worker processes name their own lane's
+    next run.stage_ahead (runtime.dealing)."""
     return slots + ahead if ahead and _one_host(profile, scheduler) else ahead
 
 

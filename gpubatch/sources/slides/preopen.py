@@ -8,10 +8,11 @@ a second before its first tile. When a shard starts, :func:`open_ahead` opens th
 the plan in a background thread of this worker; the shard that then opens one of them takes the
 open backend (:func:`take`), waiting only for what is still in flight.
 
-Which worker process runs a given shard is Dask's choice, so each process opens the upcoming
-slides on its own: on a host of P worker processes a slide's header is read up to P times (9
-requests and about 1.4 MB against some 20 MB of tiles in the benchmark's slides). A process holds
-at most :data:`MAX_HELD` slides opened ahead; the oldest one nobody took is closed for a new one.
+The client deals shards to worker processes (runtime.dealing), so the slides a shard names are
+the ones its own process runs next, and each streamed slide is opened once, where it runs. Where
+shards are not dealt (a worker left, and Dask ran its shards elsewhere) an opening ahead may go
+unused: a process holds at most :data:`MAX_HELD` slides opened ahead; the oldest one nobody took
+is closed for a new one.
 """
 
 from __future__ import annotations
