@@ -211,7 +211,7 @@ class RunSpec(_Strict):
     prefetch_batches: int = Field(8, ge=1, le=1024)
     retries: int = Field(2, ge=0, le=100)
     storage_attempts: int = Field(5, ge=1, le=50, description="tries per storage request (transient errors)")
-    stage_ahead: int = Field(2, ge=0, le=64, description="slides downloaded ahead when staging")
+    stage_ahead: int = Field(2, ge=0, le=64, description="slides each worker process stages or opens ahead")
     workers: int | None = Field(None, ge=1, description="worker processes; default from the profile")
     worker_timeout: float = Field(
         1800.0, gt=0, description="seconds without any worker (none arrived, or all were lost) before the run fails")
