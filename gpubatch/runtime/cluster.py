@@ -235,14 +235,16 @@ def _mp_method() -> str:
 #: Environment of the worker processes, and of the forkserver they fork from (glibc reads its
 #: malloc settings once, at process start, so a forked worker has the forkserver's):
 #: - Dask asks glibc to hand freed memory back at 64 KiB; gpubatch's batches are tens of MB,
-#:   bounded by configuration, so that only turns every batch allocation into page faults
-#:   (setting it also stops glibc raising its mmap threshold, so blocks over 128 KiB are fresh
-#:   mappings each time; keeping blocks up to 4 MiB on the heap cut a genome run's page faults
-#:   2.4x but not its time, bench/bench_worker_env.py, so it is not set);
+#:   bounded by configuration, so that only turns every batch allocation into page faults;
+#: - setting the trim threshold stops glibc raising its mmap threshold, so every block over
+#:   128 KiB (a decoded tile, a read unit's tiles) was a fresh mapping, faulted in and zeroed on
+#:   each use: blocks up to 4 MiB stay on the heap (bench/bench_worker_env.py, decode-bound
+#:   slides: shards 8% faster, CPU per item 6% lower, 1.5x fewer page faults);
 #: - short-lived reader threads each got a malloc arena that kept its freed batches: RSS crept
 #:   with the number of shards (see core/memory.py);
 #: - pyarrow's default pool (mimalloc) keeps what the first commit used for the life of the worker.
-WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}
+WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(4 << 20),
+              "MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}
 _FORKSERVER_LOCK = threading.Lock()
 
 
