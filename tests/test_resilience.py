@@ -100,26 +100,67 @@ def test_client_killed_mid_run_then_resume_equals_clean(tmp_path: Path, many_sli
     assert "finished" in _cli("status", str(out)).communicate()[0]
 
 
+def _dask_scheduler(sched_file: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(["dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                             "--scheduler-file", str(sched_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(sched_file.exists, 30)
+    return proc
+
+
+def _dask_worker(sched_file: Path, name: str) -> subprocess.Popen:
+    """One `dask worker` of one thread, no nanny (so SIGKILL is final)."""
+    return subprocess.Popen(["dask", "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                             "--no-nanny", "--no-dashboard", "--name", name],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for_workers(address: str, n: int) -> None:
+    from distributed import Client
+
+    with Client(address) as c:
+        c.wait_for_workers(n, timeout=60)
+
+
 @pytest.fixture()
 def dask_cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A real `dask scheduler` and two `dask worker` processes (no nanny, so SIGKILL is final)."""
     sched_file = tmp_path / "scheduler.json"
-    procs = [subprocess.Popen(["dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                               "--scheduler-file", str(sched_file)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)]
-    _wait_for(sched_file.exists, 30)
-    workers = [subprocess.Popen(["dask", "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
-                                 "--no-nanny", "--no-dashboard", "--name", f"w{i}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+    procs = [_dask_scheduler(sched_file)]
+    workers = [_dask_worker(sched_file, f"w{i}") for i in range(2)]
     address = json.loads(sched_file.read_text())["address"]
-    from distributed import Client
-
-    with Client(address) as c:
-        c.wait_for_workers(2, timeout=60)
+    _wait_for_workers(address, 2)
     yield address, workers
     for p in procs + workers:
         p.kill()
         p.wait()
+
+
+def test_a_worker_that_arrives_mid_run_is_dealt_shards(tmp_path: Path, classifier: Path) -> None:
+    """Shards are dealt to the workers there are (runtime.dealing); a worker that connects while
+    the run goes on (a SLURM job that started late) gets a lane and runs shards, and every shard
+    is committed once."""
+    (tmp_path / "slides").mkdir()
+    slides = synthetic_slides(tmp_path / "slides", 24, 300, "late", (1024, 768))
+    sched_file = tmp_path / "scheduler.json"
+    procs = [_dask_scheduler(sched_file)]
+    try:
+        procs.append(_dask_worker(sched_file, "first"))
+        address = json.loads(sched_file.read_text())["address"]
+        _wait_for_workers(address, 1)
+        out = tmp_path / "late"
+        proc = _cli("submit", str(_job(tmp_path, slides, classifier, "late")), "--scheduler", address)
+        _wait_for(lambda: _committed(out) >= 1)
+        late = _dask_worker(sched_file, "late")
+        procs.append(late)
+        log = proc.communicate(timeout=180)[0]
+        assert proc.returncode == 0, log
+        records = [json.loads(p.read_text()) for p in (out / "_manifest").glob("*.json") if not p.name.startswith(".")]
+        assert len(records) == len({r["shard_id"] for r in records}) == 24
+        assert late.pid in {r["pid"] for r in records}, "the worker that arrived mid-run ran no shard"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_worker_killed_mid_shard_is_retried_elsewhere(tmp_path: Path, many_slides: Path, classifier: Path,
