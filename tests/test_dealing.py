@@ -162,3 +162,23 @@ def test_slots_are_threads_or_fewer_where_resources_bound_them() -> None:
     assert _slots_of({"nthreads": 4, "resources": {"GPU": 1}}, {"GPU": 1}) == 1
     assert _slots_of({"nthreads": 4, "resources": {"GPU": 2}}, {"GPU": 1}) == 2
     assert _slots_of({"nthreads": 4}, {"GPU": 1}) == 0  # a worker without a GPU runs no shard
+
+
+def test_a_missed_look_at_the_workers_keeps_the_lanes(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A scheduler that does not answer one look is not a cluster whose workers all left: the
+    slots seen last stand (the worker watch, not the dealer, decides a scheduler is gone)."""
+    from gpubatch.runtime import executors
+
+    class Flaky:  # a client whose scheduler answers once, then not
+        calls = 0
+
+        def scheduler_info(self) -> dict:
+            self.calls += 1
+            if self.calls > 1:
+                raise OSError("Timed out trying to connect to tcp://127.0.0.1:8786")
+            return {"workers": {"tcp://a": {"nthreads": 2}, "tcp://b": {"nthreads": 1}}}
+
+    executor = executors.DaskExecutor(Flaky())
+    assert executor.worker_slots() == {"tcp://a": 2, "tcp://b": 1}
+    monkeypatch.setattr(executors, "WATCH_S", 0.0)
+    assert executor.worker_slots() == {"tcp://a": 2, "tcp://b": 1}

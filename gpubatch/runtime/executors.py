@@ -130,8 +130,8 @@ class DaskExecutor(Executor):
             self._slots_seen = now
             try:
                 workers = self.client.scheduler_info()["workers"]
-            except Exception:  # noqa: BLE001 - a scheduler that does not answer has no usable workers
-                workers = {}
+            except Exception:  # noqa: BLE001 - a missed look changes nothing: the worker watch
+                return dict(self._slots)  # (``workers``) tells a scheduler that is gone
             self._slots = {addr: _slots_of(info, self.resources) for addr, info in workers.items()}
         return dict(self._slots)
 
