@@ -67,6 +67,9 @@ class FaultProxy:
         self.gets: dict[str, int] = {}
         #: GET requests per key that read from byte 0 (whole objects, and a slide's header: an opening)
         self.from_start: dict[str, int] = {}
+        #: per key, whether each of those GETs arrived while a HEAD of the key was unanswered
+        self.from_start_beside_head: dict[str, list[bool]] = {}
+        self._heads_open: dict[str, int] = {}
         self._rng = random.Random(self.faults.seed)
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -91,6 +94,8 @@ class FaultProxy:
             self.signatures = []
             self.gets = {}
             self.from_start = {}
+            self.from_start_beside_head = {}
+            self._heads_open = {}
 
     def note_signature(self, headers: Any) -> None:
         with self._lock:
@@ -106,11 +111,14 @@ class FaultProxy:
                 self.stats[method] += 1
             if method not in ("GET", "HEAD"):
                 return "forward"
-            key = urllib.parse.unquote(urllib.parse.urlsplit(path).path).lstrip("/")
+            key = _key(path)
+            if method == "HEAD":
+                self._heads_open[key] = self._heads_open.get(key, 0) + 1
             if method == "GET":
                 self.gets[key] = self.gets.get(key, 0) + 1
                 if byte_range is None or byte_range.replace(" ", "").startswith("bytes=0-"):
                     self.from_start[key] = self.from_start.get(key, 0) + 1
+                    self.from_start_beside_head.setdefault(key, []).append(self._heads_open.get(key, 0) > 0)
             if key in self.faults.forbidden:
                 self.stats["forbidden"] += 1
                 return "forbidden"
@@ -123,9 +131,21 @@ class FaultProxy:
                 return "reset-early" if self._rng.random() < 0.5 or method == "HEAD" else "reset-body"
             return "forward"
 
+    def finished(self, method: str, path: str) -> None:
+        """A request has been answered (or dropped)."""
+        if method == "HEAD":
+            with self._lock:
+                key = _key(path)
+                self._heads_open[key] = max(0, self._heads_open.get(key, 0) - 1)
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _key(path: str) -> str:
+    """The "bucket/key" a request path names."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(path).path).lstrip("/")
 
 
 def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
@@ -139,6 +159,12 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             action = proxy.decide(self.command, self.path, self.headers.get("Range"))
+            try:
+                return self._respond(action, body)
+            finally:
+                proxy.finished(self.command, self.path)
+
+        def _respond(self, action: str, body: bytes | None) -> None:
             if self.command in ("GET", "HEAD"):
                 proxy.note_signature(self.headers)
             if proxy.faults.latency_s:

@@ -36,7 +36,8 @@ def uri(s3: S3Stack) -> str:
 
 def test_planned_reads_are_in_flight_while_earlier_ones_are_used(s3: S3Stack, uri: str) -> None:
     """Ten blocks of a 100 ms store, each used for 50 ms: read ahead, the reads wait on almost
-    none of the round trips (about 0.5 s in all); one block at a time would take 1.5 s."""
+    none of the round trips (about 0.5 s in all); one block at a time would take at least 1.5 s.
+    The bound sits between the two (it read 1.06 s once on a loaded machine against 1.0)."""
     s3.proxy.configure(latency_s=0.1)
     blocks = _blocks(10)
     clocks = StageClocks()
@@ -49,7 +50,7 @@ def test_planned_reads_are_in_flight_while_earlier_ones_are_used(s3: S3Stack, ur
             time.sleep(0.05)  # decoding the block
         elapsed = time.perf_counter() - t0
         ahead.close()
-    assert elapsed < 1.0, f"{elapsed:.2f} s: the reads waited on the network"
+    assert elapsed < 1.25, f"{elapsed:.2f} s: the reads waited on the network"
     assert clocks.counters["storage.read_ahead_hits"] == 30
     assert clocks.counters["storage.requests"] == 30 and s3.proxy.stats["requests"] == 30
     assert clocks.counters.get("storage.wait_s", 0) < 0.3

@@ -124,9 +124,11 @@ def test_each_streamed_slide_is_opened_once_where_its_shard_runs(tmp_path: Path,
                                                                 mean_model: Path) -> None:
     """Shards are dealt to the worker processes (runtime.dealing), so the slides a shard opens
     ahead are the ones its own process runs next: over 2 processes and more slides than slots,
-    every slide's header is read once in the whole run (when Dask chose the process, a slide was
-    opened ahead in both and often a third time cold), and the shards past each process's first
-    wave found their slide opened."""
+    each slide's header is read once (when Dask chose the process, a slide was opened ahead in
+    both and often a third time cold: 3 reads of one slide, 2 of several). The exception is the
+    run's end, where an idle process takes the last shards of the other's lane (at most its
+    depth, run.stage_ahead 2) and opens them again rather than wait. The shards past each
+    process's first wave found their slide opened."""
     folder = f"dealt-{uuid.uuid4().hex[:8]}"
     sources = sorted(slides_dir.glob("*.tif"))
     keys = [f"{folder}/s{i}.tif" for i in range(10)]
@@ -136,6 +138,7 @@ def test_each_streamed_slide_is_opened_once_where_its_shard_runs(tmp_path: Path,
     job["input"].update(storage=s3.options(), access="stream")
     result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
     assert result.exit_code == 0, result.report["failed"]
-    assert {key: s3.proxy.from_start.get(f"{s3.bucket}/{key}") for key in keys} == {
-        key: 1 for key in keys}, s3.proxy.from_start
+    reads = {key: s3.proxy.from_start.get(f"{s3.bucket}/{key}", 0) for key in keys}
+    assert min(reads.values()) == 1 and max(reads.values()) <= 2, reads
+    assert [key for key in keys if reads[key] > 1] in ([], keys[-1:], keys[-2:], keys[-2:-1]), reads
     assert result.report["counters"]["storage.opened_ahead"] >= len(keys) - 4

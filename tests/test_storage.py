@@ -128,6 +128,21 @@ def test_stream_reads_by_range_without_full_download(s3: S3Stack, slide_uris: di
     assert clocks.counters["storage.bytes"] < local.stat().st_size / 2
 
 
+def test_a_streamed_opening_asks_the_header_beside_the_size(s3: S3Stack, slide_uris: dict) -> None:
+    """The object's size (a HEAD) and its first bytes (a GET from byte 0) are asked at once, so
+    an opening pays one round trip for both; the header is read once, and the slide reads the
+    same as the local file."""
+    local, uri = slide_uris["synthetic"]
+    key = uri.removeprefix("s3://")
+    s3.proxy.configure(latency_s=0.05)
+    backend = open_stream(uri, s3.options(), StageClocks())
+    try:
+        _assert_same(read_all(backend), _local(local))
+    finally:
+        backend.close()
+    assert s3.proxy.from_start_beside_head[key] == [True]
+
+
 def test_adjacent_tiles_are_coalesced(s3: S3Stack, slide_uris: dict) -> None:
     _, uri = slide_uris["synthetic"]
     clocks = StageClocks()
@@ -178,7 +193,9 @@ def test_persistent_503_gives_retryable_error(s3: S3Stack, slide_uris: dict) -> 
     with pytest.raises(InputError) as info:
         open_stream(uri, s3.options(), clocks, RetryPolicy(attempts=3, base_s=0.001))
     assert info.value.retryable and "after 3 attempt" in info.value.message
-    assert clocks.counters["storage.retries"] == 2
+    # two requests, each tried 3 times: the size (HEAD) and, beside it, the header's first bytes
+    assert s3.proxy.stats["errors"] == 6 and s3.proxy.stats["HEAD"] == 3
+    assert clocks.counters["storage.retries"] == 4
 
 
 @pytest.mark.parametrize("access", ["stream", "stage"])

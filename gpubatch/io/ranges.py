@@ -291,12 +291,19 @@ class RangeFile(io.RawIOBase):
 
     KEPT_CHUNKS = 16
     KEPT_CHUNK_BYTES = 1 << 20
+    BLOCKSIZE = 64 * 1024
+    #: what the first request asks for: tifffile's 8-byte header read, and a block past it
+    FIRST_READ = 8 + BLOCKSIZE
 
-    def __init__(self, reader: RangeReader, size: int, name: str, blocksize: int = 64 * 1024):
+    def __init__(self, reader: RangeReader, size: int, name: str, blocksize: int = BLOCKSIZE,
+                 first: bytes | None = None):
+        """``first``: the object's first bytes, already fetched (kept like a fetched chunk)."""
         super().__init__()
         self.reader, self.size, self.name, self.mode = reader, size, name, "rb"
         self.blocksize = blocksize
         self._chunks: deque[tuple[int, bytes]] = deque(maxlen=self.KEPT_CHUNKS)
+        if first and len(first) <= self.KEPT_CHUNK_BYTES:
+            self._chunks.append((0, first[: self.size]))
         self._pos = 0
         self._lock = threading.Lock()
 

@@ -18,8 +18,10 @@ counters).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,8 @@ from gpubatch.sources.slides.omezarr import OmeZarrBackend, folder_is_zarr, is_z
 
 #: formats whose data lives in a directory beside the file, named after its stem
 COMPANION_SUFFIXES = (".mrxs",)
+_SIDE_POOL: ThreadPoolExecutor | None = None
+_SIDE_LOCK = threading.Lock()
 
 
 def choose_access(uri: str, requested: str) -> str:
@@ -137,11 +141,17 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     decoders' ``is_jfif`` round trip) instead of after it: a round trip less per slide.
     """
     policy = policy or RetryPolicy()
-    info = stat(uri, options, policy, clocks)
-    if info["type"] == "directory" or info["size"] <= 0:
-        raise InputError(redact(uri), "is an empty object or a prefix (directory), not a slide file")
     reader = open_ranges(uri, options, clocks, policy)
-    handle = RangeFile(reader, info["size"], uri_name(uri))
+    first = _side_pool().submit(_first_chunk, reader)  # the header's round trip beside the size's
+    try:
+        info = stat(uri, options, policy, clocks)
+        if info["type"] == "directory" or info["size"] <= 0:
+            raise InputError(redact(uri), "is an empty object or a prefix (directory), not a slide file")
+    except BaseException:
+        first.result()  # its errors are its own; the stat's is the one to report
+        reader.close()
+        raise
+    handle = RangeFile(reader, info["size"], uri_name(uri), first=_whole_first(first.result(), info["size"]))
     try:
         backend = open_slide(redact(uri), clocks, fileobj=handle, ranges=reader, prefer="tifffile")
         if read_ahead > 0 and reader.timed:
@@ -156,6 +166,33 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     except BaseException:
         handle.close()
         raise
+
+
+def _side_pool() -> ThreadPoolExecutor:
+    """Threads for the first header request of streamed openings (each waits one round trip)."""
+    global _SIDE_POOL
+    with _SIDE_LOCK:
+        if _SIDE_POOL is None:
+            _SIDE_POOL = ThreadPoolExecutor(8, thread_name_prefix="gpubatch-open")
+        return _SIDE_POOL
+
+
+def _first_chunk(reader: RangeReader) -> bytes | None:
+    """The bytes RangeFile's first request asks for (tifffile reads the 8-byte header first), or
+    None after a failed request (the header is then read as it would have been). Asked before
+    the object's size is known, so that the size (a HEAD) and the header (a GET) cost one round
+    trip, not two; an object shorter than the request comes back whole."""
+    try:
+        got = reader.fetch_spans([(0, RangeFile.FIRST_READ)])[0]
+    except Exception:  # noqa: BLE001 - an optimisation only: the open reads the header itself
+        return None
+    return None if got.error is not None or got.data is None else bytes(got.data)
+
+
+def _whole_first(chunk: bytes | None, size: int) -> bytes | None:
+    """``chunk`` if it is all of the object's first bytes that were asked for (not the answer of
+    another version of the object, shorter or longer than the size just read), else None."""
+    return chunk if chunk is not None and len(chunk) == min(size, RangeFile.FIRST_READ) else None
 
 
 def _prewarm(backend: SlideBackend, reader: RangeReader) -> None:
