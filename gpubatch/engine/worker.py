@@ -8,14 +8,12 @@ the source's hooks, so this module never asks which kind of input it runs.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks
@@ -23,6 +21,7 @@ from gpubatch.core.errors import InputError
 from gpubatch.core.files import file_sha256
 from gpubatch.core.memory import cap_malloc_arenas, use_system_arrow_pool
 from gpubatch.core.results import ShardResult
+from gpubatch.core.threads import background_pool
 from gpubatch.engine.context import RunContext
 from gpubatch.engine.model_stage import empty_rows, make_batch_runner, warm_host_stage
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
@@ -40,13 +39,6 @@ from gpubatch.spec import JobSpec
 log = logging.getLogger("gpubatch")
 #: per-batch timing samples a shard's result keeps (evenly thinned): its commit record stays small
 MAX_SAMPLES = 256
-
-
-@functools.cache
-def _identity_pool() -> ThreadPoolExecutor:
-    """Threads asking the shards' input identities beside their openings (made on first use: a
-    process forked from the forkserver starts with no threads)."""
-    return ThreadPoolExecutor(4, thread_name_prefix="gpubatch-identity")
 
 
 _CONFIGURED: dict[str, str] = {}
@@ -117,7 +109,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
     writer: ShardWriter | None = None
     try:
         # the input's identity (a HEAD on object storage: a round trip) is asked beside the open
-        identity = _identity_pool().submit(input_identity, shard.input_uri, job.input.storage)
+        identity = background_pool("identity", 4).submit(input_identity, shard.input_uri, job.input.storage)
         model = get_model(ctx.model_path, ctx.backend, ctx.precision, ctx.threads)
         head = SlideHead.for_job(job, ctx.threads)
         warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)

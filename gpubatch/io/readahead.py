@@ -20,10 +20,11 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gpubatch.core.threads import background_pool
 from gpubatch.io.metrics import background
 from gpubatch.io.ranges import RangeReader, coalesce
 
@@ -38,18 +39,6 @@ STALE_GROUPS = 32
 #: blocks share is fetched for the first, and the second, read by another thread before the first
 #: has decoded it, would otherwise fetch it again in the foreground (a round trip it waits through)
 RECENT_RANGES = 128
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="gpubatch-ahead")
-        return _pool
-
-
 @dataclass(eq=False)
 class _Group:
     """One planned block's ranges, fetched together in the background."""
@@ -122,7 +111,7 @@ class ReadAhead:
         self._held += group.nbytes
         if self.clocks is not None:
             self.clocks.peak("storage.read_ahead_bytes", self._held)
-        _executor().submit(self._fetch, group)
+        background_pool("ahead", THREADS).submit(self._fetch, group)
 
     def _fetch(self, group: _Group) -> None:
         if not group.future.set_running_or_notify_cancel():

@@ -18,16 +18,15 @@ counters).
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.core.threads import background_pool
 from gpubatch.io.ranges import RangeFile, RangeReader
 from gpubatch.io.readahead import ReadAhead
 from gpubatch.io.redact import redact
@@ -53,8 +52,8 @@ from gpubatch.sources.slides.omezarr import OmeZarrBackend, folder_is_zarr, is_z
 
 #: formats whose data lives in a directory beside the file, named after its stem
 COMPANION_SUFFIXES = (".mrxs",)
-_SIDE_POOL: ThreadPoolExecutor | None = None
-_SIDE_LOCK = threading.Lock()
+#: threads asking streamed openings' first header bytes, per process
+HEADER_THREADS = 8
 
 
 def choose_access(uri: str, requested: str) -> str:
@@ -142,7 +141,8 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     """
     policy = policy or RetryPolicy()
     reader = open_ranges(uri, options, clocks, policy)
-    first = _side_pool().submit(_first_chunk, reader)  # the header's round trip beside the size's
+    # the header's round trip beside the size's (each thread waits one round trip)
+    first = background_pool("open", HEADER_THREADS).submit(_first_chunk, reader)
     try:
         info = stat(uri, options, policy, clocks)
         if info["type"] == "directory" or info["size"] <= 0:
@@ -166,15 +166,6 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     except BaseException:
         handle.close()
         raise
-
-
-def _side_pool() -> ThreadPoolExecutor:
-    """Threads for the first header request of streamed openings (each waits one round trip)."""
-    global _SIDE_POOL
-    with _SIDE_LOCK:
-        if _SIDE_POOL is None:
-            _SIDE_POOL = ThreadPoolExecutor(8, thread_name_prefix="gpubatch-open")
-        return _SIDE_POOL
 
 
 def _first_chunk(reader: RangeReader) -> bytes | None:

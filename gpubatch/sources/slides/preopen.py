@@ -20,10 +20,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from gpubatch.core.clocks import StageClocks
+from gpubatch.core.threads import background_pool
 from gpubatch.io.metrics import background
 from gpubatch.sources.slides.backends import SlideBackend
 
@@ -47,21 +48,18 @@ class Opening:
 
 _held: OrderedDict[str, Opening] = OrderedDict()
 _lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
 
 
 def open_ahead(uris: Sequence[str], opener: Opener) -> list[str]:
     """Start opening ``uris`` (those not held already) with ``opener(uri, clocks)``; the URIs started."""
-    global _pool
     started: list[str] = []
+    pool = background_pool("preopen", THREADS)
     with _lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(THREADS, "gpubatch-preopen")
         for uri in uris:
             if uri in _held:
                 continue
             clocks = StageClocks()
-            _held[uri] = Opening(_pool.submit(_open, opener, uri, clocks), clocks)
+            _held[uri] = Opening(pool.submit(_open, opener, uri, clocks), clocks)
             started.append(uri)
         while len(_held) > MAX_HELD:
             _, oldest = _held.popitem(last=False)
