@@ -55,8 +55,7 @@ class Submitter:
         self.pending: set[Any] = set()
         self._no_workers_since: float | None = None
         self._handed_back = time.monotonic()
-
-        self.dealer: Dealer | None = None
+        self.dealer: Dealer | None = None  #: set while shards are dealt to worker processes
 
     def _submit(self, shard: Shard, upcoming: tuple[str, ...], worker: str | None = None) -> Any:
         n = self.attempts.get(shard.shard_id, 0) + 1
