@@ -58,6 +58,24 @@ def test_a_free_local_output_is_leased_at_once(tmp_path: Path, monkeypatch: pyte
     assert [p.name for p in (tmp_path / "out").iterdir()] == [LEASE]  # no temporary left behind
 
 
+def test_without_hard_links_the_lease_is_written_waited_on_and_read_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that refuses hard links (some FUSE and SMB mounts) cannot create atomically:
+    the store says it cannot tell, and the lease is taken the object-store way, not refused."""
+    import os
+
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
+    store = OutputStore(tmp_path / "out")
+    assert store.create_json("probe.json", {}) is None
+    assert _acquire_within(_lease(store, "run-a"), 30) is None
+    assert json.loads((tmp_path / "out" / LEASE).read_text())["run_id"] == "run-a"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LEASE]  # no temporary left behind
+
+
 def test_two_runs_racing_for_a_free_output_one_wins_the_other_names_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lease_module, "CONFIRM_S", 600.0)
