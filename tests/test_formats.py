@@ -184,7 +184,9 @@ def test_a_run_from_object_storage_equals_the_local_run(tmp_path: Path, s3: S3St
                                                         mean_model: Path) -> None:
     remote = [s3.upload_folder(formats_dir / "dicom", "runs/case-1.2.3"),
               s3.upload_folder(formats_dir / "image.ome.zarr", "runs/image.ome.zarr")]
-    s3.proxy.configure(error_rate=0.05, seed=3)  # transient 503s: retried, counted, never seen
+    # transient 503s on one request in five: each request retried on its own (a folder walk of a
+    # dozen requests retried as a whole, or a library's request with its retries off, failed here)
+    s3.proxy.configure(error_rate=0.2, seed=3)
     job = slide_job(remote, mean_model, tmp_path / "remote", tiles={"size": 128, "level": 0, "mpp": None},
                     input={"uris": remote, "storage": s3.options()})
     got = gpubatch.run(write_job(tmp_path / "remote.yaml", job))
@@ -197,7 +199,7 @@ def test_a_run_from_object_storage_equals_the_local_run(tmp_path: Path, s3: S3St
     np.testing.assert_array_equal(a[["x", "y", "mean_0", "mean_1", "mean_2"]].to_numpy(),
                                   b[["x", "y", "mean_0", "mean_1", "mean_2"]].to_numpy())
     assert _readers(got) == ["wsidicom", "zarr"]
-    assert got.report["storage"]["requests"] > 0
+    assert got.report["storage"]["requests"] > 0 and got.report["storage"]["retries"] > 0
 
 
 def test_listing_on_object_storage_does_not_descend_into_images(s3: S3Stack, formats_dir: Path) -> None:

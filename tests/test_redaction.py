@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from gpubatch.io.redact import MASK, redact
-from gpubatch.io.storage import configure_storage, resolve_options, zarr_options
+from gpubatch.io.storage import configure_storage, library_options, resolve_options
 
 
 def _secret(tag: str) -> str:
@@ -51,9 +51,9 @@ def test_secret_from_job_input_storage_is_scrubbed() -> None:
         assert value not in text and text.count(MASK) == 2
 
 
-def test_secret_from_zarr_options_is_scrubbed() -> None:
+def test_secret_from_library_options_is_scrubbed() -> None:
     secret = _secret("zarrpass")
-    zarr_options("s3://bucket/g.zarr", {"password": secret})
+    library_options("s3://bucket/g.zarr", {"password": secret})
     assert secret not in _leaks(secret)
 
 

@@ -35,6 +35,7 @@ from gpubatch.io.ranges import (
     RetryingReader,
 )
 from gpubatch.io.redact import redact, register_secrets, register_uri
+from gpubatch.io.retried_fs import RetriedFS
 from gpubatch.io.retry import RetryPolicy, call_with_retries
 from gpubatch.io.uris import has_magic, is_remote, local_path, protocol_of, split_glob, uri_name
 
@@ -128,11 +129,13 @@ def resolve_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
-def zarr_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """Storage options for zarr's own fsspec store: profile then job options, secrets registered.
+def library_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Storage options for a library that makes its own requests (zarr's store, wsidicom's files):
+    profile then job options, secrets registered.
 
-    zarr makes its requests itself (and retries through the client library's own policy), so it
-    gets the merged options but not this layer's retry settings.
+    Its requests do not pass through this layer, so it gets the merged options but not this
+    layer's retry settings: the client library's own retries stay on (botocore retries a 503
+    four times), uncounted in the run's metrics but not fatal on the first one.
     """
     merged = {**_profile_options, **(options or {})}
     register_secrets(merged)
@@ -180,6 +183,13 @@ def get_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
             _fs_cache[token] = fs
     path = fs._strip_protocol(uri) if protocol != "file" else split_protocol(uri)[1]
     return fs, path
+
+
+def retried_fs(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
+               clocks: StageClocks | None = None) -> tuple[RetriedFS, str]:
+    """:func:`get_fs`'s filesystem with each call retried and counted, for walking a store."""
+    fs, path = get_fs(uri, options)
+    return RetriedFS(fs, uri, policy, clocks), path
 
 
 def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageClocks | None = None,

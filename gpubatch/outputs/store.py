@@ -22,7 +22,7 @@ from gpubatch.core.errors import GpubatchError, InputError
 from gpubatch.core.files import write_bytes_atomic
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries
-from gpubatch.io.storage import get_fs, zarr_options
+from gpubatch.io.storage import get_fs, library_options
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.outputs.layout import TMP_PREFIX
 
@@ -226,7 +226,7 @@ class OutputStore:
         if not self.remote:
             return zarr.open_group(self.path(name), mode=mode)  # type: ignore[arg-type]
         return zarr.open_group(self.url(name), mode=mode,  # type: ignore[arg-type]
-                               storage_options=zarr_options(self.uri, self.options))
+                               storage_options=library_options(self.uri, self.options))
 
 
 def _json_bytes(data: Any, indent: int | None = 1) -> bytes:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpubatch.core.errors import InputError
-from gpubatch.io.storage import exists, open_ranges, read_bytes, zarr_options
+from gpubatch.io.storage import exists, library_options, open_ranges, read_bytes
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.indexes import (
@@ -109,7 +109,7 @@ def open_genome_group(uri: str, storage_options: dict[str, Any] | None, mode: st
     import zarr
 
     if is_remote(uri):
-        return zarr.open_group(uri, mode=mode, storage_options=zarr_options(uri, storage_options))  # type: ignore[arg-type]
+        return zarr.open_group(uri, mode=mode, storage_options=library_options(uri, storage_options))  # type: ignore[arg-type]
     return zarr.open_group(local_path(uri), mode=mode)  # type: ignore[arg-type]
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.io.redact import redact
+from gpubatch.io.retried_fs import RetriedFS
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.sources.slides.backends import (
     DecodedTileCache,
@@ -95,19 +96,13 @@ def looks_like_dicom(uri: str) -> bool:
     return not is_remote(uri) and has_dicom_magic(local_path(uri))
 
 
-def _filesystem(uri: str, options: dict[str, Any] | None) -> tuple[Any, str]:
-    from gpubatch.io.storage import get_fs
-
-    return get_fs(uri, options)
-
-
-def read_header(fs: Any, path: str) -> DicomHeader | None:
+def read_header(fs: RetriedFS, path: str, size: int) -> DicomHeader | None:
     """The file's SOP class and series (header only); None when it is not DICOM at all."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        with fs.open(path, "rb", block_size=HEADER_BLOCK) as f:  # a header, not a 5 MB block
+        with fs.open(path, size, blocksize=HEADER_BLOCK) as f:  # a header, not the whole file
             ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
     except (InvalidDicomError, EOFError, ValueError, KeyError):
         return None
@@ -116,44 +111,50 @@ def read_header(fs: Any, path: str) -> DicomHeader | None:
     return DicomHeader(path, sop_class, str(ds.get("SeriesInstanceUID", "")))
 
 
-def folder_headers(fs: Any, folder: str) -> list[DicomHeader]:
+def _files(fs: RetriedFS, folder: str) -> list[dict[str, Any]]:
+    """The files directly in ``folder`` (hidden ones skipped), by name."""
+    entries = [e for e in fs.ls(folder) if e.get("type") == "file"
+               and not posixpath.basename(e["name"]).startswith(".")]
+    return sorted(entries, key=lambda e: e["name"])
+
+
+def folder_headers(fs: RetriedFS, folder: str) -> list[DicomHeader]:
     """Headers of the DICOM files directly in ``folder`` (not recursive; DICOMDIR skipped)."""
     headers = []
-    for entry in sorted(fs.ls(folder, detail=True), key=lambda e: e["name"]):
-        name = entry["name"]
-        if entry.get("type") != "file" or posixpath.basename(name).startswith("."):
-            continue
-        header = read_header(fs, name)
+    for entry in _files(fs, folder):
+        header = read_header(fs, entry["name"], int(entry.get("size") or 0))
         if header is not None and header.sop_class != DICOMDIR_SOP_CLASS:
             headers.append(header)
     return headers
 
 
-def folder_holds_dicom(fs: Any, folder: str) -> bool:
+def folder_holds_dicom(fs: RetriedFS, folder: str) -> bool:
     """Cheap test for a folder of DICOM files: one with a DICOM suffix, or the first file's magic."""
-    files = sorted(e["name"] for e in fs.ls(folder, detail=True) if e.get("type") == "file")
-    if any(f.lower().endswith(DICOM_SUFFIXES) for f in files):
+    files = _files(fs, folder)
+    if any(e["name"].lower().endswith(DICOM_SUFFIXES) for e in files):
         return True
-    for name in files[:1]:
-        with fs.open(name, "rb") as f:
+    for entry in files[:1]:
+        with fs.open(entry["name"], int(entry.get("size") or 0)) as f:
             f.seek(MAGIC_OFFSET)
             return bool(f.read(4) == MAGIC)
     return False
 
 
-def series_files(uri: str, options: dict[str, Any] | None = None) -> list[str]:
+def series_files(uri: str, options: dict[str, Any] | None = None, clocks: StageClocks | None = None) -> list[str]:
     """The files of the one DICOM-WSI series at ``uri``: a folder, or any one of its files.
 
     A file brings in its siblings of the same series (each level is a file of its own); a folder
     must hold exactly one WSI series. Raises InputError saying what was found instead.
     """
+    from gpubatch.io.storage import retried_fs
+
     require_dicom_packages(uri)
-    fs, path = _filesystem(uri, options)
+    fs, path = retried_fs(uri, options, clocks=clocks)
     paths = _series_of_folder(fs, path, uri) if fs.isdir(path) else _series_of_file(fs, path, uri)
-    return [_unstrip(fs, p) for p in paths]
+    return [fs.unstrip(p) for p in paths]
 
 
-def _series_of_folder(fs: Any, folder: str, uri: str) -> list[str]:
+def _series_of_folder(fs: RetriedFS, folder: str, uri: str) -> list[str]:
     headers = folder_headers(fs, folder)
     wsi = [h for h in headers if h.is_wsi]
     if not wsi:
@@ -165,10 +166,10 @@ def _series_of_folder(fs: Any, folder: str, uri: str) -> list[str]:
     return [h.path for h in wsi]
 
 
-def _series_of_file(fs: Any, path: str, uri: str) -> list[str]:
+def _series_of_file(fs: RetriedFS, path: str, uri: str) -> list[str]:
     if not fs.exists(path):
         raise InputError(redact(uri), "file not found")
-    header = read_header(fs, path)
+    header = read_header(fs, path, fs.size(path))
     if header is None:
         raise InputError(redact(uri), "not a DICOM file (no 'DICM' marker after the 128-byte preamble)")
     if not header.is_wsi:
@@ -191,12 +192,6 @@ def _no_wsi_message(headers: Sequence[DicomHeader]) -> str:
             "found: " + ", ".join(classes))
 
 
-def _unstrip(fs: Any, path: str) -> str:
-    """A path fsspec stripped of its protocol, as a URL wsidicom's UPath opens on the same store."""
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
-
-
 class WsiDicomBackend(TileGridBackend):
     """A DICOM-WSI series read through wsidicom, frame by frame on each level's tile grid.
 
@@ -207,15 +202,14 @@ class WsiDicomBackend(TileGridBackend):
 
     def __init__(self, uri: str, clocks: StageClocks | None = None, *,
                  options: dict[str, Any] | None = None, cache_bytes: int = 32 << 20):
-        from gpubatch.io.retry import call_with_retries
-        from gpubatch.io.storage import resolve_options
-
-        self.path = redact(uri)
-        files = call_with_retries(lambda: series_files(uri, options), self.path)  # header reads
         from wsidicom import Settings, WsiDicom
 
+        from gpubatch.io.storage import library_options
+
+        self.path = redact(uri)
+        files = series_files(uri, options, clocks)
         settings = Settings(decoded_frame_cache_size=1 << 20, encoded_frame_cache_size=1 << 20)
-        file_options = resolve_options(uri, options) if is_remote(uri) else None
+        file_options = library_options(uri, options) if is_remote(uri) else None  # wsidicom's requests
         try:
             self.slide = WsiDicom.open(files, file_options=file_options, settings=settings)
         except Exception as exc:  # wsidicom's errors share no base class; the files were vetted

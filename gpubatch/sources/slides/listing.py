@@ -104,11 +104,11 @@ def dicom_series_inputs(folder: str, files: list[str], options: dict[str, Any] |
         import pydicom  # noqa: F401
     except ImportError:
         return [sorted(files)[0]]
-    from gpubatch.io.retry import RetryPolicy, call_with_retries
-    from gpubatch.io.storage import get_fs
+    from gpubatch.io.retry import RetryPolicy
+    from gpubatch.io.storage import retried_fs
 
-    fs, path = get_fs(folder or ".", options)
-    headers = call_with_retries(lambda: folder_headers(fs, path), folder, RetryPolicy(attempts=10))
+    fs, path = retried_fs(folder or ".", options, RetryPolicy(attempts=10))  # at plan time: patient
+    headers = folder_headers(fs, path)
     everything = {_name(h.path): h for h in headers}
     matched = [everything.get(_name(f)) for f in sorted(files)]
     series = {h.series_uid for h in everything.values() if h.is_wsi}

@@ -33,6 +33,7 @@ from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.io.metrics import record_request
 from gpubatch.io.redact import redact
+from gpubatch.io.retried_fs import RetriedFS
 from gpubatch.io.retry import RetryPolicy, call_with_retries, is_transient, storage_error
 from gpubatch.io.uris import is_remote, local_path, uri_name
 from gpubatch.sources.slides.backends import (
@@ -60,7 +61,7 @@ def is_zarr_uri(uri: str) -> bool:
     return uri_name(uri).lower().endswith(ZARR_SUFFIXES)
 
 
-def folder_is_zarr(fs: Any, folder: str) -> bool:
+def folder_is_zarr(fs: RetriedFS, folder: str) -> bool:
     """A folder holding zarr metadata at its top (an OME-Zarr image named without ``.zarr``)."""
     return any(fs.exists(f"{folder.rstrip('/')}/{name}") for name in ZARR_METADATA)
 
@@ -207,10 +208,10 @@ class OmeZarrBackend(SlideBackend):
     def _open_root(self, url: str, options: dict[str, Any] | None) -> Any:
         import zarr
 
-        from gpubatch.io.storage import zarr_options
+        from gpubatch.io.storage import library_options
 
         target = url if is_remote(url) else local_path(url)
-        opts = zarr_options(url, options) if is_remote(url) else None
+        opts = library_options(url, options) if is_remote(url) else None
         try:
             return call_with_retries(lambda: zarr.open_group(target, mode="r", storage_options=opts),
                                      self.path, self.policy)

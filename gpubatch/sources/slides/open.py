@@ -114,11 +114,11 @@ def open_slide(path: str, clocks: StageClocks, *, fileobj: Any = None,
 
 def _open_folder_format(path: str, clocks: StageClocks) -> SlideBackend | None:
     """OME-Zarr images and DICOM-WSI series (a folder, or a DICOM file); None for other files."""
-    from fsspec.implementations.local import LocalFileSystem
+    from gpubatch.io.storage import retried_fs
 
     if not os.path.exists(path):
         raise InputError(path, "file not found")
-    folder, fs = os.path.isdir(path), LocalFileSystem()
+    folder, (fs, _) = os.path.isdir(path), retried_fs(path)
     if is_zarr_uri(path) or (folder and folder_is_zarr(fs, path)):
         return OmeZarrBackend(path, clocks)
     if folder and folder_holds_dicom(fs, path) or not folder and looks_like_dicom(path):
@@ -274,7 +274,7 @@ def open_in_place(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
                   policy: RetryPolicy | None = None) -> SlideBackend | None:
     """A remote OME-Zarr image or DICOM-WSI series opened where it lies; None for single-file
     formats. A prefix (folder) is looked into: zarr metadata, else DICOM files, else an error."""
-    from gpubatch.io.storage import get_fs
+    from gpubatch.io.storage import retried_fs
 
     if is_zarr_uri(uri):
         return OmeZarrBackend(uri, clocks, options=options, policy=policy)
@@ -283,7 +283,7 @@ def open_in_place(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     info = stat(uri, options, policy, clocks)  # folders are often named by a UID with dots in it
     if info["type"] != "directory":
         return WsiDicomBackend(uri, clocks, options=options) if read_in_place(uri) else None
-    fs, path = get_fs(uri, options)
+    fs, path = retried_fs(uri, options, policy, clocks)
     if folder_is_zarr(fs, path):
         return OmeZarrBackend(uri, clocks, options=options, policy=policy)
     if folder_holds_dicom(fs, path):

@@ -1,0 +1,59 @@
+"""An fsspec filesystem seen through the retry layer: each call retried and counted on its own.
+
+Telling a folder's format and reading DICOM headers walk a store with fsspec's own calls (list,
+exists, a few small reads). The clients :func:`gpubatch.io.storage.get_fs` makes have their
+library's retries switched off, so a bare call fails on the first 503; and retrying a whole walk
+of N requests as one call succeeds with probability (1-p)^N per attempt, which a folder of a
+dozen files under a throttling store soon runs out of. Here each request has its own attempts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gpubatch.io.ranges import FsspecRangeReader, MeasuredReader, RangeFile, RetryingReader
+from gpubatch.io.redact import redact
+from gpubatch.io.retry import RetryPolicy, call_with_retries
+
+if TYPE_CHECKING:
+    from gpubatch.core.clocks import StageClocks
+
+
+class RetriedFS:
+    """The calls a store walk needs, each under the policy; failures become InputError.
+
+    ``name`` is what errors name (the URI the walk started from, redacted on the way out).
+    """
+
+    def __init__(self, fs: Any, name: str, policy: RetryPolicy | None = None,
+                 clocks: StageClocks | None = None):
+        self.fs, self.name = fs, redact(name)
+        self.policy, self.clocks = policy or RetryPolicy(), clocks
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return call_with_retries(lambda: fn(*args, **kwargs), self.name, self.policy, self.clocks)
+
+    def ls(self, path: str) -> list[dict[str, Any]]:
+        """Entries directly under ``path`` with their details (name, type, size)."""
+        return list(self._call(self.fs.ls, path, detail=True))
+
+    def exists(self, path: str) -> bool:
+        return bool(self._call(self.fs.exists, path))
+
+    def isdir(self, path: str) -> bool:
+        return bool(self._call(self.fs.isdir, path))
+
+    def size(self, path: str) -> int:
+        return int(self._call(self.fs.info, path).get("size") or 0)
+
+    def open(self, path: str, size: int, blocksize: int = RangeFile.BLOCKSIZE) -> RangeFile:
+        """A seekable file of ``size`` bytes whose every read is one retried, counted request of
+        at least ``blocksize`` bytes; close it when done."""
+        inner = FsspecRangeReader(self.fs, path, self.name, max_concurrency=4)
+        reader = MeasuredReader(RetryingReader(inner, self.policy, self.clocks), self.clocks)
+        return RangeFile(reader, size, path.rsplit("/", 1)[-1], blocksize=blocksize)
+
+    def unstrip(self, path: str) -> str:
+        """``path`` as a URL (fsspec strips the protocol); local paths stay paths."""
+        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
+        return path if protocol in ("file", "local") else str(self.fs.unstrip_protocol(path))
