@@ -119,6 +119,22 @@ def test_normalize_tiles_writes_into_a_fitting_buffer() -> None:
     np.testing.assert_array_equal(buffer, fresh)
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_normalize_tiles_equals_one_broadcast_bit_for_bit(layout: str) -> None:
+    """Planes a few images at a time (NCHW) and whole rows (NHWC) give exactly the one-broadcast
+    result, for a batch that is no multiple of the images per pass and a strided input."""
+    tiles = _tiles(np.random.default_rng(6), n=2 * kernels.IMAGES_PER_PASS + 3, h=37, w=29, c=3)[:, ::2]
+    std = np.asarray(STD, dtype=np.float32)
+    scale, offset = (1.0 / (255.0 * std)).astype(np.float32), (-np.asarray(MEAN, np.float32) / std).astype(np.float32)
+    src, shape = (tiles.transpose(0, 3, 1, 2), (1, -1, 1, 1)) if layout == "NCHW" else (tiles, (1, 1, 1, -1))
+    want = np.multiply(src, scale.reshape(shape)) + offset.reshape(shape)
+    np.testing.assert_array_equal(kernels.normalize_tiles(tiles, MEAN, STD, layout), want)
+    strided = np.zeros((2 * want.shape[0], *want.shape[1:]), np.float32)[::2]  # not contiguous: not reused
+    got = kernels.normalize_tiles(tiles, MEAN, STD, layout, out=strided)
+    assert got is not strided and not strided.any()
+    np.testing.assert_array_equal(got, want)
+
+
 def test_encode_dna_codes_by_hand() -> None:
     assert kernels.encode_dna("ACGTNacgtR-").tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 4]
 
