@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,7 @@ import pytest
 from gpubatch import report as rp
 from gpubatch.core.results import ShardResult
 from gpubatch.io.metrics import LATENCY_PREFIX
+from gpubatch.report.summary import host_cpu
 
 
 def summary(starvation: float = 0.01, parts: dict[str, float] | None = None, **kw: Any) -> dict[str, Any]:
@@ -56,6 +61,40 @@ def test_decode_bound_asks_for_readers_and_gpu_decode() -> None:
     assert v["limiting_layer"] == rp.LAYER_STORAGE and v["detail"] == "decode on the host"
     assert v["band"] == "moderately input-bound"
     assert "run.readers" in v["next_move"] and "7.00 s decoding" in v["evidence"]
+
+
+@pytest.mark.parametrize("kind", ["slides", "genome"])
+def test_host_work_on_full_cores_asks_for_cores_not_threads(kind: str) -> None:
+    """Decode (or window cutting) that starves the model while the workers' cores are full is
+    CPU work: more reader threads would take turns on the same cores, so none are advised."""
+    parts = {"storage": 0.5, "decode": 6.0, "compute": 5.0}
+    full = rp.verdict(summary(0.12, parts, kind=kind, host_cpu={"busy": 0.97, "cores": 2}))
+    assert "run.readers" not in full["next_move"] and "more cores" in full["next_move"]
+    assert "the workers' 2 cores were 97% busy while shards ran" in full["evidence"]
+    room = rp.verdict(summary(0.12, parts, kind=kind, host_cpu={"busy": 0.55, "cores": 2}))
+    assert "run.readers from 4 to 8" in room["next_move"] and "55% busy" in room["evidence"]
+    unmeasured = rp.verdict(summary(0.12, parts, kind=kind))
+    assert "run.readers from 4 to 8" in unmeasured["next_move"] and "busy while" not in unmeasured["evidence"]
+
+
+def test_core_use_counts_every_process_on_the_workers_cores() -> None:
+    """A process spinning on each allowed core, outside this one, fills the cores' busy share."""
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.core.cpu import core_times, count_core_use
+
+    cores = len(os.sched_getaffinity(0))
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(cores)]
+    try:
+        time.sleep(0.3)  # started and spinning
+        clocks, before = StageClocks(), core_times()
+        time.sleep(0.8)
+        count_core_use(clocks, before)
+    finally:
+        for p in procs:
+            p.wait(timeout=30)
+    figure = host_cpu(clocks.counters, clocks.peaks)
+    assert figure is not None and figure["cores"] == cores and figure["busy"] > 0.85
 
 
 def test_shard_setup_counts_under_storage_host_transport() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def test_local_cluster_outputs_and_report(tmp_path: Path, slides_dir: Path, clas
         assert key in report
     assert set(report["stages"]) >= {"read", "model", "write"}
     assert all(set(v) == {"busy_s", "starved_s", "blocked_s"} for v in report["stages"].values())
+    assert report["host_cpu"]["cores"] == len(os.sched_getaffinity(0)) and 0 < report["host_cpu"]["busy"] <= 1
     df = result.predictions()
     assert len(df) == report["items"] > 0
     assert np.allclose(df[["probs_0", "probs_1", "probs_2"]].sum(axis=1), 1.0, atol=1e-5)

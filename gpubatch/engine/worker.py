@@ -17,6 +17,7 @@ import traceback
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks
+from gpubatch.core.cpu import core_times, count_core_use
 from gpubatch.core.errors import InputError
 from gpubatch.core.files import file_sha256
 from gpubatch.core.memory import cap_malloc_arenas, use_system_arrow_pool
@@ -100,7 +101,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
     commit record is written here, on the worker, right after the shard's files: a client that
     dies meanwhile loses nothing that was computed.
     """
-    started = time.time()
+    started, cores_before = time.time(), core_times()
     _configure_worker_once(ctx)
     source = get_source(job.kind)
     source.before_shard(job, upcoming)
@@ -132,6 +133,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)
             part = writer.commit()
             shard_attrs = reader.attrs
+        count_core_use(clocks, cores_before)
         result = ShardResult(
             shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(MAX_SAMPLES),
             attrs=shard_attrs, model=_describe(model, head), host=socket.gethostname(), pid=os.getpid(),

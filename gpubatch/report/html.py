@@ -81,6 +81,11 @@ document.body.setAttribute('data-plots-rendered',ok+'/'+figs.length);})();
 """
 
 
+def _cores_busy(report: dict[str, Any]) -> str | None:
+    cpu = report.get("host_cpu")
+    return f"{cpu['busy']:.0%} of {cpu.get('cores') or '?'}" if cpu else None
+
+
 def _num(v: float | None, fmt: str = "{:.1f}", none: str = "–") -> str:
     return none if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
@@ -257,7 +262,8 @@ def _run_table(report: dict[str, Any]) -> str:
             ("workers", report.get("workers")), ("readers per worker", report.get("readers")),
             ("profile", report.get("profile")), ("storage requests", st.get("requests")),
             ("storage MB", _num((st.get("bytes") or 0) / 1e6)), ("storage MB/s", _num(st.get("mb_per_s"))),
-            ("storage retries", st.get("retries")), ("gpubatch", report.get("gpubatch_version")),
+            ("storage retries", st.get("retries")), ("cores busy while shards ran", _cores_busy(report)),
+            ("gpubatch", report.get("gpubatch_version")),
             ("model sha256", (report.get("model_sha256") or "")[:16])]
     cells = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l mono">{escape(str(v if v is not None else "–"))}</td></tr>'
                     for k, v in rows)

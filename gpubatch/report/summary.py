@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks, stage_breakdown, starvation_of
+from gpubatch.core.cpu import BUSY_KEY, CORES_KEY, ELAPSED_KEY
 from gpubatch.core.results import RunSummary, ShardResult
 from gpubatch.io.metrics import storage_summary
 from gpubatch.outputs.layout import REPORT_JSON
@@ -124,6 +125,7 @@ class SummaryBuilder:
             "counters": dict(self.clocks.counters),
             "peaks": dict(self.clocks.peaks),
             "storage": storage_summary(dict(self.clocks.counters), wall_s, self.clocks.peaks),
+            "host_cpu": host_cpu(self.clocks.counters, self.clocks.peaks),
             "model_only_items_per_s": self.items / compute_s * min(workers, self.ran or 1) if compute_s else None,
             "batches": self.batches,
             "batch_fill": self.items / (self.batches * batch_size) if self.batches else 1.0,
@@ -142,6 +144,14 @@ class SummaryBuilder:
         }
         doc["verdict"] = verdict(doc)
         return RunSummary.from_dict(doc)
+
+
+def host_cpu(counters: dict[str, float], peaks: dict[str, float]) -> dict[str, Any] | None:
+    """How busy the workers' cores were while shards ran (core.cpu), or None where not measured."""
+    elapsed = counters.get(ELAPSED_KEY, 0.0)
+    if elapsed <= 0:
+        return None
+    return {"busy": min(1.0, counters.get(BUSY_KEY, 0.0) / elapsed), "cores": int(peaks.get(CORES_KEY, 0))}
 
 
 def summarize(shards: list[ShardResult], failed: list[dict[str, str]], wall_s: float,

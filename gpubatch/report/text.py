@@ -117,6 +117,11 @@ def _clock_lines(report: dict[str, Any]) -> list[str]:
     storage = _storage_line(report)
     if storage:
         lines.append(storage)
+    cpu = report.get("host_cpu")
+    if cpu:
+        cores = f"{cpu['cores']} cores" if cpu.get("cores") else "cores"
+        lines.append(f"  cores: the workers' {cores} were {cpu['busy']:.0%} busy while shards ran "
+                     "(every process on them counted)")
     return lines
 
 

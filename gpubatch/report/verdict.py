@@ -40,6 +40,8 @@ MAX_LISTED_ERRORS = 3
 STATE_VERDICT, STATE_FAILED, STATE_EMPTY, STATE_RESUMED, STATE_TOO_SMALL = (
     "verdict", "failed", "empty", "nothing-ran", "too-small")
 OTHER_SHARE = 0.05      # a model-stage part is named in the evidence above this share of its busy time
+# The workers' cores this busy while shards ran are full: more threads only take turns on them.
+CORES_FULL = 0.90
 
 
 def band(starvation: float) -> str:
@@ -77,6 +79,8 @@ class _Figures:
     kind: str = "slides"
     batch_bytes: int = 0  # model input per full batch; 0 when the run did not record it
     model_parts: dict[str, float] | None = None  # the model stage's busy time by part, with other
+    cores_busy: float | None = None  # share of the workers' cores busy while shards ran (core.cpu)
+    cores: int = 0
 
     @classmethod
     def of(cls, summary: dict[str, Any]) -> _Figures:
@@ -98,7 +102,20 @@ class _Figures:
             kind=str(summary.get("kind", "slides")),
             batch_bytes=int(summary.get("batch_input_bytes") or 0),
             model_parts=(summary.get("stage_parts") or {}).get("model"),
+            cores_busy=(summary.get("host_cpu") or {}).get("busy"),
+            cores=int((summary.get("host_cpu") or {}).get("cores") or 0),
         )
+
+    @property
+    def cores_full(self) -> bool:
+        return self.cores_busy is not None and self.cores_busy >= CORES_FULL
+
+    def cores_evidence(self) -> str:
+        """"; the workers' N cores were X% busy while shards ran", or nothing where not measured."""
+        if self.cores_busy is None:
+            return ""
+        cores = f"{self.cores} cores" if self.cores else "cores"
+        return f"; the workers' {cores} were {self.cores_busy:.0%} busy while shards ran"
 
 
 def _refused_precision(summary: dict[str, Any]) -> str:
@@ -128,20 +145,28 @@ def _input_finding(f: _Figures) -> _Finding:
         latency = f"; storage p99 latency {f.p99_ms:.3g} ms" if f.p99_ms else ""
         return _Finding(
             LAYER_STORAGE, "storage reads",
-            f"{lead} {f.storage:.2f} s on storage against {f.decode:.2f} s decoding{latency}",
+            f"{lead} {f.storage:.2f} s on storage against {f.decode:.2f} s decoding{latency}{f.cores_evidence()}",
             f"{_more_readers(f)} to keep more requests in flight, or stage inputs locally "
             "(input.access: stage) so the next slide is fetched while the current one computes")
     if f.kind == "genome":
         return _Finding(
             LAYER_STORAGE, "sequence reading on the host",
-            f"{lead} {f.decode:.2f} s cutting windows against {f.storage:.2f} s on storage",
-            f"{_more_readers(f)} or worker processes; raise windows.chunk_bases so each read covers "
+            f"{lead} {f.decode:.2f} s cutting windows against {f.storage:.2f} s on storage{f.cores_evidence()}",
+            f"{_more_threads(f, 'window cutting')}; raise windows.chunk_bases so each read covers "
             "more windows; ingest the FASTA once (gpubatch ingest genome) for chunked, compressed reads")
     return _Finding(
         LAYER_STORAGE, "decode on the host",
-        f"{lead} {f.decode:.2f} s decoding/resampling against {f.storage:.2f} s on storage",
-        f"{_more_readers(f)} or worker processes so decode keeps up; read the pyramid level nearest "
+        f"{lead} {f.decode:.2f} s decoding/resampling against {f.storage:.2f} s on storage{f.cores_evidence()}",
+        f"{_more_threads(f, 'decode')}; read the pyramid level nearest "
         "the target resolution; decode on the GPU (nvImageCodec/cuCIM) where available")
+
+
+def _more_threads(f: _Figures, work: str) -> str:
+    """More readers where the cores have room; where they are full, more cores, not threads."""
+    if f.cores_full:
+        return ("the cores are full, so more reader threads would only take turns on them: run on "
+                "more cores (more or larger nodes, one worker process per few cores)")
+    return f"{_more_readers(f)} or worker processes so {work} keeps up"
 
 
 def _setup_finding(f: _Figures) -> _Finding:
