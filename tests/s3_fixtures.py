@@ -44,12 +44,14 @@ DENIED_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenie
 
 @dataclass
 class Faults:
-    """What the proxy does to read requests (GET/HEAD); writes always pass through untouched."""
+    """What the proxy does to requests: reads (GET/HEAD) and, apart, writes (PUT/POST/DELETE)."""
 
-    error_rate: float = 0.0     # share answered 503 SlowDown
+    error_rate: float = 0.0     # share of reads answered 503 SlowDown
+    write_error_rate: float = 0.0  # share of writes answered 503 SlowDown (an upload's parts too)
     reset_rate: float = 0.0     # share whose connection is reset (half before, half mid-body)
     latency_s: float = 0.0      # added to every request
     forbidden: set[str] = field(default_factory=set)  # "bucket/key" answered 403 AccessDenied
+    failing_writes: set[str] = field(default_factory=set)  # writes to keys ending so answered 503
     seed: int = 0
 
 
@@ -60,16 +62,19 @@ class FaultProxy:
         self.upstream = upstream
         self.faults = faults or Faults()
         self.stats: dict[str, int] = {"requests": 0, "errors": 0, "resets": 0, "forbidden": 0,
-                                      "GET": 0, "HEAD": 0}
+                                      "GET": 0, "HEAD": 0, "write_errors": 0}
         #: the signing headers of the last reads (Authorization, x-amz-security-token), newest last
         self.signatures: list[dict[str, str]] = []
         #: GET requests per object key
         self.gets: dict[str, int] = {}
         #: GET requests per key that read from byte 0 (whole objects, and a slide's header: an opening)
         self.from_start: dict[str, int] = {}
-        #: per key, whether each of those GETs arrived while a HEAD of the key was unanswered
+        #: per key, whether each of those GETs was in flight at once with a HEAD of the key
+        #: (either arriving first: the two are sent together, and either may reach us first)
         self.from_start_beside_head: dict[str, list[bool]] = {}
         self._heads_open: dict[str, int] = {}
+        self._from_start_open: dict[str, set[int]] = {}  # per key, indices of unanswered ones
+        self._request = threading.local()  # the from-start GET this handler thread is answering
         self._rng = random.Random(self.faults.seed)
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -96,6 +101,7 @@ class FaultProxy:
             self.from_start = {}
             self.from_start_beside_head = {}
             self._heads_open = {}
+            self._from_start_open = {}
 
     def note_signature(self, headers: Any) -> None:
         with self._lock:
@@ -110,15 +116,24 @@ class FaultProxy:
             if method in ("GET", "HEAD"):
                 self.stats[method] += 1
             if method not in ("GET", "HEAD"):
+                if any(_key(path).endswith(end) for end in self.faults.failing_writes) or (
+                        self.faults.write_error_rate and self._rng.random() < self.faults.write_error_rate):
+                    self.stats["write_errors"] += 1
+                    return "error"
                 return "forward"
             key = _key(path)
             if method == "HEAD":
                 self._heads_open[key] = self._heads_open.get(key, 0) + 1
+                for index in self._from_start_open.get(key, ()):
+                    self.from_start_beside_head[key][index] = True
             if method == "GET":
                 self.gets[key] = self.gets.get(key, 0) + 1
                 if byte_range is None or byte_range.replace(" ", "").startswith("bytes=0-"):
                     self.from_start[key] = self.from_start.get(key, 0) + 1
-                    self.from_start_beside_head.setdefault(key, []).append(self._heads_open.get(key, 0) > 0)
+                    beside = self.from_start_beside_head.setdefault(key, [])
+                    beside.append(self._heads_open.get(key, 0) > 0)
+                    self._from_start_open.setdefault(key, set()).add(len(beside) - 1)
+                    self._request.from_start = (key, len(beside) - 1)
             if key in self.faults.forbidden:
                 self.stats["forbidden"] += 1
                 return "forbidden"
@@ -133,10 +148,14 @@ class FaultProxy:
 
     def finished(self, method: str, path: str) -> None:
         """A request has been answered (or dropped)."""
-        if method == "HEAD":
-            with self._lock:
-                key = _key(path)
+        with self._lock:
+            key = _key(path)
+            if method == "HEAD":
                 self._heads_open[key] = max(0, self._heads_open.get(key, 0) - 1)
+            answered = getattr(self._request, "from_start", None)
+            if method == "GET" and answered is not None:
+                self._from_start_open.get(answered[0], set()).discard(answered[1])
+                self._request.from_start = None
 
     def close(self) -> None:
         self.server.shutdown()
