@@ -16,6 +16,7 @@ import pytest
 from conftest import cli, slide_job, synthetic_slides, wait_for, write_job
 
 import gpubatch
+from gpubatch.core.errors import OutputsNotWrittenError
 
 if TYPE_CHECKING:
     from s3_fixtures import S3Stack
@@ -58,7 +59,8 @@ def test_every_output_lands_on_s3_and_reads_back(tmp_path: Path, slides: Path, c
                                                  clean: pd.DataFrame, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     uri = f"s3://{s3.bucket}/runs/{uuid.uuid4().hex}"
-    s3.proxy.configure(error_rate=0.05, seed=11)  # the output path retries like the input path
+    # the output path retries like the input path: reads, and writes (an upload's parts too)
+    s3.proxy.configure(error_rate=0.05, write_error_rate=0.15, seed=11)
     result = gpubatch.run(_job(tmp_path, slides, classifier, uri, s3.options()), profile="inline")
     assert result.exit_code == 0 and result.output_uri == uri
     assert not list(tmp_path.glob("s3*"))  # no local folder named after the URI
@@ -77,6 +79,44 @@ def test_every_output_lands_on_s3_and_reads_back(tmp_path: Path, slides: Path, c
     for path in fs.find(uri.removeprefix("s3://")):
         blob = fs.cat(path)
         assert s3.secret.encode() not in blob and s3.key.encode() not in blob, path
+
+
+def test_a_streamed_upload_survives_503s_on_its_parts(s3: S3Stack) -> None:
+    """A file written as a stream (a parquet part, predictions.parquet) uploads its parts as its
+    buffer fills; one answered 503 cannot be sent again by gpubatch's retries (it has left the
+    stream), so the client's own must: with them off, one upload in two failed here."""
+    from gpubatch.outputs.store import OutputStore
+
+    payload = os.urandom(12 << 20)  # three parts of a multipart upload at 5 MiB blocks
+    for seed in range(5):
+        store = OutputStore(f"s3://{s3.bucket}/uploads/{uuid.uuid4().hex}",
+                            {**s3.options(), "default_block_size": 5 << 20})
+        s3.proxy.configure(write_error_rate=0.3, seed=seed)
+        with store.open_write("big.bin") as f:
+            f.write(payload)
+        s3.proxy.reset()
+        assert store.read_bytes("big.bin") == payload
+
+
+def test_outputs_that_cannot_be_written_fail_the_run_clearly_and_resume_writes_them(
+        tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack, clean: pd.DataFrame) -> None:
+    """Every shard committed, then predictions.parquet refused: the run stops with a message that
+    says so and names --resume (not a traceback), status.json says failed, and --resume writes
+    the outputs without computing a shard again."""
+    uri = f"s3://{s3.bucket}/runs/{uuid.uuid4().hex}"
+    quick = {**s3.options(), "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+    job = _job(tmp_path, slides, classifier, uri, quick)
+    s3.proxy.configure(failing_writes={"/predictions.parquet"})
+    with pytest.raises(OutputsNotWrittenError, match="rerun with --resume") as info:
+        gpubatch.run(job, profile="inline")
+    assert s3.secret not in str(info.value)
+    status = json.loads(s3.fs().cat(f"{uri.removeprefix('s3://')}/status.json"))
+    assert status["state"] == "failed" and status["done"] == N_SLIDES
+    s3.proxy.reset()
+    result = gpubatch.run(job, profile="inline", resume=True)
+    assert result.exit_code == 0
+    assert sum(1 for s in result.report["shards"] if s["resumed"]) == N_SLIDES
+    pd.testing.assert_frame_equal(_sorted(result.predictions()), clean)
 
 
 def test_status_and_report_read_an_s3_output(tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack) -> None:

@@ -65,6 +65,17 @@ class InputError(GpubatchError):
         super().__init__(f"{input_uri}: {message}")
 
 
+class OutputsNotWrittenError(GpubatchError):
+    """The shards are committed, but the run's end-of-run outputs (predictions.parquet, the
+    report, per-slide files) could not be written; ``--resume`` writes them without recomputing."""
+
+    def __init__(self, output_uri: str, cause: BaseException):
+        super().__init__(
+            f"every committed shard is kept, but writing the run's outputs to {safe_text(output_uri)} "
+            f"kept failing ({safe_text(f'{type(cause).__name__}: {cause}')[:300]}); rerun with "
+            "--resume to write them (no shard is computed again)")
+
+
 class ValidationGateError(GpubatchError):
     """A reduced-precision model disagreed with fp32 beyond the configured threshold."""
 

@@ -185,6 +185,22 @@ def get_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
     return fs, path
 
 
+def upload_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """:func:`get_fs`'s filesystem with the client library's retries on, for streamed writes.
+
+    A file written as a stream uploads its parts as its buffer fills, and the part that fails
+    is gone from the stream by then: this layer cannot send it again, so the client must
+    (botocore re-sends a request's body; its standard mode retries 5xx, throttling and dropped
+    connections). Uncounted in the run's metrics, but an upload survives a 503.
+    """
+    merged = dict(options or {})
+    if protocol_of(uri) in ("s3", "s3a"):
+        config = dict(merged.get("config_kwargs") or {})
+        config.setdefault("retries", {"max_attempts": RetryPolicy().attempts, "mode": "standard"})
+        merged["config_kwargs"] = config
+    return get_fs(uri, merged)
+
+
 def retried_fs(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
                clocks: StageClocks | None = None) -> tuple[RetriedFS, str]:
     """:func:`get_fs`'s filesystem with each call retried and counted, for walking a store."""

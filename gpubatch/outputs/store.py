@@ -22,7 +22,7 @@ from gpubatch.core.errors import GpubatchError, InputError
 from gpubatch.core.files import write_bytes_atomic
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries
-from gpubatch.io.storage import get_fs, library_options
+from gpubatch.io.storage import get_fs, library_options, upload_fs
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.outputs.layout import TMP_PREFIX
 
@@ -189,7 +189,8 @@ class OutputStore:
         an error: on object storage the upload completes on close; on disk it is written under a
         temporary name and renamed."""
         if self.remote:
-            with self.fs.open(self.path(name), "wb") as raw:
+            fs, _ = upload_fs(self.uri, self.options)
+            with fs.open(self.path(name), "wb") as raw:
                 yield HashingWriter(raw)
             return
         target, tmp = self._temporary_beside(name)

@@ -26,7 +26,14 @@ from typing import Any
 
 from gpubatch import __version__
 from gpubatch.core.clocks import StageClocks
-from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, GpubatchError
+from gpubatch.core.errors import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    GpubatchError,
+    InputError,
+    OutputsNotWrittenError,
+)
 from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.memory import hand_back_freed_memory
 from gpubatch.core.results import ShardResult
@@ -133,7 +140,12 @@ class _Run:
             head_start = done_first()
             if head_start is not None:  # requests made here before the workers ran
                 self.builder.clocks.merge(head_start)
-        result = self._finish(source, shards, ctx, prepared, n_workers, lost)
+        try:
+            result = self._finish(source, shards, ctx, prepared, n_workers, lost)
+        except (OSError, InputError) as exc:  # storage that kept failing: the commits stand
+            error = OutputsNotWrittenError(redact(self.store.uri), exc)
+            self._abandon(progress, error)
+            raise error from None
         progress.finish("finished")
         return result
 
