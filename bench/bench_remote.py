@@ -21,6 +21,11 @@ machine's cores with gpubatch; their CPU share of the machine during each row is
 object store spends none of the workers' cores). Both run at raised priority (nice -10) so that
 other work on a shared machine does not delay their answers.
 
+``--plan-ahead`` adds streamed rows whose slides opened ahead are not planned ahead: the worker
+processes run with ``GPUBATCH_PLAN_AHEAD=0`` (set for them through Dask's pre-spawn environment),
+so a shard finds its slide open, with its coarsest level fetched, but works out its tissue tiles
+and read blocks itself, and only then asks for their bytes (the opening ahead as it was before).
+
 ``--by-dask`` adds streamed rows run with the submit loop that came before shards were dealt to
 worker processes (gpubatch/runtime/dealing.py): Dask chooses each shard's process, and each shard
 names the plan's next slides, which every process then opens ahead on its own.
@@ -53,6 +58,7 @@ CORES = os.cpu_count() or 1
 BUCKET = "bench"
 #: rows streamed with shards placed by Dask rather than dealt (--by-dask)
 BY_DASK = "stream, placed by Dask"
+NOT_PLANNED = "stream, not planned ahead"
 KEY, SECRET = "bench", "bench-secret"  # SeaweedFS without an IAM config accepts any signature
 
 
@@ -191,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--by-dask", action="store_true",
                     help="also stream with the shards placed by Dask instead of dealt to the worker "
                          "processes (the submit loop before runtime.dealing), side by side")
+    ap.add_argument("--plan-ahead", action="store_true",
+                    help="also stream with the slides opened ahead but not planned ahead "
+                         "(GPUBATCH_PLAN_AHEAD=0 in the workers), side by side")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.split("x"))
@@ -216,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     columns = ["source", "access", "latency ms", "items", "items/s", "% of local", "shards items/s",
                "shards % of local", "cpu ms/item", "cpu % of local", "starvation", "requests", "KB/request", "in flight", "p99 ms", "storage wait s",
-               "opened ahead", "staged ahead", "read-ahead hits", "read-ahead misses",
+               "opened ahead", "planned ahead", "staged ahead", "read-ahead hits", "read-ahead misses",
                "server cpu %", "proxy cpu %", "machine busy %"]
     md = table(rows, columns)
     print(md)
@@ -241,6 +250,8 @@ def _contestants(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[flo
             names[f"{access}@{ms:g}"] = (job, ms)
             if access == "stream" and args.by_dask:
                 names[f"{BY_DASK}@{ms:g}"] = (job, ms)
+            if access == "stream" and args.plan_ahead:
+                names[f"{NOT_PLANNED}@{ms:g}"] = (job, ms)
     return names
 
 
@@ -261,6 +272,25 @@ def _placed_by(name: str) -> Iterator[None]:
         Submitter.run = dealt  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _planned_ahead(name: str) -> Iterator[None]:
+    """For the not-planned rows: GPUBATCH_PLAN_AHEAD=0 in the worker processes started meanwhile
+    (Dask's pre-spawn environment) and in this process (the inline profile's workers)."""
+    import dask
+
+    from gpubatch.sources.slides.source import PLAN_AHEAD_ENV
+
+    if not name.startswith(NOT_PLANNED):
+        yield
+        return
+    os.environ[PLAN_AHEAD_ENV] = "0"
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{PLAN_AHEAD_ENV}": "0"}):
+            yield
+    finally:
+        os.environ.pop(PLAN_AHEAD_ENV, None)
+
+
 def _measure(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, tuple[Any, int]],
              server: psutil.Process, stage_dir: Path) -> list[dict[str, Any]]:
     contestants = _contestants(args, wl, proxies)
@@ -277,7 +307,7 @@ def _measure(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, 
             s0, p0, t0 = _cpu([server]), _cpu(watched_ps), time.perf_counter()
             m0 = psutil.cpu_times()
             last.pop("steady_s", None)
-            with TreeCPU(helpers=[server, *watched_ps]) as tree, _placed_by(name):
+            with TreeCPU(helpers=[server, *watched_ps]) as tree, _placed_by(name), _planned_ahead(name):
                 items = run_gpubatch(job, last)
             wall = time.perf_counter() - t0
             rep = last["report"]
@@ -288,6 +318,7 @@ def _measure(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, 
                 "bpr": storage.get("bytes_per_request"), "in_flight": storage.get("in_flight_mean"),
                 "p99": storage.get("p99_ms"), "wait": rep.get("counters", {}).get("storage.wait_s"),
                 "ahead": rep.get("counters", {}).get("storage.opened_ahead"),
+                "planned": rep.get("counters", {}).get("slides.planned_ahead", 0),
                 "hits": rep.get("counters", {}).get("storage.cache_hits"),
                 "ra_hits": rep.get("counters", {}).get("storage.read_ahead_hits"),
                 "ra_misses": rep.get("counters", {}).get("storage.read_ahead_misses"),
@@ -322,6 +353,7 @@ def _rows(runs: dict[str, list[dict[str, Any]]], contestants: dict[str, Any]) ->
                      "requests": med(name, "requests"), "KB/request": bpr / 1024 if bpr else None,
                      "in flight": med(name, "in_flight"), "p99 ms": med(name, "p99"),
                      "storage wait s": med(name, "wait"), "opened ahead": med(name, "ahead"),
+                     "planned ahead": med(name, "planned"),
                      "staged ahead": med(name, "hits"), "read-ahead hits": med(name, "ra_hits"),
                      "read-ahead misses": med(name, "ra_misses"),
                      "server cpu %": med(name, "server"), "proxy cpu %": med(name, "proxy"),

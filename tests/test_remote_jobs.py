@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -141,4 +142,41 @@ def test_each_streamed_slide_is_opened_once_where_its_shard_runs(tmp_path: Path,
     reads = {key: s3.proxy.from_start.get(f"{s3.bucket}/{key}", 0) for key in keys}
     assert min(reads.values()) == 1 and max(reads.values()) <= 2, reads
     assert [key for key in keys if reads[key] > 1] in ([], keys[-1:], keys[-2:], keys[-2:-1]), reads
-    assert result.report["counters"]["storage.opened_ahead"] >= len(keys) - 4
+    counters = result.report["counters"]
+    assert counters["storage.opened_ahead"] >= len(keys) - 4
+    # those slides came with their reads planned (tissue found, blocks in flight) before their shard
+    assert counters["slides.planned_ahead"] == counters["storage.opened_ahead"]
+    local = tmp_path / "local"
+    local.mkdir()
+    for i, key in enumerate(keys):
+        shutil.copy(sources[i % len(sources)], local / key.rsplit("/", 1)[1])
+    want = gpubatch.run(write_job(tmp_path / "local.yaml", slide_job(
+        [str(local / "*.tif")], mean_model, tmp_path / "local-out"))).predictions()
+    pd.testing.assert_frame_equal(_sorted(result.predictions()), _sorted(want))
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_a_slide_opened_ahead_is_planned_ahead_unless_switched_off(s3: S3Stack, remote_slides: str, mean_model: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch, setting: str | None) -> None:
+    """before_shard opens the next slides in the background and, by default, plans their reads
+    there (tissue tiles and blocks, their bytes asked for); GPUBATCH_PLAN_AHEAD=0 stops at the
+    opening."""
+    from gpubatch.sources.slides import preopen
+    from gpubatch.sources.slides.source import PLAN_AHEAD_ENV, SlideSource
+    from gpubatch.spec import parse_job
+
+    if setting is not None:
+        monkeypatch.setenv(PLAN_AHEAD_ENV, setting)
+    uri = f"{remote_slides}/s1.tif"
+    job = parse_job(slide_job([uri], mean_model, Path("unused")) | {"input": {"uris": [uri], "storage": s3.options(),
+                                                                            "access": "stream"}})
+    SlideSource().before_shard(job, [uri])
+    opening = preopen.take(uri)
+    assert opening is not None
+    backend = opening.future.result(timeout=60)
+    try:
+        assert (backend.plan is None) == (setting == "0")
+        if backend.plan is not None:
+            assert len(backend.plan.kept) > 0 and backend.plan.units
+    finally:
+        backend.close()

@@ -167,3 +167,30 @@ def test_directory_and_empty_file_are_input_errors(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     with pytest.raises(InputError, match="zero-byte"):
         open_slide(str(empty), StageClocks())
+
+
+def test_a_plan_made_ahead_is_used_only_by_the_job_it_was_made_for(slide_path: Path) -> None:
+    """A slide opened ahead of its shard carries its read plan; the shard's reader takes it when
+    the tiles section matches (same grid, tissue tiles and blocks as planning there), and plans
+    again when it does not (a worker that runs another job's shard next)."""
+    from gpubatch.sources.base import Shard
+    from gpubatch.sources.slides.source import SlideReader, plan_ahead
+    from gpubatch.spec import JobSpec
+
+    def job(size: int) -> JobSpec:
+        return JobSpec.model_validate({"model": {"path": "m.onnx"}, "output": {"uri": "o"},
+                                       "input": {"uris": [str(slide_path)]},
+                                       "tiles": {"size": size, "level": 0, "read_block": 256,
+                                                 "tissue": {"method": "otsu"}}})
+
+    shard = Shard("s", str(slide_path), {})
+    here = SlideReader(shard, job(64), TiffBackend(str(slide_path)), StageClocks())
+    backend, clocks = TiffBackend(str(slide_path)), StageClocks()
+    plan_ahead(job(64), backend, str(slide_path), StageClocks())
+    taken = SlideReader(shard, job(64), backend, clocks)
+    assert clocks.counters["slides.planned_ahead"] == 1 and backend.plan is None
+    assert taken.attrs == here.attrs and [u.tolist() for u in taken.units] == [u.tolist() for u in here.units]
+    backend, clocks = TiffBackend(str(slide_path)), StageClocks()
+    plan_ahead(job(64), backend, str(slide_path), StageClocks())
+    other = SlideReader(shard, job(32), backend, clocks)
+    assert "slides.planned_ahead" not in clocks.counters and other.attrs["tile_size"] == 32

@@ -163,6 +163,8 @@ class SlideBackend(ABC):
     """Reads RGB uint8 boxes at a pyramid level; coordinates are pixels of that level."""
 
     info: SlideInfo
+    #: the shard's read plan when it was made where the slide was opened ahead (sources.slides.source)
+    plan: Any = None
 
     @abstractmethod
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:

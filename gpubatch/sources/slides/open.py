@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -319,7 +319,8 @@ def _is_storage_failure(exc: InputError) -> bool:
 
 def prefetch(uris: Iterable[str], access: str, options: dict[str, Any] | None,
              policy: RetryPolicy | None = None, read_ahead: int = 0, *, streams: bool = True,
-             cache: StageCache | None = None, tissue: bool = False) -> list[str]:
+             cache: StageCache | None = None, tissue: bool = False,
+             plan: Callable[[SlideBackend, str, StageClocks], None] | None = None) -> list[str]:
     """Start background downloads of the slides among ``uris`` that will be staged, and
     background openings of those that will be streamed (``preopen``).
 
@@ -328,13 +329,22 @@ def prefetch(uris: Iterable[str], access: str, options: dict[str, Any] | None,
     fit the stage cache is skipped (the slide downloads when opened). Returns the URIs started.
     ``streams`` False: staging only (a process that will not read the slides); ``cache``: this
     stage cache instead of the process's; ``tissue``: the shards detect tissue, so a slide opened
-    ahead fetches its coarsest level too.
+    ahead fetches its coarsest level too; ``plan(backend, uri, clocks)``: run on a slide opened
+    ahead once it is open (the source plans its reads, so they are in flight before its shard);
+    when it fails, the opening fails and the shard opens the slide itself.
     """
     remote = [u for u in uris if is_remote(u)]
     streamed = [u for u in remote if streams and not read_in_place(u) and choose_access(u, access) == "stream"]
 
     def opener(uri: str, clocks: StageClocks) -> SlideBackend:
-        return open_stream(uri, options, clocks, policy, read_ahead, tissue=tissue)
+        backend = open_stream(uri, options, clocks, policy, read_ahead, tissue=tissue)
+        if plan is not None:
+            try:
+                plan(backend, uri, clocks)
+            except BaseException:
+                backend.close()
+                raise
+        return backend
 
     started = preopen.open_ahead(streamed, opener)
     cache = cache or get_stage_cache()

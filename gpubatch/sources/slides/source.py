@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -30,16 +32,83 @@ from gpubatch.sources.slides.tissue import filter_tissue
 from gpubatch.spec import JobSpec
 
 
+@dataclass
+class SlidePlan:
+    """What a slide's shard reads, worked out once the slide is open: its tile grid, the tiles
+    kept after the tissue filter, and their read blocks, whose reads are announced to the backend
+    (a streamed slide's are then fetched ahead). Made in the shard, or where the slide was opened
+    ahead of it (:func:`plan_ahead`), so that the shard starts with its first tiles in flight."""
+
+    tiles_key: str  # the job's tiles section it was made for
+    grid: TileGrid
+    kept: TileGrid
+    units: list[np.ndarray]  # grid indices of each read block, in read order
+
+
+#: ``GPUBATCH_PLAN_AHEAD=0`` opens slides ahead without planning their reads: an escape hatch
+#: (a plan holds up to the read-ahead floor, 8 MB, of tiles fetched before its shard starts),
+#: and the benchmark's other contestant (bench/bench_remote.py --plan-ahead)
+PLAN_AHEAD_ENV = "GPUBATCH_PLAN_AHEAD"
+
+
+def plans_ahead() -> bool:
+    return os.environ.get(PLAN_AHEAD_ENV, "1") != "0"
+
+
+def _tiles_key(job: JobSpec) -> str:
+    return hashlib.sha1(job.tiles.model_dump_json().encode()).hexdigest()
+
+
+def plan_slide(backend: SlideBackend, job: JobSpec, uri: str, clocks: StageClocks) -> SlidePlan:
+    """The grid, the tissue filter (reads the coarsest level) and the read blocks, announced."""
+    grid = make_grid(backend.info, job.tiles, uri)
+    if job.tiles.tissue.method != "none":
+        check_level_size(backend.info, len(backend.info.level_dimensions) - 1, job.tiles,
+                         uri, "the coarsest, read for the tissue mask")
+    kept = filter_tissue(grid, backend, job.tiles, clocks)
+    units: list[np.ndarray] = []
+    if len(kept):
+        blocks = block_ids(kept, job.tiles.read_block, job.tiles.max_read_bytes)
+        order = np.argsort(blocks, kind="stable")
+        units = np.split(order, np.flatnonzero(np.diff(blocks[order])) + 1)
+        backend.expect_reads(kept.level, (_boxes(kept, members) for members in units))
+    return SlidePlan(_tiles_key(job), grid, kept, units)
+
+
+def configure_backend(backend: SlideBackend, job: JobSpec) -> None:
+    """The job's decode settings, before any tile is read (a plan reads the coarsest level)."""
+    if job.tiles.decoder == "gpu":
+        backend.use_gpu_decode()
+    if job.tiles.integrity == "lenient":
+        backend.accept_corrupt_tiles()
+
+
+def plan_ahead(job: JobSpec, backend: SlideBackend, uri: str, clocks: StageClocks) -> None:
+    """For a slide opened ahead of its shard: configure it and plan its reads now."""
+    configure_backend(backend, job)
+    backend.plan = plan_slide(backend, job, uri, clocks)
+
+
+def _boxes(grid: TileGrid, members: np.ndarray) -> np.ndarray:
+    """Level-pixel boxes (x, y, w, h) of the grid tiles ``members``."""
+    lx = np.round(grid.xs[members] / grid.level_downsample).astype(np.int64)
+    ly = np.round(grid.ys[members] / grid.level_downsample).astype(np.int64)
+    return np.stack([lx, ly, np.full_like(lx, grid.read_size), np.full_like(ly, grid.read_size)], axis=1)
+
+
 class SlideReader(ShardReader):
-    """One slide on a worker: the grid is computed here, after the slide is opened."""
+    """One slide on a worker: reads the blocks of its plan (made here, or where it was opened ahead)."""
 
     def __init__(self, shard: Shard, job: JobSpec, backend: SlideBackend, clocks: StageClocks):
         self.shard, self.job, self.backend = shard, job, backend
-        grid = make_grid(backend.info, job.tiles, shard.input_uri)
-        if job.tiles.tissue.method != "none":
-            check_level_size(backend.info, len(backend.info.level_dimensions) - 1, job.tiles,
-                             shard.input_uri, "the coarsest, read for the tissue mask")
-        self.grid = filter_tissue(grid, backend, job.tiles, clocks)
+        ahead = backend.plan
+        backend.plan = None
+        if ahead is not None and ahead.tiles_key == _tiles_key(job):
+            clocks.count("slides.planned_ahead")
+            plan = ahead
+        else:
+            plan = plan_slide(backend, job, shard.input_uri, clocks)
+        grid, self.grid, self.units = plan.grid, plan.kept, plan.units
         self.clocks = clocks
         self.attrs = {
             "slide": redact(shard.input_uri), "level": self.grid.level, "tile_size": job.tiles.size,
@@ -57,26 +126,12 @@ class SlideReader(ShardReader):
         return len(self.grid)
 
     def read_units(self) -> Iterator[ReadUnit]:
-        if not len(self.grid):
-            return
-        blocks = block_ids(self.grid, self.job.tiles.read_block, self.job.tiles.max_read_bytes)
-        order = np.argsort(blocks, kind="stable")
-        bounds = np.flatnonzero(np.diff(blocks[order])) + 1
-        units = np.split(order, bounds)
-        self.backend.expect_reads(self.grid.level, (self._boxes(members) for members in units))
-        for members in units:
+        for members in self.units:
             yield partial(self._read_block, members)
-
-    def _boxes(self, members: np.ndarray) -> np.ndarray:
-        """Level-pixel boxes (x, y, w, h) of the grid tiles ``members``."""
-        g = self.grid
-        lx = np.round(g.xs[members] / g.level_downsample).astype(np.int64)
-        ly = np.round(g.ys[members] / g.level_downsample).astype(np.int64)
-        return np.stack([lx, ly, np.full_like(lx, g.read_size), np.full_like(ly, g.read_size)], axis=1)
 
     def _read_block(self, members: np.ndarray) -> ItemBlock:
         g = self.grid
-        tiles = self.backend.read_boxes(g.level, self._boxes(members), self.clocks)
+        tiles = self.backend.read_boxes(g.level, _boxes(g, members), self.clocks)
         with self.clocks.part("resample"):
             tiles = resize(tiles, g.size)
         return ItemBlock(tiles, self._index(members))
@@ -166,10 +221,7 @@ class SlideSource(Source):
                                    read_ahead=job.input.read_ahead_mb << 20,
                                    tissue=job.tiles.tissue.method != "none")
         try:
-            if job.tiles.decoder == "gpu":
-                backend.use_gpu_decode()
-            if job.tiles.integrity == "lenient":
-                backend.accept_corrupt_tiles()
+            configure_backend(backend, job)
             return SlideReader(shard, job, backend, clocks)
         except BaseException:
             backend.close()
@@ -199,7 +251,8 @@ class SlideSource(Source):
         if upcoming:
             prefetch(upcoming, job.input.access, job.input.storage,
                      RetryPolicy(attempts=job.run.storage_attempts), job.input.read_ahead_mb << 20,
-                     tissue=job.tiles.tissue.method != "none")
+                     tissue=job.tiles.tissue.method != "none",
+                     plan=partial(plan_ahead, job) if plans_ahead() else None)
 
     def after_commit(self, job: JobSpec, shard: Shard) -> None:
         from gpubatch.sources.slides.open import release
