@@ -98,6 +98,29 @@ def test_a_streamed_upload_survives_503s_on_its_parts(s3: S3Stack) -> None:
         assert store.read_bytes("big.bin") == payload
 
 
+def test_a_parquet_file_read_back_survives_503s(s3: S3Stack) -> None:
+    """Reading an output back (predictions.parquet for the per-slide files, Result.predictions)
+    seeks and reads through a file; each read is a request of its own, retried like a tile's.
+    Through fsspec's file, with the client's retries off, the first 503 ended the run's finish."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gpubatch.outputs.store import OutputStore
+
+    table = pa.table({"x": np.arange(200_000), "p": np.random.default_rng(0).random(200_000)})
+    store = OutputStore(f"s3://{s3.bucket}/readback/{uuid.uuid4().hex}", s3.options())
+    with store.open_write("predictions.parquet") as f:
+        pq.write_table(table, f, row_group_size=20_000)
+    for seed in range(5):
+        s3.proxy.configure(error_rate=0.3, seed=seed)
+        with store.open_read("predictions.parquet") as f:
+            pf = pq.ParquetFile(f)
+            got = pa.concat_tables(pf.read_row_group(i) for i in range(pf.num_row_groups))
+        s3.proxy.reset()
+        assert got.equals(table)
+
+
 def test_outputs_that_cannot_be_written_fail_the_run_clearly_and_resume_writes_them(
         tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack, clean: pd.DataFrame) -> None:
     """Every shard committed, then predictions.parquet refused: the run stops with a message that

@@ -34,6 +34,7 @@ from gpubatch.io.ranges import (
     FsspecRangeReader,
     LocalRangeReader,
     MeasuredReader,
+    RangeFile,
     RangeReader,
     RetryingReader,
 )
@@ -235,6 +236,19 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
     if clocks is not None and is_remote(uri):
         clocks.count(f"storage.client.{inner.client}")
     return MeasuredReader(RetryingReader(inner, policy or RetryPolicy(), clocks), clocks, count_wait)
+
+
+def open_seekable(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
+                  clocks: StageClocks | None = None, blocksize: int = 1 << 20) -> RangeFile:
+    """A seekable, read-only file whose every read is one retried, counted request of at least
+    ``blocksize`` bytes: for readers that seek about a file (parquet's footer, then its columns),
+    which through fsspec's own file would fail on the first 503; close it when done."""
+    reader = open_ranges(uri, options, clocks, policy)
+    try:
+        return RangeFile(reader, reader.size(), uri_name(uri), blocksize=blocksize)
+    except BaseException:
+        reader.close()
+        raise
 
 
 def stat(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,

@@ -22,7 +22,7 @@ from gpubatch.core.errors import GpubatchError, InputError
 from gpubatch.core.files import write_bytes_atomic
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries
-from gpubatch.io.storage import get_fs, library_options, upload_fs
+from gpubatch.io.storage import get_fs, library_options, open_seekable, upload_fs
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.outputs.layout import TMP_PREFIX
 
@@ -95,7 +95,10 @@ class OutputStore:
         return bytes(call_with_retries(lambda: self.fs.cat_file(self.path(name)), self.url(name), POLICY))
 
     def open_read(self, name: str) -> Any:
-        """A seekable binary file object (for readers that stream, such as parquet's)."""
+        """A seekable binary file object (for readers that stream, such as parquet's); on object
+        storage each of its reads is a request retried on its own (storage.open_seekable)."""
+        if self.remote:
+            return open_seekable(self.url(name), self.options, POLICY)
         return call_with_retries(lambda: self.fs.open(self.path(name), "rb"), self.url(name), POLICY)
 
     def read_json(self, name: str) -> Any:

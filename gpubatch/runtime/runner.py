@@ -145,7 +145,7 @@ class _Run:
         except (OSError, InputError) as exc:  # storage that kept failing: the commits stand
             error = OutputsNotWrittenError(redact(self.store.uri), exc)
             self._abandon(progress, error)
-            raise error from None
+            raise error from exc
         progress.finish("finished")
         return result
 
