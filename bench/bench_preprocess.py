@@ -5,9 +5,10 @@
 uint8 (N, H, W, 3) tiles -> float32 (x / 255 - mean) / std, in NCHW and in NHWC, into a reused
 output (as the model stage does). The other contestant is the kernel as it was before: the scale
 and offset folded per channel, applied in one numpy broadcast over the whole batch (over the
-transposed view for NCHW). gpubatch's (gpubatch.ops.kernels.normalize_tiles) goes a few images'
-channel plane at a time for NCHW and one image row at a time for NHWC. Both results are checked
-equal bit for bit. Reported: the best of ``--repeats`` timings of 20 calls each, alternating.
+transposed view for NCHW). gpubatch's (gpubatch.ops.kernels.normalize_tiles) is the same for
+NCHW and goes one image row at a time for NHWC. Both results are checked equal bit for bit.
+(A version that went a few images' channel plane at a time for NCHW was 1.4-1.5x faster here,
+alone, and 2-3% slower in the decode-bound slides job, so it was not kept: bench/NOTES.md.) Reported: the best of ``--repeats`` timings of 20 calls each, alternating.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, save, table  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-GPUBATCH, BROADCAST = "gpubatch (planes / rows)", "one broadcast (before)"
+GPUBATCH, BROADCAST = "gpubatch", "one broadcast (before)"
 
 
 def broadcast_normalize(tiles: np.ndarray, layout: str, out: np.ndarray) -> np.ndarray:

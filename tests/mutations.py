@@ -138,7 +138,7 @@ MUTATIONS: tuple[Mutation, ...] = (
        "outputs = {name: values for name, values in outputs.items()}",
        "tests/test_engine.py::test_short_last_batch_is_padded_for_the_model_and_trimmed_after"),
     _m("tiles normalised without the mean", "gpubatch/ops/kernels.py",
-       "                plane += offset[channel]\n", "",
+       "        out += offset.reshape(1, -1, 1, 1)\n", "",
        "tests/test_kernels.py"),
 )
 
