@@ -318,8 +318,10 @@ def open_file(uri: str, options: dict[str, Any] | None = None, mode: str = "rb",
     fs, path = get_fs(uri, options)
     if "r" in mode and not call_with_retries(lambda: fs.exists(path), uri):
         raise InputError(redact(uri), "file not found")
+    # fsspec's file makes its own requests (its size, then a block at a time): the client's
+    # retries stay on for them, as for any library's (a 503 on its HEAD ended the read)
     with fsspec.open(uri if is_remote(uri) else path, mode, compression=compression,
-                     **(resolve_options(uri, options) if is_remote(uri) else {})) as f:
+                     **(library_options(uri, options) if is_remote(uri) else {})) as f:
         yield f
 
 
