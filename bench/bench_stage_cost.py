@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 c0, s0, p0, t0 = _own_cpu(), _cpu(server), _cpu(watched), time.perf_counter()
                 _download_all(slides, target, tmp)
                 runs[name].append((time.perf_counter() - t0, _own_cpu() - c0, _cpu(server) - s0, _cpu(watched) - p0))
-                print(f"  round {r + 1} {name}: {mb:.0f} MB in {runs[name][-1][0]:.2f} s", flush=True)
+                print(f"  round {r + 1} {name}: {mb:.0f} MB in {runs[name][-1][0]:.2f} s, client cpu {runs[name][-1][1]:.2f} s", flush=True)
     finally:
         if proxy is not None:
             proxy.kill()

@@ -44,7 +44,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                                               "--access", "stream", "--latency", "0", "80", "--plan-ahead"],
                              ["--slides", "5", "--size", "4096x4096", "--repeats", "1", "--access", "stream",
                               "--plan-ahead"]),
-    "stage-cost": ("bench_stage_cost", ["--slides", "16", "--repeats", "5"], ["--slides", "4", "--size", "4096x4096", "--repeats", "1"]),
+    "stage-cost": ("bench_stage_cost", ["--slides", "16", "--repeats", "8"], ["--slides", "4", "--size", "4096x4096", "--repeats", "1"]),
     "open": ("bench_open", ["--slides", "8", "--latency", "0", "80", "--repeats", "3"],
              ["--slides", "2", "--size", "4096x4096", "--latency", "0", "80", "--repeats", "1"]),
     "preprocess": ("bench_preprocess", ["--batches", "32", "64", "--repeats", "5"], ["--batches", "32", "--repeats", "2"]),
