@@ -121,6 +121,23 @@ def test_a_parquet_file_read_back_survives_503s(s3: S3Stack) -> None:
         assert got.equals(table)
 
 
+def test_a_folder_is_deleted_through_503s(s3: S3Stack) -> None:
+    """Deleting a folder (a run's start clears a previous run's zarr store with --overwrite, a
+    failed attempt's group) lists its keys, then deletes them in bulk: each request retried on
+    its own. One retried rm over all of it failed here, with one request in three answered 503."""
+    from gpubatch.outputs.store import OutputStore
+
+    for seed in range(5):
+        store = OutputStore(f"s3://{s3.bucket}/wipe/{uuid.uuid4().hex}", s3.options())
+        for i in range(30):
+            store.write_bytes(f"predictions.zarr/c/{i // 10}/{i % 10}", b"x")
+        s3.proxy.configure(error_rate=0.3, write_error_rate=0.3, seed=seed)
+        store.delete("predictions.zarr", recursive=True)
+        store.delete("never-written.zarr", recursive=True)
+        s3.proxy.reset()
+        assert store.listdir("predictions.zarr") == [] and not store.exists("predictions.zarr/c/0/0")
+
+
 def test_outputs_that_cannot_be_written_fail_the_run_clearly_and_resume_writes_them(
         tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack, clean: pd.DataFrame) -> None:
     """Every shard committed, then predictions.parquet refused: the run stops with a message that

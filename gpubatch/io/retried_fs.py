@@ -9,6 +9,7 @@ dozen files under a throttling store soon runs out of. Here each request has its
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from gpubatch.io.ranges import FsspecRangeReader, MeasuredReader, RangeFile, RetryingReader
@@ -42,6 +43,20 @@ class RetriedFS:
 
     def isdir(self, path: str) -> bool:
         return bool(self._call(self.fs.isdir, path))
+
+    def find(self, path: str) -> list[str]:
+        """Every file under ``path`` (or ``path`` itself, a file); [] when nothing is there."""
+        return list(self._call(self.fs.find, path))
+
+    def rm_files(self, paths: list[str], batch: int = 1000) -> None:
+        """Delete ``paths`` (files), ``batch`` to a call (S3 deletes 1000 keys to a request), each
+        call retried; files already gone are no error."""
+        def rm(chunk: list[str]) -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(chunk)
+
+        for start in range(0, len(paths), batch):
+            self._call(rm, paths[start:start + batch])
 
     def size(self, path: str) -> int:
         return int(self._call(self.fs.info, path).get("size") or 0)
