@@ -279,6 +279,13 @@ class MeasuredReader(ReaderWrapper):
         return results
 
 
+def retried_and_measured(inner: RangeReader, policy: RetryPolicy, clocks: StageClocks | None,
+                         count_wait: bool = True) -> RangeReader:
+    """``inner`` as every caller gets it: transient failures retried span by span, then each
+    successful request counted (retries inside, so a retried span counts once)."""
+    return MeasuredReader(RetryingReader(inner, policy, clocks), clocks, count_wait)
+
+
 class RangeFile(io.RawIOBase):
     """A read-only, seekable file over a RangeReader that keeps the last few chunks it fetched.
 

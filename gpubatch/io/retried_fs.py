@@ -12,7 +12,13 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from gpubatch.io.ranges import FsspecRangeReader, MeasuredReader, RangeFile, RetryingReader
+from gpubatch.io.ranges import (
+    FsspecRangeReader,
+    LocalRangeReader,
+    RangeFile,
+    RangeReader,
+    retried_and_measured,
+)
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries
 
@@ -64,11 +70,18 @@ class RetriedFS:
     def open(self, path: str, size: int, blocksize: int = RangeFile.BLOCKSIZE) -> RangeFile:
         """A seekable file of ``size`` bytes whose every read is one retried, counted request of
         at least ``blocksize`` bytes; close it when done."""
-        inner = FsspecRangeReader(self.fs, path, self.name, max_concurrency=4)
-        reader = MeasuredReader(RetryingReader(inner, self.policy, self.clocks), self.clocks)
+        inner: RangeReader
+        if self._local():  # pread, as every local read: not fsspec's async wrapper in a thread
+            inner = LocalRangeReader(path)
+        else:
+            inner = FsspecRangeReader(self.fs, path, self.name, max_concurrency=4)
+        reader = retried_and_measured(inner, self.policy, self.clocks)
         return RangeFile(reader, size, path.rsplit("/", 1)[-1], blocksize=blocksize)
+
+    def _local(self) -> bool:
+        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
+        return protocol in ("file", "local")
 
     def unstrip(self, path: str) -> str:
         """``path`` as a URL (fsspec strips the protocol); local paths stay paths."""
-        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
-        return path if protocol in ("file", "local") else str(self.fs.unstrip_protocol(path))
+        return path if self._local() else str(self.fs.unstrip_protocol(path))

@@ -33,10 +33,9 @@ from gpubatch.io import obstore
 from gpubatch.io.ranges import (
     FsspecRangeReader,
     LocalRangeReader,
-    MeasuredReader,
     RangeFile,
     RangeReader,
-    RetryingReader,
+    retried_and_measured,
 )
 from gpubatch.io.redact import redact, register_secrets, register_uri
 from gpubatch.io.retried_fs import RetriedFS
@@ -49,6 +48,10 @@ if TYPE_CHECKING:
 #: fsspec backends gpubatch does not install by default, and the extra that brings each
 PROTOCOL_EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 log = logging.getLogger("gpubatch")
+
+#: botocore's retries where the client must retry itself (see library_options): standard mode
+#: retries 5xx, throttling and dropped connections, re-sending a request's body
+CLIENT_RETRIES = {"max_attempts": RetryPolicy().attempts, "mode": "standard"}
 
 #: range-read clients a profile's ``range_reader`` may name
 RANGE_READERS = ("auto", "obstore", "fsspec")
@@ -134,15 +137,19 @@ def resolve_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def library_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """Storage options for a library that makes its own requests (zarr's store, wsidicom's files):
-    profile then job options, secrets registered.
+    """Storage options for requests this layer does not make or cannot send again: a library's
+    own (zarr's store, wsidicom's files, fsspec's file in :func:`open_file`) and a streamed
+    upload's parts (:func:`upload_fs`). Profile then job options, secrets registered.
 
-    Its requests do not pass through this layer, so it gets the merged options but not this
-    layer's retry settings: the client library's own retries stay on (botocore retries a 503
-    four times), uncounted in the run's metrics but not fatal on the first one.
+    The client library's own retries stay on for them (:data:`CLIENT_RETRIES` for S3, unless the
+    options set theirs): uncounted in the run's metrics, but a 503 is not fatal.
     """
     merged = {**_profile_options, **(options or {})}
     register_secrets(merged)
+    if protocol_of(uri) in ("s3", "s3a"):
+        config = dict(merged.get("config_kwargs") or {})
+        config.setdefault("retries", dict(CLIENT_RETRIES))
+        merged["config_kwargs"] = config
     return merged
 
 
@@ -190,19 +197,10 @@ def get_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
 
 
 def upload_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """:func:`get_fs`'s filesystem with the client library's retries on, for streamed writes.
-
-    A file written as a stream uploads its parts as its buffer fills, and the part that fails
-    is gone from the stream by then: this layer cannot send it again, so the client must
-    (botocore re-sends a request's body; its standard mode retries 5xx, throttling and dropped
-    connections). Uncounted in the run's metrics, but an upload survives a 503.
-    """
-    merged = dict(options or {})
-    if protocol_of(uri) in ("s3", "s3a"):
-        config = dict(merged.get("config_kwargs") or {})
-        config.setdefault("retries", {"max_attempts": RetryPolicy().attempts, "mode": "standard"})
-        merged["config_kwargs"] = config
-    return get_fs(uri, merged)
+    """:func:`get_fs`'s filesystem with the client's retries on (:func:`library_options`), for
+    streamed writes: a file written as a stream uploads its parts as its buffer fills, and a
+    part that failed is gone from the stream, so only the client can send it again."""
+    return get_fs(uri, library_options(uri, options))
 
 
 def retried_fs(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
@@ -235,7 +233,7 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
         inner = FsspecRangeReader(fs, path, uri, max_concurrency=max_concurrency)
     if clocks is not None and is_remote(uri):
         clocks.count(f"storage.client.{inner.client}")
-    return MeasuredReader(RetryingReader(inner, policy or RetryPolicy(), clocks), clocks, count_wait)
+    return retried_and_measured(inner, policy or RetryPolicy(), clocks, count_wait)
 
 
 def open_seekable(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
