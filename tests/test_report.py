@@ -267,6 +267,9 @@ def test_format_summary_and_roundtrip(built: dict[str, Any], tmp_path: Path) -> 
     text = rp.format_summary(built)
     assert "verdict: limited by" in text and "next:" in text and "storage: 20 requests" in text
     assert "quarantined 1 input(s)" in text and "/data/bad.svs" in text
+    assert built["host_cpu"] is None and "  cores:" not in text  # not measured: not shown
+    measured = rp.format_summary({**built, "host_cpu": {"busy": 0.5, "cores": 4}})
+    assert "  cores: the workers' 4 cores were 50% busy while shards ran" in measured
     rp.write_report(tmp_path, built)
     assert rp.load_report(tmp_path)["verdict"] == json.loads(json.dumps(built["verdict"]))
 

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from gpubatch.io.redact import safe_text
+from gpubatch.report.verdict import cores_sentence
 
 MAX_LISTED = 10
 #: a stage's unexplained remainder is shown when it is over this share of the stage's busy time
@@ -119,9 +120,7 @@ def _clock_lines(report: dict[str, Any]) -> list[str]:
         lines.append(storage)
     cpu = report.get("host_cpu")
     if cpu:
-        cores = f"{cpu['cores']} cores" if cpu.get("cores") else "cores"
-        lines.append(f"  cores: the workers' {cores} were {cpu['busy']:.0%} busy while shards ran "
-                     "(every process on them counted)")
+        lines.append(f"  cores: {cores_sentence(cpu['busy'], cpu.get('cores'))} (every process on them counted)")
     return lines
 
 

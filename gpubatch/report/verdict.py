@@ -111,11 +111,14 @@ class _Figures:
         return self.cores_busy is not None and self.cores_busy >= CORES_FULL
 
     def cores_evidence(self) -> str:
-        """"; the workers' N cores were X% busy while shards ran", or nothing where not measured."""
-        if self.cores_busy is None:
-            return ""
-        cores = f"{self.cores} cores" if self.cores else "cores"
-        return f"; the workers' {cores} were {self.cores_busy:.0%} busy while shards ran"
+        """"; " and :func:`cores_sentence`, or nothing where the cores were not measured."""
+        return "" if self.cores_busy is None else "; " + cores_sentence(self.cores_busy, self.cores)
+
+
+def cores_sentence(busy: float, cores: int | None) -> str:
+    """The report's ``host_cpu`` in words, as the verdict's evidence and the terminal say it."""
+    counted = f"{cores} cores" if cores else "cores"
+    return f"the workers' {counted} were {busy:.0%} busy while shards ran"
 
 
 def _refused_precision(summary: dict[str, Any]) -> str:
