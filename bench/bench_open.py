@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_remote import BUCKET, KEY, SECRET, start_proxy, start_seaweedfs, upload  # noqa: E402
+from bench_remote import BUCKET, KEY, SECRET, start_proxy, start_seaweedfs, stop_seaweedfs, upload  # noqa: E402
 from bench_slides import make_workload  # noqa: E402
-from common import WORK, machine, save, table  # noqa: E402
+from common import WORK, publish  # noqa: E402
 
 BESIDE, AFTER = "header asked beside the size (gpubatch)", "header asked after the size (before)"
 
@@ -91,17 +91,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 proxy.kill()
                 proxy.wait()
     finally:
-        weed.terminate()
-        with contextlib.suppress(Exception):
-            weed.wait(20)
+        stop_seaweedfs(weed)
         shutil.rmtree(tmp, ignore_errors=True)
-    md = table(rows, ["latency ms", "opening", "openings", "median s per opening", "requests per opening",
-                      "x the other"])
-    print(md)
-    data = {"machine": machine(), "rows": rows, "markdown": md,
-            "command": "python bench/bench_open.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    save(args.out, data)
-    return data
+    return publish("bench_open.py", rows, ["latency ms", "opening", "openings", "median s per opening",
+                                           "requests per opening", "x the other"], args.out, argv)
 
 
 def _measure(uris: list[str], storage: dict[str, Any], ms: float, repeats: int) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save, table  # noqa: E402
+from common import publish  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GPUBATCH, BROADCAST = "gpubatch", "one broadcast (before)"
@@ -78,12 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     rows = [row for layout in ("NCHW", "NHWC") for batch in args.batches
             for row in _measure(batch, args.tile, layout, args.repeats)]
-    md = table(rows, ["layout", "batch", "kernel", "ms per batch", "us per tile", "x faster"])
-    print(md)
-    data = {"machine": machine(), "rows": rows, "markdown": md,
-            "command": "python bench/bench_preprocess.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    save(args.out, data)
-    return data
+    return publish("bench_preprocess.py", rows, ["layout", "batch", "kernel", "ms per batch", "us per tile",
+                                                 "x faster"], args.out, argv)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_slides import gpubatch_job, make_workload, run_gpubatch  # noqa: E402
-from common import WORK, machine, save, table  # noqa: E402
+from common import WORK, publish  # noqa: E402
 
 CORES = os.cpu_count() or 1
 BUCKET = "bench"
@@ -109,6 +109,15 @@ def start_seaweedfs(data: Path) -> tuple[subprocess.Popen, int]:
                             preexec_fn=_raised_priority)
     _wait_http(f"http://127.0.0.1:{ports['s3']}/")
     return proc, ports["s3"]
+
+
+def stop_seaweedfs(proc: subprocess.Popen) -> None:
+    """Stop ``weed server``: asked to, then killed after 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def start_proxy(upstream_port: int, latency_ms: float) -> tuple[subprocess.Popen, int]:
@@ -217,22 +226,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for proc, _ in proxies.values():
             proc.kill()
             proc.wait()
-        weed.terminate()
-        try:
-            weed.wait(20)
-        except subprocess.TimeoutExpired:
-            weed.kill()
+        stop_seaweedfs(weed)
         shutil.rmtree(tmp, ignore_errors=True)
     columns = ["source", "access", "latency ms", "items", "items/s", "% of local", "shards items/s",
                "shards % of local", "cpu ms/item", "cpu % of local", "starvation", "requests", "KB/request", "in flight", "p99 ms", "storage wait s",
                "opened ahead", "planned ahead", "staged ahead", "read-ahead hits", "read-ahead misses",
                "server cpu %", "proxy cpu %", "machine busy %"]
-    md = table(rows, columns)
-    print(md)
-    data = {"machine": machine(), "rows": rows, "markdown": md, "load": os.getloadavg(),
-            "command": "python bench/bench_remote.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    save(args.out, data)
-    return data
+    return publish("bench_remote.py", rows, columns, args.out, argv, load=os.getloadavg())
 
 
 def _contestants(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, tuple[Any, int]]) -> dict[str, Any]:

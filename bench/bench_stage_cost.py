@@ -29,9 +29,9 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_remote import BUCKET, KEY, SECRET, start_proxy, start_seaweedfs, upload  # noqa: E402
+from bench_remote import BUCKET, KEY, SECRET, start_proxy, start_seaweedfs, stop_seaweedfs, upload  # noqa: E402
 from bench_slides import make_workload  # noqa: E402
-from common import WORK, machine, save, table  # noqa: E402
+from common import WORK, publish  # noqa: E402
 
 
 def _own_cpu() -> float:
@@ -91,11 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if proxy is not None:
             proxy.kill()
             proxy.wait()
-        weed.terminate()
-        try:
-            weed.wait(20)
-        except subprocess.TimeoutExpired:
-            weed.kill()
+        stop_seaweedfs(weed)
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []
     for name, values in runs.items():
@@ -104,12 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "proxy cpu s": proxy_s if name != "direct" else None,
                      "MB per client cpu s": mb / client if client else None,
                      "cpu ms per MB, all": 1e3 * (client + server_s + proxy_s) / mb})
-    md = table(rows, list(rows[0]))
-    print(md)
-    data = {"machine": machine(), "rows": rows, "markdown": md,
-            "command": "python bench/bench_stage_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    save(args.out, data)
-    return data
+    return publish("bench_stage_cost.py", rows, list(rows[0]), args.out, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, machine, save, steady_seconds, table  # noqa: E402
+from common import WORK, publish, steady_seconds  # noqa: E402
 
 CONTESTANTS = {
     "gpubatch's worker environment (blocks up to 4 MiB on the heap)": {},
@@ -113,12 +113,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "shards items/s": items / statistics.median(g["steady"] for g in got),
                      "CPU ms/item": 1000 * statistics.median(g["cpu_s"] for g in got) / items,
                      "page faults": statistics.median(g["faults"] for g in got)})
-    md = table(rows, ["worker environment", "items", "items/s", "shards items/s", "CPU ms/item", "page faults"])
-    print(md)
-    data = {"machine": machine(), "rows": rows, "markdown": md, "runs": runs, "workload": args.workload,
-            "command": "python bench/bench_worker_env.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    save(args.out, data)
-    return data
+    return publish("bench_worker_env.py", rows, ["worker environment", "items", "items/s", "shards items/s",
+                                                 "CPU ms/item", "page faults"], args.out, argv,
+                   runs=runs, workload=args.workload)
 
 
 if __name__ == "__main__":

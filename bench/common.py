@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -74,6 +75,19 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def publish(script: str, rows: list[dict[str, Any]], columns: list[str], out: str | None,
+            argv: list[str] | None, **extra: Any) -> dict[str, Any]:
+    """A bench's last step: its table printed, and saved to ``out`` with the machine, the rows,
+    ``extra`` and the command that made it (``python bench/<script> <argv>``)."""
+    md = table(rows, columns)
+    print(md)
+    args = argv if argv is not None else sys.argv[1:]
+    data = {"machine": machine(), "rows": rows, "markdown": md, **extra,
+            "command": f"python bench/{script} " + " ".join(args)}
+    save(out, data)
+    return data
 
 
 def save(out: str | None, data: dict[str, Any]) -> None:
