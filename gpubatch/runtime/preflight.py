@@ -329,6 +329,14 @@ def check_track_outputs(job: JobSpec) -> None:
         raise SpecError(problems)
 
 
+def check_environment(job: JobSpec) -> None:
+    """Refuse a malformed gpubatch variable the workers would read (they inherit this environment)."""
+    if job.kind == "slides":
+        from gpubatch.sources.slides.source import plans_ahead
+
+        plans_ahead()
+
+
 def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     """Everything ``run`` would refuse before planning: files, extras, storage credentials, the
     models' inputs and outputs, the reference's index, the machine's cores and memory.
@@ -347,6 +355,7 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     check_reference(job)
     check_slide_model(job)
     check_resources(job, profile)
+    check_environment(job)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.clocks import StageClocks
-from gpubatch.core.errors import InputError
+from gpubatch.core.errors import InputError, SpecError
 from gpubatch.core.files import safe_filename
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
@@ -52,7 +52,13 @@ PLAN_AHEAD_ENV = "GPUBATCH_PLAN_AHEAD"
 
 
 def plans_ahead() -> bool:
-    return os.environ.get(PLAN_AHEAD_ENV, "1") != "0"
+    """``GPUBATCH_PLAN_AHEAD`` unset or 1: plan ahead; 0: do not; anything else is refused (by
+    preflight, on the client, before a shard runs)."""
+    value = os.environ.get(PLAN_AHEAD_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise SpecError([(PLAN_AHEAD_ENV, f"must be 0 or 1, not {value!r} (0 opens slides ahead of "
+                                          "their shards without planning their reads; unset plans them)")])
+    return value == "1"
 
 
 def _tiles_key(job: JobSpec) -> str:
