@@ -83,7 +83,10 @@ document.body.setAttribute('data-plots-rendered',ok+'/'+figs.length);})();
 
 def _cores_busy(report: dict[str, Any]) -> str | None:
     cpu = report.get("host_cpu")
-    return f"{cpu['busy']:.0%} of {cpu.get('cores') or '?'}" if cpu else None
+    if not cpu:
+        return None
+    quota = f" (a CPU quota, throttled in {cpu.get('throttled', 0.0):.0%} of its periods)" if cpu.get("quota") else ""
+    return f"{cpu['busy']:.0%} of {cpu.get('cores') or '?'}{quota}"
 
 
 def _num(v: float | None, fmt: str = "{:.1f}", none: str = "–") -> str:

@@ -15,7 +15,14 @@ import json
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks, stage_breakdown, starvation_of
-from gpubatch.core.cpu import BUSY_KEY, CORES_KEY, ELAPSED_KEY
+from gpubatch.core.cpu import (
+    BUSY_KEY,
+    CORES_KEY,
+    ELAPSED_KEY,
+    PERIODS_KEY,
+    QUOTA_KEY,
+    THROTTLED_KEY,
+)
 from gpubatch.core.results import RunSummary, ShardResult
 from gpubatch.io.metrics import storage_summary
 from gpubatch.outputs.layout import REPORT_JSON
@@ -147,11 +154,21 @@ class SummaryBuilder:
 
 
 def host_cpu(counters: dict[str, float], peaks: dict[str, float]) -> dict[str, Any] | None:
-    """How busy the workers' cores were while shards ran (core.cpu), or None where not measured."""
+    """How busy the workers' cores were while shards ran (core.cpu), or None where not measured.
+
+    ``cores`` is the most any worker had (a CPU quota's share where one limited it: ``quota``),
+    and ``throttled`` the share of a quota's scheduling periods in which the kernel held it back.
+    """
     elapsed = counters.get(ELAPSED_KEY, 0.0)
     if elapsed <= 0:
         return None
-    return {"busy": min(1.0, counters.get(BUSY_KEY, 0.0) / elapsed), "cores": int(peaks.get(CORES_KEY, 0))}
+    cores = round(float(peaks.get(CORES_KEY, 0)), 2)
+    doc: dict[str, Any] = {"busy": min(1.0, counters.get(BUSY_KEY, 0.0) / elapsed),
+                           "cores": int(cores) if cores.is_integer() else cores}
+    if peaks.get(QUOTA_KEY):
+        periods = counters.get(PERIODS_KEY, 0.0)
+        doc.update(quota=True, throttled=counters.get(THROTTLED_KEY, 0.0) / periods if periods else 0.0)
+    return doc
 
 
 def summarize(shards: list[ShardResult], failed: list[dict[str, str]], wall_s: float,

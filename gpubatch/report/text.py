@@ -120,7 +120,8 @@ def _clock_lines(report: dict[str, Any]) -> list[str]:
         lines.append(storage)
     cpu = report.get("host_cpu")
     if cpu:
-        lines.append(f"  cores: {cores_sentence(cpu['busy'], cpu.get('cores'))} (every process on them counted)")
+        counted = "every process in the quota's cgroup" if cpu.get("quota") else "every process on them"
+        lines.append(f"  cores: {cores_sentence(cpu)} ({counted} counted)")
     return lines
 
 

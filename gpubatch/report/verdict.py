@@ -80,7 +80,7 @@ class _Figures:
     batch_bytes: int = 0  # model input per full batch; 0 when the run did not record it
     model_parts: dict[str, float] | None = None  # the model stage's busy time by part, with other
     cores_busy: float | None = None  # share of the workers' cores busy while shards ran (core.cpu)
-    cores: int = 0
+    host_cpu: dict[str, Any] | None = None  # the report's host_cpu, for the evidence's words
 
     @classmethod
     def of(cls, summary: dict[str, Any]) -> _Figures:
@@ -102,8 +102,7 @@ class _Figures:
             kind=str(summary.get("kind", "slides")),
             batch_bytes=int(summary.get("batch_input_bytes") or 0),
             model_parts=(summary.get("stage_parts") or {}).get("model"),
-            cores_busy=(summary.get("host_cpu") or {}).get("busy"),
-            cores=int((summary.get("host_cpu") or {}).get("cores") or 0),
+            cores_busy=(summary.get("host_cpu") or {}).get("busy"), host_cpu=summary.get("host_cpu"),
         )
 
     @property
@@ -112,13 +111,16 @@ class _Figures:
 
     def cores_evidence(self) -> str:
         """"; " and :func:`cores_sentence`, or nothing where the cores were not measured."""
-        return "" if self.cores_busy is None else "; " + cores_sentence(self.cores_busy, self.cores)
+        return "" if self.host_cpu is None else "; " + cores_sentence(self.host_cpu)
 
 
-def cores_sentence(busy: float, cores: int | None) -> str:
+def cores_sentence(cpu: dict[str, Any]) -> str:
     """The report's ``host_cpu`` in words, as the verdict's evidence and the terminal say it."""
-    counted = f"{cores} cores" if cores else "cores"
-    return f"the workers' {counted} were {busy:.0%} busy while shards ran"
+    cores = cpu.get("cores")
+    counted = f"{cores:g} cores" if cores else "cores"
+    if cpu.get("quota"):
+        counted += f" (a CPU quota, throttled in {cpu.get('throttled', 0.0):.0%} of its periods)"
+    return f"the workers' {counted} were {cpu['busy']:.0%} busy while shards ran"
 
 
 def _refused_precision(summary: dict[str, Any]) -> str:
