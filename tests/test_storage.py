@@ -497,3 +497,30 @@ def test_a_streamed_whole_file_read_survives_transient_errors(s3: S3Stack) -> No
             got = b"".join(iter(lambda: f.read(1 << 20), b""))  # noqa: B023 - used at once
         assert got == payload
     assert s3.proxy.stats["errors"] > 0
+
+
+def test_a_client_library_s_own_retries_are_counted_and_its_debug_lines_stay_quiet(
+        s3: S3Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """A file read by fsspec with library options (open_file's, wsidicom's, zarr's) makes its
+    own requests, retried by botocore: one retry counted per 503 the proxy gave (one reader,
+    the proxy's faults seeded: the same requests fail every run), and botocore's debug lines,
+    which the counting reads, reach no handler that did not ask for them."""
+    import fsspec
+
+    from gpubatch.io.library_retries import claim_library_retries
+    from gpubatch.io.storage import library_options
+
+    payload = np.random.default_rng(1).integers(0, 256, 9 << 20, dtype=np.uint8).tobytes()
+    uri = s3.upload_bytes(payload, "whole/counted.bin")
+    options = {**library_options(uri, s3.options()), "default_block_size": 1 << 20}
+    claim_library_retries()  # what earlier tests left
+    s3.proxy.reset()
+    for seed in range(4):
+        s3.proxy.configure(error_rate=0.25, seed=seed)
+        with fsspec.open(uri, "rb", **options) as f:
+            got = b"".join(iter(lambda: f.read(1 << 20), b""))  # noqa: B023 - used at once
+        assert got == payload
+    assert s3.proxy.stats["errors"] > 3
+    assert claim_library_retries() == s3.proxy.stats["errors"]
+    assert claim_library_retries() == 0  # claimed once
+    assert not [r for r in caplog.records if r.name.startswith("botocore")]

@@ -27,6 +27,7 @@ from gpubatch.engine.context import RunContext
 from gpubatch.engine.model_stage import empty_rows, make_batch_runner, warm_host_stage
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
 from gpubatch.engine.slide_head import BagSink, SlideHead
+from gpubatch.io.library_retries import count_claimed_retries
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity
 from gpubatch.models.base import Model, get_model
@@ -134,6 +135,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             part = writer.commit()
             shard_attrs = reader.attrs
         count_core_use(clocks, cores_before)
+        count_claimed_retries(clocks)
         result = ShardResult(
             shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(MAX_SAMPLES),
             attrs=shard_attrs, model=_describe(model, head), host=socket.gethostname(), pid=os.getpid(),

@@ -113,7 +113,8 @@ def storage_summary(counters: dict[str, float], wall_s: float,
         "in_flight_peak": int((peaks or {}).get("storage.in_flight", 0)) or None,
         "read_ahead_peak_bytes": int((peaks or {}).get("storage.read_ahead_bytes", 0)) or None,
         **latency_percentiles(counters),
-        "retries": int(get("storage.retries", 0)), "staged_bytes": int(get("storage.staged_bytes", 0)),
+        "retries": int(get("storage.retries", 0)), "library_retries": int(get("storage.library_retries", 0)),
+        "staged_bytes": int(get("storage.staged_bytes", 0)),
         "cache_hits": int(get("storage.cache_hits", 0)), "wait_s": round(float(get("storage.wait_s", 0.0)), 4),
     }
     access = {k.rsplit(".", 1)[1]: int(v) for k, v in counters.items() if k.startswith("storage.access.")}

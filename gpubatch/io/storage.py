@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.errors import InputError
 from gpubatch.io import obstore
+from gpubatch.io.library_retries import count_library_retries
 from gpubatch.io.ranges import (
     FsspecRangeReader,
     LocalRangeReader,
@@ -142,8 +143,10 @@ def library_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
     upload's parts (:func:`upload_fs`). Profile then job options, secrets registered.
 
     The client library's own retries stay on for them (:data:`CLIENT_RETRIES` for S3, unless the
-    options set theirs): uncounted in the run's metrics, but a 503 is not fatal.
+    options set theirs), so a 503 is not fatal; they are counted from botocore's own lines
+    (io.library_retries), as the report's ``library_retries``.
     """
+    count_library_retries()
     merged = {**_profile_options, **(options or {})}
     register_secrets(merged)
     if protocol_of(uri) in ("s3", "s3a"):

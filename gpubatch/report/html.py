@@ -265,7 +265,8 @@ def _run_table(report: dict[str, Any]) -> str:
             ("workers", report.get("workers")), ("readers per worker", report.get("readers")),
             ("profile", report.get("profile")), ("storage requests", st.get("requests")),
             ("storage MB", _num((st.get("bytes") or 0) / 1e6)), ("storage MB/s", _num(st.get("mb_per_s"))),
-            ("storage retries", st.get("retries")), ("cores busy while shards ran", _cores_busy(report)),
+            ("storage retries", f"{st.get('retries')} ({st['library_retries']} by client libraries)"
+             if st.get("library_retries") else st.get("retries")), ("cores busy while shards ran", _cores_busy(report)),
             ("gpubatch", report.get("gpubatch_version")),
             ("model sha256", (report.get("model_sha256") or "")[:16])]
     cells = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l mono">{escape(str(v if v is not None else "–"))}</td></tr>'

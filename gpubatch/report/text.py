@@ -90,7 +90,12 @@ def _storage_line(report: dict[str, Any]) -> str | None:
     flight = (f", {st['in_flight_mean']:g} in flight on average (peak {st.get('in_flight_peak') or '-'})"
               if st.get("in_flight_mean") else "")
     return (f"  storage: {st['requests']} requests{size}, {st['bytes'] / 1e6:.1f} MB{mbs}{lat}{flight}, "
-            f"{st.get('retries', 0)} retries")
+            f"{st.get('retries', 0)} retries{_by_libraries(st)}")
+
+
+def _by_libraries(st: dict[str, Any]) -> str:
+    """How many of the retries the client libraries made themselves (io.library_retries)."""
+    return f" ({st['library_retries']} by client libraries)" if st.get("library_retries") else ""
 
 
 def _parts_line(parts: dict[str, float], busy: float) -> str | None:

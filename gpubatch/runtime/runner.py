@@ -38,6 +38,7 @@ from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.memory import hand_back_freed_memory
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
+from gpubatch.io.library_retries import count_claimed_retries
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import localize
 from gpubatch.io.uris import is_remote
@@ -262,6 +263,7 @@ class _Run:
             "batch_input_bytes": _batch_input_bytes(job, ctx.batch_size), **prepared.report,
             **_operator_facts(job, self.t_start), "data_quality": source.data_quality(job, shards, records()),
         }
+        count_claimed_retries(self.builder.clocks)  # the client's: planning, uploads, in-process shards
         summary = self.builder.summary(self.failed, time.time() - self.t_start, run_info).to_dict()
         write_report(store, summary)
         from gpubatch.report.html import write_html

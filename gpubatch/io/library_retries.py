@@ -1,0 +1,83 @@
+"""Retries a client library made itself, counted for the report.
+
+Most requests go through gpubatch's retry layer (io.retry), which counts each retry. Some kinds
+cannot: a library's own requests (wsidicom's and zarr's reads, through s3fs), the parts of a
+streamed upload (a part that has left the stream cannot be sent again by gpubatch), an fsspec
+file read. Their clients keep botocore's retries on (``io.storage.library_options``), and those
+retries were invisible: a run that survived a storm of 503s on its DICOM reads reported 0 retries.
+
+botocore says nothing about a retry except a debug line ("Retry needed, retrying request after
+delay of: ..."), in standard mode and legacy mode alike, and aiobotocore (s3fs) uses the same
+loggers. A filter on those loggers counts the lines. The loggers must pass debug records to reach
+it, so it lets through exactly what they would have passed before (their own level, or their
+parents' once those change): nothing more reaches a user's handlers.
+
+The count is per process. Each shard claims what was counted since the last claim, so shards
+that overlap in one worker never count a retry twice (which shard's request it was is not known:
+the library's requests run on a shared event loop); the client claims the rest before the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gpubatch.core.clocks import StageClocks
+
+#: botocore's retry loggers (standard mode; legacy mode), and the line each writes per retry
+RETRY_LINES = {"botocore.retries.standard": "Retry needed, retrying request",
+               "botocore.retryhandler": "Retry needed, action of"}
+
+
+class _RetryCounter(logging.Filter):
+    def __init__(self, logger: logging.Logger, line: str):
+        super().__init__()
+        self.logger, self.line, self.own_level = logger, line, logger.level
+        self.counted = 0
+        self.claimed = 0
+        self.lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(self.line):
+            with self.lock:
+                self.counted += 1
+        parent = self.logger.parent
+        passes_at = self.own_level or (parent.getEffectiveLevel() if parent else logging.WARNING)
+        return record.levelno >= passes_at
+
+
+_COUNTERS: list[_RetryCounter] = []
+_INSTALL = threading.Lock()
+
+
+def count_library_retries() -> None:
+    """Start counting botocore's retries in this process (once; later calls do nothing)."""
+    with _INSTALL:
+        if _COUNTERS:
+            return
+        for name, line in RETRY_LINES.items():
+            logger = logging.getLogger(name)
+            counter = _RetryCounter(logger, line)
+            logger.addFilter(counter)
+            logger.setLevel(logging.DEBUG)
+            _COUNTERS.append(counter)
+
+
+def claim_library_retries() -> int:
+    """Retries counted in this process since the last claim."""
+    total = 0
+    for counter in _COUNTERS:
+        with counter.lock:
+            total += counter.counted - counter.claimed
+            counter.claimed = counter.counted
+    return total
+
+
+def count_claimed_retries(clocks: StageClocks) -> None:
+    """Add the claimed retries to ``clocks``: to the storage retries, and apart as the library's."""
+    claimed = claim_library_retries()
+    if claimed:
+        clocks.count("storage.retries", claimed)
+        clocks.count("storage.library_retries", claimed)
