@@ -98,6 +98,29 @@ def test_a_streamed_upload_survives_503s_on_its_parts(s3: S3Stack) -> None:
         assert store.read_bytes("big.bin") == payload
 
 
+def test_the_output_store_s_retries_are_counted_for_the_report(s3: S3Stack) -> None:
+    """Commit records, status.json, report files: written without a shard's clocks, their retries
+    are counted per process and claimed by the next shard or the report, one per 503 (the writes
+    are sequential and the proxy's faults seeded: the same writes fail every run)."""
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.io.retry_counts import count_claimed_retries
+    from gpubatch.outputs.store import OutputStore
+
+    store = OutputStore(f"s3://{s3.bucket}/counted/{uuid.uuid4().hex}", s3.options())
+    count_claimed_retries(StageClocks())  # what earlier tests left
+    s3.proxy.reset()
+    s3.proxy.configure(write_error_rate=0.3, seed=5)
+    for i in range(20):
+        store.write_bytes(f"record-{i}.json", b"{}")
+    injected = s3.proxy.stats["write_errors"]
+    s3.proxy.reset()
+    clocks = StageClocks()
+    count_claimed_retries(clocks)
+    assert injected > 3 and clocks.counters["storage.retries"] == injected
+    assert "storage.library_retries" not in clocks.counters
+    assert [store.read_bytes(f"record-{i}.json") for i in range(20)] == [b"{}"] * 20
+
+
 def test_a_parquet_file_read_back_survives_503s(s3: S3Stack) -> None:
     """Reading an output back (predictions.parquet for the per-slide files, Result.predictions)
     seeks and reads through a file; each read is a request of its own, retried like a tile's.

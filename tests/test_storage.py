@@ -507,7 +507,7 @@ def test_a_client_library_s_own_retries_are_counted_and_its_debug_lines_stay_qui
     which the counting reads, reach no handler that did not ask for them."""
     import fsspec
 
-    from gpubatch.io.library_retries import claim_library_retries
+    from gpubatch.io.retry_counts import claim_library_retries
     from gpubatch.io.storage import library_options
 
     payload = np.random.default_rng(1).integers(0, 256, 9 << 20, dtype=np.uint8).tobytes()

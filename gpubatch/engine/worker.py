@@ -27,8 +27,8 @@ from gpubatch.engine.context import RunContext
 from gpubatch.engine.model_stage import empty_rows, make_batch_runner, warm_host_stage
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
 from gpubatch.engine.slide_head import BagSink, SlideHead
-from gpubatch.io.library_retries import count_claimed_retries
 from gpubatch.io.redact import redact
+from gpubatch.io.retry_counts import count_claimed_retries
 from gpubatch.io.storage import input_identity
 from gpubatch.models.base import Model, get_model
 from gpubatch.outputs.layout import new_attempt

@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 from gpubatch.core.errors import InputError
 from gpubatch.io.metrics import in_background, record_request, requests_in_flight
 from gpubatch.io.redact import redact
-from gpubatch.io.retry import RetryPolicy, call_with_retries, is_transient, storage_error
+from gpubatch.io.retry import (
+    RetryPolicy,
+    call_with_retries,
+    count_retries,
+    is_transient,
+    storage_error,
+)
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -245,8 +251,7 @@ class RetryingReader(ReaderWrapper):
             failed = [i for i, r in enumerate(results) if r.error is not None and is_transient(r.error)]
             if not failed:
                 return results
-            if self.clocks is not None:
-                self.clocks.count("storage.retries", len(failed))
+            count_retries(self.clocks, len(failed))
             time.sleep(self.policy.delay(attempt - 1))
             for i, again in zip(failed, self.inner.fetch_spans([spans[i] for i in failed]), strict=True):
                 results[i] = again

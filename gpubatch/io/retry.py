@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from gpubatch.core.errors import InputError
 from gpubatch.io.redact import redact
+from gpubatch.io.retry_counts import note_retries
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -152,6 +153,15 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     return InputError(uri, f"storage error ({detail})")
 
 
+def count_retries(clocks: StageClocks | None, n: int = 1) -> None:
+    """Count ``n`` retries in ``clocks``, or, for a call made without them, in the process's count
+    that the next shard or the client's report claims (io.retry_counts)."""
+    if clocks is not None:
+        clocks.count("storage.retries", n)
+    else:
+        note_retries(n)
+
+
 def call_with_retries(fn: Callable[[], T], uri: str, policy: RetryPolicy | None = None,
                       clocks: StageClocks | None = None) -> T:
     """Run a synchronous storage call under the retry policy; failures become InputError."""
@@ -162,7 +172,6 @@ def call_with_retries(fn: Callable[[], T], uri: str, policy: RetryPolicy | None 
         except Exception as exc:
             if not is_transient(exc) or attempt + 1 >= policy.attempts:
                 raise storage_error(uri, exc, attempt + 1) from None
-            if clocks is not None:
-                clocks.count("storage.retries")
+            count_retries(clocks)
             time.sleep(policy.delay(attempt))
     raise AssertionError("unreachable")

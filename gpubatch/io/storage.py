@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.errors import InputError
 from gpubatch.io import obstore
-from gpubatch.io.library_retries import count_library_retries
 from gpubatch.io.ranges import (
     FsspecRangeReader,
     LocalRangeReader,
@@ -41,6 +40,7 @@ from gpubatch.io.ranges import (
 from gpubatch.io.redact import redact, register_secrets, register_uri
 from gpubatch.io.retried_fs import RetriedFS
 from gpubatch.io.retry import RetryPolicy, call_with_retries
+from gpubatch.io.retry_counts import count_library_retries
 from gpubatch.io.uris import has_magic, is_remote, local_path, protocol_of, split_glob, uri_name
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ def library_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
 
     The client library's own retries stay on for them (:data:`CLIENT_RETRIES` for S3, unless the
     options set theirs), so a 503 is not fatal; they are counted from botocore's own lines
-    (io.library_retries), as the report's ``library_retries``.
+    (io.retry_counts), as the report's ``library_retries``.
     """
     count_library_retries()
     merged = {**_profile_options, **(options or {})}

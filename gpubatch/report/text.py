@@ -94,7 +94,7 @@ def _storage_line(report: dict[str, Any]) -> str | None:
 
 
 def _by_libraries(st: dict[str, Any]) -> str:
-    """How many of the retries the client libraries made themselves (io.library_retries)."""
+    """How many of the retries the client libraries made themselves (io.retry_counts)."""
     return f" ({st['library_retries']} by client libraries)" if st.get("library_retries") else ""
 
 

@@ -38,8 +38,8 @@ from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.memory import hand_back_freed_memory
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
-from gpubatch.io.library_retries import count_claimed_retries
 from gpubatch.io.redact import redact
+from gpubatch.io.retry_counts import count_claimed_retries
 from gpubatch.io.storage import localize
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import resolve_backend

@@ -1,4 +1,8 @@
-"""Retries a client library made itself, counted for the report.
+"""Retries no shard's clocks saw, counted per process for the report.
+
+Two kinds. gpubatch's own retry layer counts into the clocks it is given; calls made without
+clocks (the output store's writes and reads, a file's existence check, a listing) are counted
+here instead (:func:`note_retries`). And the retries client libraries make themselves:
 
 Most requests go through gpubatch's retry layer (io.retry), which counts each retry. Some kinds
 cannot: a library's own requests (wsidicom's and zarr's reads, through s3fs), the parts of a
@@ -12,7 +16,7 @@ loggers. A filter on those loggers counts the lines. The loggers must pass debug
 it, so it lets through exactly what they would have passed before (their own level, or their
 parents' once those change): nothing more reaches a user's handlers.
 
-The count is per process. Each shard claims what was counted since the last claim, so shards
+The counts are per process. Each shard claims what was counted since the last claim, so shards
 that overlap in one worker never count a retry twice (which shard's request it was is not known:
 the library's requests run on a shared event loop); the client claims the rest before the report.
 """
@@ -50,6 +54,15 @@ class _RetryCounter(logging.Filter):
 
 _COUNTERS: list[_RetryCounter] = []
 _INSTALL = threading.Lock()
+#: gpubatch's own retries made without clocks: [counted, claimed]
+_UNATTRIBUTED = [0, 0]
+_UNATTRIBUTED_LOCK = threading.Lock()
+
+
+def note_retries(n: int = 1) -> None:
+    """Count retries gpubatch's layer made for a call that had no clocks to count them in."""
+    with _UNATTRIBUTED_LOCK:
+        _UNATTRIBUTED[0] += n
 
 
 def count_library_retries() -> None:
@@ -66,7 +79,7 @@ def count_library_retries() -> None:
 
 
 def claim_library_retries() -> int:
-    """Retries counted in this process since the last claim."""
+    """botocore's retries counted in this process since the last claim."""
     total = 0
     for counter in _COUNTERS:
         with counter.lock:
@@ -75,9 +88,18 @@ def claim_library_retries() -> int:
     return total
 
 
+def claim_unattributed_retries() -> int:
+    """gpubatch's retries made without clocks in this process since the last claim."""
+    with _UNATTRIBUTED_LOCK:
+        claimed = _UNATTRIBUTED[0] - _UNATTRIBUTED[1]
+        _UNATTRIBUTED[1] = _UNATTRIBUTED[0]
+    return claimed
+
+
 def count_claimed_retries(clocks: StageClocks) -> None:
-    """Add the claimed retries to ``clocks``: to the storage retries, and apart as the library's."""
-    claimed = claim_library_retries()
-    if claimed:
-        clocks.count("storage.retries", claimed)
-        clocks.count("storage.library_retries", claimed)
+    """Add the claimed retries to ``clocks``' storage retries, the library's also apart."""
+    library, unattributed = claim_library_retries(), claim_unattributed_retries()
+    if library + unattributed:
+        clocks.count("storage.retries", library + unattributed)
+    if library:
+        clocks.count("storage.library_retries", library)
