@@ -75,6 +75,10 @@ def test_host_work_on_full_cores_asks_for_cores_not_threads(kind: str) -> None:
     assert "run.readers from 4 to 8" in room["next_move"] and "55% busy" in room["evidence"]
     unmeasured = rp.verdict(summary(0.12, parts, kind=kind))
     assert "run.readers from 4 to 8" in unmeasured["next_move"] and "busy while" not in unmeasured["evidence"]
+    quota = rp.verdict(summary(0.12, parts, kind=kind,
+                               host_cpu={"busy": 0.99, "cores": 1.5, "quota": True, "throttled": 0.8}))
+    assert "raise the workers' CPU quota" in quota["next_move"] and "run.readers" not in quota["next_move"]
+    assert "1.5 cores (a CPU quota, throttled in 80% of its periods) were 99% busy" in quota["evidence"]
 
 
 def test_core_use_counts_every_process_on_the_workers_cores() -> None:

@@ -168,6 +168,10 @@ def _input_finding(f: _Figures) -> _Finding:
 
 def _more_threads(f: _Figures, work: str) -> str:
     """More readers where the cores have room; where they are full, more cores, not threads."""
+    if f.cores_full and (f.host_cpu or {}).get("quota"):
+        return ("the cores are full, so more reader threads would only take turns on them: raise the "
+                "workers' CPU quota (the container's CPU limit: Kubernetes resources.limits.cpu, "
+                "docker --cpus) or run on more cores")
     if f.cores_full:
         return ("the cores are full, so more reader threads would only take turns on them: run on "
                 "more cores (more or larger nodes, one worker process per few cores)")
