@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import shared_file, slide_job, write_job
+from conftest import dna_codes, shared_file, slide_job, write_job
 from hostile_inputs import (
     CONTROL_NAME,
     AuthRangeServer,
@@ -178,6 +178,64 @@ def test_good_fai_plans_and_empty_fai_is_refused(fasta: Path, tmp_path: Path) ->
                                           "windows": {"reference": str(fasta), "length": 100}})
     done = cli("validate", str(job))  # validate refuses what run would
     assert done.returncode == 2 and "listed twice" in done.stderr
+
+
+def faidx(path: Path) -> None:
+    import pysam
+
+    pysam.faidx(str(path))
+
+
+def test_an_offset_off_by_one_far_from_the_sampled_contigs_is_refused(tmp_path: Path) -> None:
+    """Among many contigs, a shifted offset on one the spot-check would not have sampled: every
+    contig of a local file is checked now (it passed, and its windows came out one base off)."""
+    contigs = {f"ctg{i}": random_sequence(40 + i, i) for i in range(150)}
+    ref = write_fasta(tmp_path / "many.fa", contigs)
+    _plan_genome(ref)
+    line = next(x for x in Path(f"{ref}.fai").read_text().splitlines() if x.startswith("ctg4\t"))
+    ref.write_text(ref.read_text().replace(">ctg4\n", ">ctg4 a description\n"))  # room before it
+    faidx(ref)
+    edit_fai(ref, "ctg4", offset=int(line.split("\t")[2]) + len(" a description") + 1)
+    with pytest.raises(SpecError, match="ctg4': the .fai offset"):
+        _plan_genome(ref)
+
+
+def test_a_contig_the_index_leaves_out_is_refused_and_an_empty_one_is_not(tmp_path: Path) -> None:
+    """samtools keeps the first of two contigs with one name: the second was left out of the run
+    without a word. An empty contig (a header alone) is left out of the .fai and loses nothing."""
+    for order, where in ((["chr1", "chr2", "chr1", "chr3"], "between contigs 'chr2' and 'chr3'"),
+                         (["chr1", "chr2", "chr1"], "goes on after 'chr2'")):
+        ref = tmp_path / f"dup{len(order)}.fa"
+        ref.write_text("".join(f">{name}\n{random_sequence(30, i)}\n" for i, name in enumerate(order)))
+        faidx(ref)
+        with pytest.raises(SpecError, match="does not list") as err:
+            _plan_genome(ref)
+        assert where in str(err.value) and "two contigs with one name" in str(err.value)
+    empty = tmp_path / "empty-contig.fa"
+    empty.write_text(f">chr1\n{random_sequence(30, 1)}\n>nothing\n>chr2\n{random_sequence(30, 2)}\n")
+    faidx(empty)
+    _plan_genome(empty)
+
+
+def test_a_contig_the_plan_did_not_check_is_checked_where_it_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond what the plan checks (object storage, or a file changed after planning), a
+    contig's start is checked at its first read: the shard fails naming the contig, instead
+    of windows shifted by a byte, and the other contigs' windows are right."""
+    from gpubatch.sources.genome.reference import open_reference
+
+    contigs = {f"ctg{i}": random_sequence(50, i) for i in range(6)}
+    ref = write_fasta(tmp_path / "six.fa", contigs)
+    ref.write_text(ref.read_text().replace(">ctg4\n", ">ctg4 room\n"))
+    faidx(ref)
+    line = next(x for x in Path(f"{ref}.fai").read_text().splitlines() if x.startswith("ctg4\t"))
+    edit_fai(ref, "ctg4", offset=int(line.split("\t")[2]) - 1)
+    monkeypatch.setattr("gpubatch.sources.genome.reference.LOCAL_CHECKED", 2)  # ctg0 and ctg5
+    _plan_genome(ref)
+    reference = open_reference(str(ref))
+    assert bytes(reference.fetch("ctg3", 0, 50)) == bytes(dna_codes(contigs["ctg3"]))
+    with pytest.raises(InputError, match="ctg4': the .fai offset"):
+        reference.fetch("ctg4", 10, 20)
 
 
 def test_bgzip_indexes_are_checked(tmp_path: Path) -> None:

@@ -24,7 +24,9 @@ import numpy as np
 from gpubatch.core.errors import InputError
 from gpubatch.io.storage import exists, read_bytes
 
-#: contigs whose bytes are spot-checked (all arithmetic checks cover every contig)
+#: contigs whose bytes are checked, in a local file and in one on object storage (all arithmetic
+#: checks cover every contig; a contig not checked here is checked where it is first read)
+LOCAL_CHECKED, REMOTE_CHECKED = 20_000, 1_024
 SAMPLED_CONTIGS = 64
 #: bytes read before a contig's first base to find its header line
 HEADER_WINDOW = 4096
@@ -119,10 +121,14 @@ def check_gzi(uri: str, gzi: tuple[list[int], list[int]], compressed_size: int,
 
 
 def check_fai(uri: str, fai: dict[str, FaiEntry], size: int,
-              fetch: Callable[[list[tuple[int, int]]], list[bytes]]) -> None:
-    """Check every entry's arithmetic, then sampled contigs' bytes, against the FASTA.
+              fetch: Callable[[list[tuple[int, int]]], list[bytes]], checked: int = SAMPLED_CONTIGS) -> None:
+    """Check every entry's arithmetic, then ``checked`` contigs' bytes (spread over the file,
+    the first and last among them), against the FASTA.
 
-    ``size`` is the uncompressed file's size; ``fetch`` reads uncompressed byte spans.
+    ``size`` is the uncompressed file's size; ``fetch`` reads uncompressed byte spans. Where two
+    checked contigs follow each other, no sequence may lie between the first's last base and the
+    second's header line (nor after the last contig): samtools keeps only the first of two
+    contigs with one name, and the second would otherwise be left out of the run without a word.
     """
     order = sorted(fai.items(), key=lambda kv: kv[1].offset)
     prev, end_prev = "", -1
@@ -134,16 +140,55 @@ def check_fai(uri: str, fai: dict[str, FaiEntry], size: int,
                                   f"byte {end_prev}, '{name}' starts at byte {e.offset} after its "
                                   f"header): an offset or a length is wrong; {REBUILD}")
         prev, end_prev = name, e.last_byte
-    picks = [order[i] for i in _sample(len(order), SAMPLED_CONTIGS)]
+    picks = _sample(len(order), checked)
     spans: list[tuple[int, int]] = []
-    for _, e in picks:
+    for i in picks:
+        e = order[i][1]
         spans.append((max(0, e.offset - HEADER_WINDOW), min(size, e.offset + e.line_width + 1)))
         spans.append((max(0, e.last_byte - e.line_width), min(size, e.last_byte + 4)))
-    blobs = fetch(spans)
-    for k, (name, e) in enumerate(picks):
+    last = order[-1][1]
+    tail = (last.last_byte + 1, min(size, last.last_byte + 1 + HEADER_WINDOW))
+    fetched = fetch(spans + ([tail] if tail[1] > tail[0] else []))
+    blobs, after_last = fetched[: len(spans)], b"".join(fetched[len(spans) :])
+    for k, i in enumerate(picks):
+        name, e = order[i]
         head_lo = spans[2 * k][0]
-        _check_start(uri, name, e, blobs[2 * k], head_lo)
+        header_at = _check_start(uri, name, e, blobs[2 * k], head_lo)
         _check_end(uri, name, e, blobs[2 * k + 1], spans[2 * k + 1][0])
+        if k and picks[k - 1] == i - 1:
+            _check_between(uri, order[i - 1], name, blobs[2 * k], head_lo, header_at)
+    if _holds_bases(after_last) or size - last.last_byte - 1 > HEADER_WINDOW:
+        raise InputError(uri, f"the FASTA goes on after '{order[-1][0]}', its last contig in the .fai: "
+                              f"{UNLISTED}")
+
+
+UNLISTED = (f"a contig the .fai does not list (two contigs with one name? samtools keeps only the "
+            f"first: rename the other); {REBUILD}")
+
+
+def _holds_bases(text: bytes) -> bool:
+    """Whether ``text`` (what lies between two indexed contigs) has a line of sequence: blank lines
+    and the header of an empty contig (which samtools leaves out of the .fai) hold none."""
+    return any(line.strip() and not line.startswith(b">") for line in text.split(b"\n"))
+
+
+def _check_between(uri: str, before: tuple[str, FaiEntry], name: str, blob: bytes, lo: int,
+                   header_at: int | None) -> None:
+    """No sequence between ``before``'s last base and the header line of ``name``."""
+    gap_start = before[1].last_byte + 1
+    if header_at is None:  # a header longer than the window: its start was not seen
+        return
+    if gap_start < lo or _holds_bases(blob[gap_start - lo : header_at - lo]):
+        raise InputError(uri, f"between contigs '{before[0]}' and '{name}' the FASTA holds "
+                              f"{UNLISTED}")
+
+
+def check_contig_start(uri: str, name: str, e: FaiEntry, read: Callable[[int, int], bytes]) -> None:
+    """One contig's start checked where it is first read: the header line before its offset, its
+    first line's break. For a contig the plan's check did not reach (a file with more contigs
+    than it checks), and for a file that changed since: a wrong offset would shift every window."""
+    lo = max(0, e.offset - HEADER_WINDOW)
+    _check_start(uri, name, e, read(lo, min(e.offset + e.line_width + 1, e.last_byte + 1)), lo)
 
 
 def _check_geometry(uri: str, name: str, e: FaiEntry, size: int) -> None:
@@ -161,14 +206,16 @@ def _check_geometry(uri: str, name: str, e: FaiEntry, size: int) -> None:
         raise InputError(uri, f"contig '{name}': the .fai gives {problem}; {REBUILD}")
 
 
-def _check_start(uri: str, name: str, e: FaiEntry, blob: bytes, lo: int) -> None:
-    """A newline right before the first base, closing the line ``>NAME ...``; a full first line."""
+def _check_start(uri: str, name: str, e: FaiEntry, blob: bytes, lo: int) -> int | None:
+    """A newline right before the first base, closing the line ``>NAME ...``; a full first line.
+    Returns where the header line starts, or None when it starts before ``blob``."""
     at = e.offset - lo
     fail = f"contig '{name}': the .fai offset {e.offset} is not where its sequence starts"
     if at < 1 or blob[at - 1 : at] != b"\n":
         raise InputError(uri, f"{fail} (the byte before it is not the end of a header line); {REBUILD}")
     start = blob.rfind(b"\n", 0, at - 1) + 1
-    if start > 0 or lo == 0:
+    seen = start > 0 or lo == 0
+    if seen:
         line = blob[start : at - 1].rstrip(b"\r")
         if not line.startswith(b">") or line[1:].split(maxsplit=1)[:1] != [name.encode()]:
             raise InputError(uri, f"{fail} (the line before it is not '>{name}'); {REBUILD}")
@@ -179,6 +226,7 @@ def _check_start(uri: str, name: str, e: FaiEntry, blob: bytes, lo: int) -> None
     if e.length > e.line_bases and blob[at + e.line_bases : at + e.line_width].rstrip(b"\r\n"):
         raise InputError(uri, f"contig '{name}': no line break after {e.line_bases} bases, where the "
                               f".fai puts one; {REBUILD}")
+    return lo + start if seen else None
 
 
 def _check_end(uri: str, name: str, e: FaiEntry, blob: bytes, lo: int) -> None:

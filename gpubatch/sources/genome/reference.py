@@ -30,7 +30,10 @@ from gpubatch.io.storage import exists, library_options, open_ranges, read_bytes
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.indexes import (
+    LOCAL_CHECKED,
+    REMOTE_CHECKED,
     FaiEntry,
+    check_contig_start,
     check_fai,
     check_gzi,
     read_bgzf_range,
@@ -145,12 +148,13 @@ def read_checked_index(uri: str, fmt: str, storage_options: dict[str, Any] | Non
         def fetch_many(spans: list[tuple[int, int]]) -> list[bytes]:  # bytes, not obstore's views
             return [bytes(blob) for blob in reader.fetch_many(spans)]
 
+        checked = REMOTE_CHECKED if is_remote(uri) else LOCAL_CHECKED
         if gzi is None:
-            check_fai(uri, fai, size, fetch_many)
+            check_fai(uri, fai, size, fetch_many, checked)
             return fai, None
         check_gzi(uri, gzi, size, fetch_many)
         plain = uncompressed_size(reader, gzi)
-        check_fai(uri, fai, plain, lambda spans: [read_bgzf_range(reader, gzi, a, b) for a, b in spans])
+        check_fai(uri, fai, plain, lambda spans: [read_bgzf_range(reader, gzi, a, b) for a, b in spans], checked)
     return fai, gzi
 
 
@@ -207,9 +211,13 @@ class FastaReference(Reference):
         self.contigs = ContigTable(tuple(self.fai), tuple(e.length for e in self.fai.values()))
         self.gzi = read_gzi(uri, storage_options) if fmt == "bgzip" else None
         self.ranges = open_ranges(uri, storage_options, clocks)
+        self._started: set[str] = set()  # contigs whose start this reader has checked
 
     def _read(self, contig: str, start: int, end: int) -> np.ndarray:
         entry = self.fai[contig]
+        if contig not in self._started:
+            check_contig_start(self.uri, contig, entry, self._read_bytes)
+            self._started.add(contig)
         b0, b1 = entry.byte(start), entry.byte(end - 1) + 1
         raw = self._read_bytes(b0, b1)
         with self._part("decode"):
