@@ -63,6 +63,27 @@ def test_bgzip_and_bcf_read_the_same(tmp_path: Path) -> None:
     assert read_variants(bcf, CONTIGS).alt == expected
 
 
+def test_a_plain_gzip_vcf_reads_like_the_bgzip_one(tmp_path: Path) -> None:
+    """``gzip`` (not ``bgzip``) is how many VCFs arrive; htslib cannot open it (it asks the
+    stream's offset), which was a traceback. It is read through an uncompressed copy, its line
+    numbers those of the file; a damaged one is refused naming the file."""
+    import gzip
+
+    plain = write_vcf(tmp_path, RECORDS)
+    gz = tmp_path / "plain.vcf.gz"
+    gz.write_bytes(gzip.compress(Path(plain).read_bytes()))
+    got, want = read_variants(str(gz), CONTIGS), read_variants(plain, CONTIGS)
+    assert (got.variant_id, got.pos, got.counts) == (want.variant_id, want.pos, want.counts)
+    bad = tmp_path / "bad-pos.vcf.gz"
+    bad.write_bytes(gzip.compress((HEADER + "chr1\tx\t.\tA\tG\t.\t.\t.\n").encode()))
+    with pytest.raises(SpecError, match="bad-pos.vcf.gz line 6"):
+        read_variants(str(bad), CONTIGS)
+    cut = tmp_path / "cut.vcf.gz"
+    cut.write_bytes(gz.read_bytes()[:-20])
+    with pytest.raises(SpecError, match="cut.vcf.gz"):
+        read_variants(str(cut), CONTIGS)
+
+
 @pytest.mark.parametrize("header", ["", "##fileformat=VCFv4.2\n##source=eqtl-pipeline\n"])
 def test_vcf_body_without_its_chrom_line_is_read_with_a_note(tmp_path: Path, header: str) -> None:
     with_header = read_variants(write_vcf(tmp_path, RECORDS), CONTIGS)

@@ -20,8 +20,11 @@ as a stream: memory does not grow with the file (the caller keeps what it scores
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
@@ -72,6 +75,33 @@ def _open_text(path: str) -> IO[bytes]:
         magic = raw.read(2)
     handle = gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # noqa: SIM115
     return cast(IO[bytes], handle)
+
+
+def _is_plain_gzip(path: str) -> bool:
+    """gzip, but not BGZF (whose header carries the 'BC' extra field): htslib cannot open it."""
+    with open(path, "rb") as raw:
+        head = raw.read(14)
+    return head[:2] == b"\x1f\x8b" and not (len(head) == 14 and head[3] & 4 and head[12:14] == b"BC")
+
+
+@contextlib.contextmanager
+def _readable_by_htslib(path: str, uri: str) -> Iterator[str]:
+    """``path``, or for a plain-gzip VCF (``gzip``, not ``bgzip``) an uncompressed copy of it:
+    htslib reads BGZF and plain text, and fails on plain gzip where it asks the stream's offset."""
+    if not _is_plain_gzip(path):
+        yield path
+        return
+    tmp = tempfile.mkdtemp(prefix="gpubatch-vcf-")
+    try:
+        plain = os.path.join(tmp, "variants.vcf")
+        try:
+            with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (OSError, EOFError) as exc:
+            raise SpecError([(FIELD, f"{uri}: not a readable gzip file ({exc})")]) from None
+        yield plain
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_bcf(path: str) -> bool:
@@ -185,25 +215,32 @@ def _vcf_records(path: str, uri: str, name: str, layout: Layout) -> Iterator[Raw
     pysam = _pysam()
     previous = pysam.set_verbosity(0)
     try:
-        try:
-            vf = pysam.VariantFile(path)
-        except (ValueError, OSError) as exc:
-            raise SpecError([(FIELD, f"{uri}: not a readable VCF/BCF ({exc}); a VCF starts with "
-                                     "'##fileformat=VCFv4.x' and has a '#CHROM ...' line")]) from None
-        offset = _header_lines(path) if layout.kind == LAYOUT_VCF else None
-        i = 0
-        with vf:
-            try:
-                for i, rec in enumerate(vf, start=1):
-                    line = offset + i if offset is not None else i
-                    where = f"{name} line {line}" if offset is not None else f"{name} record {i}"
-                    yield RawRecord(where, line, rec.chrom, int(rec.pos), rec.id, rec.ref or ".",
-                                    tuple(rec.alts or ()))
-            except (ValueError, OSError) as exc:
-                where = f"{name} line {offset + i + 1}" if offset is not None else f"{name} record {i + 1}"
-                raise SpecError([(FIELD, f"{where}: malformed VCF record ({exc})")]) from None
+        with _readable_by_htslib(path, uri) as readable:
+            yield from _pysam_records(pysam, readable, path, uri, name, layout)
     finally:
         pysam.set_verbosity(previous)
+
+
+def _pysam_records(pysam: Any, readable: str, path: str, uri: str, name: str,
+                   layout: Layout) -> Iterator[RawRecord]:
+    """The records of the file pysam can open (``readable``), numbered by ``path``'s lines."""
+    try:
+        vf = pysam.VariantFile(readable)
+    except (ValueError, OSError) as exc:
+        raise SpecError([(FIELD, f"{uri}: not a readable VCF/BCF ({exc}); a VCF starts with "
+                                 "'##fileformat=VCFv4.x' and has a '#CHROM ...' line")]) from None
+    offset = _header_lines(path) if layout.kind == LAYOUT_VCF else None
+    i = 0
+    with vf:
+        try:
+            for i, rec in enumerate(vf, start=1):
+                line = offset + i if offset is not None else i
+                where = f"{name} line {line}" if offset is not None else f"{name} record {i}"
+                yield RawRecord(where, line, rec.chrom, int(rec.pos), rec.id, rec.ref or ".",
+                                tuple(rec.alts or ()))
+        except (ValueError, OSError) as exc:
+            where = f"{name} line {offset + i + 1}" if offset is not None else f"{name} record {i + 1}"
+            raise SpecError([(FIELD, f"{where}: malformed VCF record ({exc})")]) from None
 
 
 def iter_records(path: str, uri: str, layout: Layout) -> Iterator[RawRecord]:
