@@ -153,6 +153,28 @@ def truncate_tile(src: Path, dst: Path, level: int = 0, index: int = 0) -> Path:
     return Path(dst)
 
 
+def oversized_tile(src: Path, dst: Path, index: int = 0, scale: int = 2) -> Path:
+    """``src`` whose level-0 tile ``index`` holds a valid JPEG ``scale`` times the level's tile size
+    (appended to the file, the tile's offset and byte count pointed at it): it decodes cleanly,
+    to more pixels than the tile has."""
+    import simplejpeg
+    import tifffile
+
+    data = bytearray(Path(src).read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        h, w = page.tilelength * scale, page.tilewidth * scale
+        picture = np.random.default_rng(index).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        blob = simplejpeg.encode_jpeg(picture, quality=80, colorspace="RGB")
+        bo = tif.byteorder
+        for name, value in (("TileOffsets", len(data)), ("TileByteCounts", len(blob))):
+            tag = page.tags[name]
+            fmt = {3: "H", 4: "I", 16: "Q"}[int(tag.dtype)]
+            struct.pack_into(bo + fmt, data, tag.valueoffset + index * struct.calcsize(fmt), value)
+    Path(dst).write_bytes(bytes(data) + blob)
+    return Path(dst)
+
+
 def shorten_tile_offsets(src: Path, dst: Path) -> Path:
     """``src`` whose first IFD's TileOffsets count is cut to 3: tifffile then holds fewer offsets
     than the tile grid has tiles (a malformed IFD)."""

@@ -31,6 +31,7 @@ from hostile_inputs import (
     garble_description,
     huge_claim_tiff,
     output_text,
+    oversized_tile,
     random_sequence,
     shorten_tile_offsets,
     truncate_tile,
@@ -340,6 +341,18 @@ def test_corrupt_jpeg_tiles_quarantine_the_slide_not_silently_decoded(
     assert failed["input"].tolist() == [str(bad)] and failed["attempt"].tolist() == [1]  # not retried
     lenient = cli("run", str(job), "--overwrite", "--set", "tiles.integrity=lenient")
     assert lenient.returncode == 0
+
+
+def test_a_tile_that_decodes_larger_than_the_tile_quarantines_the_slide(
+        tmp_path: Path, pyramid: Path, classifier: Path) -> None:
+    """A valid JPEG twice the level's tile size in a tile's place decoded cleanly and was
+    reshaped into the tile's pixels, scrambled, and the slide reported done."""
+    bad = oversized_tile(pyramid, tmp_path / "oversized.tif", index=1)
+    job, out = _slides_job(tmp_path, [str(pyramid), str(bad)], classifier)
+    done = cli("run", str(job))
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert f"{bad}: malformed tile 1 at level 0: its data decodes to" in done.stdout
+    assert _failures(out)["input"].tolist() == [str(bad)]
 
 
 def test_malformed_ifd_is_an_input_error_naming_the_file_and_not_retried(

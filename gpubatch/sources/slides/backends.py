@@ -397,7 +397,7 @@ class TiffBackend(TileGridBackend):
             raise InputError(self.path, f"corrupt tile {index} at level {self.pages.index(page)}: {exc}"
                              + ("" if not self.strict else " (tiles.integrity: lenient decodes what it "
                                 "can instead)")) from exc
-        tile = np.asarray(segment).reshape(th, tw, -1)
+        tile = _tile_shaped(np.asarray(segment), th, tw, self.path, index, self.pages.index(page))
         if tile.shape[-1] == 4:
             tile = composite_on_white(tile)
         return tile[..., :3]
@@ -430,6 +430,16 @@ class TiffBackend(TileGridBackend):
             self.read_ahead.close()
         self.tif.close()
         self.ranges.close()
+
+
+def _tile_shaped(segment: np.ndarray, th: int, tw: int, path: str, index: int, level: int) -> np.ndarray:
+    """A decoded tile as (th, tw, samples); a tile whose data decodes to another size (a JPEG
+    larger than the level's tiles, which a reshape would scramble into the samples) is malformed."""
+    height_width = segment.shape[-3:-1] if segment.ndim >= 3 else None
+    if height_width != (th, tw) or segment.shape[-1] not in (3, 4):
+        raise InputError(path, f"malformed tile {index} at level {level}: its data decodes to "
+                               f"{'x'.join(map(str, segment.shape))}, the level's tiles are {tw}x{th} RGB")
+    return segment.reshape(th, tw, -1)
 
 
 def _decodes_as_ycbcr(page: Any) -> bool:
