@@ -291,7 +291,8 @@ def environ_without_aws() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
 
 
-def svs_with_label_and_macro(path: Path, width: int = 2048, height: int = 1536, seed: int = 3) -> Path:
+def svs_with_label_and_macro(path: Path, width: int = 2048, height: int = 1536, seed: int = 3,
+                             mpp: str = "0.25") -> Path:
     """A synthetic Aperio SVS (OpenSlide reads it as ``aperio``): one tiled JPEG level at 0.25 mpp,
     a thumbnail, a random-noise label and a two-colour macro image, and a private scanner field
     (``aperio.ScannerSecret``) in its description."""
@@ -305,14 +306,14 @@ def svs_with_label_and_macro(path: Path, width: int = 2048, height: int = 1536, 
     macro = np.zeros((400, 1000, 3), np.uint8)
     macro[:, :500], macro[:, 500:] = (200, 30, 30), (20, 200, 90)
     macro[100:300, 100:900] = rng.integers(0, 256, (200, 800, 3), dtype=np.uint8)
-    level0 = f"{lib}{width}x{height} [0,0 {width}x{height}] (256x256) JPEG/RGB Q=70|AppMag = 40|MPP = 0.25" \
+    level0 = f"{lib}{width}x{height} [0,0 {width}x{height}] (256x256) JPEG/RGB Q=70|AppMag = 40|MPP = {mpp}" \
              "|ScannerSecret = private-scanner-7"
     with tifffile.TiffWriter(path) as tif:
         tif.write(_TissueScene(width, height, seed).tiles(width, height, 1, 256), shape=(height, width, 3),
                   dtype=np.uint8, tile=(256, 256), compression="jpeg", photometric="rgb", description=level0,
                   metadata=None)
         tif.write(np.full((height // 8, width // 8, 3), 230, np.uint8), photometric="rgb", compression="jpeg",
-                  description=f"{lib}{width}x{height} -> {width // 8}x{height // 8} - |AppMag = 40|MPP = 0.25",
+                  description=f"{lib}{width}x{height} -> {width // 8}x{height // 8} - |AppMag = 40|MPP = {mpp}",
                   metadata=None)
         tif.write(label, photometric="rgb", compression="lzw", description=f"{lib}label 280x300", subfiletype=1,
                   metadata=None)

@@ -34,6 +34,7 @@ from hostile_inputs import (
     oversized_tile,
     random_sequence,
     shorten_tile_offsets,
+    svs_with_label_and_macro,
     truncate_tile,
     write_fasta,
 )
@@ -353,6 +354,18 @@ def test_a_tile_that_decodes_larger_than_the_tile_quarantines_the_slide(
     assert done.returncode == 3, done.stderr[-2000:]
     assert f"{bad}: malformed tile 1 at level 0: its data decodes to" in done.stdout
     assert _failures(out)["input"].tolist() == [str(bad)]
+
+
+@pytest.mark.parametrize("written", ["0.25", "2.5E-01", "25e-2", ".25"])
+def test_an_aperio_mpp_is_read_however_the_number_is_written(tmp_path: Path, written: str) -> None:
+    """``MPP = 2.5E-01`` was read as 2.5 (the pattern stopped at the 'E'): ten times the scale."""
+    from gpubatch.sources.slides.backends import TiffBackend
+
+    backend = TiffBackend(str(svs_with_label_and_macro(tmp_path / "s.svs", 512, 512, mpp=written)))
+    try:
+        assert backend.info.mpp == pytest.approx(0.25) and backend.info.vendor == "aperio"
+    finally:
+        backend.close()
 
 
 def test_malformed_ifd_is_an_input_error_naming_the_file_and_not_retried(

@@ -264,6 +264,23 @@ def test_expand_globs(s3: S3Stack, slide_uris: dict, tmp_path: Path) -> None:
     assert expand_uris([f"file://{tmp_path}/*.svs"]) == [str(tmp_path / "a.svs")]
 
 
+def test_one_file_under_several_spellings_is_one_input(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``a/./b``, ``a//b``, ``a/../a/b`` and a symlink name one file: read once (it was read once
+    per spelling, its predictions doubled), with a line saying so; two files stay two."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "one.tif").write_bytes(b"1")
+    (folder / "two.tif").write_bytes(b"2")
+    (tmp_path / "alias.tif").symlink_to(folder / "one.tif")
+    spellings = [str(folder / "one.tif"), f"{folder}/./one.tif", f"{folder}//one.tif",
+                 f"{folder}/../s/one.tif", str(tmp_path / "alias.tif"), str(folder / "two.tif")]
+    with caplog.at_level("WARNING", logger="gpubatch"):
+        assert expand_uris(spellings) == [str(folder / "one.tif"), str(folder / "two.tif")]
+    assert sum("is the file" in r.getMessage() for r in caplog.records) == 4
+    assert expand_uris([str(folder / "*.tif"), str(folder / "one.tif")]) == [str(folder / "one.tif"),
+                                                                          str(folder / "two.tif")]
+
+
 def test_a_streamed_slide_opened_ahead_is_taken_with_its_requests(s3: S3Stack, slide_uris: dict) -> None:
     """prefetch opens the next streamed slides in the background; the shard that opens one takes
     it without a round trip, and the requests made ahead and its tile reads after are the shard's."""

@@ -383,11 +383,24 @@ def expand_uris(patterns: list[str], options: dict[str, Any] | None = None) -> l
     that slide.
     """
     out: list[str] = []
+    seen: dict[str, str] = {}  # one file, however spelled -> the first spelling
     for given in patterns:
         pattern, forced = split_glob(given)
-        found = _expand_one(pattern, forced, options)
-        out.extend(u for u in found if u not in out)
+        for uri in _expand_one(pattern, forced, options):
+            same = _file_key(uri)
+            if same in seen:
+                if seen[same] != uri:
+                    log.warning("input %s is the file %s names too: read once", redact(uri), redact(seen[same]))
+                continue
+            seen[same] = uri
+            out.append(uri)
     return out
+
+
+def _file_key(uri: str) -> str:
+    """What makes two inputs one file: a local path's real path (``a/./b``, ``a//b``, ``a/../a/b``
+    and a symlink to it are one file, read once), a remote URI as given."""
+    return uri if is_remote(uri) else os.path.realpath(uri)
 
 
 def _expand_one(pattern: str, forced: bool, options: dict[str, Any] | None) -> list[str]:

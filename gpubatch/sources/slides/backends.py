@@ -244,6 +244,10 @@ class TileGridBackend(SlideBackend):
             self.cache.expect((level, index) for index in tiles_of_boxes(grid, boxes))
 
 
+#: a decimal number as a description writes it: 0.2520, .5, 5e-1, 2.52E-01
+NUMBER = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+
+
 def _resolution_tag(unit: int | str, xres: float) -> str:
     """How a TIFF resolution tag reads: 'TIFF XResolution 72 per inch'."""
     names = {2: "inch", 3: "centimeter", "inch": "inch", "centimeter": "centimeter"}
@@ -255,8 +259,8 @@ def _mpp_from_tiff(tif: Any) -> tuple[float | None, float | None, str, str]:
     page = tif.pages[0]
     desc = page.description or ""
     if tif.is_svs:
-        mpp = re.search(r"\bMPP\s*=\s*([0-9.]+)", desc)
-        mag = re.search(r"\bAppMag\s*=\s*([0-9.]+)", desc)
+        mpp = re.search(rf"\bMPP\s*=\s*({NUMBER})", desc)
+        mag = re.search(rf"\bAppMag\s*=\s*({NUMBER})", desc)
         return (float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio",
                 "Aperio ImageDescription MPP" if mpp else "")
     if tif.is_ome:
