@@ -103,6 +103,15 @@ class WindowsSpec(_Strict):
     track_columns: int = Field(
         1024, ge=0, le=65536, description="per-track parquet columns at most per reduced or scored output; wider: zarr only")
 
+    @model_validator(mode="after")
+    def _regions_or_variants(self) -> WindowsSpec:
+        # variant mode scores every record of the file: regions beside it were ignored, silently
+        if self.variants is not None and self.regions != "genome":
+            raise ValueError("windows.regions and windows.variants do not combine: variant mode scores "
+                             "every record of windows.variants. Keep the records in your regions first "
+                             "(`bcftools view -R regions.bed`), and leave windows.regions out")
+        return self
+
 
 class InputNorm(_Strict):
     mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=3, max_length=3)

@@ -32,6 +32,15 @@ def test_bed_columns_strand_and_headers(tmp_path: Path) -> None:
     assert regions[1].where == "regions.bed line 5"
 
 
+def test_contigs_named_like_header_words_are_regions(tmp_path: Path) -> None:
+    """``track``/``browser`` lines are the word alone before settings; contigs named track1 or
+    browserX were skipped as headers, their regions silently left out."""
+    bed = write(tmp_path, "browser position chr1:1-100\ntrack\tname=peaks\ntrack1\t10\t30\n"
+                          "browserX 0 5\nchr2\t1\t9\n")
+    assert [(r.chrom, r.start, r.end) for r in parse_bed(bed)] == [
+        ("track1", 10, 30), ("browserX", 0, 5), ("chr2", 1, 9)]
+
+
 @pytest.mark.parametrize(("line", "expect"), [
     ("chr1\t10", "at least 3"),
     ("chr1\tten\t20", "non-negative integers"),

@@ -10,7 +10,7 @@ from conftest import slide_job, write_job
 from gpubatch.cli.main import main
 from gpubatch.core.errors import EXIT_USAGE, SpecError
 from gpubatch.runtime.preflight import check_local_files
-from gpubatch.spec import load_job
+from gpubatch.spec import load_job, parse_job
 
 
 @pytest.fixture()
@@ -139,3 +139,16 @@ def test_unknown_profile_and_profile_keys_are_spec_errors(tmp_path: Path, good: 
     bad.write_text("cluster: local\nworkerz: 2\n")
     assert main(["run", str(path), "--profile", str(bad)]) == EXIT_USAGE
     assert "workerz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("regions", [["chr2:0-15"], "regions.bed"])
+def test_regions_beside_variants_are_refused_not_ignored(regions: object) -> None:
+    """Variant mode scores every record of the VCF: regions set beside it were silently ignored."""
+    job = {"kind": "genome", "model": {"path": "m.onnx"}, "output": {"uri": "o"},
+           "windows": {"reference": "ref.fa", "variants": "v.vcf", "regions": regions}}
+    with pytest.raises(SpecError) as err:
+        parse_job(job)
+    assert "windows.regions and windows.variants do not combine" in str(err.value)
+    assert "bcftools view -R" in str(err.value)
+    job["windows"].pop("regions")  # type: ignore[attr-defined]
+    assert parse_job(job).windows.variants == "v.vcf"  # type: ignore[union-attr]

@@ -73,6 +73,13 @@ def _bed_text(uri: str, storage_options: dict[str, Any] | None) -> Iterator[str]
         yield from f
 
 
+def _track_or_browser(text: str) -> bool:
+    """A UCSC ``track`` or ``browser`` line: that word alone before its settings, not a contig
+    whose name starts with it (``track1  100  200`` is a region)."""
+    first = text.split(None, 1)[0] if text.strip() else ""
+    return first in ("track", "browser")
+
+
 def parse_bed(uri: str, storage_options: dict[str, Any] | None = None) -> list[Region]:
     """Read a BED file (plain or gzip, any fsspec URL); every malformed line is reported by number.
 
@@ -90,7 +97,7 @@ def parse_bed(uri: str, storage_options: dict[str, Any] | None = None) -> list[R
         raise SpecError([(FIELD, f"{uri}: cannot be read as a text BED file ({exc})")]) from None
     for n, line in enumerate(lines, start=1):
         text = line.rstrip("\r\n")
-        if not text.strip() or text.startswith(("#", "track", "browser")):
+        if not text.strip() or text.startswith("#") or _track_or_browser(text):
             continue
         fields = text.split("\t") if "\t" in text else text.split()
         where = f"{_short(uri)} line {n}"
