@@ -368,6 +368,49 @@ def test_an_aperio_mpp_is_read_however_the_number_is_written(tmp_path: Path, wri
         backend.close()
 
 
+@pytest.mark.parametrize("other_layout", ["same", "smaller"])
+def test_a_slide_written_over_while_read_is_read_again_not_mixed(
+        tmp_path: Path, classifier: Path, monkeypatch: pytest.MonkeyPatch, other_layout: str) -> None:
+    """A slide overwritten in place by a same-layout one during its shard gave a 'done' shard
+    whose tiles came from both files; by a smaller one, a 'truncated' failure never retried. Its
+    size and mtime are asked again before the commit (and on an input error): the attempt fails
+    saying so, the retry reads one file, and the predictions are the new file's."""
+    import tifffile
+
+    import gpubatch
+    from gpubatch.sources.slides.source import SlideReader
+
+    slide, other = tmp_path / "slide.tif", tmp_path / "other.tif"
+    for path, seed, height in ((slide, 1, 768), (other, 2, 768 if other_layout == "same" else 256)):
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, 1024, 3), dtype=np.uint8)
+        tifffile.imwrite(path, pixels, tile=(256, 256), photometric="rgb", resolution=(20000, 20000),
+                         resolutionunit="CENTIMETER")  # uncompressed: a same-layout file, same offsets
+    job, out = _slides_job(tmp_path, [str(slide)], classifier)
+    read_block = SlideReader._read_block
+    swapped: list[bool] = []
+
+    def overwrite_once(self: SlideReader, members: np.ndarray) -> object:
+        if not swapped:
+            swapped.append(True)
+            slide.write_bytes(other.read_bytes())  # another writer, mid-shard
+            os.utime(slide, ns=(time.time_ns(), time.time_ns() + 10**9))
+        return read_block(self, members)
+
+    monkeypatch.setattr(SlideReader, "_read_block", overwrite_once)
+    got = gpubatch.run(job, overwrite=True)
+    assert got.exit_code == 0 and swapped
+    failed = _failures(out)
+    assert failed["attempt"].tolist() == [1] and "changed while it was read" in failed["error"].iloc[0]
+    assert ("truncated" in failed["error"].iloc[0]) == (other_layout == "smaller")
+    monkeypatch.setattr(SlideReader, "_read_block", read_block)
+    (tmp_path / "clean").mkdir()
+    clean_job, _ = _slides_job(tmp_path / "clean", [str(other)], classifier)
+    want = gpubatch.run(clean_job)
+    cols = ["x", "y", "probs_0", "probs_1", "probs_2"]
+    pd.testing.assert_frame_equal(got.predictions()[cols].reset_index(drop=True),
+                                  want.predictions()[cols].reset_index(drop=True))
+
+
 def test_malformed_ifd_is_an_input_error_naming_the_file_and_not_retried(
         tmp_path: Path, pyramid: Path, classifier: Path) -> None:
     bad = shorten_tile_offsets(pyramid, tmp_path / "ifd.tif")

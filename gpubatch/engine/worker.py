@@ -30,6 +30,7 @@ from gpubatch.engine.slide_head import BagSink, SlideHead
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
 from gpubatch.io.storage import input_identity
+from gpubatch.io.uris import is_remote, local_path
 from gpubatch.models.base import Model, get_model
 from gpubatch.outputs.layout import new_attempt
 from gpubatch.outputs.manifest import Manifest
@@ -45,6 +46,43 @@ MAX_SAMPLES = 256
 
 _CONFIGURED: dict[str, str] = {}
 _CONFIGURE_LOCK = threading.Lock()
+
+
+def unchanged_while_read(uri: str, before: dict[str, Any], options: dict[str, Any] | None) -> None:
+    """A local file written over while its shard read it gives outputs that mix two files, and
+    nothing in the reads says so: its size and mtime are asked again before the commit, and a
+    change fails the shard (retried: the next attempt reads one file). Object storage's range reads
+    are not checked here."""
+    after = _changed(uri, before, options)
+    if after is not None:
+        raise InputError(uri, f"the file changed while it was read (size {before['size']} -> "
+                              f"{after.get('size')}, mtime {before.get('mtime')} -> {after.get('mtime')}): "
+                              "its outputs would mix two files; the shard is read again", retryable=True)
+
+
+def _changed(uri: str, before: dict[str, Any], options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The local file's identity now, where it differs from ``before``; None where it does not
+    (or the input is remote, a folder, or was not there)."""
+    if is_remote(uri) or before.get("size") is None or not os.path.isfile(local_path(uri)):
+        return None
+    after = input_identity(uri, options)
+    return after if after != before else None
+
+
+def _read_again_if_changed(exc: BaseException, uri: str, identity: Any, options: dict[str, Any] | None,
+                           ) -> BaseException:
+    """An input error (a truncated read, corrupt data) met while the file was being written over
+    is that writer's doing, not the file's: the shard is read again instead of failed for good."""
+    if not isinstance(exc, InputError) or exc.retryable or identity is None or not identity.done():
+        return exc
+    try:
+        changed = identity.exception() is None and _changed(uri, identity.result(), options) is not None
+    except OSError:
+        return exc
+    if not changed:
+        return exc
+    return InputError(uri, f"{exc.message}; the file changed while it was read, so the shard is read again",
+                      retryable=True)
 
 
 def _configure_worker_once(ctx: RunContext) -> None:
@@ -109,6 +147,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
     clocks = StageClocks()
     store = OutputStore(ctx.outdir, ctx.output_options)
     writer: ShardWriter | None = None
+    identity = None
     try:
         # the input's identity (a HEAD on object storage: a round trip) is asked beside the open
         identity = background_pool("identity", 4).submit(input_identity, shard.input_uri, job.input.storage)
@@ -132,6 +171,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
                 writer.write(*empty())
             wall = time.perf_counter() - t0
             writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)
+            unchanged_while_read(shard.input_uri, identity.result(), job.input.storage)
             part = writer.commit()
             shard_attrs = reader.attrs
         count_core_use(clocks, cores_before)
@@ -148,7 +188,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             writer.abort()
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        failed = _failure(shard, exc, started)
+        failed = _failure(shard, _read_again_if_changed(exc, shard.input_uri, identity, job.input.storage), started)
         failed.attempt = attempt
         return failed
     try:  # committed: a failure to tidy up after it must not turn the shard into a failure
