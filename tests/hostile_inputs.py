@@ -175,6 +175,21 @@ def oversized_tile(src: Path, dst: Path, index: int = 0, scale: int = 2) -> Path
     return Path(dst)
 
 
+def lying_dimensions(src: Path, dst: Path, width: int, height: int) -> Path:
+    """``src`` whose first page claims ``width`` x ``height`` pixels while its tile tables still
+    hold the real image's tiles (its ImageWidth and ImageLength tags rewritten)."""
+    import tifffile
+
+    data = bytearray(Path(src).read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        page, bo = tif.pages[0], tif.byteorder
+        for name, value in (("ImageWidth", width), ("ImageLength", height)):
+            tag = page.tags[name]
+            struct.pack_into(bo + {3: "H", 4: "I"}[int(tag.dtype)], data, tag.valueoffset, value)
+    Path(dst).write_bytes(bytes(data))
+    return Path(dst)
+
+
 def shorten_tile_offsets(src: Path, dst: Path) -> Path:
     """``src`` whose first IFD's TileOffsets count is cut to 3: tifffile then holds fewer offsets
     than the tile grid has tiles (a malformed IFD)."""

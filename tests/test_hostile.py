@@ -30,6 +30,7 @@ from hostile_inputs import (
     flip_tile_bytes,
     garble_description,
     huge_claim_tiff,
+    lying_dimensions,
     output_text,
     oversized_tile,
     random_sequence,
@@ -409,6 +410,18 @@ def test_a_slide_written_over_while_read_is_read_again_not_mixed(
     cols = ["x", "y", "probs_0", "probs_1", "probs_2"]
     pd.testing.assert_frame_equal(got.predictions()[cols].reset_index(drop=True),
                                   want.predictions()[cols].reset_index(drop=True))
+
+
+def test_a_tiff_whose_size_contradicts_its_tiles_is_not_handed_to_another_reader(
+        tmp_path: Path, pyramid: Path, classifier: Path) -> None:
+    """A page claiming 500 x 300 pixels over a 1024 x 1024 tile grid: tifffile refuses it, and
+    openslide, tried next, opened it at the wrong scale (no tissue, or tiles at half size)."""
+    bad = lying_dimensions(pyramid, tmp_path / "lies.tif", 500, 300)
+    job, out = _slides_job(tmp_path, [str(pyramid), str(bad)], classifier)
+    done = cli("run", str(job))
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert f"{bad}: malformed IFD at level 0" in done.stdout and "the file is damaged" in done.stdout
+    assert _failures(out)["input"].tolist() == [str(bad)]
 
 
 def test_malformed_ifd_is_an_input_error_naming_the_file_and_not_retried(

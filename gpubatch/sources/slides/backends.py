@@ -277,6 +277,12 @@ def _mpp_from_tiff(tif: Any) -> tuple[float | None, float | None, str, str]:
     return None, None, "generic-tiff", ""
 
 
+class MalformedTiff(TypeError):
+    """A TIFF whose structure contradicts itself (its tile tables do not fit its image size):
+    the file is broken, and no other reader is tried (openslide opened one such file at the
+    wrong scale, taking a lying page's size for the truth)."""
+
+
 def _check_page(page: Any, level: int, decompressors: Any) -> None:
     """A level tifffile can tile-decode, whose IFD is whole: one offset and count per tile.
 
@@ -291,8 +297,8 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
         raise TypeError(f"unsupported TIFF compression {int(page.compression)}")
     tiles = int(np.prod(page.chunked))
     if len(page.dataoffsets) != tiles or len(page.databytecounts) != tiles:
-        raise TypeError(f"malformed IFD at level {level}: {len(page.dataoffsets)} tile offsets and "
-                        f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
+        raise MalformedTiff(f"malformed IFD at level {level}: {len(page.dataoffsets)} tile offsets and "
+                            f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
 
 
 class TiffBackend(TileGridBackend):

@@ -37,6 +37,7 @@ from gpubatch.io.uris import is_remote, local_path, uri_name
 from gpubatch.sources.slides import preopen
 from gpubatch.sources.slides.backends import (
     TIFF_SUFFIXES,
+    MalformedTiff,
     OpenSlideBackend,
     SlideBackend,
     TiffBackend,
@@ -100,6 +101,8 @@ def open_slide(path: str, clocks: StageClocks, *, fileobj: Any = None,
             return TiffBackend(path, fileobj=fileobj, ranges=ranges, clocks=clocks)
         except InputError:
             raise
+        except MalformedTiff as exc:
+            raise InputError(path, f"{exc}; the file is damaged (another reader would guess its geometry)") from exc
         except Exception as exc:  # any parse failure: try openslide, keep the reason
             errors.append(f"tifffile: {exc}")
     if fileobj is not None:
