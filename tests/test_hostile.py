@@ -424,6 +424,21 @@ def test_a_tiff_whose_size_contradicts_its_tiles_is_not_handed_to_another_reader
     assert _failures(out)["input"].tolist() == [str(bad)]
 
 
+def test_a_stored_tile_larger_than_the_read_limit_is_refused_before_it_is_decoded(
+        tmp_path: Path, pyramid: Path, classifier: Path) -> None:
+    """A 1024 px image stored as one 4096 px zlib tile: a few kB on disk, 50 MB decoded (a
+    32768 px one took 3.4 GB). Over tiles.max_read_bytes it is refused by name, not decoded."""
+    import tifffile
+
+    bomb = tmp_path / "bomb.tif"
+    tifffile.imwrite(bomb, np.full((1024, 1024, 3), 200, np.uint8), tile=(4096, 4096), compression="zlib",
+                     photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    job, out = _slides_job(tmp_path, [str(pyramid), str(bomb)], classifier, max_read_bytes=16 << 20)
+    done = cli("run", str(job))
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert f"{bomb}: a stored tile decodes to {4096 * 4096 * 3} bytes, over tiles.max_read_bytes" in done.stdout
+
+
 def test_malformed_ifd_is_an_input_error_naming_the_file_and_not_retried(
         tmp_path: Path, pyramid: Path, classifier: Path) -> None:
     bad = shorten_tile_offsets(pyramid, tmp_path / "ifd.tif")

@@ -165,6 +165,8 @@ class SlideBackend(ABC):
     info: SlideInfo
     #: the shard's read plan when it was made where the slide was opened ahead (sources.slides.source)
     plan: Any = None
+    #: the most bytes one stored tile decodes to, where the format says (0: not known)
+    stored_tile_bytes: int = 0
 
     @abstractmethod
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
@@ -318,6 +320,8 @@ class TiffBackend(TileGridBackend):
                 _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
             mpp, mag, vendor, source = _mpp_from_tiff(self.tif)
         self.ranges = ranges if ranges is not None else open_ranges(path, clocks=clocks)
+        self.stored_tile_bytes = max(p.tilelength * p.tilewidth * p.samplesperpixel * np.dtype(p.dtype).itemsize
+                                     for p in self.pages)
         dims = tuple((int(p.shape[1]), int(p.shape[0])) for p in self.pages)
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)

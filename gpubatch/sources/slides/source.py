@@ -82,7 +82,14 @@ def plan_slide(backend: SlideBackend, job: JobSpec, uri: str, clocks: StageClock
 
 
 def configure_backend(backend: SlideBackend, job: JobSpec) -> None:
-    """The job's decode settings, before any tile is read (a plan reads the coarsest level)."""
+    """The job's decode settings, before any tile is read (a plan reads the coarsest level).
+
+    A stored tile larger than ``tiles.max_read_bytes`` decoded is refused here: one tile of a
+    few MB on disk may claim gigabytes (a 32768 px zlib tile took 3.4 GB to decode), and every
+    read of the slide would decode it whole."""
+    if backend.stored_tile_bytes > job.tiles.max_read_bytes:
+        raise InputError(getattr(backend, "path", ""), f"a stored tile decodes to {backend.stored_tile_bytes} "
+                                                       f"bytes, over tiles.max_read_bytes ({job.tiles.max_read_bytes})")
     if job.tiles.decoder == "gpu":
         backend.use_gpu_decode()
     if job.tiles.integrity == "lenient":
