@@ -126,3 +126,18 @@ def test_incomplete_store_is_rejected(tmp_path: Path) -> None:
     zarr.open_group(str(tmp_path / "x.zarr"), mode="w")
     with pytest.raises(InputError, match="not a complete genome store"):
         load_contigs(str(tmp_path / "x.zarr"))
+
+
+def test_contig_keys_never_collide(tmp_path: Path) -> None:
+    """An unsafe name is stored as c<index>: a later contig named c0 asked for the same array
+    (a traceback), and one named zarr.json for the group's metadata file (lost, exit 0)."""
+    names = ["seq|2", "c0", "zarr.json", "C1", "weird:name*1", "chr1"]
+    seqs = {n: "ACGT"[i % 4] * (30 + i) + "TTGCA"[: i + 1] for i, n in enumerate(names)}
+    fasta = tmp_path / "names.fa"
+    fasta.write_text("".join(f">{n}\n{s}\n" for n, s in seqs.items()))
+    out = tmp_path / "names.zarr"
+    ingest_genome(str(fasta), str(out))
+    reference = open_reference(str(out))
+    assert list(reference.contigs.names) == names
+    for name, seq in seqs.items():
+        assert bytes(reference.fetch(name, 0, len(seq))) == bytes(dna_codes(seq)), name

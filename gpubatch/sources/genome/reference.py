@@ -100,11 +100,18 @@ def reference_format(uri: str, storage_options: dict[str, Any] | None = None) ->
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
+#: keys a contig's own name cannot take: the fallback keys' own form (``c<index>``), and the
+#: group's metadata file (an array there would overwrite it)
+_TAKEN = re.compile(r"^c[0-9]+$|^zarr\.json$", re.IGNORECASE)
 
 
 def zarr_array_name(contig: str, index: int) -> str:
-    """The array key of a contig in a genome zarr: its own name when safe as a key, else c<index>."""
-    return contig if _SAFE_NAME.match(contig) and not contig.startswith("__") else f"c{index}"
+    """The array key of a contig in a genome zarr: its own name when safe as a key, else c<index>.
+
+    The keys of one genome never collide: a name of the fallback form, or zarr's metadata file's
+    name, takes the fallback too (contigs ``seq|2`` then ``c0`` both asked for ``c0``)."""
+    own = _SAFE_NAME.match(contig) and not contig.startswith("__") and not _TAKEN.match(contig)
+    return contig if own else f"c{index}"
 
 
 def open_genome_group(uri: str, storage_options: dict[str, Any] | None, mode: str = "r") -> Any:
