@@ -241,6 +241,21 @@ def test_a_contig_the_plan_did_not_check_is_checked_where_it_is_read(
         reference.fetch("ctg4", 10, 20)
 
 
+def test_trailing_blanks_and_an_empty_reference_say_what_is_wrong(tmp_path: Path) -> None:
+    """Lines ending in a space (samtools indexes them) were refused with 'rebuild the index',
+    which changes nothing; an empty FASTA was called truncated."""
+    ref = tmp_path / "blank.fa"
+    ref.write_text(">chr1\n" + "".join(random_sequence(10, i) + " \n" for i in range(3)))
+    faidx(ref)
+    with pytest.raises(SpecError, match="its lines end in spaces or tabs after the bases"):
+        _plan_genome(ref)
+    empty = tmp_path / "empty.fa"
+    empty.write_text("")
+    Path(f"{empty}.fai").write_text("")
+    with pytest.raises(SpecError, match=r"the reference is empty \(0 bytes\)"):
+        _plan_genome(empty)
+
+
 def test_bgzip_indexes_are_checked(tmp_path: Path) -> None:
     import pysam
 

@@ -139,6 +139,19 @@ def test_something_else_is_refused_with_what_is_expected(tmp_path: Path) -> None
     assert "chrom, pos, ref, alt" in str(err.value) and "notes.txt" in str(err.value)
 
 
+@pytest.mark.parametrize(("record", "said"), [
+    ("chr1\tx\t.\tA\tG\t.\t.\t.", "POS 'x' is not a whole number"),
+    ("chr1\t10\t.\tA", "4 tab-separated columns; a record has at least 8"),
+])
+def test_a_malformed_record_is_described_not_called_a_truncated_file(
+        tmp_path: Path, record: str, said: str) -> None:
+    """htslib calls both of these 'truncated file'; the message says what the line lacks."""
+    with pytest.raises(SpecError) as err:
+        read_variants(write_vcf(tmp_path, ["chr1\t5\t.\tC\tT\t.\t.\t.", record]), CONTIGS)
+    text = str(err.value)
+    assert "v.vcf line 7: malformed VCF record" in text and said in text and "truncated" not in text
+
+
 def test_iupac_and_other_non_sequence_alts_are_skipped_by_reason(tmp_path: Path) -> None:
     # A masking VCF: ALT holds IUPAC ambiguity codes, which are not bases.
     records = [f"chr1\t{10 + i}\t.\tA\t{code}\t.\t.\t." for i, code in enumerate("KYRWSMDHBVN")]

@@ -32,6 +32,8 @@ SAMPLED_CONTIGS = 64
 HEADER_WINDOW = 4096
 _BGZF_MAGIC = b"\x1f\x8b\x08\x04"
 REBUILD = "rebuild it with `samtools faidx` (bgzip files get .fai and .gzi)"
+TRAILING = ("its lines end in spaces or tabs after the bases, which windows read by position would "
+            "take for bases: strip them (`sed -i 's/[[:blank:]]*$//' FILE`), then `samtools faidx` again")
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,10 @@ def _check_start(uri: str, name: str, e: FaiEntry, blob: bytes, lo: int) -> int 
     if b"\n" in first or b">" in first:
         raise InputError(uri, f"contig '{name}': its first line is shorter than the .fai's "
                               f"{e.line_bases} bases per line; {REBUILD}")
-    if e.length > e.line_bases and blob[at + e.line_bases : at + e.line_width].rstrip(b"\r\n"):
+    line_end = blob[at + e.line_bases : at + e.line_width]
+    if e.length > e.line_bases and line_end.rstrip(b"\r\n"):
+        if not line_end.strip():
+            raise InputError(uri, f"contig '{name}': {TRAILING}")
         raise InputError(uri, f"contig '{name}': no line break after {e.line_bases} bases, where the "
                               f".fai puts one; {REBUILD}")
     return lo + start if seen else None
@@ -235,6 +240,8 @@ def _check_end(uri: str, name: str, e: FaiEntry, blob: bytes, lo: int) -> None:
     last, after = blob[at : at + 1], blob[at + 1 :]
     rest = after.lstrip(b"\r\n")
     short = after[:1] not in (b"\n", b"\r", b"") or rest[:1] not in (b">", b"")
+    if short and after[:1] in (b" ", b"\t"):
+        raise InputError(uri, f"contig '{name}': {TRAILING}")
     if last in (b"\n", b"\r", b">", b"") or short:
         raise InputError(uri, f"contig '{name}': the .fai length {e.length} does not end where the "
                               f"sequence ends (the contig is longer or shorter); {REBUILD}")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpubatch.core.errors import InputError
-from gpubatch.io.storage import exists, library_options, open_ranges, read_bytes
+from gpubatch.io.storage import exists, library_options, open_ranges
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.indexes import (
@@ -89,7 +89,12 @@ def reference_format(uri: str, storage_options: dict[str, Any] | None = None) ->
         return "zarr"
     if not exists(uri, storage_options):
         raise InputError(uri, "reference not found")
-    head = read_bytes(uri, storage_options, 0, 4)
+    with open_ranges(uri, storage_options) as reader:
+        size = reader.size()
+        head = bytes(reader.fetch(0, min(size, 4))) if size else b""
+    if not head.strip():
+        raise InputError(uri, f"the reference is empty ({size} bytes{', blank' if size else ''}): "
+                              "a FASTA starts with a '>NAME' header line")
     if head[:2] == b"\x1f\x8b":
         if head != _BGZF_MAGIC:
             raise InputError(uri, "reference is gzip but not bgzip, so it cannot be read by range; "

@@ -240,7 +240,22 @@ def _pysam_records(pysam: Any, readable: str, path: str, uri: str, name: str,
                                 tuple(rec.alts or ()))
         except (ValueError, OSError) as exc:
             where = f"{name} line {offset + i + 1}" if offset is not None else f"{name} record {i + 1}"
-            raise SpecError([(FIELD, f"{where}: malformed VCF record ({exc})")]) from None
+            why = _record_problem(path, offset + i + 1) if offset is not None else ""
+            raise SpecError([(FIELD, f"{where}: malformed VCF record ({why or exc})")]) from None
+
+
+def _record_problem(path: str, number: int) -> str:
+    """What is wrong with line ``number`` of a text VCF, in words, where it can be said (htslib
+    says "truncated file" for a short line and for a POS that is not a number alike)."""
+    with _open_text(path) as f:
+        line = next((raw for n, raw in enumerate(f, start=1) if n == number), b"")
+    fields = line.decode(errors="replace").rstrip("\r\n").split("\t")
+    if len(fields) < 8:
+        return (f"{len(fields)} tab-separated columns; a record has at least 8: "
+                "CHROM POS ID REF ALT QUAL FILTER INFO")
+    if not fields[1].isdigit():
+        return f"POS {fields[1][:40]!r} is not a whole number"
+    return ""
 
 
 def iter_records(path: str, uri: str, layout: Layout) -> Iterator[RawRecord]:
