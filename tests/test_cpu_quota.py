@@ -3,10 +3,13 @@ against every core of the node its affinity names: a throttled worker must not l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +51,22 @@ def _limited_cgroup(cores: float) -> Iterator[list[Path]]:
         yield [d / "cgroup.procs" for d in made]
     finally:
         for d in made:
-            d.rmdir()
+            _empty_and_remove(d)
+
+
+def _empty_and_remove(group: Path, wait_s: float = 30.0) -> None:
+    """Remove a test cgroup once the processes started in it are gone: a run's worker processes
+    may still be shutting down when its client returns (the kernel refuses a cgroup with
+    members: EBUSY). Any left after ``wait_s`` are the test's own, and are killed."""
+    deadline = time.monotonic() + wait_s
+    while (group / "cgroup.procs").read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in (group / "cgroup.procs").read_text().split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    while (group / "cgroup.procs").read_text().split() and time.monotonic() < deadline + 10:
+        time.sleep(0.1)
+    group.rmdir()
 
 
 @pytest.fixture
