@@ -360,6 +360,31 @@ def test_corrupt_jpeg_tiles_quarantine_the_slide_not_silently_decoded(
     assert lenient.returncode == 0
 
 
+def test_running_out_of_memory_in_a_decode_is_not_called_a_corrupt_tile(tmp_path: Path) -> None:
+    """Under an address-space limit, decoding a 200 MB tile raised MemoryError, reported as
+    'corrupt tile ... (tiles.integrity: lenient decodes what it can)': wrong cause, wrong advice,
+    and never retried. It stays a MemoryError (retried: the worker's memory may be free then)."""
+    import tifffile
+
+    bomb = tmp_path / "big-tile.tif"
+    tifffile.imwrite(bomb, np.full((1024, 1024, 3), 200, np.uint8), tile=(8192, 8192), compression="zlib",
+                     photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    script = (
+        "import resource, sys, numpy as np, psutil\n"
+        "from gpubatch.core.clocks import StageClocks\n"
+        "from gpubatch.sources.slides.backends import TiffBackend\n"
+        "backend = TiffBackend(sys.argv[1])\n"
+        "limit = psutil.Process().memory_info().vms + (120 << 20)\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+        "try:\n"
+        "    backend.read_boxes(0, np.array([[0, 0, 224, 224]]), StageClocks())\n"
+        "except BaseException as exc:\n"
+        "    print(type(exc).__name__, exc)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(bomb)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith(f"MemoryError out of memory decoding tile 0 at level 0 of {bomb}"), \
+        done.stdout + done.stderr[-2000:]
+
+
 def test_a_tile_that_decodes_larger_than_the_tile_quarantines_the_slide(
         tmp_path: Path, pyramid: Path, classifier: Path) -> None:
     """A valid JPEG twice the level's tile size in a tile's place decoded cleanly and was

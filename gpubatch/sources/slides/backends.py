@@ -407,6 +407,9 @@ class TiffBackend(TileGridBackend):
                 segment = self._decode_checked(page, blob, index)
             if complaints and self.strict and int(page.compression) in JPEG2000:
                 raise ValueError(f"JPEG 2000 decoder: {complaints[0]}")
+        except MemoryError as exc:  # the worker's memory, not the tile's data: may pass on a retry
+            raise MemoryError(f"out of memory decoding tile {index} at level {self.pages.index(page)} of "
+                              f"{self.path} ({page.tilewidth}x{page.tilelength} px)") from exc
         except Exception as exc:
             raise InputError(self.path, f"corrupt tile {index} at level {self.pages.index(page)}: {exc}"
                              + ("" if not self.strict else " (tiles.integrity: lenient decodes what it "
