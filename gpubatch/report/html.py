@@ -26,6 +26,7 @@ from gpubatch.report.verdict import (
     LAYER_COMPUTE,
     LAYER_STORAGE,
     LAYER_TRANSFER,
+    quota_words,
     verdict,
 )
 
@@ -83,10 +84,7 @@ document.body.setAttribute('data-plots-rendered',ok+'/'+figs.length);})();
 
 def _cores_busy(report: dict[str, Any]) -> str | None:
     cpu = report.get("host_cpu")
-    if not cpu:
-        return None
-    quota = f" (a CPU quota, throttled in {cpu.get('throttled', 0.0):.0%} of its periods)" if cpu.get("quota") else ""
-    return f"{cpu['busy']:.0%} of {cpu.get('cores') or '?'}{quota}"
+    return f"{cpu['busy']:.0%} of {cpu.get('cores') or '?'}{quota_words(cpu)}" if cpu else None
 
 
 def _num(v: float | None, fmt: str = "{:.1f}", none: str = "–") -> str:

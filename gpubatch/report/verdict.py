@@ -79,8 +79,7 @@ class _Figures:
     kind: str = "slides"
     batch_bytes: int = 0  # model input per full batch; 0 when the run did not record it
     model_parts: dict[str, float] | None = None  # the model stage's busy time by part, with other
-    cores_busy: float | None = None  # share of the workers' cores busy while shards ran (core.cpu)
-    host_cpu: dict[str, Any] | None = None  # the report's host_cpu, for the evidence's words
+    host_cpu: dict[str, Any] | None = None  # the report's host_cpu (core.cpu), None when not measured
 
     @classmethod
     def of(cls, summary: dict[str, Any]) -> _Figures:
@@ -102,12 +101,12 @@ class _Figures:
             kind=str(summary.get("kind", "slides")),
             batch_bytes=int(summary.get("batch_input_bytes") or 0),
             model_parts=(summary.get("stage_parts") or {}).get("model"),
-            cores_busy=(summary.get("host_cpu") or {}).get("busy"), host_cpu=summary.get("host_cpu"),
+            host_cpu=summary.get("host_cpu"),
         )
 
     @property
     def cores_full(self) -> bool:
-        return self.cores_busy is not None and self.cores_busy >= CORES_FULL
+        return self.host_cpu is not None and self.host_cpu["busy"] >= CORES_FULL
 
     def cores_evidence(self) -> str:
         """"; " and :func:`cores_sentence`, or nothing where the cores were not measured."""
@@ -118,9 +117,12 @@ def cores_sentence(cpu: dict[str, Any]) -> str:
     """The report's ``host_cpu`` in words, as the verdict's evidence and the terminal say it."""
     cores = cpu.get("cores")
     counted = f"{cores:g} cores" if cores else "cores"
-    if cpu.get("quota"):
-        counted += f" (a CPU quota, throttled in {cpu.get('throttled', 0.0):.0%} of its periods)"
-    return f"the workers' {counted} were {cpu['busy']:.0%} busy while shards ran"
+    return f"the workers' {counted}{quota_words(cpu)} were {cpu['busy']:.0%} busy while shards ran"
+
+
+def quota_words(cpu: dict[str, Any]) -> str:
+    """" (a CPU quota, throttled in X% of its periods)" where a quota limited the workers, else ""."""
+    return f" (a CPU quota, throttled in {cpu.get('throttled', 0.0):.0%} of its periods)" if cpu.get("quota") else ""
 
 
 def _refused_precision(summary: dict[str, Any]) -> str:
@@ -168,7 +170,7 @@ def _input_finding(f: _Figures) -> _Finding:
 
 def _more_threads(f: _Figures, work: str) -> str:
     """More readers where the cores have room; where they are full, more cores, not threads."""
-    if f.cores_full and (f.host_cpu or {}).get("quota"):
+    if f.cores_full and f.host_cpu and f.host_cpu.get("quota"):
         return ("the cores are full, so more reader threads would only take turns on them: raise the "
                 "workers' CPU quota (the container's CPU limit: Kubernetes resources.limits.cpu, "
                 "docker --cpus) or run on more cores")
