@@ -1,20 +1,17 @@
 """Retries no shard's clocks saw, counted per process for the report.
 
-Two kinds. gpubatch's own retry layer counts into the clocks it is given; calls made without
-clocks (the output store's writes and reads, a file's existence check, a listing) are counted
-here instead (:func:`note_retries`). And the retries client libraries make themselves:
-
-Most requests go through gpubatch's retry layer (io.retry), which counts each retry. Some kinds
-cannot: a library's own requests (wsidicom's and zarr's reads, through s3fs), the parts of a
-streamed upload (a part that has left the stream cannot be sent again by gpubatch), an fsspec
-file read. Their clients keep botocore's retries on (``io.storage.library_options``), and those
-retries were invisible: a run that survived a storm of 503s on its DICOM reads reported 0 retries.
-
-botocore says nothing about a retry except a debug line ("Retry needed, retrying request after
-delay of: ..."), in standard mode and legacy mode alike, and aiobotocore (s3fs) uses the same
-loggers. A filter on those loggers counts the lines. The loggers must pass debug records to reach
-it, so it lets through exactly what they would have passed before (their own level, or their
-parents' once those change): nothing more reaches a user's handlers.
+gpubatch's retry layer (io.retry) counts each retry into the clocks it is given. Two kinds were
+left out, and are counted here:
+- gpubatch's own retries of calls made without clocks (the output store's writes and reads, a
+  file's existence check, a listing): :func:`note_retries`;
+- the retries client libraries make themselves, for requests this layer does not make or cannot
+  send again (wsidicom's and zarr's reads through s3fs, a streamed upload's parts, an fsspec
+  file). Their clients keep botocore's retries on (``io.storage.library_options``). botocore says
+  nothing about a retry except a debug line ("Retry needed, retrying request after delay of:
+  ..."), in standard and legacy mode alike, and aiobotocore (s3fs) uses the same loggers. A
+  filter on those loggers counts the lines. The loggers must pass debug records to reach it, so
+  it lets through exactly what they would have passed before (their own level, or their
+  parents' once those change): nothing more reaches a user's handlers.
 
 The counts are per process. Each shard claims what was counted since the last claim, so shards
 that overlap in one worker never count a retry twice (which shard's request it was is not known:
@@ -35,18 +32,33 @@ RETRY_LINES = {"botocore.retries.standard": "Retry needed, retrying request",
                "botocore.retryhandler": "Retry needed, action of"}
 
 
-class _RetryCounter(logging.Filter):
-    def __init__(self, logger: logging.Logger, line: str):
-        super().__init__()
-        self.logger, self.line, self.own_level = logger, line, logger.level
+class _Tally:
+    """A count and what of it has been claimed, under a lock."""
+
+    def __init__(self) -> None:
         self.counted = 0
         self.claimed = 0
         self.lock = threading.Lock()
 
+    def add(self, n: int = 1) -> None:
+        with self.lock:
+            self.counted += n
+
+    def claim(self) -> int:
+        with self.lock:
+            new, self.claimed = self.counted - self.claimed, self.counted
+        return new
+
+
+class _RetryCounter(logging.Filter):
+    def __init__(self, logger: logging.Logger, line: str):
+        super().__init__()
+        self.logger, self.line, self.own_level = logger, line, logger.level
+        self.tally = _Tally()
+
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith(self.line):
-            with self.lock:
-                self.counted += 1
+            self.tally.add()
         parent = self.logger.parent
         passes_at = self.own_level or (parent.getEffectiveLevel() if parent else logging.WARNING)
         return record.levelno >= passes_at
@@ -54,15 +66,13 @@ class _RetryCounter(logging.Filter):
 
 _COUNTERS: list[_RetryCounter] = []
 _INSTALL = threading.Lock()
-#: gpubatch's own retries made without clocks: [counted, claimed]
-_UNATTRIBUTED = [0, 0]
-_UNATTRIBUTED_LOCK = threading.Lock()
+#: gpubatch's own retries made without clocks
+_UNATTRIBUTED = _Tally()
 
 
 def note_retries(n: int = 1) -> None:
     """Count retries gpubatch's layer made for a call that had no clocks to count them in."""
-    with _UNATTRIBUTED_LOCK:
-        _UNATTRIBUTED[0] += n
+    _UNATTRIBUTED.add(n)
 
 
 def count_library_retries() -> None:
@@ -80,20 +90,12 @@ def count_library_retries() -> None:
 
 def claim_library_retries() -> int:
     """botocore's retries counted in this process since the last claim."""
-    total = 0
-    for counter in _COUNTERS:
-        with counter.lock:
-            total += counter.counted - counter.claimed
-            counter.claimed = counter.counted
-    return total
+    return sum(counter.tally.claim() for counter in _COUNTERS)
 
 
 def claim_unattributed_retries() -> int:
     """gpubatch's retries made without clocks in this process since the last claim."""
-    with _UNATTRIBUTED_LOCK:
-        claimed = _UNATTRIBUTED[0] - _UNATTRIBUTED[1]
-        _UNATTRIBUTED[1] = _UNATTRIBUTED[0]
-    return claimed
+    return _UNATTRIBUTED.claim()
 
 
 def count_claimed_retries(clocks: StageClocks) -> None:
