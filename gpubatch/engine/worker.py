@@ -29,8 +29,7 @@ from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
 from gpubatch.engine.slide_head import BagSink, SlideHead
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
-from gpubatch.io.storage import input_identity
-from gpubatch.io.uris import is_remote, local_path
+from gpubatch.io.storage import input_changed, input_identity
 from gpubatch.models.base import Model, get_model
 from gpubatch.outputs.layout import new_attempt
 from gpubatch.outputs.manifest import Manifest
@@ -53,20 +52,11 @@ def unchanged_while_read(uri: str, before: dict[str, Any], options: dict[str, An
     nothing in the reads says so: its size and mtime are asked again before the commit, and a
     change fails the shard (retried: the next attempt reads one file). Object storage's range reads
     are not checked here."""
-    after = _changed(uri, before, options)
+    after = input_changed(uri, before, options)
     if after is not None:
         raise InputError(uri, f"the file changed while it was read (size {before['size']} -> "
                               f"{after.get('size')}, mtime {before.get('mtime')} -> {after.get('mtime')}): "
                               "its outputs would mix two files; the shard is read again", retryable=True)
-
-
-def _changed(uri: str, before: dict[str, Any], options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The local file's identity now, where it differs from ``before``; None where it does not
-    (or the input is remote, a folder, or was not there)."""
-    if is_remote(uri) or before.get("size") is None or not os.path.isfile(local_path(uri)):
-        return None
-    after = input_identity(uri, options)
-    return after if after != before else None
 
 
 def _read_again_if_changed(exc: BaseException, uri: str, identity: Any, options: dict[str, Any] | None,
@@ -76,7 +66,7 @@ def _read_again_if_changed(exc: BaseException, uri: str, identity: Any, options:
     if not isinstance(exc, InputError) or exc.retryable or identity is None or not identity.done():
         return exc
     try:
-        changed = identity.exception() is None and _changed(uri, identity.result(), options) is not None
+        changed = identity.exception() is None and input_changed(uri, identity.result(), options) is not None
     except OSError:
         return exc
     if not changed:

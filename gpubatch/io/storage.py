@@ -289,6 +289,15 @@ def input_identity(uri: str, options: dict[str, Any] | None = None) -> dict[str,
     return {"size": info["size"], "etag": info["etag"], "mtime": info["mtime"]}
 
 
+def input_changed(uri: str, before: dict[str, Any], options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A local file's :func:`input_identity` now, where it differs from ``before`` (it was written
+    over); None where it does not, or the input is remote, a folder, or was not there."""
+    if is_remote(uri) or before.get("size") is None or not os.path.isfile(local_path(uri)):
+        return None
+    after = input_identity(uri, options)
+    return after if after != before else None
+
+
 def exists(uri: str, options: dict[str, Any] | None = None, clocks: StageClocks | None = None) -> bool:
     if not is_remote(uri):
         return os.path.exists(local_path(uri))
