@@ -151,6 +151,9 @@ def test_the_tightest_quota_over_a_cgroup_and_its_ancestors_is_found(tmp_path: P
     assert find_cpu_quota(v2, v2 / "proc").cores == 4.0  # type: ignore[union-attr]
     (v2 / "kubepods/pod1/app/cpu.max").write_text("max 100000")
     assert find_cpu_quota(v2, v2 / "proc") is None
+    (v2 / "kubepods/pod1/app/cpu.max").write_text("lots 100000\n")  # not the kernel's: skipped, not a crash
+    (v2 / "kubepods/cpu.max").write_text("50000 100000")
+    assert find_cpu_quota(v2, v2 / "proc").cores == 0.5  # type: ignore[union-attr]
 
     v1 = _tree(tmp_path / "v1", {
         "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000",

@@ -104,10 +104,11 @@ def _v2_quota(mount: Path, path: str) -> CpuQuota | None:
     for d in _up_to(mount, path):
         try:
             quota, period = (d / "cpu.max").read_text().split()
-        except (OSError, ValueError):
+            cores = int(quota) / int(period) if quota != "max" and int(period) > 0 else None
+        except (OSError, ValueError):  # unreadable or not "QUOTA PERIOD": no limit known here
             continue
-        if quota != "max" and int(period) > 0 and (best is None or int(quota) / int(period) < best.cores):
-            best = CpuQuota(int(quota) / int(period), d / "cpu.stat", d / "cpu.stat", v2=True)
+        if cores is not None and (best is None or cores < best.cores):
+            best = CpuQuota(cores, d / "cpu.stat", d / "cpu.stat", v2=True)
     return best
 
 
