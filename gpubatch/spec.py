@@ -94,6 +94,10 @@ class WindowsSpec(_Strict):
     encoding: EncodingSpec = Field(default_factory=EncodingSpec)
     windows_per_shard: int = Field(4096, ge=1)
     chunk_bases: int = Field(1_048_576, ge=1024, description="bases read in one call, then sliced")
+    max_bad_records: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="share of the BED or variant file's records that may be malformed or off the reference: "
+                    "those are left out and listed in report.json's failed (exit 3); more, and the job is refused")
     max_ref_mismatch: float = Field(
         0.05, ge=0.0, le=1.0,
         description="share of variants whose REF may disagree with the reference before the job is refused")

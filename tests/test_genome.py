@@ -172,16 +172,36 @@ def test_plain_gzip_reference_rejected(tmp_path: Path) -> None:
         GenomeSource().plan(genome_job(fa, length=4))
 
 
-def test_bed_errors_surface_at_plan(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+def test_a_bad_bed_line_is_left_out_and_listed_at_plan(synth: tuple[Path, dict[str, str]],
+                                                       tmp_path: Path) -> None:
+    """One bad line of seven: the other six are tiled, the seventh is a failed entry by line."""
     path, _ = synth
     bed = tmp_path / "regions.bed"
-    bed.write_text("chrA\t0\t10\nchrA\t0\t10\nchrA\t0\t10\nchrA\t0\t10\nchrA\t0\t10\nchrA\t0\t10\nchrX\t0\t5\n")
+    bed.write_text("chrA\t0\t10\n" * 6 + "chrX\t0\t5\n")
+    shards, failed = GenomeSource().plan(genome_job(path, regions=str(bed), length=4))
+    assert sum(s.n_items_hint or 0 for s in shards) == 6 * 3
+    assert [f["input"] for f in failed] == ["regions.bed line 7"]
+    assert failed[0]["error"].startswith("contig 'chrX' is not in the reference")
+    assert "chrA, chrB, chrC" in failed[0]["error"]
+
+
+def test_bed_errors_past_max_bad_records_refuse_the_job(synth: tuple[Path, dict[str, str]],
+                                                        tmp_path: Path) -> None:
+    """Two bad lines of seven are more than 5%: a wrong file, refused with the lines and the fix."""
+    path, _ = synth
+    bed = tmp_path / "regions.bed"
+    bed.write_text("chrA\t0\t10\n" * 5 + "chrX\t0\t5\nchrA\t9\t3\n")
     with pytest.raises(SpecError) as err:
         GenomeSource().plan(genome_job(path, regions=str(bed), length=4))
-    field, message = err.value.problems[0]
-    assert field == "windows.regions"
-    assert message.startswith("regions.bed line 7: contig 'chrX' is not in the reference")
-    assert "chrA, chrB, chrC" in message
+    messages = [m for f, m in err.value.problems if f == "windows.regions"]
+    assert messages[0].startswith("regions.bed line 6: contig 'chrX' is not in the reference")
+    assert messages[1].startswith("regions.bed line 7: end (3) must be greater than start (9)")
+    assert "2 of 7 records are unusable, more than windows.max_bad_records = 0.05" in messages[2]
+    shards, failed = GenomeSource().plan(genome_job(path, regions=str(bed), length=4, max_bad_records=0.3))
+    assert len(failed) == 2 and sum(s.n_items_hint or 0 for s in shards) == 5 * 3
+    with pytest.raises(SpecError, match="chrX"):  # every line bad: refused at any share
+        bed.write_text("chrX\t0\t5\n")
+        GenomeSource().plan(genome_job(path, regions=str(bed), length=4, max_bad_records=1))
 
 
 def test_plan_reads_no_sequence_and_payload_is_small(synth: tuple[Path, dict[str, str]],
@@ -343,6 +363,51 @@ def test_cli_validate_refuses_what_run_refuses(synth: tuple[Path, dict[str, str]
     assert main(["run", str(spec)]) == 2
     assert "REF/ALT swapped?" in capsys.readouterr().err
     assert main(["validate", str(spec), "--set", "windows.max_ref_mismatch=1"]) == 0
+
+
+def test_a_bad_variant_line_is_quarantined_and_the_rest_run(synth: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """validate warns, run scores the other records and exits 3 (partial), the report lists the line."""
+    import json
+
+    import pandas as pd
+    from conftest import write_job
+
+    from gpubatch.cli.demo_models import make_genome_model
+    from gpubatch.cli.main import main
+
+    path, contigs = synth
+    model = make_genome_model(tmp_path / "g.onnx", 16)
+    vcf = _mismatch_vcf(tmp_path / "v.vcf", contigs, 30, 0)
+    with vcf.open("a") as f:
+        f.write("chrA\t5000\t.\tA\n" + "chrA\t5010\tlast\tA\tG\t.\t.\t.\n")
+    job = {"kind": "genome", "windows": {"reference": str(path), "variants": str(vcf), "length": 16,
+                                         "max_ref_mismatch": 1},
+           "model": {"path": str(model)}, "output": {"uri": str(tmp_path / "out")}, "run": {"profile": "inline"}}
+    spec = write_job(tmp_path / "job.yaml", job)
+    assert main(["validate", str(spec)]) == 0
+    assert "warning: v.vcf line 33 would be quarantined: malformed VCF record (4 tab-separated" in capsys.readouterr().out
+    assert main(["run", str(spec)]) == 3
+    assert "quarantined 1 input(s):\n  v.vcf line 33: malformed VCF record" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [f["input"] for f in report["failed"]] == ["v.vcf line 33"]
+    rows = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert len(rows) == 31 and "last" in set(rows["variant_id"])
+
+
+def test_overlapping_regions_are_noted(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    path, _ = synth
+    bed = tmp_path / "regions.bed"
+    bed.write_text("chrA\t0\t100\nchrB\t0\t100\nchrA\t50\t150\nchrA\t50\t60\t.\t0\t-\n")
+    job = genome_job(path, regions=str(bed), length=10)
+    source = GenomeSource()
+    shards, failed = source.plan(job)
+    notes = source.data_quality(job, shards, [])["notes"]
+    assert not failed and len(notes) == 1
+    assert notes[0].startswith("1 region(s) overlap an earlier one on the same contig and strand "
+                               "(first: regions.bed line 3, chrA:50-150)")
+    bed.write_text("chrA\t0\t100\nchrA\t100\t150\n")  # touching is not overlapping
+    assert source.data_quality(job, source.plan(job)[0], []) == {}
 
 
 def test_zarr_ref_mismatches_agree_with_the_report(synth: tuple[Path, dict[str, str]], tmp_path: Path,

@@ -92,12 +92,12 @@ def test_missing_and_empty_bed(tmp_path: Path) -> None:
 
 
 def test_region_strings_and_genome() -> None:
-    regions = resolve_regions(["chr1:100-200", "chr2:10-20:-", "chrM"], CONTIGS)
+    regions, _ = resolve_regions(["chr1:100-200", "chr2:10-20:-", "chrM"], CONTIGS)
     assert [(r.chrom, r.start, r.end, r.strand) for r in regions] == [
         ("chr1", 100, 200, "+"), ("chr2", 10, 20, "-"), ("chrM", 0, 16, "+")]
-    assert resolve_regions("chr1:0-5", CONTIGS)[0].end == 5
-    assert resolve_regions(["chr1:1,000-1,000,000"], ContigTable(("chr1",), (10**6,)))[0].start == 1000
-    assert [r.chrom for r in resolve_regions("genome", CONTIGS)] == ["chr1", "chr2", "chrM"]
+    assert resolve_regions("chr1:0-5", CONTIGS)[0][0].end == 5
+    assert resolve_regions(["chr1:1,000-1,000,000"], ContigTable(("chr1",), (10**6,)))[0][0].start == 1000
+    assert [r.chrom for r in resolve_regions("genome", CONTIGS)[0]] == ["chr1", "chr2", "chrM"]
     with pytest.raises(SpecError, match=r"windows.regions\[1\]"):
         resolve_regions(["chr1:0-5", "chr1-5"], CONTIGS)
 
@@ -143,7 +143,7 @@ def test_window_plan_equals_the_rule_window_by_window() -> None:
 
 
 def test_window_plan_covers_every_window_once() -> None:
-    regions = resolve_regions("genome", CONTIGS)
+    regions, _ = resolve_regions("genome", CONTIGS)
     shards = list(WindowPlan(regions, 100, 100, 4))
     assert [count for _, count in shards] == [4, 4, 4, 4]
     starts = [(c, s0 + k * 100) for segs, _ in shards for c, s0, n, _ in segs for k in range(n)]

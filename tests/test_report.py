@@ -274,6 +274,9 @@ def test_format_summary_and_roundtrip(built: dict[str, Any], tmp_path: Path) -> 
     assert built["host_cpu"] is None and "  cores:" not in text  # not measured: not shown
     measured = rp.format_summary({**built, "host_cpu": {"busy": 0.5, "cores": 4}})
     assert "  cores: the workers' 4 cores were 50% busy while shards ran" in measured
+    many = rp.format_summary({**built, "failed": [{"input": f"v.vcf line {n}", "error": "x"} for n in range(25)]})
+    assert "  v.vcf line 19: x" in many and "line 20" not in many
+    assert "quarantined 25 input(s):" in many and "  ... and 5 more, listed in report.json's failed" in many
     rp.write_report(tmp_path, built)
     assert rp.load_report(tmp_path)["verdict"] == json.loads(json.dumps(built["verdict"]))
 

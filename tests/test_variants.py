@@ -152,6 +152,54 @@ def test_a_malformed_record_is_described_not_called_a_truncated_file(
     assert "v.vcf line 7: malformed VCF record" in text and said in text and "truncated" not in text
 
 
+GOOD = [f"chr1\t{10 + i}\t.\tA\tG\t.\t.\t." for i in range(40)]
+
+
+def test_malformed_records_are_left_out_and_the_read_goes_on(tmp_path: Path) -> None:
+    """htslib fails a line and passes it by: the records after it are read, the line is listed."""
+    records = [*GOOD[:20], "chr1\tx\t.\tA\tG\t.\t.\t.", *GOOD[20:]]
+    table = read_variants(write_vcf(tmp_path, records), CONTIGS, max_bad=0.05)
+    assert table.pos == list(range(10, 50)) and table.counts["records"] == 41
+    assert table.failed == [{"input": "v.vcf line 26",
+                             "error": "malformed VCF record (POS 'x' is not a whole number)"}]
+
+
+def test_records_off_the_reference_are_left_out_by_line(tmp_path: Path) -> None:
+    records = [*GOOD[:39], "chrZ\t5\t.\tA\tG\t.\t.\t.", "chr1\t12\t.\tR\tG\t.\t.\t."]
+    table = read_variants(write_vcf(tmp_path, records), CONTIGS, max_bad=0.05)
+    assert len(table) == 39
+    assert [f["input"] for f in table.failed] == ["v.vcf line 45", "v.vcf line 46"]
+    assert table.failed[1]["error"].startswith("REF 'R' holds IUPAC ambiguity codes (R)")
+
+
+def test_a_malformed_table_line_is_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "v.tsv"
+    path.write_text("chrom\tpos\tref\talt\n" + "".join(f"chr1\t{10 + i}\tA\tG\n" for i in range(30))
+                    + "chr1\tten\tA\tG\nchr1\t5\n")
+    table = read_variants(str(path), CONTIGS, max_bad=0.1)
+    assert len(table) == 30
+    assert table.failed == [{"input": "v.tsv line 32", "error": "POS 'ten' is not an integer"},
+                            {"input": "v.tsv line 33", "error": "expected at least 4 tab-separated fields, "
+                                                               "got 2: 'chr1\\t5'"}]
+
+
+def test_too_many_bad_records_refuse_the_file_with_the_fix(tmp_path: Path) -> None:
+    records = [*GOOD[:10], "chrZ\t5\t.\tA\tG\t.\t.\t.", "chrZ\t6\t.\tA\tG\t.\t.\t."]
+    with pytest.raises(SpecError) as err:
+        read_variants(write_vcf(tmp_path, records), CONTIGS, max_bad=0.1)
+    assert "2 of 12 records are unusable, more than windows.max_bad_records = 0.1" in str(err.value)
+
+
+def test_a_file_that_keeps_failing_stops_with_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads that fail in a row (a corrupt stretch where nothing advances) end the read, bounded."""
+    from gpubatch.sources.genome import variant_files
+
+    monkeypatch.setattr(variant_files, "MAX_FAILING_IN_A_ROW", 3)
+    records = [*GOOD[:5], *["chr1\tx\t.\tA\tG\t.\t.\t."] * 4, *GOOD[5:]]
+    with pytest.raises(SpecError, match=r"v.vcf line 11: 3 records in a row from here could not be read"):
+        read_variants(write_vcf(tmp_path, records), CONTIGS, max_bad=1.0)
+
+
 def test_iupac_and_other_non_sequence_alts_are_skipped_by_reason(tmp_path: Path) -> None:
     # A masking VCF: ALT holds IUPAC ambiguity codes, which are not bases.
     records = [f"chr1\t{10 + i}\t.\tA\t{code}\t.\t.\t." for i, code in enumerate("KYRWSMDHBVN")]

@@ -15,6 +15,8 @@ from gpubatch.io.redact import safe_text
 from gpubatch.report.verdict import cores_sentence
 
 MAX_LISTED = 10
+#: quarantined inputs the terminal summary lists; report.json lists them all
+MAX_FAILED_SHOWN = 20
 #: a stage's unexplained remainder is shown when it is over this share of the stage's busy time
 OTHER_SHOWN = 0.05
 #: how each skip reason reads in a sentence
@@ -212,7 +214,10 @@ def format_summary(report: dict[str, Any]) -> str:
     lines += quality_lines(report)
     lines += operator_lines(report)
     if report.get("failed"):
-        lines.append(f"quarantined {len(report['failed'])} input(s):")
-        lines.extend(f"  {f['input']}: {f['error']}" for f in report["failed"])
+        failed = report["failed"]
+        lines.append(f"quarantined {len(failed)} input(s):")
+        lines.extend(f"  {f['input']}: {f['error']}" for f in failed[:MAX_FAILED_SHOWN])
+        if len(failed) > MAX_FAILED_SHOWN:
+            lines.append(f"  ... and {len(failed) - MAX_FAILED_SHOWN} more, listed in report.json's failed")
     # Names, paths and errors come from users and files: every line redacted and made printable.
     return "\n".join(safe_text(line) for line in lines)

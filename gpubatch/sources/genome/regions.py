@@ -11,8 +11,10 @@ starts inside the region (which matters when stride > length leaves gaps), and t
 may run past the region end. Past the region end it takes the reference's real bases;
 past the *contig* end it is padded with N (code 4). ``regions: genome`` is one region per contig.
 
-All problems found here are plan-time problems (nothing has run yet), so they raise ``SpecError``
-on the field ``windows.regions`` with the file name and line, and are listed together.
+Problems are found at plan time (nothing has run yet). A bad line of a BED file (malformed, or
+off the reference) is left out and listed by file and line (``bad_records``), up to
+``windows.max_bad_records`` of the file; more than that, or a bad region written in the spec
+itself, raises ``SpecError`` on the field ``windows.regions`` with every problem listed together.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpubatch.core.errors import InputError, SpecError
+from gpubatch.sources.genome.bad_records import BadRecords
 from gpubatch.sources.genome.reference import ContigTable
 
 FIELD = "windows.regions"
@@ -80,15 +83,18 @@ def _track_or_browser(text: str) -> bool:
     return first in ("track", "browser")
 
 
-def parse_bed(uri: str, storage_options: dict[str, Any] | None = None) -> list[Region]:
+def parse_bed(uri: str, storage_options: dict[str, Any] | None = None, bad: BadRecords | None = None,
+              contigs: ContigTable | None = None) -> list[Region]:
     """Read a BED file (plain or gzip, any fsspec URL); every malformed line is reported by number.
 
     Header lines (``#``, ``track``, ``browser``) and blank lines are skipped. Columns are split on
     tabs (or, failing that, on runs of whitespace); column 6, when present, is the strand and a
-    '-' there makes that region's windows reverse-complemented.
+    '-' there makes that region's windows reverse-complemented. With ``contigs``, a region off
+    them is a bad line too. Bad lines go to ``bad`` when given (the caller decides how many it
+    takes), in file order; without it any one is a SpecError.
     """
+    found = bad if bad is not None else BadRecords(FIELD, uri)
     regions: list[Region] = []
-    problems: list[tuple[str, str]] = []
     try:
         lines = list(_bed_text(uri, storage_options))
     except (FileNotFoundError, InputError):
@@ -101,13 +107,21 @@ def parse_bed(uri: str, storage_options: dict[str, Any] | None = None) -> list[R
             continue
         fields = text.split("\t") if "\t" in text else text.split()
         where = f"{_short(uri)} line {n}"
+        found.total += 1
         try:
-            regions.append(_bed_line([f.strip() for f in fields], where))
+            region = _bed_line([f.strip() for f in fields], where)
         except ValueError as exc:
-            problems.append((FIELD, f"{where}: {exc}"))
-    _raise(problems)
-    if not regions and not problems:
+            found.add(where, str(exc))
+            continue
+        problem = region_problem(region, contigs) if contigs is not None else None
+        if problem is None:
+            regions.append(region)
+        else:
+            found.add(where, problem)
+    if not found.total:
         raise SpecError([(FIELD, f"{uri}: no regions (the BED file has no data lines)")])
+    if bad is None:
+        found.admit(0.0)
     return regions
 
 
@@ -134,30 +148,59 @@ def genome_regions(contigs: ContigTable) -> list[Region]:
 
 
 def resolve_regions(regions: str | list[str], contigs: ContigTable,
-                    storage_options: dict[str, Any] | None = None) -> list[Region]:
-    """The spec's ``windows.regions`` as checked Regions (BED path, region strings, or 'genome')."""
+                    storage_options: dict[str, Any] | None = None,
+                    max_bad: float = 0.0) -> tuple[list[Region], list[dict[str, str]]]:
+    """The spec's ``windows.regions`` as checked Regions (BED path, region strings, or 'genome'),
+    and the BED lines left out as report ``failed`` entries (at most ``max_bad`` of the file)."""
     if isinstance(regions, str) and regions == "genome":
-        found = genome_regions(contigs)
-    elif isinstance(regions, str) and _REGION_RE.match(regions.strip()):
-        found = [parse_region_string(regions, 0, contigs)]
-    elif isinstance(regions, str):
-        found = parse_bed(regions, storage_options)
-    else:
-        found = [parse_region_string(r, i, contigs) for i, r in enumerate(regions)]
+        return genome_regions(contigs), []
+    if isinstance(regions, str) and not _REGION_RE.match(regions.strip()):
+        return _bed_regions(regions, contigs, storage_options, max_bad)
+    texts = [regions] if isinstance(regions, str) else regions
+    found = [parse_region_string(r, i, contigs) for i, r in enumerate(texts)]
     check_regions(found, contigs)
-    return found
+    return found, []
+
+
+def _bed_regions(uri: str, contigs: ContigTable, storage_options: dict[str, Any] | None,
+                 max_bad: float) -> tuple[list[Region], list[dict[str, str]]]:
+    bad = BadRecords(FIELD, uri)
+    kept = parse_bed(uri, storage_options, bad, contigs)
+    return kept, bad.admit(max_bad)
+
+
+def region_problem(r: Region, contigs: ContigTable) -> str | None:
+    """Why a region cannot be tiled on this reference, or None."""
+    if r.chrom not in contigs:
+        return contigs.missing_message(r.chrom)
+    if r.end > contigs.length(r.chrom):
+        return f"region {r.chrom}:{r.start}-{r.end} runs past the end of {r.chrom} (length {contigs.length(r.chrom)})"
+    return None
 
 
 def check_regions(regions: Iterable[Region], contigs: ContigTable) -> None:
     """Every region must lie on a reference contig and end within it; all problems listed at once."""
-    problems: list[tuple[str, str]] = []
-    for r in regions:
-        if r.chrom not in contigs:
-            problems.append((FIELD, f"{r.where}: {contigs.missing_message(r.chrom)}"))
-        elif r.end > contigs.length(r.chrom):
-            problems.append((FIELD, f"{r.where}: region {r.chrom}:{r.start}-{r.end} runs past the end "
-                                    f"of {r.chrom} (length {contigs.length(r.chrom)})"))
+    problems = [(FIELD, f"{r.where}: {p}") for r in regions if (p := region_problem(r, contigs))]
     _raise(problems)
+
+
+def overlap_note(regions: Sequence[Region]) -> str | None:
+    """A note when regions on the same contig and strand overlap: their shared bases get windows
+    once per region, the same window twice in the output (tiling keeps each region whole, so
+    merging them is the user's choice to make, not ours)."""
+    overlapping, first = 0, ""
+    end_so_far: dict[tuple[str, str], int] = {}
+    for r in sorted(regions, key=lambda r: (r.chrom, r.strand, r.start)):
+        key = (r.chrom, r.strand)
+        if r.start < end_so_far.get(key, -1):
+            overlapping += 1
+            first = first or f"{r.where}, {r.chrom}:{r.start}-{r.end}"
+        end_so_far[key] = max(end_so_far.get(key, -1), r.end)
+    if not overlapping:
+        return None
+    return (f"{overlapping} region(s) overlap an earlier one on the same contig and strand (first: {first}): "
+            "windows over the shared bases are scored once per region, so rows repeat; merge the "
+            "regions first (`bedtools merge`) to score each window once")
 
 
 def _raise(problems: list[tuple[str, str]]) -> None:

@@ -50,7 +50,7 @@ from gpubatch.sources.genome.reference import (
     load_contigs,
     open_reference,
 )
-from gpubatch.sources.genome.regions import WindowPlan, resolve_regions
+from gpubatch.sources.genome.regions import WindowPlan, overlap_note, resolve_regions
 from gpubatch.sources.genome.tracks import TrackOutputs
 from gpubatch.sources.genome.variants import (
     SKIP_REASONS,
@@ -80,8 +80,9 @@ def _stride(w: WindowsSpec) -> int:
 class WindowShards(Sequence[Shard]):
     """The shards of a windows job, made when asked for (by index or in order), never all at once."""
 
-    def __init__(self, plan: WindowPlan, reference: str):
+    def __init__(self, plan: WindowPlan, reference: str, notes: list[str] | None = None):
         self.plan, self.reference = plan, reference
+        self.notes = notes or []  # what the plan found in the regions, for data_quality
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -243,8 +244,10 @@ class GenomeSource(Source):
         contigs = self.contig_table(w.reference, job.input.storage)
         if w.variants:
             return self._plan_variants(w, contigs, job.input.storage)
-        regions = resolve_regions(w.regions, contigs, job.input.storage)
-        return WindowShards(WindowPlan(regions, w.length, _stride(w), w.windows_per_shard), w.reference), []
+        regions, failed = resolve_regions(w.regions, contigs, job.input.storage, w.max_bad_records)
+        notes = [n for n in (overlap_note(regions),) if n]
+        plan = WindowPlan(regions, w.length, _stride(w), w.windows_per_shard)
+        return WindowShards(plan, w.reference, notes), failed
 
     @staticmethod
     def contig_table(uri: str, storage: dict[str, Any]) -> ContigTable:
@@ -260,9 +263,9 @@ class GenomeSource(Source):
         """One shard per ``windows_per_shard`` variants, after the plan-time REF check; a file
         with none to score is a failed input."""
         assert w.variants is not None
-        table = read_variants(w.variants, contigs, storage)
+        table = read_variants(w.variants, contigs, storage, w.max_bad_records)
         if not len(table):
-            return [], [{"input": w.variants, "error": "no scorable variants: " + _skip_text(table)}]
+            return [], [*table.failed, {"input": w.variants, "error": "no scorable variants: " + _skip_text(table)}]
         reference = open_reference(w.reference, storage)
         try:
             match = check_refs(table, reference, w.chunk_bases)
@@ -278,13 +281,15 @@ class GenomeSource(Source):
             payload = {"mode": "variants", "uri": w.variants, "plan_counts": counts,
                        **table.slice_payload(lo, hi)}
             shards.append(Shard(f"variants-{i:06d}", w.variants, payload, hi - lo))
-        return shards, []
+        return shards, table.failed
 
     def data_quality(self, job: JobSpec, shards: Sequence[Shard],
                      results: Iterable[ShardResult]) -> dict[str, Any]:
         """Variant mode: what the plan read and skipped, and the REF mismatches among scored rows
         (the sum of the shards' zarr ``ref_mismatches`` attributes, so the two always agree)."""
         w = _windows(job)
+        if isinstance(shards, WindowShards):
+            return {"notes": list(shards.notes)} if shards.notes else {}
         if not w.variants or not shards:
             return {}
         plan = shards[0].payload.get("plan_counts") or {}

@@ -14,7 +14,8 @@ Three layouts are read, told apart from the file's first lines, never from its n
   POS is 1-based, as in a VCF. In a TSV, ALT may list several alleles separated by commas.
 
 Every layout yields the same :class:`RawRecord` with where it came from (``file line N``), so
-that every later error names the line. Text files may be plain, gzip or bgzip. Files are read
+that every later error names the line, or a :class:`MalformedRecord` saying what is wrong with a
+line that cannot be read as a record (the caller leaves it out or refuses the file). Text files may be plain, gzip or bgzip. Files are read
 as a stream: memory does not grow with the file (the caller keeps what it scores).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
 import os
 import shutil
 import tempfile
@@ -32,6 +34,8 @@ from typing import IO, Any, cast
 from gpubatch.core.errors import MissingExtraError, SpecError
 
 FIELD = "windows.variants"
+#: failed reads in a row after which a VCF/BCF is taken as corrupt from there on
+MAX_FAILING_IN_A_ROW = 1000
 LAYOUT_VCF, LAYOUT_BCF, LAYOUT_BODY, LAYOUT_TABLE = "vcf", "bcf", "vcf-without-header", "table"
 #: column names a table may use, by the field they fill
 COLUMN_ALIASES = {
@@ -57,6 +61,15 @@ class RawRecord:
     record_id: str | None
     ref: str
     alts: tuple[str, ...]  # empty for ALT '.'
+
+
+@dataclass(frozen=True)
+class MalformedRecord:
+    """A data line that is not a record, and why."""
+
+    where: str
+    line: int
+    problem: str
 
 
 @dataclass
@@ -160,30 +173,33 @@ def sniff(path: str, uri: str) -> Layout:
                              f"optionally id); its first data line is {first[:80]!r}")])
 
 
-def _table_records(path: str, name: str, layout: Layout) -> Iterator[RawRecord]:
-    cols = layout.columns
-    width = max(cols.values()) + 1
+def _table_records(path: str, name: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
     with _open_text(path) as f:
         for n, raw in enumerate(f, start=1):
             if n <= layout.header_lines:
                 continue
             line = raw.decode("utf-8", "replace")
-            if not line.strip() or line.startswith("#"):
-                continue
-            where = f"{name} line {n}"
-            fields = _split(line, layout.delimiter)
-            if len(fields) < width:
-                raise SpecError([(FIELD, f"{where}: expected at least {width} "
+            if line.strip() and not line.startswith("#"):
+                yield _table_record(line, n, name, layout)
+
+
+def _table_record(line: str, n: int, name: str, layout: Layout) -> RawRecord | MalformedRecord:
+    cols = layout.columns
+    width = max(cols.values()) + 1
+    where = f"{name} line {n}"
+    fields = _split(line, layout.delimiter)
+    if len(fields) < width:
+        return MalformedRecord(where, n, f"expected at least {width} "
                                          f"{'tab' if layout.delimiter == chr(9) else 'comma'}-separated "
-                                         f"fields, got {len(fields)}: {line.strip()[:80]!r}")])
-            try:
-                pos = int(fields[cols["pos"]])
-            except ValueError:
-                raise SpecError([(FIELD, f"{where}: POS {fields[cols['pos']]!r} is not an integer")]) from None
-            alt = fields[cols["alt"]]
-            alts = () if alt in (".", "") else tuple(alt.split(",")) if layout.delimiter == "\t" else (alt,)
-            rid = fields[cols["id"]] if "id" in cols else None
-            yield RawRecord(where, n, fields[cols["chrom"]], pos, rid, fields[cols["ref"]], alts)
+                                         f"fields, got {len(fields)}: {line.strip()[:80]!r}")
+    try:
+        pos = int(fields[cols["pos"]])
+    except ValueError:
+        return MalformedRecord(where, n, f"POS {fields[cols['pos']]!r} is not an integer")
+    alt = fields[cols["alt"]]
+    alts = () if alt in (".", "") else tuple(alt.split(",")) if layout.delimiter == "\t" else (alt,)
+    rid = fields[cols["id"]] if "id" in cols else None
+    return RawRecord(where, n, fields[cols["chrom"]], pos, rid, fields[cols["ref"]], alts)
 
 
 def _pysam() -> Any:
@@ -194,18 +210,7 @@ def _pysam() -> Any:
     return pysam
 
 
-def _header_lines(path: str) -> int:
-    """Header lines of a text VCF (plain or gzip), for line numbers in errors."""
-    count = 0
-    with _open_text(path) as f:
-        for line in f:
-            if not line.startswith(b"#"):
-                break
-            count += 1
-    return count
-
-
-def _vcf_records(path: str, uri: str, name: str, layout: Layout) -> Iterator[RawRecord]:
+def _vcf_records(path: str, uri: str, name: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
     """Records through pysam: text VCFs are numbered by line, BCFs by record.
 
     htslib stays quiet while the file is read: its warnings (a missing index, a contig the
@@ -215,50 +220,91 @@ def _vcf_records(path: str, uri: str, name: str, layout: Layout) -> Iterator[Raw
     pysam = _pysam()
     previous = pysam.set_verbosity(0)
     try:
-        with _readable_by_htslib(path, uri) as readable:
-            yield from _pysam_records(pysam, readable, path, uri, name, layout)
+        with _readable_by_htslib(path, uri) as readable, _LineFinder(path) as lines:
+            yield from _pysam_records(pysam, readable, uri, name, layout, lines)
     finally:
         pysam.set_verbosity(previous)
 
 
-def _pysam_records(pysam: Any, readable: str, path: str, uri: str, name: str,
-                   layout: Layout) -> Iterator[RawRecord]:
-    """The records of the file pysam can open (``readable``), numbered by ``path``'s lines."""
+def _pysam_records(pysam: Any, readable: str, uri: str, name: str, layout: Layout,
+                   lines: _LineFinder) -> Iterator[RawRecord | MalformedRecord]:
+    """The records of the file pysam can open (``readable``), numbered by the text file's lines.
+
+    htslib reads a text VCF a line per record, and a line it cannot parse raises and is passed
+    by: each failed step is that line, malformed. Steps that keep failing (a BCF or bgzip block
+    that is corrupt, where nothing advances) stop the read after ``MAX_FAILING_IN_A_ROW``.
+    """
     try:
         vf = pysam.VariantFile(readable)
     except (ValueError, OSError) as exc:
         raise SpecError([(FIELD, f"{uri}: not a readable VCF/BCF ({exc}); a VCF starts with "
                                  "'##fileformat=VCFv4.x' and has a '#CHROM ...' line")]) from None
-    offset = _header_lines(path) if layout.kind == LAYOUT_VCF else None
-    i = 0
+    offset = lines.header_lines() if layout.kind == LAYOUT_VCF else None
     with vf:
-        try:
-            for i, rec in enumerate(vf, start=1):
-                line = offset + i if offset is not None else i
-                where = f"{name} line {line}" if offset is not None else f"{name} record {i}"
-                yield RawRecord(where, line, rec.chrom, int(rec.pos), rec.id, rec.ref or ".",
-                                tuple(rec.alts or ()))
-        except (ValueError, OSError) as exc:
-            where = f"{name} line {offset + i + 1}" if offset is not None else f"{name} record {i + 1}"
-            why = _record_problem(path, offset + i + 1) if offset is not None else ""
-            raise SpecError([(FIELD, f"{where}: malformed VCF record ({why or exc})")]) from None
+        records, failing, first = iter(vf), 0, ""
+        for i in itertools.count(1):
+            line = offset + i if offset is not None else i
+            where = f"{name} line {line}" if offset is not None else f"{name} record {i}"
+            try:
+                rec = next(records)
+            except StopIteration:
+                return
+            except (ValueError, OSError) as exc:
+                failing, first = failing + 1, first if failing else where
+                if failing > MAX_FAILING_IN_A_ROW:
+                    raise SpecError([(FIELD, f"{first}: {MAX_FAILING_IN_A_ROW} records in a row from here could "
+                                             f"not be read ({exc}): the file is corrupt or truncated here")]) from None
+                why = lines.problem(line) if offset is not None else ""
+                yield MalformedRecord(where, line, f"malformed VCF record ({why or exc})")
+                continue
+            failing = 0
+            yield RawRecord(where, line, rec.chrom, int(rec.pos), rec.id, rec.ref or ".", tuple(rec.alts or ()))
 
 
-def _record_problem(path: str, number: int) -> str:
-    """What is wrong with line ``number`` of a text VCF, in words, where it can be said (htslib
-    says "truncated file" for a short line and for a POS that is not a number alike)."""
-    with _open_text(path) as f:
-        line = next((raw for n, raw in enumerate(f, start=1) if n == number), b"")
-    fields = line.decode(errors="replace").rstrip("\r\n").split("\t")
-    if len(fields) < 8:
-        return (f"{len(fields)} tab-separated columns; a record has at least 8: "
-                "CHROM POS ID REF ALT QUAL FILTER INFO")
-    if not fields[1].isdigit():
-        return f"POS {fields[1][:40]!r} is not a whole number"
-    return ""
+class _LineFinder:
+    """Lines of a text VCF by number, asked for in rising order: one pass over the file however
+    many malformed lines there are (the file is opened at the first question)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._stack = contextlib.ExitStack()
+        self._lines: Iterator[bytes] | None = None
+        self._at = 0  # the number of the last line read
+
+    def __enter__(self) -> _LineFinder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def header_lines(self) -> int:
+        """Header lines (``#``) at the top, for the data lines' numbers."""
+        with _open_text(self.path) as f:
+            return sum(1 for _ in itertools.takewhile(lambda line: line.startswith(b"#"), f))
+
+    def line(self, number: int) -> bytes:
+        if self._lines is None or number <= self._at:
+            self._stack.close()
+            self._lines, self._at = iter(self._stack.enter_context(_open_text(self.path))), 0
+        text = b""
+        while self._at < number:
+            text = next(self._lines, b"")
+            self._at += 1
+        return text
+
+    def problem(self, number: int) -> str:
+        """What is wrong with line ``number``, in words, where it can be said (htslib says
+        "truncated file" for a short line and for a POS that is not a number alike)."""
+        fields = self.line(number).decode(errors="replace").rstrip("\r\n").split("\t")
+        if len(fields) < 8:
+            return (f"{len(fields)} tab-separated columns; a record has at least 8: "
+                    "CHROM POS ID REF ALT QUAL FILTER INFO")
+        if not fields[1].isdigit():
+            return f"POS {fields[1][:40]!r} is not a whole number"
+        return ""
 
 
-def iter_records(path: str, uri: str, layout: Layout) -> Iterator[RawRecord]:
+def iter_records(path: str, uri: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
     """Every data record of the file, in file order, whatever its layout."""
     name = os.path.basename(uri.rstrip("/"))
     if layout.kind in (LAYOUT_VCF, LAYOUT_BCF):

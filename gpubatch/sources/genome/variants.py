@@ -9,9 +9,12 @@ sequence is read on workers. One item per ALT allele. Decisions, each tested:
   ``spanning_deletion`` (``*``), ``breakend`` (``G]chr2:5]``, ``.A``), ``iupac`` (ambiguity codes
   such as K, Y, R, W, S, M, D, H, B, V, N: a masking VCF is full of them, and a window cannot
   hold "G or T") and ``not_sequence`` (anything else). They carry no bases to put in a window.
-* A contig absent from the reference, a POS past the contig end or below 1, and a REF that is not
-  sequence (``.``, symbolic, IUPAC codes other than N) are plan-time ``SpecError``s naming the
-  file and line (the usual causes affect every record, and scoring the rest silently would hide it).
+* A malformed record, a contig absent from the reference, a POS past the contig end or below 1,
+  and a REF that is not sequence (``.``, symbolic, IUPAC codes other than N) leave that record
+  out, listed by file and line in report.json's ``failed`` (``bad_records``). Past
+  ``windows.max_bad_records`` of the file the job is refused at plan time instead: the usual
+  causes of many (another genome build, the wrong file) affect every record, and scoring the rest
+  would hide them.
 * A REF allele that disagrees with the reference is **scored but flagged**: the ``ref_match``
   column is False and the shard's ``ref_mismatches`` count goes up. When more than
   ``windows.max_ref_mismatch`` of the variants disagree (checked at plan time, the reference read
@@ -47,11 +50,11 @@ from gpubatch.core.errors import InputError, SpecError
 from gpubatch.io.storage import local_copy
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
+from gpubatch.sources.genome.bad_records import BadRecords
 from gpubatch.sources.genome.reference import ContigTable, Reference, group_reads
-from gpubatch.sources.genome.variant_files import RawRecord, iter_records, sniff
+from gpubatch.sources.genome.variant_files import MalformedRecord, RawRecord, iter_records, sniff
 
 FIELD = "windows.variants"
-MAX_PROBLEMS = 20
 MAX_LISTED_MISMATCHES = 5
 BASES = frozenset("ACGT")
 #: IUPAC ambiguity codes (N included): a position's possible bases, not a base
@@ -74,6 +77,7 @@ class VariantTable:
         "records": 0, "variants": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)})
     layout: str = "vcf"
     notes: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)  # records left out, as report entries
 
     def __len__(self) -> int:
         return len(self.pos)
@@ -141,14 +145,14 @@ def _variant_id(record_id: str | None, chrom: str, pos: int, ref: str, alt: str,
 
 def _check_record(rec: RawRecord, contigs: ContigTable) -> str | None:
     if rec.chrom not in contigs:
-        return f"{rec.where}: {contigs.missing_message(rec.chrom)}"
+        return contigs.missing_message(rec.chrom)
     if rec.pos < 1:
-        return f"{rec.where}: POS {rec.pos} is not a position (VCF POS counts from 1)"
+        return f"POS {rec.pos} is not a position (VCF POS counts from 1)"
     if rec.pos > contigs.length(rec.chrom):
-        return f"{rec.where}: POS {rec.pos} is past the end of {rec.chrom} (length {contigs.length(rec.chrom)})"
+        return f"POS {rec.pos} is past the end of {rec.chrom} (length {contigs.length(rec.chrom)})"
     problem = ref_problem(rec.ref)
     if problem:
-        return f"{rec.where}: {problem}; REF must spell the reference bases (A, C, G, T or N)"
+        return f"{problem}; REF must spell the reference bases (A, C, G, T or N)"
     return None
 
 
@@ -165,26 +169,24 @@ def _add_record(table: VariantTable, rec: RawRecord) -> None:
         table.add(vid, rec.chrom, rec.pos, rec.ref.upper(), alt.upper(), rec.line)
 
 
-def _scan(records: Iterator[RawRecord], table: VariantTable, contigs: ContigTable) -> list[tuple[str, str]]:
-    """Add every record to ``table``; return the records' problems (stops listing after a few)."""
-    problems: list[tuple[str, str]] = []
+def _scan(records: Iterator[RawRecord | MalformedRecord], table: VariantTable, contigs: ContigTable,
+          bad: BadRecords) -> None:
+    """Add every usable record to ``table``, and every other to ``bad`` with its problem."""
     for rec in records:
         table.counts["records"] += 1
-        problem = _check_record(rec, contigs)
-        if problem is None:
+        bad.total += 1
+        problem = rec.problem if isinstance(rec, MalformedRecord) else _check_record(rec, contigs)
+        if problem is None and isinstance(rec, RawRecord):
             _add_record(table, rec)
-            continue
-        problems.append((FIELD, problem))
-        if len(problems) >= MAX_PROBLEMS:
-            problems.append((FIELD, "... (stopped listing)"))
-            break
-    return problems
+        else:
+            bad.add(rec.where, problem or "")
 
 
-def read_variants(uri: str, contigs: ContigTable,
-                  storage_options: dict[str, Any] | None = None) -> VariantTable:
+def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any] | None = None,
+                  max_bad: float = 0.0) -> VariantTable:
     """All scorable variants of a VCF / VCF.gz / BCF / headerless VCF body / TSV or CSV table,
-    checked against the reference's contigs (see ``variant_files`` for the layouts).
+    checked against the reference's contigs (see ``variant_files`` for the layouts); records
+    that cannot be scored are left out into ``table.failed``, up to ``max_bad`` of the file.
 
     The whole table is held on the client (a few hundred bytes per variant): fine for the
     millions of variants typical of effect scoring, not for scoring all of gnomAD in one job.
@@ -192,17 +194,17 @@ def read_variants(uri: str, contigs: ContigTable,
     table = VariantTable()
     if not is_remote(uri) and not os.path.exists(local_path(uri)):
         raise SpecError([(FIELD, f"file not found: {uri}")])
+    bad = BadRecords(FIELD, uri)
     try:
         with local_copy(uri, storage_options) as path:
             layout = sniff(path, uri)
             table.layout = layout.kind
             if layout.note:
                 table.notes.append(layout.note)
-            problems = _scan(iter_records(path, uri, layout), table, contigs)
+            _scan(iter_records(path, uri, layout), table, contigs, bad)
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
-    if problems:
-        raise SpecError(problems)
+    table.failed = bad.admit(max_bad)
     return table
 
 
