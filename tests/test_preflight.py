@@ -256,3 +256,64 @@ def test_a_malformed_plan_ahead_variable_is_refused_before_anything_runs(
     assert main(["run", str(write_job(tmp_path / "job.yaml", job))]) == 2
     monkeypatch.setenv("GPUBATCH_PLAN_AHEAD", "0")
     validate_job(_spec(tmp_path, job))
+
+
+# ---------------------------------------------------------------------------------------------
+# slides: validate opens each as its shard would, and names the ones a run would quarantine
+
+
+def _slides_with_two_bad(folder: Path) -> list[str]:
+    from conftest import synthetic_slides
+    from hostile_inputs import truncate_tile
+
+    folder.mkdir()
+    synthetic_slides(folder, 2, seed=5, prefix="good")
+    (folder / "notes.svs").write_text("not a slide, a text file named like one\n")
+    (folder / "cut.tif").write_bytes((folder / "good0.tif").read_bytes()[:300])
+    truncate_tile(folder / "good1.tif", folder / "badtile.tif")  # corrupt tiles: only a run finds them
+    truncate_tile(folder / "badtile.tif", folder / "badtile.tif", level=1)
+    return [str(folder / "*.tif"), str(folder / "notes.svs")]
+
+
+def test_validate_names_the_slides_a_run_would_quarantine(tmp_path: Path, classifier: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    uris = _slides_with_two_bad(tmp_path / "slides")
+    spec = write_job(tmp_path / "job.yaml", slide_job(uris, classifier, tmp_path / "out"))
+    assert main(["validate", str(spec)]) == 0
+    out = capsys.readouterr().out
+    warned = sorted(line.split()[1].rsplit("/", 1)[-1] for line in out.splitlines() if "would be quarantined" in line)
+    assert warned == ["cut.tif", "notes.svs"]
+    assert main(["validate", str(spec), "--no-open"]) == 0
+    assert "would be quarantined" not in capsys.readouterr().out
+    assert main(["run", str(spec)]) == 3  # what validate said, and the corrupt tile it could not see
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sorted(Path(f["input"]).name for f in report["failed"]) == ["badtile.tif", "cut.tif", "notes.svs"]
+
+
+def test_validate_refuses_slides_none_of_which_would_run(tmp_path: Path, classifier: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.svs").write_bytes(b"II*\x00" + b"\x00" * 60)
+    spec = write_job(tmp_path / "job.yaml", slide_job([str(tmp_path / "a.svs")], classifier, tmp_path / "out"))
+    assert main(["validate", str(spec)]) == 2
+    assert "a.svs" in capsys.readouterr().err
+    assert main(["validate", str(spec), "--no-open"]) == 0
+
+
+def test_validate_opens_remote_slides_and_downloads_none(s3: Any, tmp_path: Path, classifier: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import synthetic_slides
+
+    synthetic_slides(tmp_path, 1, seed=7, prefix="s")
+    good = s3.upload(tmp_path / "s0.tif", "v/good.tif")
+    cut = s3.upload_bytes((tmp_path / "s0.tif").read_bytes()[:300], "v/cut.tif")
+    staged = s3.upload_bytes(b"whatever a scanner wrote", "v/slide.mrxs")
+    storage = {"endpoint_url": s3.endpoint, "key": s3.key, "secret": s3.secret,
+               "client_kwargs": {"region_name": "us-east-1"}}
+    spec = write_job(tmp_path / "job.yaml", slide_job([good, cut, staged], classifier, tmp_path / "out",
+                                                      input={"storage": storage}))
+    assert main(["validate", str(spec)]) == 0  # access auto: a slide that cannot stream is downloaded
+    out = capsys.readouterr().out
+    assert "would be quarantined" not in out and "note: 2 slide(s) not opened: a run downloads them" in out
+    assert main(["validate", str(spec), "--set", "input.access=stream"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if "would be quarantined" in line] == [cut, staged]

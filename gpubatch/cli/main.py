@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate a job spec (nothing runs)")
     v.add_argument("job")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--no-open", action="store_true",
+                   help="do not open the slides (by default each is opened and planned, as its shard would)")
     r = sub.add_parser("run", help="run a job")
     r.add_argument("job")
     r.add_argument("--profile")
@@ -68,7 +70,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from gpubatch.spec import load_job
 
     job = load_job(args.job, args.set)
-    check = validate_job(job)
+    check = validate_job(job, open_inputs=not args.no_open)
     items = f", {check.items:,} items" if check.items is not None else ""
     print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}': {check.shards} shard(s){items})")
     for note in check.notes:

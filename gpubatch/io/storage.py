@@ -88,6 +88,22 @@ def configure_storage(profile: dict[str, Any] | None) -> None:
         _settings["range_reader"] = str(profile["range_reader"])
 
 
+@contextlib.contextmanager
+def storage_profile(profile: dict[str, Any] | None) -> Iterator[None]:
+    """:func:`configure_storage` for a block, then this process's settings as they were: for a
+    client that reads inputs as a worker would (``validate``) and must not keep a profile's
+    credentials past it."""
+    options, settings = dict(_profile_options), dict(_settings)
+    configure_storage(profile)
+    try:
+        yield
+    finally:
+        _profile_options.clear()
+        _profile_options.update(options)
+        _settings.clear()
+        _settings.update(settings)
+
+
 def range_reader_choice() -> str:
     """The range-read client this process uses for remote objects: the profile's
     ``range_reader``, else ``GPUBATCH_RANGE_READER``, else ``auto`` (obstore where it can)."""

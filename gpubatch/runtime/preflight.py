@@ -368,15 +368,27 @@ class PlanCheck:
     notes: list[str] = field(default_factory=list)
 
 
-def validate_job(job: JobSpec) -> PlanCheck:
+def validate_job(job: JobSpec, *, open_inputs: bool = True) -> PlanCheck:
     """``preflight``, then the plan (headers, variant REF checks, globs): every refusal ``run``
-    makes before its first shard. A job whose plan leaves nothing to run is refused too."""
-    preflight(job)
+    makes before its first shard. A job whose plan leaves nothing to run is refused too.
+    ``open_inputs``: also open every input as its shard would (slides), to list the ones a run
+    would quarantine; a job none of whose inputs would run is refused."""
+    from gpubatch.io.storage import storage_profile
+    from gpubatch.runtime.cluster import load_profile
+
+    profile = load_profile(job.run.profile)
+    preflight(job, profile)
     source = get_source(job.kind)
     shards, failed = source.plan(job)
     if failed and not shards:
         raise SpecError([(f["input"], f["error"]) for f in failed] + [("", "nothing would run")])
+    notes = list(source.data_quality(job, shards, []).get("notes") or [])
+    if open_inputs:
+        with storage_profile(profile):
+            would_fail, opened_notes = source.check_inputs(job, shards)
+        failed, notes = failed + would_fail, notes + opened_notes
+        if would_fail and len(would_fail) == len(shards):
+            raise SpecError([(f["input"], f["error"]) for f in failed] + [("", "no input would run")])
     hints = [s.n_items_hint for s in shards]
     items = sum(h for h in hints if h is not None) if all(h is not None for h in hints) else None
-    notes = list(source.data_quality(job, shards, []).get("notes") or [])
     return PlanCheck(len(shards), items, failed, notes)

@@ -149,6 +149,12 @@ class Source(ABC):
         """On the client, after the merge: outputs only this kind writes (slides: GeoJSON).
         ``results`` are the committed shards' records in plan order, read as they are iterated."""
 
+    def check_inputs(self, job: JobSpec, shards: Sequence[Shard]) -> tuple[list[dict[str, str]], list[str]]:
+        """For ``validate``, past the plan: the inputs a run would quarantine at their shard's
+        start, as ``failed`` entries, and notes on what was not checked. Opening every input is
+        the source's to do where the plan does not (slides); by default the plan said it all."""
+        return [], []
+
     def data_quality(self, job: JobSpec, shards: Sequence[Shard],
                      results: Iterable[ShardResult]) -> dict[str, Any]:
         """On the client, for report.json's ``data_quality``: what the inputs held that was not

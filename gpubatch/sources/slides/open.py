@@ -267,7 +267,7 @@ def open_slide_input(uri: str, clocks: StageClocks, *, access: str = "auto",
         try:
             return _mark(_taken_or_opened(uri, options, clocks, policy, read_ahead, tissue), "stream", clocks)
         except InputError as exc:
-            if access != "auto" or _is_storage_failure(exc):
+            if access != "auto" or is_storage_failure(exc):
                 raise
             clocks.count("storage.stream_fallbacks")
     return _mark(open_staged(uri, options, clocks, policy), "stage", clocks)
@@ -314,7 +314,7 @@ def _taken_or_opened(uri: str, options: dict[str, Any] | None, clocks: StageCloc
     return open_stream(uri, options, clocks, policy, read_ahead, tissue=tissue)
 
 
-def _is_storage_failure(exc: InputError) -> bool:
+def is_storage_failure(exc: InputError) -> bool:
     """Failures that staging would hit again (missing, forbidden, unreachable): no fallback."""
     return exc.retryable or exc.message.startswith(("object not found", "access denied", "storage",
                                                     "is an empty", "file not found"))

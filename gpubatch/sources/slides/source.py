@@ -224,6 +224,14 @@ class SlideSource(Source):
                 shards.setdefault(slide_key(uri), Shard(slide_key(uri), uri, {}))
         return list(shards.values()), failed
 
+    def check_inputs(self, job: JobSpec, shards: Sequence[Shard]) -> tuple[list[dict[str, str]], list[str]]:
+        """Each slide opened and its reads planned, as its shard would (``checks``)."""
+        from gpubatch.sources.slides.checks import check_slides
+
+        checks = check_slides([s.input_uri for s in shards], job)
+        note = checks.note()
+        return checks.failed, [note] if note else []
+
     def open(self, shard: Shard, job: JobSpec, clocks: StageClocks) -> ShardReader:
         from gpubatch.io.retry import RetryPolicy
         from gpubatch.sources.slides.open import open_slide_input

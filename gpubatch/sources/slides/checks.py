@@ -1,0 +1,107 @@
+"""Opening every slide as a worker would, for ``validate``: which would be quarantined, before a
+night's run is spent finding out.
+
+A slide is opened the way its shard opens it (locally, in place, or streamed by byte range),
+configured with the job's decode settings, and its reads are planned: the tile grid (the MPP or
+level, the tile size against the stored tiles), and the tissue mask from the coarsest level.
+What a shard would quarantine at its start is said here, by file. Two things are left to the run:
+a stored tile that is corrupt (every tile would have to be decoded), and slides that would be
+downloaded whole (``stage``): validate downloads nothing, and says how many it did not open.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import InputError
+from gpubatch.io.redact import redact
+from gpubatch.io.retry import RetryPolicy
+from gpubatch.io.uris import is_remote
+from gpubatch.sources.slides.open import choose_access, open_slide_input, read_in_place
+from gpubatch.spec import JobSpec
+
+log = logging.getLogger("gpubatch")
+
+#: slides opened at once: enough to hide object storage's latency, few enough for a login node
+OPEN_THREADS = 4
+#: seconds between progress lines while many slides are opened
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class SlideChecks:
+    """What opening the slides found: the ones a run would quarantine, and those not opened."""
+
+    failed: list[dict[str, str]] = field(default_factory=list)
+    opened: int = 0
+    not_opened: int = 0  # remote slides a run would download whole first
+
+    def note(self) -> str | None:
+        if not self.not_opened:
+            return None
+        return (f"{self.not_opened} slide(s) not opened: a run downloads them whole first (input.access "
+                "stage, a format only openslide reads, or a file that cannot be streamed); validate "
+                "downloads nothing")
+
+
+def would_download(uri: str, job: JobSpec) -> bool:
+    """Whether a run stages this slide (downloads it whole) before opening it."""
+    return is_remote(uri) and not read_in_place(uri) and choose_access(uri, job.input.access) == "stage"
+
+
+def slide_problem(uri: str, job: JobSpec) -> tuple[str | None, bool]:
+    """(why a shard of this slide would be quarantined at its start, or None; whether it was
+    opened). A slide ``access: auto`` cannot stream is not opened: a run would download it and
+    open that, which validate does not do."""
+    from gpubatch.sources.slides.open import is_storage_failure
+
+    fallback = is_remote(uri) and job.input.access == "auto"
+    try:
+        _open_and_plan(uri, job)
+    except InputError as exc:
+        if fallback and not is_storage_failure(exc):
+            return None, False
+        return exc.message, True
+    except Exception as exc:  # a reader that crashed on the file: a run would quarantine it too
+        return f"{type(exc).__name__}: {exc}", True
+    return None, True
+
+
+def _open_and_plan(uri: str, job: JobSpec) -> None:
+    """What a shard does with its slide before the first tile: open, configure, plan."""
+    from gpubatch.sources.slides.source import configure_backend, plan_slide
+
+    clocks = StageClocks()
+    access = "stream" if job.input.access == "auto" else job.input.access  # never a download
+    backend = open_slide_input(uri, clocks, access=access, options=job.input.storage,
+                               policy=RetryPolicy(attempts=job.run.storage_attempts),
+                               tissue=job.tiles.tissue.method != "none")
+    try:
+        configure_backend(backend, job)
+        plan_slide(backend, job, uri, clocks)
+    finally:
+        backend.close()
+
+
+def check_slides(uris: Sequence[str], job: JobSpec) -> SlideChecks:
+    """Open every slide of ``uris`` (a few at a time), in order; the ones a run would stage are
+    counted, not opened."""
+    checks = SlideChecks()
+    to_open = [u for u in uris if not would_download(u, job)]
+    checks.not_opened = len(uris) - len(to_open)
+    started = last = time.monotonic()
+    with ThreadPoolExecutor(OPEN_THREADS, thread_name_prefix="gpubatch-validate") as pool:
+        for uri, (problem, opened) in zip(to_open, pool.map(lambda u: slide_problem(u, job), to_open), strict=True):
+            checks.opened += opened
+            checks.not_opened += not opened
+            if problem is not None:
+                checks.failed.append({"input": redact(uri), "error": problem})
+            if time.monotonic() - last > PROGRESS_EVERY_S:
+                last = time.monotonic()
+                log.info("validate: %d of %d slides opened (%.0f s)", checks.opened, len(to_open), last - started)
+    return checks
