@@ -76,6 +76,21 @@ def _bed_text(uri: str, storage_options: dict[str, Any] | None) -> Iterator[str]
         yield from f
 
 
+def _data_lines(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tuple[int, list[str]]]:
+    """(line number, stripped fields) of each data line, read as a stream (a BED of millions of
+    lines is not held as text); a file that cannot be read is a SpecError."""
+    try:
+        for n, line in enumerate(_bed_text(uri, storage_options), start=1):
+            text = line.rstrip("\r\n")
+            if not text.strip() or text.startswith("#") or _track_or_browser(text):
+                continue
+            yield n, [f.strip() for f in (text.split("\t") if "\t" in text else text.split())]
+    except (FileNotFoundError, InputError):
+        raise SpecError([(FIELD, f"file not found: {uri}")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([(FIELD, f"{uri}: cannot be read as a text BED file ({exc})")]) from None
+
+
 def _track_or_browser(text: str) -> bool:
     """A UCSC ``track`` or ``browser`` line: that word alone before its settings, not a contig
     whose name starts with it (``track1  100  200`` is a region)."""
@@ -95,21 +110,11 @@ def parse_bed(uri: str, storage_options: dict[str, Any] | None = None, bad: BadR
     """
     found = bad if bad is not None else BadRecords(FIELD, uri)
     regions: list[Region] = []
-    try:
-        lines = list(_bed_text(uri, storage_options))
-    except (FileNotFoundError, InputError):
-        raise SpecError([(FIELD, f"file not found: {uri}")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([(FIELD, f"{uri}: cannot be read as a text BED file ({exc})")]) from None
-    for n, line in enumerate(lines, start=1):
-        text = line.rstrip("\r\n")
-        if not text.strip() or text.startswith("#") or _track_or_browser(text):
-            continue
-        fields = text.split("\t") if "\t" in text else text.split()
+    for n, fields in _data_lines(uri, storage_options):
         where = f"{_short(uri)} line {n}"
         found.total += 1
         try:
-            region = _bed_line([f.strip() for f in fields], where)
+            region = _bed_line(fields, where)
         except ValueError as exc:
             found.add(where, str(exc))
             continue
