@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,8 +22,12 @@ from gpubatch.core.errors import InputError
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy
 from gpubatch.io.uris import is_remote
+from gpubatch.sources.slides.backends import SlideBackend
 from gpubatch.sources.slides.open import choose_access, open_slide_input, read_in_place
 from gpubatch.spec import JobSpec
+
+#: what a shard does with its opened slide before reading tiles: (job, backend, uri, clocks)
+Prepare = Callable[[JobSpec, SlideBackend, str, StageClocks], None]
 
 log = logging.getLogger("gpubatch")
 
@@ -54,7 +58,7 @@ def would_download(uri: str, job: JobSpec) -> bool:
     return is_remote(uri) and not read_in_place(uri) and choose_access(uri, job.input.access) == "stage"
 
 
-def slide_problem(uri: str, job: JobSpec) -> tuple[str | None, bool]:
+def slide_problem(uri: str, job: JobSpec, prepare: Prepare) -> tuple[str | None, bool]:
     """(why a shard of this slide would be quarantined at its start, or None; whether it was
     opened). A slide ``access: auto`` cannot stream is not opened: a run would download it and
     open that, which validate does not do."""
@@ -62,7 +66,7 @@ def slide_problem(uri: str, job: JobSpec) -> tuple[str | None, bool]:
 
     fallback = is_remote(uri) and job.input.access == "auto"
     try:
-        _open_and_plan(uri, job)
+        _open_and_prepare(uri, job, prepare)
     except InputError as exc:
         if fallback and not is_storage_failure(exc):
             return None, False
@@ -72,31 +76,29 @@ def slide_problem(uri: str, job: JobSpec) -> tuple[str | None, bool]:
     return None, True
 
 
-def _open_and_plan(uri: str, job: JobSpec) -> None:
-    """What a shard does with its slide before the first tile: open, configure, plan."""
-    from gpubatch.sources.slides.source import configure_backend, plan_slide
-
+def _open_and_prepare(uri: str, job: JobSpec, prepare: Prepare) -> None:
+    """What a shard does with its slide before the first tile: open it, then ``prepare`` it."""
     clocks = StageClocks()
     access = "stream" if job.input.access == "auto" else job.input.access  # never a download
     backend = open_slide_input(uri, clocks, access=access, options=job.input.storage,
                                policy=RetryPolicy(attempts=job.run.storage_attempts),
                                tissue=job.tiles.tissue.method != "none")
     try:
-        configure_backend(backend, job)
-        plan_slide(backend, job, uri, clocks)
+        prepare(job, backend, uri, clocks)
     finally:
         backend.close()
 
 
-def check_slides(uris: Sequence[str], job: JobSpec) -> SlideChecks:
-    """Open every slide of ``uris`` (a few at a time), in order; the ones a run would stage are
-    counted, not opened."""
+def check_slides(uris: Sequence[str], job: JobSpec, prepare: Prepare) -> SlideChecks:
+    """Open every slide of ``uris`` (a few at a time), in order, and ``prepare`` it as its
+    shard would (the source's configure and plan); the ones a run would stage are counted, not
+    opened."""
     checks = SlideChecks()
     to_open = [u for u in uris if not would_download(u, job)]
     checks.not_opened = len(uris) - len(to_open)
     started = last = time.monotonic()
     with ThreadPoolExecutor(OPEN_THREADS, thread_name_prefix="gpubatch-validate") as pool:
-        for uri, (problem, opened) in zip(to_open, pool.map(lambda u: slide_problem(u, job), to_open), strict=True):
+        for uri, (problem, opened) in zip(to_open, pool.map(lambda u: slide_problem(u, job, prepare), to_open), strict=True):
             checks.opened += opened
             checks.not_opened += not opened
             if problem is not None:

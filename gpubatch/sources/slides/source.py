@@ -228,7 +228,7 @@ class SlideSource(Source):
         """Each slide opened and its reads planned, as its shard would (``checks``)."""
         from gpubatch.sources.slides.checks import check_slides
 
-        checks = check_slides([s.input_uri for s in shards], job)
+        checks = check_slides([s.input_uri for s in shards], job, plan_ahead)
         note = checks.note()
         return checks.failed, [note] if note else []
 
