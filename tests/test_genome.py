@@ -573,6 +573,28 @@ def test_vcf_with_nothing_to_score_is_a_failed_input(tmp_path: Path, synth: tupl
                                                    "(1 alt missing, 1 symbolic)"}]
 
 
+def test_run_refuses_a_plan_with_nothing_to_run_as_validate_does(
+        tmp_path: Path, synth: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]) -> None:
+    """Both exit 2 (bad input, nothing ran): run exited 1 (every input failed) where validate said 2."""
+    from conftest import write_job
+
+    from gpubatch.cli.demo_models import make_genome_model
+    from gpubatch.cli.main import main
+
+    path, _ = synth
+    vcf = tmp_path / "none.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   "chrC\t5\t.\tA\t.\t.\t.\t.\nchrC\t6\t.\tA\t<DUP>\t.\t.\t.\n")
+    job = {"kind": "genome", "windows": {"reference": str(path), "variants": str(vcf), "length": 8},
+           "model": {"path": str(make_genome_model(tmp_path / "g.onnx", 8))},
+           "output": {"uri": str(tmp_path / "out")}, "run": {"profile": "inline"}}
+    spec = write_job(tmp_path / "job.yaml", job)
+    for command in ("validate", "run"):
+        assert main([command, str(spec)]) == 2
+        err = capsys.readouterr().err
+        assert "no scorable variants: 2 records" in err and "nothing would run" in err
+
+
 # ------------------------------------------------------------------------------------------------
 # object storage: a real S3 endpoint (moto server) behind a fault-injecting proxy
 

@@ -10,6 +10,7 @@ validates does not stop at its start for a reason that could have been known.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from gpubatch.io.storage import expand_uris, missing_extra
 from gpubatch.io.uris import is_remote, local_path, protocol_of, split_glob
 from gpubatch.runtime.model_facts import OnnxInput, model_first_input, model_inputs, model_outputs
 from gpubatch.sources import get_source
+from gpubatch.sources.base import Shard
 from gpubatch.spec import JobSpec
 
 #: how long the credential check waits for an instance-metadata service (EC2/ECS roles); every
@@ -368,6 +370,13 @@ class PlanCheck:
     notes: list[str] = field(default_factory=list)
 
 
+def refuse_empty_plan(shards: Sequence[Shard], failed: list[dict[str, str]]) -> None:
+    """A plan whose every input failed (a remote glob that matches nothing, a variant file with
+    nothing to score) is refused before anything starts, the same in ``validate`` and ``run``."""
+    if failed and not shards:
+        raise SpecError([(f["input"], f["error"]) for f in failed] + [("", "nothing would run")])
+
+
 def validate_job(job: JobSpec, *, open_inputs: bool = True) -> PlanCheck:
     """``preflight``, then the plan (headers, variant REF checks, globs): every refusal ``run``
     makes before its first shard. A job whose plan leaves nothing to run is refused too.
@@ -380,8 +389,7 @@ def validate_job(job: JobSpec, *, open_inputs: bool = True) -> PlanCheck:
     preflight(job, profile)
     source = get_source(job.kind)
     shards, failed = source.plan(job)
-    if failed and not shards:
-        raise SpecError([(f["input"], f["error"]) for f in failed] + [("", "nothing would run")])
+    refuse_empty_plan(shards, failed)
     notes = list(source.data_quality(job, shards, []).get("notes") or [])
     if open_inputs:
         with storage_profile(profile):

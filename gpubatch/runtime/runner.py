@@ -58,7 +58,7 @@ from gpubatch.runtime.cluster import (
     start_worker_imports,
     worker_count,
 )
-from gpubatch.runtime.preflight import preflight
+from gpubatch.runtime.preflight import preflight, refuse_empty_plan
 from gpubatch.runtime.progress import Progress
 from gpubatch.runtime.result import Result
 from gpubatch.runtime.resume import check_run_model, reconcile
@@ -114,6 +114,7 @@ class _Run:
                   on_kept=lambda entry: self.builder.add(dataclasses.replace(entry, resumed=True)))
         resumed = len(committed)
         shards, self.failed = source.plan(job)
+        refuse_empty_plan(shards, self.failed)
         todo = (s for s in shards if s.shard_id not in committed)  # a stream: the plan is never copied
         n_workers = worker_count(self.prof, max(len(shards) - resumed, 0), job.run.workers)
         self.one_host = _one_host(self.prof, scheduler)
