@@ -64,6 +64,14 @@ def test_all_problems_listed_together(tmp_path: Path) -> None:
     assert [m.split(":")[0] for _, m in err.value.problems] == ["regions.bed line 1", "regions.bed line 2"]
 
 
+def test_a_first_line_of_column_names_is_a_header(tmp_path: Path) -> None:
+    """``chrom start end`` written by a data frame, without BED's '#': not a malformed region."""
+    bed = write(tmp_path, "chrom\tstart\tend\tname\nchr1\t5\t10\ta\n")
+    assert [(r.chrom, r.start, r.end) for r in parse_bed(bed)] == [("chr1", 5, 10)]
+    with pytest.raises(SpecError, match="line 2: start and end must be non-negative integers"):
+        parse_bed(write(tmp_path, "chr1\t5\t10\nchrom\tstart\tend\n"))  # only the first line
+
+
 def test_unknown_contig_lists_reference_contigs(tmp_path: Path) -> None:
     bed = write(tmp_path, "chr1\t0\t10\nchrX\t0\t10\n")
     with pytest.raises(SpecError) as err:

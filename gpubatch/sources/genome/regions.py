@@ -78,17 +78,27 @@ def _bed_text(uri: str, storage_options: dict[str, Any] | None) -> Iterator[str]
 
 def _data_lines(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tuple[int, list[str]]]:
     """(line number, stripped fields) of each data line, read as a stream (a BED of millions of
-    lines is not held as text); a file that cannot be read is a SpecError."""
+    lines is not held as text); a file that cannot be read is a SpecError. A first line of column
+    names without its ``#`` (``chrom start end``, as a data frame writes it) is a header too."""
+    first = True
     try:
         for n, line in enumerate(_bed_text(uri, storage_options), start=1):
             text = line.rstrip("\r\n")
             if not text.strip() or text.startswith("#") or _track_or_browser(text):
                 continue
-            yield n, [f.strip() for f in (text.split("\t") if "\t" in text else text.split())]
+            fields = [f.strip() for f in (text.split("\t") if "\t" in text else text.split())]
+            if not (first and _column_names(fields)):
+                yield n, fields
+            first = False
     except (FileNotFoundError, InputError):
         raise SpecError([(FIELD, f"file not found: {uri}")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([(FIELD, f"{uri}: cannot be read as a text BED file ({exc})")]) from None
+
+
+def _column_names(fields: list[str]) -> bool:
+    """Whether the second and third columns are names (``start``, ``chromEnd``), not numbers."""
+    return len(fields) >= 3 and all(f.isidentifier() for f in fields[1:3])
 
 
 def _track_or_browser(text: str) -> bool:
