@@ -344,20 +344,25 @@ def test_many_ref_mismatches_refuse_the_job_at_plan(synth: tuple[Path, dict[str,
     assert shards[0].payload["plan_counts"]["ref_mismatches"] == (20 if swap else 2)
 
 
-def test_cli_validate_refuses_what_run_refuses(synth: tuple[Path, dict[str, str]], tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def _variant_spec(tmp_path: Path, reference: Path, vcf: Path, length: int = 16, **windows: Any) -> Path:
+    """A variant job file with a small genome model, run inline, for the CLI's commands."""
     from conftest import write_job
 
     from gpubatch.cli.demo_models import make_genome_model
+
+    job = {"kind": "genome", "windows": {"reference": str(reference), "variants": str(vcf), "length": length,
+                                         **windows},
+           "model": {"path": str(make_genome_model(tmp_path / "g.onnx", length))},
+           "output": {"uri": str(tmp_path / "out")}, "run": {"profile": "inline"}}
+    return write_job(tmp_path / "job.yaml", job)
+
+
+def test_cli_validate_refuses_what_run_refuses(synth: tuple[Path, dict[str, str]], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     from gpubatch.cli.main import main
 
     path, contigs = synth
-    model = make_genome_model(tmp_path / "g.onnx", 16)
-    vcf = _mismatch_vcf(tmp_path / "v.vcf", contigs, 20, 20, swap=True)
-    job = {"kind": "genome", "windows": {"reference": str(path), "variants": str(vcf), "length": 16},
-           "model": {"path": str(model)}, "output": {"uri": str(tmp_path / "out")},
-           "run": {"profile": "inline"}}
-    spec = write_job(tmp_path / "job.yaml", job)
+    spec = _variant_spec(tmp_path, path, _mismatch_vcf(tmp_path / "v.vcf", contigs, 20, 20, swap=True))
     assert main(["validate", str(spec)]) == 2
     assert "REF/ALT swapped?" in capsys.readouterr().err
     assert main(["run", str(spec)]) == 2
@@ -371,20 +376,14 @@ def test_a_bad_variant_line_is_quarantined_and_the_rest_run(synth: tuple[Path, d
     import json
 
     import pandas as pd
-    from conftest import write_job
 
-    from gpubatch.cli.demo_models import make_genome_model
     from gpubatch.cli.main import main
 
     path, contigs = synth
-    model = make_genome_model(tmp_path / "g.onnx", 16)
     vcf = _mismatch_vcf(tmp_path / "v.vcf", contigs, 30, 0)
     with vcf.open("a") as f:
         f.write("chrA\t5000\t.\tA\n" + "chrA\t5010\tlast\tA\tG\t.\t.\t.\n")
-    job = {"kind": "genome", "windows": {"reference": str(path), "variants": str(vcf), "length": 16,
-                                         "max_ref_mismatch": 1},
-           "model": {"path": str(model)}, "output": {"uri": str(tmp_path / "out")}, "run": {"profile": "inline"}}
-    spec = write_job(tmp_path / "job.yaml", job)
+    spec = _variant_spec(tmp_path, path, vcf)
     assert main(["validate", str(spec)]) == 0
     assert "warning: v.vcf line 33 would be quarantined: malformed VCF record (4 tab-separated" in capsys.readouterr().out
     assert main(["run", str(spec)]) == 3
@@ -576,19 +575,13 @@ def test_vcf_with_nothing_to_score_is_a_failed_input(tmp_path: Path, synth: tupl
 def test_run_refuses_a_plan_with_nothing_to_run_as_validate_does(
         tmp_path: Path, synth: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]) -> None:
     """Both exit 2 (bad input, nothing ran): run exited 1 (every input failed) where validate said 2."""
-    from conftest import write_job
-
-    from gpubatch.cli.demo_models import make_genome_model
     from gpubatch.cli.main import main
 
     path, _ = synth
     vcf = tmp_path / "none.vcf"
     vcf.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
                    "chrC\t5\t.\tA\t.\t.\t.\t.\nchrC\t6\t.\tA\t<DUP>\t.\t.\t.\n")
-    job = {"kind": "genome", "windows": {"reference": str(path), "variants": str(vcf), "length": 8},
-           "model": {"path": str(make_genome_model(tmp_path / "g.onnx", 8))},
-           "output": {"uri": str(tmp_path / "out")}, "run": {"profile": "inline"}}
-    spec = write_job(tmp_path / "job.yaml", job)
+    spec = _variant_spec(tmp_path, path, vcf, length=8)
     for command in ("validate", "run"):
         assert main([command, str(spec)]) == 2
         err = capsys.readouterr().err
