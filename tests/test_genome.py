@@ -390,6 +390,9 @@ def test_a_bad_variant_line_is_quarantined_and_the_rest_run(synth: tuple[Path, d
     assert "quarantined 1 input(s):\n  v.vcf line 33: malformed VCF record" in capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [f["input"] for f in report["failed"]] == ["v.vcf line 33"]
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert ("finished: 1/1 shards done, 0 failed, 1 input(s) quarantined at plan (listed in report.json)"
+            in capsys.readouterr().out)
     rows = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
     assert len(rows) == 31 and "last" in set(rows["variant_id"])
 

@@ -25,8 +25,10 @@ STATUS_EVERY_S = 1.0
 
 class Progress:
     def __init__(self, total: int, *, already: int = 0, store: OutputStore | None = None,
-                 enabled: bool | None = None, run_id: str = "", heartbeat_s: float = 10.0):
+                 enabled: bool | None = None, run_id: str = "", heartbeat_s: float = 10.0,
+                 plan_failed: int = 0):
         self.total, self.already, self.done, self.failed = total, already, already, 0
+        self.plan_failed = plan_failed  # inputs (or records) quarantined before any shard: no shard stands for them
         self.items = 0
         self.busy = self.starved = 0.0
         self.t0 = time.time()
@@ -90,6 +92,7 @@ class Progress:
             elapsed = now - self.t0
             self.store.write_json(STATUS, {
                 "state": self.state, "run_id": self.run_id, "done": self.done, "failed": self.failed,
+                "plan_failed": self.plan_failed,
                 "total": self.total, "resumed": self.already, "items": self.items,
                 "items_per_s": self.items / elapsed if elapsed > 0 else 0.0, "eta_s": self.eta_s(),
                 "starvation": starvation_of({"busy_s": self.busy, "starved_s": self.starved}),

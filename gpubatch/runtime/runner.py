@@ -127,7 +127,7 @@ class _Run:
                           backend=ctx.backend, precision=ctx.precision, gpubatch_version=__version__,
                           **prepared.audit)
         progress = Progress(len(shards), already=resumed, store=self.store, enabled=show_progress,
-                            run_id=self.run_id, heartbeat_s=job.run.heartbeat_s)
+                            run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=len(self.failed))
         self.lease.hold(beat=progress.heartbeat)
         lost: list[dict[str, Any]] = []
         try:
