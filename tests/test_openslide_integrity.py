@@ -136,3 +136,51 @@ def test_lenient_openslide_reads_do_not_check(tmp_path: Path, source: Path, good
     assert backend.integrity_notes() == [] and backend.tile_check is None
     backend.close()
     intact.close()
+
+
+@pytest.fixture(scope="module")
+def dicom_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-level DICOM-WSI file, read by OpenSlide 4 (vendor dicom): not a TIFF."""
+    from pathology_files import synthetic_slide, write_dicom_wsi
+
+    from gpubatch.sources.slides.dicom import open_dicom
+
+    written = write_dicom_wsi(synthetic_slide(512, 512), tmp_path_factory.mktemp("dcm"), levels=1)
+    backend = open_dicom(str(written[0]), StageClocks())
+    backend.close()
+    if not isinstance(backend, OpenSlideBackend):
+        pytest.skip("this OpenSlide does not open DICOM")
+    return written[0]
+
+
+def test_strict_says_where_openslide_tiles_cannot_be_checked(
+        tmp_path: Path, dicom_file: Path, classifier: Path) -> None:
+    """strict cannot check a DICOM file's tiles: the run's notes say so for that slide instead
+    of claiming integrity; lenient claims nothing, so has no note."""
+    import gpubatch
+
+    job = slide_job([str(dicom_file)], classifier, tmp_path / "out", tiles={"level": 0})
+    del job["tiles"]["mpp"]
+    spec = write_job(tmp_path / "job.yaml", job)
+    result = gpubatch.run(spec, show_progress=False)
+    assert result.exit_code == 0
+    assert result.report["notes"] == [
+        f"{dicom_file}: tiles.integrity: strict, but its tile data is not checked: openslide reads it as "
+        "dicom, whose stored tiles are not located here; openslide's own decode errors still fail the "
+        "slide, corrupt data it decodes without an error does not"]
+    lenient = gpubatch.run(spec, show_progress=False, overwrite=True, tiles__integrity="lenient")
+    assert lenient.exit_code == 0 and lenient.report["notes"] == []
+
+
+def test_a_staged_slide_passes_on_its_readers_note(dicom_file: Path) -> None:
+    """A remote slide openslide reads is staged and wrapped: the wrapper must not answer for it."""
+    from gpubatch.sources.slides.open import StagedBackend
+
+    class Staged:
+        def close(self) -> None:
+            pass
+
+    inner = OpenSlideBackend(str(dicom_file))
+    staged = StagedBackend(inner, Staged())  # type: ignore[arg-type]
+    assert staged.integrity_notes() == inner.integrity_notes() != []
+    staged.close()
