@@ -65,7 +65,8 @@ class TilesSpec(_Strict):
                                            "overlap (a block holds fewer tiles to stay under it)")
     integrity: Literal["strict", "lenient"] = Field(
         "strict", description="strict: corrupt tile data (decoder warnings) quarantines the slide; "
-                              "lenient: decode what the decoder can")
+                              "slides openslide reads are checked where their JPEG tiles can be "
+                              "located, else noted as unchecked; lenient: decode what the decoder can")
 
     @model_validator(mode="after")
     def _mpp_or_level(self) -> TilesSpec:

@@ -153,6 +153,19 @@ def truncate_tile(src: Path, dst: Path, level: int = 0, index: int = 0) -> Path:
     return Path(dst)
 
 
+def zero_tile_bytes(src: Path, dst: Path, level: int = 0, index: int = 0, length: int | None = 64) -> Path:
+    """``src`` with ``length`` bytes of one tile's entropy-coded data zeroed from its middle on
+    (``None``: to the tile's end, its EOI marker included): the zero-filled blocks a bad disk or
+    an interrupted copy leaves, in a tile whose byte count still says it is whole."""
+    data = bytearray(Path(src).read_bytes())
+    off, count = tile_spans(src, level)[index]
+    start = off + count // 2
+    end = off + count if length is None else start + length
+    data[start:end] = bytes(end - start)
+    Path(dst).write_bytes(bytes(data))
+    return Path(dst)
+
+
 def oversized_tile(src: Path, dst: Path, index: int = 0, scale: int = 2) -> Path:
     """``src`` whose level-0 tile ``index`` holds a valid JPEG ``scale`` times the level's tile size
     (appended to the file, the tile's offset and byte count pointed at it): it decodes cleanly,

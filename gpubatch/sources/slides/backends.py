@@ -184,6 +184,10 @@ class SlideBackend(ABC):
     def accept_corrupt_tiles(self) -> None:  # noqa: B027 - optional
         """``tiles.integrity: lenient``: decode what the decoder can, warnings or not."""
 
+    def integrity_notes(self) -> list[str]:
+        """What ``tiles.integrity: strict`` cannot vouch for on this slide (its notes say it)."""
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release handles."""
 
@@ -432,10 +436,12 @@ class TiffBackend(TileGridBackend):
         if self.strict and int(page.compression) == JPEG:
             import simplejpeg
 
-            whole = page.jpegtables[:-2] + blob[2:] if page.jpegtables else blob
+            from gpubatch.sources.slides.integrity import check_jpeg_tile
+
             if _decodes_as_ycbcr(page):
+                whole = page.jpegtables[:-2] + blob[2:] if page.jpegtables else blob
                 return simplejpeg.decode_jpeg(whole, colorspace="RGB", strict=True)
-            simplejpeg.decode_jpeg(whole, colorspace="RGB", strict=True, min_factor=8)
+            check_jpeg_tile(blob, page.jpegtables)
         segment, _, _ = page.decode(blob, index, jpegtables=page.jpegtables)
         return segment
 
@@ -515,6 +521,11 @@ class OpenSlideBackend(SlideBackend):
             float(mpp) if mpp else None, float(mag) if mag else None,
             str(props.get("openslide.vendor", "unknown")), "openslide", _openslide_mpp_source(props) if mpp else "",
         )
+        #: tiles.integrity: strict; openslide misses some corrupt JPEG data, so a check runs first
+        self.strict = True
+        self.tile_check: Any = None  # integrity.StoredTileCheck, made on the first strict read
+        self._unchecked: str | None = None  # why the tiles cannot be checked, once looked at
+        self._check_lock = threading.Lock()
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         import openslide
@@ -523,6 +534,9 @@ class OpenSlideBackend(SlideBackend):
         k, bw, bh = len(boxes), int(boxes[0, 2]), int(boxes[0, 3])
         out = np.empty((k, bh, bw, 3), dtype=np.uint8)
         with clocks.part("decode"):
+            check = self._tile_check() if self.strict else None
+            if check is not None:
+                check.before_read(level, boxes)
             for b, (x, y, w, h) in enumerate(boxes.astype(np.int64)):
                 try:
                     region = self.slide.read_region((int(round(x * ds)), int(round(y * ds))), level, (int(w), int(h)))
@@ -531,5 +545,26 @@ class OpenSlideBackend(SlideBackend):
                 out[b] = composite_on_white(np.asarray(region))
         return out
 
+    def _tile_check(self) -> Any:
+        """The stored-tile check, opened on first use: a lenient run never parses the TIFF."""
+        with self._check_lock:
+            if self.tile_check is None and self._unchecked is None:
+                from gpubatch.sources.slides.integrity import open_tile_check
+
+                self.tile_check, self._unchecked = open_tile_check(self.path, self.info)
+            return self.tile_check
+
+    def integrity_notes(self) -> list[str]:
+        if not self.strict or self._tile_check() is not None:
+            return []
+        from gpubatch.sources.slides.integrity import unchecked_note
+
+        return [unchecked_note(self._unchecked or "")]
+
+    def accept_corrupt_tiles(self) -> None:
+        self.strict = False
+
     def close(self) -> None:
+        if self.tile_check is not None:
+            self.tile_check.close()
         self.slide.close()

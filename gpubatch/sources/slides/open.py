@@ -221,6 +221,9 @@ class StagedBackend(SlideBackend):
     def accept_corrupt_tiles(self) -> None:
         self.inner.accept_corrupt_tiles()
 
+    def integrity_notes(self) -> list[str]:
+        return self.inner.integrity_notes()
+
     def close(self) -> None:
         try:
             self.inner.close()

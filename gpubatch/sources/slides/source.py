@@ -128,7 +128,7 @@ class SlideReader(ShardReader):
             "mpp": (self.grid.mpp * self.grid.downsample) if self.grid.mpp else None,
             "read_size": self.grid.read_size, "extent_level0": job.tiles.size * self.grid.downsample,
             "grid_tiles": len(grid), "tissue_tiles": len(self.grid),
-            "slide_info": backend.info.as_dict(), "notes": list(grid.notes),
+            "slide_info": backend.info.as_dict(), "notes": [*grid.notes, *backend.integrity_notes()],
         }
         reason = _empty_reason(backend, grid, len(self.grid), job)
         if reason:
