@@ -48,30 +48,37 @@ _CONFIGURE_LOCK = threading.Lock()
 
 
 def unchanged_while_read(uri: str, before: dict[str, Any], options: dict[str, Any] | None) -> None:
-    """A local file written over while its shard read it gives outputs that mix two files, and
-    nothing in the reads says so: its size and mtime are asked again before the commit, and a
-    change fails the shard (retried: the next attempt reads one file). Object storage's range reads
-    are not checked here."""
+    """An input written over while its shard read it gives outputs that mix two versions, and
+    nothing in the reads need say so: its identity (a local file's size and mtime, an object's
+    size and ETag: one HEAD) is asked again before the commit, and a change fails the shard
+    (retried up to run.retries: the next attempt reads one version; then quarantined). Object
+    reads through obstore are also pinned to one ETag (If-Match), which fails them at once; this
+    check is what covers fsspec's reads, which cannot be pinned, and a libraries' own."""
     after = input_changed(uri, before, options)
     if after is not None:
-        raise InputError(uri, f"the file changed while it was read (size {before['size']} -> "
-                              f"{after.get('size')}, mtime {before.get('mtime')} -> {after.get('mtime')}): "
-                              "its outputs would mix two files; the shard is read again", retryable=True)
+        raise InputError(uri, f"the input changed while it was read ({_what_changed(before, after)}): "
+                              "its outputs would mix two versions; the shard is read again", retryable=True)
+
+
+def _what_changed(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """``size 10 -> 12, etag a -> b``: the fields of an identity that differ."""
+    keys = [k for k in ("size", "etag", "mtime") if k in before or k in after]
+    return ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in keys if before.get(k) != after.get(k))
 
 
 def _read_again_if_changed(exc: BaseException, uri: str, identity: Any, options: dict[str, Any] | None,
                            ) -> BaseException:
-    """An input error (a truncated read, corrupt data) met while the file was being written over
-    is that writer's doing, not the file's: the shard is read again instead of failed for good."""
+    """An input error (a truncated read, corrupt data) met while the input was being written over
+    is that writer's doing, not the input's: the shard is read again instead of failed for good."""
     if not isinstance(exc, InputError) or exc.retryable or identity is None or not identity.done():
         return exc
     try:
         changed = identity.exception() is None and input_changed(uri, identity.result(), options) is not None
-    except OSError:
+    except (OSError, InputError):  # the check itself failed: the error met stands
         return exc
     if not changed:
         return exc
-    return InputError(uri, f"{exc.message}; the file changed while it was read, so the shard is read again",
+    return InputError(uri, f"{exc.message}; the input changed while it was read, so the shard is read again",
                       retryable=True)
 
 

@@ -37,8 +37,9 @@ from datetime import timedelta
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from gpubatch.io.ranges import Fetched, RangeReader
+from gpubatch.io.ranges import Fetched, ObjectChanged, RangeReader
 from gpubatch.io.redact import redact, register_secrets
+from gpubatch.io.retry import storage_error
 
 log = logging.getLogger("gpubatch")
 
@@ -388,6 +389,12 @@ class ObstoreRangeReader(RangeReader):
     longer than ``max_request`` cut into concurrent requests. The calling thread waits without the
     GIL's involvement in the transfer: obstore signs, sends and reads in Rust. The data comes back
     as zero-copy ``obstore.Bytes`` (buffer protocol, ``len``, slicing, ``==`` with bytes).
+
+    Every read is of one version of the object: the reader is pinned to an ETag (given, from a
+    HEAD, or the first answer's) and each later GET carries ``If-Match`` with it, so a server whose
+    object was written over refuses the read (412) instead of handing out the new bytes beside the
+    old; an answer of another ETag (a server that ignores If-Match) fails the same way. Weak or
+    missing ETags pin nothing: the caller's before-and-after check is then all there is.
     """
 
     max_request = 4 << 20
@@ -395,16 +402,38 @@ class ObstoreRangeReader(RangeReader):
     client = "obstore"
 
     def __init__(self, store: Any, key: str, uri: str, max_concurrency: int = 64,
-                 timeout_s: float = WAIT_S):
+                 timeout_s: float = WAIT_S, etag: str | None = None):
         self.store, self.key, self.uri = store, key, redact(uri)
         self.max_concurrency, self.timeout_s = max_concurrency, timeout_s
         self._sem: asyncio.Semaphore | None = None
         self._size: int | None = None
+        self._etag: str | None = None
+        self._pinning = threading.Lock()  # the first answer and a caller's pin may race to set it
+        self.pin(etag)
 
     def size(self) -> int:
         if self._size is None:
-            self._size = head(self.store, self.key)["size"]
+            meta = head(self.store, self.key)
+            self.pin(meta["etag"])
+            self._size = meta["size"]
         return self._size
+
+    def version(self) -> str | None:
+        return self._etag
+
+    def pin(self, etag: str | None) -> None:
+        changed = self._settle(_strong(etag))
+        if changed is not None:
+            raise storage_error(self.uri, changed)
+
+    def _settle(self, seen: str | None) -> ObjectChanged | None:
+        """Pin ``seen`` if nothing is pinned yet; the error to raise if another version is."""
+        if seen is None:
+            return None
+        with self._pinning:
+            if self._etag is None:
+                self._etag = seen
+            return ObjectChanged(self._etag, seen) if seen != self._etag else None
 
     def fetch(self, start: int, stop: int) -> bytes:
         """``bytes`` (not a view): fsspec's readahead cache under RangeFile concatenates them."""
@@ -439,17 +468,38 @@ class ObstoreRangeReader(RangeReader):
             return [Fetched(error=error, seconds=self.timeout_s) for _ in pieces]
 
     async def _one(self, start: int, stop: int) -> Fetched:
-        import obstore
-
         if self._sem is None:  # created on the loop's own thread
             self._sem = asyncio.Semaphore(self.max_concurrency)
         async with self._sem:  # latency is timed inside: queueing here is not storage's
             t0 = time.perf_counter()
             try:
-                blob = await obstore.get_range_async(self.store, self.key, start=start, end=stop)
+                blob = await self._get(start, stop)
             except Exception as exc:  # noqa: BLE001 - returned to the caller per span
                 return Fetched(error=exc, seconds=time.perf_counter() - t0)
             return Fetched(cast(bytes, blob), seconds=time.perf_counter() - t0)  # a bytes-like view
+
+    async def _get(self, start: int, stop: int) -> Any:
+        """One ranged GET of the pinned version (If-Match), pinning the first answer's ETag.
+        (``get_range_async`` takes no options: a GET with options costs about 0.1 ms more client
+        CPU, measured against moto, and no request more.)"""
+        import obstore
+
+        options: dict[str, Any] = {"range": (start, stop)}
+        if self._etag is not None:
+            options["if_match"] = f'"{self._etag}"'
+        result = await obstore.get_async(self.store, self.key, options=cast(Any, options))
+        blob = await result.bytes_async()
+        changed = self._settle(_strong(result.meta.get("e_tag")))
+        if changed is not None:
+            raise changed
+        return blob
+
+
+def _strong(etag: str | None) -> str | None:
+    """An ETag unquoted, or None for none or a weak one (``W/``: If-Match never matches it)."""
+    if not etag or etag.startswith("W/"):
+        return None
+    return etag.strip('"') or None
 
 
 def _joined(results: list[Fetched]) -> Fetched:

@@ -42,6 +42,16 @@ if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
 
 
+class ObjectChanged(Exception):
+    """An object's answer was of another version than the one its reader is pinned to: bytes of
+    two versions must not meet in one result, so the read fails (never retried span by span; the
+    storage layer makes it a retryable InputError and the shard is read again, from the start)."""
+
+    def __init__(self, pinned: str, seen: str | None):
+        super().__init__(f"ETag {pinned} -> {seen or 'another (412 Precondition Failed)'}")
+        self.pinned, self.seen = pinned, seen
+
+
 @dataclass
 class Fetched:
     """One span's outcome: its bytes (or a zero-copy bytes-like view), or the error that stopped
@@ -97,6 +107,15 @@ class RangeReader(ABC):
 
     def close(self) -> None:  # noqa: B027 - readers without handles have nothing to release
         """Release handles."""
+
+    def version(self) -> str | None:
+        """The ETag every answer is checked against (unquoted), once known; None where the backend
+        cannot check versions (local files, fsspec): their callers check before and after."""
+        return None
+
+    def pin(self, etag: str | None) -> None:  # noqa: B027 - backends that cannot check ignore it
+        """Read only this version (an ETag a HEAD just gave) from now on; an answer of another
+        fails with :class:`ObjectChanged`. Backends that cannot check versions ignore it."""
 
     def fetch_many(self, spans: Sequence[tuple[int, int]]) -> list[bytes]:
         """The bytes of each span; the first failed span raises a clear InputError."""
@@ -229,6 +248,12 @@ class ReaderWrapper(RangeReader):
 
     def size(self) -> int:
         return self.inner.size()
+
+    def version(self) -> str | None:
+        return self.inner.version()
+
+    def pin(self, etag: str | None) -> None:
+        self.inner.pin(etag)
 
     def close(self) -> None:
         self.inner.close()

@@ -40,6 +40,9 @@ TRANSIENT_NAMES = {"HTTPClientError", "ClientConnectionError", "ClientPayloadErr
 OBSTORE_PERMANENT = {"PermissionDeniedError", "UnauthenticatedError", "InvalidPathError",
                      "NotSupportedError", "UnknownConfigurationKeyError", "PreconditionError",
                      "NotModifiedError", "AlreadyExistsError", "NotFoundError"}
+#: errors that say an object is no longer the version its reader was pinned to: gpubatch's own
+#: (an answer of another ETag) and obstore's 412 to an If-Match
+CHANGED_NAMES = {"ObjectChanged", "PreconditionError"}
 #: obstore's other failures are one GenericError whose text carries the HTTP status or the
 #: reqwest/hyper error kind (a Rust debug dump); these kinds and phrases mean "try again"
 _OBSTORE_STATUS = re.compile(r"(?:non-2xx status code: |status: )(\d{3})")
@@ -141,6 +144,9 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     text = str(exc).split("\n\nDebug source:", 1)[0].strip().split("\n", 1)[0]
     detail = redact(f"{type(exc).__name__}: {text}")[:300]
     status = _status_and_code(exc)[0]
+    if type(exc).__name__ in CHANGED_NAMES:  # obstore's text is a URL and a dump: the status says it
+        return changed_while_read(uri, text if type(exc).__name__ == "ObjectChanged" else
+                                  "412 Precondition Failed: it is no longer the ETag the read began at")
     if isinstance(exc, FileNotFoundError) or (status == 404 and _is_obstore(exc)):
         return InputError(uri, "object not found (404): check the URI, bucket and prefix")
     denied = type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError") and _is_obstore(exc)
@@ -151,6 +157,13 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
         return InputError(uri, f"storage kept failing after {attempts} attempt(s) ({detail})",
                           retryable=True)
     return InputError(uri, f"storage error ({detail})")
+
+
+def changed_while_read(uri: str, detail: str) -> InputError:
+    """The error of a read that found its object written over: retryable, because the next attempt
+    reads the new version from the start (as a local file written over is read again)."""
+    return InputError(redact(uri), f"the object changed while it was read ({redact(detail)[:200]}): its "
+                                   "outputs would mix two versions; the shard is read again", retryable=True)
 
 
 def count_retries(clocks: StageClocks | None, n: int = 1) -> None:

@@ -32,7 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
@@ -45,7 +45,7 @@ from gpubatch.io.host_files import (
     write_record,
 )
 from gpubatch.io.redact import redact
-from gpubatch.io.retry import RetryPolicy, call_with_retries
+from gpubatch.io.retry import RetryPolicy, call_with_retries, changed_while_read
 from gpubatch.io.storage import get_fs, open_ranges, stat
 from gpubatch.io.uris import uri_name
 
@@ -56,6 +56,15 @@ CHUNKS_IN_FLIGHT = 8
 WAIT_S = 3600.0
 #: how long a released copy's record stays (it stops prefetches asked before the release)
 RELEASED_KEPT_S = 3600.0
+
+
+class _Remote(NamedTuple):
+    """One file to download: where from and to, and the version (size, unquoted ETag) listed."""
+
+    uri: str
+    local: str
+    size: int
+    etag: str | None
 
 
 @dataclass
@@ -263,7 +272,7 @@ class StageCache:
             if self._stale(entry, required):
                 return
             files, tag = self._listing(entry, options, policy, companions)
-            total = sum(size for _, _, size in files)
+            total = sum(f.size for f in files)
             held = self._lock_for(entry, tag, wait=required)
             if held == "shared":
                 entry.size = total  # another process staged this very object: use its copy
@@ -279,8 +288,8 @@ class StageCache:
                 self._finish(entry, "skipped")
                 return
             write_record(entry.record, {"size": total, "tag": tag, "ready": False})
-            for uri, local, size in files:
-                self._fetch_file(uri, local, size, options, policy, entry.clocks)
+            for remote in files:
+                self._fetch_file(remote, options, policy, entry.clocks)
             write_record(entry.record, {"size": total, "tag": tag, "ready": True})
             self._finish(entry, "ready")
         except InputError as exc:
@@ -371,7 +380,7 @@ class StageCache:
                     os.remove(lock.path)  # still held: unlocked by the caller
 
     def _listing(self, entry: _Entry, options: dict[str, Any] | None, policy: RetryPolicy,
-                 companions: bool) -> tuple[list[tuple[str, str, int]], str]:
+                 companions: bool) -> tuple[list[_Remote], str]:
         """(remote uri, local path, size) of the file and, when asked, of its companion directory;
         and the object's version tag (size and ETag or mtime), which a reused copy must match.
         A lone file is asked of the storage entry point (obstore's HEAD where it serves the URI:
@@ -381,21 +390,22 @@ class StageCache:
             if stated["type"] == "directory":
                 raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
             tag = f"{stated['size']}|{stated.get('etag') or stated.get('mtime')}"
-            return [(entry.uri, entry.local, int(stated["size"] or 0))], tag
+            return [_Remote(entry.uri, entry.local, int(stated["size"] or 0), stated.get("etag"))], tag
         fs, path = get_fs(entry.uri, options)
         info = call_with_retries(lambda: fs.info(path), entry.uri, policy, entry.clocks)
         if info.get("type") == "directory":
             raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
         version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
         tag = f"{info.get('size')}|{version}"
-        files = [(entry.uri, entry.local, int(info.get("size") or 0))]
+        files = [_Remote(entry.uri, entry.local, int(info.get("size") or 0), _etag_of(info))]
         stem, suffix = os.path.splitext(path)
         if companions:
             found = call_with_retries(lambda: fs.find(stem, detail=True), entry.uri, policy, entry.clocks)
             local_stem = os.path.splitext(entry.local)[0]
             for name, meta in sorted(found.items()):
                 rel = os.path.relpath(name, stem)
-                files.append((fs.unstrip_protocol(name), os.path.join(local_stem, rel), int(meta.get("size") or 0)))
+                files.append(_Remote(fs.unstrip_protocol(name), os.path.join(local_stem, rel),
+                                     int(meta.get("size") or 0), _etag_of(meta)))
                 tag += f"|{rel}:{meta.get('size')}:{meta.get('ETag') or meta.get('mtime')}"
         return files, tag
 
@@ -433,15 +443,18 @@ class StageCache:
                         other.lock.close()
         return required or used + size <= self.max_bytes
 
-    def _fetch_file(self, uri: str, local: str, size: int, options: dict[str, Any] | None,
-                    policy: RetryPolicy, clocks: StageClocks) -> None:
-        """Chunked range download (each chunk retried on its own), written with pwrite."""
+    def _fetch_file(self, remote: _Remote, options: dict[str, Any] | None, policy: RetryPolicy,
+                    clocks: StageClocks) -> None:
+        """Chunked range download (each chunk retried on its own), written with pwrite, of the
+        version listed: obstore's reads are pinned to its ETag (If-Match); fsspec's cannot be,
+        so the object is asked again after them (a HEAD), and a change fails the download."""
+        uri, local, size = remote.uri, remote.local, remote.size
         os.makedirs(os.path.dirname(local), exist_ok=True)
         part = local + ".part"
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with open_ranges(uri, options, clocks, policy, max_concurrency=CHUNKS_IN_FLIGHT,
-                             count_wait=False) as reader:
+                             count_wait=False, etag=remote.etag) as reader:
                 if size <= 0:  # size unknown (some HTTP servers): one whole-object request
                     fs, path = get_fs(uri, options)
                     os.write(fd, call_with_retries(lambda: fs.cat_file(path), uri, policy, clocks))
@@ -450,9 +463,20 @@ class StageCache:
                     batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
                     for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
                         os.pwrite(fd, blob, start)
+                pinned = reader.version() is not None
+            if not pinned and remote.etag is not None and size > 0:
+                now = stat(uri, options, policy, clocks)
+                if (now["size"], now["etag"]) != (size, remote.etag):
+                    raise changed_while_read(uri, f"ETag {remote.etag} -> {now['etag']}, downloaded by fsspec")
         finally:
             os.close(fd)
         os.replace(part, local)
+
+
+def _etag_of(info: dict[str, Any]) -> str | None:
+    """An fsspec listing's ETag, unquoted, as :func:`gpubatch.io.storage.stat` gives it."""
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    return str(etag).strip('"') if etag else None
 
 
 def stage_root(directory: str | None = None) -> str:

@@ -231,10 +231,12 @@ def retried_fs(uri: str, options: dict[str, Any] | None = None, policy: RetryPol
 
 def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageClocks | None = None,
                 policy: RetryPolicy | None = None, *, max_concurrency: int = 64,
-                count_wait: bool = True) -> RangeReader:
+                count_wait: bool = True, etag: str | None = None) -> RangeReader:
     """A range reader for one file or object, with retries and metrics; close it when done.
 
     ``count_wait=False`` for background work (staging ahead), whose waits nobody sat through.
+    ``etag``: the version a HEAD just found, which every read must be of (obstore pins it with
+    If-Match; without it obstore pins the first answer's); fsspec cannot pin, see ``version()``.
     """
     inner: RangeReader
     if not is_remote(uri):
@@ -246,7 +248,7 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
         except OSError as exc:
             raise InputError(uri, f"cannot be opened: {exc.strerror or exc}") from None
     elif (target := _obstore_target(uri, options)) is not None:
-        inner = obstore.ObstoreRangeReader(*target, uri, max_concurrency=max_concurrency)
+        inner = obstore.ObstoreRangeReader(*target, uri, max_concurrency=max_concurrency, etag=etag)
     else:
         fs, path = get_fs(uri, options)
         inner = FsspecRangeReader(fs, path, uri, max_concurrency=max_concurrency)
@@ -300,18 +302,40 @@ def input_identity(uri: str, options: dict[str, Any] | None = None) -> dict[str,
         info = stat(uri, options, RetryPolicy(attempts=3))
     except InputError:
         return {"size": None}
+    return _identity(uri, info)
+
+
+def _identity(uri: str, info: dict[str, Any]) -> dict[str, Any]:
     if not is_remote(uri):
         return {"size": info["size"], "mtime": info["mtime"]}
     return {"size": info["size"], "etag": info["etag"], "mtime": info["mtime"]}
 
 
 def input_changed(uri: str, before: dict[str, Any], options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """A local file's :func:`input_identity` now, where it differs from ``before`` (it was written
-    over); None where it does not, or the input is remote, a folder, or was not there."""
-    if is_remote(uri) or before.get("size") is None or not os.path.isfile(local_path(uri)):
+    """The input's :func:`input_identity` now, where it differs from ``before`` (it was written
+    over or removed); None where it does not, or the input is a folder or prefix, or was not there.
+
+    A local file is compared by size and mtime; an object by size and ETag (its mtime changes when
+    the same bytes are written again, which mixes nothing), or by mtime where it has no ETag. An
+    object's HEAD that keeps failing raises its InputError: a failed check is not a change.
+    """
+    if before.get("size") is None:
         return None
-    after = input_identity(uri, options)
-    return after if after != before else None
+    if not is_remote(uri):
+        if not os.path.isfile(local_path(uri)):
+            return None
+        after = input_identity(uri, options)
+        return after if after != before else None
+    if before.get("etag") is None and before.get("mtime") is None:
+        return None  # a prefix (an OME-Zarr image, a DICOM series): no one version to compare
+    try:
+        after = _identity(uri, stat(uri, options, RetryPolicy(attempts=3)))
+    except InputError as exc:
+        if not exc.message.startswith("object not found"):
+            raise
+        after = {"size": None}
+    keys = ("size", "etag") if before.get("etag") else ("size", "mtime")
+    return after if any(after.get(k) != before.get(k) for k in keys) else None
 
 
 def exists(uri: str, options: dict[str, Any] | None = None, clocks: StageClocks | None = None) -> bool:

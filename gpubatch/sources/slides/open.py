@@ -150,6 +150,7 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
         info = stat(uri, options, policy, clocks)
         if info["type"] == "directory" or info["size"] <= 0:
             raise InputError(redact(uri), "is an empty object or a prefix (directory), not a slide file")
+        reader.pin(info["etag"])  # the size's version: every read must be of it (where it can tell)
     except BaseException:
         first.result()  # its errors are its own; the stat's is the one to report
         reader.close()
