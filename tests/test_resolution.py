@@ -104,3 +104,40 @@ def test_run_with_a_72_dpi_slide(tmp_path: Path, classifier: Path) -> None:
     from gpubatch.report.text import format_summary
 
     assert "note: " + notes[0] in format_summary(result.report)
+
+
+def zero_denominator(path: Path, tag_name: str) -> Path:
+    """Overwrite the denominator of ``tag_name`` (a RATIONAL) in place with 0: what tifffile
+    refuses to write, and a hostile or broken writer leaves behind."""
+    import struct
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        tag, order = tif.pages[0].tags[tag_name], tif.byteorder
+        offset = tag.valueoffset
+    with open(path, "r+b") as f:
+        f.seek(offset + 4)
+        f.write(struct.pack(order + "I", 0))
+    return path
+
+
+@pytest.mark.parametrize("tag_name", ["XResolution", "YResolution"])
+def test_a_zero_denominator_resolution_counts_as_missing(tmp_path: Path, tag_name: str) -> None:
+    """n/0 is no resolution: tifffile reads it as n/1 (0.25 um/px here, a confident wrong
+    answer). It is missing MPP, handled as any missing MPP, the file and the tag named."""
+    path = str(zero_denominator(tagged_tiff(tmp_path / "z.tif", "CENTIMETER", 40000), tag_name))
+    info = TiffBackend(path).info
+    assert info.mpp is None and info.mpp_source == ""
+    tag = f"TIFF {tag_name} 40000/0 per centimeter"
+    why = f"{tag} has a zero denominator: no resolution"
+    with pytest.raises(InputError) as err:
+        make_grid(info, _tiles(mpp=0.5), path)
+    assert err.value.input_uri == path
+    assert err.value.message.startswith(f"the file records no microns-per-pixel (MPP) ({why}), so tiles.mpp")
+    assert "tiles.mpp_fallback" in err.value.message and "tiles.level" in err.value.message
+    grid = make_grid(info, _tiles(mpp=0.5, mpp_fallback=0.25), path)
+    assert grid.mpp == 0.25 and len(grid) == 4 * 4
+    assert grid.notes == (why + ", so it counts as missing MPP",
+                          "its resolution tag is implausible: level 0 taken as tiles.mpp_fallback = 0.25 um/px")
+    assert len(make_grid(info, _tiles(level=0), path)) == 8 * 8

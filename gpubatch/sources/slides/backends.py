@@ -21,7 +21,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -54,6 +54,10 @@ class SlideInfo:
     backend: str
     #: the tag the mpp was read from, as a reader would name it ("TIFF XResolution 72 per inch")
     mpp_source: str = ""
+    #: why a resolution the file records counts as missing (``mpp`` is then None), naming the tag
+    #: ("TIFF XResolution 40000/0 per centimeter has a zero denominator: no resolution"). It
+    #: reaches the report as the grid's note or error (grid.level0_mpp), so as_dict leaves it out
+    mpp_ignored: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         w, h = self.level_dimensions[0]
@@ -250,33 +254,70 @@ class TileGridBackend(SlideBackend):
 NUMBER = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
 
 
-def _resolution_tag(unit: int | str, xres: float) -> str:
-    """How a TIFF resolution tag reads: 'TIFF XResolution 72 per inch'."""
+def _resolution_tag(unit: int | str, value: float | str, name: str = "XResolution") -> str:
+    """How a TIFF resolution tag reads: 'TIFF XResolution 72 per inch' ('40000/0' as given)."""
     names = {2: "inch", 3: "centimeter", "inch": "inch", "centimeter": "centimeter"}
-    return f"TIFF XResolution {xres:g} per {names.get(unit, str(unit))}"
+    shown = value if isinstance(value, str) else f"{value:g}"
+    return f"TIFF {name} {shown} per {names.get(unit, str(unit))}"
 
 
-def _mpp_from_tiff(tif: Any) -> tuple[float | None, float | None, str, str]:
-    """(mpp, magnification, vendor, the tag the mpp came from) of a TIFF-family slide."""
+class TiffMpp(NamedTuple):
+    """What a TIFF-family slide records of its scale (the fields of SlideInfo of those names)."""
+
+    mpp: float | None
+    magnification: float | None
+    vendor: str
+    source: str
+    ignored: str = ""
+
+
+def _mpp_from_tiff(tif: Any) -> TiffMpp:
+    """The mpp, magnification and vendor of a TIFF-family slide, and the tag the mpp came from."""
     page = tif.pages[0]
     desc = page.description or ""
     if tif.is_svs:
         mpp = re.search(rf"\bMPP\s*=\s*({NUMBER})", desc)
         mag = re.search(rf"\bAppMag\s*=\s*({NUMBER})", desc)
-        return (float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio",
-                "Aperio ImageDescription MPP" if mpp else "")
+        return TiffMpp(float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio",
+                       "Aperio ImageDescription MPP" if mpp else "")
     if tif.is_ome:
         found = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
         unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
         if found and (unit is None or unit.group(1) in ("µm", "um", "micron")):
-            return float(found.group(1)), None, "ome-tiff", "OME PhysicalSizeX"
-        return None, None, "ome-tiff", ""
+            return TiffMpp(float(found.group(1)), None, "ome-tiff", "OME PhysicalSizeX")
+        return TiffMpp(None, None, "ome-tiff", "")
+    return _mpp_from_resolution_tags(page)
+
+
+def _mpp_from_resolution_tags(page: Any) -> TiffMpp:
+    """A generic TIFF's mpp from its XResolution tag, in inches or centimetres; a resolution tag
+    that is no number (n/0, 0/n) makes it missing, with the tag named (:func:`_zero_rational`)."""
     res_unit = int(page.resolutionunit)
+    if res_unit not in (2, 3):  # inch, centimeter; other units say nothing of the scan
+        return TiffMpp(None, None, "generic-tiff", "")
+    broken = _zero_rational(page, res_unit)
+    if broken:
+        return TiffMpp(None, None, "generic-tiff", "", broken)
     xres = page.resolution[0] if page.resolution else 0.0
-    if xres > 0 and res_unit in (2, 3):  # inch, centimeter
+    if xres > 0:
         mpp_value = (25400.0 if res_unit == 2 else 10000.0) / xres
-        return mpp_value, None, "generic-tiff", _resolution_tag(res_unit, xres)
-    return None, None, "generic-tiff", ""
+        return TiffMpp(mpp_value, None, "generic-tiff", _resolution_tag(res_unit, xres))
+    return TiffMpp(None, None, "generic-tiff", "")
+
+
+def _zero_rational(page: Any, unit: int) -> str:
+    """Why the page's resolution tags are no resolution, naming the tag; '' when they are one.
+
+    tifffile reads a rational n/0 as n/1, so a tag with a zero denominator would give a confident,
+    wrong mpp; a zero numerator would give an infinite one. Either is no resolution recorded.
+    """
+    for name in ("XResolution", "YResolution"):
+        tag = page.tags.get(name)
+        value = tag.value if tag is not None else None
+        if isinstance(value, tuple) and len(value) == 2 and 0 in value:
+            shown = _resolution_tag(unit, f"{value[0]}/{value[1]}", name)
+            return f"{shown} {'has a zero denominator' if value[1] == 0 else 'is zero'}: no resolution"
+    return ""
 
 
 class MalformedTiff(TypeError):
@@ -318,14 +359,15 @@ class TiffBackend(TileGridBackend):
             self.pages = [lvl.keyframe for lvl in series.levels]
             for level, page in enumerate(self.pages):
                 _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
-            mpp, mag, vendor, source = _mpp_from_tiff(self.tif)
+            scale = _mpp_from_tiff(self.tif)
         self.ranges = ranges if ranges is not None else open_ranges(path, clocks=clocks)
         self.stored_tile_bytes = max(p.tilelength * p.tilewidth * p.samplesperpixel * np.dtype(p.dtype).itemsize
                                      for p in self.pages)
         dims = tuple((int(p.shape[1]), int(p.shape[0])) for p in self.pages)
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
-        self.info = SlideInfo(dims, downs, mpp, mag, vendor, "tifffile", source)
+        self.info = SlideInfo(dims, downs, scale.mpp, scale.magnification, scale.vendor, "tifffile", scale.source,
+                              mpp_ignored=scale.ignored)
         self.cache = DecodedTileCache(cache_bytes)
         #: a streamed slide's tiles fetched ahead of the reads (set by the opener; io.readahead)
         self.read_ahead: Any = None

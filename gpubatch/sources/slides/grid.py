@@ -49,14 +49,16 @@ class TileGrid:
 
 
 def _implausible(info: SlideInfo) -> str | None:
-    """Why the slide's recorded mpp is not a scan resolution, naming the tag; None when it is one.
+    """Why the slide's recorded mpp is not a scan resolution, naming the tag; None when it is one
+    (or none is recorded). A tag the backend could not read as a number (``mpp_ignored``: n/0)
+    is one such reason: missing MPP, said as an implausible tag is.
 
     The derived um/px is shown only for screen resolutions, where it explains the tag; for other
     out-of-range values (a garbled tag) it is noise, and would read as a claim about the scan.
     """
     mpp = info.mpp
     if mpp is None:
-        return None
+        return info.mpp_ignored or None
     tag = info.mpp_source or "the slide's metadata"
     if math.isfinite(mpp) and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
         return None
