@@ -58,6 +58,10 @@ class SlideInfo:
     #: ("TIFF XResolution 40000/0 per centimeter has a zero denominator: no resolution"). It
     #: reaches the report as the grid's note or error (grid.level0_mpp), so as_dict leaves it out
     mpp_ignored: str = ""
+    #: level-0 um/px down, where the file records it apart from ``mpp`` (across); None where it
+    #: records one figure. Pixels that are not square are refused by the grid (grid.level0_mpp);
+    #: it reaches the report in that error, so as_dict leaves it out
+    mpp_y: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         w, h = self.level_dimensions[0]
@@ -269,6 +273,7 @@ class TiffMpp(NamedTuple):
     vendor: str
     source: str
     ignored: str = ""
+    mpp_y: float | None = None
 
 
 def _mpp_from_tiff(tif: Any) -> TiffMpp:
@@ -281,12 +286,19 @@ def _mpp_from_tiff(tif: Any) -> TiffMpp:
         return TiffMpp(float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio",
                        "Aperio ImageDescription MPP" if mpp else "")
     if tif.is_ome:
-        found = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
-        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
-        if found and (unit is None or unit.group(1) in ("µm", "um", "micron")):
-            return TiffMpp(float(found.group(1)), None, "ome-tiff", "OME PhysicalSizeX")
-        return TiffMpp(None, None, "ome-tiff", "")
+        x, y = (_ome_physical_size(tif.ome_metadata or "", axis) for axis in "XY")
+        return TiffMpp(x, None, "ome-tiff", "OME PhysicalSizeX" if x is not None else "",
+                       mpp_y=y if x is not None else None)
     return _mpp_from_resolution_tags(page)
+
+
+def _ome_physical_size(ome: str, axis: str) -> float | None:
+    """OME PhysicalSizeX or Y in um: None where absent or in a unit other than microns."""
+    found = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', ome)
+    unit = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', ome)
+    if found and (unit is None or unit.group(1) in ("µm", "um", "micron")):
+        return float(found.group(1))
+    return None
 
 
 def _mpp_from_resolution_tags(page: Any) -> TiffMpp:
@@ -298,10 +310,11 @@ def _mpp_from_resolution_tags(page: Any) -> TiffMpp:
     broken = _zero_rational(page, res_unit)
     if broken:
         return TiffMpp(None, None, "generic-tiff", "", broken)
-    xres = page.resolution[0] if page.resolution else 0.0
+    xres, yres = page.resolution if page.resolution else (0.0, 0.0)
     if xres > 0:
-        mpp_value = (25400.0 if res_unit == 2 else 10000.0) / xres
-        return TiffMpp(mpp_value, None, "generic-tiff", _resolution_tag(res_unit, xres))
+        microns = 25400.0 if res_unit == 2 else 10000.0
+        return TiffMpp(microns / xres, None, "generic-tiff", _resolution_tag(res_unit, xres),
+                       mpp_y=microns / yres if yres > 0 else None)
     return TiffMpp(None, None, "generic-tiff", "")
 
 
@@ -367,7 +380,7 @@ class TiffBackend(TileGridBackend):
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
         self.info = SlideInfo(dims, downs, scale.mpp, scale.magnification, scale.vendor, "tifffile", scale.source,
-                              mpp_ignored=scale.ignored)
+                              mpp_ignored=scale.ignored, mpp_y=scale.mpp_y)
         self.cache = DecodedTileCache(cache_bytes)
         #: a streamed slide's tiles fetched ahead of the reads (set by the opener; io.readahead)
         self.read_ahead: Any = None
@@ -549,13 +562,14 @@ class OpenSlideBackend(SlideBackend):
             raise InputError(path, f"openslide cannot open it: {exc}") from exc
         self.path = path
         props = self.slide.properties
-        mpp = props.get("openslide.mpp-x")
+        mpp, mpp_y = props.get("openslide.mpp-x"), props.get("openslide.mpp-y")
         mag = props.get("openslide.objective-power")
         self.info = SlideInfo(
             tuple(tuple(d) for d in self.slide.level_dimensions),  # type: ignore[misc]
             tuple(self.slide.level_downsamples),
             float(mpp) if mpp else None, float(mag) if mag else None,
             str(props.get("openslide.vendor", "unknown")), "openslide", _openslide_mpp_source(props) if mpp else "",
+            mpp_y=float(mpp_y) if mpp and mpp_y else None,
         )
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
