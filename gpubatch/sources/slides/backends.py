@@ -39,7 +39,7 @@ WHITE = 255
 JPEG = 7  # TIFF compression tag value
 #: TIFF compression tag values of JPEG 2000 (Aperio's two, and the standard one)
 JPEG2000 = (33003, 33004, 33005, 34712)
-YCBCR, RGB = 6, 2  # TIFF photometric tag values
+YCBCR, RGB, MINISBLACK = 6, 2, 1  # TIFF photometric tag values
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,9 @@ class SlideBackend(ABC):
     plan: Any = None
     #: the most bytes one stored tile decodes to, where the format says (0: not known)
     stored_tile_bytes: int = 0
+    #: the slide stores gray, not colour: its tiles are still RGB (the gray in every channel), but
+    #: tissue detection must look for darkness, as gray has no stain colour to find
+    grayscale: bool = False
 
     @abstractmethod
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
@@ -345,8 +348,8 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
     A malformed IFD (tile tables shorter than the tile grid) would otherwise surface mid-read as
     ``IndexError: tuple index out of range``, without the file's name, and be retried.
     """
-    if not page.is_tiled or page.shape[-1] not in (3, 4) or page.dtype != np.uint8:
-        raise TypeError("not a tiled RGB uint8 pyramid")
+    if not page.is_tiled or page.dtype != np.uint8 or not (page.shape[-1] in (3, 4) or _is_gray(page)):
+        raise TypeError("not a tiled RGB or grayscale uint8 pyramid")
     if page.planarconfig != 1:
         raise TypeError("planar (separate) sample layout")
     if page.compression != 1 and page.compression not in decompressors:
@@ -355,6 +358,15 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
     if len(page.dataoffsets) != tiles or len(page.databytecounts) != tiles:
         raise MalformedTiff(f"malformed IFD at level {level}: {len(page.dataoffsets)} tile offsets and "
                             f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
+
+
+def _is_gray(page: Any) -> bool:
+    """A page of gray (black is 0), alone or with an alpha sample: read as RGB by :func:`as_rgb`.
+
+    Other one-sample pages (white is 0, a palette) are left to openslide, which converts them.
+    """
+    samples = int(page.samplesperpixel)
+    return int(page.photometric) == MINISBLACK and (samples == 1 or samples == 2 and len(page.extrasamples) == 1)
 
 
 class TiffBackend(TileGridBackend):
@@ -374,8 +386,10 @@ class TiffBackend(TileGridBackend):
                 _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
             scale = _mpp_from_tiff(self.tif)
         self.ranges = ranges if ranges is not None else open_ranges(path, clocks=clocks)
-        self.stored_tile_bytes = max(p.tilelength * p.tilewidth * p.samplesperpixel * np.dtype(p.dtype).itemsize
+        # decoded to RGB, whatever is stored (gray grows threefold)
+        self.stored_tile_bytes = max(p.tilelength * p.tilewidth * max(p.samplesperpixel, 3) * np.dtype(p.dtype).itemsize
                                      for p in self.pages)
+        self.grayscale = _is_gray(self.pages[0])
         dims = tuple((int(p.shape[1]), int(p.shape[0])) for p in self.pages)
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
@@ -444,7 +458,8 @@ class TiffBackend(TileGridBackend):
     def _decoded(self, level: int, blobs: list[bytes], indices: list[int]) -> Iterator[np.ndarray]:
         """Decoded tiles of ``blobs``, in order: one by one on the host, or one GPU batch for JPEG."""
         page = self.pages[level]
-        if self.gpu_decode and int(page.compression) == JPEG and any(blobs):
+        # nvImageCodec is given RGB JPEG tiles only: gray ones are decoded on the host
+        if self.gpu_decode and int(page.compression) == JPEG and not self.grayscale and any(blobs):
             from gpubatch.sources.slides.gpu_decode import decode_jpeg_tiles_gpu
 
             batch = decode_jpeg_tiles_gpu(blobs, page.jpegtables, photometric=int(page.photometric))
@@ -469,10 +484,9 @@ class TiffBackend(TileGridBackend):
             raise InputError(self.path, f"corrupt tile {index} at level {self.pages.index(page)}: {exc}"
                              + ("" if not self.strict else " (tiles.integrity: lenient decodes what it "
                                 "can instead)")) from exc
-        tile = _tile_shaped(np.asarray(segment), th, tw, self.path, index, self.pages.index(page))
-        if tile.shape[-1] == 4:
-            tile = composite_on_white(tile)
-        return tile[..., :3]
+        tile = _tile_shaped(np.asarray(segment), (th, tw, int(page.samplesperpixel)), self.path, index,
+                            self.pages.index(page))
+        return as_rgb(tile)
 
     def _decode_checked(self, page: Any, blob: bytes, index: int) -> Any:
         """Decode one stored tile; with ``strict``, libjpeg's warnings (corrupt data, premature
@@ -504,14 +518,29 @@ class TiffBackend(TileGridBackend):
         self.ranges.close()
 
 
-def _tile_shaped(segment: np.ndarray, th: int, tw: int, path: str, index: int, level: int) -> np.ndarray:
-    """A decoded tile as (th, tw, samples); a tile whose data decodes to another size (a JPEG
-    larger than the level's tiles, which a reshape would scramble into the samples) is malformed."""
+def _tile_shaped(segment: np.ndarray, shape: tuple[int, int, int], path: str, index: int, level: int) -> np.ndarray:
+    """A decoded tile as ``shape`` (th, tw, samples); a tile whose data decodes to another size (a
+    JPEG larger than the level's tiles, which a reshape would scramble into the samples) is
+    malformed. RGB pages may decode to 3 or 4 samples (an alpha); gray ones to what they store."""
+    th, tw, samples = shape
+    allowed = (3, 4) if samples >= 3 else (samples,)
     height_width = segment.shape[-3:-1] if segment.ndim >= 3 else None
-    if height_width != (th, tw) or segment.shape[-1] not in (3, 4):
+    if height_width != (th, tw) or segment.shape[-1] not in allowed:
+        kind = "RGB" if samples >= 3 else f"{samples}-sample gray"
         raise InputError(path, f"malformed tile {index} at level {level}: its data decodes to "
-                               f"{'x'.join(map(str, segment.shape))}, the level's tiles are {tw}x{th} RGB")
+                               f"{'x'.join(map(str, segment.shape))}, the level's tiles are {tw}x{th} {kind}")
     return segment.reshape(th, tw, -1)
+
+
+def as_rgb(tile: np.ndarray) -> np.ndarray:
+    """A decoded (h, w, samples) tile as (h, w, 3) RGB, what every read returns (models and tissue
+    detection take RGB): an alpha sample composited on white (gray + alpha, RGBA), then gray
+    replicated into all three channels."""
+    if tile.shape[-1] in (2, 4):
+        tile = composite_on_white(tile)
+    if tile.shape[-1] == 1:
+        return np.repeat(tile, 3, axis=-1)
+    return tile[..., :3]
 
 
 def _decodes_as_ycbcr(page: Any) -> bool:
@@ -521,8 +550,10 @@ def _decodes_as_ycbcr(page: Any) -> bool:
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    rgb = (rgba[..., :3].astype(np.uint16) * alpha + WHITE * (255 - alpha)) // 255
+    """RGBA (or gray + alpha) on white, the last sample the alpha: openslide shows background
+    where a slide is transparent, and tiles carry no alpha."""
+    alpha = rgba[..., -1:].astype(np.uint16)
+    rgb = (rgba[..., :-1].astype(np.uint16) * alpha + WHITE * (255 - alpha)) // 255
     return rgb.astype(np.uint8)
 
 
