@@ -104,3 +104,89 @@ def test_run_with_a_72_dpi_slide(tmp_path: Path, classifier: Path) -> None:
     from gpubatch.report.text import format_summary
 
     assert "note: " + notes[0] in format_summary(result.report)
+
+
+def zero_denominator(path: Path, tag_name: str) -> Path:
+    """Overwrite the denominator of ``tag_name`` (a RATIONAL) in place with 0: what tifffile
+    refuses to write, and a hostile or broken writer leaves behind."""
+    import struct
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        tag, order = tif.pages[0].tags[tag_name], tif.byteorder
+        offset = tag.valueoffset
+    with open(path, "r+b") as f:
+        f.seek(offset + 4)
+        f.write(struct.pack(order + "I", 0))
+    return path
+
+
+@pytest.mark.parametrize("tag_name", ["XResolution", "YResolution"])
+def test_a_zero_denominator_resolution_counts_as_missing(tmp_path: Path, tag_name: str) -> None:
+    """n/0 is no resolution: tifffile reads it as n/1 (0.25 um/px here, a confident wrong
+    answer). It is missing MPP, handled as any missing MPP, the file and the tag named."""
+    path = str(zero_denominator(tagged_tiff(tmp_path / "z.tif", "CENTIMETER", 40000), tag_name))
+    info = TiffBackend(path).info
+    assert info.mpp is None and info.mpp_source == ""
+    tag = f"TIFF {tag_name} 40000/0 per centimeter"
+    why = f"{tag} has a zero denominator: no resolution"
+    with pytest.raises(InputError) as err:
+        make_grid(info, _tiles(mpp=0.5), path)
+    assert err.value.input_uri == path
+    assert err.value.message.startswith(f"the file records no microns-per-pixel (MPP) ({why}), so tiles.mpp")
+    assert "tiles.mpp_fallback" in err.value.message and "tiles.level" in err.value.message
+    grid = make_grid(info, _tiles(mpp=0.5, mpp_fallback=0.25), path)
+    assert grid.mpp == 0.25 and len(grid) == 4 * 4
+    assert grid.notes == (why + ", so it counts as missing MPP",
+                          "its resolution tag is implausible: level 0 taken as tiles.mpp_fallback = 0.25 um/px")
+    assert len(make_grid(info, _tiles(level=0), path)) == 8 * 8
+
+
+def anisotropic_tiff(path: Path, x_per_cm: float, y_per_cm: float, ome: bool = False) -> Path:
+    """A tiled JPEG RGB TIFF whose pixels are x_per_cm across and y_per_cm down: in the TIFF
+    resolution tags, or (``ome``) in OME PhysicalSizeX/Y (um)."""
+    import tifffile
+
+    image = np.random.default_rng(0).integers(100, 200, (512, 512, 3), dtype=np.uint8)
+    kw: Any = {"tile": (256, 256), "photometric": "rgb", "compression": "jpeg"}
+    if ome:
+        kw["metadata"] = {"axes": "YXS", "PhysicalSizeX": 1e4 / x_per_cm, "PhysicalSizeXUnit": "µm",
+                          "PhysicalSizeY": 1e4 / y_per_cm, "PhysicalSizeYUnit": "µm"}
+    else:
+        kw.update(resolution=(x_per_cm, y_per_cm), resolutionunit="CENTIMETER")
+    tifffile.imwrite(path, image, ome=ome, **kw)
+    return path
+
+
+@pytest.mark.parametrize(("backend", "ome"), [(TiffBackend, False), (OpenSlideBackend, False), (TiffBackend, True)])
+def test_pixels_that_are_not_square_are_refused_unless_tiles_level(tmp_path: Path, backend: Any, ome: bool) -> None:
+    """0.25 um/px across, 0.5 down: tiles at tiles.mpp would be squashed two to one; no single
+    mpp is right, so only tiles.level (the file's own pixels, said in a note) tiles it."""
+    path = str(anisotropic_tiff(tmp_path / ("a.ome.tif" if ome else "a.tif"), 40000, 20000, ome=ome))
+    info = backend(path).info
+    assert (info.mpp, info.mpp_y) == pytest.approx((0.25, 0.5))
+    for tiles in (_tiles(mpp=0.5), _tiles(mpp=0.5, mpp_fallback=0.25)):
+        with pytest.raises(InputError) as err:
+            make_grid(info, tiles, path)
+        assert err.value.input_uri == path
+        assert err.value.message.startswith(f"the pixels are not square: 0.25 um/px across ({info.mpp_source}) "
+                                            "but 0.5 um/px down")
+        assert "set tiles.level" in err.value.message
+    grid = make_grid(info, _tiles(level=0), path)
+    assert len(grid) == 8 * 8 and grid.notes[0].startswith("the pixels are not square: 0.25 um/px across")
+
+
+def test_pixels_square_to_within_a_percent_are_square(tmp_path: Path) -> None:
+    path = str(anisotropic_tiff(tmp_path / "r.tif", 40000, 40200))  # 0.25 and 0.2488 um/px: rounding
+    grid = make_grid(TiffBackend(path).info, _tiles(mpp=0.5), path)
+    assert grid.mpp == pytest.approx(0.25) and grid.notes == () and len(grid) == 4 * 4
+
+
+def test_run_quarantines_a_slide_with_pixels_that_are_not_square(tmp_path: Path, classifier: Path) -> None:
+    path = anisotropic_tiff(tmp_path / "aniso.tif", 40000, 20000)
+    spec = write_job(tmp_path / "job.yaml", slide_job([str(path)], classifier, tmp_path / "out"))
+    refused = gpubatch.run(spec, show_progress=False)
+    assert refused.exit_code == 1
+    assert "the pixels are not square: 0.25 um/px across" in refused.report["failed"][0]["error"]
+    assert gpubatch.run(spec, tiles__level=0, show_progress=False).report["items"] == 64

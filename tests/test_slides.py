@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
-from conftest import shared_file
+from conftest import shared_file, slide_job, write_job
 
+import gpubatch
 from gpubatch.cli.demo import write_synthetic_slide
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
@@ -194,3 +195,63 @@ def test_a_plan_made_ahead_is_used_only_by_the_job_it_was_made_for(slide_path: P
     plan_ahead(job(64), backend, str(slide_path), StageClocks())
     other = SlideReader(shard, job(32), backend, clocks)
     assert "slides.planned_ahead" not in clocks.counters and other.attrs["tile_size"] == 32
+
+
+def gray_pyramid(path: Path, alpha: bool = False, size: int = 1024) -> Path:
+    """A tifffile-written two-level grayscale pyramid (SubIFDs) at 0.25 um/px: light glass (about
+    225) with a dark "tissue" blob, an ellipse centred at (384, 512) of radii 256 x 320. One sample
+    per pixel, JPEG; or (``alpha``) gray plus an opaque alpha sample, deflate."""
+    import tifffile
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    blob = ((xx - 384) / 256) ** 2 + ((yy - 512) / 320) ** 2 <= 1.0
+    noise = np.random.default_rng(0).normal(0, 6, (size, size))
+    gray = np.clip(np.where(blob, 90, 225) + noise, 0, 255).astype(np.uint8)
+    image = np.dstack([gray, np.full_like(gray, 255)]) if alpha else gray
+    kw: dict = ({"extrasamples": ["unassalpha"], "compression": "zlib", "planarconfig": "contig"} if alpha
+                else {"compression": "jpeg"})
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, subifds=1, tile=(256, 256), photometric="minisblack",
+                  resolution=(40000, 40000), resolutionunit="CENTIMETER", **kw)
+        tif.write(image[::2, ::2], subfiletype=1, tile=(256, 256), photometric="minisblack", **kw)
+    return path
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+def test_a_grayscale_slide_yields_rgb_tiles_over_its_tissue(tmp_path: Path, mean_model: Path, alpha: bool) -> None:
+    """A grayscale slide read as "no tissue" (the detector looks for stain colour, and gray has
+    none) and was read by openslide one level only. tifffile reads it, every tile is RGB with the
+    gray in all three channels, and tissue detection finds the dark blob (and nothing else)."""
+    path = gray_pyramid(tmp_path / "gray.tif", alpha)
+    backend = open_slide(str(path), StageClocks())
+    assert backend.info.backend == "tifffile" and len(backend.info.level_dimensions) == 2
+    box = backend.read_boxes(1, np.array([[0, 0, 512, 512]]), StageClocks())[0]
+    assert box.shape == (512, 512, 3) and (box[..., 0] == box[..., 1]).all() and (box[..., 1] == box[..., 2]).all()
+    backend.close()
+    assert not tissue_mask(np.full((64, 64, 3), 225, np.uint8), grayscale=True).any()  # blank glass
+    job = slide_job([str(path)], mean_model, tmp_path / "out",
+                    tiles={"size": 128, "mpp": 0.25, "tissue": {"method": "otsu", "min_fraction": 0.5}})
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
+    assert result.exit_code == 0
+    df = result.predictions()
+    cx, cy = df["x"].to_numpy() + 64, df["y"].to_numpy() + 64
+    assert len(df) >= 12  # the blob holds about 16 tiles of 128 px at least half inside it
+    assert (((cx - 384) / 256) ** 2 + ((cy - 512) / 320) ** 2 <= 1.2).all()  # over the blob only
+    means = df[["mean_0", "mean_1", "mean_2"]].to_numpy()
+    assert np.allclose(means, means[:, :1], atol=1e-6) and (means < 0.6).all()  # gray in RGB, dark
+
+
+@pytest.mark.parametrize("access", ["stage", "stream"])
+def test_a_remote_grayscale_slide_is_known_gray_staged_or_streamed(tmp_path: Path, access: str) -> None:
+    """Tissue detection asks the backend whether the slide is gray: a staged slide's wrapper
+    must answer for the backend it wraps (its class default said no)."""
+    import fsspec
+
+    from gpubatch.sources.slides.open import open_slide_input
+
+    fsspec.filesystem("memory").pipe(f"/gray-{access}/g.tif", gray_pyramid(tmp_path / "g.tif").read_bytes())
+    backend = open_slide_input(f"memory://gray-{access}/g.tif", StageClocks(), access=access, options={})
+    try:
+        assert backend.grayscale and backend.info.backend == "tifffile"
+    finally:
+        backend.close()

@@ -264,6 +264,38 @@ def test_expand_globs(s3: S3Stack, slide_uris: dict, tmp_path: Path) -> None:
     assert expand_uris([f"file://{tmp_path}/*.svs"]) == [str(tmp_path / "a.svs")]
 
 
+def test_file_uris_are_percent_decoded_and_plain_paths_are_literal(tmp_path: Path) -> None:
+    """RFC 8089: ``file:///data/my%20slides/a.tif`` names ``/data/my slides/a.tif`` (it named a
+    folder ``my%20slides``, which does not exist); a plain path is a name, ``%20`` and all."""
+    from urllib.parse import quote
+
+    from gpubatch.cli.demo import write_synthetic_slide
+    from gpubatch.io.storage import open_file
+    from gpubatch.io.uris import local_path
+
+    spaced = tmp_path / "my slides"
+    spaced.mkdir()
+    slide = write_synthetic_slide(spaced / "a b.tif", 256, 256, levels=1)
+    uri = "file://" + quote(str(slide))
+    assert "%20" in uri and local_path(uri) == str(slide)
+    assert local_path("file://localhost" + quote(str(slide))) == str(slide)
+    assert expand_uris([uri]) == [str(slide)]
+    assert expand_uris(["file://" + quote(str(spaced)) + "/*.tif"]) == [str(slide)]
+    backend = open_slide_input(uri, StageClocks())
+    try:
+        assert backend.info.level_dimensions == ((256, 256),)
+    finally:
+        backend.close()
+    with open_file(uri) as f:
+        assert f.read(4) in (b"II*\x00", b"MM\x00*")
+    literal = tmp_path / "lit%20eral"
+    literal.mkdir()
+    (literal / "x.svs").write_bytes(b"x")
+    assert local_path(str(literal / "x.svs")) == str(literal / "x.svs")
+    assert expand_uris([str(literal / "x.svs")]) == [str(literal / "x.svs")]
+    assert expand_uris([str(literal / "*.svs")]) == [str(literal / "x.svs")]
+
+
 def test_one_file_under_several_spellings_is_one_input(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """``a/./b``, ``a//b``, ``a/../a/b`` and a symlink name one file: read once (it was read once
     per spelling, its predictions doubled), with a line saying so; two files stay two."""

@@ -193,7 +193,6 @@ def get_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
     Local paths get fsspec's local filesystem and no storage options.
     """
     import fsspec
-    from fsspec.core import split_protocol
 
     protocol = protocol_of(uri)
     merged = resolve_options(uri, options) if protocol != "file" else {}
@@ -211,7 +210,7 @@ def get_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
             if hasattr(fs, "retries"):
                 fs.retries = 1  # this layer retries, with counting and jitter
             _fs_cache[token] = fs
-    path = fs._strip_protocol(uri) if protocol != "file" else split_protocol(uri)[1]
+    path = fs._strip_protocol(uri) if protocol != "file" else local_path(uri)  # decoded: uris.local_path
     return fs, path
 
 

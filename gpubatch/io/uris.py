@@ -7,6 +7,7 @@ Every module that needs to know whether a string names a local file or an object
 from __future__ import annotations
 
 import os
+from urllib.parse import unquote
 
 #: schemes fsspec (or obstore) reaches over a network; ``memory://`` behaves like one in tests
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "http", "https", "az", "abfs", "abfss", "memory")
@@ -25,9 +26,24 @@ def is_remote(uri: str) -> bool:
     return protocol_of(uri) in REMOTE_SCHEMES
 
 
+#: the scheme of a local URI, as written before its path
+FILE_PREFIX = "file://"
+
+
 def local_path(uri: str) -> str:
-    """The filesystem path of a local URI (``file://`` stripped)."""
-    return uri.removeprefix("file://")
+    """The filesystem path of a local URI: the one place a ``file://`` URI becomes a path.
+
+    A ``file://`` URI is percent-decoded (RFC 8089: ``file:///my%20slides/a.svs`` names
+    ``/my slides/a.svs``; taken as written it named a folder that does not exist), and its
+    ``localhost`` authority dropped. A plain path is a name, not a URI: ``%20`` in it stays literal.
+    Decoding here, once, keeps globs and listings working on the decoded path.
+    """
+    if uri[: len(FILE_PREFIX)].lower() != FILE_PREFIX:
+        return uri
+    rest = uri[len(FILE_PREFIX):]
+    if rest[: len("localhost/")].lower() == "localhost/":
+        rest = rest[len("localhost"):]
+    return unquote(rest)
 
 
 def has_magic(text: str) -> bool:

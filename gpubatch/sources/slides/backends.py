@@ -21,7 +21,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,7 +39,7 @@ WHITE = 255
 JPEG = 7  # TIFF compression tag value
 #: TIFF compression tag values of JPEG 2000 (Aperio's two, and the standard one)
 JPEG2000 = (33003, 33004, 33005, 34712)
-YCBCR, RGB = 6, 2  # TIFF photometric tag values
+YCBCR, RGB, MINISBLACK = 6, 2, 1  # TIFF photometric tag values
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,14 @@ class SlideInfo:
     backend: str
     #: the tag the mpp was read from, as a reader would name it ("TIFF XResolution 72 per inch")
     mpp_source: str = ""
+    #: why a resolution the file records counts as missing (``mpp`` is then None), naming the tag
+    #: ("TIFF XResolution 40000/0 per centimeter has a zero denominator: no resolution"). It
+    #: reaches the report as the grid's note or error (grid.level0_mpp), so as_dict leaves it out
+    mpp_ignored: str = ""
+    #: level-0 um/px down, where the file records it apart from ``mpp`` (across); None where it
+    #: records one figure. Pixels that are not square are refused by the grid (grid.level0_mpp);
+    #: it reaches the report in that error, so as_dict leaves it out
+    mpp_y: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         w, h = self.level_dimensions[0]
@@ -167,6 +175,9 @@ class SlideBackend(ABC):
     plan: Any = None
     #: the most bytes one stored tile decodes to, where the format says (0: not known)
     stored_tile_bytes: int = 0
+    #: the slide stores gray, not colour: its tiles are still RGB (the gray in every channel), but
+    #: tissue detection must look for darkness, as gray has no stain colour to find
+    grayscale: bool = False
 
     @abstractmethod
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
@@ -254,33 +265,79 @@ class TileGridBackend(SlideBackend):
 NUMBER = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
 
 
-def _resolution_tag(unit: int | str, xres: float) -> str:
-    """How a TIFF resolution tag reads: 'TIFF XResolution 72 per inch'."""
+def _resolution_tag(unit: int | str, value: float | str, name: str = "XResolution") -> str:
+    """How a TIFF resolution tag reads: 'TIFF XResolution 72 per inch' ('40000/0' as given)."""
     names = {2: "inch", 3: "centimeter", "inch": "inch", "centimeter": "centimeter"}
-    return f"TIFF XResolution {xres:g} per {names.get(unit, str(unit))}"
+    shown = value if isinstance(value, str) else f"{value:g}"
+    return f"TIFF {name} {shown} per {names.get(unit, str(unit))}"
 
 
-def _mpp_from_tiff(tif: Any) -> tuple[float | None, float | None, str, str]:
-    """(mpp, magnification, vendor, the tag the mpp came from) of a TIFF-family slide."""
+class TiffMpp(NamedTuple):
+    """What a TIFF-family slide records of its scale (the fields of SlideInfo of those names)."""
+
+    mpp: float | None
+    magnification: float | None
+    vendor: str
+    source: str
+    ignored: str = ""
+    mpp_y: float | None = None
+
+
+def _mpp_from_tiff(tif: Any) -> TiffMpp:
+    """The mpp, magnification and vendor of a TIFF-family slide, and the tag the mpp came from."""
     page = tif.pages[0]
     desc = page.description or ""
     if tif.is_svs:
         mpp = re.search(rf"\bMPP\s*=\s*({NUMBER})", desc)
         mag = re.search(rf"\bAppMag\s*=\s*({NUMBER})", desc)
-        return (float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio",
-                "Aperio ImageDescription MPP" if mpp else "")
+        return TiffMpp(float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio",
+                       "Aperio ImageDescription MPP" if mpp else "")
     if tif.is_ome:
-        found = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
-        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
-        if found and (unit is None or unit.group(1) in ("µm", "um", "micron")):
-            return float(found.group(1)), None, "ome-tiff", "OME PhysicalSizeX"
-        return None, None, "ome-tiff", ""
+        x, y = (_ome_physical_size(tif.ome_metadata or "", axis) for axis in "XY")
+        return TiffMpp(x, None, "ome-tiff", "OME PhysicalSizeX" if x is not None else "",
+                       mpp_y=y if x is not None else None)
+    return _mpp_from_resolution_tags(page)
+
+
+def _ome_physical_size(ome: str, axis: str) -> float | None:
+    """OME PhysicalSizeX or Y in um: None where absent or in a unit other than microns."""
+    found = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', ome)
+    unit = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', ome)
+    if found and (unit is None or unit.group(1) in ("µm", "um", "micron")):
+        return float(found.group(1))
+    return None
+
+
+def _mpp_from_resolution_tags(page: Any) -> TiffMpp:
+    """A generic TIFF's mpp from its XResolution tag, in inches or centimetres; a resolution tag
+    that is no number (n/0, 0/n) makes it missing, with the tag named (:func:`_zero_rational`)."""
     res_unit = int(page.resolutionunit)
-    xres = page.resolution[0] if page.resolution else 0.0
-    if xres > 0 and res_unit in (2, 3):  # inch, centimeter
-        mpp_value = (25400.0 if res_unit == 2 else 10000.0) / xres
-        return mpp_value, None, "generic-tiff", _resolution_tag(res_unit, xres)
-    return None, None, "generic-tiff", ""
+    if res_unit not in (2, 3):  # inch, centimeter; other units say nothing of the scan
+        return TiffMpp(None, None, "generic-tiff", "")
+    broken = _zero_rational(page, res_unit)
+    if broken:
+        return TiffMpp(None, None, "generic-tiff", "", broken)
+    xres, yres = page.resolution if page.resolution else (0.0, 0.0)
+    if xres > 0:
+        microns = 25400.0 if res_unit == 2 else 10000.0
+        return TiffMpp(microns / xres, None, "generic-tiff", _resolution_tag(res_unit, xres),
+                       mpp_y=microns / yres if yres > 0 else None)
+    return TiffMpp(None, None, "generic-tiff", "")
+
+
+def _zero_rational(page: Any, unit: int) -> str:
+    """Why the page's resolution tags are no resolution, naming the tag; '' when they are one.
+
+    tifffile reads a rational n/0 as n/1, so a tag with a zero denominator would give a confident,
+    wrong mpp; a zero numerator would give an infinite one. Either is no resolution recorded.
+    """
+    for name in ("XResolution", "YResolution"):
+        tag = page.tags.get(name)
+        value = tag.value if tag is not None else None
+        if isinstance(value, tuple) and len(value) == 2 and 0 in value:
+            shown = _resolution_tag(unit, f"{value[0]}/{value[1]}", name)
+            return f"{shown} {'has a zero denominator' if value[1] == 0 else 'is zero'}: no resolution"
+    return ""
 
 
 class MalformedTiff(TypeError):
@@ -295,8 +352,8 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
     A malformed IFD (tile tables shorter than the tile grid) would otherwise surface mid-read as
     ``IndexError: tuple index out of range``, without the file's name, and be retried.
     """
-    if not page.is_tiled or page.shape[-1] not in (3, 4) or page.dtype != np.uint8:
-        raise TypeError("not a tiled RGB uint8 pyramid")
+    if not page.is_tiled or page.dtype != np.uint8 or not (page.shape[-1] in (3, 4) or _is_gray(page)):
+        raise TypeError("not a tiled RGB or grayscale uint8 pyramid")
     if page.planarconfig != 1:
         raise TypeError("planar (separate) sample layout")
     if page.compression != 1 and page.compression not in decompressors:
@@ -305,6 +362,15 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
     if len(page.dataoffsets) != tiles or len(page.databytecounts) != tiles:
         raise MalformedTiff(f"malformed IFD at level {level}: {len(page.dataoffsets)} tile offsets and "
                             f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
+
+
+def _is_gray(page: Any) -> bool:
+    """A page of gray (black is 0), alone or with an alpha sample: read as RGB by :func:`as_rgb`.
+
+    Other one-sample pages (white is 0, a palette) are left to openslide, which converts them.
+    """
+    samples = int(page.samplesperpixel)
+    return int(page.photometric) == MINISBLACK and (samples == 1 or samples == 2 and len(page.extrasamples) == 1)
 
 
 class TiffBackend(TileGridBackend):
@@ -322,14 +388,17 @@ class TiffBackend(TileGridBackend):
             self.pages = [lvl.keyframe for lvl in series.levels]
             for level, page in enumerate(self.pages):
                 _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
-            mpp, mag, vendor, source = _mpp_from_tiff(self.tif)
+            scale = _mpp_from_tiff(self.tif)
         self.ranges = ranges if ranges is not None else open_ranges(path, clocks=clocks)
-        self.stored_tile_bytes = max(p.tilelength * p.tilewidth * p.samplesperpixel * np.dtype(p.dtype).itemsize
+        # decoded to RGB, whatever is stored (gray grows threefold)
+        self.stored_tile_bytes = max(p.tilelength * p.tilewidth * max(p.samplesperpixel, 3) * np.dtype(p.dtype).itemsize
                                      for p in self.pages)
+        self.grayscale = _is_gray(self.pages[0])
         dims = tuple((int(p.shape[1]), int(p.shape[0])) for p in self.pages)
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
-        self.info = SlideInfo(dims, downs, mpp, mag, vendor, "tifffile", source)
+        self.info = SlideInfo(dims, downs, scale.mpp, scale.magnification, scale.vendor, "tifffile", scale.source,
+                              mpp_ignored=scale.ignored, mpp_y=scale.mpp_y)
         self.cache = DecodedTileCache(cache_bytes)
         #: a streamed slide's tiles fetched ahead of the reads (set by the opener; io.readahead)
         self.read_ahead: Any = None
@@ -393,7 +462,8 @@ class TiffBackend(TileGridBackend):
     def _decoded(self, level: int, blobs: list[bytes], indices: list[int]) -> Iterator[np.ndarray]:
         """Decoded tiles of ``blobs``, in order: one by one on the host, or one GPU batch for JPEG."""
         page = self.pages[level]
-        if self.gpu_decode and int(page.compression) == JPEG and any(blobs):
+        # nvImageCodec is given RGB JPEG tiles only: gray ones are decoded on the host
+        if self.gpu_decode and int(page.compression) == JPEG and not self.grayscale and any(blobs):
             from gpubatch.sources.slides.gpu_decode import decode_jpeg_tiles_gpu
 
             batch = decode_jpeg_tiles_gpu(blobs, page.jpegtables, photometric=int(page.photometric))
@@ -418,10 +488,9 @@ class TiffBackend(TileGridBackend):
             raise InputError(self.path, f"corrupt tile {index} at level {self.pages.index(page)}: {exc}"
                              + ("" if not self.strict else " (tiles.integrity: lenient decodes what it "
                                 "can instead)")) from exc
-        tile = _tile_shaped(np.asarray(segment), th, tw, self.path, index, self.pages.index(page))
-        if tile.shape[-1] == 4:
-            tile = composite_on_white(tile)
-        return tile[..., :3]
+        tile = _tile_shaped(np.asarray(segment), (th, tw, int(page.samplesperpixel)), self.path, index,
+                            self.pages.index(page))
+        return as_rgb(tile)
 
     def _decode_checked(self, page: Any, blob: bytes, index: int) -> Any:
         """Decode one stored tile; with ``strict``, libjpeg's warnings (corrupt data, premature
@@ -455,14 +524,29 @@ class TiffBackend(TileGridBackend):
         self.ranges.close()
 
 
-def _tile_shaped(segment: np.ndarray, th: int, tw: int, path: str, index: int, level: int) -> np.ndarray:
-    """A decoded tile as (th, tw, samples); a tile whose data decodes to another size (a JPEG
-    larger than the level's tiles, which a reshape would scramble into the samples) is malformed."""
+def _tile_shaped(segment: np.ndarray, shape: tuple[int, int, int], path: str, index: int, level: int) -> np.ndarray:
+    """A decoded tile as ``shape`` (th, tw, samples); a tile whose data decodes to another size (a
+    JPEG larger than the level's tiles, which a reshape would scramble into the samples) is
+    malformed. RGB pages may decode to 3 or 4 samples (an alpha); gray ones to what they store."""
+    th, tw, samples = shape
+    allowed = (3, 4) if samples >= 3 else (samples,)
     height_width = segment.shape[-3:-1] if segment.ndim >= 3 else None
-    if height_width != (th, tw) or segment.shape[-1] not in (3, 4):
+    if height_width != (th, tw) or segment.shape[-1] not in allowed:
+        kind = "RGB" if samples >= 3 else f"{samples}-sample gray"
         raise InputError(path, f"malformed tile {index} at level {level}: its data decodes to "
-                               f"{'x'.join(map(str, segment.shape))}, the level's tiles are {tw}x{th} RGB")
+                               f"{'x'.join(map(str, segment.shape))}, the level's tiles are {tw}x{th} {kind}")
     return segment.reshape(th, tw, -1)
+
+
+def as_rgb(tile: np.ndarray) -> np.ndarray:
+    """A decoded (h, w, samples) tile as (h, w, 3) RGB, what every read returns (models and tissue
+    detection take RGB): an alpha sample composited on white (gray + alpha, RGBA), then gray
+    replicated into all three channels."""
+    if tile.shape[-1] in (2, 4):
+        tile = composite_on_white(tile)
+    if tile.shape[-1] == 1:
+        return np.repeat(tile, 3, axis=-1)
+    return tile[..., :3]
 
 
 def _decodes_as_ycbcr(page: Any) -> bool:
@@ -472,8 +556,10 @@ def _decodes_as_ycbcr(page: Any) -> bool:
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    rgb = (rgba[..., :3].astype(np.uint16) * alpha + WHITE * (255 - alpha)) // 255
+    """RGBA (or gray + alpha) on white, the last sample the alpha: openslide shows background
+    where a slide is transparent, and tiles carry no alpha."""
+    alpha = rgba[..., -1:].astype(np.uint16)
+    rgb = (rgba[..., :-1].astype(np.uint16) * alpha + WHITE * (255 - alpha)) // 255
     return rgb.astype(np.uint8)
 
 
@@ -513,13 +599,14 @@ class OpenSlideBackend(SlideBackend):
             raise InputError(path, f"openslide cannot open it: {exc}") from exc
         self.path = path
         props = self.slide.properties
-        mpp = props.get("openslide.mpp-x")
+        mpp, mpp_y = props.get("openslide.mpp-x"), props.get("openslide.mpp-y")
         mag = props.get("openslide.objective-power")
         self.info = SlideInfo(
             tuple(tuple(d) for d in self.slide.level_dimensions),  # type: ignore[misc]
             tuple(self.slide.level_downsamples),
             float(mpp) if mpp else None, float(mag) if mag else None,
             str(props.get("openslide.vendor", "unknown")), "openslide", _openslide_mpp_source(props) if mpp else "",
+            mpp_y=float(mpp_y) if mpp and mpp_y else None,
         )
         #: tiles.integrity: strict; openslide misses some corrupt JPEG data, so a check runs first
         self.strict = True

@@ -234,7 +234,8 @@ class WsiDicomBackend(TileGridBackend):
         mpp = self.levels[0].mpp
         return SlideInfo(dims, downs, float(mpp.width) if mpp is not None else None,
                          self._magnification(), "dicom", "wsidicom",
-                         "DICOM PixelSpacing" if mpp is not None else "")
+                         "DICOM PixelSpacing" if mpp is not None else "",
+                         mpp_y=float(mpp.height) if mpp is not None else None)
 
     def _magnification(self) -> float | None:
         """Objective lens power of the first optical path, when the files record it."""

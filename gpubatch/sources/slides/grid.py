@@ -23,6 +23,8 @@ MPP_TOLERANCE = 0.1  # a slide scanned up to 10% coarser than asked still counts
 #: records coarser than 10 um/px or finer than 0.01 um/px at level 0
 PLAUSIBLE_MPP = (0.01, 10.0)
 SCREEN_DPI = (72.0, 96.0, 150.0, 300.0)
+#: across and down resolutions this close (relative) are one: the rounding of a tag or a format
+SQUARE_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -49,14 +51,16 @@ class TileGrid:
 
 
 def _implausible(info: SlideInfo) -> str | None:
-    """Why the slide's recorded mpp is not a scan resolution, naming the tag; None when it is one.
+    """Why the slide's recorded mpp is not a scan resolution, naming the tag; None when it is one
+    (or none is recorded). A tag the backend could not read as a number (``mpp_ignored``: n/0)
+    is one such reason: missing MPP, said as an implausible tag is.
 
     The derived um/px is shown only for screen resolutions, where it explains the tag; for other
     out-of-range values (a garbled tag) it is noise, and would read as a claim about the scan.
     """
     mpp = info.mpp
     if mpp is None:
-        return None
+        return info.mpp_ignored or None
     tag = info.mpp_source or "the slide's metadata"
     if math.isfinite(mpp) and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
         return None
@@ -73,6 +77,7 @@ def level0_mpp(info: SlideInfo, tiles: TilesSpec, uri: str) -> tuple[float | Non
     ignored = _implausible(info)
     mpp = None if ignored else info.mpp
     notes = [f"{ignored}, so it counts as missing MPP"] if ignored else []
+    notes += _square_or_refused(info, tiles, uri) if mpp is not None else []
     if mpp is not None or tiles.level is not None:
         return mpp, notes
     if tiles.mpp_fallback is not None:
@@ -82,6 +87,29 @@ def level0_mpp(info: SlideInfo, tiles: TilesSpec, uri: str) -> tuple[float | Non
     raise InputError(uri, "the file records no microns-per-pixel (MPP)" + (f" ({ignored})" if ignored else "")
                      + ", so tiles.mpp cannot be honoured; set tiles.mpp_fallback (the scan's um/px, for "
                        "slides without one) or tiles.level instead (tiles.level: 0 for full resolution)")
+
+
+def _not_square(info: SlideInfo) -> str | None:
+    """What the slide records of its pixels when they are not square (um/px across and down more
+    than SQUARE_TOLERANCE apart); None when they are, or when it records one figure."""
+    x, y = info.mpp, info.mpp_y
+    if x is None or y is None or abs(y - x) <= SQUARE_TOLERANCE * x:
+        return None
+    return f"the pixels are not square: {x:.4g} um/px across ({info.mpp_source}) but {y:.4g} um/px down"
+
+
+def _square_or_refused(info: SlideInfo, tiles: TilesSpec, uri: str) -> list[str]:
+    """Notes for pixels that are not square under ``tiles.level``; an InputError under
+    ``tiles.mpp``, which no single figure can honour: tiles would come out squashed (the
+    across figure alone was used before), and ``tiles.mpp_fallback`` would squash them too."""
+    skewed = _not_square(info)
+    if skewed is None:
+        return []
+    if tiles.level is None:
+        raise InputError(uri, f"{skewed}, so tiles at tiles.mpp would have the wrong aspect; set tiles.level "
+                              "(tiles.level: 0 for full resolution) to tile the file's own pixels, or "
+                              "resample the slide to square pixels")
+    return [f"{skewed}: tiles.level {tiles.level} tiles the file's own pixels"]
 
 
 def choose_level(info: SlideInfo, tiles: TilesSpec, uri: str) -> tuple[int, float]:

@@ -209,6 +209,7 @@ class StagedBackend(SlideBackend):
 
     def __init__(self, inner: SlideBackend, staged: StagedFile):
         self.inner, self.info, self._staged = inner, inner.info, staged
+        self.grayscale = inner.grayscale  # the class's default would hide the inner backend's
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         return self.inner.read_boxes(level, boxes, clocks)

@@ -1,4 +1,5 @@
-"""Tissue detection: Otsu on the saturation of a thumbnail read from the coarsest pyramid level.
+"""Tissue detection: Otsu on the saturation of a thumbnail read from the coarsest pyramid level
+(on its darkness for grayscale slides, which have no stain colour).
 
 The thumbnail is the slide's own coarsest level read in blocks, never the file's embedded
 thumbnail image (which must not be used or copied); tiles whose tissue fraction is below
@@ -19,6 +20,9 @@ from gpubatch.spec import TilesSpec
 
 THUMBNAIL_EDGE = 1024  # ample: a tile spans tens of mask pixels at this size
 MIN_SATURATION = 0.07  # below this no pixel is tissue, whatever Otsu says (blank slides)
+#: grayscale slides: a pixel lighter than 80% white is glass, whatever Otsu says (blank slides,
+#: whose glass scans at 220-250 and whose noise Otsu would split in two); tissue is darker
+MIN_DARKNESS = 0.2
 
 
 def otsu_threshold(values: np.ndarray) -> float:
@@ -39,8 +43,15 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(np.argmax(between))
 
 
-def tissue_mask(thumb: np.ndarray) -> np.ndarray:
-    """Otsu on HSV saturation: stained tissue is saturated, glass and background are not."""
+def tissue_mask(thumb: np.ndarray, grayscale: bool = False) -> np.ndarray:
+    """Otsu on HSV saturation: stained tissue is saturated, glass and background are not.
+
+    A grayscale slide (its gray in all three channels) has no saturation anywhere, so all of it
+    read as glass: there, Otsu on darkness instead (tissue absorbs light, glass lets it through).
+    """
+    if grayscale:
+        dark = 255 - thumb[..., 0]
+        return dark > max(otsu_threshold(dark), MIN_DARKNESS * 255)
     sat = np.empty(thumb.shape[:2], dtype=np.uint8)
     # In strips of rows: a slide opens beside another shard's running batches, and the textbook
     # expression over the whole thumbnail held five thumbnail-sized temporaries at once.
@@ -83,7 +94,7 @@ def filter_tissue(grid: TileGrid, backend: SlideBackend, tiles: TilesSpec, clock
     if tiles.tissue.method == "none" or len(grid) == 0:
         return grid
     thumb, thumb_ds = read_thumbnail(backend, clocks, tiles.read_block)
-    mask = tissue_mask(thumb)
+    mask = tissue_mask(thumb, backend.grayscale)
     del thumb  # not needed beside the integral image
     extent = grid.size * grid.downsample
     boxes = np.stack([grid.xs / thumb_ds, grid.ys / thumb_ds,
