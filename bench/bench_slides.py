@@ -67,8 +67,8 @@ def make_workload(kind: str, n_slides: int, size: tuple[int, int]) -> dict[str, 
 def tile_lists(slides: list[Path], size: int, mpp: float) -> list[dict[str, Any]]:
     """The tiles every contestant reads: gpubatch's grid and tissue mask, computed once, untimed."""
     from gpubatch.core.clocks import StageClocks
-    from gpubatch.sources.slides.backends import TiffBackend
     from gpubatch.sources.slides.grid import make_grid
+    from gpubatch.sources.slides.tiff_backend import TiffBackend
     from gpubatch.sources.slides.tissue import filter_tissue
     from gpubatch.spec import TilesSpec
 
@@ -207,8 +207,8 @@ def measure_bound(tiles: list[dict[str, Any]], model: Path, batch: int) -> dict[
     """Per-item CPU seconds of tifffile tile-grid decode and of the model; the cores-wide bound."""
     from gpubatch.core.clocks import StageClocks
     from gpubatch.ops.kernels import normalize_tiles
-    from gpubatch.sources.slides.backends import TiffBackend
     from gpubatch.sources.slides.grid import resize as _resize
+    from gpubatch.sources.slides.tiff_backend import TiffBackend
 
     n = sum(len(t["xs"]) for t in tiles)
     decoded: list[np.ndarray] = []

@@ -17,8 +17,10 @@ from conftest import shared_file
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.io.stage_cache import StageCache
-from gpubatch.sources.slides.backends import OpenSlideBackend, SlideBackend, TiffBackend
+from gpubatch.sources.slides.backends import SlideBackend
 from gpubatch.sources.slides.open import open_slide, open_staged, open_stream
+from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
+from gpubatch.sources.slides.tiff_backend import TiffBackend
 from gpubatch.testing.backends import SlideBackendTests
 
 if TYPE_CHECKING:

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 from gpubatch.core.clocks import StageClocks
-from gpubatch.sources.slides.backends import OpenSlideBackend, SlideBackend, TiffBackend
+from gpubatch.sources.slides.backends import SlideBackend
 from gpubatch.sources.slides.dicom import WsiDicomBackend
 from gpubatch.sources.slides.omezarr import OmeZarrBackend
 from gpubatch.sources.slides.open import open_slide
+from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
+from gpubatch.sources.slides.tiff_backend import TiffBackend
 from gpubatch.testing.backends import SlideBackendTests
 
 if TYPE_CHECKING:

@@ -372,7 +372,7 @@ def test_running_out_of_memory_in_a_decode_is_not_called_a_corrupt_tile(tmp_path
     script = (
         "import resource, sys, numpy as np, psutil\n"
         "from gpubatch.core.clocks import StageClocks\n"
-        "from gpubatch.sources.slides.backends import TiffBackend\n"
+        "from gpubatch.sources.slides.tiff_backend import TiffBackend\n"
         "backend = TiffBackend(sys.argv[1])\n"
         "limit = psutil.Process().memory_info().vms + (120 << 20)\n"
         "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
@@ -400,7 +400,7 @@ def test_a_tile_that_decodes_larger_than_the_tile_quarantines_the_slide(
 @pytest.mark.parametrize("written", ["0.25", "2.5E-01", "25e-2", ".25"])
 def test_an_aperio_mpp_is_read_however_the_number_is_written(tmp_path: Path, written: str) -> None:
     """``MPP = 2.5E-01`` was read as 2.5 (the pattern stopped at the 'E'): ten times the scale."""
-    from gpubatch.sources.slides.backends import TiffBackend
+    from gpubatch.sources.slides.tiff_backend import TiffBackend
 
     backend = TiffBackend(str(svs_with_label_and_macro(tmp_path / "s.svs", 512, 512, mpp=written)))
     try:

@@ -24,7 +24,7 @@ from hostile_inputs import flip_tile_bytes, truncate_tile, zero_tile_bytes
 from gpubatch.cli.demo import write_synthetic_slide
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
-from gpubatch.sources.slides.backends import OpenSlideBackend
+from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
 
 REPO = Path(__file__).resolve().parents[1]
 

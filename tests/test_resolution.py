@@ -16,8 +16,9 @@ from conftest import slide_job, write_job
 
 import gpubatch
 from gpubatch.core.errors import InputError
-from gpubatch.sources.slides.backends import OpenSlideBackend, TiffBackend
 from gpubatch.sources.slides.grid import make_grid
+from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
+from gpubatch.sources.slides.tiff_backend import TiffBackend
 from gpubatch.spec import TilesSpec, load_job
 
 

@@ -14,9 +14,10 @@ from gpubatch.cli.demo import write_synthetic_slide
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.io.ranges import coalesce
-from gpubatch.sources.slides.backends import OpenSlideBackend, TiffBackend
 from gpubatch.sources.slides.grid import choose_level, make_grid
 from gpubatch.sources.slides.open import open_slide
+from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
+from gpubatch.sources.slides.tiff_backend import TiffBackend
 from gpubatch.sources.slides.tissue import otsu_threshold, tissue_mask
 from gpubatch.spec import TilesSpec
 

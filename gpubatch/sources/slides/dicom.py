@@ -33,12 +33,12 @@ from gpubatch.io.retried_fs import RetriedFS
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.sources.slides.backends import (
     DecodedTileCache,
-    OpenSlideBackend,
     SlideBackend,
     SlideInfo,
     TileGrid,
     TileGridBackend,
 )
+from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage

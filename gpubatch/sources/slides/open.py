@@ -35,13 +35,7 @@ from gpubatch.io.stage_cache import StageCache, StagedFile, get_stage_cache
 from gpubatch.io.storage import open_ranges, stat
 from gpubatch.io.uris import is_remote, local_path, uri_name
 from gpubatch.sources.slides import preopen
-from gpubatch.sources.slides.backends import (
-    TIFF_SUFFIXES,
-    MalformedTiff,
-    OpenSlideBackend,
-    SlideBackend,
-    TiffBackend,
-)
+from gpubatch.sources.slides.backends import TIFF_SUFFIXES, SlideBackend
 from gpubatch.sources.slides.dicom import (
     DICOM_SUFFIXES,
     WsiDicomBackend,
@@ -50,6 +44,8 @@ from gpubatch.sources.slides.dicom import (
     open_dicom,
 )
 from gpubatch.sources.slides.omezarr import OmeZarrBackend, folder_is_zarr, is_zarr_uri
+from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
+from gpubatch.sources.slides.tiff_backend import MalformedTiff, TiffBackend
 
 #: formats whose data lives in a directory beside the file, named after its stem
 COMPANION_SUFFIXES = (".mrxs",)

@@ -1,0 +1,326 @@
+"""TIFF-family slides (SVS, generic and OME TIFF) decoded by tifffile/imagecodecs on the file's
+own tile grid: their resolution tags read as MPP, each page checked before it is trusted, and
+every stored tile decoded once to RGB.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import GpubatchError, InputError
+from gpubatch.core.logs import collect_warnings, reading, route_library_logs
+from gpubatch.io.ranges import RangeReader
+from gpubatch.io.storage import open_ranges
+from gpubatch.sources.slides.backends import (
+    JPEG,
+    JPEG2000,
+    MINISBLACK,
+    RGB,
+    WHITE,
+    YCBCR,
+    DecodedTileCache,
+    SlideInfo,
+    TileGrid,
+    TileGridBackend,
+    composite_on_white,
+    tiles_of_boxes,
+)
+
+#: a decimal number as a description writes it: 0.2520, .5, 5e-1, 2.52E-01
+NUMBER = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+
+
+def resolution_tag(unit: int | str, value: float | str, name: str = "XResolution") -> str:
+    """How a TIFF resolution tag reads: 'TIFF XResolution 72 per inch' ('40000/0' as given)."""
+    names = {2: "inch", 3: "centimeter", "inch": "inch", "centimeter": "centimeter"}
+    shown = value if isinstance(value, str) else f"{value:g}"
+    return f"TIFF {name} {shown} per {names.get(unit, str(unit))}"
+
+
+class TiffMpp(NamedTuple):
+    """What a TIFF-family slide records of its scale (the fields of SlideInfo of those names)."""
+
+    mpp: float | None
+    magnification: float | None
+    vendor: str
+    source: str
+    ignored: str = ""
+    mpp_y: float | None = None
+
+
+def _mpp_from_tiff(tif: Any) -> TiffMpp:
+    """The mpp, magnification and vendor of a TIFF-family slide, and the tag the mpp came from."""
+    page = tif.pages[0]
+    desc = page.description or ""
+    if tif.is_svs:
+        mpp = re.search(rf"\bMPP\s*=\s*({NUMBER})", desc)
+        mag = re.search(rf"\bAppMag\s*=\s*({NUMBER})", desc)
+        return TiffMpp(float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio",
+                       "Aperio ImageDescription MPP" if mpp else "")
+    if tif.is_ome:
+        x, y = (_ome_physical_size(tif.ome_metadata or "", axis) for axis in "XY")
+        return TiffMpp(x, None, "ome-tiff", "OME PhysicalSizeX" if x is not None else "",
+                       mpp_y=y if x is not None else None)
+    return _mpp_from_resolution_tags(page)
+
+
+def _ome_physical_size(ome: str, axis: str) -> float | None:
+    """OME PhysicalSizeX or Y in um: None where absent or in a unit other than microns."""
+    found = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', ome)
+    unit = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', ome)
+    if found and (unit is None or unit.group(1) in ("µm", "um", "micron")):
+        return float(found.group(1))
+    return None
+
+
+def _mpp_from_resolution_tags(page: Any) -> TiffMpp:
+    """A generic TIFF's mpp from its XResolution tag, in inches or centimetres; a resolution tag
+    that is no number (n/0, 0/n) makes it missing, with the tag named (:func:`_zero_rational`)."""
+    res_unit = int(page.resolutionunit)
+    if res_unit not in (2, 3):  # inch, centimeter; other units say nothing of the scan
+        return TiffMpp(None, None, "generic-tiff", "")
+    broken = _zero_rational(page, res_unit)
+    if broken:
+        return TiffMpp(None, None, "generic-tiff", "", broken)
+    xres, yres = page.resolution if page.resolution else (0.0, 0.0)
+    if xres > 0:
+        microns = 25400.0 if res_unit == 2 else 10000.0
+        return TiffMpp(microns / xres, None, "generic-tiff", resolution_tag(res_unit, xres),
+                       mpp_y=microns / yres if yres > 0 else None)
+    return TiffMpp(None, None, "generic-tiff", "")
+
+
+def _zero_rational(page: Any, unit: int) -> str:
+    """Why the page's resolution tags are no resolution, naming the tag; '' when they are one.
+
+    tifffile reads a rational n/0 as n/1, so a tag with a zero denominator would give a confident,
+    wrong mpp; a zero numerator would give an infinite one. Either is no resolution recorded.
+    """
+    for name in ("XResolution", "YResolution"):
+        tag = page.tags.get(name)
+        value = tag.value if tag is not None else None
+        if isinstance(value, tuple) and len(value) == 2 and 0 in value:
+            shown = resolution_tag(unit, f"{value[0]}/{value[1]}", name)
+            return f"{shown} {'has a zero denominator' if value[1] == 0 else 'is zero'}: no resolution"
+    return ""
+
+
+class MalformedTiff(TypeError):
+    """A TIFF whose structure contradicts itself (its tile tables do not fit its image size):
+    the file is broken, and no other reader is tried (openslide opened one such file at the
+    wrong scale, taking a lying page's size for the truth)."""
+
+
+def _check_page(page: Any, level: int, decompressors: Any) -> None:
+    """A level tifffile can tile-decode, whose IFD is whole: one offset and count per tile.
+
+    A malformed IFD (tile tables shorter than the tile grid) would otherwise surface mid-read as
+    ``IndexError: tuple index out of range``, without the file's name, and be retried.
+    """
+    if not page.is_tiled or page.dtype != np.uint8 or not (page.shape[-1] in (3, 4) or _is_gray(page)):
+        raise TypeError("not a tiled RGB or grayscale uint8 pyramid")
+    if page.planarconfig != 1:
+        raise TypeError("planar (separate) sample layout")
+    if page.compression != 1 and page.compression not in decompressors:
+        raise TypeError(f"unsupported TIFF compression {int(page.compression)}")
+    tiles = int(np.prod(page.chunked))
+    if len(page.dataoffsets) != tiles or len(page.databytecounts) != tiles:
+        raise MalformedTiff(f"malformed IFD at level {level}: {len(page.dataoffsets)} tile offsets and "
+                            f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
+
+
+def _is_gray(page: Any) -> bool:
+    """A page of gray (black is 0), alone or with an alpha sample: read as RGB by :func:`as_rgb`.
+
+    Other one-sample pages (white is 0, a palette) are left to openslide, which converts them.
+    """
+    samples = int(page.samplesperpixel)
+    return int(page.photometric) == MINISBLACK and (samples == 1 or samples == 2 and len(page.extrasamples) == 1)
+
+
+class TiffBackend(TileGridBackend):
+    """Tile-grid decode with tifffile: every stored tile a read needs is fetched and decoded once."""
+
+    def __init__(self, path: str, fileobj: Any = None, ranges: RangeReader | None = None,
+                 clocks: StageClocks | None = None, cache_bytes: int = 32 << 20):
+        import tifffile
+
+        self.path = path
+        route_library_logs(python_warnings=False)
+        with reading(path):  # tifffile's warnings about this file's tags name the file
+            self.tif = tifffile.TiffFile(fileobj if fileobj is not None else path)
+            series = self.tif.series[0]
+            self.pages = [lvl.keyframe for lvl in series.levels]
+            for level, page in enumerate(self.pages):
+                _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
+            scale = _mpp_from_tiff(self.tif)
+        self.ranges = ranges if ranges is not None else open_ranges(path, clocks=clocks)
+        # decoded to RGB, whatever is stored (gray grows threefold)
+        self.stored_tile_bytes = max(p.tilelength * p.tilewidth * max(p.samplesperpixel, 3) * np.dtype(p.dtype).itemsize
+                                     for p in self.pages)
+        self.grayscale = _is_gray(self.pages[0])
+        dims = tuple((int(p.shape[1]), int(p.shape[0])) for p in self.pages)
+        w0, h0 = dims[0]
+        downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
+        self.info = SlideInfo(dims, downs, scale.mpp, scale.magnification, scale.vendor, "tifffile", scale.source,
+                              mpp_ignored=scale.ignored, mpp_y=scale.mpp_y)
+        self.cache = DecodedTileCache(cache_bytes)
+        #: a streamed slide's tiles fetched ahead of the reads (set by the opener; io.readahead)
+        self.read_ahead: Any = None
+        self.gpu_decode = False
+        #: corrupt tile data is an error (tiles.integrity: strict), never silently wrong pixels
+        self.strict = True
+
+    def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
+        try:
+            return super().read_boxes(level, boxes, clocks)
+        except (IndexError, KeyError, ValueError, TypeError, struct.error) as exc:
+            # A file whose structure lies about its data fails the same way every time: an input
+            # error with the file's name, not a retryable crash.
+            raise InputError(self.path, f"malformed TIFF data at level {level}: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+
+    def _grid(self, level: int) -> TileGrid:
+        page = self.pages[level]
+        return TileGrid(int(page.shape[1]), int(page.shape[0]), int(page.tilewidth), int(page.tilelength))
+
+    def _fetch(self, level: int, indices: list[int], clocks: StageClocks) -> list[bytes]:
+        page = self.pages[level]  # the range reader counts requests and bytes
+        ranges = [(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in indices]
+        return (self.read_ahead or self.ranges).read_ranges(ranges)
+
+    def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
+        blocks = list(blocks)
+        super().expect_reads(level, blocks)
+        if self.read_ahead is None:
+            return
+        page, grid = self.pages[level], self._grid(level)
+        first: set[int] = set()  # tiles an earlier block reads: later ones take them decoded
+        planned = []
+        for boxes in blocks:
+            new = sorted(set(tiles_of_boxes(grid, boxes)) - first)
+            first.update(new)
+            planned.append([(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in new])
+        self.read_ahead.plan(planned)
+
+    def read_coarsest_ahead(self) -> None:
+        """Fetch the coarsest level's stored tiles in the background (tissue detection reads all
+        of them first): for a slide opened ahead, so its shard starts without those round trips."""
+        if self.read_ahead is None:
+            return
+        page = self.pages[-1]
+        self.read_ahead.plan([[(int(page.dataoffsets[i]), int(page.databytecounts[i]))
+                               for i in range(len(page.dataoffsets)) if page.databytecounts[i]]])
+
+    def use_gpu_decode(self) -> None:
+        """Decode JPEG tiles with nvImageCodec on the GPU (a batch per read) instead of libjpeg-turbo.
+
+        Relieves the host's cores, which limit a decode-bound GPU run; raises where it cannot run.
+        """
+        from gpubatch.sources.slides.gpu_decode import gpu_decode_available
+
+        ok, why = gpu_decode_available()
+        if not ok:
+            raise GpubatchError(f"tiles.decoder: gpu, but GPU JPEG decode cannot run here: {why}")
+        self.gpu_decode = True
+
+    def _decoded(self, level: int, blobs: list[bytes], indices: list[int]) -> Iterator[np.ndarray]:
+        """Decoded tiles of ``blobs``, in order: one by one on the host, or one GPU batch for JPEG."""
+        page = self.pages[level]
+        # nvImageCodec is given RGB JPEG tiles only: gray ones are decoded on the host
+        if self.gpu_decode and int(page.compression) == JPEG and not self.grayscale and any(blobs):
+            from gpubatch.sources.slides.gpu_decode import decode_jpeg_tiles_gpu
+
+            batch = decode_jpeg_tiles_gpu(blobs, page.jpegtables, photometric=int(page.photometric))
+            yield from batch.get()
+            return
+        for index, blob in zip(indices, blobs, strict=True):
+            yield self._decode(page, blob, index)
+
+    def _decode(self, page: Any, blob: bytes, index: int) -> np.ndarray:
+        th, tw = page.tilelength, page.tilewidth
+        if not blob:  # sparse tile: openslide shows it as background
+            return np.full((th, tw, 3), WHITE, dtype=np.uint8)
+        try:
+            with reading(self.path), collect_warnings() as complaints:
+                segment = self._decode_checked(page, blob, index)
+            if complaints and self.strict and int(page.compression) in JPEG2000:
+                raise ValueError(f"JPEG 2000 decoder: {complaints[0]}")
+        except MemoryError as exc:  # the worker's memory, not the tile's data: may pass on a retry
+            raise MemoryError(f"out of memory decoding tile {index} at level {self.pages.index(page)} of "
+                              f"{self.path} ({page.tilewidth}x{page.tilelength} px)") from exc
+        except Exception as exc:
+            raise InputError(self.path, f"corrupt tile {index} at level {self.pages.index(page)}: {exc}"
+                             + ("" if not self.strict else " (tiles.integrity: lenient decodes what it "
+                                "can instead)")) from exc
+        tile = _tile_shaped(np.asarray(segment), (th, tw, int(page.samplesperpixel)), self.path, index,
+                            self.pages.index(page))
+        return as_rgb(tile)
+
+    def _decode_checked(self, page: Any, blob: bytes, index: int) -> Any:
+        """Decode one stored tile; with ``strict``, libjpeg's warnings (corrupt data, premature
+        end, extraneous bytes) raise instead of yielding silently wrong pixels.
+
+        imagecodecs discards libjpeg's warnings, so JPEG goes through simplejpeg (the same
+        libjpeg-turbo, with TurboJPEG's stop-on-warning): the decode itself for YCbCr tiles, whose
+        pixels are identical to tifffile's; a check at 1/8 scale (entropy decoding, where the
+        warnings arise, without the full inverse DCT) before tifffile's decode for tiles tifffile
+        reads as raw RGB (Aperio). JPEG 2000 warnings are collected from imagecodecs' log.
+        """
+        if self.strict and int(page.compression) == JPEG:
+            import simplejpeg
+
+            from gpubatch.sources.slides.integrity import check_jpeg_tile
+
+            if _decodes_as_ycbcr(page):
+                whole = page.jpegtables[:-2] + blob[2:] if page.jpegtables else blob
+                return simplejpeg.decode_jpeg(whole, colorspace="RGB", strict=True)
+            check_jpeg_tile(blob, page.jpegtables)
+        segment, _, _ = page.decode(blob, index, jpegtables=page.jpegtables)
+        return segment
+
+    def accept_corrupt_tiles(self) -> None:
+        self.strict = False
+
+    def close(self) -> None:
+        if self.read_ahead is not None:
+            self.read_ahead.close()
+        self.tif.close()
+        self.ranges.close()
+
+
+def _tile_shaped(segment: np.ndarray, shape: tuple[int, int, int], path: str, index: int, level: int) -> np.ndarray:
+    """A decoded tile as ``shape`` (th, tw, samples); a tile whose data decodes to another size (a
+    JPEG larger than the level's tiles, which a reshape would scramble into the samples) is
+    malformed. RGB pages may decode to 3 or 4 samples (an alpha); gray ones to what they store."""
+    th, tw, samples = shape
+    allowed = (3, 4) if samples >= 3 else (samples,)
+    height_width = segment.shape[-3:-1] if segment.ndim >= 3 else None
+    if height_width != (th, tw) or segment.shape[-1] not in allowed:
+        kind = "RGB" if samples >= 3 else f"{samples}-sample gray"
+        raise InputError(path, f"malformed tile {index} at level {level}: its data decodes to "
+                               f"{'x'.join(map(str, segment.shape))}, the level's tiles are {tw}x{th} {kind}")
+    return segment.reshape(th, tw, -1)
+
+
+def as_rgb(tile: np.ndarray) -> np.ndarray:
+    """A decoded (h, w, samples) tile as (h, w, 3) RGB, what every read returns (models and tissue
+    detection take RGB): an alpha sample composited on white (gray + alpha, RGBA), then gray
+    replicated into all three channels."""
+    if tile.shape[-1] in (2, 4):
+        tile = composite_on_white(tile)
+    if tile.shape[-1] == 1:
+        return np.repeat(tile, 3, axis=-1)
+    return tile[..., :3]
+
+
+def _decodes_as_ycbcr(page: Any) -> bool:
+    """Whether tifffile decodes this JPEG page from YCbCr to RGB (libjpeg's default conversion)."""
+    plain = not page.extrasamples and page.planarconfig == 1
+    return plain and (page.photometric == YCBCR or (page.photometric == RGB and page.is_jfif))
