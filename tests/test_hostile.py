@@ -479,6 +479,25 @@ def test_a_stored_tile_larger_than_the_read_limit_is_refused_before_it_is_decode
     assert f"{bomb}: a stored tile decodes to {4096 * 4096 * 3} bytes, over tiles.max_read_bytes" in done.stdout
 
 
+def test_a_staged_slide_is_held_to_the_read_limit_too(tmp_path: Path) -> None:
+    """The staged wrapper's class default (0) hid its slide's stored tile size from the check."""
+    import tifffile
+
+    from gpubatch.io.stage_cache import StagedFile
+    from gpubatch.sources.slides.open import StagedBackend
+    from gpubatch.sources.slides.source import configure_backend
+    from gpubatch.sources.slides.tiff_backend import TiffBackend
+
+    bomb = tmp_path / "bomb.tif"
+    tifffile.imwrite(bomb, np.full((1024, 1024, 3), 200, np.uint8), tile=(4096, 4096), compression="zlib",
+                     photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    staged = StagedBackend(TiffBackend(str(bomb)), StagedFile(str(bomb), None))
+    job = JobSpec.model_validate({"input": {"uris": [str(bomb)]}, "tiles": {"max_read_bytes": 16 << 20},
+                                  "model": {"path": "m.onnx"}, "output": {"uri": "o"}})
+    with pytest.raises(InputError, match=f"a stored tile decodes to {4096 * 4096 * 3} bytes"):
+        configure_backend(staged, job)
+
+
 def test_malformed_ifd_is_an_input_error_naming_the_file_and_not_retried(
         tmp_path: Path, pyramid: Path, classifier: Path) -> None:
     bad = shorten_tile_offsets(pyramid, tmp_path / "ifd.tif")

@@ -205,6 +205,11 @@ class StagedBackend(SlideBackend):
 
     def __init__(self, inner: SlideBackend, staged: StagedFile):
         self.inner, self.info, self._staged = inner, inner.info, staged
+
+    @property
+    def stored_tile_bytes(self) -> int:  # type: ignore[override]
+        """The inner reader's: the class default (0) would hide it from the read-limit check."""
+        return self.inner.stored_tile_bytes
         self.grayscale = inner.grayscale  # the class's default would hide the inner backend's
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
