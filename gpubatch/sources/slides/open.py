@@ -205,12 +205,8 @@ class StagedBackend(SlideBackend):
 
     def __init__(self, inner: SlideBackend, staged: StagedFile):
         self.inner, self.info, self._staged = inner, inner.info, staged
-
-    @property
-    def stored_tile_bytes(self) -> int:  # type: ignore[override]
-        """The inner reader's: the class default (0) would hide it from the read-limit check."""
-        return self.inner.stored_tile_bytes
-        self.grayscale = inner.grayscale  # the class's default would hide the inner backend's
+        # the class's defaults would hide the inner backend's (and skip the read-limit check)
+        self.grayscale, self.stored_tile_bytes = inner.grayscale, inner.stored_tile_bytes
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         return self.inner.read_boxes(level, boxes, clocks)
