@@ -47,7 +47,7 @@ def _job(tmp_path: Path, uris: list[str], model: Path, storage: dict[str, object
     out = tmp_path / "out"
     job = slide_job(uris, model, out, tiles={"level": 0, "mpp": None})
     del job["tiles"]["mpp"]
-    job["input"].update(storage=storage, access="stream", **inputs)
+    job["input"].update({"storage": storage, "access": "stream", **inputs})
     return write_job(tmp_path / "job.yaml", job), out
 
 
@@ -156,3 +156,56 @@ def test_a_staged_download_is_of_one_version(tmp_path: Path, s3: S3Stack, monkey
     monkeypatch.setattr(StageCache, "_fetch_file", fetch)
     with cache.open(uri, s3.options(), StageClocks()) as staged:  # the next try: the new version
         assert Path(staged.path).read_bytes() == new.read_bytes()
+
+
+def test_a_copy_staged_ahead_of_a_write_is_told_apart_and_forgotten(
+        tmp_path: Path, s3: S3Stack, classifier: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Staged ahead (as a worker stages its next shards' slides), then written over: the copy's
+    version and the one a shard starting now records differ, the worker's check says so, and
+    forgetting the input makes the next open download the new version."""
+    from gpubatch.core.errors import InputChanged
+    from gpubatch.engine.worker import unchanged_while_read
+    from gpubatch.io.stage_cache import get_stage_cache
+    from gpubatch.io.storage import input_identity
+    from gpubatch.sources.base import Shard
+    from gpubatch.sources.slides.source import SlideSource
+    from gpubatch.spec import JobSpec
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    old, new = _two_versions(tmp_path)
+    key = f"ahead-{uuid.uuid4().hex[:8]}/b.tif"
+    uri = s3.upload(old, key)
+    cache = get_stage_cache()
+    cache.prefetch([uri], s3.options())
+    with cache.open(uri, s3.options(), StageClocks()) as staged:  # waits for the prefetch
+        s3.upload(new, key)
+        with pytest.raises(InputChanged, match="changed after it was opened or staged ahead"):
+            unchanged_while_read(uri, input_identity(uri, s3.options()), s3.options(), staged.etag)
+    job = JobSpec.model_validate({"input": {"uris": [uri]}, "model": {"path": "m.onnx"}, "output": {"uri": "o"}})
+    SlideSource().forget_input(job, Shard("b", uri, {}))
+    with cache.open(uri, s3.options(), StageClocks()) as staged:
+        assert Path(staged.path).read_bytes() == new.read_bytes()
+        unchanged_while_read(uri, input_identity(uri, s3.options()), s3.options(), staged.etag)
+
+
+def test_a_streamed_reader_pinned_before_a_write_is_told_apart(tmp_path: Path, s3: S3Stack,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slide opened (its reader pinned) and then written over: the version its reads are of and
+    the one a shard starting now records differ, and the worker's check says so."""
+    from gpubatch.core.errors import InputChanged
+    from gpubatch.engine.worker import unchanged_while_read
+    from gpubatch.io.storage import input_identity
+    from gpubatch.sources.slides.open import open_stream
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    old, new = _two_versions(tmp_path)
+    key = f"pinned-{uuid.uuid4().hex[:8]}/b.tif"
+    uri = s3.upload(old, key)
+    backend = open_stream(uri, s3.options(), StageClocks())
+    try:
+        unchanged_while_read(uri, input_identity(uri, s3.options()), s3.options(), backend.input_version())
+        s3.upload(new, key)
+        with pytest.raises(InputChanged, match="changed after it was opened or staged ahead"):
+            unchanged_while_read(uri, input_identity(uri, s3.options()), s3.options(), backend.input_version())
+    finally:
+        backend.close()

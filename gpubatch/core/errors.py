@@ -65,6 +65,15 @@ class InputError(GpubatchError):
         super().__init__(f"{input_uri}: {message}")
 
 
+class InputChanged(InputError):
+    """An input written over while its shard read it (or between its opening ahead and its shard):
+    the outputs would mix two versions, or be of another version than the one recorded. Always
+    retryable, and whatever the worker holds of the input (a staged copy, an opening) is stale."""
+
+    def __init__(self, input_uri: str, message: str):
+        super().__init__(input_uri, message, retryable=True)
+
+
 class OutputsNotWrittenError(GpubatchError):
     """The shards are committed, but the run's end-of-run outputs (predictions.parquet, the
     report, per-slide files) could not be written; ``--resume`` writes them without recomputing."""

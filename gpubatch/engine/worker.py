@@ -18,7 +18,7 @@ from typing import Any
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.cpu import core_times, count_core_use
-from gpubatch.core.errors import InputError
+from gpubatch.core.errors import InputChanged, InputError
 from gpubatch.core.files import file_sha256
 from gpubatch.core.memory import cap_malloc_arenas, use_system_arrow_pool
 from gpubatch.core.results import ShardResult
@@ -35,7 +35,7 @@ from gpubatch.outputs.layout import new_attempt
 from gpubatch.outputs.manifest import Manifest
 from gpubatch.outputs.store import OutputStore
 from gpubatch.outputs.writer import ShardWriter
-from gpubatch.sources import Shard, get_source
+from gpubatch.sources import Shard, Source, get_source
 from gpubatch.spec import JobSpec
 
 log = logging.getLogger("gpubatch")
@@ -47,17 +47,25 @@ _CONFIGURED: dict[str, str] = {}
 _CONFIGURE_LOCK = threading.Lock()
 
 
-def unchanged_while_read(uri: str, before: dict[str, Any], options: dict[str, Any] | None) -> None:
+def unchanged_while_read(uri: str, before: dict[str, Any], options: dict[str, Any] | None,
+                         read_version: str | None = None) -> None:
     """An input written over while its shard read it gives outputs that mix two versions, and
     nothing in the reads need say so: its identity (a local file's size and mtime, an object's
     size and ETag: one HEAD) is asked again before the commit, and a change fails the shard
     (retried up to run.retries: the next attempt reads one version; then quarantined). Object
     reads through obstore are also pinned to one ETag (If-Match), which fails them at once; this
-    check is what covers fsspec's reads, which cannot be pinned, and a libraries' own."""
+    check is what covers fsspec's reads, which cannot be pinned, and a libraries' own.
+
+    ``read_version``: the ETag the shard's reads were of (a reader pinned when the slide was opened,
+    maybe ahead of the shard; a staged copy's). An object written over between that and the
+    shard's start is read consistently, but of the version before the one ``before`` records."""
     after = input_changed(uri, before, options)
     if after is not None:
-        raise InputError(uri, f"the input changed while it was read ({_what_changed(before, after)}): "
-                              "its outputs would mix two versions; the shard is read again", retryable=True)
+        raise InputChanged(uri, f"the input changed while it was read ({_what_changed(before, after)}): "
+                                "its outputs would mix two versions; the shard is read again")
+    if read_version and before.get("etag") and read_version != before["etag"]:
+        raise InputChanged(uri, f"the input changed after it was opened or staged ahead (ETag {read_version} "
+                                f"read, {before['etag']} at the shard's start): the shard is read again")
 
 
 def _what_changed(before: dict[str, Any], after: dict[str, Any]) -> str:
@@ -78,8 +86,16 @@ def _read_again_if_changed(exc: BaseException, uri: str, identity: Any, options:
         return exc
     if not changed:
         return exc
-    return InputError(uri, f"{exc.message}; the input changed while it was read, so the shard is read again",
-                      retryable=True)
+    return InputChanged(uri, f"{exc.message}; the input changed while it was read, so the shard is read again")
+
+
+def _forget_stale(source: Source, job: JobSpec, shard: Shard) -> None:
+    """The input changed: drop what this worker holds of it, so the next attempt reads the new
+    version (a failure here leaves the attempt's own error standing)."""
+    try:
+        source.forget_input(job, shard)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("shard %s: forgetting a changed input: %s", shard.shard_id, redact(f"{type(exc).__name__}: {exc}"))
 
 
 def _configure_worker_once(ctx: RunContext) -> None:
@@ -168,7 +184,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
                 writer.write(*empty())
             wall = time.perf_counter() - t0
             writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)
-            unchanged_while_read(shard.input_uri, identity.result(), job.input.storage)
+            unchanged_while_read(shard.input_uri, identity.result(), job.input.storage, reader.input_version())
             part = writer.commit()
             shard_attrs = reader.attrs
         count_core_use(clocks, cores_before)
@@ -185,7 +201,10 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             writer.abort()
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        failed = _failure(shard, _read_again_if_changed(exc, shard.input_uri, identity, job.input.storage), started)
+        error = _read_again_if_changed(exc, shard.input_uri, identity, job.input.storage)
+        if isinstance(error, InputChanged):
+            _forget_stale(source, job, shard)
+        failed = _failure(shard, error, started)
         failed.attempt = attempt
         return failed
     try:  # committed: a failure to tidy up after it must not turn the shard into a failure

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from gpubatch.core.errors import InputError
+from gpubatch.core.errors import InputChanged, InputError
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import note_retries
 
@@ -159,11 +159,11 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     return InputError(uri, f"storage error ({detail})")
 
 
-def changed_while_read(uri: str, detail: str) -> InputError:
+def changed_while_read(uri: str, detail: str) -> InputChanged:
     """The error of a read that found its object written over: retryable, because the next attempt
     reads the new version from the start (as a local file written over is read again)."""
-    return InputError(redact(uri), f"the object changed while it was read ({redact(detail)[:200]}): its "
-                                   "outputs would mix two versions; the shard is read again", retryable=True)
+    return InputChanged(redact(uri), f"the object changed while it was read ({redact(detail)[:200]}): its "
+                                     "outputs would mix two versions; the shard is read again")
 
 
 def count_retries(clocks: StageClocks | None, n: int = 1) -> None:

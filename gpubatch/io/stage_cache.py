@@ -87,13 +87,15 @@ class _Entry:
     #: when the entry was asked for (a prefetch asked before its copy was released is stale)
     asked: float = field(default_factory=time.time)
     clocks: StageClocks = field(default_factory=StageClocks)
+    etag: str | None = None  # the listed version of the (first) file, once listed
 
 
 class StagedFile:
     """A ready local copy, pinned (never evicted) until :meth:`close`."""
 
-    def __init__(self, path: str, unpin: Any):
+    def __init__(self, path: str, unpin: Any, etag: str | None = None):
         self.path, self._unpin = path, unpin
+        self.etag = etag  # the object's version the copy is of, where the listing gave one
 
     def close(self) -> None:
         if self._unpin is not None:
@@ -169,7 +171,7 @@ class StageCache:
                 self._entries.pop(uri, None)
                 raise entry.error or InputError(redact(uri), "staging did not finish")
             self._report(entry, clocks, hit)
-        return StagedFile(entry.local, lambda: self._unpin(entry))
+        return StagedFile(entry.local, lambda: self._unpin(entry), entry.etag)
 
     def release(self, uri: str) -> None:
         """Delete a file's staged copy (its shard committed) unless another process uses it."""
@@ -272,6 +274,7 @@ class StageCache:
             if self._stale(entry, required):
                 return
             files, tag = self._listing(entry, options, policy, companions)
+            entry.etag = files[0].etag
             total = sum(f.size for f in files)
             held = self._lock_for(entry, tag, wait=required)
             if held == "shared":

@@ -83,6 +83,12 @@ class ShardReader(ABC):
         (genome: per-track reductions and scores, up to ``windows.track_columns``); None: default."""
         return None
 
+    def input_version(self) -> str | None:
+        """The version (ETag) of the input the reads were of, where the reader knows it (a remote
+        slide's pinned reader, its staged copy); None elsewhere. The worker checks it against the
+        version its shard recorded."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 
@@ -140,6 +146,10 @@ class Source(ABC):
 
     def after_commit(self, job: JobSpec, shard: Shard) -> None:  # noqa: B027 - optional
         """On a worker, once a shard's outputs are committed (slides drop a staged copy)."""
+
+    def forget_input(self, job: JobSpec, shard: Shard) -> None:  # noqa: B027 - optional
+        """On a worker, once a shard's input changed while it was read: drop what is kept of it
+        (slides: a staged copy, an opening ahead), so that the next attempt reads the new version."""
 
     def constant_columns(self, shard: Shard) -> dict[str, Any]:
         """Columns with one value for the whole shard, written before the index columns."""

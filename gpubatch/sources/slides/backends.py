@@ -193,6 +193,10 @@ class SlideBackend(ABC):
         """What ``tiles.integrity: strict`` cannot vouch for on this slide (its notes say it)."""
         return []
 
+    def input_version(self) -> str | None:
+        """The ETag of the object the tiles are read from, where it is pinned (None: not known)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release handles."""
 

@@ -223,6 +223,9 @@ class StagedBackend(SlideBackend):
     def integrity_notes(self) -> list[str]:
         return self.inner.integrity_notes()
 
+    def input_version(self) -> str | None:
+        return self._staged.etag
+
     def close(self) -> None:
         try:
             self.inner.close()

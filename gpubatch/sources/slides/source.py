@@ -160,6 +160,9 @@ class SlideReader(ShardReader):
     def preprocess(self) -> Preprocess:
         return tile_preprocess(self.job)
 
+    def input_version(self) -> str | None:
+        return self.backend.input_version()
+
     def close(self) -> None:
         self.backend.close()
 
@@ -276,6 +279,11 @@ class SlideSource(Source):
                      plan=partial(plan_ahead, job) if plans_ahead() else None)
 
     def after_commit(self, job: JobSpec, shard: Shard) -> None:
+        from gpubatch.sources.slides.open import release
+
+        release(shard.input_uri)
+
+    def forget_input(self, job: JobSpec, shard: Shard) -> None:
         from gpubatch.sources.slides.open import release
 
         release(shard.input_uri)

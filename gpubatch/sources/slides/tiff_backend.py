@@ -186,6 +186,9 @@ class TiffBackend(TileGridBackend):
             raise InputError(self.path, f"malformed TIFF data at level {level}: "
                                         f"{type(exc).__name__}: {exc}") from exc
 
+    def input_version(self) -> str | None:
+        return self.ranges.version()
+
     def _grid(self, level: int) -> TileGrid:
         page = self.pages[level]
         return TileGrid(int(page.shape[1]), int(page.shape[0]), int(page.tilewidth), int(page.tilelength))
