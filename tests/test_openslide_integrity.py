@@ -184,3 +184,59 @@ def test_a_staged_slide_passes_on_its_readers_note(dicom_file: Path) -> None:
     staged = StagedBackend(inner, Staged())  # type: ignore[arg-type]
     assert staged.integrity_notes() == inner.integrity_notes() != []
     staged.close()
+
+
+def _dicom_with_a_corrupt_frame(folder: Path, codec: str = "jpeg") -> tuple[Path, int]:
+    """A one-level DICOM-WSI series (read by wsidicom: a folder) with bytes flipped in the middle
+    of one frame's entropy-coded data, the frame's length kept: (the folder, the frame's index)."""
+    import pydicom
+    from pathology_files import synthetic_slide, write_dicom_wsi
+    from pydicom.encaps import encapsulate, generate_frames
+
+    [path] = write_dicom_wsi(synthetic_slide(512, 512), folder, levels=1, codec=codec)
+    ds = pydicom.dcmread(path)
+    frames = [bytearray(f) for f in generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames))]
+    index = max(range(len(frames)), key=lambda i: len(frames[i]))  # tissue, not a flat background
+    rng = np.random.default_rng(0)  # flips libjpeg notices (JPEG has no checksum: some it cannot)
+    for pos in rng.integers(len(frames[index]) * 2 // 5, len(frames[index]) * 3 // 5, 10):
+        frames[index][pos] ^= 0x5A if frames[index][pos] not in (0xFF, 0x5A ^ 0xFF) else 0x33
+    ds.PixelData = encapsulate([bytes(f) for f in frames])
+    ds.save_as(path, enforce_file_format=True)
+    return folder, index
+
+
+def _read_dicom_level(backend: object) -> np.ndarray:
+    info = backend.info  # type: ignore[attr-defined]
+    w, h = info.level_dimensions[0]
+    return backend.read_boxes(0, np.array([[0, 0, w, h]]), StageClocks())  # type: ignore[attr-defined]
+
+
+def test_strict_holds_for_dicom_frames_read_by_wsidicom(tmp_path: Path) -> None:
+    """A corrupt baseline-JPEG frame fails a strict read naming the frame (its decoder would return
+    wrong pixels without a word); lenient decodes what it can, as on the other paths."""
+    from gpubatch.sources.slides.dicom import WsiDicomBackend
+
+    folder, index = _dicom_with_a_corrupt_frame(tmp_path / "series")
+    strict = WsiDicomBackend(str(folder))
+    with pytest.raises(InputError, match=f"corrupt DICOM frame {index} at level 0: .*Corrupt JPEG data"):
+        _read_dicom_level(strict)
+    assert strict.integrity_notes() == []
+    strict.close()
+    lenient = WsiDicomBackend(str(folder))
+    lenient.accept_corrupt_tiles()
+    assert _read_dicom_level(lenient).shape[1:] == (512, 512, 3)
+    lenient.close()
+
+
+def test_strict_says_where_dicom_frames_are_not_checked(tmp_path: Path) -> None:
+    from pathology_files import synthetic_slide, write_dicom_wsi
+
+    from gpubatch.sources.slides.dicom import WsiDicomBackend
+
+    write_dicom_wsi(synthetic_slide(256, 256), tmp_path / "ls", levels=1, codec="jpegls")
+    backend = WsiDicomBackend(str(tmp_path / "ls"))
+    [note] = backend.integrity_notes()
+    assert "its frames are stored as 1.2.840.10008.1.2.4.80, and only JPEG frames are checked" in note
+    backend.accept_corrupt_tiles()
+    assert backend.integrity_notes() == []
+    backend.close()

@@ -44,6 +44,8 @@ WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Im
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 HEADER_TAGS = ("SOPClassUID", "SeriesInstanceUID")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+#: transfer syntaxes whose frames libjpeg-turbo entropy-checks under tiles.integrity: strict (baseline, extended)
+JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
 MAGIC_OFFSET, MAGIC = 128, b"DICM"
 EXTRA_HINT = "pip install 'gpubatch[dicom]'"
 HEADER_BLOCK = 1 << 16
@@ -226,6 +228,9 @@ class WsiDicomBackend(TileGridBackend):
                                int(d.tile_size.height)) for lv, d in zip(self.levels, self.data, strict=True)]
         self.cache = DecodedTileCache(cache_bytes)
         self.info = self._slide_info()
+        #: corrupt frame data is an error (tiles.integrity: strict): baseline JPEG frames are
+        #: checked as the TIFF path checks its tiles; other syntaxes are noted as not checked
+        self.strict = True
 
     def _slide_info(self) -> SlideInfo:
         dims = tuple((g.width, g.height) for g in self.grids)
@@ -261,14 +266,31 @@ class WsiDicomBackend(TileGridBackend):
             raise InputError(self.path, f"cannot read DICOM frames at level {level}: "
                                         f"{redact(str(exc))[:300]}") from None
 
+    def accept_corrupt_tiles(self) -> None:
+        self.strict = False
+
+    def integrity_notes(self) -> list[str]:
+        from gpubatch.sources.slides.integrity import unchecked_note
+
+        other = sorted({str(d.transfer_syntax) for d in self.data} - JPEG_SYNTAXES)
+        if not self.strict or not other:
+            return []
+        return [unchecked_note(f"its frames are stored as {', '.join(other)}, and only JPEG frames are checked")]
+
     def _decoded(self, level: int, blobs: list[bytes], indices: list[int]) -> Iterator[np.ndarray]:
+        from gpubatch.sources.slides.integrity import check_jpeg_tile
+
         decoder = self.data[level].decoder
+        check = self.strict and str(self.data[level].transfer_syntax) in JPEG_SYNTAXES
         for index, blob in zip(indices, blobs, strict=True):
             try:
+                if check:
+                    check_jpeg_tile(blob, None)
                 tile = np.asarray(decoder.decode(blob))
             except Exception as exc:
+                lenient = " (tiles.integrity: lenient decodes what it can instead)" if check else ""
                 raise InputError(self.path, f"corrupt DICOM frame {index} at level {level}: "
-                                            f"{str(exc)[:300]}") from None
+                                            f"{str(exc)[:300]}{lenient}") from None
             yield tile[..., :3] if tile.ndim == 3 else np.repeat(tile[..., None], 3, axis=-1)
 
     def close(self) -> None:
