@@ -56,16 +56,20 @@ def unchanged_while_read(uri: str, before: dict[str, Any], options: dict[str, An
     reads through obstore are also pinned to one ETag (If-Match), which fails them at once; this
     check is what covers fsspec's reads, which cannot be pinned, and a libraries' own.
 
-    ``read_version``: the ETag the shard's reads were of (a reader pinned when the slide was opened,
-    maybe ahead of the shard; a staged copy's). An object written over between that and the
-    shard's start is read consistently, but of the version before the one ``before`` records."""
+    ``read_version``: the ETag every read of the shard was of (a reader pinned when the slide was
+    opened, maybe ahead of the shard; a staged copy's, downloaded as one version). An object
+    written over between that and the shard's start is read consistently, but of the version
+    before the one ``before`` records: that is a change too. Where it is the recorded version, the
+    reads were all of it and the HEAD (a round trip before the commit) is not needed."""
+    if read_version and before.get("etag"):
+        if read_version != before["etag"]:
+            raise InputChanged(uri, f"the input changed after it was opened or staged ahead (ETag {read_version} "
+                                    f"read, {before['etag']} at the shard's start): the shard is read again")
+        return
     after = input_changed(uri, before, options)
     if after is not None:
         raise InputChanged(uri, f"the input changed while it was read ({_what_changed(before, after)}): "
                                 "its outputs would mix two versions; the shard is read again")
-    if read_version and before.get("etag") and read_version != before["etag"]:
-        raise InputChanged(uri, f"the input changed after it was opened or staged ahead (ETag {read_version} "
-                                f"read, {before['etag']} at the shard's start): the shard is read again")
 
 
 def _what_changed(before: dict[str, Any], after: dict[str, Any]) -> str:
