@@ -314,3 +314,14 @@ def test_stage_time_by_part_adds_up_names_the_turn_and_shows_other_over_5_percen
     assert doc["verdict"]["limiting_layer"] == rp.LAYER_COMPUTE
     assert "5.10 s waiting its turn behind the worker's other shard" in doc["verdict"]["evidence"]
     assert "0.80 s in no timed call" in doc["verdict"]["evidence"]
+
+
+def test_the_same_note_of_many_inputs_is_one_line_that_counts_them() -> None:
+    """A thousand NDPI slides each noted 'not checked' made a thousand lines (200 listed)."""
+    same = "tiles.integrity: strict, but its tile data is not checked: openslide reads it as hamamatsu"
+    shards = [ShardResult(f"s{i}", f"/data/slide{i}.ndpi", items=1, wall_s=1.0, attrs={"notes": [same]})
+              for i in range(1000)]
+    shards.append(ShardResult("odd", "/data/odd.svs", items=1, wall_s=1.0, attrs={"notes": ["its own note"]}))
+    notes = rp.summarize(shards, [], 3.0, {}).to_dict()["notes"]
+    assert notes == [f"1000 inputs (/data/slide0.ndpi, /data/slide1.ndpi, /data/slide2.ndpi, ...): {same}",
+                     "/data/odd.svs: its own note"]

@@ -58,12 +58,12 @@ class SummaryBuilder:
         #: listed up to MAX_LISTED each
         self.empty = _Listed()
         self.retried = _Listed()
-        self.notes = _Listed()
+        self.notes = _Notes()
 
     def add(self, result: ShardResult) -> None:
         self.shards += 1
         for note in result.attrs.get("notes") or []:
-            self.notes.add(f"{result.input}: {note}")
+            self.notes.add(str(result.input), note)
         self._add_row(result)
         if result.resumed:
             self.resumed += 1
@@ -197,6 +197,38 @@ class _Listed:
 
     def more(self) -> list[str]:
         left = self.count - len(self.items)
+        return [f"... and {left} more notes (each shard's attributes hold its own)"] if left else []
+
+
+class _Notes:
+    """Readers' notes, one line per distinct note with the inputs it came from: a thousand NDPI
+    slides with the same note make one line that says how many, not a thousand lines."""
+
+    SHOWN_INPUTS = 3
+
+    def __init__(self) -> None:
+        self._by_note: dict[str, list[Any]] = {}  # note -> [count, first inputs]
+        self.dropped = 0  # notes of inputs past MAX_LISTED distinct notes
+
+    def add(self, source: str, note: str) -> None:
+        entry = self._by_note.get(note)
+        if entry is None:
+            if len(self._by_note) >= MAX_LISTED:
+                self.dropped += 1
+                return
+            entry = self._by_note[note] = [0, []]
+        entry[0] += 1
+        if len(entry[1]) < self.SHOWN_INPUTS:
+            entry[1].append(source)
+
+    @property
+    def items(self) -> list[str]:
+        return [f"{inputs[0]}: {note}" if count == 1 else
+                f"{count} inputs ({', '.join(inputs)}{', ...' if count > len(inputs) else ''}): {note}"
+                for note, (count, inputs) in self._by_note.items()]
+
+    def more(self) -> list[str]:
+        left = self.dropped
         return [f"... and {left} more notes (each shard's attributes hold its own)"] if left else []
 
 
