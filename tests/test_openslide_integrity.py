@@ -240,3 +240,17 @@ def test_strict_says_where_dicom_frames_are_not_checked(tmp_path: Path) -> None:
     backend.accept_corrupt_tiles()
     assert backend.integrity_notes() == []
     backend.close()
+
+
+def test_strict_says_ome_zarr_chunks_are_not_checked(tmp_path: Path) -> None:
+    from pathology_files import synthetic_slide, write_ome_zarr
+
+    from gpubatch.sources.slides.omezarr import OmeZarrBackend
+
+    path = write_ome_zarr(synthetic_slide(256, 256), tmp_path / "image.zarr")
+    backend = OmeZarrBackend(str(path))
+    [note] = backend.integrity_notes()
+    assert "its chunks carry no checksum of their own; zarr's own decode errors" in note
+    backend.accept_corrupt_tiles()
+    assert backend.integrity_notes() == []
+    backend.close()

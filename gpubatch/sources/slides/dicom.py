@@ -275,7 +275,8 @@ class WsiDicomBackend(TileGridBackend):
         other = sorted({str(d.transfer_syntax) for d in self.data} - JPEG_SYNTAXES)
         if not self.strict or not other:
             return []
-        return [unchecked_note(f"its frames are stored as {', '.join(other)}, and only JPEG frames are checked")]
+        return [unchecked_note(f"its frames are stored as {', '.join(other)}, and only JPEG frames are checked",
+                               "wsidicom")]
 
     def _decoded(self, level: int, blobs: list[bytes], indices: list[int]) -> Iterator[np.ndarray]:
         from gpubatch.sources.slides.integrity import check_jpeg_tile

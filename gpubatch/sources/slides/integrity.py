@@ -134,7 +134,7 @@ def _stored_level(tif: Any, level: int, dims: tuple[int, int]) -> _Level | None:
     return _Level(grid, offsets, counts, page.jpegtables)
 
 
-def unchecked_note(why: str) -> str:
+def unchecked_note(why: str, decoder: str = "openslide") -> str:
     """The slide note strict owes where it cannot check tile data: never a silent claim."""
-    return (f"tiles.integrity: strict, but its tile data is not checked: {why}; openslide's own decode "
+    return (f"tiles.integrity: strict, but its tile data is not checked: {why}; {decoder}'s own decode "
             f"errors still fail the slide, corrupt data it decodes without an error does not")
