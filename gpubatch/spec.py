@@ -287,10 +287,24 @@ class JobSpec(_Strict):
         model = {k: data["model"][k] for k in ("backend", "precision", "input", "calibration", "validation",
                                               "fallback", "reduce", "track_layout") if k in data["model"]}
         tiles = {k: v for k, v in data["tiles"].items() if k != "read_block"} if self.kind == "slides" else None
-        windows = ({k: v for k, v in data["windows"].items() if k != "chunk_bases"}
+        windows = ({k: v for k, v in data["windows"].items() if k not in ("chunk_bases", "max_bad_records")}
                    if data.get("windows") else None)
+        if windows is not None:
+            windows["regions_sha256"] = self._regions_digest()
         return {"kind": self.kind, "tiles": tiles, "windows": windows, "model": model,
                 "formats": sorted(self.output.formats), "slide_model": self._slide_model_fields()}
+
+    def _regions_digest(self) -> str | None:
+        """A local BED file's sha256: a windows shard is a run of the plan's windows, so a BED
+        mended between a run and its ``--resume`` (a line fixed, added or removed) moves every
+        later shard's windows, and kept shards would lose some and double others."""
+        from gpubatch.core.files import file_sha256
+        from gpubatch.io.uris import local_path
+
+        regions = self.windows.regions if self.windows is not None else None
+        if not isinstance(regions, str) or is_remote(regions) or not os.path.isfile(local_path(regions)):
+            return None
+        return file_sha256(local_path(regions))
 
     def _slide_model_fields(self) -> dict[str, Any] | None:
         """The slide head's settings and, for a local file, its sha256 (its outputs are committed

@@ -397,6 +397,35 @@ def test_a_bad_variant_line_is_quarantined_and_the_rest_run(synth: tuple[Path, d
     assert len(rows) == 31 and "last" in set(rows["variant_id"])
 
 
+def test_a_mended_bed_is_not_resumed_into_the_old_shards(synth: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A shard is a run of the plan's windows: a BED line mended between a run and --resume moved
+    the later shards' windows, and the kept shards lost some windows and doubled others (exit 0).
+    The BED's sha256 is a result field now: --resume is refused, --overwrite computes it all."""
+    import pandas as pd
+    from conftest import write_job
+
+    from gpubatch.cli.demo_models import make_genome_model
+    from gpubatch.cli.main import main
+
+    path, _ = synth
+    bed = tmp_path / "regions.bed"
+    bed.write_text("chrA\t0\t1000\nchrA\t1000\tabc\nchrB\t0\t700\n")
+    job = {"kind": "genome", "windows": {"reference": str(path), "regions": str(bed), "length": 100,
+                                         "windows_per_shard": 10, "max_bad_records": 0.5},
+           "model": {"path": str(make_genome_model(tmp_path / "g.onnx", 100))},
+           "output": {"uri": str(tmp_path / "out")}, "run": {"profile": "inline"}}
+    spec = write_job(tmp_path / "job.yaml", job)
+    assert main(["run", str(spec)]) == 3
+    bed.write_text("chrA\t0\t1000\nchrA\t1000\t2000\nchrB\t0\t700\n")
+    capsys.readouterr()
+    assert main(["run", str(spec), "--resume"]) == 2
+    assert "windows.regions_sha256" in capsys.readouterr().err
+    assert main(["run", str(spec), "--overwrite"]) == 0
+    rows = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert len(rows) == 27 and not rows.duplicated(["chrom", "start", "strand"]).any()
+
+
 def test_overlapping_regions_are_noted(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     path, _ = synth
     bed = tmp_path / "regions.bed"
