@@ -164,6 +164,13 @@ def test_malformed_records_are_left_out_and_the_read_goes_on(tmp_path: Path) -> 
                              "error": "malformed VCF record (POS 'x' is not a whole number)"}]
 
 
+def test_blank_lines_in_a_vcf_are_no_records(tmp_path: Path) -> None:
+    """htslib fails an empty line; it was counted as a malformed record (two trailing blank lines
+    refused a file of 20 good records as 'a wrong file or genome build')."""
+    table = read_variants(write_vcf(tmp_path, [*GOOD[:2], "", "   ", *GOOD[2:20], "", ""]), CONTIGS)
+    assert len(table) == 20 and table.failed == [] and table.counts["records"] == 20
+
+
 def test_records_off_the_reference_are_left_out_by_line(tmp_path: Path) -> None:
     records = [*GOOD[:39], "chrZ\t5\t.\tA\tG\t.\t.\t.", "chr1\t12\t.\tR\tG\t.\t.\t."]
     table = read_variants(write_vcf(tmp_path, records), CONTIGS, max_bad=0.05)
