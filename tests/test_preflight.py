@@ -301,19 +301,25 @@ def test_validate_refuses_slides_none_of_which_would_run(tmp_path: Path, classif
 
 def test_validate_opens_remote_slides_and_downloads_none(s3: Any, tmp_path: Path, classifier: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    import tifffile
     from conftest import synthetic_slides
 
     synthetic_slides(tmp_path, 1, seed=7, prefix="s")
     good = s3.upload(tmp_path / "s0.tif", "v/good.tif")
     cut = s3.upload_bytes((tmp_path / "s0.tif").read_bytes()[:300], "v/cut.tif")
     staged = s3.upload_bytes(b"whatever a scanner wrote", "v/slide.mrxs")
+    tifffile.imwrite(tmp_path / "nompp.tif", np.full((512, 512, 3), 90, np.uint8), tile=(256, 256),
+                     photometric="rgb")  # streams, but records no MPP: its shard fails however it reads
+    nompp = s3.upload(tmp_path / "nompp.tif", "v/nompp.tif")
     storage = {"endpoint_url": s3.endpoint, "key": s3.key, "secret": s3.secret,
                "client_kwargs": {"region_name": "us-east-1"}}
-    spec = write_job(tmp_path / "job.yaml", slide_job([good, cut, staged], classifier, tmp_path / "out",
+    spec = write_job(tmp_path / "job.yaml", slide_job([good, cut, staged, nompp], classifier, tmp_path / "out",
                                                       input={"storage": storage}))
     assert main(["validate", str(spec)]) == 0  # access auto: a slide that cannot stream is downloaded
     out = capsys.readouterr().out
-    assert "would be quarantined" not in out and "note: 2 slide(s) not opened: a run downloads them" in out
+    assert [line.split()[1] for line in out.splitlines() if "would be quarantined" in line] == [nompp]
+    assert "note: 2 slide(s) not opened: a run downloads them" in out
     assert main(["validate", str(spec), "--set", "input.access=stream"]) == 0
     out = capsys.readouterr().out
-    assert [line.split()[1] for line in out.splitlines() if "would be quarantined" in line] == [cut, staged]
+    assert [line.split()[1] for line in out.splitlines() if "would be quarantined" in line] == [cut, staged, nompp]

@@ -61,32 +61,36 @@ def would_download(uri: str, job: JobSpec) -> bool:
 def slide_problem(uri: str, job: JobSpec, prepare: Prepare) -> tuple[str | None, bool]:
     """(why a shard of this slide would be quarantined at its start, or None; whether it was
     opened). A slide ``access: auto`` cannot stream is not opened: a run would download it and
-    open that, which validate does not do."""
+    open that, which validate does not do. One that opens is prepared, and what fails there
+    fails the run's shard too, however the bytes came."""
     from gpubatch.sources.slides.open import is_storage_failure
 
-    fallback = is_remote(uri) and job.input.access == "auto"
+    access = "stream" if job.input.access == "auto" else job.input.access  # never a download
     try:
-        _open_and_prepare(uri, job, prepare)
+        backend = open_slide_input(uri, StageClocks(), access=access, options=job.input.storage,
+                                   policy=RetryPolicy(attempts=job.run.storage_attempts),
+                                   tissue=job.tiles.tissue.method != "none")
     except InputError as exc:
-        if fallback and not is_storage_failure(exc):
+        if is_remote(uri) and job.input.access == "auto" and not is_storage_failure(exc):
             return None, False
         return exc.message, True
     except Exception as exc:  # a reader that crashed on the file: a run would quarantine it too
         return f"{type(exc).__name__}: {exc}", True
-    return None, True
+    return _prepared(backend, uri, job, prepare), True
 
 
-def _open_and_prepare(uri: str, job: JobSpec, prepare: Prepare) -> None:
-    """What a shard does with its slide before the first tile: open it, then ``prepare`` it."""
-    clocks = StageClocks()
-    access = "stream" if job.input.access == "auto" else job.input.access  # never a download
-    backend = open_slide_input(uri, clocks, access=access, options=job.input.storage,
-                               policy=RetryPolicy(attempts=job.run.storage_attempts),
-                               tissue=job.tiles.tissue.method != "none")
+def _prepared(backend: SlideBackend, uri: str, job: JobSpec, prepare: Prepare) -> str | None:
+    """What a shard does with its opened slide before the first tile (the source's configure
+    and plan), closed after; why it fails, or None."""
     try:
-        prepare(job, backend, uri, clocks)
+        prepare(job, backend, uri, StageClocks())
+    except InputError as exc:
+        return exc.message
+    except Exception as exc:  # noqa: BLE001 - as above
+        return f"{type(exc).__name__}: {exc}"
     finally:
         backend.close()
+    return None
 
 
 def check_slides(uris: Sequence[str], job: JobSpec, prepare: Prepare) -> SlideChecks:
