@@ -72,6 +72,24 @@ def test_a_first_line_of_column_names_is_a_header(tmp_path: Path) -> None:
         parse_bed(write(tmp_path, "chr1\t5\t10\nchrom\tstart\tend\n"))  # only the first line
 
 
+def test_a_bed_is_read_whatever_its_name_and_byte_order_mark(tmp_path: Path) -> None:
+    """gzip told by its bytes (a ``.bed.bgz`` was refused with a codec error), a UTF-8 BOM dropped
+    (the first region's contig was '\ufeffchr1', not in the reference)."""
+    import gzip
+
+    want = [("chr1", 5, 10), ("chr2", 0, 4)]
+    plain = "\ufeffchr1\t5\t10\nchr2\t0\t4\n"
+    (tmp_path / "regions.bed.bgz").write_bytes(gzip.compress(plain.encode()))
+    for path in (write(tmp_path, plain), str(tmp_path / "regions.bed.bgz")):
+        regions, failed = resolve_regions(path, CONTIGS)
+        assert [(r.chrom, r.start, r.end) for r in regions] == want and failed == []
+
+
+def test_a_malformed_first_line_is_not_taken_for_a_header(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="line 1: start and end must be non-negative integers"):
+        parse_bed(write(tmp_path, "chr1\tten\ttwenty\nchr1\t5\t10\n"))
+
+
 def test_unknown_contig_lists_reference_contigs(tmp_path: Path) -> None:
     bed = write(tmp_path, "chr1\t0\t10\nchrX\t0\t10\n")
     with pytest.raises(SpecError) as err:

@@ -20,6 +20,8 @@ itself, raises ``SpecError`` on the field ``windows.regions`` with every problem
 from __future__ import annotations
 
 import bisect
+import gzip
+import io
 import itertools
 import math
 import os
@@ -33,6 +35,9 @@ from gpubatch.sources.genome.bad_records import BadRecords
 from gpubatch.sources.genome.reference import ContigTable
 
 FIELD = "windows.regions"
+GZIP_MAGIC = b"\x1f\x8b"
+#: what a first line of column names calls the chromosome column
+CHROM_COLUMN_NAMES = frozenset({"chrom", "chr", "chromosome", "contig", "seqname", "seqnames", "seqid"})
 MAX_PROBLEMS = 20
 _REGION_RE = re.compile(r"^(?P<chrom>.+?):(?P<start>[\d,_]+)-(?P<end>[\d,_]+)(?::(?P<strand>[+-]))?$")
 
@@ -70,10 +75,15 @@ def _bed_line(fields: list[str], where: str) -> Region:
 
 
 def _bed_text(uri: str, storage_options: dict[str, Any] | None) -> Iterator[str]:
+    """The file's lines: gzip told by its magic bytes, not its name (``.bed.bgz``, ``regions``),
+    a UTF-8 byte-order mark dropped (it made the first contig '\ufeffchr1')."""
     from gpubatch.io.storage import open_file
 
-    with open_file(uri, storage_options, "rt", compression="infer") as f:
-        yield from f
+    with open_file(uri, storage_options, "rb") as raw:
+        gzipped = raw.read(2) == GZIP_MAGIC
+        raw.seek(0)
+        stream = gzip.GzipFile(fileobj=raw) if gzipped else raw
+        yield from io.TextIOWrapper(stream, encoding="utf-8-sig")
 
 
 def _data_lines(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tuple[int, list[str]]]:
@@ -97,8 +107,11 @@ def _data_lines(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tu
 
 
 def _column_names(fields: list[str]) -> bool:
-    """Whether the second and third columns are names (``start``, ``chromEnd``), not numbers."""
-    return len(fields) >= 3 and all(f.isidentifier() for f in fields[1:3])
+    """Whether a line names the columns: a chromosome column's name first (``chrom``, ``seqnames``),
+    then names where start and end go (``start``, ``chromEnd``); ``chr1 ten twenty`` is a
+    malformed region, listed as one, not a header."""
+    return (len(fields) >= 3 and fields[0].lower().lstrip("#") in CHROM_COLUMN_NAMES
+            and all(f.isidentifier() for f in fields[1:3]))
 
 
 def _track_or_browser(text: str) -> bool:
