@@ -426,6 +426,31 @@ def test_a_mended_bed_is_not_resumed_into_the_old_shards(synth: tuple[Path, dict
     assert len(rows) == 27 and not rows.duplicated(["chrom", "start", "strand"]).any()
 
 
+def test_quarantined_records_are_counted_past_those_listed(synth: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """1,500 bad lines: 1,000 listed and one entry for the rest; the counts said 1,001."""
+    import json
+
+    from conftest import write_job
+
+    from gpubatch.cli.demo_models import make_genome_model
+    from gpubatch.cli.main import main
+
+    path, _ = synth
+    bed = tmp_path / "regions.bed"
+    bed.write_text("chrA\t0\t100\n" + "chrA\t5\tx\n" * 1500)
+    job = {"kind": "genome", "windows": {"reference": str(path), "regions": str(bed), "length": 100,
+                                         "max_bad_records": 1.0},
+           "model": {"path": str(make_genome_model(tmp_path / "g.onnx", 100))},
+           "output": {"uri": str(tmp_path / "out")}, "run": {"profile": "inline"}}
+    assert main(["run", str(write_job(tmp_path / "job.yaml", job))]) == 3
+    assert "quarantined 1500 input(s):" in capsys.readouterr().out
+    failed = json.loads((tmp_path / "out" / "report.json").read_text())["failed"]
+    assert len(failed) == 1001 and failed[-1]["count"] == 500
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert "1500 input(s) quarantined at plan" in capsys.readouterr().out
+
+
 def test_overlapping_regions_are_noted(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     path, _ = synth
     bed = tmp_path / "regions.bed"

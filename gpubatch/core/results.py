@@ -90,6 +90,12 @@ class ShardResult:
         return cls(shard_id, input_uri, FAILED, error=error, retryable=retryable)
 
 
+def quarantined_count(failed: list[dict[str, Any]]) -> int:
+    """How many inputs or records a ``failed`` list stands for: an entry may speak for ``count``
+    of them (a BED's bad lines past those listed one by one)."""
+    return sum(int(f.get("count", 1)) for f in failed)
+
+
 @dataclass
 class RunSummary:
     """report.json as a type: the contract's keys as fields, every other figure in ``extra``.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
+from gpubatch.core.results import quarantined_count
 from gpubatch.io.uris import uri_name
 from gpubatch.outputs.layout import HEATMAPS_DIR, REPORT_HTML, heatmap_name
 from gpubatch.outputs.store import OutputStore
@@ -99,7 +100,7 @@ def _rate(v: float | None) -> str:
 def _tiles(report: dict[str, Any], v: dict[str, Any]) -> str:
     """Six headline numbers: the end-to-end rate first, the model-only rate beside it."""
     gap = v.get("gap") or {}
-    failed = len(report.get("failed") or [])
+    failed = quarantined_count(report.get("failed") or [])
     count = (report.get("shard_stats") or {}).get("count", len(report.get("shards") or []))
     empty = (report.get("empty") or {}).get("count", 0)
     done = count - empty

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from gpubatch.core.results import quarantined_count
 from gpubatch.io.redact import safe_text
 from gpubatch.report.verdict import cores_sentence
 
@@ -215,7 +216,7 @@ def format_summary(report: dict[str, Any]) -> str:
     lines += operator_lines(report)
     if report.get("failed"):
         failed = report["failed"]
-        lines.append(f"quarantined {len(failed)} input(s):")
+        lines.append(f"quarantined {quarantined_count(failed)} input(s):")
         lines.extend(f"  {f['input']}: {f['error']}" for f in failed[:MAX_FAILED_SHOWN])
         if len(failed) > MAX_FAILED_SHOWN:
             lines.append(f"  ... and {len(failed) - MAX_FAILED_SHOWN} more, listed in report.json's failed")

@@ -36,7 +36,7 @@ from gpubatch.core.errors import (
 )
 from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.memory import hand_back_freed_memory
-from gpubatch.core.results import ShardResult
+from gpubatch.core.results import ShardResult, quarantined_count
 from gpubatch.engine.context import RunContext
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
@@ -127,7 +127,7 @@ class _Run:
                           backend=ctx.backend, precision=ctx.precision, gpubatch_version=__version__,
                           **prepared.audit)
         progress = Progress(len(shards), already=resumed, store=self.store, enabled=show_progress,
-                            run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=len(self.failed))
+                            run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=quarantined_count(self.failed))
         self.lease.hold(beat=progress.heartbeat)
         lost: list[dict[str, Any]] = []
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from gpubatch.core.errors import SpecError
 
@@ -40,17 +41,18 @@ class BadRecords:
         """How many bad records ``limit`` (a share) lets through: at least one unless it is 0."""
         return 0 if limit <= 0 else max(1, math.floor(limit * self.total))
 
-    def admit(self, limit: float) -> list[dict[str, str]]:
+    def admit(self, limit: float) -> list[dict[str, Any]]:
         """The quarantined records as report ``failed`` entries; a SpecError when there are more
         than ``limit`` allows, or nothing else in the file."""
         if not self.count:
             return []
         if self.count > self.allowed(limit) or self.count >= self.total:
             raise SpecError(self._refusal(limit))
-        entries = [{"input": where, "error": problem} for where, problem in self.listed]
+        entries: list[dict[str, Any]] = [{"input": where, "error": problem} for where, problem in self.listed]
         if self.count > len(self.listed):
-            entries.append({"input": self.uri, "error": f"{self.count - len(self.listed)} more records "
-                                                        "left out, like those listed before"})
+            left = self.count - len(self.listed)
+            entries.append({"input": self.uri, "error": f"{left} more records left out, like those listed "
+                                                        "before", "count": left})
         return entries
 
     def _refusal(self, limit: float) -> list[tuple[str, str]]:
