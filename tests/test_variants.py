@@ -190,6 +190,16 @@ def test_a_malformed_table_line_is_left_out(tmp_path: Path) -> None:
                                                                "got 2: 'chr1\\t5'"}]
 
 
+def test_a_csv_quotes_its_multi_allelic_alt_and_pos_is_digits_only(tmp_path: Path) -> None:
+    """pandas writes ALT "G,T" quoted: it was split on its comma into two non-sequence alleles,
+    skipped; and int() read POS '1_2' as 12."""
+    path = tmp_path / "v.csv"
+    path.write_text('chrom,pos,ref,alt\nchr1,10,A,"G,T"\nchr1,20,C,A\nchr1,1_2,A,G\n')
+    table = read_variants(str(path), CONTIGS, max_bad=0.5)
+    assert list(zip(table.pos, table.alt, strict=True)) == [(10, "G"), (10, "T"), (20, "A")]
+    assert table.failed == [{"input": "v.csv line 4", "error": "POS '1_2' is not an integer"}]
+
+
 def test_too_many_bad_records_refuse_the_file_with_the_fix(tmp_path: Path) -> None:
     records = [*GOOD[:10], "chrZ\t5\t.\tA\tG\t.\t.\t.", "chrZ\t6\t.\tA\tG\t.\t.\t."]
     with pytest.raises(SpecError) as err:

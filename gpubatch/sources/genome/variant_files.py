@@ -11,7 +11,7 @@ Three layouts are read, told apart from the file's first lines, never from its n
 * **A table** (TSV or CSV) whose first line names its columns: ``chrom``, ``pos``, ``ref``,
   ``alt`` and optionally ``id`` (case-insensitive; ``chr``/``chromosome``/``contig``,
   ``position``, ``reference``, ``alternate``, ``variant_id``/``rsid``/``name`` are accepted).
-  POS is 1-based, as in a VCF. In a TSV, ALT may list several alleles separated by commas.
+  POS is 1-based, as in a VCF. ALT may list several alleles separated by commas (in a CSV, quoted: ``"G,T"``).
 
 Every layout yields the same :class:`RawRecord` with where it came from (``file line N``), so
 that every later error names the line, or a :class:`MalformedRecord` saying what is wrong with a
@@ -22,6 +22,7 @@ as a stream: memory does not grow with the file (the caller keeps what it scores
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
 import itertools
 import os
@@ -126,7 +127,11 @@ def _is_bcf(path: str) -> bool:
 
 
 def _split(line: str, delimiter: str) -> list[str]:
-    return [f.strip() for f in line.rstrip("\r\n").split(delimiter)]
+    """A table line's fields; a CSV's quoted fields (``"G,T"``, as pandas writes a multi-allelic
+    ALT) are one field, quotes removed."""
+    text = line.rstrip("\r\n")
+    fields = next(csv.reader([text])) if delimiter == "," and '"' in text else text.split(delimiter)
+    return [f.strip() for f in fields]
 
 
 def _table_columns(fields: list[str]) -> dict[str, int]:
@@ -192,12 +197,11 @@ def _table_record(line: str, n: int, name: str, layout: Layout) -> RawRecord | M
         return MalformedRecord(where, n, f"expected at least {width} "
                                          f"{'tab' if layout.delimiter == chr(9) else 'comma'}-separated "
                                          f"fields, got {len(fields)}: {line.strip()[:80]!r}")
-    try:
-        pos = int(fields[cols["pos"]])
-    except ValueError:
+    if not fields[cols["pos"]].isdigit():  # int() also takes '1_2' and '+12'
         return MalformedRecord(where, n, f"POS {fields[cols['pos']]!r} is not an integer")
+    pos = int(fields[cols["pos"]])
     alt = fields[cols["alt"]]
-    alts = () if alt in (".", "") else tuple(alt.split(",")) if layout.delimiter == "\t" else (alt,)
+    alts = () if alt in (".", "") else tuple(a.strip() for a in alt.split(","))
     rid = fields[cols["id"]] if "id" in cols else None
     return RawRecord(where, n, fields[cols["chrom"]], pos, rid, fields[cols["ref"]], alts)
 
