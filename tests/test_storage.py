@@ -279,6 +279,7 @@ def test_file_uris_are_percent_decoded_and_plain_paths_are_literal(tmp_path: Pat
     uri = "file://" + quote(str(slide))
     assert "%20" in uri and local_path(uri) == str(slide)
     assert local_path("file://localhost" + quote(str(slide))) == str(slide)
+    assert local_path("file:" + quote(str(slide))) == str(slide)  # RFC 8089's short form, file:/path
     assert expand_uris([uri]) == [str(slide)]
     assert expand_uris(["file://" + quote(str(spaced)) + "/*.tif"]) == [str(slide)]
     backend = open_slide_input(uri, StageClocks())

@@ -35,11 +35,12 @@ def local_path(uri: str) -> str:
 
     A ``file://`` URI is percent-decoded (RFC 8089: ``file:///my%20slides/a.svs`` names
     ``/my slides/a.svs``; taken as written it named a folder that does not exist), and its
-    ``localhost`` authority dropped. A plain path is a name, not a URI: ``%20`` in it stays literal.
+    ``localhost`` authority dropped; ``file:/path`` (no authority) is read the same. A plain path is a name, not a URI: ``%20`` in it stays literal.
     Decoding here, once, keeps globs and listings working on the decoded path.
     """
     if uri[: len(FILE_PREFIX)].lower() != FILE_PREFIX:
-        return uri
+        # RFC 8089's short form, file:/path (no authority), as some tools write it
+        return unquote(uri[len("file:"):]) if uri[: len("file:/")].lower() == "file:/" else uri
     rest = uri[len(FILE_PREFIX):]
     if rest[: len("localhost/")].lower() == "localhost/":
         rest = rest[len("localhost"):]
