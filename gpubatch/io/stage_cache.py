@@ -274,7 +274,10 @@ class StageCache:
             if self._stale(entry, required):
                 return
             files, tag = self._listing(entry, options, policy, companions)
-            entry.etag = files[0].etag
+            # the version a shard's identity is compared with: a lone file's comes from the same
+            # HEAD (io.storage.stat) as that identity; a listing's (companions) from fsspec, whose
+            # ETag may be another spelling of it (GCS's JSON API): then left to the HEAD after
+            entry.etag = files[0].etag if not companions else None
             total = sum(f.size for f in files)
             held = self._lock_for(entry, tag, wait=required)
             if held == "shared":
