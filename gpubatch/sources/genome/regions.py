@@ -76,7 +76,7 @@ def _bed_line(fields: list[str], where: str) -> Region:
 
 def _bed_text(uri: str, storage_options: dict[str, Any] | None) -> Iterator[str]:
     """The file's lines: gzip told by its magic bytes, not its name (``.bed.bgz``, ``regions``),
-    a UTF-8 byte-order mark dropped (it made the first contig '\ufeffchr1')."""
+    a UTF-8 byte-order mark dropped (it made the first contig U+FEFF followed by 'chr1')."""
     from gpubatch.io.storage import open_file
 
     with open_file(uri, storage_options, "rb") as raw:
