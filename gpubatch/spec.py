@@ -290,21 +290,26 @@ class JobSpec(_Strict):
         windows = ({k: v for k, v in data["windows"].items() if k not in ("chunk_bases", "max_bad_records")}
                    if data.get("windows") else None)
         if windows is not None:
-            windows["regions_sha256"] = self._regions_digest()
+            windows["regions_version"] = self._regions_version()
         return {"kind": self.kind, "tiles": tiles, "windows": windows, "model": model,
                 "formats": sorted(self.output.formats), "slide_model": self._slide_model_fields()}
 
-    def _regions_digest(self) -> str | None:
-        """A local BED file's sha256: a windows shard is a run of the plan's windows, so a BED
-        mended between a run and its ``--resume`` (a line fixed, added or removed) moves every
-        later shard's windows, and kept shards would lose some and double others."""
+    def _regions_version(self) -> str | None:
+        """A BED file's version (a local file's sha256, an object's ETag): a windows shard is a
+        run of the plan's windows, so a BED mended between a run and its ``--resume`` (a line
+        fixed, added or removed) moves every later shard's windows, and kept shards would lose
+        some and double others. None for region strings and ``genome``."""
         from gpubatch.core.files import file_sha256
+        from gpubatch.io.storage import input_identity
         from gpubatch.io.uris import local_path
 
         regions = self.windows.regions if self.windows is not None else None
-        if not isinstance(regions, str) or is_remote(regions) or not os.path.isfile(local_path(regions)):
+        if not isinstance(regions, str) or regions == "genome":
             return None
-        return file_sha256(local_path(regions))
+        if not is_remote(regions):
+            return f"sha256:{file_sha256(local_path(regions))}" if os.path.isfile(local_path(regions)) else None
+        found = input_identity(regions, self.input.storage)  # a HEAD; a region string finds nothing
+        return f"etag:{found['etag']}" if found.get("etag") else None
 
     def _slide_model_fields(self) -> dict[str, Any] | None:
         """The slide head's settings and, for a local file, its sha256 (its outputs are committed

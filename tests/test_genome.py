@@ -401,7 +401,7 @@ def test_a_mended_bed_is_not_resumed_into_the_old_shards(synth: tuple[Path, dict
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """A shard is a run of the plan's windows: a BED line mended between a run and --resume moved
     the later shards' windows, and the kept shards lost some windows and doubled others (exit 0).
-    The BED's sha256 is a result field now: --resume is refused, --overwrite computes it all."""
+    The BED's version is a result field now: --resume is refused, --overwrite computes it all."""
     import pandas as pd
     from conftest import write_job
 
@@ -420,7 +420,7 @@ def test_a_mended_bed_is_not_resumed_into_the_old_shards(synth: tuple[Path, dict
     bed.write_text("chrA\t0\t1000\nchrA\t1000\t2000\nchrB\t0\t700\n")
     capsys.readouterr()
     assert main(["run", str(spec), "--resume"]) == 2
-    assert "windows.regions_sha256" in capsys.readouterr().err
+    assert "windows.regions_version" in capsys.readouterr().err
     assert main(["run", str(spec), "--overwrite"]) == 0
     rows = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
     assert len(rows) == 27 and not rows.duplicated(["chrom", "start", "strand"]).any()
@@ -685,3 +685,21 @@ def test_s3_reference_reads_match_local(s3_refs: Any, synth: tuple[Path, dict[st
         s3_refs.proxy.reset()
     assert np.array_equal(local, remote)
     assert clocks.counters["storage.requests"] >= 4
+
+
+def test_a_remote_bed_changed_since_the_run_is_a_changed_result_field(s3_refs: Any, synth: tuple[Path, dict[str, str]],
+                                                                      tmp_path: Path) -> None:
+    """The object's ETag stands for a remote BED's content, as a local one's sha256 does, so
+    --resume after it changed is refused (the local test runs that through the CLI)."""
+    path, _ = synth
+    bed = tmp_path / "regions.bed"
+    bed.write_text("chrA\t0\t1000\n")
+    uri = s3_refs.upload(bed, "beds/regions.bed")
+    data = genome_job(path, regions=uri, length=100).model_dump()
+    data["input"]["storage"] = s3_refs.options(via_proxy=False)
+    job = JobSpec.model_validate(data)
+    before = job.result_fields()["windows"]["regions_version"]
+    assert before.startswith("etag:") and job.result_fields() == job.result_fields()
+    bed.write_text("chrA\t0\t1000\nchrA\t1000\t2000\n")
+    s3_refs.upload(bed, "beds/regions.bed")
+    assert job.result_fields()["windows"]["regions_version"] not in (before, None)
