@@ -256,3 +256,17 @@ def test_a_remote_grayscale_slide_is_known_gray_staged_or_streamed(tmp_path: Pat
         assert backend.grayscale and backend.info.backend == "tifffile"
     finally:
         backend.close()
+
+
+def test_a_symbolic_link_that_leads_nowhere_is_called_so(tmp_path: Path) -> None:
+    """A glob lists a link whose target is gone, or that points at itself; it was 'file not found'."""
+    from gpubatch.core.errors import InputError
+    from gpubatch.sources.slides.open import open_slide_input
+
+    (tmp_path / "loop.svs").symlink_to(tmp_path / "loop.svs")
+    (tmp_path / "gone.svs").symlink_to(tmp_path / "moved-away.svs")
+    for name in ("loop.svs", "gone.svs"):
+        with pytest.raises(InputError, match="is a symbolic link that leads nowhere"):
+            open_slide_input(str(tmp_path / name), StageClocks())
+    with pytest.raises(InputError, match="file not found"):
+        open_slide_input(str(tmp_path / "never.svs"), StageClocks())

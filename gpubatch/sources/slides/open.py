@@ -53,6 +53,14 @@ COMPANION_SUFFIXES = (".mrxs",)
 HEADER_THREADS = 8
 
 
+def missing_file(path: str) -> str:
+    """Why a local path that does not exist is missing: a symbolic link whose target is gone or
+    that points back at itself is listed (globs list links) but leads nowhere."""
+    if os.path.islink(path):
+        return "is a symbolic link that leads nowhere (its target is missing, or it points back at itself)"
+    return "file not found"
+
+
 def choose_access(uri: str, requested: str) -> str:
     """``auto``: stream TIFF-family files by range, stage everything else (openslide formats).
 
@@ -116,7 +124,7 @@ def _open_folder_format(path: str, clocks: StageClocks) -> SlideBackend | None:
     from gpubatch.io.storage import retried_fs
 
     if not os.path.exists(path):
-        raise InputError(path, "file not found")
+        raise InputError(path, missing_file(path))
     folder, (fs, _) = os.path.isdir(path), retried_fs(path)
     if is_zarr_uri(path) or (folder and folder_is_zarr(fs, path)):
         return OmeZarrBackend(path, clocks)
@@ -262,7 +270,7 @@ def open_slide_input(uri: str, clocks: StageClocks, *, access: str = "auto",
     if not is_remote(uri):
         path = local_path(uri)
         if not os.path.exists(path):
-            raise InputError(uri, "file not found")
+            raise InputError(uri, missing_file(path))
         return _mark(open_slide(path, clocks), "local", clocks)
     in_place = open_in_place(uri, options, clocks, policy)
     if in_place is not None:
