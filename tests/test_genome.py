@@ -391,8 +391,13 @@ def test_a_bad_variant_line_is_quarantined_and_the_rest_run(synth: tuple[Path, d
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [f["input"] for f in report["failed"]] == ["v.vcf line 33"]
     assert main(["status", str(tmp_path / "out")]) == 0
-    assert ("finished: 1/1 shards done, 0 failed, 1 input(s) quarantined at plan (listed in report.json)"
+    assert ("finished: 1/1 shards done, 0 failed, 1 input(s) quarantined at plan (listed in report.json), "
             in capsys.readouterr().out)
+    assert main(["run", str(spec), "--resume"]) == 3  # nothing left to run: no rate to speak of
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == ("finished: 1/1 shards done, 0 failed, 1 input(s) quarantined "
+                                               "at plan (listed in report.json)")
     rows = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
     assert len(rows) == 31 and "last" in set(rows["variant_id"])
 

@@ -137,8 +137,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"{status_state(s)}: {s['done']}/{s['total']} shards done, {s['failed']} failed"
           + (f", {s['plan_failed']} input(s) quarantined at plan (listed in report.json)"
              if s.get("plan_failed") else "")
-          + (f", {s.get('items_per_s', 0):.1f} items/s" if "items_per_s" in s else "")
-          + (f", starvation {s['starvation']:.1%}" if "starvation" in s else "")
+          + (f", {s.get('items_per_s', 0):.1f} items/s" if "items_per_s" in s and s.get("items") else "")
+          + (f", starvation {s['starvation']:.1%}" if "starvation" in s and s.get("items") else "")
           + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" else "")
           + (f"; {s['reason']}" if s.get("reason") else ""))
     return EXIT_OK
