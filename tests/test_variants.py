@@ -200,6 +200,19 @@ def test_a_csv_quotes_its_multi_allelic_alt_and_pos_is_digits_only(tmp_path: Pat
     assert table.failed == [{"input": "v.csv line 4", "error": "POS '1_2' is not an integer"}]
 
 
+def test_a_malformed_first_body_line_or_a_comment_before_a_header_is_not_the_format(tmp_path: Path) -> None:
+    """The layout was told from the first line alone: a headerless VCF body whose first record was
+    malformed, or a TSV with a '#' comment line before its header, were refused whole."""
+    body = tmp_path / "body.vcf"
+    body.write_text("chr1\tx\t.\tA\tG\n" + "".join(f"chr1\t{10 + i}\t.\tA\tG\n" for i in range(30)))
+    table = read_variants(str(body), CONTIGS, max_bad=0.05)
+    assert len(table) == 30 and table.layout == "vcf-without-header"
+    assert table.failed == [{"input": "body.vcf line 1", "error": "POS 'x' is not an integer"}]
+    tsv = tmp_path / "v.tsv"
+    tsv.write_text("# exported 2026-12-06\nchrom\tpos\tref\talt\nchr1\t10\tA\tG\n")
+    assert read_variants(str(tsv), CONTIGS).pos == [10]
+
+
 def test_too_many_bad_records_refuse_the_file_with_the_fix(tmp_path: Path) -> None:
     records = [*GOOD[:10], "chrZ\t5\t.\tA\tG\t.\t.\t.", "chrZ\t6\t.\tA\tG\t.\t.\t."]
     with pytest.raises(SpecError) as err:

@@ -35,6 +35,8 @@ from typing import IO, Any, cast
 from gpubatch.core.errors import MissingExtraError, SpecError
 
 FIELD = "windows.variants"
+#: lines past the meta lines looked at to tell a file's layout
+SNIFF_LINES = 20
 #: failed reads in a row after which a VCF/BCF is taken as corrupt from there on
 MAX_FAILING_IN_A_ROW = 1000
 LAYOUT_VCF, LAYOUT_BCF, LAYOUT_BODY, LAYOUT_TABLE = "vcf", "bcf", "vcf-without-header", "table"
@@ -146,36 +148,63 @@ def _table_columns(fields: list[str]) -> dict[str, int]:
 
 
 def sniff(path: str, uri: str) -> Layout:
-    """The file's layout from its first non-``##`` line; a SpecError says what was expected."""
+    """The file's layout from its first lines past ``##`` and blank ones; a SpecError says what
+    was expected. A table's header may follow ``#`` comment lines; a VCF body is told from its
+    first line that reads as one, so a malformed first record is left out (listed) like any other,
+    not taken for the whole file's format."""
     name = os.path.basename(uri.rstrip("/"))
     if _is_bcf(path):
         return Layout(LAYOUT_BCF)
-    skipped, first = 0, ""
-    with _open_text(path) as f:
-        for raw in f:
-            line = raw.decode("utf-8", "replace")
-            if line.startswith("##") or not line.strip():
-                skipped += 1
-                continue
-            first = line
-            break
+    lines = _first_lines(path)
+    first = lines[0][1] if lines else ""
     if first.upper().startswith("#CHROM"):
         return Layout(LAYOUT_VCF)
-    delimiter = "\t" if "\t" in first else ","
-    fields = _split(first, delimiter)
-    columns = _table_columns(fields)
-    if columns:
-        kind = "tab-separated" if delimiter == "\t" else "comma-separated"
-        shown = ", ".join(k for k in COLUMN_ALIASES if k in columns)
-        return Layout(LAYOUT_TABLE, skipped + 1, delimiter, columns,
-                      TABLE_NOTE.format(name=name, kind=kind, columns=shown))
-    if delimiter == "\t" and len(fields) >= 5 and fields[1].lstrip("-").isdigit():
-        return Layout(LAYOUT_BODY, skipped, "\t", {"chrom": 0, "pos": 1, "id": 2, "ref": 3, "alt": 4},
+    for number, line in lines:
+        table = _table_layout(line, number, name)
+        if table is not None:
+            return table
+        if not line.startswith("#"):  # data before any header: not a table with one
+            break
+    if any(_reads_as_body(line) for _, line in lines):
+        return Layout(LAYOUT_BODY, lines[0][0] - 1, "\t", {"chrom": 0, "pos": 1, "id": 2, "ref": 3, "alt": 4},
                       BODY_NOTE.format(name=name))
     raise SpecError([(FIELD, f"{uri}: not a VCF/BCF (no '#CHROM' header line) nor a table of variants; "
                              "give a VCF, a VCF body (tab-separated CHROM POS ID REF ALT ...), or a "
                              "TSV/CSV whose first line names the columns chrom, pos, ref, alt (and "
                              f"optionally id); its first data line is {first[:80]!r}")])
+
+
+def _first_lines(path: str) -> list[tuple[int, str]]:
+    """(line number, text) of the first SNIFF_LINES lines that are not ``##`` meta or blank (only
+    the first, when it is a VCF's ``#CHROM`` line). A damaged gzip ends the look early: the read
+    that follows names the damage."""
+    found: list[tuple[int, str]] = []
+    with _open_text(path) as f, contextlib.suppress(EOFError, OSError):
+        for number, raw in enumerate(f, start=1):
+            line = raw.decode("utf-8", "replace")
+            if line.startswith("##") or not line.strip():
+                continue
+            found.append((number, line))
+            if len(found) == SNIFF_LINES or line.upper().startswith("#CHROM"):
+                break
+    return found
+
+
+def _table_layout(line: str, number: int, name: str) -> Layout | None:
+    """The table layout whose header is ``line`` (line ``number``), or None when it names no columns."""
+    delimiter = "\t" if "\t" in line else ","
+    columns = _table_columns(_split(line, delimiter))
+    if not columns:
+        return None
+    kind = "tab-separated" if delimiter == "\t" else "comma-separated"
+    shown = ", ".join(k for k in COLUMN_ALIASES if k in columns)
+    return Layout(LAYOUT_TABLE, number, delimiter, columns, TABLE_NOTE.format(name=name, kind=kind, columns=shown))
+
+
+def _reads_as_body(line: str) -> bool:
+    """A VCF data line: at least five tab-separated fields, the second an integer."""
+    fields = _split(line, "\t")
+    return not line.startswith("#") and len(fields) >= 5 and fields[1].lstrip("-").isdigit()
 
 
 def _table_records(path: str, name: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
