@@ -161,6 +161,10 @@ def white_where_outside(boxes: np.ndarray, width: int, height: int) -> np.ndarra
     return out
 
 
+#: what a corrupt-tile error adds under tiles.integrity: strict
+LENIENT_HINT = " (tiles.integrity: lenient decodes what it can instead)"
+
+
 class SlideBackend(ABC):
     """Reads RGB uint8 boxes at a pyramid level; coordinates are pixels of that level."""
 
@@ -172,6 +176,9 @@ class SlideBackend(ABC):
     #: the slide stores gray, not colour: its tiles are still RGB (the gray in every channel), but
     #: tissue detection must look for darkness, as gray has no stain colour to find
     grayscale: bool = False
+    #: ``tiles.integrity: strict``: corrupt tile data the backend can see is an error, never
+    #: silently wrong pixels; what it cannot see, its ``integrity_notes`` say
+    strict: bool = True
 
     @abstractmethod
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
@@ -186,8 +193,9 @@ class SlideBackend(ABC):
         raise GpubatchError(f"tiles.decoder: gpu needs a JPEG TIFF read by tifffile; "
                             f"this slide is read by {self.info.backend}")
 
-    def accept_corrupt_tiles(self) -> None:  # noqa: B027 - optional
+    def accept_corrupt_tiles(self) -> None:
         """``tiles.integrity: lenient``: decode what the decoder can, warnings or not."""
+        self.strict = False
 
     def integrity_notes(self) -> list[str]:
         """What ``tiles.integrity: strict`` cannot vouch for on this slide (its notes say it)."""

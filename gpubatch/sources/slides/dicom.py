@@ -32,6 +32,7 @@ from gpubatch.io.redact import redact
 from gpubatch.io.retried_fs import RetriedFS
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.sources.slides.backends import (
+    LENIENT_HINT,
     DecodedTileCache,
     SlideBackend,
     SlideInfo,
@@ -228,9 +229,6 @@ class WsiDicomBackend(TileGridBackend):
                                int(d.tile_size.height)) for lv, d in zip(self.levels, self.data, strict=True)]
         self.cache = DecodedTileCache(cache_bytes)
         self.info = self._slide_info()
-        #: corrupt frame data is an error (tiles.integrity: strict): baseline JPEG frames are
-        #: checked as the TIFF path checks its tiles; other syntaxes are noted as not checked
-        self.strict = True
 
     def _slide_info(self) -> SlideInfo:
         dims = tuple((g.width, g.height) for g in self.grids)
@@ -266,9 +264,6 @@ class WsiDicomBackend(TileGridBackend):
             raise InputError(self.path, f"cannot read DICOM frames at level {level}: "
                                         f"{redact(str(exc))[:300]}") from None
 
-    def accept_corrupt_tiles(self) -> None:
-        self.strict = False
-
     def integrity_notes(self) -> list[str]:
         from gpubatch.sources.slides.integrity import unchecked_note
 
@@ -289,7 +284,7 @@ class WsiDicomBackend(TileGridBackend):
                     check_jpeg_tile(blob, None)
                 tile = np.asarray(decoder.decode(blob))
             except Exception as exc:
-                lenient = " (tiles.integrity: lenient decodes what it can instead)" if check else ""
+                lenient = LENIENT_HINT if check else ""
                 raise InputError(self.path, f"corrupt DICOM frame {index} at level {level}: "
                                             f"{str(exc)[:300]}{lenient}") from None
             yield tile[..., :3] if tile.ndim == 3 else np.repeat(tile[..., None], 3, axis=-1)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import InputError
-from gpubatch.sources.slides.backends import JPEG, SlideInfo, TileGrid, tiles_of_boxes
+from gpubatch.sources.slides.backends import JPEG, LENIENT_HINT, SlideInfo, TileGrid, tiles_of_boxes
 
 #: openslide vendors whose levels are whole tiled TIFF pages, tile for tile (no stitching)
 CHECKED_VENDORS = ("generic-tiff", "aperio")
@@ -92,8 +92,7 @@ class StoredTileCheck:
         try:
             check_jpeg_tile(blob, stored.jpegtables)
         except Exception as exc:
-            raise InputError(self.path, f"corrupt tile {index} at level {level}: {exc} (tiles.integrity: "
-                                        f"lenient decodes what it can instead)") from exc
+            raise InputError(self.path, f"corrupt tile {index} at level {level}: {exc}{LENIENT_HINT}") from exc
 
     def close(self) -> None:
         os.close(self._fd)

@@ -199,7 +199,6 @@ class OmeZarrBackend(SlideBackend):
         self.levels = [_Level(a, self.meta.axes, plane) for a in arrays]
         self.store = arrays[0].store_path.store
         self.cache = DecodedTileCache(cache_bytes)
-        self.lenient = False  # tiles.integrity: lenient (only what the notes say differs)
         dims = tuple((lv.width, lv.height) for lv in self.levels)
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
@@ -330,15 +329,12 @@ class OmeZarrBackend(SlideBackend):
         pixels = np.transpose(block, [kept.index("y"), kept.index("x"), kept.index("c")])
         return composite_on_white(pixels) if pixels.shape[-1] == 4 else np.ascontiguousarray(pixels)
 
-    def accept_corrupt_tiles(self) -> None:
-        self.lenient = True
-
     def integrity_notes(self) -> list[str]:
         """Chunks are decoded by their zarr codecs, which carry no checksum by default (blosc,
         zstd as written): strict cannot vouch for data a codec decodes without an error."""
         from gpubatch.sources.slides.integrity import unchecked_note
 
-        if self.lenient:
+        if not self.strict:
             return []
         return [unchecked_note("its chunks carry no checksum of their own", "zarr")]
 

@@ -50,8 +50,7 @@ class OpenSlideBackend(SlideBackend):
             str(props.get("openslide.vendor", "unknown")), "openslide", _openslide_mpp_source(props) if mpp else "",
             mpp_y=float(mpp_y) if mpp and mpp_y else None,
         )
-        #: tiles.integrity: strict; openslide misses some corrupt JPEG data, so a check runs first
-        self.strict = True
+        #: openslide misses some corrupt JPEG data, so under strict a check runs first
         self.tile_check: Any = None  # integrity.StoredTileCheck, made on the first strict read
         self._unchecked: str | None = None  # why the tiles cannot be checked, once looked at
         self._check_lock = threading.Lock()
@@ -89,9 +88,6 @@ class OpenSlideBackend(SlideBackend):
         from gpubatch.sources.slides.integrity import unchecked_note
 
         return [unchecked_note(self._unchecked or "")]
-
-    def accept_corrupt_tiles(self) -> None:
-        self.strict = False
 
     def close(self) -> None:
         if self.tile_check is not None:

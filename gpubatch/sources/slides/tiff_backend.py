@@ -20,6 +20,7 @@ from gpubatch.io.storage import open_ranges
 from gpubatch.sources.slides.backends import (
     JPEG,
     JPEG2000,
+    LENIENT_HINT,
     MINISBLACK,
     RGB,
     WHITE,
@@ -174,8 +175,6 @@ class TiffBackend(TileGridBackend):
         #: a streamed slide's tiles fetched ahead of the reads (set by the opener; io.readahead)
         self.read_ahead: Any = None
         self.gpu_decode = False
-        #: corrupt tile data is an error (tiles.integrity: strict), never silently wrong pixels
-        self.strict = True
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         try:
@@ -260,8 +259,7 @@ class TiffBackend(TileGridBackend):
                               f"{self.path} ({page.tilewidth}x{page.tilelength} px)") from exc
         except Exception as exc:
             raise InputError(self.path, f"corrupt tile {index} at level {self.pages.index(page)}: {exc}"
-                             + ("" if not self.strict else " (tiles.integrity: lenient decodes what it "
-                                "can instead)")) from exc
+                             + (LENIENT_HINT if self.strict else "")) from exc
         tile = _tile_shaped(np.asarray(segment), (th, tw, int(page.samplesperpixel)), self.path, index,
                             self.pages.index(page))
         return as_rgb(tile)
@@ -287,9 +285,6 @@ class TiffBackend(TileGridBackend):
             check_jpeg_tile(blob, page.jpegtables)
         segment, _, _ = page.decode(blob, index, jpegtables=page.jpegtables)
         return segment
-
-    def accept_corrupt_tiles(self) -> None:
-        self.strict = False
 
     def close(self) -> None:
         if self.read_ahead is not None:
