@@ -307,10 +307,13 @@ def ngff_axes(axes: str) -> list[dict[str, str]]:
     return out
 
 
-def level_scales(axes: str, levels: int, mpp: float) -> list[list[dict[str, Any]]]:
-    """One ``coordinateTransformations`` list per level: a scale of mpp * 2**n on y and x."""
+def level_scales(axes: str, levels: int, mpp: float, mpp_y: float | None = None) -> list[list[dict[str, Any]]]:
+    """One ``coordinateTransformations`` list per level: a scale of mpp * 2**n on x and of
+    mpp_y * 2**n on y (``mpp`` when not given: square pixels)."""
+    per_axis = {"x": mpp, "y": mpp if mpp_y is None else mpp_y}
+
     def scale(n: int) -> list[float]:
-        return [mpp * 2**n if a in "yx" else 1.0 for a in axes]
+        return [per_axis[a] * 2**n if a in per_axis else 1.0 for a in axes]
 
     return [[{"type": "scale", "scale": scale(n)}] for n in range(levels)]
 
@@ -335,32 +338,36 @@ def chunks_for(axes: str, chunk: int) -> tuple[int, ...]:
 
 def write_ome_zarr(image: np.ndarray, url: str | Path, *, levels: int = 3, mpp: float = 0.5,
                    axes: str = "cyx", version: str = "0.5", chunk: int = 256,
-                   writer: str = "zarr", storage_options: dict[str, Any] | None = None) -> str:
+                   writer: str = "zarr", storage_options: dict[str, Any] | None = None,
+                   mpp_y: float | None = None) -> str:
     """Write ``image`` (h, w, 3 uint8) as a multiscale OME-Zarr image at ``url``; returns it.
 
-    ``url`` is a local path or any fsspec URL (``memory://``, ``s3://``...).
+    ``url`` is a local path or any fsspec URL (``memory://``, ``s3://``...). ``mpp`` is the
+    level-0 um/px across (x); ``mpp_y`` down (y), the same as ``mpp`` when not given.
     """
     if version not in NGFF_VERSIONS:
         raise ValueError(f"NGFF version must be one of {sorted(NGFF_VERSIONS)}, got {version!r}")
     arrays = [to_layout(level, axes) for level in pyramid(image, levels)]
+    scale = (mpp, mpp if mpp_y is None else mpp_y)
     if writer == "zarr":
-        _write_with_zarr(arrays, str(url), axes, mpp, version, chunk, storage_options)
+        _write_with_zarr(arrays, str(url), axes, scale, version, chunk, storage_options)
     elif writer == "ome-zarr":
-        _write_with_ome_zarr(arrays, str(url), axes, mpp, version, chunk, storage_options)
+        _write_with_ome_zarr(arrays, str(url), axes, scale, version, chunk, storage_options)
     else:
         raise ValueError(f"writer must be 'zarr' or 'ome-zarr', got {writer!r}")
     return str(url)
 
 
-def _write_with_zarr(arrays: list[np.ndarray], url: str, axes: str, mpp: float, version: str,
-                     chunk: int, storage_options: dict[str, Any] | None) -> None:
-    """NGFF metadata by hand: 0.5 under attributes['ome'] (zarr v3), 0.4 at the top (zarr v2)."""
+def _write_with_zarr(arrays: list[np.ndarray], url: str, axes: str, scale: tuple[float, float],
+                     version: str, chunk: int, storage_options: dict[str, Any] | None) -> None:
+    """NGFF metadata by hand: 0.5 under attributes['ome'] (zarr v3), 0.4 at the top (zarr v2);
+    ``scale`` is level 0's (um/px across, um/px down)."""
     import zarr
 
     zarr_format = NGFF_VERSIONS[version]
     root = zarr.open_group(url, mode="w", zarr_format=zarr_format, storage_options=storage_options)
     datasets = []
-    for n, (arr, transforms) in enumerate(zip(arrays, level_scales(axes, len(arrays), mpp), strict=True)):
+    for n, (arr, transforms) in enumerate(zip(arrays, level_scales(axes, len(arrays), *scale), strict=True)):
         z = root.create_array(str(n), shape=arr.shape, dtype=arr.dtype, chunks=chunks_for(axes, chunk),
                               fill_value=0, dimension_names=list(axes) if zarr_format == 3 else None)
         z[...] = arr
@@ -372,8 +379,8 @@ def _write_with_zarr(arrays: list[np.ndarray], url: str, axes: str, mpp: float, 
         root.attrs["multiscales"] = [{"version": "0.4", **multiscale}]
 
 
-def _write_with_ome_zarr(arrays: list[np.ndarray], url: str, axes: str, mpp: float, version: str,
-                         chunk: int, storage_options: dict[str, Any] | None) -> None:
+def _write_with_ome_zarr(arrays: list[np.ndarray], url: str, axes: str, scale: tuple[float, float],
+                         version: str, chunk: int, storage_options: dict[str, Any] | None) -> None:
     """The reference writer: ome_zarr.writer.write_multiscale with an explicit NGFF format."""
     import zarr
     from ome_zarr.format import FormatV04, FormatV05
@@ -383,7 +390,7 @@ def _write_with_ome_zarr(arrays: list[np.ndarray], url: str, axes: str, mpp: flo
     root = zarr.open_group(url, mode="w", zarr_format=fmt.zarr_format, storage_options=storage_options)
     # ``scale`` (level 0) and ``axes_units`` replace the deprecated explicit coordinate_transformations:
     # ome-zarr derives each level's scale (and a half-pixel translation) from the array shapes.
-    write_multiscale(arrays, root, fmt=fmt, axes=axes, scale={"y": mpp, "x": mpp},
+    write_multiscale(arrays, root, fmt=fmt, axes=axes, scale={"y": scale[1], "x": scale[0]},
                      axes_units={"y": "micrometer", "x": "micrometer"},
                      storage_options={"chunks": chunks_for(axes, chunk)})
 

@@ -191,3 +191,48 @@ def test_run_quarantines_a_slide_with_pixels_that_are_not_square(tmp_path: Path,
     assert refused.exit_code == 1
     assert "the pixels are not square: 0.25 um/px across" in refused.report["failed"][0]["error"]
     assert gpubatch.run(spec, tiles__level=0, show_progress=False).report["items"] == 64
+
+
+def _ome_zarr(path: Path, across: float, down: float, axes: str, writer: str) -> str:
+    """A 512 x 512 two-level OME-Zarr of random RGB at ``across`` x ``down`` um/px, written by
+    hand (NGFF 0.5) or by the ome-zarr package (NGFF 0.4), with its axes in the order given."""
+    from pathology_files import write_ome_zarr
+
+    image = np.random.default_rng(0).integers(100, 200, (512, 512, 3), dtype=np.uint8)
+    version = "0.5" if writer == "zarr" else "0.4"
+    return write_ome_zarr(image, path, levels=2, mpp=across, mpp_y=down, axes=axes, version=version,
+                          writer=writer)
+
+
+@pytest.mark.parametrize(("axes", "writer"), [("cyx", "zarr"), ("yxc", "zarr"), ("tczyx", "ome-zarr")])
+def test_ome_zarr_reads_pixels_across_and_down_and_refuses_them_unsquare(tmp_path: Path, axes: str,
+                                                                      writer: str) -> None:
+    """OME-Zarr read the x scale alone, so pixels 0.25 um across and 0.5 down were taken as
+    square and tiled squashed two to one. Both scales are read (each at its axis in ``axes``);
+    square pixels tile at tiles.mpp, pixels that are not are refused there as in the TIFF
+    formats, and tiled under tiles.level with a note."""
+    from gpubatch.sources.slides.omezarr import OmeZarrBackend
+
+    square = OmeZarrBackend(_ome_zarr(tmp_path / "square.zarr", 0.25, 0.25, axes, writer)).info
+    assert (square.mpp, square.mpp_y) == pytest.approx((0.25, 0.25))
+    grid = make_grid(square, _tiles(mpp=0.5), "square.zarr")
+    assert grid.notes == () and len(grid) == 4 * 4
+    path = _ome_zarr(tmp_path / "skewed.zarr", 0.25, 0.5, axes, writer)
+    info = OmeZarrBackend(path).info
+    assert (info.mpp, info.mpp_y) == pytest.approx((0.25, 0.5))
+    with pytest.raises(InputError) as err:
+        make_grid(info, _tiles(mpp=0.5), path)
+    assert err.value.message.startswith("the pixels are not square: 0.25 um/px across (NGFF "
+                                        "coordinateTransformations scale) but 0.5 um/px down")
+    assert "set tiles.level" in err.value.message
+    grid = make_grid(info, _tiles(level=0), path)
+    assert len(grid) == 8 * 8 and grid.notes[0].startswith("the pixels are not square: 0.25 um/px across")
+
+
+def test_run_quarantines_an_ome_zarr_whose_pixels_are_not_square(tmp_path: Path, classifier: Path) -> None:
+    path = _ome_zarr(tmp_path / "skewed.zarr", 0.25, 0.5, "cyx", "zarr")
+    spec = write_job(tmp_path / "job.yaml", slide_job([path], classifier, tmp_path / "out"))
+    refused = gpubatch.run(spec, show_progress=False)
+    assert refused.exit_code == 1
+    assert "the pixels are not square: 0.25 um/px across" in refused.report["failed"][0]["error"]
+    assert gpubatch.run(spec, tiles__level=0, show_progress=False).report["items"] == 64

@@ -8,7 +8,8 @@ What is read: the first multiscale image of the group (or of ``0/`` in a bioform
 its levels in NGFF order, the c, y and x axes (any order, any NGFF version), one plane of any
 t or z axis of size 1, and microns per pixel from the level-0 scale when the x axis has a length
 unit (none without one: a unitless scale could mean anything, and a wrong mpp would tile at the
-wrong magnification). Only uint8 RGB or RGBA is a slide here.
+wrong magnification), across (x) and down (y) apart, so pixels that are not square are refused
+at ``tiles.mpp`` as in every other format. Only uint8 RGB or RGBA is a slide here.
 
 Each read is split honestly: the stored chunks (or shards) a region touches are fetched as
 encoded bytes, concurrently, each request retried and counted (the storage part); then zarr
@@ -72,8 +73,9 @@ class Multiscale:
 
     axes: tuple[str, ...]  # axis names, in array order
     paths: tuple[str, ...]  # one array per level, highest resolution first
-    mpp: float | None
+    mpp: float | None  # level-0 um/px across (x)
     version: str
+    mpp_y: float | None = None  # level-0 um/px down (y), read apart so non-square pixels are seen
 
 
 def find_multiscales(root: Any, url: str) -> tuple[Any, list[dict[str, Any]], str]:
@@ -100,24 +102,38 @@ def parse_multiscale(entry: dict[str, Any], version: str, url: str) -> Multiscal
     if not datasets:
         raise InputError(url, "the multiscales entry lists no datasets (levels)")
     paths = tuple(str(d["path"]) for d in datasets)
-    return Multiscale(axes, paths, _mpp(entry, raw_axes, datasets[0], axes), version)
+    mpp, mpp_y = _mpp(entry, raw_axes, datasets[0], axes)
+    return Multiscale(axes, paths, mpp, version, mpp_y)
 
 
 def _mpp(entry: dict[str, Any], raw_axes: list[Any], level0: dict[str, Any],
-         axes: tuple[str, ...]) -> float | None:
-    """Microns per pixel along x at level 0: dataset scale times global scale, in the x unit."""
-    if "x" not in axes:
+         axes: tuple[str, ...]) -> tuple[float | None, float | None]:
+    """Microns per pixel at level 0 across (x) and down (y), each None without a length unit.
+
+    Both are read, each at its own axis's index in ``axes`` and in its own unit: pixels that are
+    not square must be seen (the grid refuses to tile them at ``tiles.mpp``), and x alone said
+    nothing about y. Down is only meaningful beside across, so it is None when across is.
+    """
+    across = _axis_mpp(entry, raw_axes, level0, axes, "x")
+    return across, _axis_mpp(entry, raw_axes, level0, axes, "y") if across is not None else None
+
+
+def _axis_mpp(entry: dict[str, Any], raw_axes: list[Any], level0: dict[str, Any],
+              axes: tuple[str, ...], name: str) -> float | None:
+    """Microns per pixel along axis ``name`` at level 0: dataset scale times global scale, in
+    that axis's unit (None where the axis is absent or has no length unit)."""
+    if name not in axes:
         return None
-    ix = axes.index("x")
-    x_axis = raw_axes[ix] if isinstance(raw_axes[ix], dict) else {}
-    factor = UNIT_TO_MICRONS.get(str(x_axis.get("unit", "")).lower())
+    index = axes.index(name)
+    axis = raw_axes[index] if isinstance(raw_axes[index], dict) else {}
+    factor = UNIT_TO_MICRONS.get(str(axis.get("unit", "")).lower())
     if factor is None:
         return None
     scale = 1.0
     for transforms in (level0.get("coordinateTransformations"), entry.get("coordinateTransformations")):
         for t in transforms or []:
             if t.get("type") == "scale" and "scale" in t:
-                scale *= float(t["scale"][ix])
+                scale *= float(t["scale"][index])
     return scale * factor
 
 
@@ -203,7 +219,8 @@ class OmeZarrBackend(SlideBackend):
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
         self.info = SlideInfo(dims, downs, self.meta.mpp, None, f"ome-zarr-{version}", "zarr",
-                              "NGFF coordinateTransformations scale" if self.meta.mpp is not None else "")
+                              "NGFF coordinateTransformations scale" if self.meta.mpp is not None else "",
+                              mpp_y=self.meta.mpp_y)
 
     def _open_root(self, url: str, options: dict[str, Any] | None) -> Any:
         import zarr
