@@ -323,3 +323,37 @@ def test_validate_opens_remote_slides_and_downloads_none(s3: Any, tmp_path: Path
     assert main(["validate", str(spec), "--set", "input.access=stream"]) == 0
     out = capsys.readouterr().out
     assert [line.split()[1] for line in out.splitlines() if "would be quarantined" in line] == [cut, staged, nompp]
+
+
+def test_file_uris_name_this_machine_or_are_refused_by_validate_and_run(
+        tmp_path: Path, classifier: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """RFC 8089: ``file:///p`` and ``file://localhost/p`` are ``/p`` here; ``file://server/p`` is
+    ``/p`` on ``server``. It was read as the relative path ``server/p``: here a copy of the
+    slide under the working directory, read in the real one's place. validate and run both
+    refuse it (exit 2), naming the URI, its field and the fix; an output so named is refused too."""
+    import shutil
+
+    from gpubatch.cli.demo import write_synthetic_slide
+
+    (tmp_path / "here").mkdir()
+    slide = write_synthetic_slide(tmp_path / "here" / "a.tif", 256, 256, levels=1)
+    impostor = tmp_path / "server" / str(slide).lstrip("/")
+    impostor.parent.mkdir(parents=True)
+    shutil.copy(slide, impostor)
+    monkeypatch.chdir(tmp_path)
+    for n, uri in enumerate(("file://" + str(slide), "file://localhost" + str(slide), "file://LOCALHOST" + str(slide))):
+        spec = write_job(tmp_path / f"ok{n}.yaml", slide_job([uri], classifier, tmp_path / f"out{n}"))
+        assert main(["validate", str(spec)]) == 0, capsys.readouterr().err
+        assert main(["run", str(spec)]) == 0
+        assert json.loads((tmp_path / f"out{n}" / "report.json").read_text())["items"] == 4
+    foreign = "file://server" + str(slide)
+    for field, job in (("input.uris[0]", slide_job([foreign], classifier, tmp_path / "out-f")),
+                       ("output.uri", slide_job([str(slide)], classifier, "file://server/results"))):
+        spec = write_job(tmp_path / "foreign.yaml", job)
+        for command in ("validate", "run"):
+            assert main([command, str(spec)]) == 2
+            err = capsys.readouterr().err
+            uri = foreign if field == "input.uris[0]" else "file://server/results"
+            assert f"{field}: {uri} names a file on the host 'server'" in err
+            assert f"drop the host (file://{uri[len('file://server'):]})" in err and "mount server's share" in err
+    assert not (tmp_path / "out-f").exists() and not (tmp_path / "server" / "results").exists()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from urllib.parse import unquote
 
+from gpubatch.core.errors import InputError
+
 #: schemes fsspec (or obstore) reaches over a network; ``memory://`` behaves like one in tests
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "http", "https", "az", "abfs", "abfss", "memory")
 
@@ -30,17 +32,46 @@ def is_remote(uri: str) -> bool:
 FILE_PREFIX = "file://"
 
 
+def file_uri_host(uri: str) -> str:
+    """The other machine a ``file://`` URI names: its authority, '' where it names none
+    (``file:///p``) or ``localhost`` (RFC 8089: both are this machine), and '' for anything
+    that is not a ``file://`` URI."""
+    if uri[: len(FILE_PREFIX)].lower() != FILE_PREFIX:
+        return ""
+    host = uri[len(FILE_PREFIX):].split("/", 1)[0]
+    return "" if host.lower() == "localhost" else host
+
+
+def other_host_problem(uri: str) -> str | None:
+    """Why a ``file://`` URI naming another machine cannot be read, with the fix; None for any
+    other URI. ``file://server/p`` is ``/p`` on ``server`` (RFC 8089), never the relative path
+    ``server/p`` it was read as: a file of the same name under the working directory was read
+    (or written) in its place."""
+    host = file_uri_host(uri)
+    if not host:
+        return None
+    path = uri[len(FILE_PREFIX) + len(host):] or "/"
+    return (f"names a file on the host {host!r}, and file:// URIs reach this machine only; drop the "
+            f"host (file://{path}) if the file is here, or mount {host}'s share on this machine and "
+            "give its local path")
+
+
 def local_path(uri: str) -> str:
     """The filesystem path of a local URI: the one place a ``file://`` URI becomes a path.
 
     A ``file://`` URI is percent-decoded (RFC 8089: ``file:///my%20slides/a.svs`` names
     ``/my slides/a.svs``; taken as written it named a folder that does not exist), and its
-    ``localhost`` authority dropped; ``file:/path`` (no authority) is read the same. A plain path is a name, not a URI: ``%20`` in it stays literal.
-    Decoding here, once, keeps globs and listings working on the decoded path.
+    ``localhost`` authority dropped; ``file:/path`` (no authority) is read the same. Another
+    host's authority is an InputError (``other_host_problem``; the spec checks refuse it
+    first). A plain path is a name, not a URI: ``%20`` in it stays literal. Decoding here, once,
+    keeps globs and listings working on the decoded path.
     """
     if uri[: len(FILE_PREFIX)].lower() != FILE_PREFIX:
         # RFC 8089's short form, file:/path (no authority), as some tools write it
         return unquote(uri[len("file:"):]) if uri[: len("file:/")].lower() == "file:/" else uri
+    problem = other_host_problem(uri)
+    if problem is not None:
+        raise InputError(uri, problem)
     rest = uri[len(FILE_PREFIX):]
     if rest[: len("localhost/")].lower() == "localhost/":
         rest = rest[len("localhost"):]

@@ -19,7 +19,7 @@ import numpy as np
 
 from gpubatch.core.errors import SpecError
 from gpubatch.io.storage import expand_uris, missing_extra
-from gpubatch.io.uris import is_remote, local_path, protocol_of, split_glob
+from gpubatch.io.uris import is_remote, local_path, other_host_problem, protocol_of, split_glob
 from gpubatch.runtime.model_facts import OnnxInput, model_first_input, model_inputs, model_outputs
 from gpubatch.sources import get_source
 from gpubatch.sources.base import Shard
@@ -40,6 +40,19 @@ def _missing_filesystems(uris: list[str]) -> list[tuple[str, str]]:
         if hint:
             problems.append((f"input.uris[{i}]", f"{protocol_of(uri)}:// needs an extra package: {hint}"))
     return problems
+
+
+def check_file_hosts(job: JobSpec) -> None:
+    """Refuse every ``file://host/...`` location naming another machine, by field, before any
+    is read: ``file://server/p`` read as the relative path ``server/p`` read or wrote whatever
+    the working directory held under that name (uris.other_host_problem)."""
+    located = [(name, uri) for name, uri, _ in _spec_uris(job)]
+    if job.slide_model is not None:
+        located.append(("slide_model.path", job.slide_model.path))
+    problems = [(name, f"{uri} {problem}") for name, uri in located
+                if (problem := other_host_problem(uri)) is not None]
+    if problems:
+        raise SpecError(problems)
 
 
 def check_local_files(job: JobSpec) -> None:
@@ -350,6 +363,7 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
         from gpubatch.runtime.cluster import load_profile
 
         profile = load_profile(job.run.profile)
+    check_file_hosts(job)
     check_local_files(job)
     check_credentials(job, profile)
     check_model_input(job)
