@@ -198,24 +198,46 @@ def test_a_plan_made_ahead_is_used_only_by_the_job_it_was_made_for(slide_path: P
     assert "slides.planned_ahead" not in clocks.counters and other.attrs["tile_size"] == 32
 
 
-def gray_pyramid(path: Path, alpha: bool = False, size: int = 1024) -> Path:
-    """A tifffile-written two-level grayscale pyramid (SubIFDs) at 0.25 um/px: light glass (about
-    225) with a dark "tissue" blob, an ellipse centred at (384, 512) of radii 256 x 320. One sample
-    per pixel, JPEG; or (``alpha``) gray plus an opaque alpha sample, deflate."""
-    import tifffile
-
+def gray_blob(size: int = 1024) -> np.ndarray:
+    """(size, size) uint8 gray as displayed: light glass (about 225) with a dark "tissue" blob, an
+    ellipse centred at (384, 512) of radii 256 x 320 (``over_the_blob`` checks tiles against it)."""
     yy, xx = np.mgrid[0:size, 0:size]
     blob = ((xx - 384) / 256) ** 2 + ((yy - 512) / 320) ** 2 <= 1.0
     noise = np.random.default_rng(0).normal(0, 6, (size, size))
-    gray = np.clip(np.where(blob, 90, 225) + noise, 0, 255).astype(np.uint8)
-    image = np.dstack([gray, np.full_like(gray, 255)]) if alpha else gray
+    return np.clip(np.where(blob, 90, 225) + noise, 0, 255).astype(np.uint8)
+
+
+def gray_pyramid(path: Path, alpha: bool = False, size: int = 1024, white_is_zero: bool = False) -> Path:
+    """A tifffile-written two-level grayscale pyramid (SubIFDs) at 0.25 um/px of ``gray_blob``.
+    One sample per pixel, JPEG; or (``alpha``) gray plus an opaque alpha sample, deflate; or
+    (``white_is_zero``) one sample stored inverted under photometric MINISWHITE, deflate."""
+    import tifffile
+
+    gray = gray_blob(size)
+    image = np.dstack([gray, np.full_like(gray, 255)]) if alpha else 255 - gray if white_is_zero else gray
     kw: dict = ({"extrasamples": ["unassalpha"], "compression": "zlib", "planarconfig": "contig"} if alpha
-                else {"compression": "jpeg"})
+                else {"compression": "zlib" if white_is_zero else "jpeg"})
+    photometric = "miniswhite" if white_is_zero else "minisblack"
     with tifffile.TiffWriter(path) as tif:
-        tif.write(image, subifds=1, tile=(256, 256), photometric="minisblack",
+        tif.write(image, subifds=1, tile=(256, 256), photometric=photometric,
                   resolution=(40000, 40000), resolutionunit="CENTIMETER", **kw)
-        tif.write(image[::2, ::2], subfiletype=1, tile=(256, 256), photometric="minisblack", **kw)
+        tif.write(image[::2, ::2], subfiletype=1, tile=(256, 256), photometric=photometric, **kw)
     return path
+
+
+def tiles_over_the_blob(path: str, model: Path, out: Path) -> None:
+    """Run a job with Otsu tissue detection over a ``gray_blob`` slide: tiles come only from over
+    the blob, and each is gray in RGB (the same in every channel) and dark."""
+    job = slide_job([path], model, out / "out",
+                    tiles={"size": 128, "mpp": 0.25, "tissue": {"method": "otsu", "min_fraction": 0.5}})
+    result = gpubatch.run(write_job(out / "job.yaml", job), show_progress=False)
+    assert result.exit_code == 0, result.report.get("failed")
+    df = result.predictions()
+    cx, cy = df["x"].to_numpy() + 64, df["y"].to_numpy() + 64
+    assert len(df) >= 12  # the blob holds about 16 tiles of 128 px at least half inside it
+    assert (((cx - 384) / 256) ** 2 + ((cy - 512) / 320) ** 2 <= 1.2).all()  # over the blob only
+    means = df[["mean_0", "mean_1", "mean_2"]].to_numpy()
+    assert np.allclose(means, means[:, :1], atol=1e-6) and (means < 0.6).all()  # gray in RGB, dark
 
 
 @pytest.mark.parametrize("alpha", [False, True])
@@ -230,16 +252,23 @@ def test_a_grayscale_slide_yields_rgb_tiles_over_its_tissue(tmp_path: Path, mean
     assert box.shape == (512, 512, 3) and (box[..., 0] == box[..., 1]).all() and (box[..., 1] == box[..., 2]).all()
     backend.close()
     assert not tissue_mask(np.full((64, 64, 3), 225, np.uint8), grayscale=True).any()  # blank glass
-    job = slide_job([str(path)], mean_model, tmp_path / "out",
-                    tiles={"size": 128, "mpp": 0.25, "tissue": {"method": "otsu", "min_fraction": 0.5}})
-    result = gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
-    assert result.exit_code == 0
-    df = result.predictions()
-    cx, cy = df["x"].to_numpy() + 64, df["y"].to_numpy() + 64
-    assert len(df) >= 12  # the blob holds about 16 tiles of 128 px at least half inside it
-    assert (((cx - 384) / 256) ** 2 + ((cy - 512) / 320) ** 2 <= 1.2).all()  # over the blob only
-    means = df[["mean_0", "mean_1", "mean_2"]].to_numpy()
-    assert np.allclose(means, means[:, :1], atol=1e-6) and (means < 0.6).all()  # gray in RGB, dark
+    tiles_over_the_blob(str(path), mean_model, tmp_path)
+
+
+def test_a_white_is_zero_gray_tiff_read_by_openslide_is_gray(tmp_path: Path, mean_model: Path) -> None:
+    """A tiled gray TIFF stored white-is-zero (MINISWHITE) is left to openslide, which shows it
+    as gray (inverted to what it depicts). Its backend said colour, so detection looked for
+    stain colour and found none: it is known gray from the TIFF's own tags, and the tiles come
+    from over the dark blob only."""
+    path = gray_pyramid(tmp_path / "white0.tif", white_is_zero=True)
+    backend = open_slide(str(path), StageClocks())
+    try:
+        assert backend.info.backend == "openslide" and backend.grayscale
+        centre = backend.read_boxes(0, np.array([[384 - 8, 512 - 8, 16, 16]]), StageClocks())[0]
+        assert centre.mean() < 120  # the blob is dark as displayed: openslide inverted it
+    finally:
+        backend.close()
+    tiles_over_the_blob(str(path), mean_model, tmp_path)
 
 
 @pytest.mark.parametrize("access", ["stage", "stream"])

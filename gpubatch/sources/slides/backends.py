@@ -33,7 +33,7 @@ WHITE = 255
 JPEG = 7  # TIFF compression tag value
 #: TIFF compression tag values of JPEG 2000 (Aperio's two, and the standard one)
 JPEG2000 = (33003, 33004, 33005, 34712)
-YCBCR, RGB, MINISBLACK = 6, 2, 1  # TIFF photometric tag values
+YCBCR, RGB, MINISBLACK, MINISWHITE = 6, 2, 1, 0  # TIFF photometric tag values
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import numpy as np
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.sources.slides.backends import SlideBackend, SlideInfo, composite_on_white
-from gpubatch.sources.slides.tiff_backend import resolution_tag
+from gpubatch.sources.slides.tiff_backend import resolution_tag, tiff_stores_gray
 
 
 def _openslide_mpp_source(props: Any) -> str:
@@ -50,6 +50,7 @@ class OpenSlideBackend(SlideBackend):
             str(props.get("openslide.vendor", "unknown")), "openslide", _openslide_mpp_source(props) if mpp else "",
             mpp_y=float(mpp_y) if mpp and mpp_y else None,
         )
+        self.grayscale = tiff_stores_gray(path)  # a gray TIFF tifffile left to openslide (white is 0)
         #: openslide misses some corrupt JPEG data, so under strict a check runs first
         self.tile_check: Any = None  # integrity.StoredTileCheck, made on the first strict read
         self._unchecked: str | None = None  # why the tiles cannot be checked, once looked at

@@ -22,6 +22,7 @@ from gpubatch.sources.slides.backends import (
     JPEG2000,
     LENIENT_HINT,
     MINISBLACK,
+    MINISWHITE,
     RGB,
     WHITE,
     YCBCR,
@@ -136,13 +137,33 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
                             f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
 
 
+def stores_gray(page: Any) -> bool:
+    """A page of gray, black or white is 0, alone or with an alpha sample: a slide that tissue
+    detection must search for darkness, as gray has no stain colour (``SlideBackend.grayscale``)."""
+    samples = int(page.samplesperpixel)
+    one = samples == 1 or samples == 2 and len(page.extrasamples) == 1
+    return one and int(page.photometric) in (MINISBLACK, MINISWHITE)
+
+
 def _is_gray(page: Any) -> bool:
-    """A page of gray (black is 0), alone or with an alpha sample: read as RGB by :func:`as_rgb`.
+    """A gray page tifffile reads here (black is 0): read as RGB by :func:`as_rgb`.
 
     Other one-sample pages (white is 0, a palette) are left to openslide, which converts them.
     """
-    samples = int(page.samplesperpixel)
-    return int(page.photometric) == MINISBLACK and (samples == 1 or samples == 2 and len(page.extrasamples) == 1)
+    return int(page.photometric) == MINISBLACK and stores_gray(page)
+
+
+def tiff_stores_gray(path: str) -> bool:
+    """Whether a local file another reader opens (openslide) is a TIFF whose first page stores
+    gray: openslide hands gray back as RGB (white is 0 inverted to what it shows) and says
+    nothing of it, so the file's own tags are asked. False for anything tifffile cannot parse."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return stores_gray(tif.pages.first)
+    except Exception:  # noqa: BLE001 - not a TIFF (MRXS, NDPI's own quirks): colour, as before
+        return False
 
 
 class TiffBackend(TileGridBackend):
