@@ -95,12 +95,14 @@ WHITE = 255
 def write_dicom_wsi(image: np.ndarray, folder: str | Path, *, levels: int = 3, tile: int = 256,
                     pixel_spacing_mm: float = 0.00025, quality: int = 92, seed: int = 0,
                     magnification: float | None = 40.0, codec: str = "jpeg",
-                    name: str = "level") -> list[Path]:
+                    name: str = "level", gray: str | None = None) -> list[Path]:
     """Write ``image`` (h, w, 3 uint8) as a ``levels``-level DICOM-WSI series; one .dcm per level.
 
     Level n is ``image`` box-filtered by 2**n with pixel spacing ``pixel_spacing_mm * 2**n``.
     ``codec``: "jpeg" (baseline, YBR_FULL_422: what scanners write, and OpenSlide 4 reads) or
     "jpegls" (JPEG-LS lossless, RGB: valid DICOM that OpenSlide 4 refuses and wsidicom reads).
+    ``gray``: "MONOCHROME2" (black is 0) or "MONOCHROME1" (white is 0, stored inverted): one
+    sample per pixel, the first channel of ``image`` as displayed (OpenSlide 4 reads neither).
     Returns the written paths (``{name}{n}.dcm``), level 0 first.
     """
     out = Path(folder)
@@ -109,7 +111,8 @@ def write_dicom_wsi(image: np.ndarray, folder: str | Path, *, levels: int = 3, t
     paths = []
     for index, level in enumerate(pyramid(image, levels)):
         ds = _wsi_dataset(level, index, uids, tile, pixel_spacing_mm * 2**index, magnification)
-        frames = _encode_frames(ds, level, tile, codec, quality)
+        frames = _encode_frames(ds, level, tile, codec, quality) if gray is None else \
+            _encode_gray_frames(ds, level, tile, codec, quality, gray)
         ds.NumberOfFrames = len(frames)
         ds.PixelData = encapsulate(frames)
         ds["PixelData"].VR = "OB"
@@ -132,6 +135,26 @@ def _encode_frames(ds: Dataset, level: np.ndarray, tile: int, codec: str, qualit
         raise ValueError(f"codec must be 'jpeg' or 'jpegls', got {codec!r}")
     ds.file_meta.TransferSyntaxUID = JPEGLSLossless
     ds.PhotometricInterpretation = "RGB"
+    ds.LossyImageCompression = "00"
+    del ds.LossyImageCompressionMethod
+    return [bytes(imagecodecs.jpegls_encode(t)) for t in tiles]
+
+
+def _encode_gray_frames(ds: Dataset, level: np.ndarray, tile: int, codec: str, quality: int,
+                        photometric: str) -> list[bytes]:
+    """The level's first channel as one-sample frames, inverted for MONOCHROME1 (white is 0)."""
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"gray must be 'MONOCHROME1' or 'MONOCHROME2', got {photometric!r}")
+    tiles = [np.ascontiguousarray(t[..., 0] if photometric == "MONOCHROME2" else WHITE - t[..., 0])
+             for t in _tiles(level, tile)]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    del ds.PlanarConfiguration  # type 1C: only where there is more than one sample
+    if codec == "jpeg":
+        return [bytes(imagecodecs.jpeg8_encode(t, level=quality)) for t in tiles]
+    if codec != "jpegls":
+        raise ValueError(f"codec must be 'jpeg' or 'jpegls', got {codec!r}")
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
     ds.LossyImageCompression = "00"
     del ds.LossyImageCompressionMethod
     return [bytes(imagecodecs.jpegls_encode(t)) for t in tiles]

@@ -271,6 +271,40 @@ def test_a_white_is_zero_gray_tiff_read_by_openslide_is_gray(tmp_path: Path, mea
     tiles_over_the_blob(str(path), mean_model, tmp_path)
 
 
+def test_a_monochrome2_dicom_slide_is_read_gray_and_tiled_over_its_tissue(tmp_path: Path, mean_model: Path) -> None:
+    """A DICOM-WSI series of one gray sample (MONOCHROME2, which OpenSlide 4 refuses) was
+    refused by wsidicom's backend as "not RGB"; it is read, known gray, and tiled over its blob."""
+    from pathology_files import write_dicom_wsi
+
+    from gpubatch.sources.slides.open import open_slide_input
+
+    folder = tmp_path / "mono2"
+    write_dicom_wsi(np.repeat(gray_blob()[..., None], 3, axis=-1), folder, levels=2, gray="MONOCHROME2")
+    backend = open_slide_input(str(folder / "level0.dcm"), StageClocks())
+    try:
+        assert backend.info.backend == "wsidicom" and backend.grayscale
+        assert backend.info.mpp == pytest.approx(0.25)
+    finally:
+        backend.close()
+    tiles_over_the_blob(str(folder), mean_model, tmp_path)
+
+
+def test_a_monochrome1_dicom_slide_is_refused_saying_why(tmp_path: Path) -> None:
+    """MONOCHROME1 (white is 0) is not a photometric interpretation the DICOM-WSI standard allows,
+    and wsidicom drops such files unread ("Level files not found"); the refusal says so."""
+    from pathology_files import write_dicom_wsi
+
+    from gpubatch.sources.slides.open import open_slide_input
+
+    folder = tmp_path / "mono1"
+    write_dicom_wsi(np.repeat(gray_blob(512)[..., None], 3, axis=-1), folder, levels=1, gray="MONOCHROME1")
+    for uri in (str(folder), str(folder / "level0.dcm")):
+        with pytest.raises(InputError) as err:
+            open_slide_input(uri, StageClocks())
+        assert err.value.message.startswith("its PhotometricInterpretation is MONOCHROME1 (white is 0)")
+        assert "MONOCHROME2" in err.value.message
+
+
 @pytest.mark.parametrize("access", ["stage", "stream"])
 def test_a_remote_grayscale_slide_is_known_gray_staged_or_streamed(tmp_path: Path, access: str) -> None:
     """Tissue detection asks the backend whether the slide is gray: a staged slide's wrapper

@@ -14,6 +14,10 @@ so a user who pointed a job at the wrong series learns that from the error alone
 Frames are read on the level's own tile grid like TIFF tiles: fetched as encoded bytes (the
 storage part), decoded once each (the decode part), edge frames shared by two read blocks kept
 between them. Label and overview images are never read; only the allowlisted ``SlideInfo`` leaves.
+
+Gray series (one sample, MONOCHROME2) are read as RGB with the gray in every channel and said to
+be gray (``grayscale``), so tissue detection looks for darkness, not stain colour. MONOCHROME1
+(white is 0) is refused by name: DICOM-WSI does not allow it, and wsidicom drops it unread.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
-HEADER_TAGS = ("SOPClassUID", "SeriesInstanceUID")
+HEADER_TAGS = ("SOPClassUID", "SeriesInstanceUID", "PhotometricInterpretation")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 #: transfer syntaxes whose frames libjpeg-turbo entropy-checks under tiles.integrity: strict (baseline, extended)
 JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
@@ -59,6 +63,7 @@ class DicomHeader:
     path: str
     sop_class: str
     series_uid: str
+    photometric: str = ""
 
     @property
     def is_wsi(self) -> bool:
@@ -111,7 +116,7 @@ def read_header(fs: RetriedFS, path: str, size: int) -> DicomHeader | None:
         return None
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
-    return DicomHeader(path, sop_class, str(ds.get("SeriesInstanceUID", "")))
+    return DicomHeader(path, sop_class, str(ds.get("SeriesInstanceUID", "")), str(ds.get("PhotometricInterpretation", "")))
 
 
 def _files(fs: RetriedFS, folder: str) -> list[dict[str, Any]]:
@@ -166,6 +171,7 @@ def _series_of_folder(fs: RetriedFS, folder: str, uri: str) -> list[str]:
     if len(series) > 1:
         raise InputError(redact(uri), f"folder holds {len(series)} DICOM-WSI series; list its "
                                       "files (folder/*.dcm) to read each series as a slide")
+    _refuse_white_is_zero(wsi, uri)
     return [h.path for h in wsi]
 
 
@@ -178,8 +184,19 @@ def _series_of_file(fs: RetriedFS, path: str, uri: str) -> list[str]:
     if not header.is_wsi:
         raise InputError(redact(uri), not_a_slide_message(header.sop_class))
     siblings = folder_headers(fs, posixpath.dirname(path) or ".")
-    same = {h.path for h in siblings if h.is_wsi and h.series_uid == header.series_uid}
-    return sorted(same | {path})
+    same = [h for h in siblings if h.is_wsi and h.series_uid == header.series_uid]
+    _refuse_white_is_zero([header, *same], uri)
+    return sorted({h.path for h in same} | {path})
+
+
+def _refuse_white_is_zero(headers: Sequence[DicomHeader], uri: str) -> None:
+    """MONOCHROME1 (white is 0) is refused by name: the DICOM-WSI standard does not allow it
+    (gray slides are MONOCHROME2), and wsidicom drops such files unread, leaving only "Level
+    files not found" to explain a series it was handed whole."""
+    if any(h.photometric == "MONOCHROME1" for h in headers):
+        raise InputError(redact(uri), "its PhotometricInterpretation is MONOCHROME1 (white is 0), which "
+                                      "DICOM-WSI does not allow and wsidicom does not read; gray slides are "
+                                      "MONOCHROME2: invert the frames and rewrite the series as MONOCHROME2")
 
 
 def not_a_slide_message(sop_class: str) -> str:
@@ -193,6 +210,14 @@ def _no_wsi_message(headers: Sequence[DicomHeader]) -> str:
     classes = sorted({describe_sop_class(h.sop_class) for h in headers})
     return (f"folder holds {len(headers)} DICOM file(s) but no whole-slide image; SOP classes "
             "found: " + ", ".join(classes))
+
+
+def _pixel_kind(data: Any) -> str | None:
+    """'gray' (one sample, MONOCHROME2), 'RGB' (three samples) or None for a level's image data."""
+    samples = int(data.samples_per_pixel)
+    if samples == 1 and str(data.photometric_interpretation) == "MONOCHROME2":
+        return "gray"
+    return "RGB" if samples == 3 else None
 
 
 class WsiDicomBackend(TileGridBackend):
@@ -221,14 +246,22 @@ class WsiDicomBackend(TileGridBackend):
             clocks.count("storage.files", len(files))
         self.levels = list(self.slide.levels)
         self.data = [lv.default_instance.image_data for lv in self.levels]
-        for level, data in enumerate(self.data):
-            if int(data.samples_per_pixel) != 3:
-                raise InputError(self.path, f"level {level} has {data.samples_per_pixel} samples per "
-                                            "pixel; an RGB (3-sample) slide was expected")
+        self.grayscale = self._gray()
         self.grids = [TileGrid(int(lv.size.width), int(lv.size.height), int(d.tile_size.width),
                                int(d.tile_size.height)) for lv, d in zip(self.levels, self.data, strict=True)]
         self.cache = DecodedTileCache(cache_bytes)
         self.info = self._slide_info()
+
+    def _gray(self) -> bool:
+        """Whether the levels store gray (one sample, MONOCHROME2), for tissue detection to look
+        for darkness, not stain colour; every level must be gray, or every level RGB (3 samples)."""
+        kinds = [_pixel_kind(d) for d in self.data]
+        for level, (kind, data) in enumerate(zip(kinds, self.data, strict=True)):
+            if kind is None or kind != kinds[0]:
+                raise InputError(self.path, f"level {level} has {data.samples_per_pixel} sample(s) per pixel "
+                                            f"({data.photometric_interpretation}); a slide is RGB (3 samples) "
+                                            "or gray (1, MONOCHROME2), the same at every level")
+        return kinds[0] == "gray"
 
     def _slide_info(self) -> SlideInfo:
         dims = tuple((g.width, g.height) for g in self.grids)
@@ -304,6 +337,6 @@ def open_dicom(uri: str, clocks: StageClocks, options: dict[str, Any] | None = N
         try:
             return WsiDicomBackend(uri, clocks, options=options)
         except InputError as second:
-            if "SOP Class" in second.message or "not a DICOM file" in second.message:
+            if any(own in second.message for own in ("SOP Class", "not a DICOM file", "MONOCHROME1")):
                 raise
             raise InputError(second.input_uri, f"{second.message}; openslide: {first.message}") from None
