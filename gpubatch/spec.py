@@ -323,8 +323,10 @@ class JobSpec(_Strict):
         return {"backend": self.slide_model.backend, "features": self.slide_model.features,
                 "sha256": file_sha256(path) if local else path}
 
-    def result_hash(self) -> str:
-        text = json.dumps(self.result_fields(), sort_keys=True)
+    def result_hash(self, fields: dict[str, Any] | None = None) -> str:
+        """sha256 of :meth:`result_fields`, or of ``fields`` when the caller has them already: a
+        run computes them once (a remote BED's or reference's version is a HEAD each time)."""
+        text = json.dumps(fields if fields is not None else self.result_fields(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 
