@@ -92,3 +92,59 @@ def test_a_remote_bed_is_asked_for_its_version_once_per_run(s3: S3Stack, tmp_pat
 
     with pytest.raises(SpecError, match="windows.regions_version"):
         run_job(job, profile="inline", resume=True, show_progress=False)
+
+
+# -- a reference's version covers its indexes -----------------------------------------------------
+
+
+def _reordered(fai: Path) -> bytes:
+    """The index with its lines in another order: every check against the FASTA passes (they go
+    by offset), but the contig table's order, and so the plan's windows over ``genome`` and
+    which shard holds which, is another."""
+    lines = fai.read_bytes().splitlines(keepends=True)
+    return b"".join(lines[::-1])
+
+
+def test_a_rebuilt_index_is_a_changed_result_field_locally(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The FASTA is unchanged and its .fai lists the contigs in another order (samtools would
+    not, a hand-edited or merged index may): the kept shards would hold other windows than the
+    plan's same shards. --resume is refused, naming the field."""
+    from conftest import write_job
+
+    from gpubatch.cli.main import main
+
+    fasta = write_fasta(tmp_path / "ref.fa", CONTIGS)
+    spec = write_job(tmp_path / "job.yaml", genome_spec(tmp_path, str(fasta)))
+    assert main(["run", str(spec)]) == 0
+    fai = Path(f"{fasta}.fai")
+    stat = fasta.stat()
+    fai.write_bytes(_reordered(fai))
+    assert fasta.stat().st_mtime == stat.st_mtime  # the FASTA itself is as it was
+    capsys.readouterr()
+    assert main(["run", str(spec), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "windows.reference_version" in err and "--overwrite" in err
+    assert main(["run", str(spec), "--overwrite"]) == 0
+
+
+def test_a_remote_index_changed_since_the_run_is_refused(s3: S3Stack, tmp_path: Path) -> None:
+    """The same on object storage, for a bgzip FASTA: its .fai's ETag, and its .gzi's, are in
+    the reference's version; a .fai written over between the run and --resume is refused."""
+    from gpubatch.core.errors import SpecError
+    from gpubatch.runtime.runner import run_job
+
+    gz = write_fasta(tmp_path / "ref.fa.gz", CONTIGS, bgzip=True)
+    uri = s3.upload(gz, "ref/ref.fa.gz")
+    s3.upload(Path(f"{gz}.fai"), "ref/ref.fa.gz.fai")
+    s3.upload(Path(f"{gz}.gzi"), "ref/ref.fa.gz.gzi")
+    job = JobSpec.model_validate(genome_spec(tmp_path, uri, s3.options()))
+    version = job.result_fields()["windows"]["reference_version"]
+    assert [part.split(" ")[0] for part in version.split("; ")] == ["fasta", "fai", "gzi"]
+    assert all(" etag:" in part for part in version.split("; "))
+    assert run_job(job, profile="inline", show_progress=False).exit_code == 0
+    s3.upload_bytes(_reordered(Path(f"{gz}.fai")), "ref/ref.fa.gz.fai")
+    with pytest.raises(SpecError, match="windows.reference_version"):
+        run_job(job, profile="inline", resume=True, show_progress=False)
+    gzi = Path(f"{gz}.gzi").read_bytes()
+    s3.upload_bytes(gzi + bytes(16), "ref/ref.fa.gz.gzi")  # another .gzi: another version
+    assert job.result_fields()["windows"]["reference_version"].split("; ")[2] != version.split("; ")[2]
