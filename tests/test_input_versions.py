@@ -148,3 +148,31 @@ def test_a_remote_index_changed_since_the_run_is_refused(s3: S3Stack, tmp_path: 
     gzi = Path(f"{gz}.gzi").read_bytes()
     s3.upload_bytes(gzi + bytes(16), "ref/ref.fa.gz.gzi")  # another .gzi: another version
     assert job.result_fields()["windows"]["reference_version"].split("; ")[2] != version.split("; ")[2]
+
+
+# -- one HEAD per streamed slide -----------------------------------------------------------------
+
+
+def test_a_streamed_shard_heads_its_slide_once(s3: S3Stack, tmp_path: Path, slides_dir: Path,
+                                               mean_model: Path) -> None:
+    """The slide's open asks its size and version (a HEAD), and the shard asked its identity
+    beside it (a second HEAD of the same object, same answer). The open's answer is the shard's
+    start identity now: one HEAD per streamed shard, its reads pinned to that version (so no
+    HEAD after it either), and the identity committed is still the object's."""
+    from conftest import slide_job, write_job
+
+    import gpubatch
+
+    uris = [s3.upload(p, f"heads/{p.name}") for p in sorted(slides_dir.glob("*.tif"))[:2]]
+    job = slide_job(uris, mean_model, tmp_path / "out", run={"stage_ahead": 0})
+    job["input"].update(storage=s3.options(), access="stream")
+    s3.proxy.reset()
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 0, result.report["failed"]
+    assert {u: s3.proxy.heads.get(u.removeprefix("s3://"), 0) for u in uris} == dict.fromkeys(uris, 1)
+    etags = {u: s3.fs().info(u)["ETag"].strip('"') for u in uris}
+    from gpubatch.outputs.manifest import Manifest
+    from gpubatch.outputs.store import OutputStore
+
+    committed = {e.input: e.input_identity for e in Manifest(OutputStore(str(tmp_path / "out"))).iter_committed()}
+    assert {u: committed[u]["etag"] for u in uris} == etags

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import traceback
+from concurrent.futures import Future
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks
@@ -93,6 +94,20 @@ def _read_again_if_changed(exc: BaseException, uri: str, identity: Any, options:
     return InputChanged(uri, f"{exc.message}; the input changed while it was read, so the shard is read again")
 
 
+def _ask_identity(shard: Shard, job: JobSpec) -> Future[dict[str, Any]]:
+    """The input's identity, asked in the background (a HEAD on object storage: a round trip)."""
+    return background_pool("identity", 4).submit(input_identity, shard.input_uri, job.input.storage)
+
+
+def _known(found: dict[str, Any] | None) -> Future[dict[str, Any]] | None:
+    """An identity the open found, as the finished future the worker holds identities in."""
+    if found is None:
+        return None
+    done: Future[dict[str, Any]] = Future()
+    done.set_result(found)
+    return done
+
+
 def _forget_stale(source: Source, job: JobSpec, shard: Shard) -> None:
     """The input changed: drop what this worker holds of it, so the next attempt reads the new
     version (a failure here leaves the attempt's own error standing)."""
@@ -164,15 +179,18 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
     clocks = StageClocks()
     store = OutputStore(ctx.outdir, ctx.output_options)
     writer: ShardWriter | None = None
-    identity = None
+    identity: Future[dict[str, Any]] | None = None
     try:
-        # the input's identity (a HEAD on object storage: a round trip) is asked beside the open
-        identity = background_pool("identity", 4).submit(input_identity, shard.input_uri, job.input.storage)
+        # the input's identity (a HEAD on object storage: a round trip) is asked beside the open,
+        # unless the open asks it anyway (a streamed slide): then its answer is taken after
+        if not source.open_finds_identity(job, shard):
+            identity = _ask_identity(shard, job)
         model = get_model(ctx.model_path, ctx.backend, ctx.precision, ctx.threads)
         head = SlideHead.for_job(job, ctx.threads)
         warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)
         with clocks.part("open"):
             reader = source.open(shard, job, clocks)
+        identity = identity or _known(reader.input_identity()) or _ask_identity(shard, job)
         with reader:
             attrs = {**reader.attrs, "model_sha256": ctx.model_sha256, "backend": model.backend,
                      "precision": ctx.precision, "gpubatch_version": ctx.version}

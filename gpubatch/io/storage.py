@@ -301,7 +301,7 @@ def input_identity(uri: str, options: dict[str, Any] | None = None) -> dict[str,
         info = stat(uri, options, RetryPolicy(attempts=3))
     except InputError:
         return {"size": None}
-    return _identity(uri, info)
+    return identity_of(uri, info)
 
 
 def file_version(uri: str, options: dict[str, Any] | None = None, *, digest: bool = True) -> str | None:
@@ -328,7 +328,8 @@ def file_version(uri: str, options: dict[str, Any] | None = None, *, digest: boo
     return f"etag:{info['etag']}" if info.get("etag") else f"size:{info['size']},mtime:{info.get('mtime')}"
 
 
-def _identity(uri: str, info: dict[str, Any]) -> dict[str, Any]:
+def identity_of(uri: str, info: dict[str, Any]) -> dict[str, Any]:
+    """:func:`input_identity` from a :func:`stat` answer the caller has already (a slide's open)."""
     if not is_remote(uri):
         return {"size": info["size"], "mtime": info["mtime"]}
     return {"size": info["size"], "etag": info["etag"], "mtime": info["mtime"]}
@@ -352,7 +353,7 @@ def input_changed(uri: str, before: dict[str, Any], options: dict[str, Any] | No
     if before.get("etag") is None and before.get("mtime") is None:
         return None  # a prefix (an OME-Zarr image, a DICOM series): no one version to compare
     try:
-        after = _identity(uri, stat(uri, options, RetryPolicy(attempts=3)))
+        after = identity_of(uri, stat(uri, options, RetryPolicy(attempts=3)))
     except InputError as exc:
         if not exc.message.startswith("object not found"):
             raise
