@@ -176,3 +176,99 @@ def test_a_streamed_shard_heads_its_slide_once(s3: S3Stack, tmp_path: Path, slid
 
     committed = {e.input: e.input_identity for e in Manifest(OutputStore(str(tmp_path / "out"))).iter_committed()}
     assert {u: committed[u]["etag"] for u in uris} == etags
+
+
+# -- servers S3 is not: weak ETags, no Content-Length --------------------------------------------
+
+
+class FileServer:
+    """A threaded HTTP/1.1 server on loopback for files held in memory: HEAD, GET and single
+    byte ranges, answering each file's ``etag`` header as given (None: none) and, when
+    ``lengths`` is off, no Content-Length (the body ends with the connection). Every request's
+    method, path and If-Match header are kept."""
+
+    def __init__(self, files: dict[str, bytes], etag: str | None, lengths: bool = True):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.files, self.etag, self.lengths = files, etag, lengths
+        self.requests: list[tuple[str, str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if lengths else "HTTP/1.0"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+                self._answer(body=False)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(body=True)
+
+            def _answer(self, body: bool) -> None:
+                server.requests.append((self.command, self.path, self.headers.get("If-Match")))
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                lo, hi, status = 0, len(data), 200
+                wanted = self.headers.get("Range")
+                if wanted and body:
+                    a, _, b = wanted.removeprefix("bytes=").partition("-")
+                    lo, hi, status = int(a), min(int(b) + 1 if b else len(data), len(data)), 206
+                self.send_response(status)
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
+                if server.etag is not None:
+                    self.send_header("ETag", server.etag)
+                if server.lengths:
+                    self.send_header("Content-Length", str(hi - lo))
+                self.send_header("Last-Modified", "Mon, 07 Dec 2026 10:00:00 GMT")
+                self.end_headers()
+                if body:
+                    self.wfile.write(data[lo:hi])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        import threading
+
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def count(self, method: str, path: str) -> int:
+        return sum(1 for m, p, _ in self.requests if (m, p) == (method, path))
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_weak_etag_pins_nothing_and_the_report_says_which_inputs(tmp_path: Path, slides_dir: Path,
+                                                                     mean_model: Path) -> None:
+    """A server's weak ETag (``W/"..."``) is no version If-Match may name (RFC 9110: strong
+    comparison; a server must answer 412). Its slides are read unpinned: no If-Match sent, a HEAD
+    after each shard (the open's and that one: two per slide), and the report's notes say in one
+    line which inputs could not be pinned and why."""
+    from conftest import slide_job, write_job
+
+    import gpubatch
+
+    slides = sorted(slides_dir.glob("*.tif"))[:2]
+    server = FileServer({f"/weak/{p.name}": p.read_bytes() for p in slides}, etag='W/"v1"')
+    try:
+        uris = [f"{server.url}/weak/{p.name}" for p in slides]
+        job = slide_job(uris, mean_model, tmp_path / "out", run={"stage_ahead": 0})
+        job["input"].update(access="stream")
+        result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+        assert result.exit_code == 0, result.report["failed"]
+        assert result.report["counters"].get("storage.client.obstore", 0) >= 2  # the client that pins
+        assert server.requests and not any(if_match for _, _, if_match in server.requests)
+        assert [server.count("HEAD", f"/weak/{p.name}") for p in slides] == [2, 2]
+        notes = [n for n in result.report["notes"] if "not pinned" in n]
+        assert len(notes) == 1 and notes[0].startswith("2 inputs (") and "weak" in notes[0], notes
+        assert all(u in notes[0] for u in uris)
+    finally:
+        server.close()

@@ -31,6 +31,7 @@ from gpubatch.engine.slide_head import BagSink, SlideHead
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
 from gpubatch.io.storage import input_changed, input_identity
+from gpubatch.io.uris import is_remote
 from gpubatch.models.base import Model, get_model
 from gpubatch.outputs.layout import new_attempt
 from gpubatch.outputs.manifest import Manifest
@@ -71,6 +72,21 @@ def unchanged_while_read(uri: str, before: dict[str, Any], options: dict[str, An
     if after is not None:
         raise InputChanged(uri, f"the input changed while it was read ({_what_changed(before, after)}): "
                                 "its outputs would mix two versions; the shard is read again")
+
+
+def unpinned_note(uri: str, identity: dict[str, Any]) -> str | None:
+    """The shard's note where its object's reads could not be pinned to one version: no ETag, or
+    a weak one (``W/``: If-Match never matches it, so none is sent, which would only draw 412s).
+    The HEAD after the shard is then all the check there is; the report folds the note into one
+    line for the run, naming the inputs, so a user sees which inputs had no version to pin."""
+    if not is_remote(uri) or identity.get("size") is None or identity.get("mtime") is None and not identity.get("etag"):
+        return None  # local, missing, or a prefix (no one version to pin)
+    etag = identity.get("etag")
+    if etag and not str(etag).startswith("W/"):
+        return None
+    why = "its ETag is weak (W/)" if etag else "the server gives no ETag"
+    return (f"reads not pinned to one version: {why}, so If-Match cannot hold them to it; a HEAD "
+            "after each shard checks the object did not change (size and ETag or mtime)")
 
 
 def _what_changed(before: dict[str, Any], after: dict[str, Any]) -> str:
@@ -205,6 +221,9 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             if items == 0 and head is None:
                 writer.write(*empty())
             wall = time.perf_counter() - t0
+            note = unpinned_note(shard.input_uri, identity.result())
+            if note:
+                reader.attrs["notes"] = [*reader.attrs.get("notes", []), note]
             writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)
             unchanged_while_read(shard.input_uri, identity.result(), job.input.storage, reader.input_version())
             part = writer.commit()
