@@ -185,12 +185,14 @@ class FileServer:
     """A threaded HTTP/1.1 server on loopback for files held in memory: HEAD, GET and single
     byte ranges, answering each file's ``etag`` header as given (None: none) and, when
     ``lengths`` is off, no Content-Length (the body ends with the connection). Every request's
-    method, path and If-Match header are kept."""
+    method, path and If-Match header are kept; ``get_etags`` writes an object over between GETs."""
 
     def __init__(self, files: dict[str, bytes], etag: str | None, lengths: bool = True):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.files, self.etag, self.lengths = files, etag, lengths
+        #: the next GETs' ETags, one each (then ``etag``): an object written over after them
+        self.get_etags: list[str] = []
         self.requests: list[tuple[str, str, str | None]] = []
         server = self
 
@@ -222,8 +224,9 @@ class FileServer:
                 self.send_response(status)
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
-                if server.etag is not None:
-                    self.send_header("ETag", server.etag)
+                etag = server.get_etags.pop(0) if body and server.get_etags else server.etag
+                if etag is not None:
+                    self.send_header("ETag", etag)
                 if server.lengths:
                     self.send_header("Content-Length", str(hi - lo))
                 self.send_header("Last-Modified", "Mon, 07 Dec 2026 10:00:00 GMT")
@@ -270,5 +273,33 @@ def test_a_weak_etag_pins_nothing_and_the_report_says_which_inputs(tmp_path: Pat
         notes = [n for n in result.report["notes"] if "not pinned" in n]
         assert len(notes) == 1 and notes[0].startswith("2 inputs (") and "weak" in notes[0], notes
         assert all(u in notes[0] for u in uris)
+    finally:
+        server.close()
+
+
+def test_a_download_of_unknown_size_is_checked_to_be_the_version_listed(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that gives no Content-Length (HTTP/1.0, the body ends with the connection): the
+    stage cache downloads such an object in one GET, which no range read pins. The GET's own
+    ETag is checked against the listing's: another one (the object written over between them)
+    is InputChanged, so the shard is read again; the same one stages the file with no HEAD more.
+    (Reached through fsspec: obstore refuses a HEAD without Content-Length.)"""
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.core.errors import InputChanged
+    from gpubatch.io.stage_cache import StageCache
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "fsspec")
+    body = b"a slide only openslide reads " * 100
+    server = FileServer({"/s/a.svs": body}, etag='"v1"', lengths=False)
+    try:
+        uri = f"{server.url}/s/a.svs"
+        with StageCache(str(tmp_path / "stage")).open(uri, None, StageClocks()) as staged:
+            assert Path(staged.path).read_bytes() == body and staged.etag == "v1"
+        heads, gets = server.count("HEAD", "/s/a.svs"), server.count("GET", "/s/a.svs")
+        server.get_etags = ['"v1"'] * (gets - 1)  # the listing's own GETs (fsspec's info asks one)
+        server.etag = '"v2"'  # then the object is written over: the download's GET is of v2
+        with pytest.raises(InputChanged, match="ETag v1 listed, v2 downloaded"):
+            StageCache(str(tmp_path / "stage2")).open(uri, None, StageClocks())
+        assert server.count("HEAD", "/s/a.svs") == 2 * heads  # the listing's, no HEAD after
     finally:
         server.close()
