@@ -291,6 +291,7 @@ class JobSpec(_Strict):
                    if data.get("windows") else None)
         if windows is not None:
             windows["regions_version"] = self._regions_version()
+            windows["reference_version"] = self._reference_version()
         return {"kind": self.kind, "tiles": tiles, "windows": windows, "model": model,
                 "formats": sorted(self.output.formats), "slide_model": self._slide_model_fields()}
 
@@ -299,17 +300,30 @@ class JobSpec(_Strict):
         run of the plan's windows, so a BED mended between a run and its ``--resume`` (a line
         fixed, added or removed) moves every later shard's windows, and kept shards would lose
         some and double others. None for region strings and ``genome``."""
-        from gpubatch.core.files import file_sha256
-        from gpubatch.io.storage import input_identity
-        from gpubatch.io.uris import local_path
+        from gpubatch.io.storage import file_version
 
         regions = self.windows.regions if self.windows is not None else None
         if not isinstance(regions, str) or regions == "genome":
             return None
-        if not is_remote(regions):
-            return f"sha256:{file_sha256(local_path(regions))}" if os.path.isfile(local_path(regions)) else None
-        found = input_identity(regions, self.input.storage)  # a HEAD; a region string finds nothing
-        return f"etag:{found['etag']}" if found.get("etag") else None
+        return file_version(regions, self.input.storage)
+
+    def _reference_version(self) -> str | None:
+        """The reference's version with its indexes': the FASTA's (size and mtime, or ETag), its
+        ``.fai``'s and ``.gzi``'s (sha256, or ETag); a genome zarr's metadata's. A shard records
+        the FASTA's identity alone, so an index rebuilt between a run and its ``--resume`` (other
+        offsets, lengths or blocks: other bases in the same windows) went unseen; now it is a
+        changed result field. None where nothing is found (the plan names what is missing)."""
+        from gpubatch.io.storage import file_version
+
+        if self.windows is None:
+            return None
+        uri, storage = self.windows.reference, self.input.storage
+        fasta = file_version(uri, storage, digest=False)
+        if fasta is None:  # a genome zarr (folder or prefix): its metadata is written last by the ingest
+            meta = file_version(uri.rstrip("/") + "/zarr.json", storage, digest=False)
+            return f"zarr.json {meta}" if meta else None
+        found = ((ext, file_version(f"{uri}.{ext}", storage)) for ext in ("fai", "gzi"))
+        return "; ".join([f"fasta {fasta}", *(f"{ext} {v}" for ext, v in found if v)])
 
     def _slide_model_fields(self) -> dict[str, Any] | None:
         """The slide head's settings and, for a local file, its sha256 (its outputs are committed
@@ -323,8 +337,10 @@ class JobSpec(_Strict):
         return {"backend": self.slide_model.backend, "features": self.slide_model.features,
                 "sha256": file_sha256(path) if local else path}
 
-    def result_hash(self) -> str:
-        text = json.dumps(self.result_fields(), sort_keys=True)
+    def result_hash(self, fields: dict[str, Any] | None = None) -> str:
+        """sha256 of :meth:`result_fields`, or of ``fields`` when the caller has them already: a
+        run computes them once (a remote BED's or reference's version is a HEAD each time)."""
+        text = json.dumps(fields if fields is not None else self.result_fields(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 

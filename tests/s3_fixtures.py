@@ -65,8 +65,9 @@ class FaultProxy:
                                       "GET": 0, "HEAD": 0, "write_errors": 0}
         #: the signing headers of the last reads (Authorization, x-amz-security-token), newest last
         self.signatures: list[dict[str, str]] = []
-        #: GET requests per object key
+        #: GET and HEAD requests per object key
         self.gets: dict[str, int] = {}
+        self.heads: dict[str, int] = {}
         #: GET requests per key that read from byte 0 (whole objects, and a slide's header: an opening)
         self.from_start: dict[str, int] = {}
         #: per key, whether each of those GETs was in flight at once with a HEAD of the key
@@ -98,6 +99,7 @@ class FaultProxy:
             self.stats = dict.fromkeys(self.stats, 0)
             self.signatures = []
             self.gets = {}
+            self.heads = {}
             self.from_start = {}
             self.from_start_beside_head = {}
             self._heads_open = {}
@@ -123,6 +125,7 @@ class FaultProxy:
                 return "forward"
             key = _key(path)
             if method == "HEAD":
+                self.heads[key] = self.heads.get(key, 0) + 1
                 self._heads_open[key] = self._heads_open.get(key, 0) + 1
                 for index in self._from_start_open.get(key, ()):
                     self.from_start_beside_head[key][index] = True

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import traceback
+from concurrent.futures import Future
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks
@@ -30,6 +31,7 @@ from gpubatch.engine.slide_head import BagSink, SlideHead
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
 from gpubatch.io.storage import input_changed, input_identity
+from gpubatch.io.uris import is_remote
 from gpubatch.models.base import Model, get_model
 from gpubatch.outputs.layout import new_attempt
 from gpubatch.outputs.manifest import Manifest
@@ -72,6 +74,21 @@ def unchanged_while_read(uri: str, before: dict[str, Any], options: dict[str, An
                                 "its outputs would mix two versions; the shard is read again")
 
 
+def unpinned_note(uri: str, identity: dict[str, Any]) -> str | None:
+    """The shard's note where its object's reads could not be pinned to one version: no ETag, or
+    a weak one (``W/``: If-Match never matches it, so none is sent, which would only draw 412s).
+    The HEAD after the shard is then all the check there is; the report folds the note into one
+    line for the run, naming the inputs, so a user sees which inputs had no version to pin."""
+    if not is_remote(uri) or identity.get("size") is None or identity.get("mtime") is None and not identity.get("etag"):
+        return None  # local, missing, or a prefix (no one version to pin)
+    etag = identity.get("etag")
+    if etag and not str(etag).startswith("W/"):
+        return None
+    why = "its ETag is weak (W/)" if etag else "the server gives no ETag"
+    return (f"reads not pinned to one version: {why}, so If-Match cannot hold them to it; a HEAD "
+            "after each shard checks the object did not change (size and ETag or mtime)")
+
+
 def _what_changed(before: dict[str, Any], after: dict[str, Any]) -> str:
     """``size 10 -> 12, etag a -> b``: the fields of an identity that differ."""
     keys = [k for k in ("size", "etag", "mtime") if k in before or k in after]
@@ -91,6 +108,20 @@ def _read_again_if_changed(exc: BaseException, uri: str, identity: Any, options:
     if not changed:
         return exc
     return InputChanged(uri, f"{exc.message}; the input changed while it was read, so the shard is read again")
+
+
+def _ask_identity(shard: Shard, job: JobSpec) -> Future[dict[str, Any]]:
+    """The input's identity, asked in the background (a HEAD on object storage: a round trip)."""
+    return background_pool("identity", 4).submit(input_identity, shard.input_uri, job.input.storage)
+
+
+def _known(found: dict[str, Any] | None) -> Future[dict[str, Any]] | None:
+    """An identity the open found, as the finished future the worker holds identities in."""
+    if found is None:
+        return None
+    done: Future[dict[str, Any]] = Future()
+    done.set_result(found)
+    return done
 
 
 def _forget_stale(source: Source, job: JobSpec, shard: Shard) -> None:
@@ -164,15 +195,18 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
     clocks = StageClocks()
     store = OutputStore(ctx.outdir, ctx.output_options)
     writer: ShardWriter | None = None
-    identity = None
+    identity: Future[dict[str, Any]] | None = None
     try:
-        # the input's identity (a HEAD on object storage: a round trip) is asked beside the open
-        identity = background_pool("identity", 4).submit(input_identity, shard.input_uri, job.input.storage)
+        # the input's identity (a HEAD on object storage: a round trip) is asked beside the open,
+        # unless the open asks it anyway (a streamed slide): then its answer is taken after
+        if not source.open_finds_identity(job, shard):
+            identity = _ask_identity(shard, job)
         model = get_model(ctx.model_path, ctx.backend, ctx.precision, ctx.threads)
         head = SlideHead.for_job(job, ctx.threads)
         warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)
         with clocks.part("open"):
             reader = source.open(shard, job, clocks)
+        identity = identity or _known(reader.input_identity()) or _ask_identity(shard, job)
         with reader:
             attrs = {**reader.attrs, "model_sha256": ctx.model_sha256, "backend": model.backend,
                      "precision": ctx.precision, "gpubatch_version": ctx.version}
@@ -187,6 +221,9 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             if items == 0 and head is None:
                 writer.write(*empty())
             wall = time.perf_counter() - t0
+            note = unpinned_note(shard.input_uri, identity.result())
+            if note:
+                reader.attrs["notes"] = [*reader.attrs.get("notes", []), note]
             writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)
             unchanged_while_read(shard.input_uri, identity.result(), job.input.storage, reader.input_version())
             part = writer.commit()

@@ -47,7 +47,7 @@ from gpubatch.io.host_files import (
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries, changed_while_read
 from gpubatch.io.storage import get_fs, open_ranges, stat
-from gpubatch.io.uris import uri_name
+from gpubatch.io.uris import protocol_of, uri_name
 
 DEFAULT_MAX_BYTES = 20 << 30
 CHUNK_BYTES = 8 << 20
@@ -462,8 +462,7 @@ class StageCache:
             with open_ranges(uri, options, clocks, policy, max_concurrency=CHUNKS_IN_FLIGHT,
                              count_wait=False, etag=remote.etag) as reader:
                 if size <= 0:  # size unknown (some HTTP servers): one whole-object request
-                    fs, path = get_fs(uri, options)
-                    os.write(fd, call_with_retries(lambda: fs.cat_file(path), uri, policy, clocks))
+                    os.write(fd, _whole_object(remote, options, policy, clocks))
                 spans = [(s, min(s + CHUNK_BYTES, size)) for s in range(0, size, CHUNK_BYTES)]
                 for wave in range(0, len(spans), CHUNKS_IN_FLIGHT):
                     batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
@@ -477,6 +476,29 @@ class StageCache:
         finally:
             os.close(fd)
         os.replace(part, local)
+
+
+def _whole_object(remote: _Remote, options: dict[str, Any] | None, policy: RetryPolicy,
+                  clocks: StageClocks) -> bytes:
+    """An object of unknown size in one GET, checked to be the version listed: the GET's own
+    ETag (an HTTP server's stream keeps its response), else a HEAD after it. No range read can
+    pin it (there is no size to cut ranges from), so this check is all there is."""
+    fs, path = get_fs(remote.uri, options)
+
+    def get() -> tuple[bytes, str | None]:
+        if protocol_of(remote.uri) not in ("http", "https"):
+            return fs.cat_file(path), None
+        with fs.open(path, "rb", block_size=0) as f:  # one streamed GET, its response kept
+            data = f.read()
+            headers = getattr(getattr(f, "r", None), "headers", None) or {}
+            return data, headers.get("ETag")
+
+    data, etag = call_with_retries(get, remote.uri, policy, clocks)
+    if remote.etag is not None:
+        got = str(etag).strip('"') if etag else stat(remote.uri, options, policy, clocks)["etag"]
+        if got != remote.etag:
+            raise changed_while_read(remote.uri, f"ETag {remote.etag} listed, {got} downloaded")
+    return data
 
 
 def _etag_of(info: dict[str, Any]) -> str | None:

@@ -301,10 +301,35 @@ def input_identity(uri: str, options: dict[str, Any] | None = None) -> dict[str,
         info = stat(uri, options, RetryPolicy(attempts=3))
     except InputError:
         return {"size": None}
-    return _identity(uri, info)
+    return identity_of(uri, info)
 
 
-def _identity(uri: str, info: dict[str, Any]) -> dict[str, Any]:
+def file_version(uri: str, options: dict[str, Any] | None = None, *, digest: bool = True) -> str | None:
+    """A file's version as a result field records it (``--resume`` refuses when it differs):
+    a local file's sha256 (``digest``: its content, so a copy or a touch is no change) or, for
+    files too big to hash every run (a FASTA), its size and mtime; an object's ETag, or its size
+    and mtime where it has none. None where there is no such file (a folder, a prefix, missing)."""
+    if not is_remote(uri):
+        path = local_path(uri)
+        if not os.path.isfile(path):
+            return None
+        if digest:
+            from gpubatch.core.files import file_sha256
+
+            return f"sha256:{file_sha256(path)}"
+        st = os.stat(path)
+        return f"size:{st.st_size},mtime:{st.st_mtime}"
+    try:
+        info = stat(uri, options, RetryPolicy(attempts=3))
+    except InputError:
+        return None
+    if info["type"] == "directory":
+        return None
+    return f"etag:{info['etag']}" if info.get("etag") else f"size:{info['size']},mtime:{info.get('mtime')}"
+
+
+def identity_of(uri: str, info: dict[str, Any]) -> dict[str, Any]:
+    """:func:`input_identity` from a :func:`stat` answer the caller has already (a slide's open)."""
     if not is_remote(uri):
         return {"size": info["size"], "mtime": info["mtime"]}
     return {"size": info["size"], "etag": info["etag"], "mtime": info["mtime"]}
@@ -328,7 +353,7 @@ def input_changed(uri: str, before: dict[str, Any], options: dict[str, Any] | No
     if before.get("etag") is None and before.get("mtime") is None:
         return None  # a prefix (an OME-Zarr image, a DICOM series): no one version to compare
     try:
-        after = _identity(uri, stat(uri, options, RetryPolicy(attempts=3)))
+        after = identity_of(uri, stat(uri, options, RetryPolicy(attempts=3)))
     except InputError as exc:
         if not exc.message.startswith("object not found"):
             raise

@@ -34,8 +34,11 @@ IDENTITY_THREADS = 16  # inputs stat'ed at once when checking what changed since
 IDENTITY_BATCH = 256  # committed shards checked at a time (memory stays one batch)
 
 
-def spec_record(job: JobSpec) -> dict[str, Any]:
-    return {"result_fields": job.result_fields(), "result_hash": job.result_hash(),
+def spec_record(job: JobSpec, fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the output records of the spec: ``fields``, this run's :meth:`JobSpec.result_fields`
+    (asked once per run by the caller: they HEAD remote inputs), or asked now."""
+    fields = job.result_fields() if fields is None else fields
+    return {"result_fields": fields, "result_hash": job.result_hash(fields),
             "model_sha256": file_sha256(job.model.path)}
 
 
@@ -46,11 +49,13 @@ def wipe(store: OutputStore) -> None:
 
 
 def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, kept: CommitIndex, *, resume: bool,
-              overwrite: bool, on_kept: Callable[[ShardResult], None] | None = None) -> None:
+              overwrite: bool, on_kept: Callable[[ShardResult], None] | None = None,
+              fields: dict[str, Any] | None = None) -> None:
     """Add the committed shards this run keeps to ``kept`` (none for a fresh start); raises
     SpecError when the output may not be written as asked. Each kept record is handed to
     ``on_kept`` as it is read (the run's summary folds it), and only a small reference to it is
-    kept, in the run's on-disk index."""
+    kept, in the run's on-disk index. ``fields``: the run's result fields, computed once by it."""
+    record = spec_record(job, fields)
     manifest = Manifest(store)
     remove_temporaries(store)
     committed = next(manifest.names(), None) is not None
@@ -62,20 +67,20 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, kept: CommitInde
                                             "committed shard(s) of an "
                                             "earlier run: use --resume to finish that run, or --overwrite to start "
                                             "again (or give a new output.uri)")])
-        _resumable(store, job, manifest, ledger, kept, on_kept or (lambda entry: None))
+        _resumable(store, job, record, manifest, ledger, kept, on_kept or (lambda entry: None))
         sweep(store, kept)
         return
     else:
         wipe(store)  # reports and records of a run that committed nothing
-    store.write_json(SPEC_RECORD, spec_record(job))
+    store.write_json(SPEC_RECORD, record)
 
 
-def _resumable(store: OutputStore, job: JobSpec, manifest: Manifest, ledger: Ledger, kept: CommitIndex,
-               on_kept: Callable[[ShardResult], None]) -> None:
+def _resumable(store: OutputStore, job: JobSpec, record: dict[str, Any], manifest: Manifest, ledger: Ledger,
+               kept: CommitIndex, on_kept: Callable[[ShardResult], None]) -> None:
     if not store.exists(SPEC_RECORD):
         raise SpecError([("output.uri", f"{redact(store.uri)} was written by an older gpubatch without a "
                                         f"{SPEC_RECORD}: its shards cannot be checked; use --overwrite")])
-    problems = spec_differences(store.read_json(SPEC_RECORD), spec_record(job))
+    problems = spec_differences(store.read_json(SPEC_RECORD), record)
     if problems:
         raise SpecError([(field, f"{text}; use --overwrite or a new output.uri") for field, text in problems])
     batch: list[ShardResult] = []

@@ -105,13 +105,17 @@ class _Run:
         #: every committed shard's files, on local disk (the records themselves stay in the manifest)
         self.commits = CommitIndex()
         self.t_start = time.time()
+        #: the spec's result fields, asked once per run (remote inputs' versions are HEADs); a
+        #: later run asks again, so a file changed between runs is seen
+        self.fields = job.result_fields()
 
     def execute(self, *, resume: bool, overwrite: bool, scheduler: str | None,
                 show_progress: bool | None) -> Result:
         job, source = self.job, get_source(self.job.kind)
         committed = self.commits
         reconcile(self.store, job, self.ledger, committed, resume=resume, overwrite=overwrite,
-                  on_kept=lambda entry: self.builder.add(dataclasses.replace(entry, resumed=True)))
+                  on_kept=lambda entry: self.builder.add(dataclasses.replace(entry, resumed=True)),
+                  fields=self.fields)
         resumed = len(committed)
         shards, self.failed = source.plan(job)
         refuse_empty_plan(shards, self.failed)
@@ -180,7 +184,7 @@ class _Run:
             spec_hash=job.spec_hash(), version=__version__, fallback_model_path=prepared.fallback_path,
             fallback_max_prob=prepared.fallback_max_prob,
             storage_profile=_storage_profile(self.prof, self.one_host),
-            output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash())
+            output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash(self.fields))
         return prepared, ctx
 
     def _model_for_workers(self, prepared_path: str, local_model: str) -> str:

@@ -89,6 +89,12 @@ class ShardReader(ABC):
         version its shard recorded."""
         return None
 
+    def input_identity(self) -> dict[str, Any] | None:
+        """The input's identity as the open found it (:func:`gpubatch.io.storage.input_identity`'s
+        form), where the open asked for one anyway (a streamed slide's HEAD); None elsewhere. The
+        worker then takes it as the shard's start identity instead of asking again."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 
@@ -146,6 +152,12 @@ class Source(ABC):
 
     def after_commit(self, job: JobSpec, shard: Shard) -> None:  # noqa: B027 - optional
         """On a worker, once a shard's outputs are committed (slides drop a staged copy)."""
+
+    def open_finds_identity(self, job: JobSpec, shard: Shard) -> bool:
+        """Whether :meth:`open` will most likely find the input's identity itself (its reader's
+        ``input_identity``): the worker then does not ask for it beside the open (one HEAD, not
+        two); where the open found none after all, it is asked after the open."""
+        return False
 
     def forget_input(self, job: JobSpec, shard: Shard) -> None:  # noqa: B027 - optional
         """On a worker, once a shard's input changed while it was read: drop what is kept of it

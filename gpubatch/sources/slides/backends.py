@@ -205,6 +205,11 @@ class SlideBackend(ABC):
         """The ETag of the object the tiles are read from, where it is pinned (None: not known)."""
         return None
 
+    def input_identity(self) -> dict[str, Any] | None:
+        """The object's identity (size, ETag, mtime) as the open's HEAD found it, where the open
+        asked one (a streamed slide): the shard's start identity without a HEAD of its own."""
+        return getattr(self, "opened_identity", None)
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release handles."""
 

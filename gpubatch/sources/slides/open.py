@@ -32,7 +32,7 @@ from gpubatch.io.readahead import ReadAhead
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy
 from gpubatch.io.stage_cache import StageCache, StagedFile, get_stage_cache
-from gpubatch.io.storage import open_ranges, stat
+from gpubatch.io.storage import identity_of, open_ranges, stat
 from gpubatch.io.uris import is_remote, local_path, uri_name
 from gpubatch.sources.slides import preopen
 from gpubatch.sources.slides.backends import TIFF_SUFFIXES, SlideBackend
@@ -162,6 +162,7 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     handle = RangeFile(reader, info["size"], uri_name(uri), first=_whole_first(first.result(), info["size"]))
     try:
         backend = open_slide(redact(uri), clocks, fileobj=handle, ranges=reader, prefer="tifffile")
+        backend.opened_identity = identity_of(uri, info)  # type: ignore[attr-defined]
         if read_ahead > 0 and reader.timed:
             backend.read_ahead = ReadAhead(reader, read_ahead, clocks)  # type: ignore[attr-defined]
             if tissue and hasattr(backend, "read_coarsest_ahead"):

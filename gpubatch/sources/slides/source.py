@@ -21,7 +21,7 @@ from gpubatch.core.errors import InputError, SpecError
 from gpubatch.core.files import safe_filename
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
-from gpubatch.io.uris import uri_name
+from gpubatch.io.uris import is_remote, uri_name
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.outputs.heatmaps import SlideGrid
 from gpubatch.outputs.store import OutputStore
@@ -163,6 +163,9 @@ class SlideReader(ShardReader):
     def input_version(self) -> str | None:
         return self.backend.input_version()
 
+    def input_identity(self) -> dict[str, Any] | None:
+        return self.backend.input_identity()
+
     def close(self) -> None:
         self.backend.close()
 
@@ -282,6 +285,13 @@ class SlideSource(Source):
         from gpubatch.sources.slides.open import release
 
         release(shard.input_uri)
+
+    def open_finds_identity(self, job: JobSpec, shard: Shard) -> bool:
+        """A remote TIFF-family slide read by range: its open's HEAD is the shard's identity."""
+        from gpubatch.sources.slides.open import choose_access, read_in_place
+
+        uri = shard.input_uri
+        return is_remote(uri) and not read_in_place(uri) and choose_access(uri, job.input.access) == "stream"
 
     def forget_input(self, job: JobSpec, shard: Shard) -> None:
         from gpubatch.sources.slides.open import release

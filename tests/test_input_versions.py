@@ -1,0 +1,305 @@
+"""Inputs' versions on real servers: what a run records of them, and the requests it costs.
+
+A moto S3 server behind the counting proxy of ``s3_fixtures``, and small local HTTP servers for
+what S3 never answers (weak ETags, no Content-Length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpubatch.spec import JobSpec
+
+pysam = pytest.importorskip("pysam")
+pytest.importorskip("moto")
+
+from s3_fixtures import S3Stack, start_s3_stack  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[S3Stack]:
+    s3 = start_s3_stack("versions")
+    yield s3
+    s3.close()
+
+
+@pytest.fixture
+def s3(stack: S3Stack) -> Iterator[S3Stack]:
+    stack.proxy.reset()
+    yield stack
+    stack.proxy.reset()
+
+
+def write_fasta(path: Path, contigs: dict[str, str], width: int = 60, bgzip: bool = False) -> Path:
+    """A FASTA (bgzip-compressed when asked) and its samtools index (.fai, and .gzi for bgzip)."""
+    plain = path.with_suffix(".plain") if bgzip else path
+    with open(plain, "w") as f:
+        for name, seq in contigs.items():
+            f.write(f">{name}\n")
+            f.writelines(seq[i : i + width] + "\n" for i in range(0, len(seq), width))
+    if bgzip:
+        pysam.tabix_compress(str(plain), str(path), force=True)
+    pysam.faidx(str(path))
+    return path
+
+
+CONTIGS = {"chrA": "ACGT" * 500, "chrB": "GATTACA" * 100}
+
+
+def genome_spec(tmp_path: Path, reference: str, storage: dict[str, Any] | None = None, **windows: Any) -> dict[str, Any]:
+    from gpubatch.cli.demo_models import make_genome_model
+
+    model = tmp_path / "g.onnx"
+    if not model.exists():
+        make_genome_model(model, 100)
+    return {"kind": "genome", "input": {"storage": storage or {}},
+            "windows": {"reference": reference, "length": 100, "windows_per_shard": 10, **windows},
+            "model": {"path": str(model)}, "output": {"uri": str(tmp_path / "out")},
+            "run": {"profile": "inline"}}
+
+
+# -- the spec's result fields: asked once per run ------------------------------------------------
+
+
+def test_a_remote_bed_is_asked_for_its_version_once_per_run(s3: S3Stack, tmp_path: Path) -> None:
+    """The spec's result fields HEAD a remote BED; a run asked for them three times (the spec
+    record, its hash, the workers' hash). Now once per run, and a second run asks again: a BED
+    changed between the runs is still a changed result field."""
+    from gpubatch.runtime.runner import run_job
+    from gpubatch.sources.genome.source import GenomeSource
+
+    fasta = write_fasta(tmp_path / "ref.fa", CONTIGS)
+    bed = tmp_path / "regions.bed"
+    bed.write_text("chrA\t0\t1000\n")
+    uri = s3.upload(bed, "beds/once.bed")
+    job = JobSpec.model_validate(genome_spec(tmp_path, str(fasta), s3.options(), regions=uri))
+    key = uri.removeprefix("s3://")
+    GenomeSource().plan(job)  # the plan's own reads of the BED, counted apart
+    planned = s3.proxy.heads.get(key, 0)
+    s3.proxy.reset()
+    assert run_job(job, profile="inline", show_progress=False).exit_code == 0
+    assert s3.proxy.heads.get(key, 0) == planned + 1
+    s3.proxy.reset()
+    assert run_job(job, profile="inline", resume=True, show_progress=False).exit_code == 0
+    assert s3.proxy.heads.get(key, 0) == planned + 1  # the plan is made again on resume
+    bed.write_text("chrA\t0\t1000\nchrA\t1000\t2000\n")
+    s3.upload(bed, "beds/once.bed")
+    from gpubatch.core.errors import SpecError
+
+    with pytest.raises(SpecError, match="windows.regions_version"):
+        run_job(job, profile="inline", resume=True, show_progress=False)
+
+
+# -- a reference's version covers its indexes -----------------------------------------------------
+
+
+def _reordered(fai: Path) -> bytes:
+    """The index with its lines in another order: every check against the FASTA passes (they go
+    by offset), but the contig table's order, and so the plan's windows over ``genome`` and
+    which shard holds which, is another."""
+    lines = fai.read_bytes().splitlines(keepends=True)
+    return b"".join(lines[::-1])
+
+
+def test_a_rebuilt_index_is_a_changed_result_field_locally(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The FASTA is unchanged and its .fai lists the contigs in another order (samtools would
+    not, a hand-edited or merged index may): the kept shards would hold other windows than the
+    plan's same shards. --resume is refused, naming the field."""
+    from conftest import write_job
+
+    from gpubatch.cli.main import main
+
+    fasta = write_fasta(tmp_path / "ref.fa", CONTIGS)
+    spec = write_job(tmp_path / "job.yaml", genome_spec(tmp_path, str(fasta)))
+    assert main(["run", str(spec)]) == 0
+    fai = Path(f"{fasta}.fai")
+    stat = fasta.stat()
+    fai.write_bytes(_reordered(fai))
+    assert fasta.stat().st_mtime == stat.st_mtime  # the FASTA itself is as it was
+    capsys.readouterr()
+    assert main(["run", str(spec), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "windows.reference_version" in err and "--overwrite" in err
+    assert main(["run", str(spec), "--overwrite"]) == 0
+
+
+def test_a_remote_index_changed_since_the_run_is_refused(s3: S3Stack, tmp_path: Path) -> None:
+    """The same on object storage, for a bgzip FASTA: its .fai's ETag, and its .gzi's, are in
+    the reference's version; a .fai written over between the run and --resume is refused."""
+    from gpubatch.core.errors import SpecError
+    from gpubatch.runtime.runner import run_job
+
+    gz = write_fasta(tmp_path / "ref.fa.gz", CONTIGS, bgzip=True)
+    uri = s3.upload(gz, "ref/ref.fa.gz")
+    s3.upload(Path(f"{gz}.fai"), "ref/ref.fa.gz.fai")
+    s3.upload(Path(f"{gz}.gzi"), "ref/ref.fa.gz.gzi")
+    job = JobSpec.model_validate(genome_spec(tmp_path, uri, s3.options()))
+    version = job.result_fields()["windows"]["reference_version"]
+    assert [part.split(" ")[0] for part in version.split("; ")] == ["fasta", "fai", "gzi"]
+    assert all(" etag:" in part for part in version.split("; "))
+    assert run_job(job, profile="inline", show_progress=False).exit_code == 0
+    s3.upload_bytes(_reordered(Path(f"{gz}.fai")), "ref/ref.fa.gz.fai")
+    with pytest.raises(SpecError, match="windows.reference_version"):
+        run_job(job, profile="inline", resume=True, show_progress=False)
+    gzi = Path(f"{gz}.gzi").read_bytes()
+    s3.upload_bytes(gzi + bytes(16), "ref/ref.fa.gz.gzi")  # another .gzi: another version
+    assert job.result_fields()["windows"]["reference_version"].split("; ")[2] != version.split("; ")[2]
+
+
+# -- one HEAD per streamed slide -----------------------------------------------------------------
+
+
+def test_a_streamed_shard_heads_its_slide_once(s3: S3Stack, tmp_path: Path, slides_dir: Path,
+                                               mean_model: Path) -> None:
+    """The slide's open asks its size and version (a HEAD), and the shard asked its identity
+    beside it (a second HEAD of the same object, same answer). The open's answer is the shard's
+    start identity now: one HEAD per streamed shard, its reads pinned to that version (so no
+    HEAD after it either), and the identity committed is still the object's."""
+    from conftest import slide_job, write_job
+
+    import gpubatch
+
+    uris = [s3.upload(p, f"heads/{p.name}") for p in sorted(slides_dir.glob("*.tif"))[:2]]
+    job = slide_job(uris, mean_model, tmp_path / "out", run={"stage_ahead": 0})
+    job["input"].update(storage=s3.options(), access="stream")
+    s3.proxy.reset()
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 0, result.report["failed"]
+    assert {u: s3.proxy.heads.get(u.removeprefix("s3://"), 0) for u in uris} == dict.fromkeys(uris, 1)
+    etags = {u: s3.fs().info(u)["ETag"].strip('"') for u in uris}
+    from gpubatch.outputs.manifest import Manifest
+    from gpubatch.outputs.store import OutputStore
+
+    committed = {e.input: e.input_identity for e in Manifest(OutputStore(str(tmp_path / "out"))).iter_committed()}
+    assert {u: committed[u]["etag"] for u in uris} == etags
+
+
+# -- servers S3 is not: weak ETags, no Content-Length --------------------------------------------
+
+
+class FileServer:
+    """A threaded HTTP/1.1 server on loopback for files held in memory: HEAD, GET and single
+    byte ranges, answering each file's ``etag`` header as given (None: none) and, when
+    ``lengths`` is off, no Content-Length (the body ends with the connection). Every request's
+    method, path and If-Match header are kept; ``get_etags`` writes an object over between GETs."""
+
+    def __init__(self, files: dict[str, bytes], etag: str | None, lengths: bool = True):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.files, self.etag, self.lengths = files, etag, lengths
+        #: the next GETs' ETags, one each (then ``etag``): an object written over after them
+        self.get_etags: list[str] = []
+        self.requests: list[tuple[str, str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if lengths else "HTTP/1.0"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+                self._answer(body=False)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(body=True)
+
+            def _answer(self, body: bool) -> None:
+                server.requests.append((self.command, self.path, self.headers.get("If-Match")))
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                lo, hi, status = 0, len(data), 200
+                wanted = self.headers.get("Range")
+                if wanted and body:
+                    a, _, b = wanted.removeprefix("bytes=").partition("-")
+                    lo, hi, status = int(a), min(int(b) + 1 if b else len(data), len(data)), 206
+                self.send_response(status)
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
+                etag = server.get_etags.pop(0) if body and server.get_etags else server.etag
+                if etag is not None:
+                    self.send_header("ETag", etag)
+                if server.lengths:
+                    self.send_header("Content-Length", str(hi - lo))
+                self.send_header("Last-Modified", "Mon, 07 Dec 2026 10:00:00 GMT")
+                self.end_headers()
+                if body:
+                    self.wfile.write(data[lo:hi])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        import threading
+
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def count(self, method: str, path: str) -> int:
+        return sum(1 for m, p, _ in self.requests if (m, p) == (method, path))
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_weak_etag_pins_nothing_and_the_report_says_which_inputs(tmp_path: Path, slides_dir: Path,
+                                                                     mean_model: Path) -> None:
+    """A server's weak ETag (``W/"..."``) is no version If-Match may name (RFC 9110: strong
+    comparison; a server must answer 412). Its slides are read unpinned: no If-Match sent, a HEAD
+    after each shard (the open's and that one: two per slide), and the report's notes say in one
+    line which inputs could not be pinned and why."""
+    from conftest import slide_job, write_job
+
+    import gpubatch
+
+    slides = sorted(slides_dir.glob("*.tif"))[:2]
+    server = FileServer({f"/weak/{p.name}": p.read_bytes() for p in slides}, etag='W/"v1"')
+    try:
+        uris = [f"{server.url}/weak/{p.name}" for p in slides]
+        job = slide_job(uris, mean_model, tmp_path / "out", run={"stage_ahead": 0})
+        job["input"].update(access="stream")
+        result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+        assert result.exit_code == 0, result.report["failed"]
+        assert result.report["counters"].get("storage.client.obstore", 0) >= 2  # the client that pins
+        assert server.requests and not any(if_match for _, _, if_match in server.requests)
+        assert [server.count("HEAD", f"/weak/{p.name}") for p in slides] == [2, 2]
+        notes = [n for n in result.report["notes"] if "not pinned" in n]
+        assert len(notes) == 1 and notes[0].startswith("2 inputs (") and "weak" in notes[0], notes
+        assert all(u in notes[0] for u in uris)
+    finally:
+        server.close()
+
+
+def test_a_download_of_unknown_size_is_checked_to_be_the_version_listed(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that gives no Content-Length (HTTP/1.0, the body ends with the connection): the
+    stage cache downloads such an object in one GET, which no range read pins. The GET's own
+    ETag is checked against the listing's: another one (the object written over between them)
+    is InputChanged, so the shard is read again; the same one stages the file with no HEAD more.
+    (Reached through fsspec: obstore refuses a HEAD without Content-Length.)"""
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.core.errors import InputChanged
+    from gpubatch.io.stage_cache import StageCache
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "fsspec")
+    body = b"a slide only openslide reads " * 100
+    server = FileServer({"/s/a.svs": body}, etag='"v1"', lengths=False)
+    try:
+        uri = f"{server.url}/s/a.svs"
+        with StageCache(str(tmp_path / "stage")).open(uri, None, StageClocks()) as staged:
+            assert Path(staged.path).read_bytes() == body and staged.etag == "v1"
+        heads, gets = server.count("HEAD", "/s/a.svs"), server.count("GET", "/s/a.svs")
+        server.get_etags = ['"v1"'] * (gets - 1)  # the listing's own GETs (fsspec's info asks one)
+        server.etag = '"v2"'  # then the object is written over: the download's GET is of v2
+        with pytest.raises(InputChanged, match="ETag v1 listed, v2 downloaded"):
+            StageCache(str(tmp_path / "stage2")).open(uri, None, StageClocks())
+        assert server.count("HEAD", "/s/a.svs") == 2 * heads  # the listing's, no HEAD after
+    finally:
+        server.close()
