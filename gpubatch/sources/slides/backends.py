@@ -179,6 +179,9 @@ class SlideBackend(ABC):
     #: ``tiles.integrity: strict``: corrupt tile data the backend can see is an error, never
     #: silently wrong pixels; what it cannot see, its ``integrity_notes`` say
     strict: bool = True
+    #: the object's identity (size, ETag, mtime) as a streamed open's HEAD found it; None where
+    #: the open asked none (local files, staged copies, libraries' own requests)
+    opened_identity: dict[str, Any] | None = None
 
     @abstractmethod
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
@@ -208,7 +211,7 @@ class SlideBackend(ABC):
     def input_identity(self) -> dict[str, Any] | None:
         """The object's identity (size, ETag, mtime) as the open's HEAD found it, where the open
         asked one (a streamed slide): the shard's start identity without a HEAD of its own."""
-        return getattr(self, "opened_identity", None)
+        return self.opened_identity
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release handles."""

@@ -162,7 +162,7 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     handle = RangeFile(reader, info["size"], uri_name(uri), first=_whole_first(first.result(), info["size"]))
     try:
         backend = open_slide(redact(uri), clocks, fileobj=handle, ranges=reader, prefer="tifffile")
-        backend.opened_identity = identity_of(uri, info)  # type: ignore[attr-defined]
+        backend.opened_identity = identity_of(uri, info)
         if read_ahead > 0 and reader.timed:
             backend.read_ahead = ReadAhead(reader, read_ahead, clocks)  # type: ignore[attr-defined]
             if tissue and hasattr(backend, "read_coarsest_ahead"):
