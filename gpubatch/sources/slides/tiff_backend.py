@@ -15,6 +15,7 @@ import numpy as np
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import GpubatchError, InputError
 from gpubatch.core.logs import collect_warnings, reading, route_library_logs
+from gpubatch.core.threads import unlock_cached_properties
 from gpubatch.io.ranges import RangeReader
 from gpubatch.io.storage import open_ranges
 from gpubatch.sources.slides.backends import (
@@ -153,11 +154,22 @@ def _is_gray(page: Any) -> bool:
     return int(page.photometric) == MINISBLACK and stores_gray(page)
 
 
+def import_tifffile() -> Any:
+    """tifffile, with its classes' cached properties lock-free on Python 3.11
+    (:func:`gpubatch.core.threads.unlock_cached_properties`): slides that one process opens at
+    once then parse their headers side by side instead of waiting on each other's reads."""
+    import tifffile
+
+    unlock_cached_properties(tifffile.TiffFile, tifffile.TiffPage, tifffile.TiffFrame,
+                             tifffile.TiffPageSeries, tifffile.TiffTag)
+    return tifffile
+
+
 def tiff_stores_gray(path: str) -> bool:
     """Whether a local file another reader opens (openslide) is a TIFF whose first page stores
     gray: openslide hands gray back as RGB (white is 0 inverted to what it shows) and says
     nothing of it, so the file's own tags are asked. False for anything tifffile cannot parse."""
-    import tifffile
+    tifffile = import_tifffile()
 
     try:
         with tifffile.TiffFile(path) as tif:
@@ -171,7 +183,7 @@ class TiffBackend(TileGridBackend):
 
     def __init__(self, path: str, fileobj: Any = None, ranges: RangeReader | None = None,
                  clocks: StageClocks | None = None, cache_bytes: int = 32 << 20):
-        import tifffile
+        tifffile = import_tifffile()
 
         self.path = path
         route_library_logs(python_warnings=False)
