@@ -208,6 +208,12 @@ class Reference(ABC):
 
         return self.clocks.part(name) if self.clocks is not None else nullcontext()
 
+    def version(self) -> str | None:
+        """The ETag every sequence read so far was of, where the reads are pinned to one (a remote
+        FASTA read through obstore, If-Match); None where they are not (local files, fsspec, a
+        weak or missing ETag, a zarr read by zarr's own requests): the worker then asks after."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - nothing held open by default
         """Release handles (none are held: every read is a stateless range request)."""
 
@@ -246,6 +252,9 @@ class FastaReference(Reference):
                 return self.ranges.fetch(b0, b1)
         with self._part("storage"):
             return read_bgzf_range(self.ranges, self.gzi, b0, b1)
+
+    def version(self) -> str | None:
+        return self.ranges.version()
 
     def close(self) -> None:
         self.ranges.close()

@@ -130,6 +130,12 @@ class _GenomeReader(ShardReader):
     def column_limit(self, name: str) -> int | None:
         return self.tracks.column_limit(name)
 
+    def input_version(self) -> str | None:
+        """The reference's pinned ETag where the shard's input is the reference (windows; a
+        variants shard's input is its VCF, which these reads are not of): the worker's HEAD
+        after the shard is then not needed, as for a pinned slide."""
+        return self.reference.version() if self.shard.input_uri == self.reference.uri else None
+
     def close(self) -> None:
         self.reference.close()
 
