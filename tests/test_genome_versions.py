@@ -6,6 +6,7 @@ A moto S3 server behind the counting proxy of ``s3_fixtures`` for the remote cas
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -127,3 +128,46 @@ def test_a_reference_written_over_mid_shard_is_read_again_not_mixed(s3: S3Stack,
     want = run_job(JobSpec.model_validate({**clean, "output": {"uri": str(tmp_path / "clean")}}),
                    profile="inline", show_progress=False)
     pd.testing.assert_frame_equal(got.predictions().reset_index(drop=True), want.predictions().reset_index(drop=True))
+
+
+def _rewriting_before_shards(monkeypatch: pytest.MonkeyPatch, fai: Path, data: bytes) -> None:
+    """As each shard starts on its worker (the source's before_shard hook), after the plan read
+    the index: ``fai`` is written with ``data`` (another writer rebuilding the index mid-run)."""
+    from gpubatch.sources.genome.source import GenomeSource
+
+    def rewrite(self: GenomeSource, job: JobSpec, upcoming: object) -> None:
+        part = fai.with_name(f"{fai.name}.{uuid.uuid4().hex}")
+        part.write_bytes(data)  # whole, then in place: another shard may be reading it meanwhile
+        part.replace(fai)
+
+    monkeypatch.setattr(GenomeSource, "before_shard", rewrite, raising=False)
+
+
+def test_an_index_rewritten_after_the_plan_is_refused_by_its_shards(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The .fai is rewritten between the plan and the workers' reads, with its lines in another
+    order (every check against the FASTA passes, so the shards committed before). Each shard
+    now compares the index it read with the plan's (its sha256, carried in the shard) and is
+    refused with InputChanged: read again (run.retries), then reported naming the .fai. The
+    same bytes written again (a touch) change nothing."""
+    from test_input_versions import _reordered
+
+    from gpubatch.runtime.runner import run_job
+
+    fasta = write_fasta(tmp_path / "ref.fa", CONTIGS)
+    fai = Path(f"{fasta}.fai")
+    original = fai.read_bytes()
+    spec = genome_spec(tmp_path, str(fasta))
+    spec["run"].update(retries=1)
+    _rewriting_before_shards(monkeypatch, fai, original)
+    same = run_job(JobSpec.model_validate({**spec, "output": {"uri": str(tmp_path / "same")}}),
+                   profile="inline", show_progress=False)
+    assert same.exit_code == 0, same.report["failed"]
+    _rewriting_before_shards(monkeypatch, fai, _reordered(fai))
+    got = run_job(JobSpec.model_validate(spec), profile="inline", show_progress=False)
+    assert got.exit_code != 0 and got.report["shards_done"] == 0
+    assert len(got.report["failed"]) == got.report["shards_total"] == 3
+    for failed in got.report["failed"]:
+        assert failed["input"] == str(fasta) and failed["attempts"] == 2, failed
+        assert f"index {fasta}.fai changed since the run was planned" in failed["error"], failed
+        assert "--overwrite" in failed["error"]
