@@ -303,3 +303,43 @@ def test_a_download_of_unknown_size_is_checked_to_be_the_version_listed(tmp_path
         assert server.count("HEAD", "/s/a.svs") == 2 * heads  # the listing's, no HEAD after
     finally:
         server.close()
+
+
+def test_auto_reads_an_object_of_unknown_size_through_fsspec(tmp_path: Path, slides_dir: Path, mean_model: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """``range_reader: auto`` (the default) on a server that gives no Content-Length: obstore's
+    HEAD refuses such an answer ("Content-Length Header missing"), and the run failed every slide.
+    auto now reads such an object through fsspec, as ``range_reader: fsspec`` would, saying why
+    once per server; every tile comes back, the identity committed is the object's ETag (so the
+    download is still checked to be of it), and a range read with no HEAD before it switches too."""
+    from conftest import slide_job, write_job
+
+    import gpubatch
+
+    slides = sorted(slides_dir.glob("*.tif"))[:2]
+    server = FileServer({f"/nolen/{p.name}": p.read_bytes() for p in slides}, etag='"v1"', lengths=False)
+    try:
+        uris = [f"{server.url}/nolen/{p.name}" for p in slides]
+        job = slide_job(uris, mean_model, tmp_path / "out", run={"stage_ahead": 0})
+        job["input"].update(access="stage")  # no size to stream by: staged in one GET
+        want = gpubatch.run(write_job(tmp_path / "local.yaml", slide_job(
+            [str(p) for p in slides], mean_model, tmp_path / "local", run={"stage_ahead": 0})))
+        with caplog.at_level("INFO", logger="gpubatch"):
+            result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+        assert result.exit_code == 0, result.report["failed"]
+        assert len(result.predictions()) == len(want.predictions()) > 0
+        assert result.report["counters"].get("storage.client.fsspec", 0) >= 2
+        from gpubatch.outputs.manifest import Manifest
+        from gpubatch.outputs.store import OutputStore
+
+        committed = Manifest(OutputStore(str(tmp_path / "out"))).iter_committed()
+        assert {e.input: e.input_identity["etag"] for e in committed} == dict.fromkeys(uris, "v1")
+        from gpubatch.io.storage import open_ranges
+
+        server.files["/nolen/raw.bin"] = bytes(range(256)) * 4  # a range read with no HEAD first
+        with caplog.at_level("INFO", logger="gpubatch"), open_ranges(f"{server.url}/nolen/raw.bin") as reader:
+            assert reader.fetch(10, 20) == bytes(range(10, 20)) and reader.version() is None
+        why = [r.getMessage() for r in caplog.records if "Content-Length" in r.getMessage()]
+        assert len(why) == 1 and "fsspec" in why[0], why
+    finally:
+        server.close()

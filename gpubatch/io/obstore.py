@@ -37,6 +37,7 @@ from datetime import timedelta
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from gpubatch.core.errors import InputError
 from gpubatch.io.ranges import Fetched, ObjectChanged, RangeReader
 from gpubatch.io.redact import redact, register_secrets
 from gpubatch.io.retry import storage_error
@@ -69,6 +70,27 @@ _HTTP_OPTIONS = _COMMON | {"headers", "client_kwargs"}
 
 class Unsupported(Exception):
     """obstore cannot serve this URI exactly as fsspec would; the message says why."""
+
+
+class Unsized(InputError):
+    """The object's server answers without Content-Length (an HTTP/1.0 server ending the body
+    with the connection), which object_store refuses for every request, HEAD and GET alike.
+    Known only once it answered: ``range_reader: auto`` then reads the object through fsspec
+    (:mod:`gpubatch.io.storage`); ``range_reader: obstore`` fails with this message."""
+
+    def __init__(self, uri: str):
+        super().__init__(redact(uri), "its server sends no Content-Length, which obstore refuses: "
+                                      "set range_reader to auto or fsspec (profile, or GPUBATCH_RANGE_READER) "
+                                      "to read it through fsspec")
+
+
+def _unsized(exc: BaseException, uri: str) -> BaseException:
+    """``exc`` as :class:`Unsized` where it is object_store's refusal of an answer without
+    Content-Length (a ``GenericError`` whose source is ``MissingContentLength``), else itself."""
+    text = str(exc)
+    if "MissingContentLength" in text or "Content-Length Header missing" in text:
+        return Unsized(uri)
+    return exc
 
 
 # -- the fork guard ------------------------------------------------------------------------------
@@ -345,12 +367,19 @@ def store_for(uri: str, options: dict[str, Any] | None) -> tuple[Any, str]:
     return store, key
 
 
-def head(store: Any, key: str) -> dict[str, Any]:
-    """{size, etag, mtime} of an object, in the form :func:`gpubatch.io.storage.stat` gives."""
+def head(store: Any, key: str, uri: str = "") -> dict[str, Any]:
+    """{size, etag, mtime} of an object, in the form :func:`gpubatch.io.storage.stat` gives;
+    :class:`Unsized` (naming ``uri``) where its server gives no Content-Length."""
     import obstore
 
     _mark_used()
-    meta = obstore.head(store, key)
+    try:
+        meta = obstore.head(store, key)
+    except Exception as exc:
+        unsized = _unsized(exc, uri or key)
+        if unsized is exc:
+            raise
+        raise unsized from None
     etag = (meta.get("e_tag") or "").strip('"') or None
     mtime = meta.get("last_modified")
     return {"size": int(meta["size"]), "type": "file", "etag": etag,
@@ -413,7 +442,7 @@ class ObstoreRangeReader(RangeReader):
 
     def size(self) -> int:
         if self._size is None:
-            meta = head(self.store, self.key)
+            meta = head(self.store, self.key, self.uri)
             self.pin(meta["etag"])
             self._size = meta["size"]
         return self._size
@@ -475,7 +504,7 @@ class ObstoreRangeReader(RangeReader):
             try:
                 blob = await self._get(start, stop)
             except Exception as exc:  # noqa: BLE001 - returned to the caller per span
-                return Fetched(error=exc, seconds=time.perf_counter() - t0)
+                return Fetched(error=_unsized(exc, self.uri), seconds=time.perf_counter() - t0)
             return Fetched(cast(bytes, blob), seconds=time.perf_counter() - t0)  # a bytes-like view
 
     async def _get(self, start: int, stop: int) -> Any:

@@ -25,16 +25,18 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.errors import InputError
 from gpubatch.io import obstore
 from gpubatch.io.ranges import (
+    Fetched,
     FsspecRangeReader,
     LocalRangeReader,
     RangeFile,
     RangeReader,
+    ReaderWrapper,
     retried_and_measured,
 )
 from gpubatch.io.redact import redact, register_secrets, register_uri
@@ -62,6 +64,9 @@ _settings: dict[str, str] = {}
 _fs_cache: dict[str, Any] = {}
 _fs_lock = threading.Lock()
 _fallbacks_logged: set[str] = set()
+#: objects obstore refused for want of a Content-Length: auto reads them through fsspec from then on
+_unsized: set[str] = set()
+_log_lock = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
@@ -117,18 +122,35 @@ def _obstore_target(uri: str, options: dict[str, Any] | None) -> tuple[Any, str]
     """(obstore store, key) when obstore serves ``uri``, else None (fsspec does; why is logged
     once per scheme and reason, or raised when the profile insists on obstore)."""
     choice = range_reader_choice()
-    if choice == "fsspec" or protocol_of(uri) not in obstore.SCHEMES:
+    if choice == "fsspec" or protocol_of(uri) not in obstore.SCHEMES or uri in _unsized:
         return None
     try:
         return obstore.store_for(uri, resolve_options(uri, options))
     except obstore.Unsupported as exc:
         if choice == "obstore":
             raise InputError(redact(uri), f"range_reader is obstore, but obstore cannot read it: {exc}") from None
-        reason = f"{protocol_of(uri)}: {exc}"
-        if reason not in _fallbacks_logged:
-            _fallbacks_logged.add(reason)
-            log.info("reading %s:// through fsspec: %s", protocol_of(uri), exc)
+        _log_once(f"{protocol_of(uri)}: {exc}", "reading %s:// through fsspec: %s", protocol_of(uri), exc)
         return None
+
+
+def _log_once(reason: str, message: str, *args: Any) -> None:
+    """Log why fsspec reads what obstore would, once per reason and process (not per object)."""
+    with _log_lock:
+        if reason in _fallbacks_logged:
+            return
+        _fallbacks_logged.add(reason)
+    log.info(message, *args)
+
+
+def _read_by_fsspec(uri: str) -> None:
+    """``range_reader: auto`` met a server that answers without Content-Length, which obstore
+    refuses for every request: this object is read through fsspec from now on, as
+    ``range_reader: fsspec`` would read it (said once per server: the URI's host, no credentials)."""
+    _unsized.add(uri)
+    host = redact(uri).split("://", 1)[-1].split("/", 1)[0]
+    _log_once(f"unsized {protocol_of(uri)}://{host}", "reading %s through fsspec (range_reader auto): its "
+              "server sends no Content-Length, which obstore refuses; so are that server's other objects "
+              "like it", redact(uri))
 
 
 def resolve_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -248,12 +270,53 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
             raise InputError(uri, f"cannot be opened: {exc.strerror or exc}") from None
     elif (target := _obstore_target(uri, options)) is not None:
         inner = obstore.ObstoreRangeReader(*target, uri, max_concurrency=max_concurrency, etag=etag)
+        if range_reader_choice() == "auto":
+            inner = _FsspecWhenUnsized(inner, lambda: FsspecRangeReader(*get_fs(uri, options), uri, max_concurrency),
+                                       uri, clocks)
     else:
         fs, path = get_fs(uri, options)
         inner = FsspecRangeReader(fs, path, uri, max_concurrency=max_concurrency)
     if clocks is not None and is_remote(uri):
         clocks.count(f"storage.client.{inner.client}")
     return retried_and_measured(inner, policy or RetryPolicy(), clocks, count_wait)
+
+
+class _FsspecWhenUnsized(ReaderWrapper):
+    """auto's obstore reader, which becomes an fsspec one at the first answer obstore refuses for
+    want of a Content-Length (:class:`gpubatch.io.obstore.Unsized`), so that auto reads wherever
+    fsspec would. Switched once; fsspec cannot pin, so ``version()`` is None from then on and
+    callers check the object after their reads (the worker's HEAD after the shard)."""
+
+    def __init__(self, inner: RangeReader, fallback: Callable[[], RangeReader], uri: str,
+                 clocks: StageClocks | None):
+        super().__init__(inner)
+        self._fallback, self._raw_uri, self._clocks = fallback, uri, clocks
+        self._switching = threading.Lock()
+
+    def _switch(self, stale: RangeReader) -> None:
+        with self._switching:
+            if self.inner is stale:
+                _read_by_fsspec(self._raw_uri)
+                self.inner, self.client = self._fallback(), "fsspec"
+                stale.close()
+                if self._clocks is not None:
+                    self._clocks.count("storage.client.fsspec")
+
+    def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
+        inner = self.inner
+        results = inner.fetch_spans(spans)
+        if not any(isinstance(r.error, obstore.Unsized) for r in results):
+            return results
+        self._switch(inner)
+        return self.inner.fetch_spans(spans)
+
+    def size(self) -> int:
+        inner = self.inner
+        try:
+            return inner.size()
+        except obstore.Unsized:
+            self._switch(inner)
+            return self.inner.size()
 
 
 def open_seekable(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
@@ -282,7 +345,11 @@ def stat(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | 
     target = _obstore_target(uri, options)
     if target is not None:
         try:
-            return call_with_retries(lambda: obstore.head(*target), uri, policy, clocks)
+            return call_with_retries(lambda: obstore.head(*target, uri), uri, policy, clocks)
+        except obstore.Unsized:  # auto reads it as fsspec would; obstore insists
+            if range_reader_choice() == "obstore":
+                raise
+            _read_by_fsspec(uri)
         except InputError as exc:  # no object of that name: a prefix (folder) is asked of fsspec
             if not exc.message.startswith("object not found"):
                 raise

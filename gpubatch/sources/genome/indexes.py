@@ -13,6 +13,7 @@ compressed file, each sampled one at a BGZF block. Every problem names the conti
 from __future__ import annotations
 
 import bisect
+import hashlib
 import struct
 import zlib
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import InputError
-from gpubatch.io.storage import exists, read_bytes
+from gpubatch.io.storage import exists, open_ranges
+from gpubatch.io.uris import is_remote
 
 #: contigs whose bytes are checked, in a local file and in one on object storage (all arithmetic
 #: checks cover every contig; a contig not checked here is checked where it is first read)
@@ -61,13 +63,44 @@ def no_index(uri: str, what: str) -> InputError:
                            f"windows.reference")
 
 
-def read_fai(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, FaiEntry]:
-    """Parse ``uri + '.fai'``; a missing index says how to make one, a malformed line which it is."""
+#: an index's version per extension, as read: (``fai``/``gzi``) -> version or None (unknown)
+Versions = dict[str, str | None]
+
+
+def read_index_file(uri: str, storage_options: dict[str, Any] | None, ext: str,
+                    versions: Versions | None = None) -> bytes:
+    """An index file's bytes, and (into ``versions[ext]``) the version they are of, in the form
+    ``windows.reference_version`` gives it: a local file's sha256 (of these very bytes), an
+    object's ETag where its read was pinned to one (obstore), else None: what a worker compares
+    with its plan's without a request more (an fsspec read, unpinned, would need a HEAD)."""
+    with open_ranges(uri, storage_options) as reader:
+        data = reader.fetch(0, reader.size())
+        etag = reader.version()
+    if versions is not None and is_remote(uri):
+        versions[ext] = f"etag:{etag}" if etag else None
+    elif versions is not None:
+        versions[ext] = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    return data
+
+
+def index_version(versions: Versions) -> str | None:
+    """``fai V; gzi V`` (the .fai/.gzi parts of ``windows.reference_version``), or None when
+    any part is unknown: then there is nothing the plan and a worker could compare."""
+    if not versions or any(v is None for v in versions.values()):
+        return None
+    return "; ".join(f"{ext} {v}" for ext, v in versions.items())
+
+
+def read_fai(uri: str, storage_options: dict[str, Any] | None = None,
+             versions: Versions | None = None) -> dict[str, FaiEntry]:
+    """Parse ``uri + '.fai'``; a missing index says how to make one, a malformed line which it is.
+    ``versions``: where the version read is recorded (:func:`read_index_file`)."""
     fai_uri = uri + ".fai"
     if not exists(fai_uri, storage_options):
         raise no_index(uri, ".fai")
     entries: dict[str, FaiEntry] = {}
-    for n, line in enumerate(read_bytes(fai_uri, storage_options).decode(errors="replace").splitlines(), 1):
+    text = read_index_file(fai_uri, storage_options, "fai", versions).decode(errors="replace")
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -84,12 +117,13 @@ def read_fai(uri: str, storage_options: dict[str, Any] | None = None) -> dict[st
     return entries
 
 
-def read_gzi(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
+def read_gzi(uri: str, storage_options: dict[str, Any] | None = None,
+             versions: Versions | None = None) -> tuple[list[int], list[int]]:
     """Parse a ``.gzi``: (compressed offsets, uncompressed offsets) of BGZF block starts."""
     gzi_uri = uri + ".gzi"
     if not exists(gzi_uri, storage_options):
         raise no_index(uri, ".gzi")
-    raw = read_bytes(gzi_uri, storage_options)
+    raw = read_index_file(gzi_uri, storage_options, "gzi", versions)
     if len(raw) < 8:
         raise InputError(gzi_uri, f"too short to be a .gzi ({len(raw)} bytes); {REBUILD}")
     (count,) = struct.unpack_from("<Q", raw, 0)

@@ -33,9 +33,11 @@ from gpubatch.sources.genome.indexes import (
     LOCAL_CHECKED,
     REMOTE_CHECKED,
     FaiEntry,
+    Versions,
     check_contig_start,
     check_fai,
     check_gzi,
+    index_version,
     read_bgzf_range,
     read_fai,
     read_gzi,
@@ -58,6 +60,9 @@ class ContigTable:
 
     names: tuple[str, ...]
     lengths: tuple[int, ...]
+    #: the .fai/.gzi version the table was read from (``fai V; gzi V``), None where unknown or a
+    #: zarr: the plan hands it to its shards, whose workers refuse another index (InputChanged)
+    index_version: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_lookup", dict(zip(self.names, self.lengths, strict=True)))
@@ -142,19 +147,22 @@ def load_contigs(uri: str, storage_options: dict[str, Any] | None = None) -> Con
     if reference_format(uri, storage_options) == "zarr":
         _, meta = _zarr_meta(uri, storage_options)
         return ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]))
-    fai, _ = read_checked_index(uri, reference_format(uri, storage_options), storage_options)
-    return ContigTable(tuple(fai), tuple(e.length for e in fai.values()))
+    versions: Versions = {}
+    fai, _ = read_checked_index(uri, reference_format(uri, storage_options), storage_options, versions)
+    return ContigTable(tuple(fai), tuple(e.length for e in fai.values()), index_version(versions))
 
 
 def read_checked_index(uri: str, fmt: str, storage_options: dict[str, Any] | None = None,
+                       versions: Versions | None = None,
                        ) -> tuple[dict[str, FaiEntry], tuple[list[int], list[int]] | None]:
     """The .fai (and .gzi for bgzip), checked against the FASTA with a few small reads.
 
     Run at plan time, once per job: an index that does not match its file is refused there,
-    naming the contig, instead of yielding shifted or truncated windows.
+    naming the contig, instead of yielding shifted or truncated windows. ``versions``: where
+    the versions of the index files read are recorded (indexes.read_index_file).
     """
-    fai = read_fai(uri, storage_options)
-    gzi = read_gzi(uri, storage_options) if fmt == "bgzip" else None
+    fai = read_fai(uri, storage_options, versions)
+    gzi = read_gzi(uri, storage_options, versions) if fmt == "bgzip" else None
     with open_ranges(uri, storage_options) as reader:
         size = reader.size()
         def fetch_many(spans: list[tuple[int, int]]) -> list[bytes]:  # bytes, not obstore's views
@@ -176,6 +184,8 @@ class Reference(ABC):
     uri: str
     format: str
     contigs: ContigTable
+    #: the version of the index this reader read (ContigTable.index_version's form), None unknown
+    index_version: str | None = None
 
     def __init__(self, clocks: StageClocks | None = None):
         self.clocks = clocks
@@ -208,6 +218,12 @@ class Reference(ABC):
 
         return self.clocks.part(name) if self.clocks is not None else nullcontext()
 
+    def version(self) -> str | None:
+        """The ETag every sequence read so far was of, where the reads are pinned to one (a remote
+        FASTA read through obstore, If-Match); None where they are not (local files, fsspec, a
+        weak or missing ETag, a zarr read by zarr's own requests): the worker then asks after."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - nothing held open by default
         """Release handles (none are held: every read is a stateless range request)."""
 
@@ -219,9 +235,11 @@ class FastaReference(Reference):
                  clocks: StageClocks | None = None):
         super().__init__(clocks)
         self.uri, self.format = uri, fmt
-        self.fai = read_fai(uri, storage_options)
+        versions: Versions = {}
+        self.fai = read_fai(uri, storage_options, versions)
         self.contigs = ContigTable(tuple(self.fai), tuple(e.length for e in self.fai.values()))
-        self.gzi = read_gzi(uri, storage_options) if fmt == "bgzip" else None
+        self.gzi = read_gzi(uri, storage_options, versions) if fmt == "bgzip" else None
+        self.index_version = index_version(versions)
         self.ranges = open_ranges(uri, storage_options, clocks)
         self._started: set[str] = set()  # contigs whose start this reader has checked
 
@@ -246,6 +264,9 @@ class FastaReference(Reference):
                 return self.ranges.fetch(b0, b1)
         with self._part("storage"):
             return read_bgzf_range(self.ranges, self.gzi, b0, b1)
+
+    def version(self) -> str | None:
+        return self.ranges.version()
 
     def close(self) -> None:
         self.ranges.close()

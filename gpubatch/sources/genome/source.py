@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.clocks import StageClocks
-from gpubatch.core.errors import InputError, SpecError
+from gpubatch.core.errors import InputChanged, InputError, SpecError
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
 from gpubatch.ops.kernels import reverse_complement_codes, window_rows
@@ -80,8 +80,9 @@ def _stride(w: WindowsSpec) -> int:
 class WindowShards(Sequence[Shard]):
     """The shards of a windows job, made when asked for (by index or in order), never all at once."""
 
-    def __init__(self, plan: WindowPlan, reference: str, notes: list[str] | None = None):
-        self.plan, self.reference = plan, reference
+    def __init__(self, plan: WindowPlan, reference: str, notes: list[str] | None = None,
+                 index_version: str | None = None):
+        self.plan, self.reference, self.index_version = plan, reference, index_version
         self.notes = notes or []  # what the plan found in the regions, for data_quality
 
     def __len__(self) -> int:
@@ -90,7 +91,24 @@ class WindowShards(Sequence[Shard]):
     def __getitem__(self, index: int) -> Shard:  # type: ignore[override]
         segments, count = self.plan[index]
         i = index if index >= 0 else index + len(self)
-        return Shard(f"windows-{i:06d}", self.reference, {"mode": "windows", "segments": segments}, count)
+        payload = {"mode": "windows", "segments": segments, "index_version": self.index_version}
+        return Shard(f"windows-{i:06d}", self.reference, payload, count)
+
+
+def refuse_another_index(shard: Shard, reference: Reference) -> None:
+    """The index a worker read must be the one its shard was planned with: the windows (and the
+    contig-start check, the one check a worker makes) go by its offsets and line widths, so a
+    .fai or .gzi rebuilt or written over since the plan reads other bases in the same windows,
+    unseen. Compared where both versions are known (a local file's sha256, a pinned ETag): no
+    request more. InputChanged: read again, then reported, naming the index."""
+    planned, read = shard.payload.get("index_version"), reference.index_version
+    if not planned or not read or planned == read:
+        return
+    was, now = (dict(part.split(" ", 1) for part in v.split("; ")) for v in (planned, read))
+    files = ", ".join(f"{redact(reference.uri)}.{ext}" for ext in now if was.get(ext) != now[ext])
+    raise InputChanged(redact(reference.uri), f"the reference's index {files} changed since the run was planned "
+                       f"({planned} planned, {read} read): the shard's windows were cut with the other one; "
+                       "run the job again (--overwrite) to plan with this index")
 
 
 def index_columns(job: JobSpec) -> list[str]:
@@ -129,6 +147,12 @@ class _GenomeReader(ShardReader):
 
     def column_limit(self, name: str) -> int | None:
         return self.tracks.column_limit(name)
+
+    def input_version(self) -> str | None:
+        """The reference's pinned ETag where the shard's input is the reference (windows; a
+        variants shard's input is its VCF, which these reads are not of): the worker's HEAD
+        after the shard is then not needed, as for a pinned slide."""
+        return self.reference.version() if self.shard.input_uri == self.reference.uri else None
 
     def close(self) -> None:
         self.reference.close()
@@ -247,7 +271,7 @@ class GenomeSource(Source):
         regions, failed = resolve_regions(w.regions, contigs, job.input.storage, w.max_bad_records)
         notes = [n for n in (overlap_note(regions),) if n]
         plan = WindowPlan(regions, w.length, _stride(w), w.windows_per_shard)
-        return WindowShards(plan, w.reference, notes), failed
+        return WindowShards(plan, w.reference, notes, contigs.index_version), failed
 
     @staticmethod
     def contig_table(uri: str, storage: dict[str, Any]) -> ContigTable:
@@ -279,7 +303,7 @@ class GenomeSource(Source):
         for i, lo in enumerate(range(0, len(table), per)):
             hi = min(lo + per, len(table))
             payload = {"mode": "variants", "uri": w.variants, "plan_counts": counts,
-                       **table.slice_payload(lo, hi)}
+                       "index_version": contigs.index_version, **table.slice_payload(lo, hi)}
             shards.append(Shard(f"variants-{i:06d}", w.variants, payload, hi - lo))
         return shards, table.failed
 
@@ -312,6 +336,7 @@ class GenomeSource(Source):
         reference = open_reference(w.reference, job.input.storage, clocks)
         cls = VariantReader if shard.payload.get("mode") == "variants" else GenomeWindowReader
         try:
+            refuse_another_index(shard, reference)
             return cls(shard, job, reference, clocks)
         except BaseException:
             reference.close()

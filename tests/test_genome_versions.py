@@ -1,0 +1,173 @@
+"""A genome run's reference versions on its workers: what each shard's reads are pinned to, and
+the index (.fai, .gzi) each shard reads checked to be the one its plan used.
+
+A moto S3 server behind the counting proxy of ``s3_fixtures`` for the remote cases.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gpubatch.spec import JobSpec
+
+pytest.importorskip("pysam")
+pytest.importorskip("moto")
+
+from s3_fixtures import S3Stack, start_s3_stack  # noqa: E402
+from test_input_versions import CONTIGS, genome_spec, write_fasta  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[S3Stack]:
+    s3 = start_s3_stack("genome-versions")
+    yield s3
+    s3.close()
+
+
+@pytest.fixture
+def s3(stack: S3Stack) -> Iterator[S3Stack]:
+    stack.proxy.reset()
+    yield stack
+    stack.proxy.reset()
+
+
+CLIENTS = ["obstore", "fsspec"]
+#: another genome of the same contig lengths (so the same .fai): a FASTA written over with it
+#: reads as well as the first, and nothing in its bytes says which version a window came from
+OTHER = {"chrA": "TTGCA" * 400, "chrB": "CCATTAG" * 100}
+
+
+def _upload_reference(s3: S3Stack, tmp_path: Path, key: str) -> str:
+    fasta = write_fasta(tmp_path / "ref.fa", CONTIGS)
+    s3.upload(Path(f"{fasta}.fai"), f"{key}.fai")
+    return s3.upload(fasta, key)
+
+
+def _fasta_heads(s3: S3Stack, tmp_path: Path, uri: str, per_shard: int) -> tuple[int, int]:
+    """(shards, HEADs of the FASTA) of one genome run over ``uri``, plan and checks included."""
+    from gpubatch.runtime.runner import run_job
+
+    spec = genome_spec(tmp_path, uri, s3.options(), windows_per_shard=per_shard)
+    job = JobSpec.model_validate({**spec, "output": {"uri": str(tmp_path / f"out{per_shard}")}})
+    s3.proxy.reset()
+    result = run_job(job, profile="inline", show_progress=False)
+    assert result.exit_code == 0, result.report["failed"]
+    return result.report["shards_total"], s3.proxy.heads.get(uri.removeprefix("s3://"), 0)
+
+
+@pytest.mark.parametrize(("client", "per_shard"), [("obstore", 3), ("fsspec", 4)])
+def test_a_pinned_reference_is_not_asked_again_after_its_shard(s3: S3Stack, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               client: str, per_shard: int) -> None:
+    """A windows shard's reads of a remote FASTA through obstore are pinned to one ETag (If-Match),
+    as a streamed slide's are, and the reader now says which: the worker takes it instead of a
+    HEAD after the shard (4 HEADs of the FASTA a shard before, 3 now). fsspec's reads are not
+    pinned, so there the HEAD after stays. Counted as the difference between a 3-shard run and a
+    1-shard run of the same windows, so the plan's and the run's own requests cancel out."""
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    uri = _upload_reference(s3, tmp_path, f"pin-{client}/ref.fa")
+    one, heads_one = _fasta_heads(s3, tmp_path, uri, 100)
+    three, heads_three = _fasta_heads(s3, tmp_path, uri, 10)
+    assert (one, three) == (1, 3)
+    assert heads_three - heads_one == 2 * per_shard
+
+
+def _writing_over_at_second_read(monkeypatch: pytest.MonkeyPatch, write: Callable[[], object]) -> list[int]:
+    """The run's second reference read first calls ``write`` (another writer, mid-shard)."""
+    from gpubatch.sources.genome.source import GenomeWindowReader
+
+    read_run = GenomeWindowReader._read_run
+    reads: list[int] = []
+
+    def written_over(self: GenomeWindowReader, i: int, j: int) -> object:
+        reads.append(1)
+        if len(reads) == 2:
+            write()
+        return read_run(self, i, j)
+
+    monkeypatch.setattr(GenomeWindowReader, "_read_run", written_over)
+    return reads
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_reference_written_over_mid_shard_is_read_again_not_mixed(s3: S3Stack, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    client: str) -> None:
+    """The FASTA is written over (same contig lengths, other bases) between a shard's first and
+    second read: through obstore the pinned read is refused (412) or the version read is not the
+    one recorded; through fsspec the HEAD after the shard sees the new ETag. Either way the first
+    attempt fails saying the input changed, the second reads the new version only, and the
+    predictions are a clean run's over the new FASTA."""
+    import pandas as pd
+
+    from gpubatch.runtime.runner import run_job
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    key = f"over-{client}/ref.fa"
+    uri = _upload_reference(s3, tmp_path, key)
+    (tmp_path / "other").mkdir()
+    other = write_fasta(tmp_path / "other" / "ref.fa", OTHER)
+    assert Path(f"{other}.fai").read_bytes() == (tmp_path / "ref.fa.fai").read_bytes()
+    _writing_over_at_second_read(monkeypatch, lambda: s3.upload(other, key))
+    spec = genome_spec(tmp_path, uri, s3.options(), windows_per_shard=30, chunk_bases=1024)
+    spec["run"].update(readers=1, retries=1)
+    got = run_job(JobSpec.model_validate(spec), profile="inline", show_progress=False)
+    assert got.exit_code == 0, got.report["failed"]
+    assert [r["attempts"] for r in got.report["retried"]["listed"]] == [2]
+    from conftest import audit_lines
+
+    [failed] = audit_lines(tmp_path / "out", "shard_failed")
+    said = {"obstore": "412 Precondition Failed", "fsspec": "the input changed while it was read"}[client]
+    assert failed["attempt"] == 1 and said in failed["error"], failed
+    monkeypatch.undo()
+    clean = genome_spec(tmp_path, str(other), windows_per_shard=30, chunk_bases=1024)
+    want = run_job(JobSpec.model_validate({**clean, "output": {"uri": str(tmp_path / "clean")}}),
+                   profile="inline", show_progress=False)
+    pd.testing.assert_frame_equal(got.predictions().reset_index(drop=True), want.predictions().reset_index(drop=True))
+
+
+def _rewriting_before_shards(monkeypatch: pytest.MonkeyPatch, fai: Path, data: bytes) -> None:
+    """As each shard starts on its worker (the source's before_shard hook), after the plan read
+    the index: ``fai`` is written with ``data`` (another writer rebuilding the index mid-run)."""
+    from gpubatch.sources.genome.source import GenomeSource
+
+    def rewrite(self: GenomeSource, job: JobSpec, upcoming: object) -> None:
+        part = fai.with_name(f"{fai.name}.{uuid.uuid4().hex}")
+        part.write_bytes(data)  # whole, then in place: another shard may be reading it meanwhile
+        part.replace(fai)
+
+    monkeypatch.setattr(GenomeSource, "before_shard", rewrite, raising=False)
+
+
+def test_an_index_rewritten_after_the_plan_is_refused_by_its_shards(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The .fai is rewritten between the plan and the workers' reads, with its lines in another
+    order (every check against the FASTA passes, so the shards committed before). Each shard
+    now compares the index it read with the plan's (its sha256, carried in the shard) and is
+    refused with InputChanged: read again (run.retries), then reported naming the .fai. The
+    same bytes written again (a touch) change nothing."""
+    from test_input_versions import _reordered
+
+    from gpubatch.runtime.runner import run_job
+
+    fasta = write_fasta(tmp_path / "ref.fa", CONTIGS)
+    fai = Path(f"{fasta}.fai")
+    original = fai.read_bytes()
+    spec = genome_spec(tmp_path, str(fasta))
+    spec["run"].update(retries=1)
+    _rewriting_before_shards(monkeypatch, fai, original)
+    same = run_job(JobSpec.model_validate({**spec, "output": {"uri": str(tmp_path / "same")}}),
+                   profile="inline", show_progress=False)
+    assert same.exit_code == 0, same.report["failed"]
+    _rewriting_before_shards(monkeypatch, fai, _reordered(fai))
+    got = run_job(JobSpec.model_validate(spec), profile="inline", show_progress=False)
+    assert got.exit_code != 0 and got.report["shards_done"] == 0
+    assert len(got.report["failed"]) == got.report["shards_total"] == 3
+    for failed in got.report["failed"]:
+        assert failed["input"] == str(fasta) and failed["attempts"] == 2, failed
+        assert f"index {fasta}.fai changed since the run was planned" in failed["error"], failed
+        assert "--overwrite" in failed["error"]
