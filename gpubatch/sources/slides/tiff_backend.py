@@ -5,6 +5,7 @@ every stored tile decoded once to RGB.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Iterable, Iterator
@@ -154,6 +155,7 @@ def _is_gray(page: Any) -> bool:
     return int(page.photometric) == MINISBLACK and stores_gray(page)
 
 
+@functools.cache
 def import_tifffile() -> Any:
     """tifffile, with its classes' cached properties lock-free on Python 3.11
     (:func:`gpubatch.core.threads.unlock_cached_properties`): slides that one process opens at
