@@ -343,3 +343,30 @@ def test_auto_reads_an_object_of_unknown_size_through_fsspec(tmp_path: Path, sli
         assert len(why) == 1 and "fsspec" in why[0], why
     finally:
         server.close()
+
+
+def test_auto_stages_a_slide_whose_server_gives_no_size_and_refuses_an_empty_one(
+        tmp_path: Path, slides_dir: Path, mean_model: Path) -> None:
+    """``input.access: auto`` streams a TIFF, which needs the object's size to read ranges by. A
+    server that sends no Content-Length gives none: the slide was failed as "an empty object or
+    a prefix". auto now stages it (one whole GET, checked to be the version listed) and reads
+    every tile; an object that is really empty is still failed, by name, and the run goes on."""
+    from conftest import slide_job, write_job
+
+    import gpubatch
+
+    slide = sorted(slides_dir.glob("*.tif"))[0]
+    server = FileServer({"/nolen/a.tif": slide.read_bytes(), "/nolen/empty.tif": b""}, etag='"v1"', lengths=False)
+    try:
+        uris = [f"{server.url}/nolen/a.tif", f"{server.url}/nolen/empty.tif"]
+        job = slide_job(uris, mean_model, tmp_path / "out", run={"stage_ahead": 0})
+        want = gpubatch.run(write_job(tmp_path / "local.yaml", slide_job(
+            [str(slide)], mean_model, tmp_path / "local", run={"stage_ahead": 0})))
+        result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+        assert result.exit_code == 3, result.report["failed"]
+        assert len(result.predictions()) == len(want.predictions()) > 0
+        (failed,) = result.report["failed"]
+        assert failed["input"].endswith("empty.tif") and "empty" in failed["error"], failed
+        assert result.report["counters"].get("storage.stream_fallbacks", 0) >= 1
+    finally:
+        server.close()

@@ -152,8 +152,11 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     first = background_pool("open", HEADER_THREADS).submit(_first_chunk, reader)
     try:
         info = stat(uri, options, policy, clocks)
-        if info["type"] == "directory" or info["size"] <= 0:
+        if info["type"] == "directory":
             raise InputError(redact(uri), "is an empty object or a prefix (directory), not a slide file")
+        if info["size"] <= 0:  # staging (input.access auto) reads what a whole GET gives
+            raise InputError(redact(uri), "has no size to read ranges by (an empty object, or a server that "
+                                          "sends no Content-Length): set input.access to stage or auto")
         reader.pin(info["etag"])  # the size's version: every read must be of it (where it can tell)
     except BaseException:
         first.result()  # its errors are its own; the stat's is the one to report
