@@ -17,6 +17,7 @@ from gpubatch.spec import JobSpec
 pysam = pytest.importorskip("pysam")
 pytest.importorskip("moto")
 
+from http_servers import FileServer  # noqa: E402
 from s3_fixtures import S3Stack, start_s3_stack  # noqa: E402
 
 
@@ -179,74 +180,6 @@ def test_a_streamed_shard_heads_its_slide_once(s3: S3Stack, tmp_path: Path, slid
 
 
 # -- servers S3 is not: weak ETags, no Content-Length --------------------------------------------
-
-
-class FileServer:
-    """A threaded HTTP/1.1 server on loopback for files held in memory: HEAD, GET and single
-    byte ranges, answering each file's ``etag`` header as given (None: none) and, when
-    ``lengths`` is off, no Content-Length (the body ends with the connection). Every request's
-    method, path and If-Match header are kept; ``get_etags`` writes an object over between GETs."""
-
-    def __init__(self, files: dict[str, bytes], etag: str | None, lengths: bool = True):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.files, self.etag, self.lengths = files, etag, lengths
-        #: the next GETs' ETags, one each (then ``etag``): an object written over after them
-        self.get_etags: list[str] = []
-        self.requests: list[tuple[str, str, str | None]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1" if lengths else "HTTP/1.0"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
-                self._answer(body=False)
-
-            def do_GET(self) -> None:  # noqa: N802
-                self._answer(body=True)
-
-            def _answer(self, body: bool) -> None:
-                server.requests.append((self.command, self.path, self.headers.get("If-Match")))
-                data = server.files.get(self.path)
-                if data is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                lo, hi, status = 0, len(data), 200
-                wanted = self.headers.get("Range")
-                if wanted and body:
-                    a, _, b = wanted.removeprefix("bytes=").partition("-")
-                    lo, hi, status = int(a), min(int(b) + 1 if b else len(data), len(data)), 206
-                self.send_response(status)
-                if status == 206:
-                    self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
-                etag = server.get_etags.pop(0) if body and server.get_etags else server.etag
-                if etag is not None:
-                    self.send_header("ETag", etag)
-                if server.lengths:
-                    self.send_header("Content-Length", str(hi - lo))
-                self.send_header("Last-Modified", "Mon, 07 Dec 2026 10:00:00 GMT")
-                self.end_headers()
-                if body:
-                    self.wfile.write(data[lo:hi])
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        import threading
-
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def count(self, method: str, path: str) -> int:
-        return sum(1 for m, p, _ in self.requests if (m, p) == (method, path))
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def test_a_weak_etag_pins_nothing_and_the_report_says_which_inputs(tmp_path: Path, slides_dir: Path,

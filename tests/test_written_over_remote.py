@@ -211,3 +211,35 @@ def test_a_streamed_reader_pinned_before_a_write_is_told_apart(tmp_path: Path, s
             unchanged_while_read(uri, input_identity(uri, s3.options()), s3.options(), backend.input_version())
     finally:
         backend.close()
+
+
+def test_a_plain_http_server_refuses_a_read_of_another_version_too(
+        tmp_path: Path, classifier: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If-Match is no S3 speciality: a plain HTTP server that keeps RFC 9110 (tests' FileServer)
+    answers a read naming the old ETag with 412 once the file is written over mid-shard; the
+    attempt fails saying so, the next one reads the new version only, as a clean run would."""
+    from http_servers import FileServer
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    old, new = _two_versions(tmp_path)
+    server = FileServer({"/s/slide.tif": old.read_bytes()}, etag='"v1"')
+
+    def write_over() -> None:
+        server.files["/s/slide.tif"], server.etag = new.read_bytes(), '"v2"'
+
+    try:
+        writes = _writing_over(monkeypatch, lambda: write_over() if len(writes) == 1 else None)
+        job, out = _job(tmp_path, [f"{server.url}/s/slide.tif"], classifier, {}, read_ahead_mb=0)
+        got = gpubatch.run(job)
+        assert got.exit_code == 0, got.report["failed"]
+        assert "412" in _failures(out)["error"].iloc[0]
+        sent = {m for method, _, m in server.requests if method == "GET"}
+        assert {'"v1"', '"v2"'} <= sent, sent  # every read named the version its attempt began with
+    finally:
+        server.close()
+    monkeypatch.undo()
+    (tmp_path / "clean").mkdir()
+    want = gpubatch.run(_job(tmp_path / "clean", [str(new)], classifier, {})[0])
+    cols = ["x", "y", "probs_0", "probs_1", "probs_2"]
+    pd.testing.assert_frame_equal(got.predictions()[cols].reset_index(drop=True),
+                                  want.predictions()[cols].reset_index(drop=True))
