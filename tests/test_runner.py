@@ -16,7 +16,7 @@ from conftest import audit_lines, shared_file, slide_job, write_job
 
 import gpubatch
 from gpubatch.cli.demo import write_synthetic_slide
-from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
+from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL, SpecError
 from gpubatch.models.base import file_sha256
 
 
@@ -195,3 +195,29 @@ def test_two_shards_on_one_worker_share_the_model_stage(tmp_path: Path, slide_pa
         for row in rows.itertuples():
             ref = np.asarray(slide.read_region((row.x, row.y), 1, (64, 64)).convert("RGB")) / 255.0
             np.testing.assert_allclose([row.mean_0, row.mean_1, row.mean_2], ref.mean(axis=(0, 1)), atol=1e-5)
+
+
+def test_a_run_walks_only_its_own_objects_and_leaves_the_collector_as_it_found_it(
+        tmp_path: Path, slide_path: Path, mean_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The objects the process held before a run are frozen out of the collector's walks while it
+    runs (its end's full collection walks what the run made), and given back after it, whether
+    the run ended well or failed: nothing stays frozen, so later collections see them again."""
+    import gc
+
+    from gpubatch.runtime import runner
+
+    at_the_end: list[int] = []
+    hand_back = runner.hand_back_freed_memory
+
+    def recorded(collect: bool = True) -> None:
+        at_the_end.append(gc.get_freeze_count())
+        hand_back(collect)
+
+    monkeypatch.setattr(runner, "hand_back_freed_memory", recorded)
+    job = slide_job([str(slide_path)], mean_model, tmp_path / "out", run={"profile": "inline"})
+    assert gpubatch.run(write_job(tmp_path / "job.yaml", job)).exit_code == EXIT_OK
+    assert at_the_end and min(at_the_end) > 1000, at_the_end  # the imports, the test's objects
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(SpecError, match="--resume"):  # raised mid-run: the output has commits
+        gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert gc.get_freeze_count() == 0

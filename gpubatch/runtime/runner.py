@@ -35,7 +35,7 @@ from gpubatch.core.errors import (
     OutputsNotWrittenError,
 )
 from gpubatch.core.files import cache_root, file_sha256
-from gpubatch.core.memory import hand_back_freed_memory
+from gpubatch.core.memory import collections_of_this_run, hand_back_freed_memory
 from gpubatch.core.results import ShardResult, quarantined_count
 from gpubatch.engine.context import RunContext
 from gpubatch.io.redact import redact
@@ -84,7 +84,8 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     run = _Run(job, prof, store)
     run.lease.acquire()
     try:
-        return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler, show_progress=show_progress)
+        with collections_of_this_run():
+            return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler, show_progress=show_progress)
     finally:
         run.commits.close()
         run.lease.release()
