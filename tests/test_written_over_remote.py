@@ -70,6 +70,15 @@ def _writing_over(monkeypatch: pytest.MonkeyPatch, write: Callable[[], None]) ->
     return writes
 
 
+def _assert_a_clean_runs_predictions(got: gpubatch.Result, tmp_path: Path, version: Path, model: Path) -> None:
+    """``got`` predicted what a clean run on ``version`` alone (a local file) predicts."""
+    (tmp_path / "clean").mkdir()
+    want = gpubatch.run(_job(tmp_path / "clean", [str(version)], model, {})[0])
+    cols = ["x", "y", "probs_0", "probs_1", "probs_2"]
+    pd.testing.assert_frame_equal(got.predictions()[cols].reset_index(drop=True),
+                                  want.predictions()[cols].reset_index(drop=True))
+
+
 def _failures(out: Path) -> pd.DataFrame:
     audit = pd.read_json(out / "audit.jsonl", lines=True)
     return audit[audit["event"] == "shard_failed"]
@@ -96,11 +105,7 @@ def test_a_remote_slide_written_over_while_read_is_read_again_not_mixed(
     assert [r["attempts"] for r in got.report["retried"]["listed"]] == [2]
     assert got.report["counters"][f"storage.client.{client}"] >= 1
     monkeypatch.undo()
-    (tmp_path / "clean").mkdir()
-    want = gpubatch.run(_job(tmp_path / "clean", [str(new)], classifier, {})[0])
-    cols = ["x", "y", "probs_0", "probs_1", "probs_2"]
-    pd.testing.assert_frame_equal(got.predictions()[cols].reset_index(drop=True),
-                                  want.predictions()[cols].reset_index(drop=True))
+    _assert_a_clean_runs_predictions(got, tmp_path, new, classifier)
 
 
 def test_obstore_refuses_the_read_itself_with_if_match(
@@ -238,8 +243,4 @@ def test_a_plain_http_server_refuses_a_read_of_another_version_too(
     finally:
         server.close()
     monkeypatch.undo()
-    (tmp_path / "clean").mkdir()
-    want = gpubatch.run(_job(tmp_path / "clean", [str(new)], classifier, {})[0])
-    cols = ["x", "y", "probs_0", "probs_1", "probs_2"]
-    pd.testing.assert_frame_equal(got.predictions()[cols].reset_index(drop=True),
-                                  want.predictions()[cols].reset_index(drop=True))
+    _assert_a_clean_runs_predictions(got, tmp_path, new, classifier)
