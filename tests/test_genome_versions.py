@@ -59,7 +59,7 @@ def _fasta_heads(s3: S3Stack, tmp_path: Path, uri: str, per_shard: int) -> tuple
     return result.report["shards_total"], s3.proxy.heads.get(uri.removeprefix("s3://"), 0)
 
 
-@pytest.mark.parametrize(("client", "per_shard"), [("obstore", 3), ("fsspec", 4)])
+@pytest.mark.parametrize(("client", "per_shard"), [("obstore", 1), ("fsspec", 2)])
 def test_a_pinned_reference_is_not_asked_again_after_its_shard(s3: S3Stack, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                client: str, per_shard: int) -> None:
@@ -67,7 +67,8 @@ def test_a_pinned_reference_is_not_asked_again_after_its_shard(s3: S3Stack, tmp_
     as a streamed slide's are, and the reader now says which: the worker takes it instead of a
     HEAD after the shard (4 HEADs of the FASTA a shard before, 3 now). fsspec's reads are not
     pinned, so there the HEAD after stays. Counted as the difference between a 3-shard run and a
-    1-shard run of the same windows, so the plan's and the run's own requests cancel out."""
+    1-shard run of the same windows, so the plan's and the run's own requests cancel out. (Since
+    shards carry the reference's form, its probe's 2 HEADs a shard are gone too: 1 and 2 now.)"""
     monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
     uri = _upload_reference(s3, tmp_path, f"pin-{client}/ref.fa")
     one, heads_one = _fasta_heads(s3, tmp_path, uri, 100)
@@ -171,3 +172,130 @@ def test_an_index_rewritten_after_the_plan_is_refused_by_its_shards(tmp_path: Pa
         assert failed["input"] == str(fasta) and failed["attempts"] == 2, failed
         assert f"index {fasta}.fai changed since the run was planned" in failed["error"], failed
         assert "--overwrite" in failed["error"]
+
+
+# -- requests per shard before its first window ---------------------------------------------------
+
+#: the objects a FASTA reference is, by suffix of its key
+OBJECTS = {"fasta": "", "fai": ".fai", "gzi": ".gzi", "zarr.json": "/zarr.json"}
+
+
+def _requests(s3: S3Stack, tmp_path: Path, uri: str, per_shard: int) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(shards, (HEADs, GETs) per object of the reference) of one genome run over ``uri``, the
+    plan included, in a worker process that has kept no index yet (a fresh one)."""
+    from gpubatch.runtime.runner import run_job
+    from gpubatch.sources.genome.indexes import forget_indexes
+
+    spec = genome_spec(tmp_path, uri, s3.options(), windows_per_shard=per_shard)
+    job = JobSpec.model_validate({**spec, "output": {"uri": str(tmp_path / f"out{per_shard}")}})
+    forget_indexes()
+    s3.proxy.reset()
+    result = run_job(job, profile="inline", show_progress=False)
+    assert result.exit_code == 0, result.report["failed"]
+    key = uri.removeprefix("s3://")
+    return result.report["shards_total"], {name: (s3.proxy.heads.get(key + end, 0), s3.proxy.gets.get(key + end, 0))
+                                           for name, end in OBJECTS.items()}
+
+
+def _per_two_shards(s3: S3Stack, tmp_path: Path, uri: str) -> dict[str, tuple[int, int]]:
+    """(HEADs, GETs) per object that a 3-shard run makes more than a 1-shard run of the same
+    windows: the requests of a process's 2nd and 3rd shards (the plan's cancel out)."""
+    one, before = _requests(s3, tmp_path, uri, 100)
+    three, after = _requests(s3, tmp_path, uri, 10)
+    assert (one, three) == (1, 3)
+    return {name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in OBJECTS}
+
+
+def _upload_bgzip(s3: S3Stack, tmp_path: Path, key: str) -> str:
+    fasta = write_fasta(tmp_path / "ref.fa.gz", CONTIGS, bgzip=True)
+    for end in (".fai", ".gzi"):
+        s3.upload(Path(f"{fasta}{end}"), f"{key}{end}")
+    return s3.upload(fasta, key)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_shard_opens_a_plain_reference_without_asking_what_the_plan_knew(s3: S3Stack, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          client: str) -> None:
+    """Each shard took, before its first window, 3 HEADs and a GET of the FASTA, a HEAD of
+    ``zarr.json`` (the form probed: 2 HEADs, a GET, and an existence HEAD), and 2 HEADs and a
+    GET of the .fai (an existence HEAD, then the read). Now the form comes with the shard, the
+    existence HEADs are gone (the read says what is missing) and a process keeps an index read
+    at a known version (obstore's pinned ETag) for its later shards of that version. Per shard
+    left: the FASTA's identity HEAD (fsspec: and the one after, unpinned) and its one sequence
+    GET; nothing of the .fai with obstore, its HEAD (size) and GET with fsspec (the version is
+    unknown there, so each shard reads it as before); nothing of zarr.json or the .gzi."""
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    extra = _per_two_shards(s3, tmp_path, _upload_reference(s3, tmp_path, f"asks-{client}/ref.fa"))
+    want = {"obstore": {"fasta": (2, 2), "fai": (0, 0), "gzi": (0, 0), "zarr.json": (0, 0)},
+            "fsspec": {"fasta": (4, 2), "fai": (2, 2), "gzi": (0, 0), "zarr.json": (0, 0)}}[client]
+    assert extra == want
+
+
+def test_a_shard_opens_a_bgzip_reference_with_its_kept_indexes(s3: S3Stack, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bgzip FASTA's shards through obstore: the .fai and .gzi (each an existence HEAD, a HEAD
+    and a GET a shard before) are read by a process's first shard only, zarr.json is not asked,
+    and the FASTA's own GETs are the one sequence read a shard (2 before: the probe's 4 bytes)."""
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    extra = _per_two_shards(s3, tmp_path, _upload_bgzip(s3, tmp_path, "asks-bgzip/ref.fa.gz"))
+    assert {name: extra[name] for name in ("fai", "gzi", "zarr.json")} == dict.fromkeys(("fai", "gzi", "zarr.json"), (0, 0))
+    assert extra["fasta"][1] == 2
+
+
+def test_a_shard_planned_without_the_reference_facts_still_probes(s3: S3Stack, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard from a plan that carried neither the form nor the index version (an older
+    gpubatch's, read again by --resume) opens the reference as before: it probes the form (the
+    zarr.json HEAD again, each shard) and reads the index each shard, and the run is as good."""
+    from gpubatch.sources.genome import source
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    monkeypatch.setattr(source, "reference_facts", lambda contigs: {})
+    extra = _per_two_shards(s3, tmp_path, _upload_reference(s3, tmp_path, "old-plan/ref.fa"))
+    assert extra["zarr.json"] == (2, 0) and extra["fai"] == (2, 2)
+
+
+def test_a_remote_index_rewritten_after_the_plan_is_refused_though_indexes_are_kept(
+        s3: S3Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The .fai on S3 is written over (lines reordered, every check passes) as each shard starts,
+    after the plan read it. A process keeps only an index read at the planned version, so no
+    shard finds one kept: each reads the new ETag and is refused, read again, then reported."""
+    from test_input_versions import _reordered
+
+    from gpubatch.runtime.runner import run_job
+    from gpubatch.sources.genome.indexes import forget_indexes
+    from gpubatch.sources.genome.source import GenomeSource
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    uri = _upload_reference(s3, tmp_path, "rewritten/ref.fa")
+    reordered = _reordered(tmp_path / "ref.fa.fai")
+    monkeypatch.setattr(GenomeSource, "before_shard",
+                        lambda self, job, upcoming: s3.upload_bytes(reordered, "rewritten/ref.fa.fai"),
+                        raising=False)
+    spec = genome_spec(tmp_path, uri, s3.options())
+    spec["run"].update(retries=1)
+    forget_indexes()
+    got = run_job(JobSpec.model_validate(spec), profile="inline", show_progress=False)
+    assert got.exit_code != 0 and got.report["shards_done"] == 0
+    assert len(got.report["failed"]) == got.report["shards_total"] == 3
+    for failed in got.report["failed"]:
+        assert failed["attempts"] == 2 and f"index {uri}.fai changed since the run was planned" in failed["error"]
+
+
+def test_a_missing_remote_index_says_which_and_how_to_make_it(s3: S3Stack, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the existence HEAD, the index read's own 404 says the .fai is missing: the same
+    error as before, naming the file and `samtools faidx`; a missing FASTA says so too."""
+    from gpubatch.core.errors import InputError
+    from gpubatch.sources.genome.indexes import forget_indexes, read_index
+    from gpubatch.sources.genome.reference import reference_format
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    fasta = write_fasta(tmp_path / "ref.fa", CONTIGS)
+    uri = s3.upload(fasta, "no-index/ref.fa")
+    forget_indexes()
+    with pytest.raises(InputError, match=r"FASTA index .*no-index/ref\.fa\.fai not found; make it with `samtools faidx"):
+        read_index(uri, "fasta", s3.options(), "fai etag:x")
+    with pytest.raises(InputError, match=r"reference not found: check windows\.reference"):
+        reference_format(uri + ".missing", s3.options())

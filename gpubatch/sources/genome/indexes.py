@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import os
 import struct
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import InputError
-from gpubatch.io.storage import exists, open_ranges
+from gpubatch.io.storage import open_ranges
 from gpubatch.io.uris import is_remote
 
 #: contigs whose bytes are checked, in a local file and in one on object storage (all arithmetic
@@ -72,15 +75,28 @@ def read_index_file(uri: str, storage_options: dict[str, Any] | None, ext: str,
     """An index file's bytes, and (into ``versions[ext]``) the version they are of, in the form
     ``windows.reference_version`` gives it: a local file's sha256 (of these very bytes), an
     object's ETag where its read was pinned to one (obstore), else None: what a worker compares
-    with its plan's without a request more (an fsspec read, unpinned, would need a HEAD)."""
-    with open_ranges(uri, storage_options) as reader:
-        data = reader.fetch(0, reader.size())
-        etag = reader.version()
+    with its plan's without a request more (an fsspec read, unpinned, would need a HEAD).
+
+    No existence check first: the read's own answer says the file is missing (a HEAD less per
+    read), and that answer becomes :func:`no_index`, naming the index and how to make it."""
+    try:
+        with open_ranges(uri, storage_options) as reader:
+            data = reader.fetch(0, reader.size())
+            etag = reader.version()
+    except InputError as exc:
+        if _missing(exc):
+            raise no_index(uri[: -len(ext) - 1], f".{ext}") from None
+        raise
     if versions is not None and is_remote(uri):
         versions[ext] = f"etag:{etag}" if etag else None
     elif versions is not None:
         versions[ext] = f"sha256:{hashlib.sha256(data).hexdigest()}"
     return data
+
+
+def _missing(exc: InputError) -> bool:
+    """Whether a read failed for want of the file (storage's 404, a local file not found)."""
+    return exc.message.startswith(("object not found", "file not found"))
 
 
 def index_version(versions: Versions) -> str | None:
@@ -96,8 +112,6 @@ def read_fai(uri: str, storage_options: dict[str, Any] | None = None,
     """Parse ``uri + '.fai'``; a missing index says how to make one, a malformed line which it is.
     ``versions``: where the version read is recorded (:func:`read_index_file`)."""
     fai_uri = uri + ".fai"
-    if not exists(fai_uri, storage_options):
-        raise no_index(uri, ".fai")
     entries: dict[str, FaiEntry] = {}
     text = read_index_file(fai_uri, storage_options, "fai", versions).decode(errors="replace")
     for n, line in enumerate(text.splitlines(), 1):
@@ -121,8 +135,6 @@ def read_gzi(uri: str, storage_options: dict[str, Any] | None = None,
              versions: Versions | None = None) -> tuple[list[int], list[int]]:
     """Parse a ``.gzi``: (compressed offsets, uncompressed offsets) of BGZF block starts."""
     gzi_uri = uri + ".gzi"
-    if not exists(gzi_uri, storage_options):
-        raise no_index(uri, ".gzi")
     raw = read_index_file(gzi_uri, storage_options, "gzi", versions)
     if len(raw) < 8:
         raise InputError(gzi_uri, f"too short to be a .gzi ({len(raw)} bytes); {REBUILD}")
@@ -136,6 +148,99 @@ def read_gzi(uri: str, storage_options: dict[str, Any] | None = None,
             coffs.append(int(c))
             uoffs.append(int(u))
     return coffs, uoffs
+
+
+Gzi = tuple[list[int], list[int]]
+
+
+@dataclass(frozen=True)
+class ParsedIndex:
+    """A reference's .fai (and .gzi for bgzip) as parsed, and the version they were read at."""
+
+    fai: dict[str, FaiEntry]
+    gzi: Gzi | None
+    #: :func:`index_version`'s form; None where unknown (an fsspec read)
+    version: str | None
+
+
+#: parsed indexes a worker process keeps, the most recently used last: a few references at once
+#: (one run reads one; a process that serves several runs or jobs keeps the latest few)
+CACHED_INDEXES = 4
+_Key = tuple[str, str]
+_indexes: OrderedDict[_Key, ParsedIndex] = OrderedDict()
+_reading: dict[_Key, threading.Lock] = {}  # a key's read in flight: its shards wait for it
+_indexes_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked worker starts with its own locks (one held in the parent at the fork never opens)."""
+    global _indexes_lock
+    _indexes_lock = threading.Lock()
+    _reading.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def read_index(uri: str, fmt: str, storage_options: dict[str, Any] | None = None,
+               planned: str | None = None) -> ParsedIndex:
+    """The .fai (and .gzi) of the FASTA ``uri`` for a worker's shard planned with index version
+    ``planned``: read, or where this process has already read that very version of a remote
+    reference's index, taken from memory without a request (shards opening at once wait for
+    the one read, not each make their own).
+
+    Why it is sound: a kept index is kept under the version it was read at, and handed out only
+    to a shard planned with that version, so the shard reads by the offsets its windows were cut
+    with (a .fai written over since is refused by the shard that reads it, never taken from
+    here). Not kept: an unknown version (fsspec reads; nothing tells it from another, so each
+    shard reads it as before), and local files (their read costs no round trip, and is the
+    shard's own check against the planned sha256)."""
+    if not planned or not is_remote(uri):
+        return _read_parsed(uri, fmt, storage_options)
+    key = (uri, planned)
+    with _indexes_lock:
+        reading = _reading.setdefault(key, threading.Lock())
+    with reading:
+        try:
+            if (kept := _kept(key)) is not None:
+                return kept
+            index = _read_parsed(uri, fmt, storage_options)
+            if index.version == planned:
+                _keep(key, index)
+            return index
+        finally:
+            with _indexes_lock:
+                if _reading.get(key) is reading:
+                    del _reading[key]
+
+
+def _read_parsed(uri: str, fmt: str, storage_options: dict[str, Any] | None) -> ParsedIndex:
+    versions: Versions = {}
+    fai = read_fai(uri, storage_options, versions)
+    gzi = read_gzi(uri, storage_options, versions) if fmt == "bgzip" else None
+    return ParsedIndex(fai, gzi, index_version(versions))
+
+
+def _kept(key: _Key) -> ParsedIndex | None:
+    with _indexes_lock:
+        kept = _indexes.get(key)
+        if kept is not None:
+            _indexes.move_to_end(key)
+        return kept
+
+
+def _keep(key: _Key, index: ParsedIndex) -> None:
+    with _indexes_lock:
+        _indexes[key] = index
+        while len(_indexes) > CACHED_INDEXES:
+            _indexes.popitem(last=False)
+
+
+def forget_indexes() -> None:
+    """Drop every kept index (tests; a process that must read its indexes again)."""
+    with _indexes_lock:
+        _indexes.clear()
 
 
 def check_gzi(uri: str, gzi: tuple[list[int], list[int]], compressed_size: int,

@@ -41,6 +41,7 @@ from gpubatch.sources.genome.indexes import (
     read_bgzf_range,
     read_fai,
     read_gzi,
+    read_index,
     uncompressed_size,
 )
 
@@ -63,6 +64,9 @@ class ContigTable:
     #: the .fai/.gzi version the table was read from (``fai V; gzi V``), None where unknown or a
     #: zarr: the plan hands it to its shards, whose workers refuse another index (InputChanged)
     index_version: str | None = None
+    #: the reference's form as the plan found it ('zarr', 'bgzip', 'fasta'; None where not said):
+    #: the plan hands it to its shards, whose workers then open the reference without probing it
+    format: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_lookup", dict(zip(self.names, self.lengths, strict=True)))
@@ -89,14 +93,22 @@ class ContigTable:
 
 
 def reference_format(uri: str, storage_options: dict[str, Any] | None = None) -> str:
-    """'zarr', 'bgzip' or 'fasta', decided from the store marker or the file's first bytes."""
+    """'zarr', 'bgzip' or 'fasta', decided from the store marker or the file's first bytes.
+
+    Asked by the plan, once; a worker takes the plan's answer from its shard (``reference_format``
+    in the payload) and asks only where a shard has none (one planned before it was carried).
+    A missing file is said by the read's own answer, not by a HEAD before it."""
     if exists(uri.rstrip("/") + "/zarr.json", storage_options):
         return "zarr"
-    if not exists(uri, storage_options):
-        raise InputError(uri, "reference not found")
-    with open_ranges(uri, storage_options) as reader:
-        size = reader.size()
-        head = bytes(reader.fetch(0, min(size, 4))) if size else b""
+    try:
+        with open_ranges(uri, storage_options) as reader:
+            size = reader.size()
+            head = bytes(reader.fetch(0, min(size, 4))) if size else b""
+    except InputError as exc:
+        if exc.message.startswith(("object not found", "file not found")):
+            raise InputError(uri, "reference not found: check windows.reference (a FASTA with its "
+                                  ".fai, or a genome zarr from `gpubatch ingest genome`)") from None
+        raise
     if not head.strip():
         raise InputError(uri, f"the reference is empty ({size} bytes{', blank' if size else ''}): "
                               "a FASTA starts with a '>NAME' header line")
@@ -144,12 +156,13 @@ def _zarr_meta(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, d
 
 def load_contigs(uri: str, storage_options: dict[str, Any] | None = None) -> ContigTable:
     """The reference's contig table from its index or zarr attributes; reads no sequence."""
-    if reference_format(uri, storage_options) == "zarr":
+    fmt = reference_format(uri, storage_options)
+    if fmt == "zarr":
         _, meta = _zarr_meta(uri, storage_options)
-        return ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]))
+        return ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]), format=fmt)
     versions: Versions = {}
-    fai, _ = read_checked_index(uri, reference_format(uri, storage_options), storage_options, versions)
-    return ContigTable(tuple(fai), tuple(e.length for e in fai.values()), index_version(versions))
+    fai, _ = read_checked_index(uri, fmt, storage_options, versions)
+    return ContigTable(tuple(fai), tuple(e.length for e in fai.values()), index_version(versions), fmt)
 
 
 def read_checked_index(uri: str, fmt: str, storage_options: dict[str, Any] | None = None,
@@ -232,14 +245,14 @@ class FastaReference(Reference):
     """Plain or bgzip FASTA: one byte-range request per read, newlines stripped, then encoded."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None, fmt: str,
-                 clocks: StageClocks | None = None):
+                 clocks: StageClocks | None = None, planned_index: str | None = None):
+        """``planned_index``: the index version the shard was planned with, under which this
+        process may have kept the index already (indexes.read_index): then no request for it."""
         super().__init__(clocks)
         self.uri, self.format = uri, fmt
-        versions: Versions = {}
-        self.fai = read_fai(uri, storage_options, versions)
+        index = read_index(uri, fmt, storage_options, planned_index)
+        self.fai, self.gzi, self.index_version = index.fai, index.gzi, index.version
         self.contigs = ContigTable(tuple(self.fai), tuple(e.length for e in self.fai.values()))
-        self.gzi = read_gzi(uri, storage_options, versions) if fmt == "bgzip" else None
-        self.index_version = index_version(versions)
         self.ranges = open_ranges(uri, storage_options, clocks)
         self._started: set[str] = set()  # contigs whose start this reader has checked
 
@@ -292,13 +305,26 @@ class ZarrReference(Reference):
         return codes
 
 
+#: the forms a reference is read in (what :func:`reference_format` answers)
+FORMATS = ("zarr", "bgzip", "fasta")
+
+
 def open_reference(uri: str, storage_options: dict[str, Any] | None = None,
-                   clocks: StageClocks | None = None) -> Reference:
-    """Open a reference in whichever form it is stored; raises InputError naming what is missing."""
-    fmt = reference_format(uri, storage_options)
+                   clocks: StageClocks | None = None, fmt: str | None = None,
+                   planned_index: str | None = None) -> Reference:
+    """Open a reference in whichever form it is stored; raises InputError naming what is missing.
+
+    ``fmt``: the form the plan found (a shard's ``reference_format``), taken without a request;
+    None asks the reference (3 requests, a HEAD of ``zarr.json`` among them). ``planned_index``:
+    the shard's ``index_version``, under which an index already read may be reused."""
+    if fmt is None:
+        fmt = reference_format(uri, storage_options)
+    elif fmt not in FORMATS:
+        raise InputError(uri, f"the shard says the reference is '{fmt}', not one of {', '.join(FORMATS)}: "
+                              "the run's plan is from another gpubatch; run the job again (--overwrite)")
     if fmt == "zarr":
         return ZarrReference(uri, storage_options, clocks)
-    return FastaReference(uri, storage_options, fmt, clocks)
+    return FastaReference(uri, storage_options, fmt, clocks, planned_index)
 
 
 #: a gap wider than this between consecutive windows starts a new read instead of reading through it

@@ -81,8 +81,9 @@ class WindowShards(Sequence[Shard]):
     """The shards of a windows job, made when asked for (by index or in order), never all at once."""
 
     def __init__(self, plan: WindowPlan, reference: str, notes: list[str] | None = None,
-                 index_version: str | None = None):
-        self.plan, self.reference, self.index_version = plan, reference, index_version
+                 facts: dict[str, Any] | None = None):
+        self.plan, self.reference = plan, reference
+        self.facts = facts or {}  # what the plan found of the reference (reference_facts)
         self.notes = notes or []  # what the plan found in the regions, for data_quality
 
     def __len__(self) -> int:
@@ -91,8 +92,15 @@ class WindowShards(Sequence[Shard]):
     def __getitem__(self, index: int) -> Shard:  # type: ignore[override]
         segments, count = self.plan[index]
         i = index if index >= 0 else index + len(self)
-        payload = {"mode": "windows", "segments": segments, "index_version": self.index_version}
+        payload = {"mode": "windows", "segments": segments, **self.facts}
         return Shard(f"windows-{i:06d}", self.reference, payload, count)
+
+
+def reference_facts(contigs: ContigTable) -> dict[str, Any]:
+    """What the plan found of the reference that every shard's worker would otherwise ask again:
+    the index version its windows were cut with (a worker refuses another) and the reference's
+    form (a worker opens it as that, without the 3 requests of probing it)."""
+    return {"index_version": contigs.index_version, "reference_format": contigs.format}
 
 
 def refuse_another_index(shard: Shard, reference: Reference) -> None:
@@ -271,7 +279,7 @@ class GenomeSource(Source):
         regions, failed = resolve_regions(w.regions, contigs, job.input.storage, w.max_bad_records)
         notes = [n for n in (overlap_note(regions),) if n]
         plan = WindowPlan(regions, w.length, _stride(w), w.windows_per_shard)
-        return WindowShards(plan, w.reference, notes, contigs.index_version), failed
+        return WindowShards(plan, w.reference, notes, reference_facts(contigs)), failed
 
     @staticmethod
     def contig_table(uri: str, storage: dict[str, Any]) -> ContigTable:
@@ -290,7 +298,7 @@ class GenomeSource(Source):
         table = read_variants(w.variants, contigs, storage, w.max_bad_records)
         if not len(table):
             return [], [*table.failed, {"input": w.variants, "error": "no scorable variants: " + _skip_text(table)}]
-        reference = open_reference(w.reference, storage)
+        reference = open_reference(w.reference, storage, fmt=contigs.format)
         try:
             match = check_refs(table, reference, w.chunk_bases)
         finally:
@@ -303,7 +311,7 @@ class GenomeSource(Source):
         for i, lo in enumerate(range(0, len(table), per)):
             hi = min(lo + per, len(table))
             payload = {"mode": "variants", "uri": w.variants, "plan_counts": counts,
-                       "index_version": contigs.index_version, **table.slice_payload(lo, hi)}
+                       **reference_facts(contigs), **table.slice_payload(lo, hi)}
             shards.append(Shard(f"variants-{i:06d}", w.variants, payload, hi - lo))
         return shards, table.failed
 
@@ -331,9 +339,13 @@ class GenomeSource(Source):
         }, "notes": list(plan.get("notes") or [])}
 
     def open(self, shard: Shard, job: JobSpec, clocks: StageClocks) -> ShardReader:
-        """Open the reference on this worker and build the shard's reader."""
+        """Open the reference on this worker and build the shard's reader: as the form the plan
+        found and, where this process read the planned index already, with that index (no
+        request for either); a shard planned without them (an older plan) asks as before."""
         w = _windows(job)
-        reference = open_reference(w.reference, job.input.storage, clocks)
+        p = shard.payload
+        reference = open_reference(w.reference, job.input.storage, clocks, p.get("reference_format"),
+                                   p.get("index_version"))
         cls = VariantReader if shard.payload.get("mode") == "variants" else GenomeWindowReader
         try:
             refuse_another_index(shard, reference)
