@@ -77,8 +77,9 @@ def test_a_pinned_reference_is_not_asked_again_after_its_shard(s3: S3Stack, tmp_
     assert heads_three - heads_one == 2 * per_shard
 
 
-def _writing_over_at_second_read(monkeypatch: pytest.MonkeyPatch, write: Callable[[], object]) -> list[int]:
-    """The run's second reference read first calls ``write`` (another writer, mid-shard)."""
+def _writing_over_at_second_read(monkeypatch: pytest.MonkeyPatch, write: Callable[[], object],
+                                 at: int = 2) -> list[int]:
+    """The run's ``at``-th (second) reference read first calls ``write`` (another writer, mid-shard)."""
     from gpubatch.sources.genome.source import GenomeWindowReader
 
     read_run = GenomeWindowReader._read_run
@@ -86,7 +87,7 @@ def _writing_over_at_second_read(monkeypatch: pytest.MonkeyPatch, write: Callabl
 
     def written_over(self: GenomeWindowReader, i: int, j: int) -> object:
         reads.append(1)
-        if len(reads) == 2:
+        if len(reads) == at:
             write()
         return read_run(self, i, j)
 
@@ -95,15 +96,18 @@ def _writing_over_at_second_read(monkeypatch: pytest.MonkeyPatch, write: Callabl
 
 
 @pytest.mark.parametrize("client", CLIENTS)
-def test_a_reference_written_over_mid_shard_is_read_again_not_mixed(s3: S3Stack, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch,
-                                                                    client: str) -> None:
+def test_a_reference_written_over_mid_run_is_refused_not_mixed(s3: S3Stack, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                client: str) -> None:
     """The FASTA is written over (same contig lengths, other bases) between a shard's first and
-    second read: through obstore the pinned read is refused (412) or the version read is not the
-    one recorded; through fsspec the HEAD after the shard sees the new ETag. Either way the first
-    attempt fails saying the input changed, the second reads the new version only, and the
-    predictions are a clean run's over the new FASTA."""
+    second read (after shards that committed): through obstore a pinned read is refused (412) or
+    reads another version than the shard's start; through fsspec the HEAD after the shard sees
+    the new ETag. The attempt fails saying the input changed; its next attempt,
+    and every shard after, finds another version than the plan's and is refused too, naming
+    --overwrite (a later shard read at the new version would sit beside earlier ones read at the
+    planned one). What was committed is all of the planned version: a clean run's over it."""
     import pandas as pd
+    from conftest import audit_lines
 
     from gpubatch.runtime.runner import run_job
 
@@ -113,22 +117,25 @@ def test_a_reference_written_over_mid_shard_is_read_again_not_mixed(s3: S3Stack,
     (tmp_path / "other").mkdir()
     other = write_fasta(tmp_path / "other" / "ref.fa", OTHER)
     assert Path(f"{other}.fai").read_bytes() == (tmp_path / "ref.fa.fai").read_bytes()
-    _writing_over_at_second_read(monkeypatch, lambda: s3.upload(other, key))
-    spec = genome_spec(tmp_path, uri, s3.options(), windows_per_shard=30, chunk_bases=1024)
+    _writing_over_at_second_read(monkeypatch, lambda: s3.upload(other, key), at=4)
+    spec = genome_spec(tmp_path, uri, s3.options(), windows_per_shard=5, chunk_bases=1024)
     spec["run"].update(readers=1, retries=1)
     got = run_job(JobSpec.model_validate(spec), profile="inline", show_progress=False)
-    assert got.exit_code == 0, got.report["failed"]
-    assert [r["attempts"] for r in got.report["retried"]["listed"]] == [2]
-    from conftest import audit_lines
-
-    [failed] = audit_lines(tmp_path / "out", "shard_failed")
-    said = {"obstore": "412 Precondition Failed", "fsspec": "the input changed while it was read"}[client]
-    assert failed["attempt"] == 1 and said in failed["error"], failed
+    assert got.exit_code != 0 and got.report["failed"]
+    for failed in got.report["failed"]:
+        assert "changed since the run was planned" in failed["error"] and failed["attempts"] == 2, failed
+    mid_shard = ("412 Precondition Failed", "changed while it was read", "changed after it was opened")
+    errors = [line["error"] for line in audit_lines(tmp_path / "out", "shard_failed")]
+    assert any(any(said in e for said in mid_shard) for e in errors), errors  # the shard in flight
     monkeypatch.undo()
-    clean = genome_spec(tmp_path, str(other), windows_per_shard=30, chunk_bases=1024)
+    clean = genome_spec(tmp_path, str(tmp_path / "ref.fa"), windows_per_shard=5, chunk_bases=1024)
     want = run_job(JobSpec.model_validate({**clean, "output": {"uri": str(tmp_path / "clean")}}),
-                   profile="inline", show_progress=False)
-    pd.testing.assert_frame_equal(got.predictions().reset_index(drop=True), want.predictions().reset_index(drop=True))
+                   profile="inline", show_progress=False).predictions()
+    kept = got.predictions()
+    assert 0 < got.report["shards_done"] < got.report["shards_total"] and len(kept)
+    on = ["chrom", "start", "end", "strand"]
+    pd.testing.assert_frame_equal(kept.reset_index(drop=True),
+                                  kept[on].merge(want, on=on, how="left").reset_index(drop=True)[kept.columns])
 
 
 def _rewriting_before_shards(monkeypatch: pytest.MonkeyPatch, fai: Path, data: bytes) -> None:
@@ -299,3 +306,27 @@ def test_a_missing_remote_index_says_which_and_how_to_make_it(s3: S3Stack, tmp_p
         read_index(uri, "fasta", s3.options(), "fai etag:x")
     with pytest.raises(InputError, match=r"reference not found: check windows\.reference"):
         reference_format(uri + ".missing", s3.options())
+
+
+def test_a_reference_written_over_after_the_plan_is_refused_by_its_shards(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FASTA is written over between the plan and the workers' reads with another genome of
+    the same contig lengths: the same .fai, every check passes, and the shards read other bases
+    than those the run's earlier shards read (windows from two versions of one reference). Each
+    windows shard carries the reference's identity as planned and is refused where the file is
+    another version at its start: read again (run.retries), then reported, naming --overwrite."""
+    from gpubatch.runtime.runner import run_job
+
+    fasta = write_fasta(tmp_path / "ref.fa", CONTIGS)
+    (tmp_path / "other").mkdir()
+    other = write_fasta(tmp_path / "other" / "ref.fa", OTHER).read_bytes()
+    assert Path(f"{fasta}.fai").read_bytes() == (tmp_path / "other" / "ref.fa.fai").read_bytes()
+    spec = genome_spec(tmp_path, str(fasta))
+    spec["run"].update(retries=1)
+    _rewriting_before_shards(monkeypatch, fasta, other)
+    got = run_job(JobSpec.model_validate(spec), profile="inline", show_progress=False)
+    assert got.exit_code != 0 and got.report["shards_done"] == 0
+    assert len(got.report["failed"]) == got.report["shards_total"] == 3
+    for failed in got.report["failed"]:
+        assert failed["input"] == str(fasta) and failed["attempts"] == 2, failed
+        assert "changed since the run was planned" in failed["error"] and "--overwrite" in failed["error"], failed

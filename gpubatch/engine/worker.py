@@ -30,7 +30,7 @@ from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
 from gpubatch.engine.slide_head import BagSink, SlideHead
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
-from gpubatch.io.storage import input_changed, input_identity
+from gpubatch.io.storage import identity_differs, input_changed, input_identity
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import Model, get_model
 from gpubatch.outputs.layout import new_attempt
@@ -72,6 +72,19 @@ def unchanged_while_read(uri: str, before: dict[str, Any], options: dict[str, An
     if after is not None:
         raise InputChanged(uri, f"the input changed while it was read ({_what_changed(before, after)}): "
                                 "its outputs would mix two versions; the shard is read again")
+
+
+def unchanged_since_planned(shard: Shard, identity: dict[str, Any]) -> None:
+    """A shard whose plan recorded its input's identity (``planned_identity`` in its payload: a
+    genome reference, which many shards' windows are cut from) is refused where the input is
+    another version at the shard's start: the run's other shards were read at the planned one,
+    and its outputs would mix two versions of one input. InputChanged: read again, then reported."""
+    planned = shard.payload.get("planned_identity")
+    if not planned or identity.get("size") is None or not identity_differs(planned, identity):
+        return
+    raise InputChanged(shard.input_uri, f"the input changed since the run was planned "
+                                        f"({_what_changed(planned, identity)}): the run's other shards read the "
+                                        "planned version; run the job again (--overwrite) to plan with this one")
 
 
 def unpinned_note(uri: str, identity: dict[str, Any]) -> str | None:
@@ -208,6 +221,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             reader = source.open(shard, job, clocks)
         identity = identity or _known(reader.input_identity()) or _ask_identity(shard, job)
         with reader:
+            unchanged_since_planned(shard, identity.result())
             attrs = {**reader.attrs, "model_sha256": ctx.model_sha256, "backend": model.backend,
                      "precision": ctx.precision, "gpubatch_version": ctx.version}
             writer = ShardWriter(store, shard.shard_id, new_attempt(), source.constant_columns(shard), attrs,

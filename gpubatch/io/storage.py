@@ -416,7 +416,7 @@ def input_changed(uri: str, before: dict[str, Any], options: dict[str, Any] | No
         if not os.path.isfile(local_path(uri)):
             return None
         after = input_identity(uri, options)
-        return after if after != before else None
+        return after if identity_differs(before, after) else None
     if before.get("etag") is None and before.get("mtime") is None:
         return None  # a prefix (an OME-Zarr image, a DICOM series): no one version to compare
     try:
@@ -425,8 +425,15 @@ def input_changed(uri: str, before: dict[str, Any], options: dict[str, Any] | No
         if not exc.message.startswith("object not found"):
             raise
         after = {"size": None}
+    return after if identity_differs(before, after) else None
+
+
+def identity_differs(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether two :func:`input_identity` answers for one input are of different versions: by
+    size and ETag where there is an ETag (an object's mtime moves when the same bytes are
+    written again), else by size and mtime (a local file, an object without ETag)."""
     keys = ("size", "etag") if before.get("etag") else ("size", "mtime")
-    return after if any(after.get(k) != before.get(k) for k in keys) else None
+    return any(after.get(k) != before.get(k) for k in keys)
 
 
 def exists(uri: str, options: dict[str, Any] | None = None, clocks: StageClocks | None = None) -> bool:

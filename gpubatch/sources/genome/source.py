@@ -40,6 +40,7 @@ from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputChanged, InputError, SpecError
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
+from gpubatch.io.storage import input_identity
 from gpubatch.ops.kernels import reverse_complement_codes, window_rows
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
@@ -101,6 +102,14 @@ def reference_facts(contigs: ContigTable) -> dict[str, Any]:
     the index version its windows were cut with (a worker refuses another) and the reference's
     form (a worker opens it as that, without the 3 requests of probing it)."""
     return {"index_version": contigs.index_version, "reference_format": contigs.format}
+
+
+def planned_identity(uri: str, storage: dict[str, Any], contigs: ContigTable) -> dict[str, Any] | None:
+    """The reference's identity as the plan found it (a FASTA's size and ETag or mtime), which
+    every windows shard carries: its input is the reference, and a worker that finds another
+    version at the shard's start refuses the shard (engine.worker.unchanged_since_planned), so
+    the run's windows never come from two versions of it. None for a genome zarr (a folder)."""
+    return None if contigs.format == "zarr" else input_identity(uri, storage)
 
 
 def refuse_another_index(shard: Shard, reference: Reference) -> None:
@@ -279,7 +288,8 @@ class GenomeSource(Source):
         regions, failed = resolve_regions(w.regions, contigs, job.input.storage, w.max_bad_records)
         notes = [n for n in (overlap_note(regions),) if n]
         plan = WindowPlan(regions, w.length, _stride(w), w.windows_per_shard)
-        return WindowShards(plan, w.reference, notes, reference_facts(contigs)), failed
+        facts = {**reference_facts(contigs), "planned_identity": planned_identity(w.reference, job.input.storage, contigs)}
+        return WindowShards(plan, w.reference, notes, facts), failed
 
     @staticmethod
     def contig_table(uri: str, storage: dict[str, Any]) -> ContigTable:
