@@ -7,7 +7,7 @@ A moto S3 server behind the counting proxy of ``s3_fixtures`` for the remote cas
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,22 +17,10 @@ from gpubatch.spec import JobSpec
 pytest.importorskip("pysam")
 pytest.importorskip("moto")
 
-from s3_fixtures import S3Stack, start_s3_stack  # noqa: E402
+from s3_fixtures import S3Stack  # noqa: E402
 from test_input_versions import CONTIGS, genome_spec, write_fasta  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[S3Stack]:
-    s3 = start_s3_stack("genome-versions")
-    yield s3
-    s3.close()
-
-
-@pytest.fixture
-def s3(stack: S3Stack) -> Iterator[S3Stack]:
-    stack.proxy.reset()
-    yield stack
-    stack.proxy.reset()
+pytest_plugins = ["s3_fixtures"]
 
 
 CLIENTS = ["obstore", "fsspec"]

@@ -6,7 +6,6 @@ what S3 never answers (weak ETags, no Content-Length).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +17,9 @@ pysam = pytest.importorskip("pysam")
 pytest.importorskip("moto")
 
 from http_servers import FileServer  # noqa: E402
-from s3_fixtures import S3Stack, start_s3_stack  # noqa: E402
+from s3_fixtures import S3Stack  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[S3Stack]:
-    s3 = start_s3_stack("versions")
-    yield s3
-    s3.close()
-
-
-@pytest.fixture
-def s3(stack: S3Stack) -> Iterator[S3Stack]:
-    stack.proxy.reset()
-    yield stack
-    stack.proxy.reset()
+pytest_plugins = ["s3_fixtures"]
 
 
 def write_fasta(path: Path, contigs: dict[str, str], width: int = 60, bgzip: bool = False) -> Path:
