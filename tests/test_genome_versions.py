@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -318,3 +319,68 @@ def test_a_reference_written_over_after_the_plan_is_refused_by_its_shards(tmp_pa
     for failed in got.report["failed"]:
         assert failed["input"] == str(fasta) and failed["attempts"] == 2, failed
         assert "changed since the run was planned" in failed["error"] and "--overwrite" in failed["error"], failed
+
+
+def _variants_spec(tmp_path: Path, reference: str, storage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Twelve SNVs on chrA whose REF the planned reference holds, four to a shard."""
+    vcf = tmp_path / "v.vcf"
+    bases = CONTIGS["chrA"]
+    records = [f"chrA\t{pos}\t.\t{bases[pos - 1]}\t{'T' if bases[pos - 1] != 'T' else 'G'}\t.\t.\t."
+               for pos in range(200, 1400, 100)]
+    vcf.write_text("##fileformat=VCFv4.2\n##contig=<ID=chrA,length=2000>\n"
+                   "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n" + "".join(r + "\n" for r in records))
+    spec = genome_spec(tmp_path, reference, storage, windows_per_shard=4)
+    spec["windows"]["variants"] = str(vcf)
+    spec["run"].update(retries=1)
+    return spec
+
+
+def test_a_reference_written_over_after_the_plan_is_refused_by_variant_shards(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variants shard's input is its VCF, so the worker's checks of its input never looked at
+    the FASTA its REF and windows come from: written over after the plan (the same .fai), the
+    shards scored variants against other bases, and the run ended 0. Each shard now holds its
+    reference reads to the plan's version (a local file: compared at its open) and is refused."""
+    from gpubatch.runtime.runner import run_job
+
+    fasta = write_fasta(tmp_path / "ref.fa", CONTIGS)
+    (tmp_path / "other").mkdir()
+    other = write_fasta(tmp_path / "other" / "ref.fa", OTHER).read_bytes()
+    spec = _variants_spec(tmp_path, str(fasta))
+    assert run_job(JobSpec.model_validate({**spec, "output": {"uri": str(tmp_path / "before")}}),
+                   show_progress=False).exit_code == 0
+    _rewriting_before_shards(monkeypatch, fasta, other)
+    got = run_job(JobSpec.model_validate(spec), show_progress=False)
+    assert got.exit_code != 0 and got.report["shards_done"] == 0
+    assert len(got.report["failed"]) == got.report["shards_total"] == 3
+    for failed in got.report["failed"]:
+        assert "reference changed since the run was planned" in failed["error"] and failed["attempts"] == 2, failed
+
+
+def test_a_remote_reference_written_over_is_refused_by_the_pinned_reads_of_variant_shards(
+        s3: S3Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On object storage through obstore the variants shards' reads are pinned to the plan's ETag
+    from their first request (If-Match, no HEAD more): the FASTA written over after the plan is
+    refused by the reads themselves (412), every shard, and nothing is scored against it."""
+    from gpubatch.runtime.runner import run_job
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    key = f"variants-{uuid.uuid4().hex[:8]}/ref.fa"
+    uri = _upload_reference(s3, tmp_path, key)
+    (tmp_path / "other").mkdir()
+    other = write_fasta(tmp_path / "other" / "ref.fa", OTHER)
+    spec = _variants_spec(tmp_path, uri, s3.options())
+    uploaded: list[int] = []
+
+    def write_over(self: object, job: JobSpec, upcoming: object) -> None:
+        if not uploaded:
+            uploaded.append(1)
+            s3.upload(other, key)
+
+    from gpubatch.sources.genome.source import GenomeSource
+
+    monkeypatch.setattr(GenomeSource, "before_shard", write_over, raising=False)
+    got = run_job(JobSpec.model_validate(spec), show_progress=False)
+    assert got.exit_code != 0 and got.report["shards_done"] == 0
+    for failed in got.report["failed"]:
+        assert "412 Precondition Failed" in failed["error"], failed

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gpubatch.core.errors import InputError
-from gpubatch.io.storage import exists, library_options, open_ranges
+from gpubatch.core.errors import InputChanged, InputError
+from gpubatch.io.storage import exists, input_changed, library_options, open_ranges
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.indexes import (
@@ -245,16 +245,36 @@ class FastaReference(Reference):
     """Plain or bgzip FASTA: one byte-range request per read, newlines stripped, then encoded."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None, fmt: str,
-                 clocks: StageClocks | None = None, planned_index: str | None = None):
+                 clocks: StageClocks | None = None, planned_index: str | None = None,
+                 planned: dict[str, Any] | None = None):
         """``planned_index``: the index version the shard was planned with, under which this
-        process may have kept the index already (indexes.read_index): then no request for it."""
+        process may have kept the index already (indexes.read_index): then no request for it.
+        ``planned``: the FASTA's identity as the plan found it, which every read must be of
+        (:meth:`_hold_to`)."""
         super().__init__(clocks)
         self.uri, self.format = uri, fmt
         index = read_index(uri, fmt, storage_options, planned_index)
         self.fai, self.gzi, self.index_version = index.fai, index.gzi, index.version
         self.contigs = ContigTable(tuple(self.fai), tuple(e.length for e in self.fai.values()))
-        self.ranges = open_ranges(uri, storage_options, clocks)
+        etag = (planned or {}).get("etag")
+        self.ranges = open_ranges(uri, storage_options, clocks, etag=etag if is_remote(uri) else None)
         self._started: set[str] = set()  # contigs whose start this reader has checked
+        if planned:
+            self._hold_to(planned, storage_options)
+
+    def _hold_to(self, planned: dict[str, Any], storage_options: dict[str, Any] | None) -> None:
+        """Every read of the planned version of the FASTA: a variants shard's input is its VCF, so
+        nothing else checks the reference its REF and windows come from. Remote reads pinned to
+        the plan's ETag (If-Match: another version is refused by the read itself, no request
+        more); where they cannot be (fsspec, no ETag) and for a local file (a stat), the file is
+        compared with the plan's now. InputChanged: read again, then reported."""
+        if is_remote(self.uri) and self.ranges.version() and self.ranges.version() == planned.get("etag"):
+            return
+        after = input_changed(self.uri, planned, storage_options)
+        if after is not None:
+            self.ranges.close()
+            raise InputChanged(self.uri, "the reference changed since the run was planned: the run's other shards "
+                                         "read the planned version; run the job again (--overwrite) to plan with this one")
 
     def _read(self, contig: str, start: int, end: int) -> np.ndarray:
         entry = self.fai[contig]
@@ -311,12 +331,13 @@ FORMATS = ("zarr", "bgzip", "fasta")
 
 def open_reference(uri: str, storage_options: dict[str, Any] | None = None,
                    clocks: StageClocks | None = None, fmt: str | None = None,
-                   planned_index: str | None = None) -> Reference:
+                   planned_index: str | None = None, planned: dict[str, Any] | None = None) -> Reference:
     """Open a reference in whichever form it is stored; raises InputError naming what is missing.
 
     ``fmt``: the form the plan found (a shard's ``reference_format``), taken without a request;
     None asks the reference (3 requests, a HEAD of ``zarr.json`` among them). ``planned_index``:
-    the shard's ``index_version``, under which an index already read may be reused."""
+    the shard's ``index_version``, under which an index already read may be reused. ``planned``:
+    the FASTA's identity as planned (a variants shard's ``reference_identity``), held to."""
     if fmt is None:
         fmt = reference_format(uri, storage_options)
     elif fmt not in FORMATS:
@@ -324,7 +345,7 @@ def open_reference(uri: str, storage_options: dict[str, Any] | None = None,
                               "the run's plan is from another gpubatch; run the job again (--overwrite)")
     if fmt == "zarr":
         return ZarrReference(uri, storage_options, clocks)
-    return FastaReference(uri, storage_options, fmt, clocks, planned_index)
+    return FastaReference(uri, storage_options, fmt, clocks, planned_index, planned)
 
 
 #: a gap wider than this between consecutive windows starts a new read instead of reading through it

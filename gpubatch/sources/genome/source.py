@@ -106,9 +106,10 @@ def reference_facts(contigs: ContigTable) -> dict[str, Any]:
 
 def planned_identity(uri: str, storage: dict[str, Any], contigs: ContigTable) -> dict[str, Any] | None:
     """The reference's identity as the plan found it (a FASTA's size and ETag or mtime), which
-    every windows shard carries: its input is the reference, and a worker that finds another
-    version at the shard's start refuses the shard (engine.worker.unchanged_since_planned), so
-    the run's windows never come from two versions of it. None for a genome zarr (a folder)."""
+    every shard carries: a windows shard's input is the reference, and a worker that finds
+    another version at its start refuses it (engine.worker.unchanged_since_planned); a variants
+    shard's reader holds its reference reads to it (reference.FastaReference). Either way the
+    run's windows never come from two versions of it. None for a genome zarr (a folder)."""
     return None if contigs.format == "zarr" else input_identity(uri, storage)
 
 
@@ -317,11 +318,12 @@ class GenomeSource(Source):
         counts = {**table.counts, "ref_mismatches": int((~match).sum()), "layout": table.layout,
                   "notes": table.notes}
         per = w.windows_per_shard
+        facts = {**reference_facts(contigs), "reference_identity": planned_identity(w.reference, storage, contigs)}
         shards = []
         for i, lo in enumerate(range(0, len(table), per)):
             hi = min(lo + per, len(table))
-            payload = {"mode": "variants", "uri": w.variants, "plan_counts": counts,
-                       **reference_facts(contigs), **table.slice_payload(lo, hi)}
+            payload = {"mode": "variants", "uri": w.variants, "plan_counts": counts, **facts,
+                       **table.slice_payload(lo, hi)}
             shards.append(Shard(f"variants-{i:06d}", w.variants, payload, hi - lo))
         return shards, table.failed
 
@@ -355,7 +357,7 @@ class GenomeSource(Source):
         w = _windows(job)
         p = shard.payload
         reference = open_reference(w.reference, job.input.storage, clocks, p.get("reference_format"),
-                                   p.get("index_version"))
+                                   p.get("index_version"), p.get("reference_identity"))
         cls = VariantReader if shard.payload.get("mode") == "variants" else GenomeWindowReader
         try:
             refuse_another_index(shard, reference)
