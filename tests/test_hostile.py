@@ -56,28 +56,34 @@ def cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess
                           timeout=timeout, env=env, cwd=cwd)
 
 
+#: runs ARGV, then says its peak RSS: a small process of its own, so that the child's account is
+#: the child's (a process's peak RSS starts at its parent's when it forks: the test session's)
+_PEAK_LAUNCHER = ("import os, subprocess, sys\n"
+                  "child = subprocess.Popen(sys.argv[1:])\n"
+                  "_, status, usage = os.wait4(child.pid, 0)\n"
+                  "sys.stderr.write(f'\\nPEAK_KIB {usage.ru_maxrss}\\n')\n"
+                  "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def cli_peak(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess[str], int]:
     """``cli`` and the peak RSS (KiB) of that one process and the processes it waited for (its
-    workers): wait4's own account of it. ``getrusage(RUSAGE_CHILDREN)`` holds the largest child
-    this whole test session has reaped (a moto server, a cluster's forkserver), not this run's."""
-    import tempfile
+    workers). Neither ``getrusage(RUSAGE_CHILDREN)`` (the largest child the session ever reaped)
+    nor the child's own account (which starts at the RSS of the process it forked from, here
+    the test session's, over 1.5 GB in a full run) says that: a small launcher runs it."""
+    import signal
 
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "COLUMNS": "200"}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "gpubatch", *args], stdout=out, stderr=err, text=True,
-                                env=env)
-        deadline = time.monotonic() + timeout
-        while not (reaped := os.wait4(proc.pid, os.WNOHANG))[0]:
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise subprocess.TimeoutExpired(proc.args, timeout)
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(reaped[1])
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()), reaped[2].ru_maxrss
+    command = [sys.executable, "-c", _PEAK_LAUNCHER, sys.executable, "-m", "gpubatch", *args]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    err, _, peak = err.rpartition("\nPEAK_KIB ")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err), int(peak)
 
 
 # -- 1. secrets never leave --------------------------------------------------------------------
