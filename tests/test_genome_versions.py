@@ -6,6 +6,7 @@ A moto S3 server behind the counting proxy of ``s3_fixtures`` for the remote cas
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -384,3 +385,37 @@ def test_a_remote_reference_written_over_is_refused_by_the_pinned_reads_of_varia
     assert got.exit_code != 0 and got.report["shards_done"] == 0
     for failed in got.report["failed"]:
         assert "412 Precondition Failed" in failed["error"], failed
+
+
+def test_a_genome_zarr_ingested_again_after_the_plan_is_refused_by_its_shards(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A genome zarr (gpubatch ingest) is a folder: its own identity says nothing, so a genome
+    ingested over it after the plan was read by the shards unseen. Each shard now holds the
+    zarr's ``zarr.json`` to the plan's version and is refused where it is another."""
+    from gpubatch.runtime.runner import run_job
+    from gpubatch.sources.genome.ingest import ingest_genome
+    from gpubatch.sources.genome.source import GenomeSource
+
+    zarr_uri = str(tmp_path / "ref.zarr")
+    ingest_genome(str(write_fasta(tmp_path / "ref.fa", CONTIGS)), zarr_uri)
+    (tmp_path / "other").mkdir()
+    other = str(write_fasta(tmp_path / "other" / "ref.fa", OTHER))
+    spec = genome_spec(tmp_path, zarr_uri)
+    spec["run"].update(retries=1)
+    assert run_job(JobSpec.model_validate({**spec, "output": {"uri": str(tmp_path / "before")}}),
+                   show_progress=False).exit_code == 0
+
+    ingesting, ingested = threading.Lock(), []
+
+    def ingest_again(self: GenomeSource, job: JobSpec, upcoming: object) -> None:
+        with ingesting:  # once, and every shard waits until it is done
+            if not ingested:
+                ingest_genome(other, zarr_uri, overwrite=True)
+                ingested.append(zarr_uri)
+
+    monkeypatch.setattr(GenomeSource, "before_shard", ingest_again, raising=False)
+    got = run_job(JobSpec.model_validate(spec), show_progress=False)
+    assert got.exit_code != 0 and got.report["shards_done"] == 0
+    assert len(got.report["failed"]) == got.report["shards_total"] == 3
+    for failed in got.report["failed"]:
+        assert "reference changed since the run was planned" in failed["error"], failed

@@ -98,7 +98,7 @@ def reference_format(uri: str, storage_options: dict[str, Any] | None = None) ->
     Asked by the plan, once; a worker takes the plan's answer from its shard (``reference_format``
     in the payload) and asks only where a shard has none (one planned before it was carried).
     A missing file is said by the read's own answer, not by a HEAD before it."""
-    if exists(uri.rstrip("/") + "/zarr.json", storage_options):
+    if exists(zarr_marker(uri), storage_options):
         return "zarr"
     try:
         with open_ranges(uri, storage_options) as reader:
@@ -270,11 +270,11 @@ class FastaReference(Reference):
         compared with the plan's now. InputChanged: read again, then reported."""
         if is_remote(self.uri) and self.ranges.version() and self.ranges.version() == planned.get("etag"):
             return
-        after = input_changed(self.uri, planned, storage_options)
-        if after is not None:
+        try:
+            refuse_if_changed(self.uri, self.uri, planned, storage_options)
+        except InputChanged:
             self.ranges.close()
-            raise InputChanged(self.uri, "the reference changed since the run was planned: the run's other shards "
-                                         "read the planned version; run the job again (--overwrite) to plan with this one")
+            raise
 
     def _read(self, contig: str, start: int, end: int) -> np.ndarray:
         entry = self.fai[contig]
@@ -305,15 +305,34 @@ class FastaReference(Reference):
         self.ranges.close()
 
 
+def refuse_if_changed(uri: str, version_uri: str, planned: dict[str, Any],
+                      storage_options: dict[str, Any] | None) -> None:
+    """InputChanged (read again, then reported) where ``version_uri`` (the FASTA, or a genome
+    zarr's ``zarr.json``) is another version than the plan found: the run's other shards read
+    the planned one, and windows of two versions of a reference must not sit in one output."""
+    if input_changed(version_uri, planned, storage_options) is not None:
+        raise InputChanged(uri, "the reference changed since the run was planned: the run's other shards "
+                                "read the planned version; run the job again (--overwrite) to plan with this one")
+
+
+def zarr_marker(uri: str) -> str:
+    """A genome zarr's ``zarr.json``: the object whose version is the zarr's (ingest writes it)."""
+    return uri.rstrip("/") + "/zarr.json"
+
+
 class ZarrReference(Reference):
     """A genome zarr from ``gpubatch ingest``: slices of per-contig uint8 code arrays."""
 
     format = "zarr"
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None,
-                 clocks: StageClocks | None = None):
+                 clocks: StageClocks | None = None, planned: dict[str, Any] | None = None):
+        """``planned``: its ``zarr.json``'s identity as the plan found it; another is refused
+        (a genome ingested again over it since)."""
         super().__init__(clocks)
         self.uri = uri
+        if planned:
+            refuse_if_changed(uri, zarr_marker(uri), planned, storage_options)
         group, meta = _zarr_meta(uri, storage_options)
         self.contigs = ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]))
         self.arrays = {name: group[key] for name, key in zip(meta["contigs"], meta["arrays"], strict=True)}
@@ -337,14 +356,15 @@ def open_reference(uri: str, storage_options: dict[str, Any] | None = None,
     ``fmt``: the form the plan found (a shard's ``reference_format``), taken without a request;
     None asks the reference (3 requests, a HEAD of ``zarr.json`` among them). ``planned_index``:
     the shard's ``index_version``, under which an index already read may be reused. ``planned``:
-    the FASTA's identity as planned (a variants shard's ``reference_identity``), held to."""
+    the reference's identity as planned (a shard's ``reference_identity``: the FASTA's, or a
+    genome zarr's ``zarr.json``'s), held to."""
     if fmt is None:
         fmt = reference_format(uri, storage_options)
     elif fmt not in FORMATS:
         raise InputError(uri, f"the shard says the reference is '{fmt}', not one of {', '.join(FORMATS)}: "
                               "the run's plan is from another gpubatch; run the job again (--overwrite)")
     if fmt == "zarr":
-        return ZarrReference(uri, storage_options, clocks)
+        return ZarrReference(uri, storage_options, clocks, planned)
     return FastaReference(uri, storage_options, fmt, clocks, planned_index, planned)
 
 

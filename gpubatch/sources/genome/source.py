@@ -50,6 +50,7 @@ from gpubatch.sources.genome.reference import (
     group_reads,
     load_contigs,
     open_reference,
+    zarr_marker,
 )
 from gpubatch.sources.genome.regions import WindowPlan, overlap_note, resolve_regions
 from gpubatch.sources.genome.tracks import TrackOutputs
@@ -111,6 +112,14 @@ def planned_identity(uri: str, storage: dict[str, Any], contigs: ContigTable) ->
     shard's reader holds its reference reads to it (reference.FastaReference). Either way the
     run's windows never come from two versions of it. None for a genome zarr (a folder)."""
     return None if contigs.format == "zarr" else input_identity(uri, storage)
+
+
+def reference_identity(uri: str, storage: dict[str, Any], contigs: ContigTable) -> dict[str, Any]:
+    """The identity a shard's reader holds its reference to (reference.open_reference's
+    ``planned``): the FASTA's, or a genome zarr's ``zarr.json``'s (its own identity as a folder
+    says nothing). Variants shards and windows shards over a zarr carry it; windows shards over
+    a FASTA have the worker's check of their input instead (``planned_identity``)."""
+    return input_identity(zarr_marker(uri) if contigs.format == "zarr" else uri, storage)
 
 
 def refuse_another_index(shard: Shard, reference: Reference) -> None:
@@ -289,7 +298,10 @@ class GenomeSource(Source):
         regions, failed = resolve_regions(w.regions, contigs, job.input.storage, w.max_bad_records)
         notes = [n for n in (overlap_note(regions),) if n]
         plan = WindowPlan(regions, w.length, _stride(w), w.windows_per_shard)
-        facts = {**reference_facts(contigs), "planned_identity": planned_identity(w.reference, job.input.storage, contigs)}
+        storage = job.input.storage
+        facts = {**reference_facts(contigs), "planned_identity": planned_identity(w.reference, storage, contigs)}
+        if contigs.format == "zarr":
+            facts["reference_identity"] = reference_identity(w.reference, storage, contigs)
         return WindowShards(plan, w.reference, notes, facts), failed
 
     @staticmethod
@@ -318,7 +330,7 @@ class GenomeSource(Source):
         counts = {**table.counts, "ref_mismatches": int((~match).sum()), "layout": table.layout,
                   "notes": table.notes}
         per = w.windows_per_shard
-        facts = {**reference_facts(contigs), "reference_identity": planned_identity(w.reference, storage, contigs)}
+        facts = {**reference_facts(contigs), "reference_identity": reference_identity(w.reference, storage, contigs)}
         shards = []
         for i, lo in enumerate(range(0, len(table), per)):
             hi = min(lo + per, len(table))
