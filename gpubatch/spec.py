@@ -314,13 +314,14 @@ class JobSpec(_Strict):
         offsets, lengths or blocks: other bases in the same windows) went unseen; now it is a
         changed result field. None where nothing is found (the plan names what is missing)."""
         from gpubatch.io.storage import file_version
+        from gpubatch.sources.genome.reference import zarr_marker
 
         if self.windows is None:
             return None
         uri, storage = self.windows.reference, self.input.storage
         fasta = file_version(uri, storage, digest=False)
         if fasta is None:  # a genome zarr (folder or prefix): its metadata is written last by the ingest
-            meta = file_version(uri.rstrip("/") + "/zarr.json", storage, digest=False)
+            meta = file_version(zarr_marker(uri), storage, digest=False)
             return f"zarr.json {meta}" if meta else None
         found = ((ext, file_version(f"{uri}.{ext}", storage)) for ext in ("fai", "gzi"))
         return "; ".join([f"fasta {fasta}", *(f"{ext} {v}" for ext, v in found if v)])
