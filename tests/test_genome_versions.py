@@ -419,3 +419,17 @@ def test_a_genome_zarr_ingested_again_after_the_plan_is_refused_by_its_shards(
     assert len(got.report["failed"]) == got.report["shards_total"] == 3
     for failed in got.report["failed"]:
         assert "reference changed since the run was planned" in failed["error"], failed
+
+
+def test_a_shard_naming_a_reference_form_this_gpubatch_does_not_read_is_refused(tmp_path: Path) -> None:
+    """A shard carries the reference's form as its plan found it; one this gpubatch does not read
+    (a plan made by another version) is an error naming the form and the fix, not a probe's
+    guess or a decoder's traceback."""
+    from gpubatch.core.errors import InputError
+    from gpubatch.sources.genome.reference import open_reference
+
+    fasta = write_fasta(tmp_path / "ref.fa", CONTIGS)
+    with pytest.raises(InputError) as caught:
+        open_reference(str(fasta), fmt="cram")
+    assert "'cram'" in caught.value.message and "--overwrite" in caught.value.message
+    assert open_reference(str(fasta), fmt="fasta").contigs.names == tuple(CONTIGS)
