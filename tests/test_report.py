@@ -325,3 +325,15 @@ def test_the_same_note_of_many_inputs_is_one_line_that_counts_them() -> None:
     notes = rp.summarize(shards, [], 3.0, {}).to_dict()["notes"]
     assert notes == [f"1000 inputs (/data/slide0.ndpi, /data/slide1.ndpi, /data/slide2.ndpi, ...): {same}",
                      "/data/odd.svs: its own note"]
+
+
+def test_report_json_reads_back_as_written_one_top_level_key_per_line(tmp_path: Path) -> None:
+    from gpubatch.report.summary import load_report, write_report
+
+    summary = {"items": 3, "verdict": "ok \u00e9", "stages": {"model": {"busy_s": 1.5}},
+               "timeline": [[0.0, 1, None], [0.5, 2, 3.25]], "failed": [], "notes": ["a\nb"]}
+    write_report(str(tmp_path), summary)
+    text = (tmp_path / "report.json").read_text()
+    assert json.loads(text) == summary
+    assert text.splitlines()[1].startswith(' "items": 3') and len(text.splitlines()) == len(summary) + 2
+    assert load_report(str(tmp_path))["timeline"] == summary["timeline"]
