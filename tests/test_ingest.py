@@ -232,7 +232,7 @@ def test_two_ingests_into_one_output_one_is_refused_naming_the_holder(tmp_path: 
     assert folder_of(out) == ["g.zarr"]
 
 
-@pytest.mark.parametrize("bad", ["malformed", "missing"])
+@pytest.mark.parametrize("bad", ["malformed", "missing", "truncated"])
 def test_overwrite_with_a_bad_fasta_keeps_the_old_genome(tmp_path: Path, bad: str,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from gpubatch.cli.main import main

@@ -21,7 +21,9 @@ never cost the genome already there.
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,6 +159,8 @@ def _write_contigs(group: Any, fasta_uri: str, storage_options: dict[str, Any] |
                 writer.add(encode_dna(data.translate(None, b"\r\n \t")))
     except FileNotFoundError:
         raise InputError(fasta_uri, "FASTA file not found") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # a cut or damaged gzip/bgzip file
+        raise InputError(fasta_uri, f"FASTA is truncated or corrupt: {exc}") from None
     if writer is not None:
         lengths.append(writer.finish())
     if not names:
