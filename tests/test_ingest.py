@@ -361,3 +361,17 @@ def test_s3_ingest_holds_a_lease_beside_the_store(s3_or_skip: S3Stack, tmp_path:
     with pytest.raises(InputError, match="not a complete genome store"):
         load_contigs(out, options)
     assert not s3.fs().exists(lease)
+
+
+def test_an_old_genome_left_aside_by_a_killed_swap_is_put_back(tmp_path: Path) -> None:
+    """Killed between its two renames, an ingest leaves OUT missing and the old genome aside: the
+    next ingest of OUT puts it back (and clears the unfinished one); another output's are kept."""
+    genomes = tmp_path / "genomes"
+    ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(genomes / ".tmp-old-0123abcd-g.zarr"))
+    ingest_genome(str(write_fasta(tmp_path / "new.fa", seed=2)), str(genomes / ".tmp-new-4567abcd-g.zarr"))
+    (genomes / ".tmp-new-89abcdef-other-g.zarr").mkdir()
+    before = genome_of(genomes / ".tmp-old-0123abcd-g.zarr")
+    with pytest.raises(InputError, match="already exists"):
+        ingest_genome(str(tmp_path / "new.fa"), str(genomes / "g.zarr"))
+    assert genome_of(genomes / "g.zarr") == before
+    assert folder_of(genomes / "g.zarr") == [".tmp-new-89abcdef-other-g.zarr", "g.zarr"]
