@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from conftest import dna_codes, shared_file
+from conftest import dna_codes, shared_file, wait_for
 
 import gpubatch.sources.genome.ingest as ingest_mod
 from gpubatch.core.clocks import StageClocks
-from gpubatch.core.errors import InputError
+from gpubatch.core.errors import InputError, OutputRefused
 from gpubatch.sources.genome.ingest import ingest_genome
 from gpubatch.sources.genome.reference import GENOME_ATTR, load_contigs, open_reference
 from gpubatch.sources.genome.source import GenomeSource
 from gpubatch.spec import JobSpec, parse_job
 
+if TYPE_CHECKING:
+    from s3_fixtures import S3Stack
+
 pysam = pytest.importorskip("pysam")
+pytest_plugins = ["s3_fixtures"]
 
 
 def job(reference: str | Path, **windows: object) -> JobSpec:
@@ -141,3 +154,224 @@ def test_contig_keys_never_collide(tmp_path: Path) -> None:
     assert list(reference.contigs.names) == names
     for name, seq in seqs.items():
         assert bytes(reference.fetch(name, 0, len(seq))) == bytes(dna_codes(seq)), name
+
+
+# ------------------------------------------------------------------------------------------------
+# the output: leased while written, replaced only by a complete genome
+
+#: the CLI in a real process, stopped (by a gate file) after every contig is written and before the
+#: genome's attribute and its swap into place: a deterministic "ingest still running"
+GATED_CLI = """
+import os, sys, time
+from pathlib import Path
+import gpubatch.sources.genome.ingest as ingest
+real = ingest._write_contigs
+def gated(*args, **kwargs):
+    got = real(*args, **kwargs)
+    Path(os.environ["GATE"] + ".reached").touch()
+    while not Path(os.environ["GATE"]).exists():
+        time.sleep(0.02)
+    return got
+ingest._write_contigs = gated
+from gpubatch.cli.main import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def gated_cli(gate: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", GATED_CLI, *args], text=True,
+                            env={**os.environ, "GATE": str(gate), "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def write_fasta(path: Path, seed: int, contigs: int = 3, length: int = 3000) -> Path:
+    rng = np.random.default_rng(seed)
+    path.write_text("".join(f">chr{i} seed {seed}\n" + "".join(rng.choice(list("ACGTN"), length)) + "\n"
+                            for i in range(contigs)))
+    return path
+
+
+def genome_of(uri: str | Path, options: dict | None = None) -> dict[str, bytes]:
+    """Every contig's codes as read back through the reference reader."""
+    contigs = load_contigs(str(uri), options)
+    reference = open_reference(str(uri), options)
+    return {name: bytes(reference.fetch(name, 0, length))
+            for name, length in zip(contigs.names, contigs.lengths, strict=True)}
+
+
+def folder_of(out: Path) -> list[str]:
+    """What is beside the genome: only the genome itself once an ingest ended (no staging
+    folder, no old genome set aside, no lease)."""
+    return sorted(p.name for p in out.parent.iterdir())
+
+
+def test_two_ingests_into_one_output_one_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    fasta = write_fasta(tmp_path / "g.fa", seed=1)
+    out, gate = tmp_path / "genomes" / "g.zarr", tmp_path / "gate"
+    procs = [gated_cli(gate, "ingest", "genome", str(fasta), str(out)) for _ in range(2)]
+    try:
+        wait_for(lambda: any(p.poll() is not None for p in procs), what="one ingest refused")
+        wait_for(Path(f"{gate}.reached").exists, what="the other's contigs written")
+        gate.touch()
+        said = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], said
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    refusal = said[loser]
+    assert "is being written by another `gpubatch ingest genome`" in refusal, refusal
+    assert f"host {socket.gethostname()}, pid {procs[winner].pid}, started 20" in refusal, refusal
+    assert "Traceback" not in refusal and "g.zarr.ingest-lease.json" in refusal
+    solo = tmp_path / "solo.zarr"
+    ingest_genome(str(fasta), str(solo))
+    assert genome_of(out) == genome_of(solo)
+    assert folder_of(out) == ["g.zarr"]
+
+
+@pytest.mark.parametrize("bad", ["malformed", "missing", "truncated"])
+def test_overwrite_with_a_bad_fasta_keeps_the_old_genome(tmp_path: Path, bad: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from gpubatch.cli.main import main
+
+    out = tmp_path / "genomes" / "g.zarr"
+    ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(out))
+    before = genome_of(out)
+    new = {"malformed": tmp_path / "new.fa", "missing": tmp_path / "none.fa",
+           "truncated": tmp_path / "new.fa.gz"}[bad]
+    if bad == "malformed":
+        new.write_text(">chr0\nACGT\n>chr0\nGG\n")  # a name twice: found only after chr0 is written
+    if bad == "truncated":
+        whole = gzip.compress(write_fasta(tmp_path / "new.fa", seed=2).read_bytes())
+        new.write_bytes(whole[: len(whole) // 2])
+    assert main(["ingest", "genome", str(new), str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert {"malformed": "appears twice", "missing": "not found",
+            "truncated": "truncated or corrupt"}[bad] in err, err
+    assert genome_of(out) == before
+    assert folder_of(out) == ["g.zarr"]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
+def test_an_overwrite_stopped_mid_write_keeps_the_old_genome(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             failure: type[BaseException]) -> None:
+    out = tmp_path / "genomes" / "g.zarr"
+    ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(out))
+    before = genome_of(out)
+    real = ingest_mod._write_contigs
+
+    def stopped(*args: object, **kwargs: object) -> object:
+        real(*args, **kwargs)  # type: ignore[arg-type]
+        raise failure("stopped after every contig was written")
+
+    monkeypatch.setattr(ingest_mod, "_write_contigs", stopped)
+    with pytest.raises(failure):
+        ingest_genome(str(write_fasta(tmp_path / "new.fa", seed=2)), str(out), overwrite=True)
+    assert genome_of(out) == before
+    assert folder_of(out) == ["g.zarr"]
+
+
+def test_overwrite_with_a_good_fasta_replaces_the_genome(tmp_path: Path) -> None:
+    out = tmp_path / "genomes" / "g.zarr"
+    ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(out))
+    new = write_fasta(tmp_path / "new.fa", seed=2, contigs=2, length=500)
+    summary = ingest_genome(str(new), str(out), overwrite=True)
+    assert summary == {"uri": str(out), "contigs": ["chr0", "chr1"], "lengths": [500, 500],
+                       "bases": 1000, "chunk_bases": ingest_mod.CHUNK_BASES}
+    solo = tmp_path / "solo.zarr"
+    ingest_genome(str(new), str(solo))
+    assert genome_of(out) == genome_of(solo)
+    assert folder_of(out) == ["g.zarr"]
+
+
+def test_a_killed_ingest_is_taken_over_at_once_and_its_leftover_refused(tmp_path: Path) -> None:
+    from gpubatch.cli.main import main
+
+    out, gate = tmp_path / "genomes" / "g.zarr", tmp_path / "gate"
+    ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(out))
+    before = genome_of(out)
+    proc = gated_cli(gate, "ingest", "genome", str(write_fasta(tmp_path / "new.fa", seed=2)), str(out),
+                     "--overwrite")
+    try:
+        wait_for(Path(f"{gate}.reached").exists, what="the killed ingest's contigs written")
+    finally:
+        proc.kill()
+        proc.communicate()
+    lease = out.parent / "g.zarr.ingest-lease.json"
+    assert json.loads(lease.read_text())["pid"] == proc.pid  # a dead holder's lease is left
+    leftovers = [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert len(leftovers) == 1 and (leftovers[0] / "chr0").is_dir()
+    with pytest.raises(InputError, match="not a complete genome store"):
+        load_contigs(str(leftovers[0]))
+    assert genome_of(out) == before  # the old genome was never touched
+    third = write_fasta(tmp_path / "third.fa", seed=3)
+    started = time.monotonic()
+    assert main(["ingest", "genome", str(third), str(out), "--overwrite"]) == 0
+    assert time.monotonic() - started < 30  # not the 120 s a holder on another host is given
+    solo = tmp_path / "solo.zarr"
+    ingest_genome(str(third), str(solo))
+    assert genome_of(out) == genome_of(solo)
+    assert folder_of(out) == ["g.zarr"]  # the killed one's staging folder swept
+
+
+@pytest.fixture
+def s3_or_skip(request: pytest.FixtureRequest) -> S3Stack:
+    """The session's moto S3 stack (s3_fixtures), or a skip where moto is not installed."""
+    pytest.importorskip("moto")
+    return request.getfixturevalue("s3")  # type: ignore[no-any-return]
+
+
+def test_s3_ingest_holds_a_lease_beside_the_store(s3_or_skip: S3Stack, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """On object storage (no rename) the genome is written in place under a lease: a second
+    ingest is refused while the first writes, and a bad FASTA says that the store was replaced."""
+    s3 = s3_or_skip
+    options, prefix = s3.options(via_proxy=False), f"{s3.bucket}/genomes-{uuid.uuid4().hex[:6]}"
+    out, lease = f"s3://{prefix}/g.zarr", f"{prefix}/g.zarr.ingest-lease.json"
+    reached, gate, real = threading.Event(), threading.Event(), ingest_mod._write_contigs
+
+    def gated(*args: object, **kwargs: object) -> object:
+        got = real(*args, **kwargs)  # type: ignore[arg-type]
+        reached.set()
+        gate.wait(60)
+        return got
+
+    monkeypatch.setattr(ingest_mod, "_write_contigs", gated)
+    good = write_fasta(tmp_path / "good.fa", seed=1)
+    first = threading.Thread(target=ingest_genome, args=(str(good), out, options))
+    first.start()
+    try:
+        assert reached.wait(60) and s3.fs().exists(lease)
+        with pytest.raises(OutputRefused, match=f"pid {os.getpid()}, started 20"):
+            ingest_genome(str(write_fasta(tmp_path / "other.fa", seed=2)), out, options, overwrite=True)
+    finally:
+        gate.set()
+        first.join(60)
+    assert genome_of(out, options) == genome_of(ingest_genome(str(good), str(tmp_path / "solo.zarr"))["uri"])
+    assert not s3.fs().exists(lease)
+    with pytest.raises(InputError, match="not found"):  # checked before the old store is touched
+        ingest_genome(str(tmp_path / "none.fa"), out, options, overwrite=True)
+    assert load_contigs(out, options).names == ("chr0", "chr1", "chr2")
+    (tmp_path / "bad.fa").write_text(">chr0\nACGT\n>chr0\nGG\n")
+    with pytest.raises(InputError, match="has already been replaced .* is now incomplete: readers refuse it"):
+        ingest_genome(str(tmp_path / "bad.fa"), out, options, overwrite=True)
+    with pytest.raises(InputError, match="not a complete genome store"):
+        load_contigs(out, options)
+    assert not s3.fs().exists(lease)
+
+
+def test_an_old_genome_left_aside_by_a_killed_swap_is_put_back(tmp_path: Path) -> None:
+    """Killed between its two renames, an ingest leaves OUT missing and the old genome aside: the
+    next ingest of OUT puts it back (and clears the unfinished one); another output's are kept."""
+    genomes = tmp_path / "genomes"
+    ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(genomes / ".tmp-old-0123abcd-g.zarr"))
+    ingest_genome(str(write_fasta(tmp_path / "new.fa", seed=2)), str(genomes / ".tmp-new-4567abcd-g.zarr"))
+    (genomes / ".tmp-new-89abcdef-other-g.zarr").mkdir()
+    before = genome_of(genomes / ".tmp-old-0123abcd-g.zarr")
+    with pytest.raises(InputError, match="already exists"):
+        ingest_genome(str(tmp_path / "new.fa"), str(genomes / "g.zarr"))
+    assert genome_of(genomes / "g.zarr") == before
+    assert folder_of(genomes / "g.zarr") == [".tmp-new-89abcdef-other-g.zarr", "g.zarr"]

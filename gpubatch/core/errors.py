@@ -46,6 +46,14 @@ class SpecError(GpubatchError):
         return "\n".join(lines)
 
 
+class OutputRefused(GpubatchError):
+    """An output this command may not write now (another process holds its lease, or it is no
+    place to write); nothing was written. Exit 2 as for a refused spec: the command, not an
+    input, has to change (wait, or give another output)."""
+
+    exit_code = EXIT_USAGE
+
+
 class InputError(GpubatchError):
     """One input (a slide, a region file, a VCF record batch) cannot be processed.
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpubatch.core.errors import SpecError
+from gpubatch.core.errors import GpubatchError, SpecError
 from gpubatch.io.redact import redact
 from gpubatch.outputs.layout import LEASE, MARKER
 from gpubatch.outputs.store import OutputStore
@@ -54,12 +54,18 @@ def _too_broad(path: Path) -> bool:
 
 class Lease:
     """The lease of one run on one output; ``hold`` refreshes it (and any extra heartbeat work)
-    on a thread until ``release``."""
+    on a thread until ``release``.
 
-    def __init__(self, store: OutputStore, run_id: str, stale_s: float, heartbeat_s: float):
-        self.store, self.run_id = store, run_id
+    ``name`` is the lease file in ``store`` (a run's lives inside its output; another writer,
+    such as ``gpubatch ingest genome``, keeps one per output in the folder beside it), and a
+    subclass words its own refusal (``_refusal``)."""
+
+    def __init__(self, store: OutputStore, run_id: str, stale_s: float, heartbeat_s: float,
+                 name: str = LEASE):
+        self.store, self.run_id, self.name = store, run_id, name
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
-        self.owner = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid()}
+        self.owner = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                      "started": time.time()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -67,28 +73,32 @@ class Lease:
         return {**self.owner, "heartbeat": time.time(), "stale_after_s": self.stale_s}
 
     def acquire(self) -> None:
-        """Take the lease, or raise SpecError (exit 2) naming the run that holds it."""
-        if self.store.create_json(LEASE, self._record()):
+        """Take the lease, or raise ``_refusal``'s error (exit 2) naming the writer that holds it."""
+        if self.store.create_json(self.name, self._record()):
             return  # created where none was: no other run can hold it, nothing to wait for
         held = self._read()
         if held is not None and held.get("run_id") != self.run_id:
             age = time.time() - float(held.get("heartbeat", 0))
             if age < float(held.get("stale_after_s", self.stale_s)) and not _dead_here(held):
-                raise SpecError([("output.uri", _held_message(held, age, self.stale_s))])
+                raise self._refusal(held, age)
             log.warning("taking over a stale lease on %s: run %s on %s (pid %s) last beat %.0f s ago",
                         redact(self.store.uri), held.get("run_id"), held.get("host"), held.get("pid"), age)
-        self.store.write_json(LEASE, self._record())
+        self.store.write_json(self.name, self._record())
         time.sleep(CONFIRM_S)
         now = self._read()
         if now is None or now.get("run_id") != self.run_id:
-            raise SpecError([("output.uri", _held_message(now or {}, 0.0, self.stale_s))])
+            raise self._refusal(now or {}, 0.0)
+
+    def _refusal(self, held: dict[str, Any], age: float) -> GpubatchError:
+        """The error (exit 2) that stops a writer finding ``held`` live on the output."""
+        return SpecError([("output.uri", _held_message(held, age, self.stale_s))])
 
     def hold(self, beat: Callable[[], None] | None = None) -> None:
         """Refresh the lease every ``heartbeat_s`` on a daemon thread, calling ``beat`` too."""
         def loop() -> None:
             while not self._stop.wait(self.heartbeat_s):
                 try:
-                    self.store.write_json(LEASE, self._record())
+                    self.store.write_json(self.name, self._record())
                     if beat is not None:
                         beat()
                 except Exception as exc:  # noqa: BLE001 - a missed beat is logged, not fatal
@@ -103,13 +113,13 @@ class Lease:
             self._thread.join(timeout=self.heartbeat_s + 5)
         held = self._read()
         if held is not None and held.get("run_id") == self.run_id:
-            self.store.delete(LEASE)
+            self.store.delete(self.name)
 
     def _read(self) -> dict[str, Any] | None:
-        if not self.store.exists(LEASE):
+        if not self.store.exists(self.name):
             return None
         try:
-            data = self.store.read_json(LEASE)
+            data = self.store.read_json(self.name)
         except (ValueError, OSError):
             return None
         return data if isinstance(data, dict) else None

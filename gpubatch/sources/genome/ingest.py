@@ -13,11 +13,17 @@ mistaken for a genome.
 
 The FASTA is streamed (plain, gzip or bgzip; local or any fsspec URL): memory is one chunk plus one
 read block, whatever the genome's size. Contig names are the first word of each header line.
+
+The output is leased while written and, on local disk, replaced only by a complete genome
+(``ingest_output``): two ingests into one output, or a bad FASTA given with ``--overwrite``,
+never cost the genome already there.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +33,7 @@ from gpubatch.core.errors import InputError
 from gpubatch.io.storage import exists, open_file
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
+from gpubatch.sources.genome.ingest_output import ingest_lease, output_path, staged_output
 from gpubatch.sources.genome.reference import GENOME_ATTR, open_genome_group, zarr_array_name
 
 CHUNK_BASES = 1 << 20
@@ -152,6 +159,8 @@ def _write_contigs(group: Any, fasta_uri: str, storage_options: dict[str, Any] |
                 writer.add(encode_dna(data.translate(None, b"\r\n \t")))
     except FileNotFoundError:
         raise InputError(fasta_uri, "FASTA file not found") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # a cut or damaged gzip/bgzip file
+        raise InputError(fasta_uri, f"FASTA is truncated or corrupt: {exc}") from None
     if writer is not None:
         lengths.append(writer.finish())
     if not names:
@@ -165,18 +174,33 @@ def ingest_genome(fasta_uri: str, out_uri: str, storage_options: dict[str, Any] 
 
     Returns a summary: {"uri", "contigs", "lengths", "bases", "chunk_bases"}. Raises InputError
     for a missing or malformed FASTA (no header before sequence, duplicate or empty names) and
-    for an existing output unless ``overwrite``.
+    for an existing output unless ``overwrite``; OutputRefused (exit 2) while another ingest
+    writes the output. The output is leased and, on disk, replaced only by a complete genome
+    (``ingest_output``): a failed ingest leaves the old one as it was.
     """
-    _check_output(out_uri, storage_options, overwrite)
-    group = open_genome_group(out_uri, storage_options, mode="w")
+    out = output_path(out_uri)
+    with ingest_lease(out, storage_options):
+        _check_output(out_uri, storage_options, overwrite)
+        if not exists(fasta_uri, storage_options):  # before anything at OUT is touched
+            raise InputError(fasta_uri, "FASTA file not found")
+        with staged_output(out, storage_options, overwrite) as where:
+            names, lengths, keys = _write_genome(where, fasta_uri, storage_options, chunk_bases)
+    return {"uri": out_uri, "contigs": names, "lengths": lengths, "bases": int(sum(lengths)),
+            "chunk_bases": chunk_bases}
+
+
+def _write_genome(where: str, fasta_uri: str, storage_options: dict[str, Any] | None,
+                  chunk_bases: int) -> tuple[list[str], list[int], list[str]]:
+    """The genome zarr at ``where``: the contigs' arrays, then the root attribute, ``complete``
+    last, so an interrupted write is never mistaken for a genome."""
+    group = open_genome_group(where, storage_options, mode="w")
     names, lengths, keys = _write_contigs(group, fasta_uri, storage_options, chunk_bases)
     group.attrs[GENOME_ATTR] = {
         "format": "gpubatch-genome", "version": FORMAT_VERSION, "contigs": names,
         "lengths": lengths, "arrays": keys, "source": _public_uri(fasta_uri),
         "codes": "A=0 C=1 G=2 T=3 other=4", "chunk": chunk_bases, "complete": True,
     }
-    return {"uri": out_uri, "contigs": names, "lengths": lengths, "bases": int(sum(lengths)),
-            "chunk_bases": chunk_bases}
+    return names, lengths, keys
 
 
 def _public_uri(uri: str) -> str:
