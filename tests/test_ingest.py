@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -375,3 +376,51 @@ def test_an_old_genome_left_aside_by_a_killed_swap_is_put_back(tmp_path: Path) -
         ingest_genome(str(tmp_path / "new.fa"), str(genomes / "g.zarr"))
     assert genome_of(genomes / "g.zarr") == before
     assert folder_of(genomes / "g.zarr") == [".tmp-new-89abcdef-other-g.zarr", "g.zarr"]
+
+
+@pytest.mark.parametrize("there", ["results folder", "file"])
+def test_overwrite_refuses_what_is_not_a_genome_store_and_leaves_it(tmp_path: Path, there: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from gpubatch.cli.main import main
+
+    out = tmp_path / "results"
+    if there == "file":
+        out.write_text("not a genome")
+    else:
+        (out / "run1").mkdir(parents=True)
+        (out / "run1" / "predictions.parquet").write_bytes(b"PAR1")
+    fasta = write_fasta(tmp_path / "g.fa", seed=1)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert main(["ingest", "genome", str(fasta), str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a genome store (no zarr.json in it)" in err and str(out) in err, err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert not list(tmp_path.glob("*.ingest-lease.json"))
+
+
+def test_overwrite_takes_an_empty_folder(tmp_path: Path) -> None:
+    out = tmp_path / "g.zarr"
+    out.mkdir()
+    fasta = write_fasta(tmp_path / "g.fa", seed=1)
+    ingest_genome(str(fasta), str(out), overwrite=True)
+    assert list(genome_of(out)) == ["chr0", "chr1", "chr2"]
+
+
+def test_ctrl_c_of_an_ingest_says_what_it_left_not_resume(tmp_path: Path) -> None:
+    out, gate = tmp_path / "genomes" / "g.zarr", tmp_path / "gate"
+    ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(out))
+    before = genome_of(out)
+    proc = gated_cli(gate, "ingest", "genome", str(write_fasta(tmp_path / "new.fa", seed=2)), str(out),
+                     "--overwrite")
+    try:
+        wait_for(Path(f"{gate}.reached").exists, what="the ingest's contigs written")
+        proc.send_signal(signal.SIGINT)
+        said = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, said
+    assert "interrupted; a genome already at the output is as it was" in said and "--resume" not in said, said
+    assert genome_of(out) == before
+    assert folder_of(out) == ["g.zarr"]

@@ -300,8 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpubatch: {safe_text(exc, keep_newlines=True)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("gpubatch: interrupted; rerun with --resume to finish", file=sys.stderr)
+        print(f"gpubatch: interrupted{INTERRUPTED_HINTS.get(args.command, '')}", file=sys.stderr)
         return EXIT_ERROR
+
+
+#: what a Ctrl-C leaves to do, per command (``--resume`` means something to run and submit only)
+INTERRUPTED_HINTS = {
+    "run": "; rerun with --resume to finish", "submit": "; rerun with --resume to finish",
+    "ingest": ("; a genome already at the output is as it was on local disk (an object store's is "
+               "now incomplete): rerun the ingest"),
+}
 
 
 if __name__ == "__main__":

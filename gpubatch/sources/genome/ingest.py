@@ -29,12 +29,18 @@ from typing import Any
 
 import numpy as np
 
-from gpubatch.core.errors import InputError
+from gpubatch.core.errors import InputError, OutputRefused
+from gpubatch.io.redact import redact
 from gpubatch.io.storage import exists, open_file
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.ingest_output import ingest_lease, output_path, staged_output
-from gpubatch.sources.genome.reference import GENOME_ATTR, open_genome_group, zarr_array_name
+from gpubatch.sources.genome.reference import (
+    GENOME_ATTR,
+    open_genome_group,
+    zarr_array_name,
+    zarr_marker,
+)
 
 CHUNK_BASES = 1 << 20
 READ_BLOCK = 8 << 20
@@ -133,9 +139,23 @@ def _header_name(raw: bytes, fasta_uri: str, seen: set[str]) -> str:
 
 
 def _check_output(out_uri: str, storage_options: dict[str, Any] | None, overwrite: bool) -> None:
-    if exists(out_uri, storage_options) and not overwrite:
+    """An existing OUT is replaced only with ``overwrite``, and only where it is a zarr store
+    (an earlier ingest's, finished or not) or an empty folder: ``--overwrite`` given a results
+    folder, a home directory or a file by mistake must not delete it."""
+    if not exists(out_uri, storage_options):
+        return
+    if not overwrite:
         raise InputError(out_uri, "output already exists; remove it, or replace it with "
                                   "`gpubatch ingest genome --overwrite` (overwrite=True in Python)")
+    if not exists(zarr_marker(out_uri), storage_options) and not _empty_folder(out_uri):
+        raise OutputRefused(f"{redact(out_uri)} is not a genome store (no zarr.json in it): --overwrite "
+                            "replaces only an earlier ingest's output. Give a new path, or remove it yourself")
+
+
+def _empty_folder(uri: str) -> bool:
+    """A local folder with nothing in it (an object store has no empty folders to speak of)."""
+    path = local_path(uri)
+    return not is_remote(uri) and os.path.isdir(path) and not os.listdir(path)
 
 
 def _write_contigs(group: Any, fasta_uri: str, storage_options: dict[str, Any] | None,
