@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--slides", type=int, default=4)
     ap.add_argument("--size", default="24576x16384")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds of every contestant first")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--peers", default="sequential,dataloader,monai")
     ap.add_argument("--out")
@@ -272,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
         contestants[name] = lambda fn=peers[name]: fn(tiles, wl["model"], args.batch, out)
     print(f"workload {args.workload}: {len(tiles)} slides, {sum(len(t['xs']) for t in tiles)} tiles")
-    results = alternate(contestants, args.repeats)
+    results = alternate(contestants, args.repeats, args.warmup)
+    last["steady_s"] = last["steady_s"][args.warmup:]  # the timed rounds' only
     bound = measure_bound(tiles, wl["model"], args.batch)
     g = results["gpubatch"]
     rows = [{"contestant": m.name, "items": m.items, "median s": m.median_s, "items/s": m.items_per_s,

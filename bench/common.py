@@ -51,9 +51,16 @@ def machine() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def alternate(contestants: dict[str, Callable[[], int]], repeats: int) -> dict[str, Measurement]:
-    """Run each contestant ``repeats`` times, rotating the order every round."""
+def alternate(contestants: dict[str, Callable[[], int]], repeats: int, warmup: int = 0) -> dict[str, Measurement]:
+    """Run each contestant ``repeats`` times, rotating the order every round, after ``warmup``
+    untimed rounds of each (a process's first run of anything pays its imports and first-use
+    set-up, which is not what the rounds compare)."""
     names = list(contestants)
+    for r in range(warmup):
+        for name in names:
+            t0 = time.perf_counter()
+            contestants[name]()
+            print(f"  warm-up {r + 1} {name}: {time.perf_counter() - t0:.2f} s (untimed)", flush=True)
     results = {n: Measurement(n, 0) for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
