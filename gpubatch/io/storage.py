@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.errors import InputError
-from gpubatch.io import obstore
+from gpubatch.io import clouds, obstore
 from gpubatch.io.ranges import (
     Fetched,
     FsspecRangeReader,
@@ -228,6 +228,8 @@ def get_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
                 extra = PROTOCOL_EXTRAS.get(protocol)
                 hint = f"; pip install 'gpubatch[{extra}]'" if extra else ""
                 raise InputError(redact(uri), f"no filesystem for {protocol}:// ({exc}){hint}") from None
+            if protocol in ("gs", "gcs"):
+                cls = clouds.gcsfs_class(cls, merged)
             fs = cls(skip_instance_cache=True, **merged)
             if hasattr(fs, "retries"):
                 fs.retries = 1  # this layer retries, with counting and jitter

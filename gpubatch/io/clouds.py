@@ -1,0 +1,49 @@
+"""Where a gs:// URI's server is, and what that means for both of its clients.
+
+gcsfs (listing, globs, writes, the fallback reads) and obstore's GCS store (range reads, HEADs)
+must reach the same server with the same credentials, or a job reads through one what the other
+cannot find. Google's libraries name a server other than Google's (fake-gcs-server, a
+GCS-compatible store) with ``STORAGE_EMULATOR_HOST``; gcsfs and gpubatch's ``endpoint_url``
+storage option name it per job. This module reads both the way gcsfs does, once, for both
+clients (:mod:`gpubatch.io.obstore`, :func:`gpubatch.io.storage.get_fs`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+#: Google's own hosts (storage.googleapis.com, its mTLS and Private Service Connect forms)
+GOOGLE_DOMAIN = "googleapis.com"
+
+
+def gcs_endpoint(options: dict[str, Any]) -> str | None:
+    """The GCS server of these options: ``endpoint_url``, else ``STORAGE_EMULATOR_HOST`` (unset,
+    empty or ``default``: Google's), with ``http://`` where it names only host:port, as gcsfs
+    and Google's client libraries read it; None for Google's own endpoint."""
+    endpoint = options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
+    if not endpoint or endpoint == "default":
+        return None
+    return endpoint if "://" in endpoint else f"http://{endpoint}"
+
+
+def off_google(endpoint: str | None) -> bool:
+    """The endpoint is a server other than Google's: an emulator or a GCS-compatible store."""
+    return endpoint is not None and not (urlsplit(endpoint).hostname or "").endswith(GOOGLE_DOMAIN)
+
+
+def gcsfs_class(cls: type, options: dict[str, Any]) -> type:
+    """gcsfs's plain filesystem class in place of its default where the server is not Google's.
+
+    gcsfs 2026.3 made its default class ask Google's gRPC Storage Control API for a bucket's
+    layout (zonal, hierarchical) before opens, infos and globs. A server other than Google's
+    does not answer it, and the ask is retried for about a minute per call before gcsfs goes
+    on as for a plain bucket; buckets of those layouts exist only on Google.
+    """
+    if not off_google(gcs_endpoint(options)):
+        return cls
+    from gcsfs.core import GCSFileSystem
+
+    return GCSFileSystem if issubclass(cls, GCSFileSystem) else cls
+
