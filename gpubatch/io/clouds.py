@@ -47,3 +47,26 @@ def gcsfs_class(cls: type, options: dict[str, Any]) -> type:
 
     return GCSFileSystem if issubclass(cls, GCSFileSystem) else cls
 
+
+
+def client_retries_off(fs: Any) -> None:
+    """gcsfs's and adlfs's own retries off on a filesystem gpubatch retries itself, as s3fs's
+    are (``retries = 1``): otherwise a 503 is retried inside the client, unseen and uncounted,
+    before gpubatch's policy sees it, after sleeps gpubatch does not bound.
+
+    gcsfs retries every request 6 times (sleeping up to 31 s) in a decorator whose count is fixed
+    when its class is defined (its ``retries`` attribute changes nothing): the instance gets the
+    undecorated request. adlfs's Azure SDK client retries 3 times from 15 s apart (up to a minute
+    per request): its retry policy, shared by the clients it derives, is set to none. Where a
+    client's shape is not the one known here, its own retries stay.
+    """
+    import types
+
+    request = getattr(type(fs), "_request", None)
+    plain = getattr(request, "__wrapped__", None)
+    if plain is not None and type(fs).__module__.startswith("gcsfs"):
+        fs._request = types.MethodType(plain, fs)
+    pipeline = getattr(getattr(fs, "service_client", None), "_pipeline", None)
+    for policy in getattr(pipeline, "_impl_policies", None) or ():
+        if hasattr(policy, "total_retries") and hasattr(policy, "status_retries"):
+            policy.total_retries = policy.connect_retries = policy.read_retries = policy.status_retries = 0

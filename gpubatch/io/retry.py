@@ -96,6 +96,8 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
         meta = response.get("ResponseMetadata", {})
         return meta.get("HTTPStatusCode"), response.get("Error", {}).get("Code")
     status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    if status is None and type(exc).__name__ == "HttpError":  # gcsfs's: the HTTP status as .code
+        status = getattr(exc, "code", None)
     return (status if isinstance(status, int) else None), None
 
 

@@ -208,17 +208,19 @@ def missing_extra(uri: str) -> str | None:
     return None
 
 
-def get_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
+def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: bool = False) -> tuple[Any, str]:
     """(filesystem, path) for a URI; one private instance per protocol and options per process.
 
-    Instances are private (not fsspec's shared cache) because their retry setting is changed.
-    Local paths get fsspec's local filesystem and no storage options.
+    Instances are private (not fsspec's shared cache) because their retry setting is changed:
+    the client's own retries are off (this layer retries and counts) unless ``client_retries``
+    (a streamed upload's, see :func:`upload_fs`). Local paths get fsspec's local filesystem and
+    no storage options.
     """
     import fsspec
 
     protocol = protocol_of(uri)
     merged = resolve_options(uri, options) if protocol != "file" else {}
-    token = protocol + json.dumps(merged, sort_keys=True, default=str)
+    token = protocol + str(client_retries) + json.dumps(merged, sort_keys=True, default=str)
     with _fs_lock:
         fs = _fs_cache.get(token)
         if fs is None:
@@ -233,6 +235,8 @@ def get_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
             fs = cls(skip_instance_cache=True, **merged)
             if hasattr(fs, "retries"):
                 fs.retries = 1  # this layer retries, with counting and jitter
+            if not client_retries:
+                clouds.client_retries_off(fs)  # gcsfs's and adlfs's, which that setting misses
             _fs_cache[token] = fs
     path = fs._strip_protocol(uri) if protocol != "file" else local_path(uri)  # decoded: uris.local_path
     return fs, path
@@ -242,7 +246,7 @@ def upload_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str
     """:func:`get_fs`'s filesystem with the client's retries on (:func:`library_options`), for
     streamed writes: a file written as a stream uploads its parts as its buffer fills, and a
     part that failed is gone from the stream, so only the client can send it again."""
-    return get_fs(uri, library_options(uri, options))
+    return get_fs(uri, library_options(uri, options), client_retries=True)
 
 
 def retried_fs(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
