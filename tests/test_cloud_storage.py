@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import pytest
 from cloud_fixtures import CloudStack
 
-from gpubatch.io.storage import open_ranges
+from gpubatch.io.storage import expand_uris, open_ranges, stat
 
 pytest_plugins = ["s3_fixtures", "cloud_fixtures"]
 CLIENTS = ["obstore", "fsspec"]
@@ -33,6 +34,24 @@ def client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
 
 def _key(name: str) -> str:
     return f"{uuid.uuid4().hex[:8]}/{name}"
+
+
+def _read(uri: str, options: dict[str, Any] | None) -> tuple[str, bytes]:
+    with open_ranges(uri, options) as reader:
+        return reader.client, bytes(reader.read_ranges([(5, 10)])[0])
+
+
+def test_the_gcs_emulator_named_by_storage_emulator_host_alone(gcs: CloudStack, client: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``STORAGE_EMULATOR_HOST`` (Google's libraries' setting, with or without its http://) and
+    no options: both clients reach the emulator, unsigned (gcsfs goes anonymous where it finds no
+    Google credentials; obstore asked the metadata server for a token and failed, 403)."""
+    uri = gcs.upload_bytes(DATA, _key("env.bin"))
+    for host in (gcs.proxy.url, gcs.proxy.url.removeprefix("http://")):
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
+        assert _read(uri, None) == (client, DATA[5:15])
+        assert stat(uri)["size"] == len(DATA)
+        assert expand_uris([uri.rsplit("/", 1)[0] + "/*.bin"]) == [uri]
 
 
 def test_transient_failures_are_retried_and_counted(cloud: CloudStack, client: str) -> None:

@@ -33,6 +33,24 @@ def off_google(endpoint: str | None) -> bool:
     return endpoint is not None and not (urlsplit(endpoint).hostname or "").endswith(GOOGLE_DOMAIN)
 
 
+def google_credentials_found() -> bool:
+    """Application Default Credentials are configured on this machine (the environment's file,
+    or gcloud's ``application-default login`` file): what gcsfs tries before going anonymous."""
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return True
+    config = os.environ.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
+    return os.path.isfile(os.path.join(config, "application_default_credentials.json"))
+
+
+def anonymous_off_google(options: dict[str, Any]) -> bool:
+    """Whether gcsfs would reach this server unsigned though no option says ``anon``: a server
+    off Google, no token given, and no Application Default Credentials. (gcsfs tries those
+    credentials, then goes anonymous; object_store would ask Google's metadata server for a
+    token, which off Google Cloud fails, and every read with it.)"""
+    return (options.get("token") is None and off_google(gcs_endpoint(options))
+            and not google_credentials_found())
+
+
 def gcsfs_class(cls: type, options: dict[str, Any]) -> type:
     """gcsfs's plain filesystem class in place of its default where the server is not Google's.
 
@@ -46,7 +64,6 @@ def gcsfs_class(cls: type, options: dict[str, Any]) -> type:
     from gcsfs.core import GCSFileSystem
 
     return GCSFileSystem if issubclass(cls, GCSFileSystem) else cls
-
 
 
 def client_retries_off(fs: Any) -> None:
