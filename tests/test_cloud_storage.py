@@ -36,6 +36,21 @@ def _key(name: str) -> str:
     return f"{uuid.uuid4().hex[:8]}/{name}"
 
 
+def test_globs_list_the_matching_objects_under_the_pattern_s_scheme(cloud: CloudStack, client: str) -> None:
+    """``gs://bucket/dir/*.tif`` and ``az://container/dir/*.tif``: the .tif objects directly
+    under dir, sorted, spelled with the scheme the user wrote (outputs, the audit and --resume
+    name inputs by these URIs), quickly."""
+    folder = uuid.uuid4().hex[:8]
+    for name in ("b.tif", "a.tif", "notes.txt", "deeper/c.tif"):
+        cloud.upload_bytes(b"II*\x00" + name.encode(), f"{folder}/{name}")
+    started = time.monotonic()
+    got = expand_uris([cloud.uri(f"{folder}/*.tif")], cloud.options())
+    assert got == [cloud.uri(f"{folder}/a.tif"), cloud.uri(f"{folder}/b.tif")]
+    assert expand_uris([cloud.uri(f"{folder}/**/*.tif")], cloud.options())[-1] == cloud.uri(f"{folder}/deeper/c.tif")
+    assert expand_uris([cloud.uri(f"{folder}/absent-*.tif")], cloud.options()) == []
+    assert time.monotonic() - started < QUICK_S
+
+
 def _read(uri: str, options: dict[str, Any] | None) -> tuple[str, bytes]:
     with open_ranges(uri, options) as reader:
         return reader.client, bytes(reader.read_ranges([(5, 10)])[0])
@@ -52,6 +67,17 @@ def test_the_gcs_emulator_named_by_storage_emulator_host_alone(gcs: CloudStack, 
         assert _read(uri, None) == (client, DATA[5:15])
         assert stat(uri)["size"] == len(DATA)
         assert expand_uris([uri.rsplit("/", 1)[0] + "/*.bin"]) == [uri]
+
+
+def test_azurite_named_by_the_connection_string_environment(azure: CloudStack, client: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``AZURE_STORAGE_CONNECTION_STRING`` (Azure's tools' setting) and no options reach Azurite
+    through both clients."""
+    uri = azure.upload_bytes(DATA, _key("env.bin"))
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azure.options()["connection_string"])
+    assert _read(uri, None) == (client, DATA[5:15])
+    assert stat(uri)["size"] == len(DATA)
+    assert expand_uris([uri.rsplit("/", 1)[0] + "/*.bin"]) == [uri]
 
 
 def test_transient_failures_are_retried_and_counted(cloud: CloudStack, client: str) -> None:

@@ -550,6 +550,13 @@ def expand_uris(patterns: list[str], options: dict[str, Any] | None = None) -> l
     return out
 
 
+def _spelled_as(pattern: str, uri: str) -> str:
+    """A listed object's URI in the scheme its pattern was written in: a filesystem names its
+    objects in its first scheme (adlfs: ``abfs://`` for an ``az://`` glob), and the inputs'
+    URIs are what outputs, the audit and ``--resume`` know them by."""
+    return f"{pattern.split('://', 1)[0]}://{uri.split('://', 1)[1]}"
+
+
 def _file_key(uri: str) -> str:
     """What makes two inputs one file: a local path's real path (``a/./b``, ``a//b``, ``a/../a/b``
     and a symlink to it are one file, read once), a remote URI as given."""
@@ -564,7 +571,8 @@ def _expand_one(pattern: str, forced: bool, options: dict[str, Any] | None) -> l
         if not forced and (not magic or exists(pattern, options)):
             return [pattern]
         fs, path = get_fs(pattern, options)
-        return [fs.unstrip_protocol(p) for p in _glob_remote(fs, path, pattern) if not p.endswith("/")]
+        return [_spelled_as(pattern, fs.unstrip_protocol(p)) for p in _glob_remote(fs, path, pattern)
+                if not p.endswith("/")]
     path = local_path(pattern)
     if not forced and os.path.exists(path):
         return [path]
