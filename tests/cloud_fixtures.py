@@ -109,6 +109,14 @@ class CloudStack:
         """The "bucket/key" form the proxy counts and fails requests by."""
         return f"{self.bucket}/{key}"
 
+    def forbid(self, key: str) -> None:
+        """The proxy answers 403 to every request for the object, by whichever API it is asked
+        (until the test's end resets it)."""
+        self.proxy.configure(forbidden={self.proxied_key(key), *self.api_paths(key)})
+
+    def api_paths(self, key: str) -> set[str]:
+        return set()
+
     def close(self) -> None:
         self.proxy.close()
         stop(self.process)
@@ -125,6 +133,12 @@ class GcsStack(CloudStack):
 
     def options(self, **extra: Any) -> dict[str, Any]:
         return {"endpoint_url": self.proxy.url, "token": "anon", **extra}
+
+    def api_paths(self, key: str) -> set[str]:
+        """gcsfs asks the JSON API (metadata, media downloads) rather than the XML API, and
+        answers a denied object's info from a listing of the bucket, denied too."""
+        return {f"storage/v1/b/{self.bucket}/o/{key}", f"download/storage/v1/b/{self.bucket}/o/{key}",
+                f"storage/v1/b/{self.bucket}/o"}
 
     def upload_bytes(self, data: bytes, key: str) -> str:
         """One JSON-API media upload: a new generation, a new ETag (its MD5) when the bytes differ."""

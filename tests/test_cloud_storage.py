@@ -94,6 +94,21 @@ def test_globs_list_the_matching_objects_under_the_pattern_s_scheme(cloud: Cloud
     assert time.monotonic() - started < QUICK_S
 
 
+def test_a_denied_object_names_its_cloud_s_settings(cloud: CloudStack, client: str) -> None:
+    """A 403 says access denied, not retryable, and names where that cloud's credentials come
+    from (it named the AWS_* environment for every scheme)."""
+    key = _key("denied.bin")
+    uri = cloud.upload_bytes(DATA, key)
+    cloud.forbid(key)
+    for call in (lambda: stat(uri, cloud.options()),
+                 lambda: open_ranges(uri, cloud.options()).read_ranges([(0, 10)])):
+        with pytest.raises(InputError) as caught:
+            call()
+        text = str(caught.value)
+        assert "access denied" in text and not caught.value.retryable, text
+        assert "AWS_" not in text and ("GOOGLE_APPLICATION_CREDENTIALS" if cloud.scheme == "gs" else "AZURE_STORAGE_") in text
+
+
 def test_a_pinned_reader_refuses_an_object_written_over_between_its_reads(cloud: CloudStack) -> None:
     """obstore pins a reader to the ETag its first answer gave; a read after the object was
     written over is refused (Azurite answers the If-Match 412; fake-gcs-server ignores If-Match,
