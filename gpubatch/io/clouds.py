@@ -51,19 +51,60 @@ def anonymous_off_google(options: dict[str, Any]) -> bool:
             and not google_credentials_found())
 
 
-def gcsfs_class(cls: type, options: dict[str, Any]) -> type:
-    """gcsfs's plain filesystem class in place of its default where the server is not Google's.
+def serve_off_google(options: dict[str, Any]) -> None:
+    """Make fsspec's gs:// filesystem ask Google's layout API of Google only, once these options
+    name a server that is not Google's; every gs:// filesystem made after (gpubatch's, and those
+    zarr, wsidicom and ``fsspec.open`` make from storage options) is then of the class below.
 
     gcsfs 2026.3 made its default class ask Google's gRPC Storage Control API for a bucket's
-    layout (zonal, hierarchical) before opens, infos and globs. A server other than Google's
-    does not answer it, and the ask is retried for about a minute per call before gcsfs goes
-    on as for a plain bucket; buckets of those layouts exist only on Google.
+    layout (zonal, hierarchical) before opens, infos, globs and writes. A server other than
+    Google's does not answer it, and the ask is retried for about a minute per call before gcsfs
+    goes on as for a plain bucket; buckets of those layouts exist only on Google. A filesystem
+    whose server is Google's asks as before.
     """
     if not off_google(gcs_endpoint(options)):
-        return cls
-    from gcsfs.core import GCSFileSystem
+        return
+    import fsspec
 
-    return GCSFileSystem if issubclass(cls, GCSFileSystem) else cls
+    try:
+        cls = fsspec.get_filesystem_class("gs")
+    except (ImportError, ValueError):  # no gcsfs: get_fs says which extra to install
+        return
+    if hasattr(cls, "_lookup_bucket_type") and not getattr(cls, "asks_layout_of_google_only", False):
+        for protocol in ("gs", "gcs"):
+            fsspec.register_implementation(protocol, _layout_of_google_only(), clobber=True)
+
+
+_classes: dict[str, type] = {}
+
+
+def _layout_of_google_only() -> type:
+    """gcsfs's default class, asking a bucket's layout only where its server is Google's (made
+    once, on first need: gcsfs is an extra; :func:`__getattr__` finds it for pickle)."""
+    if "GCSFileSystem" not in _classes:
+        from fsspec import asyn
+        from gcsfs.extended_gcsfs import BucketType, ExtendedGcsFileSystem
+
+        class GCSFileSystem(ExtendedGcsFileSystem):  # type: ignore[misc]
+            asks_layout_of_google_only = True
+
+            async def _lookup_bucket_type(self, bucket: str) -> Any:
+                if off_google(self._location):
+                    return BucketType.NON_HIERARCHICAL
+                return await super()._lookup_bucket_type(bucket)
+
+            _sync_lookup_bucket_type = asyn.sync_wrapper(_lookup_bucket_type)
+
+        GCSFileSystem.__module__, GCSFileSystem.__qualname__ = __name__, "GCSFileSystem"
+        _classes["GCSFileSystem"] = GCSFileSystem
+    return _classes["GCSFileSystem"]
+
+
+def __getattr__(name: str) -> Any:
+    """``GCSFileSystem`` (the class above) for an unpickler in a process that never made it."""
+    if name == "GCSFileSystem":
+        return _layout_of_google_only()
+    raise AttributeError(name)
 
 
 def client_retries_off(fs: Any) -> None:
@@ -77,12 +118,14 @@ def client_retries_off(fs: Any) -> None:
     per request): its retry policy, shared by the clients it derives, is set to none. Where a
     client's shape is not the one known here, its own retries stay.
     """
+    import sys
     import types
 
-    request = getattr(type(fs), "_request", None)
-    plain = getattr(request, "__wrapped__", None)
-    if plain is not None and type(fs).__module__.startswith("gcsfs"):
-        fs._request = types.MethodType(plain, fs)
+    gcsfs = sys.modules.get("gcsfs.core")  # loaded, where fs is one of its filesystems
+    if gcsfs is not None and isinstance(fs, gcsfs.GCSFileSystem):
+        plain = getattr(type(fs)._request, "__wrapped__", None)
+        if plain is not None:
+            fs._request = types.MethodType(plain, fs)
     pipeline = getattr(getattr(fs, "service_client", None), "_pipeline", None)
     for policy in getattr(pipeline, "_impl_policies", None) or ():
         if hasattr(policy, "total_retries") and hasattr(policy, "status_retries"):

@@ -187,6 +187,8 @@ def library_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
     count_library_retries()
     merged = {**_profile_options, **(options or {})}
     register_secrets(merged)
+    if protocol_of(uri) in ("gs", "gcs"):
+        clouds.serve_off_google(merged)
     if protocol_of(uri) in ("s3", "s3a"):
         config = dict(merged.get("config_kwargs") or {})
         config.setdefault("retries", dict(CLIENT_RETRIES))
@@ -220,6 +222,8 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
 
     protocol = protocol_of(uri)
     merged = resolve_options(uri, options) if protocol != "file" else {}
+    if protocol in ("gs", "gcs"):
+        clouds.serve_off_google(merged)
     token = protocol + str(client_retries) + json.dumps(merged, sort_keys=True, default=str)
     with _fs_lock:
         fs = _fs_cache.get(token)
@@ -230,8 +234,6 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
                 extra = PROTOCOL_EXTRAS.get(protocol)
                 hint = f"; pip install 'gpubatch[{extra}]'" if extra else ""
                 raise InputError(redact(uri), f"no filesystem for {protocol}:// ({exc}){hint}") from None
-            if protocol in ("gs", "gcs"):
-                cls = clouds.gcsfs_class(cls, merged)
             fs = cls(skip_instance_cache=True, **merged)
             if hasattr(fs, "retries"):
                 fs.retries = 1  # this layer retries, with counting and jitter
