@@ -8,8 +8,9 @@ obstore for s3, gs, az and plain http(s) objects when it can serve them exactly 
 fsspec's async client for the rest and as the fallback) and wraps it in the retry and metrics
 wrappers of :mod:`gpubatch.io.ranges`. :func:`stat` asks the same backend.
 
-s3fs's, botocore's and obstore's own retries are switched off on the clients created here (unless
-the user sets them for fsspec), so that every retry is counted and bounded by this layer. Two
+s3fs's, botocore's, gcsfs's, adlfs's and obstore's own retries are switched off on the clients
+created here (unless the user sets them for fsspec), so that every retry is counted and bounded
+by this layer. Two
 kinds of request this layer cannot send again keep the client's retries: those a library makes
 itself (:func:`library_options`: zarr, wsidicom) and a streamed upload's parts (:func:`upload_fs`).
 Walking a store with fsspec's own calls goes through :func:`retried_fs`, one retried call each.
