@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -65,6 +66,22 @@ def wait_ready(process: subprocess.Popen[bytes], name: str, ready: Callable[[], 
         time.sleep(0.05)
     stop(process)
     pytest.fail(f"{name} did not answer within {bound_s:g} s of its start")
+
+
+def _dies_with_this_process() -> None:
+    """Run in the emulator's child before exec (Linux): the kernel kills it when the test process
+    dies, killed included, when no fixture teardown runs and it would be left serving."""
+    import contextlib
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_dies_with_this_process if sys.platform == "linux" else None)
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -189,10 +206,9 @@ def start_gcs(bucket: str = "slides") -> GcsStack:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proxy = FaultProxy(("127.0.0.1", port))
-    process = subprocess.Popen(
-        [str(gcs_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
-         "-external-url", proxy.url, "-public-host", proxy.url.removeprefix("http://"), "-log-level", "error"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = spawn([str(gcs_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                     "-backend", "memory", "-external-url", proxy.url,
+                     "-public-host", proxy.url.removeprefix("http://"), "-log-level", "error"])
     try:
         wait_ready(process, "fake-gcs-server", lambda: _answers(f"{endpoint}/storage/v1/b"))
     except BaseException:
@@ -214,10 +230,8 @@ def start_azurite(container: str = "slides") -> AzureStack:
         pytest.skip(AZURITE_MISSING)
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="gpubatch-azurite-"))
-    process = subprocess.Popen(
-        [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workdir),
-         "--skipApiVersionCheck", "--loose", "--silent"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = spawn([binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workdir),
+                     "--skipApiVersionCheck", "--loose", "--silent"])
     wait_ready(process, "azurite-blob", lambda: _listens(port))
     stack = AzureStack("az", container, f"http://127.0.0.1:{port}", FaultProxy(("127.0.0.1", port)),
                        process, workdir)
