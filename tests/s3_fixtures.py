@@ -36,6 +36,9 @@ CMU_SMALL = DATA_DIR / "slides" / "CMU-1-Small-Region.svs"
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                "proxy-authorization", "proxy-authenticate", "content-length", "server", "date",
                "expect"}
+#: a request's own Date is kept: a signature may cover it (Azure's SharedKey does, as object_store
+#: signs); a response's is the proxy's to send
+REQUEST_DROPPED = HOP_HEADERS - {"date"}
 SLOWDOWN_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                 b"<Message>Please reduce your request rate.</Message><RequestId>fault</RequestId></Error>")
 DENIED_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
@@ -215,7 +218,7 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _forward(self, body: bytes | None) -> tuple[int, list[tuple[str, str]], bytes]:
             conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
             try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in REQUEST_DROPPED}
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()

@@ -1,5 +1,6 @@
-"""Every range reader passes RangeReaderTests: local pread, fsspec (memory://, S3 on moto), obstore
-(S3 on moto, plain HTTP), each wrapped in the retry and metrics layers where it meets a server."""
+"""Every range reader passes RangeReaderTests: local pread, fsspec (memory://, S3 on moto, GCS on
+fake-gcs-server, Azure on Azurite), obstore (the same three servers, plain HTTP), each wrapped in the
+retry and metrics layers where it meets a server."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from gpubatch.io.storage import get_fs, open_ranges
 from gpubatch.testing.ranges import RangeReaderTests
 
 if TYPE_CHECKING:
+    from cloud_fixtures import CloudStack
     from s3_fixtures import S3Stack
 
-pytest_plugins = ["s3_fixtures"]
+pytest_plugins = ["s3_fixtures", "cloud_fixtures"]
 
 
 class TestLocalRangeReader(RangeReaderTests):
@@ -104,3 +106,53 @@ class TestHttpObstoreReader(RangeReaderTests):
     @pytest.fixture()
     def missing_reader(self, s3: S3Stack) -> Callable[[], RangeReader]:
         return lambda: open_ranges(f"{s3.proxy.url}/{s3.bucket}/ranges/absent.bin")
+
+
+class TestGcsObstoreReader(RangeReaderTests):
+    """gs:// through the storage entry point: obstore's GCS store (the default for gs://) against
+    fake-gcs-server, behind the proxy that fails some requests; only the job-style storage
+    options (``endpoint_url``, ``token: anon``) say where the server is."""
+
+    client, stack = "obstore", "gcs"
+
+    @pytest.fixture(autouse=True)
+    def _client(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("GPUBATCH_RANGE_READER", self.client)
+
+    @pytest.fixture()
+    def server(self, request: pytest.FixtureRequest) -> CloudStack:
+        return request.getfixturevalue(self.stack)
+
+    @pytest.fixture()
+    def make_reader(self, server: CloudStack) -> Callable[[bytes], RangeReader]:
+        server.proxy.configure(error_rate=0.1, seed=5)
+
+        def make(data: bytes) -> RangeReader:
+            uri = server.upload_bytes(data, f"ranges/{uuid.uuid4().hex}.bin")
+            reader = open_ranges(uri, server.options())
+            assert reader.client == self.client
+            return reader
+
+        return make
+
+    @pytest.fixture()
+    def missing_reader(self, server: CloudStack) -> Callable[[], RangeReader]:
+        return lambda: open_ranges(server.uri("ranges/absent.bin"), server.options())
+
+
+class TestGcsFsspecReader(TestGcsObstoreReader):
+    """The same through gcsfs, the fallback (and gs://'s lister and writer)."""
+
+    client = "fsspec"
+
+
+class TestAzureObstoreReader(TestGcsObstoreReader):
+    """az:// through obstore's Azure store against Azurite, reached by connection string."""
+
+    client, stack = "obstore", "azure"
+
+
+class TestAzureFsspecReader(TestGcsObstoreReader):
+    """The same through adlfs."""
+
+    client, stack = "fsspec", "azure"

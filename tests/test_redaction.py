@@ -66,3 +66,20 @@ def test_secret_from_a_uri_is_scrubbed_in_any_form() -> None:
 def test_unregistered_text_is_left_alone() -> None:
     text = f"an ordinary message about {_secret('nothing')}"
     assert redact(text) == text
+
+
+def test_an_azure_connection_string_s_key_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Azure's connection string carries the account key (``AccountKey=...;``): the option's
+    value is masked as a whole, the key is scrubbed from free text alone or in the string, from
+    the option or the environment, and a SAS in one too."""
+    key, sas = _secret("azkey") + "/x+y==", "sv=2024&sig=" + _secret("azsig")
+    conn = f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={key};EndpointSuffix=core.windows.net"
+    assert redact({"connection_string": conn}) == {"connection_string": MASK}
+    resolve_options("az://container/slide.svs", {"connection_string": conn})
+    assert key not in _leaks(key)
+    unregistered = _secret("other") + "=="
+    text = redact(f"failed: AccountName=acct;AccountKey={unregistered};SharedAccessSignature={sas}")
+    assert unregistered not in text and "azsig" not in text and "AccountName=acct" in text
+    env_key = _secret("envkey")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", f"AccountName=a;AccountKey={env_key}")
+    assert env_key not in redact(f"AccountName=a;AccountKey={env_key}") and env_key not in _leaks(env_key)

@@ -38,6 +38,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from gpubatch.core.errors import InputError
+from gpubatch.io import clouds
 from gpubatch.io.ranges import Fetched, ObjectChanged, RangeReader
 from gpubatch.io.redact import redact, register_secrets
 from gpubatch.io.retry import storage_error
@@ -288,7 +289,9 @@ def _gcs_store(bucket: str, options: dict[str, Any]) -> Any:
         config["service_account" if kind == "service_account" else "application_credentials"] = path
     elif token not in (None, "google_default", "cloud"):
         raise Unsupported("this gcs token form is read through fsspec")
-    endpoint = options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
+    if clouds.anonymous_off_google(options):  # an emulator, and no credentials: gcsfs goes anonymous
+        config["skip_signature"] = True
+    endpoint = clouds.gcs_endpoint(options)
     if endpoint:
         config["base_url"] = endpoint
     return GCSStore(bucket, config=cast(Any, config), client_options=_client_options(options, endpoint),

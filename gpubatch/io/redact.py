@@ -2,8 +2,8 @@
 
 Secrets reach gpubatch from storage options (job, profile), the environment and URIs themselves
 (userinfo, the query parameters of presigned S3/GCS URLs and Azure SAS tokens). Every value seen
-in options, the AWS_* environment or a URI's secret parts is registered here, so free text (an
-exception message from a client library) is scrubbed of it too. A presigned URL is still *read*
+in options, the AWS_* and AZURE_STORAGE_* environment or a URI's secret parts is registered here,
+so free text (an exception message from a client library) is scrubbed of it too. A presigned URL is still *read*
 with its signature: only what is printed, logged or written goes through :func:`redact`.
 
 Names that come from users and files (job names, file names) may hold control characters: raw
@@ -25,9 +25,12 @@ SENSITIVE_KEYS = frozenset({
     "secret_access_key", "session_token", "aws_access_key_id", "aws_secret_access_key",
     "aws_session_token", "security_token", "sas_token", "account_key", "credential",
     "credentials", "client_secret", "refresh_token", "api_key", "authorization", "username",
+    "connection_string",
 })
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-              "AWS_SECURITY_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY")
+              "AWS_SECURITY_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY",
+              "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN",
+              "AZURE_STORAGE_CLIENT_SECRET")
 MASK = "***"
 #: query parameters whose values are credentials or identify them: presigned S3 (SigV2 and
 #: SigV4), presigned GCS, Azure SAS (every field of the token), CloudFront, generic tokens
@@ -51,6 +54,9 @@ _ASSIGN_SECRET = re.compile(
     r"(?i)(\b[\"']?(?:aws_)?(?:secret_access_key|access_key_id|session_token|secret|password|token|key)"
     r"[\"']?\s*[:=]\s*[\"']?)([^\"',}\s&]+)")
 _AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{12,}\b")
+#: an Azure connection string's secret fields (``AccountKey=...;``, ``SharedAccessSignature=...;``),
+#: which the assignment pattern misses (no word boundary before ``Key`` in ``AccountKey``)
+_CONNECTION_SECRET = re.compile(r"(?i)\b(AccountKey|SharedAccessSignature)=([^;\s\"']+)")
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
 
@@ -67,6 +73,8 @@ def register_secrets(options: Any) -> None:
         for k, v in options.items():
             if str(k).lower() in SENSITIVE_KEYS and isinstance(v, str):
                 _remember(v)
+                for match in _CONNECTION_SECRET.finditer(v):  # a connection string's key, quoted alone
+                    _remember(match.group(2))
             else:
                 register_secrets(v)
 
@@ -103,8 +111,8 @@ def redact(value: Any) -> Any:
     Mappings lose the values of sensitive keys (key, secret, token, password, ...), at any depth;
     strings lose URL userinfo, the values of secret query parameters (``X-Amz-*``,
     ``AWSAccessKeyId``, ``Signature``, ``sig``, ``token``, SAS fields), secret-looking
-    assignments, AWS key ids, and every secret value registered from options, URIs or the
-    AWS_* environment.
+    assignments, AWS key ids, an Azure connection string's key and signature, and every secret
+    value registered from options, URIs or the AWS_* and AZURE_STORAGE_* environment.
     """
     if isinstance(value, dict):
         return {k: (MASK if str(k).lower() in SENSITIVE_KEYS and v not in (None, "", False)
@@ -117,9 +125,13 @@ def redact(value: Any) -> Any:
     text = _QUERY_PARAM.sub(_mask_param, text)
     text = _ASSIGN_SECRET.sub(lambda m: m.group(1) + MASK, text)
     text = _AWS_KEY_ID.sub(MASK, text)
+    text = _CONNECTION_SECRET.sub(lambda m: f"{m.group(1)}={MASK}", text)
     with _secrets_lock:
         known = set(_secrets)
-    known.update(v for v in (os.environ.get(k) for k in SECRET_ENV) if v and len(v) >= 4)
+    for value in (os.environ.get(k) for k in SECRET_ENV):
+        if value and len(value) >= 4:
+            known.add(value)
+            known.update(m.group(2) for m in _CONNECTION_SECRET.finditer(value))
     for secret in sorted(known, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text

@@ -96,6 +96,8 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
         meta = response.get("ResponseMetadata", {})
         return meta.get("HTTPStatusCode"), response.get("Error", {}).get("Code")
     status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    if status is None and type(exc).__name__ == "HttpError":  # gcsfs's: the HTTP status as .code
+        status = getattr(exc, "code", None)
     return (status if isinstance(status, int) else None), None
 
 
@@ -150,13 +152,25 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     if isinstance(exc, FileNotFoundError) or (status == 404 and _is_obstore(exc)):
         return InputError(uri, "object not found (404): check the URI, bucket and prefix")
     denied = type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError") and _is_obstore(exc)
-    if isinstance(exc, PermissionError) or denied or status in (401, 403):
+    gcsfs_denied = type(exc) is OSError and str(exc).startswith("Forbidden: ")  # gcsfs's 403
+    if isinstance(exc, PermissionError) or denied or gcsfs_denied or status in (401, 403):
         return InputError(uri, "access denied (403): the credentials from input.storage, the "
-                          "profile or the AWS_* environment may not read this object")
+                          f"profile or {_credentials_environment(uri)} may not read this object")
     if is_transient(exc):
         return InputError(uri, f"storage kept failing after {attempts} attempt(s) ({detail})",
                           retryable=True)
     return InputError(uri, f"storage error ({detail})")
+
+
+#: where each scheme's client finds credentials that no option gave, for a denied read's message
+CREDENTIALS_ENVIRONMENT = {"s3": "the AWS_* environment", "gs": "GOOGLE_APPLICATION_CREDENTIALS (or gcloud's "
+                           "application-default login)", "az": "the AZURE_STORAGE_* environment"}
+_SCHEME_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+
+
+def _credentials_environment(uri: str) -> str:
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    return CREDENTIALS_ENVIRONMENT.get(_SCHEME_FAMILY.get(scheme, scheme), "the environment")
 
 
 def changed_while_read(uri: str, detail: str) -> InputChanged:

@@ -8,8 +8,9 @@ obstore for s3, gs, az and plain http(s) objects when it can serve them exactly 
 fsspec's async client for the rest and as the fallback) and wraps it in the retry and metrics
 wrappers of :mod:`gpubatch.io.ranges`. :func:`stat` asks the same backend.
 
-s3fs's, botocore's and obstore's own retries are switched off on the clients created here (unless
-the user sets them for fsspec), so that every retry is counted and bounded by this layer. Two
+s3fs's, botocore's, gcsfs's, adlfs's and obstore's own retries are switched off on the clients
+created here (unless the user sets them for fsspec), so that every retry is counted and bounded
+by this layer. Two
 kinds of request this layer cannot send again keep the client's retries: those a library makes
 itself (:func:`library_options`: zarr, wsidicom) and a streamed upload's parts (:func:`upload_fs`).
 Walking a store with fsspec's own calls goes through :func:`retried_fs`, one retried call each.
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.errors import InputError
-from gpubatch.io import obstore
+from gpubatch.io import clouds, obstore
 from gpubatch.io.ranges import (
     Fetched,
     FsspecRangeReader,
@@ -187,6 +188,8 @@ def library_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
     count_library_retries()
     merged = {**_profile_options, **(options or {})}
     register_secrets(merged)
+    if protocol_of(uri) in ("gs", "gcs"):
+        clouds.serve_off_google(merged)
     if protocol_of(uri) in ("s3", "s3a"):
         config = dict(merged.get("config_kwargs") or {})
         config.setdefault("retries", dict(CLIENT_RETRIES))
@@ -208,17 +211,21 @@ def missing_extra(uri: str) -> str | None:
     return None
 
 
-def get_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
+def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: bool = False) -> tuple[Any, str]:
     """(filesystem, path) for a URI; one private instance per protocol and options per process.
 
-    Instances are private (not fsspec's shared cache) because their retry setting is changed.
-    Local paths get fsspec's local filesystem and no storage options.
+    Instances are private (not fsspec's shared cache) because their retry setting is changed:
+    the client's own retries are off (this layer retries and counts) unless ``client_retries``
+    (a streamed upload's, see :func:`upload_fs`). Local paths get fsspec's local filesystem and
+    no storage options.
     """
     import fsspec
 
     protocol = protocol_of(uri)
     merged = resolve_options(uri, options) if protocol != "file" else {}
-    token = protocol + json.dumps(merged, sort_keys=True, default=str)
+    if protocol in ("gs", "gcs"):
+        clouds.serve_off_google(merged)
+    token = protocol + str(client_retries) + json.dumps(merged, sort_keys=True, default=str)
     with _fs_lock:
         fs = _fs_cache.get(token)
         if fs is None:
@@ -231,6 +238,8 @@ def get_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
             fs = cls(skip_instance_cache=True, **merged)
             if hasattr(fs, "retries"):
                 fs.retries = 1  # this layer retries, with counting and jitter
+            if not client_retries:
+                clouds.client_retries_off(fs)  # gcsfs's and adlfs's, which that setting misses
             _fs_cache[token] = fs
     path = fs._strip_protocol(uri) if protocol != "file" else local_path(uri)  # decoded: uris.local_path
     return fs, path
@@ -240,7 +249,7 @@ def upload_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str
     """:func:`get_fs`'s filesystem with the client's retries on (:func:`library_options`), for
     streamed writes: a file written as a stream uploads its parts as its buffer fills, and a
     part that failed is gone from the stream, so only the client can send it again."""
-    return get_fs(uri, library_options(uri, options))
+    return get_fs(uri, library_options(uri, options), client_retries=True)
 
 
 def retried_fs(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
@@ -544,6 +553,13 @@ def expand_uris(patterns: list[str], options: dict[str, Any] | None = None) -> l
     return out
 
 
+def _spelled_as(pattern: str, uri: str) -> str:
+    """A listed object's URI in the scheme its pattern was written in: a filesystem names its
+    objects in its first scheme (adlfs: ``abfs://`` for an ``az://`` glob), and the inputs'
+    URIs are what outputs, the audit and ``--resume`` know them by."""
+    return f"{pattern.split('://', 1)[0]}://{uri.split('://', 1)[1]}"
+
+
 def _file_key(uri: str) -> str:
     """What makes two inputs one file: a local path's real path (``a/./b``, ``a//b``, ``a/../a/b``
     and a symlink to it are one file, read once), a remote URI as given."""
@@ -558,7 +574,8 @@ def _expand_one(pattern: str, forced: bool, options: dict[str, Any] | None) -> l
         if not forced and (not magic or exists(pattern, options)):
             return [pattern]
         fs, path = get_fs(pattern, options)
-        return [fs.unstrip_protocol(p) for p in _glob_remote(fs, path, pattern) if not p.endswith("/")]
+        return [_spelled_as(pattern, fs.unstrip_protocol(p)) for p in _glob_remote(fs, path, pattern)
+                if not p.endswith("/")]
     path = local_path(pattern)
     if not forced and os.path.exists(path):
         return [path]

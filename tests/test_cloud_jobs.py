@@ -1,0 +1,114 @@
+"""Whole slide jobs over gs:// and az://: fake-gcs-server and Azurite on loopback, each behind the
+fault proxy (tests/cloud_fixtures.py), as tests/test_remote_jobs.py runs them over S3.
+
+Inputs streamed from the emulator give the predictions of the same job over the local files; a
+run's outputs written to the emulator read back the same and hold no credentials; a slide written
+over while its shard reads it is read again, never mixed (tests/test_written_over_remote.py's
+helpers, there for S3).
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from cloud_fixtures import AZURITE_KEY, CloudStack
+from conftest import slide_job, write_job
+from test_written_over_remote import (
+    _assert_a_clean_runs_predictions,
+    _failures,
+    _job,
+    _two_versions,
+    _writing_over,
+)
+
+import gpubatch
+
+pytest_plugins = ["s3_fixtures", "cloud_fixtures"]
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.assign(slide=df["slide"].map(lambda s: Path(s).name))
+    return df.sort_values(["slide", "x", "y"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory: pytest.TempPathFactory, slides_dir: Path, mean_model: Path) -> pd.DataFrame:
+    tmp = tmp_path_factory.mktemp("local")
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp / "out")
+    return _sorted(gpubatch.run(write_job(tmp / "job.yaml", job)).predictions())
+
+
+def _upload_slides(cloud: CloudStack, slides_dir: Path) -> str:
+    """The three slides under a fresh folder; its URI."""
+    folder = f"run-{uuid.uuid4().hex[:8]}"
+    for path in sorted(slides_dir.glob("*.tif")):
+        cloud.upload(path, f"{folder}/{path.name}")
+    return cloud.uri(folder)
+
+
+def test_a_job_streams_its_slides_from_the_cloud_as_from_disk(
+        tmp_path: Path, cloud: CloudStack, slides_dir: Path, mean_model: Path,
+        local_reference: pd.DataFrame) -> None:
+    """``gs://bucket/dir/*.tif`` and ``az://container/dir/*.tif`` as a job's input, read through
+    obstore (the default) behind a proxy that fails some requests: the predictions of the same
+    job over the local files, every slide read by obstore, the failures retried and counted, and
+    the inputs named as the user spelled them."""
+    folder = _upload_slides(cloud, slides_dir)
+    cloud.proxy.configure(error_rate=0.05, seed=9)
+    job = slide_job([f"{folder}/*.tif"], mean_model, tmp_path / "out")
+    job["input"].update(storage=cloud.options(), access="stream")
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 0, result.report["failed"]
+    pd.testing.assert_frame_equal(_sorted(result.predictions()), local_reference)
+    assert set(result.predictions()["slide"]) == {f"{folder}/s{i}.tif" for i in range(3)}
+    counters = result.report["counters"]
+    assert counters.get("storage.client.obstore", 0) >= 3 and "storage.client.fsspec" not in counters
+    assert cloud.proxy.stats["errors"] == 0 or counters.get("storage.retries", 0) > 0
+
+
+def test_a_job_s_outputs_land_on_the_cloud_and_read_back(
+        tmp_path: Path, cloud: CloudStack, slides_dir: Path, mean_model: Path,
+        local_reference: pd.DataFrame) -> None:
+    """Inputs and outputs both on the emulator (outputs through gcsfs/adlfs, zarr's included):
+    the run's results read back from there equal the local run's, and no object it wrote holds
+    the account key (Azure's rides in the connection string)."""
+    from gpubatch.io.storage import get_fs
+
+    folder = _upload_slides(cloud, slides_dir)
+    uri = cloud.uri(f"runs/{uuid.uuid4().hex[:8]}")
+    job = slide_job([f"{folder}/*.tif"], mean_model, tmp_path / "unused")
+    job["input"].update(storage=cloud.options(), access="stream")
+    job["output"] = {"uri": uri, "formats": ["parquet", "zarr"], "storage": cloud.options()}
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 0 and result.output_uri == uri, result.report["failed"]
+    again = gpubatch.open_results(uri, cloud.options())
+    pd.testing.assert_frame_equal(_sorted(again.predictions()), local_reference)
+    fs, root = get_fs(uri, cloud.options())
+    written = fs.find(root)
+    names = {p.removeprefix(root + "/").split("/", 1)[0] for p in written}
+    assert {"predictions.parquet", "predictions.zarr", "report.json", "audit.jsonl", "_manifest"} <= names
+    for path in written:
+        assert AZURITE_KEY.encode() not in fs.cat_file(path), path
+
+
+def test_a_cloud_slide_written_over_while_read_is_read_again_not_mixed(
+        tmp_path: Path, cloud: CloudStack, classifier: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written over after its shard opened it and before its tiles: obstore's reads, pinned to the
+    version the shard opened, are refused; the attempt fails saying the input changed, the next
+    reads the new version only, and its predictions are a clean run's on the new version."""
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    old, new = _two_versions(tmp_path)
+    key = f"over-{uuid.uuid4().hex[:8]}/slide.tif"
+    uri = cloud.upload(old, key)
+    writes = _writing_over(monkeypatch, lambda: cloud.upload(new, key) if len(writes) == 1 else None)
+    job, out = _job(tmp_path, [uri], classifier, cloud.options(), read_ahead_mb=0)  # tiles read as needed
+    got = gpubatch.run(job)
+    assert got.exit_code == 0, got.report["failed"]
+    failed = _failures(out)
+    assert failed["attempt"].tolist() == [1] and "changed while it was read" in failed["error"].iloc[0]
+    assert [r["attempts"] for r in got.report["retried"]["listed"]] == [2]
+    monkeypatch.undo()
+    _assert_a_clean_runs_predictions(got, tmp_path, new, classifier)
