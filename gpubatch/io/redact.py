@@ -128,10 +128,10 @@ def redact(value: Any) -> Any:
     text = _CONNECTION_SECRET.sub(lambda m: f"{m.group(1)}={MASK}", text)
     with _secrets_lock:
         known = set(_secrets)
-    for value in (os.environ.get(k) for k in SECRET_ENV):
-        if value and len(value) >= 4:
-            known.add(value)
-            known.update(m.group(2) for m in _CONNECTION_SECRET.finditer(value))
+    for env_secret in (os.environ.get(k) for k in SECRET_ENV):
+        if env_secret and len(env_secret) >= 4:
+            known.add(env_secret)
+            known.update(m.group(2) for m in _CONNECTION_SECRET.finditer(env_secret))
     for secret in sorted(known, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
