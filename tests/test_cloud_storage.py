@@ -185,3 +185,14 @@ def test_transient_failures_are_retried_and_counted(cloud: CloudStack, client: s
     assert cloud.proxy.stats["errors"] > 0
     assert clocks.counters.get("storage.retries", 0) >= 1
     assert time.monotonic() - started < QUICK_S
+
+
+def test_a_folder_walk_names_its_files_in_the_scheme_written(cloud: CloudStack, client: str) -> None:
+    """A folder format's walk (DICOM series, OME-Zarr) names the files it finds as the user wrote
+    the folder: ``az://``, not adlfs's ``abfs://``; those names reach errors and the audit."""
+    from gpubatch.io.storage import retried_fs
+
+    folder = uuid.uuid4().hex[:8]
+    cloud.upload_bytes(b"DICM", f"{folder}/a.dcm")
+    walker, path = retried_fs(cloud.uri(folder), cloud.options())
+    assert [walker.unstrip(entry["name"]) for entry in walker.ls(path)] == [cloud.uri(f"{folder}/a.dcm")]

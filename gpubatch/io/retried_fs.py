@@ -21,6 +21,7 @@ from gpubatch.io.ranges import (
 )
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries
+from gpubatch.io.uris import spelled_as
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -83,5 +84,6 @@ class RetriedFS:
         return protocol in ("file", "local")
 
     def unstrip(self, path: str) -> str:
-        """``path`` as a URL (fsspec strips the protocol); local paths stay paths."""
-        return path if self._local() else str(self.fs.unstrip_protocol(path))
+        """``path`` as a URL (fsspec strips the protocol) in the scheme the walk's URI was written
+        in (adlfs would say ``abfs://`` for ``az://``); local paths stay paths."""
+        return path if self._local() else spelled_as(self.name, str(self.fs.unstrip_protocol(path)))

@@ -47,7 +47,7 @@ from gpubatch.io.host_files import (
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries, changed_while_read
 from gpubatch.io.storage import get_fs, open_ranges, stat
-from gpubatch.io.uris import protocol_of, uri_name
+from gpubatch.io.uris import protocol_of, spelled_as, uri_name
 
 DEFAULT_MAX_BYTES = 20 << 30
 CHUNK_BYTES = 8 << 20
@@ -410,7 +410,7 @@ class StageCache:
             local_stem = os.path.splitext(entry.local)[0]
             for name, meta in sorted(found.items()):
                 rel = os.path.relpath(name, stem)
-                files.append(_Remote(fs.unstrip_protocol(name), os.path.join(local_stem, rel),
+                files.append(_Remote(spelled_as(entry.uri, fs.unstrip_protocol(name)), os.path.join(local_stem, rel),
                                      int(meta.get("size") or 0), _etag_of(meta)))
                 tag += f"|{rel}:{meta.get('size')}:{meta.get('ETag') or meta.get('mtime')}"
         return files, tag

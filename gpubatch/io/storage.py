@@ -44,7 +44,15 @@ from gpubatch.io.redact import redact, register_secrets, register_uri
 from gpubatch.io.retried_fs import RetriedFS
 from gpubatch.io.retry import RetryPolicy, call_with_retries
 from gpubatch.io.retry_counts import count_library_retries
-from gpubatch.io.uris import has_magic, is_remote, local_path, protocol_of, split_glob, uri_name
+from gpubatch.io.uris import (
+    has_magic,
+    is_remote,
+    local_path,
+    protocol_of,
+    spelled_as,
+    split_glob,
+    uri_name,
+)
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -553,13 +561,6 @@ def expand_uris(patterns: list[str], options: dict[str, Any] | None = None) -> l
     return out
 
 
-def _spelled_as(pattern: str, uri: str) -> str:
-    """A listed object's URI in the scheme its pattern was written in: a filesystem names its
-    objects in its first scheme (adlfs: ``abfs://`` for an ``az://`` glob), and the inputs'
-    URIs are what outputs, the audit and ``--resume`` know them by."""
-    return f"{pattern.split('://', 1)[0]}://{uri.split('://', 1)[1]}"
-
-
 def _file_key(uri: str) -> str:
     """What makes two inputs one file: a local path's real path (``a/./b``, ``a//b``, ``a/../a/b``
     and a symlink to it are one file, read once), a remote URI as given."""
@@ -574,7 +575,7 @@ def _expand_one(pattern: str, forced: bool, options: dict[str, Any] | None) -> l
         if not forced and (not magic or exists(pattern, options)):
             return [pattern]
         fs, path = get_fs(pattern, options)
-        return [_spelled_as(pattern, fs.unstrip_protocol(p)) for p in _glob_remote(fs, path, pattern)
+        return [spelled_as(pattern, fs.unstrip_protocol(p)) for p in _glob_remote(fs, path, pattern)
                 if not p.endswith("/")]
     path = local_path(pattern)
     if not forced and os.path.exists(path):

@@ -95,3 +95,12 @@ def split_glob(uri: str) -> tuple[str, bool]:
 def uri_name(uri: str) -> str:
     """The last path component of a URI, without any query string (which may carry a signature)."""
     return os.path.basename(uri.split("?", 1)[0].rstrip("/"))
+
+
+def spelled_as(written: str, uri: str) -> str:
+    """``uri`` (a filesystem's name for an object) in the scheme ``written`` was given in: a
+    filesystem names its objects in its first scheme (adlfs: ``abfs://`` for ``az://``), and the
+    inputs' URIs are what outputs, the audit, ``--resume`` and error messages know them by."""
+    if "://" not in written or "://" not in uri:
+        return uri
+    return f"{written.split('://', 1)[0]}://{uri.split('://', 1)[1]}"
