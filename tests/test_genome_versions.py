@@ -371,12 +371,13 @@ def test_a_remote_reference_written_over_is_refused_by_the_pinned_reads_of_varia
     (tmp_path / "other").mkdir()
     other = write_fasta(tmp_path / "other" / "ref.fa", OTHER)
     spec = _variants_spec(tmp_path, uri, s3.options())
-    uploaded: list[int] = []
+    uploading, uploaded = threading.Lock(), []
 
     def write_over(self: object, job: JobSpec, upcoming: object) -> None:
-        if not uploaded:
-            uploaded.append(1)
-            s3.upload(other, key)
+        with uploading:  # once, and every shard waits until it is done: a shard that read all of
+            if not uploaded:  # the planned version before the upload landed is rightly committed
+                s3.upload(other, key)
+                uploaded.append(1)
 
     from gpubatch.sources.genome.source import GenomeSource
 

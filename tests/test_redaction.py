@@ -83,3 +83,14 @@ def test_an_azure_connection_string_s_key_is_scrubbed(monkeypatch: pytest.Monkey
     env_key = _secret("envkey")
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", f"AccountName=a;AccountKey={env_key}")
     assert env_key not in redact(f"AccountName=a;AccountKey={env_key}") and env_key not in _leaks(env_key)
+
+
+def test_a_token_mode_is_not_a_secret_but_a_token_is() -> None:
+    """gcsfs's ``token: anon`` (and its other modes) names how to sign, not a secret: remembered,
+    it scrubbed "anon" from every later message, the hint "anon: true" included."""
+    from gpubatch.io.redact import redact, register_secrets
+
+    register_secrets({"token": "anon", "nested": {"token": "google_default"}})
+    register_secrets({"token": "ya29.a0-real-looking-oauth-token"})
+    text = "public bucket? set anon: true, or token google_default; ya29.a0-real-looking-oauth-token"
+    assert redact(text) == "public bucket? set anon: true, or token google_default; ***"

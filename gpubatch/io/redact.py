@@ -61,8 +61,13 @@ _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
 
 
+#: values of a sensitive key that name a way to authenticate, not a secret (gcsfs's ``token``
+#: modes): remembered, they would scrub every "anon" from every later message of the process
+NOT_SECRETS = frozenset({"anon", "google_default", "cloud", "browser", "cache"})
+
+
 def _remember(value: str) -> None:
-    if len(value) >= 4:
+    if len(value) >= 4 and value.lower() not in NOT_SECRETS:
         with _secrets_lock:
             _secrets.add(value)
 
