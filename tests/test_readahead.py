@@ -55,7 +55,9 @@ def test_planned_reads_are_in_flight_while_earlier_ones_are_used(s3: S3Stack, ur
     assert elapsed < 1.25, f"{elapsed:.2f} s: the reads waited on the network"
     assert clocks.counters["storage.read_ahead_hits"] == 30
     assert clocks.counters["storage.requests"] == 30 and s3.proxy.stats["requests"] == 30
-    assert clocks.counters.get("storage.wait_s", 0) < 0.3
+    # one block at a time waits on all ten round trips (1 s); ahead, on the first and whatever
+    # a loaded machine adds (0.44 s once in a full CI run, where the bound was 0.3)
+    assert clocks.counters.get("storage.wait_s", 0) < 0.6
 
 
 def test_memory_held_ahead_stays_within_the_budget(s3: S3Stack, uri: str) -> None:
