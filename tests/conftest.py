@@ -113,6 +113,34 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
     return path
 
 
+def by_slide_name(df: Any) -> Any:
+    """Slide predictions keyed by the slide's file name and sorted: the same rows whichever folder
+    or object store the slides were read from."""
+    df = df.assign(slide=df["slide"].map(lambda s: Path(s).name))
+    return df.sort_values(["slide", "x", "y"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def local_reference(tmp_path_factory: pytest.TempPathFactory, slides_dir: Path, mean_model: Path) -> Any:
+    """The mean-colour job's predictions over ``slides_dir`` read from disk (:func:`by_slide_name`):
+    what the same job over the same slides on object storage must give."""
+    import gpubatch
+
+    tmp = tmp_path_factory.mktemp("local")
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp / "out")
+    return by_slide_name(gpubatch.run(write_job(tmp / "job.yaml", job)).predictions())
+
+
+def upload_slides(store: Any, slides_dir: Path) -> str:
+    """The test slides under a fresh folder of ``store`` (an S3, GCS or Azure test stack); its URI."""
+    import uuid
+
+    folder = f"run-{uuid.uuid4().hex[:8]}"
+    for path in sorted(slides_dir.glob("*.tif")):
+        store.upload(path, f"{folder}/{path.name}")
+    return str(store.uri(folder))
+
+
 def audit_lines(out: Path, event: str | None = "shard_committed") -> list[dict[str, Any]]:
     """audit.jsonl's lines (of one ``event`` kind, by default one per committed shard)."""
     import json

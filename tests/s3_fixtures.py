@@ -272,20 +272,24 @@ class S3Stack:
 
         return s3fs.S3FileSystem(skip_instance_cache=True, **self.options(via_proxy=False))
 
+    def uri(self, key: str) -> str:
+        """``key``'s s3:// URI (as cloud_fixtures.CloudStack.uri gives gs:// and az:// ones)."""
+        return f"s3://{self.bucket}/{key}"
+
     def upload(self, local: str | Path, key: str | None = None) -> str:
         """Upload a local file; returns its s3:// URI."""
         key = key or f"{uuid.uuid4().hex[:8]}/{Path(local).name}"
         self.fs().put_file(str(local), f"{self.bucket}/{key}")
-        return f"s3://{self.bucket}/{key}"
+        return self.uri(key)
 
     def upload_folder(self, local: str | Path, key: str) -> str:
         """Upload a folder (a DICOM series, an OME-Zarr image) under ``key``; returns its s3:// URI."""
         self.fs().put(str(local), f"{self.bucket}/{key}", recursive=True)
-        return f"s3://{self.bucket}/{key}"
+        return self.uri(key)
 
     def upload_bytes(self, data: bytes, key: str) -> str:
         self.fs().pipe_file(f"{self.bucket}/{key}", data)
-        return f"s3://{self.bucket}/{key}"
+        return self.uri(key)
 
     def make_public(self, uri: str) -> None:
         """Allow anonymous reads of one object (for plain http(s):// and ``anon`` tests)."""

@@ -15,38 +15,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from cloud_fixtures import AZURITE_KEY, CloudStack
-from conftest import slide_job, write_job
+from conftest import by_slide_name, slide_job, upload_slides, write_job
 from test_written_over_remote import (
     _assert_a_clean_runs_predictions,
-    _failures,
-    _job,
-    _two_versions,
-    _writing_over,
+    _assert_read_again,
+    _written_over_once,
 )
 
 import gpubatch
 
 pytest_plugins = ["s3_fixtures", "cloud_fixtures"]
-
-
-def _sorted(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.assign(slide=df["slide"].map(lambda s: Path(s).name))
-    return df.sort_values(["slide", "x", "y"]).reset_index(drop=True)
-
-
-@pytest.fixture(scope="module")
-def local_reference(tmp_path_factory: pytest.TempPathFactory, slides_dir: Path, mean_model: Path) -> pd.DataFrame:
-    tmp = tmp_path_factory.mktemp("local")
-    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp / "out")
-    return _sorted(gpubatch.run(write_job(tmp / "job.yaml", job)).predictions())
-
-
-def _upload_slides(cloud: CloudStack, slides_dir: Path) -> str:
-    """The three slides under a fresh folder; its URI."""
-    folder = f"run-{uuid.uuid4().hex[:8]}"
-    for path in sorted(slides_dir.glob("*.tif")):
-        cloud.upload(path, f"{folder}/{path.name}")
-    return cloud.uri(folder)
 
 
 def test_a_job_streams_its_slides_from_the_cloud_as_from_disk(
@@ -56,13 +34,13 @@ def test_a_job_streams_its_slides_from_the_cloud_as_from_disk(
     obstore (the default) behind a proxy that fails some requests: the predictions of the same
     job over the local files, every slide read by obstore, the failures retried and counted, and
     the inputs named as the user spelled them."""
-    folder = _upload_slides(cloud, slides_dir)
+    folder = upload_slides(cloud, slides_dir)
     cloud.proxy.configure(error_rate=0.05, seed=9)
     job = slide_job([f"{folder}/*.tif"], mean_model, tmp_path / "out")
     job["input"].update(storage=cloud.options(), access="stream")
     result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
     assert result.exit_code == 0, result.report["failed"]
-    pd.testing.assert_frame_equal(_sorted(result.predictions()), local_reference)
+    pd.testing.assert_frame_equal(by_slide_name(result.predictions()), local_reference)
     assert set(result.predictions()["slide"]) == {f"{folder}/s{i}.tif" for i in range(3)}
     counters = result.report["counters"]
     assert counters.get("storage.client.obstore", 0) >= 3 and "storage.client.fsspec" not in counters
@@ -77,7 +55,7 @@ def test_a_job_s_outputs_land_on_the_cloud_and_read_back(
     the account key (Azure's rides in the connection string)."""
     from gpubatch.io.storage import get_fs
 
-    folder = _upload_slides(cloud, slides_dir)
+    folder = upload_slides(cloud, slides_dir)
     uri = cloud.uri(f"runs/{uuid.uuid4().hex[:8]}")
     job = slide_job([f"{folder}/*.tif"], mean_model, tmp_path / "unused")
     job["input"].update(storage=cloud.options(), access="stream")
@@ -85,7 +63,7 @@ def test_a_job_s_outputs_land_on_the_cloud_and_read_back(
     result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
     assert result.exit_code == 0 and result.output_uri == uri, result.report["failed"]
     again = gpubatch.open_results(uri, cloud.options())
-    pd.testing.assert_frame_equal(_sorted(again.predictions()), local_reference)
+    pd.testing.assert_frame_equal(by_slide_name(again.predictions()), local_reference)
     fs, root = get_fs(uri, cloud.options())
     written = fs.find(root)
     names = {p.removeprefix(root + "/").split("/", 1)[0] for p in written}
@@ -100,15 +78,7 @@ def test_a_cloud_slide_written_over_while_read_is_read_again_not_mixed(
     version the shard opened, are refused; the attempt fails saying the input changed, the next
     reads the new version only, and its predictions are a clean run's on the new version."""
     monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
-    old, new = _two_versions(tmp_path)
-    key = f"over-{uuid.uuid4().hex[:8]}/slide.tif"
-    uri = cloud.upload(old, key)
-    writes = _writing_over(monkeypatch, lambda: cloud.upload(new, key) if len(writes) == 1 else None)
-    job, out = _job(tmp_path, [uri], classifier, cloud.options(), read_ahead_mb=0)  # tiles read as needed
-    got = gpubatch.run(job)
-    assert got.exit_code == 0, got.report["failed"]
-    failed = _failures(out)
-    assert failed["attempt"].tolist() == [1] and "changed while it was read" in failed["error"].iloc[0]
-    assert [r["attempts"] for r in got.report["retried"]["listed"]] == [2]
+    got, out, new = _written_over_once(tmp_path, cloud, classifier, monkeypatch)
+    _assert_read_again(got, out)
     monkeypatch.undo()
     _assert_a_clean_runs_predictions(got, tmp_path, new, classifier)

@@ -53,32 +53,41 @@ class TestFsspecMemoryReader(RangeReaderTests):
         return lambda: open_ranges("memory://ranges/absent.bin")
 
 
-class TestS3ReaderWithRetriesAndMetrics(RangeReaderTests):
-    """Through the storage entry point: obstore's S3 client (the default for s3://) wrapped in the
-    retry and metrics layers, against a real S3 server (moto) behind a proxy that fails some
-    requests."""
+class ObjectStoreReaders(RangeReaderTests):
+    """Through the storage entry point: ``client``'s reader (obstore, or fsspec's s3fs, gcsfs or
+    adlfs) wrapped in the retry and metrics layers, against the real server of the ``stack``
+    fixture (moto, fake-gcs-server, Azurite) behind a proxy that fails some requests; only the
+    job-style storage options say where the server is. (Not collected itself: no Test prefix.)"""
 
-    client = "obstore"
+    client, stack, seed = "obstore", "s3", 3
 
     @pytest.fixture(autouse=True)
     def _client(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("GPUBATCH_RANGE_READER", self.client)
 
     @pytest.fixture()
-    def make_reader(self, s3: S3Stack) -> Callable[[bytes], RangeReader]:
-        s3.proxy.configure(error_rate=0.1, seed=3)
+    def server(self, request: pytest.FixtureRequest) -> S3Stack | CloudStack:
+        return request.getfixturevalue(self.stack)
+
+    @pytest.fixture()
+    def make_reader(self, server: S3Stack | CloudStack) -> Callable[[bytes], RangeReader]:
+        server.proxy.configure(error_rate=0.1, seed=self.seed)
 
         def make(data: bytes) -> RangeReader:
-            uri = s3.upload_bytes(data, f"ranges/{uuid.uuid4().hex}.bin")
-            reader = open_ranges(uri, s3.options())
+            uri = server.upload_bytes(data, f"ranges/{uuid.uuid4().hex}.bin")
+            reader = open_ranges(uri, server.options())
             assert reader.client == self.client
             return reader
 
         return make
 
     @pytest.fixture()
-    def missing_reader(self, s3: S3Stack) -> Callable[[], RangeReader]:
-        return lambda: open_ranges(f"s3://{s3.bucket}/ranges/absent.bin", s3.options())
+    def missing_reader(self, server: S3Stack | CloudStack) -> Callable[[], RangeReader]:
+        return lambda: open_ranges(server.uri("ranges/absent.bin"), server.options())
+
+
+class TestS3ReaderWithRetriesAndMetrics(ObjectStoreReaders):
+    """obstore's S3 client, the default for s3://, against moto."""
 
 
 class TestS3FsspecReaderWithRetriesAndMetrics(TestS3ReaderWithRetriesAndMetrics):
@@ -108,36 +117,10 @@ class TestHttpObstoreReader(RangeReaderTests):
         return lambda: open_ranges(f"{s3.proxy.url}/{s3.bucket}/ranges/absent.bin")
 
 
-class TestGcsObstoreReader(RangeReaderTests):
-    """gs:// through the storage entry point: obstore's GCS store (the default for gs://) against
-    fake-gcs-server, behind the proxy that fails some requests; only the job-style storage
-    options (``endpoint_url``, ``token: anon``) say where the server is."""
+class TestGcsObstoreReader(ObjectStoreReaders):
+    """gs:// through obstore's GCS store (the default for gs://) against fake-gcs-server."""
 
-    client, stack = "obstore", "gcs"
-
-    @pytest.fixture(autouse=True)
-    def _client(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setenv("GPUBATCH_RANGE_READER", self.client)
-
-    @pytest.fixture()
-    def server(self, request: pytest.FixtureRequest) -> CloudStack:
-        return request.getfixturevalue(self.stack)
-
-    @pytest.fixture()
-    def make_reader(self, server: CloudStack) -> Callable[[bytes], RangeReader]:
-        server.proxy.configure(error_rate=0.1, seed=5)
-
-        def make(data: bytes) -> RangeReader:
-            uri = server.upload_bytes(data, f"ranges/{uuid.uuid4().hex}.bin")
-            reader = open_ranges(uri, server.options())
-            assert reader.client == self.client
-            return reader
-
-        return make
-
-    @pytest.fixture()
-    def missing_reader(self, server: CloudStack) -> Callable[[], RangeReader]:
-        return lambda: open_ranges(server.uri("ranges/absent.bin"), server.options())
+    stack, seed = "gcs", 5
 
 
 class TestGcsFsspecReader(TestGcsObstoreReader):
@@ -146,13 +129,13 @@ class TestGcsFsspecReader(TestGcsObstoreReader):
     client = "fsspec"
 
 
-class TestAzureObstoreReader(TestGcsObstoreReader):
+class TestAzureObstoreReader(ObjectStoreReaders):
     """az:// through obstore's Azure store against Azurite, reached by connection string."""
 
-    client, stack = "obstore", "azure"
+    stack, seed = "azure", 5
 
 
-class TestAzureFsspecReader(TestGcsObstoreReader):
+class TestAzureFsspecReader(TestAzureObstoreReader):
     """The same through adlfs."""
 
-    client, stack = "fsspec", "azure"
+    client = "fsspec"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import slide_job, write_job
+from conftest import by_slide_name, slide_job, upload_slides, write_job
 from s3_fixtures import S3Stack
 
 import gpubatch
@@ -17,24 +17,9 @@ import gpubatch
 pytest_plugins = ["s3_fixtures"]
 
 
-def _sorted(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.assign(slide=df["slide"].map(lambda s: Path(s).name))
-    return df.sort_values(["slide", "x", "y"]).reset_index(drop=True)
-
-
-@pytest.fixture(scope="module")
-def local_reference(tmp_path_factory: pytest.TempPathFactory, slides_dir: Path, mean_model: Path) -> pd.DataFrame:
-    tmp = tmp_path_factory.mktemp("local")
-    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp / "out")
-    return _sorted(gpubatch.run(write_job(tmp / "job.yaml", job)).predictions())
-
-
 @pytest.fixture()
 def remote_slides(s3: S3Stack, slides_dir: Path) -> str:
-    folder = f"run-{uuid.uuid4().hex[:8]}"
-    for p in sorted(slides_dir.glob("*.tif")):
-        s3.upload(p, f"{folder}/{p.name}")
-    return f"s3://{s3.bucket}/{folder}"
+    return upload_slides(s3, slides_dir)
 
 
 @pytest.mark.parametrize("access", ["stream", "stage"])
@@ -44,7 +29,7 @@ def test_remote_runs_equal_local(tmp_path: Path, s3: S3Stack, remote_slides: str
     job["input"].update(storage=s3.options(), access=access)
     result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
     assert result.exit_code == 0
-    pd.testing.assert_frame_equal(_sorted(result.predictions()), local_reference)
+    pd.testing.assert_frame_equal(by_slide_name(result.predictions()), local_reference)
     counters = result.report["counters"]
     assert counters.get(f"storage.access.{access}", 0) == 3
     assert result.report["storage"]["requests"] > 0
@@ -65,7 +50,7 @@ def test_dask_workers_read_through_obstore_after_the_client_did(tmp_path: Path, 
     job["input"].update(storage=s3.options(), access="stream")
     result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
     assert result.exit_code == 0, result.report["failed"]
-    pd.testing.assert_frame_equal(_sorted(result.predictions()), local_reference)
+    pd.testing.assert_frame_equal(by_slide_name(result.predictions()), local_reference)
     counters = result.report["counters"]
     assert counters["storage.client.obstore"] == 3 and "storage.client.fsspec" not in counters
 
@@ -77,7 +62,7 @@ def test_faulty_storage_still_gives_identical_predictions(tmp_path: Path, s3: S3
     job["input"].update(storage=s3.options(), access="stream")
     result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
     assert result.exit_code == 0, result.report["failed"]
-    pd.testing.assert_frame_equal(_sorted(result.predictions()), local_reference)
+    pd.testing.assert_frame_equal(by_slide_name(result.predictions()), local_reference)
     assert s3.proxy.stats["errors"] > 0 and result.report["counters"].get("storage.retries", 0) > 0
 
 
@@ -152,7 +137,7 @@ def test_each_streamed_slide_is_opened_once_where_its_shard_runs(tmp_path: Path,
         shutil.copy(sources[i % len(sources)], local / key.rsplit("/", 1)[1])
     want = gpubatch.run(write_job(tmp_path / "local.yaml", slide_job(
         [str(local / "*.tif")], mean_model, tmp_path / "local-out"))).predictions()
-    pd.testing.assert_frame_equal(_sorted(result.predictions()), _sorted(want))
+    pd.testing.assert_frame_equal(by_slide_name(result.predictions()), by_slide_name(want))
 
 
 @pytest.mark.parametrize("setting", [None, "0"])

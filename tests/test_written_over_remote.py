@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -84,6 +85,28 @@ def _failures(out: Path) -> pd.DataFrame:
     return audit[audit["event"] == "shard_failed"]
 
 
+def _written_over_once(tmp_path: Path, store: Any, classifier: Path,
+                       monkeypatch: pytest.MonkeyPatch) -> tuple[gpubatch.Result, Path, Path]:
+    """One slide on ``store`` (an S3, GCS or Azure test stack) written over once, after its shard
+    opened it and before its tiles, and the job run: (result, output folder, the new version).
+    Tiles are read as needed, after the write (read ahead, obstore's pinned reads could all be
+    of the old version before it: a shard wholly of the version it records, which is no change)."""
+    old, new = _two_versions(tmp_path)
+    key = f"over-{uuid.uuid4().hex[:8]}/slide.tif"
+    uri = store.upload(old, key)
+    writes = _writing_over(monkeypatch, lambda: store.upload(new, key) if len(writes) == 1 else None)
+    job, out = _job(tmp_path, [uri], classifier, store.options(), read_ahead_mb=0)
+    return gpubatch.run(job), out, new
+
+
+def _assert_read_again(got: gpubatch.Result, out: Path) -> None:
+    """The first attempt failed saying the input changed; the second was committed."""
+    assert got.exit_code == 0, got.report["failed"]
+    failed = _failures(out)
+    assert failed["attempt"].tolist() == [1] and "changed while it was read" in failed["error"].iloc[0]
+    assert [r["attempts"] for r in got.report["retried"]["listed"]] == [2]
+
+
 @pytest.mark.parametrize("client", CLIENTS)
 def test_a_remote_slide_written_over_while_read_is_read_again_not_mixed(
         tmp_path: Path, s3: S3Stack, classifier: Path, monkeypatch: pytest.MonkeyPatch, client: str) -> None:
@@ -91,18 +114,8 @@ def test_a_remote_slide_written_over_while_read_is_read_again_not_mixed(
     saying the input changed, the second reads the new version only, and its predictions are a
     clean run's on the new version; the report lists the shard as retried."""
     monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
-    old, new = _two_versions(tmp_path)
-    key = f"over-{uuid.uuid4().hex[:8]}/slide.tif"
-    uri = s3.upload(old, key)
-    writes = _writing_over(monkeypatch, lambda: s3.upload(new, key) if len(writes) == 1 else None)
-    # tiles read as needed, after the write (read ahead, obstore's pinned reads could all be of the
-    # old version before it: a shard wholly of the version it records, which is no change)
-    job, out = _job(tmp_path, [uri], classifier, s3.options(), read_ahead_mb=0)
-    got = gpubatch.run(job)
-    assert got.exit_code == 0, got.report["failed"]
-    failed = _failures(out)
-    assert failed["attempt"].tolist() == [1] and "changed while it was read" in failed["error"].iloc[0]
-    assert [r["attempts"] for r in got.report["retried"]["listed"]] == [2]
+    got, out, new = _written_over_once(tmp_path, s3, classifier, monkeypatch)
+    _assert_read_again(got, out)
     assert got.report["counters"][f"storage.client.{client}"] >= 1
     monkeypatch.undo()
     _assert_a_clean_runs_predictions(got, tmp_path, new, classifier)
@@ -113,12 +126,8 @@ def test_obstore_refuses_the_read_itself_with_if_match(
     """Through obstore the server refuses the first read of the new version (412), mid-shard, not
     only the check at its end: the failed attempt says so."""
     monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
-    old, new = _two_versions(tmp_path)
-    key = f"over-{uuid.uuid4().hex[:8]}/slide.tif"
-    uri = s3.upload(old, key)
-    writes = _writing_over(monkeypatch, lambda: s3.upload(new, key) if len(writes) == 1 else None)
-    job, out = _job(tmp_path, [uri], classifier, s3.options(), read_ahead_mb=0)  # tiles read as needed
-    assert gpubatch.run(job).exit_code == 0
+    got, out, _ = _written_over_once(tmp_path, s3, classifier, monkeypatch)
+    assert got.exit_code == 0
     assert "412 Precondition Failed" in _failures(out)["error"].iloc[0]
 
 
