@@ -206,6 +206,23 @@ def folder_of(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir())
 
 
+def overwrite_held_at_the_gate(tmp_path: Path) -> tuple[Path, dict[str, bytes], subprocess.Popen[str]]:
+    """A genome at ``genomes/g.zarr`` (its contents returned) and a CLI ``--overwrite`` ingest of
+    another, held at the gate with every contig written: (OUT, the old contents, the process)."""
+    out, gate = tmp_path / "genomes" / "g.zarr", tmp_path / "gate"
+    ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(out))
+    before = genome_of(out)
+    proc = gated_cli(gate, "ingest", "genome", str(write_fasta(tmp_path / "new.fa", seed=2)), str(out),
+                     "--overwrite")
+    try:
+        wait_for(Path(f"{gate}.reached").exists, what="the overwriting ingest's contigs written")
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return out, before, proc
+
+
 def test_two_ingests_into_one_output_one_is_refused_naming_the_holder(tmp_path: Path) -> None:
     fasta = write_fasta(tmp_path / "g.fa", seed=1)
     out, gate = tmp_path / "genomes" / "g.zarr", tmp_path / "gate"
@@ -291,16 +308,9 @@ def test_overwrite_with_a_good_fasta_replaces_the_genome(tmp_path: Path) -> None
 def test_a_killed_ingest_is_taken_over_at_once_and_its_leftover_refused(tmp_path: Path) -> None:
     from gpubatch.cli.main import main
 
-    out, gate = tmp_path / "genomes" / "g.zarr", tmp_path / "gate"
-    ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(out))
-    before = genome_of(out)
-    proc = gated_cli(gate, "ingest", "genome", str(write_fasta(tmp_path / "new.fa", seed=2)), str(out),
-                     "--overwrite")
-    try:
-        wait_for(Path(f"{gate}.reached").exists, what="the killed ingest's contigs written")
-    finally:
-        proc.kill()
-        proc.communicate()
+    out, before, proc = overwrite_held_at_the_gate(tmp_path)
+    proc.kill()
+    proc.communicate()
     lease = out.parent / "g.zarr.ingest-lease.json"
     assert json.loads(lease.read_text())["pid"] == proc.pid  # a dead holder's lease is left
     leftovers = [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
@@ -407,13 +417,8 @@ def test_overwrite_takes_an_empty_folder(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_of_an_ingest_says_what_it_left_not_resume(tmp_path: Path) -> None:
-    out, gate = tmp_path / "genomes" / "g.zarr", tmp_path / "gate"
-    ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(out))
-    before = genome_of(out)
-    proc = gated_cli(gate, "ingest", "genome", str(write_fasta(tmp_path / "new.fa", seed=2)), str(out),
-                     "--overwrite")
+    out, before, proc = overwrite_held_at_the_gate(tmp_path)
     try:
-        wait_for(Path(f"{gate}.reached").exists, what="the ingest's contigs written")
         proc.send_signal(signal.SIGINT)
         said = proc.communicate(timeout=60)[0]
     finally:
@@ -424,3 +429,14 @@ def test_ctrl_c_of_an_ingest_says_what_it_left_not_resume(tmp_path: Path) -> Non
     assert "interrupted; a genome already at the output is as it was" in said and "--resume" not in said, said
     assert genome_of(out) == before
     assert folder_of(out) == ["g.zarr"]
+
+
+def test_an_object_store_output_at_a_bucket_s_root_is_refused(s3_or_skip: S3Stack, tmp_path: Path) -> None:
+    """The lease sits beside OUT, so OUT must be a folder in the bucket: a bucket's root is refused
+    (exit 2) before anything is written, naming the fix."""
+    s3 = s3_or_skip
+    options = s3.options(via_proxy=False)
+    before = sorted(s3.fs().ls(s3.bucket))
+    with pytest.raises(OutputRefused, match="give the genome a folder of its own .* not a bucket's root"):
+        ingest_genome(str(write_fasta(tmp_path / "g.fa", seed=1)), f"s3://{s3.bucket}", options)
+    assert sorted(s3.fs().ls(s3.bucket)) == before
