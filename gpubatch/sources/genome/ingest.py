@@ -34,6 +34,7 @@ from gpubatch.io.redact import redact
 from gpubatch.io.storage import exists, open_file
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
+from gpubatch.outputs.store import OutputStore
 from gpubatch.sources.genome.ingest_output import ingest_lease, output_path, staged_output
 from gpubatch.sources.genome.reference import (
     GENOME_ATTR,
@@ -147,15 +148,9 @@ def _check_output(out_uri: str, storage_options: dict[str, Any] | None, overwrit
     if not overwrite:
         raise InputError(out_uri, "output already exists; remove it, or replace it with "
                                   "`gpubatch ingest genome --overwrite` (overwrite=True in Python)")
-    if not exists(zarr_marker(out_uri), storage_options) and not _empty_folder(out_uri):
+    if not exists(zarr_marker(out_uri), storage_options) and not OutputStore(out_uri, storage_options).is_empty():
         raise OutputRefused(f"{redact(out_uri)} is not a genome store (no zarr.json in it): --overwrite "
                             "replaces only an earlier ingest's output. Give a new path, or remove it yourself")
-
-
-def _empty_folder(uri: str) -> bool:
-    """A local folder with nothing in it (an object store has no empty folders to speak of)."""
-    path = local_path(uri)
-    return not is_remote(uri) and os.path.isdir(path) and not os.listdir(path)
 
 
 def _write_contigs(group: Any, fasta_uri: str, storage_options: dict[str, Any] | None,
