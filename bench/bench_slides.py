@@ -282,7 +282,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         contestants[name] = lambda fn=peers[name]: fn(tiles, wl["model"], args.batch, out)
     print(f"workload {args.workload}: {len(tiles)} slides, {sum(len(t['xs']) for t in tiles)} tiles")
     bounds: list[dict[str, float]] = []
-    contestants[BOUND] = lambda: (bounds.append(measure_bound(tiles, wl["model"], args.batch)), 0)[1]
+
+    def bound_round() -> int:
+        bounds.append(measure_bound(tiles, wl["model"], args.batch))
+        return 0  # no items of its own: the round's bound is in ``bounds``
+
+    contestants[BOUND] = bound_round
     results = alternate(contestants, args.repeats, args.warmup)
     del results[BOUND]
     bound = {k: statistics.median(b[k] for b in bounds[args.warmup:]) for k in bounds[0]}
