@@ -113,6 +113,22 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
     return path
 
 
+def windows_job(tmp_path: Path, shards: int) -> Path:
+    """A genome job of ``shards`` one-window shards on the inline profile: a run of many tiny shards."""
+    from gpubatch.cli.demo import write_synthetic_genome
+    from gpubatch.cli.demo_models import make_genome_model
+
+    fasta = write_synthetic_genome(tmp_path / "g.fa", {"chr1": shards * 32}, seed=3)
+    model = make_genome_model(tmp_path / "m.onnx", 32)
+    job = {"name": "many", "kind": "genome",
+           "windows": {"reference": str(fasta), "regions": "genome", "length": 32, "windows_per_shard": 1},
+           "model": {"path": str(model), "backend": "onnxruntime", "batch_size": 1},
+           "output": {"uri": str(tmp_path / "out"), "formats": ["parquet"]}, "run": {"profile": "inline"}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
 def by_slide_name(df: Any) -> Any:
     """Slide predictions keyed by the slide's file name and sorted: the same rows whichever folder
     or object store the slides were read from."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import windows_job
 
 from gpubatch.core import external_sort
 from gpubatch.core.external_sort import sorted_lines
@@ -47,23 +48,6 @@ def test_sorted_lines_spill_and_merge_like_a_sort(tmp_path: Path) -> None:
         list(sorted_lines([(1.0, "a", "two\nlines\n")] * 3, folder=tmp_path, chunk=2))
 
 
-def _windows_job(tmp_path: Path, shards: int) -> Path:
-    import yaml
-
-    from gpubatch.cli.demo import write_synthetic_genome
-    from gpubatch.cli.demo_models import make_genome_model
-
-    fasta = write_synthetic_genome(tmp_path / "g.fa", {"chr1": shards * 32}, seed=3)
-    model = make_genome_model(tmp_path / "m.onnx", 32)
-    job = {"name": "many", "kind": "genome",
-           "windows": {"reference": str(fasta), "regions": "genome", "length": 32, "windows_per_shard": 1},
-           "model": {"path": str(model), "backend": "onnxruntime", "batch_size": 1},
-           "output": {"uri": str(tmp_path / "out"), "formats": ["parquet"]}, "run": {"profile": "inline"}}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
-
-
 def test_a_run_keeps_no_per_shard_state_and_its_audit_is_sorted_on_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import gpubatch
@@ -78,7 +62,7 @@ def test_a_run_keeps_no_per_shard_state_and_its_audit_is_sorted_on_disk(
 
     monkeypatch.setattr(submit.Submitter, "run", run_and_keep)
     monkeypatch.setattr(external_sort, "CHUNK_LINES", 7)  # 40 commit lines: six spilled runs
-    result = gpubatch.run(_windows_job(tmp_path, 40), show_progress=False)
+    result = gpubatch.run(windows_job(tmp_path, 40), show_progress=False)
     assert result.exit_code == 0
     assert submitters and submitters[0].attempts == {}  # every shard final: nothing left per shard
     audit = [json.loads(line) for line in (tmp_path / "out" / "audit.jsonl").read_text().splitlines()]
@@ -164,7 +148,7 @@ def test_the_audit_holds_the_commits_it_is_given(tmp_path: Path) -> None:
     from gpubatch.outputs.ledger import Ledger
     from gpubatch.outputs.store import OutputStore
 
-    assert gpubatch.run(_windows_job(tmp_path, 6), show_progress=False).exit_code == 0
+    assert gpubatch.run(windows_job(tmp_path, 6), show_progress=False).exit_code == 0
     ledger = Ledger(OutputStore(str(tmp_path / "out")), "check")
 
     def committed() -> list[str]:
@@ -188,7 +172,7 @@ def test_the_merge_gathers_small_parts_into_bounded_row_groups(tmp_path: Path,
 
     monkeypatch.setattr(merge, "ROW_GROUP_PARTS", 7)
     monkeypatch.setattr(merge, "PARTS_HELD", 3)
-    assert gpubatch.run(_windows_job(tmp_path, 40), show_progress=False).exit_code == 0
+    assert gpubatch.run(windows_job(tmp_path, 40), show_progress=False).exit_code == 0
     merged = pq.ParquetFile(tmp_path / "out" / "predictions.parquet")
     assert [merged.metadata.row_group(i).num_rows for i in range(merged.num_row_groups)] == [7] * 5 + [5]
     assert merged.read().column("start").to_pylist() == [i * 32 for i in range(40)]

@@ -16,11 +16,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,6 @@ from gpubatch.core.errors import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_PARTIAL,
-    GpubatchError,
     InputError,
     OutputsNotWrittenError,
 )
@@ -62,15 +58,12 @@ from gpubatch.runtime.preflight import preflight, refuse_empty_plan
 from gpubatch.runtime.progress import Progress
 from gpubatch.runtime.result import Result
 from gpubatch.runtime.resume import check_run_model, reconcile
+from gpubatch.runtime.stopping import Terminated, raise_if_stopped, stop_on_signals
 from gpubatch.runtime.submit import Submitter
 from gpubatch.sources import Shard, Source, get_source
 from gpubatch.spec import JobSpec
 
 log = logging.getLogger("gpubatch")
-
-
-class Terminated(GpubatchError):
-    """The client was asked to stop (SIGTERM)."""
 
 
 def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, overwrite: bool = False,
@@ -136,9 +129,10 @@ class _Run:
         self.lease.hold(beat=progress.heartbeat)
         lost: list[dict[str, Any]] = []
         try:
-            with _stop_on_signals():
+            with stop_on_signals():
                 if len(shards) > resumed:
                     lost = self._submit(todo, ctx, progress, n_workers, scheduler)
+                raise_if_stopped()  # one a finaliser dropped after the last poll
         except BaseException as exc:
             self._abandon(progress, exc)
             raise
@@ -282,30 +276,6 @@ class _Run:
         self.ledger.materialize(record_name(r.shard_id) for r in in_plan())
         code = (EXIT_PARTIAL if done else EXIT_ERROR) if self.failed else EXIT_OK
         return Result(summary, store.uri, code, self.failed, dict(job.output.storage))
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM become exceptions in the main thread, so the run stops its workers and
-    records the interruption instead of vanishing (the previous handlers are restored after)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise Terminated("interrupted (SIGTERM); finish the run with --resume")
-
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, on_term)
-    if previous[signal.SIGINT] in (signal.SIG_IGN, None):
-        pass  # a background job started without job control: Ctrl-C is not ours to catch
-    else:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _operator_facts(job: JobSpec, started: float) -> dict[str, Any]:

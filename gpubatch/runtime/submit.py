@@ -26,6 +26,7 @@ from gpubatch.engine.context import RunContext
 from gpubatch.engine.worker import execute_shard
 from gpubatch.runtime.dealing import Dealer
 from gpubatch.runtime.executors import Executor
+from gpubatch.runtime.stopping import raise_if_stopped
 from gpubatch.sources import Shard
 from gpubatch.spec import JobSpec
 
@@ -118,6 +119,7 @@ class Submitter:
 
     def _collect(self, pending: set[Any]) -> None:
         done = self.executor.wait_first(pending, timeout=POLL_S)
+        raise_if_stopped()
         self._watch_workers(bool(done))
         for fut in done:
             pending.discard(fut)

@@ -1,0 +1,78 @@
+"""Ctrl-C and SIGTERM are never lost: a signal whose exception Python dropped (raised inside a
+finaliser, where Dask's futures release themselves) is raised again at the submit loop's next
+poll. A CI run lost one that way: the client printed "Exception ignored in: Future.__del__ ...
+KeyboardInterrupt", then ran all its shards and exited 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import audit_lines, windows_job
+
+from gpubatch.runtime.stopping import Terminated, raise_if_stopped, stop_on_signals
+
+
+class _SignalsInItsFinaliser:
+    def __init__(self, sig: int):
+        self.sig = sig
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.sig)
+        for _ in range(10_000):  # the handler runs here, between bytecodes of the finaliser
+            pass
+
+
+@pytest.mark.parametrize(("sig", "raised"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_a_signal_a_finaliser_swallowed_is_raised_at_the_next_check(sig: int, raised: type[BaseException],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    dropped: list[type[BaseException]] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: dropped.append(info.exc_type))
+    with stop_on_signals():
+        _SignalsInItsFinaliser(sig)  # freed at once: its __del__ takes the signal
+        assert dropped == [raised]  # Python printed and dropped the handler's exception
+        with pytest.raises(raised):
+            raise_if_stopped()
+    raise_if_stopped()  # the run is over: nothing is latched for the next one
+
+
+def test_the_previous_handlers_come_back_and_an_ignored_sigint_stays_ignored() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job without job control
+    try:
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not before
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def test_a_run_whose_ctrl_c_a_finaliser_swallowed_stops_at_the_next_poll(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CI failure, made certain: Ctrl-C lands in a finaliser on the client after two shards
+    are final. The run stops (interrupted, exit 1 from the CLI) instead of running the rest."""
+    import gpubatch
+    from gpubatch.runtime.progress import Progress
+
+    update = Progress.update
+
+    def update_then_signal(self: Progress, result: Any) -> None:
+        update(self, result)
+        if self.done == 2:
+            _SignalsInItsFinaliser(signal.SIGINT)
+
+    dropped: list[type[BaseException]] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: dropped.append(info.exc_type))
+    monkeypatch.setattr(Progress, "update", update_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        gpubatch.run(windows_job(tmp_path, 20), show_progress=False)
+    assert dropped == [KeyboardInterrupt]
+    out = tmp_path / "out"
+    assert json.loads((out / "status.json").read_text())["state"] == "interrupted"
+    assert 2 <= len(audit_lines(out)) < 20
