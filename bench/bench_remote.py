@@ -26,6 +26,10 @@ processes run with ``GPUBATCH_PLAN_AHEAD=0`` (set for them through Dask's pre-sp
 so a shard finds its slide open, with its coarsest level fetched, but works out its tissue tiles
 and read blocks itself, and only then asks for their bytes (the opening ahead as it was before).
 
+``--join-reads`` adds streamed rows whose planned reads are each fetched on their own: the worker
+processes run with ``GPUBATCH_JOIN_READS=0``, so neighbouring blocks' pieces of the same rows of
+stored tiles are separate requests (the read-ahead as it was before it joined them).
+
 ``--by-dask`` adds streamed rows run with the submit loop that came before shards were dealt to
 worker processes (gpubatch/runtime/dealing.py): Dask chooses each shard's process, and each shard
 names the plan's next slides, which every process then opens ahead on its own.
@@ -59,6 +63,9 @@ BUCKET = "bench"
 #: rows streamed with shards placed by Dask rather than dealt (--by-dask)
 BY_DASK = "stream, placed by Dask"
 NOT_PLANNED = "stream, not planned ahead"
+NOT_JOINED = "stream, reads not joined"
+#: the rows run with a switch off in every gpubatch process (gpubatch.core.switches)
+SWITCHED_OFF = {NOT_PLANNED: "GPUBATCH_PLAN_AHEAD", NOT_JOINED: "GPUBATCH_JOIN_READS"}
 KEY, SECRET = "bench", "bench-secret"  # SeaweedFS without an IAM config accepts any signature
 
 
@@ -209,6 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--plan-ahead", action="store_true",
                     help="also stream with the slides opened ahead but not planned ahead "
                          "(GPUBATCH_PLAN_AHEAD=0 in the workers), side by side")
+    ap.add_argument("--join-reads", action="store_true",
+                    help="also stream with each planned read fetched on its own, neighbouring "
+                         "blocks' requests not joined (GPUBATCH_JOIN_READS=0 in the workers), side by side")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.split("x"))
@@ -252,6 +262,8 @@ def _contestants(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[flo
                 names[f"{BY_DASK}@{ms:g}"] = (job, ms)
             if access == "stream" and args.plan_ahead:
                 names[f"{NOT_PLANNED}@{ms:g}"] = (job, ms)
+            if access == "stream" and args.join_reads:
+                names[f"{NOT_JOINED}@{ms:g}"] = (job, ms)
     return names
 
 
@@ -273,22 +285,21 @@ def _placed_by(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _planned_ahead(name: str) -> Iterator[None]:
-    """For the not-planned rows: GPUBATCH_PLAN_AHEAD=0 in the worker processes started meanwhile
+def _switched_off(name: str) -> Iterator[None]:
+    """For the rows of SWITCHED_OFF: their switch 0 in the worker processes started meanwhile
     (Dask's pre-spawn environment) and in this process (the inline profile's workers)."""
     import dask
 
-    from gpubatch.sources.slides.source import PLAN_AHEAD_ENV
-
-    if not name.startswith(NOT_PLANNED):
+    switch = next((env for row, env in SWITCHED_OFF.items() if name.startswith(row)), None)
+    if switch is None:
         yield
         return
-    os.environ[PLAN_AHEAD_ENV] = "0"
+    os.environ[switch] = "0"
     try:
-        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{PLAN_AHEAD_ENV}": "0"}):
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{switch}": "0"}):
             yield
     finally:
-        os.environ.pop(PLAN_AHEAD_ENV, None)
+        os.environ.pop(switch, None)
 
 
 def _measure(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, tuple[Any, int]],
@@ -307,7 +318,7 @@ def _measure(args: argparse.Namespace, wl: dict[str, Any], proxies: dict[float, 
             s0, p0, t0 = _cpu([server]), _cpu(watched_ps), time.perf_counter()
             m0 = psutil.cpu_times()
             last.pop("steady_s", None)
-            with TreeCPU(helpers=[server, *watched_ps]) as tree, _placed_by(name), _planned_ahead(name):
+            with TreeCPU(helpers=[server, *watched_ps]) as tree, _placed_by(name), _switched_off(name):
                 items = run_gpubatch(job, last)
             wall = time.perf_counter() - t0
             rep = last["report"]

@@ -146,6 +146,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("tiles normalised without the mean", "gpubatch/ops/kernels.py",
        "        out += offset.reshape(1, -1, 1, 1)\n", "",
        "tests/test_kernels.py"),
+    _m("read-ahead joins every read into one group", "gpubatch/io/readahead.py",
+       "joined > requests + alone // 2", "False",
+       "tests/test_readahead.py::test_neighbouring_blocks_rows_are_joined_into_one_request_per_row"),
+    _m("a Ctrl-C a finaliser dropped is forgotten", "gpubatch/runtime/submit.py",
+       "        done = self.executor.wait_first(pending, timeout=POLL_S)\n        raise_if_stopped()\n",
+       "        done = self.executor.wait_first(pending, timeout=POLL_S)\n",
+       "tests/test_stopping.py::test_a_run_whose_ctrl_c_a_finaliser_swallowed_stops_at_the_next_poll"),
 )
 
 

@@ -245,16 +245,17 @@ def test_a_damaged_model_facts_cache_is_read_past_and_rewritten(tmp_path: Path, 
         assert json.loads(entry.read_text())["first"]["dims"] == [None, 3, 64, 64]
 
 
-@pytest.mark.parametrize("value", ["off", "false", "2"])
-def test_a_malformed_plan_ahead_variable_is_refused_before_anything_runs(
-        tmp_path: Path, slide_path: Path, classifier: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    """GPUBATCH_PLAN_AHEAD takes 0 or 1; "off" read as "plan ahead" would be silently wrong."""
-    monkeypatch.setenv("GPUBATCH_PLAN_AHEAD", value)
+@pytest.mark.parametrize(("switch", "value"), [("GPUBATCH_PLAN_AHEAD", "off"), ("GPUBATCH_PLAN_AHEAD", "false"),
+                                             ("GPUBATCH_PLAN_AHEAD", "2"), ("GPUBATCH_JOIN_READS", "no")])
+def test_a_malformed_switch_variable_is_refused_before_anything_runs(
+        tmp_path: Path, slide_path: Path, classifier: Path, monkeypatch: pytest.MonkeyPatch, switch: str, value: str) -> None:
+    """The switches take 0 or 1; "off" read as on would be silently wrong."""
+    monkeypatch.setenv(switch, value)
     job = slide_job([str(slide_path)], classifier, tmp_path / "out")
     (field, message), = _refused(tmp_path, job)
-    assert field == "GPUBATCH_PLAN_AHEAD" and f"not {value!r}" in message and "must be 0 or 1" in message
+    assert field == switch and f"not {value!r}" in message and "must be 0 or 1" in message
     assert main(["run", str(write_job(tmp_path / "job.yaml", job))]) == 2
-    monkeypatch.setenv("GPUBATCH_PLAN_AHEAD", "0")
+    monkeypatch.setenv(switch, "0")
     validate_job(_spec(tmp_path, job))
 
 

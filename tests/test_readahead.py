@@ -16,6 +16,7 @@ from s3_fixtures import S3Stack
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.core.switches import JOIN_READS
 from gpubatch.io.ranges import LocalRangeReader, RangeFile
 from gpubatch.io.readahead import ReadAhead
 from gpubatch.io.storage import open_ranges
@@ -90,6 +91,33 @@ def test_any_order_and_unplanned_reads_get_the_right_bytes(s3: S3Stack, uri: str
     assert ahead._held == 0 and not ahead._where
     # every range was fetched at most once: read ahead, or directly when asked before its turn
     assert clocks.counters["storage.requests"] <= 80 + len(stray)
+
+
+@pytest.mark.parametrize("join", [None, "0"])
+def test_neighbouring_blocks_rows_are_joined_into_one_request_per_row(s3: S3Stack, uri: str, join: str | None,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slide's blocks side by side hold neighbouring pieces of the same rows of stored tiles:
+    fetched ahead together, each row is one request (an object store's cost is per request).
+    Four blocks of three rows: the first block alone (its bytes wait for nothing else), then the
+    other three joined, 3 + 3 requests instead of 12. Two blocks far from the rest and each other
+    join nothing, so each is a group of its own (a group's bytes wait for its slowest request).
+    GPUBATCH_JOIN_READS=0 fetches every block on its own."""
+    if join is not None:
+        monkeypatch.setenv(JOIN_READS, join)
+    piece = 40_000
+    blocks = [[(row * (1 << 20) + b * piece, piece) for row in range(3)] for b in range(4)]
+    blocks += [[(row * (1 << 20) + 600_000 + b * 200_000, piece) for row in range(3)] for b in range(2)]
+    clocks = StageClocks()
+    with open_ranges(uri, s3.options(), clocks) as reader:
+        ahead = ReadAhead(reader, budget=64 << 20, clocks=clocks)
+        ahead.plan(blocks)
+        assert [len(g.spans) for g in ahead._groups] == [3] * (4 if join is None else 6)
+        for block in blocks:
+            assert ahead.read_ranges(block) == [DATA[o : o + n] for o, n in block]
+        ahead.close()
+    requests = 12 if join is None else 18
+    assert clocks.counters["storage.read_ahead_hits"] == 18
+    assert clocks.counters["storage.requests"] == requests and s3.proxy.stats["requests"] == requests
 
 
 def test_a_range_taken_once_is_served_again_without_a_request(s3: S3Stack, uri: str) -> None:

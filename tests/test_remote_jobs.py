@@ -146,12 +146,13 @@ def test_a_slide_opened_ahead_is_planned_ahead_unless_switched_off(s3: S3Stack, 
     """before_shard opens the next slides in the background and, by default, plans their reads
     there (tissue tiles and blocks, their bytes asked for); GPUBATCH_PLAN_AHEAD=0 stops at the
     opening."""
+    from gpubatch.core.switches import PLAN_AHEAD
     from gpubatch.sources.slides import preopen
-    from gpubatch.sources.slides.source import PLAN_AHEAD_ENV, SlideSource
+    from gpubatch.sources.slides.source import SlideSource
     from gpubatch.spec import parse_job
 
     if setting is not None:
-        monkeypatch.setenv(PLAN_AHEAD_ENV, setting)
+        monkeypatch.setenv(PLAN_AHEAD, setting)
     uri = f"{remote_slides}/s1.tif"
     job = parse_job(slide_job([uri], mean_model, Path("unused")) | {"input": {"uris": [uri], "storage": s3.options(),
                                                                             "access": "stream"}})

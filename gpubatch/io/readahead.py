@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gpubatch.core.switches import JOIN_READS, switched_on
 from gpubatch.core.threads import background_pool
 from gpubatch.io.metrics import background
 from gpubatch.io.ranges import RangeReader, coalesce
@@ -39,9 +40,13 @@ STALE_GROUPS = 32
 #: blocks share is fetched for the first, and the second, read by another thread before the first
 #: has decoded it, would otherwise fetch it again in the foreground (a round trip it waits through)
 RECENT_RANGES = 128
+#: the most bytes of planned reads fetched as one group (their neighbouring ranges joined)
+MERGED_BYTES = 4 << 20
+
+
 @dataclass(eq=False)
 class _Group:
-    """One planned block's ranges, fetched together in the background."""
+    """One or more planned reads' ranges, fetched together in the background."""
 
     seq: int
     spans: list[tuple[int, int]]
@@ -58,6 +63,7 @@ class ReadAhead:
                  floor: int = 8 << 20):
         self.reader, self.budget, self.clocks = reader, budget, clocks
         self.floor = min(floor, budget)
+        self.join = switched_on(JOIN_READS)
         self._plan: deque[list[tuple[int, int]]] = deque()
         self._where: dict[tuple[int, int], tuple[_Group, int]] = {}  # range -> (group, span index)
         self._recent: OrderedDict[tuple[int, int], tuple[_Group, int]] = OrderedDict()  # taken ones
@@ -94,10 +100,43 @@ class ReadAhead:
         """Issue planned reads while the bytes held ahead stay under the target (lock held)."""
         target = self._target()
         while self._plan and self._held < target and not self._closed:
-            ranges = [r for r in self._plan.popleft() if r in self._pending]
-            self._pending.difference_update(ranges)
+            ranges = self._next_group(target)
             if ranges:
                 self._issue(ranges)
+
+    def _next_group(self, target: int) -> list[tuple[int, int]]:
+        """The next planned reads fetched as one group (lock held): one read, then the reads
+        after it whose ranges join the group's, while it stays under a quarter of the target (at
+        most MERGED_BYTES).
+
+        A slide's neighbouring blocks hold neighbouring pieces of the same rows of stored tiles:
+        fetched together, those pieces join into one request per row instead of one per block
+        and row, and an object store's cost is mostly per request (bench/NOTES.md). A read whose
+        ranges mostly do not join stays in a group of its own: a group's bytes are handed out
+        when its last request is answered, which only fewer requests are worth. The first group
+        of an object is one read, so that its first bytes wait for nothing else."""
+        cap = min(MERGED_BYTES, target // 4) if self._seq and self.join else 0
+        ranges: list[tuple[int, int]] = []
+        nbytes = requests = 0
+        while self._plan:
+            block = [r for r in self._plan[0] if r in self._pending]
+            size = sum(n for _, n in block)
+            if ranges and block:
+                alone = self._requests(block)
+                joined = self._requests(ranges + block)
+                if nbytes + size > cap or joined > requests + alone // 2:
+                    break
+                requests = joined
+            elif block:
+                requests = self._requests(block)
+            self._plan.popleft()
+            self._pending.difference_update(block)
+            ranges += block
+            nbytes += size
+        return ranges
+
+    def _requests(self, ranges: list[tuple[int, int]]) -> int:
+        return len(coalesce(ranges, self.reader.gap, self.reader.max_request))
 
     def _issue(self, ranges: list[tuple[int, int]]) -> None:
         groups = coalesce(ranges, self.reader.gap, self.reader.max_request)

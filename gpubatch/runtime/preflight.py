@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import SpecError
+from gpubatch.core.switches import check_switches
 from gpubatch.io.storage import expand_uris, missing_extra
 from gpubatch.io.uris import is_remote, local_path, other_host_problem, protocol_of, split_glob
 from gpubatch.runtime.model_facts import OnnxInput, model_first_input, model_inputs, model_outputs
@@ -344,12 +345,9 @@ def check_track_outputs(job: JobSpec) -> None:
         raise SpecError(problems)
 
 
-def check_environment(job: JobSpec) -> None:
+def check_environment() -> None:
     """Refuse a malformed gpubatch variable the workers would read (they inherit this environment)."""
-    if job.kind == "slides":
-        from gpubatch.sources.slides.source import plans_ahead
-
-        plans_ahead()
+    check_switches()
 
 
 def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
@@ -371,7 +369,7 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     check_reference(job)
     check_slide_model(job)
     check_resources(job, profile)
-    check_environment(job)
+    check_environment()
 
 
 @dataclass

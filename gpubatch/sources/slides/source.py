@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -17,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.clocks import StageClocks
-from gpubatch.core.errors import InputError, SpecError
+from gpubatch.core.errors import InputError
 from gpubatch.core.files import safe_filename
 from gpubatch.core.results import ShardResult
+from gpubatch.core.switches import PLAN_AHEAD, switched_on
 from gpubatch.io.redact import redact
 from gpubatch.io.uris import is_remote, uri_name
 from gpubatch.ops.preprocess import Preprocess
@@ -45,20 +45,9 @@ class SlidePlan:
     units: list[np.ndarray]  # grid indices of each read block, in read order
 
 
-#: ``GPUBATCH_PLAN_AHEAD=0`` opens slides ahead without planning their reads: an escape hatch
-#: (a plan holds up to the read-ahead floor, 8 MB, of tiles fetched before its shard starts),
-#: and the benchmark's other contestant (bench/bench_remote.py --plan-ahead)
-PLAN_AHEAD_ENV = "GPUBATCH_PLAN_AHEAD"
-
-
 def plans_ahead() -> bool:
-    """``GPUBATCH_PLAN_AHEAD`` unset or 1: plan ahead; 0: do not; anything else is refused (by
-    preflight, on the client, before a shard runs)."""
-    value = os.environ.get(PLAN_AHEAD_ENV, "1").strip()
-    if value not in ("0", "1"):
-        raise SpecError([(PLAN_AHEAD_ENV, f"must be 0 or 1, not {value!r} (0 opens slides ahead of "
-                                          "their shards without planning their reads; unset plans them)")])
-    return value == "1"
+    """Whether slides opened ahead also have their reads planned (``GPUBATCH_PLAN_AHEAD``)."""
+    return switched_on(PLAN_AHEAD)
 
 
 def _tiles_key(job: JobSpec) -> str:
