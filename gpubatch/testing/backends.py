@@ -57,6 +57,17 @@ class SlideBackendTests:
             box = np.array([[0, 0, min(64, w), min(64, h)]])
             assert backend.read_boxes(level, box, StageClocks()).shape == (1, box[0, 3], box[0, 2], 3)
 
+    def test_a_subsampled_level_is_every_step_th_pixel_of_the_level(self, backend: SlideBackend) -> None:
+        """The tissue thumbnail (``read_subsampled``): the level read whole, every ``step``-th
+        pixel of every ``step``-th row, bit for bit, whatever the step (one that divides the
+        stored tiles, one that does not) and the read block (smaller and larger than the level)."""
+        level = len(backend.info.level_dimensions) - 1
+        w, h = backend.info.level_dimensions[level]
+        whole = backend.read_boxes(level, np.array([[0, 0, w, h]]), StageClocks())[0]
+        for step, block in [(1, 4096), (2, 128), (2, 4096), (3, 300), (4, 1000)]:
+            got = backend.read_subsampled(level, step, block, StageClocks())
+            assert got.dtype == np.uint8 and np.array_equal(got, whole[::step, ::step]), (step, block)
+
     def test_concurrent_reads_equal_serial_reads(self, backend: SlideBackend) -> None:
         boxes = self._box(backend, 64)
         serial = backend.read_boxes(0, boxes, StageClocks())

@@ -14,6 +14,7 @@ vendor): label, macro and thumbnail images and any other slide properties never 
 
 from __future__ import annotations
 
+import itertools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Iterator
@@ -187,6 +188,20 @@ class SlideBackend(ABC):
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         """Read k boxes (x, y, w, h at ``level``, all the same w and h) -> (k, h, w, 3) uint8."""
 
+    def read_subsampled(self, level: int, step: int, block: int, clocks: StageClocks) -> np.ndarray:
+        """All of ``level``, every ``step``-th pixel of every ``step``-th row (a thumbnail), read
+        in boxes of about ``block`` pixels so that a level of any size never needs to be in
+        memory whole -> (ceil(h / step), ceil(w / step), 3) uint8."""
+        w, h = self.info.level_dimensions[level]
+        block = max(step, (block // step) * step)
+        out = np.empty((-(-h // step), -(-w // step), 3), dtype=np.uint8)
+        for y in range(0, h, block):
+            for x in range(0, w, block):
+                bw, bh = min(block, w - x), min(block, h - y)
+                sub = self.read_boxes(level, np.array([[x, y, bw, bh]]), clocks)[0][::step, ::step]
+                out[y // step : y // step + sub.shape[0], x // step : x // step + sub.shape[1]] = sub
+        return out
+
     def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:  # noqa: B027 - optional
         """Announce the ``read_boxes`` calls to come (one box array each), so that a backend can
         keep exactly the decoded data that more than one of them needs."""
@@ -267,6 +282,32 @@ class TileGridBackend(SlideBackend):
                 paste(index, tile)
         clocks.count("decode.tiles", len(missing))
         clocks.count("decode.cache_hits", len(needed) - len(missing))
+        return out
+
+    def read_subsampled(self, level: int, step: int, block: int, clocks: StageClocks) -> np.ndarray:
+        """As the base class's, the same pixels, but each stored tile's sampled pixels copied
+        straight into the thumbnail as it is decoded: no level-sized box to fill and sample (for
+        the tissue thumbnail of an 8192 px slide, a 12 MB box and a strided copy of it, a third of
+        the thumbnail's time). Stored tiles are read in squares of about ``block`` pixels.
+        Tiles whose size ``step`` does not divide would sample off the grid: the base class's."""
+        grid = self._grid(level)
+        if grid.tile_w % step or grid.tile_h % step:
+            return super().read_subsampled(level, step, block, clocks)
+        out = np.empty((-(-grid.height // step), -(-grid.width // step), 3), dtype=np.uint8)
+        rows, cols = max(1, block // grid.tile_h), max(1, block // grid.tile_w)
+        for top, left in itertools.product(range(0, grid.ny, rows), range(0, grid.nx, cols)):
+            indices = [row * grid.nx + col for row in range(top, min(top + rows, grid.ny))
+                       for col in range(left, min(left + cols, grid.nx))]
+            with clocks.part("storage"):
+                blobs = self._fetch(level, indices, clocks)
+            with clocks.part("decode"):
+                for index, tile in zip(indices, self._decoded(level, blobs, indices), strict=True):
+                    ty, tx = divmod(index, grid.nx)
+                    sub = tile[: grid.height - ty * grid.tile_h : step, : grid.width - tx * grid.tile_w : step]
+                    y, x = ty * grid.tile_h // step, tx * grid.tile_w // step
+                    for channel in range(3):  # a plane at a time: 4x faster than pixels of 3 bytes
+                        out[y : y + sub.shape[0], x : x + sub.shape[1], channel] = sub[..., channel]
+            clocks.count("decode.tiles", len(indices))
         return out
 
     def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:

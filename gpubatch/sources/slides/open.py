@@ -223,6 +223,9 @@ class StagedBackend(SlideBackend):
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         return self.inner.read_boxes(level, boxes, clocks)
 
+    def read_subsampled(self, level: int, step: int, block: int, clocks: StageClocks) -> np.ndarray:
+        return self.inner.read_subsampled(level, step, block, clocks)
+
     def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
         self.inner.expect_reads(level, blocks)
 

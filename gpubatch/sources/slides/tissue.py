@@ -75,19 +75,8 @@ def read_thumbnail(backend: SlideBackend, clocks: StageClocks, read_block: int) 
     """
     info = backend.info
     level = len(info.level_dimensions) - 1
-    w, h = info.level_dimensions[level]
-    step = max(1, math.ceil(max(w, h) / THUMBNAIL_EDGE))
-    block = max(step, (read_block // step) * step)
-    if step == 1 and block >= max(w, h):  # the whole level in one read is the thumbnail itself
-        return backend.read_boxes(level, np.array([[0, 0, w, h]]), clocks)[0], info.level_downsamples[level]
-    out = np.empty((math.ceil(h / step), math.ceil(w / step), 3), dtype=np.uint8)
-    for y in range(0, h, block):
-        for x in range(0, w, block):
-            bw, bh = min(block, w - x), min(block, h - y)
-            region = backend.read_boxes(level, np.array([[x, y, bw, bh]]), clocks)[0]
-            sub = region[::step, ::step]
-            out[y // step : y // step + sub.shape[0], x // step : x // step + sub.shape[1]] = sub
-    return out, info.level_downsamples[level] * step
+    step = max(1, math.ceil(max(info.level_dimensions[level]) / THUMBNAIL_EDGE))
+    return backend.read_subsampled(level, step, read_block, clocks), info.level_downsamples[level] * step
 
 
 def filter_tissue(grid: TileGrid, backend: SlideBackend, tiles: TilesSpec, clocks: StageClocks) -> TileGrid:
