@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openslide
@@ -333,3 +335,27 @@ def test_a_symbolic_link_that_leads_nowhere_is_called_so(tmp_path: Path) -> None
             open_slide_input(str(tmp_path / name), StageClocks())
     with pytest.raises(InputError, match="file not found"):
         open_slide_input(str(tmp_path / "never.svs"), StageClocks())
+
+
+@pytest.mark.parametrize("read", ["boxes", "thumbnail"])
+def test_a_tile_that_breaks_the_parser_is_an_input_error_naming_the_file(slide_path: Path, read: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file whose structure lies about its data fails the same way every time: tifffile's
+    IndexError or struct.error while a tile is read becomes an InputError naming the file (the
+    shard is quarantined, not retried as a crash), for the tissue thumbnail's read as for boxes."""
+    from gpubatch.sources.slides.tissue import read_thumbnail
+
+    def lying(self: TiffBackend, level: int, blobs: list[bytes], indices: list[int]) -> Any:
+        raise struct.error("unpack requires a buffer of 8 bytes")
+
+    backend = TiffBackend(str(slide_path))
+    monkeypatch.setattr(TiffBackend, "_decoded", lying)
+    try:
+        with pytest.raises(InputError, match="malformed TIFF data at level") as raised:
+            if read == "boxes":
+                backend.read_boxes(0, np.array([[0, 0, 64, 64]]), StageClocks())
+            else:
+                read_thumbnail(backend, StageClocks(), 2048)
+        assert str(slide_path) in str(raised.value)
+    finally:
+        backend.close()

@@ -5,6 +5,7 @@ every stored tile decoded once to RGB.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import struct
@@ -212,11 +213,20 @@ class TiffBackend(TileGridBackend):
         self.gpu_decode = False
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
-        try:
+        with self._malformed_is_input_error(level):
             return super().read_boxes(level, boxes, clocks)
+
+    def read_subsampled(self, level: int, step: int, block: int, clocks: StageClocks) -> np.ndarray:
+        with self._malformed_is_input_error(level):
+            return super().read_subsampled(level, step, block, clocks)
+
+    @contextlib.contextmanager
+    def _malformed_is_input_error(self, level: int) -> Iterator[None]:
+        """A file whose structure lies about its data fails the same way every time: an input
+        error with the file's name, not a retryable crash."""
+        try:
+            yield
         except (IndexError, KeyError, ValueError, TypeError, struct.error) as exc:
-            # A file whose structure lies about its data fails the same way every time: an input
-            # error with the file's name, not a retryable crash.
             raise InputError(self.path, f"malformed TIFF data at level {level}: "
                                         f"{type(exc).__name__}: {exc}") from exc
 
