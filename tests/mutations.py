@@ -146,6 +146,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("tiles normalised without the mean", "gpubatch/ops/kernels.py",
        "        out += offset.reshape(1, -1, 1, 1)\n", "",
        "tests/test_kernels.py"),
+    _m("a failed upload is published", "gpubatch/outputs/store.py",
+       "                _discard(raw)\n                raise\n", "                raw.close()\n                raise\n",
+       "tests/test_remote_outputs.py::test_a_write_that_fails_midway_leaves_no_object"),
+    _m("a Ctrl-C during the run's end is not recorded", "gpubatch/runtime/runner.py",
+       "            except (KeyboardInterrupt, Terminated) as exc:  # the commits stand; --resume ends it\n"
+       "                self._abandon(progress, exc)\n                raise\n", "",
+       "tests/test_stopping.py::test_a_ctrl_c_during_the_run_s_end_is_recorded_and_resume_finishes_it"),
     _m("read-ahead joins every read into one group", "gpubatch/io/readahead.py",
        "joined > requests + alone // 2", "False",
        "tests/test_readahead.py::test_neighbouring_blocks_rows_are_joined_into_one_request_per_row"),

@@ -196,3 +196,21 @@ def test_a_folder_walk_names_its_files_in_the_scheme_written(cloud: CloudStack, 
     cloud.upload_bytes(b"DICM", f"{folder}/a.dcm")
     walker, path = retried_fs(cloud.uri(folder), cloud.options())
     assert [walker.unstrip(entry["name"]) for entry in walker.ls(path)] == [cloud.uri(f"{folder}/a.dcm")]
+
+
+@pytest.mark.parametrize("size", [1000, 12 << 20])
+def test_an_output_write_that_fails_midway_leaves_no_object(cloud: CloudStack, size: int) -> None:
+    """As on S3 (tests/test_remote_outputs.py): gcsfs's and adlfs's files commit on close, error or
+    not; a write that raises publishes nothing, and the next write of the name lands whole."""
+    import os
+
+    from gpubatch.outputs.store import OutputStore
+
+    store = OutputStore(cloud.uri(f"aborted/{uuid.uuid4().hex}"), cloud.options())
+    with pytest.raises(KeyboardInterrupt), store.open_write("predictions.parquet") as f:
+        f.write(os.urandom(size))
+        raise KeyboardInterrupt
+    assert not store.exists("predictions.parquet")
+    with store.open_write("predictions.parquet") as f:
+        f.write(b"whole")
+    assert store.read_bytes("predictions.parquet") == b"whole"

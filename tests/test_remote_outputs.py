@@ -240,3 +240,24 @@ def test_read_many_retries_what_failed_instead_of_calling_it_missing(s3: S3Stack
     got = OutputStore(uri, s3.options()).read_many([*names, "absent.json"])
     s3.proxy.reset()
     assert got == {n: n.encode() for n in names}
+
+
+@pytest.mark.parametrize("size", [1000, 12 << 20])
+def test_a_write_that_fails_midway_leaves_no_object(s3: S3Stack, size: int) -> None:
+    """open_write's promise on object storage as on disk: the file appears only when closed
+    without an error. fsspec's file commits what it has on leaving a with-block, error or not:
+    a Ctrl-C or a failed part read in the middle of merging predictions.parquet published the
+    half written so far, a small file in one PUT, a large one by completing its multipart."""
+    from gpubatch.outputs.store import OutputStore
+
+    prefix = f"aborted/{uuid.uuid4().hex}"
+    store = OutputStore(f"s3://{s3.bucket}/{prefix}", {**s3.options(), "default_block_size": 5 << 20})
+    with pytest.raises(KeyboardInterrupt), store.open_write("predictions.parquet") as f:
+        f.write(os.urandom(size))
+        raise KeyboardInterrupt
+    assert not store.exists("predictions.parquet")
+    uploads = s3.fs().call_s3("list_multipart_uploads", Bucket=s3.bucket, Prefix=prefix).get("Uploads", [])
+    assert uploads == []  # a started multipart upload is aborted, not left to be billed
+    with store.open_write("predictions.parquet") as f:  # the next write still lands
+        f.write(b"whole")
+    assert store.read_bytes("predictions.parquet") == b"whole"

@@ -76,3 +76,31 @@ def test_a_run_whose_ctrl_c_a_finaliser_swallowed_stops_at_the_next_poll(tmp_pat
     out = tmp_path / "out"
     assert json.loads((out / "status.json").read_text())["state"] == "interrupted"
     assert 2 <= len(audit_lines(out)) < 20
+
+
+def test_a_ctrl_c_during_the_run_s_end_is_recorded_and_resume_finishes_it(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while predictions.parquet is merged (a minute on a large run): the run is recorded
+    as interrupted (status.json said "running" for a client that had gone, and audit.jsonl was
+    not written), nothing half-merged is left as the output, and --resume ends the run."""
+    import gpubatch
+    from gpubatch.runtime import runner
+
+    merge = runner.merge_parquet
+
+    def merge_interrupted(*args: Any, **kwargs: Any) -> int:
+        os.kill(os.getpid(), signal.SIGINT)
+        return merge(*args, **kwargs)
+
+    job = windows_job(tmp_path, 6)
+    out = tmp_path / "out"
+    monkeypatch.setattr(runner, "merge_parquet", merge_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gpubatch.run(job, show_progress=False)
+    assert json.loads((out / "status.json").read_text())["state"] == "interrupted"
+    assert [e["event"] for e in audit_lines(out, None) if e["event"].startswith("run_")] == ["run_start", "run_interrupted"]
+    assert len(audit_lines(out)) == 6 and not (out / "predictions.parquet").exists()
+    monkeypatch.setattr(runner, "merge_parquet", merge)
+    result = gpubatch.run(job, show_progress=False, resume=True)
+    assert result.exit_code == 0 and len(result.predictions()) == 6
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"

@@ -194,8 +194,13 @@ class OutputStore:
         temporary name and renamed."""
         if self.remote:
             fs, _ = upload_fs(self.uri, self.options)
-            with fs.open(self.path(name), "wb") as raw:
+            raw = fs.open(self.path(name), "wb")
+            try:
                 yield HashingWriter(raw)
+            except BaseException:
+                _discard(raw)
+                raise
+            raw.close()
             return
         target, tmp = self._temporary_beside(name)
         try:
@@ -245,3 +250,14 @@ class OutputStore:
 
 def _json_bytes(data: Any, indent: int | None = 1) -> bytes:
     return json.dumps(data, indent=indent, default=str).encode()
+
+
+def _discard(raw: Any) -> None:
+    """Drop a half-written upload without publishing it. fsspec's files commit what they hold
+    when closed, and a with-block closes them on an error too: a failed merge published a
+    truncated predictions.parquet. ``discard`` aborts a started multipart (s3fs) or resumable
+    (gcsfs) upload; marked closed, the file is never committed, not even by its finaliser (a
+    small file, or adlfs's staged blocks, are only ever sent on close)."""
+    with contextlib.suppress(Exception):  # the error being raised is the one to report
+        raw.discard()
+    raw.closed = True

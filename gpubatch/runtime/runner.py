@@ -128,26 +128,29 @@ class _Run:
                             run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=quarantined_count(self.failed))
         self.lease.hold(beat=progress.heartbeat)
         lost: list[dict[str, Any]] = []
-        try:
-            with stop_on_signals():
+        with stop_on_signals():  # the run's end too: a Ctrl-C while merging is recorded as one
+            try:
                 if len(shards) > resumed:
                     lost = self._submit(todo, ctx, progress, n_workers, scheduler)
                 raise_if_stopped()  # one a finaliser dropped after the last poll
-        except BaseException as exc:
-            self._abandon(progress, exc)
-            raise
-        finally:
-            progress.close()
-            head_start = done_first()
-            if head_start is not None:  # requests made here before the workers ran
-                self.builder.clocks.merge(head_start)
-        try:
-            result = self._finish(source, shards, ctx, prepared, n_workers, lost)
-        except (OSError, InputError) as exc:  # storage that kept failing: the commits stand
-            error = OutputsNotWrittenError(redact(self.store.uri), exc)
-            self._abandon(progress, error)
-            raise error from exc
-        progress.finish("finished")
+            except BaseException as exc:
+                self._abandon(progress, exc)
+                raise
+            finally:
+                progress.close()
+                head_start = done_first()
+                if head_start is not None:  # requests made here before the workers ran
+                    self.builder.clocks.merge(head_start)
+            try:
+                result = self._finish(source, shards, ctx, prepared, n_workers, lost)
+            except (OSError, InputError) as exc:  # storage that kept failing: the commits stand
+                error = OutputsNotWrittenError(redact(self.store.uri), exc)
+                self._abandon(progress, error)
+                raise error from exc
+            except (KeyboardInterrupt, Terminated) as exc:  # the commits stand; --resume ends it
+                self._abandon(progress, exc)
+                raise
+            progress.finish("finished")
         return result
 
     def _before_workers(self, source: Source, shards: Sequence[Shard], n_workers: int,
