@@ -337,8 +337,8 @@ def read_heatmaps(store: OutputStore, report: dict[str, Any]) -> list[Heatmap]:
         data = pictures.get(name)
         if data is None or len(found) >= MAX_HEATMAPS:
             continue
-        with Image.open(io.BytesIO(data)) as image:
-            text = dict(getattr(image, "text", {}))
+        with Image.open(io.BytesIO(data)) as image:  # the chunks before the pixels: nothing decoded
+            text = {k: v for k, v in image.info.items() if isinstance(v, str)}
         low, _, high = text.get("gpubatch:range", "").partition(" ")
         caption = f"{text.get('gpubatch:colour', 'output')}, {low} to {high}" if high else text.get("gpubatch:colour", "")
         found.append(Heatmap(uri_name(str(shard.get("input", ""))), "data:image/png;base64,"
