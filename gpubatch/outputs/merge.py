@@ -19,6 +19,7 @@ from gpubatch.core.results import ShardResult
 from gpubatch.outputs.layout import PARTS_DIR, PREDICTIONS, ZARR
 from gpubatch.outputs.manifest import CommitRef
 from gpubatch.outputs.store import OutputStore
+from gpubatch.outputs.writer import parquet_writer
 
 ROW_GROUP_ROWS = 65536
 ROW_GROUP_BYTES = 64 << 20
@@ -65,7 +66,7 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
             if table.num_rows == 0:  # a slide with no tiles adds no rows (its zarr group keeps the widths)
                 continue
             if writer is None:
-                writer = pq.ParquetWriter(f, table.schema, compression="zstd")
+                writer = parquet_writer(f, table.schema)
             gathered.append(table if table.schema.equals(writer.schema) else table.cast(writer.schema))
             rows, held_rows, held_bytes = rows + table.num_rows, held_rows + table.num_rows, held_bytes + table.nbytes
             held_parts += 1

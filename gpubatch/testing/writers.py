@@ -112,6 +112,20 @@ class ShardWriterTests:
         assert merged.metadata.num_row_groups == 3  # 4 + 4 + 2 rows
         assert merged.read().column("x").to_pylist() == list(range(10))
 
+    def test_only_text_columns_are_dictionary_encoded(self, store: OutputStore) -> None:
+        """The slide name repeats on every row and is stored once per page; coordinates and
+        scores are nearly all distinct, and a dictionary of them only adds to the file."""
+        writer = self._writer(store, "d1")
+        writer.write(*_batch(0, 64))
+        result = self._commit(store, writer)
+        merge_parquet(store, [result], index_columns=["slide", "x", "y"])
+        for name in (f"{PARTS_DIR}/{result.part}", PREDICTIONS):
+            meta = pq.ParquetFile(io.BytesIO(store.read_bytes(name))).metadata
+            encoded = {meta.schema.column(i).name: meta.row_group(0).column(i).encodings
+                       for i in range(meta.num_columns)}
+            dictionary = {c for c, encodings in encoded.items() if any("DICTIONARY" in e for e in encodings)}
+            assert dictionary == {"slide"}, (name, encoded)
+
     def test_track_outputs_whole_in_zarr_and_wide_columns_where_allowed(self, store: OutputStore,
                                                                        monkeypatch: Any) -> None:
         """(N, bins, tracks) never becomes parquet columns and reads back whole from zarr after
