@@ -99,6 +99,21 @@ def test_vcf_body_without_its_chrom_line_is_read_with_a_note(tmp_path: Path, hea
         read_variants(bad, CONTIGS)
 
 
+@pytest.mark.parametrize("columns", ["#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO", "#CHROM\tPOS\tID\tREF\tALT"])
+def test_a_chrom_line_without_fileformat_is_read_as_a_table(tmp_path: Path, columns: str) -> None:
+    """A VCF whose ``##`` lines were stripped (``grep -v '^##'``), or its first five columns cut out
+    (``#CHROM POS ID REF ALT``): htslib cannot open either (no ``##fileformat``), and the '#CHROM'
+    line sent them to it, so they were refused, while a body with no header line at all is read."""
+    width = columns.count("\t") + 1
+    records = ["\t".join(r.split("\t")[:width]) for r in RECORDS]
+    expected = read_variants(write_vcf(tmp_path, RECORDS), CONTIGS)
+    table = read_variants(write_vcf(tmp_path, records, header=columns + "\n", name="cut.vcf"), CONTIGS)
+    for column in ("variant_id", "chrom", "pos", "ref", "alt"):
+        assert getattr(table, column) == getattr(expected, column)
+    assert table.counts == expected.counts and table.line == [2, 3, 4, 6, 6]
+    assert table.layout == "table" and "cut.vcf read as a tab-separated table" in table.notes[0]
+
+
 @pytest.mark.parametrize(("name", "text"), [
     ("v.tsv", "chrom\tpos\tref\talt\tid\nchr1\t10\tA\tG\trs1\nchr1\t20\tC\tCTTT\t.\n"
               "chr2\t5\tA\tC,<DEL>\tmulti\nchr1\t40\tT\t.\t.\n"),
@@ -169,6 +184,17 @@ def test_blank_lines_in_a_vcf_are_no_records(tmp_path: Path) -> None:
     refused a file of 20 good records as 'a wrong file or genome build')."""
     table = read_variants(write_vcf(tmp_path, [*GOOD[:2], "", "   ", *GOOD[2:20], "", ""]), CONTIGS)
     assert len(table) == 20 and table.failed == [] and table.counts["records"] == 20
+
+
+def test_a_blank_line_in_the_header_does_not_shift_the_line_numbers(tmp_path: Path) -> None:
+    """htslib passes a blank line among the ``##`` lines by; the header was counted up to it, so
+    every record was named by a line four above its own (and described from that other line)."""
+    header = HEADER.replace("##INFO", "\n##INFO", 1)
+    table = read_variants(write_vcf(tmp_path, [*GOOD[:30], "chr1\tx\t.\tA\tG\t.\t.\t."], header=header),
+                          CONTIGS, max_bad=0.05)
+    assert table.line[:2] == [7, 8]
+    assert table.failed == [{"input": "v.vcf line 37",
+                             "error": "malformed VCF record (POS 'x' is not a whole number)"}]
 
 
 def test_records_off_the_reference_are_left_out_by_line(tmp_path: Path) -> None:

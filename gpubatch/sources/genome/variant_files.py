@@ -12,6 +12,8 @@ Three layouts are read, told apart from the file's first lines, never from its n
   ``alt`` and optionally ``id`` (case-insensitive; ``chr``/``chromosome``/``contig``,
   ``position``, ``reference``, ``alternate``, ``variant_id``/``rsid``/``name`` are accepted).
   POS is 1-based, as in a VCF. ALT may list several alleles separated by commas (in a CSV, quoted: ``"G,T"``).
+  A ``#CHROM POS ID REF ALT ...`` line without the ``##fileformat`` line htslib needs (the
+  ``##`` lines stripped, or the first columns cut out) is such a table too.
 
 Every layout yields the same :class:`RawRecord` with where it came from (``file line N``), so
 that every later error names the line, or a :class:`MalformedRecord` saying what is wrong with a
@@ -157,7 +159,7 @@ def sniff(path: str, uri: str) -> Layout:
         return Layout(LAYOUT_BCF)
     lines = _first_lines(path)
     first = lines[0][1] if lines else ""
-    if first.upper().startswith("#CHROM"):
+    if first.upper().startswith("#CHROM") and _declares_vcf(path):
         return Layout(LAYOUT_VCF)
     for number, line in lines:
         table = _table_layout(line, number, name)
@@ -172,6 +174,15 @@ def sniff(path: str, uri: str) -> Layout:
                              "give a VCF, a VCF body (tab-separated CHROM POS ID REF ALT ...), or a "
                              "TSV/CSV whose first line names the columns chrom, pos, ref, alt (and "
                              f"optionally id); its first data line is {first[:80]!r}")])
+
+
+def _declares_vcf(path: str) -> bool:
+    """Whether the file opens with ``##fileformat=VCF``, as htslib needs to read it as a VCF. A
+    '#CHROM' line without it (the ``##`` lines stripped by ``grep -v '^##'``, or a file of the
+    first five columns) is read as a table of the columns it names instead of refused."""
+    with _open_text(path) as f, contextlib.suppress(EOFError, OSError):
+        return f.readline().startswith(b"##fileformat=VCF")
+    return False
 
 
 def _first_lines(path: str) -> list[tuple[int, str]]:
@@ -313,9 +324,14 @@ class _LineFinder:
         self._stack.close()
 
     def header_lines(self) -> int:
-        """Header lines (``#``) at the top, for the data lines' numbers."""
+        """Header lines at the top, up to and with the ``#CHROM`` line, for the data lines'
+        numbers: htslib passes a blank line among the ``##`` lines by, so counting the ``#``
+        lines alone named every record by a line above its own."""
         with _open_text(self.path) as f:
-            return sum(1 for _ in itertools.takewhile(lambda line: line.startswith(b"#"), f))
+            for number, line in enumerate(f, start=1):
+                if line.upper().startswith(b"#CHROM"):
+                    return number
+        return 0
 
     def line(self, number: int) -> bytes:
         if self._lines is None or number <= self._at:
