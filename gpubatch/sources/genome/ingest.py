@@ -11,8 +11,8 @@ Layout: one array per contig (named after the contig when the name is a safe zar
 source, codes, chunk, complete}. ``complete`` is written last, so an interrupted ingest is never
 mistaken for a genome.
 
-The FASTA is streamed (plain, gzip or bgzip, told by their bytes; local or any fsspec URL): memory is one chunk plus one
-read block, whatever the genome's size. Contig names are the first word of each header line.
+The FASTA is streamed (plain, gzip or bgzip, told by their bytes; local or any fsspec URL):
+memory is one chunk plus one read block, whatever the genome's size. Contig names are the first word of each header line.
 
 The output is leased while written and, on local disk, replaced only by a complete genome
 (``ingest_output``): two ingests into one output, or a bad FASTA given with ``--overwrite``,
