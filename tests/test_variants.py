@@ -226,6 +226,17 @@ def test_a_csv_quotes_its_multi_allelic_alt_and_pos_is_digits_only(tmp_path: Pat
     assert table.failed == [{"input": "v.csv line 4", "error": "POS '1_2' is not an integer"}]
 
 
+def test_a_tsv_with_quoted_fields_as_r_writes_it(tmp_path: Path) -> None:
+    """R's ``write.table(x, sep="\\t", row.names = FALSE)`` quotes every string: the quotes were
+    kept in a TSV (only a CSV's were taken off), so its header named no column and it was refused."""
+    path = tmp_path / "v.tsv"
+    path.write_text('"chrom"\t"pos"\t"ref"\t"alt"\n"chr1"\t10\t"A"\t"G,T"\n"chr2"\t5\t"A"\t"C"\n')
+    table = read_variants(str(path), CONTIGS)
+    assert list(zip(table.chrom, table.pos, table.ref, table.alt, strict=True)) == [
+        ("chr1", 10, "A", "G"), ("chr1", 10, "A", "T"), ("chr2", 5, "A", "C")]
+    assert table.layout == "table"
+
+
 def test_a_malformed_first_body_line_or_a_comment_before_a_header_is_not_the_format(tmp_path: Path) -> None:
     """The layout was told from the first line alone: a headerless VCF body whose first record was
     malformed, or a TSV with a '#' comment line before its header, were refused whole."""

@@ -131,10 +131,10 @@ def _is_bcf(path: str) -> bool:
 
 
 def _split(line: str, delimiter: str) -> list[str]:
-    """A table line's fields; a CSV's quoted fields (``"G,T"``, as pandas writes a multi-allelic
-    ALT) are one field, quotes removed."""
+    """A table line's fields; quoted fields (``"G,T"``, as pandas writes a multi-allelic ALT in a
+    CSV; every string, as R's ``write.table`` writes a TSV) are one field, quotes removed."""
     text = line.rstrip("\r\n")
-    fields = next(csv.reader([text])) if delimiter == "," and '"' in text else text.split(delimiter)
+    fields = next(csv.reader([text], delimiter=delimiter)) if '"' in text else text.split(delimiter)
     return [f.strip() for f in fields]
 
 
