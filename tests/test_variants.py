@@ -306,6 +306,17 @@ def test_unknown_contig_and_pos_past_end_name_the_line(tmp_path: Path) -> None:
     assert messages[1] == "v.vcf line 8: POS 121 is past the end of chr2 (length 120)"
 
 
+def test_a_ref_that_runs_past_the_contig_end_is_left_out_by_line(tmp_path: Path) -> None:
+    """POS inside the contig but REF going on past its end (another build's longer contig): it was
+    scored against N padding and counted as a REF mismatch, toward "wrong genome build?", rather
+    than left out like a POS past the end."""
+    path = write_vcf(tmp_path, [*GOOD[:30], "chr2\t119\t.\tAC\tA\t.\t.\t.", "chr2\t119\t.\tACG\tA\t.\t.\t."])
+    table = read_variants(path, CONTIGS, max_bad=0.05)
+    assert table.pos[-1] == 119 and table.ref[-1] == "AC"
+    assert table.failed == [{"input": "v.vcf line 37",
+                             "error": "REF 'ACG' at POS 119 runs past the end of chr2 (length 120)"}]
+
+
 def test_missing_vcf(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="file not found"):
         read_variants(str(tmp_path / "none.vcf"), CONTIGS)

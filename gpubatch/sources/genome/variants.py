@@ -9,12 +9,12 @@ sequence is read on workers. One item per ALT allele. Decisions, each tested:
   ``spanning_deletion`` (``*``), ``breakend`` (``G]chr2:5]``, ``.A``), ``iupac`` (ambiguity codes
   such as K, Y, R, W, S, M, D, H, B, V, N: a masking VCF is full of them, and a window cannot
   hold "G or T") and ``not_sequence`` (anything else). They carry no bases to put in a window.
-* A malformed record, a contig absent from the reference, a POS past the contig end or below 1,
-  and a REF that is not sequence (``.``, symbolic, IUPAC codes other than N) leave that record
-  out, listed by file and line in report.json's ``failed`` (``bad_records``). Past
-  ``windows.max_bad_records`` of the file the job is refused at plan time instead: the usual
-  causes of many (another genome build, the wrong file) affect every record, and scoring the rest
-  would hide them.
+* A malformed record, a contig absent from the reference, a POS past the contig end or below 1
+  (or a REF that runs past the end), and a REF that is not sequence (``.``, symbolic, IUPAC
+  codes other than N) leave that record out, listed by file and line in report.json's ``failed``
+  (``bad_records``). Past ``windows.max_bad_records`` of the file the job is refused at plan time
+  instead: the usual causes of many (another genome build, the wrong file) affect every record,
+  and scoring the rest would hide them.
 * A REF allele that disagrees with the reference is **scored but flagged**: the ``ref_match``
   column is False and the shard's ``ref_mismatches`` count goes up. When more than
   ``windows.max_ref_mismatch`` of the variants disagree (checked at plan time, the reference read
@@ -148,11 +148,14 @@ def _check_record(rec: RawRecord, contigs: ContigTable) -> str | None:
         return contigs.missing_message(rec.chrom)
     if rec.pos < 1:
         return f"POS {rec.pos} is not a position (VCF POS counts from 1)"
-    if rec.pos > contigs.length(rec.chrom):
-        return f"POS {rec.pos} is past the end of {rec.chrom} (length {contigs.length(rec.chrom)})"
+    length = contigs.length(rec.chrom)
+    if rec.pos > length:
+        return f"POS {rec.pos} is past the end of {rec.chrom} (length {length})"
     problem = ref_problem(rec.ref)
     if problem:
         return f"{problem}; REF must spell the reference bases (A, C, G, T or N)"
+    if rec.pos - 1 + len(rec.ref) > length:  # no base there to match: not a mismatch, off the contig
+        return f"REF {rec.ref!r} at POS {rec.pos} runs past the end of {rec.chrom} (length {length})"
     return None
 
 
