@@ -237,6 +237,22 @@ def test_a_tsv_with_quoted_fields_as_r_writes_it(tmp_path: Path) -> None:
     assert table.layout == "table"
 
 
+@pytest.mark.parametrize(("name", "text"), [
+    ("v.csv", "chrom,pos,ref,alt\nchr1,10,A,G\nchr2,5,A,C\n"),
+    ("body.vcf", "chr1\t10\t.\tA\tG\nchr2\t5\t.\tA\tC\n"),
+    ("v.vcf", HEADER + "chr1\t10\t.\tA\tG\t.\t.\t.\nchr2\t5\t.\tA\tC\t.\t.\t.\n"),
+])
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path: Path, name: str, text: str) -> None:
+    """Excel's "CSV UTF-8" starts the file with a byte-order mark: the header named '\\ufeffchrom',
+    no column, and the file was refused; a body's first contig was '\\ufeffchr1'; a VCF's
+    ``##fileformat`` line was not one (htslib cannot read it: it is read as the table it names)."""
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    table = read_variants(str(path), CONTIGS)
+    assert list(zip(table.chrom, table.pos, table.alt, strict=True)) == [("chr1", 10, "G"), ("chr2", 5, "C")]
+    assert table.failed == []
+
+
 def test_a_malformed_first_body_line_or_a_comment_before_a_header_is_not_the_format(tmp_path: Path) -> None:
     """The layout was told from the first line alone: a headerless VCF body whose first record was
     malformed, or a TSV with a '#' comment line before its header, were refused whole."""

@@ -185,6 +185,13 @@ def _declares_vcf(path: str) -> bool:
     return False
 
 
+def _text(raw: bytes, number: int) -> str:
+    """Line ``number`` as text, a UTF-8 byte-order mark off the first (Excel's "CSV UTF-8" writes
+    one: the first column's name, or a headerless file's first contig, was U+FEFF + 'chrom')."""
+    line = raw.decode("utf-8", "replace")
+    return line.removeprefix("\ufeff") if number == 1 else line
+
+
 def _first_lines(path: str) -> list[tuple[int, str]]:
     """(line number, text) of the first SNIFF_LINES lines that are not ``##`` meta or blank (only
     the first, when it is a VCF's ``#CHROM`` line). A damaged gzip ends the look early: the read
@@ -192,7 +199,7 @@ def _first_lines(path: str) -> list[tuple[int, str]]:
     found: list[tuple[int, str]] = []
     with _open_text(path) as f, contextlib.suppress(EOFError, OSError):
         for number, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", "replace")
+            line = _text(raw, number)
             if line.startswith("##") or not line.strip():
                 continue
             found.append((number, line))
@@ -223,7 +230,7 @@ def _table_records(path: str, name: str, layout: Layout) -> Iterator[RawRecord |
         for n, raw in enumerate(f, start=1):
             if n <= layout.header_lines:
                 continue
-            line = raw.decode("utf-8", "replace")
+            line = _text(raw, n)
             if line.strip() and not line.startswith("#"):
                 yield _table_record(line, n, name, layout)
 
