@@ -48,6 +48,17 @@ def test_records_skips_and_ids(tmp_path: Path) -> None:
     assert table.layout == "vcf" and table.notes == []
 
 
+def test_an_id_split_over_biallelic_records_is_told_apart_by_alt(tmp_path: Path) -> None:
+    """``bcftools norm -m-`` splits rs9 C>A,G into two records, both ID rs9: both rows had the
+    variant_id 'rs9' (a join on it paired each with both), where the record unsplit gives
+    'rs9:A' and 'rs9:G'."""
+    split = read_variants(write_vcf(tmp_path, ["chr1\t5\trs9\tC\tA\t.\t.\t.", "chr1\t5\trs9\tC\tG\t.\t.\t.",
+                                               "chr1\t9\trs7\tC\tT\t.\t.\t."]), CONTIGS)
+    whole = read_variants(write_vcf(tmp_path, ["chr1\t5\trs9\tC\tA,G\t.\t.\t.", "chr1\t9\trs7\tC\tT\t.\t.\t."],
+                                    name="whole.vcf"), CONTIGS)
+    assert split.variant_id == whole.variant_id == ["rs9:A", "rs9:G", "rs7"]
+
+
 def test_bgzip_and_bcf_read_the_same(tmp_path: Path) -> None:
     plain = write_vcf(tmp_path, RECORDS)
     gz = str(tmp_path / "v.vcf.gz")

@@ -32,7 +32,8 @@ The alt window keeps the left flank fixed and takes as much right flank as it ne
 bases: a deletion pulls in more downstream sequence, an insertion pushes it out (and an ALT longer
 than ``L - L // 2`` is cut at the window end). Bases outside the contig are N.
 
-Output columns: ``variant_id`` (the VCF ID, suffixed ``:ALT`` for multi-allelic records, or
+Output columns: ``variant_id`` (the VCF ID, suffixed ``:ALT`` for multi-allelic records and where
+records split from one (``bcftools norm -m-``) share it, or
 ``chrom:POS:REF:ALT`` when ID is '.'), ``chrom``, ``pos`` (the VCF's 1-based POS, so rows join back
 to the file), ``ref``, ``alt``, ``ref_match``.
 """
@@ -208,7 +209,19 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
     table.failed = bad.admit(max_bad)
+    _tell_alleles_apart(table)
     return table
+
+
+def _tell_alleles_apart(table: VariantTable) -> None:
+    """Suffix ``:ALT`` to an ID that other ALT alleles share, as a multi-allelic record's are: a
+    file split into biallelic records (``bcftools norm -m-``, the usual step before scoring) gave
+    every allele of rs123 the id 'rs123', and a join on ``variant_id`` paired each with all."""
+    alts: dict[str, set[str]] = {}
+    for vid, alt in zip(table.variant_id, table.alt, strict=True):
+        alts.setdefault(vid, set()).add(alt)
+    table.variant_id = [f"{vid}:{alt}" if len(alts[vid]) > 1 else vid
+                        for vid, alt in zip(table.variant_id, table.alt, strict=True)]
 
 
 def check_refs(table: VariantTable, reference: Reference, chunk_bases: int) -> np.ndarray:
