@@ -237,6 +237,19 @@ def test_a_csv_quotes_its_multi_allelic_alt_and_pos_is_digits_only(tmp_path: Pat
     assert table.failed == [{"input": "v.csv line 4", "error": "POS '1_2' is not an integer"}]
 
 
+@pytest.mark.parametrize("header", ["# [1]CHROM\t[2]POS\t[3]ID\t[4]REF\t[5]ALT",
+                                    "#[1]CHROM\t[2]POS\t[3]ID\t[4]REF\t[5]ALT"])
+def test_a_bcftools_query_table_is_read_by_its_column_names(tmp_path: Path, header: str) -> None:
+    """``bcftools query -H -f '%CHROM\\t%POS\\t%ID\\t%REF\\t%ALT\\n'`` numbers its column names
+    (``[2]POS``; older versions put a space after the '#'): they named no column and the file was
+    refused as neither a VCF nor a table."""
+    path = tmp_path / "q.tsv"
+    path.write_text(header + "\nchr1\t10\trs1\tA\tG\nchr2\t5\t.\tA\tC,T\n")
+    table = read_variants(str(path), CONTIGS)
+    assert table.layout == "table" and table.variant_id == ["rs1", "chr2:5:A:C", "chr2:5:A:T"]
+    assert table.pos == [10, 5, 5] and table.line == [2, 3, 3]
+
+
 def test_a_tsv_with_quoted_fields_as_r_writes_it(tmp_path: Path) -> None:
     """R's ``write.table(x, sep="\\t", row.names = FALSE)`` quotes every string: the quotes were
     kept in a TSV (only a CSV's were taken off), so its header named no column and it was refused."""

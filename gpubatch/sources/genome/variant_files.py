@@ -10,7 +10,8 @@ Three layouts are read, told apart from the file's first lines, never from its n
   record is checked against them by the caller). A note says so in the report.
 * **A table** (TSV or CSV) whose first line names its columns: ``chrom``, ``pos``, ``ref``,
   ``alt`` and optionally ``id`` (case-insensitive; ``chr``/``chromosome``/``contig``,
-  ``position``, ``reference``, ``alternate``, ``variant_id``/``rsid``/``name`` are accepted).
+  ``position``, ``reference``, ``alternate``, ``variant_id``/``rsid``/``name`` are accepted, and
+  ``bcftools query -H``'s numbered names, ``[2]POS``).
   POS is 1-based, as in a VCF. ALT may list several alleles separated by commas (in a CSV, quoted: ``"G,T"``).
   A ``#CHROM POS ID REF ALT ...`` line without the ``##fileformat`` line htslib needs (the
   ``##`` lines stripped, or the first columns cut out) is such a table too.
@@ -28,6 +29,7 @@ import csv
 import gzip
 import itertools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -52,6 +54,8 @@ COLUMN_ALIASES = {
 }
 BODY_NOTE = ("{name} has no '#CHROM' header line: read as VCF columns CHROM, POS, ID, REF, ALT, "
              "with the reference's contigs standing in for the header's")
+#: the column number ``bcftools query -H`` writes before each name: ``[2]POS``
+_BCFTOOLS_NUMBER = re.compile(r"^\[\d+\]")
 TABLE_NOTE = "{name} read as a {kind} table with columns {columns}; POS taken as 1-based, as in a VCF"
 
 
@@ -139,8 +143,9 @@ def _split(line: str, delimiter: str) -> list[str]:
 
 
 def _table_columns(fields: list[str]) -> dict[str, int]:
-    """The table's column index of each field, or {} when the line is not a header row."""
-    names = [f.lower().lstrip("#") for f in fields]
+    """The table's column index of each field, or {} when the line is not a header row. A name is
+    read without its '#' and the ``[N]`` that ``bcftools query -H`` puts before it (``# [1]CHROM``)."""
+    names = [_BCFTOOLS_NUMBER.sub("", f.lower().lstrip("#").strip()) for f in fields]
     found = {}
     for key, aliases in COLUMN_ALIASES.items():
         hit = next((i for i, n in enumerate(names) if n in {a.lstrip("#") for a in aliases}), None)
