@@ -172,3 +172,13 @@ def test_a_blank_genome_path_or_no_regions_is_refused(tmp_path: Path, key: str, 
     for command in ("validate", "run"):
         assert main([command, str(path)]) == EXIT_USAGE
         assert said in capsys.readouterr().err
+
+
+def test_a_contig_given_as_the_regions_string_is_told_to_list_it(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``regions: chr21`` was told "file not found: .../chr21 (or give 'genome' or a list of
+    'chr:start-end')", not that a list takes contig names."""
+    path = write_job(tmp_path / "job.yaml", {"kind": "genome", "model": {"path": "m.onnx"}, "output": {"uri": "o"},
+                                             "windows": {"reference": "ref.fa", "regions": "chr21"}})
+    assert main(["validate", str(path)]) == EXIT_USAGE
+    assert "to tile contig chr21, list it (regions: [chr21])" in capsys.readouterr().err
