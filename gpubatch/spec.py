@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -85,6 +86,12 @@ class EncodingSpec(_Strict):
     dtype: Literal["float32", "float16"] = "float32"
 
 
+#: what a blank ``windows`` path is told
+BLANK = {"reference": "is empty: give the FASTA (with its .fai) or genome zarr, a path or URL",
+         "regions": "is empty: give a BED file, a list of 'chr:start-end' or contig names, or 'genome'",
+         "variants": "is empty: give the variant file, or leave it out (or null) to tile windows instead"}
+
+
 class WindowsSpec(_Strict):
     reference: str
     regions: str | list[str] = "genome"
@@ -107,6 +114,20 @@ class WindowsSpec(_Strict):
     pseudocount: float = Field(1.0, ge=0.0, description="c in log2fc = log2((sum(alt) + c) / (sum(ref) + c))")
     track_columns: int = Field(
         1024, ge=0, le=65536, description="per-track parquet columns at most per reduced or scored output; wider: zarr only")
+
+    @field_validator("reference", "regions", "variants")
+    @classmethod
+    def _not_blank(cls, v: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+        """A blank path or an empty list of regions is refused: ``variants: ""`` (an unset
+        variable in a templated spec, ``--set windows.variants=``) ran a windows job over the
+        whole genome instead of scoring variants, and ``regions: []`` ran nothing, exit 0."""
+        if isinstance(v, list) and not v:
+            raise ValueError("is an empty list: give regions ('chr:start-end' or contig names), "
+                             "a BED file, or 'genome'")
+        texts = [v] if isinstance(v, str) else v or []
+        if any(not text.strip() for text in texts):
+            raise ValueError("holds an empty region" if isinstance(v, list) else BLANK[info.field_name or ""])
+        return v
 
     @model_validator(mode="after")
     def _regions_or_variants(self) -> WindowsSpec:

@@ -163,6 +163,27 @@ def test_missing_fai_says_how_to_make_one(tmp_path: Path) -> None:
     assert "samtools faidx" in str(err.value) and "gpubatch ingest genome" in str(err.value)
 
 
+@pytest.mark.parametrize("given", ["synth.fa.fai", "notes.txt", "folder"])
+def test_a_reference_that_is_no_fasta_says_so_not_to_index_it(synth: tuple[Path, dict[str, str]],
+                                                             tmp_path: Path, given: str) -> None:
+    """windows.reference naming the .fai (or any text that is no FASTA) was told "synth.fa.fai.fai
+    not found; make it with `samtools faidx synth.fa.fai`", and a folder got a storage error."""
+    path, _ = synth
+    target = tmp_path / given
+    if given == "folder":
+        target.mkdir()
+    elif given == "notes.txt":
+        target.write_text("my reference is hg38\n")
+    else:
+        target.write_bytes(Path(str(path) + ".fai").read_bytes())
+    with pytest.raises(SpecError) as err:
+        GenomeSource().plan(genome_job(target, length=4))
+    assert err.value.problems[0][0] == "windows.reference"
+    text = str(err.value)
+    assert "samtools faidx" not in text and "storage error" not in text
+    assert ("not a FASTA: it starts with" in text) if given != "folder" else ("not a genome zarr" in text)
+
+
 def test_plain_gzip_reference_rejected(tmp_path: Path) -> None:
     import gzip
 

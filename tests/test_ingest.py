@@ -102,6 +102,25 @@ def test_gzip_input_and_unwrapped_long_lines(tmp_path: Path, monkeypatch: pytest
                               dna_codes("NN" + seq + "NNN"))
 
 
+@pytest.mark.parametrize("name", ["ref.fa.bgz", "ref.fa", "ref.fasta.gz"])
+def test_compression_is_told_by_the_bytes_not_the_name(tmp_path: Path, name: str) -> None:
+    """A bgzip FASTA named ``.bgz`` (read as ``windows.reference`` as it is) or a gzip one without
+    a suffix was read as text, by its name: "sequence before the first '>' header: not a FASTA";
+    and a plain FASTA named ``.gz`` was "truncated or corrupt"."""
+    fa = shared_file("genomics", "tangermeme", "test.fa")
+    src = tmp_path / name
+    if name.endswith(".gz"):
+        src.write_bytes(fa.read_bytes())  # plain text under a gzip name
+    else:
+        pysam.tabix_compress(str(fa), str(src))  # BGZF, whatever the name says
+    summary = ingest_genome(str(src), str(tmp_path / "g.zarr"))
+    ref = pysam.FastaFile(str(fa))
+    assert summary["contigs"] == list(ref.references) and summary["lengths"] == list(ref.lengths)
+    zarr_ref = open_reference(str(tmp_path / "g.zarr"))
+    name0 = ref.references[0]
+    assert np.array_equal(zarr_ref.fetch(name0, 0, ref.lengths[0]), dna_codes(ref.fetch(name0)))
+
+
 def test_zarr_through_an_fsspec_memory_filesystem(tmp_path: Path) -> None:
     fa = shared_file("genomics", "sarscov2", "EMN908947.fa")
     uri = "memory://genomes/sarscov2.zarr"

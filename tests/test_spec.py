@@ -152,3 +152,33 @@ def test_regions_beside_variants_are_refused_not_ignored(regions: object) -> Non
     assert "bcftools view -R" in str(err.value)
     job["windows"].pop("regions")  # type: ignore[attr-defined]
     assert parse_job(job).windows.variants == "v.vcf"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("key", "value", "said"), [
+    ("variants", "", "windows.variants: is empty: give the variant file, or leave it out (or null)"),
+    ("variants", "  ", "windows.variants: is empty"),
+    ("regions", [], "windows.regions: is an empty list"),
+    ("regions", "", "windows.regions: is empty: give a BED file"),
+    ("regions", ["chr1:0-10", ""], "windows.regions: holds an empty region"),
+    ("reference", "", "windows.reference: is empty"),
+])
+def test_a_blank_genome_path_or_no_regions_is_refused(tmp_path: Path, key: str, value: object, said: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``variants: ""`` (an unset variable in a templated spec) ran a windows job over the whole
+    genome instead of scoring the variants, exit 0; ``regions: []`` ran nothing, exit 0."""
+    windows: dict[str, object] = {"reference": "ref.fa", key: value}
+    path = write_job(tmp_path / "job.yaml", {"kind": "genome", "model": {"path": "m.onnx"},
+                                             "output": {"uri": "o"}, "windows": windows})
+    for command in ("validate", "run"):
+        assert main([command, str(path)]) == EXIT_USAGE
+        assert said in capsys.readouterr().err
+
+
+def test_a_contig_given_as_the_regions_string_is_told_to_list_it(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``regions: chr21`` was told "file not found: .../chr21 (or give 'genome' or a list of
+    'chr:start-end')", not that a list takes contig names."""
+    path = write_job(tmp_path / "job.yaml", {"kind": "genome", "model": {"path": "m.onnx"}, "output": {"uri": "o"},
+                                             "windows": {"reference": "ref.fa", "regions": "chr21"}})
+    assert main(["validate", str(path)]) == EXIT_USAGE
+    assert "to tile contig chr21, list it (regions: [chr21])" in capsys.readouterr().err

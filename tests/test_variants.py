@@ -48,6 +48,17 @@ def test_records_skips_and_ids(tmp_path: Path) -> None:
     assert table.layout == "vcf" and table.notes == []
 
 
+def test_an_id_split_over_biallelic_records_is_told_apart_by_alt(tmp_path: Path) -> None:
+    """``bcftools norm -m-`` splits rs9 C>A,G into two records, both ID rs9: both rows had the
+    variant_id 'rs9' (a join on it paired each with both), where the record unsplit gives
+    'rs9:A' and 'rs9:G'."""
+    split = read_variants(write_vcf(tmp_path, ["chr1\t5\trs9\tC\tA\t.\t.\t.", "chr1\t5\trs9\tC\tG\t.\t.\t.",
+                                               "chr1\t9\trs7\tC\tT\t.\t.\t."]), CONTIGS)
+    whole = read_variants(write_vcf(tmp_path, ["chr1\t5\trs9\tC\tA,G\t.\t.\t.", "chr1\t9\trs7\tC\tT\t.\t.\t."],
+                                    name="whole.vcf"), CONTIGS)
+    assert split.variant_id == whole.variant_id == ["rs9:A", "rs9:G", "rs7"]
+
+
 def test_bgzip_and_bcf_read_the_same(tmp_path: Path) -> None:
     plain = write_vcf(tmp_path, RECORDS)
     gz = str(tmp_path / "v.vcf.gz")
@@ -97,6 +108,21 @@ def test_vcf_body_without_its_chrom_line_is_read_with_a_note(tmp_path: Path, hea
     bad = write_vcf(tmp_path, [*RECORDS, "chrZ\t5\t.\tA\tG"], header=header, name="bad.vcf")
     with pytest.raises(SpecError, match=f"bad.vcf line {header.count(chr(10)) + 6}: contig 'chrZ'"):
         read_variants(bad, CONTIGS)
+
+
+@pytest.mark.parametrize("columns", ["#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO", "#CHROM\tPOS\tID\tREF\tALT"])
+def test_a_chrom_line_without_fileformat_is_read_as_a_table(tmp_path: Path, columns: str) -> None:
+    """A VCF whose ``##`` lines were stripped (``grep -v '^##'``), or its first five columns cut out
+    (``#CHROM POS ID REF ALT``): htslib cannot open either (no ``##fileformat``), and the '#CHROM'
+    line sent them to it, so they were refused, while a body with no header line at all is read."""
+    width = columns.count("\t") + 1
+    records = ["\t".join(r.split("\t")[:width]) for r in RECORDS]
+    expected = read_variants(write_vcf(tmp_path, RECORDS), CONTIGS)
+    table = read_variants(write_vcf(tmp_path, records, header=columns + "\n", name="cut.vcf"), CONTIGS)
+    for column in ("variant_id", "chrom", "pos", "ref", "alt"):
+        assert getattr(table, column) == getattr(expected, column)
+    assert table.counts == expected.counts and table.line == [2, 3, 4, 6, 6]
+    assert table.layout == "table" and "cut.vcf read as a tab-separated table" in table.notes[0]
 
 
 @pytest.mark.parametrize(("name", "text"), [
@@ -171,6 +197,17 @@ def test_blank_lines_in_a_vcf_are_no_records(tmp_path: Path) -> None:
     assert len(table) == 20 and table.failed == [] and table.counts["records"] == 20
 
 
+def test_a_blank_line_in_the_header_does_not_shift_the_line_numbers(tmp_path: Path) -> None:
+    """htslib passes a blank line among the ``##`` lines by; the header was counted up to it, so
+    every record was named by a line four above its own (and described from that other line)."""
+    header = HEADER.replace("##INFO", "\n##INFO", 1)
+    table = read_variants(write_vcf(tmp_path, [*GOOD[:30], "chr1\tx\t.\tA\tG\t.\t.\t."], header=header),
+                          CONTIGS, max_bad=0.05)
+    assert table.line[:2] == [7, 8]
+    assert table.failed == [{"input": "v.vcf line 37",
+                             "error": "malformed VCF record (POS 'x' is not a whole number)"}]
+
+
 def test_records_off_the_reference_are_left_out_by_line(tmp_path: Path) -> None:
     records = [*GOOD[:39], "chrZ\t5\t.\tA\tG\t.\t.\t.", "chr1\t12\t.\tR\tG\t.\t.\t."]
     table = read_variants(write_vcf(tmp_path, records), CONTIGS, max_bad=0.05)
@@ -198,6 +235,46 @@ def test_a_csv_quotes_its_multi_allelic_alt_and_pos_is_digits_only(tmp_path: Pat
     table = read_variants(str(path), CONTIGS, max_bad=0.5)
     assert list(zip(table.pos, table.alt, strict=True)) == [(10, "G"), (10, "T"), (20, "A")]
     assert table.failed == [{"input": "v.csv line 4", "error": "POS '1_2' is not an integer"}]
+
+
+@pytest.mark.parametrize("header", ["# [1]CHROM\t[2]POS\t[3]ID\t[4]REF\t[5]ALT",
+                                    "#[1]CHROM\t[2]POS\t[3]ID\t[4]REF\t[5]ALT"])
+def test_a_bcftools_query_table_is_read_by_its_column_names(tmp_path: Path, header: str) -> None:
+    """``bcftools query -H -f '%CHROM\\t%POS\\t%ID\\t%REF\\t%ALT\\n'`` numbers its column names
+    (``[2]POS``; older versions put a space after the '#'): they named no column and the file was
+    refused as neither a VCF nor a table."""
+    path = tmp_path / "q.tsv"
+    path.write_text(header + "\nchr1\t10\trs1\tA\tG\nchr2\t5\t.\tA\tC,T\n")
+    table = read_variants(str(path), CONTIGS)
+    assert table.layout == "table" and table.variant_id == ["rs1", "chr2:5:A:C", "chr2:5:A:T"]
+    assert table.pos == [10, 5, 5] and table.line == [2, 3, 3]
+
+
+def test_a_tsv_with_quoted_fields_as_r_writes_it(tmp_path: Path) -> None:
+    """R's ``write.table(x, sep="\\t", row.names = FALSE)`` quotes every string: the quotes were
+    kept in a TSV (only a CSV's were taken off), so its header named no column and it was refused."""
+    path = tmp_path / "v.tsv"
+    path.write_text('"chrom"\t"pos"\t"ref"\t"alt"\n"chr1"\t10\t"A"\t"G,T"\n"chr2"\t5\t"A"\t"C"\n')
+    table = read_variants(str(path), CONTIGS)
+    assert list(zip(table.chrom, table.pos, table.ref, table.alt, strict=True)) == [
+        ("chr1", 10, "A", "G"), ("chr1", 10, "A", "T"), ("chr2", 5, "A", "C")]
+    assert table.layout == "table"
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("v.csv", "chrom,pos,ref,alt\nchr1,10,A,G\nchr2,5,A,C\n"),
+    ("body.vcf", "chr1\t10\t.\tA\tG\nchr2\t5\t.\tA\tC\n"),
+    ("v.vcf", HEADER + "chr1\t10\t.\tA\tG\t.\t.\t.\nchr2\t5\t.\tA\tC\t.\t.\t.\n"),
+])
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path: Path, name: str, text: str) -> None:
+    """Excel's "CSV UTF-8" starts the file with a byte-order mark: the header named '\\ufeffchrom',
+    no column, and the file was refused; a body's first contig was '\\ufeffchr1'; a VCF's
+    ``##fileformat`` line was not one (htslib cannot read it: it is read as the table it names)."""
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    table = read_variants(str(path), CONTIGS)
+    assert list(zip(table.chrom, table.pos, table.alt, strict=True)) == [("chr1", 10, "G"), ("chr2", 5, "C")]
+    assert table.failed == []
 
 
 def test_a_malformed_first_body_line_or_a_comment_before_a_header_is_not_the_format(tmp_path: Path) -> None:
@@ -267,6 +344,17 @@ def test_unknown_contig_and_pos_past_end_name_the_line(tmp_path: Path) -> None:
     assert messages[0].startswith("v.vcf line 7: contig 'chrZ' is not in the reference")
     assert "chr1, chr2" in messages[0]
     assert messages[1] == "v.vcf line 8: POS 121 is past the end of chr2 (length 120)"
+
+
+def test_a_ref_that_runs_past_the_contig_end_is_left_out_by_line(tmp_path: Path) -> None:
+    """POS inside the contig but REF going on past its end (another build's longer contig): it was
+    scored against N padding and counted as a REF mismatch, toward "wrong genome build?", rather
+    than left out like a POS past the end."""
+    path = write_vcf(tmp_path, [*GOOD[:30], "chr2\t119\t.\tAC\tA\t.\t.\t.", "chr2\t119\t.\tACG\tA\t.\t.\t."])
+    table = read_variants(path, CONTIGS, max_bad=0.05)
+    assert table.pos[-1] == 119 and table.ref[-1] == "AC"
+    assert table.failed == [{"input": "v.vcf line 37",
+                             "error": "REF 'ACG' at POS 119 runs past the end of chr2 (length 120)"}]
 
 
 def test_missing_vcf(tmp_path: Path) -> None:

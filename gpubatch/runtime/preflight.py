@@ -73,9 +73,19 @@ def check_local_files(job: JobSpec) -> None:
                 problems.append((f"windows.{key}", f"file not found: {value}"))
         regions_file = isinstance(w.regions, str) and w.regions != "genome" and ":" not in w.regions
         if regions_file and not is_remote(str(w.regions)) and not Path(str(w.regions)).exists():
-            problems.append(("windows.regions", f"file not found: {w.regions} (or give 'genome' or a list of 'chr:start-end')"))
+            problems.append(("windows.regions", _no_regions_file(str(w.regions))))
     if problems:
         raise SpecError(problems)
+
+
+def _no_regions_file(regions: str) -> str:
+    """What a ``windows.regions`` string that names no file is told: a bare name (``chr21``) is
+    most likely a contig, which a list takes (a string is a BED file's path)."""
+    name = Path(regions).name  # the spec's string is resolved against the job file's folder
+    if name and "." not in name:
+        return (f"file not found: {regions}; to tile contig {name}, list it (regions: [{name}]): "
+                "a string names a BED file (or is 'genome')")
+    return f"file not found: {regions} (or give 'genome' or a list of 'chr:start-end')"
 
 
 # ---------------------------------------------------------------------------------------------

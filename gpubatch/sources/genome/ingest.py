@@ -11,8 +11,8 @@ Layout: one array per contig (named after the contig when the name is a safe zar
 source, codes, chunk, complete}. ``complete`` is written last, so an interrupted ingest is never
 mistaken for a genome.
 
-The FASTA is streamed (plain, gzip or bgzip; local or any fsspec URL): memory is one chunk plus one
-read block, whatever the genome's size. Contig names are the first word of each header line.
+The FASTA is streamed (plain, gzip or bgzip, told by their bytes; local or any fsspec URL):
+memory is one chunk plus one read block, whatever the genome's size. Contig names are the first word of each header line.
 
 The output is leased while written and, on local disk, replaced only by a complete genome
 (``ingest_output``): two ingests into one output, or a bad FASTA given with ``--overwrite``,
@@ -21,11 +21,12 @@ never cost the genome already there.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -44,6 +45,7 @@ from gpubatch.sources.genome.reference import (
 )
 
 CHUNK_BASES = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
 READ_BLOCK = 8 << 20
 FORMAT_VERSION = 1
 
@@ -66,13 +68,34 @@ def _events(data: bytes, line_start: bool) -> Iterator[tuple[str, bytes]]:
         pos = eol + 1
 
 
+@contextlib.contextmanager
+def _open_fasta(uri: str, storage_options: dict[str, Any] | None) -> Iterator[IO[bytes]]:
+    """The FASTA's bytes, decompressed: gzip and bgzip told by their magic bytes, as
+    ``windows.reference`` tells them (a bgzip FASTA named ``.bgz``, or a gzip one without a
+    suffix, was read as text by its name, and a plain one named ``.gz`` as a broken gzip); other
+    compressions (``.bz2``, ``.xz``) by the name, as fsspec infers them."""
+    from fsspec.compression import compr
+    from fsspec.utils import infer_compression
+
+    with open_file(uri, storage_options, "rb") as raw:
+        gzipped = raw.read(2) == GZIP_MAGIC
+        raw.seek(0)
+        by_name = infer_compression(uri)
+        if gzipped:
+            yield cast(IO[bytes], gzip.GzipFile(fileobj=raw))
+        elif by_name not in (None, "gzip"):
+            yield cast(IO[bytes], compr[by_name](raw, mode="rb"))
+        else:
+            yield raw
+
+
 def _fasta_stream(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tuple[str, bytes]]:
     """Yield ('header', name line) and ('seq', bases) events from a FASTA, read in large blocks.
 
     Blocks are cut at line ends so a header is never split; a sequence line longer than a block
     (unwrapped FASTA) is passed on in pieces, so memory stays one block whatever the line length.
     """
-    with open_file(uri, storage_options, "rb", compression="infer") as f:
+    with _open_fasta(uri, storage_options) as f:
         carry, line_start = b"", True
         while True:
             block = f.read(READ_BLOCK)

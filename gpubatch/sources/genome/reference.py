@@ -17,6 +17,7 @@ runs outside the contig, which is how windows past a contig end are defined.
 
 from __future__ import annotations
 
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 #: root attribute key of a genome zarr written by ``gpubatch ingest genome``
 GENOME_ATTR = "gpubatch_genome"
 N_CODE = 4
+#: bytes read from the reference's start to tell its form (bgzip, gzip, FASTA text, or none)
+HEAD_BYTES = 64
 MAX_LISTED_CONTIGS = 20
 _BGZF_MAGIC = b"\x1f\x8b\x08\x04"
 
@@ -100,10 +103,13 @@ def reference_format(uri: str, storage_options: dict[str, Any] | None = None) ->
     A missing file is said by the read's own answer, not by a HEAD before it."""
     if exists(zarr_marker(uri), storage_options):
         return "zarr"
+    if not is_remote(uri) and os.path.isdir(local_path(uri)):
+        raise InputError(uri, "a folder, but not a genome zarr (no zarr.json in it); give a FASTA "
+                              "with its .fai, or a genome zarr from `gpubatch ingest genome`")
     try:
         with open_ranges(uri, storage_options) as reader:
             size = reader.size()
-            head = bytes(reader.fetch(0, min(size, 4))) if size else b""
+            head = bytes(reader.fetch(0, min(size, HEAD_BYTES))) if size else b""
     except InputError as exc:
         if exc.message.startswith(("object not found", "file not found")):
             raise InputError(uri, "reference not found: check windows.reference (a FASTA with its "
@@ -113,11 +119,15 @@ def reference_format(uri: str, storage_options: dict[str, Any] | None = None) ->
         raise InputError(uri, f"the reference is empty ({size} bytes{', blank' if size else ''}): "
                               "a FASTA starts with a '>NAME' header line")
     if head[:2] == b"\x1f\x8b":
-        if head != _BGZF_MAGIC:
+        if head[:4] != _BGZF_MAGIC:
             raise InputError(uri, "reference is gzip but not bgzip, so it cannot be read by range; "
                                   f"recompress it with `bgzip` then `samtools faidx`, or convert it "
                                   f"with `gpubatch ingest genome {uri} OUT.zarr`")
         return "bgzip"
+    if not head.lstrip().startswith(b">"):
+        raise InputError(uri, f"not a FASTA: it starts with {head[:40]!r}, where a FASTA starts with a "
+                              "'>NAME' header line; windows.reference names the FASTA itself (not its "
+                              ".fai or .gzi), or a genome zarr from `gpubatch ingest genome`")
     return "fasta"
 
 

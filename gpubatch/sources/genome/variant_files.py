@@ -10,8 +10,11 @@ Three layouts are read, told apart from the file's first lines, never from its n
   record is checked against them by the caller). A note says so in the report.
 * **A table** (TSV or CSV) whose first line names its columns: ``chrom``, ``pos``, ``ref``,
   ``alt`` and optionally ``id`` (case-insensitive; ``chr``/``chromosome``/``contig``,
-  ``position``, ``reference``, ``alternate``, ``variant_id``/``rsid``/``name`` are accepted).
+  ``position``, ``reference``, ``alternate``, ``variant_id``/``rsid``/``name`` are accepted, and
+  ``bcftools query -H``'s numbered names, ``[2]POS``).
   POS is 1-based, as in a VCF. ALT may list several alleles separated by commas (in a CSV, quoted: ``"G,T"``).
+  A ``#CHROM POS ID REF ALT ...`` line without the ``##fileformat`` line htslib needs (the
+  ``##`` lines stripped, or the first columns cut out) is such a table too.
 
 Every layout yields the same :class:`RawRecord` with where it came from (``file line N``), so
 that every later error names the line, or a :class:`MalformedRecord` saying what is wrong with a
@@ -26,6 +29,7 @@ import csv
 import gzip
 import itertools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -50,6 +54,8 @@ COLUMN_ALIASES = {
 }
 BODY_NOTE = ("{name} has no '#CHROM' header line: read as VCF columns CHROM, POS, ID, REF, ALT, "
              "with the reference's contigs standing in for the header's")
+#: the column number ``bcftools query -H`` writes before each name: ``[2]POS``
+_BCFTOOLS_NUMBER = re.compile(r"^\[\d+\]")
 TABLE_NOTE = "{name} read as a {kind} table with columns {columns}; POS taken as 1-based, as in a VCF"
 
 
@@ -129,16 +135,17 @@ def _is_bcf(path: str) -> bool:
 
 
 def _split(line: str, delimiter: str) -> list[str]:
-    """A table line's fields; a CSV's quoted fields (``"G,T"``, as pandas writes a multi-allelic
-    ALT) are one field, quotes removed."""
+    """A table line's fields; quoted fields (``"G,T"``, as pandas writes a multi-allelic ALT in a
+    CSV; every string, as R's ``write.table`` writes a TSV) are one field, quotes removed."""
     text = line.rstrip("\r\n")
-    fields = next(csv.reader([text])) if delimiter == "," and '"' in text else text.split(delimiter)
+    fields = next(csv.reader([text], delimiter=delimiter)) if '"' in text else text.split(delimiter)
     return [f.strip() for f in fields]
 
 
 def _table_columns(fields: list[str]) -> dict[str, int]:
-    """The table's column index of each field, or {} when the line is not a header row."""
-    names = [f.lower().lstrip("#") for f in fields]
+    """The table's column index of each field, or {} when the line is not a header row. A name is
+    read without its '#' and the ``[N]`` that ``bcftools query -H`` puts before it (``# [1]CHROM``)."""
+    names = [_BCFTOOLS_NUMBER.sub("", f.lower().lstrip("#").strip()) for f in fields]
     found = {}
     for key, aliases in COLUMN_ALIASES.items():
         hit = next((i for i, n in enumerate(names) if n in {a.lstrip("#") for a in aliases}), None)
@@ -157,7 +164,7 @@ def sniff(path: str, uri: str) -> Layout:
         return Layout(LAYOUT_BCF)
     lines = _first_lines(path)
     first = lines[0][1] if lines else ""
-    if first.upper().startswith("#CHROM"):
+    if first.upper().startswith("#CHROM") and _declares_vcf(path):
         return Layout(LAYOUT_VCF)
     for number, line in lines:
         table = _table_layout(line, number, name)
@@ -174,6 +181,22 @@ def sniff(path: str, uri: str) -> Layout:
                              f"optionally id); its first data line is {first[:80]!r}")])
 
 
+def _declares_vcf(path: str) -> bool:
+    """Whether the file opens with ``##fileformat=VCF``, as htslib needs to read it as a VCF. A
+    '#CHROM' line without it (the ``##`` lines stripped by ``grep -v '^##'``, or a file of the
+    first five columns) is read as a table of the columns it names instead of refused."""
+    with _open_text(path) as f, contextlib.suppress(EOFError, OSError):
+        return f.readline().startswith(b"##fileformat=VCF")
+    return False
+
+
+def _text(raw: bytes, number: int) -> str:
+    """Line ``number`` as text, a UTF-8 byte-order mark off the first (Excel's "CSV UTF-8" writes
+    one: the first column's name, or a headerless file's first contig, was U+FEFF + 'chrom')."""
+    line = raw.decode("utf-8", "replace")
+    return line.removeprefix("\ufeff") if number == 1 else line
+
+
 def _first_lines(path: str) -> list[tuple[int, str]]:
     """(line number, text) of the first SNIFF_LINES lines that are not ``##`` meta or blank (only
     the first, when it is a VCF's ``#CHROM`` line). A damaged gzip ends the look early: the read
@@ -181,7 +204,7 @@ def _first_lines(path: str) -> list[tuple[int, str]]:
     found: list[tuple[int, str]] = []
     with _open_text(path) as f, contextlib.suppress(EOFError, OSError):
         for number, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", "replace")
+            line = _text(raw, number)
             if line.startswith("##") or not line.strip():
                 continue
             found.append((number, line))
@@ -212,7 +235,7 @@ def _table_records(path: str, name: str, layout: Layout) -> Iterator[RawRecord |
         for n, raw in enumerate(f, start=1):
             if n <= layout.header_lines:
                 continue
-            line = raw.decode("utf-8", "replace")
+            line = _text(raw, n)
             if line.strip() and not line.startswith("#"):
                 yield _table_record(line, n, name, layout)
 
@@ -313,9 +336,14 @@ class _LineFinder:
         self._stack.close()
 
     def header_lines(self) -> int:
-        """Header lines (``#``) at the top, for the data lines' numbers."""
+        """Header lines at the top, up to and with the ``#CHROM`` line, for the data lines'
+        numbers: htslib passes a blank line among the ``##`` lines by, so counting the ``#``
+        lines alone named every record by a line above its own."""
         with _open_text(self.path) as f:
-            return sum(1 for _ in itertools.takewhile(lambda line: line.startswith(b"#"), f))
+            for number, line in enumerate(f, start=1):
+                if line.upper().startswith(b"#CHROM"):
+                    return number
+        return 0
 
     def line(self, number: int) -> bytes:
         if self._lines is None or number <= self._at:

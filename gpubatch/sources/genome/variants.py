@@ -9,12 +9,12 @@ sequence is read on workers. One item per ALT allele. Decisions, each tested:
   ``spanning_deletion`` (``*``), ``breakend`` (``G]chr2:5]``, ``.A``), ``iupac`` (ambiguity codes
   such as K, Y, R, W, S, M, D, H, B, V, N: a masking VCF is full of them, and a window cannot
   hold "G or T") and ``not_sequence`` (anything else). They carry no bases to put in a window.
-* A malformed record, a contig absent from the reference, a POS past the contig end or below 1,
-  and a REF that is not sequence (``.``, symbolic, IUPAC codes other than N) leave that record
-  out, listed by file and line in report.json's ``failed`` (``bad_records``). Past
-  ``windows.max_bad_records`` of the file the job is refused at plan time instead: the usual
-  causes of many (another genome build, the wrong file) affect every record, and scoring the rest
-  would hide them.
+* A malformed record, a contig absent from the reference, a POS past the contig end or below 1
+  (or a REF that runs past the end), and a REF that is not sequence (``.``, symbolic, IUPAC
+  codes other than N) leave that record out, listed by file and line in report.json's ``failed``
+  (``bad_records``). Past ``windows.max_bad_records`` of the file the job is refused at plan time
+  instead: the usual causes of many (another genome build, the wrong file) affect every record,
+  and scoring the rest would hide them.
 * A REF allele that disagrees with the reference is **scored but flagged**: the ``ref_match``
   column is False and the shard's ``ref_mismatches`` count goes up. When more than
   ``windows.max_ref_mismatch`` of the variants disagree (checked at plan time, the reference read
@@ -32,7 +32,8 @@ The alt window keeps the left flank fixed and takes as much right flank as it ne
 bases: a deletion pulls in more downstream sequence, an insertion pushes it out (and an ALT longer
 than ``L - L // 2`` is cut at the window end). Bases outside the contig are N.
 
-Output columns: ``variant_id`` (the VCF ID, suffixed ``:ALT`` for multi-allelic records, or
+Output columns: ``variant_id`` (the VCF ID, suffixed ``:ALT`` for multi-allelic records and where
+records split from one (``bcftools norm -m-``) share it, or
 ``chrom:POS:REF:ALT`` when ID is '.'), ``chrom``, ``pos`` (the VCF's 1-based POS, so rows join back
 to the file), ``ref``, ``alt``, ``ref_match``.
 """
@@ -148,11 +149,14 @@ def _check_record(rec: RawRecord, contigs: ContigTable) -> str | None:
         return contigs.missing_message(rec.chrom)
     if rec.pos < 1:
         return f"POS {rec.pos} is not a position (VCF POS counts from 1)"
-    if rec.pos > contigs.length(rec.chrom):
-        return f"POS {rec.pos} is past the end of {rec.chrom} (length {contigs.length(rec.chrom)})"
+    length = contigs.length(rec.chrom)
+    if rec.pos > length:
+        return f"POS {rec.pos} is past the end of {rec.chrom} (length {length})"
     problem = ref_problem(rec.ref)
     if problem:
         return f"{problem}; REF must spell the reference bases (A, C, G, T or N)"
+    if rec.pos - 1 + len(rec.ref) > length:  # no base there to match: not a mismatch, off the contig
+        return f"REF {rec.ref!r} at POS {rec.pos} runs past the end of {rec.chrom} (length {length})"
     return None
 
 
@@ -205,7 +209,19 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
     table.failed = bad.admit(max_bad)
+    _tell_alleles_apart(table)
     return table
+
+
+def _tell_alleles_apart(table: VariantTable) -> None:
+    """Suffix ``:ALT`` to an ID that other ALT alleles share, as a multi-allelic record's are: a
+    file split into biallelic records (``bcftools norm -m-``, the usual step before scoring) gave
+    every allele of rs123 the id 'rs123', and a join on ``variant_id`` paired each with all."""
+    alts: dict[str, set[str]] = {}
+    for vid, alt in zip(table.variant_id, table.alt, strict=True):
+        alts.setdefault(vid, set()).add(alt)
+    table.variant_id = [f"{vid}:{alt}" if len(alts[vid]) > 1 else vid
+                        for vid, alt in zip(table.variant_id, table.alt, strict=True)]
 
 
 def check_refs(table: VariantTable, reference: Reference, chunk_bases: int) -> np.ndarray:
