@@ -140,6 +140,36 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
                             f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
 
 
+#: what tifffile logs (and reads on past) where a file's structure is cut short or broken: an IFD
+#: or a tag's value past the end of the file, or a list of tags that is no list. It then drops
+#: the pages or tags beyond, and the file reads as another one: fewer pyramid levels, an OME-TIFF
+#: without its OME-XML (so without its resolution).
+DAMAGED_STRUCTURE = ("invalid page offset", "invalid offset to page", "corrupted tag list",
+                     "invalid value offset", "invalid circular reference", "invalid next page")
+
+
+def _check_whole(tif: Any, pages: list[Any], complaints: list[str], path: str) -> None:
+    """Refuse a TIFF that was cut short (an interrupted copy or download) or whose structure is
+    broken, before any tile is read: every level's stored tiles must end within the file, and
+    tifffile must not have dropped pages or tags while parsing it (``DAMAGED_STRUCTURE``).
+
+    Before, the first lost its tiles only when a read reached them (validate passed the slide, and
+    a tissue filter could skip them); the second read as a smaller, valid slide, without a word.
+    """
+    size = int(tif.filehandle.size)
+    for level, page in enumerate(pages):
+        ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+        end = int(ends.max()) if len(ends) else 0
+        if end > size:
+            raise InputError(path, f"truncated: the stored tiles of level {level} run to byte {end}, past "
+                                   f"the end of the file at {size} bytes (a copy or download cut short?)")
+    damage = next((c for c in complaints if any(d in c for d in DAMAGED_STRUCTURE)), None)
+    if damage is not None:
+        shown = re.sub(r"^(<[^>]*>\s*)+", "", damage)[:200]
+        raise InputError(path, f"truncated or damaged TIFF structure: {shown} (tifffile would drop the "
+                               f"pages or tags past it: pyramid levels, the resolution)")
+
+
 def stores_gray(page: Any) -> bool:
     """A page of gray, black or white is 0, alone or with an alpha sample: a slide that tissue
     detection must search for darkness, as gray has no stain colour (``SlideBackend.grayscale``)."""
@@ -190,13 +220,19 @@ class TiffBackend(TileGridBackend):
 
         self.path = path
         route_library_logs(python_warnings=False)
-        with reading(path):  # tifffile's warnings about this file's tags name the file
+        # tifffile's warnings about this file's tags name the file; its complaints are kept
+        with reading(path), collect_warnings() as complaints:
             self.tif = tifffile.TiffFile(fileobj if fileobj is not None else path)
             series = self.tif.series[0]
             self.pages = [lvl.keyframe for lvl in series.levels]
+            scale = _mpp_from_tiff(self.tif)
+        try:
+            _check_whole(self.tif, self.pages, complaints, path)
             for level, page in enumerate(self.pages):
                 _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
-            scale = _mpp_from_tiff(self.tif)
+        except BaseException:
+            self.tif.close()
+            raise
         self.ranges = ranges if ranges is not None else open_ranges(path, clocks=clocks)
         # decoded to RGB, whatever is stored (gray grows threefold)
         self.stored_tile_bytes = max(p.tilelength * p.tilewidth * max(p.samplesperpixel, 3) * np.dtype(p.dtype).itemsize
