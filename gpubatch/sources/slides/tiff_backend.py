@@ -19,6 +19,7 @@ from gpubatch.core.errors import GpubatchError, InputError
 from gpubatch.core.logs import collect_warnings, reading, route_library_logs
 from gpubatch.core.threads import unlock_cached_properties
 from gpubatch.io.ranges import RangeReader
+from gpubatch.io.redact import safe_text
 from gpubatch.io.storage import open_ranges
 from gpubatch.sources.slides.backends import (
     JPEG,
@@ -69,19 +70,34 @@ def _mpp_from_tiff(tif: Any) -> TiffMpp:
         return TiffMpp(float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio",
                        "Aperio ImageDescription MPP" if mpp else "")
     if tif.is_ome:
-        x, y = (_ome_physical_size(tif.ome_metadata or "", axis) for axis in "XY")
-        return TiffMpp(x, None, "ome-tiff", "OME PhysicalSizeX" if x is not None else "",
+        (x, broken), (y, _) = (_ome_physical_size(tif.ome_metadata or "", axis) for axis in "XY")
+        return TiffMpp(x, None, "ome-tiff", "OME PhysicalSizeX" if x is not None else "", broken,
                        mpp_y=y if x is not None else None)
     return _mpp_from_resolution_tags(page)
 
 
-def _ome_physical_size(ome: str, axis: str) -> float | None:
-    """OME PhysicalSizeX or Y in um: None where absent or in a unit other than microns."""
-    found = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', ome)
+#: microns per OME UnitsLength symbol (the OME schema's; its default is µm), micro sign and Greek
+#: mu alike: writers use either, and only the first was read (the file "recorded no MPP")
+OME_MICRONS = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "Å": 1e-4, "pm": 1e-6,
+               "mm": 1e3, "cm": 1e4, "m": 1e6, "in": 25400.0}
+
+
+def _ome_physical_size(ome: str, axis: str) -> tuple[float | None, str]:
+    """OME PhysicalSizeX or Y in um, or None; and why a size the file records counts as missing
+    (a value that is no number): the grid names it. A unit that is no length (pixel) is none.
+
+    A value that is no number raised from here, and the slide went to openslide, which read it
+    as a generic TIFF: without its SubIFD pyramid, at its TIFF resolution tags' scale.
+    """
+    found = re.search(rf'PhysicalSize{axis}="([^"]*)"', ome)
     unit = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', ome)
-    if found and (unit is None or unit.group(1) in ("µm", "um", "micron")):
-        return float(found.group(1))
-    return None
+    scale = OME_MICRONS.get(unit.group(1).strip() if unit else "µm")
+    if found is None or scale is None:
+        return None, ""
+    try:
+        return float(found.group(1)) * scale, ""
+    except ValueError:
+        return None, f"OME PhysicalSize{axis} {safe_text(found.group(1)[:40])!r} is not a number: no resolution"
 
 
 def _mpp_from_resolution_tags(page: Any) -> TiffMpp:
