@@ -164,26 +164,31 @@ DAMAGED_STRUCTURE = ("invalid page offset", "invalid offset to page", "corrupted
                      "invalid value offset", "invalid circular reference", "invalid next page")
 
 
-def _check_whole(tif: Any, pages: list[Any], complaints: list[str], path: str) -> None:
-    """Refuse a TIFF that was cut short (an interrupted copy or download) or whose structure is
-    broken, before any tile is read: every level's stored tiles must end within the file, and
-    tifffile must not have dropped pages or tags while parsing it (``DAMAGED_STRUCTURE``).
-
-    Before, the first lost its tiles only when a read reached them (validate passed the slide, and
-    a tissue filter could skip them); the second read as a smaller, valid slide, without a word.
-    """
-    size = int(tif.filehandle.size)
-    for level, page in enumerate(pages):
-        ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
-        end = int(ends.max()) if len(ends) else 0
-        if end > size:
-            raise InputError(path, f"truncated: the stored tiles of level {level} run to byte {end}, past "
-                                   f"the end of the file at {size} bytes (a copy or download cut short?)")
+def _check_structure(complaints: list[str], path: str) -> None:
+    """Refuse a TIFF whose IFD chain or tags run past its end or are broken (a file cut short by
+    an interrupted copy or download): tifffile drops the pages or tags beyond and reads on
+    (``DAMAGED_STRUCTURE``), and the file read as a smaller valid slide, without a word: fewer
+    pyramid levels, an OME-TIFF without its OME-XML (so without its resolution)."""
     damage = next((c for c in complaints if any(d in c for d in DAMAGED_STRUCTURE)), None)
     if damage is not None:
         shown = re.sub(r"^(<[^>]*>\s*)+", "", damage)[:200]
         raise InputError(path, f"truncated or damaged TIFF structure: {shown} (tifffile would drop the "
                                f"pages or tags past it: pyramid levels, the resolution)")
+
+
+def _check_within(tif: Any, pages: list[Any], path: str) -> None:
+    """Refuse a TIFF whose stored tiles run past the end of the file (a copy cut short) before
+    any is read: they were found only by a read that reached them, so validate passed the
+    slide, and a tissue filter that skipped them passed it too."""
+    size = int(tif.filehandle.size)
+    for level, page in enumerate(pages):
+        if len(page.dataoffsets) != len(page.databytecounts):
+            continue  # a malformed IFD: _check_page refuses it, naming both counts
+        ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+        end = int(ends.max()) if len(ends) else 0
+        if end > size:
+            raise InputError(path, f"truncated: the stored tiles of level {level} run to byte {end}, past "
+                                   f"the end of the file at {size} bytes (a copy or download cut short?)")
 
 
 def stores_gray(page: Any) -> bool:
@@ -243,7 +248,8 @@ class TiffBackend(TileGridBackend):
             self.pages = [lvl.keyframe for lvl in series.levels]
             scale = _mpp_from_tiff(self.tif)
         try:
-            _check_whole(self.tif, self.pages, complaints, path)
+            _check_within(self.tif, self.pages, path)
+            _check_structure(complaints, path)
             for level, page in enumerate(self.pages):
                 _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
         except BaseException:
