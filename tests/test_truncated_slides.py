@@ -88,3 +88,19 @@ def test_validate_names_cut_files_and_run_quarantines_them(tmp_path: Path, origi
     assert [s["input"] for s in report["shards"]] == [str(originals["tiff"])]
     alone = write_job(tmp_path / "alone.yaml", slide_job(list(map(str, cuts)), mean_model, tmp_path / "out2"))
     assert cli("validate", str(alone)).wait() == 2
+
+
+@pytest.mark.parametrize("where", ["in a tile", "before a level's IFD"])
+def test_a_streamed_tiff_cut_short_is_refused_at_open(tmp_path: Path, originals: dict[str, Path], where: str) -> None:
+    """Read by byte range over HTTP, the file's end is the object's size: the same refusal."""
+    from http_servers import FileServer
+
+    from gpubatch.sources.slides.open import open_slide_input
+
+    data = originals["tiff"].read_bytes()[: _cut_point(originals["tiff"], where)]
+    server = FileServer({"/cut.tif": data}, etag='"v1"')
+    try:
+        with pytest.raises(InputError, match="truncated"):
+            open_slide_input(f"{server.url}/cut.tif", StageClocks(), access="stream")
+    finally:
+        server.close()
