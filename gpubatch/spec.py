@@ -47,8 +47,10 @@ class TilesSpec(_Strict):
     mpp: float | None = Field(0.5, gt=0.0, le=1000.0, description="microns per pixel (1000: a millimetre)")
     level: int | None = Field(None, ge=0)
     mpp_fallback: float | None = Field(
-        None, gt=0.0, description="level-0 microns per pixel assumed for slides that record none "
-                                  "(or an implausible resolution tag)")
+        None, ge=0.01, le=10.0,
+        description="level-0 microns per pixel assumed for slides that record none (or an implausible "
+                    "resolution tag); within 0.01-10, the scan resolutions a tag may give: outside, "
+                    "a typo (0.0025 for 0.25) made every slide 'smaller than one tile', and exit 0")
     overlap: float = Field(0.0, ge=0.0, lt=1.0)
     tissue: TissueSpec = Field(default_factory=TissueSpec)
     read_block: int = Field(
