@@ -11,10 +11,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -197,8 +198,15 @@ class SlideModelSpec(_Strict):
         None, description="the tile model output that forms each slide's bag; default its first output")
 
 
+def _not_blank(uri: str) -> str:
+    """An input entry that names something: a blank one resolved to the spec's own folder."""
+    if not uri.strip():
+        raise ValueError("is blank: give a slide's path, glob or URL, or leave the entry out")
+    return uri
+
+
 class InputSpec(_Strict):
-    uris: list[str] = Field(default_factory=list)
+    uris: list[Annotated[str, AfterValidator(_not_blank)]] = Field(default_factory=list)
     storage: dict[str, Any] = Field(default_factory=dict)
     access: Literal["stream", "stage", "auto"] = "auto"
     read_ahead_mb: int = Field(64, ge=0, le=65536, description=(

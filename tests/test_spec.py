@@ -152,3 +152,12 @@ def test_regions_beside_variants_are_refused_not_ignored(regions: object) -> Non
     assert "bcftools view -R" in str(err.value)
     job["windows"].pop("regions")  # type: ignore[attr-defined]
     assert parse_job(job).windows.variants == "v.vcf"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_a_blank_input_uri_is_refused_naming_its_place(tmp_path: Path, good: dict, blank: str) -> None:
+    """An empty entry (a generated list's trailing blank line) resolved against the spec's folder:
+    the folder was an input, 'a directory, not a slide', and the run ended partial (exit 3)."""
+    good["input"]["uris"] = [good["input"]["uris"][0], blank]
+    assert _problems(tmp_path, good) == [("input.uris[1]", "is blank: give a slide's path, glob or URL, "
+                                                           "or leave the entry out")]
