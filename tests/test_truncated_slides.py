@@ -104,3 +104,28 @@ def test_a_streamed_tiff_cut_short_is_refused_at_open(tmp_path: Path, originals:
             open_slide_input(f"{server.url}/cut.tif", StageClocks(), access="stream")
     finally:
         server.close()
+
+
+def test_a_remote_tiff_cut_short_is_not_downloaded_to_be_refused_again(
+        tmp_path: Path, originals: dict[str, Path], mean_model: Path) -> None:
+    """input.access auto fell back to staging a slide whose streamed open was refused as cut
+    short: a whole download to be refused the same way. And validate, which opens nothing a run
+    would download, counted it 'not opened' instead of naming it."""
+    from http_servers import FileServer
+
+    from gpubatch.sources.slides.open import open_slide_input
+
+    data = originals["tiff"].read_bytes()[: _cut_point(originals["tiff"], "in a tile")]
+    server = FileServer({"/cut.tif": data}, etag='"v1"')
+    url = f"{server.url}/cut.tif"
+    try:
+        clocks = StageClocks()
+        with pytest.raises(InputError, match="truncated"):
+            open_slide_input(url, clocks, access="auto")
+        assert clocks.counters.get("storage.stream_fallbacks", 0) == 0
+        assert server.count("GET", "/cut.tif") <= 3  # the header and tables, never the whole file again
+        job = write_job(tmp_path / "job.yaml", slide_job([str(originals["tiff"]), url], mean_model, tmp_path / "out"))
+        checked = cli("validate", str(job)).communicate()[0]
+        assert f"warning: {url} would be quarantined: truncated" in checked and "not opened" not in checked
+    finally:
+        server.close()
