@@ -106,26 +106,31 @@ def test_a_streamed_tiff_cut_short_is_refused_at_open(tmp_path: Path, originals:
         server.close()
 
 
+@pytest.mark.parametrize(("damage", "fragment"), [("cut in a tile", "truncated"), ("malformed IFD", "malformed IFD")])
 def test_a_remote_tiff_cut_short_is_not_downloaded_to_be_refused_again(
-        tmp_path: Path, originals: dict[str, Path], mean_model: Path) -> None:
+        tmp_path: Path, originals: dict[str, Path], mean_model: Path, damage: str, fragment: str) -> None:
     """input.access auto fell back to staging a slide whose streamed open was refused as cut
-    short: a whole download to be refused the same way. And validate, which opens nothing a run
-    would download, counted it 'not opened' instead of naming it."""
+    short (or its IFD malformed): a whole download to be refused the same way. And validate,
+    which opens nothing a run would download, counted it 'not opened' instead of naming it."""
+    from hostile_inputs import shorten_tile_offsets
     from http_servers import FileServer
 
     from gpubatch.sources.slides.open import open_slide_input
 
-    data = originals["tiff"].read_bytes()[: _cut_point(originals["tiff"], "in a tile")]
+    if damage == "malformed IFD":
+        data = shorten_tile_offsets(originals["tiff"], tmp_path / "ifd.tif").read_bytes()
+    else:
+        data = originals["tiff"].read_bytes()[: _cut_point(originals["tiff"], "in a tile")]
     server = FileServer({"/cut.tif": data}, etag='"v1"')
     url = f"{server.url}/cut.tif"
     try:
         clocks = StageClocks()
-        with pytest.raises(InputError, match="truncated"):
+        with pytest.raises(InputError, match=fragment):
             open_slide_input(url, clocks, access="auto")
         assert clocks.counters.get("storage.stream_fallbacks", 0) == 0
         assert server.count("GET", "/cut.tif") <= 3  # the header and tables, never the whole file again
         job = write_job(tmp_path / "job.yaml", slide_job([str(originals["tiff"]), url], mean_model, tmp_path / "out"))
         checked = cli("validate", str(job)).communicate()[0]
-        assert f"warning: {url} would be quarantined: truncated" in checked and "not opened" not in checked
+        assert f"warning: {url} would be quarantined: {fragment}" in checked and "not opened" not in checked
     finally:
         server.close()
