@@ -281,3 +281,40 @@ def test_an_ome_size_that_is_no_number_is_missing_mpp_not_another_reader(tmp_pat
     grid = make_grid(backend.info, _tiles(mpp=0.5, mpp_fallback=0.25), path)
     assert grid.notes[0] == "OME PhysicalSizeX '1.2.3' is not a number: no resolution, so it counts as missing MPP"
     backend.close()
+
+
+def philips_tiff(path: Path) -> Path:
+    """A 3-level Philips TIFF as Philips IntelliSite writes its structure: software 'Philips DP',
+    the DPUfsImport XML in level 0's description holding one PixelDataRepresentation per level
+    with its DICOM_PIXEL_SPACING (mm, down then across, each quoted), no resolution tags. Level
+    0's pixels are 0.25 um down and 0.2501 across (square to within 1%); the others double them."""
+    import tifffile
+
+    image = np.random.default_rng(0).integers(100, 200, (512, 512, 3), dtype=np.uint8)
+    reps = "".join(
+        '<DataObject ObjectType="PixelDataRepresentation"><Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" '
+        f'Element="0x0030" PMSVR="IDoubleArray">&quot;{0.00025 * 2**i:g}&quot; &quot;{0.0002501 * 2**i:g}&quot;'
+        "</Attribute></DataObject>" for i in range(3))
+    xml = ('<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport"><Attribute '
+           'Name="PIM_DP_SCANNED_IMAGES" PMSVR="IDataObjectArray"><Array><DataObject ObjectType="DPScannedImage">'
+           '<Attribute Name="PIM_DP_IMAGE_TYPE" PMSVR="IString">WSI</Attribute><Attribute '
+           'Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" PMSVR="IDataObjectArray"><Array>'
+           f"{reps}</Array></Attribute></DataObject></Array></Attribute></DataObject>")
+    with tifffile.TiffWriter(path) as tif:
+        for i in range(3):
+            tif.write(image[:: 2**i, :: 2**i], tile=(256, 256), compression="jpeg", photometric="rgb",
+                      software="Philips DP v1.0", description=xml if i == 0 else f"level={i}", metadata=None,
+                      subfiletype=1 if i else 0)
+    return path
+
+
+def test_a_philips_tiff_is_read_at_its_dicom_pixel_spacing(tmp_path: Path) -> None:
+    """Philips TIFFs record their scale only as DICOM_PIXEL_SPACING in their XML, which was not
+    read: every Philips slide 'recorded no microns-per-pixel' and was quarantined."""
+    path = str(philips_tiff(tmp_path / "p.tiff"))
+    backend = TiffBackend(path)
+    info = backend.info
+    assert info.vendor == "philips" and info.mpp_source == "Philips DICOM_PIXEL_SPACING"
+    assert (info.mpp, info.mpp_y) == pytest.approx((0.2501, 0.25)) and len(info.level_dimensions) == 3
+    assert make_grid(info, _tiles(mpp=0.5), path).level == 1
+    backend.close()

@@ -73,7 +73,30 @@ def _mpp_from_tiff(tif: Any) -> TiffMpp:
         (x, broken), (y, _) = (_ome_physical_size(tif.ome_metadata or "", axis) for axis in "XY")
         return TiffMpp(x, None, "ome-tiff", "OME PhysicalSizeX" if x is not None else "", broken,
                        mpp_y=y if x is not None else None)
+    if tif.is_philips:
+        return _mpp_from_philips(tif.philips_metadata or "")
     return _mpp_from_resolution_tags(page)
+
+
+def _mpp_from_philips(xml: str) -> TiffMpp:
+    """A Philips TIFF's mpp: level 0's DICOM_PIXEL_SPACING in its XML (the first
+    PixelDataRepresentation, as tifffile orders the levels), in mm, down then across like DICOM
+    PixelSpacing. Its resolution tags say nothing, so every Philips slide read as without MPP."""
+    from xml.etree import ElementTree
+
+    try:
+        tree = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return TiffMpp(None, None, "philips", "", "Philips XML metadata does not parse: no resolution")
+    found = [e.text for e in tree.iterfind('.//DataObject[@ObjectType="PixelDataRepresentation"]'
+                                           '/Attribute[@Name="DICOM_PIXEL_SPACING"]') if e.text]
+    if not found:
+        return TiffMpp(None, None, "philips", "")
+    try:  # tifffile's own series parse refuses these first; kept for a file it reads otherwise
+        down, across = (float(v) * 1000.0 for v in found[0].replace('"', " ").split())
+    except ValueError:
+        return TiffMpp(None, None, "philips", "", "Philips DICOM_PIXEL_SPACING is not two numbers: no resolution")
+    return TiffMpp(across, None, "philips", "Philips DICOM_PIXEL_SPACING", mpp_y=down)
 
 
 #: microns per OME UnitsLength symbol (the OME schema's; its default is µm), micro sign and Greek
