@@ -11,10 +11,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -48,8 +49,10 @@ class TilesSpec(_Strict):
     mpp: float | None = Field(0.5, gt=0.0, le=1000.0, description="microns per pixel (1000: a millimetre)")
     level: int | None = Field(None, ge=0)
     mpp_fallback: float | None = Field(
-        None, gt=0.0, description="level-0 microns per pixel assumed for slides that record none "
-                                  "(or an implausible resolution tag)")
+        None, ge=0.01, le=10.0,
+        description="level-0 microns per pixel assumed for slides that record none (or an implausible "
+                    "resolution tag); within 0.01-10, the scan resolutions a tag may give: outside, "
+                    "a typo (0.0025 for 0.25) made every slide 'smaller than one tile', and exit 0")
     overlap: float = Field(0.0, ge=0.0, lt=1.0)
     tissue: TissueSpec = Field(default_factory=TissueSpec)
     read_block: int = Field(
@@ -216,8 +219,15 @@ class SlideModelSpec(_Strict):
         None, description="the tile model output that forms each slide's bag; default its first output")
 
 
+def _not_blank(uri: str) -> str:
+    """An input entry that names something: a blank one resolved to the spec's own folder."""
+    if not uri.strip():
+        raise ValueError("is blank: give a slide's path, glob or URL, or leave the entry out")
+    return uri
+
+
 class InputSpec(_Strict):
-    uris: list[str] = Field(default_factory=list)
+    uris: list[Annotated[str, AfterValidator(_not_blank)]] = Field(default_factory=list)
     storage: dict[str, Any] = Field(default_factory=dict)
     access: Literal["stream", "stage", "auto"] = "auto"
     read_ahead_mb: int = Field(64, ge=0, le=65536, description=(

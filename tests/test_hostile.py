@@ -562,6 +562,10 @@ SPEC_CASES = {  # a change to a valid slides job -> the field and the message's 
     "tiles.size 16384": ({"tiles": {"size": 16384}}, "model.batch_size: 16 items make a 48.00 GiB model input"),
     "mpp .inf": ({"tiles": {"mpp": float("inf")}}, "tiles.mpp: Input should be a finite number"),
     "mpp 1e9": ({"tiles": {"mpp": 1e9}}, "tiles.mpp: Input should be less than or equal to 1000"),
+    # a fallback no scan records (0.0025 for 0.25): slides read as 'empty' (tiles 100x too big), exit 0
+    "mpp_fallback 0.0025": ({"tiles": {"mpp_fallback": 0.0025}},
+                            "tiles.mpp_fallback: Input should be greater than or equal to 0.01"),
+    "mpp_fallback 25": ({"tiles": {"mpp_fallback": 25}}, "tiles.mpp_fallback: Input should be less than or equal to 10"),
     "mean of two": ({"model": {"input": {"mean": [0.5, 0.5]}}}, "model.input.mean: List should have at least 3 items"),
     "std NaN": ({"model": {"input": {"std": [float("nan"), 1.0, 1.0]}}}, "model.input.std[0]: Input should be a finite number"),
     "std zero": ({"model": {"input": {"std": [0.0, 1.0, 1.0]}}}, "model.input.std: every std must be > 0"),

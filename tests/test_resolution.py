@@ -236,3 +236,85 @@ def test_run_quarantines_an_ome_zarr_whose_pixels_are_not_square(tmp_path: Path,
     assert refused.exit_code == 1
     assert "the pixels are not square: 0.25 um/px across" in refused.report["failed"][0]["error"]
     assert gpubatch.run(spec, tiles__level=0, show_progress=False).report["items"] == 64
+
+
+def ome_sized_tiff(path: Path, size: str | float, unit: str) -> Path:
+    """A 512 px OME-TIFF pyramid (one SubIFD level) whose OME-XML says PhysicalSizeX and Y are
+    ``size`` (written as given) in ``unit``, and whose TIFF resolution tags say 1 um/px."""
+    import tifffile
+
+    image = np.random.default_rng(0).integers(100, 200, (512, 512, 3), dtype=np.uint8)
+    kw: Any = {"tile": (256, 256), "photometric": "rgb", "compression": "jpeg", "resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(image, subifds=1, resolution=(1e4, 1e4), **kw,
+                  metadata={"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeXUnit": unit,
+                            "PhysicalSizeY": size, "PhysicalSizeYUnit": unit})
+        tif.write(image[::2, ::2], subfiletype=1, resolution=(5e3, 5e3), **kw)
+    return path
+
+
+@pytest.mark.parametrize(("size", "unit"), [(0.25, "μm"), (250, "nm"), (0.00025, "mm"), (2500, "Å")])
+def test_ome_sizes_in_any_length_unit_are_read_as_microns(tmp_path: Path, size: float, unit: str) -> None:
+    """Only the micro sign's 'µm' was read: 'μm' (Greek mu, which writers use as often) and
+    other length units made the slide one that 'records no microns-per-pixel'."""
+    path = str(ome_sized_tiff(tmp_path / "s.ome.tif", size, unit))
+    info = TiffBackend(path).info
+    assert (info.mpp, info.mpp_y) == pytest.approx((0.25, 0.25)) and info.mpp_source == "OME PhysicalSizeX"
+    assert make_grid(info, _tiles(mpp=0.5), path).downsample == pytest.approx(2.0)
+
+
+def test_an_ome_size_that_is_no_number_is_missing_mpp_not_another_reader(tmp_path: Path) -> None:
+    """PhysicalSizeX="1.2.3" raised ValueError inside the tifffile backend, and the slide went
+    to openslide: read as a generic TIFF, its SubIFD level lost, at its TIFF tags' 1 um/px,
+    'done' without a word. It is missing MPP, named, like a resolution tag that is no number."""
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.sources.slides.open import open_slide
+
+    path = str(ome_sized_tiff(tmp_path / "s.ome.tif", "1.2.3", "µm"))
+    backend = open_slide(path, StageClocks())
+    assert backend.info.backend == "tifffile" and len(backend.info.level_dimensions) == 2
+    assert backend.info.mpp is None
+    with pytest.raises(InputError) as err:
+        make_grid(backend.info, _tiles(mpp=0.5), path)
+    assert err.value.message.startswith("the file records no microns-per-pixel (MPP) "
+                                        "(OME PhysicalSizeX '1.2.3' is not a number: no resolution)")
+    grid = make_grid(backend.info, _tiles(mpp=0.5, mpp_fallback=0.25), path)
+    assert grid.notes[0] == "OME PhysicalSizeX '1.2.3' is not a number: no resolution, so it counts as missing MPP"
+    backend.close()
+
+
+def philips_tiff(path: Path) -> Path:
+    """A 3-level Philips TIFF as Philips IntelliSite writes its structure: software 'Philips DP',
+    the DPUfsImport XML in level 0's description holding one PixelDataRepresentation per level
+    with its DICOM_PIXEL_SPACING (mm, down then across, each quoted), no resolution tags. Level
+    0's pixels are 0.25 um down and 0.2501 across (square to within 1%); the others double them."""
+    import tifffile
+
+    image = np.random.default_rng(0).integers(100, 200, (512, 512, 3), dtype=np.uint8)
+    reps = "".join(
+        '<DataObject ObjectType="PixelDataRepresentation"><Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" '
+        f'Element="0x0030" PMSVR="IDoubleArray">&quot;{0.00025 * 2**i:g}&quot; &quot;{0.0002501 * 2**i:g}&quot;'
+        "</Attribute></DataObject>" for i in range(3))
+    xml = ('<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport"><Attribute '
+           'Name="PIM_DP_SCANNED_IMAGES" PMSVR="IDataObjectArray"><Array><DataObject ObjectType="DPScannedImage">'
+           '<Attribute Name="PIM_DP_IMAGE_TYPE" PMSVR="IString">WSI</Attribute><Attribute '
+           'Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" PMSVR="IDataObjectArray"><Array>'
+           f"{reps}</Array></Attribute></DataObject></Array></Attribute></DataObject>")
+    with tifffile.TiffWriter(path) as tif:
+        for i in range(3):
+            tif.write(image[:: 2**i, :: 2**i], tile=(256, 256), compression="jpeg", photometric="rgb",
+                      software="Philips DP v1.0", description=xml if i == 0 else f"level={i}", metadata=None,
+                      subfiletype=1 if i else 0)
+    return path
+
+
+def test_a_philips_tiff_is_read_at_its_dicom_pixel_spacing(tmp_path: Path) -> None:
+    """Philips TIFFs record their scale only as DICOM_PIXEL_SPACING in their XML, which was not
+    read: every Philips slide 'recorded no microns-per-pixel' and was quarantined."""
+    path = str(philips_tiff(tmp_path / "p.tiff"))
+    backend = TiffBackend(path)
+    info = backend.info
+    assert info.vendor == "philips" and info.mpp_source == "Philips DICOM_PIXEL_SPACING"
+    assert (info.mpp, info.mpp_y) == pytest.approx((0.2501, 0.25)) and len(info.level_dimensions) == 3
+    assert make_grid(info, _tiles(mpp=0.5), path).level == 1
+    backend.close()

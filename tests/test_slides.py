@@ -359,3 +359,40 @@ def test_a_tile_that_breaks_the_parser_is_an_input_error_naming_the_file(slide_p
         assert str(slide_path) in str(raised.value)
     finally:
         backend.close()
+
+
+def _specks_and_tissue(path: Path, specks: list[tuple[int, int]]) -> Path:
+    """A 4096 px square slide at 0.5 um/px: glass, a stained square over tiles 8-23 of a 128 px
+    grid, and single stained tiles at ``specks`` (col, row), which the tissue filter keeps first."""
+    image = np.full((4096, 4096, 3), 242, np.uint8)
+    stain = np.random.default_rng(0).integers(0, 60, size=(4096, 4096, 3), dtype=np.uint8) + np.array([150, 60, 140], np.uint8)
+    image[1024:3072, 1024:3072] = stain[1024:3072, 1024:3072]
+    for col, row in specks:
+        image[row * 128 : (row + 1) * 128, col * 128 : (col + 1) * 128] = stain[:128, :128]
+    return write_synthetic_slide(path, 4096, 4096, mpp=0.5, image=image, levels=3)
+
+
+@pytest.mark.parametrize("specks", [[(0, 0), (30, 0)], [(30, 0), (0, 1)]], ids=["far-apart", "next-row"])
+def test_the_tissue_filter_never_changes_how_tiles_are_grouped_into_reads(tmp_path: Path,
+                                                                          specks: list[tuple[int, int]]) -> None:
+    """Read blocks were sized from the first two kept tiles' distance, as if they were
+    neighbours: two specks 30 tiles apart made every tile of the slide a read of its own (a
+    slide's worth of 1-tile reads); a speck on the next row, left of the first, made blocks
+    as large as tiles.max_read_bytes allows (36 x 36 tiles here, 150 MB a read)."""
+    from gpubatch.sources.slides.source import plan_slide
+    from gpubatch.spec import JobSpec
+
+    backend = open_slide(str(_specks_and_tissue(tmp_path / "s.tif", specks)), StageClocks())
+    job = JobSpec.model_validate({"input": {"uris": ["s.tif"]}, "model": {"path": "m.onnx"}, "output": {"uri": "o"},
+                                  "tiles": {"size": 128, "mpp": 0.5, "read_block": 1024,
+                                            "tissue": {"method": "otsu", "min_fraction": 0.5}}})
+    plan = plan_slide(backend, job, "s.tif", StageClocks())
+    backend.close()
+    kept = plan.kept
+    assert {(int(c), int(r)) for c, r in zip(kept.cols, kept.rows, strict=True)} >= set(specks)
+    per_block = (1024 - 128) // 128 + 1  # 8 tiles of 128 px a side in a 1024 px read
+    blocks = {(int(c) // per_block, int(r) // per_block) for c, r in zip(kept.cols, kept.rows, strict=True)}
+    assert len(plan.units) == len(blocks)  # one read per block of the grid holding kept tiles
+    for members in plan.units:
+        assert len({(int(c) // per_block, int(r) // per_block)
+                    for c, r in zip(kept.cols[members], kept.rows[members], strict=True)}) == 1

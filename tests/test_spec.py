@@ -182,3 +182,12 @@ def test_a_contig_given_as_the_regions_string_is_told_to_list_it(tmp_path: Path,
                                              "windows": {"reference": "ref.fa", "regions": "chr21"}})
     assert main(["validate", str(path)]) == EXIT_USAGE
     assert "to tile contig chr21, list it (regions: [chr21])" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_a_blank_input_uri_is_refused_naming_its_place(tmp_path: Path, good: dict, blank: str) -> None:
+    """An empty entry (a generated list's trailing blank line) resolved against the spec's folder:
+    the folder was an input, 'a directory, not a slide', and the run ended partial (exit 3)."""
+    good["input"]["uris"] = [good["input"]["uris"][0], blank]
+    assert _problems(tmp_path, good) == [("input.uris[1]", "is blank: give a slide's path, glob or URL, "
+                                                           "or leave the entry out")]

@@ -40,6 +40,9 @@ class TileGrid:
     ys: np.ndarray
     cols: np.ndarray  # grid column / row of each tile, for blocking
     rows: np.ndarray
+    #: level-0 pixels between neighbouring grid tiles: the grid's stride, whichever tiles are
+    #: kept (the tissue filter leaves any two first tiles, no longer neighbours)
+    step: float
     mpp: float | None = None  # the level-0 microns per pixel used (the slide's, or the fallback)
     notes: tuple[str, ...] = ()  # what the reader of the report should know (a tag ignored)
 
@@ -170,7 +173,7 @@ def make_grid(info: SlideInfo, tiles: TilesSpec, uri: str) -> TileGrid:
     cols, rows = col_grid.ravel(), row_grid.ravel()
     xs = np.round(cols * step).astype(np.int64)
     ys = np.round(rows * step).astype(np.int64)
-    return TileGrid(level, level_ds, downsample, read_size, tiles.size, xs, ys, cols, rows, mpp, tuple(notes))
+    return TileGrid(level, level_ds, downsample, read_size, tiles.size, xs, ys, cols, rows, step, mpp, tuple(notes))
 
 
 def resize(tiles: np.ndarray, size: int) -> np.ndarray:
@@ -194,8 +197,10 @@ def block_ids(grid: TileGrid, read_block: int, max_read_bytes: int | None = None
 
     A block holds at most ``max_read_bytes`` of decoded tiles: with a large overlap many tiles
     share each read pixel, and a block of ``read_block`` pixels would otherwise hold thousands.
+    Blocks are cut from the grid's stride, never from where its first two tiles lie: after the
+    tissue filter those may be far apart (a read per tile) or on two rows (reads of the cap's size).
     """
-    step_level = max((grid.xs[1] - grid.xs[0]) / grid.level_downsample, 1.0) if len(grid) > 1 else grid.read_size
+    step_level = max(grid.step / grid.level_downsample, 1.0)
     per_block = max(1, int((read_block - grid.read_size) // max(step_level, 1)) + 1)
     if max_read_bytes is not None:
         fits = int(math.isqrt(max(max_read_bytes // (grid.read_size * grid.read_size * 3), 1)))

@@ -335,9 +335,11 @@ def _taken_or_opened(uri: str, options: dict[str, Any] | None, clocks: StageCloc
 
 
 def is_storage_failure(exc: InputError) -> bool:
-    """Failures that staging would hit again (missing, forbidden, unreachable): no fallback."""
+    """Failures that staging would hit again (missing, forbidden, unreachable, an object cut
+    short or whose tile tables do not fit it: its download is the same bytes): no fallback."""
     return exc.retryable or exc.message.startswith(("object not found", "access denied", "storage",
-                                                    "is an empty", "file not found"))
+                                                    "is an empty", "file not found", "truncated",
+                                                    "malformed IFD"))
 
 
 def prefetch(uris: Iterable[str], access: str, options: dict[str, Any] | None,

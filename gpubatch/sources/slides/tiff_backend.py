@@ -19,6 +19,7 @@ from gpubatch.core.errors import GpubatchError, InputError
 from gpubatch.core.logs import collect_warnings, reading, route_library_logs
 from gpubatch.core.threads import unlock_cached_properties
 from gpubatch.io.ranges import RangeReader
+from gpubatch.io.redact import safe_text
 from gpubatch.io.storage import open_ranges
 from gpubatch.sources.slides.backends import (
     JPEG,
@@ -69,19 +70,57 @@ def _mpp_from_tiff(tif: Any) -> TiffMpp:
         return TiffMpp(float(mpp.group(1)) if mpp else None, float(mag.group(1)) if mag else None, "aperio",
                        "Aperio ImageDescription MPP" if mpp else "")
     if tif.is_ome:
-        x, y = (_ome_physical_size(tif.ome_metadata or "", axis) for axis in "XY")
-        return TiffMpp(x, None, "ome-tiff", "OME PhysicalSizeX" if x is not None else "",
+        (x, broken), (y, _) = (_ome_physical_size(tif.ome_metadata or "", axis) for axis in "XY")
+        return TiffMpp(x, None, "ome-tiff", "OME PhysicalSizeX" if x is not None else "", broken,
                        mpp_y=y if x is not None else None)
+    if tif.is_philips:
+        return _mpp_from_philips(tif.philips_metadata or "")
     return _mpp_from_resolution_tags(page)
 
 
-def _ome_physical_size(ome: str, axis: str) -> float | None:
-    """OME PhysicalSizeX or Y in um: None where absent or in a unit other than microns."""
-    found = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', ome)
+def _mpp_from_philips(xml: str) -> TiffMpp:
+    """A Philips TIFF's mpp: level 0's DICOM_PIXEL_SPACING in its XML (the first
+    PixelDataRepresentation, as tifffile orders the levels), in mm, down then across like DICOM
+    PixelSpacing. Its resolution tags say nothing, so every Philips slide read as without MPP."""
+    from xml.etree import ElementTree
+
+    try:
+        tree = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return TiffMpp(None, None, "philips", "", "Philips XML metadata does not parse: no resolution")
+    found = [e.text for e in tree.iterfind('.//DataObject[@ObjectType="PixelDataRepresentation"]'
+                                           '/Attribute[@Name="DICOM_PIXEL_SPACING"]') if e.text]
+    if not found:
+        return TiffMpp(None, None, "philips", "")
+    try:  # tifffile's own series parse refuses these first; kept for a file it reads otherwise
+        down, across = (float(v) * 1000.0 for v in found[0].replace('"', " ").split())
+    except ValueError:
+        return TiffMpp(None, None, "philips", "", "Philips DICOM_PIXEL_SPACING is not two numbers: no resolution")
+    return TiffMpp(across, None, "philips", "Philips DICOM_PIXEL_SPACING", mpp_y=down)
+
+
+#: microns per OME UnitsLength symbol (the OME schema's; its default is µm), micro sign and Greek
+#: mu alike: writers use either, and only the first was read (the file "recorded no MPP")
+OME_MICRONS = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "Å": 1e-4, "pm": 1e-6,
+               "mm": 1e3, "cm": 1e4, "m": 1e6, "in": 25400.0}
+
+
+def _ome_physical_size(ome: str, axis: str) -> tuple[float | None, str]:
+    """OME PhysicalSizeX or Y in um, or None; and why a size the file records counts as missing
+    (a value that is no number): the grid names it. A unit that is no length (pixel) is none.
+
+    A value that is no number raised from here, and the slide went to openslide, which read it
+    as a generic TIFF: without its SubIFD pyramid, at its TIFF resolution tags' scale.
+    """
+    found = re.search(rf'PhysicalSize{axis}="([^"]*)"', ome)
     unit = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', ome)
-    if found and (unit is None or unit.group(1) in ("µm", "um", "micron")):
-        return float(found.group(1))
-    return None
+    scale = OME_MICRONS.get(unit.group(1).strip() if unit else "µm")
+    if found is None or scale is None:
+        return None, ""
+    try:
+        return float(found.group(1)) * scale, ""
+    except ValueError:
+        return None, f"OME PhysicalSize{axis} {safe_text(found.group(1)[:40])!r} is not a number: no resolution"
 
 
 def _mpp_from_resolution_tags(page: Any) -> TiffMpp:
@@ -140,6 +179,41 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
                             f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
 
 
+#: what tifffile logs (and reads on past) where a file's structure is cut short or broken: an IFD
+#: or a tag's value past the end of the file, or a list of tags that is no list. It then drops
+#: the pages or tags beyond, and the file reads as another one: fewer pyramid levels, an OME-TIFF
+#: without its OME-XML (so without its resolution).
+DAMAGED_STRUCTURE = ("invalid page offset", "invalid offset to page", "corrupted tag list",
+                     "invalid value offset", "invalid circular reference", "invalid next page")
+
+
+def _check_structure(complaints: list[str], path: str) -> None:
+    """Refuse a TIFF whose IFD chain or tags run past its end or are broken (a file cut short by
+    an interrupted copy or download): tifffile drops the pages or tags beyond and reads on
+    (``DAMAGED_STRUCTURE``), and the file read as a smaller valid slide, without a word: fewer
+    pyramid levels, an OME-TIFF without its OME-XML (so without its resolution)."""
+    damage = next((c for c in complaints if any(d in c for d in DAMAGED_STRUCTURE)), None)
+    if damage is not None:
+        shown = re.sub(r"^(<[^>]*>\s*)+", "", damage)[:200]
+        raise InputError(path, f"truncated or damaged TIFF structure: {shown} (tifffile would drop the "
+                               f"pages or tags past it: pyramid levels, the resolution)")
+
+
+def _check_within(tif: Any, pages: list[Any], path: str) -> None:
+    """Refuse a TIFF whose stored tiles run past the end of the file (a copy cut short) before
+    any is read: they were found only by a read that reached them, so validate passed the
+    slide, and a tissue filter that skipped them passed it too."""
+    size = int(tif.filehandle.size)
+    for level, page in enumerate(pages):
+        if len(page.dataoffsets) != len(page.databytecounts):
+            continue  # a malformed IFD: _check_page refuses it, naming both counts
+        ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+        end = int(ends.max()) if len(ends) else 0
+        if end > size:
+            raise InputError(path, f"truncated: the stored tiles of level {level} run to byte {end}, past "
+                                   f"the end of the file at {size} bytes (a copy or download cut short?)")
+
+
 def stores_gray(page: Any) -> bool:
     """A page of gray, black or white is 0, alone or with an alpha sample: a slide that tissue
     detection must search for darkness, as gray has no stain colour (``SlideBackend.grayscale``)."""
@@ -190,13 +264,20 @@ class TiffBackend(TileGridBackend):
 
         self.path = path
         route_library_logs(python_warnings=False)
-        with reading(path):  # tifffile's warnings about this file's tags name the file
+        # tifffile's warnings about this file's tags name the file; its complaints are kept
+        with reading(path), collect_warnings() as complaints:
             self.tif = tifffile.TiffFile(fileobj if fileobj is not None else path)
             series = self.tif.series[0]
             self.pages = [lvl.keyframe for lvl in series.levels]
+            scale = _mpp_from_tiff(self.tif)
+        try:
+            _check_within(self.tif, self.pages, path)
+            _check_structure(complaints, path)
             for level, page in enumerate(self.pages):
                 _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
-            scale = _mpp_from_tiff(self.tif)
+        except BaseException:
+            self.tif.close()
+            raise
         self.ranges = ranges if ranges is not None else open_ranges(path, clocks=clocks)
         # decoded to RGB, whatever is stored (gray grows threefold)
         self.stored_tile_bytes = max(p.tilelength * p.tilewidth * max(p.samplesperpixel, 3) * np.dtype(p.dtype).itemsize
