@@ -140,3 +140,20 @@ def test_a_failure_on_every_attempt_is_quarantined_after_the_last_retry(
 
 def _shard_of(report: dict[str, Any], name: str) -> str:
     return next(s["shard_id"] for s in report["shards"] if s["input"].endswith(name))
+
+
+def test_a_resume_whose_input_list_swapped_one_input_computes_the_new_one(tmp_path: Path, slides_dir: Path,
+                                                                            mean_model: Path) -> None:
+    """The input list is not a result field: a resume may drop one input and add another. The
+    committed shards the plan no longer names must not count as this plan's: with as many kept
+    commits as planned shards, the new input was never submitted and the run said exit 0."""
+    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, tmp_path / "out")
+    job["tiles"] = {"size": 128, "mpp": 0.5, "tissue": {"method": "none"}}
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+    job["input"]["uris"] = [str(slides_dir / "s0.tif"), str(slides_dir / "s2.tif")]
+    result = gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
+    assert result.exit_code == 0
+    assert sorted(Path(s).name for s in result.predictions()["slide"].unique()) == ["s0.tif", "s2.tif"]
+    assert result.report["shards_done"] == result.report["shards_total"] == 2
+    assert result.report["resumed"]["shards"] == 1 and len(result.report["shards"]) == 2
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["done"] == 2

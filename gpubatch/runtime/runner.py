@@ -110,9 +110,9 @@ class _Run:
         reconcile(self.store, job, self.ledger, committed, resume=resume, overwrite=overwrite,
                   on_kept=lambda entry: self.builder.add(dataclasses.replace(entry, resumed=True)),
                   fields=self.fields)
-        resumed = len(committed)
         shards, self.failed = source.plan(job)
         refuse_empty_plan(shards, self.failed)
+        resumed = self._kept_in_plan(shards)
         todo = (s for s in shards if s.shard_id not in committed)  # a stream: the plan is never copied
         n_workers = worker_count(self.prof, max(len(shards) - resumed, 0), job.run.workers)
         self.one_host = _one_host(self.prof, scheduler)
@@ -152,6 +152,19 @@ class _Run:
                 raise
             progress.finish("finished")
         return result
+
+    def _kept_in_plan(self, shards: Sequence[Shard]) -> int:
+        """How many of the plan's shards are already committed. A resume may plan other inputs
+        than the run it finishes (the input list is no result field): a commit the plan no longer
+        names stays in the manifest for a later run, but is neither done nor reported in this one.
+        Counted as done, such commits kept as many new inputs from ever being submitted (exit 0)."""
+        kept = sum(1 for _ in self.commits.in_order(s.shard_id for s in shards))
+        if kept < len(self.commits):  # the summary folded every kept record: fold the plan's again
+            self.builder = SummaryBuilder()
+            names = (record_name(r.shard_id) for r in self.commits.in_order(s.shard_id for s in shards))
+            for entry in Manifest(self.store).iter_entries(names):
+                self.builder.add(dataclasses.replace(entry, resumed=True))
+        return kept
 
     def _before_workers(self, source: Source, shards: Sequence[Shard], n_workers: int,
                         scheduler: str | None) -> Callable[[], StageClocks | None]:
