@@ -261,3 +261,23 @@ def test_a_write_that_fails_midway_leaves_no_object(s3: S3Stack, size: int) -> N
     with store.open_write("predictions.parquet") as f:  # the next write still lands
         f.write(b"whole")
     assert store.read_bytes("predictions.parquet") == b"whole"
+
+
+def test_an_aborted_shard_uploads_none_of_its_part(s3: S3Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard that fails after its part was opened (a flush of a large slide, then a failed zarr
+    append) drops the part unsent. Its abort closed the part as if it were complete: fsspec
+    uploaded the half-written file, and a delete then removed it (where that delete failed too,
+    the half part stayed on the store)."""
+    import numpy as np
+
+    from gpubatch.outputs import writer as writer_module
+    from gpubatch.outputs.layout import PARTS_DIR, new_attempt
+    from gpubatch.outputs.store import OutputStore
+
+    monkeypatch.setattr(writer_module, "FLUSH_BYTES", 1)  # every batch is written out: the part is open
+    store = OutputStore(f"s3://{s3.bucket}/aborted-shard/{uuid.uuid4().hex}", s3.options())
+    writer = writer_module.ShardWriter(store, "s1", new_attempt(), {}, {}, ("parquet",))
+    writer.write({"x": np.arange(8)}, {"p": np.ones(8, np.float32)})
+    writer.abort()
+    assert [k for k in s3.proxy.uploads if k.endswith(writer.part)] == []
+    assert not store.exists(f"{PARTS_DIR}/{writer.part}")
