@@ -177,3 +177,39 @@ def test_a_finished_output_holds_no_temporaries_or_stray_attempts(tmp_path: Path
     parts = sorted(p.name for p in (out / "_parts").iterdir())
     assert len(parts) == N_SLIDES and len(records["groups"]) == N_SLIDES
     assert sorted(p.name for p in (out / "predictions.zarr").iterdir() if p.is_dir()) == sorted(records["groups"].values())
+
+
+def test_a_run_still_preparing_its_model_keeps_its_lease(tmp_path: Path, slides: Path, classifier: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease is beaten from the moment it is taken. Its heartbeat started only with the
+    shards, after the resume's checks and the model's preparation (quantization, a TensorRT
+    build: minutes), so a second run started meanwhile took a live run's lease over as stale,
+    and the two wrote one output."""
+    import threading
+
+    from gpubatch.models import prepare
+
+    job = _job(tmp_path, slides, classifier, profile="inline", heartbeat_s=0.1, lease_stale_s=0.5)
+    preparing, go_on = threading.Event(), threading.Event()
+    real_prepare = prepare.prepare_model
+
+    def slow_prepare(*args: object, **kwargs: object) -> object:
+        if not preparing.is_set():  # the first run's preparation lasts until the test is done
+            preparing.set()
+            assert go_on.wait(60)
+        return real_prepare(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prepare, "prepare_model", slow_prepare)
+    first: list[object] = []
+    holder = threading.Thread(target=lambda: first.append(gpubatch.run(job, show_progress=False)), daemon=True)
+    holder.start()
+    try:
+        assert preparing.wait(60)
+        time.sleep(1.0)  # twice run.lease_stale_s with the first run alive, preparing
+        with pytest.raises(SpecError, match="another run is writing this output"):
+            gpubatch.run(job, resume=True, show_progress=False)
+    finally:
+        go_on.set()
+        holder.join(120)
+    assert first and first[0].exit_code == 0  # type: ignore[attr-defined]
+    assert len(audit_lines(tmp_path / "out")) == N_SLIDES

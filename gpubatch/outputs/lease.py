@@ -68,6 +68,7 @@ class Lease:
                       "started": time.time()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beat: Callable[[], None] | None = None
 
     def _record(self) -> dict[str, Any]:
         return {**self.owner, "heartbeat": time.time(), "stale_after_s": self.stale_s}
@@ -94,18 +95,26 @@ class Lease:
         return SpecError([("output.uri", _held_message(held, age, self.stale_s))])
 
     def hold(self, beat: Callable[[], None] | None = None) -> None:
-        """Refresh the lease every ``heartbeat_s`` on a daemon thread, calling ``beat`` too."""
+        """Refresh the lease every ``heartbeat_s`` on a daemon thread, calling ``beat`` too.
+        Call it as soon as the lease is taken: whatever precedes the work (a resume's checks, a
+        model's quantization) can outlast ``stale_s``, and an unbeaten lease is taken over."""
+        self._beat = beat
+
         def loop() -> None:
             while not self._stop.wait(self.heartbeat_s):
                 try:
                     self.store.write_json(self.name, self._record())
-                    if beat is not None:
-                        beat()
+                    if self._beat is not None:
+                        self._beat()
                 except Exception as exc:  # noqa: BLE001 - a missed beat is logged, not fatal
                     log.warning("heartbeat failed: %s", redact(str(exc)))
 
         self._thread = threading.Thread(target=loop, name="gpubatch-heartbeat", daemon=True)
         self._thread.start()
+
+    def also_beat(self, beat: Callable[[], None]) -> None:
+        """From now on each heartbeat calls ``beat`` too (e.g. status.json, once there is one)."""
+        self._beat = beat
 
     def release(self) -> None:
         self._stop.set()

@@ -135,15 +135,16 @@ def sweep(store: OutputStore, keep: KeptFiles | Iterable[ShardResult | CommitRef
     return removed
 
 
-def remove_temporaries(store: OutputStore) -> int:
+def remove_temporaries(store: OutputStore, spare: tuple[str, ...] = ()) -> int:
     """Delete the temporary files a killed process left (an interrupted atomic write); call only
-    while no process of this run writes (before its heartbeat starts, after its lease is released)."""
+    while no process of this run writes, but for the files named in ``spare`` (the lease, whose
+    heartbeat runs from the moment it is taken: their temporaries are left)."""
     from gpubatch.outputs.layout import AUDIT_DIR
 
     removed = 0
     for folder in ("", MANIFEST_DIR, AUDIT_DIR, PARTS_DIR):
         for name in store.iter_names(folder):
-            if name.startswith(TMP_PREFIX):
+            if name.startswith(TMP_PREFIX) and not name.endswith(tuple(f"-{n}" for n in spare)):
                 store.delete(f"{folder}/{name}" if folder else name)
                 removed += 1
     return removed

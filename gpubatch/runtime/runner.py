@@ -77,6 +77,7 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     run = _Run(job, prof, store)
     run.lease.acquire()
     try:
+        run.lease.hold()  # beaten from now: the checks and the model's preparation may take minutes
         with collections_of_this_run():
             return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler, show_progress=show_progress)
     finally:
@@ -126,7 +127,7 @@ class _Run:
                           **prepared.audit)
         progress = Progress(len(shards), already=resumed, store=self.store, enabled=show_progress,
                             run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=quarantined_count(self.failed))
-        self.lease.hold(beat=progress.heartbeat)
+        self.lease.also_beat(progress.heartbeat)
         lost: list[dict[str, Any]] = []
         with stop_on_signals():  # the run's end too: a Ctrl-C while merging is recorded as one
             try:
