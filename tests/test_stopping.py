@@ -104,3 +104,34 @@ def test_a_ctrl_c_during_the_run_s_end_is_recorded_and_resume_finishes_it(tmp_pa
     result = gpubatch.run(job, show_progress=False, resume=True)
     assert result.exit_code == 0 and len(result.predictions()) == 6
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
+
+
+def test_a_resume_interrupted_is_not_reported_as_the_run_before_it(tmp_path: Path, slides_dir: Path,
+                                                                   mean_model: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished run, then a --resume over one more input that is interrupted: `report` and
+    open_results gave the earlier run's report.json (finished, two inputs, nothing failed) as the
+    output's report, though status said interrupted and a third input was committed since."""
+    from conftest import cli, slide_job, write_job
+
+    import gpubatch
+    from gpubatch.runtime.progress import Progress
+
+    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, tmp_path / "out")
+    job["tiles"] = {"size": 128, "mpp": 0.5, "tissue": {"method": "none"}}
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+    job["input"]["uris"].append(str(slides_dir / "s2.tif"))
+    update = Progress.update
+
+    def update_then_interrupt(self: Progress, result: Any) -> None:
+        update(self, result)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Progress, "update", update_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
+    out = tmp_path / "out"
+    report = gpubatch.open_results(str(out)).report
+    assert report["complete"] is False and report["state"] == "interrupted" and report["shards_done"] == 3
+    text = cli("report", str(out)).communicate(timeout=120)[0]
+    assert "no finished run" in text, text

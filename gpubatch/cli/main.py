@@ -161,14 +161,14 @@ def status_state(status: dict[str, Any], now: float | None = None) -> str:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gpubatch.outputs.layout import REPORT_JSON
     from gpubatch.outputs.store import OutputStore
-    from gpubatch.report.summary import load_report, summarize_output
+    from gpubatch.report.summary import finished_report, summarize_output
     from gpubatch.report.text import format_summary
 
     store = OutputStore(args.outdir, _storage(args))
-    if store.exists(REPORT_JSON):
-        report = load_report(store)
+    finished = finished_report(store)
+    if finished is not None:
+        report = finished
     elif store.exists():
         report = summarize_output(store)
         print(f"no finished run in {args.outdir}: what is committed there so far "

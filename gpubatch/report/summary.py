@@ -275,6 +275,26 @@ def load_report(where: OutputStore | str) -> dict[str, Any]:
     return report
 
 
+def finished_report(where: OutputStore | str) -> dict[str, Any] | None:
+    """report.json where it reports the output's latest run, and that run finished; else None.
+
+    A run writes report.json at its end, and a --resume leaves the one before it in place until
+    it writes its own: a resume that was interrupted, failed or is still going would be reported
+    as the finished run before it (its shards, its failures), though more is committed now.
+    status.json names the latest run and its state (absent only in outputs of older versions)."""
+    from gpubatch.outputs.layout import STATUS
+
+    store = OutputStore.of(where)
+    if not store.exists(REPORT_JSON):
+        return None
+    report = load_report(store)
+    status = store.read_json(STATUS) if store.exists(STATUS) else None
+    run_id = report.get("run_id", status.get("run_id") if status else None)
+    if status is not None and (status.get("state") != "finished" or status.get("run_id") != run_id):
+        return None
+    return report
+
+
 def summarize_output(where: OutputStore | str) -> dict[str, Any]:
     """A report for an output without a finished run's report.json: what is committed there.
 
