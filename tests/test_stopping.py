@@ -135,3 +135,28 @@ def test_a_resume_interrupted_is_not_reported_as_the_run_before_it(tmp_path: Pat
     assert report["complete"] is False and report["state"] == "interrupted" and report["shards_done"] == 3
     text = cli("report", str(out)).communicate(timeout=120)[0]
     assert "no finished run" in text, text
+
+
+def test_a_run_whose_end_fails_otherwise_than_by_storage_is_recorded_as_failed(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error at the run's end that is not a storage error (a part that no longer parses: pyarrow
+    raises ArrowInvalid, a ValueError) left status.json saying "running" and no run_failed in
+    the ledger: `status` then called the run interrupted, and --resume the thing to do."""
+    import gpubatch
+    from gpubatch.runtime import runner
+
+    merge = runner.merge_parquet
+
+    def merge_a_damaged_part(store: Any, committed: Any, *args: Any, **kwargs: Any) -> int:
+        refs = list(committed)
+        part = Path(store.path("_parts", refs[0].part))
+        part.write_bytes(b"not parquet" + part.read_bytes()[11:-11] + b"not parquet")
+        return merge(store, refs, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "merge_parquet", merge_a_damaged_part)
+    with pytest.raises(ValueError):
+        gpubatch.run(windows_job(tmp_path, 3), show_progress=False)
+    out = tmp_path / "out"
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and "ArrowInvalid" in status["reason"], status
+    assert [e["event"] for e in audit_lines(out, None) if e["event"].startswith("run_")] == ["run_start", "run_failed"]

@@ -148,8 +148,8 @@ class _Run:
                 error = OutputsNotWrittenError(redact(self.store.uri), exc)
                 self._abandon(progress, error)
                 raise error from exc
-            except (KeyboardInterrupt, Terminated) as exc:  # the commits stand; --resume ends it
-                self._abandon(progress, exc)
+            except (KeyboardInterrupt, Terminated, Exception) as exc:  # the commits stand; recorded as
+                self._abandon(progress, exc)  # interrupted or failed, never left saying "running"
                 raise
             progress.finish("finished")
         return result
