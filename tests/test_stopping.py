@@ -160,3 +160,40 @@ def test_a_run_whose_end_fails_otherwise_than_by_storage_is_recorded_as_failed(t
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and "ArrowInvalid" in status["reason"], status
     assert [e["event"] for e in audit_lines(out, None) if e["event"].startswith("run_")] == ["run_start", "run_failed"]
+
+
+def test_an_unfinished_run_s_report_lists_only_inputs_that_are_still_failed(tmp_path: Path, slides_dir: Path,
+                                                                            mean_model: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`report` and open_results on an interrupted run list what failed from the ledger: every
+    failed attempt was listed, those whose retry then committed too (and open_results said the
+    run was partial). A shard that is committed has not failed; one that is not, once."""
+    from conftest import slide_job, write_job
+
+    import gpubatch
+    from gpubatch.runtime import runner
+    from gpubatch.sources.slides.source import SlideSource
+
+    real_open, merge = SlideSource.open, runner.merge_parquet
+    opened: dict[str, int] = {}
+
+    def flaky_open(self: SlideSource, shard: Any, job: Any, clocks: Any) -> Any:
+        opened[shard.input_uri] = opened.get(shard.input_uri, 0) + 1
+        if shard.input_uri.endswith("s2.tif") or (shard.input_uri.endswith("s1.tif") and opened[shard.input_uri] == 1):
+            raise ConnectionResetError("connection reset by peer")
+        return real_open(self, shard, job, clocks)
+
+    def merge_interrupted(*args: Any, **kwargs: Any) -> int:
+        os.kill(os.getpid(), signal.SIGINT)
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(SlideSource, "open", flaky_open)
+    monkeypatch.setattr(runner, "merge_parquet", merge_interrupted)
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp_path / "out", run={"retries": 1})
+    job["tiles"] = {"size": 128, "mpp": 0.5, "tissue": {"method": "none"}}
+    with pytest.raises(KeyboardInterrupt):
+        gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
+    assert len(audit_lines(tmp_path / "out", "shard_failed")) == 3  # s1 once, s2 twice
+    result = gpubatch.open_results(str(tmp_path / "out"))
+    assert [Path(f["input"]).name for f in result.failed] == ["s2.tif"]
+    assert result.report["shards_done"] == 2 and result.exit_code == 3

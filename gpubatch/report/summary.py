@@ -295,6 +295,17 @@ def finished_report(where: OutputStore | str) -> dict[str, Any] | None:
     return report
 
 
+def still_failed(events: list[dict[str, Any]], committed: dict[str, ShardResult]) -> list[dict[str, Any]]:
+    """The failed inputs among the ledger's ``events``: each shard whose attempts failed and that
+    is not committed, once, with its last attempt's error. The ledger keeps every failed attempt
+    of every run, those a retry or a later run then committed too."""
+    last: dict[str, dict[str, Any]] = {}
+    for event in sorted((e for e in events if e.get("event") == "shard_failed"), key=lambda e: e.get("time", 0.0)):
+        if event.get("shard_id") not in committed:
+            last[str(event.get("shard_id"))] = event
+    return [{"input": e.get("input"), "error": e.get("error"), "attempts": e.get("attempt")} for e in last.values()]
+
+
 def summarize_output(where: OutputStore | str) -> dict[str, Any]:
     """A report for an output without a finished run's report.json: what is committed there.
 
@@ -308,11 +319,11 @@ def summarize_output(where: OutputStore | str) -> dict[str, Any]:
 
     store = OutputStore.of(where)
     builder = SummaryBuilder()
-    for entry in Manifest(store).entries().values():
+    committed = Manifest(store).entries()
+    for entry in committed.values():
         builder.add(entry)
     status = store.read_json(STATUS) if store.exists(STATUS) else {}
-    failed = [{"input": r.get("input"), "error": r.get("error")} for r in Ledger(store, "").records()
-              if r.get("event") == "shard_failed"]
+    failed = still_failed(Ledger(store, "").records(), committed)
     wall = float(status.get("heartbeat", 0.0)) - float(status.get("started", 0.0)) if status else 0.0
     info = {"state": status.get("state", "unknown"), "complete": False, "run_id": status.get("run_id"),
             "shards_total": status.get("total"), "shards_done": builder.shards, "workers": 1}
