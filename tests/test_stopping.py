@@ -197,3 +197,16 @@ def test_an_unfinished_run_s_report_lists_only_inputs_that_are_still_failed(tmp_
     result = gpubatch.open_results(str(tmp_path / "out"))
     assert [Path(f["input"]).name for f in result.failed] == ["s2.tif"]
     assert result.report["shards_done"] == 2 and result.exit_code == 3
+
+
+def test_a_heartbeat_after_the_run_s_end_keeps_the_reason_it_ended(tmp_path: Path) -> None:
+    """The lease's heartbeat writes status.json until the lease is released, after the run
+    recorded why it stopped: a beat in between wrote the state without its reason."""
+    from gpubatch.outputs.store import OutputStore
+    from gpubatch.runtime.progress import Progress
+
+    progress = Progress(3, store=OutputStore(tmp_path / "out"), enabled=False, run_id="r")
+    progress.finish("failed", reason="WorkersUnavailable: no worker for 5 s")
+    progress.heartbeat()
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status["state"] == "failed" and status["reason"] == "WorkersUnavailable: no worker for 5 s"
