@@ -83,17 +83,29 @@ class Manifest:
         return {e.shard_id: e for e in self.iter_committed()}
 
     def _verified(self, batch: list[ShardResult]) -> Iterator[ShardResult]:
+        """The entries whose part has its checksum and whose zarr group (where it has one) is
+        there: a commit is both, and a resume that kept a shard without its group described a
+        predictions.zarr naming groups that were gone."""
         parts = self.store.read_many([f"{PARTS_DIR}/{e.part}" for e in batch])
+        groups = self.store.read_many([_group_marker(e.group) for e in batch if e.group])
         for entry in batch:
             data = parts.get(f"{PARTS_DIR}/{entry.part}")
-            if data is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
-                yield entry
-            else:
+            if data is None or hashlib.sha256(data).hexdigest() != entry.sha256:
                 log.warning("shard %s: its committed part is %s; it will be computed again",
                             entry.shard_id, "missing" if data is None else "corrupt (checksum differs)")
+            elif entry.group and _group_marker(entry.group) not in groups:
+                log.warning("shard %s: its committed zarr group is missing; it will be computed again",
+                            entry.shard_id)
+            else:
+                yield entry
 
     def remove(self, shard_id: str) -> None:
         self.store.delete(f"{MANIFEST_DIR}/{record_name(shard_id)}")
+
+
+def _group_marker(group: str) -> str:
+    """The metadata document of a shard's zarr group (zarr v3), written when the group is made."""
+    return f"{ZARR}/{group}/zarr.json"
 
 
 @runtime_checkable
