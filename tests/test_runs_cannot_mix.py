@@ -213,3 +213,35 @@ def test_a_run_still_preparing_its_model_keeps_its_lease(tmp_path: Path, slides:
         holder.join(120)
     assert first and first[0].exit_code == 0  # type: ignore[attr-defined]
     assert len(audit_lines(tmp_path / "out")) == N_SLIDES
+
+
+def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_output_to_the_new_one(
+        tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """A run suspended (Ctrl-Z) past run.lease_stale_s is taken over by the next run, rightly:
+    its heartbeat stopped. Continued, it kept beating its lease over the new run's and both ran
+    into one output, each sweeping the other's attempts at its end. Now its next heartbeat sees
+    the lease is another run's: it stops, exit 1, naming that run, and writes nothing more of
+    the output's own (status, audit); the new run finishes it."""
+    import os
+    import signal
+
+    job = _job(tmp_path, slides, classifier, profile="inline", heartbeat_s=0.2, lease_stale_s=1.0)
+    out = tmp_path / "out"
+    first = cli("run", str(job), "--set", "model.batch_size=1", "--set", "run.prefetch_batches=1")
+    try:
+        wait_for(lambda: committed_count(out) >= 1, 120, "the first run's first commit")
+        os.kill(first.pid, signal.SIGSTOP)
+        time.sleep(1.5)
+        second = cli("run", str(job), "--resume", "--set", "model.batch_size=1")
+        wait_for(lambda: json.loads((out / "_lease.json").read_text()).get("pid") == second.pid, 60,
+                 "the second run's lease")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    log = first.communicate(timeout=120)[0]
+    assert first.returncode == 1 and "took this output over" in log and f"pid {second.pid}" in log, log
+    assert second.communicate(timeout=300)[1] is None and second.returncode == 0
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and status["done"] == N_SLIDES
+    df = pd.read_parquet(out / "predictions.parquet")
+    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
+    assert len(audit_lines(out)) == N_SLIDES

@@ -83,7 +83,8 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     finally:
         run.commits.close()
         run.lease.release()
-        remove_temporaries(store)
+        if run.lease.lost is None:  # else they may be the run's that holds the output now
+            remove_temporaries(store)
 
 
 class _Run:
@@ -134,6 +135,7 @@ class _Run:
                 if len(shards) > resumed:
                     lost = self._submit(todo, ctx, progress, n_workers, scheduler)
                 raise_if_stopped()  # one a finaliser dropped after the last poll
+                self.lease.check()  # the run's end writes the output's own files: only while it is ours
             except BaseException as exc:
                 self._abandon(progress, exc)
                 raise
@@ -225,7 +227,8 @@ class _Run:
         window = max(2 * n_workers * threads, n_workers + self.job.run.stage_ahead + 2)
         executor = open_executor(self.prof, n_workers, scheduler, self._log_dir())
         submitter = Submitter(executor, self.job, ctx, on_result, window, on_retry=self.ledger.failure,
-                              ahead=_stage_ahead(self.job.run.stage_ahead, self.prof, n_workers * threads, scheduler))
+                              ahead=_stage_ahead(self.job.run.stage_ahead, self.prof, n_workers * threads, scheduler),
+                              on_poll=self.lease.check)
         try:
             submitter.run(todo)
         except BaseException:
@@ -249,6 +252,8 @@ class _Run:
         reason = "interrupted" if interrupted else redact(f"{type(exc).__name__}: {exc}")
         try:
             self.ledger.event(kind, reason=reason, failed=len(self.failed))
+            if self.lease.lost is not None:  # audit.jsonl and status.json are the new holder's now
+                return
             self.ledger.materialize()  # every record: commits the client had not yet heard of too
             progress.finish("interrupted" if interrupted else "failed", reason=reason)
         except Exception as inner:  # noqa: BLE001 - the original error is the one to report
