@@ -245,3 +245,38 @@ def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_output_to_the_new
     df = pd.read_parquet(out / "predictions.parquet")
     assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
     assert len(audit_lines(out)) == N_SLIDES
+
+
+def test_status_says_a_run_is_starting_while_it_prepares(tmp_path: Path, slides: Path, classifier: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Before its shards, a run checks the output and prepares its model (minutes for a TensorRT
+    build) and status.json is not yet its own: `status` said "no run has started there" (exit
+    2) for a new output, and for a resume the killed run's "interrupted ... --resume"."""
+    import threading
+
+    from gpubatch.cli.main import main
+    from gpubatch.models import prepare
+
+    job = _job(tmp_path, slides, classifier, profile="inline", heartbeat_s=0.2)
+    preparing, go_on = threading.Event(), threading.Event()
+    real_prepare = prepare.prepare_model
+
+    def slow_prepare(*args: object, **kwargs: object) -> object:
+        preparing.set()
+        assert go_on.wait(60)
+        return real_prepare(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prepare, "prepare_model", slow_prepare)
+    holder = threading.Thread(target=lambda: gpubatch.run(job, show_progress=False), daemon=True)
+    holder.start()
+    try:
+        assert preparing.wait(60)
+        capsys.readouterr()
+        assert main(["status", str(tmp_path / "out")]) == 0
+        assert capsys.readouterr().out.startswith("starting: run ")
+    finally:
+        go_on.set()
+        holder.join(120)
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith(f"finished: {N_SLIDES}/{N_SLIDES} shards done")
