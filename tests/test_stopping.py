@@ -210,3 +210,37 @@ def test_a_heartbeat_after_the_run_s_end_keeps_the_reason_it_ended(tmp_path: Pat
     progress.heartbeat()
     status = json.loads((tmp_path / "out" / "status.json").read_text())
     assert status["state"] == "failed" and status["reason"] == "WorkersUnavailable: no worker for 5 s"
+
+
+def test_a_run_whose_outputs_cannot_be_written_says_which_inputs_failed(tmp_path: Path, slides_dir: Path,
+                                                                        mean_model: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's end fails (predictions.parquet cannot be written: here a folder holds its
+    name) after an input failed: no report is written, and the one line said "no shard is
+    computed again", hiding that an input failed and that --resume tries it again."""
+    from conftest import slide_job, write_job
+
+    import gpubatch
+    from gpubatch.core.errors import OutputsNotWrittenError
+    from gpubatch.runtime.progress import Progress
+    from gpubatch.sources.slides.source import SlideSource
+
+    real_open, update = SlideSource.open, Progress.update
+    out = tmp_path / "out"
+
+    def failing_open(self: SlideSource, shard: Any, job: Any, clocks: Any) -> Any:
+        if shard.input_uri.endswith("s2.tif"):
+            raise TimeoutError("read timed out")
+        return real_open(self, shard, job, clocks)
+
+    def update_and_block_the_merge(self: Progress, result: Any) -> None:
+        update(self, result)
+        (out / "predictions.parquet" / "in-the-way").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(SlideSource, "open", failing_open)
+    monkeypatch.setattr(Progress, "update", update_and_block_the_merge)
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, out, run={"retries": 0})
+    job["tiles"] = {"size": 128, "mpp": 0.5, "tissue": {"method": "none"}}
+    with pytest.raises(OutputsNotWrittenError) as info:
+        gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
+    assert "1 input(s) failed" in str(info.value) and "--resume" in str(info.value), info.value

@@ -147,7 +147,7 @@ class _Run:
             try:
                 result = self._finish(source, shards, ctx, prepared, n_workers, lost)
             except (OSError, InputError) as exc:  # storage that kept failing: the commits stand
-                error = OutputsNotWrittenError(redact(self.store.uri), exc)
+                error = OutputsNotWrittenError(redact(self.store.uri), exc, quarantined_count(self.failed))
                 self._abandon(progress, error)
                 raise error from exc
             except (KeyboardInterrupt, Terminated, Exception) as exc:  # the commits stand; recorded as
