@@ -239,7 +239,8 @@ def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_output_to_the_new
         os.kill(first.pid, signal.SIGCONT)
     log = first.communicate(timeout=120)[0]
     assert first.returncode == 1 and "took this output over" in log and f"pid {second.pid}" in log, log
-    assert second.communicate(timeout=300)[1] is None and second.returncode == 0
+    second_log = second.communicate(timeout=300)[0]
+    assert second.returncode == 0, second_log
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished" and status["done"] == N_SLIDES
     df = pd.read_parquet(out / "predictions.parquet")

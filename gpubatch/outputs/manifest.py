@@ -17,7 +17,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from gpubatch.core.errors import GpubatchError
 from gpubatch.core.results import ShardResult
+from gpubatch.io.redact import redact
 from gpubatch.outputs.layout import MANIFEST_DIR, PARTS_DIR, TMP_PREFIX, ZARR, record_name
 from gpubatch.outputs.store import OutputStore
 
@@ -138,13 +140,25 @@ def sweep(store: OutputStore, keep: KeptFiles | Iterable[ShardResult | CommitRef
     removed = 0
     for name in store.iter_names(PARTS_DIR):
         if (name.endswith(".parquet") or name.startswith(TMP_PREFIX)) and not kept.has_part(name):
-            store.delete(f"{PARTS_DIR}/{name}")
-            removed += 1
+            removed += _tidy(store, f"{PARTS_DIR}/{name}", recursive=False)
     for name in store.iter_names(ZARR):
         if name != "zarr.json" and not name.startswith(".") and not kept.has_group(name):
-            store.delete(f"{ZARR}/{name}", recursive=True)
-            removed += 1
+            removed += _tidy(store, f"{ZARR}/{name}", recursive=True)
     return removed
+
+
+def _tidy(store: OutputStore, name: str, recursive: bool) -> int:
+    """Delete an attempt no record names; 1 when it went. Readers never see such files, so one
+    that will not go (storage that kept failing; a suspended run, taken over, that took up its
+    shard again and is still writing the group) is left, said, for the next sweep, rather than
+    failing the run that sweeps."""
+    try:
+        store.delete(name, recursive=recursive)
+    except (GpubatchError, OSError) as exc:
+        log.warning("could not remove %s, an attempt no commit names (%s); the next run sweeps it", name,
+                    redact(f"{type(exc).__name__}: {exc}"))
+        return 0
+    return 1
 
 
 def remove_temporaries(store: OutputStore, spare: tuple[str, ...] = ()) -> int:
