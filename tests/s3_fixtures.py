@@ -71,6 +71,8 @@ class FaultProxy:
         #: GET and HEAD requests per object key
         self.gets: dict[str, int] = {}
         self.heads: dict[str, int] = {}
+        #: PUT and POST requests per object key (an upload, or a part or completion of one)
+        self.uploads: dict[str, int] = {}
         #: GET requests per key that read from byte 0 (whole objects, and a slide's header: an opening)
         self.from_start: dict[str, int] = {}
         #: per key, whether each of those GETs was in flight at once with a HEAD of the key
@@ -103,6 +105,7 @@ class FaultProxy:
             self.signatures = []
             self.gets = {}
             self.heads = {}
+            self.uploads = {}
             self.from_start = {}
             self.from_start_beside_head = {}
             self._heads_open = {}
@@ -120,6 +123,8 @@ class FaultProxy:
             self.stats["requests"] += 1
             if method in ("GET", "HEAD"):
                 self.stats[method] += 1
+            if method in ("PUT", "POST"):
+                self.uploads[_key(path)] = self.uploads.get(_key(path), 0) + 1
             if method not in ("GET", "HEAD"):
                 if any(_key(path).endswith(end) for end in self.faults.failing_writes) or (
                         self.faults.write_error_rate and self._rng.random() < self.faults.write_error_rate):

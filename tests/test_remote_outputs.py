@@ -261,3 +261,42 @@ def test_a_write_that_fails_midway_leaves_no_object(s3: S3Stack, size: int) -> N
     with store.open_write("predictions.parquet") as f:  # the next write still lands
         f.write(b"whole")
     assert store.read_bytes("predictions.parquet") == b"whole"
+
+
+def test_an_aborted_shard_uploads_none_of_its_part(s3: S3Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard that fails after its part was opened (a flush of a large slide, then a failed zarr
+    append) drops the part unsent. Its abort closed the part as if it were complete: fsspec
+    uploaded the half-written file, and a delete then removed it (where that delete failed too,
+    the half part stayed on the store)."""
+    import numpy as np
+
+    from gpubatch.outputs import writer as writer_module
+    from gpubatch.outputs.layout import PARTS_DIR, new_attempt
+    from gpubatch.outputs.store import OutputStore
+
+    monkeypatch.setattr(writer_module, "FLUSH_BYTES", 1)  # every batch is written out: the part is open
+    store = OutputStore(f"s3://{s3.bucket}/aborted-shard/{uuid.uuid4().hex}", s3.options())
+    writer = writer_module.ShardWriter(store, "s1", new_attempt(), {}, {}, ("parquet",))
+    writer.write({"x": np.arange(8)}, {"p": np.ones(8, np.float32)})
+    writer.abort()
+    assert [k for k in s3.proxy.uploads if k.endswith(writer.part)] == []
+    assert not store.exists(f"{PARTS_DIR}/{writer.part}")
+
+
+def test_a_stray_attempt_that_cannot_be_deleted_is_left_for_the_next_sweep(s3: S3Stack) -> None:
+    """Sweeping is tidying: files of attempts no commit record names are invisible to readers. A
+    delete that kept failing (here every delete answered 503; on disk, a suspended run that took
+    up its shard again, still writing its group: "Directory not empty") stopped the run at its
+    start. The attempt is left, with a warning, for the next run's sweep."""
+    from gpubatch.outputs.manifest import CommitRef, sweep
+    from gpubatch.outputs.store import OutputStore
+
+    quick = {**s3.options(), "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+    store = OutputStore(f"s3://{s3.bucket}/sweep/{uuid.uuid4().hex}", quick)
+    for name in ("s1-akept.parquet", "s1-astuck.parquet"):
+        store.write_bytes(f"_parts/{name}", b"x")
+    s3.proxy.configure(write_error_rate=1.0)
+    assert sweep(store, [CommitRef("s1", "s1-akept.parquet", None)]) == 0
+    s3.proxy.reset()
+    assert store.listdir("_parts") == ["s1-akept.parquet", "s1-astuck.parquet"]
+    assert sweep(store, [CommitRef("s1", "s1-akept.parquet", None)]) == 1

@@ -286,3 +286,30 @@ def test_every_worker_lost_fails_within_the_worker_timeout(tmp_path: Path, many_
     assert time.monotonic() - t0 < 60
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
     assert [a["event"] for a in audit_lines(out, None) if a["event"].startswith("run_")] == ["run_start", "run_failed"]
+
+
+def test_a_scheduler_that_dies_mid_run_stops_it_with_one_clear_line(tmp_path: Path, many_slides: Path,
+                                                                     classifier: Path) -> None:
+    """The scheduler of `submit` killed mid-run: Dask cancels every task in flight, and the client
+    died on distributed's FuturesCancelledError with a traceback. It stops with one line saying
+    what happened and that --resume finishes the run; status.json says failed."""
+    sched_file = tmp_path / "scheduler.json"
+    scheduler = _dask_scheduler(sched_file)
+    worker = _dask_worker(sched_file, "w0")
+    try:
+        address = json.loads(sched_file.read_text())["address"]
+        _wait_for_workers(address, 1)
+        out = tmp_path / "orphaned"
+        job = _job(tmp_path, many_slides, classifier, "orphaned", heartbeat_s=0.3)
+        proc = _cli("submit", str(job), "--scheduler", address, "--set", "model.batch_size=1")
+        _wait_for(lambda: _committed(out) >= 1, 120)
+        scheduler.kill()
+        log = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 1, log
+        assert "Traceback" not in log and "lost the Dask scheduler" in log and "--resume" in log, log
+        status = json.loads((out / "status.json").read_text())
+        assert status["state"] == "failed" and "lost the Dask scheduler" in status.get("reason", ""), status
+    finally:
+        for p in (worker, scheduler):
+            p.kill()
+            p.wait()

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import audit_lines, slide_job, write_job
@@ -140,3 +141,41 @@ def test_a_failure_on_every_attempt_is_quarantined_after_the_last_retry(
 
 def _shard_of(report: dict[str, Any], name: str) -> str:
     return next(s["shard_id"] for s in report["shards"] if s["input"].endswith(name))
+
+
+def test_a_resume_whose_input_list_swapped_one_input_computes_the_new_one(tmp_path: Path, slides_dir: Path,
+                                                                            mean_model: Path) -> None:
+    """The input list is not a result field: a resume may drop one input and add another. The
+    committed shards the plan no longer names must not count as this plan's: with as many kept
+    commits as planned shards, the new input was never submitted and the run said exit 0."""
+    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, tmp_path / "out")
+    job["tiles"] = {"size": 128, "mpp": 0.5, "tissue": {"method": "none"}}
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+    job["input"]["uris"] = [str(slides_dir / "s0.tif"), str(slides_dir / "s2.tif")]
+    result = gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
+    assert result.exit_code == 0
+    assert sorted(Path(s).name for s in result.predictions()["slide"].unique()) == ["s0.tif", "s2.tif"]
+    assert result.report["shards_done"] == result.report["shards_total"] == 2
+    assert result.report["resumed"]["shards"] == 1 and len(result.report["shards"]) == 2
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["done"] == 2
+
+
+def test_a_committed_shard_whose_zarr_group_is_gone_is_recomputed(tmp_path: Path, slides_dir: Path,
+                                                                   mean_model: Path) -> None:
+    """A commit is its part and its zarr group. Only the part was checked on --resume: with
+    predictions.zarr deleted (or one group of it), the resume kept every shard, exited 0, and
+    the zarr root named groups that were not there (Result.array raised FileNotFoundError)."""
+    import shutil
+
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp_path / "out")
+    job["tiles"] = {"size": 128, "mpp": 0.5, "tissue": {"method": "none"}}
+    job["output"]["formats"] = ["zarr", "parquet"]
+    path = write_job(tmp_path / "job.yaml", job)
+    first = gpubatch.run(path, show_progress=False)
+    out, records = tmp_path / "out", _records(tmp_path / "out")
+    lost = sorted(records)[0]
+    shutil.rmtree(out / "predictions.zarr" / records[lost]["group"])
+    again = gpubatch.run(path, resume=True, show_progress=False)
+    assert again.exit_code == 0 and again.report["resumed"]["shards"] == 2
+    assert [s["shard_id"] for s in again.report["shards"] if not s["resumed"]] == [lost]
+    np.testing.assert_array_equal(again.array("mean"), first.array("mean"))

@@ -177,3 +177,107 @@ def test_a_finished_output_holds_no_temporaries_or_stray_attempts(tmp_path: Path
     parts = sorted(p.name for p in (out / "_parts").iterdir())
     assert len(parts) == N_SLIDES and len(records["groups"]) == N_SLIDES
     assert sorted(p.name for p in (out / "predictions.zarr").iterdir() if p.is_dir()) == sorted(records["groups"].values())
+
+
+def test_a_run_still_preparing_its_model_keeps_its_lease(tmp_path: Path, slides: Path, classifier: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease is beaten from the moment it is taken. Its heartbeat started only with the
+    shards, after the resume's checks and the model's preparation (quantization, a TensorRT
+    build: minutes), so a second run started meanwhile took a live run's lease over as stale,
+    and the two wrote one output."""
+    import threading
+
+    from gpubatch.models import prepare
+
+    job = _job(tmp_path, slides, classifier, profile="inline", heartbeat_s=0.1, lease_stale_s=0.5)
+    preparing, go_on = threading.Event(), threading.Event()
+    real_prepare = prepare.prepare_model
+
+    def slow_prepare(*args: object, **kwargs: object) -> object:
+        if not preparing.is_set():  # the first run's preparation lasts until the test is done
+            preparing.set()
+            assert go_on.wait(60)
+        return real_prepare(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prepare, "prepare_model", slow_prepare)
+    first: list[object] = []
+    holder = threading.Thread(target=lambda: first.append(gpubatch.run(job, show_progress=False)), daemon=True)
+    holder.start()
+    try:
+        assert preparing.wait(60)
+        time.sleep(1.0)  # twice run.lease_stale_s with the first run alive, preparing
+        with pytest.raises(SpecError, match="another run is writing this output"):
+            gpubatch.run(job, resume=True, show_progress=False)
+    finally:
+        go_on.set()
+        holder.join(120)
+    assert first and first[0].exit_code == 0  # type: ignore[attr-defined]
+    assert len(audit_lines(tmp_path / "out")) == N_SLIDES
+
+
+def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_output_to_the_new_one(
+        tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """A run suspended (Ctrl-Z) past run.lease_stale_s is taken over by the next run, rightly:
+    its heartbeat stopped. Continued, it kept beating its lease over the new run's and both ran
+    into one output, each sweeping the other's attempts at its end. Now its next heartbeat sees
+    the lease is another run's: it stops, exit 1, naming that run, and writes nothing more of
+    the output's own (status, audit); the new run finishes it."""
+    import os
+    import signal
+
+    job = _job(tmp_path, slides, classifier, profile="inline", heartbeat_s=0.2, lease_stale_s=1.0)
+    out = tmp_path / "out"
+    first = cli("run", str(job), "--set", "model.batch_size=1", "--set", "run.prefetch_batches=1")
+    try:
+        wait_for(lambda: committed_count(out) >= 1, 120, "the first run's first commit")
+        os.kill(first.pid, signal.SIGSTOP)
+        time.sleep(1.5)
+        second = cli("run", str(job), "--resume", "--set", "model.batch_size=1")
+        wait_for(lambda: json.loads((out / "_lease.json").read_text()).get("pid") == second.pid, 60,
+                 "the second run's lease")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    log = first.communicate(timeout=120)[0]
+    assert first.returncode == 1 and "took this output over" in log and f"pid {second.pid}" in log, log
+    second_log = second.communicate(timeout=300)[0]
+    assert second.returncode == 0, second_log
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and status["done"] == N_SLIDES
+    df = pd.read_parquet(out / "predictions.parquet")
+    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
+    assert len(audit_lines(out)) == N_SLIDES
+
+
+def test_status_says_a_run_is_starting_while_it_prepares(tmp_path: Path, slides: Path, classifier: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Before its shards, a run checks the output and prepares its model (minutes for a TensorRT
+    build) and status.json is not yet its own: `status` said "no run has started there" (exit
+    2) for a new output, and for a resume the killed run's "interrupted ... --resume"."""
+    import threading
+
+    from gpubatch.cli.main import main
+    from gpubatch.models import prepare
+
+    job = _job(tmp_path, slides, classifier, profile="inline", heartbeat_s=0.2)
+    preparing, go_on = threading.Event(), threading.Event()
+    real_prepare = prepare.prepare_model
+
+    def slow_prepare(*args: object, **kwargs: object) -> object:
+        preparing.set()
+        assert go_on.wait(60)
+        return real_prepare(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prepare, "prepare_model", slow_prepare)
+    holder = threading.Thread(target=lambda: gpubatch.run(job, show_progress=False), daemon=True)
+    holder.start()
+    try:
+        assert preparing.wait(60)
+        capsys.readouterr()
+        assert main(["status", str(tmp_path / "out")]) == 0
+        assert capsys.readouterr().out.startswith("starting: run ")
+    finally:
+        go_on.set()
+        holder.join(120)
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith(f"finished: {N_SLIDES}/{N_SLIDES} shards done")

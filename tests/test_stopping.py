@@ -104,3 +104,143 @@ def test_a_ctrl_c_during_the_run_s_end_is_recorded_and_resume_finishes_it(tmp_pa
     result = gpubatch.run(job, show_progress=False, resume=True)
     assert result.exit_code == 0 and len(result.predictions()) == 6
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
+
+
+def test_a_resume_interrupted_is_not_reported_as_the_run_before_it(tmp_path: Path, slides_dir: Path,
+                                                                   mean_model: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished run, then a --resume over one more input that is interrupted: `report` and
+    open_results gave the earlier run's report.json (finished, two inputs, nothing failed) as the
+    output's report, though status said interrupted and a third input was committed since."""
+    from conftest import cli, slide_job, write_job
+
+    import gpubatch
+    from gpubatch.runtime.progress import Progress
+
+    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, tmp_path / "out")
+    job["tiles"] = {"size": 128, "mpp": 0.5, "tissue": {"method": "none"}}
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+    job["input"]["uris"].append(str(slides_dir / "s2.tif"))
+    update = Progress.update
+
+    def update_then_interrupt(self: Progress, result: Any) -> None:
+        update(self, result)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Progress, "update", update_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
+    out = tmp_path / "out"
+    report = gpubatch.open_results(str(out)).report
+    assert report["complete"] is False and report["state"] == "interrupted" and report["shards_done"] == 3
+    text = cli("report", str(out)).communicate(timeout=120)[0]
+    assert "no finished run" in text, text
+
+
+def test_a_run_whose_end_fails_otherwise_than_by_storage_is_recorded_as_failed(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error at the run's end that is not a storage error (a part that no longer parses: pyarrow
+    raises ArrowInvalid, a ValueError) left status.json saying "running" and no run_failed in
+    the ledger: `status` then called the run interrupted, and --resume the thing to do."""
+    import gpubatch
+    from gpubatch.runtime import runner
+
+    merge = runner.merge_parquet
+
+    def merge_a_damaged_part(store: Any, committed: Any, *args: Any, **kwargs: Any) -> int:
+        refs = list(committed)
+        part = Path(store.path("_parts", refs[0].part))
+        part.write_bytes(b"not parquet" + part.read_bytes()[11:-11] + b"not parquet")
+        return merge(store, refs, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "merge_parquet", merge_a_damaged_part)
+    with pytest.raises(ValueError):
+        gpubatch.run(windows_job(tmp_path, 3), show_progress=False)
+    out = tmp_path / "out"
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and "ArrowInvalid" in status["reason"], status
+    assert [e["event"] for e in audit_lines(out, None) if e["event"].startswith("run_")] == ["run_start", "run_failed"]
+
+
+def test_an_unfinished_run_s_report_lists_only_inputs_that_are_still_failed(tmp_path: Path, slides_dir: Path,
+                                                                            mean_model: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`report` and open_results on an interrupted run list what failed from the ledger: every
+    failed attempt was listed, those whose retry then committed too (and open_results said the
+    run was partial). A shard that is committed has not failed; one that is not, once."""
+    from conftest import slide_job, write_job
+
+    import gpubatch
+    from gpubatch.runtime import runner
+    from gpubatch.sources.slides.source import SlideSource
+
+    real_open, merge = SlideSource.open, runner.merge_parquet
+    opened: dict[str, int] = {}
+
+    def flaky_open(self: SlideSource, shard: Any, job: Any, clocks: Any) -> Any:
+        opened[shard.input_uri] = opened.get(shard.input_uri, 0) + 1
+        if shard.input_uri.endswith("s2.tif") or (shard.input_uri.endswith("s1.tif") and opened[shard.input_uri] == 1):
+            raise ConnectionResetError("connection reset by peer")
+        return real_open(self, shard, job, clocks)
+
+    def merge_interrupted(*args: Any, **kwargs: Any) -> int:
+        os.kill(os.getpid(), signal.SIGINT)
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(SlideSource, "open", flaky_open)
+    monkeypatch.setattr(runner, "merge_parquet", merge_interrupted)
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp_path / "out", run={"retries": 1})
+    job["tiles"] = {"size": 128, "mpp": 0.5, "tissue": {"method": "none"}}
+    with pytest.raises(KeyboardInterrupt):
+        gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
+    assert len(audit_lines(tmp_path / "out", "shard_failed")) == 3  # s1 once, s2 twice
+    result = gpubatch.open_results(str(tmp_path / "out"))
+    assert [Path(f["input"]).name for f in result.failed] == ["s2.tif"]
+    assert result.report["shards_done"] == 2 and result.exit_code == 3
+
+
+def test_a_heartbeat_after_the_run_s_end_keeps_the_reason_it_ended(tmp_path: Path) -> None:
+    """The lease's heartbeat writes status.json until the lease is released, after the run
+    recorded why it stopped: a beat in between wrote the state without its reason."""
+    from gpubatch.outputs.store import OutputStore
+    from gpubatch.runtime.progress import Progress
+
+    progress = Progress(3, store=OutputStore(tmp_path / "out"), enabled=False, run_id="r")
+    progress.finish("failed", reason="WorkersUnavailable: no worker for 5 s")
+    progress.heartbeat()
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status["state"] == "failed" and status["reason"] == "WorkersUnavailable: no worker for 5 s"
+
+
+def test_a_run_whose_outputs_cannot_be_written_says_which_inputs_failed(tmp_path: Path, slides_dir: Path,
+                                                                        mean_model: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's end fails (predictions.parquet cannot be written: here a folder holds its
+    name) after an input failed: no report is written, and the one line said "no shard is
+    computed again", hiding that an input failed and that --resume tries it again."""
+    from conftest import slide_job, write_job
+
+    import gpubatch
+    from gpubatch.core.errors import OutputsNotWrittenError
+    from gpubatch.runtime.progress import Progress
+    from gpubatch.sources.slides.source import SlideSource
+
+    real_open, update = SlideSource.open, Progress.update
+    out = tmp_path / "out"
+
+    def failing_open(self: SlideSource, shard: Any, job: Any, clocks: Any) -> Any:
+        if shard.input_uri.endswith("s2.tif"):
+            raise TimeoutError("read timed out")
+        return real_open(self, shard, job, clocks)
+
+    def update_and_block_the_merge(self: Progress, result: Any) -> None:
+        update(self, result)
+        (out / "predictions.parquet" / "in-the-way").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(SlideSource, "open", failing_open)
+    monkeypatch.setattr(Progress, "update", update_and_block_the_merge)
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, out, run={"retries": 0})
+    job["tiles"] = {"size": 128, "mpp": 0.5, "tissue": {"method": "none"}}
+    with pytest.raises(OutputsNotWrittenError) as info:
+        gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
+    assert "1 input(s) failed" in str(info.value) and "--resume" in str(info.value), info.value

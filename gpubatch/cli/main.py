@@ -130,9 +130,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from gpubatch.outputs.store import OutputStore
 
     store = OutputStore(args.outdir, _storage(args))
-    if not store.exists(STATUS):
+    s = store.read_json(STATUS) if store.exists(STATUS) else None
+    starting = starting_run(store, s)
+    if starting is not None:
+        print(starting)
+        return EXIT_OK
+    if s is None:
         raise SpecError([("OUTDIR", f"no {STATUS} in {args.outdir}: no run has started there")])
-    s = store.read_json(STATUS)
     eta = s.get("eta_s")
     print(f"{status_state(s)}: {s['done']}/{s['total']} shards done, {s['failed']} failed"
           + (f", {s['plan_failed']} input(s) quarantined at plan (listed in report.json)"
@@ -142,6 +146,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
           + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" else "")
           + (f"; {s['reason']}" if s.get("reason") else ""))
     return EXIT_OK
+
+
+def starting_run(store: Any, status: dict[str, Any] | None) -> str | None:
+    """The line for a run that holds the output's lease, live, but has not written status.json
+    yet: its resume checks and model preparation (a quantization, a TensorRT build) come first,
+    and meanwhile status.json is the run before's (or absent), which `status` gave as the state."""
+    import time
+
+    from gpubatch.outputs.layout import LEASE
+
+    try:
+        lease = store.read_json(LEASE) if store.exists(LEASE) else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(lease, dict) or (status or {}).get("run_id") == lease.get("run_id"):
+        return None
+    age = time.time() - float(lease.get("heartbeat", 0.0))
+    if age > float(lease.get("stale_after_s", 120.0)):
+        return None
+    return (f"starting: run {lease.get('run_id', '?')} on host {lease.get('host', '?')} (pid {lease.get('pid', '?')}) "
+            "holds the output and has not started its shards yet (checking what is committed, "
+            "preparing the model)")
 
 
 def status_state(status: dict[str, Any], now: float | None = None) -> str:
@@ -161,14 +187,14 @@ def status_state(status: dict[str, Any], now: float | None = None) -> str:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gpubatch.outputs.layout import REPORT_JSON
     from gpubatch.outputs.store import OutputStore
-    from gpubatch.report.summary import load_report, summarize_output
+    from gpubatch.report.summary import finished_report, summarize_output
     from gpubatch.report.text import format_summary
 
     store = OutputStore(args.outdir, _storage(args))
-    if store.exists(REPORT_JSON):
-        report = load_report(store)
+    finished = finished_report(store)
+    if finished is not None:
+        report = finished
     elif store.exists():
         report = summarize_output(store)
         print(f"no finished run in {args.outdir}: what is committed there so far "

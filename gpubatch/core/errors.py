@@ -86,11 +86,15 @@ class OutputsNotWrittenError(GpubatchError):
     """The shards are committed, but the run's end-of-run outputs (predictions.parquet, the
     report, per-slide files) could not be written; ``--resume`` writes them without recomputing."""
 
-    def __init__(self, output_uri: str, cause: BaseException):
+    def __init__(self, output_uri: str, cause: BaseException, failed: int = 0):
+        # no report is written: this line is all that says that inputs failed (``failed``)
+        again = (f"no committed shard is computed again; the {failed} input(s) that failed in this run are tried "
+                 "again" if failed else "no shard is computed again")
         super().__init__(
             f"every committed shard is kept, but writing the run's outputs to {safe_text(output_uri)} "
-            f"kept failing ({safe_text(f'{type(cause).__name__}: {cause}')[:300]}); rerun with "
-            "--resume to write them (no shard is computed again)")
+            f"kept failing ({safe_text(f'{type(cause).__name__}: {cause}')[:300]}); "
+            + (f"{failed} input(s) failed too; " if failed else "")
+            + f"rerun with --resume to write them ({again})")
 
 
 class ValidationGateError(GpubatchError):

@@ -32,6 +32,10 @@ log = logging.getLogger("gpubatch")
 CONFIRM_S = 0.3  # time between writing a lease and reading it back
 
 
+class LeaseLost(GpubatchError):
+    """Another writer took this one's lease over (its heartbeat was late past lease_stale_s)."""
+
+
 def guard_output(store: OutputStore, given: str) -> None:
     """Refuse an output that is not a folder of gpubatch's own (or empty, or new); mark it ours."""
     if given.strip() in ("", ".", "./") or (not store.remote and _too_broad(Path(store.uri))):
@@ -68,6 +72,9 @@ class Lease:
                       "started": time.time()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beat: Callable[[], None] | None = None
+        #: the lease another writer took over from this one (then this one stops writing)
+        self.lost: dict[str, Any] | None = None
 
     def _record(self) -> dict[str, Any]:
         return {**self.owner, "heartbeat": time.time(), "stale_after_s": self.stale_s}
@@ -94,18 +101,51 @@ class Lease:
         return SpecError([("output.uri", _held_message(held, age, self.stale_s))])
 
     def hold(self, beat: Callable[[], None] | None = None) -> None:
-        """Refresh the lease every ``heartbeat_s`` on a daemon thread, calling ``beat`` too."""
+        """Refresh the lease every ``heartbeat_s`` on a daemon thread, calling ``beat`` too.
+        Call it as soon as the lease is taken: whatever precedes the work (a resume's checks, a
+        model's quantization) can outlast ``stale_s``, and an unbeaten lease is taken over."""
+        self._beat = beat
+
         def loop() -> None:
             while not self._stop.wait(self.heartbeat_s):
                 try:
+                    if self._taken_over():
+                        return  # beating on would take the output back from the run that has it
                     self.store.write_json(self.name, self._record())
-                    if beat is not None:
-                        beat()
+                    if self._beat is not None:
+                        self._beat()
                 except Exception as exc:  # noqa: BLE001 - a missed beat is logged, not fatal
                     log.warning("heartbeat failed: %s", redact(str(exc)))
 
         self._thread = threading.Thread(target=loop, name="gpubatch-heartbeat", daemon=True)
         self._thread.start()
+
+    def _taken_over(self) -> bool:
+        """Whether another writer holds the lease now: this one's heartbeat was late past
+        ``stale_s`` (a suspended process, storage that kept failing) and it was taken over."""
+        held = self._read()
+        if held is None or held.get("run_id") == self.run_id:
+            return False
+        self.lost = held
+        log.error("run %s took the lease on %s over; this run stops", held.get("run_id", "?"),
+                  redact(self.store.uri))
+        return True
+
+    def lost_message(self) -> str:
+        held = self.lost or {}
+        return (f"another run took this output over: run {held.get('run_id', '?')} on host "
+                f"{held.get('host', '?')} (pid {held.get('pid', '?')}) holds its lease, because this one's "
+                f"heartbeat was late by more than {self.stale_s:g} s (run.lease_stale_s; was this process "
+                "suspended?). This run stops and leaves the output to it; what this run committed stands")
+
+    def check(self) -> None:
+        """Raise LeaseLost once another writer has taken the lease over."""
+        if self.lost is not None:
+            raise LeaseLost(self.lost_message())
+
+    def also_beat(self, beat: Callable[[], None]) -> None:
+        """From now on each heartbeat calls ``beat`` too (e.g. status.json, once there is one)."""
+        self._beat = beat
 
     def release(self) -> None:
         self._stop.set()

@@ -17,7 +17,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from gpubatch.core.errors import GpubatchError
 from gpubatch.core.results import ShardResult
+from gpubatch.io.redact import redact
 from gpubatch.outputs.layout import MANIFEST_DIR, PARTS_DIR, TMP_PREFIX, ZARR, record_name
 from gpubatch.outputs.store import OutputStore
 
@@ -83,17 +85,29 @@ class Manifest:
         return {e.shard_id: e for e in self.iter_committed()}
 
     def _verified(self, batch: list[ShardResult]) -> Iterator[ShardResult]:
+        """The entries whose part has its checksum and whose zarr group (where it has one) is
+        there: a commit is both, and a resume that kept a shard without its group described a
+        predictions.zarr naming groups that were gone."""
         parts = self.store.read_many([f"{PARTS_DIR}/{e.part}" for e in batch])
+        groups = self.store.read_many([_group_marker(e.group) for e in batch if e.group])
         for entry in batch:
             data = parts.get(f"{PARTS_DIR}/{entry.part}")
-            if data is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
-                yield entry
-            else:
+            if data is None or hashlib.sha256(data).hexdigest() != entry.sha256:
                 log.warning("shard %s: its committed part is %s; it will be computed again",
                             entry.shard_id, "missing" if data is None else "corrupt (checksum differs)")
+            elif entry.group and _group_marker(entry.group) not in groups:
+                log.warning("shard %s: its committed zarr group is missing; it will be computed again",
+                            entry.shard_id)
+            else:
+                yield entry
 
     def remove(self, shard_id: str) -> None:
         self.store.delete(f"{MANIFEST_DIR}/{record_name(shard_id)}")
+
+
+def _group_marker(group: str) -> str:
+    """The metadata document of a shard's zarr group (zarr v3), written when the group is made."""
+    return f"{ZARR}/{group}/zarr.json"
 
 
 @runtime_checkable
@@ -126,24 +140,37 @@ def sweep(store: OutputStore, keep: KeptFiles | Iterable[ShardResult | CommitRef
     removed = 0
     for name in store.iter_names(PARTS_DIR):
         if (name.endswith(".parquet") or name.startswith(TMP_PREFIX)) and not kept.has_part(name):
-            store.delete(f"{PARTS_DIR}/{name}")
-            removed += 1
+            removed += _tidy(store, f"{PARTS_DIR}/{name}", recursive=False)
     for name in store.iter_names(ZARR):
         if name != "zarr.json" and not name.startswith(".") and not kept.has_group(name):
-            store.delete(f"{ZARR}/{name}", recursive=True)
-            removed += 1
+            removed += _tidy(store, f"{ZARR}/{name}", recursive=True)
     return removed
 
 
-def remove_temporaries(store: OutputStore) -> int:
+def _tidy(store: OutputStore, name: str, recursive: bool) -> int:
+    """Delete an attempt no record names; 1 when it went. Readers never see such files, so one
+    that will not go (storage that kept failing; a suspended run, taken over, that took up its
+    shard again and is still writing the group) is left, said, for the next sweep, rather than
+    failing the run that sweeps."""
+    try:
+        store.delete(name, recursive=recursive)
+    except (GpubatchError, OSError) as exc:
+        log.warning("could not remove %s, an attempt no commit names (%s); the next run sweeps it", name,
+                    redact(f"{type(exc).__name__}: {exc}"))
+        return 0
+    return 1
+
+
+def remove_temporaries(store: OutputStore, spare: tuple[str, ...] = ()) -> int:
     """Delete the temporary files a killed process left (an interrupted atomic write); call only
-    while no process of this run writes (before its heartbeat starts, after its lease is released)."""
+    while no process of this run writes, but for the files named in ``spare`` (the lease, whose
+    heartbeat runs from the moment it is taken: their temporaries are left)."""
     from gpubatch.outputs.layout import AUDIT_DIR
 
     removed = 0
     for folder in ("", MANIFEST_DIR, AUDIT_DIR, PARTS_DIR):
         for name in store.iter_names(folder):
-            if name.startswith(TMP_PREFIX):
+            if name.startswith(TMP_PREFIX) and not name.endswith(tuple(f"-{n}" for n in spare)):
                 store.delete(f"{folder}/{name}" if folder else name)
                 removed += 1
     return removed

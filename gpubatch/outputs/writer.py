@@ -206,16 +206,24 @@ class ShardWriter:
         return {"rows": self.rows, "part": self.part, "group": self.group, "sha256": sha}
 
     def abort(self) -> None:
-        """Best effort on an already failing shard: close and delete this attempt's files."""
+        """Best effort on an already failing shard: drop this attempt's files. An open part is
+        left as a failed write (OutputStore.open_write discards it): closed cleanly, object
+        storage received the half-written part only to have it deleted, and kept it where that
+        delete failed too; on disk it was renamed into place first."""
         with contextlib.suppress(Exception):
             if self._pq is not None:
-                self._pq.close()
-        with contextlib.suppress(Exception):
-            self._files.close()
+                self._pq.close()  # else its finaliser writes the footer into the dropped file
+        with contextlib.suppress(BaseException):
+            aborted = _Aborted(self.part)
+            self._files.__exit__(_Aborted, aborted, None)
         with contextlib.suppress(Exception):
             self.store.delete(f"{PARTS_DIR}/{self.part}")
             if self.group is not None:
                 self.store.delete(f"{ZARR}/{self.group}", recursive=True)
+
+
+class _Aborted(Exception):
+    """Thrown into an aborted shard's open part, so that it is discarded rather than published."""
 
 
 def _jsonable(value: Any) -> Any:

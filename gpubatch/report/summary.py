@@ -275,6 +275,37 @@ def load_report(where: OutputStore | str) -> dict[str, Any]:
     return report
 
 
+def finished_report(where: OutputStore | str) -> dict[str, Any] | None:
+    """report.json where it reports the output's latest run, and that run finished; else None.
+
+    A run writes report.json at its end, and a --resume leaves the one before it in place until
+    it writes its own: a resume that was interrupted, failed or is still going would be reported
+    as the finished run before it (its shards, its failures), though more is committed now.
+    status.json names the latest run and its state (absent only in outputs of older versions)."""
+    from gpubatch.outputs.layout import STATUS
+
+    store = OutputStore.of(where)
+    if not store.exists(REPORT_JSON):
+        return None
+    report = load_report(store)
+    status = store.read_json(STATUS) if store.exists(STATUS) else None
+    run_id = report.get("run_id", status.get("run_id") if status else None)
+    if status is not None and (status.get("state") != "finished" or status.get("run_id") != run_id):
+        return None
+    return report
+
+
+def still_failed(events: list[dict[str, Any]], committed: dict[str, ShardResult]) -> list[dict[str, Any]]:
+    """The failed inputs among the ledger's ``events``: each shard whose attempts failed and that
+    is not committed, once, with its last attempt's error. The ledger keeps every failed attempt
+    of every run, those a retry or a later run then committed too."""
+    last: dict[str, dict[str, Any]] = {}
+    for event in sorted((e for e in events if e.get("event") == "shard_failed"), key=lambda e: e.get("time", 0.0)):
+        if event.get("shard_id") not in committed:
+            last[str(event.get("shard_id"))] = event
+    return [{"input": e.get("input"), "error": e.get("error"), "attempts": e.get("attempt")} for e in last.values()]
+
+
 def summarize_output(where: OutputStore | str) -> dict[str, Any]:
     """A report for an output without a finished run's report.json: what is committed there.
 
@@ -288,11 +319,11 @@ def summarize_output(where: OutputStore | str) -> dict[str, Any]:
 
     store = OutputStore.of(where)
     builder = SummaryBuilder()
-    for entry in Manifest(store).entries().values():
+    committed = Manifest(store).entries()
+    for entry in committed.values():
         builder.add(entry)
     status = store.read_json(STATUS) if store.exists(STATUS) else {}
-    failed = [{"input": r.get("input"), "error": r.get("error")} for r in Ledger(store, "").records()
-              if r.get("event") == "shard_failed"]
+    failed = still_failed(Ledger(store, "").records(), committed)
     wall = float(status.get("heartbeat", 0.0)) - float(status.get("started", 0.0)) if status else 0.0
     info = {"state": status.get("state", "unknown"), "complete": False, "run_id": status.get("run_id"),
             "shards_total": status.get("total"), "shards_done": builder.shards, "workers": 1}

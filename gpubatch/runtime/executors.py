@@ -16,6 +16,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as thread_wait
 from typing import Any
 
+from gpubatch.core.errors import GpubatchError
+
 log = logging.getLogger("gpubatch")
 WATCH_S = 1.0  # seconds between looks at which worker runs what
 TRIM_S = 30.0  # seconds between trims of the scheduler's per-task bookkeeping
@@ -93,6 +95,20 @@ class InlineExecutor(Executor):
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class SchedulerLost(GpubatchError):
+    """The Dask scheduler cancelled the run's tasks (it stopped, or the connection to it was lost)."""
+
+    def __init__(self, reasons: str):
+        super().__init__(f"lost the Dask scheduler: it cancelled the run's tasks ({reasons}); the run stops "
+                         "and its committed shards stand: when the scheduler is back, rerun with --resume")
+
+
+def _cancel_reasons(exc: BaseException) -> str:
+    """Dask's reasons for cancelling (``scheduler-connection-lost``), without the task keys."""
+    groups = getattr(exc, "error_groups", None) or []
+    return ", ".join(sorted({str(g.reason) for g in groups})) or "no reason given"
+
+
 class DaskExecutor(Executor):
     """A Dask client (and the cluster it started, if any); ``resources`` bound every task.
 
@@ -109,6 +125,7 @@ class DaskExecutor(Executor):
         self._checked = self._trimmed = self._slots_seen = 0.0
         self._slots: dict[str, int] = {}
         self._submitted = 0
+        self._scheduler_lost = False
 
     def submit(self, fn: Callable[..., Any], *args: Any, key: str, worker: str | None = None) -> Any:
         """Tasks start in the order submitted: Dask ranks tasks submitted within 100 ms of each
@@ -136,6 +153,10 @@ class DaskExecutor(Executor):
         return dict(self._slots)
 
     def wait_first(self, pending: set[Any], timeout: float | None = None) -> set[Any]:
+        """As the interface says; raises SchedulerLost when the scheduler cancelled the tasks
+        (Dask cancels every future of a client that lost its scheduler: none will finish)."""
+        from concurrent.futures import CancelledError
+
         from distributed import wait
         from distributed.utils import TimeoutError as DaskTimeout
 
@@ -143,6 +164,9 @@ class DaskExecutor(Executor):
             return set(wait(list(pending), timeout=timeout, return_when="FIRST_COMPLETED").done)
         except (TimeoutError, DaskTimeout):
             return set()
+        except CancelledError as exc:
+            self._scheduler_lost = True
+            raise SchedulerLost(_cancel_reasons(exc)) from None
 
     def cancel(self, pending: set[Any]) -> None:
         with contextlib.suppress(Exception):
@@ -192,11 +216,29 @@ class DaskExecutor(Executor):
         return list(self._lost)
 
     def close(self) -> None:
+        """Close the client (and the cluster it started). A client that lost its scheduler is
+        still trying to reconnect, and closing it logs that loop's cancellation as an error with
+        a traceback under the run's one line saying why it stopped: that is left to ``-v``."""
+        quiet = _quieted("distributed.client") if self._scheduler_lost else contextlib.nullcontext()
         try:
-            self.client.close(timeout=CLOSE_TIMEOUT_S)
+            with quiet:
+                self.client.close(timeout=CLOSE_TIMEOUT_S)
         finally:
             if self.cluster is not None:
                 self.cluster.close(timeout=CLOSE_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def _quieted(name: str) -> Any:
+    """The logger ``name`` says nothing below CRITICAL meanwhile (unless gpubatch logs at DEBUG)."""
+    logger, verbose = logging.getLogger(name), log.isEnabledFor(logging.DEBUG)
+    level = logger.level
+    if not verbose:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _slots_of(info: dict[str, Any], needs: dict[str, float] | None) -> int:

@@ -35,6 +35,7 @@ class Progress:
         self.last_log = self.last_status = self.t0
         self.store, self.run_id, self.heartbeat_s = store, run_id, heartbeat_s
         self.state = "running"
+        self._final: dict[str, Any] = {}  # what the final state says besides (the reason)
         self._lock = threading.Lock()
         tty = sys.stderr.isatty() if enabled is None else enabled
         self._bar: Any = None
@@ -79,13 +80,15 @@ class Progress:
         self._write_status()
 
     def finish(self, state: str, **extra: Any) -> None:
-        """The final state: finished, interrupted or failed (with the reason in ``extra``)."""
-        self.state = state
-        self._write_status(**extra)
+        """The final state: finished, interrupted or failed (with the reason in ``extra``, kept
+        for the heartbeats that still write status.json until the lease is released)."""
+        self.state, self._final = state, extra
+        self._write_status()
 
-    def _write_status(self, **extra: Any) -> None:
+    def _write_status(self) -> None:
         if self.store is None:
             return
+        extra = self._final
         with self._lock:
             now = time.time()
             self.last_status = now

@@ -106,10 +106,9 @@ class Result:
 def open_results(outdir: str, storage: dict[str, Any] | None = None) -> Result:
     """A run's outputs: its report (or, for an unfinished run, a summary of what is committed)."""
     from gpubatch.core.errors import EXIT_PARTIAL
-    from gpubatch.outputs.layout import REPORT_JSON
-    from gpubatch.report.summary import load_report, summarize_output
+    from gpubatch.report.summary import finished_report, summarize_output
 
     store = OutputStore(outdir, storage)
-    report = load_report(store) if store.exists(REPORT_JSON) else summarize_output(store)
+    report = finished_report(store) or summarize_output(store)
     failed = report.get("failed", [])
     return Result(report, store.uri, EXIT_PARTIAL if failed else EXIT_OK, failed, dict(storage or {}))

@@ -23,7 +23,7 @@ from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity
 from gpubatch.io.uris import split_glob
 from gpubatch.outputs.commits import CommitIndex
-from gpubatch.outputs.layout import RUN_DIRS, RUN_STATE, SPEC_RECORD
+from gpubatch.outputs.layout import LEASE, RUN_DIRS, RUN_STATE, SPEC_RECORD
 from gpubatch.outputs.ledger import Ledger
 from gpubatch.outputs.manifest import CommitRef, Manifest, remove_temporaries, sweep
 from gpubatch.outputs.store import OutputStore
@@ -57,7 +57,7 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, kept: CommitInde
     kept, in the run's on-disk index. ``fields``: the run's result fields, computed once by it."""
     record = spec_record(job, fields)
     manifest = Manifest(store)
-    remove_temporaries(store)
+    remove_temporaries(store, spare=(LEASE,))  # the lease's heartbeat is writing
     committed = next(manifest.names(), None) is not None
     if overwrite:
         wipe(store)

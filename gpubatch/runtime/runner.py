@@ -77,12 +77,14 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     run = _Run(job, prof, store)
     run.lease.acquire()
     try:
+        run.lease.hold()  # beaten from now: the checks and the model's preparation may take minutes
         with collections_of_this_run():
             return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler, show_progress=show_progress)
     finally:
         run.commits.close()
         run.lease.release()
-        remove_temporaries(store)
+        if run.lease.lost is None:  # else they may be the run's that holds the output now
+            remove_temporaries(store)
 
 
 class _Run:
@@ -110,9 +112,9 @@ class _Run:
         reconcile(self.store, job, self.ledger, committed, resume=resume, overwrite=overwrite,
                   on_kept=lambda entry: self.builder.add(dataclasses.replace(entry, resumed=True)),
                   fields=self.fields)
-        resumed = len(committed)
         shards, self.failed = source.plan(job)
         refuse_empty_plan(shards, self.failed)
+        resumed = self._kept_in_plan(shards)
         todo = (s for s in shards if s.shard_id not in committed)  # a stream: the plan is never copied
         n_workers = worker_count(self.prof, max(len(shards) - resumed, 0), job.run.workers)
         self.one_host = _one_host(self.prof, scheduler)
@@ -126,13 +128,14 @@ class _Run:
                           **prepared.audit)
         progress = Progress(len(shards), already=resumed, store=self.store, enabled=show_progress,
                             run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=quarantined_count(self.failed))
-        self.lease.hold(beat=progress.heartbeat)
+        self.lease.also_beat(progress.heartbeat)
         lost: list[dict[str, Any]] = []
         with stop_on_signals():  # the run's end too: a Ctrl-C while merging is recorded as one
             try:
                 if len(shards) > resumed:
                     lost = self._submit(todo, ctx, progress, n_workers, scheduler)
                 raise_if_stopped()  # one a finaliser dropped after the last poll
+                self.lease.check()  # the run's end writes the output's own files: only while it is ours
             except BaseException as exc:
                 self._abandon(progress, exc)
                 raise
@@ -144,14 +147,27 @@ class _Run:
             try:
                 result = self._finish(source, shards, ctx, prepared, n_workers, lost)
             except (OSError, InputError) as exc:  # storage that kept failing: the commits stand
-                error = OutputsNotWrittenError(redact(self.store.uri), exc)
+                error = OutputsNotWrittenError(redact(self.store.uri), exc, quarantined_count(self.failed))
                 self._abandon(progress, error)
                 raise error from exc
-            except (KeyboardInterrupt, Terminated) as exc:  # the commits stand; --resume ends it
-                self._abandon(progress, exc)
+            except (KeyboardInterrupt, Terminated, Exception) as exc:  # the commits stand; recorded as
+                self._abandon(progress, exc)  # interrupted or failed, never left saying "running"
                 raise
             progress.finish("finished")
         return result
+
+    def _kept_in_plan(self, shards: Sequence[Shard]) -> int:
+        """How many of the plan's shards are already committed. A resume may plan other inputs
+        than the run it finishes (the input list is no result field): a commit the plan no longer
+        names stays in the manifest for a later run, but is neither done nor reported in this one.
+        Counted as done, such commits kept as many new inputs from ever being submitted (exit 0)."""
+        kept = sum(1 for _ in self.commits.in_order(s.shard_id for s in shards))
+        if kept < len(self.commits):  # the summary folded every kept record: fold the plan's again
+            self.builder = SummaryBuilder()
+            names = (record_name(r.shard_id) for r in self.commits.in_order(s.shard_id for s in shards))
+            for entry in Manifest(self.store).iter_entries(names):
+                self.builder.add(dataclasses.replace(entry, resumed=True))
+        return kept
 
     def _before_workers(self, source: Source, shards: Sequence[Shard], n_workers: int,
                         scheduler: str | None) -> Callable[[], StageClocks | None]:
@@ -211,7 +227,8 @@ class _Run:
         window = max(2 * n_workers * threads, n_workers + self.job.run.stage_ahead + 2)
         executor = open_executor(self.prof, n_workers, scheduler, self._log_dir())
         submitter = Submitter(executor, self.job, ctx, on_result, window, on_retry=self.ledger.failure,
-                              ahead=_stage_ahead(self.job.run.stage_ahead, self.prof, n_workers * threads, scheduler))
+                              ahead=_stage_ahead(self.job.run.stage_ahead, self.prof, n_workers * threads, scheduler),
+                              on_poll=self.lease.check)
         try:
             submitter.run(todo)
         except BaseException:
@@ -235,6 +252,8 @@ class _Run:
         reason = "interrupted" if interrupted else redact(f"{type(exc).__name__}: {exc}")
         try:
             self.ledger.event(kind, reason=reason, failed=len(self.failed))
+            if self.lease.lost is not None:  # audit.jsonl and status.json are the new holder's now
+                return
             self.ledger.materialize()  # every record: commits the client had not yet heard of too
             progress.finish("interrupted" if interrupted else "failed", reason=reason)
         except Exception as inner:  # noqa: BLE001 - the original error is the one to report

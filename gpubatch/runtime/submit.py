@@ -45,8 +45,11 @@ class Submitter:
 
     def __init__(self, executor: Executor, job: JobSpec, ctx: RunContext,
                  on_result: Callable[[ShardResult], None], window: int,
-                 on_retry: Callable[[ShardResult], None] | None = None, ahead: int | None = None):
+                 on_retry: Callable[[ShardResult], None] | None = None, ahead: int | None = None,
+                 on_poll: Callable[[], None] | None = None):
         self.executor, self.job, self.ctx, self.on_result = executor, job, ctx, on_result
+        #: asked at every poll; raises to stop the run (the output's lease was taken over)
+        self.on_poll = on_poll or (lambda: None)
         self.on_retry = on_retry  # told of each failed attempt that is tried again (the audit records it)
         self.window = max(1, window)
         #: how many next inputs of the plan each shard names, when shards are not dealt to
@@ -101,6 +104,8 @@ class Submitter:
                 self._collect(pending)
             else:  # no worker with slots: wait for one, within run.worker_timeout
                 time.sleep(POLL_S)
+                raise_if_stopped()
+                self.on_poll()
                 self._watch_workers(False, available=len(dealer.slots))
 
     def _run_in_plan_order(self, shards: Iterable[Shard]) -> None:
@@ -120,6 +125,7 @@ class Submitter:
     def _collect(self, pending: set[Any]) -> None:
         done = self.executor.wait_first(pending, timeout=POLL_S)
         raise_if_stopped()
+        self.on_poll()
         self._watch_workers(bool(done))
         for fut in done:
             pending.discard(fut)
