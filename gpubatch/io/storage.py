@@ -65,6 +65,11 @@ log = logging.getLogger("gpubatch")
 #: retries 5xx, throttling and dropped connections, re-sending a request's body
 CLIENT_RETRIES = {"max_attempts": RetryPolicy().attempts, "mode": "standard"}
 
+#: fsspec's HTTP client (aiohttp) waits 300 s for a whole request by default and nothing bounds a
+#: read that stalls: these match obstore's (connect 10 s, 60 s of silence), see :func:`_http_timeouts`
+HTTP_CONNECT_TIMEOUT_S = 10.0
+HTTP_READ_TIMEOUT_S = 60.0
+
 #: range-read clients a profile's ``range_reader`` may name
 RANGE_READERS = ("auto", "obstore", "fsspec")
 
@@ -233,6 +238,8 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
     merged = resolve_options(uri, options) if protocol != "file" else {}
     if protocol in ("gs", "gcs"):
         clouds.serve_off_google(merged)
+    if protocol in ("http", "https"):
+        merged = _http_timeouts(merged)
     token = protocol + str(client_retries) + json.dumps(merged, sort_keys=True, default=str)
     with _fs_lock:
         fs = _fs_cache.get(token)
@@ -251,6 +258,23 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
             _fs_cache[token] = fs
     path = fs._strip_protocol(uri) if protocol != "file" else local_path(uri)  # decoded: uris.local_path
     return fs, path
+
+
+def _http_timeouts(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with aiohttp timeouts for fsspec's HTTP client, unless they set their own.
+
+    aiohttp's default (300 s for a whole request, no bound on a silent socket) lets a server that
+    accepts and never answers hold a read 300 s per attempt (a presigned URL is read by fsspec),
+    and fails any download of an unsized object that takes longer. Instead: the connection within
+    :data:`HTTP_CONNECT_TIMEOUT_S`, and no silence longer than :data:`HTTP_READ_TIMEOUT_S`."""
+    client = dict(options.get("client_kwargs") or {})
+    if "timeout" in client:
+        return options
+    import aiohttp
+
+    client["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=HTTP_CONNECT_TIMEOUT_S,
+                                              sock_read=HTTP_READ_TIMEOUT_S)
+    return {**options, "client_kwargs": client}
 
 
 def upload_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:

@@ -1,0 +1,57 @@
+"""Servers that misbehave at the HTTP level, met by the real range readers (obstore and fsspec):
+one that never answers, one that stalls mid-body, one that ignores Range, one that answers another
+range than asked. Every wait is bounded and every answer that is not the bytes asked for fails
+the read with a message that names the object, never its signature."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from http_servers import MisbehavingServer
+
+from gpubatch.core.errors import InputError
+from gpubatch.io import storage
+from gpubatch.io.retry import RetryPolicy
+from gpubatch.io.storage import open_ranges
+
+DATA = bytes(range(256)) * 1024
+#: a presigned URL's query: obstore refuses a URL with one, so fsspec reads it
+SIGNED = "?X-Amz-Signature=deadbeefcafe0123456789&X-Amz-Expires=600"
+
+
+@pytest.fixture
+def server() -> Iterator[MisbehavingServer]:
+    srv = MisbehavingServer(DATA)
+    yield srv
+    srv.close()
+
+
+def read_bounded(url: str, start: int, stop: int, limit_s: float = 30.0) -> Any:
+    """The bytes (or the exception) of one read of [start, stop), waited for at most ``limit_s``."""
+    outcome: list[Any] = []
+
+    def read() -> None:
+        try:
+            with open_ranges(url, {}, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
+                outcome.append(reader.fetch(start, stop))
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    assert outcome, f"the read of {url} was still waiting after {limit_s:g} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("mode", ["silent", "stall"])
+def test_a_presigned_url_whose_server_stops_answering_fails_within_the_read_timeout(
+        server: MisbehavingServer, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "HTTP_READ_TIMEOUT_S", 1.0)
+    server.mode = mode
+    got = read_bounded(f"{server.url}/slides/a.svs{SIGNED}", 1000, 5000)
+    assert isinstance(got, InputError) and got.retryable, got
+    assert "a.svs" in str(got) and "deadbeefcafe" not in str(got)
