@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from http_servers import MisbehavingServer
 
+from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
-from gpubatch.io import storage
-from gpubatch.io.retry import RetryPolicy
+from gpubatch.io import stage_cache, storage
+from gpubatch.io.retry import RangesIgnored, RetryPolicy
+from gpubatch.io.stage_cache import StageCache
 from gpubatch.io.storage import open_ranges
 
 DATA = bytes(range(256)) * 1024
@@ -55,3 +58,24 @@ def test_a_presigned_url_whose_server_stops_answering_fails_within_the_read_time
     got = read_bounded(f"{server.url}/slides/a.svs{SIGNED}", 1000, 5000)
     assert isinstance(got, InputError) and got.retryable, got
     assert "a.svs" in str(got) and "deadbeefcafe" not in str(got)
+
+
+@pytest.mark.parametrize("client", ["obstore", "fsspec"])
+def test_a_server_that_ignores_range_is_named_so(server: MisbehavingServer, client: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    server.mode = "whole"
+    got = read_bounded(f"{server.url}/slides/b.svs", 1000, 5000)
+    assert isinstance(got, RangesIgnored) and not got.retryable, got
+    assert "b.svs" in str(got) and "ignores byte ranges" in str(got)
+
+
+@pytest.mark.parametrize("client", ["obstore", "fsspec"])
+def test_staging_downloads_whole_an_object_whose_server_ignores_range(
+        server: MisbehavingServer, client: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    monkeypatch.setattr(stage_cache, "CHUNK_BYTES", 64 << 10)  # the object is 4 chunks
+    server.mode = "whole"
+    cache = StageCache(str(tmp_path / "stage"))
+    with cache.open(f"{server.url}/slides/c.svs", {}, StageClocks(), RetryPolicy(attempts=2, base_s=0.01)) as staged:
+        assert Path(staged.path).read_bytes() == DATA

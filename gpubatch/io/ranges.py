@@ -31,6 +31,7 @@ from gpubatch.core.errors import InputError
 from gpubatch.io.metrics import in_background, record_request, requests_in_flight
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import (
+    RangesIgnored,
     RetryPolicy,
     call_with_retries,
     count_retries,
@@ -144,6 +145,10 @@ class RangeReader(ABC):
         return out
 
     def _checked(self, blob: bytes, start: int, stop: int) -> bytes:
+        """``blob`` if it is as long as [start, stop): shorter is a truncated object, longer an
+        answer of more than was asked (fsspec hands on a 200's whole body)."""
+        if len(blob) > stop - start:
+            raise RangesIgnored(self.uri, f"{len(blob)} bytes answered to a request for bytes {start}-{stop - 1}")
         if len(blob) != stop - start:
             raise InputError(self.uri, f"truncated: data runs to byte {stop} but only "
                              f"{start + len(blob)} bytes could be read (the file is truncated or "

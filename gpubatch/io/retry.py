@@ -137,6 +137,22 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+class RangesIgnored(InputError):
+    """The object's server answered a byte-range request with more bytes than asked: it ignores
+    ``Range`` (a 200 with the whole object; obstore refuses such an answer itself). No retry helps
+    and no streamed read can work; a staged download takes the object whole instead
+    (:mod:`gpubatch.io.stage_cache`)."""
+
+    def __init__(self, uri: str, detail: str):
+        super().__init__(redact(uri), f"its server ignores byte ranges ({detail}): it cannot be "
+                                      "streamed; input.access: stage downloads it whole")
+
+
+def _ranges_refused(exc: BaseException) -> bool:
+    """obstore's refusal of a 200 answer to a ranged GET (object_store's NotSupported)."""
+    return type(exc).__name__ == "NotSupportedError" and "Range request not supported" in str(exc)
+
+
 def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError:
     """A clear, credential-free InputError for a failed storage call (retryable when transient)."""
     if isinstance(exc, InputError):
@@ -149,6 +165,8 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     if type(exc).__name__ in CHANGED_NAMES:  # obstore's text is a URL and a dump: the status says it
         return changed_while_read(uri, text if type(exc).__name__ == "ObjectChanged" else
                                   "412 Precondition Failed: it is no longer the ETag the read began at")
+    if _ranges_refused(exc):
+        return RangesIgnored(uri, "a ranged GET was answered 200 with the whole object")
     if isinstance(exc, FileNotFoundError) or (status == 404 and _is_obstore(exc)):
         return InputError(uri, "object not found (404): check the URI, bucket and prefix")
     denied = type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError") and _is_obstore(exc)

@@ -44,8 +44,9 @@ from gpubatch.io.host_files import (
     try_exclusive,
     write_record,
 )
+from gpubatch.io.ranges import RangeReader
 from gpubatch.io.redact import redact
-from gpubatch.io.retry import RetryPolicy, call_with_retries, changed_while_read
+from gpubatch.io.retry import RangesIgnored, RetryPolicy, call_with_retries, changed_while_read
 from gpubatch.io.storage import get_fs, open_ranges, stat
 from gpubatch.io.uris import protocol_of, spelled_as, uri_name
 
@@ -461,13 +462,13 @@ class StageCache:
         try:
             with open_ranges(uri, options, clocks, policy, max_concurrency=CHUNKS_IN_FLIGHT,
                              count_wait=False, etag=remote.etag) as reader:
-                if size <= 0:  # size unknown (some HTTP servers): one whole-object request
-                    os.write(fd, _whole_object(remote, options, policy, clocks))
-                spans = [(s, min(s + CHUNK_BYTES, size)) for s in range(0, size, CHUNK_BYTES)]
-                for wave in range(0, len(spans), CHUNKS_IN_FLIGHT):
-                    batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
-                    for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
-                        os.pwrite(fd, blob, start)
+                try:
+                    _write_chunks(reader, fd, size)
+                except RangesIgnored:  # its server answers every GET whole: take one
+                    size = 0
+                if size <= 0:  # size unknown (some HTTP servers), or no ranges: one whole-object request
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, _whole_object(remote, options, policy, clocks), 0)
                 pinned = reader.version() is not None
             if not pinned and remote.etag is not None and size > 0:
                 now = stat(uri, options, policy, clocks)
@@ -476,6 +477,15 @@ class StageCache:
         finally:
             os.close(fd)
         os.replace(part, local)
+
+
+def _write_chunks(reader: RangeReader, fd: int, size: int) -> None:
+    """[0, size) read in chunks, :data:`CHUNKS_IN_FLIGHT` at once, each written where it belongs."""
+    spans = [(s, min(s + CHUNK_BYTES, size)) for s in range(0, size, CHUNK_BYTES)]
+    for wave in range(0, len(spans), CHUNKS_IN_FLIGHT):
+        batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
+        for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
+            os.pwrite(fd, blob, start)
 
 
 def _whole_object(remote: _Remote, options: dict[str, Any] | None, policy: RetryPolicy,
