@@ -79,3 +79,18 @@ def test_staging_downloads_whole_an_object_whose_server_ignores_range(
     cache = StageCache(str(tmp_path / "stage"))
     with cache.open(f"{server.url}/slides/c.svs", {}, StageClocks(), RetryPolicy(attempts=2, base_s=0.01)) as staged:
         assert Path(staged.path).read_bytes() == DATA
+
+
+def test_a_presigned_url_answered_with_another_range_than_asked_fails_the_read(server: MisbehavingServer) -> None:
+    server.mode = "shifted"
+    got = read_bounded(f"{server.url}/slides/d.svs{SIGNED}", 1000, 5000)
+    assert isinstance(got, InputError) and not got.retryable, got
+    assert "bytes 0-3999" in str(got) and "deadbeefcafe" not in str(got)
+
+
+def test_a_range_ignored_is_refused_before_its_whole_body_is_read(server: MisbehavingServer) -> None:
+    server.data = DATA * 64  # 16 MiB: the answer's body is left unread, not handed on
+    server.mode = "whole"
+    got = read_bounded(f"{server.url}/slides/e.svs{SIGNED}", 0, 10)
+    assert isinstance(got, RangesIgnored), got
+    assert "200" in str(got)

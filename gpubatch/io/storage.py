@@ -34,6 +34,7 @@ from gpubatch.io import clouds, obstore
 from gpubatch.io.ranges import (
     Fetched,
     FsspecRangeReader,
+    HttpRangeReader,
     LocalRangeReader,
     RangeFile,
     RangeReader,
@@ -312,14 +313,19 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
     elif (target := _obstore_target(uri, options)) is not None:
         inner = obstore.ObstoreRangeReader(*target, uri, max_concurrency=max_concurrency, etag=etag)
         if range_reader_choice() == "auto":
-            inner = _FsspecWhenUnsized(inner, lambda: FsspecRangeReader(*get_fs(uri, options), uri, max_concurrency),
-                                       uri, clocks)
+            inner = _FsspecWhenUnsized(inner, lambda: _fsspec_reader(uri, options, max_concurrency), uri, clocks)
     else:
-        fs, path = get_fs(uri, options)
-        inner = FsspecRangeReader(fs, path, uri, max_concurrency=max_concurrency)
+        inner = _fsspec_reader(uri, options, max_concurrency)
     if clocks is not None and is_remote(uri):
         clocks.count(f"storage.client.{inner.client}")
     return retried_and_measured(inner, policy or RetryPolicy(), clocks, count_wait)
+
+
+def _fsspec_reader(uri: str, options: dict[str, Any] | None, max_concurrency: int) -> FsspecRangeReader:
+    """fsspec's reader for ``uri``: for http(s), one that checks each answer is the range asked."""
+    fs, path = get_fs(uri, options)
+    http = protocol_of(uri) in ("http", "https") and hasattr(fs, "set_session")
+    return (HttpRangeReader if http else FsspecRangeReader)(fs, path, uri, max_concurrency=max_concurrency)
 
 
 class _FsspecWhenUnsized(ReaderWrapper):
