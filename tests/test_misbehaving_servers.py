@@ -94,3 +94,19 @@ def test_a_range_ignored_is_refused_before_its_whole_body_is_read(server: Misbeh
     got = read_bounded(f"{server.url}/slides/e.svs{SIGNED}", 0, 10)
     assert isinstance(got, RangesIgnored), got
     assert "200" in str(got)
+
+
+def test_an_s3_endpoint_that_ignores_range_is_named_so_and_staged_whole(
+        server: MisbehavingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an S3-compatible gateway: obstore's S3 client words its refusal otherwise than its HTTP one
+    monkeypatch.setattr(stage_cache, "CHUNK_BYTES", 64 << 10)
+    server.mode = "whole"
+    options = {"endpoint_url": server.url, "key": "AKIAFAKEFAKEFAKE0002", "secret": "not-a-real-secret",
+               "client_kwargs": {"region_name": "us-east-1"}}
+    with open_ranges("s3://bucket/slides/f.svs", options, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
+        assert reader.client == "obstore"
+        with pytest.raises(RangesIgnored, match="f.svs.*ignores byte ranges"):
+            reader.fetch(1000, 5000)
+    cache = StageCache(str(tmp_path / "stage"))
+    with cache.open("s3://bucket/slides/f.svs", options, StageClocks(), RetryPolicy(attempts=2, base_s=0.01)) as staged:
+        assert Path(staged.path).read_bytes() == DATA

@@ -148,9 +148,14 @@ class RangesIgnored(InputError):
                                       "streamed; input.access: stage downloads it whole")
 
 
+#: how object_store words its refusal of a 200 answer to a ranged GET: its HTTP store's
+#: NotSupported, its S3/GCS/Azure client's generic error
+_RANGES_REFUSED = ("Range request not supported", "non-partial response when range requested")
+
+
 def _ranges_refused(exc: BaseException) -> bool:
-    """obstore's refusal of a 200 answer to a ranged GET (object_store's NotSupported)."""
-    return type(exc).__name__ == "NotSupportedError" and "Range request not supported" in str(exc)
+    """obstore's refusal of a 200 answer to a ranged GET (the server ignores Range)."""
+    return _is_obstore(exc) and any(text in str(exc) for text in _RANGES_REFUSED)
 
 
 def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError:
