@@ -110,3 +110,38 @@ def test_an_s3_endpoint_that_ignores_range_is_named_so_and_staged_whole(
     cache = StageCache(str(tmp_path / "stage"))
     with cache.open("s3://bucket/slides/f.svs", options, StageClocks(), RetryPolicy(attempts=2, base_s=0.01)) as staged:
         assert Path(staged.path).read_bytes() == DATA
+
+
+STAGE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+sys.path.insert(0, "tests")
+from pathlib import Path
+from http_servers import MisbehavingServer
+from gpubatch.core.clocks import StageClocks
+from gpubatch.io import stage_cache
+from gpubatch.io.retry import RetryPolicy
+data = bytes(range(256)) * 1024
+server = MisbehavingServer(data, sys.argv[2])
+stage_cache.CHUNK_BYTES = 64 << 10
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is cut short, then EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+cache = stage_cache.StageCache(sys.argv[1])
+try:
+    with cache.open(server.url + "/slides/g.svs", {}, StageClocks(), RetryPolicy(attempts=1)) as staged:
+        print("staged", Path(staged.path).stat().st_size)
+except Exception as exc:
+    print("failed", exc)
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "whole"])
+def test_a_staged_copy_cut_short_by_the_disk_fails_its_download(tmp_path: Path, mode: str) -> None:
+    # a full disk (or a file size limit, here) cuts a write short without an error: the rest of
+    # that chunk must be written or the download fail, never a copy with bytes missing
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", STAGE_UNDER_A_FILE_SIZE_LIMIT, str(tmp_path / "stage"), mode],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("failed") and "too large" in proc.stdout, proc.stdout

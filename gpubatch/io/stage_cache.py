@@ -468,7 +468,7 @@ class StageCache:
                     size = 0
                 if size <= 0:  # size unknown (some HTTP servers), or no ranges: one whole-object request
                     os.ftruncate(fd, 0)
-                    os.pwrite(fd, _whole_object(remote, options, policy, clocks), 0)
+                    _pwrite_all(fd, _whole_object(remote, options, policy, clocks), 0)
                 pinned = reader.version() is not None
             if not pinned and remote.etag is not None and size > 0:
                 now = stat(uri, options, policy, clocks)
@@ -485,7 +485,19 @@ def _write_chunks(reader: RangeReader, fd: int, size: int) -> None:
     for wave in range(0, len(spans), CHUNKS_IN_FLIGHT):
         batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
         for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
-            os.pwrite(fd, blob, start)
+            _pwrite_all(fd, blob, start)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """All of ``data`` at ``offset``. pwrite may write less than asked without an error (a disk
+    that fills, a file size limit, Linux's 2 GiB cap per call): the rest is written by the next
+    call, whose error (ENOSPC, EFBIG) then fails the download instead of a copy cut short."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(f"nothing written at byte {offset}")
+        view, offset = view[written:], offset + written
 
 
 def _whole_object(remote: _Remote, options: dict[str, Any] | None, policy: RetryPolicy,
