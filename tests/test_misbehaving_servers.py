@@ -145,3 +145,18 @@ def test_a_staged_copy_cut_short_by_the_disk_fails_its_download(tmp_path: Path, 
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("failed") and "too large" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("client", ["obstore", "fsspec"])
+@pytest.mark.parametrize("mode", ["silent", "stall"])
+def test_an_s3_read_that_times_out_names_the_setting_that_bounds_it(
+        server: MisbehavingServer, client: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    server.mode = mode
+    options = {"endpoint_url": server.url, "key": "AKIAFAKEFAKEFAKE0003", "secret": "not-a-real-secret",
+               "client_kwargs": {"region_name": "us-east-1"}, "config_kwargs": {"read_timeout": 1}}
+    with open_ranges("s3://bucket/slides/h.svs", options, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
+        with pytest.raises(InputError) as caught:
+            reader.fetch(1000, 5000)
+    assert caught.value.retryable and "h.svs" in str(caught.value)
+    assert "timed out" in str(caught.value) and "config_kwargs.read_timeout" in str(caught.value), caught.value

@@ -180,9 +180,34 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
         return InputError(uri, "access denied (403): the credentials from input.storage, the "
                           f"profile or {_credentials_environment(uri)} may not read this object")
     if is_transient(exc):
-        return InputError(uri, f"storage kept failing after {attempts} attempt(s) ({detail})",
-                          retryable=True)
+        return InputError(uri, f"storage kept failing after {attempts} attempt(s) ({detail})"
+                               f"{_timeout_hint(uri) if timed_out(exc) else ''}", retryable=True)
     return InputError(uri, f"storage error ({detail})")
+
+
+#: where a scheme's storage options set how long a read may wait on a silent server
+READ_TIMEOUT_SETTING = {"s3": "input.storage config_kwargs.read_timeout (seconds; 60 unless set)"}
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether a failure is a client's timeout (a server that accepted and stopped answering):
+    the builtin and asyncio timeouts, botocore's and aiohttp's (by class name), obstore's by the
+    reqwest kind its message carries."""
+    for node in _chain(exc):
+        if _is_obstore(node):
+            return "TimedOut" in str(node) or "kind: Timeout" in str(node)
+        if isinstance(node, (TimeoutError, asyncio.TimeoutError)):
+            return True
+        if any("Timeout" in c.__name__ for c in type(node).__mro__):
+            return True
+    return False
+
+
+def _timeout_hint(uri: str) -> str:
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    setting = READ_TIMEOUT_SETTING.get(_SCHEME_FAMILY.get(scheme, scheme))
+    where = f"; {setting} bounds each wait" if setting else ""
+    return f": the server timed out (no answer in time){where}"
 
 
 #: where each scheme's client finds credentials that no option gave, for a denied read's message
