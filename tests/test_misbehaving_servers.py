@@ -155,8 +155,35 @@ def test_an_s3_read_that_times_out_names_the_setting_that_bounds_it(
     server.mode = mode
     options = {"endpoint_url": server.url, "key": "AKIAFAKEFAKEFAKE0003", "secret": "not-a-real-secret",
                "client_kwargs": {"region_name": "us-east-1"}, "config_kwargs": {"read_timeout": 1}}
-    with open_ranges("s3://bucket/slides/h.svs", options, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
-        with pytest.raises(InputError) as caught:
-            reader.fetch(1000, 5000)
+    with (open_ranges("s3://bucket/slides/h.svs", options, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader,
+          pytest.raises(InputError) as caught):
+        reader.fetch(1000, 5000)
     assert caught.value.retryable and "h.svs" in str(caught.value)
     assert "timed out" in str(caught.value) and "config_kwargs.read_timeout" in str(caught.value), caught.value
+
+
+@pytest.mark.parametrize("client", ["obstore", "fsspec"])
+def test_auto_stages_a_slide_whose_server_ignores_range(tmp_path: Path, client: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # input.access auto streams a TIFF; its server ignoring Range, it falls back to a staged copy
+    from s3_fixtures import write_pyramid_tiff
+
+    from gpubatch.sources.slides.open import open_slide, open_slide_input, release
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    local = write_pyramid_tiff(tmp_path / "slide.tiff", width=900, height=700, levels=2)
+    server = MisbehavingServer(local.read_bytes(), "whole")
+    uri = f"{server.url}/slides/slide.tiff"
+    clocks = StageClocks()
+    try:
+        backend = open_slide_input(uri, clocks, access="auto", options={},
+                                   policy=RetryPolicy(attempts=2, base_s=0.01))
+        try:
+            assert backend.access == "stage"  # type: ignore[attr-defined]
+            assert clocks.counters["storage.stream_fallbacks"] == 1
+            assert backend.info.level_dimensions == open_slide(str(local), StageClocks()).info.level_dimensions
+        finally:
+            backend.close()
+            release(uri)
+    finally:
+        server.close()
