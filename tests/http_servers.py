@@ -87,13 +87,16 @@ class MisbehavingServer:
     (the connection held open), ``whole`` answers a Range request 200 with the whole object (a
     server without range support), ``shifted`` answers 206 with another range than asked (its
     Content-Range says which). HEAD is always answered truthfully; ``mode`` may be changed while
-    it serves. Stalled handlers wait on ``release``, which :meth:`close` sets."""
+    it serves; ``fail_first`` requests are answered ``fail_status`` first. Stalled handlers wait
+    on ``release``, which :meth:`close` sets."""
 
     def __init__(self, data: bytes, mode: str = "ok"):
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.data, self.mode, self.release = data, mode, threading.Event()
+        #: the next this many requests (HEAD or GET) are answered ``fail_status``, with no body
+        self.fail_first, self.fail_status, self.requests = 0, 503, 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -102,13 +105,27 @@ class MisbehavingServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def _failed(self) -> bool:
+                server.requests += 1
+                if server.fail_first <= 0:
+                    return False
+                server.fail_first -= 1
+                self.send_response(server.fail_status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
+
             def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+                if self._failed():
+                    return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(server.data)))
                 self.send_header("ETag", '"v1"')
                 self.end_headers()
 
             def do_GET(self) -> None:  # noqa: N802
+                if self._failed():
+                    return
                 if server.mode == "silent":
                     server.release.wait(120)
                     return

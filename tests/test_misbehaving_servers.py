@@ -187,3 +187,22 @@ def test_auto_stages_a_slide_whose_server_ignores_range(tmp_path: Path, client: 
             release(uri)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("access", ["auto", "stage"])
+def test_a_presigned_url_whose_signature_expired_is_denied_not_missing(
+        server: MisbehavingServer, access: str) -> None:
+    from gpubatch.sources.slides.open import open_slide_input
+
+    server.fail_first, server.fail_status = 1000, 403
+    with pytest.raises(InputError) as caught:
+        open_slide_input(f"{server.url}/slides/i.tiff{SIGNED}", StageClocks(), access=access, options={},
+                         policy=RetryPolicy(attempts=5, base_s=0.01))
+    message = str(caught.value)
+    assert "access denied (403)" in message and "deadbeefcafe" not in message, message
+    assert not caught.value.retryable and server.requests <= 4  # not retried
+
+
+def test_a_presigned_url_s_size_is_asked_again_after_a_503(server: MisbehavingServer) -> None:
+    server.fail_first, server.fail_status = 2, 503
+    assert storage.stat(f"{server.url}/slides/j.tiff{SIGNED}", {}, RetryPolicy(attempts=5, base_s=0.01))["size"] == len(DATA)

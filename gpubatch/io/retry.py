@@ -119,6 +119,8 @@ def is_transient(exc: BaseException) -> bool:
     obstore raises FileNotFoundError for 404 and its own classes for the rest (parsed above).
     """
     for node in _chain(exc):
+        if _hides_cause(node):
+            continue  # judged by its cause, next in the chain
         if isinstance(node, (FileNotFoundError, PermissionError, IsADirectoryError)):
             return False
         if _is_obstore(node):
@@ -158,10 +160,21 @@ def _ranges_refused(exc: BaseException) -> bool:
     return _is_obstore(exc) and any(text in str(exc) for text in _RANGES_REFUSED)
 
 
+def _hides_cause(exc: BaseException) -> bool:
+    """A FileNotFoundError that is not a 404: fsspec's HTTP filesystem raises one for any failed
+    HEAD or GET of a size (a 403 of an expired presigned URL, a 503, a timeout), ``from`` the
+    real failure, which is what says whether to retry and what to tell."""
+    cause = exc.__cause__
+    return (isinstance(exc, FileNotFoundError) and cause is not None
+            and not isinstance(cause, FileNotFoundError) and _status_and_code(cause)[0] != 404)
+
+
 def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError:
     """A clear, credential-free InputError for a failed storage call (retryable when transient)."""
     if isinstance(exc, InputError):
         return exc
+    while _hides_cause(exc) and exc.__cause__ is not None:
+        exc = exc.__cause__
     uri = redact(uri)
     # obstore's messages end in a Rust debug dump (request URL, headers): the first line says it
     text = str(exc).split("\n\nDebug source:", 1)[0].strip().split("\n", 1)[0]
