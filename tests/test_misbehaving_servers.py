@@ -206,3 +206,21 @@ def test_a_presigned_url_whose_signature_expired_is_denied_not_missing(
 def test_a_presigned_url_s_size_is_asked_again_after_a_503(server: MisbehavingServer) -> None:
     server.fail_first, server.fail_status = 2, 503
     assert storage.stat(f"{server.url}/slides/j.tiff{SIGNED}", {}, RetryPolicy(attempts=5, base_s=0.01))["size"] == len(DATA)
+
+
+def test_an_object_staged_whole_is_written_as_it_arrives_not_held_in_memory(
+        server: MisbehavingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    monkeypatch.setattr(stage_cache, "CHUNK_BYTES", 1 << 20)
+    server.data = DATA * 128  # 32 MiB, from a server that ignores Range
+    server.mode = "whole"
+    cache = StageCache(str(tmp_path / "stage"))
+    tracemalloc.start()
+    try:
+        with cache.open(f"{server.url}/slides/k.svs", {}, StageClocks(), RetryPolicy(attempts=2, base_s=0.01)) as staged:
+            peak = tracemalloc.get_traced_memory()[1]
+            assert Path(staged.path).stat().st_size == len(server.data)
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 << 20, f"{peak >> 20} MiB held at once"

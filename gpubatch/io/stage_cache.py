@@ -467,8 +467,7 @@ class StageCache:
                 except RangesIgnored:  # its server answers every GET whole: take one
                     size = 0
                 if size <= 0:  # size unknown (some HTTP servers), or no ranges: one whole-object request
-                    os.ftruncate(fd, 0)
-                    _pwrite_all(fd, _whole_object(remote, options, policy, clocks), 0)
+                    _whole_object(remote, options, policy, clocks, fd)
                 pinned = reader.version() is not None
             if not pinned and remote.etag is not None and size > 0:
                 now = stat(uri, options, policy, clocks)
@@ -501,26 +500,32 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def _whole_object(remote: _Remote, options: dict[str, Any] | None, policy: RetryPolicy,
-                  clocks: StageClocks) -> bytes:
-    """An object of unknown size in one GET, checked to be the version listed: the GET's own
-    ETag (an HTTP server's stream keeps its response), else a HEAD after it. No range read can
-    pin it (there is no size to cut ranges from), so this check is all there is."""
+                  clocks: StageClocks, fd: int) -> None:
+    """An object of unknown size, or whose server ignores Range, in one GET written to ``fd``,
+    checked to be the version listed: the GET's own ETag (an HTTP server's stream keeps its
+    response), else a HEAD after it. No range read can pin it, so this check is all there is.
+    An HTTP answer is written as it arrives, :data:`CHUNK_BYTES` at a time: a slide of several
+    GB is never held whole in memory."""
     fs, path = get_fs(remote.uri, options)
 
-    def get() -> tuple[bytes, str | None]:
+    def get() -> str | None:
+        os.ftruncate(fd, 0)  # an attempt cut short leaves nothing behind for the next
         if protocol_of(remote.uri) not in ("http", "https"):
-            return fs.cat_file(path), None
+            _pwrite_all(fd, fs.cat_file(path), 0)
+            return None
         with fs.open(path, "rb", block_size=0) as f:  # one streamed GET, its response kept
-            data = f.read()
+            offset = 0
+            while chunk := f.read(CHUNK_BYTES):
+                _pwrite_all(fd, chunk, offset)
+                offset += len(chunk)
             headers = getattr(getattr(f, "r", None), "headers", None) or {}
-            return data, headers.get("ETag")
+            return headers.get("ETag")
 
-    data, etag = call_with_retries(get, remote.uri, policy, clocks)
+    etag = call_with_retries(get, remote.uri, policy, clocks)
     if remote.etag is not None:
         got = str(etag).strip('"') if etag else stat(remote.uri, options, policy, clocks)["etag"]
         if got != remote.etag:
             raise changed_while_read(remote.uri, f"ETag {remote.etag} listed, {got} downloaded")
-    return data
 
 
 def _etag_of(info: dict[str, Any]) -> str | None:
