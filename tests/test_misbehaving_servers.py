@@ -199,7 +199,7 @@ def test_a_presigned_url_whose_signature_expired_is_denied_not_missing(
         open_slide_input(f"{server.url}/slides/i.tiff{SIGNED}", StageClocks(), access=access, options={},
                          policy=RetryPolicy(attempts=5, base_s=0.01))
     message = str(caught.value)
-    assert "access denied (403)" in message and "deadbeefcafe" not in message, message
+    assert "access denied (403): the URL's signature" in message and "deadbeefcafe" not in message, message
     assert not caught.value.retryable and server.requests <= 4  # not retried
 
 

@@ -190,8 +190,7 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     denied = type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError") and _is_obstore(exc)
     gcsfs_denied = type(exc) is OSError and str(exc).startswith("Forbidden: ")  # gcsfs's 403
     if isinstance(exc, PermissionError) or denied or gcsfs_denied or status in (401, 403):
-        return InputError(uri, "access denied (403): the credentials from input.storage, the "
-                          f"profile or {_credentials_environment(uri)} may not read this object")
+        return InputError(uri, f"access denied ({status or 403}): {_who_may_not_read(uri)}")
     if is_transient(exc):
         return InputError(uri, f"storage kept failing after {attempts} attempt(s) ({detail})"
                                f"{_timeout_hint(uri) if timed_out(exc) else ''}", retryable=True)
@@ -227,6 +226,15 @@ def _timeout_hint(uri: str) -> str:
 CREDENTIALS_ENVIRONMENT = {"s3": "the AWS_* environment", "gs": "GOOGLE_APPLICATION_CREDENTIALS (or gcloud's "
                            "application-default login)", "az": "the AZURE_STORAGE_* environment"}
 _SCHEME_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+
+
+def _who_may_not_read(uri: str) -> str:
+    """Why a read was denied: a presigned URL's signature (an http(s) URL with a query: no
+    storage option signs it), else the credentials the options and environment give."""
+    if uri.lower().startswith(("http://", "https://")) and "?" in uri:
+        return "the URL's signature (its query) may have expired or not cover this object: sign it again"
+    return (f"the credentials from input.storage, the profile or {_credentials_environment(uri)} "
+            "may not read this object")
 
 
 def _credentials_environment(uri: str) -> str:
