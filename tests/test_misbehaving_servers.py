@@ -224,3 +224,15 @@ def test_an_object_staged_whole_is_written_as_it_arrives_not_held_in_memory(
     finally:
         tracemalloc.stop()
     assert peak < 12 << 20, f"{peak >> 20} MiB held at once"
+
+
+@pytest.mark.parametrize(("client", "query"), [("auto", ""), ("fsspec", ""), ("auto", SIGNED)])
+def test_a_whole_object_read_from_a_server_that_ignores_range_is_its_answer(
+        server: MisbehavingServer, client: str, query: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a .fai, a .gzi, a BED file: read whole, for which a 200 is the very answer asked for
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    server.mode = "whole"
+    with open_ranges(f"{server.url}/ref/genome.fa.fai{query}", {}, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
+        assert reader.fetch(0, reader.size()) == DATA
+        with pytest.raises(RangesIgnored):
+            reader.fetch(0, 100)

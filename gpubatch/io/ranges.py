@@ -253,7 +253,8 @@ class HttpRangeReader(FsspecRangeReader):
     fsspec's ``_cat_file`` hands on whatever body comes back: a server that ignores Range (200)
     gives the whole object, read into memory for every span, and one that answers 206 with another
     range than asked gives bytes of another place, which nothing else would notice. Here the
-    status and Content-Range are read first (obstore checks the same)."""
+    status and Content-Range are read first (obstore checks the same). A 200 to a request for
+    the whole object (from byte 0 to its Content-Length) is the answer asked for."""
 
     async def _get(self, start: int, stop: int) -> bytes:
         fs = self.fs
@@ -262,7 +263,8 @@ class HttpRangeReader(FsspecRangeReader):
         session = await fs.set_session()
         async with session.get(fs.encode_url(self.path), headers=headers, **options) as r:
             fs._raise_not_found_for_status(r, self.path)
-            if r.status == 200:  # the body (the whole object) is left unread
+            whole = start == 0 and r.content_length in (None, stop)  # asked for all of it: the answer
+            if r.status == 200 and not whole:  # the body (the whole object) is left unread
                 raise RangesIgnored(self.uri, f"a request for bytes {start}-{stop - 1} was answered 200")
             answered = (r.headers.get("Content-Range") or "").strip()
             if answered and not answered.startswith(f"bytes {start}-{stop - 1}/"):

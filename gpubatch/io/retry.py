@@ -155,7 +155,7 @@ class RangesIgnored(InputError):
 _RANGES_REFUSED = ("Range request not supported", "non-partial response when range requested")
 
 
-def _ranges_refused(exc: BaseException) -> bool:
+def ranges_refused(exc: BaseException) -> bool:
     """obstore's refusal of a 200 answer to a ranged GET (the server ignores Range)."""
     return _is_obstore(exc) and any(text in str(exc) for text in _RANGES_REFUSED)
 
@@ -183,7 +183,7 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     if type(exc).__name__ in CHANGED_NAMES:  # obstore's text is a URL and a dump: the status says it
         return changed_while_read(uri, text if type(exc).__name__ == "ObjectChanged" else
                                   "412 Precondition Failed: it is no longer the ETag the read began at")
-    if _ranges_refused(exc):
+    if ranges_refused(exc):
         return RangesIgnored(uri, "a ranged GET was answered 200 with the whole object")
     if isinstance(exc, FileNotFoundError) or (status == 404 and _is_obstore(exc)):
         return InputError(uri, "object not found (404): check the URI, bucket and prefix")

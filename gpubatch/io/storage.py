@@ -43,7 +43,7 @@ from gpubatch.io.ranges import (
 )
 from gpubatch.io.redact import redact, register_secrets, register_uri
 from gpubatch.io.retried_fs import RetriedFS
-from gpubatch.io.retry import RetryPolicy, call_with_retries
+from gpubatch.io.retry import RetryPolicy, call_with_retries, ranges_refused
 from gpubatch.io.retry_counts import count_library_retries
 from gpubatch.io.uris import (
     has_magic,
@@ -157,14 +157,18 @@ def _log_once(reason: str, message: str, *args: Any) -> None:
     log.info(message, *args)
 
 
-def _read_by_fsspec(uri: str) -> None:
-    """``range_reader: auto`` met a server that answers without Content-Length, which obstore
-    refuses for every request: this object is read through fsspec from now on, as
+#: why auto reads an object through fsspec after obstore refused its server's answers
+FSSPEC_BECAUSE = {"unsized": "sends no Content-Length", "ranges": "ignores byte ranges (answers 200)"}
+
+
+def _read_by_fsspec(uri: str, why: str = "unsized") -> None:
+    """``range_reader: auto`` met a server whose answers obstore refuses for every request (no
+    Content-Length; a 200 to a ranged GET): this object is read through fsspec from now on, as
     ``range_reader: fsspec`` would read it (said once per server: the URI's host, no credentials)."""
     _unsized.add(uri)
     host = redact(uri).split("://", 1)[-1].split("/", 1)[0]
-    _log_once(f"unsized {protocol_of(uri)}://{host}", "reading %s through fsspec (range_reader auto): its "
-              "server sends no Content-Length, which obstore refuses; so are that server's other objects "
+    _log_once(f"{why} {protocol_of(uri)}://{host}", "reading %s through fsspec (range_reader auto): its "
+              f"server {FSSPEC_BECAUSE[why]}, which obstore refuses; so are that server's other objects "
               "like it", redact(uri))
 
 
@@ -330,20 +334,22 @@ def _fsspec_reader(uri: str, options: dict[str, Any] | None, max_concurrency: in
 
 class _FsspecWhenUnsized(ReaderWrapper):
     """auto's obstore reader, which becomes an fsspec one at the first answer obstore refuses for
-    want of a Content-Length (:class:`gpubatch.io.obstore.Unsized`), so that auto reads wherever
-    fsspec would. Switched once; fsspec cannot pin, so ``version()`` is None from then on and
-    callers check the object after their reads (the worker's HEAD after the shard)."""
+    want of a Content-Length (:class:`gpubatch.io.obstore.Unsized`) or, over http(s), of range
+    support (a 200, which is the answer to a read of the whole object: an index, a BED file), so that auto reads
+    wherever fsspec would. Switched once; fsspec cannot pin, so ``version()`` is None from then
+    on and callers check the object after their reads (the worker's HEAD after the shard)."""
 
     def __init__(self, inner: RangeReader, fallback: Callable[[], RangeReader], uri: str,
                  clocks: StageClocks | None):
         super().__init__(inner)
         self._fallback, self._raw_uri, self._clocks = fallback, uri, clocks
+        self._http = protocol_of(uri) in ("http", "https")
         self._switching = threading.Lock()
 
-    def _switch(self, stale: RangeReader) -> None:
+    def _switch(self, stale: RangeReader, why: str = "unsized") -> None:
         with self._switching:
             if self.inner is stale:
-                _read_by_fsspec(self._raw_uri)
+                _read_by_fsspec(self._raw_uri, why)
                 self.inner, self.client = self._fallback(), "fsspec"
                 stale.close()
                 if self._clocks is not None:
@@ -352,9 +358,12 @@ class _FsspecWhenUnsized(ReaderWrapper):
     def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
         inner = self.inner
         results = inner.fetch_spans(spans)
-        if not any(isinstance(r.error, obstore.Unsized) for r in results):
+        if any(isinstance(r.error, obstore.Unsized) for r in results):
+            self._switch(inner, "unsized")
+        elif self._http and any(r.error is not None and ranges_refused(r.error) for r in results):
+            self._switch(inner, "ranges")  # fsspec's HTTP reader refuses a 200 unread (s3fs reads it)
+        else:
             return results
-        self._switch(inner)
         return self.inner.fetch_spans(spans)
 
     def size(self) -> int:
