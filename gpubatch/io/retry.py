@@ -163,10 +163,13 @@ def ranges_refused(exc: BaseException) -> bool:
 def _hides_cause(exc: BaseException) -> bool:
     """A FileNotFoundError that is not a 404: fsspec's HTTP filesystem raises one for any failed
     HEAD or GET of a size (a 403 of an expired presigned URL, a 503, a timeout), ``from`` the
-    real failure, which is what says whether to retry and what to tell."""
+    real failure, which is what says whether to retry and what to tell. (fsspec's memory
+    filesystem's ``from`` a KeyError is a missing file.)"""
     cause = exc.__cause__
-    return (isinstance(exc, FileNotFoundError) and cause is not None
-            and not isinstance(cause, FileNotFoundError) and _status_and_code(cause)[0] != 404)
+    if not isinstance(exc, FileNotFoundError) or cause is None or isinstance(cause, FileNotFoundError):
+        return False
+    status = _status_and_code(cause)[0]
+    return status != 404 if status is not None else is_transient(cause)  # a KeyError: missing
 
 
 def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError:
