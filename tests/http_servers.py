@@ -79,3 +79,87 @@ class FileServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class MisbehavingServer:
+    """A loopback HTTP/1.1 server for one in-memory object that misbehaves as ``mode`` says:
+    ``silent`` accepts a GET and never answers it, ``stall`` sends half a body and then nothing
+    (the connection held open), ``whole`` answers a Range request 200 with the whole object (a
+    server without range support), ``shifted`` answers 206 with another range than asked (its
+    Content-Range says which). HEAD is always answered truthfully; ``mode`` may be changed while
+    it serves; ``fail_first`` requests are answered ``fail_status`` first. Stalled handlers wait
+    on ``release``, which :meth:`close` sets."""
+
+    def __init__(self, data: bytes, mode: str = "ok"):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.data, self.mode, self.release = data, mode, threading.Event()
+        #: the next this many requests (HEAD or GET) are answered ``fail_status``, with no body
+        self.fail_first, self.fail_status, self.requests = 0, 503, 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _failed(self) -> bool:
+                server.requests += 1
+                if server.fail_first <= 0:
+                    return False
+                server.fail_first -= 1
+                self.send_response(server.fail_status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
+
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+                if self._failed():
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.data)))
+                self.send_header("ETag", '"v1"')
+                self.end_headers()
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self._failed():
+                    return
+                if server.mode == "silent":
+                    server.release.wait(120)
+                    return
+                lo, hi = server.asked(self.headers.get("Range"))
+                if server.mode == "shifted":
+                    lo, hi = 0, hi - lo
+                whole = server.mode == "whole" or self.headers.get("Range") is None
+                body = server.data if whole else server.data[lo:hi]
+                self.send_response(200 if whole else 206)
+                if not whole:
+                    self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(server.data)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", '"v1"')
+                self.end_headers()
+                if server.mode == "stall":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    server.release.wait(120)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def asked(self, header: str | None) -> tuple[int, int]:
+        """The [lo, hi) a Range header asks for (the whole object without one)."""
+        if not header:
+            return 0, len(self.data)
+        a, _, b = header.removeprefix("bytes=").partition("-")
+        return int(a), min(int(b) + 1 if b else len(self.data), len(self.data))
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()

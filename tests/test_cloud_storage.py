@@ -214,3 +214,14 @@ def test_an_output_write_that_fails_midway_leaves_no_object(cloud: CloudStack, s
     with store.open_write("predictions.parquet") as f:
         f.write(b"whole")
     assert store.read_bytes("predictions.parquet") == b"whole"
+
+
+@pytest.mark.parametrize("name", ["q?x=1.bin", "h#1.bin"])
+def test_a_key_with_url_delimiters_is_read_as_the_listing_names_it(cloud: CloudStack, client: str, name: str) -> None:
+    """'?' and '#' are a key's own characters in gs:// and az:// (the listing gives them so),
+    not a query or a fragment: obstore asked for the key cut at them, a 404."""
+    uri = cloud.upload_bytes(DATA[:5000], _key(name))
+    assert expand_uris([uri.rsplit("/", 1)[0] + "/*.bin"], cloud.options()) == [uri]
+    with open_ranges(uri, cloud.options()) as reader:
+        assert reader.client == client
+        assert (reader.size(), reader.fetch(100, 200)) == (5000, DATA[100:200])

@@ -192,3 +192,14 @@ def test_a_fork_after_obstore_ran_reads_through_fsspec(s3: S3Stack, uri: str) ->
             child.kill()
     assert (client, data) == ("fsspec", DATA[100:200]) and child.exitcode == 0
     assert storage.range_reader_choice() == "auto" and obstore_io.usable()  # this process still may
+
+
+@pytest.mark.parametrize("name", ["q?x=1.bin", "h#1.bin", "a b+c%2Bd é.bin"])
+def test_a_key_with_url_delimiters_is_the_object_fsspec_lists(s3: S3Stack, name: str) -> None:
+    # '?' and '#' are a key's own characters in s3:// (s3fs and a listing say so), not a query
+    uri = s3.upload_bytes(DATA[:5000], f"obstore/{uuid.uuid4().hex[:6]}/{name}")
+    assert storage.expand_uris([uri.rsplit("/", 1)[0] + "/*.bin"], s3.options()) == [uri]
+    with open_ranges(uri, s3.options(), policy=FAST) as reader:
+        assert reader.client == "obstore"
+        assert (reader.size(), reader.fetch(100, 200)) == (5000, DATA[100:200])
+    assert stat(uri, s3.options())["size"] == 5000

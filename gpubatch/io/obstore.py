@@ -149,7 +149,9 @@ def split_uri(uri: str) -> tuple[str, str, str, str | None]:
         if not name:
             raise Unsupported("a URL that ends in / names no object")
         return kind, f"{parts.scheme}://{parts.netloc}{base}", name, None
-    netloc, key, account = parts.netloc, parts.path.lstrip("/"), None
+    # an object URI has no query or fragment: '?' and '#' are the key's own characters, as s3fs,
+    # gcsfs and adlfs read them and a listing gives them (urlsplit's path would lose them)
+    netloc, key, account = parts.netloc, uri.split("://", 1)[1].partition("/")[2].lstrip("/"), None
     if kind == "azure" and "@" in netloc:  # abfs[s]://container@account.dfs.core.windows.net/path
         netloc, host = netloc.split("@", 1)
         account = host.split(".", 1)[0]

@@ -31,6 +31,7 @@ from gpubatch.core.errors import InputError
 from gpubatch.io.metrics import in_background, record_request, requests_in_flight
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import (
+    RangesIgnored,
     RetryPolicy,
     call_with_retries,
     count_retries,
@@ -144,6 +145,10 @@ class RangeReader(ABC):
         return out
 
     def _checked(self, blob: bytes, start: int, stop: int) -> bytes:
+        """``blob`` if it is as long as [start, stop): shorter is a truncated object, longer an
+        answer of more than was asked (fsspec hands on a 200's whole body)."""
+        if len(blob) > stop - start:
+            raise RangesIgnored(self.uri, f"{len(blob)} bytes answered to a request for bytes {start}-{stop - 1}")
         if len(blob) != stop - start:
             raise InputError(self.uri, f"truncated: data runs to byte {stop} but only "
                              f"{start + len(blob)} bytes could be read (the file is truncated or "
@@ -221,10 +226,13 @@ class FsspecRangeReader(RangeReader):
         async with self._sem:  # latency is timed inside: queueing here is not storage's
             t0 = time.perf_counter()
             try:
-                blob = await self.fs._cat_file(self.path, start=start, end=stop)
+                blob = await self._get(start, stop)
             except Exception as exc:  # noqa: BLE001 - returned to the caller per span
                 return Fetched(error=exc, seconds=time.perf_counter() - t0)
             return Fetched(bytes(blob), seconds=time.perf_counter() - t0)
+
+    async def _get(self, start: int, stop: int) -> bytes:
+        return await self.fs._cat_file(self.path, start=start, end=stop)
 
     def size(self) -> int:
         from fsspec.asyn import sync
@@ -233,6 +241,35 @@ class FsspecRangeReader(RangeReader):
         if info.get("type") == "directory":
             raise IsADirectoryError(self.path)
         return int(info.get("size") or 0)
+
+
+class WrongRange(Exception):
+    """A 206 answer whose Content-Range is not the range asked: its bytes are of another place."""
+
+
+class HttpRangeReader(FsspecRangeReader):
+    """fsspec's HTTP filesystem, with each answer checked before its body is used.
+
+    fsspec's ``_cat_file`` hands on whatever body comes back: a server that ignores Range (200)
+    gives the whole object, read into memory for every span, and one that answers 206 with another
+    range than asked gives bytes of another place, which nothing else would notice. Here the
+    status and Content-Range are read first (obstore checks the same). A 200 to a request for
+    the whole object (from byte 0 to its Content-Length) is the answer asked for."""
+
+    async def _get(self, start: int, stop: int) -> bytes:
+        fs = self.fs
+        options = dict(fs.kwargs)
+        headers = {**(options.pop("headers", None) or {}), "Range": f"bytes={start}-{stop - 1}"}
+        session = await fs.set_session()
+        async with session.get(fs.encode_url(self.path), headers=headers, **options) as r:
+            fs._raise_not_found_for_status(r, self.path)
+            whole = start == 0 and r.content_length in (None, stop)  # asked for all of it: the answer
+            if r.status == 200 and not whole:  # the body (the whole object) is left unread
+                raise RangesIgnored(self.uri, f"a request for bytes {start}-{stop - 1} was answered 200")
+            answered = (r.headers.get("Content-Range") or "").strip()
+            if answered and not answered.startswith(f"bytes {start}-{stop - 1}/"):
+                raise WrongRange(f"asked bytes {start}-{stop - 1}, answered {answered}")
+            return await r.read()
 
 
 class ReaderWrapper(RangeReader):

@@ -119,6 +119,8 @@ def is_transient(exc: BaseException) -> bool:
     obstore raises FileNotFoundError for 404 and its own classes for the rest (parsed above).
     """
     for node in _chain(exc):
+        if _hides_cause(node):
+            continue  # judged by its cause, next in the chain
         if isinstance(node, (FileNotFoundError, PermissionError, IsADirectoryError)):
             return False
         if _is_obstore(node):
@@ -137,10 +139,45 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+class RangesIgnored(InputError):
+    """The object's server answered a byte-range request with more bytes than asked: it ignores
+    ``Range`` (a 200 with the whole object; obstore refuses such an answer itself). No retry helps
+    and no streamed read can work; a staged download takes the object whole instead
+    (:mod:`gpubatch.io.stage_cache`)."""
+
+    def __init__(self, uri: str, detail: str):
+        super().__init__(redact(uri), f"its server ignores byte ranges ({detail}): it cannot be "
+                                      "streamed; input.access: stage downloads it whole")
+
+
+#: how object_store words its refusal of a 200 answer to a ranged GET: its HTTP store's
+#: NotSupported, its S3/GCS/Azure client's generic error
+_RANGES_REFUSED = ("Range request not supported", "non-partial response when range requested")
+
+
+def ranges_refused(exc: BaseException) -> bool:
+    """obstore's refusal of a 200 answer to a ranged GET (the server ignores Range)."""
+    return _is_obstore(exc) and any(text in str(exc) for text in _RANGES_REFUSED)
+
+
+def _hides_cause(exc: BaseException) -> bool:
+    """A FileNotFoundError that is not a 404: fsspec's HTTP filesystem raises one for any failed
+    HEAD or GET of a size (a 403 of an expired presigned URL, a 503, a timeout), ``from`` the
+    real failure, which is what says whether to retry and what to tell. (fsspec's memory
+    filesystem's ``from`` a KeyError is a missing file.)"""
+    cause = exc.__cause__
+    if not isinstance(exc, FileNotFoundError) or cause is None or isinstance(cause, FileNotFoundError):
+        return False
+    status = _status_and_code(cause)[0]
+    return status != 404 if status is not None else is_transient(cause)  # a KeyError: missing
+
+
 def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError:
     """A clear, credential-free InputError for a failed storage call (retryable when transient)."""
     if isinstance(exc, InputError):
         return exc
+    while _hides_cause(exc) and exc.__cause__ is not None:
+        exc = exc.__cause__
     uri = redact(uri)
     # obstore's messages end in a Rust debug dump (request URL, headers): the first line says it
     text = str(exc).split("\n\nDebug source:", 1)[0].strip().split("\n", 1)[0]
@@ -149,23 +186,58 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     if type(exc).__name__ in CHANGED_NAMES:  # obstore's text is a URL and a dump: the status says it
         return changed_while_read(uri, text if type(exc).__name__ == "ObjectChanged" else
                                   "412 Precondition Failed: it is no longer the ETag the read began at")
+    if ranges_refused(exc):
+        return RangesIgnored(uri, "a ranged GET was answered 200 with the whole object")
     if isinstance(exc, FileNotFoundError) or (status == 404 and _is_obstore(exc)):
         return InputError(uri, "object not found (404): check the URI, bucket and prefix")
     denied = type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError") and _is_obstore(exc)
     gcsfs_denied = type(exc) is OSError and str(exc).startswith("Forbidden: ")  # gcsfs's 403
     if isinstance(exc, PermissionError) or denied or gcsfs_denied or status in (401, 403):
-        return InputError(uri, "access denied (403): the credentials from input.storage, the "
-                          f"profile or {_credentials_environment(uri)} may not read this object")
+        return InputError(uri, f"access denied ({status or 403}): {_who_may_not_read(uri)}")
     if is_transient(exc):
-        return InputError(uri, f"storage kept failing after {attempts} attempt(s) ({detail})",
-                          retryable=True)
+        return InputError(uri, f"storage kept failing after {attempts} attempt(s) ({detail})"
+                               f"{_timeout_hint(uri) if timed_out(exc) else ''}", retryable=True)
     return InputError(uri, f"storage error ({detail})")
+
+
+#: where a scheme's storage options set how long a read may wait on a silent server
+READ_TIMEOUT_SETTING = {"s3": "input.storage config_kwargs.read_timeout (seconds; 60 unless set)"}
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether a failure is a client's timeout (a server that accepted and stopped answering):
+    the builtin and asyncio timeouts, botocore's and aiohttp's (by class name), obstore's by the
+    reqwest kind its message carries."""
+    for node in _chain(exc):
+        if _is_obstore(node):
+            return "TimedOut" in str(node) or "kind: Timeout" in str(node)
+        if isinstance(node, (TimeoutError, asyncio.TimeoutError)):
+            return True
+        if any("Timeout" in c.__name__ for c in type(node).__mro__):
+            return True
+    return False
+
+
+def _timeout_hint(uri: str) -> str:
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    setting = READ_TIMEOUT_SETTING.get(_SCHEME_FAMILY.get(scheme, scheme))
+    where = f"; {setting} bounds each wait" if setting else ""
+    return f": the server timed out (no answer in time){where}"
 
 
 #: where each scheme's client finds credentials that no option gave, for a denied read's message
 CREDENTIALS_ENVIRONMENT = {"s3": "the AWS_* environment", "gs": "GOOGLE_APPLICATION_CREDENTIALS (or gcloud's "
                            "application-default login)", "az": "the AZURE_STORAGE_* environment"}
 _SCHEME_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+
+
+def _who_may_not_read(uri: str) -> str:
+    """Why a read was denied: a presigned URL's signature (an http(s) URL with a query: no
+    storage option signs it), else the credentials the options and environment give."""
+    if uri.lower().startswith(("http://", "https://")) and "?" in uri:
+        return "the URL's signature (its query) may have expired or not cover this object: sign it again"
+    return (f"the credentials from input.storage, the profile or {_credentials_environment(uri)} "
+            "may not read this object")
 
 
 def _credentials_environment(uri: str) -> str:

@@ -44,8 +44,9 @@ from gpubatch.io.host_files import (
     try_exclusive,
     write_record,
 )
+from gpubatch.io.ranges import RangeReader
 from gpubatch.io.redact import redact
-from gpubatch.io.retry import RetryPolicy, call_with_retries, changed_while_read
+from gpubatch.io.retry import RangesIgnored, RetryPolicy, call_with_retries, changed_while_read
 from gpubatch.io.storage import get_fs, open_ranges, stat
 from gpubatch.io.uris import protocol_of, spelled_as, uri_name
 
@@ -461,13 +462,12 @@ class StageCache:
         try:
             with open_ranges(uri, options, clocks, policy, max_concurrency=CHUNKS_IN_FLIGHT,
                              count_wait=False, etag=remote.etag) as reader:
-                if size <= 0:  # size unknown (some HTTP servers): one whole-object request
-                    os.write(fd, _whole_object(remote, options, policy, clocks))
-                spans = [(s, min(s + CHUNK_BYTES, size)) for s in range(0, size, CHUNK_BYTES)]
-                for wave in range(0, len(spans), CHUNKS_IN_FLIGHT):
-                    batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
-                    for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
-                        os.pwrite(fd, blob, start)
+                try:
+                    _write_chunks(reader, fd, size)
+                except RangesIgnored:  # its server answers every GET whole: take one
+                    size = 0
+                if size <= 0:  # size unknown (some HTTP servers), or no ranges: one whole-object request
+                    _whole_object(remote, options, policy, clocks, fd)
                 pinned = reader.version() is not None
             if not pinned and remote.etag is not None and size > 0:
                 now = stat(uri, options, policy, clocks)
@@ -478,27 +478,54 @@ class StageCache:
         os.replace(part, local)
 
 
+def _write_chunks(reader: RangeReader, fd: int, size: int) -> None:
+    """[0, size) read in chunks, :data:`CHUNKS_IN_FLIGHT` at once, each written where it belongs."""
+    spans = [(s, min(s + CHUNK_BYTES, size)) for s in range(0, size, CHUNK_BYTES)]
+    for wave in range(0, len(spans), CHUNKS_IN_FLIGHT):
+        batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
+        for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
+            _pwrite_all(fd, blob, start)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """All of ``data`` at ``offset``. pwrite may write less than asked without an error (a disk
+    that fills, a file size limit, Linux's 2 GiB cap per call): the rest is written by the next
+    call, whose error (ENOSPC, EFBIG) then fails the download instead of a copy cut short."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(f"nothing written at byte {offset}")
+        view, offset = view[written:], offset + written
+
+
 def _whole_object(remote: _Remote, options: dict[str, Any] | None, policy: RetryPolicy,
-                  clocks: StageClocks) -> bytes:
-    """An object of unknown size in one GET, checked to be the version listed: the GET's own
-    ETag (an HTTP server's stream keeps its response), else a HEAD after it. No range read can
-    pin it (there is no size to cut ranges from), so this check is all there is."""
+                  clocks: StageClocks, fd: int) -> None:
+    """An object of unknown size, or whose server ignores Range, in one GET written to ``fd``,
+    checked to be the version listed: the GET's own ETag (an HTTP server's stream keeps its
+    response), else a HEAD after it. No range read can pin it, so this check is all there is.
+    An HTTP answer is written as it arrives, :data:`CHUNK_BYTES` at a time: a slide of several
+    GB is never held whole in memory."""
     fs, path = get_fs(remote.uri, options)
 
-    def get() -> tuple[bytes, str | None]:
+    def get() -> str | None:
+        os.ftruncate(fd, 0)  # an attempt cut short leaves nothing behind for the next
         if protocol_of(remote.uri) not in ("http", "https"):
-            return fs.cat_file(path), None
+            _pwrite_all(fd, fs.cat_file(path), 0)
+            return None
         with fs.open(path, "rb", block_size=0) as f:  # one streamed GET, its response kept
-            data = f.read()
+            offset = 0
+            while chunk := f.read(CHUNK_BYTES):
+                _pwrite_all(fd, chunk, offset)
+                offset += len(chunk)
             headers = getattr(getattr(f, "r", None), "headers", None) or {}
-            return data, headers.get("ETag")
+            return headers.get("ETag")
 
-    data, etag = call_with_retries(get, remote.uri, policy, clocks)
+    etag = call_with_retries(get, remote.uri, policy, clocks)
     if remote.etag is not None:
         got = str(etag).strip('"') if etag else stat(remote.uri, options, policy, clocks)["etag"]
         if got != remote.etag:
             raise changed_while_read(remote.uri, f"ETag {remote.etag} listed, {got} downloaded")
-    return data
 
 
 def _etag_of(info: dict[str, Any]) -> str | None:

@@ -34,6 +34,7 @@ from gpubatch.io import clouds, obstore
 from gpubatch.io.ranges import (
     Fetched,
     FsspecRangeReader,
+    HttpRangeReader,
     LocalRangeReader,
     RangeFile,
     RangeReader,
@@ -42,7 +43,7 @@ from gpubatch.io.ranges import (
 )
 from gpubatch.io.redact import redact, register_secrets, register_uri
 from gpubatch.io.retried_fs import RetriedFS
-from gpubatch.io.retry import RetryPolicy, call_with_retries
+from gpubatch.io.retry import RetryPolicy, call_with_retries, ranges_refused
 from gpubatch.io.retry_counts import count_library_retries
 from gpubatch.io.uris import (
     has_magic,
@@ -64,6 +65,11 @@ log = logging.getLogger("gpubatch")
 #: botocore's retries where the client must retry itself (see library_options): standard mode
 #: retries 5xx, throttling and dropped connections, re-sending a request's body
 CLIENT_RETRIES = {"max_attempts": RetryPolicy().attempts, "mode": "standard"}
+
+#: fsspec's HTTP client (aiohttp) waits 300 s for a whole request by default and nothing bounds a
+#: read that stalls: these match obstore's (connect 10 s, 60 s of silence), see :func:`_http_timeouts`
+HTTP_CONNECT_TIMEOUT_S = 10.0
+HTTP_READ_TIMEOUT_S = 60.0
 
 #: range-read clients a profile's ``range_reader`` may name
 RANGE_READERS = ("auto", "obstore", "fsspec")
@@ -151,14 +157,18 @@ def _log_once(reason: str, message: str, *args: Any) -> None:
     log.info(message, *args)
 
 
-def _read_by_fsspec(uri: str) -> None:
-    """``range_reader: auto`` met a server that answers without Content-Length, which obstore
-    refuses for every request: this object is read through fsspec from now on, as
+#: why auto reads an object through fsspec after obstore refused its server's answers
+FSSPEC_BECAUSE = {"unsized": "sends no Content-Length", "ranges": "ignores byte ranges (answers 200)"}
+
+
+def _read_by_fsspec(uri: str, why: str = "unsized") -> None:
+    """``range_reader: auto`` met a server whose answers obstore refuses for every request (no
+    Content-Length; a 200 to a ranged GET): this object is read through fsspec from now on, as
     ``range_reader: fsspec`` would read it (said once per server: the URI's host, no credentials)."""
     _unsized.add(uri)
     host = redact(uri).split("://", 1)[-1].split("/", 1)[0]
-    _log_once(f"unsized {protocol_of(uri)}://{host}", "reading %s through fsspec (range_reader auto): its "
-              "server sends no Content-Length, which obstore refuses; so are that server's other objects "
+    _log_once(f"{why} {protocol_of(uri)}://{host}", "reading %s through fsspec (range_reader auto): its "
+              f"server {FSSPEC_BECAUSE[why]}, which obstore refuses; so are that server's other objects "
               "like it", redact(uri))
 
 
@@ -233,6 +243,8 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
     merged = resolve_options(uri, options) if protocol != "file" else {}
     if protocol in ("gs", "gcs"):
         clouds.serve_off_google(merged)
+    if protocol in ("http", "https"):
+        merged = _http_timeouts(merged)
     token = protocol + str(client_retries) + json.dumps(merged, sort_keys=True, default=str)
     with _fs_lock:
         fs = _fs_cache.get(token)
@@ -251,6 +263,23 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
             _fs_cache[token] = fs
     path = fs._strip_protocol(uri) if protocol != "file" else local_path(uri)  # decoded: uris.local_path
     return fs, path
+
+
+def _http_timeouts(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with aiohttp timeouts for fsspec's HTTP client, unless they set their own.
+
+    aiohttp's default (300 s for a whole request, no bound on a silent socket) lets a server that
+    accepts and never answers hold a read 300 s per attempt (a presigned URL is read by fsspec),
+    and fails any download of an unsized object that takes longer. Instead: the connection within
+    :data:`HTTP_CONNECT_TIMEOUT_S`, and no silence longer than :data:`HTTP_READ_TIMEOUT_S`."""
+    client = dict(options.get("client_kwargs") or {})
+    if "timeout" in client:
+        return options
+    import aiohttp
+
+    client["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=HTTP_CONNECT_TIMEOUT_S,
+                                              sock_read=HTTP_READ_TIMEOUT_S)
+    return {**options, "client_kwargs": client}
 
 
 def upload_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
@@ -288,32 +317,39 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
     elif (target := _obstore_target(uri, options)) is not None:
         inner = obstore.ObstoreRangeReader(*target, uri, max_concurrency=max_concurrency, etag=etag)
         if range_reader_choice() == "auto":
-            inner = _FsspecWhenUnsized(inner, lambda: FsspecRangeReader(*get_fs(uri, options), uri, max_concurrency),
-                                       uri, clocks)
+            inner = _FsspecWhenUnsized(inner, lambda: _fsspec_reader(uri, options, max_concurrency), uri, clocks)
     else:
-        fs, path = get_fs(uri, options)
-        inner = FsspecRangeReader(fs, path, uri, max_concurrency=max_concurrency)
+        inner = _fsspec_reader(uri, options, max_concurrency)
     if clocks is not None and is_remote(uri):
         clocks.count(f"storage.client.{inner.client}")
     return retried_and_measured(inner, policy or RetryPolicy(), clocks, count_wait)
 
 
+def _fsspec_reader(uri: str, options: dict[str, Any] | None, max_concurrency: int) -> FsspecRangeReader:
+    """fsspec's reader for ``uri``: for http(s), one that checks each answer is the range asked."""
+    fs, path = get_fs(uri, options)
+    http = protocol_of(uri) in ("http", "https") and hasattr(fs, "set_session")
+    return (HttpRangeReader if http else FsspecRangeReader)(fs, path, uri, max_concurrency=max_concurrency)
+
+
 class _FsspecWhenUnsized(ReaderWrapper):
     """auto's obstore reader, which becomes an fsspec one at the first answer obstore refuses for
-    want of a Content-Length (:class:`gpubatch.io.obstore.Unsized`), so that auto reads wherever
-    fsspec would. Switched once; fsspec cannot pin, so ``version()`` is None from then on and
-    callers check the object after their reads (the worker's HEAD after the shard)."""
+    want of a Content-Length (:class:`gpubatch.io.obstore.Unsized`) or, over http(s), of range
+    support (a 200, which is the answer to a read of the whole object: an index, a BED file), so that auto reads
+    wherever fsspec would. Switched once; fsspec cannot pin, so ``version()`` is None from then
+    on and callers check the object after their reads (the worker's HEAD after the shard)."""
 
     def __init__(self, inner: RangeReader, fallback: Callable[[], RangeReader], uri: str,
                  clocks: StageClocks | None):
         super().__init__(inner)
         self._fallback, self._raw_uri, self._clocks = fallback, uri, clocks
+        self._http = protocol_of(uri) in ("http", "https")
         self._switching = threading.Lock()
 
-    def _switch(self, stale: RangeReader) -> None:
+    def _switch(self, stale: RangeReader, why: str = "unsized") -> None:
         with self._switching:
             if self.inner is stale:
-                _read_by_fsspec(self._raw_uri)
+                _read_by_fsspec(self._raw_uri, why)
                 self.inner, self.client = self._fallback(), "fsspec"
                 stale.close()
                 if self._clocks is not None:
@@ -322,9 +358,12 @@ class _FsspecWhenUnsized(ReaderWrapper):
     def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
         inner = self.inner
         results = inner.fetch_spans(spans)
-        if not any(isinstance(r.error, obstore.Unsized) for r in results):
+        if any(isinstance(r.error, obstore.Unsized) for r in results):
+            self._switch(inner, "unsized")
+        elif self._http and any(r.error is not None and ranges_refused(r.error) for r in results):
+            self._switch(inner, "ranges")  # fsspec's HTTP reader refuses a 200 unread (s3fs reads it)
+        else:
             return results
-        self._switch(inner)
         return self.inner.fetch_spans(spans)
 
     def size(self) -> int:

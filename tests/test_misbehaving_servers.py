@@ -1,0 +1,238 @@
+"""Servers that misbehave at the HTTP level, met by the real range readers (obstore and fsspec):
+one that never answers, one that stalls mid-body, one that ignores Range, one that answers another
+range than asked. Every wait is bounded and every answer that is not the bytes asked for fails
+the read with a message that names the object, never its signature."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from http_servers import MisbehavingServer
+
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import InputError
+from gpubatch.io import stage_cache, storage
+from gpubatch.io.retry import RangesIgnored, RetryPolicy
+from gpubatch.io.stage_cache import StageCache
+from gpubatch.io.storage import open_ranges
+
+DATA = bytes(range(256)) * 1024
+#: a presigned URL's query: obstore refuses a URL with one, so fsspec reads it
+SIGNED = "?X-Amz-Signature=deadbeefcafe0123456789&X-Amz-Expires=600"
+
+
+@pytest.fixture
+def server() -> Iterator[MisbehavingServer]:
+    srv = MisbehavingServer(DATA)
+    yield srv
+    srv.close()
+
+
+def read_bounded(url: str, start: int, stop: int, limit_s: float = 30.0) -> Any:
+    """The bytes (or the exception) of one read of [start, stop), waited for at most ``limit_s``."""
+    outcome: list[Any] = []
+
+    def read() -> None:
+        try:
+            with open_ranges(url, {}, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
+                outcome.append(reader.fetch(start, stop))
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    assert outcome, f"the read of {url} was still waiting after {limit_s:g} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("mode", ["silent", "stall"])
+def test_a_presigned_url_whose_server_stops_answering_fails_within_the_read_timeout(
+        server: MisbehavingServer, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "HTTP_READ_TIMEOUT_S", 1.0)
+    server.mode = mode
+    got = read_bounded(f"{server.url}/slides/a.svs{SIGNED}", 1000, 5000)
+    assert isinstance(got, InputError) and got.retryable, got
+    assert "a.svs" in str(got) and "deadbeefcafe" not in str(got)
+
+
+@pytest.mark.parametrize("client", ["obstore", "fsspec"])
+def test_a_server_that_ignores_range_is_named_so(server: MisbehavingServer, client: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    server.mode = "whole"
+    got = read_bounded(f"{server.url}/slides/b.svs", 1000, 5000)
+    assert isinstance(got, RangesIgnored) and not got.retryable, got
+    assert "b.svs" in str(got) and "ignores byte ranges" in str(got)
+
+
+@pytest.mark.parametrize("client", ["obstore", "fsspec"])
+def test_staging_downloads_whole_an_object_whose_server_ignores_range(
+        server: MisbehavingServer, client: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    monkeypatch.setattr(stage_cache, "CHUNK_BYTES", 64 << 10)  # the object is 4 chunks
+    server.mode = "whole"
+    cache = StageCache(str(tmp_path / "stage"))
+    with cache.open(f"{server.url}/slides/c.svs", {}, StageClocks(), RetryPolicy(attempts=2, base_s=0.01)) as staged:
+        assert Path(staged.path).read_bytes() == DATA
+
+
+def test_a_presigned_url_answered_with_another_range_than_asked_fails_the_read(server: MisbehavingServer) -> None:
+    server.mode = "shifted"
+    got = read_bounded(f"{server.url}/slides/d.svs{SIGNED}", 1000, 5000)
+    assert isinstance(got, InputError) and not got.retryable, got
+    assert "bytes 0-3999" in str(got) and "deadbeefcafe" not in str(got)
+
+
+def test_a_range_ignored_is_refused_before_its_whole_body_is_read(server: MisbehavingServer) -> None:
+    server.data = DATA * 64  # 16 MiB: the answer's body is left unread, not handed on
+    server.mode = "whole"
+    got = read_bounded(f"{server.url}/slides/e.svs{SIGNED}", 0, 10)
+    assert isinstance(got, RangesIgnored), got
+    assert "200" in str(got)
+
+
+def test_an_s3_endpoint_that_ignores_range_is_named_so_and_staged_whole(
+        server: MisbehavingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an S3-compatible gateway: obstore's S3 client words its refusal otherwise than its HTTP one
+    monkeypatch.setattr(stage_cache, "CHUNK_BYTES", 64 << 10)
+    server.mode = "whole"
+    options = {"endpoint_url": server.url, "key": "AKIAFAKEFAKEFAKE0002", "secret": "not-a-real-secret",
+               "client_kwargs": {"region_name": "us-east-1"}}
+    with open_ranges("s3://bucket/slides/f.svs", options, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
+        assert reader.client == "obstore"
+        with pytest.raises(RangesIgnored, match="f.svs.*ignores byte ranges"):
+            reader.fetch(1000, 5000)
+    cache = StageCache(str(tmp_path / "stage"))
+    with cache.open("s3://bucket/slides/f.svs", options, StageClocks(), RetryPolicy(attempts=2, base_s=0.01)) as staged:
+        assert Path(staged.path).read_bytes() == DATA
+
+
+STAGE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+sys.path.insert(0, "tests")
+from pathlib import Path
+from http_servers import MisbehavingServer
+from gpubatch.core.clocks import StageClocks
+from gpubatch.io import stage_cache
+from gpubatch.io.retry import RetryPolicy
+data = bytes(range(256)) * 1024
+server = MisbehavingServer(data, sys.argv[2])
+stage_cache.CHUNK_BYTES = 64 << 10
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is cut short, then EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+cache = stage_cache.StageCache(sys.argv[1])
+try:
+    with cache.open(server.url + "/slides/g.svs", {}, StageClocks(), RetryPolicy(attempts=1)) as staged:
+        print("staged", Path(staged.path).stat().st_size)
+except Exception as exc:
+    print("failed", exc)
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "whole"])
+def test_a_staged_copy_cut_short_by_the_disk_fails_its_download(tmp_path: Path, mode: str) -> None:
+    # a full disk (or a file size limit, here) cuts a write short without an error: the rest of
+    # that chunk must be written or the download fail, never a copy with bytes missing
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", STAGE_UNDER_A_FILE_SIZE_LIMIT, str(tmp_path / "stage"), mode],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("failed") and "too large" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("client", ["obstore", "fsspec"])
+@pytest.mark.parametrize("mode", ["silent", "stall"])
+def test_an_s3_read_that_times_out_names_the_setting_that_bounds_it(
+        server: MisbehavingServer, client: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    server.mode = mode
+    options = {"endpoint_url": server.url, "key": "AKIAFAKEFAKEFAKE0003", "secret": "not-a-real-secret",
+               "client_kwargs": {"region_name": "us-east-1"}, "config_kwargs": {"read_timeout": 1}}
+    with (open_ranges("s3://bucket/slides/h.svs", options, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader,
+          pytest.raises(InputError) as caught):
+        reader.fetch(1000, 5000)
+    assert caught.value.retryable and "h.svs" in str(caught.value)
+    assert "timed out" in str(caught.value) and "config_kwargs.read_timeout" in str(caught.value), caught.value
+
+
+@pytest.mark.parametrize("client", ["obstore", "fsspec"])
+def test_auto_stages_a_slide_whose_server_ignores_range(tmp_path: Path, client: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # input.access auto streams a TIFF; its server ignoring Range, it falls back to a staged copy
+    from s3_fixtures import write_pyramid_tiff
+
+    from gpubatch.sources.slides.open import open_slide, open_slide_input, release
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    local = write_pyramid_tiff(tmp_path / "slide.tiff", width=900, height=700, levels=2)
+    server = MisbehavingServer(local.read_bytes(), "whole")
+    uri = f"{server.url}/slides/slide.tiff"
+    clocks = StageClocks()
+    try:
+        backend = open_slide_input(uri, clocks, access="auto", options={},
+                                   policy=RetryPolicy(attempts=2, base_s=0.01))
+        try:
+            assert backend.access == "stage"  # type: ignore[attr-defined]
+            assert clocks.counters["storage.stream_fallbacks"] == 1
+            assert backend.info.level_dimensions == open_slide(str(local), StageClocks()).info.level_dimensions
+        finally:
+            backend.close()
+            release(uri)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("access", ["auto", "stage"])
+def test_a_presigned_url_whose_signature_expired_is_denied_not_missing(
+        server: MisbehavingServer, access: str) -> None:
+    from gpubatch.sources.slides.open import open_slide_input
+
+    server.fail_first, server.fail_status = 1000, 403
+    with pytest.raises(InputError) as caught:
+        open_slide_input(f"{server.url}/slides/i.tiff{SIGNED}", StageClocks(), access=access, options={},
+                         policy=RetryPolicy(attempts=5, base_s=0.01))
+    message = str(caught.value)
+    assert "access denied (403): the URL's signature" in message and "deadbeefcafe" not in message, message
+    assert not caught.value.retryable and server.requests <= 4  # not retried
+
+
+def test_a_presigned_url_s_size_is_asked_again_after_a_503(server: MisbehavingServer) -> None:
+    server.fail_first, server.fail_status = 2, 503
+    assert storage.stat(f"{server.url}/slides/j.tiff{SIGNED}", {}, RetryPolicy(attempts=5, base_s=0.01))["size"] == len(DATA)
+
+
+def test_an_object_staged_whole_is_written_as_it_arrives_not_held_in_memory(
+        server: MisbehavingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    monkeypatch.setattr(stage_cache, "CHUNK_BYTES", 1 << 20)
+    server.data = DATA * 128  # 32 MiB, from a server that ignores Range
+    server.mode = "whole"
+    cache = StageCache(str(tmp_path / "stage"))
+    tracemalloc.start()
+    try:
+        with cache.open(f"{server.url}/slides/k.svs", {}, StageClocks(), RetryPolicy(attempts=2, base_s=0.01)) as staged:
+            peak = tracemalloc.get_traced_memory()[1]
+            assert Path(staged.path).stat().st_size == len(server.data)
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 << 20, f"{peak >> 20} MiB held at once"
+
+
+@pytest.mark.parametrize(("client", "query"), [("auto", ""), ("fsspec", ""), ("auto", SIGNED)])
+def test_a_whole_object_read_from_a_server_that_ignores_range_is_its_answer(
+        server: MisbehavingServer, client: str, query: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a .fai, a .gzi, a BED file: read whole, for which a 200 is the very answer asked for
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    server.mode = "whole"
+    with open_ranges(f"{server.url}/ref/genome.fa.fai{query}", {}, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
+        assert reader.fetch(0, reader.size()) == DATA
+        with pytest.raises(RangesIgnored):
+            reader.fetch(0, 100)
