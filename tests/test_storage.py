@@ -14,11 +14,11 @@ import pytest
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.io.listing import expand_uris
 from gpubatch.io.metrics import latency_percentiles, record_request, storage_summary
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy
 from gpubatch.io.stage_cache import StageCache
-from gpubatch.io.storage import expand_uris
 from gpubatch.sources.slides.backends import SlideBackend
 from gpubatch.sources.slides.open import (
     choose_access,

@@ -19,7 +19,8 @@ import numpy as np
 
 from gpubatch.core.errors import SpecError
 from gpubatch.core.switches import check_switches
-from gpubatch.io.storage import expand_uris, missing_extra
+from gpubatch.io.listing import expand_uris
+from gpubatch.io.storage import missing_extra
 from gpubatch.io.uris import is_remote, local_path, other_host_problem, protocol_of, split_glob
 from gpubatch.runtime.model_facts import OnnxInput, model_first_input, model_inputs, model_outputs
 from gpubatch.sources import get_source

@@ -199,7 +199,7 @@ class SlideSource(Source):
     kind = "slides"
 
     def plan(self, job: JobSpec) -> tuple[Sequence[Shard], list[dict[str, str]]]:
-        from gpubatch.io.storage import expand_uris
+        from gpubatch.io.listing import expand_uris
         from gpubatch.io.uris import has_magic
         from gpubatch.sources.slides.listing import slide_inputs
 
