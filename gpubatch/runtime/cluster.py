@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gpubatch.core.cpu import quota_cores
 from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
 from gpubatch.runtime.executors import DaskExecutor, Executor, InlineExecutor
 from gpubatch.spec import load_yaml_text
@@ -57,10 +59,22 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
 
 
 def cpu_count() -> int:
+    """Cores this process may use: its affinity, capped by a CPU quota (a container's CPU limit,
+    rounded up as Dask does). Sized on the affinity alone, a one-core container on a 64-core node
+    started 64 worker processes and as many model threads, all taking turns on the one core."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = quota_cores()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cores_words() -> str:
+    """How ``cpu_count`` was reached, for a message: "2 cores", or "1 core (a CPU quota of 1)"."""
+    n, quota = cpu_count(), quota_cores()
+    capped = f" (a CPU quota of {quota:g})" if quota and n == max(1, math.ceil(quota)) else ""
+    return f"{n} core{'s' if n != 1 else ''}{capped}"
 
 
 def worker_count(profile: dict[str, Any], n_shards: int, override: int | None = None) -> int:
