@@ -286,3 +286,20 @@ def test_every_worker_lost_fails_within_the_worker_timeout(tmp_path: Path, many_
     assert time.monotonic() - t0 < 60
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
     assert [a["event"] for a in audit_lines(out, None) if a["event"].startswith("run_")] == ["run_start", "run_failed"]
+
+
+def test_workers_without_the_profiles_resources_are_named_not_called_absent(
+        tmp_path: Path, many_slides: Path, classifier: Path, dask_cluster) -> None:  # type: ignore[no-untyped-def]
+    """Workers that are connected but offer none of the resources the profile asks of each shard
+    (a GPU profile's `resources: {GPU: 1}` submitted to CPU workers) run nothing: the run stops
+    within run.worker_timeout saying so and what to change, not that no worker connected."""
+    address, _ = dask_cluster
+    profile = tmp_path / "gpu-scheduler.yaml"
+    profile.write_text(json.dumps({"cluster": "scheduler", "resources": {"GPU": 1}}))
+    job = _job(tmp_path, many_slides, classifier, "nogpu", worker_timeout=3, profile=str(profile))
+    proc = _cli("submit", str(job), "--scheduler", address)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, log
+    assert "no worker connected" not in log, log
+    assert "2 workers are connected" in log and "GPU" in log and "resources" in log, log
+    assert "Traceback" not in log, log

@@ -184,7 +184,17 @@ class DaskExecutor(Executor):
             return 0
 
     def why_no_workers(self) -> tuple[str, bool] | None:
-        return self.diagnose() if self.diagnose is not None else None
+        """The cluster maker's account (SLURM's words); else, with workers connected, that none
+        offers the resources each shard asks for: they are there, and would run nothing."""
+        found = self.diagnose() if self.diagnose is not None else None
+        needs = self.resources or {}
+        connected = self.workers() if found is None and needs else 0
+        if connected:
+            asked = " ".join(f"{name}={need:g}" for name, need in needs.items())
+            found = (f"{connected} worker{'s are' if connected != 1 else ' is'} connected, but none offers the "
+                     f"resources each shard asks for (the profile's resources: {asked}); start the workers "
+                     f"with `--resources \"{asked}\"`, or take `resources` out of the profile", False)
+        return found
 
     def note_processing(self, pending: set[Any]) -> None:
         """Every second at most: which worker runs which shard; a worker that vanished since the
