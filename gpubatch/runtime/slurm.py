@@ -6,8 +6,10 @@ logged, ``scale`` does not raise, and the run would wait forever. Here the job c
 own error text, the job script is tried with ``sbatch --test-only`` before anything is submitted,
 and :class:`SlurmDiagnosis` tells the submitter why a cluster has no workers: a rejection (fatal at
 once), jobs still pending (with squeue's reason), or jobs that ended without their worker ever
-connecting (with scontrol's state). Worker job logs go to a folder gpubatch chooses (under the
-output, or the profile's ``log_directory``), never the directory the user ran from.
+connecting (with scontrol's state). A job pending for a reason that waiting never clears (a
+walltime over the partition's limit, an unknown account) is fatal at once, naming the setting.
+Worker job logs go to a folder gpubatch chooses (under the output, or the profile's
+``log_directory``), never the directory the user ran from.
 """
 
 from __future__ import annotations
@@ -71,6 +73,31 @@ def test_only(cluster: Any) -> None:
         raise GpubatchError(f"sbatch rejected the worker job: {(done.stderr + done.stdout).strip()}")
 
 
+#: squeue's pending reasons that waiting never clears (sbatch --test-only passes them where the
+#: cluster does not enforce partition limits at submission: EnforcePartLimits=NO, SLURM's default),
+#: and the profile setting to change
+NEVER_STARTS = {
+    "PartitionTimeLimit": "slurm.walltime: it is longer than the partition's time limit (scontrol show partition)",
+    "QOSMaxWallDurationPerJobLimit": "slurm.walltime: it is longer than the QOS allows (sacctmgr show qos)",
+    "PartitionNodeLimit": "the nodes slurm.job_extra_directives asks for: more than the partition allows",
+    "InvalidAccount": "slurm.account: SLURM knows no such account (sacctmgr show assoc user=$USER)",
+    "InvalidQOS": "the --qos in slurm.job_extra_directives: SLURM knows no such QOS (sacctmgr show qos)",
+    "AccountNotAllowed": "slurm.account or slurm.queue: the partition does not take jobs of this account",
+    "QOSNotAllowed": "the --qos in slurm.job_extra_directives or slurm.queue: the partition does not allow it",
+    "BadConstraints": "the --constraint in slurm.job_extra_directives: no node can satisfy it",
+    "DependencyNeverSatisfied": "the --dependency in slurm.job_extra_directives: it can no longer be met",
+}
+
+
+def pending_words(ids: list[str], reasons: list[str]) -> tuple[str, bool]:
+    """The account of jobs left pending, and whether waiting can help (not for NEVER_STARTS)."""
+    text = f"worker jobs {', '.join(ids)} are still pending in SLURM (reason: {', '.join(reasons)})"
+    hopeless = [NEVER_STARTS[r] for r in reasons if r in NEVER_STARTS]
+    if hopeless:
+        return f"{text}; waiting will not start them: change {hopeless[0]}", True
+    return text, False
+
+
 class SlurmDiagnosis:
     """Why a SLURM cluster has no worker: (text, fatal) or None when nothing is known to be wrong."""
 
@@ -88,7 +115,7 @@ class SlurmDiagnosis:
         states = self._states(ids)
         pending = sorted({reason for state, reason in states.values() if state == "PENDING"})
         if pending:
-            return f"worker jobs {', '.join(ids)} are still pending in SLURM (reason: {', '.join(pending)})", False
+            return pending_words(ids, pending)
         gone = [i for i in ids if i not in states]
         if gone and len(gone) == len(ids):
             return f"worker job {gone[0]} is no longer running: {self._ended(gone[0])}", False
