@@ -85,10 +85,10 @@ def worker_count(profile: dict[str, Any], n_shards: int, override: int | None = 
 
 
 def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None = None,
-                  log_dir: str | None = None) -> Executor:
+                  log_dir: str | None = None, job_name: str | None = None) -> Executor:
     """The executor for the profile: in-process threads, or a Dask client (on a cluster it starts,
     or on an existing scheduler); closing it closes what it started. ``log_dir``: where a batch
-    cluster's worker jobs write their logs."""
+    cluster's worker jobs write their logs; ``job_name``: what they are called (one per output)."""
     kind = "scheduler" if scheduler else profile["cluster"]
     if kind == "inline":
         return InlineExecutor(int(profile.get("threads_per_worker", 2)))
@@ -106,7 +106,7 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
         bound_scheduler_logs()
 
         logs = str(profile.get("log_directory") or log_dir or os.path.abspath("gpubatch-logs"))
-        cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs)
+        cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs, job_name)
         return DaskExecutor(Client(cluster), cluster, resources, diagnose)
     try:
         cluster = _start_cluster(kind, profile, n_workers)

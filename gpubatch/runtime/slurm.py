@@ -14,6 +14,7 @@ Worker job logs go to a folder gpubatch chooses (under the output, or the profil
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import subprocess
@@ -135,12 +136,37 @@ class SlurmDiagnosis:
         return " ".join(t for t in done.stdout.split() if t.split("=")[0] in keep) or "no record left"
 
 
-def start_slurm_cluster(settings: dict[str, Any], n_workers: int, log_directory: str) -> tuple[Any, SlurmDiagnosis]:
-    """A SLURMCluster keeping ``n_workers`` worker jobs (lost ones are replaced), checked first."""
+def cancel_left_behind(job_name: str) -> list[str]:
+    """Cancel this user's worker jobs named ``job_name``: those of an earlier run into the same
+    output whose client was killed (SIGKILL, a lost login node) before it could cancel them.
+    Running ones exit on their own once the scheduler is gone (dask-jobqueue's death timeout),
+    but pending ones stay queued, and would each start, hold an allocation and find no one.
+    Safe because the caller holds the output's lease: no live run owns jobs of that name."""
+    user = getpass.getuser()
+    try:
+        ids = _run(["squeue", "-h", "--user", user, "--name", job_name, "-o", "%i"]).stdout.split()
+        if ids:
+            _run(["scancel", "--user", user, *ids])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("could not look for worker jobs left behind by an earlier run (%s)", exc)
+        return []
+    if ids:
+        log.warning("cancelled worker job(s) %s left behind by an earlier run into this output", ", ".join(ids))
+    return ids
+
+
+def start_slurm_cluster(settings: dict[str, Any], n_workers: int, log_directory: str,
+                        job_name: str | None = None) -> tuple[Any, SlurmDiagnosis]:
+    """A SLURMCluster keeping ``n_workers`` worker jobs (lost ones are replaced), checked first.
+    ``job_name`` (unless the profile names the jobs itself): the name that marks the jobs as the
+    output's, so that a later run cancels those a killed client left behind."""
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise MissingExtraError("the slurm profile", "dask-jobqueue", "slurm") from None
+    if job_name and "job_name" not in settings:
+        settings = {**settings, "job_name": job_name}
+        cancel_left_behind(job_name)
     settings = {"log_directory": log_directory, **settings}
     os.makedirs(settings["log_directory"], exist_ok=True)
     cluster = SLURMCluster(job_cls=_job_class(), **settings)
