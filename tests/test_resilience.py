@@ -303,3 +303,33 @@ def test_workers_without_the_profiles_resources_are_named_not_called_absent(
     assert "no worker connected" not in log, log
     assert "2 workers are connected" in log and "GPU" in log and "resources" in log, log
     assert "Traceback" not in log, log
+
+
+def test_shards_of_a_lost_worker_run_on_the_worker_that_replaces_it(
+        tmp_path: Path, many_slides: Path, classifier: Path, clean: pd.DataFrame) -> None:
+    """The only worker dies mid-shard and another joins later (a nanny's restart after a memory
+    kill, a SLURM job replaced): the shards dealt to the dead one run on the newcomer. Dask keeps
+    a task restricted to a dead worker in 'no-worker' whatever joins later, despite
+    allow_other_workers, so the run waited forever."""
+    sched_file = tmp_path / "scheduler.json"
+    procs = [_dask_scheduler(sched_file)]
+    try:
+        procs.append(_dask_worker(sched_file, "first"))
+        address = json.loads(sched_file.read_text())["address"]
+        _wait_for_workers(address, 1)
+        out = tmp_path / "replaced"
+        proc = _cli("submit", str(_job(tmp_path, many_slides, classifier, "replaced", worker_timeout=120)),
+                    "--scheduler", address, "--set", "model.batch_size=1")
+        procs.append(proc)
+        _wait_for(lambda: _committed(out) >= 1)
+        procs[1].send_signal(signal.SIGKILL)
+        procs.append(_dask_worker(sched_file, "second"))
+        log = proc.communicate(timeout=90)[0]
+        assert proc.returncode == 0, log
+        committed = [a["shard_id"] for a in audit_lines(out)]
+        assert sorted(committed) == sorted(set(committed)) and len(committed) == N_SLIDES
+        pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out / "predictions.parquet")), clean)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

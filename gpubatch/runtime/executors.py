@@ -45,6 +45,10 @@ class Executor(ABC):
         where that can be done (a thread cannot be stopped; a Dask worker process can)."""
         self.cancel(stuck)
 
+    def running(self) -> set[str] | None:
+        """Keys of the tasks a worker holds now; None when that cannot be known."""
+        return None
+
     def workers(self) -> int:
         """Workers connected now (in-process threads count as workers)."""
         return 1
@@ -176,6 +180,12 @@ class DaskExecutor(Executor):
         except Exception as exc:  # noqa: BLE001 - e.g. a worker started without a nanny
             log.warning("could not restart %s (%s): its stuck thread keeps one of its slots",
                         ", ".join(holders), exc)
+
+    def running(self) -> set[str] | None:
+        try:
+            return {str(key) for keys in self.client.processing().values() for key in keys}
+        except Exception:  # noqa: BLE001 - a scheduler that does not answer: nothing is known
+            return None
 
     def workers(self) -> int:
         try:

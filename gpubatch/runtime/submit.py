@@ -116,8 +116,11 @@ class Submitter:
         self.dealer = dealer = Dealer(shards, self.job.run.stage_ahead)
         while pending or not dealer.done:
             slots = self.executor.worker_slots() or {}
-            for worker in dealer.set_workers(slots):
+            gone = dealer.set_workers(slots)
+            for worker in gone:
                 log.info("worker %s left; the shards dealt to it are dealt again", worker)
+            if gone:
+                self._place_again(set(gone))
             for placed in dealer.placements(self.window - len(pending)):
                 pending.add(self._submit(placed.shard, placed.upcoming, placed.worker))
             if pending:
@@ -125,6 +128,26 @@ class Submitter:
             else:  # no worker with slots: wait for one, within run.worker_timeout
                 time.sleep(POLL_S)
                 self._watch_workers(False, available=len(dealer.slots))
+
+    def _place_again(self, gone: set[str]) -> None:
+        """Submit again, to any worker, the shards placed on workers that left and held by none.
+
+        Dask keeps a task placed on a worker that died in 'no-worker' when no other worker is
+        there, and a worker that joins later does not take it despite allow_other_workers
+        (distributed's bulk_schedule_unrunnable_after_adding_worker checks only the
+        restriction): with one worker, or all lost and replaced, the run waited forever. A task
+        some worker holds (Dask moved it to one already there) is left alone: it may be running.
+        """
+        placed = {fut for fut in self.pending if fut.worker in gone}
+        held = self.executor.running() if placed else set()
+        if held is None:
+            return
+        stranded = {fut for fut in placed if str(fut.key) not in held}
+        self.executor.cancel(stranded)
+        for fut in stranded:
+            self.pending.discard(fut)
+            self.attempts[fut.shard.shard_id] -= 1  # not an attempt: it never ran
+            self.pending.add(self._submit(fut.shard, ()))
 
     def _run_in_plan_order(self, shards: Iterable[Shard]) -> None:
         pending = self.pending
