@@ -55,7 +55,24 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
     if unknown:
         raise SpecError([(f"profile {path.name}", f"unknown keys {sorted(unknown)}; known: {sorted(PROFILE_KEYS)}")])
     data.setdefault("cluster", "local")
+    _check_counts(data, path.name)
     return data
+
+
+def _check_counts(data: dict[str, Any], name: str) -> None:
+    """``workers`` (or ``auto``) and ``threads_per_worker`` are whole numbers of at least one:
+    ``workers: 0`` or ``-3`` quietly ran one worker, ``1.5`` one, and ``lots`` failed with a
+    traceback once the run had planned and prepared its model."""
+    problems = []
+    for key, auto in (("workers", True), ("threads_per_worker", False)):
+        value = data.get(key)
+        if value is None or (auto and value == "auto"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append((f"profile {name}: {key}", f"{value!r} is not a whole number of at least 1"
+                                                       f"{' (or auto)' if auto else ''}"))
+    if problems:
+        raise SpecError(problems)
 
 
 def cpu_count() -> int:
