@@ -260,6 +260,9 @@ class RunSpec(_Strict):
     workers: int | None = Field(None, ge=1, description="worker processes; default from the profile")
     worker_timeout: float = Field(
         1800.0, gt=0, description="seconds without any worker (none arrived, or all were lost) before the run fails")
+    shard_timeout: float = Field(
+        21600.0, gt=0, description="seconds a shard may go without a result, from its submission, before its "
+                                   "worker is restarted and the shard counts as failed (retried, then quarantined)")
     heartbeat_s: float = Field(10.0, gt=0, le=3600, description="seconds between lease and status.json heartbeats")
     lease_stale_s: float = Field(
         120.0, gt=0, description="a lease whose heartbeat is older than this belongs to a dead run and is taken over")

@@ -166,3 +166,27 @@ def test_the_tightest_quota_over_a_cgroup_and_its_ancestors_is_found(tmp_path: P
     times = quota.times()
     assert times is not None and times.busy_s == 3.0 and (times.periods, times.throttled) == (7, 3)
     assert find_cpu_quota(v1, tmp_path / "no-such-proc-file") is None
+
+
+def test_a_cpu_quota_caps_the_local_workers_it_starts_and_allows(tmp_path: Path, one_core: list[Path],
+                                                                   slides_dir: Path, classifier: Path) -> None:
+    """In a one-core container on a machine with more cores, the local profile sizes itself to
+    the quota: `workers: auto` starts one worker (not one per core of the node, each taking turns
+    on the one core), and asking for more than the quota is refused like asking for more than
+    the cores, naming the quota."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("the quota must allow fewer cores than the machine has")
+    job = slide_job([str(slides_dir / "*.tif")], classifier, tmp_path / "out",
+                    tiles={"size": 64, "mpp": 0.5, "tissue": {"method": "none"}},
+                    run={"profile": "local", "readers": 1})
+    spec = write_job(tmp_path / "job.yaml", job)
+    script = "import os, sys\n" + _join(one_core) + (
+        "from gpubatch.cli.main import main\nsys.exit(main(['run', *sys.argv[1:]]))\n")
+    refused = subprocess.run([sys.executable, "-c", script, str(spec), "--set", "run.workers=2"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "run.workers" in refused.stderr and "CPU quota" in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "out" / "report.json").exists()
+    done = subprocess.run([sys.executable, "-c", script, str(spec)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["workers"] == 1

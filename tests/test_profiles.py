@@ -54,3 +54,25 @@ def test_slurm_profile_renders_a_job_script_and_valid_durations(path: Path) -> N
 def test_an_unparseable_lifetime_is_caught_by_the_check() -> None:
     with pytest.raises((ValueError, KeyError)):
         _worker_durations(["--lifetime", "7h50m"])
+
+
+@pytest.mark.parametrize("setting", ["workers: 0", "workers: -3", "workers: 1.5", "workers: lots",
+                                     "threads_per_worker: 0", "threads_per_worker: many"])
+def test_a_profile_with_an_impossible_worker_count_is_refused_before_anything_runs(
+        tmp_path: Path, setting: str, slides_dir: Path, classifier: Path) -> None:
+    """`workers: 0` or `-3` ran one worker, `1.5` one, and `lots` failed with a traceback after
+    planning: each is a usage error (exit 2, nothing run) naming the profile's key."""
+    import subprocess
+    import sys
+
+    from conftest import slide_job, write_job
+
+    key = setting.split(":")[0]
+    profile = tmp_path / "bad.yaml"
+    profile.write_text(f"cluster: local\n{setting}\n")
+    spec = write_job(tmp_path / "job.yaml", slide_job([str(slides_dir / "*.tif")], classifier, tmp_path / "out"))
+    done = subprocess.run([sys.executable, "-m", "gpubatch", "run", str(spec), "--profile", str(profile)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert key in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out" / "report.json").exists()

@@ -313,3 +313,50 @@ def test_a_scheduler_that_dies_mid_run_stops_it_with_one_clear_line(tmp_path: Pa
         for p in (worker, scheduler):
             p.kill()
             p.wait()
+
+
+def test_workers_without_the_profiles_resources_are_named_not_called_absent(
+        tmp_path: Path, many_slides: Path, classifier: Path, dask_cluster) -> None:  # type: ignore[no-untyped-def]
+    """Workers that are connected but offer none of the resources the profile asks of each shard
+    (a GPU profile's `resources: {GPU: 1}` submitted to CPU workers) run nothing: the run stops
+    within run.worker_timeout saying so and what to change, not that no worker connected."""
+    address, _ = dask_cluster
+    profile = tmp_path / "gpu-scheduler.yaml"
+    profile.write_text(json.dumps({"cluster": "scheduler", "resources": {"GPU": 1}}))
+    job = _job(tmp_path, many_slides, classifier, "nogpu", worker_timeout=3, profile=str(profile))
+    proc = _cli("submit", str(job), "--scheduler", address)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, log
+    assert "no worker connected" not in log, log
+    assert "2 workers are connected" in log and "GPU" in log and "resources" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_shards_of_a_lost_worker_run_on_the_worker_that_replaces_it(
+        tmp_path: Path, many_slides: Path, classifier: Path, clean: pd.DataFrame) -> None:
+    """The only worker dies mid-shard and another joins later (a nanny's restart after a memory
+    kill, a SLURM job replaced): the shards dealt to the dead one run on the newcomer. Dask keeps
+    a task restricted to a dead worker in 'no-worker' whatever joins later, despite
+    allow_other_workers, so the run waited forever."""
+    sched_file = tmp_path / "scheduler.json"
+    procs = [_dask_scheduler(sched_file)]
+    try:
+        procs.append(_dask_worker(sched_file, "first"))
+        address = json.loads(sched_file.read_text())["address"]
+        _wait_for_workers(address, 1)
+        out = tmp_path / "replaced"
+        proc = _cli("submit", str(_job(tmp_path, many_slides, classifier, "replaced", worker_timeout=120)),
+                    "--scheduler", address, "--set", "model.batch_size=1")
+        procs.append(proc)
+        _wait_for(lambda: _committed(out) >= 1)
+        procs[1].send_signal(signal.SIGKILL)
+        procs.append(_dask_worker(sched_file, "second"))
+        log = proc.communicate(timeout=90)[0]
+        assert proc.returncode == 0, log
+        committed = [a["shard_id"] for a in audit_lines(out)]
+        assert sorted(committed) == sorted(set(committed)) and len(committed) == N_SLIDES
+        pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out / "predictions.parquet")), clean)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -142,3 +142,38 @@ def test_every_worker_lost_fails_within_the_timeout(tmp_path: Path, slides: Path
     assert "JobState=CANCELLED" in log or "PartitionDown" in log, log  # SLURM's own account
     assert json.loads((tmp_path / "out" / "status.json").read_text())["state"] == "failed"
     subprocess.run(["scancel", *_jobs()], check=False, timeout=20)
+
+
+def test_a_walltime_over_the_partitions_limit_fails_at_once_naming_the_setting(
+        tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """sbatch --test-only accepts a walltime longer than the partition's MaxTime (EnforcePartLimits
+    NO, SLURM's default), and the job then stays PENDING (PartitionTimeLimit) for good: the run
+    stops at once, with squeue's reason and the profile setting to change, not after
+    run.worker_timeout (30 minutes by default)."""
+    job = _job(tmp_path, slides, classifier, worker_timeout=600)
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=00:05:00"], check=True, timeout=20)
+    try:
+        _fails_fast(tmp_path, job, _profile(tmp_path), 60, "PartitionTimeLimit", "slurm.walltime")
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "MaxTime=UNLIMITED"], check=True, timeout=20)
+
+
+def test_worker_jobs_a_killed_client_left_queued_are_cancelled_by_the_next_run(
+        tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """A client killed (SIGKILL) while its worker jobs wait in the queue cannot cancel them: they
+    would each start later, hold an allocation and find no scheduler. The next run into the same
+    output cancels them before it submits its own, and finishes."""
+    job = _job(tmp_path, slides, classifier, worker_timeout=600)
+    proc = cli("run", str(job), "--profile", str(_profile(tmp_path, job_extra_directives=["--begin=now+1hour"])))
+    try:
+        wait_for(lambda: len(_jobs()) == 2, 60, "two queued worker jobs")
+    finally:
+        proc.kill()
+        proc.communicate()
+    left = _jobs()
+    (tmp_path / "next").mkdir()
+    again = cli("run", str(job), "--profile", str(_profile(tmp_path / "next")), "--resume")
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, log
+    assert "left behind by an earlier run" in log, log
+    assert not set(left) & set(_jobs()), "the killed run's queued jobs are gone"

@@ -149,6 +149,13 @@ def _process_quota() -> CpuQuota | None:
     return find_cpu_quota()
 
 
+def quota_cores() -> float | None:
+    """The cores this process's CPU quota allows (0.5, 4.0, ...), or None where no quota limits it:
+    a container on a large node sees every core in its affinity, but runs on only this many."""
+    quota = _process_quota()
+    return quota.cores if quota is not None else None
+
+
 def _allowed_cores() -> list[int] | None:
     try:
         return sorted(os.sched_getaffinity(0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gpubatch.core.cpu import quota_cores
 from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
 from gpubatch.runtime.executors import DaskExecutor, Executor, InlineExecutor
 from gpubatch.spec import load_yaml_text
@@ -53,14 +55,43 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
     if unknown:
         raise SpecError([(f"profile {path.name}", f"unknown keys {sorted(unknown)}; known: {sorted(PROFILE_KEYS)}")])
     data.setdefault("cluster", "local")
+    _check_counts(data, path.name)
     return data
 
 
+def _check_counts(data: dict[str, Any], name: str) -> None:
+    """``workers`` (or ``auto``) and ``threads_per_worker`` are whole numbers of at least one:
+    ``workers: 0`` or ``-3`` quietly ran one worker, ``1.5`` one, and ``lots`` failed with a
+    traceback once the run had planned and prepared its model."""
+    problems = []
+    for key, auto in (("workers", True), ("threads_per_worker", False)):
+        value = data.get(key)
+        if value is None or (auto and value == "auto"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append((f"profile {name}: {key}", f"{value!r} is not a whole number of at least 1"
+                                                       f"{' (or auto)' if auto else ''}"))
+    if problems:
+        raise SpecError(problems)
+
+
 def cpu_count() -> int:
+    """Cores this process may use: its affinity, capped by a CPU quota (a container's CPU limit,
+    rounded up as Dask does). Sized on the affinity alone, a one-core container on a 64-core node
+    started 64 worker processes and as many model threads, all taking turns on the one core."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = quota_cores()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cores_words() -> str:
+    """How ``cpu_count`` was reached, for a message: "2 cores", or "1 core (a CPU quota of 1)"."""
+    n, quota = cpu_count(), quota_cores()
+    capped = f" (a CPU quota of {quota:g})" if quota and n == max(1, math.ceil(quota)) else ""
+    return f"{n} core{'s' if n != 1 else ''}{capped}"
 
 
 def worker_count(profile: dict[str, Any], n_shards: int, override: int | None = None) -> int:
@@ -71,10 +102,10 @@ def worker_count(profile: dict[str, Any], n_shards: int, override: int | None = 
 
 
 def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None = None,
-                  log_dir: str | None = None) -> Executor:
+                  log_dir: str | None = None, job_name: str | None = None) -> Executor:
     """The executor for the profile: in-process threads, or a Dask client (on a cluster it starts,
     or on an existing scheduler); closing it closes what it started. ``log_dir``: where a batch
-    cluster's worker jobs write their logs."""
+    cluster's worker jobs write their logs; ``job_name``: what they are called (one per output)."""
     kind = "scheduler" if scheduler else profile["cluster"]
     if kind == "inline":
         return InlineExecutor(int(profile.get("threads_per_worker", 2)))
@@ -92,7 +123,7 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
         bound_scheduler_logs()
 
         logs = str(profile.get("log_directory") or log_dir or os.path.abspath("gpubatch-logs"))
-        cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs)
+        cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs, job_name)
         return DaskExecutor(Client(cluster), cluster, resources, diagnose)
     try:
         cluster = _start_cluster(kind, profile, n_workers)

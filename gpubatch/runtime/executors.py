@@ -42,6 +42,15 @@ class Executor(ABC):
     def cancel(self, pending: set[Any]) -> None:  # noqa: B027 - threads cannot be cancelled
         """Stop tasks that have not finished (an interrupted run)."""
 
+    def abandon(self, stuck: set[Any]) -> None:
+        """Give up on tasks that ran past run.shard_timeout: stop them, and free what runs them
+        where that can be done (a thread cannot be stopped; a Dask worker process can)."""
+        self.cancel(stuck)
+
+    def running(self) -> set[str] | None:
+        """Keys of the tasks a worker holds now; None when that cannot be known."""
+        return None
+
     def workers(self) -> int:
         """Workers connected now (in-process threads count as workers)."""
         return 1
@@ -79,6 +88,7 @@ class InlineExecutor(Executor):
 
     def __init__(self, threads: int = 2):
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gpubatch-shard")
+        self._stuck = False  # a shard given up on still holds a thread: closing must not wait on it
 
     def submit(self, fn: Callable[..., Any], *args: Any, key: str, worker: str | None = None) -> Future[Any]:
         return self.pool.submit(fn, *args)
@@ -91,8 +101,13 @@ class InlineExecutor(Executor):
         for fut in pending:
             fut.cancel()
 
+    def abandon(self, stuck: set[Any]) -> None:
+        """The threads stay stuck (Python cannot stop one); the run goes on without them."""
+        self._stuck = True
+        self.cancel(stuck)
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=not self._stuck, cancel_futures=True)
 
 
 class SchedulerLost(GpubatchError):
@@ -172,6 +187,30 @@ class DaskExecutor(Executor):
         with contextlib.suppress(Exception):
             self.client.cancel(list(pending), force=True)
 
+    def abandon(self, stuck: set[Any]) -> None:
+        """Cancel the tasks and restart, through its nanny, each worker running one: a thread
+        stuck in a read cannot be stopped, and would hold the worker's slot for good."""
+        keys = {fut.key for fut in stuck}
+        try:
+            holders = sorted(w for w, running in self.client.processing().items() if keys & set(running))
+        except Exception:  # noqa: BLE001 - a scheduler that does not answer: the worker watch tells
+            holders = []
+        self.cancel(stuck)
+        if not holders:
+            return
+        log.warning("restarting worker(s) %s: a shard there ran past run.shard_timeout", ", ".join(holders))
+        try:
+            self.client.restart_workers(holders, timeout=CLOSE_TIMEOUT_S, raise_for_error=False)
+        except Exception as exc:  # noqa: BLE001 - e.g. a worker started without a nanny
+            log.warning("could not restart %s (%s): its stuck thread keeps one of its slots",
+                        ", ".join(holders), exc)
+
+    def running(self) -> set[str] | None:
+        try:
+            return {str(key) for keys in self.client.processing().values() for key in keys}
+        except Exception:  # noqa: BLE001 - a scheduler that does not answer: nothing is known
+            return None
+
     def workers(self) -> int:
         try:
             return len(self.client.nthreads())
@@ -179,7 +218,17 @@ class DaskExecutor(Executor):
             return 0
 
     def why_no_workers(self) -> tuple[str, bool] | None:
-        return self.diagnose() if self.diagnose is not None else None
+        """The cluster maker's account (SLURM's words); else, with workers connected, that none
+        offers the resources each shard asks for: they are there, and would run nothing."""
+        found = self.diagnose() if self.diagnose is not None else None
+        needs = self.resources or {}
+        connected = self.workers() if found is None and needs else 0
+        if connected:
+            asked = " ".join(f"{name}={need:g}" for name, need in needs.items())
+            found = (f"{connected} worker{'s are' if connected != 1 else ' is'} connected, but none offers the "
+                     f"resources each shard asks for (the profile's resources: {asked}); start the workers "
+                     f"with `--resources \"{asked}\"`, or take `resources` out of the profile", False)
+        return found
 
     def note_processing(self, pending: set[Any]) -> None:
         """Every second at most: which worker runs which shard; a worker that vanished since the

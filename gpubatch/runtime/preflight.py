@@ -279,7 +279,7 @@ def check_resources(job: JobSpec, profile: dict[str, Any] | None = None) -> None
     """Refuse what is known to exhaust the machine before a slide is read: more local workers
     than cores (unless ``run.force_workers``), and batches in flight larger than a worker's
     share of memory (``run.max_worker_memory``)."""
-    from gpubatch.runtime.cluster import cpu_count, load_profile
+    from gpubatch.runtime.cluster import cores_words, cpu_count, load_profile
 
     prof = profile if profile is not None else load_profile(job.run.profile)
     problems: list[tuple[str, str]] = []
@@ -287,7 +287,7 @@ def check_resources(job: JobSpec, profile: dict[str, Any] | None = None) -> None
     asked = job.run.workers or (prof.get("workers") if isinstance(prof.get("workers"), int) else None)
     cores = cpu_count()
     if local and asked and asked > cores and not job.run.force_workers:
-        problems.append(("run.workers", f"{asked} worker processes on a machine with {cores} cores; "
+        problems.append(("run.workers", f"{asked} worker processes on a machine with {cores_words()}; "
                                         "lower it, or set run.force_workers: true"))
     workers = asked or (1 if not local else cores)
     budget = job.run.max_worker_memory or machine_memory() // max(workers, 1)

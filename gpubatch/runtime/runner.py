@@ -225,7 +225,7 @@ class _Run:
 
         threads = int(self.prof.get("threads_per_worker", 1))
         window = max(2 * n_workers * threads, n_workers + self.job.run.stage_ahead + 2)
-        executor = open_executor(self.prof, n_workers, scheduler, self._log_dir())
+        executor = open_executor(self.prof, n_workers, scheduler, self._log_dir(), self._job_name())
         submitter = Submitter(executor, self.job, ctx, on_result, window, on_retry=self.ledger.failure,
                               ahead=_stage_ahead(self.job.run.stage_ahead, self.prof, n_workers * threads, scheduler),
                               on_poll=self.lease.check)
@@ -244,6 +244,13 @@ class _Run:
         if not self.store.remote:
             return str(self.store.local(LOGS_DIR, self.run_id))
         return str(cache_root() / "logs" / self.run_id)
+
+    def _job_name(self) -> str:
+        """Batch worker jobs' name, the same for every run into this output: a later run finds
+        (and cancels) the queued jobs of one whose client was killed."""
+        import hashlib
+
+        return f"dask-worker-gpubatch-{hashlib.sha256(self.store.uri.encode()).hexdigest()[:10]}"
 
     def _abandon(self, progress: Progress, exc: BaseException) -> None:
         """An interrupted or failed run: say so in the ledger and status, keep what is committed."""

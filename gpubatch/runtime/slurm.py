@@ -6,12 +6,15 @@ logged, ``scale`` does not raise, and the run would wait forever. Here the job c
 own error text, the job script is tried with ``sbatch --test-only`` before anything is submitted,
 and :class:`SlurmDiagnosis` tells the submitter why a cluster has no workers: a rejection (fatal at
 once), jobs still pending (with squeue's reason), or jobs that ended without their worker ever
-connecting (with scontrol's state). Worker job logs go to a folder gpubatch chooses (under the
-output, or the profile's ``log_directory``), never the directory the user ran from.
+connecting (with scontrol's state). A job pending for a reason that waiting never clears (a
+walltime over the partition's limit, an unknown account) is fatal at once, naming the setting.
+Worker job logs go to a folder gpubatch chooses (under the output, or the profile's
+``log_directory``), never the directory the user ran from.
 """
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import subprocess
@@ -71,6 +74,31 @@ def test_only(cluster: Any) -> None:
         raise GpubatchError(f"sbatch rejected the worker job: {(done.stderr + done.stdout).strip()}")
 
 
+#: squeue's pending reasons that waiting never clears (sbatch --test-only passes them where the
+#: cluster does not enforce partition limits at submission: EnforcePartLimits=NO, SLURM's default),
+#: and the profile setting to change
+NEVER_STARTS = {
+    "PartitionTimeLimit": "slurm.walltime: it is longer than the partition's time limit (scontrol show partition)",
+    "QOSMaxWallDurationPerJobLimit": "slurm.walltime: it is longer than the QOS allows (sacctmgr show qos)",
+    "PartitionNodeLimit": "the nodes slurm.job_extra_directives asks for: more than the partition allows",
+    "InvalidAccount": "slurm.account: SLURM knows no such account (sacctmgr show assoc user=$USER)",
+    "InvalidQOS": "the --qos in slurm.job_extra_directives: SLURM knows no such QOS (sacctmgr show qos)",
+    "AccountNotAllowed": "slurm.account or slurm.queue: the partition does not take jobs of this account",
+    "QOSNotAllowed": "the --qos in slurm.job_extra_directives or slurm.queue: the partition does not allow it",
+    "BadConstraints": "the --constraint in slurm.job_extra_directives: no node can satisfy it",
+    "DependencyNeverSatisfied": "the --dependency in slurm.job_extra_directives: it can no longer be met",
+}
+
+
+def pending_words(ids: list[str], reasons: list[str]) -> tuple[str, bool]:
+    """The account of jobs left pending, and whether waiting can help (not for NEVER_STARTS)."""
+    text = f"worker jobs {', '.join(ids)} are still pending in SLURM (reason: {', '.join(reasons)})"
+    hopeless = [NEVER_STARTS[r] for r in reasons if r in NEVER_STARTS]
+    if hopeless:
+        return f"{text}; waiting will not start them: change {hopeless[0]}", True
+    return text, False
+
+
 class SlurmDiagnosis:
     """Why a SLURM cluster has no worker: (text, fatal) or None when nothing is known to be wrong."""
 
@@ -88,7 +116,7 @@ class SlurmDiagnosis:
         states = self._states(ids)
         pending = sorted({reason for state, reason in states.values() if state == "PENDING"})
         if pending:
-            return f"worker jobs {', '.join(ids)} are still pending in SLURM (reason: {', '.join(pending)})", False
+            return pending_words(ids, pending)
         gone = [i for i in ids if i not in states]
         if gone and len(gone) == len(ids):
             return f"worker job {gone[0]} is no longer running: {self._ended(gone[0])}", False
@@ -108,12 +136,37 @@ class SlurmDiagnosis:
         return " ".join(t for t in done.stdout.split() if t.split("=")[0] in keep) or "no record left"
 
 
-def start_slurm_cluster(settings: dict[str, Any], n_workers: int, log_directory: str) -> tuple[Any, SlurmDiagnosis]:
-    """A SLURMCluster keeping ``n_workers`` worker jobs (lost ones are replaced), checked first."""
+def cancel_left_behind(job_name: str) -> list[str]:
+    """Cancel this user's worker jobs named ``job_name``: those of an earlier run into the same
+    output whose client was killed (SIGKILL, a lost login node) before it could cancel them.
+    Running ones exit on their own once the scheduler is gone (dask-jobqueue's death timeout),
+    but pending ones stay queued, and would each start, hold an allocation and find no one.
+    Safe because the caller holds the output's lease: no live run owns jobs of that name."""
+    user = getpass.getuser()
+    try:
+        ids = _run(["squeue", "-h", "--user", user, "--name", job_name, "-o", "%i"]).stdout.split()
+        if ids:
+            _run(["scancel", "--user", user, *ids])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("could not look for worker jobs left behind by an earlier run (%s)", exc)
+        return []
+    if ids:
+        log.warning("cancelled worker job(s) %s left behind by an earlier run into this output", ", ".join(ids))
+    return ids
+
+
+def start_slurm_cluster(settings: dict[str, Any], n_workers: int, log_directory: str,
+                        job_name: str | None = None) -> tuple[Any, SlurmDiagnosis]:
+    """A SLURMCluster keeping ``n_workers`` worker jobs (lost ones are replaced), checked first.
+    ``job_name`` (unless the profile names the jobs itself): the name that marks the jobs as the
+    output's, so that a later run cancels those a killed client left behind."""
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise MissingExtraError("the slurm profile", "dask-jobqueue", "slurm") from None
+    if job_name and "job_name" not in settings:
+        settings = {**settings, "job_name": job_name}
+        cancel_left_behind(job_name)
     settings = {"log_directory": log_directory, **settings}
     os.makedirs(settings["log_directory"], exist_ok=True)
     cluster = SLURMCluster(job_cls=_job_class(), **settings)

@@ -2,7 +2,8 @@
 
 The client holds at most ``window`` shards in flight, however many the plan has, so its memory
 does not grow with the job; the plan is consumed lazily. Failures that may pass (a lost worker,
-a storage timeout) are retried up to ``run.retries`` times; bad inputs are not. While it waits,
+a storage timeout, a shard with no result within ``run.shard_timeout``) are retried up to
+``run.retries`` times; bad inputs are not. While it waits,
 the submitter watches the executor: when no worker has been there for ``run.worker_timeout``
 seconds (none ever arrived, or every one was lost) it stops the run with the executor's own
 account of why (an ``sbatch`` rejection, jobs left pending) instead of waiting forever.
@@ -68,7 +69,29 @@ class Submitter:
         fut = self.executor.submit(execute_shard, shard, self.job, self.ctx, upcoming if n == 1 else (), n,
                                    key=key, worker=worker)
         fut.shard, fut.worker = shard, worker
+        fut.deadline = time.monotonic() + self.job.run.shard_timeout
         return fut
+
+    def _overdue(self, pending: set[Any], done: set[Any]) -> set[Any]:
+        """Tasks past run.shard_timeout, given up on: a read stuck in the kernel (a hung mount)
+        never returns, and would hold the run open forever. The executor frees their workers."""
+        now = time.monotonic()
+        late = {fut for fut in pending - done if now > fut.deadline}
+        if late:
+            self.executor.abandon(late)
+        return late
+
+    def _timed_out(self, fut: Any) -> ShardResult:
+        """The failure recorded for a task given up on; it may pass on another attempt."""
+        shard, limit = fut.shard, self.job.run.shard_timeout
+        log.warning("shard %s: no result within %g s (run.shard_timeout)", shard.shard_id, limit)
+        result = ShardResult.failure(
+            shard.shard_id, shard.input_uri,
+            f"no result within {limit:g} s (run.shard_timeout): the shard was stuck (a read that never "
+            "returned) or slower than that; raise run.shard_timeout if shards this large take longer",
+            retryable=True)
+        result.attempt = self.attempts[shard.shard_id]
+        return result
 
     def _result(self, fut: Any) -> ShardResult:
         """A finished task's result. Its data lives on the worker that ran it: if that worker died
@@ -96,8 +119,11 @@ class Submitter:
         self.dealer = dealer = Dealer(shards, self.job.run.stage_ahead)
         while pending or not dealer.done:
             slots = self.executor.worker_slots() or {}
-            for worker in dealer.set_workers(slots):
+            gone = dealer.set_workers(slots)
+            for worker in gone:
                 log.info("worker %s left; the shards dealt to it are dealt again", worker)
+            if gone:
+                self._place_again(set(gone))
             for placed in dealer.placements(self.window - len(pending)):
                 pending.add(self._submit(placed.shard, placed.upcoming, placed.worker))
             if pending:
@@ -107,6 +133,26 @@ class Submitter:
                 raise_if_stopped()
                 self.on_poll()
                 self._watch_workers(False, available=len(dealer.slots))
+
+    def _place_again(self, gone: set[str]) -> None:
+        """Submit again, to any worker, the shards placed on workers that left and held by none.
+
+        Dask keeps a task placed on a worker that died in 'no-worker' when no other worker is
+        there, and a worker that joins later does not take it despite allow_other_workers
+        (distributed's bulk_schedule_unrunnable_after_adding_worker checks only the
+        restriction): with one worker, or all lost and replaced, the run waited forever. A task
+        some worker holds (Dask moved it to one already there) is left alone: it may be running.
+        """
+        placed = {fut for fut in self.pending if fut.worker in gone}
+        held = self.executor.running() if placed else set()
+        if held is None:
+            return
+        stranded = {fut for fut in placed if str(fut.key) not in held}
+        self.executor.cancel(stranded)
+        for fut in stranded:
+            self.pending.discard(fut)
+            self.attempts[fut.shard.shard_id] -= 1  # not an attempt: it never ran
+            self.pending.add(self._submit(fut.shard, ()))
 
     def _run_in_plan_order(self, shards: Iterable[Shard]) -> None:
         pending = self.pending
@@ -127,11 +173,12 @@ class Submitter:
         raise_if_stopped()
         self.on_poll()
         self._watch_workers(bool(done))
-        for fut in done:
+        late = self._overdue(pending, done)
+        for fut in done | late:
             pending.discard(fut)
             if self.dealer is not None and fut.worker is not None:
                 self.dealer.finished(fut.worker)
-            result = self._result(fut)
+            result = self._timed_out(fut) if fut in late else self._result(fut)
             if not result.ok and result.retryable and result.attempt <= self.job.run.retries:
                 log.warning("shard %s failed (%s); retrying", result.shard_id, result.error)
                 if self.on_retry is not None:
