@@ -17,7 +17,8 @@ import pytest
 from cloud_fixtures import AZURITE_KEY, CloudStack
 
 from gpubatch.core.errors import InputChanged, InputError
-from gpubatch.io.storage import expand_uris, input_changed, input_identity, open_ranges, stat
+from gpubatch.io.listing import expand_uris
+from gpubatch.io.storage import input_changed, input_identity, open_ranges, stat
 
 pytest_plugins = ["s3_fixtures", "cloud_fixtures"]
 CLIENTS = ["obstore", "fsspec"]

@@ -208,7 +208,7 @@ def test_a_run_from_object_storage_equals_the_local_run(tmp_path: Path, s3: S3St
 
 
 def test_listing_on_object_storage_does_not_descend_into_images(s3: S3Stack, formats_dir: Path) -> None:
-    from gpubatch.io.storage import expand_uris
+    from gpubatch.io.listing import expand_uris
 
     s3.upload_folder(formats_dir / "image.ome.zarr", "listing/a/image.ome.zarr")
     s3.upload_folder(formats_dir / "dicom", "listing/b")
