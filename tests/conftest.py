@@ -191,6 +191,26 @@ def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> 
     raise TimeoutError(f"{what} not reached in {timeout} s")
 
 
+def outcome_within(fn: Any, seconds: float, what: str) -> Any:
+    """``fn()``'s value, or the exception it raised, run on a thread; fails the test if ``fn``
+    is still waiting after ``seconds`` (a wait with no bound would hang the suite instead)."""
+    import threading
+
+    outcome: list[Any] = []
+
+    def call() -> None:
+        try:
+            outcome.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"{what} still waiting after {seconds:g} s"
+    return outcome[0]
+
+
 def committed_count(out: Path) -> int:
     """Commit records in a local output (what a kill test waits on)."""
     d = Path(out) / "_manifest"

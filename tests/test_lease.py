@@ -12,9 +12,10 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import pytest
+from conftest import outcome_within
 
 from gpubatch.core.errors import SpecError
 from gpubatch.outputs import lease as lease_module
@@ -34,20 +35,7 @@ def _lease(store: OutputStore, name: str) -> Lease:
 
 def _acquire_within(lease: Lease, seconds: float) -> BaseException | None:
     """Acquire on a thread; the error it raised, or None; fails if it is still waiting."""
-    outcome: list[BaseException | None] = []
-
-    def take() -> None:
-        try:
-            lease.acquire()
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=take, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert outcome, f"acquire still waiting after {seconds} s"
-    return outcome[0]
+    return cast(BaseException | None, outcome_within(lease.acquire, seconds, "acquire"))
 
 
 def test_a_free_local_output_is_leased_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

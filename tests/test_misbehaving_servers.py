@@ -5,12 +5,12 @@ the read with a message that names the object, never its signature."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import outcome_within
 from http_servers import MisbehavingServer
 
 from gpubatch.core.clocks import StageClocks
@@ -34,20 +34,11 @@ def server() -> Iterator[MisbehavingServer]:
 
 def read_bounded(url: str, start: int, stop: int, limit_s: float = 30.0) -> Any:
     """The bytes (or the exception) of one read of [start, stop), waited for at most ``limit_s``."""
-    outcome: list[Any] = []
+    def read() -> Any:
+        with open_ranges(url, {}, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
+            return reader.fetch(start, stop)
 
-    def read() -> None:
-        try:
-            with open_ranges(url, {}, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
-                outcome.append(reader.fetch(start, stop))
-        except Exception as exc:  # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    thread.join(limit_s)
-    assert outcome, f"the read of {url} was still waiting after {limit_s:g} s"
-    return outcome[0]
+    return outcome_within(read, limit_s, f"the read of {url} was")
 
 
 @pytest.mark.parametrize("mode", ["silent", "stall"])

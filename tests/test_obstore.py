@@ -17,8 +17,8 @@ from s3_fixtures import S3Stack
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.io import listing, storage
 from gpubatch.io import obstore as obstore_io
-from gpubatch.io import storage
 from gpubatch.io.retry import RetryPolicy, is_transient
 from gpubatch.io.storage import configure_storage, open_ranges, stat
 
@@ -198,7 +198,7 @@ def test_a_fork_after_obstore_ran_reads_through_fsspec(s3: S3Stack, uri: str) ->
 def test_a_key_with_url_delimiters_is_the_object_fsspec_lists(s3: S3Stack, name: str) -> None:
     # '?' and '#' are a key's own characters in s3:// (s3fs and a listing say so), not a query
     uri = s3.upload_bytes(DATA[:5000], f"obstore/{uuid.uuid4().hex[:6]}/{name}")
-    assert storage.expand_uris([uri.rsplit("/", 1)[0] + "/*.bin"], s3.options()) == [uri]
+    assert listing.expand_uris([uri.rsplit("/", 1)[0] + "/*.bin"], s3.options()) == [uri]
     with open_ranges(uri, s3.options(), policy=FAST) as reader:
         assert reader.client == "obstore"
         assert (reader.size(), reader.fetch(100, 200)) == (5000, DATA[100:200])

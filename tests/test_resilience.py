@@ -3,6 +3,7 @@ SIGKILL of a worker or of the client mid-run, resume, status from another shell,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,18 +137,30 @@ def dask_cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
         p.wait()
 
 
-def test_a_worker_that_arrives_mid_run_is_dealt_shards(tmp_path: Path, classifier: Path) -> None:
-    """Shards are dealt to the workers there are (runtime.dealing); a worker that connects while
-    the run goes on (a SLURM job that started late) gets a lane and runs shards, and every shard
-    is committed once."""
-    (tmp_path / "slides").mkdir()
-    slides = synthetic_slides(tmp_path / "slides", 24, 300, "late", (1024, 768))
+@contextlib.contextmanager
+def _scheduler_with_a_worker(tmp_path: Path) -> Iterator[tuple[list[subprocess.Popen], Path, str]]:
+    """A real `dask scheduler` and one worker, "first" (procs[0] and procs[1]); the scheduler
+    file and address. Every process in the list, the test's own appended, is killed after."""
     sched_file = tmp_path / "scheduler.json"
     procs = [_dask_scheduler(sched_file)]
     try:
         procs.append(_dask_worker(sched_file, "first"))
         address = json.loads(sched_file.read_text())["address"]
         _wait_for_workers(address, 1)
+        yield procs, sched_file, address
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_worker_that_arrives_mid_run_is_dealt_shards(tmp_path: Path, classifier: Path) -> None:
+    """Shards are dealt to the workers there are (runtime.dealing); a worker that connects while
+    the run goes on (a SLURM job that started late) gets a lane and runs shards, and every shard
+    is committed once."""
+    (tmp_path / "slides").mkdir()
+    slides = synthetic_slides(tmp_path / "slides", 24, 300, "late", (1024, 768))
+    with _scheduler_with_a_worker(tmp_path) as (procs, sched_file, address):
         out = tmp_path / "late"
         proc = _cli("submit", str(_job(tmp_path, slides, classifier, "late")), "--scheduler", address)
         _wait_for(lambda: _committed(out) >= 1)
@@ -157,10 +171,6 @@ def test_a_worker_that_arrives_mid_run_is_dealt_shards(tmp_path: Path, classifie
         records = [json.loads(p.read_text()) for p in (out / "_manifest").glob("*.json") if not p.name.startswith(".")]
         assert len(records) == len({r["shard_id"] for r in records}) == 24
         assert late.pid in {r["pid"] for r in records}, "the worker that arrived mid-run ran no shard"
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
 
 
 def test_worker_killed_mid_shard_is_retried_elsewhere(tmp_path: Path, many_slides: Path, classifier: Path,
@@ -293,26 +303,17 @@ def test_a_scheduler_that_dies_mid_run_stops_it_with_one_clear_line(tmp_path: Pa
     """The scheduler of `submit` killed mid-run: Dask cancels every task in flight, and the client
     died on distributed's FuturesCancelledError with a traceback. It stops with one line saying
     what happened and that --resume finishes the run; status.json says failed."""
-    sched_file = tmp_path / "scheduler.json"
-    scheduler = _dask_scheduler(sched_file)
-    worker = _dask_worker(sched_file, "w0")
-    try:
-        address = json.loads(sched_file.read_text())["address"]
-        _wait_for_workers(address, 1)
+    with _scheduler_with_a_worker(tmp_path) as (procs, _, address):
         out = tmp_path / "orphaned"
         job = _job(tmp_path, many_slides, classifier, "orphaned", heartbeat_s=0.3)
         proc = _cli("submit", str(job), "--scheduler", address, "--set", "model.batch_size=1")
         _wait_for(lambda: _committed(out) >= 1, 120)
-        scheduler.kill()
+        procs[0].kill()
         log = proc.communicate(timeout=120)[0]
         assert proc.returncode == 1, log
         assert "Traceback" not in log and "lost the Dask scheduler" in log and "--resume" in log, log
         status = json.loads((out / "status.json").read_text())
         assert status["state"] == "failed" and "lost the Dask scheduler" in status.get("reason", ""), status
-    finally:
-        for p in (worker, scheduler):
-            p.kill()
-            p.wait()
 
 
 def test_workers_without_the_profiles_resources_are_named_not_called_absent(
@@ -338,12 +339,7 @@ def test_shards_of_a_lost_worker_run_on_the_worker_that_replaces_it(
     kill, a SLURM job replaced): the shards dealt to the dead one run on the newcomer. Dask keeps
     a task restricted to a dead worker in 'no-worker' whatever joins later, despite
     allow_other_workers, so the run waited forever."""
-    sched_file = tmp_path / "scheduler.json"
-    procs = [_dask_scheduler(sched_file)]
-    try:
-        procs.append(_dask_worker(sched_file, "first"))
-        address = json.loads(sched_file.read_text())["address"]
-        _wait_for_workers(address, 1)
+    with _scheduler_with_a_worker(tmp_path) as (procs, sched_file, address):
         out = tmp_path / "replaced"
         proc = _cli("submit", str(_job(tmp_path, many_slides, classifier, "replaced", worker_timeout=120)),
                     "--scheduler", address, "--set", "model.batch_size=1")
@@ -356,7 +352,3 @@ def test_shards_of_a_lost_worker_run_on_the_worker_that_replaces_it(
         committed = [a["shard_id"] for a in audit_lines(out)]
         assert sorted(committed) == sorted(set(committed)) and len(committed) == N_SLIDES
         pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out / "predictions.parquet")), clean)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
