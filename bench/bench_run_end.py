@@ -18,7 +18,6 @@ pyarrow, ONNX Runtime). Reported: the medians of the run's end (its last shard's
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -30,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_slides import gpubatch_job, make_workload, run_gpubatch  # noqa: E402
-from common import WORK, publish  # noqa: E402
+from common import WORK, publish, slides_bench_args  # noqa: E402
 
 GPUBATCH = "gpubatch"
 WALKED = "every object walked (before)"
@@ -104,13 +103,7 @@ def _phases(out: Path, called: float, returned: float) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slides", type=int, default=4)
-    ap.add_argument("--size", default="8192x8192")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out")
-    args = ap.parse_args(argv)
-    w, h = (int(v) for v in args.size.split("x"))
+    args, (w, h) = slides_bench_args(__doc__, argv, slides=4, repeats=5)
     wl = make_workload("decode", args.slides, (w, h))
     out = WORK / "out-run-end"
     job = gpubatch_job(224, 0.5, wl["slides"], wl["model"], out, 32)

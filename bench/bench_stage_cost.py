@@ -15,7 +15,6 @@ per CPU second of each. The process's first download pays obstore's start and is
 
 from __future__ import annotations
 
-import argparse
 import resource
 import shutil
 import statistics
@@ -31,7 +30,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_remote import BUCKET, KEY, SECRET, start_proxy, start_seaweedfs, stop_seaweedfs, upload  # noqa: E402
 from bench_slides import make_workload  # noqa: E402
-from common import WORK, publish  # noqa: E402
+from common import WORK, publish, slides_bench_args  # noqa: E402
 
 
 def _own_cpu() -> float:
@@ -61,13 +60,7 @@ def _download_all(slides: list[Path], port: int, into: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slides", type=int, default=16)
-    ap.add_argument("--size", default="8192x8192")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out")
-    args = ap.parse_args(argv)
-    w, h = (int(v) for v in args.size.split("x"))
+    args, (w, h) = slides_bench_args(__doc__, argv, slides=16, repeats=3)
     slides = make_workload("decode", args.slides, (w, h))["slides"]
     mb = sum(p.stat().st_size for p in slides) / 1e6
     tmp = Path(tempfile.mkdtemp(prefix="bench-stage-cost-", dir=WORK))

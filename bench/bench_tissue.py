@@ -15,7 +15,6 @@ process, one thread; reported: the median of ``--repeats`` alternating rounds, m
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_slides import make_workload  # noqa: E402
-from common import publish  # noqa: E402
+from common import publish, slides_bench_args  # noqa: E402
 
 GPUBATCH, BEFORE = "gpubatch", "before"
 
@@ -136,13 +135,7 @@ def _rounds(work: Callable[[], Any], before: Callable[[], contextlib.AbstractCon
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slides", type=int, default=4)
-    ap.add_argument("--size", default="8192x8192")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out")
-    args = ap.parse_args(argv)
-    w, h = (int(v) for v in args.size.split("x"))
+    args, (w, h) = slides_bench_args(__doc__, argv, slides=4, repeats=5)
     slides = make_workload("decode", args.slides, (w, h))["slides"]
     rows = []
     medians, new, old = _rounds(_filters(slides), _old_thumbnail_and_integral, args.repeats)

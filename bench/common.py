@@ -6,6 +6,7 @@ the same process tree in alternating order, so the ratios compare like with like
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -128,3 +129,17 @@ def shards_only_row(g: Measurement, steady: list[float], count: str, rate: str) 
     seconds = statistics.median(steady)
     return {"contestant": "gpubatch, shards only", count: g.items, "median s": seconds,
             rate: g.items / seconds, "gpubatch x": ""}
+
+
+def slides_bench_args(doc: str | None, argv: list[str] | None, slides: int,
+                      repeats: int) -> tuple[argparse.Namespace, tuple[int, int]]:
+    """The command line of a bench over synthetic slides: --slides, --size WxH, --repeats, --out;
+    the parsed arguments and the size as (width, height)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slides", type=int, default=slides)
+    ap.add_argument("--size", default="8192x8192")
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    w, h = (int(v) for v in args.size.split("x"))
+    return args, (w, h)
