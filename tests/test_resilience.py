@@ -4,6 +4,7 @@ SIGKILL of a worker or of the client mid-run, resume, status from another shell,
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -333,17 +334,48 @@ def test_workers_without_the_profiles_resources_are_named_not_called_absent(
     assert "Traceback" not in log, log
 
 
+def test_a_result_lost_with_its_worker_is_given_up_at_once(tmp_path: Path, many_slides: Path,
+                                                           classifier: Path) -> None:
+    """A shard finished on a worker that dies before the client gathers its result: Dask
+    recomputes it under the dead worker's placement, which no worker takes, and the run waited
+    out run.worker_timeout (30 minutes by default) before trying again. The submitter sees the
+    finished future turn lost and hands it back at once, for the shard to be submitted again."""
+    from distributed import Client, wait
+
+    from gpubatch.core.results import ShardResult
+    from gpubatch.runtime.executors import DaskExecutor
+    from gpubatch.runtime.submit import Submitter
+    from gpubatch.sources import Shard
+
+    job = gpubatch.load_job(_job(tmp_path, many_slides, classifier, "lost", worker_timeout=60))
+    with _scheduler_with_a_worker(tmp_path) as (procs, _, address), Client(address) as client:
+        executor = DaskExecutor(client)
+        first = next(iter(executor.worker_slots()))
+        submitter = Submitter(executor, job, None, on_result=lambda r: None, window=1)  # type: ignore[arg-type]
+        fut = executor.submit(functools.partial(ShardResult.failure, retryable=False), "s-1", "a.tif", "ran",
+                              key="s-1-attempt-1", worker=first)
+        fut.shard, fut.worker = Shard("s-1", "a.tif"), first
+        submitter.attempts["s-1"] = 1
+        wait([fut], timeout=30)
+        assert fut.status == "finished"
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait()
+        started = time.monotonic()
+        assert submitter._result(fut) is None
+        assert time.monotonic() - started < 15
+
+
 def test_shards_of_a_lost_worker_run_on_the_worker_that_replaces_it(
         tmp_path: Path, many_slides: Path, classifier: Path, clean: pd.DataFrame) -> None:
     """The only worker dies mid-shard and another joins later (a nanny's restart after a memory
     kill, a SLURM job replaced): the shards dealt to the dead one run on the newcomer. Dask keeps
     a task restricted to a dead worker in 'no-worker' whatever joins later, despite
     allow_other_workers, so the run waited forever. A result finished on the dead worker but not
-    yet gathered is recomputed by Dask under the same restriction, and gpubatch's wait for it is
-    bounded by run.worker_timeout (then retried): 20 s here, inside the test's 90 s."""
+    yet gathered is given up at once (the test above), so run.worker_timeout is beyond the test's
+    90 s: a wait for it would fail the test."""
     with _scheduler_with_a_worker(tmp_path) as (procs, sched_file, address):
         out = tmp_path / "replaced"
-        proc = _cli("submit", str(_job(tmp_path, many_slides, classifier, "replaced", worker_timeout=20)),
+        proc = _cli("submit", str(_job(tmp_path, many_slides, classifier, "replaced", worker_timeout=120)),
                     "--scheduler", address, "--set", "model.batch_size=1")
         procs.append(proc)
         _wait_for(lambda: _committed(out) >= 1)

@@ -93,16 +93,33 @@ class Submitter:
         result.attempt = self.attempts[shard.shard_id]
         return result
 
-    def _result(self, fut: Any) -> ShardResult:
-        """A finished task's result. Its data lives on the worker that ran it: if that worker died
-        since, Dask recomputes the task first, which with no worker left would wait forever, so
-        the wait is bounded by run.worker_timeout (and then counts as a retryable failure)."""
+    def _result(self, fut: Any) -> ShardResult | None:
+        """A finished task's result; None when it was lost with the worker that held it.
+
+        The result lives on the worker that ran the task until gathered. If that worker dies
+        first, Dask recomputes the task under the dead worker's placement, which no worker that
+        joins later takes (see _place_again): the run would wait out run.worker_timeout for it.
+        A future that goes from finished back to lost or pending is therefore given up at once
+        and the caller runs the shard again; any other wait is bounded by run.worker_timeout
+        (and then counts as a retryable failure)."""
         shard = fut.shard
-        try:
-            result: ShardResult = fut.result(timeout=self.job.run.worker_timeout)
-        except Exception as exc:  # a worker died, the result was lost, or the task raised outside the shard
-            result = ShardResult.failure(shard.shard_id, shard.input_uri, f"{type(exc).__name__}: {exc}",
-                                         retryable=True)
+        deadline = time.monotonic() + self.job.run.worker_timeout
+        while True:
+            try:
+                result: ShardResult = fut.result(timeout=POLL_S)
+                break
+            except TimeoutError as exc:
+                if getattr(fut, "status", "finished") in ("lost", "pending"):
+                    return None
+                if time.monotonic() < deadline:
+                    continue
+                result = ShardResult.failure(shard.shard_id, shard.input_uri, f"{type(exc).__name__}: {exc}",
+                                             retryable=True)
+                break
+            except Exception as exc:  # a worker died, the result was lost, or the task raised outside the shard
+                result = ShardResult.failure(shard.shard_id, shard.input_uri, f"{type(exc).__name__}: {exc}",
+                                             retryable=True)
+                break
         result.attempt = self.attempts[shard.shard_id]
         return result
 
@@ -147,11 +164,15 @@ class Submitter:
         held = self.executor.running() if placed else set()
         if held is None:
             return
-        stranded = {fut for fut in placed if str(fut.key) not in held}
-        self.executor.cancel(stranded)
-        for fut in stranded:
+        self._submit_again({fut for fut in placed if str(fut.key) not in held})
+
+    def _submit_again(self, lost: set[Any]) -> None:
+        """Cancel tasks whose worker left (not yet run, or their result gone with it) and submit
+        their shards again, to any worker. Not a failed attempt: nothing about the shard failed."""
+        self.executor.cancel(lost)
+        for fut in lost:
             self.pending.discard(fut)
-            self.attempts[fut.shard.shard_id] -= 1  # not an attempt: it never ran
+            self.attempts[fut.shard.shard_id] -= 1
             self.pending.add(self._submit(fut.shard, ()))
 
     def _run_in_plan_order(self, shards: Iterable[Shard]) -> None:
@@ -179,6 +200,11 @@ class Submitter:
             if self.dealer is not None and fut.worker is not None:
                 self.dealer.finished(fut.worker)
             result = self._timed_out(fut) if fut in late else self._result(fut)
+            if result is None:
+                log.warning("shard %s: its result was lost with the worker that held it; running it again",
+                            fut.shard.shard_id)
+                self._submit_again({fut})
+                continue
             if not result.ok and result.retryable and result.attempt <= self.job.run.retries:
                 log.warning("shard %s failed (%s); retrying", result.shard_id, result.error)
                 if self.on_retry is not None:
