@@ -76,3 +76,20 @@ def test_a_profile_with_an_impossible_worker_count_is_refused_before_anything_ru
     assert done.returncode == 2, done.stderr[-2000:]
     assert key in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+@pytest.mark.parametrize("settings", [{"cores": 8, "memory": "4GB"}, {"cores": 8, "processes": 2, "memory": "4GB"},
+                                      {"cores": 1, "memory": "1GB"}, {"cores": 36, "memory": "64GB"}],
+                         ids=["cores-8", "processes-2", "cores-1", "cores-36"])
+def test_slurm_processes_per_job_are_jobqueues_own(settings: dict[str, object]) -> None:
+    """The model's threads on a SLURM worker are its job's CPUs over the job's worker processes:
+    that count must be the one dask-jobqueue puts on the worker's command line (--nworkers)."""
+    if importlib.util.find_spec("dask_jobqueue") is None:
+        pytest.skip("dask-jobqueue (the slurm extra) is not installed")
+    from dask_jobqueue import SLURMCluster
+
+    from gpubatch.runtime.slurm import processes_per_job
+
+    with SLURMCluster(**settings, scheduler_options={"host": "127.0.0.1"}) as cluster:
+        expected = cluster._dummy_job.worker_processes
+    assert processes_per_job(settings) == expected

@@ -334,6 +334,24 @@ def test_workers_without_the_profiles_resources_are_named_not_called_absent(
     assert "Traceback" not in log, log
 
 
+def test_model_threads_are_sized_on_the_workers_host_not_the_clients(tmp_path: Path, classifier: Path) -> None:
+    """A run submitted to a scheduler from a machine with fewer cores than its workers' (a login
+    node; here the client pinned to one core): each worker's model gets its own host's cores over
+    the workers there, not the client's. Sized on the client, it got one thread of two."""
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("needs a worker with more cores than the client")
+    (tmp_path / "slides").mkdir()
+    slides = synthetic_slides(tmp_path / "slides", 2, 200, "t", (256, 256))
+    with _scheduler_with_a_worker(tmp_path) as (_, _sched, address):
+        proc = _cli("submit", str(_job(tmp_path, slides, classifier, "threads")), "--scheduler", address,
+                    "--set", "run.workers=1", preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+        log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log
+    records = [json.loads(p.read_text()) for p in (tmp_path / "threads" / "_manifest").glob("*.json")]
+    assert len(records) == 2 and {r["model"]["threads"] for r in records} == {cores}, records
+
+
 def test_a_result_lost_with_its_worker_is_given_up_at_once(tmp_path: Path, many_slides: Path,
                                                            classifier: Path) -> None:
     """A shard finished on a worker that dies before the client gathers its result: Dask

@@ -19,6 +19,7 @@ scheduling periods in which the kernel throttled it.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -154,6 +155,16 @@ def quota_cores() -> float | None:
     a container on a large node sees every core in its affinity, but runs on only this many."""
     quota = _process_quota()
     return quota.cores if quota is not None else None
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its affinity, capped by a CPU quota (a container's CPU limit,
+    rounded up as Dask does). Sized on the affinity alone, a one-core container on a 64-core node
+    started 64 worker processes and as many model threads, all taking turns on the one core."""
+    allowed = _allowed_cores()
+    cores = len(allowed) if allowed else os.cpu_count() or 1
+    quota = quota_cores()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
 def _allowed_cores() -> list[int] | None:

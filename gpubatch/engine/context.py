@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+from gpubatch.core.cpu import usable_cores
+
+log = logging.getLogger("gpubatch")
+IDENTITY_TIMEOUT_S = 10  # the scheduler's list of workers, asked once per worker process
 
 
 @dataclass(frozen=True)
@@ -30,3 +37,39 @@ class RunContext:
     #: the run that writes the commit records, and the hash of the result-changing spec fields
     run_id: str = ""
     result_hash: str = ""
+    #: worker processes that share one worker's cores, where the client knows (a SLURM job's
+    #: processes); None: counted on the worker, as the scheduler's workers on its host
+    workers_per_host: int | None = None
+
+
+def model_threads(ctx: RunContext) -> int:
+    """Intra-op threads for this worker process's model: the client's figure where it knows the
+    workers' host (``model.threads``, or every worker on the client's host); else this host's
+    usable cores over the worker processes sharing them. Sized on the client's cores, a run
+    submitted from a 4-core login node gave every worker on a 32-core node one thread."""
+    if ctx.threads:
+        return ctx.threads
+    return _share_of_cores(ctx.workers_per_host)
+
+
+@functools.cache
+def _share_of_cores(workers_per_host: int | None) -> int:
+    sharing = workers_per_host or _workers_on_this_host()
+    threads = max(1, usable_cores() // max(1, sharing))
+    log.info("model threads: %d (%d usable cores, %d worker process(es) sharing them)",
+             threads, usable_cores(), sharing)
+    return threads
+
+
+def _workers_on_this_host() -> int:
+    """The Dask workers the scheduler lists on this worker's host (1 outside a Dask worker, or
+    when the scheduler does not answer within its timeout)."""
+    try:
+        from distributed import get_worker
+        from distributed.utils import sync
+
+        worker = get_worker()
+        info = sync(worker.loop, worker.scheduler.identity, callback_timeout=IDENTITY_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - not on a Dask worker, or no answer: this process alone
+        return 1
+    return sum(1 for w in info.get("workers", {}).values() if w.get("host") == worker.ip) or 1

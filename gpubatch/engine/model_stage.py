@@ -35,7 +35,7 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
     fallback: Model | None = None
     threshold = ctx.fallback_max_prob if ctx is not None else None
     if ctx is not None and ctx.fallback_model_path and threshold is not None:
-        fallback = get_model(ctx.fallback_model_path, ctx.backend, "fp32", ctx.threads)
+        fallback = get_model(ctx.fallback_model_path, ctx.backend, "fp32", model.threads)
 
     preprocess = reader.preprocess.with_dtype(model.input_dtype)
     stage = _gpu_stage(preprocess, model) if fallback is None else None

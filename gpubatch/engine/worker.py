@@ -24,7 +24,7 @@ from gpubatch.core.files import file_sha256
 from gpubatch.core.memory import cap_malloc_arenas, use_system_arrow_pool
 from gpubatch.core.results import ShardResult
 from gpubatch.core.threads import background_pool
-from gpubatch.engine.context import RunContext
+from gpubatch.engine.context import RunContext, model_threads
 from gpubatch.engine.model_stage import empty_rows, make_batch_runner, warm_host_stage
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
 from gpubatch.engine.slide_head import BagSink, SlideHead
@@ -214,8 +214,9 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
         # unless the open asks it anyway (a streamed slide): then its answer is taken after
         if not source.open_finds_identity(job, shard):
             identity = _ask_identity(shard, job)
-        model = get_model(ctx.model_path, ctx.backend, ctx.precision, ctx.threads)
-        head = SlideHead.for_job(job, ctx.threads)
+        threads = model_threads(ctx)
+        model = get_model(ctx.model_path, ctx.backend, ctx.precision, threads)
+        head = SlideHead.for_job(job, threads)
         warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)
         with clocks.part("open"):
             reader = source.open(shard, job, clocks)

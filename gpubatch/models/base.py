@@ -83,6 +83,7 @@ class Model(ABC):
             "device": self.device,
             "path": self.path,
             "sha256": file_sha256(self.path),
+            "threads": self.threads,
         }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch.core.cpu import quota_cores
+from gpubatch.core.cpu import usable_cores as cpu_count
 from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
 from gpubatch.runtime.executors import DaskExecutor, Executor, InlineExecutor
 from gpubatch.spec import load_yaml_text
@@ -73,18 +74,6 @@ def _check_counts(data: dict[str, Any], name: str) -> None:
                                                        f"{' (or auto)' if auto else ''}"))
     if problems:
         raise SpecError(problems)
-
-
-def cpu_count() -> int:
-    """Cores this process may use: its affinity, capped by a CPU quota (a container's CPU limit,
-    rounded up as Dask does). Sized on the affinity alone, a one-core container on a 64-core node
-    started 64 worker processes and as many model threads, all taking turns on the one core."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    quota = quota_cores()
-    return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
 def cores_words() -> str:

@@ -190,7 +190,7 @@ class _Run:
         models_dir = self.store.local() if not self.store.remote else cache_root() / "outputs" / self.run_id
         prepared = prepare_model(local_job, source, shards, models_dir)
         model_path = self._model_for_workers(prepared.path, local_job.model.path)
-        threads = job.model.threads or max(1, cpu_count() // n_workers)
+        threads = job.model.threads or (max(1, cpu_count() // n_workers) if self.one_host else None)
         ctx = RunContext(
             outdir=self.store.uri, model_path=model_path,
             backend=resolve_backend(job.model.backend, local_job.model.path), precision=prepared.precision,
@@ -198,7 +198,8 @@ class _Run:
             spec_hash=job.spec_hash(), version=__version__, fallback_model_path=prepared.fallback_path,
             fallback_max_prob=prepared.fallback_max_prob,
             storage_profile=_storage_profile(self.prof, self.one_host),
-            output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash(self.fields))
+            output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash(self.fields),
+            workers_per_host=_workers_per_host(self.prof))
         return prepared, ctx
 
     def _model_for_workers(self, prepared_path: str, local_model: str) -> str:
@@ -339,6 +340,16 @@ def _storage_profile(profile: dict[str, Any], one_host: bool) -> dict[str, Any]:
         stage = dict(chosen.get("stage_cache") or {})
         chosen["stage_cache"] = {**stage, "dir": stage_root(stage.get("dir"))}
     return chosen
+
+
+def _workers_per_host(profile: dict[str, Any]) -> int | None:
+    """Worker processes sharing one worker's cores where the profile says: a SLURM job's
+    ``processes`` share its CPUs. None elsewhere: each worker counts its host's (engine.context)."""
+    if profile.get("cluster") != "slurm":
+        return None
+    from gpubatch.runtime.slurm import processes_per_job
+
+    return processes_per_job(dict(profile.get("slurm") or {}))
 
 
 def _one_host(profile: dict[str, Any], scheduler: str | None) -> bool:

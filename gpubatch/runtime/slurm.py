@@ -155,6 +155,25 @@ def cancel_left_behind(job_name: str) -> list[str]:
     return ids
 
 
+def processes_per_job(settings: dict[str, Any]) -> int:
+    """The worker processes each SLURM job starts, as dask-jobqueue decides it: the profile's
+    ``processes``, else jobqueue's configuration, else its split of ``cores``; they share the
+    job's CPUs (its cpuset), so each process's model gets a share of them."""
+    import dask
+
+    processes = settings.get("processes") or dask.config.get("jobqueue.slurm.processes", None)
+    if processes:
+        return max(1, int(processes))
+    cores = settings.get("cores") or dask.config.get("jobqueue.slurm.cores", None)
+    if not cores:
+        return 1
+    try:
+        from dask_jobqueue.core import nprocesses_nthreads
+    except ImportError:
+        return 1
+    return max(1, int(nprocesses_nthreads(int(cores))[0]))
+
+
 def start_slurm_cluster(settings: dict[str, Any], n_workers: int, log_directory: str,
                         job_name: str | None = None) -> tuple[Any, SlurmDiagnosis]:
     """A SLURMCluster keeping ``n_workers`` worker jobs (lost ones are replaced), checked first.
