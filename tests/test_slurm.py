@@ -5,10 +5,14 @@ reason) where SLURM is not installed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ import yaml
 from conftest import cli, committed_count, slide_job, synthetic_slides, wait_for, write_job
 
 import gpubatch
+from gpubatch.core.errors import GpubatchError
 
 N_SLIDES = 6
 
@@ -177,3 +182,38 @@ def test_worker_jobs_a_killed_client_left_queued_are_cancelled_by_the_next_run(
     assert again.returncode == 0, log
     assert "left behind by an earlier run" in log, log
     assert not set(left) & set(_jobs()), "the killed run's queued jobs are gone"
+
+
+@contextlib.contextmanager
+def _controller_silent() -> Iterator[None]:
+    """slurmctld stopped (SIGSTOP): a hung controller, answering nothing until it is continued."""
+    pids = [int(p) for p in subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True).stdout.split()]
+    if not pids:
+        pytest.skip("no slurmctld process on this machine to stop")
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_a_controller_that_does_not_answer_is_named_not_taken_for_a_rejection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung slurmctld: starting a cluster ends in a GpubatchError naming the controller and the
+    check to make (no TimeoutExpired traceback), and the worker watch's diagnosis says the same
+    (not "the worker job is no longer running", which a failed squeue read as before)."""
+    from types import SimpleNamespace
+
+    from gpubatch.runtime import slurm
+
+    monkeypatch.setattr(slurm, "SLURM_TIMEOUT_S", 3)
+    settings = yaml.safe_load(_profile(tmp_path).read_text())["slurm"]
+    with _controller_silent():
+        started = time.monotonic()
+        with pytest.raises(GpubatchError, match="slurmctld") as refused:
+            slurm.start_slurm_cluster(settings, 1, str(tmp_path / "logs"), "gpubatch-silent")
+        assert "rejected" not in str(refused.value) and time.monotonic() - started < 30
+        diagnosis = slurm.SlurmDiagnosis(SimpleNamespace(workers={"w": SimpleNamespace(job_id="4242")}))()
+    assert diagnosis is not None and "slurmctld" in diagnosis[0] and diagnosis[1] is False, diagnosis

@@ -56,8 +56,30 @@ def sbatch_text(exc: BaseException) -> str:
     return (text.split("stderr:", 1)[1] if "stderr:" in text else text).strip()
 
 
+class SlurmUnreachable(GpubatchError):
+    """SLURM's controller did not answer a command (slurmctld down, hung, or unreachable)."""
+
+
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S, check=False)
+    """``args`` run with SLURM_TIMEOUT_S; a controller that does not answer raises SlurmUnreachable."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise SlurmUnreachable(_unreachable(args[0], f"no answer within {SLURM_TIMEOUT_S} s")) from None
+
+
+#: SLURM clients' words for a controller that did not answer (not a refusal of the job)
+CONTROLLER_SILENT = ("Socket timed out", "Unable to contact slurm controller", "Connection refused",
+                     "Zero Bytes were transmitted or received")
+
+
+def _controller_silent(stderr: str) -> bool:
+    return any(words in stderr for words in CONTROLLER_SILENT)
+
+
+def _unreachable(command: str, what: str) -> str:
+    return (f"SLURM's controller did not answer `{command}` ({what}): is slurmctld up and reachable "
+            "from this node? (`scontrol ping` tells)")
 
 
 def test_only(cluster: Any) -> None:
@@ -70,6 +92,8 @@ def test_only(cluster: Any) -> None:
         raise GpubatchError("the slurm profile needs SLURM's sbatch on PATH (run from a login node)") from None
     finally:
         os.unlink(f.name)
+    if done.returncode != 0 and _controller_silent(done.stderr):
+        raise SlurmUnreachable(_unreachable("sbatch --test-only", done.stderr.strip()))
     if done.returncode != 0:
         raise GpubatchError(f"sbatch rejected the worker job: {(done.stderr + done.stdout).strip()}")
 
@@ -106,6 +130,14 @@ class SlurmDiagnosis:
         self.cluster = cluster
 
     def __call__(self) -> tuple[str, bool] | None:
+        """Not fatal when the controller does not answer: it may come back, and the worker
+        watch's run.worker_timeout bounds the wait."""
+        try:
+            return self._diagnose()
+        except SlurmUnreachable as exc:
+            return str(exc), False
+
+    def _diagnose(self) -> tuple[str, bool] | None:
         jobs = list(self.cluster.workers.values())
         errors = [sbatch_text(j.submit_error) for j in jobs if getattr(j, "submit_error", None) is not None]
         if errors:
@@ -124,6 +156,8 @@ class SlurmDiagnosis:
 
     def _states(self, ids: list[str]) -> dict[str, tuple[str, str]]:
         done = _run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r"])
+        if done.returncode != 0 and _controller_silent(done.stderr):
+            raise SlurmUnreachable(_unreachable("squeue", (done.stderr or "no output").strip()))
         out = {}
         for line in done.stdout.splitlines():
             job, state, reason = (line.split("|", 2) + ["", ""])[:3]
@@ -147,7 +181,7 @@ def cancel_left_behind(job_name: str) -> list[str]:
         ids = _run(["squeue", "-h", "--user", user, "--name", job_name, "-o", "%i"]).stdout.split()
         if ids:
             _run(["scancel", "--user", user, *ids])
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except (OSError, SlurmUnreachable) as exc:
         log.warning("could not look for worker jobs left behind by an earlier run (%s)", exc)
         return []
     if ids:
