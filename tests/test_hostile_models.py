@@ -1,0 +1,111 @@
+"""Hostile and unusual models handed to ``validate`` and ``run``.
+
+What a user gets for a model gpubatch cannot use: ``validate`` refuses what ``run`` would (exit
+2, the field and the file named, the fix given, no traceback), and ``run`` never writes a
+silently wrong answer. Models are written with onnx.helper or exported from plain torch here, so
+the file under test is exactly the one described.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import slide_job, write_job
+
+from gpubatch.cli.main import main
+
+
+def onnx_graph(path: Path, nodes: list[Any], inputs: list[tuple[str, str, list[Any]]],
+               outputs: list[tuple[str, str, list[Any]]]) -> Path:
+    """An ONNX file of ``nodes`` with (name, element type, shape) inputs and outputs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def info(name: str, elem: str, shape: list[Any]) -> Any:
+        return helper.make_tensor_value_info(name, getattr(TensorProto, elem), shape)
+
+    graph = helper.make_graph(nodes, "g", [info(*i) for i in inputs], [info(*o) for o in outputs])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def mean_model(path: Path) -> Path:
+    """(N, 3, H, W) float32 -> per-channel means (N, 3): a model that fits any slides job."""
+    from onnx import helper
+
+    node = helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)
+    return onnx_graph(path, [node], [("x", "FLOAT", ["N", 3, 64, 64])], [("y", "FLOAT", ["N", 3])])
+
+
+def torchscript_file(path: Path) -> Path:
+    import torch
+
+    class Mean(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(2, 3))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(Mean()), str(path))
+    return path
+
+
+def refused_by_both(tmp_path: Path, job: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> str:
+    """``validate`` and ``run`` both exit 2 with no traceback; the refusal's text."""
+    spec = write_job(tmp_path / "job.yaml", job)
+    texts = []
+    for command in ("validate", "run"):
+        assert main([command, str(spec)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        texts.append(err)
+    assert texts[0] == texts[1]
+    assert not (tmp_path / "out" / "predictions.parquet").exists()
+    return texts[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# files that are no model the backend can load
+
+
+def _truncated(tmp_path: Path) -> Path:
+    whole = mean_model(tmp_path / "whole.onnx").read_bytes()
+    (tmp_path / "m.onnx").write_bytes(whole[: len(whole) // 2])
+    return tmp_path / "m.onnx"
+
+
+def _text(tmp_path: Path) -> Path:
+    (tmp_path / "m.onnx").write_text("<html>404 Not Found</html>\n" * 4)
+    return tmp_path / "m.onnx"
+
+
+def _empty(tmp_path: Path) -> Path:
+    (tmp_path / "m.onnx").write_bytes(b"")
+    return tmp_path / "m.onnx"
+
+
+NOT_ONNX = {
+    "truncated": (_truncated, {}, "is not a readable ONNX model (truncated, or another format"),
+    "a web page": (_text, {}, "is not a readable ONNX model"),
+    "empty": (_empty, {}, "is empty, not an ONNX model"),
+    "torchscript named .onnx": (lambda p: torchscript_file(p / "m.onnx"), {},
+                                "is a PyTorch file, not ONNX; export it with torch.onnx.export"),
+    "torchscript to onnxruntime": (lambda p: torchscript_file(p / "m.pt"), {"backend": "onnxruntime"},
+                                   "is a PyTorch file, not ONNX"),
+    "onnx to the torch backend": (lambda p: mean_model(p / "m.onnx"), {"backend": "torch"},
+                                  "is not a TorchScript (.pt) or ExportedProgram (.pt2) file"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_ONNX))
+def test_a_file_the_backend_cannot_load_is_refused_naming_it(
+        tmp_path: Path, slide_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    make, model_keys, words = NOT_ONNX[case]
+    model = make(tmp_path)
+    job = slide_job([str(slide_path)], model, tmp_path / "out")
+    job["model"].update(model_keys)
+    err = refused_by_both(tmp_path, job, capsys)
+    assert f"model.path: {model} " in err and words in err
