@@ -109,3 +109,20 @@ def test_a_file_the_backend_cannot_load_is_refused_naming_it(
     job["model"].update(model_keys)
     err = refused_by_both(tmp_path, job, capsys)
     assert f"model.path: {model} " in err and words in err
+
+
+# ---------------------------------------------------------------------------------------------
+# models whose inputs or outputs the job cannot feed or keep
+
+
+def test_a_model_with_a_second_input_is_refused_not_run_into_quarantine(
+        tmp_path: Path, slide_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every slide was quarantined with ONNX Runtime's "Required inputs (['y']) are missing"."""
+    from onnx import helper
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("Add", ["m", "y"], ["z"])]
+    model = onnx_graph(tmp_path / "two.onnx", nodes,
+                       [("x", "FLOAT", ["N", 3, 64, 64]), ("y", "FLOAT", ["N", 3])], [("z", "FLOAT", ["N", 3])])
+    err = refused_by_both(tmp_path, slide_job([str(slide_path)], model, tmp_path / "out"), capsys)
+    assert f"model.path: {model} takes 2 inputs (x, y), but gpubatch feeds one batch" in err

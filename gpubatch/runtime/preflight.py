@@ -258,6 +258,12 @@ def check_model_input(job: JobSpec) -> None:
     if not _local_onnx(job):
         check_torch_file(job)
         return
+    inputs = model_inputs(job.model.path)
+    if len(inputs) > 1:
+        raise SpecError([("model.path", (
+            f"{job.model.path} takes {len(inputs)} inputs ({', '.join(n for n, _ in inputs)}), but gpubatch "
+            "feeds one batch, to the first; export a model with one input (fix the others as "
+            "constants, or fold them into the graph)"))])
     inp = model_first_input(job.model.path)
     shape = _shape_problem(job, inp)
     if shape:
