@@ -126,3 +126,40 @@ def test_a_model_with_a_second_input_is_refused_not_run_into_quarantine(
                        [("x", "FLOAT", ["N", 3, 64, 64]), ("y", "FLOAT", ["N", 3])], [("z", "FLOAT", ["N", 3])])
     err = refused_by_both(tmp_path, slide_job([str(slide_path)], model, tmp_path / "out"), capsys)
     assert f"model.path: {model} takes 2 inputs (x, y), but gpubatch feeds one batch" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs that are not numbers
+
+
+def test_nan_outputs_are_counted_and_flagged_not_written_as_valid(
+        tmp_path: Path, slide_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """sqrt(channel mean - 0.8): NaN for the darker tiles only. The run said nothing: exit 0, no
+    note, report and zarr silent, NaN rows in predictions.parquet as if they were predictions."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import zarr
+    from onnx import helper, numpy_helper
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.float32(0.8), "c")),
+             helper.make_node("Sub", ["m", "c"], ["d"]), helper.make_node("Sqrt", ["d"], ["root"]),
+             helper.make_node("Identity", ["m"], ["mean"])]
+    model = onnx_graph(tmp_path / "nan.onnx", nodes, [("x", "FLOAT", ["N", 3, 64, 64])],
+                       [("root", "FLOAT", ["N", 3]), ("mean", "FLOAT", ["N", 3])])
+    out = tmp_path / "out"
+    spec = write_job(tmp_path / "job.yaml", slide_job([str(slide_path)], model, out))
+    assert main(["run", str(spec)]) == 0
+    terminal = capsys.readouterr().out
+    df = pd.read_parquet(out / "predictions.parquet")
+    bad = int(df.filter(like="root").isna().any(axis=1).sum())
+    assert 0 < bad < len(df)  # some tiles, not all: the count is per item
+    report = json.loads((out / "report.json").read_text())
+    assert report["nonfinite"] == {"items": bad, "outputs": {"root": bad}}
+    words = f"{bad} of {len(df)} item(s) have NaN or infinite model outputs (root {bad})"
+    assert f"note: {slide_path}: {words}" in terminal
+    group = zarr.open_group(str(out / "predictions.zarr"), mode="r")
+    (name,) = list(group)
+    assert any(words in note for note in group[name].attrs["notes"])
