@@ -163,3 +163,44 @@ def test_nan_outputs_are_counted_and_flagged_not_written_as_valid(
     group = zarr.open_group(str(out / "predictions.zarr"), mode="r")
     (name,) = list(group)
     assert any(words in note for note in group[name].attrs["notes"])
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization of a model the quantizer cannot take
+
+
+def _fp16_mean(path: Path) -> Path:
+    from onnx import helper
+
+    node = helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)
+    return onnx_graph(path, [node], [("x", "FLOAT16", ["N", 3, 64, 64])], [("y", "FLOAT16", ["N", 3])])
+
+
+def _int8_job(tmp_path: Path, slide_path: Path, on_fail: str) -> dict[str, Any]:
+    job = slide_job([str(slide_path)], _fp16_mean(tmp_path / "half.onnx"), tmp_path / "out")
+    job["model"].update({"precision": "int8", "calibration": {"items": 8},
+                         "validation": {"items": 8, "on_fail": on_fail}})
+    return job
+
+
+def test_int8_of_a_float16_model_is_refused_by_validate_and_run(
+        tmp_path: Path, slide_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """validate passed it; run died in ONNX Runtime's quantizer with a traceback (exit 1)."""
+    err = refused_by_both(tmp_path, _int8_job(tmp_path, slide_path, "error"), capsys)
+    assert f"model.precision: int8 quantizes a float32 model, but {tmp_path / 'half.onnx'}'s input 'x' is float16" in err
+    assert "set model.validation.on_fail: fp32" in err
+
+
+def test_a_model_the_quantizer_fails_on_runs_fp32_when_allowed_and_the_report_says_why(
+        tmp_path: Path, slide_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    spec = write_job(tmp_path / "job.yaml", _int8_job(tmp_path, slide_path, "fp32"))
+    assert main(["validate", str(spec)]) == 0
+    assert main(["run", str(spec)]) == 0
+    terminal = capsys.readouterr()
+    assert "Traceback" not in terminal.err
+    q = json.loads((tmp_path / "out" / "report.json").read_text())["quantization"]
+    assert q["requested"] == "int8" and q["fell_back_to"] == "fp32" and not q["passed"]
+    assert f"{tmp_path / 'half.onnx'} could not be converted to int8: " in q["reason"]
+    assert "precision: int8 requested, fp32 used" in terminal.out

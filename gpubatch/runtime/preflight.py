@@ -252,6 +252,18 @@ def check_torch_file(job: JobSpec) -> None:
             "backend torch loads; for an ONNX model set model.backend: onnxruntime (or auto)"))])
 
 
+def _precision_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
+    """int8/fp8 quantization calibrates a float32 graph; on a float16 one ONNX Runtime's
+    quantizer fails, which ``run`` refuses (``on_fail: error``) after drawing calibration items."""
+    if job.model.precision not in ("int8", "fp8") or inp.dtype == "float32":
+        return None
+    if job.model.validation.on_fail != "error":
+        return None  # run falls back to fp32 and its report says why
+    return ("model.precision", f"{job.model.precision} quantizes a float32 model, but {job.model.path}'s input "
+                               f"{inp.name!r} is {inp.dtype}; export the model in float32, or set "
+                               "model.validation.on_fail: fp32 to run it unquantized")
+
+
 def check_model_input(job: JobSpec) -> None:
     """Refuse, before any work, a model whose input disagrees with the job's batches: item
     shape, element type, or a fixed batch dimension the batches do not match."""
@@ -268,7 +280,7 @@ def check_model_input(job: JobSpec) -> None:
     shape = _shape_problem(job, inp)
     if shape:
         raise SpecError([("model.path", shape)])
-    problems = [p for p in (_dtype_problem(job, inp), _batch_problem(job, inp)) if p]
+    problems = [p for p in (_dtype_problem(job, inp), _batch_problem(job, inp), _precision_problem(job, inp)) if p]
     if problems:
         raise SpecError(problems)
 
