@@ -204,3 +204,24 @@ def test_a_model_the_quantizer_fails_on_runs_fp32_when_allowed_and_the_report_sa
     assert q["requested"] == "int8" and q["fell_back_to"] == "fp32" and not q["passed"]
     assert f"{tmp_path / 'half.onnx'} could not be converted to int8: " in q["reason"]
     assert "precision: int8 requested, fp32 used" in terminal.out
+
+
+def test_a_model_with_integer_outputs_is_written(tmp_path: Path, slide_path: Path) -> None:
+    """ONNX Runtime's int64 arrays carry dtype 'q' (long long), which zarr's registry did not
+    match: every shard of a class-index model was quarantined ("No Zarr data type found")."""
+    import numpy as np
+    import pandas as pd
+    import zarr
+    from onnx import helper
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("ArgMax", ["m"], ["label"], axis=1, keepdims=0)]
+    model = onnx_graph(tmp_path / "argmax.onnx", nodes, [("x", "FLOAT", ["N", 3, 64, 64])],
+                       [("label", "INT64", ["N"])])
+    out = tmp_path / "out"
+    assert main(["run", str(write_job(tmp_path / "job.yaml", slide_job([str(slide_path)], model, out)))]) == 0
+    labels = pd.read_parquet(out / "predictions.parquet")["label"]
+    group = zarr.open_group(str(out / "predictions.zarr"), mode="r")
+    (name,) = list(group)
+    stored = group[name]["label"][:]
+    assert stored.dtype == np.int64 and sorted(stored) == sorted(labels) and len(labels) > 0
