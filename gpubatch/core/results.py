@@ -14,6 +14,18 @@ from gpubatch.io.redact import redact
 
 DONE = "done"
 FAILED = "failed"
+#: shard counters of items with a NaN or infinity in any model output, and per output (prefix)
+NONFINITE_ITEMS = "model.nonfinite_items"
+NONFINITE_OUTPUT = "model.nonfinite."
+
+
+def nonfinite_counts(counters: dict[str, float]) -> dict[str, Any] | None:
+    """{items, outputs: {name: items}} of NaN/inf model outputs in these counters; None if none."""
+    items = int(counters.get(NONFINITE_ITEMS, 0))
+    if not items:
+        return None
+    outputs = {k[len(NONFINITE_OUTPUT):]: int(v) for k, v in counters.items() if k.startswith(NONFINITE_OUTPUT)}
+    return {"items": items, "outputs": dict(sorted(outputs.items()))}
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpubatch.core.clocks import StageClocks
+from gpubatch.core.results import NONFINITE_ITEMS, NONFINITE_OUTPUT, nonfinite_counts
 from gpubatch.models.base import Model, get_model
 from gpubatch.models.prepare.validate import top_probability
 from gpubatch.ops.preprocess import Preprocess
@@ -43,7 +44,7 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
         def run_on_device(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
             out = stage(items, clocks)
             with clocks.part("output"):
-                return reader.from_model_output(out, len(items))
+                return count_nonfinite(reader.from_model_output(out, len(items)), clocks)
 
         return run_on_device
 
@@ -60,9 +61,40 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
             with clocks.part("output"):
                 out = {k: v.copy() if np.may_share_memory(v, x) else v for k, v in out.items()}
         with clocks.part("output"):
-            return reader.from_model_output(out, len(items))
+            return count_nonfinite(reader.from_model_output(out, len(items)), clocks)
 
     return run_batch
+
+
+def count_nonfinite(columns: dict[str, np.ndarray], clocks: StageClocks) -> dict[str, np.ndarray]:
+    """Count the items (rows) whose outputs hold NaN or an infinity, in all and per output.
+
+    A model that overflows (fp16, a bad export, a tile it was never trained on) returns NaN for
+    those items and nothing else says so: the rows would be written as valid predictions and the
+    run would report success. The values are written as the model gave them; the counts make
+    the shard's note, the report's ``nonfinite`` section and the zarr group's attributes.
+    """
+    bad: np.ndarray | None = None
+    for name, values in columns.items():
+        if not isinstance(values, np.ndarray) or values.dtype.kind not in "fc" or not len(values):
+            continue
+        rows = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if rows.any():
+            clocks.count(NONFINITE_OUTPUT + name, int(rows.sum()))
+            bad = rows if bad is None else bad | rows
+    if bad is not None:
+        clocks.count(NONFINITE_ITEMS, int(bad.sum()))
+    return columns
+
+
+def nonfinite_note(clocks: StageClocks, items: int) -> str | None:
+    """The shard's note when some of its ``items`` came out of the model NaN or infinite."""
+    counts = nonfinite_counts(clocks.counters)
+    if counts is None:
+        return None
+    which = ", ".join(f"{name} {n}" for name, n in counts["outputs"].items())
+    return (f"{counts['items']} of {items} item(s) have NaN or infinite model outputs ({which}), written as "
+            "NaN/inf: not valid predictions; check the model (its precision, its input normalisation)")
 
 
 class _HostStage:

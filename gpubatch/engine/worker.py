@@ -25,7 +25,12 @@ from gpubatch.core.memory import cap_malloc_arenas, use_system_arrow_pool
 from gpubatch.core.results import ShardResult
 from gpubatch.core.threads import background_pool
 from gpubatch.engine.context import RunContext, model_threads
-from gpubatch.engine.model_stage import empty_rows, make_batch_runner, warm_host_stage
+from gpubatch.engine.model_stage import (
+    empty_rows,
+    make_batch_runner,
+    nonfinite_note,
+    warm_host_stage,
+)
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
 from gpubatch.engine.slide_head import BagSink, SlideHead
 from gpubatch.io.redact import redact
@@ -236,9 +241,9 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             if items == 0 and head is None:
                 writer.write(*empty())
             wall = time.perf_counter() - t0
-            note = unpinned_note(shard.input_uri, identity.result())
-            if note:
-                reader.attrs["notes"] = [*reader.attrs.get("notes", []), note]
+            notes = [unpinned_note(shard.input_uri, identity.result()), nonfinite_note(clocks, items)]
+            if any(notes):
+                reader.attrs["notes"] = [*reader.attrs.get("notes", []), *filter(None, notes)]
             writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)
             unchanged_while_read(shard.input_uri, identity.result(), job.input.storage, reader.input_version())
             part = writer.commit()

@@ -191,7 +191,7 @@ class ShardWriter:
         if values is None:
             assert carry is not None
             return carry
-        arr = np.ascontiguousarray(values)
+        arr = _canonical(np.ascontiguousarray(values))
         return arr if carry is None else np.concatenate([carry, arr])
 
     def commit(self) -> dict[str, Any]:
@@ -220,6 +220,15 @@ class ShardWriter:
             self.store.delete(f"{PARTS_DIR}/{self.part}")
             if self.group is not None:
                 self.store.delete(f"{ZARR}/{self.group}", recursive=True)
+
+
+def _canonical(arr: np.ndarray) -> np.ndarray:
+    """``arr`` viewed with numpy's canonical dtype for its kind and size: ONNX Runtime returns
+    int64 outputs as C ``long long`` (dtype char 'q'), equal to int64 but a distinct dtype that
+    zarr's type registry does not match, which failed every shard of an integer-output model."""
+    if arr.dtype.kind not in "biufc":
+        return arr
+    return arr.view(np.dtype(arr.dtype.str))
 
 
 class _Aborted(Exception):

@@ -23,7 +23,7 @@ from gpubatch.core.cpu import (
     QUOTA_KEY,
     THROTTLED_KEY,
 )
-from gpubatch.core.results import RunSummary, ShardResult
+from gpubatch.core.results import RunSummary, ShardResult, nonfinite_counts
 from gpubatch.io.metrics import storage_summary
 from gpubatch.outputs.layout import REPORT_JSON
 from gpubatch.outputs.store import OutputStore
@@ -130,6 +130,7 @@ class SummaryBuilder:
             "parts": dict(self.clocks.parts),
             "stage_parts": stage_breakdown(self.clocks.stages, self.clocks.stage_parts),
             "counters": dict(self.clocks.counters),
+            "nonfinite": nonfinite_counts(self.clocks.counters),
             "peaks": dict(self.clocks.peaks),
             "storage": storage_summary(dict(self.clocks.counters), wall_s, self.clocks.peaks),
             "host_cpu": host_cpu(self.clocks.counters, self.clocks.peaks),

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gpubatch.core.errors import SpecError
 from gpubatch.core.files import cache_root, write_json_atomic
 
 #: bump when what is cached changes shape
@@ -79,10 +80,43 @@ def read_io(model: Any) -> tuple[list[tuple[str, Dims]], list[tuple[str, Dims]]]
             [(o.name, dims(o)) for o in graph.output])
 
 
-def _read_facts(path: str) -> dict[str, Any]:
+#: the first bytes of files people hand over as "the model" that are not ONNX
+ZIP_MAGIC = b"PK\x03\x04"  # TorchScript (torch.jit.save), ExportedProgram (.pt2), torch.save
+PICKLE_MAGIC = b"\x80"  # a legacy torch.save checkpoint (a pickle)
+
+
+def not_onnx_reason(path: str, detail: str) -> str:
+    """What to tell a user whose model file onnx cannot read: a PyTorch file is named as one
+    (the likeliest mix-up, with its two fixes); anything else is truncated or another format."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
+        return (f"{path} is a PyTorch file, not ONNX; export it with torch.onnx.export, or save it "
+                "with torch.jit.save (.pt) or torch.export.save (.pt2) and set model.backend: torch")
+    if not head:
+        return f"{path} is empty, not an ONNX model; copy or export it again"
+    return (f"{path} is not a readable ONNX model (truncated, or another format: {detail}); "
+            "copy or export it again (torch.onnx.export)")
+
+
+def _load_onnx(path: str, field: str) -> Any:
+    """The parsed model, or a SpecError naming ``field``: a truncated or foreign file is the
+    user's to fix, not a protobuf traceback. A file that parses into a graph with no inputs
+    (protobuf reads many byte strings as an empty message) is no model either."""
     import onnx
 
-    model = onnx.load(path, load_external_data=False)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends, all "unreadable"
+        raise SpecError([(field, not_onnx_reason(path, type(exc).__name__))]) from None
+    initializers = {i.name for i in model.graph.initializer}
+    if not any(i.name not in initializers for i in model.graph.input):
+        raise SpecError([(field, not_onnx_reason(path, "no graph inputs"))])
+    return model
+
+
+def _read_facts(path: str, field: str) -> dict[str, Any]:
+    model = _load_onnx(path, field)
     first = read_first_input(model)
     inputs, outputs = read_io(model)
     return {"version": FACTS_VERSION, "first": asdict(first), "inputs": inputs, "outputs": outputs}
@@ -95,15 +129,15 @@ def _cache_file(path: str) -> str:
     return str(cache_root() / "model-facts" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")
 
 
-def model_facts(path: str) -> dict[str, Any]:
+def model_facts(path: str, field: str = "model.path") -> dict[str, Any]:
     """The facts of the ONNX file at ``path``: from the cache when the file is unchanged, else
-    read (a model onnx cannot parse raises, and nothing is cached)."""
+    read (a model onnx cannot parse raises SpecError naming ``field``, and nothing is cached)."""
     cached = _cache_file(path)
     with contextlib.suppress(OSError, ValueError):
         facts = json.loads(Path(cached).read_text(encoding="utf-8"))
         if isinstance(facts, dict) and facts.get("version") == FACTS_VERSION:  # else read again
             return facts
-    facts = _read_facts(path)
+    facts = _read_facts(path, field)
     with contextlib.suppress(OSError):  # a read-only cache only costs the next run the import
         Path(cached).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cached, facts)
@@ -116,9 +150,9 @@ def model_first_input(path: str) -> OnnxInput:
     return OnnxInput(str(first["name"]), list(first["dims"]), str(first["dtype"]))
 
 
-def model_inputs(path: str) -> list[tuple[str, Dims]]:
+def model_inputs(path: str, field: str = "model.path") -> list[tuple[str, Dims]]:
     """The model's inputs (initializers excluded) as (name, dims)."""
-    return [(str(name), list(dims)) for name, dims in model_facts(path)["inputs"]]
+    return [(str(name), list(dims)) for name, dims in model_facts(path, field)["inputs"]]
 
 
 def model_outputs(path: str) -> dict[str, Dims]:

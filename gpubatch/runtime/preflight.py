@@ -22,7 +22,13 @@ from gpubatch.core.switches import check_switches
 from gpubatch.io.listing import expand_uris
 from gpubatch.io.storage import missing_extra
 from gpubatch.io.uris import is_remote, local_path, other_host_problem, protocol_of, split_glob
-from gpubatch.runtime.model_facts import OnnxInput, model_first_input, model_inputs, model_outputs
+from gpubatch.runtime.model_facts import (
+    ZIP_MAGIC,
+    OnnxInput,
+    model_first_input,
+    model_inputs,
+    model_outputs,
+)
 from gpubatch.sources import get_source
 from gpubatch.sources.base import Shard
 from gpubatch.spec import JobSpec
@@ -218,16 +224,63 @@ def _dtype_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
     return None
 
 
+TORCH_SUFFIXES = (".pt", ".pt2", ".ts")
+
+
+def reads_onnx(backend: str, path: str) -> bool:
+    """Whether the backend a job names loads ``path`` as ONNX (onnxruntime and tensorrt always,
+    auto unless the name is a torch file's), whatever the file is called: a model.onnx that is
+    really a TorchScript file, or a model.bin that is ONNX, is checked as ONNX all the same."""
+    return backend in ("onnxruntime", "tensorrt") or backend == "auto" and not path.endswith(TORCH_SUFFIXES)
+
+
+def _local_onnx(job: JobSpec) -> bool:
+    """The job's model is a local file an ONNX backend will load (what the client can read now)."""
+    return reads_onnx(job.model.backend, job.model.path) and not is_remote(job.model.path)
+
+
+def check_torch_file(job: JobSpec) -> None:
+    """The torch backend loads zip archives (torch.jit.save, torch.export.save); an ONNX file
+    named to it would quarantine every input with torch's "not a TorchScript file"."""
+    if reads_onnx(job.model.backend, job.model.path) or is_remote(job.model.path):
+        return
+    with open(local_path(job.model.path), "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if head != ZIP_MAGIC:
+        raise SpecError([("model.path", (
+            f"{job.model.path} is not a TorchScript (.pt) or ExportedProgram (.pt2) file, which "
+            "backend torch loads; for an ONNX model set model.backend: onnxruntime (or auto)"))])
+
+
+def _precision_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
+    """int8/fp8 quantization calibrates a float32 graph; on a float16 one ONNX Runtime's
+    quantizer fails, which ``run`` refuses (``on_fail: error``) after drawing calibration items."""
+    if job.model.precision not in ("int8", "fp8") or inp.dtype == "float32":
+        return None
+    if job.model.validation.on_fail != "error":
+        return None  # run falls back to fp32 and its report says why
+    return ("model.precision", f"{job.model.precision} quantizes a float32 model, but {job.model.path}'s input "
+                               f"{inp.name!r} is {inp.dtype}; export the model in float32, or set "
+                               "model.validation.on_fail: fp32 to run it unquantized")
+
+
 def check_model_input(job: JobSpec) -> None:
     """Refuse, before any work, a model whose input disagrees with the job's batches: item
     shape, element type, or a fixed batch dimension the batches do not match."""
-    if not job.model.path.endswith(".onnx") or is_remote(job.model.path):
+    if not _local_onnx(job):
+        check_torch_file(job)
         return
+    inputs = model_inputs(job.model.path)
+    if len(inputs) > 1:
+        raise SpecError([("model.path", (
+            f"{job.model.path} takes {len(inputs)} inputs ({', '.join(n for n, _ in inputs)}), but gpubatch "
+            "feeds one batch, to the first; export a model with one input (fix the others as "
+            "constants, or fold them into the graph)"))])
     inp = model_first_input(job.model.path)
     shape = _shape_problem(job, inp)
     if shape:
         raise SpecError([("model.path", shape)])
-    problems = [p for p in (_dtype_problem(job, inp), _batch_problem(job, inp)) if p]
+    problems = [p for p in (_dtype_problem(job, inp), _batch_problem(job, inp), _precision_problem(job, inp)) if p]
     if problems:
         raise SpecError(problems)
 
@@ -240,7 +293,7 @@ def check_slide_model(job: JobSpec) -> None:
         return
     if not is_remote(spec.path) and not Path(local_path(spec.path)).is_file():
         raise SpecError([("slide_model.path", f"file not found: {spec.path}")])
-    if not job.model.path.endswith(".onnx"):
+    if not _local_onnx(job):
         return
     outputs = model_outputs(job.model.path)
     name = spec.features or next(iter(outputs))
@@ -251,7 +304,7 @@ def check_slide_model(job: JobSpec) -> None:
     width = int(np.prod(tail)) if tail and len(tail) == len(outputs[name]) - 1 else None
     if not spec.path.endswith(".onnx") or width is None:
         return
-    head_dims = model_inputs(spec.path)[0][1]
+    head_dims = model_inputs(spec.path, "slide_model.path")[0][1]
     if head_dims and head_dims[-1] is not None and head_dims[-1] != width:
         raise SpecError([("slide_model.path", f"the slide model takes features {head_dims[-1]} wide but "
                                               f"model.path's output {name!r} gives {width} per tile")])
@@ -348,7 +401,7 @@ def _whole_without_zarr(job: JobSpec, outputs: dict[str, list[int | None]]) -> l
 def check_track_outputs(job: JobSpec) -> None:
     """Refuse reductions of outputs the model lacks (or lacks in rank or bins), scores with
     nothing to score, and whole track outputs with nowhere to go."""
-    if job.windows is None or not job.model.path.endswith(".onnx") or is_remote(job.model.path):
+    if job.windows is None or not _local_onnx(job):
         return
     outputs = model_outputs(job.model.path)
     problems = _track_problems(job, outputs) + _whole_without_zarr(job, outputs)

@@ -66,6 +66,15 @@ def unsupported_reason(precision: str, backend: str) -> str | None:
     return None
 
 
+def unquantizable_reason(path: str, precision: str, exc: BaseException) -> str:
+    """Why ``path`` could not be made ``precision``, for a refusal or the report's fallback note:
+    the quantizer's own words (ONNX Runtime's, one line), not its traceback."""
+    words = " ".join(str(exc).split())[:300] or type(exc).__name__
+    hint = (" (quantization takes a float32 model: export one in float32)" if precision in ("int8", "fp8")
+            else "")
+    return f"{path} could not be converted to {precision}: {type(exc).__name__}: {words}{hint}"
+
+
 def keep_fp32_reason(precision: str, backend: str) -> str | None:
     """Why an ONNX model stays fp32 for a 16-bit request (a note, not a failure), else None."""
     if backend not in ONNX_BACKENDS:
@@ -138,8 +147,13 @@ class _Preparation:
             target = "cpu" if self.backend == "onnxruntime" and reference.device == "cpu" else "gpu"
             calib_sha = sample.calibration_sha256 if want != "fp16" else ""
             sampling = SampleSettings.from_job(self.job).as_dict() if want != "fp16" else {}
-            reduced_path, info = ensure_reduced(path, file_sha256(path), want, sample.calibration,
-                                                calib_sha, sampling, self.outdir, target)
+            try:
+                reduced_path, info = ensure_reduced(path, file_sha256(path), want, sample.calibration,
+                                                    calib_sha, sampling, self.outdir, target)
+            except Exception as exc:  # noqa: BLE001 - the quantizer's errors are many and all mean "cannot"
+                self.refuse(want, unquantizable_reason(path, want, exc))
+                self.model = reference
+                return
             path = str(reduced_path)
         reduced = self.load(path, want)
         result = self.run_gate(reference, reduced, sample, want)
