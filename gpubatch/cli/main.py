@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.add_argument("--no-open", action="store_true",
                    help="do not open the slides (by default each is opened and planned, as its shard would)")
+    v.add_argument("--profile", help="validate for `run --profile P`")
+    v.add_argument("--resume", action="store_true", help="validate for `run --resume` (committed shards kept)")
+    v.add_argument("--overwrite", action="store_true", help="validate for `run --overwrite`")
     r = sub.add_parser("run", help="run a job")
     r.add_argument("job")
     r.add_argument("--profile")
@@ -70,7 +73,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from gpubatch.spec import load_job
 
     job = load_job(args.job, args.set)
-    check = validate_job(job, open_inputs=not args.no_open)
+    check = validate_job(job, open_inputs=not args.no_open, profile_name=args.profile, resume=args.resume,
+                         overwrite=args.overwrite)
     items = f", {check.items:,} items" if check.items is not None else ""
     print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}': {check.shards} shard(s){items})")
     for note in check.notes:
