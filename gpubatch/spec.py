@@ -528,7 +528,10 @@ def load_yaml_text(text: str, source: str | None = None) -> Any:
     """Parse YAML within the bounds above; a problem is a SpecError naming ``source``."""
     if len(text.encode()) > MAX_YAML_BYTES:
         raise SpecError([("", f"larger than {MAX_YAML_BYTES >> 20} MiB: not a job spec")], source)
-    loader = _BoundedLoader(text)
+    try:  # the loader's reader refuses control characters (a binary file) as it is made
+        loader = _BoundedLoader(text)
+    except yaml.YAMLError as exc:
+        raise SpecError([("", f"not a YAML text file: {exc}")], source) from None
     try:
         return loader.get_single_data()
     except yaml.YAMLError as exc:

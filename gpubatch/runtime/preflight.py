@@ -218,6 +218,28 @@ def _dtype_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
     return None
 
 
+def check_models_readable(job: JobSpec) -> None:
+    """Refuse a local ONNX model file onnx cannot parse (truncated by a copy, an HTML error page
+    saved under the name, another format), naming its field: the other checks read it and would
+    stop with protobuf's traceback, exit 1, saying nothing of which file or what to do."""
+    from gpubatch.runtime.model_facts import model_facts
+
+    named = [("model.path", job.model.path)]
+    if job.slide_model is not None:
+        named.append(("slide_model.path", job.slide_model.path))
+    problems = []
+    for name, path in named:
+        if not path.endswith(".onnx") or is_remote(path):
+            continue
+        try:
+            model_facts(local_path(path))
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, onnx's checks, OSError
+            problems.append((name, f"{path} is not an ONNX model onnx can read ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]}); copy the file again whole, or re-export it"))
+    if problems:
+        raise SpecError(problems)
+
+
 def check_model_input(job: JobSpec) -> None:
     """Refuse, before any work, a model whose input disagrees with the job's batches: item
     shape, element type, or a fixed batch dimension the batches do not match."""
@@ -375,6 +397,7 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     check_file_hosts(job)
     check_local_files(job)
     check_credentials(job, profile)
+    check_models_readable(job)
     check_model_input(job)
     check_track_outputs(job)
     check_reference(job)
