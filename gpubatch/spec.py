@@ -397,16 +397,14 @@ def _section_keys(loc: tuple[Any, ...]) -> list[str]:
     the path does not lead to a section of known keys (a mapping of free keys, a list)."""
     import typing
 
-    model: Any = JobSpec
+    model: type[BaseModel] | None = JobSpec
     for part in loc:
-        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        field = model.model_fields.get(str(part)) if model is not None else None
         if field is None:
             return []
         kinds = [field.annotation, *typing.get_args(field.annotation)]
         model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
-        if model is None:
-            return []
-    return list(model.model_fields)
+    return list(model.model_fields) if model is not None else []
 
 
 def _unknown_key(loc: tuple[Any, ...]) -> str:
