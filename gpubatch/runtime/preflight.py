@@ -229,8 +229,8 @@ def check_models_readable(job: JobSpec) -> None:
         named.append(("slide_model.path", job.slide_model.path))
     problems = []
     for name, path in named:
-        if not path.endswith(".onnx") or is_remote(path):
-            continue
+        if not path.endswith(".onnx") or is_remote(path) or not Path(local_path(path)).is_file():
+            continue  # a missing file is refused as missing, by check_local_files / check_slide_model
         try:
             model_facts(local_path(path))
         except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, onnx's checks, OSError
