@@ -392,11 +392,40 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(p if not p.isdigit() else f"[{p}]" for p in parts).replace(".[", "[")
 
 
+def _section_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the spec section at ``loc`` (a path of keys from the top) accepts, or none when
+    the path does not lead to a section of known keys (a mapping of free keys, a list)."""
+    import typing
+
+    model: type[BaseModel] | None = JobSpec
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        if field is None:
+            return []
+        kinds = [field.annotation, *typing.get_args(field.annotation)]
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+    return list(model.model_fields) if model is not None else []
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    """An unknown key's message, naming the key it most likely meant: ``tiles.sise`` -> size."""
+    import difflib
+
+    loc = tuple(p for p in loc if not str(p).startswith(_UNION_TAGS))
+    known = _section_keys(loc[:-1])
+    near = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6) if loc else []
+    if near:
+        return f"unknown key; did you mean '{near[0]}'? (every key is listed in docs/spec.md)"
+    if known:
+        return f"unknown key; this section takes {', '.join(known)} (every key is listed in docs/spec.md)"
+    return "unknown key (check the spelling; every key is listed in docs/spec.md)"
+
+
 def _explain(err: Any) -> str:
     kind, msg = err.get("type", ""), err.get("msg", "")
     got = err.get("input")
     if kind == "extra_forbidden":
-        return "unknown key (check the spelling; every key is listed in docs/spec.md)"
+        return _unknown_key(tuple(err.get("loc") or ()))
     if kind == "missing":
         return "required but missing"
     if isinstance(got, (int, float, str, bool)) and kind != "value_error":
@@ -528,7 +557,10 @@ def load_yaml_text(text: str, source: str | None = None) -> Any:
     """Parse YAML within the bounds above; a problem is a SpecError naming ``source``."""
     if len(text.encode()) > MAX_YAML_BYTES:
         raise SpecError([("", f"larger than {MAX_YAML_BYTES >> 20} MiB: not a job spec")], source)
-    loader = _BoundedLoader(text)
+    try:  # the loader's reader refuses control characters (a binary file) as it is made
+        loader = _BoundedLoader(text)
+    except yaml.YAMLError as exc:
+        raise SpecError([("", f"not a YAML text file: {exc}")], source) from None
     try:
         return loader.get_single_data()
     except yaml.YAMLError as exc:

@@ -115,3 +115,43 @@ def test_dashboard_is_off_and_quiet_unless_asked() -> None:
     wanted = _closed_port()
     port, link = _scheduler_port({**base, "dashboard": f"127.0.0.1:{wanted}"})
     assert port == wanted and link is not None and str(wanted) in link
+
+
+def _one_line_error(code: int, expected: int, capsys: pytest.CaptureFixture[str], *words: str) -> None:
+    err = capsys.readouterr().err
+    assert code == expected and err.startswith("gpubatch: ") and all(w in err for w in words), (code, err)
+
+
+def test_user_errors_are_one_message_with_the_right_exit_never_a_traceback(
+        tmp_path: Path, slide_path: Path, mean_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated model made validate and run die in protobuf's DecodeError (exit 1, no field
+    named) and inspect print it; a binary file given as the job spec died in PyYAML's reader;
+    a damaged status.json or report.json was a JSONDecodeError; and `report` on a folder that was
+    never an output printed an empty report and exited 0."""
+    bad = tmp_path / "cut.onnx"
+    bad.write_bytes(mean_model.read_bytes()[:100])
+    spec = write_job(tmp_path / "job.yaml", slide_job([str(slide_path)], bad, tmp_path / "out"))
+    for command in ("validate", "run"):
+        _one_line_error(main([command, str(spec)]), 2, capsys, "model.path: ", "not a readable ONNX model", "export it again")
+    assert not (tmp_path / "out").exists()
+    _one_line_error(main(["inspect", str(bad)]), 1, capsys, "cut.onnx: not an ONNX model onnx can read")
+    (tmp_path / "job.yaml.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(32)) * 4)  # gzipped by mistake
+    _one_line_error(main(["validate", str(tmp_path / "job.yaml.gz")]), 2, capsys, "not a YAML text file")
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("mine\n")
+    for command in ("status", "report"):
+        _one_line_error(main([command, str(folder)]), 2, capsys, "is not a gpubatch output")
+        _one_line_error(main([command, str(tmp_path / "nowhere")]), 2, capsys, "nowhere does not exist")
+
+    out = tmp_path / "ran"
+    good = write_job(tmp_path / "good.yaml", slide_job([str(slide_path)], mean_model, out))
+    assert main(["run", str(good)]) == 0
+    items = json.loads((out / "report.json").read_text())["items"]
+    capsys.readouterr()
+    (out / "report.json").write_text('{"items": ')  # a disk that filled up while it was written
+    assert main(["report", str(out)]) == 0
+    assert f"{items} items" in capsys.readouterr().out  # what is committed, not a traceback
+    (out / "status.json").write_text("{")
+    _one_line_error(main(["status", str(out)]), 1, capsys, "status.json cannot be read", f"gpubatch report {out}")

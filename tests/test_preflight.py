@@ -360,3 +360,48 @@ def test_file_uris_name_this_machine_or_are_refused_by_validate_and_run(
             assert f"{field}: {uri} names a file on the host 'server'" in err
             assert f"drop the host (file://{uri[len('file://server'):]})" in err and "mount server's share" in err
     assert not (tmp_path / "out-f").exists() and not (tmp_path / "server" / "results").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the output: validate refuses (without writing there) every output run would refuse
+
+
+def _both_refuse(spec: Path, field: str, words: str, capsys: pytest.CaptureFixture[str], *flags: str) -> None:
+    """``validate`` and then ``run`` (same flags) both exit 2 naming ``field`` and ``words``."""
+    for command in ("validate", "run"):
+        assert main([command, str(spec), *flags]) == 2, command
+        err = capsys.readouterr().err
+        assert f"{field}: " in err and words in err, (command, err)
+
+
+def test_validate_refuses_the_outputs_run_refuses_and_writes_nothing_there(
+        tmp_path: Path, slides_dir: Path, mean_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """validate said "valid" for an output folder of someone else's files, for one another run
+    was writing, and for one holding another job's (or this job's) committed shards; the run
+    then stopped at once with exit 2. Now validate gives the same refusal, and touches nothing."""
+    import os
+    import socket
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("not gpubatch's\n")
+    job = slide_job([str(slides_dir / "s0.tif")], mean_model, foreign)
+    spec = write_job(tmp_path / "job.yaml", job)
+    _both_refuse(spec, "output.uri", "holds files that gpubatch did not write", capsys)
+    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+
+    out = tmp_path / "out"
+    spec = write_job(tmp_path / "job.yaml", slide_job([str(slides_dir / "s0.tif")], mean_model, out))
+    assert main(["validate", str(spec)]) == 0 and not out.exists()  # a new folder: nothing made
+    assert main(["run", str(spec)]) == 0
+    _both_refuse(spec, "output.uri", "use --resume to finish that run", capsys)
+    assert main(["validate", str(spec), "--resume"]) == 0 and main(["validate", str(spec), "--overwrite"]) == 0
+    other = write_job(tmp_path / "other.yaml", slide_job([str(slides_dir / "s0.tif")], mean_model, out,
+                                                          tiles={"size": 32}))
+    _both_refuse(other, "tiles.size", "64 committed, 32 now", capsys, "--resume")
+
+    lease = {"run_id": "someone-else", "host": socket.gethostname(), "pid": os.getpid(),
+             "heartbeat": time.time() + 60, "stale_after_s": 600}
+    (out / "_lease.json").write_text(json.dumps(lease))
+    _both_refuse(spec, "output.uri", "another run is writing this output: run someone-else", capsys, "--overwrite")
+    assert json.loads((out / "_lease.json").read_text())["run_id"] == "someone-else"

@@ -51,7 +51,25 @@ def test_bad_values_name_the_field(tmp_path: Path, good: dict, section: str, key
 
 def test_unknown_top_level_key(tmp_path: Path, good: dict) -> None:
     good["tilez"] = {}
-    assert ("tilez", "unknown key (check the spelling; every key is listed in docs/spec.md)") in _problems(tmp_path, good)
+    assert ("tilez", "unknown key; did you mean 'tiles'? (every key is listed in docs/spec.md)") in _problems(tmp_path, good)
+
+
+@pytest.mark.parametrize(("given", "meant"), [("tiles.sise=3", "size"), ("model.batchsize=8", "batch_size"),
+                                              ("run.reader=2", "readers"), ("tiles.tissue.metod=otsu", "method"),
+                                              ("model.input.meen=[0, 0, 0]", "mean")])
+def test_a_typo_d_key_names_the_key_it_meant(tmp_path: Path, good: dict, given: str, meant: str,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """A misspelt key (in the file or by --set) was "unknown key (check the spelling)", leaving the
+    user to find the right one in docs/spec.md; the nearest key of its section is named now."""
+    path = write_job(tmp_path / "job.yaml", good)
+    assert main(["validate", str(path), "--set", given]) == EXIT_USAGE
+    assert f"{given.split('=')[0]}: unknown key; did you mean '{meant}'?" in capsys.readouterr().err
+
+
+def test_an_unknown_key_like_none_lists_its_section_s_keys(tmp_path: Path, good: dict) -> None:
+    good["output"]["xyz"] = 1
+    problems = dict(_problems(tmp_path, good))
+    assert "this section takes uri, " in problems["output.xyz"] and "formats" in problems["output.xyz"]
 
 
 def test_missing_model_and_input_files(tmp_path: Path, good: dict) -> None:

@@ -137,6 +137,46 @@ def test_a_resume_interrupted_is_not_reported_as_the_run_before_it(tmp_path: Pat
     assert "no finished run" in text, text
 
 
+def test_a_resume_interrupted_or_killed_leaves_no_report_html_saying_finished(tmp_path: Path, slides_dir: Path,
+                                                                             mean_model: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """report.html, the page read in the morning, stayed the finished run's (2 inputs, done)
+    after a --resume over a third input was interrupted; now the stopped run writes a page
+    marked unfinished with what is committed, and a resume starts by removing the old page (a
+    SIGKILLed resume writes nothing at its end)."""
+    from conftest import slide_job, write_job
+
+    import gpubatch
+    from gpubatch.runtime import resume
+    from gpubatch.runtime.progress import Progress
+
+    out = tmp_path / "out"
+    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, out)
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+    assert 'id="unfinished"' not in (out / "report.html").read_text()
+    job["input"]["uris"].append(str(slides_dir / "s2.tif"))
+    update = Progress.update
+
+    def update_then_interrupt(self: Progress, result: Any) -> None:
+        update(self, result)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Progress, "update", update_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
+    page = (out / "report.html").read_text()
+    assert "This run did not finish (interrupted)" in page and "the 3 shard(s) committed so far" in page
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("killed")  # as if SIGKILLed after the resume's checks: no end of run at all
+
+    monkeypatch.setattr(Progress, "update", update)
+    monkeypatch.setattr(resume, "sweep", killed)
+    with pytest.raises(SystemExit):
+        gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
+    assert not (out / "report.html").exists()
+
+
 def test_a_run_whose_end_fails_otherwise_than_by_storage_is_recorded_as_failed(tmp_path: Path,
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """An error at the run's end that is not a storage error (a part that no longer parses: pyarrow

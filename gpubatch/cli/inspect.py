@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import GpubatchError
 
 
 def _tensor(value: Any) -> dict[str, Any]:
@@ -29,7 +30,11 @@ def inspect_model(path: str) -> dict[str, Any]:
 
     from gpubatch.core.files import file_sha256
 
-    model = onnx.load(path, load_external_data=False)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and onnx's own: one line, no traceback
+        raise GpubatchError(f"{path}: not an ONNX model onnx can read ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from None
     initializers = {i.name for i in model.graph.initializer}
     return {
         "model": path, "format": "onnx", "bytes": Path(path).stat().st_size, "sha256": file_sha256(path),

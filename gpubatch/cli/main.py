@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, SpecError
+from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, NotAnOutputError
 from gpubatch.io.redact import safe_text
 
 
@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.add_argument("--no-open", action="store_true",
                    help="do not open the slides (by default each is opened and planned, as its shard would)")
+    v.add_argument("--profile", help="validate for `run --profile P`")
+    v.add_argument("--resume", action="store_true", help="validate for `run --resume` (committed shards kept)")
+    v.add_argument("--overwrite", action="store_true", help="validate for `run --overwrite`")
     r = sub.add_parser("run", help="run a job")
     r.add_argument("job")
     r.add_argument("--profile")
@@ -70,7 +73,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from gpubatch.spec import load_job
 
     job = load_job(args.job, args.set)
-    check = validate_job(job, open_inputs=not args.no_open)
+    check = validate_job(job, open_inputs=not args.no_open, profile_name=args.profile, resume=args.resume,
+                         overwrite=args.overwrite)
     items = f", {check.items:,} items" if check.items is not None else ""
     print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}': {check.shards} shard(s){items})")
     for note in check.notes:
@@ -125,18 +129,44 @@ def _storage(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    from gpubatch.outputs.layout import STATUS
+def _output_store(args: argparse.Namespace) -> Any:
+    """OUTDIR's store, refused (exit 2) unless a run made it: ``report`` printed an empty report
+    of a folder that was never an output, and exited 0, and ``status`` called it a spec error."""
+    from gpubatch.outputs.layout import MARKER
     from gpubatch.outputs.store import OutputStore
 
     store = OutputStore(args.outdir, _storage(args))
-    s = store.read_json(STATUS) if store.exists(STATUS) else None
+    where = safe_text(args.outdir)
+    if not store.exists():
+        raise NotAnOutputError(f"{where} does not exist: give the folder (or URI) a job's output.uri names")
+    if not store.exists(MARKER):
+        raise NotAnOutputError(f"{where} is not a gpubatch output (no {MARKER} marker): give the folder "
+                               "(or URI) a job's output.uri names")
+    return store
+
+
+def _read_status(store: Any, outdir: str) -> dict[str, Any] | None:
+    """status.json, None where there is none; a damaged one is named, not a traceback."""
+    from gpubatch.outputs.layout import STATUS
+
+    try:
+        return store.read_json(STATUS) if store.exists(STATUS) else None
+    except ValueError as exc:
+        raise GpubatchError(f"{safe_text(outdir)}/{STATUS} cannot be read ({exc}): a live run rewrites it "
+                            f"every heartbeat; `gpubatch report {safe_text(outdir)}` sums up what is committed") from None
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from gpubatch.outputs.layout import STATUS
+
+    store = _output_store(args)
+    s = _read_status(store, args.outdir)
     starting = starting_run(store, s)
     if starting is not None:
         print(starting)
         return EXIT_OK
     if s is None:
-        raise SpecError([("OUTDIR", f"no {STATUS} in {args.outdir}: no run has started there")])
+        raise NotAnOutputError(f"no {STATUS} in {safe_text(args.outdir)}: no run has started there")
     eta = s.get("eta_s")
     print(f"{status_state(s)}: {s['done']}/{s['total']} shards done, {s['failed']} failed"
           + (f", {s['plan_failed']} input(s) quarantined at plan (listed in report.json)"
@@ -187,20 +217,17 @@ def status_state(status: dict[str, Any], now: float | None = None) -> str:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gpubatch.outputs.store import OutputStore
     from gpubatch.report.summary import finished_report, summarize_output
     from gpubatch.report.text import format_summary
 
-    store = OutputStore(args.outdir, _storage(args))
+    store = _output_store(args)
     finished = finished_report(store)
     if finished is not None:
         report = finished
-    elif store.exists():
-        report = summarize_output(store)
-        print(f"no finished run in {args.outdir}: what is committed there so far "
-              f"({report.get('state')}, {report.get('shards_done')} shards)")
     else:
-        raise SpecError([("OUTDIR", f"{args.outdir} does not exist")])
+        report = summarize_output(store)
+        print(f"no finished run in {safe_text(args.outdir)}: what is committed there so far "
+              f"({report.get('state')}, {report.get('shards_done')} shards)")
     print(format_summary(report))
     if args.html:
         from gpubatch.report.html import write_html

@@ -54,6 +54,13 @@ class OutputRefused(GpubatchError):
     exit_code = EXIT_USAGE
 
 
+class NotAnOutputError(GpubatchError):
+    """A folder given to ``status`` or ``report`` that holds no gpubatch output (missing, or no
+    marker): the command line has to change, exit 2 as for usage; nothing was read or written."""
+
+    exit_code = EXIT_USAGE
+
+
 class InputError(GpubatchError):
     """One input (a slide, a region file, a VCF record batch) cannot be processed.
 

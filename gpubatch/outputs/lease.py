@@ -38,17 +38,26 @@ class LeaseLost(GpubatchError):
 
 def guard_output(store: OutputStore, given: str) -> None:
     """Refuse an output that is not a folder of gpubatch's own (or empty, or new); mark it ours."""
+    if check_output_folder(store, given):
+        return
+    store.write_json(MARKER, {"created": time.time(), "by": "gpubatch"})
+
+
+def check_output_folder(store: OutputStore, given: str) -> bool:
+    """Refuse (SpecError, exit 2) an output that is no place for gpubatch to write, writing
+    nothing: ``validate`` refuses what ``run`` would. True when the folder already holds
+    gpubatch's marker, False when it is empty or new (``guard_output`` then marks it)."""
     if given.strip() in ("", ".", "./") or (not store.remote and _too_broad(Path(store.uri))):
         raise SpecError([("output.uri", f"{given!r} is not a folder gpubatch may write into: give a "
                                         "dedicated output folder, e.g. results/<job name>")])
     if not store.remote and store.exists() and not Path(store.uri).is_dir():
         raise SpecError([("output.uri", f"{store.uri} is a file, not a folder")])
     if store.exists(MARKER):
-        return
+        return True
     if not store.is_empty():
         raise SpecError([("output.uri", f"{redact(store.uri)} holds files that gpubatch did not write "
                                         f"(no {MARKER} marker); give an empty or new folder")])
-    store.write_json(MARKER, {"created": time.time(), "by": "gpubatch"})
+    return False
 
 
 def _too_broad(path: Path) -> bool:
@@ -163,6 +172,30 @@ class Lease:
         except (ValueError, OSError):
             return None
         return data if isinstance(data, dict) else None
+
+
+def live_holder(store: OutputStore, stale_s: float, name: str = LEASE) -> dict[str, Any] | None:
+    """The lease record of a writer that holds ``store`` now (a heartbeat younger than its
+    staleness, and not a process known dead on this host), or None: what ``Lease.acquire``
+    would stop at, read without taking anything (``validate``)."""
+    try:
+        held = store.read_json(name) if store.exists(name) else None
+    except (ValueError, OSError):
+        return None
+    if not isinstance(held, dict):
+        return None
+    age = time.time() - float(held.get("heartbeat", 0))
+    if age >= float(held.get("stale_after_s", stale_s)) or _dead_here(held):
+        return None
+    return held
+
+
+def refuse_if_held(store: OutputStore, stale_s: float) -> None:
+    """Raise the refusal (exit 2) a run would meet on an output another run is writing now."""
+    held = live_holder(store, stale_s)
+    if held is not None:
+        age = time.time() - float(held.get("heartbeat", 0))
+        raise SpecError([("output.uri", _held_message(held, age, stale_s))])
 
 
 def _dead_here(held: dict[str, Any]) -> bool:

@@ -150,6 +150,18 @@ def _verdict_box(v: dict[str, Any]) -> str:
     return "".join(lines) + "</section>"
 
 
+def _unfinished(report: dict[str, Any]) -> str:
+    """A banner on the page of a run that did not finish (``summarize_output``'s report): without
+    it the page of an interrupted run looks like a finished one's, headline numbers and all."""
+    if report.get("complete", True) is not False:
+        return ""
+    state = str(report.get("state") or "unknown")
+    return (f'<p class="verdict" id="unfinished" style="--band:{RED}"><b>This run did not finish ({escape(state)}).'
+            f"</b> The figures cover the {report.get('shards_done', 0)} shard(s) committed so far of "
+            f"{escape(str(report.get('shards_total') or '?'))} planned; <span class=mono>gpubatch run JOB "
+            "--resume</span> finishes it and writes the finished run's report.</p>")
+
+
 def _facts(report: dict[str, Any]) -> str:
     """The precision gate, data quality, empty/retried/lost work and notes, as the terminal says them."""
     lines = [x for x in (gate_line(report), resumed_line(report)) if x]
@@ -301,7 +313,7 @@ def render_html(report: dict[str, Any], heatmaps: list[Heatmap] | None = None) -
         f"<title>gpubatch report: {name}</title><style>{CSS}</style></head><body><main>"
         f"<h1>{name}</h1><p class=sub>gpubatch run report · {escape(str(report.get('kind', '')))} · "
         f"{escape(str(report.get('backend', '')))} {escape(str(report.get('precision', '')))}</p>"
-        f"{_tiles(report, v)}{_verdict_box(v)}{_facts(report)}<h2>Where the time went</h2><section class=grid id=plots>{grid}</section>"
+        f"{_unfinished(report)}{_tiles(report, v)}{_verdict_box(v)}{_facts(report)}<h2>Where the time went</h2><section class=grid id=plots>{grid}</section>"
         f"{_heatmap_section(heatmaps or [])}"
         f"<h2>Inputs</h2>{_shard_table(report)}<h2>Run</h2>{_run_table(report)}"
         f"</main><script>{SELF_CHECK}</script></body></html>"

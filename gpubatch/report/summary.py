@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks, stage_breakdown, starvation_of
@@ -25,10 +26,12 @@ from gpubatch.core.cpu import (
 )
 from gpubatch.core.results import RunSummary, ShardResult, nonfinite_counts
 from gpubatch.io.metrics import storage_summary
+from gpubatch.io.redact import redact
 from gpubatch.outputs.layout import REPORT_JSON
 from gpubatch.outputs.store import OutputStore
 from gpubatch.report.verdict import verdict
 
+log = logging.getLogger("gpubatch")
 MAX_TIMELINE_POINTS = 4_096
 MAX_SHARD_ROWS = 2_000
 MAX_LISTED = 200  # empty inputs, retried shards and notes listed by name (all are counted)
@@ -283,17 +286,32 @@ def finished_report(where: OutputStore | str) -> dict[str, Any] | None:
     it writes its own: a resume that was interrupted, failed or is still going would be reported
     as the finished run before it (its shards, its failures), though more is committed now.
     status.json names the latest run and its state (absent only in outputs of older versions)."""
-    from gpubatch.outputs.layout import STATUS
-
     store = OutputStore.of(where)
     if not store.exists(REPORT_JSON):
         return None
-    report = load_report(store)
-    status = store.read_json(STATUS) if store.exists(STATUS) else None
+    try:
+        report = load_report(store)
+    except ValueError as exc:  # damaged (a full disk, a hand edit): what is committed is reported instead
+        log.warning("%s in %s cannot be read (%s): reporting what is committed there",
+                    REPORT_JSON, redact(store.uri), exc)
+        return None
+    status = read_status(store)
     run_id = report.get("run_id", status.get("run_id") if status else None)
     if status is not None and (status.get("state") != "finished" or status.get("run_id") != run_id):
         return None
     return report
+
+
+def read_status(store: OutputStore) -> dict[str, Any] | None:
+    """status.json, or None where there is none or it cannot be read (a damaged one is no
+    evidence of a finished run; ``gpubatch status`` names the damage itself)."""
+    from gpubatch.outputs.layout import STATUS
+
+    try:
+        status = store.read_json(STATUS) if store.exists(STATUS) else None
+    except ValueError:
+        return None
+    return status if isinstance(status, dict) else None
 
 
 def still_failed(events: list[dict[str, Any]], committed: dict[str, ShardResult]) -> list[dict[str, Any]]:
@@ -314,7 +332,6 @@ def summarize_output(where: OutputStore | str) -> dict[str, Any]:
     failed: the committed shards' figures, the failures the ledger holds, the state status.json
     gives; marked ``"complete": False``.
     """
-    from gpubatch.outputs.layout import STATUS
     from gpubatch.outputs.ledger import Ledger
     from gpubatch.outputs.manifest import Manifest
 
@@ -323,7 +340,7 @@ def summarize_output(where: OutputStore | str) -> dict[str, Any]:
     committed = Manifest(store).entries()
     for entry in committed.values():
         builder.add(entry)
-    status = store.read_json(STATUS) if store.exists(STATUS) else {}
+    status = read_status(store) or {}
     failed = still_failed(Ledger(store, "").records(), committed)
     wall = float(status.get("heartbeat", 0.0)) - float(status.get("started", 0.0)) if status else 0.0
     info = {"state": status.get("state", "unknown"), "complete": False, "run_id": status.get("run_id"),

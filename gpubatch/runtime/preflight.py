@@ -453,16 +453,35 @@ def refuse_empty_plan(shards: Sequence[Shard], failed: list[dict[str, str]]) -> 
         raise SpecError([(f["input"], f["error"]) for f in failed] + [("", "nothing would run")])
 
 
-def validate_job(job: JobSpec, *, open_inputs: bool = True) -> PlanCheck:
-    """``preflight``, then the plan (headers, variant REF checks, globs): every refusal ``run``
-    makes before its first shard. A job whose plan leaves nothing to run is refused too.
+def check_output(job: JobSpec, *, resume: bool = False, overwrite: bool = False) -> None:
+    """What ``run`` refuses of its output before it plans, checked without writing there: a
+    folder that is not gpubatch's (foreign files, a home folder, a file), a run writing it now
+    (a live lease), and committed shards this run may not continue (no --resume, or another
+    spec's or model's). Without this a job validated, then its run stopped at once on exit 2."""
+    from gpubatch.outputs.lease import check_output_folder, refuse_if_held
+    from gpubatch.outputs.store import OutputStore
+    from gpubatch.runtime.resume import refuse_committed
+
+    store = OutputStore(job.output.uri, job.output.storage)
+    if not check_output_folder(store, job.output.uri):
+        return  # empty or new: nothing there to refuse
+    refuse_if_held(store, job.run.lease_stale_s)
+    refuse_committed(store, job, resume=resume, overwrite=overwrite)
+
+
+def validate_job(job: JobSpec, *, open_inputs: bool = True, profile_name: str | None = None,
+                 resume: bool = False, overwrite: bool = False) -> PlanCheck:
+    """``preflight`` and the output's checks, then the plan (headers, variant REF checks, globs):
+    every refusal ``run`` (with the same --profile, --resume, --overwrite) makes before its first
+    shard. A job whose plan leaves nothing to run is refused too.
     ``open_inputs``: also open every input as its shard would (slides), to list the ones a run
     would quarantine; a job none of whose inputs would run is refused."""
     from gpubatch.io.storage import storage_profile
     from gpubatch.runtime.cluster import load_profile
 
-    profile = load_profile(job.run.profile)
+    profile = load_profile(profile_name or job.run.profile)
     preflight(job, profile)
+    check_output(job, resume=resume, overwrite=overwrite)
     source = get_source(job.kind)
     shards, failed = source.plan(job)
     refuse_empty_plan(shards, failed)

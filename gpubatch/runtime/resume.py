@@ -23,7 +23,7 @@ from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity
 from gpubatch.io.uris import split_glob
 from gpubatch.outputs.commits import CommitIndex
-from gpubatch.outputs.layout import LEASE, RUN_DIRS, RUN_STATE, SPEC_RECORD
+from gpubatch.outputs.layout import LEASE, REPORT_HTML, RUN_DIRS, RUN_STATE, SPEC_RECORD
 from gpubatch.outputs.ledger import Ledger
 from gpubatch.outputs.manifest import CommitRef, Manifest, remove_temporaries, sweep
 from gpubatch.outputs.store import OutputStore
@@ -58,16 +58,12 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, kept: CommitInde
     record = spec_record(job, fields)
     manifest = Manifest(store)
     remove_temporaries(store, spare=(LEASE,))  # the lease's heartbeat is writing
-    committed = next(manifest.names(), None) is not None
+    committed = refuse_committed(store, job, resume=resume, overwrite=overwrite, record=record)
     if overwrite:
         wipe(store)
     elif committed:
-        if not resume:
-            raise SpecError([("output.uri", f"{redact(store.uri)} holds {sum(1 for _ in manifest.names())} "
-                                            "committed shard(s) of an "
-                                            "earlier run: use --resume to finish that run, or --overwrite to start "
-                                            "again (or give a new output.uri)")])
-        _resumable(store, job, record, manifest, ledger, kept, on_kept or (lambda entry: None))
+        store.delete(REPORT_HTML)  # the run before's page says finished: not while this one runs
+        _resumable(store, job, manifest, ledger, kept, on_kept or (lambda entry: None))
         sweep(store, kept)
         return
     else:
@@ -75,14 +71,31 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, kept: CommitInde
     store.write_json(SPEC_RECORD, record)
 
 
-def _resumable(store: OutputStore, job: JobSpec, record: dict[str, Any], manifest: Manifest, ledger: Ledger,
-               kept: CommitIndex, on_kept: Callable[[ShardResult], None]) -> None:
+def refuse_committed(store: OutputStore, job: JobSpec, *, resume: bool, overwrite: bool,
+                     record: dict[str, Any] | None = None) -> bool:
+    """Refuse (exit 2) an output whose committed shards this run may not continue: without
+    --resume (nor --overwrite), or made by another spec or model. Writes nothing, so that
+    ``validate`` refuses what ``run`` would. True when the output holds committed shards."""
+    manifest = Manifest(store)
+    committed = next(manifest.names(), None) is not None
+    if overwrite or not committed:
+        return committed
+    if not resume:
+        raise SpecError([("output.uri", f"{redact(store.uri)} holds {sum(1 for _ in manifest.names())} "
+                                        "committed shard(s) of an "
+                                        "earlier run: use --resume to finish that run, or --overwrite to start "
+                                        "again (or give a new output.uri)")])
     if not store.exists(SPEC_RECORD):
         raise SpecError([("output.uri", f"{redact(store.uri)} was written by an older gpubatch without a "
                                         f"{SPEC_RECORD}: its shards cannot be checked; use --overwrite")])
-    problems = spec_differences(store.read_json(SPEC_RECORD), record)
+    problems = spec_differences(store.read_json(SPEC_RECORD), record or spec_record(job))
     if problems:
         raise SpecError([(field, f"{text}; use --overwrite or a new output.uri") for field, text in problems])
+    return committed
+
+
+def _resumable(store: OutputStore, job: JobSpec, manifest: Manifest, ledger: Ledger,
+               kept: CommitIndex, on_kept: Callable[[ShardResult], None]) -> None:
     batch: list[ShardResult] = []
     for entry in itertools.chain(manifest.iter_committed(), [None]):
         if entry is not None:

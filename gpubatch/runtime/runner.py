@@ -264,6 +264,7 @@ class _Run:
                 return
             self.ledger.materialize()  # every record: commits the client had not yet heard of too
             progress.finish("interrupted" if interrupted else "failed", reason=reason)
+            _unfinished_html(self.store)
         except Exception as inner:  # noqa: BLE001 - the original error is the one to report
             log.warning("could not record the %s: %s", kind, redact(str(inner)))
 
@@ -306,6 +307,16 @@ class _Run:
         self.ledger.materialize(record_name(r.shard_id) for r in in_plan())
         code = (EXIT_PARTIAL if done else EXIT_ERROR) if self.failed else EXIT_OK
         return Result(summary, store.uri, code, self.failed, dict(job.output.storage))
+
+
+def _unfinished_html(store: OutputStore) -> None:
+    """report.html of a run that stopped: what is committed, marked unfinished. A --resume
+    leaves the run before it's page in place until it writes its own, and a resume that stopped
+    left that page saying the output was finished, with the earlier run's numbers."""
+    from gpubatch.report.html import write_html
+    from gpubatch.report.summary import summarize_output
+
+    write_html(store, summarize_output(store))
 
 
 def _operator_facts(job: JobSpec, started: float) -> dict[str, Any]:
