@@ -225,3 +225,26 @@ def test_a_model_with_integer_outputs_is_written(tmp_path: Path, slide_path: Pat
     (name,) = list(group)
     stored = group[name]["label"][:]
     assert stored.dtype == np.int64 and sorted(stored) == sorted(labels) and len(labels) > 0
+
+
+def test_a_tile_output_parquet_cannot_hold_is_refused_without_zarr(
+        tmp_path: Path, slide_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A (N, 3, 8, 8) map per tile is 192 values, more than parquet's columns take: it goes to
+    zarr only, and with ``output.formats: [parquet]`` it was left out and the run exited 0 with
+    the index columns alone. Both commands refuse it, naming the output and the fix; with zarr
+    beside parquet it runs and zarr holds the map whole."""
+    import zarr
+    from onnx import helper
+
+    node = helper.make_node("AveragePool", ["x"], ["maps"], kernel_shape=[8, 8], strides=[8, 8])
+    model = onnx_graph(tmp_path / "maps.onnx", [node], [("x", "FLOAT", ["N", 3, 64, 64])],
+                       [("maps", "FLOAT", ["N", 3, 8, 8])])
+    job = slide_job([str(slide_path)], model, tmp_path / "out")
+    job["output"]["formats"] = ["parquet"]
+    err = refused_by_both(tmp_path, job, capsys)
+    assert "output.formats" in err and "'maps'" in err and "add zarr" in err, err
+    job["output"]["formats"] = ["zarr", "parquet"]
+    assert main(["run", str(write_job(tmp_path / "job.yaml", job))]) == 0
+    group = zarr.open_group(str(tmp_path / "out" / "predictions.zarr"), mode="r")
+    (name,) = list(group)
+    assert group[name]["maps"].shape[1:] == (3, 8, 8) and group[name]["maps"].shape[0] > 0

@@ -43,14 +43,18 @@ def output_columns(name: str, values: np.ndarray, limit: int | None = None) -> d
     Outputs of rank 3, (N, bins, tracks), are never flattened into columns (zarr keeps them
     whole); nor are outputs of more than ``limit`` values (default MAX_PARQUET_WIDTH).
     """
-    flat = values.reshape(len(values), int(np.prod(values.shape[1:])))  # also for zero rows
-    if values.ndim == 3:
+    if not parquet_holds(values.shape[1:], limit):
         return {}
+    flat = values.reshape(len(values), int(np.prod(values.shape[1:])))  # also for zero rows
     if flat.shape[1] == 1:
         return {name: flat[:, 0]}
-    if flat.shape[1] > (MAX_PARQUET_WIDTH if limit is None else limit):
-        return {}
     return {f"{name}_{i}": flat[:, i] for i in range(flat.shape[1])}
+
+
+def parquet_holds(item_shape: tuple[int, ...], limit: int | None = None) -> bool:
+    """Whether an output of this per-item shape becomes parquet columns (else zarr alone holds
+    it): not (bins, tracks), and at most ``limit`` values (default MAX_PARQUET_WIDTH)."""
+    return len(item_shape) != 2 and int(np.prod(item_shape)) <= (MAX_PARQUET_WIDTH if limit is None else limit)
 
 
 def zarr_layout(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:

@@ -22,6 +22,7 @@ from gpubatch.core.switches import check_switches
 from gpubatch.io.listing import expand_uris
 from gpubatch.io.storage import missing_extra
 from gpubatch.io.uris import is_remote, local_path, other_host_problem, protocol_of, split_glob
+from gpubatch.outputs.writer import MAX_PARQUET_WIDTH, parquet_holds
 from gpubatch.runtime.model_facts import (
     ZIP_MAGIC,
     OnnxInput,
@@ -398,13 +399,33 @@ def _whole_without_zarr(job: JobSpec, outputs: dict[str, list[int | None]]) -> l
                                    or name not in reduce and not job.windows.variant_scores)]
 
 
+def _wide_without_zarr(job: JobSpec, outputs: dict[str, list[int | None]]) -> list[tuple[str, str]]:
+    """A tile output parquet cannot hold as columns (a map, an embedding wider than
+    MAX_PARQUET_WIDTH) goes to zarr only: with parquet alone it was left out, and the run exited 0
+    with nothing but the index columns."""
+    if "zarr" in job.output.formats:
+        return []
+    item_shapes = {name: dims[1:] for name, dims in outputs.items()}
+    return [("output.formats", f"output {name!r} has {_per_item(shape)} per tile, more than parquet's "
+                               f"{MAX_PARQUET_WIDTH} columns take: only zarr holds it; add zarr to output.formats")
+            for name, shape in item_shapes.items()
+            if None not in shape and not parquet_holds(tuple(int(d) for d in shape if d is not None))]
+
+
+def _per_item(shape: list[int | None]) -> str:
+    return " x ".join(str(d) for d in shape) + " values"
+
+
 def check_track_outputs(job: JobSpec) -> None:
     """Refuse reductions of outputs the model lacks (or lacks in rank or bins), scores with
-    nothing to score, and whole track outputs with nowhere to go."""
-    if job.windows is None or not _local_onnx(job):
+    nothing to score, and outputs with nowhere to go (whole tracks, wide tile outputs, without zarr)."""
+    if not _local_onnx(job):
         return
     outputs = model_outputs(job.model.path)
-    problems = _track_problems(job, outputs) + _whole_without_zarr(job, outputs)
+    if job.windows is None:
+        problems = _wide_without_zarr(job, outputs)
+    else:
+        problems = _track_problems(job, outputs) + _whole_without_zarr(job, outputs)
     if problems:
         raise SpecError(problems)
 
