@@ -300,3 +300,25 @@ def test_a_stray_attempt_that_cannot_be_deleted_is_left_for_the_next_sweep(s3: S
     s3.proxy.reset()
     assert store.listdir("_parts") == ["s1-akept.parquet", "s1-astuck.parquet"]
     assert sweep(store, [CommitRef("s1", "s1-akept.parquet", None)]) == 1
+
+
+def test_a_model_on_object_storage_is_checked_and_loaded_by_the_workers(
+        tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack, clean: pd.DataFrame) -> None:
+    """model.path on S3: ``validate`` fetches and checks the file ``run`` will load (a model whose
+    input disagrees with the tiles was let through, and every input quarantined), and worker
+    processes load it from the URI (the client's copy is not theirs)."""
+    from gpubatch.cli.main import main
+
+    uri = f"s3://{s3.bucket}/models/{uuid.uuid4().hex}/classifier.onnx"
+    s3.fs().put(str(classifier), uri.removeprefix("s3://"))
+    job = _job(tmp_path, slides, classifier, str(tmp_path / "out"))
+    spec = gpubatch.load_job(job).model_dump(mode="json")
+    spec["model"]["path"], spec["input"]["storage"] = uri, s3.options()
+    spec["run"]["profile"] = "local"
+    good = write_job(tmp_path / "remote-model.yaml", spec)
+    assert main(["validate", str(good)]) == 0
+    result = gpubatch.run(good)
+    assert result.exit_code == 0, result.report.get("failed")
+    pd.testing.assert_frame_equal(_sorted(result.predictions()), clean)
+    spec["model"]["input"]["layout"], spec["output"]["uri"] = "NHWC", str(tmp_path / "other")
+    assert main(["validate", str(write_job(tmp_path / "mismatch.yaml", spec))]) == 2

@@ -37,6 +37,9 @@ class RunContext:
     #: the run that writes the commit records, and the hash of the result-changing spec fields
     run_id: str = ""
     result_hash: str = ""
+    #: the storage options ``model_path`` is read with where it is remote (the inputs' for the
+    #: user's own model URI, the output's for a reduced model uploaded beside the outputs)
+    model_storage: dict[str, Any] | None = None
     #: worker processes that share one worker's cores, where the client knows (a SLURM job's
     #: processes); None: counted on the worker, as the scheduler's workers on its host
     workers_per_host: int | None = None

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpubatch.core.errors import GpubatchError
+from gpubatch.io.storage import localize
 from gpubatch.models.base import Model, get_model
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class SlideHead:
         spec = job.slide_model
         if spec is None:
             return None
-        return cls(get_model(spec.path, spec.backend, "fp32", threads), spec.features)
+        return cls(get_model(localize(spec.path, job.input.storage), spec.backend, "fp32", threads), spec.features)
 
     def feature_name(self, outputs: dict[str, np.ndarray]) -> str:
         """The tile output that forms the bag: the spec's name, else the tile model's first."""

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from gpubatch.core.errors import SpecError
+from gpubatch.core.errors import InputError, SpecError
 from gpubatch.core.switches import check_switches
 from gpubatch.io.listing import expand_uris
-from gpubatch.io.storage import missing_extra
+from gpubatch.io.storage import localize, missing_extra
 from gpubatch.io.uris import is_remote, local_path, other_host_problem, protocol_of, split_glob
 from gpubatch.outputs.writer import MAX_PARQUET_WIDTH, parquet_holds
 from gpubatch.runtime.model_facts import (
@@ -235,17 +235,32 @@ def reads_onnx(backend: str, path: str) -> bool:
     return backend in ("onnxruntime", "tensorrt") or backend == "auto" and not path.endswith(TORCH_SUFFIXES)
 
 
-def _local_onnx(job: JobSpec) -> bool:
-    """The job's model is a local file an ONNX backend will load (what the client can read now)."""
-    return reads_onnx(job.model.backend, job.model.path) and not is_remote(job.model.path)
+def _model_file(path: str, storage: dict[str, Any] | None, name: str) -> str:
+    """The local file of a model path: a remote one fetched into the cache ``run`` loads it from
+    (io.storage.localize, keyed by URI and version: fetched once for both), so that ``validate``
+    checks the very file ``run`` loads. Remote models went unchecked, and a model ``run`` then
+    could not use quarantined every input."""
+    if not is_remote(path):
+        return local_path(path)
+    try:
+        return localize(path, storage)
+    except (InputError, OSError) as exc:
+        raise SpecError([(name, f"{path} cannot be fetched: {exc}")]) from None
+
+
+def _onnx_file(job: JobSpec) -> str | None:
+    """The local file of the job's model where an ONNX backend loads it; None for torch."""
+    if not reads_onnx(job.model.backend, job.model.path):
+        return None
+    return _model_file(job.model.path, job.input.storage, "model.path")
 
 
 def check_torch_file(job: JobSpec) -> None:
     """The torch backend loads zip archives (torch.jit.save, torch.export.save); an ONNX file
     named to it would quarantine every input with torch's "not a TorchScript file"."""
-    if reads_onnx(job.model.backend, job.model.path) or is_remote(job.model.path):
+    if reads_onnx(job.model.backend, job.model.path):
         return
-    with open(local_path(job.model.path), "rb") as f:
+    with open(_model_file(job.model.path, job.input.storage, "model.path"), "rb") as f:
         head = f.read(len(ZIP_MAGIC))
     if head != ZIP_MAGIC:
         raise SpecError([("model.path", (
@@ -268,16 +283,17 @@ def _precision_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
 def check_model_input(job: JobSpec) -> None:
     """Refuse, before any work, a model whose input disagrees with the job's batches: item
     shape, element type, or a fixed batch dimension the batches do not match."""
-    if not _local_onnx(job):
+    model = _onnx_file(job)
+    if model is None:
         check_torch_file(job)
         return
-    inputs = model_inputs(job.model.path)
+    inputs = model_inputs(model)
     if len(inputs) > 1:
         raise SpecError([("model.path", (
             f"{job.model.path} takes {len(inputs)} inputs ({', '.join(n for n, _ in inputs)}), but gpubatch "
             "feeds one batch, to the first; export a model with one input (fix the others as "
             "constants, or fold them into the graph)"))])
-    inp = model_first_input(job.model.path)
+    inp = model_first_input(model)
     shape = _shape_problem(job, inp)
     if shape:
         raise SpecError([("model.path", shape)])
@@ -294,9 +310,10 @@ def check_slide_model(job: JobSpec) -> None:
         return
     if not is_remote(spec.path) and not Path(local_path(spec.path)).is_file():
         raise SpecError([("slide_model.path", f"file not found: {spec.path}")])
-    if not _local_onnx(job):
+    model = _onnx_file(job)
+    if model is None:
         return
-    outputs = model_outputs(job.model.path)
+    outputs = model_outputs(model)
     name = spec.features or next(iter(outputs))
     if name not in outputs:
         raise SpecError([("slide_model.features", f"{name!r} is not an output of model.path; its "
@@ -305,7 +322,7 @@ def check_slide_model(job: JobSpec) -> None:
     width = int(np.prod(tail)) if tail and len(tail) == len(outputs[name]) - 1 else None
     if not spec.path.endswith(".onnx") or width is None:
         return
-    head_dims = model_inputs(spec.path, "slide_model.path")[0][1]
+    head_dims = model_inputs(_model_file(spec.path, job.input.storage, "slide_model.path"), "slide_model.path")[0][1]
     if head_dims and head_dims[-1] is not None and head_dims[-1] != width:
         raise SpecError([("slide_model.path", f"the slide model takes features {head_dims[-1]} wide but "
                                               f"model.path's output {name!r} gives {width} per tile")])
@@ -419,9 +436,10 @@ def _per_item(shape: list[int | None]) -> str:
 def check_track_outputs(job: JobSpec) -> None:
     """Refuse reductions of outputs the model lacks (or lacks in rank or bins), scores with
     nothing to score, and outputs with nowhere to go (whole tracks, wide tile outputs, without zarr)."""
-    if not _local_onnx(job):
+    model = _onnx_file(job)
+    if model is None:
         return
-    outputs = model_outputs(job.model.path)
+    outputs = model_outputs(model)
     if job.windows is None:
         problems = _wide_without_zarr(job, outputs)
     else:

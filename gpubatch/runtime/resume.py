@@ -20,7 +20,7 @@ from gpubatch.core.errors import SpecError
 from gpubatch.core.files import file_sha256
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
-from gpubatch.io.storage import input_identity
+from gpubatch.io.storage import input_identity, localize
 from gpubatch.io.uris import split_glob
 from gpubatch.outputs.commits import CommitIndex
 from gpubatch.outputs.layout import LEASE, REPORT_HTML, RUN_DIRS, RUN_STATE, SPEC_RECORD
@@ -39,7 +39,7 @@ def spec_record(job: JobSpec, fields: dict[str, Any] | None = None) -> dict[str,
     (asked once per run by the caller: they HEAD remote inputs), or asked now."""
     fields = job.result_fields() if fields is None else fields
     return {"result_fields": fields, "result_hash": job.result_hash(fields),
-            "model_sha256": file_sha256(job.model.path)}
+            "model_sha256": file_sha256(localize(job.model.path, job.input.storage))}
 
 
 def wipe(store: OutputStore) -> None:

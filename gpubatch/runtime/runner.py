@@ -121,7 +121,7 @@ class _Run:
         done_first = self._before_workers(source, shards, n_workers, scheduler)
         prepared, ctx = self._prepare(source, shards, n_workers)
         if resumed:
-            check_run_model(committed, localize(ctx.model_path, ctx.output_options))
+            check_run_model(committed, localize(ctx.model_path, ctx.model_storage))
             log.info("%d shard(s) already committed, skipped", resumed)
         self.ledger.event("run_start", resumed=resumed, planned=len(shards), spec=redact(job.model_dump(mode="json")),
                           backend=ctx.backend, precision=ctx.precision, gpubatch_version=__version__,
@@ -189,7 +189,7 @@ class _Run:
             update={"path": localize(job.model.path, job.input.storage)})})
         models_dir = self.store.local() if not self.store.remote else cache_root() / "outputs" / self.run_id
         prepared = prepare_model(local_job, source, shards, models_dir)
-        model_path = self._model_for_workers(prepared.path, local_job.model.path)
+        model_path, model_storage = self._model_for_workers(prepared.path, local_job.model.path)
         threads = job.model.threads or (max(1, cpu_count() // n_workers) if self.one_host else None)
         ctx = RunContext(
             outdir=self.store.uri, model_path=model_path,
@@ -199,19 +199,20 @@ class _Run:
             fallback_max_prob=prepared.fallback_max_prob,
             storage_profile=_storage_profile(self.prof, self.one_host),
             output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash(self.fields),
-            workers_per_host=_workers_per_host(self.prof))
+            model_storage=model_storage, workers_per_host=_workers_per_host(self.prof))
         return prepared, ctx
 
-    def _model_for_workers(self, prepared_path: str, local_model: str) -> str:
-        """Where workers find the model: the user's own URI when it was remote; a reduced model
-        made here, uploaded beside the outputs when those are on object storage; else the path."""
+    def _model_for_workers(self, prepared_path: str, local_model: str) -> tuple[str, dict[str, Any] | None]:
+        """Where workers find the model, and the storage options to read it with: the user's own
+        URI when it was remote; a reduced model made here, uploaded beside the outputs when those
+        are on object storage; else the path."""
         if prepared_path == local_model and is_remote(self.job.model.path):
-            return self.job.model.path
+            return self.job.model.path, self.job.input.storage
         if self.store.remote and prepared_path != local_model:
             name = f"{MODELS_DIR}/{Path(prepared_path).name}"
             self.store.write_bytes(name, Path(prepared_path).read_bytes())
-            return self.store.url(name)
-        return prepared_path
+            return self.store.url(name), self.job.output.storage
+        return prepared_path, None
 
     def _submit(self, todo: Iterable[Shard], ctx: RunContext, progress: Progress, n_workers: int,
                 scheduler: str | None) -> list[dict[str, Any]]:
