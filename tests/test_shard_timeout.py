@@ -25,11 +25,16 @@ def _unblock(fifo: Path) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_a_shard_stuck_in_a_read_is_quarantined_after_the_shard_timeout(tmp_path: Path, classifier: Path) -> None:
+@pytest.mark.parametrize("profile", ["local", "inline"])
+def test_a_shard_stuck_in_a_read_is_quarantined_after_the_shard_timeout(tmp_path: Path, classifier: Path,
+                                                                         profile: str) -> None:
+    """``inline`` runs shards on threads of the client, which cannot be stopped: the stuck
+    threads are left behind (the log says so, not that anything was restarted), new ones run
+    the rest, and the process still exits (a thread pool's threads are joined at exit: it hung)."""
     (tmp_path / "slides").mkdir()
     slides = synthetic_slides(tmp_path / "slides", N_SLIDES, 300, "h", (1024, 768))
     job = slide_job([str(slides / "*.tif")], classifier, tmp_path / "out",
-                    run={"profile": "local", "workers": 1, "readers": 1, "prefetch_batches": 2, "stage_ahead": 0,
+                    run={"profile": profile, "workers": 1, "readers": 1, "prefetch_batches": 2, "stage_ahead": 0,
                          "retries": 1, "shard_timeout": 6})
     job["tiles"] = {"size": 16, "level": 0, "tissue": {"method": "none"}}
     job["model"]["batch_size"] = 1  # each slide takes seconds: the last is not opened before it is swapped
@@ -56,3 +61,5 @@ def test_a_shard_stuck_in_a_read_is_quarantined_after_the_shard_timeout(tmp_path
     committed = [a["shard_id"] for a in audit_lines(tmp_path / "out")]
     assert len(committed) == len(set(committed)) == N_SLIDES - 1
     assert "Traceback" not in log, log
+    if profile == "inline":
+        assert "cannot be stopped" in log and "left behind" in log and "restarting" not in log, log

@@ -7,6 +7,8 @@ exit 1.
 
 from __future__ import annotations
 
+import errno
+
 from gpubatch.io.redact import safe_text
 
 EXIT_OK = 0
@@ -120,3 +122,40 @@ class MissingExtraError(GpubatchError, ImportError):
             f"{what} needs the '{package}' package, which is not installed: "
             f"pip install 'gpubatch[{extra}]'"
         )
+
+
+#: errors that say a disk (or a quota, or a file size limit) has no room left: the writer's
+#: doing, never the input's
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class DiskFull(GpubatchError):
+    """A disk the run writes to has no room left (the output's, or a worker's local one).
+
+    No input is at fault, and every later shard would fail the same way: the run stops at once
+    instead of retrying each shard and quarantining its input as if it were bad. What was
+    committed stands; ``--resume`` continues once there is room."""
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The OSError in ``exc`` or its causes that says a disk is full, or None. Libraries wrap it
+    (pyarrow's, zarr's, a storage error's ``from``), so the chain is followed."""
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, OSError) and node.errno in DISK_FULL_ERRNOS:
+            return node
+        node = node.__cause__ or node.__context__
+    return None
+
+
+def disk_full_message(err: OSError, output_uri: str) -> str:
+    """What to tell the user: which file could not be written, why, and that no input was blamed."""
+    why = {errno.EDQUOT: "the disk quota is used up",
+           errno.EFBIG: "a file reached the size limit (the filesystem's, or the process's ulimit -f)"}
+    where = safe_text(str(err.filename)) if err.filename else "a file"
+    return (f"the disk is full: {why.get(err.errno or 0, 'no space left on the device')} "
+            f"({safe_text(err.strerror or str(err))}) writing {where} of the output {safe_text(output_uri)}. "
+            "No input is at fault and none was quarantined; the run stops. Free space there (or give "
+            "another output.uri) and run again with --resume: every committed shard stands")

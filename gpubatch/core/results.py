@@ -69,6 +69,9 @@ class ShardResult:
     model_sha256: str | None = None
     spec_sha256: str | None = None
     run_id: str | None = None
+    #: the attempt failed for a reason that is the run's, not the input's (a full disk): the
+    #: client stops the run with ``error`` rather than retrying or quarantining the input
+    stops_run: bool = False
     #: what a second stage reduced the shard's items to, on the worker (a slide head's logits):
     #: output name -> nested lists of floats (None where undefined, e.g. a slide with no tiles)
     shard_outputs: dict[str, Any] = field(default_factory=dict)

@@ -19,7 +19,7 @@ from typing import Any
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.cpu import core_times, count_core_use
-from gpubatch.core.errors import InputChanged, InputError
+from gpubatch.core.errors import InputChanged, InputError, disk_full, disk_full_message
 from gpubatch.core.files import file_sha256
 from gpubatch.core.memory import cap_malloc_arenas, use_system_arrow_pool
 from gpubatch.core.results import ShardResult
@@ -178,12 +178,19 @@ def _configure_worker_once(ctx: RunContext) -> None:
             _CONFIGURED["key"] = key
 
 
-def _failure(shard: Shard, exc: BaseException, started: float) -> ShardResult:
-    """The summary of a shard that failed: a bad input is not worth retrying, anything else may be."""
-    bad_input = isinstance(exc, InputError)
+def _failure(shard: Shard, exc: BaseException, started: float, outdir: str) -> ShardResult:
+    """The summary of a shard that failed: a bad input is not worth retrying, anything else may be.
+
+    A full disk is neither: the storage wrappers make it an InputError (of the output's URI), and
+    retried it fails every shard alike, each input quarantined as if bad. It stops the run."""
+    full = disk_full(exc)
+    bad_input = isinstance(exc, InputError) and full is None
     message = exc.message if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+    if full is not None:
+        message = disk_full_message(full, outdir)
     result = ShardResult.failure(shard.shard_id, shard.input_uri, message,
                                  retryable=bool(getattr(exc, "retryable", False)) or not bad_input)
+    result.stops_run = full is not None
     result.host, result.pid, result.start, result.end = socket.gethostname(), os.getpid(), started, time.time()
     result.traceback = "" if bad_input else traceback.format_exc(limit=5)
     return result
@@ -265,7 +272,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
         error = _read_again_if_changed(exc, shard.input_uri, identity, job.input.storage)
         if isinstance(error, InputChanged):
             _forget_stale(source, job, shard)
-        failed = _failure(shard, error, started)
+        failed = _failure(shard, error, started, ctx.outdir)
         failed.attempt = attempt
         return failed
     try:  # committed: a failure to tidy up after it must not turn the shard into a failure

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as thread_wait
 from typing import Any
 
@@ -84,14 +86,49 @@ class InlineExecutor(Executor):
 
     Two shards at a time let one shard's setup (open, tissue mask) overlap the other's compute;
     the model session is shared, as on a Dask worker.
+
+    A shard given up on (run.shard_timeout) cannot be stopped: Python has no way to stop a
+    thread, least of all one blocked in a read in the kernel. Its thread is left behind and a
+    new one takes its place, so the run goes on at full width; the threads are daemons, so the
+    one left behind does not hold the process open at its end (a ThreadPoolExecutor's threads
+    are joined at exit, and the run hung there after saying it was done).
     """
 
     def __init__(self, threads: int = 2):
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gpubatch-shard")
-        self._stuck = False  # a shard given up on still holds a thread: closing must not wait on it
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue())
+        self._threads: list[threading.Thread] = []
+        self._abandoned: set[Future[Any]] = set()
+        self._lock = threading.Lock()
+        self._running: dict[threading.Thread, Future[Any]] = {}
+        for _ in range(max(1, threads)):
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        thread = threading.Thread(target=self._work, name=f"gpubatch-shard-{len(self._threads)}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        while (item := self._queue.get()) is not None:
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            with self._lock:
+                self._running[me] = fut
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting client
+                fut.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._running.pop(me, None)
 
     def submit(self, fn: Callable[..., Any], *args: Any, key: str, worker: str | None = None) -> Future[Any]:
-        return self.pool.submit(fn, *args)
+        fut: Future[Any] = Future()
+        self._queue.put((fut, fn, args))
+        return fut
 
     def wait_first(self, pending: set[Any], timeout: float | None = None) -> set[Any]:
         return set(thread_wait(pending, timeout=timeout, return_when=FIRST_COMPLETED).done)
@@ -102,12 +139,33 @@ class InlineExecutor(Executor):
             fut.cancel()
 
     def abandon(self, stuck: set[Any]) -> None:
-        """The threads stay stuck (Python cannot stop one); the run goes on without them."""
-        self._stuck = True
+        """The threads running ``stuck`` stay stuck (Python cannot stop one) and are left
+        behind; as many new threads take their places."""
         self.cancel(stuck)
+        with self._lock:
+            held = [fut for fut in self._running.values() if fut in stuck]
+            self._abandoned.update(held)
+        for _ in held:
+            self._start_thread()
+        if held:
+            log.warning("%d shard thread(s) given up on after run.shard_timeout cannot be stopped (the "
+                        "inline profile runs shards on threads of this process): they are left behind, "
+                        "still blocked, and new threads run the rest; a profile with worker processes "
+                        "(local) restarts a stuck worker instead", len(held))
 
     def close(self) -> None:
-        self.pool.shutdown(wait=not self._stuck, cancel_futures=True)
+        """Let the threads finish what they run and stop, but wait on none left behind stuck;
+        shards not yet started never start."""
+        with contextlib.suppress(queue.Empty):
+            while (item := self._queue.get_nowait()) is not None:
+                item[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        with self._lock:
+            stuck = {t for t, fut in self._running.items() if fut in self._abandoned}
+        for thread in self._threads:
+            if thread not in stuck:
+                thread.join()
 
 
 class SchedulerLost(GpubatchError):
@@ -200,10 +258,12 @@ class DaskExecutor(Executor):
             return
         log.warning("restarting worker(s) %s: a shard there ran past run.shard_timeout", ", ".join(holders))
         try:
-            self.client.restart_workers(holders, timeout=CLOSE_TIMEOUT_S, raise_for_error=False)
-        except Exception as exc:  # noqa: BLE001 - e.g. a worker started without a nanny
-            log.warning("could not restart %s (%s): its stuck thread keeps one of its slots",
-                        ", ".join(holders), exc)
+            outcome = self.client.restart_workers(holders, timeout=CLOSE_TIMEOUT_S, raise_for_error=False)
+        except Exception as exc:  # noqa: BLE001 - a scheduler that does not answer
+            outcome = {w: f"failed ({exc})" for w in holders}
+        for worker, how in sorted((outcome or {}).items()):
+            if how != "OK":
+                log.warning("worker %s was not restarted: %s", worker, _not_restarted(str(how)))
 
     def running(self) -> set[str] | None:
         try:
@@ -275,6 +335,16 @@ class DaskExecutor(Executor):
         finally:
             if self.cluster is not None:
                 self.cluster.close(timeout=CLOSE_TIMEOUT_S)
+
+
+def _not_restarted(how: str) -> str:
+    """What became of a worker stuck past run.shard_timeout that its nanny did not restart."""
+    if how == "removed":
+        return ("it has no nanny (started with --no-nanny, or a deployment's own), so nothing can stop its "
+                "stuck thread or start it again: the scheduler removed it from the run, which goes on with "
+                "the other workers (start workers with a nanny to have stuck ones restarted)")
+    return (f"{how}: its stuck thread may hold one of its slots for good; if the run stops making progress, "
+            "restart that worker")
 
 
 @contextlib.contextmanager

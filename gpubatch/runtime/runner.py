@@ -27,8 +27,11 @@ from gpubatch.core.errors import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_PARTIAL,
+    DiskFull,
     InputError,
     OutputsNotWrittenError,
+    disk_full,
+    disk_full_message,
 )
 from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.memory import collections_of_this_run, hand_back_freed_memory
@@ -137,7 +140,10 @@ class _Run:
                 raise_if_stopped()  # one a finaliser dropped after the last poll
                 self.lease.check()  # the run's end writes the output's own files: only while it is ours
             except BaseException as exc:
-                self._abandon(progress, exc)
+                full = _as_disk_full(exc, self.store.uri)
+                self._abandon(progress, full or exc)
+                if full is not None:
+                    raise full from exc
                 raise
             finally:
                 progress.close()
@@ -318,6 +324,13 @@ def _unfinished_html(store: OutputStore) -> None:
     from gpubatch.report.summary import summarize_output
 
     write_html(store, summarize_output(store))
+
+
+def _as_disk_full(exc: BaseException, output_uri: str) -> DiskFull | None:
+    """A full disk met on the client (an audit record, status.json) said as such, not as a
+    traceback of the write that met it; None for any other error."""
+    full = disk_full(exc) if not isinstance(exc, DiskFull) else None
+    return DiskFull(disk_full_message(full, redact(output_uri))) if full is not None else None
 
 
 def _operator_facts(job: JobSpec, started: float) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from gpubatch.core.errors import GpubatchError
+from gpubatch.core.errors import DiskFull, GpubatchError
 from gpubatch.core.memory import hand_back_freed_memory
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
@@ -205,6 +205,8 @@ class Submitter:
                             fut.shard.shard_id)
                 self._submit_again({fut})
                 continue
+            if result.stops_run:  # a full disk: every shard would fail alike, and no input is to blame
+                raise DiskFull(result.error or "the disk is full")
             if not result.ok and result.retryable and result.attempt <= self.job.run.retries:
                 log.warning("shard %s failed (%s); retrying", result.shard_id, result.error)
                 if self.on_retry is not None:
