@@ -35,6 +35,7 @@ from gpubatch.io.retry import (
     RetryPolicy,
     call_with_retries,
     count_retries,
+    is_throttled,
     is_transient,
     storage_error,
 )
@@ -313,8 +314,9 @@ class RetryingReader(ReaderWrapper):
             failed = [i for i, r in enumerate(results) if r.error is not None and is_transient(r.error)]
             if not failed:
                 return results
-            count_retries(self.clocks, len(failed))
-            time.sleep(self.policy.delay(attempt - 1))
+            errors = [e for e in (results[i].error for i in failed) if e is not None]
+            count_retries(self.clocks, len(failed), sum(is_throttled(e) for e in errors))
+            time.sleep(self.policy.delay_for(attempt - 1, errors))
             for i, again in zip(failed, self.inner.fetch_spans([spans[i] for i in failed]), strict=True):
                 results[i] = again
         for r in results:
