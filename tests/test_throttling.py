@@ -131,3 +131,21 @@ def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
     ahead = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
     assert 28 <= (parse_retry_after(ahead) or 0) <= 30
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+def test_the_run_section_bounds_each_wait() -> None:
+    import pydantic
+
+    from gpubatch.io.retry import policy_for
+    from gpubatch.spec import RunSpec
+
+    policy = policy_for(RunSpec.model_validate({"storage_attempts": 7, "storage_max_wait_s": 2}))
+    assert (policy.attempts, policy.max_wait_s) == (7, 2.0)
+    assert policy_for(RunSpec()).max_wait_s == 30.0
+    with pytest.raises(pydantic.ValidationError, match="storage_max_wait_s"):
+        RunSpec.model_validate({"storage_max_wait_s": 0})
+    throttled = OSError("SlowDown")
+    throttled.__cause__ = type("ClientError", (Exception,), {"response": {
+        "Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503,
+                                                            "HTTPHeaders": {"retry-after": "120"}}}})()
+    assert policy.delay(0, throttled) == 2.0 and policy.delay(4, throttled) == 2.0

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from gpubatch.core.errors import InputChanged, InputError
 from gpubatch.io.redact import redact
@@ -66,7 +66,7 @@ OBSTORE_TRANSIENT_TEXT = ("timed out", "connection reset", "broken pipe", "error
 
 #: a throttled retry's backoff starts this many times ``base_s`` (1 s for the default 0.05 s)
 THROTTLE_FACTOR = 20
-#: the longest any retry waits unless the policy says otherwise
+#: the longest any retry waits unless the policy says otherwise (``run.storage_max_wait_s``)
 MAX_WAIT_S = 30.0
 
 
@@ -104,6 +104,19 @@ class RetryPolicy:
     def delay_for(self, attempt: int, errors: Iterable[BaseException]) -> float:
         """The wait before retrying several failed requests together: the longest any asks for."""
         return max((self.delay(attempt, exc) for exc in errors), default=self.delay(attempt))
+
+
+class RunRetrySettings(Protocol):
+    """The job spec's ``run`` settings a retry policy is made of (gpubatch.spec.RunSpec)."""
+
+    storage_attempts: int
+    storage_max_wait_s: float
+
+
+def policy_for(run: RunRetrySettings) -> RetryPolicy:
+    """The retry policy a job's ``run`` section asks for: one place, so that a setting added
+    there reaches every reader the job opens."""
+    return RetryPolicy(attempts=run.storage_attempts, max_wait_s=run.storage_max_wait_s)
 
 
 def _is_obstore(exc: BaseException) -> bool:
@@ -322,7 +335,7 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
         return InputError(uri, f"access denied ({status or 403}): {_who_may_not_read(uri)}")
     if is_transient(exc) and is_throttled(exc):
         return InputError(uri, f"throttled: its server kept refusing requests ({throttle_label(exc)}) after "
-                               f"{attempts} attempt(s), each retry backing off for seconds: "
+                               f"{attempts} attempt(s), each retry backing off (up to run.storage_max_wait_s): "
                                f"fewer run.readers or workers ask less of it ({detail})", retryable=True)
     if is_transient(exc):
         return InputError(uri, f"storage kept failing after {attempts} attempt(s) ({detail})"
