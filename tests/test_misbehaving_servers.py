@@ -227,3 +227,26 @@ def test_a_whole_object_read_from_a_server_that_ignores_range_is_its_answer(
         assert reader.fetch(0, reader.size()) == DATA
         with pytest.raises(RangesIgnored):
             reader.fetch(0, 100)
+
+
+@pytest.mark.parametrize("mode", ["shifted", "whole"])
+def test_an_s3_endpoint_read_through_s3fs_is_checked_to_answer_the_range_asked(
+        server: MisbehavingServer, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # range_reader fsspec (or an option obstore does not take) reads s3:// through s3fs, whose
+    # _cat_file hands on any body: another range's bytes, or a whole object read into memory
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "fsspec")
+    server.mode = mode
+    if mode == "whole":
+        server.data = DATA * 64  # 16 MiB: refused on its status, its body left unread
+    options = {"endpoint_url": server.url, "key": "AKIAFAKEFAKEFAKE0004", "secret": "not-a-real-secret",
+               "client_kwargs": {"region_name": "us-east-1"}}
+    with open_ranges("s3://bucket/slides/l.svs", options, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
+        assert reader.client == "fsspec"
+        with pytest.raises(InputError) as caught:
+            reader.fetch(1000, 5000)
+    message = str(caught.value)
+    assert not caught.value.retryable and "l.svs" in message and "not-a-real-secret" not in message
+    if mode == "shifted":
+        assert "asked bytes 1000-4999, answered bytes 0-3999" in message, message
+    else:
+        assert isinstance(caught.value, RangesIgnored) and "answered 200" in message, message

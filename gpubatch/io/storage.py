@@ -33,11 +33,11 @@ from gpubatch.io import clouds, obstore
 from gpubatch.io.ranges import (
     Fetched,
     FsspecRangeReader,
-    HttpRangeReader,
     LocalRangeReader,
     RangeFile,
     RangeReader,
     ReaderWrapper,
+    fsspec_reader,
     retried_and_measured,
 )
 from gpubatch.io.redact import redact, register_secrets, register_uri
@@ -322,10 +322,9 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
 
 
 def _fsspec_reader(uri: str, options: dict[str, Any] | None, max_concurrency: int) -> FsspecRangeReader:
-    """fsspec's reader for ``uri``: for http(s), one that checks each answer is the range asked."""
+    """fsspec's reader for ``uri``: for http(s) and s3, one that checks each answer is the range asked."""
     fs, path = get_fs(uri, options)
-    http = protocol_of(uri) in ("http", "https") and hasattr(fs, "set_session")
-    return (HttpRangeReader if http else FsspecRangeReader)(fs, path, uri, max_concurrency=max_concurrency)
+    return fsspec_reader(fs, path, uri, max_concurrency)
 
 
 class _FsspecWhenUnsized(ReaderWrapper):
