@@ -344,7 +344,8 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
 
 
 #: where a scheme's storage options set how long a read may wait on a silent server
-READ_TIMEOUT_SETTING = {"s3": "input.storage config_kwargs.read_timeout (seconds; 60 unless set)"}
+READ_TIMEOUT_SETTING = {"s3": "input.storage config_kwargs.read_timeout (seconds; 60 unless set)",
+                        "http": "a silence of 60 s (connection 10 s)"}
 
 
 def timed_out(exc: BaseException) -> bool:
@@ -371,7 +372,7 @@ def _timeout_hint(uri: str) -> str:
 #: where each scheme's client finds credentials that no option gave, for a denied read's message
 CREDENTIALS_ENVIRONMENT = {"s3": "the AWS_* environment", "gs": "GOOGLE_APPLICATION_CREDENTIALS (or gcloud's "
                            "application-default login)", "az": "the AZURE_STORAGE_* environment"}
-_SCHEME_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+_SCHEME_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "https": "http"}
 
 
 def _who_may_not_read(uri: str) -> str:
