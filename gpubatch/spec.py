@@ -256,6 +256,9 @@ class RunSpec(_Strict):
     prefetch_batches: int = Field(8, ge=1, le=1024)
     retries: int = Field(2, ge=0, le=100)
     storage_attempts: int = Field(5, ge=1, le=50, description="tries per storage request (transient errors)")
+    storage_max_wait_s: float = Field(
+        30.0, ge=0.1, le=600, description="the longest one storage retry waits: a throttling server's "
+                                          "Retry-After is honoured up to it, and throttled backoff stops growing there")
     stage_ahead: int = Field(2, ge=0, le=64, description="slides each worker process stages or opens ahead")
     workers: int | None = Field(None, ge=1, description="worker processes; default from the profile")
     worker_timeout: float = Field(

@@ -3,6 +3,7 @@ If-Match on a plain HTTP server."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -87,7 +88,8 @@ class MisbehavingServer:
     (the connection held open), ``whole`` answers a Range request 200 with the whole object (a
     server without range support), ``shifted`` answers 206 with another range than asked (its
     Content-Range says which). HEAD is always answered truthfully; ``mode`` may be changed while
-    it serves; ``fail_first`` requests are answered ``fail_status`` first. Stalled handlers wait
+    it serves; ``fail_first`` requests are answered ``fail_status`` first (with ``fail_headers``
+    and ``fail_body``: a throttling server's Retry-After and S3's SlowDown). Stalled handlers wait
     on ``release``, which :meth:`close` sets."""
 
     def __init__(self, data: bytes, mode: str = "ok"):
@@ -97,6 +99,10 @@ class MisbehavingServer:
         self.data, self.mode, self.release = data, mode, threading.Event()
         #: the next this many requests (HEAD or GET) are answered ``fail_status``, with no body
         self.fail_first, self.fail_status, self.requests = 0, 503, 0
+        self.fail_headers: dict[str, str] = {}
+        self.fail_body = b""
+        #: when each request arrived (time.monotonic), to measure how long a client backed off
+        self.arrivals: list[float] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -107,12 +113,17 @@ class MisbehavingServer:
 
             def _failed(self) -> bool:
                 server.requests += 1
+                server.arrivals.append(time.monotonic())
                 if server.fail_first <= 0:
                     return False
                 server.fail_first -= 1
+                body = server.fail_body if self.command != "HEAD" else b""
                 self.send_response(server.fail_status)
-                self.send_header("Content-Length", "0")
+                for name, value in server.fail_headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                self.wfile.write(body)
                 return True
 
             def do_HEAD(self) -> None:  # noqa: N802 - http.server's name

@@ -227,3 +227,64 @@ def test_a_whole_object_read_from_a_server_that_ignores_range_is_its_answer(
         assert reader.fetch(0, reader.size()) == DATA
         with pytest.raises(RangesIgnored):
             reader.fetch(0, 100)
+
+
+@pytest.mark.parametrize("mode", ["shifted", "whole"])
+def test_an_s3_endpoint_read_through_s3fs_is_checked_to_answer_the_range_asked(
+        server: MisbehavingServer, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # range_reader fsspec (or an option obstore does not take) reads s3:// through s3fs, whose
+    # _cat_file hands on any body: another range's bytes, or a whole object read into memory
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "fsspec")
+    server.mode = mode
+    if mode == "whole":
+        server.data = DATA * 64  # 16 MiB: refused on its status, its body left unread
+    options = {"endpoint_url": server.url, "key": "AKIAFAKEFAKEFAKE0004", "secret": "not-a-real-secret",
+               "client_kwargs": {"region_name": "us-east-1"}}
+    with open_ranges("s3://bucket/slides/l.svs", options, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
+        assert reader.client == "fsspec"
+        with pytest.raises(InputError) as caught:
+            reader.fetch(1000, 5000)
+    message = str(caught.value)
+    assert not caught.value.retryable and "l.svs" in message and "not-a-real-secret" not in message
+    if mode == "shifted":
+        assert "asked bytes 1000-4999, answered bytes 0-3999" in message, message
+    else:
+        assert isinstance(caught.value, RangesIgnored) and "answered 200" in message, message
+
+
+@pytest.mark.parametrize("mode", ["silent", "stall"])
+def test_a_plain_url_read_by_obstore_from_a_server_that_stops_answering_fails_in_bounded_time(
+        server: MisbehavingServer, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpubatch.io import obstore
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    monkeypatch.setattr(obstore, "READ_TIMEOUT_S", 1.0)
+    server.mode = mode
+    got = read_bounded(f"{server.url}/slides/m.svs", 1000, 5000, limit_s=20)
+    assert isinstance(got, InputError) and got.retryable, got
+    assert "m.svs" in str(got) and "timed out" in str(got) and "a silence of 60 s" in str(got), got
+
+
+def test_a_file_streamed_from_a_server_that_stops_answering_fails_in_bounded_time(
+        server: MisbehavingServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # open_file's reads (a BED file, a FASTA) are fsspec's file's own requests, with library options
+    monkeypatch.setattr(storage, "HTTP_READ_TIMEOUT_S", 1.0)
+    server.mode = "silent"
+
+    def read() -> bytes:
+        with storage.open_file(f"{server.url}/ref/regions.bed") as f:
+            return bytes(f.read())
+
+    got = outcome_within(read, 20, "the streamed read was")
+    assert isinstance(got, Exception) and "Timeout" in type(got).__name__, repr(got)
+
+
+def test_a_file_streamed_from_a_throttling_server_is_not_called_missing(server: MisbehavingServer) -> None:
+    # fsspec's HTTP exists() says False for a 503 (or a timeout): that read as "file not found"
+    server.fail_first, server.fail_status, server.fail_headers = 10**6, 503, {"Retry-After": "0"}
+    with pytest.raises(InputError) as caught, storage.open_file(f"{server.url}/ref/other.bed"):
+        pass
+    assert caught.value.retryable and "other.bed" in str(caught.value) and "503" in str(caught.value), caught.value
+    server.fail_status = 404
+    with pytest.raises(InputError, match="file not found"), storage.open_file(f"{server.url}/ref/missing.bed"):
+        pass

@@ -114,6 +114,7 @@ def storage_summary(counters: dict[str, float], wall_s: float,
         "read_ahead_peak_bytes": int((peaks or {}).get("storage.read_ahead_bytes", 0)) or None,
         **latency_percentiles(counters),
         "retries": int(get("storage.retries", 0)), "library_retries": int(get("storage.library_retries", 0)),
+        "throttled": int(get("storage.throttled", 0)),
         "staged_bytes": int(get("storage.staged_bytes", 0)),
         "cache_hits": int(get("storage.cache_hits", 0)), "wait_s": round(float(get("storage.wait_s", 0.0)), 4),
     }

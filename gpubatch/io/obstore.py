@@ -51,6 +51,10 @@ SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "a
 #: the longest a call waits for its requests: obstore's own timeouts (connect 10 s, request 60 s
 #: by default) end every request well before; this only bounds a wait that would hang
 WAIT_S = 600.0
+#: each request's bounds where the options set none (config_kwargs connect_timeout, read_timeout:
+#: s3 only): a server that accepts and never answers fails the request, which is retried
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
 #: where an S3 bucket's region is asked when nothing configures it (the header s3fs reads too)
 REGION_URL = "https://{bucket}.s3.amazonaws.com"
 
@@ -169,8 +173,8 @@ def _unknown(options: dict[str, Any], known: set[str]) -> None:
 def _client_options(options: dict[str, Any], endpoint: str | None) -> Any:
     config = options.get("config_kwargs") or {}
     client: dict[str, Any] = {
-        "timeout": timedelta(seconds=float(config.get("read_timeout") or 60)),
-        "connect_timeout": timedelta(seconds=float(config.get("connect_timeout") or 10)),
+        "timeout": timedelta(seconds=float(config.get("read_timeout") or READ_TIMEOUT_S)),
+        "connect_timeout": timedelta(seconds=float(config.get("connect_timeout") or CONNECT_TIMEOUT_S)),
         # below a server's keep-alive (S3 closes idle connections after about 20 s): a pooled
         # connection found dead on reuse would cost a counted retry
         "pool_idle_timeout": timedelta(seconds=15),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -35,6 +36,7 @@ from gpubatch.io.retry import (
     RetryPolicy,
     call_with_retries,
     count_retries,
+    is_throttled,
     is_transient,
     storage_error,
 )
@@ -247,6 +249,28 @@ class WrongRange(Exception):
     """A 206 answer whose Content-Range is not the range asked: its bytes are of another place."""
 
 
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def check_answer(uri: str, start: int, stop: int, status: int | None, content_range: str | None,
+                 length: int | None) -> None:
+    """Refuse an answer to a GET of bytes [start, stop) that is not of those bytes, before its
+    body is read: a 200 (the server ignores Range: the whole object) unless the whole object
+    was asked for (from byte 0 to its Content-Length), or a Content-Range of another place. An
+    answer that stops short at the object's end is let through: the caller says it is truncated."""
+    whole = start == 0 and length in (None, stop)  # asked for all of it: the answer
+    if status == 200 and not whole:
+        raise RangesIgnored(uri, f"a request for bytes {start}-{stop - 1} was answered 200")
+    answered = (content_range or "").strip()
+    if not answered or answered.startswith(f"bytes {start}-{stop - 1}/"):
+        return
+    parts = _CONTENT_RANGE.fullmatch(answered)
+    at_end = (parts is not None and int(parts[1]) == start and parts[3] != "*"
+              and int(parts[2]) == int(parts[3]) - 1 < stop - 1)
+    if not at_end:
+        raise WrongRange(f"asked bytes {start}-{stop - 1}, answered {answered}")
+
+
 class HttpRangeReader(FsspecRangeReader):
     """fsspec's HTTP filesystem, with each answer checked before its body is used.
 
@@ -263,13 +287,43 @@ class HttpRangeReader(FsspecRangeReader):
         session = await fs.set_session()
         async with session.get(fs.encode_url(self.path), headers=headers, **options) as r:
             fs._raise_not_found_for_status(r, self.path)
-            whole = start == 0 and r.content_length in (None, stop)  # asked for all of it: the answer
-            if r.status == 200 and not whole:  # the body (the whole object) is left unread
-                raise RangesIgnored(self.uri, f"a request for bytes {start}-{stop - 1} was answered 200")
-            answered = (r.headers.get("Content-Range") or "").strip()
-            if answered and not answered.startswith(f"bytes {start}-{stop - 1}/"):
-                raise WrongRange(f"asked bytes {start}-{stop - 1}, answered {answered}")
-            return await r.read()
+            check_answer(self.uri, start, stop, r.status, r.headers.get("Content-Range"), r.content_length)
+            return await r.read()  # (a refused answer's body is left unread)
+
+
+class S3RangeReader(FsspecRangeReader):
+    """s3fs, with each GetObject's answer checked before its body is used.
+
+    s3fs's ``_cat_file`` hands on whatever body comes back, as fsspec's HTTP client does: an
+    S3-compatible server (a gateway, a proxy) that ignores Range answers 200 with the whole
+    object, read into memory for every span, and one that answers another range than asked gives
+    bytes of another place. Here the status and ContentRange are read first, as
+    :class:`HttpRangeReader` reads its answer's (obstore checks the same)."""
+
+    async def _get(self, start: int, stop: int) -> bytes:
+        from s3fs.core import version_id_kw
+
+        fs = self.fs
+        bucket, key, version = fs.split_path(self.path)
+        answer = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}",
+                                   **version_id_kw(version))
+        body = answer["Body"]
+        try:
+            status = (answer.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            check_answer(self.uri, start, stop, status, answer.get("ContentRange"), answer.get("ContentLength"))
+            return await body.read()
+        finally:
+            body.close()
+
+
+def fsspec_reader(fs: Any, path: str, uri: str, max_concurrency: int = 64) -> FsspecRangeReader:
+    """fsspec's reader for ``fs``: for http(s) and s3, one that checks each answer is the range
+    asked (their clients hand on any body); for the rest, the client's own ``_cat_file``."""
+    if hasattr(fs, "set_session") and hasattr(fs, "encode_url"):  # fsspec's HTTP filesystem
+        return HttpRangeReader(fs, path, uri, max_concurrency=max_concurrency)
+    if hasattr(fs, "_call_s3") and hasattr(fs, "split_path"):  # s3fs
+        return S3RangeReader(fs, path, uri, max_concurrency=max_concurrency)
+    return FsspecRangeReader(fs, path, uri, max_concurrency=max_concurrency)
 
 
 class ReaderWrapper(RangeReader):
@@ -313,8 +367,9 @@ class RetryingReader(ReaderWrapper):
             failed = [i for i, r in enumerate(results) if r.error is not None and is_transient(r.error)]
             if not failed:
                 return results
-            count_retries(self.clocks, len(failed))
-            time.sleep(self.policy.delay(attempt - 1))
+            errors = [e for e in (results[i].error for i in failed) if e is not None]
+            count_retries(self.clocks, len(failed), sum(is_throttled(e) for e in errors))
+            time.sleep(self.policy.delay_for(attempt - 1, errors))
             for i, again in zip(failed, self.inner.fetch_spans([spans[i] for i in failed]), strict=True):
                 results[i] = again
         for r in results:

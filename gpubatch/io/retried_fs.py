@@ -13,10 +13,10 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from gpubatch.io.ranges import (
-    FsspecRangeReader,
     LocalRangeReader,
     RangeFile,
     RangeReader,
+    fsspec_reader,
     retried_and_measured,
 )
 from gpubatch.io.redact import redact
@@ -75,7 +75,7 @@ class RetriedFS:
         if self._local():  # pread, as every local read: not fsspec's async wrapper in a thread
             inner = LocalRangeReader(path)
         else:
-            inner = FsspecRangeReader(self.fs, path, self.name, max_concurrency=4)
+            inner = fsspec_reader(self.fs, path, self.name, max_concurrency=4)
         reader = retried_and_measured(inner, self.policy, self.clocks)
         return RangeFile(reader, size, path.rsplit("/", 1)[-1], blocksize=blocksize)
 

@@ -8,13 +8,15 @@ jitter, and the number of attempts is bounded by ``run.storage_attempts``.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import errno
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from gpubatch.core.errors import InputChanged, InputError
 from gpubatch.io.redact import redact
@@ -29,7 +31,14 @@ TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET
                     errno.ECONNREFUSED, errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH,
                     getattr(errno, "EREMOTEIO", 121)}
 TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-                   "ServiceUnavailable", "RequestTimeTooSkewed", "503", "500", "502", "504"}
+                   "ServiceUnavailable", "RequestTimeTooSkewed", "503", "500", "502", "504",
+                   "TooManyRequests", "RequestLimitExceeded", "429"}
+#: error codes (S3's, botocore's, Azure's, GCS's) that mean "too many requests: slow down"; any
+#: code that begins with "Throttl" means it too (Throttling, ThrottlingException, ThrottledRequest)
+THROTTLE_CODES = {"SlowDown", "ServiceUnavailable", "TooManyRequests", "RequestLimitExceeded",
+                  "ServerBusy", "rateLimitExceeded", "503", "429"}
+#: HTTP statuses a server refuses with when it is asked too often (or too busy to answer)
+THROTTLE_STATUSES = {429, 503}
 #: exception class names (anywhere in the cause chain) that mean "try again"; names, so that no
 #: client library has to be imported to recognise its errors
 TRANSIENT_NAMES = {"HTTPClientError", "ClientConnectionError", "ClientPayloadError",
@@ -55,16 +64,59 @@ OBSTORE_TRANSIENT_TEXT = ("timed out", "connection reset", "broken pipe", "error
                           "slowdown", "service unavailable", "dispatch task is gone")
 
 
+#: a throttled retry's backoff starts this many times ``base_s`` (1 s for the default 0.05 s)
+THROTTLE_FACTOR = 20
+#: the longest any retry waits unless the policy says otherwise (``run.storage_max_wait_s``)
+MAX_WAIT_S = 30.0
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter: attempt n waits U(0, min(cap, base * 2**n))."""
+    """Exponential backoff with full jitter: attempt n waits U(0, min(cap, base * 2**n)).
+
+    A throttled request (429, 503 SlowDown, Throttling*: :func:`is_throttled`) waits longer: its
+    server asked for fewer requests, and retries milliseconds apart (0.4 s over five attempts)
+    only add to the load it refused, then give up on an object that a few seconds' patience reads.
+    It waits what the answer's Retry-After asks where the error carries one (:func:`retry_after_s`),
+    else U(t/2, t) for t = ``throttle_base_s * 2**n`` (never instantly); both at most ``max_wait_s``,
+    so a server that asks for an hour cannot hold a reader that long.
+    ``throttle_base_s`` None: :data:`THROTTLE_FACTOR` times ``base_s``, so a policy made fast (a
+    test's) or patient is so for both kinds of failure.
+    """
 
     attempts: int = 5
     base_s: float = 0.05
     cap_s: float = 5.0
+    throttle_base_s: float | None = None
+    max_wait_s: float = MAX_WAIT_S
 
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0.0, min(self.cap_s, self.base_s * 2 ** attempt))
+    def delay(self, attempt: int, exc: BaseException | None = None) -> float:
+        """The wait before attempt ``attempt + 1``, after ``exc`` (if given) failed attempt ``attempt``."""
+        if exc is None or not is_throttled(exc):
+            return min(self.max_wait_s, random.uniform(0.0, min(self.cap_s, self.base_s * 2 ** attempt)))
+        asked = retry_after_s(exc)
+        if asked is not None:  # a little past it, spread: a fleet of readers does not return at once
+            return min(self.max_wait_s, asked + random.uniform(0.0, min(1.0, 0.1 * asked)))
+        base = self.throttle_base_s if self.throttle_base_s is not None else self.base_s * THROTTLE_FACTOR
+        ceiling = min(self.max_wait_s, base * 2 ** attempt)
+        return random.uniform(ceiling / 2, ceiling)
+
+    def delay_for(self, attempt: int, errors: Iterable[BaseException]) -> float:
+        """The wait before retrying several failed requests together: the longest any asks for."""
+        return max((self.delay(attempt, exc) for exc in errors), default=self.delay(attempt))
+
+
+class RunRetrySettings(Protocol):
+    """The job spec's ``run`` settings a retry policy is made of (gpubatch.spec.RunSpec)."""
+
+    storage_attempts: int
+    storage_max_wait_s: float
+
+
+def policy_for(run: RunRetrySettings) -> RetryPolicy:
+    """The retry policy a job's ``run`` section asks for: one place, so that a setting added
+    there reaches every reader the job opens."""
+    return RetryPolicy(attempts=run.storage_attempts, max_wait_s=run.storage_max_wait_s)
 
 
 def _is_obstore(exc: BaseException) -> bool:
@@ -139,6 +191,93 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def is_throttled(exc: BaseException) -> bool:
+    """True when a server refused a request for being asked too often, or too busy to take it:
+    429, 503 (S3's SlowDown and ServiceUnavailable), a Throttling* code. A retry of one should
+    wait seconds, not milliseconds (:class:`RetryPolicy`). s3fs's OSError(EBUSY) is judged by the
+    botocore error it was raised from; obstore's by the status and text of its message."""
+    for node in _chain(exc):
+        status, code = _status_and_code(node)
+        if _is_obstore(node):
+            text = str(node).lower()
+            return status in THROTTLE_STATUSES or any(t in text for t in _THROTTLE_TEXT)
+        if code is not None and (code in THROTTLE_CODES or code.startswith("Throttl")):
+            return True
+        if status in THROTTLE_STATUSES:
+            return True
+    return False
+
+
+_THROTTLE_TEXT = ("slowdown", "throttl", "too many requests", "reduce your request rate")
+#: a Retry-After in an error's text (obstore's message carries no headers today; a body may)
+_RETRY_AFTER_TEXT = re.compile(r'retry-after"?\s*[:=]\s*"?(\d+(?:\.\d+)?|\w{3}, \d\d \w{3} \d{4} [\d:]{8} GMT)',
+                               re.IGNORECASE)
+_CODE_TEXT = re.compile(r"<Code>(\w+)</Code>")
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The seconds a failed request's answer asked to wait (its Retry-After header: seconds or an
+    HTTP-date), from wherever the error keeps the headers: botocore's response metadata, aiohttp's
+    (fsspec's HTTP client, gpubatch's HttpRangeReader) and other clients' ``headers``, or the text
+    of an error that has none. None when no answer in the cause chain carries one."""
+    for node in _chain(exc):
+        value = _retry_after_header(node)
+        seconds = parse_retry_after(value) if value else None
+        if seconds is not None:
+            return seconds
+    return None
+
+
+def _retry_after_header(node: BaseException) -> str | None:
+    if _is_obstore(node):
+        found = _RETRY_AFTER_TEXT.search(str(node))
+        return found.group(1) if found else None
+    response = getattr(node, "response", None)
+    if isinstance(response, dict):  # botocore's ClientError: headers lower-cased
+        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}
+        return headers.get("retry-after")
+    for holder in (node, response):
+        headers = getattr(holder, "headers", None)
+        if headers is not None and callable(getattr(headers, "get", None)):
+            value = headers.get("Retry-After") or headers.get("retry-after")
+            if value:
+                return str(value)
+    return None
+
+
+def parse_retry_after(value: str) -> float | None:
+    """Retry-After's seconds from now (RFC 9110: a number of seconds or an HTTP-date), never
+    negative; None when it is neither."""
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    return max(0.0, seconds) if seconds == seconds else None  # NaN is no answer
+
+
+def throttle_label(exc: BaseException) -> str:
+    """What a throttling answer was, for messages: ``503 SlowDown``, ``429``, ``ThrottlingException``."""
+    status: int | None = None
+    code: str | None = None
+    for node in _chain(exc):
+        found_status, found_code = _status_and_code(node)
+        if _is_obstore(node):
+            codes = _CODE_TEXT.findall(str(node))
+            found_code = codes[0] if codes else None
+        status, code = status or found_status, code or found_code
+    words = [str(status)] if status else []
+    if code and code != str(status):
+        words.append(code)
+    return " ".join(words) or "throttled"
+
+
 class RangesIgnored(InputError):
     """The object's server answered a byte-range request with more bytes than asked: it ignores
     ``Range`` (a 200 with the whole object; obstore refuses such an answer itself). No retry helps
@@ -194,6 +333,10 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     gcsfs_denied = type(exc) is OSError and str(exc).startswith("Forbidden: ")  # gcsfs's 403
     if isinstance(exc, PermissionError) or denied or gcsfs_denied or status in (401, 403):
         return InputError(uri, f"access denied ({status or 403}): {_who_may_not_read(uri)}")
+    if is_transient(exc) and is_throttled(exc):
+        return InputError(uri, f"throttled: its server kept refusing requests ({throttle_label(exc)}) after "
+                               f"{attempts} attempt(s), each retry backing off (up to run.storage_max_wait_s): "
+                               f"fewer run.readers or workers ask less of it ({detail})", retryable=True)
     if is_transient(exc):
         return InputError(uri, f"storage kept failing after {attempts} attempt(s) ({detail})"
                                f"{_timeout_hint(uri) if timed_out(exc) else ''}", retryable=True)
@@ -201,7 +344,8 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
 
 
 #: where a scheme's storage options set how long a read may wait on a silent server
-READ_TIMEOUT_SETTING = {"s3": "input.storage config_kwargs.read_timeout (seconds; 60 unless set)"}
+READ_TIMEOUT_SETTING = {"s3": "input.storage config_kwargs.read_timeout (seconds; 60 unless set)",
+                        "http": "a silence of 60 s (connection 10 s)"}
 
 
 def timed_out(exc: BaseException) -> bool:
@@ -228,7 +372,7 @@ def _timeout_hint(uri: str) -> str:
 #: where each scheme's client finds credentials that no option gave, for a denied read's message
 CREDENTIALS_ENVIRONMENT = {"s3": "the AWS_* environment", "gs": "GOOGLE_APPLICATION_CREDENTIALS (or gcloud's "
                            "application-default login)", "az": "the AZURE_STORAGE_* environment"}
-_SCHEME_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+_SCHEME_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "https": "http"}
 
 
 def _who_may_not_read(uri: str) -> str:
@@ -252,13 +396,16 @@ def changed_while_read(uri: str, detail: str) -> InputChanged:
                                      "outputs would mix two versions; the shard is read again")
 
 
-def count_retries(clocks: StageClocks | None, n: int = 1) -> None:
-    """Count ``n`` retries in ``clocks``, or, for a call made without them, in the process's count
-    that the next shard or the client's report claims (io.retry_counts)."""
+def count_retries(clocks: StageClocks | None, n: int = 1, throttled: int = 0) -> None:
+    """Count ``n`` retries (``throttled`` of them after a throttling answer) in ``clocks``, or, for
+    a call made without them, in the process's count that the next shard or the client's report
+    claims (io.retry_counts)."""
     if clocks is not None:
         clocks.count("storage.retries", n)
+        if throttled:
+            clocks.count("storage.throttled", throttled)
     else:
-        note_retries(n)
+        note_retries(n, throttled)
 
 
 def call_with_retries(fn: Callable[[], T], uri: str, policy: RetryPolicy | None = None,
@@ -271,6 +418,6 @@ def call_with_retries(fn: Callable[[], T], uri: str, policy: RetryPolicy | None 
         except Exception as exc:
             if not is_transient(exc) or attempt + 1 >= policy.attempts:
                 raise storage_error(uri, exc, attempt + 1) from None
-            count_retries(clocks)
-            time.sleep(policy.delay(attempt))
+            count_retries(clocks, throttled=int(is_throttled(exc)))
+            time.sleep(policy.delay(attempt, exc))
     raise AssertionError("unreachable")

@@ -66,13 +66,16 @@ class _RetryCounter(logging.Filter):
 
 _COUNTERS: list[_RetryCounter] = []
 _INSTALL = threading.Lock()
-#: gpubatch's own retries made without clocks
+#: gpubatch's own retries made without clocks, and how many of them followed a throttling answer
 _UNATTRIBUTED = _Tally()
+_UNATTRIBUTED_THROTTLED = _Tally()
 
 
-def note_retries(n: int = 1) -> None:
+def note_retries(n: int = 1, throttled: int = 0) -> None:
     """Count retries gpubatch's layer made for a call that had no clocks to count them in."""
     _UNATTRIBUTED.add(n)
+    if throttled:
+        _UNATTRIBUTED_THROTTLED.add(throttled)
 
 
 def count_library_retries() -> None:
@@ -101,7 +104,10 @@ def claim_unattributed_retries() -> int:
 def count_claimed_retries(clocks: StageClocks) -> None:
     """Add the claimed retries to ``clocks``' storage retries, the library's also apart."""
     library, unattributed = claim_library_retries(), claim_unattributed_retries()
+    throttled = _UNATTRIBUTED_THROTTLED.claim()
     if library + unattributed:
         clocks.count("storage.retries", library + unattributed)
+    if throttled:
+        clocks.count("storage.throttled", throttled)
     if library:
         clocks.count("storage.library_retries", library)

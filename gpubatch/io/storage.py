@@ -33,11 +33,11 @@ from gpubatch.io import clouds, obstore
 from gpubatch.io.ranges import (
     Fetched,
     FsspecRangeReader,
-    HttpRangeReader,
     LocalRangeReader,
     RangeFile,
     RangeReader,
     ReaderWrapper,
+    fsspec_reader,
     retried_and_measured,
 )
 from gpubatch.io.redact import redact, register_secrets, register_uri
@@ -208,6 +208,8 @@ def library_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
         config = dict(merged.get("config_kwargs") or {})
         config.setdefault("retries", dict(CLIENT_RETRIES))
         merged["config_kwargs"] = config
+    if protocol_of(uri) in ("http", "https"):  # fsspec.open's file: a silent server held it 300 s
+        merged = _http_timeouts(merged)
     return merged
 
 
@@ -322,10 +324,9 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
 
 
 def _fsspec_reader(uri: str, options: dict[str, Any] | None, max_concurrency: int) -> FsspecRangeReader:
-    """fsspec's reader for ``uri``: for http(s), one that checks each answer is the range asked."""
+    """fsspec's reader for ``uri``: for http(s) and s3, one that checks each answer is the range asked."""
     fs, path = get_fs(uri, options)
-    http = protocol_of(uri) in ("http", "https") and hasattr(fs, "set_session")
-    return (HttpRangeReader if http else FsspecRangeReader)(fs, path, uri, max_concurrency=max_concurrency)
+    return fsspec_reader(fs, path, uri, max_concurrency)
 
 
 class _FsspecWhenUnsized(ReaderWrapper):
@@ -516,13 +517,28 @@ def open_file(uri: str, options: dict[str, Any] | None = None, mode: str = "rb",
     import fsspec
 
     fs, path = get_fs(uri, options)
-    if "r" in mode and not call_with_retries(lambda: fs.exists(path), uri):
+    if "r" in mode and not _exists_checked(fs, path, uri):
         raise InputError(redact(uri), "file not found")
     # fsspec's file makes its own requests (its size, then a block at a time): the client's
     # retries stay on for them, as for any library's (a 503 on its HEAD ended the read)
     with fsspec.open(uri if is_remote(uri) else path, mode, compression=compression,
                      **(library_options(uri, options) if is_remote(uri) else {})) as f:
         yield f
+
+
+def _exists_checked(fs: Any, path: str, uri: str) -> bool:
+    """Whether ``uri`` is there, its failures retried and named. fsspec's HTTP ``exists`` says
+    False for any failure (a 503, a server that never answers), which read as "file not found";
+    its ``info`` raises them, with the 404 told apart."""
+    if protocol_of(uri) not in ("http", "https"):
+        return bool(call_with_retries(lambda: fs.exists(path), uri))
+    try:
+        call_with_retries(lambda: fs.info(path), uri)
+    except InputError as exc:
+        if exc.message.startswith("object not found"):
+            return False
+        raise
+    return True
 
 
 @contextlib.contextmanager

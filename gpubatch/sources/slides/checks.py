@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.io.redact import redact
-from gpubatch.io.retry import RetryPolicy
+from gpubatch.io.retry import policy_for
 from gpubatch.io.uris import is_remote
 from gpubatch.sources.slides.backends import SlideBackend
 from gpubatch.sources.slides.open import choose_access, open_slide_input, read_in_place
@@ -68,7 +68,7 @@ def slide_problem(uri: str, job: JobSpec, prepare: Prepare) -> tuple[str | None,
     access = "stream" if job.input.access == "auto" else job.input.access  # never a download
     try:
         backend = open_slide_input(uri, StageClocks(), access=access, options=job.input.storage,
-                                   policy=RetryPolicy(attempts=job.run.storage_attempts),
+                                   policy=policy_for(job.run),
                                    tissue=job.tiles.tissue.method != "none")
     except InputError as exc:
         if is_remote(uri) and job.input.access == "auto" and not is_storage_failure(exc):

@@ -35,7 +35,14 @@ from gpubatch.core.errors import InputError
 from gpubatch.io.metrics import record_request
 from gpubatch.io.redact import redact
 from gpubatch.io.retried_fs import RetriedFS
-from gpubatch.io.retry import RetryPolicy, call_with_retries, is_transient, storage_error
+from gpubatch.io.retry import (
+    RetryPolicy,
+    call_with_retries,
+    count_retries,
+    is_throttled,
+    is_transient,
+    storage_error,
+)
 from gpubatch.io.uris import is_remote, local_path, uri_name
 from gpubatch.sources.slides.backends import (
     DecodedTileCache,
@@ -324,8 +331,8 @@ class OmeZarrBackend(SlideBackend):
             except Exception as exc:
                 if not is_transient(exc) or attempt + 1 >= self.policy.attempts:
                     raise storage_error(self.path, exc, attempt + 1) from None
-                clocks.count("storage.retries")
-                await asyncio.sleep(self.policy.delay(attempt))
+                count_retries(clocks, throttled=int(is_throttled(exc)))
+                await asyncio.sleep(self.policy.delay(attempt, exc))
                 continue
             record_request(clocks, len(chunk) if chunk is not None else 0, time.perf_counter() - t0)
             return chunk

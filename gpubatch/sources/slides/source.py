@@ -228,12 +228,12 @@ class SlideSource(Source):
         return checks.failed, [note] if note else []
 
     def open(self, shard: Shard, job: JobSpec, clocks: StageClocks) -> ShardReader:
-        from gpubatch.io.retry import RetryPolicy
+        from gpubatch.io.retry import policy_for
         from gpubatch.sources.slides.open import open_slide_input
 
         backend = open_slide_input(shard.input_uri, clocks, access=job.input.access,
                                    options=job.input.storage,
-                                   policy=RetryPolicy(attempts=job.run.storage_attempts),
+                                   policy=policy_for(job.run),
                                    read_ahead=job.input.read_ahead_mb << 20,
                                    tissue=job.tiles.tissue.method != "none")
         try:
@@ -261,12 +261,12 @@ class SlideSource(Source):
         return done
 
     def before_shard(self, job: JobSpec, upcoming: Sequence[str]) -> None:
-        from gpubatch.io.retry import RetryPolicy
+        from gpubatch.io.retry import policy_for
         from gpubatch.sources.slides.open import prefetch
 
         if upcoming:
             prefetch(upcoming, job.input.access, job.input.storage,
-                     RetryPolicy(attempts=job.run.storage_attempts), job.input.read_ahead_mb << 20,
+                     policy_for(job.run), job.input.read_ahead_mb << 20,
                      tissue=job.tiles.tissue.method != "none",
                      plan=partial(plan_ahead, job) if plans_ahead() else None)
 
