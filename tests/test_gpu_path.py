@@ -163,12 +163,12 @@ def test_device_stage_matches_cpu_twin_with_tensorrt(kind: str, tile_model: Path
 # -- TensorRT engine build and cache (gpu) ------------------------------------------------------------
 
 
-def _trt_or_skip(onnx_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, precision: str):
+def _trt_or_skip(onnx_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, precision: str, batch_size: int = 8):
     pytest.importorskip("tensorrt")
     monkeypatch.setenv("GPUBATCH_CACHE", str(cache))
     from gpubatch.models.tensorrt import TensorRTModel
 
-    return TensorRTModel(str(onnx_path), precision=precision, batch_size=8)
+    return TensorRTModel(str(onnx_path), precision=precision, batch_size=batch_size)
 
 
 @gpu
@@ -188,6 +188,20 @@ def test_tensorrt_builds_caches_and_matches_ort(precision: str, atol: float, til
     want = _ort(tile_model).run(x)["out"]
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=atol)
     assert second.describe()["batch_profile"] == [1, 8, 16]
+
+
+@gpu
+@needs_gpu
+def test_tensorrt_chunks_that_start_off_256_bytes_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """23 windows of 63 x 4 float32 (1,008 bytes each) through a profile of max 10: the second chunk
+    starts 10,080 bytes in, not 256-byte aligned as setTensorAddress requires; it is copied first."""
+    from gpubatch.cli.demo_models import make_genome_model
+
+    onnx_path = make_genome_model(tmp_path / "dna63.onnx", length=63, layout="NLC")
+    model = _trt_or_skip(onnx_path, tmp_path, monkeypatch, "fp32", batch_size=5)
+    codes = np.random.default_rng(8).integers(0, 5, (23, 63), dtype=np.uint8)
+    x = kernels.one_hot(codes, "NLC", 0.25)
+    np.testing.assert_allclose(model.run(x)["scores"], _ort(onnx_path).run(x)["scores"], rtol=1e-3, atol=1e-4)
 
 
 @gpu

@@ -1,0 +1,79 @@
+"""The GPU paths' calls into TensorRT, ONNX Runtime, torch and dask-cuda, checked without a device.
+
+What can be checked on a CPU machine is checked here: the arguments handed to the libraries, the
+guards in front of their calls, and that each GPU path without a device says so as clearly as its
+CPU twin would run. Stubs stand in where the library itself cannot import (TensorRT without CUDA).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gpubatch.core.errors import GpubatchError
+from gpubatch.ops.kernels_gpu import gpu_available
+
+no_gpu = pytest.mark.skipif(gpu_available(), reason="a GPU is present: the refusal path is for GPU-less machines")
+
+
+@pytest.fixture()
+def trt_module(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """gpubatch.models.tensorrt imported against a stub ``tensorrt`` (the real one needs CUDA)."""
+    stub = types.ModuleType("tensorrt")
+    stub.__version__ = "10.0-stub"  # type: ignore[attr-defined]
+    stub.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", stub)
+    monkeypatch.setitem(sys.modules, "gpubatch.models.tensorrt", None)  # restored to absent afterwards
+    monkeypatch.delitem(sys.modules, "gpubatch.models.tensorrt")
+    return importlib.import_module("gpubatch.models.tensorrt")
+
+
+class _FakeDeviceArray:
+    def __init__(self, ptr: int):
+        self.data = SimpleNamespace(ptr=ptr)
+        self.copied = False
+
+    def copy(self) -> _FakeDeviceArray:
+        fresh = _FakeDeviceArray(1 << 20)  # CuPy's allocations are 512-byte aligned
+        fresh.copied = True
+        return fresh
+
+
+# -- TensorRT ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ptr", "copied"), [(0x7F0000000000, False), (0x7F0000000100, False),
+                                             (0x7F0000000000 + 1008 * 10, True), (0x7F0000000004, True)],
+                         ids=["base", "256", "chunk", "4"])
+def test_tensorrt_input_address_is_256_byte_aligned(trt_module: Any, ptr: int, copied: bool) -> None:
+    """setTensorAddress needs 256-byte aligned pointers; a chunk of a batch (here 10 items of
+    63 x 4 float32 each) starts wherever its first item does, so it is copied where it is not."""
+    got = trt_module._aligned(_FakeDeviceArray(ptr))
+    assert got.copied is copied and got.data.ptr % trt_module.TENSOR_ALIGNMENT == 0
+
+
+def test_tensorrt_refused_input_shape_is_named(trt_module: Any) -> None:
+    calls = []
+
+    def set_input_shape(name: str, shape: tuple[int, ...]) -> bool:
+        calls.append((name, shape))
+        return shape[0] == 1
+
+    context = SimpleNamespace(set_input_shape=set_input_shape)
+    trt_module._set_input_shape(context, "input", (1, 3, 32, 32), "m.onnx")
+    with pytest.raises(GpubatchError, match=r"refused input shape \[8, 3, 32, 32\].*static batch"):
+        trt_module._set_input_shape(context, "input", (8, 3, 32, 32), "m.onnx")
+    assert calls == [("input", (1, 3, 32, 32)), ("input", (8, 3, 32, 32))]
+
+
+@no_gpu
+def test_tensorrt_without_a_device_says_so(trt_module: Any, tmp_path: Path) -> None:
+    """Not ModuleNotFoundError (cupy) or a CUDA initialisation error from deep in the build."""
+    with pytest.raises(GpubatchError, match="tensorrt needs a CUDA device"):
+        trt_module.TensorRTModel(str(tmp_path / "m.onnx"))
