@@ -77,3 +77,34 @@ def test_tensorrt_without_a_device_says_so(trt_module: Any, tmp_path: Path) -> N
     """Not ModuleNotFoundError (cupy) or a CUDA initialisation error from deep in the build."""
     with pytest.raises(GpubatchError, match="tensorrt needs a CUDA device"):
         trt_module.TensorRTModel(str(tmp_path / "m.onnx"))
+
+
+# -- ONNX Runtime -----------------------------------------------------------------------------------
+
+
+def _ort_with_providers(providers: list[str]) -> Any:
+    from gpubatch.models.onnxruntime import OnnxRuntimeModel
+
+    model = object.__new__(OnnxRuntimeModel)
+    model.path = "m.onnx"
+    model.session = SimpleNamespace(get_providers=lambda: providers)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("providers", "device"),
+    [
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"),
+        (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"),
+        (["CPUExecutionProvider"], "cpu"),
+        (["OpenVINOExecutionProvider", "CPUExecutionProvider"], "cpu"),
+        (["DmlExecutionProvider", "CPUExecutionProvider"], "cpu"),
+    ],
+)
+def test_ort_device_is_cuda_only_for_the_cuda_providers(providers: list[str], device: str) -> None:
+    """IO binding binds the input as device_type "cuda": only the CUDA and TensorRT providers take that."""
+    model = _ort_with_providers(providers)
+    assert model.device == device and model.supports_device() is (device == "cuda")
+    if device == "cpu":
+        with pytest.raises(NotImplementedError, match="host arrays only"):
+            model.run_device(object(), object())

@@ -206,6 +206,27 @@ def test_tensorrt_chunks_that_start_off_256_bytes_run(tmp_path: Path, monkeypatc
 
 @gpu
 @needs_gpu
+def test_ort_run_device_binds_a_strided_or_other_typed_input_correctly(tile_model: Path) -> None:
+    """IO binding reads the input by pointer as C-ordered input_dtype: a view or a float64 array
+    must be made so first, or ORT computes on the wrong bytes."""
+    import cupy
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu (CUDAExecutionProvider) not installed")
+    model = _ort(tile_model)
+    x = kernels.normalize_tiles(np.random.default_rng(9).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), MEAN, STD)
+    want = model.run(x[::2])["out"]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    strided = cupy.asarray(x)[::2]
+    assert not strided.flags.c_contiguous
+    for dev in (strided, cupy.asarray(x[::2]).astype(np.float64)):
+        got = cupy.asnumpy(model.run_device(dev, stream)["out"])
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@gpu
+@needs_gpu
 def test_tensorrt_int8_refuses_a_model_without_qdq(tile_model: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(GpubatchError, match="QDQ"):
