@@ -108,3 +108,22 @@ def test_ort_device_is_cuda_only_for_the_cuda_providers(providers: list[str], de
     if device == "cpu":
         with pytest.raises(NotImplementedError, match="host arrays only"):
             model.run_device(object(), object())
+
+
+# -- torch ------------------------------------------------------------------------------------------
+
+
+@no_gpu
+def test_torch_cuda_device_without_cuda_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.jit.load(map_location="cuda") fails with a RuntimeError the loader called "not a
+    TorchScript file"; the missing device is what is wrong."""
+    torch = pytest.importorskip("torch")
+    from gpubatch.models.torch import TorchModel
+
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    monkeypatch.setenv("GPUBATCH_TORCH_DEVICE", "cuda")
+    with pytest.raises(GpubatchError, match="GPUBATCH_TORCH_DEVICE=cuda but torch sees no CUDA device"):
+        TorchModel(str(path))
+    monkeypatch.setenv("GPUBATCH_TORCH_DEVICE", "cpu")
+    assert TorchModel(str(path)).device == "cpu"
