@@ -8,6 +8,7 @@ CPU twin would run. Stubs stand in where the library itself cannot import (Tenso
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import types
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from gpubatch.core.errors import GpubatchError
 from gpubatch.ops.kernels_gpu import gpu_available
+from gpubatch.runtime.cluster import load_profile, local_cuda_kwargs
 
 no_gpu = pytest.mark.skipif(gpu_available(), reason="a GPU is present: the refusal path is for GPU-less machines")
 
@@ -127,3 +129,44 @@ def test_torch_cuda_device_without_cuda_is_named(tmp_path: Path, monkeypatch: py
         TorchModel(str(path))
     monkeypatch.setenv("GPUBATCH_TORCH_DEVICE", "cpu")
     assert TorchModel(str(path)).device == "cpu"
+
+
+# -- dask-cuda --------------------------------------------------------------------------------------
+
+#: dask_cuda.LocalCUDACluster's own parameters (26.10); the rest go to LocalCluster and the workers
+LOCAL_CUDA_PARAMS = {
+    "CUDA_VISIBLE_DEVICES", "n_workers", "threads_per_worker", "memory_limit", "device_memory_limit",
+    "enable_cudf_spill", "cudf_spill_stats", "local_directory", "protocol", "enable_tcp_over_ucx",
+    "enable_infiniband", "enable_nvlink", "enable_rdmacm", "rmm_pool_size", "rmm_maximum_pool_size",
+    "rmm_managed_memory", "rmm_async", "rmm_allocator_external_lib_list", "rmm_release_threshold",
+    "rmm_log_directory", "rmm_track_allocations", "log_spilling", "pre_import",
+}
+
+
+def _accepted_names() -> set[str]:
+    from distributed import LocalCluster, Worker
+
+    try:
+        from dask_cuda import LocalCUDACluster
+
+        own = set(inspect.signature(LocalCUDACluster).parameters) - {"kwargs"}
+    except ImportError:
+        own = LOCAL_CUDA_PARAMS
+    return own | set(inspect.signature(LocalCluster).parameters) | set(inspect.signature(Worker).parameters)
+
+
+def test_local_cuda_profile_passes_only_real_arguments() -> None:
+    kwargs = local_cuda_kwargs(load_profile("local-cuda"))
+    assert set(kwargs) <= _accepted_names()
+    assert kwargs["rmm_pool_size"] == 0.8 and kwargs["device_memory_limit"] == 0.9
+    assert kwargs["resources"] == {"GPU": 1} and kwargs["threads_per_worker"] == 1
+    # the pool is reserved at worker start: the device stage's CuPy allocations must come from it
+    assert kwargs["rmm_allocator_external_lib_list"] == ["cupy"]
+
+
+def test_local_cuda_unset_settings_keep_dask_cuda_defaults() -> None:
+    """device_memory_limit=None is "never spill" in dask-cuda, not its default ("default", 80%)."""
+    kwargs = local_cuda_kwargs({"cluster": "local-cuda"})
+    assert not {"device_memory_limit", "rmm_pool_size", "memory_limit", "rmm_allocator_external_lib_list"} & set(kwargs)
+    assert set(kwargs) <= _accepted_names()
+    assert local_cuda_kwargs({"cluster": "local-cuda", "memory_limit": "8GB"})["memory_limit"] == "8GB"
