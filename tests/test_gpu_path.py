@@ -163,12 +163,12 @@ def test_device_stage_matches_cpu_twin_with_tensorrt(kind: str, tile_model: Path
 # -- TensorRT engine build and cache (gpu) ------------------------------------------------------------
 
 
-def _trt_or_skip(onnx_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, precision: str):
+def _trt_or_skip(onnx_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, precision: str, batch_size: int = 8):
     pytest.importorskip("tensorrt")
     monkeypatch.setenv("GPUBATCH_CACHE", str(cache))
     from gpubatch.models.tensorrt import TensorRTModel
 
-    return TensorRTModel(str(onnx_path), precision=precision, batch_size=8)
+    return TensorRTModel(str(onnx_path), precision=precision, batch_size=batch_size)
 
 
 @gpu
@@ -188,6 +188,41 @@ def test_tensorrt_builds_caches_and_matches_ort(precision: str, atol: float, til
     want = _ort(tile_model).run(x)["out"]
     np.testing.assert_allclose(got, want, rtol=1e-2, atol=atol)
     assert second.describe()["batch_profile"] == [1, 8, 16]
+
+
+@gpu
+@needs_gpu
+def test_tensorrt_chunks_that_start_off_256_bytes_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """23 windows of 63 x 4 float32 (1,008 bytes each) through a profile of max 10: the second chunk
+    starts 10,080 bytes in, not 256-byte aligned as setTensorAddress requires; it is copied first."""
+    from gpubatch.cli.demo_models import make_genome_model
+
+    onnx_path = make_genome_model(tmp_path / "dna63.onnx", length=63, layout="NLC")
+    model = _trt_or_skip(onnx_path, tmp_path, monkeypatch, "fp32", batch_size=5)
+    codes = np.random.default_rng(8).integers(0, 5, (23, 63), dtype=np.uint8)
+    x = kernels.one_hot(codes, "NLC", 0.25)
+    np.testing.assert_allclose(model.run(x)["scores"], _ort(onnx_path).run(x)["scores"], rtol=1e-3, atol=1e-4)
+
+
+@gpu
+@needs_gpu
+def test_ort_run_device_binds_a_strided_or_other_typed_input_correctly(tile_model: Path) -> None:
+    """IO binding reads the input by pointer as C-ordered input_dtype: a view or a float64 array
+    must be made so first, or ORT computes on the wrong bytes."""
+    import cupy
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu (CUDAExecutionProvider) not installed")
+    model = _ort(tile_model)
+    x = kernels.normalize_tiles(np.random.default_rng(9).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), MEAN, STD)
+    want = model.run(x[::2])["out"]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    strided = cupy.asarray(x)[::2]
+    assert not strided.flags.c_contiguous
+    for dev in (strided, cupy.asarray(x[::2]).astype(np.float64)):
+        got = cupy.asnumpy(model.run_device(dev, stream)["out"])
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
 @gpu

@@ -14,6 +14,9 @@ import onnxruntime as ort
 
 from gpubatch.models.base import Model
 
+#: the providers that run on a CUDA device and take device memory through IO binding ("cuda")
+CUDA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
 
 def _providers() -> list[str]:
     available = ort.get_available_providers()
@@ -55,7 +58,7 @@ class OnnxRuntimeModel(Model):
 
     @property
     def device(self) -> str:
-        return "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
+        return "cuda" if self.session.get_providers()[0] in CUDA_PROVIDERS else "cpu"
 
     @property
     def input_dtype(self) -> np.dtype:
@@ -73,6 +76,9 @@ class OnnxRuntimeModel(Model):
         if not self.supports_device():
             raise NotImplementedError(f"ONNX Runtime runs {self.path} on {self.session.get_providers()[0]}: "
                                       "host arrays only (Model.run)")
+        if x.dtype != self.input_dtype or not x.flags.c_contiguous:  # bound by pointer: C order, its type
+            with stream:
+                x = x.astype(self.input_dtype, order="C")
         stream.synchronize()
         binding = self.session.io_binding()
         binding.bind_input(
@@ -84,7 +90,7 @@ class OnnxRuntimeModel(Model):
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         values = binding.get_outputs()
-        return {n: _wrap_ortvalue(v) for n, v in zip(self._outputs, values, strict=True)}
+        return {n: _wrap_ortvalue(v, int(x.device.id)) for n, v in zip(self._outputs, values, strict=True)}
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if batch.dtype != self.input_dtype:
@@ -98,13 +104,14 @@ class OnnxRuntimeModel(Model):
         return info
 
 
-def _wrap_ortvalue(value: Any) -> Any:
-    """A CuPy view of an ORT device tensor (no copy); the view keeps the OrtValue alive."""
+def _wrap_ortvalue(value: Any, device_id: int) -> Any:
+    """A CuPy view of an ORT device tensor (no copy); the view keeps the OrtValue alive. The device
+    is given, not looked up from the pointer: an empty output's pointer may be null."""
     import cupy
     from onnx.helper import tensor_dtype_to_np_dtype
 
     dtype = np.dtype(tensor_dtype_to_np_dtype(value.element_type()))
     shape = tuple(value.shape())
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    mem = cupy.cuda.UnownedMemory(int(value.data_ptr()), nbytes, owner=value)
+    mem = cupy.cuda.UnownedMemory(int(value.data_ptr()), nbytes, owner=value, device_id=device_id)
     return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))

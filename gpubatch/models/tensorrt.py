@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 _LOGGER = trt.Logger(trt.Logger.WARNING)
 QUANTIZED = ("int8", "fp8")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+#: IExecutionContext::setTensorAddress: "The pointer must have at least 256-byte alignment."
+TENSOR_ALIGNMENT = 256
 
 
 def cache_dir() -> Path:
@@ -94,6 +96,12 @@ class TensorRTModel(Model):
         super().__init__(path, precision=precision, threads=threads)
         if precision not in PRECISIONS:
             raise GpubatchError(f"tensorrt precision must be one of {PRECISIONS}, not {precision!r}")
+        from gpubatch.ops.kernels_gpu import gpu_available
+
+        if not gpu_available():  # TensorRT imports without a GPU, then fails deep in the build
+            raise GpubatchError(f"backend tensorrt needs a CUDA device visible to CuPy, and none is here "
+                                f"(or CuPy is not installed: pip install 'gpubatch[gpu]'); {path} can run "
+                                "with backend onnxruntime on the CPU")
         import cupy
 
         self._cupy = cupy
@@ -255,17 +263,21 @@ class TensorRTModel(Model):
 
     def _execute(self, x: Any, stream: Any) -> dict[str, Any]:
         name = self.input_name
-        x = self._cupy.ascontiguousarray(x.astype(self.input_dtype, copy=False))
-        self.context.set_input_shape(name, tuple(x.shape))
-        self.context.set_tensor_address(name, int(x.data.ptr))
+        x = _aligned(self._cupy.ascontiguousarray(x.astype(self.input_dtype, copy=False)))
+        _set_input_shape(self.context, name, tuple(x.shape), self.path)
+        self._address(name, x)
         outputs = {}
         for out in self._outputs:
             buf = self._output_buffer(out, tuple(self.context.get_tensor_shape(out)))
-            self.context.set_tensor_address(out, int(buf.data.ptr))
+            self._address(out, buf)
             outputs[out] = buf
         if not self.context.execute_async_v3(stream.ptr):
             raise GpubatchError(f"TensorRT execution failed for {self.path}")
         return outputs
+
+    def _address(self, name: str, arr: Any) -> None:
+        if not self.context.set_tensor_address(name, int(arr.data.ptr)):
+            raise GpubatchError(f"TensorRT refused the device address of {name!r} ({self.path})")
 
     def run_device(self, x: Any, stream: Any | None = None) -> dict[str, Any]:
         """Run a CuPy batch on ``stream`` (asynchronously); outputs are device arrays.
@@ -277,6 +289,7 @@ class TensorRTModel(Model):
         with self._lock, stream:
             if x.shape[0] <= self.max_batch_size:
                 return self._execute(x, stream)
+            # a chunk starts mid-array: _execute copies it where its address is not 256-aligned
             parts = []
             for start in range(0, x.shape[0], self.max_batch_size):
                 chunk = self._execute(x[start : start + self.max_batch_size], stream)
@@ -300,3 +313,19 @@ class TensorRTModel(Model):
             "batch_profile": [1, self.batch_size, self.max_batch_size], "notes": list(self.notes),
         })
         return info
+
+
+def _aligned(x: Any) -> Any:
+    """``x``, or a copy of it where its address is not 256-byte aligned as TensorRT requires of a
+    tensor address (a chunk of a larger batch starts wherever its first item does)."""
+    return x if int(x.data.ptr) % TENSOR_ALIGNMENT == 0 else x.copy()
+
+
+def _set_input_shape(context: Any, name: str, shape: tuple[int, ...], path: str) -> None:
+    """``set_input_shape``, which returns False (and only logs) for a shape outside the engine's
+    profile, e.g. a batch other than a static-batch ONNX file's: say so instead of letting
+    ``execute_async_v3`` fail without a reason."""
+    if not context.set_input_shape(name, shape):
+        raise GpubatchError(f"TensorRT refused input shape {list(shape)} for {name!r} of {path}: outside "
+                            "the engine's profile (a static batch in the ONNX file runs only that batch; "
+                            "export it with a dynamic batch axis)")

@@ -29,6 +29,12 @@ SUPPORTED_PRECISIONS = ("fp32", "fp16", "bf16")
 def _pick_device() -> str:
     wanted = os.environ.get("GPUBATCH_TORCH_DEVICE")
     if wanted:
+        # torch.jit.load(map_location="cuda") without a device raises a RuntimeError that
+        # load_module would report as "not a TorchScript file"
+        if wanted.startswith("cuda") and not torch.cuda.is_available():
+            raise GpubatchError(f"GPUBATCH_TORCH_DEVICE={wanted} but torch sees no CUDA device "
+                                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); "
+                                "unset it to run on the CPU")
         return wanted
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -116,6 +116,9 @@ def _scale_offset(mean: Sequence[float], std: Sequence[float]) -> tuple[Any, Any
         scale = (1.0 / (255.0 * std_arr)).astype(np.float32)
         offset = (-np.asarray(mean, dtype=np.float32) / std_arr).astype(np.float32)
         cached = (cupy.asarray(scale), cupy.asarray(offset))
+        # the upload is asynchronous on the current stream and may still be in flight when this
+        # returns; a stage on another stream (another thread's) would then read it unfinished
+        cupy.cuda.get_current_stream().synchronize()
         _CONSTANTS[key] = cached
     return cached
 

@@ -319,6 +319,29 @@ def bound_scheduler_logs() -> None:
     dask.config.set({"distributed.admin.low-level-log-length": SCHEDULER_LOG_LENGTH})
 
 
+def local_cuda_kwargs(profile: dict[str, Any]) -> dict[str, Any]:
+    """dask_cuda.LocalCUDACluster arguments for a local-cuda profile (one worker per visible GPU).
+
+    Only the settings the profile gives are passed, so dask-cuda's own defaults hold for the rest:
+    ``device_memory_limit=None`` is not "the default" there but "never spill" (the default is
+    "default", 80% of the device). ``rmm_pool_size`` reserves that much of each GPU for RMM when the
+    worker starts; CuPy (the device stage's buffers and kernels) allocates from that pool only when
+    told to (``rmm_allocator_external_lib_list``), so a pool routes CuPy into it rather than leaving
+    CuPy the remainder beside a reserved pool nothing of gpubatch's uses.
+    """
+    kwargs: dict[str, Any] = {
+        "threads_per_worker": int(profile.get("threads_per_worker", 1)),
+        "resources": profile.get("resources", {"GPU": 1}),
+        **_cluster_http(profile),
+    }
+    for key in ("rmm_pool_size", "device_memory_limit", "memory_limit"):
+        if profile.get(key) is not None:
+            kwargs[key] = profile[key]
+    if "rmm_pool_size" in kwargs:
+        kwargs["rmm_allocator_external_lib_list"] = ["cupy"]
+    return kwargs
+
+
 def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
     bound_scheduler_logs()
     if kind == "local":
@@ -341,10 +364,6 @@ def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
             from dask_cuda import LocalCUDACluster
         except ImportError:
             raise MissingExtraError("the local-cuda profile", "dask-cuda", "gpu") from None
-        return LocalCUDACluster(
-            rmm_pool_size=profile.get("rmm_pool_size"), device_memory_limit=profile.get("device_memory_limit"),
-            threads_per_worker=int(profile.get("threads_per_worker", 1)),
-            resources=profile.get("resources", {"GPU": 1}), **_cluster_http(profile),
-        )
+        return LocalCUDACluster(**local_cuda_kwargs(profile))
     raise SpecError([("profile.cluster", f"unknown cluster kind {kind!r}; use local, local-cuda, scheduler, slurm "
                                          "or inline")])

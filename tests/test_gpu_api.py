@@ -1,0 +1,172 @@
+"""The GPU paths' calls into TensorRT, ONNX Runtime, torch and dask-cuda, checked without a device.
+
+What can be checked on a CPU machine is checked here: the arguments handed to the libraries, the
+guards in front of their calls, and that each GPU path without a device says so as clearly as its
+CPU twin would run. Stubs stand in where the library itself cannot import (TensorRT without CUDA).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gpubatch.core.errors import GpubatchError
+from gpubatch.ops.kernels_gpu import gpu_available
+from gpubatch.runtime.cluster import load_profile, local_cuda_kwargs
+
+no_gpu = pytest.mark.skipif(gpu_available(), reason="a GPU is present: the refusal path is for GPU-less machines")
+
+
+@pytest.fixture()
+def trt_module(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """gpubatch.models.tensorrt imported against a stub ``tensorrt`` (the real one needs CUDA)."""
+    stub = types.ModuleType("tensorrt")
+    stub.__version__ = "10.0-stub"  # type: ignore[attr-defined]
+    stub.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", stub)
+    monkeypatch.setitem(sys.modules, "gpubatch.models.tensorrt", None)  # restored to absent afterwards
+    monkeypatch.delitem(sys.modules, "gpubatch.models.tensorrt")
+    return importlib.import_module("gpubatch.models.tensorrt")
+
+
+class _FakeDeviceArray:
+    def __init__(self, ptr: int):
+        self.data = SimpleNamespace(ptr=ptr)
+        self.copied = False
+
+    def copy(self) -> _FakeDeviceArray:
+        fresh = _FakeDeviceArray(1 << 20)  # CuPy's allocations are 512-byte aligned
+        fresh.copied = True
+        return fresh
+
+
+# -- TensorRT ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ptr", "copied"), [(0x7F0000000000, False), (0x7F0000000100, False),
+                                             (0x7F0000000000 + 1008 * 10, True), (0x7F0000000004, True)],
+                         ids=["base", "256", "chunk", "4"])
+def test_tensorrt_input_address_is_256_byte_aligned(trt_module: Any, ptr: int, copied: bool) -> None:
+    """setTensorAddress needs 256-byte aligned pointers; a chunk of a batch (here 10 items of
+    63 x 4 float32 each) starts wherever its first item does, so it is copied where it is not."""
+    got = trt_module._aligned(_FakeDeviceArray(ptr))
+    assert got.copied is copied and got.data.ptr % trt_module.TENSOR_ALIGNMENT == 0
+
+
+def test_tensorrt_refused_input_shape_is_named(trt_module: Any) -> None:
+    calls = []
+
+    def set_input_shape(name: str, shape: tuple[int, ...]) -> bool:
+        calls.append((name, shape))
+        return shape[0] == 1
+
+    context = SimpleNamespace(set_input_shape=set_input_shape)
+    trt_module._set_input_shape(context, "input", (1, 3, 32, 32), "m.onnx")
+    with pytest.raises(GpubatchError, match=r"refused input shape \[8, 3, 32, 32\].*static batch"):
+        trt_module._set_input_shape(context, "input", (8, 3, 32, 32), "m.onnx")
+    assert calls == [("input", (1, 3, 32, 32)), ("input", (8, 3, 32, 32))]
+
+
+@no_gpu
+def test_tensorrt_without_a_device_says_so(trt_module: Any, tmp_path: Path) -> None:
+    """Not ModuleNotFoundError (cupy) or a CUDA initialisation error from deep in the build."""
+    with pytest.raises(GpubatchError, match="tensorrt needs a CUDA device"):
+        trt_module.TensorRTModel(str(tmp_path / "m.onnx"))
+
+
+# -- ONNX Runtime -----------------------------------------------------------------------------------
+
+
+def _ort_with_providers(providers: list[str]) -> Any:
+    from gpubatch.models.onnxruntime import OnnxRuntimeModel
+
+    model = object.__new__(OnnxRuntimeModel)
+    model.path = "m.onnx"
+    model.session = SimpleNamespace(get_providers=lambda: providers)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("providers", "device"),
+    [
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"),
+        (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"),
+        (["CPUExecutionProvider"], "cpu"),
+        (["OpenVINOExecutionProvider", "CPUExecutionProvider"], "cpu"),
+        (["DmlExecutionProvider", "CPUExecutionProvider"], "cpu"),
+    ],
+)
+def test_ort_device_is_cuda_only_for_the_cuda_providers(providers: list[str], device: str) -> None:
+    """IO binding binds the input as device_type "cuda": only the CUDA and TensorRT providers take that."""
+    model = _ort_with_providers(providers)
+    assert model.device == device and model.supports_device() is (device == "cuda")
+    if device == "cpu":
+        with pytest.raises(NotImplementedError, match="host arrays only"):
+            model.run_device(object(), object())
+
+
+# -- torch ------------------------------------------------------------------------------------------
+
+
+@no_gpu
+def test_torch_cuda_device_without_cuda_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.jit.load(map_location="cuda") fails with a RuntimeError the loader called "not a
+    TorchScript file"; the missing device is what is wrong."""
+    torch = pytest.importorskip("torch")
+    from gpubatch.models.torch import TorchModel
+
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    monkeypatch.setenv("GPUBATCH_TORCH_DEVICE", "cuda")
+    with pytest.raises(GpubatchError, match="GPUBATCH_TORCH_DEVICE=cuda but torch sees no CUDA device"):
+        TorchModel(str(path))
+    monkeypatch.setenv("GPUBATCH_TORCH_DEVICE", "cpu")
+    assert TorchModel(str(path)).device == "cpu"
+
+
+# -- dask-cuda --------------------------------------------------------------------------------------
+
+#: dask_cuda.LocalCUDACluster's own parameters (26.10); the rest go to LocalCluster and the workers
+LOCAL_CUDA_PARAMS = {
+    "CUDA_VISIBLE_DEVICES", "n_workers", "threads_per_worker", "memory_limit", "device_memory_limit",
+    "enable_cudf_spill", "cudf_spill_stats", "local_directory", "protocol", "enable_tcp_over_ucx",
+    "enable_infiniband", "enable_nvlink", "enable_rdmacm", "rmm_pool_size", "rmm_maximum_pool_size",
+    "rmm_managed_memory", "rmm_async", "rmm_allocator_external_lib_list", "rmm_release_threshold",
+    "rmm_log_directory", "rmm_track_allocations", "log_spilling", "pre_import",
+}
+
+
+def _accepted_names() -> set[str]:
+    from distributed import LocalCluster, Worker
+
+    try:
+        from dask_cuda import LocalCUDACluster
+
+        own = set(inspect.signature(LocalCUDACluster).parameters) - {"kwargs"}
+    except ImportError:
+        own = LOCAL_CUDA_PARAMS
+    return own | set(inspect.signature(LocalCluster).parameters) | set(inspect.signature(Worker).parameters)
+
+
+def test_local_cuda_profile_passes_only_real_arguments() -> None:
+    kwargs = local_cuda_kwargs(load_profile("local-cuda"))
+    assert set(kwargs) <= _accepted_names()
+    assert kwargs["rmm_pool_size"] == 0.8 and kwargs["device_memory_limit"] == 0.9
+    assert kwargs["resources"] == {"GPU": 1} and kwargs["threads_per_worker"] == 1
+    # the pool is reserved at worker start: the device stage's CuPy allocations must come from it
+    assert kwargs["rmm_allocator_external_lib_list"] == ["cupy"]
+
+
+def test_local_cuda_unset_settings_keep_dask_cuda_defaults() -> None:
+    """device_memory_limit=None is "never spill" in dask-cuda, not its default ("default", 80%)."""
+    kwargs = local_cuda_kwargs({"cluster": "local-cuda"})
+    assert not {"device_memory_limit", "rmm_pool_size", "memory_limit", "rmm_allocator_external_lib_list"} & set(kwargs)
+    assert set(kwargs) <= _accepted_names()
+    assert local_cuda_kwargs({"cluster": "local-cuda", "memory_limit": "8GB"})["memory_limit"] == "8GB"
