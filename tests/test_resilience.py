@@ -352,6 +352,37 @@ def test_model_threads_are_sized_on_the_workers_host_not_the_clients(tmp_path: P
     assert len(records) == 2 and {r["model"]["threads"] for r in records} == {cores}, records
 
 
+def test_a_worker_killed_for_memory_is_named_with_what_to_change() -> None:
+    """A worker its nanny kills for passing its memory limit was "lost", like one whose host
+    vanished: the operator could not tell a batch too large from a flaky node. The lost worker's
+    record, and the KilledWorker its shard ends in, now say memory and what to lower."""
+    import operator
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from gpubatch.runtime.executors import DaskExecutor
+
+    quiet = {"distributed.worker.memory.spill": False, "distributed.worker.memory.target": False,
+             "distributed.worker.memory.pause": False, "distributed.scheduler.allowed-failures": 0}
+    with dask.config.set(quiet), LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                              memory_limit="300MiB", host="127.0.0.1", dashboard_address=None,
+                                              silence_logs=50) as cluster, Client(cluster) as client:
+        executor = DaskExecutor(client, cluster)
+        executor.worker_slots()
+        fut = executor.submit(functools.partial(operator.mul, b"x"), 1536 * 2**20, key="gpubatch-s-1-1-0")
+        deadline = time.monotonic() + 60
+        while not executor.lost_workers() and time.monotonic() < deadline:
+            executor.note_processing({fut})
+            time.sleep(0.3)
+        exc = fut.exception(timeout=60)
+        words = executor.failure_words(exc)  # as the submitter records it, with the cluster up
+    (lost,) = executor.lost_workers()
+    assert "killed by its nanny for memory" in lost.get("cause", "") and "300.00 MiB limit" in lost["cause"], lost
+    assert "model.batch_size" in lost["cause"] and "memory_limit" in lost["cause"]
+    assert type(exc).__name__ == "KilledWorker" and "for memory" in words, words
+
+
 def test_a_result_lost_with_its_worker_is_given_up_at_once(tmp_path: Path, many_slides: Path,
                                                            classifier: Path) -> None:
     """A shard finished on a worker that dies before the client gathers its result: Dask

@@ -191,7 +191,8 @@ def operator_lines(report: dict[str, Any]) -> list[str]:
     n_empty, empty = _counted(report.get("empty"))
     n_retried, retried = _counted(report.get("retried"))
     lost = [f"{w.get('worker')} at {_when(w.get('time'))}: shards "
-            f"{', '.join(map(str, w.get('shards') or [])) or 'none'}" for w in report.get("lost_workers") or []]
+            f"{', '.join(map(str, w.get('shards') or [])) or 'none'}"
+            + (f" ({w['cause']})" if w.get("cause") else "") for w in report.get("lost_workers") or []]
     return [*_listed(f"empty: {n_empty} input(s) yielded no items:", [f"{e['input']}: {e['reason']}" for e in empty],
                      n_empty),
             *_listed(f"retried: {n_retried} shard(s) needed more than one attempt:",

@@ -21,6 +21,8 @@ from typing import Any
 from gpubatch.core.errors import GpubatchError
 
 log = logging.getLogger("gpubatch")
+#: the event a Dask nanny logs on the scheduler when it kills its worker for memory
+MEMORY_KILL_TOPIC = "worker-restart-memory"
 WATCH_S = 1.0  # seconds between looks at which worker runs what
 TRIM_S = 30.0  # seconds between trims of the scheduler's per-task bookkeeping
 CLOSE_TIMEOUT_S = 20  # a client or cluster that does not close in this long is left behind
@@ -71,8 +73,13 @@ class Executor(ABC):
         """Called as the run waits: lets the executor notice workers that left mid-task."""
 
     def lost_workers(self) -> list[dict[str, Any]]:
-        """Workers that left while the run went on: {worker, time, shards they were running}."""
+        """Workers that left while the run went on: {worker, time, shards they were running,
+        and cause where it is known}."""
         return []
+
+    def failure_words(self, exc: BaseException) -> str:
+        """How an error raised outside the shard's own code (the executor's) is recorded."""
+        return f"{type(exc).__name__}: {exc}"
 
     def __enter__(self) -> Executor:
         return self
@@ -197,6 +204,8 @@ class DaskExecutor(Executor):
         self._lost: list[dict[str, Any]] = []
         self._checked = self._trimmed = self._slots_seen = 0.0
         self._slots: dict[str, int] = {}
+        #: each worker's memory limit in bytes (None: unlimited), kept after it leaves
+        self._limits: dict[str, int | None] = {}
         self._submitted = 0
         self._scheduler_lost = False
 
@@ -223,6 +232,7 @@ class DaskExecutor(Executor):
             except Exception:  # noqa: BLE001 - a missed look changes nothing: the worker watch
                 return dict(self._slots)  # (``workers``) tells a scheduler that is gone
             self._slots = {addr: _slots_of(info, self.resources) for addr, info in workers.items()}
+            self._limits.update({addr: info.get("memory_limit") or None for addr, info in workers.items()})
         return dict(self._slots)
 
     def wait_first(self, pending: set[Any], timeout: float | None = None) -> set[Any]:
@@ -306,10 +316,32 @@ class DaskExecutor(Executor):
             return
         for worker, shards in self._processing.items():
             if worker not in processing:
-                self._lost.append({"worker": worker, "time": time.time(), "shards": sorted(set(shards))})
-                log.warning("worker %s was lost; its shards (%s) are run again elsewhere",
-                            worker, ", ".join(sorted(set(shards))) or "none running")
+                cause = self._memory_kill(worker)
+                self._lost.append({"worker": worker, "time": time.time(), "shards": sorted(set(shards)),
+                                   **({"cause": cause} if cause else {})})
+                log.warning("worker %s was lost%s; its shards (%s) are run again elsewhere", worker,
+                            f" ({cause})" if cause else "", ", ".join(sorted(set(shards))) or "none running")
         self._processing = processing
+
+    def _memory_kill(self, worker: str | None = None) -> str | None:
+        """Why ``worker`` (or, None: any worker of this run) was lost, where its nanny said it
+        killed it for memory (the scheduler's ``worker-restart-memory`` events); None where no
+        such event names it (a kill by the kernel's OOM killer leaves none: it is a lost worker)."""
+        try:
+            events = self.client.get_events(MEMORY_KILL_TOPIC)
+        except Exception:  # noqa: BLE001 - a scheduler that does not answer: the loss stays unexplained
+            return None
+        for _, event in reversed(list(events or ())):
+            if isinstance(event, dict) and (worker is None or event.get("worker") == worker):
+                return memory_kill_words(event.get("rss"), self._limits.get(str(event.get("worker"))))
+        return None
+
+    def failure_words(self, exc: BaseException) -> str:
+        """A shard's failure that is no shard's fault, said with its cause where Dask's words do
+        not give it: KilledWorker (its workers kept dying) after a memory kill names memory."""
+        words = f"{type(exc).__name__}: {exc}"
+        cause = self._memory_kill() if type(exc).__name__ == "KilledWorker" else None
+        return f"{words} ({cause})" if cause else words
 
     def trim_scheduler(self) -> None:
         """Trim Dask's per-task bookkeeping in this process: its own key-name cache, and, when
@@ -358,6 +390,16 @@ def _quieted(name: str) -> Any:
         yield
     finally:
         logger.setLevel(level)
+
+
+def memory_kill_words(rss: Any, limit: int | None) -> str:
+    """The cause and the fix of a worker its nanny killed for memory."""
+    from dask.utils import format_bytes
+
+    used = f"{format_bytes(int(rss))} in use" if isinstance(rss, (int, float)) else "its memory"
+    over = f", over 95% of its {format_bytes(limit)} limit" if limit else ", over its limit"
+    return (f"killed by its nanny for memory: {used}{over}; lower model.batch_size or "
+            "run.prefetch_batches, or give each worker more memory (the profile's memory_limit)")
 
 
 def _slots_of(info: dict[str, Any], needs: dict[str, float] | None) -> int:

@@ -117,7 +117,7 @@ class Submitter:
                                              retryable=True)
                 break
             except Exception as exc:  # a worker died, the result was lost, or the task raised outside the shard
-                result = ShardResult.failure(shard.shard_id, shard.input_uri, f"{type(exc).__name__}: {exc}",
+                result = ShardResult.failure(shard.shard_id, shard.input_uri, self.executor.failure_words(exc),
                                              retryable=True)
                 break
         result.attempt = self.attempts[shard.shard_id]
