@@ -196,7 +196,7 @@ class ModelSpec(_Strict):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     fallback: FallbackSpec | None = None
-    threads: int | None = Field(None, ge=1, description="intra-op threads per worker; default: cores / workers")
+    threads: int | None = Field(None, ge=1, description="intra-op threads per worker process; default: the worker host's usable cores / its worker processes")
     reduce: dict[str, ReduceSpec] = Field(
         default_factory=dict, description="per output of shape (N, bins, tracks): a reduction over bins")
     track_layout: Literal["NLT", "NTL"] = Field(
