@@ -337,3 +337,17 @@ def test_report_json_reads_back_as_written_one_top_level_key_per_line(tmp_path: 
     assert json.loads(text) == summary
     assert text.splitlines()[1].startswith(' "items": 3') and len(text.splitlines()) == len(summary) + 2
     assert load_report(str(tmp_path))["timeline"] == summary["timeline"]
+
+
+def test_the_summary_says_which_storage_retries_were_throttling_and_which_lost_workers_memory() -> None:
+    """report.json counted throttled retries and the memory cause of a lost worker, but the
+    terminal summary and report.html said neither: "5 retries" read the same as flaky storage."""
+    from gpubatch.report.text import operator_lines, retries_words
+
+    storage = {"requests": 40, "bytes": 4e6, "retries": 5, "library_retries": 1, "throttled": 3}
+    assert retries_words(storage) == "5 retries (1 by client libraries; 3 throttled)"
+    assert retries_words({"retries": 2}) == "2 retries"
+    lost = {"lost_workers": [{"worker": "tcp://10.0.0.7:4001", "time": 0, "shards": ["s-1"],
+                              "cause": "killed by its nanny for memory: 3 GiB in use"}]}
+    text = "\n".join(operator_lines(lost))
+    assert "s-1 (killed by its nanny for memory: 3 GiB in use)" in text, text

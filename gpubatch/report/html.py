@@ -20,7 +20,13 @@ from gpubatch.outputs.store import OutputStore
 from gpubatch.report import plots
 from gpubatch.report.frames import latency_frame, shard_frame, stage_frame, throughput_frame
 from gpubatch.report.plots import AMBER, BLUE, GREEN, ORANGE, PURPLE, RED, Band, Series
-from gpubatch.report.text import gate_line, operator_lines, quality_lines, resumed_line
+from gpubatch.report.text import (
+    gate_line,
+    operator_lines,
+    quality_lines,
+    resumed_line,
+    retries_words,
+)
 from gpubatch.report.verdict import (
     BAND_HIGH,
     BAND_LOW,
@@ -276,8 +282,8 @@ def _run_table(report: dict[str, Any]) -> str:
             ("workers", report.get("workers")), ("readers per worker", report.get("readers")),
             ("profile", report.get("profile")), ("storage requests", st.get("requests")),
             ("storage MB", _num((st.get("bytes") or 0) / 1e6)), ("storage MB/s", _num(st.get("mb_per_s"))),
-            ("storage retries", f"{st.get('retries')} ({st['library_retries']} by client libraries)"
-             if st.get("library_retries") else st.get("retries")), ("cores busy while shards ran", _cores_busy(report)),
+            ("storage retries", retries_words(st) if st else None),
+            ("cores busy while shards ran", _cores_busy(report)),
             ("gpubatch", report.get("gpubatch_version")),
             ("model sha256", (report.get("model_sha256") or "")[:16])]
     cells = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l mono">{escape(str(v if v is not None else "–"))}</td></tr>'

@@ -93,12 +93,16 @@ def _storage_line(report: dict[str, Any]) -> str | None:
     flight = (f", {st['in_flight_mean']:g} in flight on average (peak {st.get('in_flight_peak') or '-'})"
               if st.get("in_flight_mean") else "")
     return (f"  storage: {st['requests']} requests{size}, {st['bytes'] / 1e6:.1f} MB{mbs}{lat}{flight}, "
-            f"{st.get('retries', 0)} retries{_by_libraries(st)}")
+            f"{retries_words(st)}")
 
 
-def _by_libraries(st: dict[str, Any]) -> str:
-    """How many of the retries the client libraries made themselves (io.retry_counts)."""
-    return f" ({st['library_retries']} by client libraries)" if st.get("library_retries") else ""
+def retries_words(st: dict[str, Any]) -> str:
+    """The storage retries, with how many the client libraries made themselves (io.retry_counts)
+    and how many answered throttling (a server asking for less): "5 retries (2 throttled)"."""
+    parts = [f"{st['library_retries']} by client libraries" if st.get("library_retries") else "",
+             f"{st['throttled']} throttled" if st.get("throttled") else ""]
+    said = "; ".join(p for p in parts if p)
+    return f"{st.get('retries', 0)} retries" + (f" ({said})" if said else "")
 
 
 def _parts_line(parts: dict[str, float], busy: float) -> str | None:
