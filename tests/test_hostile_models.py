@@ -248,3 +248,16 @@ def test_a_tile_output_parquet_cannot_hold_is_refused_without_zarr(
     group = zarr.open_group(str(tmp_path / "out" / "predictions.zarr"), mode="r")
     (name,) = list(group)
     assert group[name]["maps"].shape[1:] == (3, 8, 8) and group[name]["maps"].shape[0] > 0
+
+
+def test_a_model_whose_output_has_no_batch_axis_is_refused(
+        tmp_path: Path, slide_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An output of one value per call (a mean over the whole batch) passed validate, and run
+    quarantined every slide with numpy's "zero-dimensional arrays cannot be concatenated"."""
+    from onnx import helper
+
+    node = helper.make_node("ReduceMean", ["x"], ["score"], keepdims=0)
+    model = onnx_graph(tmp_path / "scalar.onnx", [node], [("x", "FLOAT", ["N", 3, 64, 64])],
+                       [("score", "FLOAT", [])])
+    err = refused_by_both(tmp_path, slide_job([str(slide_path)], model, tmp_path / "out"), capsys)
+    assert "model.path" in err and "'score'" in err and "no batch axis" in err, err

@@ -23,7 +23,7 @@ from gpubatch.core.errors import SpecError
 from gpubatch.core.files import cache_root, write_json_atomic
 
 #: bump when what is cached changes shape
-FACTS_VERSION = 1
+FACTS_VERSION = 2
 
 Dims = list[int | None]
 
@@ -60,8 +60,9 @@ def read_first_input(model: Any) -> OnnxInput:
     return OnnxInput(first.name, dims, onnx_dtype_name(tensor.elem_type))
 
 
-def read_io(model: Any) -> tuple[list[tuple[str, Dims]], list[tuple[str, Dims]]]:
-    """(inputs, outputs) of a loaded model as (name, dims), None for a dynamic dim.
+def read_io(model: Any) -> tuple[list[tuple[str, Dims]], list[tuple[str, Dims]], list[str]]:
+    """(inputs, outputs) of a loaded model as (name, dims), None for a dynamic dim, and the
+    outputs known to be scalars (a shape of no dims; an output of unknown shape has none at all).
 
     Exporters often leave output widths unnamed; ONNX shape inference (with data propagation
     through Reshape and friends) usually recovers them from the graph alone, weights unread.
@@ -76,8 +77,10 @@ def read_io(model: Any) -> tuple[list[tuple[str, Dims]], list[tuple[str, Dims]]]
     def dims(value: Any) -> Dims:
         return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
 
+    scalars = [o.name for o in graph.output
+               if o.type.tensor_type.HasField("shape") and not o.type.tensor_type.shape.dim]
     return ([(i.name, dims(i)) for i in graph.input if i.name not in initializers],
-            [(o.name, dims(o)) for o in graph.output])
+            [(o.name, dims(o)) for o in graph.output], scalars)
 
 
 #: the first bytes of files people hand over as "the model" that are not ONNX
@@ -118,8 +121,9 @@ def _load_onnx(path: str, field: str) -> Any:
 def _read_facts(path: str, field: str) -> dict[str, Any]:
     model = _load_onnx(path, field)
     first = read_first_input(model)
-    inputs, outputs = read_io(model)
-    return {"version": FACTS_VERSION, "first": asdict(first), "inputs": inputs, "outputs": outputs}
+    inputs, outputs, scalars = read_io(model)
+    return {"version": FACTS_VERSION, "first": asdict(first), "inputs": inputs, "outputs": outputs,
+            "scalar_outputs": scalars}
 
 
 def _cache_file(path: str) -> str:
@@ -153,6 +157,11 @@ def model_first_input(path: str) -> OnnxInput:
 def model_inputs(path: str, field: str = "model.path") -> list[tuple[str, Dims]]:
     """The model's inputs (initializers excluded) as (name, dims)."""
     return [(str(name), list(dims)) for name, dims in model_facts(path, field)["inputs"]]
+
+
+def scalar_outputs(path: str) -> list[str]:
+    """The model's outputs known to have no axes at all: one value per call, not per item."""
+    return [str(name) for name in model_facts(path)["scalar_outputs"]]
 
 
 def model_outputs(path: str) -> dict[str, Dims]:

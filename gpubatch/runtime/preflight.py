@@ -29,6 +29,7 @@ from gpubatch.runtime.model_facts import (
     model_first_input,
     model_inputs,
     model_outputs,
+    scalar_outputs,
 )
 from gpubatch.sources import get_source
 from gpubatch.sources.base import Shard
@@ -287,6 +288,11 @@ def check_model_input(job: JobSpec) -> None:
     if model is None:
         check_torch_file(job)
         return
+    scalars = scalar_outputs(model)
+    if scalars:
+        raise SpecError([("model.path", (
+            f"{job.model.path}'s output {scalars[0]!r} is one value per call, with no batch axis: gpubatch "
+            "maps outputs to items along their first axis; export the model with outputs of shape (N, ...)"))])
     inputs = model_inputs(model)
     if len(inputs) > 1:
         raise SpecError([("model.path", (
