@@ -60,12 +60,12 @@ def _leak(name: str, image: str, fmt: str, dest: str) -> Mutation:
 QUANT = "gpubatch/models/prepare/quantize.py"
 MUTATIONS: tuple[Mutation, ...] = (
     _m("workers run fp32 while reporting int8", "gpubatch/runtime/runner.py",
-       "model_path = self._model_for_workers(prepared.path, local_job.model.path)",
-       "model_path = self._model_for_workers(local_job.model.path, local_job.model.path)",
+       "model_path, model_storage = self._model_for_workers(prepared.path, local_job.model.path)",
+       "model_path, model_storage = self._model_for_workers(local_job.model.path, local_job.model.path)",
        "tests/test_quantize.py::test_int8_end_to_end_run"),
     _m("worker loads the fp32 fallback as its model", "gpubatch/engine/worker.py",
-       "model = get_model(ctx.model_path, ctx.backend, ctx.precision, ctx.threads)",
-       "model = get_model(ctx.fallback_model_path or ctx.model_path, ctx.backend, ctx.precision, ctx.threads)",
+       "model = get_model(localize(ctx.model_path, ctx.model_storage), ctx.backend, ctx.precision, threads)",
+       "model = get_model(ctx.fallback_model_path or ctx.model_path, ctx.backend, ctx.precision, threads)",
        "tests/test_quantize.py::test_confidence_fallback_through_a_run"),
     _m("quantizer per tensor", QUANT, 'per_channel=opts["per_channel"],', "per_channel=False,",
        "tests/test_quantize.py::test_quantized_file_has_per_channel_weights_and_uint8_activations"),
