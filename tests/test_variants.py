@@ -341,9 +341,32 @@ def test_unknown_contig_and_pos_past_end_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as err:
         read_variants(path, CONTIGS)
     messages = [m for _, m in err.value.problems]
-    assert messages[0].startswith("v.vcf line 7: contig 'chrZ' is not in the reference")
-    assert "chr1, chr2" in messages[0]
-    assert messages[1] == "v.vcf line 8: POS 121 is past the end of chr2 (length 120)"
+    assert messages[0] == ("1 of 3 records are on contigs the reference does not have: 'chrZ' (1 record); "
+                           "the reference's contigs are chr1, chr2")
+    assert messages[1].startswith("v.vcf line 7: contig 'chrZ' is not in the reference")
+    assert "chr1, chr2" in messages[1]
+    assert messages[2] == "v.vcf line 8: POS 121 is past the end of chr2 (length 120)"
+
+
+def test_a_vcf_of_the_other_contig_naming_is_refused_once_naming_both(tmp_path: Path) -> None:
+    """An Ensembl-named VCF (1, MT) against a UCSC reference (chr1, chrM): refused at plan, as
+    before, but with one line first that names both conventions and the rename map; the MT
+    records' own lines had no hint at all (only the 'chr' prefix was looked for)."""
+    contigs = ContigTable(("chr1", "chr2", "chrM"), (300, 120, 50))
+    records = [f"1\t{10 + i}\t.\tA\tG\t.\t.\t." for i in range(30)] + ["MT\t5\t.\tA\tG\t.\t.\t."]
+    with pytest.raises(SpecError) as err:
+        read_variants(write_vcf(tmp_path, records), contigs, max_bad=0.05)
+    messages = [m for _, m in err.value.problems]
+    assert messages[0].startswith("31 of 31 records are on contigs the reference does not have: "
+                                  "'1' (30 records), 'MT' (1 record). The reference has '1' as 'chr1', "
+                                  "'MT' as 'chrM': the file and the reference follow different contig naming")
+    assert "`bcftools annotate --rename-chrs MAP`, MAP's lines '1 chr1', 'MT chrM'" in messages[0]
+    assert sum("... and" in m for m in messages) == 1 and len(messages) == 22  # summary, 20 lines, the rest
+    table = read_variants(write_vcf(tmp_path, ["chr1\t10\t.\tA\tG\t.\t.\t."] * 30 + records[-1:],
+                                    name="mt.vcf"), contigs, max_bad=0.05)
+    assert table.failed[0]["input"] == "mt.vcf line 36"
+    assert ("contig 'MT' is not in the reference (the reference has 'chrM': the files follow different "
+            "naming conventions, 'MT' against 'chrM'") in table.failed[0]["error"]
 
 
 def test_a_ref_that_runs_past_the_contig_end_is_left_out_by_line(tmp_path: Path) -> None:

@@ -130,7 +130,7 @@ def parse_bed(uri: str, storage_options: dict[str, Any] | None = None, bad: BadR
     them is a bad line too. Bad lines go to ``bad`` when given (the caller decides how many it
     takes), in file order; without it any one is a SpecError.
     """
-    found = bad if bad is not None else BadRecords(FIELD, uri)
+    found = bad if bad is not None else BadRecords(FIELD, uri, contigs=contigs)
     regions: list[Region] = []
     for n, fields in _data_lines(uri, storage_options):
         where = f"{_short(uri)} line {n}"
@@ -144,7 +144,7 @@ def parse_bed(uri: str, storage_options: dict[str, Any] | None = None, bad: BadR
         if problem is None:
             regions.append(region)
         else:
-            found.add(where, problem)
+            found.add(where, problem, region.chrom)
     if not found.total:
         raise SpecError([(FIELD, f"{uri}: no regions (the BED file has no data lines)")])
     if bad is None:
@@ -191,7 +191,7 @@ def resolve_regions(regions: str | list[str], contigs: ContigTable,
 
 def _bed_regions(uri: str, contigs: ContigTable, storage_options: dict[str, Any] | None,
                  max_bad: float) -> tuple[list[Region], list[dict[str, str]]]:
-    bad = BadRecords(FIELD, uri)
+    bad = BadRecords(FIELD, uri, contigs=contigs)
     kept = parse_bed(uri, storage_options, bad, contigs)
     return kept, bad.admit(max_bad)
 
@@ -208,11 +208,11 @@ def region_problem(r: Region, contigs: ContigTable) -> str | None:
 def check_regions(regions: Iterable[Region], contigs: ContigTable) -> None:
     """Every region must lie on a reference contig and end within it; all problems listed at once
     (regions written in the spec: none is left out)."""
-    bad = BadRecords(FIELD, FIELD)
+    bad = BadRecords(FIELD, FIELD, contigs=contigs)
     for r in regions:
         bad.total += 1
         if (problem := region_problem(r, contigs)) is not None:
-            bad.add(r.where, problem)
+            bad.add(r.where, problem, r.chrom)
     bad.admit(0.0)
 
 

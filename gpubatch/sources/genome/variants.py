@@ -183,7 +183,7 @@ def _scan(records: Iterator[RawRecord | MalformedRecord], table: VariantTable, c
         if problem is None and isinstance(rec, RawRecord):
             _add_record(table, rec)
         else:
-            bad.add(rec.where, problem or "")
+            bad.add(rec.where, problem or "", rec.chrom if isinstance(rec, RawRecord) else None)
 
 
 def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any] | None = None,
@@ -198,7 +198,7 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
     table = VariantTable()
     if not is_remote(uri) and not os.path.exists(local_path(uri)):
         raise SpecError([(FIELD, f"file not found: {uri}")])
-    bad = BadRecords(FIELD, uri)
+    bad = BadRecords(FIELD, uri, contigs=contigs)
     try:
         with local_copy(uri, storage_options) as path:
             layout = sniff(path, uri)
