@@ -59,6 +59,22 @@ def test_an_id_split_over_biallelic_records_is_told_apart_by_alt(tmp_path: Path)
     assert split.variant_id == whole.variant_id == ["rs9:A", "rs9:G", "rs7"]
 
 
+def test_repeated_variants_and_an_alt_equal_to_its_ref_are_noted(tmp_path: Path) -> None:
+    """Both are scored (one row each, as before) but were scored without a word: a repeated
+    record (a file concatenated twice) doubles its rows in any join, and ALT == REF ('t' against
+    'T' too) is no change, every delta 0."""
+    table = read_variants(write_vcf(tmp_path, ["chr1\t10\trs1\tA\tG\t.\t.\t.", "chr1\t12\t.\tT\tt,C\t.\t.\t.",
+                                               "chr1\t10\trs1\tA\tG\t.\t.\t.", "chr1\t10\t.\tA\tG\t.\t.\t."]),
+                          CONTIGS)
+    assert len(table) == 5
+    assert table.notes == [
+        "2 variant(s) repeat an earlier one (the same CHROM, POS, REF and ALT; first: v.vcf line 8, chr1:10 A>G): "
+        "each is scored, so rows repeat; drop them first (`bcftools norm -d exact`) to score each variant once",
+        "1 ALT allele(s) equal their REF (first: v.vcf line 7, chr1:12 T>T): no change, so their alt window is "
+        "the ref window and every delta is 0"]
+    assert read_variants(write_vcf(tmp_path, RECORDS, name="plain.vcf"), CONTIGS).notes == []
+
+
 def test_bgzip_and_bcf_read_the_same(tmp_path: Path) -> None:
     plain = write_vcf(tmp_path, RECORDS)
     gz = str(tmp_path / "v.vcf.gz")
