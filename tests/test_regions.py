@@ -46,6 +46,8 @@ def test_contigs_named_like_header_words_are_regions(tmp_path: Path) -> None:
     ("chr1\tten\t20", "non-negative integers"),
     ("chr1\t-5\t20", "non-negative integers"),
     ("chr1\t30\t20", "must be greater than start"),
+    ("chr1\t30\t30", "a 0-length interval (start = end = 30: a point between two bases, as for an insertion) "
+                     "has no bases to put windows on; give it one base at least (end 31)"),
     ("chr1\t10\t20\tn\t0\tx", "strand"),
 ])
 def test_malformed_bed_line_named(tmp_path: Path, line: str, expect: str) -> None:

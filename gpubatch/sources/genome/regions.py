@@ -65,7 +65,10 @@ def _bed_line(fields: list[str], where: str) -> Region:
     if not (s.isdigit() and e.isdigit()):
         raise ValueError(f"start and end must be non-negative integers, found start={s!r} end={e!r}")
     start, end = int(s), int(e)
-    if end <= start:
+    if end == start:
+        raise ValueError(f"a 0-length interval (start = end = {start}: a point between two bases, as for an "
+                         f"insertion) has no bases to put windows on; give it one base at least (end {start + 1})")
+    if end < start:
         raise ValueError(f"end ({end}) must be greater than start ({start}); BED is 0-based, end-exclusive")
     strand = fields[5] if len(fields) >= 6 else "+"
     if strand not in ("+", "-", "."):
