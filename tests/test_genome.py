@@ -215,9 +215,10 @@ def test_bed_errors_past_max_bad_records_refuse_the_job(synth: tuple[Path, dict[
     with pytest.raises(SpecError) as err:
         GenomeSource().plan(genome_job(path, regions=str(bed), length=4))
     messages = [m for f, m in err.value.problems if f == "windows.regions"]
-    assert messages[0].startswith("regions.bed line 6: contig 'chrX' is not in the reference")
-    assert messages[1].startswith("regions.bed line 7: end (3) must be greater than start (9)")
-    assert "2 of 7 records are unusable, more than windows.max_bad_records = 0.05" in messages[2]
+    assert messages[0].startswith("1 of 7 records are on contigs the reference does not have: 'chrX'")
+    assert messages[1].startswith("regions.bed line 6: contig 'chrX' is not in the reference")
+    assert messages[2].startswith("regions.bed line 7: end (3) must be greater than start (9)")
+    assert "2 of 7 records are unusable, more than windows.max_bad_records = 0.05" in messages[3]
     shards, failed = GenomeSource().plan(genome_job(path, regions=str(bed), length=4, max_bad_records=0.3))
     assert len(failed) == 2 and sum(s.n_items_hint or 0 for s in shards) == 5 * 3
     with pytest.raises(SpecError, match="chrX"):  # every line bad: refused at any share

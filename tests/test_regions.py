@@ -46,6 +46,8 @@ def test_contigs_named_like_header_words_are_regions(tmp_path: Path) -> None:
     ("chr1\tten\t20", "non-negative integers"),
     ("chr1\t-5\t20", "non-negative integers"),
     ("chr1\t30\t20", "must be greater than start"),
+    ("chr1\t30\t30", "a 0-length interval (start = end = 30: a point between two bases, as for an insertion) "
+                     "has no bases to put windows on; give it one base at least (end 31)"),
     ("chr1\t10\t20\tn\t0\tx", "strand"),
 ])
 def test_malformed_bed_line_named(tmp_path: Path, line: str, expect: str) -> None:
@@ -102,6 +104,22 @@ def test_unknown_contig_lists_reference_contigs(tmp_path: Path) -> None:
 def test_chr_prefix_hint() -> None:
     with pytest.raises(SpecError, match="disagree on the 'chr' prefix"):
         resolve_regions(["1:0-10"], CONTIGS)
+
+
+def test_a_bed_of_the_other_contig_naming_is_refused_once_naming_both(tmp_path: Path) -> None:
+    """Ensembl names (1, MT, and Chr2 as plant genomes write it) against UCSC's: one line says
+    so before the lines, MT named as chrM (only the 'chr' prefix was looked for)."""
+    bed = write(tmp_path, "1\t0\t10\n1\t20\t30\nChr2\t0\t5\nMT\t0\t5\n")
+    with pytest.raises(SpecError) as err:
+        resolve_regions(bed, CONTIGS, max_bad=0.5)
+    messages = [m for _, m in err.value.problems]
+    assert messages[0] == ("4 of 4 records are on contigs the reference does not have: '1' (2 records), "
+                           "'Chr2' (1 record), 'MT' (1 record). The reference has '1' as 'chr1', 'Chr2' as "
+                           "'chr2', 'MT' as 'chrM': the file and the reference follow different contig naming "
+                           "conventions (UCSC's chr1, chrM against Ensembl's and NCBI's 1, MT). Rename the "
+                           "file's contigs to the reference's (in the first column), or use the reference the "
+                           "file was made for")
+    assert "regions.bed line 4: contig 'MT' is not in the reference (the reference has 'chrM'" in messages[4]
 
 
 def test_region_past_contig_end(tmp_path: Path) -> None:

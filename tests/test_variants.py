@@ -59,6 +59,22 @@ def test_an_id_split_over_biallelic_records_is_told_apart_by_alt(tmp_path: Path)
     assert split.variant_id == whole.variant_id == ["rs9:A", "rs9:G", "rs7"]
 
 
+def test_repeated_variants_and_an_alt_equal_to_its_ref_are_noted(tmp_path: Path) -> None:
+    """Both are scored (one row each, as before) but were scored without a word: a repeated
+    record (a file concatenated twice) doubles its rows in any join, and ALT == REF ('t' against
+    'T' too) is no change, every delta 0."""
+    table = read_variants(write_vcf(tmp_path, ["chr1\t10\trs1\tA\tG\t.\t.\t.", "chr1\t12\t.\tT\tt,C\t.\t.\t.",
+                                               "chr1\t10\trs1\tA\tG\t.\t.\t.", "chr1\t10\t.\tA\tG\t.\t.\t."]),
+                          CONTIGS)
+    assert len(table) == 5
+    assert table.notes == [
+        "2 variant(s) repeat an earlier one (the same CHROM, POS, REF and ALT; first: v.vcf line 8, chr1:10 A>G): "
+        "each is scored, so rows repeat; drop them first (`bcftools norm -d exact`) to score each variant once",
+        "1 ALT allele(s) equal their REF (first: v.vcf line 7, chr1:12 T>T): no change, so their alt window is "
+        "the ref window and every delta is 0"]
+    assert read_variants(write_vcf(tmp_path, RECORDS, name="plain.vcf"), CONTIGS).notes == []
+
+
 def test_bgzip_and_bcf_read_the_same(tmp_path: Path) -> None:
     plain = write_vcf(tmp_path, RECORDS)
     gz = str(tmp_path / "v.vcf.gz")
@@ -176,6 +192,25 @@ def test_a_malformed_record_is_described_not_called_a_truncated_file(
         read_variants(write_vcf(tmp_path, ["chr1\t5\t.\tC\tT\t.\t.\t.", record]), CONTIGS)
     text = str(err.value)
     assert "v.vcf line 7: malformed VCF record" in text and said in text and "truncated" not in text
+
+
+@pytest.mark.parametrize(("samples", "said"), [
+    ("GT:DP\t0/1:3", "10 tab-separated columns where the '#CHROM' line names 11: 1 sample column after "
+                    "FORMAT for the header's 2; fill a missing sample with '.'"),
+    ("GT", "9 tab-separated columns where the '#CHROM' line names 11: 0 sample columns after FORMAT for "
+           "the header's 2; fill a missing sample with '.'"),
+])
+def test_a_record_short_of_a_sample_column_says_so(tmp_path: Path, samples: str, said: str) -> None:
+    """A record one sample short is left out by line as before, with the columns counted against
+    the '#CHROM' line's instead of htslib's "unable to parse next record"; the rest are read."""
+    header = ('##fileformat=VCFv4.2\n##FORMAT=<ID=GT,Number=1,Type=String,Description="GT">\n'
+              '##FORMAT=<ID=DP,Number=1,Type=Integer,Description="DP">\n'
+              "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\tS1\tS2\n")
+    records = [f"chr1\t{10 + i}\t.\tA\tG\t.\t.\t.\tGT\t0/1\t1/1" for i in range(30)]
+    table = read_variants(write_vcf(tmp_path, [*records[:5], f"chr1\t9\tshort\tA\tG\t.\t.\t.\t{samples}",
+                                               *records[5:]], header), CONTIGS, max_bad=0.05)
+    assert table.failed == [{"input": "v.vcf line 10", "error": f"malformed VCF record ({said})"}]
+    assert len(table) == 30
 
 
 GOOD = [f"chr1\t{10 + i}\t.\tA\tG\t.\t.\t." for i in range(40)]
@@ -341,9 +376,32 @@ def test_unknown_contig_and_pos_past_end_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as err:
         read_variants(path, CONTIGS)
     messages = [m for _, m in err.value.problems]
-    assert messages[0].startswith("v.vcf line 7: contig 'chrZ' is not in the reference")
-    assert "chr1, chr2" in messages[0]
-    assert messages[1] == "v.vcf line 8: POS 121 is past the end of chr2 (length 120)"
+    assert messages[0] == ("1 of 3 records are on contigs the reference does not have: 'chrZ' (1 record); "
+                           "the reference's contigs are chr1, chr2")
+    assert messages[1].startswith("v.vcf line 7: contig 'chrZ' is not in the reference")
+    assert "chr1, chr2" in messages[1]
+    assert messages[2] == "v.vcf line 8: POS 121 is past the end of chr2 (length 120)"
+
+
+def test_a_vcf_of_the_other_contig_naming_is_refused_once_naming_both(tmp_path: Path) -> None:
+    """An Ensembl-named VCF (1, MT) against a UCSC reference (chr1, chrM): refused at plan, as
+    before, but with one line first that names both conventions and the rename map; the MT
+    records' own lines had no hint at all (only the 'chr' prefix was looked for)."""
+    contigs = ContigTable(("chr1", "chr2", "chrM"), (300, 120, 50))
+    records = [f"1\t{10 + i}\t.\tA\tG\t.\t.\t." for i in range(30)] + ["MT\t5\t.\tA\tG\t.\t.\t."]
+    with pytest.raises(SpecError) as err:
+        read_variants(write_vcf(tmp_path, records), contigs, max_bad=0.05)
+    messages = [m for _, m in err.value.problems]
+    assert messages[0].startswith("31 of 31 records are on contigs the reference does not have: "
+                                  "'1' (30 records), 'MT' (1 record). The reference has '1' as 'chr1', "
+                                  "'MT' as 'chrM': the file and the reference follow different contig naming")
+    assert "`bcftools annotate --rename-chrs MAP`, MAP's lines '1 chr1', 'MT chrM'" in messages[0]
+    assert sum("... and" in m for m in messages) == 1 and len(messages) == 22  # summary, 20 lines, the rest
+    table = read_variants(write_vcf(tmp_path, ["chr1\t10\t.\tA\tG\t.\t.\t."] * 30 + records[-1:],
+                                    name="mt.vcf"), contigs, max_bad=0.05)
+    assert table.failed[0]["input"] == "mt.vcf line 36"
+    assert ("contig 'MT' is not in the reference (the reference has 'chrM': the files follow different "
+            "naming conventions, 'MT' against 'chrM'") in table.failed[0]["error"]
 
 
 def test_a_ref_that_runs_past_the_contig_end_is_left_out_by_line(tmp_path: Path) -> None:

@@ -11,15 +11,19 @@ records are all bad is always refused.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpubatch.core.errors import SpecError
+from gpubatch.sources.genome.reference import ContigTable
 
 #: failed entries written for one file; the others are counted in one more entry
 MAX_LISTED = 1000
 #: problems a refusal lists before it says how many more there are
 MAX_SHOWN = 20
+#: contigs a refusal names, with their records, before it says how many more there are
+MAX_CONTIGS_SHOWN = 8
 
 
 @dataclass
@@ -31,11 +35,18 @@ class BadRecords:
     total: int = 0  # data records read, good and bad
     count: int = 0
     listed: list[tuple[str, str]] = field(default_factory=list)  # (where, problem), the first MAX_LISTED
+    #: the reference's contigs: with them, records off them are counted by contig, for a refusal
+    #: that says once that the file and the reference name their contigs differently
+    contigs: ContigTable | None = None
+    missing: Counter[str] = field(default_factory=Counter)  # contig absent from the reference -> records
 
-    def add(self, where: str, problem: str) -> None:
+    def add(self, where: str, problem: str, chrom: str | None = None) -> None:
+        """One bad record; ``chrom``, its contig, counted where the reference lacks it."""
         self.count += 1
         if len(self.listed) < MAX_LISTED:
             self.listed.append((where, problem))
+        if chrom is not None and self.contigs is not None and chrom not in self.contigs:
+            self.missing[chrom] += 1
 
     def allowed(self, limit: float) -> int:
         """How many bad records ``limit`` (a share) lets through: at least one unless it is 0."""
@@ -56,12 +67,36 @@ class BadRecords:
         return entries
 
     def _refusal(self, limit: float) -> list[tuple[str, str]]:
-        shown = [(self.key, f"{where}: {problem}") for where, problem in self.listed[:MAX_SHOWN]]
-        if self.count > len(shown):
-            shown.append((self.key, f"... and {self.count - len(shown)} more problems like these"))
+        listed = [(self.key, f"{where}: {problem}") for where, problem in self.listed[:MAX_SHOWN]]
+        shown = [(self.key, text) for text in (self._naming(),) if text] + listed
+        if self.count > len(listed):
+            shown.append((self.key, f"... and {self.count - len(listed)} more problems like these"))
         if limit > 0 and self.count < self.total:
             shown.append((self.key, f"{self.count} of {self.total} records are unusable, more than "
                                       f"windows.max_bad_records = {limit:g} allows: a wrong file or genome "
                                       "build? Mend the lines above, or raise windows.max_bad_records to "
                                       "leave them out and run the rest"))
         return shown
+
+    def _naming(self) -> str | None:
+        """One line, before the records, when records are on contigs the reference lacks: which,
+        how many records each, and where the reference has them under another name (chr1 for 1,
+        chrM for MT) both conventions and the rename; a whole file of another convention was
+        twenty lines of one problem and a count."""
+        if not self.missing or self.contigs is None:
+            return None
+        names = self.missing.most_common()
+        shown = ", ".join(f"'{name}' ({n} record{'s' if n > 1 else ''})" for name, n in names[:MAX_CONTIGS_SHOWN])
+        more = f" and {len(names) - MAX_CONTIGS_SHOWN} more" if len(names) > MAX_CONTIGS_SHOWN else ""
+        text = (f"{sum(self.missing.values())} of {self.total} records are on contigs the reference does not "
+                f"have: {shown}{more}")
+        pairs = [(name, alt) for name, _ in names if (alt := self.contigs.alias(name)) is not None]
+        if not pairs:
+            return f"{text}; the reference's contigs are {self.contigs.listing()}"
+        pairs_text = ", ".join(f"'{name}' as '{alt}'" for name, alt in pairs[:MAX_CONTIGS_SHOWN])
+        renames = [f"{name} {alt}" for name, alt in pairs[:MAX_CONTIGS_SHOWN]]
+        how = (f"`bcftools annotate --rename-chrs MAP`, MAP's lines {', '.join(map(repr, renames))}"
+               if self.key == "windows.variants" else "in the first column")
+        return (f"{text}. The reference has {pairs_text}: the file and the reference follow different contig "
+                "naming conventions (UCSC's chr1, chrM against Ensembl's and NCBI's 1, MT). Rename the file's "
+                f"contigs to the reference's ({how}), or use the reference the file was made for")

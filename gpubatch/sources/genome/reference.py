@@ -86,13 +86,41 @@ class ContigTable:
         more = len(self.names) - MAX_LISTED_CONTIGS
         return f"{shown}, ... ({len(self.names)} contigs)" if more > 0 else shown
 
+    def alias(self, name: str) -> str | None:
+        """The reference's own name for ``name`` where the two follow different naming
+        conventions: UCSC's 'chr1'/'chrM' against Ensembl's and NCBI's '1'/'MT', and 'Chr1' as
+        some plant genomes write it. None where no contig answers to it."""
+        if not hasattr(self, "_aliases"):
+            table: dict[str, str] = {}
+            for own in self.names:
+                table.setdefault(_naming_key(own), own)
+            object.__setattr__(self, "_aliases", table)
+        found: str | None = self._aliases.get(_naming_key(name))  # type: ignore[attr-defined]
+        return found if found != name else None
+
     def missing_message(self, name: str) -> str:
-        """Why ``name`` is not usable, with a hint for the common chr-prefix mismatch."""
+        """Why ``name`` is not usable, with a hint naming both conventions where the reference
+        has the contig under its other name."""
         hint = ""
-        alt = name[3:] if name.startswith("chr") else f"chr{name}"
-        if alt in self:
-            hint = f" (the reference has '{alt}': the files disagree on the 'chr' prefix)"
+        alt = self.alias(name)
+        if alt is not None:
+            hint = f" (the reference has '{alt}': {naming_difference(name, alt)})"
         return f"contig '{name}' is not in the reference{hint}; reference contigs: {self.listing()}"
+
+
+def _naming_key(name: str) -> str:
+    """A contig name with the conventions' differences taken out: no 'chr' prefix, any case,
+    and the mitochondrion's M and MT the same."""
+    key = name.lower().removeprefix("chr")
+    return "m" if key == "mt" else key
+
+
+def naming_difference(name: str, alt: str) -> str:
+    """How two names of one contig differ, in words: the 'chr' prefix, or M against MT."""
+    if name.lower().removeprefix("chr") == alt.lower().removeprefix("chr"):
+        return "the files disagree on the 'chr' prefix"
+    return (f"the files follow different naming conventions, '{name}' against '{alt}' "
+            "(UCSC's chrM, Ensembl's and NCBI's MT)")
 
 
 def reference_format(uri: str, storage_options: dict[str, Any] | None = None) -> str:

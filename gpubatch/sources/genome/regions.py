@@ -65,7 +65,10 @@ def _bed_line(fields: list[str], where: str) -> Region:
     if not (s.isdigit() and e.isdigit()):
         raise ValueError(f"start and end must be non-negative integers, found start={s!r} end={e!r}")
     start, end = int(s), int(e)
-    if end <= start:
+    if end == start:
+        raise ValueError(f"a 0-length interval (start = end = {start}: a point between two bases, as for an "
+                         f"insertion) has no bases to put windows on; give it one base at least (end {start + 1})")
+    if end < start:
         raise ValueError(f"end ({end}) must be greater than start ({start}); BED is 0-based, end-exclusive")
     strand = fields[5] if len(fields) >= 6 else "+"
     if strand not in ("+", "-", "."):
@@ -130,7 +133,7 @@ def parse_bed(uri: str, storage_options: dict[str, Any] | None = None, bad: BadR
     them is a bad line too. Bad lines go to ``bad`` when given (the caller decides how many it
     takes), in file order; without it any one is a SpecError.
     """
-    found = bad if bad is not None else BadRecords(FIELD, uri)
+    found = bad if bad is not None else BadRecords(FIELD, uri, contigs=contigs)
     regions: list[Region] = []
     for n, fields in _data_lines(uri, storage_options):
         where = f"{_short(uri)} line {n}"
@@ -144,7 +147,7 @@ def parse_bed(uri: str, storage_options: dict[str, Any] | None = None, bad: BadR
         if problem is None:
             regions.append(region)
         else:
-            found.add(where, problem)
+            found.add(where, problem, region.chrom)
     if not found.total:
         raise SpecError([(FIELD, f"{uri}: no regions (the BED file has no data lines)")])
     if bad is None:
@@ -191,7 +194,7 @@ def resolve_regions(regions: str | list[str], contigs: ContigTable,
 
 def _bed_regions(uri: str, contigs: ContigTable, storage_options: dict[str, Any] | None,
                  max_bad: float) -> tuple[list[Region], list[dict[str, str]]]:
-    bad = BadRecords(FIELD, uri)
+    bad = BadRecords(FIELD, uri, contigs=contigs)
     kept = parse_bed(uri, storage_options, bad, contigs)
     return kept, bad.admit(max_bad)
 
@@ -208,11 +211,11 @@ def region_problem(r: Region, contigs: ContigTable) -> str | None:
 def check_regions(regions: Iterable[Region], contigs: ContigTable) -> None:
     """Every region must lie on a reference contig and end within it; all problems listed at once
     (regions written in the spec: none is left out)."""
-    bad = BadRecords(FIELD, FIELD)
+    bad = BadRecords(FIELD, FIELD, contigs=contigs)
     for r in regions:
         bad.total += 1
         if (problem := region_problem(r, contigs)) is not None:
-            bad.add(r.where, problem)
+            bad.add(r.where, problem, r.chrom)
     bad.admit(0.0)
 
 

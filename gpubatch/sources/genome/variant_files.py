@@ -328,6 +328,7 @@ class _LineFinder:
         self._stack = contextlib.ExitStack()
         self._lines: Iterator[bytes] | None = None
         self._at = 0  # the number of the last line read
+        self._columns = 0  # columns the '#CHROM' line names (0: not read)
 
     def __enter__(self) -> _LineFinder:
         return self
@@ -342,6 +343,7 @@ class _LineFinder:
         with _open_text(self.path) as f:
             for number, line in enumerate(f, start=1):
                 if line.upper().startswith(b"#CHROM"):
+                    self._columns = len(line.rstrip(b"\r\n").split(b"\t"))
                     return number
         return 0
 
@@ -364,7 +366,19 @@ class _LineFinder:
                     "CHROM POS ID REF ALT QUAL FILTER INFO")
         if not fields[1].isdigit():
             return f"POS {fields[1][:40]!r} is not a whole number"
-        return ""
+        return self._sample_columns(len(fields))
+
+    def _sample_columns(self, found: int) -> str:
+        """A line with other than the header's number of columns past FORMAT: htslib fails it
+        as "unable to parse next record", where a sample's column is missing (or one too many)."""
+        samples = self._columns - 9
+        if samples < 1 or found == self._columns:
+            return ""
+        has = max(found - 9, 0)
+        fix = ("fill a missing sample with '.'" if has < samples
+               else "take the extra column out, or name its sample in the '#CHROM' line")
+        return (f"{found} tab-separated columns where the '#CHROM' line names {self._columns}: "
+                f"{has} sample column{'s' if has != 1 else ''} after FORMAT for the header's {samples}; {fix}")
 
 
 def iter_records(path: str, uri: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:

@@ -183,7 +183,7 @@ def _scan(records: Iterator[RawRecord | MalformedRecord], table: VariantTable, c
         if problem is None and isinstance(rec, RawRecord):
             _add_record(table, rec)
         else:
-            bad.add(rec.where, problem or "")
+            bad.add(rec.where, problem or "", rec.chrom if isinstance(rec, RawRecord) else None)
 
 
 def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any] | None = None,
@@ -198,7 +198,7 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
     table = VariantTable()
     if not is_remote(uri) and not os.path.exists(local_path(uri)):
         raise SpecError([(FIELD, f"file not found: {uri}")])
-    bad = BadRecords(FIELD, uri)
+    bad = BadRecords(FIELD, uri, contigs=contigs)
     try:
         with local_copy(uri, storage_options) as path:
             layout = sniff(path, uri)
@@ -210,7 +210,33 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
     table.failed = bad.admit(max_bad)
     _tell_alleles_apart(table)
+    table.notes += _repeat_notes(table, os.path.basename(uri.rstrip("/")))
     return table
+
+
+def _repeat_notes(table: VariantTable, name: str) -> list[str]:
+    """Notes for variants scored but not worth a row of their own: one that repeats an earlier
+    (the same CHROM, POS, REF and ALT: a file concatenated twice, or merged from overlapping
+    call sets) is a second, identical row, which doubles it in any join; an ALT equal to its REF
+    is no change at all (its delta is 0). Both were scored without a word."""
+    seen: set[tuple[str, int, str, str]] = set()
+    repeats, same, first_repeat, first_same = 0, 0, "", ""
+    for i, key in enumerate(zip(table.chrom, table.pos, table.ref, table.alt, strict=True)):
+        where = f"{name} line {table.line[i]}, {key[0]}:{key[1]} {key[2]}>{key[3]}"
+        if key in seen:
+            repeats, first_repeat = repeats + 1, first_repeat or where
+        seen.add(key)
+        if key[2] == key[3]:
+            same, first_same = same + 1, first_same or where
+    notes = []
+    if repeats:
+        notes.append(f"{repeats} variant(s) repeat an earlier one (the same CHROM, POS, REF and ALT; first: "
+                     f"{first_repeat}): each is scored, so rows repeat; drop them first "
+                     "(`bcftools norm -d exact`) to score each variant once")
+    if same:
+        notes.append(f"{same} ALT allele(s) equal their REF (first: {first_same}): no change, so their alt "
+                     "window is the ref window and every delta is 0")
+    return notes
 
 
 def _tell_alleles_apart(table: VariantTable) -> None:
