@@ -75,6 +75,20 @@ def test_repeated_variants_and_an_alt_equal_to_its_ref_are_noted(tmp_path: Path)
     assert read_variants(write_vcf(tmp_path, RECORDS, name="plain.vcf"), CONTIGS).notes == []
 
 
+def test_a_vcf_whose_header_gives_other_contig_lengths_is_noted_as_another_build(tmp_path: Path) -> None:
+    """A GRCh37 VCF against a GRCh38 reference: the header's ##contig lengths said so before any
+    record was read, and went unread; where its records hold no SNV to fail a REF check, the
+    wrong bases were scored without a word. The note names the contig, both lengths and, for
+    chr1, both builds; under the other naming convention ('1' against 'chr1') too."""
+    hg38 = ContigTable(("chr1", "chr2"), (248_956_422, 120))
+    header = HEADER.replace("##contig=<ID=chr1,length=300>", "##contig=<ID=1,length=249250621>")
+    table = read_variants(write_vcf(tmp_path, ["chr1\t20\t.\tC\tCTTT\t.\t.\t."], header=header), hg38)
+    assert len(table) == 1 and table.notes[0].startswith(
+        "v.vcf's header gives 1 contig(s) other lengths than the reference (first: 1 249,250,621 bases against "
+        "248,956,422) (GRCh37/hg19 against the reference's GRCh38/hg38): the VCF may be of another genome build"), table.notes
+    assert read_variants(write_vcf(tmp_path, RECORDS, name="same.vcf"), CONTIGS).notes == []
+
+
 def test_bgzip_and_bcf_read_the_same(tmp_path: Path) -> None:
     plain = write_vcf(tmp_path, RECORDS)
     gz = str(tmp_path / "v.vcf.gz")

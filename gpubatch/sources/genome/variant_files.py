@@ -90,6 +90,8 @@ class Layout:
     delimiter: str = "\t"
     columns: dict[str, int] = field(default_factory=dict)  # table: field -> column index
     note: str = ""
+    #: the header's ``##contig`` lengths, filled in as a VCF/BCF is read
+    declared: dict[str, int] = field(default_factory=dict)
 
 
 def _open_text(path: str) -> IO[bytes]:
@@ -295,6 +297,7 @@ def _pysam_records(pysam: Any, readable: str, uri: str, name: str, layout: Layou
     except (ValueError, OSError) as exc:
         raise SpecError([(FIELD, f"{uri}: not a readable VCF/BCF ({exc}); a VCF starts with "
                                  "'##fileformat=VCFv4.x' and has a '#CHROM ...' line")]) from None
+    layout.declared.update({str(n): int(c.length) for n, c in vf.header.contigs.items() if c.length})
     offset = lines.header_lines() if layout.kind == LAYOUT_VCF else None
     with vf:
         records, failing, first = iter(vf), 0, ""

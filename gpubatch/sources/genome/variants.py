@@ -211,7 +211,32 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
     table.failed = bad.admit(max_bad)
     _tell_alleles_apart(table)
     table.notes += _repeat_notes(table, os.path.basename(uri.rstrip("/")))
+    build = other_build_note(layout.declared, contigs, os.path.basename(uri.rstrip("/")))
+    if build:
+        table.notes.insert(0, build)
     return table
+
+
+#: chr1's length in the builds people mix up, to name the build a mismatch points to
+CHR1_BUILDS = {249_250_621: "GRCh37/hg19", 248_956_422: "GRCh38/hg38", 248_387_328: "T2T-CHM13",
+               195_471_971: "GRCm38/mm10", 195_154_279: "GRCm39/mm39"}
+
+
+def other_build_note(declared: dict[str, int], contigs: ContigTable, name: str) -> str | None:
+    """A VCF whose header gives its contigs other lengths than the reference's is of another
+    genome build: its records' REF checks then fail, or, where none can (no SNVs), it scores the
+    wrong bases silently. Said up front, with the builds where chr1 tells them."""
+    differ = [(own, length, contigs.length(ref)) for own, length in declared.items()
+              for ref in [own if own in contigs else contigs.alias(own)] if ref and contigs.length(ref) != length]
+    if not differ:
+        return None
+    own, theirs, ours = differ[0]
+    builds = ""
+    if own.lower().removeprefix("chr") == "1" and theirs in CHR1_BUILDS and ours in CHR1_BUILDS:
+        builds = f" ({CHR1_BUILDS[theirs]} against the reference's {CHR1_BUILDS[ours]})"
+    return (f"{name}'s header gives {len(differ)} contig(s) other lengths than the reference (first: {own} "
+            f"{theirs:,} bases against {ours:,}){builds}: the VCF may be of another genome build; if its "
+            "records are, score them against that build's reference (or lift them over first)")
 
 
 def _repeat_notes(table: VariantTable, name: str) -> list[str]:
