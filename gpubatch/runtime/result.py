@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpubatch.core.errors import EXIT_OK
+from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
 from gpubatch.outputs.layout import PREDICTIONS, SLIDE_PREDICTIONS, ZARR
 from gpubatch.outputs.store import OutputStore
 
@@ -103,12 +103,29 @@ class Result:
         return latency_frame(self.report)
 
 
+def require_output(store: OutputStore, where: str) -> OutputStore:
+    """``store`` if a run made it, else NotAnOutputError naming ``where``: a missing folder or one
+    no run wrote gave an empty report, exit code 0 and a 404 only at ``predictions()``, so a
+    typo in a script's path read as a finished run with nothing in it."""
+    from gpubatch.core.errors import NotAnOutputError
+    from gpubatch.io.redact import safe_text
+    from gpubatch.outputs.layout import MARKER
+
+    shown = safe_text(where)
+    if not store.exists():
+        raise NotAnOutputError(f"{shown} does not exist: give the folder (or URI) a job's output.uri names")
+    if not store.exists(MARKER):
+        raise NotAnOutputError(f"{shown} is not a gpubatch output (no {MARKER} marker): give the folder "
+                               "(or URI) a job's output.uri names")
+    return store
+
+
 def open_results(outdir: str, storage: dict[str, Any] | None = None) -> Result:
-    """A run's outputs: its report (or, for an unfinished run, a summary of what is committed)."""
-    from gpubatch.core.errors import EXIT_PARTIAL
+    """A run's outputs: its report (or, for an unfinished run, a summary of what is committed).
+    Raises NotAnOutputError where no run wrote."""
     from gpubatch.report.summary import finished_report, summarize_output
 
-    store = OutputStore(outdir, storage)
+    store = require_output(OutputStore(outdir, storage), outdir)
     report = finished_report(store) or summarize_output(store)
     failed = report.get("failed", [])
     return Result(report, store.uri, EXIT_PARTIAL if failed else EXIT_OK, failed, dict(storage or {}))
