@@ -3,8 +3,10 @@ on real small runs (inline profile unless the test is about worker processes).""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import slide_job, write_job
@@ -51,3 +53,47 @@ def test_open_results_refuses_an_object_store_prefix_no_run_wrote(s3: S3Stack) -
     for uri in (s3.uri("not-an-output"), s3.uri("no-such-prefix")):
         with pytest.raises(NotAnOutputError, match="s3://"):
             gpubatch.open_results(uri, s3.options())
+
+
+def _interrupted_after_first_shard(job: Path, monkeypatch: pytest.MonkeyPatch, **options: Any) -> None:
+    """Run ``job``, Ctrl-C as its first shard is committed."""
+    import gpubatch
+    from gpubatch.runtime.progress import Progress
+
+    update = Progress.update
+
+    def update_then_interrupt(self: Progress, result: Any) -> None:
+        update(self, result)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Progress, "update", update_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            gpubatch.run(job, show_progress=False, **options)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-run", "resume"])
+def test_an_unfinished_output_says_so_and_never_reads_back_partial(tmp_path: Path, slides_dir: Path,
+                                                                     mean_model: Path, first: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted run's output: open_results gave exit code 0; predictions() said "object not
+    found (404): check the URI" (a first run) or silently returned the finished run before's
+    rows without the slide committed since (an interrupted --resume over one more slide)."""
+    import gpubatch
+    from gpubatch.core.errors import UnfinishedOutputError
+
+    out = tmp_path / "out"
+    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, out)
+    if not first:
+        assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+        job["input"]["uris"].append(str(slides_dir / "s2.tif"))
+    _interrupted_after_first_shard(write_job(tmp_path / "b.yaml", job), monkeypatch, resume=not first)
+    result = gpubatch.open_results(str(out))
+    assert not result.complete and result.exit_code == 3
+    with pytest.raises(UnfinishedOutputError, match=r"did not finish \(interrupted.*--resume"):
+        result.predictions()
+    committed = result.predictions(partial=True)
+    assert committed["slide"].nunique() == result.report["shards_done"] >= (1 if first else 3)
+    again = gpubatch.run(tmp_path / "b.yaml", resume=True, show_progress=False)
+    assert again.complete and gpubatch.open_results(str(out)).complete
+    assert len(again.predictions()) == len(gpubatch.open_results(str(out)).predictions(partial=True))

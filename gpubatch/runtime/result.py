@@ -25,10 +25,37 @@ class Result:
     def store(self) -> OutputStore:
         return OutputStore(self.output_uri, self.storage)
 
-    def predictions(self) -> Any:
-        """predictions.parquet as a pandas DataFrame."""
+    @property
+    def complete(self) -> bool:
+        """Whether the output's latest run finished: False for one ``open_results`` found running,
+        interrupted or failed (its report sums up what is committed so far)."""
+        return self.report.get("complete", True) is not False
+
+    def _require_complete(self, what: str) -> None:
+        """UnfinishedOutputError for a merged output of an unfinished run: it is missing, or the
+        run before's, without what was committed since."""
+        if self.complete:
+            return
+        from gpubatch.core.errors import UnfinishedOutputError
+        from gpubatch.io.redact import redact
+
+        done, total = self.report.get("shards_done"), self.report.get("shards_total")
+        raise UnfinishedOutputError(
+            f"{redact(self.output_uri)}: its latest run did not finish ({self.report.get('state', 'unknown')}, "
+            f"{done} of {total if total is not None else '?'} shards committed) and {what} is written at a "
+            "run's end; finish it with `gpubatch run JOB --resume`"
+            + (", or read what is committed with predictions(partial=True)" if what == PREDICTIONS else ""))
+
+    def predictions(self, *, partial: bool = False) -> Any:
+        """predictions.parquet as a pandas DataFrame.
+
+        Of an unfinished run (``complete`` False) it raises UnfinishedOutputError, since the file
+        is missing or stale; ``partial=True`` reads the shards committed so far instead."""
         import pandas as pd
 
+        if partial and not self.complete:
+            return _committed_predictions(self.store)
+        self._require_complete(PREDICTIONS)
         with self.store.open_read(PREDICTIONS) as f:
             return pd.read_parquet(f)
 
@@ -38,6 +65,7 @@ class Result:
         for arrays larger than memory open each shard's group (the zarr root's ``groups``)."""
         import numpy as np
 
+        self._require_complete(f"{ZARR}'s shard list")
         root = self.store.zarr_group(ZARR)
         groups: dict[str, str] = dict(root.attrs.get("groups", {}))  # type: ignore[arg-type]
         shards: list[str] = list(root.attrs.get("shards", []))  # type: ignore[arg-type]
@@ -63,6 +91,7 @@ class Result:
         """slide_predictions.parquet (runs with a slide_model) as a DataFrame: one row per slide."""
         import pandas as pd
 
+        self._require_complete(SLIDE_PREDICTIONS)
         with self.store.open_read(SLIDE_PREDICTIONS) as f:
             return pd.read_parquet(f)
 
@@ -103,6 +132,23 @@ class Result:
         return latency_frame(self.report)
 
 
+def _committed_predictions(store: OutputStore) -> Any:
+    """The committed shards' parquet parts of an unfinished run as one DataFrame, by shard id
+    (the plan's order is the run's; only committed attempts are read, never a killed one's)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from gpubatch.outputs.manifest import Manifest
+    from gpubatch.outputs.merge import read_part
+
+    entries = Manifest(store).entries()
+    tables = [read_part(store, entries[sid]) for sid in sorted(entries) if entries[sid].part]
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pd.DataFrame()
+    return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+
 def require_output(store: OutputStore, where: str) -> OutputStore:
     """``store`` if a run made it, else NotAnOutputError naming ``where``: a missing folder or one
     no run wrote gave an empty report, exit code 0 and a 404 only at ``predictions()``, so a
@@ -121,11 +167,13 @@ def require_output(store: OutputStore, where: str) -> OutputStore:
 
 
 def open_results(outdir: str, storage: dict[str, Any] | None = None) -> Result:
-    """A run's outputs: its report (or, for an unfinished run, a summary of what is committed).
-    Raises NotAnOutputError where no run wrote."""
+    """A run's outputs: its report, or for an unfinished run a summary of what is committed, with
+    ``complete`` False and ``exit_code`` 3 (partial). Raises NotAnOutputError where no run wrote."""
     from gpubatch.report.summary import finished_report, summarize_output
 
     store = require_output(OutputStore(outdir, storage), outdir)
     report = finished_report(store) or summarize_output(store)
     failed = report.get("failed", [])
-    return Result(report, store.uri, EXIT_PARTIAL if failed else EXIT_OK, failed, dict(storage or {}))
+    unfinished = report.get("complete", True) is False  # never 0: not every input is done
+    code = EXIT_PARTIAL if failed or unfinished else EXIT_OK
+    return Result(report, store.uri, code, failed, dict(storage or {}))
