@@ -97,3 +97,37 @@ def test_an_unfinished_output_says_so_and_never_reads_back_partial(tmp_path: Pat
     again = gpubatch.run(tmp_path / "b.yaml", resume=True, show_progress=False)
     assert again.complete and gpubatch.open_results(str(out)).complete
     assert len(again.predictions()) == len(gpubatch.open_results(str(out)).predictions(partial=True))
+
+
+def test_the_facade_exports_what_a_script_catches_and_nothing_private() -> None:
+    """A script caught SpecError or NotAnOutputError only through gpubatch.core.errors, and
+    users' mypy read gpubatch as untyped: there was no py.typed marker in the package."""
+    import tomllib
+
+    import gpubatch
+    from gpubatch.core import errors
+
+    for name in gpubatch.__all__:
+        assert not name.startswith("_") or name == "__version__"
+        assert getattr(gpubatch, name) is not None
+    caught = {n for n in gpubatch.__all__ if n.endswith(("Error", "Refused", "Full"))}
+    assert caught >= {"GpubatchError", "SpecError", "NotAnOutputError", "UnfinishedOutputError", "OutputRefused"}
+    for name in caught:
+        assert getattr(gpubatch, name) is getattr(errors, name)
+        assert issubclass(getattr(gpubatch, name), gpubatch.GpubatchError)
+    assert set(gpubatch.__all__) <= set(dir(gpubatch))
+    root = Path(gpubatch.__file__).parent
+    assert (root / "py.typed").is_file()
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["gpubatch"]
+
+
+def test_a_path_object_and_a_user_error_name_the_field(tmp_path: Path, finished: Path) -> None:
+    """pathlib paths are accepted everywhere a path is; a bad override is a SpecError naming it."""
+    import gpubatch
+
+    assert gpubatch.open_results(finished).report["items"] > 0
+    job = finished.parent / "job.yaml"
+    assert gpubatch.load_job(job, ["tiles.size=128"]).tiles.size == 128
+    with pytest.raises(gpubatch.SpecError, match="tiles.size"):
+        gpubatch.run(job, tiles__size="big")
