@@ -94,6 +94,8 @@ def test_an_unfinished_output_says_so_and_never_reads_back_partial(tmp_path: Pat
         result.predictions()
     committed = result.predictions(partial=True)
     assert committed["slide"].nunique() == result.report["shards_done"] >= (1 if first else 3)
+    one = result.predictions(committed["slide"].iloc[0], columns=["slide", "x"], partial=True)
+    assert list(one.columns) == ["slide", "x"] and one["slide"].nunique() == 1
     again = gpubatch.run(tmp_path / "b.yaml", resume=True, show_progress=False)
     assert again.complete and gpubatch.open_results(str(out)).complete
     assert len(again.predictions()) == len(gpubatch.open_results(str(out)).predictions(partial=True))
@@ -131,3 +133,21 @@ def test_a_path_object_and_a_user_error_name_the_field(tmp_path: Path, finished:
     assert gpubatch.load_job(job, ["tiles.size=128"]).tiles.size == 128
     with pytest.raises(gpubatch.SpecError, match="tiles.size"):
         gpubatch.run(job, tiles__size="big")
+
+
+def test_one_slide_s_predictions_are_read_without_the_rest(finished: Path, slides_dir: Path) -> None:
+    """predictions() loaded the whole run into memory: a script wanting one slide of a
+    10,000-slide run had no other way. Now a slide, columns and pyarrow filters are applied
+    while reading, with the same dtypes as the whole frame."""
+    import gpubatch
+
+    result = gpubatch.open_results(finished)
+    whole = result.predictions()
+    slide = str(slides_dir / "s1.tif")
+    one = result.predictions(slide)
+    assert len(one) and set(one["slide"]) == {slide}
+    assert one.reset_index(drop=True).equals(whole[whole["slide"] == slide].reset_index(drop=True))
+    some = result.predictions(slide, columns=["x", "y", "probs_0"], filters=[("x", ">", 0)])
+    assert list(some.columns) == ["x", "y", "probs_0"] and (some["x"] > 0).all()
+    assert dict(some.dtypes) == {c: whole.dtypes[c] for c in some.columns}
+    assert result.predictions("nowhere.tif").empty

@@ -46,18 +46,23 @@ class Result:
             "run's end; finish it with `gpubatch run JOB --resume`"
             + (", or read what is committed with predictions(partial=True)" if what == PREDICTIONS else ""))
 
-    def predictions(self, *, partial: bool = False) -> Any:
-        """predictions.parquet as a pandas DataFrame.
+    def predictions(self, slide: str | None = None, *, columns: list[str] | None = None,
+                    filters: list[Any] | None = None, partial: bool = False) -> Any:
+        """predictions.parquet as a pandas DataFrame, whole or in part.
 
-        Of an unfinished run (``complete`` False) it raises UnfinishedOutputError, since the file
-        is missing or stale; ``partial=True`` reads the shards committed so far instead."""
+        ``slide`` (its URI, as the ``slide`` column names it), ``columns`` and ``filters``
+        (pyarrow's, e.g. ``[("chrom", "==", "chr2")]``) are applied while reading: row groups
+        that cannot match are skipped, so one slide of a large run costs that slide's rows, not
+        the run's. Of an unfinished run (``complete`` False) it raises UnfinishedOutputError, since
+        the file is missing or stale; ``partial=True`` reads the shards committed so far instead."""
         import pandas as pd
 
+        wanted = [*(filters or []), *([("slide", "==", slide)] if slide is not None else [])] or None
         if partial and not self.complete:
-            return _committed_predictions(self.store)
+            return _committed_predictions(self.store, columns, wanted)
         self._require_complete(PREDICTIONS)
         with self.store.open_read(PREDICTIONS) as f:
-            return pd.read_parquet(f)
+            return pd.read_parquet(f, columns=columns, filters=wanted)
 
     def array(self, name: str) -> Any:
         """One zarr output (``sad_tracks``, ``tracks_bins`` ...) over every committed shard, in plan
@@ -132,11 +137,12 @@ class Result:
         return latency_frame(self.report)
 
 
-def _committed_predictions(store: OutputStore) -> Any:
+def _committed_predictions(store: OutputStore, columns: list[str] | None, filters: list[Any] | None) -> Any:
     """The committed shards' parquet parts of an unfinished run as one DataFrame, by shard id
     (the plan's order is the run's; only committed attempts are read, never a killed one's)."""
     import pandas as pd
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from gpubatch.outputs.manifest import Manifest
     from gpubatch.outputs.merge import read_part
@@ -145,8 +151,11 @@ def _committed_predictions(store: OutputStore) -> Any:
     tables = [read_part(store, entries[sid]) for sid in sorted(entries) if entries[sid].part]
     tables = [t for t in tables if t.num_rows]
     if not tables:
-        return pd.DataFrame()
-    return pa.concat_tables(tables, promote_options="default").to_pandas()
+        return pd.DataFrame(columns=columns)
+    table = pa.concat_tables(tables, promote_options="default")
+    if filters:
+        table = table.filter(pq.filters_to_expression(filters))
+    return (table.select(columns) if columns else table).to_pandas()
 
 
 def require_output(store: OutputStore, where: str) -> OutputStore:
