@@ -151,3 +151,51 @@ def test_one_slide_s_predictions_are_read_without_the_rest(finished: Path, slide
     assert list(some.columns) == ["x", "y", "probs_0"] and (some["x"] > 0).all()
     assert dict(some.dtypes) == {c: whole.dtypes[c] for c in some.columns}
     assert result.predictions("nowhere.tif").empty
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python_blocks(doc: Path, heading: str) -> list[str]:
+    """The ```python blocks of ``doc`` under ``heading`` (to the next heading of its level)."""
+    import re
+
+    text = doc.read_text()
+    level = heading.split(" ", 1)[0]
+    section = text.split(heading + "\n", 1)[1]
+    section = re.split(rf"\n{level} ", section, maxsplit=1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_s_python_api_example_runs_as_a_script(tmp_path: Path) -> None:
+    """README's example, run as a script (local profile: worker processes, the __main__ guard)
+    from a clone where `gpubatch demo` has run: it read one slide's embeddings as
+    "slides/a.svs", which no run has, so the example stopped at that line."""
+    import shutil
+    import subprocess
+    import sys
+
+    from gpubatch.cli.demo import prepare_demo
+
+    (block,) = _python_blocks(REPO / "README.md", "## The Python API")
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "jobs", clone / "jobs")
+    prepare_demo(clone / "demo-work", n_slides=1, size=(2048, 1536))
+    script = clone / "example.py"
+    script.write_text(block.replace("    main()\n", "    main()\n    print('example done')\n"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                          env=env, cwd=clone)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("example done")
+
+
+def test_the_outputs_doc_s_zarr_example_reads_a_real_output(finished: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/outputs.md's zarr-only reading of the bags, on a run's real predictions.zarr."""
+    (block,) = [b for b in _python_blocks(REPO / "docs" / "outputs.md", "## predictions.zarr, for MIL code that does not import gpubatch")
+                if "zarr.open_group" in b] or [""]
+    assert block, "docs/outputs.md lost its zarr example"
+    monkeypatch.chdir(finished.parent)
+    exec(compile(block.replace("results/features/predictions.zarr", "out/predictions.zarr"), "outputs.md", "exec"), {})
+    assert len(capsys.readouterr().out.splitlines()) == 3
