@@ -199,3 +199,22 @@ def test_the_outputs_doc_s_zarr_example_reads_a_real_output(finished: Path, monk
     monkeypatch.chdir(finished.parent)
     exec(compile(block.replace("results/features/predictions.zarr", "out/predictions.zarr"), "outputs.md", "exec"), {})
     assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_an_unguarded_script_s_workers_say_only_what_to_do(tmp_path: Path, slide_path: Path, mean_model: Path) -> None:
+    """Each worker process re-importing a script without the __main__ guard went on into a run
+    of its own: it took the output's lease, and its traceback, printed first, said "another run
+    is writing this output" (the parent's). Now every process says to add the guard."""
+    import subprocess
+    import sys
+
+    job = write_job(tmp_path / "job.yaml", slide_job([str(slide_path)], mean_model, tmp_path / "out",
+                                                     run={"profile": "local", "workers": 1}))
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"import gpubatch\ngpubatch.run({str(job)!r}, show_progress=False)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, env=env,
+                          cwd=tmp_path)
+    assert done.returncode != 0
+    assert "another run is writing" not in done.stderr, done.stderr[-3000:]
+    assert 'Put the call under `if __name__ == "__main__":`' in done.stderr.strip().splitlines()[-1]
