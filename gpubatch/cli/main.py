@@ -132,17 +132,10 @@ def _storage(args: argparse.Namespace) -> dict[str, Any]:
 def _output_store(args: argparse.Namespace) -> Any:
     """OUTDIR's store, refused (exit 2) unless a run made it: ``report`` printed an empty report
     of a folder that was never an output, and exited 0, and ``status`` called it a spec error."""
-    from gpubatch.outputs.layout import MARKER
     from gpubatch.outputs.store import OutputStore
+    from gpubatch.runtime.result import require_output
 
-    store = OutputStore(args.outdir, _storage(args))
-    where = safe_text(args.outdir)
-    if not store.exists():
-        raise NotAnOutputError(f"{where} does not exist: give the folder (or URI) a job's output.uri names")
-    if not store.exists(MARKER):
-        raise NotAnOutputError(f"{where} is not a gpubatch output (no {MARKER} marker): give the folder "
-                               "(or URI) a job's output.uri names")
-    return store
+    return require_output(OutputStore(args.outdir, _storage(args)), args.outdir)
 
 
 def _read_status(store: Any, outdir: str) -> dict[str, Any] | None:

@@ -63,6 +63,12 @@ class NotAnOutputError(GpubatchError):
     exit_code = EXIT_USAGE
 
 
+class UnfinishedOutputError(GpubatchError):
+    """A run's merged outputs asked of an output whose latest run did not finish (running,
+    interrupted, failed): predictions.parquet is written at a run's end, so it is missing there,
+    or is the run before's, without what was committed since. Nothing is read silently partial."""
+
+
 class InputError(GpubatchError):
     """One input (a slide, a region file, a VCF record batch) cannot be processed.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpubatch.core.errors import EXIT_OK
+from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
 from gpubatch.outputs.layout import PREDICTIONS, SLIDE_PREDICTIONS, ZARR
 from gpubatch.outputs.store import OutputStore
 
@@ -25,12 +25,44 @@ class Result:
     def store(self) -> OutputStore:
         return OutputStore(self.output_uri, self.storage)
 
-    def predictions(self) -> Any:
-        """predictions.parquet as a pandas DataFrame."""
+    @property
+    def complete(self) -> bool:
+        """Whether the output's latest run finished: False for one ``open_results`` found running,
+        interrupted or failed (its report sums up what is committed so far)."""
+        return self.report.get("complete", True) is not False
+
+    def _require_complete(self, what: str) -> None:
+        """UnfinishedOutputError for a merged output of an unfinished run: it is missing, or the
+        run before's, without what was committed since."""
+        if self.complete:
+            return
+        from gpubatch.core.errors import UnfinishedOutputError
+        from gpubatch.io.redact import redact
+
+        done, total = self.report.get("shards_done"), self.report.get("shards_total")
+        raise UnfinishedOutputError(
+            f"{redact(self.output_uri)}: its latest run did not finish ({self.report.get('state', 'unknown')}, "
+            f"{done} of {total if total is not None else '?'} shards committed) and {what} is written at a "
+            "run's end; finish it with `gpubatch run JOB --resume`"
+            + (", or read what is committed with predictions(partial=True)" if what == PREDICTIONS else ""))
+
+    def predictions(self, slide: str | None = None, *, columns: list[str] | None = None,
+                    filters: list[Any] | None = None, partial: bool = False) -> Any:
+        """predictions.parquet as a pandas DataFrame, whole or in part.
+
+        ``slide`` (its URI, as the ``slide`` column names it), ``columns`` and ``filters``
+        (pyarrow's, e.g. ``[("chrom", "==", "chr2")]``) are applied while reading: row groups
+        that cannot match are skipped, so one slide of a large run costs that slide's rows, not
+        the run's. Of an unfinished run (``complete`` False) it raises UnfinishedOutputError, since
+        the file is missing or stale; ``partial=True`` reads the shards committed so far instead."""
         import pandas as pd
 
+        wanted = [*(filters or []), *([("slide", "==", slide)] if slide is not None else [])] or None
+        if partial and not self.complete:
+            return _committed_predictions(self.store, columns, wanted)
+        self._require_complete(PREDICTIONS)
         with self.store.open_read(PREDICTIONS) as f:
-            return pd.read_parquet(f)
+            return pd.read_parquet(f, columns=columns, filters=wanted)
 
     def array(self, name: str) -> Any:
         """One zarr output (``sad_tracks``, ``tracks_bins`` ...) over every committed shard, in plan
@@ -38,6 +70,7 @@ class Result:
         for arrays larger than memory open each shard's group (the zarr root's ``groups``)."""
         import numpy as np
 
+        self._require_complete(f"{ZARR}'s shard list")
         root = self.store.zarr_group(ZARR)
         groups: dict[str, str] = dict(root.attrs.get("groups", {}))  # type: ignore[arg-type]
         shards: list[str] = list(root.attrs.get("shards", []))  # type: ignore[arg-type]
@@ -63,6 +96,7 @@ class Result:
         """slide_predictions.parquet (runs with a slide_model) as a DataFrame: one row per slide."""
         import pandas as pd
 
+        self._require_complete(SLIDE_PREDICTIONS)
         with self.store.open_read(SLIDE_PREDICTIONS) as f:
             return pd.read_parquet(f)
 
@@ -103,12 +137,52 @@ class Result:
         return latency_frame(self.report)
 
 
+def _committed_predictions(store: OutputStore, columns: list[str] | None, filters: list[Any] | None) -> Any:
+    """The committed shards' parquet parts of an unfinished run as one DataFrame, by shard id
+    (the plan's order is the run's; only committed attempts are read, never a killed one's)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gpubatch.outputs.manifest import Manifest
+    from gpubatch.outputs.merge import read_part
+
+    entries = Manifest(store).entries()
+    tables = [read_part(store, entries[sid]) for sid in sorted(entries) if entries[sid].part]
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pd.DataFrame(columns=columns)
+    table = pa.concat_tables(tables, promote_options="default")
+    if filters:
+        table = table.filter(pq.filters_to_expression(filters))
+    return (table.select(columns) if columns else table).to_pandas()
+
+
+def require_output(store: OutputStore, where: str) -> OutputStore:
+    """``store`` if a run made it, else NotAnOutputError naming ``where``: a missing folder or one
+    no run wrote gave an empty report, exit code 0 and a 404 only at ``predictions()``, so a
+    typo in a script's path read as a finished run with nothing in it."""
+    from gpubatch.core.errors import NotAnOutputError
+    from gpubatch.io.redact import safe_text
+    from gpubatch.outputs.layout import MARKER
+
+    shown = safe_text(where)
+    if not store.exists():
+        raise NotAnOutputError(f"{shown} does not exist: give the folder (or URI) a job's output.uri names")
+    if not store.exists(MARKER):
+        raise NotAnOutputError(f"{shown} is not a gpubatch output (no {MARKER} marker): give the folder "
+                               "(or URI) a job's output.uri names")
+    return store
+
+
 def open_results(outdir: str, storage: dict[str, Any] | None = None) -> Result:
-    """A run's outputs: its report (or, for an unfinished run, a summary of what is committed)."""
-    from gpubatch.core.errors import EXIT_PARTIAL
+    """A run's outputs: its report, or for an unfinished run a summary of what is committed, with
+    ``complete`` False and ``exit_code`` 3 (partial). Raises NotAnOutputError where no run wrote."""
     from gpubatch.report.summary import finished_report, summarize_output
 
-    store = OutputStore(outdir, storage)
+    store = require_output(OutputStore(outdir, storage), outdir)
     report = finished_report(store) or summarize_output(store)
     failed = report.get("failed", [])
-    return Result(report, store.uri, EXIT_PARTIAL if failed else EXIT_OK, failed, dict(storage or {}))
+    unfinished = report.get("complete", True) is False  # never 0: not every input is done
+    code = EXIT_PARTIAL if failed or unfinished else EXIT_OK
+    return Result(report, store.uri, code, failed, dict(storage or {}))

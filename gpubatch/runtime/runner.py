@@ -389,6 +389,20 @@ def _batch_input_bytes(job: JobSpec, batch_size: int) -> int:
     return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
+def _refuse_in_a_starting_worker() -> None:
+    """Stop at once in a worker process that is starting (forkserver, spawn) and re-importing a
+    main script with no ``__main__`` guard: it went on to load the job and take the output's
+    lease, and its traceback, printed above the parent's advice, said "another run is writing
+    this output" (the parent's own run)."""
+    import multiprocessing
+
+    from gpubatch.core.errors import GpubatchError
+    from gpubatch.runtime.cluster import main_guard_hint
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise GpubatchError(main_guard_hint(RuntimeError("bootstrapping phase")) or "worker processes could not start")
+
+
 def run(job_or_path: JobSpec | str | Path, **overrides: Any) -> Result:
     """Python API: run a job spec (object or YAML path). Overrides use ``tiles__size=256`` keys.
 
@@ -396,6 +410,7 @@ def run(job_or_path: JobSpec | str | Path, **overrides: Any) -> Result:
     """
     from gpubatch.spec import apply_overrides, load_job, parse_job
 
+    _refuse_in_a_starting_worker()
     reserved = ("profile", "resume", "overwrite", "scheduler", "show_progress")
     options = {k: overrides.pop(k) for k in reserved if k in overrides}
     if isinstance(job_or_path, JobSpec):

@@ -1,0 +1,220 @@
+"""The Python API as an analysis script uses it: gpubatch.run, open_results and the Result,
+on real small runs (inline profile unless the test is about worker processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from conftest import slide_job, write_job
+
+if TYPE_CHECKING:
+    from s3_fixtures import S3Stack
+
+pytest_plugins = ["s3_fixtures"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, slides_dir: Path, classifier: Path) -> Path:
+    """A finished run of the classifier over the three test slides; its output folder."""
+    import gpubatch
+
+    tmp = tmp_path_factory.mktemp("api")
+    job = slide_job([str(slides_dir / "*.tif")], classifier, tmp / "out")
+    assert gpubatch.run(write_job(tmp / "job.yaml", job), show_progress=False).exit_code == 0
+    return tmp / "out"
+
+
+@pytest.mark.parametrize("where", ["missing", "folder", "file"])
+def test_open_results_refuses_what_no_run_wrote(tmp_path: Path, where: str) -> None:
+    """A missing folder, a folder of something else or a file gave a Result with exit code 0 and
+    an empty report (a typo read as a finished run), and a 404 only at predictions()."""
+    import gpubatch
+    from gpubatch.core.errors import NotAnOutputError
+
+    path = tmp_path / "nothing"
+    if where == "folder":
+        path.mkdir()
+        (path / "predictions.parquet").write_bytes(b"")
+    elif where == "file":
+        path.write_text("x")
+    with pytest.raises(NotAnOutputError, match="nothing"):
+        gpubatch.open_results(str(path))
+
+
+def test_open_results_refuses_an_object_store_prefix_no_run_wrote(s3: S3Stack) -> None:
+    import gpubatch
+    from gpubatch.core.errors import NotAnOutputError
+
+    s3.upload_bytes(b"x", "not-an-output/predictions.parquet")
+    for uri in (s3.uri("not-an-output"), s3.uri("no-such-prefix")):
+        with pytest.raises(NotAnOutputError, match="s3://"):
+            gpubatch.open_results(uri, s3.options())
+
+
+def _interrupted_after_first_shard(job: Path, monkeypatch: pytest.MonkeyPatch, **options: Any) -> None:
+    """Run ``job``, Ctrl-C as its first shard is committed."""
+    import gpubatch
+    from gpubatch.runtime.progress import Progress
+
+    update = Progress.update
+
+    def update_then_interrupt(self: Progress, result: Any) -> None:
+        update(self, result)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Progress, "update", update_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            gpubatch.run(job, show_progress=False, **options)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-run", "resume"])
+def test_an_unfinished_output_says_so_and_never_reads_back_partial(tmp_path: Path, slides_dir: Path,
+                                                                     mean_model: Path, first: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted run's output: open_results gave exit code 0; predictions() said "object not
+    found (404): check the URI" (a first run) or silently returned the finished run before's
+    rows without the slide committed since (an interrupted --resume over one more slide)."""
+    import gpubatch
+    from gpubatch.core.errors import UnfinishedOutputError
+
+    out = tmp_path / "out"
+    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, out)
+    if not first:
+        assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+        job["input"]["uris"].append(str(slides_dir / "s2.tif"))
+    _interrupted_after_first_shard(write_job(tmp_path / "b.yaml", job), monkeypatch, resume=not first)
+    result = gpubatch.open_results(str(out))
+    assert not result.complete and result.exit_code == 3
+    with pytest.raises(UnfinishedOutputError, match=r"did not finish \(interrupted.*--resume"):
+        result.predictions()
+    committed = result.predictions(partial=True)
+    assert committed["slide"].nunique() == result.report["shards_done"] >= (1 if first else 3)
+    one = result.predictions(committed["slide"].iloc[0], columns=["slide", "x"], partial=True)
+    assert list(one.columns) == ["slide", "x"] and one["slide"].nunique() == 1
+    again = gpubatch.run(tmp_path / "b.yaml", resume=True, show_progress=False)
+    assert again.complete and gpubatch.open_results(str(out)).complete
+    assert len(again.predictions()) == len(gpubatch.open_results(str(out)).predictions(partial=True))
+
+
+def test_the_facade_exports_what_a_script_catches_and_nothing_private() -> None:
+    """A script caught SpecError or NotAnOutputError only through gpubatch.core.errors, and
+    users' mypy read gpubatch as untyped: there was no py.typed marker in the package."""
+    import tomllib
+
+    import gpubatch
+    from gpubatch.core import errors
+
+    for name in gpubatch.__all__:
+        assert not name.startswith("_") or name == "__version__"
+        assert getattr(gpubatch, name) is not None
+    caught = {n for n in gpubatch.__all__ if n.endswith(("Error", "Refused", "Full"))}
+    assert caught >= {"GpubatchError", "SpecError", "NotAnOutputError", "UnfinishedOutputError", "OutputRefused"}
+    for name in caught:
+        assert getattr(gpubatch, name) is getattr(errors, name)
+        assert issubclass(getattr(gpubatch, name), gpubatch.GpubatchError)
+    assert set(gpubatch.__all__) <= set(dir(gpubatch))
+    root = Path(gpubatch.__file__).parent
+    assert (root / "py.typed").is_file()
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["gpubatch"]
+
+
+def test_a_path_object_and_a_user_error_name_the_field(tmp_path: Path, finished: Path) -> None:
+    """pathlib paths are accepted everywhere a path is; a bad override is a SpecError naming it."""
+    import gpubatch
+
+    assert gpubatch.open_results(finished).report["items"] > 0
+    job = finished.parent / "job.yaml"
+    assert gpubatch.load_job(job, ["tiles.size=128"]).tiles.size == 128
+    with pytest.raises(gpubatch.SpecError, match="tiles.size"):
+        gpubatch.run(job, tiles__size="big")
+
+
+def test_one_slide_s_predictions_are_read_without_the_rest(finished: Path, slides_dir: Path) -> None:
+    """predictions() loaded the whole run into memory: a script wanting one slide of a
+    10,000-slide run had no other way. Now a slide, columns and pyarrow filters are applied
+    while reading, with the same dtypes as the whole frame."""
+    import gpubatch
+
+    result = gpubatch.open_results(finished)
+    whole = result.predictions()
+    slide = str(slides_dir / "s1.tif")
+    one = result.predictions(slide)
+    assert len(one) and set(one["slide"]) == {slide}
+    assert one.reset_index(drop=True).equals(whole[whole["slide"] == slide].reset_index(drop=True))
+    some = result.predictions(slide, columns=["x", "y", "probs_0"], filters=[("x", ">", 0)])
+    assert list(some.columns) == ["x", "y", "probs_0"] and (some["x"] > 0).all()
+    assert dict(some.dtypes) == {c: whole.dtypes[c] for c in some.columns}
+    assert result.predictions("nowhere.tif").empty
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python_blocks(doc: Path, heading: str) -> list[str]:
+    """The ```python blocks of ``doc`` under ``heading`` (to the next heading of its level)."""
+    import re
+
+    text = doc.read_text()
+    level = heading.split(" ", 1)[0]
+    section = text.split(heading + "\n", 1)[1]
+    section = re.split(rf"\n{level} ", section, maxsplit=1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_s_python_api_example_runs_as_a_script(tmp_path: Path) -> None:
+    """README's example, run as a script (local profile: worker processes, the __main__ guard)
+    from a clone where `gpubatch demo` has run: it read one slide's embeddings as
+    "slides/a.svs", which no run has, so the example stopped at that line."""
+    import shutil
+    import subprocess
+    import sys
+
+    from gpubatch.cli.demo import prepare_demo
+
+    (block,) = _python_blocks(REPO / "README.md", "## The Python API")
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "jobs", clone / "jobs")
+    prepare_demo(clone / "demo-work", n_slides=1, size=(2048, 1536))
+    script = clone / "example.py"
+    script.write_text(block.replace("    main()\n", "    main()\n    print('example done')\n"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                          env=env, cwd=clone)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("example done")
+
+
+def test_the_outputs_doc_s_zarr_example_reads_a_real_output(finished: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/outputs.md's zarr-only reading of the bags, on a run's real predictions.zarr."""
+    (block,) = [b for b in _python_blocks(REPO / "docs" / "outputs.md", "## predictions.zarr, for MIL code that does not import gpubatch")
+                if "zarr.open_group" in b] or [""]
+    assert block, "docs/outputs.md lost its zarr example"
+    monkeypatch.chdir(finished.parent)
+    exec(compile(block.replace("results/features/predictions.zarr", "out/predictions.zarr"), "outputs.md", "exec"), {})
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_an_unguarded_script_s_workers_say_only_what_to_do(tmp_path: Path, slide_path: Path, mean_model: Path) -> None:
+    """Each worker process re-importing a script without the __main__ guard went on into a run
+    of its own: it took the output's lease, and its traceback, printed first, said "another run
+    is writing this output" (the parent's). Now every process says to add the guard."""
+    import subprocess
+    import sys
+
+    job = write_job(tmp_path / "job.yaml", slide_job([str(slide_path)], mean_model, tmp_path / "out",
+                                                     run={"profile": "local", "workers": 1}))
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"import gpubatch\ngpubatch.run({str(job)!r}, show_progress=False)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, env=env,
+                          cwd=tmp_path)
+    assert done.returncode != 0
+    assert "another run is writing" not in done.stderr, done.stderr[-3000:]
+    assert 'Put the call under `if __name__ == "__main__":`' in done.stderr.strip().splitlines()[-1]
