@@ -218,3 +218,39 @@ def test_an_unguarded_script_s_workers_say_only_what_to_do(tmp_path: Path, slide
     assert done.returncode != 0
     assert "another run is writing" not in done.stderr, done.stderr[-3000:]
     assert 'Put the call under `if __name__ == "__main__":`' in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_run_leaves_the_callers_dask_settings_as_it_found_them(tmp_path: Path, slide_path: Path,
+                                                                 mean_model: Path) -> None:
+    """A notebook that runs gpubatch and then starts its own Dask cluster got gpubatch's settings:
+    forkserver workers, no profiler, gpubatch's worker environment, short scheduler logs. They
+    are held while gpubatch's cluster lives and the caller's are back after, also on failure."""
+    import dask
+    import distributed  # noqa: F401 - its defaults are what the caller has
+
+    import gpubatch
+
+    keys = ("distributed.worker.multiprocessing-method", "distributed.worker.profile.enabled",
+            "distributed.admin.low-level-log-length", "distributed.nanny.pre-spawn-environ")
+    before = {k: dask.config.get(k, None) for k in keys}
+    job = slide_job([str(slide_path)], mean_model, tmp_path / "out", run={"profile": "local", "workers": 1})
+    assert gpubatch.run(write_job(tmp_path / "job.yaml", job)).exit_code == 0
+    assert {k: dask.config.get(k, None) for k in keys} == before
+
+
+def test_a_cluster_started_before_distributed_is_imported_keeps_dasks_own_defaults() -> None:
+    """Set before distributed was imported, gpubatch's settings made a 'distributed' section of
+    their own, and distributed's defaults were merged under it: the cluster then failed to start
+    with KeyError 'comm' (as test_runner's first local run did, after inline runs only), and
+    putting the caller's settings back removed the section whole."""
+    import subprocess
+    import sys
+
+    script = ("import sys, dask\n"
+              "assert 'distributed' not in sys.modules\n"
+              "from gpubatch.runtime.cluster import open_executor\n"
+              "executor = open_executor({'cluster': 'local', 'threads_per_worker': 1}, 1)\n"
+              "executor.close()\n"
+              "print(dask.config.get('distributed.comm.timeouts.connect'))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]

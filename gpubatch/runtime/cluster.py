@@ -98,7 +98,6 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
     kind = "scheduler" if scheduler else profile["cluster"]
     if kind == "inline":
         return InlineExecutor(int(profile.get("threads_per_worker", 2)))
-    from distributed import Client
 
     resources = profile.get("resources")
     if kind == "scheduler":
@@ -106,10 +105,23 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
         if not address:
             raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
         return DaskExecutor(connect_scheduler(address), None, resources)
+    settings = _dask_settings(kind)  # held while the cluster lives, then the caller's again
+    try:
+        executor = _start_executor(kind, profile, n_workers, resources, log_dir, job_name)
+    except BaseException:
+        settings.__exit__(None, None, None)
+        raise
+    executor.on_close = lambda: settings.__exit__(None, None, None)
+    return executor
+
+
+def _start_executor(kind: str, profile: dict[str, Any], n_workers: int, resources: dict[str, float] | None,
+                    log_dir: str | None, job_name: str | None) -> DaskExecutor:
+    """A Dask client on a cluster this run starts (SLURM, local, local-cuda)."""
+    from distributed import Client
+
     if kind == "slurm":
         from gpubatch.runtime.slurm import start_slurm_cluster
-
-        bound_scheduler_logs()
 
         logs = str(profile.get("log_directory") or log_dir or os.path.abspath("gpubatch-logs"))
         cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs, job_name)
@@ -310,13 +322,25 @@ def start_worker_imports(profile: dict[str, Any]) -> None:
     threading.Thread(target=start, name="gpubatch-forkserver", daemon=True).start()
 
 
-def bound_scheduler_logs() -> None:
-    """Shorten the scheduler's low-level logs (transitions, events), which live in the client
-    process for every profile gpubatch starts a scheduler for: at Dask's default of 1,000 entries
-    per log they were most of a 1,000-shard run's client memory growth (bench/bench_client.py)."""
-    import dask
+def _dask_settings(kind: str) -> Any:
+    """The Dask settings a cluster gpubatch starts runs under, set now; the returned object's
+    ``__exit__`` puts back the caller's (a notebook's own clusters later must not inherit them).
 
-    dask.config.set({"distributed.admin.low-level-log-length": SCHEDULER_LOG_LENGTH})
+    The scheduler's low-level logs (transitions, events) live in the client process for every
+    profile gpubatch starts a scheduler for: at Dask's default of 1,000 entries per log they were
+    most of a 1,000-shard run's client memory growth (bench/bench_client.py). Local workers get
+    gpubatch's environment, no sampling profiler (it wakes every 10 ms in every worker: not ours
+    to pay) and the process start method of ``_mp_method``.
+    """
+    import dask
+    import distributed  # noqa: F401 - its defaults first: else undoing these settings took them too
+
+    settings: dict[str, Any] = {"distributed.admin.low-level-log-length": SCHEDULER_LOG_LENGTH}
+    if kind == "local":
+        settings.update({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()})
+        settings.update({"distributed.worker.profile.enabled": False,
+                         "distributed.worker.multiprocessing-method": _mp_method()})
+    return dask.config.set(settings)
 
 
 def local_cuda_kwargs(profile: dict[str, Any]) -> dict[str, Any]:
@@ -343,15 +367,9 @@ def local_cuda_kwargs(profile: dict[str, Any]) -> dict[str, Any]:
 
 
 def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
-    bound_scheduler_logs()
     if kind == "local":
-        import dask
         from distributed import LocalCluster
 
-        dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()},
-                         # Dask's sampling profiler wakes every 10 ms in every worker: not ours to pay.
-                         "distributed.worker.profile.enabled": False,
-                         "distributed.worker.multiprocessing-method": _mp_method()})
         _ensure_forkserver()
 
         return LocalCluster(

@@ -208,6 +208,8 @@ class DaskExecutor(Executor):
         self._limits: dict[str, int | None] = {}
         self._submitted = 0
         self._scheduler_lost = False
+        #: undone when the executor closes: Dask settings gpubatch held for its cluster's life
+        self.on_close: Callable[[], None] = lambda: None
 
     def submit(self, fn: Callable[..., Any], *args: Any, key: str, worker: str | None = None) -> Any:
         """Tasks start in the order submitted: Dask ranks tasks submitted within 100 ms of each
@@ -365,8 +367,11 @@ class DaskExecutor(Executor):
             with quiet:
                 self.client.close(timeout=CLOSE_TIMEOUT_S)
         finally:
-            if self.cluster is not None:
-                self.cluster.close(timeout=CLOSE_TIMEOUT_S)
+            try:
+                if self.cluster is not None:
+                    self.cluster.close(timeout=CLOSE_TIMEOUT_S)
+            finally:
+                self.on_close()
 
 
 def _not_restarted(how: str) -> str:
