@@ -171,11 +171,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"{status_state(s)}: {s['done']}/{s['total']} shards done, {s['failed']} failed"
           + (f", {s['plan_failed']} input(s) quarantined at plan (listed in report.json)"
              if s.get("plan_failed") else "")
-          + (f", {s.get('items_per_s', 0):.1f} items/s" if "items_per_s" in s and s.get("items") else "")
+          + _rate_words(s)
           + (f", starvation {s['starvation']:.1%}" if "starvation" in s and s.get("items") else "")
           + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" else "")
           + (f"; {s['reason']}" if s.get("reason") else ""))
     return EXIT_OK
+
+
+def _rate_words(status: dict[str, Any]) -> str:
+    """The rate as report.json's headline gives it, items over seconds since the run started, so
+    that a reader can tell what it measures ("this run": a resume's rate leaves the shards
+    committed before it out, as report.json's does). Older status.json files have no ``wall_s``."""
+    if "items_per_s" not in status or not status.get("items"):
+        return ""
+    rate = f"{status['items_per_s']:.1f} items/s"
+    if "wall_s" not in status:
+        return f", {rate}"
+    this_run = " this run" if status.get("resumed") else ""
+    return f", {status['items']} items{this_run} in {status['wall_s']:.1f} s = {rate}"
 
 
 def starting_run(store: Any, status: dict[str, Any] | None) -> str | None:

@@ -342,7 +342,8 @@ def summarize_output(where: OutputStore | str) -> dict[str, Any]:
         builder.add(entry)
     status = read_status(store) or {}
     failed = still_failed(Ledger(store, "").records(), committed)
-    wall = float(status.get("heartbeat", 0.0)) - float(status.get("started", 0.0)) if status else 0.0
+    wall = float(status.get("wall_s", float(status.get("heartbeat", 0.0)) - float(status.get("started", 0.0)))
+                 ) if status else 0.0
     info = {"state": status.get("state", "unknown"), "complete": False, "run_id": status.get("run_id"),
             "shards_total": status.get("total"), "shards_done": builder.shards, "workers": 1}
     return builder.summary(failed, max(wall, 0.0), info).to_dict()

@@ -3,6 +3,11 @@
 Also keeps OUTDIR/status.json current, so ``gpubatch status OUTDIR`` can report a run from another
 shell: after each shard (at most once a second) and on every heartbeat, so that a status whose
 heartbeat stopped tells a dead run from a live one.
+
+status.json's ``items_per_s`` is this run's items over ``wall_s``, the seconds since the run
+started (``started``, the clock report.json's ``wall_s`` runs on, model preparation included):
+a rate over a shorter span (from the first shard) said 83 items/s where report.json said 88
+for the same run. A finished run's figures are report.json's own (:meth:`Progress.finish`).
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ STATUS_EVERY_S = 1.0
 class Progress:
     def __init__(self, total: int, *, already: int = 0, store: OutputStore | None = None,
                  enabled: bool | None = None, run_id: str = "", heartbeat_s: float = 10.0,
-                 plan_failed: int = 0):
+                 plan_failed: int = 0, started: float | None = None):
         self.total, self.already, self.done, self.failed = total, already, already, 0
         self.plan_failed = plan_failed  # inputs (or records) quarantined before any shard: no shard stands for them
         self.items = 0
         self.busy = self.starved = 0.0
-        self.t0 = time.time()
+        self.t0 = time.time()  # the shards' start: the ETA's clock
+        self.started = self.t0 if started is None else started  # the run's start: the rate's clock
         self.last_log = self.last_status = self.t0
         self.store, self.run_id, self.heartbeat_s = store, run_id, heartbeat_s
         self.state = "running"
@@ -63,7 +69,7 @@ class Progress:
             self.starved += model.get("starved_s", 0.0)
         else:
             self.failed += 1
-        rate = self.items / max(time.time() - self.t0, 1e-9)
+        rate = self.items / max(time.time() - self.started, 1e-9)
         starv = starvation_of({"busy_s": self.busy, "starved_s": self.starved})
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done + self.failed, rate=f"{rate:.0f} items/s, starved {starv:.0%}")
@@ -81,8 +87,12 @@ class Progress:
 
     def finish(self, state: str, **extra: Any) -> None:
         """The final state: finished, interrupted or failed (with the reason in ``extra``, kept
-        for the heartbeats that still write status.json until the lease is released)."""
-        self.state, self._final = state, extra
+        for the heartbeats that still write status.json until the lease is released). The rate
+        and its span stop here (or are ``extra``'s: a finished run's report.json figures), so
+        that those heartbeats do not stretch a stopped run's seconds."""
+        elapsed = time.time() - self.started
+        frozen = {"wall_s": elapsed, "items_per_s": self.items / elapsed if elapsed > 0 else 0.0}
+        self.state, self._final = state, {**frozen, **extra}
         self._write_status()
 
     def _write_status(self) -> None:
@@ -92,14 +102,14 @@ class Progress:
         with self._lock:
             now = time.time()
             self.last_status = now
-            elapsed = now - self.t0
+            elapsed = now - self.started
             self.store.write_json(STATUS, {
                 "state": self.state, "run_id": self.run_id, "done": self.done, "failed": self.failed,
                 "plan_failed": self.plan_failed,
-                "total": self.total, "resumed": self.already, "items": self.items,
+                "total": self.total, "resumed": self.already, "items": self.items, "wall_s": elapsed,
                 "items_per_s": self.items / elapsed if elapsed > 0 else 0.0, "eta_s": self.eta_s(),
                 "starvation": starvation_of({"busy_s": self.busy, "starved_s": self.starved}),
-                "started": self.t0, "heartbeat": now, "heartbeat_s": self.heartbeat_s, **extra,
+                "started": self.started, "heartbeat": now, "heartbeat_s": self.heartbeat_s, **extra,
             })
 
     def close(self) -> None:

@@ -130,7 +130,8 @@ class _Run:
                           backend=ctx.backend, precision=ctx.precision, gpubatch_version=__version__,
                           **prepared.audit)
         progress = Progress(len(shards), already=resumed, store=self.store, enabled=show_progress,
-                            run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=quarantined_count(self.failed))
+                            run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=quarantined_count(self.failed),
+                            started=self.t_start)
         self.lease.also_beat(progress.heartbeat)
         lost: list[dict[str, Any]] = []
         with stop_on_signals():  # the run's end too: a Ctrl-C while merging is recorded as one
@@ -159,7 +160,7 @@ class _Run:
             except (KeyboardInterrupt, Terminated, Exception) as exc:  # the commits stand; recorded as
                 self._abandon(progress, exc)  # interrupted or failed, never left saying "running"
                 raise
-            progress.finish("finished")
+            progress.finish("finished", wall_s=result.report["wall_s"], items_per_s=result.report["items_per_s"])
         return result
 
     def _kept_in_plan(self, shards: Sequence[Shard]) -> int:

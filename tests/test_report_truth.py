@@ -1,0 +1,62 @@
+"""What the morning report says must be true: `status`, report.json, report.html and the
+terminal summary agree on a run's figures, say what each figure measures, and never present an
+earlier or unfinished run as the output's finished one. Each test runs a real small job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import slide_job, write_job
+
+from gpubatch.cli.main import main
+
+
+def _status(out: Path) -> dict[str, Any]:
+    return dict(json.loads((out / "status.json").read_text()))
+
+
+def _report(out: Path) -> dict[str, Any]:
+    return dict(json.loads((out / "report.json").read_text()))
+
+
+def _interrupt_after_first_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run is interrupted (SIGINT, as Ctrl-C) once its first shard is counted."""
+    from gpubatch.runtime.progress import Progress
+
+    update = Progress.update
+
+    def update_then_interrupt(self: Progress, result: Any) -> None:
+        update(self, result)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Progress, "update", update_then_interrupt)
+
+
+def test_status_and_report_json_give_one_rate_over_one_span(tmp_path: Path, slides_dir: Path, mean_model: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`status` said 83.1 items/s where report.json said 88.1 for the same finished run (30.0 and
+    30.9 after a resume): status.json timed from the first shard's submission to its last write,
+    report.json from the run's start to its report. Both now cover the run's start to its end,
+    and `status` says how many items over how many seconds the rate is."""
+    import gpubatch
+
+    out = tmp_path / "out"
+    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, out)
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+    for resumed in (False, True):
+        status, report = _status(out), _report(out)
+        assert status["items"] == report["items"] > 0
+        assert status["items_per_s"] == pytest.approx(report["items_per_s"], rel=1e-9)
+        assert status["wall_s"] == pytest.approx(report["wall_s"], rel=1e-9)
+        assert main(["status", str(out)]) == 0
+        line = capsys.readouterr().out
+        assert f"{report['items']} items{' this run' if resumed else ''} in {report['wall_s']:.1f} s " \
+               f"= {report['items_per_s']:.1f} items/s" in line, line
+        if not resumed:
+            job["input"]["uris"].append(str(slides_dir / "s2.tif"))
+            assert gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False).exit_code == 0
