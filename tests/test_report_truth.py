@@ -60,3 +60,35 @@ def test_status_and_report_json_give_one_rate_over_one_span(tmp_path: Path, slid
         if not resumed:
             job["input"]["uris"].append(str(slides_dir / "s2.tif"))
             assert gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False).exit_code == 0
+
+
+def _headline_tile(page: str, key: str) -> str:
+    """The headline tile whose label starts with ``key``: 'value | label'."""
+    import re
+
+    for value, label in re.findall(r'<div class="tile"><div class="v">([^<]*)</div><div class="k">([^<]*)</div>', page):
+        if label.startswith(key):
+            return f"{value} | {label}"
+    raise AssertionError(f"no headline tile {key!r}")
+
+
+def test_an_input_left_empty_by_the_run_before_a_resume_is_not_counted_done(
+        tmp_path: Path, slides_dir: Path, mean_model: Path) -> None:
+    """report.html's "inputs done" counted an input that yielded no items in the run before a
+    --resume as done (only this run's empty inputs were taken off): "3/3 inputs done" over an
+    output holding an empty slide. The terminal's resumed line says how many of the kept
+    shards are empty too."""
+    import gpubatch
+    from gpubatch.cli.demo import write_synthetic_slide
+    from gpubatch.report.text import format_summary
+
+    tiny = write_synthetic_slide(tmp_path / "tiny.tif", 64, 64, levels=1, tile=16, seed=5)  # under one tile
+    out = tmp_path / "out"
+    job = slide_job([str(tiny), str(slides_dir / "s0.tif")], mean_model, out)
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+    assert _headline_tile((out / "report.html").read_text(), "inputs done") == "1/2 | inputs done, 1 empty"
+    job["input"]["uris"].append(str(slides_dir / "s1.tif"))
+    result = gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
+    assert _headline_tile((out / "report.html").read_text(), "inputs done") == "2/3 | inputs done, 1 empty"
+    assert "2 shard(s) already committed, skipped (" in format_summary(result.report)
+    assert "1 of them empty" in format_summary(result.report)

@@ -107,8 +107,10 @@ def _tiles(report: dict[str, Any], v: dict[str, Any]) -> str:
     """Six headline numbers: the end-to-end rate first, the model-only rate beside it."""
     gap = v.get("gap") or {}
     failed = quarantined_count(report.get("failed") or [])
-    count = (report.get("shard_stats") or {}).get("count", len(report.get("shards") or []))
-    empty = (report.get("empty") or {}).get("count", 0)
+    stats = report.get("shard_stats") or {}
+    count = stats.get("count", len(report.get("shards") or []))
+    # this run's empty inputs and those a resumed run kept: both yielded nothing
+    empty = (report.get("empty") or {}).get("count", 0) + stats.get("resumed_empty", 0)
     done = count - empty
     extra = ", ".join(x for x in (f"{empty} empty" if empty else "", f"{failed} quarantined" if failed else "") if x)
     tiles = [

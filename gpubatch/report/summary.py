@@ -49,6 +49,9 @@ class SummaryBuilder:
         self.clocks = StageClocks()
         self.items = self.batches = self.shards = self.resumed = self.ran = 0
         self.resumed_items = 0
+        #: kept shards that yielded no items in the run that committed them: not "done" inputs
+        #: either, though this run's lists (``empty``) and rates leave them out
+        self.resumed_empty = 0
         self.pipeline_s = 0.0
         self.t0: float | None = None
         self._rows: list[tuple[float, int, dict[str, Any]]] = []
@@ -71,6 +74,7 @@ class SummaryBuilder:
         if result.resumed:
             self.resumed += 1
             self.resumed_items += result.items
+            self.resumed_empty += result.items == 0
             return
         samples = result.clocks.get("samples", [])
         self.clocks.merge(StageClocks.from_dict({k: v for k, v in result.clocks.items() if k != "samples"}))
@@ -141,10 +145,11 @@ class SummaryBuilder:
             "batches": self.batches,
             "batch_fill": self.items / (self.batches * batch_size) if self.batches else 1.0,
             "items_total": self.items + self.resumed_items,
-            "resumed": {"shards": self.resumed, "items": self.resumed_items},
+            "resumed": {"shards": self.resumed, "items": self.resumed_items, "empty": self.resumed_empty},
             "failed": failed,
             "shards": rows,
             "shard_stats": {"count": self.shards, "resumed": self.resumed, "resumed_items": self.resumed_items,
+                            "resumed_empty": self.resumed_empty,
                             "rows_kept": len(rows), "pipeline_s": self.pipeline_s,
                             "items_per_shard": self.items / self.ran if self.ran else 0.0},
             "empty": self.empty.as_dict(), "retried": self.retried.as_dict(),

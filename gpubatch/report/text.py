@@ -79,7 +79,8 @@ def resumed_line(report: dict[str, Any]) -> str | None:
     resumed = report.get("resumed") or {}
     if not resumed.get("shards"):
         return None
-    return (f"  {resumed['shards']} shard(s) already committed, skipped ({resumed.get('items', 0)} items); "
+    empty = f", {resumed['empty']} of them empty" if resumed.get("empty") else ""
+    return (f"  {resumed['shards']} shard(s) already committed, skipped ({resumed.get('items', 0)} items{empty}); "
             "the rates above cover this run's items only")
 
 
