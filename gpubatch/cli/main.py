@@ -230,17 +230,17 @@ def status_state(status: dict[str, Any], now: float | None = None) -> str:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gpubatch.report.summary import finished_report, summarize_output
+    from gpubatch.report.summary import latest_report, summarize_output
     from gpubatch.report.text import format_summary
 
     store = _output_store(args)
-    finished = finished_report(store)
+    finished, why = latest_report(store)
     if finished is not None:
         report = finished
     else:
         report = summarize_output(store)
-        print(f"no finished run in {safe_text(args.outdir)}: what is committed there so far "
-              f"({report.get('state')}, {report.get('shards_done')} shards)")
+        print(f"{safe_text(why)}: what is committed there so far (latest run: {report.get('state')}; "
+              f"{report.get('shards_done')} shard(s) committed)")
     print(format_summary(report))
     if args.html:
         from gpubatch.report.html import write_html

@@ -285,26 +285,38 @@ def load_report(where: OutputStore | str) -> dict[str, Any]:
 
 
 def finished_report(where: OutputStore | str) -> dict[str, Any] | None:
-    """report.json where it reports the output's latest run, and that run finished; else None.
+    """report.json where it reports the output's latest run, and that run finished; else None
+    (:func:`latest_report` says why not)."""
+    return latest_report(where)[0]
+
+
+def latest_report(where: OutputStore | str) -> tuple[dict[str, Any] | None, str]:
+    """(report.json, "") where it reports the output's latest run and that run finished; else
+    (None, why not), for a reader to say before the figures of what is committed.
 
     A run writes report.json at its end, and a --resume leaves the one before it in place until
     it writes its own: a resume that was interrupted, failed or is still going would be reported
     as the finished run before it (its shards, its failures), though more is committed now.
-    status.json names the latest run and its state (absent only in outputs of older versions)."""
+    status.json names the latest run and its state (absent only in outputs of older versions).
+    A damaged report.json is said as such: "no finished run" contradicted a status.json that
+    says the run finished."""
     store = OutputStore.of(where)
+    uri = redact(store.uri)
     if not store.exists(REPORT_JSON):
-        return None
+        return None, f"no finished run in {uri}"
     try:
         report = load_report(store)
     except ValueError as exc:  # damaged (a full disk, a hand edit): what is committed is reported instead
-        log.warning("%s in %s cannot be read (%s): reporting what is committed there",
-                    REPORT_JSON, redact(store.uri), exc)
-        return None
+        log.warning("%s in %s cannot be read (%s): reporting what is committed there", REPORT_JSON, uri, exc)
+        return None, f"{uri}/{REPORT_JSON} cannot be read ({exc})"
     status = read_status(store)
     run_id = report.get("run_id", status.get("run_id") if status else None)
-    if status is not None and (status.get("state") != "finished" or status.get("run_id") != run_id):
-        return None
-    return report
+    if report.get("complete") is False or (status is not None and status.get("state") != "finished"):
+        return None, f"no finished run in {uri}"
+    if status is not None and status.get("run_id") != run_id:
+        return None, (f"{uri}/{REPORT_JSON} is an earlier run's ({run_id}), not the latest "
+                      f"({status.get('run_id')})")
+    return report, ""
 
 
 def read_status(store: OutputStore) -> dict[str, Any] | None:
