@@ -92,3 +92,67 @@ def test_an_input_left_empty_by_the_run_before_a_resume_is_not_counted_done(
     assert _headline_tile((out / "report.html").read_text(), "inputs done") == "2/3 | inputs done, 1 empty"
     assert "2 shard(s) already committed, skipped (" in format_summary(result.report)
     assert "1 of them empty" in format_summary(result.report)
+
+
+def test_report_of_a_damaged_report_json_says_so_not_no_finished_run(
+        tmp_path: Path, slides_dir: Path, mean_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`report` on an output whose report.json is damaged printed "no finished run ...
+    (finished, 1 shards)": the run had finished (status.json says so); its report.json is what
+    cannot be read, and the figures shown are then what is committed."""
+    import gpubatch
+
+    out = tmp_path / "out"
+    job = slide_job([str(slides_dir / "s0.tif")], mean_model, out)
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+    (out / "report.json").write_text('{"items": ')
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "no finished run" not in first and f"{out}/report.json cannot be read" in first, first
+    assert "latest run: finished; 1 shard(s) committed" in first, first
+
+
+def test_an_interrupted_resume_leaves_no_report_json_saying_the_run_before_finished(
+        tmp_path: Path, slides_dir: Path, mean_model: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """After a --resume was interrupted, report.json stayed the finished run's before it (its
+    run_id, its two inputs): `report` and open_results looked at status.json and knew, a person
+    or a script reading report.json did not. Like report.html, it now says what is committed,
+    marked unfinished, with the interrupted run's id; and `inspect OUTDIR` says so too."""
+    import gpubatch
+
+    out = tmp_path / "out"
+    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, out)
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+    assert _report(out).get("complete", True) is True
+    job["input"]["uris"].append(str(slides_dir / "s2.tif"))
+    _interrupt_after_first_shard(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
+    report, status = _report(out), _status(out)
+    assert report["run_id"] == status["run_id"] and status["state"] == "interrupted"
+    assert report["complete"] is False and report["state"] == "interrupted" and report["shards_done"] == 3
+    assert main(["inspect", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["complete"] is False and shown["state"] == "interrupted"
+
+
+def test_a_resume_removes_the_finished_report_json_while_it_runs(tmp_path: Path, slides_dir: Path,
+                                                               mean_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume killed after its checks (SIGKILL: no end of run is written) left the finished
+    run's report.json in place, as if nothing had happened since; report.html was removed."""
+    import gpubatch
+    from gpubatch.runtime import resume
+
+    out = tmp_path / "out"
+    job = slide_job([str(slides_dir / "s0.tif")], mean_model, out)
+    assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+    job["input"]["uris"].append(str(slides_dir / "s1.tif"))
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(resume, "sweep", killed)
+    with pytest.raises(SystemExit):
+        gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
+    assert not (out / "report.json").exists() and not (out / "report.html").exists()
