@@ -156,3 +156,44 @@ def test_a_resume_removes_the_finished_report_json_while_it_runs(tmp_path: Path,
     with pytest.raises(SystemExit):
         gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
     assert not (out / "report.json").exists() and not (out / "report.html").exists()
+
+
+def _starvation_tile(page: str) -> str:
+    return _headline_tile(page, "model starvation")
+
+
+def test_a_run_with_no_model_time_claims_no_starvation_band(tmp_path: Path, mean_model: Path) -> None:
+    """A run whose every input was empty showed "100.0% model starvation (input-bound)" in
+    report.html and on the terminal (its model stage waited, and never ran a batch), and one
+    whose every input was quarantined "0.0% (not input-bound)": no batch was measured, so
+    neither is true. Both now say the starvation was not measured."""
+    import gpubatch
+    from gpubatch.cli.demo import write_synthetic_slide
+    from gpubatch.report.html import render_html
+    from gpubatch.report.summary import summarize
+    from gpubatch.report.text import format_summary
+
+    tiny = write_synthetic_slide(tmp_path / "tiny.tif", 64, 64, levels=1, tile=16, seed=5)
+    result = gpubatch.run(write_job(tmp_path / "a.yaml", slide_job([str(tiny)], mean_model, tmp_path / "out")),
+                          show_progress=False)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert _starvation_tile(page) == "– | model starvation (not measured: the model ran no batch)"
+    assert "starvation – (not measured: the model ran no batch)" in format_summary(result.report)
+    quarantined = summarize([], [{"input": "a.svs", "error": "bad"}], 1.0, {"name": "q", "workers": 1}).to_dict()
+    assert _starvation_tile(render_html(quarantined)) == "– | model starvation (not measured: the model ran no batch)"
+
+
+def test_a_run_too_small_to_judge_names_no_band(tmp_path: Path, slides_dir: Path, mean_model: Path) -> None:
+    """A run too small for a verdict said "starvation 0.3% (not input-bound)" above "verdict:
+    none (too little work ...)": the band is the verdict's, and there is none."""
+    import gpubatch
+    from gpubatch.report.text import format_summary
+
+    out = tmp_path / "out"
+    result = gpubatch.run(write_job(tmp_path / "a.yaml", slide_job([str(slides_dir / "s0.tif")], mean_model, out)),
+                          show_progress=False)
+    assert result.report["verdict"]["state"] == "too-small"
+    starvation = result.report["starvation"]
+    assert f"starvation {starvation:.1%} (too little work to judge)" in format_summary(result.report)
+    assert _starvation_tile((out / "report.html").read_text()) == \
+        f"{starvation:.1%} | model starvation (too little work to judge)"

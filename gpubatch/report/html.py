@@ -34,6 +34,7 @@ from gpubatch.report.verdict import (
     LAYER_STORAGE,
     LAYER_TRANSFER,
     quota_words,
+    starvation_words,
     verdict,
 )
 
@@ -117,13 +118,18 @@ def _tiles(report: dict[str, Any], v: dict[str, Any]) -> str:
         (_rate(report.get("items_per_s")), "items/s end-to-end"),
         (_rate(gap.get("model_only_items_per_s")), "items/s model-only"),
         (_num(gap.get("cost"), "{:.0%}"), "of model speed lost to the data path"),
-        (f"{report.get('starvation', 0.0):.1%}", f"model starvation ({v['band']})"),
+        _starvation_tile(report, v),
         (f"{report.get('items', 0):,}", f"items in {report.get('wall_s', 0.0):.1f} s"),
         (f"{done}/{count + failed}", "inputs done" + (f", {extra}" if extra else "")),
     ]
     cells = "".join(f'<div class="tile"><div class="v">{escape(a)}</div><div class="k">{escape(b)}</div></div>'
                     for a, b in tiles)
     return f'<section class="tiles" id="headline">{cells}</section>'
+
+
+def _starvation_tile(report: dict[str, Any], v: dict[str, Any]) -> tuple[str, str]:
+    shown, said = starvation_words(report.get("starvation", 0.0), v)
+    return shown, f"model starvation ({said})"
 
 
 NO_VERDICT_TITLES = {"failed": "Run failed: every input failed", "empty": "No items were processed",

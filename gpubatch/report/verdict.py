@@ -39,9 +39,18 @@ MAX_LISTED_ERRORS = 3
 #: verdict["state"]: a verdict was given, or why not
 STATE_VERDICT, STATE_FAILED, STATE_EMPTY, STATE_RESUMED, STATE_TOO_SMALL = (
     "verdict", "failed", "empty", "nothing-ran", "too-small")
+#: verdict["band"] where there is no verdict: a band is a judgement of the model's starvation,
+#: and an empty run's model (starved, never busy) read "100% input-bound"
+BAND_NOT_MEASURED, BAND_NOT_JUDGED = "not measured: the model ran no batch", "too little work to judge"
 OTHER_SHARE = 0.05      # a model-stage part is named in the evidence above this share of its busy time
 # The workers' cores this busy while shards ran are full: more threads only take turns on them.
 CORES_FULL = 0.90
+
+
+def starvation_words(starvation: float, v: dict[str, Any]) -> tuple[str, str]:
+    """(the starvation as shown, its band as said): a dash where no batch was measured."""
+    shown = "–" if v.get("band") == BAND_NOT_MEASURED else f"{starvation:.1%}"
+    return shown, str(v.get("band", ""))
 
 
 def band(starvation: float) -> str:
@@ -385,6 +394,8 @@ def _no_verdict(summary: dict[str, Any]) -> dict[str, Any] | None:
         return None
     state, text = why
     starvation = float(summary.get("starvation") or 0.0)
-    return {"state": state, "band": band(starvation), "starvation": starvation, "limiting_layer": None,
+    busy = float(((summary.get("stages") or {}).get("model") or {}).get("busy_s", 0.0))
+    judged = BAND_NOT_MEASURED if not summary.get("items") or busy <= 0 else BAND_NOT_JUDGED
+    return {"state": state, "band": judged, "starvation": starvation, "limiting_layer": None,
             "detail": "", "evidence": text, "next_move": "", "gap": gap(summary), "caveat": "",
             "text": _cap(text) + "."}
