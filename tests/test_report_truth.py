@@ -197,3 +197,20 @@ def test_a_run_too_small_to_judge_names_no_band(tmp_path: Path, slides_dir: Path
     assert f"starvation {starvation:.1%} (too little work to judge)" in format_summary(result.report)
     assert _starvation_tile((out / "report.html").read_text()) == \
         f"{starvation:.1%} | model starvation (too little work to judge)"
+
+
+def test_small_shares_and_rates_are_not_rounded_to_nothing() -> None:
+    """A data path costing 0.4% of the model's speed read "0%" in report.html and the verdict,
+    a 4.6% starvation "5%" (the band's edge) on the progress bar, batches 99.6% full "100%",
+    and a genome run's 0.4 items/s "0 items/s" on the bar."""
+    from gpubatch.report.html import render_html
+    from gpubatch.report.verdict import gap, pct
+    from gpubatch.runtime.progress import _rate
+
+    assert [pct(x) for x in (0.0, 0.0004, 0.004, 0.046, 0.25, 0.996, 0.99996, 1.0)] == \
+        ["0%", "<0.1%", "0.4%", "4.6%", "25%", "99.6%", ">99.9%", "100%"]
+    assert [_rate(x) for x in (0.4, 12.34, 1234.5)] == ["0.4", "12.3", "1,234"]
+    summary = {"items_per_s": 99.6, "model_only_items_per_s": 100.0, "wall_s": 10.0, "items": 996}
+    assert "the data path costs 0.4% of the model's speed" in gap(summary)["text"]
+    assert _headline_tile(render_html({**summary, "batch_fill": 0.996}), "of model speed") == \
+        "0.4% | of model speed lost to the data path"

@@ -22,10 +22,16 @@ from gpubatch.core.clocks import starvation_of
 from gpubatch.core.results import ShardResult
 from gpubatch.outputs.layout import STATUS
 from gpubatch.outputs.store import OutputStore
+from gpubatch.report.verdict import pct
 
 log = logging.getLogger("gpubatch")
 LOG_EVERY_S = 30.0
 STATUS_EVERY_S = 1.0
+
+
+def _rate(items_per_s: float) -> str:
+    """Three significant figures: a genome run's 0.4 items/s read "0 items/s"."""
+    return f"{items_per_s:,.0f}" if items_per_s >= 100 else f"{items_per_s:.3g}"
 
 
 class Progress:
@@ -72,7 +78,7 @@ class Progress:
         rate = self.items / max(time.time() - self.started, 1e-9)
         starv = starvation_of({"busy_s": self.busy, "starved_s": self.starved})
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done + self.failed, rate=f"{rate:.0f} items/s, starved {starv:.0%}")
+            self._bar.update(self._task, completed=self.done + self.failed, rate=f"{_rate(rate)} items/s, starved {pct(starv)}")
         elif time.time() - self.last_log >= LOG_EVERY_S or self.done + self.failed == self.total:
             self.last_log = time.time()
             eta = self.eta_s()
