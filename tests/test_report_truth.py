@@ -214,3 +214,28 @@ def test_small_shares_and_rates_are_not_rounded_to_nothing() -> None:
     assert "the data path costs 0.4% of the model's speed" in gap(summary)["text"]
     assert _headline_tile(render_html({**summary, "batch_fill": 0.996}), "of model speed") == \
         "0.4% | of model speed lost to the data path"
+
+
+def test_the_log_is_not_silent_while_one_long_shard_runs(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Without a terminal, progress lines came only when a shard finished: a run of one
+    100k-tile slide (or one shard of a million windows) logged nothing for as long as it ran.
+    The heartbeat now logs that the run is alive and how long since a shard finished, and
+    says the finished shards' figures when some finished since the last line."""
+    import logging
+
+    from gpubatch.core.results import ShardResult
+    from gpubatch.runtime import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    bar = progress.Progress(2, enabled=False)
+    with caplog.at_level(logging.INFO, logger="gpubatch"):
+        bar.heartbeat()
+        assert "shards 0/2 done, 0 failed; still running: no shard finished in the last" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr(progress, "LOG_EVERY_S", 3600.0)
+        bar.update(ShardResult.from_dict({"shard_id": "a", "input": "a", "items": 5, "wall_s": 1.0}))
+        assert caplog.text == ""  # inside LOG_EVERY_S of the last line
+        monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+        bar.heartbeat()
+        assert "shards 1/2 done, 0 failed, " in caplog.text and "items/s" in caplog.text

@@ -44,7 +44,7 @@ class Progress:
         self.busy = self.starved = 0.0
         self.t0 = time.time()  # the shards' start: the ETA's clock
         self.started = self.t0 if started is None else started  # the run's start: the rate's clock
-        self.last_log = self.last_status = self.t0
+        self.last_log = self.last_status = self.last_shard = self.t0
         self.store, self.run_id, self.heartbeat_s = store, run_id, heartbeat_s
         self.state = "running"
         self._final: dict[str, Any] = {}  # what the final state says besides (the reason)
@@ -52,11 +52,19 @@ class Progress:
         tty = sys.stderr.isatty() if enabled is None else enabled
         self._bar: Any = None
         if tty and total:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
             from rich.progress import Progress as RichProgress
 
+            # the elapsed clock ticks while a long shard runs and the bar cannot move
             self._bar = RichProgress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)
+                                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     transient=False)
             self._task = self._bar.add_task("run", total=total, completed=already, rate="")
             self._bar.start()
         self._write_status()
@@ -75,21 +83,40 @@ class Progress:
             self.starved += model.get("starved_s", 0.0)
         else:
             self.failed += 1
-        rate = self.items / max(time.time() - self.started, 1e-9)
-        starv = starvation_of({"busy_s": self.busy, "starved_s": self.starved})
+        self.last_shard = time.time()
         if self._bar is not None:
+            rate = self.items / max(time.time() - self.started, 1e-9)
+            starv = starvation_of({"busy_s": self.busy, "starved_s": self.starved})
             self._bar.update(self._task, completed=self.done + self.failed, rate=f"{_rate(rate)} items/s, starved {pct(starv)}")
         elif time.time() - self.last_log >= LOG_EVERY_S or self.done + self.failed == self.total:
-            self.last_log = time.time()
-            eta = self.eta_s()
-            log.info("shards %d/%d done, %d failed, %.1f items/s, starvation %.1f%%, ETA %s",
-                     self.done, self.total, self.failed, rate, 100 * starv, f"{eta:.0f} s" if eta is not None else "?")
+            self._log_line()
         if time.time() - self.last_status >= STATUS_EVERY_S or self.done + self.failed == self.total:
             self._write_status()
 
+    def _log_line(self) -> None:
+        self.last_log = time.time()
+        rate = self.items / max(self.last_log - self.started, 1e-9)
+        starv = starvation_of({"busy_s": self.busy, "starved_s": self.starved})
+        eta = self.eta_s()
+        log.info("shards %d/%d done, %d failed, %.1f items/s, starvation %.1f%%, ETA %s",
+                 self.done, self.total, self.failed, rate, 100 * starv, f"{eta:.0f} s" if eta is not None else "?")
+
     def heartbeat(self) -> None:
-        """Called by the lease's heartbeat thread: status.json says the run is alive."""
+        """Called by the lease's heartbeat thread: status.json says the run is alive. Without a
+        terminal, a log line every LOG_EVERY_S too while no shard finishes: lines came only as
+        shards finished, so one shard of a 100k-tile slide or a million windows left the log
+        silent for as long as it ran, like a hung run."""
         self._write_status()
+        now = time.time()
+        if self._bar is not None or self.state != "running" or now - self.last_log < LOG_EVERY_S:
+            return
+        if self.last_shard > self.last_log:  # shards finished since the last line: say them
+            self._log_line()
+            return
+        self.last_log = now
+        log.info("shards %d/%d done, %d failed; still running: no shard finished in the last %.0f s "
+                 "(a shard's items are counted when it finishes)", self.done, self.total, self.failed,
+                 now - self.last_shard)
 
     def finish(self, state: str, **extra: Any) -> None:
         """The final state: finished, interrupted or failed (with the reason in ``extra``, kept
