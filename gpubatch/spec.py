@@ -576,6 +576,10 @@ def load_yaml_text(text: str, source: str | None = None) -> Any:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():  # "not found" sent the user looking for a folder that is there
+        found = ", ".join(sorted(x.name for x in p.glob("*.y*ml"))[:3])
+        raise SpecError([("", f"{p} is a directory: give the job spec's YAML file"
+                              + (f" (it holds {found})" if found else ", e.g. job.yaml"))], str(p))
     if not p.is_file():
         raise SpecError([("", f"job spec file not found: {p}")], str(p))
     if p.stat().st_size > MAX_YAML_BYTES:

@@ -155,3 +155,17 @@ def test_user_errors_are_one_message_with_the_right_exit_never_a_traceback(
     assert f"{items} items" in capsys.readouterr().out  # what is committed, not a traceback
     (out / "status.json").write_text("{")
     _one_line_error(main(["status", str(out)]), 1, capsys, "status.json cannot be read", f"gpubatch report {out}")
+
+
+def test_validate_given_a_directory_says_so_and_what_it_wants(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`validate DIR` said "job spec file not found: DIR", of a folder that is there: it says it
+    is a directory, that a job spec's YAML file is wanted, and names the YAML files it holds."""
+    empty, specs = tmp_path / "empty", tmp_path / "specs"
+    empty.mkdir()
+    specs.mkdir()
+    (specs / "wsi.yaml").write_text("name: a\n")
+    for command in ("validate", "run"):
+        _one_line_error(main([command, str(empty)]), 2, capsys, f"{empty} is a directory",
+                        "give the job spec's YAML file, e.g. job.yaml")
+    _one_line_error(main(["validate", str(specs)]), 2, capsys, f"{specs} is a directory", "(it holds wsi.yaml)")

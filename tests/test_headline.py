@@ -108,7 +108,7 @@ def test_resume_counts_only_this_runs_items(tmp_path: Path, slides_dir: Path, cl
     report = rp.load_report(tmp_path / "out")
     rows = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
     new_items = int((rows["slide"] == str(inputs / "s9.tif")).sum())
-    assert report["resumed"] == {"shards": 3, "items": first["items"]}
+    assert report["resumed"] == {"shards": 3, "items": first["items"], "empty": 0}
     assert report["items"] == new_items and report["items_total"] == len(rows) == first["items"] + new_items
     assert report["items_per_s"] == pytest.approx(new_items / report["wall_s"])
     assert "3 shard(s) already committed, skipped" in out

@@ -53,7 +53,8 @@ def inspect_path(path: str, options: dict[str, Any] | None = None) -> dict[str, 
         from gpubatch.report.summary import load_report
 
         report = load_report(str(p))
-        return {k: report.get(k) for k in ("name", "items", "items_per_s", "wall_s", "starvation", "verdict", "failed")}
+        keys = ("name", "run_id", "state", "complete", "items", "items_per_s", "wall_s", "starvation", "verdict", "failed")
+        return {k: report.get(k) for k in keys}  # complete: None in reports older than the key
     if p.is_dir() and (p / "zarr.json").exists() and not _is_image(p):
         import zarr
 

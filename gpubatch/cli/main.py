@@ -164,11 +164,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"{status_state(s)}: {s['done']}/{s['total']} shards done, {s['failed']} failed"
           + (f", {s['plan_failed']} input(s) quarantined at plan (listed in report.json)"
              if s.get("plan_failed") else "")
-          + (f", {s.get('items_per_s', 0):.1f} items/s" if "items_per_s" in s and s.get("items") else "")
+          + _rate_words(s)
           + (f", starvation {s['starvation']:.1%}" if "starvation" in s and s.get("items") else "")
           + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" else "")
           + (f"; {s['reason']}" if s.get("reason") else ""))
     return EXIT_OK
+
+
+def _rate_words(status: dict[str, Any]) -> str:
+    """The rate as report.json's headline gives it, items over seconds since the run started, so
+    that a reader can tell what it measures ("this run": a resume's rate leaves the shards
+    committed before it out, as report.json's does). Older status.json files have no ``wall_s``."""
+    if "items_per_s" not in status or not status.get("items"):
+        return ""
+    rate = f"{status['items_per_s']:.1f} items/s"
+    if "wall_s" not in status:
+        return f", {rate}"
+    this_run = " this run" if status.get("resumed") else ""
+    return f", {status['items']} items{this_run} in {status['wall_s']:.1f} s = {rate}"
 
 
 def starting_run(store: Any, status: dict[str, Any] | None) -> str | None:
@@ -210,17 +223,17 @@ def status_state(status: dict[str, Any], now: float | None = None) -> str:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gpubatch.report.summary import finished_report, summarize_output
+    from gpubatch.report.summary import latest_report, summarize_output
     from gpubatch.report.text import format_summary
 
     store = _output_store(args)
-    finished = finished_report(store)
+    finished, why = latest_report(store)
     if finished is not None:
         report = finished
     else:
         report = summarize_output(store)
-        print(f"no finished run in {safe_text(args.outdir)}: what is committed there so far "
-              f"({report.get('state')}, {report.get('shards_done')} shards)")
+        print(f"{safe_text(why)}: what is committed there so far (latest run: {report.get('state')}; "
+              f"{report.get('shards_done')} shard(s) committed)")
     print(format_summary(report))
     if args.html:
         from gpubatch.report.html import write_html

@@ -33,7 +33,9 @@ from gpubatch.report.verdict import (
     LAYER_COMPUTE,
     LAYER_STORAGE,
     LAYER_TRANSFER,
+    pct,
     quota_words,
+    starvation_words,
     verdict,
 )
 
@@ -91,7 +93,7 @@ document.body.setAttribute('data-plots-rendered',ok+'/'+figs.length);})();
 
 def _cores_busy(report: dict[str, Any]) -> str | None:
     cpu = report.get("host_cpu")
-    return f"{cpu['busy']:.0%} of {cpu.get('cores') or '?'}{quota_words(cpu)}" if cpu else None
+    return f"{pct(cpu['busy'])} of {cpu.get('cores') or '?'}{quota_words(cpu)}" if cpu else None
 
 
 def _num(v: float | None, fmt: str = "{:.1f}", none: str = "–") -> str:
@@ -107,21 +109,28 @@ def _tiles(report: dict[str, Any], v: dict[str, Any]) -> str:
     """Six headline numbers: the end-to-end rate first, the model-only rate beside it."""
     gap = v.get("gap") or {}
     failed = quarantined_count(report.get("failed") or [])
-    count = (report.get("shard_stats") or {}).get("count", len(report.get("shards") or []))
-    empty = (report.get("empty") or {}).get("count", 0)
+    stats = report.get("shard_stats") or {}
+    count = stats.get("count", len(report.get("shards") or []))
+    # this run's empty inputs and those a resumed run kept: both yielded nothing
+    empty = (report.get("empty") or {}).get("count", 0) + stats.get("resumed_empty", 0)
     done = count - empty
     extra = ", ".join(x for x in (f"{empty} empty" if empty else "", f"{failed} quarantined" if failed else "") if x)
     tiles = [
         (_rate(report.get("items_per_s")), "items/s end-to-end"),
         (_rate(gap.get("model_only_items_per_s")), "items/s model-only"),
-        (_num(gap.get("cost"), "{:.0%}"), "of model speed lost to the data path"),
-        (f"{report.get('starvation', 0.0):.1%}", f"model starvation ({v['band']})"),
+        ("–" if gap.get("cost") is None else pct(gap["cost"]), "of model speed lost to the data path"),
+        _starvation_tile(report, v),
         (f"{report.get('items', 0):,}", f"items in {report.get('wall_s', 0.0):.1f} s"),
         (f"{done}/{count + failed}", "inputs done" + (f", {extra}" if extra else "")),
     ]
     cells = "".join(f'<div class="tile"><div class="v">{escape(a)}</div><div class="k">{escape(b)}</div></div>'
                     for a, b in tiles)
     return f'<section class="tiles" id="headline">{cells}</section>'
+
+
+def _starvation_tile(report: dict[str, Any], v: dict[str, Any]) -> tuple[str, str]:
+    shown, said = starvation_words(report.get("starvation", 0.0), v)
+    return shown, f"model starvation ({said})"
 
 
 NO_VERDICT_TITLES = {"failed": "Run failed: every input failed", "empty": "No items were processed",
@@ -218,7 +227,7 @@ def _breakdown_plot(report: dict[str, Any]) -> str:
     rows = []
     for keys, label, layer in BREAKDOWN:
         sec = sum(parts.get(k, 0.0) for k in keys)
-        note = f"{sec:.2f} s ({sec / total:.0%})" if any(k in parts for k in keys) else "not timed"
+        note = f"{sec:.2f} s ({pct(sec / total)})" if any(k in parts for k in keys) else "not timed"
         rows.append((label, sec, LAYER_COLORS[layer], note))
     legend = [("storage/host", ORANGE), ("transfer", PURPLE), ("compute", BLUE)]
     return plots.hbar_chart("breakdown", "Time by stage part", rows, x_label="seconds (summed over workers and threads)",
@@ -278,7 +287,7 @@ def _run_table(report: dict[str, Any]) -> str:
     st = report.get("storage") or {}
     rows = [("started", report.get("started_at")), ("host", report.get("host")), ("spec", report.get("spec_path")),
             ("kind", report.get("kind")), ("backend", report.get("backend")), ("precision", report.get("precision")),
-            ("batch size", report.get("batch_size")), ("batch fill", _num(report.get("batch_fill"), "{:.0%}")),
+            ("batch size", report.get("batch_size")), ("batch fill", None if report.get("batch_fill") is None else pct(report["batch_fill"])),
             ("workers", report.get("workers")), ("readers per worker", report.get("readers")),
             ("profile", report.get("profile")), ("storage requests", st.get("requests")),
             ("storage MB", _num((st.get("bytes") or 0) / 1e6)), ("storage MB/s", _num(st.get("mb_per_s"))),

@@ -49,6 +49,9 @@ class SummaryBuilder:
         self.clocks = StageClocks()
         self.items = self.batches = self.shards = self.resumed = self.ran = 0
         self.resumed_items = 0
+        #: kept shards that yielded no items in the run that committed them: not "done" inputs
+        #: either, though this run's lists (``empty``) and rates leave them out
+        self.resumed_empty = 0
         self.pipeline_s = 0.0
         self.t0: float | None = None
         self._rows: list[tuple[float, int, dict[str, Any]]] = []
@@ -71,6 +74,7 @@ class SummaryBuilder:
         if result.resumed:
             self.resumed += 1
             self.resumed_items += result.items
+            self.resumed_empty += result.items == 0
             return
         samples = result.clocks.get("samples", [])
         self.clocks.merge(StageClocks.from_dict({k: v for k, v in result.clocks.items() if k != "samples"}))
@@ -141,10 +145,11 @@ class SummaryBuilder:
             "batches": self.batches,
             "batch_fill": self.items / (self.batches * batch_size) if self.batches else 1.0,
             "items_total": self.items + self.resumed_items,
-            "resumed": {"shards": self.resumed, "items": self.resumed_items},
+            "resumed": {"shards": self.resumed, "items": self.resumed_items, "empty": self.resumed_empty},
             "failed": failed,
             "shards": rows,
             "shard_stats": {"count": self.shards, "resumed": self.resumed, "resumed_items": self.resumed_items,
+                            "resumed_empty": self.resumed_empty,
                             "rows_kept": len(rows), "pipeline_s": self.pipeline_s,
                             "items_per_shard": self.items / self.ran if self.ran else 0.0},
             "empty": self.empty.as_dict(), "retried": self.retried.as_dict(),
@@ -280,26 +285,38 @@ def load_report(where: OutputStore | str) -> dict[str, Any]:
 
 
 def finished_report(where: OutputStore | str) -> dict[str, Any] | None:
-    """report.json where it reports the output's latest run, and that run finished; else None.
+    """report.json where it reports the output's latest run, and that run finished; else None
+    (:func:`latest_report` says why not)."""
+    return latest_report(where)[0]
+
+
+def latest_report(where: OutputStore | str) -> tuple[dict[str, Any] | None, str]:
+    """(report.json, "") where it reports the output's latest run and that run finished; else
+    (None, why not), for a reader to say before the figures of what is committed.
 
     A run writes report.json at its end, and a --resume leaves the one before it in place until
     it writes its own: a resume that was interrupted, failed or is still going would be reported
     as the finished run before it (its shards, its failures), though more is committed now.
-    status.json names the latest run and its state (absent only in outputs of older versions)."""
+    status.json names the latest run and its state (absent only in outputs of older versions).
+    A damaged report.json is said as such: "no finished run" contradicted a status.json that
+    says the run finished."""
     store = OutputStore.of(where)
+    uri = redact(store.uri)
     if not store.exists(REPORT_JSON):
-        return None
+        return None, f"no finished run in {uri}"
     try:
         report = load_report(store)
     except ValueError as exc:  # damaged (a full disk, a hand edit): what is committed is reported instead
-        log.warning("%s in %s cannot be read (%s): reporting what is committed there",
-                    REPORT_JSON, redact(store.uri), exc)
-        return None
+        log.warning("%s in %s cannot be read (%s): reporting what is committed there", REPORT_JSON, uri, exc)
+        return None, f"{uri}/{REPORT_JSON} cannot be read ({exc})"
     status = read_status(store)
     run_id = report.get("run_id", status.get("run_id") if status else None)
-    if status is not None and (status.get("state") != "finished" or status.get("run_id") != run_id):
-        return None
-    return report
+    if report.get("complete") is False or (status is not None and status.get("state") != "finished"):
+        return None, f"no finished run in {uri}"
+    if status is not None and status.get("run_id") != run_id:
+        return None, (f"{uri}/{REPORT_JSON} is an earlier run's ({run_id}), not the latest "
+                      f"({status.get('run_id')})")
+    return report, ""
 
 
 def read_status(store: OutputStore) -> dict[str, Any] | None:
@@ -342,7 +359,8 @@ def summarize_output(where: OutputStore | str) -> dict[str, Any]:
         builder.add(entry)
     status = read_status(store) or {}
     failed = still_failed(Ledger(store, "").records(), committed)
-    wall = float(status.get("heartbeat", 0.0)) - float(status.get("started", 0.0)) if status else 0.0
+    wall = float(status.get("wall_s", float(status.get("heartbeat", 0.0)) - float(status.get("started", 0.0)))
+                 ) if status else 0.0
     info = {"state": status.get("state", "unknown"), "complete": False, "run_id": status.get("run_id"),
             "shards_total": status.get("total"), "shards_done": builder.shards, "workers": 1}
     return builder.summary(failed, max(wall, 0.0), info).to_dict()

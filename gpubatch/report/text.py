@@ -13,7 +13,7 @@ from typing import Any
 
 from gpubatch.core.results import quarantined_count
 from gpubatch.io.redact import safe_text
-from gpubatch.report.verdict import cores_sentence
+from gpubatch.report.verdict import cores_sentence, starvation_words
 
 MAX_LISTED = 10
 #: quarantined inputs the terminal summary lists; report.json lists them all
@@ -79,7 +79,8 @@ def resumed_line(report: dict[str, Any]) -> str | None:
     resumed = report.get("resumed") or {}
     if not resumed.get("shards"):
         return None
-    return (f"  {resumed['shards']} shard(s) already committed, skipped ({resumed.get('items', 0)} items); "
+    empty = f", {resumed['empty']} of them empty" if resumed.get("empty") else ""
+    return (f"  {resumed['shards']} shard(s) already committed, skipped ({resumed.get('items', 0)} items{empty}); "
             "the rates above cover this run's items only")
 
 
@@ -115,7 +116,7 @@ def _parts_line(parts: dict[str, float], busy: float) -> str | None:
 
 def _clock_lines(report: dict[str, Any]) -> list[str]:
     v = report["verdict"]
-    lines = [f"starvation {report['starvation']:.1%} ({v['band']})"]
+    lines = ["starvation {} ({})".format(*starvation_words(report["starvation"], v))]
     stage_parts = report.get("stage_parts") or {}
     for name, st in report["stages"].items():
         lines.append(f"  {name:<6} busy {st['busy_s']:7.2f} s  starved {st['starved_s']:7.2f} s  blocked {st['blocked_s']:7.2f} s")

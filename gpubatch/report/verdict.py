@@ -39,9 +39,30 @@ MAX_LISTED_ERRORS = 3
 #: verdict["state"]: a verdict was given, or why not
 STATE_VERDICT, STATE_FAILED, STATE_EMPTY, STATE_RESUMED, STATE_TOO_SMALL = (
     "verdict", "failed", "empty", "nothing-ran", "too-small")
+#: verdict["band"] where there is no verdict: a band is a judgement of the model's starvation,
+#: and an empty run's model (starved, never busy) read "100% input-bound"
+BAND_NOT_MEASURED, BAND_NOT_JUDGED = "not measured: the model ran no batch", "too little work to judge"
 OTHER_SHARE = 0.05      # a model-stage part is named in the evidence above this share of its busy time
 # The workers' cores this busy while shards ran are full: more threads only take turns on them.
 CORES_FULL = 0.90
+
+
+def pct(share: float) -> str:
+    """A share in percent, never rounded to 0% or 100% when it is neither: whole percents in
+    between, one decimal under 10% and over 99% (a 4.6% starvation read "5%", the band's edge,
+    and a data path costing 0.4% of the model's speed "0%")."""
+    if share <= 0 or share >= 1:
+        return f"{max(0.0, min(share, 1.0)):.0%}"
+    if 0.1 <= share <= 0.99:
+        return f"{share:.0%}"
+    text = f"{share:.1%}"
+    return "<0.1%" if text == "0.0%" else ">99.9%" if text == "100.0%" else text
+
+
+def starvation_words(starvation: float, v: dict[str, Any]) -> tuple[str, str]:
+    """(the starvation as shown, its band as said): a dash where no batch was measured."""
+    shown = "–" if v.get("band") == BAND_NOT_MEASURED else f"{starvation:.1%}"
+    return shown, str(v.get("band", ""))
 
 
 def band(starvation: float) -> str:
@@ -117,12 +138,12 @@ def cores_sentence(cpu: dict[str, Any]) -> str:
     """The report's ``host_cpu`` in words, as the verdict's evidence and the terminal say it."""
     cores = cpu.get("cores")
     counted = f"{cores:g} cores" if cores else "cores"
-    return f"the workers' {counted}{quota_words(cpu)} were {cpu['busy']:.0%} busy while shards ran"
+    return f"the workers' {counted}{quota_words(cpu)} were {pct(cpu['busy'])} busy while shards ran"
 
 
 def quota_words(cpu: dict[str, Any]) -> str:
     """" (a CPU quota, throttled in X% of its periods)" where a quota limited the workers, else ""."""
-    return f" (a CPU quota, throttled in {cpu.get('throttled', 0.0):.0%} of its periods)" if cpu.get("quota") else ""
+    return f" (a CPU quota, throttled in {pct(cpu.get('throttled', 0.0))} of its periods)" if cpu.get("quota") else ""
 
 
 def _refused_precision(summary: dict[str, Any]) -> str:
@@ -196,7 +217,7 @@ def _output_finding(f: _Figures) -> _Finding:
     share = f.model_blocked / max(f.model_busy + f.model_blocked, 1e-9)
     return _Finding(
         LAYER_STORAGE, "output writes",
-        f"the model waited {f.model_blocked:.2f} s ({share:.0%} of its time) for the writer to take results",
+        f"the model waited {f.model_blocked:.2f} s ({pct(share)} of its time) for the writer to take results",
         "write fewer formats (output.formats), or write to local disk and copy to object storage after")
 
 
@@ -238,7 +259,7 @@ def _under_filled(f: _Figures) -> _Finding | None:
     small = 0 < f.batch_size < SMALL_BATCH and f.batch_bytes < SMALL_BATCH_BYTES
     if f.fill >= FILL_MIN and not small:
         return None
-    evidence = (f"the model was fed (starvation {f.starvation:.1%}) but batches were {f.fill:.0%} full "
+    evidence = (f"the model was fed (starvation {f.starvation:.1%}) but batches were {pct(f.fill)} full "
                 f"on average at batch size {f.batch_size}")
     if f.batch_bytes:
         evidence += f" ({f.batch_bytes / 2**20:.1f} MB of input per full batch)"
@@ -302,7 +323,7 @@ def gap(summary: dict[str, Any]) -> dict[str, Any]:
     }
     if model_only:
         out["cost"] = max(0.0, 1.0 - e2e / model_only)
-        out["text"] = (f"the data path costs {out['cost']:.0%} of the model's speed: {e2e:.1f} items/s "
+        out["text"] = (f"the data path costs {pct(out['cost'])} of the model's speed: {e2e:.1f} items/s "
                        f"end-to-end against {model_only:.1f} items/s model-only")
     return out
 
@@ -385,6 +406,8 @@ def _no_verdict(summary: dict[str, Any]) -> dict[str, Any] | None:
         return None
     state, text = why
     starvation = float(summary.get("starvation") or 0.0)
-    return {"state": state, "band": band(starvation), "starvation": starvation, "limiting_layer": None,
+    busy = float(((summary.get("stages") or {}).get("model") or {}).get("busy_s", 0.0))
+    judged = BAND_NOT_MEASURED if not summary.get("items") or busy <= 0 else BAND_NOT_JUDGED
+    return {"state": state, "band": judged, "starvation": starvation, "limiting_layer": None,
             "detail": "", "evidence": text, "next_move": "", "gap": gap(summary), "caveat": "",
             "text": _cap(text) + "."}

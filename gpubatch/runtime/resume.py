@@ -23,7 +23,14 @@ from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity, localize
 from gpubatch.io.uris import split_glob
 from gpubatch.outputs.commits import CommitIndex
-from gpubatch.outputs.layout import LEASE, REPORT_HTML, RUN_DIRS, RUN_STATE, SPEC_RECORD
+from gpubatch.outputs.layout import (
+    LEASE,
+    REPORT_HTML,
+    REPORT_JSON,
+    RUN_DIRS,
+    RUN_STATE,
+    SPEC_RECORD,
+)
 from gpubatch.outputs.ledger import Ledger
 from gpubatch.outputs.manifest import CommitRef, Manifest, remove_temporaries, sweep
 from gpubatch.outputs.store import OutputStore
@@ -62,7 +69,8 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, kept: CommitInde
     if overwrite:
         wipe(store)
     elif committed:
-        store.delete(REPORT_HTML)  # the run before's page says finished: not while this one runs
+        for name in (REPORT_JSON, REPORT_HTML):  # the run before's say finished: not while this one runs
+            store.delete(name)
         _resumable(store, job, manifest, ledger, kept, on_kept or (lambda entry: None))
         sweep(store, kept)
         return

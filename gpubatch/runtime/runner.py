@@ -130,7 +130,8 @@ class _Run:
                           backend=ctx.backend, precision=ctx.precision, gpubatch_version=__version__,
                           **prepared.audit)
         progress = Progress(len(shards), already=resumed, store=self.store, enabled=show_progress,
-                            run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=quarantined_count(self.failed))
+                            run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=quarantined_count(self.failed),
+                            started=self.t_start)
         self.lease.also_beat(progress.heartbeat)
         lost: list[dict[str, Any]] = []
         with stop_on_signals():  # the run's end too: a Ctrl-C while merging is recorded as one
@@ -159,7 +160,7 @@ class _Run:
             except (KeyboardInterrupt, Terminated, Exception) as exc:  # the commits stand; recorded as
                 self._abandon(progress, exc)  # interrupted or failed, never left saying "running"
                 raise
-            progress.finish("finished")
+            progress.finish("finished", wall_s=result.report["wall_s"], items_per_s=result.report["items_per_s"])
         return result
 
     def _kept_in_plan(self, shards: Sequence[Shard]) -> int:
@@ -271,7 +272,7 @@ class _Run:
                 return
             self.ledger.materialize()  # every record: commits the client had not yet heard of too
             progress.finish("interrupted" if interrupted else "failed", reason=reason)
-            _unfinished_html(self.store)
+            _unfinished_report(self.store)
         except Exception as inner:  # noqa: BLE001 - the original error is the one to report
             log.warning("could not record the %s: %s", kind, redact(str(inner)))
 
@@ -297,7 +298,7 @@ class _Run:
             "backend": ctx.backend, "precision": ctx.precision, "batch_size": ctx.batch_size,
             "workers": n_workers, "profile": self.prof.get("cluster"), "readers": job.run.readers,
             "model_sha256": ctx.model_sha256, "spec_sha256": ctx.spec_hash, "shards_total": len(shards),
-            "shards_done": done, "lost_workers": lost,
+            "shards_done": done, "lost_workers": lost, "complete": True, "state": "finished",
             "batch_input_bytes": _batch_input_bytes(job, ctx.batch_size), **prepared.report,
             **_operator_facts(job, self.t_start), "data_quality": source.data_quality(job, shards, records()),
         }
@@ -316,14 +317,17 @@ class _Run:
         return Result(summary, store.uri, code, self.failed, dict(job.output.storage))
 
 
-def _unfinished_html(store: OutputStore) -> None:
-    """report.html of a run that stopped: what is committed, marked unfinished. A --resume
-    leaves the run before it's page in place until it writes its own, and a resume that stopped
-    left that page saying the output was finished, with the earlier run's numbers."""
+def _unfinished_report(store: OutputStore) -> None:
+    """report.json and report.html of a run that stopped: what is committed, marked unfinished
+    (``complete: false``, the state, this run's id). A --resume removes the run before's pair
+    when it starts; a resume that stopped had left them saying the output was finished, with the
+    earlier run's numbers and run_id, to anyone reading the files rather than `gpubatch report`."""
     from gpubatch.report.html import write_html
     from gpubatch.report.summary import summarize_output
 
-    write_html(store, summarize_output(store))
+    summary = summarize_output(store)
+    write_report(store, summary)
+    write_html(store, summary)
 
 
 def _as_disk_full(exc: BaseException, output_uri: str) -> DiskFull | None:
