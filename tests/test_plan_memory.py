@@ -78,3 +78,23 @@ def test_variant_shards_are_cut_from_the_table_when_asked(tmp_path: Path) -> Non
     assert [s.shard_id for s in shards] == ["variants-000000", "variants-000001", "variants-000002"]
     with pytest.raises(IndexError):
         shards[3]
+
+
+def test_checking_a_fasta_of_many_contigs_holds_a_few_of_their_bytes(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The .fai check read 4 kB around each of up to 20,000 sampled contigs and held them all: 49 MB
+    of plan for 10,000 contigs, 90 MB past 20,000."""
+    from gpubatch.sources.genome import indexes
+
+    monkeypatch.setattr(indexes, "PICKS_FETCHED", 64, raising=False)
+    fasta = write_synthetic_genome(tmp_path / "c.fa", {f"ctg{i}": 600 for i in range(3000)}, seed=2)
+    load_contigs(str(fasta))  # warm: imports
+    indexes.forget_indexes()
+    tracemalloc.start()
+    try:
+        contigs = load_contigs(str(fasta))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(contigs.names) == 3000
+    assert peak < 3000 * 1500, f"{peak / 3000:.0f} traced bytes a contig"
