@@ -98,6 +98,25 @@ class WindowShards(Sequence[Shard]):
         return Shard(f"windows-{i:06d}", self.reference, payload, count)
 
 
+class VariantShards(Sequence[Shard]):
+    """The shards of a variants job, each's payload cut from the plan's table when the shard is
+    asked for: the table is held once (compactly), not again as every shard's lists."""
+
+    def __init__(self, table: VariantTable, uri: str, per: int, common: dict[str, Any]):
+        self.table, self.uri, self.per, self.common = table, uri, per, common
+
+    def __len__(self) -> int:
+        return -(-len(self.table) // self.per)
+
+    def __getitem__(self, index: int) -> Shard:  # type: ignore[override]
+        i = index if index >= 0 else index + len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(index)
+        lo, hi = i * self.per, min((i + 1) * self.per, len(self.table))
+        payload = {"mode": "variants", "uri": self.uri, **self.common, **self.table.slice_payload(lo, hi)}
+        return Shard(f"variants-{i:06d}", self.uri, payload, hi - lo)
+
+
 def reference_facts(contigs: ContigTable) -> dict[str, Any]:
     """What the plan found of the reference that every shard's worker would otherwise ask again:
     the index version its windows were cut with (a worker refuses another) and the reference's
@@ -314,7 +333,7 @@ class GenomeSource(Source):
 
     @staticmethod
     def _plan_variants(w: WindowsSpec, contigs: ContigTable,
-                       storage: dict[str, Any]) -> tuple[list[Shard], list[dict[str, str]]]:
+                       storage: dict[str, Any]) -> tuple[Sequence[Shard], list[dict[str, str]]]:
         """One shard per ``windows_per_shard`` variants, after the plan-time REF check; a file
         with none to score is a failed input."""
         assert w.variants is not None
@@ -329,14 +348,8 @@ class GenomeSource(Source):
         refuse_ref_mismatches(table, match, w.reference, w.max_ref_mismatch)
         counts = {**table.counts, "ref_mismatches": int((~match).sum()), "layout": table.layout,
                   "notes": table.notes}
-        per = w.windows_per_shard
         facts = {**reference_facts(contigs), "reference_identity": reference_identity(w.reference, storage, contigs)}
-        shards = []
-        for i, lo in enumerate(range(0, len(table), per)):
-            hi = min(lo + per, len(table))
-            payload = {"mode": "variants", "uri": w.variants, "plan_counts": counts, **facts,
-                       **table.slice_payload(lo, hi)}
-            shards.append(Shard(f"variants-{i:06d}", w.variants, payload, hi - lo))
+        shards = VariantShards(table, w.variants, w.windows_per_shard, {"plan_counts": counts, **facts})
         return shards, table.failed
 
     def data_quality(self, job: JobSpec, shards: Sequence[Shard],

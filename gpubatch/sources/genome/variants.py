@@ -42,66 +42,35 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from gpubatch.core.errors import InputError, SpecError
 from gpubatch.io.storage import local_copy
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
+from gpubatch.sources.genome import variant_table
 from gpubatch.sources.genome.bad_records import BadRecords
 from gpubatch.sources.genome.reference import ContigTable, Reference, group_reads
 from gpubatch.sources.genome.variant_files import MalformedRecord, RawRecord, iter_records, sniff
+from gpubatch.sources.genome.variant_table import (
+    SKIP_REASONS,
+    VariantTable,
+    tell_alleles_apart,
+)
+
+__all__ = ["SKIP_REASONS", "VariantTable", "check_refs", "read_variants", "refuse_ref_mismatches",
+           "variant_span", "variant_windows"]
 
 FIELD = "windows.variants"
 MAX_LISTED_MISMATCHES = 5
 BASES = frozenset("ACGT")
 #: IUPAC ambiguity codes (N included): a position's possible bases, not a base
 IUPAC = frozenset("RYSWKMBDHVN")
-#: why an ALT allele is not scored; every reason is counted, zero or not, so report.json keeps one shape
-SKIP_REASONS = ("alt_missing", "symbolic", "spanning_deletion", "breakend", "iupac", "not_sequence")
-
-
-@dataclass
-class VariantTable:
-    """Scorable variants (one per ALT allele) in file order, plus what was skipped and why."""
-
-    variant_id: list[str] = field(default_factory=list)
-    chrom: list[str] = field(default_factory=list)
-    pos: list[int] = field(default_factory=list)
-    ref: list[str] = field(default_factory=list)
-    alt: list[str] = field(default_factory=list)
-    line: list[int] = field(default_factory=list)  # the file line (or BCF record) each came from
-    counts: dict[str, Any] = field(default_factory=lambda: {
-        "records": 0, "variants": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)})
-    layout: str = "vcf"
-    notes: list[str] = field(default_factory=list)
-    failed: list[dict[str, str]] = field(default_factory=list)  # records left out, as report entries
-
-    def __len__(self) -> int:
-        return len(self.pos)
-
-    def add(self, vid: str, chrom: str, pos: int, ref: str, alt: str, line: int = 0) -> None:
-        self.variant_id.append(vid)
-        self.chrom.append(chrom)
-        self.pos.append(pos)
-        self.ref.append(ref)
-        self.alt.append(alt)
-        self.line.append(line)
-        self.counts["variants"] += 1
-
-    def skip(self, reason: str) -> None:
-        self.counts["skipped"][reason] += 1
-
-    @property
-    def skipped(self) -> int:
-        return int(sum(self.counts["skipped"].values()))
-
-    def slice_payload(self, lo: int, hi: int) -> dict[str, list[Any]]:
-        """The variants [lo, hi) as plain lists: a shard's payload, small and JSON-able."""
-        return {k: getattr(self, k)[lo:hi] for k in ("variant_id", "chrom", "pos", "ref", "alt")}
 
 
 def alt_skip_reason(alt: str) -> str | None:
@@ -192,8 +161,8 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
     checked against the reference's contigs (see ``variant_files`` for the layouts); records
     that cannot be scored are left out into ``table.failed``, up to ``max_bad`` of the file.
 
-    The whole table is held on the client (a few hundred bytes per variant): fine for the
-    millions of variants typical of effect scoring, not for scoring all of gnomAD in one job.
+    The whole table is held on the client, compactly (``variant_table``: about 40 bytes a SNV):
+    fine for the millions of variants typical of effect scoring.
     """
     table = VariantTable()
     if not is_remote(uri) and not os.path.exists(local_path(uri)):
@@ -208,10 +177,12 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
             _scan(iter_records(path, uri, layout), table, contigs, bad)
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
+    table.finish()
     table.failed = bad.admit(max_bad)
-    _tell_alleles_apart(table)
-    table.notes += _repeat_notes(table, os.path.basename(uri.rstrip("/")))
-    build = other_build_note(layout.declared, contigs, os.path.basename(uri.rstrip("/")))
+    tell_alleles_apart(table)
+    name = os.path.basename(uri.rstrip("/"))
+    table.notes += _repeat_notes(table, name)
+    build = other_build_note(layout.declared, contigs, name)
     if build:
         table.notes.insert(0, build)
     return table
@@ -243,54 +214,65 @@ def _repeat_notes(table: VariantTable, name: str) -> list[str]:
     """Notes for variants scored but not worth a row of their own: one that repeats an earlier
     (the same CHROM, POS, REF and ALT: a file concatenated twice, or merged from overlapping
     call sets) is a second, identical row, which doubles it in any join; an ALT equal to its REF
-    is no change at all (its delta is 0). Both were scored without a word."""
-    seen: set[tuple[str, int, str, str]] = set()
-    repeats, same, first_repeat, first_same = 0, 0, "", ""
-    for i, key in enumerate(zip(table.chrom, table.pos, table.ref, table.alt, strict=True)):
-        where = f"{name} line {table.line[i]}, {key[0]}:{key[1]} {key[2]}>{key[3]}"
-        if key in seen:
-            repeats, first_repeat = repeats + 1, first_repeat or where
-        seen.add(key)
-        if key[2] == key[3]:
-            same, first_same = same + 1, first_same or where
+    is no change at all (its delta is 0). Both were scored without a word. Found on the table's
+    columns (a sort of integer codes), not a set of a tuple per variant."""
+    if not len(table):
+        return []
+    lines = table.line_numbers()
+    ref, alt = table.text("ref").combine_chunks(), table.text("alt").combine_chunks()
+    codes = [pc.dictionary_encode(col).indices.to_numpy(zero_copy_only=False) for col in (ref, alt)]
+    order = np.lexsort((lines, codes[1], codes[0], table.positions(), table.chrom_ranks()))
+    keys = np.stack([table.chrom_ranks(), table.positions(), codes[0], codes[1]])[:, order]
+    repeat = order[1:][(keys[:, 1:] == keys[:, :-1]).all(axis=0)]
+    same = np.flatnonzero(pc.equal(ref, alt).to_numpy(zero_copy_only=False))
     notes = []
-    if repeats:
-        notes.append(f"{repeats} variant(s) repeat an earlier one (the same CHROM, POS, REF and ALT; first: "
-                     f"{first_repeat}): each is scored, so rows repeat; drop them first "
+    if len(repeat):
+        notes.append(f"{len(repeat)} variant(s) repeat an earlier one (the same CHROM, POS, REF and ALT; first: "
+                     f"{_where(table, name, repeat, lines)}): each is scored, so rows repeat; drop them first "
                      "(`bcftools norm -d exact`) to score each variant once")
-    if same:
-        notes.append(f"{same} ALT allele(s) equal their REF (first: {first_same}): no change, so their alt "
-                     "window is the ref window and every delta is 0")
+    if len(same):
+        notes.append(f"{len(same)} ALT allele(s) equal their REF (first: {_where(table, name, same, lines)}): no "
+                     "change, so their alt window is the ref window and every delta is 0")
     return notes
 
 
-def _tell_alleles_apart(table: VariantTable) -> None:
-    """Suffix ``:ALT`` to an ID that other ALT alleles share, as a multi-allelic record's are: a
-    file split into biallelic records (``bcftools norm -m-``, the usual step before scoring) gave
-    every allele of rs123 the id 'rs123', and a join on ``variant_id`` paired each with all."""
-    alts: dict[str, set[str]] = {}
-    for vid, alt in zip(table.variant_id, table.alt, strict=True):
-        alts.setdefault(vid, set()).add(alt)
-    table.variant_id = [f"{vid}:{alt}" if len(alts[vid]) > 1 else vid
-                        for vid, alt in zip(table.variant_id, table.alt, strict=True)]
+def _where(table: VariantTable, name: str, rows: np.ndarray, lines: np.ndarray) -> str:
+    """The earliest of ``rows`` in the file, as a note names it."""
+    first = int(rows[np.argmin(lines[rows])])
+    row = table.row(first)
+    return f"{name} line {row['line']}, {row['chrom']}:{row['pos']} {row['ref']}>{row['alt']}"
 
 
 def check_refs(table: VariantTable, reference: Reference, chunk_bases: int) -> np.ndarray:
     """Whether each variant's REF equals the reference there; the reference is read in runs of at
-    most max(chunk_bases, longest REF) bases, contig by contig in position order (bounded memory)."""
+    most max(chunk_bases, longest REF) bases, contig by contig in position order, ``CHUNK_ROWS``
+    variants of that order at a time (bounded memory beside the table's own arrays)."""
     match = np.ones(len(table), dtype=bool)
-    order = sorted(range(len(table)), key=lambda i: (table.chrom[i], table.pos[i]))
-    chroms = [table.chrom[i] for i in order]
-    starts = np.array([table.pos[i] - 1 for i in order], dtype=np.int64)
-    ends = starts + np.array([len(table.ref[i]) for i in order], dtype=np.int64)
-    longest = int((ends - starts).max()) if len(order) else 1
+    if not len(table):
+        return match
+    order = np.lexsort((table.positions(), table.chrom_ranks()))  # stable: ties keep file order
+    starts = table.positions() - 1
+    ends = starts + pc.utf8_length(table.text("ref")).to_numpy().astype(np.int64)
+    longest = int((ends - starts).max())
+    rows = variant_table.CHUNK_ROWS
+    for b in range(0, len(order), rows):
+        block = order[b : b + rows]
+        match[block] = _check_block(table, reference, block, starts[block], ends[block], chunk_bases, longest)
+    return match
+
+
+def _check_block(table: VariantTable, reference: Reference, block: np.ndarray, starts: np.ndarray,
+                 ends: np.ndarray, chunk_bases: int, longest: int) -> np.ndarray:
+    """``check_refs`` for one block of variants in (contig, position) order."""
+    chroms = [table.chrom_at(int(i)) for i in block]
+    refs = table.text("ref").take(pa.array(block)).to_pylist()
+    match = np.ones(len(block), dtype=bool)
     for a, b in group_reads(chroms, starts, ends, chunk_bases, longest):
         lo, hi = int(starts[a:b].min()), int(ends[a:b].max())
         seq = reference.fetch(chroms[a], lo, hi)
         for k in range(a, b):
-            i = order[k]
             observed = seq[starts[k] - lo : ends[k] - lo]
-            match[i] = bool(np.array_equal(observed, encode_dna(table.ref[i])))
+            match[k] = bool(np.array_equal(observed, encode_dna(refs[k])))
     return match
 
 
@@ -302,10 +284,11 @@ def refuse_ref_mismatches(table: VariantTable, match: np.ndarray, reference_uri:
     if not len(table) or len(bad) / len(table) <= limit:
         return
     name = os.path.basename(reference_uri.rstrip("/")) or reference_uri
-    lines = dict.fromkeys(int(table.line[i]) for i in bad)  # a multi-allelic record once
-    first = {int(table.line[i]): i for i in bad[::-1]}
-    shown = "; ".join(f"line {n} {table.chrom[first[n]]}:{table.pos[first[n]]} REF {table.ref[first[n]]}"
-                      for n in list(lines)[:MAX_LISTED_MISMATCHES])
+    line_of = table.line_numbers()
+    lines = dict.fromkeys(int(line_of[i]) for i in bad)  # a multi-allelic record once
+    first = {int(line_of[i]): int(i) for i in bad[::-1]}
+    rows = {n: table.row(first[n]) for n in list(lines)[:MAX_LISTED_MISMATCHES]}
+    shown = "; ".join(f"line {n} {r['chrom']}:{r['pos']} REF {r['ref']}" for n, r in rows.items())
     raise SpecError([(FIELD, f"{len(bad)} of {len(table)} variants ({len(bad) / len(table):.1%}) have a REF "
                              f"allele that disagrees with the reference {name} (more than "
                              f"windows.max_ref_mismatch = {limit:g}): wrong genome build or REF/ALT "

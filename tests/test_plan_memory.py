@@ -1,0 +1,100 @@
+"""The client's plan holds what configuration bounds, not what the input's size makes it hold.
+
+Measured with tracemalloc (Python and numpy allocations; Arrow's own pool is not traced, and the
+variant table's strings live there, about 20 bytes a variant in these files)."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpubatch.cli.demo import write_synthetic_genome
+from gpubatch.sources.genome import variant_table
+from gpubatch.sources.genome.reference import load_contigs, open_reference
+from gpubatch.sources.genome.source import GenomeSource
+from gpubatch.sources.genome.variants import check_refs, read_variants
+from gpubatch.spec import parse_job
+
+pytest.importorskip("pysam")
+
+LENGTH = 200_000
+
+
+def _inputs(tmp_path: Path, n: int) -> tuple[Path, Path]:
+    fasta = write_synthetic_genome(tmp_path / "g.fa", {"chr1": LENGTH}, seed=4)
+    seq = "".join(line.strip() for line in fasta.read_text().splitlines()[1:])
+    pos = np.sort(np.random.default_rng(1).choice(np.arange(1, LENGTH // 3, dtype=np.int64), n, replace=False))
+    vcf = tmp_path / f"v{n}.vcf"
+    with vcf.open("w") as f:
+        f.write(f"##fileformat=VCFv4.2\n##contig=<ID=chr1,length={LENGTH}>\n"
+                "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n")
+        for i, p in enumerate(pos.tolist()):
+            ref = seq[p - 1]
+            f.write(f"chr1\t{p}\trs{i}\t{ref}\t{'A' if ref != 'A' else 'G'}\t.\t.\t.\n")
+    return fasta, vcf
+
+
+def _plan_peak(fasta: Path, vcf: Path) -> int:
+    """Peak traced bytes of reading the variants and checking their REFs (imports done first)."""
+    contigs = load_contigs(str(fasta))
+    reference = open_reference(str(fasta), fmt=contigs.format)
+    check_refs(read_variants(str(vcf), contigs), reference, 1 << 12)  # warm: imports, pysam
+    tracemalloc.start()
+    try:
+        table = read_variants(str(vcf), contigs)
+        check_refs(table, reference, 1 << 12)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        reference.close()
+
+
+def test_planning_variants_holds_tens_of_bytes_a_variant_not_objects(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python lists of str and int held about 270 bytes a variant, twice that while IDs were told
+    apart, and the REF check's sort another 150: 600 MB of client for a million variants."""
+    monkeypatch.setattr(variant_table, "CHUNK_ROWS", 2048)
+    fasta, vcf = _inputs(tmp_path, 40_000)
+    peak = _plan_peak(fasta, vcf)
+    # arrays of positions, lines, contig codes, the REF check's order and spans: < 100 B a variant
+    assert peak < 40_000 * 100, f"{peak / 40_000:.0f} traced bytes a variant"
+
+
+def test_variant_shards_are_cut_from_the_table_when_asked(tmp_path: Path) -> None:
+    """Every shard's payload lists were built at plan time and held beside the table for the run."""
+    fasta, vcf = _inputs(tmp_path, 10)
+    job = parse_job({"kind": "genome", "windows": {"reference": str(fasta), "variants": str(vcf), "length": 16,
+                                                   "windows_per_shard": 4},
+                     "model": {"path": str(tmp_path / "m.onnx")}, "output": {"uri": str(tmp_path / "out")}})
+    shards, failed = GenomeSource().plan(job)
+    assert not failed and not isinstance(shards, list) and len(shards) == 3
+    table = read_variants(str(vcf), load_contigs(str(fasta)))
+    last = shards[-1]
+    assert last.shard_id == "variants-000002" and last.n_items_hint == 2 and shards[2].payload == last.payload
+    assert last.payload["pos"] == table.pos[8:] and last.payload["variant_id"] == ["rs8", "rs9"]
+    assert [s.shard_id for s in shards] == ["variants-000000", "variants-000001", "variants-000002"]
+    with pytest.raises(IndexError):
+        shards[3]
+
+
+def test_checking_a_fasta_of_many_contigs_holds_a_few_of_their_bytes(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The .fai check read 4 kB around each of up to 20,000 sampled contigs and held them all: 49 MB
+    of plan for 10,000 contigs, 90 MB past 20,000."""
+    from gpubatch.sources.genome import indexes
+
+    monkeypatch.setattr(indexes, "PICKS_FETCHED", 64, raising=False)
+    fasta = write_synthetic_genome(tmp_path / "c.fa", {f"ctg{i}": 600 for i in range(3000)}, seed=2)
+    load_contigs(str(fasta))  # warm: imports
+    indexes.forget_indexes()
+    tracemalloc.start()
+    try:
+        contigs = load_contigs(str(fasta))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(contigs.names) == 3000
+    assert peak < 3000 * 1500, f"{peak / 3000:.0f} traced bytes a contig"
