@@ -106,20 +106,22 @@ def test_a_ctrl_c_during_the_run_s_end_is_recorded_and_resume_finishes_it(tmp_pa
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
 
 
-def test_a_resume_interrupted_is_not_reported_as_the_run_before_it(tmp_path: Path, slides_dir: Path,
-                                                                   mean_model: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A finished run, then a --resume over one more input that is interrupted: `report` and
-    open_results gave the earlier run's report.json (finished, two inputs, nothing failed) as the
-    output's report, though status said interrupted and a third input was committed since."""
-    from conftest import cli, slide_job, write_job
+def _resume_interrupted(tmp_path: Path, slides_dir: Path, mean_model: Path, monkeypatch: pytest.MonkeyPatch,
+                        tiles: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """A finished run over two slides (its report.html not marked unfinished), then a --resume
+    over a third that SIGINT stops after its first result: the output and the three-input job.
+    Progress.update is left patched to interrupt; a test that runs again puts it back."""
+    from conftest import slide_job, write_job
 
     import gpubatch
     from gpubatch.runtime.progress import Progress
 
-    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, tmp_path / "out")
-    job["tiles"] = {"size": 128, "mpp": 0.5, "tissue": {"method": "none"}}
+    out = tmp_path / "out"
+    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, out)
+    if tiles is not None:
+        job["tiles"] = tiles
     assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
+    assert 'id="unfinished"' not in (out / "report.html").read_text()
     job["input"]["uris"].append(str(slides_dir / "s2.tif"))
     update = Progress.update
 
@@ -130,7 +132,21 @@ def test_a_resume_interrupted_is_not_reported_as_the_run_before_it(tmp_path: Pat
     monkeypatch.setattr(Progress, "update", update_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
-    out = tmp_path / "out"
+    return out, job
+
+
+def test_a_resume_interrupted_is_not_reported_as_the_run_before_it(tmp_path: Path, slides_dir: Path,
+                                                                   mean_model: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished run, then a --resume over one more input that is interrupted: `report` and
+    open_results gave the earlier run's report.json (finished, two inputs, nothing failed) as the
+    output's report, though status said interrupted and a third input was committed since."""
+    from conftest import cli
+
+    import gpubatch
+
+    out, _ = _resume_interrupted(tmp_path, slides_dir, mean_model, monkeypatch,
+                                 {"size": 128, "mpp": 0.5, "tissue": {"method": "none"}})
     report = gpubatch.open_results(str(out)).report
     assert report["complete"] is False and report["state"] == "interrupted" and report["shards_done"] == 3
     text = cli("report", str(out)).communicate(timeout=120)[0]
@@ -144,26 +160,14 @@ def test_a_resume_interrupted_or_killed_leaves_no_report_html_saying_finished(tm
     after a --resume over a third input was interrupted; now the stopped run writes a page
     marked unfinished with what is committed, and a resume starts by removing the old page (a
     SIGKILLed resume writes nothing at its end)."""
-    from conftest import slide_job, write_job
+    from conftest import write_job
 
     import gpubatch
     from gpubatch.runtime import resume
     from gpubatch.runtime.progress import Progress
 
-    out = tmp_path / "out"
-    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, out)
-    assert gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False).exit_code == 0
-    assert 'id="unfinished"' not in (out / "report.html").read_text()
-    job["input"]["uris"].append(str(slides_dir / "s2.tif"))
     update = Progress.update
-
-    def update_then_interrupt(self: Progress, result: Any) -> None:
-        update(self, result)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(Progress, "update", update_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        gpubatch.run(write_job(tmp_path / "b.yaml", job), resume=True, show_progress=False)
+    out, job = _resume_interrupted(tmp_path, slides_dir, mean_model, monkeypatch)
     page = (out / "report.html").read_text()
     assert "This run did not finish (interrupted)" in page and "the 3 shard(s) committed so far" in page
 
