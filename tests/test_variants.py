@@ -493,3 +493,18 @@ def test_htslib_stays_off_the_terminal(tmp_path: Path, capfd: pytest.CaptureFixt
     table = read_variants(write_vcf(tmp_path, RECORDS[:3], header=header), CONTIGS)
     assert len(table) == 3
     assert "[W::" not in capfd.readouterr().err
+
+
+def test_a_pos_saved_as_a_float_says_why_and_an_empty_vcf_says_it_holds_nothing(tmp_path: Path) -> None:
+    """pandas saves an integer column with one missing value as floats, every row ('12.0'); the
+    quarantine said only "not an integer". A VCF of a header alone said "no scorable variants: 0
+    records, 0 ALT alleles skipped (none)"."""
+    from gpubatch.sources.genome.source import _skip_text
+
+    path = tmp_path / "v.tsv"
+    path.write_text("chrom\tpos\tref\talt\nchr1\t10.0\tA\tG\nchr1\t20\tC\tA\n")
+    table = read_variants(str(path), CONTIGS, max_bad=0.5)
+    (failed,) = table.failed
+    assert failed["error"].startswith("POS '10.0' is not an integer (written as a float: a table saved by pandas")
+    empty = read_variants(write_vcf(tmp_path, [], name="empty.vcf"), CONTIGS)
+    assert len(empty) == 0 and _skip_text(empty) == "the file holds no variant records (a header alone, or an empty file)"

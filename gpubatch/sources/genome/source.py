@@ -299,6 +299,8 @@ class VariantReader(_GenomeReader):
 
 
 def _skip_text(table: VariantTable) -> str:
+    if not table.counts["records"]:
+        return "the file holds no variant records (a header alone, or an empty file)"
     skipped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in table.counts["skipped"].items() if n)
     return f"{table.counts['records']} records, {table.skipped} ALT alleles skipped ({skipped or 'none'})"
 

@@ -242,6 +242,16 @@ def _table_records(path: str, name: str, layout: Layout) -> Iterator[RawRecord |
                 yield _table_record(line, n, name, layout)
 
 
+def _float_hint(text: str) -> str:
+    """Why a POS such as '12345.0' is there: pandas writes an integer column holding a missing
+    value as floats, every row of it."""
+    whole, dot, zeros = text.partition(".")
+    if whole.isdigit() and dot and set(zeros) <= {"0"}:
+        return (" (written as a float: a table saved by pandas with an empty POS somewhere turns the "
+                "whole column to floats; drop those rows and save POS as integers)")
+    return ""
+
+
 def _table_record(line: str, n: int, name: str, layout: Layout) -> RawRecord | MalformedRecord:
     cols = layout.columns
     width = max(cols.values()) + 1
@@ -252,7 +262,7 @@ def _table_record(line: str, n: int, name: str, layout: Layout) -> RawRecord | M
                                          f"{'tab' if layout.delimiter == chr(9) else 'comma'}-separated "
                                          f"fields, got {len(fields)}: {line.strip()[:80]!r}")
     if not fields[cols["pos"]].isdigit():  # int() also takes '1_2' and '+12'
-        return MalformedRecord(where, n, f"POS {fields[cols['pos']]!r} is not an integer")
+        return MalformedRecord(where, n, f"POS {fields[cols['pos']]!r} is not an integer{_float_hint(fields[cols['pos']])}")
     pos = int(fields[cols["pos"]])
     alt = fields[cols["alt"]]
     alts = () if alt in (".", "") else tuple(a.strip() for a in alt.split(","))
