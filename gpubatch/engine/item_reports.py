@@ -98,9 +98,9 @@ class ItemReporter:
     known); called from the model stage."""
 
     def __init__(self, run_id: str, shard_id: str, attempt: int, of: int | None,
-                 every_s: float = REPORT_EVERY_S, send: Send | None = None):
+                 every_s: float | None = None, send: Send | None = None):
         self.run_id, self.shard_id, self.attempt, self.of = run_id, shard_id, attempt, of
-        self.every_s = every_s
+        self.every_s = REPORT_EVERY_S if every_s is None else every_s
         self.send = send or _publisher()
         self.items = 0
         self.sent = 0  #: reports published: what tests count to see the cost is per interval
