@@ -165,6 +165,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
           + (f", {s['plan_failed']} input(s) quarantined at plan (listed in report.json)"
              if s.get("plan_failed") else "")
           + _rate_words(s)
+          + (f", {s['items_running']:,} more in running shards (not yet committed)"
+             if s.get("items_running") and s["state"] == "running" else "")
           + (f", starvation {s['starvation']:.1%}" if "starvation" in s and s.get("items") else "")
           + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" else "")
           + (f"; {s['reason']}" if s.get("reason") else ""))

@@ -25,6 +25,7 @@ from gpubatch.core.memory import cap_malloc_arenas, use_system_arrow_pool
 from gpubatch.core.results import ShardResult
 from gpubatch.core.threads import background_pool
 from gpubatch.engine.context import RunContext, model_threads
+from gpubatch.engine.item_reports import ItemReporter
 from gpubatch.engine.model_stage import (
     empty_rows,
     make_batch_runner,
@@ -242,7 +243,9 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches, pad_last=True)
             t0 = time.perf_counter()
             bag = BagSink() if head is not None else None
-            items = run_pipeline(reader, make_batch_runner(reader, model, ctx), bag or writer, cfg, clocks)
+            reporter = ItemReporter(ctx.run_id, shard.shard_id, attempt, reader.n_items)
+            items = run_pipeline(reader, make_batch_runner(reader, model, ctx), bag or writer, cfg, clocks,
+                                 on_batch=reporter)
             empty = lambda: empty_rows(reader, model, source.model_input(job, 1))  # noqa: E731
             shard_outputs = head.finish(bag, writer, empty, clocks) if head and bag else {}
             if items == 0 and head is None:

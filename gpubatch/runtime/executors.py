@@ -19,6 +19,8 @@ from concurrent.futures import wait as thread_wait
 from typing import Any
 
 from gpubatch.core.errors import GpubatchError
+from gpubatch.engine.item_reports import TOPIC as ITEMS_TOPIC
+from gpubatch.engine.item_reports import ShardItems, reports_to
 
 log = logging.getLogger("gpubatch")
 #: the event a Dask nanny logs on the scheduler when it kills its worker for memory
@@ -69,6 +71,11 @@ class Executor(ABC):
         sbatch rejection); None when it knows of nothing wrong."""
         return None
 
+    def on_progress(self, callback: Callable[[ShardItems], None]) -> None:  # noqa: B027 - optional
+        """Have ``callback`` told of the items running shards report (engine.item_reports), as
+        they report them, on whatever thread the executor hears them on; by default nothing is
+        heard and progress moves as shards finish."""
+
     def note_processing(self, pending: set[Any]) -> None:  # noqa: B027 - nothing to watch in-process
         """Called as the run waits: lets the executor notice workers that left mid-task."""
 
@@ -108,6 +115,7 @@ class InlineExecutor(Executor):
         self._abandoned: set[Future[Any]] = set()
         self._lock = threading.Lock()
         self._running: dict[threading.Thread, Future[Any]] = {}
+        self._on_items: Callable[[ShardItems], None] | None = None
         for _ in range(max(1, threads)):
             self._start_thread()
 
@@ -125,7 +133,8 @@ class InlineExecutor(Executor):
             with self._lock:
                 self._running[me] = fut
             try:
-                fut.set_result(fn(*args))
+                with reports_to(self._on_items):  # the shard's reports: straight to the client's callback
+                    fut.set_result(fn(*args))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting client
                 fut.set_exception(exc)
             finally:
@@ -136,6 +145,11 @@ class InlineExecutor(Executor):
         fut: Future[Any] = Future()
         self._queue.put((fut, fn, args))
         return fut
+
+    def on_progress(self, callback: Callable[[ShardItems], None]) -> None:
+        """The shards run on this process's threads: their reports are handed to ``callback``
+        there and then, no Dask in between."""
+        self._on_items = callback
 
     def wait_first(self, pending: set[Any], timeout: float | None = None) -> set[Any]:
         return set(thread_wait(pending, timeout=timeout, return_when=FIRST_COMPLETED).done)
@@ -256,6 +270,20 @@ class DaskExecutor(Executor):
     def cancel(self, pending: set[Any]) -> None:
         with contextlib.suppress(Exception):
             self.client.cancel(list(pending), force=True)
+
+    def on_progress(self, callback: Callable[[ShardItems], None]) -> None:
+        """Subscribe to the workers' item reports (Dask events, relayed by the scheduler as they
+        come); ``callback`` runs on the client's event loop thread. A scheduler that refuses the
+        subscription leaves progress moving as shards finish."""
+        def handle(event: tuple[float, Any]) -> None:
+            report = ShardItems.from_msg(event[1])
+            if report is not None:
+                callback(report)
+
+        try:
+            self.client.subscribe_topic(ITEMS_TOPIC, handle)
+        except Exception as exc:  # noqa: BLE001 - display only: the run goes on without it
+            log.debug("no item reports from running shards: %s", exc)
 
     def abandon(self, stuck: set[Any]) -> None:
         """Cancel the tasks and restart, through its nanny, each worker running one: a thread

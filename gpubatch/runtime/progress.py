@@ -8,6 +8,12 @@ status.json's ``items_per_s`` is this run's items over ``wall_s``, the seconds s
 started (``started``, the clock report.json's ``wall_s`` runs on, model preparation included):
 a rate over a shorter span (from the first shard) said 83 items/s where report.json said 88
 for the same run. A finished run's figures are report.json's own (:meth:`Progress.finish`).
+
+Items done inside shards still running (engine.item_reports, through the executor) are shown
+beside the committed ones, and drive the ETA where the run's item count is known (the plan's
+``n_items_hint`` for every shard, or, where all that is left runs now, the running shards' own
+counts): one slide of 100k tiles showed "0/1 shards, 0 items, ETA ?" for an hour. They are display
+only (:class:`InFlight`): ``items`` in status.json and report.json stay the committed count.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 
 from gpubatch.core.clocks import starvation_of
 from gpubatch.core.results import ShardResult
+from gpubatch.engine.item_reports import ShardItems
 from gpubatch.outputs.layout import STATUS
 from gpubatch.outputs.store import OutputStore
 from gpubatch.report.verdict import pct
@@ -34,11 +41,63 @@ def _rate(items_per_s: float) -> str:
     return f"{items_per_s:,.0f}" if items_per_s >= 100 else f"{items_per_s:.3g}"
 
 
+class InFlight:
+    """The items of the shard attempts running now, as their workers last reported them.
+
+    Display only, and never counted twice or left behind: a shard's figure is taken when its
+    attempt starts (:meth:`started`) and dropped when the attempt ends (:meth:`ended`: its
+    result, committed or failed, or its retry), and only reports of the attempt the client
+    is waiting on count, so a late report of a failed or replaced attempt changes nothing.
+    Reports arrive on the executor's thread (Dask's event loop); the rest on the client's.
+    """
+
+    def __init__(self, run_id: str = ""):
+        self.run_id = run_id
+        self._lock = threading.Lock()
+        self._attempt: dict[str, int] = {}  # shard -> the attempt whose reports count
+        self._items: dict[str, tuple[int, int | None]] = {}  # shard -> (items, of how many)
+
+    def started(self, shard_id: str, attempt: int, hint: int | None = None) -> None:
+        """``attempt`` of the shard is submitted: nothing done yet, of ``hint`` (the plan's)."""
+        with self._lock:
+            self._attempt[shard_id] = attempt
+            self._items[shard_id] = (0, hint)
+
+    def report(self, report: ShardItems) -> None:
+        """A worker's running count; ignored unless it is of this run's current attempt."""
+        with self._lock:
+            if report.run_id != self.run_id or self._attempt.get(report.shard_id) != report.attempt:
+                return
+            items, of = self._items.get(report.shard_id, (0, None))
+            self._items[report.shard_id] = (max(items, report.items), report.of if report.of is not None else of)
+
+    def ended(self, shard_id: str) -> None:
+        """The attempt ended (a result is in, or it is given up on): its figure goes."""
+        with self._lock:
+            self._attempt.pop(shard_id, None)
+            self._items.pop(shard_id, None)
+
+    def items(self) -> int:
+        with self._lock:
+            return sum(items for items, _ in self._items.values())
+
+    def left(self) -> tuple[int, int | None]:
+        """(shards running, items they have left: None where one does not know its count)."""
+        with self._lock:
+            counts = list(self._items.values())
+        if any(of is None for _, of in counts):
+            return len(counts), None
+        return len(counts), sum(max(0, (of or 0) - items) for items, of in counts)
+
+
 class Progress:
     def __init__(self, total: int, *, already: int = 0, store: OutputStore | None = None,
                  enabled: bool | None = None, run_id: str = "", heartbeat_s: float = 10.0,
-                 plan_failed: int = 0, started: float | None = None):
+                 plan_failed: int = 0, started: float | None = None, items_planned: int | None = None):
         self.total, self.already, self.done, self.failed = total, already, already, 0
+        #: the items of the shards this run submits, where the plan knows every one's count
+        self.items_planned = items_planned
+        self.in_flight = InFlight(run_id)
         self.plan_failed = plan_failed  # inputs (or records) quarantined before any shard: no shard stands for them
         self.items = 0
         self.busy = self.starved = 0.0
@@ -49,30 +108,50 @@ class Progress:
         self.state = "running"
         self._final: dict[str, Any] = {}  # what the final state says besides (the reason)
         self._lock = threading.Lock()
+        self.last_bar = 0.0
         tty = sys.stderr.isatty() if enabled is None else enabled
         self._bar: Any = None
         if tty and total:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as RichProgress
-
-            # the elapsed clock ticks while a long shard runs and the bar cannot move
-            self._bar = RichProgress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     transient=False)
-            self._task = self._bar.add_task("run", total=total, completed=already, rate="")
-            self._bar.start()
+            self._start_bar(total, already)
         self._write_status()
 
+    def _start_bar(self, total: int, already: int) -> None:
+        """The rich bar: shards done of the total, items (running shards' included), the rate and
+        the ETA (:meth:`eta_s`: by items where they are known; rich's own went by shards only)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
+
+        # the elapsed clock ticks while a long shard runs and the bar cannot move
+        self._bar = RichProgress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                                 TextColumn("ETA {task.fields[eta]}"), transient=False)
+        self._task = self._bar.add_task("run", total=total, completed=already, rate="", eta="?")
+        self._bar.start()
+
     def eta_s(self) -> float | None:
+        """Seconds left: by items where the items left are known, else by shards (none known
+        before one finishes)."""
+        by_items = self._eta_by_items()
+        if by_items is not None:
+            return by_items
         elapsed = time.time() - self.t0
         fresh = self.done - self.already + self.failed
         return None if not fresh or not elapsed else (self.total - self.done - self.failed) * elapsed / fresh
+
+    def _eta_by_items(self) -> float | None:
+        """Items left over the items' rate since the shards started; None where either is unknown."""
+        running = self.in_flight.items()
+        left = self._items_left(running)
+        seen, elapsed = self.items + running, time.time() - self.t0
+        return None if left is None or not seen or elapsed <= 0 else left * elapsed / seen
+
+    def _items_left(self, running: int) -> int | None:
+        """The plan's count less those done; else, where every shard left is running and each has
+        said its count (one big slide), what they have left; else unknown."""
+        if self.items_planned is not None:
+            return max(0, self.items_planned - self.items - running)
+        shards, left = self.in_flight.left()
+        return left if shards and shards == self.total - self.done - self.failed else None
 
     def update(self, result: ShardResult) -> None:
         if result.ok:
@@ -85,37 +164,58 @@ class Progress:
             self.failed += 1
         self.last_shard = time.time()
         if self._bar is not None:
-            rate = self.items / max(time.time() - self.started, 1e-9)
-            starv = starvation_of({"busy_s": self.busy, "starved_s": self.starved})
-            self._bar.update(self._task, completed=self.done + self.failed, rate=f"{_rate(rate)} items/s, starved {pct(starv)}")
+            self._refresh_bar()
         elif time.time() - self.last_log >= LOG_EVERY_S or self.done + self.failed == self.total:
             self._log_line()
         if time.time() - self.last_status >= STATUS_EVERY_S or self.done + self.failed == self.total:
             self._write_status()
 
-    def _log_line(self) -> None:
-        self.last_log = time.time()
-        rate = self.items / max(self.last_log - self.started, 1e-9)
+    def tick(self) -> None:
+        """Called as the client waits on shards (about every second): the bar shows the running
+        shards' items as they come, not only as shards finish."""
+        if self._bar is not None and time.time() - self.last_bar >= STATUS_EVERY_S:
+            self._refresh_bar()
+
+    def _refresh_bar(self) -> None:
+        self.last_bar = time.time()
+        running = self.in_flight.items()
+        rate = (self.items + running) / max(self.last_bar - self.started, 1e-9)
         starv = starvation_of({"busy_s": self.busy, "starved_s": self.starved})
         eta = self.eta_s()
-        log.info("shards %d/%d done, %d failed, %.1f items/s, starvation %.1f%%, ETA %s",
-                 self.done, self.total, self.failed, rate, 100 * starv, f"{eta:.0f} s" if eta is not None else "?")
+        self._bar.update(self._task, completed=self.done + self.failed,
+                         rate=f"{self.items + running:,} items, {_rate(rate)} items/s, starved {pct(starv)}",
+                         eta=f"{eta:.0f} s" if eta is not None else "?")
+
+    def _log_line(self) -> None:
+        self.last_log = time.time()
+        running = self.in_flight.items()
+        rate = (self.items + running) / max(self.last_log - self.started, 1e-9)
+        starv = starvation_of({"busy_s": self.busy, "starved_s": self.starved})
+        eta = self.eta_s()
+        log.info("shards %d/%d done, %d failed, %s items%s, %.1f items/s, starvation %.1f%%, ETA %s",
+                 self.done, self.total, self.failed, f"{self.items + running:,}",
+                 f" ({running:,} in running shards)" if running else "", rate, 100 * starv,
+                 f"{eta:.0f} s" if eta is not None else "?")
 
     def heartbeat(self) -> None:
         """Called by the lease's heartbeat thread: status.json says the run is alive. Without a
         terminal, a log line every LOG_EVERY_S too while no shard finishes: lines came only as
         shards finished, so one shard of a 100k-tile slide or a million windows left the log
-        silent for as long as it ran, like a hung run."""
+        silent for as long as it ran, like a hung run. The line counts the running shards' items
+        where they reported some; where none did, it says how long since a shard finished."""
         self._write_status()
         now = time.time()
-        if self._bar is not None or self.state != "running" or now - self.last_log < LOG_EVERY_S:
+        if self._bar is not None:
+            self.tick()
             return
-        if self.last_shard > self.last_log:  # shards finished since the last line: say them
-            self._log_line()
+        if self.state != "running" or now - self.last_log < LOG_EVERY_S:
+            return
+        if self.last_shard > self.last_log or self.in_flight.items():
+            self._log_line()  # shards finished since the last line, or running ones said how far they are
             return
         self.last_log = now
         log.info("shards %d/%d done, %d failed; still running: no shard finished in the last %.0f s "
-                 "(a shard's items are counted when it finishes)", self.done, self.total, self.failed,
+                 "(running shards report their items every few seconds)", self.done, self.total, self.failed,
                  now - self.last_shard)
 
     def finish(self, state: str, **extra: Any) -> None:
@@ -141,6 +241,7 @@ class Progress:
                 "plan_failed": self.plan_failed,
                 "total": self.total, "resumed": self.already, "items": self.items, "wall_s": elapsed,
                 "items_per_s": self.items / elapsed if elapsed > 0 else 0.0, "eta_s": self.eta_s(),
+                "items_running": self.in_flight.items() if self.state == "running" else 0,
                 "starvation": starvation_of({"busy_s": self.busy, "starved_s": self.starved}),
                 "started": self.started, "heartbeat": now, "heartbeat_s": self.heartbeat_s, **extra,
             })

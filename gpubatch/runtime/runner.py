@@ -131,7 +131,7 @@ class _Run:
                           **prepared.audit)
         progress = Progress(len(shards), already=resumed, store=self.store, enabled=show_progress,
                             run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=quarantined_count(self.failed),
-                            started=self.t_start)
+                            started=self.t_start, items_planned=self._items_planned(shards))
         self.lease.also_beat(progress.heartbeat)
         lost: list[dict[str, Any]] = []
         with stop_on_signals():  # the run's end too: a Ctrl-C while merging is recorded as one
@@ -175,6 +175,18 @@ class _Run:
             for entry in Manifest(self.store).iter_entries(names):
                 self.builder.add(dataclasses.replace(entry, resumed=True))
         return kept
+
+    def _items_planned(self, shards: Sequence[Shard]) -> int | None:
+        """The items of the shards this run submits, where the plan knows each one's count
+        (windows, variants; a slide's tiles are known only once it is opened): the ETA's total."""
+        total = 0
+        for shard in shards:
+            if shard.shard_id in self.commits:
+                continue
+            if shard.n_items_hint is None:
+                return None
+            total += shard.n_items_hint
+        return total
 
     def _before_workers(self, source: Source, shards: Sequence[Shard], n_workers: int,
                         scheduler: str | None) -> Callable[[], StageClocks | None]:
@@ -235,9 +247,13 @@ class _Run:
         threads = int(self.prof.get("threads_per_worker", 1))
         window = max(2 * n_workers * threads, n_workers + self.job.run.stage_ahead + 2)
         executor = open_executor(self.prof, n_workers, scheduler, self._log_dir(), self._job_name())
+        def on_poll() -> None:
+            self.lease.check()
+            progress.tick()
+
         submitter = Submitter(executor, self.job, ctx, on_result, window, on_retry=self.ledger.failure,
                               ahead=_stage_ahead(self.job.run.stage_ahead, self.prof, n_workers * threads, scheduler),
-                              on_poll=self.lease.check)
+                              on_poll=on_poll, in_flight=progress.in_flight)
         try:
             submitter.run(todo)
         except BaseException:

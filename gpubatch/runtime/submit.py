@@ -27,6 +27,7 @@ from gpubatch.engine.context import RunContext
 from gpubatch.engine.worker import execute_shard
 from gpubatch.runtime.dealing import Dealer
 from gpubatch.runtime.executors import Executor
+from gpubatch.runtime.progress import InFlight
 from gpubatch.runtime.stopping import raise_if_stopped
 from gpubatch.sources import Shard
 from gpubatch.spec import JobSpec
@@ -47,8 +48,13 @@ class Submitter:
     def __init__(self, executor: Executor, job: JobSpec, ctx: RunContext,
                  on_result: Callable[[ShardResult], None], window: int,
                  on_retry: Callable[[ShardResult], None] | None = None, ahead: int | None = None,
-                 on_poll: Callable[[], None] | None = None):
+                 on_poll: Callable[[], None] | None = None, in_flight: InFlight | None = None):
         self.executor, self.job, self.ctx, self.on_result = executor, job, ctx, on_result
+        #: the items running attempts report, for the display: each attempt's figure is opened as
+        #: it is submitted and closed as its result comes in (never left to add to the result's)
+        self.in_flight = in_flight or InFlight()
+        if in_flight is not None:  # someone shows them: have the executor pass them on
+            executor.on_progress(in_flight.report)
         #: asked at every poll; raises to stop the run (the output's lease was taken over)
         self.on_poll = on_poll or (lambda: None)
         self.on_retry = on_retry  # told of each failed attempt that is tried again (the audit records it)
@@ -65,6 +71,7 @@ class Submitter:
     def _submit(self, shard: Shard, upcoming: tuple[str, ...], worker: str | None = None) -> Any:
         n = self.attempts.get(shard.shard_id, 0) + 1
         self.attempts[shard.shard_id] = n
+        self.in_flight.started(shard.shard_id, n, shard.n_items_hint)
         key = f"gpubatch-{shard.shard_id}-{n}-{time.time_ns()}"
         fut = self.executor.submit(execute_shard, shard, self.job, self.ctx, upcoming if n == 1 else (), n,
                                    key=key, worker=worker)
@@ -214,6 +221,7 @@ class Submitter:
                 pending.add(self._submit(fut.shard, ()))
                 continue
             del self.attempts[result.shard_id]  # final: the count lives on in the result
+            self.in_flight.ended(result.shard_id)  # before the result counts: never both at once
             self.on_result(result)
         self.executor.note_processing(pending)
         self._hand_back_memory()
