@@ -23,7 +23,12 @@ import numpy as np
 import pyarrow as pa
 
 from gpubatch.outputs.layout import HEATMAPS_DIR, heatmap_name
-from gpubatch.outputs.per_slide import iter_slides, output_columns_of, probability_groups
+from gpubatch.outputs.per_slide import (
+    CHUNK_ROWS,
+    iter_slides,
+    output_columns_of,
+    probability_groups,
+)
 from gpubatch.outputs.store import OutputStore
 
 log = logging.getLogger("gpubatch")
@@ -88,11 +93,20 @@ def choose_values(table: pa.Table, by: str) -> Coloured | None:
         return _scaled("attention", _column(table, "attention"), fixed=False)
     groups = probability_groups(table)
     if groups:
-        return _scaled(TOP_PROBABILITY, np.column_stack([_column(table, n) for n in groups[0]]).max(1), fixed=True)
+        return _scaled(TOP_PROBABILITY, _top(table, groups[0]), fixed=True)
     if by == TOP_PROBABILITY:
         return None
     singles = [n for n in output_columns_of(table) if not n.rsplit("_", 1)[-1].isdigit()]
     return _scaled(singles[0], _column(table, singles[0]), fixed=False) if singles else None
+
+
+def _top(table: pa.Table, names: list[str]) -> np.ndarray:
+    """Each row's largest of ``names``, in float64, made CHUNK_ROWS rows at a time."""
+    top = np.empty(len(table), np.float64)
+    for lo in range(0, len(table), CHUNK_ROWS):
+        part = table.slice(lo, CHUNK_ROWS)
+        top[lo:lo + len(part)] = np.column_stack([_column(part, n) for n in names]).max(1)
+    return top
 
 
 def _column(table: pa.Table, name: str) -> np.ndarray:
@@ -129,11 +143,13 @@ def draw(table: pa.Table, coloured: Coloured, grid: SlideGrid) -> np.ndarray:
     cell = max(1, min(MAX_CELL, MAX_EDGE // max(cols, rows)))
     image = np.empty((rows * cell, cols * cell, 3), np.uint8)
     image[:] = EMPTY
-    c = np.clip(np.round(_column(table, "x") / grid.stride).astype(int), 0, cols - 1)
-    r = np.clip(np.round(_column(table, "y") / grid.stride).astype(int), 0, rows - 1)
-    rgb = colours(coloured.values, coloured.low, coloured.high)
     blocks = image.reshape(rows, cell, cols, cell, 3)
-    blocks[r, :, c, :] = rgb[:, None, None, :]
+    for lo in range(0, len(table), CHUNK_ROWS):  # in order: a later tile on the same cell wins, as before
+        part = table.slice(lo, CHUNK_ROWS)
+        c = np.clip(np.round(_column(part, "x") / grid.stride).astype(int), 0, cols - 1)
+        r = np.clip(np.round(_column(part, "y") / grid.stride).astype(int), 0, rows - 1)
+        rgb = colours(coloured.values[lo:lo + CHUNK_ROWS], coloured.low, coloured.high)
+        blocks[r, :, c, :] = rgb[:, None, None, :]
     return image
 
 

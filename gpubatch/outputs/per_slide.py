@@ -19,6 +19,9 @@ from gpubatch.outputs.store import OutputStore
 
 INDEX_COLUMNS = ("slide", "x", "y", "level")
 PROB_TOLERANCE = 1e-2
+#: a slide's rows examined or converted this many at a time: the outputs drawn per slide come
+#: out the same, and their float64 temporaries stay this size whatever the slide's tile count
+CHUNK_ROWS = 65536
 _VECTOR_COLUMN = re.compile(r"^(?P<base>.+)_(?P<i>\d+)$")
 
 
@@ -69,7 +72,14 @@ def probability_groups(table: pa.Table) -> list[list[str]]:
         names = [n for _, n in sorted(members)]
         if len(names) < 2:
             continue
-        values = np.column_stack([table.column(n).to_numpy(zero_copy_only=False) for n in names]).astype(np.float64)
-        if len(values) and np.all(values >= -PROB_TOLERANCE) and np.allclose(values.sum(1), 1.0, atol=PROB_TOLERANCE):
+        if len(table) and all(_sums_to_one(table.slice(lo, CHUNK_ROWS), names)
+                              for lo in range(0, len(table), CHUNK_ROWS)):
             found.append(names)
     return found
+
+
+def _sums_to_one(part: pa.Table, names: list[str]) -> bool:
+    """Whether every row of ``part`` holds probabilities in ``names``: both tests are per row, so a
+    slide passes when each of its chunks does (a slide's rows at once took (n, k) float64 twice)."""
+    values = np.column_stack([part.column(n).to_numpy(zero_copy_only=False) for n in names]).astype(np.float64)
+    return bool(np.all(values >= -PROB_TOLERANCE) and np.allclose(values.sum(1), 1.0, atol=PROB_TOLERANCE))

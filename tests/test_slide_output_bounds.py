@@ -1,0 +1,70 @@
+"""The outputs drawn per slide (heatmap, QuPath GeoJSON) convert a slide's rows a chunk at a time:
+their temporaries scale with ``per_slide.CHUNK_ROWS``, not with the slide's tile count
+(bench/bench_slide_memory.py measures a whole run)."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from gpubatch.outputs import geojson, heatmaps, per_slide
+
+CHUNK = 4096
+ROWS = 200_000  # 49 chunks
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in (per_slide, heatmaps, geojson):
+        monkeypatch.setattr(module, "CHUNK_ROWS", CHUNK, raising=False)
+
+
+def _classifier_rows(n: int) -> pa.Table:
+    side = int(np.sqrt(n))
+    rng = np.random.default_rng(0)
+    p = rng.random((n, 3)).astype(np.float32)
+    p /= p.sum(1, keepdims=True)
+    cells = np.arange(n)
+    return pa.table({"slide": pa.array(["s"] * n), "x": (cells % side) * 32, "y": (cells // side) * 32,
+                     "level": np.zeros(n, np.int32), "prob_0": p[:, 0], "prob_1": p[:, 1], "prob_2": p[:, 2]})
+
+
+def _traced_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """fn's result and the most it held above what was traced when it began, in bytes."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_heatmap_of_a_large_slide_holds_chunks_not_the_slide(small_chunks: None) -> None:
+    table = _classifier_rows(ROWS)
+    side = int(np.sqrt(ROWS))
+    grid = heatmaps.SlideGrid(side * 32, side * 32, 32.0, 32.0)
+    per_tile = ROWS * 8  # the one float64 value per tile that colours it (Coloured.values)
+    coloured, chosen = _traced_peak(lambda: heatmaps.choose_values(table, "auto"))
+    assert coloured.name == heatmaps.TOP_PROBABILITY
+    image, drawn = _traced_peak(lambda: heatmaps.draw(table, coloured, grid))
+    # whole-slide float64 temporaries were 3-6 values per tile (choose 8.8 MB, draw 22 MB here)
+    assert chosen < per_tile + 100 * CHUNK * 8, chosen
+    assert drawn < image.nbytes + 100 * CHUNK * 8, drawn
+
+
+def test_geojson_features_of_a_large_slide_hold_chunks_not_the_slide(small_chunks: None) -> None:
+    table = _classifier_rows(ROWS)
+
+    def first_features() -> list[dict[str, Any]]:
+        features = iter(geojson._features(table, 32.0))
+        return [next(features) for _ in range(10)]
+
+    features, held = _traced_peak(first_features)
+    assert features[0]["properties"]["classification"]["name"] in ("prob_0", "prob_1", "prob_2")
+    assert held < 100 * CHUNK * 8, held  # was the slide's outputs in float64: 12 MB here
