@@ -176,22 +176,23 @@ class Progress:
         if self._bar is not None and time.time() - self.last_bar >= STATUS_EVERY_S:
             self._refresh_bar()
 
+    def _figures(self, now: float) -> tuple[int, float, float, float | None]:
+        """Items in running shards, items/s (committed and running) since the start, the model's
+        starvation, and the ETA: what the bar and the log lines show."""
+        running = self.in_flight.items()
+        rate = (self.items + running) / max(now - self.started, 1e-9)
+        return running, rate, starvation_of({"busy_s": self.busy, "starved_s": self.starved}), self.eta_s()
+
     def _refresh_bar(self) -> None:
         self.last_bar = time.time()
-        running = self.in_flight.items()
-        rate = (self.items + running) / max(self.last_bar - self.started, 1e-9)
-        starv = starvation_of({"busy_s": self.busy, "starved_s": self.starved})
-        eta = self.eta_s()
+        running, rate, starv, eta = self._figures(self.last_bar)
         self._bar.update(self._task, completed=self.done + self.failed,
                          rate=f"{self.items + running:,} items, {_rate(rate)} items/s, starved {pct(starv)}",
                          eta=f"{eta:.0f} s" if eta is not None else "?")
 
     def _log_line(self) -> None:
         self.last_log = time.time()
-        running = self.in_flight.items()
-        rate = (self.items + running) / max(self.last_log - self.started, 1e-9)
-        starv = starvation_of({"busy_s": self.busy, "starved_s": self.starved})
-        eta = self.eta_s()
+        running, rate, starv, eta = self._figures(self.last_log)
         log.info("shards %d/%d done, %d failed, %s items%s, %.1f items/s, starvation %.1f%%, ETA %s",
                  self.done, self.total, self.failed, f"{self.items + running:,}",
                  f" ({running:,} in running shards)" if running else "", rate, 100 * starv,
