@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Iterator
 
+from gpubatch.core.threads import set_on_thread
 from gpubatch.io.redact import safe_text
 
 #: loggers of libraries that read inputs and may print their contents
@@ -67,17 +68,11 @@ def route_library_logs(*, python_warnings: bool = True, extra: tuple[str, ...] =
         lib.propagate = False
 
 
-@contextlib.contextmanager
-def reading(name: str) -> Iterator[None]:
+def reading(name: str) -> contextlib.AbstractContextManager[None]:
     """Library warnings raised in this thread meanwhile name ``name`` (redacted, printable, when
     one is logged: this wraps every tile's decode, where redacting the name each time cost more
     than a tenth of a small tile's decode)."""
-    before = getattr(_local, "file", None)
-    _local.file = name
-    try:
-        yield
-    finally:
-        _local.file = before
+    return set_on_thread(_local, "file", name)
 
 
 @contextlib.contextmanager

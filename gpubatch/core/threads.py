@@ -8,9 +8,11 @@ ahead, the first header request of an opening, the input-identity lookups.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,6 +28,19 @@ def background_pool(name: str, threads: int) -> ThreadPoolExecutor:
         if pool is None:
             pool = _pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=f"gpubatch-{name}")
         return pool
+
+
+@contextlib.contextmanager
+def set_on_thread(local: threading.local, name: str, value: Any) -> Iterator[None]:
+    """``local.<name>`` is ``value`` on this thread meanwhile, and what it was (or None) after:
+    per-thread context a callee reads without it being passed down (which file a library warning
+    is about, where a shard's progress reports go)."""
+    before = getattr(local, name, None)
+    setattr(local, name, value)
+    try:
+        yield
+    finally:
+        setattr(local, name, before)
 
 
 class _LockFreeCachedProperty(functools.cached_property):  # type: ignore[type-arg]

@@ -21,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from gpubatch.core.threads import set_on_thread
 
 #: the Dask event topic the reports are published under (one for every run: the scheduler keeps
 #: a bounded number of events per topic, so runs sharing a scheduler share that bound)
@@ -63,16 +65,10 @@ class ShardItems:
 Send = Callable[[ShardItems], None]
 
 
-@contextlib.contextmanager
-def reports_to(send: Send | None) -> Iterator[None]:
+def reports_to(send: Send | None) -> contextlib.AbstractContextManager[None]:
     """Reports made on this thread meanwhile go to ``send`` (the in-process executor's shard
     threads: the client's own callback), not to a Dask worker."""
-    before = getattr(_here, "send", None)
-    _here.send = send
-    try:
-        yield
-    finally:
-        _here.send = before
+    return set_on_thread(_here, "send", send)
 
 
 def _to_dask_worker(report: ShardItems) -> None:
