@@ -22,6 +22,7 @@ from conftest import slide_job, synthetic_slides, write_job
 from hostile_inputs import truncate_tile
 
 import gpubatch
+from gpubatch.core.results import ShardResult
 from gpubatch.engine import item_reports
 from gpubatch.engine.item_reports import ItemReporter, ShardItems
 from gpubatch.runtime import progress
@@ -123,21 +124,29 @@ def test_a_retried_or_late_attempt_s_items_do_not_survive() -> None:
 def test_the_eta_goes_by_items_where_their_count_is_known() -> None:
     """A genome plan knows each shard's windows: its ETA is items left over the items' rate, not
     "?" until a shard finishes. Where the plan does not know (slides), the running shards' own
-    counts give it once every shard left is running."""
+    counts give it, and a shard not started (or not yet said) counts as the mean of those known:
+    a run of many slides said "ETA ?" until its first slide finished."""
     planned = Progress(1, enabled=False, run_id="r", items_planned=1000)
     planned.in_flight.started("s1", 1, 1000)
     assert planned.eta_s() is None  # nothing done: no rate yet
     planned.t0 -= 10.0
     planned.in_flight.report(ShardItems("r", "s1", 1, 250))
     assert planned.eta_s() == pytest.approx(30.0, rel=0.01)  # 750 left at 25 items/s
-    slides = Progress(2, enabled=False, run_id="r")
+    slides = Progress(3, enabled=False, run_id="r")
     slides.t0 -= 10.0
     slides.in_flight.started("a", 1)
+    assert slides.eta_s() is None  # no count known, nothing done
     slides.in_flight.report(ShardItems("r", "a", 1, 100, 400))
-    assert slides.eta_s() is None  # shard b, not yet started, has a count no one knows
+    # a: 300 left; b and c not started, counted as a's 400 each: 1,100 at 10 items/s
+    assert slides.eta_s() == pytest.approx(110.0, rel=0.01)
     slides.in_flight.started("b", 1)
     slides.in_flight.report(ShardItems("r", "b", 1, 100, 200))
-    assert slides.eta_s() == pytest.approx(20.0, rel=0.01)  # 400 left at 20 items/s
+    # a 300 and b 100 left; c as the mean of 400 and 200: 700 at 20 items/s
+    assert slides.eta_s() == pytest.approx(35.0, rel=0.01)
+    slides.in_flight.ended("a")
+    slides.update(ShardResult(shard_id="a", input="a.tiff", items=400))
+    slides.in_flight.started("c", 1)  # started, its count not yet said: the mean of a and b
+    assert slides.eta_s() == pytest.approx((100 + 300) * 10.0 / 500, rel=0.01)
 
 
 class _Reader:

@@ -10,9 +10,10 @@ a rate over a shorter span (from the first shard) said 83 items/s where report.j
 for the same run. A finished run's figures are report.json's own (:meth:`Progress.finish`).
 
 Items done inside shards still running (engine.item_reports, through the executor) are shown
-beside the committed ones, and drive the ETA where the run's item count is known (the plan's
-``n_items_hint`` for every shard, or, where all that is left runs now, the running shards' own
-counts): one slide of 100k tiles showed "0/1 shards, 0 items, ETA ?" for an hour. They are display
+beside the committed ones, and drive the ETA by items (the plan's ``n_items_hint`` for every
+shard where it knows them; else the running shards' own counts, and the mean size of the shards
+known so far for those not started): one slide of 100k tiles showed "0/1 shards, 0 items, ETA ?"
+for an hour. They are display
 only (:class:`InFlight`): ``items`` in status.json and report.json stay the committed count.
 """
 
@@ -81,10 +82,14 @@ class InFlight:
         with self._lock:
             return sum(items for items, _ in self._items.values())
 
+    def counts(self) -> list[tuple[int, int | None]]:
+        """Each running shard's (items done, of how many: None where it has not said)."""
+        with self._lock:
+            return list(self._items.values())
+
     def left(self) -> tuple[int, int | None]:
         """(shards running, items they have left: None where one does not know its count)."""
-        with self._lock:
-            counts = list(self._items.values())
+        counts = self.counts()
         if any(of is None for _, of in counts):
             return len(counts), None
         return len(counts), sum(max(0, (of or 0) - items) for items, of in counts)
@@ -129,8 +134,8 @@ class Progress:
         self._bar.start()
 
     def eta_s(self) -> float | None:
-        """Seconds left: by items where the items left are known, else by shards (none known
-        before one finishes)."""
+        """Seconds left: by items where the items left are known or can be estimated (:meth:`_items_left`),
+        else by shards (none known before one finishes)."""
         by_items = self._eta_by_items()
         if by_items is not None:
             return by_items
@@ -146,12 +151,22 @@ class Progress:
         return None if left is None or not seen or elapsed <= 0 else left * elapsed / seen
 
     def _items_left(self, running: int) -> int | None:
-        """The plan's count less those done; else, where every shard left is running and each has
-        said its count (one big slide), what they have left; else unknown."""
+        """The plan's count less those done; else the running shards' own counts less their done,
+        and for each shard whose count no one knows yet (not started, or not yet said), the mean
+        size of the shards whose size is known (committed, or said while running): a run of 1,000
+        slides showed "ETA ?" until its first slide finished, and went by shards after that."""
         if self.items_planned is not None:
             return max(0, self.items_planned - self.items - running)
-        shards, left = self.in_flight.left()
-        return left if shards and shards == self.total - self.done - self.failed else None
+        counts = self.in_flight.counts()
+        sizes = [of for _, of in counts if of is not None]
+        known = self.done - self.already + len(sizes)
+        if not known:
+            return None
+        mean_size = (self.items + sum(sizes)) / known
+        unsized = self.total - self.done - self.failed - len(sizes)
+        left_sized = sum(max(0, of - items) for items, of in counts if of is not None)
+        done_unsized = sum(items for items, of in counts if of is None)
+        return left_sized + max(0, round(unsized * mean_size) - done_unsized)
 
     def update(self, result: ShardResult) -> None:
         if result.ok:
