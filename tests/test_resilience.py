@@ -383,6 +383,46 @@ def test_a_worker_killed_for_memory_is_named_with_what_to_change() -> None:
     assert type(exc).__name__ == "KilledWorker" and "for memory" in words, words
 
 
+def _kill_own_process(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+
+
+def test_a_worker_killed_from_outside_dask_is_named_with_what_to_check() -> None:
+    """The kernel's OOM killer (or a SLURM job's memory cgroup) kills a worker with SIGKILL and
+    leaves no Dask event: the run said only "worker lost", the words of a host that vanished.
+    Its nanny now tells the scheduler how the process ended, and the lost worker's record and
+    the shard's KilledWorker say SIGKILL, the OOM killer and where to look; a crash says so."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from gpubatch.runtime.executors import DaskExecutor
+
+    settings = {"distributed.scheduler.allowed-failures": 0}
+    with dask.config.set(settings), LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                                 host="127.0.0.1", dashboard_address=None,
+                                                 silence_logs=50) as cluster, Client(cluster) as client:
+        executor = DaskExecutor(client, cluster)
+        executor.watch_exits()
+        words = []
+        for n, signum in enumerate((signal.SIGKILL, signal.SIGABRT)):
+            client.wait_for_workers(1, timeout=60)
+            executor.worker_slots()
+            fut = executor.submit(_kill_own_process, signum, key=f"gpubatch-s-{n}-1-0")
+            deadline = time.monotonic() + 60
+            while len(executor.lost_workers()) <= n and time.monotonic() < deadline:
+                executor.note_processing({fut})
+                time.sleep(0.3)
+            words.append(executor.failure_words(fut.exception(timeout=60)))
+            while "cause" not in executor.lost_workers()[n] and time.monotonic() < deadline:
+                executor.note_processing(set())  # the nanny's word may come after the loss is seen
+                time.sleep(0.3)
+    killed, crashed = executor.lost_workers()
+    assert "signal 9 (SIGKILL)" in killed.get("cause", "") and "OOM killer" in killed["cause"], killed
+    assert "dmesg" in killed["cause"] and "model.batch_size" in killed["cause"]
+    assert "SIGKILL" in words[0] and "OOM" in words[0], words
+    assert "crashed (SIGABRT) in native code" in crashed.get("cause", ""), crashed
+
+
 def test_a_result_lost_with_its_worker_is_given_up_at_once(tmp_path: Path, many_slides: Path,
                                                            classifier: Path) -> None:
     """A shard finished on a worker that dies before the client gathers its result: Dask

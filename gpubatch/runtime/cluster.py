@@ -104,7 +104,7 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
         address = scheduler or profile.get("address") or os.environ.get("DASK_SCHEDULER_ADDRESS")
         if not address:
             raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
-        return DaskExecutor(connect_scheduler(address), None, resources)
+        return _watching(DaskExecutor(connect_scheduler(address), None, resources))
     settings = _dask_settings(kind)  # held while the cluster lives, then the caller's again
     try:
         executor = _start_executor(kind, profile, n_workers, resources, log_dir, job_name)
@@ -112,6 +112,12 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
         settings.__exit__(None, None, None)
         raise
     executor.on_close = lambda: settings.__exit__(None, None, None)
+    return executor
+
+
+def _watching(executor: DaskExecutor) -> DaskExecutor:
+    """The executor, its nannies telling how their workers end (a lost worker named: OOM killer, crash)."""
+    executor.watch_exits()
     return executor
 
 
@@ -125,7 +131,7 @@ def _start_executor(kind: str, profile: dict[str, Any], n_workers: int, resource
 
         logs = str(profile.get("log_directory") or log_dir or os.path.abspath("gpubatch-logs"))
         cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs, job_name)
-        return DaskExecutor(Client(cluster), cluster, resources, diagnose)
+        return _watching(DaskExecutor(Client(cluster), cluster, resources, diagnose))
     try:
         cluster = _start_cluster(kind, profile, n_workers)
     except (GpubatchError, KeyboardInterrupt):
@@ -138,7 +144,7 @@ def _start_executor(kind: str, profile: dict[str, Any], n_workers: int, resource
     if dashboard_address(profile):
         log.info("Dask dashboard: %s", cluster.dashboard_link)
     try:
-        return DaskExecutor(Client(cluster), cluster, resources)
+        return _watching(DaskExecutor(Client(cluster), cluster, resources))
     except BaseException:
         cluster.close()
         raise

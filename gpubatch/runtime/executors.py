@@ -28,6 +28,7 @@ MEMORY_KILL_TOPIC = "worker-restart-memory"
 WATCH_S = 1.0  # seconds between looks at which worker runs what
 TRIM_S = 30.0  # seconds between trims of the scheduler's per-task bookkeeping
 CLOSE_TIMEOUT_S = 20  # a client or cluster that does not close in this long is left behind
+EXPLAIN_S = 15.0  # seconds a lost worker's cause is looked for after the loss is seen
 
 
 class Executor(ABC):
@@ -344,19 +345,52 @@ class DaskExecutor(Executor):
             processing = {w: [_shard_of(k) for k in keys] for w, keys in self.client.processing().items()}
         except Exception:  # noqa: BLE001 - a missed look is not an error
             return
+        self._explain_recent_losses()
         for worker, shards in self._processing.items():
             if worker not in processing:
-                cause = self._memory_kill(worker)
+                cause = self._loss_cause(worker)
                 self._lost.append({"worker": worker, "time": time.time(), "shards": sorted(set(shards)),
                                    **({"cause": cause} if cause else {})})
                 log.warning("worker %s was lost%s; its shards (%s) are run again elsewhere", worker,
                             f" ({cause})" if cause else "", ", ".join(sorted(set(shards))) or "none running")
         self._processing = processing
 
+    def _loss_cause(self, worker: str | None = None) -> str | None:
+        """Why ``worker`` (None: any worker of this run) was lost: its nanny's memory kill, else how
+        its process ended (:mod:`gpubatch.runtime.worker_exits`: the OOM killer's SIGKILL, a crash)."""
+        cause = self._memory_kill(worker)
+        if cause is None:
+            from gpubatch.runtime.worker_exits import EXIT_TOPIC, exit_cause
+
+            try:
+                cause = exit_cause(self.client.get_events(EXIT_TOPIC), worker)
+            except Exception:  # noqa: BLE001 - a scheduler that does not answer: the loss stays unexplained
+                return None
+        return cause
+
+    def _explain_recent_losses(self) -> None:
+        """A nanny's word of its worker's exit can reach the scheduler after the loss is seen:
+        losses of the last EXPLAIN_S without a cause are looked up again."""
+        for lost in self._lost:
+            if "cause" not in lost and time.time() - lost["time"] < EXPLAIN_S:
+                cause = self._loss_cause(lost["worker"])
+                if cause:
+                    lost["cause"] = cause
+                    log.warning("worker %s was lost: %s", lost["worker"], cause)
+
+    def watch_exits(self) -> None:
+        """Have every nanny, now and to come, tell the scheduler how its worker processes end."""
+        from gpubatch.runtime.worker_exits import WorkerExits
+
+        try:
+            self.client.register_plugin(WorkerExits(), name=WorkerExits.name)
+        except Exception:  # noqa: BLE001 - without it a lost worker is only "lost", as before
+            log.debug("could not register the worker-exit plugin", exc_info=True)
+
     def _memory_kill(self, worker: str | None = None) -> str | None:
         """Why ``worker`` (or, None: any worker of this run) was lost, where its nanny said it
         killed it for memory (the scheduler's ``worker-restart-memory`` events); None where no
-        such event names it (a kill by the kernel's OOM killer leaves none: it is a lost worker)."""
+        such event names it (a kill by the kernel's OOM killer leaves none: see :meth:`_loss_cause`)."""
         try:
             events = self.client.get_events(MEMORY_KILL_TOPIC)
         except Exception:  # noqa: BLE001 - a scheduler that does not answer: the loss stays unexplained
@@ -368,9 +402,9 @@ class DaskExecutor(Executor):
 
     def failure_words(self, exc: BaseException) -> str:
         """A shard's failure that is no shard's fault, said with its cause where Dask's words do
-        not give it: KilledWorker (its workers kept dying) after a memory kill names memory."""
+        not give it: KilledWorker (its workers kept dying) names memory or how the last one ended."""
         words = f"{type(exc).__name__}: {exc}"
-        cause = self._memory_kill() if type(exc).__name__ == "KilledWorker" else None
+        cause = self._loss_cause() if type(exc).__name__ == "KilledWorker" else None
         return f"{words} ({cause})" if cause else words
 
     def trim_scheduler(self) -> None:
