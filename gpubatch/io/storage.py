@@ -556,21 +556,3 @@ def local_copy(uri: str, options: dict[str, Any] | None = None) -> Iterator[str]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def localize(uri: str, options: dict[str, Any] | None = None) -> str:
-    """A local path for a file that may be remote (a model on object storage): remote files are
-    downloaded once per machine into the cache, keyed by URI and size/ETag, and reused."""
-    if not is_remote(uri):
-        return local_path(uri)
-    import hashlib
-
-    from gpubatch.core.files import cache_root
-
-    info = stat(uri, options)
-    tag = hashlib.sha1(f"{uri.split('?', 1)[0]}|{info['size']}|{info['etag'] or info['mtime']}".encode()).hexdigest()
-    target = cache_root() / "remote" / tag[:16] / (uri_name(uri) or "file")
-    if not target.exists():
-        from gpubatch.core.files import write_bytes_atomic
-
-        write_bytes_atomic(target, read_bytes(uri, options))
-    return str(target)
