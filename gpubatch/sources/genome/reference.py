@@ -28,7 +28,7 @@ import numpy as np
 
 from gpubatch.core.errors import InputChanged, InputError
 from gpubatch.io.storage import exists, input_changed, library_options, open_ranges
-from gpubatch.io.uris import is_remote, local_path
+from gpubatch.io.uris import child, is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.indexes import (
     LOCAL_CHECKED,
@@ -354,8 +354,10 @@ def refuse_if_changed(uri: str, version_uri: str, planned: dict[str, Any],
 
 
 def zarr_marker(uri: str) -> str:
-    """A genome zarr's ``zarr.json``: the object whose version is the zarr's (ingest writes it)."""
-    return uri.rstrip("/") + "/zarr.json"
+    """A genome zarr's ``zarr.json``: the object whose version is the zarr's (ingest writes it);
+    a URL's query kept after its path (a presigned FASTA's was cut into, and its server could
+    answer the FASTA itself for the marker)."""
+    return child(uri, "zarr.json")
 
 
 class ZarrReference(Reference):

@@ -41,6 +41,7 @@ from gpubatch.core.errors import InputChanged, InputError, SpecError
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity
+from gpubatch.io.uris import suffixed
 from gpubatch.ops.kernels import reverse_complement_codes, window_rows
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
@@ -151,7 +152,7 @@ def refuse_another_index(shard: Shard, reference: Reference) -> None:
     if not planned or not read or planned == read:
         return
     was, now = (dict(part.split(" ", 1) for part in v.split("; ")) for v in (planned, read))
-    files = ", ".join(f"{redact(reference.uri)}.{ext}" for ext in now if was.get(ext) != now[ext])
+    files = ", ".join(redact(suffixed(reference.uri, f".{ext}")) for ext in now if was.get(ext) != now[ext])
     raise InputChanged(redact(reference.uri), f"the reference's index {files} changed since the run was planned "
                        f"({planned} planned, {read} read): the shard's windows were cut with the other one; "
                        "run the job again (--overwrite) to plan with this index")
