@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import InputError
-from gpubatch.io.storage import open_ranges
+from gpubatch.io.retry import changed_while_read
+from gpubatch.io.storage import identity_differs, identity_of, open_ranges, stat
 from gpubatch.io.uris import is_remote, suffixed
 
 #: contigs whose bytes are checked, in a local file and in one on object storage (all arithmetic
@@ -80,26 +81,50 @@ def read_index_file(fasta: str, storage_options: dict[str, Any] | None, ext: str
                     versions: Versions | None = None) -> bytes:
     """An index file's bytes, and (into ``versions[ext]``) the version they are of, in the form
     ``windows.reference_version`` gives it: a local file's sha256 (of these very bytes), an
-    object's ETag where its read was pinned to one (obstore), else None: what a worker compares
-    with its plan's without a request more (an fsspec read, unpinned, would need a HEAD).
+    object's ETag (or size and mtime where it has none: :func:`_read_remote`), else None: what a
+    worker compares with its plan's, and keeps an index read at (:func:`read_index`).
 
-    No existence check first: the read's own answer says the file is missing (a HEAD less per
-    read), and that answer becomes :func:`no_index`, naming the index and how to make it.
+    No existence check first: the read's own answer says the file is missing, and that answer
+    becomes :func:`no_index`, naming the index and how to make it.
     ``fasta``: the FASTA the index is of; the index is beside it (:func:`suffixed`)."""
     uri = suffixed(fasta, f".{ext}")
     try:
-        with open_ranges(uri, storage_options) as reader:
-            data = reader.fetch(0, reader.size())
-            etag = reader.version()
+        if is_remote(uri):
+            data, version = _read_remote(uri, storage_options)
+        else:
+            with open_ranges(uri, storage_options) as reader:
+                data = reader.fetch(0, reader.size())
+            version = f"sha256:{hashlib.sha256(data).hexdigest()}"
     except InputError as exc:
         if _missing(exc):
             raise no_index(fasta, ext) from None
         raise
-    if versions is not None and is_remote(uri):
-        versions[ext] = f"etag:{etag}" if etag else None
-    elif versions is not None:
-        versions[ext] = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    if versions is not None:
+        versions[ext] = version
     return data
+
+
+def _read_remote(uri: str, storage_options: dict[str, Any] | None) -> tuple[bytes, str | None]:
+    """A remote index's bytes and the version they are of, pinned as the FASTA's reads are: its
+    HEAD's ETag, which obstore's GET carries (If-Match: another version is refused by the read).
+    fsspec's GET cannot carry it, and its index had no version (None): nothing compared it with
+    the plan's, and a .fai written over mid-run (a new FASTA's, uploaded before that FASTA) cut
+    the planned FASTA's windows by another index, unseen. Now the HEAD is asked again after the
+    read: the same ETag (or size and mtime) on both sides is the version of these bytes; another
+    fails the read (InputChanged: read again). None only where nothing tells versions apart."""
+    before = stat(uri, storage_options)
+    with open_ranges(uri, storage_options, etag=before["etag"]) as reader:
+        data = bytes(reader.fetch(0, before["size"] or reader.size()))
+        pinned = reader.version()
+    if pinned:
+        return data, f"etag:{pinned}"
+    after = stat(uri, storage_options)
+    if identity_differs(identity_of(uri, before), identity_of(uri, after)):
+        raise changed_while_read(uri, f"ETag {before['etag']} -> {after['etag']}, size {before['size']} -> "
+                                      f"{after['size']}, read by fsspec")
+    if before["etag"]:
+        return data, f"etag:{before['etag']}"
+    return data, f"size:{before['size']},mtime:{before['mtime']}" if before["mtime"] else None
 
 
 def _missing(exc: InputError) -> bool:
