@@ -63,7 +63,8 @@ log = logging.getLogger("gpubatch")
 CLIENT_RETRIES = {"max_attempts": RetryPolicy().attempts, "mode": "standard"}
 
 #: fsspec's HTTP client (aiohttp) waits 300 s for a whole request by default and nothing bounds a
-#: read that stalls: these match obstore's (connect 10 s, 60 s of silence), see :func:`_http_timeouts`
+#: read that stalls: these match obstore's (connect 10 s, 60 s of silence), see :func:`_http_timeouts`;
+#: gcsfs and adlfs get the same (:func:`gpubatch.io.clouds.request_timeouts`)
 HTTP_CONNECT_TIMEOUT_S = 10.0
 HTTP_READ_TIMEOUT_S = 60.0
 
@@ -210,7 +211,7 @@ def library_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
         merged["config_kwargs"] = config
     if protocol_of(uri) in ("http", "https"):  # fsspec.open's file: a silent server held it 300 s
         merged = _http_timeouts(merged)
-    return merged
+    return clouds.request_timeouts(protocol_of(uri), merged, HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S)
 
 
 def missing_extra(uri: str) -> str | None:
@@ -243,6 +244,7 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
         clouds.serve_off_google(merged)
     if protocol in ("http", "https"):
         merged = _http_timeouts(merged)
+    merged = clouds.request_timeouts(protocol, merged, HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S)
     token = protocol + str(client_retries) + json.dumps(merged, sort_keys=True, default=str)
     with _fs_lock:
         fs = _fs_cache.get(token)
