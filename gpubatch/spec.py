@@ -351,6 +351,7 @@ class JobSpec(_Strict):
         offsets, lengths or blocks: other bases in the same windows) went unseen; now it is a
         changed result field. None where nothing is found (the plan names what is missing)."""
         from gpubatch.io.storage import file_version
+        from gpubatch.io.uris import suffixed
         from gpubatch.sources.genome.reference import zarr_marker
 
         if self.windows is None:
@@ -360,7 +361,7 @@ class JobSpec(_Strict):
         if fasta is None:  # a genome zarr (folder or prefix): its metadata is written last by the ingest
             meta = file_version(zarr_marker(uri), storage, digest=False)
             return f"zarr.json {meta}" if meta else None
-        found = ((ext, file_version(f"{uri}.{ext}", storage)) for ext in ("fai", "gzi"))
+        found = ((ext, file_version(suffixed(uri, f".{ext}"), storage)) for ext in ("fai", "gzi"))
         return "; ".join([f"fasta {fasta}", *(f"{ext} {v}" for ext, v in found if v)])
 
     def _slide_model_fields(self) -> dict[str, Any] | None:

@@ -64,7 +64,7 @@ MUTATIONS: tuple[Mutation, ...] = (
        "model_path, model_storage = self._model_for_workers(local_job.model.path, local_job.model.path)",
        "tests/test_quantize.py::test_int8_end_to_end_run"),
     _m("worker loads the fp32 fallback as its model", "gpubatch/engine/worker.py",
-       "model = get_model(localize(ctx.model_path, ctx.model_storage), ctx.backend, ctx.precision, threads)",
+       "model = get_model(localize(ctx.model_path, ctx.model_storage, ctx.model_version), ctx.backend, ctx.precision, threads)",
        "model = get_model(ctx.fallback_model_path or ctx.model_path, ctx.backend, ctx.precision, threads)",
        "tests/test_quantize.py::test_confidence_fallback_through_a_run"),
     _m("quantizer per tensor", QUANT, 'per_channel=opts["per_channel"],', "per_channel=False,",

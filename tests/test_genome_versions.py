@@ -218,14 +218,14 @@ def test_a_shard_opens_a_plain_reference_without_asking_what_the_plan_knew(s3: S
     ``zarr.json`` (the form probed: 2 HEADs, a GET, and an existence HEAD), and 2 HEADs and a
     GET of the .fai (an existence HEAD, then the read). Now the form comes with the shard, the
     existence HEADs are gone (the read says what is missing) and a process keeps an index read
-    at a known version (obstore's pinned ETag) for its later shards of that version. Per shard
-    left: the FASTA's identity HEAD (fsspec: and the one after, unpinned) and its one sequence
-    GET; nothing of the .fai with obstore, its HEAD (size) and GET with fsspec (the version is
-    unknown there, so each shard reads it as before); nothing of zarr.json or the .gzi."""
+    at a known version (obstore's pinned ETag; fsspec's, the ETag of a HEAD before and after its
+    read: it was unknown, and each shard read the .fai again, a HEAD and a GET) for its later
+    shards of that version. Per shard left: the FASTA's identity HEAD (fsspec: and the one
+    after, unpinned) and its one sequence GET; nothing of the .fai, zarr.json or the .gzi."""
     monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
     extra = _per_two_shards(s3, tmp_path, _upload_reference(s3, tmp_path, f"asks-{client}/ref.fa"))
     want = {"obstore": {"fasta": (2, 2), "fai": (0, 0), "gzi": (0, 0), "zarr.json": (0, 0)},
-            "fsspec": {"fasta": (4, 2), "fai": (2, 2), "gzi": (0, 0), "zarr.json": (0, 0)}}[client]
+            "fsspec": {"fasta": (4, 2), "fai": (0, 0), "gzi": (0, 0), "zarr.json": (0, 0)}}[client]
     assert extra == want
 
 
@@ -253,22 +253,26 @@ def test_a_shard_planned_without_the_reference_facts_still_probes(s3: S3Stack, t
     assert extra["zarr.json"] == (2, 0) and extra["fai"] == (2, 2)
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 def test_a_remote_index_rewritten_after_the_plan_is_refused_though_indexes_are_kept(
-        s3: S3Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        s3: S3Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: str) -> None:
     """The .fai on S3 is written over (lines reordered, every check passes) as each shard starts,
     after the plan read it. A process keeps only an index read at the planned version, so no
-    shard finds one kept: each reads the new ETag and is refused, read again, then reported."""
+    shard finds one kept: each reads the new ETag and is refused, read again, then reported.
+    Through fsspec, whose reads cannot be pinned, the index's version was unknown (None), so
+    nothing compared it and the shards committed windows cut by the other index: its version is
+    now the ETag a HEAD gives before and after the read (the two must agree)."""
     from test_input_versions import _reordered
 
     from gpubatch.runtime.runner import run_job
     from gpubatch.sources.genome.indexes import forget_indexes
     from gpubatch.sources.genome.source import GenomeSource
 
-    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
-    uri = _upload_reference(s3, tmp_path, "rewritten/ref.fa")
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    uri = _upload_reference(s3, tmp_path, f"rewritten-{client}/ref.fa")
     reordered = _reordered(tmp_path / "ref.fa.fai")
     monkeypatch.setattr(GenomeSource, "before_shard",
-                        lambda self, job, upcoming: s3.upload_bytes(reordered, "rewritten/ref.fa.fai"),
+                        lambda self, job, upcoming: s3.upload_bytes(reordered, f"rewritten-{client}/ref.fa.fai"),
                         raising=False)
     spec = genome_spec(tmp_path, uri, s3.options())
     spec["run"].update(retries=1)
@@ -434,3 +438,31 @@ def test_a_shard_naming_a_reference_form_this_gpubatch_does_not_read_is_refused(
         open_reference(str(fasta), fmt="cram")
     assert "'cram'" in caught.value.message and "--overwrite" in caught.value.message
     assert open_reference(str(fasta), fmt="fasta").contigs.names == tuple(CONTIGS)
+
+
+def test_a_reference_written_over_while_it_is_planned_is_refused_at_the_plan(
+        s3: S3Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FASTA is written over (its bases laid out 50 to a line: another .fai) after the plan
+    checked the .fai against it and before the plan recorded its identity (a HEAD). The shards
+    held their reads to that identity, the new FASTA, and their index to the planned one, the
+    old .fai: each read the new file by the old offsets. The plan now refuses, naming both ETags."""
+    from gpubatch.core.errors import SpecError
+    from gpubatch.runtime.runner import run_job
+    from gpubatch.sources.genome.source import GenomeSource
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    key = f"planned-{uuid.uuid4().hex[:8]}/ref.fa"
+    uri = _upload_reference(s3, tmp_path, key)
+    (tmp_path / "narrow").mkdir()
+    narrow = write_fasta(tmp_path / "narrow" / "ref.fa", CONTIGS, width=50)
+    checked = GenomeSource.contig_table
+
+    def then_written_over(reference: str, storage: dict[str, Any]) -> object:
+        table = checked(reference, storage)
+        s3.upload(narrow, key)
+        return table
+
+    monkeypatch.setattr(GenomeSource, "contig_table", staticmethod(then_written_over))
+    with pytest.raises(SpecError, match="changed while the run was planned: its index was checked against ETag"):
+        run_job(JobSpec.model_validate(genome_spec(tmp_path, uri, s3.options())), profile="inline",
+                show_progress=False)

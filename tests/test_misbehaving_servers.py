@@ -288,3 +288,32 @@ def test_a_file_streamed_from_a_throttling_server_is_not_called_missing(server: 
     server.fail_status = 404
     with pytest.raises(InputError, match="file not found"), storage.open_file(f"{server.url}/ref/missing.bed"):
         pass
+
+
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@pytest.mark.parametrize("scheme", ["gs", "az"])
+def test_a_gcs_or_azure_server_that_stops_answering_fails_within_the_read_timeout(
+        server: MisbehavingServer, scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gcsfs's requests had no bound at all (its ``requests_timeout`` None is aiohttp's "none")
+    and adlfs's downloads azure-core's 300 s of silence: a server that accepts and never answers
+    held the read that long. Both now get the http(s) client's bounds (storage.HTTP_*_TIMEOUT_S,
+    60 s of silence; 1 s here). fsspec reads them: obstore has its own bounds."""
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "fsspec")
+    monkeypatch.setattr(storage, "HTTP_READ_TIMEOUT_S", 1.0)
+    server.mode = "silent"
+    if scheme == "gs":
+        uri, options = "gs://bucket/slides/g.svs", {"endpoint_url": server.url, "token": "anon"}
+    else:
+        uri = "az://container/slides/a.svs"
+        options = {"connection_string": f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                                        f"AccountKey={AZURITE_KEY};BlobEndpoint={server.url}/devstoreaccount1;"}
+
+    def read() -> Any:
+        with open_ranges(uri, options, policy=RetryPolicy(attempts=2, base_s=0.01)) as reader:
+            return reader.fetch(1000, 5000)
+
+    got = outcome_within(read, 30, f"the read of {uri} was")
+    assert isinstance(got, InputError) and got.retryable, repr(got)
+    assert uri.rsplit("/", 1)[1] in str(got), got

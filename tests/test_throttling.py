@@ -87,6 +87,30 @@ def test_a_throttled_read_backs_off_for_seconds_where_no_retry_after_is_seen(
     assert clocks.counters["storage.retries"] == 2 and clocks.counters["storage.throttled"] == 2
 
 
+@pytest.mark.parametrize(("status", "how"), [(503, "s3"), (429, "s3"), (503, "http"), (429, "http")])
+def test_obstores_throttled_retries_back_off_up_to_the_policys_bound(
+        server: MisbehavingServer, status: int, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """obstore's errors carry the answer's status and body, never its headers, so a Retry-After
+    (here an hour) is not seen: its throttled retries take the throttled backoff, which the
+    policy's max_wait_s (run.storage_max_wait_s) bounds as it bounds a Retry-After that fsspec
+    reads. Each wait the reader asks for is the policy's own, recorded: U(max/2, max) here."""
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    server.fail_first, server.fail_status, server.fail_headers = 2, status, {"Retry-After": "3600"}
+    waits: list[float] = []
+
+    class Recorded(RetryPolicy):
+        def delay_for(self, attempt: int, errors: Any) -> float:
+            waits.append(super().delay_for(attempt, errors))
+            return waits[-1]
+
+    uri, options = target(server, how, f"bound-{status}.svs")
+    clocks = StageClocks()
+    got, _ = timed_read(uri, options, Recorded(attempts=4, throttle_base_s=30.0, max_wait_s=0.3), clocks)
+    assert got == DATA[1000:5000], got
+    assert len(waits) == 2 and all(0.15 <= w <= 0.3 for w in waits), waits
+    assert clocks.counters["storage.throttled"] == 2
+
+
 @pytest.mark.parametrize(("client", "how"), CLIENTS)
 def test_a_server_that_throttles_forever_fails_the_read_in_bounded_time(
         server: MisbehavingServer, client: str, how: str, monkeypatch: pytest.MonkeyPatch) -> None:

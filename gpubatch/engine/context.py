@@ -40,6 +40,10 @@ class RunContext:
     #: the storage options ``model_path`` is read with where it is remote (the inputs' for the
     #: user's own model URI, the output's for a reduced model uploaded beside the outputs)
     model_storage: dict[str, Any] | None = None
+    #: ``model_path``'s version as the client found it where it is remote (size, ETag, mtime: one
+    #: HEAD for the run): a worker loads its host's copy of that version with no request, or
+    #: fetches that version (io.localized); None: local, or asked by the worker
+    model_version: dict[str, Any] | None = None
     #: worker processes that share one worker's cores, where the client knows (a SLURM job's
     #: processes); None: counted on the worker, as the scheduler's workers on its host
     workers_per_host: int | None = None

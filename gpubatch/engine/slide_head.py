@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpubatch.core.errors import GpubatchError
-from gpubatch.io.storage import localize
+from gpubatch.io.localized import localize
 from gpubatch.models.base import Model, get_model
 
 if TYPE_CHECKING:

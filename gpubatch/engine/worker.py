@@ -34,9 +34,10 @@ from gpubatch.engine.model_stage import (
 )
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
 from gpubatch.engine.slide_head import BagSink, SlideHead
+from gpubatch.io.localized import localize
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
-from gpubatch.io.storage import identity_differs, input_changed, input_identity, localize
+from gpubatch.io.storage import identity_differs, input_changed, input_identity
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import Model, get_model
 from gpubatch.outputs.layout import new_attempt
@@ -228,7 +229,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
         if not source.open_finds_identity(job, shard):
             identity = _ask_identity(shard, job)
         threads = model_threads(ctx)
-        model = get_model(localize(ctx.model_path, ctx.model_storage), ctx.backend, ctx.precision, threads)
+        model = get_model(localize(ctx.model_path, ctx.model_storage, ctx.model_version), ctx.backend, ctx.precision, threads)
         head = SlideHead.for_job(job, threads)
         warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)
         with clocks.part("open"):

@@ -10,6 +10,7 @@ clients (:mod:`gpubatch.io.obstore`, :func:`gpubatch.io.storage.get_fs`).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 from urllib.parse import urlsplit
@@ -130,3 +131,23 @@ def client_retries_off(fs: Any) -> None:
     for policy in getattr(pipeline, "_impl_policies", None) or ():
         if hasattr(policy, "total_retries") and hasattr(policy, "status_retries"):
             policy.total_retries = policy.connect_retries = policy.read_retries = policy.status_retries = 0
+
+
+def request_timeouts(protocol: str, options: dict[str, Any], connect_s: float, read_s: float) -> dict[str, Any]:
+    """``options`` with gcsfs's or adlfs's request timeouts set to the bounds every other client
+    here has (a connection within ``connect_s``, no silence longer than ``read_s``), unless they
+    set their own: a server that accepts and never answers held a read unbounded otherwise.
+
+    gcsfs: ``requests_timeout`` is what its every request passes aiohttp as ``timeout``; left
+    None, aiohttp takes that as no bound at all (not even the session's 300 s), so it gets the
+    ``aiohttp.ClientTimeout`` the http(s) client has. adlfs: ``connection_timeout`` and
+    ``read_timeout`` (int seconds; azure-core's default is 300 s each), which adlfs passes to
+    its blob downloads and uploads only (a listing or a HEAD keeps azure-core's default)."""
+    if protocol in ("gs", "gcs") and "requests_timeout" not in options:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)
+        return {**options, "requests_timeout": timeout}
+    if protocol in ("az", "abfs", "abfss"):
+        return {"connection_timeout": math.ceil(connect_s), "read_timeout": math.ceil(read_s), **options}
+    return options

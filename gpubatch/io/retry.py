@@ -209,7 +209,7 @@ def is_throttled(exc: BaseException) -> bool:
 
 
 _THROTTLE_TEXT = ("slowdown", "throttl", "too many requests", "reduce your request rate")
-#: a Retry-After in an error's text (obstore's message carries no headers today; a body may)
+#: a Retry-After in an error's text (obstore's message carries no headers: see _retry_after_header)
 _RETRY_AFTER_TEXT = re.compile(r'retry-after"?\s*[:=]\s*"?(\d+(?:\.\d+)?|\w{3}, \d\d \w{3} \d{4} [\d:]{8} GMT)',
                                re.IGNORECASE)
 _CODE_TEXT = re.compile(r"<Code>(\w+)</Code>")
@@ -230,6 +230,13 @@ def retry_after_s(exc: BaseException) -> float | None:
 
 def _retry_after_header(node: BaseException) -> str | None:
     if _is_obstore(node):
+        # obstore (0.12) raises its errors with a message only (no status or headers attributes):
+        # the message holds the HTTP status and the body (S3's <Code>SlowDown</Code>) but never
+        # the response's headers, so a Retry-After header cannot be honoured (a 503 or 429 with
+        # "Retry-After: 7" reads the same as one without). The status makes the error throttled
+        # (is_throttled), so obstore's retries take the throttled backoff instead, bounded by
+        # the policy's max_wait_s (run.storage_max_wait_s) as a Retry-After read by fsspec is;
+        # only a body that spells a Retry-After out is read, here.
         found = _RETRY_AFTER_TEXT.search(str(node))
         return found.group(1) if found else None
     response = getattr(node, "response", None)

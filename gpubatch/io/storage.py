@@ -63,7 +63,8 @@ log = logging.getLogger("gpubatch")
 CLIENT_RETRIES = {"max_attempts": RetryPolicy().attempts, "mode": "standard"}
 
 #: fsspec's HTTP client (aiohttp) waits 300 s for a whole request by default and nothing bounds a
-#: read that stalls: these match obstore's (connect 10 s, 60 s of silence), see :func:`_http_timeouts`
+#: read that stalls: these match obstore's (connect 10 s, 60 s of silence), see :func:`_http_timeouts`;
+#: gcsfs and adlfs get the same (:func:`gpubatch.io.clouds.request_timeouts`)
 HTTP_CONNECT_TIMEOUT_S = 10.0
 HTTP_READ_TIMEOUT_S = 60.0
 
@@ -210,7 +211,7 @@ def library_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
         merged["config_kwargs"] = config
     if protocol_of(uri) in ("http", "https"):  # fsspec.open's file: a silent server held it 300 s
         merged = _http_timeouts(merged)
-    return merged
+    return clouds.request_timeouts(protocol_of(uri), merged, HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S)
 
 
 def missing_extra(uri: str) -> str | None:
@@ -243,6 +244,7 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
         clouds.serve_off_google(merged)
     if protocol in ("http", "https"):
         merged = _http_timeouts(merged)
+    merged = clouds.request_timeouts(protocol, merged, HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S)
     token = protocol + str(client_retries) + json.dumps(merged, sort_keys=True, default=str)
     with _fs_lock:
         fs = _fs_cache.get(token)
@@ -556,21 +558,3 @@ def local_copy(uri: str, options: dict[str, Any] | None = None) -> Iterator[str]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def localize(uri: str, options: dict[str, Any] | None = None) -> str:
-    """A local path for a file that may be remote (a model on object storage): remote files are
-    downloaded once per machine into the cache, keyed by URI and size/ETag, and reused."""
-    if not is_remote(uri):
-        return local_path(uri)
-    import hashlib
-
-    from gpubatch.core.files import cache_root
-
-    info = stat(uri, options)
-    tag = hashlib.sha1(f"{uri.split('?', 1)[0]}|{info['size']}|{info['etag'] or info['mtime']}".encode()).hexdigest()
-    target = cache_root() / "remote" / tag[:16] / (uri_name(uri) or "file")
-    if not target.exists():
-        from gpubatch.core.files import write_bytes_atomic
-
-        write_bytes_atomic(target, read_bytes(uri, options))
-    return str(target)

@@ -104,3 +104,28 @@ def spelled_as(written: str, uri: str) -> str:
     if "://" not in written or "://" not in uri:
         return uri
     return f"{written.split('://', 1)[0]}://{uri.split('://', 1)[1]}"
+
+
+def _path_and_query(uri: str) -> tuple[str, str]:
+    """(``uri`` up to its path's end, the query and fragment after it): only an http(s) URL has
+    them; an object key or a file name may hold ``?`` and ``#`` as plain characters."""
+    if protocol_of(uri) not in ("http", "https"):
+        return uri, ""
+    cuts = [i for i in (uri.find("?"), uri.find("#")) if i >= 0]
+    cut = min(cuts) if cuts else len(uri)
+    return uri[:cut], uri[cut:]
+
+
+def suffixed(uri: str, suffix: str) -> str:
+    """The file beside ``uri`` named as it is plus ``suffix`` (a FASTA's ``.fai``): the suffix
+    goes on the path, before an http(s) URL's query (a presigned URL's signature, a SAS token),
+    which is kept; appended to the whole string it landed inside the query's last value."""
+    path, query = _path_and_query(uri)
+    return path + suffix + query
+
+
+def child(uri: str, name: str) -> str:
+    """The file ``name`` inside the folder or prefix ``uri`` (a zarr's ``zarr.json``), an
+    http(s) URL's query kept after the path, as :func:`suffixed` keeps it."""
+    path, query = _path_and_query(uri)
+    return f"{path.rstrip('/')}/{name}{query}"

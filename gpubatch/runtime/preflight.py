@@ -20,7 +20,8 @@ import numpy as np
 from gpubatch.core.errors import InputError, SpecError
 from gpubatch.core.switches import check_switches
 from gpubatch.io.listing import expand_uris
-from gpubatch.io.storage import localize, missing_extra
+from gpubatch.io.localized import localize, versions_asked_once
+from gpubatch.io.storage import missing_extra
 from gpubatch.io.uris import is_remote, local_path, other_host_problem, protocol_of, split_glob
 from gpubatch.outputs.writer import MAX_PARQUET_WIDTH, parquet_holds
 from gpubatch.runtime.model_facts import (
@@ -238,7 +239,7 @@ def reads_onnx(backend: str, path: str) -> bool:
 
 def _model_file(path: str, storage: dict[str, Any] | None, name: str) -> str:
     """The local file of a model path: a remote one fetched into the cache ``run`` loads it from
-    (io.storage.localize, keyed by URI and version: fetched once for both), so that ``validate``
+    (io.localized.localize, keyed by URI and version: fetched once for both), so that ``validate``
     checks the very file ``run`` loads. Remote models went unchecked, and a model ``run`` then
     could not use quarantined every input."""
     if not is_remote(path):
@@ -525,8 +526,9 @@ def validate_job(job: JobSpec, *, open_inputs: bool = True, profile_name: str | 
     from gpubatch.runtime.cluster import load_profile
 
     profile = load_profile(profile_name or job.run.profile)
-    preflight(job, profile)
-    check_output(job, resume=resume, overwrite=overwrite)
+    with versions_asked_once():  # a remote model: one HEAD for preflight's checks and the output's
+        preflight(job, profile)
+        check_output(job, resume=resume, overwrite=overwrite)
     source = get_source(job.kind)
     shards, failed = source.plan(job)
     refuse_empty_plan(shards, failed)

@@ -19,8 +19,9 @@ from typing import Any
 from gpubatch.core.errors import SpecError
 from gpubatch.core.files import file_sha256
 from gpubatch.core.results import ShardResult
+from gpubatch.io.localized import localize
 from gpubatch.io.redact import redact
-from gpubatch.io.storage import input_identity, localize
+from gpubatch.io.storage import input_identity
 from gpubatch.io.uris import split_glob
 from gpubatch.outputs.commits import CommitIndex
 from gpubatch.outputs.layout import (

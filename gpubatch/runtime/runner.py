@@ -37,9 +37,9 @@ from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.memory import collections_of_this_run, hand_back_freed_memory
 from gpubatch.core.results import ShardResult, quarantined_count
 from gpubatch.engine.context import RunContext
+from gpubatch.io.localized import localize, remote_version, versions_asked_once
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
-from gpubatch.io.storage import localize
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import resolve_backend
 from gpubatch.outputs.commits import CommitIndex
@@ -74,20 +74,22 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     """Run a validated job to completion; see the module docstring for the failure rules."""
     prof = load_profile(profile or job.run.profile)
     start_worker_imports(prof)
-    preflight(job, prof)
-    store = OutputStore(job.output.uri, job.output.storage)
-    guard_output(store, job.output.uri)
-    run = _Run(job, prof, store)
-    run.lease.acquire()
-    try:
-        run.lease.hold()  # beaten from now: the checks and the model's preparation may take minutes
-        with collections_of_this_run():
-            return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler, show_progress=show_progress)
-    finally:
-        run.commits.close()
-        run.lease.release()
-        if run.lease.lost is None:  # else they may be the run's that holds the output now
-            remove_temporaries(store)
+    with versions_asked_once():  # a remote model's version: one HEAD for every check of the run
+        preflight(job, prof)
+        store = OutputStore(job.output.uri, job.output.storage)
+        guard_output(store, job.output.uri)
+        run = _Run(job, prof, store)
+        run.lease.acquire()
+        try:
+            run.lease.hold()  # beaten from now: the checks and the model's preparation may take minutes
+            with collections_of_this_run():
+                return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler,
+                                   show_progress=show_progress)
+        finally:
+            run.commits.close()
+            run.lease.release()
+            if run.lease.lost is None:  # else they may be the run's that holds the output now
+                remove_temporaries(store)
 
 
 class _Run:
@@ -124,7 +126,7 @@ class _Run:
         done_first = self._before_workers(source, shards, n_workers, scheduler)
         prepared, ctx = self._prepare(source, shards, n_workers)
         if resumed:
-            check_run_model(committed, localize(ctx.model_path, ctx.model_storage))
+            check_run_model(committed, localize(ctx.model_path, ctx.model_storage, ctx.model_version))
             log.info("%d shard(s) already committed, skipped", resumed)
         self.ledger.event("run_start", resumed=resumed, planned=len(shards), spec=redact(job.model_dump(mode="json")),
                           backend=ctx.backend, precision=ctx.precision, gpubatch_version=__version__,
@@ -209,6 +211,7 @@ class _Run:
         models_dir = self.store.local() if not self.store.remote else cache_root() / "outputs" / self.run_id
         prepared = prepare_model(local_job, source, shards, models_dir)
         model_path, model_storage = self._model_for_workers(prepared.path, local_job.model.path)
+        model_version = remote_version(model_path, model_storage) if is_remote(model_path) else None
         threads = job.model.threads or (max(1, cpu_count() // n_workers) if self.one_host else None)
         ctx = RunContext(
             outdir=self.store.uri, model_path=model_path,
@@ -218,7 +221,8 @@ class _Run:
             fallback_max_prob=prepared.fallback_max_prob,
             storage_profile=_storage_profile(self.prof, self.one_host),
             output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash(self.fields),
-            model_storage=model_storage, workers_per_host=_workers_per_host(self.prof))
+            model_storage=model_storage, model_version=model_version,
+            workers_per_host=_workers_per_host(self.prof))
         return prepared, ctx
 
     def _model_for_workers(self, prepared_path: str, local_model: str) -> tuple[str, dict[str, Any] | None]:

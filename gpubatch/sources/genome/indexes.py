@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import InputError
-from gpubatch.io.storage import open_ranges
-from gpubatch.io.uris import is_remote
+from gpubatch.io.retry import changed_while_read
+from gpubatch.io.storage import identity_differs, identity_of, open_ranges, stat
+from gpubatch.io.uris import is_remote, suffixed
 
 #: contigs whose bytes are checked, in a local file and in one on object storage (all arithmetic
 #: checks cover every contig; a contig not checked here is checked where it is first read)
@@ -61,39 +62,69 @@ class FaiEntry:
         return self.byte(self.length - 1)
 
 
-def no_index(uri: str, what: str) -> InputError:
-    return InputError(uri, f"FASTA index {uri}{what} not found; make it with `samtools faidx {uri}` "
-                           f"(bgzip files get .fai and .gzi), or convert the FASTA once with "
-                           f"`gpubatch ingest genome {uri} OUT.zarr` and use the zarr as "
-                           f"windows.reference")
+def no_index(uri: str, ext: str) -> InputError:
+    """The FASTA ``uri``'s index ``.ext`` is not where it is looked for (beside the FASTA, its
+    path plus ``.ext``, a URL's query kept): that place, redacted, and the two fixes."""
+    where = suffixed(uri, f".{ext}")
+    make = (f"`samtools faidx {uri}`" if not is_remote(uri) else
+            f"`samtools faidx` on a copy of the FASTA, then upload the index to {where}")
+    return InputError(uri, f"FASTA index {where} not found; make it with {make} (bgzip files get "
+                           f".fai and .gzi), or convert the FASTA once with `gpubatch ingest genome "
+                           f"{uri} OUT.zarr` and use the zarr as windows.reference")
 
 
 #: an index's version per extension, as read: (``fai``/``gzi``) -> version or None (unknown)
 Versions = dict[str, str | None]
 
 
-def read_index_file(uri: str, storage_options: dict[str, Any] | None, ext: str,
+def read_index_file(fasta: str, storage_options: dict[str, Any] | None, ext: str,
                     versions: Versions | None = None) -> bytes:
     """An index file's bytes, and (into ``versions[ext]``) the version they are of, in the form
     ``windows.reference_version`` gives it: a local file's sha256 (of these very bytes), an
-    object's ETag where its read was pinned to one (obstore), else None: what a worker compares
-    with its plan's without a request more (an fsspec read, unpinned, would need a HEAD).
+    object's ETag (or size and mtime where it has none: :func:`_read_remote`), else None: what a
+    worker compares with its plan's, and keeps an index read at (:func:`read_index`).
 
-    No existence check first: the read's own answer says the file is missing (a HEAD less per
-    read), and that answer becomes :func:`no_index`, naming the index and how to make it."""
+    No existence check first: the read's own answer says the file is missing, and that answer
+    becomes :func:`no_index`, naming the index and how to make it.
+    ``fasta``: the FASTA the index is of; the index is beside it (:func:`suffixed`)."""
+    uri = suffixed(fasta, f".{ext}")
     try:
-        with open_ranges(uri, storage_options) as reader:
-            data = reader.fetch(0, reader.size())
-            etag = reader.version()
+        if is_remote(uri):
+            data, version = _read_remote(uri, storage_options)
+        else:
+            with open_ranges(uri, storage_options) as reader:
+                data = reader.fetch(0, reader.size())
+            version = f"sha256:{hashlib.sha256(data).hexdigest()}"
     except InputError as exc:
         if _missing(exc):
-            raise no_index(uri[: -len(ext) - 1], f".{ext}") from None
+            raise no_index(fasta, ext) from None
         raise
-    if versions is not None and is_remote(uri):
-        versions[ext] = f"etag:{etag}" if etag else None
-    elif versions is not None:
-        versions[ext] = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    if versions is not None:
+        versions[ext] = version
     return data
+
+
+def _read_remote(uri: str, storage_options: dict[str, Any] | None) -> tuple[bytes, str | None]:
+    """A remote index's bytes and the version they are of, pinned as the FASTA's reads are: its
+    HEAD's ETag, which obstore's GET carries (If-Match: another version is refused by the read).
+    fsspec's GET cannot carry it, and its index had no version (None): nothing compared it with
+    the plan's, and a .fai written over mid-run (a new FASTA's, uploaded before that FASTA) cut
+    the planned FASTA's windows by another index, unseen. Now the HEAD is asked again after the
+    read: the same ETag (or size and mtime) on both sides is the version of these bytes; another
+    fails the read (InputChanged: read again). None only where nothing tells versions apart."""
+    before = stat(uri, storage_options)
+    with open_ranges(uri, storage_options, etag=before["etag"]) as reader:
+        data = bytes(reader.fetch(0, before["size"] or reader.size()))
+        pinned = reader.version()
+    if pinned:
+        return data, f"etag:{pinned}"
+    after = stat(uri, storage_options)
+    if identity_differs(identity_of(uri, before), identity_of(uri, after)):
+        raise changed_while_read(uri, f"ETag {before['etag']} -> {after['etag']}, size {before['size']} -> "
+                                      f"{after['size']}, read by fsspec")
+    if before["etag"]:
+        return data, f"etag:{before['etag']}"
+    return data, f"size:{before['size']},mtime:{before['mtime']}" if before["mtime"] else None
 
 
 def _missing(exc: InputError) -> bool:
@@ -111,11 +142,11 @@ def index_version(versions: Versions) -> str | None:
 
 def read_fai(uri: str, storage_options: dict[str, Any] | None = None,
              versions: Versions | None = None) -> dict[str, FaiEntry]:
-    """Parse ``uri + '.fai'``; a missing index says how to make one, a malformed line which it is.
+    """Parse the ``.fai`` beside ``uri``; a missing index says how to make one, a malformed line which it is.
     ``versions``: where the version read is recorded (:func:`read_index_file`)."""
-    fai_uri = uri + ".fai"
+    fai_uri = suffixed(uri, ".fai")
     entries: dict[str, FaiEntry] = {}
-    text = read_index_file(fai_uri, storage_options, "fai", versions).decode(errors="replace")
+    text = read_index_file(uri, storage_options, "fai", versions).decode(errors="replace")
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -136,8 +167,8 @@ def read_fai(uri: str, storage_options: dict[str, Any] | None = None,
 def read_gzi(uri: str, storage_options: dict[str, Any] | None = None,
              versions: Versions | None = None) -> tuple[list[int], list[int]]:
     """Parse a ``.gzi``: (compressed offsets, uncompressed offsets) of BGZF block starts."""
-    gzi_uri = uri + ".gzi"
-    raw = read_index_file(gzi_uri, storage_options, "gzi", versions)
+    gzi_uri = suffixed(uri, ".gzi")
+    raw = read_index_file(uri, storage_options, "gzi", versions)
     if len(raw) < 8:
         raise InputError(gzi_uri, f"too short to be a .gzi ({len(raw)} bytes); {REBUILD}")
     (count,) = struct.unpack_from("<Q", raw, 0)
@@ -249,7 +280,7 @@ def check_gzi(uri: str, gzi: tuple[list[int], list[int]], compressed_size: int,
               fetch: Callable[[list[tuple[int, int]]], list[bytes]]) -> None:
     """Block offsets rise in both files, lie inside the compressed file and land on BGZF blocks."""
     coffs, uoffs = gzi
-    gzi_uri = uri + ".gzi"
+    gzi_uri = suffixed(uri, ".gzi")
     for i in range(1, len(coffs)):
         if coffs[i] <= coffs[i - 1] or uoffs[i] <= uoffs[i - 1] or coffs[i] >= compressed_size:
             raise InputError(gzi_uri, f"block {i} (compressed offset {coffs[i]}, uncompressed "

@@ -28,7 +28,7 @@ import numpy as np
 
 from gpubatch.core.errors import InputChanged, InputError
 from gpubatch.io.storage import exists, input_changed, library_options, open_ranges
-from gpubatch.io.uris import is_remote, local_path
+from gpubatch.io.uris import child, is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.indexes import (
     LOCAL_CHECKED,
@@ -70,6 +70,10 @@ class ContigTable:
     #: the reference's form as the plan found it ('zarr', 'bgzip', 'fasta'; None where not said):
     #: the plan hands it to its shards, whose workers then open the reference without probing it
     format: str | None = None
+    #: the FASTA's ETag the index was checked against, where those reads were pinned to one
+    #: (obstore): the plan's record of the FASTA must be that version (planned_identity), or its
+    #: shards would read another FASTA than the one their index fits
+    checked_version: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_lookup", dict(zip(self.names, self.lengths, strict=True)))
@@ -199,14 +203,15 @@ def load_contigs(uri: str, storage_options: dict[str, Any] | None = None) -> Con
         _, meta = _zarr_meta(uri, storage_options)
         return ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]), format=fmt)
     versions: Versions = {}
-    fai, _ = read_checked_index(uri, fmt, storage_options, versions)
-    return ContigTable(tuple(fai), tuple(e.length for e in fai.values()), index_version(versions), fmt)
+    fai, _, checked = read_checked_index(uri, fmt, storage_options, versions)
+    return ContigTable(tuple(fai), tuple(e.length for e in fai.values()), index_version(versions), fmt, checked)
 
 
 def read_checked_index(uri: str, fmt: str, storage_options: dict[str, Any] | None = None,
                        versions: Versions | None = None,
-                       ) -> tuple[dict[str, FaiEntry], tuple[list[int], list[int]] | None]:
-    """The .fai (and .gzi for bgzip), checked against the FASTA with a few small reads.
+                       ) -> tuple[dict[str, FaiEntry], tuple[list[int], list[int]] | None, str | None]:
+    """The .fai (and .gzi for bgzip), checked against the FASTA with a few small reads, and the
+    FASTA's ETag those reads were pinned to (None where unpinned: fsspec, no ETag).
 
     Run at plan time, once per job: an index that does not match its file is refused there,
     naming the contig, instead of yielding shifted or truncated windows. ``versions``: where
@@ -222,11 +227,11 @@ def read_checked_index(uri: str, fmt: str, storage_options: dict[str, Any] | Non
         checked = REMOTE_CHECKED if is_remote(uri) else LOCAL_CHECKED
         if gzi is None:
             check_fai(uri, fai, size, fetch_many, checked)
-            return fai, None
+            return fai, None, reader.version() if is_remote(uri) else None
         check_gzi(uri, gzi, size, fetch_many)
         plain = uncompressed_size(reader, gzi)
         check_fai(uri, fai, plain, lambda spans: [read_bgzf_range(reader, gzi, a, b) for a, b in spans], checked)
-    return fai, gzi
+        return fai, gzi, reader.version() if is_remote(uri) else None
 
 
 class Reference(ABC):
@@ -354,8 +359,10 @@ def refuse_if_changed(uri: str, version_uri: str, planned: dict[str, Any],
 
 
 def zarr_marker(uri: str) -> str:
-    """A genome zarr's ``zarr.json``: the object whose version is the zarr's (ingest writes it)."""
-    return uri.rstrip("/") + "/zarr.json"
+    """A genome zarr's ``zarr.json``: the object whose version is the zarr's (ingest writes it);
+    a URL's query kept after its path (a presigned FASTA's was cut into, and its server could
+    answer the FASTA itself for the marker)."""
+    return child(uri, "zarr.json")
 
 
 class ZarrReference(Reference):

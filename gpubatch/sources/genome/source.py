@@ -41,6 +41,7 @@ from gpubatch.core.errors import InputChanged, InputError, SpecError
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity
+from gpubatch.io.uris import suffixed
 from gpubatch.ops.kernels import reverse_complement_codes, window_rows
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
@@ -130,7 +131,7 @@ def planned_identity(uri: str, storage: dict[str, Any], contigs: ContigTable) ->
     another version at its start refuses it (engine.worker.unchanged_since_planned); a variants
     shard's reader holds its reference reads to it (reference.FastaReference). Either way the
     run's windows never come from two versions of it. None for a genome zarr (a folder)."""
-    return None if contigs.format == "zarr" else input_identity(uri, storage)
+    return None if contigs.format == "zarr" else _checked_identity(uri, storage, contigs)
 
 
 def reference_identity(uri: str, storage: dict[str, Any], contigs: ContigTable) -> dict[str, Any]:
@@ -138,7 +139,22 @@ def reference_identity(uri: str, storage: dict[str, Any], contigs: ContigTable) 
     ``planned``): the FASTA's, or a genome zarr's ``zarr.json``'s (its own identity as a folder
     says nothing). Variants shards and windows shards over a zarr carry it; windows shards over
     a FASTA have the worker's check of their input instead (``planned_identity``)."""
-    return input_identity(zarr_marker(uri) if contigs.format == "zarr" else uri, storage)
+    if contigs.format == "zarr":
+        return input_identity(zarr_marker(uri), storage)
+    return _checked_identity(uri, storage, contigs)
+
+
+def _checked_identity(uri: str, storage: dict[str, Any], contigs: ContigTable) -> dict[str, Any]:
+    """The FASTA's identity, which must be the version its index was checked against where the
+    check's reads were pinned to one: a FASTA written over between that check and this HEAD
+    would be recorded as the run's, and every shard would read it by the index of the other
+    (both held to the plan's versions, neither refused). A spec error: plan again."""
+    identity = input_identity(uri, storage)
+    if contigs.checked_version and identity.get("etag") != contigs.checked_version:
+        raise SpecError([("windows.reference", f"{redact(uri)} changed while the run was planned: its index was "
+                                               f"checked against ETag {contigs.checked_version}, it is now "
+                                               f"{identity.get('etag')}; run the job again")])
+    return identity
 
 
 def refuse_another_index(shard: Shard, reference: Reference) -> None:
@@ -151,7 +167,7 @@ def refuse_another_index(shard: Shard, reference: Reference) -> None:
     if not planned or not read or planned == read:
         return
     was, now = (dict(part.split(" ", 1) for part in v.split("; ")) for v in (planned, read))
-    files = ", ".join(f"{redact(reference.uri)}.{ext}" for ext in now if was.get(ext) != now[ext])
+    files = ", ".join(redact(suffixed(reference.uri, f".{ext}")) for ext in now if was.get(ext) != now[ext])
     raise InputChanged(redact(reference.uri), f"the reference's index {files} changed since the run was planned "
                        f"({planned} planned, {read} read): the shard's windows were cut with the other one; "
                        "run the job again (--overwrite) to plan with this index")
