@@ -89,3 +89,26 @@ def test_auto_batch_run_uses_tuning(tmp_path: Path, slides_dir: Path, mean_model
     again = gpubatch.run(_auto_job(tmp_path, slides_dir, mean_model), profile="inline", show_progress=False,
                          overwrite=True)
     assert again.report["tuning"]["cached"] is True and again.report["batch_size"] == report["batch_size"]
+
+
+def _first_and_last_truncated(folder: Path, slides_dir: Path) -> Path:
+    """Three slides, a0 and c2 (the first and last of the plan) cut short, b1 whole."""
+    folder.mkdir()
+    (folder / "a0.tif").write_bytes((slides_dir / "s0.tif").read_bytes()[:5000])
+    (folder / "b1.tif").write_bytes((slides_dir / "s1.tif").read_bytes())
+    (folder / "c2.tif").write_bytes((slides_dir / "s2.tif").read_bytes()[:5000])
+    return folder
+
+
+def test_auto_batch_run_survives_bad_first_and_last_inputs(tmp_path: Path, slides_dir: Path,
+                                                           mean_model: Path) -> None:
+    """Tuning samples the plan's first and last inputs; when both are bad it takes the next ones,
+    and the run quarantines the two and finishes the third (exit 3), as with a fixed batch size."""
+    bad = _first_and_last_truncated(tmp_path / "bad", slides_dir)
+    job = slide_job([str(bad / "*.tif")], mean_model, tmp_path / "out", tiles={"size": 64, "mpp": 0.25})
+    job["model"]["batch_size"] = "auto"
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
+    assert result.exit_code == 3
+    assert sorted(Path(f["input"]).name for f in result.report["failed"]) == ["a0.tif", "c2.tif"]
+    assert set(result.predictions()["slide"].map(lambda s: Path(s).name)) == {"b1.tif"}
+    assert result.report["batch_size"] == result.report["tuning"]["batch_size"]
