@@ -132,7 +132,9 @@ def draw_items(job: JobSpec, source: Source, shards: Sequence[Shard], settings: 
     total = settings.calibration_items + settings.validation_items
     chosen = [int(i) for i in spread(len(shards), settings.max_shards)]
     quota = max(1, math.ceil(total / max(1, len(chosen))))
-    raws, inputs, used = [], [], []
+    raws: list[np.ndarray] = []
+    inputs: list[np.ndarray] = []
+    used: list[str] = []
     tried = 0
     for index in _sampling_order(len(shards), chosen):
         if len(used) == len(chosen) or tried == len(chosen) + MAX_REPLACEMENTS:
