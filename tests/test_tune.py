@@ -112,3 +112,23 @@ def test_auto_batch_run_survives_bad_first_and_last_inputs(tmp_path: Path, slide
     assert sorted(Path(f["input"]).name for f in result.report["failed"]) == ["a0.tif", "c2.tif"]
     assert set(result.predictions()["slide"].map(lambda s: Path(s).name)) == {"b1.tif"}
     assert result.report["batch_size"] == result.report["tuning"]["batch_size"]
+
+
+@pytest.mark.parametrize("damage", ["[]", '{"k": 1}', "{trunc", "entry"])
+def test_a_damaged_cache_is_a_miss_not_a_traceback(classifier: Path, damage: str) -> None:
+    """tune.json is a user file (edited, truncated, another tool's): what does not read back is
+    swept again and the file rewritten, in `tune` and in a `batch_size: auto` run alike."""
+    import numpy as np
+
+    model = get_model(str(classifier), "onnxruntime")
+    items = np.zeros((2, 3, 224, 224), np.float32)
+    first = tune_model(model, items, "sha-d", max_batch=2, min_time_s=0.01)
+    if damage == "entry":
+        data = json.loads(cache_path().read_text())
+        data[first.key] = {"batch_size": "big", "curve": [{"nope": 1}]}
+        cache_path().write_text(json.dumps(data))
+    else:
+        cache_path().write_text(damage)
+    again = tune_model(model, items, "sha-d", max_batch=2, min_time_s=0.01)
+    assert not again.cached and again.batch_size in (1, 2)
+    assert tune_model(model, items, "sha-d", max_batch=2).cached

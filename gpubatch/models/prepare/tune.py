@@ -19,6 +19,7 @@ model and machine, and ``gpubatch tune JOB`` refreshes the entry.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -28,7 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from gpubatch.core.files import cache_root, write_json_atomic
 from gpubatch.models.base import Model
+
+log = logging.getLogger("gpubatch")
 
 MAX_BATCH = 512
 WITHIN = 0.95
@@ -156,8 +160,7 @@ def sweep(model: Model, items: np.ndarray, *, max_batch: int = MAX_BATCH, memory
 
 
 def cache_path() -> Path:
-    root = os.environ.get("GPUBATCH_CACHE") or str(Path.home() / ".cache" / "gpubatch")
-    return Path(root) / "tune.json"
+    return cache_root() / "tune.json"
 
 
 def device_id(model: Model) -> str:
@@ -169,29 +172,42 @@ def tune_key(model_sha256: str, backend: str, precision: str, device: str, item_
     return "|".join([model_sha256, backend, precision, device, "x".join(map(str, item_shape))])
 
 
-def load_cached(key: str) -> TuneResult | None:
+def _cache_entries() -> dict[str, Any]:
+    """The cache's entries; a missing, unreadable or foreign file (a list, a truncated write by
+    another tool) is an empty cache, replaced at the next store, never a traceback."""
     try:
-        entry = json.loads(cache_path().read_text()).get(key)
+        data = json.loads(cache_path().read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_cached(key: str) -> TuneResult | None:
+    """The cached choice under ``key``; an entry that does not read back (edited, another version's
+    fields) is a miss, and the sweep that follows replaces it."""
+    entry = _cache_entries().get(key)
     if not entry:
         return None
-    curve = [CurvePoint(**p) for p in entry.get("curve", [])]
-    return TuneResult(int(entry["batch_size"]), curve, True, key, entry.get("stopped_by", ""))
+    try:
+        batch_size = entry["batch_size"]
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size {batch_size!r}")
+        curve = [CurvePoint(**p) for p in entry.get("curve", [])]
+        return TuneResult(batch_size, curve, True, key, str(entry.get("stopped_by", "")))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        log.warning("ignored a damaged entry of %s (%s): sweeping again", cache_path(), exc)
+        return None
 
 
 def store(result: TuneResult) -> None:
-    """Add one choice to the cache file (read-modify-write, replaced atomically)."""
-    path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
+    """Add one choice to the cache file (read-modify-write, replaced atomically); a cache that
+    cannot be written (a read-only home) costs the next run a sweep, not this one its result."""
+    data = _cache_entries()
     data[result.key] = {**result.as_dict(), "cached": False, "time": time.time()}
-    tmp = path.with_name(f"tune.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    try:
+        write_json_atomic(cache_path(), data)
+    except OSError as exc:
+        log.warning("could not store the tuning choice in %s: %s", cache_path(), exc)
 
 
 def tune_model(model: Model, items: np.ndarray, model_sha256: str, *, refresh: bool = False,
