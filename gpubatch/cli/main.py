@@ -252,10 +252,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     """
     from gpubatch.models.prepare import prepare_model
     from gpubatch.models.prepare.tune import (
-        WITHIN,
-        CurvePoint,
         TuneResult,
         cache_path,
+        describe_method,
+        explain,
         format_curve,
     )
     from gpubatch.runtime.preflight import preflight
@@ -268,12 +268,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     shards, _ = source.plan(job)
     prepared = prepare_model(job, source, shards, Path(job.output.uri), retune=True)
     tuning = prepared.report.get("tuning", {})
-    result = TuneResult(prepared.batch_size, [CurvePoint(**p) for p in tuning.get("curve", [])],
-                        False, tuning.get("key", ""), tuning.get("stopped_by", ""))
+    result = TuneResult.from_dict(tuning)
     print(f"model {job.model.path} ({prepared.precision}, {tuning.get('backend', job.model.backend)})")
+    print(describe_method(result))
     print(format_curve(result))
-    print(f"chosen batch_size: {result.batch_size} (smallest within {WITHIN:.0%} of the best; "
-          f"sweep stopped: {result.stopped_by}); cached in {cache_path()}")
+    print(f"chosen batch_size: {result.batch_size} ({explain(result)}); sweep stopped: {result.stopped_by}; "
+          f"cached in {cache_path()}")
     return EXIT_OK
 
 

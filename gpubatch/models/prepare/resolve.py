@@ -96,6 +96,7 @@ class _Preparation:
         self.path, self.precision = job.model.path, "fp32"
         self.model: Model | None = None
         self.sample: ItemSample | None = None
+        self.probe: ItemSample | None = None  # a few items to time the model on, when no sample was drawn
         self.batch_size = job.model.batch_size if isinstance(job.model.batch_size, int) else DEFAULT_BATCH
         self.report: dict[str, Any] = {}
         self.audit: dict[str, Any] = {}
@@ -192,11 +193,16 @@ class _Preparation:
     # -- batch size and throughput ----------------------------------------------------------------
 
     def probe_items(self) -> np.ndarray:
-        if self.sample is not None and len(self.sample.validation):
-            return self.sample.validation
-        if self.sample is not None:
-            return self.sample.calibration
-        return draw_probe(self.job, self.source, self.shards)
+        return self.probe_sample()[0]
+
+    def probe_sample(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """Items to time the model on, from the job's inputs, and where they came from."""
+        if self.sample is None and self.probe is None:
+            self.probe = draw_probe(self.job, self.source, self.shards)
+        sample = self.sample if self.sample is not None else self.probe
+        assert sample is not None
+        items = sample.validation if len(sample.validation) else sample.calibration
+        return items, {"items": len(items), "inputs": len(sample.shards)}
 
     def choose_batch(self, retune: bool) -> None:
         if self.job.model.batch_size != "auto" and not retune:
@@ -204,7 +210,8 @@ class _Preparation:
             return
         if self.model is None:
             self.model = self.load(self.path, self.precision)
-        result = tune_model(self.model, self.probe_items(), file_sha256(self.path), refresh=retune)
+        items, origin = self.probe_sample()
+        result = tune_model(self.model, items, file_sha256(self.path), refresh=retune, sample=origin)
         self.batch_size = result.batch_size
         self.report["tuning"] = result.as_dict() | {"backend": self.backend, "precision": self.precision}
         self.audit["batch_size_source"] = "tuning cache" if result.cached else "tuned"

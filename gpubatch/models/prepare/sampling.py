@@ -180,7 +180,7 @@ def _split(raw: np.ndarray, x: np.ndarray, used: list[str], settings: SampleSett
     return ItemSample(x[cal_idx], x[val_idx], digest.hexdigest(), used)
 
 
-def draw_probe(job: JobSpec, source: Source, shards: Sequence[Shard], n: int = 16) -> np.ndarray:
-    """A few model-ready items (for batch-size tuning, where content barely matters)."""
-    sample = draw_items(job, source, shards, SampleSettings(n, 0, max_shards=2))
-    return sample.calibration
+def draw_probe(job: JobSpec, source: Source, shards: Sequence[Shard], n: int = 16) -> ItemSample:
+    """A few model-ready items (for batch-size tuning, where content barely matters), in
+    ``calibration``; ``shards`` names the inputs they came from."""
+    return draw_items(job, source, shards, SampleSettings(n, 0, max_shards=2))
