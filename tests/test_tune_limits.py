@@ -171,3 +171,22 @@ def test_tune_says_what_was_measured_and_why_the_size_won(tmp_path: Path, slides
     assert "the smallest batch within 95% of the best measured" in out
     header = next(line for line in out.splitlines() if "items/s" in line and "batch" in line)
     assert "runs" in header and "noise" in header
+
+
+def test_tune_of_a_reduced_precision_leaves_the_output_alone(tmp_path: Path, slides_dir: Path, classifier: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """tune quantized into OUTDIR/_models, and validate and run then refused OUTDIR as holding
+    files gpubatch did not write; the run after tune finds the tuned choice in the cache."""
+    import gpubatch
+
+    job = slide_job([str(slides_dir / "*.tif")], classifier, tmp_path / "out", tiles={"size": 224, "mpp": 0.25})
+    job["model"].update(precision="int8", calibration={"items": 16},
+                        validation={"items": 16, "min_agreement": 0.5, "on_fail": "fp32"})
+    spec = str(write_job(tmp_path / "job.yaml", job))
+    assert main(["tune", spec]) == 0
+    assert not (tmp_path / "out").exists()
+    assert main(["validate", spec, "--set", "model.batch_size=auto"]) == 0
+    tuned = int(capsys.readouterr().out.split("chosen batch_size:")[1].split()[0])
+    result = gpubatch.run(spec, model__batch_size="auto", show_progress=False)
+    assert result.exit_code == 0 and result.report["tuning"]["cached"] is True
+    assert result.report["batch_size"] == tuned

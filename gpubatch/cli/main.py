@@ -248,8 +248,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     """Prepare the job's model as a run would, sweep batch sizes afresh, print the curve.
 
     The model swept is the one the run would use (after quantization and the validation gate),
-    and the choice is stored in the cache, so a following ``batch_size: auto`` run picks it up.
+    and the choice is stored in the cache, so a following ``batch_size: auto`` run picks it up
+    (quantization is deterministic: the run's reduced model has the same checksum, so the key).
+    Nothing is written to the job's output.
     """
+    import tempfile
+
     from gpubatch.models.prepare import prepare_model
     from gpubatch.models.prepare.tune import (
         TuneResult,
@@ -266,7 +270,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     preflight(job)
     source = get_source(job.kind)
     shards, _ = source.plan(job)
-    prepared = prepare_model(job, source, shards, Path(job.output.uri), retune=True)
+    with tempfile.TemporaryDirectory(prefix="gpubatch-tune-") as models_dir:
+        # a reduced model is made in a folder of tune's own: the job's output is the run's to
+        # write (a folder holding only _models was then refused by validate and run as foreign)
+        prepared = prepare_model(job, source, shards, Path(models_dir), retune=True)
     tuning = prepared.report.get("tuning", {})
     result = TuneResult.from_dict(tuning)
     print(f"model {job.model.path} ({prepared.precision}, {tuning.get('backend', job.model.backend)})")
