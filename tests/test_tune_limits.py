@@ -190,3 +190,33 @@ def test_tune_of_a_reduced_precision_leaves_the_output_alone(tmp_path: Path, sli
     result = gpubatch.run(spec, model__batch_size="auto", show_progress=False)
     assert result.exit_code == 0 and result.report["tuning"]["cached"] is True
     assert result.report["batch_size"] == tuned
+
+
+def test_an_auto_batch_is_tuned_at_the_threads_the_workers_run(tmp_path: Path, slides_dir: Path,
+                                                                 mean_model: Path) -> None:
+    """The sweep ran the model on ONNX Runtime's default threads and cached it under
+    'defaultthreads', while the run's workers ran it on their share of the cores."""
+    import gpubatch
+    from gpubatch.runtime.cluster import cpu_count
+
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp_path / "out")
+    job["model"]["batch_size"] = "auto"
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
+    assert result.exit_code == 0
+    assert f"cpu:{cpu_count()}threads|" in result.report["tuning"]["key"]  # inline: one worker, every core
+    assert result.report["tuning"]["threads"] == cpu_count()
+
+
+def test_tune_profile_tunes_for_that_profiles_run(tmp_path: Path, slides_dir: Path, mean_model: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`tune --profile P` is `run --profile P`'s choice: the run finds it in the cache."""
+    import gpubatch
+    from gpubatch.runtime.cluster import cpu_count
+
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp_path / "out", run={"profile": "local"})
+    job["model"]["batch_size"] = "auto"
+    spec = str(write_job(tmp_path / "job.yaml", job))
+    assert main(["tune", spec, "--profile", "inline"]) == 0
+    assert f", {cpu_count()} threads)" in capsys.readouterr().out
+    result = gpubatch.run(spec, profile="inline", show_progress=False)
+    assert result.exit_code == 0 and result.report["tuning"]["cached"] is True

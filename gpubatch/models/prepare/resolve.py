@@ -90,8 +90,10 @@ def keep_fp32_reason(precision: str, backend: str) -> str | None:
 class _Preparation:
     """The state of one preparation: chosen file and precision, loaded model, figures."""
 
-    def __init__(self, job: JobSpec, source: Source, shards: Sequence[Shard], outdir: Path):
+    def __init__(self, job: JobSpec, source: Source, shards: Sequence[Shard], outdir: Path,
+                 threads: int | None = None):
         self.job, self.source, self.shards, self.outdir = job, source, shards, outdir
+        self.threads = threads or job.model.threads  # the workers' figure, where the client knows it
         self.backend = resolve_backend(job.model.backend, job.model.path)
         self.path, self.precision = job.model.path, "fp32"
         self.model: Model | None = None
@@ -103,7 +105,7 @@ class _Preparation:
 
     def load(self, path: str, precision: str) -> Model:
         """A private session (not the worker cache): the client must not keep sessions alive."""
-        return backend_class(self.backend)(path, precision=precision, threads=self.job.model.threads)
+        return backend_class(self.backend)(path, precision=precision, threads=self.threads)
 
     def draw(self) -> ItemSample:
         if self.sample is None:
@@ -213,7 +215,8 @@ class _Preparation:
         items, origin = self.probe_sample()
         result = tune_model(self.model, items, file_sha256(self.path), refresh=retune, sample=origin)
         self.batch_size = result.batch_size
-        self.report["tuning"] = result.as_dict() | {"backend": self.backend, "precision": self.precision}
+        self.report["tuning"] = result.as_dict() | {"backend": self.backend, "precision": self.precision,
+                                                    "threads": self.threads, "device": self.model.device}
         self.audit["batch_size_source"] = "tuning cache" if result.cached else "tuned"
         if not result.cached and (ips := result.items_per_s_at(result.batch_size)):
             self.report["model_only_items_per_s_measured"] = ips
@@ -239,14 +242,15 @@ class _Preparation:
 
 
 def prepare_model(job: JobSpec, source: Source, shards: Sequence[Shard], outdir: Path,
-                  *, retune: bool = False) -> PreparedModel:
+                  *, retune: bool = False, threads: int | None = None) -> PreparedModel:
     """The model file, precision and batch size this run will use, with the figures behind them.
 
     Raises ``ValidationGateError`` (gate failed, ``on_fail: error``) or ``SpecError`` (precision
     impossible on this backend) before any shard runs. ``retune`` forces a fresh batch-size sweep
-    (``gpubatch tune``).
+    (``gpubatch tune``). ``threads``: the intra-op threads the workers' model will run with, so
+    that the batch size is tuned (and cached) for them; by default ``model.threads``.
     """
-    prep = _Preparation(job, source, shards, Path(outdir).resolve())
+    prep = _Preparation(job, source, shards, Path(outdir).resolve(), threads)
     prep.choose_precision()
     prep.choose_batch(retune)
     prep.measure_throughput()
