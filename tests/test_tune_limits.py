@@ -220,3 +220,19 @@ def test_tune_profile_tunes_for_that_profiles_run(tmp_path: Path, slides_dir: Pa
     assert f", {cpu_count()} threads)" in capsys.readouterr().out
     result = gpubatch.run(spec, profile="inline", show_progress=False)
     assert result.exit_code == 0 and result.report["tuning"]["cached"] is True
+
+
+@pytest.mark.parametrize(("precision", "backend"), [("fp8", "onnxruntime"), ("int8", "torch")])
+def test_validate_refuses_a_precision_the_backend_cannot_run_as_tune_and_run_do(
+        tmp_path: Path, slides_dir: Path, mean_model: Path, precision: str, backend: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """validate passed these (exit 0); tune and run refused them (exit 2) after planning."""
+    from test_hostile_models import refused_by_both
+
+    model = mean_model if backend == "onnxruntime" else _oom_above(tmp_path / "m.pt", 1024)
+    job = slide_job([str(slides_dir / "*.tif")], model, tmp_path / "out")
+    job["model"].update(precision=precision, backend=backend)
+    text = refused_by_both(tmp_path, job, capsys)
+    assert f"model.precision: precision {precision}" in text and "on_fail: fp32" in text
+    assert main(["tune", str(tmp_path / "job.yaml")]) == 2
+    assert capsys.readouterr().err == text

@@ -256,6 +256,25 @@ def _onnx_file(job: JobSpec) -> str | None:
     return _model_file(job.model.path, job.input.storage, "model.path")
 
 
+def check_precision_backend(job: JobSpec) -> None:
+    """A precision the backend cannot run at all (fp8 off TensorRT, int8 on torch) is refused
+    here, with ``on_fail: error``, as ``run`` and ``tune`` refuse it once they have planned and
+    loaded the model: ``validate`` passed such a job."""
+    from gpubatch.core.errors import GpubatchError
+    from gpubatch.models.base import resolve_backend
+    from gpubatch.models.prepare.resolve import refusal, unsupported_reason
+
+    if job.model.validation.on_fail != "error":
+        return
+    try:
+        backend = resolve_backend(job.model.backend, job.model.path)
+    except GpubatchError:
+        return  # no backend installed: check_environment's to say
+    reason = unsupported_reason(job.model.precision, backend)
+    if reason:
+        raise SpecError([("model.precision", refusal(reason))])
+
+
 def check_torch_file(job: JobSpec) -> None:
     """The torch backend loads zip archives (torch.jit.save, torch.export.save); an ONNX file
     named to it would quarantine every input with torch's "not a TorchScript file"."""
@@ -474,6 +493,7 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     check_local_files(job)
     check_credentials(job, profile)
     check_model_input(job)
+    check_precision_backend(job)
     check_track_outputs(job)
     check_reference(job)
     check_slide_model(job)

@@ -66,6 +66,11 @@ def unsupported_reason(precision: str, backend: str) -> str | None:
     return None
 
 
+def refusal(reason: str) -> str:
+    """The refusal of a precision that cannot be had (``on_fail: error``), with the way out."""
+    return f"{reason}; or set model.validation.on_fail: fp32 to run in fp32 instead"
+
+
 def unquantizable_reason(path: str, precision: str, exc: BaseException) -> str:
     """Why ``path`` could not be made ``precision``, for a refusal or the report's fallback note:
     the quantizer's own words (ONNX Runtime's, one line), not its traceback."""
@@ -133,8 +138,7 @@ class _Preparation:
     def refuse(self, want: str, reason: str) -> None:
         """A precision this backend cannot run: stop, or run fp32 when ``on_fail: fp32``."""
         if self.job.model.validation.on_fail == "error":
-            raise SpecError([("model.precision", f"{reason}; or set model.validation.on_fail: fp32 "
-                                                 "to run in fp32 instead")])
+            raise SpecError([("model.precision", refusal(reason))])
         log.warning("%s; running in fp32 (on_fail: fp32)", reason)
         figures = {"requested": want, "passed": False, "fell_back_to": "fp32", "reason": reason}
         self.report["quantization"] = figures
