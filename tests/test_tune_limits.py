@@ -236,3 +236,30 @@ def test_validate_refuses_a_precision_the_backend_cannot_run_as_tune_and_run_do(
     assert f"model.precision: precision {precision}" in text and "on_fail: fp32" in text
     assert main(["tune", str(tmp_path / "job.yaml")]) == 2
     assert capsys.readouterr().err == text
+
+
+def test_a_tuned_batch_fits_the_workers_memory_as_validate_requires_of_a_fixed_one(
+        tmp_path: Path, slides_dir: Path, mean_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """run.max_worker_memory of 2 MiB holds 14 items of 64 px tiles (4 prefetched batches): the
+    sweep went to 512, a size validate refuses when written in the spec."""
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp_path / "out", run={"max_worker_memory": 2 << 20})
+    spec = str(write_job(tmp_path / "job.yaml", job))
+    assert main(["tune", spec]) == 0
+    out = capsys.readouterr().out
+    sizes = [int(line.split()[0]) for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert max(sizes) == 8 and "run.max_worker_memory lets a worker hold at most 14 items" in out
+    chosen = int(out.split("chosen batch_size:")[1].split()[0])
+    assert main(["validate", spec, "--set", f"model.batch_size={chosen}"]) == 0
+    assert main(["validate", spec, "--set", "model.batch_size=16"]) == 2
+
+
+def test_a_cached_choice_above_a_new_memory_limit_is_chosen_again_below_it() -> None:
+    from gpubatch.models.prepare.tune import CurvePoint, TuneResult, within_limit
+
+    curve = [CurvePoint(b, ips, 0.0, b / ips) for b, ips in ((1, 100.0), (2, 150.0), (4, 180.0), (8, 400.0))]
+    hit = TuneResult(8, curve, True, "k", "reached max batch 8", {"max_batch": 512})
+    assert within_limit(hit, 512) is hit
+    again = within_limit(hit, 4)
+    assert again is not None and again.batch_size == 4 and "up to 4" in again.stopped_by
+    short = TuneResult(2, curve[:2], True, "k", "reached max batch 2", {"max_batch": 2})
+    assert within_limit(short, 512) is None  # swept under a lower limit: sweep again

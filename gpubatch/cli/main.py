@@ -259,7 +259,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from gpubatch.models.prepare.tune import TuneResult
     from gpubatch.runtime.cluster import load_profile, worker_count
     from gpubatch.runtime.preflight import preflight, refuse_empty_plan
-    from gpubatch.runtime.runner import all_workers_here, workers_model_threads
+    from gpubatch.runtime.runner import all_workers_here, batch_limit, workers_model_threads
     from gpubatch.sources import get_source
     from gpubatch.spec import load_job
 
@@ -274,7 +274,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="gpubatch-tune-") as models_dir:
         # a reduced model is made in a folder of tune's own: the job's output is the run's to
         # write (a folder holding only _models was then refused by validate and run as foreign)
-        prepared = prepare_model(job, source, shards, Path(models_dir), retune=True, threads=threads)
+        prepared = prepare_model(job, source, shards, Path(models_dir), retune=True, threads=threads,
+                                 batch_limit=batch_limit(job, prof))
     _print_tuning(args, job, prepared, TuneResult.from_dict(prepared.report.get("tuning", {})), here)
     return EXIT_OK
 

@@ -57,7 +57,7 @@ from gpubatch.runtime.cluster import (
     start_worker_imports,
     worker_count,
 )
-from gpubatch.runtime.preflight import preflight, refuse_empty_plan
+from gpubatch.runtime.preflight import largest_batch_in_memory, preflight, refuse_empty_plan
 from gpubatch.runtime.progress import Progress
 from gpubatch.runtime.result import Result
 from gpubatch.runtime.resume import check_run_model, reconcile
@@ -208,7 +208,8 @@ class _Run:
             update={"path": localize(job.model.path, job.input.storage)})})
         models_dir = self.store.local() if not self.store.remote else cache_root() / "outputs" / self.run_id
         threads = workers_model_threads(job, n_workers, self.one_host)
-        prepared = prepare_model(local_job, source, shards, models_dir, threads=threads)
+        prepared = prepare_model(local_job, source, shards, models_dir, threads=threads,
+                                 batch_limit=batch_limit(job, self.prof))
         model_path, model_storage = self._model_for_workers(prepared.path, local_job.model.path)
         ctx = RunContext(
             outdir=self.store.uri, model_path=model_path,
@@ -403,6 +404,12 @@ def workers_model_threads(job: JobSpec, n_workers: int, one_host: bool) -> int |
     their own host's (engine.context). Batch-size tuning measures at this figure: a curve timed
     on every core says little of a worker that has one."""
     return job.model.threads or (max(1, cpu_count() // n_workers) if one_host else None)
+
+
+def batch_limit(job: JobSpec, profile: dict[str, Any]) -> tuple[int, str] | None:
+    """The largest batch a worker's memory holds (preflight's figure), for the batch-size tuner."""
+    largest, which = largest_batch_in_memory(job, profile)
+    return None if largest is None else (largest, which)
 
 
 def all_workers_here(profile: dict[str, Any], scheduler: str | None) -> bool:

@@ -30,7 +30,7 @@ from gpubatch.core.files import file_sha256
 from gpubatch.models.base import Model, backend_class, resolve_backend
 from gpubatch.models.prepare.quantize import ensure_reduced, fp16_converter_available
 from gpubatch.models.prepare.sampling import ItemSample, SampleSettings, draw_items, draw_probe
-from gpubatch.models.prepare.tune import make_batch, measure, tune_model
+from gpubatch.models.prepare.tune import MAX_BATCH, make_batch, measure, tune_model
 from gpubatch.models.prepare.validate import GateResult, gate
 from gpubatch.sources.base import Shard, Source
 from gpubatch.spec import JobSpec
@@ -96,8 +96,9 @@ class _Preparation:
     """The state of one preparation: chosen file and precision, loaded model, figures."""
 
     def __init__(self, job: JobSpec, source: Source, shards: Sequence[Shard], outdir: Path,
-                 threads: int | None = None):
+                 threads: int | None = None, batch_limit: tuple[int, str] | None = None):
         self.job, self.source, self.shards, self.outdir = job, source, shards, outdir
+        self.batch_limit = batch_limit  # the largest batch a worker's memory holds, and what says so
         self.threads = threads or job.model.threads  # the workers' figure, where the client knows it
         self.backend = resolve_backend(job.model.backend, job.model.path)
         self.path, self.precision = job.model.path, "fp32"
@@ -217,7 +218,11 @@ class _Preparation:
         if self.model is None:
             self.model = self.load(self.path, self.precision)
         items, origin = self.probe_sample()
-        result = tune_model(self.model, items, file_sha256(self.path), refresh=retune, sample=origin)
+        limits: dict[str, Any] = {}
+        if self.batch_limit is not None and self.batch_limit[0] < MAX_BATCH:
+            limits = {"max_batch": self.batch_limit[0],
+                      "max_batch_why": f" ({self.batch_limit[1]} lets a worker hold at most {self.batch_limit[0]} items)"}
+        result = tune_model(self.model, items, file_sha256(self.path), refresh=retune, sample=origin, **limits)
         self.batch_size = result.batch_size
         self.report["tuning"] = result.as_dict() | {"backend": self.backend, "precision": self.precision,
                                                     "threads": self.threads, "device": self.model.device}
@@ -246,15 +251,18 @@ class _Preparation:
 
 
 def prepare_model(job: JobSpec, source: Source, shards: Sequence[Shard], outdir: Path,
-                  *, retune: bool = False, threads: int | None = None) -> PreparedModel:
+                  *, retune: bool = False, threads: int | None = None,
+                  batch_limit: tuple[int, str] | None = None) -> PreparedModel:
     """The model file, precision and batch size this run will use, with the figures behind them.
 
     Raises ``ValidationGateError`` (gate failed, ``on_fail: error``) or ``SpecError`` (precision
     impossible on this backend) before any shard runs. ``retune`` forces a fresh batch-size sweep
     (``gpubatch tune``). ``threads``: the intra-op threads the workers' model will run with, so
     that the batch size is tuned (and cached) for them; by default ``model.threads``.
+    ``batch_limit``: (the largest batch a worker's memory holds, what sets it): the tuner chooses
+    no larger one (preflight.largest_batch_in_memory).
     """
-    prep = _Preparation(job, source, shards, Path(outdir).resolve(), threads)
+    prep = _Preparation(job, source, shards, Path(outdir).resolve(), threads, batch_limit)
     prep.choose_precision()
     prep.choose_batch(retune)
     prep.measure_throughput()

@@ -252,6 +252,7 @@ class _Sweep:
     min_time_s: float
     max_sweep_s: float
     clock: Callable[[], float]
+    max_batch_why: str = ""
     figures: _Figures = field(default_factory=_Figures)
 
     def __post_init__(self) -> None:
@@ -297,7 +298,7 @@ class _Sweep:
             if self.figures.last(b) > self.max_batch_s:
                 return f"one batch took {self.figures.last(b):.2f} s > {self.max_batch_s} s"
             b *= 2
-        return f"reached max batch {self.max_batch}"
+        return f"reached max batch {self.max_batch}{self.max_batch_why}"
 
     def more_rounds(self, rounds: int) -> str:
         """Rounds 2.. over the measured sizes, largest first, while time is left; '' when all ran."""
@@ -315,8 +316,8 @@ class _Sweep:
 
 def sweep(model: Model, items: np.ndarray, *, max_batch: int = MAX_BATCH, memory_budget_mb: float | None = None,
           max_batch_s: float = 2.0, min_time_s: float = MIN_TIME_S, rounds: int = ROUNDS,
-          max_sweep_s: float = MAX_SWEEP_S, clock: Callable[[], float] = time.perf_counter
-          ) -> tuple[list[CurvePoint], str]:
+          max_sweep_s: float = MAX_SWEEP_S, clock: Callable[[], float] = time.perf_counter,
+          max_batch_why: str = "") -> tuple[list[CurvePoint], str]:
     """Throughput and memory per power-of-two batch size; returns (curve, why it stopped).
 
     Each size is measured in ``rounds`` rounds (the first climbing the sizes, the others going
@@ -324,9 +325,10 @@ def sweep(model: Model, items: np.ndarray, *, max_batch: int = MAX_BATCH, memory
     on a shared machine slows one round of one size, not the choice. A size that fails (out
     of memory, wrong output rows) ends the sweep with the sizes before it, and so do a size
     whose memory or time would pass the limits, judged from the size before, before it runs.
+    ``max_batch_why`` says what set ``max_batch`` (a worker's memory), in the reason.
     """
     budget = default_memory_budget_mb() if memory_budget_mb is None else memory_budget_mb
-    state = _Sweep(model, items, max_batch, budget, max_batch_s, min_time_s, max_sweep_s, clock)
+    state = _Sweep(model, items, max_batch, budget, max_batch_s, min_time_s, max_sweep_s, clock, max_batch_why)
     why = state.first_round()
     why += state.more_rounds(rounds)
     return state.figures.curve(), why
@@ -386,21 +388,40 @@ def tune_model(model: Model, items: np.ndarray, model_sha256: str, *, refresh: b
     ``sample`` says where ``items`` came from (``{"items": 16, "inputs": 2}``), for the report.
     """
     key = tune_key(model_sha256, model.backend, model.precision, device_id(model), tuple(items.shape[1:]))
-    if not refresh and (hit := load_cached(key)) is not None:
+    max_batch = int(sweep_options.get("max_batch", MAX_BATCH))
+    if not refresh and (hit := within_limit(load_cached(key), max_batch)) is not None:
         log.info("model.batch_size auto: %d, from the tuning cache %s", hit.batch_size, cache_path())
         return hit
     limit = sweep_options.get("max_sweep_s", MAX_SWEEP_S)
     log.info("model.batch_size auto: measuring batch sizes 1 to %d on %d items (at most %.0f s; "
-             "`gpubatch tune JOB` prints the curve)", sweep_options.get("max_batch", MAX_BATCH), len(items), limit)
+             "`gpubatch tune JOB` prints the curve)", max_batch, len(items), limit)
     curve, why = sweep(model, items, **sweep_options)
     measured_on = {**(sample or {"items": len(items)}), "warm_up_runs_per_size_and_round": 1,
                    "rounds": sweep_options.get("rounds", ROUNDS),
                    "min_time_s_per_round": sweep_options.get("min_time_s", MIN_TIME_S),
-                   "statistic": "median run of the size's fastest round"}
+                   "statistic": "median run of the size's fastest round", "max_batch": max_batch}
     result = TuneResult(choose_batch(curve), curve, False, key, why, measured_on)
     log.info("model.batch_size auto: %d (%s); sweep stopped: %s", result.batch_size, explain(result), why)
     store(result)
     return result
+
+
+def within_limit(hit: TuneResult | None, max_batch: int) -> TuneResult | None:
+    """A cached choice as it holds under ``max_batch`` (a worker's memory allows no more): chosen
+    again among the cached sizes up to it; None (sweep again) when none is, or when the cached
+    sweep was cut short by a lower limit than this one."""
+    if hit is None:
+        return None
+    swept_to = int(hit.measured_on.get("max_batch", MAX_BATCH))
+    if swept_to < max_batch and hit.stopped_by.startswith("reached max batch"):
+        return None
+    if hit.batch_size <= max_batch:
+        return hit
+    allowed = [p for p in hit.curve if p.batch_size <= max_batch]
+    if not allowed:
+        return None
+    return dataclasses.replace(hit, batch_size=choose_batch(allowed),
+                               stopped_by=f"{hit.stopped_by}; chosen among the sizes up to {max_batch}")
 
 
 def explain(result: TuneResult) -> str:
