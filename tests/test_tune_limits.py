@@ -263,3 +263,16 @@ def test_a_cached_choice_above_a_new_memory_limit_is_chosen_again_below_it() -> 
     assert again is not None and again.batch_size == 4 and "up to 4" in again.stopped_by
     short = TuneResult(2, curve[:2], True, "k", "reached max batch 2", {"max_batch": 2})
     assert within_limit(short, 512) is None  # swept under a lower limit: sweep again
+
+
+def test_tune_of_a_job_with_a_fixed_batch_size_says_run_keeps_it(tmp_path: Path, slides_dir: Path,
+                                                                  mean_model: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """tune printed 'chosen batch_size: N ... cached' for a spec with batch_size 16, which run
+    then ignored without a word."""
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp_path / "out")  # batch_size 16
+    spec = str(write_job(tmp_path / "job.yaml", job))
+    assert main(["tune", spec]) == 0
+    assert "the job's spec sets model.batch_size: 16, and `run` uses that" in capsys.readouterr().out
+    assert main(["tune", spec, "--set", "model.batch_size=auto"]) == 0
+    assert "spec sets model.batch_size" not in capsys.readouterr().out

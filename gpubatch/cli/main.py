@@ -263,6 +263,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from gpubatch.sources import get_source
     from gpubatch.spec import load_job
 
+    in_spec = load_job(args.job, list(args.set or [])).model.batch_size
     job = load_job(args.job, list(args.set or []) + ["model.batch_size=auto"])
     prof = load_profile(args.profile or job.run.profile)
     preflight(job, prof)
@@ -277,6 +278,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         prepared = prepare_model(job, source, shards, Path(models_dir), retune=True, threads=threads,
                                  batch_limit=batch_limit(job, prof))
     _print_tuning(args, job, prepared, TuneResult.from_dict(prepared.report.get("tuning", {})), here)
+    if in_spec != "auto":
+        print(f"  note: the job's spec sets model.batch_size: {in_spec}, and `run` uses that; set "
+              f"model.batch_size: auto (or --set model.batch_size=auto) to run at the tuned size")
     return EXIT_OK
 
 
