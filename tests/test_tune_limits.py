@@ -276,3 +276,19 @@ def test_tune_of_a_job_with_a_fixed_batch_size_says_run_keeps_it(tmp_path: Path,
     assert "the job's spec sets model.batch_size: 16, and `run` uses that" in capsys.readouterr().out
     assert main(["tune", spec, "--set", "model.batch_size=auto"]) == 0
     assert "spec sets model.batch_size" not in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_the_tuning_key_names_the_gpu(tmp_path: Path) -> None:
+    """A tuning cache on a shared home served one GPU model's choice to another's nodes: the key
+    said only 'cuda'."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    from gpubatch.models.prepare.tune import tune_model
+
+    model = get_model(str(_oom_above(tmp_path / "m.pt", 1024)), "torch")
+    assert model.device.startswith("cuda")
+    result = tune_model(model, ITEMS, "sha-gpu", max_batch=4, min_time_s=0.01)
+    assert torch.cuda.get_device_name() in result.key

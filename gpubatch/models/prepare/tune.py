@@ -339,8 +339,30 @@ def cache_path() -> Path:
 
 
 def device_id(model: Model) -> str:
-    """The hardware the figures hold for: device kind, machine and core count."""
-    return f"{model.device}:{platform.machine()}:{os.cpu_count()}cpu:{model.threads or 'default'}threads"
+    """The hardware the figures hold for: device kind (and the GPU's name: a cache on a shared
+    home serves an A100 and an H100 node alike), machine, core count and the model's threads."""
+    device = model.device
+    if device.startswith("cuda"):
+        device = f"{device}({gpu_name()})"
+    return f"{device}:{platform.machine()}:{os.cpu_count()}cpu:{model.threads or 'default'}threads"
+
+
+def gpu_name() -> str:
+    """The current CUDA device's name, through whichever of CuPy and torch is installed."""
+    try:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001 - no CuPy, or no device it sees: ask torch
+        pass
+    try:
+        import torch
+
+        return str(torch.cuda.get_device_name())
+    except Exception:  # noqa: BLE001 - neither knows: the key says so rather than failing the run
+        return "unknown GPU"
 
 
 def tune_key(model_sha256: str, backend: str, precision: str, device: str, item_shape: tuple[int, ...]) -> str:
