@@ -292,3 +292,37 @@ def test_the_tuning_key_names_the_gpu(tmp_path: Path) -> None:
     assert model.device.startswith("cuda")
     result = tune_model(model, ITEMS, "sha-gpu", max_batch=4, min_time_s=0.01)
     assert torch.cuda.get_device_name() in result.key
+
+
+def test_an_interrupted_tune_caches_nothing_and_says_so(tmp_path: Path, slides_dir: Path, classifier: Path) -> None:
+    """Ctrl-C during the sweep: exit 1, one line saying what state things are in, no traceback,
+    no cache entry, nothing in the output or left in the temporary folder."""
+    import signal
+    import threading
+
+    from conftest import cli, wait_for
+
+    job = slide_job([str(slides_dir / "*.tif")], classifier, tmp_path / "out", tiles={"size": 224, "mpp": 0.25})
+    spec = str(write_job(tmp_path / "job.yaml", job))
+    (tmp_path / "tmp").mkdir()
+    proc = cli("tune", spec, env={"GPUBATCH_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path / "tmp")})
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("measuring batch sizes" in line for line in lines), 120, "the sweep to start")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 1
+    finally:
+        proc.kill()
+    reader.join(10)
+    log = "".join(lines)
+    assert "gpubatch: interrupted; nothing was cached" in log and "Traceback" not in log, log
+    assert not (tmp_path / "cache" / "tune.json").exists() and not (tmp_path / "out").exists()
+    assert list((tmp_path / "tmp").glob("gpubatch-tune-*")) == []

@@ -392,6 +392,7 @@ INTERRUPTED_HINTS = {
     "run": "; rerun with --resume to finish", "submit": "; rerun with --resume to finish",
     "ingest": ("; a genome already at the output is as it was on local disk (an object store's is "
                "now incomplete): rerun the ingest"),
+    "tune": "; nothing was cached (earlier choices are kept) and the job's output was not touched",
 }
 
 
