@@ -132,3 +132,22 @@ def test_a_damaged_cache_is_a_miss_not_a_traceback(classifier: Path, damage: str
     again = tune_model(model, items, "sha-d", max_batch=2, min_time_s=0.01)
     assert not again.cached and again.batch_size in (1, 2)
     assert tune_model(model, items, "sha-d", max_batch=2).cached
+
+
+def test_auto_batch_run_over_inputs_that_all_fail_quarantines_and_reports_them(
+        tmp_path: Path, slides_dir: Path, mean_model: Path) -> None:
+    """With nothing to tune on, an auto run stopped before any shard (exit 1, no report.json,
+    'status' saying no run had started); a fixed batch size quarantined and reported each input.
+    Now both do the latter."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"x{i}.tif").write_bytes((slides_dir / f"s{i}.tif").read_bytes()[:5000])
+    job = slide_job([str(bad / "*.tif")], mean_model, tmp_path / "out", tiles={"size": 64, "mpp": 0.25})
+    job["model"]["batch_size"] = "auto"
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
+    assert result.exit_code == 1
+    assert sorted(Path(f["input"]).name for f in result.report["failed"]) == ["x0.tif", "x1.tif", "x2.tif"]
+    assert "no items could be read" in result.report["tuning"]["skipped"]
+    assert (tmp_path / "out" / "report.json").is_file()
+    assert main(["tune", str(tmp_path / "job.yaml")]) == 1  # tune has nothing to measure: its failure

@@ -29,7 +29,13 @@ from gpubatch.core.errors import SpecError, ValidationGateError
 from gpubatch.core.files import file_sha256
 from gpubatch.models.base import Model, backend_class, resolve_backend
 from gpubatch.models.prepare.quantize import ensure_reduced, fp16_converter_available
-from gpubatch.models.prepare.sampling import ItemSample, SampleSettings, draw_items, draw_probe
+from gpubatch.models.prepare.sampling import (
+    ItemSample,
+    NoItemsError,
+    SampleSettings,
+    draw_items,
+    draw_probe,
+)
 from gpubatch.models.prepare.tune import MAX_BATCH, make_batch, measure, tune_model
 from gpubatch.models.prepare.validate import GateResult, gate
 from gpubatch.sources.base import Shard, Source
@@ -215,20 +221,38 @@ class _Preparation:
         if self.job.model.batch_size != "auto" and not retune:
             self.audit["batch_size_source"] = "spec"
             return
+        try:
+            items, origin = self.probe_sample()
+        except NoItemsError as exc:
+            if retune:  # `gpubatch tune`: nothing to measure is its failure
+                raise
+            self.untuned(str(exc))
+            return
         if self.model is None:
             self.model = self.load(self.path, self.precision)
-        items, origin = self.probe_sample()
-        limits: dict[str, Any] = {}
-        if self.batch_limit is not None and self.batch_limit[0] < MAX_BATCH:
-            limits = {"max_batch": self.batch_limit[0],
-                      "max_batch_why": f" ({self.batch_limit[1]} lets a worker hold at most {self.batch_limit[0]} items)"}
-        result = tune_model(self.model, items, file_sha256(self.path), refresh=retune, sample=origin, **limits)
+        result = tune_model(self.model, items, file_sha256(self.path), refresh=retune, sample=origin,
+                            **self.sweep_limits())
         self.batch_size = result.batch_size
         self.report["tuning"] = result.as_dict() | {"backend": self.backend, "precision": self.precision,
                                                     "threads": self.threads, "device": self.model.device}
         self.audit["batch_size_source"] = "tuning cache" if result.cached else "tuned"
         if not result.cached and (ips := result.items_per_s_at(result.batch_size)):
             self.report["model_only_items_per_s_measured"] = ips
+
+    def sweep_limits(self) -> dict[str, Any]:
+        """The tuner's ``max_batch`` (and why) where a worker's memory holds less than it sweeps."""
+        if self.batch_limit is None or self.batch_limit[0] >= MAX_BATCH:
+            return {}
+        largest, which = self.batch_limit
+        return {"max_batch": largest, "max_batch_why": f" ({which} lets a worker hold at most {largest} items)"}
+
+    def untuned(self, reason: str) -> None:
+        """No input gave an item to tune on: the run goes on at the default size, and its shards
+        are quarantined (and reported) as they fail, as with a batch size in the spec."""
+        self.batch_size = min(DEFAULT_BATCH, self.sweep_limits().get("max_batch", DEFAULT_BATCH))
+        log.warning("model.batch_size auto: %s; running at batch_size %d untuned", reason, self.batch_size)
+        self.report["tuning"] = {"batch_size": self.batch_size, "skipped": reason}
+        self.audit["batch_size_source"] = "default: nothing to tune on"
 
     def measure_throughput(self) -> None:
         """Model-only items/s at the chosen batch size, only if a model is already loaded."""

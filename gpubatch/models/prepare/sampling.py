@@ -32,6 +32,10 @@ MAX_UNITS_PER_SHARD = 8  # reads per sampled shard, whatever the quota: sampling
 MAX_REPLACEMENTS = 32  # shards tried in place of bad or empty ones before sampling gives up
 
 
+class NoItemsError(GpubatchError):
+    """No sampled input yielded an item: nothing to calibrate, validate or tune on."""
+
+
 @dataclass(frozen=True)
 class SampleSettings:
     """How items are drawn; part of the quantized model's cache key."""
@@ -146,7 +150,7 @@ def draw_items(job: JobSpec, source: Source, shards: Sequence[Shard], settings: 
             inputs.append(got[1])
             used.append(shards[index].shard_id)
     if not raws:
-        raise GpubatchError(f"no items could be read from the job's inputs to calibrate, validate or tune "
+        raise NoItemsError(f"no items could be read from the job's inputs to calibrate, validate or tune "
                             f"the model: the {tried} input(s) tried (of {len(shards)}) all failed or were empty")
     return _split(np.concatenate(raws), np.concatenate(inputs), used, settings)
 
