@@ -89,3 +89,65 @@ def test_auto_batch_run_uses_tuning(tmp_path: Path, slides_dir: Path, mean_model
     again = gpubatch.run(_auto_job(tmp_path, slides_dir, mean_model), profile="inline", show_progress=False,
                          overwrite=True)
     assert again.report["tuning"]["cached"] is True and again.report["batch_size"] == report["batch_size"]
+
+
+def _first_and_last_truncated(folder: Path, slides_dir: Path) -> Path:
+    """Three slides, a0 and c2 (the first and last of the plan) cut short, b1 whole."""
+    folder.mkdir()
+    (folder / "a0.tif").write_bytes((slides_dir / "s0.tif").read_bytes()[:5000])
+    (folder / "b1.tif").write_bytes((slides_dir / "s1.tif").read_bytes())
+    (folder / "c2.tif").write_bytes((slides_dir / "s2.tif").read_bytes()[:5000])
+    return folder
+
+
+def test_auto_batch_run_survives_bad_first_and_last_inputs(tmp_path: Path, slides_dir: Path,
+                                                           mean_model: Path) -> None:
+    """Tuning samples the plan's first and last inputs; when both are bad it takes the next ones,
+    and the run quarantines the two and finishes the third (exit 3), as with a fixed batch size."""
+    bad = _first_and_last_truncated(tmp_path / "bad", slides_dir)
+    job = slide_job([str(bad / "*.tif")], mean_model, tmp_path / "out", tiles={"size": 64, "mpp": 0.25})
+    job["model"]["batch_size"] = "auto"
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
+    assert result.exit_code == 3
+    assert sorted(Path(f["input"]).name for f in result.report["failed"]) == ["a0.tif", "c2.tif"]
+    assert set(result.predictions()["slide"].map(lambda s: Path(s).name)) == {"b1.tif"}
+    assert result.report["batch_size"] == result.report["tuning"]["batch_size"]
+
+
+@pytest.mark.parametrize("damage", ["[]", '{"k": 1}', "{trunc", "entry"])
+def test_a_damaged_cache_is_a_miss_not_a_traceback(classifier: Path, damage: str) -> None:
+    """tune.json is a user file (edited, truncated, another tool's): what does not read back is
+    swept again and the file rewritten, in `tune` and in a `batch_size: auto` run alike."""
+    import numpy as np
+
+    model = get_model(str(classifier), "onnxruntime")
+    items = np.zeros((2, 3, 224, 224), np.float32)
+    first = tune_model(model, items, "sha-d", max_batch=2, min_time_s=0.01)
+    if damage == "entry":
+        data = json.loads(cache_path().read_text())
+        data[first.key] = {"batch_size": "big", "curve": [{"nope": 1}]}
+        cache_path().write_text(json.dumps(data))
+    else:
+        cache_path().write_text(damage)
+    again = tune_model(model, items, "sha-d", max_batch=2, min_time_s=0.01)
+    assert not again.cached and again.batch_size in (1, 2)
+    assert tune_model(model, items, "sha-d", max_batch=2).cached
+
+
+def test_auto_batch_run_over_inputs_that_all_fail_quarantines_and_reports_them(
+        tmp_path: Path, slides_dir: Path, mean_model: Path) -> None:
+    """With nothing to tune on, an auto run stopped before any shard (exit 1, no report.json,
+    'status' saying no run had started); a fixed batch size quarantined and reported each input.
+    Now both do the latter."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"x{i}.tif").write_bytes((slides_dir / f"s{i}.tif").read_bytes()[:5000])
+    job = slide_job([str(bad / "*.tif")], mean_model, tmp_path / "out", tiles={"size": 64, "mpp": 0.25})
+    job["model"]["batch_size"] = "auto"
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
+    assert result.exit_code == 1
+    assert sorted(Path(f["input"]).name for f in result.report["failed"]) == ["x0.tif", "x1.tif", "x2.tif"]
+    assert "no items could be read" in result.report["tuning"]["skipped"]
+    assert (tmp_path / "out" / "report.json").is_file()
+    assert main(["tune", str(tmp_path / "job.yaml")]) == 1  # tune has nothing to measure: its failure

@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="sweep batch sizes and choose one")
     t.add_argument("job")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--profile", help="tune for `run --profile P` (its workers' threads per model)")
     ing = sub.add_parser("ingest", help="convert inputs to fast formats")
     ing.add_argument("what", choices=["genome"])
     ing.add_argument("source")
@@ -248,35 +249,56 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     """Prepare the job's model as a run would, sweep batch sizes afresh, print the curve.
 
     The model swept is the one the run would use (after quantization and the validation gate),
-    and the choice is stored in the cache, so a following ``batch_size: auto`` run picks it up.
+    and the choice is stored in the cache, so a following ``batch_size: auto`` run picks it up
+    (quantization is deterministic: the run's reduced model has the same checksum, so the key).
+    Nothing is written to the job's output.
     """
+    import tempfile
+
     from gpubatch.models.prepare import prepare_model
-    from gpubatch.models.prepare.tune import (
-        WITHIN,
-        CurvePoint,
-        TuneResult,
-        cache_path,
-        format_curve,
-    )
-    from gpubatch.runtime.preflight import preflight
+    from gpubatch.models.prepare.tune import TuneResult
+    from gpubatch.runtime.cluster import load_profile, worker_count
+    from gpubatch.runtime.preflight import preflight, refuse_empty_plan
+    from gpubatch.runtime.runner import all_workers_here, batch_limit, workers_model_threads
     from gpubatch.sources import get_source
     from gpubatch.spec import load_job
 
+    in_spec = load_job(args.job, list(args.set or [])).model.batch_size
     job = load_job(args.job, list(args.set or []) + ["model.batch_size=auto"])
-    preflight(job)
+    prof = load_profile(args.profile or job.run.profile)
+    preflight(job, prof)
     source = get_source(job.kind)
-    shards, _ = source.plan(job)
-    prepared = prepare_model(job, source, shards, Path(job.output.uri), retune=True)
-    tuning = prepared.report.get("tuning", {})
-    result = TuneResult(prepared.batch_size, [CurvePoint(**p) for p in tuning.get("curve", [])],
-                        False, tuning.get("key", ""), tuning.get("stopped_by", ""))
-    print(f"model {job.model.path} ({prepared.precision}, {tuning.get('backend', job.model.backend)})")
-    print(format_curve(result))
-    print(f"chosen batch_size: {result.batch_size} (smallest within {WITHIN:.0%} of the best; "
-          f"sweep stopped: {result.stopped_by}); cached in {cache_path()}")
+    shards, failed = source.plan(job)
+    refuse_empty_plan(shards, failed)
+    here = all_workers_here(prof, None)
+    threads = workers_model_threads(job, worker_count(prof, len(shards), job.run.workers), here)
+    with tempfile.TemporaryDirectory(prefix="gpubatch-tune-") as models_dir:
+        # a reduced model is made in a folder of tune's own: the job's output is the run's to
+        # write (a folder holding only _models was then refused by validate and run as foreign)
+        prepared = prepare_model(job, source, shards, Path(models_dir), retune=True, threads=threads,
+                                 batch_limit=batch_limit(job, prof))
+    _print_tuning(args, job, prepared, TuneResult.from_dict(prepared.report.get("tuning", {})), here)
+    if in_spec != "auto":
+        print(f"  note: the job's spec sets model.batch_size: {in_spec}, and `run` uses that; set "
+              f"model.batch_size: auto (or --set model.batch_size=auto) to run at the tuned size")
     return EXIT_OK
 
 
+def _print_tuning(args: argparse.Namespace, job: Any, prepared: Any, result: Any, here: bool) -> None:
+    """The curve, what it measured, the choice and why; and what the run will do with it."""
+    from gpubatch.models.prepare.tune import cache_path, describe_method, explain, format_curve
+
+    tuning = prepared.report.get("tuning", {})
+    threads = f", {tuning['threads']} threads" if tuning.get("threads") else ""
+    print(f"model {safe_text(job.model.path)} ({prepared.precision}, {tuning.get('backend', job.model.backend)}, "
+          f"{tuning.get('device', '?')}{threads})")
+    print(describe_method(result))
+    print(format_curve(result))
+    print(f"chosen batch_size: {result.batch_size} ({explain(result)}); sweep stopped: {result.stopped_by}; "
+          f"cached in {cache_path()}")
+    if not here:
+        print(f"  note: profile {args.profile or job.run.profile!r} runs its workers on other hosts: this was "
+              "measured here; run `gpubatch tune` on a worker's host for figures that hold there")
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from gpubatch.sources.genome.ingest import ingest_genome
 
@@ -370,6 +392,7 @@ INTERRUPTED_HINTS = {
     "run": "; rerun with --resume to finish", "submit": "; rerun with --resume to finish",
     "ingest": ("; a genome already at the output is as it was on local disk (an object store's is "
                "now incomplete): rerun the ingest"),
+    "tune": "; nothing was cached (earlier choices are kept) and the job's output was not touched",
 }
 
 

@@ -257,6 +257,25 @@ def _onnx_file(job: JobSpec) -> str | None:
     return _model_file(job.model.path, job.input.storage, "model.path")
 
 
+def check_precision_backend(job: JobSpec) -> None:
+    """A precision the backend cannot run at all (fp8 off TensorRT, int8 on torch) is refused
+    here, with ``on_fail: error``, as ``run`` and ``tune`` refuse it once they have planned and
+    loaded the model: ``validate`` passed such a job."""
+    from gpubatch.core.errors import GpubatchError
+    from gpubatch.models.base import resolve_backend
+    from gpubatch.models.prepare.resolve import refusal, unsupported_reason
+
+    if job.model.validation.on_fail != "error":
+        return
+    try:
+        backend = resolve_backend(job.model.backend, job.model.path)
+    except GpubatchError:
+        return  # no backend installed: check_environment's to say
+    reason = unsupported_reason(job.model.precision, backend)
+    if reason:
+        raise SpecError([("model.precision", refusal(reason))])
+
+
 def check_torch_file(job: JobSpec) -> None:
     """The torch backend loads zip archives (torch.jit.save, torch.export.save); an ONNX file
     named to it would quarantine every input with torch's "not a TorchScript file"."""
@@ -356,33 +375,59 @@ def machine_memory() -> int:
 def check_resources(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     """Refuse what is known to exhaust the machine before a slide is read: more local workers
     than cores (unless ``run.force_workers``), and batches in flight larger than a worker's
-    share of memory (``run.max_worker_memory``)."""
+    share of memory (``run.max_worker_memory``); for ``batch_size: auto``, the smallest batch the
+    tuner can choose (it sweeps no further than :func:`largest_batch_in_memory`)."""
     from gpubatch.runtime.cluster import cores_words, cpu_count, load_profile
 
     prof = profile if profile is not None else load_profile(job.run.profile)
     problems: list[tuple[str, str]] = []
-    local = prof.get("cluster") in ("local", "local-cuda")
-    asked = job.run.workers or (prof.get("workers") if isinstance(prof.get("workers"), int) else None)
-    cores = cpu_count()
-    if local and asked and asked > cores and not job.run.force_workers:
+    asked = _workers_asked(job, prof)
+    if prof.get("cluster") in ("local", "local-cuda") and asked and asked > cpu_count() and not job.run.force_workers:
         problems.append(("run.workers", f"{asked} worker processes on a machine with {cores_words()}; "
                                         "lower it, or set run.force_workers: true"))
-    workers = asked or (1 if not local else cores)
-    budget = job.run.max_worker_memory or machine_memory() // max(workers, 1)
-    if isinstance(job.model.batch_size, int) and budget:
-        shape, dtype = get_source(job.kind).model_input(job, job.model.batch_size)
-        batch = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
-        # queued batches travel as uint8 (a quarter of the float input), two float copies at once
-        held = batch * (job.run.prefetch_batches / 4 + 2)
-        if held > budget:
-            problems.append(("model.batch_size", (
-                f"{job.model.batch_size} items make a {batch / 2**30:.2f} GiB model input; with "
-                f"run.prefetch_batches {job.run.prefetch_batches} a worker holds about "
-                f"{held / 2**30:.2f} GiB, over its {budget / 2**30:.2f} GiB "
-                f"({'run.max_worker_memory' if job.run.max_worker_memory else 'memory / workers'}); "
-                "lower model.batch_size, tiles.size or run.prefetch_batches")))
+    budget, which = worker_memory_budget(job, prof)
+    batch_size = job.model.batch_size if isinstance(job.model.batch_size, int) else 1
+    batch, held = _batch_bytes(job, batch_size)
+    if budget and held > budget:
+        problems.append(("model.batch_size", (
+            f"{batch_size} item(s) make a {batch / 2**30:.2f} GiB model input; with "
+            f"run.prefetch_batches {job.run.prefetch_batches} a worker holds about "
+            f"{held / 2**30:.2f} GiB, over its {budget / 2**30:.2f} GiB ({which}); "
+            "lower model.batch_size, tiles.size or run.prefetch_batches")))
     if problems:
         raise SpecError(problems)
+
+
+def _workers_asked(job: JobSpec, prof: dict[str, Any]) -> int | None:
+    return job.run.workers or (prof.get("workers") if isinstance(prof.get("workers"), int) else None)
+
+
+def worker_memory_budget(job: JobSpec, prof: dict[str, Any]) -> tuple[int, str]:
+    """Bytes one worker's batches in flight may hold, and what set the figure (0: unknown)."""
+    from gpubatch.runtime.cluster import cpu_count
+
+    if job.run.max_worker_memory:
+        return job.run.max_worker_memory, "run.max_worker_memory"
+    local = prof.get("cluster") in ("local", "local-cuda")
+    workers = _workers_asked(job, prof) or (1 if not local else cpu_count())
+    return machine_memory() // max(workers, 1), "memory / workers"
+
+
+def _batch_bytes(job: JobSpec, batch_size: int) -> tuple[int, float]:
+    """(the model input's bytes, what a worker holds of such batches in flight)."""
+    shape, dtype = get_source(job.kind).model_input(job, batch_size)
+    batch = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    # queued batches travel as uint8 (a quarter of the float input), two float copies at once
+    return batch, batch * (job.run.prefetch_batches / 4 + 2)
+
+
+def largest_batch_in_memory(job: JobSpec, prof: dict[str, Any]) -> tuple[int | None, str]:
+    """The largest batch size ``check_resources`` lets a worker hold, and what sets it (None: no
+    limit known): a tuned batch size must be one that validate would pass as a fixed one."""
+    budget, which = worker_memory_budget(job, prof)
+    if not budget:
+        return None, which
+    return max(1, int(budget // _batch_bytes(job, 1)[1])), which
 
 
 def _reduce_problem(job: JobSpec, name: str, outputs: dict[str, list[int | None]]) -> tuple[str, str] | None:
@@ -475,6 +520,7 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     check_local_files(job)
     check_credentials(job, profile)
     check_model_input(job)
+    check_precision_backend(job)
     check_track_outputs(job)
     check_reference(job)
     check_slide_model(job)

@@ -57,7 +57,7 @@ from gpubatch.runtime.cluster import (
     start_worker_imports,
     worker_count,
 )
-from gpubatch.runtime.preflight import preflight, refuse_empty_plan
+from gpubatch.runtime.preflight import largest_batch_in_memory, preflight, refuse_empty_plan
 from gpubatch.runtime.progress import Progress
 from gpubatch.runtime.result import Result
 from gpubatch.runtime.resume import check_run_model, reconcile
@@ -122,7 +122,7 @@ class _Run:
         resumed = self._kept_in_plan(shards)
         todo = (s for s in shards if s.shard_id not in committed)  # a stream: the plan is never copied
         n_workers = worker_count(self.prof, max(len(shards) - resumed, 0), job.run.workers)
-        self.one_host = _one_host(self.prof, scheduler)
+        self.one_host = all_workers_here(self.prof, scheduler)
         done_first = self._before_workers(source, shards, n_workers, scheduler)
         prepared, ctx = self._prepare(source, shards, n_workers)
         if resumed:
@@ -209,10 +209,11 @@ class _Run:
         local_job = job.model_copy(update={"model": job.model.model_copy(
             update={"path": localize(job.model.path, job.input.storage)})})
         models_dir = self.store.local() if not self.store.remote else cache_root() / "outputs" / self.run_id
-        prepared = prepare_model(local_job, source, shards, models_dir)
+        threads = workers_model_threads(job, n_workers, self.one_host)
+        prepared = prepare_model(local_job, source, shards, models_dir, threads=threads,
+                                 batch_limit=batch_limit(job, self.prof))
         model_path, model_storage = self._model_for_workers(prepared.path, local_job.model.path)
         model_version = remote_version(model_path, model_storage) if is_remote(model_path) else None
-        threads = job.model.threads or (max(1, cpu_count() // n_workers) if self.one_host else None)
         ctx = RunContext(
             outdir=self.store.uri, model_path=model_path,
             backend=resolve_backend(job.model.backend, local_job.model.path), precision=prepared.precision,
@@ -375,7 +376,7 @@ def _stage_ahead(ahead: int, profile: dict[str, Any], slots: int, scheduler: str
     another, so the look-ahead stays run.stage_ahead. This is the plan-order look-ahead of shards
     run in this process (``inline``); shards dealt to worker processes name their own lane's
     next run.stage_ahead (runtime.dealing)."""
-    return slots + ahead if ahead and _one_host(profile, scheduler) else ahead
+    return slots + ahead if ahead and all_workers_here(profile, scheduler) else ahead
 
 
 def _storage_profile(profile: dict[str, Any], one_host: bool) -> dict[str, Any]:
@@ -401,7 +402,21 @@ def _workers_per_host(profile: dict[str, Any]) -> int | None:
     return processes_per_job(dict(profile.get("slurm") or {}))
 
 
-def _one_host(profile: dict[str, Any], scheduler: str | None) -> bool:
+def workers_model_threads(job: JobSpec, n_workers: int, one_host: bool) -> int | None:
+    """The intra-op threads each worker's model runs with, where the client knows them
+    (``model.threads``, or this host's cores shared by its workers); None when the workers count
+    their own host's (engine.context). Batch-size tuning measures at this figure: a curve timed
+    on every core says little of a worker that has one."""
+    return job.model.threads or (max(1, cpu_count() // n_workers) if one_host else None)
+
+
+def batch_limit(job: JobSpec, profile: dict[str, Any]) -> tuple[int, str] | None:
+    """The largest batch a worker's memory holds (preflight's figure), for the batch-size tuner."""
+    largest, which = largest_batch_in_memory(job, profile)
+    return None if largest is None else (largest, which)
+
+
+def all_workers_here(profile: dict[str, Any], scheduler: str | None) -> bool:
     """Whether every worker of the run shares this process's host (and its stage cache)."""
     return scheduler is None and profile.get("cluster") in ("local", "local-cuda", "inline")
 

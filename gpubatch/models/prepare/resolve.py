@@ -29,8 +29,14 @@ from gpubatch.core.errors import SpecError, ValidationGateError
 from gpubatch.core.files import file_sha256
 from gpubatch.models.base import Model, backend_class, resolve_backend
 from gpubatch.models.prepare.quantize import ensure_reduced, fp16_converter_available
-from gpubatch.models.prepare.sampling import ItemSample, SampleSettings, draw_items, draw_probe
-from gpubatch.models.prepare.tune import make_batch, measure, tune_model
+from gpubatch.models.prepare.sampling import (
+    ItemSample,
+    NoItemsError,
+    SampleSettings,
+    draw_items,
+    draw_probe,
+)
+from gpubatch.models.prepare.tune import MAX_BATCH, make_batch, measure, tune_model
 from gpubatch.models.prepare.validate import GateResult, gate
 from gpubatch.sources.base import Shard, Source
 from gpubatch.spec import JobSpec
@@ -66,6 +72,11 @@ def unsupported_reason(precision: str, backend: str) -> str | None:
     return None
 
 
+def refusal(reason: str) -> str:
+    """The refusal of a precision that cannot be had (``on_fail: error``), with the way out."""
+    return f"{reason}; or set model.validation.on_fail: fp32 to run in fp32 instead"
+
+
 def unquantizable_reason(path: str, precision: str, exc: BaseException) -> str:
     """Why ``path`` could not be made ``precision``, for a refusal or the report's fallback note:
     the quantizer's own words (ONNX Runtime's, one line), not its traceback."""
@@ -90,19 +101,23 @@ def keep_fp32_reason(precision: str, backend: str) -> str | None:
 class _Preparation:
     """The state of one preparation: chosen file and precision, loaded model, figures."""
 
-    def __init__(self, job: JobSpec, source: Source, shards: Sequence[Shard], outdir: Path):
+    def __init__(self, job: JobSpec, source: Source, shards: Sequence[Shard], outdir: Path,
+                 threads: int | None = None, batch_limit: tuple[int, str] | None = None):
         self.job, self.source, self.shards, self.outdir = job, source, shards, outdir
+        self.batch_limit = batch_limit  # the largest batch a worker's memory holds, and what says so
+        self.threads = threads or job.model.threads  # the workers' figure, where the client knows it
         self.backend = resolve_backend(job.model.backend, job.model.path)
         self.path, self.precision = job.model.path, "fp32"
         self.model: Model | None = None
         self.sample: ItemSample | None = None
+        self.probe: ItemSample | None = None  # a few items to time the model on, when no sample was drawn
         self.batch_size = job.model.batch_size if isinstance(job.model.batch_size, int) else DEFAULT_BATCH
         self.report: dict[str, Any] = {}
         self.audit: dict[str, Any] = {}
 
     def load(self, path: str, precision: str) -> Model:
         """A private session (not the worker cache): the client must not keep sessions alive."""
-        return backend_class(self.backend)(path, precision=precision, threads=self.job.model.threads)
+        return backend_class(self.backend)(path, precision=precision, threads=self.threads)
 
     def draw(self) -> ItemSample:
         if self.sample is None:
@@ -130,8 +145,7 @@ class _Preparation:
     def refuse(self, want: str, reason: str) -> None:
         """A precision this backend cannot run: stop, or run fp32 when ``on_fail: fp32``."""
         if self.job.model.validation.on_fail == "error":
-            raise SpecError([("model.precision", f"{reason}; or set model.validation.on_fail: fp32 "
-                                                 "to run in fp32 instead")])
+            raise SpecError([("model.precision", refusal(reason))])
         log.warning("%s; running in fp32 (on_fail: fp32)", reason)
         figures = {"requested": want, "passed": False, "fell_back_to": "fp32", "reason": reason}
         self.report["quantization"] = figures
@@ -192,24 +206,53 @@ class _Preparation:
     # -- batch size and throughput ----------------------------------------------------------------
 
     def probe_items(self) -> np.ndarray:
-        if self.sample is not None and len(self.sample.validation):
-            return self.sample.validation
-        if self.sample is not None:
-            return self.sample.calibration
-        return draw_probe(self.job, self.source, self.shards)
+        return self.probe_sample()[0]
+
+    def probe_sample(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """Items to time the model on, from the job's inputs, and where they came from."""
+        if self.sample is None and self.probe is None:
+            self.probe = draw_probe(self.job, self.source, self.shards)
+        sample = self.sample if self.sample is not None else self.probe
+        assert sample is not None
+        items = sample.validation if len(sample.validation) else sample.calibration
+        return items, {"items": len(items), "inputs": len(sample.shards)}
 
     def choose_batch(self, retune: bool) -> None:
         if self.job.model.batch_size != "auto" and not retune:
             self.audit["batch_size_source"] = "spec"
             return
+        try:
+            items, origin = self.probe_sample()
+        except NoItemsError as exc:
+            if retune:  # `gpubatch tune`: nothing to measure is its failure
+                raise
+            self.untuned(str(exc))
+            return
         if self.model is None:
             self.model = self.load(self.path, self.precision)
-        result = tune_model(self.model, self.probe_items(), file_sha256(self.path), refresh=retune)
+        result = tune_model(self.model, items, file_sha256(self.path), refresh=retune, sample=origin,
+                            **self.sweep_limits())
         self.batch_size = result.batch_size
-        self.report["tuning"] = result.as_dict() | {"backend": self.backend, "precision": self.precision}
+        self.report["tuning"] = result.as_dict() | {"backend": self.backend, "precision": self.precision,
+                                                    "threads": self.threads, "device": self.model.device}
         self.audit["batch_size_source"] = "tuning cache" if result.cached else "tuned"
         if not result.cached and (ips := result.items_per_s_at(result.batch_size)):
             self.report["model_only_items_per_s_measured"] = ips
+
+    def sweep_limits(self) -> dict[str, Any]:
+        """The tuner's ``max_batch`` (and why) where a worker's memory holds less than it sweeps."""
+        if self.batch_limit is None or self.batch_limit[0] >= MAX_BATCH:
+            return {}
+        largest, which = self.batch_limit
+        return {"max_batch": largest, "max_batch_why": f" ({which} lets a worker hold at most {largest} items)"}
+
+    def untuned(self, reason: str) -> None:
+        """No input gave an item to tune on: the run goes on at the default size, and its shards
+        are quarantined (and reported) as they fail, as with a batch size in the spec."""
+        self.batch_size = min(DEFAULT_BATCH, self.sweep_limits().get("max_batch", DEFAULT_BATCH))
+        log.warning("model.batch_size auto: %s; running at batch_size %d untuned", reason, self.batch_size)
+        self.report["tuning"] = {"batch_size": self.batch_size, "skipped": reason}
+        self.audit["batch_size_source"] = "default: nothing to tune on"
 
     def measure_throughput(self) -> None:
         """Model-only items/s at the chosen batch size, only if a model is already loaded."""
@@ -232,14 +275,18 @@ class _Preparation:
 
 
 def prepare_model(job: JobSpec, source: Source, shards: Sequence[Shard], outdir: Path,
-                  *, retune: bool = False) -> PreparedModel:
+                  *, retune: bool = False, threads: int | None = None,
+                  batch_limit: tuple[int, str] | None = None) -> PreparedModel:
     """The model file, precision and batch size this run will use, with the figures behind them.
 
     Raises ``ValidationGateError`` (gate failed, ``on_fail: error``) or ``SpecError`` (precision
     impossible on this backend) before any shard runs. ``retune`` forces a fresh batch-size sweep
-    (``gpubatch tune``).
+    (``gpubatch tune``). ``threads``: the intra-op threads the workers' model will run with, so
+    that the batch size is tuned (and cached) for them; by default ``model.threads``.
+    ``batch_limit``: (the largest batch a worker's memory holds, what sets it): the tuner chooses
+    no larger one (preflight.largest_batch_in_memory).
     """
-    prep = _Preparation(job, source, shards, Path(outdir).resolve())
+    prep = _Preparation(job, source, shards, Path(outdir).resolve(), threads, batch_limit)
     prep.choose_precision()
     prep.choose_batch(retune)
     prep.measure_throughput()

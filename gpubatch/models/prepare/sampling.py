@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +29,11 @@ from gpubatch.spec import JobSpec
 log = logging.getLogger("gpubatch")
 
 MAX_UNITS_PER_SHARD = 8  # reads per sampled shard, whatever the quota: sampling must stay cheap
+MAX_REPLACEMENTS = 32  # shards tried in place of bad or empty ones before sampling gives up
+
+
+class NoItemsError(GpubatchError):
+    """No sampled input yielded an item: nothing to calibrate, validate or tune on."""
 
 
 @dataclass(frozen=True)
@@ -107,44 +112,63 @@ def host_array(x: Any) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _spread_order(n: int) -> list[int]:
-    """0..n-1 in an order where every prefix is spread over the range (bit-reversal-like)."""
-    order: list[int] = []
+def _spread_order(n: int) -> Iterator[int]:
+    """0..n-1 in an order where every prefix is spread over the range (bit-reversal-like); lazy,
+    so that a caller taking a few of a million shards pays for a few."""
     seen: set[int] = set()
     k = 1
-    while len(order) < n:
+    while len(seen) < n:
         for i in spread(n, k):
             if int(i) not in seen:
                 seen.add(int(i))
-                order.append(int(i))
+                yield int(i)
         k *= 2
-    return order
 
 
 def draw_items(job: JobSpec, source: Source, shards: Sequence[Shard], settings: SampleSettings) -> ItemSample:
     """Items from the job's inputs, spread over shards; disjoint calibration/validation sets.
 
-    Shards that fail to open are skipped (the run quarantines them later); only when no shard
-    yields an item does this raise, since there is then nothing to calibrate or validate on.
+    A sampled shard that fails to open or holds no item is skipped (the run quarantines it
+    later) and the next shard in spread order takes its place, up to ``MAX_REPLACEMENTS`` of
+    them: the first and last slides being bad must not stop a run whose other slides are fine.
+    Only when no shard tried yields an item does this raise: nothing to calibrate or tune on.
     """
     total = settings.calibration_items + settings.validation_items
-    chosen = [shards[i] for i in spread(len(shards), settings.max_shards)]
+    chosen = [int(i) for i in spread(len(shards), settings.max_shards)]
     quota = max(1, math.ceil(total / max(1, len(chosen))))
-    raws, inputs, used = [], [], []
-    for shard in chosen:
-        try:
-            got = _read_shard(source, shard, job, quota)
-        except InputError as exc:
-            log.warning("sampling skipped %s: %s", redact(shard.input_uri), redact(str(exc)))
-            continue
+    raws: list[np.ndarray] = []
+    inputs: list[np.ndarray] = []
+    used: list[str] = []
+    tried = 0
+    for index in _sampling_order(len(shards), chosen):
+        if len(used) == len(chosen) or tried == len(chosen) + MAX_REPLACEMENTS:
+            break
+        tried += 1
+        got = _read_or_skip(source, shards[index], job, quota)
         if got is not None:
             raws.append(got[0])
             inputs.append(got[1])
-            used.append(shard.shard_id)
+            used.append(shards[index].shard_id)
     if not raws:
-        raise GpubatchError("no items could be read from the job's inputs to calibrate or validate "
-                            "the model (every sampled input failed or was empty)")
+        raise NoItemsError(f"no items could be read from the job's inputs to calibrate, validate or tune "
+                            f"the model: the {tried} input(s) tried (of {len(shards)}) all failed or were empty")
     return _split(np.concatenate(raws), np.concatenate(inputs), used, settings)
+
+
+def _sampling_order(n: int, chosen: list[int]) -> Iterator[int]:
+    """The chosen shards first (the sample when every input is good), then the others spread."""
+    yield from chosen
+    first = set(chosen)
+    yield from (i for i in _spread_order(n) if i not in first)
+
+
+def _read_or_skip(source: Source, shard: Shard, job: JobSpec, quota: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_read_shard`, or None (with a warning) for an input that cannot be read."""
+    try:
+        return _read_shard(source, shard, job, quota)
+    except InputError as exc:
+        log.warning("sampling skipped %s: %s", redact(shard.input_uri), redact(str(exc)))
+        return None
 
 
 def _split(raw: np.ndarray, x: np.ndarray, used: list[str], settings: SampleSettings) -> ItemSample:
@@ -160,7 +184,7 @@ def _split(raw: np.ndarray, x: np.ndarray, used: list[str], settings: SampleSett
     return ItemSample(x[cal_idx], x[val_idx], digest.hexdigest(), used)
 
 
-def draw_probe(job: JobSpec, source: Source, shards: Sequence[Shard], n: int = 16) -> np.ndarray:
-    """A few model-ready items (for batch-size tuning, where content barely matters)."""
-    sample = draw_items(job, source, shards, SampleSettings(n, 0, max_shards=2))
-    return sample.calibration
+def draw_probe(job: JobSpec, source: Source, shards: Sequence[Shard], n: int = 16) -> ItemSample:
+    """A few model-ready items (for batch-size tuning, where content barely matters), in
+    ``calibration``; ``shards`` names the inputs they came from."""
+    return draw_items(job, source, shards, SampleSettings(n, 0, max_shards=2))
