@@ -5,7 +5,8 @@ QuPath's own properties (qupath-core ``PathObjectTypeAdapters``, 0.4 and later):
 
 * ``objectType: "tile"`` makes each feature a tile object (a square the viewer draws over the slide);
 * ``classification: {"name": ..., "color": [r, g, b]}`` classifies it (both keys are required for
-  the object form); for a classifier, the class of the highest probability;
+  the object form); for a classifier, the class of the highest probability (none for a tile
+  whose probabilities are NaN or inf: the model gave no answer there);
 * ``measurements: {name: number}`` become the object's measurements, listed and usable for colouring
   and filtering in QuPath (non-finite values are left out: JSON has no NaN).
 
@@ -27,6 +28,7 @@ import pyarrow as pa
 from gpubatch.outputs.layout import GEOJSON_DIR, geojson_name
 from gpubatch.outputs.per_slide import (
     CHUNK_ROWS,
+    finite_rows,
     iter_slides,
     output_columns_of,
     probability_groups,
@@ -79,15 +81,23 @@ def _features(table: pa.Table, extent: float) -> Iterable[dict[str, Any]]:
 def _chunk_features(table: pa.Table, extent: float, names: list[str],
                     classes: list[str] | None) -> Iterable[dict[str, Any]]:
     values = {n: table.column(n).to_numpy(zero_copy_only=False).astype(np.float64) for n in names}
-    top = np.column_stack([values[n] for n in classes]).argmax(1) if classes is not None else None
+    top = _top_class(np.column_stack([values[n] for n in classes])) if classes is not None else None
     xs = table.column("x").to_numpy(zero_copy_only=False)
     ys = table.column("y").to_numpy(zero_copy_only=False)
     for i in range(len(table)):
         x, y = float(xs[i]), float(ys[i])
         ring = [[x, y], [x + extent, y], [x + extent, y + extent], [x, y + extent], [x, y]]
         props: dict[str, Any] = {"objectType": "tile"}
-        if top is not None and classes is not None:
+        if top is not None and classes is not None and top[i] >= 0:
             k = int(top[i])
             props["classification"] = {"name": classes[k], "color": list(PALETTE[k % len(PALETTE)])}
         props["measurements"] = {n: float(v[i]) for n, v in values.items() if math.isfinite(v[i])}
         yield {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
+
+
+def _top_class(probabilities: np.ndarray) -> np.ndarray:
+    """Each row's class of the highest probability; -1 (no class) where the model gave none
+    (NaN or inf: argmax would name the class that held the NaN)."""
+    top = probabilities.argmax(1)
+    top[~finite_rows(probabilities)] = -1
+    return top

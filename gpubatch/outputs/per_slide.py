@@ -61,7 +61,11 @@ def output_columns_of(table: pa.Table) -> list[str]:
 
 
 def probability_groups(table: pa.Table) -> list[list[str]]:
-    """Groups of columns ``name_0 .. name_k`` (k >= 1) whose rows are probabilities (sum to 1)."""
+    """Groups of columns ``name_0 .. name_k`` (k >= 1) whose rows are probabilities (sum to 1).
+
+    A row with NaN or inf among them is a tile the model gave no answer for: it neither makes
+    nor breaks a group (one such tile took the classification off every tile of its slide);
+    a group needs at least one row that is an answer."""
     groups: dict[str, list[tuple[int, str]]] = {}
     for name in output_columns_of(table):
         m = _VECTOR_COLUMN.match(name)
@@ -72,14 +76,23 @@ def probability_groups(table: pa.Table) -> list[list[str]]:
         names = [n for _, n in sorted(members)]
         if len(names) < 2:
             continue
-        if len(table) and all(_sums_to_one(table.slice(lo, CHUNK_ROWS), names)
-                              for lo in range(0, len(table), CHUNK_ROWS)):
+        answers = [_probability_rows(table.slice(lo, CHUNK_ROWS), names) for lo in range(0, len(table), CHUNK_ROWS)]
+        if answers and None not in answers and sum(a for a in answers if a is not None):
             found.append(names)
     return found
 
 
-def _sums_to_one(part: pa.Table, names: list[str]) -> bool:
-    """Whether every row of ``part`` holds probabilities in ``names``: both tests are per row, so a
-    slide passes when each of its chunks does (a slide's rows at once took (n, k) float64 twice)."""
+def finite_rows(values: np.ndarray) -> np.ndarray:
+    """Which rows of an (n, k) array hold k finite values: the tiles the model answered."""
+    return np.isfinite(values).all(1)
+
+
+def _probability_rows(part: pa.Table, names: list[str]) -> int | None:
+    """How many rows of ``part`` hold probabilities in ``names``, or None when one of its
+    answered rows does not. Both tests are per row, so a slide passes when each of its chunks
+    does (a slide's rows at once took (n, k) float64 twice)."""
     values = np.column_stack([part.column(n).to_numpy(zero_copy_only=False) for n in names]).astype(np.float64)
-    return bool(np.all(values >= -PROB_TOLERANCE) and np.allclose(values.sum(1), 1.0, atol=PROB_TOLERANCE))
+    answered = values[finite_rows(values)]
+    if not (np.all(answered >= -PROB_TOLERANCE) and np.allclose(answered.sum(1), 1.0, atol=PROB_TOLERANCE)):
+        return None
+    return len(answered)
