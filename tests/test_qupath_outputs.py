@@ -67,3 +67,24 @@ def test_a_tile_without_an_answer_leaves_the_slide_classified(tmp_path: Path) ->
     grey = (210, 210, 210)
     assert [tuple(rgb[0, c * cell]) for c in (2, 3)] == [grey, grey]  # missing, not a colour
     assert tuple(rgb[0, 0]) != grey and tuple(rgb[0, cell]) != grey
+
+
+def test_class_names_are_ones_qupath_keeps_whole(tmp_path: Path) -> None:
+    """Output names come from the ONNX file: tf2onnx names them like ``softmax:0``. QuPath reads
+    ``softmax:0_1`` as class ``0_1`` derived from ``softmax`` and refuses a name with a line break
+    (and with it the file); unicode and quotes are names like any other."""
+    odd = ['softmax:0', 'tumör "grade"\n']
+    columns = {f"{base}_{i}": p for base in odd for i, p in enumerate([0.9, 0.1])}
+    store = _predictions(tmp_path, {"x": [0], "y": [0], **{k: [v] for k, v in columns.items()}})
+    features = _features(store)
+    klass = features[0]["properties"]["classification"]["name"]
+    assert klass == "softmax_0_0"  # the first group's top class, whole
+    assert ":" not in klass and "\n" not in klass and "\r" not in klass
+    assert set(features[0]["properties"]["measurements"]) == set(columns)  # measured as named
+
+
+def test_unicode_and_quotes_survive_in_a_class_name(tmp_path: Path) -> None:
+    store = _predictions(tmp_path, {"x": [0, 100], "y": [0, 0], 'tumör "grade"_0': [0.2, 0.6],
+                                    'tumör "grade"_1': [0.8, 0.4]})
+    names = [f["properties"]["classification"]["name"] for f in _features(store)]
+    assert names == ['tumör "grade"_1', 'tumör "grade"_0']

@@ -5,7 +5,8 @@ QuPath's own properties (qupath-core ``PathObjectTypeAdapters``, 0.4 and later):
 
 * ``objectType: "tile"`` makes each feature a tile object (a square the viewer draws over the slide);
 * ``classification: {"name": ..., "color": [r, g, b]}`` classifies it (both keys are required for
-  the object form); for a classifier, the class of the highest probability (none for a tile
+  the object form; the name is the column's, with ``:`` and line breaks, which QuPath reads as a
+  derived class or refuses, replaced); for a classifier, the class of the highest probability (none for a tile
   whose probabilities are NaN or inf: the model gave no answer there);
 * ``measurements: {name: number}`` become the object's measurements, listed and usable for colouring
   and filtering in QuPath (non-finite values are left out: JSON has no NaN).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -90,9 +92,17 @@ def _chunk_features(table: pa.Table, extent: float, names: list[str],
         props: dict[str, Any] = {"objectType": "tile"}
         if top is not None and classes is not None and top[i] >= 0:
             k = int(top[i])
-            props["classification"] = {"name": classes[k], "color": list(PALETTE[k % len(PALETTE)])}
+            props["classification"] = {"name": class_name(classes[k]), "color": list(PALETTE[k % len(PALETTE)])}
         props["measurements"] = {n: float(v[i]) for n, v in values.items() if math.isfinite(v[i])}
         yield {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
+
+
+def class_name(column: str) -> str:
+    """A column's name as a QuPath class of its own: QuPath's ``PathClass.fromString`` splits a
+    name at every ``:`` into a derived class (``softmax:0_1``, as tf2onnx names outputs, became
+    class ``0_1`` under ``softmax``) and refuses one with a line break, the whole file with it.
+    Measurements keep the column's own name."""
+    return re.sub(r"[\r\n]+", " ", column.replace(":", "_")).strip() or "class"
 
 
 def _top_class(probabilities: np.ndarray) -> np.ndarray:
