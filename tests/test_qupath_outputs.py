@@ -18,11 +18,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import slide_job, write_job
+from pathology_files import synthetic_slide, write_leica_scn
 from PIL import Image
 
+import gpubatch
 from gpubatch.outputs.geojson import write_slide_geojson
 from gpubatch.outputs.heatmaps import SlideGrid, write_heatmaps
 from gpubatch.outputs.store import OutputStore
+from gpubatch.sources.slides.source import slide_key
 
 SLIDE = "s3://lab/slides/case-1.svs"
 
@@ -40,7 +44,7 @@ def _predictions(out: Path, columns: dict[str, Any]) -> OutputStore:
 
 def _features(store: OutputStore, extent: float = 100.0) -> list[dict[str, Any]]:
     """The slide's GeoJSON features, parsed as strictly as JSON allows (no NaN, no Infinity)."""
-    (name,) = write_slide_geojson(store, {SLIDE: ("case-1", extent)})
+    (name,) = write_slide_geojson(store, {SLIDE: ("case-1", SlideGrid(1000, 1000, extent, extent))})
     doc = json.loads((Path(store.url()) / name).read_text(encoding="utf-8"),
                      parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in the GeoJSON"))
     assert doc["type"] == "FeatureCollection"
@@ -88,3 +92,56 @@ def test_unicode_and_quotes_survive_in_a_class_name(tmp_path: Path) -> None:
                                     'tumör "grade"_1': [0.8, 0.4]})
     names = [f["properties"]["classification"]["name"] for f in _features(store)]
     assert names == ['tumör "grade"_1', 'tumör "grade"_0']
+
+
+def _run(tmp_path: Path, slide: Path, model: Path, tiles: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+    """A real run over one slide with GeoJSON: its predictions and the slide's features."""
+    job = slide_job([str(slide)], model, tmp_path / "out", tiles=tiles,
+                    output={"formats": ["parquet", "geojson"]})
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    text = (Path(result.output_uri) / "geojson" / f"{slide_key(str(slide))}.geojson").read_text()
+    return result.predictions(), json.loads(text)["features"]
+
+
+def _square(feature: dict[str, Any]) -> tuple[float, float, float]:
+    ring = feature["geometry"]["coordinates"][0]
+    (x0, y0), (x1, _), (_, y1) = ring[0], ring[1], ring[2]
+    assert ring[0] == ring[-1] and x1 - x0 == pytest.approx(y1 - y0)  # a closed square
+    return x0, y0, x1 - x0
+
+
+def test_tiles_land_where_qupath_shows_a_slide_with_bounds(tmp_path: Path, mean_model: Path) -> None:
+    """A Leica SCN (MIRAX alike): openslide's level 0 is the whole glass slide, the scan placed
+    at openslide.bounds-x/y; QuPath shows the scan alone (its OpenSlide reader crops to the
+    bounds, Bio-Formats reads the scan's image). Each tile's square must cover, in that frame,
+    the pixels the model saw: the mean-colour model's outputs are those pixels' means."""
+    picture = synthetic_slide(1024, 768, seed=5)
+    slide = write_leica_scn(picture, tmp_path / "case.scn", offset=(300, 200), canvas=(1600, 1200))
+    rows, features = _run(tmp_path, slide, mean_model, {"size": 64, "mpp": 0.5,
+                                                         "tissue": {"method": "otsu", "min_fraction": 0.5}})
+    assert len(features) == len(rows) >= 10
+    # QuPath's frame, padded with the white openslide shows around the scan (a tile of the
+    # glass slide's grid may reach past the scan's edge)
+    shown = np.pad(picture, ((200, 200), (300, 300), (0, 0)), constant_values=255)
+    for feature in features:
+        x0, y0, side = _square(feature)
+        assert -side < x0 < 1024 and -side < y0 < 768  # on the scan
+        region = shown[int(y0) + 200:int(y0 + side) + 200, int(x0) + 300:int(x0 + side) + 300]
+        seen = region.reshape(-1, 3).mean(0) / 255
+        measured = [feature["properties"]["measurements"][f"mean_{c}"] for c in range(3)]
+        assert np.abs(np.array(measured) - seen).max() < 0.02, (x0, y0, measured, seen)
+
+
+def test_a_square_covers_the_region_a_resampled_tile_was_read_from(tmp_path: Path, slide_path: Path,
+                                                                  mean_model: Path) -> None:
+    """0.6 um/px tiles of 64 px on a 0.25 um/px slide: read at level 1 (downsample 2) as 77 px
+    boxes from level-1 pixel round(x / 2), resized to 64. Their squares are those boxes in
+    level-0 pixels (154 px from round(x / 2) * 2), not the grid's 153.6 px from x."""
+    rows, features = _run(tmp_path, slide_path, mean_model, {"size": 64, "mpp": 0.6})
+    assert set(rows["level"]) == {1} and len(features) == len(rows)
+    shifted = 0
+    for feature, (_, row) in zip(features, rows.iterrows(), strict=True):
+        x0, y0, side = _square(feature)
+        assert (x0, y0, side) == (np.round(row.x / 2) * 2, np.round(row.y / 2) * 2, 154)
+        shifted += (x0, y0) != (row.x, row.y)
+    assert shifted  # the grid's corners and the reads' differ on some tiles

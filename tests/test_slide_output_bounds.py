@@ -62,7 +62,7 @@ def test_geojson_features_of_a_large_slide_hold_chunks_not_the_slide(small_chunk
     table = _classifier_rows(ROWS)
 
     def first_features() -> list[dict[str, Any]]:
-        features = iter(geojson._features(table, 32.0))
+        features = iter(geojson._features(table, per_slide.SlideGrid(0, 0, 32.0, 32.0)))
         return [next(features) for _ in range(10)]
 
     features, held = _traced_peak(first_features)

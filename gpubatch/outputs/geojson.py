@@ -11,7 +11,11 @@ QuPath's own properties (qupath-core ``PathObjectTypeAdapters``, 0.4 and later):
 * ``measurements: {name: number}`` become the object's measurements, listed and usable for colouring
   and filtering in QuPath (non-finite values are left out: JSON has no NaN).
 
-Coordinates are level-0 pixels with the origin at the image's top-left, as QuPath expects. One file
+Coordinates are level-0 pixels of the image QuPath shows, origin at its top-left, y down: for a
+slide whose scan sits inside a larger canvas (Leica SCN, MIRAX: openslide's ``bounds-*``), that
+image is the scan alone, so the scan's place is subtracted (predictions.parquet's ``x``, ``y`` keep
+openslide's frame). Each square is the region the tile's pixels were read from
+(``SlideGrid.read_regions``). One file
 per slide, named by the slide's safe key (never its URI), written from predictions.parquet one slide
 at a time: no pixels, no metadata beyond the outputs.
 """
@@ -30,6 +34,7 @@ import pyarrow as pa
 from gpubatch.outputs.layout import GEOJSON_DIR, geojson_name
 from gpubatch.outputs.per_slide import (
     CHUNK_ROWS,
+    SlideGrid,
     finite_rows,
     iter_slides,
     output_columns_of,
@@ -42,16 +47,16 @@ PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 
-def write_slide_geojson(store: OutputStore, slides: dict[str, tuple[str, float]]) -> list[str]:
-    """One FeatureCollection per slide of predictions.parquet; ``slides``: URI -> (key, tile edge in
-    level-0 px). Slides with no rows get an empty collection, so every slide has its file.
+def write_slide_geojson(store: OutputStore, slides: dict[str, tuple[str, SlideGrid]]) -> list[str]:
+    """One FeatureCollection per slide of predictions.parquet; ``slides``: URI -> (key, grid).
+    Slides with no rows get an empty collection, so every slide has its file.
     Returns the files' names under the output."""
     written = []
     seen = set()
     for slide, table in iter_slides(store):
         if slide in slides:
-            key, extent = slides[slide]
-            written.append(_write(store, key, _features(table, extent)))
+            key, grid = slides[slide]
+            written.append(_write(store, key, _features(table, grid)))
             seen.add(slide)
     for slide, (key, _) in slides.items():
         if slide not in seen:
@@ -70,25 +75,26 @@ def _write(store: OutputStore, key: str, features: Iterable[dict[str, Any]]) -> 
     return name
 
 
-def _features(table: pa.Table, extent: float) -> Iterable[dict[str, Any]]:
+def _features(table: pa.Table, grid: SlideGrid) -> Iterable[dict[str, Any]]:
     """A tile object per row: its square, its class (classifiers) and its outputs as measurements.
     The classes are found over the slide's rows; the rows are converted CHUNK_ROWS at a time (the
     whole slide's columns in float64 at once were 62 MB for a million tiles of 3 outputs)."""
     names = output_columns_of(table)
     classes = probability_groups(table)
     for lo in range(0, len(table), CHUNK_ROWS):
-        yield from _chunk_features(table.slice(lo, CHUNK_ROWS), extent, names, classes[0] if classes else None)
+        yield from _chunk_features(table.slice(lo, CHUNK_ROWS), grid, names, classes[0] if classes else None)
 
 
-def _chunk_features(table: pa.Table, extent: float, names: list[str],
+def _chunk_features(table: pa.Table, grid: SlideGrid, names: list[str],
                     classes: list[str] | None) -> Iterable[dict[str, Any]]:
     values = {n: table.column(n).to_numpy(zero_copy_only=False).astype(np.float64) for n in names}
     top = _top_class(np.column_stack([values[n] for n in classes])) if classes is not None else None
-    xs = table.column("x").to_numpy(zero_copy_only=False)
-    ys = table.column("y").to_numpy(zero_copy_only=False)
+    lefts, tops, edge = grid.read_regions(table.column("x").to_numpy(zero_copy_only=False),
+                                          table.column("y").to_numpy(zero_copy_only=False))
     for i in range(len(table)):
-        x, y = float(xs[i]), float(ys[i])
-        ring = [[x, y], [x + extent, y], [x + extent, y + extent], [x, y + extent], [x, y]]
+        x, y = round(float(lefts[i]), 3), round(float(tops[i]), 3)
+        x1, y1 = round(x + edge, 3), round(y + edge, 3)
+        ring = [[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]
         props: dict[str, Any] = {"objectType": "tile"}
         if top is not None and classes is not None and top[i] >= 0:
             k = int(top[i])

@@ -25,6 +25,7 @@ import pyarrow as pa
 from gpubatch.outputs.layout import HEATMAPS_DIR, heatmap_name
 from gpubatch.outputs.per_slide import (
     CHUNK_ROWS,
+    SlideGrid,
     iter_slides,
     output_columns_of,
     probability_groups,
@@ -39,16 +40,6 @@ EMPTY, MISSING = (255, 255, 255), (210, 210, 210)
 #: viridis at 0, 0.25, 0.5, 0.75, 1 (matplotlib's values), interpolated linearly between
 VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], np.float64)
 TOP_PROBABILITY = "top class probability"
-
-
-@dataclass(frozen=True)
-class SlideGrid:
-    """What places a slide's tiles on a grid: level-0 size, tile stride and tile edge, in pixels."""
-
-    width: int
-    height: int
-    stride: float
-    extent: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,40 @@ PROB_TOLERANCE = 1e-2
 #: out the same, and their float64 temporaries stay this size whatever the slide's tile count
 CHUNK_ROWS = 65536
 _VECTOR_COLUMN = re.compile(r"^(?P<base>.+)_(?P<i>\d+)$")
+
+
+@dataclass(frozen=True)
+class SlideGrid:
+    """Where a slide's tiles lie and what each was read from, in level-0 pixels: the slide's
+    size, the grid's stride and a tile's edge; the downsample of the level read and a read's
+    edge there (``read_size``; 0 where not recorded); and ``bounds``, the part of level 0 that
+    viewers show as the image (``SlideInfo.bounds``; None: all of it)."""
+
+    width: int
+    height: int
+    stride: float
+    extent: float = 0.0
+    level_downsample: float = 1.0
+    read_size: int = 0
+    bounds: tuple[int, int, int, int] | None = None
+
+    @property
+    def shown(self) -> tuple[int, int, int, int]:
+        """(x, y, width, height): the part of level 0 that viewers show as the image."""
+        return self.bounds if self.bounds is not None else (0, 0, self.width, self.height)
+
+    def read_regions(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Where each tile's pixels came from, in the frame viewers show: (left, top, edge).
+
+        A tile is read at its level from pixel round(x / downsample), read_size pixels on a
+        side (``sources.slides.source._boxes``), then resized: its region is that box scaled to
+        level 0, which differs from (x, y, extent) by up to half a pixel of the level read
+        where the level or the resampling is not exact (a 153.6 px tile read as 77 px at
+        downsample 2 covers 154)."""
+        ds = self.level_downsample
+        left, top = self.shown[:2]
+        edge = self.read_size * ds if self.read_size else self.extent
+        return np.round(xs / ds) * ds - left, np.round(ys / ds) * ds - top, edge
 
 
 def iter_slides(store: OutputStore) -> Iterator[tuple[str, pa.Table]]:
