@@ -145,3 +145,48 @@ def test_a_square_covers_the_region_a_resampled_tile_was_read_from(tmp_path: Pat
         assert (x0, y0, side) == (np.round(row.x / 2) * 2, np.round(row.y / 2) * 2, 154)
         shifted += (x0, y0) != (row.x, row.y)
     assert shifted  # the grid's corners and the reads' differ on some tiles
+
+
+def _heatmap(store: OutputStore, grid: SlideGrid) -> tuple[np.ndarray, dict[str, str]]:
+    (name,) = write_heatmaps(store, {SLIDE: ("case-1", grid)})
+    image = Image.open(Path(store.url()) / name)
+    return np.asarray(image.convert("RGB")), dict(image.text)
+
+
+@pytest.mark.parametrize("bounds", [None, (300, 200, 1024, 512)], ids=["whole", "scan-in-canvas"])
+def test_a_heatmap_spans_the_slide_and_puts_each_tile_at_its_place(tmp_path: Path, bounds: Any) -> None:
+    """The picture is the slide as a viewer shows it, scaled: its sides in the slide's
+    proportions (a 1000 x 500 slide of 224 px tiles was drawn 5 x 3 cells, 1.67:1, so an overlay
+    stretched onto the slide's thumbnail put the last tiles 17% off), the level-0 region it
+    spans in a text chunk, and a tile at a known place coloured at that place. With a scan
+    inside a larger canvas (openslide's bounds), the picture is the scan's."""
+    stride = 224.0 if bounds is None else 128.0
+    xs, ys = ([0, 448, 672], [0, 224, 0]) if bounds is None else ([384, 1152, 512], [256, 512, 384])
+    store = _predictions(tmp_path, {"x": xs, "y": ys, "score": [0.0, 1.0, 0.5]})
+    grid = SlideGrid(1000, 500, stride, stride) if bounds is None else SlideGrid(1600, 1200, stride, stride,
+                                                                                  bounds=bounds)
+    rgb, text = _heatmap(store, grid)
+    left, top, width, height = grid.shown
+    assert [float(v) for v in text["gpubatch:region"].split()] == [left, top, width, height]
+    scale = rgb.shape[1] / width
+    assert rgb.shape[0] == pytest.approx(height * scale, abs=1.0)  # the slide's proportions
+    for x, y, want in zip(xs, ys, ([68, 1, 84], [253, 231, 37], [33, 145, 140]), strict=True):
+        # the middle of the tile's cell, in the picture
+        px, py = int((x - left + stride / 2) * scale), int((y - top + stride / 2) * scale)
+        assert rgb[py, px].tolist() == want, (x, y)
+    assert ((rgb != 255).any(-1)).sum() == pytest.approx(3 * (stride * scale) ** 2, rel=0.1)
+
+
+def test_a_slide_with_no_rows_gets_an_empty_collection_and_no_heatmap(tmp_path: Path) -> None:
+    """Every tile of it filtered out (or a slide smaller than one tile): QuPath imports an empty
+    FeatureCollection; a heatmap of nothing is not drawn."""
+    store = _predictions(tmp_path, {"x": [], "y": [], "score": []})
+    assert _features(store) == []
+    assert write_heatmaps(store, {SLIDE: ("case-1", SlideGrid(1000, 500, 224.0, 224.0))}) == []
+
+
+def test_a_slide_of_unrecorded_size_is_drawn_over_its_tiles(tmp_path: Path) -> None:
+    store = _predictions(tmp_path, {"x": [0, 200], "y": [0, 100], "score": [0.0, 1.0]})
+    rgb, text = _heatmap(store, SlideGrid(0, 0, 100.0, 100.0))
+    assert text["gpubatch:region"] == "0 0 300 200" and rgb.shape[1] == pytest.approx(1.5 * rgb.shape[0], abs=1)
+    assert rgb[-1, -1].tolist() == [253, 231, 37]  # the far tile, in the far corner

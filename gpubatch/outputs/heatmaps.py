@@ -1,6 +1,9 @@
 """heatmaps/<slide>.png: each slide's tile grid coloured by one output, drawn from predictions only.
 
-The picture is made from predictions.parquet (tile positions and one value per tile), never from
+The picture is the slide as a viewer shows it (for a scan inside a larger canvas, the scan:
+openslide's bounds), scaled to at most MAX_EDGE pixels a side in the slide's proportions, so it
+overlays the slide's thumbnail; its ``gpubatch:region`` text chunk gives the level-0 region it
+spans. It is made from predictions.parquet (tile positions and one value per tile), never from
 pixels: no tissue, no label or macro image and no slide metadata can reach it, so it may be mailed
 and shown in report.html. One pixel block per tile, on white where no tile was kept; viridis
 colours, light grey for a tile whose value is missing.
@@ -69,7 +72,7 @@ def write_heatmaps(store: OutputStore, slides: dict[str, tuple[str, SlideGrid]],
             continue
         key, grid = slides[slide]
         name = f"{HEATMAPS_DIR}/{heatmap_name(key)}"
-        store.write_bytes(name, png(draw(table, coloured, grid), coloured))
+        store.write_bytes(name, png(draw(table, coloured, grid), coloured, _shown(table, grid)))
         written.append(name)
     return written
 
@@ -128,25 +131,45 @@ def colours(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def draw(table: pa.Table, coloured: Coloured, grid: SlideGrid) -> np.ndarray:
-    """(h, w, 3) uint8: one ``cell`` x ``cell`` block per tile at its place on the slide's grid."""
-    cols = max(1, math.ceil(grid.width / grid.stride))
-    rows = max(1, math.ceil(grid.height / grid.stride))
+    """(h, w, 3) uint8: the slide as viewers show it (``grid.shown``), one ``cell`` x ``cell``
+    block per tile at its place on the grid, cut where the slide ends: the picture has the
+    slide's proportions, ``cell / grid.stride`` pixels per level-0 pixel (whole cells of the
+    grid were 1.67:1 for a 2:1 slide). Tiles outside the shown part are left out."""
+    left, top, width, height = _shown(table, grid)
+    col0, row0 = math.floor(left / grid.stride), math.floor(top / grid.stride)
+    cols = max(1, math.ceil((left + width) / grid.stride) - col0)
+    rows = max(1, math.ceil((top + height) / grid.stride) - row0)
     cell = max(1, min(MAX_CELL, MAX_EDGE // max(cols, rows)))
     image = np.empty((rows * cell, cols * cell, 3), np.uint8)
     image[:] = EMPTY
     blocks = image.reshape(rows, cell, cols, cell, 3)
     for lo in range(0, len(table), CHUNK_ROWS):  # in order: a later tile on the same cell wins, as before
         part = table.slice(lo, CHUNK_ROWS)
-        c = np.clip(np.round(_column(part, "x") / grid.stride).astype(int), 0, cols - 1)
-        r = np.clip(np.round(_column(part, "y") / grid.stride).astype(int), 0, rows - 1)
+        c = np.round(_column(part, "x") / grid.stride).astype(int) - col0
+        r = np.round(_column(part, "y") / grid.stride).astype(int) - row0
+        inside = (c >= 0) & (c < cols) & (r >= 0) & (r < rows)
         rgb = colours(coloured.values[lo:lo + CHUNK_ROWS], coloured.low, coloured.high)
-        blocks[r, :, c, :] = rgb[:, None, None, :]
-    return image
+        blocks[r[inside], :, c[inside], :] = rgb[inside][:, None, None, :]
+    scale = cell / grid.stride
+    x0, y0 = round((left - col0 * grid.stride) * scale), round((top - row0 * grid.stride) * scale)
+    return image[y0:y0 + max(1, math.ceil(height * scale)), x0:x0 + max(1, math.ceil(width * scale))]
 
 
-def png(image: np.ndarray, coloured: Coloured) -> bytes:
+def _shown(table: pa.Table, grid: SlideGrid) -> tuple[float, float, float, float]:
+    """The level-0 region the picture spans: the grid's, or where its size was not recorded
+    (0), the tiles' own extent."""
+    left, top, width, height = grid.shown
+    if width > 0 and height > 0:
+        return left, top, width, height
+    reach = max(grid.extent, grid.stride)
+    far = [float(_column(table, c).max()) if len(table) else 0.0 for c in ("x", "y")]
+    return 0.0, 0.0, far[0] + reach, far[1] + reach
+
+
+def png(image: np.ndarray, coloured: Coloured, region: tuple[float, float, float, float] | None = None) -> bytes:
     """The picture as PNG bytes, its text chunks (ahead of the image data, where a reader finds
-    them without decoding it) saying what coloured it and on what range. zlib's default level,
+    them without decoding it) saying what coloured it, on what range, and the level-0 region
+    (x y width height, openslide's frame) it spans, for an overlay. zlib's default level,
     not ``optimize``: a run's end draws one per slide, and optimize took 2.4x the time for a file
     a tenth smaller."""
     import io
@@ -157,6 +180,8 @@ def png(image: np.ndarray, coloured: Coloured) -> bytes:
     info = PngInfo()
     info.add_text("gpubatch:colour", coloured.name)
     info.add_text("gpubatch:range", f"{coloured.low:.6g} {coloured.high:.6g}")
+    if region is not None:
+        info.add_text("gpubatch:region", " ".join(f"{v:g}" for v in region))
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
