@@ -17,7 +17,8 @@ image is the scan alone, so the scan's place is subtracted (predictions.parquet'
 openslide's frame). Each square is the region the tile's pixels were read from
 (``SlideGrid.read_regions``). One file
 per slide, named by the slide's safe key (never its URI), written from predictions.parquet one slide
-at a time: no pixels, no metadata beyond the outputs.
+at a time, a chunk of its rows at a time (``per_slide.SlideRows``): no pixels, no metadata beyond
+the outputs.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import pyarrow as pa
 
 from gpubatch.outputs.layout import GEOJSON_DIR, geojson_name
 from gpubatch.outputs.per_slide import (
-    CHUNK_ROWS,
     SlideGrid,
+    SlideRows,
     finite_rows,
     iter_slides,
     output_columns_of,
@@ -53,11 +54,11 @@ def write_slide_geojson(store: OutputStore, slides: dict[str, tuple[str, SlideGr
     Returns the files' names under the output."""
     written = []
     seen = set()
-    for slide, table in iter_slides(store):
-        if slide in slides:
-            key, grid = slides[slide]
-            written.append(_write(store, key, _features(table, grid)))
-            seen.add(slide)
+    for rows in iter_slides(store):
+        if rows.slide in slides:
+            key, grid = slides[rows.slide]
+            written.append(_write(store, key, _features(rows, grid)))
+            seen.add(rows.slide)
     for slide, (key, _) in slides.items():
         if slide not in seen:
             written.append(_write(store, key, iter(())))
@@ -75,14 +76,15 @@ def _write(store: OutputStore, key: str, features: Iterable[dict[str, Any]]) -> 
     return name
 
 
-def _features(table: pa.Table, grid: SlideGrid) -> Iterable[dict[str, Any]]:
+def _features(rows: SlideRows, grid: SlideGrid) -> Iterable[dict[str, Any]]:
     """A tile object per row: its square, its class (classifiers) and its outputs as measurements.
-    The classes are found over the slide's rows; the rows are converted CHUNK_ROWS at a time (the
-    whole slide's columns in float64 at once were 62 MB for a million tiles of 3 outputs)."""
-    names = output_columns_of(table)
-    classes = probability_groups(table)
-    for lo in range(0, len(table), CHUNK_ROWS):
-        yield from _chunk_features(table.slice(lo, CHUNK_ROWS), grid, names, classes[0] if classes else None)
+    The classes are found over the slide's rows (a pass); the rows are then read and converted a
+    chunk at a time (the whole slide's columns in float64 at once were 62 MB for a million tiles
+    of 3 outputs)."""
+    names = output_columns_of(rows)
+    classes = probability_groups(rows)
+    for part in rows.chunks(["x", "y", *names]):
+        yield from _chunk_features(part, grid, names, classes[0] if classes else None)
 
 
 def _chunk_features(table: pa.Table, grid: SlideGrid, names: list[str],
