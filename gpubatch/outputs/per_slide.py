@@ -24,6 +24,9 @@ from gpubatch.outputs.store import OutputStore
 
 INDEX_COLUMNS = ("slide", "x", "y", "level")
 PROB_TOLERANCE = 1e-2
+#: an int8 (QDQ) softmax stores each probability in steps of 1/255, each rounded by up to half a
+#: step: k of them may sum k/510 away from 1 (20 classes summed to 252/255 in a real int8 run)
+QUANTIZED_STEP = 1 / 255
 #: a slide's rows examined or converted this many at a time: the outputs drawn per slide come
 #: out the same, and their float64 temporaries stay this size whatever the slide's tile count
 CHUNK_ROWS = 65536
@@ -171,8 +174,8 @@ def output_columns_of(rows: SlideRows) -> list[str]:
 
 
 def probability_groups(rows: SlideRows) -> list[list[str]]:
-    """Groups of columns ``name_0 .. name_k`` (k >= 1) whose rows are probabilities (sum to 1),
-    found in one pass over the slide's rows.
+    """Groups of columns ``name_0 .. name_k`` (k >= 1) whose rows are probabilities (sum to 1,
+    within what an int8 softmax's rounding allows), found in one pass over the slide's rows.
 
     A row with NaN or inf among them is a tile the model gave no answer for: it neither makes
     nor breaks a group (one such tile took the classification off every tile of its slide);
@@ -204,6 +207,7 @@ def _probability_rows(part: pa.Table, names: list[str]) -> int | None:
     does (a slide's rows at once took (n, k) float64 twice)."""
     values = np.column_stack([part.column(n).to_numpy(zero_copy_only=False) for n in names]).astype(np.float64)
     answered = values[finite_rows(values)]
-    if not (np.all(answered >= -PROB_TOLERANCE) and np.allclose(answered.sum(1), 1.0, atol=PROB_TOLERANCE)):
+    off = max(PROB_TOLERANCE, len(names) * QUANTIZED_STEP / 2)
+    if not (np.all(answered >= -PROB_TOLERANCE) and np.allclose(answered.sum(1), 1.0, rtol=0.0, atol=off)):
         return None
     return len(answered)
