@@ -443,6 +443,40 @@ def write_ome_tiff(image: np.ndarray, path: str | Path, *, levels: int = 3, mpp:
     return out
 
 
+LEICA_NS = "http://www.leica-microsystems.com/scn/2010/10/01"
+
+
+def write_leica_scn(image: np.ndarray, path: str | Path, *, offset: tuple[int, int], canvas: tuple[int, int],
+                    levels: int = 2, nm_per_pixel: int = 250, tile: int = 128) -> Path:
+    """A Leica SCN as openslide's leica driver reads it: one brightfield main image of ``image``
+    (level n is ``downsample(image, 2**n)``) placed at ``offset`` level-0 pixels on a slide of
+    ``canvas`` pixels. openslide's level 0 is the whole slide (white outside the image) and its
+    ``openslide.bounds-*`` the image's place; viewers (QuPath) show the image alone."""
+    import tifffile
+
+    h, w = image.shape[:2]
+    levels_px = pyramid(image, levels)
+    dims = "".join(f'<dimension sizeX="{lv.shape[1]}" sizeY="{lv.shape[0]}" r="{i}" ifd="{i}"/>'
+                   for i, lv in enumerate(levels_px))
+    xml = (f'<?xml version="1.0" encoding="utf-8"?><scn xmlns="{LEICA_NS}"><collection name="slide" '
+           f'sizeX="{canvas[0] * nm_per_pixel}" sizeY="{canvas[1] * nm_per_pixel}"><image name="main">'
+           f'<creationDate>2020-01-01T00:00:00Z</creationDate><device model="SCN400" version="1.5"/>'
+           f'<pixels sizeX="{w}" sizeY="{h}">{dims}</pixels>'
+           f'<view sizeX="{w * nm_per_pixel}" sizeY="{h * nm_per_pixel}" offsetX="{offset[0] * nm_per_pixel}" '
+           f'offsetY="{offset[1] * nm_per_pixel}" spacingZ="0"/><scanSettings><objectiveSettings>'
+           f'<objective>20</objective></objectiveSettings><illuminationSettings><numericalAperture>0.4'
+           f'</numericalAperture><illuminationSource>brightfield</illuminationSource></illuminationSettings>'
+           f'</scanSettings></image></collection></scn>')
+    per_cm = 1e7 / nm_per_pixel
+    out = Path(path)
+    with tifffile.TiffWriter(out, bigtiff=True) as tif:
+        for n, level in enumerate(levels_px):
+            tif.write(level, tile=(tile, tile), compression="jpeg", photometric="rgb", metadata=None,
+                      description=xml if n == 0 else None, resolution=(per_cm / 2**n, per_cm / 2**n),
+                      resolutionunit="CENTIMETER")
+    return out
+
+
 # -- pytest fixtures (``pytest_plugins = ["pathology_files"]`` brings them into a test module)
 
 import pytest  # noqa: E402 - the writers above need no pytest

@@ -122,5 +122,6 @@ def test_slides_are_read_back_whole_across_row_groups(tmp_path: Path) -> None:
     slides = [s for s, n in sizes.items() for _ in range(n)]
     table = pa.table({"slide": slides, "x": np.arange(len(slides)), "y": np.zeros(len(slides), int)})
     pq.write_table(table, tmp_path / "predictions.parquet", row_group_size=4)
-    got = [(s, t.num_rows, t.column("x").to_pylist()[0]) for s, t in iter_slides(OutputStore(tmp_path))]
-    assert got == [("a", 7, 0), ("b", 3, 7), ("c", 9, 10)]
+    got = [(r.slide, r.num_rows, [x for part in r.chunks(["x"]) for x in part.column("x").to_pylist()])
+           for r in iter_slides(OutputStore(tmp_path))]
+    assert got == [("a", 7, list(range(7))), ("b", 3, list(range(7, 10))), ("c", 9, list(range(10, 19)))]

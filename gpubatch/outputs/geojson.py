@@ -5,19 +5,27 @@ QuPath's own properties (qupath-core ``PathObjectTypeAdapters``, 0.4 and later):
 
 * ``objectType: "tile"`` makes each feature a tile object (a square the viewer draws over the slide);
 * ``classification: {"name": ..., "color": [r, g, b]}`` classifies it (both keys are required for
-  the object form); for a classifier, the class of the highest probability;
+  the object form; the name is the column's, with ``:`` and line breaks, which QuPath reads as a
+  derived class or refuses, replaced); for a classifier, the class of the highest probability (none for a tile
+  whose probabilities are NaN or inf: the model gave no answer there);
 * ``measurements: {name: number}`` become the object's measurements, listed and usable for colouring
   and filtering in QuPath (non-finite values are left out: JSON has no NaN).
 
-Coordinates are level-0 pixels with the origin at the image's top-left, as QuPath expects. One file
+Coordinates are level-0 pixels of the image QuPath shows, origin at its top-left, y down: for a
+slide whose scan sits inside a larger canvas (Leica SCN, MIRAX: openslide's ``bounds-*``), that
+image is the scan alone, so the scan's place is subtracted (predictions.parquet's ``x``, ``y`` keep
+openslide's frame). Each square is the region the tile's pixels were read from
+(``SlideGrid.read_regions``). One file
 per slide, named by the slide's safe key (never its URI), written from predictions.parquet one slide
-at a time: no pixels, no metadata beyond the outputs.
+at a time, a chunk of its rows at a time (``per_slide.SlideRows``): no pixels, no metadata beyond
+the outputs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,7 +34,9 @@ import pyarrow as pa
 
 from gpubatch.outputs.layout import GEOJSON_DIR, geojson_name
 from gpubatch.outputs.per_slide import (
-    CHUNK_ROWS,
+    SlideGrid,
+    SlideRows,
+    finite_rows,
     iter_slides,
     output_columns_of,
     probability_groups,
@@ -38,17 +48,17 @@ PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 
-def write_slide_geojson(store: OutputStore, slides: dict[str, tuple[str, float]]) -> list[str]:
-    """One FeatureCollection per slide of predictions.parquet; ``slides``: URI -> (key, tile edge in
-    level-0 px). Slides with no rows get an empty collection, so every slide has its file.
+def write_slide_geojson(store: OutputStore, slides: dict[str, tuple[str, SlideGrid]]) -> list[str]:
+    """One FeatureCollection per slide of predictions.parquet; ``slides``: URI -> (key, grid).
+    Slides with no rows get an empty collection, so every slide has its file.
     Returns the files' names under the output."""
     written = []
     seen = set()
-    for slide, table in iter_slides(store):
-        if slide in slides:
-            key, extent = slides[slide]
-            written.append(_write(store, key, _features(table, extent)))
-            seen.add(slide)
+    for rows in iter_slides(store):
+        if rows.slide in slides:
+            key, grid = slides[rows.slide]
+            written.append(_write(store, key, _features(rows, grid)))
+            seen.add(rows.slide)
     for slide, (key, _) in slides.items():
         if slide not in seen:
             written.append(_write(store, key, iter(())))
@@ -66,28 +76,46 @@ def _write(store: OutputStore, key: str, features: Iterable[dict[str, Any]]) -> 
     return name
 
 
-def _features(table: pa.Table, extent: float) -> Iterable[dict[str, Any]]:
+def _features(rows: SlideRows, grid: SlideGrid) -> Iterable[dict[str, Any]]:
     """A tile object per row: its square, its class (classifiers) and its outputs as measurements.
-    The classes are found over the slide's rows; the rows are converted CHUNK_ROWS at a time (the
-    whole slide's columns in float64 at once were 62 MB for a million tiles of 3 outputs)."""
-    names = output_columns_of(table)
-    classes = probability_groups(table)
-    for lo in range(0, len(table), CHUNK_ROWS):
-        yield from _chunk_features(table.slice(lo, CHUNK_ROWS), extent, names, classes[0] if classes else None)
+    The classes are found over the slide's rows (a pass); the rows are then read and converted a
+    chunk at a time (the whole slide's columns in float64 at once were 62 MB for a million tiles
+    of 3 outputs)."""
+    names = output_columns_of(rows)
+    classes = probability_groups(rows)
+    for part in rows.chunks(["x", "y", *names]):
+        yield from _chunk_features(part, grid, names, classes[0] if classes else None)
 
 
-def _chunk_features(table: pa.Table, extent: float, names: list[str],
+def _chunk_features(table: pa.Table, grid: SlideGrid, names: list[str],
                     classes: list[str] | None) -> Iterable[dict[str, Any]]:
     values = {n: table.column(n).to_numpy(zero_copy_only=False).astype(np.float64) for n in names}
-    top = np.column_stack([values[n] for n in classes]).argmax(1) if classes is not None else None
-    xs = table.column("x").to_numpy(zero_copy_only=False)
-    ys = table.column("y").to_numpy(zero_copy_only=False)
+    top = _top_class(np.column_stack([values[n] for n in classes])) if classes is not None else None
+    lefts, tops, edge = grid.read_regions(table.column("x").to_numpy(zero_copy_only=False),
+                                          table.column("y").to_numpy(zero_copy_only=False))
     for i in range(len(table)):
-        x, y = float(xs[i]), float(ys[i])
-        ring = [[x, y], [x + extent, y], [x + extent, y + extent], [x, y + extent], [x, y]]
+        x, y = round(float(lefts[i]), 3), round(float(tops[i]), 3)
+        x1, y1 = round(x + edge, 3), round(y + edge, 3)
+        ring = [[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]
         props: dict[str, Any] = {"objectType": "tile"}
-        if top is not None and classes is not None:
+        if top is not None and classes is not None and top[i] >= 0:
             k = int(top[i])
-            props["classification"] = {"name": classes[k], "color": list(PALETTE[k % len(PALETTE)])}
+            props["classification"] = {"name": class_name(classes[k]), "color": list(PALETTE[k % len(PALETTE)])}
         props["measurements"] = {n: float(v[i]) for n, v in values.items() if math.isfinite(v[i])}
         yield {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
+
+
+def class_name(column: str) -> str:
+    """A column's name as a QuPath class of its own: QuPath's ``PathClass.fromString`` splits a
+    name at every ``:`` into a derived class (``softmax:0_1``, as tf2onnx names outputs, became
+    class ``0_1`` under ``softmax``) and refuses one with a line break, the whole file with it.
+    Measurements keep the column's own name."""
+    return re.sub(r"[\r\n]+", " ", column.replace(":", "_")).strip() or "class"
+
+
+def _top_class(probabilities: np.ndarray) -> np.ndarray:
+    """Each row's class of the highest probability; -1 (no class) where the model gave none
+    (NaN or inf: argmax would name the class that held the NaN)."""
+    top = probabilities.argmax(1)
+    top[~finite_rows(probabilities)] = -1
+    return top

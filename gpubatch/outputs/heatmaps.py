@@ -1,6 +1,9 @@
 """heatmaps/<slide>.png: each slide's tile grid coloured by one output, drawn from predictions only.
 
-The picture is made from predictions.parquet (tile positions and one value per tile), never from
+The picture is the slide as a viewer shows it (for a scan inside a larger canvas, the scan:
+openslide's bounds), scaled to at most MAX_EDGE pixels a side in the slide's proportions, so it
+overlays the slide's thumbnail; its ``gpubatch:region`` text chunk gives the level-0 region it
+spans. It is made from predictions.parquet (tile positions and one value per tile), never from
 pixels: no tissue, no label or macro image and no slide metadata can reach it, so it may be mailed
 and shown in report.html. One pixel block per tile, on white where no tile was kept; viridis
 colours, light grey for a tile whose value is missing.
@@ -17,14 +20,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 
 from gpubatch.outputs.layout import HEATMAPS_DIR, heatmap_name
 from gpubatch.outputs.per_slide import (
-    CHUNK_ROWS,
+    SlideGrid,
+    SlideRows,
     iter_slides,
     output_columns_of,
     probability_groups,
@@ -42,23 +46,21 @@ TOP_PROBABILITY = "top class probability"
 
 
 @dataclass(frozen=True)
-class SlideGrid:
-    """What places a slide's tiles on a grid: level-0 size, tile stride and tile edge, in pixels."""
-
-    width: int
-    height: int
-    stride: float
-    extent: float = 0.0
-
-
-@dataclass(frozen=True)
 class Coloured:
-    """The values a picture shows: per tile, with the name and range the legend gives."""
+    """What colours a picture: the column (or, for the top class probability, each row's largest
+    of the columns) with the name and range the legend gives. Values are made from each chunk
+    of rows as it is drawn (``values``), never held for the whole slide."""
 
     name: str
-    values: np.ndarray
+    columns: tuple[str, ...]
     low: float
     high: float
+
+    def values(self, part: pa.Table) -> np.ndarray:
+        """The chunk's values in float64: one column's, or each row's largest (NaN if any is)."""
+        if len(self.columns) == 1:
+            return _column(part, self.columns[0])
+        return np.column_stack([_column(part, n) for n in self.columns]).max(1)
 
 
 def write_heatmaps(store: OutputStore, slides: dict[str, tuple[str, SlideGrid]], by: str = "auto") -> list[str]:
@@ -67,61 +69,57 @@ def write_heatmaps(store: OutputStore, slides: dict[str, tuple[str, SlideGrid]],
     if by == "none":
         return []
     written = []
-    for slide, table in iter_slides(store):
-        if slide not in slides or not len(table):
+    for rows in iter_slides(store):
+        if rows.slide not in slides or not rows.num_rows:
             continue
-        coloured = choose_values(table, by)
+        coloured = choose_values(rows, by)
         if coloured is None:
             if by != "auto":
                 log.warning("heatmaps: predictions.parquet has no column %r for %s; no heatmap drawn",
-                            by, slides[slide][0])
+                            by, slides[rows.slide][0])
             continue
-        key, grid = slides[slide]
+        key, grid = slides[rows.slide]
         name = f"{HEATMAPS_DIR}/{heatmap_name(key)}"
-        store.write_bytes(name, png(draw(table, coloured, grid), coloured))
+        region = _shown(rows, grid)  # the grid's bounds, or its tiles' where it has no size
+        store.write_bytes(name, png(draw(rows, coloured, replace(grid, bounds=region)), coloured, region))
         written.append(name)
     return written
 
 
-def choose_values(table: pa.Table, by: str) -> Coloured | None:
-    """The values that colour a slide's picture (see the module docstring), or None."""
+def choose_values(rows: SlideRows, by: str) -> Coloured | None:
+    """What colours a slide's picture (see the module docstring), or None."""
     if by not in ("auto", TOP_PROBABILITY):
-        if by not in table.column_names:
+        if by not in rows.column_names:
             return None
-        return _scaled(by, _column(table, by), fixed=by in _probability_columns(table))
-    if by == "auto" and "attention" in table.column_names:
-        return _scaled("attention", _column(table, "attention"), fixed=False)
-    groups = probability_groups(table)
+        return _scaled(rows, by, (by,), fixed=any(by in group for group in probability_groups(rows)))
+    if by == "auto" and "attention" in rows.column_names:
+        return _scaled(rows, "attention", ("attention",), fixed=False)
+    groups = probability_groups(rows)
     if groups:
-        return _scaled(TOP_PROBABILITY, _top(table, groups[0]), fixed=True)
+        return _scaled(rows, TOP_PROBABILITY, tuple(groups[0]), fixed=True)
     if by == TOP_PROBABILITY:
         return None
-    singles = [n for n in output_columns_of(table) if not n.rsplit("_", 1)[-1].isdigit()]
-    return _scaled(singles[0], _column(table, singles[0]), fixed=False) if singles else None
-
-
-def _top(table: pa.Table, names: list[str]) -> np.ndarray:
-    """Each row's largest of ``names``, in float64, made CHUNK_ROWS rows at a time."""
-    top = np.empty(len(table), np.float64)
-    for lo in range(0, len(table), CHUNK_ROWS):
-        part = table.slice(lo, CHUNK_ROWS)
-        top[lo:lo + len(part)] = np.column_stack([_column(part, n) for n in names]).max(1)
-    return top
+    singles = [n for n in output_columns_of(rows) if not n.rsplit("_", 1)[-1].isdigit()]
+    return _scaled(rows, singles[0], (singles[0],), fixed=False) if singles else None
 
 
 def _column(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def _probability_columns(table: pa.Table) -> set[str]:
-    return {n for group in probability_groups(table) for n in group}
-
-
-def _scaled(name: str, values: np.ndarray, fixed: bool) -> Coloured:
-    finite = values[np.isfinite(values)]
-    if fixed or not len(finite):
-        return Coloured(name, values, 0.0, 1.0)
-    return Coloured(name, values, float(finite.min()), float(finite.max()))
+def _scaled(rows: SlideRows, name: str, columns: tuple[str, ...], fixed: bool) -> Coloured:
+    """Probabilities on 0..1; other values from their smallest to their largest finite one on
+    the slide (a pass over its rows); 0..1 when it has none."""
+    coloured = Coloured(name, columns, 0.0, 1.0)
+    if fixed:
+        return coloured
+    low, high = math.inf, -math.inf
+    for part in rows.chunks(list(columns)):
+        values = coloured.values(part)
+        finite = values[np.isfinite(values)]
+        if len(finite):
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    return replace(coloured, low=low, high=high) if low <= high else coloured
 
 
 def colours(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -136,26 +134,47 @@ def colours(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.round(rgb).astype(np.uint8)
 
 
-def draw(table: pa.Table, coloured: Coloured, grid: SlideGrid) -> np.ndarray:
-    """(h, w, 3) uint8: one ``cell`` x ``cell`` block per tile at its place on the slide's grid."""
-    cols = max(1, math.ceil(grid.width / grid.stride))
-    rows = max(1, math.ceil(grid.height / grid.stride))
-    cell = max(1, min(MAX_CELL, MAX_EDGE // max(cols, rows)))
-    image = np.empty((rows * cell, cols * cell, 3), np.uint8)
+def draw(rows: SlideRows, coloured: Coloured, grid: SlideGrid) -> np.ndarray:
+    """(h, w, 3) uint8: the slide as viewers show it (``grid.shown``), one ``cell`` x ``cell``
+    block per tile at its place on the grid, cut where the slide ends: the picture has the
+    slide's proportions, ``cell / grid.stride`` pixels per level-0 pixel (whole cells of the
+    grid were 1.67:1 for a 2:1 slide). Tiles outside the shown part are left out."""
+    left, top, width, height = grid.shown
+    col0, row0 = math.floor(left / grid.stride), math.floor(top / grid.stride)
+    cols = max(1, math.ceil((left + width) / grid.stride) - col0)
+    rows_ = max(1, math.ceil((top + height) / grid.stride) - row0)
+    cell = max(1, min(MAX_CELL, MAX_EDGE // max(cols, rows_)))
+    image = np.empty((rows_ * cell, cols * cell, 3), np.uint8)
     image[:] = EMPTY
-    blocks = image.reshape(rows, cell, cols, cell, 3)
-    for lo in range(0, len(table), CHUNK_ROWS):  # in order: a later tile on the same cell wins, as before
-        part = table.slice(lo, CHUNK_ROWS)
-        c = np.clip(np.round(_column(part, "x") / grid.stride).astype(int), 0, cols - 1)
-        r = np.clip(np.round(_column(part, "y") / grid.stride).astype(int), 0, rows - 1)
-        rgb = colours(coloured.values[lo:lo + CHUNK_ROWS], coloured.low, coloured.high)
-        blocks[r, :, c, :] = rgb[:, None, None, :]
-    return image
+    blocks = image.reshape(rows_, cell, cols, cell, 3)
+    for part in rows.chunks(["x", "y", *coloured.columns]):  # in order: a later tile on a cell wins
+        c = np.round(_column(part, "x") / grid.stride).astype(int) - col0
+        r = np.round(_column(part, "y") / grid.stride).astype(int) - row0
+        inside = (c >= 0) & (c < cols) & (r >= 0) & (r < rows_)
+        rgb = colours(coloured.values(part), coloured.low, coloured.high)
+        blocks[r[inside], :, c[inside], :] = rgb[inside][:, None, None, :]
+    scale = cell / grid.stride
+    x0, y0 = round((left - col0 * grid.stride) * scale), round((top - row0 * grid.stride) * scale)
+    return image[y0:y0 + max(1, math.ceil(height * scale)), x0:x0 + max(1, math.ceil(width * scale))]
 
 
-def png(image: np.ndarray, coloured: Coloured) -> bytes:
+def _shown(rows: SlideRows, grid: SlideGrid) -> tuple[int, int, int, int]:
+    """The level-0 region the picture spans: the grid's, or where the slide's size was not
+    recorded (0), its tiles' extent (a pass over their places)."""
+    left, top, width, height = grid.shown
+    if width > 0 and height > 0:
+        return left, top, width, height
+    far = [0.0, 0.0]
+    for part in rows.chunks(["x", "y"]):
+        far = [max(far[0], float(_column(part, "x").max())), max(far[1], float(_column(part, "y").max()))]
+    reach = max(grid.extent, grid.stride)
+    return 0, 0, math.ceil(far[0] + reach), math.ceil(far[1] + reach)
+
+
+def png(image: np.ndarray, coloured: Coloured, region: tuple[float, float, float, float] | None = None) -> bytes:
     """The picture as PNG bytes, its text chunks (ahead of the image data, where a reader finds
-    them without decoding it) saying what coloured it and on what range. zlib's default level,
+    them without decoding it) saying what coloured it, on what range, and the level-0 region
+    (x y width height, openslide's frame) it spans, for an overlay. zlib's default level,
     not ``optimize``: a run's end draws one per slide, and optimize took 2.4x the time for a file
     a tenth smaller."""
     import io
@@ -166,6 +185,8 @@ def png(image: np.ndarray, coloured: Coloured) -> bytes:
     info = PngInfo()
     info.add_text("gpubatch:colour", coloured.name)
     info.add_text("gpubatch:range", f"{coloured.low:.6g} {coloured.high:.6g}")
+    if region is not None:
+        info.add_text("gpubatch:region", " ".join(f"{v:g}" for v in region))
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

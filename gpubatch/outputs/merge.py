@@ -84,10 +84,11 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
 
 
 def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
-    """The gathered parts as one row group (a part of over a million rows as several, at
-    pyarrow's default row group size); the list is emptied."""
+    """The gathered parts as one row group, or as several of ROW_GROUP_ROWS rows where they hold
+    more (a slide's part of a million tiles was one row group, which a reader of one slide's
+    rows, ``per_slide``, then held whole); the list is emptied."""
     if tables:
-        writer.write_table(pa.concat_tables(tables))
+        writer.write_table(pa.concat_tables(tables), row_group_size=ROW_GROUP_ROWS)
     tables.clear()
 
 

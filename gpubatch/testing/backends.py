@@ -33,7 +33,7 @@ class SlideBackendTests:
     def test_info_is_allowlisted_and_consistent(self, backend: SlideBackend) -> None:
         info = backend.info.as_dict()
         assert set(info) == {"width", "height", "level_count", "level_dimensions", "level_downsamples",
-                             "mpp", "mpp_source", "magnification", "vendor", "backend"}
+                             "mpp", "mpp_source", "magnification", "vendor", "backend", "bounds"}
         assert (info["mpp"] is None) == (info["mpp_source"] == "")  # an mpp always says where it came from
         assert info["level_count"] == len(info["level_dimensions"]) == len(info["level_downsamples"])
         assert info["level_downsamples"][0] == pytest.approx(1.0)

@@ -29,7 +29,7 @@ from gpubatch.core.errors import GpubatchError
 #: the one list of TIFF-family suffixes: tifffile tile-decodes these, and they stream by range
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".btf", ".tf8", ".qptiff")
 METADATA_ALLOWLIST = ("width", "height", "level_count", "level_dimensions", "level_downsamples",
-                      "mpp", "mpp_source", "magnification", "vendor", "backend")
+                      "mpp", "mpp_source", "magnification", "vendor", "backend", "bounds")
 WHITE = 255
 JPEG = 7  # TIFF compression tag value
 #: TIFF compression tag values of JPEG 2000 (Aperio's two, and the standard one)
@@ -57,6 +57,11 @@ class SlideInfo:
     #: records one figure. Pixels that are not square are refused by the grid (grid.level0_mpp);
     #: it reaches the report in that error, so as_dict leaves it out
     mpp_y: float | None = None
+    #: the level-0 region (x, y, width, height) that viewers show as the image, where it is not
+    #: all of level 0: openslide's ``openslide.bounds-*`` (Leica SCN, MIRAX: a slide-sized canvas
+    #: with the scanned area inside). QuPath's OpenSlide reader crops to it, and Bio-Formats shows
+    #: the scanned area alone, so their pixel (0, 0) is level-0 (x, y) here. None: all of level 0
+    bounds: tuple[int, int, int, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         w, h = self.level_dimensions[0]
@@ -65,6 +70,7 @@ class SlideInfo:
             "level_dimensions": [list(d) for d in self.level_dimensions],
             "level_downsamples": list(self.level_downsamples), "mpp": self.mpp, "mpp_source": self.mpp_source,
             "magnification": self.magnification, "vendor": self.vendor, "backend": self.backend,
+            "bounds": list(self.bounds) if self.bounds is not None else None,
         }
 
 

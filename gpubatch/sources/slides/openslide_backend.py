@@ -27,6 +27,17 @@ def _openslide_mpp_source(props: Any) -> str:
     return f"openslide.mpp-x ({vendor})"
 
 
+def _bounds(props: Any) -> tuple[int, int, int, int] | None:
+    """openslide's ``bounds-*`` properties, as QuPath's OpenSlide reader takes them: all four, or
+    none (a value that is not an integer makes QuPath ignore them too)."""
+    keys = [f"openslide.bounds-{k}" for k in ("x", "y", "width", "height")]
+    try:
+        x, y, w, h = (int(props[k]) for k in keys)
+    except (KeyError, ValueError):
+        return None
+    return x, y, w, h
+
+
 class OpenSlideBackend(SlideBackend):
     """openslide for every format it opens; one region per box (openslide caches stored tiles)."""
 
@@ -48,7 +59,7 @@ class OpenSlideBackend(SlideBackend):
             tuple(self.slide.level_downsamples),
             float(mpp) if mpp else None, float(mag) if mag else None,
             str(props.get("openslide.vendor", "unknown")), "openslide", _openslide_mpp_source(props) if mpp else "",
-            mpp_y=float(mpp_y) if mpp and mpp_y else None,
+            mpp_y=float(mpp_y) if mpp and mpp_y else None, bounds=_bounds(props),
         )
         self.grayscale = tiff_stores_gray(path)  # a gray TIFF tifffile left to openslide (white is 0)
         #: openslide misses some corrupt JPEG data, so under strict a check runs first

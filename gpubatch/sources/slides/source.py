@@ -23,7 +23,7 @@ from gpubatch.core.switches import PLAN_AHEAD, switched_on
 from gpubatch.io.redact import redact
 from gpubatch.io.uris import is_remote, uri_name
 from gpubatch.ops.preprocess import Preprocess
-from gpubatch.outputs.heatmaps import SlideGrid
+from gpubatch.outputs.per_slide import SlideGrid
 from gpubatch.outputs.store import OutputStore
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
 from gpubatch.sources.slides.backends import SlideBackend
@@ -179,11 +179,18 @@ def tile_preprocess(job: JobSpec) -> Preprocess:
 
 
 def _slide_grid(result: ShardResult, job: JobSpec) -> SlideGrid:
-    """Where a slide's tiles lie, from its record: level-0 size, tile edge and stride."""
+    """Where a slide's tiles lie, from its record: level-0 size, tile edge and stride, the level
+    read and a read's edge there, and the part of level 0 viewers show (openslide's bounds)."""
     info = result.attrs.get("slide_info") or {}
     extent = float(result.attrs.get("extent_level0", job.tiles.size))
+    downsamples = info.get("level_downsamples") or [1.0]
+    level = int(result.attrs.get("level", 0))
+    bounds = info.get("bounds")
     return SlideGrid(int(info.get("width", 0)), int(info.get("height", 0)),
-                     max(extent * (1.0 - job.tiles.overlap), 1.0), extent)
+                     max(extent * (1.0 - job.tiles.overlap), 1.0), extent,
+                     float(downsamples[level]) if level < len(downsamples) else 1.0,
+                     int(result.attrs.get("read_size", 0)),
+                     (int(bounds[0]), int(bounds[1]), int(bounds[2]), int(bounds[3])) if bounds else None)
 
 
 def slide_key(uri: str) -> str:
@@ -309,7 +316,7 @@ class SlideSource(Source):
                     table.add(r)
         write_heatmaps(store, places, job.output.heatmap)
         if "geojson" in job.output.formats:
-            write_slide_geojson(store, {uri: (key, grid.extent) for uri, (key, grid) in places.items()})
+            write_slide_geojson(store, places)
 
     def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
         size = job.tiles.size
