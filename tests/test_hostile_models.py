@@ -261,3 +261,29 @@ def test_a_model_whose_output_has_no_batch_axis_is_refused(
                        [("score", "FLOAT", [])])
     err = refused_by_both(tmp_path, slide_job([str(slide_path)], model, tmp_path / "out"), capsys)
     assert "model.path" in err and "'score'" in err and "no batch axis" in err, err
+
+
+def test_a_model_whose_output_keeps_fewer_rows_than_its_batch_is_named(
+        tmp_path: Path, slide_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An output that keeps 8 rows whatever the batch (a graph traced at batch 8, its shapes
+    declared dynamic): every slide was quarantined with pyarrow's "ArrowInvalid: ... column
+    length", which named neither the model nor the fix. Now each failure names the output, its
+    rows against the batch's, and what to change."""
+    import json
+
+    from onnx import TensorProto, helper
+
+    consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("st", 0), ("en", 8), ("ax", 0))]
+    nodes = [helper.make_node("Constant", [], [c.name], value=c) for c in consts]
+    nodes += [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+              helper.make_node("Slice", ["m", "st", "en", "ax"], ["y"])]
+    model = onnx_graph(tmp_path / "cap8.onnx", nodes, [("x", "FLOAT", ["N", 3, 64, 64])], [("y", "FLOAT", ["N", 3])])
+    job = slide_job([str(slide_path)], model, tmp_path / "out")
+    job["model"]["batch_size"] = 16
+    assert main(["run", str(write_job(tmp_path / "job.yaml", job))]) == 1
+    terminal = capsys.readouterr()
+    failures = json.loads((tmp_path / "out" / "report.json").read_text())["failed"]
+    assert failures and "ArrowInvalid" not in json.dumps(failures), failures
+    words = "output 'y' has 8 rows for a batch of 16"
+    assert all(words in f["error"] and "dynamic batch axis" in f["error"] for f in failures), failures
+    assert words in terminal.out + terminal.err

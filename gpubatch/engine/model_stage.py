@@ -18,7 +18,7 @@ import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.results import NONFINITE_ITEMS, NONFINITE_OUTPUT, nonfinite_counts
-from gpubatch.models.base import Model, get_model
+from gpubatch.models.base import Model, check_output_rows, get_model
 from gpubatch.models.prepare.validate import top_probability
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources import ShardReader
@@ -43,6 +43,7 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
     if stage is not None:
         def run_on_device(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
             out = stage(items, clocks)
+            check_output_rows(out, preprocess.out_shape(items.shape)[0])
             with clocks.part("output"):
                 return count_nonfinite(reader.from_model_output(out, len(items)), clocks)
 
@@ -56,6 +57,7 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
                 x = host.keep(preprocess.on_host(items, out=host.buffer))
             with clocks.part("compute"):
                 out = model.run(x)
+                check_output_rows(out, len(x))
                 if fallback is not None and threshold is not None:
                     out = rerun_low_confidence(out, x, fallback, threshold, clocks)
             with clocks.part("output"):

@@ -87,6 +87,25 @@ class Model(ABC):
         }
 
 
+class OutputRowsError(GpubatchError):
+    """A model output without one row per input row."""
+
+
+def check_output_rows(outputs: dict[str, Any], rows: int) -> None:
+    """Every output has one row per input row (the first dimension is the batch): the run writes
+    row i as item i's prediction. A model whose output kept a fixed number of rows (exported with
+    a traced batch of 8, say) died in the writer on pyarrow's ArrowInvalid, each input
+    quarantined for a mismatch no message named."""
+    for name, values in outputs.items():
+        shape = tuple(np.shape(values))
+        if not shape or shape[0] != rows:
+            got = f"{shape[0]} rows" if shape else "no rows (a scalar)"
+            raise OutputRowsError(
+                f"output {name!r} has {got} for a batch of {rows} (shape {shape}): its first dimension must "
+                "be the batch, one row per input row; export the model with a dynamic batch axis "
+                "(torch.onnx.export's dynamic_axes), or set model.batch_size to the batch it was exported with")
+
+
 @dataclass(frozen=True)
 class BackendEntry:
     module: str

@@ -39,7 +39,7 @@ import numpy as np
 
 from gpubatch.core.errors import GpubatchError
 from gpubatch.core.files import cache_root, write_json_atomic
-from gpubatch.models.base import Model
+from gpubatch.models.base import Model, OutputRowsError, check_output_rows
 
 log = logging.getLogger("gpubatch")
 
@@ -169,20 +169,12 @@ class BatchFailed(GpubatchError):
     not have one row per item."""
 
 
-def _check_rows(outputs: dict[str, Any], n: int) -> None:
-    """Every output must have one row per item: the run writes row i as item i's prediction."""
-    for name, values in outputs.items():
-        rows = int(np.shape(values)[0]) if np.ndim(values) else None
-        if rows != n:
-            raise BatchFailed(f"output {name!r} has {rows} rows for a batch of {n} items")
-
-
 def timed_runs(model: Model, batch: np.ndarray, min_time_s: float = MIN_TIME_S, min_runs: int = 2,
                clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """Seconds of each run after one warm-up run (untimed; its outputs checked), repeated until
     ``min_runs`` runs and ``min_time_s`` have passed. Whatever the model raises is a BatchFailed."""
     try:
-        _check_rows(model.run(batch), len(batch))
+        check_output_rows(model.run(batch), len(batch))
         times: list[float] = []
         start = clock()
         while len(times) < min_runs or clock() - start < min_time_s:
@@ -191,6 +183,8 @@ def timed_runs(model: Model, batch: np.ndarray, min_time_s: float = MIN_TIME_S, 
             times.append(clock() - t0)
     except BatchFailed:
         raise
+    except OutputRowsError as exc:
+        raise BatchFailed(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - backends raise many types for "cannot run this batch"
         raise BatchFailed(error_words(exc)) from exc
     return times
