@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, NotAnOutputError
-from gpubatch.io.redact import safe_text
+from gpubatch.io.redact import redact, safe_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -281,14 +281,16 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from gpubatch.sources.genome.ingest import ingest_genome
 
     info = ingest_genome(args.source, args.out, overwrite=args.overwrite)
-    print(json.dumps(info, indent=1, default=str))
+    print(json.dumps(redact(info), indent=1, default=str))
     return EXIT_OK
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    """What PATH holds, redacted: the answer quotes PATH (and a genome store its FASTA's
+    location), and a URL's userinfo or signature was printed as given."""
     from gpubatch.cli.inspect import inspect_path
 
-    print(json.dumps(inspect_path(args.path), indent=1, default=str))
+    print(json.dumps(redact(inspect_path(args.path)), indent=1, default=str))
     return EXIT_OK
 
 
