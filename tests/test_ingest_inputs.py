@@ -275,3 +275,24 @@ def test_the_tangermeme_genome_still_ingests_as_pysam_reads_it(tmp_path: Path) -
     for source in (local, tmp_path / "test.fa.gz"):
         summary = ingest_genome(str(source), str(tmp_path / f"{source.name}.zarr"))
         assert summary["lengths"] == list(reference.lengths)
+
+
+def test_a_chunk_missing_from_a_genome_store_is_refused_not_read_as_n(tmp_path: Path) -> None:
+    """A genome zarr copied in part (a sync that stopped) lacks chunk files: zarr reads a missing
+    chunk as the fill value, which was N, so its windows were runs of N, exit 0."""
+    fasta = write_fasta(tmp_path / "g.fa", seed=1, contigs=2, length=1000)
+    out = tmp_path / "g.zarr"
+    ingest_genome(str(fasta), str(out), chunk_bases=256)
+    whole = genome_of(out)
+    chunk = out / "chr1" / "c" / "2"
+    assert chunk.is_file()
+    chunk.unlink()
+    reference = open_reference(str(out))
+    assert bytes(reference.fetch("chr1", 0, 512)) == whole["chr1"][:512]  # chunks 0 and 1 are there
+    with pytest.raises(InputError, match=r"chr1:512: the genome store lacks the chunk that holds these bases"):
+        reference.fetch("chr1", 500, 600)
+    all_n = tmp_path / "n.fa"
+    all_n.write_text(">gap\n" + "N" * 600 + "\n")  # all-N chunks are written, so none is expected missing
+    ingest_genome(str(all_n), str(tmp_path / "n.zarr"), chunk_bases=256)
+    assert sorted(p.name for p in (tmp_path / "n.zarr" / "gap" / "c").iterdir()) == ["0", "1", "2"]
+    assert genome_of(tmp_path / "n.zarr") == {"gap": bytes(dna_codes("N" * 600))}

@@ -50,6 +50,7 @@ from gpubatch.sources.genome.ingest_output import ingest_lease, output_path, sta
 from gpubatch.sources.genome.reference import (
     GENOME_ATTR,
     MAX_LISTED_CONTIGS,
+    MISSING_CODE,
     open_genome_group,
     zarr_array_name,
     zarr_marker,
@@ -177,7 +178,7 @@ class _ContigWriter:
         self.key = zarr_array_name(name, index)
         self.chunk = chunk
         self.array = group.create_array(self.key, shape=(0,), chunks=(chunk,), dtype="uint8",
-                                        compressors=ZstdCodec(level=3), fill_value=4)
+                                        compressors=ZstdCodec(level=3), fill_value=MISSING_CODE)
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
         self.length = 0

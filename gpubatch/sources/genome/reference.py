@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 #: root attribute key of a genome zarr written by ``gpubatch ingest genome``
 GENOME_ATTR = "gpubatch_genome"
 N_CODE = 4
+#: a genome zarr's fill value (no base's code): a chunk missing from the store (a partial copy)
+#: reads as it and is refused, where a fill value of N read a lost chunk as a run of N, unsaid.
+#: It also keeps all-N chunks (a centromere) written, so that a missing chunk is never expected
+MISSING_CODE = 255
 #: bytes read from the reference's start to tell its form (bgzip, gzip, FASTA text, or none)
 HEAD_BYTES = 64
 MAX_LISTED_CONTIGS = 20
@@ -422,6 +426,11 @@ class ZarrReference(Reference):
         with self._part("storage"):
             codes = np.asarray(self._array(contig)[start:end], dtype=np.uint8)
         self._count(codes.nbytes)
+        if codes.size and int(codes.max()) > N_CODE:
+            at = start + int(np.argmax(codes > N_CODE))
+            raise InputError(self.uri, f"{contig}:{at}: the genome store lacks the chunk that holds these "
+                                       "bases (copied in part? its chunk files must all be there); copy it "
+                                       "again, or ingest the FASTA again")
         return codes
 
 
