@@ -296,3 +296,11 @@ def test_a_chunk_missing_from_a_genome_store_is_refused_not_read_as_n(tmp_path: 
     ingest_genome(str(all_n), str(tmp_path / "n.zarr"), chunk_bases=256)
     assert sorted(p.name for p in (tmp_path / "n.zarr" / "gap" / "c").iterdir()) == ["0", "1", "2"]
     assert genome_of(tmp_path / "n.zarr") == {"gap": bytes(dna_codes("N" * 600))}
+
+
+def test_a_byte_order_mark_before_the_first_header_is_named(tmp_path: Path) -> None:
+    """A FASTA saved by a Windows editor was "not a FASTA file"."""
+    fasta = tmp_path / "bom.fa"
+    fasta.write_bytes(b"\xef\xbb\xbf>chr1\nACGT\n")
+    with pytest.raises(InputError, match="starts with a UTF-8 byte-order mark before its first '>' header"):
+        ingest_genome(str(fasta), str(tmp_path / "g.zarr"))

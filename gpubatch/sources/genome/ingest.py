@@ -72,6 +72,7 @@ LETTERS = bytes(range(ord("A"), ord("Z") + 1)) + bytes(range(ord("a"), ord("z") 
 #: the share of bases that, as letters no nucleotide code, make a FASTA a protein's
 PROTEIN_SHARE = 0.1
 LAYOUT_BYTES = b"\r\n \t"
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def _events(data: bytes, line_start: bool) -> Iterator[tuple[str, bytes]]:
@@ -266,6 +267,15 @@ def _judge_odd_letters(fasta_uri: str, letters: _OddLetters, bases: int) -> None
                 redact(fasta_uri), letters.count, letters.first)
 
 
+def _before_any_header(fasta_uri: str, data: bytes) -> InputError:
+    """Text before the first header; a UTF-8 byte-order mark (a FASTA saved by a Windows editor)
+    hides the first '>' and is named, where "not a FASTA file" left the user looking at a FASTA."""
+    if data.startswith(UTF8_BOM):
+        return InputError(fasta_uri, "the file starts with a UTF-8 byte-order mark before its first '>' "
+                                     "header; save it without one (e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' FILE`)")
+    return InputError(fasta_uri, "sequence before the first '>' header: not a FASTA file")
+
+
 def _ended_by_header(fasta_uri: str, writer: _ContigWriter) -> InputError:
     return InputError(fasta_uri, f"the FASTA ends with the header of contig '{writer.name}' and no "
                                  "sequence after it: the file looks cut short (samtools faidx refuses it "
@@ -307,7 +317,7 @@ def _write_contigs(group: Any, fasta_uri: str, storage_options: dict[str, Any] |
                 keys.append(writer.key)
             elif data.strip():
                 if writer is None:
-                    raise InputError(fasta_uri, "sequence before the first '>' header: not a FASTA file")
+                    raise _before_any_header(fasta_uri, data)
                 writer.add(_sequence_codes(data, fasta_uri, writer, letters))
     except FileNotFoundError:
         raise InputError(fasta_uri, "FASTA file not found") from None
