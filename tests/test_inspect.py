@@ -144,3 +144,22 @@ def test_a_slide_with_no_mpp_says_so(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["inspect", str(tmp_path / "plain.tif")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["mpp"] is None and info["width"] == 512
+
+
+def test_ingest_and_inspect_take_storage_options_on_the_command_line(s3: S3Stack, tmp_path: Path) -> None:
+    """`status` and `report` took --storage KEY=VALUE; `ingest` and `inspect` did not (argparse
+    refused it, exit 2), so a FASTA in a bucket the AWS_* environment cannot describe (another
+    endpoint, anon=true for a public bucket) could not be ingested from the command line."""
+    fasta = s3.upload(write_fasta(tmp_path / "g.fa", seed=1), f"refs-{uuid.uuid4().hex[:6]}/g.fa")
+    out = fasta.removesuffix("g.fa") + "g.zarr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    storage = ["--storage", f"endpoint_url={s3.endpoint}", "--storage", f"key={s3.key}",
+               "--storage", f"secret={s3.secret}"]
+    done = subprocess.run([sys.executable, "-m", "gpubatch", "ingest", "genome", fasta, out, *storage],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-m", "gpubatch", "inspect", out, *storage],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["gpubatch_genome"]["source"] == fasta
+    assert s3.secret not in done.stdout + done.stderr

@@ -62,8 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("source")
     ing.add_argument("out")
     ing.add_argument("--overwrite", action="store_true", help="replace an existing output store")
-    ins = sub.add_parser("inspect", help="describe a slide, ONNX model, genome store or results folder")
+    ing.add_argument("--storage", action="append", default=[], metavar="KEY=VALUE",
+                     help="fsspec option for an object-store FASTA or OUT (anon=true for a public "
+                          "bucket; credentials also come from AWS_*)")
+    ins = sub.add_parser("inspect", help="describe a slide, ONNX model, genome store, FASTA or results folder")
     ins.add_argument("path")
+    ins.add_argument("--storage", action="append", default=[], metavar="KEY=VALUE",
+                     help="fsspec option for an object-store PATH (credentials also come from AWS_*)")
     return p
 
 
@@ -280,7 +285,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from gpubatch.sources.genome.ingest import ingest_genome
 
-    info = ingest_genome(args.source, args.out, overwrite=args.overwrite)
+    info = ingest_genome(args.source, args.out, _storage(args), overwrite=args.overwrite)
     print(json.dumps(redact(info), indent=1, default=str))
     return EXIT_OK
 
@@ -290,7 +295,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     location), and a URL's userinfo or signature was printed as given."""
     from gpubatch.cli.inspect import inspect_path
 
-    print(json.dumps(redact(inspect_path(args.path)), indent=1, default=str))
+    print(json.dumps(redact(inspect_path(args.path, _storage(args))), indent=1, default=str))
     return EXIT_OK
 
 
