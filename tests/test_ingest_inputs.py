@@ -326,3 +326,21 @@ def test_memory_is_set_by_the_read_block_not_by_a_long_single_line_contig(
         tracemalloc.stop()
     assert summary["lengths"] == [16 << 20]
     assert peak < 4 << 20, f"peak {peak / 2**20:.1f} MiB for a 16 MiB contig"
+
+
+@pytest.mark.parametrize("packed", ["bgzip", "gzip", "plain"])
+def test_a_fasta_streamed_over_http_without_a_length_is_ingested(tmp_path: Path, packed: str) -> None:
+    """A server that sends no Content-Length gives a body fsspec cannot seek in: the seek back
+    after the magic bytes were read raised "Cannot seek streaming HTTP file", a traceback."""
+    fasta = write_fasta(tmp_path / "g.fa", seed=4)
+    body = {"bgzip": lambda: bgzip(fasta, tmp_path / "g.fa.gz"), "gzip": lambda: gzip.compress(fasta.read_bytes()),
+            "plain": fasta.read_bytes}[packed]()
+    server = FileServer({"/g.fa.gz": body, "/cut.fa.gz": body[: -len(BGZF_EOF)]}, etag='"v1"', lengths=False)
+    try:
+        got = ingest_genome(f"{server.url}/g.fa.gz", str(tmp_path / "http.zarr"))
+        if packed == "bgzip":  # and the EOF block is still asked of a stream
+            with pytest.raises(InputError, match="ends without BGZF's end-of-file block"):
+                ingest_genome(f"{server.url}/cut.fa.gz", str(tmp_path / "cut.zarr"))
+    finally:
+        server.close()
+    assert genome_of(got["uri"]) == genome_of(ingest_genome(str(fasta), str(tmp_path / "local.zarr"))["uri"])

@@ -93,21 +93,26 @@ def _events(data: bytes, line_start: bool) -> Iterator[tuple[str, bytes]]:
         pos = eol + 1
 
 
-class _TailKept:
-    """A compressed stream that keeps the last bytes read from it: where a bgzip file ends, its
-    EOF block, checked without a seek to the end (a streamed HTTP body cannot seek)."""
+class _Peeked:
+    """The FASTA's raw bytes with their first ones (the magic, read to tell the compression)
+    handed back first, where a seek back to 0 failed on a streamed HTTP body ("Cannot seek
+    streaming HTTP file", a traceback); the last bytes read are kept: where a bgzip file ends,
+    its EOF block, checked without a seek to the end."""
 
-    def __init__(self, raw: IO[bytes], keep: int = len(BGZF_EOF)):
-        self.raw, self.keep, self.tail = raw, keep, b""
+    def __init__(self, raw: IO[bytes], head: bytes, keep: int = len(BGZF_EOF)):
+        self.raw, self.head, self.keep, self.tail = raw, head, keep, b""
         self.mode = "rb"
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            data, self.head = self.head + self.raw.read(), b""
+        elif self.head:
+            data, self.head = self.head[:size], self.head[size:]
+            data += self.raw.read(size - len(data)) if len(data) < size else b""
+        else:
+            data = self.raw.read(size)
         self.tail = (self.tail + data[-self.keep :])[-self.keep :]
         return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return int(self.raw.seek(offset, whence))
 
 
 def _cut_bgzf(uri: str) -> InputError:
@@ -129,17 +134,16 @@ def _open_fasta(uri: str, storage_options: dict[str, Any] | None) -> Iterator[IO
 
     with open_file(uri, storage_options, "rb") as raw:
         magic = raw.read(len(BGZF_MAGIC))
-        raw.seek(0)
+        stream = _Peeked(raw, magic)
         by_name = infer_compression(uri)
         if magic[:2] == GZIP_MAGIC:
-            kept = _TailKept(raw)
-            yield cast(IO[bytes], gzip.GzipFile(fileobj=cast(IO[bytes], kept)))
-            if magic == BGZF_MAGIC and kept.tail != BGZF_EOF:
+            yield cast(IO[bytes], gzip.GzipFile(fileobj=cast(IO[bytes], stream)))
+            if magic == BGZF_MAGIC and stream.tail != BGZF_EOF:
                 raise _cut_bgzf(uri)
         elif by_name not in (None, "gzip"):
-            yield cast(IO[bytes], compr[by_name](raw, mode="rb"))
+            yield cast(IO[bytes], compr[by_name](stream, mode="rb"))
         else:
-            yield raw
+            yield cast(IO[bytes], stream)
 
 
 def _fasta_stream(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tuple[str, bytes]]:
