@@ -127,14 +127,14 @@ def _is_image(attrs: dict[str, Any]) -> bool:
 def _sniff(path: str, options: dict[str, Any] | None) -> str | None:
     """'fasta' or 'vcf' from a file's first bytes (inflated where gzip or bgzip), else None
     (a folder, a missing file, anything else: the slide opening says what it is)."""
-    from gpubatch.io.storage import open_ranges
+    from gpubatch.io.storage import open_file
 
     if not is_remote(path) and not Path(path).is_file():
         return None
-    try:
-        with open_ranges(path, options) as reader:
-            head = bytes(reader.fetch(0, min(reader.size(), SNIFF_BYTES)))
-    except InputError:
+    try:  # a stream, not a range read: a server that sends no length is read too
+        with open_file(path, options) as f:
+            head = f.read(SNIFF_BYTES)
+    except (InputError, OSError):
         return None  # a prefix, a missing object: said by the slide opening
     if head[:2] == b"\x1f\x8b":
         head = zlib.decompressobj(31).decompress(head)
