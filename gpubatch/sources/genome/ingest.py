@@ -15,11 +15,12 @@ The FASTA is streamed (plain, gzip or bgzip, told by their bytes; local or any f
 memory is one chunk plus one read block, whatever the genome's size or its lines' length. Contig
 names are the first word of each header line. What is not a genome is refused, naming the file
 and where: a byte in a sequence line that is not a letter ('-', '*', '.', digits: an alignment, a
-GenBank dump), letters that are no nucleotide code as often as in a protein (a few are read as N,
-as a job reading the FASTA reads them, and warned of; all were read as N, unsaid), a bgzip file without its EOF block or a FASTA ending in a bare header (both cut short), contigs
-other than the .fai's beside it (a plain FASTA cut mid-record), a FASTA written while read. The
-genome records its FASTA's location (no credentials) and version: a plan that finds the FASTA
-changed since notes it (``reference.changed_source_note``).
+GenBank dump); letters that are no nucleotide code as often as in a protein (a few are read as N,
+as a job reading the FASTA reads them, and warned of); a bgzip file without its EOF block, or a
+FASTA ending in a bare header (both cut short); contigs other than the .fai's beside it (a plain
+FASTA cut mid-record); a FASTA written while read. The genome records its FASTA's location (no
+credentials) and version: a plan that finds the FASTA changed since notes it
+(``reference.changed_source_note``).
 
 The output is leased while written and, on local disk, replaced only by a complete genome
 (``ingest_output``): two ingests into one output, or a bad FASTA given with ``--overwrite``,
@@ -417,14 +418,14 @@ def _check_against_fai(fasta_uri: str, storage_options: dict[str, Any] | None,
     except InputError as exc:
         log.warning("not checked against its .fai, which cannot be read: %s", exc)
         return
-    ingested = {name: length for name, length in zip(names, lengths, strict=True) if length}
+    ingested = dict(zip(names, lengths, strict=True))
     for name, entry in fai.items():
         if ingested.get(name) != entry.length:
             found = f"{ingested[name]:,} bases" if name in ingested else "no such contig"
             raise InputError(fasta_uri, f"contig '{name}': the FASTA holds {found}, its .fai {entry.length:,}: "
                                         "the FASTA is cut short, or the .fai is of another file; fetch the "
                                         "FASTA again, or rebuild the .fai with `samtools faidx`")
-    extra = [name for name in ingested if name not in fai]
+    extra = [name for name, length in ingested.items() if length and name not in fai]
     if extra:
         raise InputError(fasta_uri, f"contig '{extra[0]}' is in the FASTA but not in its .fai ({len(extra)} such): "
                                     f"the .fai is of another file; {REBUILD}")
