@@ -42,7 +42,7 @@ def test_inspect_an_onnx_model(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_ingest_overwrite_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fa, out = shared_file("genomics", "tangermeme", "test.fa"), tmp_path / "g.zarr"
     assert main(["ingest", "genome", str(fa), str(out)]) == 0
-    assert main(["ingest", "genome", str(fa), str(out)]) == 1
+    assert main(["ingest", "genome", str(fa), str(out)]) == 2  # refused, nothing ran: usage
     assert "--overwrite" in capsys.readouterr().err
     (out / "stray").write_text("left from the first store")
     assert main(["ingest", "genome", str(fa), str(out), "--overwrite"]) == 0

@@ -146,7 +146,7 @@ def test_ingest_errors(tmp_path: Path) -> None:
     good = tmp_path / "ok.fa"
     good.write_text(">c\nAC\n")
     ingest_genome(str(good), str(tmp_path / "c.zarr"))
-    with pytest.raises(InputError, match="already exists"):
+    with pytest.raises(OutputRefused, match="already exists"):
         ingest_genome(str(good), str(tmp_path / "c.zarr"))
     ingest_genome(str(good), str(tmp_path / "c.zarr"), overwrite=True)
     with pytest.raises(InputError, match="not found"):
@@ -401,7 +401,7 @@ def test_an_old_genome_left_aside_by_a_killed_swap_is_put_back(tmp_path: Path) -
     ingest_genome(str(write_fasta(tmp_path / "new.fa", seed=2)), str(genomes / ".tmp-new-4567abcd-g.zarr"))
     (genomes / ".tmp-new-89abcdef-other-g.zarr").mkdir()
     before = genome_of(genomes / ".tmp-old-0123abcd-g.zarr")
-    with pytest.raises(InputError, match="already exists"):
+    with pytest.raises(OutputRefused, match="already exists"):
         ingest_genome(str(tmp_path / "new.fa"), str(genomes / "g.zarr"))
     assert genome_of(genomes / "g.zarr") == before
     assert folder_of(genomes / "g.zarr") == [".tmp-new-89abcdef-other-g.zarr", "g.zarr"]

@@ -1,7 +1,9 @@
-"""`gpubatch inspect`: what a slide, ONNX model, genome store or results folder holds.
+"""`gpubatch inspect`: what a slide, ONNX model, genome store, FASTA or results folder holds.
 
 A slide is anything a job reads: a TIFF-family or openslide file, an OME-Zarr image or a DICOM-WSI
 series (a folder or any of its files), local or remote; slides show allowlisted metadata only.
+Genome stores, FASTA files and results folders are told apart by their contents, on disk or on
+object storage alike (a genome store or a FASTA on S3 was opened as a slide and refused as one).
 Storage options come from the standard environment (``AWS_*``, including ``AWS_ENDPOINT_URL``) or
 the ``options`` argument. Models show what a job must match (each input's shape and element type),
 their outputs, opsets and the sha256 the audit trail records.
@@ -9,11 +11,18 @@ their outputs, opsets and the sha256 the audit trail records.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks
-from gpubatch.core.errors import GpubatchError
+from gpubatch.core.errors import GpubatchError, InputError
+from gpubatch.io.redact import safe_text
+from gpubatch.io.uris import is_remote
+
+#: bytes read from a file's start to tell a FASTA or a VCF (plain, gzip or bgzip) from a slide
+SNIFF_BYTES = 4096
+SHOWN_CONTIGS = 20
 
 
 def _tensor(value: Any) -> dict[str, Any]:
@@ -46,19 +55,21 @@ def inspect_model(path: str) -> dict[str, Any]:
 
 
 def inspect_path(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``path`` holds, by its contents: a model, a results folder, a genome store, a FASTA,
+    else a slide. The answer quotes ``path`` as given: print it through ``redact``."""
     p = Path(path)
-    if p.is_file() and p.suffix.lower() == ".onnx":
+    if not is_remote(path) and p.is_file() and p.suffix.lower() == ".onnx":
         return inspect_model(path)
-    if p.is_dir() and (p / "report.json").exists():
-        from gpubatch.report.summary import load_report
-
-        report = load_report(str(p))
-        keys = ("name", "run_id", "state", "complete", "items", "items_per_s", "wall_s", "starvation", "verdict", "failed")
-        return {k: report.get(k) for k in keys}  # complete: None in reports older than the key
-    if p.is_dir() and (p / "zarr.json").exists() and not _is_image(p):
-        import zarr
-
-        return {"genome_store": str(p), **dict(zarr.open_group(str(p), mode="r").attrs)}
+    found = _results(path, options) or _genome_store(path, options)
+    if found is not None:
+        return found
+    sniffed = _sniff(path, options)
+    if sniffed == "fasta":
+        return inspect_fasta(path, options)
+    if sniffed == "vcf":
+        raise GpubatchError(f"{safe_text(path)}: a VCF, which `inspect` does not describe (it describes "
+                            "slides, ONNX models, genome stores, FASTA files and results folders); a job "
+                            "reads it as windows.variants, and `gpubatch validate JOB` checks it")
     from gpubatch.sources.slides.open import open_slide_input
 
     backend = open_slide_input(path, StageClocks(), options=options)
@@ -68,11 +79,77 @@ def inspect_path(path: str, options: dict[str, Any] | None = None) -> dict[str, 
         backend.close()
 
 
-def _is_image(folder: Path) -> bool:
-    """A zarr group that is an OME-Zarr image (NGFF metadata), not a genome store."""
-    import zarr
+def _results(path: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A results folder's headline, None where ``path`` is none (no report.json in it)."""
+    from gpubatch.outputs.layout import REPORT_JSON
+    from gpubatch.outputs.store import OutputStore
+    from gpubatch.report.summary import load_report
 
-    attrs: dict[str, Any] = dict(zarr.open_group(str(folder), mode="r").attrs)
+    if not is_remote(path) and not Path(path).is_dir():
+        return None
+    store = OutputStore(path, options)
+    if not store.exists(REPORT_JSON):
+        return None
+    report = load_report(store)
+    keys = ("name", "run_id", "state", "complete", "items", "items_per_s", "wall_s", "starvation", "verdict", "failed")
+    return {k: report.get(k) for k in keys}  # complete: None in reports older than the key
+
+
+def _genome_store(path: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A genome store's attributes, None where ``path`` is no zarr or an OME-Zarr image. A zarr
+    with neither is refused: an ingest that did not finish (or is still writing) was shown as a
+    genome store with no contigs, exit 0."""
+    from gpubatch.io.storage import exists
+    from gpubatch.sources.genome.reference import GENOME_ATTR, open_genome_group, zarr_marker
+
+    if not is_remote(path) and not Path(path).is_dir():
+        return None
+    if not exists(zarr_marker(path), options):
+        return None
+    attrs: dict[str, Any] = dict(open_genome_group(path, options).attrs)
+    if _is_image(attrs):
+        return None
+    genome = attrs.get(GENOME_ATTR)
+    if not isinstance(genome, dict) or not genome.get("complete"):
+        raise InputError(path, "a zarr store that is neither an OME-Zarr image nor a complete genome store "
+                               f"(no complete '{GENOME_ATTR}' attribute): a `gpubatch ingest genome` into it "
+                               "did not finish, or is still writing; runs refuse it. Ingest again with --overwrite")
+    return {"genome_store": path, **attrs}
+
+
+def _is_image(attrs: dict[str, Any]) -> bool:
+    """A zarr group's attributes are an OME-Zarr image's (NGFF metadata), not a genome store's."""
     ome = attrs.get("ome")
     nested = ome if isinstance(ome, dict) else {}
     return any(k in attrs or k in nested for k in ("multiscales", "bioformats2raw.layout"))
+
+
+def _sniff(path: str, options: dict[str, Any] | None) -> str | None:
+    """'fasta' or 'vcf' from a file's first bytes (inflated where gzip or bgzip), else None
+    (a folder, a missing file, anything else: the slide opening says what it is)."""
+    from gpubatch.io.storage import open_file
+
+    if not is_remote(path) and not Path(path).is_file():
+        return None
+    try:  # a stream, not a range read: a server that sends no length is read too
+        with open_file(path, options) as f:
+            head = f.read(SNIFF_BYTES)
+    except (InputError, OSError):
+        return None  # a prefix, a missing object: said by the slide opening
+    if head[:2] == b"\x1f\x8b":
+        head = zlib.decompressobj(31).decompress(head)
+    text = head.lstrip()
+    if text.startswith(b"##fileformat=VCF"):
+        return "vcf"
+    return "fasta" if text.startswith(b">") else None
+
+
+def inspect_fasta(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A FASTA's form and contig table as a job reads it (its .fai, checked against it); one
+    without the indexes a job needs is refused by their absence, naming how to make them."""
+    from gpubatch.sources.genome.reference import load_contigs
+
+    contigs = load_contigs(path, options)
+    return {"fasta": path, "format": contigs.format, "contigs": len(contigs.names),
+            "bases": sum(contigs.lengths), "index_version": contigs.index_version,
+            "lengths": dict(zip(contigs.names[:SHOWN_CONTIGS], contigs.lengths[:SHOWN_CONTIGS], strict=True))}

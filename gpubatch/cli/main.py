@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, NotAnOutputError
-from gpubatch.io.redact import safe_text
+from gpubatch.io.redact import redact, safe_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,8 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("source")
     ing.add_argument("out")
     ing.add_argument("--overwrite", action="store_true", help="replace an existing output store")
-    ins = sub.add_parser("inspect", help="describe a slide, ONNX model, genome store or results folder")
+    ing.add_argument("--storage", action="append", default=[], metavar="KEY=VALUE",
+                     help="fsspec option for an object-store FASTA or OUT (anon=true for a public "
+                          "bucket; credentials also come from AWS_*)")
+    ins = sub.add_parser("inspect", help="describe a slide, ONNX model, genome store, FASTA or results folder")
     ins.add_argument("path")
+    ins.add_argument("--storage", action="append", default=[], metavar="KEY=VALUE",
+                     help="fsspec option for an object-store PATH (credentials also come from AWS_*)")
     return p
 
 
@@ -302,15 +307,17 @@ def _print_tuning(args: argparse.Namespace, job: Any, prepared: Any, result: Any
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from gpubatch.sources.genome.ingest import ingest_genome
 
-    info = ingest_genome(args.source, args.out, overwrite=args.overwrite)
-    print(json.dumps(info, indent=1, default=str))
+    info = ingest_genome(args.source, args.out, _storage(args), overwrite=args.overwrite)
+    print(json.dumps(redact(info), indent=1, default=str))
     return EXIT_OK
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    """What PATH holds, redacted: the answer quotes PATH (and a genome store its FASTA's
+    location), and a URL's userinfo or signature was printed as given."""
     from gpubatch.cli.inspect import inspect_path
 
-    print(json.dumps(inspect_path(args.path), indent=1, default=str))
+    print(json.dumps(redact(inspect_path(args.path, _storage(args))), indent=1, default=str))
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpubatch.core.errors import InputChanged, InputError
+from gpubatch.io.redact import redact
 from gpubatch.io.storage import exists, input_changed, library_options, open_ranges
 from gpubatch.io.uris import child, is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
@@ -52,6 +54,10 @@ if TYPE_CHECKING:
 #: root attribute key of a genome zarr written by ``gpubatch ingest genome``
 GENOME_ATTR = "gpubatch_genome"
 N_CODE = 4
+#: a genome zarr's fill value (no base's code): a chunk missing from the store (a partial copy)
+#: reads as it and is refused, where a fill value of N read a lost chunk as a run of N, unsaid.
+#: It also keeps all-N chunks (a centromere) written, so that a missing chunk is never expected
+MISSING_CODE = 255
 #: bytes read from the reference's start to tell its form (bgzip, gzip, FASTA text, or none)
 HEAD_BYTES = 64
 MAX_LISTED_CONTIGS = 20
@@ -194,6 +200,36 @@ def _zarr_meta(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, d
         raise InputError(uri, "this zarr is not a complete genome store from `gpubatch ingest genome` "
                               f"(no '{GENOME_ATTR}' root attribute; was the ingest interrupted?)")
     return group, meta
+
+
+def changed_source_note(uri: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """A note where a genome zarr's FASTA has changed since it was ingested (its recorded size and
+    mtime or ETag differ): the run reads the genome as ingested, which a user who fetched a new
+    FASTA (a patch release, a fixed download) does not expect, and nothing else says. None where
+    it has not, is gone, cannot be asked (other credentials), or the zarr predates the record."""
+    meta = open_genome_group(uri, storage_options).attrs.asdict().get(GENOME_ATTR) or {}
+    source, ingested = meta.get("source"), meta.get("source_identity")
+    if not isinstance(source, str) or not isinstance(ingested, dict):
+        return None
+    try:
+        now = input_changed(source, ingested, storage_options)
+    except Exception:  # noqa: BLE001 - a note, never a failure: the genome is read as it is
+        return None
+    if now is None or now.get("size") is None:
+        return None
+    return (f"the genome store {redact(uri)} was ingested from {source}, which has changed since "
+            f"({_version_words(ingested)} then, {_version_words(now)} now): windows are of the FASTA as "
+            f"it was then; ingest it again (`gpubatch ingest genome {source} {redact(uri)} --overwrite`) "
+            "to follow it")
+
+
+def _version_words(identity: dict[str, Any]) -> str:
+    """A file version in words: its size, and its ETag or modification time."""
+    mtime = identity.get("mtime")
+    when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime)) if isinstance(mtime, (int, float))
+            else str(mtime))
+    return f"{identity.get('size'):,} bytes, " + (f"ETag {identity['etag']}" if identity.get("etag")
+                                                  else f"modified {when}")
 
 
 def load_contigs(uri: str, storage_options: dict[str, Any] | None = None) -> ContigTable:
@@ -378,14 +414,30 @@ class ZarrReference(Reference):
         self.uri = uri
         if planned:
             refuse_if_changed(uri, zarr_marker(uri), planned, storage_options)
-        group, meta = _zarr_meta(uri, storage_options)
+        self.group, meta = _zarr_meta(uri, storage_options)
         self.contigs = ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]))
-        self.arrays = {name: group[key] for name, key in zip(meta["contigs"], meta["arrays"], strict=True)}
+        self.keys = dict(zip(meta["contigs"], meta["arrays"], strict=True))
+        self.arrays: dict[str, Any] = {}
+
+    def _array(self, contig: str) -> Any:
+        """A contig's array, opened at its first read: opening every contig's up front cost one
+        metadata request per contig at each shard's start (an assembly of 100,000 scaffolds over
+        object storage: 100,000 requests before the first window). Two threads may both open one
+        at once; either's answer is the same array."""
+        array = self.arrays.get(contig)
+        if array is None:
+            array = self.arrays[contig] = self.group[self.keys[contig]]
+        return array
 
     def _read(self, contig: str, start: int, end: int) -> np.ndarray:
         with self._part("storage"):
-            codes = np.asarray(self.arrays[contig][start:end], dtype=np.uint8)
+            codes = np.asarray(self._array(contig)[start:end], dtype=np.uint8)
         self._count(codes.nbytes)
+        if codes.size and int(codes.max()) > N_CODE:
+            at = start + int(np.argmax(codes > N_CODE))
+            raise InputError(self.uri, f"{contig}:{at}: the genome store lacks the chunk that holds these "
+                                       "bases (copied in part? its chunk files must all be there); copy it "
+                                       "again, or ingest the FASTA again")
         return codes
 
 

@@ -48,6 +48,7 @@ from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Sourc
 from gpubatch.sources.genome.reference import (
     ContigTable,
     Reference,
+    changed_source_note,
     group_reads,
     load_contigs,
     open_reference,
@@ -321,6 +322,11 @@ def _skip_text(table: VariantTable) -> str:
     return f"{table.counts['records']} records, {table.skipped} ALT alleles skipped ({skipped or 'none'})"
 
 
+def _source_note(uri: str, storage: dict[str, Any], contigs: ContigTable) -> str | None:
+    """A genome zarr's note that its FASTA changed since the ingest (reference.changed_source_note)."""
+    return changed_source_note(uri, storage) if contigs.format == "zarr" else None
+
+
 class GenomeSource(Source):
     """``kind: genome``: windows over regions, or variant-effect mode when ``windows.variants`` is set."""
 
@@ -333,7 +339,7 @@ class GenomeSource(Source):
         if w.variants:
             return self._plan_variants(w, contigs, job.input.storage)
         regions, failed = resolve_regions(w.regions, contigs, job.input.storage, w.max_bad_records)
-        notes = [n for n in (overlap_note(regions),) if n]
+        notes = [n for n in (overlap_note(regions), _source_note(w.reference, job.input.storage, contigs)) if n]
         plan = WindowPlan(regions, w.length, _stride(w), w.windows_per_shard)
         storage = job.input.storage
         facts = {**reference_facts(contigs), "planned_identity": planned_identity(w.reference, storage, contigs)}
@@ -364,8 +370,9 @@ class GenomeSource(Source):
         finally:
             reference.close()
         refuse_ref_mismatches(table, match, w.reference, w.max_ref_mismatch)
+        source_note = _source_note(w.reference, storage, contigs)
         counts = {**table.counts, "ref_mismatches": int((~match).sum()), "layout": table.layout,
-                  "notes": table.notes}
+                  "notes": [*table.notes, *([source_note] if source_note else [])]}
         facts = {**reference_facts(contigs), "reference_identity": reference_identity(w.reference, storage, contigs)}
         shards = VariantShards(table, w.variants, w.windows_per_shard, {"plan_counts": counts, **facts})
         return shards, table.failed
