@@ -289,6 +289,34 @@ def _optical_path(magnification: float | None) -> Dataset:
     return path
 
 
+def write_ancillary_dicom(image: np.ndarray, path: str | Path, kind: str = "LABEL", *, seed: int = 0,
+                          own_series: bool = False) -> Path:
+    """A LABEL, OVERVIEW or THUMBNAIL image (one JPEG frame of ``image``) of the slide that
+    ``write_dicom_wsi(..., seed=seed)`` writes: part of the slide, never a pyramid level.
+    ``own_series``: in a series of its own (same study and frame of reference), as some scanners
+    write their label and overview images."""
+    uids = _series_uids(seed)
+    if own_series:
+        uids = {**uids, "series": generate_uid(entropy_srcs=[str(uids["series"]), "ancillary", kind])}
+    h, w = image.shape[:2]
+    ds = _wsi_dataset(image, 0, uids, max(h, w), 0.01, None)
+    ds.ImageType = ["ORIGINAL" if kind != "THUMBNAIL" else "DERIVED", "PRIMARY", kind,
+                    "NONE" if kind != "THUMBNAIL" else "RESAMPLED"]
+    ds.SharedFunctionalGroupsSequence[0].WholeSlideMicroscopyImageFrameTypeSequence[0].FrameType = list(ds.ImageType)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+        entropy_srcs=[str(uids["series"]), "ancillary", kind])
+    ds.SpecimenLabelInImage = ds.BurnedInAnnotation = "YES" if kind == "LABEL" else "NO"
+    frames = _encode_frames(ds, image, max(h, w), "jpeg", 92)
+    ds.NumberOfFrames = len(frames)
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
 def write_non_wsi_dicom(path: str | Path, kind: str = "ct", seed: int = 0) -> Path:
     """A valid single-frame DICOM file that is not a slide: 'ct' (CT Image Storage, int16
     monochrome) or 'sc' (Secondary Capture, RGB). Readers must reject it by its SOP class."""

@@ -47,7 +47,9 @@ from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
-HEADER_TAGS = ("SOPClassUID", "SeriesInstanceUID", "PhotometricInterpretation")
+HEADER_TAGS = ("SOPClassUID", "SeriesInstanceUID", "PhotometricInterpretation", "ImageType")
+#: ImageType value 3 of the DICOM-WSI images that are not pyramid levels: never read, never a slide
+ANCILLARY_IMAGES = ("LABEL", "OVERVIEW", "THUMBNAIL")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 #: transfer syntaxes whose frames libjpeg-turbo entropy-checks under tiles.integrity: strict (baseline, extended)
 JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
@@ -64,10 +66,19 @@ class DicomHeader:
     sop_class: str
     series_uid: str
     photometric: str = ""
+    #: ImageType value 3: VOLUME (a pyramid level), LABEL, OVERVIEW or THUMBNAIL; '' when absent
+    flavor: str = ""
 
     @property
     def is_wsi(self) -> bool:
         return self.sop_class == WSI_SOP_CLASS
+
+    @property
+    def is_level(self) -> bool:
+        """A pyramid level of a slide. Label, overview and thumbnail images are not, and may even
+        be a series of their own beside the pyramid's: they never count as a slide, and are never
+        handed to a reader (a file without ImageType is left to the reader to judge)."""
+        return self.is_wsi and self.flavor not in ANCILLARY_IMAGES
 
 
 def require_dicom_packages(uri: str) -> None:
@@ -116,7 +127,11 @@ def read_header(fs: RetriedFS, path: str, size: int) -> DicomHeader | None:
         return None
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
-    return DicomHeader(path, sop_class, str(ds.get("SeriesInstanceUID", "")), str(ds.get("PhotometricInterpretation", "")))
+    image_type = ds.get("ImageType") or []
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
+    flavor = str(values[2]).strip().upper() if len(values) > 2 else ""
+    return DicomHeader(path, sop_class, str(ds.get("SeriesInstanceUID", "")),
+                       str(ds.get("PhotometricInterpretation", "")), flavor)
 
 
 def _files(fs: RetriedFS, folder: str) -> list[dict[str, Any]]:
@@ -164,15 +179,15 @@ def series_files(uri: str, options: dict[str, Any] | None = None, clocks: StageC
 
 def _series_of_folder(fs: RetriedFS, folder: str, uri: str) -> list[str]:
     headers = folder_headers(fs, folder)
-    wsi = [h for h in headers if h.is_wsi]
-    if not wsi:
+    levels = [h for h in headers if h.is_level]
+    if not levels:
         raise InputError(redact(uri), _no_wsi_message(headers))
-    series = {h.series_uid for h in wsi}
+    series = {h.series_uid for h in levels}
     if len(series) > 1:
         raise InputError(redact(uri), f"folder holds {len(series)} DICOM-WSI series; list its "
                                       "files (folder/*.dcm) to read each series as a slide")
-    _refuse_white_is_zero(wsi, uri)
-    return [h.path for h in wsi]
+    _refuse_white_is_zero(levels, uri)
+    return [h.path for h in levels]
 
 
 def _series_of_file(fs: RetriedFS, path: str, uri: str) -> list[str]:
@@ -184,9 +199,12 @@ def _series_of_file(fs: RetriedFS, path: str, uri: str) -> list[str]:
     if not header.is_wsi:
         raise InputError(redact(uri), not_a_slide_message(header.sop_class))
     siblings = folder_headers(fs, posixpath.dirname(path) or ".")
-    same = [h for h in siblings if h.is_wsi and h.series_uid == header.series_uid]
+    same = [h for h in siblings if h.is_level and h.series_uid == header.series_uid]
+    if not header.is_level and not same:  # a label or overview in a series of its own
+        raise InputError(redact(uri), f"{ancillary_message(header.flavor)}, and no pyramid level of its "
+                                      "series lies beside it; point the job at the slide's VOLUME files")
     _refuse_white_is_zero([header, *same], uri)
-    return sorted({h.path for h in same} | {path})
+    return sorted({h.path for h in same} | ({path} if header.is_level else set()))
 
 
 def _refuse_white_is_zero(headers: Sequence[DicomHeader], uri: str) -> None:
@@ -204,9 +222,19 @@ def not_a_slide_message(sop_class: str) -> str:
             f"{describe_sop_class(sop_class)}; expected {describe_sop_class(WSI_SOP_CLASS)}")
 
 
+def ancillary_message(flavor: str) -> str:
+    return (f"is the slide's {flavor.lower()} image (ImageType {flavor}), not a pyramid level (ImageType "
+            "VOLUME): it is never read as tissue")
+
+
 def _no_wsi_message(headers: Sequence[DicomHeader]) -> str:
     if not headers:
         return "folder holds no DICOM files"
+    ancillary = sorted({h.flavor for h in headers if h.is_wsi})
+    if ancillary:
+        return (f"folder holds no pyramid level (ImageType VOLUME), only the slide's {', '.join(ancillary)} "
+                "image(s), which are never read as tissue; copy the series' VOLUME files (its pyramid "
+                "levels) into the folder")
     classes = sorted({describe_sop_class(h.sop_class) for h in headers})
     return (f"folder holds {len(headers)} DICOM file(s) but no whole-slide image; SOP classes "
             "found: " + ", ".join(classes))
@@ -337,6 +365,6 @@ def open_dicom(uri: str, clocks: StageClocks, options: dict[str, Any] | None = N
         try:
             return WsiDicomBackend(uri, clocks, options=options)
         except InputError as second:
-            if any(own in second.message for own in ("SOP Class", "not a DICOM file", "MONOCHROME1")):
+            if any(own in second.message for own in ("SOP Class", "not a DICOM file", "MONOCHROME1", "ImageType")):
                 raise
             raise InputError(second.input_uri, f"{second.message}; openslide: {first.message}") from None

@@ -1,0 +1,100 @@
+"""DICOM-WSI series and OME-Zarr images as a pathology archive holds them, partly broken: each is
+read right (the stored picture's pixels at the right level-0 places) or refused by name with the
+fix, and ``validate`` says what ``run`` quarantines.
+
+Expected pixels come from the picture the writers store (tests/pathology_files.py), never from
+the readers under test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import slide_job, write_job
+from pathology_files import write_ancillary_dicom, write_dicom_wsi
+
+import gpubatch
+from gpubatch.core.errors import EXIT_OK, SpecError
+from gpubatch.runtime.preflight import validate_job
+from gpubatch.sources.slides.listing import slide_inputs
+from gpubatch.spec import load_job
+
+pytest_plugins = ["pathology_files"]
+
+TILE = 128
+
+
+def validated(job_path: Path) -> list[dict[str, str]]:
+    """The inputs ``validate`` says a run would quarantine, with its words (all of them refused
+    is a SpecError naming each)."""
+    try:
+        return validate_job(load_job(str(job_path))).failed
+    except SpecError as err:
+        return [{"input": field, "error": message} for field, message in err.problems if field]
+
+
+def validate_and_run(tmp_path: Path, uris: list[str], model: Path, **sections: Any) -> tuple[list[dict[str, str]], gpubatch.Result]:
+    job = slide_job(uris, model, tmp_path / "out", **{"tiles": {"size": TILE, "level": 0, "mpp": None}, **sections})
+    path = write_job(tmp_path / "job.yaml", job)
+    return validated(path), gpubatch.run(str(path))
+
+
+def tile_means(picture: np.ndarray, xs: Any, ys: Any) -> np.ndarray:
+    """Per-tile channel means in [0, 1] of the picture itself: what the mean-colour model outputs."""
+    rows = []
+    for x, y in zip(xs, ys, strict=True):
+        tile = np.full((TILE, TILE, 3), 255, np.uint8)
+        part = picture[y : y + TILE, x : x + TILE]
+        tile[: part.shape[0], : part.shape[1]] = part
+        rows.append(tile.reshape(-1, 3).mean(0) / 255.0)
+    return np.array(rows)
+
+
+def assert_reads_picture(result: gpubatch.Result, picture: np.ndarray, tolerance: float = 3.0 / 255) -> None:
+    df = result.predictions()
+    want = tile_means(picture, df["x"], df["y"])
+    got = df[["mean_0", "mean_1", "mean_2"]].to_numpy()
+    assert len(df) and np.abs(got - want).mean() < tolerance
+
+
+# -- DICOM-WSI: label, overview and thumbnail images
+
+
+def test_a_label_and_overview_in_a_series_of_their_own_are_no_second_slide(
+        tmp_path: Path, picture: np.ndarray, mean_model: Path) -> None:
+    """Scanners may write the label and overview as a series of their own beside the pyramid's.
+    The folder was refused as holding 2 DICOM-WSI series (validate and run), and its files
+    listed by a glob made the label an input of its own, quarantined (exit 3)."""
+    folder = tmp_path / "case"
+    write_dicom_wsi(picture, folder, levels=2)
+    black = np.zeros_like(picture[:200, :300])  # read as tissue, it would turn every mean to 0
+    write_ancillary_dicom(black, folder / "label.dcm", "LABEL", own_series=True)
+    write_ancillary_dicom(black, folder / "overview.dcm", "OVERVIEW", own_series=True)
+    files = sorted(str(p) for p in folder.glob("*.dcm"))
+    assert slide_inputs(files) == [str(folder)]
+    for name, uris in (("folder", [str(folder)]), ("glob", [f"{folder}/*.dcm"])):
+        (tmp_path / name).mkdir()
+        refused, result = validate_and_run(tmp_path / name, uris, mean_model)
+        assert refused == [] and result.failed == [] and result.exit_code == EXIT_OK
+        assert list(result.predictions()["slide"].unique()) == [str(folder)]
+        assert_reads_picture(result, picture)
+
+
+@pytest.mark.parametrize("target", ["folder", "label.dcm"])
+def test_only_the_label_and_overview_are_refused_by_name(tmp_path: Path, picture: np.ndarray,
+                                                         mean_model: Path, target: str) -> None:
+    """A copy that holds the label and overview but no pyramid level: wsidicom said only 'Level
+    files not found' (and OpenSlide 'No pyramid levels found'), naming neither what was there
+    nor what to do."""
+    folder = tmp_path / "case"
+    write_ancillary_dicom(picture[:200, :300], folder / "label.dcm", "LABEL")
+    write_ancillary_dicom(picture[:200, :300], folder / "overview.dcm", "OVERVIEW")
+    uri = str(folder if target == "folder" else folder / target)
+    refused, result = validate_and_run(tmp_path, [uri], mean_model)
+    assert [f["input"] for f in result.failed] == [f["input"] for f in refused] == [uri]
+    assert result.failed[0]["error"] == refused[0]["error"]
+    assert "ImageType VOLUME" in refused[0]["error"] and "never read as tissue" in refused[0]["error"]
+    assert "VOLUME files" in refused[0]["error"]  # the fix
