@@ -9,12 +9,12 @@ the readers under test.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 from conftest import slide_job, write_job
-from pathology_files import write_ancillary_dicom, write_dicom_wsi
+from pathology_files import write_ancillary_dicom, write_dicom_wsi, write_ome_zarr
 
 import gpubatch
 from gpubatch.core.errors import EXIT_OK, SpecError
@@ -22,7 +22,10 @@ from gpubatch.runtime.preflight import validate_job
 from gpubatch.sources.slides.listing import slide_inputs
 from gpubatch.spec import load_job
 
-pytest_plugins = ["pathology_files"]
+if TYPE_CHECKING:
+    from s3_fixtures import S3Stack
+
+pytest_plugins = ["s3_fixtures", "pathology_files"]
 
 TILE = 128
 
@@ -98,3 +101,26 @@ def test_only_the_label_and_overview_are_refused_by_name(tmp_path: Path, picture
     assert result.failed[0]["error"] == refused[0]["error"]
     assert "ImageType VOLUME" in refused[0]["error"] and "never read as tissue" in refused[0]["error"]
     assert "VOLUME files" in refused[0]["error"]  # the fix
+
+
+# -- object storage: what validate says of images read in place
+
+
+def test_validate_names_the_remote_images_a_run_quarantines(tmp_path: Path, s3: S3Stack, picture: np.ndarray,
+                                                            mean_model: Path) -> None:
+    """An OME-Zarr image or a DICOM folder in object storage is read where it lies, never
+    downloaded; validate (input.access auto) took any failure to open one for a slide a run
+    would download instead ('1 slide(s) not opened: a run downloads them whole first'), and a
+    DICOM folder named by its UID (no suffix) was not even opened: the run quarantined both."""
+    import shutil
+
+    write_ome_zarr(picture[:256, :256], tmp_path / "image.ome.zarr", levels=2)
+    shutil.rmtree(tmp_path / "image.ome.zarr" / "1")  # a level the metadata names is gone
+    write_ancillary_dicom(picture[:200, :300], tmp_path / "case" / "label.dcm", "LABEL")
+    uris = [s3.upload_folder(tmp_path / "image.ome.zarr", "in-place/image.ome.zarr"),
+            s3.upload_folder(tmp_path / "case", "in-place/1.2.826.0.1.3680043.2")]
+    refused, result = validate_and_run(tmp_path, uris, mean_model, input={"uris": uris, "storage": s3.options()})
+    assert [f["input"] for f in refused] == [f["input"] for f in result.failed] == uris
+    assert [f["error"] for f in refused] == [f["error"] for f in result.failed]
+    assert "level array '1' named in multiscales is missing" in refused[0]["error"]
+    assert "ImageType VOLUME" in refused[1]["error"]
