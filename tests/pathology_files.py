@@ -93,12 +93,13 @@ WHITE = 255
 
 
 def write_dicom_wsi(image: np.ndarray, folder: str | Path, *, levels: int = 3, tile: int = 256,
-                    pixel_spacing_mm: float = 0.00025, quality: int = 92, seed: int = 0,
+                    pixel_spacing_mm: float | None = 0.00025, quality: int = 92, seed: int = 0,
                     magnification: float | None = 40.0, codec: str = "jpeg",
                     name: str = "level", gray: str | None = None) -> list[Path]:
     """Write ``image`` (h, w, 3 uint8) as a ``levels``-level DICOM-WSI series; one .dcm per level.
 
-    Level n is ``image`` box-filtered by 2**n with pixel spacing ``pixel_spacing_mm * 2**n``.
+    Level n is ``image`` box-filtered by 2**n with pixel spacing ``pixel_spacing_mm * 2**n`` (None:
+    no Pixel Measures at all, as some converters write, and no imaged volume size).
     ``codec``: "jpeg" (baseline, YBR_FULL_422: what scanners write, and OpenSlide 4 reads) or
     "jpegls" (JPEG-LS lossless, RGB: valid DICOM that OpenSlide 4 refuses and wsidicom reads).
     ``gray``: "MONOCHROME2" (black is 0) or "MONOCHROME1" (white is 0, stored inverted): one
@@ -110,7 +111,8 @@ def write_dicom_wsi(image: np.ndarray, folder: str | Path, *, levels: int = 3, t
     uids = _series_uids(seed)
     paths = []
     for index, level in enumerate(pyramid(image, levels)):
-        ds = _wsi_dataset(level, index, uids, tile, pixel_spacing_mm * 2**index, magnification)
+        spacing = None if pixel_spacing_mm is None else pixel_spacing_mm * 2**index
+        ds = _wsi_dataset(level, index, uids, tile, spacing, magnification)
         frames = _encode_frames(ds, level, tile, codec, quality) if gray is None else \
             _encode_gray_frames(ds, level, tile, codec, quality, gray)
         ds.NumberOfFrames = len(frames)
@@ -175,7 +177,7 @@ def _tiles(level: np.ndarray, tile: int) -> list[np.ndarray]:
 
 
 def _wsi_dataset(level: np.ndarray, index: int, uids: dict[str, UID], tile: int,
-                 spacing_mm: float, magnification: float | None) -> Dataset:
+                 spacing_mm: float | None, magnification: float | None) -> Dataset:
     """Every attribute of the VL WSI IOD that readers use, for one level of the pyramid."""
     h, w = level.shape[:2]
     sop_uid = generate_uid(entropy_srcs=[str(uids["series"]), "level", str(index)])
@@ -240,18 +242,19 @@ def _set_pixel_module(ds: Dataset, tile: int, width: int, height: int) -> None:
     ds.DimensionOrganizationSequence = Sequence([org])
 
 
-def _set_geometry(ds: Dataset, width: int, height: int, spacing_mm: float) -> None:
+def _set_geometry(ds: Dataset, width: int, height: int, spacing_mm: float | None) -> None:
     """Pixel spacing (mm, row then column), imaged size, and the image's place on the slide."""
-    measures = Dataset()
-    measures.PixelSpacing = [f"{spacing_mm:.8g}", f"{spacing_mm:.8g}"]
-    measures.SliceThickness = "0.001"
     frame_type = Dataset()
     frame_type.FrameType = list(ds.ImageType)
     shared = Dataset()
-    shared.PixelMeasuresSequence = Sequence([measures])
+    if spacing_mm is not None:
+        measures = Dataset()
+        measures.PixelSpacing = [f"{spacing_mm:.8g}", f"{spacing_mm:.8g}"]
+        measures.SliceThickness = "0.001"
+        shared.PixelMeasuresSequence = Sequence([measures])
+        ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = width * spacing_mm, height * spacing_mm
     shared.WholeSlideMicroscopyImageFrameTypeSequence = Sequence([frame_type])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = width * spacing_mm, height * spacing_mm
     ds.ImagedVolumeDepth = 0.001
     origin = Dataset()
     origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = "20.0", "40.0"

@@ -45,20 +45,22 @@ def validate_and_run(tmp_path: Path, uris: list[str], model: Path, **sections: A
     return validated(path), gpubatch.run(str(path))
 
 
-def tile_means(picture: np.ndarray, xs: Any, ys: Any) -> np.ndarray:
-    """Per-tile channel means in [0, 1] of the picture itself: what the mean-colour model outputs."""
+def tile_means(picture: np.ndarray, xs: Any, ys: Any, extent: int = TILE) -> np.ndarray:
+    """Per-tile channel means in [0, 1] of the picture itself (tiles ``extent`` level-0 pixels
+    on a side, white past its edge): what the mean-colour model outputs."""
     rows = []
     for x, y in zip(xs, ys, strict=True):
-        tile = np.full((TILE, TILE, 3), 255, np.uint8)
-        part = picture[y : y + TILE, x : x + TILE]
+        tile = np.full((extent, extent, 3), 255, np.uint8)
+        part = picture[y : y + extent, x : x + extent]
         tile[: part.shape[0], : part.shape[1]] = part
         rows.append(tile.reshape(-1, 3).mean(0) / 255.0)
     return np.array(rows)
 
 
-def assert_reads_picture(result: gpubatch.Result, picture: np.ndarray, tolerance: float = 3.0 / 255) -> None:
+def assert_reads_picture(result: gpubatch.Result, picture: np.ndarray, tolerance: float = 3.0 / 255,
+                         extent: int = TILE) -> None:
     df = result.predictions()
-    want = tile_means(picture, df["x"], df["y"])
+    want = tile_means(picture, df["x"], df["y"], extent)
     got = df[["mean_0", "mean_1", "mean_2"]].to_numpy()
     assert len(df) and np.abs(got - want).mean() < tolerance
 
@@ -101,6 +103,47 @@ def test_only_the_label_and_overview_are_refused_by_name(tmp_path: Path, picture
     assert result.failed[0]["error"] == refused[0]["error"]
     assert "ImageType VOLUME" in refused[0]["error"] and "never read as tissue" in refused[0]["error"]
     assert "VOLUME files" in refused[0]["error"]  # the fix
+
+
+# -- DICOM-WSI: a series without pixel spacing
+
+
+@pytest.mark.parametrize(("tiles", "refusal"), [
+    ({"level": 0, "mpp": None}, None),
+    ({"level": None, "mpp": 0.5, "mpp_fallback": 0.25}, None),  # level 0 taken as 0.25 um/px: read at level 1
+    ({"level": None, "mpp": 0.5}, "records no microns-per-pixel (MPP), so tiles.mpp cannot be honoured; "
+                                  "set tiles.mpp_fallback"),
+])
+def test_a_folder_without_pixel_spacing_follows_the_mpp_rules(tmp_path: Path, picture: np.ndarray, mean_model: Path,
+                                                              tiles: dict[str, Any], refusal: str | None) -> None:
+    """wsidicom opens no pyramid without pixel spacing, and said only 'wsidicom cannot open the
+    DICOM-WSI series: ' (its error has no words), whatever tiles.level or tiles.mpp_fallback
+    said. A local folder is now read by OpenSlide, as a slide without MPP."""
+    folder = tmp_path / "case"
+    write_dicom_wsi(picture, folder, levels=2, pixel_spacing_mm=None)
+    refused, result = validate_and_run(tmp_path, [str(folder)], mean_model, tiles={"size": TILE, **tiles})
+    if refusal is None:
+        assert refused == result.failed == []
+        df = result.predictions()
+        assert set(df["level"]) == {0 if tiles["level"] == 0 else 1}
+        assert_reads_picture(result, picture, extent=TILE if tiles["level"] == 0 else 2 * TILE)
+    else:
+        assert [f["error"] for f in refused] == [f["error"] for f in result.failed]
+        assert refusal in refused[0]["error"]
+
+
+def test_a_remote_series_without_pixel_spacing_is_refused_with_the_fix(tmp_path: Path, s3: S3Stack,
+                                                                         picture: np.ndarray) -> None:
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.core.errors import InputError
+    from gpubatch.sources.slides.open import open_slide_input
+
+    write_dicom_wsi(picture[:300, :300], tmp_path / "case", levels=1, pixel_spacing_mm=None)
+    uri = s3.upload_folder(tmp_path / "case", "no-spacing/case")
+    with pytest.raises(InputError) as err:
+        open_slide_input(uri, StageClocks(), options=s3.options())
+    assert "record no pixel spacing (PixelSpacing" in err.value.message
+    assert "add PixelSpacing to the files, or copy the series to a local disk" in err.value.message
 
 
 # -- object storage: what validate says of images read in place

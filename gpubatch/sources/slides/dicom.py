@@ -240,6 +240,20 @@ def _no_wsi_message(headers: Sequence[DicomHeader]) -> str:
             "found: " + ", ".join(classes))
 
 
+class NoPixelSpacing(InputError):
+    """A series whose files record no pixel spacing: wsidicom orders a pyramid's levels by it and
+    opens none without it. OpenSlide reads such a series from a local disk, as a slide without
+    MPP (``files``: the series' level files, to hand it one)."""
+
+    def __init__(self, uri: str, files: list[str]):
+        super().__init__(uri, "its DICOM files record no pixel spacing (PixelSpacing, in the Pixel Measures "
+                              "of the Shared Functional Groups), without which wsidicom, the reader of "
+                              "DICOM-WSI folders and of series in object storage, cannot order its pyramid "
+                              "levels; add PixelSpacing to the files, or copy the series to a local disk and "
+                              "name one of its files, which OpenSlide reads as a slide without MPP")
+        self.files = files
+
+
 def _pixel_kind(data: Any) -> str | None:
     """'gray' (one sample, MONOCHROME2), 'RGB' (three samples) or None for a level's image data."""
     samples = int(data.samples_per_pixel)
@@ -259,6 +273,7 @@ class WsiDicomBackend(TileGridBackend):
     def __init__(self, uri: str, clocks: StageClocks | None = None, *,
                  options: dict[str, Any] | None = None, cache_bytes: int = 32 << 20):
         from wsidicom import Settings, WsiDicom
+        from wsidicom.errors import WsiDicomNoResolutionError
 
         from gpubatch.io.storage import library_options
 
@@ -268,8 +283,11 @@ class WsiDicomBackend(TileGridBackend):
         file_options = library_options(uri, options) if is_remote(uri) else None  # wsidicom's requests
         try:
             self.slide = WsiDicom.open(files, file_options=file_options, settings=settings)
+        except WsiDicomNoResolutionError:
+            raise NoPixelSpacing(self.path, files) from None
         except Exception as exc:  # wsidicom's errors share no base class; the files were vetted
-            raise InputError(self.path, f"wsidicom cannot open the DICOM-WSI series: {redact(str(exc))}") from None
+            why = redact(str(exc)) or type(exc).__name__  # some carry no words at all
+            raise InputError(self.path, f"wsidicom cannot open the DICOM-WSI series: {why}") from None
         if clocks is not None:
             clocks.count("storage.files", len(files))
         self.levels = list(self.slide.levels)
@@ -356,9 +374,19 @@ class WsiDicomBackend(TileGridBackend):
 
 def open_dicom(uri: str, clocks: StageClocks, options: dict[str, Any] | None = None) -> SlideBackend:
     """A local DICOM file through OpenSlide 4 when it opens it, else wsidicom (folders and remote
-    series always through wsidicom); when neither can, the error names the file's SOP class."""
-    if is_remote(uri) or not os.path.isfile(local_path(uri)):
+    series always through wsidicom); when neither can, the error names the file's SOP class.
+    A local folder whose series records no pixel spacing goes to OpenSlide, through one of its
+    level files: a slide without MPP, which the grid's rules then read or refuse."""
+    if is_remote(uri):
         return WsiDicomBackend(uri, clocks, options=options)
+    if not os.path.isfile(local_path(uri)):
+        try:
+            return WsiDicomBackend(uri, clocks, options=options)
+        except NoPixelSpacing as unordered:
+            try:
+                return OpenSlideBackend(local_path(unordered.files[0]))
+            except InputError as second:
+                raise InputError(unordered.input_uri, f"{unordered.message}; openslide: {second.message}") from None
     try:
         return OpenSlideBackend(local_path(uri))
     except InputError as first:
