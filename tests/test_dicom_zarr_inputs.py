@@ -105,6 +105,90 @@ def test_only_the_label_and_overview_are_refused_by_name(tmp_path: Path, picture
     assert "VOLUME files" in refused[0]["error"]  # the fix
 
 
+# -- DICOM-WSI: level files cut short or short of frames
+
+
+def _rewrite_frames(path: Path, keep: int | None = None, offset_table: bool = True) -> None:
+    """Rewrite a TILED_FULL level file with its first ``keep`` frames only (NumberOfFrames too:
+    a well-formed file whose tile grid has holes), or without its basic offset table (as files
+    over 4 GiB, which cannot have one, are written)."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(path)
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))[:keep]
+    ds.NumberOfFrames = len(frames)
+    ds.PixelData = encapsulate(frames, has_bot=offset_table)
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+
+
+@pytest.fixture(scope="module")
+def broken_series(tmp_path_factory: pytest.TempPathFactory, picture: np.ndarray) -> Path:
+    """3-level JPEG series whose level 0 is: cut inside its frames (with and without an offset
+    table), cut inside its header (the reader then sees a 2-level slide), cut within the file
+    meta, short of 2 frames of its grid."""
+    root = tmp_path_factory.mktemp("broken")
+    for name, at in (("frames", 0.7), ("no-table", 0.7), ("header", 1500), ("meta", 140), ("missing", None)):
+        paths = write_dicom_wsi(picture, root / name, levels=3)
+        if name == "no-table":
+            _rewrite_frames(paths[0], offset_table=False)
+        data = paths[0].read_bytes()
+        if at is None:
+            _rewrite_frames(paths[0], keep=10)  # of 4 x 3
+        else:
+            paths[0].write_bytes(data[: int(len(data) * at) if isinstance(at, float) else at])
+    return root
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("frames", "truncated: level file level0.dcm"),
+    ("no-table", "truncated: level file level0.dcm"),
+    ("header", "truncated: DICOM file level0.dcm (1500 bytes) ends within its header"),
+    ("meta", "truncated: DICOM file level0.dcm (140 bytes) ends within its header"),
+    ("missing", "level file level0.dcm holds 10 frames, but its TILED_FULL tile grid needs 12: frames are missing"),
+])
+@pytest.mark.parametrize("target", ["", "level1.dcm"])  # the folder (wsidicom) or a file (OpenSlide)
+def test_a_series_cut_short_is_refused_at_open_in_validate_as_in_run(
+        tmp_path: Path, broken_series: Path, mean_model: Path, name: str, words: str, target: str) -> None:
+    """validate passed a level file cut short or short of frames and the run quarantined it at
+    the read that reached the gap (through OpenSlide, and through wsidicom); one cut within its
+    header was left out, and the series read as a 2-level slide without its level 0."""
+    uri = str(broken_series / name / target) if target else str(broken_series / name)
+    refused, result = validate_and_run(tmp_path, [uri], mean_model)
+    assert [f["input"] for f in refused] == [f["input"] for f in result.failed] == [uri]
+    assert refused[0]["error"] == result.failed[0]["error"]
+    assert words in refused[0]["error"] and "copy the series again" in refused[0]["error"]
+
+
+def test_a_series_cut_short_in_object_storage_is_refused_at_open(tmp_path: Path, s3: S3Stack,
+                                                                broken_series: Path) -> None:
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.core.errors import InputError
+    from gpubatch.sources.slides.open import open_slide_input
+
+    for name in ("frames", "no-table"):
+        uri = s3.upload_folder(broken_series / name, f"cut/{name}")
+        with pytest.raises(InputError) as err:
+            open_slide_input(uri, StageClocks(), options=s3.options())
+        assert "truncated: level file level0.dcm" in err.value.message
+
+
+@pytest.mark.parametrize("offset_table", [True, False])
+def test_a_level_file_with_padding_after_its_frames_still_reads(tmp_path: Path, picture: np.ndarray,
+                                                               mean_model: Path, offset_table: bool) -> None:
+    """Data Set Trailing Padding (FFFC,FFFC) after the pixel data is allowed: the file does not
+    end with the pixel data's delimiter, and its frames are followed to it instead (all there)."""
+    paths = write_dicom_wsi(picture, tmp_path / "case", levels=2)
+    if not offset_table:
+        _rewrite_frames(paths[0], offset_table=False)
+    padding = b"\xfc\xff\xfc\xff" + b"OB\x00\x00" + (16).to_bytes(4, "little") + bytes(16)
+    paths[0].write_bytes(paths[0].read_bytes() + padding)
+    refused, result = validate_and_run(tmp_path, [str(tmp_path / "case")], mean_model)
+    assert refused == result.failed == []
+    assert_reads_picture(result, picture)
+
+
 # -- DICOM-WSI: a series without pixel spacing
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.io.ranges import RangeFile
 from gpubatch.io.redact import redact
 from gpubatch.io.retried_fs import RetriedFS
 from gpubatch.io.uris import is_remote, local_path
@@ -47,7 +48,13 @@ from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
-HEADER_TAGS = ("SOPClassUID", "SeriesInstanceUID", "PhotometricInterpretation", "ImageType")
+HEADER_TAGS = ("SOPClassUID", "SeriesInstanceUID", "PhotometricInterpretation", "ImageType",
+               "NumberOfFrames", "Rows", "Columns", "TotalPixelMatrixColumns", "TotalPixelMatrixRows",
+               "TotalPixelMatrixFocalPlanes", "NumberOfOpticalPaths", "DimensionOrganizationType")
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD) and length 0: the last 8 bytes
+ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000): one frame of encapsulated pixel data
+UNDEFINED_LENGTH = 0xFFFFFFFF
 #: ImageType value 3 of the DICOM-WSI images that are not pyramid levels: never read, never a slide
 ANCILLARY_IMAGES = ("LABEL", "OVERVIEW", "THUMBNAIL")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -68,10 +75,22 @@ class DicomHeader:
     photometric: str = ""
     #: ImageType value 3: VOLUME (a pyramid level), LABEL, OVERVIEW or THUMBNAIL; '' when absent
     flavor: str = ""
+    size: int = 0  # bytes of the file
+    frames: int = 0  # NumberOfFrames
+    #: frames a TILED_FULL image must hold (tiles across x down x focal planes x optical paths);
+    #: 0 where the header does not say (TILED_SPARSE holds the frames it has)
+    grid_frames: int = 0
+    pixels_at: int = -1  # where the pixel data element starts (its tag), -1 where none was found
 
     @property
     def is_wsi(self) -> bool:
         return self.sop_class == WSI_SOP_CLASS
+
+    @property
+    def cut(self) -> bool:
+        """A whole-slide image (or a file too damaged to say) whose header runs to the end of
+        the file, or cannot be read: it holds no frames, whatever it claims."""
+        return self.pixels_at < 0 and (self.is_wsi or not self.sop_class)
 
     @property
     def is_level(self) -> bool:
@@ -116,22 +135,38 @@ def looks_like_dicom(uri: str) -> bool:
 
 
 def read_header(fs: RetriedFS, path: str, size: int) -> DicomHeader | None:
-    """The file's SOP class and series (header only); None when it is not DICOM at all."""
+    """The file's SOP class and series (header only); None when it is not DICOM at all. A file
+    with the DICM marker whose header cannot be read to its end (cut short, or damaged) comes
+    back with what could be read, and ``cut`` True."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         with fs.open(path, size, blocksize=HEADER_BLOCK) as f:  # a header, not the whole file
             ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+            pixels_at = f.tell() if f.tell() < size else -1  # pydicom stops at the pixel data's tag
     except (InvalidDicomError, EOFError, ValueError, KeyError):
-        return None
+        with fs.open(path, size, blocksize=MAGIC_OFFSET + len(MAGIC)) as f:
+            f.seek(MAGIC_OFFSET)
+            return DicomHeader(path, "", "", size=size) if f.read(len(MAGIC)) == MAGIC else None
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else "") or "")
     image_type = ds.get("ImageType") or []
     values = [image_type] if isinstance(image_type, str) else list(image_type)
     flavor = str(values[2]).strip().upper() if len(values) > 2 else ""
     return DicomHeader(path, sop_class, str(ds.get("SeriesInstanceUID", "")),
-                       str(ds.get("PhotometricInterpretation", "")), flavor)
+                       str(ds.get("PhotometricInterpretation", "")), flavor, size,
+                       int(ds.get("NumberOfFrames") or 1), _grid_frames(ds), pixels_at)
+
+
+def _grid_frames(ds: Any) -> int:
+    """Frames a TILED_FULL image holds: one per tile of its grid, focal plane and optical path."""
+    if str(ds.get("DimensionOrganizationType", "")).upper() != "TILED_FULL" or not ds.get("Rows") \
+            or not ds.get("Columns") or not ds.get("TotalPixelMatrixColumns"):
+        return 0
+    across = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
+    down = -(-int(ds.get("TotalPixelMatrixRows") or ds.Rows) // int(ds.Rows))
+    return across * down * int(ds.get("TotalPixelMatrixFocalPlanes") or 1) * int(ds.get("NumberOfOpticalPaths") or 1)
 
 
 def _files(fs: RetriedFS, folder: str) -> list[dict[str, Any]]:
@@ -167,18 +202,83 @@ def series_files(uri: str, options: dict[str, Any] | None = None, clocks: StageC
     """The files of the one DICOM-WSI series at ``uri``: a folder, or any one of its files.
 
     A file brings in its siblings of the same series (each level is a file of its own); a folder
-    must hold exactly one WSI series. Raises InputError saying what was found instead.
+    must hold exactly one WSI series, whose level files must hold all their frames
+    (:func:`check_frames`). Raises InputError saying what was found instead.
     """
     from gpubatch.io.storage import retried_fs
 
     require_dicom_packages(uri)
     fs, path = retried_fs(uri, options, clocks=clocks)
-    paths = _series_of_folder(fs, path, uri) if fs.isdir(path) else _series_of_file(fs, path, uri)
-    return [fs.unstrip(p) for p in paths]
+    levels = _series_of_folder(fs, path, uri) if fs.isdir(path) else _series_of_file(fs, path, uri)
+    for header in levels:
+        check_frames(fs, header, uri)
+    return sorted({fs.unstrip(h.path) for h in levels})
 
 
-def _series_of_folder(fs: RetriedFS, folder: str, uri: str) -> list[str]:
+def check_frames(fs: RetriedFS, header: DicomHeader, uri: str) -> None:
+    """Refuse a level file whose frames are not all there: a TILED_FULL image with fewer frames
+    than its tile grid, or a file cut short (an interrupted copy or upload). Read from the header
+    and the pixel data's ends, so that validate names such a series as the run's first read of
+    it would, and never lets a gap pass as a sparse tile."""
+    name = posixpath.basename(header.path)
+    if header.grid_frames and header.frames < header.grid_frames:
+        raise MissingFrames(redact(uri), f"level file {name} holds {header.frames} frames, but its TILED_FULL "
+                                         f"tile grid needs {header.grid_frames}: frames are missing; export or "
+                                         "copy the series again")
+    if _cut_short(fs, header):
+        raise MissingFrames(redact(uri), f"truncated: level file {name} ({header.size} bytes) ends before its "
+                                         "last frame, as an interrupted copy, upload or download leaves it; "
+                                         "copy the series again")
+
+
+def _cut_short(fs: RetriedFS, header: DicomHeader) -> bool:
+    """Whether the level file's pixel data runs past its end. Native frames: the element's length
+    says where they end. Encapsulated ones end with a sequence delimiter, usually the file's last
+    8 bytes; where it is not (trailing padding, or a cut), the frames are followed to it."""
+    if header.pixels_at < 0:  # the header itself runs to the end: no pixel data
+        return True
+    with fs.open(header.path, header.size, blocksize=4096) as f:
+        f.seek(header.pixels_at)
+        head = f.read(12)
+        if head[:4] != PIXEL_DATA_TAG:
+            return False  # not where pydicom stopped: the reader judges the file
+        explicit = head[4:6] in (b"OB", b"OW")
+        length = int.from_bytes(head[8:12] if explicit else head[4:8], "little")
+        start = header.pixels_at + (12 if explicit else 8)
+        if length != UNDEFINED_LENGTH:
+            return start + length > header.size
+        f.seek(header.size - len(SEQUENCE_END))
+        if f.read(len(SEQUENCE_END)) == SEQUENCE_END:
+            return False
+        f.seek(start)
+        table = f.read(8)
+        if table[:4] != ITEM_TAG:
+            return True
+        first, table_bytes = start + 8 + int.from_bytes(table[4:8], "little"), int.from_bytes(table[4:8], "little")
+        if table_bytes >= 4:  # the basic offset table's last entry: where the last frame starts
+            f.seek(first - 4)
+            return not _items_end_within(f, first + int.from_bytes(f.read(4), "little"), header.size)
+    with fs.open(header.path, header.size, blocksize=RangeFile.KEPT_CHUNK_BYTES - 8) as walk:
+        return not _items_end_within(walk, first, header.size)  # every frame: read through, as wsidicom would
+
+
+def _items_end_within(f: Any, position: int, size: int) -> bool:
+    """Whether the items of encapsulated pixel data from ``position`` end with their sequence
+    delimiter inside a file of ``size`` bytes."""
+    while position + 8 <= size:
+        f.seek(position)
+        head = f.read(8)
+        if head == SEQUENCE_END:
+            return True
+        if head[:4] != ITEM_TAG:
+            return False
+        position += 8 + int.from_bytes(head[4:8], "little")
+    return False
+
+
+def _series_of_folder(fs: RetriedFS, folder: str, uri: str) -> list[DicomHeader]:
     headers = folder_headers(fs, folder)
+    _refuse_cut(headers, uri)
     levels = [h for h in headers if h.is_level]
     if not levels:
         raise InputError(redact(uri), _no_wsi_message(headers))
@@ -187,24 +287,38 @@ def _series_of_folder(fs: RetriedFS, folder: str, uri: str) -> list[str]:
         raise InputError(redact(uri), f"folder holds {len(series)} DICOM-WSI series; list its "
                                       "files (folder/*.dcm) to read each series as a slide")
     _refuse_white_is_zero(levels, uri)
-    return [h.path for h in levels]
+    return levels
 
 
-def _series_of_file(fs: RetriedFS, path: str, uri: str) -> list[str]:
+def _series_of_file(fs: RetriedFS, path: str, uri: str) -> list[DicomHeader]:
     if not fs.exists(path):
         raise InputError(redact(uri), "file not found")
     header = read_header(fs, path, fs.size(path))
     if header is None:
         raise InputError(redact(uri), "not a DICOM file (no 'DICM' marker after the 128-byte preamble)")
+    _refuse_cut([header], uri)
     if not header.is_wsi:
         raise InputError(redact(uri), not_a_slide_message(header.sop_class))
     siblings = folder_headers(fs, posixpath.dirname(path) or ".")
+    _refuse_cut(siblings, uri)
     same = [h for h in siblings if h.is_level and h.series_uid == header.series_uid]
     if not header.is_level and not same:  # a label or overview in a series of its own
         raise InputError(redact(uri), f"{ancillary_message(header.flavor)}, and no pyramid level of its "
                                       "series lies beside it; point the job at the slide's VOLUME files")
     _refuse_white_is_zero([header, *same], uri)
-    return sorted({h.path for h in same} | ({path} if header.is_level else set()))
+    listed = {h.path for h in same}
+    return same + [header] if header.is_level and header.path not in listed else same
+
+
+def _refuse_cut(headers: Sequence[DicomHeader], uri: str) -> None:
+    """A file of the series cut within its header belongs to no series that can be told: left
+    out, the rest would read as a smaller slide (a pyramid without its level 0)."""
+    for header in headers:
+        if header.cut:
+            raise MissingFrames(redact(uri), f"truncated: DICOM file {posixpath.basename(header.path)} "
+                                             f"({header.size} bytes) ends within its header, before any "
+                                             "frame, as an interrupted copy, upload or download leaves it; "
+                                             "copy the series again")
 
 
 def _refuse_white_is_zero(headers: Sequence[DicomHeader], uri: str) -> None:
@@ -238,6 +352,10 @@ def _no_wsi_message(headers: Sequence[DicomHeader]) -> str:
     classes = sorted({describe_sop_class(h.sop_class) for h in headers})
     return (f"folder holds {len(headers)} DICOM file(s) but no whole-slide image; SOP classes "
             "found: " + ", ".join(classes))
+
+
+class MissingFrames(InputError):
+    """A level file that does not hold all its frames (cut short, or frames left out)."""
 
 
 class NoPixelSpacing(InputError):
@@ -388,7 +506,7 @@ def open_dicom(uri: str, clocks: StageClocks, options: dict[str, Any] | None = N
             except InputError as second:
                 raise InputError(unordered.input_uri, f"{unordered.message}; openslide: {second.message}") from None
     try:
-        return OpenSlideBackend(local_path(uri))
+        backend: SlideBackend = OpenSlideBackend(local_path(uri))
     except InputError as first:
         try:
             return WsiDicomBackend(uri, clocks, options=options)
@@ -396,3 +514,18 @@ def open_dicom(uri: str, clocks: StageClocks, options: dict[str, Any] | None = N
             if any(own in second.message for own in ("SOP Class", "not a DICOM file", "MONOCHROME1", "ImageType")):
                 raise
             raise InputError(second.input_uri, f"{second.message}; openslide: {first.message}") from None
+    _refuse_missing_frames(uri, backend)
+    return backend
+
+
+def _refuse_missing_frames(uri: str, backend: SlideBackend) -> None:
+    """OpenSlide opens a series without reading its frames: a level file cut short, or short of
+    frames, failed only at the read that reached the gap (validate passed it). Its files are
+    vetted as wsidicom's are; where they cannot be (no pydicom), OpenSlide's opening stands."""
+    try:
+        series_files(uri)
+    except MissingFrames:
+        backend.close()
+        raise
+    except InputError:
+        pass

@@ -114,10 +114,12 @@ def dicom_series_inputs(folder: str, files: list[str], options: dict[str, Any] |
     everything = {_name(h.path): h for h in headers}
     listed = sorted(files)
     matched = [everything.get(_name(f)) for f in listed]
-    series = {h.series_uid for h in everything.values() if h.is_level}
+    series = {h.series_uid for h in everything.values() if h.is_level and not h.cut}
     inputs: list[str] = []
     for uri, header in zip(listed, matched, strict=True):
-        if header is None or not header.is_wsi:
+        if header is not None and header.cut:
+            _add(inputs, folder if len(series) <= 1 else uri)  # refused as cut short when opened
+        elif header is None or not header.is_wsi:
             _add(inputs, uri)  # not a slide: refused by name when opened
         elif len(series) <= 1:
             _add(inputs, folder)  # one slide (or only its label and overview: refused by name)
