@@ -78,7 +78,7 @@ def downsample(image: np.ndarray, factor: int) -> np.ndarray:
     ph, pw = -h % factor, -w % factor
     padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=255) if ph or pw else image
     hh, ww = padded.shape[0] // factor, padded.shape[1] // factor
-    blocks = padded.reshape(hh, factor, ww, factor, 3).astype(np.float32)
+    blocks = padded.reshape(hh, factor, ww, factor, padded.shape[2]).astype(np.float32)
     return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
 
 
@@ -373,9 +373,12 @@ def level_scales(axes: str, levels: int, mpp: float, mpp_y: float | None = None)
 
 
 def to_layout(rgb: np.ndarray, axes: str) -> np.ndarray:
-    """An (h, w, 3) image as an array with the given axes; t and z get size 1."""
+    """An (h, w, channels) image as an array with the given axes; t and z get size 1. A gray
+    (h, w, 1) image may leave out c."""
     arr = np.moveaxis(rgb, -1, 0)  # c, y, x
     source = "cyx"
+    if "c" not in axes and arr.shape[0] == 1:
+        arr, source = arr[0], "yx"
     for extra in "tz":
         if extra in axes:
             arr, source = arr[np.newaxis], extra + source
@@ -394,7 +397,8 @@ def write_ome_zarr(image: np.ndarray, url: str | Path, *, levels: int = 3, mpp: 
                    axes: str = "cyx", version: str = "0.5", chunk: int = 256,
                    writer: str = "zarr", storage_options: dict[str, Any] | None = None,
                    mpp_y: float | None = None) -> str:
-    """Write ``image`` (h, w, 3 uint8) as a multiscale OME-Zarr image at ``url``; returns it.
+    """Write ``image`` (h, w, 3 uint8; or h, w, 1 gray, with or without c in ``axes``) as a
+    multiscale OME-Zarr image at ``url``; returns it.
 
     ``url`` is a local path or any fsspec URL (``memory://``, ``s3://``...). ``mpp`` is the
     level-0 um/px across (x); ``mpp_y`` down (y), the same as ``mpp`` when not given.

@@ -40,7 +40,8 @@ def validated(job_path: Path) -> list[dict[str, str]]:
 
 
 def validate_and_run(tmp_path: Path, uris: list[str], model: Path, **sections: Any) -> tuple[list[dict[str, str]], gpubatch.Result]:
-    job = slide_job(uris, model, tmp_path / "out", **{"tiles": {"size": TILE, "level": 0, "mpp": None}, **sections})
+    tiles = {"size": TILE, "level": 0, "mpp": None, **sections.pop("tiles", {})}
+    job = slide_job(uris, model, tmp_path / "out", tiles=tiles, **sections)
     path = write_job(tmp_path / "job.yaml", job)
     return validated(path), gpubatch.run(str(path))
 
@@ -205,7 +206,7 @@ def test_a_folder_without_pixel_spacing_follows_the_mpp_rules(tmp_path: Path, pi
     said. A local folder is now read by OpenSlide, as a slide without MPP."""
     folder = tmp_path / "case"
     write_dicom_wsi(picture, folder, levels=2, pixel_spacing_mm=None)
-    refused, result = validate_and_run(tmp_path, [str(folder)], mean_model, tiles={"size": TILE, **tiles})
+    refused, result = validate_and_run(tmp_path, [str(folder)], mean_model, tiles=tiles)
     if refusal is None:
         assert refused == result.failed == []
         df = result.predictions()
@@ -228,6 +229,50 @@ def test_a_remote_series_without_pixel_spacing_is_refused_with_the_fix(tmp_path:
         open_slide_input(uri, StageClocks(), options=s3.options())
     assert "record no pixel spacing (PixelSpacing" in err.value.message
     assert "add PixelSpacing to the files, or copy the series to a local disk" in err.value.message
+
+
+# -- OME-Zarr: gray images, levels reduced unlike across and down
+
+
+@pytest.mark.parametrize(("axes", "version", "writer"), [("cyx", "0.5", "zarr"), ("yx", "0.4", "zarr"),
+                                                          ("tczyx", "0.4", "ome-zarr"), ("yxc", "0.5", "zarr")])
+def test_a_gray_ome_zarr_is_read_as_gray(tmp_path: Path, picture: np.ndarray, mean_model: Path,
+                                         axes: str, version: str, writer: str) -> None:
+    """One channel (or no c axis) was refused ('the c axis has 1 channels; RGB (3) or RGBA (4)
+    expected', 'axes lack c'), where gray TIFF and DICOM slides are read: RGB with the gray in
+    every channel, the tissue found by its darkness."""
+    gray = picture[..., :1]
+    uri = write_ome_zarr(gray, tmp_path / "gray.ome.zarr", levels=3, axes=axes, version=version, writer=writer)
+    refused, result = validate_and_run(tmp_path, [uri], mean_model,
+                                       tiles={"tissue": {"method": "otsu", "min_fraction": 0.5}})
+    assert refused == result.failed == [] and result.exit_code == EXIT_OK
+    df = result.predictions()
+    assert 0 < len(df) < 6 * 8  # the glass is left out: the tissue was found
+    np.testing.assert_array_equal(df["mean_0"], df["mean_1"])
+    np.testing.assert_array_equal(df["mean_0"], df["mean_2"])
+    assert_reads_picture(result, np.repeat(gray, 3, axis=-1), tolerance=1e-5)  # float32 means: lossless
+
+
+def test_a_level_reduced_across_only_is_not_read(tmp_path: Path, picture: np.ndarray, mean_model: Path) -> None:
+    """NGFF allows a scale per axis: a level halved across but not down was read as if halved
+    both ways (its mean downsample, 1.5): tiles at tiles.mpp 0.75 came from it squashed, at the
+    wrong level-0 places. It is now left out and the tiles come from level 0."""
+    import zarr
+    from pathology_files import ngff_axes
+
+    root = zarr.open_group(str(tmp_path / "aniso.ome.zarr"), mode="w", zarr_format=3)
+    datasets = []
+    for n, (level, scale) in enumerate([(picture, [1.0, 0.5, 0.5]), (picture[:, ::2], [1.0, 0.5, 1.0])]):
+        array = root.create_array(str(n), shape=(3, *level.shape[:2]), dtype="u1", chunks=(3, 256, 256))
+        array[...] = np.moveaxis(level, -1, 0)
+        datasets.append({"path": str(n), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": ngff_axes("cyx"), "datasets": datasets}]}
+    refused, result = validate_and_run(tmp_path, [str(tmp_path / "aniso.ome.zarr")], mean_model,
+                                       tiles={"size": 64, "level": None, "mpp": 0.75})
+    assert refused == result.failed == []
+    df = result.predictions()
+    assert set(df["level"]) == {0}
+    assert_reads_picture(result, picture, tolerance=1.5 / 255, extent=96)
 
 
 # -- object storage: what validate says of images read in place
