@@ -296,3 +296,23 @@ def test_validate_names_the_remote_images_a_run_quarantines(tmp_path: Path, s3: 
     assert [f["error"] for f in refused] == [f["error"] for f in result.failed]
     assert "level array '1' named in multiscales is missing" in refused[0]["error"]
     assert "ImageType VOLUME" in refused[1]["error"]
+
+
+def test_a_gray_model_is_told_tiles_are_rgb(tmp_path: Path, picture: np.ndarray) -> None:
+    """Gray slides reach the model as RGB, their gray in all three channels: a model taking one
+    channel is refused before anything runs. The refusal said to 'match tiles.size /
+    windows.length and the layout to the model', none of which can fit it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, TILE, TILE])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])
+    mean = helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)
+    model = helper.make_model(helper.make_graph([mean], "gray", [x], [y]), opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, tmp_path / "gray.onnx")
+    uri = write_ome_zarr(picture[..., :1], tmp_path / "gray.ome.zarr", levels=1, axes="yx")
+    job = slide_job([uri], tmp_path / "gray.onnx", tmp_path / "out", tiles={"size": TILE, "level": 0, "mpp": None})
+    with pytest.raises(SpecError) as err:
+        validate_job(load_job(str(write_job(tmp_path / "job.yaml", job))))
+    assert "tiles are RGB, 3 channels (a gray slide's tiles carry its gray in each), and this model takes 1" \
+        in str(err.value)
