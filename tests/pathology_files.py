@@ -15,6 +15,7 @@ the ``ome-zarr`` package, the reference implementation.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -290,6 +291,36 @@ def _optical_path(magnification: float | None) -> Dataset:
     if magnification is not None:
         path.ObjectiveLensPower = f"{magnification:g}"
     return path
+
+
+def split_into_concatenation(path: str | Path, parts: int) -> list[Path]:
+    """Rewrite one level file as a concatenation of ``parts`` instances (``{stem}-part{n}.dcm``),
+    its frames split between them in order, as scanners split images too large for one file;
+    the original file is removed. Returns the parts."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    source = Path(path)
+    frames = list(generate_frames(pydicom.dcmread(source).PixelData,
+                                  number_of_frames=int(pydicom.dcmread(source).NumberOfFrames)))
+    bounds = np.linspace(0, len(frames), parts + 1).round().astype(int)
+    written = []
+    for n, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        ds = pydicom.dcmread(source)
+        ds.SOPInstanceUIDOfConcatenationSource = ds.SOPInstanceUID
+        ds.ConcatenationUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), "concatenation"])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=[str(ds.SOPInstanceUID), "part", str(n)])
+        ds.ConcatenationFrameOffsetNumber, ds.InConcatenationNumber = int(lo), n + 1
+        ds.InConcatenationTotalNumber = parts
+        ds.NumberOfFrames = int(hi - lo)
+        ds.PixelData = encapsulate(frames[lo:hi])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        written.append(source.with_name(f"{source.stem}-part{n}.dcm"))
+        ds.save_as(written[-1], enforce_file_format=True)
+    source.unlink()
+    return written
 
 
 def write_ancillary_dicom(image: np.ndarray, path: str | Path, kind: str = "LABEL", *, seed: int = 0,

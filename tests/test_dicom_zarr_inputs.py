@@ -147,7 +147,7 @@ def broken_series(tmp_path_factory: pytest.TempPathFactory, picture: np.ndarray)
     ("no-table", "truncated: level file level0.dcm"),
     ("header", "truncated: DICOM file level0.dcm (1500 bytes) ends within its header"),
     ("meta", "truncated: DICOM file level0.dcm (140 bytes) ends within its header"),
-    ("missing", "level file level0.dcm holds 10 frames, but its TILED_FULL tile grid needs 12: frames are missing"),
+    ("missing", "level file level0.dcm holds 10 frames, but the TILED_FULL tile grid needs 12: frames are missing"),
 ])
 @pytest.mark.parametrize("target", ["", "level1.dcm"])  # the folder (wsidicom) or a file (OpenSlide)
 def test_a_series_cut_short_is_refused_at_open_in_validate_as_in_run(
@@ -173,6 +173,28 @@ def test_a_series_cut_short_in_object_storage_is_refused_at_open(tmp_path: Path,
         with pytest.raises(InputError) as err:
             open_slide_input(uri, StageClocks(), options=s3.options())
         assert "truncated: level file level0.dcm" in err.value.message
+
+
+@pytest.mark.parametrize("left_out", [None, 1])
+def test_a_concatenated_level_reads_and_one_missing_instance_is_named(
+        tmp_path: Path, picture: np.ndarray, mean_model: Path, left_out: int | None) -> None:
+    """A level split over the instances of a concatenation (frames of one TILED_FULL grid in
+    several files) reads whole; with one of its instances missing, the grid is short of frames:
+    refused at open by name, where wsidicom's own read of the gap would fail mid-run."""
+    from pathology_files import split_into_concatenation
+
+    paths = write_dicom_wsi(picture, tmp_path / "case", levels=2)
+    parts = split_into_concatenation(paths[0], 3)
+    if left_out is not None:
+        parts[left_out].unlink()
+    refused, result = validate_and_run(tmp_path, [str(tmp_path / "case")], mean_model)
+    if left_out is None:
+        assert refused == result.failed == []
+        assert_reads_picture(result, picture)
+    else:
+        assert [f["error"] for f in refused] == [f["error"] for f in result.failed]
+        assert ("level files level0-part0.dcm, level0-part2.dcm (one concatenation) hold 8 frames, but the "
+                "TILED_FULL tile grid needs 12: frames are missing") in refused[0]["error"]
 
 
 @pytest.mark.parametrize("offset_table", [True, False])

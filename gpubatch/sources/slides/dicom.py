@@ -50,7 +50,8 @@ WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Im
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 HEADER_TAGS = ("SOPClassUID", "SeriesInstanceUID", "PhotometricInterpretation", "ImageType",
                "NumberOfFrames", "Rows", "Columns", "TotalPixelMatrixColumns", "TotalPixelMatrixRows",
-               "TotalPixelMatrixFocalPlanes", "NumberOfOpticalPaths", "DimensionOrganizationType")
+               "TotalPixelMatrixFocalPlanes", "NumberOfOpticalPaths", "DimensionOrganizationType",
+               "ConcatenationUID")
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD) and length 0: the last 8 bytes
 ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000): one frame of encapsulated pixel data
@@ -81,6 +82,8 @@ class DicomHeader:
     #: 0 where the header does not say (TILED_SPARSE holds the frames it has)
     grid_frames: int = 0
     pixels_at: int = -1  # where the pixel data element starts (its tag), -1 where none was found
+    #: ConcatenationUID: an image too large for one file is split over the instances that share it
+    concatenation: str = ""
 
     @property
     def is_wsi(self) -> bool:
@@ -156,7 +159,8 @@ def read_header(fs: RetriedFS, path: str, size: int) -> DicomHeader | None:
     flavor = str(values[2]).strip().upper() if len(values) > 2 else ""
     return DicomHeader(path, sop_class, str(ds.get("SeriesInstanceUID", "")),
                        str(ds.get("PhotometricInterpretation", "")), flavor, size,
-                       int(ds.get("NumberOfFrames") or 1), _grid_frames(ds), pixels_at)
+                       int(ds.get("NumberOfFrames") or 1), _grid_frames(ds), pixels_at,
+                       str(ds.get("ConcatenationUID", "")))
 
 
 def _grid_frames(ds: Any) -> int:
@@ -210,21 +214,34 @@ def series_files(uri: str, options: dict[str, Any] | None = None, clocks: StageC
     require_dicom_packages(uri)
     fs, path = retried_fs(uri, options, clocks=clocks)
     levels = _series_of_folder(fs, path, uri) if fs.isdir(path) else _series_of_file(fs, path, uri)
+    _refuse_short_grids(levels, uri)
     for header in levels:
         check_frames(fs, header, uri)
     return sorted({fs.unstrip(h.path) for h in levels})
 
 
+def _refuse_short_grids(levels: Sequence[DicomHeader], uri: str) -> None:
+    """A TILED_FULL image holds a frame for every tile of its grid, in one file or over the
+    instances of a concatenation: fewer is a file written short of frames, or an instance of the
+    concatenation missing. Read as sparse, the gap would be white glass."""
+    images: dict[str, list[DicomHeader]] = {}
+    for header in levels:
+        images.setdefault(header.concatenation or header.path, []).append(header)
+    for parts in images.values():
+        held, needed = sum(h.frames for h in parts), parts[0].grid_frames
+        if needed and held < needed:
+            names = ", ".join(sorted(posixpath.basename(h.path) for h in parts))
+            what = f"level file {names} holds" if len(parts) == 1 else f"level files {names} (one concatenation) hold"
+            raise MissingFrames(redact(uri), f"{what} {held} frames, but the TILED_FULL tile grid needs {needed}: "
+                                             "frames are missing (a file or instance left out); export or copy "
+                                             "the series again")
+
+
 def check_frames(fs: RetriedFS, header: DicomHeader, uri: str) -> None:
-    """Refuse a level file whose frames are not all there: a TILED_FULL image with fewer frames
-    than its tile grid, or a file cut short (an interrupted copy or upload). Read from the header
-    and the pixel data's ends, so that validate names such a series as the run's first read of
-    it would, and never lets a gap pass as a sparse tile."""
+    """Refuse a level file cut short (an interrupted copy or upload), read from its header and
+    its pixel data's ends, so that validate names such a series as the run's first read of it
+    would, and never lets a gap pass as a sparse tile."""
     name = posixpath.basename(header.path)
-    if header.grid_frames and header.frames < header.grid_frames:
-        raise MissingFrames(redact(uri), f"level file {name} holds {header.frames} frames, but its TILED_FULL "
-                                         f"tile grid needs {header.grid_frames}: frames are missing; export or "
-                                         "copy the series again")
     if _cut_short(fs, header):
         raise MissingFrames(redact(uri), f"truncated: level file {name} ({header.size} bytes) ends before its "
                                          "last frame, as an interrupted copy, upload or download leaves it; "
