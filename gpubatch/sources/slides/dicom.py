@@ -159,18 +159,28 @@ def read_header(fs: RetriedFS, path: str, size: int) -> DicomHeader | None:
     flavor = str(values[2]).strip().upper() if len(values) > 2 else ""
     return DicomHeader(path, sop_class, str(ds.get("SeriesInstanceUID", "")),
                        str(ds.get("PhotometricInterpretation", "")), flavor, size,
-                       int(ds.get("NumberOfFrames") or 1), _grid_frames(ds), pixels_at,
+                       _count(ds, "NumberOfFrames"), _grid_frames(ds), pixels_at,
                        str(ds.get("ConcatenationUID", "")))
 
 
+def _count(ds: Any, keyword: str) -> int:
+    """A positive count the header states, or 1 where it states none (or nothing readable):
+    the readers judge a header that garbles one."""
+    try:
+        return max(int(ds.get(keyword) or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
 def _grid_frames(ds: Any) -> int:
-    """Frames a TILED_FULL image holds: one per tile of its grid, focal plane and optical path."""
-    if str(ds.get("DimensionOrganizationType", "")).upper() != "TILED_FULL" or not ds.get("Rows") \
-            or not ds.get("Columns") or not ds.get("TotalPixelMatrixColumns"):
+    """Frames a TILED_FULL image holds: one per tile of its grid, focal plane and optical path
+    (wsidicom's rule); 0 where the header does not say."""
+    if str(ds.get("DimensionOrganizationType", "")).upper() != "TILED_FULL" or not ds.get("TotalPixelMatrixColumns"):
         return 0
-    across = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
-    down = -(-int(ds.get("TotalPixelMatrixRows") or ds.Rows) // int(ds.Rows))
-    return across * down * int(ds.get("TotalPixelMatrixFocalPlanes") or 1) * int(ds.get("NumberOfOpticalPaths") or 1)
+    rows, columns = _count(ds, "Rows"), _count(ds, "Columns")
+    across = -(-_count(ds, "TotalPixelMatrixColumns") // columns)
+    down = -(-_count(ds, "TotalPixelMatrixRows") // rows)
+    return across * down * _count(ds, "TotalPixelMatrixFocalPlanes") * _count(ds, "NumberOfOpticalPaths")
 
 
 def _files(fs: RetriedFS, folder: str) -> list[dict[str, Any]]:
