@@ -338,3 +338,23 @@ def test_a_gray_model_is_told_tiles_are_rgb(tmp_path: Path, picture: np.ndarray)
         validate_job(load_job(str(write_job(tmp_path / "job.yaml", job))))
     assert "tiles are RGB, 3 channels (a gray slide's tiles carry its gray in each), and this model takes 1" \
         in str(err.value)
+
+
+def test_a_scale_kept_in_a_file_is_not_taken_for_one(tmp_path: Path, picture: np.ndarray) -> None:
+    """NGFF 0.4 lets a scale be stored in a binary file ("path") instead of inline: it was
+    skipped, the scale taken for 1, and level 0 said to be 1 um/px (a quarter of the
+    magnification of a 0.25 um/px scan) with no word of doubt. It is now no MPP: the grid's
+    rules ask for tiles.mpp_fallback or tiles.level."""
+    import json
+
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.sources.slides.open import open_slide
+
+    uri = write_ome_zarr(picture[:256, :256], tmp_path / "image.ome.zarr", levels=1, version="0.4")
+    attrs_file = tmp_path / "image.ome.zarr" / ".zattrs"
+    attrs = json.loads(attrs_file.read_text())
+    attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"] = [{"type": "scale", "path": "scale.bin"}]
+    attrs_file.write_text(json.dumps(attrs))
+    backend = open_slide(uri, StageClocks())
+    assert backend.info.mpp is None
+    backend.close()

@@ -132,7 +132,8 @@ def _mpp(entry: dict[str, Any], raw_axes: list[Any], level0: dict[str, Any],
 def _axis_mpp(entry: dict[str, Any], raw_axes: list[Any], level0: dict[str, Any],
               axes: tuple[str, ...], name: str) -> float | None:
     """Microns per pixel along axis ``name`` at level 0: dataset scale times global scale, in
-    that axis's unit (None where the axis is absent or has no length unit)."""
+    that axis's unit (None where the axis is absent or has no length unit, or a scale is kept
+    in a file of its own: leaving it out would take the scale for 1, a wrong mpp)."""
     if name not in axes:
         return None
     index = axes.index(name)
@@ -143,8 +144,11 @@ def _axis_mpp(entry: dict[str, Any], raw_axes: list[Any], level0: dict[str, Any]
     scale = 1.0
     for transforms in (level0.get("coordinateTransformations"), entry.get("coordinateTransformations")):
         for t in transforms or []:
-            if t.get("type") == "scale" and "scale" in t:
-                scale *= float(t["scale"][index])
+            if t.get("type") != "scale":
+                continue
+            if "scale" not in t:  # NGFF 0.4's scale stored in a file ("path"): not read, so not known
+                return None
+            scale *= float(t["scale"][index])
     return scale * factor
 
 
