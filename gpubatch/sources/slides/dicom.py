@@ -7,9 +7,13 @@ not a slide it says only "Unsupported or missing image file". wsidicom reads a f
 its files, locally or through fsspec, so it takes those cases.
 
 Before wsidicom sees them, the files are vetted with pydicom (header only, no pixel data): it is
-handed the files of exactly one whole-slide series, and a file that is DICOM but not a slide (a
-CT, a secondary capture) is refused by name: "its SOP Class is CT Image Storage (1.2.840...)",
-so a user who pointed a job at the wrong series learns that from the error alone.
+handed the pyramid levels (ImageType VOLUME) of exactly one whole-slide series, never its label,
+overview or thumbnail images (which may be a series of their own); a file that is DICOM but not
+a slide (a CT, a secondary capture) is refused by name: "its SOP Class is CT Image Storage
+(1.2.840...)", so a user who pointed a job at the wrong series learns that from the error alone.
+Each level file must hold all its frames (its header against its tile grid, its pixel data's
+end against the file's): a copy cut short is refused at open, by OpenSlide's path too, so that
+validate names it, rather than at the read that reaches the gap.
 
 Frames are read on the level's own tile grid like TIFF tiles: fetched as encoded bytes (the
 storage part), decoded once each (the decode part), edge frames shared by two read blocks kept
@@ -101,6 +105,24 @@ class DicomHeader:
         be a series of their own beside the pyramid's: they never count as a slide, and are never
         handed to a reader (a file without ImageType is left to the reader to judge)."""
         return self.is_wsi and self.flavor not in ANCILLARY_IMAGES
+
+
+class MissingFrames(InputError):
+    """A level file that does not hold all its frames (cut short, or frames left out)."""
+
+
+class NoPixelSpacing(InputError):
+    """A series whose files record no pixel spacing: wsidicom orders a pyramid's levels by it and
+    opens none without it. OpenSlide reads such a series from a local disk, as a slide without
+    MPP (``files``: the series' level files, to hand it one)."""
+
+    def __init__(self, uri: str, files: list[str]):
+        super().__init__(uri, "its DICOM files record no pixel spacing (PixelSpacing, in the Pixel Measures "
+                              "of the Shared Functional Groups), without which wsidicom, the reader of "
+                              "DICOM-WSI folders and of series in object storage, cannot order its pyramid "
+                              "levels; add PixelSpacing to the files, or copy the series to a local disk and "
+                              "name one of its files, which OpenSlide reads as a slide without MPP")
+        self.files = files
 
 
 def require_dicom_packages(uri: str) -> None:
@@ -277,16 +299,25 @@ def _cut_short(fs: RetriedFS, header: DicomHeader) -> bool:
         f.seek(header.size - len(SEQUENCE_END))
         if f.read(len(SEQUENCE_END)) == SEQUENCE_END:
             return False
-        f.seek(start)
-        table = f.read(8)
-        if table[:4] != ITEM_TAG:
-            return True
-        first, table_bytes = start + 8 + int.from_bytes(table[4:8], "little"), int.from_bytes(table[4:8], "little")
-        if table_bytes >= 4:  # the basic offset table's last entry: where the last frame starts
-            f.seek(first - 4)
-            return not _items_end_within(f, first + int.from_bytes(f.read(4), "little"), header.size)
+        return _frames_run_past(fs, header, f, start)
+
+
+def _frames_run_past(fs: RetriedFS, header: DicomHeader, f: Any, start: int) -> bool:
+    """Whether encapsulated frames from ``start`` (the offset table's item, then one item per
+    frame) run past the file's end: from the last frame where the basic offset table says where
+    it starts (two small reads), else through every frame (1 MiB reads, as wsidicom's own parse
+    of such a file)."""
+    f.seek(start)
+    table = f.read(8)
+    if table[:4] != ITEM_TAG:
+        return True
+    table_bytes = int.from_bytes(table[4:8], "little")
+    first = start + 8 + table_bytes
+    if table_bytes >= 4:
+        f.seek(first - 4)
+        return not _items_end_within(f, first + int.from_bytes(f.read(4), "little"), header.size)
     with fs.open(header.path, header.size, blocksize=RangeFile.KEPT_CHUNK_BYTES - 8) as walk:
-        return not _items_end_within(walk, first, header.size)  # every frame: read through, as wsidicom would
+        return not _items_end_within(walk, first, header.size)
 
 
 def _items_end_within(f: Any, position: int, size: int) -> bool:
@@ -379,24 +410,6 @@ def _no_wsi_message(headers: Sequence[DicomHeader]) -> str:
     classes = sorted({describe_sop_class(h.sop_class) for h in headers})
     return (f"folder holds {len(headers)} DICOM file(s) but no whole-slide image; SOP classes "
             "found: " + ", ".join(classes))
-
-
-class MissingFrames(InputError):
-    """A level file that does not hold all its frames (cut short, or frames left out)."""
-
-
-class NoPixelSpacing(InputError):
-    """A series whose files record no pixel spacing: wsidicom orders a pyramid's levels by it and
-    opens none without it. OpenSlide reads such a series from a local disk, as a slide without
-    MPP (``files``: the series' level files, to hand it one)."""
-
-    def __init__(self, uri: str, files: list[str]):
-        super().__init__(uri, "its DICOM files record no pixel spacing (PixelSpacing, in the Pixel Measures "
-                              "of the Shared Functional Groups), without which wsidicom, the reader of "
-                              "DICOM-WSI folders and of series in object storage, cannot order its pyramid "
-                              "levels; add PixelSpacing to the files, or copy the series to a local disk and "
-                              "name one of its files, which OpenSlide reads as a slide without MPP")
-        self.files = files
 
 
 def _pixel_kind(data: Any) -> str | None:
