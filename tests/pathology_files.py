@@ -15,6 +15,7 @@ the ``ome-zarr`` package, the reference implementation.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,7 +79,7 @@ def downsample(image: np.ndarray, factor: int) -> np.ndarray:
     ph, pw = -h % factor, -w % factor
     padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=255) if ph or pw else image
     hh, ww = padded.shape[0] // factor, padded.shape[1] // factor
-    blocks = padded.reshape(hh, factor, ww, factor, 3).astype(np.float32)
+    blocks = padded.reshape(hh, factor, ww, factor, padded.shape[2]).astype(np.float32)
     return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
 
 
@@ -93,12 +94,13 @@ WHITE = 255
 
 
 def write_dicom_wsi(image: np.ndarray, folder: str | Path, *, levels: int = 3, tile: int = 256,
-                    pixel_spacing_mm: float = 0.00025, quality: int = 92, seed: int = 0,
+                    pixel_spacing_mm: float | None = 0.00025, quality: int = 92, seed: int = 0,
                     magnification: float | None = 40.0, codec: str = "jpeg",
                     name: str = "level", gray: str | None = None) -> list[Path]:
     """Write ``image`` (h, w, 3 uint8) as a ``levels``-level DICOM-WSI series; one .dcm per level.
 
-    Level n is ``image`` box-filtered by 2**n with pixel spacing ``pixel_spacing_mm * 2**n``.
+    Level n is ``image`` box-filtered by 2**n with pixel spacing ``pixel_spacing_mm * 2**n`` (None:
+    no Pixel Measures at all, as some converters write, and no imaged volume size).
     ``codec``: "jpeg" (baseline, YBR_FULL_422: what scanners write, and OpenSlide 4 reads) or
     "jpegls" (JPEG-LS lossless, RGB: valid DICOM that OpenSlide 4 refuses and wsidicom reads).
     ``gray``: "MONOCHROME2" (black is 0) or "MONOCHROME1" (white is 0, stored inverted): one
@@ -110,7 +112,8 @@ def write_dicom_wsi(image: np.ndarray, folder: str | Path, *, levels: int = 3, t
     uids = _series_uids(seed)
     paths = []
     for index, level in enumerate(pyramid(image, levels)):
-        ds = _wsi_dataset(level, index, uids, tile, pixel_spacing_mm * 2**index, magnification)
+        spacing = None if pixel_spacing_mm is None else pixel_spacing_mm * 2**index
+        ds = _wsi_dataset(level, index, uids, tile, spacing, magnification)
         frames = _encode_frames(ds, level, tile, codec, quality) if gray is None else \
             _encode_gray_frames(ds, level, tile, codec, quality, gray)
         ds.NumberOfFrames = len(frames)
@@ -175,7 +178,7 @@ def _tiles(level: np.ndarray, tile: int) -> list[np.ndarray]:
 
 
 def _wsi_dataset(level: np.ndarray, index: int, uids: dict[str, UID], tile: int,
-                 spacing_mm: float, magnification: float | None) -> Dataset:
+                 spacing_mm: float | None, magnification: float | None) -> Dataset:
     """Every attribute of the VL WSI IOD that readers use, for one level of the pyramid."""
     h, w = level.shape[:2]
     sop_uid = generate_uid(entropy_srcs=[str(uids["series"]), "level", str(index)])
@@ -240,18 +243,19 @@ def _set_pixel_module(ds: Dataset, tile: int, width: int, height: int) -> None:
     ds.DimensionOrganizationSequence = Sequence([org])
 
 
-def _set_geometry(ds: Dataset, width: int, height: int, spacing_mm: float) -> None:
+def _set_geometry(ds: Dataset, width: int, height: int, spacing_mm: float | None) -> None:
     """Pixel spacing (mm, row then column), imaged size, and the image's place on the slide."""
-    measures = Dataset()
-    measures.PixelSpacing = [f"{spacing_mm:.8g}", f"{spacing_mm:.8g}"]
-    measures.SliceThickness = "0.001"
     frame_type = Dataset()
     frame_type.FrameType = list(ds.ImageType)
     shared = Dataset()
-    shared.PixelMeasuresSequence = Sequence([measures])
+    if spacing_mm is not None:
+        measures = Dataset()
+        measures.PixelSpacing = [f"{spacing_mm:.8g}", f"{spacing_mm:.8g}"]
+        measures.SliceThickness = "0.001"
+        shared.PixelMeasuresSequence = Sequence([measures])
+        ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = width * spacing_mm, height * spacing_mm
     shared.WholeSlideMicroscopyImageFrameTypeSequence = Sequence([frame_type])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = width * spacing_mm, height * spacing_mm
     ds.ImagedVolumeDepth = 0.001
     origin = Dataset()
     origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = "20.0", "40.0"
@@ -287,6 +291,64 @@ def _optical_path(magnification: float | None) -> Dataset:
     if magnification is not None:
         path.ObjectiveLensPower = f"{magnification:g}"
     return path
+
+
+def split_into_concatenation(path: str | Path, parts: int) -> list[Path]:
+    """Rewrite one level file as a concatenation of ``parts`` instances (``{stem}-part{n}.dcm``),
+    its frames split between them in order, as scanners split images too large for one file;
+    the original file is removed. Returns the parts."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    source = Path(path)
+    frames = list(generate_frames(pydicom.dcmread(source).PixelData,
+                                  number_of_frames=int(pydicom.dcmread(source).NumberOfFrames)))
+    bounds = np.linspace(0, len(frames), parts + 1).round().astype(int)
+    written = []
+    for n, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        ds = pydicom.dcmread(source)
+        ds.SOPInstanceUIDOfConcatenationSource = ds.SOPInstanceUID
+        ds.ConcatenationUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), "concatenation"])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=[str(ds.SOPInstanceUID), "part", str(n)])
+        ds.ConcatenationFrameOffsetNumber, ds.InConcatenationNumber = int(lo), n + 1
+        ds.InConcatenationTotalNumber = parts
+        ds.NumberOfFrames = int(hi - lo)
+        ds.PixelData = encapsulate(frames[lo:hi])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        written.append(source.with_name(f"{source.stem}-part{n}.dcm"))
+        ds.save_as(written[-1], enforce_file_format=True)
+    source.unlink()
+    return written
+
+
+def write_ancillary_dicom(image: np.ndarray, path: str | Path, kind: str = "LABEL", *, seed: int = 0,
+                          own_series: bool = False) -> Path:
+    """A LABEL, OVERVIEW or THUMBNAIL image (one JPEG frame of ``image``) of the slide that
+    ``write_dicom_wsi(..., seed=seed)`` writes: part of the slide, never a pyramid level.
+    ``own_series``: in a series of its own (same study and frame of reference), as some scanners
+    write their label and overview images."""
+    uids = _series_uids(seed)
+    if own_series:
+        uids = {**uids, "series": generate_uid(entropy_srcs=[str(uids["series"]), "ancillary", kind])}
+    h, w = image.shape[:2]
+    ds = _wsi_dataset(image, 0, uids, max(h, w), 0.01, None)
+    ds.ImageType = ["ORIGINAL" if kind != "THUMBNAIL" else "DERIVED", "PRIMARY", kind,
+                    "NONE" if kind != "THUMBNAIL" else "RESAMPLED"]
+    ds.SharedFunctionalGroupsSequence[0].WholeSlideMicroscopyImageFrameTypeSequence[0].FrameType = list(ds.ImageType)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+        entropy_srcs=[str(uids["series"]), "ancillary", kind])
+    ds.SpecimenLabelInImage = ds.BurnedInAnnotation = "YES" if kind == "LABEL" else "NO"
+    frames = _encode_frames(ds, image, max(h, w), "jpeg", 92)
+    ds.NumberOfFrames = len(frames)
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+    return out
 
 
 def write_non_wsi_dicom(path: str | Path, kind: str = "ct", seed: int = 0) -> Path:
@@ -342,9 +404,12 @@ def level_scales(axes: str, levels: int, mpp: float, mpp_y: float | None = None)
 
 
 def to_layout(rgb: np.ndarray, axes: str) -> np.ndarray:
-    """An (h, w, 3) image as an array with the given axes; t and z get size 1."""
+    """An (h, w, channels) image as an array with the given axes; t and z get size 1. A gray
+    (h, w, 1) image may leave out c."""
     arr = np.moveaxis(rgb, -1, 0)  # c, y, x
     source = "cyx"
+    if "c" not in axes and arr.shape[0] == 1:
+        arr, source = arr[0], "yx"
     for extra in "tz":
         if extra in axes:
             arr, source = arr[np.newaxis], extra + source
@@ -363,7 +428,8 @@ def write_ome_zarr(image: np.ndarray, url: str | Path, *, levels: int = 3, mpp: 
                    axes: str = "cyx", version: str = "0.5", chunk: int = 256,
                    writer: str = "zarr", storage_options: dict[str, Any] | None = None,
                    mpp_y: float | None = None) -> str:
-    """Write ``image`` (h, w, 3 uint8) as a multiscale OME-Zarr image at ``url``; returns it.
+    """Write ``image`` (h, w, 3 uint8; or h, w, 1 gray, with or without c in ``axes``) as a
+    multiscale OME-Zarr image at ``url``; returns it.
 
     ``url`` is a local path or any fsspec URL (``memory://``, ``s3://``...). ``mpp`` is the
     level-0 um/px across (x); ``mpp_y`` down (y), the same as ``mpp`` when not given.

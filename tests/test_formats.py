@@ -114,7 +114,7 @@ def test_zarr_that_is_not_an_rgb_slide_is_refused(tmp_path: Path, picture: np.nd
          "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1]}]}]}]}
     _assert_refused(tmp_path, {"plain.zarr": "no OME-NGFF 'multiscales' metadata",
                                "stack.zarr": "axis 'z' has 2 entries",
-                               "deep.zarr": "is uint16, not uint8 RGB"})
+                               "deep.zarr": "is uint16, not uint8: slides are read as 8-bit RGB or gray"})
 
 
 def test_listing_makes_one_input_per_zarr_image_and_dicom_series(formats_dir: Path) -> None:

@@ -26,6 +26,7 @@ from gpubatch.io.uris import is_remote, local_path, other_host_problem, protocol
 from gpubatch.outputs.writer import MAX_PARQUET_WIDTH, parquet_holds
 from gpubatch.runtime.model_facts import (
     ZIP_MAGIC,
+    Dims,
     OnnxInput,
     model_first_input,
     model_inputs,
@@ -189,8 +190,20 @@ def _shape_problem(job: JobSpec, inp: OnnxInput) -> str | None:
     if len(dims) != len(want) + 1 or any(d is not None and d != w for d, w in zip(dims[1:], want, strict=True)):
         shown = ["N" if d is None else d for d in dims]
         return (f"the model's input {inp.name!r} has shape {shown} but the job feeds (N, "
-                f"{', '.join(map(str, want))}); match tiles.size / windows.length and the layout to the model")
+                f"{', '.join(map(str, want))}); {_shape_fix(job, dims)}")
     return None
+
+
+def _shape_fix(job: JobSpec, dims: Dims) -> str:
+    """What to change: the tiles' size or layout, or, for a model that takes no 3 channels at
+    either end (a gray model), the model: tiles are RGB, a gray slide's too."""
+    if job.kind == "slides" and len(dims) == 4 and 3 not in (dims[1], dims[3]):
+        channels = dims[1 if job.model.input.layout == "NCHW" else 3]
+        if channels is not None:
+            return (f"tiles are RGB, 3 channels (a gray slide's tiles carry its gray in each), and this model "
+                    f"takes {channels}: export it with 3 input channels (a gray model can average them in its "
+                    "first layer)")
+    return "match tiles.size / windows.length and the layout to the model"
 
 
 def _batch_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:

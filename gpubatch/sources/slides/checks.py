@@ -54,8 +54,12 @@ class SlideChecks:
 
 
 def would_download(uri: str, job: JobSpec) -> bool:
-    """Whether a run stages this slide (downloads it whole) before opening it."""
-    return is_remote(uri) and not read_in_place(uri) and choose_access(uri, job.input.access) == "stage"
+    """Whether a run stages this slide (downloads it whole) before opening it. A prefix named
+    without a suffix (a DICOM folder named by its UID) is asked of the store: it is read in place."""
+    from gpubatch.sources.slides.open import opens_in_place
+
+    return (is_remote(uri) and not read_in_place(uri) and choose_access(uri, job.input.access) == "stage"
+            and not opens_in_place(uri, job.input.storage, policy_for(job.run)))
 
 
 def slide_problem(uri: str, job: JobSpec, prepare: Prepare) -> tuple[str | None, bool]:
@@ -63,15 +67,18 @@ def slide_problem(uri: str, job: JobSpec, prepare: Prepare) -> tuple[str | None,
     opened). A slide ``access: auto`` cannot stream is not opened: a run would download it and
     open that, which validate does not do. One that opens is prepared, and what fails there
     fails the run's shard too, however the bytes came."""
-    from gpubatch.sources.slides.open import is_storage_failure
+    from gpubatch.sources.slides.open import is_storage_failure, opens_in_place
 
+    if would_download(uri, job):
+        return None, False
     access = "stream" if job.input.access == "auto" else job.input.access  # never a download
+    policy = policy_for(job.run)
     try:
         backend = open_slide_input(uri, StageClocks(), access=access, options=job.input.storage,
-                                   policy=policy_for(job.run),
-                                   tissue=job.tiles.tissue.method != "none")
+                                   policy=policy, tissue=job.tiles.tissue.method != "none")
     except InputError as exc:
-        if is_remote(uri) and job.input.access == "auto" and not is_storage_failure(exc):
+        if is_remote(uri) and job.input.access == "auto" and not is_storage_failure(exc) \
+                and not opens_in_place(uri, job.input.storage, policy):
             return None, False
         return exc.message, True
     except Exception as exc:  # a reader that crashed on the file: a run would quarantine it too
@@ -98,16 +105,15 @@ def check_slides(uris: Sequence[str], job: JobSpec, prepare: Prepare) -> SlideCh
     shard would (the source's configure and plan); the ones a run would stage are counted, not
     opened."""
     checks = SlideChecks()
-    to_open = [u for u in uris if not would_download(u, job)]
-    checks.not_opened = len(uris) - len(to_open)
     started = last = time.monotonic()
     with ThreadPoolExecutor(OPEN_THREADS, thread_name_prefix="gpubatch-validate") as pool:
-        for uri, (problem, opened) in zip(to_open, pool.map(lambda u: slide_problem(u, job, prepare), to_open), strict=True):
+        for uri, (problem, opened) in zip(uris, pool.map(lambda u: slide_problem(u, job, prepare), uris), strict=True):
             checks.opened += opened
             checks.not_opened += not opened
             if problem is not None:
                 checks.failed.append({"input": redact(uri), "error": problem})
             if time.monotonic() - last > PROGRESS_EVERY_S:
                 last = time.monotonic()
-                log.info("validate: %d of %d slides opened (%.0f s)", checks.opened, len(to_open), last - started)
+                log.info("validate: %d of %d slides looked at (%.0f s)", checks.opened + checks.not_opened,
+                         len(uris), last - started)
     return checks

@@ -7,11 +7,13 @@ plus label and overview images). Each must become one shard, never one per chunk
 * A folder a recursive glob (``**``) also matched entries of stands for nothing itself.
 * Paths inside a ``.zarr`` folder, or inside a folder whose zarr metadata (``zarr.json``,
   ``.zgroup``, ``.zattrs``, ``.zarray``) was matched, collapse to that folder.
-* DICOM files collapse per folder and series, read from their headers (SOP class and series UID
-  only, no pixel data): a folder holding one whole-slide series becomes the folder; a folder
-  holding several gives one input per series (its first file, from which the reader finds the
-  rest); a DICOM file that is not a slide stays an input of its own, to be refused by its SOP
-  class rather than silently skipped.
+* DICOM files collapse per folder and series, read from their headers (SOP class, series UID and
+  image type only, no pixel data): a folder holding one whole-slide series becomes the folder; a
+  folder holding several gives one input per series (its first file, from which the reader finds
+  the rest); a DICOM file that is not a slide stays an input of its own, to be refused by its SOP
+  class rather than silently skipped. Only pyramid levels (ImageType VOLUME) make a series a
+  slide: label, overview and thumbnail images, which scanners may write as a series of their
+  own, are never an input.
 
 The order of the first appearance of each input is kept (plan order is output order).
 """
@@ -110,18 +112,21 @@ def dicom_series_inputs(folder: str, files: list[str], options: dict[str, Any] |
     fs, path = retried_fs(folder or ".", options, RetryPolicy(attempts=10))  # at plan time: patient
     headers = folder_headers(fs, path)
     everything = {_name(h.path): h for h in headers}
-    matched = [everything.get(_name(f)) for f in sorted(files)]
-    series = {h.series_uid for h in everything.values() if h.is_wsi}
+    listed = sorted(files)
+    matched = [everything.get(_name(f)) for f in listed]
+    series = {h.series_uid for h in everything.values() if h.is_level and not h.cut}
     inputs: list[str] = []
-    for uri, header in zip(sorted(files), matched, strict=True):
-        if header is None or not header.is_wsi:
+    for uri, header in zip(listed, matched, strict=True):
+        if header is not None and header.cut:
+            _add(inputs, folder if len(series) <= 1 else uri)  # refused as cut short when opened
+        elif header is None or not header.is_wsi:
             _add(inputs, uri)  # not a slide: refused by name when opened
-        elif len(series) == 1:
-            _add(inputs, folder)
-        else:
-            first = min(f for f, h in zip(sorted(files), matched, strict=True)
-                        if h is not None and h.series_uid == header.series_uid)
-            _add(inputs, first)
+        elif len(series) <= 1:
+            _add(inputs, folder)  # one slide (or only its label and overview: refused by name)
+        elif header.is_level:
+            _add(inputs, min(f for f, h in zip(listed, matched, strict=True)
+                             if h is not None and h.is_level and h.series_uid == header.series_uid))
+        # else: the label, overview or thumbnail of one of the slides, in whichever series: no input
     return inputs
 
 

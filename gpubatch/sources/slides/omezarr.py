@@ -9,7 +9,11 @@ its levels in NGFF order, the c, y and x axes (any order, any NGFF version), one
 t or z axis of size 1, and microns per pixel from the level-0 scale when the x axis has a length
 unit (none without one: a unitless scale could mean anything, and a wrong mpp would tile at the
 wrong magnification), across (x) and down (y) apart, so pixels that are not square are refused
-at ``tiles.mpp`` as in every other format. Only uint8 RGB or RGBA is a slide here.
+at ``tiles.mpp`` as in every other format. Only uint8 is a slide here: RGB or RGBA (3 or 4
+channels), or gray (one channel, or no c axis), read as RGB with the gray in every channel and
+said to be gray, as gray TIFF and DICOM slides are. A reduced level whose width and height are
+not reduced alike (NGFF allows a scale per axis) is not read: tiles from it would be squashed,
+and a square tile has one downsample.
 
 Each read is split honestly: the stored chunks (or shards) a region touches are fetched as
 encoded bytes, concurrently, each request retried and counted (the storage part); then zarr
@@ -128,7 +132,8 @@ def _mpp(entry: dict[str, Any], raw_axes: list[Any], level0: dict[str, Any],
 def _axis_mpp(entry: dict[str, Any], raw_axes: list[Any], level0: dict[str, Any],
               axes: tuple[str, ...], name: str) -> float | None:
     """Microns per pixel along axis ``name`` at level 0: dataset scale times global scale, in
-    that axis's unit (None where the axis is absent or has no length unit)."""
+    that axis's unit (None where the axis is absent or has no length unit, or a scale is kept
+    in a file of its own: leaving it out would take the scale for 1, a wrong mpp)."""
     if name not in axes:
         return None
     index = axes.index(name)
@@ -139,8 +144,11 @@ def _axis_mpp(entry: dict[str, Any], raw_axes: list[Any], level0: dict[str, Any]
     scale = 1.0
     for transforms in (level0.get("coordinateTransformations"), entry.get("coordinateTransformations")):
         for t in transforms or []:
-            if t.get("type") == "scale" and "scale" in t:
-                scale *= float(t["scale"][index])
+            if t.get("type") != "scale":
+                continue
+            if "scale" not in t:  # NGFF 0.4's scale stored in a file ("path"): not read, so not known
+                return None
+            scale *= float(t["scale"][index])
     return scale * factor
 
 
@@ -203,8 +211,16 @@ class _Level:
                      else slice(None) if a == "c" else self.plane[a] for a in self.axes)
 
 
+def _alike_reduced(levels: list[_Level]) -> list[_Level]:
+    """Level 0 and the levels reduced alike across and down (to a pixel of rounding): a level
+    halved across only would be read as if halved both ways, its tiles squashed."""
+    w0, h0 = levels[0].width, levels[0].height
+    return [lv for lv in levels if abs(w0 * lv.height / h0 - lv.width) <= 1
+            and abs(h0 * lv.width / w0 - lv.height) <= 1]
+
+
 class OmeZarrBackend(SlideBackend):
-    """Reads boxes of an OME-Zarr multiscale RGB(A) uint8 image; pixels outside are white."""
+    """Reads boxes of an OME-Zarr multiscale RGB(A) or gray uint8 image; pixels outside are white."""
 
     def __init__(self, url: str, clocks: StageClocks | None = None, *,
                  options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
@@ -217,9 +233,9 @@ class OmeZarrBackend(SlideBackend):
             raise InputError(self.path, "the 'multiscales' list is empty")
         self.meta = parse_multiscale(multiscales[0], version, self.path)
         arrays = [self._array(group, p) for p in self.meta.paths]
-        self._check_axes(arrays[0])
+        self.grayscale = self._check_axes(arrays[0])
         plane = self._plane(arrays[0])
-        self.levels = [_Level(a, self.meta.axes, plane) for a in arrays]
+        self.levels = _alike_reduced([_Level(a, self.meta.axes, plane) for a in arrays])
         self.store = arrays[0].store_path.store
         self.cache = DecodedTileCache(cache_bytes)
         dims = tuple((lv.width, lv.height) for lv in self.levels)
@@ -248,24 +264,29 @@ class OmeZarrBackend(SlideBackend):
         try:
             array = group[path]
         except KeyError:
-            raise InputError(self.path, f"level array {path!r} named in multiscales is missing") from None
+            raise InputError(self.path, f"level array {path!r} named in multiscales is missing (an interrupted "
+                                        "copy, upload or conversion?); copy or convert the image again") from None
         if array.dtype != np.uint8:
-            raise InputError(self.path, f"level {path!r} is {array.dtype}, not uint8 RGB; "
-                                        "fluorescence and 16-bit images are not slides this reads")
+            raise InputError(self.path, f"level {path!r} is {array.dtype}, not uint8: slides are read as 8-bit "
+                                        "RGB or gray, and fluorescence or 16-bit images are not; export the "
+                                        "image as uint8 (rescaled to 0-255) to read it")
         if array.ndim != len(self.meta.axes):
             raise InputError(self.path, f"level {path!r} has {array.ndim} dimensions but "
                                         f"{len(self.meta.axes)} axes {self.meta.axes}")
         return array
 
-    def _check_axes(self, array: Any) -> None:
-        """c, y and x must all be there, and c must hold RGB or RGBA."""
+    def _check_axes(self, array: Any) -> bool:
+        """y and x must be there, and c (where there) hold RGB, RGBA or one gray channel; True for
+        gray (for tissue detection to look for darkness, not stain colour)."""
         axes = self.meta.axes
-        for name in ("y", "x", "c"):
+        for name in ("y", "x"):
             if name not in axes:
-                raise InputError(self.path, f"axes {axes} lack {name!r}; an RGB image needs c, y and x")
-        channels = array.shape[axes.index("c")]
-        if channels not in (3, 4):
-            raise InputError(self.path, f"the c axis has {channels} channels; RGB (3) or RGBA (4) expected")
+                raise InputError(self.path, f"axes {axes} lack {name!r}; an image needs y and x")
+        channels = int(array.shape[axes.index("c")]) if "c" in axes else 1
+        if channels not in (1, 3, 4):
+            raise InputError(self.path, f"the c axis has {channels} channels; RGB (3), RGBA (4) or gray (1) "
+                                        "expected: a multichannel (fluorescence) image is not a slide this reads")
+        return channels == 1
 
     def _plane(self, array: Any) -> dict[str, int]:
         """Index 0 of every axis other than c, y, x; such an axis must have one entry only."""
@@ -350,7 +371,11 @@ class OmeZarrBackend(SlideBackend):
         except Exception as exc:  # a corrupt chunk: this input fails, not the run
             raise InputError(self.path, f"cannot decode region {region}: {str(exc)[:300]}") from None
         kept = [a for a in self.meta.axes if a in ("y", "x", "c")]  # integer-indexed axes drop out
+        if "c" not in kept:
+            block, kept = block[..., np.newaxis], [*kept, "c"]
         pixels = np.transpose(block, [kept.index("y"), kept.index("x"), kept.index("c")])
+        if pixels.shape[-1] == 1:
+            return np.repeat(pixels, 3, axis=-1)
         return composite_on_white(pixels) if pixels.shape[-1] == 4 else np.ascontiguousarray(pixels)
 
     def integrity_notes(self) -> list[str]:

@@ -315,6 +315,20 @@ def open_in_place(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
                                   "DICOM files, not a slide")
 
 
+def opens_in_place(uri: str, options: dict[str, Any] | None, policy: RetryPolicy | None = None) -> bool:
+    """Whether a remote ``uri`` goes to :func:`open_in_place` (an OME-Zarr image, a DICOM-WSI file
+    or prefix): what fails there fails the shard, with no download to fall back on. Asks the
+    store (one stat) only for a name that does not say; a failed stat says nothing either way."""
+    if is_zarr_uri(uri) or read_in_place(uri):
+        return True
+    if uri_name(uri).lower().endswith(TIFF_SUFFIXES):
+        return False
+    try:
+        return bool(stat(uri, options, policy)["type"] == "directory")
+    except InputError:
+        return False
+
+
 def _taken_or_opened(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
                      policy: RetryPolicy | None, read_ahead: int, tissue: bool) -> SlideBackend:
     """The slide opened ahead in this process (waiting for the rest of its opening), or opened
