@@ -68,6 +68,19 @@ def test_unregistered_text_is_left_alone() -> None:
     assert redact(text) == text
 
 
+def test_the_sentence_around_a_masked_value_keeps_its_punctuation() -> None:
+    """A secret query value or assignment followed by ':' or '.' took the sentence's punctuation
+    with it ("...?token=*** FASTA index not found"); the secret itself is still masked whole."""
+    cases = {
+        "https://h/g.fa?token=s3cr3t: FASTA index not found": "https://h/g.fa?token=***: FASTA index not found",
+        "(see https://h/x?sig=abc/+=)": "(see https://h/x?sig=***)",
+        "password: hunter2.": "password: ***.",
+        "https://h/g.fa?token=ab:cd not found": "https://h/g.fa?token=*** not found",  # ':' inside: masked
+        "secret=abc:def": "secret=***",
+    }
+    assert {text: redact(text) for text in cases} == cases
+
+
 def test_an_azure_connection_string_s_key_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Azure's connection string carries the account key (``AccountKey=...;``): the option's
     value is masked as a whole, the key is scrubbed from free text alone or in the string, from

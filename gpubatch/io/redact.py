@@ -49,10 +49,13 @@ _REGISTERED_PARAMS = frozenset({"awsaccesskeyid", "signature", "sig", "token", "
                                 "x-goog-signature", "x-goog-credential", "skoid", "sktid",
                                 "password", "secret", "key", "apikey", "api_key"})
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_QUERY_PARAM = re.compile(r"(?P<lead>[?&;])(?P<name>[A-Za-z0-9_.-]+)=(?P<value>[^&#\s\"'<>]*)")
+# a value ends at a delimiter; a ':' ',' '.' or ')' just before a space or the end is the
+# sentence's, not the value's (signatures and tokens are hex or base64): "...?sig=***: not found"
+_QUERY_PARAM = re.compile(
+    r"(?P<lead>[?&;])(?P<name>[A-Za-z0-9_.-]+)=(?P<value>[^&#\s\"'<>]*?)(?=[:,.)]?(?:[&#\s\"'<>]|$))")
 _ASSIGN_SECRET = re.compile(
     r"(?i)(\b[\"']?(?:aws_)?(?:secret_access_key|access_key_id|session_token|secret|password|token|key)"
-    r"[\"']?\s*[:=]\s*[\"']?)([^\"',}\s&]+)")
+    r"[\"']?\s*[:=]\s*[\"']?)([^\"',}\s&]+?)(?=[:,.)]?(?:[\"',}\s&]|$))")
 _AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{12,}\b")
 #: an Azure connection string's secret fields (``AccountKey=...;``, ``SharedAccessSignature=...;``),
 #: which the assignment pattern misses (no word boundary before ``Key`` in ``AccountKey``)
