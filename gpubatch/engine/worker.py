@@ -171,13 +171,31 @@ def _configure_worker_once(ctx: RunContext) -> None:
         if "malloc" not in _CONFIGURED:
             cap_malloc_arenas()
             use_system_arrow_pool()
-            route_library_logs()
+            route_library_logs(python_warnings=_in_a_dask_worker())
             _CONFIGURED["malloc"] = "capped"
         key = json.dumps(ctx.storage_profile or {}, sort_keys=True, default=str)
         if _CONFIGURED.get("key") != key:
             configure_storage(ctx.storage_profile)
             configure_stage_cache((ctx.storage_profile or {}).get("stage_cache"))
             _CONFIGURED["key"] = key
+
+
+def _in_a_dask_worker() -> bool:
+    """Whether this shard runs in a Dask worker rather than the caller's own process (the inline
+    profile): only a worker's Python warnings are routed into gpubatch's log. Routed in the
+    caller's, every warning a notebook raised after an inline run went to a DEBUG line nobody
+    sees, for the rest of the session (``logging.captureWarnings`` is process-wide)."""
+    import sys
+
+    if "distributed" not in sys.modules:  # never imported: no worker runs this
+        return False
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
 
 
 def _failure(shard: Shard, exc: BaseException, started: float, outdir: str) -> ShardResult:
