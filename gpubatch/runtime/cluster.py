@@ -106,13 +106,38 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
             raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
         return _watching(DaskExecutor(connect_scheduler(address), None, resources))
     settings = _dask_settings(kind)  # held while the cluster lives, then the caller's again
+    with _FORKSERVER_LOCK:  # not while the forkserver's start holds WORKER_ENV in os.environ
+        environ = dict(os.environ)
+
+    def put_back() -> None:
+        settings.__exit__(None, None, None)
+        restore_environ(environ)
+
     try:
         executor = _start_executor(kind, profile, n_workers, resources, log_dir, job_name)
     except BaseException:
-        settings.__exit__(None, None, None)
+        put_back()
         raise
-    executor.on_close = lambda: settings.__exit__(None, None, None)
+    executor.on_close = put_back
     return executor
+
+
+#: set by distributed for its own children to read (proctitle), not a setting of the caller's
+_DASK_OWN_ENV = ("__DASK_PARENT_PID",)
+
+
+def restore_environ(before: dict[str, str]) -> None:
+    """os.environ as it was ``before``, for every variable changed since. Dask's nannies set their
+    pre-spawn environment (OMP_NUM_THREADS=1, MKL and OpenBLAS threads, MALLOC_*, PYTHONHASHSEED,
+    gpubatch's WORKER_ENV) in this process before each worker starts, and left it there: a
+    notebook's numpy and torch ran on one thread after a local run."""
+    for key in set(os.environ) | set(before):
+        if key in _DASK_OWN_ENV or os.environ.get(key) == before.get(key):
+            continue
+        if key in before:
+            os.environ[key] = before[key]
+        else:
+            os.environ.pop(key, None)
 
 
 def _watching(executor: DaskExecutor) -> DaskExecutor:
