@@ -40,13 +40,16 @@ def empty_index_table(columns: list[str]) -> pa.Table:
     return pa.table({c: pa.array([], kind(c)) for c in columns})
 
 
-def read_part(store: OutputStore, entry: ShardResult | CommitRef) -> pa.Table:
+def read_part(store: OutputStore, entry: ShardResult | CommitRef, columns: Iterable[str] | None = None) -> pa.Table:
+    """A committed shard's parquet part; ``columns``: only those of them it has (all when None)."""
     import io
 
     # ParquetFile, not pq.read_table: the latter goes through the dataset API, whose per-call
     # state left about 20 kB per part behind (60 MB over a 3,000-shard merge)
     with pq.ParquetFile(io.BytesIO(store.read_bytes(f"{PARTS_DIR}/{entry.part}"))) as part:
-        return part.read()
+        if columns is None:
+            return part.read()
+        return part.read(columns=[c for c in columns if c in part.schema_arrow.names])
 
 
 def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRef], index_columns: list[str],

@@ -139,7 +139,11 @@ class Result:
 
 def _committed_predictions(store: OutputStore, columns: list[str] | None, filters: list[Any] | None) -> Any:
     """The committed shards' parquet parts of an unfinished run as one DataFrame, by shard id
-    (the plan's order is the run's; only committed attempts are read, never a killed one's)."""
+    (the plan's order is the run's; only committed attempts are read, never a killed one's).
+
+    Each part is read for ``columns`` and the filters' own columns only, and filtered before the
+    next is read: every part was decoded whole and the run's rows concatenated before one slide
+    or column was picked, so one slide of a large unfinished run held all of it in memory."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -148,14 +152,32 @@ def _committed_predictions(store: OutputStore, columns: list[str] | None, filter
     from gpubatch.outputs.merge import read_part
 
     entries = Manifest(store).entries()
-    tables = [read_part(store, entries[sid]) for sid in sorted(entries) if entries[sid].part]
-    tables = [t for t in tables if t.num_rows]
+    expression = pq.filters_to_expression(filters) if filters else None
+    wanted = None if columns is None else [*columns, *(c for c in _filter_columns(filters) if c not in columns)]
+    tables = []
+    for sid in sorted(entries):
+        if not entries[sid].part:
+            continue
+        table = read_part(store, entries[sid], wanted)
+        if table.num_rows and expression is not None:
+            table = table.filter(expression)
+        if table.num_rows:
+            tables.append(table.select([c for c in columns if c in table.column_names]) if columns else table)
     if not tables:
         return pd.DataFrame(columns=columns)
     table = pa.concat_tables(tables, promote_options="default")
-    if filters:
-        table = table.filter(pq.filters_to_expression(filters))
     return (table.select(columns) if columns else table).to_pandas()
+
+
+def _filter_columns(filters: list[Any] | None) -> list[str]:
+    """The columns pyarrow ``filters`` name: a list of (column, op, value) tuples, or a list of
+    such lists (OR of ANDs)."""
+    found: list[str] = []
+    for item in filters or []:
+        for clause in (item if isinstance(item, list) else [item]):
+            if clause[0] not in found:
+                found.append(clause[0])
+    return found
 
 
 def require_output(store: OutputStore, where: str) -> OutputStore:
