@@ -254,3 +254,63 @@ def test_a_cluster_started_before_distributed_is_imported_keeps_dasks_own_defaul
               "print(dask.config.get('distributed.comm.timeouts.connect'))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]
+
+
+def test_a_notebook_s_warnings_and_environment_are_its_own_after_runs(tmp_path: Path, slide_path: Path,
+                                                                      mean_model: Path) -> None:
+    """After an inline run, every warning the notebook raised went to a DEBUG line of gpubatch's
+    log (Python warnings were routed in the caller's process: logging.captureWarnings is
+    process-wide); after a local run, os.environ kept Dask's worker environment
+    (OMP_NUM_THREADS=1, MKL and OpenBLAS threads, MALLOC_*, PYTHONHASHSEED): numpy and torch in
+    the notebook then ran on one thread. Run as `python -c`, as a notebook is: a fresh process."""
+    import subprocess
+    import sys
+
+    jobs = {prof: write_job(tmp_path / f"{prof}.yaml", slide_job([str(slide_path)], mean_model, tmp_path / prof,
+                                                                 run={"profile": prof, "workers": 1}))
+            for prof in ("inline", "local")}
+    script = ("import json, os, warnings, gpubatch\n"
+              "before = dict(os.environ)\n"
+              f"for job in {[str(j) for j in jobs.values()]!r}:\n"
+              "    assert gpubatch.run(job, show_progress=False).exit_code == 0\n"
+              "warnings.warn('the notebook speaks')\n"
+              "changed = {k: os.environ.get(k) for k in set(os.environ) | set(before)\n"
+              "           if os.environ.get(k) != before.get(k) and k != '__DASK_PARENT_PID'}\n"
+              "print(json.dumps(changed))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PYTHONWARNINGS")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "UserWarning: the notebook speaks" in done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "{}"
+
+
+def test_one_slide_of_an_unfinished_output_is_read_without_the_rest(tmp_path: Path, slides_dir: Path,
+                                                                     classifier: Path) -> None:
+    """predictions(slide, columns=..., partial=True) decoded every column of every committed
+    part and concatenated the run's rows before picking one slide's columns: one slide of a
+    large unfinished run cost all of it in memory. Arrow's peak allocation (in a fresh process,
+    where it starts at nothing) says what was held."""
+    import json
+    import subprocess
+    import sys
+
+    import gpubatch
+
+    job = slide_job([str(p) for p in sorted(slides_dir.glob("*.tif"))], classifier, tmp_path / "out")
+    assert gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False).exit_code == 0
+    script = ("import json, sys, pyarrow as pa, gpubatch\n"
+              "result = gpubatch.open_results(sys.argv[1])\n"
+              "result.report['complete'] = False  # read as while a run still writes it: from the parts\n"
+              "one = result.predictions(sys.argv[2], columns=['x'], partial=True)\n"
+              "peak_one = pa.default_memory_pool().max_memory()\n"
+              "whole = result.predictions(partial=True)\n"
+              "same = one['x'].tolist() == whole[whole['slide'] == sys.argv[2]]['x'].tolist()\n"
+              "print(json.dumps([peak_one, pa.default_memory_pool().max_memory(), list(one.columns), same]))\n")
+    slide = str(sorted(slides_dir.glob("*.tif"))[-1])
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out"), slide], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak_one, peak_whole, columns, same = json.loads(done.stdout.strip().splitlines()[-1])
+    assert columns == ["x"] and same
+    assert peak_one * 3 < peak_whole, (peak_one, peak_whole)
