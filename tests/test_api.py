@@ -133,6 +133,8 @@ def test_a_path_object_and_a_user_error_name_the_field(tmp_path: Path, finished:
     assert gpubatch.load_job(job, ["tiles.size=128"]).tiles.size == 128
     with pytest.raises(gpubatch.SpecError, match="tiles.size"):
         gpubatch.run(job, tiles__size="big")
+    with pytest.raises(gpubatch.SpecError, match=r"gpubatch.run\(\.\.\., resume=True\) or overwrite=True"):
+        gpubatch.run(job)  # a script is told its own words, not only the command line's flags
 
 
 def test_one_slide_s_predictions_are_read_without_the_rest(finished: Path, slides_dir: Path) -> None:

@@ -93,7 +93,8 @@ def refuse_committed(store: OutputStore, job: JobSpec, *, resume: bool, overwrit
         raise SpecError([("output.uri", f"{redact(store.uri)} holds {sum(1 for _ in manifest.names())} "
                                         "committed shard(s) of an "
                                         "earlier run: use --resume to finish that run, or --overwrite to start "
-                                        "again (or give a new output.uri)")])
+                                        "again (from Python: gpubatch.run(..., resume=True) or "
+                                        "overwrite=True), or give a new output.uri")])
     if not store.exists(SPEC_RECORD):
         raise SpecError([("output.uri", f"{redact(store.uri)} was written by an older gpubatch without a "
                                         f"{SPEC_RECORD}: its shards cannot be checked; use --overwrite")])
