@@ -358,3 +358,116 @@ def test_a_scale_kept_in_a_file_is_not_taken_for_one(tmp_path: Path, picture: np
     backend = open_slide(uri, StageClocks())
     assert backend.info.mpp is None
     backend.close()
+
+
+# -- OME-Zarr: fluorescence channels, levels listed smallest first, chunks absent
+
+
+def _set_omero(uri: str, channels: list[dict[str, Any]]) -> None:
+    """Give an image written by write_ome_zarr an NGFF ``omero`` block (0.5 under 'ome')."""
+    import zarr
+
+    root = zarr.open_group(uri, mode="r+")
+    attrs = dict(root.attrs)
+    if "ome" in attrs:
+        root.attrs["ome"] = {**attrs["ome"], "omero": {"channels": channels}}
+    else:
+        root.attrs["omero"] = {"channels": channels}
+
+
+def _channels(labels: list[str], colours: list[str], window: tuple[int, int] = (0, 255)) -> list[dict[str, Any]]:
+    return [{"label": label, "color": colour, "active": True,
+             "window": {"min": 0, "max": 255, "start": window[0], "end": window[1]}}
+            for label, colour in zip(labels, colours, strict=True)]
+
+
+@pytest.mark.parametrize(("labels", "colours", "version", "said"), [
+    (["DAPI", "FITC", "TRITC"], ["0000FF", "00FF00", "FF0000"], "0.5", "omero channel labels 'DAPI', 'FITC', 'TRITC'"),
+    (["Channel 0", "Channel 1", "Channel 2"], ["0000FF", "00FF00", "FF0000"], "0.4",
+     "omero channels are coloured 0000FF, 00FF00, FF0000"),
+    (["Hoechst 33342", "AF488", "Cy5", "alpha"], ["0000FF", "00FF00", "FF00FF", "FFFFFF"], "0.5",
+     "labels 'Hoechst 33342', 'AF488', 'Cy5'"),
+])
+def test_a_fluorescence_ome_zarr_is_refused_by_name(tmp_path: Path, picture: np.ndarray, mean_model: Path,
+                                                    labels: list[str], colours: list[str], version: str,
+                                                    said: str) -> None:
+    """A 3-channel uint8 fluorescence image (or 4 channels, taken for RGBA) has the shape of an RGB
+    slide: it was read as one, its DAPI the 'blue' of an H&E model, predictions and exit 0. Its
+    omero metadata says what it is: refused by name with the fix, in validate as in run."""
+    image = picture if len(labels) == 3 else np.concatenate([picture, picture[..., :1]], axis=-1)
+    uri = write_ome_zarr(image, tmp_path / "if.ome.zarr", levels=2, version=version)
+    _set_omero(uri, _channels(labels, colours))
+    refused, result = validate_and_run(tmp_path, [uri], mean_model)
+    assert [f["error"] for f in refused] == [f["error"] for f in result.failed]
+    assert len(refused) == 1 and "is a fluorescence image, not brightfield RGB" in refused[0]["error"]
+    assert said in refused[0]["error"] and "no spec key picks channels" in refused[0]["error"]
+
+
+@pytest.mark.parametrize(("labels", "colours", "window", "note"), [
+    (["Channel 0", "Channel 1", "Channel 2"], ["FF0000", "00FF00", "0000FF"], (0, 255), None),  # bioformats2raw
+    (["R", "G", "B"], ["0000FF", "00FF00", "FF0000"], (0, 255), "labelled R, G, B but coloured 0000FF"),
+    (["Red", "Green", "Blue"], ["FF0000", "00FF00", "0000FF"], (3, 60), "display windows (3-60, 3-60, 3-60)"),
+])
+def test_a_brightfield_ome_zarr_with_omero_metadata_still_reads(tmp_path: Path, picture: np.ndarray, mean_model: Path,
+                                                                labels: list[str], colours: list[str],
+                                                                window: tuple[int, int], note: str | None) -> None:
+    """An RGB scan converted by bioformats2raw (channels coloured red, green, blue in order) reads
+    as before; metadata that only raises a doubt reads too, the doubt said in the slide's notes."""
+    uri = write_ome_zarr(picture, tmp_path / "he.ome.zarr", levels=2)
+    _set_omero(uri, _channels(labels, colours, window))
+    refused, result = validate_and_run(tmp_path, [uri], mean_model)
+    assert refused == result.failed == [] and result.exit_code == EXIT_OK
+    assert_reads_picture(result, picture, tolerance=1e-4)  # float32 means of lossless chunks
+    channel_notes = [n for n in result.report["notes"] if "omero" in n or "labelled" in n]
+    assert len(channel_notes) == (note is not None)
+    assert note is None or note in channel_notes[0]
+
+
+def test_levels_listed_smallest_first_are_ordered_by_their_scale(tmp_path: Path, picture: np.ndarray,
+                                                                 mean_model: Path) -> None:
+    """NGFF wants datasets listed finest first; some writers list them coarsest first. The first
+    was taken for level 0: the slide 256 x 192 px at 2 um/px, its finest level a 'downsample'
+    of 0.25, tiles at tiles.mpp 1.0 read from the wrong places. Levels are now ordered by scale."""
+    import zarr
+
+    uri = write_ome_zarr(picture, tmp_path / "reversed.ome.zarr", levels=3, mpp=0.5)
+    root = zarr.open_group(uri, mode="r+")
+    ome = dict(root.attrs)["ome"]
+    ome["multiscales"][0]["datasets"] = ome["multiscales"][0]["datasets"][::-1]
+    root.attrs["ome"] = ome
+    refused, result = validate_and_run(tmp_path, [uri], mean_model, tiles={"size": 64, "level": None, "mpp": 1.0})
+    assert refused == result.failed == []
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.sources.slides.open import open_slide
+
+    backend = open_slide(uri, StageClocks())
+    assert backend.info.level_dimensions == ((1024, 768), (512, 384), (256, 192))
+    assert backend.info.mpp == 0.5 and backend.info.level_downsamples == (1.0, 2.0, 4.0)
+    backend.close()
+    assert set(result.predictions()["level"]) == {1}
+    assert_reads_picture(result, picture, tolerance=1.5 / 255, extent=128)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_chunks_absent_from_a_copy_are_counted_in_the_notes(tmp_path: Path, picture: np.ndarray, mean_model: Path,
+                                                            request: pytest.FixtureRequest, where: str) -> None:
+    """A chunk missing from the store is read as the fill value (zarr's rule, and zarr-python 3
+    writes no chunk that is all fill value), so a partial copy read as black squares without a
+    word. The slide still reads, and its notes count the chunks its tiles needed that are absent."""
+    uri = write_ome_zarr(picture, tmp_path / "partial.ome.zarr", levels=2, chunk=256)
+    level0 = sorted((tmp_path / "partial.ome.zarr" / "0" / "c").rglob("*"))
+    chunks = [p for p in level0 if p.is_file()]
+    assert len(chunks) == 12  # 4 x 3 chunks of 256 px
+    for lost in chunks[:2]:
+        lost.unlink()
+    uris = [uri]
+    sections: dict[str, Any] = {}
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        uris = [s3.upload_folder(tmp_path / "partial.ome.zarr", "partial/partial.ome.zarr")]
+        sections["input"] = {"uris": uris, "storage": s3.options()}
+    refused, result = validate_and_run(tmp_path, uris, mean_model, **sections)
+    assert refused == result.failed == [] and result.exit_code == EXIT_OK
+    absent = [n for n in result.report["notes"] if "are absent" in n]
+    assert absent == [f"{uris[0]}: 2 of 12 chunks the tiles needed are absent: read as fill value; a partial copy? "
+                      "(a writer may also leave out chunks that are all fill value)"]

@@ -225,6 +225,12 @@ class SlideBackend(ABC):
         """What ``tiles.integrity: strict`` cannot vouch for on this slide (its notes say it)."""
         return []
 
+    def notes(self, level: int) -> list[str]:
+        """What the report should say of this slide's pixels as read so far, tiles at ``level``
+        (a doubt about its channels, stored data found absent): asked again after every read
+        block, as some are only known once read."""
+        return []
+
     def input_version(self) -> str | None:
         """The ETag of the object the tiles are read from, where it is pinned (None: not known)."""
         return None

@@ -5,28 +5,34 @@ for one file, and it is read straight from object storage chunk by chunk: no sta
 multi-gigabyte file. Neither tifffile nor openslide reads it.
 
 What is read: the first multiscale image of the group (or of ``0/`` in a bioformats2raw layout),
-its levels in NGFF order, the c, y and x axes (any order, any NGFF version), one plane of any
-t or z axis of size 1, and microns per pixel from the level-0 scale when the x axis has a length
-unit (none without one: a unitless scale could mean anything, and a wrong mpp would tile at the
-wrong magnification), across (x) and down (y) apart, so pixels that are not square are refused
-at ``tiles.mpp`` as in every other format. Only uint8 is a slide here: RGB or RGBA (3 or 4
-channels), or gray (one channel, or no c axis), read as RGB with the gray in every channel and
-said to be gray, as gray TIFF and DICOM slides are. A reduced level whose width and height are
-not reduced alike (NGFF allows a scale per axis) is not read: tiles from it would be squashed,
-and a square tile has one downsample.
+its levels ordered by their scale, finest first (NGFF's order, which some writers reverse), the
+c, y and x axes (any order, any NGFF version), one plane of any t or z axis of size 1, and
+microns per pixel from the level-0 scale when the x axis has a length unit (none without one: a
+unitless scale could mean anything, and a wrong mpp would tile at the wrong magnification),
+across (x) and down (y) apart, so pixels that are not square are refused at ``tiles.mpp`` as in
+every other format. Only uint8 is a slide here: RGB or RGBA (3 or 4 channels), or gray (one
+channel, or no c axis), read as RGB with the gray in every channel and said to be gray, as gray
+TIFF and DICOM slides are. An image whose ``omero`` metadata says fluorescence is refused
+(:mod:`gpubatch.sources.slides.omero`). A reduced level whose width and height are not reduced
+alike (NGFF allows a scale per axis) is not read: tiles from it would be squashed, and a square
+tile has one downsample.
 
 Each read is split honestly: the stored chunks (or shards) a region touches are fetched as
 encoded bytes, concurrently, each request retried and counted (the storage part); then zarr
 decodes the region from those bytes held in memory (the decode part). Boxes close together are
 read as the one region they span, so a chunk under several boxes is fetched and decoded once;
 boxes far apart are read one by one. Encoded chunks on the shared edge of two planned reads are
-kept between them, so no chunk is fetched twice.
+kept between them, so no chunk is fetched twice. A chunk absent from the store reads as the
+array's fill value (zarr's rule: writers leave out chunks that are all fill value), which a
+partial copy also looks like: the absent ones the tile reads met are counted, for free, as
+every fetch of one answers None, and the slide's notes say how many.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,6 +62,7 @@ from gpubatch.sources.slides.backends import (
     paste_tile,
     white_where_outside,
 )
+from gpubatch.sources.slides.omero import channel_verdict, omero_channels
 
 UNIT_TO_MICRONS = {"angstrom": 1e-4, "nanometer": 1e-3, "micrometer": 1.0, "micron": 1.0,
                    "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6}
@@ -112,9 +119,33 @@ def parse_multiscale(entry: dict[str, Any], version: str, url: str) -> Multiscal
     datasets = entry.get("datasets") or []
     if not datasets:
         raise InputError(url, "the multiscales entry lists no datasets (levels)")
+    datasets = finest_first(datasets, axes)
     paths = tuple(str(d["path"]) for d in datasets)
     mpp, mpp_y = _mpp(entry, raw_axes, datasets[0], axes)
     return Multiscale(axes, paths, mpp, version, mpp_y)
+
+
+def finest_first(datasets: list[dict[str, Any]], axes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The datasets ordered by their x scale, finest first. NGFF requires that order, but some
+    writers list the coarsest first, and the first listed is taken for level 0 (its scale for
+    the mpp, the others' downsamples from its size): left as listed where a level's scale is not
+    written inline (NGFF 0.1 and 0.2 have none), as there is then nothing to order by."""
+    if "x" not in axes:
+        return datasets
+    index = axes.index("x")
+    known = [(scale, n) for n, d in enumerate(datasets) if (scale := _inline_scale(d, index)) is not None]
+    if len(known) < len(datasets):
+        return datasets
+    return [datasets[n] for _, n in sorted(known)]
+
+
+def _inline_scale(dataset: dict[str, Any], index: int) -> float | None:
+    """A dataset's scale on axis ``index`` (the product of its scale transforms), None where it
+    has none written inline."""
+    scales = [t for t in dataset.get("coordinateTransformations") or [] if t.get("type") == "scale"]
+    if not scales or any(not isinstance(t.get("scale"), list) or len(t["scale"]) <= index for t in scales):
+        return None
+    return float(np.prod([float(t["scale"][index]) for t in scales]))
 
 
 def _mpp(entry: dict[str, Any], raw_axes: list[Any], level0: dict[str, Any],
@@ -233,11 +264,15 @@ class OmeZarrBackend(SlideBackend):
             raise InputError(self.path, "the 'multiscales' list is empty")
         self.meta = parse_multiscale(multiscales[0], version, self.path)
         arrays = [self._array(group, p) for p in self.meta.paths]
+        self.open_notes = self._check_channels(dict(group.attrs), arrays[0])
         self.grayscale = self._check_axes(arrays[0])
         plane = self._plane(arrays[0])
         self.levels = _alike_reduced([_Level(a, self.meta.axes, plane) for a in arrays])
         self.store = arrays[0].store_path.store
         self.cache = DecodedTileCache(cache_bytes)
+        self.planned: tuple[int, set[str]] = (0, set())  # the tiles' level, and the chunks they need
+        self.absent: set[str] = set()  # chunks a read asked for that the store does not hold
+        self.lock = threading.Lock()
         dims = tuple((lv.width, lv.height) for lv in self.levels)
         w0, h0 = dims[0]
         downs = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
@@ -274,6 +309,16 @@ class OmeZarrBackend(SlideBackend):
             raise InputError(self.path, f"level {path!r} has {array.ndim} dimensions but "
                                         f"{len(self.meta.axes)} axes {self.meta.axes}")
         return array
+
+    def _check_channels(self, attrs: dict[str, Any], array: Any) -> list[str]:
+        """Refuse an image whose ``omero`` metadata says fluorescence (its channels would reach
+        the model as red, green and blue); the note for one that only raises a doubt."""
+        axes = self.meta.axes
+        count = int(array.shape[axes.index("c")]) if "c" in axes else 1
+        refusal, note = channel_verdict(omero_channels(attrs), count)
+        if refusal:
+            raise InputError(self.path, refusal)
+        return [note] if note else []
 
     def _check_axes(self, array: Any) -> bool:
         """y and x must be there, and c (where there) hold RGB, RGBA or one gray channel; True for
@@ -317,10 +362,29 @@ class OmeZarrBackend(SlideBackend):
         return out
 
     def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
+        """Announced to the cache block by block; all of them are the chunks the tiles need,
+        of which the absent ones are counted (:meth:`notes`)."""
         lv = self.levels[level]
+        needed: set[str] = set()
         for boxes in blocks:
-            self.cache.expect({k for region, _ in plan_reads(boxes, lv.width, lv.height)
-                               for k in lv.keys(region)})
+            keys = {k for region, _ in plan_reads(boxes, lv.width, lv.height) for k in lv.keys(region)}
+            self.cache.expect(keys)
+            needed |= keys
+        self.planned = (level, needed)
+
+    def notes(self, level: int) -> list[str]:
+        """The channel doubt found at open, and how many of the chunks the tiles at ``level``
+        need were absent when read: zarr reads them as the fill value, rightly where a writer
+        left out chunks of fill value only, silently where a copy was cut short."""
+        planned_level, needed = self.planned
+        with self.lock:
+            absent = len(self.absent & needed) if planned_level == level else 0
+        if not absent:
+            return list(self.open_notes)
+        unit = "shards" if self.levels[level].array.shards else "chunks"
+        return [*self.open_notes, f"{absent} of {len(needed)} {unit} the tiles needed are absent: read as "
+                                  f"fill value; a partial copy? (a writer may also leave out {unit} that "
+                                  "are all fill value)"]
 
     def _chunks(self, keys: list[str], clocks: StageClocks) -> dict[str, Any]:
         """Encoded chunks by key: kept ones from the cache, the rest fetched concurrently."""
@@ -331,9 +395,13 @@ class OmeZarrBackend(SlideBackend):
         if missing:
             fetched = sync(self._get_all(missing, clocks))
             for key, chunk in zip(missing, fetched, strict=True):
-                if chunk is not None:  # an absent chunk holds the fill value: zarr supplies it
+                if chunk is not None:
                     found[key] = chunk
                     self.cache.offer(key, chunk)
+            absent = [k for k, c in zip(missing, fetched, strict=True) if c is None]
+            if absent:  # zarr supplies the fill value: counted, as a partial copy reads so too
+                with self.lock:
+                    self.absent.update(absent)
         clocks.count("storage.chunks", len(missing))
         clocks.count("storage.cache_hits", len(keys) - len(missing))
         return found

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -119,6 +120,9 @@ class SlideReader(ShardReader):
             "grid_tiles": len(grid), "tissue_tiles": len(self.grid),
             "slide_info": backend.info.as_dict(), "notes": [*grid.notes, *backend.integrity_notes()],
         }
+        self.fixed_notes = list(self.attrs["notes"])
+        self.notes_lock = threading.Lock()
+        self._renew_notes()
         reason = _empty_reason(backend, grid, len(self.grid), job)
         if reason:
             self.attrs["empty_reason"] = reason
@@ -131,9 +135,16 @@ class SlideReader(ShardReader):
         for members in self.units:
             yield partial(self._read_block, members)
 
+    def _renew_notes(self) -> None:
+        """The backend's notes as read so far (blocks are read by several threads: the last to
+        renew them has seen every count made before it)."""
+        with self.notes_lock:
+            self.attrs["notes"] = [*self.fixed_notes, *self.backend.notes(self.grid.level)]
+
     def _read_block(self, members: np.ndarray) -> ItemBlock:
         g = self.grid
         tiles = self.backend.read_boxes(g.level, _boxes(g, members), self.clocks)
+        self._renew_notes()
         with self.clocks.part("resample"):
             tiles = resize(tiles, g.size)
         return ItemBlock(tiles, self._index(members))
