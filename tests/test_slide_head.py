@@ -156,6 +156,21 @@ def test_validate_refuses_a_slide_model_run_would_refuse(tmp_path: Path, slide_p
     assert done.returncode == EXIT_USAGE and expected in done.stderr + done.stdout
 
 
+def test_validate_refuses_a_head_exported_with_a_fixed_bag_length(tmp_path: Path, slide_path: Path,
+                                                                 models: dict[str, Path]) -> None:
+    """A head exported from bags padded to 512 tiles (no dynamic axis) was accepted by validate,
+    and then every slide failed at its end, once its features were computed, and was quarantined."""
+    from gpubatch.cli.pathology_models import _export_onnx
+
+    fixed = tmp_path / "fixed.onnx"
+    _export_onnx(build_abmil(dim=DIM, hidden=16, classes=3, seed=2), (torch.zeros(512, DIM),), fixed,
+                 ["bag"], ["attention", "logits"], {})
+    done = _validate(write_job(tmp_path / "job.yaml", _job([str(slide_path)], {**models, "fixed": fixed},
+                                                          tmp_path / "out", head="fixed")))
+    assert done.returncode == EXIT_USAGE, done.stdout + done.stderr
+    assert "takes a bag of shape (512, 48)" in done.stderr and "dynamic tiles axis" in done.stderr
+
+
 def test_a_slide_model_needs_slides(tmp_path: Path, models: dict[str, Path]) -> None:
     job = {"kind": "genome", "windows": {"reference": "g.fa"}, "model": {"path": str(models["vit"])},
            "slide_model": {"path": str(models["abmil"])}, "output": {"uri": str(tmp_path / "o")}}
