@@ -169,6 +169,34 @@ def test_the_head_holds_a_slides_features_once(tmp_path: Path) -> None:
     writer.abort()
 
 
+def _nan_encoder(path: Path) -> Path:
+    """ONNX: a DIM-wide feature per tile, every value NaN (0/0 of the tile's mean colour times 0)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    zeros = numpy_helper.from_array(np.zeros((3, DIM), np.float32), "w")
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("MatMul", ["m", "w"], ["z"]), helper.make_node("Div", ["z", "z"], ["embedding"])]
+    graph = helper.make_graph(nodes, "nan", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", DIM])], [zeros])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_head_giving_nan_for_a_slide_with_tiles_is_said(tmp_path: Path, slide_path: Path,
+                                                           models: dict[str, Path]) -> None:
+    """NaN features make NaN logits, written as nulls: the same row as a slide without tissue,
+    and nothing said of the head (only of the tile features)."""
+    job = _job([str(slide_path)], {**models, "vit": _nan_encoder(tmp_path / "nan.onnx")}, tmp_path / "out")
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    row = result.slide_predictions().iloc[0]
+    assert row["tiles"] > 0 and np.isnan(row["logits_0"])
+    notes = result.report["notes"]
+    assert any("the slide model gave NaN or infinite values (attention " in n and "logits 3" in n for n in notes), notes
+
+
 def _validate(job_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gpubatch", "validate", str(job_path)], capture_output=True,
                           text=True, timeout=120)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 Rows = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # index columns, outputs
 PROBE_SIZES = (2, 3)  # bag sizes run once to learn which outputs follow the bag's length
+HEAD_NONFINITE = "slide_head.nonfinite."  # + output name: its NaN/inf values, for the shard's note
 
 
 @dataclass
@@ -154,6 +155,9 @@ class SlideHead:
             shape = self.shape(bag.shape[1])
             out = self._run(bag, shape.batch_axis) if len(bag) else _empty_like(shape)
         clocks.count("slide_head.tiles", len(bag))
+        if len(bag):
+            for k, v in out.items():
+                clocks.count(f"{HEAD_NONFINITE}{k}", int(np.size(v) - np.isfinite(np.asarray(v, np.float64)).sum()))
         tile_names = _column_names(shape.per_tile, batches[0][1])
         with clocks.part("write"):
             start = 0
@@ -164,6 +168,19 @@ class SlideHead:
                 start += n
         sink.batches.clear()
         return {k: _jsonable(v) for k, v in out.items() if k not in shape.per_tile}
+
+
+def head_nonfinite_note(clocks: StageClocks) -> str | None:
+    """The shard's note when the head gave NaN or inf for a slide that had tiles: its slide-level
+    outputs are written as nulls, which read like a slide without tiles unless said."""
+    counts = {k.removeprefix(HEAD_NONFINITE): int(v) for k, v in clocks.counters.items()
+              if k.startswith(HEAD_NONFINITE) and v}
+    if not counts:
+        return None
+    which = ", ".join(f"{name} {n}" for name, n in counts.items())
+    return (f"the slide model gave NaN or infinite values ({which}) for a slide with tiles (NaN is null "
+            "in slide_predictions.parquet): "
+            "not valid predictions; check the tile features (their NaN count) and the head")
 
 
 def feature_name(features: str | None, outputs: dict[str, np.ndarray]) -> str:
