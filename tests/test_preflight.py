@@ -16,6 +16,7 @@ from conftest import slide_job, write_job
 
 from gpubatch.cli.main import main
 from gpubatch.core.errors import SpecError
+from gpubatch.runtime.model_facts import onnx_dtype_name
 from gpubatch.runtime.preflight import s3_credential_source, validate_job
 from gpubatch.spec import load_job
 
@@ -88,6 +89,25 @@ def test_non_float_model_input_is_refused(tmp_path: Path, slide_path: Path, elem
     model = onnx_model(tmp_path / "i.onnx", ["N", 3, 64, 64], elem_type=elem)
     problems = _refused(tmp_path, slide_job([str(slide_path)], model, tmp_path / "out"))
     assert problems[0][0] == "model.path" and words in problems[0][1]
+
+
+@pytest.mark.parametrize("elem", ["BFLOAT16", "FLOAT8E4M3FN"])
+def test_an_output_onnx_runtime_cannot_hand_to_numpy_is_refused(tmp_path: Path, slide_path: Path, elem: str) -> None:
+    """A bf16 embedding failed every batch of every slide ("No corresponding Numpy type"); an fp8
+    one came back from ONNX Runtime as raw uint8 codes and was written as such, exit 0."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("Cast", ["m"], ["embedding"], to=getattr(TensorProto, elem))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 64, 64])],
+                              [helper.make_tensor_value_info("embedding", getattr(TensorProto, elem), ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "cast.onnx"))
+    (field, message), = _refused(tmp_path, slide_job([str(slide_path)], tmp_path / "cast.onnx", tmp_path / "out"))
+    assert field == "model.path" and f"'embedding' ({onnx_dtype_name(getattr(TensorProto, elem))})" in message
+    assert "Cast to float32" in message
 
 
 def test_genome_encoding_dtype_must_be_the_models(tmp_path: Path) -> None:

@@ -138,6 +138,65 @@ def test_a_quarantined_slide_has_no_head_row(tmp_path: Path, slides_dir: Path, m
     assert list(result.slide_predictions()["slide"]) == slides[:1]
 
 
+def test_the_head_holds_a_slides_features_once(tmp_path: Path) -> None:
+    """The bag was np.concatenate of the kept batches, which stayed alive until written: every
+    feature held twice (a 20 000-tile, 1536-wide slide: 2 x 123 MB). Measured with tracemalloc
+    (numpy's buffers are traced; ONNX Runtime's arena is not), from before the batches exist."""
+    import tracemalloc
+
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.engine.slide_head import SlideHead
+    from gpubatch.models.base import get_model
+    from gpubatch.outputs.store import OutputStore
+    from gpubatch.outputs.writer import ShardWriter
+
+    width, tiles, batch = 512, 4096, 256
+    head = SlideHead(get_model(str(make_abmil(tmp_path / "h.onnx", dim=width, hidden=8, classes=2)),
+                               "onnxruntime", "fp32", 1), None)
+    head.shape(width)  # probed once per worker in a run, before any slide's bag
+    writer = ShardWriter(OutputStore(tmp_path / "out"), "s", "a1", {}, {}, ["parquet"])
+    rng = np.random.default_rng(0)
+    tracemalloc.start()
+    sink = head.sink(tiles)
+    for start in range(0, tiles, batch):
+        xs = np.arange(start, start + batch, dtype=np.int64)
+        sink.write({"x": xs, "y": xs}, {"embedding": rng.standard_normal((batch, width), dtype=np.float32)})
+    features = tiles * width * 4
+    head.finish(sink, writer, lambda: ({}, {}), StageClocks())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1.3 * features, f"peak {peak / 2**20:.1f} MiB for {features / 2**20:.1f} MiB of features"
+    writer.abort()
+
+
+def _nan_encoder(path: Path) -> Path:
+    """ONNX: a DIM-wide feature per tile, every value NaN (0/0 of the tile's mean colour times 0)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    zeros = numpy_helper.from_array(np.zeros((3, DIM), np.float32), "w")
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("MatMul", ["m", "w"], ["z"]), helper.make_node("Div", ["z", "z"], ["embedding"])]
+    graph = helper.make_graph(nodes, "nan", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", DIM])], [zeros])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_head_giving_nan_for_a_slide_with_tiles_is_said(tmp_path: Path, slide_path: Path,
+                                                           models: dict[str, Path]) -> None:
+    """NaN features make NaN logits, written as nulls: the same row as a slide without tissue,
+    and nothing said of the head (only of the tile features)."""
+    job = _job([str(slide_path)], {**models, "vit": _nan_encoder(tmp_path / "nan.onnx")}, tmp_path / "out")
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    row = result.slide_predictions().iloc[0]
+    assert row["tiles"] > 0 and np.isnan(row["logits_0"])
+    notes = result.report["notes"]
+    assert any("the slide model gave NaN or infinite values (attention " in n and "logits 3" in n for n in notes), notes
+
+
 def _validate(job_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gpubatch", "validate", str(job_path)], capture_output=True,
                           text=True, timeout=120)
@@ -154,6 +213,21 @@ def test_validate_refuses_a_slide_model_run_would_refuse(tmp_path: Path, slide_p
     job["slide_model"].update(change)
     done = _validate(write_job(tmp_path / "job.yaml", job))
     assert done.returncode == EXIT_USAGE and expected in done.stderr + done.stdout
+
+
+def test_validate_refuses_a_head_exported_with_a_fixed_bag_length(tmp_path: Path, slide_path: Path,
+                                                                 models: dict[str, Path]) -> None:
+    """A head exported from bags padded to 512 tiles (no dynamic axis) was accepted by validate,
+    and then every slide failed at its end, once its features were computed, and was quarantined."""
+    from gpubatch.cli.pathology_models import _export_onnx
+
+    fixed = tmp_path / "fixed.onnx"
+    _export_onnx(build_abmil(dim=DIM, hidden=16, classes=3, seed=2), (torch.zeros(512, DIM),), fixed,
+                 ["bag"], ["attention", "logits"], {})
+    done = _validate(write_job(tmp_path / "job.yaml", _job([str(slide_path)], {**models, "fixed": fixed},
+                                                          tmp_path / "out", head="fixed")))
+    assert done.returncode == EXIT_USAGE, done.stdout + done.stderr
+    assert "takes a bag of shape (512, 48)" in done.stderr and "dynamic tiles axis" in done.stderr
 
 
 def test_a_slide_model_needs_slides(tmp_path: Path, models: dict[str, Path]) -> None:

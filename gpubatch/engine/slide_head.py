@@ -37,16 +37,47 @@ if TYPE_CHECKING:
 
 Rows = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # index columns, outputs
 PROBE_SIZES = (2, 3)  # bag sizes run once to learn which outputs follow the bag's length
+HEAD_NONFINITE = "slide_head.nonfinite."  # + output name: its NaN/inf values, for the shard's note
 
 
 @dataclass
 class BagSink:
-    """Keeps a shard's batches (index, outputs) until the slide head has run over all of them."""
+    """Keeps a shard's batches (index, outputs) until the slide head has run over all of them,
+    and gathers the bag as they arrive.
 
+    Each batch's feature rows are copied into one (N, D) float32 bag, allocated for ``capacity``
+    tiles at the first batch, and a float32 batch output is replaced by a view of its rows: the
+    features are held once. Stacking the kept batches at the end held them twice (a 20 000-tile
+    slide of 1536-wide features: 2 x 123 MB). A slide with more tiles than ``capacity`` still
+    gets its bag, by doubling (the earlier views keep the old bag alive until written).
+    """
+
+    features: str | None = None
+    capacity: int = 0
     batches: list[Rows] = field(default_factory=list)
+    bag: np.ndarray | None = None
+    filled: int = 0
 
     def write(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        name = feature_name(self.features, outputs)
+        rows = _rows(outputs[name])
+        if self.bag is None or self.filled + len(rows) > len(self.bag):
+            grown = np.empty((max(self.capacity, 2 * self.filled, self.filled + len(rows)), rows.shape[1]),
+                             np.float32)
+            if self.bag is not None:
+                grown[: self.filled] = self.bag[: self.filled]
+            self.bag = grown
+        end = self.filled + len(rows)
+        self.bag[self.filled : end] = rows
+        if outputs[name].dtype == np.float32:  # other dtypes are written as the model gave them
+            outputs = {**outputs, name: self.bag[self.filled : end].reshape(outputs[name].shape)}
+        self.filled = end
         self.batches.append((index, outputs))
+
+    def take(self) -> np.ndarray | None:
+        """The bag of every tile written (None when no batch came), and the sink emptied of it."""
+        bag, self.bag = (None if self.bag is None else self.bag[: self.filled]), None
+        return bag
 
 
 @dataclass(frozen=True)
@@ -75,13 +106,9 @@ class SlideHead:
             return None
         return cls(get_model(localize(spec.path, job.input.storage), spec.backend, "fp32", threads), spec.features)
 
-    def feature_name(self, outputs: dict[str, np.ndarray]) -> str:
-        """The tile output that forms the bag: the spec's name, else the tile model's first."""
-        name = self.features or next(iter(outputs))
-        if name not in outputs:
-            raise GpubatchError(f"slide_model.features: the tile model has no output {name!r}; "
-                                f"its outputs are {sorted(outputs)}")
-        return name
+    def sink(self, capacity: int) -> BagSink:
+        """A shard's sink, its bag sized for the ``capacity`` tiles the slide is to have."""
+        return BagSink(self.features, capacity)
 
     def shape(self, width: int) -> HeadShape:
         """Probe the head once per worker and bag width: (N, D) or (1, N, D) input, per-tile outputs."""
@@ -118,13 +145,19 @@ class SlideHead:
         ``empty`` gives a slide with no tiles its zero-length rows (typed index and tile outputs),
         so that even then the columns and widths are there.
         """
-        batches = sink.batches or [empty()]
-        name = self.feature_name(batches[0][1])
+        bag = sink.take()
+        if bag is None:  # no tiles: the zero-length rows give the width
+            sink.write(*empty())
+            bag = sink.take()
+        assert bag is not None
+        batches = sink.batches
         with clocks.part("slide_head"):
-            bag = np.concatenate([_rows(o[name]) for _, o in batches])
             shape = self.shape(bag.shape[1])
             out = self._run(bag, shape.batch_axis) if len(bag) else _empty_like(shape)
         clocks.count("slide_head.tiles", len(bag))
+        if len(bag):
+            for k, v in out.items():
+                clocks.count(f"{HEAD_NONFINITE}{k}", int(np.size(v) - np.isfinite(np.asarray(v, np.float64)).sum()))
         tile_names = _column_names(shape.per_tile, batches[0][1])
         with clocks.part("write"):
             start = 0
@@ -135,6 +168,28 @@ class SlideHead:
                 start += n
         sink.batches.clear()
         return {k: _jsonable(v) for k, v in out.items() if k not in shape.per_tile}
+
+
+def head_nonfinite_note(clocks: StageClocks) -> str | None:
+    """The shard's note when the head gave NaN or inf for a slide that had tiles: its slide-level
+    outputs are written as nulls, which read like a slide without tiles unless said."""
+    counts = {k.removeprefix(HEAD_NONFINITE): int(v) for k, v in clocks.counters.items()
+              if k.startswith(HEAD_NONFINITE) and v}
+    if not counts:
+        return None
+    which = ", ".join(f"{name} {n}" for name, n in counts.items())
+    return (f"the slide model gave NaN or infinite values ({which}) for a slide with tiles (NaN is null "
+            "in slide_predictions.parquet): "
+            "not valid predictions; check the tile features (their NaN count) and the head")
+
+
+def feature_name(features: str | None, outputs: dict[str, np.ndarray]) -> str:
+    """The tile output that forms the bag: the spec's name, else the tile model's first."""
+    name = features or next(iter(outputs))
+    if name not in outputs:
+        raise GpubatchError(f"slide_model.features: the tile model has no output {name!r}; "
+                            f"its outputs are {sorted(outputs)}")
+    return name
 
 
 def _jsonable(values: np.ndarray) -> list[Any]:

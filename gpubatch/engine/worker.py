@@ -33,7 +33,7 @@ from gpubatch.engine.model_stage import (
     warm_host_stage,
 )
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
-from gpubatch.engine.slide_head import BagSink, SlideHead
+from gpubatch.engine.slide_head import SlideHead, head_nonfinite_note
 from gpubatch.io.localized import localize
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
@@ -261,7 +261,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
                                  job.output.formats, column_limit=reader.column_limit)
             cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches, pad_last=True)
             t0 = time.perf_counter()
-            bag = BagSink() if head is not None else None
+            bag = head.sink(reader.n_items) if head is not None else None
             reporter = ItemReporter(ctx.run_id, shard.shard_id, attempt, reader.n_items)
             items = run_pipeline(reader, make_batch_runner(reader, model, ctx), bag or writer, cfg, clocks,
                                  on_batch=reporter)
@@ -270,7 +270,8 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             if items == 0 and head is None:
                 writer.write(*empty())
             wall = time.perf_counter() - t0
-            notes = [unpinned_note(shard.input_uri, identity.result()), nonfinite_note(clocks, items)]
+            notes = [unpinned_note(shard.input_uri, identity.result()), nonfinite_note(clocks, items),
+                     head_nonfinite_note(clocks)]
             if any(notes):
                 reader.attrs["notes"] = [*reader.attrs.get("notes", []), *filter(None, notes)]
             writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)

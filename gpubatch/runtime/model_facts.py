@@ -1,5 +1,5 @@
-"""What the client reads of an ONNX model before a run: its first input, and its inputs' and
-outputs' names and dims, cached per file.
+"""What the client reads of an ONNX model before a run: its first input, its inputs' and
+outputs' names and dims, its outputs' element types, cached per file.
 
 Reading them takes the ``onnx`` package (0.8 s to import on the benchmark machine, more on a
 cluster's network filesystem) and, for outputs, ONNX shape inference; it was a quarter of a
@@ -19,11 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gpubatch.core.errors import SpecError
+from gpubatch.core.errors import InputError, SpecError
 from gpubatch.core.files import cache_root, write_json_atomic
+from gpubatch.io.localized import localize
+from gpubatch.io.uris import is_remote, local_path
 
 #: bump when what is cached changes shape
-FACTS_VERSION = 2
+FACTS_VERSION = 3
 
 Dims = list[int | None]
 
@@ -58,6 +60,11 @@ def read_first_input(model: Any) -> OnnxInput:
     tensor = first.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
     return OnnxInput(first.name, dims, onnx_dtype_name(tensor.elem_type))
+
+
+def read_output_types(model: Any) -> dict[str, str]:
+    """Output name -> numpy's name for its element type (``unknown`` where the graph says none)."""
+    return {o.name: onnx_dtype_name(o.type.tensor_type.elem_type) for o in model.graph.output}
 
 
 def read_io(model: Any) -> tuple[list[tuple[str, Dims]], list[tuple[str, Dims]], list[str]]:
@@ -123,7 +130,7 @@ def _read_facts(path: str, field: str) -> dict[str, Any]:
     first = read_first_input(model)
     inputs, outputs, scalars = read_io(model)
     return {"version": FACTS_VERSION, "first": asdict(first), "inputs": inputs, "outputs": outputs,
-            "scalar_outputs": scalars}
+            "scalar_outputs": scalars, "output_types": read_output_types(model)}
 
 
 def _cache_file(path: str) -> str:
@@ -164,6 +171,32 @@ def scalar_outputs(path: str) -> list[str]:
     return [str(name) for name in model_facts(path)["scalar_outputs"]]
 
 
+#: element types ONNX Runtime cannot hand to numpy: bfloat16 and 4-bit types fail every call
+#: ("No corresponding Numpy type"), and float8 comes back as its raw bytes in uint8, so an fp8
+#: embedding would be written as codes 0..255 and read back as those numbers
+UNREADABLE_TYPES = ("bfloat16", "int4", "uint4")
+UNREADABLE_PREFIXES = ("float8", "float4")
+
+
+def unreadable_outputs(path: str, field: str = "model.path") -> dict[str, str]:
+    """The model's outputs (name -> element type) that reach numpy wrong or not at all."""
+    types: dict[str, str] = model_facts(path, field)["output_types"]
+    return {name: t for name, t in types.items() if t in UNREADABLE_TYPES or t.startswith(UNREADABLE_PREFIXES)}
+
+
 def model_outputs(path: str) -> dict[str, Dims]:
     """Output name -> dims (None where dynamic), shape inference applied, weights unread."""
     return {str(name): list(dims) for name, dims in model_facts(path)["outputs"]}
+
+
+def local_model_file(path: str, storage: dict[str, Any] | None, name: str) -> str:
+    """The local file of a model path: a remote one fetched into the cache ``run`` loads it from
+    (io.localized.localize, keyed by URI and version: fetched once for both), so that ``validate``
+    checks the very file ``run`` loads. Remote models went unchecked, and a model ``run`` then
+    could not use quarantined every input."""
+    if not is_remote(path):
+        return local_path(path)
+    try:
+        return localize(path, storage)
+    except (InputError, OSError) as exc:
+        raise SpecError([(name, f"{path} cannot be fetched: {exc}")]) from None

@@ -17,17 +17,19 @@ from typing import Any
 
 import numpy as np
 
-from gpubatch.core.errors import InputError, SpecError
+from gpubatch.core.errors import SpecError
 from gpubatch.core.switches import check_switches
 from gpubatch.io.listing import expand_uris
-from gpubatch.io.localized import localize, versions_asked_once
+from gpubatch.io.localized import versions_asked_once
 from gpubatch.io.storage import missing_extra
 from gpubatch.io.uris import is_remote, local_path, other_host_problem, protocol_of, split_glob
 from gpubatch.outputs.writer import MAX_PARQUET_WIDTH, parquet_holds
+from gpubatch.runtime.head_checks import check_slide_model, refuse_unreadable_outputs
 from gpubatch.runtime.model_facts import (
     ZIP_MAGIC,
     Dims,
     OnnxInput,
+    local_model_file,
     model_first_input,
     model_inputs,
     model_outputs,
@@ -250,24 +252,11 @@ def reads_onnx(backend: str, path: str) -> bool:
     return backend in ("onnxruntime", "tensorrt") or backend == "auto" and not path.endswith(TORCH_SUFFIXES)
 
 
-def _model_file(path: str, storage: dict[str, Any] | None, name: str) -> str:
-    """The local file of a model path: a remote one fetched into the cache ``run`` loads it from
-    (io.localized.localize, keyed by URI and version: fetched once for both), so that ``validate``
-    checks the very file ``run`` loads. Remote models went unchecked, and a model ``run`` then
-    could not use quarantined every input."""
-    if not is_remote(path):
-        return local_path(path)
-    try:
-        return localize(path, storage)
-    except (InputError, OSError) as exc:
-        raise SpecError([(name, f"{path} cannot be fetched: {exc}")]) from None
-
-
 def _onnx_file(job: JobSpec) -> str | None:
     """The local file of the job's model where an ONNX backend loads it; None for torch."""
     if not reads_onnx(job.model.backend, job.model.path):
         return None
-    return _model_file(job.model.path, job.input.storage, "model.path")
+    return local_model_file(job.model.path, job.input.storage, "model.path")
 
 
 def check_precision_backend(job: JobSpec) -> None:
@@ -294,7 +283,7 @@ def check_torch_file(job: JobSpec) -> None:
     named to it would quarantine every input with torch's "not a TorchScript file"."""
     if reads_onnx(job.model.backend, job.model.path):
         return
-    with open(_model_file(job.model.path, job.input.storage, "model.path"), "rb") as f:
+    with open(local_model_file(job.model.path, job.input.storage, "model.path"), "rb") as f:
         head = f.read(len(ZIP_MAGIC))
     if head != ZIP_MAGIC:
         raise SpecError([("model.path", (
@@ -321,6 +310,7 @@ def check_model_input(job: JobSpec) -> None:
     if model is None:
         check_torch_file(job)
         return
+    refuse_unreadable_outputs(model, "model.path", job.model.path)
     scalars = scalar_outputs(model)
     if scalars:
         raise SpecError([("model.path", (
@@ -339,32 +329,6 @@ def check_model_input(job: JobSpec) -> None:
     problems = [p for p in (_dtype_problem(job, inp), _batch_problem(job, inp), _precision_problem(job, inp)) if p]
     if problems:
         raise SpecError(problems)
-
-
-def check_slide_model(job: JobSpec) -> None:
-    """The slide head's file exists, the tile output it names exists, and the widths agree (where
-    both models are ONNX files with fixed feature widths)."""
-    spec = job.slide_model
-    if spec is None:
-        return
-    if not is_remote(spec.path) and not Path(local_path(spec.path)).is_file():
-        raise SpecError([("slide_model.path", f"file not found: {spec.path}")])
-    model = _onnx_file(job)
-    if model is None:
-        return
-    outputs = model_outputs(model)
-    name = spec.features or next(iter(outputs))
-    if name not in outputs:
-        raise SpecError([("slide_model.features", f"{name!r} is not an output of model.path; its "
-                                                  f"outputs are {list(outputs)}")])
-    tail = [d for d in outputs[name][1:] if d is not None]
-    width = int(np.prod(tail)) if tail and len(tail) == len(outputs[name]) - 1 else None
-    if not spec.path.endswith(".onnx") or width is None:
-        return
-    head_dims = model_inputs(_model_file(spec.path, job.input.storage, "slide_model.path"), "slide_model.path")[0][1]
-    if head_dims and head_dims[-1] is not None and head_dims[-1] != width:
-        raise SpecError([("slide_model.path", f"the slide model takes features {head_dims[-1]} wide but "
-                                              f"model.path's output {name!r} gives {width} per tile")])
 
 
 def check_reference(job: JobSpec) -> None:
@@ -536,7 +500,7 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     check_precision_backend(job)
     check_track_outputs(job)
     check_reference(job)
-    check_slide_model(job)
+    check_slide_model(job, _onnx_file(job))
     check_resources(job, profile)
     check_environment()
 
