@@ -287,3 +287,27 @@ def test_a_model_whose_output_keeps_fewer_rows_than_its_batch_is_named(
     words = "output 'y' has 8 rows for a batch of 16"
     assert all(words in f["error"] and "dynamic batch axis" in f["error"] for f in failures), failures
     assert words in terminal.out + terminal.err
+
+
+def test_nan_in_a_padded_last_batch_is_counted_once_per_item(tmp_path: Path, slide_path: Path) -> None:
+    """The short last batch is padded with copies of its last item to the model's batch size;
+    the NaN count was taken before the padding was cut off, and a run of 29 tiles said "32 of
+    29 item(s) have NaN". A model that gives NaN for every tile now counts exactly the tiles."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    from onnx import helper, numpy_helper
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.float32(1000.0), "c")),
+             helper.make_node("Sub", ["m", "c"], ["d"]), helper.make_node("Sqrt", ["d"], ["root"])]
+    model = onnx_graph(tmp_path / "allnan.onnx", nodes, [("x", "FLOAT", ["N", 3, 64, 64])], [("root", "FLOAT", ["N", 3])])
+    out = tmp_path / "out"
+    job = slide_job([str(slide_path)], model, out)
+    job["model"]["batch_size"] = 7
+    assert main(["run", str(write_job(tmp_path / "job.yaml", job))]) == 0
+    tiles = len(pd.read_parquet(out / "predictions.parquet"))
+    assert tiles % 7, "the slide's tiles must leave a short last batch for this test to mean anything"
+    report = json.loads((out / "report.json").read_text())
+    assert report["nonfinite"] == {"items": tiles, "outputs": {"root": tiles}}

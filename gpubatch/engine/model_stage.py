@@ -45,7 +45,7 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
             out = stage(items, clocks)
             check_output_rows(out, preprocess.out_shape(items.shape)[0])
             with clocks.part("output"):
-                return count_nonfinite(reader.from_model_output(out, len(items)), clocks)
+                return reader.from_model_output(out, len(items))
 
         return run_on_device
 
@@ -63,7 +63,7 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
             with clocks.part("output"):
                 out = {k: v.copy() if np.may_share_memory(v, x) else v for k, v in out.items()}
         with clocks.part("output"):
-            return count_nonfinite(reader.from_model_output(out, len(items)), clocks)
+            return reader.from_model_output(out, len(items))
 
     return run_batch
 
@@ -74,7 +74,9 @@ def count_nonfinite(columns: dict[str, np.ndarray], clocks: StageClocks) -> dict
     A model that overflows (fp16, a bad export, a tile it was never trained on) returns NaN for
     those items and nothing else says so: the rows would be written as valid predictions and the
     run would report success. The values are written as the model gave them; the counts make
-    the shard's note, the report's ``nonfinite`` section and the zarr group's attributes.
+    the shard's note, the report's ``nonfinite`` section and the zarr group's attributes. The
+    pipeline counts a batch once its padding is cut off: the padding repeats the last item, and a
+    NaN there was counted again ("32 of 29 items").
     """
     bad: np.ndarray | None = None
     for name, values in columns.items():

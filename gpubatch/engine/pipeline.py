@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from gpubatch.core.clocks import StageClocks
+from gpubatch.engine.model_stage import count_nonfinite
 from gpubatch.sources.base import ItemBlock, ShardReader
 
 _DONE = object()
@@ -217,10 +218,12 @@ def run_pipeline(
             t0 = time.perf_counter()
             with clocks.in_stage("model"):
                 outputs = run_batch(items, clocks)
-            if real < len(items):
-                outputs = {name: values[:real] for name, values in outputs.items()}
-                clocks.count("padded.items", len(items) - real)
-                items = items[:real]
+                if real < len(items):
+                    outputs = {name: values[:real] for name, values in outputs.items()}
+                    clocks.count("padded.items", len(items) - real)
+                    items = items[:real]
+                with clocks.part("output"):
+                    count_nonfinite(outputs, clocks)
             busy = time.perf_counter() - t0
             clocks.add("model", "busy", busy)
             clocks.add("model", "blocked", _put(results, (index, outputs), failure))
