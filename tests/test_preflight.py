@@ -425,3 +425,18 @@ def test_validate_refuses_the_outputs_run_refuses_and_writes_nothing_there(
     (out / "_lease.json").write_text(json.dumps(lease))
     _both_refuse(spec, "output.uri", "another run is writing this output: run someone-else", capsys, "--overwrite")
     assert json.loads((out / "_lease.json").read_text())["run_id"] == "someone-else"
+
+
+def test_tune_of_a_fixed_batch_model_says_tune_not_auto(tmp_path: Path, slide_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`gpubatch tune` refuses a model with a fixed batch dimension (exit 2, as validate does), but
+    said "the job asks for batch_size auto" of a job that set batch_size 32 (or 1)."""
+    model = onnx_model(tmp_path / "b1.onnx", [1, 3, 64, 64])
+    job = slide_job([str(slide_path)], model, tmp_path / "out")
+    for in_spec in (32, 1):
+        job["model"]["batch_size"] = in_spec
+        assert main(["tune", str(write_job(tmp_path / "job.yaml", job))]) == 2
+        err = capsys.readouterr().err
+        assert "batch_size auto" not in err
+        assert "fixed batch dimension of 1" in err and "nothing to tune" in err
+        assert "set model.batch_size: 1" in err and "dynamic_axes" in err

@@ -143,6 +143,32 @@ def test_small_batch_size_is_batching() -> None:
     assert few_bytes["limiting_layer"] == rp.LAYER_BATCHING and "0.1 MB of input" in few_bytes["evidence"]
 
 
+def _tuned(chosen: int, speeds: dict[int, float], stopped_by: str) -> dict[str, Any]:
+    """The report's ``tuning`` as batch_size: auto writes it (resolve.py, TuneResult.as_dict)."""
+    curve = [{"batch_size": b, "items_per_s": ips, "peak_mb": 1.0, "batch_s": b / ips} for b, ips in speeds.items()]
+    return {"batch_size": chosen, "cached": False, "key": "k", "stopped_by": stopped_by, "curve": curve}
+
+
+def test_small_batches_chosen_by_auto_are_not_advised_to_be_raised() -> None:
+    """The verdict advised "raise model.batch_size (or batch_size: auto)" of a run whose
+    batch_size: auto had chosen 1 (larger batches measured no faster) or 4 (the largest its sweep
+    could take): advice the run had already followed."""
+    flat = _tuned(1, {1: 400.0, 2: 405.0, 4: 402.0}, "reached max batch 4")
+    v = rp.verdict(summary(0.02, batch_size=1, tuning=flat))
+    assert v["limiting_layer"] == rp.LAYER_COMPUTE  # the sweep measured batching is not the limit
+    assert "raise model.batch_size" not in v["text"]
+    stopped = "batch 8 failed (RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB)"
+    capped = _tuned(4, {1: 100.0, 2: 190.0, 4: 350.0}, stopped)
+    v = rp.verdict(summary(0.02, batch_size=4, tuning=capped))
+    assert v["limiting_layer"] == rp.LAYER_BATCHING and "raise model.batch_size" not in v["next_move"]
+    assert "auto chose 4, the largest batch its sweep could take" in v["next_move"] and stopped in v["next_move"]
+    low_fill = rp.verdict(summary(0.02, batch_size=1, batch_fill=0.5, tuning=flat))
+    assert "larger batches measured no faster" in low_fill["next_move"]
+    # a size from the spec, or an auto run with nothing to tune on, is still advised to be raised
+    for tuning in (None, {"batch_size": 4, "skipped": "no items"}):
+        assert "raise model.batch_size" in rp.verdict(summary(0.02, batch_size=4, tuning=tuning))["next_move"]
+
+
 def test_few_large_items_per_batch_are_not_small_batches() -> None:
     """Four 100 kb genome windows are 6.4 MB of input per call: per-call overhead is not the limit."""
     v = rp.verdict(summary(0.02, batch_size=4, batch_input_bytes=4 * 100_000 * 4 * 4))

@@ -125,3 +125,32 @@ def test_slides_are_read_back_whole_across_row_groups(tmp_path: Path) -> None:
     got = [(r.slide, r.num_rows, [x for part in r.chunks(["x"]) for x in part.column("x").to_pylist()])
            for r in iter_slides(OutputStore(tmp_path))]
     assert got == [("a", 7, list(range(7))), ("b", 3, list(range(7, 10))), ("c", 9, list(range(10, 19)))]
+
+
+def test_geojson_gives_every_class_its_own_colour(tmp_path: Path) -> None:
+    """The palette was Tableau's 10, taken ``k % 10``: class 10 got class 0's colour, so QuPath
+    drew two classes as one. Here 25 classes, each the top class of one tile, read back from
+    the files as QuPath would."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gpubatch.outputs.geojson import class_colours, write_slide_geojson
+    from gpubatch.outputs.per_slide import SlideGrid
+    from gpubatch.outputs.store import OutputStore
+
+    classes = 25
+    probs = np.full((classes, classes), 0.2 / (classes - 1)) + np.eye(classes) * (0.8 - 0.2 / (classes - 1))
+    table = pa.table({"slide": ["s"] * classes, "x": np.arange(classes) * 64, "y": np.zeros(classes, int),
+                      **{f"probs_{k}": probs[:, k] for k in range(classes)}})
+    pq.write_table(table, tmp_path / "predictions.parquet")
+    store = OutputStore(tmp_path)
+    names = write_slide_geojson(store, {"s": ("s", SlideGrid(classes * 64, 64, 64.0, 64.0))})
+    doc = json.loads((tmp_path / names[0]).read_text())
+    colour_of = {f["properties"]["classification"]["name"]: tuple(f["properties"]["classification"]["color"])
+                 for f in doc["features"]}
+    assert sorted(colour_of) == sorted(f"probs_{k}" for k in range(classes))
+    assert len(set(colour_of.values())) == classes  # no two classes share a colour
+    assert colour_of["probs_0"] == (31, 119, 180) and colour_of["probs_10"] != colour_of["probs_0"]
+    many = class_colours(3000)
+    assert len(set(many)) == 3000 and class_colours(classes) == many[:classes]  # class k's whatever the count
+    assert all(0 <= c <= 255 for colour in many for c in colour)

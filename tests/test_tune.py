@@ -58,6 +58,26 @@ def test_tune_model_caches_the_choice(classifier: Path) -> None:
     assert entry["batch_size"] == first.batch_size
 
 
+def test_a_new_backend_version_is_a_cache_miss(classifier: Path) -> None:
+    """The key left out the backend library's version: after an onnxruntime (torch, TensorRT)
+    upgrade, which can move the best batch size, the cache kept serving the old choice. An entry
+    stored under another version (as the cache holds it from before an upgrade) is a miss."""
+    import numpy as np
+    import onnxruntime
+
+    model = get_model(str(classifier), "onnxruntime")
+    items = np.zeros((2, 3, 224, 224), np.float32)
+    first = tune_model(model, items, "sha-v", max_batch=2, min_time_s=0.01)
+    assert f"onnxruntime-{onnxruntime.__version__}" in first.key.split("|")
+    entries = json.loads(cache_path().read_text())
+    older = first.key.replace(f"onnxruntime-{onnxruntime.__version__}", "onnxruntime-1.0.0")
+    cache_path().write_text(json.dumps({older: entries.pop(first.key)}))  # only the old version's entry
+    swept = tune_model(model, items, "sha-v", max_batch=2, min_time_s=0.01)
+    assert not swept.cached and swept.key == first.key
+    assert set(json.loads(cache_path().read_text())) == {older, first.key}
+    assert tune_model(model, items, "sha-v", max_batch=2).cached
+
+
 @pytest.fixture(scope="module")
 def mean_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The per-channel-mean model at 64 px: a sweep to 512 stays small and fast."""

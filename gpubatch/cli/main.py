@@ -271,7 +271,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     in_spec = load_job(args.job, list(args.set or [])).model.batch_size
     job = load_job(args.job, list(args.set or []) + ["model.batch_size=auto"])
     prof = load_profile(args.profile or job.run.profile)
-    preflight(job, prof)
+    preflight(job, prof, tuning=True)
     source = get_source(job.kind)
     shards, failed = source.plan(job)
     refuse_empty_plan(shards, failed)

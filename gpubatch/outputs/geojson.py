@@ -43,9 +43,21 @@ from gpubatch.outputs.per_slide import (
 )
 from gpubatch.outputs.store import OutputStore
 
-#: class colours (Tableau 10): distinct on a slide's pinks and purples
+#: the first classes' colours (Tableau 20: its 10, then their light tints): distinct on a slide's
+#: pinks and purples; classes past them get :func:`class_colours`' generated ones
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+           (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+           (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229))
+#: hue steps of the golden ratio's conjugate: each new hue falls in the widest gap left so far
+GOLDEN_STEP = 0.6180339887498949
+#: saturation and value step too (by other irrationals, 1/g^2 and 1/g^3 of the plastic-like
+#: g = 1.2207...), over these ranges: vivid to muted, never grey, white or black; so the
+#: colours are not bounded by the ~1,500 8-bit hues of one saturation and value
+SATURATION, VALUE = (0.45, 0.95), (0.55, 0.95)
+SHADE_STEPS = (0.6710436067037893, 0.5497004779019703)
+
+Colour = tuple[int, int, int]
 
 
 def write_slide_geojson(store: OutputStore, slides: dict[str, tuple[str, SlideGrid]]) -> list[str]:
@@ -82,13 +94,37 @@ def _features(rows: SlideRows, grid: SlideGrid) -> Iterable[dict[str, Any]]:
     chunk at a time (the whole slide's columns in float64 at once were 62 MB for a million tiles
     of 3 outputs)."""
     names = output_columns_of(rows)
-    classes = probability_groups(rows)
+    groups = probability_groups(rows)
+    classes = groups[0] if groups else None
+    palette = class_colours(len(classes)) if classes else []
     for part in rows.chunks(["x", "y", *names]):
-        yield from _chunk_features(part, grid, names, classes[0] if classes else None)
+        yield from _chunk_features(part, grid, names, classes, palette)
 
 
-def _chunk_features(table: pa.Table, grid: SlideGrid, names: list[str],
-                    classes: list[str] | None) -> Iterable[dict[str, Any]]:
+def class_colours(count: int) -> list[Colour]:
+    """``count`` distinct colours, class ``k``'s always the same whatever the count (a prefix of a
+    longer list): :data:`PALETTE`'s, then golden-ratio hue steps (saturation and value stepping
+    too), a colour that rounds to one already given skipped. The palette's ``k % 10`` gave class 10
+    class 0's colour, so QuPath showed the two classes as one."""
+    import colorsys
+
+    colours = list(PALETTE[:count])
+    taken = set(colours)
+    step = 1  # step 0 is hue 0 at the dullest shade: a brown beside PALETTE's
+    while len(colours) < count:
+        saturation = SATURATION[0] + (SATURATION[1] - SATURATION[0]) * ((step * SHADE_STEPS[0]) % 1.0)
+        value = VALUE[0] + (VALUE[1] - VALUE[0]) * ((step * SHADE_STEPS[1]) % 1.0)
+        rgb = colorsys.hsv_to_rgb((step * GOLDEN_STEP) % 1.0, saturation, value)
+        colour = (round(rgb[0] * 255), round(rgb[1] * 255), round(rgb[2] * 255))
+        step += 1
+        if colour not in taken:
+            colours.append(colour)
+            taken.add(colour)
+    return colours
+
+
+def _chunk_features(table: pa.Table, grid: SlideGrid, names: list[str], classes: list[str] | None,
+                    palette: list[Colour]) -> Iterable[dict[str, Any]]:
     values = {n: table.column(n).to_numpy(zero_copy_only=False).astype(np.float64) for n in names}
     top = _top_class(np.column_stack([values[n] for n in classes])) if classes is not None else None
     lefts, tops, edge = grid.read_regions(table.column("x").to_numpy(zero_copy_only=False),
@@ -100,7 +136,7 @@ def _chunk_features(table: pa.Table, grid: SlideGrid, names: list[str],
         props: dict[str, Any] = {"objectType": "tile"}
         if top is not None and classes is not None and top[i] >= 0:
             k = int(top[i])
-            props["classification"] = {"name": class_name(classes[k]), "color": list(PALETTE[k % len(PALETTE)])}
+            props["classification"] = {"name": class_name(classes[k]), "color": list(palette[k])}
         props["measurements"] = {n: float(v[i]) for n, v in values.items() if math.isfinite(v[i])}
         yield {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
 

@@ -101,6 +101,7 @@ class _Figures:
     batch_bytes: int = 0  # model input per full batch; 0 when the run did not record it
     model_parts: dict[str, float] | None = None  # the model stage's busy time by part, with other
     host_cpu: dict[str, Any] | None = None  # the report's host_cpu (core.cpu), None when not measured
+    tuning: dict[str, Any] | None = None  # the report's tuning where batch_size: auto chose the run's size
 
     @classmethod
     def of(cls, summary: dict[str, Any]) -> _Figures:
@@ -123,6 +124,7 @@ class _Figures:
             batch_bytes=int(summary.get("batch_input_bytes") or 0),
             model_parts=(summary.get("stage_parts") or {}).get("model"),
             host_cpu=summary.get("host_cpu"),
+            tuning=_tuned_choice(summary),
         )
 
     @property
@@ -144,6 +146,15 @@ def cores_sentence(cpu: dict[str, Any]) -> str:
 def quota_words(cpu: dict[str, Any]) -> str:
     """" (a CPU quota, throttled in X% of its periods)" where a quota limited the workers, else ""."""
     return f" (a CPU quota, throttled in {pct(cpu.get('throttled', 0.0))} of its periods)" if cpu.get("quota") else ""
+
+
+def _tuned_choice(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The report's ``tuning`` where a sweep (fresh or cached) chose the size the run used; None
+    for a size from the spec, or an auto run that found nothing to tune on (``skipped``)."""
+    tuning = summary.get("tuning")
+    if not isinstance(tuning, dict) or tuning.get("skipped") or not tuning.get("curve"):
+        return None
+    return tuning if tuning.get("batch_size") == summary.get("batch_size") else None
 
 
 def _refused_precision(summary: dict[str, Any]) -> str:
@@ -269,8 +280,35 @@ def _under_filled(f: _Figures) -> _Finding | None:
             evidence + f"; shards held {f.items_per_shard:.0f} items on average, less than one batch",
             "put several small inputs in one shard (or shard larger regions) so batches fill; "
             "a larger batch alone will not fill them")
-    return _Finding(LAYER_BATCHING, "small batches", evidence,
-                    "raise model.batch_size (or batch_size: auto) so each call carries more items")
+    if f.tuning is None:
+        return _Finding(LAYER_BATCHING, "small batches", evidence,
+                        "raise model.batch_size (or batch_size: auto) so each call carries more items")
+    limited, words = _tuning_words(f.tuning)
+    if not limited and f.fill >= FILL_MIN:
+        return None  # the sweep measured larger batches no faster: per-call overhead is not the limit
+    return _Finding(LAYER_BATCHING, "small batches", evidence, words)
+
+
+def _tuning_words(tuning: dict[str, Any]) -> tuple[bool, str]:
+    """(whether a limit kept batch_size: auto from a larger, faster batch; what limited its choice).
+
+    Raising the size contradicts what the run did: auto chose it either because larger batches
+    measured no faster (the choice rule), or as the largest the sweep could take (it stopped at a
+    failure, the memory budget or its time limit, or a worker's memory allowed no more).
+    """
+    from gpubatch.models.prepare.tune import WITHIN  # the choice rule's margin; imported where used
+
+    chosen = int(tuning["batch_size"])
+    speed = {int(p["batch_size"]): float(p["items_per_s"]) for p in tuning["curve"]}
+    best = max(speed, key=lambda b: speed[b])
+    larger = [b for b in speed if b > chosen]
+    why = str(tuning.get("stopped_by") or "no reason recorded")
+    if larger and speed[best] <= speed.get(chosen, 0.0) / WITHIN:
+        return False, (f"batch_size: auto chose {chosen} because larger batches measured no faster "
+                       f"({speed[best]:.1f} items/s at best, at batch {best}, against "
+                       f"{speed.get(chosen, 0.0):.1f} at {chosen}), so a larger batch would not help")
+    return True, (f"batch_size: auto chose {chosen}, the largest batch its sweep could take (the sweep "
+                  f"stopped: {why}); a larger batch needs that limit lifted, not a larger setting")
 
 
 def _model_account(f: _Figures) -> str:

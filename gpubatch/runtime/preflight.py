@@ -208,26 +208,29 @@ def _shape_fix(job: JobSpec, dims: Dims) -> str:
     return "match tiles.size / windows.length and the layout to the model"
 
 
-def _batch_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
+def _batch_problem(job: JobSpec, inp: OnnxInput, tuning: bool = False) -> tuple[str, str] | None:
     """A fixed batch dimension is refused unless the job's batches have exactly that many rows.
 
     Refused rather than silently adopted: batch 1 instead of 32 changes a run's speed by an order
     of magnitude, and whether to run slowly now or re-export the model is the user's choice.
+    ``tuning``: `gpubatch tune` asks, which sweeps batch sizes whatever the spec sets, so the
+    words are of its sweep, not of a ``batch_size: auto`` the job may not have asked for.
     """
     fixed = inp.dims[0] if inp.dims else None
     if fixed is None:
         return None
     per_item = get_source(job.kind).model_input(job, 1)[0][0]  # rows one item becomes (pairs, strands)
-    if job.model.batch_size != "auto" and per_item * int(job.model.batch_size) == fixed:
+    if not tuning and job.model.batch_size != "auto" and per_item * int(job.model.batch_size) == fixed:
         return None
     fits = fixed // per_item if fixed % per_item == 0 else None
-    fix = (f"set model.batch_size: {fits}" if fits else
+    fix = (f"set model.batch_size: {fits}" + (" and `run` the job" if tuning else "") if fits else
            f"no batch size fits: each item becomes {per_item} rows and {fixed} is not a multiple of that")
+    rows = f" ({per_item} rows per item)" if per_item > 1 else ""
+    asked = (f"so only that batch runs{rows} and `gpubatch tune` has nothing to tune" if tuning else
+             f"but the job asks for batch_size {job.model.batch_size}{rows}")
     return ("model.batch_size", (
-        f"the model's input {inp.name!r} has a fixed batch dimension of {fixed}, but the job asks for "
-        f"batch_size {job.model.batch_size}" + (f" ({per_item} rows per item)" if per_item > 1 else "")
-        + f"; {fix}, or re-export the model with a dynamic batch axis (torch.onnx.export(..., "
-        "dynamic_axes={'input': {0: 'batch'}}))"))
+        f"the model's input {inp.name!r} has a fixed batch dimension of {fixed}, {asked}; {fix}, or re-export "
+        "the model with a dynamic batch axis (torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}))"))
 
 
 def _dtype_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
@@ -303,9 +306,10 @@ def _precision_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
                                "model.validation.on_fail: fp32 to run it unquantized")
 
 
-def check_model_input(job: JobSpec) -> None:
+def check_model_input(job: JobSpec, tuning: bool = False) -> None:
     """Refuse, before any work, a model whose input disagrees with the job's batches: item
-    shape, element type, or a fixed batch dimension the batches do not match."""
+    shape, element type, or a fixed batch dimension the batches do not match (any fixed one,
+    when ``tuning``: `gpubatch tune` would sweep sizes it cannot take)."""
     model = _onnx_file(job)
     if model is None:
         check_torch_file(job)
@@ -326,7 +330,7 @@ def check_model_input(job: JobSpec) -> None:
     shape = _shape_problem(job, inp)
     if shape:
         raise SpecError([("model.path", shape)])
-    problems = [p for p in (_dtype_problem(job, inp), _batch_problem(job, inp), _precision_problem(job, inp)) if p]
+    problems = [p for p in (_dtype_problem(job, inp), _batch_problem(job, inp, tuning), _precision_problem(job, inp)) if p]
     if problems:
         raise SpecError(problems)
 
@@ -482,12 +486,12 @@ def check_environment() -> None:
     check_switches()
 
 
-def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
+def preflight(job: JobSpec, profile: dict[str, Any] | None = None, *, tuning: bool = False) -> None:
     """Everything ``run`` would refuse before planning: files, extras, storage credentials, the
     models' inputs and outputs, the reference's index, the machine's cores and memory.
 
     ``profile`` is the cluster profile (its ``storage`` may hold credentials); by default the
-    one the job names.
+    one the job names. ``tuning``: `gpubatch tune` asks (its refusals speak of its sweep).
     """
     if profile is None:
         from gpubatch.runtime.cluster import load_profile
@@ -496,7 +500,7 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     check_file_hosts(job)
     check_local_files(job)
     check_credentials(job, profile)
-    check_model_input(job)
+    check_model_input(job, tuning)
     check_precision_backend(job)
     check_track_outputs(job)
     check_reference(job)

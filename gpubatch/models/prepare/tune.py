@@ -18,17 +18,20 @@ the budget or the sweep's time limit (``MAX_SWEEP_S``); or when one batch takes 
 ``max_batch_s``. Why it stopped is part of the result.
 
 Choices are cached in ``$GPUBATCH_CACHE/tune.json`` (default ``~/.cache/gpubatch``), keyed by
-(model sha256, backend, precision, device, item shape), so ``batch_size: auto`` costs one sweep per
-model and machine, and ``gpubatch tune JOB`` refreshes the entry.
+(model sha256, backend and its library's version, precision, device, item shape), so
+``batch_size: auto`` costs one sweep per model, machine and library version, and
+``gpubatch tune JOB`` refreshes the entry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,7 +42,7 @@ import numpy as np
 
 from gpubatch.core.errors import GpubatchError
 from gpubatch.core.files import cache_root, write_json_atomic
-from gpubatch.models.base import Model, OutputRowsError, check_output_rows
+from gpubatch.models.base import BACKENDS, Model, OutputRowsError, check_output_rows
 
 log = logging.getLogger("gpubatch")
 
@@ -359,8 +362,27 @@ def gpu_name() -> str:
         return "unknown GPU"
 
 
+def backend_version(backend: str) -> str:
+    """``package-version`` of the library a backend runs on (onnxruntime, torch, tensorrt): an
+    upgrade can move the best batch size, so a choice holds for one version. The imported
+    module's ``__version__`` (the model has imported it; onnxruntime-gpu's distribution is not
+    named onnxruntime), else the installed distribution's, else ``unknown``."""
+    entry = BACKENDS.get(backend)
+    package = entry.package if entry is not None else backend
+    version = getattr(sys.modules.get(package), "__version__", None)
+    if not version:
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+    return f"{package}-{version}"
+
+
 def tune_key(model_sha256: str, backend: str, precision: str, device: str, item_shape: tuple[int, ...]) -> str:
-    return "|".join([model_sha256, backend, precision, device, "x".join(map(str, item_shape))])
+    """The cache key: the model file, the backend and its library's version, the precision, the
+    hardware (:func:`device_id`) and one item's shape."""
+    return "|".join([model_sha256, backend, backend_version(backend), precision, device,
+                     "x".join(map(str, item_shape))])
 
 
 def _cache_entries() -> dict[str, Any]:
