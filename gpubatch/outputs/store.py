@@ -238,13 +238,14 @@ class OutputStore:
 
         call_with_retries(rm, self.url(name), POLICY)
 
-    def zarr_group(self, name: str, mode: str = "r") -> Any:
-        """A zarr group under the root (LocalStore on disk, FsspecStore on object storage)."""
+    def zarr_group(self, name: str, mode: str = "r", attributes: dict[str, Any] | None = None) -> Any:
+        """A zarr group under the root (LocalStore on disk, FsspecStore on object storage);
+        ``attributes``: a new group's, written with its metadata rather than after it."""
         import zarr
 
         if not self.remote:
-            return zarr.open_group(self.path(name), mode=mode)  # type: ignore[arg-type]
-        return zarr.open_group(self.url(name), mode=mode,  # type: ignore[arg-type]
+            return zarr.open_group(self.path(name), mode=mode, attributes=attributes)  # type: ignore[arg-type]
+        return zarr.open_group(self.url(name), mode=mode, attributes=attributes,  # type: ignore[arg-type]
                                storage_options=library_options(self.uri, self.options))
 
 

@@ -110,6 +110,10 @@ class ShardWriter:
         self._file: Any = None
         self._pq: pq.ParquetWriter | None = None
         self._zarr: Any = None
+        #: the group's arrays as created: looked up by name, each append cost two metadata reads
+        self._arrays: dict[str, Any] = {}
+        #: the group's index and output names, written with the attributes at commit
+        self._names: dict[str, list[str]] = {}
         self._pending: list[dict[str, np.ndarray]] = []
         self._pending_bytes = 0
         if self.group is not None:
@@ -141,10 +145,9 @@ class ShardWriter:
         self._write_parquet(index, outputs)
         if self.group is not None:
             columns = {**index, **outputs}
-            names = {"index_columns": list(index), "outputs": list(outputs)}
+            self._names = {"index_columns": list(index), "outputs": list(outputs)}
             del merged, index, outputs
             self._write_zarr(columns, final)
-            self._zarr.attrs.update(names)
 
     def _parquet(self, schema: pa.Schema) -> pq.ParquetWriter:
         if self._pq is None:
@@ -165,8 +168,7 @@ class ShardWriter:
 
     def _open_group(self) -> Any:
         if self._zarr is None:
-            self._zarr = self.store.zarr_group(f"{ZARR}/{self.group}", mode="w")
-            self._zarr.attrs.update(_jsonable(self.attrs))
+            self._zarr = self.store.zarr_group(f"{ZARR}/{self.group}", mode="w", attributes=_jsonable(self.attrs))
         return self._zarr
 
     def _write_zarr(self, columns: dict[str, np.ndarray], final: bool) -> None:
@@ -179,16 +181,17 @@ class ShardWriter:
             text = arr.dtype == object or arr.dtype.kind == "U"
             if text:  # variable-length UTF-8: the string type zarr v3 specifies
                 arr = arr.astype(object)
-            if name not in group:
+            if name not in self._arrays:
                 chunks, shards = ((ZARR_CHUNK_ROWS,), None) if text else zarr_layout(arr.shape, arr.dtype.itemsize)
-                group.create_array(name, shape=(0,) + arr.shape[1:], chunks=chunks, shards=shards,
-                                   dtype=str if text else arr.dtype)
-            rows = (group[name].shards or group[name].chunks)[0]
+                self._arrays[name] = group.create_array(name, shape=(0,) + arr.shape[1:], chunks=chunks,
+                                                        shards=shards, dtype=str if text else arr.dtype)
+            array = self._arrays[name]
+            rows = (array.shards or array.chunks)[0]
             whole = len(arr) if final else len(arr) - len(arr) % rows
             if whole < len(arr):
                 self._zarr_carry[name] = arr[whole:].copy()
             if whole:
-                group[name].append(arr[:whole])
+                array.append(arr[:whole])
 
     def _carried(self, name: str, values: np.ndarray | None) -> np.ndarray:
         carry = self._zarr_carry.pop(name, None)
@@ -205,8 +208,9 @@ class ShardWriter:
         sha = self._file.sha.hexdigest()
         self._files.close()
         if self.group is not None:
-            # Attributes again at commit: the reader's counts (REF mismatches) grow while it reads.
-            self._open_group().attrs.update(_jsonable(self.attrs))
+            # Attributes again at commit: the reader's counts (REF mismatches) grow while it reads;
+            # one write of the group's metadata, with the names of what it holds.
+            self._open_group().attrs.update({**_jsonable(self.attrs), **self._names})
         return {"rows": self.rows, "part": self.part, "group": self.group, "sha256": sha}
 
     def abort(self) -> None:

@@ -1,0 +1,68 @@
+"""A shard's output writer at its fixed cost: many small shards (a biopsy's 16 tiles each), two
+versions of gpubatch side by side, alternating fresh processes.
+
+    python bench/bench_shard_writer.py --before /path/to/old/checkout [--after .] [--shards 200]
+        [--rows 16] [--repeats 5]
+
+Each process writes ``--shards`` shards through ``outputs.writer.ShardWriter`` (parquet and
+zarr: two index columns, a 2-wide and an 8-wide output) into a fresh local output and commits
+each. The figure is CPU (and wall) milliseconds per shard, the median over the repeats: the
+per-shard cost a run of thousands of small slides pays beside its tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r'''
+import json, sys, tempfile, time
+import numpy as np
+from gpubatch.outputs.store import OutputStore
+from gpubatch.outputs.writer import ShardWriter
+shards, rows = int(sys.argv[1]), int(sys.argv[2])
+store = OutputStore(tempfile.mkdtemp())
+rng = np.random.default_rng(0)
+t0, c0 = time.perf_counter(), time.process_time()
+for i in range(shards):
+    w = ShardWriter(store, f"s{i}", "a1", {"slide": f"slide{i}.tif"}, {"mpp": 0.5, "level": 0}, ["parquet", "zarr"])
+    w.write({"x": np.arange(rows, dtype=np.int64), "y": np.arange(rows, dtype=np.int64)},
+            {"prob": rng.random((rows, 2), dtype=np.float32), "emb": rng.random((rows, 8), dtype=np.float32)})
+    w.commit()
+print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}))
+'''
+
+
+def one(root: str, shards: int, rows: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(shards), str(rows)], env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", required=True, help="the package root of the version to compare with")
+    ap.add_argument("--after", default=str(Path(__file__).resolve().parents[1]))
+    ap.add_argument("--shards", type=int, default=200)
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    trees = [("before", args.before), ("after", args.after)]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in trees}
+    for r in range(args.repeats):
+        for name, root in (trees if r % 2 == 0 else trees[::-1]):
+            runs[name].append(one(root, args.shards, args.rows))
+    for name, rows in runs.items():
+        cpu = statistics.median(x["cpu"] for x in rows) / args.shards * 1e3
+        wall = statistics.median(x["wall"] for x in rows) / args.shards * 1e3
+        print(f"{name}: {cpu:.1f} ms CPU, {wall:.1f} ms wall per shard of {args.rows} rows (median of {args.repeats})")
+
+
+if __name__ == "__main__":
+    main()
