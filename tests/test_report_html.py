@@ -100,6 +100,19 @@ def test_constructed_page_content(constructed: Path) -> None:
     assert "items/s model-only" in html and "of model speed lost" in html
 
 
+def test_five_thousand_failures_draw_their_errors_and_a_bounded_table(constructed: Path) -> None:
+    """5,000 quarantined inputs drew 5,000 rows; now the first 200, with the errors above them
+    by count (each input stays in report.json's failed)."""
+    kinds = ["InputError: not a TIFF file (byte {n})", "SlideOpenError: truncated JPEG tile {n} at level 0"]
+    failed = [{"input": f"/data/s{n:05d}.tif", "error": kinds[n % 2].format(n=n)} for n in range(5000)]
+    html = render_html({**rp.load_report(constructed), "failed": failed})
+    assert html.count('<tr class="failed">') == 200 + 2  # 200 inputs, two errors
+    failures = re.search(r'<table id="failures">.*?</table>', html, re.S)
+    assert failures and "<td>2,500</td>" in failures.group(0) and "not a TIFF file (byte 0)" in failures.group(0)
+    assert "5,000 inputs quarantined, 2 distinct errors" in html and "/data/s04999.tif" not in html
+    assert len(html) < 300_000
+
+
 def test_real_run_without_remote_storage_says_so(real_run: Path) -> None:
     html = _html(real_run)
     assert "no remote storage requests" in html

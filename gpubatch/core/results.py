@@ -7,6 +7,7 @@ in four places.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -109,6 +110,23 @@ def quarantined_count(failed: list[dict[str, Any]]) -> int:
     """How many inputs or records a ``failed`` list stands for: an entry may speak for ``count``
     of them (a BED's bad lines past those listed one by one)."""
     return sum(int(f.get("count", 1)) for f in failed)
+
+
+def failure_groups(failed: list[dict[str, Any]], shown_inputs: int = 3) -> list[dict[str, Any]]:
+    """Quarantined inputs grouped by their error, largest group first: [{error, count, inputs}].
+
+    Errors that differ only in numbers (a byte offset, a level) or in naming their own input are
+    one group; ``error`` is the first input's text and ``inputs`` its first ``shown_inputs``
+    inputs. 5,000 failures of three kinds read as three lines; each input stays in the list."""
+    groups: dict[str, dict[str, Any]] = {}
+    for f in failed:
+        text, where = str(f.get("error") or ""), str(f.get("input") or "")
+        key = re.sub(r"\d+", "N", text.replace(where, "<input>") if where else text)
+        group = groups.setdefault(key, {"error": text, "count": 0, "inputs": []})
+        group["count"] += int(f.get("count", 1))
+        if len(group["inputs"]) < shown_inputs:
+            group["inputs"].append(where)
+    return sorted(groups.values(), key=lambda g: -g["count"])
 
 
 @dataclass

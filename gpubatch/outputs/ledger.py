@@ -62,9 +62,9 @@ class Ledger:
 
     def records(self) -> list[dict[str, Any]]:
         """Every event record of every run (small outputs and reports; a rebuild streams them)."""
-        return list(self.iter_records(self._record_names()))
+        return list(self.iter_records(self.record_names()))
 
-    def _record_names(self) -> list[str]:
+    def record_names(self) -> list[str]:
         return [f"{AUDIT_DIR}/{n}" for n in self.store.listdir(AUDIT_DIR) if n.endswith(".json")]
 
     def iter_records(self, names: list[str]) -> Iterator[dict[str, Any]]:
@@ -84,7 +84,7 @@ class Ledger:
         runs: dict[str, dict[str, Any]] = {}
 
         def lines() -> Iterator[tuple[float, str, str]]:
-            for event in self.iter_records(self._record_names()):  # one read of each record
+            for event in self.iter_records(self.record_names()):  # one read of each record
                 if event.get("event") == "run_start":
                     runs[event["run_id"]] = event
                 yield _sortable(event)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
-from gpubatch.core.results import quarantined_count
+from gpubatch.core.results import failure_groups, quarantined_count
 from gpubatch.io.uris import uri_name
 from gpubatch.outputs.layout import HEATMAPS_DIR, REPORT_HTML, heatmap_name
 from gpubatch.outputs.store import OutputStore
@@ -51,6 +51,8 @@ BREAKDOWN = (
 )
 MUTED_LINE, INK_LINE = "#9aa5b1", "#1f2933"
 MAX_HEATMAPS = 48  # inlined in the page; the rest stay in heatmaps/
+MAX_FAILED_ROWS = 200  # quarantined inputs drawn one per row; past it, grouped by error as well
+MAX_LISTED_GROUPS = 100  # distinct errors drawn
 CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 
 CSS = """
@@ -265,7 +267,8 @@ def _shard_table(report: dict[str, Any]) -> str:
     empty ones with the reason they yielded no items."""
     import pandas as pd
 
-    df = shard_frame(report)
+    failed = report.get("failed") or []
+    df = shard_frame({**report, "failed": failed[:MAX_FAILED_ROWS]})
     if df.empty:
         return "<p>No shards ran.</p>"
     head = ("<tr><th class=l>input</th><th>status</th><th>items</th><th>seconds</th><th>items/s</th>"
@@ -279,7 +282,24 @@ def _shard_table(report: dict[str, Any]) -> str:
             f'<td>{escape(r["status"])}</td><td>{int(r["items"]):,}</td><td>{_num(r["wall_s"], "{:.2f}")}</td>'
             f'<td>{_num(r["items_per_s"])}</td><td>{_num(r["starvation"], "{:.1%}")}</td><td>{retries}</td>'
             f'<td class="l">{escape(why)}</td></tr>')
-    return f'<table id="shards">{head}{"".join(body)}</table>'
+    return f'{_failure_groups(failed)}<table id="shards">{head}{"".join(body)}</table>'
+
+
+def _failure_groups(failed: list[dict[str, Any]]) -> str:
+    """Past MAX_FAILED_ROWS quarantined inputs, a table of their errors with counts above the
+    inputs' table, which then lists the first MAX_FAILED_ROWS: a run with 5,000 failures drew
+    5,000 rows. report.json's ``failed`` lists every input."""
+    if len(failed) <= MAX_FAILED_ROWS:
+        return ""
+    groups = failure_groups(failed)
+    rows = "".join(f'<tr class="failed"><td>{g["count"]:,}</td><td class="l">{escape(g["error"])}</td>'
+                   f'<td class="l mono">{escape(", ".join(g["inputs"]))}</td></tr>' for g in groups[:MAX_LISTED_GROUPS])
+    more = len(groups) - MAX_LISTED_GROUPS
+    note = f" ({more} more errors not shown)" if more > 0 else ""
+    return (f'<p class=sub id="failures-note">{quarantined_count(failed):,} inputs quarantined, {len(groups)} distinct '
+            f"errors{note}; the table below lists the first {MAX_FAILED_ROWS}, report.json's <span class=mono>failed"
+            f'</span> every one.</p><table id="failures"><tr><th>inputs</th><th class=l>error (first input\'s)</th>'
+            f"<th class=l>first inputs</th></tr>{rows}</table>")
 
 
 def _run_table(report: dict[str, Any]) -> str:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gpubatch.core.results import quarantined_count
+from gpubatch.core.results import failure_groups, quarantined_count
 from gpubatch.io.redact import safe_text
 from gpubatch.report.verdict import cores_sentence, starvation_words
 
 MAX_LISTED = 10
 #: quarantined inputs the terminal summary lists; report.json lists them all
 MAX_FAILED_SHOWN = 20
+#: past MAX_FAILED_SHOWN, the errors the terminal summary shows (largest groups first)
+MAX_FAILED_GROUPS = 10
 #: a stage's unexplained remainder is shown when it is over this share of the stage's busy time
 OTHER_SHOWN = 0.05
 #: how each skip reason reads in a sentence
@@ -206,6 +208,27 @@ def operator_lines(report: dict[str, Any]) -> list[str]:
             *(f"note: {n}" for n in report.get("notes") or [])]
 
 
+def failed_lines(failed: list[dict[str, Any]]) -> list[str]:
+    """The quarantined inputs: each one where there are few; past MAX_FAILED_SHOWN, the
+    MAX_FAILED_GROUPS largest groups by error with their counts and first inputs (5,000 failures
+    printed 20 of them and "4980 more": which errors, how many of each, went unsaid)."""
+    if not failed:
+        return []
+    count = quarantined_count(failed)
+    if len(failed) <= MAX_FAILED_SHOWN:
+        return [f"quarantined {count} input(s):", *(f"  {f['input']}: {f['error']}" for f in failed)]
+    groups = failure_groups(failed)
+    lines = [f"quarantined {count} input(s): {len(groups)} distinct error(s), largest first "
+             f"(report.json's failed lists every input with its error):"]
+    for g in groups[:MAX_FAILED_GROUPS]:
+        more = ", ..." if g["count"] > len(g["inputs"]) else ""
+        lines.append(f"  {g['count']} x {g['error']}  ({', '.join(g['inputs'])}{more})")
+    if len(groups) > MAX_FAILED_GROUPS:
+        rest = sum(g["count"] for g in groups[MAX_FAILED_GROUPS:])
+        lines.append(f"  ... and {len(groups) - MAX_FAILED_GROUPS} more error(s) of {rest} input(s)")
+    return lines
+
+
 def format_summary(report: dict[str, Any]) -> str:
     """The terminal summary: headline, run facts, clocks and verdict (when there is something to
     judge), the precision gate, data quality, empty/retried/lost work, notes, quarantined inputs."""
@@ -220,11 +243,6 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(gate)
     lines += quality_lines(report)
     lines += operator_lines(report)
-    if report.get("failed"):
-        failed = report["failed"]
-        lines.append(f"quarantined {quarantined_count(failed)} input(s):")
-        lines.extend(f"  {f['input']}: {f['error']}" for f in failed[:MAX_FAILED_SHOWN])
-        if len(failed) > MAX_FAILED_SHOWN:
-            lines.append(f"  ... and {len(failed) - MAX_FAILED_SHOWN} more, listed in report.json's failed")
+    lines += failed_lines(report.get("failed") or [])
     # Names, paths and errors come from users and files: every line redacted and made printable.
     return "\n".join(safe_text(line) for line in lines)

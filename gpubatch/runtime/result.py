@@ -148,10 +148,11 @@ def _committed_predictions(store: OutputStore, columns: list[str] | None, filter
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gpubatch.outputs.manifest import Manifest
+    from gpubatch.outputs.manifest import CommitRef, Manifest
     from gpubatch.outputs.merge import read_part
 
-    entries = Manifest(store).entries()
+    # what a part's read needs of each record, not the records (every shard's clocks and samples)
+    entries = {e.shard_id: CommitRef.of(e) for e in Manifest(store).iter_entries()}
     expression = pq.filters_to_expression(filters) if filters else None
     wanted = None if columns is None else [*columns, *(c for c in _filter_columns(filters) if c not in columns)]
     tables = []
