@@ -183,3 +183,29 @@ def test_screenshot(constructed: Path, tmp_path: Path) -> None:
     _chromium(constructed / "report.html", tmp_path / "profile", "--hide-scrollbars",
               "--window-size=1280,1800", f"--screenshot={shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_the_report_reads_only_the_heatmaps_it_shows(tmp_path: Path) -> None:
+    """report.html inlines MAX_HEATMAPS pictures; it read every listed slide's (up to 2,000) to
+    show them. Now it reads as many as it still wants, and slides without a picture are passed
+    over, not shown short."""
+    import io
+
+    from PIL import Image
+
+    from gpubatch.outputs.layout import HEATMAPS_DIR, heatmap_name
+    from gpubatch.outputs.store import OutputStore
+    from gpubatch.report.html import MAX_HEATMAPS, read_heatmaps
+
+    store = OutputStore(str(tmp_path))
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    shards = [{"shard_id": f"s{i:04d}", "input": f"slide{i:04d}.tif"} for i in range(20 * MAX_HEATMAPS)]
+    for shard in shards[5:]:  # the first five slides have none (quarantined)
+        store.write_bytes(f"{HEATMAPS_DIR}/{heatmap_name(shard['shard_id'])}", png.getvalue())
+    asked: list[str] = []
+    real = store.read_many
+    store.read_many = lambda names: asked.extend(names) or real(names)  # type: ignore[method-assign]
+    found = read_heatmaps(store, {"shards": shards})
+    assert [h.slide for h in found] == [f"slide{i:04d}.tif" for i in range(5, 5 + MAX_HEATMAPS)]
+    assert len(asked) == MAX_HEATMAPS + 5

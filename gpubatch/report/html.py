@@ -369,25 +369,35 @@ class Heatmap:
     caption: str
 
 
-def read_heatmaps(store: OutputStore, report: dict[str, Any]) -> list[Heatmap]:
-    """The heatmaps of the report's slides (heatmaps/<key>.png), inlined, ordered by slide URI."""
+def _inlined(data: bytes, shard: dict[str, Any]) -> Heatmap:
+    """A heatmap PNG as the report shows it: inlined, captioned by its text chunks."""
     import base64
     import io
 
     from PIL import Image
 
+    with Image.open(io.BytesIO(data)) as image:  # the chunks before the pixels: nothing decoded
+        text = {k: v for k, v in image.info.items() if isinstance(v, str)}
+    low, _, high = text.get("gpubatch:range", "").partition(" ")
+    caption = f"{text.get('gpubatch:colour', 'output')}, {low} to {high}" if high else text.get("gpubatch:colour", "")
+    return Heatmap(uri_name(str(shard.get("input", ""))), "data:image/png;base64," + base64.b64encode(data).decode("ascii"),
+                   caption)
+
+
+def read_heatmaps(store: OutputStore, report: dict[str, Any]) -> list[Heatmap]:
+    """The heatmaps of the report's slides (heatmaps/<key>.png), inlined, ordered by slide URI: the
+    first MAX_HEATMAPS found, read a few at a time (it read up to 2,000 pictures to show 48)."""
     shards = sorted((s for s in report.get("shards") or [] if s.get("shard_id")), key=lambda s: str(s.get("input")))
     names = {f"{HEATMAPS_DIR}/{heatmap_name(str(s['shard_id']))}": s for s in shards}
     found: list[Heatmap] = []
-    pictures = store.read_many(list(names)) if store.exists(HEATMAPS_DIR) else {}
-    for name, shard in names.items():
-        data = pictures.get(name)
-        if data is None or len(found) >= MAX_HEATMAPS:
-            continue
-        with Image.open(io.BytesIO(data)) as image:  # the chunks before the pixels: nothing decoded
-            text = {k: v for k, v in image.info.items() if isinstance(v, str)}
-        low, _, high = text.get("gpubatch:range", "").partition(" ")
-        caption = f"{text.get('gpubatch:colour', 'output')}, {low} to {high}" if high else text.get("gpubatch:colour", "")
-        found.append(Heatmap(uri_name(str(shard.get("input", ""))), "data:image/png;base64,"
-                             + base64.b64encode(data).decode("ascii"), caption))
+    if not store.exists(HEATMAPS_DIR):
+        return found
+    todo = list(names)
+    while todo and len(found) < MAX_HEATMAPS:  # read as many as are still wanted: not every slide's
+        wanted, todo = todo[:MAX_HEATMAPS - len(found)], todo[MAX_HEATMAPS - len(found):]
+        pictures = store.read_many(wanted)
+        for name in wanted:
+            data = pictures.get(name)
+            if data is not None:
+                found.append(_inlined(data, names[name]))
     return found
