@@ -44,6 +44,8 @@ class RunContext:
     #: HEAD for the run): a worker loads its host's copy of that version with no request, or
     #: fetches that version (io.localized); None: local, or asked by the worker
     model_version: dict[str, Any] | None = None
+    #: ``slide_model.path``'s version, the same way (the client's one HEAD, handed to the workers)
+    slide_model_version: dict[str, Any] | None = None
     #: worker processes that share one worker's cores, where the client knows (a SLURM job's
     #: processes); None: counted on the worker, as the scheduler's workers on its host
     workers_per_host: int | None = None

@@ -230,7 +230,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             identity = _ask_identity(shard, job)
         threads = model_threads(ctx)
         model = get_model(localize(ctx.model_path, ctx.model_storage, ctx.model_version), ctx.backend, ctx.precision, threads)
-        head = SlideHead.for_job(job, threads)
+        head = SlideHead.for_job(job, threads, ctx.slide_model_version)
         warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)
         with clocks.part("open"):
             reader = source.open(shard, job, clocks)

@@ -315,7 +315,9 @@ def check_slide_model(job: JobSpec) -> None:
     spec = job.slide_model
     if spec is None:
         return
-    if not is_remote(spec.path) and not Path(local_path(spec.path)).is_file():
+    if is_remote(spec.path):  # fetched now (a missing one refused), into the copy run loads
+        _model_file(spec.path, job.input.storage, "slide_model.path")
+    elif not Path(local_path(spec.path)).is_file():
         raise SpecError([("slide_model.path", f"file not found: {spec.path}")])
     model = _onnx_file(job)
     if model is None:

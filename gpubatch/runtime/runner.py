@@ -37,7 +37,7 @@ from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.memory import collections_of_this_run, hand_back_freed_memory
 from gpubatch.core.results import ShardResult, quarantined_count
 from gpubatch.engine.context import RunContext
-from gpubatch.io.localized import localize, remote_version, versions_asked_once
+from gpubatch.io.localized import localize, version_if_remote, versions_asked_once
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
 from gpubatch.io.uris import is_remote
@@ -211,7 +211,7 @@ class _Run:
         models_dir = self.store.local() if not self.store.remote else cache_root() / "outputs" / self.run_id
         prepared = prepare_model(local_job, source, shards, models_dir)
         model_path, model_storage = self._model_for_workers(prepared.path, local_job.model.path)
-        model_version = remote_version(model_path, model_storage) if is_remote(model_path) else None
+        head_path = job.slide_model.path if job.slide_model is not None else None
         threads = job.model.threads or (max(1, cpu_count() // n_workers) if self.one_host else None)
         ctx = RunContext(
             outdir=self.store.uri, model_path=model_path,
@@ -221,7 +221,8 @@ class _Run:
             fallback_max_prob=prepared.fallback_max_prob,
             storage_profile=_storage_profile(self.prof, self.one_host),
             output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash(self.fields),
-            model_storage=model_storage, model_version=model_version,
+            model_storage=model_storage, model_version=version_if_remote(model_path, model_storage),
+            slide_model_version=version_if_remote(head_path, job.input.storage),
             workers_per_host=_workers_per_host(self.prof))
         return prepared, ctx
 
