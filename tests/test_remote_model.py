@@ -172,3 +172,20 @@ def test_a_slide_model_written_over_mid_run_is_refused_by_a_worker_handed_its_ve
     with pytest.raises(InputChanged, match="changed while it was read"):
         SlideHead.for_job(spec, 1, checked)
     assert not cached_copy(uri, checked).exists()
+
+
+def test_validate_refuses_a_remote_slide_model_that_is_not_there(
+        tmp_path: Path, slides: Path, bag_models: dict[str, Path], s3: S3Stack) -> None:
+    """A head on object storage whose widths are not checked (a torch file) was never asked for:
+    validate passed and every slide of the run was quarantined on a missing file."""
+    from gpubatch.core.errors import SpecError
+    from gpubatch.runtime.preflight import validate_job
+
+    uri = s3.uri(f"models/{uuid.uuid4().hex}/head.pt")
+    job = slide_job([str(slides / "*.tif")], bag_models["vit"], tmp_path / "out",
+                    slide_model={"path": uri, "backend": "torch"})
+    job["tiles"] = {"size": 32, "level": 0, "tissue": {"method": "none"}}
+    job["input"]["storage"] = s3.options()
+    spec = gpubatch.load_job(write_job(tmp_path / "job.yaml", job))
+    with pytest.raises(SpecError, match="slide_model.path.*cannot be fetched"):
+        validate_job(spec, open_inputs=False)
