@@ -189,3 +189,23 @@ def test_validate_refuses_a_remote_slide_model_that_is_not_there(
     spec = gpubatch.load_job(write_job(tmp_path / "job.yaml", job))
     with pytest.raises(SpecError, match="slide_model.path.*cannot be fetched"):
         validate_job(spec, open_inputs=False)
+
+
+def test_a_resume_refuses_a_remote_slide_model_written_over_since(
+        tmp_path: Path, slides: Path, bag_models: dict[str, Path], s3: S3Stack,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's outputs are committed with each slide; a remote head's URI stood for its
+    sha256 in the result fields, so a head written over between a run and its --resume kept the
+    old head's outputs beside the new one's (exit 0). Now its copy's sha256 is compared."""
+    from gpubatch.core.errors import SpecError
+
+    monkeypatch.setenv("GPUBATCH_CACHE", str(tmp_path / "cache"))
+    uri = s3.upload(bag_models["head"], f"models/{uuid.uuid4().hex}/head.onnx")
+    job = slide_job([str(slides / "m0.tif")], bag_models["vit"], tmp_path / "out", slide_model={"path": uri})
+    job["tiles"] = {"size": 32, "level": 0, "tissue": {"method": "none"}}
+    job["input"]["storage"] = s3.options()
+    path = write_job(tmp_path / "job.yaml", job)
+    assert gpubatch.run(path).exit_code == 0
+    s3.fs().put_file(str(bag_models["other"]), _key(s3, uri))
+    with pytest.raises(SpecError, match="slide_model.sha256"):
+        gpubatch.run(path, resume=True)
