@@ -250,6 +250,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     The model swept is the one the run would use (after quantization and the validation gate),
     and the choice is stored in the cache, so a following ``batch_size: auto`` run picks it up.
     """
+    from gpubatch.io.retry import policy_for, run_policy
     from gpubatch.models.prepare import prepare_model
     from gpubatch.models.prepare.tune import (
         WITHIN,
@@ -263,10 +264,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from gpubatch.spec import load_job
 
     job = load_job(args.job, list(args.set or []) + ["model.batch_size=auto"])
-    preflight(job)
-    source = get_source(job.kind)
-    shards, _ = source.plan(job)
-    prepared = prepare_model(job, source, shards, Path(job.output.uri), retune=True)
+    with run_policy(policy_for(job.run)):  # its reads retried as the run's would be
+        preflight(job)
+        source = get_source(job.kind)
+        shards, _ = source.plan(job)
+        prepared = prepare_model(job, source, shards, Path(job.output.uri), retune=True)
     tuning = prepared.report.get("tuning", {})
     result = TuneResult(prepared.batch_size, [CurvePoint(**p) for p in tuning.get("curve", [])],
                         False, tuning.get("key", ""), tuning.get("stopped_by", ""))

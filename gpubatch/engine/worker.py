@@ -156,7 +156,7 @@ def _forget_stale(source: Source, job: JobSpec, shard: Shard) -> None:
 def _configure_worker_once(ctx: RunContext) -> None:
     """Per worker process, once: malloc arenas, library warnings into the log, and the profile's
     storage settings (the stage cache lives on between shards, so it is configured again only
-    when the settings change).
+    when the settings change); per shard, the run's retry policy.
 
     Locked: a worker's first two shards start together, and a second configuration would
     replace the stage cache (deleting its files) under the first shard's downloads.
@@ -164,6 +164,7 @@ def _configure_worker_once(ctx: RunContext) -> None:
     import json
 
     from gpubatch.core.logs import route_library_logs
+    from gpubatch.io.retry import use_run_policy
     from gpubatch.io.stage_cache import configure_stage_cache
     from gpubatch.io.storage import configure_storage
 
@@ -178,6 +179,7 @@ def _configure_worker_once(ctx: RunContext) -> None:
             configure_storage(ctx.storage_profile)
             configure_stage_cache((ctx.storage_profile or {}).get("stage_cache"))
             _CONFIGURED["key"] = key
+        use_run_policy(ctx.storage_policy)  # the run's, whichever run this shard is of
 
 
 def _failure(shard: Shard, exc: BaseException, started: float, outdir: str) -> ShardResult:

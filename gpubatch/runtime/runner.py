@@ -39,6 +39,7 @@ from gpubatch.core.results import ShardResult, quarantined_count
 from gpubatch.engine.context import RunContext
 from gpubatch.io.localized import localize, version_if_remote, versions_asked_once
 from gpubatch.io.redact import redact
+from gpubatch.io.retry import policy_for, run_policy
 from gpubatch.io.retry_counts import count_claimed_retries
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import resolve_backend
@@ -74,7 +75,9 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     """Run a validated job to completion; see the module docstring for the failure rules."""
     prof = load_profile(profile or job.run.profile)
     start_worker_imports(prof)
-    with versions_asked_once():  # a remote model's version: one HEAD for every check of the run
+    # a remote model's version: one HEAD for every check of the run; the job's retry policy for
+    # every storage call of the client's (checks, plan, preparation; an inline run's shards)
+    with versions_asked_once(), run_policy(policy_for(job.run)):
         preflight(job, prof)
         store = OutputStore(job.output.uri, job.output.storage)
         guard_output(store, job.output.uri)
@@ -222,6 +225,7 @@ class _Run:
             storage_profile=_storage_profile(self.prof, self.one_host),
             output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash(self.fields),
             model_storage=model_storage, model_version=version_if_remote(model_path, model_storage),
+            storage_policy=policy_for(job.run),
             slide_model_version=version_if_remote(head_path, job.input.storage),
             workers_per_host=_workers_per_host(self.prof))
         return prepared, ctx
