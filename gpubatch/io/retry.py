@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from gpubatch.core.errors import InputChanged, InputError
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import note_retries
+from gpubatch.io.uris import has_query
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -420,7 +421,7 @@ _SCHEME_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "https"
 def _who_may_not_read(uri: str) -> str:
     """Why a read was denied: a presigned URL's signature (an http(s) URL with a query: no
     storage option signs it), else the credentials the options and environment give."""
-    if uri.lower().startswith(("http://", "https://")) and "?" in uri:
+    if has_query(uri):
         return "the URL's signature (its query) may have expired or not cover this object: sign it again"
     return (f"the credentials from input.storage, the profile or {_credentials_environment(uri)} "
             "may not read this object")
