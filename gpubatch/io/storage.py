@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.errors import InputError
 from gpubatch.io import clouds, obstore
+from gpubatch.io.metrics import record_head
 from gpubatch.io.ranges import (
     Fetched,
     FsspecRangeReader,
@@ -414,6 +415,8 @@ def stat(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | 
                 raise
     fs, path = get_fs(uri, options)
     info = call_with_retries(lambda: fs.info(path), uri, policy, clocks)
+    if info.get("type") != "directory":  # a prefix is answered by a listing (s3fs: after a 404 HEAD)
+        record_head()
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
     mtime = info.get("LastModified") or info.get("mtime") or info.get("updated")
     return {"size": int(info.get("size") or 0), "type": info.get("type", "file"),

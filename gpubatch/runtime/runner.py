@@ -38,6 +38,7 @@ from gpubatch.core.memory import collections_of_this_run, hand_back_freed_memory
 from gpubatch.core.results import ShardResult, quarantined_count
 from gpubatch.engine.context import RunContext
 from gpubatch.io.localized import localize, version_if_remote, versions_asked_once
+from gpubatch.io.metrics import count_claimed_heads
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import policy_for, run_policy
 from gpubatch.io.retry_counts import count_claimed_retries
@@ -328,6 +329,7 @@ class _Run:
             **_operator_facts(job, self.t_start), "data_quality": source.data_quality(job, shards, records()),
         }
         count_claimed_retries(self.builder.clocks)  # the client's: planning, uploads, in-process shards
+        count_claimed_heads(self.builder.clocks)
         summary = self.builder.summary(self.failed, time.time() - self.t_start, run_info).to_dict()
         write_report(store, summary)
         from gpubatch.report.html import write_html
