@@ -51,8 +51,9 @@ def test_a_remote_model_is_asked_once_per_run_and_fetched_anew_when_written_over
     """model.path on S3, three shards on worker processes: the client's checks (validate's in
     the run, the spec record, the preparation) shared one HEAD and the workers none (3 HEADs on
     the client and one per shard before); the one GET is the client's, the workers loading its
-    copy. Written over between runs, the next run's HEAD sees it and its workers load the new one."""
-    monkeypatch.setenv("GPUBATCH_CACHE", str(tmp_path / "cache"))  # inherited by the workers
+    copy (in the client's cache, RunContext.cache_dir: workers forked from a forkserver that an
+    earlier test started looked in that test's cache, and fetched the model again). Written over between runs, the next run's HEAD sees it and its workers load the new one."""
+    monkeypatch.setenv("GPUBATCH_CACHE", str(tmp_path / "cache"))  # the workers' too (cache_dir)
     uri = s3.upload(classifier, f"models/{uuid.uuid4().hex}/classifier.onnx")
     job = slide_job([str(slides / "*.tif")], classifier, tmp_path / "out1",
                     run={"profile": "local", "workers": 2, "readers": 1, "prefetch_batches": 1})
@@ -136,14 +137,13 @@ def bag_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_a_remote_slide_model_is_asked_once_per_run(
         tmp_path: Path, slides: Path, bag_models: dict[str, Path], s3: S3Stack,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """slide_model.path on S3, three shards: one HEAD for the run (the client's; each shard
-    asked one more before) and one GET, the shards loading the client's copy of that version.
-    The inline profile: worker processes fork from a forkserver that keeps the GPUBATCH_CACHE
-    of the test that started it, so theirs may be another test's cache (then one GET each)."""
+    """slide_model.path on S3, three shards on two worker processes: one HEAD for the run (the
+    client's; each shard asked one more before) and one GET, the workers loading the client's
+    copy of that version (in the client's cache: RunContext.cache_dir)."""
     monkeypatch.setenv("GPUBATCH_CACHE", str(tmp_path / "cache"))
     uri = s3.upload(bag_models["head"], f"models/{uuid.uuid4().hex}/head.onnx")
     job = slide_job([str(slides / "*.tif")], bag_models["vit"], tmp_path / "out",
-                    run={"profile": "inline", "readers": 1, "prefetch_batches": 1},
+                    run={"profile": "local", "workers": 2, "readers": 1, "prefetch_batches": 1},
                     slide_model={"path": uri})
     job["tiles"] = {"size": 32, "level": 0, "tissue": {"method": "none"}}
     job["model"]["batch_size"] = 8

@@ -50,6 +50,11 @@ class RunContext:
     #: the job's retry policy (``run.storage_attempts``, ``run.storage_max_wait_s``): every storage
     #: call of a worker's shards that names none retries under it (io.retry.default_policy)
     storage_policy: RetryPolicy | None = None
+    #: gpubatch's cache (``GPUBATCH_CACHE``) as the client resolved it, where every worker shares
+    #: its host: a worker forked from a forkserver has the environment the forkserver started
+    #: with, which a process that ran before (a notebook, a test session) may have had otherwise,
+    #: and its workers fetched the model again into another cache; None: the worker's own
+    cache_dir: str | None = None
     #: worker processes that share one worker's cores, where the client knows (a SLURM job's
     #: processes); None: counted on the worker, as the scheduler's workers on its host
     workers_per_host: int | None = None

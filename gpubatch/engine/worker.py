@@ -157,7 +157,8 @@ def _forget_stale(source: Source, job: JobSpec, shard: Shard) -> None:
 def _configure_worker_once(ctx: RunContext) -> None:
     """Per worker process, once: malloc arenas, library warnings into the log, and the profile's
     storage settings (the stage cache lives on between shards, so it is configured again only
-    when the settings change); per shard, the run's retry policy.
+    when the settings change); per shard, the run's retry policy and, on the client's host, its
+    cache folder.
 
     Locked: a worker's first two shards start together, and a second configuration would
     replace the stage cache (deleting its files) under the first shard's downloads.
@@ -181,6 +182,8 @@ def _configure_worker_once(ctx: RunContext) -> None:
             configure_stage_cache((ctx.storage_profile or {}).get("stage_cache"))
             _CONFIGURED["key"] = key
         use_run_policy(ctx.storage_policy)  # the run's, whichever run this shard is of
+        if ctx.cache_dir:  # the client's, on its host (core.files.cache_root)
+            os.environ["GPUBATCH_CACHE"] = ctx.cache_dir
 
 
 def _failure(shard: Shard, exc: BaseException, started: float, outdir: str) -> ShardResult:

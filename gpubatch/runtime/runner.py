@@ -226,7 +226,7 @@ class _Run:
             storage_profile=_storage_profile(self.prof, self.one_host),
             output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash(self.fields),
             model_storage=model_storage, model_version=version_if_remote(model_path, model_storage),
-            storage_policy=policy_for(job.run),
+            storage_policy=policy_for(job.run), cache_dir=str(cache_root()) if self.one_host else None,
             slide_model_version=version_if_remote(head_path, job.input.storage),
             workers_per_host=_workers_per_host(self.prof))
         return prepared, ctx
