@@ -55,6 +55,13 @@ def record_head() -> None:
     _HEADS.add()
 
 
+def forget_unclaimed_heads() -> None:
+    """Drop the HEADs counted in this process and not claimed yet: a run's client starts its
+    count afresh, or a long-lived process (a notebook's ``validate`` before ``run``, an earlier
+    run's requests after its report) would add them to the run's report."""
+    _HEADS.claim()
+
+
 def count_claimed_heads(clocks: StageClocks) -> None:
     """Add the HEADs answered in this process since the last claim to ``clocks`` (a shard's after
     its commit; the client's before the report)."""

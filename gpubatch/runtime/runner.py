@@ -38,7 +38,7 @@ from gpubatch.core.memory import collections_of_this_run, hand_back_freed_memory
 from gpubatch.core.results import ShardResult, quarantined_count
 from gpubatch.engine.context import RunContext
 from gpubatch.io.localized import localize, version_if_remote, versions_asked_once
-from gpubatch.io.metrics import count_claimed_heads
+from gpubatch.io.metrics import count_claimed_heads, forget_unclaimed_heads
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import policy_for, run_policy
 from gpubatch.io.retry_counts import count_claimed_retries
@@ -76,6 +76,7 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     """Run a validated job to completion; see the module docstring for the failure rules."""
     prof = load_profile(profile or job.run.profile)
     start_worker_imports(prof)
+    forget_unclaimed_heads()  # this run's HEADs from here on
     # a remote model's version: one HEAD for every check of the run; the job's retry policy for
     # every storage call of the client's (checks, plan, preparation; an inline run's shards)
     with versions_asked_once(), run_policy(policy_for(job.run)):
