@@ -365,16 +365,20 @@ class JobSpec(_Strict):
         return "; ".join([f"fasta {fasta}", *(f"{ext} {v}" for ext, v in found if v)])
 
     def _slide_model_fields(self) -> dict[str, Any] | None:
-        """The slide head's settings and, for a local file, its sha256 (its outputs are committed
-        with each shard, so another head must not meet them on --resume)."""
+        """The slide head's settings and its file's sha256 (its outputs are committed with each
+        shard, so another head must not meet them on --resume). A remote head's is its copy's at
+        the version the run asked (io.localized: fetched by preflight, no request more); its URI
+        stood in for it, so a head written over between a run and its resume went unseen."""
         if self.slide_model is None:
             return None
         from gpubatch.core.files import file_sha256
+        from gpubatch.io.localized import localize
 
         path = self.slide_model.path
-        local = not is_remote(path) and os.path.isfile(path)
+        if is_remote(path):
+            path = localize(path, self.input.storage)
         return {"backend": self.slide_model.backend, "features": self.slide_model.features,
-                "sha256": file_sha256(path) if local else path}
+                "sha256": file_sha256(path) if os.path.isfile(path) else path}
 
     def result_hash(self, fields: dict[str, Any] | None = None) -> str:
         """sha256 of :meth:`result_fields`, or of ``fields`` when the caller has them already: a

@@ -55,6 +55,8 @@ class Faults:
     latency_s: float = 0.0      # added to every request
     forbidden: set[str] = field(default_factory=set)  # "bucket/key" answered 403 AccessDenied
     failing_writes: set[str] = field(default_factory=set)  # writes to keys ending so answered 503
+    #: "bucket/key" -> how many of its next GETs are answered 503 SlowDown (a server throttling once)
+    slow_gets: dict[str, int] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -148,6 +150,10 @@ class FaultProxy:
             if key in self.faults.forbidden:
                 self.stats["forbidden"] += 1
                 return "forbidden"
+            if method == "GET" and self.faults.slow_gets.get(key, 0) > 0:
+                self.faults.slow_gets[key] -= 1
+                self.stats["errors"] += 1
+                return "error"
             roll = self._rng.random()
             if roll < self.faults.error_rate:
                 self.stats["errors"] += 1

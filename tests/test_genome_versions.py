@@ -466,3 +466,29 @@ def test_a_reference_written_over_while_it_is_planned_is_refused_at_the_plan(
     with pytest.raises(SpecError, match="changed while the run was planned: its index was checked against ETag"):
         run_job(JobSpec.model_validate(genome_spec(tmp_path, uri, s3.options())), profile="inline",
                 show_progress=False)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_the_storage_summary_counts_the_heads_of_a_reference_and_its_indexes(
+        s3: S3Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: str) -> None:
+    """A bgzip reference's HEADs (the plan's and the shards': the FASTA's identity, a reader's
+    size, an index read between two HEADs through fsspec) are the report's ``heads``, as many as
+    the server answered for the three objects; a HEAD of an object that is not there (a genome
+    zarr's zarr.json, looked for first) is not counted, as a failed GET is no request either.
+    The job validated first in the same process (a notebook's way): those HEADs are not the run's."""
+    from gpubatch.runtime.preflight import validate_job
+    from gpubatch.runtime.runner import run_job
+    from gpubatch.sources.genome.indexes import forget_indexes
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    uri = _upload_bgzip(s3, tmp_path, f"heads-{client}/ref.fa.gz")
+    job = JobSpec.model_validate(genome_spec(tmp_path, uri, s3.options()))
+    validate_job(job, profile_name="inline")
+    forget_indexes()
+    s3.proxy.reset()
+    result = run_job(job, profile="inline", show_progress=False)
+    assert result.exit_code == 0, result.report["failed"]
+    key = uri.removeprefix("s3://")
+    answered = sum(s3.proxy.heads.get(key + end, 0) for end in ("", ".fai", ".gzi"))
+    assert s3.proxy.heads.get(key + "/zarr.json") == 1  # 404: no genome zarr there
+    assert result.report["storage"]["heads"] == answered > 3, s3.proxy.heads

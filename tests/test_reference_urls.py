@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pytest
@@ -19,8 +21,14 @@ from gpubatch.io.uris import child, suffixed
 from gpubatch.spec import JobSpec
 
 pysam = pytest.importorskip("pysam")
+s3fs = pytest.importorskip("s3fs")
 
 from test_input_versions import CONTIGS, genome_spec, write_fasta  # noqa: E402
+
+if TYPE_CHECKING:
+    from s3_fixtures import S3Stack
+
+pytest_plugins = ["s3_fixtures"]
 
 RANGESERVER = Path(__file__).resolve().parents[1] / "bench" / "rangeserver.py"
 SIGNED = "?X-Amz-Signature=deadbeefcafe0123456789&X-Amz-Expires=600"
@@ -89,3 +97,36 @@ def test_a_missing_index_of_a_presigned_reference_names_where_it_was_looked_for(
     assert f"FASTA index {url}/{name}{missing}?X-Amz-Signature=***" in message, message
     assert "`samtools faidx`" in message and "`gpubatch ingest genome" in message, message
     assert "deadbeefcafe" not in message
+
+
+@pytest.mark.parametrize(("bgzip", "refused"), [(False, ".fai"), (True, ".gzi")])
+def test_an_index_a_presigned_url_does_not_sign_says_it_needs_its_own(
+        tmp_path: Path, s3: S3Stack, bgzip: bool, refused: str) -> None:
+    """A URL presigned for the FASTA alone signs that object only: a real S3 server (moto, with
+    the fault proxy answering the index 403 AccessDenied as S3 answers a signature of another
+    key) refuses the index asked with the FASTA's query. The user saw "access denied ... sign
+    it again", and signing the FASTA again changes nothing. Now the error says the index needs
+    its own signature and gives what works, with the signature redacted."""
+    from gpubatch.sources.genome.source import GenomeSource
+
+    name = "ref.fa.gz" if bgzip else "ref.fa"
+    fasta = write_fasta(tmp_path / name, CONTIGS, bgzip=bgzip)
+    key = f"presigned/{uuid.uuid4().hex}/{name}"
+    for end in ("", ".fai", ".gzi") if bgzip else ("", ".fai"):
+        s3.upload(Path(f"{fasta}{end}"), f"{key}{end}")
+    signer = s3fs.S3FileSystem(skip_instance_cache=True, **s3.options(config_kwargs={"signature_version": "s3v4"}))
+    signed = signer.url(f"{s3.bucket}/{key}")
+    assert "X-Amz-Signature=" in signed
+    s3.proxy.configure(forbidden={f"{s3.bucket}/{key}{refused}"})
+    with pytest.raises(SpecError) as caught:
+        GenomeSource().plan(JobSpec.model_validate(genome_spec(tmp_path, signed)))
+    message = str(caught.value)
+    assert f"{s3.proxy.url}/{s3.bucket}/{key}{refused}?" in message, message
+    assert "its own" in message and "local copy" in message and "gpubatch ingest genome" in message, message
+    signature = signed.split("X-Amz-Signature=", 1)[1].split("&", 1)[0]
+    assert signature not in message and "X-Amz-Signature=***" in message, message
+    from gpubatch.sources.genome.ingest import ingest_genome
+
+    ingest_genome(signed, str(tmp_path / "g.zarr"))  # the advice: the FASTA's own URL is enough
+    shards, failed = GenomeSource().plan(JobSpec.model_validate(genome_spec(tmp_path, str(tmp_path / "g.zarr"))))
+    assert shards and not failed

@@ -166,3 +166,31 @@ def test_a_slide_opened_ahead_is_planned_ahead_unless_switched_off(s3: S3Stack, 
             assert len(backend.plan.kept) > 0 and backend.plan.units
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize(("client", "access", "profile"), [
+    ("obstore", "stream", "inline"), ("fsspec", "stream", "inline"), ("obstore", "stage", "inline"),
+    ("fsspec", "stage", "local")])
+def test_the_storage_summary_counts_the_heads_the_server_answered(
+        tmp_path: Path, s3: S3Stack, remote_slides: str, mean_model: Path, monkeypatch: pytest.MonkeyPatch,
+        client: str, access: str, profile: str) -> None:
+    """HEADs were not counted ("storage: N requests" counts reads of bytes): the report's
+    ``heads`` is every HEAD of the slides the server answered, the client's (plan, identity)
+    and the workers' (identity, a reader's size; on worker processes too), through obstore and
+    s3fs alike. The glob's existence probes are not counted (s3fs's HEAD then LIST)."""
+    from gpubatch.report.html import render_html
+    from gpubatch.report.text import format_summary
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    job = slide_job([f"{remote_slides}/*.tif"], mean_model, tmp_path / "out", run={"profile": profile, "workers": 2})
+    job["input"].update(storage=s3.options(), access=access)
+    s3.proxy.reset()
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 0, result.report["failed"]
+    folder = remote_slides.removeprefix("s3://")
+    answered = sum(n for key, n in s3.proxy.heads.items() if key.startswith(f"{folder}/") and key.endswith(".tif")
+                   and "*" not in key)
+    heads = result.report["storage"]["heads"]
+    assert heads == answered >= 3, (heads, s3.proxy.heads)
+    assert f" + {heads} HEADs, " in format_summary(result.report)
+    assert f"<th class=\"l\">storage HEADs</th><td class=\"l mono\">{heads}</td>" in render_html(result.report)

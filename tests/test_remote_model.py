@@ -51,8 +51,9 @@ def test_a_remote_model_is_asked_once_per_run_and_fetched_anew_when_written_over
     """model.path on S3, three shards on worker processes: the client's checks (validate's in
     the run, the spec record, the preparation) shared one HEAD and the workers none (3 HEADs on
     the client and one per shard before); the one GET is the client's, the workers loading its
-    copy. Written over between runs, the next run's HEAD sees it and its workers load the new one."""
-    monkeypatch.setenv("GPUBATCH_CACHE", str(tmp_path / "cache"))  # inherited by the workers
+    copy (in the client's cache, RunContext.cache_dir: workers forked from a forkserver that an
+    earlier test started looked in that test's cache, and fetched the model again). Written over between runs, the next run's HEAD sees it and its workers load the new one."""
+    monkeypatch.setenv("GPUBATCH_CACHE", str(tmp_path / "cache"))  # the workers' too (cache_dir)
     uri = s3.upload(classifier, f"models/{uuid.uuid4().hex}/classifier.onnx")
     job = slide_job([str(slides / "*.tif")], classifier, tmp_path / "out1",
                     run={"profile": "local", "workers": 2, "readers": 1, "prefetch_batches": 1})
@@ -120,3 +121,91 @@ def test_a_model_written_over_mid_run_is_not_kept_as_the_version_the_run_checked
     assert not cached_copy(uri, checked).exists()
     now = localize(uri, s3.options())
     assert Path(now).read_bytes() == other_classifier.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def bag_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny ViT over 32-pixel tiles and two gated-ABMIL heads over its 16-wide features."""
+    from gpubatch.cli.pathology_models import make_abmil, make_vit
+
+    root = tmp_path_factory.mktemp("bag-models")
+    return {"vit": make_vit(root / "vit.onnx", img=32, patch=16, dim=16, depth=1, heads=2, seed=1),
+            "head": make_abmil(root / "head.onnx", dim=16, hidden=8, classes=2, seed=2),
+            "other": make_abmil(root / "other.onnx", dim=16, hidden=8, classes=2, seed=3)}
+
+
+def test_a_remote_slide_model_is_asked_once_per_run(
+        tmp_path: Path, slides: Path, bag_models: dict[str, Path], s3: S3Stack,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """slide_model.path on S3, three shards on two worker processes: one HEAD for the run (the
+    client's; each shard asked one more before) and one GET, the workers loading the client's
+    copy of that version (in the client's cache: RunContext.cache_dir)."""
+    monkeypatch.setenv("GPUBATCH_CACHE", str(tmp_path / "cache"))
+    uri = s3.upload(bag_models["head"], f"models/{uuid.uuid4().hex}/head.onnx")
+    job = slide_job([str(slides / "*.tif")], bag_models["vit"], tmp_path / "out",
+                    run={"profile": "local", "workers": 2, "readers": 1, "prefetch_batches": 1},
+                    slide_model={"path": uri})
+    job["tiles"] = {"size": 32, "level": 0, "tissue": {"method": "none"}}
+    job["model"]["batch_size"] = 8
+    job["input"]["storage"] = s3.options()
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 0, result.report.get("failed")
+    key = _key(s3, uri)
+    assert (s3.proxy.heads.get(key), s3.proxy.gets.get(key)) == (1, 1), (s3.proxy.heads, s3.proxy.gets)
+    assert len(result.slide_predictions()) == 3
+
+
+def test_a_slide_model_written_over_mid_run_is_refused_by_a_worker_handed_its_version(
+        tmp_path: Path, bag_models: dict[str, Path], s3: S3Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker without the copy fetches the head's version the client asked: the object written
+    over since fails the fetch (InputChanged, the shard retried then quarantined) instead of the
+    new head running over the run's bags under the checked version's name."""
+    from gpubatch.engine.slide_head import SlideHead
+
+    monkeypatch.setenv("GPUBATCH_CACHE", str(tmp_path / "cache"))
+    uri = s3.upload(bag_models["head"], f"models/{uuid.uuid4().hex}/head.onnx")
+    job = slide_job(["unused.tif"], bag_models["vit"], tmp_path / "out", slide_model={"path": uri})
+    job["input"]["storage"] = s3.options()
+    spec = gpubatch.load_job(write_job(tmp_path / "job.yaml", job))
+    checked = remote_version(uri, s3.options())
+    s3.fs().put_file(str(bag_models["other"]), _key(s3, uri))
+    with pytest.raises(InputChanged, match="changed while it was read"):
+        SlideHead.for_job(spec, 1, checked)
+    assert not cached_copy(uri, checked).exists()
+
+
+def test_validate_refuses_a_remote_slide_model_that_is_not_there(
+        tmp_path: Path, slides: Path, bag_models: dict[str, Path], s3: S3Stack) -> None:
+    """A head on object storage whose widths are not checked (a torch file) was never asked for:
+    validate passed and every slide of the run was quarantined on a missing file."""
+    from gpubatch.core.errors import SpecError
+    from gpubatch.runtime.preflight import validate_job
+
+    uri = s3.uri(f"models/{uuid.uuid4().hex}/head.pt")
+    job = slide_job([str(slides / "*.tif")], bag_models["vit"], tmp_path / "out",
+                    slide_model={"path": uri, "backend": "torch"})
+    job["tiles"] = {"size": 32, "level": 0, "tissue": {"method": "none"}}
+    job["input"]["storage"] = s3.options()
+    spec = gpubatch.load_job(write_job(tmp_path / "job.yaml", job))
+    with pytest.raises(SpecError, match="slide_model.path.*cannot be fetched"):
+        validate_job(spec, open_inputs=False)
+
+
+def test_a_resume_refuses_a_remote_slide_model_written_over_since(
+        tmp_path: Path, slides: Path, bag_models: dict[str, Path], s3: S3Stack,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's outputs are committed with each slide; a remote head's URI stood for its
+    sha256 in the result fields, so a head written over between a run and its --resume kept the
+    old head's outputs beside the new one's (exit 0). Now its copy's sha256 is compared."""
+    from gpubatch.core.errors import SpecError
+
+    monkeypatch.setenv("GPUBATCH_CACHE", str(tmp_path / "cache"))
+    uri = s3.upload(bag_models["head"], f"models/{uuid.uuid4().hex}/head.onnx")
+    job = slide_job([str(slides / "m0.tif")], bag_models["vit"], tmp_path / "out", slide_model={"path": uri})
+    job["tiles"] = {"size": 32, "level": 0, "tissue": {"method": "none"}}
+    job["input"]["storage"] = s3.options()
+    path = write_job(tmp_path / "job.yaml", job)
+    assert gpubatch.run(path).exit_code == 0
+    s3.fs().put_file(str(bag_models["other"]), _key(s3, uri))
+    with pytest.raises(SpecError, match="slide_model.sha256"):
+        gpubatch.run(path, resume=True)

@@ -260,6 +260,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     """
     import tempfile
 
+    from gpubatch.io.retry import policy_for, run_policy
     from gpubatch.models.prepare import prepare_model
     from gpubatch.models.prepare.tune import TuneResult
     from gpubatch.runtime.cluster import load_profile, worker_count
@@ -271,17 +272,18 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     in_spec = load_job(args.job, list(args.set or [])).model.batch_size
     job = load_job(args.job, list(args.set or []) + ["model.batch_size=auto"])
     prof = load_profile(args.profile or job.run.profile)
-    preflight(job, prof, tuning=True)
-    source = get_source(job.kind)
-    shards, failed = source.plan(job)
-    refuse_empty_plan(shards, failed)
-    here = all_workers_here(prof, None)
-    threads = workers_model_threads(job, worker_count(prof, len(shards), job.run.workers), here)
-    with tempfile.TemporaryDirectory(prefix="gpubatch-tune-") as models_dir:
-        # a reduced model is made in a folder of tune's own: the job's output is the run's to
-        # write (a folder holding only _models was then refused by validate and run as foreign)
-        prepared = prepare_model(job, source, shards, Path(models_dir), retune=True, threads=threads,
-                                 batch_limit=batch_limit(job, prof))
+    with run_policy(policy_for(job.run)):  # its reads retried as the run's would be
+        preflight(job, prof, tuning=True)
+        source = get_source(job.kind)
+        shards, failed = source.plan(job)
+        refuse_empty_plan(shards, failed)
+        here = all_workers_here(prof, None)
+        threads = workers_model_threads(job, worker_count(prof, len(shards), job.run.workers), here)
+        with tempfile.TemporaryDirectory(prefix="gpubatch-tune-") as models_dir:
+            # a reduced model is made in a folder of tune's own: the job's output is the run's to
+            # write (a folder holding only _models was then refused by validate and run as foreign)
+            prepared = prepare_model(job, source, shards, Path(models_dir), retune=True, threads=threads,
+                                     batch_limit=batch_limit(job, prof))
     _print_tuning(args, job, prepared, TuneResult.from_dict(prepared.report.get("tuning", {})), here)
     if in_spec != "auto":
         print(f"  note: the job's spec sets model.batch_size: {in_spec}, and `run` uses that; set "

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpubatch.core.cpu import usable_cores
+from gpubatch.io.retry import RetryPolicy
 
 log = logging.getLogger("gpubatch")
 IDENTITY_TIMEOUT_S = 10  # the scheduler's list of workers, asked once per worker process
@@ -44,6 +45,16 @@ class RunContext:
     #: HEAD for the run): a worker loads its host's copy of that version with no request, or
     #: fetches that version (io.localized); None: local, or asked by the worker
     model_version: dict[str, Any] | None = None
+    #: ``slide_model.path``'s version, the same way (the client's one HEAD, handed to the workers)
+    slide_model_version: dict[str, Any] | None = None
+    #: the job's retry policy (``run.storage_attempts``, ``run.storage_max_wait_s``): every storage
+    #: call of a worker's shards that names none retries under it (io.retry.default_policy)
+    storage_policy: RetryPolicy | None = None
+    #: gpubatch's cache (``GPUBATCH_CACHE``) as the client resolved it, where every worker shares
+    #: its host: a worker forked from a forkserver has the environment the forkserver started
+    #: with, which a process that ran before (a notebook, a test session) may have had otherwise,
+    #: and its workers fetched the model again into another cache; None: the worker's own
+    cache_dir: str | None = None
     #: worker processes that share one worker's cores, where the client knows (a SLURM job's
     #: processes); None: counted on the worker, as the scheduler's workers on its host
     workers_per_host: int | None = None

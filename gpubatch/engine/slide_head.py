@@ -100,11 +100,15 @@ class SlideHead:
         self.model, self.features = model, features
 
     @classmethod
-    def for_job(cls, job: JobSpec, threads: int | None) -> SlideHead | None:
+    def for_job(cls, job: JobSpec, threads: int | None, version: dict[str, Any] | None = None) -> SlideHead | None:
+        """The job's head, or None. ``version``: a remote head's version as the client asked it
+        (``RunContext.slide_model_version``): this host's copy of it is loaded with no request, or
+        that very version fetched (io.localized), never one written over since the run checked."""
         spec = job.slide_model
         if spec is None:
             return None
-        return cls(get_model(localize(spec.path, job.input.storage), spec.backend, "fp32", threads), spec.features)
+        path = localize(spec.path, job.input.storage, version)
+        return cls(get_model(path, spec.backend, "fp32", threads), spec.features)
 
     def sink(self, capacity: int) -> BagSink:
         """A shard's sink, its bag sized for the ``capacity`` tiles the slide is to have."""

@@ -35,6 +35,7 @@ from gpubatch.engine.model_stage import (
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
 from gpubatch.engine.slide_head import SlideHead, head_nonfinite_note
 from gpubatch.io.localized import localize
+from gpubatch.io.metrics import count_claimed_heads
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
 from gpubatch.io.storage import identity_differs, input_changed, input_identity
@@ -156,7 +157,8 @@ def _forget_stale(source: Source, job: JobSpec, shard: Shard) -> None:
 def _configure_worker_once(ctx: RunContext) -> None:
     """Per worker process, once: malloc arenas, library warnings into the log, and the profile's
     storage settings (the stage cache lives on between shards, so it is configured again only
-    when the settings change).
+    when the settings change); per shard, the run's retry policy and, on the client's host, its
+    cache folder.
 
     Locked: a worker's first two shards start together, and a second configuration would
     replace the stage cache (deleting its files) under the first shard's downloads.
@@ -164,6 +166,7 @@ def _configure_worker_once(ctx: RunContext) -> None:
     import json
 
     from gpubatch.core.logs import route_library_logs
+    from gpubatch.io.retry import use_run_policy
     from gpubatch.io.stage_cache import configure_stage_cache
     from gpubatch.io.storage import configure_storage
 
@@ -178,6 +181,9 @@ def _configure_worker_once(ctx: RunContext) -> None:
             configure_storage(ctx.storage_profile)
             configure_stage_cache((ctx.storage_profile or {}).get("stage_cache"))
             _CONFIGURED["key"] = key
+        use_run_policy(ctx.storage_policy)  # the run's, whichever run this shard is of
+        if ctx.cache_dir:  # the client's, on its host (core.files.cache_root)
+            os.environ["GPUBATCH_CACHE"] = ctx.cache_dir
 
 
 def _in_a_dask_worker() -> bool:
@@ -248,7 +254,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             identity = _ask_identity(shard, job)
         threads = model_threads(ctx)
         model = get_model(localize(ctx.model_path, ctx.model_storage, ctx.model_version), ctx.backend, ctx.precision, threads)
-        head = SlideHead.for_job(job, threads)
+        head = SlideHead.for_job(job, threads, ctx.slide_model_version)
         warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)
         with clocks.part("open"):
             reader = source.open(shard, job, clocks)
@@ -280,6 +286,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             shard_attrs = reader.attrs
         count_core_use(clocks, cores_before)
         count_claimed_retries(clocks)
+        count_claimed_heads(clocks)
         result = ShardResult(
             shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(MAX_SAMPLES),
             attrs=shard_attrs, model=_describe(model, head), host=socket.gethostname(), pid=os.getpid(),

@@ -62,6 +62,12 @@ def remote_version(uri: str, options: dict[str, Any] | None = None,
     return version
 
 
+def version_if_remote(uri: str | None, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """:func:`remote_version` of a remote file, None for a local one (or none): what the client hands its
+    workers for each model file a run loads (``RunContext.model_version``, ``slide_model_version``)."""
+    return remote_version(uri, options) if uri and is_remote(uri) else None
+
+
 def cached_copy(uri: str, version: dict[str, Any]) -> Path:
     """Where the copy of ``uri`` at ``version`` is kept on this host: named by the URI (its query
     left out: a presigned URL's signature changes, the object does not) and the version."""

@@ -1,5 +1,5 @@
-"""Storage metrics: requests, bytes, a mergeable latency histogram, requests in flight, and the
-report's storage line.
+"""Storage metrics: requests, bytes, a mergeable latency histogram, requests in flight, HEADs,
+and the report's storage line.
 
 Counters live in a shard's StageClocks (summed across shards), so the histogram is kept as one
 counter per log-spaced bucket rather than as raw samples: bounded in size, exact to merge.
@@ -12,6 +12,8 @@ import math
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+from gpubatch.io.retry_counts import Tally
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -35,6 +37,37 @@ def record_request(clocks: StageClocks | None, nbytes: int, seconds: float | Non
         upper = next(b for b in LATENCY_BOUNDS_MS if ms <= b)
         clocks.count(f"{LATENCY_PREFIX}{upper:g}", requests)
         clocks.count("storage.request_s", seconds * requests)
+
+
+#: HEADs answered in this process since the last claim (:func:`record_head`)
+_HEADS = Tally()
+
+
+def record_head() -> None:
+    """Count one request that found an object's size and version (a HEAD: :func:`gpubatch.io.
+    storage.stat`, a range reader's size; gcsfs asks its JSON API instead; a 404 is not counted,
+    as a failed GET is not in ``storage.requests``). Most are sent with no
+    shard's clocks at hand (the plan's, a background identity lookup, a reader's size), so they
+    are counted per process and claimed as retries are (:func:`count_claimed_heads`). Not
+    counted: an existence check (s3fs sends a HEAD, then a LIST where the key is missing; fsspec's
+    HTTP client a GET) and a library's own requests (zarr, an fsspec file), whose GETs are not
+    in ``storage.requests`` either."""
+    _HEADS.add()
+
+
+def forget_unclaimed_heads() -> None:
+    """Drop the HEADs counted in this process and not claimed yet: a run's client starts its
+    count afresh, or a long-lived process (a notebook's ``validate`` before ``run``, an earlier
+    run's requests after its report) would add them to the run's report."""
+    _HEADS.claim()
+
+
+def count_claimed_heads(clocks: StageClocks) -> None:
+    """Add the HEADs answered in this process since the last claim to ``clocks`` (a shard's after
+    its commit; the client's before the report)."""
+    heads = _HEADS.claim()
+    if heads:
+        clocks.count("storage.heads", heads)
 
 
 _in_flight = 0
@@ -99,14 +132,15 @@ def latency_percentiles(counters: dict[str, float]) -> dict[str, float | None]:
 
 def storage_summary(counters: dict[str, float], wall_s: float,
                     peaks: dict[str, float] | None = None) -> dict[str, Any]:
-    """The storage line of the report: requests, bytes, MB/s, p50/p99, requests in flight (mean
-    over the run, and the peak in one worker), bytes per request, retries, staging, waits."""
+    """The storage line of the report: requests (reads of bytes), bytes, MB/s, p50/p99, requests
+    in flight (mean over the run, and the peak in one worker), bytes per request, HEADs (apart:
+    they bring no bytes), retries, staging, waits."""
     get = counters.get
     nbytes = float(get("storage.bytes", 0.0))
     requests = int(get("storage.requests", 0))
     request_s = float(get("storage.request_s", 0.0))
     summary: dict[str, Any] = {
-        "requests": requests, "bytes": int(nbytes),
+        "requests": requests, "heads": int(get("storage.heads", 0)), "bytes": int(nbytes),
         "mb_per_s": round(nbytes / 1e6 / wall_s, 3) if wall_s > 0 else None,
         "bytes_per_request": int(nbytes / requests) if requests else None,
         "in_flight_mean": round(request_s / wall_s, 2) if wall_s > 0 and request_s else None,

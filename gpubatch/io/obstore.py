@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 from gpubatch.core.errors import InputError
 from gpubatch.io import clouds
+from gpubatch.io.metrics import record_head
 from gpubatch.io.ranges import Fetched, ObjectChanged, RangeReader
 from gpubatch.io.redact import redact, register_secrets
 from gpubatch.io.retry import storage_error
@@ -389,6 +390,7 @@ def head(store: Any, key: str, uri: str = "") -> dict[str, Any]:
         if unsized is exc:
             raise
         raise unsized from None
+    record_head()
     etag = (meta.get("e_tag") or "").strip('"') or None
     mtime = meta.get("last_modified")
     return {"size": int(meta["size"]), "type": "file", "etag": etag,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.errors import InputError
-from gpubatch.io.metrics import in_background, record_request, requests_in_flight
+from gpubatch.io.metrics import in_background, record_head, record_request, requests_in_flight
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import (
     RangesIgnored,
@@ -242,6 +242,7 @@ class FsspecRangeReader(RangeReader):
         info = sync(self.fs.loop, self.fs._info, self.path)
         if info.get("type") == "directory":
             raise IsADirectoryError(self.path)
+        record_head()
         return int(info.get("size") or 0)
 
 

@@ -20,7 +20,7 @@ from gpubatch.io.ranges import (
     retried_and_measured,
 )
 from gpubatch.io.redact import redact
-from gpubatch.io.retry import RetryPolicy, call_with_retries
+from gpubatch.io.retry import RetryPolicy, call_with_retries, default_policy
 from gpubatch.io.uris import spelled_as
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class RetriedFS:
     def __init__(self, fs: Any, name: str, policy: RetryPolicy | None = None,
                  clocks: StageClocks | None = None):
         self.fs, self.name = fs, redact(name)
-        self.policy, self.clocks = policy or RetryPolicy(), clocks
+        self.policy, self.clocks = policy or default_policy(), clocks
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return call_with_retries(lambda: fn(*args, **kwargs), self.name, self.policy, self.clocks)

@@ -8,12 +8,13 @@ jitter, and the number of attempts is bounded by ``run.storage_attempts``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import errno
 import random
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from gpubatch.core.errors import InputChanged, InputError
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import note_retries
+from gpubatch.io.uris import has_query
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -117,6 +119,40 @@ def policy_for(run: RunRetrySettings) -> RetryPolicy:
     """The retry policy a job's ``run`` section asks for: one place, so that a setting added
     there reaches every reader the job opens."""
     return RetryPolicy(attempts=run.storage_attempts, max_wait_s=run.storage_max_wait_s)
+
+
+#: the policy of the run this process serves, taken by every storage call that names none
+#: (:func:`default_policy`); None: :class:`RetryPolicy`'s defaults. Process-wide, as the
+#: profile's storage options are (io.storage.configure_storage): a call's reader threads and
+#: pools must see it too, which a context variable would not reach
+_run_policy: RetryPolicy | None = None
+
+
+def default_policy() -> RetryPolicy:
+    """The policy a storage call that names none retries under: the run's (:func:`run_policy`,
+    :func:`use_run_policy`), else the defaults. Only the slide source passed its job's policy:
+    a genome reference, its indexes, a VCF and a remote model were read with five attempts and
+    30 s waits whatever ``run.storage_attempts`` and ``run.storage_max_wait_s`` said."""
+    return _run_policy or RetryPolicy()
+
+
+def use_run_policy(policy: RetryPolicy | None) -> RetryPolicy | None:
+    """Make ``policy`` this process's :func:`default_policy` (a worker, for the run whose shard
+    it starts: RunContext.storage_policy); returns the one it replaces."""
+    global _run_policy
+    before, _run_policy = _run_policy, policy
+    return before
+
+
+@contextlib.contextmanager
+def run_policy(policy: RetryPolicy) -> Iterator[None]:
+    """:func:`use_run_policy` for a block (a run's client: its checks, plan and preparation;
+    ``validate``; ``tune``), then the policy as it was."""
+    before = use_run_policy(policy)
+    try:
+        yield
+    finally:
+        use_run_policy(before)
 
 
 def _is_obstore(exc: BaseException) -> bool:
@@ -385,7 +421,7 @@ _SCHEME_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "https"
 def _who_may_not_read(uri: str) -> str:
     """Why a read was denied: a presigned URL's signature (an http(s) URL with a query: no
     storage option signs it), else the credentials the options and environment give."""
-    if uri.lower().startswith(("http://", "https://")) and "?" in uri:
+    if has_query(uri):
         return "the URL's signature (its query) may have expired or not cover this object: sign it again"
     return (f"the credentials from input.storage, the profile or {_credentials_environment(uri)} "
             "may not read this object")
@@ -417,8 +453,9 @@ def count_retries(clocks: StageClocks | None, n: int = 1, throttled: int = 0) ->
 
 def call_with_retries(fn: Callable[[], T], uri: str, policy: RetryPolicy | None = None,
                       clocks: StageClocks | None = None) -> T:
-    """Run a synchronous storage call under the retry policy; failures become InputError."""
-    policy = policy or RetryPolicy()
+    """Run a synchronous storage call under the retry policy (the run's where none is named:
+    :func:`default_policy`); failures become InputError."""
+    policy = policy or default_policy()
     for attempt in range(policy.attempts):
         try:
             return fn()

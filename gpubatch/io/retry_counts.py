@@ -32,8 +32,9 @@ RETRY_LINES = {"botocore.retries.standard": "Retry needed, retrying request",
                "botocore.retryhandler": "Retry needed, action of"}
 
 
-class _Tally:
-    """A count and what of it has been claimed, under a lock."""
+class Tally:
+    """A count in this process and what of it has been claimed, under a lock: what is counted
+    without a shard's clocks, claimed by each shard (and the client) in turn, so none counts twice."""
 
     def __init__(self) -> None:
         self.counted = 0
@@ -54,7 +55,7 @@ class _RetryCounter(logging.Filter):
     def __init__(self, logger: logging.Logger, line: str):
         super().__init__()
         self.logger, self.line, self.own_level = logger, line, logger.level
-        self.tally = _Tally()
+        self.tally = Tally()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith(self.line):
@@ -67,8 +68,8 @@ class _RetryCounter(logging.Filter):
 _COUNTERS: list[_RetryCounter] = []
 _INSTALL = threading.Lock()
 #: gpubatch's own retries made without clocks, and how many of them followed a throttling answer
-_UNATTRIBUTED = _Tally()
-_UNATTRIBUTED_THROTTLED = _Tally()
+_UNATTRIBUTED = Tally()
+_UNATTRIBUTED_THROTTLED = Tally()
 
 
 def note_retries(n: int = 1, throttled: int = 0) -> None:

@@ -46,7 +46,13 @@ from gpubatch.io.host_files import (
 )
 from gpubatch.io.ranges import RangeReader
 from gpubatch.io.redact import redact
-from gpubatch.io.retry import RangesIgnored, RetryPolicy, call_with_retries, changed_while_read
+from gpubatch.io.retry import (
+    RangesIgnored,
+    RetryPolicy,
+    call_with_retries,
+    changed_while_read,
+    default_policy,
+)
 from gpubatch.io.storage import get_fs, open_ranges, stat
 from gpubatch.io.uris import protocol_of, spelled_as, uri_name
 
@@ -146,7 +152,7 @@ class StageCache:
                 if uri in self._entries:
                     continue
                 entry = self._new_entry(uri)
-            self._pool.submit(self._download, entry, options, policy or RetryPolicy(), False, companions)
+            self._pool.submit(self._download, entry, options, policy or default_policy(), False, companions)
             started.append(uri)
         return started
 
@@ -159,7 +165,7 @@ class StageCache:
                 entry = self._entries.get(uri) or self._new_entry(uri)
                 hit = entry.state == "ready"
             if entry.state == "pending":
-                self._download(entry, options, policy or RetryPolicy(), True, companions)
+                self._download(entry, options, policy or default_policy(), True, companions)
             entry.done.wait(WAIT_S)
             if entry.state == "ready" and self._pin(entry):
                 break

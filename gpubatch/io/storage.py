@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.errors import InputError
 from gpubatch.io import clouds, obstore
+from gpubatch.io.metrics import record_head
 from gpubatch.io.ranges import (
     Fetched,
     FsspecRangeReader,
@@ -42,7 +43,7 @@ from gpubatch.io.ranges import (
 )
 from gpubatch.io.redact import redact, register_secrets, register_uri
 from gpubatch.io.retried_fs import RetriedFS
-from gpubatch.io.retry import RetryPolicy, call_with_retries, ranges_refused
+from gpubatch.io.retry import RetryPolicy, call_with_retries, default_policy, ranges_refused
 from gpubatch.io.retry_counts import count_library_retries
 from gpubatch.io.uris import (
     is_remote,
@@ -59,8 +60,9 @@ PROTOCOL_EXTRAS = {"gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "a
 log = logging.getLogger("gpubatch")
 
 #: botocore's retries where the client must retry itself (see library_options): standard mode
-#: retries 5xx, throttling and dropped connections, re-sending a request's body
-CLIENT_RETRIES = {"max_attempts": RetryPolicy().attempts, "mode": "standard"}
+#: retries 5xx, throttling and dropped connections, re-sending a request's body; its attempts
+#: are the run's (``run.storage_attempts``: io.retry.default_policy)
+CLIENT_RETRY_MODE = "standard"
 
 #: fsspec's HTTP client (aiohttp) waits 300 s for a whole request by default and nothing bounds a
 #: read that stalls: these match obstore's (connect 10 s, 60 s of silence), see :func:`_http_timeouts`;
@@ -191,14 +193,15 @@ def resolve_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
-def library_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
+def library_options(uri: str, options: dict[str, Any] | None, attempts: int | None = None) -> dict[str, Any]:
     """Storage options for requests this layer does not make or cannot send again: a library's
     own (zarr's store, wsidicom's files, fsspec's file in :func:`open_file`) and a streamed
     upload's parts (:func:`upload_fs`). Profile then job options, secrets registered.
 
-    The client library's own retries stay on for them (:data:`CLIENT_RETRIES` for S3, unless the
-    options set theirs), so a 503 is not fatal; they are counted from botocore's own lines
-    (io.retry_counts), as the report's ``library_retries``.
+    The client library's own retries stay on for them (botocore's for S3, unless the options
+    set theirs: ``attempts``, else the run's ``run.storage_attempts``), so a 503 is not fatal;
+    they are counted from botocore's own lines (io.retry_counts), as the report's
+    ``library_retries``.
     """
     count_library_retries()
     merged = {**_profile_options, **(options or {})}
@@ -207,7 +210,8 @@ def library_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
         clouds.serve_off_google(merged)
     if protocol_of(uri) in ("s3", "s3a"):
         config = dict(merged.get("config_kwargs") or {})
-        config.setdefault("retries", dict(CLIENT_RETRIES))
+        config.setdefault("retries", {"max_attempts": attempts or default_policy().attempts,
+                                      "mode": CLIENT_RETRY_MODE})
         merged["config_kwargs"] = config
     if protocol_of(uri) in ("http", "https"):  # fsspec.open's file: a silent server held it 300 s
         merged = _http_timeouts(merged)
@@ -285,8 +289,9 @@ def _http_timeouts(options: dict[str, Any]) -> dict[str, Any]:
 def upload_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """:func:`get_fs`'s filesystem with the client's retries on (:func:`library_options`), for
     streamed writes: a file written as a stream uploads its parts as its buffer fills, and a
-    part that failed is gone from the stream, so only the client can send it again."""
-    return get_fs(uri, library_options(uri, options), client_retries=True)
+    part that failed is gone from the stream, so only the client can send it again. An output's
+    writes keep their own attempts (outputs.store), not the run's policy for its inputs."""
+    return get_fs(uri, library_options(uri, options, RetryPolicy().attempts), client_retries=True)
 
 
 def retried_fs(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
@@ -322,7 +327,7 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
         inner = _fsspec_reader(uri, options, max_concurrency)
     if clocks is not None and is_remote(uri):
         clocks.count(f"storage.client.{inner.client}")
-    return retried_and_measured(inner, policy or RetryPolicy(), clocks, count_wait)
+    return retried_and_measured(inner, policy or default_policy(), clocks, count_wait)
 
 
 def _fsspec_reader(uri: str, options: dict[str, Any] | None, max_concurrency: int) -> FsspecRangeReader:
@@ -410,6 +415,8 @@ def stat(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | 
                 raise
     fs, path = get_fs(uri, options)
     info = call_with_retries(lambda: fs.info(path), uri, policy, clocks)
+    if info.get("type") != "directory":  # a prefix is answered by a listing (s3fs: after a 404 HEAD)
+        record_head()
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
     mtime = info.get("LastModified") or info.get("mtime") or info.get("updated")
     return {"size": int(info.get("size") or 0), "type": info.get("type", "file"),
@@ -420,7 +427,7 @@ def stat(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | 
 def input_identity(uri: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Size and mtime (local) or size and ETag (object storage): what says an input changed."""
     try:
-        info = stat(uri, options, RetryPolicy(attempts=3))
+        info = stat(uri, options, default_policy())
     except InputError:
         return {"size": None}
     return identity_of(uri, info)
@@ -442,7 +449,7 @@ def file_version(uri: str, options: dict[str, Any] | None = None, *, digest: boo
         st = os.stat(path)
         return f"size:{st.st_size},mtime:{st.st_mtime}"
     try:
-        info = stat(uri, options, RetryPolicy(attempts=3))
+        info = stat(uri, options, default_policy())
     except InputError:
         return None
     if info["type"] == "directory":
@@ -475,7 +482,7 @@ def input_changed(uri: str, before: dict[str, Any], options: dict[str, Any] | No
     if before.get("etag") is None and before.get("mtime") is None:
         return None  # a prefix (an OME-Zarr image, a DICOM series): no one version to compare
     try:
-        after = identity_of(uri, stat(uri, options, RetryPolicy(attempts=3)))
+        after = identity_of(uri, stat(uri, options, default_policy()))
     except InputError as exc:
         if not exc.message.startswith("object not found"):
             raise

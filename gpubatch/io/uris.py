@@ -116,6 +116,12 @@ def _path_and_query(uri: str) -> tuple[str, str]:
     return uri[:cut], uri[cut:]
 
 
+def has_query(uri: str) -> bool:
+    """Whether ``uri`` is an http(s) URL with a query: a presigned URL's signature, a SAS token
+    (an object key's ``?`` is a plain character)."""
+    return _path_and_query(uri)[1].startswith("?")
+
+
 def suffixed(uri: str, suffix: str) -> str:
     """The file beside ``uri`` named as it is plus ``suffix`` (a FASTA's ``.fai``): the suffix
     goes on the path, before an http(s) URL's query (a presigned URL's signature, a SAS token),

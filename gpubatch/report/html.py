@@ -310,6 +310,7 @@ def _run_table(report: dict[str, Any]) -> str:
             ("batch size", report.get("batch_size")), ("batch fill", None if report.get("batch_fill") is None else pct(report["batch_fill"])),
             ("workers", report.get("workers")), ("readers per worker", report.get("readers")),
             ("profile", report.get("profile")), ("storage requests", st.get("requests")),
+            ("storage HEADs", st.get("heads")),
             ("storage MB", _num((st.get("bytes") or 0) / 1e6)), ("storage MB/s", _num(st.get("mb_per_s"))),
             ("storage retries", retries_words(st) if st else None),
             ("cores busy while shards ran", _cores_busy(report)),

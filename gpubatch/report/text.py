@@ -95,7 +95,8 @@ def _storage_line(report: dict[str, Any]) -> str | None:
     size = f" of {st['bytes_per_request'] / 1e3:.0f} kB" if st.get("bytes_per_request") else ""
     flight = (f", {st['in_flight_mean']:g} in flight on average (peak {st.get('in_flight_peak') or '-'})"
               if st.get("in_flight_mean") else "")
-    return (f"  storage: {st['requests']} requests{size}, {st['bytes'] / 1e6:.1f} MB{mbs}{lat}{flight}, "
+    heads = f" + {st['heads']} HEADs" if st.get("heads") else ""
+    return (f"  storage: {st['requests']} requests{size}{heads}, {st['bytes'] / 1e6:.1f} MB{mbs}{lat}{flight}, "
             f"{retries_words(st)}")
 
 

@@ -47,7 +47,9 @@ def check_slide_model(job: JobSpec, tile_model: str | None) -> None:
     spec = job.slide_model
     if spec is None:
         return
-    if not is_remote(spec.path) and not Path(local_path(spec.path)).is_file():
+    if is_remote(spec.path):  # fetched now (a missing one refused), into the copy the run loads
+        local_model_file(spec.path, job.input.storage, "slide_model.path")
+    elif not Path(local_path(spec.path)).is_file():
         raise SpecError([("slide_model.path", f"file not found: {spec.path}")])
     head = local_model_file(spec.path, job.input.storage, "slide_model.path") if spec.path.endswith(".onnx") else None
     if head is not None:

@@ -21,6 +21,7 @@ from gpubatch.core.errors import SpecError
 from gpubatch.core.switches import check_switches
 from gpubatch.io.listing import expand_uris
 from gpubatch.io.localized import versions_asked_once
+from gpubatch.io.retry import policy_for, run_policy
 from gpubatch.io.storage import missing_extra
 from gpubatch.io.uris import is_remote, local_path, other_host_problem, protocol_of, split_glob
 from gpubatch.outputs.writer import MAX_PARQUET_WIDTH, parquet_holds
@@ -542,20 +543,12 @@ def check_output(job: JobSpec, *, resume: bool = False, overwrite: bool = False)
     refuse_committed(store, job, resume=resume, overwrite=overwrite)
 
 
-def validate_job(job: JobSpec, *, open_inputs: bool = True, profile_name: str | None = None,
-                 resume: bool = False, overwrite: bool = False) -> PlanCheck:
-    """``preflight`` and the output's checks, then the plan (headers, variant REF checks, globs):
-    every refusal ``run`` (with the same --profile, --resume, --overwrite) makes before its first
-    shard. A job whose plan leaves nothing to run is refused too.
-    ``open_inputs``: also open every input as its shard would (slides), to list the ones a run
-    would quarantine; a job none of whose inputs would run is refused."""
+def _plan_and_open(job: JobSpec, profile: dict[str, Any], open_inputs: bool,
+                   ) -> tuple[Sequence[Shard], list[dict[str, str]], list[str]]:
+    """The plan, as ``run`` makes it, and (``open_inputs``) every input opened as its shard
+    would open it: the shards, the inputs that would fail, and the notes on the data."""
     from gpubatch.io.storage import storage_profile
-    from gpubatch.runtime.cluster import load_profile
 
-    profile = load_profile(profile_name or job.run.profile)
-    with versions_asked_once():  # a remote model: one HEAD for preflight's checks and the output's
-        preflight(job, profile)
-        check_output(job, resume=resume, overwrite=overwrite)
     source = get_source(job.kind)
     shards, failed = source.plan(job)
     refuse_empty_plan(shards, failed)
@@ -566,6 +559,24 @@ def validate_job(job: JobSpec, *, open_inputs: bool = True, profile_name: str | 
         failed, notes = failed + would_fail, notes + opened_notes
         if would_fail and len(would_fail) == len(shards):
             raise SpecError([(f["input"], f["error"]) for f in failed] + [("", "no input would run")])
+    return shards, failed, notes
+
+
+def validate_job(job: JobSpec, *, open_inputs: bool = True, profile_name: str | None = None,
+                 resume: bool = False, overwrite: bool = False) -> PlanCheck:
+    """``preflight`` and the output's checks, then the plan (headers, variant REF checks, globs):
+    every refusal ``run`` (with the same --profile, --resume, --overwrite) makes before its first
+    shard. A job whose plan leaves nothing to run is refused too.
+    ``open_inputs``: also open every input as its shard would (slides), to list the ones a run
+    would quarantine; a job none of whose inputs would run is refused."""
+    from gpubatch.runtime.cluster import load_profile
+
+    profile = load_profile(profile_name or job.run.profile)
+    with run_policy(policy_for(job.run)):  # every request retried as the run's would be
+        with versions_asked_once():  # a remote model: one HEAD for preflight's checks and the output's
+            preflight(job, profile)
+            check_output(job, resume=resume, overwrite=overwrite)
+        shards, failed, notes = _plan_and_open(job, profile, open_inputs)
     hints = [s.n_items_hint for s in shards]
     items = sum(h for h in hints if h is not None) if all(h is not None for h in hints) else None
     return PlanCheck(len(shards), items, failed, notes)

@@ -37,8 +37,10 @@ from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.memory import collections_of_this_run, hand_back_freed_memory
 from gpubatch.core.results import ShardResult, quarantined_count
 from gpubatch.engine.context import RunContext
-from gpubatch.io.localized import localize, remote_version, versions_asked_once
+from gpubatch.io.localized import localize, version_if_remote, versions_asked_once
+from gpubatch.io.metrics import count_claimed_heads, forget_unclaimed_heads
 from gpubatch.io.redact import redact
+from gpubatch.io.retry import policy_for, run_policy
 from gpubatch.io.retry_counts import count_claimed_retries
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import resolve_backend
@@ -74,7 +76,10 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     """Run a validated job to completion; see the module docstring for the failure rules."""
     prof = load_profile(profile or job.run.profile)
     start_worker_imports(prof)
-    with versions_asked_once():  # a remote model's version: one HEAD for every check of the run
+    forget_unclaimed_heads()  # this run's HEADs from here on
+    # a remote model's version: one HEAD for every check of the run; the job's retry policy for
+    # every storage call of the client's (checks, plan, preparation; an inline run's shards)
+    with versions_asked_once(), run_policy(policy_for(job.run)):
         preflight(job, prof)
         store = OutputStore(job.output.uri, job.output.storage)
         guard_output(store, job.output.uri)
@@ -213,7 +218,7 @@ class _Run:
         prepared = prepare_model(local_job, source, shards, models_dir, threads=threads,
                                  batch_limit=batch_limit(job, self.prof))
         model_path, model_storage = self._model_for_workers(prepared.path, local_job.model.path)
-        model_version = remote_version(model_path, model_storage) if is_remote(model_path) else None
+        head_path = job.slide_model.path if job.slide_model is not None else None
         ctx = RunContext(
             outdir=self.store.uri, model_path=model_path,
             backend=resolve_backend(job.model.backend, local_job.model.path), precision=prepared.precision,
@@ -222,7 +227,9 @@ class _Run:
             fallback_max_prob=prepared.fallback_max_prob,
             storage_profile=_storage_profile(self.prof, self.one_host),
             output_options=job.output.storage, run_id=self.run_id, result_hash=job.result_hash(self.fields),
-            model_storage=model_storage, model_version=model_version,
+            model_storage=model_storage, model_version=version_if_remote(model_path, model_storage),
+            storage_policy=policy_for(job.run), cache_dir=str(cache_root()) if self.one_host else None,
+            slide_model_version=version_if_remote(head_path, job.input.storage),
             workers_per_host=_workers_per_host(self.prof))
         return prepared, ctx
 
@@ -324,6 +331,7 @@ class _Run:
             **_operator_facts(job, self.t_start), "data_quality": source.data_quality(job, shards, records()),
         }
         count_claimed_retries(self.builder.clocks)  # the client's: planning, uploads, in-process shards
+        count_claimed_heads(self.builder.clocks)
         summary = self.builder.summary(self.failed, time.time() - self.t_start, run_info).to_dict()
         write_report(store, summary)
         from gpubatch.report.html import write_html

@@ -28,7 +28,7 @@ import numpy as np
 from gpubatch.core.errors import InputError
 from gpubatch.io.retry import changed_while_read
 from gpubatch.io.storage import identity_differs, identity_of, open_ranges, stat
-from gpubatch.io.uris import is_remote, suffixed
+from gpubatch.io.uris import has_query, is_remote, suffixed
 
 #: contigs whose bytes are checked, in a local file and in one on object storage (all arithmetic
 #: checks cover every contig; a contig not checked here is checked where it is first read)
@@ -73,6 +73,24 @@ def no_index(uri: str, ext: str) -> InputError:
                            f"{uri} OUT.zarr` and use the zarr as windows.reference")
 
 
+def unsigned_index(uri: str, ext: str, refusal: str) -> InputError:
+    """The FASTA ``uri`` is a signed URL (presigned, a SAS token) and its index ``.ext``, asked
+    at its own path with the FASTA's query, was refused (``refusal``: "access denied (403) ...").
+    An S3 or GCS signature signs one object, so a URL presigned for the FASTA never reads its
+    index; the user was told to sign the URL again, which changes nothing. The index needs its
+    own signature, which windows.reference cannot carry: the fixes that work, the URL redacted."""
+    where = suffixed(uri, f".{ext}")
+    denied = refusal.split(":", 1)[0]
+    return InputError(uri, f"FASTA index {where}: {denied}. A URL signed for the FASTA alone (an S3 "
+                           f"or GCS presigned URL) does not sign its .{ext}, which is read at its own "
+                           "path with the FASTA's query: the index needs its own signature, which "
+                           "windows.reference cannot carry. Use a local copy of the FASTA with its "
+                           "indexes, the object's s3://, gs:// or az:// URI with credentials in "
+                           "input.storage, a token that signs the whole folder (an Azure container "
+                           f"SAS), or convert the FASTA once with `gpubatch ingest genome {uri} "
+                           "OUT.zarr` (it needs no index) and use the zarr as windows.reference")
+
+
 #: an index's version per extension, as read: (``fai``/``gzi``) -> version or None (unknown)
 Versions = dict[str, str | None]
 
@@ -98,6 +116,8 @@ def read_index_file(fasta: str, storage_options: dict[str, Any] | None, ext: str
     except InputError as exc:
         if _missing(exc):
             raise no_index(fasta, ext) from None
+        if exc.message.startswith("access denied") and has_query(fasta):
+            raise unsigned_index(fasta, ext, exc.message) from None
         raise
     if versions is not None:
         versions[ext] = version

@@ -49,6 +49,7 @@ from gpubatch.io.retry import (
     RetryPolicy,
     call_with_retries,
     count_retries,
+    default_policy,
     is_throttled,
     is_transient,
     storage_error,
@@ -257,7 +258,7 @@ class OmeZarrBackend(SlideBackend):
                  options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
                  cache_bytes: int = 32 << 20):
         self.path = redact(url)
-        self.policy = policy or RetryPolicy()
+        self.policy = policy or default_policy()
         root = self._open_root(url, options)
         group, multiscales, version = find_multiscales(root, self.path)
         if not multiscales:

@@ -30,7 +30,7 @@ from gpubatch.core.threads import background_pool
 from gpubatch.io.ranges import RangeFile, RangeReader
 from gpubatch.io.readahead import ReadAhead
 from gpubatch.io.redact import redact
-from gpubatch.io.retry import RetryPolicy
+from gpubatch.io.retry import RetryPolicy, default_policy
 from gpubatch.io.stage_cache import StageCache, StagedFile, get_stage_cache
 from gpubatch.io.storage import identity_of, open_ranges, stat
 from gpubatch.io.uris import is_remote, local_path, uri_name
@@ -146,7 +146,7 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     requested as soon as the header is parsed, in flight during the rest of the opening (the
     decoders' ``is_jfif`` round trip) instead of after it: a round trip less per slide.
     """
-    policy = policy or RetryPolicy()
+    policy = policy or default_policy()
     reader = open_ranges(uri, options, clocks, policy)
     # the header's round trip beside the size's (each thread waits one round trip)
     first = background_pool("open", HEADER_THREADS).submit(_first_chunk, reader)
