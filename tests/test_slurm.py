@@ -88,17 +88,25 @@ def test_predictions_equal_the_local_profile_and_logs_stay_out_of_the_cwd(
     assert logs, "worker job logs go under the output folder"
 
 
-def test_a_cancelled_worker_job_is_survived_and_reported(tmp_path: Path, slides: Path, classifier: Path) -> None:
+def test_a_cancelled_and_a_requeued_worker_job_are_survived_and_named(
+        tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """One worker job cancelled (scancel), the other requeued (as preemption or a node failure
+    does) while shards run: every shard is done once, and the log and the report say what SLURM
+    did to which job, not only that a worker at some address was lost."""
     # 16 px tiles at batch 1: each slide takes seconds, so shards are still running when the job is cancelled
     job = _job(tmp_path, slides, classifier, tile=16, worker_timeout=120)
     proc = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--set", "model.batch_size=1")
     wait_for(lambda: len(_jobs()) == 2 and committed_count(tmp_path / "out") >= 1, 120, "two workers, a commit")
-    subprocess.run(["scancel", _jobs()[0]], check=True, timeout=20)
+    cancelled, requeued = _jobs()
+    subprocess.run(["scancel", cancelled], check=True, timeout=20)
+    subprocess.run(["scontrol", "requeue", requeued], check=True, timeout=20)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log
+    assert f"SLURM cancelled job {cancelled}" in log and f"SLURM requeued job {requeued}" in log, log
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["lost_workers"], log  # the summary says a worker was lost
-    assert "was lost" in log, log
+    causes = {w.get("job"): w.get("cause", "") for w in report["lost_workers"]}
+    assert f"SLURM cancelled job {cancelled}" in causes[cancelled], causes
+    assert f"SLURM requeued job {requeued}" in causes[requeued], causes
     df = _sorted(pd.read_parquet(tmp_path / "out" / "predictions.parquet"))
     assert not df.duplicated(["slide", "x", "y"]).any()
     (tmp_path / "inline").mkdir()
@@ -128,9 +136,34 @@ def test_an_sbatch_rejection_fails_at_once_with_sbatchs_words(tmp_path: Path, sl
 
 
 def test_workers_that_never_arrive_fail_within_the_timeout(tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """...and the wait is said as it begins, with SLURM's reason: not a silent terminal for
+    run.worker_timeout (30 minutes by default)."""
     profile = _profile(tmp_path, job_extra_directives=["--begin=now+1hour"])
     _fails_fast(tmp_path, _job(tmp_path, slides, classifier), profile, 40, "run.worker_timeout",
-                "still pending in SLURM (reason: BeginTime)")
+                "still pending in SLURM (reason: BeginTime)", "waiting for workers (up to run.worker_timeout, 8 s)")
+
+
+def test_a_shard_longer_than_the_walltime_is_quarantined_naming_the_time_limit(
+        tmp_path: Path, classifier: Path) -> None:
+    """A shard that outlasts a worker job's walltime: SLURM ends the job, and the shard ran
+    again on the next job, and the next (13 jobs with Dask's and gpubatch's defaults), then was
+    quarantined as a KilledWorker naming no time limit. The run says each job's time ran out,
+    quarantines the shard once more workers than Dask's allowed-failures (0 here) were lost
+    running it, with the time limit named, and does the other inputs."""
+    (tmp_path / "slides").mkdir()
+    folder = synthetic_slides(tmp_path / "slides", 1, 900, "short")
+    synthetic_slides(folder, 1, 901, "long", size=(4096, 4096))  # 1M 4 px tiles at batch 1: minutes
+    job = _job(tmp_path, folder, classifier, tile=4, worker_timeout=300)
+    proc = cli("run", str(job), "--profile", str(_profile(tmp_path, workers=1, walltime="00:01:00")),
+               "--set", "model.batch_size=1", env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
+    log = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 3, log
+    assert "time limit 00:01:00 each (slurm.walltime)" in log, log  # said when the jobs are asked for
+    assert "at its time limit (00:01:00: the profile's slurm.walltime)" in log, log
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    (failed,) = report["failed"]
+    assert failed["input"].endswith("long0.tif") and "time limit" in failed["error"], failed
+    assert "slurm.walltime" in failed["error"] and "lost 1 time (" in failed["error"], failed
 
 
 def test_every_worker_lost_fails_within_the_timeout(tmp_path: Path, slides: Path, classifier: Path) -> None:

@@ -125,7 +125,7 @@ def _start_executor(kind: str, profile: dict[str, Any], n_workers: int, resource
 
         logs = str(profile.get("log_directory") or log_dir or os.path.abspath("gpubatch-logs"))
         cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs, job_name)
-        return DaskExecutor(Client(cluster), cluster, resources, diagnose)
+        return DaskExecutor(Client(cluster), cluster, resources, diagnose, jobs=diagnose)
     try:
         cluster = _start_cluster(kind, profile, n_workers)
     except (GpubatchError, KeyboardInterrupt):

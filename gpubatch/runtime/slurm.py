@@ -17,14 +17,17 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import re
 import subprocess
 import tempfile
+import time
 from typing import Any
 
 from gpubatch.core.errors import GpubatchError, MissingExtraError
 
 log = logging.getLogger("gpubatch")
 SLURM_TIMEOUT_S = 20  # every sbatch / squeue / scontrol call is bounded
+ASK_EVERY_S = 10.0  # seconds between squeue calls while the run waits for workers
 
 
 def _job_class() -> Any:
@@ -128,16 +131,14 @@ class SlurmDiagnosis:
 
     def __init__(self, cluster: Any):
         self.cluster = cluster
+        #: (the jobs asked about, when, what squeue told)
+        self._asked: tuple[list[str], float, tuple[str, bool] | None] | None = None
 
     def __call__(self) -> tuple[str, bool] | None:
-        """Not fatal when the controller does not answer: it may come back, and the worker
-        watch's run.worker_timeout bounds the wait."""
-        try:
-            return self._diagnose()
-        except SlurmUnreachable as exc:
-            return str(exc), False
-
-    def _diagnose(self) -> tuple[str, bool] | None:
+        """An sbatch rejection at once; SLURM's account of the same jobs at most every
+        ASK_EVERY_S (the worker watch asks every second, and a controller is not to be polled
+        that often for as long as run.worker_timeout). Not fatal when the controller does not answer: it may come back,
+        and the worker watch's run.worker_timeout bounds the wait."""
         jobs = list(self.cluster.workers.values())
         errors = [sbatch_text(j.submit_error) for j in jobs if getattr(j, "submit_error", None) is not None]
         if errors:
@@ -145,6 +146,17 @@ class SlurmDiagnosis:
         ids = [str(j.job_id) for j in jobs if getattr(j, "job_id", None)]
         if not ids:
             return "no worker job was submitted", False
+        now = time.monotonic()
+        if self._asked is not None and self._asked[0] == ids and now - self._asked[1] < ASK_EVERY_S:
+            return self._asked[2]
+        try:
+            found = self._diagnose(ids)
+        except SlurmUnreachable as exc:
+            found = str(exc), False
+        self._asked = (ids, now, found)
+        return found
+
+    def _diagnose(self, ids: list[str]) -> tuple[str, bool] | None:
         states = self._states(ids)
         pending = sorted({reason for state, reason in states.values() if state == "PENDING"})
         if pending:
@@ -165,9 +177,83 @@ class SlurmDiagnosis:
         return out
 
     def _ended(self, job_id: str) -> str:
-        done = _run(["scontrol", "-o", "show", "job", job_id])
+        record = job_record(job_id)
         keep = ("JobState", "Reason", "ExitCode", "StdErr")
-        return " ".join(t for t in done.stdout.split() if t.split("=")[0] in keep) or "no record left"
+        raw = " ".join(f"{k}={record[k]}" for k in keep if k in record) or "no record left"
+        words = ended_words(job_id, record)
+        return f"{words} ({raw})" if words else raw
+
+    def job_of(self, worker_name: str) -> str | None:
+        """The SLURM job a worker (by its Dask name) runs in: dask-jobqueue names each worker
+        after its job's entry in the cluster (``NAME``, or ``NAME-i`` for a job's i-th process)."""
+        for name, job in list(self.cluster.workers.items()):
+            if worker_name == str(name) or worker_name.startswith(f"{name}-"):
+                return str(job.job_id) if getattr(job, "job_id", None) else None
+        return None
+
+    def why_ended(self, job_id: str) -> str | None:
+        """SLURM's account of why job ``job_id`` ended, in words; None while SLURM has no end
+        for it (still running: its worker left for another reason, or SLURM is finishing it)."""
+        try:
+            return ended_words(job_id, job_record(job_id))
+        except SlurmUnreachable:
+            return None
+
+
+_FIELD = re.compile(r"^[A-Za-z][\w/:]*$")  # scontrol's field names: JobState, CPUs/Task, AllocNode:Sid
+
+
+def job_record(job_id: str) -> dict[str, str]:
+    """``scontrol show job``'s fields for ``job_id`` ({} once SLURM has forgotten it, MinJobAge
+    after it ended); the log paths with the job id put in for ``%J`` / ``%j``."""
+    done = _run(["scontrol", "-o", "show", "job", job_id])
+    if done.returncode != 0 and _controller_silent(done.stderr):
+        raise SlurmUnreachable(_unreachable("scontrol show job", done.stderr.strip()))
+    record: dict[str, str] = {}
+    last = ""
+    for token in done.stdout.split():
+        key, sep, value = token.partition("=")
+        if sep and _FIELD.match(key):
+            record[key], last = value, key
+        elif last:  # a value with spaces in it
+            record[last] += f" {token}"
+    for key in ("StdErr", "StdOut"):
+        if key in record:
+            record[key] = record[key].replace("%J", job_id).replace("%j", job_id)
+    return record
+
+
+#: words for the ends SLURM gives a job, by JobState (and Reason, while it is still COMPLETING)
+ENDS = {
+    "CANCELLED": "SLURM cancelled job {id} (scancel: its owner or an administrator)",
+    "TIMEOUT": "SLURM ended job {id} at its time limit ({limit}: the profile's slurm.walltime)",
+    "PREEMPTED": "SLURM preempted job {id} (a job of higher priority took its resources)",
+    "NODE_FAIL": "SLURM lost job {id} with its node {node} (NODE_FAIL)",
+    "OUT_OF_MEMORY": "SLURM killed job {id} for memory (OUT_OF_MEMORY): raise slurm.memory",
+    "FAILED": "job {id} failed (exit code {exit}); its log: {log}",
+    "BOOT_FAIL": "job {id}'s node failed to boot (BOOT_FAIL)",
+    "DEADLINE": "SLURM ended job {id} at its --deadline (DEADLINE)",
+    "COMPLETED": "job {id} ended (its worker exited: at its --lifetime, or see its log: {log})",
+    "REQUEUED": "SLURM requeued job {id} (preempted, or its node failed; reason: {reason}): it will start again",
+}
+#: what a COMPLETING job's Reason says its end will be
+COMPLETING_AS = {"TimeLimit": "TIMEOUT", "NodeDown": "NODE_FAIL", "Prolog": "FAILED"}
+
+
+def ended_words(job_id: str, record: dict[str, str]) -> str | None:
+    """Why job ``job_id`` (its :func:`job_record`) ended; None while it has not (as SLURM sees it)."""
+    if not record:
+        return f"SLURM no longer knows job {job_id} (it ended over MinJobAge ago; `sacct -j {job_id}` tells why)"
+    state, reason = record.get("JobState", ""), record.get("Reason", "")
+    if state == "COMPLETING":
+        state = COMPLETING_AS.get(reason, "")
+    elif state in ("PENDING", "REQUEUE_HOLD", "REQUEUE_FED") and record.get("Restarts", "0") != "0":
+        state = "REQUEUED"
+    template = ENDS.get(state)
+    if template is None:
+        return None
+    return template.format(id=job_id, limit=record.get("TimeLimit", "?"), node=record.get("NodeList", "?"),
+                           exit=record.get("ExitCode", "?"), log=record.get("StdErr", "?"), reason=reason)
 
 
 def cancel_left_behind(job_name: str) -> list[str]:
@@ -208,6 +294,19 @@ def processes_per_job(settings: dict[str, Any]) -> int:
     return max(1, int(nprocesses_nthreads(int(cores))[0]))
 
 
+def _job_words(settings: dict[str, Any]) -> str:
+    """Each worker job's partition and time limit, and where they come from: a profile without
+    ``walltime`` gets dask-jobqueue's default (30 minutes), and every worker job is ended then."""
+    import dask
+
+    queue = settings.get("queue") or dask.config.get("jobqueue.slurm.queue", None)
+    walltime = settings.get("walltime")
+    limit = (f"time limit {walltime} each (slurm.walltime)" if walltime else
+             f"time limit {dask.config.get('jobqueue.slurm.walltime', None) or 'the partition default'} "
+             "each, dask-jobqueue's default: set slurm.walltime")
+    return f"partition {queue}, {limit}" if queue else f"the default partition, {limit}"
+
+
 def start_slurm_cluster(settings: dict[str, Any], n_workers: int, log_directory: str,
                         job_name: str | None = None) -> tuple[Any, SlurmDiagnosis]:
     """A SLURMCluster keeping ``n_workers`` worker jobs (lost ones are replaced), checked first.
@@ -229,5 +328,6 @@ def start_slurm_cluster(settings: dict[str, Any], n_workers: int, log_directory:
     except BaseException:
         cluster.close()
         raise
-    log.info("SLURM: %d worker job(s) asked for; job logs in %s", n_workers, settings["log_directory"])
+    log.info("SLURM: %d worker job(s) asked for (%s); job logs in %s", n_workers, _job_words(settings),
+             settings["log_directory"])
     return cluster, SlurmDiagnosis(cluster)
