@@ -217,6 +217,32 @@ def test_worker_jobs_a_killed_client_left_queued_are_cancelled_by_the_next_run(
     assert not set(left) & set(_jobs()), "the killed run's queued jobs are gone"
 
 
+def test_worker_jobs_of_a_frozen_client_end_within_the_lease_then_a_thawed_run_finishes(
+        tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """A client stopped (Ctrl-Z, SIGSTOP) while its worker jobs run: its kernel still answers
+    TCP, so Dask's workers never see the scheduler go and the jobs held their allocations until
+    their walltime. Each worker now leaves once the scheduler has answered nothing for
+    run.lease_stale_s, and its job ends; the run, thawed, gets new worker jobs and finishes."""
+    job = _job(tmp_path, slides, classifier, tile=8, worker_timeout=300, lease_stale_s=15)
+    proc = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--set", "model.batch_size=1")
+    try:
+        wait_for(lambda: len(_jobs()) == 2 and committed_count(tmp_path / "out") >= 1, 120, "two workers, a commit")
+        frozen = _jobs()
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: not set(frozen) & set(_jobs()), 90, "the frozen client's worker jobs ending")
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        log = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log
+    said = "".join(p.read_text() for p in (tmp_path / "out" / "_logs").rglob("*.err"))
+    assert "the scheduler (in the `gpubatch run` process) has answered nothing" in said
+    df = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
+
+
 @contextlib.contextmanager
 def _controller_silent() -> Iterator[None]:
     """slurmctld stopped (SIGSTOP): a hung controller, answering nothing until it is continued."""

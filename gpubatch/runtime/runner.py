@@ -246,7 +246,8 @@ class _Run:
 
         threads = int(self.prof.get("threads_per_worker", 1))
         window = max(2 * n_workers * threads, n_workers + self.job.run.stage_ahead + 2)
-        executor = open_executor(self.prof, n_workers, scheduler, self._log_dir(), self._job_name())
+        executor = open_executor(self.prof, n_workers, scheduler, self._log_dir(), self._job_name(),
+                                 leave_after_s=self.job.run.lease_stale_s)
         def on_poll() -> None:
             self.lease.check()
             progress.tick()
