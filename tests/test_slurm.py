@@ -167,6 +167,7 @@ def test_a_shard_longer_than_the_walltime_is_quarantined_naming_the_time_limit(
 
 
 def test_every_worker_lost_fails_within_the_timeout(tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """...saying how to finish it, and --resume does."""
     job = _job(tmp_path, slides, classifier)
     proc = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--set", "model.batch_size=1")
     wait_for(lambda: committed_count(tmp_path / "out") >= 1, 120, "a commit")
@@ -178,8 +179,14 @@ def test_every_worker_lost_fails_within_the_timeout(tmp_path: Path, slides: Path
         subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=True, timeout=20)
     assert proc.returncode == 1 and "run.worker_timeout" in log, log
     assert "JobState=CANCELLED" in log or "PartitionDown" in log, log  # SLURM's own account
+    assert "finish the run with --resume" in log, log
     assert json.loads((tmp_path / "out" / "status.json").read_text())["state"] == "failed"
     subprocess.run(["scancel", *_jobs()], check=False, timeout=20)
+    again = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--resume")
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0 and "already committed, skipped" in log, log
+    df = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
 
 
 def test_a_walltime_over_the_partitions_limit_fails_at_once_naming_the_setting(

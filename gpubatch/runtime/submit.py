@@ -41,6 +41,9 @@ HAND_BACK_S = 30.0
 class WorkersUnavailable(GpubatchError):
     """No worker for ``run.worker_timeout`` seconds: the run cannot make progress."""
 
+    def __init__(self, why: str):
+        super().__init__(f"{why}; what is committed stands: once workers can start, finish the run with --resume")
+
 
 class Submitter:
     """Runs a stream of shards through an executor; hands each final result to ``on_result``."""
