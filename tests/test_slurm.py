@@ -130,9 +130,18 @@ def _fails_fast(tmp_path: Path, job: Path, profile: Path, within: float, *expect
     ({"queue": "nope"}, "invalid partition"),
     ({"job_extra_directives": ["--gres=gpu:99"]}, "sbatch rejected the worker job"),
 ])
-def test_an_sbatch_rejection_fails_at_once_with_sbatchs_words(tmp_path: Path, slides: Path, classifier: Path,
-                                                              slurm: dict, expected: str) -> None:
-    _fails_fast(tmp_path, _job(tmp_path, slides, classifier), _profile(tmp_path, **slurm), 30, expected)
+def test_an_sbatch_rejection_is_refused_by_validate_and_by_run_before_it_plans(
+        tmp_path: Path, slides: Path, classifier: Path, slurm: dict, expected: str) -> None:
+    """A profile whose worker job sbatch refuses: `validate` said the job was valid, and `run`
+    stopped only once it had planned and prepared the model (minutes with int8 calibration),
+    at exit 1. Both now refuse it first, at exit 2, with sbatch's words, submitting nothing."""
+    job, profile = _job(tmp_path, slides, classifier), _profile(tmp_path, **slurm)
+    for command in ("validate", "run"):
+        proc = cli(command, str(job), "--profile", str(profile))
+        log = proc.communicate(timeout=90)[0]
+        assert proc.returncode == 2 and expected in log and "profile slurm" in log, (command, log)
+        assert "Traceback" not in log and not _jobs(), log
+    assert not (tmp_path / "out" / "status.json").exists(), "nothing ran"
 
 
 def test_workers_that_never_arrive_fail_within_the_timeout(tmp_path: Path, slides: Path, classifier: Path) -> None:

@@ -481,6 +481,15 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     check_environment()
 
 
+def check_cluster(profile: dict[str, Any]) -> None:
+    """The worker jobs a batch profile would submit, tried without submitting (sbatch --test-only),
+    where the run starts its own cluster (not `tune`, nor a run on an existing scheduler)."""
+    if profile.get("cluster") == "slurm":
+        from gpubatch.runtime.slurm import check_profile
+
+        check_profile(dict(profile.get("slurm") or {}))
+
+
 @dataclass
 class PlanCheck:
     """What ``validate`` learned by planning the job as ``run`` would."""
@@ -526,6 +535,7 @@ def validate_job(job: JobSpec, *, open_inputs: bool = True, profile_name: str | 
 
     profile = load_profile(profile_name or job.run.profile)
     preflight(job, profile)
+    check_cluster(profile)
     check_output(job, resume=resume, overwrite=overwrite)
     source = get_source(job.kind)
     shards, failed = source.plan(job)

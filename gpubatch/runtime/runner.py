@@ -57,7 +57,7 @@ from gpubatch.runtime.cluster import (
     start_worker_imports,
     worker_count,
 )
-from gpubatch.runtime.preflight import preflight, refuse_empty_plan
+from gpubatch.runtime.preflight import check_cluster, preflight, refuse_empty_plan
 from gpubatch.runtime.progress import Progress
 from gpubatch.runtime.result import Result
 from gpubatch.runtime.resume import check_run_model, reconcile
@@ -75,6 +75,8 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     prof = load_profile(profile or job.run.profile)
     start_worker_imports(prof)
     preflight(job, prof)
+    if scheduler is None:
+        check_cluster(prof)
     store = OutputStore(job.output.uri, job.output.storage)
     guard_output(store, job.output.uri)
     run = _Run(job, prof, store)

@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import Any
 
-from gpubatch.core.errors import GpubatchError, MissingExtraError
+from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
 
 log = logging.getLogger("gpubatch")
 SLURM_TIMEOUT_S = 20  # every sbatch / squeue / scontrol call is bounded
@@ -85,10 +85,20 @@ def _unreachable(command: str, what: str) -> str:
             "from this node? (`scontrol ping` tells)")
 
 
+class SbatchRejected(GpubatchError):
+    """sbatch refused the worker job script (an unknown partition, a gres or memory no node has)."""
+
+
 def test_only(cluster: Any) -> None:
-    """Submit nothing, but ask sbatch whether it would take the job script; raise its refusal."""
+    """Submit nothing, but ask sbatch whether it would take the cluster's job script."""
+    test_script(cluster.job_script())
+
+
+def test_script(script: str) -> None:
+    """Ask ``sbatch --test-only`` whether it would take ``script``; raise its refusal
+    (SbatchRejected), or SlurmUnreachable when the controller did not answer."""
     with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
-        f.write(cluster.job_script())
+        f.write(script)
     try:
         done = _run(["sbatch", "--test-only", f.name])
     except FileNotFoundError:
@@ -98,7 +108,26 @@ def test_only(cluster: Any) -> None:
     if done.returncode != 0 and _controller_silent(done.stderr):
         raise SlurmUnreachable(_unreachable("sbatch --test-only", done.stderr.strip()))
     if done.returncode != 0:
-        raise GpubatchError(f"sbatch rejected the worker job: {(done.stderr + done.stdout).strip()}")
+        words = "; ".join(line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip())
+        raise SbatchRejected(f"sbatch rejected the worker job: {words}")
+
+
+def check_profile(settings: dict[str, Any]) -> None:
+    """The worker job a profile's ``slurm`` settings make, tried with ``sbatch --test-only``
+    before anything runs: ``validate`` refuses what ``run`` would, and ``run`` refuses it before
+    planning and preparing the model (minutes, with int8 calibration), not after. A refusal is
+    a SpecError (exit 2) naming the profile."""
+    import inspect
+
+    job_cls = _job_class()
+    accepted = {p for c in job_cls.__mro__ if "__init__" in vars(c)
+                for p in inspect.signature(vars(c)["__init__"]).parameters}
+    job = job_cls(scheduler="tcp://127.0.0.1:8786", name="gpubatch-check",
+                  **{k: v for k, v in settings.items() if k in accepted})
+    try:
+        test_script(job.job_script())
+    except SbatchRejected as exc:
+        raise SpecError([("profile slurm", str(exc))]) from None
 
 
 #: squeue's pending reasons that waiting never clears (sbatch --test-only passes them where the
