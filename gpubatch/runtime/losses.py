@@ -25,8 +25,8 @@ class WorkerJobs(Protocol):
     def job_of(self, worker_name: str) -> str | None:
         """The id of the batch job the worker of this Dask name runs in; None if not known."""
 
-    def why_ended(self, job_id: str) -> str | None:
-        """The batch system's account of the job's end; None while it has none (yet)."""
+    def why_ended(self, job_ids: list[str]) -> dict[str, str]:
+        """The batch system's account of each job's end, for those it has one for (yet)."""
 
 
 class LostWorkers:
@@ -71,9 +71,10 @@ class LostWorkers:
         if not self._unexplained or (not final and now - self._asked < ASK_EVERY_S):
             return
         self._asked = now
+        ended = self.jobs.why_ended(sorted({e["job"] for e, _ in self._unexplained})) if self.jobs else {}
         waiting = []
         for entry, until in self._unexplained:
-            cause = self.jobs.why_ended(entry["job"]) if self.jobs is not None else None
+            cause = ended.get(entry["job"])
             if cause is None and not final and now < until:
                 waiting.append((entry, until))
             else:
@@ -85,7 +86,7 @@ class LostWorkers:
         for entry in reversed(self._lost):
             if entry["worker"] == worker:
                 if "cause" not in entry and entry.get("job") and self.jobs is not None:
-                    return self.jobs.why_ended(entry["job"])
+                    return self.jobs.why_ended([entry["job"]]).get(entry["job"])
                 return entry.get("cause")
         return None
 

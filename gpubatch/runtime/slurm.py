@@ -220,13 +220,44 @@ class SlurmDiagnosis:
                 return str(job.job_id) if getattr(job, "job_id", None) else None
         return None
 
-    def why_ended(self, job_id: str) -> str | None:
-        """SLURM's account of why job ``job_id`` ended, in words; None while SLURM has no end
-        for it (still running: its worker left for another reason, or SLURM is finishing it)."""
+    def why_ended(self, job_ids: list[str]) -> dict[str, str]:
+        """SLURM's account of why each of ``job_ids`` ended, in words, in one squeue call (a
+        preemption may take a hundred jobs at once); those SLURM has no end for yet (still
+        running: their worker left for another reason, or SLURM is finishing them) are left out.
+        Each of these jobs ran (its worker was connected): found pending, it was requeued."""
         try:
-            return ended_words(job_id, job_record(job_id))
+            records = job_states(job_ids)
         except SlurmUnreachable:
-            return None
+            return {}
+        found = {}
+        for job_id in job_ids:
+            record = records.get(job_id, {})
+            if record.get("JobState") in ("PENDING", "REQUEUE_HOLD", "REQUEUE_FED"):
+                record = {**record, "Restarts": "1"}
+            words = ended_words(job_id, {**record, "StdErr": self._log_of(job_id)} if record else {})
+            if words:
+                found[job_id] = words
+        return found
+
+    def _log_of(self, job_id: str) -> str:
+        """Where job ``job_id`` writes its stderr: the job script's ``-e`` path."""
+        header = str(getattr(self.cluster, "job_header", ""))
+        path = re.search(r"^#SBATCH -e (\S+)", header, re.M)
+        return path.group(1).replace("%J", job_id).replace("%j", job_id) if path else "its job's stderr"
+
+
+def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """squeue's JobState, Reason, TimeLimit and NodeList of those of ``job_ids`` SLURM still
+    knows (ended ones for MinJobAge), in one call."""
+    done = _run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%r|%l|%N"])
+    if done.returncode != 0 and _controller_silent(done.stderr):
+        raise SlurmUnreachable(_unreachable("squeue", done.stderr.strip()))
+    keys = ("JobState", "Reason", "TimeLimit", "NodeList")
+    found = {}
+    for line in done.stdout.splitlines():
+        job_id, *values = (line.split("|") + [""] * 4)[:5]
+        found[job_id.strip()] = {k: v.strip() for k, v in zip(keys, values, strict=True)}
+    return found
 
 
 _FIELD = re.compile(r"^[A-Za-z][\w/:]*$")  # scontrol's field names: JobState, CPUs/Task, AllocNode:Sid
@@ -259,7 +290,7 @@ ENDS = {
     "PREEMPTED": "SLURM preempted job {id} (a job of higher priority took its resources)",
     "NODE_FAIL": "SLURM lost job {id} with its node {node} (NODE_FAIL)",
     "OUT_OF_MEMORY": "SLURM killed job {id} for memory (OUT_OF_MEMORY): raise slurm.memory",
-    "FAILED": "job {id} failed (exit code {exit}); its log: {log}",
+    "FAILED": "job {id} failed; its log: {log}",
     "BOOT_FAIL": "job {id}'s node failed to boot (BOOT_FAIL)",
     "DEADLINE": "SLURM ended job {id} at its --deadline (DEADLINE)",
     "COMPLETED": "job {id} ended (its worker exited: at its --lifetime, or see its log: {log})",
@@ -282,7 +313,7 @@ def ended_words(job_id: str, record: dict[str, str]) -> str | None:
     if template is None:
         return None
     return template.format(id=job_id, limit=record.get("TimeLimit", "?"), node=record.get("NodeList", "?"),
-                           exit=record.get("ExitCode", "?"), log=record.get("StdErr", "?"), reason=reason)
+                           log=record.get("StdErr", "?"), reason=reason)
 
 
 def cancel_left_behind(job_name: str) -> list[str]:
