@@ -1,7 +1,9 @@
 """A real single-node SLURM (.ci/slurm-up.sh): runs through the slurm profile and dask-jobqueue
-equal the local profile's, survive a cancelled worker job, and fail within run.worker_timeout,
-with SLURM's own words, when jobs are rejected, never start, or are all lost. Skipped (with the
-reason) where SLURM is not installed."""
+equal the local profile's; survive cancelled, requeued and timed-out worker jobs and name what
+SLURM did; are refused before planning when sbatch would refuse their jobs; fail within
+run.worker_timeout, with SLURM's own words, when jobs never start or are all lost, and resume;
+and leave no worker job behind a killed or frozen client. Skipped (with the reason) where SLURM
+is not installed."""
 
 from __future__ import annotations
 
@@ -231,6 +233,29 @@ def test_worker_jobs_a_killed_client_left_queued_are_cancelled_by_the_next_run(
     assert again.returncode == 0, log
     assert "left behind by an earlier run" in log, log
     assert not set(left) & set(_jobs()), "the killed run's queued jobs are gone"
+
+
+def test_running_worker_jobs_of_a_killed_client_end_by_themselves_and_resume_finishes(
+        tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """The client killed (SIGKILL) while its worker jobs run shards: no one is left to cancel
+    them, and each must end by itself (its scheduler's sockets die with the client) rather than
+    hold its allocation overnight; --resume then finishes the run. A guard of what the README
+    promises (within a minute), found to hold on a real SLURM."""
+    job = _job(tmp_path, slides, classifier, tile=8, worker_timeout=300)
+    proc = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--set", "model.batch_size=1")
+    try:
+        wait_for(lambda: len(_jobs()) == 2 and committed_count(tmp_path / "out") >= 1, 120, "two workers, a commit")
+    finally:
+        proc.kill()
+        proc.communicate()
+    left = set(_jobs())
+    wait_for(lambda: not left & set(_jobs()), 75, "the killed client's running worker jobs ending")
+    (tmp_path / "next").mkdir()
+    again = cli("run", str(job), "--profile", str(_profile(tmp_path / "next")), "--resume")
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0 and "already committed, skipped" in log, log
+    df = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
 
 
 def test_worker_jobs_of_a_frozen_client_end_within_the_lease_then_a_thawed_run_finishes(
