@@ -121,6 +121,21 @@ def test_a_retried_or_late_attempt_s_items_do_not_survive() -> None:
     assert ShardItems.from_msg(ShardItems("r", "s", 1, 2).to_msg()) == ShardItems("r", "s", 1, 2)
 
 
+def test_a_shard_run_again_after_its_worker_was_lost_counts_from_nothing() -> None:
+    """Dask runs a shard whose worker was lost again on another worker as the same attempt: its
+    reports count, but its figure held the lost run's count (the larger, as the count only
+    grows) until the new run passed it, and the ETA with it."""
+    flight = InFlight("run-1")
+    flight.started("s1", 1)
+    flight.report(ShardItems("run-1", "s1", 1, 800, 1000))
+    flight.restarted("s1")  # the submitter, told the worker executing s1 was lost
+    assert flight.items() == 0 and flight.left() == (1, 1000)
+    flight.report(ShardItems("run-1", "s1", 1, 100, 1000))
+    assert flight.items() == 100
+    flight.restarted("s2")  # a shard no longer in flight: nothing to do
+    assert flight.left() == (1, 900)
+
+
 def test_the_eta_goes_by_items_where_their_count_is_known() -> None:
     """A genome plan knows each shard's windows: its ETA is items left over the items' rate, not
     "?" until a shard finishes. Where the plan does not know (slides), the running shards' own

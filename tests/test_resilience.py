@@ -406,15 +406,14 @@ def test_a_worker_killed_from_outside_dask_is_named_with_what_to_check() -> None
         words = []
         for n, signum in enumerate((signal.SIGKILL, signal.SIGABRT)):
             client.wait_for_workers(1, timeout=60)
-            executor.worker_slots()
+            (worker,) = executor.worker_slots()
             fut = executor.submit(_kill_own_process, signum, key=f"gpubatch-s-{n}-1-0")
             deadline = time.monotonic() + 60
-            while len(executor.lost_workers()) <= n and time.monotonic() < deadline:
-                executor.note_processing({fut})
+            while not executor.loss_cause(worker) and time.monotonic() < deadline:
+                executor.note_processing({fut})  # the nanny's word may come after the loss is seen
                 time.sleep(0.3)
             words.append(executor.failure_words(fut.exception(timeout=60)))
-            while "cause" not in executor.lost_workers()[n] and time.monotonic() < deadline:
-                executor.note_processing(set())  # the nanny's word may come after the loss is seen
+            while worker in executor.worker_slots() and time.monotonic() < deadline:
                 time.sleep(0.3)
     killed, crashed = executor.lost_workers()
     assert "signal 9 (SIGKILL)" in killed.get("cause", "") and "OOM killer" in killed["cause"], killed

@@ -91,10 +91,13 @@ def worker_count(profile: dict[str, Any], n_shards: int, override: int | None = 
 
 
 def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None = None,
-                  log_dir: str | None = None, job_name: str | None = None) -> Executor:
+                  log_dir: str | None = None, job_name: str | None = None,
+                  leave_after_s: float | None = None) -> Executor:
     """The executor for the profile: in-process threads, or a Dask client (on a cluster it starts,
     or on an existing scheduler); closing it closes what it started. ``log_dir``: where a batch
-    cluster's worker jobs write their logs; ``job_name``: what they are called (one per output)."""
+    cluster's worker jobs write their logs; ``job_name``: what they are called (one per output);
+    ``leave_after_s``: how long its workers wait on a scheduler that answers nothing (a frozen
+    client) before they leave and their jobs end (runtime.orphans)."""
     kind = "scheduler" if scheduler else profile["cluster"]
     if kind == "inline":
         return InlineExecutor(int(profile.get("threads_per_worker", 2)))
@@ -114,7 +117,7 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
         restore_environ(environ)
 
     try:
-        executor = _start_executor(kind, profile, n_workers, resources, log_dir, job_name)
+        executor = _start_executor(kind, profile, n_workers, resources, log_dir, job_name, leave_after_s)
     except BaseException:
         put_back()
         raise
@@ -147,7 +150,7 @@ def _watching(executor: DaskExecutor) -> DaskExecutor:
 
 
 def _start_executor(kind: str, profile: dict[str, Any], n_workers: int, resources: dict[str, float] | None,
-                    log_dir: str | None, job_name: str | None) -> DaskExecutor:
+                    log_dir: str | None, job_name: str | None, leave_after_s: float | None) -> DaskExecutor:
     """A Dask client on a cluster this run starts (SLURM, local, local-cuda)."""
     from distributed import Client
 
@@ -156,7 +159,16 @@ def _start_executor(kind: str, profile: dict[str, Any], n_workers: int, resource
 
         logs = str(profile.get("log_directory") or log_dir or os.path.abspath("gpubatch-logs"))
         cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs, job_name)
-        return _watching(DaskExecutor(Client(cluster), cluster, resources, diagnose))
+        try:
+            client = Client(cluster)
+            if leave_after_s:
+                from gpubatch.runtime.orphans import LeaveWithoutScheduler
+
+                client.register_plugin(LeaveWithoutScheduler(leave_after_s))
+        except BaseException:
+            cluster.close()
+            raise
+        return _watching(DaskExecutor(client, cluster, resources, diagnose, jobs=diagnose))
     try:
         cluster = _start_cluster(kind, profile, n_workers)
     except (GpubatchError, KeyboardInterrupt):

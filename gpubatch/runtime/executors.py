@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -21,6 +22,7 @@ from typing import Any
 from gpubatch.core.errors import GpubatchError
 from gpubatch.engine.item_reports import TOPIC as ITEMS_TOPIC
 from gpubatch.engine.item_reports import ShardItems, reports_to
+from gpubatch.runtime.losses import LostWorkers, WorkerJobs
 
 log = logging.getLogger("gpubatch")
 #: the event a Dask nanny logs on the scheduler when it kills its worker for memory
@@ -28,7 +30,6 @@ MEMORY_KILL_TOPIC = "worker-restart-memory"
 WATCH_S = 1.0  # seconds between looks at which worker runs what
 TRIM_S = 30.0  # seconds between trims of the scheduler's per-task bookkeeping
 CLOSE_TIMEOUT_S = 20  # a client or cluster that does not close in this long is left behind
-EXPLAIN_S = 15.0  # seconds a lost worker's cause is looked for after the loss is seen
 
 
 class Executor(ABC):
@@ -84,6 +85,15 @@ class Executor(ABC):
         """Workers that left while the run went on: {worker, time, shards they were running,
         and cause where it is known}."""
         return []
+
+    def loss_cause(self, worker: str) -> str | None:
+        """Why ``worker`` was lost, where that is known."""
+        return None
+
+    def lost_executing(self) -> dict[str, str]:
+        """The shards that workers lost since the last call were executing (not merely queued
+        there), each with the worker lost."""
+        return {}
 
     def failure_words(self, exc: BaseException) -> str:
         """How an error raised outside the shard's own code (the executor's) is recorded."""
@@ -212,11 +222,14 @@ class DaskExecutor(Executor):
     """
 
     def __init__(self, client: Any, cluster: Any = None, resources: dict[str, float] | None = None,
-                 diagnose: Callable[[], tuple[str, bool] | None] | None = None):
+                 diagnose: Callable[[], tuple[str, bool] | None] | None = None, jobs: WorkerJobs | None = None):
         self.client, self.cluster, self.resources = client, cluster, resources
         self.diagnose = diagnose
         self._processing: dict[str, list[str]] = {}
-        self._lost: list[dict[str, Any]] = []
+        self._lost = LostWorkers(jobs, late_cause=self._exit_cause)
+        #: the keys each worker was executing at the last look (None: not known)
+        self._executing: dict[str, set[str] | None] = {}
+        self._lost_executing: dict[str, str] = {}  # shard -> the worker lost while executing it
         self._checked = self._trimmed = self._slots_seen = 0.0
         self._slots: dict[str, int] = {}
         #: each worker's memory limit in bytes (None: unlimited), kept after it leaves
@@ -249,6 +262,7 @@ class DaskExecutor(Executor):
             except Exception:  # noqa: BLE001 - a missed look changes nothing: the worker watch
                 return dict(self._slots)  # (``workers``) tells a scheduler that is gone
             self._slots = {addr: _slots_of(info, self.resources) for addr, info in workers.items()}
+            self._lost.seen(workers)
             self._limits.update({addr: info.get("memory_limit") or None for addr, info in workers.items()})
         return dict(self._slots)
 
@@ -342,41 +356,27 @@ class DaskExecutor(Executor):
             return
         self._checked = now
         try:
-            processing = {w: [_shard_of(k) for k in keys] for w, keys in self.client.processing().items()}
+            tasks = self._tasks_on_workers()
         except Exception:  # noqa: BLE001 - a missed look is not an error
             return
-        self._explain_recent_losses()
+        processing = {w: [_shard_of(k) for k in keys] for w, (keys, _) in tasks.items()}
         for worker, shards in self._processing.items():
             if worker not in processing:
-                cause = self._loss_cause(worker)
-                self._lost.append({"worker": worker, "time": time.time(), "shards": sorted(set(shards)),
-                                   **({"cause": cause} if cause else {})})
-                log.warning("worker %s was lost%s; its shards (%s) are run again elsewhere", worker,
-                            f" ({cause})" if cause else "", ", ".join(sorted(set(shards))) or "none running")
+                self._lost.lost(worker, shards, self._memory_kill(worker))
+                self._lost_executing.update({_shard_of(k): worker for k in self._executing.pop(worker, None) or ()})
         self._processing = processing
+        self._executing = {w: running for w, (_, running) in tasks.items()}
+        self._lost.explain()
 
-    def _loss_cause(self, worker: str | None = None) -> str | None:
-        """Why ``worker`` (None: any worker of this run) was lost: its nanny's memory kill, else how
-        its process ended (:mod:`gpubatch.runtime.worker_exits`: the OOM killer's SIGKILL, a crash)."""
-        cause = self._memory_kill(worker)
-        if cause is None:
-            from gpubatch.runtime.worker_exits import EXIT_TOPIC, exit_cause
+    def _exit_cause(self, worker: str) -> str | None:
+        """How ``worker``'s process ended, as its nanny told the scheduler
+        (:mod:`gpubatch.runtime.worker_exits`: the OOM killer's SIGKILL, a crash); None if untold."""
+        from gpubatch.runtime.worker_exits import EXIT_TOPIC, exit_cause
 
-            try:
-                cause = exit_cause(self.client.get_events(EXIT_TOPIC), worker)
-            except Exception:  # noqa: BLE001 - a scheduler that does not answer: the loss stays unexplained
-                return None
-        return cause
-
-    def _explain_recent_losses(self) -> None:
-        """A nanny's word of its worker's exit can reach the scheduler after the loss is seen:
-        losses of the last EXPLAIN_S without a cause are looked up again."""
-        for lost in self._lost:
-            if "cause" not in lost and time.time() - lost["time"] < EXPLAIN_S:
-                cause = self._loss_cause(lost["worker"])
-                if cause:
-                    lost["cause"] = cause
-                    log.warning("worker %s was lost: %s", lost["worker"], cause)
+        try:
+            return exit_cause(self.client.get_events(EXIT_TOPIC), worker)
+        except Exception:  # noqa: BLE001 - a scheduler that does not answer: the loss stays unexplained
+            return None
 
     def watch_exits(self) -> None:
         """Have every nanny, now and to come, tell the scheduler how its worker processes end."""
@@ -390,7 +390,7 @@ class DaskExecutor(Executor):
     def _memory_kill(self, worker: str | None = None) -> str | None:
         """Why ``worker`` (or, None: any worker of this run) was lost, where its nanny said it
         killed it for memory (the scheduler's ``worker-restart-memory`` events); None where no
-        such event names it (a kill by the kernel's OOM killer leaves none: see :meth:`_loss_cause`)."""
+        such event names it (a kill by the kernel's OOM killer leaves none: see :meth:`_exit_cause`)."""
         try:
             events = self.client.get_events(MEMORY_KILL_TOPIC)
         except Exception:  # noqa: BLE001 - a scheduler that does not answer: the loss stays unexplained
@@ -402,9 +402,13 @@ class DaskExecutor(Executor):
 
     def failure_words(self, exc: BaseException) -> str:
         """A shard's failure that is no shard's fault, said with its cause where Dask's words do
-        not give it: KilledWorker (its workers kept dying) names memory or how the last one ended."""
+        not give it: KilledWorker (its workers kept dying) names memory after a memory kill, else
+        the batch system's account of the last of those workers ("SLURM ended job 432 at its time limit")."""
         words = f"{type(exc).__name__}: {exc}"
-        cause = self._loss_cause() if type(exc).__name__ == "KilledWorker" else None
+        if type(exc).__name__ != "KilledWorker":
+            return words
+        last = re.findall(r"\b(?:tcp|tls|ucx|inproc)://[^\s,'\"]+", str(exc))
+        cause = self._memory_kill() or (self._lost.cause_of(last[-1].rstrip(".")) if last else None)
         return f"{words} ({cause})" if cause else words
 
     def trim_scheduler(self) -> None:
@@ -417,8 +421,28 @@ class DaskExecutor(Executor):
         if scheduler is not None and loop is not None:
             loop.add_callback(trim_scheduler, scheduler)
 
+    def _tasks_on_workers(self) -> dict[str, tuple[list[str], set[str] | None]]:
+        """Each worker's tasks (its queue, what it executes), in one call to the scheduler;
+        where the scheduler runs no function of ours (pickle turned off), the queue alone."""
+        def tasks(dask_scheduler: Any) -> dict[str, tuple[list[str], list[str]]]:
+            return {addr: ([str(ts.key) for ts in ws.processing], [str(ts.key) for ts in ws.executing])
+                    for addr, ws in dask_scheduler.workers.items()}
+
+        try:
+            found = self.client.run_on_scheduler(tasks)
+            return {w: (list(queued), set(running)) for w, (queued, running) in found.items()}
+        except Exception:  # noqa: BLE001 - a scheduler that takes no functions: what it lets us ask
+            return {w: ([str(k) for k in keys], None) for w, keys in self.client.processing().items()}
+
+    def lost_executing(self) -> dict[str, str]:
+        found, self._lost_executing = self._lost_executing, {}
+        return found
+
     def lost_workers(self) -> list[dict[str, Any]]:
-        return list(self._lost)
+        return self._lost.entries()
+
+    def loss_cause(self, worker: str) -> str | None:
+        return self._memory_kill(worker) or self._lost.cause_of(worker)
 
     def close(self) -> None:
         """Close the client (and the cluster it started). A client that lost its scheduler is

@@ -510,6 +510,15 @@ def preflight(job: JobSpec, profile: dict[str, Any] | None = None, *, tuning: bo
     check_environment()
 
 
+def check_cluster(profile: dict[str, Any]) -> None:
+    """The worker jobs a batch profile would submit, tried without submitting (sbatch --test-only),
+    where the run starts its own cluster (not `tune`, nor a run on an existing scheduler)."""
+    if profile.get("cluster") == "slurm":
+        from gpubatch.runtime.slurm import check_profile
+
+        check_profile(dict(profile.get("slurm") or {}))
+
+
 @dataclass
 class PlanCheck:
     """What ``validate`` learned by planning the job as ``run`` would."""
@@ -575,6 +584,7 @@ def validate_job(job: JobSpec, *, open_inputs: bool = True, profile_name: str | 
     with run_policy(policy_for(job.run)):  # every request retried as the run's would be
         with versions_asked_once():  # a remote model: one HEAD for preflight's checks and the output's
             preflight(job, profile)
+            check_cluster(profile)
             check_output(job, resume=resume, overwrite=overwrite)
         shards, failed, notes = _plan_and_open(job, profile, open_inputs)
     hints = [s.n_items_hint for s in shards]

@@ -72,6 +72,14 @@ class InFlight:
             items, of = self._items.get(report.shard_id, (0, None))
             self._items[report.shard_id] = (max(items, report.items), report.of if report.of is not None else of)
 
+    def restarted(self, shard_id: str) -> None:
+        """The attempt's worker was lost while running it, and it runs again from nothing (the
+        same attempt, on another worker): its figure starts again, rather than holding the lost
+        run's count until the new run passes it."""
+        with self._lock:
+            if shard_id in self._items:
+                self._items[shard_id] = (0, self._items[shard_id][1])
+
     def ended(self, shard_id: str) -> None:
         """The attempt ended (a result is in, or it is given up on): its figure goes."""
         with self._lock:

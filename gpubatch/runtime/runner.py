@@ -59,7 +59,12 @@ from gpubatch.runtime.cluster import (
     start_worker_imports,
     worker_count,
 )
-from gpubatch.runtime.preflight import largest_batch_in_memory, preflight, refuse_empty_plan
+from gpubatch.runtime.preflight import (
+    check_cluster,
+    largest_batch_in_memory,
+    preflight,
+    refuse_empty_plan,
+)
 from gpubatch.runtime.progress import Progress
 from gpubatch.runtime.result import Result
 from gpubatch.runtime.resume import check_run_model, reconcile
@@ -81,6 +86,8 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     # every storage call of the client's (checks, plan, preparation; an inline run's shards)
     with versions_asked_once(), run_policy(policy_for(job.run)):
         preflight(job, prof)
+        if scheduler is None:
+            check_cluster(prof)
         store = OutputStore(job.output.uri, job.output.storage)
         guard_output(store, job.output.uri)
         run = _Run(job, prof, store)
@@ -258,7 +265,8 @@ class _Run:
 
         threads = int(self.prof.get("threads_per_worker", 1))
         window = max(2 * n_workers * threads, n_workers + self.job.run.stage_ahead + 2)
-        executor = open_executor(self.prof, n_workers, scheduler, self._log_dir(), self._job_name())
+        executor = open_executor(self.prof, n_workers, scheduler, self._log_dir(), self._job_name(),
+                                 leave_after_s=self.job.run.lease_stale_s)
         def on_poll() -> None:
             self.lease.check()
             progress.tick()

@@ -17,14 +17,17 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import re
 import subprocess
 import tempfile
+import time
 from typing import Any
 
-from gpubatch.core.errors import GpubatchError, MissingExtraError
+from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
 
 log = logging.getLogger("gpubatch")
 SLURM_TIMEOUT_S = 20  # every sbatch / squeue / scontrol call is bounded
+ASK_EVERY_S = 10.0  # seconds between squeue calls while the run waits for workers
 
 
 def _job_class() -> Any:
@@ -82,10 +85,20 @@ def _unreachable(command: str, what: str) -> str:
             "from this node? (`scontrol ping` tells)")
 
 
+class SbatchRejected(GpubatchError):
+    """sbatch refused the worker job script (an unknown partition, a gres or memory no node has)."""
+
+
 def test_only(cluster: Any) -> None:
-    """Submit nothing, but ask sbatch whether it would take the job script; raise its refusal."""
+    """Submit nothing, but ask sbatch whether it would take the cluster's job script."""
+    test_script(cluster.job_script())
+
+
+def test_script(script: str) -> None:
+    """Ask ``sbatch --test-only`` whether it would take ``script``; raise its refusal
+    (SbatchRejected), or SlurmUnreachable when the controller did not answer."""
     with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
-        f.write(cluster.job_script())
+        f.write(script)
     try:
         done = _run(["sbatch", "--test-only", f.name])
     except FileNotFoundError:
@@ -95,7 +108,26 @@ def test_only(cluster: Any) -> None:
     if done.returncode != 0 and _controller_silent(done.stderr):
         raise SlurmUnreachable(_unreachable("sbatch --test-only", done.stderr.strip()))
     if done.returncode != 0:
-        raise GpubatchError(f"sbatch rejected the worker job: {(done.stderr + done.stdout).strip()}")
+        words = "; ".join(line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip())
+        raise SbatchRejected(f"sbatch rejected the worker job: {words}")
+
+
+def check_profile(settings: dict[str, Any]) -> None:
+    """The worker job a profile's ``slurm`` settings make, tried with ``sbatch --test-only``
+    before anything runs: ``validate`` refuses what ``run`` would, and ``run`` refuses it before
+    planning and preparing the model (minutes, with int8 calibration), not after. A refusal is
+    a SpecError (exit 2) naming the profile."""
+    import inspect
+
+    job_cls = _job_class()
+    accepted = {p for c in job_cls.__mro__ if "__init__" in vars(c)
+                for p in inspect.signature(vars(c)["__init__"]).parameters}
+    job = job_cls(scheduler="tcp://127.0.0.1:8786", name="gpubatch-check",
+                  **{k: v for k, v in settings.items() if k in accepted})
+    try:
+        test_script(job.job_script())
+    except SbatchRejected as exc:
+        raise SpecError([("profile slurm", str(exc))]) from None
 
 
 #: squeue's pending reasons that waiting never clears (sbatch --test-only passes them where the
@@ -128,16 +160,14 @@ class SlurmDiagnosis:
 
     def __init__(self, cluster: Any):
         self.cluster = cluster
+        #: (the jobs asked about, when, what squeue told)
+        self._asked: tuple[list[str], float, tuple[str, bool] | None] | None = None
 
     def __call__(self) -> tuple[str, bool] | None:
-        """Not fatal when the controller does not answer: it may come back, and the worker
-        watch's run.worker_timeout bounds the wait."""
-        try:
-            return self._diagnose()
-        except SlurmUnreachable as exc:
-            return str(exc), False
-
-    def _diagnose(self) -> tuple[str, bool] | None:
+        """An sbatch rejection at once; SLURM's account of the same jobs at most every
+        ASK_EVERY_S (the worker watch asks every second, and a controller is not to be polled
+        that often for as long as run.worker_timeout). Not fatal when the controller does not answer: it may come back,
+        and the worker watch's run.worker_timeout bounds the wait."""
         jobs = list(self.cluster.workers.values())
         errors = [sbatch_text(j.submit_error) for j in jobs if getattr(j, "submit_error", None) is not None]
         if errors:
@@ -145,6 +175,17 @@ class SlurmDiagnosis:
         ids = [str(j.job_id) for j in jobs if getattr(j, "job_id", None)]
         if not ids:
             return "no worker job was submitted", False
+        now = time.monotonic()
+        if self._asked is not None and self._asked[0] == ids and now - self._asked[1] < ASK_EVERY_S:
+            return self._asked[2]
+        try:
+            found = self._diagnose(ids)
+        except SlurmUnreachable as exc:
+            found = str(exc), False
+        self._asked = (ids, now, found)
+        return found
+
+    def _diagnose(self, ids: list[str]) -> tuple[str, bool] | None:
         states = self._states(ids)
         pending = sorted({reason for state, reason in states.values() if state == "PENDING"})
         if pending:
@@ -165,9 +206,114 @@ class SlurmDiagnosis:
         return out
 
     def _ended(self, job_id: str) -> str:
-        done = _run(["scontrol", "-o", "show", "job", job_id])
+        record = job_record(job_id)
         keep = ("JobState", "Reason", "ExitCode", "StdErr")
-        return " ".join(t for t in done.stdout.split() if t.split("=")[0] in keep) or "no record left"
+        raw = " ".join(f"{k}={record[k]}" for k in keep if k in record) or "no record left"
+        words = ended_words(job_id, record)
+        return f"{words} ({raw})" if words else raw
+
+    def job_of(self, worker_name: str) -> str | None:
+        """The SLURM job a worker (by its Dask name) runs in: dask-jobqueue names each worker
+        after its job's entry in the cluster (``NAME``, or ``NAME-i`` for a job's i-th process)."""
+        for name, job in list(self.cluster.workers.items()):
+            if worker_name == str(name) or worker_name.startswith(f"{name}-"):
+                return str(job.job_id) if getattr(job, "job_id", None) else None
+        return None
+
+    def why_ended(self, job_ids: list[str]) -> dict[str, str]:
+        """SLURM's account of why each of ``job_ids`` ended, in words, in one squeue call (a
+        preemption may take a hundred jobs at once); those SLURM has no end for yet (still
+        running: their worker left for another reason, or SLURM is finishing them) are left out.
+        Each of these jobs ran (its worker was connected): found pending, it was requeued."""
+        try:
+            records = job_states(job_ids)
+        except SlurmUnreachable:
+            return {}
+        found = {}
+        for job_id in job_ids:
+            record = records.get(job_id, {})
+            if record.get("JobState") in ("PENDING", "REQUEUE_HOLD", "REQUEUE_FED"):
+                record = {**record, "Restarts": "1"}
+            words = ended_words(job_id, {**record, "StdErr": self._log_of(job_id)} if record else {})
+            if words:
+                found[job_id] = words
+        return found
+
+    def _log_of(self, job_id: str) -> str:
+        """Where job ``job_id`` writes its stderr: the job script's ``-e`` path."""
+        header = str(getattr(self.cluster, "job_header", ""))
+        path = re.search(r"^#SBATCH -e (\S+)", header, re.M)
+        return path.group(1).replace("%J", job_id).replace("%j", job_id) if path else "its job's stderr"
+
+
+def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """squeue's JobState, Reason, TimeLimit and NodeList of those of ``job_ids`` SLURM still
+    knows (ended ones for MinJobAge), in one call."""
+    done = _run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%r|%l|%N"])
+    if done.returncode != 0 and _controller_silent(done.stderr):
+        raise SlurmUnreachable(_unreachable("squeue", done.stderr.strip()))
+    keys = ("JobState", "Reason", "TimeLimit", "NodeList")
+    found = {}
+    for line in done.stdout.splitlines():
+        job_id, *values = (line.split("|") + [""] * 4)[:5]
+        found[job_id.strip()] = {k: v.strip() for k, v in zip(keys, values, strict=True)}
+    return found
+
+
+_FIELD = re.compile(r"^[A-Za-z][\w/:]*$")  # scontrol's field names: JobState, CPUs/Task, AllocNode:Sid
+
+
+def job_record(job_id: str) -> dict[str, str]:
+    """``scontrol show job``'s fields for ``job_id`` ({} once SLURM has forgotten it, MinJobAge
+    after it ended); the log paths with the job id put in for ``%J`` / ``%j``."""
+    done = _run(["scontrol", "-o", "show", "job", job_id])
+    if done.returncode != 0 and _controller_silent(done.stderr):
+        raise SlurmUnreachable(_unreachable("scontrol show job", done.stderr.strip()))
+    record: dict[str, str] = {}
+    last = ""
+    for token in done.stdout.split():
+        key, sep, value = token.partition("=")
+        if sep and _FIELD.match(key):
+            record[key], last = value, key
+        elif last:  # a value with spaces in it
+            record[last] += f" {token}"
+    for key in ("StdErr", "StdOut"):
+        if key in record:
+            record[key] = record[key].replace("%J", job_id).replace("%j", job_id)
+    return record
+
+
+#: words for the ends SLURM gives a job, by JobState (and Reason, while it is still COMPLETING)
+ENDS = {
+    "CANCELLED": "SLURM cancelled job {id} (scancel: its owner or an administrator)",
+    "TIMEOUT": "SLURM ended job {id} at its time limit ({limit}: the profile's slurm.walltime)",
+    "PREEMPTED": "SLURM preempted job {id} (a job of higher priority took its resources)",
+    "NODE_FAIL": "SLURM lost job {id} with its node {node} (NODE_FAIL)",
+    "OUT_OF_MEMORY": "SLURM killed job {id} for memory (OUT_OF_MEMORY): raise slurm.memory",
+    "FAILED": "job {id} failed; its log: {log}",
+    "BOOT_FAIL": "job {id}'s node failed to boot (BOOT_FAIL)",
+    "DEADLINE": "SLURM ended job {id} at its --deadline (DEADLINE)",
+    "COMPLETED": "job {id} ended (its worker exited: at its --lifetime, or see its log: {log})",
+    "REQUEUED": "SLURM requeued job {id} (preempted, or its node failed; reason: {reason}): it will start again",
+}
+#: what a COMPLETING job's Reason says its end will be
+COMPLETING_AS = {"TimeLimit": "TIMEOUT", "NodeDown": "NODE_FAIL", "Prolog": "FAILED"}
+
+
+def ended_words(job_id: str, record: dict[str, str]) -> str | None:
+    """Why job ``job_id`` (its :func:`job_record`) ended; None while it has not (as SLURM sees it)."""
+    if not record:
+        return f"SLURM no longer knows job {job_id} (it ended over MinJobAge ago; `sacct -j {job_id}` tells why)"
+    state, reason = record.get("JobState", ""), record.get("Reason", "")
+    if state == "COMPLETING":
+        state = COMPLETING_AS.get(reason, "")
+    elif state in ("PENDING", "REQUEUE_HOLD", "REQUEUE_FED") and record.get("Restarts", "0") != "0":
+        state = "REQUEUED"
+    template = ENDS.get(state)
+    if template is None:
+        return None
+    return template.format(id=job_id, limit=record.get("TimeLimit", "?"), node=record.get("NodeList", "?"),
+                           log=record.get("StdErr", "?"), reason=reason)
 
 
 def cancel_left_behind(job_name: str) -> list[str]:
@@ -208,6 +354,19 @@ def processes_per_job(settings: dict[str, Any]) -> int:
     return max(1, int(nprocesses_nthreads(int(cores))[0]))
 
 
+def _job_words(settings: dict[str, Any]) -> str:
+    """Each worker job's partition and time limit, and where they come from: a profile without
+    ``walltime`` gets dask-jobqueue's default (30 minutes), and every worker job is ended then."""
+    import dask
+
+    queue = settings.get("queue") or dask.config.get("jobqueue.slurm.queue", None)
+    walltime = settings.get("walltime")
+    limit = (f"time limit {walltime} each (slurm.walltime)" if walltime else
+             f"time limit {dask.config.get('jobqueue.slurm.walltime', None) or 'the partition default'} "
+             "each, dask-jobqueue's default: set slurm.walltime")
+    return f"partition {queue}, {limit}" if queue else f"the default partition, {limit}"
+
+
 def start_slurm_cluster(settings: dict[str, Any], n_workers: int, log_directory: str,
                         job_name: str | None = None) -> tuple[Any, SlurmDiagnosis]:
     """A SLURMCluster keeping ``n_workers`` worker jobs (lost ones are replaced), checked first.
@@ -229,5 +388,6 @@ def start_slurm_cluster(settings: dict[str, Any], n_workers: int, log_directory:
     except BaseException:
         cluster.close()
         raise
-    log.info("SLURM: %d worker job(s) asked for; job logs in %s", n_workers, settings["log_directory"])
+    log.info("SLURM: %d worker job(s) asked for (%s); job logs in %s", n_workers, _job_words(settings),
+             settings["log_directory"])
     return cluster, SlurmDiagnosis(cluster)

@@ -41,6 +41,9 @@ HAND_BACK_S = 30.0
 class WorkersUnavailable(GpubatchError):
     """No worker for ``run.worker_timeout`` seconds: the run cannot make progress."""
 
+    def __init__(self, why: str):
+        super().__init__(f"{why}; what is committed stands: once workers can start, finish the run with --resume")
+
 
 class Submitter:
     """Runs a stream of shards through an executor; hands each final result to ``on_result``."""
@@ -63,8 +66,12 @@ class Submitter:
         #: worker processes (run.stage_ahead by default; dealt, each lane holds run.stage_ahead)
         self.ahead = job.run.stage_ahead if ahead is None else ahead
         self.attempts: dict[str, int] = {}  #: shards in flight -> attempts so far
+        #: shards in flight -> the workers lost while executing them
+        self.losses: dict[str, list[str]] = {}
+        self.allowed_losses = _allowed_failures()
         self.pending: set[Any] = set()
         self._no_workers_since: float | None = None
+        self._waiting_for: str | None = None  # the executor's account of the wait, as last said
         self._handed_back = time.monotonic()
         self.dealer: Dealer | None = None  #: set while shards are dealt to worker processes
 
@@ -173,6 +180,35 @@ class Submitter:
             return
         self._submit_again({fut for fut in placed if str(fut.key) not in held})
 
+    def _count_losses(self) -> None:
+        """Count, per shard, the workers lost while executing it; a shard lost with more than
+        Dask's allowed-failures workers fails (not retried) with the cause of the last loss.
+        Dask's own count (KilledWorker) starts again with every new task: each submit after a
+        loss (_place_again) and each retry. A shard longer than a worker job's time limit ended
+        (retries + 1) x (allowed-failures + 1) + 1 jobs, 13 by default (four days of 8-hour
+        jobs), and was then quarantined as a KilledWorker that named no time limit."""
+        for shard_id, worker in self.executor.lost_executing().items():
+            self.losses.setdefault(shard_id, []).append(worker)
+            self.in_flight.restarted(shard_id)
+        over = [fut for fut in self.pending if len(self.losses.get(fut.shard.shard_id, ())) > self.allowed_losses]
+        for fut in over:
+            self.executor.cancel({fut})
+            self.pending.discard(fut)
+            if self.dealer is not None and fut.worker is not None:
+                self.dealer.finished(fut.worker)
+            self._settle(fut, self._lost_too_often(fut))
+
+    def _lost_too_often(self, fut: Any) -> ShardResult:
+        shard, workers = fut.shard, self.losses.pop(fut.shard.shard_id)
+        cause = self.executor.loss_cause(workers[-1]) or "no cause known"
+        result = ShardResult.failure(
+            shard.shard_id, shard.input_uri,
+            f"the worker running it was lost {len(workers)} time{'s' if len(workers) != 1 else ''} (the last: {cause}); a shard "
+            "that outlives every worker that runs it (a batch job's time limit, such as slurm.walltime, or "
+            "its memory) never finishes: give the workers more, or split the input", retryable=False)
+        result.attempt = self.attempts[shard.shard_id]
+        return result
+
     def _submit_again(self, lost: set[Any]) -> None:
         """Cancel tasks whose worker left (not yet run, or their result gone with it) and submit
         their shards again, to any worker. Not a failed attempt: nothing about the shard failed."""
@@ -212,19 +248,25 @@ class Submitter:
                             fut.shard.shard_id)
                 self._submit_again({fut})
                 continue
-            if result.stops_run:  # a full disk: every shard would fail alike, and no input is to blame
-                raise DiskFull(result.error or "the disk is full")
-            if not result.ok and result.retryable and result.attempt <= self.job.run.retries:
-                log.warning("shard %s failed (%s); retrying", result.shard_id, result.error)
-                if self.on_retry is not None:
-                    self.on_retry(result)
-                pending.add(self._submit(fut.shard, ()))
-                continue
-            del self.attempts[result.shard_id]  # final: the count lives on in the result
-            self.in_flight.ended(result.shard_id)  # before the result counts: never both at once
-            self.on_result(result)
+            self._settle(fut, result)
         self.executor.note_processing(pending)
+        self._count_losses()
         self._hand_back_memory()
+
+    def _settle(self, fut: Any, result: ShardResult) -> None:
+        """A finished attempt: tried again where it may pass, else final (handed to on_result)."""
+        if result.stops_run:  # a full disk: every shard would fail alike, and no input is to blame
+            raise DiskFull(result.error or "the disk is full")
+        if not result.ok and result.retryable and result.attempt <= self.job.run.retries:
+            log.warning("shard %s failed (%s); retrying", result.shard_id, result.error)
+            if self.on_retry is not None:
+                self.on_retry(result)
+            self.pending.add(self._submit(fut.shard, ()))
+            return
+        del self.attempts[result.shard_id]  # final: the count lives on in the result
+        self.losses.pop(result.shard_id, None)
+        self.in_flight.ended(result.shard_id)  # before the result counts: never both at once
+        self.on_result(result)
 
     def _hand_back_memory(self) -> None:
         """Every HAND_BACK_S: the memory that folding results and Dask's messages freed goes
@@ -250,6 +292,16 @@ class Submitter:
         if now - self._no_workers_since > self.job.run.worker_timeout:
             reason = why[0] if why else "no worker connected to the scheduler"
             raise WorkersUnavailable(f"no worker for {self.job.run.worker_timeout:g} s (run.worker_timeout): {reason}")
+        if why is not None and why[0] != self._waiting_for:  # said once, and again when it changes
+            self._waiting_for = why[0]
+            log.info("waiting for workers (up to run.worker_timeout, %g s): %s", self.job.run.worker_timeout, why[0])
+
+
+def _allowed_failures() -> int:
+    """Dask's own bound on the workers a task may outlive (distributed.scheduler.allowed-failures)."""
+    import dask
+
+    return int(dask.config.get("distributed.scheduler.allowed-failures", 3))
 
 
 def _with_upcoming(shards: Iterable[Shard], ahead: int) -> Iterator[tuple[Shard, tuple[str, ...]]]:
