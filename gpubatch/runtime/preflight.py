@@ -372,7 +372,7 @@ def check_resources(job: JobSpec, profile: dict[str, Any] | None = None) -> None
     batch, held = _batch_bytes(job, batch_size)
     if budget and held > budget:
         problems.append(("model.batch_size", (
-            f"{batch_size} item(s) make a {batch / 2**30:.2f} GiB model input; with "
+            f"{batch_size} {'item makes' if batch_size == 1 else 'items make'} a {batch / 2**30:.2f} GiB model input; with "
             f"run.prefetch_batches {job.run.prefetch_batches} a worker holds about "
             f"{held / 2**30:.2f} GiB, over its {budget / 2**30:.2f} GiB ({which}); "
             "lower model.batch_size, tiles.size or run.prefetch_batches")))
