@@ -35,7 +35,7 @@ from gpubatch.engine.model_stage import (
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
 from gpubatch.engine.slide_head import SlideHead, head_nonfinite_note
 from gpubatch.io.localized import localize
-from gpubatch.io.metrics import count_claimed_heads
+from gpubatch.io.metrics import count_claimed_requests
 from gpubatch.io.redact import redact
 from gpubatch.io.retry_counts import count_claimed_retries
 from gpubatch.io.storage import identity_differs, input_changed, input_identity
@@ -286,7 +286,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
             shard_attrs = reader.attrs
         count_core_use(clocks, cores_before)
         count_claimed_retries(clocks)
-        count_claimed_heads(clocks)
+        count_claimed_requests(clocks)
         result = ShardResult(
             shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(MAX_SAMPLES),
             attrs=shard_attrs, model=_describe(model, head), host=socket.gethostname(), pid=os.getpid(),

@@ -27,8 +27,13 @@ def record_request(clocks: StageClocks | None, nbytes: int, seconds: float | Non
                    requests: int = 1) -> None:
     """Count ``requests`` requests that brought ``nbytes`` together: requests, bytes and, when
     timed, latency histogram buckets and request-seconds (their sum over a run's wall time is the
-    mean number of requests in flight, by Little's law)."""
+    mean number of requests in flight, by Little's law). Without clocks (the plan's reads: a
+    slide's header, a VCF, a BED, a FASTA's .fai and .gzi; an index read, a model fetched) they
+    are counted per process and claimed as HEADs are (:func:`count_claimed_requests`): their
+    requests and bytes, not their latency (the histogram is the shards' reads)."""
     if clocks is None:
+        _UNCLOCKED["storage.requests"].add(requests)
+        _UNCLOCKED["storage.bytes"].add(nbytes)
         return
     clocks.count("storage.requests", requests)
     clocks.count("storage.bytes", nbytes)
@@ -39,8 +44,9 @@ def record_request(clocks: StageClocks | None, nbytes: int, seconds: float | Non
         clocks.count("storage.request_s", seconds * requests)
 
 
-#: HEADs answered in this process since the last claim (:func:`record_head`)
-_HEADS = Tally()
+#: what was asked of storage in this process with no shard's clocks at hand, since the last
+#: claim: HEADs (:func:`record_head`), and reads of bytes and their bytes (:func:`record_request`)
+_UNCLOCKED = {"storage.heads": Tally(), "storage.requests": Tally(), "storage.bytes": Tally()}
 
 
 def record_head() -> None:
@@ -48,26 +54,30 @@ def record_head() -> None:
     storage.stat`, a range reader's size; gcsfs asks its JSON API instead; a 404 is not counted,
     as a failed GET is not in ``storage.requests``). Most are sent with no
     shard's clocks at hand (the plan's, a background identity lookup, a reader's size), so they
-    are counted per process and claimed as retries are (:func:`count_claimed_heads`). Not
+    are counted per process and claimed (:func:`count_claimed_requests`). Not
     counted: an existence check (s3fs sends a HEAD, then a LIST where the key is missing; fsspec's
     HTTP client a GET) and a library's own requests (zarr, an fsspec file), whose GETs are not
     in ``storage.requests`` either."""
-    _HEADS.add()
+    _UNCLOCKED["storage.heads"].add()
 
 
-def forget_unclaimed_heads() -> None:
-    """Drop the HEADs counted in this process and not claimed yet: a run's client starts its
-    count afresh, or a long-lived process (a notebook's ``validate`` before ``run``, an earlier
-    run's requests after its report) would add them to the run's report."""
-    _HEADS.claim()
+def forget_unclaimed_requests() -> None:
+    """Drop the requests (HEADs, reads) counted in this process and not claimed yet: a run's
+    client starts its count afresh, or a long-lived process (a notebook's ``validate`` before
+    ``run``, an earlier run's requests after its report) would add them to the run's report."""
+    for tally in _UNCLOCKED.values():
+        tally.claim()
 
 
-def count_claimed_heads(clocks: StageClocks) -> None:
-    """Add the HEADs answered in this process since the last claim to ``clocks`` (a shard's after
-    its commit; the client's before the report)."""
-    heads = _HEADS.claim()
-    if heads:
-        clocks.count("storage.heads", heads)
+def count_claimed_requests(clocks: StageClocks) -> int:
+    """Add the requests counted in this process with no clocks since the last claim (HEADs, reads
+    and their bytes) to ``clocks`` (a shard's after its commit; the client's before its shards
+    start and before the report); the reads of bytes claimed, returned."""
+    claimed = {name: tally.claim() for name, tally in _UNCLOCKED.items()}
+    for name, n in claimed.items():
+        if n:
+            clocks.count(name, n)
+    return claimed["storage.requests"]
 
 
 _in_flight = 0
@@ -130,10 +140,15 @@ def latency_percentiles(counters: dict[str, float]) -> dict[str, float | None]:
     return out
 
 
+#: what the storage line's figures count, as the report says it: what cannot be counted is named
+COUNTED_WORDS = ("gpubatch's own reads and HEADs; not counted: listings, existence checks, "
+                 "libraries' own requests (zarr, wsidicom, an fsspec file)")
+
+
 def storage_summary(counters: dict[str, float], wall_s: float,
                     peaks: dict[str, float] | None = None) -> dict[str, Any]:
-    """The storage line of the report: requests (reads of bytes), bytes, MB/s, p50/p99, requests
-    in flight (mean over the run, and the peak in one worker), bytes per request, HEADs (apart:
+    """The storage line of the report: requests (reads of bytes; the client's apart: checks, plan,
+    preparation), bytes, MB/s, p50/p99, requests in flight (mean over the run, and the peak in one worker), bytes per request, HEADs (apart:
     they bring no bytes), retries, staging, waits."""
     get = counters.get
     nbytes = float(get("storage.bytes", 0.0))
@@ -141,6 +156,7 @@ def storage_summary(counters: dict[str, float], wall_s: float,
     request_s = float(get("storage.request_s", 0.0))
     summary: dict[str, Any] = {
         "requests": requests, "heads": int(get("storage.heads", 0)), "bytes": int(nbytes),
+        "client_requests": int(get("storage.client_requests", 0)),
         "mb_per_s": round(nbytes / 1e6 / wall_s, 3) if wall_s > 0 else None,
         "bytes_per_request": int(nbytes / requests) if requests else None,
         "in_flight_mean": round(request_s / wall_s, 2) if wall_s > 0 and request_s else None,

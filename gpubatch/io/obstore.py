@@ -446,17 +446,17 @@ class ObstoreRangeReader(RangeReader):
         self.store, self.key, self.uri = store, key, redact(uri)
         self.max_concurrency, self.timeout_s = max_concurrency, timeout_s
         self._sem: asyncio.Semaphore | None = None
-        self._size: int | None = None
+        self.known_size: int | None = None  # from its HEAD, or given: a version already known
         self._etag: str | None = None
         self._pinning = threading.Lock()  # the first answer and a caller's pin may race to set it
         self.pin(etag)
 
     def size(self) -> int:
-        if self._size is None:
+        if self.known_size is None:
             meta = head(self.store, self.key, self.uri)
             self.pin(meta["etag"])
-            self._size = meta["size"]
-        return self._size
+            self.known_size = meta["size"]
+        return self.known_size
 
     def version(self) -> str | None:
         return self._etag

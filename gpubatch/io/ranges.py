@@ -209,6 +209,9 @@ class FsspecRangeReader(RangeReader):
         self.fs, self.path, self.uri = fs, path, redact(uri)
         self.max_concurrency = max_concurrency
         self._sem: asyncio.Semaphore | None = None
+        #: the object's size once asked (or given: a version already known), as obstore's reader
+        #: keeps it: a bgzip FASTA's reads ask it for their last block, a HEAD each time
+        self.known_size: int | None = None
 
     def fetch_spans(self, spans: Sequence[tuple[int, int]]) -> list[Fetched]:
         if not spans:
@@ -237,13 +240,16 @@ class FsspecRangeReader(RangeReader):
         return await self.fs._cat_file(self.path, start=start, end=stop)
 
     def size(self) -> int:
+        if self.known_size is not None:
+            return self.known_size
         from fsspec.asyn import sync
 
         info = sync(self.fs.loop, self.fs._info, self.path)
         if info.get("type") == "directory":
             raise IsADirectoryError(self.path)
         record_head()
-        return int(info.get("size") or 0)
+        self.known_size = int(info.get("size") or 0)
+        return self.known_size
 
 
 class WrongRange(Exception):
@@ -394,8 +400,9 @@ class MeasuredReader(ReaderWrapper):
         t0 = time.perf_counter()
         with requests_in_flight(self.clocks, len(spans) if self.timed else 0):
             results = self.inner.fetch_spans(spans)
+        counted = self.clocks is not None or self.client != "local"  # no clocks: storage's only
         for r in results:
-            if r.error is None and r.data is not None:
+            if counted and r.error is None and r.data is not None:
                 record_request(self.clocks, len(r.data), r.seconds if self.timed else None, r.requests)
         if self.timed and self.count_wait and not in_background() and self.clocks is not None:
             self.clocks.count("storage.wait_s", time.perf_counter() - t0)

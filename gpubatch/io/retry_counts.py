@@ -102,6 +102,15 @@ def claim_unattributed_retries() -> int:
     return _UNATTRIBUTED.claim()
 
 
+def forget_unclaimed_retries() -> None:
+    """Drop the retries counted in this process and not claimed yet: a run's client starts its
+    count afresh, or a long-lived process's earlier ones (a notebook's ``validate`` before ``run``,
+    an earlier run's after its report) would be added to the run's report."""
+    claim_library_retries()
+    claim_unattributed_retries()
+    _UNATTRIBUTED_THROTTLED.claim()
+
+
 def count_claimed_retries(clocks: StageClocks) -> None:
     """Add the claimed retries to ``clocks``' storage retries, the library's also apart."""
     library, unattributed = claim_library_retries(), claim_unattributed_retries()

@@ -303,12 +303,13 @@ def retried_fs(uri: str, options: dict[str, Any] | None = None, policy: RetryPol
 
 def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageClocks | None = None,
                 policy: RetryPolicy | None = None, *, max_concurrency: int = 64,
-                count_wait: bool = True, etag: str | None = None) -> RangeReader:
+                count_wait: bool = True, etag: str | None = None, size: int | None = None) -> RangeReader:
     """A range reader for one file or object, with retries and metrics; close it when done.
 
     ``count_wait=False`` for background work (staging ahead), whose waits nobody sat through.
     ``etag``: the version a HEAD just found, which every read must be of (obstore pins it with
     If-Match; without it obstore pins the first answer's); fsspec cannot pin, see ``version()``.
+    ``size``: that version's size, which the reader then answers without a HEAD of its own.
     """
     inner: RangeReader
     if not is_remote(uri):
@@ -321,10 +322,12 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
             raise InputError(uri, f"cannot be opened: {exc.strerror or exc}") from None
     elif (target := _obstore_target(uri, options)) is not None:
         inner = obstore.ObstoreRangeReader(*target, uri, max_concurrency=max_concurrency, etag=etag)
+        inner.known_size = size
         if range_reader_choice() == "auto":
             inner = _FsspecWhenUnsized(inner, lambda: _fsspec_reader(uri, options, max_concurrency), uri, clocks)
     else:
         inner = _fsspec_reader(uri, options, max_concurrency)
+        inner.known_size = size
     if clocks is not None and is_remote(uri):
         clocks.count(f"storage.client.{inner.client}")
     return retried_and_measured(inner, policy or default_policy(), clocks, count_wait)

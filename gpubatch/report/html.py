@@ -14,6 +14,7 @@ from html import escape
 from typing import Any
 
 from gpubatch.core.results import failure_groups, quarantined_count
+from gpubatch.io.metrics import COUNTED_WORDS
 from gpubatch.io.uris import uri_name
 from gpubatch.outputs.layout import HEATMAPS_DIR, REPORT_HTML, heatmap_name
 from gpubatch.outputs.store import OutputStore
@@ -24,6 +25,7 @@ from gpubatch.report.text import (
     gate_line,
     operator_lines,
     quality_lines,
+    requests_split,
     resumed_line,
     retries_words,
 )
@@ -302,6 +304,13 @@ def _failure_groups(failed: list[dict[str, Any]]) -> str:
             f"<th class=l>first inputs</th></tr>{rows}</table>")
 
 
+def _requests_words(st: dict[str, Any]) -> str | None:
+    """The storage requests, with the client's (checks, plan, preparation) and the shards' apart."""
+    if st.get("requests") is None:
+        return None
+    return f"{st['requests']}{requests_split(st)}"
+
+
 def _run_table(report: dict[str, Any]) -> str:
     """Run settings and storage figures, so the reader knows what the numbers were measured on."""
     st = report.get("storage") or {}
@@ -309,8 +318,8 @@ def _run_table(report: dict[str, Any]) -> str:
             ("kind", report.get("kind")), ("backend", report.get("backend")), ("precision", report.get("precision")),
             ("batch size", report.get("batch_size")), ("batch fill", None if report.get("batch_fill") is None else pct(report["batch_fill"])),
             ("workers", report.get("workers")), ("readers per worker", report.get("readers")),
-            ("profile", report.get("profile")), ("storage requests", st.get("requests")),
-            ("storage HEADs", st.get("heads")),
+            ("profile", report.get("profile")), ("storage requests", _requests_words(st)),
+            ("storage HEADs", st.get("heads")), ("storage counts", COUNTED_WORDS if st.get("requests") else None),
             ("storage MB", _num((st.get("bytes") or 0) / 1e6)), ("storage MB/s", _num(st.get("mb_per_s"))),
             ("storage retries", retries_words(st) if st else None),
             ("cores busy while shards ran", _cores_busy(report)),

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from gpubatch.core.results import failure_groups, quarantined_count
+from gpubatch.io.metrics import COUNTED_WORDS
 from gpubatch.io.redact import safe_text
 from gpubatch.report.verdict import cores_sentence, starvation_words
 
@@ -96,8 +97,14 @@ def _storage_line(report: dict[str, Any]) -> str | None:
     flight = (f", {st['in_flight_mean']:g} in flight on average (peak {st.get('in_flight_peak') or '-'})"
               if st.get("in_flight_mean") else "")
     heads = f" + {st['heads']} HEADs" if st.get("heads") else ""
-    return (f"  storage: {st['requests']} requests{size}{heads}, {st['bytes'] / 1e6:.1f} MB{mbs}{lat}{flight}, "
-            f"{retries_words(st)}")
+    return (f"  storage: {st['requests']} requests{requests_split(st)}{size}{heads}, {st['bytes'] / 1e6:.1f} MB"
+            f"{mbs}{lat}{flight}, {retries_words(st)}")
+
+
+def requests_split(st: dict[str, Any]) -> str:
+    """Whose the reads were: the client's (checks, plan, preparation) and the shards'."""
+    client = st.get("client_requests")
+    return f" (client {client}, shards {st['requests'] - client})" if client else ""
 
 
 def retries_words(st: dict[str, Any]) -> str:
@@ -133,7 +140,7 @@ def _clock_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"  setup: opening shards {parts['open']:.2f} s (before their pipelines)")
     storage = _storage_line(report)
     if storage:
-        lines.append(storage)
+        lines += [storage, f"           counted: {COUNTED_WORDS}"]
     cpu = report.get("host_cpu")
     if cpu:
         counted = "every process in the quota's cgroup" if cpu.get("quota") else "every process on them"

@@ -38,10 +38,10 @@ from gpubatch.core.memory import collections_of_this_run, hand_back_freed_memory
 from gpubatch.core.results import ShardResult, quarantined_count
 from gpubatch.engine.context import RunContext
 from gpubatch.io.localized import localize, version_if_remote, versions_asked_once
-from gpubatch.io.metrics import count_claimed_heads, forget_unclaimed_heads
+from gpubatch.io.metrics import count_claimed_requests, forget_unclaimed_requests
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import policy_for, run_policy
-from gpubatch.io.retry_counts import count_claimed_retries
+from gpubatch.io.retry_counts import count_claimed_retries, forget_unclaimed_retries
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import resolve_backend
 from gpubatch.outputs.commits import CommitIndex
@@ -81,7 +81,8 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     """Run a validated job to completion; see the module docstring for the failure rules."""
     prof = load_profile(profile or job.run.profile)
     start_worker_imports(prof)
-    forget_unclaimed_heads()  # this run's HEADs from here on
+    forget_unclaimed_requests()  # this run's requests and retries from here on
+    forget_unclaimed_retries()
     # a remote model's version: one HEAD for every check of the run; the job's retry policy for
     # every storage call of the client's (checks, plan, preparation; an inline run's shards)
     with versions_asked_once(), run_policy(policy_for(job.run)):
@@ -150,6 +151,7 @@ class _Run:
         lost: list[dict[str, Any]] = []
         with stop_on_signals():  # the run's end too: a Ctrl-C while merging is recorded as one
             try:
+                self._claim_client_requests()  # the checks', plan's and preparation's: not a shard's
                 if len(shards) > resumed:
                     lost = self._submit(todo, ctx, progress, n_workers, scheduler)
                 raise_if_stopped()  # one a finaliser dropped after the last poll
@@ -176,6 +178,14 @@ class _Run:
                 raise
             progress.finish("finished", wall_s=result.report["wall_s"], items_per_s=result.report["items_per_s"])
         return result
+
+    def _claim_client_requests(self) -> None:
+        """The storage requests this process made with no shard's clocks since the last claim,
+        into the run's clocks; the reads of bytes also as the client's (the report says client N,
+        shards M: an in-process shard claims what the process asked while it ran)."""
+        client_reads = count_claimed_requests(self.builder.clocks)
+        if client_reads:
+            self.builder.clocks.count("storage.client_requests", client_reads)
 
     def _kept_in_plan(self, shards: Sequence[Shard]) -> int:
         """How many of the plan's shards are already committed. A resume may plan other inputs
@@ -339,7 +349,7 @@ class _Run:
             **_operator_facts(job, self.t_start), "data_quality": source.data_quality(job, shards, records()),
         }
         count_claimed_retries(self.builder.clocks)  # the client's: planning, uploads, in-process shards
-        count_claimed_heads(self.builder.clocks)
+        self._claim_client_requests()
         summary = self.builder.summary(self.failed, time.time() - self.t_start, run_info).to_dict()
         write_report(store, summary)
         from gpubatch.report.html import write_html

@@ -335,8 +335,9 @@ class FastaReference(Reference):
         index = read_index(uri, fmt, storage_options, planned_index)
         self.fai, self.gzi, self.index_version = index.fai, index.gzi, index.version
         self.contigs = ContigTable(tuple(self.fai), tuple(e.length for e in self.fai.values()))
-        etag = (planned or {}).get("etag")
-        self.ranges = open_ranges(uri, storage_options, clocks, etag=etag if is_remote(uri) else None)
+        etag, size = (planned or {}).get("etag"), (planned or {}).get("size")
+        self.ranges = open_ranges(uri, storage_options, clocks, etag=etag if is_remote(uri) else None,
+                                  size=int(size) if is_remote(uri) and size is not None else None)
         self._started: set[str] = set()  # contigs whose start this reader has checked
         if planned:
             self._hold_to(planned, storage_options)
