@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -27,6 +26,7 @@ from pydantic import (
 )
 
 from gpubatch.core.errors import SpecError
+from gpubatch.core.yaml_text import load_yaml_text, read_yaml
 from gpubatch.io.uris import GLOB_PREFIX, is_remote, split_glob
 
 #: the largest model.batch_size: a batch is one model call, and its tensors must fit a device
@@ -518,79 +518,6 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
         if other is not None and value is not None and other not in given:
             node.pop(other[-1], None)  # the override replaces the file's choice of resolution
     return data
-
-
-#: bounds on a YAML document (a spec, a profile, a --set value): a few hundred bytes of aliases
-#: must not expand into gigabytes, nor deep nesting into a RecursionError
-MAX_YAML_BYTES = 1 << 20
-MAX_YAML_DEPTH = 64
-MAX_YAML_NODES = 100_000
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that counts nodes as composed, an alias as the whole subtree it
-    repeats, and refuses a document past MAX_YAML_NODES or nested past MAX_YAML_DEPTH before
-    anything is expanded (the billion-laughs alias bomb, ``[[[[...]]]]``)."""
-
-    def __init__(self, stream: str):
-        super().__init__(stream)
-        self.depth = self.nodes = 0
-        self.sizes: dict[int, int] = {}
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            anchored = self.anchors.get(self.peek_event().anchor)
-            self._count(self.sizes.get(id(anchored), 1))
-            return super().compose_node(parent, index)
-        self.depth += 1
-        if self.depth > MAX_YAML_DEPTH:
-            raise ValueError(f"nested deeper than {MAX_YAML_DEPTH} levels")
-        before = self.nodes
-        try:
-            node = super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-        self._count(1)
-        self.sizes[id(node)] = self.nodes - before
-        return node
-
-    def _count(self, n: int) -> None:
-        self.nodes += n
-        if self.nodes > MAX_YAML_NODES:
-            raise ValueError(f"more than {MAX_YAML_NODES} values once aliases are expanded "
-                             "(an alias bomb?)")
-
-
-def load_yaml_text(text: str, source: str | None = None) -> Any:
-    """Parse YAML within the bounds above; a problem is a SpecError naming ``source``."""
-    if len(text.encode()) > MAX_YAML_BYTES:
-        raise SpecError([("", f"larger than {MAX_YAML_BYTES >> 20} MiB: not a job spec")], source)
-    try:  # the loader's reader refuses control characters (a binary file) as it is made
-        loader = _BoundedLoader(text)
-    except yaml.YAMLError as exc:
-        raise SpecError([("", f"not a YAML text file: {exc}")], source) from None
-    try:
-        return loader.get_single_data()
-    except yaml.YAMLError as exc:
-        raise SpecError([("", f"not valid YAML: {exc}")], source) from None
-    except ValueError as exc:
-        raise SpecError([("", f"refused: {exc}")], source) from None
-    finally:
-        loader.dispose()
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if p.is_dir():  # "not found" sent the user looking for a folder that is there
-        found = ", ".join(sorted(x.name for x in p.glob("*.y*ml"))[:3])
-        raise SpecError([("", f"{p} is a directory: give the job spec's YAML file"
-                              + (f" (it holds {found})" if found else ", e.g. job.yaml"))], str(p))
-    if not p.is_file():
-        raise SpecError([("", f"job spec file not found: {p}")], str(p))
-    if p.stat().st_size > MAX_YAML_BYTES:
-        raise SpecError([("", f"larger than {MAX_YAML_BYTES >> 20} MiB: not a job spec")], str(p))
-    data = load_yaml_text(p.read_text(errors="replace"), str(p))
-    return data if data is not None else {}
 
 
 def load_job(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> JobSpec:

@@ -22,8 +22,8 @@ from typing import Any
 from gpubatch.core.cpu import quota_cores
 from gpubatch.core.cpu import usable_cores as cpu_count
 from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
+from gpubatch.core.yaml_text import load_yaml_text
 from gpubatch.runtime.executors import DaskExecutor, Executor, InlineExecutor
-from gpubatch.spec import load_yaml_text
 
 log = logging.getLogger("gpubatch")
 _PACKAGE = Path(__file__).resolve().parents[1]
