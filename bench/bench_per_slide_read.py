@@ -48,10 +48,9 @@ def write(folder: str, tiles: int, outputs: int) -> None:
 def read(folder: str, tiles: int, what: list[str]) -> None:
     """The heatmap and GeoJSON drawn under the sampler; one JSON line."""
     import math
-    import threading
     import time
 
-    import psutil
+    from common import PeakRss
 
     from gpubatch.outputs import geojson, heatmaps
     from gpubatch.outputs.store import OutputStore
@@ -60,27 +59,17 @@ def read(folder: str, tiles: int, what: list[str]) -> None:
     side = math.isqrt(tiles - 1) + 1
     grid = grid_type(side * 224, side * 224, 224.0, 224.0)
     store = OutputStore(folder)
-    me = psutil.Process()
-    base = me.memory_info().rss
-    peak, done = [base], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss)
-            time.sleep(0.005)
-
-    threading.Thread(target=sample, daemon=True).start()
-    t0 = time.perf_counter()
-    if "heatmap" in what:
-        assert heatmaps.write_heatmaps(store, {SLIDE: ("slide", grid)})
-    if "geojson" in what:
-        try:
-            geojson.write_slide_geojson(store, {SLIDE: ("slide", grid)})
-        except TypeError:  # before the SlideGrid: the tile's edge
-            geojson.write_slide_geojson(store, {SLIDE: ("slide", 224.0)})
-    seconds = time.perf_counter() - t0
-    done.set()
-    print(json.dumps({"base_mb": base / 2**20, "growth_mb": (peak[0] - base) / 2**20, "seconds": seconds}))
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        if "heatmap" in what:
+            assert heatmaps.write_heatmaps(store, {SLIDE: ("slide", grid)})
+        if "geojson" in what:
+            try:
+                geojson.write_slide_geojson(store, {SLIDE: ("slide", grid)})
+            except TypeError:  # before the SlideGrid: the tile's edge
+                geojson.write_slide_geojson(store, {SLIDE: ("slide", 224.0)})
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"base_mb": rss.base / 2**20, "growth_mb": (rss.peak - rss.base) / 2**20, "seconds": seconds}))
 
 
 def child(root: str, *args: str) -> str:

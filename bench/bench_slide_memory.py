@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, publish  # noqa: E402
+from common import WORK, PeakRss, publish  # noqa: E402
 
 TILE = 32
 MPP = 0.25  # the synthetic slides' level-0 mpp: tiles at level 0
@@ -82,51 +82,40 @@ def tiny_slides(n: int) -> list[Path]:
     return paths
 
 
-def job(name: str, slides: list[Path], model: Path, formats: list[str]) -> Path:
+def job(name: str, slides: list[Path], model: Path, formats: list[str], profile: str = "inline",
+        folder: str = "slidemem") -> Path:
+    """A slides job of ``slides`` under WORK/``folder`` (its output beside it), ``profile``'s workers."""
     spec = {
         "name": name, "kind": "slides", "input": {"uris": [str(p) for p in slides]},
         "tiles": {"size": TILE, "mpp": MPP, "tissue": {"method": "none"}},
         "model": {"path": str(model), "backend": "onnxruntime", "batch_size": 256,
                   "input": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}},
-        "output": {"uri": str(WORK / "slidemem" / "out" / name), "formats": formats},
-        "run": {"profile": "inline", "readers": 2, "prefetch_batches": 4, "retries": 0},
+        "output": {"uri": str(WORK / folder / "out" / name), "formats": formats},
+        "run": {"profile": profile, "readers": 2, "prefetch_batches": 4, "retries": 0},
     }
-    path = WORK / "slidemem" / f"{name}.yaml"
+    path = WORK / folder / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
 def child(path: str, trace: bool) -> None:
     """In the measured process: imports, the base RSS, the run under a sampler, one JSON line."""
-    import threading
     import time
     import tracemalloc
-
-    import psutil
 
     import gpubatch
     from gpubatch.runtime import runner  # noqa: F401  (its imports are base, not the run's)
 
-    me = psutil.Process()
-    base = me.memory_info().rss
-    peak, done = [base], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    if trace:
-        tracemalloc.start()
-    t0 = time.perf_counter()
-    gpubatch.run(path, overwrite=True)
-    seconds = time.perf_counter() - t0
-    traced = tracemalloc.get_traced_memory()[1] if trace else 0
-    done.set()
-    sampler.join()
-    print(json.dumps({"base_mb": base / 2**20, "peak_mb": peak[0] / 2**20, "growth_mb": (peak[0] - base) / 2**20,
+    with PeakRss() as rss:
+        if trace:
+            tracemalloc.start()
+        t0 = time.perf_counter()
+        gpubatch.run(path, overwrite=True)
+        seconds = time.perf_counter() - t0
+        traced = tracemalloc.get_traced_memory()[1] if trace else 0
+    base, peak = rss.base, rss.peak
+    print(json.dumps({"base_mb": base / 2**20, "peak_mb": peak / 2**20, "growth_mb": (peak - base) / 2**20,
                       "traced_mb": traced / 2**20, "seconds": seconds}))
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_slide_memory import MPP, TILE, embedding_model, tiny_slides  # noqa: E402
+from bench_slide_memory import embedding_model, tiny_slides  # noqa: E402
+from bench_slide_memory import job as slides_job  # noqa: E402
 from common import WORK  # noqa: E402
 
 CHILD = r'''
@@ -44,18 +45,7 @@ print(json.dumps({"wall": wall, "cpu": cpu, "children_cpu": kids.ru_utime + kids
 def job(tree: str, slides: list[Path], model: Path, formats: list[str], profile: str) -> Path:
     """A job file for ``tree`` (each version writes its own output folder)."""
     name = f"small-{Path(tree).resolve().name}-{profile}-{len(slides)}"
-    spec = {
-        "name": name, "kind": "slides", "input": {"uris": [str(p) for p in slides]},
-        "tiles": {"size": TILE, "mpp": MPP, "tissue": {"method": "none"}},
-        "model": {"path": str(model), "backend": "onnxruntime", "batch_size": 256,
-                  "input": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}},
-        "output": {"uri": str(WORK / "small" / "out" / name), "formats": formats},
-        "run": {"profile": profile, "readers": 2, "prefetch_batches": 4, "retries": 0},
-    }
-    path = WORK / "small" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return slides_job(name, slides, model, formats, profile, folder="small")
 
 
 def one(tree: str, path: Path) -> dict[str, float]:

@@ -143,3 +143,31 @@ def slides_bench_args(doc: str | None, argv: list[str] | None, slides: int,
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.split("x"))
     return args, (w, h)
+
+
+class PeakRss:
+    """This process's peak RSS while the block runs, sampled every 5 ms on a thread (psutil):
+    ``base`` at entry, ``peak`` after; the memory benches' one sampler."""
+
+    def __enter__(self) -> PeakRss:
+        import threading
+
+        import psutil
+
+        self._me = psutil.Process()
+        self.base = self.peak = self._me.memory_info().rss
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, self._me.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._me.memory_info().rss)
+
