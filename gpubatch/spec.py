@@ -263,6 +263,10 @@ class RunSpec(_Strict):
     workers: int | None = Field(None, ge=1, description="worker processes; default from the profile")
     worker_timeout: float = Field(
         1800.0, gt=0, description="seconds without any worker (none arrived, or all were lost) before the run fails")
+    queue_timeout: float = Field(
+        86400.0, gt=0, description="seconds a run waits for workers while every worker job is pending in a busy "
+                                   "queue, for reasons the queue clears by itself (SLURM: Priority, Resources, "
+                                   "a group limit, a reservation), before it fails; run.worker_timeout bounds the rest")
     shard_timeout: float = Field(
         21600.0, gt=0, description="seconds a shard may go without a result, from its submission, before its "
                                    "worker is restarted and the shard counts as failed (retried, then quarantined)")

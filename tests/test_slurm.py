@@ -2,6 +2,7 @@
 equal the local profile's; survive cancelled, requeued and timed-out worker jobs and name what
 SLURM did; are refused before planning when sbatch would refuse their jobs; fail within
 run.worker_timeout, with SLURM's own words, when jobs never start or are all lost, and resume;
+wait past it, within run.queue_timeout, while the jobs only wait their turn in a busy queue;
 and leave no worker job behind a killed or frozen client. Skipped (with the reason) where SLURM
 is not installed."""
 
@@ -148,10 +149,71 @@ def test_an_sbatch_rejection_is_refused_by_validate_and_by_run_before_it_plans(
 
 def test_workers_that_never_arrive_fail_within_the_timeout(tmp_path: Path, slides: Path, classifier: Path) -> None:
     """...and the wait is said as it begins, with SLURM's reason: not a silent terminal for
-    run.worker_timeout (30 minutes by default)."""
-    profile = _profile(tmp_path, job_extra_directives=["--begin=now+1hour"])
+    run.worker_timeout (30 minutes by default). Jobs held (a reason the queue does not clear by
+    itself) count against run.worker_timeout, not run.queue_timeout."""
+    profile = _profile(tmp_path, job_extra_directives=["--hold"])
     _fails_fast(tmp_path, _job(tmp_path, slides, classifier), profile, 40, "run.worker_timeout",
-                "still pending in SLURM (reason: BeginTime)", "waiting for workers (up to run.worker_timeout, 8 s)")
+                "still pending in SLURM (reason: JobHeldUser)", "waiting for workers (up to run.worker_timeout, 8 s)")
+
+
+def _our_jobs(name: str) -> list[str]:
+    done = subprocess.run(["squeue", "-h", "--name", name, "-o", "%i"], capture_output=True, text=True, timeout=20,
+                          check=False)
+    return done.stdout.split()
+
+
+def _waiting(out: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((out / "status.json").read_text()).get("waiting") or {})
+    except (OSError, ValueError):  # not yet written, or being replaced
+        return {}
+
+
+def test_jobs_pending_in_a_busy_queue_are_waited_for_past_the_worker_timeout_then_the_run_finishes(
+        tmp_path: Path, slides: Path, classifier: Path, local: pd.DataFrame) -> None:
+    """A run submitted to a busy queue (its jobs PENDING for a reason the queue clears by itself:
+    BeginTime here, as Priority or Resources on a real cluster) failed after run.worker_timeout,
+    overnight, while its jobs waited their turn. It now waits on, bounded by run.queue_timeout,
+    saying so in the log and in status.json / `gpubatch status`; once SLURM starts the jobs
+    (their begin time moved to now), the run finishes."""
+    name = f"gpubatch-queue-{os.getpid()}"
+    profile = _profile(tmp_path, job_name=name, job_extra_directives=["--begin=now+1hour"])
+    job = _job(tmp_path, slides, classifier, queue_timeout=600)  # run.worker_timeout 8 s
+    proc = cli("run", str(job), "--profile", str(profile))
+    try:
+        wait_for(lambda: _waiting(tmp_path / "out").get("jobs") == 2, 90, "status.json saying the jobs wait")
+        since = _waiting(tmp_path / "out")["since"]
+        wait_for(lambda: time.time() - since > 2.5 * 8, 60, "two and a half worker timeouts spent waiting")
+        assert proc.poll() is None, proc.communicate()[0]
+        status = cli("status", str(tmp_path / "out")).communicate(timeout=60)[0]
+        assert "waiting for SLURM: 2 jobs pending (BeginTime) for" in status, status
+        for job_id in _our_jobs(name):
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=20)
+        log = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+        subprocess.run(["scancel", "--name", name], check=False, timeout=20)
+    assert proc.returncode == 0, log
+    assert "waiting for SLURM: 2 jobs pending (BeginTime) for" in log, log
+    assert "run.worker_timeout does not count this wait" in log and "reason: BeginTime" in log, log
+    assert "waiting" not in json.loads((tmp_path / "out" / "status.json").read_text())
+    pd.testing.assert_frame_equal(_sorted(pd.read_parquet(tmp_path / "out" / "predictions.parquet")), local)
+
+
+def test_jobs_pending_past_the_queue_timeout_fail_naming_both_settings_and_resume_finishes(
+        tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """The queue's wait is bounded too: past run.queue_timeout the run fails (exit 1) with
+    SLURM's reason and the settings to change, and --resume finishes it once jobs can start."""
+    job = _job(tmp_path, slides, classifier, worker_timeout=3, queue_timeout=15)
+    profile = _profile(tmp_path, job_extra_directives=["--begin=now+1hour"])
+    t0 = time.monotonic()
+    _fails_fast(tmp_path, job, profile, 60, "no worker for 15 s (run.queue_timeout)",
+                "still pending in SLURM (reason: BeginTime)", "raise run.queue_timeout",
+                "finish the run with --resume", "waiting for SLURM: 2 jobs pending (BeginTime)")
+    assert time.monotonic() - t0 > 15, "the wait outlived run.worker_timeout, bounded by run.queue_timeout"
+    again = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--resume")
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, log
 
 
 def test_a_shard_longer_than_the_walltime_is_quarantined_naming_the_time_limit(

@@ -175,7 +175,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
              if s.get("items_running") and s["state"] == "running" else "")
           + (f", starvation {s['starvation']:.1%}" if "starvation" in s and s.get("items") else "")
           + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" else "")
-          + (f"; {s['reason']}" if s.get("reason") else ""))
+          + (f"; {s['reason']}" if s.get("reason") else "")
+          + (f"; {s['waiting']['words']}" if isinstance(s.get("waiting"), dict) and s["state"] == "running" else ""))
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ from gpubatch.core.errors import GpubatchError
 from gpubatch.engine.item_reports import TOPIC as ITEMS_TOPIC
 from gpubatch.engine.item_reports import ShardItems, reports_to
 from gpubatch.runtime.losses import LostWorkers, WorkerJobs
+from gpubatch.runtime.waiting import NoWorkers
 
 log = logging.getLogger("gpubatch")
 #: the event a Dask nanny logs on the scheduler when it kills its worker for memory
@@ -68,9 +69,10 @@ class Executor(ABC):
         dealing shards to them (runtime.dealing); None when every shard runs in this process."""
         return None
 
-    def why_no_workers(self) -> tuple[str, bool] | None:
-        """The executor's account of why no worker is there, and whether waiting cannot help (an
-        sbatch rejection); None when it knows of nothing wrong."""
+    def why_no_workers(self) -> NoWorkers | None:
+        """The executor's account of why no worker is there: whether waiting cannot help (an
+        sbatch rejection), whether the jobs only wait their turn in a busy queue; None when it
+        knows of nothing wrong."""
         return None
 
     def on_progress(self, callback: Callable[[ShardItems], None]) -> None:  # noqa: B027 - optional
@@ -222,7 +224,7 @@ class DaskExecutor(Executor):
     """
 
     def __init__(self, client: Any, cluster: Any = None, resources: dict[str, float] | None = None,
-                 diagnose: Callable[[], tuple[str, bool] | None] | None = None, jobs: WorkerJobs | None = None):
+                 diagnose: Callable[[], NoWorkers | None] | None = None, jobs: WorkerJobs | None = None):
         self.client, self.cluster, self.resources = client, cluster, resources
         self.diagnose = diagnose
         self._processing: dict[str, list[str]] = {}
@@ -332,7 +334,7 @@ class DaskExecutor(Executor):
         except Exception:  # noqa: BLE001 - a scheduler that does not answer has no usable workers
             return 0
 
-    def why_no_workers(self) -> tuple[str, bool] | None:
+    def why_no_workers(self) -> NoWorkers | None:
         """The cluster maker's account (SLURM's words); else, with workers connected, that none
         offers the resources each shard asks for: they are there, and would run nothing."""
         found = self.diagnose() if self.diagnose is not None else None
@@ -340,9 +342,9 @@ class DaskExecutor(Executor):
         connected = self.workers() if found is None and needs else 0
         if connected:
             asked = " ".join(f"{name}={need:g}" for name, need in needs.items())
-            found = (f"{connected} worker{'s are' if connected != 1 else ' is'} connected, but none offers the "
+            found = NoWorkers(f"{connected} worker{'s are' if connected != 1 else ' is'} connected, but none offers the "
                      f"resources each shard asks for (the profile's resources: {asked}); start the workers "
-                     f"with `--resources \"{asked}\"`, or take `resources` out of the profile", False)
+                     f"with `--resources \"{asked}\"`, or take `resources` out of the profile")
         return found
 
     def note_processing(self, pending: set[Any]) -> None:

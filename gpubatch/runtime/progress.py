@@ -31,6 +31,7 @@ from gpubatch.engine.item_reports import ShardItems
 from gpubatch.outputs.layout import STATUS
 from gpubatch.outputs.store import OutputStore
 from gpubatch.report.verdict import pct
+from gpubatch.runtime.waiting import Queued
 
 log = logging.getLogger("gpubatch")
 LOG_EVERY_S = 30.0
@@ -120,6 +121,8 @@ class Progress:
         self.store, self.run_id, self.heartbeat_s = store, run_id, heartbeat_s
         self.state = "running"
         self._final: dict[str, Any] = {}  # what the final state says besides (the reason)
+        #: the worker jobs waiting their turn in a busy queue, and since when (wall clock); None when not
+        self._queued: tuple[Queued, float] | None = None
         self._lock = threading.Lock()
         self.last_bar = 0.0
         tty = sys.stderr.isatty() if enabled is None else enabled
@@ -242,6 +245,21 @@ class Progress:
                  "(running shards report their items every few seconds)", self.done, self.total, self.failed,
                  now - self.last_shard)
 
+    def queued(self, queued: Queued | None, since: float) -> None:
+        """The submitter's word that every worker job waits its turn in a busy queue (runtime.waiting),
+        since ``since``; None when the wait is over. status.json says it at once, and on every heartbeat."""
+        self._queued = None if queued is None else (queued, since)
+        self._write_status()
+
+    def _waiting(self, now: float) -> dict[str, Any]:
+        """status.json's ``waiting``, while the run waits on a busy queue: its words, the jobs, the
+        reasons and since when."""
+        if self._queued is None or self.state != "running":
+            return {}
+        queued, since = self._queued
+        return {"waiting": {"words": queued.words(now - since), "system": queued.system, "jobs": queued.jobs,
+                            "reasons": list(queued.reasons), "since": since}}
+
     def finish(self, state: str, **extra: Any) -> None:
         """The final state: finished, interrupted or failed (with the reason in ``extra``, kept
         for the heartbeats that still write status.json until the lease is released). The rate
@@ -267,7 +285,8 @@ class Progress:
                 "items_per_s": self.items / elapsed if elapsed > 0 else 0.0, "eta_s": self.eta_s(),
                 "items_running": self.in_flight.items() if self.state == "running" else 0,
                 "starvation": starvation_of({"busy_s": self.busy, "starved_s": self.starved}),
-                "started": self.started, "heartbeat": now, "heartbeat_s": self.heartbeat_s, **extra,
+                "started": self.started, "heartbeat": now, "heartbeat_s": self.heartbeat_s, **self._waiting(now),
+                **extra,
             })
 
     def close(self) -> None:

@@ -283,7 +283,7 @@ class _Run:
 
         submitter = Submitter(executor, self.job, ctx, on_result, window, on_retry=self.ledger.failure,
                               ahead=_stage_ahead(self.job.run.stage_ahead, self.prof, n_workers * threads, scheduler),
-                              on_poll=on_poll, in_flight=progress.in_flight)
+                              on_poll=on_poll, in_flight=progress.in_flight, on_queued=progress.queued)
         try:
             submitter.run(todo)
         except BaseException:

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
+from gpubatch.runtime.waiting import NoWorkers, Queued
 
 log = logging.getLogger("gpubatch")
 SLURM_TIMEOUT_S = 20  # every sbatch / squeue / scontrol call is bounded
@@ -146,6 +147,29 @@ NEVER_STARTS = {
 }
 
 
+#: squeue's pending reasons the queue clears by itself (the job waits its turn on a busy cluster,
+#: for a group's share to free up, for a maintenance reservation to end): while every worker job
+#: waits for one of these, run.queue_timeout bounds the wait instead of run.worker_timeout. Also
+#: every QOS or association limit on a group, a user or an account (QOSGrpCpuLimit,
+#: AssocMaxJobsLimit), but not the per-job ones: a job over those never fits (_clears_by_itself).
+#: Any other reason (PartitionDown, a held job) counts against run.worker_timeout, as before.
+CLEARS_BY_ITSELF = {"None", "Priority", "Resources", "BeginTime", "Dependency", "ReqNodeNotAvail", "Reservation",
+                    "Licenses", "JobArrayTaskLimit"}
+_GROUP_LIMIT = re.compile(r"^(QOS|Assoc)\w*Limit$")
+
+
+def reason_name(reason: str) -> str:
+    """squeue's reason without its details: "ReqNodeNotAvail, UnavailableNodes:n1" is ReqNodeNotAvail."""
+    return reason.split(",", 1)[0].strip() if reason.startswith("ReqNodeNotAvail") else reason.strip()
+
+
+def _clears_by_itself(reason: str) -> bool:
+    name = reason_name(reason)
+    if name in NEVER_STARTS:
+        return False
+    return name in CLEARS_BY_ITSELF or (bool(_GROUP_LIMIT.match(name)) and "PerJob" not in name)
+
+
 def pending_words(ids: list[str], reasons: list[str]) -> tuple[str, bool]:
     """The account of jobs left pending, and whether waiting can help (not for NEVER_STARTS)."""
     text = f"worker jobs {', '.join(ids)} are still pending in SLURM (reason: {', '.join(reasons)})"
@@ -155,15 +179,25 @@ def pending_words(ids: list[str], reasons: list[str]) -> tuple[str, bool]:
     return text, False
 
 
+def queued_of(ids: list[str], states: dict[str, tuple[str, str]]) -> Queued | None:
+    """Every job of ``ids`` pending for reasons the queue clears by itself: the jobs and those
+    reasons; else None (one is running, gone, or pending for another reason)."""
+    found = [states.get(i) for i in ids]
+    if not ids or any(s is None or s[0] != "PENDING" or not _clears_by_itself(s[1]) for s in found):
+        return None
+    return Queued(len(ids), tuple(sorted({reason_name(s[1]) for s in found if s is not None})))
+
+
 class SlurmDiagnosis:
-    """Why a SLURM cluster has no worker: (text, fatal) or None when nothing is known to be wrong."""
+    """Why a SLURM cluster has no worker (runtime.waiting.NoWorkers), or None when nothing is
+    known to be wrong."""
 
     def __init__(self, cluster: Any):
         self.cluster = cluster
         #: (the jobs asked about, when, what squeue told)
-        self._asked: tuple[list[str], float, tuple[str, bool] | None] | None = None
+        self._asked: tuple[list[str], float, NoWorkers | None] | None = None
 
-    def __call__(self) -> tuple[str, bool] | None:
+    def __call__(self) -> NoWorkers | None:
         """An sbatch rejection at once; SLURM's account of the same jobs at most every
         ASK_EVERY_S (the worker watch asks every second, and a controller is not to be polled
         that often for as long as run.worker_timeout). Not fatal when the controller does not answer: it may come back,
@@ -171,28 +205,29 @@ class SlurmDiagnosis:
         jobs = list(self.cluster.workers.values())
         errors = [sbatch_text(j.submit_error) for j in jobs if getattr(j, "submit_error", None) is not None]
         if errors:
-            return f"sbatch rejected the worker job: {errors[0]}", True
+            return NoWorkers(f"sbatch rejected the worker job: {errors[0]}", True)
         ids = [str(j.job_id) for j in jobs if getattr(j, "job_id", None)]
         if not ids:
-            return "no worker job was submitted", False
+            return NoWorkers("no worker job was submitted")
         now = time.monotonic()
         if self._asked is not None and self._asked[0] == ids and now - self._asked[1] < ASK_EVERY_S:
             return self._asked[2]
         try:
             found = self._diagnose(ids)
         except SlurmUnreachable as exc:
-            found = str(exc), False
+            found = NoWorkers(str(exc))
         self._asked = (ids, now, found)
         return found
 
-    def _diagnose(self, ids: list[str]) -> tuple[str, bool] | None:
+    def _diagnose(self, ids: list[str]) -> NoWorkers | None:
         states = self._states(ids)
         pending = sorted({reason for state, reason in states.values() if state == "PENDING"})
         if pending:
-            return pending_words(ids, pending)
+            text, fatal = pending_words(ids, pending)
+            return NoWorkers(text, fatal, None if fatal else queued_of(ids, states))
         gone = [i for i in ids if i not in states]
         if gone and len(gone) == len(ids):
-            return f"worker job {gone[0]} is no longer running: {self._ended(gone[0])}", False
+            return NoWorkers(f"worker job {gone[0]} is no longer running: {self._ended(gone[0])}")
         return None
 
     def _states(self, ids: list[str]) -> dict[str, tuple[str, str]]:

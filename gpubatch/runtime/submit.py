@@ -6,7 +6,9 @@ a storage timeout, a shard with no result within ``run.shard_timeout``) are retr
 ``run.retries`` times; bad inputs are not. While it waits,
 the submitter watches the executor: when no worker has been there for ``run.worker_timeout``
 seconds (none ever arrived, or every one was lost) it stops the run with the executor's own
-account of why (an ``sbatch`` rejection, jobs left pending) instead of waiting forever.
+account of why (an ``sbatch`` rejection, jobs left pending) instead of waiting forever; while
+every worker job only waits its turn in a busy queue, ``run.queue_timeout`` bounds the wait
+instead (runtime.waiting).
 
 Where the executor has worker processes (Dask), shards are dealt to them (runtime.dealing), so
 that the inputs a shard names as upcoming are the ones its own process runs next; in one
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from gpubatch.core.errors import DiskFull, GpubatchError
+from gpubatch.core.errors import DiskFull
 from gpubatch.core.memory import hand_back_freed_memory
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
@@ -29,6 +31,7 @@ from gpubatch.runtime.dealing import Dealer
 from gpubatch.runtime.executors import Executor
 from gpubatch.runtime.progress import InFlight
 from gpubatch.runtime.stopping import raise_if_stopped
+from gpubatch.runtime.waiting import Queued, WorkerWait
 from gpubatch.sources import Shard
 from gpubatch.spec import JobSpec
 
@@ -38,20 +41,14 @@ POLL_S = 1.0
 HAND_BACK_S = 30.0
 
 
-class WorkersUnavailable(GpubatchError):
-    """No worker for ``run.worker_timeout`` seconds: the run cannot make progress."""
-
-    def __init__(self, why: str):
-        super().__init__(f"{why}; what is committed stands: once workers can start, finish the run with --resume")
-
-
 class Submitter:
     """Runs a stream of shards through an executor; hands each final result to ``on_result``."""
 
     def __init__(self, executor: Executor, job: JobSpec, ctx: RunContext,
                  on_result: Callable[[ShardResult], None], window: int,
                  on_retry: Callable[[ShardResult], None] | None = None, ahead: int | None = None,
-                 on_poll: Callable[[], None] | None = None, in_flight: InFlight | None = None):
+                 on_poll: Callable[[], None] | None = None, in_flight: InFlight | None = None,
+                 on_queued: Callable[[Queued | None, float], None] | None = None):
         self.executor, self.job, self.ctx, self.on_result = executor, job, ctx, on_result
         #: the items running attempts report, for the display: each attempt's figure is opened as
         #: it is submitted and closed as its result comes in (never left to add to the result's)
@@ -70,8 +67,8 @@ class Submitter:
         self.losses: dict[str, list[str]] = {}
         self.allowed_losses = _allowed_failures()
         self.pending: set[Any] = set()
-        self._no_workers_since: float | None = None
-        self._waiting_for: str | None = None  # the executor's account of the wait, as last said
+        #: the wait with no worker, if any, and its bounds; ``on_queued`` is told of a wait on a busy queue
+        self.wait = WorkerWait(job.run.worker_timeout, job.run.queue_timeout, on_queued)
         self._handed_back = time.monotonic()
         self.dealer: Dealer | None = None  #: set while shards are dealt to worker processes
 
@@ -279,22 +276,12 @@ class Submitter:
 
     def _watch_workers(self, progressed: bool, available: int | None = None) -> None:
         """Stops the run when no worker (``available``: none that can run a shard) has been
-        there for run.worker_timeout, or the executor knows waiting cannot help."""
+        there for run.worker_timeout (run.queue_timeout while every worker job waits its turn
+        in a busy queue: runtime.waiting), or the executor knows waiting cannot help."""
         if progressed or (self.executor.workers() if available is None else available) > 0:
-            self._no_workers_since = None
+            self.wait.over()
             return
-        now = time.monotonic()
-        if self._no_workers_since is None:
-            self._no_workers_since = now
-        why = self.executor.why_no_workers()
-        if why is not None and why[1]:
-            raise WorkersUnavailable(why[0])
-        if now - self._no_workers_since > self.job.run.worker_timeout:
-            reason = why[0] if why else "no worker connected to the scheduler"
-            raise WorkersUnavailable(f"no worker for {self.job.run.worker_timeout:g} s (run.worker_timeout): {reason}")
-        if why is not None and why[0] != self._waiting_for:  # said once, and again when it changes
-            self._waiting_for = why[0]
-            log.info("waiting for workers (up to run.worker_timeout, %g s): %s", self.job.run.worker_timeout, why[0])
+        self.wait.look(self.executor.why_no_workers())
 
 
 def _allowed_failures() -> int:
