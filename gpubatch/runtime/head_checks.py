@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from gpubatch.core.errors import SpecError
-from gpubatch.io.uris import is_remote, local_path
 from gpubatch.runtime.model_facts import (
     Dims,
     local_model_file,
@@ -47,11 +46,11 @@ def check_slide_model(job: JobSpec, tile_model: str | None) -> None:
     spec = job.slide_model
     if spec is None:
         return
-    if is_remote(spec.path):  # fetched now (a missing one refused), into the copy the run loads
-        local_model_file(spec.path, job.input.storage, "slide_model.path")
-    elif not Path(local_path(spec.path)).is_file():
+    # a remote head is fetched now (a missing one refused), into the copy the run loads
+    local = local_model_file(spec.path, job.input.storage, "slide_model.path")
+    if not Path(local).is_file():
         raise SpecError([("slide_model.path", f"file not found: {spec.path}")])
-    head = local_model_file(spec.path, job.input.storage, "slide_model.path") if spec.path.endswith(".onnx") else None
+    head = local if spec.path.endswith(".onnx") else None
     if head is not None:
         refuse_unreadable_outputs(head, "slide_model.path", spec.path)
         _refuse_fixed_bag(spec.path, model_inputs(head, "slide_model.path")[0][1])
