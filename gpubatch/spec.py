@@ -484,15 +484,16 @@ def _resolve_paths(job: JobSpec, base_dir: Path) -> JobSpec:
     return JobSpec.model_validate(data)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``tiles.size=256`` -> (["tiles", "size"], 256); the value is parsed as YAML."""
+def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
+    """``tiles.size=256`` -> (["tiles", "size"], 256); the value is parsed as YAML. ``flag``: the
+    option the text came with, named in the error (``--storage anon`` was called a --set)."""
     if "=" not in text:
-        raise SpecError([("--set", f"expected key.path=value, got {text!r}")])
+        raise SpecError([(flag, f"expected key.path=value, got {text!r}")])
     key, _, raw = text.partition("=")
     path = [p for p in key.strip().split(".") if p]
     if not path:
-        raise SpecError([("--set", f"empty key in {text!r}")])
-    return path, load_yaml_text(raw, "--set") if raw.strip() else ""
+        raise SpecError([(flag, f"empty key in {text!r}")])
+    return path, load_yaml_text(raw, flag) if raw.strip() else ""
 
 
 #: keys of which a job gives one: an override of one clears the other, so that

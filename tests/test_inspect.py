@@ -163,3 +163,13 @@ def test_ingest_and_inspect_take_storage_options_on_the_command_line(s3: S3Stack
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["gpubatch_genome"]["source"] == fasta
     assert s3.secret not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command", [["inspect", "x.svs"], ["ingest", "genome", "g.fa", "g.zarr"]])
+def test_a_storage_option_without_a_value_is_named_as_one(command: list[str],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`--storage anon` (no value) was refused as "--set: expected key.path=value": an option the
+    user never gave. The refusal names --storage, before anything is read (exit 2)."""
+    assert main([*command, "--storage", "anon"]) == 2
+    err = capsys.readouterr().err
+    assert "--storage: expected key.path=value, got 'anon'" in err and "--set" not in err, err

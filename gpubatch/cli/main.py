@@ -130,7 +130,7 @@ def _storage(args: argparse.Namespace) -> dict[str, Any]:
 
     options: dict[str, Any] = {}
     for text in args.storage:
-        path, value = parse_override(text)
+        path, value = parse_override(text, "--storage")
         options[".".join(path)] = value
     return options
 
