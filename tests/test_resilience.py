@@ -317,6 +317,24 @@ def test_a_scheduler_that_dies_mid_run_stops_it_with_one_clear_line(tmp_path: Pa
         assert status["state"] == "failed" and "lost the Dask scheduler" in status.get("reason", ""), status
 
 
+def test_a_client_that_closed_itself_after_losing_its_scheduler_stops_the_run_cleanly() -> None:
+    """Dask's client, unable to reconnect to a dead scheduler, closes itself; a wait that came
+    after that died on distributed's "ValueError: No clients found" with a traceback (CI, stop
+    33) instead of the line that says the scheduler was lost and --resume finishes the run."""
+    from distributed import Client, LocalCluster
+
+    from gpubatch.runtime.executors import DaskExecutor, SchedulerLost
+
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None,
+                      silence_logs=50) as cluster:
+        client = Client(cluster)
+        executor = DaskExecutor(client)
+        fut = executor.submit(time.sleep, 2, key="gpubatch-s-1-1-0")
+        client.close()
+        with pytest.raises(SchedulerLost, match="lost the Dask scheduler.*--resume"):
+            executor.wait_first({fut}, timeout=5)
+
+
 def test_workers_without_the_profiles_resources_are_named_not_called_absent(
         tmp_path: Path, many_slides: Path, classifier: Path, dask_cluster) -> None:  # type: ignore[no-untyped-def]
     """Workers that are connected but offer none of the resources the profile asks of each shard

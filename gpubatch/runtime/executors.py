@@ -283,6 +283,11 @@ class DaskExecutor(Executor):
         except CancelledError as exc:
             self._scheduler_lost = True
             raise SchedulerLost(_cancel_reasons(exc)) from None
+        except ValueError:  # distributed.wait found no client: ours closed itself, having failed
+            if self.client.status not in ("closing", "closed"):  # to reconnect to its scheduler
+                raise
+            self._scheduler_lost = True
+            raise SchedulerLost("the client could not reconnect and closed") from None
 
     def cancel(self, pending: set[Any]) -> None:
         with contextlib.suppress(Exception):
