@@ -320,7 +320,8 @@ def test_a_scheduler_that_dies_mid_run_stops_it_with_one_clear_line(tmp_path: Pa
 def test_a_client_that_closed_itself_after_losing_its_scheduler_stops_the_run_cleanly() -> None:
     """Dask's client, unable to reconnect to a dead scheduler, closes itself; a wait that came
     after that died on distributed's "ValueError: No clients found" with a traceback (CI, stop
-    33) instead of the line that says the scheduler was lost and --resume finishes the run."""
+    33) instead of the line that says the scheduler was lost and --resume finishes the run; a
+    submission after it died on ClosedClientError."""
     from distributed import Client, LocalCluster
 
     from gpubatch.runtime.executors import DaskExecutor, SchedulerLost
@@ -333,6 +334,8 @@ def test_a_client_that_closed_itself_after_losing_its_scheduler_stops_the_run_cl
         client.close()
         with pytest.raises(SchedulerLost, match="lost the Dask scheduler.*--resume"):
             executor.wait_first({fut}, timeout=5)
+        with pytest.raises(SchedulerLost, match="could not reconnect"):  # the next shard's submission
+            executor.submit(time.sleep, 0, key="gpubatch-s-2-1-0")
 
 
 def test_workers_without_the_profiles_resources_are_named_not_called_absent(

@@ -251,7 +251,17 @@ class DaskExecutor(Executor):
             kwargs["resources"] = self.resources  # e.g. {GPU: 1}: one shard per GPU at a time
         if worker is not None:  # and if it has left, Dask runs the shard on another
             kwargs.update(workers=[worker], allow_other_workers=True)
-        return self.client.submit(fn, *args, **kwargs)
+        from distributed.client import ClosedClientError
+
+        try:
+            return self.client.submit(fn, *args, **kwargs)
+        except ClosedClientError:
+            raise self._client_closed() from None
+
+    def _client_closed(self) -> SchedulerLost:
+        """Dask's client closes itself when it cannot reconnect to a scheduler that went away."""
+        self._scheduler_lost = True
+        return SchedulerLost("the client could not reconnect and closed")
 
     def worker_slots(self) -> dict[str, int]:
         """Looked up at most every WATCH_S (a worker that arrives waits that long for shards):
@@ -283,11 +293,10 @@ class DaskExecutor(Executor):
         except CancelledError as exc:
             self._scheduler_lost = True
             raise SchedulerLost(_cancel_reasons(exc)) from None
-        except ValueError:  # distributed.wait found no client: ours closed itself, having failed
-            if self.client.status not in ("closing", "closed"):  # to reconnect to its scheduler
+        except ValueError:  # distributed.wait found no client: ours had closed itself
+            if self.client.status not in ("closing", "closed"):
                 raise
-            self._scheduler_lost = True
-            raise SchedulerLost("the client could not reconnect and closed") from None
+            raise self._client_closed() from None
 
     def cancel(self, pending: set[Any]) -> None:
         with contextlib.suppress(Exception):
