@@ -22,7 +22,12 @@ import gpubatch.sources.genome.ingest as ingest_mod
 from gpubatch.cli.main import main
 from gpubatch.core.errors import InputError, OutputRefused
 from gpubatch.sources.genome.ingest import ingest_genome
-from gpubatch.sources.genome.reference import GENOME_ATTR, open_genome_group, open_reference
+from gpubatch.sources.genome.reference import (
+    GENOME_ATTR,
+    PACKED_ARRAY,
+    open_genome_group,
+    open_reference,
+)
 from gpubatch.sources.genome.source import GenomeSource
 
 if TYPE_CHECKING:
@@ -247,21 +252,25 @@ def test_a_plan_notes_that_the_genome_s_fasta_changed_since_its_ingest(tmp_path:
     assert GenomeSource().plan(job(out, **spec))[0].notes == []  # type: ignore[attr-defined]
 
 
-def test_a_reader_opens_only_the_contigs_it_reads(s3: S3Stack, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pack_below", [0, 1000])
+def test_a_reader_opens_only_the_contigs_it_reads(s3: S3Stack, tmp_path: Path, pack_below: int) -> None:
     """A genome zarr reader opened every contig's array at its start: one metadata request per
-    contig per shard (an assembly of 100,000 scaffolds: 100,000 requests before a window)."""
+    contig per shard (an assembly of 100,000 scaffolds: 100,000 requests before a window).
+    Packed (layout version 2), the scaffolds' one array is opened once for all of them."""
     fasta = tmp_path / "scaffolds.fa"
     rng = np.random.default_rng(0)
     fasta.write_text("".join(f">scaf{i}\n{''.join(rng.choice(list('ACGT'), 50))}\n" for i in range(40)))
     prefix = f"genomes-{uuid.uuid4().hex[:6]}"
     out = f"s3://{s3.bucket}/{prefix}/g.zarr"
-    ingest_genome(str(fasta), out, s3.options(via_proxy=False))
+    ingest_genome(str(fasta), out, s3.options(via_proxy=False), pack_below=pack_below)
     s3.proxy.reset()
     reference = open_reference(out, s3.options())
-    codes = reference.fetch("scaf7", 0, 50)
-    assert bytes(codes) == bytes(dna_codes(fasta.read_text().splitlines()[15]))
-    opened = {key for key in s3.proxy.gets if key.endswith("/zarr.json") and "/g.zarr/scaf" in key}
-    assert opened == {f"{s3.bucket}/{prefix}/g.zarr/scaf7/zarr.json"}, sorted(opened)
+    for index in (7, 30):
+        codes = reference.fetch(f"scaf{index}", 0, 50)
+        assert bytes(codes) == bytes(dna_codes(fasta.read_text().splitlines()[2 * index + 1]))
+    opened = [key for key in s3.proxy.gets if key.endswith("/zarr.json") and "/g.zarr/" in key[:-len("/zarr.json")]]
+    arrays = ["scaf7", "scaf30"] if pack_below == 0 else [PACKED_ARRAY]
+    assert opened == [f"{s3.bucket}/{prefix}/g.zarr/{key}/zarr.json" for key in arrays], opened
     reference.close()
 
 
@@ -283,7 +292,7 @@ def test_a_chunk_missing_from_a_genome_store_is_refused_not_read_as_n(tmp_path: 
     chunk as the fill value, which was N, so its windows were runs of N, exit 0."""
     fasta = write_fasta(tmp_path / "g.fa", seed=1, contigs=2, length=1000)
     out = tmp_path / "g.zarr"
-    ingest_genome(str(fasta), str(out), chunk_bases=256)
+    ingest_genome(str(fasta), str(out), chunk_bases=256, pack_below=0)  # packed: tests/test_genome_layout.py
     whole = genome_of(out)
     chunk = out / "chr1" / "c" / "2"
     assert chunk.is_file()
@@ -294,7 +303,7 @@ def test_a_chunk_missing_from_a_genome_store_is_refused_not_read_as_n(tmp_path: 
         reference.fetch("chr1", 500, 600)
     all_n = tmp_path / "n.fa"
     all_n.write_text(">gap\n" + "N" * 600 + "\n")  # all-N chunks are written, so none is expected missing
-    ingest_genome(str(all_n), str(tmp_path / "n.zarr"), chunk_bases=256)
+    ingest_genome(str(all_n), str(tmp_path / "n.zarr"), chunk_bases=256, pack_below=0)
     assert sorted(p.name for p in (tmp_path / "n.zarr" / "gap" / "c").iterdir()) == ["0", "1", "2"]
     assert genome_of(tmp_path / "n.zarr") == {"gap": bytes(dna_codes("N" * 600))}
 

@@ -6,9 +6,12 @@ all. The genome zarr stores each contig as uint8 base *codes* (A=0 C=1 G=2 T=3, 
 as ``kernels.encode_dna``), in ~1 Mb compressed chunks, so a worker reads a window range with one
 or two chunk requests over any fsspec store and does no parsing.
 
-Layout: one array per contig (named after the contig when the name is a safe zarr key, else
-``c<index>``); root attribute ``gpubatch_genome`` = {format, version, contigs, lengths, arrays,
-source, codes, chunk, complete}. ``complete`` is written last, so an interrupted ingest is never
+Layout (version 2): contigs shorter than ``pack_below`` (1 Mb) one after another in one packed
+array, longer ones an array each (named after the contig when the name is a safe zarr key, else
+``c<index>``), as ``ingest_arrays`` writes them; root attribute ``gpubatch_genome`` = {format,
+version, contigs, lengths, layout {packed, packed_chunk, pack_below, offsets, arrays}, source,
+codes, chunk, complete}. Version 1 (an array per contig, ``arrays`` for ``layout``) is still read
+(``reference.contig_locations``). ``complete`` is written last, so an interrupted ingest is never
 mistaken for a genome.
 
 The FASTA is streamed (plain, gzip or bgzip, told by their bytes; local or any fsspec URL):
@@ -47,13 +50,13 @@ from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.outputs.store import OutputStore
 from gpubatch.sources.genome.indexes import REBUILD, read_fai
+from gpubatch.sources.genome.ingest_arrays import ContigWriter, GenomeArrays
 from gpubatch.sources.genome.ingest_output import ingest_lease, output_path, staged_output
 from gpubatch.sources.genome.reference import (
     GENOME_ATTR,
+    LAYOUT_VERSION,
     MAX_LISTED_CONTIGS,
-    MISSING_CODE,
     open_genome_group,
-    zarr_array_name,
     zarr_marker,
 )
 
@@ -65,7 +68,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 BGZF_MAGIC = b"\x1f\x8b\x08\x04"
 BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
 READ_BLOCK = 8 << 20
-FORMAT_VERSION = 1
+#: contigs shorter than this go into the packed array (``ingest_arrays``), longer ones into their own
+PACK_BELOW = CHUNK_BASES
 #: what a genome FASTA's sequence lines hold once line ends, spaces and tabs are dropped: the
 #: nucleotides and IUPAC ambiguity codes, either case (lowercase: soft-masked repeats)
 NUCLEOTIDES = b"ACGTUNRYSWKMBDHVacgtunryswkmbdhv"
@@ -174,47 +178,6 @@ def _fasta_stream(uri: str, storage_options: dict[str, Any] | None) -> Iterator[
                 return
 
 
-class _ContigWriter:
-    """Buffers one contig's codes and appends them to its zarr array in whole chunks."""
-
-    def __init__(self, group: Any, name: str, index: int, chunk: int):
-        from zarr.codecs import ZstdCodec
-
-        self.name = name
-        self.key = zarr_array_name(name, index)
-        self.chunk = chunk
-        self.array = group.create_array(self.key, shape=(0,), chunks=(chunk,), dtype="uint8",
-                                        compressors=ZstdCodec(level=3), fill_value=MISSING_CODE)
-        self.buffer: list[np.ndarray] = []
-        self.buffered = 0
-        self.length = 0
-
-    @property
-    def bases(self) -> int:
-        """Bases taken so far, written or buffered: where the next piece starts in the contig."""
-        return self.length + self.buffered
-
-    def add(self, codes: np.ndarray) -> None:
-        self.buffer.append(codes)
-        self.buffered += len(codes)
-        if self.buffered >= self.chunk:
-            self._flush(whole_chunks=True)
-
-    def _flush(self, whole_chunks: bool) -> None:
-        data = np.concatenate(self.buffer) if len(self.buffer) != 1 else self.buffer[0]
-        cut = (len(data) // self.chunk) * self.chunk if whole_chunks else len(data)
-        if cut:
-            self.array.append(data[:cut])
-            self.length += cut
-        rest = data[cut:]
-        self.buffer, self.buffered = ([rest], len(rest)) if len(rest) else ([], 0)
-
-    def finish(self) -> int:
-        if self.buffered:
-            self._flush(whole_chunks=False)
-        return self.length
-
-
 def _header_name(raw: bytes, fasta_uri: str, seen: set[str]) -> str:
     """The contig name of a header line, added to ``seen`` (the names so far: one set for the
     whole file, as a set rebuilt per header made an assembly of many scaffolds quadratic)."""
@@ -241,7 +204,7 @@ class _OddLetters:
         self.count += len(odd)
 
 
-def _sequence_codes(data: bytes, fasta_uri: str, writer: _ContigWriter, letters: _OddLetters) -> np.ndarray:
+def _sequence_codes(data: bytes, fasta_uri: str, writer: ContigWriter, letters: _OddLetters) -> np.ndarray:
     """The codes of a piece of sequence lines. A byte that is not even a letter is refused, naming
     the contig and the base: an alignment or protein FASTA ('-', '.', '*'), a numbered GenBank
     dump, a '>' inside a line, was ingested as N. Other letters are counted (``_OddLetters``)."""
@@ -281,7 +244,7 @@ def _before_any_header(fasta_uri: str, data: bytes) -> InputError:
     return InputError(fasta_uri, "sequence before the first '>' header: not a FASTA file")
 
 
-def _ended_by_header(fasta_uri: str, writer: _ContigWriter) -> InputError:
+def _ended_by_header(fasta_uri: str, writer: ContigWriter) -> InputError:
     return InputError(fasta_uri, f"the FASTA ends with the header of contig '{writer.name}' and no "
                                  "sequence after it: the file looks cut short (samtools faidx refuses it "
                                  "as truncated too); fetch it again, or remove that header line")
@@ -304,22 +267,22 @@ def _check_output(out_uri: str, storage_options: dict[str, Any] | None, overwrit
 
 
 def _write_contigs(group: Any, fasta_uri: str, storage_options: dict[str, Any] | None,
-                   chunk_bases: int) -> tuple[list[str], list[int], list[str]]:
-    """Stream the FASTA into one code array per contig; (names, lengths, array keys)."""
+                   chunk_bases: int, pack_below: int) -> tuple[list[str], list[int], dict[str, Any]]:
+    """Stream the FASTA into code arrays, small contigs packed into one; (names, lengths, the
+    genome attribute's ``layout``: where each contig is)."""
     names: list[str] = []
     lengths: list[int] = []
-    keys: list[str] = []
+    arrays = GenomeArrays(group, chunk_bases, pack_below)
     seen: set[str] = set()
     letters = _OddLetters()
-    writer: _ContigWriter | None = None
+    writer: ContigWriter | None = None
     try:
         for kind, data in _fasta_stream(fasta_uri, storage_options):
             if kind == "header":
                 if writer is not None:
                     lengths.append(writer.finish())
                 names.append(_header_name(data, fasta_uri, seen))
-                writer = _ContigWriter(group, names[-1], len(names) - 1, chunk_bases)
-                keys.append(writer.key)
+                writer = arrays.contig(names[-1], len(names) - 1)
             elif data.strip():
                 if writer is None:
                     raise _before_any_header(fasta_uri, data)
@@ -333,9 +296,10 @@ def _write_contigs(group: Any, fasta_uri: str, storage_options: dict[str, Any] |
     lengths.append(writer.finish())
     if not lengths[-1]:
         raise _ended_by_header(fasta_uri, writer)
+    layout = arrays.finish()
     _judge_odd_letters(fasta_uri, letters, sum(lengths))
     _note_empty(names, lengths)
-    return names, lengths, keys
+    return names, lengths, layout
 
 
 def _note_empty(names: list[str], lengths: list[int]) -> None:
@@ -348,7 +312,8 @@ def _note_empty(names: list[str], lengths: list[int]) -> None:
 
 
 def ingest_genome(fasta_uri: str, out_uri: str, storage_options: dict[str, Any] | None = None,
-                  *, chunk_bases: int = CHUNK_BASES, overwrite: bool = False) -> dict[str, Any]:
+                  *, chunk_bases: int = CHUNK_BASES, overwrite: bool = False,
+                  pack_below: int = PACK_BELOW) -> dict[str, Any]:
     """Convert a FASTA (plain/gzip/bgzip, local or fsspec URL) into a genome zarr at ``out_uri``.
 
     Returns a summary: {"uri", "contigs", "lengths", "bases", "chunk_bases"}. Raises InputError
@@ -356,14 +321,16 @@ def ingest_genome(fasta_uri: str, out_uri: str, storage_options: dict[str, Any] 
     byte that is no nucleotide code, a cut bgzip file, contigs other than its .fai's);
     OutputRefused (exit 2) for an existing output unless ``overwrite``, and while another ingest
     writes the output. The output is leased and, on disk, replaced only by a complete genome
-    (``ingest_output``): a failed ingest leaves the old one as it was.
+    (``ingest_output``): a failed ingest leaves the old one as it was. ``pack_below``: contigs
+    shorter than this many bases share one packed array (0: every contig its own array).
     """
     out = output_path(out_uri)
     with ingest_lease(out, storage_options):
         _check_output(out_uri, storage_options, overwrite)
         identity = _fasta_identity(fasta_uri, storage_options)  # before anything at OUT is touched
         with staged_output(out, storage_options, overwrite) as where:
-            names, lengths, keys = _write_genome(where, fasta_uri, storage_options, chunk_bases, identity)
+            names, lengths = _write_genome(where, fasta_uri, storage_options, identity,
+                                           chunk_bases=chunk_bases, pack_below=pack_below)
     return {"uri": out_uri, "contigs": names, "lengths": lengths, "bases": int(sum(lengths)),
             "chunk_bases": chunk_bases}
 
@@ -386,23 +353,23 @@ def _fasta_identity(fasta_uri: str, storage_options: dict[str, Any] | None) -> d
 
 
 def _write_genome(where: str, fasta_uri: str, storage_options: dict[str, Any] | None,
-                  chunk_bases: int, identity: dict[str, Any]) -> tuple[list[str], list[int], list[str]]:
+                  identity: dict[str, Any], *, chunk_bases: int, pack_below: int) -> tuple[list[str], list[int]]:
     """The genome zarr at ``where``: the contigs' arrays, then the root attribute, ``complete``
     last, so an interrupted write is never mistaken for a genome. A FASTA written over while it
     was read (a download still running) is refused: its genome would be a mix, or cut short."""
     group = open_genome_group(where, storage_options, mode="w")
-    names, lengths, keys = _write_contigs(group, fasta_uri, storage_options, chunk_bases)
+    names, lengths, layout = _write_contigs(group, fasta_uri, storage_options, chunk_bases, pack_below)
     if input_changed(fasta_uri, identity, storage_options) is not None:
         raise InputError(fasta_uri, "the FASTA changed while it was read (still being written or "
                                     "downloaded?); ingest it again once it is complete")
     _check_against_fai(fasta_uri, storage_options, names, lengths)
     group.attrs[GENOME_ATTR] = {
-        "format": "gpubatch-genome", "version": FORMAT_VERSION, "contigs": names,
-        "lengths": lengths, "arrays": keys, "source": _public_uri(fasta_uri),
+        "format": "gpubatch-genome", "version": LAYOUT_VERSION, "contigs": names,
+        "lengths": lengths, "layout": layout, "source": _public_uri(fasta_uri),
         "source_identity": identity,
         "codes": "A=0 C=1 G=2 T=3 other=4", "chunk": chunk_bases, "complete": True,
     }
-    return names, lengths, keys
+    return names, lengths
 
 
 def _check_against_fai(fasta_uri: str, storage_options: dict[str, Any] | None,

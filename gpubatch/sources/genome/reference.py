@@ -3,8 +3,9 @@
 Three on-disk forms are read, all through fsspec so that local paths and object-store URLs behave
 the same:
 
-* a genome zarr written by ``gpubatch ingest genome`` (one uint8 code array per contig; the
-  fastest form, and the only one that compresses well and reads in parallel over object storage);
+* a genome zarr written by ``gpubatch ingest genome`` (uint8 code arrays: an array per large
+  contig, small ones packed into one, :func:`contig_locations`; the fastest form, and the only
+  one that compresses well and reads in parallel over object storage);
 * a plain FASTA with its ``.fai`` index (line geometry from the index turns a base range into one
   byte-range request);
 * a bgzip FASTA with ``.fai`` and ``.gzi`` (the ``.gzi`` maps uncompressed offsets to BGZF blocks,
@@ -53,6 +54,12 @@ if TYPE_CHECKING:
 
 #: root attribute key of a genome zarr written by ``gpubatch ingest genome``
 GENOME_ATTR = "gpubatch_genome"
+#: the genome zarr layout ingest writes (2: small contigs packed into one array), and those read
+#: (1: an array per contig, as every genome ingested before version 2 is)
+LAYOUT_VERSION = 2
+READ_LAYOUT_VERSIONS = (1, 2)
+#: the packed array's key: no contig's own key starts with '__' (zarr_array_name)
+PACKED_ARRAY = "__packed__"
 N_CODE = 4
 #: a genome zarr's fill value (no base's code): a chunk missing from the store (a partial copy)
 #: reads as it and is refused, where a fill value of N read a lost chunk as a run of N, unsaid.
@@ -199,7 +206,24 @@ def _zarr_meta(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, d
     if not isinstance(meta, dict) or not meta.get("complete"):
         raise InputError(uri, "this zarr is not a complete genome store from `gpubatch ingest genome` "
                               f"(no '{GENOME_ATTR}' root attribute; was the ingest interrupted?)")
+    if meta.get("version", 1) not in READ_LAYOUT_VERSIONS:
+        raise InputError(uri, f"the genome store is in layout version {meta.get('version')!r}, written by a "
+                              f"newer gpubatch; this one reads versions {READ_LAYOUT_VERSIONS[0]} to "
+                              f"{READ_LAYOUT_VERSIONS[-1]}: upgrade gpubatch, or ingest the FASTA again with this one")
     return group, meta
+
+
+def contig_locations(meta: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    """Each contig's place in a genome zarr: (array key, offset of its first base there). The
+    one place readers resolve a contig, whatever the layout version: 1 an array per contig
+    (offset 0); 2 small contigs in the packed array at their offsets, others an array each."""
+    names = meta["contigs"]
+    if meta.get("version", 1) == 1:
+        return {name: (key, 0) for name, key in zip(names, meta["arrays"], strict=True)}
+    layout = meta["layout"]
+    packed, own = layout["packed"], layout["arrays"]
+    return {name: (own[name], 0) if offset is None else (packed, int(offset))
+            for name, offset in zip(names, layout["offsets"], strict=True)}
 
 
 def changed_source_note(uri: str, storage_options: dict[str, Any] | None = None) -> str | None:
@@ -403,7 +427,8 @@ def zarr_marker(uri: str) -> str:
 
 
 class ZarrReference(Reference):
-    """A genome zarr from ``gpubatch ingest``: slices of per-contig uint8 code arrays."""
+    """A genome zarr from ``gpubatch ingest``: slices of its uint8 code arrays, each contig's
+    resolved to (array, offset) by :func:`contig_locations`."""
 
     format = "zarr"
 
@@ -417,22 +442,23 @@ class ZarrReference(Reference):
             refuse_if_changed(uri, zarr_marker(uri), planned, storage_options)
         self.group, meta = _zarr_meta(uri, storage_options)
         self.contigs = ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]))
-        self.keys = dict(zip(meta["contigs"], meta["arrays"], strict=True))
+        self.locations = contig_locations(meta)
         self.arrays: dict[str, Any] = {}
 
-    def _array(self, contig: str) -> Any:
-        """A contig's array, opened at its first read: opening every contig's up front cost one
-        metadata request per contig at each shard's start (an assembly of 100,000 scaffolds over
-        object storage: 100,000 requests before the first window). Two threads may both open one
-        at once; either's answer is the same array."""
-        array = self.arrays.get(contig)
+    def _array(self, key: str) -> Any:
+        """An array of the genome, opened at its first read: opening every contig's up front cost
+        one metadata request per contig at each shard's start (an assembly of 100,000 scaffolds
+        over object storage, in layout version 1: 100,000 requests before the first window).
+        Two threads may both open one at once; either's answer is the same array."""
+        array = self.arrays.get(key)
         if array is None:
-            array = self.arrays[contig] = self.group[self.keys[contig]]
+            array = self.arrays[key] = self.group[key]
         return array
 
     def _read(self, contig: str, start: int, end: int) -> np.ndarray:
+        key, offset = self.locations[contig]
         with self._part("storage"):
-            codes = np.asarray(self._array(contig)[start:end], dtype=np.uint8)
+            codes = np.asarray(self._array(key)[offset + start : offset + end], dtype=np.uint8)
         self._count(codes.nbytes)
         if codes.size and int(codes.max()) > N_CODE:
             at = start + int(np.argmax(codes > N_CODE))
