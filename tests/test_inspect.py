@@ -72,9 +72,27 @@ def test_a_genome_store_on_object_storage_is_described(s3: S3Stack, tmp_path: Pa
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
     assert info["genome_store"] == out
-    assert info["gpubatch_genome"]["contigs"] == ["chr0", "chr1", "chr2"]
+    assert info["gpubatch_genome"]["contigs"] == 3 and list(info["gpubatch_genome"]["lengths"]) == ["chr0", "chr1", "chr2"]
     assert info["gpubatch_genome"]["source"] == str(tmp_path / "g.fa")
     assert s3.secret not in done.stdout + done.stderr
+
+
+def test_a_draft_assemblys_ingest_and_inspect_print_a_screenful(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`ingest` and `inspect` printed every contig's name, length and packed offset, one per
+    line: a 500,000-scaffold assembly printed about two million lines. They give counts and the
+    first contigs now, saying so."""
+    fasta = write_fasta(tmp_path / "draft.fa", seed=3, contigs=45, length=300)
+    out = tmp_path / "draft.zarr"
+    assert main(["ingest", "genome", str(fasta), str(out)]) == 0
+    for said in (capsys.readouterr().out, (main(["inspect", str(out)]), capsys.readouterr().out)[1]):
+        info = json.loads(said)
+        told = info.get("gpubatch_genome", info)
+        assert told["contigs"] == 45 and told["bases"] == 45 * 300, told
+        assert list(told["lengths"]) == [f"chr{i}" for i in range(20)]
+        assert told["lengths_shown"] == "the first 20 of 45 contigs"
+        assert len(said.splitlines()) < 80, said
+    assert told["layout"]["packed_contigs"] == 45 and told["layout"]["own_arrays"] == 0
 
 
 def test_a_half_written_genome_store_is_not_shown_as_a_genome(tmp_path: Path,

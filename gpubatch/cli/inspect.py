@@ -114,7 +114,7 @@ def _genome_store(path: str, options: dict[str, Any] | None) -> dict[str, Any] |
         raise InputError(path, "a zarr store that is neither an OME-Zarr image nor a complete genome store "
                                f"(no complete '{GENOME_ATTR}' attribute): a `gpubatch ingest genome` into it "
                                "did not finish, or is still writing; runs refuse it. Ingest again with --overwrite")
-    return {"genome_store": path, **attrs}
+    return {"genome_store": path, **attrs, GENOME_ATTR: genome_summary(genome)}
 
 
 def _is_image(attrs: dict[str, Any]) -> bool:
@@ -150,6 +150,29 @@ def inspect_fasta(path: str, options: dict[str, Any] | None = None) -> dict[str,
     from gpubatch.sources.genome.reference import load_contigs
 
     contigs = load_contigs(path, options)
-    return {"fasta": path, "format": contigs.format, "contigs": len(contigs.names),
-            "bases": sum(contigs.lengths), "index_version": contigs.index_version,
-            "lengths": dict(zip(contigs.names[:SHOWN_CONTIGS], contigs.lengths[:SHOWN_CONTIGS], strict=True))}
+    return {"fasta": path, "format": contigs.format, **contig_summary(contigs.names, contigs.lengths),
+            "index_version": contigs.index_version}
+
+
+def contig_summary(names: list[str], lengths: list[int]) -> dict[str, Any]:
+    """A contig table told in a screenful: a draft assembly's 500,000 scaffolds printed one per
+    line buried the answer (and took minutes to scroll past)."""
+    summary: dict[str, Any] = {"contigs": len(names), "bases": int(sum(lengths)),
+                               "lengths": dict(zip(names[:SHOWN_CONTIGS], lengths[:SHOWN_CONTIGS], strict=True))}
+    if len(names) > SHOWN_CONTIGS:
+        summary["lengths_shown"] = f"the first {SHOWN_CONTIGS} of {len(names):,} contigs"
+    return summary
+
+
+def genome_summary(genome: dict[str, Any]) -> dict[str, Any]:
+    """A genome store's attribute with its per-contig lists (names, lengths, packed offsets)
+    told as a contig summary and counts."""
+    told = {k: v for k, v in genome.items() if k not in ("contigs", "lengths", "layout")}
+    told.update(contig_summary(list(genome.get("contigs") or []), list(genome.get("lengths") or [])))
+    layout = genome.get("layout")
+    if isinstance(layout, dict):
+        offsets = layout.get("offsets") or []
+        told["layout"] = {**{k: v for k, v in layout.items() if k not in ("offsets", "arrays")},
+                          "packed_contigs": sum(o is not None for o in offsets),
+                          "own_arrays": len(offsets) - sum(o is not None for o in offsets)}
+    return told

@@ -310,7 +310,10 @@ def _print_tuning(args: argparse.Namespace, job: Any, prepared: Any, result: Any
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from gpubatch.sources.genome.ingest import ingest_genome
 
+    from gpubatch.cli.inspect import contig_summary
+
     info = ingest_genome(args.source, args.out, _storage(args), overwrite=args.overwrite)
+    info.update(contig_summary(info["contigs"], info["lengths"]))
     print(json.dumps(redact(info), indent=1, default=str))
     return EXIT_OK
 
