@@ -12,6 +12,7 @@ their outputs, opsets and the sha256 the audit trail records.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,7 @@ def inspect_fasta(path: str, options: dict[str, Any] | None = None) -> dict[str,
             "index_version": contigs.index_version}
 
 
-def contig_summary(names: list[str], lengths: list[int]) -> dict[str, Any]:
+def contig_summary(names: Sequence[str], lengths: Sequence[int]) -> dict[str, Any]:
     """A contig table told in a screenful: a draft assembly's 500,000 scaffolds printed one per
     line buried the answer (and took minutes to scroll past)."""
     summary: dict[str, Any] = {"contigs": len(names), "bases": int(sum(lengths)),

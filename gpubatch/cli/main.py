@@ -308,9 +308,8 @@ def _print_tuning(args: argparse.Namespace, job: Any, prepared: Any, result: Any
         print(f"  note: profile {args.profile or job.run.profile!r} runs its workers on other hosts: this was "
               "measured here; run `gpubatch tune` on a worker's host for figures that hold there")
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from gpubatch.sources.genome.ingest import ingest_genome
-
     from gpubatch.cli.inspect import contig_summary
+    from gpubatch.sources.genome.ingest import ingest_genome
 
     info = ingest_genome(args.source, args.out, _storage(args), overwrite=args.overwrite)
     info.update(contig_summary(info["contigs"], info["lengths"]))
