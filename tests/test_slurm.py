@@ -117,6 +117,25 @@ def test_a_cancelled_and_a_requeued_worker_job_are_survived_and_named(
     pd.testing.assert_frame_equal(df, _sorted(gpubatch.run(inline, profile="inline").predictions()))
 
 
+def _every_tile_once(out: Path) -> None:
+    """The output holds every slide, and no tile twice."""
+    df = pd.read_parquet(out / "predictions.parquet")
+    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
+
+
+def _resume_finishes(tmp_path: Path, job: Path, *expected: str) -> None:
+    """`run --resume` of ``job`` (output tmp_path/out) with a fresh profile under tmp_path/next
+    finishes, its log saying each of ``expected``, and the output holds every tile once. Its
+    run.worker_timeout is a minute: the first run's may be seconds, shorter than a worker job's
+    start on a loaded machine."""
+    (tmp_path / "next").mkdir(exist_ok=True)
+    again = cli("run", str(job), "--profile", str(_profile(tmp_path / "next")), "--resume",
+                "--set", "run.worker_timeout=60")
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0 and all(text in log for text in expected), log
+    _every_tile_once(tmp_path / "out")
+
+
 def _fails_fast(tmp_path: Path, job: Path, profile: Path, within: float, *expected: str) -> None:
     t0 = time.monotonic()
     proc = cli("run", str(job), "--profile", str(profile))
@@ -211,9 +230,7 @@ def test_jobs_pending_past_the_queue_timeout_fail_naming_both_settings_and_resum
                 "still pending in SLURM (reason: BeginTime)", "raise run.queue_timeout",
                 "finish the run with --resume", "waiting for SLURM: 2 jobs pending (BeginTime)")
     assert time.monotonic() - t0 > 15, "the wait outlived run.worker_timeout, bounded by run.queue_timeout"
-    again = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--resume")
-    log = again.communicate(timeout=300)[0]
-    assert again.returncode == 0, log
+    _resume_finishes(tmp_path, job)
 
 
 def test_a_shard_longer_than_the_walltime_is_quarantined_naming_the_time_limit(
@@ -255,11 +272,7 @@ def test_every_worker_lost_fails_within_the_timeout(tmp_path: Path, slides: Path
     assert "finish the run with --resume" in log, log
     assert json.loads((tmp_path / "out" / "status.json").read_text())["state"] == "failed"
     subprocess.run(["scancel", *_jobs()], check=False, timeout=20)
-    again = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--resume")
-    log = again.communicate(timeout=300)[0]
-    assert again.returncode == 0 and "already committed, skipped" in log, log
-    df = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
-    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
+    _resume_finishes(tmp_path, job, "already committed, skipped")
 
 
 def test_a_walltime_over_the_partitions_limit_fails_at_once_naming_the_setting(
@@ -289,11 +302,7 @@ def test_worker_jobs_a_killed_client_left_queued_are_cancelled_by_the_next_run(
         proc.kill()
         proc.communicate()
     left = _jobs()
-    (tmp_path / "next").mkdir()
-    again = cli("run", str(job), "--profile", str(_profile(tmp_path / "next")), "--resume")
-    log = again.communicate(timeout=300)[0]
-    assert again.returncode == 0, log
-    assert "left behind by an earlier run" in log, log
+    _resume_finishes(tmp_path, job, "left behind by an earlier run")
     assert not set(left) & set(_jobs()), "the killed run's queued jobs are gone"
 
 
@@ -312,12 +321,7 @@ def test_running_worker_jobs_of_a_killed_client_end_by_themselves_and_resume_fin
         proc.communicate()
     left = set(_jobs())
     wait_for(lambda: not left & set(_jobs()), 75, "the killed client's running worker jobs ending")
-    (tmp_path / "next").mkdir()
-    again = cli("run", str(job), "--profile", str(_profile(tmp_path / "next")), "--resume")
-    log = again.communicate(timeout=300)[0]
-    assert again.returncode == 0 and "already committed, skipped" in log, log
-    df = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
-    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
+    _resume_finishes(tmp_path, job, "already committed, skipped")
 
 
 def test_worker_jobs_of_a_frozen_client_end_within_the_lease_then_a_thawed_run_finishes(
@@ -342,8 +346,7 @@ def test_worker_jobs_of_a_frozen_client_end_within_the_lease_then_a_thawed_run_f
     assert proc.returncode == 0, log
     said = "".join(p.read_text() for p in (tmp_path / "out" / "_logs").rglob("*.err"))
     assert "the scheduler (in the `gpubatch run` process) has answered nothing" in said
-    df = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
-    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
+    _every_tile_once(tmp_path / "out")
 
 
 @contextlib.contextmanager
