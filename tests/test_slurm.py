@@ -106,9 +106,17 @@ def test_a_cancelled_and_a_requeued_worker_job_are_survived_and_named(
     cancelled, requeued = _jobs()
     subprocess.run(["scancel", cancelled], check=True, timeout=20)
     subprocess.run(["scontrol", "requeue", requeued], check=True, timeout=20)
+    most_running = 0
+    while proc.poll() is None:  # never more jobs holding an allocation than the profile's workers
+        most_running = max(most_running, len(_jobs("R")))
+        time.sleep(0.2)
     log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, log
+    assert proc.returncode == 0 and most_running <= 2, (most_running, log)
     assert f"SLURM cancelled job {cancelled}" in log and f"SLURM requeued job {requeued}" in log, log
+    assert "it is cancelled, and a new worker job takes its place" in log, log  # it said "it will start again"
+    ended = subprocess.run(["squeue", "-h", "-t", "all", "-j", requeued, "-o", "%T"], capture_output=True, text=True,
+                           timeout=20, check=True).stdout.split()
+    assert ended == ["CANCELLED"], "the requeued job never ran again beside its replacement"
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     causes = {w.get("job"): w.get("cause", "") for w in report["lost_workers"]}
     assert f"SLURM cancelled job {cancelled}" in causes[cancelled], causes

@@ -382,7 +382,10 @@ ENDS = {
     "BOOT_FAIL": "job {id}'s node failed to boot (BOOT_FAIL)",
     "DEADLINE": "SLURM ended job {id} at its --deadline (DEADLINE)",
     "COMPLETED": "job {id} ended (its worker exited: at its --lifetime, or see its log: {log})",
-    "REQUEUED": "SLURM requeued job {id} (preempted, or its node failed; reason: {reason}): it will start again",
+    # SLURM holds a requeued job back two minutes (its EligibleTime), and Dask cancels a lost worker's
+    # job once the worker has been gone distributed.deploy.lost-worker-timeout (15 s): it never restarts
+    "REQUEUED": "SLURM requeued job {id} (preempted, or its node failed; reason: {reason}): it is cancelled, "
+                "and a new worker job takes its place",
 }
 #: what a COMPLETING job's Reason says its end will be
 COMPLETING_AS = {"TimeLimit": "TIMEOUT", "NodeDown": "NODE_FAIL", "Prolog": "FAILED"}
