@@ -15,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,11 @@ def local(tmp_path_factory: pytest.TempPathFactory, slides: Path, classifier: Pa
     return _sorted(gpubatch.run(_job(tmp, slides, classifier), profile="local").predictions())
 
 
-def _jobs() -> list[str]:
-    done = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=20, check=False)
+def _jobs(*states: str) -> list[str]:
+    """The jobs squeue lists: in ``states`` (R, PD, ...), or those it lists by default (not ended)."""
+    chosen = ["-t", ",".join(states)] if states else []
+    done = subprocess.run(["squeue", "-h", *chosen, "-o", "%i"], capture_output=True, text=True, timeout=20,
+                          check=False)
     return done.stdout.split()
 
 
@@ -103,9 +106,17 @@ def test_a_cancelled_and_a_requeued_worker_job_are_survived_and_named(
     cancelled, requeued = _jobs()
     subprocess.run(["scancel", cancelled], check=True, timeout=20)
     subprocess.run(["scontrol", "requeue", requeued], check=True, timeout=20)
+    most_running = 0
+    while proc.poll() is None:  # never more jobs holding an allocation than the profile's workers
+        most_running = max(most_running, len(_jobs("R")))
+        time.sleep(0.2)
     log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, log
+    assert proc.returncode == 0 and most_running <= 2, (most_running, log)
     assert f"SLURM cancelled job {cancelled}" in log and f"SLURM requeued job {requeued}" in log, log
+    assert "it is cancelled, and a new worker job takes its place" in log, log  # it said "it will start again"
+    ended = subprocess.run(["squeue", "-h", "-t", "all", "-j", requeued, "-o", "%T"], capture_output=True, text=True,
+                           timeout=20, check=True).stdout.split()
+    assert ended == ["CANCELLED"], "the requeued job never ran again beside its replacement"
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     causes = {w.get("job"): w.get("cause", "") for w in report["lost_workers"]}
     assert f"SLURM cancelled job {cancelled}" in causes[cancelled], causes
@@ -117,10 +128,34 @@ def test_a_cancelled_and_a_requeued_worker_job_are_survived_and_named(
     pd.testing.assert_frame_equal(df, _sorted(gpubatch.run(inline, profile="inline").predictions()))
 
 
-def _fails_fast(tmp_path: Path, job: Path, profile: Path, within: float, *expected: str) -> None:
+def _every_tile_once(out: Path) -> None:
+    """The output holds every slide, and no tile twice."""
+    df = pd.read_parquet(out / "predictions.parquet")
+    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
+
+
+def _resume_finishes(tmp_path: Path, job: Path, *expected: str) -> None:
+    """`run --resume` of ``job`` (output tmp_path/out) with a fresh profile under tmp_path/next
+    finishes, its log saying each of ``expected``, and the output holds every tile once. Its
+    run.worker_timeout is a minute: the first run's may be seconds, shorter than a worker job's
+    start on a loaded machine."""
+    (tmp_path / "next").mkdir(exist_ok=True)
+    again = cli("run", str(job), "--profile", str(_profile(tmp_path / "next")), "--resume",
+                "--set", "run.worker_timeout=60")
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0 and all(text in log for text in expected), log
+    _every_tile_once(tmp_path / "out")
+
+
+def _fails_fast(tmp_path: Path, job: Path, profile: Path, within: float, *expected: str,
+                while_waiting: Callable[[], None] | None = None) -> None:
     t0 = time.monotonic()
     proc = cli("run", str(job), "--profile", str(profile))
-    log = proc.communicate(timeout=within + 60)[0]
+    try:
+        if while_waiting is not None:
+            while_waiting()
+    finally:
+        log = proc.communicate(timeout=within + 60)[0]
     took = time.monotonic() - t0
     assert proc.returncode == 1, log
     assert all(text in log for text in expected), log
@@ -147,13 +182,62 @@ def test_an_sbatch_rejection_is_refused_by_validate_and_by_run_before_it_plans(
     assert not (tmp_path / "out" / "status.json").exists(), "nothing ran"
 
 
-def test_workers_that_never_arrive_fail_within_the_timeout(tmp_path: Path, slides: Path, classifier: Path) -> None:
+@contextlib.contextmanager
+def _partition_down(down: bool) -> Iterator[None]:
+    """Partition debug DOWN (scontrol: an administrator's doing) while in the block, if ``down``."""
+    if down:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], check=True, timeout=20)
+    try:
+        yield
+    finally:
+        if down:
+            subprocess.run(["scontrol", "update", "PartitionName=debug", "State=UP"], check=True, timeout=20)
+
+
+@pytest.mark.parametrize("directives,reason,action", [
+    (["--hold"], "JobHeldUser", "they are held (`scontrol hold`, or --hold in slurm.job_extra_directives): while "
+                                "the run waits, `scontrol release "),
+    ([], "PartitionDown", "partition debug is down (`scontrol show partition debug`): ask the cluster's administrator"),
+])
+def test_workers_that_never_arrive_fail_within_the_timeout_saying_what_would_start_them(
+        tmp_path: Path, slides: Path, classifier: Path, directives: list[str], reason: str, action: str) -> None:
     """...and the wait is said as it begins, with SLURM's reason: not a silent terminal for
-    run.worker_timeout (30 minutes by default). Jobs held (a reason the queue does not clear by
-    itself) count against run.worker_timeout, not run.queue_timeout."""
-    profile = _profile(tmp_path, job_extra_directives=["--hold"])
-    _fails_fast(tmp_path, _job(tmp_path, slides, classifier), profile, 40, "run.worker_timeout",
-                "still pending in SLURM (reason: JobHeldUser)", "waiting for workers (up to run.worker_timeout, 8 s)")
+    run.worker_timeout (30 minutes by default). Jobs held, or on a partition that is down (reasons
+    only a person clears), count against run.worker_timeout, not run.queue_timeout; `gpubatch
+    status` said nothing of them while the run waited, and neither it nor the failure said what
+    would start them. Both now name SLURM's reason and what to do (release them, ask the admin)."""
+    out = tmp_path / "out"
+
+    def status_names_the_reason_and_the_fix() -> None:
+        wait_for(lambda: _waiting(out).get("jobs") == 2, 40, "status.json saying the jobs wait")
+        status = cli("status", str(out)).communicate(timeout=60)[0]
+        assert f"waiting for SLURM: 2 jobs pending ({reason}) for" in status and action in status, status
+
+    with _partition_down(reason == "PartitionDown"):
+        _fails_fast(tmp_path, _job(tmp_path, slides, classifier, worker_timeout=20),
+                    _profile(tmp_path, job_extra_directives=directives), 60, "no worker for 20 s (run.worker_timeout)",
+                    f"still pending in SLURM (reason: {reason}); {action}",
+                    "waiting for workers (up to run.worker_timeout, 20 s)",
+                    while_waiting=status_names_the_reason_and_the_fix)
+
+
+def test_jobs_waiting_on_nodes_that_are_all_down_are_a_persons_to_start(tmp_path: Path) -> None:
+    """squeue says "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher
+    priority partitions" (or ReqNodeNotAvail) of busy nodes and of dead ones alike: where every
+    node of the partition is down or drained (sinfo), the wait is a person's to end, and said so."""
+    from gpubatch.runtime.slurm import person_needed
+
+    words = ["Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions"]
+    assert person_needed(["7"], words, "debug") is None, "the node is up: the queue clears this"
+    node = subprocess.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%N"], capture_output=True, text=True,
+                          timeout=20, check=True).stdout.split()[0]
+    subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=gpubatch-test"], check=True,
+                   timeout=20)
+    try:
+        said = person_needed(["7"], words, "debug")
+    finally:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=True, timeout=20)
+    assert said and "every node of partition debug is down or drained (`sinfo -R -p debug`" in said, said
 
 
 def _our_jobs(name: str) -> list[str]:
@@ -211,9 +295,7 @@ def test_jobs_pending_past_the_queue_timeout_fail_naming_both_settings_and_resum
                 "still pending in SLURM (reason: BeginTime)", "raise run.queue_timeout",
                 "finish the run with --resume", "waiting for SLURM: 2 jobs pending (BeginTime)")
     assert time.monotonic() - t0 > 15, "the wait outlived run.worker_timeout, bounded by run.queue_timeout"
-    again = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--resume")
-    log = again.communicate(timeout=300)[0]
-    assert again.returncode == 0, log
+    _resume_finishes(tmp_path, job)
 
 
 def test_a_shard_longer_than_the_walltime_is_quarantined_naming_the_time_limit(
@@ -255,11 +337,7 @@ def test_every_worker_lost_fails_within_the_timeout(tmp_path: Path, slides: Path
     assert "finish the run with --resume" in log, log
     assert json.loads((tmp_path / "out" / "status.json").read_text())["state"] == "failed"
     subprocess.run(["scancel", *_jobs()], check=False, timeout=20)
-    again = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--resume")
-    log = again.communicate(timeout=300)[0]
-    assert again.returncode == 0 and "already committed, skipped" in log, log
-    df = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
-    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
+    _resume_finishes(tmp_path, job, "already committed, skipped")
 
 
 def test_a_walltime_over_the_partitions_limit_fails_at_once_naming_the_setting(
@@ -289,11 +367,7 @@ def test_worker_jobs_a_killed_client_left_queued_are_cancelled_by_the_next_run(
         proc.kill()
         proc.communicate()
     left = _jobs()
-    (tmp_path / "next").mkdir()
-    again = cli("run", str(job), "--profile", str(_profile(tmp_path / "next")), "--resume")
-    log = again.communicate(timeout=300)[0]
-    assert again.returncode == 0, log
-    assert "left behind by an earlier run" in log, log
+    _resume_finishes(tmp_path, job, "left behind by an earlier run")
     assert not set(left) & set(_jobs()), "the killed run's queued jobs are gone"
 
 
@@ -312,12 +386,7 @@ def test_running_worker_jobs_of_a_killed_client_end_by_themselves_and_resume_fin
         proc.communicate()
     left = set(_jobs())
     wait_for(lambda: not left & set(_jobs()), 75, "the killed client's running worker jobs ending")
-    (tmp_path / "next").mkdir()
-    again = cli("run", str(job), "--profile", str(_profile(tmp_path / "next")), "--resume")
-    log = again.communicate(timeout=300)[0]
-    assert again.returncode == 0 and "already committed, skipped" in log, log
-    df = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
-    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
+    _resume_finishes(tmp_path, job, "already committed, skipped")
 
 
 def test_worker_jobs_of_a_frozen_client_end_within_the_lease_then_a_thawed_run_finishes(
@@ -342,8 +411,7 @@ def test_worker_jobs_of_a_frozen_client_end_within_the_lease_then_a_thawed_run_f
     assert proc.returncode == 0, log
     said = "".join(p.read_text() for p in (tmp_path / "out" / "_logs").rglob("*.err"))
     assert "the scheduler (in the `gpubatch run` process) has answered nothing" in said
-    df = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
-    assert not df.duplicated(["slide", "x", "y"]).any() and df["slide"].nunique() == N_SLIDES
+    _every_tile_once(tmp_path / "out")
 
 
 @contextlib.contextmanager

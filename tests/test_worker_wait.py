@@ -63,6 +63,23 @@ def test_a_worker_ends_the_wait_and_its_clocks() -> None:
         wait.look(GONE, now=131.0)
 
 
+def test_jobs_only_a_person_can_start_are_told_to_status_and_count_against_the_worker_timeout() -> None:
+    """Held jobs (JobHeldUser) are no busy queue: run.worker_timeout bounds their wait, as before,
+    but status.json is told of it, and its words and the failure say what starts them."""
+    action = "they are held: while the run waits, `scontrol release 1,2` starts them"
+    states = {"1": ("PENDING", "JobHeldUser"), "2": ("PENDING", "JobHeldUser")}
+    held = queued_of(["1", "2"], states, action)
+    assert held == Queued(2, ("JobHeldUser",), clears=False, action=action)
+    assert held.words(60) == f"waiting for SLURM: 2 jobs pending (JobHeldUser) for 1 min: {action}"
+    told: list[Any] = []
+    wait = _wait(told)
+    why = NoWorkers(f"worker jobs 1, 2 are still pending in SLURM (reason: JobHeldUser); {action}", queued=held)
+    wait.look(why, now=0.0)
+    with pytest.raises(WorkersUnavailable, match=r"no worker for 30 s \(run.worker_timeout\).*`scontrol release 1,2`"):
+        wait.look(why, now=31.0)
+    assert told == [held]
+
+
 def test_a_fatal_account_stops_at_once() -> None:
     with pytest.raises(WorkersUnavailable, match="sbatch rejected"):
         _wait().look(NoWorkers("sbatch rejected the worker job: invalid partition", fatal=True), now=0.0)

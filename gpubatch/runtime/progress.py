@@ -246,19 +246,21 @@ class Progress:
                  now - self.last_shard)
 
     def queued(self, queued: Queued | None, since: float) -> None:
-        """The submitter's word that every worker job waits its turn in a busy queue (runtime.waiting),
-        since ``since``; None when the wait is over. status.json says it at once, and on every heartbeat."""
+        """The submitter's word that every worker job is pending (runtime.waiting): its turn in a
+        busy queue, or a person's action (a hold released, a partition brought up); since
+        ``since``; None when the wait is over. status.json says it at once, and on every heartbeat."""
         self._queued = None if queued is None else (queued, since)
         self._write_status()
 
     def _waiting(self, now: float) -> dict[str, Any]:
-        """status.json's ``waiting``, while the run waits on a busy queue: its words, the jobs, the
-        reasons and since when."""
+        """status.json's ``waiting``, while every worker job is pending: its words, the jobs, the
+        reasons, since when, and (``action``) what starts them where only a person can."""
         if self._queued is None or self.state != "running":
             return {}
         queued, since = self._queued
+        action = {"action": queued.action} if queued.action else {}
         return {"waiting": {"words": queued.words(now - since), "system": queued.system, "jobs": queued.jobs,
-                            "reasons": list(queued.reasons), "since": since}}
+                            "reasons": list(queued.reasons), "since": since, **action}}
 
     def finish(self, state: str, **extra: Any) -> None:
         """The final state: finished, interrupted or failed (with the reason in ``extra``, kept

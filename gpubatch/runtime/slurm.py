@@ -21,6 +21,7 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
@@ -158,6 +159,47 @@ CLEARS_BY_ITSELF = {"None", "Priority", "Resources", "BeginTime", "Dependency", 
 _GROUP_LIMIT = re.compile(r"^(QOS|Assoc)\w*Limit$")
 
 
+#: squeue's pending reasons that only a person clears, and what starts the jobs (said while the run
+#: waits and when run.worker_timeout ends the wait, which counts against it)
+NEEDS_A_PERSON = {
+    "JobHeldUser": "they are held (`scontrol hold`, or --hold in slurm.job_extra_directives): while the run waits, "
+                   "`scontrol release {ids}` starts them",
+    "JobHeldAdmin": "an administrator holds them: ask the cluster's administrator why, and to release them "
+                    "(`scontrol release {ids}`) while the run waits",
+    "PartitionDown": "partition {partition} is down (`scontrol show partition {partition}`): ask the cluster's "
+                     "administrator when it will be up, or set another partition in slurm.queue",
+    "PartitionInactive": "partition {partition} is inactive (`scontrol show partition {partition}`): ask the "
+                         "cluster's administrator when it will be up, or set another partition in slurm.queue",
+}
+#: pending reasons naming nodes that are not available: a person's to clear where every node of the
+#: partition is down, drained or failing (not merely busy or reserved), in these words
+NODES_UNAVAILABLE = ("ReqNodeNotAvail", "Nodes required for job are DOWN")
+NODES_DOWN = ("every node of partition {partition} is down or drained (`sinfo -R -p {partition}` says why): ask "
+              "the cluster's administrator when they will be back, or set another partition in slurm.queue")
+#: sinfo's compact node states in which a node runs jobs now or will without anyone's help
+_NODE_USABLE = {"idle", "mix", "alloc", "comp", "resv", "plnd", "maint"}
+
+
+def partition_nodes_down(partition: str) -> bool:
+    """Whether every node of ``partition`` is down, drained or failing, as sinfo says (False when
+    it does not answer: then nothing is claimed)."""
+    done = _run(["sinfo", "-h", "-N", "-p", partition, "-o", "%t"])
+    states = done.stdout.split() if done.returncode == 0 else []
+    return bool(states) and not any(s.rstrip("~#!%$@^-") in _NODE_USABLE for s in states)
+
+
+def person_needed(ids: list[str], reasons: list[str], partition: str) -> str | None:
+    """What starts jobs ``ids`` pending for ``reasons`` where only a person can (held, partition
+    or nodes down: NEEDS_A_PERSON, NODES_DOWN), in words; None where the queue clears them."""
+    for reason in reasons:
+        name = reason_name(reason)
+        if name in NEEDS_A_PERSON:
+            return NEEDS_A_PERSON[name].format(ids=",".join(ids), partition=partition)
+        if name.startswith(NODES_UNAVAILABLE) and partition and partition_nodes_down(partition):
+            return NODES_DOWN.format(partition=partition)
+    return None
+
+
 def reason_name(reason: str) -> str:
     """squeue's reason without its details: "ReqNodeNotAvail, UnavailableNodes:n1" is ReqNodeNotAvail."""
     return reason.split(",", 1)[0].strip() if reason.startswith("ReqNodeNotAvail") else reason.strip()
@@ -170,22 +212,29 @@ def _clears_by_itself(reason: str) -> bool:
     return name in CLEARS_BY_ITSELF or (bool(_GROUP_LIMIT.match(name)) and "PerJob" not in name)
 
 
-def pending_words(ids: list[str], reasons: list[str]) -> tuple[str, bool]:
-    """The account of jobs left pending, and whether waiting can help (not for NEVER_STARTS)."""
+def pending_words(ids: list[str], reasons: list[str], action: str | None = None) -> tuple[str, bool]:
+    """The account of jobs left pending, and whether waiting can help (not for NEVER_STARTS);
+    ``action``: what a person must do to start them (person_needed)."""
     text = f"worker jobs {', '.join(ids)} are still pending in SLURM (reason: {', '.join(reasons)})"
     hopeless = [NEVER_STARTS[r] for r in reasons if r in NEVER_STARTS]
     if hopeless:
         return f"{text}; waiting will not start them: change {hopeless[0]}", True
-    return text, False
+    return (f"{text}; {action}" if action else text), False
 
 
-def queued_of(ids: list[str], states: dict[str, tuple[str, str]]) -> Queued | None:
-    """Every job of ``ids`` pending for reasons the queue clears by itself: the jobs and those
-    reasons; else None (one is running, gone, or pending for another reason)."""
+def queued_of(ids: list[str], states: Mapping[str, tuple[str, ...]], action: str | None = None) -> Queued | None:
+    """Every job of ``ids`` pending, for reasons the queue clears by itself or, with ``action``
+    (person_needed), for one only a person clears: the jobs and those reasons; else None (one is
+    running, gone, or pending for a reason neither known to clear nor said how to clear)."""
     found = [states.get(i) for i in ids]
-    if not ids or any(s is None or s[0] != "PENDING" or not _clears_by_itself(s[1]) for s in found):
+    if not ids or any(s is None or s[0] != "PENDING" for s in found):
         return None
-    return Queued(len(ids), tuple(sorted({reason_name(s[1]) for s in found if s is not None})))
+    reasons = tuple(sorted({reason_name(s[1]) for s in found if s is not None}))
+    if action:
+        return Queued(len(ids), reasons, clears=False, action=action)
+    if not all(s is not None and _clears_by_itself(s[1]) for s in found):
+        return None
+    return Queued(len(ids), reasons)
 
 
 class SlurmDiagnosis:
@@ -221,23 +270,27 @@ class SlurmDiagnosis:
 
     def _diagnose(self, ids: list[str]) -> NoWorkers | None:
         states = self._states(ids)
-        pending = sorted({reason for state, reason in states.values() if state == "PENDING"})
+        pending = sorted({reason for state, reason, _ in states.values() if state == "PENDING"})
         if pending:
-            text, fatal = pending_words(ids, pending)
-            return NoWorkers(text, fatal, None if fatal else queued_of(ids, states))
+            waiting = [i for i in ids if states.get(i, ("",))[0] == "PENDING"]
+            partition = next((s[2] for s in states.values() if s[0] == "PENDING"), "")
+            action = person_needed(waiting, pending, partition)
+            text, fatal = pending_words(ids, pending, action)
+            return NoWorkers(text, fatal, None if fatal else queued_of(ids, states, action))
         gone = [i for i in ids if i not in states]
         if gone and len(gone) == len(ids):
             return NoWorkers(f"worker job {gone[0]} is no longer running: {self._ended(gone[0])}")
         return None
 
-    def _states(self, ids: list[str]) -> dict[str, tuple[str, str]]:
-        done = _run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%r"])
+    def _states(self, ids: list[str]) -> dict[str, tuple[str, str, str]]:
+        """squeue's state, pending reason and partition of each of ``ids`` it still lists."""
+        done = _run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%P|%r"])
         if done.returncode != 0 and _controller_silent(done.stderr):
             raise SlurmUnreachable(_unreachable("squeue", (done.stderr or "no output").strip()))
         out = {}
         for line in done.stdout.splitlines():
-            job, state, reason = (line.split("|", 2) + ["", ""])[:3]
-            out[job] = (state, reason)
+            job, state, partition, reason = (line.split("|", 3) + ["", "", ""])[:4]
+            out[job] = (state, reason, partition)
         return out
 
     def _ended(self, job_id: str) -> str:
@@ -329,7 +382,10 @@ ENDS = {
     "BOOT_FAIL": "job {id}'s node failed to boot (BOOT_FAIL)",
     "DEADLINE": "SLURM ended job {id} at its --deadline (DEADLINE)",
     "COMPLETED": "job {id} ended (its worker exited: at its --lifetime, or see its log: {log})",
-    "REQUEUED": "SLURM requeued job {id} (preempted, or its node failed; reason: {reason}): it will start again",
+    # SLURM holds a requeued job back two minutes (its EligibleTime), and Dask cancels a lost worker's
+    # job once the worker has been gone distributed.deploy.lost-worker-timeout (15 s): it never restarts
+    "REQUEUED": "SLURM requeued job {id} (preempted, or its node failed; reason: {reason}): it is cancelled, "
+                "and a new worker job takes its place",
 }
 #: what a COMPLETING job's Reason says its end will be
 COMPLETING_AS = {"TimeLimit": "TIMEOUT", "NodeDown": "NODE_FAIL", "Prolog": "FAILED"}

@@ -27,17 +27,23 @@ QUEUE_SAY_EVERY_S = 300.0
 
 
 class Queued(NamedTuple):
-    """Every worker job is pending in the batch system, for reasons it clears by itself."""
+    """Every worker job is pending in the batch system: for reasons it clears by itself
+    (``clears``: the queue's wait, bounded by run.queue_timeout), or for ones only a person
+    clears (a hold, a partition or its nodes down), with ``action``, what starts the jobs: that
+    wait counts against run.worker_timeout, and status.json says what to do."""
 
     jobs: int
     reasons: tuple[str, ...]
     system: str = "SLURM"
+    clears: bool = True
+    action: str = ""
 
     def words(self, waited_s: float) -> str:
-        """"waiting for SLURM: 2 jobs pending (Priority) for 42 min": status.json and the log say it."""
+        """"waiting for SLURM: 2 jobs pending (Priority) for 42 min", and what starts them where a
+        person must: status.json and the log say it."""
         plural = "s" if self.jobs != 1 else ""
         return (f"waiting for {self.system}: {self.jobs} job{plural} pending ({', '.join(self.reasons)}) "
-                f"for {duration_words(waited_s)}")
+                f"for {duration_words(waited_s)}" + (f": {self.action}" if self.action else ""))
 
 
 class NoWorkers(NamedTuple):
@@ -96,17 +102,22 @@ class WorkerWait:
             raise WorkersUnavailable(why.text)
         if self._since is None:
             self._since = self._last = now
-        if self._queued is None:  # the time since the last look counts as what that look found
+        if not self._queue_clock():  # the time since the last look counts as what that look found
             self._unqueued_s += now - self._last
         self._last = now
         self._set_queued(why.queued if why is not None else None, now)
-        if self._queued is not None:
+        if self._queue_clock():
             self._queue_bound(why, now)
         elif self._unqueued_s > self.worker_timeout:
             reason = why.text if why else "no worker connected to the scheduler"
             raise WorkersUnavailable(f"no worker for {self.worker_timeout:g} s (run.worker_timeout): {reason}")
         else:
             self._say(why, now)
+
+    def _queue_clock(self) -> bool:
+        """Whether the wait is the queue's (run.queue_timeout): every job pending for reasons the
+        queue clears by itself, not held or on a partition that is down."""
+        return self._queued is not None and self._queued.clears
 
     def _set_queued(self, queued: Queued | None, now: float) -> None:
         if queued is not None and self._queued is None:
