@@ -1,0 +1,47 @@
+"""The edges of a run a user sees: what a process prints as it ends, and what a script that runs
+gpubatch again and again keeps.
+
+A run that succeeded must end quietly: no library's traceback at interpreter exit (an az:// zarr
+left adlfs's "Loop is not running" there), none as its Dask cluster closes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import slide_job, synthetic_slides, write_job
+
+pytest_plugins = ["s3_fixtures", "cloud_fixtures"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_in_a_process(job: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m gpubatch run JOB`` as a user runs it, to its interpreter's exit."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "gpubatch", "run", str(job)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("where", ["s3", "azure"])
+def test_a_run_on_object_storage_ends_without_a_traceback(
+        tmp_path: Path, where: str, mean_model: Path, request: pytest.FixtureRequest) -> None:
+    """Slides read from and zarr and parquet written to an object store, in a process of its own:
+    it ends with exit code 0 and nothing but gpubatch's lines. After an az:// zarr, adlfs's
+    finaliser printed ``RuntimeError: Loop is not running`` and its traceback at exit."""
+    store: Any = request.getfixturevalue(where)
+    (tmp_path / "slides").mkdir()
+    slides = synthetic_slides(tmp_path / "slides", 2, seed=5, prefix="s")
+    uris = [store.upload(p, f"exit-{uuid.uuid4().hex[:8]}/{p.name}") for p in sorted(slides.glob("*.tif"))]
+    job = slide_job(uris, mean_model, tmp_path / "unused", input={"storage": store.options()})
+    job["output"] = {"uri": store.uri(f"runs/{uuid.uuid4().hex[:8]}"), "formats": ["zarr", "parquet"],
+                     "storage": store.options()}
+    done = run_in_a_process(write_job(tmp_path / "job.yaml", job))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Loop is not running" not in done.stderr, done.stderr[-3000:]
