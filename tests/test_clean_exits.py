@@ -45,3 +45,42 @@ def test_a_run_on_object_storage_ends_without_a_traceback(
     done = run_in_a_process(write_job(tmp_path / "job.yaml", job))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "Loop is not running" not in done.stderr, done.stderr[-3000:]
+
+
+#: a local cluster of gpubatch's whose scheduler answers heartbeats late (its process busy, as at
+#: a run's end), closed while a worker's heartbeat waits for its answer
+LATE_HEARTBEAT = """
+import asyncio, threading
+from gpubatch.runtime.cluster import open_executor
+
+waiting = threading.Event()
+
+def late(answer):
+    async def later(**message):
+        reply = answer(**message)
+        waiting.set()
+        await asyncio.sleep(1.5)
+        return reply
+    return later
+
+if __name__ == "__main__":
+    executor = open_executor({"cluster": "local", "threads_per_worker": 1}, 1)
+    handlers = executor.cluster.scheduler.handlers
+    handlers["heartbeat_worker"] = late(handlers["heartbeat_worker"])
+    assert waiting.wait(60), "no heartbeat reached the scheduler in 60 s"
+    executor.close()
+    print("closed")
+"""
+
+
+def test_a_cluster_closed_while_a_heartbeat_waits_prints_no_traceback(tmp_path: Path) -> None:
+    """A worker closed while its heartbeat waited for the scheduler's answer cut that heartbeat
+    off (distributed's Worker.close closes its connections without waiting for it) and printed
+    "Failed to communicate with scheduler during heartbeat." with a CommClosedError traceback
+    at the end of a clean run. Now the worker lets the heartbeat finish before it closes."""
+    script = tmp_path / "late_heartbeat.py"
+    script.write_text(LATE_HEARTBEAT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "closed", done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "during heartbeat" not in done.stderr, done.stderr[-3000:]
