@@ -84,3 +84,55 @@ def test_a_cluster_closed_while_a_heartbeat_waits_prints_no_traceback(tmp_path: 
                           env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "closed", done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "during heartbeat" not in done.stderr, done.stderr[-3000:]
+
+
+#: runs the jobs named on its command line one after another in one process, as an analysis
+#: script does, and prints what the process holds after each: live model sessions and their host
+#: stages (gc), open file descriptors, logging handlers, and threads outside the process-wide
+#: pools (core.threads), which grow to their bound as they are used
+AGAIN_AND_AGAIN = """
+import gc, json, logging, os, sys, threading
+import gpubatch
+from gpubatch.core import threads
+from gpubatch.engine.model_stage import _HostStage
+from gpubatch.models.base import Model
+
+def held():
+    gc.collect()
+    pools = tuple(f"gpubatch-{name}_" for name in threads._pools)
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in logging.root.manager.loggerDict)]
+    return {"models": sum(isinstance(o, Model) for o in gc.get_objects()),
+            "stages": sum(isinstance(o, _HostStage) for o in gc.get_objects()),
+            "fds": len(os.listdir("/proc/self/fd")), "handlers": sum(len(lg.handlers) for lg in loggers),
+            "threads": sorted(t.name for t in threading.enumerate() if not t.name.startswith(pools))}
+
+for job in sys.argv[1:]:
+    assert gpubatch.run(job, show_progress=False).exit_code == 0
+    print(json.dumps(held()))
+"""
+
+
+def test_a_script_running_job_after_job_keeps_only_its_last_few_models(tmp_path: Path) -> None:
+    """An analysis script runs six jobs (each its own model, the inline profile) in one process.
+    Every model session the process had loaded stayed, with its runtime arena and its host
+    stage's batch buffer: memory grew with each model a script ran. Now a process keeps the last
+    few (models.base.MAX_SESSIONS) and nothing else grows: threads, file descriptors, handlers."""
+    from conftest import windows_job
+
+    from gpubatch.models.base import MAX_SESSIONS
+
+    jobs = []
+    for i in range(6):
+        (tmp_path / f"j{i}").mkdir()
+        jobs.append(str(windows_job(tmp_path / f"j{i}", shards=2)))
+    script = tmp_path / "again.py"
+    script.write_text(AGAIN_AND_AGAIN)
+    done = subprocess.run([sys.executable, str(script), *jobs], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    held = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert held[-1]["models"] <= MAX_SESSIONS and held[-1]["stages"] <= MAX_SESSIONS, held
+    for key in ("fds", "handlers", "threads"):
+        assert held[-1][key] == held[1][key], (key, held)
