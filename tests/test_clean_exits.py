@@ -53,12 +53,14 @@ LATE_HEARTBEAT = """
 import asyncio, threading
 from gpubatch.runtime.cluster import open_executor
 
-waiting = threading.Event()
+waiting, asked = threading.Event(), []
 
 def late(answer):
     async def later(**message):
         reply = answer(**message)
-        waiting.set()
+        asked.append(message)
+        if len(asked) > 1:  # the first may have been sent before the workers' plugins were set up
+            waiting.set()
         await asyncio.sleep(1.5)
         return reply
     return later
