@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -145,11 +146,16 @@ class _HostStage:
         return x
 
 
-_HOST_STAGES: dict[int, _HostStage] = {}
+#: per model object, not per id(): a model session the process let go (models.base.MAX_SESSIONS)
+#: takes its stage (a batch-sized buffer) with it, and a new model given the old one's id gets a
+#: fresh stage, not the old one's buffer and warm-up
+_HOST_STAGES: weakref.WeakKeyDictionary[Model, _HostStage] = weakref.WeakKeyDictionary()
+_STAGES_LOCK = threading.Lock()
 
 
 def _host_stage(model: Model) -> _HostStage:
-    return _HOST_STAGES.setdefault(id(model), _HostStage())
+    with _STAGES_LOCK:
+        return _HOST_STAGES.setdefault(model, _HostStage())
 
 
 def warm_host_stage(model: Model, shape: tuple[int, ...], dtype: str, clocks: StageClocks) -> None:
@@ -157,7 +163,7 @@ def warm_host_stage(model: Model, shape: tuple[int, ...], dtype: str, clocks: St
     _host_stage(model).warm(model, shape, dtype, clocks)
 
 
-_GPU_STAGES: dict[tuple[int, Preprocess], Any] = {}
+_GPU_STAGES: weakref.WeakKeyDictionary[Model, dict[Preprocess, Any]] = weakref.WeakKeyDictionary()
 
 
 def _gpu_stage(preprocess: Preprocess, model: Model) -> Any:
@@ -168,12 +174,13 @@ def _gpu_stage(preprocess: Preprocess, model: Model) -> Any:
     """
     if model.device != "cuda" or not model.supports_device():
         return None
-    key = (id(model), preprocess)
-    if key not in _GPU_STAGES:
+    with _STAGES_LOCK:
+        stages = _GPU_STAGES.setdefault(model, {})
+    if preprocess not in stages:
         from gpubatch.engine.device import make_device_stage
 
-        _GPU_STAGES[key] = make_device_stage(model, preprocess)
-    return _GPU_STAGES[key]
+        stages[preprocess] = make_device_stage(model, preprocess)
+    return stages[preprocess]
 
 
 def rerun_low_confidence(out: dict[str, np.ndarray], x: np.ndarray, fallback: Model, threshold: float,

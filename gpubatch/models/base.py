@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,19 +160,29 @@ def resolve_backend(name: str, path: str) -> str:
     raise MissingExtraError("model backend 'auto'", "onnxruntime", "gpu")
 
 
-_SESSIONS: dict[tuple[Any, ...], Model] = {}
+#: the model sessions a process keeps warm, most recently used last. A run asks for up to three
+#: (its model, the fp32 fallback, a slide head); a process that runs many jobs (a script calling
+#: gpubatch.run in a loop over models, a long-lived Dask worker) kept every model it ever loaded,
+#: each with its weights and runtime arena, and every version of a model file written over.
+MAX_SESSIONS = 4
+_SESSIONS: OrderedDict[tuple[Any, ...], Model] = OrderedDict()
 _SESSIONS_LOCK = threading.Lock()
 SESSIONS_CREATED = {"count": 0}
 
 
 def get_model(path: str, backend: str = "auto", precision: str = "fp32", threads: int | None = None) -> Model:
-    """The process-wide model session for this file and settings, created on first use."""
+    """The process-wide model session for this file and settings, created on first use; the least
+    recently used beyond :data:`MAX_SESSIONS` is let go (a shard still running it keeps it)."""
     name = resolve_backend(backend, path)
     key = (path, file_sha256(path), name, precision, threads)
     with _SESSIONS_LOCK:
         model = _SESSIONS.get(key)
-        if model is None:
-            model = backend_class(name)(path, precision=precision, threads=threads)
-            _SESSIONS[key] = model
-            SESSIONS_CREATED["count"] += 1
+        if model is not None:
+            _SESSIONS.move_to_end(key)
+            return model
+        model = backend_class(name)(path, precision=precision, threads=threads)
+        _SESSIONS[key] = model
+        SESSIONS_CREATED["count"] += 1
+        while len(_SESSIONS) > MAX_SESSIONS:
+            _SESSIONS.popitem(last=False)
         return model

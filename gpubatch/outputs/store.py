@@ -23,8 +23,9 @@ from gpubatch.core.files import write_bytes_atomic
 from gpubatch.io.redact import redact
 from gpubatch.io.retried_fs import RetriedFS
 from gpubatch.io.retry import RetryPolicy, call_with_retries
-from gpubatch.io.storage import get_fs, library_options, open_seekable, upload_fs
+from gpubatch.io.storage import get_fs, open_seekable, upload_fs
 from gpubatch.io.uris import is_remote, local_path
+from gpubatch.io.zarr_groups import open_zarr_group
 from gpubatch.outputs.layout import TMP_PREFIX
 
 POLICY = RetryPolicy(attempts=5)
@@ -241,12 +242,9 @@ class OutputStore:
     def zarr_group(self, name: str, mode: str = "r", attributes: dict[str, Any] | None = None) -> Any:
         """A zarr group under the root (LocalStore on disk, FsspecStore on object storage);
         ``attributes``: a new group's, written with its metadata rather than after it."""
-        import zarr
-
         if not self.remote:
-            return zarr.open_group(self.path(name), mode=mode, attributes=attributes)  # type: ignore[arg-type]
-        return zarr.open_group(self.url(name), mode=mode, attributes=attributes,  # type: ignore[arg-type]
-                               storage_options=library_options(self.uri, self.options))
+            return open_zarr_group(self.path(name), mode=mode, attributes=attributes)
+        return open_zarr_group(self.url(name), self.options, mode=mode, attributes=attributes)
 
 
 def _json_bytes(data: Any, indent: int | None = 1) -> bytes:

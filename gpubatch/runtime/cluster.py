@@ -144,8 +144,12 @@ def restore_environ(before: dict[str, str]) -> None:
 
 
 def _watching(executor: DaskExecutor) -> DaskExecutor:
-    """The executor, its nannies telling how their workers end (a lost worker named: OOM killer, crash)."""
+    """The executor, its nannies telling how their workers end (a lost worker named: OOM killer,
+    crash), and its workers letting their last heartbeat finish as they close (runtime.heartbeats)."""
+    from gpubatch.runtime.heartbeats import finish_heartbeats
+
     executor.watch_exits()
+    finish_heartbeats(executor.client)
     return executor
 
 

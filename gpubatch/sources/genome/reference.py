@@ -30,8 +30,9 @@ import numpy as np
 
 from gpubatch.core.errors import InputChanged, InputError
 from gpubatch.io.redact import redact
-from gpubatch.io.storage import exists, input_changed, library_options, open_ranges
+from gpubatch.io.storage import exists, input_changed, open_ranges
 from gpubatch.io.uris import child, is_remote, local_path
+from gpubatch.io.zarr_groups import open_zarr_group
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome.indexes import (
     LOCAL_CHECKED,
@@ -193,11 +194,7 @@ def zarr_array_name(contig: str, index: int) -> str:
 
 def open_genome_group(uri: str, storage_options: dict[str, Any] | None, mode: str = "r") -> Any:
     """zarr.open_group for local paths and fsspec URLs alike (FsspecStore for the latter)."""
-    import zarr
-
-    if is_remote(uri):
-        return zarr.open_group(uri, mode=mode, storage_options=library_options(uri, storage_options))  # type: ignore[arg-type]
-    return zarr.open_group(local_path(uri), mode=mode)  # type: ignore[arg-type]
+    return open_zarr_group(uri, storage_options, mode=mode)
 
 
 def _zarr_meta(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:

@@ -54,7 +54,7 @@ from gpubatch.io.retry import (
     is_transient,
     storage_error,
 )
-from gpubatch.io.uris import is_remote, local_path, uri_name
+from gpubatch.io.uris import uri_name
 from gpubatch.sources.slides.backends import (
     DecodedTileCache,
     SlideBackend,
@@ -282,15 +282,10 @@ class OmeZarrBackend(SlideBackend):
                               mpp_y=self.meta.mpp_y)
 
     def _open_root(self, url: str, options: dict[str, Any] | None) -> Any:
-        import zarr
+        from gpubatch.io.zarr_groups import open_zarr_group
 
-        from gpubatch.io.storage import library_options
-
-        target = url if is_remote(url) else local_path(url)
-        opts = library_options(url, options) if is_remote(url) else None
         try:
-            return call_with_retries(lambda: zarr.open_group(target, mode="r", storage_options=opts),
-                                     self.path, self.policy)
+            return call_with_retries(lambda: open_zarr_group(url, options, mode="r"), self.path, self.policy)
         except InputError as exc:
             if exc.retryable or exc.message.startswith("access denied"):
                 raise
