@@ -12,8 +12,8 @@ unitless scale could mean anything, and a wrong mpp would tile at the wrong magn
 across (x) and down (y) apart, so pixels that are not square are refused at ``tiles.mpp`` as in
 every other format. Only uint8 is a slide here: RGB or RGBA (3 or 4 channels), or gray (one
 channel, or no c axis), read as RGB with the gray in every channel and said to be gray, as gray
-TIFF and DICOM slides are. An image whose ``omero`` metadata says fluorescence is refused
-(:mod:`gpubatch.sources.slides.omero`). A reduced level whose width and height are not reduced
+TIFF and DICOM slides are. An image whose ``omero`` metadata says fluorescence is refused, and so is one
+of four channels whose metadata does not say red, green, blue (:mod:`gpubatch.sources.slides.omero`). A reduced level whose width and height are not reduced
 alike (NGFF allows a scale per axis) is not read: tiles from it would be squashed, and a square
 tile has one downsample.
 
