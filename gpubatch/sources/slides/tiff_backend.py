@@ -179,6 +179,19 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
                             f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
 
 
+def _check_samples(page: Any, level: int, path: str) -> None:
+    """Refuse samples no reader here makes a slide of: float, or integers wider than 16 bits.
+    Left to openslide, such a file opened (so ``inspect`` described it) and failed at the first
+    read with libtiff's 'Sorry, can not handle images with 32-bit samples', naming neither the
+    sample type nor the fix. 16-bit integers go on to openslide, which scales them to 8 bits."""
+    dtype = np.dtype(page.dtype) if page.dtype is not None else None
+    if dtype is not None and (dtype.kind == "f" or dtype.itemsize > 2):
+        kind = "floating-point" if dtype.kind == "f" else "integer"
+        raise InputError(path, f"level {level} stores {dtype.itemsize * 8}-bit {kind} samples ({dtype}); slides "
+                               "are read as 8-bit (or 16-bit integer) RGB or gray, as a scanner writes them: "
+                               "export the image as 8-bit (rescaled to 0-255) to read it")
+
+
 #: what tifffile logs (and reads on past) where a file's structure is cut short or broken: an IFD
 #: or a tag's value past the end of the file, or a list of tags that is no list. It then drops
 #: the pages or tags beyond, and the file reads as another one: fewer pyramid levels, an OME-TIFF
@@ -274,6 +287,7 @@ class TiffBackend(TileGridBackend):
             _check_within(self.tif, self.pages, path)
             _check_structure(complaints, path)
             for level, page in enumerate(self.pages):
+                _check_samples(page, level, path)
                 _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
         except BaseException:
             self.tif.close()
