@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -130,11 +131,14 @@ def finest_first(datasets: list[dict[str, Any]], axes: tuple[str, ...]) -> list[
     """The datasets ordered by their x scale, finest first. NGFF requires that order, but some
     writers list the coarsest first, and the first listed is taken for level 0 (its scale for
     the mpp, the others' downsamples from its size): left as listed where a level's scale is not
-    written inline (NGFF 0.1 and 0.2 have none), as there is then nothing to order by."""
+    written inline (NGFF 0.1 and 0.2 have none) or is no number or zero, as there is then nothing
+    to order by. Ordered by magnitude: negative scales (a flipped axis, which NGFF does not
+    allow) ordered by sign put the coarsest level first, read as level 0 at a downsample of 1."""
     if "x" not in axes:
         return datasets
     index = axes.index("x")
-    known = [(scale, n) for n, d in enumerate(datasets) if (scale := _inline_scale(d, index)) is not None]
+    known = [(abs(scale), n) for n, d in enumerate(datasets)
+             if (scale := _inline_scale(d, index)) is not None and math.isfinite(scale) and scale != 0]
     if len(known) < len(datasets):
         return datasets
     return [datasets[n] for _, n in sorted(known)]
