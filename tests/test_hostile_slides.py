@@ -1,0 +1,106 @@
+"""Slide files as a hostile user hands them over, each built here in its real format: read right,
+or refused by name with the fix, and ``inspect``, ``validate`` and ``run`` say the same of each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import slide_job, write_job
+from pathology_files import write_ome_zarr
+
+import gpubatch
+from gpubatch.cli.main import main
+from gpubatch.core.clocks import StageClocks
+from gpubatch.core.errors import SpecError
+from gpubatch.runtime.preflight import validate_job
+from gpubatch.sources.slides.open import open_slide
+from gpubatch.spec import load_job
+
+pytest_plugins = ["pathology_files"]
+
+
+def tiled_tiff(path: Path, levels: list[np.ndarray], compression: str = "jpeg", mpp: float = 0.5) -> str:
+    """A tiled pyramid TIFF, one page per level (reduced pages marked so), resolution in cm."""
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tw:
+        for n, level in enumerate(levels):
+            per_cm = 1e4 / (mpp * 2**n)
+            tw.write(level, tile=(256, 256), compression=compression, photometric="rgb",
+                     subfiletype=0 if n == 0 else 1, resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
+    return str(path)
+
+
+def validate_and_run(tmp_path: Path, uris: list[str], model: Path,
+                     **tiles: Any) -> tuple[list[dict[str, str]], gpubatch.Result]:
+    job = slide_job(uris, model, tmp_path / "out", tiles={"size": 64, "mpp": 0.5, **tiles})
+    path = write_job(tmp_path / "job.yaml", job)
+    try:
+        refused = validate_job(load_job(str(path))).failed
+    except SpecError as err:
+        refused = [{"input": field, "error": message} for field, message in err.problems if field]
+    return refused, gpubatch.run(str(path))
+
+
+def inspected(path: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(["inspect", path])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_float_tiff_is_refused_at_open_naming_its_samples(tmp_path: Path, picture: np.ndarray, mean_model: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A float32 TIFF (an analysis export) went past tifffile to openslide, which opened it:
+    inspect described it as a slide, and the run failed at the first read with libtiff's 'Sorry,
+    can not handle images with 32-bit samples'. It is refused at open, the samples and the fix
+    named, by inspect, validate and run alike; the other slide proceeds."""
+    floats = tiled_tiff(tmp_path / "float.tif", [picture.astype(np.float32) / 255], compression="zlib")
+    good = tiled_tiff(tmp_path / "good.tif", [picture])
+    refused, result = validate_and_run(tmp_path, [floats, good], mean_model)
+    assert [f["input"] for f in refused] == [f["input"] for f in result.failed] == [floats]
+    assert [f["error"] for f in refused] == [f["error"] for f in result.failed]
+    assert "32-bit floating-point samples (float32)" in refused[0]["error"]
+    assert "export the image as 8-bit" in refused[0]["error"]
+    assert set(result.predictions()["slide"]) == {good}
+    code, _, err = inspected(floats, capsys)
+    assert code == 1 and floats in err and "32-bit floating-point samples" in err
+
+
+def test_a_16_bit_tiff_is_read_scaled_to_8_bits(tmp_path: Path, picture: np.ndarray, mean_model: Path) -> None:
+    """16-bit integer samples stay readable (openslide scales them), the refusal above does not
+    reach them: the picture's means, as from its 8-bit self."""
+    wide = tiled_tiff(tmp_path / "wide.tif", [picture.astype(np.uint16) * 257], compression="zlib")
+    refused, result = validate_and_run(tmp_path, [wide], mean_model, level=0, mpp=None)
+    assert refused == result.failed == []
+    got = result.predictions()[["mean_0", "mean_1", "mean_2"]].to_numpy()
+    assert len(got) == 16 * 12 and abs(got.mean() - picture.mean() / 255) < 1e-3
+
+
+def test_ome_zarr_levels_with_negative_scales_keep_the_finest_first(tmp_path: Path, picture: np.ndarray) -> None:
+    """Levels are ordered by scale; negative scales (a flipped axis, not NGFF) ordered by sign put
+    the coarsest level first: the 512 x 384 level was level 0 and the full image a 'downsample'
+    of 0.5, so tiles.level 0 read the coarse level and placed its tiles at half their places."""
+    uri = write_ome_zarr(picture, tmp_path / "flipped.ome.zarr", levels=2, mpp=-0.5)
+    backend = open_slide(uri, StageClocks())
+    try:
+        assert backend.info.level_dimensions == ((1024, 768), (512, 384))
+        assert backend.info.level_downsamples == (1.0, 2.0)
+    finally:
+        backend.close()
+
+
+def test_inspect_shows_a_nan_mpp_as_json(tmp_path: Path, picture: np.ndarray,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """An OME-Zarr scale of NaN was printed as a bare NaN: no JSON (jq and json.loads with
+    strict constants refuse the whole answer). It is shown as the text 'nan'."""
+    uri = write_ome_zarr(picture[:256, :256], tmp_path / "nan.ome.zarr", levels=1, mpp=float("nan"))
+    code, out, _ = inspected(uri, capsys)
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    assert code == 0 and json.loads(out, parse_constant=no_constants)["mpp"] == "nan"
