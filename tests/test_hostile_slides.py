@@ -104,3 +104,53 @@ def test_inspect_shows_a_nan_mpp_as_json(tmp_path: Path, picture: np.ndarray,
         raise ValueError(f"{name} is not JSON")
 
     assert code == 0 and json.loads(out, parse_constant=no_constants)["mpp"] == "nan"
+
+
+def make_sparse(path: str, tiles: list[int], level: int = 0) -> str:
+    """Set the byte counts of ``tiles`` at ``level`` to 0: sparse tiles, as a write cut short
+    (or a scanner leaving out blank glass) stores them."""
+    import struct
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[level]
+        tag = page.tags["TileByteCounts"]
+        offset, kind = tag.valueoffset, {3: "<H", 4: "<I", 16: "<Q"}[int(tag.dtype)]
+    data = bytearray(Path(path).read_bytes())
+    for index in tiles:
+        struct.pack_into(kind, data, offset + struct.calcsize(kind) * index, 0)
+    Path(path).write_bytes(data)
+    return path
+
+
+def test_sparse_tiles_under_tissue_are_counted_in_the_notes(tmp_path: Path, picture: np.ndarray,
+                                                            mean_model: Path) -> None:
+    """Sparse tiles (no bytes stored) read as white, as openslide shows them; under tissue found at
+    a coarser level they were white tiles in the predictions without a word. The slide's notes
+    now count the sparse stored tiles its tiles needed, as the absent chunks of an OME-Zarr are."""
+    uri = make_sparse(tiled_tiff(tmp_path / "sparse.tif", [picture, picture[::2, ::2].copy()]), list(range(12)))
+    refused, result = validate_and_run(tmp_path, [uri], mean_model, level=0, mpp=None,
+                                       tissue={"method": "otsu", "min_fraction": 0.5})
+    assert refused == result.failed == []
+    means = result.predictions()[["mean_0", "mean_1", "mean_2"]].to_numpy()
+    assert 0 < len(means) < 16 * 12 and np.all(means == 1.0)  # tissue found at level 1, read as white
+    sparse = [n for n in result.report["notes"] if "sparse" in n]
+    assert len(sparse) == 1 and sparse[0].startswith(f"{uri}: ") and " are sparse (no bytes stored)" in sparse[0]
+
+
+def test_a_staged_slide_passes_on_its_sparse_tiles(tmp_path: Path, picture: np.ndarray) -> None:
+    """A slide read from its staged copy is wrapped; the wrapper's own (empty) notes hid the
+    reader's."""
+    import fsspec
+
+    from gpubatch.sources.slides.open import open_slide_input
+
+    local = make_sparse(tiled_tiff(tmp_path / "s.tif", [picture]), [0, 1])
+    fsspec.filesystem("memory").pipe("/sparse-staged/s.tif", Path(local).read_bytes())
+    backend = open_slide_input("memory://sparse-staged/s.tif", StageClocks(), access="stage", options={})
+    try:
+        backend.expect_reads(0, [np.array([[0, 0, 512, 256]])])
+        assert backend.notes(0) and backend.notes(0)[0].startswith("2 of 2 stored tiles")
+    finally:
+        backend.close()

@@ -306,6 +306,8 @@ class TiffBackend(TileGridBackend):
         #: a streamed slide's tiles fetched ahead of the reads (set by the opener; io.readahead)
         self.read_ahead: Any = None
         self.gpu_decode = False
+        #: (level, sparse tiles, tiles) of the planned reads: the slide's notes (:meth:`notes`)
+        self.sparse: tuple[int, int, int] = (0, 0, 0)
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         with self._malformed_is_input_error(level):
@@ -340,6 +342,7 @@ class TiffBackend(TileGridBackend):
     def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
         blocks = list(blocks)
         super().expect_reads(level, blocks)
+        self._count_sparse(level, blocks)
         if self.read_ahead is None:
             return
         page, grid = self.pages[level], self._grid(level)
@@ -350,6 +353,24 @@ class TiffBackend(TileGridBackend):
             first.update(new)
             planned.append([(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in new])
         self.read_ahead.plan(planned)
+
+    def _count_sparse(self, level: int, blocks: list[np.ndarray]) -> None:
+        """Count the stored tiles the planned reads need that are sparse (no bytes): they read as
+        white background, as openslide shows them, rightly where a scanner left out blank glass,
+        silently where a write was cut short under tissue (tissue found at a coarser level and
+        read as white at this one). From the tile tables: no read is needed."""
+        grid, counts = self._grid(level), self.pages[level].databytecounts
+        needed = {index for boxes in blocks for index in tiles_of_boxes(grid, boxes)}
+        self.sparse = (level, sum(1 for i in needed if not counts[i]), len(needed))
+
+    def notes(self, level: int) -> list[str]:
+        """How many of the stored tiles the tiles at ``level`` need are sparse (read as white)."""
+        planned, sparse, needed = self.sparse
+        if planned != level or not sparse:
+            return []
+        return [f"{sparse} of {needed} stored tiles the tiles needed at level {level} are sparse (no bytes "
+                "stored): read as white background; a write cut short? (a scanner may also leave out tiles "
+                "of blank glass)"]
 
     def read_coarsest_ahead(self) -> None:
         """Fetch the coarsest level's stored tiles in the background (tissue detection reads all
