@@ -154,3 +154,24 @@ def test_a_staged_slide_passes_on_its_sparse_tiles(tmp_path: Path, picture: np.n
         assert backend.notes(0) and backend.notes(0)[0].startswith("2 of 2 stored tiles")
     finally:
         backend.close()
+
+
+def test_a_pyramid_stored_smallest_first_is_refused_not_read_as_its_thumbnail(
+        tmp_path: Path, picture: np.ndarray, mean_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A generic TIFF whose levels are stored smallest first (each page with its own resolution)
+    was read as its first page: a 256 x 192 slide at 2 um/px, tiles.level 0 tiling the thumbnail
+    and tiles.mpp 0.5 refused as 'coarser than requested' though the file holds 0.5 um/px; openslide
+    orders the levels but takes the first page's resolution. Refused by name, with the fix."""
+    import tifffile
+
+    path = tmp_path / "reversed.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for n in (2, 1, 0):
+            per_cm = 1e4 / (0.5 * 2**n)
+            tw.write(picture[:: 2**n, :: 2**n].copy(), tile=(256, 256), compression="jpeg", photometric="rgb",
+                     resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
+    refused, result = validate_and_run(tmp_path, [str(path)], mean_model, level=0, mpp=None)
+    assert [f["error"] for f in refused] == [f["error"] for f in result.failed]
+    assert len(refused) == 1 and "is not its largest (image 3, 1024x768 px)" in refused[0]["error"]
+    code, _, err = inspected(str(path), capsys)
+    assert code == 1 and "a pyramid stored smallest first" in err

@@ -155,6 +155,27 @@ def _zero_rational(page: Any, unit: int) -> str:
     return ""
 
 
+class SmallestFirst(TypeError):
+    """A TIFF whose first image is not its largest: a pyramid stored smallest first (or a vendor
+    layout with a label first). tifffile takes the first image for the slide; openslide reads a
+    vendor's layout right, but a generic TIFF's levels with the first image's resolution."""
+
+
+def _check_first_is_largest(tif: Any) -> None:
+    """Raise :class:`SmallestFirst` where a later image of the file has more pixels than the
+    first: the slide would be read as its thumbnail, silently at a quarter of its resolution."""
+    def size(series: Any) -> tuple[int, int]:
+        page = series.levels[0].keyframe
+        return int(page.imagewidth), int(page.imagelength)
+
+    first = size(tif.series[0])
+    largest = max(enumerate(tif.series), key=lambda item: size(item[1])[0] * size(item[1])[1])
+    if largest[0] and size(largest[1])[0] * size(largest[1])[1] > first[0] * first[1]:
+        w, h = size(largest[1])
+        raise SmallestFirst(f"its first image ({first[0]}x{first[1]} px) is not its largest (image {largest[0] + 1}, "
+                            f"{w}x{h} px): a pyramid stored smallest first")
+
+
 class MalformedTiff(TypeError):
     """A TIFF whose structure contradicts itself (its tile tables do not fit its image size):
     the file is broken, and no other reader is tried (openslide opened one such file at the
@@ -280,6 +301,7 @@ class TiffBackend(TileGridBackend):
         # tifffile's warnings about this file's tags name the file; its complaints are kept
         with reading(path), collect_warnings() as complaints:
             self.tif = tifffile.TiffFile(fileobj if fileobj is not None else path)
+            _check_first_is_largest(self.tif)
             series = self.tif.series[0]
             self.pages = [lvl.keyframe for lvl in series.levels]
             scale = _mpp_from_tiff(self.tif)
