@@ -155,6 +155,10 @@ def _zero_rational(page: Any, unit: int) -> str:
     return ""
 
 
+#: tifffile's series kinds of TIFFs without a vendor's layout (tifffile's own shaped metadata)
+PLAIN_SERIES = ("generic", "shaped", "uniform")
+
+
 class SmallestFirst(TypeError):
     """A TIFF whose first image is not its largest: a pyramid stored smallest first (or a vendor
     layout with a label first). tifffile takes the first image for the slide; openslide reads a
@@ -162,8 +166,13 @@ class SmallestFirst(TypeError):
 
 
 def _check_first_is_largest(tif: Any) -> None:
-    """Raise :class:`SmallestFirst` where a later image of the file has more pixels than the
-    first: the slide would be read as its thumbnail, silently at a quarter of its resolution."""
+    """Raise :class:`SmallestFirst` where a later image of a plain TIFF has more pixels than the
+    first: the slide would be read as its thumbnail, silently at a quarter of its resolution.
+    Vendor layouts (SVS, NDPI, SCN, OME...) are left alone: their slide is named, and a small
+    slide's macro image may well be larger."""
+    if tif.series[0].kind.lower() not in PLAIN_SERIES:
+        return
+
     def size(series: Any) -> tuple[int, int]:
         page = series.levels[0].keyframe
         return int(page.imagewidth), int(page.imagelength)
