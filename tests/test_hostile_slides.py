@@ -175,3 +175,47 @@ def test_a_pyramid_stored_smallest_first_is_refused_not_read_as_its_thumbnail(
     assert len(refused) == 1 and "is not its largest (image 3, 1024x768 px)" in refused[0]["error"]
     code, _, err = inspected(str(path), capsys)
     assert code == 1 and "a pyramid stored smallest first" in err
+
+
+def _channels_tiff(path: Path, picture: np.ndarray, case: str) -> str:
+    """A TIFF whose 3 or 4 channels are not red, green, blue (and alpha), as tifffile writes it."""
+    import tifffile
+
+    four = np.concatenate([picture, 255 - picture[..., :1]], axis=-1)
+    common: dict[str, Any] = {"tile": (256, 256), "compression": "zlib", "resolution": (2e4, 2e4),
+                              "resolutionunit": "CENTIMETER"}
+    if case == "rgb-and-unspecified":
+        tifffile.imwrite(path, four, photometric="rgb", extrasamples=["unspecified"], **common)
+    elif case == "four-gray":
+        tifffile.imwrite(path, four, photometric="minisblack", planarconfig="contig", **common)
+    elif case == "three-gray":
+        tifffile.imwrite(path, picture, photometric="minisblack", planarconfig="contig", **common)
+    else:  # an OME-TIFF of three fluorescence channels, one page each
+        tifffile.imwrite(path, np.moveaxis(picture, -1, 0).copy(), photometric="minisblack", **common,
+                         metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "FITC", "TRITC"]},
+                                   "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    return str(path)
+
+
+@pytest.mark.parametrize(("case", "said"), [
+    ("rgb-and-unspecified", "the fourth not alpha (ExtraSamples 0, unspecified)"),
+    ("four-gray", "stores 4 gray samples per pixel (photometric MINISBLACK)"),
+    ("three-gray", "stores 3 gray samples per pixel (photometric MINISBLACK)"),
+    ("ome-channels", "3 channels stored as planes of their own"),
+])
+def test_tiff_channels_that_are_not_rgb_are_refused_by_name(tmp_path: Path, picture: np.ndarray, mean_model: Path,
+                                                            case: str, said: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """As the OME-Zarr rule: channels the file does not call red, green, blue (and alpha) were
+    read as if it did, exit 0: a fourth sample tagged 'unspecified' or four gray samples
+    composited away as alpha, three gray samples sent as RGB, and an OME-TIFF of DAPI, FITC,
+    TRITC planes read as its DAPI plane in gray. Refused by inspect, validate and run alike."""
+    uri = _channels_tiff(tmp_path / f"{case}.ome.tif", picture, case)
+    good = tiled_tiff(tmp_path / "good.tif", [picture])
+    refused, result = validate_and_run(tmp_path, [uri, good], mean_model)
+    assert [f["input"] for f in refused] == [f["input"] for f in result.failed] == [uri]
+    assert [f["error"] for f in refused] == [f["error"] for f in result.failed]
+    assert said in refused[0]["error"] and "render the channels to an 8-bit RGB image" in refused[0]["error"]
+    assert set(result.predictions()["slide"]) == {good}
+    code, _, err = inspected(uri, capsys)
+    assert code == 1 and said in err

@@ -41,7 +41,7 @@ RGB_COLOURS = ("FF0000", "00FF00", "0000FF")
 RGB_LABELS = (("r", "red"), ("g", "green"), ("b", "blue"))
 #: a uint8 display window narrower than this is a stretch of dim signal, not a brightfield view
 NARROW_WINDOW = 128
-FIX = ("gpubatch reads brightfield RGB, RGBA or gray OME-Zarr images, and no spec key picks "
+FIX = ("gpubatch reads brightfield RGB, RGBA or gray images, and no spec key picks "
        "channels: render the channels to an 8-bit RGB image (QuPath, napari, bfconvert) to read "
        "that, or save one channel as a gray image of its own")
 

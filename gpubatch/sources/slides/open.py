@@ -45,7 +45,8 @@ from gpubatch.sources.slides.dicom import (
 )
 from gpubatch.sources.slides.omezarr import OmeZarrBackend, folder_is_zarr, is_zarr_uri
 from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
-from gpubatch.sources.slides.tiff_backend import MalformedTiff, SmallestFirst, TiffBackend
+from gpubatch.sources.slides.tiff_backend import MalformedTiff, TiffBackend
+from gpubatch.sources.slides.tiff_layout import SmallestFirst
 
 #: formats whose data lives in a directory beside the file, named after its stem
 COMPANION_SUFFIXES = (".mrxs",)

@@ -37,6 +37,12 @@ from gpubatch.sources.slides.backends import (
     composite_on_white,
     tiles_of_boxes,
 )
+from gpubatch.sources.slides.tiff_layout import (
+    check_channels,
+    check_first_is_largest,
+    check_planes,
+    check_samples,
+)
 
 #: a decimal number as a description writes it: 0.2520, .5, 5e-1, 2.52E-01
 NUMBER = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
@@ -155,36 +161,6 @@ def _zero_rational(page: Any, unit: int) -> str:
     return ""
 
 
-#: tifffile's series kinds of TIFFs without a vendor's layout (tifffile's own shaped metadata)
-PLAIN_SERIES = ("generic", "shaped", "uniform")
-
-
-class SmallestFirst(TypeError):
-    """A TIFF whose first image is not its largest: a pyramid stored smallest first (or a vendor
-    layout with a label first). tifffile takes the first image for the slide; openslide reads a
-    vendor's layout right, but a generic TIFF's levels with the first image's resolution."""
-
-
-def _check_first_is_largest(tif: Any) -> None:
-    """Raise :class:`SmallestFirst` where a later image of a plain TIFF has more pixels than the
-    first: the slide would be read as its thumbnail, silently at a quarter of its resolution.
-    Vendor layouts (SVS, NDPI, SCN, OME...) are left alone: their slide is named, and a small
-    slide's macro image may well be larger."""
-    if tif.series[0].kind.lower() not in PLAIN_SERIES:
-        return
-
-    def size(series: Any) -> tuple[int, int]:
-        page = series.levels[0].keyframe
-        return int(page.imagewidth), int(page.imagelength)
-
-    first = size(tif.series[0])
-    largest = max(enumerate(tif.series), key=lambda item: size(item[1])[0] * size(item[1])[1])
-    if largest[0] and size(largest[1])[0] * size(largest[1])[1] > first[0] * first[1]:
-        w, h = size(largest[1])
-        raise SmallestFirst(f"its first image ({first[0]}x{first[1]} px) is not its largest (image {largest[0] + 1}, "
-                            f"{w}x{h} px): a pyramid stored smallest first")
-
-
 class MalformedTiff(TypeError):
     """A TIFF whose structure contradicts itself (its tile tables do not fit its image size):
     the file is broken, and no other reader is tried (openslide opened one such file at the
@@ -207,19 +183,6 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
     if len(page.dataoffsets) != tiles or len(page.databytecounts) != tiles:
         raise MalformedTiff(f"malformed IFD at level {level}: {len(page.dataoffsets)} tile offsets and "
                             f"{len(page.databytecounts)} byte counts for a grid of {tiles} tiles")
-
-
-def _check_samples(page: Any, level: int, path: str) -> None:
-    """Refuse samples no reader here makes a slide of: float, or integers wider than 16 bits.
-    Left to openslide, such a file opened (so ``inspect`` described it) and failed at the first
-    read with libtiff's 'Sorry, can not handle images with 32-bit samples', naming neither the
-    sample type nor the fix. 16-bit integers go on to openslide, which scales them to 8 bits."""
-    dtype = np.dtype(page.dtype) if page.dtype is not None else None
-    if dtype is not None and (dtype.kind == "f" or dtype.itemsize > 2):
-        kind = "floating-point" if dtype.kind == "f" else "integer"
-        raise InputError(path, f"level {level} stores {dtype.itemsize * 8}-bit {kind} samples ({dtype}); slides "
-                               "are read as 8-bit (or 16-bit integer) RGB or gray, as a scanner writes them: "
-                               "export the image as 8-bit (rescaled to 0-255) to read it")
 
 
 #: what tifffile logs (and reads on past) where a file's structure is cut short or broken: an IFD
@@ -310,15 +273,17 @@ class TiffBackend(TileGridBackend):
         # tifffile's warnings about this file's tags name the file; its complaints are kept
         with reading(path), collect_warnings() as complaints:
             self.tif = tifffile.TiffFile(fileobj if fileobj is not None else path)
-            _check_first_is_largest(self.tif)
+            check_first_is_largest(self.tif)
             series = self.tif.series[0]
             self.pages = [lvl.keyframe for lvl in series.levels]
             scale = _mpp_from_tiff(self.tif)
         try:
             _check_within(self.tif, self.pages, path)
             _check_structure(complaints, path)
+            check_planes(self.tif.series[0], path)
             for level, page in enumerate(self.pages):
-                _check_samples(page, level, path)
+                check_samples(page, level, path)
+                check_channels(page, level, path)
                 _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
         except BaseException:
             self.tif.close()
