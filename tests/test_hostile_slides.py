@@ -219,3 +219,48 @@ def test_tiff_channels_that_are_not_rgb_are_refused_by_name(tmp_path: Path, pict
     assert set(result.predictions()["slide"]) == {good}
     code, _, err = inspected(uri, capsys)
     assert code == 1 and said in err
+
+
+def _zarr_levels(path: Path, picture: np.ndarray, shapes: list[tuple[int, int]], scales: list[float]) -> str:
+    """An NGFF 0.5 image of levels of the given (height, width), each with its x/y scale (um)."""
+    import zarr
+    from pathology_files import ngff_axes
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    datasets = []
+    for n, ((h, w), scale) in enumerate(zip(shapes, scales, strict=True)):
+        array = root.create_array(str(n), shape=(3, h, w), dtype="u1", chunks=(3, 256, 256), fill_value=0)
+        if h and w:
+            array[...] = np.moveaxis(picture[:: 768 // h, :: 1024 // w][:h, :w], -1, 0)
+        datasets.append({"path": str(n), "coordinateTransformations": [{"type": "scale", "scale": [1.0, scale, scale]}]})
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": ngff_axes("cyx"), "datasets": datasets}]}
+    return str(path)
+
+
+@pytest.mark.parametrize(("shapes", "scales", "said"), [
+    ([(0, 0)], [0.5], "level '0' is 0x0 px: an image with no pixels"),
+    ([(384, 512), (768, 1024)], [0.5, 1.0], "level '1' (1024x768 px) is larger than level '0' (512x384 px)"),
+])
+def test_ome_zarr_levels_that_contradict_their_sizes_are_refused_by_name(
+        tmp_path: Path, picture: np.ndarray, mean_model: Path, capsys: pytest.CaptureFixture[str],
+        shapes: list[tuple[int, int]], scales: list[float], said: str) -> None:
+    """An empty level 0 was 'ZeroDivisionError: division by zero' (a traceback from inspect); a
+    coarser scale on the larger array made the smaller the full image, the larger a 'downsample'
+    of 0.5, and the run read it, exit 0. Both refused by name, in inspect, validate and run."""
+    uri = _zarr_levels(tmp_path / "odd.ome.zarr", picture, shapes, scales)
+    refused, result = validate_and_run(tmp_path, [uri], mean_model, level=0, mpp=None)
+    assert [f["error"] for f in refused] == [f["error"] for f in result.failed]
+    assert len(refused) == 1 and said in refused[0]["error"]
+    code, _, err = inspected(uri, capsys)
+    assert code == 1 and said in err
+
+
+def test_an_empty_reduced_ome_zarr_level_is_left_out(tmp_path: Path, picture: np.ndarray) -> None:
+    """A reduced level of 0 x 0 px (a conversion cut short) was a ZeroDivisionError at open; it
+    is left out, as a level reduced unlike across and down is, and the image reads."""
+    uri = _zarr_levels(tmp_path / "cut.ome.zarr", picture, [(768, 1024), (0, 0)], [0.5, 1.0])
+    backend = open_slide(uri, StageClocks())
+    try:
+        assert backend.info.level_dimensions == ((1024, 768),)
+    finally:
+        backend.close()

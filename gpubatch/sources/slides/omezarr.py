@@ -247,11 +247,23 @@ class _Level:
                      else slice(None) if a == "c" else self.plane[a] for a in self.axes)
 
 
-def _alike_reduced(levels: list[_Level]) -> list[_Level]:
+def _alike_reduced(levels: list[_Level], paths: tuple[str, ...], url: str) -> list[_Level]:
     """Level 0 and the levels reduced alike across and down (to a pixel of rounding): a level
-    halved across only would be read as if halved both ways, its tiles squashed."""
+    halved across only would be read as if halved both ways, its tiles squashed. An empty level
+    0, or a level larger than it, is refused: the first was a ZeroDivisionError, the second (a
+    coarser scale on a larger array) read the smaller array as the full image."""
     w0, h0 = levels[0].width, levels[0].height
-    return [lv for lv in levels if abs(w0 * lv.height / h0 - lv.width) <= 1
+    if not w0 or not h0:
+        raise InputError(url, f"level {paths[0]!r} is {w0}x{h0} px: an image with no pixels (an interrupted "
+                              "write or conversion?); convert the image again")
+    for path, lv in zip(paths, levels, strict=True):
+        if lv.width > w0 or lv.height > h0:
+            raise InputError(url, f"level {path!r} ({lv.width}x{lv.height} px) is larger than level {paths[0]!r} "
+                                  f"({w0}x{h0} px), which the multiscales metadata makes the full resolution (the "
+                                  "finest scale, or listed first where no scale is written): the metadata "
+                                  "contradicts the arrays' sizes; list the levels finest first, with the scales "
+                                  "their sizes imply")
+    return [lv for lv in levels if lv.width and lv.height and abs(w0 * lv.height / h0 - lv.width) <= 1
             and abs(h0 * lv.width / w0 - lv.height) <= 1]
 
 
@@ -272,7 +284,7 @@ class OmeZarrBackend(SlideBackend):
         self.open_notes = self._check_channels(dict(group.attrs), arrays[0])
         self.grayscale = self._check_axes(arrays[0])
         plane = self._plane(arrays[0])
-        self.levels = _alike_reduced([_Level(a, self.meta.axes, plane) for a in arrays])
+        self.levels = _alike_reduced([_Level(a, self.meta.axes, plane) for a in arrays], self.meta.paths, self.path)
         self.store = arrays[0].store_path.store
         self.cache = DecodedTileCache(cache_bytes)
         self.planned: tuple[int, set[str]] = (0, set())  # the tiles' level, and the chunks they need
