@@ -264,3 +264,16 @@ def test_an_empty_reduced_ome_zarr_level_is_left_out(tmp_path: Path, picture: np
         assert backend.info.level_dimensions == ((1024, 768),)
     finally:
         backend.close()
+
+
+def test_a_tiff_in_strips_is_refused_with_the_fix(tmp_path: Path, picture: np.ndarray,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain image in strips (a microscope export, not a slide pyramid) is read by neither
+    reader; the refusal said 'not a tiled RGB or grayscale uint8 pyramid', as for any other
+    reason, and not how to make one."""
+    import tifffile
+
+    path = tmp_path / "strips.tif"
+    tifffile.imwrite(path, picture, photometric="rgb", rowsperstrip=16)
+    code, _, err = inspected(str(path), capsys)
+    assert code == 1 and "level 0 is stored in strips, not tiles" in err and "--tile --pyramid" in err

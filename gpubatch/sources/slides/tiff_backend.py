@@ -173,7 +173,10 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
     A malformed IFD (tile tables shorter than the tile grid) would otherwise surface mid-read as
     ``IndexError: tuple index out of range``, without the file's name, and be retried.
     """
-    if not page.is_tiled or page.dtype != np.uint8 or not (page.shape[-1] in (3, 4) or _is_gray(page)):
+    if not page.is_tiled:  # openslide refuses these too: the fix is named here, as nowhere else
+        raise TypeError(f"level {level} is stored in strips, not tiles (a plain image, not a slide pyramid); "
+                        "convert it to a tiled pyramid, e.g. vips tiffsave IN OUT --tile --pyramid")
+    if page.dtype != np.uint8 or not (page.shape[-1] in (3, 4) or _is_gray(page)):
         raise TypeError("not a tiled RGB or grayscale uint8 pyramid")
     if page.planarconfig != 1:
         raise TypeError("planar (separate) sample layout")
