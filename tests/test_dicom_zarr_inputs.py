@@ -471,3 +471,50 @@ def test_chunks_absent_from_a_copy_are_counted_in_the_notes(tmp_path: Path, pict
     absent = [n for n in result.report["notes"] if "are absent" in n]
     assert absent == [f"{uris[0]}: 2 of 12 chunks the tiles needed are absent: read as fill value; a partial copy? "
                       "(a writer may also leave out chunks that are all fill value)"]
+
+
+def _four_channels(picture: np.ndarray) -> np.ndarray:
+    """A 4-channel uint8 image: the picture's RGB and a fourth channel that is no alpha (the
+    shape of a 4-plex fluorescence image, DAPI, CD3, CD8, PanCK, as bioformats2raw writes it)."""
+    return np.concatenate([picture, 255 - picture[..., :1]], axis=-1)
+
+
+@pytest.mark.parametrize(("version", "gray_channels"), [("0.5", False), ("0.4", False), ("0.5", True)])
+def test_four_channels_without_omero_metadata_are_refused_by_name(tmp_path: Path, picture: np.ndarray,
+                                                                  mean_model: Path, version: str, gray_channels: bool,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Four uint8 channels and no omero block were read as RGBA: the fourth channel taken for
+    alpha and composited onto white, the first three sent to the model as red, green, blue, exit 0.
+    Nothing says it is RGBA (no omero block, or one of gray 'Channel N's): refused by name, with
+    the count and the fix, in validate, inspect and run alike; the run's other slide proceeds."""
+    from gpubatch.cli.main import main
+
+    four = write_ome_zarr(_four_channels(picture), tmp_path / "plex.ome.zarr", levels=2, version=version)
+    if gray_channels:
+        _set_omero(four, _channels([f"Channel {n}" for n in range(4)], ["FFFFFF"] * 4))
+    rgb = write_ome_zarr(picture, tmp_path / "he.ome.zarr", levels=2, version=version)
+    refused, result = validate_and_run(tmp_path, [four, rgb], mean_model)
+    assert [f["input"] for f in refused] == [f["input"] for f in result.failed] == [four]
+    assert [f["error"] for f in refused] == [f["error"] for f in result.failed]
+    said = refused[0]["error"]
+    assert "has 4 channels" in said and "omero" in said and "labels R, G, B, A" in said, said
+    assert set(result.predictions()["slide"]) == {rgb}
+    assert main(["inspect", four]) == 1
+    err = capsys.readouterr().err
+    assert four in err and "has 4 channels" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("labels", "colours"), [
+    (["R", "G", "B", "A"], ["", "", "", ""]),
+    (["Channel 0", "Channel 1", "Channel 2", "Channel 3"], ["FF0000", "00FF00", "0000FF", "FFFFFF"]),
+])
+def test_four_channels_said_to_be_rgba_are_read_as_rgba(tmp_path: Path, picture: np.ndarray, mean_model: Path,
+                                                        labels: list[str], colours: list[str]) -> None:
+    """Labels R, G, B, A or the red, green, blue colouring of an RGB scan are evidence enough: the
+    image reads as RGBA, its opaque alpha leaving the pixels as they are."""
+    rgba = np.concatenate([picture, np.full_like(picture[..., :1], 255)], axis=-1)
+    uri = write_ome_zarr(rgba, tmp_path / "rgba.ome.zarr", levels=2)
+    _set_omero(uri, _channels(labels, colours))
+    refused, result = validate_and_run(tmp_path, [uri], mean_model)
+    assert refused == result.failed == [] and result.exit_code == EXIT_OK
+    assert_reads_picture(result, picture, tolerance=1e-4)

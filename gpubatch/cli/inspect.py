@@ -11,6 +11,7 @@ their outputs, opsets and the sha256 the audit trail records.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,10 +75,15 @@ def inspect_path(path: str, options: dict[str, Any] | None = None) -> dict[str, 
     from gpubatch.sources.slides.open import open_slide_input
 
     backend = open_slide_input(path, StageClocks(), options=options)
-    try:
-        return {"slide": path, **backend.info.as_dict()}
+    try:  # a NaN or infinite mpp shown as text: json.dumps writes bare NaN, which is no JSON
+        return {"slide": path, **{k: _json_number(v) for k, v in backend.info.as_dict().items()}}
     finally:
         backend.close()
+
+
+def _json_number(value: Any) -> Any:
+    """``value``, or its text where it is a float JSON cannot hold (nan, inf)."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _results(path: str, options: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -17,6 +17,11 @@ usually can. The rule, kept narrow so that no brightfield image is refused on a 
 * read silently: no ``omero`` block, labels such as 'R', 'Red' or 'Channel 0', colours
   FF0000, 00FF00, 0000FF in order or none (what bioformats2raw and QuPath write for an RGB scan).
 
+Four channels are held to more: read as RGBA, the fourth is taken for alpha and composited away,
+where it may as well be the fourth stain of a 4-plex fluorescence image (DAPI, CD3, CD8, PanCK),
+and nothing in the arrays tells. They are read only where the ``omero`` block says red, green,
+blue (labels R, G, B or colours FF0000, 00FF00, 0000FF on the first three); refused without it.
+
 There is no spec key to choose channels: the fix said is to render the image as RGB, or to save
 a channel as a gray image of its own (gray OME-Zarr images are read).
 """
@@ -36,7 +41,7 @@ RGB_COLOURS = ("FF0000", "00FF00", "0000FF")
 RGB_LABELS = (("r", "red"), ("g", "green"), ("b", "blue"))
 #: a uint8 display window narrower than this is a stretch of dim signal, not a brightfield view
 NARROW_WINDOW = 128
-FIX = ("gpubatch reads brightfield RGB, RGBA or gray OME-Zarr images, and no spec key picks "
+FIX = ("gpubatch reads brightfield RGB, RGBA or gray images, and no spec key picks "
        "channels: render the channels to an 8-bit RGB image (QuPath, napari, bfconvert) to read "
        "that, or save one channel as a gray image of its own")
 
@@ -69,8 +74,8 @@ def _channel(raw: dict[str, Any]) -> Channel:
 def channel_verdict(channels: list[Channel], count: int) -> tuple[str | None, str | None]:
     """(why the image is refused, or None; a note for the report, or None) for an image whose
     c axis holds ``count`` channels described by ``channels`` (its ``omero`` block)."""
-    if not channels or len(channels) != count:
-        return None, None  # the block does not describe these channels: nothing to go by
+    if not channels or len(channels) != count:  # the block does not describe these channels
+        return (_unproven_rgba("no omero channel metadata describing them") if count == 4 else None), None
     named = [c.label for c in channels if FLUOROPHORE.search(c.label)]
     if named and count > 1:
         return (f"is a fluorescence image, not brightfield RGB: its omero channel labels {_quoted(named)} "
@@ -79,15 +84,33 @@ def channel_verdict(channels: list[Channel], count: int) -> tuple[str | None, st
     if named:
         return None, (f"its one channel is labelled {_quoted(named)} (a fluorescence channel): read as gray, "
                       "bright on dark; a brightfield model will not make sense of it")
+    if count == 4 and not _says_rgb(channels[:3]):
+        colours = ", ".join(c.colour or "-" for c in channels)
+        return _unproven_rgba(f"omero channels labelled {_quoted([c.label for c in channels])} and "
+                                     f"coloured {colours}, not red, green, blue"), None
     return _by_colour(channels[:3]) if count >= 3 else (None, _window_note(channels))
+
+
+def _says_rgb(first: list[Channel]) -> bool:
+    """The first three channels labelled R, G, B (or Red, Green, Blue) or coloured so in order."""
+    labelled = all(c.label.strip().lower() in names for c, names in zip(first, RGB_LABELS, strict=True))
+    return labelled or tuple(c.colour for c in first) == RGB_COLOURS
+
+
+def _unproven_rgba(found: str) -> str:
+    """Why a 4-channel image is refused: nothing says its fourth channel is alpha."""
+    return (f"has 4 channels (uint8) and {found}: read as RGBA its fourth channel would be taken "
+            "for transparency, where it may be the fourth stain of a fluorescence image; if it is a "
+            "brightfield RGBA scan, say so in its omero metadata (channel labels R, G, B, A, or colours "
+            "FF0000, 00FF00, 0000FF on the first three) or save it as RGB; if it is fluorescence, "
+            + FIX.split(": ", 1)[1])
 
 
 def _by_colour(first: list[Channel]) -> tuple[str | None, str | None]:
     """The colour rule on the first three channels (the fourth of RGBA is its alpha)."""
     colours = [c.colour for c in first]
-    rgb_labels = all(c.label.strip().lower() in names for c, names in zip(first, RGB_LABELS, strict=True))
     if all(_pure_hue(c) for c in colours) and tuple(colours) != RGB_COLOURS:
-        if not rgb_labels:
+        if not _says_rgb(first):
             return (f"is a fluorescence image, not brightfield RGB: its omero channels are coloured "
                     f"{', '.join(colours)}, where an RGB scan's are FF0000, 00FF00, 0000FF in that order; "
                     f"{FIX}"), None

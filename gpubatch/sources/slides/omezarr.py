@@ -12,8 +12,8 @@ unitless scale could mean anything, and a wrong mpp would tile at the wrong magn
 across (x) and down (y) apart, so pixels that are not square are refused at ``tiles.mpp`` as in
 every other format. Only uint8 is a slide here: RGB or RGBA (3 or 4 channels), or gray (one
 channel, or no c axis), read as RGB with the gray in every channel and said to be gray, as gray
-TIFF and DICOM slides are. An image whose ``omero`` metadata says fluorescence is refused
-(:mod:`gpubatch.sources.slides.omero`). A reduced level whose width and height are not reduced
+TIFF and DICOM slides are. An image whose ``omero`` metadata says fluorescence is refused, and so is one
+of four channels whose metadata does not say red, green, blue (:mod:`gpubatch.sources.slides.omero`). A reduced level whose width and height are not reduced
 alike (NGFF allows a scale per axis) is not read: tiles from it would be squashed, and a square
 tile has one downsample.
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -130,11 +131,14 @@ def finest_first(datasets: list[dict[str, Any]], axes: tuple[str, ...]) -> list[
     """The datasets ordered by their x scale, finest first. NGFF requires that order, but some
     writers list the coarsest first, and the first listed is taken for level 0 (its scale for
     the mpp, the others' downsamples from its size): left as listed where a level's scale is not
-    written inline (NGFF 0.1 and 0.2 have none), as there is then nothing to order by."""
+    written inline (NGFF 0.1 and 0.2 have none) or is no number or zero, as there is then nothing
+    to order by. Ordered by magnitude: negative scales (a flipped axis, which NGFF does not
+    allow) ordered by sign put the coarsest level first, read as level 0 at a downsample of 1."""
     if "x" not in axes:
         return datasets
     index = axes.index("x")
-    known = [(scale, n) for n, d in enumerate(datasets) if (scale := _inline_scale(d, index)) is not None]
+    known = [(abs(scale), n) for n, d in enumerate(datasets)
+             if (scale := _inline_scale(d, index)) is not None and math.isfinite(scale) and scale != 0]
     if len(known) < len(datasets):
         return datasets
     return [datasets[n] for _, n in sorted(known)]
@@ -243,11 +247,23 @@ class _Level:
                      else slice(None) if a == "c" else self.plane[a] for a in self.axes)
 
 
-def _alike_reduced(levels: list[_Level]) -> list[_Level]:
+def _alike_reduced(levels: list[_Level], paths: tuple[str, ...], url: str) -> list[_Level]:
     """Level 0 and the levels reduced alike across and down (to a pixel of rounding): a level
-    halved across only would be read as if halved both ways, its tiles squashed."""
+    halved across only would be read as if halved both ways, its tiles squashed. An empty level
+    0, or a level larger than it, is refused: the first was a ZeroDivisionError, the second (a
+    coarser scale on a larger array) read the smaller array as the full image."""
     w0, h0 = levels[0].width, levels[0].height
-    return [lv for lv in levels if abs(w0 * lv.height / h0 - lv.width) <= 1
+    if not w0 or not h0:
+        raise InputError(url, f"level {paths[0]!r} is {w0}x{h0} px: an image with no pixels (an interrupted "
+                              "write or conversion?); convert the image again")
+    for path, lv in zip(paths, levels, strict=True):
+        if lv.width > w0 or lv.height > h0:
+            raise InputError(url, f"level {path!r} ({lv.width}x{lv.height} px) is larger than level {paths[0]!r} "
+                                  f"({w0}x{h0} px), which the multiscales metadata makes the full resolution (the "
+                                  "finest scale, or listed first where no scale is written): the metadata "
+                                  "contradicts the arrays' sizes; list the levels finest first, with the scales "
+                                  "their sizes imply")
+    return [lv for lv in levels if lv.width and lv.height and abs(w0 * lv.height / h0 - lv.width) <= 1
             and abs(h0 * lv.width / w0 - lv.height) <= 1]
 
 
@@ -268,7 +284,7 @@ class OmeZarrBackend(SlideBackend):
         self.open_notes = self._check_channels(dict(group.attrs), arrays[0])
         self.grayscale = self._check_axes(arrays[0])
         plane = self._plane(arrays[0])
-        self.levels = _alike_reduced([_Level(a, self.meta.axes, plane) for a in arrays])
+        self.levels = _alike_reduced([_Level(a, self.meta.axes, plane) for a in arrays], self.meta.paths, self.path)
         self.store = arrays[0].store_path.store
         self.cache = DecodedTileCache(cache_bytes)
         self.planned: tuple[int, set[str]] = (0, set())  # the tiles' level, and the chunks they need

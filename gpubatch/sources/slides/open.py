@@ -46,6 +46,7 @@ from gpubatch.sources.slides.dicom import (
 from gpubatch.sources.slides.omezarr import OmeZarrBackend, folder_is_zarr, is_zarr_uri
 from gpubatch.sources.slides.openslide_backend import OpenSlideBackend
 from gpubatch.sources.slides.tiff_backend import MalformedTiff, TiffBackend
+from gpubatch.sources.slides.tiff_layout import SmallestFirst
 
 #: formats whose data lives in a directory beside the file, named after its stem
 COMPANION_SUFFIXES = (".mrxs",)
@@ -107,6 +108,10 @@ def open_slide(path: str, clocks: StageClocks, *, fileobj: Any = None,
             raise
         except MalformedTiff as exc:
             raise InputError(path, f"{exc}; the file is damaged (another reader would guess its geometry)") from exc
+        except SmallestFirst as exc:
+            if fileobj is None:
+                return _vendor_layout(path, str(exc))
+            errors.append(f"tifffile: {exc}")
         except Exception as exc:  # any parse failure: try openslide, keep the reason
             errors.append(f"tifffile: {exc}")
     if fileobj is not None:
@@ -117,6 +122,19 @@ def open_slide(path: str, clocks: StageClocks, *, fileobj: Any = None,
         if errors:
             raise InputError(path, f"{exc.message}; {'; '.join(errors)}") from exc
         raise
+
+
+def _vendor_layout(path: str, why: str) -> SlideBackend:
+    """openslide's reading of a TIFF whose first image is not its largest, where openslide knows
+    the layout as a vendor's; refused for a generic TIFF, whose levels openslide would read with
+    the first (smallest) image's resolution: tiles at tiles.mpp from the wrong magnification."""
+    backend = OpenSlideBackend(path)
+    if backend.info.vendor != "generic-tiff":
+        return backend
+    backend.close()
+    raise InputError(path, f"{why}, which would be read as the slide or with its resolution; write the "
+                           "pyramid full resolution first (e.g. vips tiffsave --tile --pyramid, or bfconvert "
+                           "-pyramid-resolutions)")
 
 
 def _open_folder_format(path: str, clocks: StageClocks) -> SlideBackend | None:
@@ -237,6 +255,9 @@ class StagedBackend(SlideBackend):
 
     def integrity_notes(self) -> list[str]:
         return self.inner.integrity_notes()
+
+    def notes(self, level: int) -> list[str]:  # the class's default would hide the inner backend's
+        return self.inner.notes(level)
 
     def input_version(self) -> str | None:
         return self._staged.etag

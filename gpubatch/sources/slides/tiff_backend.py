@@ -37,6 +37,12 @@ from gpubatch.sources.slides.backends import (
     composite_on_white,
     tiles_of_boxes,
 )
+from gpubatch.sources.slides.tiff_layout import (
+    check_channels,
+    check_first_is_largest,
+    check_planes,
+    check_samples,
+)
 
 #: a decimal number as a description writes it: 0.2520, .5, 5e-1, 2.52E-01
 NUMBER = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
@@ -167,7 +173,10 @@ def _check_page(page: Any, level: int, decompressors: Any) -> None:
     A malformed IFD (tile tables shorter than the tile grid) would otherwise surface mid-read as
     ``IndexError: tuple index out of range``, without the file's name, and be retried.
     """
-    if not page.is_tiled or page.dtype != np.uint8 or not (page.shape[-1] in (3, 4) or _is_gray(page)):
+    if not page.is_tiled:  # openslide refuses these too: the fix is named here, as nowhere else
+        raise TypeError(f"level {level} is stored in strips, not tiles (a plain image, not a slide pyramid); "
+                        "convert it to a tiled pyramid, e.g. vips tiffsave IN OUT --tile --pyramid")
+    if page.dtype != np.uint8 or not (page.shape[-1] in (3, 4) or _is_gray(page)):
         raise TypeError("not a tiled RGB or grayscale uint8 pyramid")
     if page.planarconfig != 1:
         raise TypeError("planar (separate) sample layout")
@@ -267,13 +276,17 @@ class TiffBackend(TileGridBackend):
         # tifffile's warnings about this file's tags name the file; its complaints are kept
         with reading(path), collect_warnings() as complaints:
             self.tif = tifffile.TiffFile(fileobj if fileobj is not None else path)
+            check_first_is_largest(self.tif)
             series = self.tif.series[0]
             self.pages = [lvl.keyframe for lvl in series.levels]
             scale = _mpp_from_tiff(self.tif)
         try:
             _check_within(self.tif, self.pages, path)
             _check_structure(complaints, path)
+            check_planes(self.tif.series[0], path)
             for level, page in enumerate(self.pages):
+                check_samples(page, level, path)
+                check_channels(page, level, path)
                 _check_page(page, level, tifffile.TIFF.DECOMPRESSORS)
         except BaseException:
             self.tif.close()
@@ -292,6 +305,8 @@ class TiffBackend(TileGridBackend):
         #: a streamed slide's tiles fetched ahead of the reads (set by the opener; io.readahead)
         self.read_ahead: Any = None
         self.gpu_decode = False
+        #: (level, sparse tiles, tiles) of the planned reads: the slide's notes (:meth:`notes`)
+        self.sparse: tuple[int, int, int] = (0, 0, 0)
 
     def read_boxes(self, level: int, boxes: np.ndarray, clocks: StageClocks) -> np.ndarray:
         with self._malformed_is_input_error(level):
@@ -326,6 +341,7 @@ class TiffBackend(TileGridBackend):
     def expect_reads(self, level: int, blocks: Iterable[np.ndarray]) -> None:
         blocks = list(blocks)
         super().expect_reads(level, blocks)
+        self._count_sparse(level, blocks)
         if self.read_ahead is None:
             return
         page, grid = self.pages[level], self._grid(level)
@@ -336,6 +352,24 @@ class TiffBackend(TileGridBackend):
             first.update(new)
             planned.append([(int(page.dataoffsets[i]), int(page.databytecounts[i])) for i in new])
         self.read_ahead.plan(planned)
+
+    def _count_sparse(self, level: int, blocks: list[np.ndarray]) -> None:
+        """Count the stored tiles the planned reads need that are sparse (no bytes): they read as
+        white background, as openslide shows them, rightly where a scanner left out blank glass,
+        silently where a write was cut short under tissue (tissue found at a coarser level and
+        read as white at this one). From the tile tables: no read is needed."""
+        grid, counts = self._grid(level), self.pages[level].databytecounts
+        needed = {index for boxes in blocks for index in tiles_of_boxes(grid, boxes)}
+        self.sparse = (level, sum(1 for i in needed if not counts[i]), len(needed))
+
+    def notes(self, level: int) -> list[str]:
+        """How many of the stored tiles the tiles at ``level`` need are sparse (read as white)."""
+        planned, sparse, needed = self.sparse
+        if planned != level or not sparse:
+            return []
+        return [f"{sparse} of {needed} stored tiles the tiles needed at level {level} are sparse (no bytes "
+                "stored): read as white background; a write cut short? (a scanner may also leave out tiles "
+                "of blank glass)"]
 
     def read_coarsest_ahead(self) -> None:
         """Fetch the coarsest level's stored tiles in the background (tissue detection reads all
