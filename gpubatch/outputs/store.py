@@ -23,7 +23,7 @@ from gpubatch.core.files import write_bytes_atomic
 from gpubatch.io.redact import redact
 from gpubatch.io.retried_fs import RetriedFS
 from gpubatch.io.retry import RetryPolicy, call_with_retries
-from gpubatch.io.storage import get_fs, library_options, open_seekable, upload_fs
+from gpubatch.io.storage import get_fs, library_fs, open_seekable, upload_fs
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.outputs.layout import TMP_PREFIX
 
@@ -240,13 +240,17 @@ class OutputStore:
 
     def zarr_group(self, name: str, mode: str = "r", attributes: dict[str, Any] | None = None) -> Any:
         """A zarr group under the root (LocalStore on disk, FsspecStore on object storage);
-        ``attributes``: a new group's, written with its metadata rather than after it."""
+        ``attributes``: a new group's, written with its metadata rather than after it. On object
+        storage zarr's requests go through the storage entry point's client (library_fs), so
+        they are counted as the store's other requests are."""
         import zarr
+        from zarr.storage import FsspecStore
 
         if not self.remote:
             return zarr.open_group(self.path(name), mode=mode, attributes=attributes)  # type: ignore[arg-type]
-        return zarr.open_group(self.url(name), mode=mode, attributes=attributes,  # type: ignore[arg-type]
-                               storage_options=library_options(self.uri, self.options))
+        fs, path = library_fs(self.url(name), self.options, asynchronous=True)
+        store = FsspecStore(fs, path=path, read_only=mode == "r")
+        return zarr.open_group(store, mode=mode, attributes=attributes)  # type: ignore[arg-type]
 
 
 def _json_bytes(data: Any, indent: int | None = 1) -> bytes:
