@@ -67,7 +67,7 @@ def test_the_storage_requests_are_every_get_the_server_answered(
     assert 0 < client_reads < answered
     text = format_summary(report)
     assert f"storage: {answered} requests (client {client_reads}, shards {answered - client_reads}) of " in text
-    assert "not counted: zarr's and wsidicom's own requests" in text
+    assert "not counted: zarr's and wsidicom's own input reads" in text
     assert f"{answered} (client {client_reads}, shards {answered - client_reads})" in render_html(report)
 
 

@@ -44,6 +44,8 @@ def record_request(clocks: StageClocks | None, nbytes: int, seconds: float | Non
         clocks.count("storage.request_s", seconds * requests)
 
 
+#: how long the run's end waits for worker processes' last counts (runtime.executors)
+CLAIM_TIMEOUT_S = 10
 #: the kinds of the requests counted on the wire (:func:`meter_s3_session`), as S3 bills them:
 #: listings; HEADs; GETs; writes (PUT, COPY, POST: an upload's parts and its completion); deletes
 WIRE_KINDS = ("list", "head", "get", "write", "delete", "other")
@@ -181,10 +183,10 @@ def latency_percentiles(counters: dict[str, float]) -> dict[str, float | None]:
 #: what the storage line's figures count, as the report says it: what is not counted is named
 COUNTED_WORDS = ("gpubatch's reads and HEADs (failed ones are its retries) on every store; on S3 every "
                  "request its clients send, retries too: listings, existence checks, the output's "
-                 "reads and writes, fsspec files (BED, FASTA); not counted: zarr's and wsidicom's own "
-                 "requests, other stores' listings, checks and writes, requests after this report "
-                 "(its files, the last ledger records, the lease's release) and those a worker process "
-                 "makes after its last commit (its commit record)")
+                 "reads and writes (its zarr too), fsspec files (BED, FASTA); not counted: zarr's and "
+                 "wsidicom's own input reads, other stores' listings, checks and writes, requests "
+                 "after this report (its files, the last ledger records, the lease's release), and a "
+                 f"worker's after its last commit where it did not answer within {CLAIM_TIMEOUT_S} s")
 
 
 def requests_by_kind(counters: dict[str, float], client: bool = False) -> dict[str, int]:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpubatch.core.errors import InputError
 from gpubatch.io import clouds, obstore
-from gpubatch.io.metrics import meter_s3_session, record_head
+from gpubatch.io.metrics import record_head
 from gpubatch.io.ranges import (
     Fetched,
     FsspecRangeReader,
@@ -244,7 +244,7 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
     the client's own retries are off (this layer retries and counts) unless ``client_retries``
     (a streamed upload's, see :func:`upload_fs`). Local paths get fsspec's local filesystem and
     no storage options. ``metered``: an S3 client's every request is counted on the wire, by kind
-    (:func:`wire_counted`); range readers take an unmetered one, as their reads are counted
+    (:func:`gpubatch.io.clouds.wire_counted`); range readers take an unmetered one, as their reads are counted
     where they are made (io.ranges: with their bytes and latency), which would count them twice.
     """
     import fsspec
@@ -272,31 +272,10 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
             if not client_retries:
                 clouds.client_retries_off(fs)  # gcsfs's and adlfs's, which that setting misses
             if metered:
-                _meter(fs)
+                clouds.meter_requests(fs)
             _fs_cache[token] = fs
     path = fs._strip_protocol(uri) if protocol != "file" else local_path(uri)  # decoded: uris.local_path
     return fs, path
-
-
-def _meter(fs: Any) -> None:
-    """Count an s3fs client's requests on the wire (io.metrics.meter_s3_session): the session its
-    clients are made from is given before the first is made, and kept by s3fs (not owned, so a
-    refreshed client is made from it again). Not carried when the filesystem is pickled: a copy
-    elsewhere counts nothing, rather than counting twice. Other protocols are not metered."""
-    if "s3" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
-        return
-    import aiobotocore.session
-
-    session = aiobotocore.session.AioSession(**getattr(fs, "kwargs", {}))
-    meter_s3_session(session)
-    fs.session, fs._session_is_owned = session, False
-    fs.gpubatch_metered = True
-
-
-def wire_counted(fs: Any) -> bool:
-    """Whether every request of ``fs`` is counted on the wire (an S3 client :func:`get_fs` made),
-    so that its callers count none themselves."""
-    return bool(getattr(fs, "gpubatch_metered", False))
 
 
 def _http_timeouts(options: dict[str, Any]) -> dict[str, Any]:
@@ -460,7 +439,7 @@ def stat(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | 
                 raise
     fs, path = get_fs(uri, options)
     info = call_with_retries(lambda: fs.info(path), uri, policy, clocks)
-    if info.get("type") != "directory" and not wire_counted(fs):  # a prefix: a listing (s3fs: after a 404 HEAD)
+    if info.get("type") != "directory" and not clouds.wire_counted(fs):  # a prefix: a listing (s3fs: after a 404 HEAD)
         record_head()
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
     mtime = info.get("LastModified") or info.get("mtime") or info.get("updated")

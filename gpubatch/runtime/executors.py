@@ -32,7 +32,6 @@ MEMORY_KILL_TOPIC = "worker-restart-memory"
 WATCH_S = 1.0  # seconds between looks at which worker runs what
 TRIM_S = 30.0  # seconds between trims of the scheduler's per-task bookkeeping
 CLOSE_TIMEOUT_S = 20  # a client or cluster that does not close in this long is left behind
-CLAIM_TIMEOUT_S = 10  # the workers' last storage counts: the report waits no longer for them
 
 
 class Executor(ABC):
@@ -266,7 +265,7 @@ class DaskExecutor(Executor):
         CLAIM_TIMEOUT_S (a worker that does not answer keeps its own: the report is not held up
         for it). On a cluster shared with another run, that run's requests in flight would be
         claimed here too: its shards claim theirs at their commits, so only those in between."""
-        from gpubatch.io.metrics import claim_requests
+        from gpubatch.io.metrics import CLAIM_TIMEOUT_S, claim_requests
 
         try:
             answers = self.client.run(claim_requests, on_error="ignore", callback_timeout=CLAIM_TIMEOUT_S)
