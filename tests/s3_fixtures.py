@@ -75,6 +75,9 @@ class FaultProxy:
         self.heads: dict[str, int] = {}
         #: PUT and POST requests per object key (an upload, or a part or completion of one)
         self.uploads: dict[str, int] = {}
+        #: every request, in the order they came: (method, path with its query), as a server's
+        #: access log has them
+        self.log: list[tuple[str, str]] = []
         #: GET requests per key that read from byte 0 (whole objects, and a slide's header: an opening)
         self.from_start: dict[str, int] = {}
         #: per key, whether each of those GETs was in flight at once with a HEAD of the key
@@ -104,6 +107,7 @@ class FaultProxy:
         with self._lock:
             self.faults = Faults()
             self.stats = dict.fromkeys(self.stats, 0)
+            self.log = []
             self.signatures = []
             self.gets = {}
             self.heads = {}
@@ -123,6 +127,7 @@ class FaultProxy:
         """'forward', 'error', 'reset-early', 'reset-body' or 'forbidden' for one request."""
         with self._lock:
             self.stats["requests"] += 1
+            self.log.append((method, path))
             if method in ("GET", "HEAD"):
                 self.stats[method] += 1
             if method in ("PUT", "POST"):

@@ -5,7 +5,9 @@ must reach the same server with the same credentials, or a job reads through one
 cannot find. Google's libraries name a server other than Google's (fake-gcs-server, a
 GCS-compatible store) with ``STORAGE_EMULATOR_HOST``; gcsfs and gpubatch's ``endpoint_url``
 storage option name it per job. This module reads both the way gcsfs does, once, for both
-clients (:mod:`gpubatch.io.obstore`, :func:`gpubatch.io.storage.get_fs`).
+clients (:mod:`gpubatch.io.obstore`, :func:`gpubatch.io.storage.get_fs`). The clients' other
+per-cloud settings live here too: their own retries off, request timeouts, and an S3 client's
+requests counted on the wire (:func:`meter_requests`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import math
 import os
 from typing import Any
 from urllib.parse import urlsplit
+
+from gpubatch.io.metrics import meter_s3_session
 
 #: Google's own hosts (storage.googleapis.com, its mTLS and Private Service Connect forms)
 GOOGLE_DOMAIN = "googleapis.com"
@@ -151,3 +155,24 @@ def request_timeouts(protocol: str, options: dict[str, Any], connect_s: float, r
     if protocol in ("az", "abfs", "abfss"):
         return {"connection_timeout": math.ceil(connect_s), "read_timeout": math.ceil(read_s), **options}
     return options
+
+
+def meter_requests(fs: Any) -> None:
+    """Count an s3fs client's requests on the wire (io.metrics.meter_s3_session): the session its
+    clients are made from is given before the first is made, and kept by s3fs (not owned, so a
+    refreshed client is made from it again). Not carried when the filesystem is pickled: a copy
+    elsewhere counts nothing, rather than counting twice. Other protocols are not metered."""
+    if "s3" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        return
+    import aiobotocore.session
+
+    session = aiobotocore.session.AioSession(**getattr(fs, "kwargs", {}))
+    meter_s3_session(session)
+    fs.session, fs._session_is_owned = session, False
+    fs.gpubatch_metered = True
+
+
+def wire_counted(fs: Any) -> bool:
+    """Whether every request of ``fs`` is counted on the wire (an S3 client :func:`gpubatch.io.storage.get_fs` made),
+    so that its callers count none themselves."""
+    return bool(getattr(fs, "gpubatch_metered", False))

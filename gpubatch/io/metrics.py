@@ -44,20 +44,53 @@ def record_request(clocks: StageClocks | None, nbytes: int, seconds: float | Non
         clocks.count("storage.request_s", seconds * requests)
 
 
+#: how long the run's end waits for worker processes' last counts (runtime.executors)
+CLAIM_TIMEOUT_S = 10
+#: the kinds of the requests counted on the wire (:func:`meter_s3_session`), as S3 bills them:
+#: listings; HEADs; GETs; writes (PUT, COPY, POST: an upload's parts and its completion); deletes
+WIRE_KINDS = ("list", "head", "get", "write", "delete", "other")
+WIRE_PREFIX = "storage.ops."
+#: the client's own share of each kind (its checks, listings, plan, preparation, ledger, lease)
+CLIENT_WIRE_PREFIX = "storage.client_ops."
+#: S3 operation -> kind; any operation not named here (a bucket's region, ...) is ``other``
+S3_OPERATION_KINDS = {
+    "ListObjectsV2": "list", "ListObjects": "list", "ListBuckets": "list", "ListObjectVersions": "list",
+    "ListMultipartUploads": "list", "ListParts": "list", "HeadObject": "head", "HeadBucket": "head",
+    "GetObject": "get", "PutObject": "write", "CopyObject": "write", "UploadPart": "write",
+    "UploadPartCopy": "write", "CreateMultipartUpload": "write", "CompleteMultipartUpload": "write",
+    "DeleteObject": "delete", "DeleteObjects": "delete", "AbortMultipartUpload": "delete",
+}
+
 #: what was asked of storage in this process with no shard's clocks at hand, since the last
-#: claim: HEADs (:func:`record_head`), and reads of bytes and their bytes (:func:`record_request`)
-_UNCLOCKED = {"storage.heads": Tally(), "storage.requests": Tally(), "storage.bytes": Tally()}
+#: claim: HEADs (:func:`record_head`), reads of bytes and their bytes (:func:`record_request`),
+#: and the requests counted on the wire, by kind (:func:`meter_s3_session`)
+_UNCLOCKED = {"storage.heads": Tally(), "storage.requests": Tally(), "storage.bytes": Tally(),
+              **{WIRE_PREFIX + kind: Tally() for kind in WIRE_KINDS}}
+#: a request's kind -> its tally, looked up once per request on the wire
+_WIRE_TALLIES = {op: _UNCLOCKED[WIRE_PREFIX + kind] for op, kind in S3_OPERATION_KINDS.items()}
+
+
+def meter_s3_session(session: Any) -> None:
+    """Count every request an aiobotocore session's clients send (s3fs's, on the filesystems
+    :func:`gpubatch.io.storage.get_fs` makes), by kind, retries and failed answers too: what the
+    server saw and bills. botocore emits ``before-send`` once per attempt on the wire; the handler
+    is one dict lookup and a counter increment, and returns None (a value would be sent instead)."""
+    session.register("before-send.s3", _count_s3_request)
+
+
+def _count_s3_request(event_name: str = "", **_: Any) -> None:
+    tally = _WIRE_TALLIES.get(event_name.rpartition(".")[2])
+    (tally or _UNCLOCKED[WIRE_PREFIX + "other"]).add()
 
 
 def record_head() -> None:
     """Count one request that found an object's size and version (a HEAD: :func:`gpubatch.io.
-    storage.stat`, a range reader's size; gcsfs asks its JSON API instead; a 404 is not counted,
-    as a failed GET is not in ``storage.requests``). Most are sent with no
-    shard's clocks at hand (the plan's, a background identity lookup, a reader's size), so they
-    are counted per process and claimed (:func:`count_claimed_requests`). Not
-    counted: an existence check (s3fs sends a HEAD, then a LIST where the key is missing; fsspec's
-    HTTP client a GET) and a library's own requests (zarr, an fsspec file), whose GETs are not
-    in ``storage.requests`` either."""
+    storage.stat`, a range reader's size; gcsfs asks its JSON API instead; obstore's 404 is
+    counted, another failed one is a retry, as a failed GET is not in ``storage.requests``).
+    Most are sent with no shard's clocks at hand (the plan's, a background identity lookup, a
+    reader's size), so they are counted per process and claimed (:func:`count_claimed_requests`).
+    An S3 client made by the storage entry point counts its own on the wire instead
+    (:func:`meter_s3_session`), with its existence checks, listings and writes."""
     _UNCLOCKED["storage.heads"].add()
 
 
@@ -69,15 +102,22 @@ def forget_unclaimed_requests() -> None:
         tally.claim()
 
 
-def count_claimed_requests(clocks: StageClocks) -> int:
+def count_claimed_requests(clocks: StageClocks) -> dict[str, int]:
     """Add the requests counted in this process with no clocks since the last claim (HEADs, reads
-    and their bytes) to ``clocks`` (a shard's after its commit; the client's before its shards
-    start and before the report); the reads of bytes claimed, returned."""
-    claimed = {name: tally.claim() for name, tally in _UNCLOCKED.items()}
+    and their bytes, the requests counted on the wire) to ``clocks`` (a shard's after its commit;
+    the client's before its shards start and before the report); what was claimed, returned."""
+    claimed = claim_requests()
     for name, n in claimed.items():
         if n:
             clocks.count(name, n)
-    return claimed["storage.requests"]
+    return claimed
+
+
+def claim_requests() -> dict[str, int]:
+    """The requests counted in this process with no clocks since the last claim, claimed: what a
+    worker process asked after its last shard's claim (that shard's commit record), which the
+    client gathers at the run's end (runtime.executors.DaskExecutor.claim_worker_requests)."""
+    return {name: tally.claim() for name, tally in _UNCLOCKED.items()}
 
 
 _in_flight = 0
@@ -140,9 +180,26 @@ def latency_percentiles(counters: dict[str, float]) -> dict[str, float | None]:
     return out
 
 
-#: what the storage line's figures count, as the report says it: what cannot be counted is named
-COUNTED_WORDS = ("gpubatch's own reads and HEADs; not counted: listings, existence checks, "
-                 "libraries' own requests (zarr, wsidicom, an fsspec file)")
+#: what the storage line's figures count, as the report says it: what is not counted is named
+COUNTED_WORDS = ("gpubatch's reads and HEADs (failed ones are its retries) on every store; on S3 every "
+                 "request its clients send, retries too: listings, existence checks, the output's "
+                 "reads and writes (its zarr too), fsspec files (BED, FASTA); not counted: zarr's and "
+                 "wsidicom's own input reads, other stores' listings, checks and writes, requests "
+                 "after this report (its files, the last ledger records, the lease's release), and a "
+                 f"worker's after its last commit where it did not answer within {CLAIM_TIMEOUT_S} s")
+
+
+def requests_by_kind(counters: dict[str, float], client: bool = False) -> dict[str, int]:
+    """Every counted request by kind (get, head, list, write, delete, other), as a server's log
+    shows them: gpubatch's reads and HEADs with those counted on the wire; ``client``: its share."""
+    get = counters.get
+    wire = CLIENT_WIRE_PREFIX if client else WIRE_PREFIX
+    reads, heads = ("storage.client_requests", "storage.client_heads") if client else ("storage.requests",
+                                                                                        "storage.heads")
+    kinds = {kind: int(get(wire + kind, 0)) for kind in WIRE_KINDS}
+    kinds["get"] += int(get(reads, 0))
+    kinds["head"] += int(get(heads, 0))
+    return {kind: n for kind, n in kinds.items() if n}
 
 
 def storage_summary(counters: dict[str, float], wall_s: float,
@@ -155,7 +212,8 @@ def storage_summary(counters: dict[str, float], wall_s: float,
     requests = int(get("storage.requests", 0))
     request_s = float(get("storage.request_s", 0.0))
     summary: dict[str, Any] = {
-        "requests": requests, "heads": int(get("storage.heads", 0)), "bytes": int(nbytes),
+        "requests": requests, "bytes": int(nbytes),
+        "heads": int(get("storage.heads", 0)) + int(get(WIRE_PREFIX + "head", 0)),  # however counted
         "client_requests": int(get("storage.client_requests", 0)),
         "mb_per_s": round(nbytes / 1e6 / wall_s, 3) if wall_s > 0 else None,
         "bytes_per_request": int(nbytes / requests) if requests else None,
@@ -168,6 +226,9 @@ def storage_summary(counters: dict[str, float], wall_s: float,
         "staged_bytes": int(get("storage.staged_bytes", 0)),
         "cache_hits": int(get("storage.cache_hits", 0)), "wait_s": round(float(get("storage.wait_s", 0.0)), 4),
     }
+    by_kind = requests_by_kind(counters)
+    if by_kind:
+        summary["by_kind"], summary["client_by_kind"] = by_kind, requests_by_kind(counters, client=True)
     access = {k.rsplit(".", 1)[1]: int(v) for k, v in counters.items() if k.startswith("storage.access.")}
     if access:
         summary["access"] = access

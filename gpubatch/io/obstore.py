@@ -386,6 +386,8 @@ def head(store: Any, key: str, uri: str = "") -> dict[str, Any]:
     try:
         meta = obstore.head(store, key)
     except Exception as exc:
+        if isinstance(exc, obstore.exceptions.NotFoundError):
+            record_head()  # answered (404) and billed: an existence check's, a prefix's
         unsized = _unsized(exc, uri or key)
         if unsized is exc:
             raise

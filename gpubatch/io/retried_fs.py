@@ -34,9 +34,12 @@ class RetriedFS:
     """
 
     def __init__(self, fs: Any, name: str, policy: RetryPolicy | None = None,
-                 clocks: StageClocks | None = None):
+                 clocks: StageClocks | None = None, reader_fs: Any = None):
         self.fs, self.name = fs, redact(name)
         self.policy, self.clocks = policy or default_policy(), clocks
+        #: what :meth:`open` reads through: its reads are counted where they are made (io.ranges),
+        #: so not by a client that counts its requests on the wire (io.storage.get_fs's ``metered``)
+        self.reader_fs = reader_fs if reader_fs is not None else fs
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return call_with_retries(lambda: fn(*args, **kwargs), self.name, self.policy, self.clocks)
@@ -75,7 +78,7 @@ class RetriedFS:
         if self._local():  # pread, as every local read: not fsspec's async wrapper in a thread
             inner = LocalRangeReader(path)
         else:
-            inner = fsspec_reader(self.fs, path, self.name, max_concurrency=4)
+            inner = fsspec_reader(self.reader_fs, path, self.name, max_concurrency=4)
         reader = retried_and_measured(inner, self.policy, self.clocks)
         return RangeFile(reader, size, path.rsplit("/", 1)[-1], blocksize=blocksize)
 

@@ -14,6 +14,10 @@ by this layer. Two
 kinds of request this layer cannot send again keep the client's retries: those a library makes
 itself (:func:`library_options`: zarr, wsidicom) and a streamed upload's parts (:func:`upload_fs`).
 Walking a store with fsspec's own calls goes through :func:`retried_fs`, one retried call each.
+
+Every S3 client made here counts its requests on the wire, by kind (io.metrics.meter_s3_session):
+listings, existence checks, the output's reads and writes, an fsspec file's and zarr's output
+store's requests; range readers take an unmetered client, their reads counted where they are made.
 """
 
 from __future__ import annotations
@@ -232,13 +236,16 @@ def missing_extra(uri: str) -> str | None:
     return None
 
 
-def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: bool = False) -> tuple[Any, str]:
+def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: bool = False,
+           metered: bool = True) -> tuple[Any, str]:
     """(filesystem, path) for a URI; one private instance per protocol and options per process.
 
     Instances are private (not fsspec's shared cache) because their retry setting is changed:
     the client's own retries are off (this layer retries and counts) unless ``client_retries``
     (a streamed upload's, see :func:`upload_fs`). Local paths get fsspec's local filesystem and
-    no storage options.
+    no storage options. ``metered``: an S3 client's every request is counted on the wire, by kind
+    (:func:`gpubatch.io.clouds.wire_counted`); range readers take an unmetered one, as their reads are counted
+    where they are made (io.ranges: with their bytes and latency), which would count them twice.
     """
     import fsspec
 
@@ -249,7 +256,7 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
     if protocol in ("http", "https"):
         merged = _http_timeouts(merged)
     merged = clouds.request_timeouts(protocol, merged, HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S)
-    token = protocol + str(client_retries) + json.dumps(merged, sort_keys=True, default=str)
+    token = protocol + str(client_retries) + str(metered) + json.dumps(merged, sort_keys=True, default=str)
     with _fs_lock:
         fs = _fs_cache.get(token)
         if fs is None:
@@ -264,6 +271,8 @@ def get_fs(uri: str, options: dict[str, Any] | None = None, *, client_retries: b
                 fs.retries = 1  # this layer retries, with counting and jitter
             if not client_retries:
                 clouds.client_retries_off(fs)  # gcsfs's and adlfs's, which that setting misses
+            if metered:
+                clouds.meter_requests(fs)
             _fs_cache[token] = fs
     path = fs._strip_protocol(uri) if protocol != "file" else local_path(uri)  # decoded: uris.local_path
     return fs, path
@@ -294,11 +303,23 @@ def upload_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str
     return get_fs(uri, library_options(uri, options, RetryPolicy().attempts), client_retries=True)
 
 
+def library_fs(uri: str, options: dict[str, Any] | None = None, *,
+               asynchronous: bool = False) -> tuple[Any, str]:
+    """:func:`get_fs`'s filesystem for requests a library makes on it (an fsspec file's, zarr's
+    store of an output): the client's retries on, as :func:`library_options` says, and its
+    requests counted as the rest of this layer's (an S3 client's on the wire). ``asynchronous``:
+    for zarr, which runs it on its own event loop."""
+    merged = library_options(uri, options)
+    if asynchronous:
+        merged["asynchronous"] = True
+    return get_fs(uri, merged, client_retries=True)
+
+
 def retried_fs(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | None = None,
                clocks: StageClocks | None = None) -> tuple[RetriedFS, str]:
     """:func:`get_fs`'s filesystem with each call retried and counted, for walking a store."""
     fs, path = get_fs(uri, options)
-    return RetriedFS(fs, uri, policy, clocks), path
+    return RetriedFS(fs, uri, policy, clocks, reader_fs=get_fs(uri, options, metered=False)[0]), path
 
 
 def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageClocks | None = None,
@@ -335,7 +356,7 @@ def open_ranges(uri: str, options: dict[str, Any] | None = None, clocks: StageCl
 
 def _fsspec_reader(uri: str, options: dict[str, Any] | None, max_concurrency: int) -> FsspecRangeReader:
     """fsspec's reader for ``uri``: for http(s) and s3, one that checks each answer is the range asked."""
-    fs, path = get_fs(uri, options)
+    fs, path = get_fs(uri, options, metered=False)
     return fsspec_reader(fs, path, uri, max_concurrency)
 
 
@@ -418,7 +439,7 @@ def stat(uri: str, options: dict[str, Any] | None = None, policy: RetryPolicy | 
                 raise
     fs, path = get_fs(uri, options)
     info = call_with_retries(lambda: fs.info(path), uri, policy, clocks)
-    if info.get("type") != "directory":  # a prefix is answered by a listing (s3fs: after a 404 HEAD)
+    if info.get("type") != "directory" and not clouds.wire_counted(fs):  # a prefix: a listing (s3fs: after a 404 HEAD)
         record_head()
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
     mtime = info.get("LastModified") or info.get("mtime") or info.get("updated")
@@ -527,14 +548,22 @@ def open_file(uri: str, options: dict[str, Any] | None = None, mode: str = "rb",
     a missing file raises InputError.
     """
     import fsspec
+    from fsspec.utils import infer_compression
 
     fs, path = get_fs(uri, options)
     if "r" in mode and not _exists_checked(fs, path, uri):
         raise InputError(redact(uri), "file not found")
+    if not is_remote(uri):
+        with fsspec.open(path, mode, compression=compression) as f:
+            yield f
+        return
     # fsspec's file makes its own requests (its size, then a block at a time): the client's
-    # retries stay on for them, as for any library's (a 503 on its HEAD ended the read)
-    with fsspec.open(uri if is_remote(uri) else path, mode, compression=compression,
-                     **(library_options(uri, options) if is_remote(uri) else {})) as f:
+    # retries stay on for them, as for any library's (a 503 on its HEAD ended the read); made
+    # by library_fs, its requests are counted as the rest of this layer's
+    file_fs, _ = library_fs(uri, options)
+    if compression == "infer":
+        compression = infer_compression(path)
+    with fsspec.core.OpenFile(file_fs, path, mode, compression=compression) as f:
         yield f
 
 

@@ -17,25 +17,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpubatch.io.storage import get_fs, library_options
+from gpubatch.io.storage import get_fs, library_fs, library_options
 from gpubatch.io.uris import is_remote, local_path, protocol_of
 
 #: schemes whose asynchronous fsspec filesystem cannot be closed (adlfs): served synchronously
 WRAPPED_PROTOCOLS = ("az", "abfs", "abfss")
 
 
-def open_zarr_group(uri: str, options: dict[str, Any] | None = None, mode: str = "r", **kwargs: Any) -> Any:
+def open_zarr_group(uri: str, options: dict[str, Any] | None = None, mode: str = "r", *,
+                    counted: bool = False, **kwargs: Any) -> Any:
     """``zarr.open_group`` of a local folder or an object-store prefix (``options``: its fsspec
     storage options, as :func:`gpubatch.io.storage.library_options` completes them: zarr makes
-    its own requests, so the client's retries stay on). ``kwargs`` go to zarr (``attributes``)."""
+    its own requests, so the client's retries stay on). ``counted``: zarr's requests go through
+    the storage layer's counted client (:func:`gpubatch.io.storage.library_fs`: an output's, which
+    the report counts; an S3 client's on the wire). ``kwargs`` go to zarr (``attributes``)."""
     import zarr
+    from zarr.storage import FsspecStore
 
     if not is_remote(uri):
         return zarr.open_group(local_path(uri), mode=mode, **kwargs)  # type: ignore[arg-type]
     storage_options = library_options(uri, options)
-    if protocol_of(uri) not in WRAPPED_PROTOCOLS:
+    if protocol_of(uri) in WRAPPED_PROTOCOLS:
+        return zarr.open_group(_wrapped_store(uri, storage_options, mode), mode=mode, **kwargs)  # type: ignore[arg-type]
+    if not counted:
         return zarr.open_group(uri, mode=mode, storage_options=storage_options, **kwargs)  # type: ignore[arg-type]
-    return zarr.open_group(_wrapped_store(uri, storage_options, mode), mode=mode, **kwargs)  # type: ignore[arg-type]
+    fs, path = library_fs(uri, options, asynchronous=True)
+    return zarr.open_group(FsspecStore(fs, path=path, read_only=mode == "r"), mode=mode, **kwargs)  # type: ignore[arg-type]
 
 
 def _wrapped_store(uri: str, storage_options: dict[str, Any], mode: str) -> Any:

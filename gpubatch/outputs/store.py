@@ -241,10 +241,12 @@ class OutputStore:
 
     def zarr_group(self, name: str, mode: str = "r", attributes: dict[str, Any] | None = None) -> Any:
         """A zarr group under the root (LocalStore on disk, FsspecStore on object storage);
-        ``attributes``: a new group's, written with its metadata rather than after it."""
+        ``attributes``: a new group's, written with its metadata rather than after it. On object
+        storage zarr's requests go through the storage entry point's counted client, so they are
+        counted as the store's other requests are."""
         if not self.remote:
             return open_zarr_group(self.path(name), mode=mode, attributes=attributes)
-        return open_zarr_group(self.url(name), self.options, mode=mode, attributes=attributes)
+        return open_zarr_group(self.url(name), self.options, mode=mode, counted=True, attributes=attributes)
 
 
 def _json_bytes(data: Any, indent: int | None = 1) -> bytes:

@@ -23,6 +23,7 @@ from gpubatch.report.frames import latency_frame, shard_frame, stage_frame, thro
 from gpubatch.report.plots import AMBER, BLUE, GREEN, ORANGE, PURPLE, RED, Band, Series
 from gpubatch.report.text import (
     gate_line,
+    kinds_words,
     operator_lines,
     quality_lines,
     requests_split,
@@ -319,7 +320,8 @@ def _run_table(report: dict[str, Any]) -> str:
             ("batch size", report.get("batch_size")), ("batch fill", None if report.get("batch_fill") is None else pct(report["batch_fill"])),
             ("workers", report.get("workers")), ("readers per worker", report.get("readers")),
             ("profile", report.get("profile")), ("storage requests", _requests_words(st)),
-            ("storage HEADs", st.get("heads")), ("storage counts", COUNTED_WORDS if st.get("requests") else None),
+            ("storage HEADs", st.get("heads")), ("storage requests by kind", kinds_words(st)),
+            ("storage counts", COUNTED_WORDS if st.get("requests") else None),
             ("storage MB", _num((st.get("bytes") or 0) / 1e6)), ("storage MB/s", _num(st.get("mb_per_s"))),
             ("storage retries", retries_words(st) if st else None),
             ("cores busy while shards ran", _cores_busy(report)),

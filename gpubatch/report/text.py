@@ -101,6 +101,16 @@ def _storage_line(report: dict[str, Any]) -> str | None:
             f"{mbs}{lat}{flight}, {retries_words(st)}")
 
 
+def kinds_words(st: dict[str, Any]) -> str | None:
+    """Every counted request by kind, the client's share of each apart, as a server's log would
+    show them: "120 get (client 20), 30 head (client 12), 4 list (client 4), 9 write (client 5)"."""
+    by_kind, client = st.get("by_kind") or {}, st.get("client_by_kind") or {}
+    if not by_kind:
+        return None
+    return ", ".join(f"{n} {kind}" + (f" (client {client[kind]})" if client.get(kind) else "")
+                     for kind, n in by_kind.items())
+
+
 def requests_split(st: dict[str, Any]) -> str:
     """Whose the reads were: the client's (checks, plan, preparation) and the shards'."""
     client = st.get("client_requests")
@@ -140,7 +150,9 @@ def _clock_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"  setup: opening shards {parts['open']:.2f} s (before their pipelines)")
     storage = _storage_line(report)
     if storage:
-        lines += [storage, f"           counted: {COUNTED_WORDS}"]
+        kinds = kinds_words(report.get("storage") or {})
+        lines += [storage, *([f"           by kind: {kinds}"] if kinds else []),
+                  f"           counted: {COUNTED_WORDS}"]
     cpu = report.get("host_cpu")
     if cpu:
         counted = "every process in the quota's cgroup" if cpu.get("quota") else "every process on them"

@@ -22,6 +22,7 @@ from typing import Any
 from gpubatch.core.errors import GpubatchError
 from gpubatch.engine.item_reports import TOPIC as ITEMS_TOPIC
 from gpubatch.engine.item_reports import ShardItems, reports_to
+from gpubatch.io.redact import redact
 from gpubatch.runtime.losses import LostWorkers, WorkerJobs
 from gpubatch.runtime.waiting import NoWorkers
 
@@ -82,6 +83,12 @@ class Executor(ABC):
 
     def note_processing(self, pending: set[Any]) -> None:  # noqa: B027 - nothing to watch in-process
         """Called as the run waits: lets the executor notice workers that left mid-task."""
+
+    def claim_worker_requests(self) -> dict[str, int]:
+        """The storage requests worker processes made after their last shard's claim (its commit
+        record's write), claimed (io.metrics.claim_requests); none where shards run in this
+        process, whose leftovers the client claims itself."""
+        return {}
 
     def lost_workers(self) -> list[dict[str, Any]]:
         """Workers that left while the run went on: {worker, time, shards they were running,
@@ -262,6 +269,24 @@ class DaskExecutor(Executor):
         """Dask's client closes itself when it cannot reconnect to a scheduler that went away."""
         self._scheduler_lost = True
         return SchedulerLost("the client could not reconnect and closed")
+
+    def claim_worker_requests(self) -> dict[str, int]:
+        """Each worker's requests since its last shard's claim, summed; waited for at most
+        CLAIM_TIMEOUT_S (a worker that does not answer keeps its own: the report is not held up
+        for it). On a cluster shared with another run, that run's requests in flight would be
+        claimed here too: its shards claim theirs at their commits, so only those in between."""
+        from gpubatch.io.metrics import CLAIM_TIMEOUT_S, claim_requests
+
+        try:
+            answers = self.client.run(claim_requests, on_error="ignore", callback_timeout=CLAIM_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the counts are the report's, never the run's failure
+            log.info("the workers' last storage requests were not counted: %s", redact(str(exc)))
+            return {}
+        totals: dict[str, int] = {}
+        for counts in answers.values():
+            for name, n in (counts or {}).items():
+                totals[name] = totals.get(name, 0) + int(n)
+        return totals
 
     def worker_slots(self) -> dict[str, int]:
         """Looked up at most every WATCH_S (a worker that arrives waits that long for shards):

@@ -38,7 +38,12 @@ from gpubatch.core.memory import collections_of_this_run, hand_back_freed_memory
 from gpubatch.core.results import ShardResult, quarantined_count
 from gpubatch.engine.context import RunContext
 from gpubatch.io.localized import localize, version_if_remote, versions_asked_once
-from gpubatch.io.metrics import count_claimed_requests, forget_unclaimed_requests
+from gpubatch.io.metrics import (
+    CLIENT_WIRE_PREFIX,
+    WIRE_PREFIX,
+    count_claimed_requests,
+    forget_unclaimed_requests,
+)
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import policy_for, run_policy
 from gpubatch.io.retry_counts import count_claimed_retries, forget_unclaimed_retries
@@ -183,9 +188,12 @@ class _Run:
         """The storage requests this process made with no shard's clocks since the last claim,
         into the run's clocks; the reads of bytes also as the client's (the report says client N,
         shards M: an in-process shard claims what the process asked while it ran)."""
-        client_reads = count_claimed_requests(self.builder.clocks)
-        if client_reads:
-            self.builder.clocks.count("storage.client_requests", client_reads)
+        claimed = count_claimed_requests(self.builder.clocks)
+        for name, n in claimed.items():
+            if n and name in ("storage.requests", "storage.heads"):
+                self.builder.clocks.count(name.replace("storage.", "storage.client_"), n)
+            elif n and name.startswith(WIRE_PREFIX):
+                self.builder.clocks.count(CLIENT_WIRE_PREFIX + name[len(WIRE_PREFIX):], n)
 
     def _kept_in_plan(self, shards: Sequence[Shard]) -> int:
         """How many of the plan's shards are already committed. A resume may plan other inputs
@@ -286,6 +294,9 @@ class _Run:
                               on_poll=on_poll, in_flight=progress.in_flight, on_queued=progress.queued)
         try:
             submitter.run(todo)
+            for name, n in executor.claim_worker_requests().items():  # their last commit records'
+                if n:
+                    self.builder.clocks.count(name, n)
         except BaseException:
             executor.cancel(submitter.pending)
             raise
