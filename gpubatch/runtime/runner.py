@@ -311,7 +311,8 @@ class _Run:
         """An interrupted or failed run: say so in the ledger and status, keep what is committed."""
         interrupted = isinstance(exc, (KeyboardInterrupt, Terminated))
         kind = "run_interrupted" if interrupted else "run_failed"
-        reason = "interrupted" if interrupted else redact(f"{type(exc).__name__}: {exc}")
+        reason = redact(f"{type(exc).__name__}: {exc}") if not interrupted else (
+            str(exc) if isinstance(exc, Terminated) else "interrupted")  # its cause: SIGHUP, a time limit
         try:
             self.ledger.event(kind, reason=reason, failed=len(self.failed))
             if self.lease.lost is not None:  # audit.jsonl and status.json are the new holder's now
