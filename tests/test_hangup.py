@@ -6,6 +6,7 @@ a client gone with status.json saying "running". Real processes, a real pseudo-t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,3 +97,29 @@ def test_a_run_under_nohup_outlives_its_terminal(tmp_path: Path, slides: Path, c
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert _status(out)["state"] == "finished"
+
+
+@pytest.mark.parametrize("then", [signal.SIGINT, signal.SIGTERM])
+def test_signals_that_keep_coming_while_the_run_stops_leave_it_recorded_not_running(
+        tmp_path: Path, slides: Path, classifier: Path, then: int) -> None:
+    """An impatient user: Ctrl-C, then Ctrl-C (or a SIGTERM) again and again while the client
+    stops. Each later signal was raised inside the stop itself, cutting short the cancelling of
+    the workers or the status write: status.json said "running" for a client that had gone, or
+    a traceback ended it. Later signals are now said and the stop goes on to its end."""
+    job, out = _job(tmp_path, slides, classifier), tmp_path / "out"
+    proc = cli("run", str(job))
+    try:
+        wait_for(lambda: committed_count(out) >= 1, 180, "a commit")
+        proc.send_signal(signal.SIGINT)
+        while proc.poll() is None:  # every instant of the stop gets one
+            proc.send_signal(then)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.02)
+        log = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in log and "--resume" in log, log
+    assert "while stopping" in log, log
+    assert _status(out)["state"] == "interrupted"
+    assert [e["event"] for e in _run_events(out)] == ["run_start", "run_interrupted"]
+    assert len(audit_lines(out)) == committed_count(out) < N_SLIDES

@@ -74,12 +74,12 @@ def _quiet_gone_terminal() -> None:
 def _on_signal(signum: int, frame: Any) -> None:
     if signum == signal.SIGHUP:
         _quiet_gone_terminal()
-    first = not _received
     _received.append(signum)
-    if first:
+    if len(_received) == 1:
         raise _stopped(signum)
-    _say(f"{signal.Signals(signum).name} while stopping: the workers are being stopped and the "
-         "interruption recorded, within seconds (kill -9 leaves that to --resume)")
+    if len(_received) == 2:  # said once: a held-down Ctrl-C is not a screenful
+            _say(f"{signal.Signals(signum).name} while stopping: the workers are being stopped and the "
+             "interruption recorded, within seconds (kill -9 leaves that to --resume)")
 
 
 def raise_if_stopped() -> None:
@@ -111,3 +111,11 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
         _received.clear()
         _own_job.clear()
+
+
+def ignore_further_signals() -> None:
+    """A process whose run was stopped is on its way out (its last words, Dask's exit handlers):
+    a signal that keeps coming must not end it there, in a traceback, or by the default action."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in HANDLED:
+            signal.signal(sig, signal.SIG_IGN)
