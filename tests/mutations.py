@@ -156,9 +156,9 @@ MUTATIONS: tuple[Mutation, ...] = (
        "                _discard(raw)\n                raise\n", "                raw.close()\n                raise\n",
        "tests/test_remote_outputs.py::test_a_write_that_fails_midway_leaves_no_object"),
     _m("a Ctrl-C during the run's end is not recorded", "gpubatch/runtime/runner.py",
-       "            except (KeyboardInterrupt, Terminated, Exception) as exc:  # the commits stand; recorded as\n"
-       "                self._abandon(progress, exc)  # interrupted or failed, never left saying \"running\"\n"
-       "                raise\n", "",
+       "        except (KeyboardInterrupt, Terminated, Exception) as exc:  # the commits stand; recorded as\n"
+       "            self._abandon(progress, exc)  # interrupted or failed, never left saying \"running\"\n"
+       "            raise\n", "",
        "tests/test_stopping.py::test_a_ctrl_c_during_the_run_s_end_is_recorded_and_resume_finishes_it",
        "tests/test_stopping.py::test_a_run_whose_end_fails_otherwise_than_by_storage_is_recorded_as_failed"),
     _m("read-ahead joins every read into one group", "gpubatch/io/readahead.py",

@@ -22,7 +22,15 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from conftest import cli, committed_count, slide_job, synthetic_slides, wait_for, write_job
+from conftest import (
+    audit_lines,
+    cli,
+    committed_count,
+    slide_job,
+    synthetic_slides,
+    wait_for,
+    write_job,
+)
 
 import gpubatch
 from gpubatch.core.errors import GpubatchError
@@ -412,6 +420,63 @@ def test_worker_jobs_of_a_frozen_client_end_within_the_lease_then_a_thawed_run_f
     said = "".join(p.read_text() for p in (tmp_path / "out" / "_logs").rglob("*.err"))
     assert "the scheduler (in the `gpubatch run` process) has answered nothing" in said
     _every_tile_once(tmp_path / "out")
+
+
+def test_a_terminal_that_closes_under_a_run_cancels_its_worker_jobs_and_records_why(
+        tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """The SSH session to the login node drops under `gpubatch run --profile slurm` in the
+    foreground: the client died of SIGHUP, its worker jobs left to find that out by themselves,
+    status.json saying "running". Now its worker jobs are cancelled as it stops and the stop's
+    cause is recorded."""
+    from terminal import Terminal
+
+    job, out = _job(tmp_path, slides, classifier, tile=8, worker_timeout=300), tmp_path / "out"
+    term = Terminal("run", str(job), "--profile", str(_profile(tmp_path)), "--set", "model.batch_size=1")
+    try:
+        wait_for(lambda: len(_jobs("R")) == 2 and committed_count(out) >= 1, 120, "two workers, a commit")
+        workers = set(_jobs())
+        term.hang_up()
+        assert term.proc.wait(timeout=60) == 1
+    finally:
+        term.kill()
+    wait_for(lambda: not workers & set(_jobs()), 15, "the worker jobs gone from squeue")
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "interrupted" and "terminal closed (SIGHUP)" in status["reason"], status
+    _resume_finishes(tmp_path, job, "already committed, skipped")
+
+
+def test_a_client_in_a_slurm_job_at_its_time_limit_stops_within_killwait_naming_the_limit(
+        tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """`sbatch --time=1 --wrap "gpubatch run ..."`: at the time limit SLURM sends the client
+    SIGTERM, then SIGKILL KillWait later (5 s here). The stop cancels the worker jobs and says
+    the time limit, not a bare SIGTERM, within that."""
+    import sys
+
+    (tmp_path / "many").mkdir()
+    many = synthetic_slides(tmp_path / "many", 2 * N_SLIDES, 900, "t", (2048, 1536))  # minutes, past the limit
+    job, out = _job(tmp_path, many, classifier, tile=8, worker_timeout=300), tmp_path / "out"
+    command = (f"exec {sys.executable} -m gpubatch run {job} --profile {_profile(tmp_path)} "
+               "--set model.batch_size=1")
+    done = subprocess.run(["sbatch", "--parsable", "--time=1", "--cpus-per-task=1", "--mem=2G",
+                           f"--output={tmp_path / 'client.log'}", "--wrap", command],
+                          capture_output=True, text=True, timeout=20, check=True, env=_without_slurm_job())
+    client = done.stdout.strip().split(";")[0]
+    wait_for(lambda: committed_count(out) >= 1, 120, "a commit")
+    workers = set(_jobs()) - {client}
+    wait_for(lambda: client not in _jobs(), 150, "the client's job ending at its time limit")
+    wait_for(lambda: not workers & set(_jobs()), 15, "the worker jobs gone from squeue")
+    log = (tmp_path / "client.log").read_text()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "interrupted", (status, log)
+    assert f"the SLURM job {client} this client runs in reached its time limit" in status["reason"], (status, log)
+    assert "--resume" in log and "Traceback" not in log, log
+    assert [e["event"] for e in audit_lines(out, None) if e["event"].startswith("run_")] == \
+        ["run_start", "run_interrupted"]
+
+
+def _without_slurm_job() -> dict[str, str]:
+    """This environment less SLURM's job variables (a test suite run inside a job of its own)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_JOB")}
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from typing import Any
 
 from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, NotAnOutputError
 from gpubatch.io.redact import redact, safe_text
+from gpubatch.runtime.stopping import Terminated, ignore_further_signals
 
 
 class _Parser(argparse.ArgumentParser):
@@ -392,9 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except GpubatchError as exc:
+        if isinstance(exc, Terminated):
+            ignore_further_signals()
         print(f"gpubatch: {safe_text(exc, keep_newlines=True)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        ignore_further_signals()  # the run stopped in order: more Ctrl-Cs must not end its exit
         print(f"gpubatch: interrupted{INTERRUPTED_HINTS.get(args.command, '')}", file=sys.stderr)
         return EXIT_ERROR
 

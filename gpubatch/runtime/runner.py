@@ -90,7 +90,8 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     forget_unclaimed_retries()
     # a remote model's version: one HEAD for every check of the run; the job's retry policy for
     # every storage call of the client's (checks, plan, preparation; an inline run's shards)
-    with versions_asked_once(), run_policy(policy_for(job.run)):
+    # a signal from here on stops the run in order: planning, shards, the run's end, the lease's release
+    with stop_on_signals(), versions_asked_once(), run_policy(policy_for(job.run)):
         preflight(job, prof)
         if scheduler is None:
             check_cluster(prof)
@@ -154,34 +155,34 @@ class _Run:
                             started=self.t_start, items_planned=self._items_planned(shards))
         self.lease.also_beat(progress.heartbeat)
         lost: list[dict[str, Any]] = []
-        with stop_on_signals():  # the run's end too: a Ctrl-C while merging is recorded as one
-            try:
-                self._claim_client_requests()  # the checks', plan's and preparation's: not a shard's
-                if len(shards) > resumed:
-                    lost = self._submit(todo, ctx, progress, n_workers, scheduler)
-                raise_if_stopped()  # one a finaliser dropped after the last poll
-                self.lease.check()  # the run's end writes the output's own files: only while it is ours
-            except BaseException as exc:
-                full = _as_disk_full(exc, self.store.uri)
-                self._abandon(progress, full or exc)
-                if full is not None:
-                    raise full from exc
-                raise
-            finally:
-                progress.close()
-                head_start = done_first()
-                if head_start is not None:  # requests made here before the workers ran
-                    self.builder.clocks.merge(head_start)
-            try:
-                result = self._finish(source, shards, ctx, prepared, n_workers, lost)
-            except (OSError, InputError) as exc:  # storage that kept failing: the commits stand
-                error = OutputsNotWrittenError(redact(self.store.uri), exc, quarantined_count(self.failed))
-                self._abandon(progress, error)
-                raise error from exc
-            except (KeyboardInterrupt, Terminated, Exception) as exc:  # the commits stand; recorded as
-                self._abandon(progress, exc)  # interrupted or failed, never left saying "running"
-                raise
-            progress.finish("finished", wall_s=result.report["wall_s"], items_per_s=result.report["items_per_s"])
+        # a signal: run_job's stop_on_signals raises it here; a Ctrl-C while merging is recorded as one
+        try:
+            self._claim_client_requests()  # the checks', plan's and preparation's: not a shard's
+            if len(shards) > resumed:
+                lost = self._submit(todo, ctx, progress, n_workers, scheduler)
+            raise_if_stopped()  # one a finaliser dropped after the last poll
+            self.lease.check()  # the run's end writes the output's own files: only while it is ours
+        except BaseException as exc:
+            full = _as_disk_full(exc, self.store.uri)
+            self._abandon(progress, full or exc)
+            if full is not None:
+                raise full from exc
+            raise
+        finally:
+            progress.close()
+            head_start = done_first()
+            if head_start is not None:  # requests made here before the workers ran
+                self.builder.clocks.merge(head_start)
+        try:
+            result = self._finish(source, shards, ctx, prepared, n_workers, lost)
+        except (OSError, InputError) as exc:  # storage that kept failing: the commits stand
+            error = OutputsNotWrittenError(redact(self.store.uri), exc, quarantined_count(self.failed))
+            self._abandon(progress, error)
+            raise error from exc
+        except (KeyboardInterrupt, Terminated, Exception) as exc:  # the commits stand; recorded as
+            self._abandon(progress, exc)  # interrupted or failed, never left saying "running"
+            raise
+        progress.finish("finished", wall_s=result.report["wall_s"], items_per_s=result.report["items_per_s"])
         return result
 
     def _claim_client_requests(self) -> None:
@@ -322,7 +323,8 @@ class _Run:
         """An interrupted or failed run: say so in the ledger and status, keep what is committed."""
         interrupted = isinstance(exc, (KeyboardInterrupt, Terminated))
         kind = "run_interrupted" if interrupted else "run_failed"
-        reason = "interrupted" if interrupted else redact(f"{type(exc).__name__}: {exc}")
+        reason = redact(f"{type(exc).__name__}: {exc}") if not interrupted else (
+            str(exc) if isinstance(exc, Terminated) else "interrupted")  # its cause: SIGHUP, a time limit
         try:
             self.ledger.event(kind, reason=reason, failed=len(self.failed))
             if self.lease.lost is not None:  # audit.jsonl and status.json are the new holder's now

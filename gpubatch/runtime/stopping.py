@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during a run: an exception in the main thread, and a latch that keeps it.
+"""Ctrl-C, SIGTERM and SIGHUP during a run: an exception in the main thread, and a latch that keeps it.
 
 A signal handler's exception is raised wherever the main thread happens to be, and Python drops
 an exception raised inside a finaliser (a ``__del__``, a weakref callback: Dask's futures release
@@ -6,36 +6,80 @@ themselves in one) after printing "Exception ignored in". A Ctrl-C that lands th
 and the run would go on to the end. So each handler also latches the signal, and the submit
 loop asks :func:`raise_if_stopped` at every poll: a signal whose exception was dropped is raised
 again there, within one poll.
+
+Only the first signal raises. A second one (an impatient Ctrl-C, SLURM's SIGTERM after a
+person's) lands in the orderly stop itself: raised there, it cut short the cancelling of the
+workers or the status write and left status.json saying "running". It is said and latched.
+
+SIGHUP is the terminal closing (an SSH session that dropped under a foreground run): stopped
+like SIGTERM, after the terminal's outputs are pointed at /dev/null, since every write to a
+hung-up terminal fails (EIO) and one failing in the stop would take the status write's place.
+A run started under ``nohup`` (SIGHUP ignored) is left to outlive its terminal.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import stat
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from gpubatch.core.errors import GpubatchError
+from gpubatch.runtime.own_job import OwnJob
 
 
 class Terminated(GpubatchError):
-    """The client was asked to stop (SIGTERM)."""
+    """The client was asked to stop (SIGTERM, SIGHUP)."""
 
 
-#: the signal received while :func:`stop_on_signals` holds, until it ends
+#: the signals received while :func:`stop_on_signals` holds, until it ends
 _received: list[int] = []
+#: the SLURM job this client runs in, if any (a SIGTERM at its end time is its time limit)
+_own_job: list[OwnJob] = []
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _stopped(signum: int) -> BaseException:
+    if signum == signal.SIGHUP:
+        return Terminated("interrupted: the terminal closed (SIGHUP); finish the run with --resume")
     if signum == signal.SIGTERM:
-        return Terminated("interrupted (SIGTERM); finish the run with --resume")
+        limit = _own_job[0].time_limit_words() if _own_job else None
+        return Terminated(f"interrupted ({limit or 'SIGTERM'}); finish the run with --resume")
     return KeyboardInterrupt()
 
 
+def _say(text: str) -> None:
+    """One line on stderr from a signal handler: the descriptor written directly (no buffer or
+    lock the interrupted code may hold), and a terminal that is gone is no error."""
+    with suppress(OSError):
+        os.write(2, f"gpubatch: {text}\n".encode())
+
+
+def _quiet_gone_terminal() -> None:
+    """stdout and stderr to /dev/null unless they are files (a log a person asked for): the
+    terminal or the pipe to it has gone with the session."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            with suppress(OSError):
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def _on_signal(signum: int, frame: Any) -> None:
+    if signum == signal.SIGHUP:
+        _quiet_gone_terminal()
     _received.append(signum)
-    raise _stopped(signum)
+    if len(_received) == 1:
+        raise _stopped(signum)
+    if len(_received) == 2:  # said once: a held-down Ctrl-C is not a screenful
+            _say(f"{signal.Signals(signum).name} while stopping: the workers are being stopped and the "
+             "interruption recorded, within seconds (kill -9 leaves that to --resume)")
 
 
 def raise_if_stopped() -> None:
@@ -46,19 +90,32 @@ def raise_if_stopped() -> None:
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM become exceptions in the main thread, so the run stops its workers and
-    records the interruption instead of vanishing (the previous handlers are restored after)."""
+    """SIGINT, SIGTERM and SIGHUP become exceptions in the main thread, so the run stops its
+    workers and records the interruption instead of vanishing (the previous handlers are
+    restored after). A signal ignored when the run starts stays ignored: SIGINT in a background
+    job without job control is not ours to catch, nor SIGHUP under nohup."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in HANDLED}
     _received.clear()
-    signal.signal(signal.SIGTERM, _on_signal)
-    if previous[signal.SIGINT] not in (signal.SIG_IGN, None):  # else a background job without
-        signal.signal(signal.SIGINT, _on_signal)  # job control: Ctrl-C is not ours to catch
+    own_job = OwnJob.from_environment()
+    _own_job[:] = [own_job] if own_job is not None else []
+    for sig, handler in previous.items():
+        if sig == signal.SIGTERM or handler not in (signal.SIG_IGN, None):
+            signal.signal(sig, _on_signal)
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _received.clear()
+        _own_job.clear()
+
+
+def ignore_further_signals() -> None:
+    """A process whose run was stopped is on its way out (its last words, Dask's exit handlers):
+    a signal that keeps coming must not end it there, in a traceback, or by the default action."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in HANDLED:
+            signal.signal(sig, signal.SIG_IGN)
