@@ -125,6 +125,43 @@ def test_a_plain_gzip_vcf_reads_like_the_bgzip_one(tmp_path: Path) -> None:
         read_variants(str(cut), CONTIGS)
 
 
+LONG = [f"chr1\t{i + 1}\t.\tN\tA\t.\t.\tDP={i}" for i in range(6000)]
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_a_bgzip_vcf_cut_short_is_refused_as_cut(tmp_path: Path, keep: float) -> None:
+    """A bgzip VCF that a copy or a full disk cut short (at 0.5 the cut is in its only block of
+    records) was 'not a readable VCF/BCF ... a VCF starts with ##fileformat', or 'not a VCF/BCF
+    (no #CHROM header line) ... its first data line is ""': the file's fault named as another.
+    It is refused as cut short, with the test and the fix."""
+    gz = tmp_path / "v.vcf.gz"
+    pysam.tabix_compress(write_vcf(tmp_path, LONG[: 6000 if keep > 0.9 else 40]), str(gz))
+    data = gz.read_bytes()
+    gz.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(SpecError) as err:
+        read_variants(str(gz), CONTIGS)
+    text = str(err.value)
+    assert "v.vcf.gz is cut short" in text and "`bgzip -t v.vcf.gz`" in text, text
+    assert "#CHROM" not in text and "##fileformat" not in text
+
+
+@pytest.mark.parametrize("layout", ["table", "body", "vcf"])
+def test_a_gzip_file_cut_short_is_refused_naming_its_last_whole_line(tmp_path: Path, layout: str) -> None:
+    """A plain-gzip table or VCF body cut short raised EOFError out of the plan (a traceback,
+    exit 1); it is refused as cut short after its last line read, like a plain-gzip VCF."""
+    import gzip
+
+    columns = [r.split("\t") for r in LONG]
+    lines = {"table": ["chrom\tpos\tref\talt", *("\t".join(c[i] for i in (0, 1, 3, 4)) for c in columns)],
+             "body": LONG, "vcf": [HEADER.rstrip("\n"), *LONG]}[layout]
+    data = gzip.compress("".join(x + "\n" for x in lines).encode(), 1)
+    cut = tmp_path / "v.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SpecError, match=r"v.gz is cut short: the gzip stream breaks off after line [1-9]\d{2,}; "
+                                        r".*`gzip -t v.gz`"):
+        read_variants(str(cut), CONTIGS)
+
+
 @pytest.mark.parametrize("header", ["", "##fileformat=VCFv4.2\n##source=eqtl-pipeline\n"])
 def test_vcf_body_without_its_chrom_line_is_read_with_a_note(tmp_path: Path, header: str) -> None:
     with_header = read_variants(write_vcf(tmp_path, RECORDS), CONTIGS)

@@ -32,7 +32,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
@@ -57,6 +58,10 @@ BODY_NOTE = ("{name} has no '#CHROM' header line: read as VCF columns CHROM, POS
 #: the column number ``bcftools query -H`` writes before each name: ``[2]POS``
 _BCFTOOLS_NUMBER = re.compile(r"^\[\d+\]")
 TABLE_NOTE = "{name} read as a {kind} table with columns {columns}; POS taken as 1-based, as in a VCF"
+#: the empty block that ends every BGZF file (SAM spec 4.1.2): a file without it was cut short
+BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+#: what reading a damaged gzip stream raises (EOFError: it breaks off; the others: it is corrupt)
+GZIP_ERRORS = (EOFError, OSError, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,45 @@ def _is_plain_gzip(path: str) -> bool:
     return head[:2] == b"\x1f\x8b" and not (len(head) == 14 and head[3] & 4 and head[12:14] == b"BC")
 
 
+def gzip_damage(uri: str, after_line: int, exc: BaseException, tool: str = "gzip") -> SpecError:
+    """The refusal of a compressed file whose stream fails after line ``after_line``: cut short
+    (a copy, a download or a disk that ran out) or corrupt. Its later records are lost, and
+    scoring the ones before would pass a part of the file for the whole."""
+    name = os.path.basename(uri.rstrip("/"))
+    what = (f"is cut short: the {tool} stream breaks off after line {after_line}" if isinstance(exc, EOFError)
+            else f"is damaged: its {tool} stream fails after line {after_line} ({exc})")
+    return SpecError([(FIELD, f"{uri} {what}; the records past it are lost. Copy or write the file again "
+                              f"whole (`{tool} -t {name}` tests a copy)")])
+
+
+def refuse_cut_bgzf(path: str, uri: str) -> None:
+    """A bgzip file (VCF.gz, BCF) without the empty block every BGZF file ends with was cut short:
+    htslib refused it as 'not a readable VCF' and the header's first lines read as no VCF at all."""
+    with open(path, "rb") as raw:
+        head = raw.read(14)
+        if head[:2] != b"\x1f\x8b" or _is_plain_gzip(path):
+            return
+        raw.seek(max(0, os.path.getsize(path) - len(BGZF_EOF)))
+        if raw.read() == BGZF_EOF:
+            return
+    name = os.path.basename(uri.rstrip("/"))
+    raise SpecError([(FIELD, f"{uri} is cut short: it ends without the empty block that ends every bgzip file; "
+                             "the records past the cut are lost. Copy or write the file again whole "
+                             f"(`bgzip -t {name}` tests a copy)")])
+
+
+def _numbered_lines(path: str, uri: str) -> Generator[tuple[int, bytes], None, None]:
+    """(line number, line) of a text file, plain or gzip; a damaged gzip stream is refused
+    saying after which line (it raised EOFError out of the plan)."""
+    number = 0
+    try:
+        with _open_text(path) as f:
+            for number, raw in enumerate(f, start=1):  # noqa: B007 (number names the break)
+                yield number, raw
+    except GZIP_ERRORS as exc:
+        raise gzip_damage(uri, number, exc) from None
+
+
 @contextlib.contextmanager
 def _readable_by_htslib(path: str, uri: str) -> Iterator[str]:
     """``path``, or for a plain-gzip VCF (``gzip``, not ``bgzip``) an uncompressed copy of it:
@@ -118,14 +162,17 @@ def _readable_by_htslib(path: str, uri: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="gpubatch-vcf-")
     try:
         plain = os.path.join(tmp, "variants.vcf")
-        try:
-            with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (OSError, EOFError) as exc:
-            raise SpecError([(FIELD, f"{uri}: not a readable gzip file ({exc})")]) from None
+        _inflate(path, plain, uri)
         yield plain
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _inflate(path: str, plain: str, uri: str) -> None:
+    """gzip ``path`` uncompressed into ``plain``, line by line: a damage is refused after the last whole one."""
+    with open(plain, "wb") as dst:
+        for _, raw in _numbered_lines(path, uri):
+            dst.write(raw)
 
 
 def _is_bcf(path: str) -> bool:
@@ -162,9 +209,10 @@ def sniff(path: str, uri: str) -> Layout:
     first line that reads as one, so a malformed first record is left out (listed) like any other,
     not taken for the whole file's format."""
     name = os.path.basename(uri.rstrip("/"))
+    refuse_cut_bgzf(path, uri)
     if _is_bcf(path):
         return Layout(LAYOUT_BCF)
-    lines = _first_lines(path)
+    lines = _first_lines(path, uri)
     first = lines[0][1] if lines else ""
     if first.upper().startswith("#CHROM") and _declares_vcf(path):
         return Layout(LAYOUT_VCF)
@@ -199,13 +247,13 @@ def _text(raw: bytes, number: int) -> str:
     return line.removeprefix("\ufeff") if number == 1 else line
 
 
-def _first_lines(path: str) -> list[tuple[int, str]]:
+def _first_lines(path: str, uri: str) -> list[tuple[int, str]]:
     """(line number, text) of the first SNIFF_LINES lines that are not ``##`` meta or blank (only
-    the first, when it is a VCF's ``#CHROM`` line). A damaged gzip ends the look early: the read
-    that follows names the damage."""
+    the first, when it is a VCF's ``#CHROM`` line). A gzip stream damaged among them is refused."""
     found: list[tuple[int, str]] = []
-    with _open_text(path) as f, contextlib.suppress(EOFError, OSError):
-        for number, raw in enumerate(f, start=1):
+    lines = _numbered_lines(path, uri)
+    with contextlib.closing(lines):
+        for number, raw in lines:
             line = _text(raw, number)
             if line.startswith("##") or not line.strip():
                 continue
@@ -232,9 +280,10 @@ def _reads_as_body(line: str) -> bool:
     return not line.startswith("#") and len(fields) >= 5 and fields[1].lstrip("-").isdigit()
 
 
-def _table_records(path: str, name: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
-    with _open_text(path) as f:
-        for n, raw in enumerate(f, start=1):
+def _table_records(path: str, uri: str, name: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
+    lines = _numbered_lines(path, uri)
+    with contextlib.closing(lines):
+        for n, raw in lines:
             if n <= layout.header_lines:
                 continue
             line = _text(raw, n)
@@ -387,4 +436,4 @@ def iter_records(path: str, uri: str, layout: Layout) -> Iterator[RawRecord | Ma
     name = os.path.basename(uri.rstrip("/"))
     if layout.kind in (LAYOUT_VCF, LAYOUT_BCF):
         return _vcf_records(path, uri, name, layout)
-    return _table_records(path, name, layout)
+    return _table_records(path, uri, name, layout)
