@@ -274,6 +274,19 @@ def _table_layout(line: str, number: int, name: str) -> Layout | None:
     return Layout(LAYOUT_TABLE, number, delimiter, columns, TABLE_NOTE.format(name=name, kind=kind, columns=shown))
 
 
+def text_layout_kind(text: str) -> str | None:
+    """LAYOUT_TABLE or LAYOUT_BODY when the first lines of ``text`` (past ``##`` meta and blank
+    lines) read as a table of variants or a VCF body, as ``sniff`` would take them, else None:
+    for ``inspect``, which has the file's first bytes and no local copy."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("##")][:SNIFF_LINES]
+    for line in lines:
+        if _table_layout(line, 0, "") is not None:
+            return LAYOUT_TABLE
+        if not line.startswith("#"):
+            break
+    return LAYOUT_BODY if any(_reads_as_body(line) for line in lines) else None
+
+
 def _reads_as_body(line: str) -> bool:
     """A VCF data line: at least five tab-separated fields, the second an integer."""
     fields = _split(line, "\t")
