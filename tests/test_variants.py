@@ -275,6 +275,35 @@ def test_malformed_records_are_left_out_and_the_read_goes_on(tmp_path: Path) -> 
                              "error": "malformed VCF record (POS 'x' is not a whole number)"}]
 
 
+def test_a_record_that_is_not_utf8_is_left_out_by_line(tmp_path: Path) -> None:
+    """An ID in Latin-1 (b'rs\\xe9') raised UnicodeDecodeError out of the plan: a traceback for one
+    record. It is left out by line, with the fix; the rest are read."""
+    path = tmp_path / "v.vcf"
+    path.write_bytes(HEADER.encode() + b"chr1\t9\trs\xe9\tA\tG\t.\t.\t.\n" + "".join(r + "\n" for r in GOOD).encode())
+    table = read_variants(str(path), CONTIGS, max_bad=0.05)
+    assert len(table) == 40
+    assert table.failed == [{"input": "v.vcf line 6", "error": "malformed VCF record (not UTF-8 text: save the "
+                                                              "file as UTF-8, e.g. `iconv -f latin1 -t utf-8`)"}]
+
+
+def test_two_vcfs_joined_with_cat_read_both_bodies_and_say_so(tmp_path: Path) -> None:
+    """`cat a.vcf b.vcf` puts b's header among the records: its lines were malformed records (the
+    '#CHROM' line 'POS is not a whole number'), past max_bad_records a refusal naming neither the
+    cause nor the fix. The header lines are no records: both bodies are read, and a note says so."""
+    both = write_vcf(tmp_path, [*GOOD[:20], HEADER.rstrip("\n"), *GOOD[20:]])
+    table = read_variants(both, CONTIGS)
+    assert len(table) == 40 and table.failed == [] and table.counts["records"] == 40
+    assert any(n.startswith("v.vcf has 5 header line(s) among its records (first: line 26): VCFs joined "
+                            "with `cat`?") and "bcftools concat" in n for n in table.notes), table.notes
+
+
+def test_a_record_separated_by_spaces_says_so(tmp_path: Path) -> None:
+    table = read_variants(write_vcf(tmp_path, [*GOOD[:30], "chr1 10 . A G . . ."]), CONTIGS, max_bad=0.05)
+    assert table.failed[0]["error"] == ("malformed VCF record (1 tab-separated columns; a record has at least 8: "
+                                        "CHROM POS ID REF ALT QUAL FILTER INFO; its columns are separated by "
+                                        "spaces, a VCF's by tabs)")
+
+
 def test_blank_lines_in_a_vcf_are_no_records(tmp_path: Path) -> None:
     """htslib fails an empty line; it was counted as a malformed record (two trailing blank lines
     refused a file of 20 good records as 'a wrong file or genome build')."""

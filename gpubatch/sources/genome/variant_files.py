@@ -97,6 +97,17 @@ class Layout:
     note: str = ""
     #: the header's ``##contig`` lengths, filled in as a VCF/BCF is read
     declared: dict[str, int] = field(default_factory=dict)
+    #: header lines met among a text VCF's records (VCFs joined with ``cat``), and the first's number
+    stray_headers: int = 0
+    first_stray_header: int = 0
+
+    def notes_after_reading(self, name: str) -> list[str]:
+        """What the read found that is no record's problem: header lines among the records."""
+        if not self.stray_headers:
+            return []
+        return [f"{name} has {self.stray_headers} header line(s) among its records (first: line "
+                f"{self.first_stray_header}): VCFs joined with `cat`? The records after them were read too; "
+                "join VCFs with `bcftools concat`, which keeps one header"]
 
 
 def _open_text(path: str) -> IO[bytes]:
@@ -383,8 +394,8 @@ def _pysam_records(pysam: Any, readable: str, uri: str, name: str, layout: Layou
             except StopIteration:
                 return
             except (ValueError, OSError) as exc:
-                if offset is not None and not lines.line(line).strip():
-                    continue  # a blank line: htslib fails it, but it is no record at all
+                if offset is not None and _no_record(lines.line(line), line, layout):
+                    continue
                 failing, first = failing + 1, first if failing else where
                 if failing > MAX_FAILING_IN_A_ROW:
                     raise SpecError([(FIELD, f"{first}: {MAX_FAILING_IN_A_ROW} records in a row from here could "
@@ -393,7 +404,27 @@ def _pysam_records(pysam: Any, readable: str, uri: str, name: str, layout: Layou
                 yield MalformedRecord(where, line, f"malformed VCF record ({why or exc})")
                 continue
             failing = 0
-            yield RawRecord(where, line, rec.chrom, int(rec.pos), rec.id, rec.ref or ".", tuple(rec.alts or ()))
+            yield _raw_record(rec, where, line)
+
+
+def _raw_record(rec: Any, where: str, line: int) -> RawRecord | MalformedRecord:
+    """pysam's record as a RawRecord; pysam decodes its text as UTF-8 when asked for a field, and a
+    Latin-1 ID (b'rs\\xe9') raised UnicodeDecodeError out of the plan."""
+    try:
+        return RawRecord(where, line, rec.chrom, int(rec.pos), rec.id, rec.ref or ".", tuple(rec.alts or ()))
+    except UnicodeDecodeError:
+        return MalformedRecord(where, line, "malformed VCF record (not UTF-8 text: save the file as UTF-8, "
+                                            "e.g. `iconv -f latin1 -t utf-8`)")
+
+
+def _no_record(text: bytes, number: int, layout: Layout) -> bool:
+    """Whether a line htslib failed is no record at all: a blank line, or a header line among the
+    records (counted in ``layout``: ``cat a.vcf b.vcf`` puts b's header there)."""
+    if text.startswith(b"#"):
+        layout.stray_headers += 1
+        layout.first_stray_header = layout.first_stray_header or number
+        return True
+    return not text.strip()
 
 
 class _LineFinder:
@@ -435,10 +466,12 @@ class _LineFinder:
     def problem(self, number: int) -> str:
         """What is wrong with line ``number``, in words, where it can be said (htslib says
         "truncated file" for a short line and for a POS that is not a number alike)."""
-        fields = self.line(number).decode(errors="replace").rstrip("\r\n").split("\t")
+        text = self.line(number).decode(errors="replace").rstrip("\r\n")
+        fields = text.split("\t")
         if len(fields) < 8:
+            spaces = "; its columns are separated by spaces, a VCF's by tabs" if len(text.split()) >= 8 else ""
             return (f"{len(fields)} tab-separated columns; a record has at least 8: "
-                    "CHROM POS ID REF ALT QUAL FILTER INFO")
+                    f"CHROM POS ID REF ALT QUAL FILTER INFO{spaces}")
         if not fields[1].isdigit():
             return f"POS {fields[1][:40]!r} is not a whole number"
         return ""

@@ -175,6 +175,7 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
             if layout.note:
                 table.notes.append(layout.note)
             _scan(iter_records(path, uri, layout), table, contigs, bad)
+            table.notes += layout.notes_after_reading(os.path.basename(uri.rstrip("/")))
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
     table.finish()
