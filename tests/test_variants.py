@@ -59,6 +59,16 @@ def test_an_id_split_over_biallelic_records_is_told_apart_by_alt(tmp_path: Path)
     assert split.variant_id == whole.variant_id == ["rs9:A", "rs9:G", "rs7"]
 
 
+def test_a_lowercase_allele_has_the_id_of_its_row(tmp_path: Path) -> None:
+    """REF and ALT are scored and written upper-cased, but the ID was made of the file's letters:
+    a row REF 'T' ALT 'AC' had the id 'chr1:20:t:Ac', and a multi-allelic rs5 'rs5:g' where the
+    same record split (``bcftools norm -m-``) gave 'rs5:G'. The id is made of the row's alleles."""
+    table = read_variants(write_vcf(tmp_path, ["chr1\t10\trs5\ta\tg,Ct\t.\t.\t.", "chr1\t20\t.\tt\tAc\t.\t.\t."]),
+                          CONTIGS)
+    assert table.variant_id == ["rs5:G", "rs5:CT", "chr1:20:T:AC"]
+    assert [(r["ref"], r["alt"]) for r in table.rows()] == [("A", "G"), ("A", "CT"), ("T", "AC")]
+
+
 def test_repeated_variants_and_an_alt_equal_to_its_ref_are_noted(tmp_path: Path) -> None:
     """Both are scored (one row each, as before) but were scored without a word: a repeated
     record (a file concatenated twice) doubles its rows in any join, and ALT == REF ('t' against

@@ -138,8 +138,9 @@ def _add_record(table: VariantTable, rec: RawRecord) -> None:
         if reason is not None:
             table.skip(reason)
             continue
-        vid = _variant_id(rec.record_id, rec.chrom, rec.pos, rec.ref, alt, len(rec.alts))
-        table.add(vid, rec.chrom, rec.pos, rec.ref.upper(), alt.upper(), rec.line)
+        ref, alt_bases = rec.ref.upper(), alt.upper()  # the id is made of the row's letters, not the file's
+        vid = _variant_id(rec.record_id, rec.chrom, rec.pos, ref, alt_bases, len(rec.alts))
+        table.add(vid, rec.chrom, rec.pos, ref, alt_bases, rec.line)
 
 
 def _scan(records: Iterator[RawRecord | MalformedRecord], table: VariantTable, contigs: ContigTable,
