@@ -517,7 +517,8 @@ def test_windows_off_a_contig_and_alleles_longer_than_the_window_are_noted(
     assert notes[0].startswith(f"2 variant(s) are within half a window of a contig end (first: v.vcf line 4, "
                                f"chrB:3 {rows[1][2]}>{rows[1][3]}): their windows run past it and hold N there")
     assert notes[1].startswith(f"2 variant(s) have a REF or ALT longer than the 8 bases a 16-base window holds "
-                               f"from the variant on (first: v.vcf line 5, chrB:100 {rows[2][2]}>{rows[2][3]}): "
+                               f"from the variant on (first: v.vcf line 5, chrB:100 {rows[2][2][:20]}...(42 bases)>"
+                               f"{rows[2][3]}): "
                                "their windows hold only its first 8 bases")
     assert "windows.length" in notes[1]
 

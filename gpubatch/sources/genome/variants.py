@@ -290,7 +290,8 @@ class _Flagged:
 def _where(table: VariantTable, name: str, row: int) -> str:
     """One variant as a note names it: where it is in the file, and what it is."""
     found = table.row(row)
-    return f"{name} line {found['line']}, {found['chrom']}:{found['pos']} {found['ref']}>{found['alt']}"
+    ref, alt = (a if len(a) <= 20 else f"{a[:20]}...({len(a)} bases)" for a in (found["ref"], found["alt"]))
+    return f"{name} line {found['line']}, {found['chrom']}:{found['pos']} {ref}>{alt}"
 
 
 def _earliest(rows: np.ndarray, lines: np.ndarray) -> int:
