@@ -493,6 +493,36 @@ def test_overlapping_regions_are_noted(synth: tuple[Path, dict[str, str]], tmp_p
     assert source.data_quality(job, source.plan(job)[0], []) == {}
 
 
+def test_windows_off_a_contig_and_alleles_longer_than_the_window_are_noted(
+        synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """A variant within half a window of a contig end has windows padded with N, and a REF or ALT
+    longer than the window's right half is held only in part (a 41-base deletion in a 16-base
+    window); both were scored without a word. The plan notes each kind once, with how many and
+    the first by line; a variant in the middle of a contig with a short allele is in neither."""
+    path, contigs = synth
+    b = contigs["chrB"].upper()
+    rows = [("chrB", 400, b[399], "G" if b[399] != "G" else "A"),   # middle: no note
+            ("chrB", 3, b[2], "G" if b[2] != "G" else "A"),         # window starts before the contig
+            ("chrB", 100, b[99:141], b[99]),                         # REF of 42 in a 16-base window
+            ("chrB", 200, b[199], b[199] + "ACGTACGTA"),             # ALT of 10 > 8, the right half
+            ("chrB", 772, b[771:774], b[771])]                       # the alt window reads past the end
+    vcf = tmp_path / "v.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   + "".join(f"{c}\t{p}\t.\t{r}\t{a}\t.\t.\t.\n" for c, p, r, a in rows))
+    job = variant_job(path, vcf, length=16)
+    source = GenomeSource()
+    shards, failed = source.plan(job)
+    notes = source.data_quality(job, shards, [])["notes"]
+    assert not failed and len(notes) == 2, notes
+    assert notes[0].startswith(f"2 variant(s) are within half a window of a contig end (first: v.vcf line 4, "
+                               f"chrB:3 {rows[1][2]}>{rows[1][3]}): their windows run past it and hold N there")
+    assert notes[1].startswith(f"2 variant(s) have a REF or ALT longer than the 8 bases a 16-base window holds "
+                               f"from the variant on (first: v.vcf line 5, chrB:100 {rows[2][2][:20]}...(42 bases)>"
+                               f"{rows[2][3]}): "
+                               "their windows hold only its first 8 bases")
+    assert "windows.length" in notes[1]
+
+
 def test_zarr_ref_mismatches_agree_with_the_report(synth: tuple[Path, dict[str, str]], tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     import pandas as pd

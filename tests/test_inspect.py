@@ -135,6 +135,28 @@ def test_a_vcf_is_named_as_one(tmp_path: Path, packed: bool, capsys: pytest.Capt
     assert "a VCF, which `inspect` does not describe" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("name", "said"), [("v.bcf", "a BCF"), ("v.tsv", "a table of variants"),
+                                            ("body.vcf", "a VCF body without its header")])
+def test_a_bcf_a_variant_table_and_a_vcf_body_are_named(tmp_path: Path, name: str, said: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """These were 'not a slide format openslide or tifffile can read': a job reads each as
+    windows.variants, and inspect says so, as it does for a VCF."""
+    import pysam
+
+    text = "##fileformat=VCFv4.2\n##contig=<ID=chr1>\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\nchr1\t5\t.\tA\tG\t.\t.\t.\n"
+    path = tmp_path / name
+    if name == "v.bcf":
+        (tmp_path / "v.vcf").write_text(text)
+        with pysam.VariantFile(str(tmp_path / "v.vcf")) as src, pysam.VariantFile(str(path), "wb", header=src.header) as dst:
+            for rec in src:
+                dst.write(rec)
+    else:
+        path.write_text("chrom\tpos\tref\talt\nchr1\t5\tA\tG\n" if name == "v.tsv" else text.splitlines()[-1] + "\n")
+    assert main(["inspect", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{said}, which `inspect` does not describe" in err and "windows.variants" in err, err
+
+
 @pytest.mark.parametrize(("what", "said"), [("png", "not a slide format"), ("text", "not a slide format"),
                                             ("empty", "empty (zero-byte) file"), ("folder", "is a directory"),
                                             ("missing", "file not found")])

@@ -24,6 +24,9 @@ from gpubatch.io.uris import is_remote
 
 #: bytes read from a file's start to tell a FASTA or a VCF (plain, gzip or bgzip) from a slide
 SNIFF_BYTES = 4096
+#: what a variant file ``_sniff`` tells is called, by its kind
+VARIANT_KINDS = {"vcf": "a VCF", "bcf": "a BCF", "table": "a table of variants",
+                 "vcf-without-header": "a VCF body without its header"}
 SHOWN_CONTIGS = 20
 
 
@@ -68,9 +71,9 @@ def inspect_path(path: str, options: dict[str, Any] | None = None) -> dict[str, 
     sniffed = _sniff(path, options)
     if sniffed == "fasta":
         return inspect_fasta(path, options)
-    if sniffed == "vcf":
-        raise GpubatchError(f"{safe_text(path)}: a VCF, which `inspect` does not describe (it describes "
-                            "slides, ONNX models, genome stores, FASTA files and results folders); a job "
+    if sniffed in VARIANT_KINDS:
+        raise GpubatchError(f"{safe_text(path)}: {VARIANT_KINDS[sniffed]}, which `inspect` does not describe (it "
+                            "describes slides, ONNX models, genome stores, FASTA files and results folders); a job "
                             "reads it as windows.variants, and `gpubatch validate JOB` checks it")
     from gpubatch.sources.slides.open import open_slide_input
 
@@ -132,7 +135,8 @@ def _is_image(attrs: dict[str, Any]) -> bool:
 
 
 def _sniff(path: str, options: dict[str, Any] | None) -> str | None:
-    """'fasta' or 'vcf' from a file's first bytes (inflated where gzip or bgzip), else None
+    """'fasta', or a variant file's kind (``VARIANT_KINDS``), from a file's first bytes (inflated
+    where gzip or bgzip; a table or VCF body told by ``variant_files``' rules), else None
     (a folder, a missing file, anything else: the slide opening says what it is)."""
     from gpubatch.io.storage import open_file
 
@@ -148,7 +152,13 @@ def _sniff(path: str, options: dict[str, Any] | None) -> str | None:
     text = head.lstrip()
     if text.startswith(b"##fileformat=VCF"):
         return "vcf"
-    return "fasta" if text.startswith(b">") else None
+    if text.startswith(b"BCF"):
+        return "bcf"
+    if text.startswith(b">"):
+        return "fasta"
+    from gpubatch.sources.genome.variant_files import text_layout_kind
+
+    return text_layout_kind(text.decode("utf-8", "replace").rsplit("\n", 1)[0])
 
 
 def inspect_fasta(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:

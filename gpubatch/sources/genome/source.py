@@ -29,6 +29,7 @@ error: the variant is scored and flagged (``ref_match`` False, counted in ``ref_
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
@@ -64,6 +65,7 @@ from gpubatch.sources.genome.variants import (
     refuse_ref_mismatches,
     variant_span,
     variant_windows,
+    window_notes,
 )
 from gpubatch.spec import JobSpec, WindowsSpec
 
@@ -362,6 +364,7 @@ class GenomeSource(Source):
         with none to score is a failed input."""
         assert w.variants is not None
         table = read_variants(w.variants, contigs, storage, w.max_bad_records)
+        table.notes += window_notes(table, contigs, w.length, os.path.basename(w.variants.rstrip("/")))
         if not len(table):
             return [], [*table.failed, {"input": w.variants, "error": "no scorable variants: " + _skip_text(table)}]
         reference = open_reference(w.reference, storage, fmt=contigs.format)

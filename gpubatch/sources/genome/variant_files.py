@@ -32,7 +32,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
@@ -57,6 +58,10 @@ BODY_NOTE = ("{name} has no '#CHROM' header line: read as VCF columns CHROM, POS
 #: the column number ``bcftools query -H`` writes before each name: ``[2]POS``
 _BCFTOOLS_NUMBER = re.compile(r"^\[\d+\]")
 TABLE_NOTE = "{name} read as a {kind} table with columns {columns}; POS taken as 1-based, as in a VCF"
+#: the empty block that ends every BGZF file (SAM spec 4.1.2): a file without it was cut short
+BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+#: what reading a damaged gzip stream raises (EOFError: it breaks off; the others: it is corrupt)
+GZIP_ERRORS = (EOFError, OSError, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,17 @@ class Layout:
     note: str = ""
     #: the header's ``##contig`` lengths, filled in as a VCF/BCF is read
     declared: dict[str, int] = field(default_factory=dict)
+    #: header lines met among a text VCF's records (VCFs joined with ``cat``), and the first's number
+    stray_headers: int = 0
+    first_stray_header: int = 0
+
+    def notes_after_reading(self, name: str) -> list[str]:
+        """What the read found that is no record's problem: header lines among the records."""
+        if not self.stray_headers:
+            return []
+        return [f"{name} has {self.stray_headers} header line(s) among its records (first: line "
+                f"{self.first_stray_header}): VCFs joined with `cat`? The records after them were read too; "
+                "join VCFs with `bcftools concat`, which keeps one header"]
 
 
 def _open_text(path: str) -> IO[bytes]:
@@ -108,6 +124,45 @@ def _is_plain_gzip(path: str) -> bool:
     return head[:2] == b"\x1f\x8b" and not (len(head) == 14 and head[3] & 4 and head[12:14] == b"BC")
 
 
+def gzip_damage(uri: str, after_line: int, exc: BaseException, tool: str = "gzip") -> SpecError:
+    """The refusal of a compressed file whose stream fails after line ``after_line``: cut short
+    (a copy, a download or a disk that ran out) or corrupt. Its later records are lost, and
+    scoring the ones before would pass a part of the file for the whole."""
+    name = os.path.basename(uri.rstrip("/"))
+    what = (f"is cut short: the {tool} stream breaks off after line {after_line}" if isinstance(exc, EOFError)
+            else f"is damaged: its {tool} stream fails after line {after_line} ({exc})")
+    return SpecError([(FIELD, f"{uri} {what}; the records past it are lost. Copy or write the file again "
+                              f"whole (`{tool} -t {name}` tests a copy)")])
+
+
+def refuse_cut_bgzf(path: str, uri: str) -> None:
+    """A bgzip file (VCF.gz, BCF) without the empty block every BGZF file ends with was cut short:
+    htslib refused it as 'not a readable VCF' and the header's first lines read as no VCF at all."""
+    with open(path, "rb") as raw:
+        head = raw.read(14)
+        if head[:2] != b"\x1f\x8b" or _is_plain_gzip(path):
+            return
+        raw.seek(max(0, os.path.getsize(path) - len(BGZF_EOF)))
+        if raw.read() == BGZF_EOF:
+            return
+    name = os.path.basename(uri.rstrip("/"))
+    raise SpecError([(FIELD, f"{uri} is cut short: it ends without the empty block that ends every bgzip file; "
+                             "the records past the cut are lost. Copy or write the file again whole "
+                             f"(`bgzip -t {name}` tests a copy)")])
+
+
+def _numbered_lines(path: str, uri: str) -> Generator[tuple[int, bytes], None, None]:
+    """(line number, line) of a text file, plain or gzip; a damaged gzip stream is refused
+    saying after which line (it raised EOFError out of the plan)."""
+    number = 0
+    try:
+        with _open_text(path) as f:
+            for number, raw in enumerate(f, start=1):  # noqa: B007 (number names the break)
+                yield number, raw
+    except GZIP_ERRORS as exc:
+        raise gzip_damage(uri, number, exc) from None
+
+
 @contextlib.contextmanager
 def _readable_by_htslib(path: str, uri: str) -> Iterator[str]:
     """``path``, or for a plain-gzip VCF (``gzip``, not ``bgzip``) an uncompressed copy of it:
@@ -118,14 +173,17 @@ def _readable_by_htslib(path: str, uri: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="gpubatch-vcf-")
     try:
         plain = os.path.join(tmp, "variants.vcf")
-        try:
-            with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (OSError, EOFError) as exc:
-            raise SpecError([(FIELD, f"{uri}: not a readable gzip file ({exc})")]) from None
+        _inflate(path, plain, uri)
         yield plain
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _inflate(path: str, plain: str, uri: str) -> None:
+    """gzip ``path`` uncompressed into ``plain``, line by line: a damage is refused after the last whole one."""
+    with open(plain, "wb") as dst:
+        for _, raw in _numbered_lines(path, uri):
+            dst.write(raw)
 
 
 def _is_bcf(path: str) -> bool:
@@ -162,9 +220,10 @@ def sniff(path: str, uri: str) -> Layout:
     first line that reads as one, so a malformed first record is left out (listed) like any other,
     not taken for the whole file's format."""
     name = os.path.basename(uri.rstrip("/"))
+    refuse_cut_bgzf(path, uri)
     if _is_bcf(path):
         return Layout(LAYOUT_BCF)
-    lines = _first_lines(path)
+    lines = _first_lines(path, uri)
     first = lines[0][1] if lines else ""
     if first.upper().startswith("#CHROM") and _declares_vcf(path):
         return Layout(LAYOUT_VCF)
@@ -199,13 +258,13 @@ def _text(raw: bytes, number: int) -> str:
     return line.removeprefix("\ufeff") if number == 1 else line
 
 
-def _first_lines(path: str) -> list[tuple[int, str]]:
+def _first_lines(path: str, uri: str) -> list[tuple[int, str]]:
     """(line number, text) of the first SNIFF_LINES lines that are not ``##`` meta or blank (only
-    the first, when it is a VCF's ``#CHROM`` line). A damaged gzip ends the look early: the read
-    that follows names the damage."""
+    the first, when it is a VCF's ``#CHROM`` line). A gzip stream damaged among them is refused."""
     found: list[tuple[int, str]] = []
-    with _open_text(path) as f, contextlib.suppress(EOFError, OSError):
-        for number, raw in enumerate(f, start=1):
+    lines = _numbered_lines(path, uri)
+    with contextlib.closing(lines):
+        for number, raw in lines:
             line = _text(raw, number)
             if line.startswith("##") or not line.strip():
                 continue
@@ -226,15 +285,29 @@ def _table_layout(line: str, number: int, name: str) -> Layout | None:
     return Layout(LAYOUT_TABLE, number, delimiter, columns, TABLE_NOTE.format(name=name, kind=kind, columns=shown))
 
 
+def text_layout_kind(text: str) -> str | None:
+    """LAYOUT_TABLE or LAYOUT_BODY when the first lines of ``text`` (past ``##`` meta and blank
+    lines) read as a table of variants or a VCF body, as ``sniff`` would take them, else None:
+    for ``inspect``, which has the file's first bytes and no local copy."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("##")][:SNIFF_LINES]
+    for line in lines:
+        if _table_layout(line, 0, "") is not None:
+            return LAYOUT_TABLE
+        if not line.startswith("#"):
+            break
+    return LAYOUT_BODY if any(_reads_as_body(line) for line in lines) else None
+
+
 def _reads_as_body(line: str) -> bool:
     """A VCF data line: at least five tab-separated fields, the second an integer."""
     fields = _split(line, "\t")
     return not line.startswith("#") and len(fields) >= 5 and fields[1].lstrip("-").isdigit()
 
 
-def _table_records(path: str, name: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
-    with _open_text(path) as f:
-        for n, raw in enumerate(f, start=1):
+def _table_records(path: str, uri: str, name: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
+    lines = _numbered_lines(path, uri)
+    with contextlib.closing(lines):
+        for n, raw in lines:
             if n <= layout.header_lines:
                 continue
             line = _text(raw, n)
@@ -308,6 +381,8 @@ def _pysam_records(pysam: Any, readable: str, uri: str, name: str, layout: Layou
         raise SpecError([(FIELD, f"{uri}: not a readable VCF/BCF ({exc}); a VCF starts with "
                                  "'##fileformat=VCFv4.x' and has a '#CHROM ...' line")]) from None
     layout.declared.update({str(n): int(c.length) for n, c in vf.header.contigs.items() if c.length})
+    if len(vf.header.samples):
+        vf.subset_samples([])  # CHROM to ALT is all scoring reads: htslib parses no genotypes
     offset = lines.header_lines() if layout.kind == LAYOUT_VCF else None
     with vf:
         records, failing, first = iter(vf), 0, ""
@@ -319,8 +394,8 @@ def _pysam_records(pysam: Any, readable: str, uri: str, name: str, layout: Layou
             except StopIteration:
                 return
             except (ValueError, OSError) as exc:
-                if offset is not None and not lines.line(line).strip():
-                    continue  # a blank line: htslib fails it, but it is no record at all
+                if offset is not None and _no_record(lines.line(line), line, layout):
+                    continue
                 failing, first = failing + 1, first if failing else where
                 if failing > MAX_FAILING_IN_A_ROW:
                     raise SpecError([(FIELD, f"{first}: {MAX_FAILING_IN_A_ROW} records in a row from here could "
@@ -329,7 +404,27 @@ def _pysam_records(pysam: Any, readable: str, uri: str, name: str, layout: Layou
                 yield MalformedRecord(where, line, f"malformed VCF record ({why or exc})")
                 continue
             failing = 0
-            yield RawRecord(where, line, rec.chrom, int(rec.pos), rec.id, rec.ref or ".", tuple(rec.alts or ()))
+            yield _raw_record(rec, where, line)
+
+
+def _raw_record(rec: Any, where: str, line: int) -> RawRecord | MalformedRecord:
+    """pysam's record as a RawRecord; pysam decodes its text as UTF-8 when asked for a field, and a
+    Latin-1 ID (b'rs\\xe9') raised UnicodeDecodeError out of the plan."""
+    try:
+        return RawRecord(where, line, rec.chrom, int(rec.pos), rec.id, rec.ref or ".", tuple(rec.alts or ()))
+    except UnicodeDecodeError:
+        return MalformedRecord(where, line, "malformed VCF record (not UTF-8 text: save the file as UTF-8, "
+                                            "e.g. `iconv -f latin1 -t utf-8`)")
+
+
+def _no_record(text: bytes, number: int, layout: Layout) -> bool:
+    """Whether a line htslib failed is no record at all: a blank line, or a header line among the
+    records (counted in ``layout``: ``cat a.vcf b.vcf`` puts b's header there)."""
+    if text.startswith(b"#"):
+        layout.stray_headers += 1
+        layout.first_stray_header = layout.first_stray_header or number
+        return True
+    return not text.strip()
 
 
 class _LineFinder:
@@ -341,7 +436,6 @@ class _LineFinder:
         self._stack = contextlib.ExitStack()
         self._lines: Iterator[bytes] | None = None
         self._at = 0  # the number of the last line read
-        self._columns = 0  # columns the '#CHROM' line names (0: not read)
 
     def __enter__(self) -> _LineFinder:
         return self
@@ -356,7 +450,6 @@ class _LineFinder:
         with _open_text(self.path) as f:
             for number, line in enumerate(f, start=1):
                 if line.upper().startswith(b"#CHROM"):
-                    self._columns = len(line.rstrip(b"\r\n").split(b"\t"))
                     return number
         return 0
 
@@ -373,25 +466,15 @@ class _LineFinder:
     def problem(self, number: int) -> str:
         """What is wrong with line ``number``, in words, where it can be said (htslib says
         "truncated file" for a short line and for a POS that is not a number alike)."""
-        fields = self.line(number).decode(errors="replace").rstrip("\r\n").split("\t")
+        text = self.line(number).decode(errors="replace").rstrip("\r\n")
+        fields = text.split("\t")
         if len(fields) < 8:
+            spaces = "; its columns are separated by spaces, a VCF's by tabs" if len(text.split()) >= 8 else ""
             return (f"{len(fields)} tab-separated columns; a record has at least 8: "
-                    "CHROM POS ID REF ALT QUAL FILTER INFO")
+                    f"CHROM POS ID REF ALT QUAL FILTER INFO{spaces}")
         if not fields[1].isdigit():
             return f"POS {fields[1][:40]!r} is not a whole number"
-        return self._sample_columns(len(fields))
-
-    def _sample_columns(self, found: int) -> str:
-        """A line with other than the header's number of columns past FORMAT: htslib fails it
-        as "unable to parse next record", where a sample's column is missing (or one too many)."""
-        samples = self._columns - 9
-        if samples < 1 or found == self._columns:
-            return ""
-        has = max(found - 9, 0)
-        fix = ("fill a missing sample with '.'" if has < samples
-               else "take the extra column out, or name its sample in the '#CHROM' line")
-        return (f"{found} tab-separated columns where the '#CHROM' line names {self._columns}: "
-                f"{has} sample column{'s' if has != 1 else ''} after FORMAT for the header's {samples}; {fix}")
+        return ""
 
 
 def iter_records(path: str, uri: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
@@ -399,4 +482,4 @@ def iter_records(path: str, uri: str, layout: Layout) -> Iterator[RawRecord | Ma
     name = os.path.basename(uri.rstrip("/"))
     if layout.kind in (LAYOUT_VCF, LAYOUT_BCF):
         return _vcf_records(path, uri, name, layout)
-    return _table_records(path, name, layout)
+    return _table_records(path, uri, name, layout)

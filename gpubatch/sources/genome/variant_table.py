@@ -112,6 +112,10 @@ class VariantTable:
         rank[sorted(range(len(self._names)), key=self._names.__getitem__)] = np.arange(len(self._names))
         return rank[codes]
 
+    def ranked_names(self) -> list[str]:
+        """The table's contig names in sorted order: ``chrom_ranks`` indexes this list."""
+        return sorted(self._names)
+
     def chrom_at(self, i: int) -> str:
         return self._names[self._chrom[i]]
 

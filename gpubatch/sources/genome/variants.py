@@ -64,7 +64,7 @@ from gpubatch.sources.genome.variant_table import (
 )
 
 __all__ = ["SKIP_REASONS", "VariantTable", "check_refs", "read_variants", "refuse_ref_mismatches",
-           "variant_span", "variant_windows"]
+           "variant_span", "variant_windows", "window_notes"]
 
 FIELD = "windows.variants"
 MAX_LISTED_MISMATCHES = 5
@@ -138,8 +138,9 @@ def _add_record(table: VariantTable, rec: RawRecord) -> None:
         if reason is not None:
             table.skip(reason)
             continue
-        vid = _variant_id(rec.record_id, rec.chrom, rec.pos, rec.ref, alt, len(rec.alts))
-        table.add(vid, rec.chrom, rec.pos, rec.ref.upper(), alt.upper(), rec.line)
+        ref, alt_bases = rec.ref.upper(), alt.upper()  # the id is made of the row's letters, not the file's
+        vid = _variant_id(rec.record_id, rec.chrom, rec.pos, ref, alt_bases, len(rec.alts))
+        table.add(vid, rec.chrom, rec.pos, ref, alt_bases, rec.line)
 
 
 def _scan(records: Iterator[RawRecord | MalformedRecord], table: VariantTable, contigs: ContigTable,
@@ -175,6 +176,7 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
             if layout.note:
                 table.notes.append(layout.note)
             _scan(iter_records(path, uri, layout), table, contigs, bad)
+            table.notes += layout.notes_after_reading(os.path.basename(uri.rstrip("/")))
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
     table.finish()
@@ -228,19 +230,73 @@ def _repeat_notes(table: VariantTable, name: str) -> list[str]:
     notes = []
     if len(repeat):
         notes.append(f"{len(repeat)} variant(s) repeat an earlier one (the same CHROM, POS, REF and ALT; first: "
-                     f"{_where(table, name, repeat, lines)}): each is scored, so rows repeat; drop them first "
+                     f"{_where(table, name, _earliest(repeat, lines))}): each is scored, so rows repeat; drop them first "
                      "(`bcftools norm -d exact`) to score each variant once")
     if len(same):
-        notes.append(f"{len(same)} ALT allele(s) equal their REF (first: {_where(table, name, same, lines)}): no "
+        notes.append(f"{len(same)} ALT allele(s) equal their REF (first: {_where(table, name, _earliest(same, lines))}): no "
                      "change, so their alt window is the ref window and every delta is 0")
     return notes
 
 
-def _where(table: VariantTable, name: str, rows: np.ndarray, lines: np.ndarray) -> str:
-    """The earliest of ``rows`` in the file, as a note names it."""
-    first = int(rows[np.argmin(lines[rows])])
-    row = table.row(first)
-    return f"{name} line {row['line']}, {row['chrom']}:{row['pos']} {row['ref']}>{row['alt']}"
+def window_notes(table: VariantTable, contigs: ContigTable, length: int, name: str) -> list[str]:
+    """Notes for windows that do not show their variant whole, each scored as the window rule
+    says but without a word before: windows that run off a contig (padded with N, which a model
+    trained on whole windows never saw), and REF or ALT alleles longer than the ``length - length
+    // 2`` bases a window holds from the variant's first base on (a 41-base deletion in a 16-base
+    window: the ref window shows 8 of its bases). Counted ``CHUNK_ROWS`` variants at a time."""
+    half = length - length // 2
+    found = {"off": _Flagged(), "long": _Flagged()}
+    ends = np.array([contigs.length(c) for c in table.ranked_names()], dtype=np.int64)
+    ranks, lines = table.chrom_ranks(), table.line_numbers()
+    for lo in range(0, len(table), variant_table.CHUNK_ROWS):
+        hi = min(lo + variant_table.CHUNK_ROWS, len(table))
+        pos = table.positions()[lo:hi]
+        ref_len, alt_len = (pc.utf8_length(table.text(k).slice(lo, hi - lo)).to_numpy(zero_copy_only=False)
+                            .astype(np.int64) for k in ("ref", "alt"))
+        start = pos - 1 - length // 2
+        need_end = np.maximum(start + length, pos - 1 + ref_len + np.maximum(0, half - alt_len))
+        found["off"].add(lo + np.flatnonzero((start < 0) | (need_end > ends[ranks[lo:hi]])), lines)
+        found["long"].add(lo + np.flatnonzero(np.maximum(ref_len, alt_len) > half), lines)
+    off, long = found["off"], found["long"]
+    notes = []
+    if off.count:
+        notes.append(f"{off.count} variant(s) are within half a window of a contig end (first: "
+                     f"{_where(table, name, off.first)}): their windows run past it and hold N there (code 4, "
+                     "scored as the encoding's n_value), bases the model does not see in a window inside a contig")
+    if long.count:
+        notes.append(f"{long.count} variant(s) have a REF or ALT longer than the {half} bases a {length}-base window "
+                     f"holds from the variant on (first: {_where(table, name, long.first)}): their windows hold "
+                     f"only its first {half} bases; a windows.length of twice the longest allele holds them whole")
+    return notes
+
+
+@dataclass
+class _Flagged:
+    """How many variants a note is about, and the earliest of them in the file (its row)."""
+
+    count: int = 0
+    first: int = -1
+    first_line: int = 0
+
+    def add(self, rows: np.ndarray, lines: np.ndarray) -> None:
+        if not len(rows):
+            return
+        self.count += len(rows)
+        row = int(rows[np.argmin(lines[rows])])
+        if self.first < 0 or lines[row] < self.first_line:
+            self.first, self.first_line = row, int(lines[row])
+
+
+def _where(table: VariantTable, name: str, row: int) -> str:
+    """One variant as a note names it: where it is in the file, and what it is."""
+    found = table.row(row)
+    ref, alt = (a if len(a) <= 20 else f"{a[:20]}...({len(a)} bases)" for a in (found["ref"], found["alt"]))
+    return f"{name} line {found['line']}, {found['chrom']}:{found['pos']} {ref}>{alt}"
+
+
+def _earliest(rows: np.ndarray, lines: np.ndarray) -> int:
+    """The row among ``rows`` that comes first in the file."""
+    return int(rows[np.argmin(lines[rows])])
 
 
 def check_refs(table: VariantTable, reference: Reference, chunk_bases: int) -> np.ndarray:
