@@ -20,12 +20,11 @@ from conftest import (
     audit_lines,
     cli,
     committed_count,
-    slide_job,
     synthetic_slides,
     wait_for,
-    write_job,
 )
 from terminal import Terminal
+from test_interruptions import _job as interruption_job
 
 pytestmark = pytest.mark.slow
 N_SLIDES = 6
@@ -38,12 +37,7 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _job(tmp_path: Path, slides: Path, model: Path, profile: str = "local") -> Path:
     """Slow enough shards (8-pixel tiles, one at a time) that the run is mid-way when signalled."""
-    job = slide_job([str(slides / "*.tif")], model, tmp_path / "out",
-                    run={"readers": 1, "prefetch_batches": 1, "profile": profile, "heartbeat_s": 0.3,
-                         "workers": 1})
-    job["tiles"] = {"size": 8, "level": 0, "tissue": {"method": "none"}}
-    job["model"]["batch_size"] = 1
-    return write_job(tmp_path / "job.yaml", job)
+    return interruption_job(tmp_path, slides, model, profile, tile=8, batch_size=1)
 
 
 def _status(out: Path) -> dict[str, Any]:

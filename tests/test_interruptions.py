@@ -31,12 +31,13 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def _job(tmp_path: Path, slides: Path, model: Path, profile: str = "inline") -> Path:
+def _job(tmp_path: Path, slides: Path, model: Path, profile: str = "inline", tile: int = 32,
+         batch_size: int = 4) -> Path:
     job = slide_job([str(slides / "*.tif")], model, tmp_path / "out",
                     run={"readers": 1, "prefetch_batches": 1, "profile": profile, "heartbeat_s": 0.3,
                          "workers": 1})
-    job["tiles"] = {"size": 32, "level": 0, "tissue": {"method": "none"}}
-    job["model"]["batch_size"] = 4
+    job["tiles"] = {"size": tile, "level": 0, "tissue": {"method": "none"}}
+    job["model"]["batch_size"] = batch_size
     return write_job(tmp_path / "job.yaml", job)
 
 
