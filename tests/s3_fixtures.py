@@ -57,6 +57,9 @@ class Faults:
     failing_writes: set[str] = field(default_factory=set)  # writes to keys ending so answered 503
     #: "bucket/key" -> how many of its next GETs are answered 503 SlowDown (a server throttling once)
     slow_gets: dict[str, int] = field(default_factory=dict)
+    #: key ending -> seconds the next write to such a key is held before it is forwarded (once
+    #: each: a request that stalls in a load balancer, then lands late)
+    stalled_writes: dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -120,7 +123,8 @@ class FaultProxy:
             del self.signatures[:-200]
 
     def decide(self, method: str, path: str, byte_range: str | None = None) -> str:
-        """'forward', 'error', 'reset-early', 'reset-body' or 'forbidden' for one request."""
+        """'forward', 'error', 'reset-early', 'reset-body', 'forbidden' or 'stall:SECONDS' (held,
+        then forwarded) for one request."""
         with self._lock:
             self.stats["requests"] += 1
             if method in ("GET", "HEAD"):
@@ -128,6 +132,9 @@ class FaultProxy:
             if method in ("PUT", "POST"):
                 self.uploads[_key(path)] = self.uploads.get(_key(path), 0) + 1
             if method not in ("GET", "HEAD"):
+                stall = next((end for end in self.faults.stalled_writes if _key(path).endswith(end)), None)
+                if stall is not None:
+                    return f"stall:{self.faults.stalled_writes.pop(stall)}"
                 if any(_key(path).endswith(end) for end in self.faults.failing_writes) or (
                         self.faults.write_error_rate and self._rng.random() < self.faults.write_error_rate):
                     self.stats["write_errors"] += 1
@@ -211,6 +218,8 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 return self._answer(503, SLOWDOWN_XML)
             if action == "reset-early":
                 return self._reset()
+            if action.startswith("stall:"):
+                time.sleep(float(action.split(":", 1)[1]))
             status, headers, data = self._forward(body)
             self.send_response(status)
             for name, value in headers:

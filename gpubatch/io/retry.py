@@ -227,6 +227,22 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+#: S3's answers to a conditional write whose condition did not hold: the object exists
+#: (If-None-Match), or it changed (If-Match), or another conditional write to it is in flight
+PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def is_precondition_failed(exc: BaseException) -> bool:
+    """True when a conditional write was refused because its condition did not hold (412, or
+    S3's 409 ConditionalRequestConflict): another writer's object is there, not a failure to
+    retry. s3fs raises these as FileExistsError or OSError(EINVAL), the botocore error as cause."""
+    for node in _chain(exc):
+        status, code = _status_and_code(node)
+        if code in PRECONDITION_CODES or status == 412:
+            return True
+    return False
+
+
 def is_throttled(exc: BaseException) -> bool:
     """True when a server refused a request for being asked too often, or too busy to take it:
     429, 503 (S3's SlowDown and ServiceUnavailable), a Throttling* code. A retry of one should

@@ -22,9 +22,9 @@ from gpubatch.core.errors import GpubatchError, InputError
 from gpubatch.core.files import write_bytes_atomic
 from gpubatch.io.redact import redact
 from gpubatch.io.retried_fs import RetriedFS
-from gpubatch.io.retry import RetryPolicy, call_with_retries
+from gpubatch.io.retry import RetryPolicy, call_with_retries, is_precondition_failed
 from gpubatch.io.storage import get_fs, library_options, open_seekable, upload_fs
-from gpubatch.io.uris import is_remote, local_path
+from gpubatch.io.uris import is_remote, local_path, protocol_of
 from gpubatch.outputs.layout import TMP_PREFIX
 
 POLICY = RetryPolicy(attempts=5)
@@ -167,14 +167,15 @@ class OutputStore:
 
     def create_json(self, name: str, data: Any) -> bool | None:
         """Write ``name`` only if it does not exist, atomically: True when this call created it,
-        False when it existed, None where the store cannot tell (object storage here, or a
-        filesystem without hard links), and the caller must settle it another way.
+        False when it existed, None where the store cannot tell (object storage other than S3,
+        or a filesystem without hard links), and the caller must settle it another way.
 
         On disk: a complete temporary file hard-linked to the name, which fails if the name
-        exists, on NFS too (the classic exclusive create that ``O_EXCL`` is not there).
+        exists, on NFS too (the classic exclusive create that ``O_EXCL`` is not there). On S3: a
+        conditional write (``If-None-Match: *``, see :meth:`replace_json`).
         """
         if self.remote:
-            return None
+            return self.replace_json(name, data, None)
         target, tmp = self._temporary_beside(name)
         try:
             tmp.write_bytes(_json_bytes(data))
@@ -186,6 +187,51 @@ class OutputStore:
             return None
         finally:
             tmp.unlink(missing_ok=True)
+
+    def version(self, name: str) -> str | None:
+        """The S3 ETag of ``name`` now (for :meth:`replace_json`), None when it does not exist or
+        the store has no conditional writes. Ask it before reading the file: a write landing in
+        between then fails the condition rather than being replaced unseen."""
+        if not self.conditional:
+            return None
+        try:
+            info = call_with_retries(lambda: self.fs.info(self.path(name)), self.url(name), POLICY)
+        except InputError as exc:
+            if exc.retryable:
+                raise
+            return None
+        return str(info.get("ETag")) if info.get("ETag") else None
+
+    def replace_json(self, name: str, data: Any, version: str | None) -> bool | None:
+        """Write ``name`` only if it is still at ``version`` (an ETag from :meth:`version`), or,
+        for ``None``, only if it does not exist: True when written, False when another writer's
+        object was there (412), None where the store has no conditional writes (the caller
+        writes plainly and checks another way).
+
+        S3 (and S3-compatible servers that honour ``If-None-Match``/``If-Match``) is the object
+        store whose conditional writes are reachable here; a retry of a write that landed but
+        whose answer was lost meets its own object and says False: the caller reads it back."""
+        if not self.conditional:
+            return None
+        body, bucket_key = _json_bytes(data), self.path(name)
+        bucket, key = bucket_key.split("/", 1)
+        condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
+
+        def put() -> bool:
+            try:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+            except Exception as exc:  # noqa: BLE001 - a refused condition is an answer, the rest retried
+                if is_precondition_failed(exc) or (version is None and isinstance(exc, FileExistsError)):
+                    return False
+                raise
+            return True
+
+        return bool(call_with_retries(put, self.url(name), POLICY))
+
+    @property
+    def conditional(self) -> bool:
+        """Whether writes here can be made conditional on the object's version (S3)."""
+        return self.remote and protocol_of(self.uri) in ("s3", "s3a")
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[HashingWriter]:
