@@ -60,6 +60,9 @@ class Faults:
     #: key ending -> seconds the next write to such a key is held before it is forwarded (once
     #: each: a request that stalls in a load balancer, then lands late)
     stalled_writes: dict[str, float] = field(default_factory=dict)
+    #: key ending -> seconds the next write to such a key is held, then its connection reset, the
+    #: write never forwarded (once each: an upload whose client is killed while it is in flight)
+    dropped_writes: dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -123,8 +126,8 @@ class FaultProxy:
             del self.signatures[:-200]
 
     def decide(self, method: str, path: str, byte_range: str | None = None) -> str:
-        """'forward', 'error', 'reset-early', 'reset-body', 'forbidden' or 'stall:SECONDS' (held,
-        then forwarded) for one request."""
+        """'forward', 'error', 'reset-early', 'reset-body', 'forbidden', 'stall:SECONDS' (held,
+        then forwarded) or 'drop:SECONDS' (held, then reset unforwarded) for one request."""
         with self._lock:
             self.stats["requests"] += 1
             if method in ("GET", "HEAD"):
@@ -135,6 +138,9 @@ class FaultProxy:
                 stall = next((end for end in self.faults.stalled_writes if _key(path).endswith(end)), None)
                 if stall is not None:
                     return f"stall:{self.faults.stalled_writes.pop(stall)}"
+                drop = next((end for end in self.faults.dropped_writes if _key(path).endswith(end)), None)
+                if drop is not None:
+                    return f"drop:{self.faults.dropped_writes.pop(drop)}"
                 if any(_key(path).endswith(end) for end in self.faults.failing_writes) or (
                         self.faults.write_error_rate and self._rng.random() < self.faults.write_error_rate):
                     self.stats["write_errors"] += 1
@@ -218,8 +224,10 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 return self._answer(503, SLOWDOWN_XML)
             if action == "reset-early":
                 return self._reset()
-            if action.startswith("stall:"):
+            if action.startswith(("stall:", "drop:")):
                 time.sleep(float(action.split(":", 1)[1]))
+                if action.startswith("drop:"):
+                    return self._reset()
             status, headers, data = self._forward(body)
             self.send_response(status)
             for name, value in headers:
