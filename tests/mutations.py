@@ -174,7 +174,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("the S3 lease is written without a condition", "gpubatch/outputs/store.py",
        'condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}',
        "condition: dict[str, str] = {}",
-       "tests/test_remote_output_races.py::test_two_writers_taking_over_one_stale_s3_lease_one_refuses"),
+       "tests/test_remote_output_faults.py::test_two_writers_taking_over_one_stale_s3_lease_one_refuses"),
     _m("a run beats on a lease another run took over", "gpubatch/outputs/lease.py",
        "                    if self._taken_over():\n", "                    if False:\n",
        "tests/test_runs_cannot_mix.py::test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_output_to_the_new_one"),

@@ -63,6 +63,10 @@ class Faults:
     #: key ending -> seconds the next write to such a key is held, then its connection reset, the
     #: write never forwarded (once each: an upload whose client is killed while it is in flight)
     dropped_writes: dict[str, float] = field(default_factory=dict)
+    #: writes to keys containing one of these answered 503, every time (one slide's files, say)
+    writes_failing_within: set[str] = field(default_factory=set)
+    #: key part -> seconds every write to a key containing it is held before it is forwarded
+    writes_stalling_within: dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -135,17 +139,7 @@ class FaultProxy:
             if method in ("PUT", "POST"):
                 self.uploads[_key(path)] = self.uploads.get(_key(path), 0) + 1
             if method not in ("GET", "HEAD"):
-                stall = next((end for end in self.faults.stalled_writes if _key(path).endswith(end)), None)
-                if stall is not None:
-                    return f"stall:{self.faults.stalled_writes.pop(stall)}"
-                drop = next((end for end in self.faults.dropped_writes if _key(path).endswith(end)), None)
-                if drop is not None:
-                    return f"drop:{self.faults.dropped_writes.pop(drop)}"
-                if any(_key(path).endswith(end) for end in self.faults.failing_writes) or (
-                        self.faults.write_error_rate and self._rng.random() < self.faults.write_error_rate):
-                    self.stats["write_errors"] += 1
-                    return "error"
-                return "forward"
+                return self._decide_write(_key(path))
             key = _key(path)
             if method == "HEAD":
                 self.heads[key] = self.heads.get(key, 0) + 1
@@ -175,6 +169,25 @@ class FaultProxy:
                 self.stats["resets"] += 1
                 return "reset-early" if self._rng.random() < 0.5 or method == "HEAD" else "reset-body"
             return "forward"
+
+    def _decide_write(self, key: str) -> str:
+        """What happens to one write (PUT, POST, DELETE) of ``key``; called holding the lock."""
+        faults = self.faults
+        stall = next((end for end in faults.stalled_writes if key.endswith(end)), None)
+        if stall is not None:
+            return f"stall:{faults.stalled_writes.pop(stall)}"
+        drop = next((end for end in faults.dropped_writes if key.endswith(end)), None)
+        if drop is not None:
+            return f"drop:{faults.dropped_writes.pop(drop)}"
+        held = next((s for part, s in faults.writes_stalling_within.items() if part in key), None)
+        if held is not None:
+            return f"stall:{held}"
+        if (any(part in key for part in faults.writes_failing_within)
+                or any(key.endswith(end) for end in faults.failing_writes)
+                or (faults.write_error_rate and self._rng.random() < faults.write_error_rate)):
+            self.stats["write_errors"] += 1
+            return "error"
+        return "forward"
 
     def finished(self, method: str, path: str) -> None:
         """A request has been answered (or dropped)."""

@@ -1,12 +1,12 @@
-"""Two writers meeting on one output on object storage (a real S3 server, moto, on loopback).
+"""An output on object storage (a real S3 server, moto, on loopback) under hostile conditions:
+two writers meeting on it, and writes of a shard's files that fail or stall.
 
 Object stores have no rename and no exclusive create by name, so the lease there is taken with
 S3's conditional writes (``If-None-Match: *`` to create, ``If-Match: <etag>`` to take a stale one
-over). Each test makes one writer's lease write stall in its own fault proxy, so the other's
+over). The race tests make one writer's lease write stall in its own fault proxy, so the other's
 lands first, as a load balancer that holds a request would: write, wait, read back (what the
 lease did before) lets both writers through then, a conditional write does not.
 """
-
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+import pandas as pd
 import pytest
 from conftest import cli, outcome_within, slide_job, synthetic_slides, wait_for, write_job
 from s3_fixtures import FaultProxy, Faults
@@ -51,9 +52,10 @@ def late(s3: S3Stack) -> Iterator[FaultProxy]:
     proxy.close()
 
 
-def _job(folder: Path, slides: Path, model: Path, uri: str, endpoint: str) -> Path:
+def _job(folder: Path, slides: Path, model: Path, uri: str, endpoint: str, **run: object) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    job = slide_job([str(slides / "*.tif")], model, folder / "unused", run={"readers": 1, "prefetch_batches": 1})
+    job = slide_job([str(slides / "*.tif")], model, folder / "unused",
+                    run={"readers": 1, "prefetch_batches": 1, **run})
     job["tiles"] = {"size": 32, "level": 0, "tissue": {"method": "none"}}
     job["model"]["batch_size"] = 4
     job["output"] = {"uri": uri, "formats": ["zarr", "parquet"], "storage": {"endpoint_url": endpoint}}
@@ -145,3 +147,41 @@ def test_two_different_jobs_cannot_share_an_s3_output(tmp_path: Path, slides: Pa
         assert proc.returncode == 2 and refusal in log and "--overwrite" in log, log
         assert "Traceback" not in log and s3.secret not in log, log
     assert s3.fs().cat(f"{s3.bucket}/{prefix}/predictions.parquet") == before
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory, slides: Path, classifier: Path) -> pd.DataFrame:
+    tmp = tmp_path_factory.mktemp("faults-clean")
+    job = _job(tmp, slides, classifier, str(tmp / "out"), "unused")
+    return _sorted(gpubatch.run(job, profile="inline").predictions())
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values(["slide", "x", "y"]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("within", ["predictions.zarr/q1", "_parts/q1", "_manifest/q1"])
+def test_a_shard_whose_writes_keep_failing_is_quarantined_never_committed(
+        tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack, clean: pd.DataFrame, within: str) -> None:
+    """Every write of one slide's zarr group, parquet part or commit record is answered 503: the
+    shard is retried per run.retries, then quarantined (exit 3) naming the slide; nothing of it
+    is committed or merged, the others are whole; --resume computes that slide alone."""
+    prefix = f"runs/{uuid.uuid4().hex}"
+    uri = s3.uri(prefix)
+    job = _job(tmp_path, slides, classifier, uri, s3.proxy.url, retries=1, storage_attempts=2)
+    s3.proxy.configure(writes_failing_within={f"{prefix}/{within}"})
+    proc = cli("run", str(job), "--profile", "inline", env=_env(s3))
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 3, log
+    result = gpubatch.open_results(uri, s3.options(via_proxy=False))
+    assert [f["input"].rsplit("/", 1)[-1] for f in result.report["failed"]] == ["q1.tif"], result.report["failed"]
+    assert not [k for k in s3.fs().ls(f"{s3.bucket}/{prefix}/_manifest", refresh=True) if "/q1" in k]
+    df = _sorted(result.predictions())
+    pd.testing.assert_frame_equal(df, clean[~clean["slide"].str.endswith("/q1.tif")].reset_index(drop=True))
+    s3.proxy.reset()
+    resumed = cli("run", str(job), "--profile", "inline", "--resume", env=_env(s3))
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    again = gpubatch.open_results(uri, s3.options(via_proxy=False))
+    assert sum(1 for s in again.report["shards"] if not s["resumed"]) == 1
+    pd.testing.assert_frame_equal(_sorted(again.predictions()), clean)
