@@ -52,13 +52,15 @@ def late(s3: S3Stack) -> Iterator[FaultProxy]:
     proxy.close()
 
 
-def _job(folder: Path, slides: Path, model: Path, uri: str, endpoint: str, **run: object) -> Path:
+def _job(folder: Path, slides: Path, model: Path, uri: str, endpoint: str, storage: dict | None = None,
+         **run: object) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     job = slide_job([str(slides / "*.tif")], model, folder / "unused",
                     run={"readers": 1, "prefetch_batches": 1, **run})
     job["tiles"] = {"size": 32, "level": 0, "tissue": {"method": "none"}}
     job["model"]["batch_size"] = 4
-    job["output"] = {"uri": uri, "formats": ["zarr", "parquet"], "storage": {"endpoint_url": endpoint}}
+    job["output"] = {"uri": uri, "formats": ["zarr", "parquet"],
+                     "storage": {"endpoint_url": endpoint, **(storage or {})}}
     return write_job(folder / "job.yaml", job)
 
 
@@ -185,3 +187,27 @@ def test_a_shard_whose_writes_keep_failing_is_quarantined_never_committed(
     again = gpubatch.open_results(uri, s3.options(via_proxy=False))
     assert sum(1 for s in again.report["shards"] if not s["resumed"]) == 1
     pd.testing.assert_frame_equal(_sorted(again.predictions()), clean)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("within", ["predictions.zarr/q1", "_parts/q1", "_manifest/q1"])
+def test_a_shard_whose_writes_stall_fails_in_bounded_time_naming_the_setting(
+        tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack, clean: pd.DataFrame, within: str) -> None:
+    """Every write of one slide's files is held by the server past the read timeout: each times
+    out (no wait without a bound), the shard is quarantined with an error that says it timed
+    out and names the setting that bounds it; the other slides are whole."""
+    prefix = f"runs/{uuid.uuid4().hex}"
+    uri = s3.uri(prefix)
+    job = _job(tmp_path, slides, classifier, uri, s3.proxy.url, {"config_kwargs": {"read_timeout": 1}},
+               retries=1, storage_attempts=2)
+    s3.proxy.configure(writes_stalling_within={f"{prefix}/{within}": 4.0})
+    proc = cli("run", str(job), "--profile", "inline", env=_env(s3))
+    log = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 3, log
+    result = gpubatch.open_results(uri, s3.options(via_proxy=False))
+    failed = result.report["failed"]
+    assert [f["input"].rsplit("/", 1)[-1] for f in failed] == ["q1.tif"], failed
+    assert "output.storage config_kwargs.read_timeout" in failed[0]["error"], failed
+    assert f"{prefix}/{within}" in failed[0]["error"] and s3.secret not in failed[0]["error"], failed
+    df = _sorted(result.predictions())
+    pd.testing.assert_frame_equal(df, clean[~clean["slide"].str.endswith("/q1.tif")].reset_index(drop=True))

@@ -402,9 +402,18 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     return InputError(uri, f"storage error ({detail})")
 
 
-#: where a scheme's storage options set how long a read may wait on a silent server
-READ_TIMEOUT_SETTING = {"s3": "input.storage config_kwargs.read_timeout (seconds; 60 unless set)",
+#: where a scheme's storage options set how long a read may wait on a silent server ({section}:
+#: input.storage, or output.storage for a URI under an output, see :func:`register_output`)
+READ_TIMEOUT_SETTING = {"s3": "{section} config_kwargs.read_timeout (seconds; 60 unless set)",
                         "http": "a silence of 60 s (connection 10 s)"}
+#: the roots of the outputs this process writes (redacted, with a trailing slash)
+_output_roots: set[str] = set()
+
+
+def register_output(uri: str) -> None:
+    """Note an output's root: a request under it that times out names output.storage's setting,
+    not input.storage's (a commit record that timed out told the user to change the input's)."""
+    _output_roots.add(redact(uri).rstrip("/") + "/")
 
 
 def timed_out(exc: BaseException) -> bool:
@@ -424,7 +433,9 @@ def timed_out(exc: BaseException) -> bool:
 def _timeout_hint(uri: str) -> str:
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     setting = READ_TIMEOUT_SETTING.get(_SCHEME_FAMILY.get(scheme, scheme))
-    where = f"; {setting} bounds each wait" if setting else ""
+    output = any(f"{redact(uri).rstrip('/')}/".startswith(root) for root in _output_roots)
+    where = f"; {setting.format(section='output.storage' if output else 'input.storage')} bounds each wait" \
+        if setting else ""
     return f": the server timed out (no answer in time){where}"
 
 

@@ -22,7 +22,14 @@ from gpubatch.core.errors import GpubatchError, InputError
 from gpubatch.core.files import write_bytes_atomic
 from gpubatch.io.redact import redact
 from gpubatch.io.retried_fs import RetriedFS
-from gpubatch.io.retry import RetryPolicy, call_with_retries, is_precondition_failed
+from gpubatch.io.retry import (
+    RetryPolicy,
+    call_with_retries,
+    is_precondition_failed,
+    is_transient,
+    register_output,
+    storage_error,
+)
 from gpubatch.io.storage import get_fs, library_options, open_seekable, upload_fs
 from gpubatch.io.uris import is_remote, local_path, protocol_of
 from gpubatch.outputs.layout import TMP_PREFIX
@@ -63,6 +70,8 @@ class OutputStore:
         self.options = dict(options or {})
         self.fs, self.root = get_fs(self.uri, self.options)
         self.root = self.root.rstrip("/")
+        if self.remote:
+            register_output(self.uri)
 
     @classmethod
     def of(cls, where: OutputStore | str | Path, options: dict[str, Any] | None = None) -> OutputStore:
@@ -292,7 +301,23 @@ class OutputStore:
         if not self.remote:
             return zarr.open_group(self.path(name), mode=mode, attributes=attributes)  # type: ignore[arg-type]
         return zarr.open_group(self.url(name), mode=mode, attributes=attributes,  # type: ignore[arg-type]
-                               storage_options=library_options(self.uri, self.options))
+                               storage_options=library_options(self.uri, self.options, POLICY.attempts))
+
+
+@contextlib.contextmanager
+def output_errors(store: OutputStore) -> Iterator[None]:
+    """Failures of writes a library makes (zarr's store, a streamed part's upload), which retry
+    on their own, raised as the storage errors the output store's own calls raise: retryable
+    when transient, and a timeout naming output.storage's setting; the client's message, which
+    names the key, is kept."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise storage_error(store.uri, exc, POLICY.attempts) from exc
 
 
 def _json_bytes(data: Any, indent: int | None = 1) -> bytes:
