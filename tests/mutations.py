@@ -147,7 +147,8 @@ MUTATIONS: tuple[Mutation, ...] = (
        "        out += offset.reshape(1, -1, 1, 1)\n", "",
        "tests/test_kernels.py"),
     _m("a failed upload is published", "gpubatch/outputs/store.py",
-       "                _discard(raw)\n                raise\n", "                raw.close()\n                raise\n",
+       "                    _discard(raw)\n                    raise\n",
+       "                    raw.close()\n                    raise\n",
        "tests/test_remote_outputs.py::test_a_write_that_fails_midway_leaves_no_object"),
     _m("a Ctrl-C during the run's end is not recorded", "gpubatch/runtime/runner.py",
        "            except (KeyboardInterrupt, Terminated, Exception) as exc:  # the commits stand; recorded as\n"

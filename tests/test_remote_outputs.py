@@ -161,18 +161,21 @@ def test_a_folder_is_deleted_through_503s(s3: S3Stack) -> None:
         assert store.listdir("predictions.zarr") == [] and not store.exists("predictions.zarr/c/0/0")
 
 
+@pytest.mark.parametrize("refused", ["predictions.parquet", "audit.jsonl", "predictions.zarr/zarr.json"])
 def test_outputs_that_cannot_be_written_fail_the_run_clearly_and_resume_writes_them(
-        tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack, clean: pd.DataFrame) -> None:
-    """Every shard committed, then predictions.parquet refused: the run stops with a message that
-    says so and names --resume (not a traceback), status.json says failed, and --resume writes
-    the outputs without computing a shard again."""
+        tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack, clean: pd.DataFrame, refused: str) -> None:
+    """Every shard committed, then one of the run's own files refused: the run stops with a
+    message that says so, names the file and --resume (not a traceback), status.json says
+    failed (audit.jsonl refused too: it was left saying running), and --resume writes the
+    outputs without computing a shard again."""
     uri = f"s3://{s3.bucket}/runs/{uuid.uuid4().hex}"
     quick = {**s3.options(), "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
     job = _job(tmp_path, slides, classifier, uri, quick)
-    s3.proxy.configure(failing_writes={"/predictions.parquet"})
+    s3.proxy.configure(failing_writes={f"/{refused}"})
     with pytest.raises(OutputsNotWrittenError, match="rerun with --resume") as info:
         gpubatch.run(job, profile="inline")
-    assert s3.secret not in str(info.value)
+    named = refused.split("/")[0]  # the zarr root: its metadata's key is zarr's business
+    assert s3.secret not in str(info.value) and f"{uri}/{named}:" in str(info.value), info.value
     status = json.loads(s3.fs().cat(f"{uri.removeprefix('s3://')}/status.json"))
     assert status["state"] == "failed" and status["done"] == N_SLIDES
     s3.proxy.reset()

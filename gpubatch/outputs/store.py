@@ -249,13 +249,14 @@ class OutputStore:
         temporary name and renamed."""
         if self.remote:
             fs, _ = upload_fs(self.uri, self.options)
-            raw = fs.open(self.path(name), "wb")
-            try:
-                yield HashingWriter(raw)
-            except BaseException:
-                _discard(raw)
-                raise
-            raw.close()
+            with output_errors(self, name):
+                raw = fs.open(self.path(name), "wb")
+                try:
+                    yield HashingWriter(raw)
+                except BaseException:
+                    _discard(raw)
+                    raise
+                raw.close()
             return
         target, tmp = self._temporary_beside(name)
         try:
@@ -305,11 +306,11 @@ class OutputStore:
 
 
 @contextlib.contextmanager
-def output_errors(store: OutputStore) -> Iterator[None]:
-    """Failures of writes a library makes (zarr's store, a streamed part's upload), which retry
-    on their own, raised as the storage errors the output store's own calls raise: retryable
-    when transient, and a timeout naming output.storage's setting; the client's message, which
-    names the key, is kept."""
+def output_errors(store: OutputStore, name: str = "") -> Iterator[None]:
+    """Failures of writes a library makes (zarr's store, a streamed upload), which retry on
+    their own, raised as the storage errors the output store's own calls raise: naming the file
+    (``name`` under the output; a 503's message names none), retryable when transient, and a
+    timeout naming output.storage's setting."""
     try:
         yield
     except InputError:
@@ -317,7 +318,7 @@ def output_errors(store: OutputStore) -> Iterator[None]:
     except Exception as exc:
         if not is_transient(exc):
             raise
-        raise storage_error(store.uri, exc, POLICY.attempts) from exc
+        raise storage_error(store.url(name), exc, POLICY.attempts) from exc
 
 
 def _json_bytes(data: Any, indent: int | None = 1) -> bytes:

@@ -120,7 +120,7 @@ class ShardWriter:
             # Opened now, not at the first flush: an output that cannot be written fails the
             # shard before its compute is spent, and zarr's set-up (its I/O loop, the codecs)
             # happens beside the slide opening rather than beside another shard's batches.
-            with output_errors(self.store):
+            with output_errors(self.store, f"{ZARR}/{self.group}"):
                 self._open_group()
 
     def write(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
