@@ -57,6 +57,16 @@ class Faults:
     failing_writes: set[str] = field(default_factory=set)  # writes to keys ending so answered 503
     #: "bucket/key" -> how many of its next GETs are answered 503 SlowDown (a server throttling once)
     slow_gets: dict[str, int] = field(default_factory=dict)
+    #: key ending -> seconds the next write to such a key is held before it is forwarded (once
+    #: each: a request that stalls in a load balancer, then lands late)
+    stalled_writes: dict[str, float] = field(default_factory=dict)
+    #: key ending -> seconds the next write to such a key is held, then its connection reset, the
+    #: write never forwarded (once each: an upload whose client is killed while it is in flight)
+    dropped_writes: dict[str, float] = field(default_factory=dict)
+    #: writes to keys containing one of these answered 503, every time (one slide's files, say)
+    writes_failing_within: set[str] = field(default_factory=set)
+    #: key part -> seconds every write to a key containing it is held before it is forwarded
+    writes_stalling_within: dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -124,7 +134,8 @@ class FaultProxy:
             del self.signatures[:-200]
 
     def decide(self, method: str, path: str, byte_range: str | None = None) -> str:
-        """'forward', 'error', 'reset-early', 'reset-body' or 'forbidden' for one request."""
+        """'forward', 'error', 'reset-early', 'reset-body', 'forbidden', 'stall:SECONDS' (held,
+        then forwarded) or 'drop:SECONDS' (held, then reset unforwarded) for one request."""
         with self._lock:
             self.stats["requests"] += 1
             self.log.append((method, path))
@@ -133,11 +144,7 @@ class FaultProxy:
             if method in ("PUT", "POST"):
                 self.uploads[_key(path)] = self.uploads.get(_key(path), 0) + 1
             if method not in ("GET", "HEAD"):
-                if any(_key(path).endswith(end) for end in self.faults.failing_writes) or (
-                        self.faults.write_error_rate and self._rng.random() < self.faults.write_error_rate):
-                    self.stats["write_errors"] += 1
-                    return "error"
-                return "forward"
+                return self._decide_write(_key(path))
             key = _key(path)
             if method == "HEAD":
                 self.heads[key] = self.heads.get(key, 0) + 1
@@ -167,6 +174,25 @@ class FaultProxy:
                 self.stats["resets"] += 1
                 return "reset-early" if self._rng.random() < 0.5 or method == "HEAD" else "reset-body"
             return "forward"
+
+    def _decide_write(self, key: str) -> str:
+        """What happens to one write (PUT, POST, DELETE) of ``key``; called holding the lock."""
+        faults = self.faults
+        stall = next((end for end in faults.stalled_writes if key.endswith(end)), None)
+        if stall is not None:
+            return f"stall:{faults.stalled_writes.pop(stall)}"
+        drop = next((end for end in faults.dropped_writes if key.endswith(end)), None)
+        if drop is not None:
+            return f"drop:{faults.dropped_writes.pop(drop)}"
+        held = next((s for part, s in faults.writes_stalling_within.items() if part in key), None)
+        if held is not None:
+            return f"stall:{held}"
+        if (any(part in key for part in faults.writes_failing_within)
+                or any(key.endswith(end) for end in faults.failing_writes)
+                or (faults.write_error_rate and self._rng.random() < faults.write_error_rate)):
+            self.stats["write_errors"] += 1
+            return "error"
+        return "forward"
 
     def finished(self, method: str, path: str) -> None:
         """A request has been answered (or dropped)."""
@@ -216,6 +242,10 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 return self._answer(503, SLOWDOWN_XML)
             if action == "reset-early":
                 return self._reset()
+            if action.startswith(("stall:", "drop:")):
+                time.sleep(float(action.split(":", 1)[1]))
+                if action.startswith("drop:"):
+                    return self._reset()
             status, headers, data = self._forward(body)
             self.send_response(status)
             for name, value in headers:

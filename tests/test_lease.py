@@ -1,8 +1,8 @@
 """The lease of one run on one output, taken against a real folder and a real S3 server.
 
 A free local output's lease is created atomically and at once; a held one refuses naming its
-holder; a stale one is taken over; where no atomic create exists (object storage) the lease is
-written, waited on and read back.
+holder; a stale one is taken over; on S3 it is created and replaced with conditional writes, then
+read back; where no atomic create exists the lease is written, waited on and read back.
 """
 
 from __future__ import annotations
@@ -102,9 +102,11 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_refuses(tmp_path: Path, monk
     assert not (tmp_path / "out" / LEASE).exists()
 
 
-def test_on_object_storage_the_lease_is_written_waited_on_and_read_back(s3: S3Stack) -> None:
+def test_on_object_storage_the_lease_is_created_conditionally_and_read_back(s3: S3Stack) -> None:
     store = OutputStore(f"s3://{s3.bucket}/leases/{uuid.uuid4().hex}", s3.options())
-    assert store.create_json(LEASE, {"run_id": "x"}) is None  # no create-if-absent: the caller confirms
+    assert store.create_json("probe.json", {"run_id": "x"}) is True  # If-None-Match: *
+    assert store.create_json("probe.json", {"run_id": "y"}) is False
+    assert store.read_json("probe.json") == {"run_id": "x"}
     first = _lease(store, "run-a")
     assert _acquire_within(first, 60) is None
     assert store.read_json(LEASE)["run_id"] == "run-a"

@@ -161,18 +161,21 @@ def test_a_folder_is_deleted_through_503s(s3: S3Stack) -> None:
         assert store.listdir("predictions.zarr") == [] and not store.exists("predictions.zarr/c/0/0")
 
 
+@pytest.mark.parametrize("refused", ["predictions.parquet", "audit.jsonl", "predictions.zarr/zarr.json"])
 def test_outputs_that_cannot_be_written_fail_the_run_clearly_and_resume_writes_them(
-        tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack, clean: pd.DataFrame) -> None:
-    """Every shard committed, then predictions.parquet refused: the run stops with a message that
-    says so and names --resume (not a traceback), status.json says failed, and --resume writes
-    the outputs without computing a shard again."""
+        tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack, clean: pd.DataFrame, refused: str) -> None:
+    """Every shard committed, then one of the run's own files refused: the run stops with a
+    message that says so, names the file and --resume (not a traceback), status.json says
+    failed (audit.jsonl refused too: it was left saying running), and --resume writes the
+    outputs without computing a shard again."""
     uri = f"s3://{s3.bucket}/runs/{uuid.uuid4().hex}"
     quick = {**s3.options(), "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
     job = _job(tmp_path, slides, classifier, uri, quick)
-    s3.proxy.configure(failing_writes={"/predictions.parquet"})
+    s3.proxy.configure(failing_writes={f"/{refused}"})
     with pytest.raises(OutputsNotWrittenError, match="rerun with --resume") as info:
         gpubatch.run(job, profile="inline")
-    assert s3.secret not in str(info.value)
+    named = refused.split("/")[0]  # the zarr root: its metadata's key is zarr's business
+    assert s3.secret not in str(info.value) and f"{uri}/{named}:" in str(info.value), info.value
     status = json.loads(s3.fs().cat(f"{uri.removeprefix('s3://')}/status.json"))
     assert status["state"] == "failed" and status["done"] == N_SLIDES
     s3.proxy.reset()
@@ -224,6 +227,41 @@ def test_killed_client_then_resume_on_s3_equals_a_clean_run(tmp_path: Path, slid
     committed = [x["shard_id"] for x in lines if x["event"] == "shard_committed"]
     assert len(committed) == len(set(committed)) == N_SLIDES
     leftovers = [p for p in s3.fs().find(uri.removeprefix("s3://")) if "/.tmp-" in p]
+    assert not leftovers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("held", ["/predictions.parquet", "/report.json"])
+def test_client_killed_while_writing_the_run_s_end_then_resume_is_whole_and_true(
+        tmp_path: Path, slides: Path, classifier: Path, s3: S3Stack, clean: pd.DataFrame, held: str) -> None:
+    """Every shard committed, then the client SIGKILLed while its merged table (or its report)
+    is in flight to S3, the upload never landing. --resume computes nothing again and leaves the
+    output whole: every row once, the report counting every shard, status finished."""
+    prefix = f"runs/{uuid.uuid4().hex}"
+    uri = s3.uri(prefix)
+    job = _job(tmp_path, slides, classifier, uri, {"endpoint_url": s3.proxy.url}, profile="inline")
+    s3.proxy.configure(dropped_writes={f"{prefix}{held}": 600.0})
+    proc = cli("run", str(job), env=_env(s3), start_new_session=True)
+    wait_for(lambda: s3.proxy.uploads.get(f"{s3.bucket}/{prefix}{held}", 0) >= 1, 180, f"{held} in flight")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _commits(s3, uri) == N_SLIDES
+    status = json.loads(s3.fs().cat(f"{s3.bucket}/{prefix}/status.json"))
+    assert status["state"] != "finished", status
+    said = cli("status", uri, env=_env(s3)).communicate(timeout=60)[0]
+    assert f"{N_SLIDES}/{N_SLIDES} shards done" in said and not said.startswith("finished"), said
+    s3.proxy.configure(dropped_writes={})
+    resumed = cli("run", str(job), "--resume", env=_env(s3))
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    result = gpubatch.open_results(uri, s3.options(via_proxy=False))
+    assert [s["resumed"] for s in result.report["shards"]] == [True] * N_SLIDES
+    assert result.report["items"] == 0 and result.report["items_total"] == len(clean)
+    df = _sorted(result.predictions())
+    assert not df.duplicated(["slide", "x", "y"]).any()
+    pd.testing.assert_frame_equal(df, clean)
+    assert json.loads(s3.fs().cat(f"{s3.bucket}/{prefix}/status.json"))["state"] == "finished"
+    leftovers = [p for p in s3.fs().find(f"{s3.bucket}/{prefix}") if "/.tmp-" in p]
     assert not leftovers
 
 

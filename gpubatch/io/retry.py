@@ -227,6 +227,22 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+#: S3's answers to a conditional write whose condition did not hold: the object exists
+#: (If-None-Match), or it changed (If-Match), or another conditional write to it is in flight
+PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def is_precondition_failed(exc: BaseException) -> bool:
+    """True when a conditional write was refused because its condition did not hold (412, or
+    S3's 409 ConditionalRequestConflict): another writer's object is there, not a failure to
+    retry. s3fs raises these as FileExistsError or OSError(EINVAL), the botocore error as cause."""
+    for node in _chain(exc):
+        status, code = _status_and_code(node)
+        if code in PRECONDITION_CODES or status == 412:
+            return True
+    return False
+
+
 def is_throttled(exc: BaseException) -> bool:
     """True when a server refused a request for being asked too often, or too busy to take it:
     429, 503 (S3's SlowDown and ServiceUnavailable), a Throttling* code. A retry of one should
@@ -386,9 +402,18 @@ def storage_error(uri: str, exc: BaseException, attempts: int = 1) -> InputError
     return InputError(uri, f"storage error ({detail})")
 
 
-#: where a scheme's storage options set how long a read may wait on a silent server
-READ_TIMEOUT_SETTING = {"s3": "input.storage config_kwargs.read_timeout (seconds; 60 unless set)",
+#: where a scheme's storage options set how long a read may wait on a silent server ({section}:
+#: input.storage, or output.storage for a URI under an output, see :func:`register_output`)
+READ_TIMEOUT_SETTING = {"s3": "{section} config_kwargs.read_timeout (seconds; 60 unless set)",
                         "http": "a silence of 60 s (connection 10 s)"}
+#: the roots of the outputs this process writes (redacted, with a trailing slash)
+_output_roots: set[str] = set()
+
+
+def register_output(uri: str) -> None:
+    """Note an output's root: a request under it that times out names output.storage's setting,
+    not input.storage's (a commit record that timed out told the user to change the input's)."""
+    _output_roots.add(redact(uri).rstrip("/") + "/")
 
 
 def timed_out(exc: BaseException) -> bool:
@@ -408,7 +433,9 @@ def timed_out(exc: BaseException) -> bool:
 def _timeout_hint(uri: str) -> str:
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     setting = READ_TIMEOUT_SETTING.get(_SCHEME_FAMILY.get(scheme, scheme))
-    where = f"; {setting} bounds each wait" if setting else ""
+    output = any(f"{redact(uri).rstrip('/')}/".startswith(root) for root in _output_roots)
+    where = f"; {setting.format(section='output.storage' if output else 'input.storage')} bounds each wait" \
+        if setting else ""
     return f": the server timed out (no answer in time){where}"
 
 

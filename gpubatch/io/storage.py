@@ -304,12 +304,12 @@ def upload_fs(uri: str, options: dict[str, Any] | None = None) -> tuple[Any, str
 
 
 def library_fs(uri: str, options: dict[str, Any] | None = None, *,
-               asynchronous: bool = False) -> tuple[Any, str]:
+               asynchronous: bool = False, attempts: int | None = None) -> tuple[Any, str]:
     """:func:`get_fs`'s filesystem for requests a library makes on it (an fsspec file's, zarr's
     store of an output): the client's retries on, as :func:`library_options` says, and its
     requests counted as the rest of this layer's (an S3 client's on the wire). ``asynchronous``:
-    for zarr, which runs it on its own event loop."""
-    merged = library_options(uri, options)
+    for zarr, which runs it on its own event loop. ``attempts``: as :func:`library_options`."""
+    merged = library_options(uri, options, attempts)
     if asynchronous:
         merged["asynchronous"] = True
     return get_fs(uri, merged, client_retries=True)

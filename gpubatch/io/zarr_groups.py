@@ -25,23 +25,24 @@ WRAPPED_PROTOCOLS = ("az", "abfs", "abfss")
 
 
 def open_zarr_group(uri: str, options: dict[str, Any] | None = None, mode: str = "r", *,
-                    counted: bool = False, **kwargs: Any) -> Any:
+                    counted: bool = False, attempts: int | None = None, **kwargs: Any) -> Any:
     """``zarr.open_group`` of a local folder or an object-store prefix (``options``: its fsspec
     storage options, as :func:`gpubatch.io.storage.library_options` completes them: zarr makes
     its own requests, so the client's retries stay on). ``counted``: zarr's requests go through
     the storage layer's counted client (:func:`gpubatch.io.storage.library_fs`: an output's, which
-    the report counts; an S3 client's on the wire). ``kwargs`` go to zarr (``attributes``)."""
+    the report counts; an S3 client's on the wire). ``attempts``: the client's own retries (an
+    output's policy), else the run's. ``kwargs`` go to zarr (``attributes``)."""
     import zarr
     from zarr.storage import FsspecStore
 
     if not is_remote(uri):
         return zarr.open_group(local_path(uri), mode=mode, **kwargs)  # type: ignore[arg-type]
-    storage_options = library_options(uri, options)
+    storage_options = library_options(uri, options, attempts)
     if protocol_of(uri) in WRAPPED_PROTOCOLS:
         return zarr.open_group(_wrapped_store(uri, storage_options, mode), mode=mode, **kwargs)  # type: ignore[arg-type]
     if not counted:
         return zarr.open_group(uri, mode=mode, storage_options=storage_options, **kwargs)  # type: ignore[arg-type]
-    fs, path = library_fs(uri, options, asynchronous=True)
+    fs, path = library_fs(uri, options, asynchronous=True, attempts=attempts)
     return zarr.open_group(FsspecStore(fs, path=path, read_only=mode == "r"), mode=mode, **kwargs)  # type: ignore[arg-type]
 
 

@@ -7,9 +7,11 @@ marker, and a run holds a lease on it (owner host and pid, a heartbeat refreshed
 runs). A second run into a held output stops with exit 2 naming the holder; a lease whose
 heartbeat stopped (the holder was killed) goes stale after ``run.lease_stale_s`` and is taken
 over. On disk a free output's lease is created atomically (a hard link that fails if it exists).
-Object stores have no create-if-absent here, and a stale lease is replaced, not created, so
-there taking a lease is write, wait, read back: of two runs that start together, the one whose
-write landed last keeps it and the other stops.
+On S3 it is created with a conditional write (``If-None-Match: *``) and a stale one replaced only
+if it is still the version read (``If-Match``): write, wait, read back, which is all a store
+without conditions allows, let two runs through when one's write was held in flight past the
+other's read-back (a stalled or retried request), and both computed every shard. The read-back
+stays after a conditional write too, for servers that ignore the condition.
 """
 
 from __future__ import annotations
@@ -90,8 +92,23 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease, or raise ``_refusal``'s error (exit 2) naming the writer that holds it."""
-        if self.store.create_json(self.name, self._record()):
+        created = self.store.create_json(self.name, self._record())
+        if created and not self.store.remote:
             return  # created where none was: no other run can hold it, nothing to wait for
+        if not created:
+            self._take_over()
+        # read back after a while: a server that ignored a condition (or a store without them,
+        # where the last write wins) shows here which of two writers holds the lease
+        time.sleep(CONFIRM_S)
+        now = self._read()
+        if now is None or now.get("run_id") != self.run_id:
+            raise self._refusal(now or {}, 0.0)
+
+    def _take_over(self) -> None:
+        """Write this run's lease over one that is there: refused while its holder is live; a
+        stale one (its holder killed or suspended) is replaced only if it is still the version
+        read (S3's If-Match), so of two runs replacing it at once one gets it, the other stops."""
+        version = self.store.version(self.name)  # before the read: a later write fails the match
         held = self._read()
         if held is not None and held.get("run_id") != self.run_id:
             age = time.time() - float(held.get("heartbeat", 0))
@@ -99,11 +116,13 @@ class Lease:
                 raise self._refusal(held, age)
             log.warning("taking over a stale lease on %s: run %s on %s (pid %s) last beat %.0f s ago",
                         redact(self.store.uri), held.get("run_id"), held.get("host"), held.get("pid"), age)
-        self.store.write_json(self.name, self._record())
-        time.sleep(CONFIRM_S)
-        now = self._read()
-        if now is None or now.get("run_id") != self.run_id:
-            raise self._refusal(now or {}, 0.0)
+        replaced = self.store.replace_json(self.name, self._record(), version)
+        if replaced is None:
+            self.store.write_json(self.name, self._record())
+        elif not replaced:  # another writer's lease landed since it was read: that writer holds it
+            now = self._read() or {}
+            if now.get("run_id") != self.run_id:
+                raise self._refusal(now, time.time() - float(now.get("heartbeat", time.time())))
 
     def _refusal(self, held: dict[str, Any], age: float) -> GpubatchError:
         """The error (exit 2) that stops a writer finding ``held`` live on the output."""

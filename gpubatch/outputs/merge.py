@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from gpubatch.core.results import ShardResult
 from gpubatch.outputs.layout import PARTS_DIR, PREDICTIONS, ZARR
 from gpubatch.outputs.manifest import CommitRef
-from gpubatch.outputs.store import OutputStore
+from gpubatch.outputs.store import OutputStore, output_errors
 from gpubatch.outputs.writer import parquet_writer
 
 ROW_GROUP_ROWS = 65536
@@ -104,5 +104,6 @@ def describe_zarr(store: OutputStore, committed: Iterable[ShardResult | CommitRe
     groups = {e.shard_id: e.group for e in committed if e.group}  # in order: dicts keep it
     if not groups:
         return
-    root = store.zarr_group(ZARR, mode="a")
-    root.attrs.update({"shards": list(groups), "groups": groups, **info})
+    with output_errors(store, ZARR):
+        root = store.zarr_group(ZARR, mode="a")
+        root.attrs.update({"shards": list(groups), "groups": groups, **info})

@@ -22,9 +22,16 @@ from gpubatch.core.errors import GpubatchError, InputError
 from gpubatch.core.files import write_bytes_atomic
 from gpubatch.io.redact import redact
 from gpubatch.io.retried_fs import RetriedFS
-from gpubatch.io.retry import RetryPolicy, call_with_retries
+from gpubatch.io.retry import (
+    RetryPolicy,
+    call_with_retries,
+    is_precondition_failed,
+    is_transient,
+    register_output,
+    storage_error,
+)
 from gpubatch.io.storage import get_fs, open_seekable, upload_fs
-from gpubatch.io.uris import is_remote, local_path
+from gpubatch.io.uris import is_remote, local_path, protocol_of
 from gpubatch.io.zarr_groups import open_zarr_group
 from gpubatch.outputs.layout import TMP_PREFIX
 
@@ -64,6 +71,8 @@ class OutputStore:
         self.options = dict(options or {})
         self.fs, self.root = get_fs(self.uri, self.options)
         self.root = self.root.rstrip("/")
+        if self.remote:
+            register_output(self.uri)
 
     @classmethod
     def of(cls, where: OutputStore | str | Path, options: dict[str, Any] | None = None) -> OutputStore:
@@ -168,14 +177,15 @@ class OutputStore:
 
     def create_json(self, name: str, data: Any) -> bool | None:
         """Write ``name`` only if it does not exist, atomically: True when this call created it,
-        False when it existed, None where the store cannot tell (object storage here, or a
-        filesystem without hard links), and the caller must settle it another way.
+        False when it existed, None where the store cannot tell (object storage other than S3,
+        or a filesystem without hard links), and the caller must settle it another way.
 
         On disk: a complete temporary file hard-linked to the name, which fails if the name
-        exists, on NFS too (the classic exclusive create that ``O_EXCL`` is not there).
+        exists, on NFS too (the classic exclusive create that ``O_EXCL`` is not there). On S3: a
+        conditional write (``If-None-Match: *``, see :meth:`replace_json`).
         """
         if self.remote:
-            return None
+            return self.replace_json(name, data, None)
         target, tmp = self._temporary_beside(name)
         try:
             tmp.write_bytes(_json_bytes(data))
@@ -188,6 +198,51 @@ class OutputStore:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def version(self, name: str) -> str | None:
+        """The S3 ETag of ``name`` now (for :meth:`replace_json`), None when it does not exist or
+        the store has no conditional writes. Ask it before reading the file: a write landing in
+        between then fails the condition rather than being replaced unseen."""
+        if not self.conditional:
+            return None
+        try:
+            info = call_with_retries(lambda: self.fs.info(self.path(name)), self.url(name), POLICY)
+        except InputError as exc:
+            if exc.retryable:
+                raise
+            return None
+        return str(info.get("ETag")) if info.get("ETag") else None
+
+    def replace_json(self, name: str, data: Any, version: str | None) -> bool | None:
+        """Write ``name`` only if it is still at ``version`` (an ETag from :meth:`version`), or,
+        for ``None``, only if it does not exist: True when written, False when another writer's
+        object was there (412), None where the store has no conditional writes (the caller
+        writes plainly and checks another way).
+
+        S3 (and S3-compatible servers that honour ``If-None-Match``/``If-Match``) is the object
+        store whose conditional writes are reachable here; a retry of a write that landed but
+        whose answer was lost meets its own object and says False: the caller reads it back."""
+        if not self.conditional:
+            return None
+        body, bucket_key = _json_bytes(data), self.path(name)
+        bucket, key = bucket_key.split("/", 1)
+        condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
+
+        def put() -> bool:
+            try:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+            except Exception as exc:  # noqa: BLE001 - a refused condition is an answer, the rest retried
+                if is_precondition_failed(exc) or (version is None and isinstance(exc, FileExistsError)):
+                    return False
+                raise
+            return True
+
+        return bool(call_with_retries(put, self.url(name), POLICY))
+
+    @property
+    def conditional(self) -> bool:
+        """Whether writes here can be made conditional on the object's version (S3)."""
+        return self.remote and protocol_of(self.uri) in ("s3", "s3a")
+
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[HashingWriter]:
         """A binary stream to ``name``, hashed as it goes, that appears only when closed without
@@ -195,13 +250,14 @@ class OutputStore:
         temporary name and renamed."""
         if self.remote:
             fs, _ = upload_fs(self.uri, self.options)
-            raw = fs.open(self.path(name), "wb")
-            try:
-                yield HashingWriter(raw)
-            except BaseException:
-                _discard(raw)
-                raise
-            raw.close()
+            with output_errors(self, name):
+                raw = fs.open(self.path(name), "wb")
+                try:
+                    yield HashingWriter(raw)
+                except BaseException:
+                    _discard(raw)
+                    raise
+                raw.close()
             return
         target, tmp = self._temporary_beside(name)
         try:
@@ -246,7 +302,24 @@ class OutputStore:
         counted as the store's other requests are."""
         if not self.remote:
             return open_zarr_group(self.path(name), mode=mode, attributes=attributes)
-        return open_zarr_group(self.url(name), self.options, mode=mode, counted=True, attributes=attributes)
+        return open_zarr_group(self.url(name), self.options, mode=mode, counted=True, attempts=POLICY.attempts,
+                               attributes=attributes)
+
+
+@contextlib.contextmanager
+def output_errors(store: OutputStore, name: str = "") -> Iterator[None]:
+    """Failures of writes a library makes (zarr's store, a streamed upload), which retry on
+    their own, raised as the storage errors the output store's own calls raise: naming the file
+    (``name`` under the output; a 503's message names none), retryable when transient, and a
+    timeout naming output.storage's setting."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise storage_error(store.url(name), exc, POLICY.attempts) from exc
 
 
 def _json_bytes(data: Any, indent: int | None = 1) -> bytes:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gpubatch.outputs.layout import PARTS_DIR, ZARR, group_name, part_name
-from gpubatch.outputs.store import OutputStore
+from gpubatch.outputs.store import OutputStore, output_errors
 
 #: outputs wider than this go to zarr only; parquet keeps the index columns for them (a source
 #: may allow more per output: ``ShardReader.column_limit``)
@@ -120,10 +120,15 @@ class ShardWriter:
             # Opened now, not at the first flush: an output that cannot be written fails the
             # shard before its compute is spent, and zarr's set-up (its I/O loop, the codecs)
             # happens beside the slide opening rather than beside another shard's batches.
-            self._open_group()
+            with output_errors(self.store, f"{ZARR}/{self.group}"):
+                self._open_group()
 
     def write(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Buffer one batch; rows go out in large row groups and zarr appends (small ones are slow)."""
+        with output_errors(self.store):
+            self._buffer(index, outputs)
+
+    def _buffer(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         batch = {**index, **{f"\0{k}": v for k, v in outputs.items()}}
         self._pending.append(batch)
         self._pending_bytes += sum(np.asarray(v).nbytes for v in batch.values())
@@ -203,6 +208,10 @@ class ShardWriter:
 
     def commit(self) -> dict[str, Any]:
         """Finish the attempt's files; returns what the commit record needs (names, rows, sha256)."""
+        with output_errors(self.store):
+            return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
         self._flush()
         self._parquet(pa.schema([])).close()
         sha = self._file.sha.hexdigest()

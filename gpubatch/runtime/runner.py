@@ -325,15 +325,18 @@ class _Run:
         kind = "run_interrupted" if interrupted else "run_failed"
         reason = redact(f"{type(exc).__name__}: {exc}") if not interrupted else (
             str(exc) if isinstance(exc, Terminated) else "interrupted")  # its cause: SIGHUP, a time limit
-        try:
-            self.ledger.event(kind, reason=reason, failed=len(self.failed))
-            if self.lease.lost is not None:  # audit.jsonl and status.json are the new holder's now
-                return
-            self.ledger.materialize()  # every record: commits the client had not yet heard of too
-            progress.finish("interrupted" if interrupted else "failed", reason=reason)
-            _unfinished_report(self.store)
-        except Exception as inner:  # noqa: BLE001 - the original error is the one to report
-            log.warning("could not record the %s: %s", kind, redact(str(inner)))
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            ("audit ledger", lambda: self.ledger.event(kind, reason=reason, failed=len(self.failed)))]
+        if self.lease.lost is None:  # else audit.jsonl and status.json are the new holder's now
+            # each on its own: an audit.jsonl that could not be written left status.json "running"
+            steps += [("status", lambda: progress.finish("interrupted" if interrupted else "failed", reason=reason)),
+                      ("audit", self.ledger.materialize),  # every record: commits the client had not heard of too
+                      ("report", lambda: _unfinished_report(self.store))]
+        for what, step in steps:
+            try:
+                step()
+            except Exception as inner:  # noqa: BLE001 - the original error is the one to report
+                log.warning("could not record the %s in the %s: %s", kind, what, redact(str(inner)))
 
     def _finish(self, source: Source, shards: Sequence[Shard], ctx: RunContext, prepared: Any, n_workers: int,
                 lost: list[dict[str, Any]]) -> Result:
