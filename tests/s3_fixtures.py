@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -67,6 +67,9 @@ class Faults:
     writes_failing_within: set[str] = field(default_factory=set)
     #: key part -> seconds every write to a key containing it is held before it is forwarded
     writes_stalling_within: dict[str, float] = field(default_factory=dict)
+    #: ends a held write early once it answers True (asked every 50 ms): a race staged by what has
+    #: happened, not by how long a loaded machine takes to get there
+    stall_release: Callable[[], bool] | None = None
     seed: int = 0
 
 
@@ -112,6 +115,12 @@ class FaultProxy:
                 setattr(self.faults, key, value)
             if "seed" in changes:
                 self._rng = random.Random(changes["seed"])
+
+    def hold(self, seconds: float) -> None:
+        """A held request's wait: ``seconds``, or until ``stall_release`` says the race is staged."""
+        release, deadline = self.faults.stall_release, time.monotonic() + seconds
+        while time.monotonic() < deadline and not (release is not None and release()):
+            time.sleep(0.05)
 
     def reset(self) -> None:
         with self._lock:
@@ -243,7 +252,7 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if action == "reset-early":
                 return self._reset()
             if action.startswith(("stall:", "drop:")):
-                time.sleep(float(action.split(":", 1)[1]))
+                proxy.hold(float(action.split(":", 1)[1]))
                 if action.startswith("drop:"):
                     return self._reset()
             status, headers, data = self._forward(body)

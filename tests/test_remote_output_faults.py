@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 pytest_plugins = ["s3_fixtures"]
 N_SLIDES = 4
-STALL_S = 4.0  # how long a stalled lease write is held: far past the other writer's whole acquire
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +82,8 @@ def test_two_runs_started_together_into_one_s3_output_one_refuses(
     naming A, before writing a shard, and A's results are whole and its own."""
     prefix = f"runs/{uuid.uuid4().hex}"
     uri = s3.uri(prefix)
-    late.configure(stalled_writes={f"{prefix}/{LEASE}": STALL_S})
+    # B's write lands once A holds the output, however long a loaded machine takes to start A
+    late.configure(stalled_writes={f"{prefix}/{LEASE}": 120.0}, stall_release=lambda: _holder(s3, prefix) is not None)
     second = cli("run", str(_job(tmp_path / "b", slides, classifier, uri, late.url)), "--profile", "inline",
                  env=_env(s3))
     wait_for(lambda: late.uploads.get(f"{s3.bucket}/{prefix}/{LEASE}", 0) >= 1, 120, "run B's lease write")
@@ -100,6 +100,16 @@ def test_two_runs_started_together_into_one_s3_output_one_refuses(
     assert not s3.fs().exists(f"{s3.bucket}/{prefix}/{LEASE}")  # A released it; B never held it
 
 
+def _holder(s3: S3Stack, prefix: str) -> str | None:
+    """The run id of the lease under ``prefix`` on the server (asked past any client cache)."""
+    fs = s3.fs()
+    fs.invalidate_cache()
+    try:
+        return str(json.loads(fs.cat(f"{s3.bucket}/{prefix}/{LEASE}"))["run_id"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
 def test_two_writers_taking_over_one_stale_s3_lease_one_refuses(s3: S3Stack, late: FaultProxy) -> None:
     """A killed run's lease is stale; two new writers take it over at once, B's write stalling.
     Only one may hold the output: B's late write must not replace the lease A now holds."""
@@ -107,7 +117,8 @@ def test_two_writers_taking_over_one_stale_s3_lease_one_refuses(s3: S3Stack, lat
     killed = {"run_id": "killed", "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 1000,
               "stale_after_s": 120}
     _lease_store(s3, s3.proxy, prefix).write_json(LEASE, killed)
-    late.configure(stalled_writes={f"{prefix}/{LEASE}": STALL_S})
+    late.configure(stalled_writes={f"{prefix}/{LEASE}": 120.0},
+                   stall_release=lambda: _holder(s3, prefix) == "run-a")  # once A has taken it over
     outcomes: dict[str, BaseException | None] = {}
     taker_b = Lease(_lease_store(s3, late, prefix), "run-b", stale_s=120.0, heartbeat_s=5.0)
     racer = threading.Thread(target=lambda: outcomes.update(b=_acquire_within(taker_b, 60)))
