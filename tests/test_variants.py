@@ -116,8 +116,9 @@ def test_bgzip_and_bcf_read_the_same(tmp_path: Path) -> None:
 
 def test_a_plain_gzip_vcf_reads_like_the_bgzip_one(tmp_path: Path) -> None:
     """``gzip`` (not ``bgzip``) is how many VCFs arrive; htslib cannot open it (it asks the
-    stream's offset), which was a traceback. It is read through an uncompressed copy, its line
-    numbers those of the file; a damaged one is refused naming the file."""
+    stream's offset), which was a traceback. Its lines are fed to htslib decompressed, through a
+    pipe (never a copy on disk: test_variant_streams), their numbers those of the file; a damaged
+    one is refused naming the file."""
     import gzip
 
     plain = write_vcf(tmp_path, RECORDS)

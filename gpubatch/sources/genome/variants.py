@@ -50,13 +50,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gpubatch.core.errors import InputError, SpecError
-from gpubatch.io.storage import local_copy
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome import variant_table
 from gpubatch.sources.genome.bad_records import BadRecords
 from gpubatch.sources.genome.reference import ContigTable, Reference, group_reads
 from gpubatch.sources.genome.variant_files import MalformedRecord, RawRecord, iter_records, sniff
+from gpubatch.sources.genome.variant_stream import VariantInput
 from gpubatch.sources.genome.variant_table import (
     SKIP_REASONS,
     VariantTable,
@@ -163,20 +163,21 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
     that cannot be scored are left out into ``table.failed``, up to ``max_bad`` of the file.
 
     The whole table is held on the client, compactly (``variant_table``: about 40 bytes a SNV):
-    fine for the millions of variants typical of effect scoring.
+    fine for the millions of variants typical of effect scoring. The file is read as streams,
+    local or remote, never copied to disk (``variant_stream``).
     """
     table = VariantTable()
     if not is_remote(uri) and not os.path.exists(local_path(uri)):
         raise SpecError([(FIELD, f"file not found: {uri}")])
     bad = BadRecords(FIELD, uri, contigs=contigs)
     try:
-        with local_copy(uri, storage_options) as path:
-            layout = sniff(path, uri)
-            table.layout = layout.kind
-            if layout.note:
-                table.notes.append(layout.note)
-            _scan(iter_records(path, uri, layout), table, contigs, bad)
-            table.notes += layout.notes_after_reading(os.path.basename(uri.rstrip("/")))
+        source = VariantInput(uri, storage_options)
+        layout = sniff(source)
+        table.layout = layout.kind
+        if layout.note:
+            table.notes.append(layout.note)
+        _scan(iter_records(source, layout), table, contigs, bad)
+        table.notes += layout.notes_after_reading(source.name)
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
     table.finish()
