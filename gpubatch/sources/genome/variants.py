@@ -10,9 +10,9 @@ sequence is read on workers. One item per ALT allele. Decisions, each tested:
   such as K, Y, R, W, S, M, D, H, B, V, N: a masking VCF is full of them, and a window cannot
   hold "G or T") and ``not_sequence`` (anything else). They carry no bases to put in a window.
 * A malformed record, a contig absent from the reference, a POS past the contig end or below 1
-  (or a REF that runs past the end), and a REF that is not sequence (``.``, symbolic, IUPAC
-  codes other than N) leave that record out, listed by file and line in report.json's ``failed``
-  (``bad_records``). Past ``windows.max_bad_records`` of the file the job is refused at plan time
+  (or a REF that runs past the end), a REF that is not sequence (``.``, symbolic, IUPAC codes
+  other than N), and an ALT list with an empty allele (``A,,C``) leave that record out, listed
+  by file and line in report.json's ``failed`` (``bad_records``). Past ``windows.max_bad_records`` of the file the job is refused at plan time
   instead: the usual causes of many (another genome build, the wrong file) affect every record,
   and scoring the rest would hide them.
 * A REF allele that disagrees with the reference is **scored but flagged**: the ``ref_match``
@@ -107,6 +107,16 @@ def ref_problem(ref: str) -> str | None:
     return f"REF {ref!r} holds {what} ({', '.join(bad)})"
 
 
+def alt_list_problem(alts: tuple[str, ...]) -> str | None:
+    """Why an ALT list of several alleles is malformed, or None: one of them is empty ('A,,C',
+    'G,': pysam reads it as '.', a table as ''). Counted as ``alt_missing`` it was passed by
+    without naming its record, where '.' stands only for a whole ALT of no allele."""
+    if len(alts) < 2 or all(a not in ("", ".") for a in alts):
+        return None
+    return (f"ALT {','.join(alts)!r} lists an empty allele (two commas in a row, one at either end, or '.', "
+            "which stands only for a whole ALT of no allele): write each allele, or '.' alone for none")
+
+
 def _variant_id(record_id: str | None, chrom: str, pos: int, ref: str, alt: str, n_alts: int) -> str:
     if record_id and record_id != ".":
         return record_id if n_alts == 1 else f"{record_id}:{alt}"
@@ -126,7 +136,7 @@ def _check_record(rec: RawRecord, contigs: ContigTable) -> str | None:
         return f"{problem}; REF must spell the reference bases (A, C, G, T or N)"
     if rec.pos - 1 + len(rec.ref) > length:  # no base there to match: not a mismatch, off the contig
         return f"REF {rec.ref!r} at POS {rec.pos} runs past the end of {rec.chrom} (length {length})"
-    return None
+    return alt_list_problem(rec.alts)
 
 
 def _add_record(table: VariantTable, rec: RawRecord) -> None:
