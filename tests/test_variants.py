@@ -116,8 +116,9 @@ def test_bgzip_and_bcf_read_the_same(tmp_path: Path) -> None:
 
 def test_a_plain_gzip_vcf_reads_like_the_bgzip_one(tmp_path: Path) -> None:
     """``gzip`` (not ``bgzip``) is how many VCFs arrive; htslib cannot open it (it asks the
-    stream's offset), which was a traceback. It is read through an uncompressed copy, its line
-    numbers those of the file; a damaged one is refused naming the file."""
+    stream's offset), which was a traceback. Its lines are fed to htslib decompressed, through a
+    pipe (never a copy on disk: test_variant_streams), their numbers those of the file; a damaged
+    one is refused naming the file."""
     import gzip
 
     plain = write_vcf(tmp_path, RECORDS)
@@ -583,3 +584,19 @@ def test_a_pos_saved_as_a_float_says_why_and_an_empty_vcf_says_it_holds_nothing(
     assert failed["error"].startswith("POS '10.0' is not an integer (written as a float: a table saved by pandas")
     empty = read_variants(write_vcf(tmp_path, [], name="empty.vcf"), CONTIGS)
     assert len(empty) == 0 and _skip_text(empty) == "the file holds no variant records (a header alone, or an empty file)"
+
+
+def test_an_alt_list_with_an_empty_allele_is_left_out_naming_its_line(tmp_path: Path) -> None:
+    """``A,,C`` (or ``G,``): pysam reads the empty allele as '.', which was counted as
+    ``alt_missing`` and its record scored for the others, no line named. It is a malformed
+    record, left out and listed by line like the others, in a VCF and in a table alike."""
+    records = [*GOOD[:30], "chr1\t10\tr1\tA\tG,,C\t.\t.\t.", "chr1\t12\tr2\tT\tG,\t.\t.\t."]
+    table = read_variants(write_vcf(tmp_path, records), CONTIGS, max_bad=0.1)
+    assert [f["input"] for f in table.failed] == ["v.vcf line 36", "v.vcf line 37"]
+    assert "ALT 'G,.,C' lists an empty allele" in table.failed[0]["error"]
+    assert table.counts["skipped"]["alt_missing"] == 0 and len(table) == 30
+    tsv = tmp_path / "v.tsv"
+    tsv.write_text("chrom\tpos\tref\talt\n" + "".join(f"chr1\t{i}\tN\tA\n" for i in range(1, 31)) + "chr1\t40\tN\tG,\n")
+    table = read_variants(str(tsv), CONTIGS, max_bad=0.1)
+    assert [f["input"] for f in table.failed] == ["v.tsv line 32"]
+    assert "ALT 'G,' lists an empty allele" in table.failed[0]["error"]

@@ -26,8 +26,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -580,20 +578,4 @@ def _exists_checked(fs: Any, path: str, uri: str) -> bool:
             return False
         raise
     return True
-
-
-@contextlib.contextmanager
-def local_copy(uri: str, options: dict[str, Any] | None = None) -> Iterator[str]:
-    """A local path for libraries that need one (pysam): the file itself, or a temporary copy."""
-    if not is_remote(uri):
-        yield local_path(uri)
-        return
-    tmp = tempfile.mkdtemp(prefix="gpubatch-copy-")
-    local = os.path.join(tmp, uri_name(uri) or "data")
-    try:
-        with open(local, "wb") as f:
-            f.write(read_bytes(uri, options))
-        yield local
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 

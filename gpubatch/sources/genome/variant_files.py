@@ -18,26 +18,29 @@ Three layouts are read, told apart from the file's first lines, never from its n
 
 Every layout yields the same :class:`RawRecord` with where it came from (``file line N``), so
 that every later error names the line, or a :class:`MalformedRecord` saying what is wrong with a
-line that cannot be read as a record (the caller leaves it out or refuses the file). Text files may be plain, gzip or bgzip. Files are read
-as a stream: memory does not grow with the file (the caller keeps what it scores).
+line that cannot be read as a record (the caller leaves it out or refuses the file). Text files may be plain, gzip or bgzip,
+local or at any fsspec URL. Files are read as streams (``variant_stream``), never copied: neither memory nor
+disk grows with the file (the caller keeps what it scores).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import gzip
 import itertools
-import os
 import re
-import shutil
-import tempfile
-import zlib
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, cast
+from typing import IO, Any
 
 from gpubatch.core.errors import MissingExtraError, SpecError
+from gpubatch.sources.genome.variant_stream import (
+    GZIP_MAGIC,
+    Feed,
+    VariantInput,
+    htslib_readable,
+    numbered_lines,
+)
 
 FIELD = "windows.variants"
 #: lines past the meta lines looked at to tell a file's layout
@@ -60,8 +63,6 @@ _BCFTOOLS_NUMBER = re.compile(r"^\[\d+\]")
 TABLE_NOTE = "{name} read as a {kind} table with columns {columns}; POS taken as 1-based, as in a VCF"
 #: the empty block that ends every BGZF file (SAM spec 4.1.2): a file without it was cut short
 BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
-#: what reading a damaged gzip stream raises (EOFError: it breaks off; the others: it is corrupt)
-GZIP_ERRORS = (EOFError, OSError, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -110,85 +111,20 @@ class Layout:
                 "join VCFs with `bcftools concat`, which keeps one header"]
 
 
-def _open_text(path: str) -> IO[bytes]:
-    with open(path, "rb") as raw:
-        magic = raw.read(2)
-    handle = gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # noqa: SIM115
-    return cast(IO[bytes], handle)
-
-
-def _is_plain_gzip(path: str) -> bool:
-    """gzip, but not BGZF (whose header carries the 'BC' extra field): htslib cannot open it."""
-    with open(path, "rb") as raw:
-        head = raw.read(14)
-    return head[:2] == b"\x1f\x8b" and not (len(head) == 14 and head[3] & 4 and head[12:14] == b"BC")
-
-
-def gzip_damage(uri: str, after_line: int, exc: BaseException, tool: str = "gzip") -> SpecError:
-    """The refusal of a compressed file whose stream fails after line ``after_line``: cut short
-    (a copy, a download or a disk that ran out) or corrupt. Its later records are lost, and
-    scoring the ones before would pass a part of the file for the whole."""
-    name = os.path.basename(uri.rstrip("/"))
-    what = (f"is cut short: the {tool} stream breaks off after line {after_line}" if isinstance(exc, EOFError)
-            else f"is damaged: its {tool} stream fails after line {after_line} ({exc})")
-    return SpecError([(FIELD, f"{uri} {what}; the records past it are lost. Copy or write the file again "
-                              f"whole (`{tool} -t {name}` tests a copy)")])
-
-
-def refuse_cut_bgzf(path: str, uri: str) -> None:
+def refuse_cut_bgzf(source: VariantInput) -> None:
     """A bgzip file (VCF.gz, BCF) without the empty block every BGZF file ends with was cut short:
     htslib refused it as 'not a readable VCF' and the header's first lines read as no VCF at all."""
-    with open(path, "rb") as raw:
-        head = raw.read(14)
-        if head[:2] != b"\x1f\x8b" or _is_plain_gzip(path):
-            return
-        raw.seek(max(0, os.path.getsize(path) - len(BGZF_EOF)))
-        if raw.read() == BGZF_EOF:
-            return
-    name = os.path.basename(uri.rstrip("/"))
+    if source.head(2) != GZIP_MAGIC or source.is_plain_gzip() or source.tail(len(BGZF_EOF)) == BGZF_EOF:
+        return
+    uri, name = source.uri, source.name
     raise SpecError([(FIELD, f"{uri} is cut short: it ends without the empty block that ends every bgzip file; "
                              "the records past the cut are lost. Copy or write the file again whole "
                              f"(`bgzip -t {name}` tests a copy)")])
 
 
-def _numbered_lines(path: str, uri: str) -> Generator[tuple[int, bytes], None, None]:
-    """(line number, line) of a text file, plain or gzip; a damaged gzip stream is refused
-    saying after which line (it raised EOFError out of the plan)."""
-    number = 0
+def _is_bcf(source: VariantInput) -> bool:
     try:
-        with _open_text(path) as f:
-            for number, raw in enumerate(f, start=1):  # noqa: B007 (number names the break)
-                yield number, raw
-    except GZIP_ERRORS as exc:
-        raise gzip_damage(uri, number, exc) from None
-
-
-@contextlib.contextmanager
-def _readable_by_htslib(path: str, uri: str) -> Iterator[str]:
-    """``path``, or for a plain-gzip VCF (``gzip``, not ``bgzip``) an uncompressed copy of it:
-    htslib reads BGZF and plain text, and fails on plain gzip where it asks the stream's offset."""
-    if not _is_plain_gzip(path):
-        yield path
-        return
-    tmp = tempfile.mkdtemp(prefix="gpubatch-vcf-")
-    try:
-        plain = os.path.join(tmp, "variants.vcf")
-        _inflate(path, plain, uri)
-        yield plain
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _inflate(path: str, plain: str, uri: str) -> None:
-    """gzip ``path`` uncompressed into ``plain``, line by line: a damage is refused after the last whole one."""
-    with open(plain, "wb") as dst:
-        for _, raw in _numbered_lines(path, uri):
-            dst.write(raw)
-
-
-def _is_bcf(path: str) -> bool:
-    try:
-        with _open_text(path) as f:
+        with source.text() as f:
             return f.read(3) == b"BCF"
     except (OSError, EOFError):
         return False
@@ -214,18 +150,18 @@ def _table_columns(fields: list[str]) -> dict[str, int]:
     return found if {"chrom", "pos", "ref", "alt"} <= set(found) else {}
 
 
-def sniff(path: str, uri: str) -> Layout:
+def sniff(source: VariantInput) -> Layout:
     """The file's layout from its first lines past ``##`` and blank ones; a SpecError says what
     was expected. A table's header may follow ``#`` comment lines; a VCF body is told from its
     first line that reads as one, so a malformed first record is left out (listed) like any other,
     not taken for the whole file's format."""
-    name = os.path.basename(uri.rstrip("/"))
-    refuse_cut_bgzf(path, uri)
-    if _is_bcf(path):
+    uri, name = source.uri, source.name
+    refuse_cut_bgzf(source)
+    if _is_bcf(source):
         return Layout(LAYOUT_BCF)
-    lines = _first_lines(path, uri)
+    lines = _first_lines(source)
     first = lines[0][1] if lines else ""
-    if first.upper().startswith("#CHROM") and _declares_vcf(path):
+    if first.upper().startswith("#CHROM") and _declares_vcf(source):
         return Layout(LAYOUT_VCF)
     for number, line in lines:
         table = _table_layout(line, number, name)
@@ -242,11 +178,11 @@ def sniff(path: str, uri: str) -> Layout:
                              f"optionally id); its first data line is {first[:80]!r}")])
 
 
-def _declares_vcf(path: str) -> bool:
+def _declares_vcf(source: VariantInput) -> bool:
     """Whether the file opens with ``##fileformat=VCF``, as htslib needs to read it as a VCF. A
     '#CHROM' line without it (the ``##`` lines stripped by ``grep -v '^##'``, or a file of the
     first five columns) is read as a table of the columns it names instead of refused."""
-    with _open_text(path) as f, contextlib.suppress(EOFError, OSError):
+    with source.text() as f, contextlib.suppress(EOFError, OSError):
         return f.readline().startswith(b"##fileformat=VCF")
     return False
 
@@ -258,11 +194,11 @@ def _text(raw: bytes, number: int) -> str:
     return line.removeprefix("\ufeff") if number == 1 else line
 
 
-def _first_lines(path: str, uri: str) -> list[tuple[int, str]]:
+def _first_lines(source: VariantInput) -> list[tuple[int, str]]:
     """(line number, text) of the first SNIFF_LINES lines that are not ``##`` meta or blank (only
     the first, when it is a VCF's ``#CHROM`` line). A gzip stream damaged among them is refused."""
     found: list[tuple[int, str]] = []
-    lines = _numbered_lines(path, uri)
+    lines = numbered_lines(source)
     with contextlib.closing(lines):
         for number, raw in lines:
             line = _text(raw, number)
@@ -304,8 +240,9 @@ def _reads_as_body(line: str) -> bool:
     return not line.startswith("#") and len(fields) >= 5 and fields[1].lstrip("-").isdigit()
 
 
-def _table_records(path: str, uri: str, name: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
-    lines = _numbered_lines(path, uri)
+def _table_records(source: VariantInput, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
+    name = source.name
+    lines = numbered_lines(source)
     with contextlib.closing(lines):
         for n, raw in lines:
             if n <= layout.header_lines:
@@ -351,7 +288,7 @@ def _pysam() -> Any:
     return pysam
 
 
-def _vcf_records(path: str, uri: str, name: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
+def _vcf_records(source: VariantInput, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
     """Records through pysam: text VCFs are numbered by line, BCFs by record.
 
     htslib stays quiet while the file is read: its warnings (a missing index, a contig the
@@ -361,30 +298,42 @@ def _vcf_records(path: str, uri: str, name: str, layout: Layout) -> Iterator[Raw
     pysam = _pysam()
     previous = pysam.set_verbosity(0)
     try:
-        with _readable_by_htslib(path, uri) as readable, _LineFinder(path) as lines:
-            yield from _pysam_records(pysam, readable, uri, name, layout, lines)
+        with htslib_readable(source) as (readable, feed), _LineFinder(source) as lines:
+            yield from _pysam_records(pysam, readable, feed, source, layout, lines)
     finally:
         pysam.set_verbosity(previous)
 
 
-def _pysam_records(pysam: Any, readable: str, uri: str, name: str, layout: Layout,
-                   lines: _LineFinder) -> Iterator[RawRecord | MalformedRecord]:
-    """The records of the file pysam can open (``readable``), numbered by the text file's lines.
-
-    htslib reads a text VCF a line per record, and a line it cannot parse raises and is passed
-    by: each failed step is that line, malformed. Steps that keep failing (a BCF or bgzip block
-    that is corrupt, where nothing advances) stop the read after ``MAX_FAILING_IN_A_ROW``.
-    """
+def _open_vcf(pysam: Any, readable: str | IO[bytes], feed: Feed | None, source: VariantInput,
+              layout: Layout) -> Any:
+    """pysam's reader of ``readable``, genotypes left unparsed, and the header's contig lengths
+    in ``layout``; a file htslib cannot open is refused (where a feed broke off first: as that)."""
     try:
         vf = pysam.VariantFile(readable)
     except (ValueError, OSError) as exc:
-        raise SpecError([(FIELD, f"{uri}: not a readable VCF/BCF ({exc}); a VCF starts with "
+        if feed is not None:
+            feed.raise_error()
+        raise SpecError([(FIELD, f"{source.uri}: not a readable VCF/BCF ({exc}); a VCF starts with "
                                  "'##fileformat=VCFv4.x' and has a '#CHROM ...' line")]) from None
     layout.declared.update({str(n): int(c.length) for n, c in vf.header.contigs.items() if c.length})
     if len(vf.header.samples):
         vf.subset_samples([])  # CHROM to ALT is all scoring reads: htslib parses no genotypes
+    return vf
+
+
+def _pysam_records(pysam: Any, readable: str | IO[bytes], feed: Feed | None, source: VariantInput,
+                   layout: Layout, lines: _LineFinder) -> Iterator[RawRecord | MalformedRecord]:
+    """The records of what pysam opens (``readable``: the file, or a pipe ``feed`` fills),
+    numbered by the text file's lines.
+
+    htslib reads a text VCF a line per record, and a line it cannot parse raises and is passed
+    by: each failed step is that line, malformed. Steps that keep failing (a BCF or bgzip block
+    that is corrupt, where nothing advances) stop the read after ``MAX_FAILING_IN_A_ROW``. Where
+    the feed broke off (a plain-gzip file cut short), htslib's end is no file's end: refused.
+    """
+    name = source.name
     offset = lines.header_lines() if layout.kind == LAYOUT_VCF else None
-    with vf:
+    with _open_vcf(pysam, readable, feed, source, layout) as vf:
         records, failing, first = iter(vf), 0, ""
         for i in itertools.count(1):
             line = offset + i if offset is not None else i
@@ -392,6 +341,8 @@ def _pysam_records(pysam: Any, readable: str, uri: str, name: str, layout: Layou
             try:
                 rec = next(records)
             except StopIteration:
+                if feed is not None:
+                    feed.raise_error()
                 return
             except (ValueError, OSError) as exc:
                 if offset is not None and _no_record(lines.line(line), line, layout):
@@ -431,8 +382,8 @@ class _LineFinder:
     """Lines of a text VCF by number, asked for in rising order: one pass over the file however
     many malformed lines there are (the file is opened at the first question)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, source: VariantInput):
+        self.source = source
         self._stack = contextlib.ExitStack()
         self._lines: Iterator[bytes] | None = None
         self._at = 0  # the number of the last line read
@@ -447,7 +398,7 @@ class _LineFinder:
         """Header lines at the top, up to and with the ``#CHROM`` line, for the data lines'
         numbers: htslib passes a blank line among the ``##`` lines by, so counting the ``#``
         lines alone named every record by a line above its own."""
-        with _open_text(self.path) as f:
+        with self.source.text() as f:
             for number, line in enumerate(f, start=1):
                 if line.upper().startswith(b"#CHROM"):
                     return number
@@ -456,7 +407,7 @@ class _LineFinder:
     def line(self, number: int) -> bytes:
         if self._lines is None or number <= self._at:
             self._stack.close()
-            self._lines, self._at = iter(self._stack.enter_context(_open_text(self.path))), 0
+            self._lines, self._at = iter(self._stack.enter_context(self.source.text())), 0
         text = b""
         while self._at < number:
             text = next(self._lines, b"")
@@ -477,9 +428,8 @@ class _LineFinder:
         return ""
 
 
-def iter_records(path: str, uri: str, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
+def iter_records(source: VariantInput, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
     """Every data record of the file, in file order, whatever its layout."""
-    name = os.path.basename(uri.rstrip("/"))
     if layout.kind in (LAYOUT_VCF, LAYOUT_BCF):
-        return _vcf_records(path, uri, name, layout)
-    return _table_records(path, uri, name, layout)
+        return _vcf_records(source, layout)
+    return _table_records(source, layout)

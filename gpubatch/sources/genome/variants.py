@@ -10,9 +10,9 @@ sequence is read on workers. One item per ALT allele. Decisions, each tested:
   such as K, Y, R, W, S, M, D, H, B, V, N: a masking VCF is full of them, and a window cannot
   hold "G or T") and ``not_sequence`` (anything else). They carry no bases to put in a window.
 * A malformed record, a contig absent from the reference, a POS past the contig end or below 1
-  (or a REF that runs past the end), and a REF that is not sequence (``.``, symbolic, IUPAC
-  codes other than N) leave that record out, listed by file and line in report.json's ``failed``
-  (``bad_records``). Past ``windows.max_bad_records`` of the file the job is refused at plan time
+  (or a REF that runs past the end), a REF that is not sequence (``.``, symbolic, IUPAC codes
+  other than N), and an ALT list with an empty allele (``A,,C``) leave that record out, listed
+  by file and line in report.json's ``failed`` (``bad_records``). Past ``windows.max_bad_records`` of the file the job is refused at plan time
   instead: the usual causes of many (another genome build, the wrong file) affect every record,
   and scoring the rest would hide them.
 * A REF allele that disagrees with the reference is **scored but flagged**: the ``ref_match``
@@ -50,13 +50,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gpubatch.core.errors import InputError, SpecError
-from gpubatch.io.storage import local_copy
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome import variant_table
 from gpubatch.sources.genome.bad_records import BadRecords
 from gpubatch.sources.genome.reference import ContigTable, Reference, group_reads
 from gpubatch.sources.genome.variant_files import MalformedRecord, RawRecord, iter_records, sniff
+from gpubatch.sources.genome.variant_stream import VariantInput
 from gpubatch.sources.genome.variant_table import (
     SKIP_REASONS,
     VariantTable,
@@ -107,6 +107,16 @@ def ref_problem(ref: str) -> str | None:
     return f"REF {ref!r} holds {what} ({', '.join(bad)})"
 
 
+def alt_list_problem(alts: tuple[str, ...]) -> str | None:
+    """Why an ALT list of several alleles is malformed, or None: one of them is empty ('A,,C',
+    'G,': pysam reads it as '.', a table as ''). Counted as ``alt_missing`` it was passed by
+    without naming its record, where '.' stands only for a whole ALT of no allele."""
+    if len(alts) < 2 or all(a not in ("", ".") for a in alts):
+        return None
+    return (f"ALT {','.join(alts)!r} lists an empty allele (two commas in a row, one at either end, or '.', "
+            "which stands only for a whole ALT of no allele): write each allele, or '.' alone for none")
+
+
 def _variant_id(record_id: str | None, chrom: str, pos: int, ref: str, alt: str, n_alts: int) -> str:
     if record_id and record_id != ".":
         return record_id if n_alts == 1 else f"{record_id}:{alt}"
@@ -126,7 +136,7 @@ def _check_record(rec: RawRecord, contigs: ContigTable) -> str | None:
         return f"{problem}; REF must spell the reference bases (A, C, G, T or N)"
     if rec.pos - 1 + len(rec.ref) > length:  # no base there to match: not a mismatch, off the contig
         return f"REF {rec.ref!r} at POS {rec.pos} runs past the end of {rec.chrom} (length {length})"
-    return None
+    return alt_list_problem(rec.alts)
 
 
 def _add_record(table: VariantTable, rec: RawRecord) -> None:
@@ -163,20 +173,21 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
     that cannot be scored are left out into ``table.failed``, up to ``max_bad`` of the file.
 
     The whole table is held on the client, compactly (``variant_table``: about 40 bytes a SNV):
-    fine for the millions of variants typical of effect scoring.
+    fine for the millions of variants typical of effect scoring. The file is read as streams,
+    local or remote, never copied to disk (``variant_stream``).
     """
     table = VariantTable()
     if not is_remote(uri) and not os.path.exists(local_path(uri)):
         raise SpecError([(FIELD, f"file not found: {uri}")])
     bad = BadRecords(FIELD, uri, contigs=contigs)
     try:
-        with local_copy(uri, storage_options) as path:
-            layout = sniff(path, uri)
-            table.layout = layout.kind
-            if layout.note:
-                table.notes.append(layout.note)
-            _scan(iter_records(path, uri, layout), table, contigs, bad)
-            table.notes += layout.notes_after_reading(os.path.basename(uri.rstrip("/")))
+        source = VariantInput(uri, storage_options)
+        layout = sniff(source)
+        table.layout = layout.kind
+        if layout.note:
+            table.notes.append(layout.note)
+        _scan(iter_records(source, layout), table, contigs, bad)
+        table.notes += layout.notes_after_reading(source.name)
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
     table.finish()

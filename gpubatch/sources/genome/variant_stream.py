@@ -1,0 +1,186 @@
+"""A variant file as streams read in order, local or at any fsspec URL, never copied to disk.
+
+A job's disk and memory are bounded by its configuration, never by its input: a 10 GB cohort
+``.vcf.gz`` must not become a 10 GB copy in ``/tmp`` (or on a node's small local disk), nor a
+remote file a download held whole in memory. Every read here is a stream:
+
+* the layout checks (``variant_files.sniff``) read the first lines, the first bytes, or the
+  last 28 (a bgzip file's end-of-file block), each a fresh open of the file;
+* htslib (pysam) opens a local plain or bgzip file, or a BCF, by its path. It cannot read a
+  plain-gzip file (``gzip``, not ``bgzip``: pysam asks the stream's offset, "seek not implemented
+  in files compressed by method 1"), nor an ``s3://`` URL with the job's storage options. Those
+  reach it through a pipe that a thread fills (:func:`htslib_readable`): the plain-gzip file's
+  lines, decompressed, or the remote file's bytes as they are. The pipe holds 64 KiB, so memory
+  stays bounded whatever the file's size; a damaged stream is raised by the reader
+  (:meth:`Feed.raise_error`) once htslib has read the whole lines before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import os
+import threading
+import zlib
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, cast
+
+from gpubatch.core.errors import SpecError
+from gpubatch.io.redact import redact
+from gpubatch.io.storage import open_file
+from gpubatch.io.uris import is_remote, local_path
+
+log = logging.getLogger("gpubatch")
+
+FIELD = "windows.variants"
+GZIP_MAGIC = b"\x1f\x8b"
+#: what reading a damaged gzip stream raises (EOFError: it breaks off; the others: it is corrupt)
+GZIP_ERRORS = (EOFError, OSError, zlib.error)
+#: bytes the feeding thread gathers before a write into htslib's pipe, and reads of a remote file
+FEED_CHUNK = 1 << 16
+#: seconds the reader waits for the feeding thread once htslib is closed (it stops at its next write)
+FEED_JOIN_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class VariantInput:
+    """Where a variant file is, and how to open it: its URI and the job's storage options."""
+
+    uri: str
+    storage_options: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        """The file's name, as every message names a line of it."""
+        return os.path.basename(self.uri.rstrip("/"))
+
+    @property
+    def local(self) -> str | None:
+        """The local path htslib can open itself, or None for a remote file."""
+        return None if is_remote(self.uri) else local_path(self.uri)
+
+    @contextlib.contextmanager
+    def raw(self) -> Iterator[IO[bytes]]:
+        """The file's bytes as stored (compressed or not), a seekable stream."""
+        if self.local is not None:
+            with open(self.local, "rb") as f:
+                yield f
+            return
+        with open_file(self.uri, self.storage_options, "rb") as f:
+            yield cast(IO[bytes], f)
+
+    @contextlib.contextmanager
+    def text(self) -> Iterator[IO[bytes]]:
+        """The file's text: gzip and bgzip (told by their first bytes, not the name) decompressed."""
+        with self.raw() as raw:
+            magic = raw.read(2)
+            raw.seek(0)
+            if magic != GZIP_MAGIC:
+                yield raw
+                return
+            with gzip.GzipFile(fileobj=raw) as inflated:
+                yield cast(IO[bytes], inflated)
+
+    def head(self, size: int) -> bytes:
+        """The file's first ``size`` bytes as stored."""
+        with self.raw() as raw:
+            return raw.read(size)
+
+    def tail(self, size: int) -> bytes:
+        """The file's last ``size`` bytes as stored (all of it when it is shorter)."""
+        with self.raw() as raw:
+            end = raw.seek(0, os.SEEK_END)
+            raw.seek(max(0, end - size))
+            return raw.read()
+
+    def is_plain_gzip(self) -> bool:
+        """gzip, but not BGZF (whose header carries the 'BC' extra field): htslib cannot open it."""
+        head = self.head(14)
+        return head[:2] == GZIP_MAGIC and not (len(head) == 14 and head[3] & 4 and head[12:14] == b"BC")
+
+
+def gzip_damage(uri: str, after_line: int, exc: BaseException, tool: str = "gzip") -> SpecError:
+    """The refusal of a compressed file whose stream fails after line ``after_line``: cut short
+    (a copy, a download or a disk that ran out) or corrupt. Its later records are lost, and
+    scoring the ones before would pass a part of the file for the whole."""
+    name = os.path.basename(uri.rstrip("/"))
+    what = (f"is cut short: the {tool} stream breaks off after line {after_line}" if isinstance(exc, EOFError)
+            else f"is damaged: its {tool} stream fails after line {after_line} ({exc})")
+    return SpecError([(FIELD, f"{uri} {what}; the records past it are lost. Copy or write the file again "
+                              f"whole (`{tool} -t {name}` tests a copy)")])
+
+
+def numbered_lines(source: VariantInput) -> Generator[tuple[int, bytes], None, None]:
+    """(line number, line) of a text file, plain or gzip; a damaged gzip stream is refused
+    saying after which line (it raised EOFError out of the plan)."""
+    number = 0
+    try:
+        with source.text() as f:
+            for number, raw in enumerate(f, start=1):  # noqa: B007 (number names the break)
+                yield number, raw
+    except GZIP_ERRORS as exc:
+        raise gzip_damage(source.uri, number, exc) from None
+
+
+class Feed:
+    """The thread's side of htslib's pipe: what it writes, and the error that stopped it, which
+    the reader raises (:meth:`raise_error`) once htslib has read to the pipe's end."""
+
+    def __init__(self, source: VariantInput, inflate: bool):
+        self.source = source
+        self.inflate = inflate  # plain gzip: its lines, decompressed; else its bytes as stored
+        self.error: BaseException | None = None
+
+    def run(self, fd: int) -> None:
+        """Fill the pipe's write end ``fd``, then close it (htslib reads that as the file's end).
+        The error is kept before the close, so the reader finds it as soon as htslib stops."""
+        out = os.fdopen(fd, "wb", buffering=FEED_CHUNK)
+        try:
+            self._copy(out)
+        except BrokenPipeError:
+            pass  # htslib was closed before the file's end: nothing more is read
+        except Exception as exc:  # noqa: BLE001 -- handed to the reader, which raises it in the plan
+            self.error = exc
+        finally:
+            with contextlib.suppress(OSError):
+                out.close()
+
+    def _copy(self, out: IO[bytes]) -> None:
+        if self.inflate:  # line by line: a damage is refused after the last whole line
+            for _, line in numbered_lines(self.source):
+                out.write(line)
+            return
+        with self.source.raw() as raw:
+            while chunk := raw.read(FEED_CHUNK):
+                out.write(chunk)
+
+    def raise_error(self) -> None:
+        """The error that stopped the feed before the file's end, if one did."""
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def htslib_readable(source: VariantInput) -> Iterator[tuple[str | IO[bytes], Feed | None]]:
+    """What pysam opens for ``source``: a local plain or bgzip file (or BCF) by its path; a
+    plain-gzip or a remote file as the read end of a pipe a thread fills (with its Feed, whose
+    error the caller raises where htslib stops). The pipe is closed on the way out, so the thread
+    stops at its next write however far it got."""
+    inflate = source.is_plain_gzip()
+    if source.local is not None and not inflate:
+        yield source.local, None
+        return
+    feed = Feed(source, inflate)
+    read_fd, write_fd = os.pipe()
+    thread = threading.Thread(target=feed.run, args=(write_fd,), name="gpubatch-variants-feed", daemon=True)
+    thread.start()
+    try:
+        with os.fdopen(read_fd, "rb") as reader:
+            yield reader, feed
+    finally:
+        thread.join(FEED_JOIN_SECONDS)
+        if thread.is_alive():  # a remote read that neither answers nor fails: left to end with the process
+            log.warning("%s: the thread reading it for htslib did not stop within %.0f s; left behind",
+                        redact(source.uri), FEED_JOIN_SECONDS)
