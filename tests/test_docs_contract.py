@@ -110,3 +110,12 @@ def test_every_exit_code_is_documented() -> None:
     line = readme[readme.index("Exit codes:"):].split("\n\n", 1)[0]
     assert [c for c in codes.values() if not re.search(rf"(:|;) {c} \w", line)] == []
 
+
+
+def test_section_references_name_headings_that_exist() -> None:
+    """`docs/spec.md, "Track outputs"` in the README or docs names a heading of that file."""
+    refs = set(re.findall(r'(docs/[\w-]+\.md), "([^"]+)"', _documents()))
+    assert ("docs/spec.md", "Cluster profiles") in refs
+    missing = [f'{path}, "{title}"' for path, title in sorted(refs)
+               if not re.search(rf"^#+ {re.escape(title)}$", (REPO / path).read_text(), re.MULTILINE)]
+    assert not missing, f"no such heading: {missing}"
