@@ -12,7 +12,6 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import slide_job, write_job
