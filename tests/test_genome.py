@@ -741,7 +741,9 @@ def test_s3_reference_reads_match_local(s3_refs: Any, synth: tuple[Path, dict[st
     finally:
         s3_refs.proxy.reset()
     assert np.array_equal(local, remote)
-    assert clocks.counters["storage.requests"] >= 4
+    # a genome zarr's reader keeps its last chunks: chrA's windows lie in chunks 1 and 2 (50 kb
+    # each), chrB's in chunk 0, each fetched once (its 20 kb reads fetched them 5 times)
+    assert clocks.counters["storage.requests"] == 3 if name.endswith(".zarr") else clocks.counters["storage.requests"] >= 4
 
 
 def test_a_remote_bed_changed_since_the_run_is_a_changed_result_field(s3_refs: Any, synth: tuple[Path, dict[str, str]],

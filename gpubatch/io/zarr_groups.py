@@ -26,24 +26,37 @@ WRAPPED_PROTOCOLS = ("az", "abfs", "abfss")
 
 def open_zarr_group(uri: str, options: dict[str, Any] | None = None, mode: str = "r", *,
                     counted: bool = False, attempts: int | None = None, **kwargs: Any) -> Any:
-    """``zarr.open_group`` of a local folder or an object-store prefix (``options``: its fsspec
+    """``zarr.open_group`` of a local folder or an object-store prefix, on :func:`zarr_store`'s
+    store (which says what ``options``, ``counted`` and ``attempts`` do). ``kwargs`` go to zarr
+    (``attributes``)."""
+    import zarr
+
+    if not is_remote(uri):
+        return zarr.open_group(local_path(uri), mode=mode, **kwargs)  # type: ignore[arg-type]
+    store = zarr_store(uri, options, mode, counted=counted, attempts=attempts)
+    return zarr.open_group(store, mode=mode, **kwargs)  # type: ignore[arg-type]
+
+
+def zarr_store(uri: str, options: dict[str, Any] | None = None, mode: str = "r", *,
+               counted: bool = False, attempts: int | None = None) -> Any:
+    """The zarr store of a local folder or an object-store prefix (``options``: its fsspec
     storage options, as :func:`gpubatch.io.storage.library_options` completes them: zarr makes
     its own requests, so the client's retries stay on). ``counted``: zarr's requests go through
     the storage layer's counted client (:func:`gpubatch.io.storage.library_fs`: an output's, which
     the report counts; an S3 client's on the wire). ``attempts``: the client's own retries (an
-    output's policy), else the run's. ``kwargs`` go to zarr (``attributes``)."""
-    import zarr
-    from zarr.storage import FsspecStore
+    output's policy), else the run's."""
+    from zarr.storage import FsspecStore, LocalStore
 
+    read_only = mode == "r"
     if not is_remote(uri):
-        return zarr.open_group(local_path(uri), mode=mode, **kwargs)  # type: ignore[arg-type]
+        return LocalStore(local_path(uri), read_only=read_only)
     storage_options = library_options(uri, options, attempts)
     if protocol_of(uri) in WRAPPED_PROTOCOLS:
-        return zarr.open_group(_wrapped_store(uri, storage_options, mode), mode=mode, **kwargs)  # type: ignore[arg-type]
+        return _wrapped_store(uri, storage_options, mode)
     if not counted:
-        return zarr.open_group(uri, mode=mode, storage_options=storage_options, **kwargs)  # type: ignore[arg-type]
+        return FsspecStore.from_url(uri, storage_options=storage_options, read_only=read_only)
     fs, path = library_fs(uri, options, asynchronous=True, attempts=attempts)
-    return zarr.open_group(FsspecStore(fs, path=path, read_only=mode == "r"), mode=mode, **kwargs)  # type: ignore[arg-type]
+    return FsspecStore(fs, path=path, read_only=read_only)
 
 
 def _wrapped_store(uri: str, storage_options: dict[str, Any], mode: str) -> Any:

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import os
 import struct
-import threading
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +26,7 @@ from gpubatch.core.errors import InputError
 from gpubatch.io.retry import changed_while_read
 from gpubatch.io.storage import identity_differs, identity_of, open_ranges, stat
 from gpubatch.io.uris import has_query, is_remote, suffixed
+from gpubatch.sources.genome.kept import KeptByVersion, forget_all
 
 #: contigs whose bytes are checked, in a local file and in one on object storage (all arithmetic
 #: checks cover every contig; a contig not checked here is checked where it is first read)
@@ -219,21 +217,7 @@ class ParsedIndex:
 #: parsed indexes a worker process keeps, the most recently used last: a few references at once
 #: (one run reads one; a process that serves several runs or jobs keeps the latest few)
 CACHED_INDEXES = 4
-_Key = tuple[str, str]
-_indexes: OrderedDict[_Key, ParsedIndex] = OrderedDict()
-_reading: dict[_Key, threading.Lock] = {}  # a key's read in flight: its shards wait for it
-_indexes_lock = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    """A forked worker starts with its own locks (one held in the parent at the fork never opens)."""
-    global _indexes_lock
-    _indexes_lock = threading.Lock()
-    _reading.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_indexes: KeptByVersion[ParsedIndex] = KeptByVersion(CACHED_INDEXES)
 
 
 def read_index(uri: str, fmt: str, storage_options: dict[str, Any] | None = None,
@@ -251,21 +235,12 @@ def read_index(uri: str, fmt: str, storage_options: dict[str, Any] | None = None
     shard's own check against the planned sha256)."""
     if not planned or not is_remote(uri):
         return _read_parsed(uri, fmt, storage_options)
-    key = (uri, planned)
-    with _indexes_lock:
-        reading = _reading.setdefault(key, threading.Lock())
-    with reading:
-        try:
-            if (kept := _kept(key)) is not None:
-                return kept
-            index = _read_parsed(uri, fmt, storage_options)
-            if index.version == planned:
-                _keep(key, index)
-            return index
-        finally:
-            with _indexes_lock:
-                if _reading.get(key) is reading:
-                    del _reading[key]
+
+    def read() -> tuple[ParsedIndex, bool]:
+        index = _read_parsed(uri, fmt, storage_options)
+        return index, index.version == planned
+
+    return _indexes.get_or_read((uri, planned), read)
 
 
 def _read_parsed(uri: str, fmt: str, storage_options: dict[str, Any] | None) -> ParsedIndex:
@@ -275,25 +250,10 @@ def _read_parsed(uri: str, fmt: str, storage_options: dict[str, Any] | None) -> 
     return ParsedIndex(fai, gzi, index_version(versions))
 
 
-def _kept(key: _Key) -> ParsedIndex | None:
-    with _indexes_lock:
-        kept = _indexes.get(key)
-        if kept is not None:
-            _indexes.move_to_end(key)
-        return kept
-
-
-def _keep(key: _Key, index: ParsedIndex) -> None:
-    with _indexes_lock:
-        _indexes[key] = index
-        while len(_indexes) > CACHED_INDEXES:
-            _indexes.popitem(last=False)
-
-
 def forget_indexes() -> None:
-    """Drop every kept index (tests; a process that must read its indexes again)."""
-    with _indexes_lock:
-        _indexes.clear()
+    """Drop every kept index, and every genome zarr's kept contig table (tests; a process that
+    must read its references again, as a fresh worker does)."""
+    forget_all()
 
 
 def check_gzi(uri: str, gzi: tuple[list[int], list[int]], compressed_size: int,

@@ -30,7 +30,7 @@ import numpy as np
 
 from gpubatch.core.errors import InputChanged, InputError
 from gpubatch.io.redact import redact
-from gpubatch.io.storage import exists, input_changed, open_ranges
+from gpubatch.io.storage import exists, input_changed, input_identity, open_ranges
 from gpubatch.io.uris import child, is_remote, local_path
 from gpubatch.io.zarr_groups import open_zarr_group
 from gpubatch.ops.kernels import encode_dna
@@ -49,6 +49,7 @@ from gpubatch.sources.genome.indexes import (
     read_index,
     uncompressed_size,
 )
+from gpubatch.sources.genome.kept import KeptByVersion
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -223,13 +224,80 @@ def contig_locations(meta: dict[str, Any]) -> dict[str, tuple[str, int]]:
             for name, offset in zip(names, layout["offsets"], strict=True)}
 
 
+@dataclass(frozen=True)
+class ZarrGenome:
+    """What a genome zarr's root attribute says, parsed: read once per process and version
+    (:func:`read_genome`), shared by the plan and every reader of that version."""
+
+    contigs: ContigTable
+    #: each contig's (array key, offset): :func:`contig_locations`
+    locations: dict[str, tuple[str, int]]
+    #: the FASTA it was ingested from, and that FASTA's identity then (changed_source_note)
+    source: str | None
+    source_identity: dict[str, Any] | None
+
+
+#: contig tables a process keeps (the latest few genome versions): a draft assembly's is ~11 MB
+#: of JSON at 200,000 contigs, which each shard's start read again (a GET and a parse)
+KEPT_GENOMES = 2
+_genomes: KeptByVersion[ZarrGenome] = KeptByVersion(KEPT_GENOMES)
+
+
+def read_genome(uri: str, storage_options: dict[str, Any] | None = None,
+                planned: dict[str, Any] | None = None) -> ZarrGenome:
+    """A genome zarr's contig table, read where this process has not read that version yet.
+
+    The version is ``zarr.json``'s identity (size and ETag, or size and mtime; ingest writes it
+    last, and a genome ingested again over it is another): ``planned`` (a shard's
+    ``reference_identity``; another now is refused, InputChanged) or, without one, asked now.
+    A table read is kept only where ``zarr.json`` is the same version after the read as before
+    it, so the bytes read are of that version; a zarr.json that cannot tell versions apart (no
+    ETag, no mtime) is read each time."""
+    marker = zarr_marker(uri)
+    if planned:
+        refuse_if_changed(uri, marker, planned, storage_options)
+    identity = planned or input_identity(marker, storage_options)
+    version = _version_key(identity)
+    if version is None:
+        return _parse_genome(uri, storage_options)
+
+    def read() -> tuple[ZarrGenome, bool]:
+        genome = _parse_genome(uri, storage_options)
+        if planned:
+            refuse_if_changed(uri, marker, planned, storage_options)
+            return genome, True
+        return genome, input_changed(marker, identity, storage_options) is None
+
+    return _genomes.get_or_read((uri, version), read)
+
+
+def _version_key(identity: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What tells two versions of a file apart (storage.identity_differs), None where nothing does."""
+    if identity.get("size") is None:
+        return None
+    if identity.get("etag"):
+        return ("etag", identity["size"], identity["etag"])
+    return ("mtime", identity["size"], identity["mtime"]) if identity.get("mtime") is not None else None
+
+
+def _parse_genome(uri: str, storage_options: dict[str, Any] | None) -> ZarrGenome:
+    _, meta = _zarr_meta(uri, storage_options)
+    contigs = ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]), format="zarr")
+    source, identity = meta.get("source"), meta.get("source_identity")
+    return ZarrGenome(contigs, contig_locations(meta), source if isinstance(source, str) else None,
+                      identity if isinstance(identity, dict) else None)
+
+
 def changed_source_note(uri: str, storage_options: dict[str, Any] | None = None) -> str | None:
     """A note where a genome zarr's FASTA has changed since it was ingested (its recorded size and
     mtime or ETag differ): the run reads the genome as ingested, which a user who fetched a new
     FASTA (a patch release, a fixed download) does not expect, and nothing else says. None where
     it has not, is gone, cannot be asked (other credentials), or the zarr predates the record."""
-    meta = open_genome_group(uri, storage_options).attrs.asdict().get(GENOME_ATTR) or {}
-    source, ingested = meta.get("source"), meta.get("source_identity")
+    try:
+        genome = read_genome(uri, storage_options)  # kept from the plan's contig table: no GET
+    except InputError:
+        return None
+    source, ingested = genome.source, genome.source_identity
     if not isinstance(source, str) or not isinstance(ingested, dict):
         return None
     try:
@@ -257,8 +325,7 @@ def load_contigs(uri: str, storage_options: dict[str, Any] | None = None) -> Con
     """The reference's contig table from its index or zarr attributes; reads no sequence."""
     fmt = reference_format(uri, storage_options)
     if fmt == "zarr":
-        _, meta = _zarr_meta(uri, storage_options)
-        return ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]), format=fmt)
+        return read_genome(uri, storage_options).contigs
     versions: Versions = {}
     fai, _, checked = read_checked_index(uri, fmt, storage_options, versions)
     return ContigTable(tuple(fai), tuple(e.length for e in fai.values()), index_version(versions), fmt, checked)
@@ -423,48 +490,6 @@ def zarr_marker(uri: str) -> str:
     return child(uri, "zarr.json")
 
 
-class ZarrReference(Reference):
-    """A genome zarr from ``gpubatch ingest``: slices of its uint8 code arrays, each contig's
-    resolved to (array, offset) by :func:`contig_locations`."""
-
-    format = "zarr"
-
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None,
-                 clocks: StageClocks | None = None, planned: dict[str, Any] | None = None):
-        """``planned``: its ``zarr.json``'s identity as the plan found it; another is refused
-        (a genome ingested again over it since)."""
-        super().__init__(clocks)
-        self.uri = uri
-        if planned:
-            refuse_if_changed(uri, zarr_marker(uri), planned, storage_options)
-        self.group, meta = _zarr_meta(uri, storage_options)
-        self.contigs = ContigTable(tuple(meta["contigs"]), tuple(int(n) for n in meta["lengths"]))
-        self.locations = contig_locations(meta)
-        self.arrays: dict[str, Any] = {}
-
-    def _array(self, key: str) -> Any:
-        """An array of the genome, opened at its first read: opening every contig's up front cost
-        one metadata request per contig at each shard's start (an assembly of 100,000 scaffolds
-        over object storage, in layout version 1: 100,000 requests before the first window).
-        Two threads may both open one at once; either's answer is the same array."""
-        array = self.arrays.get(key)
-        if array is None:
-            array = self.arrays[key] = self.group[key]
-        return array
-
-    def _read(self, contig: str, start: int, end: int) -> np.ndarray:
-        key, offset = self.locations[contig]
-        with self._part("storage"):
-            codes = np.asarray(self._array(key)[offset + start : offset + end], dtype=np.uint8)
-        self._count(codes.nbytes)
-        if codes.size and int(codes.max()) > N_CODE:
-            at = start + int(np.argmax(codes > N_CODE))
-            raise InputError(self.uri, f"{contig}:{at}: the genome store lacks the chunk that holds these "
-                                       "bases (copied in part? its chunk files must all be there); copy it "
-                                       "again, or ingest the FASTA again")
-        return codes
-
-
 #: the forms a reference is read in (what :func:`reference_format` answers)
 FORMATS = ("zarr", "bgzip", "fasta")
 
@@ -485,6 +510,8 @@ def open_reference(uri: str, storage_options: dict[str, Any] | None = None,
         raise InputError(uri, f"the shard says the reference is '{fmt}', not one of {', '.join(FORMATS)}: "
                               "the run's plan is from another gpubatch; run the job again (--overwrite)")
     if fmt == "zarr":
+        from gpubatch.sources.genome.zarr_reference import ZarrReference  # it imports this module
+
         return ZarrReference(uri, storage_options, clocks, planned)
     return FastaReference(uri, storage_options, fmt, clocks, planned_index, planned)
 
