@@ -762,3 +762,15 @@ def test_a_remote_bed_changed_since_the_run_is_a_changed_result_field(s3_refs: A
     bed.write_text("chrA\t0\t1000\nchrA\t1000\t2000\n")
     s3_refs.upload(bed, "beds/regions.bed")
     assert job.result_fields()["windows"]["regions_version"] not in (before, None)
+
+
+def test_duplicate_regions_rows_name_their_bed_line(synth: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """A duplicated BED line gave the same rows twice, (chrom, start, end, strand) alike: no row
+    could be traced to its interval. The ``region`` column holds each window's BED line."""
+    path, contigs = synth
+    bed = tmp_path / "regions.bed"
+    bed.write_text("track name=x\nchrB\t0\t20\nchrB\t0\t20\nchrC\t50\t61\t.\t0\t-\n")
+    items, index = read_all(genome_job(path, regions=str(bed), length=10, windows_per_shard=3))
+    assert list(index["region"]) == [2, 2, 3, 3, 4, 4]
+    assert list(index["start"]) == [0, 10, 0, 10, 50, 60]
+    np.testing.assert_array_equal(items[-1], codes(revcomp(bases(contigs, "chrC", 60, 70))))

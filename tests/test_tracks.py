@@ -153,7 +153,7 @@ def test_track_output_is_whole_in_zarr_never_in_parquet(tmp_path: Path, models: 
     fasta, contigs, path = sars()
     out = run(tmp_path, models["ACGT"], path, regions=[f"{SARS}:100-1000"])
     table = pq.read_table(out / "predictions.parquet")
-    assert table.column_names == ["chrom", "start", "end", "strand"]
+    assert table.column_names == ["chrom", "start", "end", "strand", "region"]
     starts = table.column("start").to_numpy()
     seqs = [window(fasta, contigs, SARS, s, s + 128) for s in starts]
     fractions = np.stack([[[b.count(base) / BIN for base in COUNTED] for b in

@@ -12,7 +12,9 @@ windows: big read, then slice. Memory per read unit is about twice max(chunk_bas
 bytes, set by configuration and not by genome size.
 
 Window index columns are ``chrom``, ``start``, ``end`` (= start + length, also where the window runs
-past the contig end and is padded with N) and ``strand``. Sequences travel as uint8 codes: windows as (k, L), variant pairs as (k, 2, L) with ref then alt.
+past the contig end and is padded with N), ``strand`` and ``region`` (the window's region: its BED
+line, its index in the spec's list, or its contig's place among the non-empty ones; duplicate or
+overlapping regions give the same window once per region, told apart by it). Sequences travel as uint8 codes: windows as (k, L), variant pairs as (k, 2, L) with ref then alt.
 They become one-hot floats only in the device stage (the readers' ``preprocess`` declaration;
 N -> ``n_value`` in all four channels). With ``reverse_complement: average`` the model sees every window on both strands
 (a batch of 2N, or 4N for variant pairs) and ``from_model_output`` averages the two strands' outputs
@@ -55,7 +57,7 @@ from gpubatch.sources.genome.reference import (
     open_reference,
     zarr_marker,
 )
-from gpubatch.sources.genome.regions import WindowPlan, overlap_note, resolve_regions
+from gpubatch.sources.genome.regions import WindowPlan, overlap_note, padding_note, resolve_regions
 from gpubatch.sources.genome.tracks import TrackOutputs
 from gpubatch.sources.genome.variants import (
     SKIP_REASONS,
@@ -69,7 +71,7 @@ from gpubatch.sources.genome.variants import (
 )
 from gpubatch.spec import JobSpec, WindowsSpec
 
-WINDOW_COLUMNS = ["chrom", "start", "end", "strand"]
+WINDOW_COLUMNS = ["chrom", "start", "end", "strand", "region"]
 VARIANT_COLUMNS = ["variant_id", "chrom", "pos", "ref", "alt", "ref_match"]
 
 
@@ -230,10 +232,12 @@ class GenomeWindowReader(_GenomeReader):
         super().__init__(shard, job, reference, clocks)
         stride = _stride(self.w)
         segments = shard.payload["segments"]
-        self.chroms = [c for c, _, n, _ in segments for _ in range(n)]
-        self.strands = np.array([s for _, _, n, s in segments for _ in range(n)], dtype=object)
-        self.starts = np.concatenate([s0 + stride * np.arange(n, dtype=np.int64)
-                                      for _, s0, n, _ in segments]) if segments else np.zeros(0, np.int64)
+        self.chroms = [seg[0] for seg in segments for _ in range(seg[2])]
+        self.strands = np.array([seg[3] for seg in segments for _ in range(seg[2])], dtype=object)
+        self.regions = np.repeat(np.array([seg[4] if len(seg) > 4 else -1 for seg in segments], dtype=np.int64),
+                                 [seg[2] for seg in segments])
+        self.starts = np.concatenate([seg[1] + stride * np.arange(seg[2], dtype=np.int64)
+                                      for seg in segments]) if segments else np.zeros(0, np.int64)
         for c in set(self.chroms):
             if c not in reference.contigs:
                 raise InputError(reference.uri, reference.contigs.missing_message(c))
@@ -259,7 +263,8 @@ class GenomeWindowReader(_GenomeReader):
                 items = items.copy()
                 items[minus] = reverse_complement_codes(items[minus])
             index = {"chrom": np.array(self.chroms[i:j], dtype=object), "start": starts.copy(),
-                     "end": starts + self.length, "strand": self.strands[i:j].copy()}
+                     "end": starts + self.length, "strand": self.strands[i:j].copy(),
+                     "region": self.regions[i:j].copy()}
         return ItemBlock(items, index)
 
     def from_model_output(self, outputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
@@ -341,7 +346,8 @@ class GenomeSource(Source):
         if w.variants:
             return self._plan_variants(w, contigs, job.input.storage)
         regions, failed = resolve_regions(w.regions, contigs, job.input.storage, w.max_bad_records)
-        notes = [n for n in (overlap_note(regions), _source_note(w.reference, job.input.storage, contigs)) if n]
+        notes = [n for n in (overlap_note(regions), padding_note(regions, contigs, w.length, _stride(w)),
+                             _source_note(w.reference, job.input.storage, contigs)) if n]
         plan = WindowPlan(regions, w.length, _stride(w), w.windows_per_shard)
         storage = job.input.storage
         facts = {**reference_facts(contigs), "planned_identity": planned_identity(w.reference, storage, contigs)}
