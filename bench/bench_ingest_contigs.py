@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORK, alternate, publish  # noqa: E402
 
 from gpubatch.sources.genome.ingest import PACK_BELOW, ingest_genome  # noqa: E402
-from gpubatch.sources.genome.reference import load_contigs, open_reference  # noqa: E402
+from gpubatch.sources.genome.opening import open_reference  # noqa: E402
+from gpubatch.sources.genome.reference import load_contigs
 
 LAYOUTS = {"array per contig (layout 1)": 0, "packed (layout 2)": PACK_BELOW}
 

@@ -15,7 +15,8 @@ from gpubatch.core.errors import InputError, SpecError
 from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
 from gpubatch.sources import get_source
 from gpubatch.sources.base import Shard
-from gpubatch.sources.genome.reference import FastaReference, open_reference
+from gpubatch.sources.genome.opening import open_reference
+from gpubatch.sources.genome.reference import FastaReference
 from gpubatch.sources.genome.source import GenomeSource, group_reads
 from gpubatch.spec import JobSpec, parse_job
 

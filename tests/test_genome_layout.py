@@ -14,12 +14,12 @@ from conftest import dna_codes, shared_file
 
 from gpubatch.core.errors import InputError
 from gpubatch.sources.genome.ingest import ingest_genome
+from gpubatch.sources.genome.opening import open_reference
 from gpubatch.sources.genome.reference import (
     GENOME_ATTR,
     PACKED_ARRAY,
     load_contigs,
     open_genome_group,
-    open_reference,
 )
 from gpubatch.spec import parse_job
 

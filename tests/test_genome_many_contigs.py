@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from gpubatch.sources.genome.ingest import ingest_genome
-from gpubatch.sources.genome.reference import load_contigs, open_reference
+from gpubatch.sources.genome.opening import open_reference
+from gpubatch.sources.genome.reference import load_contigs
 from gpubatch.spec import JobSpec
 
 pysam = pytest.importorskip("pysam")

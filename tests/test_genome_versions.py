@@ -431,7 +431,7 @@ def test_a_shard_naming_a_reference_form_this_gpubatch_does_not_read_is_refused(
     (a plan made by another version) is an error naming the form and the fix, not a probe's
     guess or a decoder's traceback."""
     from gpubatch.core.errors import InputError
-    from gpubatch.sources.genome.reference import open_reference
+    from gpubatch.sources.genome.opening import open_reference
 
     fasta = write_fasta(tmp_path / "ref.fa", CONTIGS)
     with pytest.raises(InputError) as caught:

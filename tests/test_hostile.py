@@ -254,7 +254,7 @@ def test_a_contig_the_plan_did_not_check_is_checked_where_it_is_read(
     """Beyond what the plan checks (object storage, or a file changed after planning), a
     contig's start is checked at its first read: the shard fails naming the contig, instead
     of windows shifted by a byte, and the other contigs' windows are right."""
-    from gpubatch.sources.genome.reference import open_reference
+    from gpubatch.sources.genome.opening import open_reference
 
     contigs = {f"ctg{i}": random_sequence(50, i) for i in range(6)}
     ref = write_fasta(tmp_path / "six.fa", contigs)

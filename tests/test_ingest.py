@@ -23,12 +23,8 @@ import gpubatch.sources.genome.ingest as ingest_mod
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError, OutputRefused
 from gpubatch.sources.genome.ingest import ingest_genome
-from gpubatch.sources.genome.reference import (
-    GENOME_ATTR,
-    PACKED_ARRAY,
-    load_contigs,
-    open_reference,
-)
+from gpubatch.sources.genome.opening import open_reference
+from gpubatch.sources.genome.reference import GENOME_ATTR, PACKED_ARRAY, load_contigs
 from gpubatch.sources.genome.source import GenomeSource
 from gpubatch.spec import JobSpec, parse_job
 

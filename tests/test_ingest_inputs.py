@@ -22,12 +22,8 @@ import gpubatch.sources.genome.ingest as ingest_mod
 from gpubatch.cli.main import main
 from gpubatch.core.errors import InputError, OutputRefused
 from gpubatch.sources.genome.ingest import ingest_genome
-from gpubatch.sources.genome.reference import (
-    GENOME_ATTR,
-    PACKED_ARRAY,
-    open_genome_group,
-    open_reference,
-)
+from gpubatch.sources.genome.opening import open_reference
+from gpubatch.sources.genome.reference import GENOME_ATTR, PACKED_ARRAY, open_genome_group
 from gpubatch.sources.genome.source import GenomeSource
 
 if TYPE_CHECKING:

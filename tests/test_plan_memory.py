@@ -13,7 +13,8 @@ import pytest
 
 from gpubatch.cli.demo import write_synthetic_genome
 from gpubatch.sources.genome import variant_table
-from gpubatch.sources.genome.reference import load_contigs, open_reference
+from gpubatch.sources.genome.opening import open_reference
+from gpubatch.sources.genome.reference import load_contigs
 from gpubatch.sources.genome.source import GenomeSource
 from gpubatch.sources.genome.variants import check_refs, read_variants
 from gpubatch.spec import parse_job

@@ -490,32 +490,6 @@ def zarr_marker(uri: str) -> str:
     return child(uri, "zarr.json")
 
 
-#: the forms a reference is read in (what :func:`reference_format` answers)
-FORMATS = ("zarr", "bgzip", "fasta")
-
-
-def open_reference(uri: str, storage_options: dict[str, Any] | None = None,
-                   clocks: StageClocks | None = None, fmt: str | None = None,
-                   planned_index: str | None = None, planned: dict[str, Any] | None = None) -> Reference:
-    """Open a reference in whichever form it is stored; raises InputError naming what is missing.
-
-    ``fmt``: the form the plan found (a shard's ``reference_format``), taken without a request;
-    None asks the reference (3 requests, a HEAD of ``zarr.json`` among them). ``planned_index``:
-    the shard's ``index_version``, under which an index already read may be reused. ``planned``:
-    the reference's identity as planned (a shard's ``reference_identity``: the FASTA's, or a
-    genome zarr's ``zarr.json``'s), held to."""
-    if fmt is None:
-        fmt = reference_format(uri, storage_options)
-    elif fmt not in FORMATS:
-        raise InputError(uri, f"the shard says the reference is '{fmt}', not one of {', '.join(FORMATS)}: "
-                              "the run's plan is from another gpubatch; run the job again (--overwrite)")
-    if fmt == "zarr":
-        from gpubatch.sources.genome.zarr_reference import ZarrReference  # it imports this module
-
-        return ZarrReference(uri, storage_options, clocks, planned)
-    return FastaReference(uri, storage_options, fmt, clocks, planned_index, planned)
-
-
 #: a gap wider than this between consecutive windows starts a new read instead of reading through it
 MAX_GAP_BASES = 1 << 16
 

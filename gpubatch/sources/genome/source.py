@@ -48,13 +48,13 @@ from gpubatch.io.uris import suffixed
 from gpubatch.ops.kernels import reverse_complement_codes, window_rows
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
+from gpubatch.sources.genome.opening import open_reference
 from gpubatch.sources.genome.reference import (
     ContigTable,
     Reference,
     changed_source_note,
     group_reads,
     load_contigs,
-    open_reference,
     zarr_marker,
 )
 from gpubatch.sources.genome.regions import WindowPlan, overlap_note, padding_note, resolve_regions
