@@ -51,6 +51,15 @@ def _views(out: Path) -> tuple[dict[str, Any], str, str]:
     return v, text, page
 
 
+def _breakdown_rows(out: Path) -> dict[str, float]:
+    """report.html's "Time by stage part": each drawn row's seconds, by label."""
+    svg = re.search(r'<svg[^>]*data-plot="breakdown".*?</svg>', (out / "report.html").read_text(), re.S)
+    assert svg is not None
+    texts = [html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", svg.group(0))]
+    return {label: float(note.split(" s ")[0]) for label, note in zip(texts, texts[1:], strict=False)
+            if re.fullmatch(r"[\d.]+ s \(.*\)", note)}
+
+
 def _heavy_model(path: Path, layers: int = 8, channels: int = 64) -> Path:
     """A stack of 3x3 convolutions over the whole tile: compute grows with layers, not with input."""
     import torch
@@ -83,6 +92,12 @@ def test_batch_size_one_is_named_batching_not_the_writer_or_the_readers(tmp_path
     assert v["limiting_layer"] == verdict_rules.LAYER_BATCHING and v["detail"] == "small batches", text
     assert "model.batch_size" in v["next_move"]
     assert "output.formats" not in text and "run.readers" not in text
+    # two shards took turns on the worker's one model: report.html draws every timed part, the
+    # turn included (it drew eight, the largest part missing, their shares adding to 64%)
+    parts = json.loads((out / "report.json").read_text())["parts"]
+    assert parts.get("turn", 0.0) > 0
+    drawn = _breakdown_rows(out)
+    assert sum(drawn.values()) == pytest.approx(sum(parts.values()), abs=0.01 * len(drawn)), (drawn, parts)
 
 
 def test_a_compute_bound_run_blames_start_up_not_the_data_path(tmp_path: Path, judged: None) -> None:

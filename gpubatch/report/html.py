@@ -36,6 +36,7 @@ from gpubatch.report.verdict import (
     LAYER_COMPUTE,
     LAYER_STORAGE,
     LAYER_TRANSFER,
+    PART_LAYERS,
     pct,
     quota_words,
     starvation_words,
@@ -53,6 +54,9 @@ BREAKDOWN = (
     (("write",), "write", LAYER_STORAGE),
 )
 MUTED_LINE, INK_LINE = "#9aa5b1", "#1f2933"
+# How the parts outside BREAKDOWN are labelled, where they are timed (core.clocks.STAGE_PARTS).
+EXTRA_PARTS = {"batch": "batch assembly", "turn": "model: waiting its turn", "output": "output conversion",
+               "fallback": "fp32 fallback"}
 MAX_HEATMAPS = 48  # inlined in the page; the rest stay in heatmaps/
 MAX_FAILED_ROWS = 200  # quarantined inputs drawn one per row; past it, grouped by error as well
 MAX_LISTED_GROUPS = 100  # distinct errors drawn
@@ -234,7 +238,17 @@ def _breakdown_plot(report: dict[str, Any]) -> str:
         sec = sum(parts.get(k, 0.0) for k in keys)
         note = f"{sec:.2f} s ({pct(sec / total)})" if any(k in parts for k in keys) else "not timed"
         rows.append((label, sec, LAYER_COLORS[layer], note))
+    # Every other timed part gets its row too (batch assembly, a shard's turn behind the
+    # worker's other one, output conversion): the shares are of all parts, and a page that
+    # drew only some of them showed shares adding to 64%, its largest part (turn) not drawn.
+    named = {k for keys, _, _ in BREAKDOWN for k in keys}
+    for key, sec in parts.items():
+        if key not in named and sec > 0:
+            label = EXTRA_PARTS.get(key, key)
+            rows.append((label, sec, LAYER_COLORS.get(PART_LAYERS.get(key, ""), MUTED_LINE), f"{sec:.2f} s ({pct(sec / total)})"))
     legend = [("storage/host", ORANGE), ("transfer", PURPLE), ("compute", BLUE)]
+    if any(color == MUTED_LINE for _, _, color, _ in rows):
+        legend.append(("pipeline", MUTED_LINE))
     return plots.hbar_chart("breakdown", "Time by stage part", rows, x_label="seconds (summed over workers and threads)",
                             legend=legend, subtitle="setup = slide open + tissue mask, per shard")
 
