@@ -17,9 +17,11 @@ from typing import Any
 
 import pytest
 from conftest import slide_job, write_job
+from s3_fixtures import S3Stack
 
 # the module: gpubatch.report's own name `verdict` is the function
 verdict_rules = importlib.import_module("gpubatch.report.verdict")
+pytest_plugins = ["s3_fixtures"]
 
 
 @pytest.fixture()
@@ -124,3 +126,26 @@ def test_a_compute_bound_run_blames_start_up_not_the_data_path(tmp_path: Path, j
     assert said in text and said[1:] in page
     assert re.search(rf">{re.escape(verdict_rules.pct(gap['cost']))}</div><div class=\"k\">of model speed lost to the "
                      "data path<", (out / "report.html").read_text())
+
+
+def test_slides_behind_slow_storage_name_storage_and_ask_for_staging(tmp_path: Path, s3: S3Stack, mean_model: Path,
+                                                                     judged: None) -> None:
+    """Slides read through a proxy adding 1 s to every request: the report names storage/host
+    transport and asks for staging, not a change to the model; its p99 read "3.67e+03 ms"."""
+    import gpubatch
+    from gpubatch.cli.demo import write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "s.tif", 2048, 2048, seed=3, levels=1)
+    uri = s3.upload(slide, f"slow-{tmp_path.name}/s.tif")
+    s3.proxy.configure(latency_s=1.0)
+    out = tmp_path / "out"
+    job = slide_job([uri], mean_model, out, tiles={"size": 32, "level": 0, "mpp": None},
+                    run={"readers": 1, "prefetch_batches": 2})
+    job["input"].update(storage=s3.options(), access="stream")
+    assert gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False).exit_code == 0
+    v, text, page = _views(out)
+    assert v["limiting_layer"] == verdict_rules.LAYER_STORAGE, text
+    assert "input.access: stage" in v["next_move"] and "precision" not in v["next_move"]
+    p99 = json.loads((out / "report.json").read_text())["storage"]["p99_ms"]
+    assert p99 >= 1000 and "e+" not in text and "e+" not in page
+    assert f"p99 latency {p99:,.0f} ms" in v["evidence"] or v["detail"] == "per-shard setup"

@@ -37,6 +37,7 @@ from gpubatch.report.verdict import (
     LAYER_STORAGE,
     LAYER_TRANSFER,
     PART_LAYERS,
+    ms_words,
     pct,
     quota_words,
     starvation_words,
@@ -274,7 +275,9 @@ def _latency_plot(report: dict[str, Any]) -> str:
     st = report.get("storage") or {}
     labels = [f"≤{plots.fmt(u)}" if math.isfinite(u) else f">{plots.fmt(lo)}"
               for lo, u in zip(lf["lower_ms"], lf["upper_ms"], strict=True)]
-    sub = f"{int(lf['count'].sum())} requests; p50 {_num(st.get('p50_ms'), '{:.3g}')} ms, p99 {_num(st.get('p99_ms'), '{:.3g}')} ms"
+    p50, p99 = (st.get(k) for k in ("p50_ms", "p99_ms"))
+    sub = (f"{int(lf['count'].sum())} requests; p50 {'–' if p50 is None else ms_words(p50)} ms, "
+           f"p99 {'–' if p99 is None else ms_words(p99)} ms")
     return plots.histogram("latency", title, labels, list(lf["count"]), x_label="latency bucket upper bound (ms, log-spaced)",
                            y_label="requests", subtitle=sub)
 

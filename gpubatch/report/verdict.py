@@ -63,6 +63,11 @@ def pct(share: float) -> str:
     return "<0.1%" if text == "0.0%" else ">99.9%" if text == "100.0%" else text
 
 
+def ms_words(ms: float) -> str:
+    """Milliseconds in three figures, whole ones from a second up: a 3.7 s p99 read "3.67e+03 ms"."""
+    return f"{ms:.3g}" if ms < 1000 else f"{ms:,.0f}"
+
+
 def starvation_words(starvation: float, v: dict[str, Any]) -> tuple[str, str]:
     """(the starvation as shown, its band as said): a dash where no batch was measured."""
     shown = "–" if v.get("band") == BAND_NOT_MEASURED else f"{starvation:.1%}"
@@ -200,7 +205,7 @@ def _input_finding(f: _Figures) -> _Finding:
     """The model starved: readers (storage requests, decode) could not keep up."""
     lead = f"the model waited for data {f.model_starved:.2f} s, {f.starvation:.1%} of its time; readers spent"
     if f.storage >= f.decode:
-        latency = f"; storage p99 latency {f.p99_ms:.3g} ms" if f.p99_ms else ""
+        latency = f"; storage p99 latency {ms_words(f.p99_ms)} ms" if f.p99_ms else ""
         return _Finding(
             LAYER_STORAGE, "storage reads",
             f"{lead} {f.storage:.2f} s on storage against {f.decode:.2f} s decoding{latency}{f.cores_evidence()}",
