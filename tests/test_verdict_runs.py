@@ -149,3 +149,27 @@ def test_slides_behind_slow_storage_name_storage_and_ask_for_staging(tmp_path: P
     p99 = json.loads((out / "report.json").read_text())["storage"]["p99_ms"]
     assert p99 >= 1000 and "e+" not in text and "e+" not in page
     assert f"p99 latency {p99:,.0f} ms" in v["evidence"] or v["detail"] == "per-shard setup"
+
+
+def test_a_genome_run_converting_on_the_host_is_told_about_one_hot_encoding(tmp_path: Path, judged: None) -> None:
+    """Overlapping 2 kb windows (stride 50) with both strands, into a model that only sums its
+    input: one-hot encoding on the host costs about as much as the model. The report named
+    input conversion and advised "normalise on the device (uint8 in, float on the GPU)": a
+    genome job normalises nothing, and this run had no device to move it to."""
+    import gpubatch
+    from gpubatch.cli.demo import write_synthetic_genome
+    from gpubatch.cli.demo_models import make_identity_onehot_model
+
+    fasta = write_synthetic_genome(tmp_path / "g.fa", {"chr1": 1_000_000}, seed=3)
+    out = tmp_path / "out"
+    job = {"name": "g", "kind": "genome",
+           "windows": {"reference": str(fasta), "regions": "genome", "length": 2000, "stride": 50,
+                       "reverse_complement": "average", "windows_per_shard": 4096},
+           "model": {"path": str(make_identity_onehot_model(tmp_path / "m.onnx", 2000)), "backend": "onnxruntime",
+                     "batch_size": 256},
+           "output": {"uri": str(out), "formats": ["parquet"]}, "run": {"profile": "inline", "readers": 2}}
+    assert gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False).exit_code == 0
+    v, text, _ = _views(out)
+    assert v["limiting_layer"] == verdict_rules.LAYER_TRANSFER and v["detail"] == "input conversion", text
+    assert "one-hot encoding" in v["next_move"] and "normalise" not in v["next_move"]
+    assert "this run had no GPU" in v["next_move"]

@@ -279,14 +279,28 @@ def _transfer_bound(f: _Figures) -> _Finding | None:
     moving = f.transfer + f.preprocess
     if moving <= TRANSFER_SHARE * max(f.compute, 1e-9):
         return None
+    items = "base codes" if f.kind == "genome" else "tiles"
     if f.transfer >= f.preprocess:
-        move = "keep tiles uint8 until the device, use pinned host buffers and overlap copies with compute"
+        move = f"keep {items} uint8 until the device, use pinned host buffers and overlap copies with compute"
     else:
-        move = "normalise on the device (uint8 in, float on the GPU) rather than on the host"
+        move = _conversion_move(f)
     return _Finding(
         LAYER_TRANSFER, "host-to-device copies" if f.transfer >= f.preprocess else "input conversion",
         f"host-to-device transfer {f.transfer:.2f} s and input conversion {f.preprocess:.2f} s "
         f"against {f.compute:.2f} s of compute", move)
+
+
+def _conversion_move(f: _Figures) -> str:
+    """Where input conversion (normalising tiles, one-hot encoding DNA) should run. A run with
+    no host-to-device copies had no device: its conversion was the CPU twin's numpy, and "do it
+    on the device" needs a GPU run; a genome job's conversion is one-hot encoding, not normalising."""
+    genome = f.kind == "genome"
+    if f.transfer > 0:
+        verb = "one-hot encode" if genome else "normalise"
+        return f"{verb} on the device (uint8 in, float on the GPU) rather than on the host"
+    noun = "one-hot encoding the base codes" if genome else "normalising the tiles"
+    return (f"this run had no GPU, so {noun} ran on the host's cores: a GPU run (profile local-cuda) "
+            "does it on the device; on the host, only more cores shorten it")
 
 
 def _size_words(n_bytes: int) -> str:
