@@ -173,3 +173,24 @@ def test_a_genome_run_converting_on_the_host_is_told_about_one_hot_encoding(tmp_
     assert v["limiting_layer"] == verdict_rules.LAYER_TRANSFER and v["detail"] == "input conversion", text
     assert "one-hot encoding" in v["next_move"] and "normalise" not in v["next_move"]
     assert "this run had no GPU" in v["next_move"]
+
+
+def test_staged_slides_behind_slow_storage_are_judged_and_told_to_stage_further_ahead(
+        tmp_path: Path, s3: S3Stack, slides_dir: Path, mean_model: Path) -> None:
+    """Five staged slides behind 300 ms per request: downloads were the run (seconds of setup
+    against a fraction of a second of model work), yet it read "too little work for a verdict",
+    its setup not counted; judged, it was told to "stage inputs (input.access: stage)", which
+    it did. The gate counts setup (it is not lowered here) and the move is run.stage_ahead."""
+    import gpubatch
+
+    folder = f"staged-{tmp_path.name}"
+    sources = sorted(slides_dir.glob("*.tif"))
+    uris = [s3.upload(sources[i % len(sources)], f"{folder}/s{i}.tif") for i in range(5)]
+    s3.proxy.configure(latency_s=0.3)
+    out = tmp_path / "out"
+    job = slide_job(uris, mean_model, out, tiles={"size": 32}, run={"readers": 1, "stage_ahead": 2})
+    job["input"].update(storage=s3.options(), access="stage")
+    assert gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False).exit_code == 0
+    v, text, _ = _views(out)
+    assert v["limiting_layer"] == verdict_rules.LAYER_STORAGE and v["detail"] == "per-shard setup", text
+    assert "raise run.stage_ahead from 2 to 4" in v["next_move"] and "input.access" not in v["next_move"]
