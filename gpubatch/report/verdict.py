@@ -29,6 +29,10 @@ BLOCKED_SHARE = 0.05    # model stage waiting on the writer: above this, output 
 FILL_MIN = 0.75         # mean batch fill below this: batches are under-filled
 SMALL_BATCH = 16        # batches smaller than this rarely fill an accelerator
 SMALL_BATCH_BYTES = 4 << 20  # ...unless each call still carries this much input (100 kb windows)
+# ...or, on a run with no device (no host-to-device copies), each call computes this long: per-call
+# overhead on the host is well under a millisecond, so a heavy model's batch of 4 (21 ms a call)
+# ran no slower than its batch of 32
+LONG_HOST_CALL_S = 0.005
 SHORT_RUN_SHARE = 0.5   # fixed start-up above this share of worker time: figures are noisy
 # Below either of these a run is too small to judge: the first batch waits for the first read
 # and a warm-up, so starvation over a handful of batches says more about start-up than about
@@ -112,6 +116,7 @@ class _Figures:
     host_cpu: dict[str, Any] | None = None  # the report's host_cpu (core.cpu), None when not measured
     tuning: dict[str, Any] | None = None  # the report's tuning where batch_size: auto chose the run's size
     access: dict[str, int] = field(default_factory=dict)  # shards by how their input was read (stage, stream)
+    batches: int = 0  # model calls timed in this run
     stage_ahead: int | None = None  # run.stage_ahead, None in a report from before it was recorded
     read: dict[str, float] | None = None  # the read stage's clocks, None in a report without them
     write: dict[str, float] | None = None  # the write stage's clocks, likewise
@@ -139,8 +144,14 @@ class _Figures:
             host_cpu=summary.get("host_cpu"),
             tuning=_tuned_choice(summary),
             access=dict((summary.get("storage") or {}).get("access") or {}), stage_ahead=summary.get("stage_ahead"),
+            batches=int(summary.get("batches") or 0),
             read=(summary.get("stages") or {}).get("read"), write=(summary.get("stages") or {}).get("write"),
         )
+
+    @property
+    def long_host_calls(self) -> bool:
+        """A run with no device whose model calls each computed LONG_HOST_CALL_S or more."""
+        return self.transfer <= 0 and self.batches > 0 and self.compute / self.batches >= LONG_HOST_CALL_S
 
     @property
     def readers_kept_up(self) -> bool:
@@ -338,7 +349,7 @@ def _fed_words(f: _Figures) -> str:
 
 def _under_filled(f: _Figures) -> _Finding | None:
     """Fed and busy, but each model call carries fewer items than it could."""
-    small = 0 < f.batch_size < SMALL_BATCH and f.batch_bytes < SMALL_BATCH_BYTES
+    small = 0 < f.batch_size < SMALL_BATCH and f.batch_bytes < SMALL_BATCH_BYTES and not f.long_host_calls
     if f.fill >= FILL_MIN and not small:
         return None
     evidence = f"{_fed_words(f)}; batches were {pct(f.fill)} full on average at batch size {f.batch_size}"
