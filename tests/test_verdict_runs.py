@@ -196,3 +196,24 @@ def test_staged_slides_behind_slow_storage_are_judged_and_told_to_stage_further_
     v, text, _ = _views(out)
     assert v["limiting_layer"] == verdict_rules.LAYER_STORAGE and v["detail"] == "per-shard setup", text
     assert "raise run.stage_ahead from 2 to 4" in v["next_move"] and "input.access" not in v["next_move"]
+
+
+def test_level_0_jpeg_decode_is_named_without_advice_to_read_another_level(tmp_path: Path, mean_model: Path,
+                                                                           judged: None) -> None:
+    """Large JPEG tiles (1024 px, quality 95) read at level 0, as the job asks, by one reader,
+    into a model that only averages: decode on the host is named. The move also said "read the
+    pyramid level nearest the target resolution" to a job that asked for level 0 of a
+    one-level slide, where nothing was resampled."""
+    import gpubatch
+    from gpubatch.cli.demo import write_synthetic_slide
+
+    slides = [str(write_synthetic_slide(tmp_path / f"s{i}.tif", 4096, 4096, seed=i, tile=1024, quality=95, levels=1))
+              for i in range(2)]
+    out = tmp_path / "out"
+    job = slide_job(slides, mean_model, out, tiles={"size": 128, "level": 0, "mpp": None},
+                    run={"readers": 1, "prefetch_batches": 2})
+    job["model"]["batch_size"] = 64
+    assert gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False).exit_code == 0
+    v, text, _ = _views(out)
+    assert v["limiting_layer"] == verdict_rules.LAYER_STORAGE and v["detail"] == "decode on the host", text
+    assert "pyramid level" not in v["next_move"] and "precision" not in v["next_move"]

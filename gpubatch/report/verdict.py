@@ -117,6 +117,7 @@ class _Figures:
     tuning: dict[str, Any] | None = None  # the report's tuning where batch_size: auto chose the run's size
     access: dict[str, int] = field(default_factory=dict)  # shards by how their input was read (stage, stream)
     batches: int = 0  # model calls timed in this run
+    resample: float = 0.0  # of decode: resizing tiles read at a finer level than the target
     stage_ahead: int | None = None  # run.stage_ahead, None in a report from before it was recorded
     read: dict[str, float] | None = None  # the read stage's clocks, None in a report without them
     write: dict[str, float] | None = None  # the write stage's clocks, likewise
@@ -144,7 +145,7 @@ class _Figures:
             host_cpu=summary.get("host_cpu"),
             tuning=_tuned_choice(summary),
             access=dict((summary.get("storage") or {}).get("access") or {}), stage_ahead=summary.get("stage_ahead"),
-            batches=int(summary.get("batches") or 0),
+            batches=int(summary.get("batches") or 0), resample=parts.get("resample", 0.0),
             read=(summary.get("stages") or {}).get("read"), write=(summary.get("stages") or {}).get("write"),
         )
 
@@ -234,8 +235,15 @@ def _input_finding(f: _Figures) -> _Finding:
     return _Finding(
         LAYER_STORAGE, "decode on the host",
         f"{lead} {f.decode:.2f} s decoding/resampling against {f.storage:.2f} s on storage{f.cores_evidence()}",
-        f"{_more_threads(f, 'decode')}; read the pyramid level nearest "
-        "the target resolution; decode on the GPU (nvImageCodec/cuCIM) where available")
+        f"{_more_threads(f, 'decode')}; {_level_words(f)}decode on the GPU (nvImageCodec/cuCIM) where available")
+
+
+def _level_words(f: _Figures) -> str:
+    """Reading a nearer pyramid level helps only where tiles were resampled after decoding: a
+    job that asked for level 0 (no resampling) was told to read the level nearest its target."""
+    if f.resample <= OTHER_SHARE * max(f.decode, 1e-9):
+        return ""
+    return f"read the pyramid level nearest the target resolution ({f.resample:.2f} s went to resampling); "
 
 
 def _more_threads(f: _Figures, work: str) -> str:
