@@ -447,10 +447,13 @@ def gap(summary: dict[str, Any]) -> dict[str, Any]:
     pipeline_s = stats.get("pipeline_s", sum(s.get("wall_s", 0.0) for s in summary.get("shards") or []
                                              if not s.get("resumed")))
     setup_s = parts.get("open", 0.0)
+    # the workers' time in shards with a process's concurrent shards counted once, where the
+    # summary has it; the sum of shard times (which double-counts them) in older reports
+    in_shards_s = stats.get("in_shards_s", pipeline_s + setup_s)
     out: dict[str, Any] = {
         "items_per_s": e2e, "model_only_items_per_s": model_only, "cost": None, "end_to_end_cost": None,
         "text": "", "worker_s": worker_s, "pipeline_s": pipeline_s, "setup_s": setup_s,
-        "overhead_s": max(0.0, worker_s - pipeline_s - setup_s),
+        "overhead_s": max(0.0, worker_s - in_shards_s),
     }
     if model_only:
         out["end_to_end_cost"] = out["cost"] = max(0.0, 1.0 - e2e / model_only)
