@@ -40,7 +40,9 @@ MAX_LISTED = 200  # empty inputs, retried shards and notes listed by name (all a
 
 
 class _Spans:
-    """The time each worker process spent in shards (open, pipeline, commit), overlaps merged.
+    """The time each worker process spent in shards' pipelines (open, pipeline, commit), overlaps
+    merged. Not from the shard's start: a worker's first shard loads the model, start-up the gap
+    names apart, and every shard's fixed cost before its open is outside too (said as such).
 
     A process runs two shards at once (the second waits its turn at the model), so the sum of
     shard times is no measure of how long its workers were busy: a 2-worker compute-bound run

@@ -474,8 +474,9 @@ def _split_startup(out: dict[str, Any], idle: float) -> None:
     out["cost"] = max(0.0, 1.0 - e2e / (model_only * (1.0 - idle)))
     out["text"] = (f"the data path costs {pct(out['cost'])} of the model's speed over the shards' own time; "
                    f"end-to-end {e2e:.1f} items/s against {model_only:.1f} items/s model-only "
-                   f"({pct(out['end_to_end_cost'])} lower), as start-up, planning and idle workers took "
-                   f"{out['overhead_s']:.1f} of {out['worker_s']:.1f} worker-seconds ({pct(idle)})")
+                   f"({pct(out['end_to_end_cost'])} lower), as the time outside the shards' pipelines (start-up, "
+                   f"planning, each shard's fixed cost, idle workers) took {out['overhead_s']:.1f} of "
+                   f"{out['worker_s']:.1f} worker-seconds ({pct(idle)})")
 
 
 def verdict(summary: dict[str, Any]) -> dict[str, Any]:
@@ -499,8 +500,9 @@ def verdict(summary: dict[str, Any]) -> dict[str, Any]:
     g = gap(summary)
     caveat = ""
     if g["worker_s"] > 0 and g["overhead_s"] / g["worker_s"] > SHORT_RUN_SHARE:
-        caveat = (f"short run: {g['overhead_s']:.1f} of {g['worker_s']:.1f} worker-seconds went to start-up, "
-                  "planning and idle workers, so end-to-end figures understate a long run")
+        caveat = (f"short run or many small shards: {g['overhead_s']:.1f} of {g['worker_s']:.1f} worker-seconds "
+                  "went outside the shards' pipelines (start-up, planning, each shard's fixed cost, idle "
+                  "workers); a short run's end-to-end figures understate a long run's")
     text = (f"{band(f.starvation)} ({f.starvation:.1%} starved): limited by {finding.layer} "
             f"({finding.detail}). {_cap(finding.evidence)}. Next: {finding.move}."
             + (f" {_cap(g['text'])}." if g["text"] else ""))
