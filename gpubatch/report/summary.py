@@ -52,11 +52,18 @@ class _Spans:
 
     def __init__(self) -> None:
         self.by_process: dict[tuple[str | None, int | None], list[list[float]]] = {}
+        #: per process, (sum, largest) of each shard's time outside its open and pipeline
+        self.fixed: dict[tuple[str | None, int | None], tuple[float, float]] = {}
 
     def add(self, result: ShardResult) -> None:
         if result.end is None:
             return
-        began = result.end - result.wall_s - float(result.clocks.get("parts", {}).get("open", 0.0))
+        opening = float(result.clocks.get("parts", {}).get("open", 0.0))
+        began = result.end - result.wall_s - opening
+        if result.start is not None:
+            fixed = max(0.0, began - result.start)
+            total, largest = self.fixed.get((result.host, result.pid), (0.0, 0.0))
+            self.fixed[(result.host, result.pid)] = (total + fixed, max(largest, fixed))
         spans = self.by_process.setdefault((result.host, result.pid), [])
         at = bisect.bisect_left(spans, [began, result.end])
         spans.insert(at, [began, result.end])
@@ -68,6 +75,12 @@ class _Spans:
                 break
             else:
                 lo += 1
+
+    @property
+    def fixed_s(self) -> float:
+        """The shards' time outside their open and pipeline (checks, model hand-over, warm-up,
+        commit), less each process's largest: the shard that loaded its model."""
+        return sum(total - largest for total, largest in self.fixed.values())
 
     @property
     def total_s(self) -> float:
@@ -190,7 +203,8 @@ class SummaryBuilder:
             "shard_stats": {"count": self.shards, "resumed": self.resumed, "resumed_items": self.resumed_items,
                             "resumed_empty": self.resumed_empty,
                             "rows_kept": len(rows), "pipeline_s": self.pipeline_s,
-                            **({"in_shards_s": self.spans.total_s} if self.spans.by_process else {}),
+                            **({"in_shards_s": self.spans.total_s, "fixed_s": self.spans.fixed_s}
+                               if self.spans.by_process else {}),
                             "items_per_shard": self.items / self.ran if self.ran else 0.0},
             "empty": self.empty.as_dict(), "retried": self.retried.as_dict(),
             "data_quality": quality, "notes": notes + self.notes.more(),

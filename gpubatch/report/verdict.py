@@ -117,6 +117,8 @@ class _Figures:
     tuning: dict[str, Any] | None = None  # the report's tuning where batch_size: auto chose the run's size
     access: dict[str, int] = field(default_factory=dict)  # shards by how their input was read (stage, stream)
     batches: int = 0  # model calls timed in this run
+    shard_fixed: float = 0.0  # shards' time outside open and pipeline (shard_stats.fixed_s)
+    shards_ran: int = 0
     resample: float = 0.0  # of decode: resizing tiles read at a finer level than the target
     stage_ahead: int | None = None  # run.stage_ahead, None in a report from before it was recorded
     read: dict[str, float] | None = None  # the read stage's clocks, None in a report without them
@@ -146,6 +148,7 @@ class _Figures:
             tuning=_tuned_choice(summary),
             access=dict((summary.get("storage") or {}).get("access") or {}), stage_ahead=summary.get("stage_ahead"),
             batches=int(summary.get("batches") or 0), resample=parts.get("resample", 0.0),
+            shard_fixed=float(stats.get("fixed_s", 0.0)), shards_ran=_shard_counts(summary)[1],
             read=(summary.get("stages") or {}).get("read"), write=(summary.get("stages") or {}).get("write"),
         )
 
@@ -283,6 +286,23 @@ def _setup_move(f: _Figures) -> str:
     return f"{ahead} so more slides download while one computes,"
 
 
+def _fixed_cost_finding(f: _Figures) -> _Finding:
+    """Each shard's work outside its open and pipeline (checks, model hand-over, warm-up,
+    commit) outlasted the model's work: 150 slides of 64 tiles spent 79% of a run there while
+    the verdict asked for more readers over 0.2 s of starvation."""
+    each = f.shard_fixed / max(f.shards_ran, 1)
+    if f.kind == "genome":
+        move = "raise windows.windows_per_shard so each shard carries more windows"
+    else:
+        move = ("each slide is a shard, so run more worker processes (run.workers, on a profile that "
+                "starts them) so that their fixed costs overlap")
+    return _Finding(
+        LAYER_STORAGE, "per-shard fixed cost",
+        f"shards spent {f.shard_fixed:.2f} s outside their open and pipeline (summed over {f.shards_ran} "
+        f"shards, about {each * 1e3:.0f} ms each: checks, model hand-over, warm-up, commit) against "
+        f"{f.model_busy:.2f} s of model work", move)
+
+
 def _output_finding(f: _Figures) -> _Finding:
     """The model stage waited for room downstream: the writer is the limit."""
     share = f.model_blocked / max(f.model_busy + f.model_blocked, 1e-9)
@@ -299,6 +319,7 @@ def _host_bound(f: _Figures) -> _Finding | None:
     costs = {
         _input_finding: f.model_starved if f.starvation >= BAND_LOW and not f.readers_kept_up else 0.0,
         _setup_finding: f.open if f.open > f.model_busy else 0.0,
+        _fixed_cost_finding: f.shard_fixed if f.shard_fixed > f.model_busy else 0.0,
         _output_finding: f.model_blocked if blocked_share >= BLOCKED_SHARE and f.writer_explains_block else 0.0,
     }
     if max(costs.values()) <= 0:
@@ -547,6 +568,7 @@ def _why_no_verdict(summary: dict[str, Any]) -> tuple[str, str] | None:
     # Shard setup is measured time the model waited too (before each pipeline, not in its
     # starved clock): 12 staged slides whose 4 s of downloads were the run read "too little work".
     setup_s = float((summary.get("parts") or {}).get("open", 0.0))
+    setup_s += float((summary.get("shard_stats") or {}).get("fixed_s", 0.0))  # each shard's fixed cost too
     if batches is not None and (batches < MIN_BATCHES or model_s + setup_s < MIN_MODEL_S):
         setup = f" and {setup_s:.2f} s of shard setup" if setup_s >= 0.005 else ""
         return STATE_TOO_SMALL, (
