@@ -56,7 +56,7 @@ BREAKDOWN = (
 )
 MUTED_LINE, INK_LINE = "#9aa5b1", "#1f2933"
 # How the parts outside BREAKDOWN are labelled, where they are timed (core.clocks.STAGE_PARTS).
-EXTRA_PARTS = {"batch": "batch assembly", "turn": "model: waiting its turn", "output": "output conversion",
+EXTRA_PARTS = {"commit": "output commit", "batch": "batch assembly", "turn": "model: waiting its turn", "output": "output conversion",
                "fallback": "fp32 fallback"}
 MAX_HEATMAPS = 48  # inlined in the page; the rest stay in heatmaps/
 MAX_FAILED_ROWS = 200  # quarantined inputs drawn one per row; past it, grouped by error as well
