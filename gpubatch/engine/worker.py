@@ -282,7 +282,8 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
                 reader.attrs["notes"] = [*reader.attrs.get("notes", []), *filter(None, notes)]
             writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)
             unchanged_while_read(shard.input_uri, identity.result(), job.input.storage, reader.input_version())
-            part = writer.commit()
+            with clocks.part("commit"):  # each shard's outputs written and committed: a fixed cost
+                part = writer.commit()
             shard_attrs = reader.attrs
         count_core_use(clocks, cores_before)
         count_claimed_retries(clocks)

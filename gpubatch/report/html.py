@@ -36,6 +36,8 @@ from gpubatch.report.verdict import (
     LAYER_COMPUTE,
     LAYER_STORAGE,
     LAYER_TRANSFER,
+    PART_LAYERS,
+    ms_words,
     pct,
     quota_words,
     starvation_words,
@@ -53,6 +55,9 @@ BREAKDOWN = (
     (("write",), "write", LAYER_STORAGE),
 )
 MUTED_LINE, INK_LINE = "#9aa5b1", "#1f2933"
+# How the parts outside BREAKDOWN are labelled, where they are timed (core.clocks.STAGE_PARTS).
+EXTRA_PARTS = {"commit": "output commit", "batch": "batch assembly", "turn": "model: waiting its turn", "output": "output conversion",
+               "fallback": "fp32 fallback"}
 MAX_HEATMAPS = 48  # inlined in the page; the rest stay in heatmaps/
 MAX_FAILED_ROWS = 200  # quarantined inputs drawn one per row; past it, grouped by error as well
 MAX_LISTED_GROUPS = 100  # distinct errors drawn
@@ -234,7 +239,17 @@ def _breakdown_plot(report: dict[str, Any]) -> str:
         sec = sum(parts.get(k, 0.0) for k in keys)
         note = f"{sec:.2f} s ({pct(sec / total)})" if any(k in parts for k in keys) else "not timed"
         rows.append((label, sec, LAYER_COLORS[layer], note))
+    # Every other timed part gets its row too (batch assembly, a shard's turn behind the
+    # worker's other one, output conversion): the shares are of all parts, and a page that
+    # drew only some of them showed shares adding to 64%, its largest part (turn) not drawn.
+    named = {k for keys, _, _ in BREAKDOWN for k in keys}
+    for key, sec in parts.items():
+        if key not in named and sec > 0:
+            label = EXTRA_PARTS.get(key, key)
+            rows.append((label, sec, LAYER_COLORS.get(PART_LAYERS.get(key, ""), MUTED_LINE), f"{sec:.2f} s ({pct(sec / total)})"))
     legend = [("storage/host", ORANGE), ("transfer", PURPLE), ("compute", BLUE)]
+    if any(color == MUTED_LINE for _, _, color, _ in rows):
+        legend.append(("pipeline", MUTED_LINE))
     return plots.hbar_chart("breakdown", "Time by stage part", rows, x_label="seconds (summed over workers and threads)",
                             legend=legend, subtitle="setup = slide open + tissue mask, per shard")
 
@@ -260,7 +275,9 @@ def _latency_plot(report: dict[str, Any]) -> str:
     st = report.get("storage") or {}
     labels = [f"≤{plots.fmt(u)}" if math.isfinite(u) else f">{plots.fmt(lo)}"
               for lo, u in zip(lf["lower_ms"], lf["upper_ms"], strict=True)]
-    sub = f"{int(lf['count'].sum())} requests; p50 {_num(st.get('p50_ms'), '{:.3g}')} ms, p99 {_num(st.get('p99_ms'), '{:.3g}')} ms"
+    p50, p99 = (st.get(k) for k in ("p50_ms", "p99_ms"))
+    sub = (f"{int(lf['count'].sum())} requests; p50 {'–' if p50 is None else ms_words(p50)} ms, "
+           f"p99 {'–' if p99 is None else ms_words(p99)} ms")
     return plots.histogram("latency", title, labels, list(lf["count"]), x_label="latency bucket upper bound (ms, log-spaced)",
                            y_label="requests", subtitle=sub)
 

@@ -10,6 +10,7 @@ figures are rendered three ways: pandas frames (``frames``), terminal text (``te
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import json
 import logging
@@ -38,6 +39,54 @@ MAX_SHARD_ROWS = 2_000
 MAX_LISTED = 200  # empty inputs, retried shards and notes listed by name (all are counted)
 
 
+class _Spans:
+    """The time each worker process spent in shards' pipelines (open, pipeline, commit), overlaps
+    merged. Not from the shard's start: a worker's first shard loads the model, start-up the gap
+    names apart, and every shard's fixed cost before its open is outside too (said as such).
+
+    A process runs two shards at once (the second waits its turn at the model), so the sum of
+    shard times is no measure of how long its workers were busy: a 2-worker compute-bound run
+    summed 21 s of shards in 16 worker-seconds and hid 5 s of start-up. Per process, intervals
+    are kept merged and sorted; back-to-back shards coalesce, so the list stays short.
+    """
+
+    def __init__(self) -> None:
+        self.by_process: dict[tuple[str | None, int | None], list[list[float]]] = {}
+        #: per process, (sum, largest) of each shard's time outside its open and pipeline
+        self.fixed: dict[tuple[str | None, int | None], tuple[float, float]] = {}
+
+    def add(self, result: ShardResult) -> None:
+        if result.end is None:
+            return
+        opening = float(result.clocks.get("parts", {}).get("open", 0.0))
+        began = result.end - result.wall_s - opening
+        if result.start is not None:
+            fixed = max(0.0, began - result.start)
+            total, largest = self.fixed.get((result.host, result.pid), (0.0, 0.0))
+            self.fixed[(result.host, result.pid)] = (total + fixed, max(largest, fixed))
+        spans = self.by_process.setdefault((result.host, result.pid), [])
+        at = bisect.bisect_left(spans, [began, result.end])
+        spans.insert(at, [began, result.end])
+        lo = max(at - 1, 0)
+        while lo + 1 < len(spans):  # merge around the new span
+            if spans[lo + 1][0] <= spans[lo][1]:
+                spans[lo][1] = max(spans[lo][1], spans.pop(lo + 1)[1])
+            elif lo >= at:
+                break
+            else:
+                lo += 1
+
+    @property
+    def fixed_s(self) -> float:
+        """The shards' time outside their open and pipeline (checks, model hand-over, warm-up,
+        commit), less each process's largest: the shard that loaded its model."""
+        return sum(total - largest for total, largest in self.fixed.values())
+
+    @property
+    def total_s(self) -> float:
+        return sum(end - start for spans in self.by_process.values() for start, end in spans)
+
+
 class SummaryBuilder:
     """Folds shard results into the figures of a report, in memory bounded by configuration.
 
@@ -54,6 +103,7 @@ class SummaryBuilder:
         #: either, though this run's lists (``empty``) and rates leave them out
         self.resumed_empty = 0
         self.pipeline_s = 0.0
+        self.spans = _Spans()
         self.t0: float | None = None
         self._rows: list[tuple[float, int, dict[str, Any]]] = []
         #: timeline points as (field names, values): a tuple costs a third of a dict, and every
@@ -83,6 +133,7 @@ class SummaryBuilder:
         self.items += result.items
         self.batches += len(samples)
         self.pipeline_s += result.wall_s
+        self.spans.add(result)
         if result.items == 0:
             self.empty.add({"input": result.input, "reason": empty_reason(result)})
         if result.attempt > 1:
@@ -152,6 +203,8 @@ class SummaryBuilder:
             "shard_stats": {"count": self.shards, "resumed": self.resumed, "resumed_items": self.resumed_items,
                             "resumed_empty": self.resumed_empty,
                             "rows_kept": len(rows), "pipeline_s": self.pipeline_s,
+                            **({"in_shards_s": self.spans.total_s, "fixed_s": self.spans.fixed_s}
+                               if self.spans.by_process else {}),
                             "items_per_shard": self.items / self.ran if self.ran else 0.0},
             "empty": self.empty.as_dict(), "retried": self.retried.as_dict(),
             "data_quality": quality, "notes": notes + self.notes.more(),

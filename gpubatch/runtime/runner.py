@@ -359,6 +359,7 @@ class _Run:
             "name": job.name, "kind": job.kind, "gpubatch_version": __version__, "run_id": self.run_id,
             "backend": ctx.backend, "precision": ctx.precision, "batch_size": ctx.batch_size,
             "workers": n_workers, "profile": self.prof.get("cluster"), "readers": job.run.readers,
+            "stage_ahead": job.run.stage_ahead, "formats": list(job.output.formats),
             "model_sha256": ctx.model_sha256, "spec_sha256": ctx.spec_hash, "shards_total": len(shards),
             "shards_done": done, "lost_workers": lost, "complete": True, "state": "finished",
             "batch_input_bytes": _batch_input_bytes(job, ctx.batch_size), **prepared.report,
