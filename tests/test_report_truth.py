@@ -204,7 +204,8 @@ def test_small_shares_and_rates_are_not_rounded_to_nothing() -> None:
     a 4.6% starvation "5%" (the band's edge) on the progress bar, batches 99.6% full "100%",
     and a genome run's 0.4 items/s "0 items/s" on the bar."""
     from gpubatch.report.html import render_html
-    from gpubatch.report.verdict import gap, pct
+    from gpubatch.report.verdict import gap
+    from gpubatch.report.words import pct
     from gpubatch.runtime.progress import _rate
 
     assert [pct(x) for x in (0.0, 0.0004, 0.004, 0.046, 0.25, 0.996, 0.99996, 1.0)] == \

@@ -22,10 +22,10 @@ from gpubatch.report.verdict import (
     LAYER_TRANSFER,
     LAYERS,
     PART_LAYERS,
-    band,
     gap,
     verdict,
 )
+from gpubatch.report.words import band
 
 __all__ = [
     "LAYERS", "LAYER_BATCHING", "LAYER_COMPUTE", "LAYER_STORAGE", "LAYER_TRANSFER", "PART_LAYERS",

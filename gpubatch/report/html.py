@@ -31,18 +31,13 @@ from gpubatch.report.text import (
     retries_words,
 )
 from gpubatch.report.verdict import (
-    BAND_HIGH,
-    BAND_LOW,
     LAYER_COMPUTE,
     LAYER_STORAGE,
     LAYER_TRANSFER,
     PART_LAYERS,
-    ms_words,
-    pct,
-    quota_words,
-    starvation_words,
     verdict,
 )
+from gpubatch.report.words import BAND_HIGH, BAND_LOW, ms_words, pct, quota_words, starvation_words
 
 LAYER_COLORS = {LAYER_STORAGE: ORANGE, LAYER_TRANSFER: PURPLE, LAYER_COMPUTE: BLUE}
 BAND_COLORS = {"not input-bound": GREEN, "moderately input-bound": AMBER, "input-bound": RED}

@@ -14,7 +14,7 @@ from typing import Any
 from gpubatch.core.results import failure_groups, quarantined_count
 from gpubatch.io.metrics import COUNTED_WORDS
 from gpubatch.io.redact import safe_text
-from gpubatch.report.verdict import cores_sentence, starvation_words
+from gpubatch.report.words import cores_sentence, starvation_words
 
 MAX_LISTED = 10
 #: quarantined inputs the terminal summary lists; report.json lists them all

@@ -30,7 +30,7 @@ from gpubatch.core.results import ShardResult
 from gpubatch.engine.item_reports import ShardItems
 from gpubatch.outputs.layout import STATUS
 from gpubatch.outputs.store import OutputStore
-from gpubatch.report.verdict import pct
+from gpubatch.report.words import pct
 from gpubatch.runtime.waiting import Queued
 
 log = logging.getLogger("gpubatch")
