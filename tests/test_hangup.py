@@ -62,9 +62,8 @@ def test_a_terminal_that_closes_under_a_run_stops_it_in_order_and_resume_finishe
         assert term.proc.wait(timeout=60) == 1
     finally:
         term.kill()
-    settled = committed_count(out)
-    assert settled < N_SLIDES
-    status = _status(out)
+    settled = committed_count(out)  # all of them where a loaded machine let the run reach its end:
+    status = _status(out)  # a hang-up there is recorded as well (it was left saying "running")
     assert status["state"] == "interrupted", status
     assert "terminal closed (SIGHUP)" in status["reason"] and "--resume" in status["reason"], status
     events = _run_events(out)

@@ -156,25 +156,27 @@ class _Run:
         self.lease.also_beat(progress.heartbeat)
         lost: list[dict[str, Any]] = []
         # a signal: run_job's stop_on_signals raises it here; a Ctrl-C while merging is recorded as one
-        try:
-            self._claim_client_requests()  # the checks', plan's and preparation's: not a shard's
-            if len(shards) > resumed:
-                lost = self._submit(todo, ctx, progress, n_workers, scheduler)
-            raise_if_stopped()  # one a finaliser dropped after the last poll
-            self.lease.check()  # the run's end writes the output's own files: only while it is ours
+        try:  # the inner finally inside it: a signal landing there was recorded nowhere ("running")
+            try:
+                self._claim_client_requests()  # the checks', plan's and preparation's: not a shard's
+                if len(shards) > resumed:
+                    lost = self._submit(todo, ctx, progress, n_workers, scheduler)
+                raise_if_stopped()  # one a finaliser dropped after the last poll
+                self.lease.check()  # the run's end writes the output's own files: only while it is ours
+            finally:
+                progress.close()
+                head_start = done_first()
+                if head_start is not None:  # requests made here before the workers ran
+                    self.builder.clocks.merge(head_start)
         except BaseException as exc:
             full = _as_disk_full(exc, self.store.uri)
             self._abandon(progress, full or exc)
             if full is not None:
                 raise full from exc
             raise
-        finally:
-            progress.close()
-            head_start = done_first()
-            if head_start is not None:  # requests made here before the workers ran
-                self.builder.clocks.merge(head_start)
         try:
             result = self._finish(source, shards, ctx, prepared, n_workers, lost)
+            progress.finish("finished", wall_s=result.report["wall_s"], items_per_s=result.report["items_per_s"])
         except (OSError, InputError) as exc:  # storage that kept failing: the commits stand
             error = OutputsNotWrittenError(redact(self.store.uri), exc, quarantined_count(self.failed))
             self._abandon(progress, error)
@@ -182,7 +184,6 @@ class _Run:
         except (KeyboardInterrupt, Terminated, Exception) as exc:  # the commits stand; recorded as
             self._abandon(progress, exc)  # interrupted or failed, never left saying "running"
             raise
-        progress.finish("finished", wall_s=result.report["wall_s"], items_per_s=result.report["items_per_s"])
         return result
 
     def _claim_client_requests(self) -> None:
