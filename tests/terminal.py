@@ -24,6 +24,9 @@ class Terminal:
         def own_the_terminal() -> None:  # after setsid (start_new_session): a session leader
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # as a login shell starts it: a test runner under nohup passed SIGHUP down ignored, and
+            # the command outlived the hang-up it was to be stopped by (CI started with nohup)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
         self.proc = subprocess.Popen([sys.executable, "-m", "gpubatch", *args], stdin=slave, stdout=slave,
                                      stderr=slave, start_new_session=True, preexec_fn=own_the_terminal,
