@@ -221,3 +221,17 @@ def test_a_run_walks_only_its_own_objects_and_leaves_the_collector_as_it_found_i
     with pytest.raises(SpecError, match="--resume"):  # raised mid-run: the output has commits
         gpubatch.run(write_job(tmp_path / "job.yaml", job))
     assert gc.get_freeze_count() == 0
+
+
+def test_quarantined_inputs_are_listed_in_the_plans_order_whatever_order_they_failed_in() -> None:
+    """report.json's `failed` took shards in the order they failed: with concurrent shards two
+    runs of one job listed the same refusals apart, and validate's order (the plan's) differed
+    from the run's (CI, test_validate_names_the_remote_images_a_run_quarantines)."""
+    from gpubatch.runtime.runner import _in_plan_order
+    from gpubatch.sources import Shard
+
+    shards = [Shard(f"s-{i}", uri) for i, uri in enumerate(["a.tif", "b.tif", "c.tif", "c.tif"])]
+    failed = [{"input": "c.tif", "error": "late"}, {"input": "plan.bed:3", "error": "refused at plan"},
+              {"input": "a.tif", "error": "early"}]
+    _in_plan_order(failed, shards)
+    assert [f["input"] for f in failed] == ["plan.bed:3", "a.tif", "c.tif"]

@@ -368,6 +368,7 @@ class _Run:
         }
         count_claimed_retries(self.builder.clocks)  # the client's: planning, uploads, in-process shards
         self._claim_client_requests()
+        _in_plan_order(self.failed, shards)
         summary = self.builder.summary(self.failed, time.time() - self.t_start, run_info).to_dict()
         write_report(store, summary)
         from gpubatch.report.html import write_html
@@ -463,6 +464,17 @@ def batch_limit(job: JobSpec, profile: dict[str, Any]) -> tuple[int, str] | None
 def all_workers_here(profile: dict[str, Any], scheduler: str | None) -> bool:
     """Whether every worker of the run shares this process's host (and its stage cache)."""
     return scheduler is None and profile.get("cluster") in ("local", "local-cuda", "inline")
+
+
+def _in_plan_order(failed: list[dict[str, Any]], shards: Sequence[Shard]) -> None:
+    """Quarantined inputs in the plan's order (the plan's own refusals first), as validate lists
+    them: shards fail in whatever order they finish, and two runs of one job listed them apart."""
+    inputs = {f["input"] for f in failed}
+    first: dict[str, int] = {}
+    for i, shard in enumerate(shards):
+        if shard.input_uri in inputs:
+            first.setdefault(shard.input_uri, i)
+    failed.sort(key=lambda f: first.get(f["input"], -1))
 
 
 def _batch_input_bytes(job: JobSpec, batch_size: int) -> int:
