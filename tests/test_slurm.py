@@ -273,7 +273,14 @@ def test_jobs_pending_in_a_busy_queue_are_waited_for_past_the_worker_timeout_the
     job = _job(tmp_path, slides, classifier, queue_timeout=600)  # run.worker_timeout 8 s
     proc = cli("run", str(job), "--profile", str(profile))
     try:
-        wait_for(lambda: _waiting(tmp_path / "out").get("jobs") == 2, 90, "status.json saying the jobs wait")
+        try:
+            wait_for(lambda: _waiting(tmp_path / "out").get("jobs") == 2, 90, "status.json saying the jobs wait")
+        except TimeoutError as exc:  # what the run and SLURM said, for a failure seen only in CI
+            proc.kill()
+            queue = subprocess.run(["squeue", "-h", "-o", "%i %j %T %r"], capture_output=True, text=True,
+                                   timeout=20, check=False).stdout
+            raise TimeoutError(f"{exc}; status {_waiting(tmp_path / 'out')}; squeue:\n{queue}\nlog:\n"
+                               f"{proc.communicate()[0][-4000:]}") from None
         since = _waiting(tmp_path / "out")["since"]
         wait_for(lambda: time.time() - since > 2.5 * 8, 60, "two and a half worker timeouts spent waiting")
         assert proc.poll() is None, proc.communicate()[0]
