@@ -5,8 +5,8 @@ versions of gpubatch side by side, alternating fresh processes.
         [--rows 16] [--repeats 5]
 
 Each process writes ``--shards`` shards through ``outputs.writer.ShardWriter`` (parquet and
-zarr: two index columns, a 2-wide and an 8-wide output) into a fresh local output and commits
-each. The figure is CPU (and wall) milliseconds per shard, the median over the repeats: the
+zarr: two index columns, a 2-wide and an 8-wide output, a slide shard's 14 attributes) into a
+fresh local output and commits each. The figure is CPU (and wall) milliseconds per shard, the median over the repeats: the
 per-shard cost a run of thousands of small slides pays beside its tiles.
 """
 
@@ -27,9 +27,16 @@ from gpubatch.outputs.writer import ShardWriter
 shards, rows = int(sys.argv[1]), int(sys.argv[2])
 store = OutputStore(tempfile.mkdtemp())
 rng = np.random.default_rng(0)
+# a slide shard's attributes as a run writes them (a 128 px biopsy's; 14 keys before the names)
+ATTRS = {"slide": "", "level": 0, "tile_size": 32, "mpp": 0.25, "read_size": 32, "extent_level0": 32.0,
+         "grid_tiles": 16, "tissue_tiles": 16, "notes": [], "model_sha256": "f" * 64, "backend": "onnxruntime",
+         "precision": "fp32", "gpubatch_version": "0.1.0",
+         "slide_info": {"width": 128, "height": 128, "level_count": 1, "level_dimensions": [[128, 128]],
+                        "level_downsamples": [1.0], "mpp": 0.25, "mpp_source": "TIFF XResolution",
+                        "magnification": None, "vendor": "generic-tiff", "backend": "tifffile", "bounds": None}}
 t0, c0 = time.perf_counter(), time.process_time()
 for i in range(shards):
-    w = ShardWriter(store, f"s{i}", "a1", {"slide": f"slide{i}.tif"}, {"mpp": 0.5, "level": 0}, ["parquet", "zarr"])
+    w = ShardWriter(store, f"s{i}", "a1", {"slide": f"slide{i}.tif"}, dict(ATTRS, slide=f"slide{i}.tif"), ["parquet", "zarr"])
     w.write({"x": np.arange(rows, dtype=np.int64), "y": np.arange(rows, dtype=np.int64)},
             {"prob": rng.random((rows, 2), dtype=np.float32), "emb": rng.random((rows, 8), dtype=np.float32)})
     w.commit()

@@ -106,4 +106,5 @@ def describe_zarr(store: OutputStore, committed: Iterable[ShardResult | CommitRe
         return
     with output_errors(store, ZARR):
         root = store.zarr_group(ZARR, mode="a")
-        root.attrs.update({"shards": list(groups), "groups": groups, **info})
+        # one write of the root's metadata (``attrs.update`` rewrites it per key, ``groups`` each time)
+        root.update_attributes({"shards": list(groups), "groups": groups, **info})

@@ -9,9 +9,10 @@ killed before its record is written leaves an attempt no record names, which the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import numpy as np
@@ -136,11 +137,12 @@ class ShardWriter:
         if self._pending_bytes >= FLUSH_BYTES:
             self._flush(final=False)
 
-    def _flush(self, final: bool = True) -> None:
-        """Write what is buffered; ``final`` (at commit) also writes rows zarr held back."""
+    def _flush(self, final: bool = True, attrs: bool = False) -> None:
+        """Write what is buffered; ``final`` (at commit) also writes rows zarr held back, and
+        ``attrs`` the zarr group's attributes, in the same hand-over to zarr."""
         if not self._pending:
-            if final and self._zarr_carry:
-                self._write_zarr({}, final=True)
+            if self.group is not None and ((final and self._zarr_carry) or attrs):
+                self._write_zarr({}, final, attrs)
             return
         # each column's batches are dropped as they are joined: the buffer is held once, not twice
         pending, self._pending, self._pending_bytes = self._pending, [], 0
@@ -152,7 +154,7 @@ class ShardWriter:
             columns = {**index, **outputs}
             self._names = {"index_columns": list(index), "outputs": list(outputs)}
             del merged, index, outputs
-            self._write_zarr(columns, final)
+            self._write_zarr(columns, final, attrs)
 
     def _parquet(self, schema: pa.Schema) -> pq.ParquetWriter:
         if self._pq is None:
@@ -176,27 +178,45 @@ class ShardWriter:
             self._zarr = self.store.zarr_group(f"{ZARR}/{self.group}", mode="w", attributes=_jsonable(self.attrs))
         return self._zarr
 
-    def _write_zarr(self, columns: dict[str, np.ndarray], final: bool) -> None:
+    def _write_zarr(self, columns: dict[str, np.ndarray], final: bool, attrs: bool = False) -> None:
         """Append to each array in whole chunks of rows; the rest waits for the next flush (or
         ``final``), so that no chunk is read back and rewritten by the next append. ``columns``
-        is emptied as it goes, so each array is freed once it is written."""
-        group = self._open_group()
+        is emptied as it goes, so each array is freed once it is written. ``attrs``: the group's
+        attributes too (at commit).
+
+        Every array's writes (and ``attrs``) go to zarr at once, one hand-over to its event loop
+        for all of them: one by one, a small slide's shard spent most of its time handing its
+        four arrays' creations and appends to zarr's thread and waiting for each.
+        """
+        group = self._open_group()._async_group
+        work = [group.update_attributes({**_jsonable(self.attrs), **self._names})] if attrs else []
         for name in columns.keys() | self._zarr_carry.keys():
             arr = self._carried(name, columns.pop(name, None))
             text = arr.dtype == object or arr.dtype.kind == "U"
             if text:  # variable-length UTF-8: the string type zarr v3 specifies
                 arr = arr.astype(object)
-            if name not in self._arrays:
+            array = self._arrays.get(name)
+            if array is None:
                 chunks, shards = ((ZARR_CHUNK_ROWS,), None) if text else zarr_layout(arr.shape, arr.dtype.itemsize)
-                self._arrays[name] = group.create_array(name, shape=(0,) + arr.shape[1:], chunks=chunks,
-                                                        shards=shards, dtype=str if text else arr.dtype)
-            array = self._arrays[name]
-            rows = (array.shards or array.chunks)[0]
+            else:
+                chunks, shards = array.chunks, array.shards
+            rows = (shards or chunks)[0]
             whole = len(arr) if final else len(arr) - len(arr) % rows
             if whole < len(arr):
                 self._zarr_carry[name] = arr[whole:].copy()
-            if whole:
-                array.append(arr[:whole])
+            if array is None:
+                work.append(self._create_array(group, name, arr[:whole], chunks, shards, str if text else arr.dtype))
+            elif whole:
+                work.append(array.append(arr[:whole]))
+        _run_together(work)
+
+    async def _create_array(self, group: Any, name: str, rows: np.ndarray, chunks: tuple[int, ...],
+                            shards: tuple[int, ...] | None, dtype: Any) -> None:
+        """Create ``name`` holding ``rows`` (already its shape: no append's metadata rewrite)."""
+        array = await group.create_array(name, shape=rows.shape, chunks=chunks, shards=shards, dtype=dtype)
+        self._arrays[name] = array
+        if len(rows):
+            await array.setitem(slice(None), rows)
 
     def _carried(self, name: str, values: np.ndarray | None) -> np.ndarray:
         carry = self._zarr_carry.pop(name, None)
@@ -212,14 +232,13 @@ class ShardWriter:
             return self._finish()
 
     def _finish(self) -> dict[str, Any]:
-        self._flush()
+        # Attributes again at commit: the reader's counts (REF mismatches) grow while it reads;
+        # one write of the group's metadata, with the names of what it holds, beside the last
+        # rows (zarr's ``attrs.update`` rewrites the metadata once per key: 16 times a slide's).
+        self._flush(attrs=True)
         self._parquet(pa.schema([])).close()
         sha = self._file.sha.hexdigest()
         self._files.close()
-        if self.group is not None:
-            # Attributes again at commit: the reader's counts (REF mismatches) grow while it reads;
-            # one write of the group's metadata, with the names of what it holds.
-            self._open_group().attrs.update({**_jsonable(self.attrs), **self._names})
         return {"rows": self.rows, "part": self.part, "group": self.group, "sha256": sha}
 
     def abort(self) -> None:
@@ -237,6 +256,22 @@ class ShardWriter:
             self.store.delete(f"{PARTS_DIR}/{self.part}")
             if self.group is not None:
                 self.store.delete(f"{ZARR}/{self.group}", recursive=True)
+
+
+def _run_together(work: list[Coroutine[Any, Any, Any]]) -> None:
+    """Run zarr coroutines at once on zarr's event loop; all of them finish before the first
+    error is raised, so that an aborted shard deletes its group after its last write, not
+    before a straggler's."""
+    if not work:
+        return
+    from zarr.core.sync import sync
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(*work, return_exceptions=True)
+
+    for outcome in sync(together()):
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def _canonical(arr: np.ndarray) -> np.ndarray:
