@@ -187,8 +187,17 @@ MUTATIONS: tuple[Mutation, ...] = (
        "condition: dict[str, str] = {}",
        "tests/test_remote_output_faults.py::test_two_writers_taking_over_one_stale_s3_lease_one_refuses"),
     _m("a run beats on a lease another run took over", "gpubatch/outputs/lease.py",
-       "                    if self._taken_over():\n", "                    if False:\n",
+       "        if self._taken_over():\n", "        if False:\n",
        "tests/test_runs_cannot_mix.py::test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_output_to_the_new_one"),
+    _m("the S3 heartbeat is written without a condition", "gpubatch/outputs/lease.py",
+       "        written = self._write_if(self._version)\n", "        written = None\n",
+       "tests/test_lease.py::test_an_s3_heartbeat_never_overwrites_the_lease_a_successor_took_over"),
+    _m("a heartbeat refused by its own landed write stops the run", "gpubatch/outputs/lease.py",
+       "        return written or self._still_ours()\n", "        return bool(written)\n",
+       "tests/test_lease.py::test_an_s3_heartbeat_that_meets_its_own_landed_write_beats_on"),
+    _m("the S3 lease is deleted without a condition", "gpubatch/outputs/lease.py",
+       "        if self._version is None:  # no conditional delete here", "        if True:  # no conditional delete here",
+       "tests/test_lease.py::test_releasing_an_s3_lease_never_deletes_the_lease_a_successor_took_over"),
 )
 
 
