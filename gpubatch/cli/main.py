@@ -6,10 +6,13 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, NotAnOutputError
+from gpubatch.core.streams import QuietWhenGone
 from gpubatch.io.redact import redact, safe_text
 from gpubatch.runtime.stopping import Terminated, ignore_further_signals
 
@@ -387,7 +390,31 @@ def quiet_dask() -> None:
     route_library_logs(extra=("asyncio",))
 
 
+@contextmanager
+def _quiet_when_gone() -> Iterator[None]:
+    """stdout and stderr whose reader may go (``| head -1``, a terminal hung up under ``nohup``):
+    what is left to print is dropped, and the command does the rest of its work and exits with
+    its own status, never 1 or 141 for the reader's leaving: a run's 0, 3 or 1 says how the run
+    went; `status OUT | grep -q finished` under ``set -o pipefail`` is a run that finished.
+    Flushed here, where a failure is still caught, not at the interpreter's exit."""
+    before = sys.stdout, sys.stderr
+    wrapped = [QuietWhenGone(s) if s is not None else None for s in before]
+    sys.stdout, sys.stderr = wrapped  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for stream in wrapped:
+            if stream is not None:
+                stream.flush()
+        sys.stdout, sys.stderr = before
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _quiet_when_gone():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

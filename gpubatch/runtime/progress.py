@@ -27,6 +27,7 @@ from typing import Any
 
 from gpubatch.core.clocks import starvation_of
 from gpubatch.core.results import ShardResult
+from gpubatch.core.streams import QuietWhenGone
 from gpubatch.engine.item_reports import ShardItems
 from gpubatch.outputs.layout import STATUS
 from gpubatch.outputs.store import OutputStore
@@ -133,14 +134,22 @@ class Progress:
 
     def _start_bar(self, total: int, already: int) -> None:
         """The rich bar: shards done of the total, items (running shards' included), the rate and
-        the ETA (:meth:`eta_s`: by items where they are known; rich's own went by shards only)."""
+        the ETA (:meth:`eta_s`: by items where they are known; rich's own went by shards only).
+
+        On stderr, the terminal the bar was chosen for (rich's default, stdout, put the bar's last
+        frame first in ``run JOB | head -1`` and none on the terminal), through
+        :class:`QuietWhenGone`: a terminal that hangs up under a run that ignores SIGHUP fails
+        every write (EIO), and rich, on a closed pipe, exits the process (SystemExit 1); either
+        failed a run whose shards were all committed, at the bar's last refresh."""
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as RichProgress
 
         # the elapsed clock ticks while a long shard runs and the bar cannot move
         self._bar = RichProgress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                                 TextColumn("ETA {task.fields[eta]}"), transient=False)
+                                 TextColumn("ETA {task.fields[eta]}"), transient=False,
+                                 console=Console(file=QuietWhenGone(sys.stderr)))  # type: ignore[arg-type]
         self._task = self._bar.add_task("run", total=total, completed=already, rate="", eta="?")
         self._bar.start()
 
