@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, NotAnOutputError
+from gpubatch.core.plural import counted, plural
 from gpubatch.core.streams import QuietWhenGone
 from gpubatch.io.redact import redact, safe_text
 from gpubatch.runtime.stopping import Terminated, ignore_further_signals
@@ -85,8 +86,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.set)
     check = validate_job(job, open_inputs=not args.no_open, profile_name=args.profile, resume=args.resume,
                          overwrite=args.overwrite)
-    items = f", {check.items:,} items" if check.items is not None else ""
-    print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}': {check.shards} shard(s){items})")
+    items = f", {counted(check.items, 'item')}" if check.items is not None else ""
+    print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}': {counted(check.shards, 'shard')}{items})")
     for note in check.notes:
         print(f"  note: {safe_text(note)}")
     for f in check.failed:
@@ -194,7 +195,7 @@ def _rate_words(status: dict[str, Any]) -> str:
     if "wall_s" not in status:
         return f", {rate}"
     this_run = " this run" if status.get("resumed") else ""
-    return f", {status['items']} items{this_run} in {status['wall_s']:.1f} s = {rate}"
+    return f", {status['items']} {plural(status['items'], 'item')}{this_run} in {status['wall_s']:.1f} s = {rate}"
 
 
 def starting_run(store: Any, status: dict[str, Any] | None) -> str | None:

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from gpubatch.core.clocks import starvation_of
+from gpubatch.core.plural import counted
 from gpubatch.core.results import ShardResult
 from gpubatch.core.streams import QuietWhenGone
 from gpubatch.engine.item_reports import ShardItems
@@ -222,14 +223,14 @@ class Progress:
         self.last_bar = time.time()
         running, rate, starv, eta = self._figures(self.last_bar)
         self._bar.update(self._task, completed=self.done + self.failed,
-                         rate=f"{self.items + running:,} items, {_rate(rate)} items/s, starved {pct(starv)}",
+                         rate=f"{counted(self.items + running, 'item')}, {_rate(rate)} items/s, starved {pct(starv)}",
                          eta=f"{eta:.0f} s" if eta is not None else "?")
 
     def _log_line(self) -> None:
         self.last_log = time.time()
         running, rate, starv, eta = self._figures(self.last_log)
-        log.info("shards %d/%d done, %d failed, %s items%s, %.1f items/s, starvation %.1f%%, ETA %s",
-                 self.done, self.total, self.failed, f"{self.items + running:,}",
+        log.info("shards %d/%d done, %d failed, %s%s, %.1f items/s, starvation %.1f%%, ETA %s",
+                 self.done, self.total, self.failed, counted(self.items + running, "item"),
                  f" ({running:,} in running shards)" if running else "", rate, 100 * starv,
                  f"{eta:.0f} s" if eta is not None else "?")
 
