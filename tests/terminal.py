@@ -11,6 +11,7 @@ import subprocess
 import sys
 import termios
 import threading
+from typing import Any
 
 
 class Terminal:
@@ -18,7 +19,9 @@ class Terminal:
     command: the terminal is its controlling terminal, so closing it (:meth:`hang_up`, what an
     SSH session that drops does) makes the kernel send it SIGHUP, and its writes there fail."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, sighup: Any = signal.SIG_DFL, stdout: int | None = None):
+        """``sighup``: SIGHUP's disposition in the command (``signal.SIG_IGN``: as ``nohup`` or
+        ``disown`` leave it); ``stdout``: where its stdout goes instead (``subprocess.PIPE``)."""
         master, slave = os.openpty()
 
         def own_the_terminal() -> None:  # after setsid (start_new_session): a session leader
@@ -26,10 +29,11 @@ class Terminal:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             # as a login shell starts it: a test runner under nohup passed SIGHUP down ignored, and
             # the command outlived the hang-up it was to be stopped by (CI started with nohup)
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, sighup)
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "gpubatch", *args], stdin=slave, stdout=slave,
-                                     stderr=slave, start_new_session=True, preexec_fn=own_the_terminal,
+        self.proc = subprocess.Popen([sys.executable, "-m", "gpubatch", *args], stdin=slave,
+                                     stdout=slave if stdout is None else stdout, stderr=slave,
+                                     start_new_session=True, preexec_fn=own_the_terminal,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"})
         os.close(slave)
         self.master, self.shown = master, bytearray()

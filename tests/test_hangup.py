@@ -92,6 +92,29 @@ def test_a_run_under_nohup_outlives_its_terminal(tmp_path: Path, slides: Path, c
     assert _status(out)["state"] == "finished"
 
 
+def test_a_run_that_ignores_sighup_finishes_though_its_terminal_fails_every_write(
+        tmp_path: Path, slides: Path, classifier: Path) -> None:
+    """`nohup gpubatch run JOB` without a redirect (or a run that was disowned): SIGHUP ignored,
+    and the terminal, its stdout and stderr, hangs up mid-run, every write there failing with
+    EIO. The run failed at its progress bar's last refresh (status.json "failed", reason
+    "OSError: [Errno 5] Input/output error", exit 1, all its shards committed) and then at
+    its summary's print. It now finishes: its outputs, status.json and report, and exit 0."""
+    job, out = _job(tmp_path, slides, classifier), tmp_path / "out"
+    term = Terminal("run", str(job), sighup=signal.SIG_IGN)
+    try:
+        wait_for(lambda: committed_count(out) >= 1, 180, "a commit")
+        term.hang_up()  # the bar's refreshes and the summary's print come after: each fails (EIO)
+        assert term.proc.wait(timeout=300) == 0
+    finally:
+        term.kill()
+    status = _status(out)
+    assert status["state"] == "finished" and status["done"] == N_SLIDES, status
+    assert [e["event"] for e in _run_events(out)] == ["run_start", "run_finish"]
+    assert json.loads((out / "report.json").read_text())["items"] > 0
+    assert (out / "predictions.parquet").is_file() and (out / "report.html").is_file()
+    assert len(audit_lines(out)) == N_SLIDES
+
+
 @pytest.mark.parametrize("then", [signal.SIGINT, signal.SIGTERM])
 def test_signals_that_keep_coming_while_the_run_stops_leave_it_recorded_not_running(
         tmp_path: Path, slides: Path, classifier: Path, then: int) -> None:

@@ -2,7 +2,10 @@
 
 A free local output's lease is created atomically and at once; a held one refuses naming its
 holder; a stale one is taken over; on S3 it is created and replaced with conditional writes, then
-read back; where no atomic create exists the lease is written, waited on and read back.
+read back, and held with them: a heartbeat or release by a run suspended between its read and
+its write never replaces nor deletes the lease a successor took over meanwhile (the race is
+staged inside that read, not by sleeps); where no atomic create exists the lease is written,
+waited on and read back.
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import pytest
-from conftest import outcome_within
+from conftest import outcome_within, wait_for
 
 from gpubatch.core.errors import SpecError
 from gpubatch.outputs import lease as lease_module
 from gpubatch.outputs.layout import LEASE
-from gpubatch.outputs.lease import Lease
+from gpubatch.outputs.lease import Lease, LeaseLost
 from gpubatch.outputs.store import OutputStore
 
 if TYPE_CHECKING:
@@ -113,4 +116,105 @@ def test_on_object_storage_the_lease_is_created_conditionally_and_read_back(s3: 
     refused = _acquire_within(_lease(store, "run-b"), 60)
     assert isinstance(refused, SpecError) and "run run-a" in str(refused)
     first.release()
+    assert not store.exists(LEASE)
+
+
+def _successor_takes_over_after_next_read(store: OutputStore, successor: Lease,
+                                          monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Stage the race of a run suspended between its lease's read and its write (laptop sleep,
+    SIGSTOP, a paused VM): the next read of the lease through ``store`` returns what it read,
+    but only after ``successor`` has taken the lease over on the server. Deterministic: the
+    take-over runs inside that read, on the reading thread. The returned dict gets "taken"
+    (None, or the error the take-over raised) once it has happened, and "read_again" at the
+    lease's next read (a heartbeat's next read: the write after the staged one is done)."""
+    real_read = store.read_json
+    outcome: dict[str, object] = {}
+
+    def read_then_lose_the_lease(name: str) -> object:
+        held = real_read(name)
+        if name == LEASE and "taken" in outcome:
+            outcome["read_again"] = True
+        elif name == LEASE:
+            try:
+                successor.acquire()
+                outcome["taken"] = None
+            except Exception as exc:  # noqa: BLE001 - shown by the test's assertion
+                outcome["taken"] = exc
+        return held
+
+    monkeypatch.setattr(store, "read_json", read_then_lose_the_lease)
+    return outcome
+
+
+def _s3_leases(s3: S3Stack) -> tuple[OutputStore, OutputStore]:
+    """Two clients' stores on one new S3 prefix: the suspended run's and its successor's."""
+    uri = f"s3://{s3.bucket}/leases/{uuid.uuid4().hex}"
+    return OutputStore(uri, s3.options()), OutputStore(uri, s3.options())
+
+
+def test_an_s3_heartbeat_never_overwrites_the_lease_a_successor_took_over(
+        s3: S3Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run A's heartbeat reads its lease (still A's), then A is suspended; run B takes the lease
+    over as stale; A wakes and writes its heartbeat. Written plainly, that heartbeat replaced
+    B's lease and both ran into one output. Written on the ETag A last wrote (If-Match), it is
+    refused (412): A finds its lease lost, naming B, stops beating, and B keeps the output."""
+    monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
+    store_a, store_b = _s3_leases(s3)
+    first = Lease(store_a, "run-a", stale_s=0.0, heartbeat_s=0.05)  # stale at once: B may take it
+    successor = _lease(store_b, "run-b")
+    assert _acquire_within(first, 60) is None
+    staged = _successor_takes_over_after_next_read(store_a, successor, monkeypatch)
+    try:
+        first.hold()
+        wait_for(lambda: first.lost is not None or "read_again" in staged, 30,
+                 "run A's heartbeat after the take-over")
+        assert staged.get("taken", "not staged") is None
+        assert store_b.read_json(LEASE)["run_id"] == "run-b"
+        assert first.lost is not None and first.lost["run_id"] == "run-b"
+        with pytest.raises(LeaseLost, match="another run took this output over: run run-b on host"):
+            first.check()
+    finally:
+        first.release()
+    assert store_b.read_json(LEASE)["run_id"] == "run-b"  # A's release left B's lease alone
+    successor.release()
+    assert not store_b.exists(LEASE)
+
+
+def test_releasing_an_s3_lease_never_deletes_the_lease_a_successor_took_over(
+        s3: S3Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run A ends: its release reads the lease (still A's), then A is suspended; run B takes the
+    lease over; A wakes and deletes. A plain delete removed B's lease from under B (a third
+    run could then take the output B is writing); deleted only at the ETag A last wrote
+    (If-Match on DELETE), it is refused and B's lease stays."""
+    monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
+    store_a, store_b = _s3_leases(s3)
+    first = Lease(store_a, "run-a", stale_s=0.0, heartbeat_s=5.0)
+    successor = _lease(store_b, "run-b")
+    assert _acquire_within(first, 60) is None
+    staged = _successor_takes_over_after_next_read(store_a, successor, monkeypatch)
+    first.release()
+    assert staged.get("taken", "not staged") is None
+    assert store_b.read_json(LEASE)["run_id"] == "run-b"
+    successor.release()
+    assert not store_b.exists(LEASE)
+
+
+def test_an_s3_heartbeat_that_meets_its_own_landed_write_beats_on(
+        s3: S3Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A heartbeat whose write landed but whose answer was lost is sent again and meets a newer
+    version of its own lease (412): that is still this run's lease, not a successor's; it
+    takes that version as its own and beats on rather than stopping the run."""
+    monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
+    store, _ = _s3_leases(s3)
+    mine = Lease(store, "run-a", stale_s=120.0, heartbeat_s=0.05)
+    assert _acquire_within(mine, 60) is None
+    store.write_json(LEASE, mine._record())  # as if a heartbeat had landed, its answer lost
+    beats: list[float] = []
+    try:
+        mine.hold(beat=lambda: beats.append(time.time()))
+        wait_for(lambda: len(beats) >= 3 or mine.lost is not None, 30, "three heartbeats")
+        assert mine.lost is None
+        assert store.read_json(LEASE)["run_id"] == "run-a"
+    finally:
+        mine.release()
     assert not store.exists(LEASE)

@@ -28,7 +28,7 @@ from gpubatch.engine.item_reports import ItemReporter, ShardItems
 from gpubatch.runtime import progress
 from gpubatch.runtime.progress import InFlight, Progress
 
-LINE = re.compile(r"shards (\d+)/(\d+) done, (\d+) failed, ([\d,]+) items(?: \(([\d,]+) in running shards\))?")
+LINE = re.compile(r"shards (\d+)/(\d+) done, (\d+) failed, ([\d,]+) items?(?: \(([\d,]+) in running shards\))?")
 
 
 def _many_tiles_job(tmp_path: Path, uris: list[str], model: Path, profile: str, batch: int = 4,

@@ -216,7 +216,7 @@ def test_validate_reads_the_variant_file(tmp_path: Path, capsys: pytest.CaptureF
                             .splitlines(keepends=True) if not line.startswith("#")))
     assert main(["validate", str(spec), "--set", f"windows.variants={body}"]) == 0
     out = capsys.readouterr().out
-    assert "1 shard(s), 1 items" in out and "note: body.vcf has no '#CHROM' header line" in out
+    assert "1 shard, 1 item)" in out and "note: body.vcf has no '#CHROM' header line" in out
 
 
 _FACTS_THEN_MODULES = ("import sys; from gpubatch.runtime.model_facts import model_first_input, model_outputs; "

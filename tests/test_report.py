@@ -307,6 +307,19 @@ def test_format_summary_and_roundtrip(built: dict[str, Any], tmp_path: Path) -> 
     assert rp.load_report(tmp_path)["verdict"] == json.loads(json.dumps(built["verdict"]))
 
 
+def test_counts_of_one_are_said_in_the_singular(built: dict[str, Any]) -> None:
+    """A run of one item, one storage request and one retry printed "1 items", "1 requests",
+    "1 retries"; zero and many keep the plural."""
+    from gpubatch.report.html import render_html
+
+    one = {**built, "items": 1, "storage": {**built["storage"], "requests": 1, "retries": 1, "client_requests": 0}}
+    text = rp.format_summary(one)
+    assert "t: 1 item in " in text and "storage: 1 request " in text and ", 1 retry" in text, text
+    assert '<div class="v">1</div><div class="k">item in ' in render_html(one)
+    many = rp.format_summary({**built, "storage": {**built["storage"], "retries": 0}})
+    assert "t: 160 items in " in many and "storage: 20 requests " in many and ", 0 retries" in many, many
+
+
 def test_five_thousand_failures_print_as_counts_by_error(built: dict[str, Any]) -> None:
     """5,000 quarantined slides of three errors (each naming its byte offset or its own file):
     three lines with their counts and first inputs, not 20 inputs and "4980 more"."""

@@ -6,10 +6,14 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, NotAnOutputError
+from gpubatch.core.plural import counted, plural
+from gpubatch.core.streams import QuietWhenGone
 from gpubatch.io.redact import redact, safe_text
 from gpubatch.runtime.stopping import Terminated, ignore_further_signals
 
@@ -82,8 +86,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.set)
     check = validate_job(job, open_inputs=not args.no_open, profile_name=args.profile, resume=args.resume,
                          overwrite=args.overwrite)
-    items = f", {check.items:,} items" if check.items is not None else ""
-    print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}': {check.shards} shard(s){items})")
+    items = f", {counted(check.items, 'item')}" if check.items is not None else ""
+    print(f"{safe_text(args.job)}: valid ({job.kind} job '{safe_text(job.name)}': {counted(check.shards, 'shard')}{items})")
     for note in check.notes:
         print(f"  note: {safe_text(note)}")
     for f in check.failed:
@@ -191,7 +195,7 @@ def _rate_words(status: dict[str, Any]) -> str:
     if "wall_s" not in status:
         return f", {rate}"
     this_run = " this run" if status.get("resumed") else ""
-    return f", {status['items']} items{this_run} in {status['wall_s']:.1f} s = {rate}"
+    return f", {status['items']} {plural(status['items'], 'item')}{this_run} in {status['wall_s']:.1f} s = {rate}"
 
 
 def starting_run(store: Any, status: dict[str, Any] | None) -> str | None:
@@ -387,7 +391,31 @@ def quiet_dask() -> None:
     route_library_logs(extra=("asyncio",))
 
 
+@contextmanager
+def _quiet_when_gone() -> Iterator[None]:
+    """stdout and stderr whose reader may go (``| head -1``, a terminal hung up under ``nohup``):
+    what is left to print is dropped, and the command does the rest of its work and exits with
+    its own status, never 1 or 141 for the reader's leaving: a run's 0, 3 or 1 says how the run
+    went; `status OUT | grep -q finished` under ``set -o pipefail`` is a run that finished.
+    Flushed here, where a failure is still caught, not at the interpreter's exit."""
+    before = sys.stdout, sys.stderr
+    wrapped = [QuietWhenGone(s) if s is not None else None for s in before]
+    sys.stdout, sys.stderr = wrapped  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for stream in wrapped:
+            if stream is not None:
+                stream.flush()
+        sys.stdout, sys.stderr = before
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _quiet_when_gone():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

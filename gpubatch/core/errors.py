@@ -112,6 +112,18 @@ class OutputsNotWrittenError(GpubatchError):
             + f"rerun with --resume to write them ({again})")
 
 
+class PartsDoNotMergeError(GpubatchError):
+    """Committed parts whose columns differ (an earlier gpubatch's beside this one's, or another
+    model's) cannot be merged into one predictions.parquet; a ``--resume`` refuses such an output
+    before it computes (exit 2), so this is met only where a run's own parts differ (exit 1)."""
+
+    def __init__(self, output_uri: str, problem: str):
+        super().__init__(
+            f"the committed parts in {safe_text(output_uri)} cannot be merged into one predictions.parquet: "
+            f"{safe_text(problem)}; their rows would mix two kinds of output. Run again with --overwrite to "
+            "compute every shard with this gpubatch and model, or give a new output.uri")
+
+
 class ValidationGateError(GpubatchError):
     """A reduced-precision model disagreed with fp32 beyond the configured threshold."""
 

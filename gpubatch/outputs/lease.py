@@ -12,6 +12,14 @@ if it is still the version read (``If-Match``): write, wait, read back, which is
 without conditions allows, let two runs through when one's write was held in flight past the
 other's read-back (a stalled or retried request), and both computed every shard. The read-back
 stays after a conditional write too, for servers that ignore the condition.
+
+Holding it is conditional too on S3: each heartbeat, and the delete at the end, is made on the
+ETag this run last wrote (``If-Match``). A run suspended (a laptop asleep, SIGSTOP, a paused VM)
+between a heartbeat's read of its lease and the write after it, or between its release's read
+and its delete, woke to replace or delete the lease a successor had taken over meanwhile, and
+both runs wrote one output; now that write is refused and the run stops as one whose lease was
+taken over. On disk, and on object stores without conditions, the heartbeat still reads, then
+writes: no compare-and-swap of a file's contents exists there (see ``_refresh``).
 """
 
 from __future__ import annotations
@@ -84,15 +92,22 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._beat: Callable[[], None] | None = None
-        #: the lease another writer took over from this one (then this one stops writing)
+        #: the lease another writer took over from this one (then this one stops writing); {}
+        #: when the lease is gone and who took it is not known
         self.lost: dict[str, Any] | None = None
+        #: S3: the ETag of the lease as this run last wrote (or read) it, on which its next write
+        #: and its delete are conditioned; None on stores without conditional writes
+        self._version: str | None = None
 
     def _record(self) -> dict[str, Any]:
         return {**self.owner, "heartbeat": time.time(), "stale_after_s": self.stale_s}
 
     def acquire(self) -> None:
         """Take the lease, or raise ``_refusal``'s error (exit 2) naming the writer that holds it."""
-        created = self.store.create_json(self.name, self._record())
+        if self.store.conditional:
+            created = self._write_if(None)
+        else:
+            created = self.store.create_json(self.name, self._record())
         if created and not self.store.remote:
             return  # created where none was: no other run can hold it, nothing to wait for
         if not created:
@@ -116,13 +131,24 @@ class Lease:
                 raise self._refusal(held, age)
             log.warning("taking over a stale lease on %s: run %s on %s (pid %s) last beat %.0f s ago",
                         redact(self.store.uri), held.get("run_id"), held.get("host"), held.get("pid"), age)
-        replaced = self.store.replace_json(self.name, self._record(), version)
+        replaced = self._write_if(version)
         if replaced is None:
             self.store.write_json(self.name, self._record())
         elif not replaced:  # another writer's lease landed since it was read: that writer holds it
             now = self._read() or {}
             if now.get("run_id") != self.run_id:
                 raise self._refusal(now, time.time() - float(now.get("heartbeat", time.time())))
+
+    def _write_if(self, version: str | None) -> bool | None:
+        """Write this run's record only if the lease is still at ``version`` (None: only if there
+        is none), keeping the ETag written: True when written, False when refused (another
+        object is there, or none is), None where the store has no conditional writes."""
+        if not self.store.conditional:
+            return None
+        written = self.store.put_json_if(self.name, self._record(), version)
+        if written is not None:
+            self._version = written
+        return written is not None
 
     def _refusal(self, held: dict[str, Any], age: float) -> GpubatchError:
         """The error (exit 2) that stops a writer finding ``held`` live on the output."""
@@ -137,9 +163,8 @@ class Lease:
         def loop() -> None:
             while not self._stop.wait(self.heartbeat_s):
                 try:
-                    if self._taken_over():
+                    if not self._refresh():
                         return  # beating on would take the output back from the run that has it
-                    self.store.write_json(self.name, self._record())
                     if self._beat is not None:
                         self._beat()
                 except Exception as exc:  # noqa: BLE001 - a missed beat is logged, not fatal
@@ -148,23 +173,58 @@ class Lease:
         self._thread = threading.Thread(target=loop, name="gpubatch-heartbeat", daemon=True)
         self._thread.start()
 
+    def _refresh(self) -> bool:
+        """One heartbeat: this run's record written into its lease; False (and ``lost`` set) once
+        another writer holds it. The read first sees a take-over on every store; on S3 the write
+        is also conditional on the ETag this run last wrote, which closes the gap between that
+        read and the write (a process suspended there). On disk the gap stays: a file's
+        contents have no compare-and-swap (a rename replaces whatever is there), and a lock
+        held by a suspended run would stop its successor instead."""
+        if self._taken_over():
+            return False
+        written = self._write_if(self._version)
+        if written is None:
+            self.store.write_json(self.name, self._record())
+            return True
+        return written or self._still_ours()
+
+    def _still_ours(self) -> bool:
+        """After a refused heartbeat: whether the lease is still this run's (a retried write
+        that had landed meets its own newer version: that version is taken as this run's), or
+        lost (another writer's, or gone)."""
+        version = self.store.version(self.name)  # before the read: a later write is not taken for ours
+        held = self._read()
+        if held is not None and held.get("run_id") == self.run_id:
+            self._version = version
+            return True
+        self._lose(held or {})
+        return False
+
     def _taken_over(self) -> bool:
         """Whether another writer holds the lease now: this one's heartbeat was late past
         ``stale_s`` (a suspended process, storage that kept failing) and it was taken over."""
         held = self._read()
         if held is None or held.get("run_id") == self.run_id:
             return False
-        self.lost = held
-        log.error("run %s took the lease on %s over; this run stops", held.get("run_id", "?"),
-                  redact(self.store.uri))
+        self._lose(held)
         return True
+
+    def _lose(self, held: dict[str, Any]) -> None:
+        self.lost = held
+        if held:
+            log.error("run %s took the lease on %s over; this run stops", held.get("run_id", "?"),
+                      redact(self.store.uri))
+        else:
+            log.error("the lease on %s is gone; this run stops", redact(self.store.uri))
 
     def lost_message(self) -> str:
         held = self.lost or {}
-        return (f"another run took this output over: run {held.get('run_id', '?')} on host "
-                f"{held.get('host', '?')} (pid {held.get('pid', '?')}) holds its lease, because this one's "
-                f"heartbeat was late by more than {self.stale_s:g} s (run.lease_stale_s; was this process "
-                "suspended?). This run stops and leaves the output to it; what this run committed stands")
+        who = (f"run {held.get('run_id', '?')} on host {held.get('host', '?')} (pid {held.get('pid', '?')}) "
+               "holds its lease" if held else
+               "its lease is gone (released by the run that took it over, or removed), holder unknown")
+        return (f"another run took this output over: {who}, because this one's heartbeat was late by "
+                f"more than {self.stale_s:g} s (run.lease_stale_s; was this process suspended?). This run "
+                "stops and leaves the output to it; what this run committed stands")
 
     def check(self) -> None:
         """Raise LeaseLost once another writer has taken the lease over."""
@@ -180,8 +240,12 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=self.heartbeat_s + 5)
         held = self._read()
-        if held is not None and held.get("run_id") == self.run_id:
+        if held is None or held.get("run_id") != self.run_id:
+            return
+        if self._version is None:  # no conditional delete here: the read above is the check
             self.store.delete(self.name)
+        elif not self.store.delete_if(self.name, self._version):  # a successor's since the read
+            log.info("the lease on %s is no longer this run's version; left as it is", redact(self.store.uri))
 
     def _read(self) -> dict[str, Any] | None:
         if not self.store.exists(self.name):

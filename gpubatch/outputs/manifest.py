@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -24,6 +24,8 @@ from gpubatch.outputs.layout import MANIFEST_DIR, PARTS_DIR, TMP_PREFIX, ZARR, r
 from gpubatch.outputs.store import OutputStore
 
 log = logging.getLogger("gpubatch")
+#: what ``Manifest.iter_committed`` hands a caller of each verified part: its record and bytes
+PartSeen = Callable[[ShardResult, bytes], None]
 VERIFY_BATCH = 32  # parts read back at once when checking checksums
 READ_BATCH = 256  # commit records read at once
 
@@ -70,21 +72,23 @@ class Manifest:
         """Every commit record, by shard id (for small outputs and tests; runs stream them)."""
         return {e.shard_id: e for e in self.iter_entries()}
 
-    def iter_committed(self) -> Iterator[ShardResult]:
+    def iter_committed(self, on_part: PartSeen | None = None) -> Iterator[ShardResult]:
         """Records whose parquet part still exists with the recorded checksum; a part that is
-        missing or changed means the shard is not committed (it is computed again)."""
+        missing or changed means the shard is not committed (it is computed again). ``on_part``
+        is handed each verified part's bytes before its record is yielded (a resume checks the
+        part's columns there: the bytes are read for the checksum, and not read twice)."""
         batch: list[ShardResult] = []
         for entry in self.iter_entries():
             batch.append(entry)
             if len(batch) == VERIFY_BATCH:
-                yield from self._verified(batch)
+                yield from self._verified(batch, on_part)
                 batch = []
-        yield from self._verified(batch)
+        yield from self._verified(batch, on_part)
 
     def committed(self) -> dict[str, ShardResult]:
         return {e.shard_id: e for e in self.iter_committed()}
 
-    def _verified(self, batch: list[ShardResult]) -> Iterator[ShardResult]:
+    def _verified(self, batch: list[ShardResult], on_part: PartSeen | None = None) -> Iterator[ShardResult]:
         """The entries whose part has its checksum and whose zarr group (where it has one) is
         there: a commit is both, and a resume that kept a shard without its group described a
         predictions.zarr naming groups that were gone."""
@@ -99,6 +103,8 @@ class Manifest:
                 log.warning("shard %s: its committed zarr group is missing; it will be computed again",
                             entry.shard_id)
             else:
+                if on_part is not None:
+                    on_part(entry, data)
                 yield entry
 
     def remove(self, shard_id: str) -> None:

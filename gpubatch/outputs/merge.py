@@ -5,17 +5,25 @@ time. Small parts are gathered into row groups of ROW_GROUP_ROWS rows (or ROW_GR
 ROW_GROUP_PARTS parts): a row group per part would make a genome run of 100,000 one-window shards a file
 of 100,000 row groups, whose footer the writer holds in memory until it closes and every reader
 parses. The merge's memory is one row group, whatever the run's size.
+
+Parts join only when they have the same columns, in the same order (:class:`PartColumns`). A
+``--resume`` checks its committed parts with it before it computes anything (an output written
+by an earlier gpubatch, whose windows parts lacked the ``region`` column, had its resume compute
+every remaining shard and then fail here); the merge checks every part again and names the one
+that does not fit, rather than failing in pyarrow's cast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gpubatch.core.errors import PartsDoNotMergeError
 from gpubatch.core.results import ShardResult
+from gpubatch.io.redact import redact
 from gpubatch.outputs.layout import PARTS_DIR, PREDICTIONS, ZARR
 from gpubatch.outputs.manifest import CommitRef
 from gpubatch.outputs.store import OutputStore, output_errors
@@ -52,6 +60,47 @@ def read_part(store: OutputStore, entry: ShardResult | CommitRef, columns: Itera
         return part.read(columns=[c for c in columns if c in part.schema_arrow.names])
 
 
+def part_columns(data: bytes) -> list[str] | None:
+    """A parquet part's column names, from its footer alone; None for a part with no rows (a
+    slide with no tiles: the merge skips it, and its schema is empty)."""
+    meta = pq.read_metadata(pa.BufferReader(data))
+    return None if meta.num_rows == 0 else meta.schema.to_arrow_schema().names
+
+
+def columns_difference(names: Sequence[str], other: Sequence[str]) -> str:
+    """``names`` against ``other``, in words: what it lacks and adds, or that the order differs."""
+    lacks, adds = [c for c in other if c not in names], [c for c in names if c not in other]
+    words = ([f"lacks {', '.join(lacks)}"] if lacks else []) + ([f"has {', '.join(adds)} besides"] if adds else [])
+    return " and ".join(words) or f"has the same columns in another order ({', '.join(names)})"
+
+
+class PartColumns:
+    """Whether parts, seen one at a time, join into one predictions.parquet: each starts with the
+    run's index columns (``index``: what this gpubatch writes; a part an earlier one wrote may lack
+    one) and has the columns of the first part seen. Column types are left to the merge's cast,
+    which joins what can be joined (an int32 column under an int64 one)."""
+
+    def __init__(self, index: Sequence[str]):
+        self.index = list(index)
+        self.first: tuple[str, list[str]] | None = None
+
+    def problem(self, part: str, names: list[str] | None) -> str | None:
+        """What keeps ``part`` (of columns ``names``; None: no rows) from joining the others, or None."""
+        if names is None:
+            return None
+        lacks = [c for c in self.index if c not in names]
+        if lacks:
+            return f"{part} lacks the column(s) {', '.join(lacks)}, which this gpubatch writes"
+        if names[:len(self.index)] != self.index:
+            return (f"{part} begins with the columns {', '.join(names[:len(self.index)])}; this gpubatch's "
+                    f"begin with {', '.join(self.index)}")
+        if self.first is None:
+            self.first = (part, names)
+        elif names != self.first[1]:
+            return f"{part} {columns_difference(names, self.first[1])} against {self.first[0]}"
+        return None
+
+
 def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRef], index_columns: list[str],
                   target: str = PREDICTIONS) -> int:
     """Concatenate the committed parts, in the order given, into one file; returns the rows.
@@ -60,6 +109,7 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
     predictions.parquet see the same schema prefix whatever the run found.
     """
     rows = 0
+    columns = PartColumns(index_columns)
     with store.open_write(target) as f:
         writer: pq.ParquetWriter | None = None
         gathered: list[pa.Table] = []
@@ -68,6 +118,11 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
             table = read_part(store, entry)
             if table.num_rows == 0:  # a slide with no tiles adds no rows (its zarr group keeps the widths)
                 continue
+            problem = columns.problem(f"{PARTS_DIR}/{entry.part}", table.schema.names)
+            if problem is not None:
+                if writer is not None:  # else its finaliser writes a footer into the discarded file
+                    writer.close()
+                raise PartsDoNotMergeError(redact(store.uri), problem)
             if writer is None:
                 writer = parquet_writer(f, table.schema)
             gathered.append(table if table.schema.equals(writer.schema) else table.cast(writer.schema))

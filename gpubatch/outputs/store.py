@@ -216,27 +216,58 @@ class OutputStore:
         """Write ``name`` only if it is still at ``version`` (an ETag from :meth:`version`), or,
         for ``None``, only if it does not exist: True when written, False when another writer's
         object was there (412), None where the store has no conditional writes (the caller
-        writes plainly and checks another way).
+        writes plainly and checks another way)."""
+        if not self.conditional:
+            return None
+        return self.put_json_if(name, data, version) is not None
+
+    def put_json_if(self, name: str, data: Any, version: str | None) -> str | None:
+        """:meth:`replace_json` giving the ETag of the object it wrote (None when refused): a
+        writer that must only ever replace its own object (the lease's heartbeat) conditions
+        its next write on it. Only where :attr:`conditional`.
 
         S3 (and S3-compatible servers that honour ``If-None-Match``/``If-Match``) is the object
         store whose conditional writes are reachable here; a retry of a write that landed but
-        whose answer was lost meets its own object and says False: the caller reads it back."""
-        if not self.conditional:
-            return None
-        body, bucket_key = _json_bytes(data), self.path(name)
-        bucket, key = bucket_key.split("/", 1)
+        whose answer was lost meets its own object and is refused: the caller reads it back.
+        An ``If-Match`` on an object that is gone is refused too (404 NoSuchKey)."""
+        body, (bucket, key) = _json_bytes(data), self._bucket_key(name)
         condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
 
-        def put() -> bool:
+        def put() -> str | None:
             try:
-                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+                answer = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
             except Exception as exc:  # noqa: BLE001 - a refused condition is an answer, the rest retried
-                if is_precondition_failed(exc) or (version is None and isinstance(exc, FileExistsError)):
+                if _refused(exc, version):
+                    return None
+                raise
+            # S3 answers every PUT with its ETag; a server that would not is given the one S3
+            # gives a single-part PUT (if wrong, the next conditional write is refused and the
+            # caller's read-back finds its own lease)
+            return str(answer.get("ETag") or f'"{hashlib.md5(body).hexdigest()}"')
+
+        return call_with_retries(put, self.url(name), POLICY)
+
+    def delete_if(self, name: str, version: str) -> bool:
+        """Delete ``name`` only if it is still at ``version`` (S3's conditional delete,
+        ``If-Match`` on DELETE): True when deleted, False when another writer's object is there
+        now (412) or none is (404; a retried delete that landed meets that too). Only where
+        :attr:`conditional`; a server that ignores the condition deletes plainly."""
+        bucket, key = self._bucket_key(name)
+
+        def rm() -> bool:
+            try:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            except Exception as exc:  # noqa: BLE001 - a refused condition is an answer, the rest retried
+                if _refused(exc, version):
                     return False
                 raise
             return True
 
-        return bool(call_with_retries(put, self.url(name), POLICY))
+        return bool(call_with_retries(rm, self.url(name), POLICY))
+
+    def _bucket_key(self, name: str) -> tuple[str, str]:
+        bucket, key = self.path(name).split("/", 1)
+        return bucket, key
 
     @property
     def conditional(self) -> bool:
@@ -320,6 +351,15 @@ def output_errors(store: OutputStore, name: str = "") -> Iterator[None]:
         if not is_transient(exc):
             raise
         raise storage_error(store.url(name), exc, POLICY.attempts) from exc
+
+
+def _refused(exc: BaseException, version: str | None) -> bool:
+    """Whether a conditional request failed its condition: 412 (s3fs: OSError(EINVAL) from
+    botocore's PreconditionFailed); for ``If-None-Match: *`` s3fs may say FileExistsError, for
+    ``If-Match`` on an object that is gone FileNotFoundError (NoSuchKey)."""
+    if is_precondition_failed(exc):
+        return True
+    return isinstance(exc, FileExistsError if version is None else FileNotFoundError)
 
 
 def _json_bytes(data: Any, indent: int | None = 1) -> bytes:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
+from gpubatch.core.plural import counted, plural
 from gpubatch.core.results import failure_groups, quarantined_count
 from gpubatch.io.metrics import COUNTED_WORDS
 from gpubatch.io.uris import uri_name
@@ -125,7 +126,7 @@ def _tiles(report: dict[str, Any], v: dict[str, Any]) -> str:
         (_rate(gap.get("model_only_items_per_s")), "items/s model-only"),
         ("–" if gap.get("cost") is None else pct(gap["cost"]), "of model speed lost to the data path"),
         _starvation_tile(report, v),
-        (f"{report.get('items', 0):,}", f"items in {report.get('wall_s', 0.0):.1f} s"),
+        (f"{report.get('items', 0):,}", f"{plural(report.get('items', 0), 'item')} in {report.get('wall_s', 0.0):.1f} s"),
         (f"{done}/{count + failed}", "inputs done" + (f", {extra}" if extra else "")),
     ]
     cells = "".join(f'<div class="tile"><div class="v">{escape(a)}</div><div class="k">{escape(b)}</div></div>'
@@ -311,8 +312,8 @@ def _failure_groups(failed: list[dict[str, Any]]) -> str:
                    f'<td class="l mono">{escape(", ".join(g["inputs"]))}</td></tr>' for g in groups[:MAX_LISTED_GROUPS])
     more = len(groups) - MAX_LISTED_GROUPS
     note = f" ({more} more errors not shown)" if more > 0 else ""
-    return (f'<p class=sub id="failures-note">{quarantined_count(failed):,} inputs quarantined, {len(groups)} distinct '
-            f"errors{note}; the table below lists the first {MAX_FAILED_ROWS}, report.json's <span class=mono>failed"
+    return (f'<p class=sub id="failures-note">{counted(quarantined_count(failed), "input")} quarantined, '
+            f"{len(groups)} distinct {plural(len(groups), 'error')}{note}; the table below lists the first {MAX_FAILED_ROWS}, report.json's <span class=mono>failed"
             f'</span> every one.</p><table id="failures"><tr><th>inputs</th><th class=l>error (first input\'s)</th>'
             f"<th class=l>first inputs</th></tr>{rows}</table>")
 

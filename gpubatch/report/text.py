@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from gpubatch.core.plural import plural
 from gpubatch.core.results import failure_groups, quarantined_count
 from gpubatch.io.metrics import COUNTED_WORDS
 from gpubatch.io.redact import safe_text
@@ -36,8 +37,9 @@ def variant_lines(v: dict[str, Any]) -> list[str]:
     total_skipped = sum(skipped.values())
     name = os.path.basename(str(v.get("file", "")).rstrip("/")) or "variants"
     layout = v.get("layout", "vcf")
-    lines = [f"variants: {v.get('records', 0)} records in {name} ({layout}); {v.get('scored', 0)} "
-             f"ALT alleles scored of {v.get('scorable', 0)} scorable"]
+    records, scored = v.get("records", 0), v.get("scored", 0)
+    lines = [f"variants: {records} {plural(records, 'record')} in {name} ({layout}); {scored} "
+             f"{plural(scored, 'ALT allele')} scored of {v.get('scorable', 0)} scorable"]
     if total_skipped:
         reasons = ", ".join(f"{n} {SKIP_WORDS.get(k, k)}" for k, n in skipped.items())
         lines.append(f"  skipped {total_skipped} ALT allele(s) that are not sequence: {reasons}")
@@ -65,7 +67,7 @@ def _headline(report: dict[str, Any]) -> str:
     if v.get("state") == "failed":
         return f"{name}: FAILED: {v['evidence']}"
     model_only = report.get("model_only_items_per_s")
-    return (f"{name}: {report['items']} items in {report['wall_s']:.1f} s "
+    return (f"{name}: {report['items']} {plural(report['items'], 'item')} in {report['wall_s']:.1f} s "
             f"= {report['items_per_s']:.1f} items/s"
             + (f" (model alone: {model_only:.1f} items/s)" if model_only else ""))
 
@@ -83,7 +85,8 @@ def resumed_line(report: dict[str, Any]) -> str | None:
     if not resumed.get("shards"):
         return None
     empty = f", {resumed['empty']} of them empty" if resumed.get("empty") else ""
-    return (f"  {resumed['shards']} shard(s) already committed, skipped ({resumed.get('items', 0)} items{empty}); "
+    items = resumed.get("items", 0)
+    return (f"  {resumed['shards']} shard(s) already committed, skipped ({items} {plural(items, 'item')}{empty}); "
             "the rates above cover this run's items only")
 
 
@@ -97,7 +100,8 @@ def _storage_line(report: dict[str, Any]) -> str | None:
     flight = (f", {st['in_flight_mean']:g} in flight on average (peak {st.get('in_flight_peak') or '-'})"
               if st.get("in_flight_mean") else "")
     heads = f" + {st['heads']} HEADs" if st.get("heads") else ""
-    return (f"  storage: {st['requests']} requests{requests_split(st)}{size}{heads}, {st['bytes'] / 1e6:.1f} MB"
+    return (f"  storage: {st['requests']} {plural(st['requests'], 'request')}{requests_split(st)}{size}{heads}, "
+            f"{st['bytes'] / 1e6:.1f} MB"
             f"{mbs}{lat}{flight}, {retries_words(st)}")
 
 
@@ -123,7 +127,8 @@ def retries_words(st: dict[str, Any]) -> str:
     parts = [f"{st['library_retries']} by client libraries" if st.get("library_retries") else "",
              f"{st['throttled']} throttled" if st.get("throttled") else ""]
     said = "; ".join(p for p in parts if p)
-    return f"{st.get('retries', 0)} retries" + (f" ({said})" if said else "")
+    retries = st.get("retries", 0)
+    return f"{retries} {plural(retries, 'retry', 'retries')}" + (f" ({said})" if said else "")
 
 
 def _parts_line(parts: dict[str, float], busy: float) -> str | None:
@@ -182,7 +187,7 @@ def gate_line(report: dict[str, Any]) -> str | None:
     metric = "top-1 agreement" if figures.get("task") == "classifier" else "Pearson correlation"
     outcome = "passed" if q.get("passed") else f"failed, ran {q.get('used', 'fp32')}"
     return (f"precision: {q['requested']} gate {outcome}: {metric} with fp32 {figures['agreement']:.4f} "
-            f"(min {figures.get('min_agreement')}) on {figures.get('items')} held-out items, "
+            f"(min {figures.get('min_agreement')}) on {figures.get('items')} {plural(figures.get('items'), 'held-out item')}, "
             f"task {figures.get('task')}")
 
 

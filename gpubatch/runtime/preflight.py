@@ -539,17 +539,18 @@ def refuse_empty_plan(shards: Sequence[Shard], failed: list[dict[str, str]]) -> 
 def check_output(job: JobSpec, *, resume: bool = False, overwrite: bool = False) -> None:
     """What ``run`` refuses of its output before it plans, checked without writing there: a
     folder that is not gpubatch's (foreign files, a home folder, a file), a run writing it now
-    (a live lease), and committed shards this run may not continue (no --resume, or another
-    spec's or model's). Without this a job validated, then its run stopped at once on exit 2."""
+    (a live lease), and committed shards this run may not continue (no --resume, another
+    spec's or model's, or parts whose columns this run's would not merge with). Without this a job validated, then its run stopped at once on exit 2."""
     from gpubatch.outputs.lease import check_output_folder, refuse_if_held
     from gpubatch.outputs.store import OutputStore
-    from gpubatch.runtime.resume import refuse_committed
+    from gpubatch.runtime.resume import refuse_committed, refuse_unmergeable_parts
 
     store = OutputStore(job.output.uri, job.output.storage)
     if not check_output_folder(store, job.output.uri):
         return  # empty or new: nothing there to refuse
     refuse_if_held(store, job.run.lease_stale_s)
-    refuse_committed(store, job, resume=resume, overwrite=overwrite)
+    if refuse_committed(store, job, resume=resume, overwrite=overwrite) and not overwrite:
+        refuse_unmergeable_parts(store, job)  # what a run's resume refuses as it reads them
 
 
 def _plan_and_open(job: JobSpec, profile: dict[str, Any], open_inputs: bool,

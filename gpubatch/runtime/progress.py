@@ -26,7 +26,9 @@ import time
 from typing import Any
 
 from gpubatch.core.clocks import starvation_of
+from gpubatch.core.plural import counted
 from gpubatch.core.results import ShardResult
+from gpubatch.core.streams import QuietWhenGone
 from gpubatch.engine.item_reports import ShardItems
 from gpubatch.outputs.layout import STATUS
 from gpubatch.outputs.store import OutputStore
@@ -133,14 +135,22 @@ class Progress:
 
     def _start_bar(self, total: int, already: int) -> None:
         """The rich bar: shards done of the total, items (running shards' included), the rate and
-        the ETA (:meth:`eta_s`: by items where they are known; rich's own went by shards only)."""
+        the ETA (:meth:`eta_s`: by items where they are known; rich's own went by shards only).
+
+        On stderr, the terminal the bar was chosen for (rich's default, stdout, put the bar's last
+        frame first in ``run JOB | head -1`` and none on the terminal), through
+        :class:`QuietWhenGone`: a terminal that hangs up under a run that ignores SIGHUP fails
+        every write (EIO), and rich, on a closed pipe, exits the process (SystemExit 1); either
+        failed a run whose shards were all committed, at the bar's last refresh."""
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as RichProgress
 
         # the elapsed clock ticks while a long shard runs and the bar cannot move
         self._bar = RichProgress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                                 TextColumn("ETA {task.fields[eta]}"), transient=False)
+                                 TextColumn("ETA {task.fields[eta]}"), transient=False,
+                                 console=Console(file=QuietWhenGone(sys.stderr)))  # type: ignore[arg-type]
         self._task = self._bar.add_task("run", total=total, completed=already, rate="", eta="?")
         self._bar.start()
 
@@ -213,14 +223,14 @@ class Progress:
         self.last_bar = time.time()
         running, rate, starv, eta = self._figures(self.last_bar)
         self._bar.update(self._task, completed=self.done + self.failed,
-                         rate=f"{self.items + running:,} items, {_rate(rate)} items/s, starved {pct(starv)}",
+                         rate=f"{counted(self.items + running, 'item')}, {_rate(rate)} items/s, starved {pct(starv)}",
                          eta=f"{eta:.0f} s" if eta is not None else "?")
 
     def _log_line(self) -> None:
         self.last_log = time.time()
         running, rate, starv, eta = self._figures(self.last_log)
-        log.info("shards %d/%d done, %d failed, %s items%s, %.1f items/s, starvation %.1f%%, ETA %s",
-                 self.done, self.total, self.failed, f"{self.items + running:,}",
+        log.info("shards %d/%d done, %d failed, %s%s, %.1f items/s, starvation %.1f%%, ETA %s",
+                 self.done, self.total, self.failed, counted(self.items + running, "item"),
                  f" ({running:,} in running shards)" if running else "", rate, 100 * starv,
                  f"{eta:.0f} s" if eta is not None else "?")
 

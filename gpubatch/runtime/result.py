@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
+from gpubatch.core.plural import plural
 from gpubatch.outputs.layout import PREDICTIONS, SLIDE_PREDICTIONS, ZARR
 from gpubatch.outputs.store import OutputStore
 
@@ -42,7 +43,7 @@ class Result:
         done, total = self.report.get("shards_done"), self.report.get("shards_total")
         raise UnfinishedOutputError(
             f"{redact(self.output_uri)}: its latest run did not finish ({self.report.get('state', 'unknown')}, "
-            f"{done} of {total if total is not None else '?'} shards committed) and {what} is written at a "
+            f"{done} of {total if total is not None else '?'} {plural(total, 'shard')} committed) and {what} is written at a "
             "run's end; finish it with `gpubatch run JOB --resume`"
             + (", or read what is committed with predictions(partial=True)" if what == PREDICTIONS else ""))
 

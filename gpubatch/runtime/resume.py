@@ -2,7 +2,9 @@
 
 An output that holds committed shards is only ever continued by a run that would have produced
 the same results: ``--resume`` checks the committed shards' spec fields and model against this
-run's (a difference stops the run with exit 2, naming it) and each committed input's identity
+run's (a difference stops the run with exit 2, naming it), their parts' columns against this
+gpubatch's (a part written with other columns, which no version string tells, likewise: it
+could not be merged) and each committed input's identity
 (an input replaced since is computed again, and said so). A run without ``--resume`` into such
 an output stops with exit 2 saying which flag to use; ``--overwrite`` starts clean (removing only
 what gpubatch wrote there).
@@ -26,6 +28,7 @@ from gpubatch.io.uris import split_glob
 from gpubatch.outputs.commits import CommitIndex
 from gpubatch.outputs.layout import (
     LEASE,
+    PARTS_DIR,
     REPORT_HTML,
     REPORT_JSON,
     RUN_DIRS,
@@ -33,8 +36,10 @@ from gpubatch.outputs.layout import (
     SPEC_RECORD,
 )
 from gpubatch.outputs.ledger import Ledger
-from gpubatch.outputs.manifest import CommitRef, Manifest, remove_temporaries, sweep
+from gpubatch.outputs.manifest import CommitRef, Manifest, PartSeen, remove_temporaries, sweep
+from gpubatch.outputs.merge import PartColumns, part_columns
 from gpubatch.outputs.store import OutputStore
+from gpubatch.sources import get_source
 from gpubatch.spec import JobSpec
 
 log = logging.getLogger("gpubatch")
@@ -70,9 +75,9 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, kept: CommitInde
     if overwrite:
         wipe(store)
     elif committed:
+        _resumable(store, job, manifest, ledger, kept, on_kept or (lambda entry: None))
         for name in (REPORT_JSON, REPORT_HTML):  # the run before's say finished: not while this one runs
             store.delete(name)
-        _resumable(store, job, manifest, ledger, kept, on_kept or (lambda entry: None))
         sweep(store, kept)
         return
     else:
@@ -104,10 +109,35 @@ def refuse_committed(store: OutputStore, job: JobSpec, *, resume: bool, overwrit
     return committed
 
 
+def part_columns_check(store: OutputStore, job: JobSpec) -> PartSeen:
+    """A check of each committed part's columns, as the manifest verifies it: every part must
+    join this run's into one predictions.parquet (merge.PartColumns). A part an earlier gpubatch
+    wrote with other columns (windows before the ``region`` column; the version string does not
+    tell them apart) was found only by the merge, after the resume had computed every shard left;
+    it is refused here, exit 2, before anything is computed."""
+    columns = PartColumns(get_source(job.kind).index_schema(job))
+
+    def check(entry: ShardResult, data: bytes) -> None:
+        problem = columns.problem(f"{PARTS_DIR}/{entry.part}", part_columns(data))
+        if problem is not None:
+            raise SpecError([("output.uri", f"{redact(store.uri)}: the committed part {problem}: its rows "
+                                            "cannot be merged with this run's (parts of another gpubatch or "
+                                            "model); nothing was computed. Use --overwrite to compute every "
+                                            "shard again, or a new output.uri")])
+    return check
+
+
+def refuse_unmergeable_parts(store: OutputStore, job: JobSpec) -> None:
+    """``validate --resume``'s twin of the check a resume makes as it reads the committed parts
+    (:func:`part_columns_check`): the same parts (those whose checksum holds), the same refusal."""
+    for _ in Manifest(store).iter_committed(on_part=part_columns_check(store, job)):
+        pass
+
+
 def _resumable(store: OutputStore, job: JobSpec, manifest: Manifest, ledger: Ledger,
                kept: CommitIndex, on_kept: Callable[[ShardResult], None]) -> None:
     batch: list[ShardResult] = []
-    for entry in itertools.chain(manifest.iter_committed(), [None]):
+    for entry in itertools.chain(manifest.iter_committed(on_part=part_columns_check(store, job)), [None]):
         if entry is not None:
             batch.append(entry)
         if batch and (entry is None or len(batch) == IDENTITY_BATCH):

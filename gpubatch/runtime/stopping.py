@@ -28,6 +28,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from gpubatch.core.errors import GpubatchError
+from gpubatch.core.streams import point_at_devnull
 from gpubatch.runtime.own_job import OwnJob
 
 
@@ -61,14 +62,10 @@ def _say(text: str) -> None:
 def _quiet_gone_terminal() -> None:
     """stdout and stderr to /dev/null unless they are files (a log a person asked for): the
     terminal or the pipe to it has gone with the session."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in (1, 2):
-            with suppress(OSError):
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
+    for fd in (1, 2):
+        with suppress(OSError):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                point_at_devnull(fd)
 
 
 def _on_signal(signum: int, frame: Any) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 
 from gpubatch.core.errors import SpecError, ValidationGateError
 from gpubatch.core.files import file_sha256
+from gpubatch.core.plural import counted
 from gpubatch.models.base import Model, backend_class, resolve_backend
 from gpubatch.models.prepare.quantize import ensure_reduced, fp16_converter_available
 from gpubatch.models.prepare.sampling import (
@@ -244,7 +245,7 @@ class _Preparation:
         if self.batch_limit is None or self.batch_limit[0] >= MAX_BATCH:
             return {}
         largest, which = self.batch_limit
-        return {"max_batch": largest, "max_batch_why": f" ({which} lets a worker hold at most {largest} items)"}
+        return {"max_batch": largest, "max_batch_why": f" ({which} lets a worker hold at most {counted(largest, 'item')})"}
 
     def untuned(self, reason: str) -> None:
         """No input gave an item to tune on: the run goes on at the default size, and its shards

@@ -42,6 +42,7 @@ import numpy as np
 
 from gpubatch.core.errors import GpubatchError
 from gpubatch.core.files import cache_root, write_json_atomic
+from gpubatch.core.plural import counted, plural
 from gpubatch.models.base import BACKENDS, Model, OutputRowsError, check_output_rows
 
 log = logging.getLogger("gpubatch")
@@ -431,8 +432,8 @@ def tune_model(model: Model, items: np.ndarray, model_sha256: str, *, refresh: b
         log.info("model.batch_size auto: %d, from the tuning cache %s", hit.batch_size, cache_path())
         return hit
     limit = sweep_options.get("max_sweep_s", MAX_SWEEP_S)
-    log.info("model.batch_size auto: measuring batch sizes 1 to %d on %d items (at most %.0f s; "
-             "`gpubatch tune JOB` prints the curve)", max_batch, len(items), limit)
+    log.info("model.batch_size auto: measuring batch sizes 1 to %d on %s (at most %.0f s; "
+             "`gpubatch tune JOB` prints the curve)", max_batch, counted(len(items), "item"), limit)
     curve, why = sweep(model, items, **sweep_options)
     measured_on = {**(sample or {"items": len(items)}), "warm_up_runs_per_size_and_round": 1,
                    "rounds": sweep_options.get("rounds", ROUNDS),
@@ -491,6 +492,6 @@ def describe_method(result: TuneResult) -> str:
     if not m:
         return "measured by an earlier gpubatch (no record of the items or repeats)"
     inputs = f" read from {m['inputs']} of the job's inputs" if m.get("inputs") else ""
-    return (f"measured on {m.get('items', '?')} items{inputs} (repeated to fill the larger batches): per size, "
+    return (f"measured on {m.get('items', '?')} {plural(m.get('items'), 'item')}{inputs} (repeated to fill the larger batches): per size, "
             f"one untimed warm-up run, then timed runs for at least {m.get('min_time_s_per_round', '?')} s, "
             f"in {m.get('rounds', '?')} rounds; the figure is the {m.get('statistic', '?')}")

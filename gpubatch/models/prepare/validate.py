@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from gpubatch.core.plural import plural
 from gpubatch.models.base import Model
 
 PROB_SUM_TOLERANCE = 1e-3
@@ -91,7 +92,7 @@ class GateResult:
         f = self.figures
         metric = "top-1 agreement" if f.get("task") == "classifier" else "Pearson correlation"
         lines = [f"validation gate: {f.get('precision')} {metric} with fp32 is {f.get('agreement', 0):.4f} "
-                 f"on {f.get('items')} held-out items, below min_agreement {f.get('min_agreement')}"]
+                 f"on {f.get('items')} {plural(f.get('items'), 'held-out item')}, below min_agreement {f.get('min_agreement')}"]
         for name, figs in f.get("outputs", {}).items():
             lines.append(f"  {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in figs.items()))
         lines.append("  set model.validation.on_fail: fp32 to run in fp32 instead, or use fp32 / more "

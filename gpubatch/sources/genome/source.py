@@ -41,6 +41,7 @@ import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputChanged, InputError, SpecError
+from gpubatch.core.plural import counted
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity
@@ -326,7 +327,9 @@ def _skip_text(table: VariantTable) -> str:
     if not table.counts["records"]:
         return "the file holds no variant records (a header alone, or an empty file)"
     skipped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in table.counts["skipped"].items() if n)
-    return f"{table.counts['records']} records, {table.skipped} ALT alleles skipped ({skipped or 'none'})"
+    records = table.counts["records"]
+    return (f"{counted(records, 'record')}, {counted(table.skipped, 'ALT allele')} skipped "
+            f"({skipped or 'none'})")
 
 
 def _source_note(uri: str, storage: dict[str, Any], contigs: ContigTable) -> str | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.core.plural import counted
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import policy_for
 from gpubatch.io.uris import is_remote
@@ -114,6 +115,6 @@ def check_slides(uris: Sequence[str], job: JobSpec, prepare: Prepare) -> SlideCh
                 checks.failed.append({"input": redact(uri), "error": problem})
             if time.monotonic() - last > PROGRESS_EVERY_S:
                 last = time.monotonic()
-                log.info("validate: %d of %d slides looked at (%.0f s)", checks.opened + checks.not_opened,
-                         len(uris), last - started)
+                log.info("validate: %d of %s looked at (%.0f s)", checks.opened + checks.not_opened,
+                         counted(len(uris), "slide"), last - started)
     return checks
