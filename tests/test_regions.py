@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gpubatch.core.errors import SpecError
+from gpubatch.sources.genome import region_store
 from gpubatch.sources.genome.reference import ContigTable
 from gpubatch.sources.genome.regions import (
     WindowPlan,
@@ -224,24 +227,76 @@ def test_only_ascii_digits_are_coordinates(tmp_path: Path) -> None:
     assert all("non-negative integers" in f["error"] for f in failed)
 
 
-def test_a_big_bed_is_held_compactly(tmp_path: Path) -> None:
-    """A 5-million-line BED took 2.1 GB and 2.5 minutes to plan (a dataclass and a 'where' string
-    per region, a Python-sorted copy for the overlap note); regions are now held as arrays, a few
-    tens of bytes each. Measured by allocation, not time."""
+def _random_bed(path: Path, n: int, seed: int = 0) -> str:
+    """``n`` unsorted lines on two contigs, both strands, most of them overlapping another."""
+    rng = random.Random(seed)
+    path.write_text("".join(f"chr{1 + rng.randrange(2)}\t{(s := rng.randrange(450))}\t{s + rng.randint(1, 50)}"
+                            f"\tpeak{i}\t0\t{rng.choice('+-.')}\n" for i in range(n)))
+    return str(path)
+
+
+def _planning_peak(bed: str) -> tuple[int, int, list[Any]]:
+    """Bytes allocated at most while planning ``bed`` (regions, window counts, both notes, every
+    shard made once), the plan's windows, and what it found."""
     import tracemalloc
 
-    n = 100_000
-    path = tmp_path / "big.bed"
-    path.write_text("".join(f"chr{1 + i % 2}\t{i % 400}\t{i % 400 + 50}\tpeak{i}\t0\t{'+-'[i % 2]}\n"
-                            for i in range(n)))
     tracemalloc.start()
-    regions, failed = resolve_regions(str(path), CONTIGS)
-    plan = WindowPlan(regions, 10, 10, 64)
-    note = overlap_note(regions)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert not failed and plan.total == 5 * n and note is not None
-    assert peak < 100 * n, f"{peak / n:.0f} bytes per region"
+    try:
+        regions, failed = resolve_regions(bed, CONTIGS)
+        plan = WindowPlan(regions, 10, 10, 64)
+        notes = [overlap_note(regions), padding_note(regions, CONTIGS, 10, 7)]
+        windows = sum(count for _, count in plan)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, windows, [failed, *notes]
+
+
+def test_planning_memory_does_not_grow_with_the_bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BED's regions were held as arrays while planning, with a sort of all of them for the
+    overlap note: 5 million lines took 2.1 GB before arrays, and a 20-million-line BED still
+    about 2 GB after, growing with the file. Past ``region_store.IN_MEMORY`` regions (lowered
+    here so a small BED spills) they are on disk and every pass goes a block at a time: ten
+    times the lines plan in the same memory. Measured by allocation, not time."""
+    monkeypatch.setattr(region_store, "IN_MEMORY", 2048)
+    _planning_peak(_random_bed(tmp_path / "warm.bed", 2000))  # imports, caches: not the BED's
+    small, small_windows, _ = _planning_peak(_random_bed(tmp_path / "small.bed", 8_000))
+    big, big_windows, (failed, overlaps, padded) = _planning_peak(_random_bed(tmp_path / "big.bed", 80_000))
+    assert not failed and big_windows > 9 * small_windows and overlaps is not None and padded is not None
+    assert big < 1.3 * small + 100_000, f"{small} bytes for 8,000 lines, {big} for 80,000"
+    assert big < 100 * 80_000 / 10, f"{big / 80_000:.0f} bytes per region"
+
+
+def test_a_spilled_plan_is_the_plan_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regions on disk (``IN_MEMORY`` small, many sorted runs merged in two passes) give the
+    same shards and notes as regions in memory, and the notes as an independent count: a region
+    overlaps when it starts before the furthest end of those before it, contig and strand
+    first seen first, then by start and line."""
+    bed = _random_bed(tmp_path / "r.bed", 5000, seed=3)
+
+    def planned() -> tuple[list[Any], str | None, str | None]:
+        regions, _ = resolve_regions(bed, CONTIGS)
+        plan = WindowPlan(regions, 30, 7, 100)
+        return list(plan), overlap_note(regions), padding_note(regions, CONTIGS, 30, 7)
+
+    in_memory = planned()
+    monkeypatch.setattr(region_store, "IN_MEMORY", 64)
+    monkeypatch.setattr(region_store, "FAN_IN", 4)
+    assert planned() == in_memory
+    regions = list(parse_bed(bed))
+    groups: dict[tuple[str, str], int] = {}
+    for r in regions:
+        groups.setdefault((r.chrom, r.strand), len(groups))
+    reach: dict[int, int] = {}
+    overlapping = []
+    for r in sorted(regions, key=lambda r: (groups[r.chrom, r.strand], r.start, r.number)):
+        group = groups[r.chrom, r.strand]
+        if r.start < reach.get(group, -1):
+            overlapping.append(r)
+        reach[group] = max(reach.get(group, -1), r.end)
+    assert in_memory[1] is not None and in_memory[1].startswith(
+        f"{len(overlapping)} region(s) overlap an earlier one on the same contig and strand (first: "
+        f"{overlapping[0].where}, {overlapping[0].chrom}:{overlapping[0].start}-{overlapping[0].end})")
 
 
 def test_each_window_names_its_region(tmp_path: Path) -> None:

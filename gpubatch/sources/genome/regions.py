@@ -16,11 +16,13 @@ off the reference) is left out and listed by file and line (``bad_records``), up
 ``windows.max_bad_records`` of the file; more than that, or a bad region written in the spec
 itself, raises ``SpecError`` on the field ``windows.regions`` with every problem listed together.
 
-A BED's regions are held as arrays (:class:`RegionTable`, a few tens of bytes a region): a BED
-of millions of lines plans in memory that grows with its lines, not with a Python object and a
-message string for each. Every window carries its region's number (``region``: a BED's line, a
-list's index, a contig's place in the reference), so that a window scored twice, for two
-overlapping or duplicate regions, is told apart and traced to its line.
+A BED's regions are held as fixed-size records (:class:`RegionTable`), in memory up to
+``region_store.IN_MEMORY`` of them and on local disk past that, and every pass over them (the
+window counts, the overlap check's external sort, the padding note) goes a bounded block at a
+time: a BED of 20 million lines plans in the memory of one of a few hundred thousand. Every
+window carries its region's number (``region``: a BED's line, a list's index, a contig's place in
+the reference), so that a window scored twice, for two overlapping or duplicate regions, is told
+apart and traced to its line.
 """
 
 from __future__ import annotations
@@ -37,8 +39,19 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import InputError, SpecError
+from gpubatch.sources.genome import region_store
 from gpubatch.sources.genome.bad_records import BadRecords
 from gpubatch.sources.genome.reference import ContigTable
+from gpubatch.sources.genome.region_store import (
+    AT,
+    END,
+    GROUP,
+    KEY_WIDTH,
+    REGION,
+    START,
+    RecordStore,
+    sorted_keys,
+)
 
 FIELD = "windows.regions"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -62,18 +75,26 @@ class Region:
     number: int = 0
 
 
+#: RegionTable's columns as they are appended: REGION's fields, as array.array type codes
+_COLUMNS = (("chrom", "i"), ("minus", "b"), ("start", "q"), ("end", "q"), ("number", "q"))
+
+
 class RegionTable(Sequence[Region]):
-    """Regions as arrays, a few tens of bytes each (a BED of 5 million lines held as Region
-    objects, each with its message string, took 2 GB to plan); a Region is made when asked for.
-    ``kind`` says what a region's number is: a BED's line (``label`` is the file's name), an
-    index in the spec's list, or a contig's place among the non-empty ones."""
+    """Regions as fixed-size records (``region_store.REGION``, 29 bytes each), in memory up to
+    ``region_store.IN_MEMORY`` of them and on local disk past that: a BED of 20 million lines
+    plans in bounded memory (as Region objects, each with its message string, 5 million took
+    2 GB). A Region is made when asked for. ``kind`` says what a region's number is: a BED's
+    line (``label`` is the file's name), an index in the spec's list, or a contig's place among
+    the non-empty ones."""
 
     def __init__(self, label: str, kind: str) -> None:
         self.label, self.kind = label, kind
         self.names: list[str] = []  # contig names, in order of first appearance
         self._codes: dict[str, int] = {}
-        self.chroms, self.minus = array.array("i"), array.array("b")
-        self.starts, self.ends, self.numbers = array.array("q"), array.array("q"), array.array("q")
+        self._stored = RecordStore(REGION)
+        #: regions appended since the last block was stored, by column (a record's appending alone
+        #: cost several times a column's)
+        self._pending = {name: array.array(code) for name, code in _COLUMNS}
 
     @classmethod
     def of(cls, regions: Iterable[Region], label: str = FIELD, kind: str = INDEX) -> RegionTable:
@@ -86,32 +107,59 @@ class RegionTable(Sequence[Region]):
         code = self._codes.setdefault(r.chrom, len(self._codes))
         if code == len(self.names):
             self.names.append(r.chrom)
-        self.chroms.append(code)
-        self.minus.append(r.strand == "-")
-        self.starts.append(r.start)
-        self.ends.append(r.end)
-        self.numbers.append(r.number)
+        pending = self._pending
+        pending["chrom"].append(code)
+        pending["minus"].append(r.strand == "-")
+        pending["start"].append(r.start)
+        pending["end"].append(r.end)
+        pending["number"].append(r.number)
+        if len(pending["start"]) >= region_store.IN_MEMORY:
+            self._store_pending()
+
+    @property
+    def records(self) -> RecordStore:
+        """The regions as REGION records (in memory, or on disk past ``region_store.IN_MEMORY``)."""
+        self._store_pending()
+        return self._stored
+
+    def _store_pending(self) -> None:
+        if not self._pending["start"]:
+            return
+        block = np.empty(len(self._pending["start"]), REGION)
+        for name, values in self._pending.items():
+            block[name] = np.frombuffer(values, dtype=values.typecode)
+        self._stored.extend(block)
+        self._pending = {name: array.array(code) for name, code in _COLUMNS}
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return len(self._stored) + len(self._pending["start"])
 
     def __getitem__(self, k: int) -> Region:  # type: ignore[override]
-        chrom = self.names[self.chroms[k]]
-        return Region(chrom, self.starts[k], self.ends[k], "-" if self.minus[k] else "+",
-                      self.where(k), self.numbers[k])
+        record = self._record(k)
+        code, number = int(record["chrom"]), int(record["number"])
+        return Region(self.names[code], int(record["start"]), int(record["end"]), "-" if record["minus"] else "+",
+                      self._where(code, number), number)
 
     def where(self, k: int) -> str:
         """Where region ``k`` came from, as problems and notes name it."""
-        if self.kind == LINE:
-            return f"{self.label} line {self.numbers[k]}"
-        return f"{FIELD}[{self.numbers[k]}]" if self.kind == INDEX else f"contig {self.names[self.chroms[k]]}"
+        record = self._record(k)
+        return self._where(int(record["chrom"]), int(record["number"]))
 
-    def column(self, name: str) -> np.ndarray:
-        """One column as a read-only numpy view, no copy (while it lives the table cannot grow)."""
-        values: array.array[int] = getattr(self, name)
-        view = np.frombuffer(values, dtype=values.typecode) if len(values) else np.zeros(0, values.typecode)
-        view.flags.writeable = False
-        return view
+    def _record(self, k: int) -> Any:
+        i = k + len(self) if k < 0 else k
+        if not 0 <= i < len(self):
+            raise IndexError(k)
+        return self.records.read(i, i + 1)[0]
+
+    def _where(self, code: int, number: int) -> str:
+        if self.kind == LINE:
+            return f"{self.label} line {number}"
+        return f"{FIELD}[{number}]" if self.kind == INDEX else f"contig {self.names[code]}"
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(index of the first, REGION records) at most ``region_store.IN_MEMORY`` at a time:
+        every pass over all regions goes so, its memory bounded whatever the BED's length."""
+        return self.records.blocks()
 
 
 def _short(uri: str) -> str:
@@ -291,47 +339,72 @@ def overlap_note(regions: RegionTable) -> str | None:
     """A note when regions on the same contig and strand overlap: their shared bases get windows
     once per region, the same window twice in the output (tiling keeps each region whole, so
     merging them is the user's choice to make, not ours; the ``region`` column tells them apart).
-    Found on the arrays: a Python sort of 5 million regions took 90 s."""
-    if not len(regions):
+    Found in a sorted copy spilled to disk past a bound (``region_store.sorted_keys``): a sort of
+    every region at once grew with the BED, and a Python sort of 5 million took 90 s."""
+    scan = _OverlapScan()
+    for block in sorted_keys(_overlap_keys(regions)):
+        scan.feed(block)
+    if scan.first is None:
         return None
-    group = regions.column("chroms") * np.int64(2) + regions.column("minus")  # one per contig and strand
-    order = np.lexsort((regions.column("starts"), group))
-    group = group[order]
-    starts = regions.column("starts")[order]
-    shift = group << 40  # past any contig's length: a group's ends stay above every earlier group's
-    end_so_far = regions.column("ends")[order]
-    end_so_far += shift
-    np.maximum.accumulate(end_so_far, out=end_so_far)
-    end_so_far -= shift
-    del shift
-    overlaps = np.flatnonzero((group[1:] == group[:-1]) & (starts[1:] < end_so_far[:-1])) + 1
-    if not len(overlaps):
-        return None
-    first = regions[int(order[overlaps[0]])]
-    return (f"{len(overlaps)} region(s) overlap an earlier one on the same contig and strand (first: {first.where}, "
+    first = regions[scan.first]
+    return (f"{scan.count} region(s) overlap an earlier one on the same contig and strand (first: {first.where}, "
             f"{first.chrom}:{first.start}-{first.end}): windows over the shared bases are scored once per "
             "region, so rows repeat (the `region` column names each row's region); merge the regions first "
             "(`bedtools merge`) to score each window once")
 
 
+def _overlap_keys(regions: RegionTable) -> Iterator[np.ndarray]:
+    """Each block of regions as key rows: one group per contig and strand, and the region's place."""
+    for lo, block in regions.blocks():
+        keys = np.empty((len(block), KEY_WIDTH), np.int64)
+        keys[:, GROUP] = block["chrom"].astype(np.int64) * 2 + block["minus"]
+        keys[:, START], keys[:, END] = block["start"], block["end"]
+        keys[:, AT] = np.arange(lo, lo + len(block), dtype=np.int64)
+        yield keys
+
+
+class _OverlapScan:
+    """Regions in (group, start) order, a block at a time: a region overlaps when it starts
+    before the furthest end of the earlier ones in its group, carried from block to block."""
+
+    def __init__(self) -> None:
+        self.count = 0  # regions that overlap an earlier one
+        self.first: int | None = None  # the first's place in the table
+        self.group, self.reach = -1, 0  # the last group seen and its furthest end so far
+
+    def feed(self, keys: np.ndarray) -> None:
+        group = np.concatenate(([self.group], keys[:, GROUP]))
+        starts = np.concatenate(([0], keys[:, START]))
+        shift = (group - group[0]) << 40  # past any contig's length: a group's ends stay above every earlier group's
+        reach = np.concatenate(([self.reach], keys[:, END])) + shift
+        np.maximum.accumulate(reach, out=reach)
+        reach -= shift
+        overlaps = np.flatnonzero((group[1:] == group[:-1]) & (starts[1:] < reach[:-1]))
+        if len(overlaps) and self.first is None:
+            self.first = int(keys[overlaps[0], AT])
+        self.count += len(overlaps)
+        self.group, self.reach = int(group[-1]), int(reach[-1])
+
+
 def padding_note(regions: RegionTable, contigs: ContigTable, length: int, stride: int) -> str | None:
     """A note when windows run past their contig's end, their last bases N (a region on a contig
     shorter than one window, chrM under a 100 kb window, was scored as mostly N without a word)."""
-    if not len(regions):
+    lengths = np.array([contigs.length(n) for n in regions.names], dtype=np.int64)
+    padded_total, first = 0, None
+    for lo, block in regions.blocks():
+        starts, contig_lengths = block["start"], lengths[block["chrom"]]
+        counts = window_counts(block["end"] - starts, length, stride)
+        room = contig_lengths - length - starts  # windows k with k * stride <= room end on the contig
+        padded = counts - np.where(room >= 0, np.minimum(counts, room // stride + 1), 0)
+        padded_total += int(padded.sum())
+        if first is None and padded.any():
+            first = lo + int(np.flatnonzero(padded)[0])
+    if first is None:
         return None
-    contig_lengths = np.array([contigs.length(n) for n in regions.names], dtype=np.int64)[regions.column("chroms")]
-    starts = regions.column("starts")
-    counts = window_counts(regions.column("ends") - starts, length, stride)
-    room = contig_lengths - length - starts  # windows k with k * stride <= room end on the contig
-    whole = np.where(room >= 0, np.minimum(counts, room // stride + 1), 0)
-    padded = counts - whole
-    if not padded.any():
-        return None
-    k = int(np.flatnonzero(padded)[0])
-    first, contig_length = regions[k], int(contig_lengths[k])
-    return (f"{int(padded.sum())} window(s) of {length} bases run past their contig's end and are padded with N "
-            f"(encoding.n_value) (first: {first.where}, {first.chrom}:{first.start}-{first.end}, {first.chrom} "
-            f"is {contig_length} bases long)")
+    region = regions[first]
+    return (f"{padded_total} window(s) of {length} bases run past their contig's end and are padded with N "
+            f"(encoding.n_value) (first: {region.where}, {region.chrom}:{region.start}-{region.end}, {region.chrom} "
+            f"is {contigs.length(region.chrom)} bases long)")
 
 
 def n_windows(region_length: int, length: int, stride: int) -> int:
@@ -353,16 +426,21 @@ class WindowPlan(Sequence[tuple[list[Segment], int]]):
     """The tiled windows of all regions cut into shards of at most ``per_shard`` windows, as a
     sequence computed on demand: shard ``i``'s segments come from the regions' cumulative window
     counts, so a plan of 100,000 shards holds the regions, not the shards (planning's memory does
-    not grow with the genome or the stride). Each shard is described by segments (a start and a
-    count per region piece), not by a list of windows, so a shard stays a few bytes."""
+    not grow with the genome or the stride). The regions and the counts are held as
+    :class:`RegionTable` holds its records, in memory up to a bound and on disk past it: a shard
+    reads its own regions and a binary search's few pages. Each shard is described by segments
+    (a start and a count per region piece), not by a list of windows, so a shard stays a few bytes."""
 
     def __init__(self, regions: RegionTable | Sequence[Region], length: int, stride: int, per_shard: int):
         self.regions = regions if isinstance(regions, RegionTable) else RegionTable.of(regions)
         self.stride, self.per_shard = stride, per_shard
-        region_lengths = self.regions.column("ends") - self.regions.column("starts")
-        self.counts = window_counts(region_lengths, length, stride)
-        self.before = np.concatenate(([0], np.cumsum(self.counts)))  # windows before region k
-        self.total = int(self.before[-1])
+        self._before = RecordStore(np.dtype("<i8"))  # windows before region k, then the total
+        self._before.extend(np.zeros(1, np.int64))
+        self.total = 0
+        for _, block in self.regions.blocks():
+            before = np.cumsum(window_counts(block["end"] - block["start"], length, stride)) + self.total
+            self._before.extend(before)
+            self.total = int(before[-1])
 
     def __len__(self) -> int:
         return -(-self.total // self.per_shard) if self.total else 0
@@ -373,14 +451,17 @@ class WindowPlan(Sequence[tuple[list[Segment], int]]):
         if not 0 <= index < len(self):
             raise IndexError(index)
         first, last = index * self.per_shard, min((index + 1) * self.per_shard, self.total)
+        k, k_last = (self._before.searchsorted(at) - 1 for at in (first, last - 1))
+        records = self.regions.records.read(k, k_last + 1)  # the shard's regions, read together
+        before = self._before.read(k, k_last + 2).tolist()
+        starts, ends = before[:-1], before[1:]
+        names = self.regions.names
         segments: list[Segment] = []
-        k = int(np.searchsorted(self.before, first, side="right")) - 1
-        at = first
-        while at < last:
-            r, offset = self.regions[k], at - int(self.before[k])
-            take = min(int(self.counts[k]) - offset, last - at)
-            if take > 0:
-                segments.append((r.chrom, r.start + offset * self.stride, take, r.strand, r.number))
-                at += take
-            k += 1
+        for code, minus, start, number, before_k, after_k in zip(
+                records["chrom"].tolist(), records["minus"].tolist(), records["start"].tolist(),
+                records["number"].tolist(), starts, ends, strict=True):
+            lo, hi = max(first, before_k), min(last, after_k)  # the region's windows in the shard
+            if hi > lo:
+                segments.append((names[code], start + (lo - before_k) * self.stride, hi - lo, "-" if minus else "+",
+                                 number))
         return segments, last - first
