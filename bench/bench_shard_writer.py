@@ -40,16 +40,22 @@ for i in range(shards):
     w.write({"x": np.arange(rows, dtype=np.int64), "y": np.arange(rows, dtype=np.int64)},
             {"prob": rng.random((rows, 2), dtype=np.float32), "emb": rng.random((rows, 8), dtype=np.float32)})
     w.commit()
-print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}))
+import gpubatch
+print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "package": gpubatch.__file__}))
 '''
 
 
 def one(root: str, shards: int, rows: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(shards), str(rows)], env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, check=False)
+    # -P: no current directory first on sys.path, which from a checkout's root shadowed ``root``
+    # (both contestants were that checkout); the child says which gpubatch it imported
+    out = subprocess.run([sys.executable, "-P", "-c", CHILD, str(shards), str(rows)],
+                         env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    if not Path(result.pop("package")).is_relative_to(Path(root).resolve()):
+        raise RuntimeError(f"the child imported gpubatch from outside {root}")
+    return result
 
 
 def main() -> None:
