@@ -38,7 +38,8 @@ t0, c0 = time.perf_counter(), time.process_time()
 result = gpubatch.run(sys.argv[1], overwrite=True)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps({"wall": wall, "cpu": cpu, "children_cpu": kids.ru_utime + kids.ru_stime}))
+print(json.dumps({"wall": wall, "cpu": cpu, "children_cpu": kids.ru_utime + kids.ru_stime,
+                  "package": gpubatch.__file__}))
 '''
 
 
@@ -49,11 +50,14 @@ def job(tree: str, slides: list[Path], model: Path, formats: list[str], profile:
 
 
 def one(tree: str, path: Path) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=False,
+    # -P: no current directory first on sys.path, which from a checkout's root shadowed ``tree``
+    out = subprocess.run([sys.executable, "-P", "-c", CHILD, str(path)], capture_output=True, text=True, check=False,
                          env={"PYTHONPATH": tree, "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     row = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    if not Path(row.pop("package")).is_relative_to(Path(tree).resolve()):
+        raise RuntimeError(f"the child imported gpubatch from outside {tree}")
     spec = yaml.safe_load(path.read_text())
     report = json.loads((Path(spec["output"]["uri"]) / "report.json").read_text())
     row["stages"] = report.get("stages", {})
