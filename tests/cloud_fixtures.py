@@ -172,8 +172,10 @@ class AzureStack(CloudStack):
     """Azurite's blob service with the development account; reached by connection string, the
     form Azure's own tools print for Azurite (``BlobEndpoint`` is how an emulator is named)."""
 
-    def connection_string(self, via_proxy: bool = True) -> str:
-        base = self.proxy.url if via_proxy else self.endpoint
+    def connection_string(self, via_proxy: bool = True, base: str | None = None) -> str:
+        """Through the fault proxy, or straight to Azurite, or through ``base`` (another proxy
+        in front of it: one writer's own way to the server)."""
+        base = base or (self.proxy.url if via_proxy else self.endpoint)
         return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
                 f"BlobEndpoint={base}/{AZURITE_ACCOUNT};")
 

@@ -1,11 +1,14 @@
-"""The lease of one run on one output, taken against a real folder and a real S3 server.
+"""The lease of one run on one output, taken against a real folder, a real S3 server (moto)
+and Azure's Blob emulator (Azurite).
 
 A free local output's lease is created atomically and at once; a held one refuses naming its
-holder; a stale one is taken over; on S3 it is created and replaced with conditional writes, then
-read back, and held with them: a heartbeat or release by a run suspended between its read and
-its write never replaces nor deletes the lease a successor took over meanwhile (the race is
-staged inside that read, not by sleeps); where no atomic create exists the lease is written,
-waited on and read back.
+holder; a stale one is taken over; on S3 and Azure Blob it is created and replaced with
+conditional writes, then read back, and held with them: of two runs taking a free output at
+once, one whose write was held in flight past the other's read-back, only one holds it; a
+heartbeat or release by a run suspended between its read and its write never replaces nor
+deletes the lease a successor took over meanwhile (each race is staged by what has happened:
+inside that read, or a write held by a proxy until the other run is through, never by sleeps);
+where no atomic create exists the lease is written, waited on and read back.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.parse
 import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from conftest import outcome_within, wait_for
+from s3_fixtures import FaultProxy, Faults
 
 from gpubatch.core.errors import SpecError
 from gpubatch.outputs import lease as lease_module
@@ -27,9 +34,10 @@ from gpubatch.outputs.lease import Lease, LeaseLost
 from gpubatch.outputs.store import OutputStore
 
 if TYPE_CHECKING:
+    from cloud_fixtures import AzureStack
     from s3_fixtures import S3Stack
 
-pytest_plugins = ["s3_fixtures"]
+pytest_plugins = ["s3_fixtures", "cloud_fixtures"]
 
 
 def _lease(store: OutputStore, name: str) -> Lease:
@@ -105,8 +113,51 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_refuses(tmp_path: Path, monk
     assert not (tmp_path / "out" / LEASE).exists()
 
 
-def test_on_object_storage_the_lease_is_created_conditionally_and_read_back(s3: S3Stack) -> None:
-    store = OutputStore(f"s3://{s3.bucket}/leases/{uuid.uuid4().hex}", s3.options())
+@dataclass
+class Conditional:
+    """A new prefix on a server with conditional requests (moto's S3, Azurite's Blob), reached
+    through the session's fault proxy or through another proxy in front of the same server."""
+
+    uri: str
+    endpoint: str  # the server itself (setup and checks go straight to it)
+    proxy_url: str
+    options_at: Callable[[str], dict[str, Any]]  # storage options reaching the server at a URL
+
+    def store(self, url: str | None = None) -> OutputStore:
+        return OutputStore(self.uri, self.options_at(url or self.proxy_url))
+
+    def holder(self) -> str | None:
+        """The run id of the lease on the server now, read straight from it."""
+        store = self.store(self.endpoint)
+        return str(store.read_json(LEASE)["run_id"]) if store.exists(LEASE) else None
+
+
+@pytest.fixture(params=["s3", "azure"])
+def server(request: pytest.FixtureRequest) -> Conditional:
+    """Each store whose lease is conditional in turn: S3 (moto), then Azure Blob (Azurite;
+    skipped, naming its install script, where ``azurite-blob`` is not on PATH)."""
+    prefix = f"leases/{uuid.uuid4().hex}"
+    if request.param == "s3":
+        s3 = cast("S3Stack", request.getfixturevalue("s3"))
+        return Conditional(s3.uri(prefix), s3.endpoint, s3.proxy.url,
+                           lambda url: s3.options(endpoint_url=url, via_proxy=False))
+    azure = cast("AzureStack", request.getfixturevalue("azure"))
+    return Conditional(azure.uri(prefix), azure.endpoint, azure.proxy.url,
+                       lambda url: {"connection_string": azure.connection_string(base=url)})
+
+
+@pytest.fixture
+def late(server: Conditional) -> Iterator[FaultProxy]:
+    """A second fault proxy in front of the same server: one writer's own way to it."""
+    where = urllib.parse.urlsplit(server.endpoint)
+    proxy = FaultProxy((where.hostname or "127.0.0.1", where.port or 80), Faults())
+    yield proxy
+    proxy.close()
+
+
+def test_on_object_storage_the_lease_is_created_conditionally_and_read_back(server: Conditional) -> None:
+    store = server.store()
+    assert store.conditional
     assert store.create_json("probe.json", {"run_id": "x"}) is True  # If-None-Match: *
     assert store.create_json("probe.json", {"run_id": "y"}) is False
     assert store.read_json("probe.json") == {"run_id": "x"}
@@ -117,6 +168,28 @@ def test_on_object_storage_the_lease_is_created_conditionally_and_read_back(s3: 
     assert isinstance(refused, SpecError) and "run run-a" in str(refused)
     first.release()
     assert not store.exists(LEASE)
+
+
+def test_two_runs_taking_a_free_output_at_once_only_one_holds_it(
+        server: Conditional, late: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run B finds the output free and sends its lease; the write is held in flight (a stalled
+    request) until run A has taken the lease and read it back as its own. Written plainly, B's
+    write then landed over A's, B read its own back, and both runs went on into one output.
+    Created on a condition (If-None-Match: *), B's write is refused and B stops naming A.
+    Staged by what has happened (A's acquire returned), not by how long anything takes."""
+    monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
+    outcomes: dict[str, BaseException | None] = {}
+    lease_key = server.uri.split("/", 3)[-1] + f"/{LEASE}"
+    late.configure(stalled_writes={lease_key: 120.0}, stall_release=lambda: "a" in outcomes)
+    taker_b = _lease(server.store(late.url), "run-b")
+    racer = threading.Thread(target=lambda: outcomes.update(b=_acquire_within(taker_b, 90)))
+    racer.start()
+    wait_for(lambda: any(key.endswith(lease_key) for key in late.uploads), 60, "run B's lease write")
+    outcomes["a"] = _acquire_within(_lease(server.store(), "run-a"), 60)
+    racer.join(120)
+    assert outcomes["a"] is None, outcomes
+    assert isinstance(outcomes["b"], SpecError) and "run run-a" in str(outcomes["b"]), outcomes
+    assert server.holder() == "run-a"
 
 
 def _successor_takes_over_after_next_read(store: OutputStore, successor: Lease,
@@ -146,20 +219,14 @@ def _successor_takes_over_after_next_read(store: OutputStore, successor: Lease,
     return outcome
 
 
-def _s3_leases(s3: S3Stack) -> tuple[OutputStore, OutputStore]:
-    """Two clients' stores on one new S3 prefix: the suspended run's and its successor's."""
-    uri = f"s3://{s3.bucket}/leases/{uuid.uuid4().hex}"
-    return OutputStore(uri, s3.options()), OutputStore(uri, s3.options())
-
-
-def test_an_s3_heartbeat_never_overwrites_the_lease_a_successor_took_over(
-        s3: S3Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_heartbeat_never_overwrites_the_lease_a_successor_took_over(
+        server: Conditional, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run A's heartbeat reads its lease (still A's), then A is suspended; run B takes the lease
     over as stale; A wakes and writes its heartbeat. Written plainly, that heartbeat replaced
     B's lease and both ran into one output. Written on the ETag A last wrote (If-Match), it is
     refused (412): A finds its lease lost, naming B, stops beating, and B keeps the output."""
     monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
-    store_a, store_b = _s3_leases(s3)
+    store_a, store_b = server.store(), server.store()
     first = Lease(store_a, "run-a", stale_s=0.0, heartbeat_s=0.05)  # stale at once: B may take it
     successor = _lease(store_b, "run-b")
     assert _acquire_within(first, 60) is None
@@ -180,14 +247,14 @@ def test_an_s3_heartbeat_never_overwrites_the_lease_a_successor_took_over(
     assert not store_b.exists(LEASE)
 
 
-def test_releasing_an_s3_lease_never_deletes_the_lease_a_successor_took_over(
-        s3: S3Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_release_never_deletes_the_lease_a_successor_took_over(
+        server: Conditional, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run A ends: its release reads the lease (still A's), then A is suspended; run B takes the
     lease over; A wakes and deletes. A plain delete removed B's lease from under B (a third
     run could then take the output B is writing); deleted only at the ETag A last wrote
     (If-Match on DELETE), it is refused and B's lease stays."""
     monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
-    store_a, store_b = _s3_leases(s3)
+    store_a, store_b = server.store(), server.store()
     first = Lease(store_a, "run-a", stale_s=0.0, heartbeat_s=5.0)
     successor = _lease(store_b, "run-b")
     assert _acquire_within(first, 60) is None
@@ -199,13 +266,13 @@ def test_releasing_an_s3_lease_never_deletes_the_lease_a_successor_took_over(
     assert not store_b.exists(LEASE)
 
 
-def test_an_s3_heartbeat_that_meets_its_own_landed_write_beats_on(
-        s3: S3Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_heartbeat_that_meets_its_own_landed_write_beats_on(
+        server: Conditional, monkeypatch: pytest.MonkeyPatch) -> None:
     """A heartbeat whose write landed but whose answer was lost is sent again and meets a newer
     version of its own lease (412): that is still this run's lease, not a successor's; it
     takes that version as its own and beats on rather than stopping the run."""
     monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
-    store, _ = _s3_leases(s3)
+    store = server.store()
     mine = Lease(store, "run-a", stale_s=120.0, heartbeat_s=0.05)
     assert _acquire_within(mine, 60) is None
     store.write_json(LEASE, mine._record())  # as if a heartbeat had landed, its answer lost

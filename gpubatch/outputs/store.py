@@ -25,7 +25,6 @@ from gpubatch.io.retried_fs import RetriedFS
 from gpubatch.io.retry import (
     RetryPolicy,
     call_with_retries,
-    is_precondition_failed,
     is_transient,
     register_output,
     storage_error,
@@ -33,6 +32,7 @@ from gpubatch.io.retry import (
 from gpubatch.io.storage import get_fs, open_seekable, upload_fs
 from gpubatch.io.uris import is_remote, local_path, protocol_of
 from gpubatch.io.zarr_groups import open_zarr_group
+from gpubatch.outputs import conditional as conditions
 from gpubatch.outputs.layout import TMP_PREFIX
 
 POLICY = RetryPolicy(attempts=5)
@@ -177,12 +177,13 @@ class OutputStore:
 
     def create_json(self, name: str, data: Any) -> bool | None:
         """Write ``name`` only if it does not exist, atomically: True when this call created it,
-        False when it existed, None where the store cannot tell (object storage other than S3,
-        or a filesystem without hard links), and the caller must settle it another way.
+        False when it existed, None where the store cannot tell (object storage other than S3
+        and Azure Blob, or a filesystem without hard links), and the caller must settle it
+        another way.
 
         On disk: a complete temporary file hard-linked to the name, which fails if the name
-        exists, on NFS too (the classic exclusive create that ``O_EXCL`` is not there). On S3: a
-        conditional write (``If-None-Match: *``, see :meth:`replace_json`).
+        exists, on NFS too (the classic exclusive create that ``O_EXCL`` is not there). On S3 and
+        Azure Blob: a conditional write (``If-None-Match: *``, see :meth:`replace_json`).
         """
         if self.remote:
             return self.replace_json(name, data, None)
@@ -199,7 +200,7 @@ class OutputStore:
             tmp.unlink(missing_ok=True)
 
     def version(self, name: str) -> str | None:
-        """The S3 ETag of ``name`` now (for :meth:`replace_json`), None when it does not exist or
+        """The ETag of ``name`` now (for :meth:`replace_json`), None when it does not exist or
         the store has no conditional writes. Ask it before reading the file: a write landing in
         between then fails the condition rather than being replaced unseen."""
         if not self.conditional:
@@ -210,7 +211,8 @@ class OutputStore:
             if exc.retryable:
                 raise
             return None
-        return str(info.get("ETag")) if info.get("ETag") else None
+        etag = info.get("ETag") or info.get("etag")  # s3fs's key, adlfs's
+        return str(etag) if etag else None
 
     def replace_json(self, name: str, data: Any, version: str | None) -> bool | None:
         """Write ``name`` only if it is still at ``version`` (an ETag from :meth:`version`), or,
@@ -224,55 +226,26 @@ class OutputStore:
     def put_json_if(self, name: str, data: Any, version: str | None) -> str | None:
         """:meth:`replace_json` giving the ETag of the object it wrote (None when refused): a
         writer that must only ever replace its own object (the lease's heartbeat) conditions
-        its next write on it. Only where :attr:`conditional`.
-
-        S3 (and S3-compatible servers that honour ``If-None-Match``/``If-Match``) is the object
-        store whose conditional writes are reachable here; a retry of a write that landed but
-        whose answer was lost meets its own object and is refused: the caller reads it back.
-        An ``If-Match`` on an object that is gone is refused too (404 NoSuchKey)."""
-        body, (bucket, key) = _json_bytes(data), self._bucket_key(name)
-        condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
-
-        def put() -> str | None:
-            try:
-                answer = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
-            except Exception as exc:  # noqa: BLE001 - a refused condition is an answer, the rest retried
-                if _refused(exc, version):
-                    return None
-                raise
-            # S3 answers every PUT with its ETag; a server that would not is given the one S3
-            # gives a single-part PUT (if wrong, the next conditional write is refused and the
-            # caller's read-back finds its own lease)
-            return str(answer.get("ETag") or f'"{hashlib.md5(body).hexdigest()}"')
-
-        return call_with_retries(put, self.url(name), POLICY)
+        its next write on it. Only where :attr:`conditional` (outputs.conditional: S3, and
+        Azure Blob); a retry of a write that landed but whose answer was lost meets its own
+        object and is refused: the caller reads it back. An ``If-Match`` on an object that is
+        gone is refused too."""
+        body, path, protocol = _json_bytes(data), self.path(name), protocol_of(self.uri)
+        return call_with_retries(lambda: conditions.put_if(self.fs, protocol, path, body, version),
+                                 self.url(name), POLICY)
 
     def delete_if(self, name: str, version: str) -> bool:
-        """Delete ``name`` only if it is still at ``version`` (S3's conditional delete,
-        ``If-Match`` on DELETE): True when deleted, False when another writer's object is there
-        now (412) or none is (404; a retried delete that landed meets that too). Only where
+        """Delete ``name`` only if it is still at ``version`` (``If-Match`` on DELETE): True when
+        deleted, False when another writer's object is there now or none is. Only where
         :attr:`conditional`; a server that ignores the condition deletes plainly."""
-        bucket, key = self._bucket_key(name)
-
-        def rm() -> bool:
-            try:
-                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
-            except Exception as exc:  # noqa: BLE001 - a refused condition is an answer, the rest retried
-                if _refused(exc, version):
-                    return False
-                raise
-            return True
-
-        return bool(call_with_retries(rm, self.url(name), POLICY))
-
-    def _bucket_key(self, name: str) -> tuple[str, str]:
-        bucket, key = self.path(name).split("/", 1)
-        return bucket, key
+        path, protocol = self.path(name), protocol_of(self.uri)
+        return bool(call_with_retries(lambda: conditions.delete_if(self.fs, protocol, path, version),
+                                      self.url(name), POLICY))
 
     @property
     def conditional(self) -> bool:
-        """Whether writes here can be made conditional on the object's version (S3)."""
-        return self.remote and protocol_of(self.uri) in ("s3", "s3a")
+        """Whether writes here can be made conditional on the object's version (S3, Azure Blob)."""
+        return self.remote and protocol_of(self.uri) in conditions.CONDITIONAL_PROTOCOLS
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[HashingWriter]:
@@ -351,15 +324,6 @@ def output_errors(store: OutputStore, name: str = "") -> Iterator[None]:
         if not is_transient(exc):
             raise
         raise storage_error(store.url(name), exc, POLICY.attempts) from exc
-
-
-def _refused(exc: BaseException, version: str | None) -> bool:
-    """Whether a conditional request failed its condition: 412 (s3fs: OSError(EINVAL) from
-    botocore's PreconditionFailed); for ``If-None-Match: *`` s3fs may say FileExistsError, for
-    ``If-Match`` on an object that is gone FileNotFoundError (NoSuchKey)."""
-    if is_precondition_failed(exc):
-        return True
-    return isinstance(exc, FileExistsError if version is None else FileNotFoundError)
 
 
 def _json_bytes(data: Any, indent: int | None = 1) -> bytes:
