@@ -8,6 +8,7 @@ CPU twin would run. Stubs stand in where the library itself cannot import (Tenso
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import sys
 import types
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from gpubatch.core.errors import GpubatchError
@@ -170,3 +172,91 @@ def test_local_cuda_unset_settings_keep_dask_cuda_defaults() -> None:
     assert not {"device_memory_limit", "rmm_pool_size", "memory_limit", "rmm_allocator_external_lib_list"} & set(kwargs)
     assert set(kwargs) <= _accepted_names()
     assert local_cuda_kwargs({"cluster": "local-cuda", "memory_limit": "8GB"})["memory_limit"] == "8GB"
+
+
+# -- nvImageCodec (API-shape tests: a stub stands in for nvidia.nvimgcodec) --------------------------
+
+
+class _StubNvimgcodec(types.ModuleType):
+    """Just the names gpu_decode uses, with the shapes of nvImageCodec's python bindings:
+    ``Decoder(device_id, max_num_cpu_threads, backends, options)``, ``Backend(backend_kind)``,
+    ``decode(list) -> list[Image | None]`` (python/decoder.cpp, python/backend.cpp)."""
+
+    def __init__(self, images: list[Any]):
+        super().__init__("nvidia.nvimgcodec")
+        self.made: list[dict[str, Any]] = []
+        self.calls: list[tuple[list[Any], bool]] = []
+        self.BackendKind = types.SimpleNamespace(CPU_ONLY="CPU_ONLY", GPU_ONLY="GPU_ONLY",
+                                                 HYBRID_CPU_GPU="HYBRID_CPU_GPU", HW_GPU_ONLY="HW_GPU_ONLY")
+        self.Backend = lambda backend_kind, load_hint=1.0: SimpleNamespace(backend_kind=backend_kind)
+        stub = self
+
+        class Decoder:
+            def __init__(self, device_id: int = -1, max_num_cpu_threads: int = 0, backends: Any = None,
+                         options: str = ":fancy_upsampling=0"):
+                stub.made.append({"backends": backends, "options": options})
+
+            def decode(self, srcs: list[Any], params: Any = None, cuda_stream: int = 0) -> list[Any]:
+                from gpubatch.sources.slides import gpu_decode
+
+                stub.calls.append((list(srcs), gpu_decode._DECODE_LOCK.locked()))
+                return [images[i % len(images)] for i in range(len(srcs))]
+
+        self.Decoder = Decoder
+
+
+@pytest.fixture()
+def nvimgcodec_stub(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from gpubatch.sources.slides import gpu_decode
+
+    def install(images: list[Any]) -> _StubNvimgcodec:
+        stub = _StubNvimgcodec(images)
+        package = types.ModuleType("nvidia")
+        package.nvimgcodec = stub  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "nvidia", package)
+        monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", stub)
+        gpu_decode._decoder.cache_clear()
+        return stub
+
+    yield install
+    gpu_decode._decoder.cache_clear()  # never leave the stub's decoder cached
+
+
+def test_nvimgcodec_decoder_upsamples_like_libjpeg_on_gpu_backends_only(nvimgcodec_stub: Any) -> None:
+    """The binding's default options are ":fancy_upsampling=0" (chroma replicated, where
+    libjpeg-turbo, the host twin, interpolates); with no backends it may decode on its CPU
+    libjpeg-turbo extension, which is not what tiles.decoder: gpu asks for."""
+    from gpubatch.sources.slides import gpu_decode
+
+    stub = nvimgcodec_stub([object()])
+    gpu_decode.decode_streams([b"a", b"b"])
+    gpu_decode.decode_streams([b"c"])
+    assert len(stub.made) == 1  # one decoder per process
+    assert stub.made[0]["options"] == ":fancy_upsampling=1"
+    kinds = [b.backend_kind for b in stub.made[0]["backends"]]
+    assert kinds and "CPU_ONLY" not in kinds and "GPU_ONLY" in kinds
+
+
+def test_nvimgcodec_decode_calls_take_turns(nvimgcodec_stub: Any) -> None:
+    """A shard's reader threads share the process's decoder, which is not thread-safe
+    (nvImageCodec's concurrency tests give each thread its own): every call holds the lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpubatch.sources.slides import gpu_decode
+
+    stub = nvimgcodec_stub([object()])
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: gpu_decode.decode_streams([bytes([i])]), range(8)))
+    assert len(stub.calls) == 8 and all(locked for _, locked in stub.calls)
+    assert not gpu_decode._DECODE_LOCK.locked()
+
+
+@pytest.mark.parametrize(("images", "ok"), [([object()], True), ([None], False)], ids=["decodes", "no-nvjpeg"])
+def test_nvimgcodec_probe_says_when_no_gpu_decoder_is_there(nvimgcodec_stub: Any, images: list[Any], ok: bool) -> None:
+    """nvImageCodec imports without nvJPEG (an extra) and then returns None for every image."""
+    from gpubatch.sources.slides import gpu_decode
+
+    stub = nvimgcodec_stub(images)
+    got, why = gpu_decode.probe_decoder()
+    assert got is ok and stub.calls[0][0][0][:2] == gpu_decode.SOI
+    assert why == "nvimgcodec" if ok else "nvidia-nvimgcodec-cu12[nvjpeg]" in why
