@@ -260,3 +260,51 @@ def test_nvimgcodec_probe_says_when_no_gpu_decoder_is_there(nvimgcodec_stub: Any
     got, why = gpu_decode.probe_decoder()
     assert got is ok and stub.calls[0][0][0][:2] == gpu_decode.SOI
     assert why == "nvimgcodec" if ok else "nvidia-nvimgcodec-cu12[nvjpeg]" in why
+
+
+# -- the GPU model stage on a worker ------------------------------------------------------------------
+
+
+class _CudaModel:
+    """A model that says it runs on CUDA (so the batch runner takes the device-stage path); it
+    records whether each batch ran inside the worker's model turn."""
+
+    backend, precision, threads, path = "spy", "fp32", None, "spy.onnx"
+    device, input_name, output_names, runs_on_stream = "cuda", "input", ["out"], False
+    input_dtype = np.dtype(np.float32)
+
+    def __init__(self) -> None:
+        self.in_turn: list[bool] = []
+
+    def supports_device(self) -> bool:
+        return True
+
+    def _record(self, x: Any) -> dict[str, Any]:
+        from gpubatch.engine.model_stage import _host_stage
+
+        self.in_turn.append(_host_stage(self).lock.locked())  # type: ignore[arg-type]
+        return {"out": x.reshape(len(x), -1).mean(axis=1, keepdims=True)}
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self._record(x)
+
+    def run_device(self, x: Any, stream: Any) -> dict[str, Any]:
+        with stream:
+            return self._record(x)
+
+
+def test_device_stage_batches_take_the_models_turn() -> None:
+    """A worker runs two shards at once and shares one device stage (two slots) and one TensorRT
+    model (one set of output buffers) between them: a second shard's batch took a slot still in
+    use or overwrote outputs before the first's copy back, so its rows were another shard's."""
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.engine.model_stage import make_batch_runner
+    from gpubatch.ops.preprocess import Preprocess
+
+    model = _CudaModel()
+    reader = SimpleNamespace(preprocess=Preprocess("tiles"), from_model_output=lambda out, n: out)
+    run = make_batch_runner(reader, model)  # type: ignore[arg-type]
+    clocks = StageClocks()
+    items = np.zeros((3, 4, 4, 3), dtype=np.uint8)
+    assert run(items, clocks)["out"].shape == (3, 1) and run(items, clocks)["out"].shape == (3, 1)
+    assert model.in_turn == [True, True] and "turn" in clocks.parts
