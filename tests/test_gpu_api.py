@@ -308,3 +308,81 @@ def test_device_stage_batches_take_the_models_turn() -> None:
     items = np.zeros((3, 4, 4, 3), dtype=np.uint8)
     assert run(items, clocks)["out"].shape == (3, 1) and run(items, clocks)["out"].shape == (3, 1)
     assert model.in_turn == [True, True] and "turn" in clocks.parts
+
+
+# -- bench/bench_gpu.py -----------------------------------------------------------------------------
+
+
+def _bench_gpu() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _RunSpy:
+    input_dtype = np.dtype(np.float32)
+
+    def __init__(self, on_device: bool):
+        self.on_device, self.host_runs, self.device_runs = on_device, 0, []
+
+    def supports_device(self) -> bool:
+        return self.on_device
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self.host_runs += 1
+        return {"out": x[:, :1]}
+
+    def run_device(self, x: Any, stream: Any) -> dict[str, Any]:
+        self.device_runs.append(stream)
+        return {"out": x}
+
+
+def test_bench_model_feeds_host_models_host_arrays() -> None:
+    """Every Model has run_device; a CPU one raises from it (and CuPy need not be installed)."""
+    spy = _RunSpy(on_device=False)
+    assert _bench_gpu().bench_model(spy, batch=2, size=4, iters=1) > 0 and spy.host_runs == 3
+
+
+def test_bench_model_gives_run_device_a_non_blocking_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_device(x, stream): ONNX Runtime's has no default stream, and TensorRT on the legacy
+    default stream adds device-wide synchronisations (API-shape test: a stub stands in for CuPy)."""
+    streams: list[Any] = []
+
+    class Stream:
+        def __init__(self, non_blocking: bool = False):
+            self.non_blocking, self.synced = non_blocking, 0
+            streams.append(self)
+
+        def __enter__(self) -> Stream:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def synchronize(self) -> None:
+            self.synced += 1
+
+    cupy = types.ModuleType("cupy")
+    cupy.asarray = lambda a: a  # type: ignore[attr-defined]
+    cupy.cuda = SimpleNamespace(Stream=Stream)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    spy = _RunSpy(on_device=True)
+    assert _bench_gpu().bench_model(spy, batch=2, size=4, iters=2) > 0
+    assert len(streams) == 1 and streams[0].non_blocking and streams[0].synced >= 2
+    assert spy.device_runs == [streams[0]] * 6 and spy.host_runs == 0
+
+
+def test_bench_int8_model_is_what_tensorrt_builds(tmp_path: Path) -> None:
+    """TensorRT takes zero-point-0 Q/DQ only: the bench's int8 file has int8 activations with zero
+    points of 0 (the CPU target's uint8 asymmetric ones made its int8 row an engine build error)."""
+    pytest.importorskip("torch")
+    import onnx
+    from onnx import numpy_helper
+
+    bench = _bench_gpu()
+    qdq = onnx.load(str(bench.make_qdq(bench.make_model(tmp_path, 16), 16)))
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
