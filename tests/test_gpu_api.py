@@ -386,3 +386,21 @@ def test_bench_int8_model_is_what_tensorrt_builds(tmp_path: Path) -> None:
     inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
     zero_points = [inits[n.input[2]] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+
+
+# -- what the gpu extra installs --------------------------------------------------------------------
+
+
+def test_gpu_extra_installs_what_the_gpu_paths_call() -> None:
+    """dask-cuda 24.12 is the first LocalCUDACluster with rmm_allocator_external_lib_list, which the
+    local-cuda profile passes (older ones fail the cluster start with an unexpected keyword);
+    nvImageCodec decodes JPEG on the GPU only with its nvjpeg extra."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    extra = re.search(r"^gpu = \[(.*?)\]$", text, re.MULTILINE | re.DOTALL)
+    assert extra is not None, "pyproject.toml has no gpu extra"
+    gpu_extra = re.findall(r'"([^"]+)"', extra.group(1))
+    floor = next(re.fullmatch(r"dask-cuda>=([\d.]+)", d) for d in gpu_extra if d.startswith("dask-cuda"))
+    assert floor is not None and tuple(map(int, floor.group(1).split("."))) >= (24, 12)
+    assert any(d.startswith("nvidia-nvimgcodec-cu12[nvjpeg]") for d in gpu_extra)
