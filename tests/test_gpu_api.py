@@ -8,6 +8,7 @@ CPU twin would run. Stubs stand in where the library itself cannot import (Tenso
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import sys
 import types
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from gpubatch.core.errors import GpubatchError
@@ -170,3 +172,235 @@ def test_local_cuda_unset_settings_keep_dask_cuda_defaults() -> None:
     assert not {"device_memory_limit", "rmm_pool_size", "memory_limit", "rmm_allocator_external_lib_list"} & set(kwargs)
     assert set(kwargs) <= _accepted_names()
     assert local_cuda_kwargs({"cluster": "local-cuda", "memory_limit": "8GB"})["memory_limit"] == "8GB"
+
+
+# -- nvImageCodec (API-shape tests: a stub stands in for nvidia.nvimgcodec) --------------------------
+
+
+class _StubNvimgcodec(types.ModuleType):
+    """Just the names gpu_decode uses, with the shapes of nvImageCodec's python bindings:
+    ``Decoder(device_id, max_num_cpu_threads, backends, options)``, ``Backend(backend_kind)``,
+    ``decode(list) -> list[Image | None]`` (python/decoder.cpp, python/backend.cpp)."""
+
+    def __init__(self, images: list[Any]):
+        super().__init__("nvidia.nvimgcodec")
+        self.made: list[dict[str, Any]] = []
+        self.calls: list[tuple[list[Any], bool]] = []
+        self.BackendKind = types.SimpleNamespace(CPU_ONLY="CPU_ONLY", GPU_ONLY="GPU_ONLY",
+                                                 HYBRID_CPU_GPU="HYBRID_CPU_GPU", HW_GPU_ONLY="HW_GPU_ONLY")
+        self.Backend = lambda backend_kind, load_hint=1.0: SimpleNamespace(backend_kind=backend_kind)
+        stub = self
+
+        class Decoder:
+            def __init__(self, device_id: int = -1, max_num_cpu_threads: int = 0, backends: Any = None,
+                         options: str = ":fancy_upsampling=0"):
+                stub.made.append({"backends": backends, "options": options})
+
+            def decode(self, srcs: list[Any], params: Any = None, cuda_stream: int = 0) -> list[Any]:
+                from gpubatch.sources.slides import gpu_decode
+
+                stub.calls.append((list(srcs), gpu_decode._DECODE_LOCK.locked()))
+                return [images[i % len(images)] for i in range(len(srcs))]
+
+        self.Decoder = Decoder
+
+
+@pytest.fixture()
+def nvimgcodec_stub(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from gpubatch.sources.slides import gpu_decode
+
+    def install(images: list[Any]) -> _StubNvimgcodec:
+        stub = _StubNvimgcodec(images)
+        package = types.ModuleType("nvidia")
+        package.nvimgcodec = stub  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "nvidia", package)
+        monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", stub)
+        gpu_decode._decoder.cache_clear()
+        return stub
+
+    yield install
+    gpu_decode._decoder.cache_clear()  # never leave the stub's decoder cached
+
+
+def test_nvimgcodec_decoder_upsamples_like_libjpeg_on_gpu_backends_only(nvimgcodec_stub: Any) -> None:
+    """The binding's default options are ":fancy_upsampling=0" (chroma replicated, where
+    libjpeg-turbo, the host twin, interpolates); with no backends it may decode on its CPU
+    libjpeg-turbo extension, which is not what tiles.decoder: gpu asks for."""
+    from gpubatch.sources.slides import gpu_decode
+
+    stub = nvimgcodec_stub([object()])
+    gpu_decode.decode_streams([b"a", b"b"])
+    gpu_decode.decode_streams([b"c"])
+    assert len(stub.made) == 1  # one decoder per process
+    assert stub.made[0]["options"] == ":fancy_upsampling=1"
+    kinds = [b.backend_kind for b in stub.made[0]["backends"]]
+    assert kinds and "CPU_ONLY" not in kinds and "GPU_ONLY" in kinds
+
+
+def test_nvimgcodec_decode_calls_take_turns(nvimgcodec_stub: Any) -> None:
+    """A shard's reader threads share the process's decoder, which is not thread-safe
+    (nvImageCodec's concurrency tests give each thread its own): every call holds the lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpubatch.sources.slides import gpu_decode
+
+    stub = nvimgcodec_stub([object()])
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: gpu_decode.decode_streams([bytes([i])]), range(8)))
+    assert len(stub.calls) == 8 and all(locked for _, locked in stub.calls)
+    assert not gpu_decode._DECODE_LOCK.locked()
+
+
+@pytest.mark.parametrize(("images", "ok"), [([object()], True), ([None], False)], ids=["decodes", "no-nvjpeg"])
+def test_nvimgcodec_probe_says_when_no_gpu_decoder_is_there(nvimgcodec_stub: Any, images: list[Any], ok: bool) -> None:
+    """nvImageCodec imports without nvJPEG (an extra) and then returns None for every image."""
+    from gpubatch.sources.slides import gpu_decode
+
+    stub = nvimgcodec_stub(images)
+    got, why = gpu_decode.probe_decoder()
+    assert got is ok and stub.calls[0][0][0][:2] == gpu_decode.SOI
+    assert why == "nvimgcodec" if ok else "nvidia-nvimgcodec-cu12[nvjpeg]" in why
+
+
+# -- the GPU model stage on a worker ------------------------------------------------------------------
+
+
+class _CudaModel:
+    """A model that says it runs on CUDA (so the batch runner takes the device-stage path); it
+    records whether each batch ran inside the worker's model turn."""
+
+    backend, precision, threads, path = "spy", "fp32", None, "spy.onnx"
+    device, input_name, output_names, runs_on_stream = "cuda", "input", ["out"], False
+    input_dtype = np.dtype(np.float32)
+
+    def __init__(self) -> None:
+        self.in_turn: list[bool] = []
+
+    def supports_device(self) -> bool:
+        return True
+
+    def _record(self, x: Any) -> dict[str, Any]:
+        from gpubatch.engine.model_stage import _host_stage
+
+        self.in_turn.append(_host_stage(self).lock.locked())  # type: ignore[arg-type]
+        return {"out": x.reshape(len(x), -1).mean(axis=1, keepdims=True)}
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self._record(x)
+
+    def run_device(self, x: Any, stream: Any) -> dict[str, Any]:
+        with stream:
+            return self._record(x)
+
+
+def test_device_stage_batches_take_the_models_turn() -> None:
+    """A worker runs two shards at once and shares one device stage (two slots) and one TensorRT
+    model (one set of output buffers) between them: a second shard's batch took a slot still in
+    use or overwrote outputs before the first's copy back, so its rows were another shard's."""
+    from gpubatch.core.clocks import StageClocks
+    from gpubatch.engine.model_stage import make_batch_runner
+    from gpubatch.ops.preprocess import Preprocess
+
+    model = _CudaModel()
+    reader = SimpleNamespace(preprocess=Preprocess("tiles"), from_model_output=lambda out, n: out)
+    run = make_batch_runner(reader, model)  # type: ignore[arg-type]
+    clocks = StageClocks()
+    items = np.zeros((3, 4, 4, 3), dtype=np.uint8)
+    assert run(items, clocks)["out"].shape == (3, 1) and run(items, clocks)["out"].shape == (3, 1)
+    assert model.in_turn == [True, True] and "turn" in clocks.parts
+
+
+# -- bench/bench_gpu.py -----------------------------------------------------------------------------
+
+
+def _bench_gpu() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _RunSpy:
+    input_dtype = np.dtype(np.float32)
+
+    def __init__(self, on_device: bool):
+        self.on_device, self.host_runs, self.device_runs = on_device, 0, []
+
+    def supports_device(self) -> bool:
+        return self.on_device
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self.host_runs += 1
+        return {"out": x[:, :1]}
+
+    def run_device(self, x: Any, stream: Any) -> dict[str, Any]:
+        self.device_runs.append(stream)
+        return {"out": x}
+
+
+def test_bench_model_feeds_host_models_host_arrays() -> None:
+    """Every Model has run_device; a CPU one raises from it (and CuPy need not be installed)."""
+    spy = _RunSpy(on_device=False)
+    assert _bench_gpu().bench_model(spy, batch=2, size=4, iters=1) > 0 and spy.host_runs == 3
+
+
+def test_bench_model_gives_run_device_a_non_blocking_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_device(x, stream): ONNX Runtime's has no default stream, and TensorRT on the legacy
+    default stream adds device-wide synchronisations (API-shape test: a stub stands in for CuPy)."""
+    streams: list[Any] = []
+
+    class Stream:
+        def __init__(self, non_blocking: bool = False):
+            self.non_blocking, self.synced = non_blocking, 0
+            streams.append(self)
+
+        def __enter__(self) -> Stream:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def synchronize(self) -> None:
+            self.synced += 1
+
+    cupy = types.ModuleType("cupy")
+    cupy.asarray = lambda a: a  # type: ignore[attr-defined]
+    cupy.cuda = SimpleNamespace(Stream=Stream)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    spy = _RunSpy(on_device=True)
+    assert _bench_gpu().bench_model(spy, batch=2, size=4, iters=2) > 0
+    assert len(streams) == 1 and streams[0].non_blocking and streams[0].synced >= 2
+    assert spy.device_runs == [streams[0]] * 6 and spy.host_runs == 0
+
+
+def test_bench_int8_model_is_what_tensorrt_builds(tmp_path: Path) -> None:
+    """TensorRT takes zero-point-0 Q/DQ only: the bench's int8 file has int8 activations with zero
+    points of 0 (the CPU target's uint8 asymmetric ones made its int8 row an engine build error)."""
+    pytest.importorskip("torch")
+    import onnx
+    from onnx import numpy_helper
+
+    bench = _bench_gpu()
+    qdq = onnx.load(str(bench.make_qdq(bench.make_model(tmp_path, 16), 16)))
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+
+
+# -- what the gpu extra installs --------------------------------------------------------------------
+
+
+def test_gpu_extra_installs_what_the_gpu_paths_call() -> None:
+    """dask-cuda 24.12 is the first LocalCUDACluster with rmm_allocator_external_lib_list, which the
+    local-cuda profile passes (older ones fail the cluster start with an unexpected keyword);
+    nvImageCodec decodes JPEG on the GPU only with its nvjpeg extra."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    extra = re.search(r"^gpu = \[(.*?)\]$", text, re.MULTILINE | re.DOTALL)
+    assert extra is not None, "pyproject.toml has no gpu extra"
+    gpu_extra = re.findall(r'"([^"]+)"', extra.group(1))
+    floor = next(re.fullmatch(r"dask-cuda>=([\d.]+)", d) for d in gpu_extra if d.startswith("dask-cuda"))
+    assert floor is not None and tuple(map(int, floor.group(1).split("."))) >= (24, 12)
+    assert any(d.startswith("nvidia-nvimgcodec-cu12[nvjpeg]") for d in gpu_extra)

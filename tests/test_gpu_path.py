@@ -218,9 +218,11 @@ def test_ort_run_device_binds_a_strided_or_other_typed_input_correctly(tile_mode
     x = kernels.normalize_tiles(np.random.default_rng(9).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), MEAN, STD)
     want = model.run(x[::2])["out"]
     stream = cupy.cuda.Stream(non_blocking=True)
-    strided = cupy.asarray(x)[::2]
+    with stream:  # uploaded on the stream run_device is given: it does not wait for the default stream
+        strided = cupy.asarray(x)[::2]
+        wide = cupy.asarray(x[::2]).astype(np.float64)
     assert not strided.flags.c_contiguous
-    for dev in (strided, cupy.asarray(x[::2]).astype(np.float64)):
+    for dev in (strided, wide):
         got = cupy.asnumpy(model.run_device(dev, stream)["out"])
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 

@@ -42,8 +42,14 @@ def make_batch_runner(reader: ShardReader, model: Model, ctx: RunContext | None 
     preprocess = reader.preprocess.with_dtype(model.input_dtype)
     stage = _gpu_stage(preprocess, model) if fallback is None else None
     if stage is not None:
+        turns = _host_stage(model)
+
         def run_on_device(items: np.ndarray, clocks: StageClocks) -> dict[str, np.ndarray]:
-            out = stage(items, clocks)
+            # one batch at a time per model on a worker, as on the host: the stage's two slots and
+            # a TensorRT model's output buffers are shared by the worker's shards, and a second
+            # shard's batch would take a slot still in use or overwrite outputs not yet copied back
+            with turns.turn(clocks):
+                out = stage(items, clocks)
             check_output_rows(out, preprocess.out_shape(items.shape)[0])
             with clocks.part("output"):
                 return reader.from_model_output(out, len(items))
@@ -103,7 +109,8 @@ def nonfinite_note(clocks: StageClocks, items: int) -> str | None:
 
 
 class _HostStage:
-    """One model stage at a time per model on a worker, with one reused input buffer.
+    """One model stage at a time per model on a worker, with one reused input buffer (the host
+    path's; the GPU device stage takes the same turns, its buffers live in the stage).
 
     A worker runs two shards at once (one opens while the other computes). Their model stages
     take turns: on the CPU two concurrent runs only share the same cores, and each would hold its

@@ -45,7 +45,9 @@ class ModelBackendTests:
         cupy = pytest.importorskip("cupy")
         x = self._batch(item_shape, 4, seed=2)
         stream = cupy.cuda.Stream(non_blocking=True)
-        device = model.run_device(cupy.asarray(x.astype(model.input_dtype)), stream)
+        with stream:  # uploaded on the stream it runs on: a non-blocking stream does not wait
+            xd = cupy.asarray(x.astype(model.input_dtype))  # for the legacy default stream's copy
+        device = model.run_device(xd, stream)
         stream.synchronize()
         host = model.run(x)
         for name in host:

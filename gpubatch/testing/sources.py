@@ -65,6 +65,7 @@ class SourceTests:
         shape, dtype = source.model_input(job, len(items))
         assert x.shape == shape and x.dtype == np.dtype(dtype)
 
+    @pytest.mark.gpu  # selected by `pytest -m gpu`, the GPU machine's run
     def test_gpu_preprocessing_equals_host(self, source: Source, job: JobSpec, shards: list[Shard]) -> None:
         cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install 'gpubatch[gpu]')")
         from gpubatch.ops.kernels_gpu import gpu_available

@@ -14,11 +14,22 @@ conversion and gets wrong colours. With ``rgb=True`` the splice inserts an Adobe
 transform 0, which tells every conforming decoder "components are RGB", the same thing tifffile
 tells libjpeg through ``colorspace``. The splice is pure bytes and tested on the CPU; the GPU
 decode itself runs only where nvImageCodec and a device are present.
+
+Three settings of nvImageCodec's Python ``Decoder`` matter here (python/decoder.cpp in
+NVIDIA/nvImageCodec): its default ``options=":fancy_upsampling=0"`` upsamples subsampled chroma
+(YCbCr 4:2:0 and 4:2:2 tiles, most non-Aperio scanners) by replication where libjpeg-turbo, the host
+twin, interpolates, so ``:fancy_upsampling=1`` is asked for; with no ``backends`` it may fall back to
+its CPU libjpeg-turbo extension (nvJPEG is an extra: ``nvidia-nvimgcodec-cu12[nvjpeg]``), which would
+quietly put the decode back on the host cores this path exists to free, so only GPU backends are
+allowed and a probe decode says whether one is there; and one decoder must not be used by two threads
+at once (NVIDIA's own concurrency tests give each thread its own), while a shard's reader threads all
+decode, so calls take turns on the process's decoder.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +41,13 @@ EOI = b"\xff\xd9"
 ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 PHOTOMETRIC_RGB = 2
 WHITE = 255
+#: nvImageCodec decoder options: interpolated chroma upsampling, as libjpeg-turbo (the host twin) does
+DECODER_OPTIONS = ":fancy_upsampling=1"
+#: nvImageCodec backend kinds that decode on the device (CPU_ONLY is its libjpeg-turbo fallback)
+GPU_BACKENDS = ("GPU_ONLY", "HYBRID_CPU_GPU", "HW_GPU_ONLY")
+NVJPEG_HINT = "pip install 'nvidia-nvimgcodec-cu12[nvjpeg]'"
+#: one decode call at a time on the shared decoder (nvImageCodec decoders are not thread-safe)
+_DECODE_LOCK = threading.Lock()
 
 
 def has_jfif(stream: bytes) -> bool:
@@ -88,15 +106,39 @@ def gpu_decode_available() -> tuple[bool, str]:
     try:
         from nvidia import nvimgcodec  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-        return False, f"nvImageCodec not importable ({type(exc).__name__}: {exc}); pip install nvidia-nvimgcodec-cu12"
+        return False, f"nvImageCodec not importable ({type(exc).__name__}: {exc}); {NVJPEG_HINT}"
+    return probe_decoder()
+
+
+def probe_decoder() -> tuple[bool, str]:
+    """Decode one small JPEG with the GPU backends: nvImageCodec imports without nvJPEG, and then
+    returns None for every tile, which would fail each slide's first read instead of the job."""
+    import imagecodecs
+
+    sample = bytes(imagecodecs.jpeg_encode(np.full((16, 16, 3), 128, dtype=np.uint8), level=90))
+    try:
+        images = decode_streams([sample])
+    except Exception as exc:  # noqa: BLE001 - a decoder that cannot start is "not available"
+        return False, f"nvImageCodec could not decode on the GPU ({type(exc).__name__}: {exc}); {NVJPEG_HINT}"
+    if not images or images[0] is None:
+        return False, f"nvImageCodec has no GPU JPEG decoder here (nvJPEG missing?); {NVJPEG_HINT}"
     return True, "nvimgcodec"
 
 
 @functools.lru_cache(maxsize=1)
 def _decoder() -> Any:
+    """The process's decoder: GPU backends only, libjpeg-turbo's chroma upsampling."""
     from nvidia import nvimgcodec
 
-    return nvimgcodec.Decoder()
+    backends = [nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind)) for kind in GPU_BACKENDS]
+    return nvimgcodec.Decoder(backends=backends, options=DECODER_OPTIONS)
+
+
+def decode_streams(streams: Sequence[bytes]) -> list[Any]:
+    """nvImageCodec's batch decode of full JPEG streams (an Image, or None where one failed),
+    one call at a time on the process's decoder."""
+    with _DECODE_LOCK:
+        return list(_decoder().decode(list(streams)))
 
 
 def decode_jpeg_tiles_gpu(
@@ -114,7 +156,7 @@ def decode_jpeg_tiles_gpu(
         raise RuntimeError(f"GPU JPEG decode unavailable: {why}")
     streams = tile_bitstreams(blobs, jpegtables, photometric)
     present = [s for s in streams if s]
-    images = _decoder().decode(present) if present else []
+    images = decode_streams(present) if present else []
     decoded = iter(images)
     tiles: list[Any] = []
     for index, s in enumerate(streams):
