@@ -171,13 +171,13 @@ def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
 
 def describe_zarr(store: OutputStore, committed: Iterable[ShardResult | CommitRef], info: dict[str, Any]) -> None:
     """The zarr root's attributes: shards in plan order and the group holding each one's arrays.
+    For a run whose output formats include zarr: written even when no shard committed (every
+    input quarantined), as ``shards: []``, so that readers of the root find it and its keys.
 
     Groups are named by attempt (``<shard>-<attempt>``): read ``groups[shard_id]`` to find a
     shard's arrays, never a group name from a listing, which may include a killed attempt's.
     """
     groups = {e.shard_id: e.group for e in committed if e.group}  # in order: dicts keep it
-    if not groups:
-        return
     with output_errors(store, ZARR):
         root = store.zarr_group(ZARR, mode="a")
         # one write of the root's metadata (``attrs.update`` rewrites it per key, ``groups`` each time)
