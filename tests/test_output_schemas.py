@@ -89,13 +89,18 @@ def test_a_run_where_nothing_committed_keeps_the_index_types_and_a_zarr_root(
         tmp_path: Path, inputs: dict[str, Path], classifier: Path) -> None:
     """Every input quarantined (exit 1): no part says what the model's columns are, so
     predictions.parquet has the index columns alone, typed as a run with rows types them; and
-    predictions.zarr's root says that no slide was committed (before, there was no
-    predictions.zarr at all, and the documented ``zarr.open_group(...).attrs["shards"]`` failed)."""
+    predictions.zarr's root says that no slide was committed. Before, a first run had no
+    predictions.zarr at all (the documented ``zarr.open_group(...).attrs["shards"]`` failed), and
+    a --resume over other inputs left the run before's ``shards`` and ``groups`` in the root,
+    naming slides predictions.parquet no longer held."""
     import zarr
 
     assert _run(tmp_path, "none", [inputs["bad"]], classifier).exit_code == EXIT_ERROR
-    schema = _schema(tmp_path / "none")
-    assert schema.names == ["slide", "x", "y", "level"]
-    assert [f.type for f in schema] == [pa.string(), pa.int64(), pa.int64(), pa.int32()]
-    root = zarr.open_group(str(tmp_path / "none" / "predictions.zarr"), mode="r")
-    assert root.attrs["shards"] == [] and root.attrs["groups"] == {}
+    assert _run(tmp_path, "stale", [inputs["good"]], classifier).exit_code == EXIT_OK
+    assert _run(tmp_path, "stale", [inputs["bad"]], classifier, resume=True).exit_code == EXIT_ERROR
+    for name in ("none", "stale"):
+        schema = _schema(tmp_path / name)
+        assert schema.names == ["slide", "x", "y", "level"]
+        assert [f.type for f in schema] == [pa.string(), pa.int64(), pa.int64(), pa.int32()]
+        root = zarr.open_group(str(tmp_path / name / "predictions.zarr"), mode="r")
+        assert root.attrs["shards"] == [] and root.attrs["groups"] == {}, name
