@@ -101,6 +101,34 @@ def test_an_unfinished_output_says_so_and_never_reads_back_partial(tmp_path: Pat
     assert len(again.predictions()) == len(gpubatch.open_results(str(out)).predictions(partial=True))
 
 
+def test_a_partial_read_has_the_columns_and_types_of_a_finished_one(tmp_path: Path, slides_dir: Path,
+                                                                     mean_model: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unfinished run read with ``partial=True``, for a slide without tissue (or before any
+    committed shard had rows), gave a DataFrame with no columns at all (``df["x"]`` a KeyError,
+    ``pd.concat`` with a finished run's frame all object), where a finished run gives the typed
+    empty columns."""
+    import numpy as np
+
+    import gpubatch
+    from gpubatch.cli.demo import write_synthetic_slide
+
+    blank = write_synthetic_slide(tmp_path / "blank.tif", 512, 512, levels=1, image=np.full((512, 512, 3), 240, np.uint8))
+    job = write_job(tmp_path / "job.yaml", slide_job([str(blank), str(slides_dir / "s0.tif")], mean_model,
+                                                     tmp_path / "out", tiles={"tissue": {"method": "otsu"}}))
+    _interrupted_after_first_shard(job, monkeypatch)
+    result = gpubatch.open_results(str(tmp_path / "out"))
+    assert not result.complete
+    partial = {"run": result.predictions(partial=True), "slide": result.predictions(str(blank), partial=True),
+               "columns": result.predictions(str(blank), columns=["x", "level"], partial=True)}
+    finished = gpubatch.run(job, resume=True, show_progress=False).predictions()
+    assert len(finished) and len(partial["slide"]) == 0
+    for name, frame in partial.items():
+        want = finished.dtypes[list(frame.columns)] if name == "columns" else finished.dtypes
+        assert list(frame.columns) == list(want.index) and frame.dtypes.equals(want), (name, frame.dtypes)
+    assert list(partial["columns"].columns) == ["x", "level"]
+
+
 def test_the_facade_exports_what_a_script_catches_and_nothing_private() -> None:
     """A script caught SpecError or NotAnOutputError only through gpubatch.core.errors, and
     users' mypy read gpubatch as untyped: there was no py.typed marker in the package."""

@@ -118,3 +118,98 @@ def test_section_references_name_headings_that_exist() -> None:
     missing = [f'{path}, "{title}"' for path, title in sorted(refs)
                if not re.search(rf"^#+ {re.escape(title)}$", (REPO / path).read_text(), re.MULTILINE)]
     assert not missing, f"no such heading: {missing}"
+
+
+def _documented_columns(file: str) -> dict[str, list[tuple[str, str]]]:
+    """kind -> [(column, type)], in order, from docs/outputs.md's "Columns and their types" rows
+    for ``file``; a row naming no column in backticks (``model outputs``) is kept by its words."""
+    table = OUTPUTS_MD.read_text().split("## Columns and their types", 1)[1].split("\n## ", 1)[0]
+    columns: dict[str, list[tuple[str, str]]] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] == file:
+            names = re.findall(r"`([^`]+)`", cells[2]) or [cells[2]]
+            columns.setdefault(cells[1], []).extend((name, cells[3]) for name in names)
+    return columns
+
+
+def _index_columns(kind: str) -> list[tuple[str, str]]:
+    return [(name, kind_) for name, kind_ in _documented_columns("predictions.parquet")[kind] if name != "model outputs"]
+
+
+def test_the_documented_index_columns_are_the_ones_an_empty_run_writes() -> None:
+    """Each kind's documented index columns, in order and type, are its source's index columns
+    as a run with no rows types them (merge.empty_index_table; SourceTests checks the readers'
+    rows against the same)."""
+    from gpubatch.outputs.merge import empty_index_table
+    from gpubatch.sources import get_source
+    from gpubatch.spec import JobSpec
+
+    windows = {"reference": "g.fa", "length": 100}
+    jobs = {"slides": {"kind": "slides", "input": {"uris": ["s.svs"]}},
+            "windows": {"kind": "genome", "windows": windows},
+            "variants": {"kind": "genome", "windows": {**windows, "variants": "v.vcf"}}}
+    for kind, fields in jobs.items():
+        job = JobSpec.model_validate({"model": {"path": "m.onnx"}, "output": {"uri": "out"}, **fields})
+        schema = empty_index_table(get_source(job.kind).index_schema(job)).schema
+        assert _index_columns(kind) == [(f.name, str(f.type)) for f in schema], kind
+
+
+@pytest.fixture(scope="module")
+def genome_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A windows run and a variant run (one variant with an ID, one without) of a small genome model."""
+    from gpubatch.cli.demo import write_synthetic_genome
+    from gpubatch.cli.demo_models import make_genome_model
+
+    folder = tmp_path_factory.mktemp("docs-genome")
+    fasta = write_synthetic_genome(folder / "g.fa", {"chr1": 2000}, seed=3)
+    (folder / "v.vcf").write_text("##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                                  "chr1\t100\t.\tN\tT\t.\t.\t.\nchr1\t300\trs1\tN\tG\t.\t.\t.\n")
+    model = make_genome_model(folder / "m.onnx", 100)
+    outs = {}
+    for kind, extra in {"windows": {"windows_per_shard": 5}, "variants": {"variants": str(folder / "v.vcf"),
+                                                                          "max_ref_mismatch": 1.0}}.items():
+        job = {"name": kind, "kind": "genome", "windows": {"reference": str(fasta), "length": 100, **extra},
+               "model": {"path": str(model), "backend": "onnxruntime", "batch_size": 4},
+               "output": {"uri": str(folder / kind)}, "run": {"profile": "inline"}}
+        assert main(["run", str(write_job(folder / f"{kind}.yaml", job))]) == errors.EXIT_OK
+        outs[kind] = folder / kind
+    return outs
+
+
+def test_real_predictions_have_the_documented_columns_and_types(run_output: Path,
+                                                                genome_outputs: dict[str, Path]) -> None:
+    """The documented index columns begin each kind's predictions.parquet; the model's (float32
+    models here) follow, as the outputs' row says."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert dict(_documented_columns("predictions.parquet")["all"]) == {"model outputs": "the model's"}
+    assert "float (float32) from a float32 model" in OUTPUTS_MD.read_text()
+    for kind, out in {"slides": run_output, **genome_outputs}.items():
+        schema = pq.read_schema(out / "predictions.parquet")
+        index = _index_columns(kind)
+        assert [(f.name, str(f.type)) for f in schema][:len(index)] == index, kind
+        outputs = list(schema)[len(index):]
+        assert outputs and all(f.type == pa.float32() for f in outputs), (kind, outputs)
+
+
+def test_slide_predictions_have_the_documented_columns_and_types(tmp_path: Path, slide_path: Path,
+                                                                 classifier: Path) -> None:
+    """A slide head over the classifier's probabilities, on a slide with tissue and one without."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from gpubatch.cli.demo import write_synthetic_slide
+    from gpubatch.cli.pathology_models import make_abmil
+
+    blank = write_synthetic_slide(tmp_path / "blank.tif", 512, 512, levels=1, image=np.full((512, 512, 3), 240, np.uint8))
+    job = slide_job([str(slide_path), str(blank)], classifier, tmp_path / "out",
+                    tiles={"tissue": {"method": "otsu", "min_fraction": 0.5}},
+                    slide_model={"path": str(make_abmil(tmp_path / "head.onnx", dim=3, hidden=4, classes=2))})
+    assert main(["run", str(write_job(tmp_path / "job.yaml", job))]) == errors.EXIT_OK
+    table = pq.read_table(tmp_path / "out" / "slide_predictions.parquet")
+    documented = _documented_columns("slide_predictions.parquet")["slides"]
+    head = [(f"logits_{i}", dict(documented)["head outputs"]) for i in range(2)]
+    assert [(f.name, str(f.type)) for f in table.schema] == documented[:2] + head
+    assert table.column("logits_0").to_pylist()[1] is None  # the blank slide

@@ -153,6 +153,8 @@ def test_geojson_tiles_cover_their_level0_footprint(tmp_path: Path, slide_path: 
 
 
 def test_a_run_with_no_rows_keeps_the_index_columns(tmp_path: Path, classifier: Path) -> None:
+    """And the model's columns, from the empty slide's part (changed on purpose: an empty run had
+    the index columns alone; tests/test_output_schemas.py compares the whole schema)."""
     blank = write_synthetic_slide(tmp_path / "blank.tif", 512, 512, levels=1,
                                   image=np.full((512, 512, 3), 240, np.uint8))
     job = slide_job([str(blank)], classifier, tmp_path / "out",
@@ -160,7 +162,7 @@ def test_a_run_with_no_rows_keeps_the_index_columns(tmp_path: Path, classifier: 
     result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
     df = result.predictions()
     assert result.exit_code == EXIT_OK and len(df) == 0
-    assert list(df.columns) == ["slide", "x", "y", "level"]
+    assert list(df.columns) == ["slide", "x", "y", "level", "probs_0", "probs_1", "probs_2"]
 
 
 def test_short_last_batch_is_padded_then_trimmed(tmp_path: Path, slide_path: Path, mean_model: Path) -> None:

@@ -37,15 +37,30 @@ ROW_GROUP_BYTES = 64 << 20
 ROW_GROUP_PARTS = 1024
 #: parts held as separate tables before they are joined into one (each table's objects cost kBs)
 PARTS_HELD = 64
-TEXT_COLUMNS = {"slide", "chrom", "strand", "variant_id", "ref", "alt"}
+#: every index column's Arrow type, as the readers write it (docs/outputs.md lists them; the
+#: sources' conformance tests check their rows against it): a guess by name typed slides'
+#: ``level`` int64 where every part has int32, so an empty run's file had another schema
+INDEX_TYPES: dict[str, pa.DataType] = {
+    "slide": pa.string(), "x": pa.int64(), "y": pa.int64(), "level": pa.int32(),
+    "chrom": pa.string(), "start": pa.int64(), "end": pa.int64(), "strand": pa.string(), "region": pa.int64(),
+    "variant_id": pa.string(), "pos": pa.int64(), "ref": pa.string(), "alt": pa.string(), "ref_match": pa.bool_(),
+}
 
 
 def empty_index_table(columns: list[str]) -> pa.Table:
-    """Zero rows with the index columns typed as a non-empty run would type them."""
-    def kind(name: str) -> pa.DataType:
-        return pa.string() if name in TEXT_COLUMNS else pa.bool_() if name == "ref_match" else pa.int64()
+    """Zero rows with the index columns typed as a non-empty run types them."""
+    return pa.schema([(c, INDEX_TYPES[c]) for c in columns]).empty_table()
 
-    return pa.table({c: pa.array([], kind(c)) for c in columns})
+
+def empty_run_schema(part: pa.Schema, index_columns: list[str]) -> pa.Schema | None:
+    """The schema of a run with no rows, from a zero-row part (a slide with no tissue writes its
+    columns typed, outputs included): the index columns as :data:`INDEX_TYPES` types them, then
+    the part's outputs. None for a part that does not begin with the index columns (an earlier
+    gpubatch's empty part has no columns at all)."""
+    if part.names[:len(index_columns)] != index_columns:
+        return None
+    index = empty_index_table(index_columns).schema
+    return pa.schema([*index, *(f for f in part if f.name not in index_columns)])
 
 
 def read_part(store: OutputStore, entry: ShardResult | CommitRef, columns: Iterable[str] | None = None) -> pa.Table:
@@ -105,11 +120,13 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
                   target: str = PREDICTIONS) -> int:
     """Concatenate the committed parts, in the order given, into one file; returns the rows.
 
-    With no rows at all, the file still has ``index_columns`` (zero rows), so readers of
-    predictions.parquet see the same schema prefix whatever the run found.
+    With no rows at all, the file still has the columns a run with rows has, in their types:
+    those of a committed part with no rows (a slide with no tissue), else (nothing committed)
+    ``index_columns`` alone; downstream code that joins two runs' files sees one schema.
     """
     rows = 0
     columns = PartColumns(index_columns)
+    empty: pa.Schema | None = None
     with store.open_write(target) as f:
         writer: pq.ParquetWriter | None = None
         gathered: list[pa.Table] = []
@@ -117,6 +134,8 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
         for entry in committed:
             table = read_part(store, entry)
             if table.num_rows == 0:  # a slide with no tiles adds no rows (its zarr group keeps the widths)
+                if empty is None:
+                    empty = empty_run_schema(table.schema, index_columns)
                 continue
             problem = columns.problem(f"{PARTS_DIR}/{entry.part}", table.schema.names)
             if problem is not None:
@@ -134,7 +153,7 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
             elif len(gathered) >= PARTS_HELD:  # thousands of tiny tables cost more than their rows
                 gathered[:] = [pa.concat_tables(gathered).combine_chunks()]
         if writer is None:
-            pq.write_table(empty_index_table(index_columns), f)
+            pq.write_table(empty_index_table(index_columns) if empty is None else empty.empty_table(), f)
         else:
             _write_row_group(writer, gathered)
             writer.close()
@@ -152,13 +171,13 @@ def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
 
 def describe_zarr(store: OutputStore, committed: Iterable[ShardResult | CommitRef], info: dict[str, Any]) -> None:
     """The zarr root's attributes: shards in plan order and the group holding each one's arrays.
+    For a run whose output formats include zarr: written even when no shard committed (every
+    input quarantined), as ``shards: []``, so that readers of the root find it and its keys.
 
     Groups are named by attempt (``<shard>-<attempt>``): read ``groups[shard_id]`` to find a
     shard's arrays, never a group name from a listing, which may include a killed attempt's.
     """
     groups = {e.shard_id: e.group for e in committed if e.group}  # in order: dicts keep it
-    if not groups:
-        return
     with output_errors(store, ZARR):
         root = store.zarr_group(ZARR, mode="a")
         # one write of the root's metadata (``attrs.update`` rewrites it per key, ``groups`` each time)

@@ -82,6 +82,19 @@ def zarr_layout(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, ...],
 
 
 
+def rows_table(constants: dict[str, Any], index: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+               column_limit: Callable[[str], int | None] = lambda name: None) -> pa.Table:
+    """A batch of rows as a shard's parquet part holds them: the shard's constant columns (the
+    slide), its index columns, then each output's columns (:func:`output_columns`)."""
+    n = len(next(iter(index.values()))) if index else len(next(iter(outputs.values())))
+    columns: dict[str, Any] = {k: pa.array(np.full(n, v)) if not isinstance(v, str)
+                               else pa.array([v] * n, pa.string()) for k, v in constants.items()}
+    columns.update({k: pa.array(v) for k, v in index.items()})
+    for name, values in outputs.items():
+        columns.update({k: pa.array(v) for k, v in output_columns(name, values, column_limit(name)).items()})
+    return pa.table(columns)
+
+
 def parquet_writer(where: Any, schema: pa.Schema) -> pq.ParquetWriter:
     """A writer for gpubatch's parquet (parts and predictions.parquet): zstd, and dictionary
     pages for text and flag columns only (slide, chrom, strand, ...), whose values repeat.
@@ -163,14 +176,7 @@ class ShardWriter:
         return self._pq
 
     def _write_parquet(self, index: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        n = len(next(iter(index.values()))) if index else len(next(iter(outputs.values())))
-        columns: dict[str, Any] = {k: pa.array(np.full(n, v)) if not isinstance(v, str)
-                                   else pa.array([v] * n, pa.string()) for k, v in self.constants.items()}
-        columns.update({k: pa.array(v) for k, v in index.items()})
-        for name, values in outputs.items():
-            limit = self.column_limit(name)
-            columns.update({k: pa.array(v) for k, v in output_columns(name, values, limit).items()})
-        table = pa.table(columns)
+        table = rows_table(self.constants, index, outputs, self.column_limit)
         self._parquet(table.schema).write_table(table)
 
     def _open_group(self) -> Any:

@@ -156,17 +156,20 @@ def _committed_predictions(store: OutputStore, columns: list[str] | None, filter
     entries = {e.shard_id: CommitRef.of(e) for e in Manifest(store).iter_entries()}
     expression = pq.filters_to_expression(filters) if filters else None
     wanted = None if columns is None else [*columns, *(c for c in _filter_columns(filters) if c not in columns)]
-    tables = []
+    tables, empty = [], None
     for sid in sorted(entries):
         if not entries[sid].part:
             continue
         table = read_part(store, entries[sid], wanted)
         if table.num_rows and expression is not None:
             table = table.filter(expression)
+        table = table.select([c for c in columns if c in table.column_names]) if columns else table
         if table.num_rows:
-            tables.append(table.select([c for c in columns if c in table.column_names]) if columns else table)
-    if not tables:
-        return pd.DataFrame(columns=columns)
+            tables.append(table)
+        elif empty is None and table.num_columns:  # no rows, but typed columns (a slide without tissue)
+            empty = table
+    if not tables:  # the columns a finished run's file has, not a frame without any
+        return empty.to_pandas() if empty is not None else pd.DataFrame(columns=columns)
     table = pa.concat_tables(tables, promote_options="default")
     return (table.select(columns) if columns else table).to_pandas()
 

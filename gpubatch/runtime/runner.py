@@ -375,8 +375,9 @@ class _Run:
 
         write_html(store, summary)
         hand_back_freed_memory()
-        describe_zarr(store, in_plan(), {"model_sha256": ctx.model_sha256, "gpubatch_version": __version__,
-                                       "kind": job.kind})
+        if "zarr" in job.output.formats:
+            describe_zarr(store, in_plan(), {"model_sha256": ctx.model_sha256, "gpubatch_version": __version__,
+                                           "kind": job.kind})
         self.ledger.event("run_finish", done=done, failed=len(self.failed), total=len(shards))
         self.ledger.materialize(record_name(r.shard_id) for r in in_plan())
         code = (EXIT_PARTIAL if done else EXIT_ERROR) if self.failed else EXIT_OK

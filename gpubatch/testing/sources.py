@@ -56,6 +56,19 @@ class SourceTests:
         columns = list(source.constant_columns(shards[0])) + list(blocks[0].index)
         assert columns == source.index_schema(job)
 
+    def test_index_columns_have_the_types_of_an_empty_run(self, source: Source, job: JobSpec,
+                                                         shards: list[Shard]) -> None:
+        """A shard's rows, made Arrow as the writer makes them, have the index types a run with no
+        rows writes (merge.empty_index_table): slides' ``level`` was int32 in every part and
+        int64 in an empty run's predictions.parquet."""
+        from gpubatch.outputs.merge import empty_index_table
+        from gpubatch.outputs.writer import rows_table
+
+        block = next(b for b in _blocks(source, shards[0], job) if len(b))
+        written = rows_table(source.constant_columns(shards[0]), block.index, {}).schema
+        declared = empty_index_table(source.index_schema(job)).schema
+        assert written == declared, f"rows written:\n{written}\nan empty run:\n{declared}"
+
     def test_preprocessing_gives_the_declared_model_input(self, source: Source, job: JobSpec,
                                                           shards: list[Shard]) -> None:
         blocks = [b for b in _blocks(source, shards[0], job) if len(b)]
