@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import logging
 import random
+import re
 import socket
 import struct
 import threading
@@ -41,6 +43,10 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
 REQUEST_DROPPED = HOP_HEADERS - {"date"}
 SLOWDOWN_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                 b"<Message>Please reduce your request rate.</Message><RequestId>fault</RequestId></Error>")
+#: a GCS JSON-API upload's path: the bucket only (the object is named in the query or the body)
+GCS_UPLOAD = re.compile(r"upload/storage/v1/b/([^/]+)/o")
+#: the object's name in a multipart upload's JSON metadata (a JSON string, escapes and all)
+MULTIPART_NAME = re.compile(rb'"name"\s*:\s*("(?:[^"\\]|\\.)*")')
 DENIED_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
               b"<Message>Access Denied</Message><RequestId>fault</RequestId></Error>")
 
@@ -142,18 +148,20 @@ class FaultProxy:
                                     if k.lower() in ("authorization", "x-amz-security-token")})
             del self.signatures[:-200]
 
-    def decide(self, method: str, path: str, byte_range: str | None = None) -> str:
+    def decide(self, method: str, path: str, byte_range: str | None = None, body: bytes | None = None) -> str:
         """'forward', 'error', 'reset-early', 'reset-body', 'forbidden', 'stall:SECONDS' (held,
-        then forwarded) or 'drop:SECONDS' (held, then reset unforwarded) for one request."""
+        then forwarded) or 'drop:SECONDS' (held, then reset unforwarded) for one request;
+        ``body``: a write's, which names the object of a GCS upload (:func:`_key`)."""
         with self._lock:
             self.stats["requests"] += 1
             self.log.append((method, path))
             if method in ("GET", "HEAD"):
                 self.stats[method] += 1
             if method in ("PUT", "POST"):
-                self.uploads[_key(path)] = self.uploads.get(_key(path), 0) + 1
+                written = _key(path, body)
+                self.uploads[written] = self.uploads.get(written, 0) + 1
             if method not in ("GET", "HEAD"):
-                return self._decide_write(_key(path))
+                return self._decide_write(_key(path, body))
             key = _key(path)
             if method == "HEAD":
                 self.heads[key] = self.heads.get(key, 0) + 1
@@ -219,9 +227,24 @@ class FaultProxy:
         self.server.server_close()
 
 
-def _key(path: str) -> str:
-    """The "bucket/key" a request path names."""
-    return urllib.parse.unquote(urllib.parse.urlsplit(path).path).lstrip("/")
+def _key(path: str, body: bytes | None = None) -> str:
+    """The "bucket/key" a request path names. A GCS JSON-API upload's path names only its bucket
+    (``upload/storage/v1/b/<bucket>/o``): its object is named by the query's ``name`` or, for a
+    multipart upload, by the metadata leading its body; such a write is "bucket/name" too, so
+    that faults and counts find it by its key as they find an S3 PUT."""
+    parts = urllib.parse.urlsplit(path)
+    plain = urllib.parse.unquote(parts.path).lstrip("/")
+    upload = GCS_UPLOAD.fullmatch(plain)
+    if upload is None:
+        return plain
+    name = urllib.parse.parse_qs(parts.query).get("name", [""])[0] or _multipart_name(body or b"")
+    return f"{upload.group(1)}/{name}" if name else plain
+
+
+def _multipart_name(body: bytes) -> str:
+    """The object name in a multipart upload's leading JSON metadata ("" when there is none)."""
+    found = MULTIPART_NAME.search(body[:4096])
+    return str(json.loads(found.group(1))) if found else ""
 
 
 def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
@@ -234,7 +257,7 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _relay(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
-            action = proxy.decide(self.command, self.path, self.headers.get("Range"))
+            action = proxy.decide(self.command, self.path, self.headers.get("Range"), body)
             try:
                 return self._respond(action, body)
             finally:
