@@ -1,8 +1,8 @@
-"""The lease of one run on one output, taken against a real folder, a real S3 server (moto)
-and Azure's Blob emulator (Azurite).
+"""The lease of one run on one output, taken against a real folder, a real S3 server (moto),
+Azure's Blob emulator (Azurite) and fake-gcs-server.
 
 A free local output's lease is created atomically and at once; a held one refuses naming its
-holder; a stale one is taken over; on S3 and Azure Blob it is created and replaced with
+holder; a stale one is taken over; on S3, Azure Blob and GCS it is created and replaced with
 conditional writes, then read back, and held with them: of two runs taking a free output at
 once, one whose write was held in flight past the other's read-back, only one holds it; a
 heartbeat or release by a run suspended between its read and its write never replaces nor
@@ -34,10 +34,13 @@ from gpubatch.outputs.lease import Lease, LeaseLost
 from gpubatch.outputs.store import OutputStore
 
 if TYPE_CHECKING:
-    from cloud_fixtures import AzureStack
+    from cloud_fixtures import AzureStack, CloudStack, GcsStack
     from s3_fixtures import S3Stack
 
 pytest_plugins = ["s3_fixtures", "cloud_fixtures"]
+#: fake-gcs-server 1.54 (the test extra's) answers a delete by deleting the object, whatever its
+#: ifGenerationMatch (it honours the condition on multipart uploads only)
+GCS_DELETES_PLAINLY = "fake-gcs-server 1.54 ignores ifGenerationMatch on deletes"
 
 
 def _lease(store: OutputStore, name: str) -> Lease:
@@ -115,9 +118,11 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_refuses(tmp_path: Path, monk
 
 @dataclass
 class Conditional:
-    """A new prefix on a server with conditional requests (moto's S3, Azurite's Blob), reached
-    through the session's fault proxy or through another proxy in front of the same server."""
+    """A new prefix on a server with conditional requests (moto's S3, Azurite's Blob,
+    fake-gcs-server), reached through the session's fault proxy or through another proxy in
+    front of the same server."""
 
+    kind: str  # the fixture's parameter: "s3", "azure" or "gcs"
     uri: str
     endpoint: str  # the server itself (setup and checks go straight to it)
     proxy_url: str
@@ -132,17 +137,23 @@ class Conditional:
         return str(store.read_json(LEASE)["run_id"]) if store.exists(LEASE) else None
 
 
-@pytest.fixture(params=["s3", "azure"])
+@pytest.fixture(params=["s3", "azure", "gcs"])
 def server(request: pytest.FixtureRequest) -> Conditional:
-    """Each store whose lease is conditional in turn: S3 (moto), then Azure Blob (Azurite;
-    skipped, naming its install script, where ``azurite-blob`` is not on PATH)."""
+    """Each store whose lease is conditional in turn: S3 (moto), Azure Blob (Azurite; skipped,
+    naming its install script, where ``azurite-blob`` is not on PATH), then Google Cloud Storage
+    (fake-gcs-server, which honours ``ifGenerationMatch`` on multipart uploads, not on deletes:
+    see :func:`test_on_gcs_a_release_deletes_only_the_generation_it_wrote`)."""
     prefix = f"leases/{uuid.uuid4().hex}"
     if request.param == "s3":
         s3 = cast("S3Stack", request.getfixturevalue("s3"))
-        return Conditional(s3.uri(prefix), s3.endpoint, s3.proxy.url,
+        return Conditional("s3", s3.uri(prefix), s3.endpoint, s3.proxy.url,
                            lambda url: s3.options(endpoint_url=url, via_proxy=False))
+    if request.param == "gcs":
+        gcs = cast("GcsStack", request.getfixturevalue("gcs"))
+        return Conditional("gcs", gcs.uri(prefix), gcs.endpoint, gcs.proxy.url,
+                           lambda url: gcs.options(endpoint_url=url))
     azure = cast("AzureStack", request.getfixturevalue("azure"))
-    return Conditional(azure.uri(prefix), azure.endpoint, azure.proxy.url,
+    return Conditional("azure", azure.uri(prefix), azure.endpoint, azure.proxy.url,
                        lambda url: {"connection_string": azure.connection_string(base=url)})
 
 
@@ -168,6 +179,23 @@ def test_on_object_storage_the_lease_is_created_conditionally_and_read_back(serv
     assert isinstance(refused, SpecError) and "run run-a" in str(refused)
     first.release()
     assert not store.exists(LEASE)
+
+
+def test_a_version_names_the_object_as_it_is_now(server: Conditional) -> None:
+    """The version a take-over is conditioned on (an ETag; on GCS the generation, not its ETag)
+    changes with every write, whoever wrote: a write on the version read before another
+    writer's landed is refused, one on the version now goes through, and the version a
+    conditional write answers is the one the store reads back."""
+    store = server.store()
+    store.write_json(LEASE, {"run_id": "killed"})
+    before = store.version(LEASE)
+    server.store(server.endpoint).write_json(LEASE, {"run_id": "run-b"})  # another writer's
+    now = store.version(LEASE)
+    assert before is not None and now is not None and now != before
+    assert store.put_json_if(LEASE, {"run_id": "run-c"}, before) is None
+    written = store.put_json_if(LEASE, {"run_id": "run-c"}, now)
+    assert written is not None and written == store.version(LEASE)
+    assert server.holder() == "run-c"
 
 
 def test_two_runs_taking_a_free_output_at_once_only_one_holds_it(
@@ -248,11 +276,17 @@ def test_a_heartbeat_never_overwrites_the_lease_a_successor_took_over(
 
 
 def test_a_release_never_deletes_the_lease_a_successor_took_over(
-        server: Conditional, monkeypatch: pytest.MonkeyPatch) -> None:
+        server: Conditional, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """Run A ends: its release reads the lease (still A's), then A is suspended; run B takes the
     lease over; A wakes and deletes. A plain delete removed B's lease from under B (a third
-    run could then take the output B is writing); deleted only at the ETag A last wrote
-    (If-Match on DELETE), it is refused and B's lease stays."""
+    run could then take the output B is writing); deleted only at the version A last wrote
+    (If-Match on DELETE; GCS: ifGenerationMatch), it is refused and B's lease stays.
+
+    fake-gcs-server 1.54 deletes whatever a delete's conditions say, so on it B's lease goes:
+    expected there (strictly: an emulator that honours them makes this pass, and the mark must
+    go); the request GCS refuses is checked by the test below."""
+    if server.kind == "gcs":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=GCS_DELETES_PLAINLY))
     monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
     store_a, store_b = server.store(), server.store()
     first = Lease(store_a, "run-a", stale_s=0.0, heartbeat_s=5.0)
@@ -264,6 +298,23 @@ def test_a_release_never_deletes_the_lease_a_successor_took_over(
     assert store_b.read_json(LEASE)["run_id"] == "run-b"
     successor.release()
     assert not store_b.exists(LEASE)
+
+
+def test_on_gcs_a_release_deletes_only_the_generation_it_wrote(gcs: CloudStack) -> None:
+    """The delete that GCS refuses when the lease is no longer this run's: ``ifGenerationMatch``
+    on the generation this run last wrote (the one on the server while it holds the lease). The
+    emulator ignores it (:data:`GCS_DELETES_PLAINLY`), so the request itself is what is checked."""
+    prefix = f"leases/{uuid.uuid4().hex}"
+    store = OutputStore(gcs.uri(prefix), gcs.options())
+    mine = _lease(store, "run-a")
+    assert _acquire_within(mine, 60) is None
+    written = store.version(LEASE)
+    assert written is not None and written == mine._version
+    mine.release()
+    assert not store.exists(LEASE)
+    deletes = [urllib.parse.urlsplit(path) for method, path in gcs.proxy.log if method == "DELETE"]
+    assert [urllib.parse.unquote(d.path) for d in deletes] == [f"/storage/v1/b/{gcs.bucket}/o/{prefix}/{LEASE}"]
+    assert urllib.parse.parse_qs(deletes[0].query) == {"ifGenerationMatch": [written]}
 
 
 def test_a_heartbeat_that_meets_its_own_landed_write_beats_on(

@@ -7,22 +7,22 @@ marker, and a run holds a lease on it (owner host and pid, a heartbeat refreshed
 runs). A second run into a held output stops with exit 2 naming the holder; a lease whose
 heartbeat stopped (the holder was killed) goes stale after ``run.lease_stale_s`` and is taken
 over. On disk a free output's lease is created atomically (a hard link that fails if it exists).
-On S3 and Azure Blob (``s3://``, ``az://``, ``abfs://``: the stores whose conditional requests
-are reached, outputs.conditional) it is created with a conditional write (``If-None-Match: *``)
-and a stale one replaced only if it is still the version read (``If-Match`` on its ETag): write,
-wait, read back, which is all a store without conditions allows (``gs://`` and other fsspec
-stores), let two runs through when one's write was held in flight past the other's read-back (a
-stalled or retried request), and both computed every shard. The read-back stays after a
-conditional write too, for servers that ignore the condition.
+On S3, Azure Blob and Google Cloud Storage (``s3://``, ``az://``, ``abfs://``, ``gs://``: the
+stores whose conditional requests are reached, outputs.conditional) it is created with a
+conditional write (``If-None-Match: *``; on GCS ``ifGenerationMatch=0``) and a stale one replaced
+only if it is still the version read (``If-Match`` on its ETag; on GCS ``ifGenerationMatch`` on
+its generation): write, wait, read back, which is all a store without conditions allows (other
+fsspec stores), let two runs through when one's write was held in flight past the other's
+read-back (a stalled or retried request), and both computed every shard. The read-back stays
+after a conditional write too, for servers that ignore the condition.
 
-Holding it is conditional too on S3 and Azure Blob: each heartbeat, and the delete at the end,
-is made on the ETag this run last wrote (``If-Match``). A run suspended (a laptop asleep,
-SIGSTOP, a paused VM) between a heartbeat's read of its lease and the write after it, or between
-its release's read and its delete, woke to replace or delete the lease a successor had taken
-over meanwhile, and both runs wrote one output; now that write is refused and the run stops as
-one whose lease was taken over. On disk, and on object stores without conditions, the heartbeat
-still reads, then writes: no compare-and-swap of a file's contents exists there (see
-``_refresh``).
+Holding it is conditional too on those stores: each heartbeat, and the delete at the end, is
+made on the version this run last wrote. A run suspended (a laptop asleep, SIGSTOP, a paused
+VM) between a heartbeat's read of its lease and the write after it, or between its release's
+read and its delete, woke to replace or delete the lease a successor had taken over meanwhile,
+and both runs wrote one output; now that write is refused and the run stops as one whose lease
+was taken over. On disk, and on object stores without conditions, the heartbeat still reads,
+then writes: no compare-and-swap of a file's contents exists there (see ``_refresh``).
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ class Lease:
         #: the lease another writer took over from this one (then this one stops writing); {}
         #: when the lease is gone and who took it is not known
         self.lost: dict[str, Any] | None = None
-        #: S3 and Azure Blob: the ETag of the lease as this run last wrote (or read) it, on which
-        #: its next write and its delete are conditioned; None on stores without conditional writes
+        #: S3 and Azure Blob: the ETag of the lease as this run last wrote (or read) it, GCS: its
+        #: generation, on which its next write and its delete are conditioned; None on stores
+        #: without conditional writes
         self._version: str | None = None
 
     def _record(self) -> dict[str, Any]:
@@ -125,8 +126,8 @@ class Lease:
     def _take_over(self) -> None:
         """Write this run's lease over one that is there: refused while its holder is live; a
         stale one (its holder killed or suspended) is replaced only if it is still the version
-        read (If-Match on S3 and Azure Blob), so of two runs replacing it at once one gets it,
-        the other stops."""
+        read (If-Match on S3 and Azure Blob, ifGenerationMatch on GCS), so of two runs replacing
+        it at once one gets it, the other stops."""
         version = self.store.version(self.name)  # before the read: a later write fails the match
         held = self._read()
         if held is not None and held.get("run_id") != self.run_id:
@@ -179,11 +180,11 @@ class Lease:
 
     def _refresh(self) -> bool:
         """One heartbeat: this run's record written into its lease; False (and ``lost`` set) once
-        another writer holds it. The read first sees a take-over on every store; on S3 and Azure
-        Blob the write is also conditional on the ETag this run last wrote, which closes the gap
-        between that read and the write (a process suspended there). On disk the gap stays: a file's
-        contents have no compare-and-swap (a rename replaces whatever is there), and a lock
-        held by a suspended run would stop its successor instead."""
+        another writer holds it. The read first sees a take-over on every store; on S3, Azure
+        Blob and GCS the write is also conditional on the version this run last wrote, which
+        closes the gap between that read and the write (a process suspended there). On disk the
+        gap stays: a file's contents have no compare-and-swap (a rename replaces whatever is
+        there), and a lock held by a suspended run would stop its successor instead."""
         if self._taken_over():
             return False
         written = self._write_if(self._version)

@@ -177,13 +177,14 @@ class OutputStore:
 
     def create_json(self, name: str, data: Any) -> bool | None:
         """Write ``name`` only if it does not exist, atomically: True when this call created it,
-        False when it existed, None where the store cannot tell (object storage other than S3
-        and Azure Blob, or a filesystem without hard links), and the caller must settle it
+        False when it existed, None where the store cannot tell (object storage other than S3,
+        Azure Blob and GCS, or a filesystem without hard links), and the caller must settle it
         another way.
 
         On disk: a complete temporary file hard-linked to the name, which fails if the name
         exists, on NFS too (the classic exclusive create that ``O_EXCL`` is not there). On S3 and
-        Azure Blob: a conditional write (``If-None-Match: *``, see :meth:`replace_json`).
+        Azure Blob: a conditional write (``If-None-Match: *``, see :meth:`replace_json`); on GCS
+        its like (``ifGenerationMatch=0``).
         """
         if self.remote:
             return self.replace_json(name, data, None)
@@ -200,22 +201,22 @@ class OutputStore:
             tmp.unlink(missing_ok=True)
 
     def version(self, name: str) -> str | None:
-        """The ETag of ``name`` now (for :meth:`replace_json`), None when it does not exist or
-        the store has no conditional writes. Ask it before reading the file: a write landing in
-        between then fails the condition rather than being replaced unseen."""
+        """The version of ``name`` now (for :meth:`replace_json`): its ETag, on GCS its
+        generation (outputs.conditional.version_of); None when it does not exist or the store has
+        no conditional writes. Ask it before reading the file: a write landing in between then
+        fails the condition rather than being replaced unseen."""
         if not self.conditional:
             return None
         try:
-            info = call_with_retries(lambda: self.fs.info(self.path(name)), self.url(name), POLICY)
+            found = call_with_retries(lambda: self.fs.info(self.path(name)), self.url(name), POLICY)
         except InputError as exc:
             if exc.retryable:
                 raise
             return None
-        etag = info.get("ETag") or info.get("etag")  # s3fs's key, adlfs's
-        return str(etag) if etag else None
+        return conditions.version_of(found, protocol_of(self.uri))
 
     def replace_json(self, name: str, data: Any, version: str | None) -> bool | None:
-        """Write ``name`` only if it is still at ``version`` (an ETag from :meth:`version`), or,
+        """Write ``name`` only if it is still at ``version`` (from :meth:`version`), or,
         for ``None``, only if it does not exist: True when written, False when another writer's
         object was there (412), None where the store has no conditional writes (the caller
         writes plainly and checks another way)."""
@@ -224,10 +225,10 @@ class OutputStore:
         return self.put_json_if(name, data, version) is not None
 
     def put_json_if(self, name: str, data: Any, version: str | None) -> str | None:
-        """:meth:`replace_json` giving the ETag of the object it wrote (None when refused): a
+        """:meth:`replace_json` giving the version of the object it wrote (None when refused): a
         writer that must only ever replace its own object (the lease's heartbeat) conditions
-        its next write on it. Only where :attr:`conditional` (outputs.conditional: S3, and
-        Azure Blob); a retry of a write that landed but whose answer was lost meets its own
+        its next write on it. Only where :attr:`conditional` (outputs.conditional: S3, Azure
+        Blob and GCS); a retry of a write that landed but whose answer was lost meets its own
         object and is refused: the caller reads it back. An ``If-Match`` on an object that is
         gone is refused too."""
         body, path, protocol = _json_bytes(data), self.path(name), protocol_of(self.uri)
@@ -235,16 +236,18 @@ class OutputStore:
                                  self.url(name), POLICY)
 
     def delete_if(self, name: str, version: str) -> bool:
-        """Delete ``name`` only if it is still at ``version`` (``If-Match`` on DELETE): True when
-        deleted, False when another writer's object is there now or none is. Only where
-        :attr:`conditional`; a server that ignores the condition deletes plainly."""
+        """Delete ``name`` only if it is still at ``version`` (``If-Match`` on DELETE; on GCS,
+        ``ifGenerationMatch`` on the delete of that generation): True when deleted, False when
+        another writer's object is there now or none is. Only where :attr:`conditional`; a
+        server that ignores the condition deletes plainly."""
         path, protocol = self.path(name), protocol_of(self.uri)
         return bool(call_with_retries(lambda: conditions.delete_if(self.fs, protocol, path, version),
                                       self.url(name), POLICY))
 
     @property
     def conditional(self) -> bool:
-        """Whether writes here can be made conditional on the object's version (S3, Azure Blob)."""
+        """Whether writes here can be made conditional on the object's version (S3, Azure Blob,
+        GCS)."""
         return self.remote and protocol_of(self.uri) in conditions.CONDITIONAL_PROTOCOLS
 
     @contextlib.contextmanager
