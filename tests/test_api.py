@@ -491,3 +491,40 @@ def test_two_runs_at_once_in_one_process_each_finish_and_leave_the_caller_s_sett
     assert done.returncode == 0, done.stderr[-3000:]
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome == {"a": [0, 8], "b": [0, 1], "settings_back": True, "environ_changed": []}, outcome
+
+
+def test_a_second_run_into_the_same_output_from_another_thread_is_refused_and_the_first_finishes(
+        tmp_path: Path, slides_dir: Path, mean_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads of one notebook run one job into one output, the second while the first has
+    committed a shard: the second is refused, saying it is this process's own other run (the
+    lease's words named this process's pid as "another run" and said to wait for its lease to go
+    stale if it was killed), and the first finishes every slide."""
+    import threading
+
+    import gpubatch
+    from gpubatch.runtime.progress import Progress
+
+    job = write_job(tmp_path / "job.yaml", slide_job([str(p) for p in sorted(slides_dir.glob("*.tif"))],
+                                                     mean_model, tmp_path / "out"))
+    update, refused = Progress.update, []
+
+    def second_run() -> None:
+        try:
+            gpubatch.run(job, show_progress=False, resume=True)
+        except gpubatch.SpecError as exc:
+            refused.append(str(exc))
+
+    def update_then_run_again(self: Progress, result: Any) -> None:
+        update(self, result)
+        if threading.current_thread().name != "second" and not refused:
+            second = threading.Thread(target=second_run, name="second")
+            second.start()
+            second.join(120)
+
+    monkeypatch.setattr(Progress, "update", update_then_run_again)
+    first = gpubatch.run(job, show_progress=False)
+    assert first.exit_code == 0 and first.complete and first.report["shards_done"] == 3
+    assert len(refused) == 1 and "another run is writing this output" in refused[0]
+    assert "in this same process" in refused[0]
+    assert "stale" not in refused[0]
+    assert gpubatch.open_results(tmp_path / "out").predictions()["slide"].nunique() == 3
