@@ -318,21 +318,27 @@ def test_one_slide_of_an_unfinished_output_is_read_without_the_rest(tmp_path: Pa
     assert peak_one * 3 < peak_whole, (peak_one, peak_whole)
 
 
-_INTERRUPTED_IN_THE_CLUSTER_START = '''
+_INTERRUPTED_IN_DASK = '''
 import json, os, signal, sys
 import psutil
+from distributed import Scheduler
 from distributed.deploy.spec import SpecCluster
 from distributed.nanny import Nanny
 import gpubatch
 
-start, ctrl_c = Nanny.start_unsafe, [signal.SIGINT]
+ctrl_c = [signal.SIGINT]
 
-async def start_after_a_ctrl_c(self):  # Ctrl-C while Dask starts the run's first worker
-    if ctrl_c:
-        os.kill(os.getpid(), ctrl_c.pop())
-    return await start(self)
+def after_a_ctrl_c(method):  # the first call sends SIGINT to this process, then goes on
+    async def interrupted(self, *args, **kwargs):
+        if ctrl_c:
+            os.kill(os.getpid(), ctrl_c.pop())
+        return await method(self, *args, **kwargs)
+    return interrupted
 
-Nanny.start_unsafe = start_after_a_ctrl_c
+if sys.argv[2] == "start":  # while Dask starts the run's first worker
+    Nanny.start_unsafe = after_a_ctrl_c(Nanny.start_unsafe)
+else:  # while Dask closes the run's cluster, its shards done
+    Scheduler.close = after_a_ctrl_c(Scheduler.close)
 
 def workers():  # the worker processes (the forkserver's children) still alive, at most 30 s on
     me = psutil.Process()
@@ -352,13 +358,16 @@ if __name__ == "__main__":
 '''
 
 
-def test_a_ctrl_c_while_the_cluster_starts_leaves_no_cluster_behind(tmp_path: Path, slide_path: Path,
-                                                                     mean_model: Path) -> None:
-    """A notebook's interrupt that landed while Dask started the local cluster (its constructor
-    waits on Dask's event loop) abandoned the half-made cluster: nothing closed it, its worker
-    process started after the run had stopped and lived as long as the kernel, and Dask's exit
-    handler failed on it ("AssertionError: Status.closing_gracefully"). Now the start is let
-    finish and closed, then the interrupt raised; a resume in the same process finishes."""
+@pytest.mark.parametrize("where", ["start", "close"])
+def test_a_ctrl_c_while_dask_starts_or_closes_the_cluster_leaves_nothing_behind(
+        tmp_path: Path, slide_path: Path, mean_model: Path, where: str) -> None:
+    """A notebook's interrupt landing while Dask started the local cluster (its constructor waits
+    on Dask's event loop) abandoned the half-made cluster: nothing closed it, its worker process
+    started after the run had stopped and lived as long as the kernel, and Dask's exit handler
+    failed on it ("AssertionError: Status.closing_gracefully"). Landing in the cluster's close,
+    it cancelled the close half-way (Dask cancels what an interrupted wait waits on): the
+    cluster stayed "closing", with its event loop thread, for the life of the process. Now
+    either is let finish, then the interrupt raised; a resume in the same process finishes."""
     import json
     import subprocess
     import sys
@@ -366,9 +375,9 @@ def test_a_ctrl_c_while_the_cluster_starts_leaves_no_cluster_behind(tmp_path: Pa
     job = write_job(tmp_path / "job.yaml", slide_job([str(slide_path)], mean_model, tmp_path / "out",
                                                      run={"profile": "local", "workers": 1}))
     script = tmp_path / "notebook.py"
-    script.write_text(_INTERRUPTED_IN_THE_CLUSTER_START)
-    done = subprocess.run([sys.executable, str(script), str(job)], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    script.write_text(_INTERRUPTED_IN_DASK)
+    done = subprocess.run([sys.executable, str(script), str(job), where], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome == {"stopped": "interrupted", "clusters": 0, "workers": 0, "resumed": [0, True], "then": 0}
@@ -578,3 +587,39 @@ def test_open_results_while_a_run_writes_the_output_says_to_wait_not_to_resume(
     assert "--resume" not in seen[1]
     assert "predictions(partial=True)" in seen[1]
     assert gpubatch.open_results(out).predictions()["slide"].nunique() == 3
+
+
+_INSIDE_A_RUNNING_EVENT_LOOP = '''
+import asyncio, json, sys
+import gpubatch
+
+async def cell():  # a Jupyter cell: the kernel's event loop runs in this thread
+    direct = gpubatch.run(sys.argv[1], show_progress=False, output__uri="direct")
+    loop = asyncio.get_running_loop()
+    off = await loop.run_in_executor(None, lambda: gpubatch.run(sys.argv[1], show_progress=False,
+                                                                 output__uri="executor"))
+    return [direct.exit_code, off.exit_code, len(gpubatch.open_results("executor").predictions())]
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(asyncio.wait_for(cell(), 200))))
+'''
+
+
+def test_a_local_run_from_inside_a_running_event_loop_finishes(tmp_path: Path, slide_path: Path,
+                                                               mean_model: Path) -> None:
+    """Jupyter runs cells with its event loop running in the main thread, where a synchronous
+    Dask client is a known pitfall: gpubatch.run on the local profile, called straight from a
+    coroutine and through run_in_executor, finishes both ways (held when tried; kept so)."""
+    import json
+    import subprocess
+    import sys
+
+    job = write_job(tmp_path / "job.yaml", slide_job([str(slide_path)], mean_model, tmp_path / "out",
+                                                     run={"profile": "local", "workers": 1}))
+    script = tmp_path / "notebook.py"
+    script.write_text(_INSIDE_A_RUNNING_EVENT_LOOP)
+    done = subprocess.run([sys.executable, str(script), str(job)], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    direct, off, rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert direct == off == 0 and rows > 0

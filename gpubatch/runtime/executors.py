@@ -494,9 +494,22 @@ class DaskExecutor(Executor):
         return self._memory_kill(worker) or self._lost.cause_of(worker)
 
     def close(self) -> None:
-        """Close the client (and the cluster it started). A client that lost its scheduler is
-        still trying to reconnect, and closing it logs that loop's cancellation as an error with
-        a traceback under the run's one line saying why it stopped: that is left to ``-v``."""
+        """Close the client (and the cluster it started), on a helper thread waited for here: a
+        Ctrl-C landing in Dask's close (the run's last second) cancelled it half-way, since Dask's
+        sync wait cancels what it waits on when interrupted, and left the cluster "closing" for
+        the life of the process, with its event loop thread. Here the close is let finish, then
+        the interrupt raised."""
+        from gpubatch.core.threads import made_off_the_main_thread
+
+        closed = made_off_the_main_thread(self._close_now, lambda _: None, 2 * CLOSE_TIMEOUT_S + 5,
+                                          "gpubatch-cluster-close")
+        if closed is None:
+            log.warning("the Dask client or cluster did not close within %d s; left behind", 2 * CLOSE_TIMEOUT_S + 5)
+
+    def _close_now(self) -> bool:
+        """Close the client, then the cluster. A client that lost its scheduler is still trying
+        to reconnect, and closing it logs that loop's cancellation as an error with a traceback
+        under the run's one line saying why it stopped: that is left to ``-v``."""
         quiet = _quieted("distributed.client") if self._scheduler_lost else contextlib.nullcontext()
         try:
             with quiet:
@@ -508,6 +521,7 @@ class DaskExecutor(Executor):
                     forget_closed_servers()
             finally:
                 self.on_close()
+        return True
 
 
 def _not_restarted(how: str) -> str:
