@@ -344,3 +344,90 @@ def test_one_slide_of_an_unfinished_output_is_read_without_the_rest(tmp_path: Pa
     peak_one, peak_whole, columns, same = json.loads(done.stdout.strip().splitlines()[-1])
     assert columns == ["x"] and same
     assert peak_one * 3 < peak_whole, (peak_one, peak_whole)
+
+
+def test_a_second_run_into_the_same_output_from_another_thread_is_refused_and_the_first_finishes(
+        tmp_path: Path, slides_dir: Path, mean_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads of one notebook run one job into one output, the second while the first has
+    committed a shard: the second is refused, saying it is this process's own other run (the
+    lease's words named this process's pid as "another run" and said to wait for its lease to go
+    stale if it was killed), and the first finishes every slide."""
+    import threading
+
+    import gpubatch
+    from gpubatch.runtime.progress import Progress
+
+    job = write_job(tmp_path / "job.yaml", slide_job([str(p) for p in sorted(slides_dir.glob("*.tif"))],
+                                                     mean_model, tmp_path / "out"))
+    update, refused = Progress.update, []
+
+    def second_run() -> None:
+        try:
+            gpubatch.run(job, show_progress=False, resume=True)
+        except gpubatch.SpecError as exc:
+            refused.append(str(exc))
+
+    def update_then_run_again(self: Progress, result: Any) -> None:
+        update(self, result)
+        if threading.current_thread().name != "second" and not refused:
+            second = threading.Thread(target=second_run, name="second")
+            second.start()
+            second.join(120)
+
+    monkeypatch.setattr(Progress, "update", update_then_run_again)
+    first = gpubatch.run(job, show_progress=False)
+    assert first.exit_code == 0 and first.complete and first.report["shards_done"] == 3
+    assert len(refused) == 1 and "another run is writing this output" in refused[0]
+    assert "in this same process" in refused[0]
+    assert "stale" not in refused[0]
+    assert gpubatch.open_results(tmp_path / "out").predictions()["slide"].nunique() == 3
+
+
+def test_open_results_says_what_the_run_said_of_an_output_whose_every_input_failed(tmp_path: Path) -> None:
+    """A finished run whose every input was quarantined returned exit code 1 (as the CLI exits),
+    and open_results of its output said 3, partial, as if some inputs had been done."""
+    import gpubatch
+    from gpubatch.cli.demo import make_mean_colour_model
+
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00" + b"not a slide" * 20)
+    job = slide_job([str(bad)], make_mean_colour_model(tmp_path / "m.onnx"), tmp_path / "out")
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job), show_progress=False)
+    assert result.exit_code == 1 and len(result.failed) == 1
+    again = gpubatch.open_results(tmp_path / "out")
+    assert again.complete and again.exit_code == 1 and again.failed == result.failed
+
+
+def test_open_results_while_a_run_writes_the_output_says_to_wait_not_to_resume(
+        tmp_path: Path, slides_dir: Path, mean_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notebook reading an output another cell (or process) is still writing was told its run
+    "did not finish" and to finish it with `gpubatch run JOB --resume`, which the run's lease
+    then refuses. It is told which run is writing it and to wait, or to read what is committed."""
+    import re
+
+    import gpubatch
+    from gpubatch.core.errors import UnfinishedOutputError
+    from gpubatch.runtime.progress import Progress
+
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", slide_job([str(p) for p in sorted(slides_dir.glob("*.tif"))],
+                                                     mean_model, out))
+    update, seen = Progress.update, []
+
+    def update_then_read(self: Progress, result: Any) -> None:
+        update(self, result)
+        if not seen:
+            reading = gpubatch.open_results(out)
+            seen.append((reading.complete, reading.exit_code, reading.report["state"]))
+            with pytest.raises(UnfinishedOutputError) as said:
+                reading.predictions()
+            seen.append(str(said.value))
+            seen.append(reading.predictions(partial=True)["slide"].nunique())
+
+    monkeypatch.setattr(Progress, "update", update_then_read)
+    assert gpubatch.run(job, show_progress=False).exit_code == 0
+    assert seen[0] == (False, 3, "running") and seen[2] >= 1
+    assert re.search(r"is writing it now \(\d of 3 shards committed so far\)", seen[1]), seen[1]
+    assert "--resume" not in seen[1]
+    assert "predictions(partial=True)" in seen[1]
+    assert gpubatch.open_results(out).predictions()["slide"].nunique() == 3

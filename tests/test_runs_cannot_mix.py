@@ -149,6 +149,26 @@ def test_a_folder_gpubatch_did_not_make_is_refused_and_left_alone(tmp_path: Path
         gpubatch.run(write_job(tmp_path / "job2.yaml", slide_job([str(slides / "s0.tif")], classifier, as_file)))
 
 
+def test_a_new_output_another_run_is_marking_this_instant_is_not_called_foreign(tmp_path: Path, slides: Path,
+                                                                                 classifier: Path) -> None:
+    """Two runs started at once on a new output (two threads of a notebook, two terminals): the
+    one that looked while the other's marker was still under its temporary name was refused as
+    if the folder held a user's files ("holds files that gpubatch did not write; give an empty or
+    new folder"), not by the lease that names the run writing it. A user's file beside such a
+    temporary is still refused."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{TMP_PREFIX}1a2b3c4d-{MARKER}").write_text("{}")  # the other run's marker, an instant before its rename
+    job = write_job(tmp_path / "job.yaml", slide_job([str(slides / "s0.tif")], classifier, out))
+    assert gpubatch.run(job, show_progress=False).exit_code == 0
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / f"{TMP_PREFIX}1a2b3c4d-{MARKER}").write_text("{}")
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(SpecError, match="did not write"):
+        gpubatch.run(write_job(tmp_path / "f.yaml", slide_job([str(slides / "s0.tif")], classifier, foreign)))
+
+
 def test_overwrite_removes_only_what_gpubatch_wrote(tmp_path: Path, slides: Path, classifier: Path) -> None:
     job = _job(tmp_path, slides, classifier)
     gpubatch.run(job)

@@ -53,6 +53,35 @@ def test_the_previous_handlers_come_back_and_an_ignored_sigint_stays_ignored() -
         signal.signal(signal.SIGINT, previous_int)
 
 
+def test_a_ctrl_c_during_an_import_comes_after_it_not_inside_it(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh process's first run (a notebook's first cell) spends seconds importing pandas,
+    Dask and ONNX Runtime, and a Ctrl-C there landed inside an import: the module stayed
+    half-imported for the rest of the process (the next run: "partially initialized module
+    'pandas' has no attribute '_pandas_datetime_CAPI'"), or importlib's lock stayed held and the
+    next run's Dask event loop thread waited on it ("assert loop is not None" after 10 s). Now
+    the import finishes and the interrupt is raised just after it."""
+    import time
+
+    (tmp_path / "slow_to_import.py").write_text(
+        "import os, signal\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "for _ in range(100_000):  # the handler runs here, inside the module's import\n"
+        "    pass\n"
+        "WHOLE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    imported = False
+    try:
+        with stop_on_signals(), pytest.raises(KeyboardInterrupt):
+            import slow_to_import  # noqa: F401
+            imported = True
+            for _ in range(500):  # the signal, sent again after the import, ends this
+                time.sleep(0.01)
+        assert imported and sys.modules["slow_to_import"].WHOLE
+    finally:
+        sys.modules.pop("slow_to_import", None)
+
+
 def test_a_run_whose_ctrl_c_a_finaliser_swallowed_stops_at_the_next_poll(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The CI failure, made certain: Ctrl-C lands in a finaliser on the client after two shards

@@ -17,6 +17,14 @@ EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 
 
+def finished_run_exit_code(failed: int, done: int) -> int:
+    """A finished run's exit code: 0 every input done, 3 some quarantined, 1 every one failed. The
+    run's own and ``open_results``' of its output (which said 3 where the run had said 1)."""
+    if not failed:
+        return EXIT_OK
+    return EXIT_PARTIAL if done else EXIT_ERROR
+
+
 class GpubatchError(Exception):
     """Base of every error gpubatch raises on purpose."""
 

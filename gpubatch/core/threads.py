@@ -3,7 +3,8 @@
 A worker process forked from the forkserver starts with no threads, and most of its pools are
 needed only by some inputs (streamed slides, object storage), so each is made when first asked
 for and then shared by every shard the process runs: the read-ahead fetches, the slides opened
-ahead, the first header request of an opening, the input-identity lookups.
+ahead, the first header request of an opening, the input-identity lookups. And the other thread
+helpers: per-thread context, lock-free cached properties, a thing made off the main thread.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import contextlib
 import functools
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+T = TypeVar("T")
 _pools: dict[str, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
 
@@ -77,3 +79,67 @@ def unlock_cached_properties(*classes: type) -> None:
                 unlocked = _LockFreeCachedProperty(attr.func)
                 unlocked.attrname, unlocked.__doc__ = attr.attrname, attr.__doc__
                 setattr(cls, name, unlocked)
+
+
+class _Making(Generic[T]):
+    """What a helper thread makes, handed to the caller or, once the caller has given up on it,
+    closed by whichever side holds it last."""
+
+    def __init__(self, make: Callable[[], T], close: Callable[[T], None]):
+        self.make, self.close = make, close
+        self.done = threading.Event()
+        self.value: T | None = None
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def run(self) -> None:
+        try:
+            value = self.make()
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            self.error = exc
+            self.done.set()
+            return
+        with self._lock:
+            abandoned = self._abandoned
+            if not abandoned:
+                self.value = value
+        self.done.set()
+        if abandoned:
+            self.close(value)
+
+    def abandon(self) -> None:
+        """No caller will take the value: close it now, or when it comes."""
+        with self._lock:
+            self._abandoned, value, self.value = True, self.value, None
+        if value is not None:
+            self.close(value)
+
+
+def made_off_the_main_thread(make: Callable[[], T], close: Callable[[T], None], timeout_s: float,
+                             name: str) -> T | None:
+    """``make()`` run on a helper thread named ``name`` and waited for here, at most ``timeout_s``
+    (None when it did not finish: whatever it makes later is closed); its exception is raised here.
+
+    A signal's exception (Ctrl-C) is raised in the main thread only, wherever it is: inside a
+    constructor that waits on an event loop (Dask's clusters and clients) it left a half-made
+    object no one could close, whose work went on without it. Here it is raised in this wait
+    instead: what ``make`` is making is let finish (``timeout_s`` more at most), closed, and the
+    exception raised on.
+    """
+    making = _Making(make, close)
+    threading.Thread(target=making.run, name=name, daemon=True).start()
+    try:
+        making.done.wait(timeout_s)
+    except BaseException:
+        try:
+            making.done.wait(timeout_s)
+        finally:
+            making.abandon()
+        raise
+    if not making.done.is_set():
+        making.abandon()
+        return None
+    if making.error is not None:
+        raise making.error
+    return making.value

@@ -38,7 +38,7 @@ from typing import Any
 
 from gpubatch.core.errors import GpubatchError, SpecError
 from gpubatch.io.redact import redact
-from gpubatch.outputs.layout import LEASE, MARKER
+from gpubatch.outputs.layout import LEASE, MARKER, TMP_PREFIX
 from gpubatch.outputs.store import OutputStore
 
 log = logging.getLogger("gpubatch")
@@ -67,10 +67,18 @@ def check_output_folder(store: OutputStore, given: str) -> bool:
         raise SpecError([("output.uri", f"{store.uri} is a file, not a folder")])
     if store.exists(MARKER):
         return True
-    if not store.is_empty():
+    if not _empty_or_being_marked(store):
         raise SpecError([("output.uri", f"{redact(store.uri)} holds files that gpubatch did not write "
                                         f"(no {MARKER} marker); give an empty or new folder")])
     return False
+
+
+def _empty_or_being_marked(store: OutputStore) -> bool:
+    """Whether the folder is empty, or holds nothing but the marker another run is writing this
+    instant (its temporary name, renamed to the marker next): two runs started at once on a new
+    output, the second refused as if the folder held a user's files ("holds files that gpubatch
+    did not write") instead of by the lease, which says which run is writing it."""
+    return all(name.startswith(TMP_PREFIX) and name.endswith(f"-{MARKER}") for name in store.listdir())
 
 
 def _too_broad(path: Path) -> bool:
@@ -300,6 +308,10 @@ def _dead_here(held: dict[str, Any]) -> bool:
 
 
 def _held_message(held: dict[str, Any], age: float, stale_s: float) -> str:
+    if held.get("host") == socket.gethostname() and held.get("pid") == os.getpid():
+        return (f"another run is writing this output: run {held.get('run_id', '?')}, in this same process "
+                "(gpubatch.run called from another thread, or a call still going). Wait for it to finish "
+                "or use another output.uri")
     return (f"another run is writing this output: run {held.get('run_id', '?')} on host "
             f"{held.get('host', '?')} (pid {held.get('pid', '?')}), last heartbeat {age:.0f} s ago. "
             f"Wait for it to finish or use another output.uri; if it was killed, its lease goes "

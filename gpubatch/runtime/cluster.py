@@ -22,7 +22,9 @@ from typing import Any
 from gpubatch.core.cpu import quota_cores
 from gpubatch.core.cpu import usable_cores as cpu_count
 from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
+from gpubatch.core.threads import made_off_the_main_thread
 from gpubatch.core.yaml_text import load_yaml_text
+from gpubatch.runtime.borrowed import ENVIRON_LOCK, borrow
 from gpubatch.runtime.executors import DaskExecutor, Executor, InlineExecutor
 
 log = logging.getLogger("gpubatch")
@@ -38,6 +40,12 @@ SCHEDULER_TIMEOUT_S = 10
 SCHEDULER_LOG_LENGTH = 50
 #: where the Dask dashboard listens when a profile says ``dashboard: true``
 DASHBOARD_DEFAULT = "127.0.0.1:8787"
+#: how long a run waits for the cluster it starts (Dask's own start fails sooner on most errors)
+CLUSTER_START_TIMEOUT_S = 300
+#: gpubatch's clients are its own: made the process's default, a client took the place of the
+#: caller's (a notebook's ``dask.compute`` went to gpubatch's cluster while a run lasted), and
+#: Dask's ``wait`` on another thread's run found the latest run's client, not its own
+NOT_THE_DEFAULT_CLIENT = {"set_as_default": False}
 
 
 def load_profile(name_or_path: str) -> dict[str, Any]:
@@ -108,39 +116,20 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
         if not address:
             raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
         return _watching(DaskExecutor(connect_scheduler(address), None, resources))
-    settings = _dask_settings(kind)  # held while the cluster lives, then the caller's again
-    with _FORKSERVER_LOCK:  # not while the forkserver's start holds WORKER_ENV in os.environ
-        environ = dict(os.environ)
-
-    def put_back() -> None:
-        settings.__exit__(None, None, None)
-        restore_environ(environ)
-
+    give_back = borrow(_dask_settings(kind))  # held while the cluster lives, then the caller's again
     try:
-        executor = _start_executor(kind, profile, n_workers, resources, log_dir, job_name, leave_after_s)
+        executor = made_off_the_main_thread(
+            lambda: _start_executor(kind, profile, n_workers, resources, log_dir, job_name, leave_after_s),
+            DaskExecutor.close, CLUSTER_START_TIMEOUT_S, "gpubatch-cluster-start")
     except BaseException:
-        put_back()
+        give_back()
         raise
-    executor.on_close = put_back
+    if executor is None:
+        give_back()
+        raise GpubatchError(f"the {kind} Dask cluster did not start within {CLUSTER_START_TIMEOUT_S} s "
+                            f"({n_workers} worker(s)); run with -v to see Dask's own log of its start")
+    executor.on_close = give_back
     return executor
-
-
-#: set by distributed for its own children to read (proctitle), not a setting of the caller's
-_DASK_OWN_ENV = ("__DASK_PARENT_PID",)
-
-
-def restore_environ(before: dict[str, str]) -> None:
-    """os.environ as it was ``before``, for every variable changed since. Dask's nannies set their
-    pre-spawn environment (OMP_NUM_THREADS=1, MKL and OpenBLAS threads, MALLOC_*, PYTHONHASHSEED,
-    gpubatch's WORKER_ENV) in this process before each worker starts, and left it there: a
-    notebook's numpy and torch ran on one thread after a local run."""
-    for key in set(os.environ) | set(before):
-        if key in _DASK_OWN_ENV or os.environ.get(key) == before.get(key):
-            continue
-        if key in before:
-            os.environ[key] = before[key]
-        else:
-            os.environ.pop(key, None)
 
 
 def _watching(executor: DaskExecutor) -> DaskExecutor:
@@ -164,7 +153,7 @@ def _start_executor(kind: str, profile: dict[str, Any], n_workers: int, resource
         logs = str(profile.get("log_directory") or log_dir or os.path.abspath("gpubatch-logs"))
         cluster, diagnose = start_slurm_cluster(dict(profile.get("slurm") or {}), n_workers, logs, job_name)
         try:
-            client = Client(cluster)
+            client = Client(cluster, **NOT_THE_DEFAULT_CLIENT)
             if leave_after_s:
                 from gpubatch.runtime.orphans import LeaveWithoutScheduler
 
@@ -185,7 +174,7 @@ def _start_executor(kind: str, profile: dict[str, Any], n_workers: int, resource
     if dashboard_address(profile):
         log.info("Dask dashboard: %s", cluster.dashboard_link)
     try:
-        return _watching(DaskExecutor(Client(cluster), cluster, resources))
+        return _watching(DaskExecutor(Client(cluster, **NOT_THE_DEFAULT_CLIENT), cluster, resources))
     except BaseException:
         cluster.close()
         raise
@@ -201,22 +190,15 @@ def connect_scheduler(address: str) -> Any:
     """
     from distributed import Client
 
-    box: dict[str, Any] = {}
-
-    def connect() -> None:
-        try:
-            box["client"] = Client(address, timeout=f"{SCHEDULER_TIMEOUT_S}s")
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            box["error"] = exc
-
-    helper = threading.Thread(target=connect, name="gpubatch-connect", daemon=True)
-    helper.start()
-    helper.join(SCHEDULER_TIMEOUT_S + 2)
-    if "client" in box:
-        return box["client"]
-    if "error" in box and not isinstance(box["error"], (OSError, TimeoutError, ValueError)):
-        raise box["error"]
-    why = type(box["error"]).__name__ if "error" in box else "no answer"
+    try:
+        client = made_off_the_main_thread(
+            lambda: Client(address, timeout=f"{SCHEDULER_TIMEOUT_S}s", **NOT_THE_DEFAULT_CLIENT),
+            lambda made: made.close(), SCHEDULER_TIMEOUT_S + 2, "gpubatch-connect")
+        why = "no answer"
+    except (OSError, TimeoutError, ValueError) as exc:
+        client, why = None, type(exc).__name__
+    if client is not None:
+        return client
     raise GpubatchError(f"cannot reach the Dask scheduler at {address} within {SCHEDULER_TIMEOUT_S} s "
                         f"({why}); check the address (tcp://HOST:PORT, port 8786 by default) and that "
                         "the scheduler is running and reachable from here")
@@ -324,7 +306,6 @@ def _mp_method() -> str:
 #: - pyarrow's default pool (mimalloc) keeps what the first commit used for the life of the worker.
 WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(4 << 20),
               "MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}
-_FORKSERVER_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -347,7 +328,7 @@ def _ensure_forkserver() -> None:
 
     from distributed.utils import get_mp_context
 
-    with _FORKSERVER_LOCK, _worker_environ():
+    with ENVIRON_LOCK, _worker_environ():
         ctx = get_mp_context()  # Dask registers its own preload list first
         ctx.set_forkserver_preload(["distributed", *WORKER_MODULES])
         forkserver.ensure_running()
@@ -369,9 +350,9 @@ def start_worker_imports(profile: dict[str, Any]) -> None:
     threading.Thread(target=start, name="gpubatch-forkserver", daemon=True).start()
 
 
-def _dask_settings(kind: str) -> Any:
-    """The Dask settings a cluster gpubatch starts runs under, set now; the returned object's
-    ``__exit__`` puts back the caller's (a notebook's own clusters later must not inherit them).
+def _dask_settings(kind: str) -> dict[str, Any]:
+    """The Dask settings a cluster gpubatch starts runs under (runtime.borrowed sets them while it
+    lives: a notebook's own clusters later must not inherit them).
 
     The scheduler's low-level logs (transitions, events) live in the client process for every
     profile gpubatch starts a scheduler for: at Dask's default of 1,000 entries per log they were
@@ -379,7 +360,6 @@ def _dask_settings(kind: str) -> Any:
     gpubatch's environment, no sampling profiler (it wakes every 10 ms in every worker: not ours
     to pay) and the process start method of ``_mp_method``.
     """
-    import dask
     import distributed  # noqa: F401 - its defaults first: else undoing these settings took them too
 
     settings: dict[str, Any] = {"distributed.admin.low-level-log-length": SCHEDULER_LOG_LENGTH}
@@ -387,7 +367,7 @@ def _dask_settings(kind: str) -> Any:
         settings.update({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()})
         settings.update({"distributed.worker.profile.enabled": False,
                          "distributed.worker.multiprocessing-method": _mp_method()})
-    return dask.config.set(settings)
+    return settings
 
 
 def local_cuda_kwargs(profile: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,11 @@ from gpubatch.core.errors import GpubatchError
 from gpubatch.engine.item_reports import TOPIC as ITEMS_TOPIC
 from gpubatch.engine.item_reports import ShardItems, reports_to
 from gpubatch.io.redact import redact
+from gpubatch.runtime.dask_bookkeeping import (
+    forget_closed_servers,
+    forget_key_names,
+    trim_scheduler,
+)
 from gpubatch.runtime.losses import LostWorkers, WorkerJobs
 from gpubatch.runtime.waiting import NoWorkers
 
@@ -308,17 +313,20 @@ class DaskExecutor(Executor):
         (Dask cancels every future of a client that lost its scheduler: none will finish)."""
         from concurrent.futures import CancelledError
 
-        from distributed import wait
+        from distributed.client import _wait  # distributed.wait, on this client's event loop
         from distributed.utils import TimeoutError as DaskTimeout
 
-        try:
-            return set(wait(list(pending), timeout=timeout, return_when="FIRST_COMPLETED").done)
+        if self.client.status in ("closing", "closed"):
+            raise self._client_closed()
+        try:  # distributed.wait waits on the process's default client's loop: another run's, or the caller's
+            done = self.client.sync(_wait, list(pending), timeout=timeout, return_when="FIRST_COMPLETED").done
+            return set(done)
         except (TimeoutError, DaskTimeout):
             return set()
         except CancelledError as exc:
             self._scheduler_lost = True
             raise SchedulerLost(_cancel_reasons(exc)) from None
-        except ValueError:  # distributed.wait found no client: ours had closed itself
+        except (ValueError, RuntimeError):  # its event loop stopped: our client had closed itself
             if self.client.status not in ("closing", "closed"):
                 raise
             raise self._client_closed() from None
@@ -486,9 +494,22 @@ class DaskExecutor(Executor):
         return self._memory_kill(worker) or self._lost.cause_of(worker)
 
     def close(self) -> None:
-        """Close the client (and the cluster it started). A client that lost its scheduler is
-        still trying to reconnect, and closing it logs that loop's cancellation as an error with
-        a traceback under the run's one line saying why it stopped: that is left to ``-v``."""
+        """Close the client (and the cluster it started), on a helper thread waited for here: a
+        Ctrl-C landing in Dask's close (the run's last second) cancelled it half-way, since Dask's
+        sync wait cancels what it waits on when interrupted, and left the cluster "closing" for
+        the life of the process, with its event loop thread. Here the close is let finish, then
+        the interrupt raised."""
+        from gpubatch.core.threads import made_off_the_main_thread
+
+        closed = made_off_the_main_thread(self._close_now, lambda _: None, 2 * CLOSE_TIMEOUT_S + 5,
+                                          "gpubatch-cluster-close")
+        if closed is None:
+            log.warning("the Dask client or cluster did not close within %d s; left behind", 2 * CLOSE_TIMEOUT_S + 5)
+
+    def _close_now(self) -> bool:
+        """Close the client, then the cluster. A client that lost its scheduler is still trying
+        to reconnect, and closing it logs that loop's cancellation as an error with a traceback
+        under the run's one line saying why it stopped: that is left to ``-v``."""
         quiet = _quieted("distributed.client") if self._scheduler_lost else contextlib.nullcontext()
         try:
             with quiet:
@@ -497,8 +518,10 @@ class DaskExecutor(Executor):
             try:
                 if self.cluster is not None:
                     self.cluster.close(timeout=CLOSE_TIMEOUT_S)
+                    forget_closed_servers()
             finally:
                 self.on_close()
+        return True
 
 
 def _not_restarted(how: str) -> str:
@@ -542,45 +565,6 @@ def _slots_of(info: dict[str, Any], needs: dict[str, float] | None) -> int:
             have = float(info.get("resources", {}).get(name, 0))
             slots = min(slots, int(have // need))
     return slots
-
-
-def trim_scheduler(dask_scheduler: Any) -> int:
-    """What the scheduler keeps of every task it has seen and forgotten, trimmed; call it on the
-    scheduler's event loop. Returns the span records folded."""
-    forget_key_names()
-    return forget_span_collections(dask_scheduler)
-
-
-def forget_key_names() -> None:
-    """Empty Dask's cache of task-name prefixes. ``dask.utils.key_split`` caches its answer for
-    the last 100,000 keys it saw; every shard's key is new, so in the process running the
-    scheduler that cache held every shard's key (about 250 bytes each) up to 100,000 shards:
-    bench/bench_client.py's growth. Clearing it costs a re-split of the keys in flight."""
-    from dask.utils import key_split
-
-    key_split.cache_clear()
-
-
-def forget_span_collections(dask_scheduler: Any) -> int:
-    """Fold the repeats out of each span's list of submitted collections; returns how many went.
-
-    Dask's scheduler appends one ``{"type": "Future"}`` entry to the active span for every
-    ``client.submit`` and keeps spans for the cluster's life (dask/distributed#7977), about
-    200 bytes per shard in the process running the scheduler, which for the local and SLURM
-    profiles is the gpubatch client. What the span shows (which kinds of collection ran) is kept.
-    """
-    removed = 0
-    for span in getattr(dask_scheduler.extensions.get("spans"), "spans", {}).values():
-        collections = (getattr(span, "_metadata", None) or {}).get("collections")
-        if not collections or len(collections) < 2:
-            continue
-        unique: list[Any] = []
-        for entry in collections:
-            if entry not in unique:
-                unique.append(entry)
-        removed += len(collections) - len(unique)
-        collections[:] = unique
-    return removed
 
 
 def _shard_of(key: Any) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL
+from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL, finished_run_exit_code
 from gpubatch.core.plural import plural
 from gpubatch.outputs.layout import PREDICTIONS, SLIDE_PREDICTIONS, ZARR
 from gpubatch.outputs.store import OutputStore
@@ -41,11 +41,24 @@ class Result:
         from gpubatch.io.redact import redact
 
         done, total = self.report.get("shards_done"), self.report.get("shards_total")
+        committed = f"{done} of {total if total is not None else '?'} {plural(total, 'shard')} committed"
+        partial = ", or read what is committed with predictions(partial=True)" if what == PREDICTIONS else ""
+        writer = self._live_writer()
+        if writer is not None:  # "finish it with --resume" sent the reader to a run the lease refuses
+            raise UnfinishedOutputError(
+                f"{redact(self.output_uri)}: run {writer.get('run_id', '?')} is writing it now ({committed} so "
+                f"far) and {what} is written at its end; wait for it to finish{partial}")
         raise UnfinishedOutputError(
             f"{redact(self.output_uri)}: its latest run did not finish ({self.report.get('state', 'unknown')}, "
-            f"{done} of {total if total is not None else '?'} {plural(total, 'shard')} committed) and {what} is written at a "
-            "run's end; finish it with `gpubatch run JOB --resume`"
-            + (", or read what is committed with predictions(partial=True)" if what == PREDICTIONS else ""))
+            f"{committed}) and {what} is written at a run's end; finish it with `gpubatch run JOB --resume`"
+            + partial)
+
+    def _live_writer(self) -> dict[str, Any] | None:
+        """The lease of the run writing the output now (its heartbeat is fresh), or None."""
+        from gpubatch.outputs.lease import live_holder
+        from gpubatch.spec import RunSpec
+
+        return live_holder(self.store, RunSpec.model_fields["lease_stale_s"].default)
 
     def predictions(self, slide: str | None = None, *, columns: list[str] | None = None,
                     filters: list[Any] | None = None, partial: bool = False) -> Any:
@@ -211,5 +224,5 @@ def open_results(outdir: str, storage: dict[str, Any] | None = None) -> Result:
     report = finished_report(store) or summarize_output(store)
     failed = report.get("failed", [])
     unfinished = report.get("complete", True) is False  # never 0: not every input is done
-    code = EXIT_PARTIAL if failed or unfinished else EXIT_OK
+    code = EXIT_PARTIAL if unfinished else finished_run_exit_code(len(failed), int(report.get("shards_done") or 0))
     return Result(report, store.uri, code, failed, dict(storage or {}))

@@ -24,14 +24,12 @@ from typing import Any
 from gpubatch import __version__
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import (
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_PARTIAL,
     DiskFull,
     InputError,
     OutputsNotWrittenError,
     disk_full,
     disk_full_message,
+    finished_run_exit_code,
 )
 from gpubatch.core.files import cache_root, file_sha256
 from gpubatch.core.memory import collections_of_this_run, hand_back_freed_memory
@@ -380,7 +378,7 @@ class _Run:
                                            "kind": job.kind})
         self.ledger.event("run_finish", done=done, failed=len(self.failed), total=len(shards))
         self.ledger.materialize(record_name(r.shard_id) for r in in_plan())
-        code = (EXIT_PARTIAL if done else EXIT_ERROR) if self.failed else EXIT_OK
+        code = finished_run_exit_code(len(self.failed), done)
         return Result(summary, store.uri, code, self.failed, dict(job.output.storage))
 
 

@@ -15,6 +15,13 @@ SIGHUP is the terminal closing (an SSH session that dropped under a foreground r
 like SIGTERM, after the terminal's outputs are pointed at /dev/null, since every write to a
 hung-up terminal fails (EIO) and one failing in the stop would take the status write's place.
 A run started under ``nohup`` (SIGHUP ignored) is left to outlive its terminal.
+
+A signal that comes while the main thread is inside an import is delivered again once the import
+is over (within milliseconds of it): raised inside one, it broke the process for good. A module
+interrupted half-way stays half-imported (pandas then failed to import for the rest of the
+process, and a notebook needed a restart), and one landing inside importlib's own bookkeeping
+left the interpreter's import lock held, so the next thread to import (the next run's Dask event
+loop) waited on it for ever. The first run in a fresh process or notebook spends seconds importing.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class Terminated(GpubatchError):
 
 #: the signals received while :func:`stop_on_signals` holds, until it ends
 _received: list[int] = []
+#: how soon a signal that came during an import is sent again (seconds)
+REDELIVER_S = 0.05
 #: the SLURM job this client runs in, if any (a SIGTERM at its end time is its time limit)
 _own_job: list[OwnJob] = []
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -68,14 +77,35 @@ def _quiet_gone_terminal() -> None:
                 point_at_devnull(fd)
 
 
+def _inside_an_import(frame: Any) -> bool:
+    """Whether the interrupted main thread is running an import: importlib's frames under it."""
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith("<frozen importlib.") or name.endswith(("importlib/_bootstrap.py",
+                                                                  "importlib/_bootstrap_external.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _deliver_again(signum: int) -> None:
+    """Send ``signum`` to this process again in REDELIVER_S, from a helper thread."""
+    timer = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     if signum == signal.SIGHUP:
         _quiet_gone_terminal()
+    if _inside_an_import(frame):  # raised here it breaks the import for good: after it, then
+        _deliver_again(signum)
+        return
     _received.append(signum)
     if len(_received) == 1:
         raise _stopped(signum)
     if len(_received) == 2:  # said once: a held-down Ctrl-C is not a screenful
-            _say(f"{signal.Signals(signum).name} while stopping: the workers are being stopped and the "
+        _say(f"{signal.Signals(signum).name} while stopping: the workers are being stopped and the "
              "interruption recorded, within seconds (kill -9 leaves that to --resume)")
 
 
