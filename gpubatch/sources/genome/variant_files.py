@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from gpubatch.core.errors import MissingExtraError, SpecError
+from gpubatch.io.redact import excerpt
 from gpubatch.sources.genome.variant_stream import (
     GZIP_MAGIC,
     Feed,
@@ -272,7 +273,8 @@ def _table_record(line: str, n: int, name: str, layout: Layout) -> RawRecord | M
                                          f"{'tab' if layout.delimiter == chr(9) else 'comma'}-separated "
                                          f"fields, got {len(fields)}: {line.strip()[:80]!r}")
     if not fields[cols["pos"]].isdigit():  # int() also takes '1_2' and '+12'
-        return MalformedRecord(where, n, f"POS {fields[cols['pos']]!r} is not an integer{_float_hint(fields[cols['pos']])}")
+        return MalformedRecord(where, n, f"POS {excerpt(fields[cols['pos']])} is not an integer"
+                                         f"{_float_hint(fields[cols['pos']])}")
     pos = int(fields[cols["pos"]])
     alt = fields[cols["alt"]]
     alts = () if alt in (".", "") else tuple(a.strip() for a in alt.split(","))
