@@ -267,6 +267,55 @@ def test_planning_memory_does_not_grow_with_the_bed(tmp_path: Path, monkeypatch:
     assert big < 100 * 80_000 / 10, f"{big / 80_000:.0f} bytes per region"
 
 
+def _bad_lines_peak(path: Path, lines: list[str]) -> tuple[int, list[Any]]:
+    """Peak traced bytes of planning a BED of ``lines`` (most of them bad) with bad lines
+    allowed, and its ``failed`` entries."""
+    import tracemalloc
+
+    bed = write(path.parent, "".join(lines), path.name)
+    tracemalloc.start()
+    try:
+        _, failed = resolve_regions(bed, CONTIGS, max_bad=0.99)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, failed
+
+
+@pytest.mark.parametrize("bad", ["long fields", "many unknown contigs"])
+def test_bad_lines_are_listed_in_memory_that_does_not_grow_with_them(tmp_path: Path, bad: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad line's field was quoted whole in its problem, each of the 1,000 listed held (and
+    written to report.json, 20 of them in a refusal): 20 MB for 1,000 lines of a 20 kB field.
+    And every contig off the reference was counted by name, for the refusal's naming line:
+    120 MB for a BED of 1,000,000 names of another assembly. Ten times either holds as much
+    (the names counted lowered to 1,000, so the test reads 50,000 lines, not 500,000)."""
+    from gpubatch.sources.genome import bad_records
+
+    monkeypatch.setattr(bad_records, "MAX_COUNTED_CONTIGS", 1000, raising=False)
+    def lines(n: int) -> list[str]:
+        if bad == "long fields":
+            return ["chr1\t10\t20\n"] * 20 + [f"chr1\t{'x' * n}\t20\n" for _ in range(1000)]
+        return ["chr1\t10\t20\n"] * (n // 50 + 1) + [f"scaffold_{i:08d}_of_another_assembly\t0\t10\n" for i in range(n)]
+
+    small_n, big_n = (1000, 10_000) if bad == "long fields" else (5_000, 50_000)
+    _bad_lines_peak(tmp_path / "warm.bed", lines(10))  # imports
+    small, _ = _bad_lines_peak(tmp_path / "small.bed", lines(small_n))
+    big, failed = _bad_lines_peak(tmp_path / "big.bed", lines(big_n))
+    with pytest.raises(SpecError) as refused:
+        resolve_regions(str(tmp_path / "big.bed"), CONTIGS)
+    refusal = str(refused.value)
+    assert big < small + (256 << 10), f"{small} traced bytes, then {big} for ten times the bad lines or bytes"
+    assert len(failed) >= 1000 and max(len(f["error"]) for f in failed) < 1000 and len(refusal) < 20_000
+    if bad == "long fields":
+        assert f"found start='{'x' * 60}'...({big_n:,} characters) end='20'" in failed[0]["error"]
+    else:
+        assert (f"{big_n} of {big_n + big_n // 50 + 1} records are on contigs the reference does not have: "
+                "'scaffold_00000000_of_another_assembly' (1 record)") in refusal
+        assert (f"and 992 more, {big_n - 1000} record(s) on contigs not counted by name (past the first 1,000, "
+                "or names of over 256 characters)") in refusal
+
+
 def test_a_spilled_plan_is_the_plan_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Regions on disk (``IN_MEMORY`` small, many sorted runs merged in two passes) give the
     same shards and notes as regions in memory, and the notes as an independent count: a region

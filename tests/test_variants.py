@@ -455,6 +455,29 @@ def test_bad_pos_and_non_sequence_ref_are_refused_with_the_line(tmp_path: Path, 
     assert err.value.problems[0][1].startswith(message)
 
 
+def test_a_long_field_is_quoted_by_its_start_and_length(tmp_path: Path) -> None:
+    """A record's REF (a structural variant's, spelled out), ALT list, contig or POS was quoted
+    whole in its problem, each of up to 1,000 listed held, written to report.json and printed: a
+    20 kB REF made a 20 kB line of the refusal, a 10 Mb one 10 MB."""
+    long_ref, long_alts = "ACGT" * 5000 + "R", ",".join(["A", "", "C" * 20_000])
+    records = [f"chr1\t1\t.\t{long_ref}\tA\t.\t.\t.", f"chr1\t5\t.\t{'A' * 20_000}\tA\t.\t.\t.",
+               f"chr2\t3\t.\tA\t{long_alts}\t.\t.\t.", f"chr{'Z' * 20_000}\t3\t.\tA\tC\t.\t.\t."]
+    with pytest.raises(SpecError) as err:
+        read_variants(write_vcf(tmp_path, records, header=HEADER.replace("chr2,length=120", "chr2,length=30000")),
+                      ContigTable(("chr1", "chr2"), (300, 30_000)))
+    problems = [m for _, m in err.value.problems]
+    assert max(map(len, problems)) < 400, [len(m) for m in problems]
+    assert f"REF '{'ACGT' * 15}'...(20,001 characters) holds IUPAC ambiguity codes (R)" in problems[1]
+    assert f"REF '{'A' * 60}'...(20,000 characters) at POS 5 runs past the end of chr1" in problems[2]
+    assert f"ALT 'A,.,{'C' * 56}'...(20,004 characters) lists an empty allele" in problems[3]
+    assert f"contig 'chr{'Z' * 57}'...(20,003 characters) is not in the reference" in problems[4]
+    table = tmp_path / "t.tsv"
+    table.write_text(f"chrom\tpos\tref\talt\nchr1\t2\tA\tC\nchr1\t{'9' * 9_999}x\tA\tC\n")
+    with pytest.raises(SpecError) as err:
+        read_variants(str(table), CONTIGS)
+    assert f"t.tsv line 3: POS '{'9' * 60}'...(10,000 characters) is not an integer" in str(err.value)
+
+
 def test_ref_n_is_sequence(tmp_path: Path) -> None:
     table = read_variants(write_vcf(tmp_path, ["chr1\t10\t.\tN\tG\t.\t.\t."]), CONTIGS)
     assert table.ref == ["N"]

@@ -171,3 +171,16 @@ def printable(text: Any, *, keep_newlines: bool = False) -> str:
 def safe_text(value: Any, *, keep_newlines: bool = False) -> str:
     """Redacted and printable: the form of any user- or file-derived text on a terminal or log."""
     return printable(redact(str(value)), keep_newlines=keep_newlines)
+
+
+#: characters of a file's field that a message quotes: a 10 Mb REF, or a 1 MB BED column, was
+#: quoted whole in each of up to 1,000 listed bad records, held, printed and written to report.json
+EXCERPT_CHARS = 60
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """``text`` quoted as a message quotes a field of a file (its ``repr``); past ``limit``
+    characters, its first ``limit`` and its length, so a message stays a line whatever the field."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}...({len(text):,} characters)"

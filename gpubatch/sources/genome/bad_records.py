@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpubatch.core.errors import SpecError
+from gpubatch.io.redact import excerpt
 from gpubatch.sources.genome.reference import ContigTable
 
 #: failed entries written for one file; the others are counted in one more entry
@@ -24,6 +25,10 @@ MAX_LISTED = 1000
 MAX_SHOWN = 20
 #: contigs a refusal names, with their records, before it says how many more there are
 MAX_CONTIGS_SHOWN = 8
+#: contigs off the reference counted by name (names this long at most): a BED of a
+#: transcriptome's or another assembly's names counted each of hundreds of thousands, ~120 bytes
+#: apiece (1,000,000 names: 120 MB); records on the others are counted together
+MAX_COUNTED_CONTIGS, MAX_COUNTED_NAME = 10_000, 256
 
 
 @dataclass
@@ -39,6 +44,7 @@ class BadRecords:
     #: that says once that the file and the reference name their contigs differently
     contigs: ContigTable | None = None
     missing: Counter[str] = field(default_factory=Counter)  # contig absent from the reference -> records
+    missing_elsewhere: int = 0  # records on contigs absent from the reference past those counted by name
 
     def add(self, where: str, problem: str, chrom: str | None = None) -> None:
         """One bad record; ``chrom``, its contig, counted where the reference lacks it."""
@@ -46,7 +52,10 @@ class BadRecords:
         if len(self.listed) < MAX_LISTED:
             self.listed.append((where, problem))
         if chrom is not None and self.contigs is not None and chrom not in self.contigs:
-            self.missing[chrom] += 1
+            if chrom in self.missing or (len(self.missing) < MAX_COUNTED_CONTIGS and len(chrom) <= MAX_COUNTED_NAME):
+                self.missing[chrom] += 1
+            else:
+                self.missing_elsewhere += 1
 
     def allowed(self, limit: float) -> int:
         """How many bad records ``limit`` (a share) lets through: at least one unless it is 0."""
@@ -83,13 +92,16 @@ class BadRecords:
         how many records each, and where the reference has them under another name (chr1 for 1,
         chrM for MT) both conventions and the rename; a whole file of another convention was
         twenty lines of one problem and a count."""
-        if not self.missing or self.contigs is None:
+        if not (self.missing or self.missing_elsewhere) or self.contigs is None:
             return None
         names = self.missing.most_common()
-        shown = ", ".join(f"'{name}' ({n} record{'s' if n > 1 else ''})" for name, n in names[:MAX_CONTIGS_SHOWN])
+        shown = ", ".join(f"{excerpt(name)} ({n} record{'s' if n > 1 else ''})" for name, n in names[:MAX_CONTIGS_SHOWN])
         more = f" and {len(names) - MAX_CONTIGS_SHOWN} more" if len(names) > MAX_CONTIGS_SHOWN else ""
-        text = (f"{sum(self.missing.values())} of {self.total} records are on contigs the reference does not "
-                f"have: {shown}{more}")
+        if self.missing_elsewhere:
+            more += (f"{', ' if shown else ''}{self.missing_elsewhere} record(s) on contigs not counted by name "
+                     f"(past the first {MAX_COUNTED_CONTIGS:,}, or names of over {MAX_COUNTED_NAME} characters)")
+        text = (f"{sum(self.missing.values()) + self.missing_elsewhere} of {self.total} records are on contigs "
+                f"the reference does not have: {shown}{more}")
         pairs = [(name, alt) for name, _ in names if (alt := self.contigs.alias(name)) is not None]
         if not pairs:
             return f"{text}; the reference's contigs are {self.contigs.listing()}"

@@ -36,6 +36,10 @@ SAMPLED_CONTIGS = 64
 PICKS_FETCHED = 1_024
 #: bytes read before a contig's first base to find its header line
 HEADER_WINDOW = 4096
+#: bytes of a contig's first line (and before its last base) that its checks read at most: an
+#: unwrapped FASTA's first line is its whole contig (``seqkit seq -w 0``), which the checks read
+#: whole, at plan time and at a worker's first read of each contig (250 MB for chr1)
+LINE_CHECKED = 1 << 16
 _BGZF_MAGIC = b"\x1f\x8b\x08\x04"
 REBUILD = "rebuild it with `samtools faidx` (bgzip files get .fai and .gzi)"
 TRAILING = ("its lines end in spaces or tabs after the bases, which windows read by position would "
@@ -315,18 +319,20 @@ def _check_picks(uri: str, order: list[tuple[str, FaiEntry]], picks: list[int], 
     spans: list[tuple[int, int]] = []
     for i in picks:
         e = order[i][1]
-        spans.append((max(0, e.offset - HEADER_WINDOW), min(size, e.offset + e.line_width + 1)))
-        spans.append((max(0, e.last_byte - e.line_width), min(size, e.last_byte + 4)))
-    fetched = fetch(spans + more)
-    blobs = fetched[: len(spans)]
+        start, after_first_line = _start_spans(e, size)
+        spans += [start, after_first_line or (start[0], start[0]),
+                  (max(0, e.last_byte - min(e.line_width, LINE_CHECKED)), min(size, e.last_byte + 4))]
+    wanted = [span for span in spans + more if span[1] > span[0]]
+    got = dict(zip(wanted, fetch(wanted), strict=True))
     for k, i in enumerate(picks):
         name, e = order[i]
-        head_lo = spans[2 * k][0]
-        header_at = _check_start(uri, name, e, blobs[2 * k], head_lo)
-        _check_end(uri, name, e, blobs[2 * k + 1], spans[2 * k + 1][0])
+        (head_lo, _), line_end, (end_lo, _) = spans[3 * k : 3 * k + 3]
+        head = got[spans[3 * k]]
+        header_at = _check_start(uri, name, e, head, head_lo, got.get(line_end, b""))
+        _check_end(uri, name, e, got[spans[3 * k + 2]], end_lo)
         if (picks[k - 1] if k else before) == i - 1:
-            _check_between(uri, order[i - 1], name, blobs[2 * k], head_lo, header_at)
-    return b"".join(fetched[len(spans) :])
+            _check_between(uri, order[i - 1], name, head, head_lo, header_at)
+    return b"".join(got[span] for span in more)
 
 
 UNLISTED = (f"a contig the .fai does not list (two contigs with one name? samtools keeps only the "
@@ -354,8 +360,20 @@ def check_contig_start(uri: str, name: str, e: FaiEntry, read: Callable[[int, in
     """One contig's start checked where it is first read: the header line before its offset, its
     first line's break. For a contig the plan's check did not reach (a file with more contigs
     than it checks), and for a file that changed since: a wrong offset would shift every window."""
+    head, line_end = _start_spans(e, e.last_byte + 1)
+    _check_start(uri, name, e, read(*head), head[0], read(*line_end) if line_end else b"")
+
+
+def _start_spans(e: FaiEntry, size: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """What a contig's start check reads, up to byte ``size``: its header window and its first
+    line with the line break after it; of a first line longer than ``LINE_CHECKED`` (an unwrapped
+    contig), its first ``LINE_CHECKED`` bytes and, apart, the break after it where there is one
+    (a contig longer than its first line), so the check reads kB, not the contig."""
     lo = max(0, e.offset - HEADER_WINDOW)
-    _check_start(uri, name, e, read(lo, min(e.offset + e.line_width + 1, e.last_byte + 1)), lo)
+    if e.line_width < LINE_CHECKED:
+        return (lo, min(size, e.offset + e.line_width + 1)), None
+    line_end = (e.offset + e.line_bases, min(size, e.offset + e.line_width))
+    return (lo, min(size, e.offset + LINE_CHECKED)), line_end if e.length > e.line_bases else None
 
 
 def _check_geometry(uri: str, name: str, e: FaiEntry, size: int) -> None:
@@ -373,8 +391,9 @@ def _check_geometry(uri: str, name: str, e: FaiEntry, size: int) -> None:
         raise InputError(uri, f"contig '{name}': the .fai gives {problem}; {REBUILD}")
 
 
-def _check_start(uri: str, name: str, e: FaiEntry, blob: bytes, lo: int) -> int | None:
-    """A newline right before the first base, closing the line ``>NAME ...``; a full first line.
+def _check_start(uri: str, name: str, e: FaiEntry, blob: bytes, lo: int, line_end: bytes = b"") -> int | None:
+    """A newline right before the first base, closing the line ``>NAME ...``; a full first line
+    (as much of it as ``blob`` holds; the break after it in ``blob``, else in ``line_end``).
     Returns where the header line starts, or None when it starts before ``blob``."""
     at = e.offset - lo
     fail = f"contig '{name}': the .fai offset {e.offset} is not where its sequence starts"
@@ -390,7 +409,7 @@ def _check_start(uri: str, name: str, e: FaiEntry, blob: bytes, lo: int) -> int 
     if b"\n" in first or b">" in first:
         raise InputError(uri, f"contig '{name}': its first line is shorter than the .fai's "
                               f"{e.line_bases} bases per line; {REBUILD}")
-    line_end = blob[at + e.line_bases : at + e.line_width]
+    line_end = line_end or blob[at + e.line_bases : at + e.line_width]
     if e.length > e.line_bases and line_end.rstrip(b"\r\n"):
         if not line_end.strip():
             raise InputError(uri, f"contig '{name}': {TRAILING}")

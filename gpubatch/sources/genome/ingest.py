@@ -155,7 +155,8 @@ def _fasta_stream(uri: str, storage_options: dict[str, Any] | None) -> Iterator[
     """Yield ('header', name line) and ('seq', bases) events from a FASTA, read in large blocks.
 
     Blocks are cut at line ends so a header is never split; a sequence line longer than a block
-    (unwrapped FASTA) is passed on in pieces, so memory stays one block whatever the line length.
+    (unwrapped FASTA) is passed on in pieces, and of a header line longer than a block only its
+    first block is kept (``_long_header``), so memory stays a block or two whatever the lines' length.
     """
     with _open_fasta(uri, storage_options) as f:
         carry, line_start = b"", True
@@ -165,8 +166,11 @@ def _fasta_stream(uri: str, storage_options: dict[str, Any] | None) -> Iterator[
             if block:
                 nl = data.rfind(b"\n")
                 if nl < 0:
-                    if line_start and data.startswith(b">"):
-                        carry = data  # a header longer than a block: keep reading
+                    if line_start and data.startswith(b">") and len(data) < READ_BLOCK:
+                        carry = data  # a header not yet read to its end (a short read): keep reading
+                    elif line_start and data.startswith(b">"):
+                        header, carry = _long_header(f, data, uri)
+                        yield "header", header
                     else:
                         yield "seq", data
                         line_start = False
@@ -178,9 +182,30 @@ def _fasta_stream(uri: str, storage_options: dict[str, Any] | None) -> Iterator[
                 return
 
 
+def _long_header(f: IO[bytes], data: bytes, fasta_uri: str) -> tuple[bytes, bytes]:
+    """A header line longer than a read block: (its first ``READ_BLOCK`` bytes, without the '>',
+    what follows its end). Only its first word, the contig name, is read, and the rest (its
+    description) is passed over a block at a time: the whole line was held, growing with it, and
+    a FASTA whose lines end in a bare CR (no '\\n' anywhere) was held whole as one header."""
+    header = data[1:READ_BLOCK]
+    if len(header.split(maxsplit=1)) == 1 and header == header.rstrip():  # the name runs on past it
+        raise InputError(fasta_uri, f"a '>' header line's first word (the contig name) is longer than "
+                                    f"{READ_BLOCK:,} bytes: not a FASTA header; a name is a few words at most")
+    while block := f.read(READ_BLOCK):
+        nl = block.find(b"\n")
+        if nl >= 0:
+            return header, block[nl + 1 :]
+    return header, b""
+
+
 def _header_name(raw: bytes, fasta_uri: str, seen: set[str]) -> str:
     """The contig name of a header line, added to ``seen`` (the names so far: one set for the
-    whole file, as a set rebuilt per header made an assembly of many scaffolds quadratic)."""
+    whole file, as a set rebuilt per header made an assembly of many scaffolds quadratic). A CR
+    inside the line is a FASTA whose lines end in a bare CR (classic Mac OS): no '\\n' anywhere,
+    the file read as one header line and refused as "cut short"."""
+    if b"\r" in raw.rstrip(b"\r"):
+        raise InputError(fasta_uri, "its lines end in a bare CR (carriage return) without a line feed, as "
+                                    "classic Mac OS wrote them; convert them first (`tr '\\r' '\\n' < IN > OUT`)")
     words = raw.decode(errors="replace").split()
     if not words:
         raise InputError(fasta_uri, "a '>' header line has no sequence name")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpubatch.core.errors import InputChanged, InputError
-from gpubatch.io.redact import redact
+from gpubatch.io.redact import excerpt, redact
 from gpubatch.io.storage import exists, input_changed, input_identity, open_ranges
 from gpubatch.io.uris import child, is_remote, local_path
 from gpubatch.io.zarr_groups import open_zarr_group
@@ -124,7 +124,7 @@ class ContigTable:
         alt = self.alias(name)
         if alt is not None:
             hint = f" (the reference has '{alt}': {naming_difference(name, alt)})"
-        return f"contig '{name}' is not in the reference{hint}; reference contigs: {self.listing()}"
+        return f"contig {excerpt(name)} is not in the reference{hint}; reference contigs: {self.listing()}"
 
 
 def _naming_key(name: str) -> str:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import InputError, SpecError
+from gpubatch.io.redact import excerpt
 from gpubatch.sources.genome import region_store
 from gpubatch.sources.genome.bad_records import BadRecords
 from gpubatch.sources.genome.reference import ContigTable
@@ -170,10 +171,10 @@ def _bed_line(fields: list[str], where: str, number: int) -> Region:
     """One BED line -> Region; raises ValueError with what was found."""
     if len(fields) < 3:
         raise ValueError(f"expected at least 3 tab-separated columns (chrom, start, end), "
-                         f"found {len(fields)}: {' '.join(fields)!r}")
+                         f"found {len(fields)}: {excerpt(' '.join(fields))}")
     chrom, s, e = fields[0], fields[1], fields[2]
     if not (s.isascii() and s.isdigit() and e.isascii() and e.isdigit()):
-        raise ValueError(f"start and end must be non-negative integers, found start={s!r} end={e!r}")
+        raise ValueError(f"start and end must be non-negative integers, found start={excerpt(s)} end={excerpt(e)}")
     start, end = int(s), int(e)
     if end == start:
         raise ValueError(f"a 0-length interval (start = end = {start}: a point between two bases, as for an "
@@ -182,7 +183,7 @@ def _bed_line(fields: list[str], where: str, number: int) -> Region:
         raise ValueError(f"end ({end}) must be greater than start ({start}); BED is 0-based, end-exclusive")
     strand = fields[5] if len(fields) >= 6 else "+"
     if strand not in ("+", "-", "."):
-        raise ValueError(f"column 6 (strand) must be '+', '-' or '.', found {strand!r}")
+        raise ValueError(f"column 6 (strand) must be '+', '-' or '.', found {excerpt(strand)}")
     return Region(chrom, start, end, "-" if strand == "-" else "+", where, number)
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from gpubatch.core.errors import MissingExtraError, SpecError
+from gpubatch.io.redact import excerpt
 from gpubatch.sources.genome.variant_stream import (
     GZIP_MAGIC,
     Feed,
@@ -43,8 +44,8 @@ from gpubatch.sources.genome.variant_stream import (
 )
 
 FIELD = "windows.variants"
-#: lines past the meta lines looked at to tell a file's layout
-SNIFF_LINES = 20
+#: lines past the meta lines looked at to tell a file's layout, and the bytes of each looked at
+SNIFF_LINES, SNIFF_LINE_BYTES = 20, 1 << 16
 #: failed reads in a row after which a VCF/BCF is taken as corrupt from there on
 MAX_FAILING_IN_A_ROW = 1000
 LAYOUT_VCF, LAYOUT_BCF, LAYOUT_BODY, LAYOUT_TABLE = "vcf", "bcf", "vcf-without-header", "table"
@@ -183,7 +184,7 @@ def _declares_vcf(source: VariantInput) -> bool:
     '#CHROM' line without it (the ``##`` lines stripped by ``grep -v '^##'``, or a file of the
     first five columns) is read as a table of the columns it names instead of refused."""
     with source.text() as f, contextlib.suppress(EOFError, OSError):
-        return f.readline().startswith(b"##fileformat=VCF")
+        return f.read(16) == b"##fileformat=VCF"
     return False
 
 
@@ -196,9 +197,11 @@ def _text(raw: bytes, number: int) -> str:
 
 def _first_lines(source: VariantInput) -> list[tuple[int, str]]:
     """(line number, text) of the first SNIFF_LINES lines that are not ``##`` meta or blank (only
-    the first, when it is a VCF's ``#CHROM`` line). A gzip stream damaged among them is refused."""
+    the first, when it is a VCF's ``#CHROM`` line), each its first SNIFF_LINE_BYTES bytes: the
+    columns that tell the layout, in bounded memory whatever the file. A gzip stream damaged
+    among them is refused."""
     found: list[tuple[int, str]] = []
-    lines = numbered_lines(source)
+    lines = numbered_lines(source, SNIFF_LINE_BYTES)
     with contextlib.closing(lines):
         for number, raw in lines:
             line = _text(raw, number)
@@ -272,7 +275,8 @@ def _table_record(line: str, n: int, name: str, layout: Layout) -> RawRecord | M
                                          f"{'tab' if layout.delimiter == chr(9) else 'comma'}-separated "
                                          f"fields, got {len(fields)}: {line.strip()[:80]!r}")
     if not fields[cols["pos"]].isdigit():  # int() also takes '1_2' and '+12'
-        return MalformedRecord(where, n, f"POS {fields[cols['pos']]!r} is not an integer{_float_hint(fields[cols['pos']])}")
+        return MalformedRecord(where, n, f"POS {excerpt(fields[cols['pos']])} is not an integer"
+                                         f"{_float_hint(fields[cols['pos']])}")
     pos = int(fields[cols["pos"]])
     alt = fields[cols["alt"]]
     alts = () if alt in (".", "") else tuple(a.strip() for a in alt.split(","))

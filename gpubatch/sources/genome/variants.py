@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gpubatch.core.errors import InputError, SpecError
+from gpubatch.io.redact import excerpt
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome import variant_table
@@ -99,12 +100,12 @@ def ref_problem(ref: str) -> str | None:
     if ref in ("", "."):
         return f"REF {ref!r} is not a sequence"
     if ref.startswith("<"):
-        return f"REF {ref!r} is a symbolic allele, not a sequence"
+        return f"REF {excerpt(ref)} is a symbolic allele, not a sequence"
     bad = sorted(set(ref.upper()) - BASES - {"N"})
     if not bad:
         return None
     what = "IUPAC ambiguity codes" if set(bad) <= IUPAC else "characters that are not bases"
-    return f"REF {ref!r} holds {what} ({', '.join(bad)})"
+    return f"REF {excerpt(ref)} holds {what} ({', '.join(bad)})"
 
 
 def alt_list_problem(alts: tuple[str, ...]) -> str | None:
@@ -113,7 +114,7 @@ def alt_list_problem(alts: tuple[str, ...]) -> str | None:
     without naming its record, where '.' stands only for a whole ALT of no allele."""
     if len(alts) < 2 or all(a not in ("", ".") for a in alts):
         return None
-    return (f"ALT {','.join(alts)!r} lists an empty allele (two commas in a row, one at either end, or '.', "
+    return (f"ALT {excerpt(','.join(alts))} lists an empty allele (two commas in a row, one at either end, or '.', "
             "which stands only for a whole ALT of no allele): write each allele, or '.' alone for none")
 
 
@@ -135,7 +136,7 @@ def _check_record(rec: RawRecord, contigs: ContigTable) -> str | None:
     if problem:
         return f"{problem}; REF must spell the reference bases (A, C, G, T or N)"
     if rec.pos - 1 + len(rec.ref) > length:  # no base there to match: not a mismatch, off the contig
-        return f"REF {rec.ref!r} at POS {rec.pos} runs past the end of {rec.chrom} (length {length})"
+        return f"REF {excerpt(rec.ref)} at POS {rec.pos} runs past the end of {rec.chrom} (length {length})"
     return alt_list_problem(rec.alts)
 
 
@@ -301,8 +302,12 @@ class _Flagged:
 def _where(table: VariantTable, name: str, row: int) -> str:
     """One variant as a note names it: where it is in the file, and what it is."""
     found = table.row(row)
-    ref, alt = (a if len(a) <= 20 else f"{a[:20]}...({len(a)} bases)" for a in (found["ref"], found["alt"]))
-    return f"{name} line {found['line']}, {found['chrom']}:{found['pos']} {ref}>{alt}"
+    return f"{name} line {found['line']}, {found['chrom']}:{found['pos']} {_allele(found['ref'])}>{_allele(found['alt'])}"
+
+
+def _allele(bases: str) -> str:
+    """An allele as a message shows it: a 10 Mb REF spelled out is its first 20 bases and its length."""
+    return bases if len(bases) <= 20 else f"{bases[:20]}...({len(bases):,} bases)"
 
 
 def _earliest(rows: np.ndarray, lines: np.ndarray) -> int:
@@ -355,7 +360,7 @@ def refuse_ref_mismatches(table: VariantTable, match: np.ndarray, reference_uri:
     lines = dict.fromkeys(int(line_of[i]) for i in bad)  # a multi-allelic record once
     first = {int(line_of[i]): int(i) for i in bad[::-1]}
     rows = {n: table.row(first[n]) for n in list(lines)[:MAX_LISTED_MISMATCHES]}
-    shown = "; ".join(f"line {n} {r['chrom']}:{r['pos']} REF {r['ref']}" for n, r in rows.items())
+    shown = "; ".join(f"line {n} {r['chrom']}:{r['pos']} REF {_allele(r['ref'])}" for n, r in rows.items())
     raise SpecError([(FIELD, f"{len(bad)} of {len(table)} variants ({len(bad) / len(table):.1%}) have a REF "
                              f"allele that disagrees with the reference {name} (more than "
                              f"windows.max_ref_mismatch = {limit:g}): wrong genome build or REF/ALT "
