@@ -435,5 +435,15 @@ class GenomeSource(Source):
         item = (w.length, 4) if w.encoding.layout == "NLC" else (4, w.length)
         return (rows, *item), w.encoding.dtype
 
+    def read_unit_bytes(self, job: JobSpec) -> tuple[int, tuple[str, ...]]:
+        """One read of at most max(chunk_bases, length) bases (a run of windows no longer than a
+        shard's) and the windows cut from it, a ref and an alt for each variant (``group_reads``)."""
+        w = _windows(job)
+        per_read = min(w.windows_per_shard, max(1, w.chunk_bases // w.length))
+        read = max(w.chunk_bases, w.length)
+        if not w.variants:
+            read = min(read, (per_read - 1) * _stride(w) + w.length)
+        return read + per_read * w.length * (2 if w.variants else 1), ("windows.chunk_bases",)
+
     def index_schema(self, job: JobSpec) -> list[str]:
         return list(index_columns(job))
