@@ -58,7 +58,13 @@ from gpubatch.sources.genome.reference import (
     load_contigs,
     zarr_marker,
 )
-from gpubatch.sources.genome.regions import WindowPlan, overlap_note, padding_note, resolve_regions
+from gpubatch.sources.genome.regions import (
+    WindowPlan,
+    gap_note,
+    overlap_note,
+    padding_note,
+    resolve_regions,
+)
 from gpubatch.sources.genome.tracks import TrackOutputs
 from gpubatch.sources.genome.variants import (
     SKIP_REASONS,
@@ -350,6 +356,7 @@ class GenomeSource(Source):
             return self._plan_variants(w, contigs, job.input.storage)
         regions, failed = resolve_regions(w.regions, contigs, job.input.storage, w.max_bad_records)
         notes = [n for n in (overlap_note(regions), padding_note(regions, contigs, w.length, _stride(w)),
+                             gap_note(regions, w.length, _stride(w)),
                              _source_note(w.reference, job.input.storage, contigs)) if n]
         plan = WindowPlan(regions, w.length, _stride(w), w.windows_per_shard)
         storage = job.input.storage
