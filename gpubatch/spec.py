@@ -26,17 +26,45 @@ from pydantic import (
 )
 
 from gpubatch.core.errors import SpecError
+from gpubatch.core.value_hints import number_hint
 from gpubatch.core.yaml_text import load_yaml_text, read_yaml
 from gpubatch.io.uris import GLOB_PREFIX, is_remote, split_glob
 
 #: the largest model.batch_size: a batch is one model call, and its tensors must fit a device
 MAX_BATCH = 65536
+#: the most intra-op threads a worker's model may ask for: `model.threads: 100000` made ONNX
+#: Runtime start tens of thousands of threads (17 GB resident) and the run never started
+MAX_THREADS = 1024
+#: the most worker processes a run may ask for (a SLURM run of this many is already a large one):
+#: `run.workers: 1e30`-sized numbers failed with a traceback in the cluster's start
+MAX_WORKERS = 10_000
+#: the longest windows.stride: no contig is this long, and past int64 the plan overflowed
+MAX_STRIDE = 1 << 40
+#: heartbeats a lease may miss before it is stale (run.lease_stale_s against run.heartbeat_s);
+#: `gpubatch status` calls a run whose status.json missed this many beats interrupted
+MISSED_BEATS = 3
 
 
 class _Strict(BaseModel):
     # strict: `batch_size: true` is not 1 and `integrity: 1` not a word; no NaN or infinity
     # anywhere (a NaN std gives all-NaN predictions, `mpp: .inf` no tiles)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """A section written with nothing under it (``run:``, every key commented out) is YAML's
+        null: where the section has defaults it is taken as left out, not refused."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in _defaulted_sections(cls)}
+
+
+def _defaulted_sections(model: type[BaseModel]) -> set[str]:
+    """The fields of ``model`` that are sections (models) of their own, with defaults."""
+    return {name for name, field in model.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+            and not field.is_required()}
 
 
 class TissueSpec(_Strict):
@@ -100,7 +128,9 @@ class WindowsSpec(_Strict):
     regions: str | list[str] = "genome"
     variants: str | None = None
     length: int = Field(1000, ge=1, le=10_000_000)
-    stride: int | None = Field(None, ge=1)
+    stride: int | None = Field(None, ge=1, le=MAX_STRIDE, description=(
+        "step between window starts (default: length); above length, the bases between windows are "
+        "not scored (a note says how many)"))
     reverse_complement: Literal["none", "average"] = "none"
     encoding: EncodingSpec = Field(default_factory=EncodingSpec)
     windows_per_shard: int = Field(4096, ge=1)
@@ -196,7 +226,7 @@ class ModelSpec(_Strict):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     fallback: FallbackSpec | None = None
-    threads: int | None = Field(None, ge=1, description="intra-op threads per worker process; default: the worker host's usable cores / its worker processes")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="intra-op threads per worker process; default: the worker host's usable cores / its worker processes")
     reduce: dict[str, ReduceSpec] = Field(
         default_factory=dict, description="per output of shape (N, bins, tracks): a reduction over bins")
     track_layout: Literal["NLT", "NTL"] = Field(
@@ -206,7 +236,7 @@ class ModelSpec(_Strict):
     @classmethod
     def _batch(cls, v: int | str) -> int | str:
         if isinstance(v, int) and not 1 <= v <= MAX_BATCH:
-            raise ValueError(f"must be between 1 and {MAX_BATCH}, or 'auto'")
+            raise ValueError(f"must be between 1 and {MAX_BATCH}, or 'auto', got {v}")
         return v
 
 
@@ -260,7 +290,7 @@ class RunSpec(_Strict):
         30.0, ge=0.1, le=600, description="the longest one storage retry waits: a throttling server's "
                                           "Retry-After is honoured up to it, and throttled backoff stops growing there")
     stage_ahead: int = Field(2, ge=0, le=64, description="slides each worker process stages or opens ahead")
-    workers: int | None = Field(None, ge=1, description="worker processes; default from the profile")
+    workers: int | None = Field(None, ge=1, le=MAX_WORKERS, description="worker processes; default from the profile")
     worker_timeout: float = Field(
         1800.0, gt=0, description="seconds without any worker (none arrived, or all were lost) before the run fails")
     queue_timeout: float = Field(
@@ -275,8 +305,22 @@ class RunSpec(_Strict):
         120.0, gt=0, description="a lease whose heartbeat is older than this belongs to a dead run and is taken over")
     force_workers: bool = Field(False, description="allow more local workers than the machine has cores")
     max_worker_memory: int | None = Field(
-        None, ge=1 << 20, description="bytes one worker's batches in flight may hold; default: "
-                                      "the machine's memory shared among its workers")
+        None, ge=1 << 20, description="bytes one worker's batches and read units in flight may hold; "
+                                      "default: the machine's memory shared among its workers")
+
+    @field_validator("lease_stale_s")
+    @classmethod
+    def _lease_outlives_heartbeats(cls, v: float, info: ValidationInfo) -> float:
+        """A lease staler than a few heartbeats is a dead run's; one that goes stale between two
+        beats of a live run was taken over by the next run into the output, and the live one
+        stopped at its next heartbeat (exit 1), blaming a suspension that never happened."""
+        beat = info.data.get("heartbeat_s")
+        if beat is not None and v < MISSED_BEATS * beat:
+            raise ValueError(
+                f"{v:g} s is under {MISSED_BEATS} x run.heartbeat_s ({beat:g} s): a live run's own lease "
+                f"would look stale between its heartbeats and the next run into the output would take it "
+                f"over; raise run.lease_stale_s to {MISSED_BEATS * beat:g} or more, or lower run.heartbeat_s")
+        return v
 
 
 class JobSpec(_Strict):
@@ -433,13 +477,24 @@ def _unknown_key(loc: tuple[Any, ...]) -> str:
     return "unknown key (check the spelling; every key is listed in docs/spec.md)"
 
 
+#: pydantic error types of a number key given something else
+_NUMBER_TYPES = ("int_type", "float_type", "int_parsing", "float_parsing")
+
+
 def _explain(err: Any) -> str:
     kind, msg = err.get("type", ""), err.get("msg", "")
-    got = err.get("input")
+    got, loc = err.get("input"), tuple(err.get("loc") or ())
     if kind == "extra_forbidden":
-        return _unknown_key(tuple(err.get("loc") or ()))
+        return _unknown_key(loc)
     if kind == "missing":
         return "required but missing"
+    if kind == "model_type":  # a section given a value, or nothing (``model:`` and no key under it)
+        keys = ", ".join(_section_keys(tuple(p for p in loc if not str(p).startswith(_UNION_TAGS))))
+        return f"should be a section of keys ({keys}), got {'nothing' if got is None else repr(got)}"
+    if got is None:
+        return f"{msg}, got null (the key has no value): give one, or leave the key out for its default"
+    if isinstance(got, str) and kind in _NUMBER_TYPES:
+        return f"{msg}, got {got!r}{number_hint(got, str(loc[-1]) if loc else '')}"
     if isinstance(got, (int, float, str, bool)) and kind != "value_error":
         return f"{msg}, got {got!r}"
     return msg.removeprefix("Value error, ")

@@ -410,7 +410,7 @@ def test_worker_jobs_of_a_frozen_client_end_within_the_lease_then_a_thawed_run_f
     TCP, so Dask's workers never see the scheduler go and the jobs held their allocations until
     their walltime. Each worker now leaves once the scheduler has answered nothing for
     run.lease_stale_s, and its job ends; the run, thawed, gets new worker jobs and finishes."""
-    job = _job(tmp_path, slides, classifier, tile=8, worker_timeout=300, lease_stale_s=15)
+    job = _job(tmp_path, slides, classifier, tile=8, worker_timeout=300, heartbeat_s=5, lease_stale_s=15)
     proc = cli("run", str(job), "--profile", str(_profile(tmp_path)), "--set", "model.batch_size=1")
     try:
         wait_for(lambda: len(_jobs()) == 2 and committed_count(tmp_path / "out") >= 1, 120, "two workers, a commit")

@@ -74,7 +74,7 @@ def test_every_request_kind_the_report_counts_is_what_the_server_saw(
     bed_uri = s3.upload(bed, f"kinds-{client}-{profile}/regions.bed")
     spec = genome_spec(tmp_path, uri, s3.options(), regions=bed_uri)
     spec["output"] = {"uri": s3.uri(f"kinds-{client}-{profile}/out"), "storage": s3.options()}
-    spec["run"].update(profile=profile, workers=1, heartbeat_s=3600, lease_stale_s=7200)  # no beat mid-run: the log's order is the run's
+    spec["run"].update(profile=profile, workers=1, heartbeat_s=3600, lease_stale_s=10800)  # no beat mid-run: the log's order is the run's
     job = JobSpec.model_validate(spec)
     forget_indexes()
     s3.proxy.reset()

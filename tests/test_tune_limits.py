@@ -240,9 +240,11 @@ def test_validate_refuses_a_precision_the_backend_cannot_run_as_tune_and_run_do(
 
 def test_a_tuned_batch_fits_the_workers_memory_as_validate_requires_of_a_fixed_one(
         tmp_path: Path, slides_dir: Path, mean_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """run.max_worker_memory of 2 MiB holds 14 items of 64 px tiles (4 prefetched batches): the
-    sweep went to 512, a size validate refuses when written in the spec."""
-    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp_path / "out", run={"max_worker_memory": 2 << 20})
+    """run.max_worker_memory of 4 MiB holds 14 items of 64 px tiles (4 prefetched batches, two
+    shards at once, beside their read units of 64 px blocks): the sweep went to 512, a size
+    validate refuses when written in the spec."""
+    job = slide_job([str(slides_dir / "*.tif")], mean_model, tmp_path / "out", tiles={"read_block": 64},
+                    run={"max_worker_memory": 4 << 20, "readers": 1})
     spec = str(write_job(tmp_path / "job.yaml", job))
     assert main(["tune", spec]) == 0
     out = capsys.readouterr().out

@@ -225,11 +225,13 @@ def status_state(status: dict[str, Any], now: float | None = None) -> str:
     that was killed: it is ``interrupted``, never a stale ``running``."""
     import time
 
+    from gpubatch.spec import MISSED_BEATS
+
     state = str(status.get("state", "unknown"))
     if state != "running":
         return state
     age = (now or time.time()) - float(status.get("heartbeat", status.get("updated", 0.0)))
-    limit = 3 * float(status.get("heartbeat_s", 10.0))  # three missed beats
+    limit = MISSED_BEATS * float(status.get("heartbeat_s", 10.0))
     if age > limit:
         return (f"interrupted (no heartbeat for {age:.0f} s: the run is not running; "
                 "finish it with `gpubatch run JOB --resume`)")

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gpubatch.core.errors import SpecError
 from gpubatch.core.switches import check_switches
 from gpubatch.io.listing import expand_uris
@@ -35,6 +33,11 @@ from gpubatch.runtime.model_facts import (
     model_inputs,
     model_outputs,
     scalar_outputs,
+)
+from gpubatch.runtime.worker_memory import (
+    memory_problem,
+    sample_problem,
+    workers_asked,
 )
 from gpubatch.sources import get_source
 from gpubatch.sources.base import Shard
@@ -346,70 +349,23 @@ def check_reference(job: JobSpec) -> None:
     GenomeSource.contig_table(w.reference, job.input.storage)
 
 
-def machine_memory() -> int:
-    """Physical memory of this machine in bytes (0 where the platform does not say)."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 def check_resources(job: JobSpec, profile: dict[str, Any] | None = None) -> None:
     """Refuse what is known to exhaust the machine before a slide is read: more local workers
-    than cores (unless ``run.force_workers``), and batches in flight larger than a worker's
-    share of memory (``run.max_worker_memory``); for ``batch_size: auto``, the smallest batch the
-    tuner can choose (it sweeps no further than :func:`largest_batch_in_memory`)."""
+    than cores (unless ``run.force_workers``); batches, read units and read-ahead in flight over
+    a worker's memory (``worker_memory.memory_problem``; for ``batch_size: auto``, the smallest
+    batch the tuner can choose, which sweeps no further than :func:`largest_batch_in_memory`);
+    and a reduced precision's sample over the client's."""
     from gpubatch.runtime.cluster import cores_words, cpu_count, load_profile
 
     prof = profile if profile is not None else load_profile(job.run.profile)
     problems: list[tuple[str, str]] = []
-    asked = _workers_asked(job, prof)
+    asked = workers_asked(job, prof)
     if prof.get("cluster") in ("local", "local-cuda") and asked and asked > cpu_count() and not job.run.force_workers:
         problems.append(("run.workers", f"{asked} worker processes on a machine with {cores_words()}; "
                                         "lower it, or set run.force_workers: true"))
-    budget, which = worker_memory_budget(job, prof)
-    batch_size = job.model.batch_size if isinstance(job.model.batch_size, int) else 1
-    batch, held = _batch_bytes(job, batch_size)
-    if budget and held > budget:
-        problems.append(("model.batch_size", (
-            f"{batch_size} {'item makes' if batch_size == 1 else 'items make'} a {batch / 2**30:.2f} GiB model input; with "
-            f"run.prefetch_batches {job.run.prefetch_batches} a worker holds about "
-            f"{held / 2**30:.2f} GiB, over its {budget / 2**30:.2f} GiB ({which}); "
-            "lower model.batch_size, tiles.size or run.prefetch_batches")))
+    problems += [p for p in (memory_problem(job, prof), sample_problem(job)) if p is not None]
     if problems:
         raise SpecError(problems)
-
-
-def _workers_asked(job: JobSpec, prof: dict[str, Any]) -> int | None:
-    return job.run.workers or (prof.get("workers") if isinstance(prof.get("workers"), int) else None)
-
-
-def worker_memory_budget(job: JobSpec, prof: dict[str, Any]) -> tuple[int, str]:
-    """Bytes one worker's batches in flight may hold, and what set the figure (0: unknown)."""
-    from gpubatch.runtime.cluster import cpu_count
-
-    if job.run.max_worker_memory:
-        return job.run.max_worker_memory, "run.max_worker_memory"
-    local = prof.get("cluster") in ("local", "local-cuda")
-    workers = _workers_asked(job, prof) or (1 if not local else cpu_count())
-    return machine_memory() // max(workers, 1), "memory / workers"
-
-
-def _batch_bytes(job: JobSpec, batch_size: int) -> tuple[int, float]:
-    """(the model input's bytes, what a worker holds of such batches in flight)."""
-    shape, dtype = get_source(job.kind).model_input(job, batch_size)
-    batch = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
-    # queued batches travel as uint8 (a quarter of the float input), two float copies at once
-    return batch, batch * (job.run.prefetch_batches / 4 + 2)
-
-
-def largest_batch_in_memory(job: JobSpec, prof: dict[str, Any]) -> tuple[int | None, str]:
-    """The largest batch size ``check_resources`` lets a worker hold, and what sets it (None: no
-    limit known): a tuned batch size must be one that validate would pass as a fixed one."""
-    budget, which = worker_memory_budget(job, prof)
-    if not budget:
-        return None, which
-    return max(1, int(budget // _batch_bytes(job, 1)[1])), which
 
 
 def _reduce_problem(job: JobSpec, name: str, outputs: dict[str, list[int | None]]) -> tuple[str, str] | None:

@@ -64,7 +64,6 @@ from gpubatch.runtime.cluster import (
 )
 from gpubatch.runtime.preflight import (
     check_cluster,
-    largest_batch_in_memory,
     preflight,
     refuse_empty_plan,
 )
@@ -73,6 +72,7 @@ from gpubatch.runtime.result import Result
 from gpubatch.runtime.resume import check_run_model, reconcile
 from gpubatch.runtime.stopping import Terminated, raise_if_stopped, stop_on_signals
 from gpubatch.runtime.submit import Submitter
+from gpubatch.runtime.worker_memory import largest_batch_in_memory
 from gpubatch.sources import Shard, Source, get_source
 from gpubatch.spec import JobSpec
 

@@ -126,6 +126,12 @@ class Source(ABC):
         client and warmed on a worker before its first shard.
         """
 
+    def read_unit_bytes(self, job: JobSpec) -> tuple[int, tuple[str, ...]]:
+        """Bytes one read unit holds at most (what it read and the items cut from it), and the
+        spec keys that set the figure: ``run.readers + 1`` of them are in flight per shard, and
+        the client checks them against a worker's memory before anything runs."""
+        return 0, ()
+
     def index_schema(self, job: JobSpec) -> list[str]:
         """Names of the index columns that precede model outputs in predictions.parquet.
 

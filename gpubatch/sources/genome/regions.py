@@ -408,6 +408,26 @@ def padding_note(regions: RegionTable, contigs: ContigTable, length: int, stride
             f"is {contigs.length(region.chrom)} bases long)")
 
 
+def gap_note(regions: RegionTable, length: int, stride: int) -> str | None:
+    """A note when ``stride`` > ``length`` leaves bases between windows unscored: a stride of
+    100000 over 32-base windows scored 0.03% of the genome, and validate and the report said
+    nothing (sparse sampling may be meant; a typo for ``length`` may be too)."""
+    if stride <= length:
+        return None
+    total = unscored = 0
+    for _, block in regions.blocks():
+        spans = block["end"] - block["start"]
+        counts = window_counts(spans, length, stride)
+        covered = (counts - 1) * length + np.minimum(length, spans - (counts - 1) * stride)
+        total += int(spans.sum())
+        unscored += int((spans - covered).sum())
+    if not unscored:
+        return None
+    return (f"windows.stride {stride} is longer than windows.length {length}: {unscored} of the regions' "
+            f"{total} bases ({unscored / total:.1%}) lie between windows and are not scored; set "
+            f"windows.stride to {length} or less (or leave it out) to score every base")
+
+
 def n_windows(region_length: int, length: int, stride: int) -> int:
     """Windows that cover a region of ``region_length`` bases under the tiling rule above."""
     return int(window_counts(np.array([region_length]), length, stride)[0])

@@ -58,7 +58,13 @@ from gpubatch.sources.genome.reference import (
     load_contigs,
     zarr_marker,
 )
-from gpubatch.sources.genome.regions import WindowPlan, overlap_note, padding_note, resolve_regions
+from gpubatch.sources.genome.regions import (
+    WindowPlan,
+    gap_note,
+    overlap_note,
+    padding_note,
+    resolve_regions,
+)
 from gpubatch.sources.genome.tracks import TrackOutputs
 from gpubatch.sources.genome.variants import (
     SKIP_REASONS,
@@ -350,6 +356,7 @@ class GenomeSource(Source):
             return self._plan_variants(w, contigs, job.input.storage)
         regions, failed = resolve_regions(w.regions, contigs, job.input.storage, w.max_bad_records)
         notes = [n for n in (overlap_note(regions), padding_note(regions, contigs, w.length, _stride(w)),
+                             gap_note(regions, w.length, _stride(w)),
                              _source_note(w.reference, job.input.storage, contigs)) if n]
         plan = WindowPlan(regions, w.length, _stride(w), w.windows_per_shard)
         storage = job.input.storage
@@ -434,6 +441,16 @@ class GenomeSource(Source):
         rows = batch_size * (2 if w.variants else 1) * (2 if w.reverse_complement == "average" else 1)
         item = (w.length, 4) if w.encoding.layout == "NLC" else (4, w.length)
         return (rows, *item), w.encoding.dtype
+
+    def read_unit_bytes(self, job: JobSpec) -> tuple[int, tuple[str, ...]]:
+        """One read of at most max(chunk_bases, length) bases (a run of windows no longer than a
+        shard's) and the windows cut from it, a ref and an alt for each variant (``group_reads``)."""
+        w = _windows(job)
+        per_read = min(w.windows_per_shard, max(1, w.chunk_bases // w.length))
+        read = max(w.chunk_bases, w.length)
+        if not w.variants:
+            read = min(read, (per_read - 1) * _stride(w) + w.length)
+        return read + per_read * w.length * (2 if w.variants else 1), ("windows.chunk_bases",)
 
     def index_schema(self, job: JobSpec) -> list[str]:
         return list(index_columns(job))

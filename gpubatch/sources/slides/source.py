@@ -334,5 +334,13 @@ class SlideSource(Source):
         item = (3, size, size) if job.model.input.layout == "NCHW" else (size, size, 3)
         return (batch_size, *item), "float32"
 
+    def read_unit_bytes(self, job: JobSpec) -> tuple[int, tuple[str, ...]]:
+        """A block's decoded tiles: about ``read_block`` pixels a side, or one tile where a tile
+        is larger, each read pixel in 1 / (1 - overlap)^2 tiles, and never over ``max_read_bytes``
+        (``grid.block_ids`` keeps a block's tiles under it)."""
+        t = job.tiles
+        edge = max(t.read_block, t.size) / (1.0 - t.overlap)
+        return int(min(3 * edge * edge, t.max_read_bytes)), ("tiles.read_block", "tiles.overlap", "tiles.max_read_bytes")
+
     def index_schema(self, job: JobSpec) -> list[str]:
         return ["slide", "x", "y", "level"]
