@@ -48,7 +48,7 @@ def _m(name: str, file: str, old: str, new: str, *tests: str) -> Mutation:
 
 def _leak(name: str, image: str, fmt: str, dest: str) -> Mutation:
     """Slides' write_outputs also writes each slide's ``image`` (label, macro) as ``fmt`` to ``dest``."""
-    anchor = "        write_heatmaps(store, places, job.output.heatmap)\n"
+    anchor = "        write_heatmaps(store, places, job.output.heatmap, progress)\n"
     leak = ("        import io as _io\n\n        import openslide as _os\n\n"
             "        for _uri in places:\n"
             "            _buf = _io.BytesIO()\n"

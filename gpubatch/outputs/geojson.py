@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from gpubatch.core.phases import Phase
 from gpubatch.outputs.layout import GEOJSON_DIR, geojson_name
 from gpubatch.outputs.per_slide import (
     SlideGrid,
@@ -60,13 +61,18 @@ SHADE_STEPS = (0.6710436067037893, 0.5497004779019703)
 Colour = tuple[int, int, int]
 
 
-def write_slide_geojson(store: OutputStore, slides: dict[str, tuple[str, SlideGrid]]) -> list[str]:
+def write_slide_geojson(store: OutputStore, slides: dict[str, tuple[str, SlideGrid]],
+                        progress: Phase | None = None) -> list[str]:
     """One FeatureCollection per slide of predictions.parquet; ``slides``: URI -> (key, grid).
     Slides with no rows get an empty collection, so every slide has its file.
-    Returns the files' names under the output."""
+    Returns the files' names under the output. ``progress`` (the run's end) counts the slides."""
     written = []
     seen = set()
-    for rows in iter_slides(store):
+    each_slide = iter_slides(store)
+    if progress is not None:
+        progress.step(f"writing the slides' GeoJSON into {GEOJSON_DIR}/", len(slides), "slide")
+        each_slide = progress.counting(each_slide)
+    for rows in each_slide:
         if rows.slide in slides:
             key, grid = slides[rows.slide]
             written.append(_write(store, key, _features(rows, grid)))

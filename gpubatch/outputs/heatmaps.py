@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
+from gpubatch.core.phases import Phase
 from gpubatch.outputs.layout import HEATMAPS_DIR, heatmap_name
 from gpubatch.outputs.per_slide import (
     SlideGrid,
@@ -63,13 +64,18 @@ class Coloured:
         return np.column_stack([_column(part, n) for n in self.columns]).max(1)
 
 
-def write_heatmaps(store: OutputStore, slides: dict[str, tuple[str, SlideGrid]], by: str = "auto") -> list[str]:
+def write_heatmaps(store: OutputStore, slides: dict[str, tuple[str, SlideGrid]], by: str = "auto",
+                   progress: Phase | None = None) -> list[str]:
     """One PNG per slide of predictions.parquet; ``slides``: URI -> (key, grid). Returns the files'
-    names under the output."""
+    names under the output. ``progress`` (the run's end) counts the slides drawn."""
     if by == "none":
         return []
     written = []
-    for rows in iter_slides(store):
+    each_slide = iter_slides(store)
+    if progress is not None:
+        progress.step(f"drawing the heatmaps into {HEATMAPS_DIR}/", len(slides), "slide")
+        each_slide = progress.counting(each_slide)
+    for rows in each_slide:
         if rows.slide not in slides or not rows.num_rows:
             continue
         coloured = choose_values(rows, by)

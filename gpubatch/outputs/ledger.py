@@ -21,6 +21,7 @@ from typing import Any
 
 from gpubatch.core.external_sort import sorted_lines
 from gpubatch.core.files import scratch_dir
+from gpubatch.core.phases import Phase
 from gpubatch.core.results import ShardResult
 from gpubatch.outputs.layout import AUDIT, AUDIT_DIR
 from gpubatch.outputs.manifest import READ_BATCH, Manifest
@@ -72,14 +73,15 @@ class Ledger:
         for lo in range(0, len(names), READ_BATCH):
             yield from (json.loads(data) for data in self.store.read_many(names[lo : lo + READ_BATCH]).values())
 
-    def materialize(self, committed: Iterable[str] | None = None) -> int:
+    def materialize(self, committed: Iterable[str] | None = None, progress: Phase | None = None) -> int:
         """Rewrite audit.jsonl from the records and commit records; returns its line count.
 
         ``committed`` names the commit records to include (a run passes its commit index's, in
         plan order); by default every record in the manifest. Records are streamed, each kept
         only as its sort key and its JSON line, and the lines are sorted on disk past a chunk
         (core.external_sort): memory does not grow with the number of shards. The event
-        records' names are listed whole: a few per run, plus one per failed attempt.
+        records' names are listed whole: a few per run, plus one per failed attempt. ``progress``
+        counts the commit records read (the step's total is the caller's: it knows how many).
         """
         runs: dict[str, dict[str, Any]] = {}
 
@@ -88,7 +90,8 @@ class Ledger:
                 if event.get("event") == "run_start":
                     runs[event["run_id"]] = event
                 yield _sortable(event)
-            for entry in Manifest(self.store).iter_entries(committed):  # after every run_start is seen
+            entries = Manifest(self.store).iter_entries(committed)
+            for entry in entries if progress is None else progress.counting(entries):  # after every run_start
                 run = runs.get(entry.run_id or "", {})
                 yield _sortable(commit_line(entry, {k: run[k] for k in RUN_FIELDS if k in run}))
 

@@ -57,6 +57,10 @@ class Manifest:
         """The commit records' names, streamed (in no set order)."""
         return (n for n in self.store.iter_names(MANIFEST_DIR) if n.endswith(".json") and not n.startswith(TMP_PREFIX))
 
+    def count(self) -> int:
+        """How many commit records there are (a listing: a progress line's total)."""
+        return sum(1 for _ in self.names())
+
     def iter_entries(self, names: Iterable[str] | None = None, batch: int = READ_BATCH) -> Iterator[ShardResult]:
         """Commit records (all, or those of ``names``), read ``batch`` at a time: unreadable ones
         are skipped with a warning."""

@@ -122,6 +122,8 @@ class Progress:
         self.last_log = self.last_status = self.last_shard = self.t0
         self.store, self.run_id, self.heartbeat_s = store, run_id, heartbeat_s
         self.state = "running"
+        #: the shards are over (:meth:`close`): the run's end says its own progress (core.phases)
+        self.closed = False
         self._final: dict[str, Any] = {}  # what the final state says besides (the reason)
         #: the worker jobs waiting their turn in a busy queue, and since when (wall clock); None when not
         self._queued: tuple[Queued, float] | None = None
@@ -239,9 +241,13 @@ class Progress:
         terminal, a log line every LOG_EVERY_S too while no shard finishes: lines came only as
         shards finished, so one shard of a 100k-tile slide or a million windows left the log
         silent for as long as it ran, like a hung run. The line counts the running shards' items
-        where they reported some; where none did, it says how long since a shard finished."""
+        where they reported some; where none did, it says how long since a shard finished. Once
+        the shards are over, no line: the run's end said "no shard finished in the last 78 s
+        (running shards report their items...)" of a run with none left, while it merged."""
         self._write_status()
         now = time.time()
+        if self.closed:
+            return
         if self._bar is not None:
             self.tick()
             return
@@ -302,5 +308,6 @@ class Progress:
             })
 
     def close(self) -> None:
+        self.closed = True
         if self._bar is not None:
             self._bar.stop()

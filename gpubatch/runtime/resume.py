@@ -20,6 +20,7 @@ from typing import Any
 
 from gpubatch.core.errors import SpecError
 from gpubatch.core.files import file_sha256
+from gpubatch.core.phases import Phase, phase
 from gpubatch.core.results import ShardResult
 from gpubatch.io.localized import localize
 from gpubatch.io.redact import redact
@@ -70,19 +71,25 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, kept: CommitInde
     kept, in the run's on-disk index. ``fields``: the run's result fields, computed once by it."""
     record = spec_record(job, fields)
     manifest = Manifest(store)
-    remove_temporaries(store, spare=(LEASE,))  # the lease's heartbeat is writing
-    committed = refuse_committed(store, job, resume=resume, overwrite=overwrite, record=record)
-    if overwrite:
-        wipe(store)
-    elif committed:
-        _resumable(store, job, manifest, ledger, kept, on_kept or (lambda entry: None))
-        for name in (REPORT_JSON, REPORT_HTML):  # the run before's say finished: not while this one runs
-            store.delete(name)
-        sweep(store, kept)
-        return
-    else:
-        wipe(store)  # reports and records of a run that committed nothing
-    store.write_json(SPEC_RECORD, record)
+    # said as it goes (core.phases): a resume of 3,000 shards on object storage ran 110 s silent
+    with phase("checking what the output holds", unit="shard") as said:
+        remove_temporaries(store, spare=(LEASE,))  # the lease's heartbeat is writing
+        committed = refuse_committed(store, job, resume=resume, overwrite=overwrite, record=record)
+        if overwrite:
+            said.step("removing the earlier runs' files")
+            wipe(store)
+        elif committed:
+            said.step("verifying the committed shards' parts (each read whole for its checksum)",
+                      manifest.count(), "shard")
+            _resumable(store, job, manifest, ledger, kept, on_kept or (lambda entry: None), said)
+            for name in (REPORT_JSON, REPORT_HTML):  # the run before's say finished: not while this one runs
+                store.delete(name)
+            said.step("removing the files of attempts no commit names")
+            sweep(store, kept)
+            return
+        else:
+            wipe(store)  # reports and records of a run that committed nothing
+        store.write_json(SPEC_RECORD, record)
 
 
 def refuse_committed(store: OutputStore, job: JobSpec, *, resume: bool, overwrite: bool,
@@ -130,14 +137,18 @@ def part_columns_check(store: OutputStore, job: JobSpec) -> PartSeen:
 def refuse_unmergeable_parts(store: OutputStore, job: JobSpec) -> None:
     """``validate --resume``'s twin of the check a resume makes as it reads the committed parts
     (:func:`part_columns_check`): the same parts (those whose checksum holds), the same refusal."""
-    for _ in Manifest(store).iter_committed(on_part=part_columns_check(store, job)):
-        pass
+    manifest = Manifest(store)
+    with phase("validate: checking the committed parts (each read whole for its checksum)",
+               manifest.count(), "part") as said:
+        for _ in said.counting(manifest.iter_committed(on_part=part_columns_check(store, job))):
+            pass
 
 
 def _resumable(store: OutputStore, job: JobSpec, manifest: Manifest, ledger: Ledger,
-               kept: CommitIndex, on_kept: Callable[[ShardResult], None]) -> None:
+               kept: CommitIndex, on_kept: Callable[[ShardResult], None], progress: Phase) -> None:
     batch: list[ShardResult] = []
-    for entry in itertools.chain(manifest.iter_committed(on_part=part_columns_check(store, job)), [None]):
+    verified = progress.counting(manifest.iter_committed(on_part=part_columns_check(store, job)))
+    for entry in itertools.chain(verified, [None]):
         if entry is not None:
             batch.append(entry)
         if batch and (entry is None or len(batch) == IDENTITY_BATCH):

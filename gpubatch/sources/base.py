@@ -18,6 +18,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
+    from gpubatch.core.phases import Phase
     from gpubatch.core.results import ShardResult
     from gpubatch.ops.preprocess import Preprocess
     from gpubatch.outputs.store import OutputStore
@@ -173,9 +174,11 @@ class Source(ABC):
         """Columns with one value for the whole shard, written before the index columns."""
         return {}
 
-    def write_outputs(self, job: JobSpec, store: OutputStore, results: Iterable[ShardResult]) -> None:  # noqa: B027
+    def write_outputs(self, job: JobSpec, store: OutputStore, results: Iterable[ShardResult],  # noqa: B027
+                      progress: Phase | None = None) -> None:
         """On the client, after the merge: outputs only this kind writes (slides: GeoJSON).
-        ``results`` are the committed shards' records in plan order, read as they are iterated."""
+        ``results`` are the committed shards' records in plan order, read as they are iterated;
+        ``progress``, the run's end, is told of each further step (:meth:`Phase.step`)."""
 
     def check_inputs(self, job: JobSpec, shards: Sequence[Shard]) -> tuple[list[dict[str, str]], list[str]]:
         """For ``validate``, past the plan: the inputs a run would quarantine at their shard's

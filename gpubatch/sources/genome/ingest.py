@@ -38,12 +38,13 @@ import logging
 import os
 import urllib.parse
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any, cast
 
 import numpy as np
 
 from gpubatch.core.errors import InputError, OutputRefused
+from gpubatch.core.phases import Phase, phase
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import exists, identity_of, input_changed, open_file, stat
 from gpubatch.io.uris import is_remote, local_path
@@ -102,11 +103,15 @@ class _Peeked:
     """The FASTA's raw bytes with their first ones (the magic, read to tell the compression)
     handed back first, where a seek back to 0 failed on a streamed HTTP body ("Cannot seek
     streaming HTTP file", a traceback); the last bytes read are kept: where a bgzip file ends,
-    its EOF block, checked without a seek to the end."""
+    its EOF block, checked without a seek to the end. ``on_read`` is told how many raw bytes
+    each read took (the ingest's progress: the file's size is its total, compressed or not)."""
 
-    def __init__(self, raw: IO[bytes], head: bytes, keep: int = len(BGZF_EOF)):
+    def __init__(self, raw: IO[bytes], head: bytes, keep: int = len(BGZF_EOF),
+                 on_read: Callable[[int], None] | None = None):
         self.raw, self.head, self.keep, self.tail = raw, head, keep, b""
         self.mode = "rb"
+        self.on_read = on_read or (lambda n: None)
+        self.on_read(len(head))
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
@@ -116,6 +121,7 @@ class _Peeked:
             data += self.raw.read(size - len(data)) if len(data) < size else b""
         else:
             data = self.raw.read(size)
+        self.on_read(len(data))
         self.tail = (self.tail + data[-self.keep :])[-self.keep :]
         return data
 
@@ -128,18 +134,20 @@ def _cut_bgzf(uri: str) -> InputError:
 
 
 @contextlib.contextmanager
-def _open_fasta(uri: str, storage_options: dict[str, Any] | None) -> Iterator[IO[bytes]]:
+def _open_fasta(uri: str, storage_options: dict[str, Any] | None,
+                on_read: Callable[[int], None] | None = None) -> Iterator[IO[bytes]]:
     """The FASTA's bytes, decompressed: gzip and bgzip told by their magic bytes, as
     ``windows.reference`` tells them (a bgzip FASTA named ``.bgz``, or a gzip one without a
     suffix, was read as text by its name, and a plain one named ``.gz`` as a broken gzip); other
     compressions (``.bz2``, ``.xz``) by the name, as fsspec infers them. A bgzip file read to
-    its end without its EOF block is refused: cut at a block boundary, it inflates cleanly."""
+    its end without its EOF block is refused: cut at a block boundary, it inflates cleanly.
+    ``on_read``: told of the raw bytes read (:class:`_Peeked`)."""
     from fsspec.compression import compr
     from fsspec.utils import infer_compression
 
     with open_file(uri, storage_options, "rb") as raw:
         magic = raw.read(len(BGZF_MAGIC))
-        stream = _Peeked(raw, magic)
+        stream = _Peeked(raw, magic, on_read=on_read)
         by_name = infer_compression(uri)
         if magic[:2] == GZIP_MAGIC:
             yield cast(IO[bytes], gzip.GzipFile(fileobj=cast(IO[bytes], stream)))
@@ -151,14 +159,15 @@ def _open_fasta(uri: str, storage_options: dict[str, Any] | None) -> Iterator[IO
             yield cast(IO[bytes], stream)
 
 
-def _fasta_stream(uri: str, storage_options: dict[str, Any] | None) -> Iterator[tuple[str, bytes]]:
+def _fasta_stream(uri: str, storage_options: dict[str, Any] | None,
+                  on_read: Callable[[int], None] | None = None) -> Iterator[tuple[str, bytes]]:
     """Yield ('header', name line) and ('seq', bases) events from a FASTA, read in large blocks.
 
     Blocks are cut at line ends so a header is never split; a sequence line longer than a block
     (unwrapped FASTA) is passed on in pieces, and of a header line longer than a block only its
     first block is kept (``_long_header``), so memory stays a block or two whatever the lines' length.
     """
-    with _open_fasta(uri, storage_options) as f:
+    with _open_fasta(uri, storage_options, on_read) as f:
         carry, line_start = b"", True
         while True:
             block = f.read(READ_BLOCK)
@@ -292,9 +301,10 @@ def _check_output(out_uri: str, storage_options: dict[str, Any] | None, overwrit
 
 
 def _write_contigs(group: Any, fasta_uri: str, storage_options: dict[str, Any] | None,
-                   chunk_bases: int, pack_below: int) -> tuple[list[str], list[int], dict[str, Any]]:
+                   chunk_bases: int, pack_below: int,
+                   progress: Phase | None = None) -> tuple[list[str], list[int], dict[str, Any]]:
     """Stream the FASTA into code arrays, small contigs packed into one; (names, lengths, the
-    genome attribute's ``layout``: where each contig is)."""
+    genome attribute's ``layout``: where each contig is). ``progress`` counts the bytes read."""
     names: list[str] = []
     lengths: list[int] = []
     arrays = GenomeArrays(group, chunk_bases, pack_below)
@@ -302,7 +312,7 @@ def _write_contigs(group: Any, fasta_uri: str, storage_options: dict[str, Any] |
     letters = _OddLetters()
     writer: ContigWriter | None = None
     try:
-        for kind, data in _fasta_stream(fasta_uri, storage_options):
+        for kind, data in _fasta_stream(fasta_uri, storage_options, progress.advance if progress else None):
             if kind == "header":
                 if writer is not None:
                     lengths.append(writer.finish())
@@ -383,7 +393,9 @@ def _write_genome(where: str, fasta_uri: str, storage_options: dict[str, Any] | 
     last, so an interrupted write is never mistaken for a genome. A FASTA written over while it
     was read (a download still running) is refused: its genome would be a mix, or cut short."""
     group = open_genome_group(where, storage_options, mode="w")
-    names, lengths, layout = _write_contigs(group, fasta_uri, storage_options, chunk_bases, pack_below)
+    # a human genome ran a minute here (a gzip FASTA from object storage, minutes) with no line
+    with phase(f"ingesting {redact(fasta_uri)}", identity.get("size"), "byte") as said:
+        names, lengths, layout = _write_contigs(group, fasta_uri, storage_options, chunk_bases, pack_below, said)
     if input_changed(fasta_uri, identity, storage_options) is not None:
         raise InputError(fasta_uri, "the FASTA changed while it was read (still being written or "
                                     "downloaded?); ingest it again once it is complete")

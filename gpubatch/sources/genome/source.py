@@ -41,6 +41,7 @@ import numpy as np
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputChanged, InputError, SpecError
+from gpubatch.core.phases import phase
 from gpubatch.core.plural import counted
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
@@ -379,15 +380,19 @@ class GenomeSource(Source):
         """One shard per ``windows_per_shard`` variants, after the plan-time REF check; a file
         with none to score is a failed input."""
         assert w.variants is not None
-        table = read_variants(w.variants, contigs, storage, w.max_bad_records)
-        table.notes += window_notes(table, contigs, w.length, os.path.basename(w.variants.rstrip("/")))
-        if not len(table):
-            return [], [*table.failed, {"input": w.variants, "error": "no scorable variants: " + _skip_text(table)}]
-        reference = open_reference(w.reference, storage, fmt=contigs.format)
-        try:
-            match = check_refs(table, reference, w.chunk_bases)
-        finally:
-            reference.close()
+        name = os.path.basename(w.variants.rstrip("/"))
+        # ten seconds a million variants here: a file of tens of millions ran minutes with no line
+        with phase(f"planning: reading the variants of {redact(name)}", unit="record") as said:
+            table = read_variants(w.variants, contigs, storage, w.max_bad_records, progress=said)
+            table.notes += window_notes(table, contigs, w.length, name)
+            if not len(table):
+                return [], [*table.failed, {"input": w.variants, "error": "no scorable variants: " + _skip_text(table)}]
+            said.step("planning: checking each variant's REF against the reference", len(table), "variant")
+            reference = open_reference(w.reference, storage, fmt=contigs.format)
+            try:
+                match = check_refs(table, reference, w.chunk_bases, progress=said)
+            finally:
+                reference.close()
         refuse_ref_mismatches(table, match, w.reference, w.max_ref_mismatch)
         source_note = _source_note(w.reference, storage, contigs)
         counts = {**table.counts, "ref_mismatches": int((~match).sum()), "layout": table.layout,

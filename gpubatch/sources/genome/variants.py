@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gpubatch.core.errors import InputError, SpecError
+from gpubatch.core.phases import Phase
 from gpubatch.io.redact import excerpt
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.ops.kernels import encode_dna
@@ -69,6 +70,8 @@ __all__ = ["SKIP_REASONS", "VariantTable", "check_refs", "read_variants", "refus
 
 FIELD = "windows.variants"
 MAX_LISTED_MISMATCHES = 5
+#: records read between two words to the plan's progress (a word per record cost more than its reading)
+SAID_EVERY = 4096
 BASES = frozenset("ACGT")
 #: IUPAC ambiguity codes (N included): a position's possible bases, not a base
 IUPAC = frozenset("RYSWKMBDHVN")
@@ -155,10 +158,13 @@ def _add_record(table: VariantTable, rec: RawRecord) -> None:
 
 
 def _scan(records: Iterator[RawRecord | MalformedRecord], table: VariantTable, contigs: ContigTable,
-          bad: BadRecords) -> None:
-    """Add every usable record to ``table``, and every other to ``bad`` with its problem."""
+          bad: BadRecords, progress: Phase | None = None) -> None:
+    """Add every usable record to ``table``, and every other to ``bad`` with its problem;
+    ``progress`` is told of every SAID_EVERY records read."""
     for rec in records:
         table.counts["records"] += 1
+        if progress is not None and not table.counts["records"] % SAID_EVERY:
+            progress.advance(SAID_EVERY)
         bad.total += 1
         problem = rec.problem if isinstance(rec, MalformedRecord) else _check_record(rec, contigs)
         if problem is None and isinstance(rec, RawRecord):
@@ -168,14 +174,14 @@ def _scan(records: Iterator[RawRecord | MalformedRecord], table: VariantTable, c
 
 
 def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any] | None = None,
-                  max_bad: float = 0.0) -> VariantTable:
+                  max_bad: float = 0.0, progress: Phase | None = None) -> VariantTable:
     """All scorable variants of a VCF / VCF.gz / BCF / headerless VCF body / TSV or CSV table,
     checked against the reference's contigs (see ``variant_files`` for the layouts); records
     that cannot be scored are left out into ``table.failed``, up to ``max_bad`` of the file.
 
     The whole table is held on the client, compactly (``variant_table``: about 40 bytes a SNV):
     fine for the millions of variants typical of effect scoring. The file is read as streams,
-    local or remote, never copied to disk (``variant_stream``).
+    local or remote, never copied to disk (``variant_stream``). ``progress`` counts the records read.
     """
     table = VariantTable()
     if not is_remote(uri) and not os.path.exists(local_path(uri)):
@@ -187,7 +193,7 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
         table.layout = layout.kind
         if layout.note:
             table.notes.append(layout.note)
-        _scan(iter_records(source, layout), table, contigs, bad)
+        _scan(iter_records(source, layout), table, contigs, bad, progress)
         table.notes += layout.notes_after_reading(source.name)
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
@@ -315,10 +321,12 @@ def _earliest(rows: np.ndarray, lines: np.ndarray) -> int:
     return int(rows[np.argmin(lines[rows])])
 
 
-def check_refs(table: VariantTable, reference: Reference, chunk_bases: int) -> np.ndarray:
+def check_refs(table: VariantTable, reference: Reference, chunk_bases: int,
+               progress: Phase | None = None) -> np.ndarray:
     """Whether each variant's REF equals the reference there; the reference is read in runs of at
     most max(chunk_bases, longest REF) bases, contig by contig in position order, ``CHUNK_ROWS``
-    variants of that order at a time (bounded memory beside the table's own arrays)."""
+    variants of that order at a time (bounded memory beside the table's own arrays); ``progress``
+    counts the variants checked."""
     match = np.ones(len(table), dtype=bool)
     if not len(table):
         return match
@@ -330,6 +338,8 @@ def check_refs(table: VariantTable, reference: Reference, chunk_bases: int) -> n
     for b in range(0, len(order), rows):
         block = order[b : b + rows]
         match[block] = _check_block(table, reference, block, starts[block], ends[block], chunk_bases, longest)
+        if progress is not None:
+            progress.advance(len(block))
     return match
 
 

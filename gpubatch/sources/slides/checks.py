@@ -11,15 +11,13 @@ downloaded whole (``stage``): validate downloads nothing, and says how many it d
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
-from gpubatch.core.plural import counted
+from gpubatch.core.phases import phase
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import policy_for
 from gpubatch.io.uris import is_remote
@@ -30,12 +28,8 @@ from gpubatch.spec import JobSpec
 #: what a shard does with its opened slide before reading tiles: (job, backend, uri, clocks)
 Prepare = Callable[[JobSpec, SlideBackend, str, StageClocks], None]
 
-log = logging.getLogger("gpubatch")
-
 #: slides opened at once: enough to hide object storage's latency, few enough for a login node
 OPEN_THREADS = 4
-#: seconds between progress lines while many slides are opened
-PROGRESS_EVERY_S = 10.0
 
 
 @dataclass
@@ -106,15 +100,12 @@ def check_slides(uris: Sequence[str], job: JobSpec, prepare: Prepare) -> SlideCh
     shard would (the source's configure and plan); the ones a run would stage are counted, not
     opened."""
     checks = SlideChecks()
-    started = last = time.monotonic()
-    with ThreadPoolExecutor(OPEN_THREADS, thread_name_prefix="gpubatch-validate") as pool:
+    with ThreadPoolExecutor(OPEN_THREADS, thread_name_prefix="gpubatch-validate") as pool, \
+            phase("validate: opening the slides as their shards would", len(uris), "slide") as said:
         for uri, (problem, opened) in zip(uris, pool.map(lambda u: slide_problem(u, job, prepare), uris), strict=True):
             checks.opened += opened
             checks.not_opened += not opened
             if problem is not None:
                 checks.failed.append({"input": redact(uri), "error": problem})
-            if time.monotonic() - last > PROGRESS_EVERY_S:
-                last = time.monotonic()
-                log.info("validate: %d of %s looked at (%.0f s)", checks.opened + checks.not_opened,
-                         counted(len(uris), "slide"), last - started)
+            said.advance()
     return checks

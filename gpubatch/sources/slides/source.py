@@ -19,6 +19,7 @@ import numpy as np
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.core.files import safe_filename
+from gpubatch.core.phases import Phase, phase
 from gpubatch.core.results import ShardResult
 from gpubatch.core.switches import PLAN_AHEAD, switched_on
 from gpubatch.io.redact import redact
@@ -213,30 +214,36 @@ def slide_key(uri: str) -> str:
     return f"{stem}-{hashlib.sha1(shown.encode()).hexdigest()[:8]}"
 
 
+def _slides_of(pattern: str, job: JobSpec, failed: list[dict[str, str]]) -> list[str]:
+    """The slides a pattern of ``input.uris`` names; a pattern that matches none, or whose listing
+    kept failing, is added to ``failed`` (that pattern, not the run)."""
+    from gpubatch.io.listing import expand_uris
+    from gpubatch.io.uris import has_magic
+    from gpubatch.sources.slides.listing import slide_inputs
+
+    try:
+        found = expand_uris([pattern], job.input.storage)
+        if has_magic(pattern):  # a named input is kept as named; a glob's matches are grouped
+            found = slide_inputs(found, job.input.storage)
+    except InputError as exc:
+        failed.append({"input": redact(pattern), "error": exc.message})
+        return []
+    if not found:
+        failed.append({"input": redact(pattern), "error": "matches no file (check the path or glob)"})
+    return found
+
+
 class SlideSource(Source):
     kind = "slides"
 
     def plan(self, job: JobSpec) -> tuple[Sequence[Shard], list[dict[str, str]]]:
-        from gpubatch.io.listing import expand_uris
-        from gpubatch.io.uris import has_magic
-        from gpubatch.sources.slides.listing import slide_inputs
-
         failed: list[dict[str, str]] = []
         shards: dict[str, Shard] = {}  # by shard id: two URIs that differ only in credentials are one slide
-        for pattern in job.input.uris:
-            try:
-                found = expand_uris([pattern], job.input.storage)
-                if has_magic(pattern):  # a named input is kept as named; a glob's matches are grouped
-                    found = slide_inputs(found, job.input.storage)
-            except InputError as exc:  # a listing that kept failing: that pattern, not the run
-                failed.append({"input": redact(pattern), "error": exc.message})
-                continue
-            if not found:
-                failed.append({"input": redact(pattern), "error": "matches no file (check the path or glob)"})
-            for uri in found:
-                shards.setdefault(slide_key(uri), Shard(slide_key(uri), uri, {}))
+        with phase("planning: listing the inputs", len(job.input.uris), "pattern") as said:
+            for pattern in said.counting(job.input.uris):  # a listing of many thousands (retried) takes a while
+                for uri in _slides_of(pattern, job, failed):
+                    shards.setdefault(slide_key(uri), Shard(slide_key(uri), uri, {}))
         return list(shards.values()), failed
-
     def check_inputs(self, job: JobSpec, shards: Sequence[Shard]) -> tuple[list[dict[str, str]], list[str]]:
         """Each slide opened and its reads planned, as its shard would (``checks``)."""
         from gpubatch.sources.slides.checks import check_slides
@@ -308,7 +315,8 @@ class SlideSource(Source):
     def constant_columns(self, shard: Shard) -> dict[str, Any]:
         return {"slide": redact(shard.input_uri)}
 
-    def write_outputs(self, job: JobSpec, store: OutputStore, results: Iterable[ShardResult]) -> None:
+    def write_outputs(self, job: JobSpec, store: OutputStore, results: Iterable[ShardResult],
+                      progress: Phase | None = None) -> None:
         """Per slide, from predictions only: heatmaps, QuPath GeoJSON (``geojson`` format), and
         with a slide head, slide_predictions.parquet. Files are named by the slide's key.
 
@@ -325,9 +333,9 @@ class SlideSource(Source):
                 places[redact(r.input)] = (r.shard_id, _slide_grid(r, job))
                 if table is not None:
                     table.add(r)
-        write_heatmaps(store, places, job.output.heatmap)
+        write_heatmaps(store, places, job.output.heatmap, progress)
         if "geojson" in job.output.formats:
-            write_slide_geojson(store, places)
+            write_slide_geojson(store, places, progress)
 
     def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
         size = job.tiles.size
