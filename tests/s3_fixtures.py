@@ -227,6 +227,18 @@ class FaultProxy:
         self.server.server_close()
 
 
+@contextlib.contextmanager
+def second_proxy(endpoint: str) -> Iterator[FaultProxy]:
+    """A fault proxy of its own in front of the server at ``endpoint``: one writer's own way to
+    it, whose requests a test holds or fails without touching the other writers'."""
+    where = urllib.parse.urlsplit(endpoint)
+    proxy = FaultProxy((where.hostname or "127.0.0.1", where.port or 80), Faults())
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
 def _key(path: str, body: bytes | None = None) -> str:
     """The "bucket/key" a request path names. A GCS JSON-API upload's path names only its bucket
     (``upload/storage/v1/b/<bucket>/o``): its object is named by the query's ``name`` or, for a

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from conftest import outcome_within, wait_for
-from s3_fixtures import FaultProxy, Faults
+from s3_fixtures import FaultProxy, second_proxy
 
 from gpubatch.core.errors import SpecError
 from gpubatch.outputs import lease as lease_module
@@ -160,10 +160,8 @@ def server(request: pytest.FixtureRequest) -> Conditional:
 @pytest.fixture
 def late(server: Conditional) -> Iterator[FaultProxy]:
     """A second fault proxy in front of the same server: one writer's own way to it."""
-    where = urllib.parse.urlsplit(server.endpoint)
-    proxy = FaultProxy((where.hostname or "127.0.0.1", where.port or 80), Faults())
-    yield proxy
-    proxy.close()
+    with second_proxy(server.endpoint) as proxy:
+        yield proxy
 
 
 def test_on_object_storage_the_lease_is_created_conditionally_and_read_back(server: Conditional) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.parse
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, cast
 import pandas as pd
 import pytest
 from conftest import cli, outcome_within, slide_job, synthetic_slides, wait_for, write_job
-from s3_fixtures import FaultProxy, Faults
+from s3_fixtures import FaultProxy, second_proxy
 
 import gpubatch
 from gpubatch.core.errors import SpecError
@@ -44,11 +43,9 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def late(s3: S3Stack) -> Iterator[FaultProxy]:
-    """A second fault proxy in front of the same moto server: one writer's own way to it."""
-    where = urllib.parse.urlsplit(s3.endpoint)
-    proxy = FaultProxy((where.hostname or "127.0.0.1", where.port or 80), Faults())
-    yield proxy
-    proxy.close()
+    """A second fault proxy in front of the same server: one writer's own way to it."""
+    with second_proxy(s3.endpoint) as proxy:
+        yield proxy
 
 
 def _job(folder: Path, slides: Path, model: Path, uri: str, endpoint: str, storage: dict | None = None,
