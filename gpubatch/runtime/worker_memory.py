@@ -1,6 +1,6 @@
 """What a worker holds in flight, against the memory it has: refused before anything runs.
 
-Memory is bounded by configuration (DESIGN.md), so the bound can be computed from the spec and
+Memory is bounded by configuration, never by input size, so the bound can be computed from the spec and
 the profile alone. A worker runs ``slots`` shards at once; each shard's pipeline holds up to
 ``run.readers + 1`` read units (decoded tiles, a genome chunk and its windows), ``run.prefetch_batches``
 ready batches (uint8) and two float copies of a batch; a streamed slide fetches up to
