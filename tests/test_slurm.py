@@ -245,7 +245,22 @@ def test_jobs_waiting_on_nodes_that_are_all_down_are_a_persons_to_start(tmp_path
         said = person_needed(["7"], words, "debug")
     finally:
         subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=True, timeout=20)
+        _node_serving()
     assert said and "every node of partition debug is down or drained (`sinfo -R -p debug`" in said, said
+
+
+def _node_serving(timeout: float = 60.0) -> None:
+    """Wait until partition debug's node is up and answering (sinfo's state without ``*``).
+
+    Resumed from a drain, the node was shown IDLE but not responding for a moment on a loaded
+    machine (slurmctld.log: "Node vm now responding" 0.8 s after the resume), and a job submitted
+    then was refused by sbatch at once: "Requested node configuration is not available"."""
+    def serving() -> bool:
+        state = subprocess.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%t"], capture_output=True, text=True,
+                               timeout=20, check=False).stdout.split()
+        return bool(state) and state[0] in ("idle", "mix", "alloc")
+
+    wait_for(serving, timeout, "partition debug's node up and responding")
 
 
 def _our_jobs(name: str) -> list[str]:
@@ -269,6 +284,7 @@ def test_jobs_pending_in_a_busy_queue_are_waited_for_past_the_worker_timeout_the
     saying so in the log and in status.json / `gpubatch status`; once SLURM starts the jobs
     (their begin time moved to now), the run finishes."""
     name = f"gpubatch-queue-{os.getpid()}"
+    _node_serving()  # a node not answering for a moment makes sbatch refuse the jobs outright
     profile = _profile(tmp_path, job_name=name, job_extra_directives=["--begin=now+1hour"])
     job = _job(tmp_path, slides, classifier, queue_timeout=600)  # run.worker_timeout 8 s
     proc = cli("run", str(job), "--profile", str(profile))
