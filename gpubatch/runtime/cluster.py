@@ -22,6 +22,7 @@ from typing import Any
 from gpubatch.core.cpu import quota_cores
 from gpubatch.core.cpu import usable_cores as cpu_count
 from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
+from gpubatch.core.plural import plural
 from gpubatch.core.threads import made_off_the_main_thread
 from gpubatch.core.yaml_text import load_yaml_text
 from gpubatch.runtime.borrowed import ENVIRON_LOCK, borrow
@@ -88,7 +89,7 @@ def cores_words() -> str:
     """How ``cpu_count`` was reached, for a message: "2 cores", or "1 core (a CPU quota of 1)"."""
     n, quota = cpu_count(), quota_cores()
     capped = f" (a CPU quota of {quota:g})" if quota and n == max(1, math.ceil(quota)) else ""
-    return f"{n} core{'s' if n != 1 else ''}{capped}"
+    return f"{n} {plural(n, 'core')}{capped}"
 
 
 def worker_count(profile: dict[str, Any], n_shards: int, override: int | None = None) -> int:

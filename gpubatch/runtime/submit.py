@@ -24,6 +24,7 @@ from typing import Any
 
 from gpubatch.core.errors import DiskFull
 from gpubatch.core.memory import hand_back_freed_memory
+from gpubatch.core.plural import plural
 from gpubatch.core.results import ShardResult
 from gpubatch.engine.context import RunContext
 from gpubatch.engine.worker import execute_shard
@@ -200,7 +201,7 @@ class Submitter:
         cause = self.executor.loss_cause(workers[-1]) or "no cause known"
         result = ShardResult.failure(
             shard.shard_id, shard.input_uri,
-            f"the worker running it was lost {len(workers)} time{'s' if len(workers) != 1 else ''} (the last: {cause}); a shard "
+            f"the worker running it was lost {len(workers)} {plural(len(workers), 'time')} (the last: {cause}); a shard "
             "that outlives every worker that runs it (a batch job's time limit, such as slurm.walltime, or "
             "its memory) never finishes: give the workers more, or split the input", retryable=False)
         result.attempt = self.attempts[shard.shard_id]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from gpubatch.core.errors import GpubatchError
+from gpubatch.core.plural import plural
 
 log = logging.getLogger("gpubatch")
 #: seconds between the log lines of a wait on a busy queue (besides its first, and a change of reason)
@@ -41,8 +42,7 @@ class Queued(NamedTuple):
     def words(self, waited_s: float) -> str:
         """"waiting for SLURM: 2 jobs pending (Priority) for 42 min", and what starts them where a
         person must: status.json and the log say it."""
-        plural = "s" if self.jobs != 1 else ""
-        return (f"waiting for {self.system}: {self.jobs} job{plural} pending ({', '.join(self.reasons)}) "
+        return (f"waiting for {self.system}: {self.jobs} {plural(self.jobs, 'job')} pending ({', '.join(self.reasons)}) "
                 f"for {duration_words(waited_s)}" + (f": {self.action}" if self.action else ""))
 
 

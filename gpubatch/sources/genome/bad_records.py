@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpubatch.core.errors import SpecError
+from gpubatch.core.plural import plural
 from gpubatch.io.redact import excerpt
 from gpubatch.sources.genome.reference import ContigTable
 
@@ -95,7 +96,7 @@ class BadRecords:
         if not (self.missing or self.missing_elsewhere) or self.contigs is None:
             return None
         names = self.missing.most_common()
-        shown = ", ".join(f"{excerpt(name)} ({n} record{'s' if n > 1 else ''})" for name, n in names[:MAX_CONTIGS_SHOWN])
+        shown = ", ".join(f"{excerpt(name)} ({n} {plural(n, 'record')})" for name, n in names[:MAX_CONTIGS_SHOWN])
         more = f" and {len(names) - MAX_CONTIGS_SHOWN} more" if len(names) > MAX_CONTIGS_SHOWN else ""
         if self.missing_elsewhere:
             more += (f"{', ' if shown else ''}{self.missing_elsewhere} record(s) on contigs not counted by name "
