@@ -312,6 +312,36 @@ def test_an_overwrite_stopped_mid_write_keeps_the_old_genome(tmp_path: Path, mon
     assert folder_of(out) == ["g.zarr"]
 
 
+def test_an_ingest_taken_over_while_suspended_never_marks_its_genome_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ingest suspended past its lease (a laptop asleep) is taken over by the next ingest of
+    OUT, which sweeps the first one's staging folder as a killed ingest's leftover. Woken, the
+    first wrote on, marked its genome complete, chunks written before the sleep gone (read as
+    fill), and swapped it in over the other's. It now confirms its lease before marking the
+    genome complete: it stops naming the taker, and what is at OUT is left to that ingest."""
+    from gpubatch.outputs.lease import LeaseLost
+
+    out = tmp_path / "genomes" / "g.zarr"
+    ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(out))
+    before = genome_of(out)
+    lease = out.parent / "g.zarr.ingest-lease.json"
+    real = ingest_mod._write_contigs
+
+    def then_taken_over(*args: object, **kwargs: object) -> object:
+        written = real(*args, **kwargs)  # type: ignore[arg-type]
+        lease.write_text(json.dumps({"run_id": "other", "host": "elsewhere", "pid": 7,
+                                     "heartbeat": time.time(), "stale_after_s": 120.0}))
+        return written
+
+    monkeypatch.setattr(ingest_mod, "_write_contigs", then_taken_over)
+    with pytest.raises(LeaseLost, match="was taken over: another `gpubatch ingest genome` holds its lease "
+                                        r"\(host elsewhere, pid 7\)"):
+        ingest_genome(str(write_fasta(tmp_path / "new.fa", seed=2)), str(out), overwrite=True)
+    assert genome_of(out) == before
+    assert json.loads(lease.read_text())["run_id"] == "other"  # the taker's lease is left to it
+    assert folder_of(out) == ["g.zarr", "g.zarr.ingest-lease.json"]
+
+
 def test_overwrite_with_a_good_fasta_replaces_the_genome(tmp_path: Path) -> None:
     out = tmp_path / "genomes" / "g.zarr"
     ingest_genome(str(write_fasta(tmp_path / "old.fa", seed=1)), str(out))

@@ -14,6 +14,7 @@ where no atomic create exists the lease is written, waited on and read back.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import urllib.parse
@@ -105,6 +106,7 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_refuses(tmp_path: Path, monk
     store = OutputStore(tmp_path / "out")
     killed = {"run_id": "killed", "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 1000, "stale_after_s": 120}
     store.write_json(LEASE, killed)
+    os.utime(tmp_path / "out" / LEASE, (killed["heartbeat"], killed["heartbeat"]))  # beaten last then
     assert store.create_json(LEASE, {"run_id": "x"}) is False  # an existing lease is never overwritten by create
     assert json.loads((tmp_path / "out" / LEASE).read_text())["run_id"] == "killed"
     taker = _lease(store, "run-new")
@@ -334,3 +336,95 @@ def test_a_heartbeat_that_meets_its_own_landed_write_beats_on(
     finally:
         mine.release()
     assert not store.exists(LEASE)
+
+
+def test_on_disk_a_heartbeat_never_overwrites_the_lease_a_successor_took_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race above on a local folder, where no write is conditional: A's heartbeat reads its
+    lease (still A's), B takes it over inside that read, then A beats. The heartbeat rewrote the
+    record there, taking the lease back from B: A ran on and B stopped at its next beat, or both
+    wrote (the suspended run of test_runs_cannot_mix finished with exit 0). Now a beat on disk
+    touches the file: landing on B's lease it only refreshes it, and A's next read finds B."""
+    monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
+    store_a, store_b = OutputStore(tmp_path / "out"), OutputStore(tmp_path / "out")
+    first = Lease(store_a, "run-a", stale_s=0.0, heartbeat_s=0.05)  # stale at once: B may take it
+    successor = _lease(store_b, "run-b")
+    assert _acquire_within(first, 60) is None
+    staged = _successor_takes_over_after_next_read(store_a, successor, monkeypatch)
+    try:
+        first.hold()
+        wait_for(lambda: first.lost is not None, 30, "run A finding its lease taken over")
+        assert staged.get("taken", "not staged") is None
+        assert first.lost is not None and first.lost["run_id"] == "run-b"
+        assert store_b.read_json(LEASE)["run_id"] == "run-b"
+    finally:
+        first.release()
+    assert store_b.read_json(LEASE)["run_id"] == "run-b"  # A's release left B's lease alone
+    successor.release()
+    assert not store_b.exists(LEASE)
+
+
+def test_on_disk_a_beat_is_the_lease_file_s_time_and_a_silent_one_goes_stale(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record's heartbeat is its writer's time; a beat on disk moves the file's modification
+    time, which readers take where later: a beaten lease stays live past the record's time, and
+    one whose run stopped beating is taken over once stale."""
+    monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
+    store = OutputStore(tmp_path / "out")
+    first = Lease(store, "run-a", stale_s=1.0, heartbeat_s=0.1)
+    assert _acquire_within(first, 30) is None
+    first.hold()
+    try:
+        time.sleep(1.5)  # the record's heartbeat is 1.5 s old; its beats kept the file's time fresh
+        assert store.read_json(LEASE)["heartbeat"] < time.time() - 1.0
+        assert lease_module.live_holder(store, 1.0) is not None
+        refused = _acquire_within(_lease(store, "run-b"), 30)
+        assert isinstance(refused, SpecError) and "run run-a" in str(refused)
+    finally:
+        first._stop.set()  # it stops beating, as a suspended or killed run does
+    wait_for(lambda: lease_module.live_holder(store, 1.0) is None, 30, "run A's lease going stale")
+    assert _acquire_within(_lease(store, "run-b"), 30) is None
+    assert store.read_json(LEASE)["run_id"] == "run-b"
+
+
+def test_a_lease_gone_from_under_its_run_is_lost_never_written_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lease removed while its run holds it (released by a run that took it over and
+    finished, while this one was suspended) was written back by the next heartbeat on disk: the
+    run held the output again and its end swept the other run's commits. Gone is lost."""
+    monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
+    store = OutputStore(tmp_path / "out")
+    mine = Lease(store, "run-a", stale_s=120.0, heartbeat_s=0.05)
+    assert _acquire_within(mine, 30) is None
+    mine.hold()
+    try:
+        (tmp_path / "out" / LEASE).unlink()
+        wait_for(lambda: mine.lost is not None, 30, "the run finding its lease gone")
+        assert not store.exists(LEASE)
+        with pytest.raises(LeaseLost, match="its lease is gone"):
+            mine.check()
+    finally:
+        mine.release()
+    assert not store.exists(LEASE)
+
+
+def test_confirm_reads_a_take_over_the_heartbeat_has_not_seen_yet(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check() reads the flag the heartbeat thread sets; a process continued after a suspension
+    may run on before that thread looks. confirm() reads the lease itself: a run's end calls it
+    before it sweeps and writes the output's files."""
+    monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
+    store = OutputStore(tmp_path / "out")
+    first = Lease(store, "run-a", stale_s=0.0, heartbeat_s=600.0)
+    assert _acquire_within(first, 30) is None
+    first.hold()
+    try:
+        successor = _lease(OutputStore(tmp_path / "out"), "run-b")
+        assert _acquire_within(successor, 30) is None
+        first.check()  # the heartbeat has not looked: the flag says nothing yet
+        with pytest.raises(LeaseLost, match="run run-b on host"):
+            first.confirm()
+    finally:
+        first.release()
+    assert store.read_json(LEASE)["run_id"] == "run-b"
+    successor.release()

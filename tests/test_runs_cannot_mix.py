@@ -268,6 +268,34 @@ def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_output_to_the_new
     assert len(audit_lines(out)) == N_SLIDES
 
 
+def test_a_run_taken_over_unseen_by_its_heartbeat_stops_before_its_end(
+        tmp_path: Path, slides: Path, classifier: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run continued after a suspension can reach its end before its heartbeat thread has read
+    the lease: the end checked only the flag that thread sets, so it swept what its own commits
+    did not name (the other run's attempts) and merged, and the suspended run of the test above
+    finished with exit 0 over the run that had taken it over. The end reads the lease itself."""
+    from gpubatch.outputs.lease import LeaseLost
+    from gpubatch.runtime import runner
+
+    job = _job(tmp_path, slides, classifier, profile="inline", heartbeat_s=30.0, lease_stale_s=90.0)
+    out = tmp_path / "out"
+    theirs = out / "_parts" / "s9-adeadbeef00.parquet"
+    real = runner.raise_if_stopped
+
+    def taken_over_meanwhile() -> None:  # the shards are done; the heartbeat has not looked since
+        (out / "_lease.json").write_text(json.dumps({"run_id": "run-b", "host": "elsewhere", "pid": 1,
+                                                     "heartbeat": time.time(), "stale_after_s": 90.0}))
+        theirs.write_bytes(b"run-b's attempt, in flight")
+        real()
+
+    monkeypatch.setattr(runner, "raise_if_stopped", taken_over_meanwhile)
+    with pytest.raises(LeaseLost, match="run run-b on host elsewhere"):
+        gpubatch.run(job, show_progress=False)
+    assert theirs.exists() and not (out / "predictions.parquet").exists()
+    assert json.loads((out / "_lease.json").read_text())["run_id"] == "run-b"
+    assert json.loads((out / "status.json").read_text()).get("state") != "finished"
+
+
 def test_status_says_a_run_is_starting_while_it_prepares(tmp_path: Path, slides: Path, classifier: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:

@@ -205,6 +205,7 @@ def starting_run(store: Any, status: dict[str, Any] | None) -> str | None:
     import time
 
     from gpubatch.outputs.layout import LEASE
+    from gpubatch.outputs.lease import last_beat
 
     try:
         lease = store.read_json(LEASE) if store.exists(LEASE) else None
@@ -212,7 +213,7 @@ def starting_run(store: Any, status: dict[str, Any] | None) -> str | None:
         return None
     if not isinstance(lease, dict) or (status or {}).get("run_id") == lease.get("run_id"):
         return None
-    age = time.time() - float(lease.get("heartbeat", 0.0))
+    age = time.time() - last_beat(store, lease)
     if age > float(lease.get("stale_after_s", 120.0)):
         return None
     return (f"starting: run {lease.get('run_id', '?')} on host {lease.get('host', '?')} (pid {lease.get('pid', '?')}) "

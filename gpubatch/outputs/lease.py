@@ -21,8 +21,13 @@ made on the version this run last wrote. A run suspended (a laptop asleep, SIGST
 VM) between a heartbeat's read of its lease and the write after it, or between its release's
 read and its delete, woke to replace or delete the lease a successor had taken over meanwhile,
 and both runs wrote one output; now that write is refused and the run stops as one whose lease
-was taken over. On disk, and on object stores without conditions, the heartbeat still reads,
-then writes: no compare-and-swap of a file's contents exists there (see ``_refresh``).
+was taken over. On disk no compare-and-swap of a file's contents exists, so a heartbeat there
+never writes contents: it reads the lease (still this run's?) and then sets the file's
+modification time, the beat readers take as the holder's last (``last_beat``). A run suspended
+between the two wakes to touch its successor's lease, which only refreshes a live run's beat;
+its next heartbeat reads the successor's record and it stops. (It rewrote the record, taking
+the lease back, and a successor's run stopped instead, or both wrote.) On object stores without
+conditions the heartbeat still reads, then writes.
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ class Lease:
         version = self.store.version(self.name)  # before the read: a later write fails the match
         held = self._read()
         if held is not None and held.get("run_id") != self.run_id:
-            age = time.time() - float(held.get("heartbeat", 0))
+            age = time.time() - last_beat(self.store, held, self.name)
             if age < float(held.get("stale_after_s", self.stale_s)) and not _dead_here(held):
                 raise self._refusal(held, age)
             log.warning("taking over a stale lease on %s: run %s on %s (pid %s) last beat %.0f s ago",
@@ -150,7 +155,7 @@ class Lease:
         elif not replaced:  # another writer's lease landed since it was read: that writer holds it
             now = self._read() or {}
             if now.get("run_id") != self.run_id:
-                raise self._refusal(now, time.time() - float(now.get("heartbeat", time.time())))
+                raise self._refusal(now, time.time() - last_beat(self.store, now, self.name, time.time()))
 
     def _write_if(self, version: str | None) -> bool | None:
         """Write this run's record only if the lease is still at ``version`` (None: only if there
@@ -187,14 +192,18 @@ class Lease:
         self._thread.start()
 
     def _refresh(self) -> bool:
-        """One heartbeat: this run's record written into its lease; False (and ``lost`` set) once
-        another writer holds it. The read first sees a take-over on every store; on S3, Azure
-        Blob and GCS the write is also conditional on the version this run last wrote, which
-        closes the gap between that read and the write (a process suspended there). On disk the
-        gap stays: a file's contents have no compare-and-swap (a rename replaces whatever is
-        there), and a lock held by a suspended run would stop its successor instead."""
+        """One heartbeat: False (and ``lost`` set) once another writer holds the lease. The read
+        first sees a take-over on every store. On S3, Azure Blob and GCS this run's record is
+        then written, conditional on the version this run last wrote, which closes the gap
+        between that read and the write (a process suspended there). On disk the file is
+        touched, never rewritten: a file's contents have no compare-and-swap (a rename replaces
+        whatever is there), and a lock held by a suspended run would stop its successor; a
+        touch that lands on a successor's lease only refreshes it."""
         if self._taken_over():
             return False
+        if not self.store.remote:
+            self.store.touch(self.name)
+            return True
         written = self._write_if(self._version)
         if written is None:
             self.store.write_json(self.name, self._record())
@@ -214,15 +223,38 @@ class Lease:
         return False
 
     def _taken_over(self) -> bool:
-        """Whether another writer holds the lease now: this one's heartbeat was late past
-        ``stale_s`` (a suspended process, storage that kept failing) and it was taken over."""
-        held = self._read()
-        if held is None or held.get("run_id") == self.run_id:
+        """Whether this run no longer holds the lease: another writer's is there (this one's
+        heartbeat was late past ``stale_s``: a suspended process, storage that kept failing),
+        or none is. A missing lease is lost on every store: on disk the heartbeat used to write
+        it back, so a run suspended until the run that took it over had finished and released
+        it woke to hold the output again, and its end swept that run's commits as attempts no
+        commit of its own named. A read that fails raises: a missed beat, not a loss."""
+        held = self._holder_now()
+        if held is not None and held.get("run_id") == self.run_id:
             return False
-        self._lose(held)
+        self._lose(held or {})
         return True
 
+    def _holder_now(self) -> dict[str, Any] | None:
+        """The lease's record now, None when there is none ({} for one that is not a record)."""
+        if not self.store.exists(self.name):
+            return None
+        data = self.store.read_json(self.name)
+        return data if isinstance(data, dict) else {}
+
+    def confirm(self) -> None:
+        """Raise LeaseLost unless the lease is this run's now, read from the store. The run's
+        end sweeps what its own commits do not name and writes the output's files; the flag
+        ``check`` reads is set by the heartbeat thread, and a process continued after a
+        suspension (SIGCONT) ran its end before that thread had looked: it merged, swept and
+        finished (exit 0) over the run that had taken it over."""
+        if self.lost is None:
+            self._taken_over()
+        self.check()
+
     def _lose(self, held: dict[str, Any]) -> None:
+        if self.lost is not None:  # the heartbeat and confirm() may both find it
+            return
         self.lost = held
         if held:
             log.error("run %s took the lease on %s over; this run stops", held.get("run_id", "?"),
@@ -280,17 +312,24 @@ def live_holder(store: OutputStore, stale_s: float, name: str = LEASE) -> dict[s
         return None
     if not isinstance(held, dict):
         return None
-    age = time.time() - float(held.get("heartbeat", 0))
+    age = time.time() - last_beat(store, held, name)
     if age >= float(held.get("stale_after_s", stale_s)) or _dead_here(held):
         return None
     return held
+
+
+def last_beat(store: OutputStore, held: dict[str, Any], name: str = LEASE, default: float = 0.0) -> float:
+    """When the holder of the lease ``held`` (read from ``name``) last beat: its record's time,
+    or on disk the file's modification time where later (the heartbeat there touches the file,
+    ``Lease._refresh``)."""
+    return max(float(held.get("heartbeat", default)), store.modified(name) or 0.0)
 
 
 def refuse_if_held(store: OutputStore, stale_s: float) -> None:
     """Raise the refusal (exit 2) a run would meet on an output another run is writing now."""
     held = live_holder(store, stale_s)
     if held is not None:
-        age = time.time() - float(held.get("heartbeat", 0))
+        age = time.time() - last_beat(store, held)
         raise SpecError([("output.uri", _held_message(held, age, stale_s))])
 
 

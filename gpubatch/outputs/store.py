@@ -112,6 +112,16 @@ class OutputStore:
             return open_seekable(self.url(name), self.options, POLICY)
         return call_with_retries(lambda: self.fs.open(self.path(name), "rb"), self.url(name), POLICY)
 
+    def modified(self, name: str) -> float | None:
+        """A local file's modification time (what :meth:`touch` sets); None on object storage,
+        or for a file that is not there."""
+        if self.remote:
+            return None
+        try:
+            return os.stat(self.path(name)).st_mtime
+        except FileNotFoundError:
+            return None
+
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
 
@@ -174,6 +184,12 @@ class OutputStore:
         """``data`` as JSON; ``indent=None`` for files only gpubatch reads (json's C encoder runs
         only without an indent: a shard's commit record encodes 3x faster)."""
         self.write_bytes(name, _json_bytes(data, indent))
+
+    def touch(self, name: str) -> None:
+        """Set a local file's modification time to now, its contents untouched (FileNotFoundError
+        if it is gone): whichever file is at ``name`` now, so a touch meant for one that was
+        replaced meanwhile refreshes its replacement, which is all it can do to it."""
+        os.utime(self.local(name))
 
     def create_json(self, name: str, data: Any) -> bool | None:
         """Write ``name`` only if it does not exist, atomically: True when this call created it,

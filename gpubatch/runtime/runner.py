@@ -172,7 +172,7 @@ class _Run:
                 if len(shards) > resumed:
                     lost = self._submit(todo, ctx, progress, n_workers, scheduler)
                 raise_if_stopped()  # one a finaliser dropped after the last poll
-                self.lease.check()  # the run's end writes the output's own files: only while it is ours
+                self.lease.confirm()  # the run's end sweeps and writes the output's own files: only while it is ours
             finally:
                 progress.close()
                 head_start = done_first()
@@ -402,6 +402,7 @@ class _Run:
         count_claimed_retries(self.builder.clocks)  # the client's: planning, uploads, in-process shards
         self._claim_client_requests()
         _in_plan_order(self.failed, shards)
+        self.lease.confirm()  # the merge may have run minutes, a take-over among them
         end.step(f"writing {REPORT_JSON} and {REPORT_HTML}")
         summary = self.builder.summary(self.failed, time.time() - self.t_start, run_info).to_dict()
         write_report(store, summary)
@@ -414,6 +415,7 @@ class _Run:
             describe_zarr(store, self._in_plan(shards), {"model_sha256": ctx.model_sha256,
                                                          "gpubatch_version": __version__, "kind": job.kind})
         self.ledger.event("run_finish", done=done, failed=len(self.failed), total=len(shards))
+        self.lease.check()
         end.step(f"rebuilding {AUDIT} from the records", done, "commit record")
         self.ledger.materialize((record_name(r.shard_id) for r in self._in_plan(shards)), progress=end)
         code = finished_run_exit_code(len(self.failed), done)

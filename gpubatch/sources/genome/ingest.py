@@ -360,11 +360,11 @@ def ingest_genome(fasta_uri: str, out_uri: str, storage_options: dict[str, Any] 
     shorter than this many bases share one packed array (0: every contig its own array).
     """
     out = output_path(out_uri)
-    with ingest_lease(out, storage_options):
+    with ingest_lease(out, storage_options) as lease:
         _check_output(out_uri, storage_options, overwrite)
         identity = _fasta_identity(fasta_uri, storage_options)  # before anything at OUT is touched
         with staged_output(out, storage_options, overwrite) as where:
-            names, lengths = _write_genome(where, fasta_uri, storage_options, identity,
+            names, lengths = _write_genome(where, fasta_uri, storage_options, identity, lease.confirm,
                                            chunk_bases=chunk_bases, pack_below=pack_below)
     return {"uri": out_uri, "contigs": names, "lengths": lengths, "bases": int(sum(lengths)),
             "chunk_bases": chunk_bases}
@@ -388,10 +388,14 @@ def _fasta_identity(fasta_uri: str, storage_options: dict[str, Any] | None) -> d
 
 
 def _write_genome(where: str, fasta_uri: str, storage_options: dict[str, Any] | None,
-                  identity: dict[str, Any], *, chunk_bases: int, pack_below: int) -> tuple[list[str], list[int]]:
+                  identity: dict[str, Any], confirm_lease: Callable[[], None], *, chunk_bases: int,
+                  pack_below: int) -> tuple[list[str], list[int]]:
     """The genome zarr at ``where``: the contigs' arrays, then the root attribute, ``complete``
     last, so an interrupted write is never mistaken for a genome. A FASTA written over while it
-    was read (a download still running) is refused: its genome would be a mix, or cut short."""
+    was read (a download still running) is refused: its genome would be a mix, or cut short.
+    ``confirm_lease`` raises if another ingest took OUT over meanwhile (this process suspended
+    past its lease): that ingest swept this one's staging folder, so chunks written before the
+    suspension are gone, and marked complete, the genome would read them as fill."""
     group = open_genome_group(where, storage_options, mode="w")
     # a human genome ran a minute here (a gzip FASTA from object storage, minutes) with no line
     with phase(f"ingesting {redact(fasta_uri)}", identity.get("size"), "byte") as said:
@@ -400,6 +404,7 @@ def _write_genome(where: str, fasta_uri: str, storage_options: dict[str, Any] | 
         raise InputError(fasta_uri, "the FASTA changed while it was read (still being written or "
                                     "downloaded?); ingest it again once it is complete")
     _check_against_fai(fasta_uri, storage_options, names, lengths)
+    confirm_lease()
     group.attrs[GENOME_ATTR] = {
         "format": "gpubatch-genome", "version": LAYOUT_VERSION, "contigs": names,
         "lengths": lengths, "layout": layout, "source": _public_uri(fasta_uri),

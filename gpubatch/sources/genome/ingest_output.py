@@ -28,7 +28,7 @@ from gpubatch.io.redact import redact
 from gpubatch.io.storage import exists
 from gpubatch.io.uris import is_remote, local_path
 from gpubatch.outputs.layout import TMP_PREFIX
-from gpubatch.outputs.lease import Lease
+from gpubatch.outputs.lease import Lease, LeaseLost
 from gpubatch.outputs.store import OutputStore
 
 log = logging.getLogger("gpubatch")
@@ -78,18 +78,28 @@ class IngestLease(Lease):
             f"takes over its lease ({redact(self.store.url(self.name))}) at once on host {host}, "
             f"or from another host {self.stale_s:.0f} s after its last heartbeat")
 
+    def lost_message(self) -> str:
+        held = self.lost or {}
+        who = (f"another `gpubatch ingest genome` holds its lease (host {held.get('host', '?')}, pid "
+               f"{held.get('pid', '?')})" if held else "its lease is gone (removed, or released by the "
+               "ingest that took it over)")
+        return (f"{redact(self.out)} was taken over: {who}, because this ingest's heartbeat was late by "
+                f"more than {self.stale_s:g} s (was this process suspended?). This ingest stops without "
+                "marking its genome complete; the output is the other ingest's")
+
 
 @contextlib.contextmanager
-def ingest_lease(out: str, options: dict[str, Any] | None) -> Iterator[None]:
+def ingest_lease(out: str, options: dict[str, Any] | None) -> Iterator[IngestLease]:
     """Hold OUT's lease (refreshed on a thread) while the body runs; released however it ends.
-    On disk, what a killed ingest of OUT left beside it is cleared once the lease is ours."""
+    On disk, what a killed ingest of OUT left beside it is cleared once the lease is ours. The
+    body confirms the lease (``Lease.confirm``) before it marks its genome complete."""
     lease = IngestLease(out, options)
     lease.acquire()
     try:
         lease.hold()
         if not is_remote(out):
             sweep_leftovers(Path(out))
-        yield
+        yield lease
     finally:
         lease.release()
 
@@ -119,6 +129,8 @@ def _in_place(out: str, options: dict[str, Any] | None) -> Iterator[None]:
     replaced = exists(out, options)
     try:
         yield
+    except LeaseLost:
+        raise  # the ingest that took OUT over is writing it: not this one's to call incomplete
     except InputError as exc:
         raise InputError(exc.input_uri, f"{exc.message}. {_incomplete(out, replaced)}",
                          retryable=exc.retryable) from exc
