@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zarr
-from conftest import windows_job
+from conftest import cli, windows_job
 
 import gpubatch
 from gpubatch.runtime import progress as progress_module
+from gpubatch.runtime import runner
 
 SHARDS = 6
 OVERRIDES: dict[str, Any] = {"output__formats": ["zarr", "parquet"], "run__heartbeat_s": 0.3}
@@ -67,3 +70,41 @@ def test_an_interrupted_run_describes_its_committed_zarr_groups_and_a_resume_fin
     assert len(finished["shards"]) == SHARDS and finished["groups"] == _committed_groups(out)
     assert all(finished["groups"][sid] == group for sid, group in committed.items())  # kept, not redone
     assert finished["model_sha256"] == attrs["model_sha256"]
+
+
+def test_status_says_a_run_whose_shards_are_over_is_finishing_and_with_what(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's end held at its merge (an Event), while `gpubatch status` runs in another
+    process: it names the step under way, and gives no ETA (it said "ETA 0 s")."""
+    job, out = windows_job(tmp_path, SHARDS), tmp_path / "out"
+    held, release, said = threading.Event(), threading.Event(), []
+    merge = runner.merge_parquet
+
+    def held_merge(*args: Any, **kwargs: Any) -> Any:
+        held.set()
+        assert release.wait(120), "the test never released the run's end"
+        return merge(*args, **kwargs)
+
+    def status_while_held() -> None:
+        try:
+            assert held.wait(120), "the run's end never reached the merge"
+            since = time.time()  # a heartbeat written after the hold began (one every 0.3 s)
+            deadline = since + 30
+            while json.loads((out / "status.json").read_text())["heartbeat"] <= since + 0.1:
+                assert time.time() < deadline, "no heartbeat while the run's end was held"
+                time.sleep(0.05)
+            said.append(cli("status", str(out)).communicate(timeout=60)[0])
+        finally:
+            release.set()
+
+    monkeypatch.setattr(runner, "merge_parquet", held_merge)
+    watcher = threading.Thread(target=status_while_held, daemon=True)
+    watcher.start()
+    assert gpubatch.run(job, **OVERRIDES).exit_code == 0
+    watcher.join(60)
+    (line,) = said
+    assert line.startswith(f"running: {SHARDS}/{SHARDS} shards done"), line
+    assert "ETA" not in line, line
+    assert f"finishing the run: merging the parts into predictions.parquet (0 of {SHARDS} parts, " in line, line
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and "ending" not in status
