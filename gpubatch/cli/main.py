@@ -172,14 +172,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if s is None:
         raise NotAnOutputError(f"no {STATUS} in {safe_text(args.outdir)}: no run has started there")
     eta = s.get("eta_s")
-    print(f"{status_state(s)}: {s['done']}/{s['total']} shards done, {s['failed']} failed"
+    state = status_state(s)
+    print(f"{state}: {s['done']}/{s['total']} shards done, {s['failed']} failed"
           + (f", {s['plan_failed']} input(s) quarantined at plan (listed in report.json)"
              if s.get("plan_failed") else "")
           + _rate_words(s)
           + (f", {s['items_running']:,} more in running shards (not yet committed)"
              if s.get("items_running") and s["state"] == "running" else "")
           + (f", starvation {s['starvation']:.1%}" if "starvation" in s and s.get("items") else "")
-          + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" else "")
+          + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" and "ending" not in s else "")
+          + (ending_words(s["ending"]) if isinstance(s.get("ending"), dict) and state == "running" else "")
           + (f"; {s['reason']}" if s.get("reason") else "")
           + (f"; {s['waiting']['words']}" if isinstance(s.get("waiting"), dict) and s["state"] == "running" else ""))
     return EXIT_OK
@@ -196,6 +198,17 @@ def _rate_words(status: dict[str, Any]) -> str:
         return f", {rate}"
     this_run = " this run" if status.get("resumed") else ""
     return f", {status['items']} {plural(status['items'], 'item')}{this_run} in {status['wall_s']:.1f} s = {rate}"
+
+
+def ending_words(ending: dict[str, Any]) -> str:
+    """What a live run does once its shards are over (status.json's ``ending``): the step of its
+    end and how far it is, where it said; "ETA 0 s" read as done while it merged for minutes."""
+    step = ending.get("step")
+    if not step:
+        return "; the shards are over, finishing the run"
+    words = ending.get("words")
+    far = f"{words}, " if words and words != "under way" else ""
+    return f"; the shards are over, finishing the run: {step} ({far}{float(ending.get('step_s', 0.0)):.0f} s)"
 
 
 def starting_run(store: Any, status: dict[str, Any] | None) -> str | None:

@@ -38,6 +38,8 @@ BAR_EVERY_S = 0.2
 _bar_wanted: ContextVar[bool | None] = ContextVar("gpubatch_phase_bar", default=None)
 #: the phase under way on this thread: a phase begun inside it is one of its steps
 _current: ContextVar[Phase | None] = ContextVar("gpubatch_phase", default=None)
+#: each thread's outermost phase under way, for other threads to read (:func:`under_way`)
+_outermost: dict[int, Phase] = {}
 
 
 @contextmanager
@@ -96,6 +98,12 @@ class Phase:
                 self._bar.stop()
             elif self.said:
                 log.info("%s: done (%.0f s)", self.name, time.monotonic() - self.started)
+
+    def describe(self) -> dict[str, Any]:
+        """The step under way, for status.json (read from another thread: the heartbeat's)."""
+        with self._lock:
+            return {"phase": self.name, "step": self.what, "words": self.words(),
+                    "step_s": time.monotonic() - self.step_started}
 
     def words(self) -> str:
         """How far the step is: "1,234 of 10,000 parts", "1,234 parts", or nothing counted yet;
@@ -160,8 +168,17 @@ def phase(what: str, total: int | None = None, unit: str = "item") -> Iterator[P
         return
     shown = Phase(what, total, unit)
     token = _current.set(shown)
+    thread = threading.get_ident()
+    _outermost[thread] = shown
     try:
         yield shown
     finally:
+        _outermost.pop(thread, None)
         _current.reset(token)
         shown.close()
+
+
+def under_way(thread: int) -> Phase | None:
+    """The outermost phase the thread ``thread`` is in now, or None: what a run's client thread
+    is doing once its shards are over, for the heartbeat thread's status.json (runtime.progress)."""
+    return _outermost.get(thread)

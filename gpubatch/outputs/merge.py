@@ -169,10 +169,13 @@ def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
     tables.clear()
 
 
-def describe_zarr(store: OutputStore, committed: Iterable[ShardResult | CommitRef], info: dict[str, Any]) -> None:
+def describe_zarr(store: OutputStore, committed: Iterable[ShardResult | CommitRef], info: dict[str, Any],
+                  state: str = "finished") -> None:
     """The zarr root's attributes: shards in plan order and the group holding each one's arrays.
     For a run whose output formats include zarr: written even when no shard committed (every
     input quarantined), as ``shards: []``, so that readers of the root find it and its keys.
+    ``complete`` and ``state`` say whether the run that wrote them finished (a run that stopped
+    writes them too, :func:`describe_unfinished_zarr`; the run that finishes it rewrites them).
 
     Groups are named by attempt (``<shard>-<attempt>``): read ``groups[shard_id]`` to find a
     shard's arrays, never a group name from a listing, which may include a killed attempt's.
@@ -181,4 +184,24 @@ def describe_zarr(store: OutputStore, committed: Iterable[ShardResult | CommitRe
     with output_errors(store, ZARR):
         root = store.zarr_group(ZARR, mode="a")
         # one write of the root's metadata (``attrs.update`` rewrites it per key, ``groups`` each time)
-        root.update_attributes({"shards": list(groups), "groups": groups, **info})
+        root.update_attributes({"shards": list(groups), "groups": groups, **info,
+                                "complete": state == "finished", "state": state})
+
+
+def describe_unfinished_zarr(store: OutputStore, committed: Iterable[ShardResult], state: str,
+                             info: dict[str, Any]) -> None:
+    """The zarr root of a run that stopped (interrupted, failed): every committed shard's group
+    (``committed``: the commit records, the workers' commits the client never heard of too), by
+    shard id as ``predictions(partial=True)`` orders its rows (the plan is the run's alone), with
+    ``complete: false``. Without it, a reader of the zarr found the groups but no root saying
+    which were committed (a killed attempt leaves one behind), or a finished run's stale list.
+    ``model_sha256`` is the records' own where they agree (None where they do not)."""
+    groups: dict[str, str] = {}
+    models: set[str | None] = set()
+    for entry in committed:
+        models.add(entry.model_sha256)
+        if entry.group:
+            groups[entry.shard_id] = entry.group
+    model = next(iter(models)) if len(models) == 1 else None
+    ordered = [CommitRef(sid, None, groups[sid]) for sid in sorted(groups)]
+    describe_zarr(store, ordered, {**info, "model_sha256": model}, state)

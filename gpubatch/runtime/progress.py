@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from gpubatch.core.clocks import starvation_of
+from gpubatch.core.phases import under_way
 from gpubatch.core.plural import counted
 from gpubatch.core.results import ShardResult
 from gpubatch.core.streams import QuietWhenGone
@@ -122,8 +123,10 @@ class Progress:
         self.last_log = self.last_status = self.last_shard = self.t0
         self.store, self.run_id, self.heartbeat_s = store, run_id, heartbeat_s
         self.state = "running"
-        #: the shards are over (:meth:`close`): the run's end says its own progress (core.phases)
+        #: the shards are over (:meth:`close`): the run's end says its own progress (core.phases),
+        #: on the thread that closed it, which status.json names (:meth:`_ending`)
         self.closed = False
+        self._client_thread: int | None = None
         self._final: dict[str, Any] = {}  # what the final state says besides (the reason)
         #: the worker jobs waiting their turn in a busy queue, and since when (wall clock); None when not
         self._queued: tuple[Queued, float] | None = None
@@ -300,14 +303,25 @@ class Progress:
                 "state": self.state, "run_id": self.run_id, "done": self.done, "failed": self.failed,
                 "plan_failed": self.plan_failed,
                 "total": self.total, "resumed": self.already, "items": self.items, "wall_s": elapsed,
-                "items_per_s": self.items / elapsed if elapsed > 0 else 0.0, "eta_s": self.eta_s(),
+                "items_per_s": self.items / elapsed if elapsed > 0 else 0.0,
+                "eta_s": None if self.closed else self.eta_s(), **self._ending(),
                 "items_running": self.in_flight.items() if self.state == "running" else 0,
                 "starvation": starvation_of({"busy_s": self.busy, "starved_s": self.starved}),
                 "started": self.started, "heartbeat": now, "heartbeat_s": self.heartbeat_s, **self._waiting(now),
                 **extra,
             })
 
+    def _ending(self) -> dict[str, Any]:
+        """status.json's ``ending`` while the run's end runs (the shards are over, the state is
+        still running): its step and how far it is, where one is under way. It said "ETA 0 s"
+        for the minutes a merge of thousands of parts takes."""
+        if not self.closed or self.state != "running":
+            return {}
+        under = under_way(self._client_thread) if self._client_thread is not None else None
+        return {"ending": under.describe() if under is not None else {}}
+
     def close(self) -> None:
+        self._client_thread = threading.get_ident()
         self.closed = True
         if self._bar is not None:
             self._bar.stop()

@@ -62,7 +62,7 @@ from gpubatch.outputs.layout import (
 from gpubatch.outputs.lease import Lease, guard_output
 from gpubatch.outputs.ledger import Ledger, new_run_id
 from gpubatch.outputs.manifest import CommitRef, Manifest, remove_temporaries, sweep
-from gpubatch.outputs.merge import describe_zarr, merge_parquet
+from gpubatch.outputs.merge import describe_unfinished_zarr, describe_zarr, merge_parquet
 from gpubatch.outputs.store import OutputStore
 from gpubatch.report.summary import SummaryBuilder, write_report
 from gpubatch.runtime.cluster import (
@@ -344,6 +344,11 @@ class _Run:
                       # every record: commits the client had not heard of too
                       ("audit", lambda said: self.ledger.materialize(progress=said)),
                       ("report", lambda _: _unfinished_report(self.store))]
+            if "zarr" in self.job.output.formats:  # which groups are committed, said complete: false
+                state = "interrupted" if interrupted else "failed"
+                steps.append((f"{ZARR} root", lambda said: describe_unfinished_zarr(
+                    self.store, said.counting(Manifest(self.store).iter_entries()), state,
+                    {"gpubatch_version": __version__, "kind": self.job.kind})))
         with phase(f"recording the {kind}") as said:  # minutes at thousands of shards on object storage
             for what, step in steps:
                 said.step(f"recording the {kind} in the {what}")

@@ -1,0 +1,110 @@
+"""What an output says of itself at the ends of a run that are not a clean finish.
+
+A run interrupted after some commits left predictions.zarr with groups but no root attributes
+(or a finished run's stale ones): a reader of the zarr could not tell the committed groups from a
+killed attempt's. And while a run merged its parts at the end (minutes at thousands of shards),
+`gpubatch status` said "ETA 0 s" rather than that the run was finishing, and with what."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zarr
+from conftest import cli, windows_job
+
+import gpubatch
+from gpubatch.runtime import progress as progress_module
+from gpubatch.runtime import runner
+
+SHARDS = 6
+OVERRIDES: dict[str, Any] = {"output__formats": ["zarr", "parquet"], "run__heartbeat_s": 0.3}
+
+
+def _root_attrs(out: Path) -> dict[str, Any]:
+    return dict(zarr.open_group(str(out / "predictions.zarr"), mode="r").attrs)
+
+
+def _committed_groups(out: Path) -> dict[str, str]:
+    records = [json.loads(p.read_text()) for p in (out / "_manifest").glob("*.json")]
+    return {r["shard_id"]: r["group"] for r in records}
+
+
+def test_an_interrupted_run_describes_its_committed_zarr_groups_and_a_resume_finishes_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C (a real SIGINT to this process) after the second commit: the zarr root lists
+    exactly the committed shards' groups, by shard id, marked complete: false; the --resume that
+    finishes the run rewrites it as finished, with every shard."""
+    job, out = windows_job(tmp_path, SHARDS), tmp_path / "out"
+    update = progress_module.Progress.update
+
+    def interrupt_after_two(self: progress_module.Progress, result: Any) -> None:
+        update(self, result)
+        if self.done == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(progress_module.Progress, "update", interrupt_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        gpubatch.run(job, **OVERRIDES)
+    monkeypatch.undo()
+
+    committed = _committed_groups(out)
+    assert 2 <= len(committed) < SHARDS
+    attrs = _root_attrs(out)
+    assert attrs["complete"] is False and attrs["state"] == "interrupted"
+    assert attrs["shards"] == sorted(committed) and attrs["groups"] == committed
+    assert attrs["kind"] == "genome" and attrs["model_sha256"]
+    root = zarr.open_group(str(out / "predictions.zarr"), mode="r")
+    assert all(root[group]["start"].shape == (1,) for group in committed.values())  # one window each
+
+    result = gpubatch.run(job, resume=True, **OVERRIDES)
+    assert result.exit_code == 0
+    finished = _root_attrs(out)
+    assert finished["complete"] is True and finished["state"] == "finished"
+    assert len(finished["shards"]) == SHARDS and finished["groups"] == _committed_groups(out)
+    assert all(finished["groups"][sid] == group for sid, group in committed.items())  # kept, not redone
+    assert finished["model_sha256"] == attrs["model_sha256"]
+
+
+def test_status_says_a_run_whose_shards_are_over_is_finishing_and_with_what(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's end held at its merge (an Event), while `gpubatch status` runs in another
+    process: it names the step under way, and gives no ETA (it said "ETA 0 s")."""
+    job, out = windows_job(tmp_path, SHARDS), tmp_path / "out"
+    held, release, said = threading.Event(), threading.Event(), []
+    merge = runner.merge_parquet
+
+    def held_merge(*args: Any, **kwargs: Any) -> Any:
+        held.set()
+        assert release.wait(120), "the test never released the run's end"
+        return merge(*args, **kwargs)
+
+    def status_while_held() -> None:
+        try:
+            assert held.wait(120), "the run's end never reached the merge"
+            since = time.time()  # a heartbeat written after the hold began (one every 0.3 s)
+            deadline = since + 30
+            while json.loads((out / "status.json").read_text())["heartbeat"] <= since + 0.1:
+                assert time.time() < deadline, "no heartbeat while the run's end was held"
+                time.sleep(0.05)
+            said.append(cli("status", str(out)).communicate(timeout=60)[0])
+        finally:
+            release.set()
+
+    monkeypatch.setattr(runner, "merge_parquet", held_merge)
+    watcher = threading.Thread(target=status_while_held, daemon=True)
+    watcher.start()
+    assert gpubatch.run(job, **OVERRIDES).exit_code == 0
+    watcher.join(60)
+    (line,) = said
+    assert line.startswith(f"running: {SHARDS}/{SHARDS} shards done"), line
+    assert "ETA" not in line, line
+    assert f"finishing the run: merging the parts into predictions.parquet (0 of {SHARDS} parts, " in line, line
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and "ending" not in status
