@@ -76,6 +76,28 @@ def test_tensorrt_refused_input_shape_is_named(trt_module: Any) -> None:
     assert calls == [("input", (1, 3, 32, 32)), ("input", (8, 3, 32, 32))]
 
 
+def test_tensorrt_bf16_input_is_refused_naming_it_and_the_fix(trt_module: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trt.nptype raises a bare TypeError for BF16 (numpy has none): the engine's input type
+    reached the first batch's astype as 'Could not resolve TensorRT datatype'."""
+    import enum
+
+    data_type = enum.Enum("DataType", ["FLOAT", "HALF", "BF16", "FP8"])
+
+    def nptype(dtype: Any) -> type:  # the real one's mapping and error, for the types it knows
+        known = {data_type.FLOAT: np.float32, data_type.HALF: np.float16}
+        if dtype not in known:
+            raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+        return known[dtype]
+
+    monkeypatch.setattr(trt_module.trt, "nptype", nptype, raising=False)
+    assert trt_module.tensor_dtype(data_type.HALF, "input", "m.onnx", True) == np.float16
+    with pytest.raises(GpubatchError, match=r"m.onnx: the model's input 'input' takes bfloat16, which numpy has no "
+                                            r"type for.*float32 \(or float16\) input and a Cast to bfloat16"):
+        trt_module.tensor_dtype(data_type.BF16, "input", "m.onnx", True)
+    with pytest.raises(GpubatchError, match=r"output 'emb' is float8e4m3fn.*Cast to float32"):
+        trt_module.tensor_dtype(data_type.FP8, "emb", "m.onnx", False)
+
+
 @no_gpu
 def test_tensorrt_without_a_device_says_so(trt_module: Any, tmp_path: Path) -> None:
     """Not ModuleNotFoundError (cupy) or a CUDA initialisation error from deep in the build."""

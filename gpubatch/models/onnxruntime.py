@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from gpubatch.models.base import Model
+from gpubatch.models.base import Model, refuse_unfeedable_input
 
 #: the providers that run on a CUDA device and take device memory through IO binding ("cuda")
 CUDA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -24,6 +24,12 @@ def _providers() -> list[str]:
     if os.environ.get("GPUBATCH_ORT_PROVIDERS"):
         wanted = os.environ["GPUBATCH_ORT_PROVIDERS"].split(",")
     return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+
+
+def ort_element(type_name: str) -> str:
+    """numpy's name for ONNX Runtime's 'tensor(float)', 'tensor(bfloat16)': 'float32', 'bfloat16'."""
+    element = type_name.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64"}.get(element, element)
 
 
 class OnnxRuntimeModel(Model):
@@ -46,6 +52,7 @@ class OnnxRuntimeModel(Model):
         opts.enable_mem_pattern = False
         self.session = ort.InferenceSession(path, sess_options=opts, providers=_providers())
         self._input = self.session.get_inputs()[0]
+        refuse_unfeedable_input(path, self._input.name, ort_element(self._input.type))
         self._outputs = [o.name for o in self.session.get_outputs()]
 
     @property
