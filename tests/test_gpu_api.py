@@ -76,6 +76,28 @@ def test_tensorrt_refused_input_shape_is_named(trt_module: Any) -> None:
     assert calls == [("input", (1, 3, 32, 32)), ("input", (8, 3, 32, 32))]
 
 
+def test_tensorrt_bf16_input_is_refused_naming_it_and_the_fix(trt_module: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trt.nptype raises a bare TypeError for BF16 (numpy has none): the engine's input type
+    reached the first batch's astype as 'Could not resolve TensorRT datatype'."""
+    import enum
+
+    data_type = enum.Enum("DataType", ["FLOAT", "HALF", "BF16", "FP8"])
+
+    def nptype(dtype: Any) -> type:  # the real one's mapping and error, for the types it knows
+        known = {data_type.FLOAT: np.float32, data_type.HALF: np.float16}
+        if dtype not in known:
+            raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+        return known[dtype]
+
+    monkeypatch.setattr(trt_module.trt, "nptype", nptype, raising=False)
+    assert trt_module.tensor_dtype(data_type.HALF, "input", "m.onnx", True) == np.float16
+    with pytest.raises(GpubatchError, match=r"m.onnx: the model's input 'input' takes bfloat16, which numpy has no "
+                                            r"type for.*float32 \(or float16\) input and a Cast to bfloat16"):
+        trt_module.tensor_dtype(data_type.BF16, "input", "m.onnx", True)
+    with pytest.raises(GpubatchError, match=r"output 'emb' is float8e4m3fn.*Cast to float32"):
+        trt_module.tensor_dtype(data_type.FP8, "emb", "m.onnx", False)
+
+
 @no_gpu
 def test_tensorrt_without_a_device_says_so(trt_module: Any, tmp_path: Path) -> None:
     """Not ModuleNotFoundError (cupy) or a CUDA initialisation error from deep in the build."""
@@ -391,16 +413,40 @@ def test_bench_int8_model_is_what_tensorrt_builds(tmp_path: Path) -> None:
 # -- what the gpu extra installs --------------------------------------------------------------------
 
 
+def _gpu_extra() -> list[str]:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    extra = re.search(r"^gpu = \[(.*?)\]$", text, re.MULTILINE | re.DOTALL)
+    assert extra is not None, "pyproject.toml has no gpu extra"
+    return re.findall(r'"([^"]+)"', extra.group(1))
+
+
 def test_gpu_extra_installs_what_the_gpu_paths_call() -> None:
     """dask-cuda 24.12 is the first LocalCUDACluster with rmm_allocator_external_lib_list, which the
     local-cuda profile passes (older ones fail the cluster start with an unexpected keyword);
     nvImageCodec decodes JPEG on the GPU only with its nvjpeg extra."""
     import re
 
-    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    extra = re.search(r"^gpu = \[(.*?)\]$", text, re.MULTILINE | re.DOTALL)
-    assert extra is not None, "pyproject.toml has no gpu extra"
-    gpu_extra = re.findall(r'"([^"]+)"', extra.group(1))
+    gpu_extra = _gpu_extra()
     floor = next(re.fullmatch(r"dask-cuda>=([\d.]+)", d) for d in gpu_extra if d.startswith("dask-cuda"))
     assert floor is not None and tuple(map(int, floor.group(1).split("."))) >= (24, 12)
     assert any(d.startswith("nvidia-nvimgcodec-cu12[nvjpeg]") for d in gpu_extra)
+
+
+#: the module each distribution of the gpu extra installs, as gpubatch imports it
+GPU_EXTRA_MODULES = {"cupy-cuda12x": "cupy", "dask-cuda": "dask_cuda", "tensorrt": "tensorrt",
+                     "onnxruntime-gpu": "onnxruntime", "nvidia-nvimgcodec-cu12": "nvidia import nvimgcodec"}
+
+
+def test_gpu_extra_installs_nothing_gpubatch_does_not_import() -> None:
+    """cudf-cu12 was in the extra (and the README said the GPU path used cuDF) while nothing
+    imported it: a multi-GB install, and a RAPIDS pin the other GPU packages had to agree with."""
+    import re
+
+    source = "\n".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "gpubatch").rglob("*.py"))
+    for requirement in _gpu_extra():
+        dist = re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0]
+        assert dist in GPU_EXTRA_MODULES, f"{dist} in the gpu extra: which module of gpubatch imports it?"
+        module = GPU_EXTRA_MODULES[dist]
+        assert re.search(rf"^\s*(from|import) {re.escape(module)}\b", source, re.MULTILINE), module

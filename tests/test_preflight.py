@@ -91,6 +91,26 @@ def test_non_float_model_input_is_refused(tmp_path: Path, slide_path: Path, elem
     assert problems[0][0] == "model.path" and words in problems[0][1]
 
 
+def test_a_bf16_model_input_is_refused_by_validate_and_run(tmp_path: Path, slide_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """validate passed a bf16 input (listed as a float type), and every backend then failed at
+    load or at every batch: numpy, and so gpubatch's batches, have no bfloat16."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["xf"], ["y"], axes=[2, 3], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 3, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "bf16.onnx"))
+    job = slide_job([str(slide_path)], tmp_path / "bf16.onnx", tmp_path / "out")
+    (field, message), = _refused(tmp_path, job)
+    assert field == "model.path" and "input 'x' takes bfloat16, which numpy has no type for" in message
+    assert "float32 (or float16) input and a Cast to bfloat16" in message
+    spec = write_job(tmp_path / "job.yaml", job)
+    assert main(["run", str(spec)]) == 2 and "takes bfloat16" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("elem", ["BFLOAT16", "FLOAT8E4M3FN"])
 def test_an_output_onnx_runtime_cannot_hand_to_numpy_is_refused(tmp_path: Path, slide_path: Path, elem: str) -> None:
     """A bf16 embedding failed every batch of every slide ("No corresponding Numpy type"); an fp8

@@ -88,6 +88,29 @@ class Model(ABC):
         }
 
 
+def numpy_has_no_type(element: str) -> bool:
+    """Whether numpy lacks the element type ONNX calls ``element`` (numpy's spelling of the rest:
+    'bfloat16', 'float8e4m3fn', 'int4'): no array of it can be made, fed or read back."""
+    return element == "bfloat16" or element.startswith(("float8", "float4")) or element in ("int4", "uint4")
+
+
+def unfeedable_input_words(name: str, element: str) -> str:
+    """Why an input of a type numpy lacks cannot be fed, and the fix. Neither ONNX Runtime's feed
+    nor TensorRT's buffers can be filled with bfloat16 from the float batches gpubatch makes: a
+    bf16 input died on a bare TypeError (TensorRT) or on INVALID_ARGUMENT at every batch (ONNX
+    Runtime)."""
+    torch = ", or run the PyTorch model with backend torch and precision bf16" if element == "bfloat16" else ""
+    return (f"the model's input {name!r} takes {element}, which numpy has no type for, so gpubatch cannot "
+            f"feed it; export the model with a float32 (or float16) input and a Cast to {element} after it "
+            f"(the weights and the arithmetic stay {element}){torch}")
+
+
+def refuse_unfeedable_input(path: str, name: str, element: str) -> None:
+    """Refuse at load, naming the input and the fix, an input of a type numpy lacks."""
+    if numpy_has_no_type(element):
+        raise GpubatchError(f"{path}: {unfeedable_input_words(name, element)}")
+
+
 class OutputRowsError(GpubatchError):
     """A model output without one row per input row."""
 

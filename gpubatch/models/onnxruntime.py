@@ -12,18 +12,26 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from gpubatch.models.base import Model
+from gpubatch.core.files import cache_root
+from gpubatch.models.base import Model, refuse_unfeedable_input
+from gpubatch.models.ort_tensorrt import TRT_EP, EngineFacts, engine_cache_dir, open_trt_session
 
 #: the providers that run on a CUDA device and take device memory through IO binding ("cuda")
-CUDA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+CUDA_PROVIDERS = (TRT_EP, "CUDAExecutionProvider")
 
 
 def _providers() -> list[str]:
     available = ort.get_available_providers()
-    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    wanted = [TRT_EP, "CUDAExecutionProvider", "CPUExecutionProvider"]
     if os.environ.get("GPUBATCH_ORT_PROVIDERS"):
         wanted = os.environ["GPUBATCH_ORT_PROVIDERS"].split(",")
     return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+
+
+def ort_element(type_name: str) -> str:
+    """numpy's name for ONNX Runtime's 'tensor(float)', 'tensor(bfloat16)': 'float32', 'bfloat16'."""
+    element = type_name.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64"}.get(element, element)
 
 
 class OnnxRuntimeModel(Model):
@@ -44,9 +52,22 @@ class OnnxRuntimeModel(Model):
         # peak memory then depends on what else happens to run beside it. Without it activations
         # come from the arena, sized once by the warm-up batch and reused.
         opts.enable_mem_pattern = False
-        self.session = ort.InferenceSession(path, sess_options=opts, providers=_providers())
+        providers = _providers()
+        #: what the TensorRT provider's engine is built for (None off that provider)
+        self.trt_facts: EngineFacts | None = None
+        if providers[0] == TRT_EP:
+            self.session, self.trt_facts = open_trt_session(path, opts, providers, precision)
+        else:
+            self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         self._input = self.session.get_inputs()[0]
+        refuse_unfeedable_input(path, self._input.name, ort_element(self._input.type))
         self._outputs = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def max_batch(self) -> int | None:
+        """The largest batch one call runs: the TensorRT provider's profile's (None: no limit)."""
+        facts = self.trt_facts
+        return facts.max_batch_size if facts is not None and facts.has_profile else None
 
     @property
     def input_name(self) -> str:
@@ -80,6 +101,17 @@ class OnnxRuntimeModel(Model):
             with stream:
                 x = x.astype(self.input_dtype, order="C")
         stream.synchronize()
+        if self.max_batch and x.shape[0] > self.max_batch:  # beyond the TensorRT profile: in chunks
+            import cupy
+
+            # a chunk starts mid-array: copied, so that its address is aligned as TensorRT needs
+            parts = [self._bound_run(x[i : i + self.max_batch] if i == 0 else x[i : i + self.max_batch].copy())
+                     for i in range(0, x.shape[0], self.max_batch)]
+            return {n: cupy.concatenate([p[n] for p in parts]) for n in self._outputs}
+        return self._bound_run(x)
+
+    def _bound_run(self, x: Any) -> dict[str, Any]:
+        """One IO-bound run of a C-ordered device batch of the input's type."""
         binding = self.session.io_binding()
         binding.bind_input(
             name=self.input_name, device_type="cuda", device_id=int(x.device.id),
@@ -95,12 +127,19 @@ class OnnxRuntimeModel(Model):
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if batch.dtype != self.input_dtype:
             batch = batch.astype(self.input_dtype)
+        if self.max_batch and len(batch) > self.max_batch:  # beyond the TensorRT profile: in chunks
+            parts = [self.run(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+            return {n: np.concatenate([p[n] for p in parts]) for n in self._outputs}
         results = self.session.run(self._outputs, {self._input.name: batch})
         return dict(zip(self._outputs, results, strict=True))
 
     def describe(self) -> dict:
         info = super().describe()
         info["providers"] = self.session.get_providers()
+        facts = self.trt_facts
+        if facts is not None:
+            info["engine_cache"] = str(engine_cache_dir(cache_root(), facts))
+            info["batch_profile"] = [1, facts.batch_size, facts.max_batch_size] if facts.has_profile else None
         return info
 
 

@@ -29,7 +29,7 @@ import tensorrt as trt
 
 from gpubatch.core.errors import GpubatchError
 from gpubatch.core.files import file_sha256
-from gpubatch.models.base import Model
+from gpubatch.models.base import Model, refuse_unfeedable_input
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class TensorRTModel(Model):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._dtypes = {n: tensor_dtype(self.engine.get_tensor_dtype(n), n, path, n in self._inputs) for n in names}
         self._buffers: dict[str, Any] = {}
         self._stream = cupy.cuda.Stream(non_blocking=True)
         self._lock = threading.Lock()
@@ -140,7 +141,7 @@ class TensorRTModel(Model):
 
     @property
     def input_dtype(self) -> np.dtype:
-        return np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
+        return self._dtypes[self.input_name]
 
     runs_on_stream = True
 
@@ -254,7 +255,7 @@ class TensorRTModel(Model):
 
     def _output_buffer(self, name: str, shape: tuple[int, ...]) -> Any:
         """Reused device buffer per output (grown on demand): no allocation per batch."""
-        dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+        dtype = self._dtypes[name]
         size = int(np.prod(shape))
         buf = self._buffers.get(name)
         if buf is None or buf.size < size:
@@ -313,6 +314,25 @@ class TensorRTModel(Model):
             "batch_profile": [1, self.batch_size, self.max_batch_size], "notes": list(self.notes),
         })
         return info
+
+
+#: numpy's names for the TensorRT types it has none of (trt.nptype raises a bare TypeError for them)
+TRT_ELEMENTS = {"BF16": "bfloat16", "FP8": "float8e4m3fn", "INT4": "int4", "FP4": "float4e2m1fn"}
+
+
+def tensor_dtype(dtype: Any, name: str, path: str, is_input: bool) -> np.dtype:
+    """numpy's dtype of an engine tensor; one numpy has no type for (a bf16 input, which died on
+    ``TypeError: Could not resolve TensorRT datatype`` at the first batch) is refused at load,
+    naming the tensor and the fix."""
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except TypeError:
+        element = TRT_ELEMENTS.get(getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1]), str(dtype))
+    if is_input:
+        refuse_unfeedable_input(path, name, element)
+    fix = "export the model with a float32 input" if is_input else "end the model with a Cast to float32"
+    raise GpubatchError(f"{path}: the model's {'input' if is_input else 'output'} {name!r} is {element}, "
+                        f"which numpy has no type for; {fix}")
 
 
 def _aligned(x: Any) -> Any:

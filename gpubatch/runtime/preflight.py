@@ -22,6 +22,7 @@ from gpubatch.io.localized import versions_asked_once
 from gpubatch.io.retry import policy_for, run_policy
 from gpubatch.io.storage import missing_extra
 from gpubatch.io.uris import is_remote, local_path, other_host_problem, protocol_of, split_glob
+from gpubatch.models.base import numpy_has_no_type, unfeedable_input_words
 from gpubatch.outputs.writer import MAX_PARQUET_WIDTH, parquet_holds
 from gpubatch.runtime.head_checks import check_slide_model, refuse_unreadable_outputs
 from gpubatch.runtime.model_facts import (
@@ -47,7 +48,7 @@ from gpubatch.spec import JobSpec
 #: other credential source botocore knows is a local file or variable
 IMDS_TIMEOUT_S = 0.25
 S3_PROTOCOLS = ("s3", "s3a")
-FLOAT_TYPES = ("float32", "float16", "float64", "bfloat16")
+FLOAT_TYPES = ("float32", "float16", "float64")
 
 
 def _missing_filesystems(uris: list[str]) -> list[tuple[str, str]]:
@@ -239,6 +240,8 @@ def _batch_problem(job: JobSpec, inp: OnnxInput, tuning: bool = False) -> tuple[
 
 def _dtype_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
     """Models take what gpubatch makes: floats. A genome job's encoding.dtype must be the model's."""
+    if numpy_has_no_type(inp.dtype):  # a bf16 input: refused at load by every ONNX backend
+        return ("model.path", unfeedable_input_words(inp.name, inp.dtype))
     if inp.dtype not in FLOAT_TYPES:
         what = "normalised pixels" if job.kind == "slides" else "one-hot DNA"
         return ("model.path", f"the model's input {inp.name!r} takes {inp.dtype}, but gpubatch feeds "
