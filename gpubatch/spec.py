@@ -306,7 +306,8 @@ class RunSpec(_Strict):
     force_workers: bool = Field(False, description="allow more local workers than the machine has cores")
     max_worker_memory: int | None = Field(
         None, ge=1 << 20, description="bytes one worker's batches and read units in flight may hold; "
-                                      "default: the machine's memory shared among its workers")
+                                      "default: the machine's memory (its container's memory limit where "
+                                      "lower) shared among its workers")
 
     @field_validator("lease_stale_s")
     @classmethod
