@@ -43,6 +43,13 @@ MAX_STRIDE = 1 << 40
 #: heartbeats a lease may miss before it is stale (run.lease_stale_s against run.heartbeat_s);
 #: `gpubatch status` calls a run whose status.json missed this many beats interrupted
 MISSED_BEATS = 3
+#: the shortest run.heartbeat_s: each beat rewrites the lease and status.json in the output (a
+#: request each on object storage); `heartbeat_s: 0.001` validated and the run only rewrote them
+MIN_HEARTBEAT_S = 0.1
+#: the shortest run.shard_timeout: counted from a shard's submission, it covers the wait behind the
+#: shard queued ahead of it, the worker's opening of the input and its model's load, and deadlines
+#: are looked at once a second; `shard_timeout: 0.001` validated and every shard timed out
+MIN_SHARD_TIMEOUT_S = 5.0
 
 
 class _Strict(BaseModel):
@@ -298,15 +305,34 @@ class RunSpec(_Strict):
                                    "queue, for reasons the queue clears by itself (SLURM: Priority, Resources, "
                                    "a group limit, a reservation), before it fails; run.worker_timeout bounds the rest")
     shard_timeout: float = Field(
-        21600.0, gt=0, description="seconds a shard may go without a result, from its submission, before its "
+        21600.0, description="seconds a shard may go without a result, from its submission, before its "
                                    "worker is restarted and the shard counts as failed (retried, then quarantined)")
-    heartbeat_s: float = Field(10.0, gt=0, le=3600, description="seconds between lease and status.json heartbeats")
+    heartbeat_s: float = Field(10.0, le=3600, description="seconds between lease and status.json heartbeats")
     lease_stale_s: float = Field(
         120.0, gt=0, description="a lease whose heartbeat is older than this belongs to a dead run and is taken over")
     force_workers: bool = Field(False, description="allow more local workers than the machine has cores")
     max_worker_memory: int | None = Field(
         None, ge=1 << 20, description="bytes one worker's batches and read units in flight may hold; "
-                                      "default: the machine's memory shared among its workers")
+                                      "default: the machine's memory (its container's memory limit where "
+                                      "lower) shared among its workers")
+
+    @field_validator("shard_timeout", "heartbeat_s")
+    @classmethod
+    def _not_under_the_floor(cls, v: float, info: ValidationInfo) -> float:
+        """A timeout or period too short to mean anything is refused, not run: every shard would
+        time out and its worker be restarted, or the heartbeat would only rewrite its files."""
+        floor, why = {
+            "shard_timeout": (MIN_SHARD_TIMEOUT_S, "it counts from a shard's submission, over the worker's "
+                              "opening of the input and loading of the model, so every shard would time out "
+                              "and its worker be restarted"),
+            "heartbeat_s": (MIN_HEARTBEAT_S, "each heartbeat rewrites the lease and status.json in the "
+                            "output (a storage request each), and more often the run would spin rewriting them"),
+        }[str(info.field_name)]
+        if v < floor:
+            default = cls.model_fields[str(info.field_name)].default
+            raise ValueError(f"{v:g} s is under the {floor:g} s floor: {why}; set run.{info.field_name} "
+                             f"to {floor:g} or more (default {default:g})")
+        return v
 
     @field_validator("lease_stale_s")
     @classmethod

@@ -41,6 +41,23 @@ def test_a_lease_that_goes_stale_between_heartbeats_is_refused_by_validate_and_r
         capsys, "validate", spec, "run.heartbeat_s=600", "run.lease_stale_s=1200")
 
 
+@pytest.mark.parametrize(("key", "floor", "why"), [
+    ("run.shard_timeout", "5", "so every shard would time out and its worker be restarted"),
+    ("run.heartbeat_s", "0.1", "each heartbeat rewrites the lease and status.json in the output"),
+])
+def test_a_timeout_or_heartbeat_too_short_to_mean_anything_is_refused_by_validate_and_run(
+        spec: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, floor: str, why: str) -> None:
+    """run.shard_timeout 0.001 validated, and every shard timed out (its worker restarted each
+    time) until all were quarantined; run.heartbeat_s 0.001 (with run.lease_stale_s 0.01) made
+    the heartbeat rewrite the lease and status.json back to back for the whole run."""
+    for command in ("validate", "run"):
+        err = _refused(capsys, command, spec, f"{key}=0.001", "run.lease_stale_s=120")
+        assert (f"{key}: 0.001 s is under the {floor} s floor: " in err and why in err
+                and f"set {key} to {floor} or more (default " in err), err
+    assert not (tmp_path / "out").exists()
+    assert main(["validate", str(spec), "--set", f"{key}={floor}"]) == 0
+
+
 @pytest.mark.parametrize(("given", "said"), [
     ("model.threads=100000", "model.threads: Input should be less than or equal to 1024, got 100000"),
     ("run.workers=1000000000000000000000000000000", "run.workers: Input should be less than or equal to 10000"),

@@ -82,7 +82,7 @@ def _keyed(path: Path) -> dict[str, int]:
     return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].lstrip("-").isdigit()}
 
 
-def _own_cgroups(proc_cgroup: Path) -> dict[str, str]:
+def own_cgroups(proc_cgroup: Path) -> dict[str, str]:
     """Controllers -> this process's cgroup path, from ``/proc/self/cgroup`` ('' for v2)."""
     groups = {}
     for line in proc_cgroup.read_text().splitlines():
@@ -91,7 +91,7 @@ def _own_cgroups(proc_cgroup: Path) -> dict[str, str]:
     return groups
 
 
-def _up_to(mount: Path, path: str) -> list[Path]:
+def cgroup_and_ancestors(mount: Path, path: str) -> list[Path]:
     """The cgroup directory ``path`` under ``mount`` and its ancestors up to the mount."""
     d, dirs = mount / path.lstrip("/"), []
     while mount == d or mount in d.parents:
@@ -102,7 +102,7 @@ def _up_to(mount: Path, path: str) -> list[Path]:
 
 def _v2_quota(mount: Path, path: str) -> CpuQuota | None:
     best = None
-    for d in _up_to(mount, path):
+    for d in cgroup_and_ancestors(mount, path):
         try:
             quota, period = (d / "cpu.max").read_text().split()
             cores = int(quota) / int(period) if quota != "max" and int(period) > 0 else None
@@ -119,7 +119,7 @@ def _v1_quota(root: Path, groups: dict[str, str]) -> CpuQuota | None:
     if cpu is None or acct is None:
         return None
     best = None
-    for d in _up_to(root / cpu, groups[cpu]):
+    for d in cgroup_and_ancestors(root / cpu, groups[cpu]):
         try:
             quota, period = int((d / "cpu.cfs_quota_us").read_text()), int((d / "cpu.cfs_period_us").read_text())
         except (OSError, ValueError):
@@ -136,7 +136,7 @@ def find_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) ->
     """This process's CPU quota (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us``), the
     tightest over its cgroup and their ancestors; None where there is none or no cgroups."""
     try:
-        groups = _own_cgroups(proc_cgroup)
+        groups = own_cgroups(proc_cgroup)
     except (OSError, ValueError):
         return None
     if "" in groups and (root / "cgroup.controllers").exists():

@@ -14,12 +14,12 @@ validation items, held on the client, are checked against the client's memory th
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from gpubatch.core.memory_limit import gib, usable_memory
 from gpubatch.io.uris import is_remote
 from gpubatch.sources import get_source
 from gpubatch.spec import JobSpec
@@ -27,22 +27,6 @@ from gpubatch.spec import JobSpec
 #: the share of the client's memory a reduced precision's calibration and validation items may
 #: hold (the fp32 and reduced models' sessions and the plan share the rest)
 SAMPLE_SHARE = 0.5
-
-
-def machine_memory() -> int:
-    """Physical memory of this machine in bytes (0 where the platform does not say)."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def _gib(n: float) -> str:
-    """Bytes as GiB with two decimals (48.00 GiB), smaller figures in MiB or kiB."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n / 2**10:.1f} kiB"
 
 
 def _either(keys: tuple[str, ...], word: str) -> str:
@@ -73,15 +57,18 @@ def worker_memory_budget(job: JobSpec, prof: dict[str, Any]) -> tuple[int, str]:
     """Bytes one worker may hold in flight, and what set the figure (0: unknown): the spec's
     ``run.max_worker_memory``; else the machine's memory over its workers, or less where the
     profile limits a worker (a local cluster's ``memory_limit``, which its nanny enforces by
-    killing the worker; a SLURM job's ``memory`` over its ``processes``)."""
+    killing the worker; a SLURM job's ``memory`` over its ``processes``). The machine's memory is
+    its cgroup's limit where that is lower (``core.memory_limit``): in a container the RAM is the
+    node's, and a budget sized on it met the OOM killer instead of this check."""
     from gpubatch.runtime.cluster import cpu_count
 
     if job.run.max_worker_memory:
         return job.run.max_worker_memory, "run.max_worker_memory"
     local = prof.get("cluster") in ("local", "local-cuda")
     workers = workers_asked(job, prof) or (1 if not local else cpu_count())
-    share = machine_memory() // max(workers, 1)
-    which = f"this machine's memory over {workers} workers" if workers > 1 else "this machine's memory"
+    usable = usable_memory()
+    share = usable.total // max(workers, 1)
+    which = f"{usable.said} over {workers} workers" if workers > 1 else usable.said
     limit, said = _profile_limit(prof)
     if limit and (prof.get("cluster") == "slurm" or not share or limit < share):
         return limit, said
@@ -102,7 +89,7 @@ def _profile_limit(prof: dict[str, Any]) -> tuple[int, str]:
         if isinstance(given, str) and given != "auto":
             return int(parse_bytes(given)) // per, said
         if isinstance(given, (int, float)) and not isinstance(given, bool) and given > 0:
-            return int(given * machine_memory() if given <= 1 else given) // per, said
+            return int(given * usable_memory().total if given <= 1 else given) // per, said
     except (ValueError, TypeError):
         pass
     return 0, said
@@ -164,28 +151,28 @@ def memory_problem(job: JobSpec, prof: dict[str, Any]) -> tuple[str, str] | None
         return None
     parts = held.parts
     key = max(parts, key=lambda k: parts[k])
-    fewer = ", or run fewer workers (run.workers)" if which.startswith("this machine's memory over") else ""
-    return key, (f"{_lead(job, held, key, batch_size)}; a worker holds about {_gib(held.total)} "
-                 f"({_breakdown(held)}), over its {_gib(budget)} ({which}); lower {_fixes(job, key)}{fewer}")
+    fewer = ", or run fewer workers (run.workers)" if which.endswith(" workers") else ""
+    return key, (f"{_lead(job, held, key, batch_size)}; a worker holds about {gib(held.total)} "
+                 f"({_breakdown(held)}), over its {gib(budget)} ({which}); lower {_fixes(job, key)}{fewer}")
 
 
 def _lead(job: JobSpec, held: InFlight, key: str, batch_size: int) -> str:
     """What the key's own figure is, in its terms."""
     if key == "model.batch_size":
         items = "item makes" if batch_size == 1 else "items make"
-        return (f"{batch_size} {items} a {_gib(held.batch)} model input, with run.prefetch_batches "
+        return (f"{batch_size} {items} a {gib(held.batch)} model input, with run.prefetch_batches "
                 f"{job.run.prefetch_batches}")
     if key == "run.readers":
         keys = get_source(job.kind).read_unit_bytes(job)[1]
         return (f"{job.run.readers + 1} read units in flight (run.readers {job.run.readers}, and one more) "
-                f"of up to {_gib(held.unit)} each (set by {_either(keys, 'and')})")
+                f"of up to {gib(held.unit)} each (set by {_either(keys, 'and')})")
     return (f"streamed slides fetch up to {job.input.read_ahead_mb} MiB ahead (input.read_ahead_mb) for each of "
             f"the {held.slots + job.run.stage_ahead} slides a worker has open (run.stage_ahead included)")
 
 
 def _breakdown(held: InFlight) -> str:
     names = {"model.batch_size": "batches", "run.readers": "read units", "input.read_ahead_mb": "read ahead"}
-    said = ", ".join(f"{_gib(v)} {names[k]}" for k, v in held.parts.items() if v)
+    said = ", ".join(f"{gib(v)} {names[k]}" for k, v in held.parts.items() if v)
     return said + (f", for {held.slots} shards at once" if held.slots > 1 else "")
 
 
@@ -219,13 +206,14 @@ def sample_problem(job: JobSpec) -> tuple[str, str] | None:
               "model.validation.items": job.model.validation.items}
     shape, dtype = get_source(job.kind).model_input(job, 1)
     item = int(np.prod(shape, dtype=np.float64)) * (np.dtype(dtype).itemsize + 1)
-    held, budget = sum(counts.values()) * item, int(machine_memory() * SAMPLE_SHARE)
+    usable = usable_memory()
+    held, budget = sum(counts.values()) * item, int(usable.total * SAMPLE_SHARE)
     if not budget or held <= budget:
         return None
     key = max(counts, key=lambda k: counts[k])
     from dask.utils import format_bytes
 
     return key, (f"{counts['model.calibration.items']} calibration and {counts['model.validation.items']} "
-                 f"validation items hold about {_gib(held)} on the client ({format_bytes(item)} an item, raw "
-                 f"and model-ready), over half its memory ({_gib(budget)}); lower {key} (a few hundred "
+                 f"validation items hold about {gib(held)} on the client ({format_bytes(item)} an item, raw "
+                 f"and model-ready), over half its memory ({gib(budget)}, half {usable.said}); lower {key} (a few hundred "
                  "items calibrate and grade a model well)")

@@ -153,13 +153,20 @@ def _memory_probe(model: Model) -> Any:
 
 
 def default_memory_budget_mb() -> float:
-    """A quarter of available memory, at most 4 GiB: tuning must never push a host into swap."""
+    """A quarter of available memory, at most 4 GiB: tuning must never push a host into swap.
+    In a container, what its memory cgroup may still take where that is less: the machine's
+    available memory is the node's there, and a sweep sized on it met the OOM killer."""
+    from gpubatch.core.memory_limit import find_cgroup_memory
+
     try:
         import psutil
 
-        return min(DEFAULT_MEMORY_BUDGET_MB, psutil.virtual_memory().available / 2**20 / 4)
+        available = psutil.virtual_memory().available
     except ImportError:
         return DEFAULT_MEMORY_BUDGET_MB
+    group = find_cgroup_memory()
+    room = group.room() if group is not None else None
+    return min(DEFAULT_MEMORY_BUDGET_MB, min(available, room if room is not None else available) / 2**20 / 4)
 
 
 def make_batch(items: np.ndarray, batch_size: int) -> np.ndarray:
