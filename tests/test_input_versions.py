@@ -138,32 +138,61 @@ def test_a_remote_index_changed_since_the_run_is_refused(s3: S3Stack, tmp_path: 
     assert job.result_fields()["windows"]["reference_version"].split("; ")[2] != version.split("; ")[2]
 
 
-# -- one HEAD per streamed slide -----------------------------------------------------------------
+# -- the HEADs a slide's reading sends ---------------------------------------------------------
 
 
-def test_a_streamed_shard_heads_its_slide_once(s3: S3Stack, tmp_path: Path, slides_dir: Path,
-                                               mean_model: Path) -> None:
-    """The slide's open asks its size and version (a HEAD), and the shard asked its identity
-    beside it (a second HEAD of the same object, same answer). The open's answer is the shard's
-    start identity now: one HEAD per streamed shard, its reads pinned to that version (so no
-    HEAD after it either), and the identity committed is still the object's."""
-    from conftest import slide_job, write_job
+def _slide_requests(log: list[tuple[str, str]], keys: list[str]) -> dict[str, dict[str, int]]:
+    """Per slide key, the server's requests of it by kind (the proxy's access log)."""
+    from test_storage_request_kinds import request_kind
+
+    counted: dict[str, dict[str, int]] = {key: {} for key in keys}
+    for method, path in log:
+        key = path.split("?", 1)[0].lstrip("/")
+        if key in counted:
+            kind = request_kind(method, path)
+            counted[key][kind] = counted[key].get(kind, 0) + 1
+    return counted
+
+
+@pytest.mark.parametrize(("client", "access", "heads"), [
+    ("obstore", "stream", 0), ("obstore", "stage", 1), ("fsspec", "stream", 2)])
+def test_the_heads_of_each_slide_are_the_ones_its_version_needs(
+        s3: S3Stack, tmp_path: Path, mean_model: Path, monkeypatch: pytest.MonkeyPatch,
+        client: str, access: str, heads: int) -> None:
+    """Four slides on S3, each read in its shard. Every slide's reading sent a HEAD of it beside
+    its reads: the streamed open's (its size and ETag), which obstore's first GET answers itself
+    (Content-Range's size, the ETag its later GETs pin with If-Match); and the shard's identity,
+    asked again of a staged copy whose staging HEAD had just said which version it is of. Before:
+    1 HEAD per streamed slide (obstore), 2 per staged one. Now none and one (the staging's, which
+    its chunked download is pinned to). Through fsspec, whose GETs cannot be pinned, the open's
+    HEAD and the check after the shard stay: two. The identity committed is still the object's,
+    and the report's requests by kind are still what the server answered."""
+    from conftest import slide_job, synthetic_slides, write_job
 
     import gpubatch
-
-    uris = [s3.upload(p, f"heads/{p.name}") for p in sorted(slides_dir.glob("*.tif"))[:2]]
-    job = slide_job(uris, mean_model, tmp_path / "out", run={"stage_ahead": 0})
-    job["input"].update(storage=s3.options(), access="stream")
-    s3.proxy.reset()
-    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
-    assert result.exit_code == 0, result.report["failed"]
-    assert {u: s3.proxy.heads.get(u.removeprefix("s3://"), 0) for u in uris} == dict.fromkeys(uris, 1)
-    etags = {u: s3.fs().info(u)["ETag"].strip('"') for u in uris}
     from gpubatch.outputs.manifest import Manifest
     from gpubatch.outputs.store import OutputStore
 
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    (tmp_path / "slides").mkdir()
+    folder = synthetic_slides(tmp_path / "slides", 4, 40, "s")
+    keys = [f"heads-{client}-{access}/{p.name}" for p in sorted(folder.glob("*.tif"))]
+    uris = [s3.upload(folder / key.rsplit("/", 1)[1], key) for key in keys]
+    job = slide_job(uris, mean_model, tmp_path / "out", run={"stage_ahead": 0})
+    job["input"].update(storage=s3.options(), access=access)
+    s3.proxy.reset()
+    result = gpubatch.run(write_job(tmp_path / "job.yaml", job))
+    assert result.exit_code == 0, result.report["failed"]
+    seen = _slide_requests(s3.proxy.log, [f"{s3.bucket}/{key}" for key in keys])
+    assert [n.get("head", 0) for n in seen.values()] == [heads] * 4, seen
+    assert all(n.get("get", 0) >= 1 for n in seen.values()), seen
+    by_kind = result.report["storage"]["by_kind"]
+    assert by_kind.get("head", 0) == sum(n.get("head", 0) for n in seen.values()), (by_kind, seen)
+    assert by_kind.get("get", 0) == sum(n.get("get", 0) for n in seen.values()), (by_kind, seen)
+    etags = {u: s3.fs().info(u)["ETag"].strip('"') for u in uris}
     committed = {e.input: e.input_identity for e in Manifest(OutputStore(str(tmp_path / "out"))).iter_committed()}
-    assert {u: committed[u]["etag"] for u in uris} == etags
+    assert {u: (committed[u]["etag"], committed[u]["size"]) for u in uris} == {
+        u: (etags[u], (folder / u.rsplit("/", 1)[1]).stat().st_size) for u in uris}
 
 
 # -- servers S3 is not: weak ETags, no Content-Length --------------------------------------------
@@ -173,8 +202,8 @@ def test_a_weak_etag_pins_nothing_and_the_report_says_which_inputs(tmp_path: Pat
                                                                      mean_model: Path) -> None:
     """A server's weak ETag (``W/"..."``) is no version If-Match may name (RFC 9110: strong
     comparison; a server must answer 412). Its slides are read unpinned: no If-Match sent, a HEAD
-    after each shard (the open's and that one: two per slide), and the report's notes say in one
-    line which inputs could not be pinned and why."""
+    after each shard (the only one: the open's size and ETag come with its first GET), and the
+    report's notes say in one line which inputs could not be pinned and why."""
     from conftest import slide_job, write_job
 
     import gpubatch
@@ -189,7 +218,7 @@ def test_a_weak_etag_pins_nothing_and_the_report_says_which_inputs(tmp_path: Pat
         assert result.exit_code == 0, result.report["failed"]
         assert result.report["counters"].get("storage.client.obstore", 0) >= 2  # the client that pins
         assert server.requests and not any(if_match for _, _, if_match in server.requests)
-        assert [server.count("HEAD", f"/weak/{p.name}") for p in slides] == [2, 2]
+        assert [server.count("HEAD", f"/weak/{p.name}") for p in slides] == [1, 1]
         notes = [n for n in result.report["notes"] if "not pinned" in n]
         assert len(notes) == 1 and notes[0].startswith("2 inputs (") and "weak" in notes[0], notes
         assert all(u in notes[0] for u in uris)

@@ -128,19 +128,25 @@ def test_stream_reads_by_range_without_full_download(s3: S3Stack, slide_uris: di
     assert clocks.counters["storage.bytes"] < local.stat().st_size / 2
 
 
-def test_a_streamed_opening_asks_the_header_beside_the_size(s3: S3Stack, slide_uris: dict) -> None:
-    """The object's size (a HEAD) and its first bytes (a GET from byte 0) are asked at once, so
-    an opening pays one round trip for both; the header is read once, and the slide reads the
-    same as the local file."""
+@pytest.mark.parametrize(("client", "heads"), [("obstore", 0), ("fsspec", 1)])
+def test_a_streamed_opening_asks_its_size_in_the_headers_round_trip(
+        s3: S3Stack, slide_uris: dict, monkeypatch: pytest.MonkeyPatch, client: str, heads: int) -> None:
+    """An opening pays one round trip for the object's size and version and its first bytes:
+    obstore's first GET (from byte 0) answers both, its Content-Range carrying the whole size
+    (no HEAD); fsspec's answer does not say, so it asks a HEAD (from the opening's thread while
+    another sends the GET). The header is read once, and the slide reads the same as the local file."""
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
     local, uri = slide_uris["synthetic"]
     key = uri.removeprefix("s3://")
+    s3.proxy.reset()
     s3.proxy.configure(latency_s=0.05)
     backend = open_stream(uri, s3.options(), StageClocks())
     try:
+        assert backend.input_identity()["size"] == local.stat().st_size
         _assert_same(read_all(backend), _local(local))
     finally:
         backend.close()
-    assert s3.proxy.from_start_beside_head[key] == [True]
+    assert s3.proxy.heads.get(key, 0) == heads and s3.proxy.from_start[key] == 1
 
 
 def test_adjacent_tiles_are_coalesced(s3: S3Stack, slide_uris: dict) -> None:

@@ -393,6 +393,11 @@ def head(store: Any, key: str, uri: str = "") -> dict[str, Any]:
             raise
         raise unsized from None
     record_head()
+    return _described(meta)
+
+
+def _described(meta: Any) -> dict[str, Any]:
+    """An obstore ObjectMeta (a HEAD's, a GET's) in :func:`gpubatch.io.storage.stat`'s form."""
     etag = (meta.get("e_tag") or "").strip('"') or None
     mtime = meta.get("last_modified")
     return {"size": int(meta["size"]), "type": "file", "etag": etag,
@@ -450,6 +455,7 @@ class ObstoreRangeReader(RangeReader):
         self._sem: asyncio.Semaphore | None = None
         self.known_size: int | None = None  # from its HEAD, or given: a version already known
         self._etag: str | None = None
+        self._answered: dict[str, Any] | None = None  # the first GET's answer: its object's version
         self._pinning = threading.Lock()  # the first answer and a caller's pin may race to set it
         self.pin(etag)
 
@@ -462,6 +468,9 @@ class ObstoreRangeReader(RangeReader):
 
     def version(self) -> str | None:
         return self._etag
+
+    def answered(self) -> dict[str, Any] | None:
+        return self._answered
 
     def pin(self, etag: str | None) -> None:
         changed = self._settle(_strong(etag))
@@ -534,6 +543,8 @@ class ObstoreRangeReader(RangeReader):
         changed = self._settle(_strong(result.meta.get("e_tag")))
         if changed is not None:
             raise changed
+        if self._answered is None:  # a ranged GET's meta is the whole object's (Content-Range's size)
+            self._answered = _described(result.meta)
         return blob
 
 

@@ -120,6 +120,13 @@ class RangeReader(ABC):
         """Read only this version (an ETag a HEAD just gave) from now on; an answer of another
         fails with :class:`ObjectChanged`. Backends that cannot check versions ignore it."""
 
+    def answered(self) -> dict[str, Any] | None:
+        """The object as its first answered read found it ({size, type, etag, mtime}, the form
+        :func:`gpubatch.io.storage.stat` gives), where a read's answer tells it (obstore: a ranged
+        GET carries the whole object's size, ETag and Last-Modified), so that a caller needs no
+        HEAD of its own beside its first read; None where it does not (fsspec, local files)."""
+        return None
+
     def fetch_many(self, spans: Sequence[tuple[int, int]]) -> list[bytes]:
         """The bytes of each span; the first failed span raises a clear InputError."""
         out: list[bytes] = []
@@ -352,6 +359,9 @@ class ReaderWrapper(RangeReader):
 
     def pin(self, etag: str | None) -> None:
         self.inner.pin(etag)
+
+    def answered(self) -> dict[str, Any] | None:
+        return self.inner.answered()
 
     def close(self) -> None:
         self.inner.close()

@@ -53,7 +53,7 @@ from gpubatch.io.retry import (
     changed_while_read,
     default_policy,
 )
-from gpubatch.io.storage import get_fs, open_ranges, stat
+from gpubatch.io.storage import get_fs, identity_of, open_ranges, stat
 from gpubatch.io.uris import protocol_of, spelled_as, uri_name
 
 DEFAULT_MAX_BYTES = 20 << 30
@@ -95,14 +95,19 @@ class _Entry:
     asked: float = field(default_factory=time.time)
     clocks: StageClocks = field(default_factory=StageClocks)
     etag: str | None = None  # the listed version of the (first) file, once listed
+    #: a lone file's identity (io.storage.identity_of) as its listing's HEAD found it: the
+    #: version the copy is of, which its shard takes instead of asking again
+    identity: dict[str, Any] | None = None
 
 
 class StagedFile:
     """A ready local copy, pinned (never evicted) until :meth:`close`."""
 
-    def __init__(self, path: str, unpin: Any, etag: str | None = None):
+    def __init__(self, path: str, unpin: Any, etag: str | None = None,
+                 identity: dict[str, Any] | None = None):
         self.path, self._unpin = path, unpin
         self.etag = etag  # the object's version the copy is of, where the listing gave one
+        self.identity = identity  # that version's size, ETag and mtime (a lone file's), else None
 
     def close(self) -> None:
         if self._unpin is not None:
@@ -178,7 +183,7 @@ class StageCache:
                 self._entries.pop(uri, None)
                 raise entry.error or InputError(redact(uri), "staging did not finish")
             self._report(entry, clocks, hit)
-        return StagedFile(entry.local, lambda: self._unpin(entry), entry.etag)
+        return StagedFile(entry.local, lambda: self._unpin(entry), entry.etag, entry.identity)
 
     def release(self, uri: str) -> None:
         """Delete a file's staged copy (its shard committed) unless another process uses it."""
@@ -403,6 +408,7 @@ class StageCache:
             if stated["type"] == "directory":
                 raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
             tag = f"{stated['size']}|{stated.get('etag') or stated.get('mtime')}"
+            entry.identity = identity_of(entry.uri, stated)
             return [_Remote(entry.uri, entry.local, int(stated["size"] or 0), stated.get("etag"))], tag
         fs, path = get_fs(entry.uri, options)
         info = call_with_retries(lambda: fs.info(path), entry.uri, policy, entry.clocks)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -80,7 +81,8 @@ def read_in_place(uri: str) -> bool:
     return is_zarr_uri(uri) or uri.endswith("/") or uri_name(uri).lower().endswith(DICOM_SUFFIXES)
 
 
-def _has_companions(uri: str) -> bool:
+def has_companions(uri: str) -> bool:
+    """Whether the slide comes with a folder of files beside it (MIRAX), staged together."""
     return uri_name(uri).lower().endswith(COMPANION_SUFFIXES)
 
 
@@ -166,10 +168,9 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     """
     policy = policy or default_policy()
     reader = open_ranges(uri, options, clocks, policy)
-    # the header's round trip beside the size's (each thread waits one round trip)
-    first = background_pool("open", HEADER_THREADS).submit(_first_chunk, reader)
+    first = _header_and_version(reader)
     try:
-        info = stat(uri, options, policy, clocks)
+        info = first.info or stat(uri, options, policy, clocks)
         if info["type"] == "directory":
             raise InputError(redact(uri), "is an empty object or a prefix (directory), not a slide file")
         if info["size"] <= 0:  # staging (input.access auto) reads what a whole GET gives
@@ -177,10 +178,10 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
                                           "sends no Content-Length): set input.access to stage or auto")
         reader.pin(info["etag"])  # the size's version: every read must be of it (where it can tell)
     except BaseException:
-        first.result()  # its errors are its own; the stat's is the one to report
+        first.chunk.result()  # its errors are its own; the stat's is the one to report
         reader.close()
         raise
-    handle = RangeFile(reader, info["size"], uri_name(uri), first=_whole_first(first.result(), info["size"]))
+    handle = RangeFile(reader, info["size"], uri_name(uri), first=_whole_first(first.chunk.result(), info["size"]))
     try:
         backend = open_slide(redact(uri), clocks, fileobj=handle, ranges=reader, prefer="tifffile")
         backend.opened_identity = identity_of(uri, info)
@@ -196,6 +197,27 @@ def open_stream(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
     except BaseException:
         handle.close()
         raise
+
+
+class _FirstRead(NamedTuple):
+    """A streamed slide's first bytes (a future), and the object's size and version where the
+    answer to that read told them (else None: the open asks a HEAD)."""
+
+    chunk: Future[bytes | None]
+    info: dict[str, Any] | None
+
+
+def _header_and_version(reader: RangeReader) -> _FirstRead:
+    """The header's first bytes, read at once, and the object's size and version in the same
+    round trip: from the GET's own answer where the reader gives it (obstore: its Content-Range
+    and ETag), a request less per slide than a HEAD beside it; else (fsspec, or a GET that
+    failed, whose error the stat then names) ``info`` is None and the open's HEAD goes beside
+    the GET, each thread waiting one round trip. The reader is pinned to that version either way."""
+    if reader.client != "obstore":
+        return _FirstRead(background_pool("open", HEADER_THREADS).submit(_first_chunk, reader), None)
+    chunk: Future[bytes | None] = Future()
+    chunk.set_result(_first_chunk(reader))
+    return _FirstRead(chunk, reader.answered())
 
 
 def _first_chunk(reader: RangeReader) -> bytes | None:
@@ -262,6 +284,11 @@ class StagedBackend(SlideBackend):
     def input_version(self) -> str | None:
         return self._staged.etag
 
+    def input_identity(self) -> dict[str, Any] | None:
+        """The version the copy is of, as staging's HEAD found it: the shard's start identity,
+        with no HEAD of its own (the copy is that one version throughout, however late it runs)."""
+        return self._staged.identity
+
     def close(self) -> None:
         try:
             self.inner.close()
@@ -276,7 +303,7 @@ def open_staged(uri: str, options: dict[str, Any] | None, clocks: StageClocks,
                 policy: RetryPolicy | None = None, cache: StageCache | None = None) -> SlideBackend:
     """Open the stage cache's local copy of a remote slide (downloaded now if not ahead of time)."""
     cache = cache or get_stage_cache()
-    staged = cache.open(uri, options, clocks, policy, companions=_has_companions(uri))
+    staged = cache.open(uri, options, clocks, policy, companions=has_companions(uri))
     try:  # local preads are not storage traffic: keep them out of the storage counters
         return StagedBackend(open_slide(staged.path, StageClocks()), staged)
     except InputError as exc:
@@ -410,7 +437,7 @@ def prefetch(uris: Iterable[str], access: str, options: dict[str, Any] | None,
     cache = cache or get_stage_cache()
     for uri in remote:
         if choose_access(uri, access) == "stage":
-            started += cache.prefetch([uri], options, companions=_has_companions(uri))
+            started += cache.prefetch([uri], options, companions=has_companions(uri))
     return started
 
 

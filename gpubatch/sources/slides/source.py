@@ -301,11 +301,15 @@ class SlideSource(Source):
         release(shard.input_uri)
 
     def open_finds_identity(self, job: JobSpec, shard: Shard) -> bool:
-        """A remote TIFF-family slide read by range: its open's HEAD is the shard's identity."""
-        from gpubatch.sources.slides.open import choose_access, read_in_place
+        """A remote TIFF-family slide read by range: the version its open found (its first GET's
+        answer, or a HEAD) is the shard's identity; a staged lone file: its staging's HEAD's."""
+        from gpubatch.sources.slides.open import choose_access, has_companions, read_in_place
 
         uri = shard.input_uri
-        return is_remote(uri) and not read_in_place(uri) and choose_access(uri, job.input.access) == "stream"
+        if not is_remote(uri) or read_in_place(uri):
+            return False
+        access = choose_access(uri, job.input.access)
+        return access == "stream" or access == "stage" and not has_companions(uri)
 
     def forget_input(self, job: JobSpec, shard: Shard) -> None:
         from gpubatch.sources.slides.open import release
