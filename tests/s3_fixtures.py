@@ -102,6 +102,8 @@ class FaultProxy:
         #: per key, whether each of those GETs was in flight at once with a HEAD of the key
         #: (either arriving first: the two are sent together, and either may reach us first)
         self.from_start_beside_head: dict[str, list[bool]] = {}
+        #: GETs being answered now, and the most ever at once (reads overlapping, or not)
+        self.gets_open = self.most_gets_open = 0
         self._heads_open: dict[str, int] = {}
         self._from_start_open: dict[str, set[int]] = {}  # per key, indices of unanswered ones
         self._request = threading.local()  # the from-start GET this handler thread is answering
@@ -141,6 +143,7 @@ class FaultProxy:
             self.from_start_beside_head = {}
             self._heads_open = {}
             self._from_start_open = {}
+            self.gets_open = self.most_gets_open = 0
 
     def note_signature(self, headers: Any) -> None:
         with self._lock:
@@ -170,6 +173,8 @@ class FaultProxy:
                     self.from_start_beside_head[key][index] = True
             if method == "GET":
                 self.gets[key] = self.gets.get(key, 0) + 1
+                self.gets_open += 1
+                self.most_gets_open = max(self.most_gets_open, self.gets_open)
                 if byte_range is None or byte_range.replace(" ", "").startswith("bytes=0-"):
                     self.from_start[key] = self.from_start.get(key, 0) + 1
                     beside = self.from_start_beside_head.setdefault(key, [])
@@ -217,6 +222,8 @@ class FaultProxy:
             key = _key(path)
             if method == "HEAD":
                 self._heads_open[key] = max(0, self._heads_open.get(key, 0) - 1)
+            if method == "GET":
+                self.gets_open = max(0, self.gets_open - 1)
             answered = getattr(self._request, "from_start", None)
             if method == "GET" and answered is not None:
                 self._from_start_open.get(answered[0], set()).discard(answered[1])

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 _pools: dict[str, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
 
@@ -30,6 +33,45 @@ def background_pool(name: str, threads: int) -> ThreadPoolExecutor:
         if pool is None:
             pool = _pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=f"gpubatch-{name}")
         return pool
+
+
+def fetched_in_order(items: Iterable[T], fetch: Callable[[T], R], window: int, *,
+                     size: Callable[[R], int] | None = None, budget: int = 0,
+                     name: str = "fetch") -> Generator[tuple[T, R], None, None]:
+    """``(item, fetch(item))`` for each of ``items``, in their order, with up to ``window`` fetches
+    in flight ahead of the caller: files read one at a time from object storage wait one round
+    trip each (a 3,000-part merge waited 41 s on them), read ahead they overlap.
+
+    ``items`` is drawn here, on the caller's thread, ``window`` ahead of what it is handed (a
+    SQLite lookup or a progress count in it stays on that thread); only ``fetch`` runs on the
+    pool's threads. Memory: ``window`` results at most, and with ``size``, the window shrinks so
+    that the fetches ahead, each reckoned at the largest result taken so far, stay under
+    ``budget`` bytes (one fetch at a time until one is taken: nothing is known before). A
+    failed fetch raises its error here, in order; on any exit (an error, the caller closing the
+    generator) the fetches not yet started are cancelled and those running waited for (each
+    bounded by its storage timeouts and retries), so no thread outlives the call. A ``window``
+    of 1 fetches on the caller's thread, one at a time."""
+    if window <= 1:
+        yield from ((item, fetch(item)) for item in items)
+        return
+    source, pending = iter(items), deque[tuple[T, Future[R]]]()
+    largest: int | None = None  # the largest result taken (with ``size``)
+    with ThreadPoolExecutor(window, thread_name_prefix=f"gpubatch-{name}") as pool:
+        try:
+            while True:
+                room = window if size is None else 1 if largest is None else min(window, max(1, budget // largest))
+                more = itertools.islice(source, max(0, room - len(pending)))
+                pending.extend((item, pool.submit(fetch, item)) for item in more)
+                if not pending:
+                    return
+                item, future = pending.popleft()
+                result = future.result()
+                if size is not None:
+                    largest = max(largest or 0, size(result))
+                yield item, result
+        finally:
+            for _, future in pending:
+                future.cancel()
 
 
 @contextlib.contextmanager

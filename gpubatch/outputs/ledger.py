@@ -23,8 +23,9 @@ from gpubatch.core.external_sort import sorted_lines
 from gpubatch.core.files import scratch_dir
 from gpubatch.core.phases import Phase
 from gpubatch.core.results import ShardResult
+from gpubatch.core.threads import fetched_in_order
 from gpubatch.outputs.layout import AUDIT, AUDIT_DIR
-from gpubatch.outputs.manifest import READ_BATCH, Manifest
+from gpubatch.outputs.manifest import BATCHES_AHEAD, READ_BATCH, Manifest
 from gpubatch.outputs.store import OutputStore
 
 #: the run-level fields every committed shard's line carries, from its run's start record
@@ -69,9 +70,12 @@ class Ledger:
         return [f"{AUDIT_DIR}/{n}" for n in self.store.listdir(AUDIT_DIR) if n.endswith(".json")]
 
     def iter_records(self, names: list[str]) -> Iterator[dict[str, Any]]:
-        """The event records of ``names``, read READ_BATCH at a time."""
-        for lo in range(0, len(names), READ_BATCH):
-            yield from (json.loads(data) for data in self.store.read_many(names[lo : lo + READ_BATCH]).values())
+        """The event records of ``names``, read READ_BATCH at a time (the next batch meanwhile, as
+        Manifest.iter_entries reads commit records)."""
+        chunks = (names[lo : lo + READ_BATCH] for lo in range(0, len(names), READ_BATCH))
+        for _, found in fetched_in_order(chunks, self.store.read_many, BATCHES_AHEAD if self.store.remote else 1,
+                                         name="records"):
+            yield from (json.loads(data) for data in found.values())
 
     def materialize(self, committed: Iterable[str] | None = None, progress: Phase | None = None) -> int:
         """Rewrite audit.jsonl from the records and commit records; returns its line count.

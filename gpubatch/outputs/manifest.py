@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 
 from gpubatch.core.errors import GpubatchError
 from gpubatch.core.results import ShardResult
+from gpubatch.core.threads import fetched_in_order
 from gpubatch.io.redact import redact
 from gpubatch.outputs.layout import MANIFEST_DIR, PARTS_DIR, TMP_PREFIX, ZARR, record_name
 from gpubatch.outputs.store import OutputStore
@@ -28,6 +29,7 @@ log = logging.getLogger("gpubatch")
 PartSeen = Callable[[ShardResult, bytes], None]
 VERIFY_BATCH = 32  # parts read back at once when checking checksums
 READ_BATCH = 256  # commit records read at once
+BATCHES_AHEAD = 2  # batches of records in flight at once: the one handed out, the next read meanwhile
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +64,14 @@ class Manifest:
         return sum(1 for _ in self.names())
 
     def iter_entries(self, names: Iterable[str] | None = None, batch: int = READ_BATCH) -> Iterator[ShardResult]:
-        """Commit records (all, or those of ``names``), read ``batch`` at a time: unreadable ones
-        are skipped with a warning."""
+        """Commit records (all, or those of ``names``), read ``batch`` at a time, the next batch
+        read while this one is handed out (on object storage): unreadable ones are skipped with
+        a warning."""
         pending = iter(self.names() if names is None else names)  # a stream of names is never held whole
-        while chunk := [f"{MANIFEST_DIR}/{n}" for n in itertools.islice(pending, batch)]:
-            for name, data in self.store.read_many(chunk).items():
+        chunks = iter(lambda: [f"{MANIFEST_DIR}/{n}" for n in itertools.islice(pending, batch)], [])
+        for _, found in fetched_in_order(chunks, self.store.read_many, BATCHES_AHEAD if self.store.remote else 1,
+                                         name="records"):
+            for name, data in found.items():
                 try:
                     yield ShardResult.from_dict(json.loads(data))
                 except (ValueError, TypeError):

@@ -1,10 +1,12 @@
 """The end of a run: committed parts merged into predictions.parquet, the zarr root described.
 
-Only committed attempts are read (the commit records say which), in plan order, one part at a
-time. Small parts are gathered into row groups of ROW_GROUP_ROWS rows (or ROW_GROUP_BYTES, or
+Only committed attempts are read (the commit records say which), in plan order. On object
+storage each part is a round trip (a 3,000-part merge on S3 took 41 s, nearly all of it waiting),
+so up to PARTS_AHEAD parts are read ahead of the one being joined, within BYTES_AHEAD bytes
+(core.threads.fetched_in_order); they are joined one at a time, in order. Small parts are gathered into row groups of ROW_GROUP_ROWS rows (or ROW_GROUP_BYTES, or
 ROW_GROUP_PARTS parts): a row group per part would make a genome run of 100,000 one-window shards a file
 of 100,000 row groups, whose footer the writer holds in memory until it closes and every reader
-parses. The merge's memory is one row group, whatever the run's size.
+parses. The merge's memory is one row group and the parts read ahead, whatever the run's size.
 
 Parts join only when they have the same columns, in the same order (:class:`PartColumns`). A
 ``--resume`` checks its committed parts with it before it computes anything (an output written
@@ -15,6 +17,8 @@ that does not fit, rather than failing in pyarrow's cast.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,9 +27,10 @@ import pyarrow.parquet as pq
 
 from gpubatch.core.errors import PartsDoNotMergeError
 from gpubatch.core.results import ShardResult
+from gpubatch.core.threads import fetched_in_order
 from gpubatch.io.redact import redact
 from gpubatch.outputs.layout import PARTS_DIR, PREDICTIONS, ZARR
-from gpubatch.outputs.manifest import CommitRef
+from gpubatch.outputs.manifest import VERIFY_BATCH, CommitRef
 from gpubatch.outputs.store import OutputStore, output_errors
 from gpubatch.outputs.writer import parquet_writer
 
@@ -37,6 +42,11 @@ ROW_GROUP_BYTES = 64 << 20
 ROW_GROUP_PARTS = 1024
 #: parts held as separate tables before they are joined into one (each table's objects cost kBs)
 PARTS_HELD = 64
+#: parts read ahead of the merge at most, their requests in flight at once: as many as a resume
+#: reads back at once to check their checksums (S3's connection pool is wider: io.storage)
+PARTS_AHEAD = VERIFY_BATCH
+#: bytes of parts read ahead at most, each part reckoned at the largest one read so far
+BYTES_AHEAD = ROW_GROUP_BYTES
 #: every index column's Arrow type, as the readers write it (docs/outputs.md lists them; the
 #: sources' conformance tests check their rows against it): a guess by name typed slides'
 #: ``level`` int64 where every part has int32, so an empty run's file had another schema
@@ -65,11 +75,19 @@ def empty_run_schema(part: pa.Schema, index_columns: list[str]) -> pa.Schema | N
 
 def read_part(store: OutputStore, entry: ShardResult | CommitRef, columns: Iterable[str] | None = None) -> pa.Table:
     """A committed shard's parquet part; ``columns``: only those of them it has (all when None)."""
-    import io
+    return part_table(part_bytes(store, entry), columns)
 
+
+def part_bytes(store: OutputStore, entry: ShardResult | CommitRef) -> bytes:
+    """A committed shard's parquet part, as stored."""
+    return store.read_bytes(f"{PARTS_DIR}/{entry.part}")
+
+
+def part_table(data: bytes, columns: Iterable[str] | None = None) -> pa.Table:
+    """A parquet part's table from its bytes; ``columns``: only those of them it has (all when None)."""
     # ParquetFile, not pq.read_table: the latter goes through the dataset API, whose per-call
     # state left about 20 kB per part behind (60 MB over a 3,000-shard merge)
-    with pq.ParquetFile(io.BytesIO(store.read_bytes(f"{PARTS_DIR}/{entry.part}"))) as part:
+    with pq.ParquetFile(io.BytesIO(data)) as part:
         if columns is None:
             return part.read()
         return part.read(columns=[c for c in columns if c in part.schema_arrow.names])
@@ -124,40 +142,69 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
     those of a committed part with no rows (a slide with no tissue), else (nothing committed)
     ``index_columns`` alone; downstream code that joins two runs' files sees one schema.
     """
-    rows = 0
     columns = PartColumns(index_columns)
     empty: pa.Schema | None = None
-    with store.open_write(target) as f:
-        writer: pq.ParquetWriter | None = None
-        gathered: list[pa.Table] = []
-        held_rows = held_bytes = held_parts = 0
-        for entry in committed:
-            table = read_part(store, entry)
-            if table.num_rows == 0:  # a slide with no tiles adds no rows (its zarr group keeps the widths)
-                if empty is None:
-                    empty = empty_run_schema(table.schema, index_columns)
-                continue
-            problem = columns.problem(f"{PARTS_DIR}/{entry.part}", table.schema.names)
-            if problem is not None:
-                if writer is not None:  # else its finaliser writes a footer into the discarded file
-                    writer.close()
-                raise PartsDoNotMergeError(redact(store.uri), problem)
-            if writer is None:
-                writer = parquet_writer(f, table.schema)
-            gathered.append(table if table.schema.equals(writer.schema) else table.cast(writer.schema))
-            rows, held_rows, held_bytes = rows + table.num_rows, held_rows + table.num_rows, held_bytes + table.nbytes
-            held_parts += 1
-            if held_rows >= ROW_GROUP_ROWS or held_bytes >= ROW_GROUP_BYTES or held_parts >= ROW_GROUP_PARTS:
-                _write_row_group(writer, gathered)
-                held_rows = held_bytes = held_parts = 0
-            elif len(gathered) >= PARTS_HELD:  # thousands of tiny tables cost more than their rows
-                gathered[:] = [pa.concat_tables(gathered).combine_chunks()]
-        if writer is None:
-            pq.write_table(empty_index_table(index_columns) if empty is None else empty.empty_table(), f)
-        else:
-            _write_row_group(writer, gathered)
-            writer.close()
-    return rows
+    parts = fetched_in_order(committed, lambda entry: part_bytes(store, entry), PARTS_AHEAD if store.remote else 1,
+                             size=len, budget=BYTES_AHEAD, name="merge")
+    # closed before the file is discarded on an error: the reads ahead cancelled or finished first
+    with store.open_write(target) as f, contextlib.closing(parts):
+        joined = _Joined(f)
+        try:
+            for entry, data in parts:
+                table = part_table(data)
+                if table.num_rows == 0:  # a slide with no tiles adds no rows (its zarr group keeps the widths)
+                    if empty is None:
+                        empty = empty_run_schema(table.schema, index_columns)
+                    continue
+                problem = columns.problem(f"{PARTS_DIR}/{entry.part}", table.schema.names)
+                if problem is not None:
+                    raise PartsDoNotMergeError(redact(store.uri), problem)
+                joined.add(table)
+        except BaseException:
+            joined.abandon()
+            raise
+        joined.finish(empty_index_table(index_columns).schema if empty is None else empty)
+    return joined.rows
+
+
+class _Joined:
+    """predictions.parquet as the merge writes it: the parts gathered into row groups (the
+    module's docstring says why), the writer made with the first part's schema."""
+
+    def __init__(self, f: Any):
+        self.f = f
+        self.writer: pq.ParquetWriter | None = None
+        self.gathered: list[pa.Table] = []
+        self.rows = self.held_rows = self.held_bytes = self.held_parts = 0
+
+    def add(self, table: pa.Table) -> None:
+        """One part's rows, after those added before (cast to the first part's types)."""
+        if self.writer is None:
+            self.writer = parquet_writer(self.f, table.schema)
+        writer = self.writer
+        self.gathered.append(table if table.schema.equals(writer.schema) else table.cast(writer.schema))
+        self.rows, self.held_rows = self.rows + table.num_rows, self.held_rows + table.num_rows
+        self.held_bytes, self.held_parts = self.held_bytes + table.nbytes, self.held_parts + 1
+        if self.held_rows >= ROW_GROUP_ROWS or self.held_bytes >= ROW_GROUP_BYTES or self.held_parts >= ROW_GROUP_PARTS:
+            _write_row_group(writer, self.gathered)
+            self.held_rows = self.held_bytes = self.held_parts = 0
+        elif len(self.gathered) >= PARTS_HELD:  # thousands of tiny tables cost more than their rows
+            self.gathered[:] = [pa.concat_tables(self.gathered).combine_chunks()]
+
+    def finish(self, empty: pa.Schema) -> None:
+        """The file's last row group and footer; with no rows added, a file of ``empty``'s columns."""
+        if self.writer is None:
+            pq.write_table(empty.empty_table(), self.f)
+            return
+        _write_row_group(self.writer, self.gathered)
+        self.writer.close()
+
+    def abandon(self) -> None:
+        """A merge that failed: its writer closed now, into the file about to be discarded, else
+        its finaliser writes the footer later into a closed file (and says so on stderr)."""
+        if self.writer is not None:
+            with contextlib.suppress(Exception):  # the merge's own error is the one to report
+                self.writer.close()
 
 
 def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
