@@ -5,6 +5,7 @@ variant table's strings live there, about 20 bytes a variant in these files)."""
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 from pathlib import Path
 
@@ -172,3 +173,53 @@ def test_an_unwrapped_fasta_whose_fai_disagrees_is_still_refused(tmp_path: Path,
     indexes.forget_indexes()
     with pytest.raises(InputError, match="contig 'chr1'"):
         load_contigs(str(fasta))
+
+
+def _run_job(tmp_path: Path, fasta: Path, vcf: Path, model: Path) -> Path:
+    import yaml
+
+    out = tmp_path / f"out-{vcf.stem}"
+    job = {"name": "huge-ref", "kind": "genome",
+           "windows": {"reference": str(fasta), "variants": str(vcf), "length": 32, "windows_per_shard": 16},
+           "model": {"path": str(model), "backend": "onnxruntime", "batch_size": 8},
+           "output": {"uri": str(out), "formats": ["parquet"]}, "run": {"profile": "inline"}}
+    path = tmp_path / f"{vcf.stem}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_one_record_of_a_20_mb_ref_costs_no_memory_and_is_quarantined_by_line(tmp_path: Path) -> None:
+    """One record whose REF is 20 MB long (and agrees with the reference) held about five copies of it while the plan read it
+    (htslib's line and record, pysam's bytes and str), then more (upper case, its ID, the REF
+    check's codes, the workers' read through it): a run's peak RSS went from 188 MB to 452 MB.
+    Longer than one read of the reference holds (windows.chunk_bases), it is left out unread,
+    named by its line; the other variants are scored, and the run's peak is the run's without it."""
+    import pandas as pd
+    from test_hostile import cli_peak
+
+    from gpubatch.cli.demo_models import make_genome_model
+
+    size = 20_000_000
+    fasta = write_synthetic_genome(tmp_path / "g.fa", {"chr1": size + LENGTH}, seed=4)
+    seq = "".join(line.strip() for line in fasta.read_text().splitlines()[1:])
+    model = make_genome_model(tmp_path / "m.onnx", 32)
+    header = (f"##fileformat=VCFv4.2\n##contig=<ID=chr1,length={size + LENGTH}>\n"
+              "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n")
+    snvs = [f"chr1\t{p}\trs{p}\t{seq[p - 1]}\t{'A' if seq[p - 1] != 'A' else 'G'}\t.\t.\t.\n"
+            for p in range(1000, 41_000, 1000)]
+    huge = f"chr1\t50001\t.\t{seq[50_000 : 50_000 + size]}\t{seq[50_000]}\t.\t.\t.\n"  # a deletion, REF as the reference
+    plain, big = tmp_path / "plain.vcf", tmp_path / "big.vcf"
+    plain.write_text(header + "".join(snvs))
+    big.write_text(header + "".join(snvs[:20]) + huge + "".join(snvs[20:]))
+    without, base_kib = cli_peak("run", str(_run_job(tmp_path, fasta, plain, model)))
+    done, big_kib = cli_peak("run", str(_run_job(tmp_path, fasta, big, model)))
+    assert big_kib < 1.1 * base_kib, f"{big_kib / 1024:.0f} MiB against {base_kib / 1024:.0f} MiB without it"
+    assert without.returncode == 0, without.stdout + without.stderr
+    assert done.returncode == 3, done.stdout + done.stderr  # partial: one record left out
+    report = json.loads((tmp_path / "out-big" / "report.json").read_text())
+    assert [f["input"] for f in report["failed"]] == ["big.vcf line 24"]
+    assert report["failed"][0]["error"].startswith(
+        "REF of 20,000,000 bases is longer than the 1,048,576 bases one read of the reference holds")
+    assert "windows.chunk_bases to at least 20,000,000" in report["failed"][0]["error"]
+    scored = pd.read_parquet(tmp_path / "out-big" / "predictions.parquet")
+    assert sorted(scored["pos"]) == list(range(1000, 41_000, 1000))

@@ -71,6 +71,7 @@ from gpubatch.sources.genome.variants import (
     SKIP_REASONS,
     VariantTable,
     check_refs,
+    max_allele_bases,
     read_variants,
     refuse_ref_mismatches,
     variant_span,
@@ -383,7 +384,8 @@ class GenomeSource(Source):
         name = os.path.basename(w.variants.rstrip("/"))
         # ten seconds a million variants here: a file of tens of millions ran minutes with no line
         with phase(f"planning: reading the variants of {redact(name)}", unit="record") as said:
-            table = read_variants(w.variants, contigs, storage, w.max_bad_records, progress=said)
+            table = read_variants(w.variants, contigs, storage, w.max_bad_records, progress=said,
+                                  max_allele=max_allele_bases(w.chunk_bases, w.length))
             table.notes += window_notes(table, contigs, w.length, name)
             if not len(table):
                 return [], [*table.failed, {"input": w.variants, "error": "no scorable variants: " + _skip_text(table)}]

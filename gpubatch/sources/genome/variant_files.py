@@ -35,6 +35,7 @@ from typing import IO, Any
 
 from gpubatch.core.errors import MissingExtraError, SpecError
 from gpubatch.io.redact import excerpt
+from gpubatch.sources.genome.variant_guard import SHORT_LINE
 from gpubatch.sources.genome.variant_stream import (
     GZIP_MAGIC,
     Feed,
@@ -243,16 +244,28 @@ def _reads_as_body(line: str) -> bool:
     return not line.startswith("#") and len(fields) >= 5 and fields[1].lstrip("-").isdigit()
 
 
-def _table_records(source: VariantInput, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
+def _table_records(source: VariantInput, layout: Layout, max_allele: int) -> Iterator[RawRecord | MalformedRecord]:
+    """A table's records, each line read up to the bytes a REF and an ALT of ``max_allele``
+    bases and the other columns take: a longer line is a malformed record, read past unheld."""
     name = source.name
-    lines = numbered_lines(source)
+    line_bytes = 2 * max_allele + SHORT_LINE
+    lines = numbered_lines(source, line_bytes)
     with contextlib.closing(lines):
         for n, raw in lines:
             if n <= layout.header_lines:
                 continue
+            if len(raw) == line_bytes and not raw.endswith(b"\n"):
+                yield MalformedRecord(f"{name} line {n}", n, _table_line_too_long(line_bytes, max_allele))
+                continue
             line = _text(raw, n)
             if line.strip() and not line.startswith("#"):
                 yield _table_record(line, n, name, layout)
+
+
+def _table_line_too_long(line_bytes: int, max_allele: int) -> str:
+    return (f"the line is over {line_bytes:,} bytes long: its REF or ALT is longer than the {max_allele:,} bases "
+            "one read of the reference holds (windows.chunk_bases, or windows.length when larger); left out "
+            "unread. Raise windows.chunk_bases to score it, or leave such lines out first")
 
 
 def _float_hint(text: str) -> str:
@@ -292,8 +305,10 @@ def _pysam() -> Any:
     return pysam
 
 
-def _vcf_records(source: VariantInput, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
-    """Records through pysam: text VCFs are numbered by line, BCFs by record.
+def _vcf_records(source: VariantInput, layout: Layout, max_allele: int) -> Iterator[RawRecord | MalformedRecord]:
+    """Records through pysam: text VCFs are numbered by line, BCFs by record. A text VCF reaches
+    htslib through ``variant_guard`` (a record with a REF or ALT over ``max_allele`` bases is
+    quarantined unread, an INFO over 64 KiB passed on as '.').
 
     htslib stays quiet while the file is read: its warnings (a missing index, a contig the
     header does not declare) would go straight to the terminal, and the contigs are checked
@@ -302,7 +317,8 @@ def _vcf_records(source: VariantInput, layout: Layout) -> Iterator[RawRecord | M
     pysam = _pysam()
     previous = pysam.set_verbosity(0)
     try:
-        with htslib_readable(source) as (readable, feed), _LineFinder(source) as lines:
+        guarded = max_allele if layout.kind == LAYOUT_VCF else None
+        with htslib_readable(source, guarded) as (readable, feed), _LineFinder(source) as lines:
             yield from _pysam_records(pysam, readable, feed, source, layout, lines)
     finally:
         pysam.set_verbosity(previous)
@@ -349,6 +365,10 @@ def _pysam_records(pysam: Any, readable: str | IO[bytes], feed: Feed | None, sou
                     feed.raise_error()
                 return
             except (ValueError, OSError) as exc:
+                guarded = feed.problem(line) if feed is not None else None
+                if guarded is not None:
+                    yield MalformedRecord(where, line, guarded)
+                    continue
                 if offset is not None and _no_record(lines.line(line), line, layout):
                     continue
                 failing, first = failing + 1, first if failing else where
@@ -359,7 +379,8 @@ def _pysam_records(pysam: Any, readable: str | IO[bytes], feed: Feed | None, sou
                 yield MalformedRecord(where, line, f"malformed VCF record ({why or exc})")
                 continue
             failing = 0
-            yield _raw_record(rec, where, line)
+            guarded = feed.problem(line) if feed is not None else None
+            yield _raw_record(rec, where, line) if guarded is None else MalformedRecord(where, line, guarded)
 
 
 def _raw_record(rec: Any, where: str, line: int) -> RawRecord | MalformedRecord:
@@ -402,16 +423,20 @@ class _LineFinder:
         """Header lines at the top, up to and with the ``#CHROM`` line, for the data lines'
         numbers: htslib passes a blank line among the ``##`` lines by, so counting the ``#``
         lines alone named every record by a line above its own."""
-        with self.source.text() as f:
-            for number, line in enumerate(f, start=1):
+        with contextlib.closing(numbered_lines(self.source, SNIFF_LINE_BYTES)) as lines:
+            for number, line in lines:
                 if line.upper().startswith(b"#CHROM"):
                     return number
         return 0
 
     def line(self, number: int) -> bytes:
+        """Line ``number``'s first SNIFF_LINE_BYTES bytes (all a problem is told from: a line of a
+        20 MB REF passed on the way was held whole)."""
         if self._lines is None or number <= self._at:
             self._stack.close()
-            self._lines, self._at = iter(self._stack.enter_context(self.source.text())), 0
+            self._lines = (raw for _, raw in self._stack.enter_context(
+                contextlib.closing(numbered_lines(self.source, SNIFF_LINE_BYTES))))
+            self._at = 0
         text = b""
         while self._at < number:
             text = next(self._lines, b"")
@@ -432,8 +457,9 @@ class _LineFinder:
         return ""
 
 
-def iter_records(source: VariantInput, layout: Layout) -> Iterator[RawRecord | MalformedRecord]:
-    """Every data record of the file, in file order, whatever its layout."""
+def iter_records(source: VariantInput, layout: Layout, max_allele: int) -> Iterator[RawRecord | MalformedRecord]:
+    """Every data record of the file, in file order, whatever its layout; a line too long to
+    hold REF and ALT of ``max_allele`` bases is a malformed record, never held whole."""
     if layout.kind in (LAYOUT_VCF, LAYOUT_BCF):
-        return _vcf_records(source, layout)
-    return _table_records(source, layout)
+        return _vcf_records(source, layout, max_allele)
+    return _table_records(source, layout, max_allele)

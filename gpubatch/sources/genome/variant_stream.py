@@ -6,11 +6,12 @@ remote file a download held whole in memory. Every read here is a stream:
 
 * the layout checks (``variant_files.sniff``) read the first lines, the first bytes, or the
   last 28 (a bgzip file's end-of-file block), each a fresh open of the file;
-* htslib (pysam) opens a local plain or bgzip file, or a BCF, by its path. It cannot read a
-  plain-gzip file (``gzip``, not ``bgzip``: pysam asks the stream's offset, "seek not implemented
+* htslib (pysam) opens a local BCF by its path. A text VCF reaches it through a pipe that a
+  thread fills with the file's text, each record line's fields bounded (``variant_guard``: one
+  record with a 20 MB REF held about five copies of it in htslib and pysam). Without that,
+  htslib could not read a plain-gzip file (``gzip``, not ``bgzip``: pysam asks the stream's offset, "seek not implemented
   in files compressed by method 1"), nor an ``s3://`` URL with the job's storage options. Those
-  reach it through a pipe that a thread fills (:func:`htslib_readable`): the plain-gzip file's
-  lines, decompressed, or the remote file's bytes as they are. The pipe holds 64 KiB, so memory
+  reach it through the same pipe (:func:`htslib_readable`): a remote BCF's bytes as they are. The pipe holds 64 KiB, so memory
   stays bounded whatever the file's size; a damaged stream is raised by the reader
   (:meth:`Feed.raise_error`) once htslib has read the whole lines before it.
 """
@@ -31,6 +32,7 @@ from gpubatch.core.errors import SpecError
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import open_file
 from gpubatch.io.uris import is_remote, local_path
+from gpubatch.sources.genome.variant_guard import FieldGuard
 
 log = logging.getLogger("gpubatch")
 
@@ -148,9 +150,11 @@ class Feed:
     """The thread's side of htslib's pipe: what it writes, and the error that stopped it, which
     the reader raises (:meth:`raise_error`) once htslib has read to the pipe's end."""
 
-    def __init__(self, source: VariantInput, inflate: bool):
+    def __init__(self, source: VariantInput, max_allele: int | None):
         self.source = source
-        self.inflate = inflate  # plain gzip: its lines, decompressed; else its bytes as stored
+        #: a text VCF's: its text, fields bounded by ``guard``; else (a BCF) its bytes as stored
+        self.max_allele = max_allele
+        self.guard: FieldGuard | None = None
         self.error: BaseException | None = None
 
     def run(self, fd: int) -> None:
@@ -168,13 +172,31 @@ class Feed:
                 out.close()
 
     def _copy(self, out: IO[bytes]) -> None:
-        if self.inflate:  # line by line: a damage is refused after the last whole line
-            for _, line in numbered_lines(self.source):
-                out.write(line)
+        if self.max_allele is not None:
+            self._guarded(out)
             return
         with self.source.raw() as raw:
             while chunk := raw.read(FEED_CHUNK):
                 out.write(chunk)
+
+    def _guarded(self, out: IO[bytes]) -> None:
+        """The file's text through a FieldGuard, in blocks: a damaged gzip stream is refused after
+        the last whole line passed on (htslib has read up to it)."""
+        guard = self.guard = FieldGuard(out, self.max_allele or 0)
+        try:
+            with self.source.text() as f:
+                read = getattr(f, "read1", f.read)
+                while block := read(FEED_CHUNK):
+                    guard.feed(block)
+        except BrokenPipeError:
+            raise
+        except GZIP_ERRORS as exc:
+            raise gzip_damage(self.source.uri, guard.lines, exc) from None
+        guard.close()
+
+    def problem(self, line: int) -> str | None:
+        """The problem of line ``line`` when the guard put a placeholder record in its place."""
+        return self.guard.problems.pop(line, None) if self.guard is not None else None
 
     def raise_error(self) -> None:
         """The error that stopped the feed before the file's end, if one did."""
@@ -183,16 +205,15 @@ class Feed:
 
 
 @contextlib.contextmanager
-def htslib_readable(source: VariantInput) -> Iterator[tuple[str | IO[bytes], Feed | None]]:
-    """What pysam opens for ``source``: a local plain or bgzip file (or BCF) by its path; a
-    plain-gzip or a remote file as the read end of a pipe a thread fills (with its Feed, whose
-    error the caller raises where htslib stops). The pipe is closed on the way out, so the thread
-    stops at its next write however far it got."""
-    inflate = source.is_plain_gzip()
-    if source.local is not None and not inflate:
+def htslib_readable(source: VariantInput, max_allele: int | None) -> Iterator[tuple[str | IO[bytes], Feed | None]]:
+    """What pysam opens for ``source``: a local BCF (``max_allele`` None) by its path; a text VCF
+    (its REF and ALT held up to ``max_allele`` bases), or a remote BCF, as the read end of a pipe
+    a thread fills (with its Feed, whose error the caller raises where htslib stops). The pipe is
+    closed on the way out, so the thread stops at its next write however far it got."""
+    if source.local is not None and max_allele is None:
         yield source.local, None
         return
-    feed = Feed(source, inflate)
+    feed = Feed(source, max_allele)
     read_fd, write_fd = os.pipe()
     thread = threading.Thread(target=feed.run, args=(write_fd,), name="gpubatch-variants-feed", daemon=True)
     thread.start()

@@ -58,6 +58,7 @@ from gpubatch.sources.genome import variant_table
 from gpubatch.sources.genome.bad_records import BadRecords
 from gpubatch.sources.genome.reference import ContigTable, Reference, group_reads
 from gpubatch.sources.genome.variant_files import MalformedRecord, RawRecord, iter_records, sniff
+from gpubatch.sources.genome.variant_guard import allele_too_long
 from gpubatch.sources.genome.variant_stream import VariantInput
 from gpubatch.sources.genome.variant_table import (
     SKIP_REASONS,
@@ -70,11 +71,20 @@ __all__ = ["SKIP_REASONS", "VariantTable", "check_refs", "read_variants", "refus
 
 FIELD = "windows.variants"
 MAX_LISTED_MISMATCHES = 5
+#: ``max_allele_bases`` of the default windows.chunk_bases and length
+DEFAULT_MAX_ALLELE = 1 << 20
 #: records read between two words to the plan's progress (a word per record cost more than its reading)
 SAID_EVERY = 4096
 BASES = frozenset("ACGT")
 #: IUPAC ambiguity codes (N included): a position's possible bases, not a base
 IUPAC = frozenset("RYSWKMBDHVN")
+
+
+def max_allele_bases(chunk_bases: int, length: int) -> int:
+    """The longest REF or ALT scored: one read of the reference (``group_reads``: max(chunk_bases,
+    length) bases) must hold it, for the plan's REF check and the workers' windows alike. A
+    window shows only its first ``length - length // 2`` bases anyway (``window_notes``)."""
+    return max(chunk_bases, length)
 
 
 def alt_skip_reason(alt: str) -> str | None:
@@ -127,7 +137,10 @@ def _variant_id(record_id: str | None, chrom: str, pos: int, ref: str, alt: str,
     return f"{chrom}:{pos}:{ref}:{alt}"
 
 
-def _check_record(rec: RawRecord, contigs: ContigTable) -> str | None:
+def _check_record(rec: RawRecord, contigs: ContigTable, max_allele: int) -> str | None:
+    longest = max((rec.ref, *rec.alts), key=len)
+    if len(longest) > max_allele:  # what the guard leaves out unread in a long line, in a short one
+        return allele_too_long("REF" if longest is rec.ref else "ALT", len(longest), max_allele)
     if rec.chrom not in contigs:
         return contigs.missing_message(rec.chrom)
     if rec.pos < 1:
@@ -158,7 +171,7 @@ def _add_record(table: VariantTable, rec: RawRecord) -> None:
 
 
 def _scan(records: Iterator[RawRecord | MalformedRecord], table: VariantTable, contigs: ContigTable,
-          bad: BadRecords, progress: Phase | None = None) -> None:
+          bad: BadRecords, max_allele: int, progress: Phase | None = None) -> None:
     """Add every usable record to ``table``, and every other to ``bad`` with its problem;
     ``progress`` is told of every SAID_EVERY records read."""
     for rec in records:
@@ -166,7 +179,7 @@ def _scan(records: Iterator[RawRecord | MalformedRecord], table: VariantTable, c
         if progress is not None and not table.counts["records"] % SAID_EVERY:
             progress.advance(SAID_EVERY)
         bad.total += 1
-        problem = rec.problem if isinstance(rec, MalformedRecord) else _check_record(rec, contigs)
+        problem = rec.problem if isinstance(rec, MalformedRecord) else _check_record(rec, contigs, max_allele)
         if problem is None and isinstance(rec, RawRecord):
             _add_record(table, rec)
         else:
@@ -174,7 +187,8 @@ def _scan(records: Iterator[RawRecord | MalformedRecord], table: VariantTable, c
 
 
 def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any] | None = None,
-                  max_bad: float = 0.0, progress: Phase | None = None) -> VariantTable:
+                  max_bad: float = 0.0, progress: Phase | None = None,
+                  max_allele: int = DEFAULT_MAX_ALLELE) -> VariantTable:
     """All scorable variants of a VCF / VCF.gz / BCF / headerless VCF body / TSV or CSV table,
     checked against the reference's contigs (see ``variant_files`` for the layouts); records
     that cannot be scored are left out into ``table.failed``, up to ``max_bad`` of the file.
@@ -182,6 +196,8 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
     The whole table is held on the client, compactly (``variant_table``: about 40 bytes a SNV):
     fine for the millions of variants typical of effect scoring. The file is read as streams,
     local or remote, never copied to disk (``variant_stream``). ``progress`` counts the records read.
+    A record whose REF or ALT is longer than ``max_allele`` bases (``max_allele_bases``) is left
+    out, never held whole: memory is bounded by the configuration, not by one record.
     """
     table = VariantTable()
     if not is_remote(uri) and not os.path.exists(local_path(uri)):
@@ -193,7 +209,7 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
         table.layout = layout.kind
         if layout.note:
             table.notes.append(layout.note)
-        _scan(iter_records(source, layout), table, contigs, bad, progress)
+        _scan(iter_records(source, layout, max_allele), table, contigs, bad, max_allele, progress)
         table.notes += layout.notes_after_reading(source.name)
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
