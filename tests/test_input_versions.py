@@ -195,6 +195,44 @@ def test_the_heads_of_each_slide_are_the_ones_its_version_needs(
         u: (etags[u], (folder / u.rsplit("/", 1)[1]).stat().st_size) for u in uris}
 
 
+@pytest.mark.parametrize(("client", "heads"), [
+    ("obstore", {"ref.fa.gz": 4, "ref.fa.gz.fai": 3, "ref.fa.gz.gzi": 3}),
+    ("fsspec", {"ref.fa.gz": 10, "ref.fa.gz.fai": 5, "ref.fa.gz.gzi": 5})])
+def test_the_heads_of_a_remote_genome_are_the_ones_its_versions_need(
+        s3: S3Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: str, heads: dict[str, int]) -> None:
+    """A bgzip FASTA on S3 with its .fai and .gzi, two windows shards in this process. Each shard
+    asked the FASTA's identity (a HEAD) beside its open, and its reader asked the size (another)
+    although the shard carried the planned size and ETag; and each shard read the indexes again
+    (a HEAD and a GET each) that the plan had just read at the very version the shard names.
+    Before, through obstore: 8 HEADs of the FASTA, 3 of each index. Now the shard's reads are
+    pinned to the planned ETag and size (its start identity, no HEAD after: a FASTA written over
+    is refused by the read), and the plan's index is the shard's: 4 and 2 (result fields, plan).
+    Through fsspec, which cannot pin, the checks stay (before: 10, 5, 5). The report's counts
+    are still the server's."""
+    from gpubatch.runtime.runner import run_job
+    from gpubatch.sources.genome.indexes import forget_indexes
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    fasta = write_fasta(tmp_path / "ref.fa.gz", CONTIGS, bgzip=True)
+    for end in (".fai", ".gzi"):
+        s3.upload(Path(f"{fasta}{end}"), f"genheads-{client}/ref.fa.gz{end}")
+    uri = s3.upload(fasta, f"genheads-{client}/ref.fa.gz")
+    spec = genome_spec(tmp_path, uri, s3.options(), regions=["chrA:0-1000", "chrB:0-600"])
+    spec["output"] = {"uri": str(tmp_path / "out")}
+    spec["run"].update(profile="inline", workers=1)
+    job = JobSpec.model_validate(spec)
+    forget_indexes()
+    s3.proxy.reset()
+    result = run_job(job, profile="inline", show_progress=False)
+    assert result.exit_code == 0, result.report["failed"]
+    assert result.report["shards_total"] == 2
+    seen = _slide_requests(s3.proxy.log, [f"{s3.bucket}/genheads-{client}/{name}" for name in heads])
+    assert {key.rsplit("/", 1)[1]: n.get("head", 0) for key, n in seen.items()} == heads, seen
+    by_kind = result.report["storage"]["by_kind"]
+    answered = sum(1 for method, _ in s3.proxy.log if method == "HEAD")
+    assert by_kind.get("head", 0) == answered == result.report["storage"]["heads"], (by_kind, seen)
+
+
 # -- servers S3 is not: weak ETags, no Content-Length --------------------------------------------
 
 

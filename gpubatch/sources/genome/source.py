@@ -46,7 +46,7 @@ from gpubatch.core.plural import counted
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity
-from gpubatch.io.uris import suffixed
+from gpubatch.io.uris import is_remote, suffixed
 from gpubatch.ops.kernels import reverse_complement_codes, window_rows
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
@@ -224,6 +224,14 @@ class _GenomeReader(ShardReader):
     def column_limit(self, name: str) -> int | None:
         return self.tracks.column_limit(name)
 
+    def input_identity(self) -> dict[str, Any] | None:
+        """The planned identity of the reference where the shard's input is the reference and its
+        reads are pinned to that version (If-Match: another is refused by the read itself): the
+        worker's start identity with no HEAD of its own, as a streamed slide's open gives it."""
+        planned = self.shard.payload.get("planned_identity")
+        pinned = self.input_version()
+        return planned if planned and pinned and planned.get("etag") == pinned else None
+
     def input_version(self) -> str | None:
         """The reference's pinned ETag where the shard's input is the reference (windows; a
         variants shard's input is its VCF, which these reads are not of): the worker's HEAD
@@ -345,6 +353,14 @@ def _source_note(uri: str, storage: dict[str, Any], contigs: ContigTable) -> str
     return changed_source_note(uri, storage) if contigs.format == "zarr" else None
 
 
+def _held_identity(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The identity a shard's reference reads are held to: its ``reference_identity`` (variants,
+    a zarr's), else a windows shard's ``planned_identity`` (its input, the FASTA): its reads are
+    then pinned to the planned ETag and size, with no HEAD for either (a shard planned before
+    either was carried: None, the reader asks as before)."""
+    return payload.get("reference_identity") or payload.get("planned_identity")
+
+
 class GenomeSource(Source):
     """``kind: genome``: windows over regions, or variant-effect mode when ``windows.variants`` is set."""
 
@@ -433,7 +449,7 @@ class GenomeSource(Source):
         w = _windows(job)
         p = shard.payload
         reference = open_reference(w.reference, job.input.storage, clocks, p.get("reference_format"),
-                                   p.get("index_version"), p.get("reference_identity"))
+                                   p.get("index_version"), _held_identity(p))
         cls = VariantReader if shard.payload.get("mode") == "variants" else GenomeWindowReader
         try:
             refuse_another_index(shard, reference)
@@ -441,6 +457,13 @@ class GenomeSource(Source):
         except BaseException:
             reference.close()
             raise
+
+    def open_finds_identity(self, job: JobSpec, shard: Shard) -> bool:
+        """A windows shard over a remote FASTA planned with its ETag: its reads are pinned to the
+        planned version, which is then its start identity (``input_identity``), no HEAD beside
+        the open; where the reads cannot be pinned (fsspec, a weak ETag) the worker asks after."""
+        planned = shard.payload.get("planned_identity") or {}
+        return is_remote(shard.input_uri) and bool(planned.get("etag")) and shard.payload.get("mode") != "variants"
 
     def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
         """Variant pairs run refs and alts together, and strand averaging both strands."""
