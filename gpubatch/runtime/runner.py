@@ -404,10 +404,10 @@ class _Run:
             **_operator_facts(job, self.t_start),
             "data_quality": source.data_quality(job, shards, end.counting(self._records(shards))),
         }
+        self.lease.confirm()  # the merge may have run minutes, a take-over among them (its reads counted)
         count_claimed_retries(self.builder.clocks)  # the client's: planning, uploads, in-process shards
         self._claim_client_requests()
         _in_plan_order(self.failed, shards)
-        self.lease.confirm()  # the merge may have run minutes, a take-over among them
         end.step(f"writing {REPORT_JSON} and {REPORT_HTML}")
         summary = self.builder.summary(self.failed, time.time() - self.t_start, run_info).to_dict()
         write_report(store, summary)
