@@ -50,6 +50,36 @@ MIN_HEARTBEAT_S = 0.1
 #: shard queued ahead of it, the worker's opening of the input and its model's load, and deadlines
 #: are looked at once a second; `shard_timeout: 0.001` validated and every shard timed out
 MIN_SHARD_TIMEOUT_S = 5.0
+#: the shortest run.worker_timeout: the submitter looks for workers about once a second and a
+#: worker process takes seconds to start and connect; `worker_timeout: 0.001` validated and a run
+#: failed a second after it found no worker there (one starting, or being replaced)
+MIN_WORKER_TIMEOUT_S = 2.0
+#: the shortest run.queue_timeout: SLURM is asked about pending worker jobs every 10 s
+#: (runtime.slurm.ASK_EVERY_S), so a shorter wait for a busy queue ends before squeue is asked again
+MIN_QUEUE_TIMEOUT_S = 10.0
+#: the shortest run.storage_max_wait_s: every storage retry, a throttled one too, waits at most it
+MIN_STORAGE_WAIT_S = 0.1
+#: the shortest run.lease_stale_s: MISSED_BEATS heartbeats at the shortest run.heartbeat_s
+MIN_LEASE_STALE_S = round(MISSED_BEATS * MIN_HEARTBEAT_S, 9)  # 0.3, not 0.30000000000000004
+#: run.* durations with a floor, and why a shorter one means nothing: the spec model refuses one
+#: under its floor (so `validate` as `run` does), naming the field, the floor, why and the fix
+DURATION_FLOORS: dict[str, tuple[float, str]] = {
+    "shard_timeout": (MIN_SHARD_TIMEOUT_S, "it counts from a shard's submission, over the worker's opening of "
+                      "the input and loading of the model, so every shard would time out and its worker be "
+                      "restarted"),
+    "heartbeat_s": (MIN_HEARTBEAT_S, "each heartbeat rewrites the lease and status.json in the output (a "
+                    "storage request each), and more often the run would spin rewriting them"),
+    "worker_timeout": (MIN_WORKER_TIMEOUT_S, "workers are looked for about once a second and a worker process "
+                       "takes seconds to start and connect, so the run would fail within a second of finding "
+                       "no worker there (one starting, or being replaced)"),
+    "queue_timeout": (MIN_QUEUE_TIMEOUT_S, "SLURM is asked about pending worker jobs every 10 s, so the wait "
+                      "for a busy queue would end before squeue was asked again"),
+    "storage_max_wait_s": (MIN_STORAGE_WAIT_S, "every storage retry waits at most this, a throttled one too, "
+                           "so a server that asked for fewer requests would get its retries back to back"),
+    "lease_stale_s": (MIN_LEASE_STALE_S, f"a lease is stale after {MISSED_BEATS} missed heartbeats, and "
+                      f"run.heartbeat_s is at least {MIN_HEARTBEAT_S:g} s, so a live run's own lease would look "
+                      f"stale between its beats"),
+}
 
 
 class _Strict(BaseModel):
@@ -294,14 +324,14 @@ class RunSpec(_Strict):
     retries: int = Field(2, ge=0, le=100)
     storage_attempts: int = Field(5, ge=1, le=50, description="tries per storage request (transient errors)")
     storage_max_wait_s: float = Field(
-        30.0, ge=0.1, le=600, description="the longest one storage retry waits: a throttling server's "
+        30.0, le=600, description="the longest one storage retry waits: a throttling server's "
                                           "Retry-After is honoured up to it, and throttled backoff stops growing there")
     stage_ahead: int = Field(2, ge=0, le=64, description="slides each worker process stages or opens ahead")
     workers: int | None = Field(None, ge=1, le=MAX_WORKERS, description="worker processes; default from the profile")
     worker_timeout: float = Field(
-        1800.0, gt=0, description="seconds without any worker (none arrived, or all were lost) before the run fails")
+        1800.0, description="seconds without any worker (none arrived, or all were lost) before the run fails")
     queue_timeout: float = Field(
-        86400.0, gt=0, description="seconds a run waits for workers while every worker job is pending in a busy "
+        86400.0, description="seconds a run waits for workers while every worker job is pending in a busy "
                                    "queue, for reasons the queue clears by itself (SLURM: Priority, Resources, "
                                    "a group limit, a reservation), before it fails; run.worker_timeout bounds the rest")
     shard_timeout: float = Field(
@@ -309,28 +339,23 @@ class RunSpec(_Strict):
                                    "worker is restarted and the shard counts as failed (retried, then quarantined)")
     heartbeat_s: float = Field(10.0, le=3600, description="seconds between lease and status.json heartbeats")
     lease_stale_s: float = Field(
-        120.0, gt=0, description="a lease whose heartbeat is older than this belongs to a dead run and is taken over")
+        120.0, description="a lease whose heartbeat is older than this belongs to a dead run and is taken over")
     force_workers: bool = Field(False, description="allow more local workers than the machine has cores")
     max_worker_memory: int | None = Field(
         None, ge=1 << 20, description="bytes one worker's batches and read units in flight may hold; "
                                       "default: the machine's memory (its container's memory limit where "
                                       "lower) shared among its workers")
 
-    @field_validator("shard_timeout", "heartbeat_s")
+    @field_validator(*DURATION_FLOORS)
     @classmethod
     def _not_under_the_floor(cls, v: float, info: ValidationInfo) -> float:
-        """A timeout or period too short to mean anything is refused, not run: every shard would
-        time out and its worker be restarted, or the heartbeat would only rewrite its files."""
-        floor, why = {
-            "shard_timeout": (MIN_SHARD_TIMEOUT_S, "it counts from a shard's submission, over the worker's "
-                              "opening of the input and loading of the model, so every shard would time out "
-                              "and its worker be restarted"),
-            "heartbeat_s": (MIN_HEARTBEAT_S, "each heartbeat rewrites the lease and status.json in the "
-                            "output (a storage request each), and more often the run would spin rewriting them"),
-        }[str(info.field_name)]
+        """A timeout, wait or period too short to mean anything is refused, not run: every shard
+        would time out, the run fail waiting for workers, or the heartbeat only rewrite its files."""
+        field = str(info.field_name)
+        floor, why = DURATION_FLOORS[field]
         if v < floor:
-            default = cls.model_fields[str(info.field_name)].default
-            raise ValueError(f"{v:g} s is under the {floor:g} s floor: {why}; set run.{info.field_name} "
+            default = cls.model_fields[field].default
+            raise ValueError(f"{v:g} s is under the {floor:g} s floor: {why}; set run.{field} "
                              f"to {floor:g} or more (default {default:g})")
         return v
 
@@ -341,11 +366,13 @@ class RunSpec(_Strict):
         beats of a live run was taken over by the next run into the output, and the live one
         stopped at its next heartbeat (exit 1), blaming a suspension that never happened."""
         beat = info.data.get("heartbeat_s")
-        if beat is not None and v < MISSED_BEATS * beat:
+        # rounded: 3 x 0.1 is 0.30000000000000004, and `lease_stale_s: 0.3` was told to be 0.3 or more
+        least = round(MISSED_BEATS * beat, 9) if beat is not None else 0.0
+        if v < least:
             raise ValueError(
                 f"{v:g} s is under {MISSED_BEATS} x run.heartbeat_s ({beat:g} s): a live run's own lease "
                 f"would look stale between its heartbeats and the next run into the output would take it "
-                f"over; raise run.lease_stale_s to {MISSED_BEATS * beat:g} or more, or lower run.heartbeat_s")
+                f"over; raise run.lease_stale_s to {least:g} or more, or lower run.heartbeat_s")
         return v
 
 
