@@ -108,3 +108,28 @@ def test_status_says_a_run_whose_shards_are_over_is_finishing_and_with_what(
     assert f"finishing the run: merging the parts into predictions.parquet (0 of {SHARDS} parts, " in line, line
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished" and "ending" not in status
+
+
+def test_a_resume_of_a_finished_output_says_its_zarr_is_not_complete_while_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --resume removes report.json and report.html as it begins (they said finished), but the
+    zarr root went on saying ``complete: true`` until the resume's own end rewrote it, though a
+    resume may sweep and recompute groups meanwhile. It says running from the resume's start."""
+    from gpubatch.models import prepare
+
+    job, out = windows_job(tmp_path, SHARDS), tmp_path / "out"
+    assert gpubatch.run(job, **OVERRIDES).exit_code == 0
+    assert _root_attrs(out)["complete"] is True
+    seen: list[dict[str, Any]] = []
+    real_prepare = prepare.prepare_model
+
+    def prepare_seeing_the_root(*args: Any, **kwargs: Any) -> Any:  # after the resume's checks
+        seen.append(_root_attrs(out))
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "prepare_model", prepare_seeing_the_root)
+    assert gpubatch.run(job, resume=True, **OVERRIDES).exit_code == 0
+    (during,) = seen
+    assert during["complete"] is False and during["state"] == "running"
+    after = _root_attrs(out)
+    assert after["complete"] is True and after["state"] == "finished" and len(after["shards"]) == SHARDS
