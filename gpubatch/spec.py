@@ -1,8 +1,8 @@
-"""Job spec and profile models, YAML loading and ``--set`` overrides.
+"""Job spec and profile models and YAML loading (``--set`` overrides: core.overrides).
 
 The spec is validated in full before any work starts: an overnight run that dies at 3 a.m. on a
 typo is the failure this module exists to prevent. Every error names the field path (``tiles.size``)
-and what would be valid.
+and what would be valid (core.spec_problems words pydantic's errors).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from pydantic import (
 )
 
 from gpubatch.core.errors import SpecError
-from gpubatch.core.value_hints import number_hint
-from gpubatch.core.yaml_text import load_yaml_text, read_yaml
+from gpubatch.core.overrides import apply_overrides
+from gpubatch.core.spec_problems import validation_problems
+from gpubatch.core.yaml_text import read_yaml
 from gpubatch.io.uris import GLOB_PREFIX, is_remote, split_glob
 
 #: the largest model.batch_size: a batch is one model call, and its tensors must fit a device
@@ -492,67 +493,6 @@ class JobSpec(_Strict):
 # loading
 
 
-_UNION_TAGS = ("function-", "literal[", "list[", "dict[")
-
-
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc
-             if not str(p).startswith(_UNION_TAGS) and str(p) not in ("int", "str", "float", "bool")]
-    return ".".join(p if not p.isdigit() else f"[{p}]" for p in parts).replace(".[", "[")
-
-
-def _section_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys the spec section at ``loc`` (a path of keys from the top) accepts, or none when
-    the path does not lead to a section of known keys (a mapping of free keys, a list)."""
-    import typing
-
-    model: type[BaseModel] | None = JobSpec
-    for part in loc:
-        field = model.model_fields.get(str(part)) if model is not None else None
-        if field is None:
-            return []
-        kinds = [field.annotation, *typing.get_args(field.annotation)]
-        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
-    return list(model.model_fields) if model is not None else []
-
-
-def _unknown_key(loc: tuple[Any, ...]) -> str:
-    """An unknown key's message, naming the key it most likely meant: ``tiles.sise`` -> size."""
-    import difflib
-
-    loc = tuple(p for p in loc if not str(p).startswith(_UNION_TAGS))
-    known = _section_keys(loc[:-1])
-    near = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6) if loc else []
-    if near:
-        return f"unknown key; did you mean '{near[0]}'? (every key is listed in docs/spec.md)"
-    if known:
-        return f"unknown key; this section takes {', '.join(known)} (every key is listed in docs/spec.md)"
-    return "unknown key (check the spelling; every key is listed in docs/spec.md)"
-
-
-#: pydantic error types of a number key given something else
-_NUMBER_TYPES = ("int_type", "float_type", "int_parsing", "float_parsing")
-
-
-def _explain(err: Any) -> str:
-    kind, msg = err.get("type", ""), err.get("msg", "")
-    got, loc = err.get("input"), tuple(err.get("loc") or ())
-    if kind == "extra_forbidden":
-        return _unknown_key(loc)
-    if kind == "missing":
-        return "required but missing"
-    if kind == "model_type":  # a section given a value, or nothing (``model:`` and no key under it)
-        keys = ", ".join(_section_keys(tuple(p for p in loc if not str(p).startswith(_UNION_TAGS))))
-        return f"should be a section of keys ({keys}), got {'nothing' if got is None else repr(got)}"
-    if got is None:
-        return f"{msg}, got null (the key has no value): give one, or leave the key out for its default"
-    if isinstance(got, str) and kind in _NUMBER_TYPES:
-        return f"{msg}, got {got!r}{number_hint(got, str(loc[-1]) if loc else '')}"
-    if isinstance(got, (int, float, str, bool)) and kind != "value_error":
-        return f"{msg}, got {got!r}"
-    return msg.removeprefix("Value error, ")
-
-
 def parse_job(data: dict[str, Any], source: str | None = None, base_dir: Path | None = None) -> JobSpec:
     """Validate a job mapping; relative file paths are resolved against ``base_dir``."""
     if not isinstance(data, dict):
@@ -560,7 +500,7 @@ def parse_job(data: dict[str, Any], source: str | None = None, base_dir: Path | 
     try:
         job = JobSpec.model_validate(data)
     except ValidationError as exc:
-        problems = [(_format_loc(e["loc"]), _explain(e)) for e in exc.errors()]
+        problems = validation_problems(exc, JobSpec)
         raise SpecError(problems, source) from None
     if base_dir is not None:
         job = _resolve_paths(job, base_dir)
@@ -590,47 +530,6 @@ def _resolve_paths(job: JobSpec, base_dir: Path) -> JobSpec:
         if w.get("variants"):
             w["variants"] = _resolve(w["variants"], base_dir)
     return JobSpec.model_validate(data)
-
-
-def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
-    """``tiles.size=256`` -> (["tiles", "size"], 256); the value is parsed as YAML. ``flag``: the
-    option the text came with, named in the error (``--storage anon`` was called a --set)."""
-    if "=" not in text:
-        raise SpecError([(flag, f"expected key.path=value, got {text!r}")])
-    key, _, raw = text.partition("=")
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise SpecError([(flag, f"empty key in {text!r}")])
-    return path, load_yaml_text(raw, flag) if raw.strip() else ""
-
-
-#: keys of which a job gives one: an override of one clears the other, so that
-#: ``--set tiles.level=0`` works on a spec that names ``tiles.mpp`` (and the default mpp)
-EXCLUSIVE_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("tiles", "level"): ("tiles", "mpp"), ("tiles", "mpp"): ("tiles", "level")}
-
-
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
-    """Set nested keys in a job mapping from ``--set`` strings or a {dotted.key: value} dict."""
-    pairs = (
-        [parse_override(o) for o in overrides]
-        if isinstance(overrides, list)
-        else [(k.replace("__", ".").split("."), v) for k, v in overrides.items()]
-    )
-    given = {tuple(path) for path, _ in pairs}
-    for path, value in pairs:
-        node = data
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if not isinstance(nxt, dict):
-                nxt = {}
-                node[part] = nxt
-            node = nxt
-        node[path[-1]] = value
-        other = EXCLUSIVE_KEYS.get(tuple(path))
-        if other is not None and value is not None and other not in given:
-            node.pop(other[-1], None)  # the override replaces the file's choice of resolution
-    return data
 
 
 def load_job(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> JobSpec:

@@ -131,7 +131,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _storage(args: argparse.Namespace) -> dict[str, Any]:
-    from gpubatch.spec import parse_override
+    from gpubatch.core.overrides import parse_override
 
     options: dict[str, Any] = {}
     for text in args.storage:

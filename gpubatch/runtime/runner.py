@@ -547,7 +547,8 @@ def run(job_or_path: JobSpec | str | Path, **overrides: Any) -> Result:
 
     Reserved overrides: ``profile``, ``resume``, ``overwrite``, ``scheduler``, ``show_progress``.
     """
-    from gpubatch.spec import apply_overrides, load_job, parse_job
+    from gpubatch.core.overrides import apply_overrides
+    from gpubatch.spec import load_job, parse_job
 
     _refuse_in_a_starting_worker()
     reserved = ("profile", "resume", "overwrite", "scheduler", "show_progress")
