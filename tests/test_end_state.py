@@ -149,3 +149,29 @@ def test_a_resume_of_a_finished_output_says_its_zarr_is_not_complete_while_it_ru
     assert f"run {report['run_id']} is writing it now: wait for it to finish" in first, first
     after = _root_attrs(out)
     assert after["complete"] is True and after["state"] == "finished" and len(after["shards"]) == SHARDS
+
+
+def test_readers_of_an_output_whose_run_stopped_before_its_shards_say_it_never_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that made its output and failed while preparing its model leaves the marker and no
+    status.json: `status` said "no run has started there" with exit 2 (a usage error) and
+    `report` "latest run: unknown". Both say the run did not start its shards, exit 0."""
+    from gpubatch.models import prepare
+
+    job, out = windows_job(tmp_path, SHARDS), tmp_path / "out"
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the model's preparation failed")
+
+    monkeypatch.setattr(prepare, "prepare_model", fails)
+    with pytest.raises(RuntimeError):
+        gpubatch.run(job, **OVERRIDES)
+    assert not (out / "status.json").exists() and (out / ".gpubatch-output").exists()
+    status = cli("status", str(out))
+    line = status.communicate(timeout=60)[0]
+    assert status.returncode == 0 and line.startswith("not started: no run wrote status.json"), line
+    assert "run the job again" in line, line
+    report = cli("report", str(out))
+    first = report.communicate(timeout=60)[0].splitlines()[0]
+    assert report.returncode == 0 and "latest run: not started; 0 of ? shard(s) committed" in first, first
+    assert gpubatch.open_results(str(out)).report["state"] == "not started"

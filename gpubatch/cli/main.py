@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, NotAnOutputError
+from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError
 from gpubatch.core.plural import counted, plural
 from gpubatch.core.streams import QuietWhenGone
 from gpubatch.io.redact import redact, safe_text
@@ -169,8 +169,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if starting is not None:
         print(starting)
         return EXIT_OK
-    if s is None:
-        raise NotAnOutputError(f"no {STATUS} in {safe_text(args.outdir)}: no run has started there")
+    if s is None:  # the marker is there: a run made the output and stopped before its shards
+        print(f"not started: no run wrote {STATUS} in {safe_text(args.outdir)}; the run that made it stopped "
+              "before its shards began (checking the inputs or preparing the model: its terminal said why); "
+              "run the job again")
+        return EXIT_OK
     eta = s.get("eta_s")
     state = status_state(s)
     print(f"{state}: {s['done']}/{s['total']} shards done, {s['failed']} failed"

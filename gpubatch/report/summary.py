@@ -454,7 +454,7 @@ def latest_run(store: OutputStore, status: dict[str, Any] | None) -> dict[str, A
     if age is not None:
         return {"state": "interrupted", "run_id": status.get("run_id"),
                 "reason": f"killed: no heartbeat for {age:.0f} s"}
-    return {"state": status.get("state", "unknown"), "run_id": status.get("run_id")}
+    return {"state": status.get("state", "unknown") if status else "not started", "run_id": status.get("run_id")}
 
 
 def next_step(report: dict[str, Any]) -> str:
