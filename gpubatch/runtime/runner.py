@@ -340,7 +340,8 @@ class _Run:
             ("audit ledger", lambda _: self.ledger.event(kind, reason=reason, failed=len(self.failed)))]
         if self.lease.lost is None:  # else audit.jsonl and status.json are the new holder's now
             # each on its own: an audit.jsonl that could not be written left status.json "running"
-            steps += [("status", lambda _: progress.finish("interrupted" if interrupted else "failed", reason=reason)),
+            steps += [("status", lambda _: progress.finish("interrupted" if interrupted else "failed", reason=reason,
+                                                           unheard=Manifest(self.store).unheard(self.commits))),
                       # every record: commits the client had not heard of too
                       ("audit", lambda said: self.ledger.materialize(progress=said)),
                       ("report", lambda _: _unfinished_report(self.store))]
