@@ -1,8 +1,8 @@
-"""Job spec and profile models, YAML loading and ``--set`` overrides.
+"""Job spec and profile models and YAML loading (``--set`` overrides: core.overrides).
 
 The spec is validated in full before any work starts: an overnight run that dies at 3 a.m. on a
 typo is the failure this module exists to prevent. Every error names the field path (``tiles.size``)
-and what would be valid.
+and what would be valid (core.spec_problems words pydantic's errors).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from pydantic import (
 )
 
 from gpubatch.core.errors import SpecError
-from gpubatch.core.value_hints import number_hint
-from gpubatch.core.yaml_text import load_yaml_text, read_yaml
+from gpubatch.core.overrides import apply_overrides
+from gpubatch.core.spec_problems import validation_problems
+from gpubatch.core.yaml_text import read_yaml
 from gpubatch.io.uris import GLOB_PREFIX, is_remote, split_glob
 
 #: the largest model.batch_size: a batch is one model call, and its tensors must fit a device
@@ -50,6 +51,36 @@ MIN_HEARTBEAT_S = 0.1
 #: shard queued ahead of it, the worker's opening of the input and its model's load, and deadlines
 #: are looked at once a second; `shard_timeout: 0.001` validated and every shard timed out
 MIN_SHARD_TIMEOUT_S = 5.0
+#: the shortest run.worker_timeout: the submitter looks for workers about once a second and a
+#: worker process takes seconds to start and connect; `worker_timeout: 0.001` validated and a run
+#: failed a second after it found no worker there (one starting, or being replaced)
+MIN_WORKER_TIMEOUT_S = 2.0
+#: the shortest run.queue_timeout: SLURM is asked about pending worker jobs every 10 s
+#: (runtime.slurm.ASK_EVERY_S), so a shorter wait for a busy queue ends before squeue is asked again
+MIN_QUEUE_TIMEOUT_S = 10.0
+#: the shortest run.storage_max_wait_s: every storage retry, a throttled one too, waits at most it
+MIN_STORAGE_WAIT_S = 0.1
+#: the shortest run.lease_stale_s: MISSED_BEATS heartbeats at the shortest run.heartbeat_s
+MIN_LEASE_STALE_S = round(MISSED_BEATS * MIN_HEARTBEAT_S, 9)  # 0.3, not 0.30000000000000004
+#: run.* durations with a floor, and why a shorter one means nothing: the spec model refuses one
+#: under its floor (so `validate` as `run` does), naming the field, the floor, why and the fix
+DURATION_FLOORS: dict[str, tuple[float, str]] = {
+    "shard_timeout": (MIN_SHARD_TIMEOUT_S, "it counts from a shard's submission, over the worker's opening of "
+                      "the input and loading of the model, so every shard would time out and its worker be "
+                      "restarted"),
+    "heartbeat_s": (MIN_HEARTBEAT_S, "each heartbeat rewrites the lease and status.json in the output (a "
+                    "storage request each), and more often the run would spin rewriting them"),
+    "worker_timeout": (MIN_WORKER_TIMEOUT_S, "workers are looked for about once a second and a worker process "
+                       "takes seconds to start and connect, so the run would fail within a second of finding "
+                       "no worker there (one starting, or being replaced)"),
+    "queue_timeout": (MIN_QUEUE_TIMEOUT_S, "SLURM is asked about pending worker jobs every 10 s, so the wait "
+                      "for a busy queue would end before squeue was asked again"),
+    "storage_max_wait_s": (MIN_STORAGE_WAIT_S, "every storage retry waits at most this, a throttled one too, "
+                           "so a server that asked for fewer requests would get its retries back to back"),
+    "lease_stale_s": (MIN_LEASE_STALE_S, f"a lease is stale after {MISSED_BEATS} missed heartbeats, and "
+                      f"run.heartbeat_s is at least {MIN_HEARTBEAT_S:g} s, so a live run's own lease would look "
+                      f"stale between its beats"),
+}
 
 
 class _Strict(BaseModel):
@@ -294,14 +325,14 @@ class RunSpec(_Strict):
     retries: int = Field(2, ge=0, le=100)
     storage_attempts: int = Field(5, ge=1, le=50, description="tries per storage request (transient errors)")
     storage_max_wait_s: float = Field(
-        30.0, ge=0.1, le=600, description="the longest one storage retry waits: a throttling server's "
+        30.0, le=600, description="the longest one storage retry waits: a throttling server's "
                                           "Retry-After is honoured up to it, and throttled backoff stops growing there")
     stage_ahead: int = Field(2, ge=0, le=64, description="slides each worker process stages or opens ahead")
     workers: int | None = Field(None, ge=1, le=MAX_WORKERS, description="worker processes; default from the profile")
     worker_timeout: float = Field(
-        1800.0, gt=0, description="seconds without any worker (none arrived, or all were lost) before the run fails")
+        1800.0, description="seconds without any worker (none arrived, or all were lost) before the run fails")
     queue_timeout: float = Field(
-        86400.0, gt=0, description="seconds a run waits for workers while every worker job is pending in a busy "
+        86400.0, description="seconds a run waits for workers while every worker job is pending in a busy "
                                    "queue, for reasons the queue clears by itself (SLURM: Priority, Resources, "
                                    "a group limit, a reservation), before it fails; run.worker_timeout bounds the rest")
     shard_timeout: float = Field(
@@ -309,28 +340,23 @@ class RunSpec(_Strict):
                                    "worker is restarted and the shard counts as failed (retried, then quarantined)")
     heartbeat_s: float = Field(10.0, le=3600, description="seconds between lease and status.json heartbeats")
     lease_stale_s: float = Field(
-        120.0, gt=0, description="a lease whose heartbeat is older than this belongs to a dead run and is taken over")
+        120.0, description="a lease whose heartbeat is older than this belongs to a dead run and is taken over")
     force_workers: bool = Field(False, description="allow more local workers than the machine has cores")
     max_worker_memory: int | None = Field(
         None, ge=1 << 20, description="bytes one worker's batches and read units in flight may hold; "
                                       "default: the machine's memory (its container's memory limit where "
                                       "lower) shared among its workers")
 
-    @field_validator("shard_timeout", "heartbeat_s")
+    @field_validator(*DURATION_FLOORS)
     @classmethod
     def _not_under_the_floor(cls, v: float, info: ValidationInfo) -> float:
-        """A timeout or period too short to mean anything is refused, not run: every shard would
-        time out and its worker be restarted, or the heartbeat would only rewrite its files."""
-        floor, why = {
-            "shard_timeout": (MIN_SHARD_TIMEOUT_S, "it counts from a shard's submission, over the worker's "
-                              "opening of the input and loading of the model, so every shard would time out "
-                              "and its worker be restarted"),
-            "heartbeat_s": (MIN_HEARTBEAT_S, "each heartbeat rewrites the lease and status.json in the "
-                            "output (a storage request each), and more often the run would spin rewriting them"),
-        }[str(info.field_name)]
+        """A timeout, wait or period too short to mean anything is refused, not run: every shard
+        would time out, the run fail waiting for workers, or the heartbeat only rewrite its files."""
+        field = str(info.field_name)
+        floor, why = DURATION_FLOORS[field]
         if v < floor:
-            default = cls.model_fields[str(info.field_name)].default
-            raise ValueError(f"{v:g} s is under the {floor:g} s floor: {why}; set run.{info.field_name} "
+            default = cls.model_fields[field].default
+            raise ValueError(f"{v:g} s is under the {floor:g} s floor: {why}; set run.{field} "
                              f"to {floor:g} or more (default {default:g})")
         return v
 
@@ -341,11 +367,13 @@ class RunSpec(_Strict):
         beats of a live run was taken over by the next run into the output, and the live one
         stopped at its next heartbeat (exit 1), blaming a suspension that never happened."""
         beat = info.data.get("heartbeat_s")
-        if beat is not None and v < MISSED_BEATS * beat:
+        # rounded: 3 x 0.1 is 0.30000000000000004, and `lease_stale_s: 0.3` was told to be 0.3 or more
+        least = round(MISSED_BEATS * beat, 9) if beat is not None else 0.0
+        if v < least:
             raise ValueError(
                 f"{v:g} s is under {MISSED_BEATS} x run.heartbeat_s ({beat:g} s): a live run's own lease "
                 f"would look stale between its heartbeats and the next run into the output would take it "
-                f"over; raise run.lease_stale_s to {MISSED_BEATS * beat:g} or more, or lower run.heartbeat_s")
+                f"over; raise run.lease_stale_s to {least:g} or more, or lower run.heartbeat_s")
         return v
 
 
@@ -465,67 +493,6 @@ class JobSpec(_Strict):
 # loading
 
 
-_UNION_TAGS = ("function-", "literal[", "list[", "dict[")
-
-
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc
-             if not str(p).startswith(_UNION_TAGS) and str(p) not in ("int", "str", "float", "bool")]
-    return ".".join(p if not p.isdigit() else f"[{p}]" for p in parts).replace(".[", "[")
-
-
-def _section_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys the spec section at ``loc`` (a path of keys from the top) accepts, or none when
-    the path does not lead to a section of known keys (a mapping of free keys, a list)."""
-    import typing
-
-    model: type[BaseModel] | None = JobSpec
-    for part in loc:
-        field = model.model_fields.get(str(part)) if model is not None else None
-        if field is None:
-            return []
-        kinds = [field.annotation, *typing.get_args(field.annotation)]
-        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
-    return list(model.model_fields) if model is not None else []
-
-
-def _unknown_key(loc: tuple[Any, ...]) -> str:
-    """An unknown key's message, naming the key it most likely meant: ``tiles.sise`` -> size."""
-    import difflib
-
-    loc = tuple(p for p in loc if not str(p).startswith(_UNION_TAGS))
-    known = _section_keys(loc[:-1])
-    near = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6) if loc else []
-    if near:
-        return f"unknown key; did you mean '{near[0]}'? (every key is listed in docs/spec.md)"
-    if known:
-        return f"unknown key; this section takes {', '.join(known)} (every key is listed in docs/spec.md)"
-    return "unknown key (check the spelling; every key is listed in docs/spec.md)"
-
-
-#: pydantic error types of a number key given something else
-_NUMBER_TYPES = ("int_type", "float_type", "int_parsing", "float_parsing")
-
-
-def _explain(err: Any) -> str:
-    kind, msg = err.get("type", ""), err.get("msg", "")
-    got, loc = err.get("input"), tuple(err.get("loc") or ())
-    if kind == "extra_forbidden":
-        return _unknown_key(loc)
-    if kind == "missing":
-        return "required but missing"
-    if kind == "model_type":  # a section given a value, or nothing (``model:`` and no key under it)
-        keys = ", ".join(_section_keys(tuple(p for p in loc if not str(p).startswith(_UNION_TAGS))))
-        return f"should be a section of keys ({keys}), got {'nothing' if got is None else repr(got)}"
-    if got is None:
-        return f"{msg}, got null (the key has no value): give one, or leave the key out for its default"
-    if isinstance(got, str) and kind in _NUMBER_TYPES:
-        return f"{msg}, got {got!r}{number_hint(got, str(loc[-1]) if loc else '')}"
-    if isinstance(got, (int, float, str, bool)) and kind != "value_error":
-        return f"{msg}, got {got!r}"
-    return msg.removeprefix("Value error, ")
-
-
 def parse_job(data: dict[str, Any], source: str | None = None, base_dir: Path | None = None) -> JobSpec:
     """Validate a job mapping; relative file paths are resolved against ``base_dir``."""
     if not isinstance(data, dict):
@@ -533,7 +500,7 @@ def parse_job(data: dict[str, Any], source: str | None = None, base_dir: Path | 
     try:
         job = JobSpec.model_validate(data)
     except ValidationError as exc:
-        problems = [(_format_loc(e["loc"]), _explain(e)) for e in exc.errors()]
+        problems = validation_problems(exc, JobSpec)
         raise SpecError(problems, source) from None
     if base_dir is not None:
         job = _resolve_paths(job, base_dir)
@@ -563,47 +530,6 @@ def _resolve_paths(job: JobSpec, base_dir: Path) -> JobSpec:
         if w.get("variants"):
             w["variants"] = _resolve(w["variants"], base_dir)
     return JobSpec.model_validate(data)
-
-
-def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
-    """``tiles.size=256`` -> (["tiles", "size"], 256); the value is parsed as YAML. ``flag``: the
-    option the text came with, named in the error (``--storage anon`` was called a --set)."""
-    if "=" not in text:
-        raise SpecError([(flag, f"expected key.path=value, got {text!r}")])
-    key, _, raw = text.partition("=")
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise SpecError([(flag, f"empty key in {text!r}")])
-    return path, load_yaml_text(raw, flag) if raw.strip() else ""
-
-
-#: keys of which a job gives one: an override of one clears the other, so that
-#: ``--set tiles.level=0`` works on a spec that names ``tiles.mpp`` (and the default mpp)
-EXCLUSIVE_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("tiles", "level"): ("tiles", "mpp"), ("tiles", "mpp"): ("tiles", "level")}
-
-
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
-    """Set nested keys in a job mapping from ``--set`` strings or a {dotted.key: value} dict."""
-    pairs = (
-        [parse_override(o) for o in overrides]
-        if isinstance(overrides, list)
-        else [(k.replace("__", ".").split("."), v) for k, v in overrides.items()]
-    )
-    given = {tuple(path) for path, _ in pairs}
-    for path, value in pairs:
-        node = data
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if not isinstance(nxt, dict):
-                nxt = {}
-                node[part] = nxt
-            node = nxt
-        node[path[-1]] = value
-        other = EXCLUSIVE_KEYS.get(tuple(path))
-        if other is not None and value is not None and other not in given:
-            node.pop(other[-1], None)  # the override replaces the file's choice of resolution
-    return data
 
 
 def load_job(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> JobSpec:

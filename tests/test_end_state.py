@@ -56,6 +56,13 @@ def test_an_interrupted_run_describes_its_committed_zarr_groups_and_a_resume_fin
 
     committed = _committed_groups(out)
     assert 2 <= len(committed) < SHARDS
+    # commits that landed after the Ctrl-C (the other shard thread's) are counted: status.json
+    # said 2 done where the zarr root and `gpubatch report` said 4
+    status = json.loads((out / "status.json").read_text())
+    assert status["done"] == len(committed) and status["items"] == len(committed), status
+    line = cli("status", str(out)).communicate(timeout=60)[0]  # the bare "; interrupted" said no next step
+    assert line.startswith(f"interrupted: {len(committed)}/{SHARDS} shards done"), line
+    assert "finish it with `gpubatch run JOB --resume`" in line, line
     attrs = _root_attrs(out)
     assert attrs["complete"] is False and attrs["state"] == "interrupted"
     assert attrs["shards"] == sorted(committed) and attrs["groups"] == committed
@@ -108,3 +115,63 @@ def test_status_says_a_run_whose_shards_are_over_is_finishing_and_with_what(
     assert f"finishing the run: merging the parts into predictions.parquet (0 of {SHARDS} parts, " in line, line
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished" and "ending" not in status
+
+
+def test_a_resume_of_a_finished_output_says_its_zarr_is_not_complete_while_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --resume removes report.json and report.html as it begins (they said finished), but the
+    zarr root went on saying ``complete: true`` until the resume's own end rewrote it, though a
+    resume may sweep and recompute groups meanwhile. It says running from the resume's start."""
+    from gpubatch.models import prepare
+
+    job, out = windows_job(tmp_path, SHARDS), tmp_path / "out"
+    assert gpubatch.run(job, **OVERRIDES).exit_code == 0
+    assert _root_attrs(out)["complete"] is True
+    seen: list[dict[str, Any]] = []
+    readers: list[tuple[dict[str, Any], str]] = []
+    real_prepare = prepare.prepare_model
+
+    def prepare_seeing_the_root(*args: Any, **kwargs: Any) -> Any:  # after the resume's checks
+        seen.append(_root_attrs(out))
+        # status.json is still the finished run's: the readers said the output's latest run had
+        # finished ("latest run: finished") while this one held it
+        readers.append((gpubatch.open_results(str(out)).report, cli("report", str(out)).communicate(timeout=60)[0]))
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "prepare_model", prepare_seeing_the_root)
+    assert gpubatch.run(job, resume=True, **OVERRIDES).exit_code == 0
+    (during,) = seen
+    assert during["complete"] is False and during["state"] == "running"
+    ((report, said),) = readers
+    assert report["state"] == "running" and report["complete"] is False, report["state"]
+    first = said.splitlines()[0]
+    assert f"latest run: running; {SHARDS} of {SHARDS} shard(s) committed" in first, first
+    assert f"run {report['run_id']} is writing it now: wait for it to finish" in first, first
+    after = _root_attrs(out)
+    assert after["complete"] is True and after["state"] == "finished" and len(after["shards"]) == SHARDS
+
+
+def test_readers_of_an_output_whose_run_stopped_before_its_shards_say_it_never_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that made its output and failed while preparing its model leaves the marker and no
+    status.json: `status` said "no run has started there" with exit 2 (a usage error) and
+    `report` "latest run: unknown". Both say the run did not start its shards, exit 0."""
+    from gpubatch.models import prepare
+
+    job, out = windows_job(tmp_path, SHARDS), tmp_path / "out"
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the model's preparation failed")
+
+    monkeypatch.setattr(prepare, "prepare_model", fails)
+    with pytest.raises(RuntimeError):
+        gpubatch.run(job, **OVERRIDES)
+    assert not (out / "status.json").exists() and (out / ".gpubatch-output").exists()
+    status = cli("status", str(out))
+    line = status.communicate(timeout=60)[0]
+    assert status.returncode == 0 and line.startswith("not started: no run wrote status.json"), line
+    assert "run the job again" in line, line
+    report = cli("report", str(out))
+    first = report.communicate(timeout=60)[0].splitlines()[0]
+    assert report.returncode == 0 and "latest run: not started; 0 of ? shard(s) committed" in first, first
+    assert gpubatch.open_results(str(out)).report["state"] == "not started"

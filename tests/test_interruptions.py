@@ -92,6 +92,9 @@ def test_client_sigkill_at_several_instants_then_resume(tmp_path: Path, slides: 
     report = cli("report", str(out))
     text = report.communicate(timeout=60)[0]
     assert report.returncode == 0 and "no finished run" in text and "Traceback" not in text, text
+    # status.json says running, its heartbeat stale: the readers said "latest run: running"
+    assert "latest run: interrupted;" in text and "gpubatch run JOB --resume" in text, text
+    assert gpubatch.open_results(str(out)).report["state"] == "interrupted"
     _resume_equals_clean(job, out, clean, kept)
 
 

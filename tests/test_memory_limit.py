@@ -150,3 +150,45 @@ def test_the_tuner_s_default_budget_is_a_quarter_of_what_the_container_may_still
     monkeypatch.setattr(memory_limit, "CGROUP_ROOT", fake)
     monkeypatch.setattr(memory_limit, "PROC_CGROUP", fake / "proc")
     assert default_memory_budget_mb() == 128.0
+
+
+def _two_gib_pod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process in a pod's container cgroup whose parent is limited to 2 GiB: the top cgroup,
+    the only one Dask reads, says nothing."""
+    fake = _tree(tmp_path / "sys", {"cgroup.controllers": "cpu memory\n", "kubepods/memory.max": "2147483648\n",
+                                    "kubepods/app/memory.max": "max\n", "proc": "0::/kubepods/app\n"})
+    monkeypatch.setattr(memory_limit, "CGROUP_ROOT", fake)
+    monkeypatch.setattr(memory_limit, "PROC_CGROUP", fake / "proc")
+
+
+def test_a_local_cluster_s_nannies_hold_each_worker_to_its_share_of_the_container_s_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Dask's memory_limit "auto" reads only the top cgroup's files: in a SLURM job's or a pod's
+    cgroup each worker's nanny got its share of the node's RAM, so no nanny paused, spilled or
+    restarted a worker before the kernel's OOM killer ended the whole job."""
+    from distributed.system import MEMORY_LIMIT
+
+    from gpubatch.runtime.cluster import load_profile, open_executor
+
+    if MEMORY_LIMIT < 4 * GIB:
+        pytest.skip("Dask's own figure must be above the fake 2 GiB limit")
+    _two_gib_pod(tmp_path, monkeypatch)
+    caplog.set_level("INFO", logger="gpubatch")
+    profile = load_profile("local")
+    assert profile["memory_limit"] == "auto"
+    with open_executor(profile, 2) as executor:
+        workers = executor.client.scheduler_info(n_workers=-1)["workers"]
+    assert sorted(w["memory_limit"] for w in workers.values()) == [GIB, GIB]
+    assert ("each worker may hold 1.00 GiB: the container's memory limit 2.00 GiB (cgroup memory.max) "
+            "over 2 workers") in caplog.text
+
+
+def test_a_profile_s_own_memory_limit_is_honoured_and_a_fraction_is_of_the_container_s_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpubatch.runtime.cluster import nanny_memory_limit
+
+    _two_gib_pod(tmp_path, monkeypatch)
+    assert nanny_memory_limit(0.25, 4) == nanny_memory_limit("0.25", 4) == GIB // 2
+    assert nanny_memory_limit("auto", 4) == GIB // 2
+    for given in ("4GB", 3 * GIB, 0, None):  # bytes as given; 0 and None: no limit
+        assert nanny_memory_limit(given, 4) == given

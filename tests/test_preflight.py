@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import slide_job, write_job
 
@@ -84,11 +85,16 @@ def test_fixed_batch_and_variant_pairs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("elem", "words"), [("INT64", "takes int64, but gpubatch feeds floating-point"),
-                                             ("UINT8", "takes uint8")])
-def test_non_float_model_input_is_refused(tmp_path: Path, slide_path: Path, elem: str, words: str) -> None:
+                                             ("UINT8", "takes uint8"), ("INT32", "takes int32")])
+def test_non_float_model_input_is_refused(tmp_path: Path, slide_path: Path, elem: str, words: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     model = onnx_model(tmp_path / "i.onnx", ["N", 3, 64, 64], elem_type=elem)
-    problems = _refused(tmp_path, slide_job([str(slide_path)], model, tmp_path / "out"))
-    assert problems[0][0] == "model.path" and words in problems[0][1]
+    job = slide_job([str(slide_path)], model, tmp_path / "out")
+    (field, message), = _refused(tmp_path, job)
+    assert field == "model.path" and words in message and "input 'x'" in message
+    assert "export the model with a float32 (or float16, or float64) input" in message
+    spec = write_job(tmp_path / "job.yaml", job)
+    assert main(["run", str(spec)]) == 2 and words in capsys.readouterr().err
 
 
 def test_a_bf16_model_input_is_refused_by_validate_and_run(tmp_path: Path, slide_path: Path,
@@ -109,6 +115,42 @@ def test_a_bf16_model_input_is_refused_by_validate_and_run(tmp_path: Path, slide
     assert "float32 (or float16) input and a Cast to bfloat16" in message
     spec = write_job(tmp_path / "job.yaml", job)
     assert main(["run", str(spec)]) == 2 and "takes bfloat16" in capsys.readouterr().err
+
+
+def test_a_float64_model_input_runs_end_to_end(tmp_path: Path, slide_path: Path) -> None:
+    """validate passed a float64 (DOUBLE) input, and ONNX Runtime then failed every batch ("Unexpected
+    input data type. Actual: (tensor(float)), expected: (tensor(double))"): the run fed float32. It
+    is fed the float32 batch widened, so its outputs are the float32 twin's, in float64."""
+    import pandas as pd
+
+    outputs = {}
+    for elem in ("DOUBLE", "FLOAT"):
+        model = onnx_model(tmp_path / f"{elem}.onnx", ["N", 3, 64, 64], elem_type=elem)
+        spec = write_job(tmp_path / f"{elem}.yaml", slide_job([str(slide_path)], model, tmp_path / elem))
+        assert main(["validate", str(spec)]) == 0
+        assert main(["run", str(spec)]) == 0
+        outputs[elem] = pd.read_parquet(tmp_path / elem / "predictions.parquet").sort_values(["x", "y"])
+    wide, narrow = outputs["DOUBLE"], outputs["FLOAT"]
+    assert len(wide) == len(narrow) > 0 and list(wide.columns) == list(narrow.columns)
+    assert all(wide[f"y_{c}"].dtype == "float64" for c in range(3))
+    for c in range(3):  # per-channel tile means of pixels / 255 (mean 0, std 1); float32 sums 4096 terms
+        assert np.allclose(wide[f"y_{c}"], narrow[f"y_{c}"], rtol=0, atol=1e-5)
+        assert wide[f"y_{c}"].between(0, 1).all() and wide[f"y_{c}"].nunique() > 1
+
+
+def test_a_float64_genome_model_is_encoded_in_float32(tmp_path: Path) -> None:
+    """A float64 model's one-hot is encoded in float32 and widened as it is fed: float16 is refused."""
+    from conftest import shared_file
+
+    fa = str(shared_file("genomics", "sarscov2", "EMN908947.fa"))
+    model = onnx_model(tmp_path / "d.onnx", ["N", 32, 4], elem_type="DOUBLE", reduce_axes=(1, 2))
+    job = {"kind": "genome", "windows": {"reference": fa, "length": 32}, "model": {"path": str(model)},
+           "output": {"uri": str(tmp_path / "o")}, "run": {"profile": "inline"}}
+    assert validate_job(_spec(tmp_path, job)).shards > 0
+    (field, message), = _refused(tmp_path, job, "windows.encoding.dtype=float16")
+    assert field == "windows.encoding.dtype"
+    assert message == ("float16, but the model's input 'x' takes float64 (encoded in float32 and widened exactly "
+                       "as it is fed); set windows.encoding.dtype: float32")
 
 
 @pytest.mark.parametrize("elem", ["BFLOAT16", "FLOAT8E4M3FN"])

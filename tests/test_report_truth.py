@@ -109,7 +109,7 @@ def test_report_of_a_damaged_report_json_says_so_not_no_finished_run(
     assert main(["report", str(out)]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "no finished run" not in first and f"{out}/report.json cannot be read" in first, first
-    assert "latest run: finished; 1 shard(s) committed" in first, first
+    assert "latest run: finished; 1 of 1 shard(s) committed" in first, first
 
 
 def test_an_interrupted_resume_leaves_no_report_json_saying_the_run_before_finished(

@@ -251,6 +251,7 @@ def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_output_to_the_new
     try:
         wait_for(lambda: committed_count(out) >= 1, 120, "the first run's first commit")
         os.kill(first.pid, signal.SIGSTOP)
+        assert committed_count(out) < N_SLIDES, "the first run had finished its shards before it was stopped"
         time.sleep(1.5)
         second = cli("run", str(job), "--resume", "--set", "model.batch_size=1")
         wait_for(lambda: json.loads((out / "_lease.json").read_text()).get("pid") == second.pid, 60,

@@ -40,7 +40,7 @@ def test_valid_spec_loads(tmp_path: Path, good: dict) -> None:
         ("model", "batch_size", "big", "model.batch_size", "auto"),
         ("model", "precision", "int4", "model.precision", "fp32"),
         ("run", "readers", "four", "run.readers", "integer"),
-        ("run", "queue_timeout", 0, "run.queue_timeout", "greater than 0"),
+        ("run", "queue_timeout", 0, "run.queue_timeout", "0 s is under the 10 s floor"),
         ("run", "queue_timeout", "a day", "run.queue_timeout", "number"),
     ],
 )

@@ -12,6 +12,8 @@ from conftest import slide_job, windows_job, write_job
 from gpubatch.cli.main import main
 from gpubatch.core.errors import EXIT_USAGE
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "spec.md"
+
 
 @pytest.fixture()
 def spec(tmp_path: Path, slide_path: Path, classifier: Path) -> Path:
@@ -44,18 +46,37 @@ def test_a_lease_that_goes_stale_between_heartbeats_is_refused_by_validate_and_r
 @pytest.mark.parametrize(("key", "floor", "why"), [
     ("run.shard_timeout", "5", "so every shard would time out and its worker be restarted"),
     ("run.heartbeat_s", "0.1", "each heartbeat rewrites the lease and status.json in the output"),
+    ("run.worker_timeout", "2", "the run would fail within a second of finding no worker there"),
+    ("run.queue_timeout", "10", "the wait for a busy queue would end before squeue was asked again"),
+    ("run.storage_max_wait_s", "0.1", "a server that asked for fewer requests would get its retries back to back"),
+    ("run.lease_stale_s", "0.3", "a live run's own lease would look stale between its beats"),
 ])
 def test_a_timeout_or_heartbeat_too_short_to_mean_anything_is_refused_by_validate_and_run(
         spec: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, floor: str, why: str) -> None:
     """run.shard_timeout 0.001 validated, and every shard timed out (its worker restarted each
     time) until all were quarantined; run.heartbeat_s 0.001 (with run.lease_stale_s 0.01) made
-    the heartbeat rewrite the lease and status.json back to back for the whole run."""
+    the heartbeat rewrite the lease and status.json back to back for the whole run;
+    run.worker_timeout 0.001 failed a run a second after it found no worker there, and
+    run.queue_timeout 0.001 before squeue was asked about its pending jobs again; the floor is
+    docs/spec.md's too."""
+    # the lease's floor is met at the shortest heartbeat; the other keys keep a lease they meet
+    rest = ["run.heartbeat_s=0.1"] if key == "run.lease_stale_s" else ["run.lease_stale_s=120"]
     for command in ("validate", "run"):
-        err = _refused(capsys, command, spec, f"{key}=0.001", "run.lease_stale_s=120")
+        err = _refused(capsys, command, spec, f"{key}=0.001", *rest)
         assert (f"{key}: 0.001 s is under the {floor} s floor: " in err and why in err
                 and f"set {key} to {floor} or more (default " in err), err
     assert not (tmp_path / "out").exists()
-    assert main(["validate", str(spec), "--set", f"{key}={floor}"]) == 0
+    assert main(["validate", str(spec), "--set", f"{key}={floor}", *(a for r in rest for a in ("--set", r))]) == 0
+    row = next(line for line in DOCS.read_text().splitlines() if line.startswith(f"| `{key}` |"))
+    assert f">= {floor}" in row.split("|")[2] or f"{floor}-" in row.split("|")[2], row
+
+
+def test_a_lease_of_exactly_three_heartbeats_is_valid(spec: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """run.lease_stale_s 0.3 with run.heartbeat_s 0.1 was refused as "under 3 x run.heartbeat_s
+    (0.1 s): raise run.lease_stale_s to 0.3 or more" (3 x 0.1 is 0.30000000000000004)."""
+    for beat, stale in (("0.1", "0.3"), ("0.2", "0.6"), ("1.1", "3.3")):
+        assert main(["validate", str(spec), "--set", f"run.heartbeat_s={beat}", "--set",
+                     f"run.lease_stale_s={stale}"]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("given", "said"), [

@@ -107,3 +107,42 @@ def test_a_table_line_too_long_for_its_alleles_is_quarantined_unread(tmp_path: P
     assert [f["input"] for f in table.failed] == ["v.tsv line 5"]
     assert table.failed[0]["error"].startswith("the line is over 67,584 bytes long: its REF or ALT is longer than "
                                                "the 1,024 bases")
+
+
+def test_a_run_notes_the_records_whose_long_info_was_dropped(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Two records with an INFO of 100 KB among ordinary ones, in a run of several shards: both
+    are scored (INFO passed on as '.'), and report.json's notes and the terminal summary say how
+    many records lost their INFO, and on which lines, once (not once a shard), with what to do."""
+    import json
+
+    from conftest import write_job
+
+    from gpubatch.cli.demo_models import make_genome_model
+    from gpubatch.cli.main import main
+
+    fasta = tmp_path / "ref.fa"
+    fasta.write_text(">chrA\n" + "".join(CONTIG[i : i + 60] + "\n" for i in range(0, len(CONTIG), 60)))
+    pysam.faidx(str(fasta))
+    rows = [_snv(p) for p in range(100, 1100, 100)]
+    rows[3] = _snv(400, info="X=" + "a" * 100_000)
+    rows[7] = _snv(800, info="X=" + "b" * 100_000)
+    vcf = tmp_path / "v.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n##contig=<ID=chrA,length=5000>\n"
+                   "##INFO=<ID=X,Number=1,Type=String,Description=\"x\">\n"
+                   "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n" + "".join(r + "\n" for r in rows))
+    job = {"kind": "genome", "windows": {"reference": str(fasta), "variants": str(vcf), "length": 16,
+                                         "windows_per_shard": 3},
+           "model": {"path": str(make_genome_model(tmp_path / "g.onnx", 16))},
+           "output": {"uri": str(tmp_path / "out")}, "run": {"profile": "inline"}}
+    assert main(["run", str(write_job(tmp_path / "job.yaml", job))]) == 0
+    summary = capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(report["shards"]) == 4 and report["data_quality"]["variants"]["scored"] == 10
+    assert report["data_quality"]["variants"]["info_dropped"] == 2
+    said = [n for n in report["notes"] if "INFO" in n]
+    assert len(said) == 1, report["notes"]
+    assert said[0].startswith("v.vcf: 2 record(s) have an INFO field of over 65,536 bytes (lines 8 and 12): "
+                              "read with INFO as '.', the rest of each record as written")
+    assert "no output of gpubatch reads INFO" in said[0]
+    assert f"note: {said[0]}" in summary

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError, NotAnOutputError
+from gpubatch.core.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, GpubatchError
 from gpubatch.core.plural import counted, plural
 from gpubatch.core.streams import QuietWhenGone
 from gpubatch.io.redact import redact, safe_text
@@ -131,7 +131,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _storage(args: argparse.Namespace) -> dict[str, Any]:
-    from gpubatch.spec import parse_override
+    from gpubatch.core.overrides import parse_override
 
     options: dict[str, Any] = {}
     for text in args.storage:
@@ -169,8 +169,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if starting is not None:
         print(starting)
         return EXIT_OK
-    if s is None:
-        raise NotAnOutputError(f"no {STATUS} in {safe_text(args.outdir)}: no run has started there")
+    if s is None:  # the marker is there: a run made the output and stopped before its shards
+        print(f"not started: no run wrote {STATUS} in {safe_text(args.outdir)}; the run that made it stopped "
+              "before its shards began (checking the inputs or preparing the model: its terminal said why); "
+              "run the job again")
+        return EXIT_OK
     eta = s.get("eta_s")
     state = status_state(s)
     print(f"{state}: {s['done']}/{s['total']} shards done, {s['failed']} failed"
@@ -182,7 +185,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
           + (f", starvation {s['starvation']:.1%}" if "starvation" in s and s.get("items") else "")
           + (f", ETA {eta:.0f} s" if eta is not None and s["state"] == "running" and "ending" not in s else "")
           + (ending_words(s["ending"]) if isinstance(s.get("ending"), dict) and state == "running" else "")
-          + (f"; {s['reason']}" if s.get("reason") else "")
+          + stopped_words(s)
           + (f"; {s['waiting']['words']}" if isinstance(s.get("waiting"), dict) and s["state"] == "running" else ""))
     return EXIT_OK
 
@@ -237,23 +240,29 @@ def starting_run(store: Any, status: dict[str, Any] | None) -> str | None:
 def status_state(status: dict[str, Any], now: float | None = None) -> str:
     """The state status.json gives, except that a ``running`` whose heartbeat stopped is a run
     that was killed: it is ``interrupted``, never a stale ``running``."""
-    import time
+    from gpubatch.report.summary import stale_for
 
-    from gpubatch.spec import MISSED_BEATS
+    age = stale_for(status, now)
+    if age is None:
+        return str(status.get("state", "unknown"))
+    return (f"interrupted (no heartbeat for {age:.0f} s: the run is not running; "
+            "finish it with `gpubatch run JOB --resume`)")
 
-    state = str(status.get("state", "unknown"))
-    if state != "running":
-        return state
-    age = (now or time.time()) - float(status.get("heartbeat", status.get("updated", 0.0)))
-    limit = MISSED_BEATS * float(status.get("heartbeat_s", 10.0))
-    if age > limit:
-        return (f"interrupted (no heartbeat for {age:.0f} s: the run is not running; "
-                "finish it with `gpubatch run JOB --resume`)")
-    return state
+
+def stopped_words(status: dict[str, Any]) -> str:
+    """Why a stopped run stopped and what finishes it: a Ctrl-C's reason is the bare word
+    "interrupted", and a failure's its error, neither saying that --resume finishes the run."""
+    from gpubatch.report.summary import next_step
+
+    reason = str(status.get("reason") or "")
+    if status.get("state") not in ("interrupted", "failed") or "--resume" in reason:
+        return f"; {reason}" if reason else ""
+    said = "" if not reason or reason == status.get("state") else f"; {reason}"
+    return f"{said}; {next_step(status)}"
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gpubatch.report.summary import latest_report, summarize_output
+    from gpubatch.report.summary import latest_report, next_step, summarize_output
     from gpubatch.report.text import format_summary
 
     store = _output_store(args)
@@ -262,8 +271,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         report = finished
     else:
         report = summarize_output(store)
+        total = report.get("shards_total")
         print(f"{safe_text(why)}: what is committed there so far (latest run: {report.get('state')}; "
-              f"{report.get('shards_done')} shard(s) committed)")
+              f"{report.get('shards_done')} of {total if total is not None else '?'} shard(s) committed); "
+              f"{next_step(report)}")
     print(format_summary(report))
     if args.html:
         from gpubatch.report.html import write_html

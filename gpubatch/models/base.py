@@ -52,7 +52,8 @@ class Model(ABC):
 
     @property
     def input_dtype(self) -> np.dtype:
-        """The element type the model's first input takes; preprocessing produces exactly this."""
+        """The element type preprocessing produces for the model's first input: the input's own
+        type, or one its backend widens exactly as it feeds it (ONNX Runtime's float64 inputs)."""
         return np.dtype(np.float32)
 
     #: whether ``run_device`` enqueues its work on the stream it is given (TensorRT), so that its

@@ -34,6 +34,13 @@ def ort_element(type_name: str) -> str:
     return {"float": "float32", "double": "float64"}.get(element, element)
 
 
+#: input types fed from a batch of another type: the preprocessing kernels (the host twin's and
+#: the CUDA ones) write float32 and float16 only, and a float64 input is fed their float32 batch
+#: widened, which is exact. Fed float32 as it was, a float64 model failed every batch ("Unexpected
+#: input data type. Actual: (tensor(float)), expected: (tensor(double))") after validate passed it.
+WIDENED_FROM = {"float64": np.dtype(np.float32)}
+
+
 class OnnxRuntimeModel(Model):
     backend = "onnxruntime"
 
@@ -61,6 +68,9 @@ class OnnxRuntimeModel(Model):
             self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         self._input = self.session.get_inputs()[0]
         refuse_unfeedable_input(path, self._input.name, ort_element(self._input.type))
+        element = ort_element(self._input.type)
+        #: the element type the session takes (float64 for a double input); run casts to it
+        self.feed_dtype = np.dtype(element) if element in ("float16", "float64") else np.dtype(np.float32)
         self._outputs = [o.name for o in self.session.get_outputs()]
 
     @property
@@ -83,7 +93,9 @@ class OnnxRuntimeModel(Model):
 
     @property
     def input_dtype(self) -> np.dtype:
-        return np.dtype(np.float16) if "float16" in self._input.type else np.dtype(np.float32)
+        """What preprocessing makes for this model: its input's type, or the type that input is
+        widened from as it is fed (float32 for a float64 input, :data:`WIDENED_FROM`)."""
+        return WIDENED_FROM.get(self.feed_dtype.name, self.feed_dtype)
 
     def supports_device(self) -> bool:
         return self.device == "cuda"
@@ -97,9 +109,9 @@ class OnnxRuntimeModel(Model):
         if not self.supports_device():
             raise NotImplementedError(f"ONNX Runtime runs {self.path} on {self.session.get_providers()[0]}: "
                                       "host arrays only (Model.run)")
-        if x.dtype != self.input_dtype or not x.flags.c_contiguous:  # bound by pointer: C order, its type
+        if x.dtype != self.feed_dtype or not x.flags.c_contiguous:  # bound by pointer: C order, its type
             with stream:
-                x = x.astype(self.input_dtype, order="C")
+                x = x.astype(self.feed_dtype, order="C")
         stream.synchronize()
         if self.max_batch and x.shape[0] > self.max_batch:  # beyond the TensorRT profile: in chunks
             import cupy
@@ -125,8 +137,8 @@ class OnnxRuntimeModel(Model):
         return {n: _wrap_ortvalue(v, int(x.device.id)) for n, v in zip(self._outputs, values, strict=True)}
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        if batch.dtype != self.input_dtype:
-            batch = batch.astype(self.input_dtype)
+        if batch.dtype != self.feed_dtype:
+            batch = batch.astype(self.feed_dtype)
         if self.max_batch and len(batch) > self.max_batch:  # beyond the TensorRT profile: in chunks
             parts = [self.run(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
             return {n: np.concatenate([p[n] for p in parts]) for n in self._outputs}

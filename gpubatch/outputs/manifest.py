@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -76,6 +76,12 @@ class Manifest:
                     yield ShardResult.from_dict(json.loads(data))
                 except (ValueError, TypeError):
                     log.warning("ignoring an unreadable commit record %s", name)
+
+    def unheard(self, known: Container[str]) -> Iterator[ShardResult]:
+        """The records of shards not in ``known`` (shard ids): commits that landed after the
+        client stopped listening (a Ctrl-C while shards ran on: inline threads, a worker's last
+        commit), which status.json left out. One listing, and only those records read."""
+        return self.iter_entries([n for n in self.names() if n.removesuffix(".json") not in known])
 
     def entries(self) -> dict[str, ShardResult]:
         """Every commit record, by shard id (for small outputs and tests; runs stream them)."""

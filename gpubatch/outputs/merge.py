@@ -235,6 +235,17 @@ def describe_zarr(store: OutputStore, committed: Iterable[ShardResult | CommitRe
                                 "complete": state == "finished", "state": state})
 
 
+def mark_zarr_running(store: OutputStore) -> None:
+    """Say in the zarr root that a run is under way on it (``complete: false``, ``state:
+    running``), where a root is there. A --resume of a finished output left its root saying
+    ``complete: true`` while it recomputed shards (one whose input changed: its group swept) and
+    until its own end rewrote it, though it had removed report.json and report.html as it began."""
+    if not store.exists(f"{ZARR}/zarr.json"):
+        return
+    with output_errors(store, ZARR):
+        store.zarr_group(ZARR, mode="a").update_attributes({"complete": False, "state": "running"})
+
+
 def describe_unfinished_zarr(store: OutputStore, committed: Iterable[ShardResult], state: str,
                              info: dict[str, Any]) -> None:
     """The zarr root of a run that stopped (interrupted, failed): every committed shard's group

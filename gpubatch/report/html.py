@@ -22,6 +22,7 @@ from gpubatch.outputs.store import OutputStore
 from gpubatch.report import plots
 from gpubatch.report.frames import latency_frame, shard_frame, stage_frame, throughput_frame
 from gpubatch.report.plots import AMBER, BLUE, GREEN, ORANGE, PURPLE, RED, Band, Series
+from gpubatch.report.summary import next_step
 from gpubatch.report.text import (
     gate_line,
     kinds_words,
@@ -179,8 +180,7 @@ def _unfinished(report: dict[str, Any]) -> str:
     state = str(report.get("state") or "unknown")
     return (f'<p class="verdict" id="unfinished" style="--band:{RED}"><b>This run did not finish ({escape(state)}).'
             f"</b> The figures cover the {report.get('shards_done', 0)} shard(s) committed so far of "
-            f"{escape(str(report.get('shards_total') or '?'))} planned; <span class=mono>gpubatch run JOB "
-            "--resume</span> finishes it and writes the finished run's report.</p>")
+            f"{escape(str(report.get('shards_total') or '?'))} planned; {escape(next_step(report))}.</p>")
 
 
 def _facts(report: dict[str, Any]) -> str:

@@ -420,6 +420,49 @@ def summarize_output(where: OutputStore | str) -> dict[str, Any]:
     failed = still_failed(Ledger(store, "").iter_records(Ledger(store, "").record_names()), committed)
     wall = float(status.get("wall_s", float(status.get("heartbeat", 0.0)) - float(status.get("started", 0.0)))
                  ) if status else 0.0
-    info = {"state": status.get("state", "unknown"), "complete": False, "run_id": status.get("run_id"),
-            "shards_total": status.get("total"), "shards_done": builder.shards, "workers": 1}
+    info = {**latest_run(store, status), "complete": False, "shards_total": status.get("total"),
+            "shards_done": builder.shards, "workers": 1}
     return builder.summary(failed, max(wall, 0.0), info).to_dict()
+
+
+def stale_for(status: dict[str, Any], now: float | None = None) -> float | None:
+    """The seconds since a ``running`` status.json's last heartbeat where it missed
+    MISSED_BEATS of them (its client was killed: SIGKILL, a lost node); else None."""
+    import time
+
+    from gpubatch.spec import MISSED_BEATS
+
+    if status.get("state") != "running":
+        return None
+    age = (now or time.time()) - float(status.get("heartbeat", status.get("updated", 0.0)))
+    return age if age > MISSED_BEATS * float(status.get("heartbeat_s", 10.0)) else None
+
+
+def latest_run(store: OutputStore, status: dict[str, Any] | None) -> dict[str, Any]:
+    """``state`` and ``run_id`` of the output's latest run, as a reader must say them: a live run
+    holding the lease whose status.json is not written yet (a --resume checking and preparing)
+    is ``running``, though status.json is still the finished run's before it; a ``running``
+    whose heartbeat stopped is ``interrupted``. Both read as the run they were not."""
+    from gpubatch.outputs.lease import live_holder
+    from gpubatch.spec import RunSpec
+
+    status = status or {}
+    writer = live_holder(store, RunSpec.model_fields["lease_stale_s"].default)
+    if writer is not None and writer.get("run_id") != status.get("run_id"):
+        return {"state": "running", "run_id": writer.get("run_id")}
+    age = stale_for(status)
+    if age is not None:
+        return {"state": "interrupted", "run_id": status.get("run_id"),
+                "reason": f"killed: no heartbeat for {age:.0f} s"}
+    return {"state": status.get("state", "unknown") if status else "not started", "run_id": status.get("run_id")}
+
+
+def next_step(report: dict[str, Any]) -> str:
+    """What a reader of an unfinished output does next, by its latest run's state: wait for a
+    live run (a --resume meanwhile is refused by its lease), else finish it with --resume."""
+    if report.get("state") == "running":
+        return (f"run {report.get('run_id') or '?'} is writing it now: wait for it to finish "
+                "(`gpubatch status OUTPUT` follows it)")
+    if report.get("state") == "finished":  # its report.json is damaged or missing
+        return "`gpubatch run JOB --resume` writes its report again (no committed shard is computed again)"
+    return "finish it with `gpubatch run JOB --resume` (no committed shard is computed again)"

@@ -22,6 +22,7 @@ from typing import Any
 from gpubatch.core.cpu import quota_cores
 from gpubatch.core.cpu import usable_cores as cpu_count
 from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
+from gpubatch.core.memory_limit import gib, usable_memory
 from gpubatch.core.plural import plural
 from gpubatch.core.threads import made_off_the_main_thread
 from gpubatch.core.yaml_text import load_yaml_text
@@ -394,6 +395,50 @@ def local_cuda_kwargs(profile: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _effective_memory() -> tuple[int, str]:
+    """The memory a local cluster's workers share, and where the figure comes from: this process's
+    (core.memory_limit: the tightest cgroup over it and its ancestors, or the RAM), or Dask's own
+    figure where that is lower (it also counts RLIMIT_RSS and the top cgroup's soft limits)."""
+    from distributed.system import MEMORY_LIMIT
+
+    usable = usable_memory()
+    if usable.total and usable.total <= MEMORY_LIMIT:
+        return usable.total, usable.said
+    return int(MEMORY_LIMIT), "Dask's system memory limit"
+
+
+def nanny_memory_limit(given: Any, n_workers: int) -> Any:
+    """The ``memory_limit`` each worker's nanny of a local cluster enforces (pausing, spilling,
+    restarting the worker past it).
+
+    Dask's ``"auto"`` (and a fraction) starts from distributed.system, which reads only the top
+    cgroup's files: in a nested cgroup (a SLURM job's, a Kubernetes pod's container) each worker's
+    limit came from the node's RAM, and the kernel's OOM killer ended the whole job before any
+    nanny acted; and ``"auto"`` handed to LocalCluster reaches each nanny as is, where it is the RAM
+    times threads over cores (the local profile's 2 threads per worker, a worker per core: the RAM
+    twice over in all). ``"auto"`` is therefore the effective memory over the workers, as Dask's
+    LocalCluster gives when it picks the limit itself, from the right total; a fraction (``0.25``) is of the effective memory; bytes (``"4GB"``),
+    0 and None (no limit) go to Dask as given.
+    """
+    if given is None:
+        return None
+    fraction = None
+    if given != "auto" and not isinstance(given, bool):
+        with contextlib.suppress(ValueError, TypeError):
+            fraction = float(given)
+        if fraction is None or not 0 < fraction <= 1:
+            return given
+    total, said = _effective_memory()
+    if fraction is not None:
+        limit = int(total * fraction)
+        log.info("each worker may hold %s: memory_limit %g of %s", gib(limit), fraction, said)
+    else:
+        limit = total // max(n_workers, 1)
+        log.info("each worker may hold %s: %s over %d %s", gib(limit), said, n_workers,
+                 plural(n_workers, "worker"))
+    return limit
+
+
 def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
     if kind == "local":
         from distributed import LocalCluster
@@ -402,14 +447,17 @@ def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:
 
         return LocalCluster(
             n_workers=n_workers, threads_per_worker=int(profile.get("threads_per_worker", 1)),
-            processes=True, memory_limit=profile.get("memory_limit", "auto"),
+            processes=True, memory_limit=nanny_memory_limit(profile.get("memory_limit", "auto"), n_workers),
             silence_logs=40, **_cluster_http(profile),
         )
     if kind == "local-cuda":
         try:
             from dask_cuda import LocalCUDACluster
+            from dask_cuda.utils import get_n_gpus
         except ImportError:
             raise MissingExtraError("the local-cuda profile", "dask-cuda", "gpu") from None
-        return LocalCUDACluster(**local_cuda_kwargs(profile))
+        kwargs = local_cuda_kwargs(profile)  # one worker per visible GPU, as LocalCUDACluster counts them
+        kwargs["memory_limit"] = nanny_memory_limit(profile.get("memory_limit", "auto"), get_n_gpus())
+        return LocalCUDACluster(**kwargs)
     raise SpecError([("profile.cluster", f"unknown cluster kind {kind!r}; use local, local-cuda, scheduler, slurm "
                                          "or inline")])

@@ -245,11 +245,23 @@ def _dtype_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
     if inp.dtype not in FLOAT_TYPES:
         what = "normalised pixels" if job.kind == "slides" else "one-hot DNA"
         return ("model.path", f"the model's input {inp.name!r} takes {inp.dtype}, but gpubatch feeds "
-                              f"floating-point {what}; export the model with a float32 (or float16) input")
-    if job.windows is not None and inp.dtype in ("float32", "float16") and job.windows.encoding.dtype != inp.dtype:
-        return ("windows.encoding.dtype", f"{job.windows.encoding.dtype}, but the model's input {inp.name!r} "
-                                          f"takes {inp.dtype}; set windows.encoding.dtype: {inp.dtype}")
-    return None
+                              f"floating-point {what}; export the model with a float32 (or float16, or float64) "
+                              f"input, with a Cast to {inp.dtype} inside the model if its first layer needs one")
+    return _encoding_problem(job, inp)
+
+
+def _encoding_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:
+    """A genome job's one-hot is encoded in ``windows.encoding.dtype``, which must be what the
+    model is fed: its input's type, or float32 for a float64 input (encoded in float32 and
+    widened exactly as it is fed: the encoding kernels write float32 and float16 only)."""
+    if job.windows is None:
+        return None
+    encoded = "float32" if inp.dtype == "float64" else inp.dtype
+    if job.windows.encoding.dtype == encoded:
+        return None
+    widened = " (encoded in float32 and widened exactly as it is fed)" if encoded != inp.dtype else ""
+    return ("windows.encoding.dtype", f"{job.windows.encoding.dtype}, but the model's input {inp.name!r} "
+                                      f"takes {inp.dtype}{widened}; set windows.encoding.dtype: {encoded}")
 
 
 TORCH_SUFFIXES = (".pt", ".pt2", ".ts")

@@ -23,6 +23,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from gpubatch.core.clocks import starvation_of
@@ -281,11 +282,16 @@ class Progress:
         return {"waiting": {"words": queued.words(now - since), "system": queued.system, "jobs": queued.jobs,
                             "reasons": list(queued.reasons), "since": since, **action}}
 
-    def finish(self, state: str, **extra: Any) -> None:
+    def finish(self, state: str, *, unheard: Iterable[ShardResult] = (), **extra: Any) -> None:
         """The final state: finished, interrupted or failed (with the reason in ``extra``, kept
         for the heartbeats that still write status.json until the lease is released). The rate
         and its span stop here (or are ``extra``'s: a finished run's report.json figures), so
-        that those heartbeats do not stretch a stopped run's seconds."""
+        that those heartbeats do not stretch a stopped run's seconds. ``unheard`` are commits the
+        client never heard of (``Manifest.unheard``), counted: a stopped run's status said 2/6
+        done while the zarr root and `gpubatch report` said 4."""
+        for entry in unheard:
+            self.done += 1
+            self.items += entry.items
         elapsed = time.time() - self.started
         frozen = {"wall_s": elapsed, "items_per_s": self.items / elapsed if elapsed > 0 else 0.0}
         self.state, self._final = state, {**frozen, **extra}

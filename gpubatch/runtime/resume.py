@@ -38,7 +38,7 @@ from gpubatch.outputs.layout import (
 )
 from gpubatch.outputs.ledger import Ledger
 from gpubatch.outputs.manifest import CommitRef, Manifest, PartSeen, remove_temporaries, sweep
-from gpubatch.outputs.merge import PartColumns, part_columns
+from gpubatch.outputs.merge import PartColumns, mark_zarr_running, part_columns
 from gpubatch.outputs.store import OutputStore
 from gpubatch.sources import get_source
 from gpubatch.spec import JobSpec
@@ -84,6 +84,7 @@ def reconcile(store: OutputStore, job: JobSpec, ledger: Ledger, kept: CommitInde
             _resumable(store, job, manifest, ledger, kept, on_kept or (lambda entry: None), said)
             for name in (REPORT_JSON, REPORT_HTML):  # the run before's say finished: not while this one runs
                 store.delete(name)
+            mark_zarr_running(store)
             said.step("removing the files of attempts no commit names")
             sweep(store, kept)
             return

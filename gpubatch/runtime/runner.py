@@ -340,7 +340,8 @@ class _Run:
             ("audit ledger", lambda _: self.ledger.event(kind, reason=reason, failed=len(self.failed)))]
         if self.lease.lost is None:  # else audit.jsonl and status.json are the new holder's now
             # each on its own: an audit.jsonl that could not be written left status.json "running"
-            steps += [("status", lambda _: progress.finish("interrupted" if interrupted else "failed", reason=reason)),
+            steps += [("status", lambda _: progress.finish("interrupted" if interrupted else "failed", reason=reason,
+                                                           unheard=Manifest(self.store).unheard(self.commits))),
                       # every record: commits the client had not heard of too
                       ("audit", lambda said: self.ledger.materialize(progress=said)),
                       ("report", lambda _: _unfinished_report(self.store))]
@@ -404,10 +405,10 @@ class _Run:
             **_operator_facts(job, self.t_start),
             "data_quality": source.data_quality(job, shards, end.counting(self._records(shards))),
         }
+        self.lease.confirm()  # the merge may have run minutes, a take-over among them (its reads counted)
         count_claimed_retries(self.builder.clocks)  # the client's: planning, uploads, in-process shards
         self._claim_client_requests()
         _in_plan_order(self.failed, shards)
-        self.lease.confirm()  # the merge may have run minutes, a take-over among them
         end.step(f"writing {REPORT_JSON} and {REPORT_HTML}")
         summary = self.builder.summary(self.failed, time.time() - self.t_start, run_info).to_dict()
         write_report(store, summary)
@@ -547,7 +548,8 @@ def run(job_or_path: JobSpec | str | Path, **overrides: Any) -> Result:
 
     Reserved overrides: ``profile``, ``resume``, ``overwrite``, ``scheduler``, ``show_progress``.
     """
-    from gpubatch.spec import apply_overrides, load_job, parse_job
+    from gpubatch.core.overrides import apply_overrides
+    from gpubatch.spec import load_job, parse_job
 
     _refuse_in_a_starting_worker()
     reserved = ("profile", "resume", "overwrite", "scheduler", "show_progress")

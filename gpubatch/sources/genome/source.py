@@ -440,6 +440,7 @@ class GenomeSource(Source):
             "skipped": {k: int((plan.get("skipped") or {}).get(k, 0)) for k in SKIP_REASONS},
             "ref_mismatches": mismatches, "ref_mismatch_share": mismatches / scored if scored else 0.0,
             "ref_mismatches_planned": plan.get("ref_mismatches", 0), "max_ref_mismatch": w.max_ref_mismatch,
+            "info_dropped": plan.get("info_dropped", 0),
         }, "notes": list(plan.get("notes") or [])}
 
     def open(self, shard: Shard, job: JobSpec, clocks: StageClocks) -> ShardReader:

@@ -35,7 +35,7 @@ from typing import IO, Any
 
 from gpubatch.core.errors import MissingExtraError, SpecError
 from gpubatch.io.redact import excerpt
-from gpubatch.sources.genome.variant_guard import SHORT_LINE
+from gpubatch.sources.genome.variant_guard import SHORT_LINE, FieldGuard
 from gpubatch.sources.genome.variant_stream import (
     GZIP_MAGIC,
     Feed,
@@ -103,14 +103,40 @@ class Layout:
     #: header lines met among a text VCF's records (VCFs joined with ``cat``), and the first's number
     stray_headers: int = 0
     first_stray_header: int = 0
+    #: a text VCF's records read with their INFO (over SHORT_LINE bytes) as '.', and the first lines
+    info_dropped: int = 0
+    info_dropped_lines: list[int] = field(default_factory=list)
 
     def notes_after_reading(self, name: str) -> list[str]:
-        """What the read found that is no record's problem: header lines among the records."""
-        if not self.stray_headers:
-            return []
-        return [f"{name} has {self.stray_headers} header line(s) among its records (first: line "
-                f"{self.first_stray_header}): VCFs joined with `cat`? The records after them were read too; "
-                "join VCFs with `bcftools concat`, which keeps one header"]
+        """What the read found that is no record's problem: header lines among the records, and
+        records whose INFO was too long to read (said, though no output reads INFO: whoever joins
+        INFO to the scores from what gpubatch read would otherwise find it '.' without a word)."""
+        notes = []
+        if self.stray_headers:
+            notes.append(f"{name} has {self.stray_headers} header line(s) among its records (first: line "
+                         f"{self.first_stray_header}): VCFs joined with `cat`? The records after them were read "
+                         "too; join VCFs with `bcftools concat`, which keeps one header")
+        if self.info_dropped:
+            notes.append(info_dropped_note(name, self.info_dropped, self.info_dropped_lines))
+        return notes
+
+    def count_info_dropped(self, guard: FieldGuard | None) -> None:
+        """The records whose INFO ``guard`` dropped, once htslib has read to the end of what it
+        passed on (the guard is done: its thread closed the pipe after its last line)."""
+        if guard is not None:
+            self.info_dropped, self.info_dropped_lines = guard.info_dropped, list(guard.info_dropped_lines)
+
+
+def info_dropped_note(name: str, count: int, lines: list[int]) -> str:
+    """The note for ``count`` records whose INFO of over SHORT_LINE bytes was read as '.', the
+    first of them on ``lines``."""
+    shown = [str(n) for n in lines]
+    where = (f"first: lines {', '.join(shown)}" if count > len(shown)
+             else f"line {shown[0]}" if count == 1 else f"lines {', '.join(shown[:-1])} and {shown[-1]}")
+    return (f"{name}: {count} record(s) have an INFO field of over {SHORT_LINE:,} bytes ({where}): read with INFO "
+            "as '.', the rest of each record as written. Scores are unaffected: no output of gpubatch reads INFO (variant mode "
+            "reads CHROM, POS, ID, REF and ALT). Where INFO matters, take it from the VCF itself, e.g. join "
+            "`bcftools query -f '%CHROM\\t%POS\\t%REF\\t%ALT\\t%INFO\\n'` on chrom, pos, ref and alt")
 
 
 def refuse_cut_bgzf(source: VariantInput) -> None:
@@ -308,7 +334,7 @@ def _pysam() -> Any:
 def _vcf_records(source: VariantInput, layout: Layout, max_allele: int) -> Iterator[RawRecord | MalformedRecord]:
     """Records through pysam: text VCFs are numbered by line, BCFs by record. A text VCF reaches
     htslib through ``variant_guard`` (a record with a REF or ALT over ``max_allele`` bases is
-    quarantined unread, an INFO over 64 KiB passed on as '.').
+    quarantined unread, an INFO over 64 KiB passed on as '.' and counted in ``layout`` for the report's note).
 
     htslib stays quiet while the file is read: its warnings (a missing index, a contig the
     header does not declare) would go straight to the terminal, and the contigs are checked
@@ -363,6 +389,7 @@ def _pysam_records(pysam: Any, readable: str | IO[bytes], feed: Feed | None, sou
             except StopIteration:
                 if feed is not None:
                     feed.raise_error()
+                    layout.count_info_dropped(feed.guard)
                 return
             except (ValueError, OSError) as exc:
                 guarded = feed.problem(line) if feed is not None else None

@@ -16,7 +16,8 @@ the text htslib reads passes through :class:`FieldGuard` first:
   placeholder record htslib reads in a few bytes, and its line number and problem are kept in
   ``problems``, which the reader reports in its place (quarantined like any malformed line).
 * INFO is not used by variant mode: over ``SHORT_LINE`` bytes it is passed on as ``.``
-  (counted in ``info_dropped``). The genotype columns after it (a cohort's, megabytes a line)
+  (counted in ``info_dropped``, the first lines kept in ``info_dropped_lines``: the report's
+  note names them, for whoever reads INFO downstream). The genotype columns after it (a cohort's, megabytes a line)
   pass through as they come; htslib parses none of them (``subset_samples([])``).
 
 Header lines (``#``) pass through whole: htslib reads the header itself. One line keeps one line,
@@ -30,6 +31,8 @@ from typing import IO
 
 #: lines up to this long pass unexamined; longer lines' fields other than REF and ALT are held up to it
 SHORT_LINE = 1 << 16
+#: the line numbers of records whose INFO was dropped that are kept to name in the report's note
+INFO_LINES_KEPT = 5
 #: the VCF's first eight columns, as messages name them
 COLUMNS = ("CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO")
 REF, ALT, INFO = 3, 4, 7
@@ -52,6 +55,8 @@ class FieldGuard:
     #: line number -> problem, for each line replaced by a placeholder record
     problems: dict[int, str] = field(default_factory=dict)
     info_dropped: int = 0
+    #: the first INFO_LINES_KEPT of those lines' numbers (a file of millions keeps a few)
+    info_dropped_lines: list[int] = field(default_factory=list)
     lines: int = 0  # lines passed on whole so far (a damaged stream is refused after the last)
     _held: bytearray = field(default_factory=bytearray)  # the start of a short line not yet ended
     _long: _LongLine | None = None
@@ -160,6 +165,8 @@ class _LongLine:
         if INFO in over:
             self.fields[INFO] = b"."
             guard.info_dropped += 1
+            if len(guard.info_dropped_lines) < INFO_LINES_KEPT:
+                guard.info_dropped_lines.append(self.number)
         guard.out.write(b"\t".join(self.fields) + after)
         self._passing, self.ended = after == b"\t", after != b"\t"
 

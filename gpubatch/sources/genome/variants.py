@@ -211,6 +211,8 @@ def read_variants(uri: str, contigs: ContigTable, storage_options: dict[str, Any
             table.notes.append(layout.note)
         _scan(iter_records(source, layout, max_allele), table, contigs, bad, max_allele, progress)
         table.notes += layout.notes_after_reading(source.name)
+        if layout.info_dropped:  # records read with INFO as '.' (data_quality.variants.info_dropped)
+            table.counts["info_dropped"] = layout.info_dropped
     except InputError as exc:  # a remote file that is missing or unreadable: the spec names it
         raise SpecError([(FIELD, f"{exc.input_uri}: {exc.message}")]) from None
     table.finish()
