@@ -59,8 +59,8 @@ def test_a_pinned_reference_is_not_asked_again_after_its_shard(s3: S3Stack, tmp_
     pinned, so there the HEAD after stays. Counted as the difference between a 3-shard run and a
     1-shard run of the same windows, so the plan's and the run's own requests cancel out. (Since
     shards carry the reference's form, its probe's 2 HEADs a shard are gone too: 1 and 2 then.
-    Since the shard's reads are pinned to the planned ETag and size, its start identity is the
-    plan's and its reader asks no size: none a shard through obstore now.)"""
+    Since a windows shard's reads are pinned to the planned ETag itself, the planned identity is
+    its start identity, no HEAD beside the open: none a shard through obstore now.)"""
     monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
     uri = _upload_reference(s3, tmp_path, f"pin-{client}/ref.fa")
     one, heads_one = _fasta_heads(s3, tmp_path, uri, 100)
@@ -128,6 +128,40 @@ def test_a_reference_written_over_mid_run_is_refused_not_mixed(s3: S3Stack, tmp_
     on = ["chrom", "start", "end", "strand"]
     pd.testing.assert_frame_equal(kept.reset_index(drop=True),
                                   kept[on].merge(want, on=on, how="left").reset_index(drop=True)[kept.columns])
+
+
+@pytest.mark.parametrize("after", ["open", "first read"])
+def test_a_read_held_to_the_planned_reference_says_it_changed_since_the_plan(
+        s3: S3Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: str) -> None:
+    """A reference opened through obstore held to its planned identity (a windows shard's FASTA,
+    a variants shard's reference) reads only the planned ETag (If-Match), with no HEAD. Written
+    over after the plan, the read's 412 said "the object changed while it was read", though the
+    object was no longer the planned version whenever it was written: now it says the reference
+    changed since the run was planned (naming the 412 and --overwrite), as a HEAD would have."""
+    from gpubatch.core.errors import InputChanged
+    from gpubatch.io.storage import input_identity
+    from gpubatch.sources.genome.indexes import forget_indexes
+    from gpubatch.sources.genome.opening import open_reference
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    key = f"held-{after.replace(' ', '-')}/ref.fa"
+    uri = _upload_reference(s3, tmp_path, key)
+    planned = input_identity(uri, s3.options())
+    (tmp_path / "other").mkdir()
+    other = write_fasta(tmp_path / "other" / "ref.fa", OTHER)
+    forget_indexes()
+    reference = open_reference(uri, s3.options(), fmt="fasta", planned=planned)
+    try:
+        if after == "first read":
+            assert bytes(reference.fetch("chrA", 0, 5)) == bytes(reference.fetch("chrA", 0, 5))
+        s3.upload(other, key)
+        with pytest.raises(InputChanged) as caught:
+            reference.fetch("chrB", 0, 100)
+    finally:
+        reference.close()
+    said = caught.value.message
+    assert "changed since the run was planned" in said and "412 Precondition Failed" in said, said
+    assert planned["etag"] in said and "--overwrite" in said and caught.value.retryable
 
 
 def _rewriting_before_shards(monkeypatch: pytest.MonkeyPatch, fai: Path, data: bytes) -> None:
@@ -223,10 +257,13 @@ def test_a_shard_opens_a_plain_reference_without_asking_what_the_plan_knew(s3: S
     at a known version (obstore's pinned ETag; fsspec's, the ETag of a HEAD before and after its
     read: it was unknown, and each shard read the .fai again, a HEAD and a GET) for its later
     shards of that version. Per shard left: the FASTA's identity HEAD (fsspec: and the one
-    after, unpinned) and its one sequence GET; nothing of the .fai, zarr.json or the .gzi."""
+    after, unpinned) and its one sequence GET; nothing of the .fai, zarr.json or the .gzi.
+    Through obstore the identity HEAD is gone too: the shard's reads are pinned to the planned
+    ETag and size (If-Match), so the planned identity is its start identity (a FASTA written over
+    is refused by the read, see test_a_reference_written_over_mid_run_is_refused_not_mixed)."""
     monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
     extra = _per_two_shards(s3, tmp_path, _upload_reference(s3, tmp_path, f"asks-{client}/ref.fa"))
-    want = {"obstore": {"fasta": (2, 2), "fai": (0, 0), "gzi": (0, 0), "zarr.json": (0, 0)},
+    want = {"obstore": {"fasta": (0, 2), "fai": (0, 0), "gzi": (0, 0), "zarr.json": (0, 0)},
             "fsspec": {"fasta": (4, 2), "fai": (0, 0), "gzi": (0, 0), "zarr.json": (0, 0)}}[client]
     assert extra == want
 

@@ -200,15 +200,15 @@ def test_the_heads_of_each_slide_are_the_ones_its_version_needs(
     ("fsspec", {"ref.fa.gz": 10, "ref.fa.gz.fai": 5, "ref.fa.gz.gzi": 5})])
 def test_the_heads_of_a_remote_genome_are_the_ones_its_versions_need(
         s3: S3Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: str, heads: dict[str, int]) -> None:
-    """A bgzip FASTA on S3 with its .fai and .gzi, two windows shards in this process. Each shard
-    asked the FASTA's identity (a HEAD) beside its open, and its reader asked the size (another)
-    although the shard carried the planned size and ETag; and each shard read the indexes again
-    (a HEAD and a GET each) that the plan had just read at the very version the shard names.
-    Before, through obstore: 8 HEADs of the FASTA, 3 of each index. Now the shard's reads are
-    pinned to the planned ETag and size (its start identity, no HEAD after: a FASTA written over
-    is refused by the read), and the plan's index is the shard's: 4 and 2 (result fields, plan).
-    Through fsspec, which cannot pin, the checks stay (before: 10, 5, 5). The report's counts
-    are still the server's."""
+    """A bgzip FASTA on S3 with its .fai and .gzi, two windows shards in this process, the plan
+    included. Through obstore each shard asked the FASTA's identity (a HEAD) beside its open, and
+    its reader asked the size (another: the bgzip read needs it) although the shard carried the
+    planned ETag and size: 8 HEADs of the FASTA. Now the shard's reads are pinned to the planned
+    ETag (If-Match) and take its size, so the planned identity is its start identity and no HEAD
+    after is needed (a FASTA written over is refused by the read itself): 4, all the plan's.
+    The indexes are as before: the plan's HEADs and read, and the worker's first shard's (its
+    second keeps the index read at the planned version). fsspec cannot pin its reads, so its
+    checks stay (before and now: 10, 5, 5). The report's HEAD count is still the server's."""
     from gpubatch.runtime.runner import run_job
     from gpubatch.sources.genome.indexes import forget_indexes
 

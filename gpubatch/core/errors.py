@@ -99,10 +99,13 @@ class InputError(GpubatchError):
 class InputChanged(InputError):
     """An input written over while its shard read it (or between its opening ahead and its shard):
     the outputs would mix two versions, or be of another version than the one recorded. Always
-    retryable, and whatever the worker holds of the input (a staged copy, an opening) is stale."""
+    retryable, and whatever the worker holds of the input (a staged copy, an opening) is stale.
+    ``detail``: what the read found (a 412, another ETag), for a caller that words it anew (a
+    reference read pinned to the plan's version: it changed since the plan)."""
 
-    def __init__(self, input_uri: str, message: str):
+    def __init__(self, input_uri: str, message: str, *, detail: str | None = None):
         super().__init__(input_uri, message, retryable=True)
+        self.detail = detail
 
 
 class OutputsNotWrittenError(GpubatchError):

@@ -462,8 +462,9 @@ def _credentials_environment(uri: str) -> str:
 def changed_while_read(uri: str, detail: str) -> InputChanged:
     """The error of a read that found its object written over: retryable, because the next attempt
     reads the new version from the start (as a local file written over is read again)."""
-    return InputChanged(redact(uri), f"the object changed while it was read ({redact(detail)[:200]}): its "
-                                     "outputs would mix two versions; the shard is read again")
+    detail = redact(detail)[:200]
+    return InputChanged(redact(uri), f"the object changed while it was read ({detail}): its outputs would "
+                                     "mix two versions; the shard is read again", detail=detail)
 
 
 def count_retries(clocks: StageClocks | None, n: int = 1, throttled: int = 0) -> None:

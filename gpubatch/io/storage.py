@@ -149,6 +149,14 @@ def _obstore_target(uri: str, options: dict[str, Any] | None) -> tuple[Any, str]
         return None
 
 
+def reads_pinned(uri: str, options: dict[str, Any] | None, etag: str | None) -> bool:
+    """Whether :func:`open_ranges` given ``etag`` reads only that version of ``uri``: obstore
+    serves it (If-Match on every read) and the ETag is strong (``W/`` never matches). Then a
+    caller that knows the version needs no HEAD to hold its reads to it; elsewhere (fsspec, a
+    local file) it checks before and after."""
+    return bool(etag) and not str(etag).startswith("W/") and is_remote(uri) and _obstore_target(uri, options) is not None
+
+
 def _log_once(reason: str, message: str, *args: Any) -> None:
     """Log why fsspec reads what obstore would, once per reason and process (not per object)."""
     with _log_lock:

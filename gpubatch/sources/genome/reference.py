@@ -427,6 +427,7 @@ class FastaReference(Reference):
         self.ranges = open_ranges(uri, storage_options, clocks, etag=etag if is_remote(uri) else None,
                                   size=int(size) if is_remote(uri) and size is not None else None)
         self._started: set[str] = set()  # contigs whose start this reader has checked
+        self._planned_etag: str | None = None  # the plan's ETag, where every read is pinned to it
         if planned:
             self._hold_to(planned, storage_options)
 
@@ -437,6 +438,7 @@ class FastaReference(Reference):
         more); where they cannot be (fsspec, no ETag) and for a local file (a stat), the file is
         compared with the plan's now. InputChanged: read again, then reported."""
         if is_remote(self.uri) and self.ranges.version() and self.ranges.version() == planned.get("etag"):
+            self._planned_etag = self.ranges.version()
             return
         try:
             refuse_if_changed(self.uri, self.uri, planned, storage_options)
@@ -460,11 +462,18 @@ class FastaReference(Reference):
         return codes
 
     def _read_bytes(self, b0: int, b1: int) -> bytes:
-        if self.gzi is None:
+        try:
             with self._part("storage"):
-                return self.ranges.fetch(b0, b1)
-        with self._part("storage"):
-            return read_bgzf_range(self.ranges, self.gzi, b0, b1)
+                if self.gzi is None:
+                    return self.ranges.fetch(b0, b1)
+                return read_bgzf_range(self.ranges, self.gzi, b0, b1)
+        except InputChanged as exc:
+            if self._planned_etag is None:
+                raise
+            # pinned to the plan's version, a read refused (412) or of another ETag means the FASTA is
+            # no longer the planned one, whenever it was written over: as a HEAD at the start says
+            raise changed_since_planned(self.uri, f"a read of its planned ETag {self._planned_etag} found "
+                                                  f"another version: {exc.detail or exc.message}") from None
 
     def version(self) -> str | None:
         return self.ranges.version()
@@ -479,8 +488,15 @@ def refuse_if_changed(uri: str, version_uri: str, planned: dict[str, Any],
     zarr's ``zarr.json``) is another version than the plan found: the run's other shards read
     the planned one, and windows of two versions of a reference must not sit in one output."""
     if input_changed(version_uri, planned, storage_options) is not None:
-        raise InputChanged(uri, "the reference changed since the run was planned: the run's other shards "
-                                "read the planned version; run the job again (--overwrite) to plan with this one")
+        raise changed_since_planned(uri)
+
+
+def changed_since_planned(uri: str, detail: str | None = None) -> InputChanged:
+    """The error of a shard that found its reference another version than the plan's (``detail``:
+    how it was found, where a read found it): read again, then reported, naming --overwrite."""
+    found = f" ({detail})" if detail else ""
+    return InputChanged(uri, f"the reference changed since the run was planned{found}: the run's other shards "
+                             "read the planned version; run the job again (--overwrite) to plan with this one")
 
 
 def zarr_marker(uri: str) -> str:

@@ -45,8 +45,8 @@ from gpubatch.core.phases import phase
 from gpubatch.core.plural import counted
 from gpubatch.core.results import ShardResult
 from gpubatch.io.redact import redact
-from gpubatch.io.storage import input_identity
-from gpubatch.io.uris import is_remote, suffixed
+from gpubatch.io.storage import input_identity, reads_pinned
+from gpubatch.io.uris import suffixed
 from gpubatch.ops.kernels import reverse_complement_codes, window_rows
 from gpubatch.ops.preprocess import Preprocess
 from gpubatch.sources.base import ItemBlock, ReadUnit, Shard, ShardReader, Source
@@ -353,12 +353,20 @@ def _source_note(uri: str, storage: dict[str, Any], contigs: ContigTable) -> str
     return changed_source_note(uri, storage) if contigs.format == "zarr" else None
 
 
-def _held_identity(payload: dict[str, Any]) -> dict[str, Any] | None:
+def _held_identity(shard: Shard, storage: dict[str, Any]) -> dict[str, Any] | None:
     """The identity a shard's reference reads are held to: its ``reference_identity`` (variants,
-    a zarr's), else a windows shard's ``planned_identity`` (its input, the FASTA): its reads are
-    then pinned to the planned ETag and size, with no HEAD for either (a shard planned before
-    either was carried: None, the reader asks as before)."""
-    return payload.get("reference_identity") or payload.get("planned_identity")
+    a zarr's: checked as it opens), else a windows shard's ``planned_identity`` (its input, the
+    FASTA) where its reads can be pinned to the planned ETag (obstore, If-Match): they then ask
+    neither its size nor its version (no HEAD), and a FASTA written over is refused by the read.
+    Elsewhere (fsspec, a weak ETag, a local file) None: the worker checks its input before and
+    after, as any input's; holding the reads to it too would ask a HEAD more."""
+    held = shard.payload.get("reference_identity")
+    if held:
+        return dict(held)
+    planned = shard.payload.get("planned_identity")
+    if planned and reads_pinned(shard.input_uri, storage, planned.get("etag")):
+        return dict(planned)
+    return None
 
 
 class GenomeSource(Source):
@@ -450,7 +458,7 @@ class GenomeSource(Source):
         w = _windows(job)
         p = shard.payload
         reference = open_reference(w.reference, job.input.storage, clocks, p.get("reference_format"),
-                                   p.get("index_version"), _held_identity(p))
+                                   p.get("index_version"), _held_identity(shard, job.input.storage))
         cls = VariantReader if shard.payload.get("mode") == "variants" else GenomeWindowReader
         try:
             refuse_another_index(shard, reference)
@@ -460,11 +468,10 @@ class GenomeSource(Source):
             raise
 
     def open_finds_identity(self, job: JobSpec, shard: Shard) -> bool:
-        """A windows shard over a remote FASTA planned with its ETag: its reads are pinned to the
-        planned version, which is then its start identity (``input_identity``), no HEAD beside
-        the open; where the reads cannot be pinned (fsspec, a weak ETag) the worker asks after."""
-        planned = shard.payload.get("planned_identity") or {}
-        return is_remote(shard.input_uri) and bool(planned.get("etag")) and shard.payload.get("mode") != "variants"
+        """A windows shard over a remote FASTA whose reads are pinned to the planned ETag: that
+        version is its start identity (its reader's ``input_identity``), no HEAD beside the open.
+        Where they cannot be pinned (fsspec, a weak ETag) the worker asks beside the open."""
+        return not shard.payload.get("reference_identity") and _held_identity(shard, job.input.storage) is not None
 
     def model_input(self, job: JobSpec, batch_size: int) -> tuple[tuple[int, ...], str]:
         """Variant pairs run refs and alts together, and strand averaging both strands."""
