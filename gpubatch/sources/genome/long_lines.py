@@ -78,12 +78,14 @@ def line_too_long(meter: FieldMeter, names: Sequence[str], line_bytes: int, max_
     meter.finish()
     found: list[str] = []
     fixes: list[str] = []
-    for key in ("ref", "alt"):
-        size = meter.lengths.get(meter.read.get(key, -1), 0)
+    alleles = {key: meter.lengths.get(meter.read.get(key, -1), 0) for key in ("ref", "alt")}
+    for key, size in alleles.items():
         if size > max_allele:
             found.append(f"its {key.upper()} is {size:,} bases, longer than the {max_allele:,} bases one read of the "
                          "reference holds (windows.chunk_bases, or windows.length when larger)")
-            fixes.append(f"raise windows.chunk_bases to at least {size:,} to score it, or leave such lines out first")
+    if max(alleles.values()) > max_allele:
+        fixes.append(f"raise windows.chunk_bases to at least {max(alleles.values()):,} to score it, or leave such "
+                     "lines out first")
     long_text = [key for key in ("chrom", "pos", "id") if meter.lengths.get(meter.read.get(key, -1), 0) > SHORT_LINE]
     for key in long_text:
         found.append(f"its {key.upper()} is {meter.lengths[meter.read[key]]:,} bytes long (over {SHORT_LINE:,})")
