@@ -138,6 +138,104 @@ def test_a_float64_model_input_runs_end_to_end(tmp_path: Path, slide_path: Path)
         assert wide[f"y_{c}"].between(0, 1).all() and wide[f"y_{c}"].nunique() > 1
 
 
+def torch_module(path: Path, dtype_name: str, *, second_input: bool = False) -> Path:
+    """A 1x1 convolution (seeded, the same weights in every dtype) then per-tile channel means,
+    saved in ``dtype_name`` as TorchScript (.pt) or ExportedProgram (.pt2): the convolution refuses
+    an input of another dtype, as a real first layer does."""
+    import warnings
+
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean(dim=(2, 3))
+
+    class Two(Net):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return self.conv(x + y).mean(dim=(2, 3))
+
+    torch.manual_seed(3)
+    dtype = getattr(torch, dtype_name)
+    net = (Two() if second_input else Net()).to(dtype).eval()
+    example = (torch.rand(2, 3, 64, 64, dtype=dtype),) * (2 if second_input else 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path.suffix == ".pt":
+            torch.jit.save(torch.jit.trace(net, example), str(path))
+        else:
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            shapes = ({0: batch},) * len(example)
+            torch.export.save(torch.export.export(net, example, dynamic_shapes=shapes), str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_a_float64_torch_module_runs_end_to_end(tmp_path: Path, slide_path: Path, suffix: str) -> None:
+    """validate passed a float64 TorchScript or ExportedProgram module, and every batch then failed
+    ("Input type (torch.FloatTensor) and weight type (torch.DoubleTensor) should be the same"),
+    every slide quarantined: the backend fed float32. It is fed the batch widened to float64, so
+    its outputs are the float32 twin's, in float64."""
+    import pandas as pd
+
+    outputs = {}
+    for dtype in ("float64", "float32"):
+        model = torch_module(tmp_path / f"{dtype}{suffix}", dtype)
+        job = slide_job([str(slide_path)], model, tmp_path / dtype)
+        job["model"]["backend"] = "torch"
+        spec = write_job(tmp_path / f"{dtype}.yaml", job)
+        assert main(["validate", str(spec)]) == 0
+        assert main(["run", str(spec)]) == 0
+        outputs[dtype] = pd.read_parquet(tmp_path / dtype / "predictions.parquet").sort_values(["x", "y"])
+    wide, narrow = outputs["float64"], outputs["float32"]
+    columns = [f"output_{c}" for c in range(3)]
+    assert len(wide) == len(narrow) > 0 and list(wide.columns) == list(narrow.columns)
+    assert all(wide[c].dtype == "float64" and narrow[c].dtype == "float32" for c in columns)
+    for c in columns:  # float32 sums 4096 terms per tile; the weights are the same numbers rounded
+        assert np.allclose(wide[c], narrow[c], rtol=0, atol=1e-5) and wide[c].nunique() > 1
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_fp16_on_a_float64_torch_module_is_refused_by_validate_and_run(
+        tmp_path: Path, slide_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """autocast leaves float64 arithmetic alone: the run would be float64 under the name fp16."""
+    model = torch_module(tmp_path / f"m{suffix}", "float64")
+    job = slide_job([str(slide_path)], model, tmp_path / "out")
+    job["model"].update(backend="torch", precision="fp16")
+    (field, message), = _refused(tmp_path, job)
+    assert field == "model.precision" and "is a float64 module" in message and "module.float()" in message
+    spec = write_job(tmp_path / "job.yaml", job)
+    assert main(["run", str(spec)]) == 2 and "is a float64 module" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("dtype", "second", "words"), [("int64", False, "input 'x' takes int64"),
+                                                         ("float32", True, "takes 2 inputs (x, y)")])
+def test_an_exported_program_gpubatch_cannot_feed_is_refused_by_validate_and_run(
+        tmp_path: Path, slide_path: Path, dtype: str, second: bool, words: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    if dtype == "int64":  # an integer input, converted in the module: its signature says int64
+        import torch
+
+        class Ints(torch.nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return x.float().mean(dim=(2, 3))
+
+        torch.export.save(torch.export.export(Ints(), (torch.zeros(2, 3, 64, 64, dtype=torch.int64),)),
+                          str(tmp_path / "m.pt2"))
+        model = tmp_path / "m.pt2"
+    else:
+        model = torch_module(tmp_path / "m.pt2", dtype, second_input=second)
+    job = slide_job([str(slide_path)], model, tmp_path / "out")
+    job["model"]["backend"] = "torch"
+    (field, message), = _refused(tmp_path, job)
+    assert field == "model.path" and words in message
+    spec = write_job(tmp_path / "job.yaml", job)
+    assert main(["run", str(spec)]) == 2 and words in capsys.readouterr().err
+
+
 def test_a_float64_genome_model_is_encoded_in_float32(tmp_path: Path) -> None:
     """A float64 model's one-hot is encoded in float32 and widened as it is fed: float16 is refused."""
     from conftest import shared_file

@@ -240,3 +240,23 @@ def test_the_log_is_not_silent_while_one_long_shard_runs(monkeypatch: pytest.Mon
         monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
         bar.heartbeat()
         assert "shards 1/2 done, 0 failed, " in caplog.text and "items/s" in caplog.text
+
+
+def test_the_report_of_a_stopped_run_names_the_job_as_its_spec_does(
+        tmp_path: Path, slides_dir: Path, mean_model: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`report` of an interrupted output headed its summary "job: ..." (and report.json and
+    report.html said "job"): the unfinished output's report did not read the spec record the
+    run wrote at its start. It now names the job as the spec does."""
+    import gpubatch
+
+    out = tmp_path / "out"
+    job = slide_job([str(slides_dir / "s0.tif"), str(slides_dir / "s1.tif")], mean_model, out, name="tumour-scan")
+    _interrupt_after_first_shard(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        gpubatch.run(write_job(tmp_path / "a.yaml", job), show_progress=False)
+    assert _report(out)["name"] == "tumour-scan" and _report(out)["complete"] is False
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "latest run: interrupted" in lines[0] and lines[1].startswith("tumour-scan: "), lines[:2]

@@ -4,8 +4,11 @@ For users whose model exists only as PyTorch, and for checking an ONNX export ag
 Runs on CUDA when a device is present (``GPUBATCH_TORCH_DEVICE`` overrides), else on CPU, under
 ``torch.inference_mode``. ``fp16`` and ``bf16`` run under ``torch.autocast`` (weights stay fp32,
 matmuls and convolutions run in 16 bits; normalisations stay fp32, which is what keeps autocast
-accurate where a blanket ``.half()`` is not). int8/fp8 are not offered here: quantization in gpubatch
-is explicit QDQ in ONNX (see quantize.py), which torch modules are not.
+accurate where a blanket ``.half()`` is not). The float32 batch is cast to the dtype the module's input
+takes (:func:`load_module`): a float64 module is fed it widened, exactly, and computes in float64,
+which autocast leaves alone, so fp16/bf16 are refused for it (:func:`precision_problem`). int8/fp8
+are not offered here: quantization in gpubatch is explicit QDQ in ONNX (see quantize.py), which
+torch modules are not.
 
 Output names: a tensor output is ``output``; a tuple gives ``output_0``, ``output_1``, ...; a dict
 keeps its keys. Until the first batch has run they are taken from the ExportedProgram signature,
@@ -39,18 +42,79 @@ def _pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_module(path: str, device: str) -> tuple[Any, list[str] | None]:
-    """The callable module and, for an ExportedProgram, its declared output names."""
+def load_module(path: str, device: str) -> tuple[Any, list[str] | None, torch.dtype]:
+    """The callable module, for an ExportedProgram its declared output names, and the dtype its
+    input takes (:func:`parameter_dtype`, :func:`exported_input_dtype`)."""
     if path.endswith(".pt2"):
-        program = torch.export.load(path)
+        try:
+            program = torch.export.load(path)
+        except Exception as exc:  # noqa: BLE001 - torch's errors for a file it cannot read are many
+            words = " ".join(str(exc).split())[:300]
+            raise GpubatchError(f"{path}: not an ExportedProgram torch can load ({type(exc).__name__}: {words}); "
+                                "save it with torch.export.save") from None
         names = [str(spec.arg.name) for spec in program.graph_signature.output_specs
                  if spec.kind.name == "USER_OUTPUT"]
-        return program.module().to(device), names or None
+        return program.module().to(device), names or None, exported_input_dtype(path, program)
     try:
-        return torch.jit.load(path, map_location=device).eval(), None
+        module = torch.jit.load(path, map_location=device).eval()
     except RuntimeError as exc:
         raise GpubatchError(f"{path}: not a TorchScript file ({exc}); save with torch.jit.save, or "
                             "export with torch.export.save to a .pt2 file") from None
+    return module, None, parameter_dtype(module)
+
+
+#: the dtypes a module's input may take: the float32 batch gpubatch makes is cast to it as it is
+#: fed (float64: widened, exact; float16/bfloat16: the module's own precision). Fed float32 as it
+#: was, a float64 module failed every batch on a dtype mismatch after validate passed it.
+FEEDABLE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def parameter_dtype(module: Any) -> torch.dtype:
+    """What a TorchScript module's input must be: its graph does not say, so the dtype of its
+    first floating parameter (or buffer, if it has none), in registration order, which is the
+    first layer's in a module that defines its layers in the order it applies them; float32 for
+    a module with neither (it computes in whatever it is fed)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            first: torch.dtype = tensor.dtype
+            return first
+    return torch.float32
+
+
+def exported_input_dtype(path: str, program: Any) -> torch.dtype:
+    """The dtype an ExportedProgram's one input was exported with (its signature records it);
+    refused at load, with the fix, where gpubatch cannot feed it: several inputs, or one that
+    is not floating-point."""
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    inputs = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+    if len(inputs) != 1:
+        raise GpubatchError(f"{path} takes {len(inputs)} inputs ({', '.join(inputs)}), but gpubatch feeds one "
+                            "batch; export the module with one tensor input")
+    value = placeholders[inputs[0]].meta.get("val")
+    dtype: torch.dtype = getattr(value, "dtype", torch.float32)
+    if dtype not in FEEDABLE:
+        raise GpubatchError(f"{path}: the module's input {inputs[0]!r} takes {str(dtype).removeprefix('torch.')}, "
+                            "but gpubatch feeds floating-point batches; export it with a float32 (or float64, "
+                            "float16, bfloat16) input, converting inside the module if its first layer needs to")
+    return dtype
+
+
+def precision_problem(path: str, dtype: torch.dtype, precision: str) -> str | None:
+    """Why ``precision`` cannot be had for a module whose input is ``dtype``: autocast casts float32
+    only, so a float64 module under fp16/bf16 would run in float64 and its report say fp16."""
+    if dtype != torch.float64 or precision not in ("fp16", "bf16"):
+        return None
+    return (f"precision {precision} runs torch.autocast, which leaves float64 arithmetic in float64, and "
+            f"{path} is a float64 module (its input takes float64): it would run in float64 under the "
+            f"name {precision}. Set model.precision: fp32, or save the module in float32 (module.float()) "
+            f"to run it in {precision}")
+
+
+def _host(value: Any) -> np.ndarray:
+    """An output as numpy: float64 kept (a float64 module's outputs, as ONNX Runtime keeps a
+    double model's), 16-bit floats as float32 (numpy has no bfloat16)."""
+    value = value.detach()
+    return (value if value.dtype == torch.float64 else value.float()).cpu().numpy()
 
 
 def _named(out: Any) -> dict[str, Any]:
@@ -73,7 +137,7 @@ class TorchModel(Model):
         if threads:
             torch.set_num_threads(threads)
         self._device = _pick_device()
-        self.module, declared = load_module(path, self._device)
+        self.module, declared, self.feed_dtype = load_module(path, self._device)
         self._names = ["output"] if not declared or len(declared) == 1 else [f"output_{i}" for i in range(len(declared))]
 
     @classmethod
@@ -94,10 +158,10 @@ class TorchModel(Model):
         return self._device
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self._device)
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self._device, self.feed_dtype)
         device_type = "cuda" if self._device.startswith("cuda") else "cpu"
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
         with torch.inference_mode(), torch.autocast(device_type, dtype=dtype, enabled=self.precision != "fp32"):
             out = _named(self.module(x))
         self._names = list(out)
-        return {k: v.detach().float().cpu().numpy() for k, v in out.items()}
+        return {k: _host(v) for k, v in out.items()}

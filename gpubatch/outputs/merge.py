@@ -3,7 +3,10 @@
 Only committed attempts are read (the commit records say which), in plan order. On object
 storage each part is a round trip (a 3,000-part merge on S3 took 41 s, nearly all of it waiting),
 so up to PARTS_AHEAD parts are read ahead of the one being joined, within BYTES_AHEAD bytes
-(core.threads.fetched_in_order); they are joined one at a time, in order. Small parts are gathered into row groups of ROW_GROUP_ROWS rows (or ROW_GROUP_BYTES, or
+(core.threads.fetched_in_order); they are joined one at a time, in order. The same on a local
+output on a network or shared filesystem (NFS, Lustre, GPFS, CephFS, SMB, FUSE: io.mounts), where
+each part's open and read is a round trip too; on a local disk parts are read one at a time (threads
+would only add overhead). Small parts are gathered into row groups of ROW_GROUP_ROWS rows (or ROW_GROUP_BYTES, or
 ROW_GROUP_PARTS parts): a row group per part would make a genome run of 100,000 one-window shards a file
 of 100,000 row groups, whose footer the writer holds in memory until it closes and every reader
 parses. The merge's memory is one row group and the parts read ahead, whatever the run's size.
@@ -28,6 +31,7 @@ import pyarrow.parquet as pq
 from gpubatch.core.errors import PartsDoNotMergeError
 from gpubatch.core.results import ShardResult
 from gpubatch.core.threads import fetched_in_order
+from gpubatch.io.mounts import on_network_filesystem
 from gpubatch.io.redact import redact
 from gpubatch.outputs.layout import PARTS_DIR, PREDICTIONS, ZARR
 from gpubatch.outputs.manifest import VERIFY_BATCH, CommitRef
@@ -144,7 +148,7 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
     """
     columns = PartColumns(index_columns)
     empty: pa.Schema | None = None
-    parts = fetched_in_order(committed, lambda entry: part_bytes(store, entry), PARTS_AHEAD if store.remote else 1,
+    parts = fetched_in_order(committed, lambda entry: part_bytes(store, entry), PARTS_AHEAD if _reads_ahead(store) else 1,
                              size=len, budget=BYTES_AHEAD, name="merge")
     # closed before the file is discarded on an error: the reads ahead cancelled or finished first
     with store.open_write(target) as f, contextlib.closing(parts):
@@ -165,6 +169,12 @@ def merge_parquet(store: OutputStore, committed: Iterable[ShardResult | CommitRe
             raise
         joined.finish(empty_index_table(index_columns).schema if empty is None else empty)
     return joined.rows
+
+
+def _reads_ahead(store: OutputStore) -> bool:
+    """Whether each part read waits on a network: object storage, or a local path on a network
+    or shared filesystem (a cluster's outputs mostly are)."""
+    return store.remote or on_network_filesystem(store.uri)
 
 
 class _Joined:

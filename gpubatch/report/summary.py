@@ -30,7 +30,7 @@ from gpubatch.core.phases import phase
 from gpubatch.core.results import RunSummary, ShardResult, nonfinite_counts
 from gpubatch.io.metrics import storage_summary
 from gpubatch.io.redact import redact
-from gpubatch.outputs.layout import REPORT_JSON
+from gpubatch.outputs.layout import REPORT_JSON, SPEC_RECORD
 from gpubatch.outputs.store import OutputStore
 from gpubatch.report.verdict import verdict
 
@@ -420,9 +420,24 @@ def summarize_output(where: OutputStore | str) -> dict[str, Any]:
     failed = still_failed(Ledger(store, "").iter_records(Ledger(store, "").record_names()), committed)
     wall = float(status.get("wall_s", float(status.get("heartbeat", 0.0)) - float(status.get("started", 0.0)))
                  ) if status else 0.0
-    info = {**latest_run(store, status), "complete": False, "shards_total": status.get("total"),
-            "shards_done": builder.shards, "workers": 1}
+    info = {**spec_named(store), **latest_run(store, status), "complete": False,
+            "shards_total": status.get("total"), "shards_done": builder.shards, "workers": 1}
     return builder.summary(failed, max(wall, 0.0), info).to_dict()
+
+
+def spec_named(store: OutputStore) -> dict[str, Any]:
+    """The job's ``name`` and ``kind`` as the spec record its run wrote at the start says them
+    (runtime.resume.spec_record): without them an unfinished output's report called the job
+    "job" and judged a genome run as slides. Empty where there is none (an older gpubatch, a run
+    stopped before it) or it cannot be read."""
+    try:
+        record = store.read_json(SPEC_RECORD) if store.exists(SPEC_RECORD) else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    named = {"name": record.get("name"), "kind": (record.get("result_fields") or {}).get("kind")}
+    return {key: value for key, value in named.items() if isinstance(value, str) and value}
 
 
 def stale_for(status: dict[str, Any], now: float | None = None) -> float | None:

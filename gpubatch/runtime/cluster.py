@@ -67,6 +67,7 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
         raise SpecError([(f"profile {path.name}", f"unknown keys {sorted(unknown)}; known: {sorted(PROFILE_KEYS)}")])
     data.setdefault("cluster", "local")
     _check_counts(data, path.name)
+    read_memory_limit(data.get("memory_limit"), f"profile {path.name}: memory_limit")  # refused here, named
     return data
 
 
@@ -395,7 +396,7 @@ def local_cuda_kwargs(profile: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _effective_memory() -> tuple[int, str]:
+def effective_memory() -> tuple[int, str]:
     """The memory a local cluster's workers share, and where the figure comes from: this process's
     (core.memory_limit: the tightest cgroup over it and its ancestors, or the RAM), or Dask's own
     figure where that is lower (it also counts RLIMIT_RSS and the top cgroup's soft limits)."""
@@ -405,6 +406,41 @@ def _effective_memory() -> tuple[int, str]:
     if usable.total and usable.total <= MEMORY_LIMIT:
         return usable.total, usable.said
     return int(MEMORY_LIMIT), "Dask's system memory limit"
+
+
+def read_memory_limit(given: Any, key: str = "profile memory_limit") -> float | int | str | None:
+    """A profile's ``memory_limit`` read as Dask reads it, one way for every reader (the nannies'
+    limit, the worker budget ``validate`` checks): ``"auto"``; None (no limit); a fraction in
+    (0, 1] of the usable memory, written as a number or a string (Dask takes ``"0.25"`` as a
+    fraction too); or bytes (``"4GB"``, a whole number over 1; 0 is no limit). Anything else is
+    refused naming ``key`` (a SpecError): a negative figure, a fraction over 1 (``1.5`` was 1 byte
+    to Dask), a string no unit reads (``parse_bytes("0.25")`` is 0, which sent the budget check
+    back to the memory over the workers while the nannies held each worker to a quarter)."""
+    from dask.utils import parse_bytes
+
+    if given is None or given == "auto":
+        return given
+    fix = 'use auto, a fraction of the usable memory such as 0.25, or bytes such as "4GB"'
+    if isinstance(given, bool):
+        raise SpecError([(key, f"{given!r} is not a memory limit; {fix}")])
+    try:
+        number = float(given)
+    except (TypeError, ValueError):
+        number = None
+    if number is None:
+        try:
+            number = float(parse_bytes(given))
+        except (TypeError, ValueError):
+            raise SpecError([(key, f"{given!r} is not a memory limit; {fix}")]) from None
+        if number >= 0:
+            return int(number)
+    if not math.isfinite(number):
+        raise SpecError([(key, f"{given!r} is not a memory limit; {fix}")])
+    if number < 0:
+        raise SpecError([(key, f"{given!r} is negative; {fix}")])
+    if number > 1 and not number.is_integer():
+        raise SpecError([(key, f"{given!r} is a fraction over 1 (the whole memory is 1); {fix}")])
+    return number if 0 < number <= 1 else int(number)
 
 
 def nanny_memory_limit(given: Any, n_workers: int) -> Any:
@@ -418,25 +454,19 @@ def nanny_memory_limit(given: Any, n_workers: int) -> Any:
     times threads over cores (the local profile's 2 threads per worker, a worker per core: the RAM
     twice over in all). ``"auto"`` is therefore the effective memory over the workers, as Dask's
     LocalCluster gives when it picks the limit itself, from the right total; a fraction (``0.25``) is of the effective memory; bytes (``"4GB"``),
-    0 and None (no limit) go to Dask as given.
+    0 and None (no limit) go to Dask as given. Read by :func:`read_memory_limit`.
     """
-    if given is None:
-        return None
-    fraction = None
-    if given != "auto" and not isinstance(given, bool):
-        with contextlib.suppress(ValueError, TypeError):
-            fraction = float(given)
-        if fraction is None or not 0 < fraction <= 1:
-            return given
-    total, said = _effective_memory()
-    if fraction is not None:
-        limit = int(total * fraction)
-        log.info("each worker may hold %s: memory_limit %g of %s", gib(limit), fraction, said)
-    else:
-        limit = total // max(n_workers, 1)
-        log.info("each worker may hold %s: %s over %d %s", gib(limit), said, n_workers,
-                 plural(n_workers, "worker"))
-    return limit
+    limit = read_memory_limit(given)
+    if limit is None or isinstance(limit, int):
+        return given
+    total, said = effective_memory()
+    if isinstance(limit, float):
+        fraction_limit = int(total * limit)
+        log.info("each worker may hold %s: memory_limit %g of %s", gib(fraction_limit), limit, said)
+        return fraction_limit
+    share = total // max(n_workers, 1)
+    log.info("each worker may hold %s: %s over %d %s", gib(share), said, n_workers, plural(n_workers, "worker"))
+    return share
 
 
 def _start_cluster(kind: str, profile: dict[str, Any], n_workers: int) -> Any:

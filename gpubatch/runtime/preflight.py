@@ -311,6 +311,29 @@ def check_torch_file(job: JobSpec) -> None:
         raise SpecError([("model.path", (
             f"{job.model.path} is not a TorchScript (.pt) or ExportedProgram (.pt2) file, which "
             "backend torch loads; for an ONNX model set model.backend: onnxruntime (or auto)"))])
+    check_torch_input(job)
+
+
+def check_torch_input(job: JobSpec) -> None:
+    """Load the module as the torch backend will (on the CPU) and refuse what it cannot feed: an
+    ExportedProgram with several inputs or an integer one; and fp16/bf16 for a float64 module
+    (``on_fail: error``), which autocast would leave in float64. validate passed a float64
+    module whose every batch then failed on a dtype mismatch; now it is fed float64."""
+    try:
+        from gpubatch.models.torch import load_module, precision_problem
+    except ImportError:
+        return  # torch is not installed: the missing extra is check_environment's to name
+    from gpubatch.core.errors import GpubatchError
+    from gpubatch.models.prepare.resolve import refusal
+
+    path = local_model_file(job.model.path, job.input.storage, "model.path")
+    try:
+        _, _, dtype = load_module(path, "cpu")
+    except GpubatchError as exc:
+        raise SpecError([("model.path", str(exc))]) from None
+    reason = precision_problem(job.model.path, dtype, job.model.precision)
+    if reason and job.model.validation.on_fail == "error":
+        raise SpecError([("model.precision", refusal(reason))])
 
 
 def _precision_problem(job: JobSpec, inp: OnnxInput) -> tuple[str, str] | None:

@@ -50,9 +50,11 @@ IDENTITY_BATCH = 256  # committed shards checked at a time (memory stays one bat
 
 def spec_record(job: JobSpec, fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the output records of the spec: ``fields``, this run's :meth:`JobSpec.result_fields`
-    (asked once per run by the caller: they HEAD remote inputs), or asked now."""
+    (asked once per run by the caller: they HEAD remote inputs), or asked now; and the job's
+    ``name``, which the report of a run that stopped before its end shows (report.summary:
+    it was "job"), not compared on --resume (spec_differences: a renamed job keeps its shards)."""
     fields = job.result_fields() if fields is None else fields
-    return {"result_fields": fields, "result_hash": job.result_hash(fields),
+    return {"name": job.name, "result_fields": fields, "result_hash": job.result_hash(fields),
             "model_sha256": file_sha256(localize(job.model.path, job.input.storage))}
 
 

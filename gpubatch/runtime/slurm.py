@@ -114,6 +114,48 @@ def test_script(script: str) -> None:
         raise SbatchRejected(f"sbatch rejected the worker job: {words}")
 
 
+#: sbatch's --mem: a whole number and a unit (K, M, G, T: binary; M when none), as SLURM reads it
+_SBATCH_MEM = re.compile(r"^\s*(\d+)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+
+
+def sbatch_mem_bytes(value: Any) -> int | None:
+    """The bytes sbatch's ``--mem=value`` asks for; None where it is not a figure this reads
+    (sbatch --test-only judges it) or is 0 (SLURM: all of a node's memory)."""
+    found = _SBATCH_MEM.match(str(value))
+    if not found or int(found[1]) == 0:
+        return None
+    return int(found[1]) * 1024 ** (" KMGT".index((found[2] or "M").upper()))
+
+
+def check_job_memory(settings: dict[str, Any]) -> None:
+    """Refuse ``slurm.job_mem`` below ``slurm.memory``. dask-jobqueue (0.9) starts each job's
+    workers with ``--memory-limit`` of ``memory`` over ``processes`` (what each nanny lets its
+    worker hold before it spills, pauses or restarts it), but asks sbatch for ``--mem=job_mem``
+    as written (``memory`` only where job_mem is unset): the job's memory cgroup was smaller
+    than what its workers believed they may hold, and the kernel's OOM killer ended the whole
+    job before any nanny acted. A SpecError (exit 2) naming both keys, their values, the fix."""
+    import dask
+    from dask.utils import format_bytes, parse_bytes
+    from dask_jobqueue.slurm import slurm_format_bytes_ceil
+
+    memory = settings.get("memory") or dask.config.get("jobqueue.slurm.memory", None)
+    job_mem = settings.get("job_mem") or dask.config.get("jobqueue.slurm.job-mem", None)
+    asked = sbatch_mem_bytes(job_mem) if job_mem is not None else None
+    try:
+        held = int(parse_bytes(memory)) if memory is not None else 0
+    except (TypeError, ValueError):
+        return  # dask-jobqueue's own error says it
+    if asked is None or not held or asked >= held:
+        return
+    processes = processes_per_job(settings)
+    raise SpecError([("profile slurm", (
+        f"slurm.job_mem {job_mem} (sbatch --mem, {format_bytes(asked)}: the worker job's memory cgroup) is less than "
+        f"slurm.memory {memory} ({format_bytes(held)}), which dask-jobqueue gives the job's {processes} worker "
+        f"process(es) as nanny limits of {format_bytes(held // processes)} each: the kernel would kill the "
+        f"job before any nanny acts. Raise slurm.job_mem to at least {slurm_format_bytes_ceil(held)}, remove it "
+        f"(sbatch is then asked for slurm.memory), or lower slurm.memory to at most {format_bytes(asked)}"))])
+
+
 def check_profile(settings: dict[str, Any]) -> None:
     """The worker job a profile's ``slurm`` settings make, tried with ``sbatch --test-only``
     before anything runs: ``validate`` refuses what ``run`` would, and ``run`` refuses it before
@@ -122,6 +164,7 @@ def check_profile(settings: dict[str, Any]) -> None:
     import inspect
 
     job_cls = _job_class()
+    check_job_memory(settings)
     accepted = {p for c in job_cls.__mro__ if "__init__" in vars(c)
                 for p in inspect.signature(vars(c)["__init__"]).parameters}
     job = job_cls(scheduler="tcp://127.0.0.1:8786", name="gpubatch-check",

@@ -76,15 +76,21 @@ def worker_memory_budget(job: JobSpec, prof: dict[str, Any]) -> tuple[int, str]:
 
 
 def _profile_limit(prof: dict[str, Any]) -> tuple[int, str]:
-    """A worker's memory as the profile limits it (0 where it does not, or says it unreadably)."""
+    """A worker's memory as the profile limits it (0 where it does not, or says it unreadably).
+    A local cluster's ``memory_limit`` is read as its nannies read it (cluster.read_memory_limit):
+    a fraction of the same effective memory, so the budget checked is the limit enforced."""
     from dask.utils import parse_bytes
 
-    if prof.get("cluster") == "slurm":
-        slurm = prof.get("slurm") or {}
-        given, processes = slurm.get("memory"), slurm.get("processes") or 1
-        said, per = "the profile's slurm.memory / slurm.processes", max(int(processes), 1)
-    else:
-        given, per, said = prof.get("memory_limit"), 1, "the profile's memory_limit"
+    from gpubatch.runtime.cluster import effective_memory, read_memory_limit
+
+    if prof.get("cluster") != "slurm":
+        limit, said = read_memory_limit(prof.get("memory_limit")), "the profile's memory_limit"
+        if isinstance(limit, float):
+            return int(limit * effective_memory()[0]), said
+        return (limit, said) if isinstance(limit, int) else (0, said)
+    slurm = prof.get("slurm") or {}
+    given, processes = slurm.get("memory"), slurm.get("processes") or 1
+    said, per = "the profile's slurm.memory / slurm.processes", max(int(processes), 1)
     try:
         if isinstance(given, str) and given != "auto":
             return int(parse_bytes(given)) // per, said

@@ -35,6 +35,7 @@ from typing import IO, Any
 
 from gpubatch.core.errors import MissingExtraError, SpecError
 from gpubatch.io.redact import excerpt
+from gpubatch.sources.genome.long_lines import VCF_COLUMNS, FieldMeter, line_too_long
 from gpubatch.sources.genome.variant_guard import SHORT_LINE, FieldGuard
 from gpubatch.sources.genome.variant_stream import (
     GZIP_MAGIC,
@@ -98,6 +99,7 @@ class Layout:
     delimiter: str = "\t"
     columns: dict[str, int] = field(default_factory=dict)  # table: field -> column index
     note: str = ""
+    names: tuple[str, ...] = ()  # table: its columns' names, as its header (or a VCF) names them
     #: the header's ``##contig`` lengths, filled in as a VCF/BCF is read
     declared: dict[str, int] = field(default_factory=dict)
     #: header lines met among a text VCF's records (VCFs joined with ``cat``), and the first's number
@@ -199,7 +201,7 @@ def sniff(source: VariantInput) -> Layout:
             break
     if any(_reads_as_body(line) for _, line in lines):
         return Layout(LAYOUT_BODY, lines[0][0] - 1, "\t", {"chrom": 0, "pos": 1, "id": 2, "ref": 3, "alt": 4},
-                      BODY_NOTE.format(name=name))
+                      BODY_NOTE.format(name=name), VCF_COLUMNS)
     raise SpecError([(FIELD, f"{uri}: not a VCF/BCF (no '#CHROM' header line) nor a table of variants; "
                              "give a VCF, a VCF body (tab-separated CHROM POS ID REF ALT ...), or a "
                              "TSV/CSV whose first line names the columns chrom, pos, ref, alt (and "
@@ -243,12 +245,14 @@ def _first_lines(source: VariantInput) -> list[tuple[int, str]]:
 def _table_layout(line: str, number: int, name: str) -> Layout | None:
     """The table layout whose header is ``line`` (line ``number``), or None when it names no columns."""
     delimiter = "\t" if "\t" in line else ","
-    columns = _table_columns(_split(line, delimiter))
+    names = _split(line, delimiter)
+    columns = _table_columns(names)
     if not columns:
         return None
     kind = "tab-separated" if delimiter == "\t" else "comma-separated"
     shown = ", ".join(k for k in COLUMN_ALIASES if k in columns)
-    return Layout(LAYOUT_TABLE, number, delimiter, columns, TABLE_NOTE.format(name=name, kind=kind, columns=shown))
+    return Layout(LAYOUT_TABLE, number, delimiter, columns, TABLE_NOTE.format(name=name, kind=kind, columns=shown),
+                  tuple(names))
 
 
 def text_layout_kind(text: str) -> str | None:
@@ -272,26 +276,24 @@ def _reads_as_body(line: str) -> bool:
 
 def _table_records(source: VariantInput, layout: Layout, max_allele: int) -> Iterator[RawRecord | MalformedRecord]:
     """A table's records, each line read up to the bytes a REF and an ALT of ``max_allele``
-    bases and the other columns take: a longer line is a malformed record, read past unheld."""
+    bases and the other columns take: a longer line is a malformed record, read past unheld,
+    its columns measured on the way to say which made it long (``long_lines``)."""
     name = source.name
     line_bytes = 2 * max_allele + SHORT_LINE
-    lines = numbered_lines(source, line_bytes)
+    meter = FieldMeter(layout.delimiter.encode(), layout.columns)
+    lines = numbered_lines(source, line_bytes, meter.feed)
     with contextlib.closing(lines):
         for n, raw in lines:
-            if n <= layout.header_lines:
-                continue
-            if len(raw) == line_bytes and not raw.endswith(b"\n"):
-                yield MalformedRecord(f"{name} line {n}", n, _table_line_too_long(line_bytes, max_allele))
+            long = meter.fed
+            if long and n > layout.header_lines:
+                yield MalformedRecord(f"{name} line {n}", n, line_too_long(meter, layout.names, line_bytes, max_allele,
+                                                                           layout.kind == LAYOUT_BODY))
+            meter.reset()
+            if long or n <= layout.header_lines:
                 continue
             line = _text(raw, n)
             if line.strip() and not line.startswith("#"):
                 yield _table_record(line, n, name, layout)
-
-
-def _table_line_too_long(line_bytes: int, max_allele: int) -> str:
-    return (f"the line is over {line_bytes:,} bytes long: its REF or ALT is longer than the {max_allele:,} bases "
-            "one read of the reference holds (windows.chunk_bases, or windows.length when larger); left out "
-            "unread. Raise windows.chunk_bases to score it, or leave such lines out first")
 
 
 def _float_hint(text: str) -> str:

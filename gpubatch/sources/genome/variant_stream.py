@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import zlib
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
@@ -114,36 +114,56 @@ def gzip_damage(uri: str, after_line: int, exc: BaseException, tool: str = "gzip
                               f"whole (`{tool} -t {name}` tests a copy)")])
 
 
-def numbered_lines(source: VariantInput, line_bytes: int = -1) -> Generator[tuple[int, bytes], None, None]:
+def numbered_lines(source: VariantInput, line_bytes: int = -1,
+                   long_line: Callable[[bytes], None] | None = None) -> Generator[tuple[int, bytes], None, None]:
     """(line number, line) of a text file, plain or gzip; a damaged gzip stream is refused
     saying after which line (it raised EOFError out of the plan). With ``line_bytes``, each line
     is its first ``line_bytes`` bytes, the rest read past as far: a look at a file's first lines
-    held each whole (an unwrapped FASTA given as the variants: its contigs, 250 MB a line)."""
+    held each whole (an unwrapped FASTA given as the variants: its contigs, 250 MB a line). With
+    ``long_line`` too, a line longer than that (its newline counted) is passed to it whole, in
+    pieces of a read each, before its first bytes are yielded: what a reader says of a line it
+    leaves out is measured in bounded memory (a table's line too long for its alleles)."""
     number = 0
     try:
         with source.text() as f:
-            lines = iter(f) if line_bytes < 0 else _line_starts(f, line_bytes)
+            lines = iter(f) if line_bytes < 0 else _line_starts(f, line_bytes, long_line)
             for number, raw in enumerate(lines, start=1):  # noqa: B007 (number names the break)
                 yield number, raw
     except GZIP_ERRORS as exc:
         raise gzip_damage(source.uri, number, exc) from None
 
 
-def _line_starts(f: IO[bytes], line_bytes: int) -> Iterator[bytes]:
+def _line_starts(f: IO[bytes], line_bytes: int, long_line: Callable[[bytes], None] | None = None) -> Iterator[bytes]:
     """Each line of ``f`` cut to its first ``line_bytes`` bytes, the rest read past: read in
     blocks (an fsspec file's ``readline`` takes no size), each what one read gives (``read1``):
     a gzip stream cut short then yields its lines before the break, where a whole block's
-    ``read`` raised it first, naming no line read."""
+    ``read`` raised it first, naming no line read. A longer line goes to ``long_line`` whole."""
     read = getattr(f, "read1", f.read)
     start = b""  # the start of the line being read, ``line_bytes`` at most
+    long = False  # whether the line being read is longer than ``line_bytes`` (passed to ``long_line``)
     while block := read(FEED_CHUNK):
         at = 0
         while (end := block.find(b"\n", at)) >= 0:
+            if long_line is not None and (long or len(start) + end + 1 - at > line_bytes):
+                _pass_long(long_line, long, start, block[at : end + 1], line_bytes)
             yield start + block[at : min(end + 1, at + line_bytes - len(start))]
-            start, at = b"", end + 1
+            start, at, long = b"", end + 1, False
+        if long_line is not None and (long or len(start) + len(block) - at > line_bytes):
+            long = _pass_long(long_line, long, start, block[at:], line_bytes)
         start += block[at : at + line_bytes - len(start)]
     if start:
         yield start
+
+
+def _pass_long(long_line: Callable[[bytes], None], long: bool, start: bytes, piece: bytes, line_bytes: int) -> bool:
+    """``piece`` of a line whose first bytes are ``start`` to ``long_line`` where the line is (with
+    it) longer than ``line_bytes``: its start first, when it just became so. Whether it is."""
+    if not long:
+        if len(start) + len(piece) <= line_bytes:
+            return False
+        long_line(start)
+    long_line(piece)
+    return True
 
 
 class Feed:
