@@ -2,8 +2,8 @@
 
 A REF or ALT longer than one read of the reference holds, or an ID/CHROM/POS/QUAL/FILTER field
 of over 64 KiB, makes its record a bad one, named by its line and left out unread; an INFO of over
-64 KiB is dropped (variant mode does not read it) and the record scored; genotype columns and
-header lines pass whole. The same in every form of the file (plain, bgzip, plain gzip).
+64 KiB is dropped (variant mode does not read it) and the record scored; FORMAT and the genotype
+columns are cut off every line (and the sample names off the ``#CHROM`` line); ``##`` lines pass whole. The same in every form of the file (plain, bgzip, plain gzip).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -92,9 +93,12 @@ def test_the_guard_gives_the_same_lines_however_the_stream_is_cut() -> None:
     short = b"".join(_snv(p).encode() + b"\n" for p in range(1, 4000))
     assert _guarded(short, rng.integers(1, 5000, 100).tolist()) == short
     kept = whole.split(b"\n")
-    assert kept[7].split(b"\t")[7] == b"." and kept[7].split(b"\t")[9] == b"0|1"  # INFO dropped, genotypes kept
+    assert kept[7] == _snv(200).encode()  # INFO dropped, FORMAT and genotypes cut off
+    assert kept[6] == _snv(100).encode()  # every record the same
     assert kept[8] == b"chrA\t301\t.\tN\t.\t.\t.\t."  # the placeholder of the REF's line
-    assert kept[2] == text.split(b"\n")[2] and len(kept[5]) > SHORT_LINE  # header lines whole
+    assert kept[2] == text.split(b"\n")[2] and len(kept[2]) > SHORT_LINE  # '##' lines whole
+    assert kept[5] == b"#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO"  # no sample names
+    assert max(line.count(b"\t") for line in kept) == 7
 
 
 def test_a_table_line_too_long_for_its_alleles_is_quarantined_unread(tmp_path: Path) -> None:
@@ -146,3 +150,107 @@ def test_a_run_notes_the_records_whose_long_info_was_dropped(tmp_path: Path,
                               "read with INFO as '.', the rest of each record as written")
     assert "no output of gpubatch reads INFO" in said[0]
     assert f"note: {said[0]}" in summary
+
+
+def _cohort_rows(samples: int) -> list[str]:
+    """Records with FORMAT and ``samples`` genotype columns, some bad: GT-only lines under 64 KiB
+    and GT:PL lines over it (read a field at a time), a REF too long (lines 9 of a file), a POS
+    that is no number (11), a contig not in the reference (13), a line of six columns (15)."""
+    gt = "\tGT\t" + "\t".join(["0|1", "0|0", "1|1", "0/1"][i % 4] for i in range(samples))
+    pl = "\tGT:PL\t" + "\t".join("0/1:" + ",".join(["30"] * 20) for _ in range(samples))
+    rows = [_snv(p, rid=f"rs{p}") + (gt if p % 200 else pl) for p in range(100, 4100, 100)]
+    rows[3] = f"chrA\t401\t.\t{'ACGT' * 1000}\tA\t.\t.\t." + pl
+    rows[5] = "chrA\tsix\t.\tA\tC\t.\t.\t." + gt
+    rows[7] = "chrB\t800\t.\tA\tC\t.\t.\t." + gt
+    rows[9] = "chrA\t1000\t.\tA\tC\t."
+    return rows
+
+
+def _cohort_header(samples: int) -> str:
+    return ("##fileformat=VCFv4.2\n##contig=<ID=chrA,length=5000>\n"
+            "##FORMAT=<ID=GT,Number=1,Type=String,Description=\"Genotype\">\n"
+            "##FORMAT=<ID=PL,Number=G,Type=Integer,Description=\"Phred-scaled likelihoods\">\n"
+            "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO"
+            + "".join(f"\t{name}" for name in (["FORMAT"] + [f"S{i}" for i in range(samples)] if samples else [])) + "\n")
+
+
+def _write(path: Path, text: str, form: str) -> Path:
+    """``text`` at ``path`` as a plain, bgzip or plain-gzip file (the latter two as ``path``.gz)."""
+    path.write_text(text)
+    if form == "bgzip":
+        pysam.tabix_compress(str(path), str(path) + ".gz")
+    elif form == "gzip":
+        Path(str(path) + ".gz").write_bytes(gzip.compress(text.encode(), compresslevel=1))
+    return path if form == "plain" else Path(str(path) + ".gz")
+
+
+def _variant_run(tmp: Path, fasta: Path, model: Path, vcf: Path) -> tuple[Any, dict[str, Any]]:
+    import json
+
+    import pandas as pd
+    from conftest import write_job
+
+    from gpubatch.cli.main import main
+
+    job = {"kind": "genome", "windows": {"reference": str(fasta), "variants": str(vcf), "length": 16,
+                                         "windows_per_shard": 8, "max_bad_records": 0.5, "chunk_bases": 2048},
+           "model": {"path": str(model)}, "output": {"uri": str(tmp / "out")}, "run": {"profile": "inline"}}
+    assert main(["run", str(write_job(tmp / "job.yaml", job))]) == 3  # partial: the bad lines left out
+    report = json.loads((tmp / "out" / "report.json").read_text())
+    scored = pd.read_parquet(tmp / "out" / "predictions.parquet")
+    return scored.sort_values(["chrom", "pos"]).reset_index(drop=True), report
+
+
+@pytest.mark.parametrize("form", ["plain", "bgzip", "gzip"])
+def test_a_cohort_vcf_gives_what_its_sites_only_twin_gives(tmp_path: Path, form: str) -> None:
+    """A cohort VCF's FORMAT and genotype columns (and the '#CHROM' line's sample names) are cut
+    off before htslib reads it: the same variants, scores and quarantined lines (by line number
+    and problem) as the same file without them, in every form of the file."""
+    from gpubatch.cli.demo_models import make_genome_model
+
+    fasta = tmp_path / "ref.fa"
+    fasta.write_text(">chrA\n" + "".join(CONTIG[i : i + 60] + "\n" for i in range(0, len(CONTIG), 60)))
+    pysam.faidx(str(fasta))
+    model = make_genome_model(tmp_path / "g.onnx", 16)
+    rows = _cohort_rows(1500)
+    assert min(map(len, rows)) < SHORT_LINE < max(map(len, rows))  # both the short lines' and the long lines' path
+    sites = [row if row.count("\t") < 8 else "\t".join(row.split("\t")[:8]) for row in rows]
+    results = {}
+    for name, header, body in (("cohort", _cohort_header(1500), rows), ("sites", _cohort_header(0), sites)):
+        (tmp_path / name).mkdir()
+        vcf = _write(tmp_path / name / "v.vcf", header + "".join(r + "\n" for r in body), form)
+        results[name] = _variant_run(tmp_path / name, fasta, model, vcf)
+    (cohort, cohort_report), (sites_scored, sites_report) = results["cohort"], results["sites"]
+    assert cohort_report["failed"][0]["error"].startswith("REF of 4,000 bases is longer than the 2,048 bases")
+    assert len(cohort) == 36 and cohort.equals(sites_scored)
+    assert cohort_report["failed"] == sites_report["failed"]
+    assert [f["input"].rsplit(" ", 1)[1] for f in cohort_report["failed"]] == ["9", "11", "13", "15"]
+    quality = [{k: v for k, v in r["data_quality"]["variants"].items() if k != "file"} for _, r in results.values()]
+    assert quality[0] == quality[1] and quality[0]["scored"] == 36
+
+
+def test_a_cohort_vcf_costs_validate_no_memory_for_its_samples(tmp_path: Path) -> None:
+    """The peak RSS of `gpubatch validate` (which reads every record) on a VCF of 500,000 samples
+    (a biobank extract: a 4.4 MB #CHROM line, 2 MB a record) is that on the same records with
+    20 samples: htslib parsed the sample names into its dictionary and held each line whole, 272 MiB
+    against 188 MiB (no difference at 2,000 samples: ``subset_samples([])`` already spared the
+    genotypes' parse, so the sample count shows only at a biobank's)."""
+    from conftest import write_job
+    from test_hostile import cli_peak
+
+    from gpubatch.cli.demo_models import make_genome_model
+
+    fasta = tmp_path / "ref.fa"
+    fasta.write_text(">chrA\n" + "".join(CONTIG[i : i + 60] + "\n" for i in range(0, len(CONTIG), 60)))
+    pysam.faidx(str(fasta))
+    model = make_genome_model(tmp_path / "g.onnx", 16)
+    peaks = {}
+    for samples in (20, 500_000):
+        genotypes = "\tGT" + "\t0|1" * samples
+        text = _cohort_header(samples) + "".join(_snv(p) + genotypes + "\n" for p in range(100, 1100, 100))
+        vcf = _write(tmp_path / f"c{samples}.vcf", text, "bgzip")
+        job = {"kind": "genome", "windows": {"reference": str(fasta), "variants": str(vcf), "length": 16},
+               "model": {"path": str(model)}, "output": {"uri": str(tmp_path / "out")}, "run": {"profile": "inline"}}
+        done, peaks[samples] = cli_peak("validate", str(write_job(tmp_path / "job.yaml", job)))
+        assert done.returncode == 0 and "10 items" in done.stdout, done.stdout + done.stderr
+    assert peaks[500_000] < 1.1 * peaks[20], f"{peaks[500_000] / 1024:.0f} MiB against {peaks[20] / 1024:.0f} MiB"

@@ -365,7 +365,7 @@ def _open_vcf(pysam: Any, readable: str | IO[bytes], feed: Feed | None, source: 
                                  "'##fileformat=VCFv4.x' and has a '#CHROM ...' line")]) from None
     layout.declared.update({str(n): int(c.length) for n, c in vf.header.contigs.items() if c.length})
     if len(vf.header.samples):
-        vf.subset_samples([])  # CHROM to ALT is all scoring reads: htslib parses no genotypes
+        vf.subset_samples([])  # a BCF's (a text VCF's are cut off by the guard): htslib parses no genotypes
     return vf
 
 

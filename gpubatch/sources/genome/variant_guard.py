@@ -7,25 +7,31 @@ it (upper case, the variant's ID, the REF check's codes, the workers' read aroun
 17 times its size in a run. Memory is bounded by the job's configuration, not by one line, so
 the text htslib reads passes through :class:`FieldGuard` first:
 
-* A line up to ``SHORT_LINE`` bytes passes whole (every record of an ordinary VCF: no field of
-  it can be over a limit that matters, and the plan checks each allele's length itself).
+* Every line but a ``##`` meta line is cut after its eighth field (INFO): variant mode reads
+  CHROM, POS, ID, REF and ALT, so the ``#CHROM`` line reaches htslib without FORMAT and the
+  sample names, and each record without its genotype columns, as in a sites-only VCF. A cohort's
+  (thousands to hundreds of thousands of samples, megabytes a line) cost htslib its sample
+  dictionary and each line whole; now neither memory nor parsing grows with the sample count.
+* A line up to ``SHORT_LINE`` bytes is otherwise passed as it is (every record of an ordinary
+  VCF: no field of it can be over a limit that matters, and the plan checks each allele's length itself).
 * In a longer line, the first eight fields are read one at a time, each held up to its limit:
   REF and ALT up to ``max_allele`` (the bases one read of the reference holds: an allele longer
   than that cannot be checked or windowed in one read), CHROM, POS, ID, QUAL and FILTER up to
-  ``SHORT_LINE`` bytes. A field over its limit makes the line a bad record: it is replaced by a
-  placeholder record htslib reads in a few bytes, and its line number and problem are kept in
-  ``problems``, which the reader reports in its place (quarantined like any malformed line).
+  ``SHORT_LINE`` bytes; the fields after them are read past unheld. A field over its limit makes
+  the line a bad record: it is replaced by a placeholder record htslib reads in a few bytes, and
+  its line number and problem are kept in ``problems``, which the reader reports in its place
+  (quarantined like any malformed line).
 * INFO is not used by variant mode: over ``SHORT_LINE`` bytes it is passed on as ``.``
   (counted in ``info_dropped``, the first lines kept in ``info_dropped_lines``: the report's
-  note names them, for whoever reads INFO downstream). The genotype columns after it (a cohort's, megabytes a line)
-  pass through as they come; htslib parses none of them (``subset_samples([])``).
+  note names them, for whoever reads INFO downstream).
 
-Header lines (``#``) pass through whole: htslib reads the header itself. One line keeps one line,
+``##`` meta lines pass through whole: htslib reads the header itself. One line keeps one line,
 so every record keeps its number.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -36,6 +42,14 @@ INFO_LINES_KEPT = 5
 #: the VCF's first eight columns, as messages name them
 COLUMNS = ("CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO")
 REF, ALT, INFO = 3, 4, 7
+#: a line's FORMAT and sample columns (the ninth field on), in any line but a ``##`` meta line
+_PAST_INFO = re.compile(rb"^(?!##)([^\t\n]*+(?:\t[^\t\n]*+){7})\t[^\n]*+", re.MULTILINE)
+
+
+def cut_after_info(lines: bytes) -> bytes:
+    """Whole ``lines`` (short ones: held whole already) each cut after its INFO field, as a
+    sites-only VCF's; a ``##`` line and a line of eight fields or fewer as they are."""
+    return _PAST_INFO.sub(rb"\1", lines)
 
 
 def allele_too_long(which: str, size: int, max_allele: int) -> str:
@@ -77,7 +91,7 @@ class FieldGuard:
             end, last = first + 1, data.rfind(b"\n", first + 1)
             if last >= 0 and last - first <= SHORT_LINE:  # the lines after the first are short too
                 end = last + 1
-            self.out.write(bytes(self._held) + data[at:end] if self._held else data[at:end])
+            self.out.write(cut_after_info(bytes(self._held) + data[at:end] if self._held else data[at:end]))
             self._held.clear()
             self.lines += data.count(b"\n", at, end)
             at = end
@@ -89,7 +103,7 @@ class FieldGuard:
             return end
         start = bytes(self._held)
         self._held.clear()
-        self._long = _LongLine(self, self.lines + 1)
+        self._long = _LongLine(self, self.lines + 1, (start + data[at : at + 2])[:2])
         self._long.take(start, 0)
         return at
 
@@ -99,7 +113,7 @@ class FieldGuard:
             self._long.take(b"\n", 0)
             self._long = None
         elif self._held:
-            self.out.write(bytes(self._held))
+            self.out.write(cut_after_info(bytes(self._held)))
             self._held.clear()
 
 
@@ -109,12 +123,13 @@ class _LongLine:
 
     guard: FieldGuard
     number: int
+    head: bytes  # the line's first two bytes: '##' for a meta line, '#' first for the '#CHROM' line
     fields: list[bytes] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     _part: bytearray = field(default_factory=bytearray)
     _size: int = 0
-    _passing: bool = False  # past INFO: the rest passes through
-    _skipping: bool = False  # a bad record: the rest is read past
+    _passing: bool = False  # a '##' meta line: it passes through whole
+    _skipping: bool = False  # past INFO, or a bad record: the rest is read past
     ended: bool = False
 
     def take(self, data: bytes, at: int) -> int:
@@ -132,8 +147,8 @@ class _LongLine:
 
     def _field(self, data: bytes, at: int, stop: int) -> int:
         """Read the current field's bytes from ``data[at:stop]``; where it stopped."""
-        if not self.fields and not self._size and data[at : at + 1] == b"#" and not self._part:
-            self._passing = True  # a header line: htslib reads it whole
+        if self.head == b"##":
+            self._passing = True  # a meta line: htslib reads it whole
             return at
         tab = data.find(b"\t", at, stop)
         end = tab if tab >= 0 else (stop - 1 if data[stop - 1 : stop] == b"\n" else stop)
@@ -141,7 +156,8 @@ class _LongLine:
         self._size += end - at
         if end == stop:  # the field goes on in the next data
             return stop
-        self.fields.append(bytes(self._part) if self._size <= self._limit() else b"")
+        kept = self._size <= self._limit() or self.head.startswith(b"#")  # a column name: kept as far as read
+        self.fields.append(bytes(self._part) if kept else b"")
         self.sizes.append(self._size)
         self._part.clear()
         self._size = 0
@@ -155,20 +171,22 @@ class _LongLine:
     def _decide(self, after: bytes) -> None:
         """The line's first fields are read: pass them on, or a placeholder for a bad record."""
         guard = self.guard
+        self._skipping, self.ended = after == b"\t", after != b"\t"  # FORMAT and genotypes read past
+        if self.head.startswith(b"#"):  # the '#CHROM' line (or one among the records): its column names
+            guard.out.write(b"\t".join(self.fields) + b"\n")
+            return
         over = [i for i, size in enumerate(self.sizes) if size > (guard.max_allele if i in (REF, ALT) else SHORT_LINE)]
         bad = [i for i in over if i != INFO]
         if bad:
             guard.problems[self.number] = self._problem(bad[0])
             guard.out.write(self._placeholder())
-            self._skipping, self.ended = after == b"\t", after != b"\t"
             return
         if INFO in over:
             self.fields[INFO] = b"."
             guard.info_dropped += 1
             if len(guard.info_dropped_lines) < INFO_LINES_KEPT:
                 guard.info_dropped_lines.append(self.number)
-        guard.out.write(b"\t".join(self.fields) + after)
-        self._passing, self.ended = after == b"\t", after != b"\t"
+        guard.out.write(b"\t".join(self.fields) + b"\n")
 
     def _problem(self, column: int) -> str:
         size = self.sizes[column]

@@ -7,8 +7,8 @@ remote file a download held whole in memory. Every read here is a stream:
 * the layout checks (``variant_files.sniff``) read the first lines, the first bytes, or the
   last 28 (a bgzip file's end-of-file block), each a fresh open of the file;
 * htslib (pysam) opens a local BCF by its path. A text VCF reaches it through a pipe that a
-  thread fills with the file's text, each record line's fields bounded (``variant_guard``: one
-  record with a 20 MB REF held about five copies of it in htslib and pysam). Without that,
+  thread fills with the file's text, each record line's fields bounded and its genotype columns
+  cut off (``variant_guard``: one record with a 20 MB REF held about five copies of it in htslib and pysam). Without that,
   htslib could not read a plain-gzip file (``gzip``, not ``bgzip``: pysam asks the stream's offset, "seek not implemented
   in files compressed by method 1"), nor an ``s3://`` URL with the job's storage options. Those
   reach it through the same pipe (:func:`htslib_readable`): a remote BCF's bytes as they are. The pipe holds 64 KiB, so memory
