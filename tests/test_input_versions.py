@@ -154,11 +154,13 @@ def _slide_requests(log: list[tuple[str, str]], keys: list[str]) -> dict[str, di
     return counted
 
 
-@pytest.mark.parametrize(("client", "access", "heads"), [
-    ("obstore", "stream", 0), ("obstore", "stage", 1), ("fsspec", "stream", 2)])
+@pytest.mark.parametrize(("client", "access", "ahead", "profile", "heads"), [
+    ("obstore", "stream", 0, "inline", 0), ("obstore", "stage", 0, "inline", 1),
+    ("obstore", "stage", 2, "inline", 1), ("obstore", "stage", 2, "local", 1),
+    ("fsspec", "stream", 0, "inline", 2)])
 def test_the_heads_of_each_slide_are_the_ones_its_version_needs(
         s3: S3Stack, tmp_path: Path, mean_model: Path, monkeypatch: pytest.MonkeyPatch,
-        client: str, access: str, heads: int) -> None:
+        client: str, access: str, ahead: int, profile: str, heads: int) -> None:
     """Four slides on S3, each read in its shard. Every slide's reading sent a HEAD of it beside
     its reads: the streamed open's (its size and ETag), which obstore's first GET answers itself
     (Content-Range's size, the ETag its later GETs pin with If-Match); and the shard's identity,
@@ -166,7 +168,15 @@ def test_the_heads_of_each_slide_are_the_ones_its_version_needs(
     1 HEAD per streamed slide (obstore), 2 per staged one. Now none and one (the staging's, which
     its chunked download is pinned to). Through fsspec, whose GETs cannot be pinned, the open's
     HEAD and the check after the shard stay: two. The identity committed is still the object's,
-    and the report's requests by kind are still what the server answered."""
+    and the report's requests by kind are still what the server answered.
+
+    Staged with ``run.stage_ahead`` above 0, the client stages the first slides before the
+    workers start, and a worker opening (or prefetching) one asked its version again: 2 HEADs
+    for each of those (3 where a worker's prefetch found the client's download in progress and
+    its open asked once more), 8 for 4 slides on the local profile. The client's records name
+    the run and keep the version it asked, which the run's workers take: 1 HEAD per slide, as
+    at ``stage_ahead: 0``, on the inline profile (one process) and the local one (worker
+    processes)."""
     from conftest import slide_job, synthetic_slides, write_job
 
     import gpubatch
@@ -176,9 +186,9 @@ def test_the_heads_of_each_slide_are_the_ones_its_version_needs(
     monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
     (tmp_path / "slides").mkdir()
     folder = synthetic_slides(tmp_path / "slides", 4, 40, "s")
-    keys = [f"heads-{client}-{access}/{p.name}" for p in sorted(folder.glob("*.tif"))]
+    keys = [f"heads-{client}-{access}-{ahead}-{profile}/{p.name}" for p in sorted(folder.glob("*.tif"))]
     uris = [s3.upload(folder / key.rsplit("/", 1)[1], key) for key in keys]
-    job = slide_job(uris, mean_model, tmp_path / "out", run={"stage_ahead": 0})
+    job = slide_job(uris, mean_model, tmp_path / "out", run={"stage_ahead": ahead, "profile": profile})
     job["input"].update(storage=s3.options(), access=access)
     s3.proxy.reset()
     result = gpubatch.run(write_job(tmp_path / "job.yaml", job))

@@ -18,24 +18,27 @@ from gpubatch.core.clocks import StageClocks
 from gpubatch.io.host_files import read_record
 from gpubatch.io.retry import RetryPolicy
 from gpubatch.io.stage_cache import StageCache
+from gpubatch.io.storage import input_changed, input_identity
 
 pytest_plugins = ["s3_fixtures"]
 
 SPAWN = multiprocessing.get_context("spawn")
 
 
-def _stage_in_child(directory: str, uri: str, options: dict[str, Any], hold: Any, done: Any) -> None:
-    """Open (download) ``uri`` in another process; keep it open until ``hold`` is set."""
-    cache = StageCache(directory, max_bytes=1 << 30)
+def _stage_in_child(directory: str, uri: str, options: dict[str, Any], hold: Any, done: Any,
+                    run: str | None = None) -> None:
+    """Open (download) ``uri`` in another process, staging for ``run``; keep it open until
+    ``hold`` is set."""
+    cache = StageCache(directory, max_bytes=1 << 30, run=run)
     staged = cache.open(uri, options, StageClocks())
     done.set()
     hold.wait(120)
     staged.close()
 
 
-def _child(directory: str, uri: str, options: dict[str, Any]) -> tuple[Any, Any, Any]:
+def _child(directory: str, uri: str, options: dict[str, Any], run: str | None = None) -> tuple[Any, Any, Any]:
     hold, done = SPAWN.Event(), SPAWN.Event()
-    proc = SPAWN.Process(target=_stage_in_child, args=(directory, uri, options, hold, done))
+    proc = SPAWN.Process(target=_stage_in_child, args=(directory, uri, options, hold, done, run))
     proc.start()
     return proc, hold, done
 
@@ -127,3 +130,67 @@ def test_a_prefetch_asked_before_its_copy_was_released_downloads_nothing(tmp_pat
     with other.open(uris[0], s3.options(), clocks):
         pass
     assert s3.proxy.stats["GET"] == 1  # the prefetch's download, which the open waited for
+
+
+# -- a version this run asked already: the client's staging before the workers, a worker's prefetch
+
+
+def test_a_download_this_run_has_in_progress_elsewhere_is_waited_for_with_no_head(
+        tmp_path: Path, s3: S3Stack, uris: list[str]) -> None:
+    """The client stages the first slides while the workers start; a worker opening one waits
+    for that download. It took the version from the record the client's download wrote (its
+    HEAD's: size, ETag, mtime), where it asked again before (a HEAD each, two per slide)."""
+    s3.proxy.configure(latency_s=0.5)
+    records = tmp_path / f"u{os.getuid()}" / ".records"
+    proc, hold, done = _child(str(tmp_path), uris[0], s3.options(), run="run-1")
+    try:
+        deadline = time.monotonic() + 60
+        while not list(records.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(records.glob("*.json")), "the child never started its download"
+        clocks = StageClocks()
+        with StageCache(str(tmp_path), max_bytes=1 << 30, run="run-1").open(uris[0], s3.options(), clocks) as staged:
+            assert done.is_set() and staged.identity is not None
+        assert s3.proxy.stats["GET"] == 1 and s3.proxy.stats["HEAD"] == 1  # the child's, no more
+        assert staged.identity == input_identity(uris[0], s3.options())
+        assert clocks.counters["storage.cache_hits"] == 1
+    finally:
+        hold.set()
+        proc.join(60)
+
+
+def test_a_copy_another_run_staged_is_asked_again_and_this_runs_is_not(tmp_path: Path, s3: S3Stack,
+                                                                       uris: list[str]) -> None:
+    """A copy this run staged is of the version this run asked: taken with no request. A copy an
+    earlier run staged, or one staged with no run named, is asked again (a HEAD) before it is
+    used; a record of this run whose copy is gone is asked again and downloaded."""
+    with StageCache(str(tmp_path), max_bytes=1 << 30, run="run-1").open(uris[0], s3.options(), StageClocks()) as first:
+        pass
+    for run, heads, gets in [("run-1", 0, 0), ("run-2", 1, 0), (None, 1, 0)]:
+        s3.proxy.reset()
+        with StageCache(str(tmp_path), max_bytes=1 << 30, run=run).open(uris[0], s3.options(), StageClocks()) as again:
+            assert again.path == first.path and again.identity == first.identity
+        assert (s3.proxy.stats["HEAD"], s3.proxy.stats["GET"]) == (heads, gets), run
+    os.remove(first.path)  # the record stays, its copy is gone
+    s3.proxy.reset()
+    with StageCache(str(tmp_path), max_bytes=1 << 30, run="run-1").open(uris[0], s3.options(), StageClocks()) as new:
+        assert Path(new.path).stat().st_size == first.identity["size"]
+    assert (s3.proxy.stats["HEAD"], s3.proxy.stats["GET"]) == (1, 1)
+
+
+def test_an_object_written_over_after_this_run_staged_it(tmp_path: Path, s3: S3Stack, slide_path: Path) -> None:
+    """Written over after this run staged it: this run's shard reads the copy, one version
+    throughout, and its identity is that version's, so that a later run (--resume) sees the
+    change (input_changed) and, staging for itself, asks and downloads the new version."""
+    uri = s3.upload(slide_path)
+    with StageCache(str(tmp_path), max_bytes=1 << 30, run="run-1").open(uri, s3.options(), StageClocks()):
+        pass
+    old = slide_path.read_bytes()
+    s3.upload_bytes(old + b"written over", uri.split("/", 3)[3])
+    with StageCache(str(tmp_path), max_bytes=1 << 30, run="run-1").open(uri, s3.options(), StageClocks()) as this:
+        assert Path(this.path).read_bytes() == old and this.identity is not None
+        assert this.identity["size"] == len(old)
+    assert input_changed(uri, this.identity, s3.options()) is not None
+    with StageCache(str(tmp_path), max_bytes=1 << 30, run="run-2").open(uri, s3.options(), StageClocks()) as later:
+        assert Path(later.path).read_bytes() == old + b"written over"
+        assert later.identity == input_identity(uri, s3.options()) != this.identity

@@ -167,7 +167,7 @@ def _configure_worker_once(ctx: RunContext) -> None:
 
     from gpubatch.core.logs import route_library_logs
     from gpubatch.io.retry import use_run_policy
-    from gpubatch.io.stage_cache import configure_stage_cache
+    from gpubatch.io.stage_cache import configure_stage_cache, stage_for_run
     from gpubatch.io.storage import configure_storage
 
     with _CONFIGURE_LOCK:
@@ -181,6 +181,7 @@ def _configure_worker_once(ctx: RunContext) -> None:
             configure_storage(ctx.storage_profile)
             configure_stage_cache((ctx.storage_profile or {}).get("stage_cache"))
             _CONFIGURED["key"] = key
+        stage_for_run(ctx.run_id)  # the versions this run's client and other workers staged
         use_run_policy(ctx.storage_policy)  # the run's, whichever run this shard is of
         if ctx.cache_dir:  # the client's, on its host (core.files.cache_root)
             os.environ["GPUBATCH_CACHE"] = ctx.cache_dir

@@ -17,6 +17,12 @@ while the slide being opened always proceeds. A slide's files are deleted by :me
 once its shard commits. A file may come with a *companion directory* (its stem, as MRXS keeps
 its data beside the index file): the caller asks for it with ``companions=True`` and the whole
 directory is staged too.
+
+A lone file's version is asked once per run (a HEAD): its record keeps that version (size,
+ETag, mtime) and the run that asked (:attr:`StageCache.run`), so that another process of the
+same run (the client that staged the first slides before the workers started, a worker that
+prefetched it) takes the copy as that version with no request of its own. A copy staged by
+another run, earlier, is asked again before it is used.
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ CHUNK_BYTES = 8 << 20
 CHUNKS_IN_FLIGHT = 8
 #: the longest an open waits for another process's download of the same file, or a lock
 WAIT_S = 3600.0
+#: the longest the client waits for the first slides' versions (HEADs) before its workers start;
+#: past it they start anyway, and a worker may ask a version again (one more HEAD, nothing worse)
+VERSIONS_WAIT_S = 10.0
 #: how long a released copy's record stays (it stops prefetches asked before the release)
 RELEASED_KEPT_S = 3600.0
 
@@ -88,6 +97,8 @@ class _Entry:
     pins: int = 0
     last_used: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
+    #: set once its version was asked and recorded (or it ended): what another process can take
+    recorded: threading.Event = field(default_factory=threading.Event)
     error: InputError | None = None
     released: bool = False
     reported: bool = False
@@ -131,7 +142,8 @@ class StageCache:
     """Bounded LRU cache of whole files with background prefetch, shared by a host's processes;
     thread-safe."""
 
-    def __init__(self, directory: str | None = None, max_bytes: int | None = None, parallel: int = 2):
+    def __init__(self, directory: str | None = None, max_bytes: int | None = None, parallel: int = 2,
+                 run: str | None = None):
         root = stage_root(directory)
         # one cache per user on a host; a process of its own where processes cannot lock files
         self.dir = os.path.join(root, f"u{getattr(os, 'getuid', lambda: 0)()}" if SHARED else f"p{os.getpid()}")
@@ -145,6 +157,9 @@ class StageCache:
         #: every request this cache's downloads made (a copy's first opener reports its own too)
         self.spent = StageClocks()
         self._pool = ThreadPoolExecutor(max(1, parallel), "gpubatch-stage")
+        #: the run this cache stages for: a record of the same run gives its file's version
+        #: (this run asked it already); None: every file is asked (a HEAD) before its copy is used
+        self.run = run
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -184,6 +199,16 @@ class StageCache:
                 raise entry.error or InputError(redact(uri), "staging did not finish")
             self._report(entry, clocks, hit)
         return StagedFile(entry.local, lambda: self._unpin(entry), entry.etag, entry.identity)
+
+    def wait_recorded(self, uris: list[str], timeout_s: float) -> None:
+        """Wait (``timeout_s`` at most, in all) until this process's downloads of ``uris`` have
+        asked their versions and recorded them: the client staging the first slides, so that the
+        workers it then starts take those versions instead of asking again beside it."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            entries = [self._entries[u] for u in uris if u in self._entries]
+        for entry in entries:
+            entry.recorded.wait(max(0.0, deadline - time.monotonic()))
 
     def release(self, uri: str) -> None:
         """Delete a file's staged copy (its shard committed) unless another process uses it."""
@@ -285,13 +310,12 @@ class StageCache:
         try:
             if self._stale(entry, required):
                 return
-            files, tag = self._listing(entry, options, policy, companions)
+            files, tag, held = self._version_locked(entry, options, policy, required, companions)
             # the version a shard's identity is compared with: a lone file's comes from the same
             # HEAD (io.storage.stat) as that identity; a listing's (companions) from fsspec, whose
             # ETag may be another spelling of it (GCS's JSON API): then left to the HEAD after
             entry.etag = files[0].etag if not companions else None
             total = sum(f.size for f in files)
-            held = self._lock_for(entry, tag, wait=required)
             if held == "shared":
                 entry.size = total  # another process staged this very object: use its copy
                 self._finish(entry, "ready")
@@ -305,10 +329,12 @@ class StageCache:
             if not self._reserve(entry, total, required):
                 self._finish(entry, "skipped")
                 return
-            write_record(entry.record, {"size": total, "tag": tag, "ready": False})
+            record = {"size": total, "tag": tag, **self._asked_by(entry)}
+            write_record(entry.record, {**record, "ready": False})
+            entry.recorded.set()
             for remote in files:
                 self._fetch_file(remote, options, policy, entry.clocks)
-            write_record(entry.record, {"size": total, "tag": tag, "ready": True})
+            write_record(entry.record, {**record, "ready": True})
             self._finish(entry, "ready")
         except InputError as exc:
             entry.error = exc
@@ -322,6 +348,41 @@ class StageCache:
                 if required:
                     self._opening -= 1
                     self._foreground.notify_all()
+
+    def _version_locked(self, entry: _Entry, options: dict[str, Any] | None, policy: RetryPolicy,
+                        required: bool, companions: bool) -> tuple[list[_Remote], str, str]:
+        """The file's listing and version tag, and the lock held for it (:meth:`_lock_for`). The
+        version this run's record gives, where there is one: its copy (ready, or being downloaded
+        by another process of this run, waited for) is used with no request. Where that copy is
+        gone (its download failed, it was evicted), the object is asked again, as it is when
+        the record is another run's or there is none."""
+        recorded = self._recorded(entry, companions)
+        if recorded is not None:
+            held = self._lock_for(entry, recorded[1], wait=required)
+            if held != "exclusive":
+                return *recorded, held
+            entry.lock.unlock()
+        files, tag = self._listing(entry, options, policy, companions)
+        return files, tag, self._lock_for(entry, tag, wait=required)
+
+    def _recorded(self, entry: _Entry, companions: bool) -> tuple[list[_Remote], str] | None:
+        """A lone file's listing and tag as this run's record of it says (another process of
+        this run asked its version: the client staging before the workers, a worker's
+        prefetch); None where the record is another run's, or there is none."""
+        record = read_record(entry.record)
+        identity = record.get("identity")
+        if companions or not self.run or record.get("run") != self.run or not isinstance(identity, dict):
+            return None
+        entry.identity = identity
+        remote = _Remote(entry.uri, entry.local, int(identity.get("size") or 0), identity.get("etag"))
+        return [remote], str(record.get("tag"))
+
+    def _asked_by(self, entry: _Entry) -> dict[str, Any]:
+        """What a copy's record keeps of the version asked (a lone file's identity) and of the
+        run that asked it, which that run's other processes take (:meth:`_recorded`)."""
+        if self.run is None or entry.identity is None:
+            return {}
+        return {"run": self.run, "identity": entry.identity}
 
     def _stale(self, entry: _Entry, required: bool) -> bool:
         """A prefetch asked before its copy was released (its shard ran, in any process) is
@@ -365,6 +426,7 @@ class StageCache:
                 self._entries.pop(entry.uri)  # no room now: forget it, a later open downloads
             entry.state = state
             released = entry.released
+        entry.recorded.set()
         if delete and (released or state in ("failed", "skipped")):
             self._delete(entry.root, entry.record, entry.lock)
         entry.lock.unlock()
@@ -564,7 +626,8 @@ _cache_lock = threading.Lock()
 
 
 def configure_stage_cache(config: dict[str, Any] | None) -> StageCache:
-    """(Re)create this process's cache from a profile's ``stage_cache: {dir, max_bytes, parallel}``."""
+    """(Re)create this process's cache from a profile's ``stage_cache: {dir, max_bytes, parallel}``;
+    its run is set per shard (:func:`stage_for_run`)."""
     global _cache
     config = config or {}
     with _cache_lock:
@@ -572,6 +635,12 @@ def configure_stage_cache(config: dict[str, Any] | None) -> StageCache:
             _cache.clear()
         _cache = StageCache(config.get("dir"), config.get("max_bytes"), int(config.get("parallel", 2)))
         return _cache
+
+
+def stage_for_run(run: str | None) -> None:
+    """This process's cache stages for ``run`` from now on (a worker, as a shard of it starts):
+    the versions that run's other processes asked are taken from their records."""
+    get_stage_cache().run = run or None
 
 
 def get_stage_cache() -> StageCache:

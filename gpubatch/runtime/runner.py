@@ -241,7 +241,9 @@ class _Run:
         slots = n_workers * int(self.prof.get("threads_per_worker", 1))
         todo = (s.input_uri for s in shards if s.shard_id not in self.commits)
         first = list(itertools.islice(todo, slots + self.job.run.stage_ahead))
-        return source.before_workers(self.job, first, _storage_profile(self.prof, True))
+        profile = _storage_profile(self.prof, True)  # stage_cache.run: whose records the workers take
+        profile["stage_cache"] = {**profile["stage_cache"], "run": self.run_id}
+        return source.before_workers(self.job, first, profile)
 
     def _prepare(self, source: Source, shards: Sequence[Shard], n_workers: int) -> tuple[Any, RunContext]:
         """The model file, precision and batch size (prepare_model), and the context workers read."""

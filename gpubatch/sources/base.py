@@ -148,7 +148,8 @@ class Source(ABC):
                        storage_profile: dict[str, Any]) -> Callable[[], StageClocks | None]:
         """On the client of a run whose workers share its host, before they start (while the
         model is prepared and the cluster starts): ``first`` are the first shards' inputs in plan
-        order (slides start staging them into the host's stage cache, which the workers share).
+        order (slides start staging them into the host's stage cache, which the workers share);
+        ``storage_profile`` is the workers' (``stage_cache.run``: this run's id).
         Returns what to call once the run's shards are done: it gives the clocks of the work
         done here (the requests the report counts), or None."""
         return lambda: None

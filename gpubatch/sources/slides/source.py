@@ -270,14 +270,18 @@ class SlideSource(Source):
 
     def before_workers(self, job: JobSpec, first: Sequence[str],
                        storage_profile: dict[str, Any]) -> Callable[[], StageClocks | None]:
-        from gpubatch.io.stage_cache import StageCache
+        from gpubatch.io.stage_cache import VERSIONS_WAIT_S, StageCache
         from gpubatch.sources.slides.open import prefetch
 
         config = storage_profile.get("stage_cache") or {}
         # every download at once: each holds its copy's lock from its start, so that a worker
-        # opening the slide waits for it instead of downloading it again
-        cache = StageCache(config.get("dir"), config.get("max_bytes"), max(1, len(first)))
-        prefetch(first, job.input.access, job.input.storage, streams=False, cache=cache)
+        # opening the slide waits for it instead of downloading it again; its records name the
+        # run, whose workers then take each copy's version as asked here (no HEAD of their own)
+        cache = StageCache(config.get("dir"), config.get("max_bytes"), max(1, len(first)), config.get("run"))
+        started = prefetch(first, job.input.access, job.input.storage, streams=False, cache=cache)
+        # their versions asked (a HEAD each, at once) before a worker starts: else a worker that
+        # opened one first asked it again beside this process
+        cache.wait_recorded(started, VERSIONS_WAIT_S)
 
         def done() -> StageClocks:
             cache.clear()  # copies no worker took or released (their shards failed)
