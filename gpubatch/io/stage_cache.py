@@ -37,8 +37,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
@@ -59,8 +58,9 @@ from gpubatch.io.retry import (
     changed_while_read,
     default_policy,
 )
+from gpubatch.io.stage_entries import RemoteFile, StagedFile, StageEntry, local_name
 from gpubatch.io.storage import get_fs, identity_of, open_ranges, stat
-from gpubatch.io.uris import protocol_of, spelled_as, uri_name
+from gpubatch.io.uris import protocol_of, spelled_as
 
 DEFAULT_MAX_BYTES = 20 << 30
 CHUNK_BYTES = 8 << 20
@@ -72,70 +72,6 @@ WAIT_S = 3600.0
 VERSIONS_WAIT_S = 10.0
 #: how long a released copy's record stays (it stops prefetches asked before the release)
 RELEASED_KEPT_S = 3600.0
-
-
-class _Remote(NamedTuple):
-    """One file to download: where from and to, and the version (size, unquoted ETag) listed."""
-
-    uri: str
-    local: str
-    size: int
-    etag: str | None
-
-
-@dataclass
-class _Entry:
-    """One remote slide in the cache; ``state``: pending -> downloading -> ready | failed."""
-
-    uri: str
-    root: str
-    local: str
-    lock: EntryLock
-    record: str
-    state: str = "pending"
-    size: int = 0
-    pins: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    done: threading.Event = field(default_factory=threading.Event)
-    #: set once its version was asked and recorded (or it ended): what another process can take
-    recorded: threading.Event = field(default_factory=threading.Event)
-    error: InputError | None = None
-    released: bool = False
-    reported: bool = False
-    #: when the entry was asked for (a prefetch asked before its copy was released is stale)
-    asked: float = field(default_factory=time.time)
-    clocks: StageClocks = field(default_factory=StageClocks)
-    etag: str | None = None  # the listed version of the (first) file, once listed
-    #: a lone file's identity (io.storage.identity_of) as its listing's HEAD found it: the
-    #: version the copy is of, which its shard takes instead of asking again
-    identity: dict[str, Any] | None = None
-
-
-class StagedFile:
-    """A ready local copy, pinned (never evicted) until :meth:`close`."""
-
-    def __init__(self, path: str, unpin: Any, etag: str | None = None,
-                 identity: dict[str, Any] | None = None):
-        self.path, self._unpin = path, unpin
-        self.etag = etag  # the object's version the copy is of, where the listing gave one
-        self.identity = identity  # that version's size, ETag and mtime (a lone file's), else None
-
-    def close(self) -> None:
-        if self._unpin is not None:
-            self._unpin()
-            self._unpin = None
-
-    def __enter__(self) -> StagedFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _safe_name(uri: str) -> str:
-    from gpubatch.core.files import safe_filename
-
-    return safe_filename(uri_name(uri) or "file", 120)
 
 
 class StageCache:
@@ -150,7 +86,7 @@ class StageCache:
         self._records = os.path.join(self.dir, ".records")
         env_cap = os.environ.get("GPUBATCH_STAGE_MAX_BYTES")
         self.max_bytes = int(max_bytes or (int(env_cap) if env_cap else DEFAULT_MAX_BYTES))
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, StageEntry] = {}
         self._lock = threading.Lock()
         self._foreground = threading.Condition(self._lock)
         self._opening = 0  # this process's downloads that a shard waits on
@@ -240,22 +176,22 @@ class StageCache:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _new_entry(self, uri: str) -> _Entry:
+    def _new_entry(self, uri: str) -> StageEntry:
         key = hashlib.sha1(uri.encode()).hexdigest()[:16]
         root = os.path.join(self.dir, key)
-        entry = _Entry(uri, root, os.path.join(root, _safe_name(uri)),
+        entry = StageEntry(uri, root, os.path.join(root, local_name(uri)),
                        EntryLock(os.path.join(self._records, f"{key}.lock")),
                        os.path.join(self._records, f"{key}.json"))
         self._entries[uri] = entry
         return entry
 
-    def _forget(self, entry: _Entry) -> None:
+    def _forget(self, entry: StageEntry) -> None:
         with self._lock:
             if self._entries.get(entry.uri) is entry:
                 self._entries.pop(entry.uri)
         entry.lock.close()
 
-    def _pin(self, entry: _Entry) -> bool:
+    def _pin(self, entry: StageEntry) -> bool:
         """Hold the copy (a shared lock: no process evicts it); False when it is gone meanwhile."""
         with self._lock:
             if entry.pins > 0:
@@ -271,7 +207,7 @@ class StageCache:
         touch(entry.record)
         return True
 
-    def _report(self, entry: _Entry, clocks: StageClocks, hit: bool) -> None:
+    def _report(self, entry: StageEntry, clocks: StageClocks, hit: bool) -> None:
         """Fold the download's metrics into the first shard that opens it; later opens are hits."""
         if not entry.reported:
             entry.reported = True
@@ -282,7 +218,7 @@ class StageCache:
         else:
             clocks.count("storage.cache_hits")
 
-    def _unpin(self, entry: _Entry) -> None:
+    def _unpin(self, entry: StageEntry) -> None:
         with self._lock:
             entry.pins = max(0, entry.pins - 1)
             last = entry.pins == 0
@@ -290,7 +226,7 @@ class StageCache:
             touch(entry.record)
             entry.lock.unlock()
 
-    def _claim(self, entry: _Entry, required: bool) -> bool:
+    def _claim(self, entry: StageEntry, required: bool) -> bool:
         with self._lock:
             if entry.state != "pending" or entry.released:
                 return False
@@ -301,7 +237,7 @@ class StageCache:
                 self._foreground.wait_for(lambda: self._opening == 0, WAIT_S)
             return True
 
-    def _download(self, entry: _Entry, options: dict[str, Any] | None, policy: RetryPolicy,
+    def _download(self, entry: StageEntry, options: dict[str, Any] | None, policy: RetryPolicy,
                   required: bool, companions: bool) -> None:
         """Download ``entry`` (all its files) to partial names, then rename; never raises. Another
         process's copy of this very object is used, and its download in progress waited for."""
@@ -349,8 +285,8 @@ class StageCache:
                     self._opening -= 1
                     self._foreground.notify_all()
 
-    def _version_locked(self, entry: _Entry, options: dict[str, Any] | None, policy: RetryPolicy,
-                        required: bool, companions: bool) -> tuple[list[_Remote], str, str]:
+    def _version_locked(self, entry: StageEntry, options: dict[str, Any] | None, policy: RetryPolicy,
+                        required: bool, companions: bool) -> tuple[list[RemoteFile], str, str]:
         """The file's listing and version tag, and the lock held for it (:meth:`_lock_for`). The
         version this run's record gives, where there is one: its copy (ready, or being downloaded
         by another process of this run, waited for) is used with no request. Where that copy is
@@ -365,7 +301,7 @@ class StageCache:
         files, tag = self._listing(entry, options, policy, companions)
         return files, tag, self._lock_for(entry, tag, wait=required)
 
-    def _recorded(self, entry: _Entry, companions: bool) -> tuple[list[_Remote], str] | None:
+    def _recorded(self, entry: StageEntry, companions: bool) -> tuple[list[RemoteFile], str] | None:
         """A lone file's listing and tag as this run's record of it says (another process of
         this run asked its version: the client staging before the workers, a worker's
         prefetch); None where the record is another run's, or there is none."""
@@ -374,17 +310,17 @@ class StageCache:
         if companions or not self.run or record.get("run") != self.run or not isinstance(identity, dict):
             return None
         entry.identity = identity
-        remote = _Remote(entry.uri, entry.local, int(identity.get("size") or 0), identity.get("etag"))
+        remote = RemoteFile(entry.uri, entry.local, int(identity.get("size") or 0), identity.get("etag"))
         return [remote], str(record.get("tag"))
 
-    def _asked_by(self, entry: _Entry) -> dict[str, Any]:
+    def _asked_by(self, entry: StageEntry) -> dict[str, Any]:
         """What a copy's record keeps of the version asked (a lone file's identity) and of the
         run that asked it, which that run's other processes take (:meth:`_recorded`)."""
         if self.run is None or entry.identity is None:
             return {}
         return {"run": self.run, "identity": entry.identity}
 
-    def _stale(self, entry: _Entry, required: bool) -> bool:
+    def _stale(self, entry: StageEntry, required: bool) -> bool:
         """A prefetch asked before its copy was released (its shard ran, in any process) is
         skipped, so that nobody downloads a copy nobody will open; True when so."""
         if required or read_record(entry.record).get("released", -1.0) < entry.asked:
@@ -392,7 +328,7 @@ class StageCache:
         self._finish(entry, "skipped", delete=False)
         return True
 
-    def _lock_for(self, entry: _Entry, tag: str, wait: bool) -> str:
+    def _lock_for(self, entry: StageEntry, tag: str, wait: bool) -> str:
         """``shared`` when a ready copy of this version is there (held so that nobody deletes it),
         else ``exclusive`` (held to download it). While another process downloads it: wait, or
         (``wait`` False, a prefetch) ``elsewhere``."""
@@ -416,11 +352,11 @@ class StageCache:
             time.sleep(0.05)
 
     @staticmethod
-    def _copy_of(entry: _Entry, tag: str) -> bool:
+    def _copy_of(entry: StageEntry, tag: str) -> bool:
         record = read_record(entry.record)
         return bool(record.get("ready")) and record.get("tag") == tag and os.path.exists(entry.local)
 
-    def _finish(self, entry: _Entry, state: str, delete: bool = True) -> None:
+    def _finish(self, entry: StageEntry, state: str, delete: bool = True) -> None:
         with self._lock:
             if state == "skipped" and self._entries.get(entry.uri) is entry:
                 self._entries.pop(entry.uri)  # no room now: forget it, a later open downloads
@@ -459,8 +395,8 @@ class StageCache:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(lock.path)  # still held: unlocked by the caller
 
-    def _listing(self, entry: _Entry, options: dict[str, Any] | None, policy: RetryPolicy,
-                 companions: bool) -> tuple[list[_Remote], str]:
+    def _listing(self, entry: StageEntry, options: dict[str, Any] | None, policy: RetryPolicy,
+                 companions: bool) -> tuple[list[RemoteFile], str]:
         """(remote uri, local path, size) of the file and, when asked, of its companion directory;
         and the object's version tag (size and ETag or mtime), which a reused copy must match.
         A lone file is asked of the storage entry point (obstore's HEAD where it serves the URI:
@@ -471,26 +407,26 @@ class StageCache:
                 raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
             tag = f"{stated['size']}|{stated.get('etag') or stated.get('mtime')}"
             entry.identity = identity_of(entry.uri, stated)
-            return [_Remote(entry.uri, entry.local, int(stated["size"] or 0), stated.get("etag"))], tag
+            return [RemoteFile(entry.uri, entry.local, int(stated["size"] or 0), stated.get("etag"))], tag
         fs, path = get_fs(entry.uri, options)
         info = call_with_retries(lambda: fs.info(path), entry.uri, policy, entry.clocks)
         if info.get("type") == "directory":
             raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
         version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
         tag = f"{info.get('size')}|{version}"
-        files = [_Remote(entry.uri, entry.local, int(info.get("size") or 0), _etag_of(info))]
+        files = [RemoteFile(entry.uri, entry.local, int(info.get("size") or 0), _etag_of(info))]
         stem, suffix = os.path.splitext(path)
         if companions:
             found = call_with_retries(lambda: fs.find(stem, detail=True), entry.uri, policy, entry.clocks)
             local_stem = os.path.splitext(entry.local)[0]
             for name, meta in sorted(found.items()):
                 rel = os.path.relpath(name, stem)
-                files.append(_Remote(spelled_as(entry.uri, fs.unstrip_protocol(name)), os.path.join(local_stem, rel),
+                files.append(RemoteFile(spelled_as(entry.uri, fs.unstrip_protocol(name)), os.path.join(local_stem, rel),
                                      int(meta.get("size") or 0), _etag_of(meta)))
                 tag += f"|{rel}:{meta.get('size')}:{meta.get('ETag') or meta.get('mtime')}"
         return files, tag
 
-    def _reserve(self, entry: _Entry, size: int, required: bool) -> bool:
+    def _reserve(self, entry: StageEntry, size: int, required: bool) -> bool:
         """Evict copies nobody uses, least recently used first, until ``size`` fits the host's
         budget; records left by a process that died mid-download go first."""
         entry.size = size
@@ -524,7 +460,7 @@ class StageCache:
                         other.lock.close()
         return required or used + size <= self.max_bytes
 
-    def _fetch_file(self, remote: _Remote, options: dict[str, Any] | None, policy: RetryPolicy,
+    def _fetch_file(self, remote: RemoteFile, options: dict[str, Any] | None, policy: RetryPolicy,
                     clocks: StageClocks) -> None:
         """Chunked range download (each chunk retried on its own), written with pwrite, of the
         version listed: obstore's reads are pinned to its ETag (If-Match); fsspec's cannot be,
@@ -573,7 +509,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _whole_object(remote: _Remote, options: dict[str, Any] | None, policy: RetryPolicy,
+def _whole_object(remote: RemoteFile, options: dict[str, Any] | None, policy: RetryPolicy,
                   clocks: StageClocks, fd: int) -> None:
     """An object of unknown size, or whose server ignores Range, in one GET written to ``fd``,
     checked to be the version listed: the GET's own ETag (an HTTP server's stream keeps its
