@@ -218,19 +218,11 @@ def starting_run(store: Any, status: dict[str, Any] | None) -> str | None:
     """The line for a run that holds the output's lease, live, but has not written status.json
     yet: its resume checks and model preparation (a quantization, a TensorRT build) come first,
     and meanwhile status.json is the run before's (or absent), which `status` gave as the state."""
-    import time
+    from gpubatch.outputs.lease import live_holder
+    from gpubatch.spec import RunSpec
 
-    from gpubatch.outputs.layout import LEASE
-    from gpubatch.outputs.lease import last_beat
-
-    try:
-        lease = store.read_json(LEASE) if store.exists(LEASE) else None
-    except (OSError, ValueError):
-        return None
-    if not isinstance(lease, dict) or (status or {}).get("run_id") == lease.get("run_id"):
-        return None
-    age = time.time() - last_beat(store, lease)
-    if age > float(lease.get("stale_after_s", 120.0)):
+    lease = live_holder(store, RunSpec.model_fields["lease_stale_s"].default)
+    if lease is None or (status or {}).get("run_id") == lease.get("run_id"):
         return None
     return (f"starting: run {lease.get('run_id', '?')} on host {lease.get('host', '?')} (pid {lease.get('pid', '?')}) "
             "holds the output and has not started its shards yet (checking what is committed, "

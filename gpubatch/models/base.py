@@ -210,3 +210,22 @@ def get_model(path: str, backend: str = "auto", precision: str = "fp32", threads
         while len(_SESSIONS) > MAX_SESSIONS:
             _SESSIONS.popitem(last=False)
         return model
+
+
+def gpu_name() -> str:
+    """The current CUDA device's name, through whichever of CuPy and torch is installed (cache
+    keys name it: an engine or a tuning is the GPU's own); "unknown GPU" where neither says."""
+    try:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001 - no CuPy, or no device it sees: ask torch
+        pass
+    try:
+        import torch
+
+        return str(torch.cuda.get_device_name())
+    except Exception:  # noqa: BLE001 - neither knows: the key says so rather than failing the run
+        return "unknown GPU"

@@ -139,7 +139,7 @@ def batch_sizes() -> tuple[int, int]:
 def engine_facts(path: str, precision: str, ort_version: str) -> EngineFacts:
     """The facts of this model, precision and machine (the GPU's name, TensorRT's version)."""
     from gpubatch.core.files import file_sha256
-    from gpubatch.models.prepare.tune import gpu_name
+    from gpubatch.models.base import gpu_name
     from gpubatch.runtime.model_facts import model_first_input
 
     first = model_first_input(path)

@@ -29,7 +29,7 @@ import tensorrt as trt
 
 from gpubatch.core.errors import GpubatchError
 from gpubatch.core.files import file_sha256
-from gpubatch.models.base import Model, refuse_unfeedable_input
+from gpubatch.models.base import Model, gpu_name, refuse_unfeedable_input
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,6 @@ def cache_dir() -> Path:
     path = Path(root) / "trt" if root else Path.home() / ".cache" / "gpubatch" / "trt"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def gpu_name() -> str:
-    import cupy
-
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
-    name = props["name"]
-    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def engine_key(model_sha: str, gpu: str, precision: str, shapes: dict[str, list[list[int]]]) -> str:

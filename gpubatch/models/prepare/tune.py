@@ -43,7 +43,7 @@ import numpy as np
 from gpubatch.core.errors import GpubatchError
 from gpubatch.core.files import cache_root, write_json_atomic
 from gpubatch.core.plural import counted, plural
-from gpubatch.models.base import BACKENDS, Model, OutputRowsError, check_output_rows
+from gpubatch.models.base import BACKENDS, Model, OutputRowsError, check_output_rows, gpu_name
 
 log = logging.getLogger("gpubatch")
 
@@ -350,24 +350,6 @@ def device_id(model: Model) -> str:
     if device.startswith("cuda"):
         device = f"{device}({gpu_name()})"
     return f"{device}:{platform.machine()}:{os.cpu_count()}cpu:{model.threads or 'default'}threads"
-
-
-def gpu_name() -> str:
-    """The current CUDA device's name, through whichever of CuPy and torch is installed."""
-    try:
-        import cupy
-
-        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
-        name = props["name"]
-        return name.decode() if isinstance(name, bytes) else str(name)
-    except Exception:  # noqa: BLE001 - no CuPy, or no device it sees: ask torch
-        pass
-    try:
-        import torch
-
-        return str(torch.cuda.get_device_name())
-    except Exception:  # noqa: BLE001 - neither knows: the key says so rather than failing the run
-        return "unknown GPU"
 
 
 def backend_version(backend: str) -> str:
