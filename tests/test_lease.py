@@ -353,6 +353,71 @@ def test_on_disk_a_heartbeat_never_overwrites_the_lease_a_successor_took_over(
     _a_heartbeat_after_a_take_over(OutputStore(tmp_path / "out"), OutputStore(tmp_path / "out"), monkeypatch)
 
 
+def test_on_disk_a_release_never_deletes_the_lease_a_successor_took_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run A ends and is suspended as its release looks at its lease; run B takes the lease over
+    as stale; A wakes and removes it. Read, then deleted by name, the lease removed was B's (B
+    then stopped, its lease gone). Now the release sets the file aside in one rename and deletes
+    it only if it is A's: B's is put back, and B, beating all the while, never finds it gone."""
+    monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
+    monkeypatch.setattr(lease_module, "ABSENT_RECHECK_S", 2.0)
+    store_a, store_b = OutputStore(tmp_path / "out"), OutputStore(tmp_path / "out")
+    first = Lease(store_a, "run-a", stale_s=0.0, heartbeat_s=5.0)  # stale at once: B may take it
+    successor = _lease(store_b, "run-b")
+    assert _acquire_within(first, 60) is None
+    staged = _successor_takes_over_inside_the_release(store_a, successor, monkeypatch)
+    first.release()
+    assert staged.get("taken", "not staged") is None
+    assert staged.get("b_lost_while_set_aside") is None
+    assert store_b.read_json(LEASE)["run_id"] == "run-b"
+    assert not successor._taken_over() and successor.lost is None
+    assert [n for n in os.listdir(tmp_path / "out") if n.startswith(".tmp-")] == []
+    successor.release()
+    assert not store_b.exists(LEASE)
+
+
+def _successor_takes_over_inside_the_release(store: OutputStore, successor: Lease,
+                                             monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Stage the take-over at the release's first touch of the lease through ``store`` (its
+    read, or its rename aside: whichever it makes), and the successor's heartbeat looking at
+    the lease while another run's release holds it aside (a second thread, answering into
+    "b_lost_while_set_aside")."""
+    outcome: dict[str, object] = {}
+
+    def take_over() -> None:
+        if "taken" not in outcome:
+            try:
+                successor.acquire()
+                outcome["taken"] = None
+            except Exception as exc:  # noqa: BLE001 - shown by the test's assertion
+                outcome["taken"] = exc
+
+    real_read, real_aside, real_put_back = store.read_json, store.set_aside, store.put_back
+
+    def read(name: str) -> object:
+        held = real_read(name)
+        take_over()
+        return held
+
+    def set_aside(name: str) -> object:
+        take_over()
+        return real_aside(name)
+
+    def put_back(aside: Path, name: str) -> bool:
+        beat = threading.Thread(target=lambda: outcome.update(
+            b_lost_while_set_aside=successor.lost if successor._taken_over() else None))
+        beat.start()
+        time.sleep(0.1)  # the beat finds the lease gone, and looks again ABSENT_RECHECK_S later
+        put = real_put_back(aside, name)
+        beat.join(30)
+        return put
+
+    monkeypatch.setattr(store, "read_json", read)
+    monkeypatch.setattr(store, "set_aside", set_aside, raising=False)
+    monkeypatch.setattr(store, "put_back", put_back, raising=False)
+    return outcome
+
+
 def test_on_disk_a_beat_is_the_lease_file_s_time_and_a_silent_one_goes_stale(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The record's heartbeat is its writer's time; a beat on disk moves the file's modification

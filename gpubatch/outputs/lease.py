@@ -26,12 +26,14 @@ never writes contents: it reads the lease (still this run's?) and then sets the 
 modification time, the beat readers take as the holder's last (``last_beat``). A run suspended
 between the two wakes to touch its successor's lease, which only refreshes a live run's beat;
 its next heartbeat reads the successor's record and it stops. (It rewrote the record, taking
-the lease back, and a successor's run stopped instead, or both wrote.) On object stores without
+the lease back, and a successor's run stopped instead, or both wrote.) Its release sets the file aside (a
+rename) and deletes what it set aside only if that is its own record: another run's is put back. On object stores without
 conditions the heartbeat still reads, then writes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -48,6 +50,7 @@ from gpubatch.outputs.store import OutputStore
 
 log = logging.getLogger("gpubatch")
 CONFIRM_S = 0.3  # time between writing a lease and reading it back
+ABSENT_RECHECK_S = 0.2  # on disk, the second look at a lease found missing
 
 
 class LeaseLost(GpubatchError):
@@ -237,7 +240,7 @@ class Lease:
 
     def _holder_now(self) -> dict[str, Any] | None:
         """The lease's record now, None when there is none ({} for one that is not a record)."""
-        if not self.store.exists(self.name):
+        if not self._lease_exists():
             return None
         data = self.store.read_json(self.name)
         return data if isinstance(data, dict) else {}
@@ -284,6 +287,9 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.heartbeat_s + 5)
+        if not self.store.remote:
+            self._release_on_disk()
+            return
         held = self._read()
         if held is None or held.get("run_id") != self.run_id:
             return
@@ -292,8 +298,38 @@ class Lease:
         elif not self.store.delete_if(self.name, self._version):  # a successor's since the read
             log.info("the lease on %s is no longer this run's version; left as it is", redact(self.store.uri))
 
+    def _release_on_disk(self) -> None:
+        """Delete this run's lease file, and no other run's. Read, then deleted by name, it was
+        a successor's lease that went when this run was suspended between the two (the
+        successor then stopped, its lease gone). Set aside first (an atomic rename), the file
+        read is the file deleted; one that is not this run's is put back, and a successor's
+        beat that meets its brief absence looks again (``_lease_exists``)."""
+        aside = self.store.set_aside(self.name)
+        if aside is None:
+            return
+        try:
+            held = json.loads(aside.read_bytes())
+        except (ValueError, OSError):
+            held = None
+        if isinstance(held, dict) and held.get("run_id") == self.run_id:
+            aside.unlink(missing_ok=True)
+        elif not self.store.put_back(aside, self.name):
+            log.warning("the lease on %s was another run's and a third run's landed while it was set "
+                        "aside; the third holds the output", redact(self.store.uri))
+
+    def _lease_exists(self) -> bool:
+        """Whether the lease file is there. On disk a missing one is looked for again after
+        ``ABSENT_RECHECK_S``: a release that set another run's lease aside puts it back
+        within microseconds (``_release_on_disk``), and a lease read as gone is lost."""
+        if self.store.exists(self.name):
+            return True
+        if self.store.remote:
+            return False
+        time.sleep(ABSENT_RECHECK_S)
+        return self.store.exists(self.name)
+
     def _read(self) -> dict[str, Any] | None:
-        if not self.store.exists(self.name):
+        if not self._lease_exists():
             return None
         try:
             data = self.store.read_json(self.name)

@@ -191,6 +191,30 @@ class OutputStore:
         replaced meanwhile refreshes its replacement, which is all it can do to it."""
         os.utime(self.local(name))
 
+    def set_aside(self, name: str) -> Path | None:
+        """Move a local file ``name`` to a temporary name beside it, atomically (a rename), and
+        give that name; None when there was none. Whatever was at ``name`` the instant of the
+        rename is what is set aside: the file can then be read and kept or put back without
+        another writer's file landing at ``name`` in between being mistaken for it."""
+        target, aside = self._temporary_beside(name)
+        try:
+            os.rename(target, aside)
+        except FileNotFoundError:
+            return None
+        return aside
+
+    def put_back(self, aside: Path, name: str) -> bool:
+        """Return a file :meth:`set_aside` moved to ``name``, unless another has landed there
+        since (a hard link: it never replaces one): True when put back. The set-aside name goes
+        either way."""
+        try:
+            os.link(aside, self.path(name))
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            aside.unlink(missing_ok=True)
+
     def create_json(self, name: str, data: Any) -> bool | None:
         """Write ``name`` only if it does not exist, atomically: True when this call created it,
         False when it existed, None where the store cannot tell (object storage other than S3,
