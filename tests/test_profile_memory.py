@@ -76,8 +76,28 @@ def test_a_nonsense_memory_limit_is_refused_naming_the_profile_key(
     assert "profile mine.yaml: memory_limit" in err and said in err and 'bytes such as "4GB"' in err, err
 
 
+@pytest.mark.parametrize("given,said,fix", [
+    ("2", "2 is 2 bytes (a number without a unit is bytes, as Dask reads it)", "write '2GB'"),
+    ('"16"', "'16' is 16 bytes", "write '16GB'"),
+    ("1000000", "1000000 is 1,000,000 bytes", "write '1000000MB' or '1000000GB', as meant"),
+    ("512kB", "'512kB' is 512,000 bytes", "write at least '64MiB'"),
+])
+def test_a_memory_limit_too_small_for_any_worker_is_refused_saying_the_unit_it_lacks(
+        spec: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str, said: str, fix: str) -> None:
+    """``memory_limit: 2`` (2 GB meant) is 2 bytes to Dask, as to the budget check: each nanny
+    held its worker to 2 bytes. Refused by validate and run alike, saying what was read and the fix."""
+    profile = _profile(tmp_path, f"cluster: local\nworkers: 1\nmemory_limit: {given}\n")
+    for command in ("validate", "run"):
+        capsys.readouterr()
+        assert main([command, str(spec), "--profile", str(profile)]) == EXIT_USAGE, command
+        err = capsys.readouterr().err
+        assert "profile mine.yaml: memory_limit" in err and said in err and fix in err, err
+        assert "under the 64.00 MiB a worker needs" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("given,read", [("auto", "auto"), ("null", None), ("0.25", 0.25), ('"0.25"', 0.25),
-                                        ("1", 1.0), ("0", 0), ("4GB", 4 * 10**9), ('"2 GiB"', 2 * GIB),
+                                        ("1", 1.0), ("0", 0), ("64MiB", 64 * 2**20), ("4GB", 4 * 10**9), ('"2 GiB"', 2 * GIB),
                                         (str(3 * GIB), 3 * GIB)])
 def test_every_reader_reads_a_memory_limit_alike(tmp_path: Path, given: str, read: Any) -> None:
     from gpubatch.runtime.cluster import load_profile, read_memory_limit
