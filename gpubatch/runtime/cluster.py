@@ -117,7 +117,7 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
 
     resources = profile.get("resources")
     if kind == "scheduler":
-        address = scheduler or profile.get("address") or os.environ.get("DASK_SCHEDULER_ADDRESS")
+        address = scheduler_address(profile, scheduler)
         if not address:
             raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
         return _watching(DaskExecutor(connect_scheduler(address), None, resources))
@@ -207,6 +207,34 @@ def connect_scheduler(address: str) -> Any:
     raise GpubatchError(f"cannot reach the Dask scheduler at {address} within {SCHEDULER_TIMEOUT_S} s "
                         f"({why}); check the address (tcp://HOST:PORT, port 8786 by default) and that "
                         "the scheduler is running and reachable from here")
+
+
+def scheduler_address(profile: dict[str, Any], scheduler: str | None = None) -> str | None:
+    """An existing scheduler's address: ``--scheduler``, the profile's ``address``, or
+    DASK_SCHEDULER_ADDRESS; None where none is given."""
+    return scheduler or profile.get("address") or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+def workers_memory_limits(address: str) -> list[int]:
+    """The ``memory_limit`` each worker of the scheduler at ``address`` reports (0: none), asked
+    over a client of its own, closed after. Raises GpubatchError where the scheduler is not
+    reached (in seconds: the port first, then a bounded connection)."""
+    from distributed.utils import TimeoutError as DaskTimeout
+
+    check_scheduler_reachable(address)
+    client = connect_scheduler(address)
+    ask = {"callback_timeout": SCHEDULER_TIMEOUT_S}
+    try:  # every worker (n_workers=-1: some releases list 5 by default; older ones take no n_workers)
+        try:
+            identity = client.sync(client.scheduler.identity, n_workers=-1, **ask)
+        except TypeError:
+            identity = client.sync(client.scheduler.identity, **ask)
+    except (TimeoutError, DaskTimeout, OSError) as exc:
+        raise GpubatchError(f"the Dask scheduler at {address} did not list its workers within "
+                            f"{SCHEDULER_TIMEOUT_S} s ({type(exc).__name__})") from None
+    finally:
+        client.close()
+    return [int(info.get("memory_limit") or 0) for info in identity.get("workers", {}).values()]
 
 
 def check_scheduler_reachable(address: str, timeout_s: float = 5.0) -> None:
