@@ -65,6 +65,25 @@ def test_the_tightest_memory_limit_over_a_cgroup_and_its_ancestors_is_found(tmp_
     assert find_cgroup_memory(v1, tmp_path / "no-such-proc-file") is None
 
 
+def test_a_cgroup_v2_soft_limit_memory_high_is_a_limit_too(tmp_path: Path) -> None:
+    """memory.high=4G with memory.max=max (Kubernetes' MemoryQoS, systemd's MemoryHigh=): the kernel
+    throttles and reclaims hard above 4 GiB, but only memory.max was read and the budget was the
+    whole host. The smaller of the two holds, on the cgroup or an ancestor."""
+    v2 = _tree(tmp_path, {"cgroup.controllers": "cpu memory\n", "pod/memory.max": "max\n",
+                          "pod/memory.high": f"{4 * GIB}\n", "pod/memory.current": f"{GIB}\n",
+                          "pod/app/memory.max": "max\n", "pod/app/memory.high": "max\n", "proc": "0::/pod/app\n"})
+    found = find_cgroup_memory(v2, v2 / "proc")
+    assert found is not None and found.limit == 4 * GIB and found.source == v2 / "pod/memory.high"
+    assert found.room() == 3 * GIB
+    (v2 / "pod/app/memory.max").write_text(f"{2 * GIB}\n")  # a hard limit below the soft one holds
+    found = find_cgroup_memory(v2, v2 / "proc")
+    assert found is not None and found.limit == 2 * GIB and found.source == v2 / "pod/app/memory.max"
+    if machine_memory() > 4 * GIB:
+        (v2 / "pod/app/memory.max").write_text("max\n")
+        usable = usable_memory(v2, v2 / "proc")
+        assert usable.total == 4 * GIB and usable.said == "the container's memory limit 4.00 GiB (cgroup memory.high)"
+
+
 def test_a_limit_above_the_machine_s_memory_leaves_the_machine_s(tmp_path: Path) -> None:
     ram = machine_memory()
     v2 = _tree(tmp_path, {"cgroup.controllers": "memory\n", "memory.max": f"{ram * 2}\n", "proc": "0::/\n"})

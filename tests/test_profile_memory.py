@@ -3,6 +3,7 @@ them and by the budget `validate` and `run` check, and refused where they cannot
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,28 @@ def test_a_nonsense_memory_limit_is_refused_naming_the_profile_key(
     assert "profile mine.yaml: memory_limit" in err and said in err and 'bytes such as "4GB"' in err, err
 
 
+@pytest.mark.parametrize("given,said,fix", [
+    ("2", "2 is 2 bytes (a number without a unit is bytes, as Dask reads it)", "write '2GB'"),
+    ('"16"', "'16' is 16 bytes", "write '16GB'"),
+    ("1000000", "1000000 is 1,000,000 bytes", "write '1000000MB' or '1000000GB', as meant"),
+    ("512kB", "'512kB' is 512,000 bytes", "write at least '64MiB'"),
+])
+def test_a_memory_limit_too_small_for_any_worker_is_refused_saying_the_unit_it_lacks(
+        spec: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str, said: str, fix: str) -> None:
+    """``memory_limit: 2`` (2 GB meant) is 2 bytes to Dask, as to the budget check: each nanny
+    held its worker to 2 bytes. Refused by validate and run alike, saying what was read and the fix."""
+    profile = _profile(tmp_path, f"cluster: local\nworkers: 1\nmemory_limit: {given}\n")
+    for command in ("validate", "run"):
+        capsys.readouterr()
+        assert main([command, str(spec), "--profile", str(profile)]) == EXIT_USAGE, command
+        err = capsys.readouterr().err
+        assert "profile mine.yaml: memory_limit" in err and said in err and fix in err, err
+        assert "under the 64.00 MiB a worker needs" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("given,read", [("auto", "auto"), ("null", None), ("0.25", 0.25), ('"0.25"', 0.25),
-                                        ("1", 1.0), ("0", 0), ("4GB", 4 * 10**9), ('"2 GiB"', 2 * GIB),
+                                        ("1", 1.0), ("0", 0), ("64MiB", 64 * 2**20), ("4GB", 4 * 10**9), ('"2 GiB"', 2 * GIB),
                                         (str(3 * GIB), 3 * GIB)])
 def test_every_reader_reads_a_memory_limit_alike(tmp_path: Path, given: str, read: Any) -> None:
     from gpubatch.runtime.cluster import load_profile, read_memory_limit
@@ -122,3 +143,58 @@ def test_job_mem_is_read_as_sbatch_reads_it(job_mem: Any, refused: bool) -> None
             check_job_memory(settings)
     else:
         check_job_memory(settings)
+
+
+@pytest.fixture()
+def scheduler_workers() -> Iterator[str]:
+    """A real Dask scheduler on 127.0.0.1 with four workers (threads of this process) reporting
+    memory limits of 256 MiB (two of them), 4 GiB and none; its address."""
+    from distributed import Client, LocalCluster, Worker
+
+    with LocalCluster(n_workers=2, processes=False, protocol="tcp", host="127.0.0.1", threads_per_worker=1,
+                      memory_limit="256MiB", dashboard_address=None, silence_logs=50) as cluster:
+        options = cluster.new_worker_spec().popitem()[1]["options"]
+        for name, limit in (("big", 4 * GIB), ("unlimited", 0)):
+            cluster.worker_spec[name] = {"cls": Worker, "options": {**options, "memory_limit": limit}}
+        cluster.sync(cluster._correct_state)
+        with Client(cluster.scheduler_address) as client:
+            client.wait_for_workers(4, timeout=60)
+        yield cluster.scheduler_address
+
+
+def test_a_scheduler_s_workers_memory_limit_is_the_budget_not_the_client_s_memory(
+        spec: Path, tmp_path: Path, scheduler_workers: str, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With `cluster: scheduler` the budget was the client machine's memory: 1.2 GiB in flight
+    passed validate on this machine and met workers whose nannies allow 256 MiB. The smallest
+    memory_limit the workers report holds (one without a limit is not counted); validate, run on
+    the profile and submit (the job's own profile is inline) all refuse it, saying so."""
+    caplog.set_level("INFO", logger="gpubatch")
+    profile = _profile(tmp_path, f"cluster: scheduler\naddress: {scheduler_workers}\n")
+    said = "over its 256.00 MiB (the smallest memory_limit the scheduler's workers report (3 of 4 report one))"
+    for command in (["validate", "--profile", str(profile)], ["run", "--profile", str(profile)],
+                    ["submit", "--scheduler", scheduler_workers]):
+        capsys.readouterr()
+        assert main([command[0], str(spec), *command[1:], "--set", ABOUT_ONE_GIB]) == EXIT_USAGE, command
+        err = capsys.readouterr().err
+        assert "model.batch_size: 8192 items" in err and said in err, err
+    assert "a worker's memory budget: 256.00 MiB, the smallest memory_limit the scheduler's workers" in caplog.text
+    assert not (tmp_path / "out").exists()
+    assert main(["validate", str(spec), "--profile", str(profile), "--no-open"]) == 0
+
+
+def test_a_scheduler_whose_workers_report_no_memory_limit_leaves_the_client_s_memory_saying_so(
+        tmp_path: Path, slide_path: Path, classifier: Path) -> None:
+    from distributed import LocalCluster
+
+    from gpubatch.runtime.worker_memory import worker_memory_budget
+    from gpubatch.spec import load_job
+
+    job = load_job(str(write_job(tmp_path / "job.yaml", slide_job([str(slide_path)], classifier, tmp_path / "o"))), [])
+    with LocalCluster(n_workers=1, processes=False, protocol="tcp", host="127.0.0.1", memory_limit=0,
+                      dashboard_address=None, silence_logs=50) as cluster:
+        budget, said = worker_memory_budget(job, {"cluster": "scheduler", "address": cluster.scheduler_address})
+    assert budget == memory_limit.usable_memory().total
+    assert said == "this machine's memory, the client's, as its workers report no memory_limit"
+    budget, said = worker_memory_budget(job, {"cluster": "scheduler", "address": None})
+    assert said == "this machine's memory, the client's, as no scheduler address is given"

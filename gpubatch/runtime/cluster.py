@@ -23,7 +23,7 @@ from gpubatch.core.cpu import quota_cores
 from gpubatch.core.cpu import usable_cores as cpu_count
 from gpubatch.core.errors import GpubatchError, MissingExtraError, SpecError
 from gpubatch.core.memory_limit import gib, usable_memory
-from gpubatch.core.plural import plural
+from gpubatch.core.plural import counted, plural
 from gpubatch.core.threads import made_off_the_main_thread
 from gpubatch.core.yaml_text import load_yaml_text
 from gpubatch.runtime.borrowed import ENVIRON_LOCK, borrow
@@ -40,6 +40,8 @@ PROFILE_KEYS = {"cluster", "workers", "threads_per_worker", "memory_limit", "add
 SCHEDULER_TIMEOUT_S = 10
 #: entries kept in each of the in-process scheduler's low-level logs (Dask's default: 1,000)
 SCHEDULER_LOG_LENGTH = 50
+#: the smallest ``memory_limit`` a worker can run in: below it, a figure is a unit left out
+MIN_MEMORY_LIMIT = 64 << 20
 #: where the Dask dashboard listens when a profile says ``dashboard: true``
 DASHBOARD_DEFAULT = "127.0.0.1:8787"
 #: how long a run waits for the cluster it starts (Dask's own start fails sooner on most errors)
@@ -115,7 +117,7 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
 
     resources = profile.get("resources")
     if kind == "scheduler":
-        address = scheduler or profile.get("address") or os.environ.get("DASK_SCHEDULER_ADDRESS")
+        address = scheduler_address(profile, scheduler)
         if not address:
             raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
         return _watching(DaskExecutor(connect_scheduler(address), None, resources))
@@ -205,6 +207,34 @@ def connect_scheduler(address: str) -> Any:
     raise GpubatchError(f"cannot reach the Dask scheduler at {address} within {SCHEDULER_TIMEOUT_S} s "
                         f"({why}); check the address (tcp://HOST:PORT, port 8786 by default) and that "
                         "the scheduler is running and reachable from here")
+
+
+def scheduler_address(profile: dict[str, Any], scheduler: str | None = None) -> str | None:
+    """An existing scheduler's address: ``--scheduler``, the profile's ``address``, or
+    DASK_SCHEDULER_ADDRESS; None where none is given."""
+    return scheduler or profile.get("address") or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+def workers_memory_limits(address: str) -> list[int]:
+    """The ``memory_limit`` each worker of the scheduler at ``address`` reports (0: none), asked
+    over a client of its own, closed after. Raises GpubatchError where the scheduler is not
+    reached (in seconds: the port first, then a bounded connection)."""
+    from distributed.utils import TimeoutError as DaskTimeout
+
+    check_scheduler_reachable(address)
+    client = connect_scheduler(address)
+    ask = {"callback_timeout": SCHEDULER_TIMEOUT_S}
+    try:  # every worker (n_workers=-1: some releases list 5 by default; older ones take no n_workers)
+        try:
+            identity = client.sync(client.scheduler.identity, n_workers=-1, **ask)
+        except TypeError:
+            identity = client.sync(client.scheduler.identity, **ask)
+    except (TimeoutError, DaskTimeout, OSError) as exc:
+        raise GpubatchError(f"the Dask scheduler at {address} did not list its workers within "
+                            f"{SCHEDULER_TIMEOUT_S} s ({type(exc).__name__})") from None
+    finally:
+        client.close()
+    return [int(info.get("memory_limit") or 0) for info in identity.get("workers", {}).values()]
 
 
 def check_scheduler_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -414,7 +444,7 @@ def read_memory_limit(given: Any, key: str = "profile memory_limit") -> float | 
     (0, 1] of the usable memory, written as a number or a string (Dask takes ``"0.25"`` as a
     fraction too); or bytes (``"4GB"``, a whole number over 1; 0 is no limit). Anything else is
     refused naming ``key`` (a SpecError): a negative figure, a fraction over 1 (``1.5`` was 1 byte
-    to Dask), a string no unit reads (``parse_bytes("0.25")`` is 0, which sent the budget check
+    to Dask), bytes under MIN_MEMORY_LIMIT (``2``, meant as 2 GB, is 2 bytes to Dask), a string no unit reads (``parse_bytes("0.25")`` is 0, which sent the budget check
     back to the memory over the workers while the nannies held each worker to a quarter)."""
     from dask.utils import parse_bytes
 
@@ -433,14 +463,29 @@ def read_memory_limit(given: Any, key: str = "profile memory_limit") -> float | 
         except (TypeError, ValueError):
             raise SpecError([(key, f"{given!r} is not a memory limit; {fix}")]) from None
         if number >= 0:
-            return int(number)
+            return _not_too_small(given, int(number), key)
     if not math.isfinite(number):
         raise SpecError([(key, f"{given!r} is not a memory limit; {fix}")])
     if number < 0:
         raise SpecError([(key, f"{given!r} is negative; {fix}")])
     if number > 1 and not number.is_integer():
         raise SpecError([(key, f"{given!r} is a fraction over 1 (the whole memory is 1); {fix}")])
-    return number if 0 < number <= 1 else int(number)
+    return number if 0 < number <= 1 else _not_too_small(given, int(number), key)
+
+
+def _not_too_small(given: Any, limit: int, key: str) -> int:
+    """``limit`` bytes, refused (naming ``key``) where no worker could run in them: Dask reads a
+    bare whole number as bytes, so ``memory_limit: 2`` (meant as 2 GB) held each worker to 2
+    bytes and its nanny paused and killed it at once. 0 is no limit."""
+    if limit == 0 or limit >= MIN_MEMORY_LIMIT:
+        return limit
+    if isinstance(given, str) and not given.strip().isdigit():  # a unit, and a figure too small
+        said, fix = "", "write at least '64MiB', e.g. '4GB'"
+    else:
+        said = " (a number without a unit is bytes, as Dask reads it)"
+        fix = f"write '{limit}GB'" if limit < 64 else f"write '{limit}MB' or '{limit}GB', as meant"
+    raise SpecError([(key, f"{given!r} is {counted(limit, 'byte')}{said}, under the {gib(MIN_MEMORY_LIMIT)} "
+                           f"a worker needs; {fix}")])
 
 
 def nanny_memory_limit(given: Any, n_workers: int) -> Any:

@@ -92,7 +92,7 @@ log = logging.getLogger("gpubatch")
 def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, overwrite: bool = False,
             scheduler: str | None = None, show_progress: bool | None = None) -> Result:
     """Run a validated job to completion; see the module docstring for the failure rules."""
-    prof = load_profile(profile or job.run.profile)
+    prof = on_scheduler(load_profile(profile or job.run.profile), scheduler)
     start_worker_imports(prof)
     forget_unclaimed_requests()  # this run's requests and retries from here on
     forget_unclaimed_retries()
@@ -506,6 +506,14 @@ def batch_limit(job: JobSpec, profile: dict[str, Any]) -> tuple[int, str] | None
     """The largest batch a worker's memory holds (preflight's figure), for the batch-size tuner."""
     largest, which = largest_batch_in_memory(job, profile)
     return None if largest is None else (largest, which)
+
+
+def on_scheduler(profile: dict[str, Any], scheduler: str | None) -> dict[str, Any]:
+    """The profile a run on an existing scheduler (``submit --scheduler``) runs under: its
+    workers are the scheduler's, so the checks (a worker's memory budget among them: the
+    workers' own memory_limit) are a ``scheduler`` profile's, not those of the job's profile
+    (``local`` by default, whose budget was this machine's memory over its cores)."""
+    return profile if scheduler is None else {**profile, "cluster": "scheduler", "address": scheduler}
 
 
 def all_workers_here(profile: dict[str, Any], scheduler: str | None) -> bool:

@@ -14,16 +14,19 @@ validation items, held on the client, are checked against the client's memory th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from gpubatch.core.errors import GpubatchError
 from gpubatch.core.memory_limit import gib, usable_memory
 from gpubatch.io.uris import is_remote
 from gpubatch.sources import get_source
 from gpubatch.spec import JobSpec
 
+log = logging.getLogger("gpubatch")
 #: the share of the client's memory a reduced precision's calibration and validation items may
 #: hold (the fp32 and reduced models' sessions and the plan share the rest)
 SAMPLE_SHARE = 0.5
@@ -69,10 +72,40 @@ def worker_memory_budget(job: JobSpec, prof: dict[str, Any]) -> tuple[int, str]:
     usable = usable_memory()
     share = usable.total // max(workers, 1)
     which = f"{usable.said} over {workers} workers" if workers > 1 else usable.said
+    if prof.get("cluster") == "scheduler":
+        return _scheduler_budget(prof, share, which)
     limit, said = _profile_limit(prof)
     if limit and (prof.get("cluster") == "slurm" or not share or limit < share):
         return limit, said
     return share, which
+
+
+def _scheduler_budget(prof: dict[str, Any], client_share: int, client_said: str) -> tuple[int, str]:
+    """An existing scheduler's workers run on their own hosts: the smallest ``memory_limit`` its
+    workers report (what their nannies enforce). The client's memory (``client_share``, a login
+    node's, a laptop's) was the budget, passing what no worker could hold; it is the fallback only
+    where no worker reports a limit, the scheduler is not reached, or no address is given."""
+    from gpubatch.runtime.cluster import scheduler_address, workers_memory_limits
+
+    address = scheduler_address(prof)
+    limits: list[int] = []
+    if address is None:
+        why = "no scheduler address is given"
+    else:
+        try:
+            limits = workers_memory_limits(address)
+            why = "no worker is connected" if not limits else "its workers report no memory_limit"
+        except GpubatchError as exc:
+            why = f"the scheduler did not answer: {exc}"
+    reported = [limit for limit in limits if limit > 0]
+    if reported:
+        said = (f"the smallest memory_limit the scheduler's workers report ({len(reported)} of "
+                f"{len(limits)} report one)")
+        budget = min(reported)
+    else:
+        said, budget = f"{client_said}, the client's, as {why}", client_share
+    log.info("a worker's memory budget: %s, %s", gib(budget) if budget else "unknown", said)
+    return budget, said
 
 
 def _profile_limit(prof: dict[str, Any]) -> tuple[int, str]:
