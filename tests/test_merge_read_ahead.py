@@ -5,7 +5,8 @@ parts are now read PARTS_AHEAD at a time (within BYTES_AHEAD bytes) ahead of the
 joined. Measured at the fault proxy of s3_fixtures in front of a real S3 server (moto): how many
 part GETs were in flight at once, never more than the window; the merged file the same rows in
 the same order as a serial merge's; a part that cannot be read fails the merge with the error a
-serial read raises, stops the reads ahead, and leaves no predictions.parquet and no thread.
+serial read raises, stops the reads ahead, and leaves no predictions.parquet and no thread; the
+merge's progress counts the parts joined, never those only read ahead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pytest
 from s3_fixtures import S3Stack
 
 from gpubatch.core.errors import InputError
+from gpubatch.core.phases import Phase, phase, shown_as
 from gpubatch.core.results import ShardResult
 from gpubatch.io.retry import RetryPolicy
 from gpubatch.outputs import merge
@@ -155,3 +157,56 @@ def test_commit_records_are_read_ahead_in_the_order_named(s3: S3Stack) -> None:
     assert any(t.name.startswith("gpubatch-records") for t in threading.enumerate())
     del entries
     assert not any(t.name.startswith("gpubatch-records") for t in threading.enumerate())
+
+
+class _HeldStore(OutputStore):
+    """The S3 output, its part reads held: those of ``held`` parts wait at ``barrier`` until every
+    one of them is in flight (each wait bounded), and each part read notes the merge's progress
+    count beside the parts read by then."""
+
+    def __init__(self, uri: str, options: dict[str, Any], held: set[str], barrier: threading.Barrier):
+        super().__init__(uri, options)
+        self.held, self.barrier = held, barrier
+        self.progress: Phase | None = None
+        self.parts_read = 0
+        self.seen: list[tuple[str, int, int]] = []  # (part, the progress count, parts read) as each read began
+        self._lock = threading.Lock()
+
+    def read_bytes(self, name: str) -> bytes:
+        part = name.rsplit("/", 1)[-1]
+        if name.startswith(f"{PARTS_DIR}/") and self.progress is not None:
+            with self._lock:
+                self.seen.append((part, self.progress.done, self.parts_read))
+            if part in self.held:
+                self.barrier.wait()
+        data = super().read_bytes(name)
+        if name.startswith(f"{PARTS_DIR}/"):
+            with self._lock:
+                self.parts_read += 1
+        return data
+
+
+def test_the_merge_counts_the_parts_joined_not_those_read_ahead(s3: S3Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's end counted the merge's parts as the reads ahead drew them (``Phase.counting``
+    around the parts): with 8 parts read ahead and none of them read yet, it said "8 of 20 parts"
+    where one part was merged. Parts 1 to 8 are held until all 8 are in flight: the count then is
+    the one part joined, and it never passed the parts read."""
+    tables = [_part(shard, 3) for shard in range(20)]
+    uploaded, refs = _upload_parts(s3, tables)
+    window = 8
+    monkeypatch.setattr(merge, "PARTS_AHEAD", window, raising=False)
+    at_barrier: list[tuple[int, str]] = []
+    store = _HeldStore(uploaded.uri, s3.options(), {r.part for r in refs[1:1 + window]},
+                       threading.Barrier(window, action=lambda: at_barrier.append(_said(store)), timeout=60))
+    with shown_as(False), phase("merging the parts", len(refs), "part") as said:
+        store.progress = said
+        assert merge.merge_parquet(store, refs, INDEX, progress=said) == 20 * 3
+        assert said.done == len(refs)
+    assert at_barrier == [(1, "1 of 20 parts")]
+    assert len(store.seen) == len(refs) and all(count <= read for _, count, read in store.seen), store.seen
+
+
+def _said(store: _HeldStore) -> tuple[int, str]:
+    """The merge's progress count now, and its words as status.json's ``ending`` says them."""
+    assert store.progress is not None
+    return store.progress.done, store.progress.describe()["words"]

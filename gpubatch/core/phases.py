@@ -9,6 +9,13 @@ line every ``LOG_EVERY_S`` (never one per item). A short step says nothing: the 
 once the step has run ``BAR_AFTER_S``, the first line only after ``LOG_EVERY_S``, so small jobs
 stay quiet. A watcher thread says it too while one item takes long (a read retried on a slow
 store, one opaque call such as a listing): every wait a message.
+
+Why this and runtime.progress both: the shards' progress is the run's account of its shards
+(results and item reports arriving from other threads, an ETA, the run's state and
+status.json, which other shells read); a phase is only words and a count for a step on one
+thread, with no file and no state. runtime.progress reads the phase under way
+(:func:`under_way`) for status.json's ``ending`` once the shards are over. Neither times
+anything for the report: its seconds are the run's clocks (core.clocks, report.summary).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from gpubatch.core.plural import plural
-from gpubatch.core.streams import QuietWhenGone
+from gpubatch.core.streams import bar_console
 
 T = TypeVar("T")
 log = logging.getLogger("gpubatch")
@@ -140,8 +147,7 @@ class Phase:
                 log.info("%s: %s (%.0f s)", self.what, self.words(), now - self.step_started)
 
     def _show_bar(self) -> None:
-        """The rich bar, started at its first word, on stderr (see runtime.progress for why)."""
-        from rich.console import Console
+        """The rich bar, started at its first word, on stderr (core.streams.bar_console)."""
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
         from rich.table import Column
 
@@ -150,7 +156,7 @@ class Phase:
             self._bar = Progress(SpinnerColumn(), what, BarColumn(bar_width=20),
                                  TextColumn("{task.fields[words]}", table_column=Column(no_wrap=True)),
                                  TimeElapsedColumn(), transient=True, expand=True,
-                                 console=Console(file=QuietWhenGone(sys.stderr)))  # type: ignore[arg-type]
+                                 console=bar_console())
             self._task = self._bar.add_task(self.what, total=self.total, words="")
             self._bar.start()
         self._bar.update(self._task, description=self.what, total=self.total, completed=self.done, words=self.words())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from contextlib import suppress
 from typing import Any, TextIO
 
@@ -74,3 +75,15 @@ class QuietWhenGone:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
+
+
+def bar_console() -> Any:
+    """The rich Console a progress bar draws on (the shards' bar, runtime.progress, and the long
+    steps', core.phases): stderr, the terminal the bar was chosen for (rich's default, stdout, put
+    the bar's last frame first in ``run JOB | head -1`` and none on the terminal), through
+    :class:`QuietWhenGone`: a terminal that hangs up under a run that ignores SIGHUP fails every
+    write (EIO), and rich, on a closed pipe, exits the process (SystemExit 1); either failed a
+    run whose shards were all committed, at the bar's last refresh."""
+    from rich.console import Console
+
+    return Console(file=QuietWhenGone(sys.stderr))  # type: ignore[arg-type]

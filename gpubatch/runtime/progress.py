@@ -15,6 +15,17 @@ shard where it knows them; else the running shards' own counts, and the mean siz
 known so far for those not started): one slide of 100k tiles showed "0/1 shards, 0 items, ETA ?"
 for an hour. They are display
 only (:class:`InFlight`): ``items`` in status.json and report.json stay the committed count.
+
+Why this and core.phases both: they share only the choice of a rich bar or log lines. This is
+the run's account of its shards, fed by their results and the workers' item reports from
+other threads: done and failed, items, the model's starvation, an ETA, the state, and
+status.json (a documented file `gpubatch status` and other shells read, beaten by the lease's
+heartbeat so that a dead run shows), its bar kept on screen as the run's record. core.phases is
+the voice of one long step on one thread (a listing, a resume's checks, the run's end): words
+and a count, silent when short, a bar that goes when the step ends, and no file. Folded into
+one, every listing would carry a run's status.json and ETA, or the run's account a step's
+quiet start and transient bar. They meet in one place: once the shards are over, status.json's
+``ending`` is the step core.phases says is under way on the client's thread.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from gpubatch.core.clocks import starvation_of
 from gpubatch.core.phases import under_way
 from gpubatch.core.plural import counted
 from gpubatch.core.results import ShardResult
-from gpubatch.core.streams import QuietWhenGone
+from gpubatch.core.streams import bar_console
 from gpubatch.engine.item_reports import ShardItems
 from gpubatch.outputs.layout import STATUS
 from gpubatch.outputs.store import OutputStore
@@ -142,13 +153,7 @@ class Progress:
     def _start_bar(self, total: int, already: int) -> None:
         """The rich bar: shards done of the total, items (running shards' included), the rate and
         the ETA (:meth:`eta_s`: by items where they are known; rich's own went by shards only).
-
-        On stderr, the terminal the bar was chosen for (rich's default, stdout, put the bar's last
-        frame first in ``run JOB | head -1`` and none on the terminal), through
-        :class:`QuietWhenGone`: a terminal that hangs up under a run that ignores SIGHUP fails
-        every write (EIO), and rich, on a closed pipe, exits the process (SystemExit 1); either
-        failed a run whose shards were all committed, at the bar's last refresh."""
-        from rich.console import Console
+        On stderr, never failing the run where its reader is gone (core.streams.bar_console)."""
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as RichProgress
 
@@ -156,7 +161,7 @@ class Progress:
         self._bar = RichProgress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
                                  TextColumn("ETA {task.fields[eta]}"), transient=False,
-                                 console=Console(file=QuietWhenGone(sys.stderr)))  # type: ignore[arg-type]
+                                 console=bar_console())
         self._task = self._bar.add_task("run", total=total, completed=already, rate="", eta="?")
         self._bar.start()
 

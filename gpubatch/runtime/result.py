@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpubatch.core.errors import EXIT_OK, EXIT_PARTIAL, finished_run_exit_code
-from gpubatch.core.plural import plural
+from gpubatch.core.plural import counted, plural
 from gpubatch.outputs.layout import PREDICTIONS, SLIDE_PREDICTIONS, ZARR
 from gpubatch.outputs.store import OutputStore
 
@@ -32,9 +32,10 @@ class Result:
         interrupted or failed (its report sums up what is committed so far)."""
         return self.report.get("complete", True) is not False
 
-    def _require_complete(self, what: str) -> None:
+    def _require_complete(self, what: str, partial_read: str | None = None) -> None:
         """UnfinishedOutputError for a merged output of an unfinished run: it is missing, or the
-        run before's, without what was committed since."""
+        run before's, without what was committed since. ``partial_read``: the call that reads
+        what is committed instead, which the error names beside the fix."""
         if self.complete:
             return
         from gpubatch.core.errors import UnfinishedOutputError
@@ -42,7 +43,7 @@ class Result:
 
         done, total = self.report.get("shards_done"), self.report.get("shards_total")
         committed = f"{done} of {total if total is not None else '?'} {plural(total, 'shard')} committed"
-        partial = ", or read what is committed with predictions(partial=True)" if what == PREDICTIONS else ""
+        partial = f", or read what is committed with {partial_read}" if partial_read else ""
         writer = self._live_writer()
         if writer is not None:  # "finish it with --resume" sent the reader to a run the lease refuses
             raise UnfinishedOutputError(
@@ -74,24 +75,57 @@ class Result:
         wanted = [*(filters or []), *([("slide", "==", slide)] if slide is not None else [])] or None
         if partial and not self.complete:
             return _committed_predictions(self.store, columns, wanted)
-        self._require_complete(PREDICTIONS)
+        self._require_complete(PREDICTIONS, "predictions(partial=True)")
         with self.store.open_read(PREDICTIONS) as f:
             return pd.read_parquet(f, columns=columns, filters=wanted)
 
-    def array(self, name: str) -> Any:
+    def array(self, name: str, *, partial: bool = False) -> Any:
         """One zarr output (``sad_tracks``, ``tracks_bins`` ...) over every committed shard, in plan
         order, as one numpy array: its rows are predictions.parquet's rows. It is loaded whole;
-        for arrays larger than memory open each shard's group (the zarr root's ``groups``)."""
-        import numpy as np
+        for arrays larger than memory open each shard's group (the zarr root's ``groups``).
 
-        self._require_complete(f"{ZARR}'s shard list")
+        Of an unfinished run (``complete`` False) it raises UnfinishedOutputError: the root's
+        shard list is written at a run's end, so it is missing, or the run before's.
+        ``partial=True`` returns a :class:`PartialArray` instead (of a finished run too): the
+        shards committed so far, by shard id (the rows ``predictions(partial=True)`` gives), and
+        how many of the run's shards are missing."""
+        if partial:
+            return self._partial_array(name)
+        self._require_complete(f"{ZARR}'s shard list", f"array({name!r}, partial=True)")
+        shards, groups = self._root_groups()
+        return self._concatenated(name, [groups[s] for s in shards]).values
+
+    def _root_groups(self) -> tuple[list[str], dict[str, str]]:
+        """The zarr root's committed shards (plan order) and each one's group: a finished run's."""
         root = self.store.zarr_group(ZARR)
         groups: dict[str, str] = dict(root.attrs.get("groups", {}))  # type: ignore[arg-type]
-        shards: list[str] = list(root.attrs.get("shards", []))  # type: ignore[arg-type]
-        parts = [np.asarray(self.store.zarr_group(f"{ZARR}/{groups[s]}")[name][:]) for s in shards]
+        return list(root.attrs.get("shards", [])), groups  # type: ignore[arg-type]
+
+    def _partial_array(self, name: str) -> PartialArray:
+        """:meth:`array` of what is committed: a finished run's root, else the commit records
+        (an unfinished run's root is stale or missing: a run killed with SIGKILL writes none)."""
+        if self.complete:
+            shards, groups = self._root_groups()
+        else:
+            from gpubatch.outputs.manifest import Manifest
+
+            groups = {e.shard_id: e.group for e in Manifest(self.store).iter_entries() if e.group}
+            shards = sorted(groups)
+        joined = self._concatenated(name, [groups[s] for s in shards])
+        total = self.report.get("shards_total")
+        return PartialArray(joined.values, shards, joined.offsets,
+                            None if total is None else max(0, int(total) - len(shards)),
+                            str(self.report.get("state", "finished" if self.complete else "unknown")))
+
+    def _concatenated(self, name: str, groups: list[str]) -> _Stacked:
+        """The array ``name`` of each group, one after another (KeyError where there is none)."""
+        import numpy as np
+
+        parts = [np.asarray(self.store.zarr_group(f"{ZARR}/{group}")[name][:]) for group in groups]
         if not parts:
-            raise KeyError(f"no committed shard of {self.output_uri} holds a zarr output {name!r}")
-        return np.concatenate(parts)
+            state = "" if self.complete else f" (its latest run: {self.report.get('state', 'unknown')})"
+            raise KeyError(f"no committed shard of {self.output_uri} holds a zarr output {name!r}{state}")
+        return _Stacked(np.concatenate(parts), [0, *np.cumsum([len(p) for p in parts]).tolist()])
 
     def embeddings(self, slide: str, output: str | None = None) -> tuple[Any, Any]:
         """One slide's tile features for MIL: ``(features, coords)``.
@@ -149,6 +183,46 @@ class Result:
         from gpubatch.report.frames import latency_frame
 
         return latency_frame(self.report)
+
+
+@dataclass(frozen=True)
+class PartialArray:
+    """A zarr output over the shards committed so far: ``Result.array(name, partial=True)``.
+
+    What is there: ``values``, the rows of ``shards`` one shard after another (those of
+    ``shards[i]`` are ``values[offsets[i]:offsets[i + 1]]``); of an unfinished run, in shard id
+    order, row for row with ``predictions(partial=True)``. What is not: ``missing`` shards of the
+    run (not run yet, running, or quarantined; None where the run's shard count is unknown: a run
+    stopped before status.json said it), their rows in neither. A shard's row count is known only
+    once it is computed, so the missing rows cannot be filled and masked in place.
+    ``np.asarray(partial)`` is ``values``."""
+
+    values: Any
+    shards: list[str]
+    offsets: list[int]
+    missing: int | None
+    #: the run's state: finished, running, interrupted or failed
+    state: str
+
+    def rows(self, shard: str) -> Any:
+        """One committed shard's rows (KeyError for a shard not committed)."""
+        if shard not in self.shards:
+            missing = "" if self.missing is None else f" ({counted(self.missing, 'shard')} missing)"
+            raise KeyError(f"shard {shard!r} is not committed{missing}; committed: {', '.join(self.shards[:5])}"
+                           + (" ..." if len(self.shards) > 5 else ""))
+        i = self.shards.index(shard)
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> Any:
+        import numpy as np
+
+        return np.asarray(self.values, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class _Stacked:
+    values: Any
+    offsets: list[int]
 
 
 def _committed_predictions(store: OutputStore, columns: list[str] | None, filters: list[Any] | None) -> Any:

@@ -384,7 +384,7 @@ class _Run:
         sweep(store, self.commits)
         done = sum(1 for _ in self._in_plan(shards))
         end.step(f"merging the parts into {PREDICTIONS}", done, "part")
-        merge_parquet(store, end.counting(self._in_plan(shards)), source.index_schema(job))
+        merge_parquet(store, self._in_plan(shards), source.index_schema(job), progress=end)  # counted as joined
         # each end-of-run step starts from what the run held, not on the last one's holes; the
         # merge's tables and buffers hold no cycles: they were freed when it returned
         hand_back_freed_memory(collect=False)
