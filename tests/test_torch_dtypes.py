@@ -6,6 +6,8 @@ saved with torch.jit.script / torch.jit.trace / torch.export as a user saves the
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from conftest import slide_job, write_job
 from test_preflight import torch_module
 
 from gpubatch.cli.main import main
-from gpubatch.core.errors import GpubatchError
+from gpubatch.cli.pathology_models import build_abmil
+from gpubatch.core.errors import EXIT_USAGE, GpubatchError
 from gpubatch.models.torch import TorchModel, load_module
 
 
@@ -112,3 +115,54 @@ def test_fp16_of_a_float64_module_with_fallback_runs_fp32_and_says_so(
     assert "precision: fp16 requested, fp32 used" in capsys.readouterr().out
     with pytest.raises(GpubatchError, match="is a float64 module"):
         TorchModel(str(model), precision="fp16")  # nor can a worker, or the API, load it so
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. a torch slide head: validate refuses what run would
+
+
+def _validate(job_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gpubatch", "validate", str(job_path)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def _head(path: Path, dim: int) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(build_abmil(dim=dim, hidden=8, classes=2, seed=2), torch.rand(7, dim)), str(path))
+    return path
+
+
+def _head_job(tmp_path: Path, slide_path: Path, tile_model: Path, head: Path) -> Path:
+    job = slide_job([str(slide_path)], tile_model, tmp_path / "out", slide_model={"path": str(head)})
+    return write_job(tmp_path / "job.yaml", job)
+
+
+@pytest.mark.parametrize(("head", "expected"), [
+    ("corrupt", "head.pt: not a TorchScript file"),
+    ("state_dict", "head.pt: not a TorchScript file"),
+    ("narrow", "does not take a bag of 3-wide features"),
+])
+def test_validate_refuses_a_torch_head_run_would_refuse(tmp_path: Path, slide_path: Path, mean_model: Path,
+                                                        head: str, expected: str) -> None:
+    """A truncated TorchScript head, a torch.save'd state dict, and a head 5 features wide for a
+    tile model giving 3 passed validate; run then quarantined every slide (exit 1), the narrow
+    head's once its tiles were computed. Both refuse it now, before any tile, naming the file and
+    the fix."""
+    path = _head(tmp_path / "head.pt", 5 if head == "narrow" else 3)
+    if head == "corrupt":
+        path.write_bytes(path.read_bytes()[:2000])
+    elif head == "state_dict":
+        torch.save(build_abmil(dim=3, hidden=8, classes=2).state_dict(), str(path))
+    spec = _head_job(tmp_path, slide_path, mean_model, path)
+    done = _validate(spec)
+    assert done.returncode == EXIT_USAGE, done.stdout + done.stderr
+    assert f"slide_model.path: {path}" in done.stderr or "slide_model.path: slide_model" in done.stderr
+    assert expected in done.stderr and ("torch.jit.save" in done.stderr or "slide_model.features" in done.stderr)
+    assert main(["run", str(spec)]) == EXIT_USAGE
+    assert not (tmp_path / "out" / "predictions.parquet").exists()
+
+
+def test_validate_passes_a_torch_head_that_fits(tmp_path: Path, slide_path: Path, mean_model: Path) -> None:
+    done = _validate(_head_job(tmp_path, slide_path, mean_model, _head(tmp_path / "head.pt", 3)))
+    assert done.returncode == 0, done.stdout + done.stderr
