@@ -28,7 +28,7 @@ import numpy as np
 
 from gpubatch.core.errors import GpubatchError
 from gpubatch.io.localized import localize
-from gpubatch.models.base import Model, get_model
+from gpubatch.models.base import Model, backend_class, get_model, resolve_backend
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 Rows = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # index columns, outputs
 PROBE_SIZES = (2, 3)  # bag sizes run once to learn which outputs follow the bag's length
+HEAD_PRECISION = "fp32"  # a head runs at full precision: the bag is a few MB, the gate is the tile model's
 HEAD_NONFINITE = "slide_head.nonfinite."  # + output name: its NaN/inf values, for the shard's note
 
 
@@ -89,6 +90,10 @@ class HeadShape:
     templates: dict[str, np.ndarray]  # each output for a bag of one, to shape empty slides
 
 
+class HeadShapeError(GpubatchError):
+    """A head that does not take the bag it is given, in either layout."""
+
+
 _SHAPES: dict[tuple[int, int], HeadShape] = {}
 _SHAPES_LOCK = threading.Lock()
 
@@ -108,7 +113,18 @@ class SlideHead:
         if spec is None:
             return None
         path = localize(spec.path, job.input.storage, version)
-        return cls(get_model(path, spec.backend, "fp32", threads), spec.features)
+        return cls(get_model(path, spec.backend, HEAD_PRECISION, threads), spec.features)
+
+    @classmethod
+    def check_file(cls, path: str, backend: str, width: int | None) -> None:
+        """Load the head from ``path`` as a worker does (the backend's own loader, in a session of
+        its own, let go after) and, where the bag's ``width`` is known, probe it as a worker does
+        (:meth:`shape`): ``validate`` raises here the GpubatchError a worker would raise only once
+        a slide's tiles were computed. A corrupt or wrong-width TorchScript head passed validate,
+        and every slide of the run was then quarantined at its end."""
+        model = backend_class(resolve_backend(backend, path))(path, precision=HEAD_PRECISION)
+        if width is not None:
+            cls(model, None)._probe(width)  # not shape(): a private model's id must not enter _SHAPES
 
     def sink(self, capacity: int) -> BagSink:
         """A shard's sink, its bag sized for the ``capacity`` tiles the slide is to have."""
@@ -128,12 +144,12 @@ class SlideHead:
             try:
                 runs = [self._run(np.zeros((n, width), np.float32), batch_axis) for n in (1, *PROBE_SIZES)]
             except Exception as exc:  # the other layout may be the one the head takes
-                errors.append(f"{'(1, N, D)' if batch_axis else '(N, D)'}: {exc}")
+                errors.append(f"{'(1, N, D)' if batch_axis else '(N, D)'}: {_last_line(exc)}")
                 continue
             per_tile = tuple(k for k in runs[0] if all(r[k].shape[:1] == (n,) for r, n in
                                                         zip(runs[1:], PROBE_SIZES, strict=True)))
             return HeadShape(batch_axis, per_tile, runs[0])
-        raise GpubatchError(f"slide_model {self.model.path} does not take a bag of {width}-wide "
+        raise HeadShapeError(f"slide_model {self.model.path} does not take a bag of {width}-wide "
                             f"features as (N, {width}) or (1, N, {width}): " + "; ".join(errors))
 
     def _run(self, bag: np.ndarray, batch_axis: bool) -> dict[str, np.ndarray]:
@@ -172,6 +188,13 @@ class SlideHead:
                 start += n
         sink.batches.clear()
         return {k: _jsonable(v) for k, v in out.items() if k not in shape.per_tile}
+
+
+def _last_line(exc: BaseException) -> str:
+    """An error's last line, which says what failed, at most 300 characters: a TorchScript error
+    carries the module's whole traceback, dozens of lines, before it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 def head_nonfinite_note(clocks: StageClocks) -> str | None:

@@ -17,6 +17,7 @@ or assumed to be ``["output"]`` for TorchScript.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -25,6 +26,8 @@ import torch
 
 from gpubatch.core.errors import GpubatchError
 from gpubatch.models.base import Model
+
+log = logging.getLogger("gpubatch")
 
 SUPPORTED_PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -44,7 +47,7 @@ def _pick_device() -> str:
 
 def load_module(path: str, device: str) -> tuple[Any, list[str] | None, torch.dtype]:
     """The callable module, for an ExportedProgram its declared output names, and the dtype its
-    input takes (:func:`parameter_dtype`, :func:`exported_input_dtype`)."""
+    input takes (:func:`scripted_input_dtype`, :func:`exported_input_dtype`)."""
     if path.endswith(".pt2"):
         try:
             program = torch.export.load(path)
@@ -60,7 +63,7 @@ def load_module(path: str, device: str) -> tuple[Any, list[str] | None, torch.dt
     except RuntimeError as exc:
         raise GpubatchError(f"{path}: not a TorchScript file ({exc}); save with torch.jit.save, or "
                             "export with torch.export.save to a .pt2 file") from None
-    return module, None, parameter_dtype(module)
+    return module, None, scripted_input_dtype(module, path)
 
 
 #: the dtypes a module's input may take: the float32 batch gpubatch makes is cast to it as it is
@@ -69,16 +72,68 @@ def load_module(path: str, device: str) -> tuple[Any, list[str] | None, torch.dt
 FEEDABLE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def parameter_dtype(module: Any) -> torch.dtype:
-    """What a TorchScript module's input must be: its graph does not say, so the dtype of its
-    first floating parameter (or buffer, if it has none), in registration order, which is the
-    first layer's in a module that defines its layers in the order it applies them; float32 for
-    a module with neither (it computes in whatever it is fed)."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.is_floating_point():
-            first: torch.dtype = tensor.dtype
-            return first
+#: the operators whose weight fixes the dtype their input must have: a float32 input to a float64
+#: convolution, linear layer or normalisation fails, where elementwise arithmetic with a parameter
+#: promotes instead
+WEIGHTED_OPS = frozenset({
+    "aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::conv_transpose1d",
+    "aten::conv_transpose2d", "aten::conv_transpose3d", "aten::linear", "aten::addmm", "aten::mm",
+    "aten::matmul", "aten::bmm", "aten::einsum", "aten::batch_norm", "aten::layer_norm",
+    "aten::group_norm", "aten::instance_norm",
+})
+
+
+def scripted_input_dtype(module: Any, path: str) -> torch.dtype:
+    """What a TorchScript module's input must be. Its graph does not type the input, so: the dtype
+    of the weight of the first convolution, linear layer or normalisation its forward runs (in
+    graph order, control flow included); failing that, the dtype all its floating parameters and
+    buffers share; float32 where it has none (it computes in whatever it is fed) or where they
+    differ (said in a warning). The first registered parameter, which this used to be, was wrong
+    for a module whose first parameter is a float64 scalar (a temperature) beside float32 layers:
+    every batch was fed float64 and failed in the first convolution."""
+    try:
+        graph = module.inlined_graph
+    except (AttributeError, RuntimeError):  # no forward to read: the tensors alone say
+        graph = None
+    if graph is not None:
+        this = next(graph.inputs())
+        for node in _walk(graph.block()):
+            if node.kind() in WEIGHTED_OPS:
+                weight = next((t for t in (_attribute(module, this, v) for v in node.inputs()) if t is not None), None)
+                if weight is not None:
+                    return weight.dtype
+    dtypes = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    if dtypes:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        log.warning("%s: no convolution, linear layer or normalisation in its forward says which dtype its "
+                    "input takes, and its parameters are of several (%s): feeding float32; export it with "
+                    "torch.export (.pt2), whose signature records the input's dtype", path, names)
     return torch.float32
+
+
+def _walk(block: Any) -> Any:
+    """A graph block's nodes in order, each followed by the nodes of its own blocks (if, loop)."""
+    for node in block.nodes():
+        yield node
+        for inner in node.blocks():
+            yield from _walk(inner)
+
+
+def _attribute(module: Any, this: Any, value: Any) -> torch.Tensor | None:
+    """The floating tensor ``value`` is, where it is an attribute of the module (a chain of
+    ``prim::GetAttr`` from the graph's ``self``), else None."""
+    names = []
+    while value.node().kind() == "prim::GetAttr":
+        names.append(value.node().s("name"))
+        value = value.node().input()
+    if value is not this or not names:
+        return None
+    found = module
+    for name in reversed(names):
+        found = getattr(found, name, None)
+    return found if isinstance(found, torch.Tensor) and found.is_floating_point() else None
 
 
 def exported_input_dtype(path: str, program: Any) -> torch.dtype:
@@ -138,6 +193,9 @@ class TorchModel(Model):
             torch.set_num_threads(threads)
         self._device = _pick_device()
         self.module, declared, self.feed_dtype = load_module(path, self._device)
+        reason = precision_problem(path, self.feed_dtype, precision)
+        if reason:  # what runs is what the report names: never float64 under the name fp16
+            raise GpubatchError(reason)
         self._names = ["output"] if not declared or len(declared) == 1 else [f"output_{i}" for i in range(len(declared))]
 
     @classmethod

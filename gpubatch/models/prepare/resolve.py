@@ -131,7 +131,7 @@ class _Preparation:
         want = self.job.model.precision
         if want == "fp32":
             return
-        reason = unsupported_reason(want, self.backend)
+        reason = unsupported_reason(want, self.backend) or self.torch_precision_problem(want)
         if reason:
             self.refuse(want, reason)
             return
@@ -142,6 +142,18 @@ class _Preparation:
             self.audit["quantization"] = {"requested": want, "used": "fp32"}
             return
         self.reduce(want)
+
+    def torch_precision_problem(self, want: str) -> str | None:
+        """Why a torch module cannot run ``want`` at all (a float64 one: autocast leaves it in float64),
+        found on the fp32 model, kept for the run. With ``on_fail: fp32`` such a module went through
+        the gate, both sides float64, passed it trivially, and the report said fp16."""
+        if self.backend != "torch":
+            return None
+        from gpubatch.models.torch import TorchModel, precision_problem
+
+        model = self.model = self.load(self.job.model.path, "fp32")
+        assert isinstance(model, TorchModel)
+        return precision_problem(self.job.model.path, model.feed_dtype, want)
 
     def refuse(self, want: str, reason: str) -> None:
         """A precision this backend cannot run: stop, or run fp32 when ``on_fail: fp32``."""
@@ -155,7 +167,7 @@ class _Preparation:
     def reduce(self, want: str) -> None:
         """Make the reduced model (cached), gate it against fp32, and adopt it or fall back."""
         sample = self.draw()
-        reference = self.load(self.job.model.path, "fp32")
+        reference = self.model or self.load(self.job.model.path, "fp32")
         info: dict[str, Any] = {}
         path = self.job.model.path
         if self.backend in ONNX_BACKENDS:
