@@ -25,6 +25,7 @@ from gpubatch.sources.genome.variant_guard import SHORT_LINE
 from gpubatch.sources.genome.variants import read_variants
 
 pysam = pytest.importorskip("pysam")
+pytest_plugins = ["s3_fixtures"]
 
 CONTIG = "".join(np.random.default_rng(11).choice(list("ACGT"), 5000))
 CONTIGS = ContigTable(("chrA",), (len(CONTIG),))
@@ -93,6 +94,16 @@ def test_a_bcfs_bad_records_are_a_text_vcfs_by_record_number(tmp_path: Path, mod
     assert tables[".bcf"].counts["info_dropped"] == 1
     (note,) = [n for n in tables[".bcf"].notes if "INFO" in n]
     assert note.startswith("v.bcf: 1 record(s) have an INFO field of over 65,536 bytes (record 2): read with INFO")
+
+
+def test_a_remote_bcf_is_guarded_as_a_local_one(tmp_path: Path, s3: Any) -> None:
+    """A BCF at an s3:// URL (its bytes were piped to htslib as stored, records read whole):
+    the same records and bad records as the local file, by the same guard."""
+    bcf = _write(tmp_path / "v.bcf", "wb", RECORDS, samples=500)
+    local = read_variants(str(bcf), CONTIGS, max_bad=0.9, max_allele=MAX_ALLELE)
+    remote = read_variants(s3.upload(bcf), CONTIGS, s3.options(), max_bad=0.9, max_allele=MAX_ALLELE)
+    assert (remote.pos, remote.alt, remote.failed, remote.notes) == (local.pos, local.alt, local.failed, local.notes)
+    assert [f["input"] for f in remote.failed] == [f"v.bcf record {n}" for n in (3, 4, 5, 6)]
 
 
 def _guarded(data: bytes, sizes: list[int]) -> tuple[bytes, BcfGuard]:
