@@ -7,6 +7,9 @@ long mostly for another reason: an INFO of annotations, or thousands of genotype
 reader passes such a line here in pieces as it reads past it (``numbered_lines``'s ``long_line``),
 and :class:`FieldMeter` keeps its columns' lengths, not their bytes: those of the columns read,
 and the longest of the others and their sum. The problem then names what is too long and the fix.
+A VCF body's line is long mostly for another reason (an INFO of annotations, thousands of genotype
+columns), which a VCF's reader reads past: its QUAL, FILTER and INFO are measured too
+(:func:`vcf_field_sizes`), and the line is read by the VCF's rule (``variant_guard.field_verdict``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ class FieldMeter:
     delimiter: bytes
     #: the columns the reader reads (field name -> column index)
     read: dict[str, int]
+    #: columns not read whose lengths are kept too (a VCF body's QUAL, FILTER and INFO, which
+    #: decide as in a VCF whether its record is left out or read with INFO as '.')
+    measured: tuple[int, ...] = ()
+    measured_lengths: dict[int, int] = field(default_factory=dict)
     lengths: dict[int, int] = field(default_factory=dict)  # the read columns' bytes
     longest: tuple[int, int] = (-1, 0)  # (column, bytes) of the longest column not read
     other_bytes: int = 0  # the bytes of the columns not read, together
@@ -35,11 +42,12 @@ class FieldMeter:
     length: int = 0  # the bytes of the column being read
     quoted: bool = False
     fed: bool = False
+    finished: bool = False
 
     def reset(self) -> None:
-        self.lengths, self.longest, self.other_bytes = {}, (-1, 0), 0
+        self.lengths, self.measured_lengths, self.longest, self.other_bytes = {}, {}, (-1, 0), 0
         self.columns = self.length = 0
-        self.quoted = self.fed = False
+        self.quoted = self.fed = self.finished = False
 
     def feed(self, piece: bytes) -> None:
         """The line's next bytes (its newline, at the end of the last piece, not counted)."""
@@ -59,13 +67,17 @@ class FieldMeter:
                 self.length = len(text)
 
     def finish(self) -> None:
-        """The line's last column ended (call once, when the line is read past)."""
-        self._end_column()
+        """The line's last column ended (when the line is read past; once, however often asked)."""
+        if not self.finished:
+            self._end_column()
+            self.finished = True
 
     def _end_column(self) -> None:
         if self.columns in self.read.values():
             self.lengths[self.columns] = self.length
         else:
+            if self.columns in self.measured:
+                self.measured_lengths[self.columns] = self.length
             self.other_bytes += self.length
             if self.length > self.longest[1]:
                 self.longest = (self.columns, self.length)
@@ -99,6 +111,14 @@ def line_too_long(meter: FieldMeter, names: Sequence[str], line_bytes: int, max_
     return (f"the line is {total:,} bytes long, over the {line_bytes:,} bytes a line is read up to (a REF and an ALT of "
             f"{max_allele:,} bases and {SHORT_LINE:,} bytes besides): {'; '.join(found)} (the columns read: "
             f"{shown or 'none'} bytes). Left out unread: {'; '.join(fixes)}")
+
+
+def vcf_field_sizes(meter: FieldMeter) -> list[int]:
+    """The bytes of a VCF body line's first eight fields (as many as it has), measured by ``meter``
+    (its ``read`` columns 0 to 4, ``measured`` 5 to 7) as the line was read past: ``field_verdict``'s."""
+    meter.finish()
+    sizes = {**meter.lengths, **meter.measured_lengths}
+    return [sizes[i] for i in range(min(meter.columns, len(VCF_COLUMNS) - 1))]
 
 
 def _unread(meter: FieldMeter, names: Sequence[str]) -> str:

@@ -35,8 +35,18 @@ from typing import IO, Any
 
 from gpubatch.core.errors import MissingExtraError, SpecError
 from gpubatch.io.redact import excerpt
-from gpubatch.sources.genome.long_lines import VCF_COLUMNS, FieldMeter, line_too_long
-from gpubatch.sources.genome.variant_guard import SHORT_LINE, FieldGuard
+from gpubatch.sources.genome.long_lines import (
+    VCF_COLUMNS,
+    FieldMeter,
+    line_too_long,
+    vcf_field_sizes,
+)
+from gpubatch.sources.genome.variant_guard import (
+    INFO_LINES_KEPT,
+    SHORT_LINE,
+    GuardState,
+    field_verdict,
+)
 from gpubatch.sources.genome.variant_stream import (
     GZIP_MAGIC,
     Feed,
@@ -119,22 +129,29 @@ class Layout:
                          f"{self.first_stray_header}): VCFs joined with `cat`? The records after them were read "
                          "too; join VCFs with `bcftools concat`, which keeps one header")
         if self.info_dropped:
-            notes.append(info_dropped_note(name, self.info_dropped, self.info_dropped_lines))
+            unit = "record" if self.kind == LAYOUT_BCF else "line"
+            notes.append(info_dropped_note(name, self.info_dropped, self.info_dropped_lines, unit))
         return notes
 
-    def count_info_dropped(self, guard: FieldGuard | None) -> None:
+    def drop_info(self, number: int) -> None:
+        """Line ``number`` of a VCF body is read with its INFO (over SHORT_LINE bytes) unread, as a VCF's."""
+        self.info_dropped += 1
+        if len(self.info_dropped_lines) < INFO_LINES_KEPT:
+            self.info_dropped_lines.append(number)
+
+    def count_info_dropped(self, guard: GuardState | None) -> None:
         """The records whose INFO ``guard`` dropped, once htslib has read to the end of what it
         passed on (the guard is done: its thread closed the pipe after its last line)."""
         if guard is not None:
             self.info_dropped, self.info_dropped_lines = guard.info_dropped, list(guard.info_dropped_lines)
 
 
-def info_dropped_note(name: str, count: int, lines: list[int]) -> str:
+def info_dropped_note(name: str, count: int, lines: list[int], unit: str = "line") -> str:
     """The note for ``count`` records whose INFO of over SHORT_LINE bytes was read as '.', the
-    first of them on ``lines``."""
+    first of them on ``lines`` (a BCF's: record numbers, ``unit`` 'record')."""
     shown = [str(n) for n in lines]
-    where = (f"first: lines {', '.join(shown)}" if count > len(shown)
-             else f"line {shown[0]}" if count == 1 else f"lines {', '.join(shown[:-1])} and {shown[-1]}")
+    where = (f"first: {unit}s {', '.join(shown)}" if count > len(shown)
+             else f"{unit} {shown[0]}" if count == 1 else f"{unit}s {', '.join(shown[:-1])} and {shown[-1]}")
     return (f"{name}: {count} record(s) have an INFO field of over {SHORT_LINE:,} bytes ({where}): read with INFO "
             "as '.', the rest of each record as written. Scores are unaffected: no output of gpubatch reads INFO (variant mode "
             "reads CHROM, POS, ID, REF and ALT). Where INFO matters, take it from the VCF itself, e.g. join "
@@ -277,23 +294,50 @@ def _reads_as_body(line: str) -> bool:
 def _table_records(source: VariantInput, layout: Layout, max_allele: int) -> Iterator[RawRecord | MalformedRecord]:
     """A table's records, each line read up to the bytes a REF and an ALT of ``max_allele``
     bases and the other columns take: a longer line is a malformed record, read past unheld,
-    its columns measured on the way to say which made it long (``long_lines``)."""
+    its columns measured on the way to say which made it long (``long_lines``). A VCF body's
+    line is long mostly for its INFO or genotypes, which a VCF's reader reads past: it is read as
+    a VCF's record is (``_body_problem``)."""
     name = source.name
     line_bytes = 2 * max_allele + SHORT_LINE
-    meter = FieldMeter(layout.delimiter.encode(), layout.columns)
+    body = layout.kind == LAYOUT_BODY
+    meter = FieldMeter(layout.delimiter.encode(), layout.columns, measured=(5, 6, 7) if body else ())
     lines = numbered_lines(source, line_bytes, meter.feed)
     with contextlib.closing(lines):
         for n, raw in lines:
             long = meter.fed
-            if long and n > layout.header_lines:
-                yield MalformedRecord(f"{name} line {n}", n, line_too_long(meter, layout.names, line_bytes, max_allele,
-                                                                           layout.kind == LAYOUT_BODY))
+            if n <= layout.header_lines:
+                meter.reset()
+                continue
+            if body:
+                problem = _body_problem(raw, meter, layout, n, max_allele)
+            else:
+                problem = line_too_long(meter, layout.names, line_bytes, max_allele, False) if long else None
             meter.reset()
-            if long or n <= layout.header_lines:
+            if problem is not None:
+                yield MalformedRecord(f"{name} line {n}", n, problem)
                 continue
             line = _text(raw, n)
             if line.strip() and not line.startswith("#"):
                 yield _table_record(line, n, name, layout)
+
+
+def _body_problem(raw: bytes, meter: FieldMeter, layout: Layout, number: int, max_allele: int) -> str | None:
+    """What leaves a VCF body's line ``number`` out, or None, by a VCF's rule and in its words
+    (``field_verdict``): its CHROM, POS, ID, QUAL or FILTER over 64 KiB or its REF or ALT over
+    ``max_allele``; an INFO over 64 KiB is not read and the line counted in ``layout`` (the
+    report's note); FORMAT and genotypes are not read at all, however many. ``raw`` is the line's
+    first bytes: a line longer than them (``meter.fed``, measured as it was read past) whose first
+    five columns are not all among them is left out as a table's line would be."""
+    line_bytes = 2 * max_allele + SHORT_LINE
+    if not meter.fed and len(raw) <= SHORT_LINE:  # no field of it can be over a limit
+        return None
+    sizes = vcf_field_sizes(meter) if meter.fed else [len(f) for f in raw.rstrip(b"\r\n").split(b"\t", 8)[:8]]
+    problem, info_over = field_verdict(sizes, max_allele)
+    if problem is None and meter.fed and sum(sizes[:5]) + 5 > line_bytes:
+        return line_too_long(meter, layout.names, line_bytes, max_allele, True)
+    if problem is None and info_over:
+        layout.drop_info(number)
+    return problem
 
 
 def _float_hint(text: str) -> str:
@@ -335,8 +379,9 @@ def _pysam() -> Any:
 
 def _vcf_records(source: VariantInput, layout: Layout, max_allele: int) -> Iterator[RawRecord | MalformedRecord]:
     """Records through pysam: text VCFs are numbered by line, BCFs by record. A text VCF reaches
-    htslib through ``variant_guard`` (a record with a REF or ALT over ``max_allele`` bases is
-    quarantined unread, an INFO over 64 KiB passed on as '.' and counted in ``layout`` for the report's note).
+    htslib through ``variant_guard``, a BCF through ``variant_bcf`` (a record with a REF or ALT
+    over ``max_allele`` bases is quarantined unread, an INFO over 64 KiB passed on as '.' and
+    counted in ``layout`` for the report's note, sample data never passed on).
 
     htslib stays quiet while the file is read: its warnings (a missing index, a contig the
     header does not declare) would go straight to the terminal, and the contigs are checked
@@ -345,31 +390,28 @@ def _vcf_records(source: VariantInput, layout: Layout, max_allele: int) -> Itera
     pysam = _pysam()
     previous = pysam.set_verbosity(0)
     try:
-        guarded = max_allele if layout.kind == LAYOUT_VCF else None
-        with htslib_readable(source, guarded) as (readable, feed), _LineFinder(source) as lines:
+        with htslib_readable(source, max_allele) as (readable, feed), _LineFinder(source) as lines:
             yield from _pysam_records(pysam, readable, feed, source, layout, lines)
     finally:
         pysam.set_verbosity(previous)
 
 
-def _open_vcf(pysam: Any, readable: str | IO[bytes], feed: Feed | None, source: VariantInput,
+def _open_vcf(pysam: Any, readable: IO[bytes], feed: Feed, source: VariantInput,
               layout: Layout) -> Any:
-    """pysam's reader of ``readable``, genotypes left unparsed, and the header's contig lengths
-    in ``layout``; a file htslib cannot open is refused (where a feed broke off first: as that)."""
+    """pysam's reader of ``readable`` (no samples: the guard cut them off), and the header's
+    contig lengths in ``layout``; a file htslib cannot open is refused (where the feed broke off
+    first: as that)."""
     try:
         vf = pysam.VariantFile(readable)
     except (ValueError, OSError) as exc:
-        if feed is not None:
-            feed.raise_error()
+        feed.raise_error()
         raise SpecError([(FIELD, f"{source.uri}: not a readable VCF/BCF ({exc}); a VCF starts with "
                                  "'##fileformat=VCFv4.x' and has a '#CHROM ...' line")]) from None
     layout.declared.update({str(n): int(c.length) for n, c in vf.header.contigs.items() if c.length})
-    if len(vf.header.samples):
-        vf.subset_samples([])  # a BCF's (a text VCF's are cut off by the guard): htslib parses no genotypes
     return vf
 
 
-def _pysam_records(pysam: Any, readable: str | IO[bytes], feed: Feed | None, source: VariantInput,
+def _pysam_records(pysam: Any, readable: IO[bytes], feed: Feed, source: VariantInput,
                    layout: Layout, lines: _LineFinder) -> Iterator[RawRecord | MalformedRecord]:
     """The records of what pysam opens (``readable``: the file, or a pipe ``feed`` fills),
     numbered by the text file's lines.
@@ -389,12 +431,11 @@ def _pysam_records(pysam: Any, readable: str | IO[bytes], feed: Feed | None, sou
             try:
                 rec = next(records)
             except StopIteration:
-                if feed is not None:
-                    feed.raise_error()
-                    layout.count_info_dropped(feed.guard)
+                feed.raise_error()
+                layout.count_info_dropped(feed.guard)
                 return
             except (ValueError, OSError) as exc:
-                guarded = feed.problem(line) if feed is not None else None
+                guarded = feed.problem(line)
                 if guarded is not None:
                     yield MalformedRecord(where, line, guarded)
                     continue
@@ -408,7 +449,7 @@ def _pysam_records(pysam: Any, readable: str | IO[bytes], feed: Feed | None, sou
                 yield MalformedRecord(where, line, f"malformed VCF record ({why or exc})")
                 continue
             failing = 0
-            guarded = feed.problem(line) if feed is not None else None
+            guarded = feed.problem(line)
             yield _raw_record(rec, where, line) if guarded is None else MalformedRecord(where, line, guarded)
 
 

@@ -32,6 +32,7 @@ so every record keeps its number.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -60,18 +61,53 @@ def allele_too_long(which: str, size: int, max_allele: int) -> str:
             f"or leave such records out first (`bcftools view -e 'strlen({which})>{max_allele}'`)")
 
 
+def field_limit(column: int, max_allele: int) -> int:
+    """The most bytes a record's field ``column`` (0 for CHROM) is read up to."""
+    return max_allele if column in (REF, ALT) else SHORT_LINE
+
+
+def field_problem(column: int, size: int, max_allele: int) -> str:
+    """The problem of a record whose field ``column`` of ``size`` bytes is over its limit."""
+    if column in (REF, ALT):
+        return allele_too_long(COLUMNS[column], size, max_allele)
+    return (f"its {COLUMNS[column]} field is {size:,} bytes long (over {SHORT_LINE:,}): no VCF value is; "
+            "left out unread. Mend the line or leave it out")
+
+
+def field_verdict(sizes: Sequence[int], max_allele: int) -> tuple[str | None, bool]:
+    """A record's first fields of ``sizes`` bytes (CHROM on; as many as it has): the problem of the
+    first over its limit but INFO (the record is left out), or None; and whether INFO is over its
+    limit (the record is read with INFO as '.'). One rule for a text VCF, a BCF and a VCF body."""
+    over = [i for i, size in enumerate(sizes[: len(COLUMNS)]) if size > field_limit(i, max_allele)]
+    bad = [i for i in over if i != INFO]
+    return (field_problem(bad[0], sizes[bad[0]], max_allele) if bad else None), INFO in over
+
+
 @dataclass
-class FieldGuard:
-    """Copies a text VCF to ``out`` line for line, record lines' fields bounded (see module)."""
+class GuardState:
+    """What a guard (a text VCF's :class:`FieldGuard`, a BCF's ``variant_bcf.BcfGuard``) found,
+    for the reader: the records it replaced by a placeholder, and those whose INFO it dropped."""
 
     out: IO[bytes]
     max_allele: int
-    #: line number -> problem, for each line replaced by a placeholder record
+    #: line (a BCF's: record) number -> problem, for each record replaced by a placeholder
     problems: dict[int, str] = field(default_factory=dict)
     info_dropped: int = 0
-    #: the first INFO_LINES_KEPT of those lines' numbers (a file of millions keeps a few)
+    #: the first INFO_LINES_KEPT of those records' numbers (a file of millions keeps a few)
     info_dropped_lines: list[int] = field(default_factory=list)
-    lines: int = 0  # lines passed on whole so far (a damaged stream is refused after the last)
+    lines: int = 0  # lines (records) passed on whole so far (a damaged stream is refused after the last)
+
+    def drop_info(self, number: int) -> None:
+        """Record ``number`` is passed on with its INFO dropped."""
+        self.info_dropped += 1
+        if len(self.info_dropped_lines) < INFO_LINES_KEPT:
+            self.info_dropped_lines.append(number)
+
+
+@dataclass
+class FieldGuard(GuardState):
+    """Copies a text VCF to ``out`` line for line, record lines' fields bounded (see module)."""
+
     _held: bytearray = field(default_factory=bytearray)  # the start of a short line not yet ended
     _long: _LongLine | None = None
 
@@ -166,7 +202,7 @@ class _LongLine:
         return end + 1
 
     def _limit(self) -> int:
-        return self.guard.max_allele if len(self.fields) in (REF, ALT) else SHORT_LINE
+        return field_limit(len(self.fields), self.guard.max_allele)
 
     def _decide(self, after: bytes) -> None:
         """The line's first fields are read: pass them on, or a placeholder for a bad record."""
@@ -175,25 +211,15 @@ class _LongLine:
         if self.head.startswith(b"#"):  # the '#CHROM' line (or one among the records): its column names
             guard.out.write(b"\t".join(self.fields) + b"\n")
             return
-        over = [i for i, size in enumerate(self.sizes) if size > (guard.max_allele if i in (REF, ALT) else SHORT_LINE)]
-        bad = [i for i in over if i != INFO]
-        if bad:
-            guard.problems[self.number] = self._problem(bad[0])
+        problem, info_over = field_verdict(self.sizes, guard.max_allele)
+        if problem is not None:
+            guard.problems[self.number] = problem
             guard.out.write(self._placeholder())
             return
-        if INFO in over:
+        if info_over:
             self.fields[INFO] = b"."
-            guard.info_dropped += 1
-            if len(guard.info_dropped_lines) < INFO_LINES_KEPT:
-                guard.info_dropped_lines.append(self.number)
+            guard.drop_info(self.number)
         guard.out.write(b"\t".join(self.fields) + b"\n")
-
-    def _problem(self, column: int) -> str:
-        size = self.sizes[column]
-        if column in (REF, ALT):
-            return allele_too_long(COLUMNS[column], size, self.guard.max_allele)
-        return (f"its {COLUMNS[column]} field is {size:,} bytes long (over {SHORT_LINE:,}): no VCF value is; "
-                "left out unread. Mend the line or leave it out")
 
     def _placeholder(self) -> bytes:
         """A record htslib reads in a few bytes, in the bad line's place (its problem is reported instead)."""

@@ -6,14 +6,15 @@ remote file a download held whole in memory. Every read here is a stream:
 
 * the layout checks (``variant_files.sniff``) read the first lines, the first bytes, or the
   last 28 (a bgzip file's end-of-file block), each a fresh open of the file;
-* htslib (pysam) opens a local BCF by its path. A text VCF reaches it through a pipe that a
-  thread fills with the file's text, each record line's fields bounded and its genotype columns
-  cut off (``variant_guard``: one record with a 20 MB REF held about five copies of it in htslib and pysam). Without that,
-  htslib could not read a plain-gzip file (``gzip``, not ``bgzip``: pysam asks the stream's offset, "seek not implemented
-  in files compressed by method 1"), nor an ``s3://`` URL with the job's storage options. Those
-  reach it through the same pipe (:func:`htslib_readable`): a remote BCF's bytes as they are. The pipe holds 64 KiB, so memory
-  stays bounded whatever the file's size; a damaged stream is raised by the reader
-  (:meth:`Feed.raise_error`) once htslib has read the whole lines before it.
+* htslib (pysam) reads a text VCF or a BCF through a pipe that a thread fills with the file,
+  each record's fields bounded and its genotype columns cut off (``variant_guard`` for text:
+  one record with a 20 MB REF held about five copies of it in htslib and pysam; ``variant_bcf``
+  for a BCF, whose records htslib read whole, samples and all). Without the pipe htslib could
+  not read a plain-gzip file (``gzip``, not ``bgzip``: pysam asks the stream's offset, "seek not
+  implemented in files compressed by method 1"), nor an ``s3://`` URL with the job's storage
+  options. The pipe holds 64 KiB, so memory stays bounded whatever the file's size; a damaged
+  stream is raised by the reader (:meth:`Feed.raise_error`) once htslib has read the whole lines
+  (records) before it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from gpubatch.core.errors import SpecError
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import open_file
 from gpubatch.io.uris import is_remote, local_path
+from gpubatch.sources.genome.variant_bcf import BcfGuard
 from gpubatch.sources.genome.variant_guard import FieldGuard
 
 log = logging.getLogger("gpubatch")
@@ -103,13 +105,13 @@ class VariantInput:
         return head[:2] == GZIP_MAGIC and not (len(head) == 14 and head[3] & 4 and head[12:14] == b"BC")
 
 
-def gzip_damage(uri: str, after_line: int, exc: BaseException, tool: str = "gzip") -> SpecError:
+def gzip_damage(uri: str, after_line: int, exc: BaseException, tool: str = "gzip", unit: str = "line") -> SpecError:
     """The refusal of a compressed file whose stream fails after line ``after_line``: cut short
     (a copy, a download or a disk that ran out) or corrupt. Its later records are lost, and
     scoring the ones before would pass a part of the file for the whole."""
     name = os.path.basename(uri.rstrip("/"))
-    what = (f"is cut short: the {tool} stream breaks off after line {after_line}" if isinstance(exc, EOFError)
-            else f"is damaged: its {tool} stream fails after line {after_line} ({exc})")
+    what = (f"is cut short: the {tool} stream breaks off after {unit} {after_line}" if isinstance(exc, EOFError)
+            else f"is damaged: its {tool} stream fails after {unit} {after_line} ({exc})")
     return SpecError([(FIELD, f"{uri} {what}; the records past it are lost. Copy or write the file again "
                               f"whole (`{tool} -t {name}` tests a copy)")])
 
@@ -170,11 +172,11 @@ class Feed:
     """The thread's side of htslib's pipe: what it writes, and the error that stopped it, which
     the reader raises (:meth:`raise_error`) once htslib has read to the pipe's end."""
 
-    def __init__(self, source: VariantInput, max_allele: int | None):
+    def __init__(self, source: VariantInput, max_allele: int):
         self.source = source
-        #: a text VCF's: its text, fields bounded by ``guard``; else (a BCF) its bytes as stored
+        #: the longest REF or ALT passed on (in a record otherwise too long to pass whole)
         self.max_allele = max_allele
-        self.guard: FieldGuard | None = None
+        self.guard: FieldGuard | BcfGuard | None = None
         self.error: BaseException | None = None
 
     def run(self, fd: int) -> None:
@@ -182,7 +184,7 @@ class Feed:
         The error is kept before the close, so the reader finds it as soon as htslib stops."""
         out = os.fdopen(fd, "wb", buffering=FEED_CHUNK)
         try:
-            self._copy(out)
+            self._guarded(out)
         except BrokenPipeError:
             pass  # htslib was closed before the file's end: nothing more is read
         except Exception as exc:  # noqa: BLE001 -- handed to the reader, which raises it in the plan
@@ -191,27 +193,27 @@ class Feed:
             with contextlib.suppress(OSError):
                 out.close()
 
-    def _copy(self, out: IO[bytes]) -> None:
-        if self.max_allele is not None:
-            self._guarded(out)
-            return
-        with self.source.raw() as raw:
-            while chunk := raw.read(FEED_CHUNK):
-                out.write(chunk)
-
     def _guarded(self, out: IO[bytes]) -> None:
-        """The file's text through a FieldGuard, in blocks: a damaged gzip stream is refused after
-        the last whole line passed on (htslib has read up to it)."""
-        guard = self.guard = FieldGuard(out, self.max_allele or 0)
+        """The file's text through a FieldGuard, or a BCF's bytes through a BcfGuard (told by
+        their first bytes), read in blocks: a damaged gzip stream is refused after the last whole
+        line or record passed on (htslib has read up to it)."""
+        unit = "line"
         try:
             with self.source.text() as f:
                 read = getattr(f, "read1", f.read)
-                while block := read(FEED_CHUNK):
+                block = read(FEED_CHUNK)
+                if block.startswith(b"BCF"):
+                    unit, self.guard = "record", BcfGuard(out, self.max_allele, name=self.source.name)
+                    self.guard.copy(block, read)
+                    return
+                guard = self.guard = FieldGuard(out, self.max_allele)
+                while block:
                     guard.feed(block)
+                    block = read(FEED_CHUNK)
         except BrokenPipeError:
             raise
         except GZIP_ERRORS as exc:
-            raise gzip_damage(self.source.uri, guard.lines, exc) from None
+            raise gzip_damage(self.source.uri, self.guard.lines if self.guard else 0, exc, unit=unit) from None
         guard.close()
 
     def problem(self, line: int) -> str | None:
@@ -225,14 +227,11 @@ class Feed:
 
 
 @contextlib.contextmanager
-def htslib_readable(source: VariantInput, max_allele: int | None) -> Iterator[tuple[str | IO[bytes], Feed | None]]:
-    """What pysam opens for ``source``: a local BCF (``max_allele`` None) by its path; a text VCF
-    (its REF and ALT held up to ``max_allele`` bases), or a remote BCF, as the read end of a pipe
-    a thread fills (with its Feed, whose error the caller raises where htslib stops). The pipe is
-    closed on the way out, so the thread stops at its next write however far it got."""
-    if source.local is not None and max_allele is None:
-        yield source.local, None
-        return
+def htslib_readable(source: VariantInput, max_allele: int) -> Iterator[tuple[IO[bytes], Feed]]:
+    """What pysam opens for ``source``, a text VCF or a BCF (its REF and ALT held up to
+    ``max_allele`` bases): the read end of a pipe a thread fills through the file's guard (with
+    its Feed, whose error the caller raises where htslib stops). The pipe is closed on the way
+    out, so the thread stops at its next write however far it got."""
     feed = Feed(source, max_allele)
     read_fd, write_fd = os.pipe()
     thread = threading.Thread(target=feed.run, args=(write_fd,), name="gpubatch-variants-feed", daemon=True)
