@@ -422,8 +422,20 @@ def local_cuda_kwargs(profile: dict[str, Any]) -> dict[str, Any]:
         if profile.get(key) is not None:
             kwargs[key] = profile[key]
     if "rmm_pool_size" in kwargs:
+        _require_rmm()
         kwargs["rmm_allocator_external_lib_list"] = ["cupy"]
     return kwargs
+
+
+def _require_rmm() -> None:
+    """A pool is RMM's: dask-cuda does not install it (nor does the gpu extra), and without it
+    LocalCUDACluster refuses to start with "RMM pool or managed memory requested but module 'rmm'
+    is not available"; say which profile key asks for it and the two ways out."""
+    import importlib.util
+
+    if importlib.util.find_spec("rmm") is None:
+        raise GpubatchError("profile.rmm_pool_size needs RMM, which is not installed (dask-cuda does not "
+                            "install it): pip install rmm-cu12, or remove rmm_pool_size from the profile")
 
 
 def effective_memory() -> tuple[int, str]:
