@@ -464,3 +464,73 @@ def test_gpu_extra_installs_nothing_gpubatch_does_not_import() -> None:
         assert dist in GPU_EXTRA_MODULES, f"{dist} in the gpu extra: which module of gpubatch imports it?"
         module = GPU_EXTRA_MODULES[dist]
         assert re.search(rf"^\s*(from|import) {re.escape(module)}\b", source, re.MULTILINE), module
+
+
+def test_gpu_extra_installs_what_onnxruntimes_cuda_providers_load() -> None:
+    """onnxruntime-gpu>=1.17 allowed 1.17, which PyPI has for CUDA 11.8 with a TensorRT 8 provider
+    (beside cupy-cuda12x and tensorrt 10); cuDNN came from nowhere, and the CUDA provider fell back
+    to the CPU. 1.21 is the first with the [cuda,cudnn] extras and preload_dlls."""
+    import re
+
+    ort_gpu = next(d for d in _gpu_extra() if d.startswith("onnxruntime-gpu"))
+    found = re.fullmatch(r"onnxruntime-gpu\[([\w,]+)\]>=([\d.]+)", ort_gpu)
+    assert found is not None, ort_gpu
+    assert {"cuda", "cudnn"} <= set(found.group(1).split(","))
+    assert tuple(map(int, found.group(2).split("."))) >= (1, 21)
+
+
+# -- ONNX Runtime's CUDA providers find their libraries ----------------------------------------------
+
+
+@pytest.fixture()
+def preload_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    import onnxruntime as ort
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(ort, "preload_dlls", lambda *args, **kwargs: calls.append(args), raising=False)
+    return calls
+
+
+def test_tensorrt_provider_imports_tensorrt_which_loads_libnvinfer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preload_calls: list[Any]) -> None:
+    """The TensorRT provider links libnvinfer.so.10, which only ``import tensorrt`` (its
+    tensorrt_libs) loads from the wheel's folder. A stand-in tensorrt package on sys.path records
+    that it was imported."""
+    from gpubatch.models.onnxruntime import load_provider_libraries
+
+    package = tmp_path / "tensorrt"
+    package.mkdir()
+    (package / "__init__.py").write_text("LOADED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    load_provider_libraries(["CPUExecutionProvider"])
+    assert "tensorrt" not in sys.modules and preload_calls == []
+    load_provider_libraries(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert "tensorrt" not in sys.modules and len(preload_calls) == 1
+    load_provider_libraries(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert sys.modules["tensorrt"].LOADED and len(preload_calls) == 2
+
+
+def test_a_cuda_session_is_opened_after_its_libraries_are_loaded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preload_calls: list[Any]) -> None:
+    """The model preloads before it opens the session (a real session: this CPU build of ONNX
+    Runtime warns that the CUDA provider it is told of is missing and runs on the CPU)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from gpubatch.models.onnxruntime import OnnxRuntimeModel
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    available = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
+    OnnxRuntimeModel(str(tmp_path / "m.onnx"))
+    assert len(preload_calls) == 1
+    monkeypatch.setenv("GPUBATCH_ORT_PROVIDERS", "CPUExecutionProvider")
+    OnnxRuntimeModel(str(tmp_path / "m.onnx"))
+    assert len(preload_calls) == 1

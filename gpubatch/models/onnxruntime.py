@@ -6,6 +6,7 @@ On a CUDA provider the engine hands a device array straight to the session throu
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -18,6 +19,27 @@ from gpubatch.models.ort_tensorrt import TRT_EP, EngineFacts, engine_cache_dir, 
 
 #: the providers that run on a CUDA device and take device memory through IO binding ("cuda")
 CUDA_PROVIDERS = (TRT_EP, "CUDAExecutionProvider")
+
+
+def load_provider_libraries(providers: list[str]) -> None:
+    """Load what the CUDA providers link, from the gpu extra's wheels, before a session asks.
+
+    The TensorRT provider links libnvinfer.so.10, which the tensorrt wheel keeps in its own folder
+    (tensorrt_libs), off the loader's path: ``import tensorrt`` loads it, and the provider then
+    finds it loaded. Without it the session printed "libnvinfer.so.10: cannot open shared object
+    file" and fell back to the CUDA provider. The CUDA provider needs cuDNN 9 and the CUDA 12
+    libraries, which onnxruntime-gpu's ``[cuda,cudnn]`` extras install as nvidia-* wheels and its
+    ``preload_dlls`` (1.21+) loads from their folders, as ONNX Runtime's docs say to; without them
+    the session fell back to the CPU provider.
+    """
+    if not any(p in CUDA_PROVIDERS for p in providers):
+        return
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()
+    if TRT_EP in providers:
+        with contextlib.suppress(ImportError):
+            import tensorrt  # noqa: F401
 
 
 def _providers() -> list[str]:
@@ -60,6 +82,7 @@ class OnnxRuntimeModel(Model):
         # come from the arena, sized once by the warm-up batch and reused.
         opts.enable_mem_pattern = False
         providers = _providers()
+        load_provider_libraries(providers)
         #: what the TensorRT provider's engine is built for (None off that provider)
         self.trt_facts: EngineFacts | None = None
         if providers[0] == TRT_EP:
