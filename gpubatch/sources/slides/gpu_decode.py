@@ -1,9 +1,12 @@
-"""GPU JPEG decode of TIFF tiles: compressed bytes go to the device, pixels never touch the host.
+"""GPU JPEG decode of TIFF tiles: compressed bytes go to the device and are decoded there.
 
-On a GPU run, host-side JPEG decode (about 80 ms per 4096x4096 level with libjpeg-turbo) and the
-host-to-device copy of decoded pixels (3 bytes per pixel instead of ~0.3 compressed) are the two
-costs this removes: nvImageCodec decodes a batch of tile bitstreams with nvJPEG straight into
-device memory.
+On a GPU run, host-side JPEG decode (about 80 ms per 4096x4096 level with libjpeg-turbo) takes the
+host cores that feed the model: nvImageCodec decodes a batch of tile bitstreams with nvJPEG into
+device memory instead. The decoded tiles are then copied back to the host
+(``TiffBackend._decoded`` yields host arrays, which the tile pipeline batches), so what this
+removes is the host's decode, not the host-to-device copy of decoded pixels (3 bytes per pixel
+against ~0.3 compressed): keeping pixels on the device up to the model would need a device-side
+batch assembly, which the pipeline does not have.
 
 TIFF stores JPEG tiles as *abbreviated* streams: the quantisation and Huffman tables live once in
 the JPEGTables tag, not in each tile. Stand-alone decoders (nvJPEG, and imagecodecs without its
