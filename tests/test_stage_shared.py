@@ -178,6 +178,25 @@ def test_a_copy_another_run_staged_is_asked_again_and_this_runs_is_not(tmp_path:
     assert (s3.proxy.stats["HEAD"], s3.proxy.stats["GET"]) == (1, 1)
 
 
+def test_a_copy_an_earlier_run_staged_is_stamped_with_the_run_that_asked_again(
+        tmp_path: Path, s3: S3Stack, uris: list[str]) -> None:
+    """The client of a second run finds the copy an earlier run staged: it asks its version (a
+    HEAD) and uses it, but left the record naming the earlier run, so each of its workers asked
+    again (a HEAD each: 2 for that slide over two workers). The record now names the run that
+    asked, and its other processes take the copy with no request."""
+    with StageCache(str(tmp_path), max_bytes=1 << 30, run="run-1").open(uris[0], s3.options(), StageClocks()) as first:
+        pass
+    s3.proxy.reset()
+    client = StageCache(str(tmp_path), max_bytes=1 << 30, run="run-2")
+    with client.open(uris[0], s3.options(), StageClocks()) as again:
+        assert again.path == first.path
+    assert (s3.proxy.stats["HEAD"], s3.proxy.stats["GET"]) == (1, 0)
+    for _worker in range(2):
+        with StageCache(str(tmp_path), max_bytes=1 << 30, run="run-2").open(uris[0], s3.options(), StageClocks()) as took:
+            assert took.identity == first.identity
+    assert (s3.proxy.stats["HEAD"], s3.proxy.stats["GET"]) == (1, 0), s3.proxy.log
+
+
 def test_an_object_written_over_after_this_run_staged_it(tmp_path: Path, s3: S3Stack, slide_path: Path) -> None:
     """Written over after this run staged it: this run's shard reads the copy, one version
     throughout, and its identity is that version's, so that a later run (--resume) sees the

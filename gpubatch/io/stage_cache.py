@@ -254,6 +254,7 @@ class StageCache:
             total = sum(f.size for f in files)
             if held == "shared":
                 entry.size = total  # another process staged this very object: use its copy
+                self._stamp(entry, tag)
                 self._finish(entry, "ready")
                 return
             if held == "elsewhere":  # a prefetch that another process is making already
@@ -319,6 +320,15 @@ class StageCache:
         if self.run is None or entry.identity is None:
             return {}
         return {"run": self.run, "identity": entry.identity}
+
+    def _stamp(self, entry: StageEntry, tag: str) -> None:
+        """A ready copy of version ``tag`` that another run staged, whose version this run has
+        just asked: its record names this run from now on, so this run's other processes (its
+        workers, after the client) take it with no HEAD of their own. Held shared meanwhile, so
+        nobody evicts or rewrites it; a record already this run's is left as it is."""
+        record, asked = read_record(entry.record), self._asked_by(entry)
+        if asked and record.get("ready") and record.get("tag") == tag and record.get("run") != asked["run"]:
+            write_record(entry.record, {**record, **asked})
 
     def _stale(self, entry: StageEntry, required: bool) -> bool:
         """A prefetch asked before its copy was released (its shard ran, in any process) is
