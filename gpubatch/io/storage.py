@@ -154,7 +154,13 @@ def reads_pinned(uri: str, options: dict[str, Any] | None, etag: str | None) -> 
     serves it (If-Match on every read) and the ETag is strong (``W/`` never matches). Then a
     caller that knows the version needs no HEAD to hold its reads to it; elsewhere (fsspec, a
     local file) it checks before and after."""
-    return bool(etag) and not str(etag).startswith("W/") and is_remote(uri) and _obstore_target(uri, options) is not None
+    return bool(etag) and not str(etag).startswith("W/") and obstore_reads(uri, options)
+
+
+def obstore_reads(uri: str, options: dict[str, Any] | None) -> bool:
+    """Whether :func:`open_ranges` reads remote ``uri`` through obstore, whose answers carry the
+    object's size and ETag (``RangeReader.answered``): a caller needs no HEAD beside its read."""
+    return is_remote(uri) and _obstore_target(uri, options) is not None
 
 
 def _log_once(reason: str, message: str, *args: Any) -> None:
@@ -484,6 +490,11 @@ def file_version(uri: str, options: dict[str, Any] | None = None, *, digest: boo
         return None
     if info["type"] == "directory":
         return None
+    return version_text(info)
+
+
+def version_text(info: dict[str, Any]) -> str:
+    """An object's version as :func:`file_version` writes it: its ETag, else size and mtime."""
     return f"etag:{info['etag']}" if info.get("etag") else f"size:{info['size']},mtime:{info.get('mtime')}"
 
 
