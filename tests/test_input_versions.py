@@ -82,6 +82,24 @@ def test_a_remote_bed_is_asked_for_its_version_once_per_run(s3: S3Stack, tmp_pat
         run_job(job, profile="inline", resume=True, show_progress=False)
 
 
+def test_a_remote_bed_is_read_with_one_head(s3: S3Stack, tmp_path: Path) -> None:
+    """A BED file read through s3fs took two HEADs: an existence check, then the file's own (its
+    size). The file's own HEAD says a missing file as well: one now, and a BED that is not
+    there is still "file not found"."""
+    from gpubatch.core.errors import SpecError
+    from gpubatch.sources.genome.regions import parse_bed
+
+    bed = tmp_path / "regions.bed"
+    bed.write_text("chrA\t0\t1000\nchrB\t0\t600\n")
+    uri = s3.upload(bed, "beds/heads.bed")
+    s3.proxy.reset()
+    table = parse_bed(uri, s3.options())
+    assert [(r.chrom, r.start, r.end) for r in table] == [("chrA", 0, 1000), ("chrB", 0, 600)]
+    assert (s3.proxy.heads.get(uri.removeprefix("s3://"), 0), s3.proxy.gets.get(uri.removeprefix("s3://"), 0)) == (1, 1)
+    with pytest.raises(SpecError, match="file not found"):
+        parse_bed(uri + ".missing", s3.options())
+
+
 # -- a reference's version covers its indexes -----------------------------------------------------
 
 
