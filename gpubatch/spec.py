@@ -451,7 +451,10 @@ class JobSpec(_Strict):
         ``.fai``'s and ``.gzi``'s (sha256, or ETag); a genome zarr's metadata's. A shard records
         the FASTA's identity alone, so an index rebuilt between a run and its ``--resume`` (other
         offsets, lengths or blocks: other bases in the same windows) went unseen; now it is a
-        changed result field. None where nothing is found (the plan names what is missing)."""
+        changed result field. None where nothing is found (the plan names what is missing).
+        A remote index's version is asked once per run (io.localized.run_file_version): the plan
+        reads the index at that version, with no HEAD of its own."""
+        from gpubatch.io.localized import run_file_version
         from gpubatch.io.storage import file_version
         from gpubatch.io.uris import suffixed
         from gpubatch.sources.genome.reference import zarr_marker
@@ -463,7 +466,7 @@ class JobSpec(_Strict):
         if fasta is None:  # a genome zarr (folder or prefix): its metadata is written last by the ingest
             meta = file_version(zarr_marker(uri), storage, digest=False)
             return f"zarr.json {meta}" if meta else None
-        found = ((ext, file_version(suffixed(uri, f".{ext}"), storage)) for ext in ("fai", "gzi"))
+        found = ((ext, run_file_version(suffixed(uri, f".{ext}"), storage)) for ext in ("fai", "gzi"))
         return "; ".join([f"fasta {fasta}", *(f"{ext} {v}" for ext, v in found if v)])
 
     def _slide_model_fields(self) -> dict[str, Any] | None:

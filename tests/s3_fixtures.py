@@ -73,7 +73,10 @@ class Faults:
     writes_failing_within: set[str] = field(default_factory=set)
     #: key part -> seconds every write to a key containing it is held before it is forwarded
     writes_stalling_within: dict[str, float] = field(default_factory=dict)
-    #: ends a held write early once it answers True (asked every 50 ms): a race staged by what has
+    #: key ending -> seconds the next HEAD of such a key is held before it is forwarded (once
+    #: each; ended early by ``stall_release``): a version asked while something else happens
+    held_heads: dict[str, float] = field(default_factory=dict)
+    #: ends a held request early once it answers True (asked every 50 ms): a race staged by what has
     #: happened, not by how long a loaded machine takes to get there
     stall_release: Callable[[], bool] | None = None
     seed: int = 0
@@ -181,6 +184,9 @@ class FaultProxy:
                     beside.append(self._heads_open.get(key, 0) > 0)
                     self._from_start_open.setdefault(key, set()).add(len(beside) - 1)
                     self._request.from_start = (key, len(beside) - 1)
+            held = next((end for end in self.faults.held_heads if key.endswith(end)), None)
+            if method == "HEAD" and held is not None:
+                return f"stall:{self.faults.held_heads.pop(held)}"
             if key in self.faults.forbidden:
                 self.stats["forbidden"] += 1
                 return "forbidden"

@@ -279,25 +279,75 @@ def test_a_shard_opens_a_bgzip_reference_with_its_kept_indexes(s3: S3Stack, tmp_
     assert extra["fasta"][1] == 2
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_runs_indexes_are_read_once_at_the_version_its_result_fields_asked(s3: S3Stack, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            client: str) -> None:
+    """A 1-shard run over a bgzip FASTA asked each index 3 HEADs and 2 GETs through obstore (5 and 2
+    through fsspec): the result fields' HEAD (its version), the plan's read (a HEAD, the GET;
+    fsspec: a HEAD before and after) and the shard's, apart. Now the plan reads the version the
+    result fields asked (obstore: pinned by If-Match; fsspec: checked by a HEAD after) and keeps
+    what it read for the shards of this process: 1 HEAD and 1 GET each (fsspec: 2 and 1)."""
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", client)
+    shards, requests = _requests(s3, tmp_path, _upload_bgzip(s3, tmp_path, f"once-{client}/ref.fa.gz"), 100)
+    want = {"obstore": (1, 1), "fsspec": (2, 1)}[client]
+    assert shards == 1 and requests["fai"] == requests["gzi"] == want, requests
+
+
+@pytest.mark.parametrize("first_read", [1 << 20, 4])
+def test_a_worker_reads_a_remote_index_in_one_get_without_a_head(s3: S3Stack, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  first_read: int) -> None:
+    """A worker (no run's versions asked in its process) read each index with a HEAD and a GET:
+    obstore's GET carries the object's size and ETag, so one GET now says the version it read,
+    the same the plan recorded. An index longer than the first read takes one GET more, pinned
+    to the first's ETag."""
+    from gpubatch.io import localized
+    from gpubatch.sources.genome.indexes import (
+        Versions,
+        forget_indexes,
+        index_version,
+        read_gzi,
+        read_index,
+    )
+
+    monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
+    monkeypatch.setattr(localized, "FIRST_READ_BYTES", first_read)
+    uri = _upload_bgzip(s3, tmp_path, f"worker-index-{first_read}/ref.fa.gz")
+    versions: Versions = {}
+    want_gzi = read_gzi(uri, s3.options(), versions)
+    planned = index_version({"fai": f"etag:{s3.fs().info(uri + '.fai')['ETag'].strip(chr(34))}", **versions})
+    forget_indexes()
+    s3.proxy.reset()
+    index = read_index(uri, "bgzip", s3.options(), planned)
+    assert index.version == planned and index.gzi == want_gzi and set(index.fai) == {"chrA", "chrB"}
+    key = uri.removeprefix("s3://")
+    gets = 1 if first_read > 1000 else 2
+    assert {end: (s3.proxy.heads.get(key + end, 0), s3.proxy.gets.get(key + end, 0)) for end in (".fai", ".gzi")} \
+        == {".fai": (0, gets), ".gzi": (0, gets)}, s3.proxy.log
+
+
 def test_a_shard_planned_without_the_reference_facts_still_probes(s3: S3Stack, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A shard from a plan that carried neither the form nor the index version (an older
     gpubatch's, read again by --resume) opens the reference as before: it probes the form (the
-    zarr.json HEAD again, each shard) and reads the index each shard, and the run is as good."""
+    zarr.json HEAD again, each shard) and reads the index each shard (one GET: obstore's answer
+    says its version, no HEAD beside it), and the run is as good."""
     from gpubatch.sources.genome import source
 
     monkeypatch.setenv("GPUBATCH_RANGE_READER", "obstore")
     monkeypatch.setattr(source, "reference_facts", lambda contigs: {})
     extra = _per_two_shards(s3, tmp_path, _upload_reference(s3, tmp_path, "old-plan/ref.fa"))
-    assert extra["zarr.json"] == (2, 0) and extra["fai"] == (2, 2)
+    assert extra["zarr.json"] == (2, 0) and extra["fai"] == (0, 2)
 
 
 @pytest.mark.parametrize("client", CLIENTS)
 def test_a_remote_index_rewritten_after_the_plan_is_refused_though_indexes_are_kept(
         s3: S3Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: str) -> None:
     """The .fai on S3 is written over (lines reordered, every check passes) as each shard starts,
-    after the plan read it. A process keeps only an index read at the planned version, so no
-    shard finds one kept: each reads the new ETag and is refused, read again, then reported.
+    after the plan read it, in worker processes that kept no index (forgotten as each shard
+    starts: the plan's, kept in this process, is not a worker's). Each shard reads the new ETag
+    and is refused, read again, then reported.
     Through fsspec, whose reads cannot be pinned, the index's version was unknown (None), so
     nothing compared it and the shards committed windows cut by the other index: its version is
     now the ETag a HEAD gives before and after the read (the two must agree)."""
@@ -311,7 +361,8 @@ def test_a_remote_index_rewritten_after_the_plan_is_refused_though_indexes_are_k
     uri = _upload_reference(s3, tmp_path, f"rewritten-{client}/ref.fa")
     reordered = _reordered(tmp_path / "ref.fa.fai")
     monkeypatch.setattr(GenomeSource, "before_shard",
-                        lambda self, job, upcoming: s3.upload_bytes(reordered, f"rewritten-{client}/ref.fa.fai"),
+                        lambda self, job, upcoming: (forget_indexes(),
+                                                     s3.upload_bytes(reordered, f"rewritten-{client}/ref.fa.fai")),
                         raising=False)
     spec = genome_spec(tmp_path, uri, s3.options())
     spec["run"].update(retries=1)

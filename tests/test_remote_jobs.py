@@ -197,3 +197,33 @@ def test_the_storage_summary_counts_the_heads_the_server_answered(
     assert result.report["storage"]["client_by_kind"]["list"] >= 1
     assert f" + {heads} HEADs, " in format_summary(result.report)
     assert f"<th class=\"l\">storage HEADs</th><td class=\"l mono\">{heads}</td>" in render_html(result.report)
+
+
+def test_two_runs_on_one_dask_cluster_each_stage_the_version_they_asked(
+        tmp_path: Path, s3: S3Stack, slides_dir: Path, mean_model: Path, local_reference: pd.DataFrame) -> None:
+    """Two jobs on one Dask cluster (the Python API twice on one scheduler) share its worker
+    processes and their stage cache, whose run was the process's: the run a worker stages for
+    is now each shard's (io.stage_cache.staging_for, from the shard's RunContext). The slide is
+    written over between the runs, and the second run reads the new version, not the copy the
+    first staged (nor the version the first asked)."""
+    from distributed import LocalCluster
+
+    from gpubatch.runtime.runner import run_job
+    from gpubatch.spec import JobSpec
+
+    sources = sorted(slides_dir.glob("*.tif"))
+    key = f"two-runs-{uuid.uuid4().hex[:8]}/s0.tif"
+    uri = s3.upload(sources[0], key)
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=2, dashboard_address=None,
+                      silence_logs=50) as cluster:
+        got = []
+        for n, source in enumerate(sources[:2]):
+            s3.upload(source, key)  # the second run's slide is s1's bytes under s0's name
+            job = slide_job([uri], mean_model, tmp_path / f"out{n}")
+            job["input"].update(storage=s3.options(), access="stage")
+            result = run_job(JobSpec.model_validate(job), scheduler=cluster.scheduler_address, show_progress=False)
+            assert result.exit_code == 0, result.report["failed"]
+            got.append(by_slide_name(result.predictions()).drop(columns="slide"))
+    for n, source in enumerate(sources[:2]):
+        want = local_reference[local_reference["slide"] == source.name].drop(columns="slide").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got[n], want)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from gpubatch.core.clocks import StageClocks
 from gpubatch.io.host_files import read_record
 from gpubatch.io.retry import RetryPolicy
 from gpubatch.io.stage_cache import StageCache
+from gpubatch.io.stage_entries import staging_for
 from gpubatch.io.storage import input_changed, input_identity
 
 pytest_plugins = ["s3_fixtures"]
@@ -178,6 +180,25 @@ def test_a_copy_another_run_staged_is_asked_again_and_this_runs_is_not(tmp_path:
     assert (s3.proxy.stats["HEAD"], s3.proxy.stats["GET"]) == (1, 1)
 
 
+def test_a_copy_an_earlier_run_staged_is_stamped_with_the_run_that_asked_again(
+        tmp_path: Path, s3: S3Stack, uris: list[str]) -> None:
+    """The client of a second run finds the copy an earlier run staged: it asks its version (a
+    HEAD) and uses it, but left the record naming the earlier run, so each of its workers asked
+    again (a HEAD each: 2 for that slide over two workers). The record now names the run that
+    asked, and its other processes take the copy with no request."""
+    with StageCache(str(tmp_path), max_bytes=1 << 30, run="run-1").open(uris[0], s3.options(), StageClocks()) as first:
+        pass
+    s3.proxy.reset()
+    client = StageCache(str(tmp_path), max_bytes=1 << 30, run="run-2")
+    with client.open(uris[0], s3.options(), StageClocks()) as again:
+        assert again.path == first.path
+    assert (s3.proxy.stats["HEAD"], s3.proxy.stats["GET"]) == (1, 0)
+    for _worker in range(2):
+        with StageCache(str(tmp_path), max_bytes=1 << 30, run="run-2").open(uris[0], s3.options(), StageClocks()) as took:
+            assert took.identity == first.identity
+    assert (s3.proxy.stats["HEAD"], s3.proxy.stats["GET"]) == (1, 0), s3.proxy.log
+
+
 def test_an_object_written_over_after_this_run_staged_it(tmp_path: Path, s3: S3Stack, slide_path: Path) -> None:
     """Written over after this run staged it: this run's shard reads the copy, one version
     throughout, and its identity is that version's, so that a later run (--resume) sees the
@@ -194,3 +215,31 @@ def test_an_object_written_over_after_this_run_staged_it(tmp_path: Path, s3: S3S
     with StageCache(str(tmp_path), max_bytes=1 << 30, run="run-2").open(uri, s3.options(), StageClocks()) as later:
         assert Path(later.path).read_bytes() == old + b"written over"
         assert later.identity == input_identity(uri, s3.options()) != this.identity
+
+
+def test_a_worker_serving_two_runs_stages_each_for_its_own(tmp_path: Path, s3: S3Stack, slide_path: Path) -> None:
+    """A worker process's run was the process's (set as each shard started): run A's prefetch,
+    its HEAD in flight while a shard of run B started in the same process (two jobs on one Dask
+    cluster), recorded the version A asked as run B's. The slide then written over, run B's
+    other worker took that old version from the record, with no HEAD, and read the old bytes.
+    The run is each shard's now (staging_for), kept by the entries it asks for."""
+    uri = s3.upload(slide_path)
+    key = uri.removeprefix("s3://")
+    b_started = threading.Event()
+    s3.proxy.configure(held_heads={key: 60.0}, stall_release=b_started.is_set)
+    worker = StageCache(str(tmp_path), max_bytes=1 << 30)
+    with staging_for("run-A"):
+        worker.prefetch([uri], s3.options())
+    deadline = time.monotonic() + 60
+    while not s3.proxy.heads.get(key) and time.monotonic() < deadline:  # A's HEAD is held
+        time.sleep(0.01)
+    with staging_for("run-B"):  # a shard of run B starts in this process meanwhile
+        b_started.set()
+    with staging_for("run-A"), worker.open(uri, s3.options(), StageClocks()) as for_a:  # waits for A's download
+        old = slide_path.read_bytes()
+        assert Path(for_a.path).read_bytes() == old
+    s3.upload_bytes(old + b"written over", uri.split("/", 3)[3])
+    other = StageCache(str(tmp_path), max_bytes=1 << 30)  # run B's other worker
+    with staging_for("run-B"), other.open(uri, s3.options(), StageClocks()) as for_b:
+        assert Path(for_b.path).read_bytes() == old + b"written over"
+        assert for_b.identity == input_identity(uri, s3.options())

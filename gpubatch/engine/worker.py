@@ -167,7 +167,7 @@ def _configure_worker_once(ctx: RunContext) -> None:
 
     from gpubatch.core.logs import route_library_logs
     from gpubatch.io.retry import use_run_policy
-    from gpubatch.io.stage_cache import configure_stage_cache, stage_for_run
+    from gpubatch.io.stage_cache import configure_stage_cache
     from gpubatch.io.storage import configure_storage
 
     with _CONFIGURE_LOCK:
@@ -181,7 +181,6 @@ def _configure_worker_once(ctx: RunContext) -> None:
             configure_storage(ctx.storage_profile)
             configure_stage_cache((ctx.storage_profile or {}).get("stage_cache"))
             _CONFIGURED["key"] = key
-        stage_for_run(ctx.run_id)  # the versions this run's client and other workers staged
         use_run_policy(ctx.storage_policy)  # the run's, whichever run this shard is of
         if ctx.cache_dir:  # the client's, on its host (core.files.cache_root)
             os.environ["GPUBATCH_CACHE"] = ctx.cache_dir
@@ -232,6 +231,16 @@ def _describe(model: Model, head: SlideHead | None) -> dict[str, Any]:
 
 def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[str, ...] = (),
                   attempt: int = 1) -> ShardResult:
+    """:func:`_execute_shard`, staging for the shard's run (``ctx.run_id``): the versions this
+    run's client and other workers staged are taken, whatever other run this process serves."""
+    from gpubatch.io.stage_entries import staging_for
+
+    with staging_for(ctx.run_id):
+        return _execute_shard(shard, job, ctx, upcoming, attempt)
+
+
+def _execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[str, ...],
+                   attempt: int) -> ShardResult:
     """Process one shard end to end on this worker, commit it, and return its small result.
 
     A bad input comes back as a ``failed`` result rather than an exception, so that one corrupt

@@ -10,6 +10,11 @@ reads carry ``If-Match``; fsspec's cannot, so the object is asked again after th
 never loads another version than the client checked, and a file written over mid-run fails the
 fetch (InputChanged) instead of being kept under the old version's name. The next run asks
 again, so an object written over between runs is fetched anew.
+
+Small files read whole (a FASTA's ``.fai`` and ``.gzi``: :func:`read_small`) take the same
+answer: the run's result fields ask their version, and the plan's read is of that version (one
+GET, pinned), with no HEAD of its own. Outside a run (a worker), obstore's one GET says the
+version it read beside its bytes: no HEAD either.
 """
 
 from __future__ import annotations
@@ -22,13 +27,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpubatch.core.errors import InputError
 from gpubatch.core.files import cache_root, write_bytes_atomic
-from gpubatch.io.retry import changed_while_read
-from gpubatch.io.storage import identity_differs, identity_of, open_ranges, stat
+from gpubatch.io.retry import changed_while_read, storage_error
+from gpubatch.io.storage import (
+    file_version,
+    identity_differs,
+    identity_of,
+    obstore_reads,
+    open_ranges,
+    stat,
+    version_text,
+)
 from gpubatch.io.uris import is_remote, local_path, uri_name
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
+
+#: bytes a small file's first read asks for where its size is not known: a .fai of 10,000
+#: contigs, a human genome's .gzi (46,000 blocks, 740 kB) in one request; a larger one takes two
+FIRST_READ_BYTES = 1 << 20
 
 #: the versions asked in this block (:func:`versions_asked_once`), by URI and options; None outside
 _asked: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.ContextVar(
@@ -52,14 +70,40 @@ def remote_version(uri: str, options: dict[str, Any] | None = None,
                    clocks: StageClocks | None = None) -> dict[str, Any]:
     """{size, etag, mtime} of a remote file (:func:`gpubatch.io.storage.identity_of`'s form):
     one HEAD, or none where this run asked already. A missing file raises InputError."""
-    asked = _asked.get()
-    key = uri + "\n" + json.dumps(options or {}, sort_keys=True, default=str)
-    if asked is not None and key in asked:
-        return asked[key]
+    known = _asked_before(uri, options)
+    if known is not None:
+        return known
     version = identity_of(uri, stat(uri, options, clocks=clocks))
-    if asked is not None:
-        asked[key] = version
+    _remember(uri, options, version)
     return version
+
+
+def _asked_key(uri: str, options: dict[str, Any] | None) -> str:
+    return uri + "\n" + json.dumps(options or {}, sort_keys=True, default=str)
+
+
+def _asked_before(uri: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The version this run asked of ``uri`` already (no request), None where it did not."""
+    asked = _asked.get()
+    return asked.get(_asked_key(uri, options)) if asked is not None else None
+
+
+def _remember(uri: str, options: dict[str, Any] | None, version: dict[str, Any]) -> None:
+    asked = _asked.get()
+    if asked is not None:
+        asked[_asked_key(uri, options)] = version
+
+
+def run_file_version(uri: str, options: dict[str, Any] | None = None) -> str | None:
+    """:func:`gpubatch.io.storage.file_version` of a file, a remote one's asked once per run
+    (:func:`remote_version`): the version the run's result fields record is the one its plan
+    then reads (:func:`read_small`), with no HEAD of its own. None where there is no such file."""
+    if not is_remote(uri):
+        return file_version(uri, options)
+    try:
+        return version_text(remote_version(uri, options))
+    except InputError:
+        return None
 
 
 def version_if_remote(uri: str | None, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -107,3 +151,56 @@ def _fetch(uri: str, options: dict[str, Any] | None, version: dict[str, Any],
             raise changed_while_read(uri, f"ETag {version.get('etag')} -> {now.get('etag')}, "
                                           f"size {version.get('size')} -> {now.get('size')}")
     return data
+
+
+def read_small(uri: str, options: dict[str, Any] | None = None,
+               clocks: StageClocks | None = None) -> tuple[bytes, dict[str, Any] | None]:
+    """A small remote file whole (a FASTA's index) and the version those bytes are of
+    (:func:`remote_version`'s form), in as few requests as its client allows:
+
+    * the version this run asked already: its bytes read pinned to it (obstore: If-Match, one
+      GET); fsspec cannot pin, so a HEAD after the read checks it is still that version;
+    * else through obstore: one GET of the first :data:`FIRST_READ_BYTES`, whose answer carries
+      the object's size and ETag (no HEAD), the rest, if any, read pinned to that ETag;
+    * else (fsspec): the version asked first (a HEAD), then as above.
+
+    InputChanged where it changed while read; a missing file is the read's own 404."""
+    version = _asked_before(uri, options)
+    if version is None and obstore_reads(uri, options):
+        return _read_unasked(uri, options, clocks)
+    version = version or remote_version(uri, options, clocks)
+    size = int(version.get("size") or 0)
+    with open_ranges(uri, options, clocks, etag=version.get("etag"), size=size) as reader:
+        data = reader.fetch(0, size)
+        pinned = reader.version() is not None
+    if not pinned:
+        now = identity_of(uri, stat(uri, options, clocks=clocks))
+        if identity_differs(version, now):
+            raise changed_while_read(uri, f"ETag {version.get('etag')} -> {now.get('etag')}, size "
+                                          f"{version.get('size')} -> {now.get('size')}, read by fsspec")
+    return data, version
+
+
+def _read_unasked(uri: str, options: dict[str, Any] | None,
+                  clocks: StageClocks | None) -> tuple[bytes, dict[str, Any] | None]:
+    """:func:`read_small` through obstore of a file whose version nobody asked: its first GET's
+    answer says it. An empty object answers a ranged GET 416: asked by a HEAD then."""
+    with open_ranges(uri, options, clocks) as reader:
+        (first,) = reader.fetch_spans([(0, FIRST_READ_BYTES)])
+        if first.error is not None:
+            error = storage_error(uri, first.error)
+            if "416" not in error.message:
+                raise error
+            version = identity_of(uri, stat(uri, options, clocks=clocks))
+            if version["size"]:
+                raise error
+            return b"", version
+        answered = reader.answered()
+        data = bytes(first.data or b"")
+        if answered is None:  # no answer to say the version: (auto) switched to fsspec
+            return data + reader.fetch(len(data), reader.size()), None
+        if answered["size"] > len(data):  # pinned to the first answer's ETag where it is strong
+            data += reader.fetch(len(data), answered["size"])
+    version = identity_of(uri, answered)
+    _remember(uri, options, version)
+    return data, version

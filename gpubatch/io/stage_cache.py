@@ -19,10 +19,11 @@ its data beside the index file): the caller asks for it with ``companions=True``
 directory is staged too.
 
 A lone file's version is asked once per run (a HEAD): its record keeps that version (size,
-ETag, mtime) and the run that asked (:attr:`StageCache.run`), so that another process of the
-same run (the client that staged the first slides before the workers started, a worker that
-prefetched it) takes the copy as that version with no request of its own. A copy staged by
-another run, earlier, is asked again before it is used.
+ETag, mtime) and the run that asked, so that another process of the same run (the client that
+staged the first slides before the workers started, a worker that prefetched it) takes the copy
+as that version with no request of its own. A copy another run staged is asked again before
+it is used, and its record then names this run. The run is the shard's (stage_entries.staging_for),
+kept by each entry: two runs in one worker process (one Dask cluster) never take each other's.
 """
 
 from __future__ import annotations
@@ -58,7 +59,16 @@ from gpubatch.io.retry import (
     changed_while_read,
     default_policy,
 )
-from gpubatch.io.stage_entries import RemoteFile, StagedFile, StageEntry, local_name
+from gpubatch.io.stage_entries import (
+    RemoteFile,
+    StagedFile,
+    StageEntry,
+    etag_of,
+    local_name,
+    mtime_of,
+    pwrite_all,
+    shard_run,
+)
 from gpubatch.io.storage import get_fs, identity_of, open_ranges, stat
 from gpubatch.io.uris import protocol_of, spelled_as
 
@@ -86,15 +96,16 @@ class StageCache:
         self._records = os.path.join(self.dir, ".records")
         env_cap = os.environ.get("GPUBATCH_STAGE_MAX_BYTES")
         self.max_bytes = int(max_bytes or (int(env_cap) if env_cap else DEFAULT_MAX_BYTES))
-        self._entries: dict[str, StageEntry] = {}
+        #: by (URI, run): each run's entry asks and records the version for that run
+        self._entries: dict[tuple[str, str | None], StageEntry] = {}
         self._lock = threading.Lock()
         self._foreground = threading.Condition(self._lock)
         self._opening = 0  # this process's downloads that a shard waits on
         #: every request this cache's downloads made (a copy's first opener reports its own too)
         self.spent = StageClocks()
         self._pool = ThreadPoolExecutor(max(1, parallel), "gpubatch-stage")
-        #: the run this cache stages for: a record of the same run gives its file's version
-        #: (this run asked it already); None: every file is asked (a HEAD) before its copy is used
+        #: the run this cache stages for outside a shard's (the client's cache): a record
+        #: of the same run gives its file's version; None: every file is asked (a HEAD) before use
         self.run = run
 
     # -- public ---------------------------------------------------------------------------------
@@ -102,12 +113,12 @@ class StageCache:
     def prefetch(self, uris: list[str], options: dict[str, Any] | None,
                  policy: RetryPolicy | None = None, companions: bool = False) -> list[str]:
         """Start background downloads of ``uris`` not yet cached; returns the ones started."""
-        started = []
+        started, run = [], self._run_now()
         for uri in uris:
             with self._lock:
-                if uri in self._entries:
+                if (uri, run) in self._entries:
                     continue
-                entry = self._new_entry(uri)
+                entry = self._new_entry(uri, run)
             self._pool.submit(self._download, entry, options, policy or default_policy(), False, companions)
             started.append(uri)
         return started
@@ -116,9 +127,10 @@ class StageCache:
              policy: RetryPolicy | None = None, companions: bool = False) -> StagedFile:
         """The staged copy, pinned: cached, in flight here or elsewhere (wait), or downloaded now."""
         t0 = time.perf_counter()  # this shard waits on a download: its own, a prefetch, another's
+        run = self._run_now()
         for _ in range(4):  # a skipped prefetch or a copy evicted meanwhile: take it over
             with self._lock:
-                entry = self._entries.get(uri) or self._new_entry(uri)
+                entry = self._entries.get((uri, run)) or self._new_entry(uri, run)
                 hit = entry.state == "ready"
             if entry.state == "pending":
                 self._download(entry, options, policy or default_policy(), True, companions)
@@ -131,7 +143,7 @@ class StageCache:
         clocks.count("storage.wait_s", time.perf_counter() - t0)
         with self._lock:
             if entry.error is not None or entry.state != "ready" or entry.pins <= 0:
-                self._entries.pop(uri, None)
+                self._entries.pop((uri, run), None)
                 raise entry.error or InputError(redact(uri), "staging did not finish")
             self._report(entry, clocks, hit)
         return StagedFile(entry.local, lambda: self._unpin(entry), entry.etag, entry.identity)
@@ -141,15 +153,19 @@ class StageCache:
         asked their versions and recorded them: the client staging the first slides, so that the
         workers it then starts take those versions instead of asking again beside it."""
         deadline = time.monotonic() + timeout_s
+        keys = [(uri, self._run_now()) for uri in uris]
         with self._lock:
-            entries = [self._entries[u] for u in uris if u in self._entries]
+            entries = [self._entries[k] for k in keys if k in self._entries]
         for entry in entries:
             entry.recorded.wait(max(0.0, deadline - time.monotonic()))
 
     def release(self, uri: str) -> None:
         """Delete a file's staged copy (its shard committed) unless another process uses it."""
+        self._release((uri, self._run_now()))
+
+    def _release(self, key: tuple[str, str | None]) -> None:
         with self._lock:
-            entry = self._entries.pop(uri, None)
+            entry = self._entries.pop(key, None)
             if entry is None:
                 return
             entry.released = True
@@ -165,30 +181,35 @@ class StageCache:
     def cached(self) -> dict[str, str]:
         """uri -> state of this process's entries, for tests and diagnostics."""
         with self._lock:
-            return {u: e.state for u, e in self._entries.items()}
+            return {uri: e.state for (uri, _), e in self._entries.items()}
 
     def clear(self) -> None:
         """Release this process's entries (other processes' copies stay)."""
         with self._lock:
-            uris = list(self._entries)
-        for uri in uris:
-            self.release(uri)
+            keys = list(self._entries)
+        for key in keys:
+            self._release(key)
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _new_entry(self, uri: str) -> StageEntry:
+    def _run_now(self) -> str | None:
+        """The run staged for: the shard's (stage_entries.staging_for), else this cache's own."""
+        return shard_run() or self.run
+
+    def _new_entry(self, uri: str, run: str | None = None) -> StageEntry:
+        """``uri``'s entry for ``run``: its own flock, apart from another run's as another process's."""
         key = hashlib.sha1(uri.encode()).hexdigest()[:16]
         root = os.path.join(self.dir, key)
         entry = StageEntry(uri, root, os.path.join(root, local_name(uri)),
                        EntryLock(os.path.join(self._records, f"{key}.lock")),
-                       os.path.join(self._records, f"{key}.json"))
-        self._entries[uri] = entry
+                       os.path.join(self._records, f"{key}.json"), run=run)
+        self._entries[(uri, run)] = entry
         return entry
 
     def _forget(self, entry: StageEntry) -> None:
         with self._lock:
-            if self._entries.get(entry.uri) is entry:
-                self._entries.pop(entry.uri)
+            if self._entries.get((entry.uri, entry.run)) is entry:
+                self._entries.pop((entry.uri, entry.run))
         entry.lock.close()
 
     def _pin(self, entry: StageEntry) -> bool:
@@ -254,6 +275,7 @@ class StageCache:
             total = sum(f.size for f in files)
             if held == "shared":
                 entry.size = total  # another process staged this very object: use its copy
+                self._stamp(entry, tag)
                 self._finish(entry, "ready")
                 return
             if held == "elsewhere":  # a prefetch that another process is making already
@@ -307,7 +329,7 @@ class StageCache:
         prefetch); None where the record is another run's, or there is none."""
         record = read_record(entry.record)
         identity = record.get("identity")
-        if companions or not self.run or record.get("run") != self.run or not isinstance(identity, dict):
+        if companions or not entry.run or record.get("run") != entry.run or not isinstance(identity, dict):
             return None
         entry.identity = identity
         remote = RemoteFile(entry.uri, entry.local, int(identity.get("size") or 0), identity.get("etag"))
@@ -316,9 +338,18 @@ class StageCache:
     def _asked_by(self, entry: StageEntry) -> dict[str, Any]:
         """What a copy's record keeps of the version asked (a lone file's identity) and of the
         run that asked it, which that run's other processes take (:meth:`_recorded`)."""
-        if self.run is None or entry.identity is None:
+        if entry.run is None or entry.identity is None:
             return {}
-        return {"run": self.run, "identity": entry.identity}
+        return {"run": entry.run, "identity": entry.identity}
+
+    def _stamp(self, entry: StageEntry, tag: str) -> None:
+        """A ready copy of version ``tag`` that another run staged, whose version this run has
+        just asked: its record names this run from now on, so this run's other processes (its
+        workers, after the client) take it with no HEAD of their own. Held shared meanwhile, so
+        nobody evicts or rewrites it; a record already this run's is left as it is."""
+        record, asked = read_record(entry.record), self._asked_by(entry)
+        if asked and record.get("ready") and record.get("tag") == tag and record.get("run") != asked["run"]:
+            write_record(entry.record, {**record, **asked})
 
     def _stale(self, entry: StageEntry, required: bool) -> bool:
         """A prefetch asked before its copy was released (its shard ran, in any process) is
@@ -358,8 +389,8 @@ class StageCache:
 
     def _finish(self, entry: StageEntry, state: str, delete: bool = True) -> None:
         with self._lock:
-            if state == "skipped" and self._entries.get(entry.uri) is entry:
-                self._entries.pop(entry.uri)  # no room now: forget it, a later open downloads
+            if state == "skipped" and self._entries.get((entry.uri, entry.run)) is entry:
+                self._entries.pop((entry.uri, entry.run))  # no room now: forget it, a later open downloads
             entry.state = state
             released = entry.released
         entry.recorded.set()
@@ -414,7 +445,7 @@ class StageCache:
             raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
         version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
         tag = f"{info.get('size')}|{version}"
-        files = [RemoteFile(entry.uri, entry.local, int(info.get("size") or 0), _etag_of(info))]
+        files = [RemoteFile(entry.uri, entry.local, int(info.get("size") or 0), etag_of(info))]
         stem, suffix = os.path.splitext(path)
         if companions:
             found = call_with_retries(lambda: fs.find(stem, detail=True), entry.uri, policy, entry.clocks)
@@ -422,7 +453,7 @@ class StageCache:
             for name, meta in sorted(found.items()):
                 rel = os.path.relpath(name, stem)
                 files.append(RemoteFile(spelled_as(entry.uri, fs.unstrip_protocol(name)), os.path.join(local_stem, rel),
-                                     int(meta.get("size") or 0), _etag_of(meta)))
+                                     int(meta.get("size") or 0), etag_of(meta)))
                 tag += f"|{rel}:{meta.get('size')}:{meta.get('ETag') or meta.get('mtime')}"
         return files, tag
 
@@ -440,7 +471,7 @@ class StageCache:
                     lock.remove()
         records = [p for p in records if "released" not in read_record(p)]
         used = sum(int(read_record(p).get("size", 0)) for p in records)
-        for path in sorted(records, key=lambda p: (read_record(p).get("ready", False), _mtime(p))):
+        for path in sorted(records, key=lambda p: (read_record(p).get("ready", False), mtime_of(p))):
             if used + size <= self.max_bytes:
                 break
             lock = try_exclusive(path[: -len(".json")] + ".lock")
@@ -454,9 +485,9 @@ class StageCache:
             used -= freed
             entry.clocks.count("storage.evictions")
             with self._lock:
-                for uri, other in list(self._entries.items()):
+                for key, other in list(self._entries.items()):
                     if other.record == path and other.state == "ready" and other.pins == 0:
-                        self._entries.pop(uri)
+                        self._entries.pop(key)
                         other.lock.close()
         return required or used + size <= self.max_bytes
 
@@ -494,19 +525,7 @@ def _write_chunks(reader: RangeReader, fd: int, size: int) -> None:
     for wave in range(0, len(spans), CHUNKS_IN_FLIGHT):
         batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
         for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
-            _pwrite_all(fd, blob, start)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """All of ``data`` at ``offset``. pwrite may write less than asked without an error (a disk
-    that fills, a file size limit, Linux's 2 GiB cap per call): the rest is written by the next
-    call, whose error (ENOSPC, EFBIG) then fails the download instead of a copy cut short."""
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        if written <= 0:
-            raise OSError(f"nothing written at byte {offset}")
-        view, offset = view[written:], offset + written
+            pwrite_all(fd, blob, start)
 
 
 def _whole_object(remote: RemoteFile, options: dict[str, Any] | None, policy: RetryPolicy,
@@ -521,12 +540,12 @@ def _whole_object(remote: RemoteFile, options: dict[str, Any] | None, policy: Re
     def get() -> str | None:
         os.ftruncate(fd, 0)  # an attempt cut short leaves nothing behind for the next
         if protocol_of(remote.uri) not in ("http", "https"):
-            _pwrite_all(fd, fs.cat_file(path), 0)
+            pwrite_all(fd, fs.cat_file(path), 0)
             return None
         with fs.open(path, "rb", block_size=0) as f:  # one streamed GET, its response kept
             offset = 0
             while chunk := f.read(CHUNK_BYTES):
-                _pwrite_all(fd, chunk, offset)
+                pwrite_all(fd, chunk, offset)
                 offset += len(chunk)
             headers = getattr(getattr(f, "r", None), "headers", None) or {}
             return headers.get("ETag")
@@ -538,23 +557,10 @@ def _whole_object(remote: RemoteFile, options: dict[str, Any] | None, policy: Re
             raise changed_while_read(remote.uri, f"ETag {remote.etag} listed, {got} downloaded")
 
 
-def _etag_of(info: dict[str, Any]) -> str | None:
-    """An fsspec listing's ETag, unquoted, as :func:`gpubatch.io.storage.stat` gives it."""
-    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
-    return str(etag).strip('"') if etag else None
-
-
 def stage_root(directory: str | None = None) -> str:
     """Where stage caches live: ``directory`` (a profile's ``stage_cache.dir``), else the
     ``GPUBATCH_STAGE_DIR`` variable, else ``gpubatch-stage`` in the temporary directory."""
     return directory or os.environ.get("GPUBATCH_STAGE_DIR") or os.path.join(tempfile.gettempdir(), "gpubatch-stage")
-
-
-def _mtime(path: str) -> float:
-    try:
-        return os.path.getmtime(path)
-    except OSError:
-        return 0.0
 
 
 _cache: StageCache | None = None
@@ -563,7 +569,7 @@ _cache_lock = threading.Lock()
 
 def configure_stage_cache(config: dict[str, Any] | None) -> StageCache:
     """(Re)create this process's cache from a profile's ``stage_cache: {dir, max_bytes, parallel}``;
-    its run is set per shard (:func:`stage_for_run`)."""
+    its run is each shard's (:func:`gpubatch.io.stage_entries.staging_for`)."""
     global _cache
     config = config or {}
     with _cache_lock:
@@ -571,12 +577,6 @@ def configure_stage_cache(config: dict[str, Any] | None) -> StageCache:
             _cache.clear()
         _cache = StageCache(config.get("dir"), config.get("max_bytes"), int(config.get("parallel", 2)))
         return _cache
-
-
-def stage_for_run(run: str | None) -> None:
-    """This process's cache stages for ``run`` from now on (a worker, as a shard of it starts):
-    the versions that run's other processes asked are taken from their records."""
-    get_stage_cache().run = run or None
 
 
 def get_stage_cache() -> StageCache:

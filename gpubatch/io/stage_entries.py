@@ -1,11 +1,16 @@
 """What the stage cache keeps of each remote slide: its entry's state, the files to download,
-and the pinned local copy a shard reads (io.stage_cache, the cache itself, is their only maker).
+and the pinned local copy a shard reads (io.stage_cache, the cache itself, is their only maker);
+the run a shard stages for; and the small helpers of a download.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -13,6 +18,27 @@ from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.io.host_files import EntryLock
 from gpubatch.io.uris import uri_name
+
+#: the run whose shard this thread (task) runs, set by :func:`staging_for`; None outside one
+_shard_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("gpubatch_stage_run", default=None)
+
+
+@contextlib.contextmanager
+def staging_for(run: str | None) -> Iterator[None]:
+    """Within the block (one shard on a worker), the stage cache stages for ``run``: a record of
+    that run gives its file's version, and a version asked is recorded as that run's. Per shard,
+    not per process: a worker serving two runs at once (two jobs on one Dask cluster) keeps
+    their versions apart, where the process's one run let either take the other's."""
+    token = _shard_run.set(run or None)
+    try:
+        yield
+    finally:
+        _shard_run.reset(token)
+
+
+def shard_run() -> str | None:
+    """The run of the shard this thread runs (:func:`staging_for`), None outside one."""
+    return _shard_run.get()
 
 
 class RemoteFile(NamedTuple):
@@ -50,6 +76,9 @@ class StageEntry:
     #: a lone file's identity (io.storage.identity_of) as its listing's HEAD found it: the
     #: version the copy is of, which its shard takes instead of asking again
     identity: dict[str, Any] | None = None
+    #: the run it stages for (io.stage_cache.staging_for): whose records give its version, and
+    #: which run the version it asks is recorded as
+    run: str | None = None
 
 
 class StagedFile:
@@ -78,3 +107,29 @@ def local_name(uri: str) -> str:
     from gpubatch.core.files import safe_filename
 
     return safe_filename(uri_name(uri) or "file", 120)
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """All of ``data`` at ``offset``. pwrite may write less than asked without an error (a disk
+    that fills, a file size limit, Linux's 2 GiB cap per call): the rest is written by the next
+    call, whose error (ENOSPC, EFBIG) then fails the download instead of a copy cut short."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(f"nothing written at byte {offset}")
+        view, offset = view[written:], offset + written
+
+
+def etag_of(info: dict[str, Any]) -> str | None:
+    """An fsspec listing's ETag, unquoted, as :func:`gpubatch.io.storage.stat` gives it."""
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    return str(etag).strip('"') if etag else None
+
+
+def mtime_of(path: str) -> float:
+    """A record's modification time (its last use), 0 where it is gone."""
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0

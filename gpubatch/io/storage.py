@@ -10,9 +10,9 @@ wrappers of :mod:`gpubatch.io.ranges`. :func:`stat` asks the same backend.
 
 s3fs's, botocore's, gcsfs's, adlfs's and obstore's own retries are switched off on the clients
 created here (unless the user sets them for fsspec), so that every retry is counted and bounded
-by this layer. Two
-kinds of request this layer cannot send again keep the client's retries: those a library makes
-itself (:func:`library_options`: zarr, wsidicom) and a streamed upload's parts (:func:`upload_fs`).
+by this layer. Two kinds of request this layer cannot send again keep the client's retries: those
+a library makes itself (:func:`library_options`: zarr, wsidicom) and a streamed upload's parts
+(:func:`upload_fs`).
 Walking a store with fsspec's own calls goes through :func:`retried_fs`, one retried call each.
 
 Every S3 client made here counts its requests on the wire, by kind (io.metrics.meter_s3_session):
@@ -154,7 +154,12 @@ def reads_pinned(uri: str, options: dict[str, Any] | None, etag: str | None) -> 
     serves it (If-Match on every read) and the ETag is strong (``W/`` never matches). Then a
     caller that knows the version needs no HEAD to hold its reads to it; elsewhere (fsspec, a
     local file) it checks before and after."""
-    return bool(etag) and not str(etag).startswith("W/") and is_remote(uri) and _obstore_target(uri, options) is not None
+    return bool(etag) and not str(etag).startswith("W/") and obstore_reads(uri, options)
+
+
+def obstore_reads(uri: str, options: dict[str, Any] | None) -> bool:
+    """Whether remote ``uri`` is read through obstore, whose answers say its size and ETag."""
+    return is_remote(uri) and _obstore_target(uri, options) is not None
 
 
 def _log_once(reason: str, message: str, *args: Any) -> None:
@@ -484,6 +489,11 @@ def file_version(uri: str, options: dict[str, Any] | None = None, *, digest: boo
         return None
     if info["type"] == "directory":
         return None
+    return version_text(info)
+
+
+def version_text(info: dict[str, Any]) -> str:
+    """An object's version as :func:`file_version` writes it: its ETag, else size and mtime."""
     return f"etag:{info['etag']}" if info.get("etag") else f"size:{info['size']},mtime:{info.get('mtime')}"
 
 
@@ -551,25 +561,25 @@ def open_file(uri: str, options: dict[str, Any] | None = None, mode: str = "rb",
     """A streaming file object (plain, or decompressed with ``compression='infer'``).
 
     For sequential reads of whole files (a FASTA to ingest, a BED file); opening is retried,
-    a missing file raises InputError.
+    a missing file raises InputError: an object's by its file's own HEAD (s3fs's check was a second).
     """
     import fsspec
     from fsspec.utils import infer_compression
 
     fs, path = get_fs(uri, options)
-    if "r" in mode and not _exists_checked(fs, path, uri):
+    if "r" in mode and protocol_of(uri) in ("file", "http", "https") and not _exists_checked(fs, path, uri):
         raise InputError(redact(uri), "file not found")
-    if not is_remote(uri):
-        with fsspec.open(path, mode, compression=compression) as f:
-            yield f
-        return
     # fsspec's file makes its own requests (its size, then a block at a time): the client's
     # retries stay on for them, as for any library's (a 503 on its HEAD ended the read); made
     # by library_fs, its requests are counted as the rest of this layer's
-    file_fs, _ = library_fs(uri, options)
+    file_fs = library_fs(uri, options)[0] if is_remote(uri) else fs
     if compression == "infer":
         compression = infer_compression(path)
-    with fsspec.core.OpenFile(file_fs, path, mode, compression=compression) as f:
+    with contextlib.ExitStack() as stack:
+        try:
+            f = stack.enter_context(fsspec.core.OpenFile(file_fs, path, mode, compression=compression))
+        except FileNotFoundError:
+            raise InputError(redact(uri), "file not found") from None
         yield f
 
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from gpubatch.core.errors import InputError
-from gpubatch.io.retry import changed_while_read
-from gpubatch.io.storage import identity_differs, identity_of, open_ranges, stat
+from gpubatch.io.localized import read_small
+from gpubatch.io.storage import open_ranges, version_text
 from gpubatch.io.uris import has_query, is_remote, suffixed
 from gpubatch.sources.genome.kept import KeptByVersion, forget_all
 
@@ -127,26 +127,16 @@ def read_index_file(fasta: str, storage_options: dict[str, Any] | None, ext: str
 
 
 def _read_remote(uri: str, storage_options: dict[str, Any] | None) -> tuple[bytes, str | None]:
-    """A remote index's bytes and the version they are of, pinned as the FASTA's reads are: its
-    HEAD's ETag, which obstore's GET carries (If-Match: another version is refused by the read).
-    fsspec's GET cannot carry it, and its index had no version (None): nothing compared it with
-    the plan's, and a .fai written over mid-run (a new FASTA's, uploaded before that FASTA) cut
-    the planned FASTA's windows by another index, unseen. Now the HEAD is asked again after the
-    read: the same ETag (or size and mtime) on both sides is the version of these bytes; another
-    fails the read (InputChanged: read again). None only where nothing tells versions apart."""
-    before = stat(uri, storage_options)
-    with open_ranges(uri, storage_options, etag=before["etag"]) as reader:
-        data = bytes(reader.fetch(0, before["size"] or reader.size()))
-        pinned = reader.version()
-    if pinned:
-        return data, f"etag:{pinned}"
-    after = stat(uri, storage_options)
-    if identity_differs(identity_of(uri, before), identity_of(uri, after)):
-        raise changed_while_read(uri, f"ETag {before['etag']} -> {after['etag']}, size {before['size']} -> "
-                                      f"{after['size']}, read by fsspec")
-    if before["etag"]:
-        return data, f"etag:{before['etag']}"
-    return data, f"size:{before['size']},mtime:{before['mtime']}" if before["mtime"] else None
+    """A remote index's bytes and the version they are of (io.localized.read_small): the one
+    this run's result fields asked (no HEAD of the plan's own; obstore pins its GET to it, fsspec
+    asks again after its read), else, through obstore, the version its one GET's answer says
+    (a worker: no HEAD at all). A .fai written over mid-run (a new FASTA's, uploaded before that
+    FASTA) then fails the read (InputChanged: read again) instead of cutting the planned FASTA's
+    windows by another index. None only where nothing tells versions apart."""
+    data, version = read_small(uri, storage_options)
+    if not version or not (version.get("etag") or version.get("mtime")):
+        return data, None
+    return data, version_text(version)
 
 
 def _missing(exc: InputError) -> bool:
@@ -245,6 +235,14 @@ def read_index(uri: str, fmt: str, storage_options: dict[str, Any] | None = None
         return index, index.version == planned
 
     return _indexes.get_or_read((uri, planned), read)
+
+
+def keep_index(uri: str, index: ParsedIndex) -> None:
+    """Keep the plan's read of a remote reference's index (its version known) for this
+    process's shards planned with it (:func:`read_index`): an inline run's, and a client's that
+    plans again (validate, then run), read it once."""
+    if index.version and is_remote(uri):
+        _indexes.get_or_read((uri, index.version), lambda: (index, True))
 
 
 def _read_parsed(uri: str, fmt: str, storage_options: dict[str, Any] | None) -> ParsedIndex:

@@ -38,11 +38,13 @@ from gpubatch.sources.genome.indexes import (
     LOCAL_CHECKED,
     REMOTE_CHECKED,
     FaiEntry,
+    ParsedIndex,
     Versions,
     check_contig_start,
     check_fai,
     check_gzi,
     index_version,
+    keep_index,
     read_bgzf_range,
     read_fai,
     read_gzi,
@@ -327,7 +329,8 @@ def load_contigs(uri: str, storage_options: dict[str, Any] | None = None) -> Con
     if fmt == "zarr":
         return read_genome(uri, storage_options).contigs
     versions: Versions = {}
-    fai, _, checked = read_checked_index(uri, fmt, storage_options, versions)
+    fai, gzi, checked = read_checked_index(uri, fmt, storage_options, versions)
+    keep_index(uri, ParsedIndex(fai, gzi, index_version(versions)))  # for this process's shards
     return ContigTable(tuple(fai), tuple(e.length for e in fai.values()), index_version(versions), fmt, checked)
 
 
