@@ -135,6 +135,8 @@ def _head(path: Path, dim: int) -> Path:
 
 def _head_job(tmp_path: Path, slide_path: Path, tile_model: Path, head: Path) -> Path:
     job = slide_job([str(slide_path)], tile_model, tmp_path / "out", slide_model={"path": str(head)})
+    if tile_model.suffix != ".onnx":
+        job["model"]["backend"] = "torch"
     return write_job(tmp_path / "job.yaml", job)
 
 
@@ -166,3 +168,20 @@ def test_validate_refuses_a_torch_head_run_would_refuse(tmp_path: Path, slide_pa
 def test_validate_passes_a_torch_head_that_fits(tmp_path: Path, slide_path: Path, mean_model: Path) -> None:
     done = _validate(_head_job(tmp_path, slide_path, mean_model, _head(tmp_path / "head.pt", 3)))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_validate_learns_a_torch_tile_models_width_for_the_head(tmp_path: Path, slide_path: Path,
+                                                               suffix: str) -> None:
+    """A torch tile model declares no output width, so a head 5 features wide behind a tile model
+    giving 3 passed validate and failed at the end of every slide of the run, its tiles computed.
+    validate runs the tile model on one zero tile and probes the head at the width it gives."""
+    tile_model = torch_module(tmp_path / f"tiles{suffix}", "float32")  # 3 features per tile
+    head = _head(tmp_path / "head.pt", 5)
+    done = _validate(_head_job(tmp_path, slide_path, tile_model, head))
+    assert done.returncode == EXIT_USAGE, done.stdout + done.stderr
+    assert f"slide_model.path: slide_model {head} does not take a bag of 3-wide features" in done.stderr
+    assert f"{head} takes features 5 wide and model.path's output 'output' gives 3 per tile" in done.stderr
+    assert "export the head to take 3-wide features, or set slide_model.features" in done.stderr
+    fits = _validate(_head_job(tmp_path, slide_path, tile_model, _head(tmp_path / "fits.pt", 3)))
+    assert fits.returncode == 0, fits.stdout + fits.stderr

@@ -91,17 +91,9 @@ def scripted_input_dtype(module: Any, path: str) -> torch.dtype:
     differ (said in a warning). The first registered parameter, which this used to be, was wrong
     for a module whose first parameter is a float64 scalar (a temperature) beside float32 layers:
     every batch was fed float64 and failed in the first convolution."""
-    try:
-        graph = module.inlined_graph
-    except (AttributeError, RuntimeError):  # no forward to read: the tensors alone say
-        graph = None
-    if graph is not None:
-        this = next(graph.inputs())
-        for node in _walk(graph.block()):
-            if node.kind() in WEIGHTED_OPS:
-                weight = next((t for t in (_attribute(module, this, v) for v in node.inputs()) if t is not None), None)
-                if weight is not None:
-                    return weight.dtype
+    first = first_weighted_op(module)
+    if first is not None:
+        return first[1].dtype
     dtypes = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
     if len(dtypes) == 1:
         return dtypes.pop()
@@ -111,6 +103,23 @@ def scripted_input_dtype(module: Any, path: str) -> torch.dtype:
                     "input takes, and its parameters are of several (%s): feeding float32; export it with "
                     "torch.export (.pt2), whose signature records the input's dtype", path, names)
     return torch.float32
+
+
+def first_weighted_op(module: Any) -> tuple[str, torch.Tensor] | None:
+    """The first convolution, linear layer or normalisation a TorchScript module's forward runs
+    (in graph order, control flow included), as (operator, its weight): it fixes the input's dtype,
+    and a head's feature width. None where the graph runs none on a weight of the module's own."""
+    try:
+        graph = module.inlined_graph
+    except (AttributeError, RuntimeError):  # no forward to read
+        return None
+    this = next(graph.inputs())
+    for node in _walk(graph.block()):
+        if node.kind() in WEIGHTED_OPS:
+            weight = next((t for t in (_attribute(module, this, v) for v in node.inputs()) if t is not None), None)
+            if weight is not None:
+                return node.kind(), weight
+    return None
 
 
 def _walk(block: Any) -> Any:
