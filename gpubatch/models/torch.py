@@ -174,6 +174,17 @@ def precision_problem(path: str, dtype: torch.dtype, precision: str) -> str | No
             f"to run it in {precision}")
 
 
+def computed_precision(dtype: torch.dtype, precision: str) -> str:
+    """What a module whose input is ``dtype`` computes in at ``precision``, as reports name it:
+    ``fp64`` for a float64 module whatever is asked (autocast leaves float64 alone), a float16 or
+    bfloat16 module's own 16 bits at fp32; else ``precision``. A float64 module's report said fp32."""
+    if dtype == torch.float64:
+        return "fp64"
+    if precision == "fp32" and dtype in (torch.float16, torch.bfloat16):
+        return "fp16" if dtype == torch.float16 else "bf16"
+    return precision
+
+
 def _host(value: Any) -> np.ndarray:
     """An output as numpy: float64 kept (a float64 module's outputs, as ONNX Runtime keeps a
     double model's), 16-bit floats as float32 (numpy has no bfloat16)."""
@@ -215,6 +226,10 @@ class TorchModel(Model):
     @property
     def input_name(self) -> str:
         return "input"
+
+    @property
+    def computes_in(self) -> str:
+        return computed_precision(self.feed_dtype, self.precision)
 
     @property
     def output_names(self) -> list[str]:
