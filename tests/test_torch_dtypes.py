@@ -233,3 +233,27 @@ def test_what_a_torch_module_computes_in(tmp_path: Path, dtype: str, precision: 
     report names (a float64 module's said fp32); autocast's 16 bits otherwise."""
     model = TorchModel(str(torch_module(tmp_path / "m.pt2", dtype)), precision=precision)
     assert model.computes_in == computes_in
+
+
+class Flat(torch.nn.Module):
+    """Takes 32 px tiles only: its linear layer reads the flattened tile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 32 * 32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_validate_refuses_a_torch_tile_model_that_fails_on_the_jobs_tile(tmp_path: Path, slide_path: Path) -> None:
+    """Learning the bag width runs the tile model on one tile of the job's shape: a model for 32 px
+    tiles in a 64 px job, whose every batch would fail, is refused there, naming the shape."""
+    tile_model = tmp_path / "flat.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(Flat().eval(), torch.rand(2, 3, 32, 32)), str(tile_model))
+    done = _validate(_head_job(tmp_path, slide_path, tile_model, _head(tmp_path / "head.pt", 4)))
+    assert done.returncode == EXIT_USAGE, done.stdout + done.stderr
+    assert f"model.path: {tile_model} fails on a batch of one zero tile of shape (1, 3, 64, 64)" in done.stderr
+    assert "match tiles.size and model.input.layout to the model" in done.stderr, done.stderr
