@@ -202,6 +202,23 @@ def test_refused_int8_suggests_fp16_before_scaling_out() -> None:
     assert v["next_move"].startswith("try model.precision: fp16 or bf16")
 
 
+@pytest.mark.parametrize(("q", "said"), [
+    ({"requested": "bf16", "used": "fp32", "note": "bf16 ONNX conversion is not provided; ...",
+      "cause": "gpubatch makes no bf16 ONNX model"}, "bf16 was requested; gpubatch makes no bf16 ONNX model: ran fp32"),
+    ({"requested": "int8", "used": "fp32", "passed": False, "fell_back_to": "fp32", "reason": "m.onnx could not ...",
+      "cause": "the model could not be converted to int8"},
+     "int8 was requested; the model could not be converted to int8: ran fp32"),
+    ({"requested": "int8", "passed": False, "fell_back_to": "fp32", "reason": "precision int8 is explicit QDQ ..."},
+     "int8 was requested; the model cannot run it: ran fp32"),  # a report from before refusals said `used`
+])
+def test_a_precision_that_could_not_run_is_no_failed_gate(q: dict[str, Any], said: str) -> None:
+    """A fallback where no gate ran was said to have failed the gate (bf16 on ONNX), or, with no
+    `used` recorded (a refusal), not noticed at all."""
+    v = rp.verdict(summary(0.01, quantization=q))
+    assert said in v["evidence"] and "validation gate" not in v["evidence"]
+    assert v["next_move"].startswith(f"make {q['requested']} runnable as report.json's quantization.reason says")
+
+
 def test_gap_falls_back_to_the_measured_model_speed() -> None:
     v = rp.verdict(summary(0.01, model_only_items_per_s=None, model_only_items_per_s_measured=500.0))
     assert v["gap"]["cost"] == pytest.approx(1 - 400 / 500)

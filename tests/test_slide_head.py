@@ -205,7 +205,7 @@ def _validate(job_path: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(("change", "expected"), [
     ({"path": "missing.onnx"}, "slide_model.path: file not found"),
     ({"features": "logits"}, "slide_model.features: 'logits' is not an output of model.path"),
-    ({"head": "narrow"}, "the slide model takes features 56 wide but model.path's output 'embedding' gives 48"),
+    ({"head": "narrow"}, "takes features 56 wide but model.path's output 'embedding' gives 48 per tile; export the head"),
 ])
 def test_validate_refuses_a_slide_model_run_would_refuse(tmp_path: Path, slide_path: Path,
                                                          models: dict[str, Path], change: dict, expected: str) -> None:

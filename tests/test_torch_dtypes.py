@@ -15,7 +15,9 @@ import pytest
 import torch
 from conftest import slide_job, write_job
 from test_preflight import torch_module
+from test_report import summary as compute_bound
 
+from gpubatch import report as rp
 from gpubatch.cli.main import main
 from gpubatch.cli.pathology_models import build_abmil
 from gpubatch.core.errors import EXIT_USAGE, GpubatchError
@@ -98,10 +100,11 @@ def test_a_tempered_torchscript_module_runs_end_to_end(tmp_path: Path, slide_pat
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
-def test_fp16_of_a_float64_module_with_fallback_runs_fp32_and_says_so(
+def test_fp16_of_a_float64_module_with_fallback_runs_fp64_and_says_so(
         tmp_path: Path, slide_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Both sides of the gate ran in float64 (autocast leaves it alone), agreed exactly, and the
-    report said fp16 passed. It falls back before the gate, and the report says fp32 and why."""
+    report said fp16 passed. It falls back before the gate, and the report says why and what ran:
+    fp64 (it said fp32), in report.json, the summary, report.html, audit.jsonl and the zarr group."""
     model = torch_module(tmp_path / f"m{suffix}", "float64")
     job = slide_job([str(slide_path)], model, tmp_path / "out")
     job["model"].update(backend="torch", precision="fp16", validation={"on_fail": "fp32"})
@@ -110,11 +113,45 @@ def test_fp16_of_a_float64_module_with_fallback_runs_fp32_and_says_so(
     assert main(["run", str(spec)]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     q = report["quantization"]
-    assert report["precision"] == "fp32" and q["fell_back_to"] == "fp32" and not q["passed"]
+    assert report["precision"] == "fp64" and q["used"] == "fp64" and q["fell_back_to"] == "fp32" and not q["passed"]
     assert "is a float64 module" in q["reason"] and "validation" not in q
-    assert "precision: fp16 requested, fp32 used" in capsys.readouterr().out
+    assert "precision: fp16 requested, fp64 used" in capsys.readouterr().out
+    _says_fp64_throughout(tmp_path / "out")
+    # the verdict of such a run once compute-bound: no gate ran, and it noticed no fallback at all
+    verdict = rp.verdict(compute_bound(0.01, precision=report["precision"], quantization=q))
+    assert "; fp16 was requested; the model is float64 and cannot run it: ran fp64" in verdict["evidence"]
+    assert "validation gate" not in verdict["evidence"] and "module.float()" in verdict["next_move"]
     with pytest.raises(GpubatchError, match="is a float64 module"):
         TorchModel(str(model), precision="fp16")  # nor can a worker, or the API, load it so
+
+
+def _says_fp64_throughout(out: Path) -> None:
+    """report.html's header and facts, every audit line and every zarr group name fp64."""
+    import zarr
+
+    page = (out / "report.html").read_text()
+    assert "torch fp64</p>" in page and '<th class="l">precision</th><td class="l mono">fp64</td>' in page
+    lines = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    shards = [line for line in lines if "shard_id" in line]
+    assert shards and all(line["precision"] == "fp64" for line in shards)
+    root = zarr.open_group(str(out / "predictions.zarr"), mode="r")
+    groups = [root[name] for name in root.attrs["groups"].values()]
+    assert groups and all(g.attrs["precision"] == "fp64" for g in groups)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_a_float64_module_at_fp32_is_reported_as_fp64(tmp_path: Path, slide_path: Path, suffix: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain fp32 job on a float64 module computes in float64 and its report said fp32."""
+    model = torch_module(tmp_path / f"m{suffix}", "float64")
+    job = slide_job([str(slide_path)], model, tmp_path / "out")
+    job["model"]["backend"] = "torch"
+    assert main(["run", str(write_job(tmp_path / "job.yaml", job))]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["precision"] == "fp64" and "quantization" not in report
+    _says_fp64_throughout(tmp_path / "out")
+    verdict = rp.verdict(compute_bound(0.01, precision=report["precision"]))  # not "model.precision: int8"
+    assert verdict["detail"] == "fp64 model" and verdict["next_move"].startswith("save the module in float32")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +172,8 @@ def _head(path: Path, dim: int) -> Path:
 
 def _head_job(tmp_path: Path, slide_path: Path, tile_model: Path, head: Path) -> Path:
     job = slide_job([str(slide_path)], tile_model, tmp_path / "out", slide_model={"path": str(head)})
+    if tile_model.suffix != ".onnx":
+        job["model"]["backend"] = "torch"
     return write_job(tmp_path / "job.yaml", job)
 
 
@@ -166,3 +205,55 @@ def test_validate_refuses_a_torch_head_run_would_refuse(tmp_path: Path, slide_pa
 def test_validate_passes_a_torch_head_that_fits(tmp_path: Path, slide_path: Path, mean_model: Path) -> None:
     done = _validate(_head_job(tmp_path, slide_path, mean_model, _head(tmp_path / "head.pt", 3)))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_validate_learns_a_torch_tile_models_width_for_the_head(tmp_path: Path, slide_path: Path,
+                                                               suffix: str) -> None:
+    """A torch tile model declares no output width, so a head 5 features wide behind a tile model
+    giving 3 passed validate and failed at the end of every slide of the run, its tiles computed.
+    validate runs the tile model on one zero tile and probes the head at the width it gives."""
+    tile_model = torch_module(tmp_path / f"tiles{suffix}", "float32")  # 3 features per tile
+    head = _head(tmp_path / "head.pt", 5)
+    done = _validate(_head_job(tmp_path, slide_path, tile_model, head))
+    assert done.returncode == EXIT_USAGE, done.stdout + done.stderr
+    assert f"slide_model.path: slide_model {head} does not take a bag of 3-wide features" in done.stderr
+    assert f"{head} takes features 5 wide and model.path's output 'output' gives 3 per tile" in done.stderr
+    assert "export the head to take 3-wide features, or set slide_model.features" in done.stderr
+    fits = _validate(_head_job(tmp_path, slide_path, tile_model, _head(tmp_path / "fits.pt", 3)))
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+
+
+@pytest.mark.parametrize(("dtype", "precision", "computes_in"), [
+    ("float64", "fp32", "fp64"), ("float16", "fp32", "fp16"), ("bfloat16", "fp32", "bf16"),
+    ("float32", "fp32", "fp32"), ("float32", "bf16", "bf16"), ("float16", "fp16", "fp16"),
+])
+def test_what_a_torch_module_computes_in(tmp_path: Path, dtype: str, precision: str, computes_in: str) -> None:
+    """A module saved in float64, float16 or bfloat16 computes in its own dtype at fp32, which the
+    report names (a float64 module's said fp32); autocast's 16 bits otherwise."""
+    model = TorchModel(str(torch_module(tmp_path / "m.pt2", dtype)), precision=precision)
+    assert model.computes_in == computes_in
+
+
+class Flat(torch.nn.Module):
+    """Takes 32 px tiles only: its linear layer reads the flattened tile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 32 * 32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_validate_refuses_a_torch_tile_model_that_fails_on_the_jobs_tile(tmp_path: Path, slide_path: Path) -> None:
+    """Learning the bag width runs the tile model on one tile of the job's shape: a model for 32 px
+    tiles in a 64 px job, whose every batch would fail, is refused there, naming the shape."""
+    tile_model = tmp_path / "flat.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(Flat().eval(), torch.rand(2, 3, 32, 32)), str(tile_model))
+    done = _validate(_head_job(tmp_path, slide_path, tile_model, _head(tmp_path / "head.pt", 4)))
+    assert done.returncode == EXIT_USAGE, done.stdout + done.stderr
+    assert f"model.path: {tile_model} fails on a batch of one zero tile of shape (1, 3, 64, 64)" in done.stderr
+    assert "match tiles.size and model.input.layout to the model" in done.stderr, done.stderr

@@ -322,7 +322,7 @@ def _print_tuning(args: argparse.Namespace, job: Any, prepared: Any, result: Any
 
     tuning = prepared.report.get("tuning", {})
     threads = f", {tuning['threads']} threads" if tuning.get("threads") else ""
-    print(f"model {safe_text(job.model.path)} ({prepared.precision}, {tuning.get('backend', job.model.backend)}, "
+    print(f"model {safe_text(job.model.path)} ({prepared.computes_in}, {tuning.get('backend', job.model.backend)}, "
           f"{tuning.get('device', '?')}{threads})")
     print(describe_method(result))
     print(format_curve(result))

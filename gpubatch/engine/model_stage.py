@@ -227,6 +227,14 @@ def empty_rows(reader: ShardReader, model: Model, item: tuple[tuple[int, ...], s
     shape = tuple(item[0])
     key = (id(model), shape)
     if key not in _TEMPLATES:
-        out = model.run(np.zeros(shape, dtype=model.input_dtype))
+        out = zero_item_outputs(model, shape)
         _TEMPLATES[key] = {k: np.asarray(v)[:0].copy() for k, v in reader.from_model_output(out, 1).items()}
     return reader.empty_index(), dict(_TEMPLATES[key])
+
+
+def zero_item_outputs(model: Model, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The model's outputs for a batch of ``shape`` (one item: the source's ``model_input(job, 1)``)
+    of zeros, fed as a run feeds it: what its outputs' names and shapes are, learned without data.
+    An empty slide's columns take their widths from it, and ``validate`` the bag width a slide
+    head gets from a torch tile model, which no file declares."""
+    return model.run(np.zeros(shape, dtype=model.input_dtype))

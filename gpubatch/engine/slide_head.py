@@ -91,7 +91,12 @@ class HeadShape:
 
 
 class HeadShapeError(GpubatchError):
-    """A head that does not take the bag it is given, in either layout."""
+    """A head that does not take the bag it is given, in either layout; ``model`` is that head,
+    for ``validate`` to say which width it does take where its file says so."""
+
+    def __init__(self, message: str, model: Model):
+        super().__init__(message)
+        self.model = model
 
 
 _SHAPES: dict[tuple[int, int], HeadShape] = {}
@@ -144,13 +149,13 @@ class SlideHead:
             try:
                 runs = [self._run(np.zeros((n, width), np.float32), batch_axis) for n in (1, *PROBE_SIZES)]
             except Exception as exc:  # the other layout may be the one the head takes
-                errors.append(f"{'(1, N, D)' if batch_axis else '(N, D)'}: {_last_line(exc)}")
+                errors.append(f"{'(1, N, D)' if batch_axis else '(N, D)'}: {last_line(exc)}")
                 continue
             per_tile = tuple(k for k in runs[0] if all(r[k].shape[:1] == (n,) for r, n in
                                                         zip(runs[1:], PROBE_SIZES, strict=True)))
             return HeadShape(batch_axis, per_tile, runs[0])
         raise HeadShapeError(f"slide_model {self.model.path} does not take a bag of {width}-wide "
-                            f"features as (N, {width}) or (1, N, {width}): " + "; ".join(errors))
+                             f"features as (N, {width}) or (1, N, {width}): " + "; ".join(errors), self.model)
 
     def _run(self, bag: np.ndarray, batch_axis: bool) -> dict[str, np.ndarray]:
         out = self.model.run(bag[None] if batch_axis else bag)
@@ -190,7 +195,7 @@ class SlideHead:
         return {k: _jsonable(v) for k, v in out.items() if k not in shape.per_tile}
 
 
-def _last_line(exc: BaseException) -> str:
+def last_line(exc: BaseException) -> str:
     """An error's last line, which says what failed, at most 300 characters: a TorchScript error
     carries the module's whole traceback, dozens of lines, before it."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

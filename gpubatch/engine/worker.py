@@ -272,7 +272,7 @@ def _execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[
         with reader:
             unchanged_since_planned(shard, identity.result())
             attrs = {**reader.attrs, "model_sha256": ctx.model_sha256, "backend": model.backend,
-                     "precision": ctx.precision, "gpubatch_version": ctx.version}
+                     "precision": model.computes_in, "gpubatch_version": ctx.version}
             writer = ShardWriter(store, shard.shard_id, new_attempt(), source.constant_columns(shard), attrs,
                                  job.output.formats, column_limit=reader.column_limit)
             cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches, pad_last=True)

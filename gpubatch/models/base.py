@@ -51,6 +51,12 @@ class Model(ABC):
         return "cpu"
 
     @property
+    def computes_in(self) -> str:
+        """The precision the model computes in, as reports name it: its own, unless its backend
+        knows better (a float64 torch module computes in ``fp64`` whatever it was loaded as)."""
+        return self.precision
+
+    @property
     def input_dtype(self) -> np.dtype:
         """The element type preprocessing produces for the model's first input: the input's own
         type, or one its backend widens exactly as it feeds it (ONNX Runtime's float64 inputs)."""

@@ -91,17 +91,9 @@ def scripted_input_dtype(module: Any, path: str) -> torch.dtype:
     differ (said in a warning). The first registered parameter, which this used to be, was wrong
     for a module whose first parameter is a float64 scalar (a temperature) beside float32 layers:
     every batch was fed float64 and failed in the first convolution."""
-    try:
-        graph = module.inlined_graph
-    except (AttributeError, RuntimeError):  # no forward to read: the tensors alone say
-        graph = None
-    if graph is not None:
-        this = next(graph.inputs())
-        for node in _walk(graph.block()):
-            if node.kind() in WEIGHTED_OPS:
-                weight = next((t for t in (_attribute(module, this, v) for v in node.inputs()) if t is not None), None)
-                if weight is not None:
-                    return weight.dtype
+    first = first_weighted_op(module)
+    if first is not None:
+        return first[1].dtype
     dtypes = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
     if len(dtypes) == 1:
         return dtypes.pop()
@@ -111,6 +103,23 @@ def scripted_input_dtype(module: Any, path: str) -> torch.dtype:
                     "input takes, and its parameters are of several (%s): feeding float32; export it with "
                     "torch.export (.pt2), whose signature records the input's dtype", path, names)
     return torch.float32
+
+
+def first_weighted_op(module: Any) -> tuple[str, torch.Tensor] | None:
+    """The first convolution, linear layer or normalisation a TorchScript module's forward runs
+    (in graph order, control flow included), as (operator, its weight): it fixes the input's dtype,
+    and a head's feature width. None where the graph runs none on a weight of the module's own."""
+    try:
+        graph = module.inlined_graph
+    except (AttributeError, RuntimeError):  # no forward to read
+        return None
+    this = next(graph.inputs())
+    for node in _walk(graph.block()):
+        if node.kind() in WEIGHTED_OPS:
+            weight = next((t for t in (_attribute(module, this, v) for v in node.inputs()) if t is not None), None)
+            if weight is not None:
+                return node.kind(), weight
+    return None
 
 
 def _walk(block: Any) -> Any:
@@ -165,6 +174,17 @@ def precision_problem(path: str, dtype: torch.dtype, precision: str) -> str | No
             f"to run it in {precision}")
 
 
+def computed_precision(dtype: torch.dtype, precision: str) -> str:
+    """What a module whose input is ``dtype`` computes in at ``precision``, as reports name it:
+    ``fp64`` for a float64 module whatever is asked (autocast leaves float64 alone), a float16 or
+    bfloat16 module's own 16 bits at fp32; else ``precision``. A float64 module's report said fp32."""
+    if dtype == torch.float64:
+        return "fp64"
+    if precision == "fp32" and dtype in (torch.float16, torch.bfloat16):
+        return "fp16" if dtype == torch.float16 else "bf16"
+    return precision
+
+
 def _host(value: Any) -> np.ndarray:
     """An output as numpy: float64 kept (a float64 module's outputs, as ONNX Runtime keeps a
     double model's), 16-bit floats as float32 (numpy has no bfloat16)."""
@@ -206,6 +226,10 @@ class TorchModel(Model):
     @property
     def input_name(self) -> str:
         return "input"
+
+    @property
+    def computes_in(self) -> str:
+        return computed_precision(self.feed_dtype, self.precision)
 
     @property
     def output_names(self) -> list[str]:

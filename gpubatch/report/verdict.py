@@ -34,6 +34,7 @@ PART_LAYERS = {
     "transfer": LAYER_TRANSFER, "compute": LAYER_COMPUTE,
 }
 REDUCED_PRECISIONS = ("fp16", "bf16", "int8", "fp8")
+FLOAT64 = "fp64"  # report.json's precision for a model computing in float64 (a float64 torch module)
 TRANSFER_SHARE = 0.25   # transfer + preprocess against compute: above this, moving data dominates
 BLOCKED_SHARE = 0.05    # model stage waiting on the writer: above this, output is the limit
 FILL_MIN = 0.75         # mean batch fill below this: batches are under-filled
@@ -82,7 +83,8 @@ class _Figures:
     readers: int
     items_per_shard: float
     p99_ms: float | None
-    fell_back: str  # the reduced precision the validation gate refused, if any
+    fell_back: str  # the reduced precision asked for that did not run, if any
+    fell_back_cause: str  # why it could not run at all, in a few words; "" where the validation gate refused it
     kind: str = "slides"
     batch_bytes: int = 0  # model input per full batch; 0 when the run did not record it
     model_parts: dict[str, float] | None = None  # the model stage's busy time by part, with other
@@ -116,6 +118,7 @@ class _Figures:
             batch_size=int(summary.get("batch_size") or 0), precision=str(summary.get("precision", "fp32")),
             readers=int(summary.get("readers") or 0), items_per_shard=float(per_shard),
             p99_ms=(summary.get("storage") or {}).get("p99_ms"), fell_back=_refused_precision(summary),
+            fell_back_cause=_fallback_cause(summary),
             kind=str(summary.get("kind", "slides")),
             batch_bytes=int(summary.get("batch_input_bytes") or 0),
             model_parts=(summary.get("stage_parts") or {}).get("model"),
@@ -164,11 +167,23 @@ def _tuned_choice(summary: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _refused_precision(summary: dict[str, Any]) -> str:
-    """The reduced precision that was asked for but fell back to fp32 at the validation gate."""
+    """The reduced precision that was asked for but did not run: refused by the validation gate,
+    or one the model cannot run at all (a refusal's ``used`` may be fp64, and a report from before
+    refusals recorded ``used`` has only ``fell_back_to``)."""
     q = summary.get("quantization") or {}
-    if q.get("requested") in REDUCED_PRECISIONS and q.get("used") == "fp32":
-        return str(q["requested"])
-    return ""
+    want = q.get("requested")
+    ran = q.get("used", q.get("fell_back_to"))
+    return str(want) if want in REDUCED_PRECISIONS and ran not in (None, want) else ""
+
+
+def _fallback_cause(summary: dict[str, Any]) -> str:
+    """Why the requested precision could not run at all, in a few words (``quantization.cause``);
+    "" where a validation gate ran and refused it. A fallback with no gate was said to have failed
+    the gate, and one without ``used`` was not noticed."""
+    q = summary.get("quantization") or {}
+    if not _refused_precision(summary) or "validation" in q:
+        return ""
+    return str(q.get("cause") or ("the model cannot run it" if q.get("reason") or q.get("note") else ""))
 
 
 @dataclass
@@ -419,10 +434,15 @@ def _compute_bound(f: _Figures) -> _Finding:
     waited = (f"the model waited for data only {f.starvation:.1%} of its time" if f.starvation < BAND_LOW
               else _fed_words(f))
     evidence = f"{waited} and compute took {f.compute:.2f} s of its {f.model_busy:.2f} s busy{_model_account(f)}"
+    if f.fell_back_cause:
+        return _Finding(LAYER_COMPUTE, f"{f.precision} model", evidence + f"; {f.fell_back} was requested; "
+                        f"{f.fell_back_cause}: ran {f.precision}", _unreduced_move(f))
     if f.fell_back:
         return _Finding(LAYER_COMPUTE, f"{f.precision} model", evidence + f"; {f.fell_back} failed the validation gate",
                         "try model.precision: fp16 or bf16 on a GPU (behind the same gate); if reduced "
                         "precision cannot pass, scale out: more GPUs (one worker each) or more nodes")
+    if f.precision == FLOAT64:
+        return _Finding(LAYER_COMPUTE, f"{f.precision} model", evidence, _unreduced_move(f))
     if f.precision not in REDUCED_PRECISIONS:
         return _Finding(LAYER_COMPUTE, f"{f.precision} model", evidence,
                         "reduce precision: model.precision: int8 (QDQ, behind the validation gate), "
@@ -430,6 +450,18 @@ def _compute_bound(f: _Figures) -> _Finding:
     return _Finding(LAYER_COMPUTE, f"{f.precision} model, fed", evidence + f", already at {f.precision}",
                     "scale out: more GPUs (one worker each) or more nodes; the model is compute-bound, "
                     "fed and at reduced precision")
+
+
+def _unreduced_move(f: _Figures) -> str:
+    """The next move for a compute-bound model that could not run the precision asked, or runs
+    in float64: a float64 module runs no reduced precision until it is saved in float32."""
+    if f.precision == FLOAT64:
+        return ("save the module in float32 (module.float()): float64 is the slowest arithmetic on every "
+                "device, and only a float32 module runs fp16 or bf16 (behind the validation gate); "
+                "else scale out: more GPUs (one worker each) or more nodes")
+    return (f"make {f.fell_back} runnable as report.json's quantization.reason says, or try model.precision: "
+            "fp16 or bf16 on a GPU (behind the validation gate); else scale out: more GPUs (one worker "
+            "each) or more nodes")
 
 
 # Batching before memory transfer: in small batches, per-call overhead inflates both the input

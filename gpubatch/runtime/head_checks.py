@@ -5,16 +5,19 @@ A head that cannot take the bags gpubatch hands it fails on the worker only afte
 tiles were computed, at the end of every shard: each slide retried, then quarantined, the run's
 compute spent for nothing. So what the ONNX files say is checked here: the head's file, the tile
 output it names, the feature width, and the bag's axis, which must be dynamic (a slide's bag has as
-many rows as the slide has tissue tiles).
+many rows as the slide has tissue tiles). A torch tile model's output width no file says: it is
+run once, on one zero tile.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from gpubatch.core.errors import SpecError
+from gpubatch.models.base import Model
 from gpubatch.runtime.model_facts import (
     Dims,
     local_model_file,
@@ -38,10 +41,11 @@ def refuse_unreadable_outputs(path: str, field: str, shown: str) -> None:
 
 
 def check_slide_model(job: JobSpec, tile_model: str | None) -> None:
-    """The slide head's file exists, the tile output it names exists, and, where both models are
-    ONNX files, the head takes that output's width, on a bag axis of any length. A head the torch
-    backend runs is loaded, and probed with a bag of that width where it is known, by the worker's
-    own code (:meth:`SlideHead.check_file`).
+    """The slide head's file exists, the tile output it names exists, and the head takes that
+    output's width, on a bag axis of any length. The width is what an ONNX tile model declares, or
+    what a torch one gives for one zero tile (:func:`_torch_tile_outputs`). An ONNX head's input is
+    read; a head the torch backend runs is loaded, and probed with a bag of that width, by the
+    worker's own code (:meth:`SlideHead.check_file`).
 
     ``tile_model`` is the local file of the job's ONNX tile model (None for torch files).
     """
@@ -64,23 +68,60 @@ def check_slide_model(job: JobSpec, tile_model: str | None) -> None:
         return
     head_dims = model_inputs(head, "slide_model.path")[0][1]
     if head_dims and head_dims[-1] is not None and head_dims[-1] != width:
-        raise SpecError([("slide_model.path", f"the slide model takes features {head_dims[-1]} wide but "
-                                              f"model.path's output {name!r} gives {width} per tile")])
+        raise SpecError([("slide_model.path", f"{spec.path} takes features {head_dims[-1]} wide but model.path's "
+                                              f"output {name!r} gives {width} per tile; {_width_fix(width)}")])
+
+
+def _width_fix(width: int | None) -> str:
+    return (f"export the head to take {width}-wide features, or set slide_model.features to the tile "
+            "output it takes")
 
 
 def _bag_width(job: JobSpec, tile_model: str | None) -> tuple[str | None, int | None]:
-    """The tile output forming each slide's bag and its width per tile, where the ONNX tile model
-    says them (None where it does not, or for a torch tile model); a features name the model has
-    no output of is refused."""
-    if tile_model is None or job.slide_model is None:
+    """The tile output forming each slide's bag and its width per tile: what the ONNX tile model
+    says, or what a torch tile model gives for one item (None where neither is known); a features
+    name the model has no output of is refused."""
+    if job.slide_model is None:
         return None, None
-    outputs = model_outputs(tile_model)
+    outputs = model_outputs(tile_model) if tile_model is not None else _torch_tile_outputs(job)
+    if not outputs:
+        return None, None
     name = job.slide_model.features or next(iter(outputs))
     if name not in outputs:
         raise SpecError([("slide_model.features", f"{name!r} is not an output of model.path; its "
                                                   f"outputs are {list(outputs)}")])
     tail = [d for d in outputs[name][1:] if d is not None]
     return name, int(np.prod(tail)) if tail and len(tail) == len(outputs[name]) - 1 else None
+
+
+def _torch_tile_outputs(job: JobSpec) -> dict[str, Dims] | None:
+    """The shapes of a torch tile model's outputs for one item, from a batch of one zero tile run
+    as a worker runs it (:func:`~gpubatch.engine.model_stage.zero_item_outputs`): no torch file
+    declares its outputs' widths, and a head of the wrong width passed validate and failed at the
+    end of every slide, once its tiles were computed. None where torch is not installed (the
+    missing extra is check_environment's to name); a model that fails on the tile is refused."""
+    if not _runs_on_torch(job.model.backend, job.model.path):
+        return None
+    try:
+        import torch  # noqa: F401 - only whether it imports
+    except ImportError:
+        return None
+    from gpubatch.engine.model_stage import zero_item_outputs
+    from gpubatch.engine.slide_head import last_line
+    from gpubatch.models.base import backend_class
+    from gpubatch.sources import get_source
+
+    shape = get_source(job.kind).model_input(job, 1)[0]
+    local = local_model_file(job.model.path, job.input.storage, "model.path")
+    try:
+        outputs = zero_item_outputs(backend_class("torch")(local), shape)
+    except Exception as exc:  # noqa: BLE001 - whatever the module raises, every batch would raise it
+        shown = ", ".join(map(str, shape))
+        raise SpecError([("model.path", (
+            f"{job.model.path} fails on a batch of one zero tile of shape ({shown}), fed as the run feeds it: "
+            f"{last_line(exc).replace(local, job.model.path)}; every batch would fail so: match tiles.size and "
+            "model.input.layout to the model"))]) from None
+    return {name: list(np.shape(value)) for name, value in outputs.items()}
 
 
 def _runs_on_torch(backend: str, path: str) -> bool:
@@ -109,12 +150,35 @@ def _check_torch_head(shown: str, local: str, backend: str, name: str | None, wi
         SlideHead.check_file(local, backend, width)
     except HeadShapeError as exc:
         words = str(exc).replace(local, shown)
-        raise SpecError([("slide_model.path", f"{words}; export the head to take model.path's output {name!r} "
-                                              f"({width} per tile), or set slide_model.features to the tile "
-                                              "output it takes")]) from None
+        takes = _torch_head_width(exc.model)
+        said = f"{shown} takes features {takes} wide and" if takes is not None else ""
+        raise SpecError([("slide_model.path", f"{words}; {said} model.path's output {name!r} gives {width} "
+                                              f"per tile: {_width_fix(width)}")]) from None
     except GpubatchError as exc:
         words = str(exc).replace(local, shown)
         raise SpecError([("slide_model.path", words)]) from None
+
+
+def _torch_head_width(model: Model) -> int | None:
+    """The feature width a torch head's file says it takes, for the refusal's words: an
+    ExportedProgram's input signature, else the first linear layer or normalisation a TorchScript
+    forward runs on its bag; None where neither says."""
+    import torch
+
+    from gpubatch.models.torch import first_weighted_op
+
+    module = getattr(model, "module", None)
+    if isinstance(module, torch.fx.GraphModule):
+        value: Any = next((n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"), None)
+        last = value.shape[-1] if getattr(value, "ndim", 0) else None
+        return last if isinstance(last, int) else None
+    first = first_weighted_op(module) if module is not None else None
+    if first is None:
+        return None
+    op, weight = first
+    if op == "aten::linear" and weight.ndim == 2:
+        return int(weight.shape[1])
+    return int(weight.shape[0]) if op.endswith("_norm") and weight.ndim == 1 else None
 
 
 def _refuse_fixed_bag(path: str, dims: Dims) -> None:

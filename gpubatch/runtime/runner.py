@@ -158,7 +158,7 @@ class _Run:
             check_run_model(committed, localize(ctx.model_path, ctx.model_storage, ctx.model_version))
             log.info("%d shard(s) already committed, skipped", resumed)
         self.ledger.event("run_start", resumed=resumed, planned=len(shards), spec=redact(job.model_dump(mode="json")),
-                          backend=ctx.backend, precision=ctx.precision, gpubatch_version=__version__,
+                          backend=ctx.backend, precision=prepared.computes_in, gpubatch_version=__version__,
                           **prepared.audit)
         progress = Progress(len(shards), already=resumed, store=self.store, enabled=show_progress,
                             run_id=self.run_id, heartbeat_s=job.run.heartbeat_s, plan_failed=quarantined_count(self.failed),
@@ -398,7 +398,7 @@ class _Run:
         end.step("reading the commit records for the data-quality notes", done, "record")
         run_info = {
             "name": job.name, "kind": job.kind, "gpubatch_version": __version__, "run_id": self.run_id,
-            "backend": ctx.backend, "precision": ctx.precision, "batch_size": ctx.batch_size,
+            "backend": ctx.backend, "precision": prepared.computes_in, "batch_size": ctx.batch_size,
             "workers": n_workers, "profile": self.prof.get("cluster"), "readers": job.run.readers,
             "stage_ahead": job.run.stage_ahead, "formats": list(job.output.formats),
             "model_sha256": ctx.model_sha256, "spec_sha256": ctx.spec_hash, "shards_total": len(shards),

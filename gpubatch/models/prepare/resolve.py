@@ -59,6 +59,9 @@ class PreparedModel:
     #: the fp32 model workers re-run low-confidence items on (``model.fallback``), else None
     fallback_path: str | None = None
     fallback_max_prob: float | None = None
+    #: what the model computes in, for report.json's ``precision`` (Model.computes_in): ``precision``
+    #: is what workers load it as, and a float64 torch module loaded as fp32 computes in fp64
+    computes_in: str = ""
 
 
 def unsupported_reason(precision: str, backend: str) -> str | None:
@@ -85,6 +88,18 @@ def unquantizable_reason(path: str, precision: str, exc: BaseException) -> str:
     hint = (" (quantization takes a float32 model: export one in float32)" if precision in ("int8", "fp8")
             else "")
     return f"{path} could not be converted to {precision}: {type(exc).__name__}: {words}{hint}"
+
+
+def unsupported_cause(precision: str, backend: str) -> str:
+    """:func:`unsupported_reason` in a few words, for the verdict (``quantization.cause``)."""
+    if backend == "torch":
+        return f"backend torch cannot run {precision} (explicit QDQ ONNX quantization)"
+    return f"backend {backend} cannot run {precision} (TensorRT on an Ada or Hopper GPU only)"
+
+
+#: why an ONNX model stays fp32 for a 16-bit request (keep_fp32_reason), in a few words
+KEPT_FP32_CAUSES = {"bf16": "gpubatch makes no bf16 ONNX model",
+                    "fp16": "the fp16 ONNX converter (onnxconverter-common) is not installed"}
 
 
 def keep_fp32_reason(precision: str, backend: str) -> str | None:
@@ -131,15 +146,20 @@ class _Preparation:
         want = self.job.model.precision
         if want == "fp32":
             return
-        reason = unsupported_reason(want, self.backend) or self.torch_precision_problem(want)
+        reason = unsupported_reason(want, self.backend)
         if reason:
-            self.refuse(want, reason)
+            self.refuse(want, reason, unsupported_cause(want, self.backend))
+            return
+        reason = self.torch_precision_problem(want)
+        if reason:
+            self.refuse(want, reason, "the model is float64 and cannot run it")
             return
         note = keep_fp32_reason(want, self.backend)
         if note:
             log.warning("%s", note)
-            self.report["quantization"] = {"requested": want, "used": "fp32", "note": note}
-            self.audit["quantization"] = {"requested": want, "used": "fp32"}
+            cause = KEPT_FP32_CAUSES[want]
+            self.report["quantization"] = {"requested": want, "used": "fp32", "note": note, "cause": cause}
+            self.audit["quantization"] = {"requested": want, "used": "fp32", "cause": cause}
             return
         self.reduce(want)
 
@@ -155,14 +175,27 @@ class _Preparation:
         assert isinstance(model, TorchModel)
         return precision_problem(self.job.model.path, model.feed_dtype, want)
 
-    def refuse(self, want: str, reason: str) -> None:
-        """A precision this backend cannot run: stop, or run fp32 when ``on_fail: fp32``."""
+    def refuse(self, want: str, reason: str, cause: str) -> None:
+        """A precision this model cannot run at all: stop, or run fp32 when ``on_fail: fp32``.
+        ``used`` is what then computes (fp64 for a float64 torch module) and ``cause`` says, in a
+        few words, why ``want`` could not be had: no gate ran, and the verdict, which read every
+        fallback as a failed gate, said nothing of it (no ``used``)."""
         if self.job.model.validation.on_fail == "error":
             raise SpecError([("model.precision", refusal(reason))])
         log.warning("%s; running in fp32 (on_fail: fp32)", reason)
-        figures = {"requested": want, "passed": False, "fell_back_to": "fp32", "reason": reason}
+        figures = {"requested": want, "used": self.computes_in(), "passed": False, "fell_back_to": "fp32",
+                   "reason": reason, "cause": cause}
         self.report["quantization"] = figures
         self.audit["quantization"] = dict(figures)
+
+    def computes_in(self) -> str:
+        """What the run's model computes in (Model.computes_in), for the report. A torch module is
+        loaded for it where preparing loaded none (a private copy, let go after): its dtype, not
+        the precision asked, says whether it computes in fp64."""
+        model = self.model
+        if model is None and self.backend == "torch":
+            model = self.load(self.path, self.precision)
+        return model.computes_in if model is not None else self.precision
 
     def reduce(self, want: str) -> None:
         """Make the reduced model (cached), gate it against fp32, and adopt it or fall back."""
@@ -178,7 +211,8 @@ class _Preparation:
                 reduced_path, info = ensure_reduced(path, file_sha256(path), want, sample.calibration,
                                                     calib_sha, sampling, self.outdir, target)
             except Exception as exc:  # noqa: BLE001 - the quantizer's errors are many and all mean "cannot"
-                self.refuse(want, unquantizable_reason(path, want, exc))
+                self.refuse(want, unquantizable_reason(path, want, exc),
+                            f"the model could not be converted to {want}")
                 self.model = reference
                 return
             path = str(reduced_path)
@@ -306,4 +340,4 @@ def prepare_model(job: JobSpec, source: Source, shards: Sequence[Shard], outdir:
     fallback_path, threshold = prep.configure_fallback()
     prep.audit["run_model_sha256"] = file_sha256(prep.path)
     return PreparedModel(prep.path, prep.precision, prep.batch_size, prep.report, prep.audit,
-                         fallback_path, threshold)
+                         fallback_path, threshold, prep.computes_in())
