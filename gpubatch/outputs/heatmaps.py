@@ -150,15 +150,17 @@ def draw(rows: SlideRows, coloured: Coloured, grid: SlideGrid) -> np.ndarray:
     cols = max(1, math.ceil((left + width) / grid.stride) - col0)
     rows_ = max(1, math.ceil((top + height) / grid.stride) - row0)
     cell = max(1, min(MAX_CELL, MAX_EDGE // max(cols, rows_)))
-    image = np.empty((rows_ * cell, cols * cell, 3), np.uint8)
-    image[:] = EMPTY
-    blocks = image.reshape(rows_, cell, cols, cell, 3)
+    # a pixel per tile, then each pixel made a cell: writing every tile's cell x cell block in
+    # place took 3x the time (2 against 0.65 ms for a slide of 324 tiles, at each run's end)
+    tiles = np.empty((rows_, cols, 3), np.uint8)
+    tiles[:] = EMPTY
     for part in rows.chunks(["x", "y", *coloured.columns]):  # in order: a later tile on a cell wins
         c = np.round(_column(part, "x") / grid.stride).astype(int) - col0
         r = np.round(_column(part, "y") / grid.stride).astype(int) - row0
         inside = (c >= 0) & (c < cols) & (r >= 0) & (r < rows_)
         rgb = colours(coloured.values(part), coloured.low, coloured.high)
-        blocks[r[inside], :, c[inside], :] = rgb[inside][:, None, None, :]
+        tiles[r[inside], c[inside]] = rgb[inside]
+    image = tiles if cell == 1 else np.repeat(np.repeat(tiles, cell, axis=0), cell, axis=1)
     scale = cell / grid.stride
     x0, y0 = round((left - col0 * grid.stride) * scale), round((top - row0 * grid.stride) * scale)
     return image[y0:y0 + max(1, math.ceil(height * scale)), x0:x0 + max(1, math.ceil(width * scale))]

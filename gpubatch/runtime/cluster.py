@@ -312,10 +312,16 @@ def main_guard_hint(exc: BaseException) -> str | None:
 
 #: imported once in the forkserver, so each worker process starts with them loaded: everything a
 #: shard imports, the output writers included (imported at a worker's first commit, zarr and pandas
-#: took 0.7 s there and added tens of MB after the first shards' memory peak, not before it)
+#: took 0.7 s there and added tens of MB after the first shards' memory peak, not before it). Each
+#: run starts new workers: a module left out is imported again in every worker of every run, in
+#: front of its first shard (the slide openers below took 50 ms of CPU per worker;
+#: tests/test_worker_imports.py runs a shard in a process forked from the forkserver)
 WORKER_MODULES = ["numpy", "pandas", "onnxruntime", "tifffile", "imagecodecs", "pyarrow.parquet", "zarr", "fsspec",
                   "obstore",  # imported only: its runtime starts at a first request, which the forkserver never makes
+                  "simplejpeg", "pyarrow.pandas_compat", "fsspec.implementations.local",
+                  "pyarrow.vendored.version",  # imported by pyarrow's pandas shim at its first use
                   "gpubatch.engine.worker", "gpubatch.sources.slides.source", "gpubatch.sources.genome.source", "gpubatch.io.stage_cache",
+                  "gpubatch.sources.slides.open", "gpubatch.sources.slides.integrity", "gpubatch.core.logs",
                   "gpubatch.models.onnxruntime", "gpubatch.models.prepare.validate", "gpubatch.outputs.writer"]
 
 
