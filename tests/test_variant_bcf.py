@@ -22,7 +22,7 @@ from gpubatch.core.errors import SpecError
 from gpubatch.sources.genome.reference import ContigTable
 from gpubatch.sources.genome.variant_bcf import BcfGuard
 from gpubatch.sources.genome.variant_guard import SHORT_LINE
-from gpubatch.sources.genome.variants import read_variants
+from gpubatch.sources.genome.variants import read_variants, refuse_ref_mismatches
 
 pysam = pytest.importorskip("pysam")
 pytest_plugins = ["s3_fixtures"]
@@ -94,6 +94,18 @@ def test_a_bcfs_bad_records_are_a_text_vcfs_by_record_number(tmp_path: Path, mod
     assert tables[".bcf"].counts["info_dropped"] == 1
     (note,) = [n for n in tables[".bcf"].notes if "INFO" in n]
     assert note.startswith("v.bcf: 1 record(s) have an INFO field of over 65,536 bytes (record 2): read with INFO")
+
+
+@pytest.mark.parametrize(("mode", "first"), [("wb", "record 2 chrA:200"), ("w", "line 9 chrA:200")])
+def test_ref_mismatches_in_a_bcf_are_named_by_record(tmp_path: Path, mode: str, first: str) -> None:
+    """The refusal of a job whose variants disagree with the reference names the first ones by
+    where they are: in a BCF by record (its numbers count records), in a text VCF by line. A
+    BCF's record 2 was named "line 2", a line no BCF has."""
+    path = _write(tmp_path / ("v.bcf" if mode == "wb" else "v.vcf"), mode, RECORDS)
+    table = read_variants(str(path), CONTIGS, max_bad=0.9, max_allele=MAX_ALLELE)
+    match = np.array([True, False, False])  # the records at 200 and 700 disagree
+    with pytest.raises(SpecError, match=f"2 of 3 variants .* First: {first} REF"):
+        refuse_ref_mismatches(table, match, "ref.fa", 0.05)
 
 
 def test_a_remote_bcf_is_guarded_as_a_local_one(tmp_path: Path, s3: Any) -> None:

@@ -57,7 +57,13 @@ from gpubatch.ops.kernels import encode_dna
 from gpubatch.sources.genome import variant_table
 from gpubatch.sources.genome.bad_records import BadRecords
 from gpubatch.sources.genome.reference import ContigTable, Reference, group_reads
-from gpubatch.sources.genome.variant_files import MalformedRecord, RawRecord, iter_records, sniff
+from gpubatch.sources.genome.variant_files import (
+    LAYOUT_BCF,
+    MalformedRecord,
+    RawRecord,
+    iter_records,
+    sniff,
+)
 from gpubatch.sources.genome.variant_guard import allele_too_long
 from gpubatch.sources.genome.variant_stream import VariantInput
 from gpubatch.sources.genome.variant_table import (
@@ -388,7 +394,8 @@ def refuse_ref_mismatches(table: VariantTable, match: np.ndarray, reference_uri:
     lines = dict.fromkeys(int(line_of[i]) for i in bad)  # a multi-allelic record once
     first = {int(line_of[i]): int(i) for i in bad[::-1]}
     rows = {n: table.row(first[n]) for n in list(lines)[:MAX_LISTED_MISMATCHES]}
-    shown = "; ".join(f"line {n} {r['chrom']}:{r['pos']} REF {_allele(r['ref'])}" for n, r in rows.items())
+    unit = "record" if table.layout == LAYOUT_BCF else "line"  # a BCF's numbers count records
+    shown = "; ".join(f"{unit} {n} {r['chrom']}:{r['pos']} REF {_allele(r['ref'])}" for n, r in rows.items())
     raise SpecError([(FIELD, f"{len(bad)} of {len(table)} variants ({len(bad) / len(table):.1%}) have a REF "
                              f"allele that disagrees with the reference {name} (more than "
                              f"windows.max_ref_mismatch = {limit:g}): wrong genome build or REF/ALT "
