@@ -125,6 +125,38 @@ def test_fp16_of_a_float64_module_with_fallback_runs_fp64_and_says_so(
         TorchModel(str(model), precision="fp16")  # nor can a worker, or the API, load it so
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_fp16_of_a_module_saved_in_fp16_runs_no_gate_and_says_so(
+        tmp_path: Path, slide_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A module saved in float16, asked for fp16: the gate's fp32 side computed in float16 too,
+    agreed exactly with the fp16 side, and the report said the gate passed (correlation 1.0000).
+    It runs in fp16 as saved; the report says no gate ran, and why."""
+    model = torch_module(tmp_path / f"m{suffix}", "float16")
+    job = slide_job([str(slide_path)], model, tmp_path / "out")
+    job["model"].update(backend="torch", precision="fp16")
+    assert main(["run", str(write_job(tmp_path / "job.yaml", job))]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    q = report["quantization"]
+    assert report["precision"] == "fp16" and q["used"] == "fp16" and "validation" not in q
+    assert "is saved in fp16" in q["note"] and "no validation gate ran" in q["note"]
+    out = capsys.readouterr().out
+    assert "precision: fp16 requested, fp16 used" in out and "gate passed" not in out
+
+
+def test_fp16_of_a_bfloat16_module_is_refused_naming_its_dtype(tmp_path: Path, slide_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """autocast leaves bfloat16 arithmetic alone: a bfloat16 module under fp16 ran in bfloat16
+    under the name fp16. validate and run refuse it (on_fail: error), saying what to change."""
+    model = torch_module(tmp_path / "m.pt2", "bfloat16")
+    job = slide_job([str(slide_path)], model, tmp_path / "out")
+    job["model"].update(backend="torch", precision="fp16")
+    spec = write_job(tmp_path / "job.yaml", job)
+    for command in ("validate", "run"):
+        assert main([command, str(spec)]) == EXIT_USAGE, command
+        err = capsys.readouterr().err
+        assert "is a bfloat16 module" in err and "under the name fp16" in err, err
+
+
 def _says_fp64_throughout(out: Path) -> None:
     """report.html's header and facts, every audit line and every zarr group name fp64."""
     import zarr

@@ -163,15 +163,23 @@ def exported_input_dtype(path: str, program: Any) -> torch.dtype:
     return dtype
 
 
+#: what a module saved in a dtype other than float32 computes in, whatever autocast asks
+SAVED_PRECISION = {torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 def precision_problem(path: str, dtype: torch.dtype, precision: str) -> str | None:
     """Why ``precision`` cannot be had for a module whose input is ``dtype``: autocast casts float32
-    only, so a float64 module under fp16/bf16 would run in float64 and its report say fp16."""
-    if dtype != torch.float64 or precision not in ("fp16", "bf16"):
+    only, so a float64 module under fp16/bf16 would run in float64 (a bfloat16 one under fp16 in
+    bfloat16) and its report say the precision asked. None where it can, a module saved in the
+    16 bits asked for included (it runs in them as loaded)."""
+    own = SAVED_PRECISION.get(dtype)
+    if precision not in ("fp16", "bf16") or own in (None, precision):
         return None
-    return (f"precision {precision} runs torch.autocast, which leaves float64 arithmetic in float64, and "
-            f"{path} is a float64 module (its input takes float64): it would run in float64 under the "
-            f"name {precision}. Set model.precision: fp32, or save the module in float32 (module.float()) "
-            f"to run it in {precision}")
+    name = str(dtype).removeprefix("torch.")
+    return (f"precision {precision} runs torch.autocast, which leaves {name} arithmetic in {name}, and "
+            f"{path} is a {name} module (its input takes {name}): it would run in {name} under the "
+            f"name {precision}. Set model.precision: fp32 (it then runs in {own}, as saved), or save the "
+            f"module in float32 (module.float()) to run it in {precision}")
 
 
 def computed_precision(dtype: torch.dtype, precision: str) -> str:
@@ -180,9 +188,7 @@ def computed_precision(dtype: torch.dtype, precision: str) -> str:
     bfloat16 module's own 16 bits at fp32; else ``precision``. A float64 module's report said fp32."""
     if dtype == torch.float64:
         return "fp64"
-    if precision == "fp32" and dtype in (torch.float16, torch.bfloat16):
-        return "fp16" if dtype == torch.float16 else "bf16"
-    return precision
+    return SAVED_PRECISION.get(dtype, precision) if precision == "fp32" else precision
 
 
 def _host(value: Any) -> np.ndarray:

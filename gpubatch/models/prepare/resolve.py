@@ -102,6 +102,11 @@ KEPT_FP32_CAUSES = {"bf16": "gpubatch makes no bf16 ONNX model",
                     "fp16": "the fp16 ONNX converter (onnxconverter-common) is not installed"}
 
 
+def saved_in_note(path: str, want: str) -> str:
+    return (f"{path} is saved in {want}: it runs in {want} as loaded, and there is no fp32 model to check "
+            "it against, so no validation gate ran")
+
+
 def keep_fp32_reason(precision: str, backend: str) -> str | None:
     """Why an ONNX model stays fp32 for a 16-bit request (a note, not a failure), else None."""
     if backend not in ONNX_BACKENDS:
@@ -152,7 +157,11 @@ class _Preparation:
             return
         reason = self.torch_precision_problem(want)
         if reason:
-            self.refuse(want, reason, "the model is float64 and cannot run it")
+            self.refuse(want, reason, f"the model is {self.torch_dtype()} and cannot run it")
+            return
+        if self.saved_in(want):
+            self.report["quantization"] = {"requested": want, "used": want, "note": saved_in_note(self.path, want)}
+            self.audit["quantization"] = {"requested": want, "used": want, "gate": "none: saved in it"}
             return
         note = keep_fp32_reason(want, self.backend)
         if note:
@@ -174,6 +183,16 @@ class _Preparation:
         model = self.model = self.load(self.job.model.path, "fp32")
         assert isinstance(model, TorchModel)
         return precision_problem(self.job.model.path, model.feed_dtype, want)
+
+    def torch_dtype(self) -> str:
+        """The dtype the loaded torch module takes, as torch names it without its prefix."""
+        return str(getattr(self.model, "feed_dtype", "float32")).removeprefix("torch.")
+
+    def saved_in(self, want: str) -> bool:
+        """Whether the torch module computes in ``want`` as it is saved (a float16 module under
+        fp16): the gate's fp32 side would run in ``want`` too and agree with it exactly, and
+        the report said the gate passed."""
+        return self.backend == "torch" and self.model is not None and self.model.computes_in == want
 
     def refuse(self, want: str, reason: str, cause: str) -> None:
         """A precision this model cannot run at all: stop, or run fp32 when ``on_fail: fp32``.
