@@ -110,8 +110,10 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 def raise_if_stopped() -> None:
-    """Raise the exception of a signal received during the run (one a finaliser dropped)."""
-    if _received:
+    """Raise the exception of a signal received during the run (one a finaliser dropped). Only
+    in the main thread, whose run the handlers stop: a run in another thread of the process (a
+    notebook's) goes on to its end, where it once raised the main thread's Ctrl-C too."""
+    if _received and threading.current_thread() is threading.main_thread():
         raise _stopped(_received[0])
 
 
