@@ -5,10 +5,70 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import slide_job, write_job
+from conftest import slide_job, upload_slides, write_job
+
+if TYPE_CHECKING:
+    from s3_fixtures import S3Stack
+
+pytest_plugins = ["s3_fixtures"]
+
+
+def _storage_counts(report: dict[str, Any]) -> dict[str, float]:
+    """A report's counts of storage requests, HEADs, bytes and retries (its timings left out)."""
+    kept = ("storage.requests", "storage.heads", "storage.client_", "storage.ops.", "storage.bytes",
+            "storage.retries", "storage.library_retries")
+    return {k: v for k, v in report["counters"].items() if k.startswith(kept)}
+
+
+def test_two_runs_at_once_each_report_only_their_own_storage_requests(
+        tmp_path: Path, s3: S3Stack, slides_dir: Path, mean_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run over slides on S3 and, started in another thread while it ran, one over local
+    slides: the requests each made were counted per process and claimed by whichever run
+    asked next, so the local run's report said it sent the other's S3 GETs and HEADs, and the
+    S3 run's lost them (each run's start also dropped what the other had not claimed yet)."""
+    import gpubatch
+    from gpubatch.runtime.progress import Progress
+    from gpubatch.runtime.runner import _Run
+
+    remote = slide_job([f"{upload_slides(s3, slides_dir)}/*.tif"], mean_model, tmp_path / "alone")
+    remote["input"].update(storage=s3.options(), access="stream")
+    remote_job = write_job(tmp_path / "remote.yaml", remote)
+    alone = _storage_counts(gpubatch.run(remote_job, show_progress=False).report)
+    assert alone.get("storage.ops.head", 0) > 0 and alone.get("storage.heads", 0) >= 0, alone
+    local_job = write_job(tmp_path / "local.yaml", slide_job([str(slides_dir / "s0.tif")], mean_model, tmp_path / "b"))
+    claim, update = _Run._claim_client_requests, Progress.update
+    remote_planned, local_done, remote_reports = threading.Event(), threading.Event(), []
+
+    def claim_after_the_local_run(self: _Run) -> None:  # the remote run's plan counted, not claimed
+        if threading.current_thread().name == "remote" and not remote_planned.is_set():
+            remote_planned.set()
+            local_done.wait(120)
+        claim(self)
+
+    def remote_run() -> None:
+        remote_reports.append(gpubatch.run(remote_job, show_progress=False, output__uri=str(tmp_path / "a")).report)
+
+    remote = threading.Thread(target=remote_run, name="remote")
+
+    def update_then_start_remote(self: Progress, result: Any) -> None:
+        update(self, result)
+        if threading.current_thread() is threading.main_thread() and not remote.is_alive() and not remote_reports:
+            remote.start()
+            remote_planned.wait(120)
+
+    monkeypatch.setattr(_Run, "_claim_client_requests", claim_after_the_local_run)
+    monkeypatch.setattr(Progress, "update", update_then_start_remote)
+    local_result = gpubatch.run(local_job, show_progress=False)
+    local_done.set()
+    remote.join(120)
+    assert local_result.exit_code == 0 and len(remote_reports) == 1
+    local = _storage_counts(local_result.report)
+    assert not {k: v for k, v in local.items() if k.startswith(("storage.ops.", "storage.client_ops."))}, local
+    assert local.get("storage.heads", 0) == 0, local
+    assert _storage_counts(remote_reports[0]) == alone
 
 
 def test_a_ctrl_c_stops_the_main_thread_s_run_not_another_thread_s(

@@ -46,6 +46,7 @@ from gpubatch.io.metrics import (
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import policy_for, run_policy
 from gpubatch.io.retry_counts import count_claimed_retries, forget_unclaimed_retries
+from gpubatch.io.tallies import counts_of_this_run
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import resolve_backend
 from gpubatch.outputs.commits import CommitIndex
@@ -100,7 +101,9 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     # every storage call of the client's (checks, plan, preparation; an inline run's shards)
     # a signal from here on stops the run in order: planning, shards, the run's end, the lease's release;
     # the long steps around the shards show their progress as the shards' does (a bar or log lines)
-    with stop_on_signals(), versions_asked_once(), run_policy(policy_for(job.run)), shown_as(show_progress):
+    # and its requests and retries counted with no shard's clocks, its own (another run's in this process apart)
+    with stop_on_signals(), versions_asked_once(), run_policy(policy_for(job.run)), shown_as(show_progress), \
+            counts_of_this_run():
         preflight(job, prof)
         if scheduler is None:
             check_cluster(prof)
