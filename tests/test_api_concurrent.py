@@ -120,3 +120,23 @@ def test_a_ctrl_c_stops_the_main_thread_s_run_not_another_thread_s(
     assert side_outcome == [0]
     assert gpubatch.open_results(tmp_path / "side").predictions()["slide"].nunique() == 3
     assert gpubatch.run(main_job, show_progress=False, resume=True).complete
+
+
+def test_an_inline_run_s_profile_storage_options_are_not_the_caller_s_after_it(
+        tmp_path: Path, slide_path: Path, mean_model: Path) -> None:
+    """An inline run's shards apply the profile's ``storage`` options and ``range_reader`` to
+    the calling process, where they stayed for good: a notebook's later open_results and the
+    next run's plan read with that profile's options (its credentials too). Run twice, in case
+    the second took settings the first left; the caller's are as they were after each."""
+    import gpubatch
+    from gpubatch.io import storage
+
+    profile = tmp_path / "inline-s3.yaml"
+    profile.write_text("cluster: inline\nworkers: 1\nrange_reader: fsspec\n"
+                       "storage:\n  key: profile-key\n  secret: profile-secret\n")
+    job = write_job(tmp_path / "job.yaml", slide_job([str(slide_path)], mean_model, tmp_path / "out",
+                                                     run={"profile": str(profile)}))
+    before = (dict(storage._profile_options), dict(storage._settings))
+    for again in (False, True):
+        assert gpubatch.run(job, show_progress=False, overwrite=again).exit_code == 0
+        assert (storage._profile_options, storage._settings) == before

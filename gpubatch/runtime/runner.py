@@ -13,6 +13,7 @@ an output that ``--resume`` finishes; and every event lands in the ledger (outpu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -103,7 +104,7 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     # the long steps around the shards show their progress as the shards' does (a bar or log lines)
     # and its requests and retries counted with no shard's clocks, its own (another run's in this process apart)
     with stop_on_signals(), versions_asked_once(), run_policy(policy_for(job.run)), shown_as(show_progress), \
-            counts_of_this_run():
+            counts_of_this_run(), _caller_s_storage_after(prof):
         preflight(job, prof)
         if scheduler is None:
             check_cluster(prof)
@@ -472,6 +473,18 @@ def _stage_ahead(ahead: int, profile: dict[str, Any], slots: int, scheduler: str
     run in this process (``inline``); shards dealt to worker processes name their own lane's
     next run.stage_ahead (runtime.dealing)."""
     return slots + ahead if ahead and all_workers_here(profile, scheduler) else ahead
+
+
+def _caller_s_storage_after(profile: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+    """An inline run's shards apply the profile's storage options and range reader to this
+    process (engine.worker), where they stayed after the run: a notebook's later reads
+    (open_results, the next run's plan) took that profile's options, credentials included. The
+    run has them throughout (its plan reads as its shards do) and the caller's are back after."""
+    if profile.get("cluster") != "inline":
+        return contextlib.nullcontext()
+    from gpubatch.io.storage import storage_profile
+
+    return storage_profile(profile)
 
 
 def _storage_profile(profile: dict[str, Any], one_host: bool) -> dict[str, Any]:
