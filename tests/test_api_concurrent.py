@@ -140,3 +140,37 @@ def test_an_inline_run_s_profile_storage_options_are_not_the_caller_s_after_it(
     for again in (False, True):
         assert gpubatch.run(job, show_progress=False, overwrite=again).exit_code == 0
         assert (storage._profile_options, storage._settings) == before
+
+
+def test_a_ctrl_c_as_a_run_ends_releases_its_lease_and_the_next_run_goes_on(
+        tmp_path: Path, slides_dir: Path, mean_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing in the run's last steps, before its lease was released: the lease stayed
+    held and its heartbeat thread beat it for the life of the process, so the notebook's next
+    run into that output was refused ("another run is writing this output ... in this same
+    process"), as was any other process's. Now the lease is released, then the interrupt raised."""
+    import os
+    import signal
+
+    import gpubatch
+    from gpubatch.outputs.commits import CommitIndex
+    from gpubatch.outputs.layout import LEASE
+
+    close, sent = CommitIndex.close, []
+
+    def interrupted_close(self: CommitIndex) -> None:
+        if not sent:
+            sent.append(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        close(self)
+
+    monkeypatch.setattr(CommitIndex, "close", interrupted_close)
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", slide_job([str(p) for p in sorted(slides_dir.glob("*.tif"))],
+                                                     mean_model, out))
+    with pytest.raises(KeyboardInterrupt):
+        gpubatch.run(job, show_progress=False)
+    assert sent and not (out / LEASE).exists()
+    assert "gpubatch-heartbeat" not in {t.name for t in threading.enumerate()}
+    again = gpubatch.run(job, show_progress=False, resume=True)
+    assert again.exit_code == 0 and again.complete
+

@@ -82,7 +82,7 @@ from gpubatch.runtime.preflight import (
 from gpubatch.runtime.progress import Progress
 from gpubatch.runtime.result import Result
 from gpubatch.runtime.resume import check_run_model, reconcile
-from gpubatch.runtime.stopping import Terminated, raise_if_stopped, stop_on_signals
+from gpubatch.runtime.stopping import Terminated, raise_if_stopped, signals_held, stop_on_signals
 from gpubatch.runtime.submit import Submitter
 from gpubatch.runtime.worker_memory import largest_batch_in_memory
 from gpubatch.sources import Shard, Source, get_source
@@ -118,8 +118,9 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
                 return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler,
                                    show_progress=show_progress)
         finally:
-            run.commits.close()
-            run.lease.release()
+            with signals_held():  # a Ctrl-C here is raised once the lease is released
+                run.commits.close()
+                run.lease.release()
             if run.lease.lost is None:  # else they may be the run's that holds the output now
                 with phase("removing the temporaries of interrupted writes"):  # listings: seconds at 3,000 shards
                     remove_temporaries(store)
