@@ -174,3 +174,40 @@ def test_a_ctrl_c_as_a_run_ends_releases_its_lease_and_the_next_run_goes_on(
     again = gpubatch.run(job, show_progress=False, resume=True)
     assert again.exit_code == 0 and again.complete
 
+
+def _held_by_the_process() -> dict[str, Any]:
+    """What a run could leave behind in its process, counted: descriptors, threads (less the
+    pools that grow to their bound as they are busy: zarr's asyncio loop, the identity lookups),
+    logging handlers and filters on every logger, import paths, the storage settings."""
+    import gc
+    import logging
+    import os
+    import sys
+
+    from gpubatch.io import storage
+
+    gc.collect()
+    pooled = ("asyncio_", "gpubatch-identity_", "gpubatch-open_", "gpubatch-preopen_", "gpubatch-ahead_")
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)] + [logging.root]
+    return {"fds": len(os.listdir("/proc/self/fd")),
+            "threads": sorted(t.name for t in threading.enumerate() if not t.name.startswith(pooled)),
+            "handlers": sum(len(lg.handlers) for lg in loggers if isinstance(lg, logging.Logger)),
+            "filters": sum(len(lg.filters) for lg in loggers if isinstance(lg, logging.Logger)),
+            "sys.path": len(sys.path), "storage": [storage._profile_options, storage._settings]}
+
+
+def test_an_inline_job_run_again_and_again_in_one_process_holds_nothing_more(
+        tmp_path: Path, slides_dir: Path, mean_model: Path) -> None:
+    """A notebook re-running an inline job's cell (a new output each time): after the first
+    run, each later one leaves the process holding what the first left, read back included."""
+    import gpubatch
+
+    job = write_job(tmp_path / "job.yaml", slide_job([str(p) for p in sorted(slides_dir.glob("*.tif"))],
+                                                     mean_model, tmp_path / "unused"))
+    seen = []
+    for i in range(6):
+        result = gpubatch.run(job, show_progress=False, output__uri=str(tmp_path / f"out{i}"))
+        assert result.exit_code == 0 and len(gpubatch.open_results(result.output_uri).predictions()) > 0
+        del result
+        seen.append(_held_by_the_process())
+    assert seen[1:] == [seen[0]] * 5, seen
