@@ -211,3 +211,59 @@ def test_an_inline_job_run_again_and_again_in_one_process_holds_nothing_more(
         del result
         seen.append(_held_by_the_process())
     assert seen[1:] == [seen[0]] * 5, seen
+
+
+def test_a_ctrl_c_as_the_lease_is_taken_releases_it(tmp_path: Path, slides_dir: Path, mean_model: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C landing as the run had just taken its lease (a remote store's acquire waits a
+    while to read it back) left the lease held with no one to release it: the next run in the
+    process was refused as "another run ... in this same process" until it went stale."""
+    import os
+    import signal
+
+    import gpubatch
+    from gpubatch.outputs.layout import LEASE
+    from gpubatch.outputs.lease import Lease
+
+    acquire = Lease.acquire
+
+    def acquire_then_interrupt(self: Lease) -> None:
+        acquire(self)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", slide_job([str(slides_dir / "s0.tif")], mean_model, out))
+    with monkeypatch.context() as patch:
+        patch.setattr(Lease, "acquire", acquire_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            gpubatch.run(job, show_progress=False)
+    assert not (out / LEASE).exists()
+    assert gpubatch.run(job, show_progress=False, resume=True).complete
+
+
+def test_a_refused_run_holds_no_descriptor_while_its_error_is_kept(tmp_path: Path, slides_dir: Path,
+                                                                   mean_model: Path) -> None:
+    """A run refused because another holds the output kept its commit index (an open SQLite
+    file) for as long as the caller kept the error: a notebook keeps the last one, with its
+    traceback's frames."""
+    import gc
+    import os
+
+    import gpubatch
+    from gpubatch.outputs.lease import Lease
+    from gpubatch.outputs.store import OutputStore
+
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", slide_job([str(slides_dir / "s0.tif")], mean_model, out))
+    assert gpubatch.run(job, show_progress=False).complete
+    holder = Lease(OutputStore(str(out)), "another-run", stale_s=120.0, heartbeat_s=5.0)
+    holder.acquire()
+    try:
+        gc.collect()
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(gpubatch.SpecError, match="another run is writing") as refused:
+            gpubatch.run(job, show_progress=False, resume=True)
+        gc.collect()
+        assert len(os.listdir("/proc/self/fd")) == before, refused.value
+    finally:
+        holder.release()

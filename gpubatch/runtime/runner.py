@@ -110,20 +110,32 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
             check_cluster(prof)
         store = OutputStore(job.output.uri, job.output.storage)
         guard_output(store, job.output.uri)
-        run = _Run(job, prof, store)
-        run.lease.acquire()
+        run, taken = _Run(job, prof, store), False
         try:
+            with signals_held():  # a Ctrl-C as the lease is taken: raised once it is, to release it
+                run.lease.acquire()
+                taken = True
             run.lease.hold()  # beaten from now: the checks and the model's preparation may take minutes
             with collections_of_this_run():
                 return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler,
                                    show_progress=show_progress)
         finally:
-            with signals_held():  # a Ctrl-C here is raised once the lease is released
+            if taken:
+                _end_of_run(run, store)
+            else:  # refused: its index's file was held as long as the caller kept the error
                 run.commits.close()
-                run.lease.release()
-            if run.lease.lost is None:  # else they may be the run's that holds the output now
-                with phase("removing the temporaries of interrupted writes"):  # listings: seconds at 3,000 shards
-                    remove_temporaries(store)
+
+
+def _end_of_run(run: _Run, store: OutputStore) -> None:
+    """The run's lease released and its interrupted writes' temporaries removed, as it ends in
+    any way. A Ctrl-C before the release is raised after it: cut short there, the lease stayed
+    held and beaten for the life of the process (its next run into the output refused)."""
+    with signals_held():
+        run.commits.close()
+        run.lease.release()
+    if run.lease.lost is None:  # else they may be the run's that holds the output now
+        with phase("removing the temporaries of interrupted writes"):  # listings: seconds at 3,000 shards
+            remove_temporaries(store)
 
 
 class _Run:

@@ -150,7 +150,8 @@ def signals_held() -> Iterator[None]:
     for a run's last steps, which must not be cut half-way. A Ctrl-C landing before the run's
     lease was released left it held, its heartbeat thread beating it for the life of the
     process: a notebook's next run into that output was refused as "another run in this same
-    process", and so was every other process's. A block that raises raises its own error."""
+    process", and so was every other process's. A block that raises raises its own error, and
+    one entered after a signal raises none (a run's first signal alone raises)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -160,8 +161,8 @@ def signals_held() -> Iterator[None]:
         yield
     finally:
         _holding.pop()
-    if len(_received) > before:
-        raise _stopped(_received[before])
+    if not before and _received:
+        raise _stopped(_received[0])
 
 
 def ignore_further_signals() -> None:
