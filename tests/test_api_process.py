@@ -172,7 +172,9 @@ def test_two_runs_at_once_in_one_process_each_finish_and_leave_the_caller_s_sett
     bound to a different event loop" (Dask's wait used the newest client, the second run's), and
     each run putting back the Dask settings and environment it found left, when the first to
     start ended first, the first's in place: forkserver workers, a 50-entry scheduler log and the
-    workers' OMP_NUM_THREADS=1 stayed in the notebook after both."""
+    workers' OMP_NUM_THREADS=1 stayed in the notebook after both. And the first to end gave
+    Dask's log handlers their level back while the other's cluster lived: its INFO lines
+    ("Register worker", "Remove client") went to the notebook's stderr."""
     local = {"profile": "local", "workers": 1}
     (tmp_path / "slides").mkdir()
     slides = synthetic_slides(tmp_path / "slides", 8, 300, "a")
@@ -181,8 +183,9 @@ def test_two_runs_at_once_in_one_process_each_finish_and_leave_the_caller_s_sett
     one = slide_job([str(slide_path)], mean_model, tmp_path / "x", run=local)
     jobs = [write_job(tmp_path / "a.yaml", many), write_job(tmp_path / "b.yaml", one)]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    outcome, _ = _notebook(tmp_path, _TWO_RUNS_AT_ONCE, *jobs, env=env)
+    outcome, stderr = _notebook(tmp_path, _TWO_RUNS_AT_ONCE, *jobs, env=env)
     assert outcome == {"a": [0, 8], "b": [0, 1], "settings_back": True, "environ_changed": []}, outcome
+    assert " - distributed." not in stderr, stderr[-3000:]  # Dask's INFO lines, quiet while either runs
 
 
 _INSIDE_A_RUNNING_EVENT_LOOP = '''

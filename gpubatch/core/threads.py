@@ -10,6 +10,7 @@ helpers: per-thread context, lock-free cached properties, a thing made off the m
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import itertools
 import sys
@@ -17,12 +18,27 @@ import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+P = ParamSpec("P")
 _pools: dict[str, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
+
+
+class ContextPool(ThreadPoolExecutor):
+    """A thread pool whose work runs in a copy of the submitting thread's context (contextvars),
+    as a coroutine does on an event loop: what a run counts there (io.tallies) stays that run's
+    when two runs share the process's pools."""
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        context = contextvars.copy_context()
+
+        def in_context() -> R:
+            return context.run(fn, *args, **kwargs)
+
+        return super().submit(in_context)
 
 
 def background_pool(name: str, threads: int) -> ThreadPoolExecutor:
@@ -31,7 +47,7 @@ def background_pool(name: str, threads: int) -> ThreadPoolExecutor:
     with _lock:
         pool = _pools.get(name)
         if pool is None:
-            pool = _pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=f"gpubatch-{name}")
+            pool = _pools[name] = ContextPool(threads, thread_name_prefix=f"gpubatch-{name}")
         return pool
 
 
@@ -56,7 +72,7 @@ def fetched_in_order(items: Iterable[T], fetch: Callable[[T], R], window: int, *
         return
     source, pending = iter(items), deque[tuple[T, Future[R]]]()
     largest: int | None = None  # the largest result taken (with ``size``)
-    with ThreadPoolExecutor(window, thread_name_prefix=f"gpubatch-{name}") as pool:
+    with ContextPool(window, thread_name_prefix=f"gpubatch-{name}") as pool:
         try:
             while True:
                 room = window if size is None else 1 if largest is None else min(window, max(1, budget // largest))
@@ -170,7 +186,7 @@ def made_off_the_main_thread(make: Callable[[], T], close: Callable[[T], None], 
     exception raised on.
     """
     making = _Making(make, close)
-    threading.Thread(target=making.run, name=name, daemon=True).start()
+    threading.Thread(target=contextvars.copy_context().run, args=(making.run,), name=name, daemon=True).start()
     try:
         making.done.wait(timeout_s)
     except BaseException:

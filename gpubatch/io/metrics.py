@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from gpubatch.io.retry_counts import Tally
+from gpubatch.io.tallies import claim_tally, tally
 
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
@@ -32,8 +32,8 @@ def record_request(clocks: StageClocks | None, nbytes: int, seconds: float | Non
     are counted per process and claimed as HEADs are (:func:`count_claimed_requests`): their
     requests and bytes, not their latency (the histogram is the shards' reads)."""
     if clocks is None:
-        _UNCLOCKED["storage.requests"].add(requests)
-        _UNCLOCKED["storage.bytes"].add(nbytes)
+        tally("storage.requests").add(requests)
+        tally("storage.bytes").add(nbytes)
         return
     clocks.count("storage.requests", requests)
     clocks.count("storage.bytes", nbytes)
@@ -61,13 +61,12 @@ S3_OPERATION_KINDS = {
     "DeleteObject": "delete", "DeleteObjects": "delete", "AbortMultipartUpload": "delete",
 }
 
-#: what was asked of storage in this process with no shard's clocks at hand, since the last
-#: claim: HEADs (:func:`record_head`), reads of bytes and their bytes (:func:`record_request`),
-#: and the requests counted on the wire, by kind (:func:`meter_s3_session`)
-_UNCLOCKED = {"storage.heads": Tally(), "storage.requests": Tally(), "storage.bytes": Tally(),
-              **{WIRE_PREFIX + kind: Tally() for kind in WIRE_KINDS}}
-#: a request's kind -> its tally, looked up once per request on the wire
-_WIRE_TALLIES = {op: _UNCLOCKED[WIRE_PREFIX + kind] for op, kind in S3_OPERATION_KINDS.items()}
+#: the tallies (io.tallies: per run, else per process) of what was asked of storage with no
+#: shard's clocks at hand: HEADs (:func:`record_head`), reads of bytes and their bytes
+#: (:func:`record_request`), and the requests counted on the wire, by kind (:func:`meter_s3_session`)
+_UNCLOCKED = ("storage.heads", "storage.requests", "storage.bytes", *(WIRE_PREFIX + kind for kind in WIRE_KINDS))
+#: an S3 operation -> its tally's name, looked up once per request on the wire
+_WIRE_TALLIES = {op: WIRE_PREFIX + kind for op, kind in S3_OPERATION_KINDS.items()}
 
 
 def meter_s3_session(session: Any) -> None:
@@ -79,8 +78,7 @@ def meter_s3_session(session: Any) -> None:
 
 
 def _count_s3_request(event_name: str = "", **_: Any) -> None:
-    tally = _WIRE_TALLIES.get(event_name.rpartition(".")[2])
-    (tally or _UNCLOCKED[WIRE_PREFIX + "other"]).add()
+    tally(_WIRE_TALLIES.get(event_name.rpartition(".")[2], WIRE_PREFIX + "other")).add()
 
 
 def record_head() -> None:
@@ -91,15 +89,15 @@ def record_head() -> None:
     reader's size), so they are counted per process and claimed (:func:`count_claimed_requests`).
     An S3 client made by the storage entry point counts its own on the wire instead
     (:func:`meter_s3_session`), with its existence checks, listings and writes."""
-    _UNCLOCKED["storage.heads"].add()
+    tally("storage.heads").add()
 
 
 def forget_unclaimed_requests() -> None:
     """Drop the requests (HEADs, reads) counted in this process and not claimed yet: a run's
     client starts its count afresh, or a long-lived process (a notebook's ``validate`` before
     ``run``, an earlier run's requests after its report) would add them to the run's report."""
-    for tally in _UNCLOCKED.values():
-        tally.claim()
+    for name in _UNCLOCKED:
+        claim_tally(name)
 
 
 def count_claimed_requests(clocks: StageClocks) -> dict[str, int]:
@@ -117,7 +115,7 @@ def claim_requests() -> dict[str, int]:
     """The requests counted in this process with no clocks since the last claim, claimed: what a
     worker process asked after its last shard's claim (that shard's commit record), which the
     client gathers at the run's end (runtime.executors.DaskExecutor.claim_worker_requests)."""
-    return {name: tally.claim() for name, tally in _UNCLOCKED.items()}
+    return {name: claim_tally(name) for name in _UNCLOCKED}
 
 
 _in_flight = 0

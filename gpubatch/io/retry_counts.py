@@ -13,7 +13,7 @@ left out, and are counted here:
   it lets through exactly what they would have passed before (their own level, or their
   parents' once those change): nothing more reaches a user's handlers.
 
-The counts are per process. Each shard claims what was counted since the last claim, so shards
+The counts are per process (per run where a run is going: io.tallies). Each shard claims what was counted since the last claim, so shards
 that overlap in one worker never count a retry twice (which shard's request it was is not known:
 the library's requests run on a shared event loop); the client claims the rest before the report.
 """
@@ -24,6 +24,8 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
+from gpubatch.io.tallies import claim_tally, tally
+
 if TYPE_CHECKING:
     from gpubatch.core.clocks import StageClocks
 
@@ -32,34 +34,14 @@ RETRY_LINES = {"botocore.retries.standard": "Retry needed, retrying request",
                "botocore.retryhandler": "Retry needed, action of"}
 
 
-class Tally:
-    """A count in this process and what of it has been claimed, under a lock: what is counted
-    without a shard's clocks, claimed by each shard (and the client) in turn, so none counts twice."""
-
-    def __init__(self) -> None:
-        self.counted = 0
-        self.claimed = 0
-        self.lock = threading.Lock()
-
-    def add(self, n: int = 1) -> None:
-        with self.lock:
-            self.counted += n
-
-    def claim(self) -> int:
-        with self.lock:
-            new, self.claimed = self.counted - self.claimed, self.counted
-        return new
-
-
 class _RetryCounter(logging.Filter):
     def __init__(self, logger: logging.Logger, line: str):
         super().__init__()
         self.logger, self.line, self.own_level = logger, line, logger.level
-        self.tally = Tally()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith(self.line):
-            self.tally.add()
+            tally(_LIBRARY).add()
         parent = self.logger.parent
         passes_at = self.own_level or (parent.getEffectiveLevel() if parent else logging.WARNING)
         return record.levelno >= passes_at
@@ -67,16 +49,16 @@ class _RetryCounter(logging.Filter):
 
 _COUNTERS: list[_RetryCounter] = []
 _INSTALL = threading.Lock()
-#: gpubatch's own retries made without clocks, and how many of them followed a throttling answer
-_UNATTRIBUTED = Tally()
-_UNATTRIBUTED_THROTTLED = Tally()
+#: the tallies (io.tallies) of the libraries' retries, of gpubatch's own made without clocks, and
+#: of how many of those followed a throttling answer
+_LIBRARY, _UNATTRIBUTED, _UNATTRIBUTED_THROTTLED = "retries.library", "retries.unattributed", "retries.throttled"
 
 
 def note_retries(n: int = 1, throttled: int = 0) -> None:
     """Count retries gpubatch's layer made for a call that had no clocks to count them in."""
-    _UNATTRIBUTED.add(n)
+    tally(_UNATTRIBUTED).add(n)
     if throttled:
-        _UNATTRIBUTED_THROTTLED.add(throttled)
+        tally(_UNATTRIBUTED_THROTTLED).add(throttled)
 
 
 def count_library_retries() -> None:
@@ -94,12 +76,12 @@ def count_library_retries() -> None:
 
 def claim_library_retries() -> int:
     """botocore's retries counted in this process since the last claim."""
-    return sum(counter.tally.claim() for counter in _COUNTERS)
+    return claim_tally(_LIBRARY)
 
 
 def claim_unattributed_retries() -> int:
     """gpubatch's retries made without clocks in this process since the last claim."""
-    return _UNATTRIBUTED.claim()
+    return claim_tally(_UNATTRIBUTED)
 
 
 def forget_unclaimed_retries() -> None:
@@ -108,13 +90,13 @@ def forget_unclaimed_retries() -> None:
     an earlier run's after its report) would be added to the run's report."""
     claim_library_retries()
     claim_unattributed_retries()
-    _UNATTRIBUTED_THROTTLED.claim()
+    claim_tally(_UNATTRIBUTED_THROTTLED)
 
 
 def count_claimed_retries(clocks: StageClocks) -> None:
     """Add the claimed retries to ``clocks``' storage retries, the library's also apart."""
     library, unattributed = claim_library_retries(), claim_unattributed_retries()
-    throttled = _UNATTRIBUTED_THROTTLED.claim()
+    throttled = claim_tally(_UNATTRIBUTED_THROTTLED)
     if library + unattributed:
         clocks.count("storage.retries", library + unattributed)
     if throttled:

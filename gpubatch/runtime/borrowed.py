@@ -11,10 +11,15 @@ Runs in two threads of one process overlap, and each putting back what it found 
 put back, when the first to start ended last, what the other had set: the caller kept gpubatch's
 settings and the workers' environment after both. So the process's first cluster takes the
 caller's, and its last gives them back: each setting is set once while any cluster needs it.
+Dask's log handlers too: a local cluster quiets them while it lives (``silence_logs``), and the
+first of two to close gave them their level back under the other, whose INFO lines then went to
+the notebook's stderr; they are quiet while any cluster that asks it lives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -47,8 +52,10 @@ class _Borrowed:
         self.settings: dict[str, tuple[int, Any]] = {}
         self.holders = 0
         self.environ: dict[str, str] = {}
+        self.quiet = 0  # the clusters alive that quiet Dask's log handlers
+        self.loud = contextlib.ExitStack()  # their levels before, given back by the last
 
-    def take(self, settings: dict[str, Any]) -> None:
+    def take(self, settings: dict[str, Any], quiet: bool = False) -> None:
         import dask
 
         with self.lock:
@@ -56,12 +63,20 @@ class _Borrowed:
                 with ENVIRON_LOCK:
                     self.environ = dict(os.environ)
             self.holders += 1
+            if quiet and not self.quiet:
+                from distributed.utils import silence_logging_cmgr
+
+                self.loud.enter_context(silence_logging_cmgr(logging.ERROR))
+            self.quiet += quiet
             for key, value in settings.items():
                 count, undo = self.settings.get(key, (0, None))
                 self.settings[key] = (count + 1, undo if undo is not None else dask.config.set({key: value}))
 
-    def give_back(self, settings: dict[str, Any]) -> None:
+    def give_back(self, settings: dict[str, Any], quiet: bool = False) -> None:
         with self.lock:
+            self.quiet -= quiet
+            if quiet and not self.quiet:
+                self.loud.close()
             for key in settings:
                 count, undo = self.settings.pop(key)
                 if count > 1:
@@ -76,16 +91,17 @@ class _Borrowed:
 _BORROWED = _Borrowed()
 
 
-def borrow(settings: dict[str, Any]) -> Callable[[], None]:
+def borrow(settings: dict[str, Any], quiet: bool = False) -> Callable[[], None]:
     """Set the Dask ``settings`` (constant values per key) for a cluster that is starting, taking
-    the caller's environment first if no cluster of gpubatch's is alive; returns what gives them
-    back when the cluster has closed (once, however often called)."""
-    _BORROWED.take(settings)
+    the caller's environment first if no cluster of gpubatch's is alive, and (``quiet``) Dask's
+    log handlers to errors only; returns what gives them back when the cluster has closed (once,
+    however often called)."""
+    _BORROWED.take(settings, quiet)
     given: list[bool] = []
 
     def give_back() -> None:
         if not given:
             given.append(True)
-            _BORROWED.give_back(settings)
+            _BORROWED.give_back(settings, quiet)
 
     return give_back

@@ -121,7 +121,7 @@ def open_executor(profile: dict[str, Any], n_workers: int, scheduler: str | None
         if not address:
             raise SpecError([("profile.address", "the scheduler profile needs an address (or --scheduler ADDR)")])
         return _watching(DaskExecutor(connect_scheduler(address), None, resources))
-    give_back = borrow(_dask_settings(kind))  # held while the cluster lives, then the caller's again
+    give_back = borrow(_dask_settings(kind), quiet=kind == "local")  # held while the cluster lives, then the caller's again
     try:
         executor = made_off_the_main_thread(
             lambda: _start_executor(kind, profile, n_workers, resources, log_dir, job_name, leave_after_s),

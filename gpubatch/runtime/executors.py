@@ -8,6 +8,7 @@ a Dask cluster (local processes, GPUs, an existing scheduler, SLURM).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import queue
 import re
@@ -167,8 +168,8 @@ class InlineExecutor(Executor):
                     self._running.pop(me, None)
 
     def submit(self, fn: Callable[..., Any], *args: Any, key: str, worker: str | None = None) -> Future[Any]:
-        fut: Future[Any] = Future()
-        self._queue.put((fut, fn, args))
+        fut: Future[Any] = Future()  # run in a copy of the run's context: what it counts stays the run's (io.tallies)
+        self._queue.put((fut, contextvars.copy_context().run, (fn, *args)))
         return fut
 
     def on_progress(self, callback: Callable[[ShardItems], None]) -> None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gpubatch.core.errors import SpecError
 from gpubatch.core.files import file_sha256
 from gpubatch.core.phases import Phase, phase
 from gpubatch.core.results import ShardResult
+from gpubatch.core.threads import ContextPool
 from gpubatch.io.localized import localize
 from gpubatch.io.redact import redact
 from gpubatch.io.storage import input_identity
@@ -207,7 +207,7 @@ def _changed_inputs(entries: Any, job: JobSpec) -> list[ShardResult]:
     def identity(uri: str) -> dict[str, Any]:
         return input_identity(raw.get(uri) or uri, job.input.storage)
 
-    with ThreadPoolExecutor(IDENTITY_THREADS) as pool:
+    with ContextPool(IDENTITY_THREADS) as pool:
         now = dict(zip(inputs, pool.map(identity, inputs), strict=True))
     return [e for e in entries if e.input_identity and now[e.input] != e.input_identity]
 

@@ -13,6 +13,7 @@ an output that ``--resume`` finishes; and every event lands in the ledger (outpu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -46,6 +47,7 @@ from gpubatch.io.metrics import (
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import policy_for, run_policy
 from gpubatch.io.retry_counts import count_claimed_retries, forget_unclaimed_retries
+from gpubatch.io.tallies import counts_of_this_run
 from gpubatch.io.uris import is_remote
 from gpubatch.models.base import resolve_backend
 from gpubatch.outputs.commits import CommitIndex
@@ -80,7 +82,7 @@ from gpubatch.runtime.preflight import (
 from gpubatch.runtime.progress import Progress
 from gpubatch.runtime.result import Result
 from gpubatch.runtime.resume import check_run_model, reconcile
-from gpubatch.runtime.stopping import Terminated, raise_if_stopped, stop_on_signals
+from gpubatch.runtime.stopping import Terminated, raise_if_stopped, signals_held, stop_on_signals
 from gpubatch.runtime.submit import Submitter
 from gpubatch.runtime.worker_memory import largest_batch_in_memory
 from gpubatch.sources import Shard, Source, get_source
@@ -100,25 +102,40 @@ def run_job(job: JobSpec, *, profile: str | None = None, resume: bool = False, o
     # every storage call of the client's (checks, plan, preparation; an inline run's shards)
     # a signal from here on stops the run in order: planning, shards, the run's end, the lease's release;
     # the long steps around the shards show their progress as the shards' does (a bar or log lines)
-    with stop_on_signals(), versions_asked_once(), run_policy(policy_for(job.run)), shown_as(show_progress):
+    # and its requests and retries counted with no shard's clocks, its own (another run's in this process apart)
+    with stop_on_signals(), versions_asked_once(), run_policy(policy_for(job.run)), shown_as(show_progress), \
+            counts_of_this_run(), _caller_s_storage_after(prof):
         preflight(job, prof)
         if scheduler is None:
             check_cluster(prof)
         store = OutputStore(job.output.uri, job.output.storage)
         guard_output(store, job.output.uri)
-        run = _Run(job, prof, store)
-        run.lease.acquire()
+        run, taken = _Run(job, prof, store), False
         try:
+            with signals_held():  # a Ctrl-C as the lease is taken: raised once it is, to release it
+                run.lease.acquire()
+                taken = True
             run.lease.hold()  # beaten from now: the checks and the model's preparation may take minutes
             with collections_of_this_run():
                 return run.execute(resume=resume, overwrite=overwrite, scheduler=scheduler,
                                    show_progress=show_progress)
         finally:
-            run.commits.close()
-            run.lease.release()
-            if run.lease.lost is None:  # else they may be the run's that holds the output now
-                with phase("removing the temporaries of interrupted writes"):  # listings: seconds at 3,000 shards
-                    remove_temporaries(store)
+            if taken:
+                _end_of_run(run, store)
+            else:  # refused: its index's file was held as long as the caller kept the error
+                run.commits.close()
+
+
+def _end_of_run(run: _Run, store: OutputStore) -> None:
+    """The run's lease released and its interrupted writes' temporaries removed, as it ends in
+    any way. A Ctrl-C before the release is raised after it: cut short there, the lease stayed
+    held and beaten for the life of the process (its next run into the output refused)."""
+    with signals_held():
+        run.commits.close()
+        run.lease.release()
+    if run.lease.lost is None:  # else they may be the run's that holds the output now
+        with phase("removing the temporaries of interrupted writes"):  # listings: seconds at 3,000 shards
+            remove_temporaries(store)
 
 
 class _Run:
@@ -469,6 +486,18 @@ def _stage_ahead(ahead: int, profile: dict[str, Any], slots: int, scheduler: str
     run in this process (``inline``); shards dealt to worker processes name their own lane's
     next run.stage_ahead (runtime.dealing)."""
     return slots + ahead if ahead and all_workers_here(profile, scheduler) else ahead
+
+
+def _caller_s_storage_after(profile: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+    """An inline run's shards apply the profile's storage options and range reader to this
+    process (engine.worker), where they stayed after the run: a notebook's later reads
+    (open_results, the next run's plan) took that profile's options, credentials included. The
+    run has them throughout (its plan reads as its shards do) and the caller's are back after."""
+    if profile.get("cluster") != "inline":
+        return contextlib.nullcontext()
+    from gpubatch.io.storage import storage_profile
+
+    return storage_profile(profile)
 
 
 def _storage_profile(profile: dict[str, Any], one_host: bool) -> dict[str, Any]:

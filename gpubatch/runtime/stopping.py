@@ -49,6 +49,8 @@ _received: list[int] = []
 REDELIVER_S = 0.05
 #: the SLURM job this client runs in, if any (a SIGTERM at its end time is its time limit)
 _own_job: list[OwnJob] = []
+#: non-empty while :func:`signals_held` holds: a signal is latched, and raised at its end
+_holding: list[bool] = []
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -102,7 +104,7 @@ def _on_signal(signum: int, frame: Any) -> None:
         _deliver_again(signum)
         return
     _received.append(signum)
-    if len(_received) == 1:
+    if len(_received) == 1 and not _holding:
         raise _stopped(signum)
     if len(_received) == 2:  # said once: a held-down Ctrl-C is not a screenful
         _say(f"{signal.Signals(signum).name} while stopping: the workers are being stopped and the "
@@ -110,8 +112,10 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 def raise_if_stopped() -> None:
-    """Raise the exception of a signal received during the run (one a finaliser dropped)."""
-    if _received:
+    """Raise the exception of a signal received during the run (one a finaliser dropped). Only
+    in the main thread, whose run the handlers stop: a run in another thread of the process (a
+    notebook's) goes on to its end, where it once raised the main thread's Ctrl-C too."""
+    if _received and threading.current_thread() is threading.main_thread():
         raise _stopped(_received[0])
 
 
@@ -138,6 +142,27 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
         _received.clear()
         _own_job.clear()
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """A signal meanwhile (in the main thread) is latched, and raised once the block is done:
+    for a run's last steps, which must not be cut half-way. A Ctrl-C landing before the run's
+    lease was released left it held, its heartbeat thread beating it for the life of the
+    process: a notebook's next run into that output was refused as "another run in this same
+    process", and so was every other process's. A block that raises raises its own error, and
+    one entered after a signal raises none (a run's first signal alone raises)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = len(_received)
+    _holding.append(True)
+    try:
+        yield
+    finally:
+        _holding.pop()
+    if not before and _received:
+        raise _stopped(_received[0])
 
 
 def ignore_further_signals() -> None:

@@ -12,12 +12,12 @@ downloaded whole (``stage``): validate downloads nothing, and says how many it d
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.core.phases import phase
+from gpubatch.core.threads import ContextPool
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import policy_for
 from gpubatch.io.uris import is_remote
@@ -100,7 +100,7 @@ def check_slides(uris: Sequence[str], job: JobSpec, prepare: Prepare) -> SlideCh
     shard would (the source's configure and plan); the ones a run would stage are counted, not
     opened."""
     checks = SlideChecks()
-    with ThreadPoolExecutor(OPEN_THREADS, thread_name_prefix="gpubatch-validate") as pool, \
+    with ContextPool(OPEN_THREADS, thread_name_prefix="gpubatch-validate") as pool, \
             phase("validate: opening the slides as their shards would", len(uris), "slide") as said:
         for uri, (problem, opened) in zip(uris, pool.map(lambda u: slide_problem(u, job, prepare), uris), strict=True):
             checks.opened += opened
