@@ -27,8 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpubatch.core.errors import InputError
+from gpubatch.core.errors import InputChanged, InputError
 from gpubatch.core.files import cache_root, write_bytes_atomic
+from gpubatch.io.redact import redact
 from gpubatch.io.retry import changed_while_read, storage_error
 from gpubatch.io.storage import (
     file_version,
@@ -164,11 +165,25 @@ def read_small(uri: str, options: dict[str, Any] | None = None,
       the object's size and ETag (no HEAD), the rest, if any, read pinned to that ETag;
     * else (fsspec): the version asked first (a HEAD), then as above.
 
-    InputChanged where it changed while read; a missing file is the read's own 404."""
-    version = _asked_before(uri, options)
-    if version is None and obstore_reads(uri, options):
+    InputChanged where it changed while read, or since this run asked its version (the plan read
+    it: the plan's windows were cut by the other one); a missing file is the read's own 404."""
+    asked = _asked_before(uri, options)
+    if asked is None and obstore_reads(uri, options):
         return _read_unasked(uri, options, clocks)
-    version = version or remote_version(uri, options, clocks)
+    version = asked or remote_version(uri, options, clocks)
+    try:
+        return _read_at(uri, options, clocks, version), version
+    except InputChanged as exc:
+        if asked is None:
+            raise
+        raise InputChanged(redact(uri), f"{redact(uri)} changed since this run asked its version ({exc.detail}): "
+                           "the run was planned with the other one; run the job again (--overwrite) to plan "
+                           "with this one", detail=exc.detail) from exc
+
+
+def _read_at(uri: str, options: dict[str, Any] | None, clocks: StageClocks | None,
+             version: dict[str, Any]) -> bytes:
+    """The bytes of ``uri`` at ``version``: read pinned to it, or (fsspec) checked after by a HEAD."""
     size = int(version.get("size") or 0)
     with open_ranges(uri, options, clocks, etag=version.get("etag"), size=size) as reader:
         data = reader.fetch(0, size)
@@ -178,7 +193,7 @@ def read_small(uri: str, options: dict[str, Any] | None = None,
         if identity_differs(version, now):
             raise changed_while_read(uri, f"ETag {version.get('etag')} -> {now.get('etag')}, size "
                                           f"{version.get('size')} -> {now.get('size')}, read by fsspec")
-    return data, version
+    return data
 
 
 def _read_unasked(uri: str, options: dict[str, Any] | None,
