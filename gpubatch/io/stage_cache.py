@@ -50,7 +50,6 @@ from gpubatch.io.host_files import (
     try_exclusive,
     write_record,
 )
-from gpubatch.io.ranges import RangeReader
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import (
     RangesIgnored,
@@ -66,11 +65,12 @@ from gpubatch.io.stage_entries import (
     etag_of,
     local_name,
     mtime_of,
-    pwrite_all,
     shard_run,
+    whole_object,
+    write_chunks,
 )
 from gpubatch.io.storage import get_fs, identity_of, open_ranges, stat
-from gpubatch.io.uris import protocol_of, spelled_as
+from gpubatch.io.uris import spelled_as
 
 DEFAULT_MAX_BYTES = 20 << 30
 CHUNK_BYTES = 8 << 20
@@ -504,11 +504,11 @@ class StageCache:
             with open_ranges(uri, options, clocks, policy, max_concurrency=CHUNKS_IN_FLIGHT,
                              count_wait=False, etag=remote.etag) as reader:
                 try:
-                    _write_chunks(reader, fd, size)
+                    write_chunks(reader, fd, size, CHUNK_BYTES, CHUNKS_IN_FLIGHT)
                 except RangesIgnored:  # its server answers every GET whole: take one
                     size = 0
                 if size <= 0:  # size unknown (some HTTP servers), or no ranges: one whole-object request
-                    _whole_object(remote, options, policy, clocks, fd)
+                    whole_object(remote, options, policy, clocks, fd, CHUNK_BYTES)
                 pinned = reader.version() is not None
             if not pinned and remote.etag is not None and size > 0:
                 now = stat(uri, options, policy, clocks)
@@ -517,44 +517,6 @@ class StageCache:
         finally:
             os.close(fd)
         os.replace(part, local)
-
-
-def _write_chunks(reader: RangeReader, fd: int, size: int) -> None:
-    """[0, size) read in chunks, :data:`CHUNKS_IN_FLIGHT` at once, each written where it belongs."""
-    spans = [(s, min(s + CHUNK_BYTES, size)) for s in range(0, size, CHUNK_BYTES)]
-    for wave in range(0, len(spans), CHUNKS_IN_FLIGHT):
-        batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
-        for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
-            pwrite_all(fd, blob, start)
-
-
-def _whole_object(remote: RemoteFile, options: dict[str, Any] | None, policy: RetryPolicy,
-                  clocks: StageClocks, fd: int) -> None:
-    """An object of unknown size, or whose server ignores Range, in one GET written to ``fd``,
-    checked to be the version listed: the GET's own ETag (an HTTP server's stream keeps its
-    response), else a HEAD after it. No range read can pin it, so this check is all there is.
-    An HTTP answer is written as it arrives, :data:`CHUNK_BYTES` at a time: a slide of several
-    GB is never held whole in memory."""
-    fs, path = get_fs(remote.uri, options)
-
-    def get() -> str | None:
-        os.ftruncate(fd, 0)  # an attempt cut short leaves nothing behind for the next
-        if protocol_of(remote.uri) not in ("http", "https"):
-            pwrite_all(fd, fs.cat_file(path), 0)
-            return None
-        with fs.open(path, "rb", block_size=0) as f:  # one streamed GET, its response kept
-            offset = 0
-            while chunk := f.read(CHUNK_BYTES):
-                pwrite_all(fd, chunk, offset)
-                offset += len(chunk)
-            headers = getattr(getattr(f, "r", None), "headers", None) or {}
-            return headers.get("ETag")
-
-    etag = call_with_retries(get, remote.uri, policy, clocks)
-    if remote.etag is not None:
-        got = str(etag).strip('"') if etag else stat(remote.uri, options, policy, clocks)["etag"]
-        if got != remote.etag:
-            raise changed_while_read(remote.uri, f"ETag {remote.etag} listed, {got} downloaded")
 
 
 def stage_root(directory: str | None = None) -> str:

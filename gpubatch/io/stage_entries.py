@@ -1,6 +1,6 @@
 """What the stage cache keeps of each remote slide: its entry's state, the files to download,
 and the pinned local copy a shard reads (io.stage_cache, the cache itself, is their only maker);
-the run a shard stages for; and the small helpers of a download.
+the run a shard stages for, and its cache; and the helpers of a download.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from typing import Any, NamedTuple
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.io.host_files import EntryLock
-from gpubatch.io.uris import uri_name
+from gpubatch.io.ranges import RangeReader
+from gpubatch.io.retry import RetryPolicy, call_with_retries, changed_while_read
+from gpubatch.io.storage import get_fs, stat
+from gpubatch.io.uris import protocol_of, uri_name
 
 #: the run whose shard this thread (task) runs, set by :func:`staging_for`; None outside one
 _shard_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("gpubatch_stage_run", default=None)
@@ -133,3 +136,41 @@ def mtime_of(path: str) -> float:
         return os.path.getmtime(path)
     except OSError:
         return 0.0
+
+
+def write_chunks(reader: RangeReader, fd: int, size: int, chunk: int, in_flight: int) -> None:
+    """[0, size) read in chunks of ``chunk`` bytes, ``in_flight`` at once, each written where it belongs."""
+    spans = [(s, min(s + chunk, size)) for s in range(0, size, chunk)]
+    for wave in range(0, len(spans), in_flight):
+        batch = spans[wave: wave + in_flight]
+        for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
+            pwrite_all(fd, blob, start)
+
+
+def whole_object(remote: RemoteFile, options: dict[str, Any] | None, policy: RetryPolicy,
+                 clocks: StageClocks, fd: int, chunk: int) -> None:
+    """An object of unknown size, or whose server ignores Range, in one GET written to ``fd``,
+    checked to be the version listed: the GET's own ETag (an HTTP server's stream keeps its
+    response), else a HEAD after it. No range read can pin it, so this check is all there is.
+    An HTTP answer is written as it arrives, ``chunk`` bytes at a time: a slide of several
+    GB is never held whole in memory."""
+    fs, path = get_fs(remote.uri, options)
+
+    def get() -> str | None:
+        os.ftruncate(fd, 0)  # an attempt cut short leaves nothing behind for the next
+        if protocol_of(remote.uri) not in ("http", "https"):
+            pwrite_all(fd, fs.cat_file(path), 0)
+            return None
+        with fs.open(path, "rb", block_size=0) as f:  # one streamed GET, its response kept
+            offset = 0
+            while piece := f.read(chunk):
+                pwrite_all(fd, piece, offset)
+                offset += len(piece)
+            headers = getattr(getattr(f, "r", None), "headers", None) or {}
+            return headers.get("ETag")
+
+    etag = call_with_retries(get, remote.uri, policy, clocks)
+    if remote.etag is not None:
+        got = str(etag).strip('"') if etag else stat(remote.uri, options, policy, clocks)["etag"]
+        if got != remote.etag:
+            raise changed_while_read(remote.uri, f"ETag {remote.etag} listed, {got} downloaded")
