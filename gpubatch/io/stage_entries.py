@@ -18,30 +18,41 @@ from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
 from gpubatch.io.host_files import EntryLock
 from gpubatch.io.ranges import RangeReader
+from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries, changed_while_read
-from gpubatch.io.storage import get_fs, stat
-from gpubatch.io.uris import protocol_of, uri_name
+from gpubatch.io.storage import get_fs, identity_of, stat
+from gpubatch.io.uris import protocol_of, spelled_as, uri_name
 
 #: the run whose shard this thread (task) runs, set by :func:`staging_for`; None outside one
 _shard_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("gpubatch_stage_run", default=None)
+#: that shard's stage cache (its job's settings), set by :func:`staging_for`; None outside one
+_shard_cache: contextvars.ContextVar[Any] = contextvars.ContextVar("gpubatch_stage_cache", default=None)
 
 
 @contextlib.contextmanager
-def staging_for(run: str | None) -> Iterator[None]:
+def staging_for(run: str | None, cache: Any = None) -> Iterator[None]:
     """Within the block (one shard on a worker), the stage cache stages for ``run``: a record of
     that run gives its file's version, and a version asked is recorded as that run's. Per shard,
     not per process: a worker serving two runs at once (two jobs on one Dask cluster) keeps
-    their versions apart, where the process's one run let either take the other's."""
-    token = _shard_run.set(run or None)
+    their versions apart, where the process's one run let either take the other's. ``cache``:
+    the shard's stage cache (its job's settings, io.stage_cache.shard_stage), which
+    ``get_stage_cache`` then gives in the block; None: the process's."""
+    token, cache_token = _shard_run.set(run or None), _shard_cache.set(cache)
     try:
         yield
     finally:
+        _shard_cache.reset(cache_token)
         _shard_run.reset(token)
 
 
 def shard_run() -> str | None:
     """The run of the shard this thread runs (:func:`staging_for`), None outside one."""
     return _shard_run.get()
+
+
+def shard_cache() -> Any:
+    """The stage cache of the shard this thread runs (:func:`staging_for`), None outside one."""
+    return _shard_cache.get()
 
 
 class RemoteFile(NamedTuple):
@@ -82,6 +93,9 @@ class StageEntry:
     #: the run it stages for (io.stage_cache.staging_for): whose records give its version, and
     #: which run the version it asks is recorded as
     run: str | None = None
+    #: the version (size and ETag or mtime, io.stage_cache._listing) of the copy it made or
+    #: took: a copy whose record names another since (replaced by another process) is not it
+    tag: str | None = None
 
 
 class StagedFile:
@@ -174,3 +188,35 @@ def whole_object(remote: RemoteFile, options: dict[str, Any] | None, policy: Ret
         got = str(etag).strip('"') if etag else stat(remote.uri, options, policy, clocks)["etag"]
         if got != remote.etag:
             raise changed_while_read(remote.uri, f"ETag {remote.etag} listed, {got} downloaded")
+
+
+def listing(entry: StageEntry, options: dict[str, Any] | None, policy: RetryPolicy,
+            companions: bool) -> tuple[list[RemoteFile], str]:
+    """(remote uri, local path, size) of the file and, when asked, of its companion directory;
+    and the object's version tag (size and ETag or mtime), which a reused copy must match.
+    A lone file is asked of the storage entry point (obstore's HEAD where it serves the URI:
+    no fsspec client is built in the worker); a companion directory is listed by fsspec."""
+    if not companions:
+        stated = stat(entry.uri, options, policy, entry.clocks)
+        if stated["type"] == "directory":
+            raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
+        tag = f"{stated['size']}|{stated.get('etag') or stated.get('mtime')}"
+        entry.identity = identity_of(entry.uri, stated)
+        return [RemoteFile(entry.uri, entry.local, int(stated["size"] or 0), stated.get("etag"))], tag
+    fs, path = get_fs(entry.uri, options)
+    info = call_with_retries(lambda: fs.info(path), entry.uri, policy, entry.clocks)
+    if info.get("type") == "directory":
+        raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
+    version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+    tag = f"{info.get('size')}|{version}"
+    files = [RemoteFile(entry.uri, entry.local, int(info.get("size") or 0), etag_of(info))]
+    stem, suffix = os.path.splitext(path)
+    if companions:
+        found = call_with_retries(lambda: fs.find(stem, detail=True), entry.uri, policy, entry.clocks)
+        local_stem = os.path.splitext(entry.local)[0]
+        for name, meta in sorted(found.items()):
+            rel = os.path.relpath(name, stem)
+            files.append(RemoteFile(spelled_as(entry.uri, fs.unstrip_protocol(name)), os.path.join(local_stem, rel),
+                                 int(meta.get("size") or 0), etag_of(meta)))
+            tag += f"|{rel}:{meta.get('size')}:{meta.get('ETag') or meta.get('mtime')}"
+    return files, tag
