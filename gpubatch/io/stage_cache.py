@@ -24,6 +24,8 @@ staged the first slides before the workers started, a worker that prefetched it)
 as that version with no request of its own. A copy another run staged is asked again before
 it is used, and its record then names this run. The run is the shard's (stage_entries.staging_for),
 kept by each entry: two runs in one worker process (one Dask cluster) never take each other's.
+Nor their caches: a shard stages in the cache of its job's settings (:func:`shard_stage`), and
+a copy reopened is checked to be still the version it staged (another process may replace it).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import glob
 import hashlib
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -64,16 +65,17 @@ from gpubatch.io.stage_entries import (
     StageEntry,
     listing,
     local_name,
+    max_bytes_of,
     mtime_of,
     shard_cache,
     shard_run,
+    stage_root,
     staging_for,
     whole_object,
     write_chunks,
 )
 from gpubatch.io.storage import open_ranges, stat
 
-DEFAULT_MAX_BYTES = 20 << 30
 CHUNK_BYTES = 8 << 20
 CHUNKS_IN_FLIGHT = 8
 #: the longest an open waits for another process's download of the same file, or a lock
@@ -95,7 +97,7 @@ class StageCache:
         # one cache per user on a host; a process of its own where processes cannot lock files
         self.dir = os.path.join(root, f"u{getattr(os, 'getuid', lambda: 0)()}" if SHARED else f"p{os.getpid()}")
         self._records = os.path.join(self.dir, ".records")
-        self.max_bytes = _max_bytes(max_bytes)
+        self.max_bytes = max_bytes_of(max_bytes)
         #: by (URI, run): each run's entry asks and records the version for that run
         self._entries: dict[tuple[str, str | None], StageEntry] = {}
         self._lock = threading.Lock()
@@ -507,18 +509,6 @@ class StageCache:
         os.replace(part, local)
 
 
-def _max_bytes(value: int | None) -> int:
-    """A cache's size: ``value``, else ``GPUBATCH_STAGE_MAX_BYTES``, else :data:`DEFAULT_MAX_BYTES`."""
-    env_cap = os.environ.get("GPUBATCH_STAGE_MAX_BYTES")
-    return int(value or (int(env_cap) if env_cap else DEFAULT_MAX_BYTES))
-
-
-def stage_root(directory: str | None = None) -> str:
-    """Where stage caches live: ``directory`` (a profile's ``stage_cache.dir``), else the
-    ``GPUBATCH_STAGE_DIR`` variable, else ``gpubatch-stage`` in the temporary directory."""
-    return directory or os.environ.get("GPUBATCH_STAGE_DIR") or os.path.join(tempfile.gettempdir(), "gpubatch-stage")
-
-
 #: the most stage caches (one per job settings) a process keeps: past it, idle ones are retired
 MAX_CACHES = 4
 
@@ -531,15 +521,15 @@ def settings_key(config: dict[str, Any] | None) -> str:
     """What tells two jobs' stage caches apart (folder, size, parallel downloads), hashed: nothing
     a profile holds is kept as it is, should a setting ever carry a secret."""
     config = config or {}
-    chosen = [stage_root(config.get("dir")), _max_bytes(config.get("max_bytes")), int(config.get("parallel", 2))]
+    chosen = [stage_root(config.get("dir")), max_bytes_of(config.get("max_bytes")), int(config.get("parallel", 2))]
     return hashlib.sha256(repr(chosen).encode()).hexdigest()[:16]
 
 
 def _cache_for(config: dict[str, Any] | None) -> StageCache:
-    """The cache of these settings, made on first use (under ``_cache_lock``). Beside it, up to
-    :data:`MAX_CACHES` in all: idle ones (no shard in them, no copy pinned or downloading) are
-    retired, oldest first. Each is bounded by its ``max_bytes`` for its folder (caches sharing
-    a folder count each other's copies), so the disk used is bounded by the settings in use."""
+    """The cache of these settings, made on first use (under ``_cache_lock``); past
+    :data:`MAX_CACHES`, idle ones (no shard in them, no copy pinned or downloading) are retired,
+    oldest first. Each is bounded by its ``max_bytes`` in its folder (where caches count each
+    other's copies): the disk used stays bounded by the settings in use."""
     key = settings_key(config)
     if key not in _caches:
         for old_key, old in list(_caches.items()):

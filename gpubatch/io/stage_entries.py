@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from gpubatch.io.redact import redact
 from gpubatch.io.retry import RetryPolicy, call_with_retries, changed_while_read
 from gpubatch.io.storage import get_fs, identity_of, stat
 from gpubatch.io.uris import protocol_of, spelled_as, uri_name
+
+DEFAULT_MAX_BYTES = 20 << 30
 
 #: the run whose shard this thread (task) runs, set by :func:`staging_for`; None outside one
 _shard_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("gpubatch_stage_run", default=None)
@@ -53,6 +56,18 @@ def shard_run() -> str | None:
 def shard_cache() -> Any:
     """The stage cache of the shard this thread runs (:func:`staging_for`), None outside one."""
     return _shard_cache.get()
+
+
+def max_bytes_of(value: int | None) -> int:
+    """A cache's size: ``value``, else ``GPUBATCH_STAGE_MAX_BYTES``, else :data:`DEFAULT_MAX_BYTES`."""
+    env_cap = os.environ.get("GPUBATCH_STAGE_MAX_BYTES")
+    return int(value or (int(env_cap) if env_cap else DEFAULT_MAX_BYTES))
+
+
+def stage_root(directory: str | None = None) -> str:
+    """Where stage caches live: ``directory`` (a profile's ``stage_cache.dir``), else the
+    ``GPUBATCH_STAGE_DIR`` variable, else ``gpubatch-stage`` in the temporary directory."""
+    return directory or os.environ.get("GPUBATCH_STAGE_DIR") or os.path.join(tempfile.gettempdir(), "gpubatch-stage")
 
 
 class RemoteFile(NamedTuple):
