@@ -42,8 +42,7 @@ def _own_stage_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
     monkeypatch.setenv("GPUBATCH_STAGE_DIR", str(tmp_path_factory.mktemp("stage")))
     monkeypatch.setattr(stage_cache, "_cache", None)
     yield
-    if stage_cache._cache is not None:
-        stage_cache._cache.clear()
+    stage_cache.forget_stage_caches()
 
 
 @pytest.fixture(scope="session")

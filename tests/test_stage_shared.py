@@ -243,3 +243,71 @@ def test_a_worker_serving_two_runs_stages_each_for_its_own(tmp_path: Path, s3: S
     with staging_for("run-B"), other.open(uri, s3.options(), StageClocks()) as for_b:
         assert Path(for_b.path).read_bytes() == old + b"written over"
         assert for_b.identity == input_identity(uri, s3.options())
+
+
+def test_a_copy_another_process_replaced_is_not_reopened_as_the_version_staged(
+        tmp_path: Path, s3: S3Stack, slide_path: Path) -> None:
+    """A worker keeps the entry of a copy it staged (prefetched, or opened by a shard) until its
+    shard releases it. Meanwhile the object was written over, and another worker process (of
+    another run) found its copy out of date and replaced it, in the folder both share, with the
+    new version. Reopened, the first worker took the file as the version it had staged: the new
+    bytes under the old version's identity and ETag. A pin checks the record's version now: the
+    replaced copy is asked again (a HEAD) and opened as the version it is."""
+    uri = s3.upload(slide_path)
+    worker = StageCache(str(tmp_path), max_bytes=1 << 30)
+    with staging_for("run-A"), worker.open(uri, s3.options(), StageClocks()) as first:
+        old = slide_path.read_bytes()
+        assert Path(first.path).read_bytes() == old
+    new = old + b"written over"
+    s3.upload_bytes(new, uri.split("/", 3)[3])
+    proc, hold, done = _child(str(tmp_path), uri, s3.options(), run="run-B")  # the other worker
+    try:
+        assert done.wait(120)
+    finally:
+        hold.set()
+        proc.join(60)
+    assert proc.exitcode == 0
+    s3.proxy.reset()
+    with staging_for("run-A"), worker.open(uri, s3.options(), StageClocks()) as again:
+        assert Path(again.path).read_bytes() == new
+        assert again.identity == input_identity(uri, s3.options()) != first.identity
+        assert again.etag == again.identity["etag"]
+    assert (s3.proxy.stats["HEAD"], s3.proxy.stats["GET"]) == (2, 0)  # asked again (+ this check's); no download
+
+
+def test_a_copy_released_while_a_shard_reads_it_stays_pinned_until_closed(
+        tmp_path: Path, s3: S3Stack, uris: list[str]) -> None:
+    """Releasing (or clearing) a copy a shard of this process still has open closed its lock,
+    which was the pin: any process's eviction could then delete the file under the reader. It
+    goes when the last reader closes it now."""
+    cache = StageCache(str(tmp_path), max_bytes=1 << 30)
+    with cache.open(uris[0], s3.options(), StageClocks()) as reading:
+        cache.clear()
+        evicting = StageCache(str(tmp_path), max_bytes=1)  # room for nothing: evicts all it can
+        with evicting.open(uris[1], s3.options(), StageClocks()):
+            pass
+        evicting.release(uris[1])
+        assert Path(reading.path).exists()
+    assert not Path(reading.path).exists()  # released: deleted once closed
+
+
+def test_each_jobs_stage_settings_have_a_cache_kept_while_a_shard_is_in_it(tmp_path: Path) -> None:
+    """Shards of jobs with different stage settings each get the cache of theirs, the same one
+    for the same settings; past MAX_CACHES, idle caches are retired and a busy one stays."""
+    from gpubatch.io import stage_cache
+
+    def settings(n: int) -> dict[str, Any]:
+        return {"dir": str(tmp_path / "stage"), "max_bytes": (n + 1) << 20}
+
+    with stage_cache.shard_stage("run-A", settings(0)) as in_a:
+        assert stage_cache.get_stage_cache() is in_a
+        with stage_cache.shard_stage("run-B", settings(1)) as in_b:
+            assert stage_cache.get_stage_cache() is in_b and in_b.max_bytes == 2 << 20
+        with stage_cache.shard_stage("run-A2", settings(0)) as again:
+            assert again is in_a
+        for n in range(1, stage_cache.MAX_CACHES + 2):
+            with stage_cache.shard_stage(f"run-{n}", settings(n)):
+                pass
+        assert in_a in stage_cache._caches.values()  # in use: kept
+        assert len(stage_cache._caches) <= stage_cache.MAX_CACHES
+    assert stage_cache.get_stage_cache() is not in_a  # outside a shard: the process's

@@ -156,18 +156,16 @@ def _forget_stale(source: Source, job: JobSpec, shard: Shard) -> None:
 
 def _configure_worker_once(ctx: RunContext) -> None:
     """Per worker process, once: malloc arenas, library warnings into the log, and the profile's
-    storage settings (the stage cache lives on between shards, so it is configured again only
-    when the settings change); per shard, the run's retry policy and, on the client's host, its
-    cache folder.
+    storage settings (configured again only when they change); per shard, the run's retry policy
+    and, on the client's host, its cache folder. The stage cache is the shard's (execute_shard):
+    one per job settings, beside the others.
 
-    Locked: a worker's first two shards start together, and a second configuration would
-    replace the stage cache (deleting its files) under the first shard's downloads.
+    Locked: a worker's first two shards start together.
     """
     import json
 
     from gpubatch.core.logs import route_library_logs
     from gpubatch.io.retry import use_run_policy
-    from gpubatch.io.stage_cache import configure_stage_cache
     from gpubatch.io.storage import configure_storage
 
     with _CONFIGURE_LOCK:
@@ -179,7 +177,6 @@ def _configure_worker_once(ctx: RunContext) -> None:
         key = json.dumps(ctx.storage_profile or {}, sort_keys=True, default=str)
         if _CONFIGURED.get("key") != key:
             configure_storage(ctx.storage_profile)
-            configure_stage_cache((ctx.storage_profile or {}).get("stage_cache"))
             _CONFIGURED["key"] = key
         use_run_policy(ctx.storage_policy)  # the run's, whichever run this shard is of
         if ctx.cache_dir:  # the client's, on its host (core.files.cache_root)
@@ -232,10 +229,11 @@ def _describe(model: Model, head: SlideHead | None) -> dict[str, Any]:
 def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[str, ...] = (),
                   attempt: int = 1) -> ShardResult:
     """:func:`_execute_shard`, staging for the shard's run (``ctx.run_id``): the versions this
-    run's client and other workers staged are taken, whatever other run this process serves."""
-    from gpubatch.io.stage_entries import staging_for
+    run's client and other workers staged are taken, whatever other run this process serves; in
+    the stage cache of its job's settings, which another job's never replaces under it."""
+    from gpubatch.io.stage_cache import shard_stage
 
-    with staging_for(ctx.run_id):
+    with shard_stage(ctx.run_id, (ctx.storage_profile or {}).get("stage_cache")):
         return _execute_shard(shard, job, ctx, upcoming, attempt)
 
 

@@ -24,6 +24,8 @@ staged the first slides before the workers started, a worker that prefetched it)
 as that version with no request of its own. A copy another run staged is asked again before
 it is used, and its record then names this run. The run is the shard's (stage_entries.staging_for),
 kept by each entry: two runs in one worker process (one Dask cluster) never take each other's.
+Nor their caches: a shard stages in the cache of its job's settings (:func:`shard_stage`), and
+a copy reopened is checked to be still the version it staged (another process may replace it).
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import glob
 import hashlib
 import os
 import shutil
-import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -50,12 +52,10 @@ from gpubatch.io.host_files import (
     try_exclusive,
     write_record,
 )
-from gpubatch.io.ranges import RangeReader
 from gpubatch.io.redact import redact
 from gpubatch.io.retry import (
     RangesIgnored,
     RetryPolicy,
-    call_with_retries,
     changed_while_read,
     default_policy,
 )
@@ -63,16 +63,19 @@ from gpubatch.io.stage_entries import (
     RemoteFile,
     StagedFile,
     StageEntry,
-    etag_of,
+    listing,
     local_name,
+    max_bytes_of,
     mtime_of,
-    pwrite_all,
+    shard_cache,
     shard_run,
+    stage_root,
+    staging_for,
+    whole_object,
+    write_chunks,
 )
-from gpubatch.io.storage import get_fs, identity_of, open_ranges, stat
-from gpubatch.io.uris import protocol_of, spelled_as
+from gpubatch.io.storage import open_ranges, stat
 
-DEFAULT_MAX_BYTES = 20 << 30
 CHUNK_BYTES = 8 << 20
 CHUNKS_IN_FLIGHT = 8
 #: the longest an open waits for another process's download of the same file, or a lock
@@ -94,8 +97,7 @@ class StageCache:
         # one cache per user on a host; a process of its own where processes cannot lock files
         self.dir = os.path.join(root, f"u{getattr(os, 'getuid', lambda: 0)()}" if SHARED else f"p{os.getpid()}")
         self._records = os.path.join(self.dir, ".records")
-        env_cap = os.environ.get("GPUBATCH_STAGE_MAX_BYTES")
-        self.max_bytes = int(max_bytes or (int(env_cap) if env_cap else DEFAULT_MAX_BYTES))
+        self.max_bytes = max_bytes_of(max_bytes)
         #: by (URI, run): each run's entry asks and records the version for that run
         self._entries: dict[tuple[str, str | None], StageEntry] = {}
         self._lock = threading.Lock()
@@ -107,6 +109,7 @@ class StageCache:
         #: the run this cache stages for outside a shard's (the client's cache): a record
         #: of the same run gives its file's version; None: every file is asked (a HEAD) before use
         self.run = run
+        self.users = 0  # shards in it now (shard_stage): a cache in use is never retired
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -164,13 +167,15 @@ class StageCache:
         self._release((uri, self._run_now()))
 
     def _release(self, key: tuple[str, str | None]) -> None:
+        """A copy still pinned here (a shard reads it) goes when its last pin does (:meth:`_unpin`):
+        closing its lock now let go of the pin, and any process could evict the file under it."""
         with self._lock:
             entry = self._entries.pop(key, None)
             if entry is None:
                 return
             entry.released = True
-            downloading = entry.state == "downloading"
-        if not downloading:  # an in-flight download deletes its own files when it ends
+            if entry.pins > 0 or entry.state == "downloading":
+                return  # an in-flight download deletes its own files when it ends
             self._delete(entry.root, entry.record, entry.lock, released=True)
             entry.lock.close()
 
@@ -189,6 +194,16 @@ class StageCache:
             keys = list(self._entries)
         for key in keys:
             self._release(key)
+
+    def idle(self) -> bool:
+        """No shard in it, and none of its copies pinned or being downloaded."""
+        with self._lock:
+            return self.users == 0 and all(e.pins == 0 and e.state != "downloading" for e in self._entries.values())
+
+    def close(self) -> None:
+        """:meth:`clear`, and its download threads end (a retired cache)."""
+        self.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -220,7 +235,7 @@ class StageCache:
                 return True
         if not entry.lock.shared(WAIT_S):
             return False
-        if not (read_record(entry.record).get("ready") and os.path.exists(entry.local)):
+        if not self._copy_of(entry, entry.tag):  # gone, or replaced by another version meanwhile
             entry.lock.unlock()
             return False
         with self._lock:
@@ -242,10 +257,13 @@ class StageCache:
     def _unpin(self, entry: StageEntry) -> None:
         with self._lock:
             entry.pins = max(0, entry.pins - 1)
-            last = entry.pins == 0
+            last, released = entry.pins == 0, entry.released
         if last:
             touch(entry.record)
             entry.lock.unlock()
+            if released:  # released while pinned (:meth:`_release`)
+                self._delete(entry.root, entry.record, entry.lock, released=True)
+                entry.lock.close()
 
     def _claim(self, entry: StageEntry, required: bool) -> bool:
         with self._lock:
@@ -268,6 +286,7 @@ class StageCache:
             if self._stale(entry, required):
                 return
             files, tag, held = self._version_locked(entry, options, policy, required, companions)
+            entry.tag = tag  # the version its copy is of, checked again at every pin
             # the version a shard's identity is compared with: a lone file's comes from the same
             # HEAD (io.storage.stat) as that identity; a listing's (companions) from fsspec, whose
             # ETag may be another spelling of it (GCS's JSON API): then left to the HEAD after
@@ -320,7 +339,7 @@ class StageCache:
             if held != "exclusive":
                 return *recorded, held
             entry.lock.unlock()
-        files, tag = self._listing(entry, options, policy, companions)
+        files, tag = listing(entry, options, policy, companions)
         return files, tag, self._lock_for(entry, tag, wait=required)
 
     def _recorded(self, entry: StageEntry, companions: bool) -> tuple[list[RemoteFile], str] | None:
@@ -383,7 +402,9 @@ class StageCache:
             time.sleep(0.05)
 
     @staticmethod
-    def _copy_of(entry: StageEntry, tag: str) -> bool:
+    def _copy_of(entry: StageEntry, tag: str | None) -> bool:
+        """Whether a ready copy of version ``tag`` is there: one another process replaced since
+        (its object written over) names another in its record."""
         record = read_record(entry.record)
         return bool(record.get("ready")) and record.get("tag") == tag and os.path.exists(entry.local)
 
@@ -425,37 +446,6 @@ class StageCache:
             elif not keep_lock:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(lock.path)  # still held: unlocked by the caller
-
-    def _listing(self, entry: StageEntry, options: dict[str, Any] | None, policy: RetryPolicy,
-                 companions: bool) -> tuple[list[RemoteFile], str]:
-        """(remote uri, local path, size) of the file and, when asked, of its companion directory;
-        and the object's version tag (size and ETag or mtime), which a reused copy must match.
-        A lone file is asked of the storage entry point (obstore's HEAD where it serves the URI:
-        no fsspec client is built in the worker); a companion directory is listed by fsspec."""
-        if not companions:
-            stated = stat(entry.uri, options, policy, entry.clocks)
-            if stated["type"] == "directory":
-                raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
-            tag = f"{stated['size']}|{stated.get('etag') or stated.get('mtime')}"
-            entry.identity = identity_of(entry.uri, stated)
-            return [RemoteFile(entry.uri, entry.local, int(stated["size"] or 0), stated.get("etag"))], tag
-        fs, path = get_fs(entry.uri, options)
-        info = call_with_retries(lambda: fs.info(path), entry.uri, policy, entry.clocks)
-        if info.get("type") == "directory":
-            raise InputError(redact(entry.uri), "is a directory (prefix), not a file")
-        version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
-        tag = f"{info.get('size')}|{version}"
-        files = [RemoteFile(entry.uri, entry.local, int(info.get("size") or 0), etag_of(info))]
-        stem, suffix = os.path.splitext(path)
-        if companions:
-            found = call_with_retries(lambda: fs.find(stem, detail=True), entry.uri, policy, entry.clocks)
-            local_stem = os.path.splitext(entry.local)[0]
-            for name, meta in sorted(found.items()):
-                rel = os.path.relpath(name, stem)
-                files.append(RemoteFile(spelled_as(entry.uri, fs.unstrip_protocol(name)), os.path.join(local_stem, rel),
-                                     int(meta.get("size") or 0), etag_of(meta)))
-                tag += f"|{rel}:{meta.get('size')}:{meta.get('ETag') or meta.get('mtime')}"
-        return files, tag
 
     def _reserve(self, entry: StageEntry, size: int, required: bool) -> bool:
         """Evict copies nobody uses, least recently used first, until ``size`` fits the host's
@@ -504,11 +494,11 @@ class StageCache:
             with open_ranges(uri, options, clocks, policy, max_concurrency=CHUNKS_IN_FLIGHT,
                              count_wait=False, etag=remote.etag) as reader:
                 try:
-                    _write_chunks(reader, fd, size)
+                    write_chunks(reader, fd, size, CHUNK_BYTES, CHUNKS_IN_FLIGHT)
                 except RangesIgnored:  # its server answers every GET whole: take one
                     size = 0
                 if size <= 0:  # size unknown (some HTTP servers), or no ranges: one whole-object request
-                    _whole_object(remote, options, policy, clocks, fd)
+                    whole_object(remote, options, policy, clocks, fd, CHUNK_BYTES)
                 pinned = reader.version() is not None
             if not pinned and remote.etag is not None and size > 0:
                 now = stat(uri, options, policy, clocks)
@@ -519,77 +509,87 @@ class StageCache:
         os.replace(part, local)
 
 
-def _write_chunks(reader: RangeReader, fd: int, size: int) -> None:
-    """[0, size) read in chunks, :data:`CHUNKS_IN_FLIGHT` at once, each written where it belongs."""
-    spans = [(s, min(s + CHUNK_BYTES, size)) for s in range(0, size, CHUNK_BYTES)]
-    for wave in range(0, len(spans), CHUNKS_IN_FLIGHT):
-        batch = spans[wave: wave + CHUNKS_IN_FLIGHT]
-        for (start, _), blob in zip(batch, reader.fetch_many(batch), strict=True):
-            pwrite_all(fd, blob, start)
+#: the most stage caches (one per job settings) a process keeps: past it, idle ones are retired
+MAX_CACHES = 4
 
-
-def _whole_object(remote: RemoteFile, options: dict[str, Any] | None, policy: RetryPolicy,
-                  clocks: StageClocks, fd: int) -> None:
-    """An object of unknown size, or whose server ignores Range, in one GET written to ``fd``,
-    checked to be the version listed: the GET's own ETag (an HTTP server's stream keeps its
-    response), else a HEAD after it. No range read can pin it, so this check is all there is.
-    An HTTP answer is written as it arrives, :data:`CHUNK_BYTES` at a time: a slide of several
-    GB is never held whole in memory."""
-    fs, path = get_fs(remote.uri, options)
-
-    def get() -> str | None:
-        os.ftruncate(fd, 0)  # an attempt cut short leaves nothing behind for the next
-        if protocol_of(remote.uri) not in ("http", "https"):
-            pwrite_all(fd, fs.cat_file(path), 0)
-            return None
-        with fs.open(path, "rb", block_size=0) as f:  # one streamed GET, its response kept
-            offset = 0
-            while chunk := f.read(CHUNK_BYTES):
-                pwrite_all(fd, chunk, offset)
-                offset += len(chunk)
-            headers = getattr(getattr(f, "r", None), "headers", None) or {}
-            return headers.get("ETag")
-
-    etag = call_with_retries(get, remote.uri, policy, clocks)
-    if remote.etag is not None:
-        got = str(etag).strip('"') if etag else stat(remote.uri, options, policy, clocks)["etag"]
-        if got != remote.etag:
-            raise changed_while_read(remote.uri, f"ETag {remote.etag} listed, {got} downloaded")
-
-
-def stage_root(directory: str | None = None) -> str:
-    """Where stage caches live: ``directory`` (a profile's ``stage_cache.dir``), else the
-    ``GPUBATCH_STAGE_DIR`` variable, else ``gpubatch-stage`` in the temporary directory."""
-    return directory or os.environ.get("GPUBATCH_STAGE_DIR") or os.path.join(tempfile.gettempdir(), "gpubatch-stage")
-
-
-_cache: StageCache | None = None
+_cache: StageCache | None = None  # the process's, used outside a shard (configure_stage_cache)
+_caches: dict[str, StageCache] = {}  # by settings_key, oldest first
 _cache_lock = threading.Lock()
 
 
-def configure_stage_cache(config: dict[str, Any] | None) -> StageCache:
-    """(Re)create this process's cache from a profile's ``stage_cache: {dir, max_bytes, parallel}``;
-    its run is each shard's (:func:`gpubatch.io.stage_entries.staging_for`)."""
-    global _cache
+def settings_key(config: dict[str, Any] | None) -> str:
+    """What tells two jobs' stage caches apart (folder, size, parallel downloads), hashed: nothing
+    a profile holds is kept as it is, should a setting ever carry a secret."""
     config = config or {}
+    chosen = [stage_root(config.get("dir")), max_bytes_of(config.get("max_bytes")), int(config.get("parallel", 2))]
+    return hashlib.sha256(repr(chosen).encode()).hexdigest()[:16]
+
+
+def _cache_for(config: dict[str, Any] | None) -> StageCache:
+    """The cache of these settings, made on first use (under ``_cache_lock``); past
+    :data:`MAX_CACHES`, idle ones (no shard in them, no copy pinned or downloading) are retired,
+    oldest first. Each is bounded by its ``max_bytes`` in its folder (where caches count each
+    other's copies): the disk used stays bounded by the settings in use."""
+    key = settings_key(config)
+    if key not in _caches:
+        for old_key, old in list(_caches.items()):
+            if len(_caches) < MAX_CACHES:
+                break
+            if old is not _cache and old.idle():
+                del _caches[old_key]
+                old.close()
+        config = config or {}
+        _caches[key] = StageCache(config.get("dir"), config.get("max_bytes"), int(config.get("parallel", 2)))
+    return _caches[key]
+
+
+def configure_stage_cache(config: dict[str, Any] | None) -> StageCache:
+    """This process's cache (used outside a shard) from a profile's ``stage_cache: {dir,
+    max_bytes, parallel}``. Caches of other settings live on beside it: replacing (clearing)
+    the process's one when another job's settings came deleted copies a shard of the first job
+    was reading or about to open."""
+    global _cache
     with _cache_lock:
-        if _cache is not None:
-            _cache.clear()
-        _cache = StageCache(config.get("dir"), config.get("max_bytes"), int(config.get("parallel", 2)))
+        _cache = _cache_for(config)
         return _cache
 
 
+@contextlib.contextmanager
+def shard_stage(run: str | None, config: dict[str, Any] | None) -> Iterator[StageCache]:
+    """One shard's staging on a worker: for its run, in the cache of its job's settings (given by
+    :func:`get_stage_cache` in the block), kept while the shard is in it."""
+    with _cache_lock:
+        cache = _cache_for(config)
+        cache.users += 1
+    try:
+        with staging_for(run, cache):
+            yield cache
+    finally:
+        with _cache_lock:
+            cache.users -= 1
+
+
 def get_stage_cache() -> StageCache:
-    """This process's stage cache, created on first use from the environment's settings."""
+    """The shard's stage cache (:func:`shard_stage`), else this process's, made on first use
+    from the environment's settings."""
     global _cache
+    in_shard = shard_cache()
+    if in_shard is not None:
+        return in_shard  # type: ignore[no-any-return]
     with _cache_lock:
         if _cache is None:
-            _cache = StageCache()
+            _cache = _cache_for(None)
         return _cache
 
 
 @atexit.register
-def _cleanup() -> None:
-    if _cache is not None:
+def forget_stage_caches() -> None:
+    """Release every cache's entries (other processes' copies stay) and forget the caches."""
+    global _cache
+    with _cache_lock:
+        caches = list(_caches.values())
+        _caches.clear()
+        _cache = None
+    for cache in caches:
         with contextlib.suppress(Exception):
-            _cache.clear()
+            cache.clear()
