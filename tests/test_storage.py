@@ -507,9 +507,11 @@ def test_env_stage_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert os.path.basename(cache.dir) == f"u{os.getuid()}"  # one cache per user and host
 
 
-def test_a_workers_first_shards_configure_its_stage_cache_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worker's first two shards start together; a second configuration would replace the
-    stage cache, deleting the first shard's download under it (seen as a vanished .part file)."""
+def test_a_workers_first_shards_configure_its_storage_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's first two shards start together and configure the process's storage once. (A
+    second configuration replaced the stage cache then, deleting the first shard's download under
+    it; a shard now stages through the cache of its own run and settings, io.stage_cache's
+    ``shard_stage``, and configuring touches no cache.)"""
     import gpubatch.io.stage_cache
     import gpubatch.io.storage
     from gpubatch.engine import worker
