@@ -172,28 +172,13 @@ def read_small(uri: str, options: dict[str, Any] | None = None,
         return _read_unasked(uri, options, clocks)
     version = asked or remote_version(uri, options, clocks)
     try:
-        return _read_at(uri, options, clocks, version), version
+        return _fetch(uri, options, version, clocks), version
     except InputChanged as exc:
         if asked is None:
             raise
         raise InputChanged(redact(uri), f"{redact(uri)} changed since this run asked its version ({exc.detail}): "
                            "the run was planned with the other one; run the job again (--overwrite) to plan "
                            "with this one", detail=exc.detail) from exc
-
-
-def _read_at(uri: str, options: dict[str, Any] | None, clocks: StageClocks | None,
-             version: dict[str, Any]) -> bytes:
-    """The bytes of ``uri`` at ``version``: read pinned to it, or (fsspec) checked after by a HEAD."""
-    size = int(version.get("size") or 0)
-    with open_ranges(uri, options, clocks, etag=version.get("etag"), size=size) as reader:
-        data = reader.fetch(0, size)
-        pinned = reader.version() is not None
-    if not pinned:
-        now = identity_of(uri, stat(uri, options, clocks=clocks))
-        if identity_differs(version, now):
-            raise changed_while_read(uri, f"ETag {version.get('etag')} -> {now.get('etag')}, size "
-                                          f"{version.get('size')} -> {now.get('size')}, read by fsspec")
-    return data
 
 
 def _read_unasked(uri: str, options: dict[str, Any] | None,
