@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import os
 import struct
 import zlib
 from collections.abc import Callable
@@ -25,7 +26,8 @@ import numpy as np
 from gpubatch.core.errors import InputError
 from gpubatch.io.localized import read_small
 from gpubatch.io.storage import open_ranges, version_text
-from gpubatch.io.uris import has_query, is_remote, suffixed
+from gpubatch.io.uris import has_query, is_remote, local_path, suffixed
+from gpubatch.sources.genome.fai import REBUILD, FaiEntry, FaiTable, parse_fai
 from gpubatch.sources.genome.kept import KeptByVersion, forget_all
 
 #: contigs whose bytes are checked, in a local file and in one on object storage (all arithmetic
@@ -41,27 +43,8 @@ HEADER_WINDOW = 4096
 #: whole, at plan time and at a worker's first read of each contig (250 MB for chr1)
 LINE_CHECKED = 1 << 16
 _BGZF_MAGIC = b"\x1f\x8b\x08\x04"
-REBUILD = "rebuild it with `samtools faidx` (bgzip files get .fai and .gzi)"
 TRAILING = ("its lines end in spaces or tabs after the bases, which windows read by position would "
             "take for bases: strip them (`sed -i 's/[[:blank:]]*$//' FILE`), then `samtools faidx` again")
-
-
-@dataclass(frozen=True)
-class FaiEntry:
-    """One ``.fai`` line: where a contig's bases start and how its lines are laid out."""
-
-    length: int
-    offset: int
-    line_bases: int
-    line_width: int
-
-    def byte(self, pos: int) -> int:
-        """Byte offset (in the uncompressed file) of 0-based base ``pos``."""
-        return self.offset + (pos // self.line_bases) * self.line_width + pos % self.line_bases
-
-    @property
-    def last_byte(self) -> int:
-        return self.byte(self.length - 1)
 
 
 def no_index(uri: str, ext: str) -> InputError:
@@ -153,27 +136,11 @@ def index_version(versions: Versions) -> str | None:
 
 
 def read_fai(uri: str, storage_options: dict[str, Any] | None = None,
-             versions: Versions | None = None) -> dict[str, FaiEntry]:
+             versions: Versions | None = None) -> FaiTable:
     """Parse the ``.fai`` beside ``uri``; a missing index says how to make one, a malformed line which it is.
     ``versions``: where the version read is recorded (:func:`read_index_file`)."""
-    fai_uri = suffixed(uri, ".fai")
-    entries: dict[str, FaiEntry] = {}
     text = read_index_file(uri, storage_options, "fai", versions).decode(errors="replace")
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        try:
-            name, length, offset, lb, lw = fields[0], *map(int, fields[1:5])
-        except (ValueError, IndexError, TypeError):
-            raise InputError(fai_uri, f"line {n}: expected 5 tab-separated fields "
-                                      f"(name, length, offset, linebases, linewidth), got {line!r}") from None
-        if name in entries:
-            raise InputError(fai_uri, f"line {n}: contig '{name}' is listed twice; {REBUILD}")
-        entries[name] = FaiEntry(length, offset, lb, lw)
-    if not entries:
-        raise InputError(fai_uri, f"the index lists no contigs (an empty .fai); {REBUILD}")
-    return entries
+    return parse_fai(text, suffixed(uri, ".fai"))
 
 
 def read_gzi(uri: str, storage_options: dict[str, Any] | None = None,
@@ -198,18 +165,25 @@ def read_gzi(uri: str, storage_options: dict[str, Any] | None = None,
 Gzi = tuple[list[int], list[int]]
 
 
+#: a local index's files as stat says they are: (size, mtime_ns) of the .fai (and .gzi)
+Stamp = tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True)
 class ParsedIndex:
     """A reference's .fai (and .gzi for bgzip) as parsed, and the version they were read at."""
 
-    fai: dict[str, FaiEntry]
+    fai: FaiTable
     gzi: Gzi | None
     #: :func:`index_version`'s form; None where unknown (an fsspec read)
     version: str | None
+    #: a local index's files as they were for the whole read (the same before and after it),
+    #: the key it is kept under; None for a remote one, or one written over while it was read
+    stamp: Stamp | None = None
 
 
-#: parsed indexes a worker process keeps, the most recently used last: a few references at once
-#: (one run reads one; a process that serves several runs or jobs keeps the latest few)
+#: parsed indexes a process keeps, the most recently used last: a few references at once (one
+#: run reads one; a process that serves several runs or jobs keeps the latest few)
 CACHED_INDEXES = 4
 _indexes: KeptByVersion[ParsedIndex] = KeptByVersion(CACHED_INDEXES)
 
@@ -217,39 +191,69 @@ _indexes: KeptByVersion[ParsedIndex] = KeptByVersion(CACHED_INDEXES)
 def read_index(uri: str, fmt: str, storage_options: dict[str, Any] | None = None,
                planned: str | None = None) -> ParsedIndex:
     """The .fai (and .gzi) of the FASTA ``uri`` for a worker's shard planned with index version
-    ``planned``: read, or where this process has already read that very version of a remote
-    reference's index, taken from memory without a request (shards opening at once wait for
-    the one read, not each make their own).
+    ``planned``: read, or where this process has already read that very version, taken from
+    memory without a request or a parse (shards opening at once wait for the one read, not each
+    make their own: a .fai of 50,000 contigs took each shard's open ~0.1 s and 13 MB).
 
-    Why it is sound: a kept index is kept under the version it was read at, and handed out only
+    Why it is sound: a remote index is kept under the version it was read at, and handed out only
     to a shard planned with that version, so the shard reads by the offsets its windows were cut
     with (a .fai written over since is refused by the shard that reads it, never taken from
-    here). Not kept: an unknown version (fsspec reads; nothing tells it from another, so each
-    shard reads it as before), and local files (their read costs no round trip, and is the
-    shard's own check against the planned sha256)."""
-    if not planned or not is_remote(uri):
-        return _read_parsed(uri, fmt, storage_options)
+    here). A local one is kept under its files' size and mtime_ns (:func:`_local_stamp`): a file
+    written since has another, and is read again, whose sha256 the shard then compares with its
+    plan's (a rewrite of the same size that also sets the old mtime back is not seen). Not kept:
+    an unknown remote version (fsspec reads; nothing tells it from another)."""
+    if not is_remote(uri):
+        stamp = _local_stamp(uri, fmt)
+        if stamp is None:  # not there: the read says so, naming the fix
+            return read_parsed(uri, fmt, storage_options)
+
+        def read_local() -> tuple[ParsedIndex, bool]:
+            index = read_parsed(uri, fmt, storage_options)
+            return index, index.stamp == stamp
+
+        return _indexes.get_or_read(("local", uri, stamp), read_local)
+    if not planned:
+        return read_parsed(uri, fmt, storage_options)
 
     def read() -> tuple[ParsedIndex, bool]:
-        index = _read_parsed(uri, fmt, storage_options)
+        index = read_parsed(uri, fmt, storage_options)
         return index, index.version == planned
 
     return _indexes.get_or_read((uri, planned), read)
 
 
 def keep_index(uri: str, index: ParsedIndex) -> None:
-    """Keep the plan's read of a remote reference's index (its version known) for this
-    process's shards planned with it (:func:`read_index`): an inline run's, and a client's that
-    plans again (validate, then run), read it once."""
+    """Keep the plan's read of a reference's index (a remote one's version known, a local one's
+    files unchanged while read) for this process's shards (:func:`read_index`): an inline run's,
+    and a client's that plans again (validate, then run), read it once."""
     if index.version and is_remote(uri):
         _indexes.get_or_read((uri, index.version), lambda: (index, True))
+    elif index.stamp and not is_remote(uri):
+        _indexes.get_or_read(("local", uri, index.stamp), lambda: (index, True))
 
 
-def _read_parsed(uri: str, fmt: str, storage_options: dict[str, Any] | None) -> ParsedIndex:
+def _local_stamp(uri: str, fmt: str) -> Stamp | None:
+    """(size, mtime_ns) of the local FASTA ``uri``'s .fai (and .gzi for bgzip); None where one
+    cannot be stat'ed (missing: its read says so)."""
+    try:
+        stats = [os.stat(local_path(suffixed(uri, f".{ext}"))) for ext in _index_exts(fmt)]
+    except (OSError, ValueError):
+        return None
+    return tuple((st.st_size, st.st_mtime_ns) for st in stats)
+
+
+def _index_exts(fmt: str) -> tuple[str, ...]:
+    return ("fai", "gzi") if fmt == "bgzip" else ("fai",)
+
+
+def read_parsed(uri: str, fmt: str, storage_options: dict[str, Any] | None) -> ParsedIndex:
+    """The index read and parsed; a local one stamped where its files did not change meanwhile."""
+    before = None if is_remote(uri) else _local_stamp(uri, fmt)
     versions: Versions = {}
     fai = read_fai(uri, storage_options, versions)
     gzi = read_gzi(uri, storage_options, versions) if fmt == "bgzip" else None
-    return ParsedIndex(fai, gzi, index_version(versions))
+    stamp = before if before is not None and _local_stamp(uri, fmt) == before else None
+    return ParsedIndex(fai, gzi, index_version(versions), stamp)
 
 
 def forget_indexes() -> None:
@@ -276,7 +280,7 @@ def check_gzi(uri: str, gzi: tuple[list[int], list[int]], compressed_size: int,
                                       f"a BGZF block; {REBUILD}")
 
 
-def check_fai(uri: str, fai: dict[str, FaiEntry], size: int,
+def check_fai(uri: str, fai: FaiTable, size: int,
               fetch: Callable[[list[tuple[int, int]]], list[bytes]], checked: int = SAMPLED_CONTIGS) -> None:
     """Check every entry's arithmetic, then ``checked`` contigs' bytes (spread over the file,
     the first and last among them), against the FASTA.
@@ -286,16 +290,8 @@ def check_fai(uri: str, fai: dict[str, FaiEntry], size: int,
     second's header line (nor after the last contig): samtools keeps only the first of two
     contigs with one name, and the second would otherwise be left out of the run without a word.
     """
-    order = sorted(fai.items(), key=lambda kv: kv[1].offset)
-    prev, end_prev = "", -1
-    for name, e in order:
-        _check_geometry(uri, name, e, size)
-        header = 1 + len(name.encode()) + 1  # ">NAME\n" at the least
-        if e.offset < end_prev + 1 + header:
-            raise InputError(uri, f"contigs '{prev}' and '{name}' overlap in the .fai ('{prev}' ends at "
-                                  f"byte {end_prev}, '{name}' starts at byte {e.offset} after its "
-                                  f"header): an offset or a length is wrong; {REBUILD}")
-        prev, end_prev = name, e.last_byte
+    order = _InFileOrder(fai)
+    _check_arithmetic(uri, fai, order.rows, size)
     picks = _sample(len(order), checked)
     last = order[-1][1]
     tail = (last.last_byte + 1, min(size, last.last_byte + 1 + HEADER_WINDOW))
@@ -309,7 +305,45 @@ def check_fai(uri: str, fai: dict[str, FaiEntry], size: int,
                               f"{UNLISTED}")
 
 
-def _check_picks(uri: str, order: list[tuple[str, FaiEntry]], picks: list[int], before: int | None, size: int,
+class _InFileOrder:
+    """A .fai's contigs by offset, as (name, FaiEntry) made when asked: the checks look at a
+    sample of them, not at an object per contig."""
+
+    def __init__(self, fai: FaiTable):
+        self.fai = fai
+        self.rows = np.argsort(fai.columns[:, 1], kind="stable")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[str, FaiEntry]:
+        row = int(self.rows[i])
+        return self.fai.names[row], self.fai.entry(row)
+
+
+def _check_arithmetic(uri: str, fai: FaiTable, rows: np.ndarray, size: int) -> None:
+    """Every contig's line geometry and length inside the file, and no two overlapping (each
+    starts after the last base before it and its own header line), over the columns at once;
+    the first contig in file order that fails is named, as :func:`_check_geometry` says."""
+    length, offset, line_bases, line_width = (fai.columns[rows, k] for k in range(4))
+    whole = np.maximum(line_bases, 1)
+    last = offset + ((length - 1) // whole) * line_width + (length - 1) % whole
+    bad = ((length < 1) | (offset < 1) | (line_bases < 1) | ~np.isin(line_width - line_bases, (1, 2))
+           | (last >= size))
+    header = np.fromiter((len(fai.names[r].encode()) + 2 for r in rows.tolist()), np.int64, len(rows))
+    end_prev = np.concatenate(([-1], last[:-1]))
+    hit = np.flatnonzero(bad | (offset < end_prev + 1 + header))
+    if not len(hit):
+        return
+    i = int(hit[0])
+    name, prev = fai.names[rows[i]], fai.names[rows[i - 1]] if i else ""
+    _check_geometry(uri, name, fai.entry(int(rows[i])), size)  # raises where the geometry is wrong
+    raise InputError(uri, f"contigs '{prev}' and '{name}' overlap in the .fai ('{prev}' ends at "
+                          f"byte {end_prev[i]}, '{name}' starts at byte {offset[i]} after its "
+                          f"header): an offset or a length is wrong; {REBUILD}")
+
+
+def _check_picks(uri: str, order: _InFileOrder, picks: list[int], before: int | None, size: int,
                  fetch: Callable[[list[tuple[int, int]]], list[bytes]], more: list[tuple[int, int]]) -> bytes:
     """``check_fai``'s byte checks for some sampled contigs (``before``: the pick ahead of them),
     fetched together with the spans ``more``; returns those spans' bytes joined. PICKS_FETCHED at

@@ -23,7 +23,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,21 +34,18 @@ from gpubatch.io.storage import exists, input_changed, input_identity, open_rang
 from gpubatch.io.uris import child, is_remote, local_path
 from gpubatch.io.zarr_groups import open_zarr_group
 from gpubatch.ops.kernels import encode_dna
+from gpubatch.sources.genome.fai import FaiTable
 from gpubatch.sources.genome.indexes import (
     LOCAL_CHECKED,
     REMOTE_CHECKED,
-    FaiEntry,
     ParsedIndex,
-    Versions,
     check_contig_start,
     check_fai,
     check_gzi,
-    index_version,
     keep_index,
     read_bgzf_range,
-    read_fai,
-    read_gzi,
     read_index,
+    read_parsed,
     uncompressed_size,
 )
 from gpubatch.sources.genome.kept import KeptByVersion
@@ -92,14 +89,27 @@ class ContigTable:
     #: shards would read another FASTA than the one their index fits
     checked_version: str | None = None
 
+    #: name -> row in ``names``: made here, or shared with the index it was read from
+    #: (:meth:`of_index`), so a worker's shards of a 50,000-contig FASTA build no dict each
+    rows: dict[str, int] | None = field(default=None, compare=False, repr=False)
+
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_lookup", dict(zip(self.names, self.lengths, strict=True)))
+        if len(self.names) != len(self.lengths):
+            raise ValueError(f"{len(self.names)} contig names for {len(self.lengths)} lengths")
+        if self.rows is None:
+            object.__setattr__(self, "rows", {name: row for row, name in enumerate(self.names)})
+
+    @classmethod
+    def of_index(cls, fai: FaiTable, index_version: str | None = None, format: str | None = None,
+                 checked_version: str | None = None) -> ContigTable:
+        """The contig table of a parsed .fai, sharing its names and name -> row lookup."""
+        return cls(fai.names, tuple(fai.lengths.tolist()), index_version, format, checked_version, fai.rows)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._lookup  # type: ignore[attr-defined]
+        return name in self.rows  # type: ignore[operator]
 
     def length(self, name: str) -> int:
-        return int(self._lookup[name])  # type: ignore[attr-defined]
+        return int(self.lengths[self.rows[name]])  # type: ignore[index]
 
     def listing(self) -> str:
         """The first contig names, for error messages that must say what *is* there."""
@@ -328,24 +338,23 @@ def load_contigs(uri: str, storage_options: dict[str, Any] | None = None) -> Con
     fmt = reference_format(uri, storage_options)
     if fmt == "zarr":
         return read_genome(uri, storage_options).contigs
-    versions: Versions = {}
-    fai, gzi, checked = read_checked_index(uri, fmt, storage_options, versions)
-    keep_index(uri, ParsedIndex(fai, gzi, index_version(versions)))  # for this process's shards
-    return ContigTable(tuple(fai), tuple(e.length for e in fai.values()), index_version(versions), fmt, checked)
+    index, checked = read_checked_index(uri, fmt, storage_options)
+    keep_index(uri, index)  # for this process's shards, and its next plan of this reference
+    return ContigTable.of_index(index.fai, index.version, fmt, checked)
 
 
 def read_checked_index(uri: str, fmt: str, storage_options: dict[str, Any] | None = None,
-                       versions: Versions | None = None,
-                       ) -> tuple[dict[str, FaiEntry], tuple[list[int], list[int]] | None, str | None]:
+                       ) -> tuple[ParsedIndex, str | None]:
     """The .fai (and .gzi for bgzip), checked against the FASTA with a few small reads, and the
     FASTA's ETag those reads were pinned to (None where unpinned: fsspec, no ETag).
 
     Run at plan time, once per job: an index that does not match its file is refused there,
-    naming the contig, instead of yielding shifted or truncated windows. ``versions``: where
-    the versions of the index files read are recorded (indexes.read_index_file).
+    naming the contig, instead of yielding shifted or truncated windows. A local index already
+    parsed by this process (its files unchanged since) is taken as kept (indexes.read_index),
+    and checked again all the same; a remote one is read: its read says its version.
     """
-    fai = read_fai(uri, storage_options, versions)
-    gzi = read_gzi(uri, storage_options, versions) if fmt == "bgzip" else None
+    index = read_parsed(uri, fmt, storage_options) if is_remote(uri) else read_index(uri, fmt, storage_options)
+    fai, gzi = index.fai, index.gzi
     with open_ranges(uri, storage_options) as reader:
         size = reader.size()
         def fetch_many(spans: list[tuple[int, int]]) -> list[bytes]:  # bytes, not obstore's views
@@ -354,11 +363,11 @@ def read_checked_index(uri: str, fmt: str, storage_options: dict[str, Any] | Non
         checked = REMOTE_CHECKED if is_remote(uri) else LOCAL_CHECKED
         if gzi is None:
             check_fai(uri, fai, size, fetch_many, checked)
-            return fai, None, reader.version() if is_remote(uri) else None
+            return index, reader.version() if is_remote(uri) else None
         check_gzi(uri, gzi, size, fetch_many)
         plain = uncompressed_size(reader, gzi)
         check_fai(uri, fai, plain, lambda spans: [read_bgzf_range(reader, gzi, a, b) for a, b in spans], checked)
-        return fai, gzi, reader.version() if is_remote(uri) else None
+        return index, reader.version() if is_remote(uri) else None
 
 
 class Reference(ABC):
@@ -425,7 +434,7 @@ class FastaReference(Reference):
         self.uri, self.format = uri, fmt
         index = read_index(uri, fmt, storage_options, planned_index)
         self.fai, self.gzi, self.index_version = index.fai, index.gzi, index.version
-        self.contigs = ContigTable(tuple(self.fai), tuple(e.length for e in self.fai.values()))
+        self.contigs = ContigTable.of_index(self.fai)
         etag, size = (planned or {}).get("etag"), (planned or {}).get("size")
         self.ranges = open_ranges(uri, storage_options, clocks, etag=etag if is_remote(uri) else None,
                                   size=int(size) if is_remote(uri) and size is not None else None)
