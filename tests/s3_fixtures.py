@@ -76,6 +76,9 @@ class Faults:
     #: key ending -> seconds the next HEAD of such a key is held before it is forwarded (once
     #: each; ended early by ``stall_release``): a version asked while something else happens
     held_heads: dict[str, float] = field(default_factory=dict)
+    #: access key id -> seconds every read (GET, HEAD) signed with it is held before it is
+    #: forwarded (ended early by ``stall_release``): one holder of those credentials paused
+    reads_held_for: dict[str, float] = field(default_factory=dict)
     #: ends a held request early once it answers True (asked every 50 ms): a race staged by what has
     #: happened, not by how long a loaded machine takes to get there
     stall_release: Callable[[], bool] | None = None
@@ -92,6 +95,8 @@ class FaultProxy:
                                       "GET": 0, "HEAD": 0, "write_errors": 0}
         #: the signing headers of the last reads (Authorization, x-amz-security-token), newest last
         self.signatures: list[dict[str, str]] = []
+        #: every read as (bucket/key, the access key id that signed it, or None), in order
+        self.signed_reads: list[tuple[str, str | None]] = []
         #: GET and HEAD requests per object key
         self.gets: dict[str, int] = {}
         self.heads: dict[str, int] = {}
@@ -139,6 +144,7 @@ class FaultProxy:
             self.stats = dict.fromkeys(self.stats, 0)
             self.log = []
             self.signatures = []
+            self.signed_reads = []
             self.gets = {}
             self.heads = {}
             self.uploads = {}
@@ -148,11 +154,15 @@ class FaultProxy:
             self._from_start_open = {}
             self.gets_open = self.most_gets_open = 0
 
-    def note_signature(self, headers: Any) -> None:
+    def note_signature(self, headers: Any, path: str = "") -> float:
+        """Note a read's signature; returns how long to hold it (``reads_held_for`` its key)."""
         with self._lock:
             self.signatures.append({k.lower(): v for k, v in headers.items()
                                     if k.lower() in ("authorization", "x-amz-security-token")})
             del self.signatures[:-200]
+            signer = access_key_of(headers.get("Authorization") or "")
+            self.signed_reads.append((_key(path), signer))
+            return self.faults.reads_held_for.get(signer or "", 0.0)
 
     def decide(self, method: str, path: str, byte_range: str | None = None, body: bytes | None = None) -> str:
         """'forward', 'error', 'reset-early', 'reset-body', 'forbidden', 'stall:SECONDS' (held,
@@ -252,6 +262,13 @@ def second_proxy(endpoint: str) -> Iterator[FaultProxy]:
         proxy.close()
 
 
+def access_key_of(authorization: str) -> str | None:
+    """The access key id an AWS Signature V4 ``Authorization`` header names, None if none."""
+    if "Credential=" not in authorization:
+        return None
+    return authorization.split("Credential=", 1)[1].split("/", 1)[0]
+
+
 def _key(path: str, body: bytes | None = None) -> str:
     """The "bucket/key" a request path names. A GCS JSON-API upload's path names only its bucket
     (``upload/storage/v1/b/<bucket>/o``): its object is named by the query's ``name`` or, for a
@@ -290,7 +307,9 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
         def _respond(self, action: str, body: bytes | None) -> None:
             if self.command in ("GET", "HEAD"):
-                proxy.note_signature(self.headers)
+                held = proxy.note_signature(self.headers, self.path)
+                if held:
+                    proxy.hold(held)
             if proxy.faults.latency_s:
                 time.sleep(proxy.faults.latency_s)
             if action == "forbidden":

@@ -507,29 +507,26 @@ def test_env_stage_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert os.path.basename(cache.dir) == f"u{os.getuid()}"  # one cache per user and host
 
 
-def test_a_workers_first_shards_configure_its_storage_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worker's first two shards start together and configure the process's storage once. (A
-    second configuration replaced the stage cache then, deleting the first shard's download under
-    it; a shard now stages through the cache of its own run and settings, io.stage_cache's
-    ``shard_stage``, and configuring touches no cache.)"""
+def test_a_workers_shards_leave_the_process_storage_settings_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  ) -> None:
+    """A worker's first two shards start together. They configured the process's storage (once,
+    under a lock: a second configuration replaced the stage cache then, deleting the first
+    shard's download under it); another job's shard later configured it again, under the first
+    job's running shards (tests/test_jobs_share_workers.py). The profile's settings are now the
+    shard's (io.storage.shard_storage, in execute_shard): setting a worker up touches neither
+    the process's storage options nor its stage cache."""
     import gpubatch.io.stage_cache
     import gpubatch.io.storage
     from gpubatch.engine import worker
     from gpubatch.engine.context import RunContext
     from gpubatch.io.stage_cache import get_stage_cache
 
-    real, calls = gpubatch.io.storage.configure_storage, []
-
-    def slow_configure(profile: dict | None) -> None:
-        calls.append(profile)
-        time.sleep(0.05)  # widen the window in which a second shard could also configure
-        real(profile)
-
-    monkeypatch.setattr(gpubatch.io.storage, "configure_storage", slow_configure)
+    calls: list[dict | None] = []
+    monkeypatch.setattr(gpubatch.io.storage, "configure_storage", calls.append)
     monkeypatch.setattr(worker, "_CONFIGURED", {})
     monkeypatch.setattr(gpubatch.io.stage_cache, "_cache", gpubatch.io.stage_cache._cache)  # restored afterwards
     ctx = RunContext(str(tmp_path), "m.onnx", "onnxruntime", "fp32", 8, None, "", "", "",
-                            storage_profile={"stage_cache": {"dir": str(tmp_path / "stage")}})
+                     storage_profile={"stage_cache": {"dir": str(tmp_path / "stage")}, "storage": {"key": "K1"}})
     start = threading.Barrier(2)
     caches = []
 
@@ -543,7 +540,10 @@ def test_a_workers_first_shards_configure_its_storage_once(tmp_path: Path, monke
         t.start()
     for t in threads:
         t.join()
-    assert len(calls) == 1 and caches[0] is caches[1]
+    assert calls == [] and caches[0] is caches[1]
+    assert "key" not in gpubatch.io.storage.resolve_options("s3://b/k", None)
+    with gpubatch.io.storage.shard_storage(ctx.storage_profile):
+        assert gpubatch.io.storage.resolve_options("s3://b/k", None)["key"] == "K1"
 
 
 def test_a_streamed_whole_file_read_survives_transient_errors(s3: S3Stack) -> None:

@@ -32,7 +32,8 @@ class RunContext:
     #: re-run on, and the top-probability threshold below which an item counts as low-confidence
     fallback_model_path: str | None = None
     fallback_max_prob: float | None = None
-    #: the profile's ``storage`` (fsspec options) and ``stage_cache`` settings, applied per worker
+    #: the profile's ``storage`` (fsspec options), ``range_reader`` and ``stage_cache`` settings, each
+    #: shard's own on a worker (engine.worker.execute_shard), whatever other job it serves
     storage_profile: dict[str, Any] | None = None
     output_options: dict[str, Any] | None = None
     #: the run that writes the commit records, and the hash of the result-changing spec fields

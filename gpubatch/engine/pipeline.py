@@ -9,18 +9,20 @@ flight plus ``prefetch_batches`` ready batches plus two result batches, whatever
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from gpubatch.core.clocks import StageClocks
+from gpubatch.core.threads import ContextPool
 from gpubatch.engine.model_stage import count_nonfinite
 from gpubatch.sources.base import ItemBlock, ShardReader
 
@@ -141,7 +143,7 @@ def _feed(reader: ShardReader, cfg: PipelineConfig, q: queue.Queue, clocks: Stag
     batcher = _Batcher(cfg.batch_size)
     pending: deque[Future[ItemBlock]] = deque()
     units = iter(reader.read_units())
-    with ThreadPoolExecutor(cfg.readers, thread_name_prefix="gpubatch-read") as pool:
+    with ContextPool(cfg.readers, thread_name_prefix="gpubatch-read") as pool:
         try:
             exhausted = False
             while not failure.stop.is_set():
@@ -202,8 +204,13 @@ def run_pipeline(
     failure = _Failure()
     ready: queue.Queue = queue.Queue(maxsize=cfg.prefetch_batches)
     results: queue.Queue = queue.Queue(maxsize=2)
-    feeder = threading.Thread(target=_feed, args=(reader, cfg, ready, clocks, failure), daemon=True)
-    writer = threading.Thread(target=_drain, args=(sink, results, clocks, failure), daemon=True)
+    # both in the shard's context (its storage options, retry policy, stage cache, tallies: io.storage
+    # shard_storage), as the feeder's reader threads are (a ContextPool): another job's shard on this
+    # worker has its own
+    feeder = threading.Thread(target=contextvars.copy_context().run, args=(_feed, reader, cfg, ready, clocks, failure),
+                              daemon=True)
+    writer = threading.Thread(target=contextvars.copy_context().run, args=(_drain, sink, results, clocks, failure),
+                              daemon=True)
     feeder.start()
     writer.start()
     done = 0

@@ -155,18 +155,14 @@ def _forget_stale(source: Source, job: JobSpec, shard: Shard) -> None:
 
 
 def _configure_worker_once(ctx: RunContext) -> None:
-    """Per worker process, once: malloc arenas, library warnings into the log, and the profile's
-    storage settings (configured again only when they change); per shard, the run's retry policy
-    and, on the client's host, its cache folder. The stage cache is the shard's (execute_shard):
-    one per job settings, beside the others.
+    """Per worker process, once: malloc arenas and library warnings into the log; per shard, on
+    the client's host, its cache folder. The profile's storage settings, the run's retry policy
+    and the stage cache are the shard's (execute_shard): another job's shards on this worker
+    never replace them under it.
 
     Locked: a worker's first two shards start together.
     """
-    import json
-
     from gpubatch.core.logs import route_library_logs
-    from gpubatch.io.retry import use_run_policy
-    from gpubatch.io.storage import configure_storage
 
     with _CONFIGURE_LOCK:
         if "malloc" not in _CONFIGURED:
@@ -174,11 +170,6 @@ def _configure_worker_once(ctx: RunContext) -> None:
             use_system_arrow_pool()
             route_library_logs(python_warnings=_in_a_dask_worker())
             _CONFIGURED["malloc"] = "capped"
-        key = json.dumps(ctx.storage_profile or {}, sort_keys=True, default=str)
-        if _CONFIGURED.get("key") != key:
-            configure_storage(ctx.storage_profile)
-            _CONFIGURED["key"] = key
-        use_run_policy(ctx.storage_policy)  # the run's, whichever run this shard is of
         if ctx.cache_dir:  # the client's, on its host (core.files.cache_root)
             os.environ["GPUBATCH_CACHE"] = ctx.cache_dir
 
@@ -228,12 +219,17 @@ def _describe(model: Model, head: SlideHead | None) -> dict[str, Any]:
 
 def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[str, ...] = (),
                   attempt: int = 1) -> ShardResult:
-    """:func:`_execute_shard`, staging for the shard's run (``ctx.run_id``): the versions this
-    run's client and other workers staged are taken, whatever other run this process serves; in
-    the stage cache of its job's settings, which another job's never replaces under it."""
+    """:func:`_execute_shard` with its run's settings, for this shard and the threads its work
+    runs on, whatever other run this process serves meanwhile: the profile's storage options and
+    range reader, the run's retry policy, and its staging (the versions this run's client and
+    other workers staged, in the stage cache of its job's settings)."""
+    from gpubatch.io.retry import run_policy
     from gpubatch.io.stage_cache import shard_stage
+    from gpubatch.io.storage import shard_storage
 
-    with shard_stage(ctx.run_id, (ctx.storage_profile or {}).get("stage_cache")):
+    profile = ctx.storage_profile or {}
+    with shard_storage(profile), run_policy(ctx.storage_policy), \
+            shard_stage(ctx.run_id, profile.get("stage_cache")):
         return _execute_shard(shard, job, ctx, upcoming, attempt)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import email.utils
 import errno
 import random
@@ -121,38 +122,43 @@ def policy_for(run: RunRetrySettings) -> RetryPolicy:
     return RetryPolicy(attempts=run.storage_attempts, max_wait_s=run.storage_max_wait_s)
 
 
-#: the policy of the run this process serves, taken by every storage call that names none
-#: (:func:`default_policy`); None: :class:`RetryPolicy`'s defaults. Process-wide, as the
-#: profile's storage options are (io.storage.configure_storage): a call's reader threads and
-#: pools must see it too, which a context variable would not reach
+#: this process's policy (:func:`use_run_policy`), taken outside a run's block; None: the defaults
 _run_policy: RetryPolicy | None = None
+#: the policy of the run (or shard) this thread (task) works for (:func:`run_policy`); None
+#: outside one. Per run, not per process: two runs at once in one process (two jobs' shards on a
+#: worker, two API runs on one client) each retry under their own, and neither's end changes
+#: the other's; the threads a run's work runs on carry it (core.threads.ContextPool)
+_context_policy: contextvars.ContextVar[RetryPolicy | None] = contextvars.ContextVar(
+    "gpubatch_run_policy", default=None)
 
 
 def default_policy() -> RetryPolicy:
-    """The policy a storage call that names none retries under: the run's (:func:`run_policy`,
-    :func:`use_run_policy`), else the defaults. Only the slide source passed its job's policy:
-    a genome reference, its indexes, a VCF and a remote model were read with five attempts and
-    30 s waits whatever ``run.storage_attempts`` and ``run.storage_max_wait_s`` said."""
-    return _run_policy or RetryPolicy()
+    """The policy a storage call that names none retries under: the run's (:func:`run_policy`),
+    else this process's (:func:`use_run_policy`), else the defaults. Only the slide source passed
+    its job's policy: a genome reference, its indexes, a VCF and a remote model were read with
+    five attempts and 30 s waits whatever ``run.storage_attempts`` and ``run.storage_max_wait_s``
+    said."""
+    return _context_policy.get() or _run_policy or RetryPolicy()
 
 
 def use_run_policy(policy: RetryPolicy | None) -> RetryPolicy | None:
-    """Make ``policy`` this process's :func:`default_policy` (a worker, for the run whose shard
-    it starts: RunContext.storage_policy); returns the one it replaces."""
+    """Make ``policy`` this process's :func:`default_policy` outside any run's block; returns the
+    one it replaces. A run's work takes :func:`run_policy` instead."""
     global _run_policy
     before, _run_policy = _run_policy, policy
     return before
 
 
 @contextlib.contextmanager
-def run_policy(policy: RetryPolicy) -> Iterator[None]:
-    """:func:`use_run_policy` for a block (a run's client: its checks, plan and preparation;
-    ``validate``; ``tune``), then the policy as it was."""
-    before = use_run_policy(policy)
+def run_policy(policy: RetryPolicy | None) -> Iterator[None]:
+    """``policy`` as :func:`default_policy` in the block and in the threads its work runs on (a
+    run's client: its checks, plan and preparation; ``validate``; ``tune``; a worker's shard:
+    RunContext.storage_policy); None: what is in force around it."""
+    token = _context_policy.set(policy or _context_policy.get())
     try:
         yield
     finally:
-        use_run_policy(before)
+        _context_policy.reset(token)
 
 
 def _is_obstore(exc: BaseException) -> bool:

@@ -39,11 +39,11 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
+from gpubatch.core.threads import ContextPool
 from gpubatch.io.host_files import (
     SHARED,
     EntryLock,
@@ -105,7 +105,8 @@ class StageCache:
         self._opening = 0  # this process's downloads that a shard waits on
         #: every request this cache's downloads made (a copy's first opener reports its own too)
         self.spent = StageClocks()
-        self._pool = ThreadPoolExecutor(max(1, parallel), "gpubatch-stage")
+        #: downloads run in the context of the shard that asked for them: its storage options
+        self._pool = ContextPool(max(1, parallel), "gpubatch-stage")
         #: the run this cache stages for outside a shard's (the client's cache): a record
         #: of the same run gives its file's version; None: every file is asked (a HEAD) before use
         self.run = run

@@ -489,10 +489,10 @@ def _stage_ahead(ahead: int, profile: dict[str, Any], slots: int, scheduler: str
 
 
 def _caller_s_storage_after(profile: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
-    """An inline run's shards apply the profile's storage options and range reader to this
-    process (engine.worker), where they stayed after the run: a notebook's later reads
-    (open_results, the next run's plan) took that profile's options, credentials included. The
-    run has them throughout (its plan reads as its shards do) and the caller's are back after."""
+    """An inline run's plan reads with the profile's storage options and range reader, as its
+    shards do (theirs are the shard's: engine.worker); once applied to this process they stayed
+    after the run, and a notebook's later reads (open_results, the next run's plan) took that
+    profile's options, credentials included. The caller's are back after the run."""
     if profile.get("cluster") != "inline":
         return contextlib.nullcontext()
     from gpubatch.io.storage import storage_profile

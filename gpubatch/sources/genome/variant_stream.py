@@ -20,6 +20,7 @@ remote file a download held whole in memory. Every read here is a stream:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gzip
 import logging
 import os
@@ -234,7 +235,8 @@ def htslib_readable(source: VariantInput, max_allele: int) -> Iterator[tuple[IO[
     out, so the thread stops at its next write however far it got."""
     feed = Feed(source, max_allele)
     read_fd, write_fd = os.pipe()
-    thread = threading.Thread(target=feed.run, args=(write_fd,), name="gpubatch-variants-feed", daemon=True)
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(feed.run, write_fd),  # the shard's storage
+                              name="gpubatch-variants-feed", daemon=True)
     thread.start()
     try:
         with os.fdopen(read_fd, "rb") as reader:
