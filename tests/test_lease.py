@@ -418,6 +418,24 @@ def _successor_takes_over_inside_the_release(store: OutputStore, successor: Leas
     return outcome
 
 
+def test_the_heartbeat_retries_under_its_run_s_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heartbeat's thread carries the run's context: its output calls retry under the run's
+    policy (run.storage_attempts), not the process's defaults, which a plain thread got once the
+    policy became each run's own (two runs in one process, two jobs on one worker)."""
+    from gpubatch.io.retry import RetryPolicy, default_policy, run_policy
+
+    monkeypatch.setattr(lease_module, "CONFIRM_S", 0.05)
+    lease, seen = Lease(OutputStore(tmp_path / "out"), "run-a", stale_s=60.0, heartbeat_s=0.05), []
+    assert _acquire_within(lease, 30) is None
+    with run_policy(RetryPolicy(attempts=7)):
+        lease.hold(lambda: seen.append(default_policy().attempts))
+    try:
+        wait_for(lambda: bool(seen), 30, "a heartbeat")
+    finally:
+        lease.release()
+    assert seen[0] == 7
+
+
 def test_on_disk_a_beat_is_the_lease_file_s_time_and_a_silent_one_goes_stale(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The record's heartbeat is its writer's time; a beat on disk moves the file's modification

@@ -33,6 +33,7 @@ conditions the heartbeat still reads, then writes.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -191,7 +192,9 @@ class Lease:
                 except Exception as exc:  # noqa: BLE001 - a missed beat is logged, not fatal
                     log.warning("heartbeat failed: %s", redact(str(exc)))
 
-        self._thread = threading.Thread(target=loop, name="gpubatch-heartbeat", daemon=True)
+        # in the run's context: its output calls retry under the run's policy (io.retry.run_policy)
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(loop,),
+                                        name="gpubatch-heartbeat", daemon=True)
         self._thread.start()
 
     def _refresh(self) -> bool:
