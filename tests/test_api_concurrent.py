@@ -129,7 +129,7 @@ def test_an_inline_run_s_profile_storage_options_are_not_the_caller_s_after_it(
     next run's plan read with that profile's options (its credentials too). Run twice, in case
     the second took settings the first left; the caller's are as they were after each."""
     import gpubatch
-    from gpubatch.io import storage
+    from gpubatch.io import storage_profile as storage
 
     profile = tmp_path / "inline-s3.yaml"
     profile.write_text("cluster: inline\nworkers: 1\nrange_reader: fsspec\n"
@@ -184,7 +184,7 @@ def _held_by_the_process() -> dict[str, Any]:
     import os
     import sys
 
-    from gpubatch.io import storage
+    from gpubatch.io import storage_profile as storage
 
     gc.collect()
     pooled = ("asyncio_", "gpubatch-identity_", "gpubatch-open_", "gpubatch-preopen_", "gpubatch-ahead_")

@@ -133,6 +133,7 @@ def test_a_runs_policy_and_storage_reach_its_reader_and_download_threads(tmp_pat
     from gpubatch.engine.pipeline import PipelineConfig, run_pipeline
     from gpubatch.io import storage
     from gpubatch.io.stage_cache import StageCache
+    from gpubatch.io.storage_profile import shard_storage
     from gpubatch.sources.base import ItemBlock
 
     policy = RetryPolicy(attempts=7)
@@ -154,7 +155,7 @@ def test_a_runs_policy_and_storage_reach_its_reader_and_download_threads(tmp_pat
             note()
 
     cache = StageCache(str(tmp_path / "stage"))
-    with storage.shard_storage({"storage": {"key": "SHARDKEY"}}), run_policy(policy):
+    with shard_storage({"storage": {"key": "SHARDKEY"}}), run_policy(policy):
         run_pipeline(Reader(), lambda items, clocks: {"y": np.zeros(len(items))}, Sink(),  # type: ignore[arg-type]
                      PipelineConfig(2, readers=2, prefetch_batches=2), StageClocks())
         cache._pool.submit(note).result(30)

@@ -17,10 +17,11 @@ from s3_fixtures import S3Stack
 
 from gpubatch.core.clocks import StageClocks
 from gpubatch.core.errors import InputError
-from gpubatch.io import listing, storage
+from gpubatch.io import listing, storage_profile
 from gpubatch.io import obstore as obstore_io
 from gpubatch.io.retry import RetryPolicy, is_transient
-from gpubatch.io.storage import configure_storage, open_ranges, stat
+from gpubatch.io.storage import open_ranges, stat
+from gpubatch.io.storage_profile import configure_storage
 
 pytest_plugins = ["s3_fixtures"]
 
@@ -191,7 +192,7 @@ def test_a_fork_after_obstore_ran_reads_through_fsspec(s3: S3Stack, uri: str) ->
         if child.is_alive():
             child.kill()
     assert (client, data) == ("fsspec", DATA[100:200]) and child.exitcode == 0
-    assert storage.range_reader_choice() == "auto" and obstore_io.usable()  # this process still may
+    assert storage_profile.range_reader_choice() == "auto" and obstore_io.usable()  # this process still may
 
 
 @pytest.mark.parametrize("name", ["q?x=1.bin", "h#1.bin", "a b+c%2Bd é.bin"])

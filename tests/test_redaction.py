@@ -14,7 +14,8 @@ import uuid
 import pytest
 
 from gpubatch.io.redact import MASK, redact
-from gpubatch.io.storage import configure_storage, library_options, resolve_options
+from gpubatch.io.storage import library_options, resolve_options
+from gpubatch.io.storage_profile import configure_storage
 
 
 def _secret(tag: str) -> str:

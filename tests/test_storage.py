@@ -513,16 +513,17 @@ def test_a_workers_shards_leave_the_process_storage_settings_alone(tmp_path: Pat
     under a lock: a second configuration replaced the stage cache then, deleting the first
     shard's download under it); another job's shard later configured it again, under the first
     job's running shards (tests/test_jobs_share_workers.py). The profile's settings are now the
-    shard's (io.storage.shard_storage, in execute_shard): setting a worker up touches neither
+    shard's (io.storage_profile.shard_storage, in execute_shard): setting a worker up touches neither
     the process's storage options nor its stage cache."""
     import gpubatch.io.stage_cache
     import gpubatch.io.storage
+    import gpubatch.io.storage_profile
     from gpubatch.engine import worker
     from gpubatch.engine.context import RunContext
     from gpubatch.io.stage_cache import get_stage_cache
 
     calls: list[dict | None] = []
-    monkeypatch.setattr(gpubatch.io.storage, "configure_storage", calls.append)
+    monkeypatch.setattr(gpubatch.io.storage_profile, "configure_storage", calls.append)
     monkeypatch.setattr(worker, "_CONFIGURED", {})
     monkeypatch.setattr(gpubatch.io.stage_cache, "_cache", gpubatch.io.stage_cache._cache)  # restored afterwards
     ctx = RunContext(str(tmp_path), "m.onnx", "onnxruntime", "fp32", 8, None, "", "", "",
@@ -542,7 +543,7 @@ def test_a_workers_shards_leave_the_process_storage_settings_alone(tmp_path: Pat
         t.join()
     assert calls == [] and caches[0] is caches[1]
     assert "key" not in gpubatch.io.storage.resolve_options("s3://b/k", None)
-    with gpubatch.io.storage.shard_storage(ctx.storage_profile):
+    with gpubatch.io.storage_profile.shard_storage(ctx.storage_profile):
         assert gpubatch.io.storage.resolve_options("s3://b/k", None)["key"] == "K1"
 
 

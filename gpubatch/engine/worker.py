@@ -225,7 +225,7 @@ def execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[s
     other workers staged, in the stage cache of its job's settings)."""
     from gpubatch.io.retry import run_policy
     from gpubatch.io.stage_cache import shard_stage
-    from gpubatch.io.storage import shard_storage
+    from gpubatch.io.storage_profile import shard_storage
 
     profile = ctx.storage_profile or {}
     with shard_storage(profile), run_policy(ctx.storage_policy), \

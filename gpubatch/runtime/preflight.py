@@ -551,7 +551,7 @@ def _plan_and_open(job: JobSpec, profile: dict[str, Any], open_inputs: bool,
                    ) -> tuple[Sequence[Shard], list[dict[str, str]], list[str]]:
     """The plan, as ``run`` makes it, and (``open_inputs``) every input opened as its shard
     would open it: the shards, the inputs that would fail, and the notes on the data."""
-    from gpubatch.io.storage import storage_profile
+    from gpubatch.io.storage_profile import storage_profile
 
     source = get_source(job.kind)
     shards, failed = source.plan(job)

@@ -495,7 +495,7 @@ def _caller_s_storage_after(profile: dict[str, Any]) -> contextlib.AbstractConte
     profile's options, credentials included. The caller's are back after the run."""
     if profile.get("cluster") != "inline":
         return contextlib.nullcontext()
-    from gpubatch.io.storage import storage_profile
+    from gpubatch.io.storage_profile import storage_profile
 
     return storage_profile(profile)
 
