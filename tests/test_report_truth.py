@@ -203,8 +203,8 @@ def test_small_shares_and_rates_are_not_rounded_to_nothing() -> None:
     """A data path costing 0.4% of the model's speed read "0%" in report.html and the verdict,
     a 4.6% starvation "5%" (the band's edge) on the progress bar, batches 99.6% full "100%",
     and a genome run's 0.4 items/s "0 items/s" on the bar."""
+    from gpubatch.report.gap import gap
     from gpubatch.report.html import render_html
-    from gpubatch.report.verdict import gap
     from gpubatch.report.words import pct
     from gpubatch.runtime.progress import _rate
 

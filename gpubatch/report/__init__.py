@@ -13,6 +13,7 @@ from gpubatch.report.frames import (
     throughput_frame,
     timeline_frame,
 )
+from gpubatch.report.gap import gap
 from gpubatch.report.summary import load_report, summarize, write_report
 from gpubatch.report.text import format_summary
 from gpubatch.report.verdict import (
@@ -22,7 +23,6 @@ from gpubatch.report.verdict import (
     LAYER_TRANSFER,
     LAYERS,
     PART_LAYERS,
-    gap,
     verdict,
 )
 from gpubatch.report.words import band
