@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from gpubatch.core.clocks import StageClocks
-from gpubatch.core.cpu import core_times, count_core_use
+from gpubatch.core.cpu import CoreTimes, core_times, count_core_use
 from gpubatch.core.errors import InputChanged, InputError, disk_full, disk_full_message
 from gpubatch.core.files import file_sha256
 from gpubatch.core.memory import cap_malloc_arenas, use_system_arrow_pool
@@ -247,64 +247,15 @@ def _execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[
     _configure_worker_once(ctx)
     source = get_source(job.kind)
     source.before_shard(job, upcoming)
-    clocks = StageClocks()
-    store = OutputStore(ctx.outdir, ctx.output_options)
-    writer: ShardWriter | None = None
-    identity: Future[dict[str, Any]] | None = None
+    run = _ShardRun(shard, job, ctx, source, attempt)
     try:
-        # the input's identity (a HEAD on object storage: a round trip) is asked beside the open,
-        # unless the open asks it anyway (a streamed slide): then its answer is taken after
-        if not source.open_finds_identity(job, shard):
-            identity = _ask_identity(shard, job)
-        threads = model_threads(ctx)
-        model = get_model(localize(ctx.model_path, ctx.model_storage, ctx.model_version), ctx.backend, ctx.precision, threads)
-        head = SlideHead.for_job(job, threads, ctx.slide_model_version)
-        warm_host_stage(model, *source.model_input(job, ctx.batch_size), clocks)
-        with clocks.part("open"):
-            reader = source.open(shard, job, clocks)
-        identity = identity or _known(reader.input_identity()) or _ask_identity(shard, job)
-        with reader:
-            unchanged_since_planned(shard, identity.result())
-            attrs = {**reader.attrs, "model_sha256": ctx.model_sha256, "backend": model.backend,
-                     "precision": model.computes_in, "gpubatch_version": ctx.version}
-            writer = ShardWriter(store, shard.shard_id, new_attempt(), source.constant_columns(shard), attrs,
-                                 job.output.formats, column_limit=reader.column_limit)
-            cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches, pad_last=True)
-            t0 = time.perf_counter()
-            bag = head.sink(reader.n_items) if head is not None else None
-            reporter = ItemReporter(ctx.run_id, shard.shard_id, attempt, reader.n_items)
-            items = run_pipeline(reader, make_batch_runner(reader, model, ctx), bag or writer, cfg, clocks,
-                                 on_batch=reporter)
-            empty = lambda: empty_rows(reader, model, source.model_input(job, 1))  # noqa: E731
-            shard_outputs = head.finish(bag, writer, empty, clocks) if head and bag else {}
-            if items == 0 and head is None:
-                writer.write(*empty())
-            wall = time.perf_counter() - t0
-            notes = [unpinned_note(shard.input_uri, identity.result()), nonfinite_note(clocks, items),
-                     head_nonfinite_note(clocks)]
-            if any(notes):
-                reader.attrs["notes"] = [*reader.attrs.get("notes", []), *filter(None, notes)]
-            writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)
-            unchanged_while_read(shard.input_uri, identity.result(), job.input.storage, reader.input_version())
-            with clocks.part("commit"):  # each shard's outputs written and committed: a fixed cost
-                part = writer.commit()
-            shard_attrs = reader.attrs
-        count_core_use(clocks, cores_before)
-        count_claimed_retries(clocks)
-        count_claimed_requests(clocks)
-        result = ShardResult(
-            shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(MAX_SAMPLES),
-            attrs=shard_attrs, model=_describe(model, head), host=socket.gethostname(), pid=os.getpid(),
-            start=started, end=time.time(), attempt=attempt, attempt_name=writer.attempt,
-            input_identity=identity.result(), model_sha256=file_sha256(model.path), spec_sha256=ctx.result_hash,
-            run_id=ctx.run_id, shard_outputs=shard_outputs, **part)
-        Manifest(store).record(result)
+        result = run.execute(started, cores_before)
     except BaseException as exc:  # noqa: BLE001 - summarised for the client
-        if writer is not None:
-            writer.abort()
+        if run.writer is not None:
+            run.writer.abort()
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        error = _read_again_if_changed(exc, shard.input_uri, identity, job.input.storage)
+        error = _read_again_if_changed(exc, shard.input_uri, run.identity, job.input.storage)
         if isinstance(error, InputChanged):
             _forget_stale(source, job, shard)
         failed = _failure(shard, error, started, ctx.outdir)
@@ -315,3 +266,77 @@ def _execute_shard(shard: Shard, job: JobSpec, ctx: RunContext, upcoming: tuple[
     except Exception as exc:  # noqa: BLE001
         log.warning("shard %s: after commit: %s", shard.shard_id, redact(f"{type(exc).__name__}: {exc}"))
     return result
+
+
+class _ShardRun:
+    """One attempt at one shard on this worker, step by step: the model and the input opened,
+    the pipeline run into the shard's writer, the commit and its record. ``writer`` and
+    ``identity`` are kept for the caller's clean-up when a step fails."""
+
+    def __init__(self, shard: Shard, job: JobSpec, ctx: RunContext, source: Source, attempt: int):
+        self.shard, self.job, self.ctx, self.source, self.attempt = shard, job, ctx, source, attempt
+        self.clocks = StageClocks()
+        self.store = OutputStore(ctx.outdir, ctx.output_options)
+        self.writer: ShardWriter | None = None
+        self.identity: Future[dict[str, Any]] | None = None
+
+    def execute(self, started: float, cores_before: CoreTimes | None) -> ShardResult:
+        shard, job, ctx, clocks = self.shard, self.job, self.ctx, self.clocks
+        # the input's identity (a HEAD on object storage: a round trip) is asked beside the open,
+        # unless the open asks it anyway (a streamed slide): then its answer is taken after
+        if not self.source.open_finds_identity(job, shard):
+            self.identity = _ask_identity(shard, job)
+        threads = model_threads(ctx)
+        model = get_model(localize(ctx.model_path, ctx.model_storage, ctx.model_version), ctx.backend, ctx.precision, threads)
+        head = SlideHead.for_job(job, threads, ctx.slide_model_version)
+        warm_host_stage(model, *self.source.model_input(job, ctx.batch_size), clocks)
+        with clocks.part("open"):
+            reader = self.source.open(shard, job, clocks)
+        self.identity = self.identity or _known(reader.input_identity()) or _ask_identity(shard, job)
+        with reader:
+            unchanged_since_planned(shard, self.identity.result())
+            items, wall, shard_outputs, part = self._compute_and_commit(reader, model, head)
+            shard_attrs = reader.attrs
+        count_core_use(clocks, cores_before)
+        count_claimed_retries(clocks)
+        count_claimed_requests(clocks)
+        assert self.writer is not None
+        result = ShardResult(
+            shard.shard_id, shard.input_uri, items=items, wall_s=wall, clocks=clocks.to_dict(MAX_SAMPLES),
+            attrs=shard_attrs, model=_describe(model, head), host=socket.gethostname(), pid=os.getpid(),
+            start=started, end=time.time(), attempt=self.attempt, attempt_name=self.writer.attempt,
+            input_identity=self.identity.result(), model_sha256=file_sha256(model.path), spec_sha256=ctx.result_hash,
+            run_id=ctx.run_id, shard_outputs=shard_outputs, **part)
+        Manifest(self.store).record(result)
+        return result
+
+    def _compute_and_commit(self, reader: Any, model: Model,
+                            head: SlideHead | None) -> tuple[int, float, dict[str, Any], dict[str, Any]]:
+        """Run the shard's items through the model into its writer (or its slide head's bag),
+        then commit: (items, wall seconds, the slide head's outputs, the commit's figures)."""
+        shard, job, ctx, clocks, source = self.shard, self.job, self.ctx, self.clocks, self.source
+        assert self.identity is not None
+        attrs = {**reader.attrs, "model_sha256": ctx.model_sha256, "backend": model.backend,
+                 "precision": model.computes_in, "gpubatch_version": ctx.version}
+        writer = self.writer = ShardWriter(self.store, shard.shard_id, new_attempt(), source.constant_columns(shard),
+                                           attrs, job.output.formats, column_limit=reader.column_limit)
+        cfg = PipelineConfig(ctx.batch_size, job.run.readers, job.run.prefetch_batches, pad_last=True)
+        t0 = time.perf_counter()
+        bag = head.sink(reader.n_items) if head is not None else None
+        reporter = ItemReporter(ctx.run_id, shard.shard_id, self.attempt, reader.n_items)
+        items = run_pipeline(reader, make_batch_runner(reader, model, ctx), bag or writer, cfg, clocks,
+                             on_batch=reporter)
+        empty = lambda: empty_rows(reader, model, source.model_input(job, 1))  # noqa: E731
+        shard_outputs = head.finish(bag, writer, empty, clocks) if head and bag else {}
+        if items == 0 and head is None:
+            writer.write(*empty())
+        wall = time.perf_counter() - t0
+        identity = self.identity.result()
+        notes = [unpinned_note(shard.input_uri, identity), nonfinite_note(clocks, items), head_nonfinite_note(clocks)]
+        if any(notes):
+            reader.attrs["notes"] = [*reader.attrs.get("notes", []), *filter(None, notes)]
+        writer.attrs.update(reader.attrs)  # counted while reading (REF mismatches)
+        unchanged_while_read(shard.input_uri, identity, job.input.storage, reader.input_version())
+        with clocks.part("commit"):  # each shard's outputs written and committed: a fixed cost
+            part = writer.commit()
+        return items, wall, shard_outputs, part
