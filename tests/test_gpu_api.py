@@ -502,13 +502,18 @@ def test_tensorrt_provider_imports_tensorrt_which_loads_libnvinfer(
     package.mkdir()
     (package / "__init__.py").write_text("LOADED = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
-    load_provider_libraries(["CPUExecutionProvider"])
-    assert "tensorrt" not in sys.modules and preload_calls == []
-    load_provider_libraries(["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert "tensorrt" not in sys.modules and len(preload_calls) == 1
-    load_provider_libraries(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert sys.modules["tensorrt"].LOADED and len(preload_calls) == 2
+    real = sys.modules.pop("tensorrt", None)
+    try:
+        load_provider_libraries(["CPUExecutionProvider"])
+        assert "tensorrt" not in sys.modules and preload_calls == []
+        load_provider_libraries(["CUDAExecutionProvider", "CPUExecutionProvider"])
+        assert "tensorrt" not in sys.modules and len(preload_calls) == 1
+        load_provider_libraries(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+        assert sys.modules["tensorrt"].LOADED and len(preload_calls) == 2
+    finally:  # the stand-in must not outlive the test: later tests' `import tensorrt` met it
+        sys.modules.pop("tensorrt", None)
+        if real is not None:
+            sys.modules["tensorrt"] = real
 
 
 def test_a_cuda_session_is_opened_after_its_libraries_are_loaded(
